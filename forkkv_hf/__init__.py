@@ -1,0 +1,39 @@
+"""forkkv-hf: many LoRA agents of one base model share the KV cache of a long context in Hugging Face transformers.
+
+    import forkkv_hf
+    forkkv_hf.enable_forkkv(peft_model)
+    cache = forkkv_hf.ForkKVCache.from_context(peft_model, context_ids, adapter_names=names)
+    inputs = forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=tok.pad_token_id)
+    out = peft_model.generate(**inputs, adapter_names=names, past_key_values=cache, max_new_tokens=64)
+"""
+
+from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, is_forkkv_enabled, register_forkkv
+from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
+from .compat import CACHE_KWARG, cache_kwargs
+from .inputs import batch_inputs
+from .lora_factors import BASE_ADAPTER
+from .reference import reference_attention
+from .residual_attention import residual_attention, residual_attention_torch
+from .shared_context import SharedContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE_ADAPTER",
+    "CACHE_KWARG",
+    "ForkKVCache",
+    "ForkKVLayer",
+    "ForkKVView",
+    "MemoryReport",
+    "SharedContext",
+    "batch_inputs",
+    "cache_kwargs",
+    "disable_forkkv",
+    "enable_forkkv",
+    "forkkv_attention_forward",
+    "is_forkkv_enabled",
+    "reference_attention",
+    "register_forkkv",
+    "residual_attention",
+    "residual_attention_torch",
+]

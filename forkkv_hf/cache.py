@@ -1,0 +1,320 @@
+"""``ForkKVCache``: a transformers ``Cache`` whose rows share one base copy of a context and keep rank-r residuals.
+
+Per layer (:class:`ForkKVLayer`) it holds
+- the :class:`~forkkv_hf.shared_context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
+  cache forked from the same :class:`~forkkv_hf.shared_context.SharedContext`;
+- for each batch row, the slot of its agent in that layer's K and V residual stacks (``-1``: no residual);
+- the private K/V of each row (``[B, H_kv, P, D]``: the row's prompt and generated tokens, exact, as in
+  ``DynamicLayer``).
+
+``update()`` appends to the private part and returns a :class:`ForkKVView` as both "key" and "value"; the ``"forkkv"``
+attention function (:mod:`forkkv_hf.attention`) consumes it. The cache's sequence axis is
+``[shared context (T) | private (P)]``, the same absolute positions the attention mask uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .lora_factors import BASE_ADAPTER
+from .shared_context import Residual, SharedContext, SharedLayer
+
+
+@dataclass
+class ForkKVView:
+    """What ``ForkKVLayer.update`` hands to the attention function for one layer.
+
+    ``shared``: the layer's shared base/residual data. ``k_rows``/``v_rows``: ``[B]`` long tensors, the slot of each
+    row in ``shared.k_res``/``shared.v_res`` (``-1``: the row has no residual there), ``None`` if the layer has no
+    residual of that kind. ``key``/``value``: private K/V ``[B, H_kv, P, D]`` (P counts the tokens just appended).
+    ``row_adapters``: the agent of each row.
+    """
+
+    shared: SharedLayer
+    k_rows: torch.Tensor | None
+    v_rows: torch.Tensor | None
+    key: torch.Tensor
+    value: torch.Tensor
+    row_adapters: tuple[str, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def shared_len(self) -> int:
+        return self.shared.num_tokens
+
+    @property
+    def private_len(self) -> int:
+        return self.key.shape[-2]
+
+
+def _slots(res: Residual | None, rows: tuple[str, ...]) -> list[int] | None:
+    if res is None:
+        return None
+    slot = res.slot
+    return [slot.get(a, -1) for a in rows]
+
+
+class ForkKVLayer(CacheLayerMixin):
+    """One layer of a :class:`ForkKVCache`: shared base + per-row residual slots + per-row private K/V."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, shared: SharedLayer, rows: tuple[str, ...]):
+        super().__init__()
+        self.shared = shared
+        self._fork_rows = rows
+        self._set_rows(rows)
+
+    # -- rows --------------------------------------------------------------------------------------------------
+    def _set_rows(self, rows: tuple[str, ...]) -> None:
+        self.rows = tuple(rows)
+        dev = self.shared.key.device
+        k, v = _slots(self.shared.k_res, self.rows), _slots(self.shared.v_res, self.rows)
+        self.k_rows = None if k is None else torch.tensor(k, dtype=torch.long, device=dev)
+        self.v_rows = None if v is None else torch.tensor(v, dtype=torch.long, device=dev)
+
+    def _reindex_rows(self, index: torch.Tensor) -> None:
+        idx = index.detach().cpu().tolist()
+        self._set_rows(tuple(self.rows[i] for i in idx))
+
+    # -- CacheLayerMixin ---------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        base = self.shared.key
+        if key_states.dtype != base.dtype:
+            raise TypeError(
+                f"the model computes K/V in {key_states.dtype} but this ForkKVCache's shared context holds "
+                f"{base.dtype}; build the shared context with the model in the dtype you generate with"
+            )
+        if key_states.device != base.device:
+            raise ValueError(
+                f"the model computes this layer on {key_states.device} but its shared context lives on "
+                f"{base.device}; build the shared context after moving the model"
+            )
+        if key_states.shape[1] != base.shape[1] or key_states.shape[-1] != base.shape[-1]:
+            raise ValueError(
+                f"K/V heads {tuple(key_states.shape[1::2])} do not match the shared context's "
+                f"{(base.shape[1], base.shape[-1])}: this cache was built for another model"
+            )
+        B = key_states.shape[0]
+        if B != len(self.rows):
+            if B % len(self.rows):
+                raise ValueError(
+                    f"the batch has {B} rows but this ForkKVCache was forked for {len(self.rows)} rows "
+                    f"({list(self.rows)}); fork it with one adapter name per row"
+                )
+            # generate expands rows with repeat_interleave for num_beams / num_return_sequences
+            k = B // len(self.rows)
+            self._set_rows(tuple(a for a in self.rows for _ in range(k)))
+        empty = key_states[:, :, :0]
+        self.keys, self.values = empty, value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"the batch has {key_states.shape[0]} rows but this ForkKVCache holds {self.keys.shape[0]}; "
+                "call cache.reset() before reusing it for another batch"
+            )
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        view = ForkKVView(self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows)
+        return view, view
+
+    def private_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.shared.num_tokens + self.private_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers 5.17 still asks
+        return -1
+
+    def reset(self) -> None:
+        """Drop the private part and go back to the forked rows; the shared part is untouched."""
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._set_rows(self._fork_rows)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+            self._reindex_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+        self._set_rows(tuple(a for a in self.rows for _ in range(repeats)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+        index = torch.arange(len(self.rows))[indices.cpu()] if isinstance(indices, torch.Tensor) else indices
+        self._reindex_rows(torch.as_tensor(index).reshape(-1))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove tokens from the end of the private part. A negative value removes that many tokens; a positive
+        one is an absolute length (transformers 5.17's meaning). The shared context cannot be cropped."""
+        T, P = self.shared.num_tokens, self.private_length()
+        keep = P + tokens_to_remove if tokens_to_remove < 0 else min(P, tokens_to_remove - T)
+        if keep < 0:
+            raise ValueError(
+                f"cannot crop into the shared context ({T} tokens, {P} private); fork a new cache from a shorter context"
+            )
+        if self.is_initialized and keep < P:
+            self.keys = self.keys[..., :keep, :]
+            self.values = self.values[..., :keep, :]
+
+    def offload(self):  # the shared part is not ours to move
+        if self.is_initialized:
+            super().offload()
+
+
+@dataclass
+class MemoryReport:
+    """Bytes held by a :class:`ForkKVCache`, against one ``DynamicCache`` per row of the batch."""
+
+    rows: int
+    agents: int
+    shared_tokens: int
+    private_tokens: int
+    shared_base_bytes: int
+    residual_bytes: int
+    residual_bytes_per_agent: dict
+    factor_bytes: int
+    rope_bytes: int
+    private_bytes: int
+    dynamic_cache_bytes: int
+
+    @property
+    def forkkv_bytes(self) -> int:
+        return self.shared_base_bytes + self.residual_bytes + self.factor_bytes + self.rope_bytes + self.private_bytes
+
+    @property
+    def saving(self) -> float:
+        """How many times less memory than one DynamicCache per row."""
+        return self.dynamic_cache_bytes / max(self.forkkv_bytes, 1)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["forkkv_bytes"] = self.forkkv_bytes
+        d["saving"] = self.saving
+        return d
+
+    def __str__(self) -> str:
+        mib = lambda b: f"{b / 2**20:10.2f} MiB"  # noqa: E731
+        lines = [
+            f"ForkKV cache: {self.rows} rows, {self.agents} agents with residuals, "
+            f"{self.shared_tokens} shared + {self.private_tokens} private tokens",
+            f"  shared base (bCache, once)      {mib(self.shared_base_bytes)}",
+            f"  residuals (rCache, per agent)   {mib(self.residual_bytes)}",
+        ]
+        for a, b in self.residual_bytes_per_agent.items():
+            lines.append(f"    {a:<30}{mib(b)}")
+        lines += [
+            f"  LoRA B factors + RoPE tables    {mib(self.factor_bytes + self.rope_bytes)}",
+            f"  private K/V (per row)           {mib(self.private_bytes)}",
+            f"  total                           {mib(self.forkkv_bytes)}",
+            f"  one DynamicCache per row        {mib(self.dynamic_cache_bytes)}   ({self.saving:.1f}x more)",
+        ]
+        return "\n".join(lines)
+
+
+class ForkKVCache(Cache):
+    """A cache for a batch of agents over one shared context. Row ``i`` is agent ``adapter_names[i]``.
+
+    Build with :meth:`from_context` (one base pass, then fork) or ``SharedContext.build(...).fork(names)`` (to fork
+    several caches from one base pass). Pass it to ``generate`` together with the same ``adapter_names``.
+    """
+
+    def __init__(self, shared: SharedContext, adapter_names):
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list with one name per row, not the string {adapter_names!r}")
+        rows = tuple(adapter_names)
+        if not rows:
+            raise ValueError("fork at least one row")
+        missing = sorted({a for a in rows if a != BASE_ADAPTER and a not in shared.adapters})
+        if missing:
+            raise ValueError(
+                f"adapter(s) {missing} have no residuals in this shared context (built for {list(shared.adapters)}); "
+                "build it with adapter_names that include them"
+            )
+        for a in rows:
+            if not isinstance(a, str):
+                raise TypeError(f"adapter names must be strings, got {a!r}")
+        self.shared = shared
+        super().__init__(layers=[ForkKVLayer(layer, rows) for layer in shared.layers])
+
+    @classmethod
+    def from_context(cls, model, context_ids, adapter_names, **build_kwargs) -> ForkKVCache:
+        """One base-model pass over ``context_ids``, residuals for the distinct names in ``adapter_names``, and a
+        cache whose row ``i`` is agent ``adapter_names[i]``. ``build_kwargs`` go to :meth:`SharedContext.build`."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list with one name per row, not the string {adapter_names!r}")
+        names = list(adapter_names)
+        shared = SharedContext.build(model, context_ids, list(dict.fromkeys(names)), **build_kwargs)
+        return cls(shared, names)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0 and self.shared.config._attn_implementation != "forkkv":
+            raise ValueError(
+                f"the model runs {self.shared.config._attn_implementation!r} attention, which cannot read a "
+                "ForkKVCache; call forkkv_hf.enable_forkkv(model) before generating with it"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The agent of each row (after any expansion by ``generate``)."""
+        return list(self.layers[0].rows)
+
+    @property
+    def num_shared_tokens(self) -> int:
+        return self.shared.num_tokens
+
+    def memory_report(self) -> MemoryReport:
+        rows = self.adapter_names
+        agents = [a for a in dict.fromkeys(rows) if a != BASE_ADAPTER]
+        per_agent = {a: self.shared.residual_bytes(a) for a in agents}
+        private = sum(
+            l.keys.numel() * l.keys.element_size() * 2 for l in self.layers if l.is_initialized
+        )
+        P = self.layers[0].private_length()
+        T = self.shared.num_tokens
+        per_token_all_layers = sum(
+            2 * l.shared.key.shape[1] * l.shared.key.shape[-1] * l.shared.key.element_size() for l in self.layers
+        )
+        return MemoryReport(
+            rows=len(rows),
+            agents=sum(1 for b in per_agent.values() if b > 0),
+            shared_tokens=T,
+            private_tokens=P,
+            shared_base_bytes=self.shared.base_bytes(),
+            residual_bytes=sum(per_agent.values()),
+            residual_bytes_per_agent=per_agent,
+            factor_bytes=self.shared.factor_bytes(),
+            rope_bytes=self.shared.rope_bytes(),
+            private_bytes=private,
+            dynamic_cache_bytes=len(rows) * (T + P) * per_token_all_layers,
+        )
+
+    def __repr__(self) -> str:
+        return f"ForkKVCache(rows={self.adapter_names}, shared_tokens={self.num_shared_tokens}, private_tokens={self.layers[0].private_length()})"

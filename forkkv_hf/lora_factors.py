@@ -1,0 +1,204 @@
+"""Find the attention layers of a model and the LoRA factors of their ``k_proj``/``v_proj``.
+
+For a LoRA'd projection ``y = x W + s (x Aᵀ) Bᵀ (+ s b)``, ForkKV keeps ``u = x Aᵀ`` (r numbers per token) per agent and
+rebuilds ``s u Bᵀ`` when attending. This module stacks, per layer and projection, the ``A`` and the scaled ``B`` of a
+set of adapters (ranks zero-padded to the largest), and refuses, with an error that says what to do, every adapter or
+model for which that split would be wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
+BASE_ADAPTER = "__base__"
+
+
+@dataclass
+class ProjectionLoRA:
+    """Stacked LoRA factors of one projection (``k_proj`` or ``v_proj``) of one layer, for the adapters that have it.
+
+    ``A``: ``[n, r, d_in]`` (the adapters' ``lora_A`` weights, rows beyond an adapter's rank are zero).
+    ``B``: ``[n, d_out, r]`` (``lora_B`` weights times the adapter's scaling, columns beyond its rank are zero).
+    ``ones_column``: index of a column of ``u`` that holds the constant 1 (its ``B`` column is ``scaling · lora_B.bias``)
+    when some adapter has a LoRA bias, else ``None``. Slot ``i`` of every stacked tensor belongs to ``adapters[i]``.
+    """
+
+    adapters: tuple[str, ...]
+    A: torch.Tensor
+    B: torch.Tensor
+    ranks: tuple[int, ...]
+    ones_column: int | None = None
+
+    @property
+    def rank(self) -> int:
+        """Columns of the residual ``u`` (padded rank, plus the bias column if any)."""
+        return self.A.shape[1] + (self.ones_column is not None)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside a ``PeftModel`` (or the model itself)."""
+    if is_peft_model(model):
+        return model.get_base_model()
+    return model
+
+
+def available_adapters(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters loaded in a ``PeftModel`` (empty for a plain model)."""
+    config = getattr(model, "peft_config", None)
+    if not config:
+        return []
+    return list(config.keys())
+
+
+def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Map ``layer_idx`` to the self-attention module of each decoder layer.
+
+    Raises ``ValueError`` for fused ``qkv_proj`` projections (Phi-3 style), which this version does not split.
+    """
+    found: dict[int, nn.Module] = {}
+    for name, module in transformers_model(model).named_modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None or isinstance(module, nn.Linear):
+            continue
+        if hasattr(module, "qkv_proj") and not hasattr(module, "k_proj"):
+            raise ValueError(
+                f"{name} uses a fused qkv_proj projection ({type(module).__name__}); ForkKV needs separate k_proj and "
+                "v_proj projections to split the cache. Use a model with separate projections (Llama, Mistral, Qwen2)."
+            )
+        if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+            if layer_idx in found:
+                raise ValueError(f"two attention modules claim layer_idx={layer_idx}: cannot map the cache layers")
+            found[layer_idx] = module
+    if not found:
+        raise ValueError(
+            f"no self-attention modules with k_proj/v_proj and a layer_idx were found in {type(model).__name__}; "
+            "ForkKV supports decoder-only transformers models such as Llama, Mistral and Qwen2."
+        )
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"attention layer indices are not 0..{len(found) - 1}: {sorted(found)}")
+    return found
+
+
+def _lora_layer_class():
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def lora_layer_of(proj: nn.Module, where: str):
+    """The PEFT ``LoraLayer`` wrapping a projection, ``None`` if it is a plain module; refuse other tuner types."""
+    LoraLayer = _lora_layer_class()
+    if isinstance(proj, LoraLayer):
+        return proj
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(proj, BaseTunerLayer):
+        raise ValueError(
+            f"{where} is wrapped by {type(proj).__name__}, a PEFT tuner that is not LoRA; ForkKV only splits LoRA "
+            "adapters on k_proj/v_proj (retarget that adapter away from k_proj/v_proj, or use LoRA)."
+        )
+    return None
+
+
+def check_adapter_names(model: nn.Module, names) -> list[str]:
+    """Validate adapter names against the model; returns them as a list. ``"__base__"`` is always allowed."""
+    if isinstance(names, str):
+        raise TypeError(f"adapter_names must be a list of names, one per row, not the string {names!r}")
+    names = list(names)
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"adapter names must be strings, got {n!r} ({type(n).__name__})")
+    known = available_adapters(model)
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
+    if unknown:
+        if not is_peft_model(model):
+            raise ValueError(
+                f"adapter(s) {unknown} requested but {type(model).__name__} is not a PeftModel; "
+                f'only "{BASE_ADAPTER}" rows are possible. Load the adapters with peft first.'
+            )
+        raise ValueError(
+            f"unknown adapter(s) {unknown}; this model has {known} (and \"{BASE_ADAPTER}\" for the base model). "
+            "Load them with peft_model.load_adapter(path, adapter_name=...) first."
+        )
+    if is_peft_model(model):
+        from peft import PeftType
+
+        for n in set(names) - {BASE_ADAPTER}:
+            peft_type = model.peft_config[n].peft_type
+            if peft_type != PeftType.LORA:
+                raise ValueError(f"adapter {n!r} is a {peft_type} adapter; ForkKV supports LoRA adapters only")
+    return names
+
+
+def collect_projection_lora(
+    proj: nn.Module, adapters: list[str], where: str, dtype: torch.dtype
+) -> ProjectionLoRA | None:
+    """Stack the LoRA factors of ``adapters`` found on ``proj``. ``None`` if none of them has LoRA there."""
+    layer = lora_layer_of(proj, where)
+    if layer is None:
+        return None
+    if getattr(layer, "merged", False):
+        raise ValueError(
+            f"{where} has merged LoRA adapters {layer.merged_adapters}; ForkKV needs unmerged adapters "
+            "(call peft_model.unmerge_adapter())."
+        )
+    present = [a for a in adapters if a in layer.lora_A]
+    if not present:
+        return None
+    ranks, has_bias = [], []
+    for a in present:
+        if layer.use_dora.get(a, False) or a in getattr(layer, "lora_magnitude_vector", {}):
+            raise ValueError(
+                f"adapter {a!r} uses DoRA on {where}: DoRA rescales the whole weight per column, so its K/V are not "
+                "the base K/V plus a low-rank residual and cannot be shared. Use plain LoRA for agents that fork "
+                "a shared context, or run this adapter without ForkKV."
+            )
+        variant = getattr(layer, "lora_variant", {}).get(a)
+        if variant is not None:
+            raise ValueError(
+                f"adapter {a!r} on {where} is a LoRA variant ({type(variant).__name__}); ForkKV supports plain LoRA "
+                "on k_proj/v_proj."
+            )
+        ranks.append(layer.lora_A[a].weight.shape[0])
+        has_bias.append(getattr(layer.lora_B[a], "bias", None) is not None)
+    r_max = max(ranks)
+    A0 = layer.lora_A[present[0]].weight
+    d_in = A0.shape[1]
+    d_out = layer.lora_B[present[0]].weight.shape[0]
+    bias = any(has_bias)
+    A = torch.zeros(len(present), r_max, d_in, dtype=A0.dtype, device=A0.device)
+    B = torch.zeros(len(present), d_out, r_max + bias, dtype=dtype, device=A0.device)
+    with torch.no_grad():
+        for i, a in enumerate(present):
+            r, s = ranks[i], layer.scaling[a]
+            A[i, :r] = layer.lora_A[a].weight
+            B[i, :, :r] = (layer.lora_B[a].weight.float() * s).to(dtype)
+            if has_bias[i]:
+                B[i, :, r_max] = (layer.lora_B[a].bias.float() * s).to(dtype)
+    return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None)
+
+
+def check_k_norm(attn: nn.Module, layer_idx: int, k_lora: ProjectionLoRA | None) -> None:
+    """Refuse LoRA on k_proj for models that normalise K per head before RoPE (Qwen3, Gemma 3, OLMo 2)."""
+    if k_lora is None:
+        return
+    for norm_name in ("k_norm", "k_layernorm"):
+        if getattr(attn, norm_name, None) is not None:
+            raise ValueError(
+                f"layer {layer_idx}: {type(attn).__name__} applies {norm_name} to K before RoPE, so "
+                f"k_norm(base + residual) is not k_norm(base) + residual, but adapter(s) {list(k_lora.adapters)} put "
+                "LoRA on k_proj. Retarget those adapters away from k_proj (LoRA on v_proj, q_proj, o_proj and the MLP "
+                "is fine on this model)."
+            )

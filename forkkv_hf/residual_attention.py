@@ -1,0 +1,144 @@
+"""ResidualAttention: attention over ``[shared base + per-agent residual | private]`` without per-row copies.
+
+Same result as :func:`forkkv_hf.reference.reference_attention`, computed the way the Triton kernels do it:
+- the base K/V ``[1, H_kv, T, D]`` is broadcast to every row, never copied per row;
+- the K residual is rebuilt chunk by chunk, once per *agent* (not per row): ``RoPE_t(B_k u_k[t])``;
+- the V residual is never expanded: ``P·V_row = P·V_base + (P·u_v) B_vᵀ``, applied once after the softmax;
+- the shared context and the private part are merged with an online (flash-style) softmax.
+
+On CUDA, :func:`residual_attention` dispatches to the Triton kernels of ``forkkv_kernels`` when they are installed
+and support the shapes; elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import causal_private_mask, kv_mask
+from .rope import apply_rope
+
+#: elements of fp32 working memory one chunk of the PyTorch path may use (per tensor)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_len(B: int, Hkv: int, G: int, Q: int, D: int, T: int) -> int:
+    per_token = B * Hkv * max(D, G * Q)
+    return max(16, min(T, CHUNK_ELEMENTS // max(per_token, 1)))
+
+
+def _online_update(state, s: torch.Tensor):
+    """Fold scores ``s [B, Hkv, G, Q, C]`` into ``(m, l)``; returns the probabilities and the rescale factor."""
+    m, l = state
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(s - m_safe[..., None])
+    alpha = torch.exp(m - m_safe)
+    state[0], state[1] = m_new, l * alpha + p.sum(dim=-1)
+    return p, alpha
+
+
+def _apply_mask(s: torch.Tensor, mask, additive: bool) -> torch.Tensor:
+    """``s [B, Hkv, G, Q, C]``, ``mask [B, Q, C]`` (or ``[Q, C]`` for the implicit causal case)."""
+    if mask is None:
+        return s
+    if mask.dim() == 2:
+        return s.masked_fill(~mask, float("-inf"))
+    if additive:
+        return s + mask[:, None, None].float()
+    return s.masked_fill(~mask[:, None, None], float("-inf"))
+
+
+def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
+    """``query [B, H, Q, D]`` (after RoPE) over a :class:`~forkkv_hf.cache.ForkKVView`; returns ``[B, Q, H, D]`` in
+    the query's dtype. Accumulates in fp32."""
+    B, H, Q, D = query.shape
+    sh = view.shared
+    _, Hkv, T, _ = sh.key.shape
+    G = H // Hkv
+    P = view.private_len
+    dev = query.device
+    q = query.float().view(B, Hkv, G, Q, D) * scaling
+    mask, additive = kv_mask(attention_mask, B, Q, T, P, dev)
+
+    m = torch.full((B, Hkv, G, Q), float("-inf"), device=dev)
+    l = torch.zeros(B, Hkv, G, Q, device=dev)
+    state = [m, l]
+    acc = torch.zeros(B, Hkv, G, Q, D, device=dev)
+
+    # agents present in the batch, each rebuilt once per chunk; rows index into them
+    k_res = sh.k_res if view.k_rows is not None else None
+    if k_res is not None:
+        k_used, k_local = torch.unique(view.k_rows, return_inverse=True)
+        k_valid = k_used >= 0
+        if not bool(k_valid.any()):
+            k_res = None
+        else:
+            k_row_valid = (view.k_rows >= 0).float()[:, None, None, None]
+            k_used = k_used.clamp(min=0)
+    v_res = sh.v_res if view.v_rows is not None and bool((view.v_rows >= 0).any()) else None
+    if v_res is not None:
+        v_slot = view.v_rows.clamp(min=0)
+        v_row_valid = (view.v_rows >= 0).float()
+        acc_uv = torch.zeros(B, Hkv, G, Q, v_res.rank, device=dev)
+
+    C = _chunk_len(B, Hkv, G, Q, D, T)
+    for t0 in range(0, T, C):
+        t1 = min(T, t0 + C)
+        s = torch.einsum("bhgqd,hcd->bhgqc", q, sh.key[0, :, t0:t1].float())
+        if k_res is not None:
+            u = k_res.u[k_used, t0:t1].float()  # [n, C, r]
+            kr = torch.bmm(u, k_res.B[k_used].float().transpose(1, 2))  # [n, C, Hkv*D]
+            kr = kr.view(-1, t1 - t0, Hkv, D).transpose(1, 2)  # [n, Hkv, C, D]
+            kr = apply_rope(kr, sh.cos[t0:t1].float(), sh.sin[t0:t1].float())
+            s = s + torch.einsum("bhgqd,bhcd->bhgqc", q, kr[k_local] * k_row_valid)
+        if mask is not None:
+            s = _apply_mask(s, mask[..., t0:t1], additive)
+        p, alpha = _online_update(state, s)
+        acc = acc * alpha[..., None] + torch.einsum("bhgqc,hcd->bhgqd", p, sh.value[0, :, t0:t1].float())
+        if v_res is not None:
+            uv = v_res.u[v_slot, t0:t1].float() * v_row_valid[:, None, None]  # [B, C, r]
+            acc_uv = acc_uv * alpha[..., None] + torch.einsum("bhgqc,bcr->bhgqr", p, uv)
+
+    if P > 0:
+        s = torch.einsum("bhgqd,bhpd->bhgqp", q, view.key.float())
+        pm = causal_private_mask(Q, P, dev) if mask is None else mask[..., T : T + P]
+        s = _apply_mask(s, pm, additive)
+        p, alpha = _online_update(state, s)
+        acc = acc * alpha[..., None] + torch.einsum("bhgqp,bhpd->bhgqd", p, view.value.float())
+        if v_res is not None:
+            acc_uv = acc_uv * alpha[..., None]
+
+    l = state[1][..., None]
+    out = acc / l
+    if v_res is not None:
+        Bv = v_res.B[v_slot].float().view(B, Hkv, D, v_res.rank)
+        out = out + torch.einsum("bhgqr,bhdr->bhgqd", acc_uv / l, Bv)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, Q, H, D).to(query.dtype)
+
+
+def _triton_ready(query: torch.Tensor) -> bool:
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import forkkv_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto") -> torch.Tensor:
+    """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"torch"`` (:func:`residual_attention_torch`)
+    or ``"auto"`` (Triton on CUDA when available, else PyTorch). Set ``FORKKV_BACKEND`` to override ``"auto"``."""
+    if backend == "auto":
+        backend = os.environ.get("FORKKV_BACKEND", "auto")
+    if backend == "auto":
+        backend = "triton" if query.is_cuda and _triton_ready(query) else "torch"
+    if backend == "torch":
+        return residual_attention_torch(query, view, attention_mask, scaling)
+    if backend == "triton":
+        from forkkv_kernels import residual_attention_triton
+
+        return residual_attention_triton(query, view, attention_mask, scaling)
+    raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch' or 'triton'")

@@ -1,0 +1,16 @@
+"""Rotate-half RoPE as transformers' Llama applies it (``apply_rotary_pos_emb``), on ``[..., T, D]`` tensors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` are ``[T, D]`` and broadcast over the leading dims of
+    ``x: [..., T, D]``."""
+    return x * cos + rotate_half(x) * sin

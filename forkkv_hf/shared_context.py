@@ -1,0 +1,383 @@
+"""The shared part of a ForkKV cache: one base-model pass over a context, kept once, forked by many agents.
+
+``SharedContext.build`` runs the base model (adapters disabled) over the context once. It keeps, per layer,
+- the bCache: ``key``/``value`` ``[1, H_kv, T, D]`` exactly as the base model caches them (``key`` after RoPE);
+- the rCache: for every forked adapter with LoRA on ``k_proj``/``v_proj``, ``u = x Aᵀ`` ``[T, r]`` computed by hooks
+  from the projections' input ``x`` during that same pass (nothing ``d_model``-wide is kept), with the scaled ``B``;
+- ``cos``/``sin`` ``[T, D]`` of the context positions, to rotate the K residual after ``B`` is applied.
+
+``SharedContext.fork(adapter_names)`` then gives a :class:`~forkkv_hf.cache.ForkKVCache` for a batch whose row ``i``
+is agent ``adapter_names[i]``; any number of caches can be forked, nothing shared is copied or ever written again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compat import cache_kwargs
+from .lora_factors import (
+    BASE_ADAPTER,
+    ProjectionLoRA,
+    available_adapters,
+    check_adapter_names,
+    check_k_norm,
+    collect_projection_lora,
+    find_attention_modules,
+    is_peft_model,
+    lora_layer_of,
+    transformers_model,
+)
+from .rope import apply_rope
+
+
+@dataclass
+class Residual:
+    """rCache of one projection of one layer, for the adapters that have LoRA there.
+
+    ``u``: ``[n, T, r]`` (``x_src Aᵀ`` per adapter; a bias column holds 1), ``B``: ``[n, H_kv·D, r]`` (scaled).
+    """
+
+    adapters: tuple[str, ...]
+    u: torch.Tensor
+    B: torch.Tensor
+    ranks: tuple[int, ...]
+
+    @property
+    def slot(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(self.adapters)}
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1]
+
+
+@dataclass
+class SharedLayer:
+    """Everything one layer of every fork reads and nobody writes. Shapes in the module docstring."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_res: Residual | None = None
+    v_res: Residual | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.key.shape[-2]
+
+
+def _as_context_ids(context_ids) -> torch.Tensor:
+    if isinstance(context_ids, (list, tuple)):
+        context_ids = torch.tensor(context_ids, dtype=torch.long)
+    if not isinstance(context_ids, torch.Tensor):
+        raise TypeError(f"context_ids must be a 1-D LongTensor (or [1, T]), got {type(context_ids).__name__}")
+    if context_ids.dim() == 2:
+        if context_ids.shape[0] != 1:
+            raise ValueError(
+                f"context_ids has batch size {context_ids.shape[0]}; a shared context is one sequence ([T] or [1, T])"
+            )
+        context_ids = context_ids[0]
+    if context_ids.dim() != 1:
+        raise ValueError(f"context_ids must be [T] or [1, T], got shape {tuple(context_ids.shape)}")
+    if context_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"context_ids must hold token ids (integer dtype), got {context_ids.dtype}")
+    if context_ids.numel() == 0:
+        raise ValueError("the shared context is empty; give it at least one token")
+    return context_ids.long()
+
+
+def _max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+@dataclass
+class _Capture:
+    """Per-layer buffers the hooks of the base pass write into."""
+
+    k_lora: ProjectionLoRA | None
+    v_lora: ProjectionLoRA | None
+    u_k: torch.Tensor | None = None
+    u_v: torch.Tensor | None = None
+    rope_group: int | None = None
+    writes_rope: bool = False  # the first layer of its RoPE group writes the group's cos/sin buffers
+    k_out_head: torch.Tensor | None = None  # first tokens of k_proj's output, to check the RoPE layout
+
+
+@dataclass
+class SharedContext:
+    """The shared context's bCache and rCache. Build with :meth:`build`, use with :meth:`fork`."""
+
+    layers: list[SharedLayer]
+    token_ids: torch.Tensor
+    adapters: tuple[str, ...]
+    config: object = field(repr=False)
+    model_id: int = 0
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        context_ids,
+        adapter_names=None,
+        *,
+        chunk_size: int | None = 4096,
+        progress: bool = True,
+    ) -> SharedContext:
+        """Run the base model once over ``context_ids`` and capture the residuals of ``adapter_names``.
+
+        ``model``: a ``PeftModel`` (or a plain transformers model, then only ``"__base__"`` rows can fork).
+        ``context_ids``: ``[T]`` or ``[1, T]`` token ids. ``adapter_names``: the adapters that may fork this context
+        (default: every adapter of the model). ``chunk_size``: tokens per forward of the base pass (bounds activation
+        memory on long contexts; ``None`` for one pass); a progress bar shows when there are several chunks.
+        """
+        if model.training:
+            raise ValueError("the model is in training mode; call model.eval() before building a shared context")
+        ids = _as_context_ids(context_ids)
+        if adapter_names is None:
+            adapter_names = available_adapters(model)
+        adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
+        base = transformers_model(model)
+        config = base.config
+        max_pos = _max_positions(config)
+        if max_pos is not None and ids.numel() > max_pos:
+            raise ValueError(
+                f"the shared context has {ids.numel()} tokens but {type(base).__name__} supports at most "
+                f"max_position_embeddings={max_pos}; shorten the context"
+            )
+        attn_modules = find_attention_modules(model)
+        dtype = _cache_dtype(base)
+        captures: dict[int, _Capture] = {}
+        for idx, attn in attn_modules.items():
+            k_lora = collect_projection_lora(attn.k_proj, list(adapters), f"layer {idx} k_proj", dtype)
+            v_lora = collect_projection_lora(attn.v_proj, list(adapters), f"layer {idx} v_proj", dtype)
+            check_k_norm(attn, idx, k_lora)
+            captures[idx] = _Capture(k_lora, v_lora)
+            from .attention import install_adapter_probe
+
+            for proj in (attn.k_proj, attn.v_proj):
+                if lora_layer_of(proj, f"layer {idx}") is not None:
+                    install_adapter_probe(proj)
+
+        T = ids.numel()
+        device = next(base.parameters()).device
+        ids = ids.to(device)
+        rope_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        rope_ptr_to_group: dict[int, int] = {}
+        offset = [0]
+
+        def u_buffer(lora: ProjectionLoRA | None, like: torch.Tensor):
+            if lora is None:
+                return None
+            u = torch.zeros(len(lora.adapters), T, lora.rank, dtype=dtype, device=like.device)
+            if lora.ones_column is not None:
+                u[:, :, lora.ones_column] = 1
+            return u
+
+        def write_u(lora: ProjectionLoRA, u: torch.Tensor, x: torch.Tensor):
+            n, r = lora.A.shape[0], lora.A.shape[1]
+            t0 = offset[0]
+            xs = x[0].to(lora.A.dtype)  # [C, d_in]
+            uc = (xs @ lora.A.reshape(n * r, -1).t()).view(xs.shape[0], n, r)
+            u[:, t0 : t0 + xs.shape[0], :r] = uc.transpose(0, 1).to(u.dtype)
+
+        def make_proj_hook(idx: int, which: str):
+            cap = captures[idx]
+
+            def hook(module, args):
+                x = args[0]
+                lora = cap.k_lora if which == "k" else cap.v_lora
+                if lora is None:
+                    return
+                name = "u_k" if which == "k" else "u_v"
+                if getattr(cap, name) is None:
+                    setattr(cap, name, u_buffer(lora, x))
+                write_u(lora, getattr(cap, name), x)
+
+            return hook
+
+        def make_k_out_hook(idx: int):
+            cap = captures[idx]
+
+            def hook(module, args, output):
+                if offset[0] == 0 and cap.k_out_head is None:
+                    cap.k_out_head = output[0, :8].detach().clone()
+
+            return hook
+
+        def make_attn_hook(idx: int):
+            cap = captures[idx]
+
+            def hook(module, args, kwargs):
+                pe = kwargs.get("position_embeddings")
+                if pe is None and len(args) > 1:
+                    pe = args[1]
+                if pe is None:
+                    raise ValueError(
+                        f"layer {idx}: the attention module got no position_embeddings; ForkKV needs a RoPE model "
+                        "that passes (cos, sin) to its attention (Llama, Mistral, Qwen2)"
+                    )
+                cos, sin = pe
+                if cap.rope_group is None:
+                    cap.rope_group = rope_ptr_to_group.setdefault(cos.data_ptr(), len(rope_ptr_to_group))
+                g = cap.rope_group
+                if g not in rope_buffers:
+                    D = cos.shape[-1]
+                    rope_buffers[g] = (
+                        torch.empty(T, D, dtype=cos.dtype, device=cos.device),
+                        torch.empty(T, D, dtype=sin.dtype, device=sin.device),
+                    )
+                    cap.writes_rope = True
+                if cap.writes_rope:
+                    t0 = offset[0]
+                    rope_buffers[g][0][t0 : t0 + cos.shape[-2]] = cos[0]
+                    rope_buffers[g][1][t0 : t0 + sin.shape[-2]] = sin[0]
+
+            return hook
+
+        handles = []
+        try:
+            for idx, attn in attn_modules.items():
+                handles.append(attn.register_forward_pre_hook(make_attn_hook(idx), with_kwargs=True))
+                handles.append(attn.k_proj.register_forward_pre_hook(make_proj_hook(idx, "k")))
+                handles.append(attn.v_proj.register_forward_pre_hook(make_proj_hook(idx, "v")))
+                if captures[idx].k_lora is not None:
+                    handles.append(attn.k_proj.register_forward_hook(make_k_out_hook(idx)))
+            kv_cache = _run_base_pass(model, base, ids, chunk_size, progress, offset)
+        finally:
+            for h in handles:
+                h.remove()
+
+        layers = []
+        for idx in range(len(attn_modules)):
+            cap = captures[idx]
+            key, value = kv_cache.layers[idx].keys, kv_cache.layers[idx].values
+            if key is None or key.shape[-2] != T:
+                raise RuntimeError(f"layer {idx}: the base pass cached {None if key is None else key.shape[-2]} tokens, expected {T}")
+            cos, sin = rope_buffers[cap.rope_group]
+            k_res = _residual(cap.k_lora, cap.u_k)
+            v_res = _residual(cap.v_lora, cap.u_v)
+            layer = SharedLayer(key, value, cos, sin, k_res, v_res)
+            if k_res is not None:
+                _check_rope_layout(idx, cap.k_out_head, layer)
+            layers.append(layer)
+        del kv_cache
+        return cls(layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base))
+
+    # ------------------------------------------------------------------ use
+    def fork(self, adapter_names):
+        """A :class:`~forkkv_hf.cache.ForkKVCache` whose row ``i`` is agent ``adapter_names[i]`` (``"__base__"`` for
+        the base model). Rows may repeat an agent; they then share its residual."""
+        from .cache import ForkKVCache
+
+        return ForkKVCache(self, adapter_names)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def base_bytes(self) -> int:
+        """Bytes of the shared bCache (K and V of every layer, held once)."""
+        return sum(_nbytes(l.key) + _nbytes(l.value) for l in self.layers)
+
+    def rope_bytes(self) -> int:
+        seen, total = set(), 0
+        for l in self.layers:
+            for t in (l.cos, l.sin):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += _nbytes(t)
+        return total
+
+    def residual_bytes(self, adapter: str) -> int:
+        """Bytes of one adapter's rCache (its ``u`` over all layers; ``0`` for adapters without k/v LoRA)."""
+        total = 0
+        for l in self.layers:
+            for res in (l.k_res, l.v_res):
+                if res is not None and adapter in res.adapters:
+                    total += _nbytes(res.u[0])
+        return total
+
+    def factor_bytes(self) -> int:
+        """Bytes of the stacked, scaled ``B`` factors kept with the residuals."""
+        return sum(_nbytes(res.B) for l in self.layers for res in (l.k_res, l.v_res) if res is not None)
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
+            f"base={self.base_bytes() / 2**20:.1f} MiB)"
+        )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _residual(lora: ProjectionLoRA | None, u: torch.Tensor | None) -> Residual | None:
+    if lora is None:
+        return None
+    if u is None:
+        raise RuntimeError("the base pass did not reach a LoRA projection's input hook")
+    return Residual(lora.adapters, u, lora.B.to(u.device), lora.ranks)
+
+
+def _cache_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the model's K/V come out in (its compute dtype)."""
+    dtype = getattr(base, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return torch.get_default_dtype()
+
+
+def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset):
+    """One forward of the base model (adapters disabled) over ``ids``, chunked; returns its ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    runner = decoder if decoder is not None else base
+    T = ids.numel()
+    step = T if not chunk_size or chunk_size >= T else int(chunk_size)
+    starts = list(range(0, T, step))
+    disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    cache = DynamicCache(config=base.config)
+    with disable:
+        for t0 in tqdm(starts, desc="forkkv: base pass over shared context", unit="chunk", disable=not progress or len(starts) == 1):
+            offset[0] = t0
+            chunk = ids[t0 : t0 + step][None]
+            positions = torch.arange(t0, t0 + chunk.shape[1], device=ids.device)[None]
+            kwargs = dict(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(cache))
+            if runner is base:
+                kwargs["logits_to_keep"] = 1
+            runner(**kwargs)
+    return cache
+
+
+def _check_rope_layout(idx: int, k_out_head: torch.Tensor | None, layer: SharedLayer) -> None:
+    """Refuse models whose cached K is not rotate-half RoPE applied directly to k_proj's output: the K residual is
+    rebuilt on that assumption (a K norm, partial rotary or interleaved RoPE would make it wrong)."""
+    if k_out_head is None:
+        return
+    n = k_out_head.shape[0]
+    Hkv, D = layer.key.shape[1], layer.key.shape[-1]
+    k = k_out_head.view(n, Hkv, D).transpose(0, 1)
+    expect = apply_rope(k, layer.cos[:n].to(k.dtype), layer.sin[:n].to(k.dtype))
+    got = layer.key[0, :, :n]
+    err = (expect.float() - got.float()).abs().max().item()
+    scale = got.float().abs().max().item() + 1e-6
+    if err > 2e-2 * scale:
+        raise ValueError(
+            f"layer {idx}: the cached keys are not rotate-half RoPE of k_proj's output (max deviation {err:.3g} "
+            f"against |K| {scale:.3g}); this model transforms K in a way ForkKV cannot split (a K norm, partial or "
+            "interleaved rotary). Retarget the adapters away from k_proj (LoRA on v_proj is still shared)."
+        )

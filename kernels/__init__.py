@@ -1,0 +1,1 @@
+"""Triton ResidualAttention kernels (installed as forkkv_kernels)."""
