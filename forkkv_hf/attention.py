@@ -104,15 +104,56 @@ def register_forkkv() -> None:
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def remove_stale_peft_hooks(model: nn.Module) -> int:
+    """Remove PEFT's ``adapter_names`` pre-forward hooks left behind on LoRA layers.
+
+    PEFT registers them for the duration of one ``generate``/``forward`` call with ``adapter_names``, but (peft 0.21)
+    its context manager does not remove them when the call raises: every later call of the model then fails with a
+    length mismatch or, worse, runs the old ``adapter_names``. Returns how many were removed.
+    """
+    removed = 0
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for hook_id, hook in list(hooks.items()):
+            func = getattr(hook, "func", None)
+            if getattr(func, "__name__", "") == "_adapter_names_pre_forward_hook":
+                del hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+                removed += 1
+    return removed
+
+
+def _guarded(method, model):
+    """Wrap ``model.generate``/``forward`` so that an exception never leaves PEFT's adapter-name hooks behind."""
+
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BaseException:
+            remove_stale_peft_hooks(model)
+            raise
+
+    call.__wrapped__ = method
+    call.__doc__ = method.__doc__
+    call._forkkv_guard = True
+    return call
+
+
 def enable_forkkv(model: nn.Module) -> nn.Module:
     """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
-    Idempotent; returns the model. :func:`disable_forkkv` restores the previous implementation."""
+
+    Idempotent; returns the model. On a ``PeftModel`` it also guards ``generate`` so that an exception inside it
+    (a ForkKV error, or any other) does not leave PEFT's ``adapter_names`` hooks installed.
+    :func:`disable_forkkv` undoes both.
+    """
     register_forkkv()
     base = transformers_model(model)
     current = base.config._attn_implementation
     if current != ATTN_NAME:
         base._forkkv_previous_attn = current
         base.set_attn_implementation(ATTN_NAME)
+    if model is not base and not getattr(model.generate, "_forkkv_guard", False):
+        model.generate = _guarded(model.generate, model)
     return model
 
 
@@ -122,6 +163,8 @@ def disable_forkkv(model: nn.Module) -> nn.Module:
     previous = getattr(base, "_forkkv_previous_attn", None)
     if base.config._attn_implementation == ATTN_NAME:
         base.set_attn_implementation(previous or "sdpa")
+    if getattr(model.__dict__.get("generate"), "_forkkv_guard", False):
+        del model.generate
     return model
 
 

@@ -67,9 +67,10 @@ class ForkKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, shared: SharedLayer, rows: tuple[str, ...]):
+    def __init__(self, shared: SharedLayer, rows: tuple[str, ...], residual: str = "kv"):
         super().__init__()
         self.shared = shared
+        self.residual = residual
         self._fork_rows = rows
         self._set_rows(rows)
 
@@ -77,7 +78,8 @@ class ForkKVLayer(CacheLayerMixin):
     def _set_rows(self, rows: tuple[str, ...]) -> None:
         self.rows = tuple(rows)
         dev = self.shared.key.device
-        k, v = _slots(self.shared.k_res, self.rows), _slots(self.shared.v_res, self.rows)
+        k = _slots(self.shared.k_res, self.rows) if "k" in self.residual else None
+        v = _slots(self.shared.v_res, self.rows) if "v" in self.residual else None
         self.k_rows = None if k is None else torch.tensor(k, dtype=torch.long, device=dev)
         self.v_rows = None if v is None else torch.tensor(v, dtype=torch.long, device=dev)
 
@@ -243,9 +245,18 @@ class ForkKVCache(Cache):
 
     Build with :meth:`from_context` (one base pass, then fork) or ``SharedContext.build(...).fork(names)`` (to fork
     several caches from one base pass). Pass it to ``generate`` together with the same ``adapter_names``.
+
+    ``residual``: which residuals the rows apply over the shared context: ``"kv"`` (ForkKV, the default), ``"v"``
+    (V residual only, K from the base alone: cheaper, less faithful) or ``"none"`` (every agent reads the base model's
+    K/V: what adapter-blind prefix caching does; for comparisons).
     """
 
-    def __init__(self, shared: SharedContext, adapter_names):
+    RESIDUAL_MODES = ("kv", "v", "none")
+
+    def __init__(self, shared: SharedContext, adapter_names, residual: str = "kv"):
+        if residual not in self.RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {self.RESIDUAL_MODES}, got {residual!r}")
+        self.residual = residual
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list with one name per row, not the string {adapter_names!r}")
         rows = tuple(adapter_names)
@@ -261,7 +272,7 @@ class ForkKVCache(Cache):
             if not isinstance(a, str):
                 raise TypeError(f"adapter names must be strings, got {a!r}")
         self.shared = shared
-        super().__init__(layers=[ForkKVLayer(layer, rows) for layer in shared.layers])
+        super().__init__(layers=[ForkKVLayer(layer, rows, residual) for layer in shared.layers])
 
     @classmethod
     def from_context(cls, model, context_ids, adapter_names, **build_kwargs) -> ForkKVCache:
@@ -293,7 +304,7 @@ class ForkKVCache(Cache):
     def memory_report(self) -> MemoryReport:
         rows = self.adapter_names
         agents = [a for a in dict.fromkeys(rows) if a != BASE_ADAPTER]
-        per_agent = {a: self.shared.residual_bytes(a) for a in agents}
+        per_agent = {a: self.shared.residual_bytes(a, self.residual) for a in agents}
         private = sum(
             l.keys.numel() * l.keys.element_size() * 2 for l in self.layers if l.is_initialized
         )

@@ -140,6 +140,9 @@ class SharedContext:
         """
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
+        from .attention import remove_stale_peft_hooks
+
+        remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = _as_context_ids(context_ids)
         if adapter_names is None:
             adapter_names = available_adapters(model)
@@ -272,12 +275,13 @@ class SharedContext:
         return cls(layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base))
 
     # ------------------------------------------------------------------ use
-    def fork(self, adapter_names):
+    def fork(self, adapter_names, residual: str = "kv"):
         """A :class:`~forkkv_hf.cache.ForkKVCache` whose row ``i`` is agent ``adapter_names[i]`` (``"__base__"`` for
-        the base model). Rows may repeat an agent; they then share its residual."""
+        the base model). Rows may repeat an agent; they then share its residual. ``residual``: ``"kv"`` (default),
+        ``"v"`` or ``"none"``, see :class:`~forkkv_hf.cache.ForkKVCache`."""
         from .cache import ForkKVCache
 
-        return ForkKVCache(self, adapter_names)
+        return ForkKVCache(self, adapter_names, residual=residual)
 
     @property
     def num_tokens(self) -> int:
@@ -300,12 +304,13 @@ class SharedContext:
                     total += _nbytes(t)
         return total
 
-    def residual_bytes(self, adapter: str) -> int:
-        """Bytes of one adapter's rCache (its ``u`` over all layers; ``0`` for adapters without k/v LoRA)."""
+    def residual_bytes(self, adapter: str, kinds: str = "kv") -> int:
+        """Bytes of one adapter's rCache (its ``u`` over all layers; ``0`` for adapters without k/v LoRA).
+        ``kinds``: count the K residuals (``"k"``), the V residuals (``"v"``) or both (``"kv"``)."""
         total = 0
         for l in self.layers:
-            for res in (l.k_res, l.v_res):
-                if res is not None and adapter in res.adapters:
+            for kind, res in (("k", l.k_res), ("v", l.v_res)):
+                if kind in kinds and res is not None and adapter in res.adapters:
                     total += _nbytes(res.u[0])
         return total
 

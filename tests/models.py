@@ -47,3 +47,48 @@ def with_adapters(model, specs: dict, seed=0) -> PeftModel:
             if "lora_B" in n:
                 p.mul_(8.0)
     return peft_model.eval()
+
+
+def semantic_reference_cache(peft_model, context_ids, rows):
+    """An independent build of ForkKV's *defined* context K/V, as a plain ``DynamicCache``.
+
+    ForkKV's semantics: every agent's context K/V come from its own k_proj/v_proj (base + LoRA, through PEFT's own
+    forward) applied to the hidden states of ONE base-model pass, then RoPE. This computes exactly that with PEFT's
+    and transformers' own code (no forkkv_hf code involved), one full K/V copy per row.
+    """
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from forkkv_hf.compat import cache_kwargs
+
+    base = peft_model.get_base_model()
+    attns = [layer.self_attn for layer in base.model.layers]
+    xs, pes = {}, {}
+    hooks = []
+    for i, attn in enumerate(attns):
+        hooks.append(attn.k_proj.register_forward_pre_hook(lambda m, a, i=i: xs.__setitem__(i, a[0])))
+        hooks.append(
+            attn.register_forward_pre_hook(
+                lambda m, a, kw, i=i: pes.__setitem__(i, kw["position_embeddings"]), with_kwargs=True
+            )
+        )
+    ids = torch.as_tensor(context_ids).reshape(1, -1)
+    with torch.no_grad(), peft_model.disable_adapter():
+        base.model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    cache = DynamicCache()
+    B = len(rows)
+    with torch.no_grad():
+        for i, attn in enumerate(attns):
+            x = xs[i].expand(B, -1, -1)
+            T = x.shape[1]
+            D = attn.head_dim
+            k = attn.k_proj(x, adapter_names=list(rows)) if hasattr(attn.k_proj, "lora_A") else attn.k_proj(x)
+            v = attn.v_proj(x, adapter_names=list(rows)) if hasattr(attn.v_proj, "lora_A") else attn.v_proj(x)
+            k = k.view(B, T, -1, D).transpose(1, 2)
+            v = v.view(B, T, -1, D).transpose(1, 2)
+            cos, sin = pes[i]
+            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            cache.update(k, v, i)
+    return cache

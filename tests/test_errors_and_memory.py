@@ -1,0 +1,206 @@
+"""Memory accounting, and a clear error for every input ForkKV cannot serve correctly."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from models import tiny_llama, with_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def agents():
+    pm = with_adapters(
+        tiny_llama(layers=3, seed=4),
+        {"planner": dict(r=4, target_modules=ALL), "coder": dict(r=4, target_modules=["k_proj", "v_proj"]),
+         "writer": dict(r=8, target_modules=["q_proj", "o_proj"])},
+    )
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def _ctx(T, seed=0):
+    return torch.randint(3, 128, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def test_residual_bytes_per_agent(agents):
+    T, L, r, itemsize = 33, 3, 4, 4
+    cache = ForkKVCache.from_context(agents, _ctx(T), adapter_names=["planner", "coder", "writer", "__base__"])
+    rep = cache.memory_report()
+    assert rep.residual_bytes_per_agent["planner"] == 2 * r * L * T * itemsize
+    assert rep.residual_bytes_per_agent["coder"] == 2 * r * L * T * itemsize
+    assert rep.residual_bytes_per_agent["writer"] == 0  # no LoRA on k/v: nothing stored
+    assert rep.agents == 2
+    Hkv, D = 2, 16
+    assert rep.shared_base_bytes == 2 * L * Hkv * T * D * itemsize
+    assert rep.private_bytes == 0
+    assert rep.dynamic_cache_bytes == 4 * T * 2 * L * Hkv * D * itemsize
+    assert "one DynamicCache per row" in str(rep)
+
+
+def test_base_held_once_whatever_the_rows(agents):
+    shared = SharedContext.build(agents, _ctx(40), ["planner", "coder"])
+    small = shared.fork(["planner"]).memory_report()
+    big = shared.fork(["planner"] * 6 + ["coder"] * 6 + ["__base__"] * 4).memory_report()
+    assert small.shared_base_bytes == big.shared_base_bytes == shared.base_bytes()
+    assert big.residual_bytes == small.residual_bytes + shared.residual_bytes("coder")  # per agent, not per row
+    assert big.dynamic_cache_bytes == 16 * small.dynamic_cache_bytes
+
+
+def test_private_bytes_grow_with_generation(agents):
+    ctx = _ctx(20)
+    names = ["planner", "coder"]
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    agents.generate(**batch_inputs(ctx, prompts, pad_token_id=0), adapter_names=names, max_new_tokens=4,
+                    do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    rep = cache.memory_report()
+    P = 3 + 4 - 1
+    assert rep.private_tokens == P
+    assert rep.private_bytes == 2 * 3 * 2 * P * 2 * 16 * 4  # rows * layers * (K,V) * P * Hkv * D * 4 bytes
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_unknown_adapter(agents):
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\].*load_adapter"):
+        ForkKVCache.from_context(agents, _ctx(8), adapter_names=["planner", "nope"])
+
+
+def test_adapter_names_must_be_a_list(agents):
+    with pytest.raises(TypeError, match="one name per row"):
+        ForkKVCache.from_context(agents, _ctx(8), adapter_names="planner")
+
+
+def test_dora_refused():
+    m = tiny_llama(layers=2)
+    pm = get_peft_model(m, LoraConfig(r=4, target_modules=["k_proj", "v_proj"], use_dora=True), adapter_name="dora")
+    pm.eval()
+    with pytest.raises(ValueError, match="DoRA"):
+        SharedContext.build(pm, _ctx(8), ["dora"])
+
+
+def test_non_lora_adapter_refused():
+    from peft import IA3Config
+
+    pm = get_peft_model(tiny_llama(layers=2), IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]),
+                        adapter_name="scaler").eval()
+    with pytest.raises(ValueError, match="LoRA adapters only"):
+        SharedContext.build(pm, _ctx(8), ["scaler"])
+
+
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    return model_cls(cfg).eval()
+
+
+def test_k_norm_model_refuses_k_lora_but_shares_v_lora():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    base = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)
+    pm = with_adapters(base, {"kq": dict(target_modules=["k_proj", "q_proj"])})
+    with pytest.raises(ValueError, match="k_norm"):
+        SharedContext.build(pm, _ctx(8), ["kq"])
+    # LoRA on the last layer's v_proj only: shared exactly, equal to the per-agent run
+    base = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)
+    pm = with_adapters(base, {"v": dict(target_modules=["v_proj"], layers_to_transform=[1])}).eval()
+    ctx = _ctx(12)
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5, 6]), torch.tensor([7])], pad_token_id=0)
+    names = ["v", "__base__"]
+    exact = pm.generate(**inputs, adapter_names=names, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    forkkv_hf.enable_forkkv(pm)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    out = pm.generate(**inputs, adapter_names=names, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                      **cache_kwargs(cache))
+    assert torch.equal(out, exact)
+
+
+def test_fused_qkv_refused():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    base = _tiny(Phi3Config, Phi3ForCausalLM)
+    pm = with_adapters(base, {"fused": dict(target_modules=["qkv_proj"])})
+    with pytest.raises(ValueError, match="fused qkv_proj"):
+        SharedContext.build(pm, _ctx(8), ["fused"])
+
+
+def test_generate_with_other_adapter_names(agents):
+    ctx = _ctx(10)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])
+    inputs = batch_inputs(ctx, [torch.tensor([3, 4]), torch.tensor([5, 6])])
+    with pytest.raises(ValueError, match=r"forked for \['planner', 'coder'\].*adapter_names=cache.adapter_names"):
+        agents.generate(**inputs, adapter_names=["coder", "planner"], max_new_tokens=2, pad_token_id=0,
+                        **cache_kwargs(cache))
+    cache.reset()
+    with pytest.raises(ValueError, match="forked for"):  # no adapter_names: PEFT runs the active adapter on every row
+        agents.generate(**inputs, max_new_tokens=2, pad_token_id=0, **cache_kwargs(cache))
+    # the model is left usable: no stale PEFT adapter_names hooks (peft does not remove them when generate raises)
+    cache.reset()
+    agents.generate(**inputs, adapter_names=["planner", "coder"], max_new_tokens=2, pad_token_id=0,
+                    **cache_kwargs(cache))
+    one = batch_inputs(ctx, [torch.tensor([3, 4])])
+    agents.generate(**one, adapter_names=["planner"], max_new_tokens=2, pad_token_id=0)
+
+
+def test_batch_size_mismatch(agents):
+    ctx = _ctx(10)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])
+    inputs = batch_inputs(ctx, [torch.tensor([3]), torch.tensor([5]), torch.tensor([6])])
+    with pytest.raises(ValueError, match="forked for 2 rows"):
+        agents.generate(**inputs, adapter_names=["planner", "coder", "planner"], max_new_tokens=2, pad_token_id=0,
+                        **cache_kwargs(cache))
+
+
+def test_attention_not_enabled():
+    pm = with_adapters(tiny_llama(layers=2, seed=9), {"a1": dict(r=2)})
+    ctx = _ctx(9)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["a1"])
+    with pytest.raises(ValueError, match="enable_forkkv"):
+        pm.generate(**batch_inputs(ctx, [torch.tensor([3, 4])]), adapter_names=["a1"], max_new_tokens=2,
+                    pad_token_id=0, **cache_kwargs(cache))
+
+
+def test_bad_contexts_and_prompts(agents):
+    with pytest.raises(ValueError, match="empty"):
+        SharedContext.build(agents, torch.tensor([], dtype=torch.long), ["planner"])
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        SharedContext.build(agents, torch.ones(513, dtype=torch.long), ["planner"])
+    with pytest.raises(ValueError, match="batch size 2"):
+        SharedContext.build(agents, torch.ones(2, 5, dtype=torch.long), ["planner"])
+    with pytest.raises(TypeError, match="integer dtype"):
+        SharedContext.build(agents, torch.ones(5), ["planner"])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        batch_inputs(_ctx(5), [torch.tensor([3]), torch.tensor([], dtype=torch.long)], pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        batch_inputs(_ctx(5), [torch.tensor([3]), torch.tensor([3, 4])])
+
+
+def test_training_mode_refused(agents):
+    agents.train()
+    try:
+        with pytest.raises(ValueError, match="eval"):
+            SharedContext.build(agents, _ctx(5), ["planner"])
+    finally:
+        agents.eval()
+
+
+def test_dtype_mismatch():
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=5), {"a1": dict(r=2)}))
+    ctx = _ctx(9)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["a1"])
+    pm.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="float32"):
+        pm.generate(**batch_inputs(ctx, [torch.tensor([3, 4])]), adapter_names=["a1"], max_new_tokens=2,
+                    pad_token_id=0, **cache_kwargs(cache))
+
+
+def test_batch_inputs_layout():
+    ctx = torch.tensor([11, 12, 13])
+    out = batch_inputs(ctx, [[21, 22], [31]], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[11, 12, 13, 21, 22], [11, 12, 13, 0, 31]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]

@@ -1,0 +1,216 @@
+"""ForkKV inside PEFT multi-adapter ``generate``: exactness, the defined semantics, every generation mode."""
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from models import semantic_reference_cache, tiny_llama, with_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _prompts(lengths, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g) for n in lengths]
+
+
+def _context(T, seed=123, vocab=128):
+    return torch.randint(3, vocab, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(model, inputs, names, cache=None, **kw):
+    kw.setdefault("max_new_tokens", 8)
+    kw.setdefault("do_sample", False)
+    extra = cache_kwargs(cache) if cache is not None else {}
+    return model.generate(
+        **inputs, adapter_names=names, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **extra, **kw
+    )
+
+
+def _assert_same(a, b, atol=1e-4):
+    assert torch.equal(a.sequences, b.sequences), (a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sa, sb, rtol=1e-4, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def last_layer_agents():
+    """Agents whose LoRA touches only the last layer's k_proj/v_proj: ForkKV must be exact for them."""
+    m = tiny_llama(layers=3)
+    kv_last = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[2])
+    pm = with_adapters(m, {"planner": dict(r=4, **kv_last), "coder": dict(r=2, lora_alpha=4, **kv_last)})
+    return forkkv_hf.enable_forkkv(pm)
+
+
+@pytest.fixture(scope="module")
+def full_agents():
+    """Agents with LoRA on q/k/v/o of every layer, different ranks, alphas and rsLoRA."""
+    m = tiny_llama(layers=3, seed=1)
+    pm = with_adapters(
+        m,
+        {
+            "planner": dict(r=4, target_modules=ALL),
+            "coder": dict(r=2, lora_alpha=3, target_modules=ALL, use_rslora=True),
+            "critic": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "gate_proj"]),
+        },
+        seed=1,
+    )
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def test_exact_for_last_layer_kv_lora(last_layer_agents):
+    pm = last_layer_agents
+    ctx = _context(20)
+    names = ["planner", "coder", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([5, 3, 4]), pad_token_id=0)
+    forkkv_hf.disable_forkkv(pm)
+    exact = _gen(pm, inputs, names)  # each agent prefills the context with its own adapter, DynamicCache, SDPA
+    forkkv_hf.enable_forkkv(pm)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    out = _gen(pm, inputs, names, cache)
+    _assert_same(out, exact)
+
+
+def test_layer0_kv_are_exact(full_agents):
+    """Layer 0's context K/V of every agent (base + rotated residual) equal the agent's own K/V exactly."""
+    from transformers import DynamicCache
+
+    from forkkv_hf.reference import materialize_kv
+
+    pm = full_agents
+    ctx = _context(17)
+    names = ["planner", "coder", "critic", "__base__"]
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    layer = cache.layers[0]
+    dummy = torch.zeros(4, layer.shared.key.shape[1], 0, layer.shared.key.shape[-1])
+    view, _ = layer.update(dummy, dummy)
+    K, V = materialize_kv(view)
+    for b, name in enumerate(names):
+        own = DynamicCache()
+        with torch.no_grad():
+            if name == "__base__":
+                with pm.disable_adapter():
+                    pm.get_base_model().model(input_ids=ctx[None], **cache_kwargs(own), use_cache=True)
+            else:
+                pm.set_adapter(name)
+                pm.get_base_model().model(input_ids=ctx[None], **cache_kwargs(own), use_cache=True)
+        torch.testing.assert_close(K[b], own.layers[0].keys[0].float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(V[b], own.layers[0].values[0].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(do_sample=False),
+        dict(do_sample=True, top_k=0, temperature=1.0),
+        dict(do_sample=False, num_beams=3),
+        dict(do_sample=True, num_return_sequences=2),
+        dict(do_sample=True, num_beams=2, num_return_sequences=2),
+    ],
+    ids=["greedy", "sampling", "beam3", "sample-nrs2", "beam-sample-nrs2"],
+)
+def test_matches_defined_semantics(full_agents, mode):
+    """With LoRA everywhere, ForkKV equals an independent build of its semantics: context K/V from PEFT's own LoRA
+    projections applied to ONE base pass's hidden states (one full copy per row, DynamicCache, SDPA)."""
+    pm = full_agents
+    ctx = _context(23)
+    names = ["planner", "critic", "coder", "planner", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3], seed=2), pad_token_id=0)
+    nb = mode.get("num_beams", 1)
+    # PEFT repeats adapter_names for beams itself, but not for num_return_sequences (its users repeat them)
+    k = mode.get("num_return_sequences", 1) if nb == 1 else 1
+    gen_names = [n for n in names for _ in range(k)]
+    ref_cache = semantic_reference_cache(pm, ctx, names)
+    if k * nb > 1:
+        ref_cache.batch_repeat_interleave(k * nb)
+    torch.manual_seed(7)
+    forkkv_hf.disable_forkkv(pm)
+    ref = _gen(pm, inputs, gen_names, ref_cache, **mode)
+    forkkv_hf.enable_forkkv(pm)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    torch.manual_seed(7)
+    out = _gen(pm, inputs, gen_names, cache, **mode)
+    _assert_same(out, ref)
+    if k * nb > 1:
+        assert cache.adapter_names == [n for n in names for _ in range(k * nb)]
+
+
+def test_residual_modes(full_agents):
+    """The residual is not a no-op: naive sharing (base K/V for every agent) and V-only give other logits; "none"
+    equals a cache whose shared context has no residuals at all."""
+    pm = full_agents
+    ctx = _context(23)
+    names = ["planner", "critic"]
+    inputs = batch_inputs(ctx, _prompts([4, 4]), pad_token_id=0)
+    shared = SharedContext.build(pm, ctx, names)
+    runs = {mode: _gen(pm, inputs, names, shared.fork(names, residual=mode), max_new_tokens=3) for mode in ("kv", "v", "none")}
+    assert (runs["kv"].scores[0] - runs["none"].scores[0]).abs().max() > 1e-3
+    assert (runs["kv"].scores[0] - runs["v"].scores[0]).abs().max() > 1e-3
+    assert (runs["v"].scores[0] - runs["none"].scores[0]).abs().max() > 1e-3
+    report = shared.fork(names, residual="v").memory_report()
+    assert report.residual_bytes == shared.fork(names).memory_report().residual_bytes // 2
+    # "none" is exactly what a shared context without residuals gives
+    bare = SharedContext.build(pm, ctx, [])
+    for layer in bare.layers:
+        assert layer.k_res is None and layer.v_res is None
+    with pytest.raises(ValueError, match="no residuals in this shared context"):
+        bare.fork(names)
+
+
+def test_many_forks_share_one_base(full_agents):
+    pm = full_agents
+    ctx = _context(30)
+    shared = SharedContext.build(pm, ctx, ["planner", "coder"])
+    c1 = shared.fork(["planner"])
+    c2 = shared.fork(["coder", "coder", "planner"])
+    for l1, l2 in zip(c1.layers, c2.layers):
+        assert l1.shared.key.data_ptr() == l2.shared.key.data_ptr()
+        assert l1.shared.k_res.u.data_ptr() == l2.shared.k_res.u.data_ptr()
+    before = [l.shared.key.clone() for l in c1.layers]
+    inputs = batch_inputs(ctx, _prompts([3, 5, 2]), pad_token_id=0)
+    _gen(pm, inputs, ["coder", "coder", "planner"], c2)
+    for b, l in zip(before, c1.layers):
+        assert torch.equal(b, l.shared.key)  # generate never writes the shared base
+    a = _gen(pm, batch_inputs(ctx, _prompts([3]), pad_token_id=0), ["planner"], c1)
+    c1b = shared.fork(["planner"])
+    b = _gen(pm, batch_inputs(ctx, _prompts([3]), pad_token_id=0), ["planner"], c1b)
+    _assert_same(a, b, atol=0)
+
+
+def test_reset_allows_reuse(full_agents):
+    pm = full_agents
+    ctx = _context(19)
+    names = ["coder", "planner"]
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    inputs = batch_inputs(ctx, _prompts([2, 6], seed=5), pad_token_id=0)
+    first = _gen(pm, inputs, names, cache)
+    assert cache.get_seq_length() == 19 + 6 + 8 - 1
+    cache.reset()
+    assert cache.get_seq_length() == 19
+    second = _gen(pm, inputs, names, cache)
+    _assert_same(first, second, atol=0)
+
+
+def test_plain_model_base_rows():
+    """A plain transformers model (no PEFT) can fork "__base__" rows: generate equals the uncached run."""
+    m = forkkv_hf.enable_forkkv(tiny_llama(layers=2, seed=3))
+    ctx = _context(15)
+    inputs = batch_inputs(ctx, _prompts([3, 1]), pad_token_id=0)
+    cache = ForkKVCache.from_context(m, ctx, adapter_names=["__base__", "__base__"])
+    a = m.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    forkkv_hf.disable_forkkv(m)
+    b = m.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_chunked_base_pass_equals_single_pass(full_agents):
+    pm = full_agents
+    ctx = _context(41)
+    one = SharedContext.build(pm, ctx, ["planner", "critic"], chunk_size=None)
+    chunked = SharedContext.build(pm, ctx, ["planner", "critic"], chunk_size=16, progress=False)
+    for a, b in zip(one.layers, chunked.layers):
+        torch.testing.assert_close(a.key, b.key, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.k_res.u, b.k_res.u, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.v_res.u, b.v_res.u, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.cos, b.cos)
