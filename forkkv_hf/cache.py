@@ -30,7 +30,8 @@ class ForkKVView:
     ``shared``: the layer's shared base/residual data. ``k_rows``/``v_rows``: ``[B]`` long tensors, the slot of each
     row in ``shared.k_res``/``shared.v_res`` (``-1``: the row has no residual there), ``None`` if the layer has no
     residual of that kind. ``key``/``value``: private K/V ``[B, H_kv, P, D]`` (P counts the tokens just appended).
-    ``row_adapters``: the agent of each row.
+    ``row_adapters``: the agent of each row. ``k_slots``/``v_slots``: the same slots as host tuples (kernels plan
+    their work from them without a device sync).
     """
 
     shared: SharedLayer
@@ -39,6 +40,8 @@ class ForkKVView:
     key: torch.Tensor
     value: torch.Tensor
     row_adapters: tuple[str, ...]
+    k_slots: tuple[int, ...] | None = None
+    v_slots: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -80,6 +83,8 @@ class ForkKVLayer(CacheLayerMixin):
         dev = self.shared.key.device
         k = _slots(self.shared.k_res, self.rows) if "k" in self.residual else None
         v = _slots(self.shared.v_res, self.rows) if "v" in self.residual else None
+        self.k_slots = None if k is None else tuple(k)
+        self.v_slots = None if v is None else tuple(v)
         self.k_rows = None if k is None else torch.tensor(k, dtype=torch.long, device=dev)
         self.v_rows = None if v is None else torch.tensor(v, dtype=torch.long, device=dev)
 
@@ -129,7 +134,9 @@ class ForkKVLayer(CacheLayerMixin):
             )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        view = ForkKVView(self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows)
+        view = ForkKVView(
+            self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots, self.v_slots
+        )
         return view, view
 
     def private_length(self) -> int:

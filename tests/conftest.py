@@ -2,7 +2,11 @@ import os
 
 import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (read when triton.jit decorates)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 
 def pytest_report_header(config):

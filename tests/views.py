@@ -81,6 +81,8 @@ def random_view(
         rnd(B, Hkv, P, D).to(dtype).to(device),
         rnd(B, Hkv, P, D).to(dtype).to(device),
         names,
+        tuple(rows) if k_res else None,
+        tuple(rows) if v_res else None,
     )
     return view
 
@@ -95,3 +97,26 @@ def padding_mask(B, Q, T, P, pads, device="cpu"):
             last = P - Q + i
             m[b, 0, i, T + pads[b] : T + last + 1] = True
     return m
+
+
+def lowp_attention_error(query32, view_lowp, mask, scale, ref):
+    """Max error against ``ref`` of the same attention done by PyTorch in the view's low dtype over materialised
+    rows (matmuls, softmax and rounding in that dtype): the baseline of flash-attention's pass rule."""
+    from forkkv_hf.reference import causal_private_mask, materialize_kv
+
+    dt = view_lowp.shared.key.dtype
+    K, V = materialize_kv(view_lowp)
+    B, H, Q, D = query32.shape
+    G = H // K.shape[1]
+    K = K.to(dt).repeat_interleave(G, 1)
+    V = V.to(dt).repeat_interleave(G, 1)
+    s = (query32.to(dt) @ K.transpose(-1, -2)) * scale
+    T, P = view_lowp.shared_len, view_lowp.private_len
+    if mask is None:
+        allowed = torch.ones(Q, T + P, dtype=torch.bool)
+        allowed[:, T:] = causal_private_mask(Q, P, "cpu")
+    else:
+        allowed = mask[:, :, -Q:, : T + P]
+    s = s.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(s, dim=-1).to(dt) @ V
+    return (out.transpose(1, 2).float() - ref).abs().max().item()
