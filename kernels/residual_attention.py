@@ -47,32 +47,31 @@ def _shared_part_kernel(
     UK, s_ukn, s_ukt, BK, s_bkn, s_bko,
     UV, s_uvn, s_uvt,
     MASK, s_mb, s_mq, s_mt,
-    PERM, ITEM_START, ITEM_ROWS, ITEM_Q0, ITEM_NQ, ITEM_KSLOT, ITEM_VSLOT,
+    SLOT_ROW, SLOT_Q, SLOT_AGENT, AGENT_K, AGENT_V,
     M_WS, L_WS, ACC_WS, UV_WS,
     T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
-    QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     item = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    start = tl.load(ITEM_START + item)
-    nrows = tl.load(ITEM_ROWS + item)
-    q0 = tl.load(ITEM_Q0 + item)
-    nq = tl.load(ITEM_NQ + item)
 
+    # the item's query vectors: SLOTS (row, query) slots x the G query heads of KV head hkv, from up to A_MAX agents
     v = tl.arange(0, BLOCK_M)
+    slot = v // G
     g = v % G
-    ql = (v // G) % QPB
-    rl = v // (G * QPB)
-    valid = (rl < nrows) & (ql < nq)
-    row = tl.load(PERM + start + rl, mask=valid, other=0)
-    qi = q0 + ql
+    in_slots = slot < SLOTS
+    row = tl.load(SLOT_ROW + item * SLOTS + slot, mask=in_slots, other=-1)
+    valid = row >= 0
+    row = tl.maximum(row, 0)
+    qi = tl.load(SLOT_Q + item * SLOTS + slot, mask=in_slots, other=0)
+    ag = tl.load(SLOT_AGENT + item * SLOTS + slot, mask=in_slots, other=-1)
     head = hkv * G + g
     d = tl.arange(0, HALF_B)
     dm = d < HALF
-
     q_ptr = Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
     qmask = valid[:, None] & dm[None, :]
     q_lo = tl.load(q_ptr, mask=qmask, other=0.0)
@@ -84,19 +83,8 @@ def _shared_part_kernel(
     acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
-
-    kslot = tl.load(ITEM_KSLOT + item)
-    vslot = tl.load(ITEM_VSLOT + item)
     rk = tl.arange(0, RKB)
     rv = tl.arange(0, RVB)
-    ks = tl.maximum(kslot, 0)
-    vs = tl.maximum(vslot, 0)
-    # this agent's B_k rows for KV head hkv, both halves: [HALF_B, RKB] (zero when the item has no K residual)
-    bk_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + d[:, None]) * s_bko + rk[None, :]
-    rk_lim = tl.where(kslot >= 0, RK, 0)
-    bk_mask = dm[:, None] & (rk[None, :] < rk_lim)
-    bk_lo = tl.load(bk_ptr, mask=bk_mask, other=0.0)
-    bk_hi = tl.load(bk_ptr + HALF * s_bko, mask=bk_mask, other=0.0)
 
     t_begin = split * split_len
     t_end = tl.minimum(T, t_begin + split_len)
@@ -104,26 +92,45 @@ def _shared_part_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < t_end
         kmask = tm[:, None] & dm[None, :]
+        # the base tiles: loaded once, used by every agent of the item
         kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + d[None, :]
-        k_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
-        k_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
+        kb_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
+        kb_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
         if HAS_K_RES:
-            if kslot >= 0:
+            c_ptr = COS + t[:, None] * s_ct + d[None, :]
+            s_ptr = SIN + t[:, None] * s_st + d[None, :]
+            c_lo = tl.load(c_ptr, mask=kmask, other=0.0).to(tl.float32)
+            s_lo = tl.load(s_ptr, mask=kmask, other=0.0).to(tl.float32)
+            if ROPE_HALF:  # cos/sin halves are equal (every rotate-half RoPE in transformers)
+                c_hi = c_lo
+                s_hi = s_lo
+            else:
+                c_hi = tl.load(c_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+                s_hi = tl.load(s_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+            kb_lo32 = kb_lo.to(tl.float32)
+            kb_hi32 = kb_hi.to(tl.float32)
+            s = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+            for j in tl.static_range(A_MAX):
+                # agent j of the item: rebuild its K residual for this tile, rotate it, add it to the base tile
+                kslot = tl.load(AGENT_K + item * A_MAX + j)
+                ks = tl.maximum(kslot, 0)
+                lim = tl.where(kslot >= 0, RK, 0)
                 u = tl.load(UK + ks * s_ukn + t[:, None] * s_ukt + rk[None, :],
-                            mask=tm[:, None] & (rk[None, :] < RK), other=0.0)
+                            mask=tm[:, None] & (rk[None, :] < lim), other=0.0)
+                bk_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + d[:, None]) * s_bko + rk[None, :]
+                bk_mask = dm[:, None] & (rk[None, :] < lim)
+                bk_lo = tl.load(bk_ptr, mask=bk_mask, other=0.0)
+                bk_hi = tl.load(bk_ptr + HALF * s_bko, mask=bk_mask, other=0.0)
                 x_lo = _dot(u, tl.trans(bk_lo), DOT_PREC, UPCAST)  # [BLOCK_T, HALF_B] fp32
                 x_hi = _dot(u, tl.trans(bk_hi), DOT_PREC, UPCAST)
-                c_ptr = COS + t[:, None] * s_ct + d[None, :]
-                s_ptr = SIN + t[:, None] * s_st + d[None, :]
-                c_lo = tl.load(c_ptr, mask=kmask, other=0.0).to(tl.float32)
-                c_hi = tl.load(c_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-                s_lo = tl.load(s_ptr, mask=kmask, other=0.0).to(tl.float32)
-                s_hi = tl.load(s_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-                # rotate-half RoPE of the residual at its own position, added to the (rotated) base key
-                k_lo = (k_lo.to(tl.float32) + x_lo * c_lo - x_hi * s_lo).to(dtype)
-                k_hi = (k_hi.to(tl.float32) + x_hi * c_hi + x_lo * s_hi).to(dtype)
-        s = _dot(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
-        s += _dot(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
+                k_lo = (kb_lo32 + x_lo * c_lo - x_hi * s_lo).to(dtype)
+                k_hi = (kb_hi32 + x_hi * c_hi + x_lo * s_hi).to(dtype)
+                s_j = _dot(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
+                s_j += _dot(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
+                s = tl.where(ag[:, None] == j, s_j, s)
+        else:
+            s = _dot(q_lo, tl.trans(kb_lo), DOT_PREC, UPCAST)
+            s += _dot(q_hi, tl.trans(kb_hi), DOT_PREC, UPCAST)
         s = s * qk_scale
         allowed = valid[:, None] & tm[None, :]
         if HAS_MASK:
@@ -143,10 +150,14 @@ def _shared_part_kernel(
         acc_lo = acc_lo * alpha[:, None] + _dot(pd, v_lo, DOT_PREC, UPCAST)
         acc_hi = acc_hi * alpha[:, None] + _dot(pd, v_hi, DOT_PREC, UPCAST)
         if HAS_V_RES:
-            if vslot >= 0:
+            acc_uv = acc_uv * alpha[:, None]
+            for j in tl.static_range(A_MAX):
+                vslot = tl.load(AGENT_V + item * A_MAX + j)
+                vs = tl.maximum(vslot, 0)
+                lim = tl.where(vslot >= 0, RV, 0)
                 uvt = tl.load(UV + vs * s_uvn + t[:, None] * s_uvt + rv[None, :],
-                              mask=tm[:, None] & (rv[None, :] < RV), other=0.0)
-                acc_uv = acc_uv * alpha[:, None] + _dot(pd, uvt, DOT_PREC, UPCAST)
+                              mask=tm[:, None] & (rv[None, :] < lim), other=0.0)
+                acc_uv += tl.where(ag[:, None] == j, _dot(pd, uvt, DOT_PREC, UPCAST), 0.0)
         m_i = m_new
 
     # partials of vector (row, head, qi) for this split
@@ -276,32 +287,46 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(k_slots: tuple, v_slots: tuple, rows_per_item: int, nq: int, qpb: int):
-    """Work items: rows grouped by their (K slot, V slot) agent pair, ``rows_per_item`` rows and ``qpb`` queries
-    each. Returns host lists ``(perm, start, rows, q0, nq, kslot, vslot)``."""
+def _plan(k_slots: tuple, v_slots: tuple, nq: int, slots: int, agents_per_item: int):
+    """Pack the (row, query) slots into work items of ``slots`` slots from at most ``agents_per_item`` agents.
+
+    Slots are sorted by agent (its K and V residual slots), so an agent's rows and queries fill items together and an
+    item mixes agents only where it has room. Returns host lists: per item and slot the row (-1: empty), query index
+    and agent index within the item; per item and agent its K and V slots (-1: none); and A_MAX, the most agents
+    any item holds.
+    """
     groups: dict = {}
     for r, key in enumerate(zip(k_slots, v_slots)):
         groups.setdefault(key, []).append(r)
-    perm, start, nrows, q0s, nqs, ks, vs = [], [], [], [], [], [], []
-    for (k, v), rows in groups.items():
-        for i in range(0, len(rows), rows_per_item):
-            chunk = rows[i : i + rows_per_item]
-            off = len(perm)
-            perm.extend(chunk)
-            for q0 in range(0, nq, qpb):
-                start.append(off)
-                nrows.append(len(chunk))
-                q0s.append(q0)
-                nqs.append(min(qpb, nq - q0))
-                ks.append(k)
-                vs.append(v)
-    return perm, start, nrows, q0s, nqs, ks, vs
+    items = []  # each: list of (row, q, agent_key)
+    cur, cur_agents = [], []
+    for key, rows in groups.items():
+        for r in rows:
+            for q in range(nq):
+                if len(cur) == slots or (key not in cur_agents and len(cur_agents) == agents_per_item):
+                    items.append((cur, cur_agents))
+                    cur, cur_agents = [], []
+                if key not in cur_agents:
+                    cur_agents.append(key)
+                cur.append((r, q, cur_agents.index(key)))
+    if cur:
+        items.append((cur, cur_agents))
+    a_max = max(len(agents) for _, agents in items)
+    slot_row, slot_q, slot_agent, agent_k, agent_v = [], [], [], [], []
+    for cur, agents in items:
+        pad = slots - len(cur)
+        slot_row += [r for r, _, _ in cur] + [-1] * pad
+        slot_q += [q for _, q, _ in cur] + [0] * pad
+        slot_agent += [a for _, _, a in cur] + [-1] * pad
+        agent_k += [k for k, _ in agents] + [-1] * (a_max - len(agents))
+        agent_v += [v for _, v in agents] + [-1] * (a_max - len(agents))
+    return slot_row, slot_q, slot_agent, agent_k, agent_v, a_max
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_tensors(k_slots: tuple, v_slots: tuple, rows_per_item: int, nq: int, qpb: int, device: str):
-    lists = _plan(k_slots, v_slots, rows_per_item, nq, qpb)
-    return tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in lists)
+def _plan_tensors(k_slots: tuple, v_slots: tuple, nq: int, slots: int, agents_per_item: int, device: str):
+    *lists, a_max = _plan(k_slots, v_slots, nq, slots, agents_per_item)
+    return tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in lists), a_max
 
 
 @functools.lru_cache(maxsize=8)
@@ -325,9 +350,39 @@ def _kv_mask(attention_mask, B, NQ, T, P):
     return mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)
 
 
+_WORKSPACES: dict = {}
+
+
+def _workspace(name: str, numel: int, device) -> torch.Tensor:
+    """A reusable fp32 scratch buffer (the kernels of one stream run one after another, so layers can share it)."""
+    key = (name, str(device))
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:numel]
+
+
+def _rope_half(shared) -> bool:
+    """Whether the layer's cos/sin tables repeat their first half (then the kernel loads one half). Memoised."""
+    flag = getattr(shared, "_rope_half", None)
+    if flag is None:
+        h = shared.cos.shape[-1] // 2
+        flag = bool(torch.equal(shared.cos[:, :h], shared.cos[:, h:]) and torch.equal(shared.sin[:, :h], shared.sin[:, h:]))
+        shared._rope_half = flag
+    return flag
+
+
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
-                              block_t: int | None = None, n_splits: int | None = None) -> torch.Tensor:
-    """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype."""
+                              block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
+                              agents_per_item: int | None = None, num_warps: int = 4,
+                              num_stages: int = 2) -> torch.Tensor:
+    """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
+
+    Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
+    the shared context, ``block_m`` query vectors per work item, ``agents_per_item`` the most agents packed in one
+    item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel.
+    """
     B, H, NQ, D = query.shape
     sh = view.shared
     _, Hkv, T, _ = sh.key.shape
@@ -356,6 +411,10 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     v_slots = tuple(view.v_slots) if v_res is not None else (-1,) * B
     has_k = k_res is not None and any(s >= 0 for s in k_slots)
     has_v = v_res is not None and any(s >= 0 for s in v_slots)
+    if not has_k:
+        k_slots = (-1,) * B
+    if not has_v:
+        v_slots = (-1,) * B
     RK = k_res.rank if has_k else 1
     RV = v_res.rank if has_v else 1
     RKB, RVB = _pow2(RK), _pow2(RV)
@@ -364,15 +423,12 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
 
     interp = not query.is_cuda
     BLOCK_T = block_t or (32 if interp else 64)
-    BLOCK_M = 16 if NQ == 1 else 64
-    qpb = max(1, min(NQ, BLOCK_M // G)) if G <= BLOCK_M else 1
-    if G > BLOCK_M:
-        BLOCK_M = _pow2(G)
-        qpb = 1
-    rows_per_item = max(1, BLOCK_M // (G * qpb))
-    plan = _plan_tensors(k_slots, v_slots, rows_per_item, NQ, qpb, str(dev))
-    perm, start, nrows, q0s, nqs, ks, vs = plan
-    n_items = start.numel()
+    BLOCK_M = block_m or (16 if NQ == 1 else 64)
+    BLOCK_M = max(BLOCK_M, _pow2(G))
+    SLOTS = BLOCK_M // G
+    apm = min(SLOTS, agents_per_item or 8)
+    (slot_row, slot_q, slot_agent, agent_k, agent_v), a_max = _plan_tensors(k_slots, v_slots, NQ, SLOTS, apm, str(dev))
+    n_items = slot_row.numel() // SLOTS
 
     if n_splits is None:
         target = 2 * _num_sms(str(dev))
@@ -386,10 +442,10 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     ms = mask.stride() if has_mask else (0, 0, 0)
 
     n_vec = B * H * NQ * n_splits
-    m_ws = torch.empty(n_vec, device=dev, dtype=torch.float32)
-    l_ws = torch.empty(n_vec, device=dev, dtype=torch.float32)
-    acc_ws = torch.empty(n_vec, 2 * HALF_B, device=dev, dtype=torch.float32)
-    uv_ws = torch.empty(n_vec if has_v else 1, RVB, device=dev, dtype=torch.float32)
+    m_ws = _workspace("m", n_vec, dev)
+    l_ws = _workspace("l", n_vec, dev)
+    acc_ws = _workspace("acc", n_vec * 2 * HALF_B, dev)
+    uv_ws = _workspace("uv", n_vec * RVB if has_v else 1, dev)
 
     uk = k_res.u if has_k else q
     bk = k_res.B if has_k else q
@@ -413,16 +469,17 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         uk, *uk_s, bk, *bk_s,
         uv, *uv_s,
         mk, *ms,
-        perm, start, nrows, q0s, nqs, ks, vs,
+        slot_row, slot_q, slot_agent, agent_k, agent_v,
         m_ws, l_ws, acc_ws, uv_ws,
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
-        G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=BLOCK_T,
-        HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, DOT_PREC=prec, UPCAST=interp,
-        num_warps=4, num_stages=2,
+        G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
+        BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
+        DOT_PREC=prec, UPCAST=interp,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
     out = torch.empty(B, NQ, H, D, device=dev, dtype=dtype)
-    row_vslot = _row_slots(v_slots, str(dev)) if has_v else perm
+    row_vslot = _row_slots(v_slots, str(dev)) if has_v else slot_row
     BLOCK_M2 = _pow2(G * min(NQ, max(1, 64 // G)))
     qpb2 = max(1, BLOCK_M2 // G)
     _private_merge_kernel[(B, Hkv, triton.cdiv(NQ, qpb2))](

@@ -86,8 +86,8 @@ def test_kernel_low_precision_pass_rule(dtype, kw, H, Q):
 
 def test_kernel_notices_the_residual():
     """Not a test that cannot fail: with the residual removed the kernel's output changes."""
-    view = random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1])
-    q = _query(view, 4, 1)
+    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1]), DEV)
+    q = _query(view, 4, 1).to(DEV)
     a = residual_attention_triton(q, view, None, 0.25)
     view.k_slots = view.v_slots = (-1, -1)
     b = residual_attention_triton(q, view, None, 0.25)
