@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU-machine session: install the working tree, run the tests (GPU-marked ones included), then the benchmarks
-# named in $BENCH (default: kernel). Everything it writes goes under $OUT (the device tool fetches it).
+# One GPU-machine session: make the working tree importable, run the tests named in $TESTS (pytest args; empty to
+# skip), then the scripts in $SCRIPTS (each gets --out $OUT/<name>.json). Everything it writes goes under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -12,9 +12,10 @@ export PYTHONUNBUFFERED=1
 # importable without installing: forkkv_hf from the tree, forkkv_kernels through a link to kernels/
 mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/forkkv_kernels
 export PYTHONPATH="$PWD:/tmp/pp"
-if [ "${TESTS:-1}" = "1" ]; then
-  timeout 300 python3 -m pytest -q -x ${PYTEST_ARGS:-tests} 2>&1 | tail -25 | tee "$OUT/tests.txt"
+if [ -n "${TESTS-tests/test_kernels.py}" ]; then
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
-for b in ${BENCH:-kernel}; do
-  timeout ${BENCH_TIMEOUT:-400} python3 eval/bench_$b.py ${BENCH_ARGS:-} --out "$OUT/bench_$b.json" 2>&1 | tail -40 | tee "$OUT/bench_$b.txt"
+for script in ${SCRIPTS:-eval/bench_kernel.py}; do
+  name=$(basename "$script" .py)
+  timeout ${SCRIPT_TIMEOUT:-400} python3 "$script" ${ARGS:-} --out "$OUT/$name.json" 2>&1 | tail -${TAIL:-30} | tee "$OUT/$name.txt"
 done
