@@ -41,11 +41,15 @@ def graph_time(fn, do_bench, reps=20):
 
 
 CONFIGS = {
+    "variant": ["t"],
     "block_t": [32, 64, 128],
     "items": [(16, 1), (16, 4), (32, 8)],  # (block_m, agents_per_item): 1 = one agent per item (no base sharing)
     "num_warps": [4, 8],
     "num_stages": [2, 3],
 }
+#: the best "n" (untransposed) configurations of the first sweep, for comparison
+EXTRA = [dict(variant="n", block_t=64, block_m=16, agents_per_item=1, num_warps=4, num_stages=2),
+         dict(variant="n", block_t=64, block_m=16, agents_per_item=4, num_warps=4, num_stages=2)]
 
 
 def main(argv=None):
@@ -59,11 +63,11 @@ def main(argv=None):
     from forkkv_kernels import residual_attention_triton
 
     grid = []
-    for bt, (bm, apm), nw, ns in itertools.product(*CONFIGS.values()):
-        if bt == 128 and ns == 3:
+    for var, bt, (bm, apm), nw, ns in itertools.product(*CONFIGS.values()):
+        if bt == 128 and (ns == 3 or bm == 32):
             continue
-        grid.append(dict(block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=ns))
-    grid = grid[: args.max_configs]
+        grid.append(dict(variant=var, block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=ns))
+    grid = (grid + EXTRA)[: args.max_configs]
     results = []
     scale = D**-0.5
     for point in args.points:

@@ -172,6 +172,137 @@ def _shared_part_kernel(
 
 
 @triton.jit
+def _shared_part_kernel_t(
+    Q, s_qb, s_qh, s_qq,
+    KB, s_kbh, s_kbt,
+    VB, s_vbh, s_vbt,
+    COS, SIN, s_ct, s_st,
+    UK, s_ukn, s_ukt, BK, s_bkn, s_bko,
+    UV, s_uvn, s_uvt,
+    MASK, s_mb, s_mq, s_mt,
+    SLOT_ROW, SLOT_Q, SLOT_AGENT, AGENT_K, AGENT_V,
+    M_WS, L_WS, ACC_WS, UV_WS,
+    T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
+    G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
+    SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Same result as ``_shared_part_kernel``, computed transposed: scores are ``[BLOCK_T, BLOCK_M]`` (context tokens
+    x query vectors), so the K tile that is rebuilt in registers is the *left* operand of the score product (it never
+    has to go through shared memory) and the small query block is the loop-invariant right operand."""
+    item = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    v = tl.arange(0, BLOCK_M)
+    slot = v // G
+    g = v % G
+    in_slots = slot < SLOTS
+    row = tl.load(SLOT_ROW + item * SLOTS + slot, mask=in_slots, other=-1)
+    valid = row >= 0
+    row = tl.maximum(row, 0)
+    qi = tl.load(SLOT_Q + item * SLOTS + slot, mask=in_slots, other=0)
+    ag = tl.load(SLOT_AGENT + item * SLOTS + slot, mask=in_slots, other=-1)
+    head = hkv * G + g
+    d = tl.arange(0, HALF_B)
+    dm = d < HALF
+    # q transposed: [HALF_B, BLOCK_M]
+    qT_ptr = Q + row[None, :] * s_qb + head[None, :] * s_qh + qi[None, :] * s_qq + d[:, None]
+    qTmask = valid[None, :] & dm[:, None]
+    qT_lo = tl.load(qT_ptr, mask=qTmask, other=0.0)
+    qT_hi = tl.load(qT_ptr + HALF, mask=qTmask, other=0.0)
+    dtype = qT_lo.dtype
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    accT_lo = tl.zeros([HALF_B, BLOCK_M], tl.float32)
+    accT_hi = tl.zeros([HALF_B, BLOCK_M], tl.float32)
+    acc_uvT = tl.zeros([RVB, BLOCK_M], tl.float32)
+    rk = tl.arange(0, RKB)
+    rv = tl.arange(0, RVB)
+
+    t_begin = split * split_len
+    t_end = tl.minimum(T, t_begin + split_len)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < t_end
+        kmask = tm[:, None] & dm[None, :]
+        kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + d[None, :]
+        kb_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
+        kb_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
+        if HAS_K_RES:
+            c_ptr = COS + t[:, None] * s_ct + d[None, :]
+            s_ptr = SIN + t[:, None] * s_st + d[None, :]
+            c_lo = tl.load(c_ptr, mask=kmask, other=0.0).to(tl.float32)
+            s_lo = tl.load(s_ptr, mask=kmask, other=0.0).to(tl.float32)
+            if ROPE_HALF:
+                c_hi = c_lo
+                s_hi = s_lo
+            else:
+                c_hi = tl.load(c_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+                s_hi = tl.load(s_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+            sT = tl.zeros([BLOCK_T, BLOCK_M], tl.float32)
+            for j in tl.static_range(A_MAX):
+                kslot = tl.load(AGENT_K + item * A_MAX + j)
+                ks = tl.maximum(kslot, 0)
+                lim = tl.where(kslot >= 0, RK, 0)
+                u = tl.load(UK + ks * s_ukn + t[:, None] * s_ukt + rk[None, :],
+                            mask=tm[:, None] & (rk[None, :] < lim), other=0.0)
+                # B_k transposed [RKB, HALF_B] for this agent and KV head
+                bkT_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + d[None, :]) * s_bko + rk[:, None]
+                bkT_mask = dm[None, :] & (rk[:, None] < lim)
+                bkT_lo = tl.load(bkT_ptr, mask=bkT_mask, other=0.0)
+                bkT_hi = tl.load(bkT_ptr + HALF * s_bko, mask=bkT_mask, other=0.0)
+                x_lo = _dot(u, bkT_lo, DOT_PREC, UPCAST)  # [BLOCK_T, HALF_B] fp32
+                x_hi = _dot(u, bkT_hi, DOT_PREC, UPCAST)
+                k_lo = (kb_lo.to(tl.float32) + x_lo * c_lo - x_hi * s_lo).to(dtype)
+                k_hi = (kb_hi.to(tl.float32) + x_hi * c_hi + x_lo * s_hi).to(dtype)
+                sT_j = _dot(k_lo, qT_lo, DOT_PREC, UPCAST)
+                sT_j += _dot(k_hi, qT_hi, DOT_PREC, UPCAST)
+                sT = tl.where(ag[None, :] == j, sT_j, sT)
+        else:
+            sT = _dot(kb_lo, qT_lo, DOT_PREC, UPCAST)
+            sT += _dot(kb_hi, qT_hi, DOT_PREC, UPCAST)
+        sT = sT * qk_scale
+        allowed = valid[None, :] & tm[:, None]
+        if HAS_MASK:
+            mk = tl.load(MASK + row[None, :] * s_mb + qi[None, :] * s_mq + t[:, None] * s_mt, mask=allowed, other=0)
+            allowed = allowed & (mk != 0)
+        sT = tl.where(allowed, sT, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sT, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pT = tl.exp2(sT - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(pT, 0)
+        pTd = pT.to(dtype)
+        vT_ptr = VB + hkv * s_vbh + t[None, :] * s_vbt + d[:, None]
+        vTmask = tm[None, :] & dm[:, None]
+        vT_lo = tl.load(vT_ptr, mask=vTmask, other=0.0)
+        vT_hi = tl.load(vT_ptr + HALF, mask=vTmask, other=0.0)
+        accT_lo = accT_lo * alpha[None, :] + _dot(vT_lo, pTd, DOT_PREC, UPCAST)
+        accT_hi = accT_hi * alpha[None, :] + _dot(vT_hi, pTd, DOT_PREC, UPCAST)
+        if HAS_V_RES:
+            acc_uvT = acc_uvT * alpha[None, :]
+            for j in tl.static_range(A_MAX):
+                vslot = tl.load(AGENT_V + item * A_MAX + j)
+                vs = tl.maximum(vslot, 0)
+                lim = tl.where(vslot >= 0, RV, 0)
+                uvT = tl.load(UV + vs * s_uvn + t[None, :] * s_uvt + rv[:, None],
+                              mask=tm[None, :] & (rv[:, None] < lim), other=0.0)
+                acc_uvT += tl.where(ag[None, :] == j, _dot(uvT, pTd, DOT_PREC, UPCAST), 0.0)
+        m_i = m_new
+
+    w = ((row * H + head) * NQ + qi) * n_splits + split
+    tl.store(M_WS + w, m_i, mask=valid)
+    tl.store(L_WS + w, l_i, mask=valid)
+    a_ptr = ACC_WS + w[None, :] * (2 * HALF_B) + d[:, None]
+    tl.store(a_ptr, accT_lo, mask=valid[None, :])
+    tl.store(a_ptr + HALF_B, accT_hi, mask=valid[None, :])
+    if HAS_V_RES:
+        tl.store(UV_WS + w[None, :] * RVB + rv[:, None], acc_uvT, mask=valid[None, :])
+
+
+@triton.jit
 def _private_merge_kernel(
     Q, s_qb, s_qh, s_qq,
     KP, s_kpb, s_kph, s_kpt,
@@ -351,6 +482,8 @@ def _kv_mask(attention_mask, B, NQ, T, P):
 
 
 _WORKSPACES: dict = {}
+#: the compiled kernels of the last launch (registers, spills and shared memory are read from them by the tuning scripts)
+LAST_LAUNCH: dict = {}
 
 
 def _workspace(name: str, numel: int, device) -> torch.Tensor:
@@ -376,12 +509,13 @@ def _rope_half(shared) -> bool:
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                               agents_per_item: int | None = None, num_warps: int = 4,
-                              num_stages: int = 2) -> torch.Tensor:
+                              num_stages: int = 2, variant: str = "t") -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
     the shared context, ``block_m`` query vectors per work item, ``agents_per_item`` the most agents packed in one
-    item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel.
+    item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel, ``variant``: ``"t"``
+    (scores computed transposed, the default) or ``"n"`` (scores as [queries, tokens]).
     """
     B, H, NQ, D = query.shape
     sh = view.shared
@@ -422,6 +556,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     prec = "ieee" if dtype == torch.float32 else "tf32"
 
     interp = not query.is_cuda
+    if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
+        block_t, num_stages = block_t or 32, 1
     BLOCK_T = block_t or (32 if interp else 64)
     BLOCK_M = block_m or (16 if NQ == 1 else 64)
     BLOCK_M = max(BLOCK_M, _pow2(G))
@@ -461,7 +597,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     qk_scale = float(scaling) * LOG2E
     cos, sin = sh.cos, sh.sin
 
-    _shared_part_kernel[(n_items, Hkv, n_splits)](
+    shared_kernel = {"t": _shared_part_kernel_t, "n": _shared_part_kernel}[variant]
+    LAST_LAUNCH["shared"] = shared_kernel[(n_items, Hkv, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
@@ -482,7 +619,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     row_vslot = _row_slots(v_slots, str(dev)) if has_v else slot_row
     BLOCK_M2 = _pow2(G * min(NQ, max(1, 64 // G)))
     qpb2 = max(1, BLOCK_M2 // G)
-    _private_merge_kernel[(B, Hkv, triton.cdiv(NQ, qpb2))](
+    LAST_LAUNCH["merge"] = _private_merge_kernel[(B, Hkv, triton.cdiv(NQ, qpb2))](
         q, q.stride(0), q.stride(1), q.stride(2),
         kp, kp.stride(0), kp.stride(1), kp.stride(2),
         vp, vp.stride(0), vp.stride(1), vp.stride(2),
