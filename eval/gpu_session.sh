@@ -13,7 +13,13 @@ export PYTHONUNBUFFERED=1
 mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/forkkv_kernels
 export PYTHONPATH="$PWD:/tmp/pp"
 if [ -n "${TESTS-tests/test_kernels.py}" ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} 2>&1 | tail -25 | tee "$OUT/tests.txt"
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+if [ -n "${NCU:-}" ]; then  # NCU="script.py args": hardware counters of the shared-part kernel launches
+  timeout 240 ncu --clock-control none --kernel-name regex:_shared_part --launch-count ${NCU_LAUNCHES:-2} \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 $NCU > "$OUT/ncu.txt" 2>&1
+  tail -5 "$OUT/ncu.txt"
 fi
 for script in ${SCRIPTS:-eval/bench_kernel.py}; do
   name=$(basename "$script" .py)

@@ -41,21 +41,18 @@ def graph_time(fn, do_bench, reps=20):
 
 
 CONFIGS = {
-    "variant": ["t"],
-    "block_t": [32, 64, 128],
-    "items": [(16, 1), (16, 4), (32, 8)],  # (block_m, agents_per_item): 1 = one agent per item (no base sharing)
+    "block_t": [32, 64],
+    "items": [(16, 1), (16, 4)],  # (block_m, agents_per_item): 1 = one agent per item (no base sharing)
     "num_warps": [4, 8],
-    "num_stages": [2, 3],
+    "programs_per_sm": [2, 8, 24],
+    "uv_natural": [True, False],
 }
-#: the best "n" (untransposed) configurations of the first sweep, for comparison
-EXTRA = [dict(variant="n", block_t=64, block_m=16, agents_per_item=1, num_warps=4, num_stages=2),
-         dict(variant="n", block_t=64, block_m=16, agents_per_item=4, num_warps=4, num_stages=2)]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--points", nargs="+", default=["32768:32", "4096:8"])
-    ap.add_argument("--max-configs", type=int, default=60)
+    ap.add_argument("--points", nargs="+", default=["32768:32", "4096:8", "32768:128"])
+    ap.add_argument("--max-configs", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from triton.testing import do_bench
@@ -63,11 +60,10 @@ def main(argv=None):
     from forkkv_kernels import residual_attention_triton
 
     grid = []
-    for var, bt, (bm, apm), nw, ns in itertools.product(*CONFIGS.values()):
-        if bt == 128 and (ns == 3 or bm == 32):
-            continue
-        grid.append(dict(variant=var, block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=ns))
-    grid = (grid + EXTRA)[: args.max_configs]
+    for bt, (bm, apm), nw, pps, uvn in itertools.product(*CONFIGS.values()):
+        grid.append(dict(variant="t", block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=2,
+                         programs_per_sm=pps, uv_natural=uvn))
+    grid = grid[: args.max_configs]
     results = []
     scale = D**-0.5
     for point in args.points:

@@ -186,7 +186,7 @@ def _shared_part_kernel_t(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
     SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True,
 ):
     """Same result as ``_shared_part_kernel``, computed transposed: scores are ``[BLOCK_T, BLOCK_M]`` (context tokens
     x query vectors), so the K tile that is rebuilt in registers is the *left* operand of the score product (it never
@@ -218,6 +218,7 @@ def _shared_part_kernel_t(
     accT_lo = tl.zeros([HALF_B, BLOCK_M], tl.float32)
     accT_hi = tl.zeros([HALF_B, BLOCK_M], tl.float32)
     acc_uvT = tl.zeros([RVB, BLOCK_M], tl.float32)
+    acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
     rk = tl.arange(0, RKB)
     rv = tl.arange(0, RVB)
 
@@ -282,14 +283,25 @@ def _shared_part_kernel_t(
         accT_lo = accT_lo * alpha[None, :] + _dot(vT_lo, pTd, DOT_PREC, UPCAST)
         accT_hi = accT_hi * alpha[None, :] + _dot(vT_hi, pTd, DOT_PREC, UPCAST)
         if HAS_V_RES:
-            acc_uvT = acc_uvT * alpha[None, :]
-            for j in tl.static_range(A_MAX):
-                vslot = tl.load(AGENT_V + item * A_MAX + j)
-                vs = tl.maximum(vslot, 0)
-                lim = tl.where(vslot >= 0, RV, 0)
-                uvT = tl.load(UV + vs * s_uvn + t[None, :] * s_uvt + rv[:, None],
-                              mask=tm[None, :] & (rv[:, None] < lim), other=0.0)
-                acc_uvT += tl.where(ag[None, :] == j, _dot(uvT, pTd, DOT_PREC, UPCAST), 0.0)
+            if UV_NATURAL:  # P·u_v as [queries, r]: u_v tiles load contiguously, P is transposed once
+                pd = tl.trans(pTd)
+                acc_uv = acc_uv * alpha[:, None]
+                for j in tl.static_range(A_MAX):
+                    vslot = tl.load(AGENT_V + item * A_MAX + j)
+                    vs = tl.maximum(vslot, 0)
+                    lim = tl.where(vslot >= 0, RV, 0)
+                    uvt = tl.load(UV + vs * s_uvn + t[:, None] * s_uvt + rv[None, :],
+                                  mask=tm[:, None] & (rv[None, :] < lim), other=0.0)
+                    acc_uv += tl.where(ag[:, None] == j, _dot(pd, uvt, DOT_PREC, UPCAST), 0.0)
+            else:
+                acc_uvT = acc_uvT * alpha[None, :]
+                for j in tl.static_range(A_MAX):
+                    vslot = tl.load(AGENT_V + item * A_MAX + j)
+                    vs = tl.maximum(vslot, 0)
+                    lim = tl.where(vslot >= 0, RV, 0)
+                    uvT = tl.load(UV + vs * s_uvn + t[None, :] * s_uvt + rv[:, None],
+                                  mask=tm[None, :] & (rv[:, None] < lim), other=0.0)
+                    acc_uvT += tl.where(ag[None, :] == j, _dot(uvT, pTd, DOT_PREC, UPCAST), 0.0)
         m_i = m_new
 
     w = ((row * H + head) * NQ + qi) * n_splits + split
@@ -299,7 +311,10 @@ def _shared_part_kernel_t(
     tl.store(a_ptr, accT_lo, mask=valid[None, :])
     tl.store(a_ptr + HALF_B, accT_hi, mask=valid[None, :])
     if HAS_V_RES:
-        tl.store(UV_WS + w[None, :] * RVB + rv[:, None], acc_uvT, mask=valid[None, :])
+        if UV_NATURAL:
+            tl.store(UV_WS + w[:, None] * RVB + rv[None, :], acc_uv, mask=valid[:, None])
+        else:
+            tl.store(UV_WS + w[None, :] * RVB + rv[:, None], acc_uvT, mask=valid[None, :])
 
 
 @triton.jit
@@ -509,7 +524,8 @@ def _rope_half(shared) -> bool:
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                               agents_per_item: int | None = None, num_warps: int = 4,
-                              num_stages: int = 2, variant: str = "t") -> torch.Tensor:
+                              num_stages: int = 2, variant: str = "t", programs_per_sm: int = 2,
+                              uv_natural: bool = True) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
@@ -567,7 +583,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     n_items = slot_row.numel() // SLOTS
 
     if n_splits is None:
-        target = 2 * _num_sms(str(dev))
+        target = programs_per_sm * _num_sms(str(dev))
         n_splits = max(1, min(triton.cdiv(T, BLOCK_T), triton.cdiv(target, n_items * Hkv)))
     split_len = triton.cdiv(triton.cdiv(T, n_splits), BLOCK_T) * BLOCK_T
     n_splits = triton.cdiv(T, split_len)
@@ -611,7 +627,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
-        DOT_PREC=prec, UPCAST=interp,
+        DOT_PREC=prec, UPCAST=interp, **({"UV_NATURAL": uv_natural} if variant == "t" else {}),
         num_warps=num_warps, num_stages=num_stages,
     )
 
