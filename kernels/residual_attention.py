@@ -186,7 +186,7 @@ def _shared_part_kernel_t(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
     SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True, DC: tl.constexpr = 32,
 ):
     """Same result as ``_shared_part_kernel``, computed transposed: scores are ``[BLOCK_T, BLOCK_M]`` (context tokens
     x query vectors), so the K tile that is rebuilt in registers is the *left* operand of the score product (it never
@@ -228,40 +228,53 @@ def _shared_part_kernel_t(
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < t_end
         kmask = tm[:, None] & dm[None, :]
-        kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + d[None, :]
-        kb_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
-        kb_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
         if HAS_K_RES:
-            c_ptr = COS + t[:, None] * s_ct + d[None, :]
-            s_ptr = SIN + t[:, None] * s_st + d[None, :]
-            c_lo = tl.load(c_ptr, mask=kmask, other=0.0).to(tl.float32)
-            s_lo = tl.load(s_ptr, mask=kmask, other=0.0).to(tl.float32)
-            if ROPE_HALF:
-                c_hi = c_lo
-                s_hi = s_lo
-            else:
-                c_hi = tl.load(c_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-                s_hi = tl.load(s_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+            # D-chunked so that few [BLOCK_T, DC] tiles are live at once (register pressure, not FLOPs, limits this)
             sT = tl.zeros([BLOCK_T, BLOCK_M], tl.float32)
-            for j in tl.static_range(A_MAX):
-                kslot = tl.load(AGENT_K + item * A_MAX + j)
-                ks = tl.maximum(kslot, 0)
-                lim = tl.where(kslot >= 0, RK, 0)
-                u = tl.load(UK + ks * s_ukn + t[:, None] * s_ukt + rk[None, :],
-                            mask=tm[:, None] & (rk[None, :] < lim), other=0.0)
-                # B_k transposed [RKB, HALF_B] for this agent and KV head
-                bkT_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + d[None, :]) * s_bko + rk[:, None]
-                bkT_mask = dm[None, :] & (rk[:, None] < lim)
-                bkT_lo = tl.load(bkT_ptr, mask=bkT_mask, other=0.0)
-                bkT_hi = tl.load(bkT_ptr + HALF * s_bko, mask=bkT_mask, other=0.0)
-                x_lo = _dot(u, bkT_lo, DOT_PREC, UPCAST)  # [BLOCK_T, HALF_B] fp32
-                x_hi = _dot(u, bkT_hi, DOT_PREC, UPCAST)
-                k_lo = (kb_lo.to(tl.float32) + x_lo * c_lo - x_hi * s_lo).to(dtype)
-                k_hi = (kb_hi.to(tl.float32) + x_hi * c_hi + x_lo * s_hi).to(dtype)
-                sT_j = _dot(k_lo, qT_lo, DOT_PREC, UPCAST)
-                sT_j += _dot(k_hi, qT_hi, DOT_PREC, UPCAST)
-                sT = tl.where(ag[None, :] == j, sT_j, sT)
+            dc = tl.arange(0, DC)
+            for c in tl.static_range(HALF_B // DC):
+                dd = c * DC + dc
+                ddm = dd < HALF
+                cmask = tm[:, None] & ddm[None, :]
+                kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + dd[None, :]
+                kb_lo = tl.load(kb_ptr, mask=cmask, other=0.0)
+                kb_hi = tl.load(kb_ptr + HALF, mask=cmask, other=0.0)
+                c_ptr = COS + t[:, None] * s_ct + dd[None, :]
+                s_ptr = SIN + t[:, None] * s_st + dd[None, :]
+                c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
+                s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
+                if ROPE_HALF:
+                    c_hi = c_lo
+                    s_hi = s_lo
+                else:
+                    c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
+                    s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
+                qc_ptr = Q + row[None, :] * s_qb + head[None, :] * s_qh + qi[None, :] * s_qq + dd[:, None]
+                qc_mask = valid[None, :] & ddm[:, None]
+                qc_lo = tl.load(qc_ptr, mask=qc_mask, other=0.0)
+                qc_hi = tl.load(qc_ptr + HALF, mask=qc_mask, other=0.0)
+                for j in tl.static_range(A_MAX):
+                    kslot = tl.load(AGENT_K + item * A_MAX + j)
+                    ks = tl.maximum(kslot, 0)
+                    lim = tl.where(kslot >= 0, RK, 0)
+                    u = tl.load(UK + ks * s_ukn + t[:, None] * s_ukt + rk[None, :],
+                                mask=tm[:, None] & (rk[None, :] < lim), other=0.0)
+                    # agent j's B_k rows of this chunk, transposed: [RKB, DC]
+                    bkT_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + dd[None, :]) * s_bko + rk[:, None]
+                    bkT_mask = ddm[None, :] & (rk[:, None] < lim)
+                    x_lo = _dot(u, tl.load(bkT_ptr, mask=bkT_mask, other=0.0), DOT_PREC, UPCAST)  # [BLOCK_T, DC]
+                    x_hi = _dot(u, tl.load(bkT_ptr + HALF * s_bko, mask=bkT_mask, other=0.0), DOT_PREC, UPCAST)
+                    k_lo = (kb_lo.to(tl.float32) + x_lo * c_lo.to(tl.float32) - x_hi * s_lo.to(tl.float32)).to(dtype)
+                    k_hi = (kb_hi.to(tl.float32) + x_hi * c_hi.to(tl.float32) + x_lo * s_hi.to(tl.float32)).to(dtype)
+                    part = _dot(k_lo, qc_lo, DOT_PREC, UPCAST) + _dot(k_hi, qc_hi, DOT_PREC, UPCAST)
+                    if A_MAX == 1:
+                        sT += part
+                    else:
+                        sT += tl.where(ag[None, :] == j, part, 0.0)
         else:
+            kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + d[None, :]
+            kb_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
+            kb_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
             sT = _dot(kb_lo, qT_lo, DOT_PREC, UPCAST)
             sT += _dot(kb_hi, qT_hi, DOT_PREC, UPCAST)
         sT = sT * qk_scale
@@ -525,7 +538,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                               agents_per_item: int | None = None, num_warps: int = 4,
                               num_stages: int = 2, variant: str = "t", programs_per_sm: int = 2,
-                              uv_natural: bool = True) -> torch.Tensor:
+                              uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
@@ -627,7 +640,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
-        DOT_PREC=prec, UPCAST=interp, **({"UV_NATURAL": uv_natural} if variant == "t" else {}),
+        DOT_PREC=prec, UPCAST=interp, **({"UV_NATURAL": uv_natural, "DC": min(HALF_B, max(16, d_chunk))} if variant == "t" else {}),
         num_warps=num_warps, num_stages=num_stages,
     )
 
