@@ -44,14 +44,13 @@ CONFIGS = {
     "block_t": [32, 64],
     "items": [(16, 1), (16, 4)],  # (block_m, agents_per_item): 1 = one agent per item (no base sharing)
     "num_warps": [4, 8],
-    "programs_per_sm": [2, 8, 24],
-    "uv_natural": [True, False],
+    "d_chunk": [32, 64],
 }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--points", nargs="+", default=["32768:32", "4096:8", "32768:128"])
+    ap.add_argument("--points", nargs="+", default=["32768:32", "4096:8"])
     ap.add_argument("--max-configs", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -60,9 +59,9 @@ def main(argv=None):
     from forkkv_kernels import residual_attention_triton
 
     grid = []
-    for bt, (bm, apm), nw, pps, uvn in itertools.product(*CONFIGS.values()):
+    for bt, (bm, apm), nw, dc in itertools.product(*CONFIGS.values()):
         grid.append(dict(variant="t", block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=2,
-                         programs_per_sm=pps, uv_natural=uvn))
+                         programs_per_sm=8, d_chunk=dc))
     grid = grid[: args.max_configs]
     results = []
     scale = D**-0.5

@@ -124,9 +124,13 @@ def remove_stale_peft_hooks(model: nn.Module) -> int:
 
 
 def _guarded(method, model):
-    """Wrap ``model.generate``/``forward`` so that an exception never leaves PEFT's adapter-name hooks behind."""
+    """Wrap ``model.generate`` so that an exception never leaves PEFT's adapter-name hooks behind, and LoRA layers
+    created since :func:`enable_forkkv` (adapters added later) also take the batched LoRA path."""
+    from .batched_lora import enable_batched_lora
 
     def call(*args, **kwargs):
+        if getattr(model, "_forkkv_batched_lora", False):
+            enable_batched_lora(model)
         try:
             return method(*args, **kwargs)
         except BaseException:
@@ -139,12 +143,13 @@ def _guarded(method, model):
     return call
 
 
-def enable_forkkv(model: nn.Module) -> nn.Module:
+def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
 
-    Idempotent; returns the model. On a ``PeftModel`` it also guards ``generate`` so that an exception inside it
-    (a ForkKV error, or any other) does not leave PEFT's ``adapter_names`` hooks installed.
-    :func:`disable_forkkv` undoes both.
+    Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
+    (:mod:`forkkv_hf.batched_lora`; ``batched_lora=False`` leaves PEFT's per-adapter loop) and guards ``generate`` so
+    that an exception inside it (a ForkKV error, or any other) does not leave PEFT's ``adapter_names`` hooks
+    installed. :func:`disable_forkkv` undoes all of it.
     """
     register_forkkv()
     base = transformers_model(model)
@@ -152,8 +157,14 @@ def enable_forkkv(model: nn.Module) -> nn.Module:
     if current != ATTN_NAME:
         base._forkkv_previous_attn = current
         base.set_attn_implementation(ATTN_NAME)
-    if model is not base and not getattr(model.generate, "_forkkv_guard", False):
-        model.generate = _guarded(model.generate, model)
+    if model is not base:
+        from .batched_lora import enable_batched_lora
+
+        model._forkkv_batched_lora = batched_lora
+        if batched_lora:
+            enable_batched_lora(model)
+        if not getattr(model.generate, "_forkkv_guard", False):
+            model.generate = _guarded(model.generate, model)
     return model
 
 
@@ -165,6 +176,11 @@ def disable_forkkv(model: nn.Module) -> nn.Module:
         base.set_attn_implementation(previous or "sdpa")
     if getattr(model.__dict__.get("generate"), "_forkkv_guard", False):
         del model.generate
+    if model is not base:
+        from .batched_lora import disable_batched_lora
+
+        model._forkkv_batched_lora = False
+        disable_batched_lora(model)
     return model
 
 

@@ -536,8 +536,8 @@ def _rope_half(shared) -> bool:
 
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
-                              agents_per_item: int | None = None, num_warps: int = 4,
-                              num_stages: int = 2, variant: str = "t", programs_per_sm: int = 2,
+                              agents_per_item: int | None = 4, num_warps: int = 4,
+                              num_stages: int = 2, variant: str = "t", programs_per_sm: int = 8,
                               uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 

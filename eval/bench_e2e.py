@@ -1,0 +1,267 @@
+"""End-to-end benchmark: N LoRA agents over one shared context, ForkKV vs what a PEFT user does today.
+
+Llama-3.1-8B shapes (random bf16 weights), N rank-16 LoRA adapters on q/k/v/o (non-zero B), a shared context of T
+tokens, a 64-token prompt per agent, 128 generated tokens per agent (``min_new_tokens = max_new_tokens``).
+
+- ``baseline``: one ``PeftModel``, ``generate(adapter_names=...)`` over rows "context + prompt" (PEFT's mixed batch,
+  ``DynamicCache``, SDPA): every agent prefills the context with its own adapter and keeps its own K/V.
+- ``forkkv``: ``enable_forkkv`` (ResidualAttention kernels + batched LoRA), one base pass over the context
+  (``SharedContext.build``), ``fork(names)``, ``generate`` over the prompts.
+
+For each (T, N): time to first token (the whole batch's first token, prefill included), decode tokens/s, total time,
+peak GPU memory (``max_memory_allocated``) and cache bytes. Capacity: under a memory budget (``--budget-gib``,
+enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
+derived from that line, and that N is run (and must fit) to report its throughput. A ``torch.profiler`` trace of
+ForkKV decode steps says where the time goes. JSON with the device and versions.
+
+    python eval/bench_e2e.py [--contexts 4096 16384 32768] [--agents 1 4 8] [--forkkv-agents 1 4 8 32 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "eval"))
+
+from common import add_random_adapters, build_model, default_device, device_info, llama8b_config, slug  # noqa: E402
+
+PROMPT, NEW, PREFILL_CHUNK = 64, 128, 4096
+
+
+class StepTimer:
+    """A logits processor that records (synchronised) wall time at every generation step."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak():
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def cache_bytes(cache) -> int:
+    from forkkv_hf import ForkKVCache
+
+    if isinstance(cache, ForkKVCache):
+        return cache.memory_report().forkkv_bytes
+    return sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if t is not None)
+
+
+def run_one(pm, system, ctx, prompts, names, new_tokens):
+    """One generate of N agents; returns the measurements (raises torch.cuda.OutOfMemoryError if it does not fit)."""
+    from transformers import LogitsProcessorList
+
+    import forkkv_hf
+    from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+
+    _free()
+    timer = StepTimer()
+    dev = ctx.device
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+               return_dict_in_generate=True, logits_processor=LogitsProcessorList([timer]))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if system == "forkkv":
+            forkkv_hf.enable_forkkv(pm)
+            shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+            cache = shared.fork(names)
+            out = pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache))
+        else:
+            forkkv_hf.disable_forkkv(pm)
+            # chunked prefill bounds the activations of N long rows (what a careful HF user would do)
+            out = pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
+            cache = getattr(out, "cache", None) or out.past_key_values
+    t_end = timer.times[-1]
+    rec = {
+        "ttft_s": timer.times[0] - t0,
+        "total_s": t_end - t0,
+        "decode_s": t_end - timer.times[0],
+        "decode_tok_s": len(names) * (len(timer.times) - 1) / max(t_end - timer.times[0], 1e-9),
+        "step_ms_median": 1e3 * sorted(b - a for a, b in zip(timer.times, timer.times[1:]))[(len(timer.times) - 1) // 2]
+        if len(timer.times) > 1 else None,
+        "peak_gib": _peak() / 2**30,
+        "cache_gib": cache_bytes(cache) / 2**30,
+        "new_tokens": out.sequences.shape[1] - inputs["input_ids"].shape[1],
+    }
+    del out, cache
+    _free()
+    return rec
+
+
+def profile_decode(pm, ctx, prompts, names, steps=4):
+    """Where ForkKV's decode time goes: CUDA time by kernel family, and the CPU (Python) share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import forkkv_hf
+    from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+
+    forkkv_hf.enable_forkkv(pm)
+    dev = ctx.device
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
+    with torch.no_grad():
+        shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+        cache = shared.fork(names)
+        out = pm(**inputs, adapter_names=names, use_cache=True, **cache_kwargs(cache))
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        pm(input_ids=nxt, attention_mask=mask, adapter_names=names, use_cache=True, **cache_kwargs(cache))
+        torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                pm(input_ids=nxt, attention_mask=mask, adapter_names=names, use_cache=True, **cache_kwargs(cache))
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    fams = {"forkkv attention kernels": ("_shared_part", "_private_merge"), "batched LoRA kernels": ("_gathered_mm",),
+            "GEMM (base weights)": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
+            "elementwise/other": ()}
+    totals = {k: 0.0 for k in fams}
+    top = []
+    for ev in prof.key_averages():
+        cuda_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if not cuda_us or ev.key.startswith("ProfilerStep"):
+            continue
+        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+            continue
+        top.append((cuda_us, ev.key))
+        fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "elementwise/other")
+        totals[fam] += cuda_us
+    top.sort(reverse=True)
+    gpu = sum(totals.values()) / steps / 1e6
+    return {"rows": len(names), "context": ctx.numel(), "step_wall_s": wall, "gpu_busy_s": gpu,
+            "cpu_overhead_share": max(0.0, 1 - gpu / wall),
+            "gpu_s_by_family": {k: v / steps / 1e6 for k, v in totals.items()},
+            "top_kernels": [{"name": n[:80], "s_per_step": us / steps / 1e6} for us, n in top[:12]]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--agents", type=int, nargs="+", default=[1, 4, 8], help="N for the baseline")
+    ap.add_argument("--forkkv-agents", type=int, nargs="+", default=[1, 4, 8, 32, 128])
+    ap.add_argument("--budget-gib", type=float, default=60.0)
+    ap.add_argument("--capacity-context", type=int, default=32768)
+    ap.add_argument("--new-tokens", type=int, default=NEW)
+    ap.add_argument("--adapters", type=int, default=256, help="distinct adapters built (bounds the capacity runs)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this script")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = default_device()
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    info = device_info()
+    if dev == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total))
+    t0 = time.time()
+    model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
+    n_max = max(args.agents + args.forkkv_agents + [args.adapters])
+    names_all = [f"agent{i}" for i in range(n_max)]
+    pm = add_random_adapters(model, names_all, rank=16)
+    weights_gib = (torch.cuda.memory_allocated() / 2**30) if dev == "cuda" else 0.0
+    print(f"model + {n_max} adapters: {weights_gib:.1f} GiB, built in {time.time() - t0:.0f} s", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    vocab = model.config.vocab_size
+    rows = []
+    capacity = {}
+    profile = None
+    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_e2e_{slug(info.get('gpu', 'cpu'))}.json"
+
+    def save():
+        result = {"benchmark": "bench_e2e", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
+                  "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
+                            "dtype": str(dtype), "lora": "rank 16 on q/k/v/o", "adapters_built": n_max,
+                            "weights_and_adapters_gib": weights_gib},
+                  "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
+                  "baseline_prefill_chunk": PREFILL_CHUNK, "rows": rows, "capacity": capacity, "profile": profile}
+        out_path.write_text(json.dumps(result, indent=1))
+
+    def case(system, T, N):
+        ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
+        prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
+        rec = {"system": system, "context": T, "agents": N}
+        try:
+            rec.update(run_one(pm, system, ctx, prompts, names_all[:N], args.new_tokens))
+        except torch.cuda.OutOfMemoryError:
+            rec["oom"] = True
+            _free()
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+        save()
+        return rec
+
+    for T in args.contexts:
+        for N in args.agents:
+            case("baseline", T, N)
+        for N in args.forkkv_agents:
+            case("forkkv", T, N)
+
+    # capacity under the budget, at one context: peak(N) is linear in N; fit it on the measured runs, run the max N
+    T = args.capacity_context
+    for system in ("baseline", "forkkv"):
+        pts = [(r["agents"], r["peak_gib"]) for r in rows
+               if r["system"] == system and r["context"] == T and not r.get("oom")]
+        if len(pts) < 2:
+            continue
+        (n1, p1), (n2, p2) = pts[-2], pts[-1]
+        slope = (p2 - p1) / (n2 - n1)
+        n_cap = int(math.floor(n2 + (args.budget_gib * 0.97 - p2) / slope)) if slope > 0 else n2
+        cap = {"context": T, "fit_points": pts, "gib_per_agent": slope, "predicted_max_agents": n_cap}
+        if n_cap > n_max:  # agents are distinct adapters: no more agents than adapters built
+            cap["limited_by_adapters_built"] = n_max
+            n_cap = n_max
+        while n_cap > n2:
+            rec = case(system, T, n_cap)
+            if not rec.get("oom"):
+                break
+            n_cap = int(n_cap * 0.9)
+        cap["max_agents_run"] = n_cap
+        capacity[system] = cap
+        print(json.dumps({"capacity": system, **cap}), flush=True)
+        save()
+
+    if not args.no_profile and dev == "cuda":
+        T = args.capacity_context
+        N = 32
+        ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
+        prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
+        try:
+            profile = profile_decode(pm, ctx, prompts, names_all[:N])
+        except Exception as e:  # noqa: BLE001 - keep the measurements even if the profiler fails
+            profile = {"error": repr(e)[:500]}
+        print(json.dumps({"profile": profile}), flush=True)
+    save()
+    print("wrote", out_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Shared pieces of the GPU benchmarks: device/version info, a random Llama-3.1-8B-shaped model, many random LoRA
+adapters added fast, timing helpers. Speed does not depend on weight values, so weights are random."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+def device_info() -> dict:
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+    for mod in ("triton", "peft"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    return info
+
+
+def slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s).strip("_").lower()
+
+
+def llama8b_config(layers: int = 32, vocab: int = 128256, max_pos: int = 131072, tiny: bool = False):
+    """Llama-3.1-8B shapes; ``tiny``: the same structure at toy sizes, for CPU runs of the benchmark scripts."""
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=min(layers, 2),
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=max_pos,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, attn_implementation="sdpa",
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_model(config, device=None, dtype=torch.bfloat16):
+    """A randomly initialised causal LM built directly on ``device`` (no CPU copy, no checkpoint)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    device = device or default_device()
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dtype=None,
+                        b_std=0.01):
+    """A ``PeftModel`` with one random LoRA adapter per name (non-zero B). Adapters after the first are added layer
+    by layer with ``update_layer`` (much faster than ``add_adapter`` for hundreds of adapters)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import LoraLayer
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    pm = get_peft_model(model, cfg, adapter_name=names[0], autocast_adapter_dtype=False)
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    for name in names[1:]:
+        pm.peft_config[name] = cfg
+        for layer in layers:
+            layer.update_layer(name, rank, 2 * rank, cfg)
+    dtype = dtype or next(model.parameters()).dtype
+    with torch.no_grad():
+        for layer in layers:
+            for name in names:
+                layer.lora_A[name].to(dtype)
+                layer.lora_B[name].to(dtype)
+                layer.lora_B[name].weight.normal_(0, b_std)
+    return pm.eval()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, warmup=1, reps=3):
+    """Median wall time of ``fn()`` with the GPU synchronised around it (seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]

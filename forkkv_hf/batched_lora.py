@@ -1,0 +1,208 @@
+"""Batched mixed-adapter LoRA: one gathered matmul per LoRA layer instead of PEFT's loop over adapters.
+
+PEFT's ``_mixed_batch_forward`` (what ``generate(adapter_names=[...])`` runs in every LoRA layer) slices the batch
+and runs each distinct adapter's LoRA separately, in a Python loop: with N distinct agents a decode step does N small
+matmul pairs per layer. Here every LoRA layer's adapters are stacked once (``A: [n, r_max, d_in]``,
+``B: [n, d_out, r_max]``, ranks zero-padded, scalings in a vector) and each row gathers its adapter's factors:
+- on CUDA, Triton kernels (``forkkv_kernels.lora``): a shrink ``u = x Aᵀ`` and an expand ``y += s · u Bᵀ`` over tiles
+  of rows that share an adapter (Punica SGMV style), all adapters in one launch;
+- elsewhere, a vectorised PyTorch path: ``A``/``B`` gathered per row and two ``bmm`` (no loop over adapters).
+
+Results equal PEFT's to float tolerance. Use it on its own with any PEFT mixed-adapter model::
+
+    with forkkv_hf.batched_lora(peft_model):
+        out = peft_model.generate(**inputs, adapter_names=names)
+
+or keep it on with :func:`enable_batched_lora` / :func:`disable_batched_lora` (``enable_forkkv`` turns it on).
+Stacks are rebuilt when a layer's adapters are added, deleted or their weights change (tracked by tensor versions).
+Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout) fall back to PEFT's own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora_factors import BASE_ADAPTER, transformers_model
+
+
+@dataclass
+class StackedLoRA:
+    """One LoRA layer's adapters stacked for gathering. ``A [n, r, d_in]``, ``B [n, d_out, r]`` (unscaled),
+    ``scale [n]`` fp32, ``bias [n, d_out]`` or ``None`` (LoRA bias, unscaled)."""
+
+    key: tuple
+    slot: dict
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _stack_key(layer) -> tuple:
+    parts = []
+    for name, a in layer.lora_A.items():
+        b = layer.lora_B[name]
+        bias = getattr(b, "bias", None)
+        parts.append(
+            (name, a.weight.data_ptr(), a.weight._version, b.weight.data_ptr(), b.weight._version,
+             None if bias is None else bias._version, float(layer.scaling[name]), a.weight.dtype, a.weight.device)
+        )
+    return tuple(parts)
+
+
+def stacked_lora(layer) -> StackedLoRA:
+    """The layer's stacked factors, rebuilt only when its adapters or their weights changed."""
+    key = _stack_key(layer)
+    cached = getattr(layer, "_forkkv_stack", None)
+    if cached is not None and cached.key == key:
+        return cached
+    names = list(layer.lora_A.keys())
+    A0 = layer.lora_A[names[0]].weight
+    r_max = max(layer.lora_A[n].weight.shape[0] for n in names)
+    d_in = A0.shape[1]
+    d_out = layer.lora_B[names[0]].weight.shape[0]
+    A = torch.zeros(len(names), r_max, d_in, dtype=A0.dtype, device=A0.device)
+    B = torch.zeros(len(names), d_out, r_max, dtype=layer.lora_B[names[0]].weight.dtype, device=A0.device)
+    has_bias = any(getattr(layer.lora_B[n], "bias", None) is not None for n in names)
+    bias = torch.zeros(len(names), d_out, dtype=B.dtype, device=A0.device) if has_bias else None
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            r = layer.lora_A[n].weight.shape[0]
+            A[i, :r] = layer.lora_A[n].weight
+            B[i, :, :r] = layer.lora_B[n].weight
+            if has_bias and layer.lora_B[n].bias is not None:
+                bias[i] = layer.lora_B[n].bias
+    scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A0.device)
+    stack = StackedLoRA(key, {n: i for i, n in enumerate(names)}, A, B, scale, bias)
+    layer._forkkv_stack = stack
+    return stack
+
+
+def _row_slots(layer, stack: StackedLoRA, adapter_names) -> tuple:
+    """Slot of each row's adapter in this layer (-1: ``__base__`` or an adapter without LoRA here); memoised for the
+    list object PEFT passes to every layer during one call."""
+    memo = getattr(layer, "_forkkv_rows_memo", None)
+    if memo is not None and memo[0] is adapter_names and memo[1] is stack and memo[2] == len(adapter_names):
+        return memo[3]
+    slot = stack.slot
+    slots = tuple(slot.get(n, -1) for n in adapter_names)
+    layer._forkkv_rows_memo = (adapter_names, stack, len(adapter_names), slots)
+    return slots
+
+
+def lora_delta_torch(x: torch.Tensor, slots: tuple, stack: StackedLoRA) -> torch.Tensor:
+    """``[B, L, d_out]`` LoRA delta per row, vectorised: per-row gather of ``A``/``B`` and two ``bmm``."""
+    idx = torch.tensor([max(s, 0) for s in slots], device=x.device)
+    valid = torch.tensor([s >= 0 for s in slots], device=x.device, dtype=torch.float32)
+    A = stack.A[idx]  # [B, r, d_in]
+    Bm = stack.B[idx]  # [B, d_out, r]
+    u = torch.bmm(x.to(A.dtype), A.transpose(1, 2))  # [B, L, r]
+    y = torch.bmm(u.to(Bm.dtype), Bm.transpose(1, 2))  # [B, L, d_out]
+    y = y * (stack.scale[idx] * valid).to(y.dtype)[:, None, None]
+    if stack.bias is not None:
+        y = y + _bias_rows(slots, stack, x.device).to(y.dtype)
+    return y
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    backend = os.environ.get("FORKKV_LORA_BACKEND", "auto")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda
+
+
+def _can_batch(layer, adapters) -> bool:
+    for n in adapters:
+        if n == BASE_ADAPTER or n not in layer.lora_A:
+            continue
+        if n in getattr(layer, "lora_variant", {}) or layer.use_dora.get(n, False):
+            return False
+        drop = layer.lora_dropout[n]
+        if not isinstance(drop, nn.Identity) and drop.training:
+            return False
+    return True
+
+
+def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
+    """Drop-in for ``peft.tuners.lora.layer.Linear._mixed_batch_forward``: same result, one gathered LoRA for all
+    adapters of the batch."""
+    if not self.lora_A or x.dim() != 3 or not _can_batch(self, set(adapter_names)):
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    for k in VARIANT_KWARG_KEYS:
+        kwargs.pop(k, None)
+    result = self.base_layer(x, *args, **kwargs)
+    stack = stacked_lora(self)
+    slots = _row_slots(self, stack, adapter_names)
+    if all(s < 0 for s in slots):
+        return result
+    if _use_triton(x):
+        from forkkv_kernels.lora import lora_delta_triton
+
+        xs = x.to(stack.A.dtype)
+        if result.dtype == stack.B.dtype and result.is_contiguous():
+            lora_delta_triton(xs, slots, stack.A, stack.B, stack.scale, result)
+        else:
+            delta = torch.zeros(result.shape, dtype=stack.B.dtype, device=x.device)
+            lora_delta_triton(xs, slots, stack.A, stack.B, stack.scale, delta)
+            result = result + delta.to(result.dtype)
+        if stack.bias is not None:
+            result = result + _bias_rows(slots, stack, x.device).to(result.dtype)
+        return result
+    return result + lora_delta_torch(x, slots, stack).to(result.dtype)
+
+
+def _bias_rows(slots: tuple, stack: StackedLoRA, device) -> torch.Tensor:
+    """``[B, 1, d_out]``: each row's scaled LoRA bias (zero for rows without this layer's adapter)."""
+    idx = torch.tensor([max(s, 0) for s in slots], device=device)
+    valid = torch.tensor([s >= 0 for s in slots], device=device, dtype=torch.float32)
+    return (stack.bias[idx].float() * (stack.scale[idx] * valid)[:, None])[:, None, :]
+
+
+def _lora_linears(model: nn.Module):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return [m for m in transformers_model(model).modules() if isinstance(m, LoraLinear)]
+
+
+def enable_batched_lora(model: nn.Module) -> nn.Module:
+    """Route every LoRA ``Linear`` of ``model``'s mixed-adapter forward through the batched path (idempotent)."""
+    for m in _lora_linears(model):
+        if "_mixed_batch_forward" not in m.__dict__:
+            m._mixed_batch_forward = types.MethodType(batched_mixed_batch_forward, m)
+    return model
+
+
+def disable_batched_lora(model: nn.Module) -> nn.Module:
+    """Back to PEFT's own ``_mixed_batch_forward`` (and drop the stacked factors)."""
+    for m in _lora_linears(model):
+        m.__dict__.pop("_mixed_batch_forward", None)
+        m.__dict__.pop("_forkkv_stack", None)
+        m.__dict__.pop("_forkkv_rows_memo", None)
+    return model
+
+
+def is_batched_lora_enabled(model: nn.Module) -> bool:
+    layers = _lora_linears(model)
+    return bool(layers) and all("_mixed_batch_forward" in m.__dict__ for m in layers)
+
+
+@contextlib.contextmanager
+def batched_lora(model: nn.Module):
+    """Context manager: batched mixed-adapter LoRA inside, the previous state restored on exit."""
+    was = is_batched_lora_enabled(model)
+    enable_batched_lora(model)
+    try:
+        yield model
+    finally:
+        if not was:
+            disable_batched_lora(model)

@@ -1,0 +1,150 @@
+"""Triton gathered LoRA matmuls for mixed-adapter batches (Punica SGMV/BGMV style).
+
+``gathered_matmul(x, W, plan)`` computes ``out[m] = x[m] @ W[adapter(m)]ᵀ`` for token-rows ``m`` grouped into tiles of
+rows that share an adapter: one kernel for every adapter of the batch, no loop over adapters. The LoRA delta of a
+mixed batch is a shrink ``u = x Aᵀ`` (``W = A``: ``[n, r, d_in]``, split over ``d_in`` so that a decode batch of
+one token per row still fills the GPU) followed by an expand ``y += scale · u Bᵀ`` (``W = B``: ``[n, d_out, r]``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gathered_mm_kernel(
+    X, s_xm, s_xk,
+    W, s_wa, s_wn, s_wk,
+    OUT, s_os, s_om, s_on,
+    SCALE,
+    TILE_ADAPTER, TILE_START, TILE_COUNT, PERM,
+    N, K, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ADD: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One tile of up to BLOCK_M token-rows of one adapter x BLOCK_N output columns x one split of K:
+    ``OUT[split, rows, n] (+)= (X[rows] @ W[adapter]ᵀ)[:, n]`` (times ``SCALE[adapter]`` if ``HAS_SCALE``)."""
+    tile = tl.program_id(0)
+    nb = tl.program_id(1)
+    ks = tl.program_id(2)
+    a = tl.load(TILE_ADAPTER + tile)
+    start = tl.load(TILE_START + tile)
+    cnt = tl.load(TILE_COUNT + tile)
+    rm = tl.arange(0, BLOCK_M)
+    mvalid = rm < cnt
+    rows = tl.load(PERM + start + rm, mask=mvalid, other=0)
+    rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nvalid = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k_begin = ks * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + rk
+        kvalid = kk < k_end
+        x = tl.load(X + rows[:, None] * s_xm + kk[None, :] * s_xk, mask=mvalid[:, None] & kvalid[None, :], other=0.0)
+        w = tl.load(W + a * s_wa + rn[None, :] * s_wn + kk[:, None] * s_wk, mask=kvalid[:, None] & nvalid[None, :],
+                    other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 products of bf16 values are exact
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(w.dtype), w)
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE + a)
+    omask = mvalid[:, None] & nvalid[None, :]
+    optr = OUT + ks * s_os + rows[:, None] * s_om + rn[None, :] * s_on
+    if ADD:
+        acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+    tl.store(optr, acc.to(OUT.dtype.element_ty), mask=omask)
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles(slots: tuple, tokens_per_row: int, block_m: int):
+    """Token-rows grouped by adapter slot (rows with slot -1 get no tile). Returns host lists
+    ``(tile_adapter, tile_start, tile_count, perm)``."""
+    groups: dict = {}
+    for r, s in enumerate(slots):
+        if s >= 0:
+            groups.setdefault(s, []).append(r)
+    perm, ta, tst, tc = [], [], [], []
+    for s, rows in groups.items():
+        toks = [r * tokens_per_row + i for r in rows for i in range(tokens_per_row)]
+        for i in range(0, len(toks), block_m):
+            chunk = toks[i : i + block_m]
+            ta.append(s)
+            tst.append(len(perm))
+            tc.append(len(chunk))
+            perm.extend(chunk)
+    return ta, tst, tc, perm
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_tensors(slots: tuple, tokens_per_row: int, block_m: int, device: str):
+    ta, tst, tc, perm = _tiles(slots, tokens_per_row, block_m)
+    if not ta:
+        return None
+    return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (ta, tst, tc, perm))
+
+
+def _block_m(M_per_tile_hint: int) -> int:
+    return 16 if M_per_tile_hint <= 16 else (32 if M_per_tile_hint <= 32 else 64)
+
+
+def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                      out: torch.Tensor) -> torch.Tensor:
+    """``out[b, l] += scale[s] · (x[b, l] @ A[s]ᵀ) @ B[s]ᵀ`` with ``s = slots[b]`` (rows with ``s < 0`` untouched).
+
+    ``x``: ``[B, L, d_in]``; ``A``: ``[n, r, d_in]``; ``B``: ``[n, d_out, r]``; ``scale``: ``[n]`` fp32; ``out``:
+    ``[B, L, d_out]`` contiguous, updated in place and returned. ``slots``: a host tuple (plans are cached by it).
+    """
+    Bsz, L, d_in = x.shape
+    n, r, _ = A.shape
+    d_out = B.shape[1]
+    dev = x.device
+    x2 = x.reshape(Bsz * L, d_in)
+    o2 = out.view(Bsz * L, d_out)
+    distinct = len({s for s in slots if s >= 0})
+    if distinct == 0:
+        return out
+    bm = _block_m(max(1, Bsz // distinct) * L)
+    ta, tst, tc, perm = _tile_tensors(tuple(slots), L, bm, str(dev))
+    n_tiles = ta.numel()
+    interp = not x.is_cuda
+    RB = max(16, triton.next_power_of_2(r))
+    # shrink u = x Aᵀ, split over d_in so that a few tiles (decode: one token per row) still fill the GPU
+    BLOCK_K = 64 if interp else 128
+    n_split = 2 if interp else max(1, min(triton.cdiv(d_in, BLOCK_K), triton.cdiv(4 * _num_sms(str(dev)), n_tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, n_split), BLOCK_K) * BLOCK_K
+    n_split = triton.cdiv(d_in, k_per_split)
+    u_parts = torch.zeros(n_split, Bsz * L, RB, device=dev, dtype=torch.float32)
+    _gathered_mm_kernel[(n_tiles, 1, n_split)](
+        x2, x2.stride(0), x2.stride(1),
+        A, A.stride(0), A.stride(1), A.stride(2),
+        u_parts, u_parts.stride(0), u_parts.stride(1), u_parts.stride(2),
+        scale, ta, tst, tc, perm,
+        r, d_in, k_per_split,
+        BLOCK_M=bm, BLOCK_N=RB, BLOCK_K=BLOCK_K, ADD=False, HAS_SCALE=False, UPCAST=interp,
+    )
+    u = (u_parts.sum(0) if n_split > 1 else u_parts[0]).to(B.dtype)
+    # expand out += scale · u Bᵀ
+    BLOCK_N = 64 if interp else 128
+    _gathered_mm_kernel[(n_tiles, triton.cdiv(d_out, BLOCK_N), 1)](
+        u, u.stride(0), u.stride(1),
+        B, B.stride(0), B.stride(1), B.stride(2),
+        o2, 0, o2.stride(0), o2.stride(1),
+        scale, ta, tst, tc, perm,
+        d_out, r, RB,
+        BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=RB, ADD=True, HAS_SCALE=True, UPCAST=interp,
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 4

@@ -1,0 +1,125 @@
+"""Batched mixed-adapter LoRA equals PEFT's per-adapter loop (module outputs, logits, generate)."""
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf.batched_lora import batched_lora, disable_batched_lora, enable_batched_lora, is_batched_lora_enabled
+from models import tiny_llama, with_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _agents(dtype=torch.float32, seed=0):
+    m = tiny_llama(layers=3, seed=seed, dtype=dtype)
+    return with_adapters(
+        m,
+        {
+            "planner": dict(r=4, target_modules=ALL),
+            "coder": dict(r=8, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+            "critic": dict(r=2, lora_alpha=16, target_modules=["k_proj", "o_proj"], layers_to_transform=[0, 2]),
+            "biased": dict(r=4, target_modules=["v_proj", "up_proj"], lora_bias=True),
+        },
+        seed=seed,
+    )
+
+
+NAMES = ["planner", "__base__", "coder", "critic", "planner", "biased", "coder"]
+
+
+def _logits(pm, ids, names):
+    with torch.no_grad():
+        return pm(input_ids=ids, adapter_names=names).logits.float()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logits_equal_peft_loop(backend, dtype, monkeypatch):
+    monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
+    pm = _agents(dtype)
+    ids = torch.randint(3, 128, (len(NAMES), 6), generator=torch.Generator().manual_seed(1))
+    ref = _logits(pm, ids, NAMES)
+    with batched_lora(pm):
+        assert is_batched_lora_enabled(pm)
+        out = _logits(pm, ids, NAMES)
+    assert not is_batched_lora_enabled(pm)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out, ref, **tol)
+    if dtype == torch.float32:  # not a test that cannot fail: the adapters do change the logits
+        with pm.disable_adapter():
+            base = pm(input_ids=ids).logits.float()
+        assert (base - ref).abs().max() > 1e-2
+
+
+def test_module_output_matches_every_layer(monkeypatch):
+    """Every LoRA layer, called directly with a random mix, gives PEFT's output."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    import forkkv_kernels.lora as klora
+
+    calls = []
+    real = klora.lora_delta_triton
+    monkeypatch.setattr(klora, "lora_delta_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pm = _agents()
+    g = torch.Generator().manual_seed(3)
+    for name, mod in pm.named_modules():
+        if not isinstance(mod, LoraLinear):
+            continue
+        x = torch.randn(len(NAMES), 3, mod.in_features, generator=g)
+        ref = mod(x, adapter_names=NAMES)
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
+            enable_batched_lora(pm)
+            out = mod(x, adapter_names=NAMES)
+            disable_batched_lora(pm)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"{name} ({backend})")
+    assert len(calls) > 10  # the Triton kernels did run (in the interpreter on CPU)
+
+
+def test_generate_tokens_equal_peft():
+    pm = _agents(seed=2)
+    ids = torch.randint(3, 128, (len(NAMES), 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kw)
+    with batched_lora(pm):
+        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kw)
+    assert torch.equal(out, ref)
+    beams = pm.generate(input_ids=ids[:3], attention_mask=torch.ones_like(ids[:3]), adapter_names=NAMES[:3],
+                        num_beams=2, **kw)
+    with batched_lora(pm):
+        out = pm.generate(input_ids=ids[:3], attention_mask=torch.ones_like(ids[:3]), adapter_names=NAMES[:3],
+                          num_beams=2, **kw)
+    assert torch.equal(out, beams)
+
+
+def test_stacks_follow_weight_changes_and_new_adapters():
+    pm = _agents(seed=4)
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(5))
+    names = ["planner", "coder", "planner"]
+    enable_batched_lora(pm)
+    before = _logits(pm, ids, names)
+    with torch.no_grad():  # change an adapter in place, as load_state_dict would
+        for n, p in pm.named_parameters():
+            if "lora_B.planner" in n:
+                p.mul_(-1.5)
+    after = _logits(pm, ids, names)
+    disable_batched_lora(pm)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, _logits(pm, ids, names), rtol=1e-4, atol=1e-4)
+    # an adapter added while batched LoRA is on
+    from peft import LoraConfig
+
+    enable_batched_lora(pm)
+    pm.add_adapter("late", LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    enable_batched_lora(pm)  # enable_forkkv's generate guard does this before every generate
+    names = ["late", "planner", "__base__"]
+    out = _logits(pm, ids, names)
+    disable_batched_lora(pm)
+    torch.testing.assert_close(out, _logits(pm, ids, names), rtol=1e-4, atol=1e-4)
+
+
+def test_enable_forkkv_turns_it_on():
+    pm = forkkv_hf.enable_forkkv(_agents(seed=6))
+    assert is_batched_lora_enabled(pm)
+    forkkv_hf.disable_forkkv(pm)
+    assert not is_batched_lora_enabled(pm)

@@ -1,0 +1,34 @@
+"""The GPU benchmark scripts run end to end at toy sizes on CPU (so a GPU session is not spent on a typo)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "eval" / script), *args, "--out", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_bench_lora_tiny(tmp_path):
+    res = _run("bench_lora.py", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3", tmp_path=tmp_path)
+    assert {r["path"] for r in res["rows"]} == {"peft", "batched"}
+    assert all(r["step_s"] > 0 for r in res["rows"])
+    assert res["device"]["torch"]
+
+
+def test_bench_e2e_tiny(tmp_path):
+    res = _run("bench_e2e.py", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
+               "--capacity-context", "48", "--new-tokens", "3", "--adapters", "2", tmp_path=tmp_path)
+    systems = {r["system"] for r in res["rows"]}
+    assert systems == {"baseline", "forkkv"}
+    assert all(r["new_tokens"] == 3 for r in res["rows"])
+    assert all(r["cache_gib"] > 0 and r["decode_tok_s"] > 0 for r in res["rows"])
+    assert set(res["capacity"]) == {"baseline", "forkkv"}
