@@ -63,24 +63,39 @@ def build_model(config, device=None, dtype=torch.bfloat16):
 
 def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dtype=None,
                         b_std=0.01):
-    """A ``PeftModel`` with one random LoRA adapter per name (non-zero B). Adapters after the first are added layer
-    by layer with ``update_layer`` (much faster than ``add_adapter`` for hundreds of adapters)."""
+    """A ``PeftModel`` with one random LoRA adapter per name (non-zero B), all of the model's dtype.
+
+    The first adapter comes from ``get_peft_model``; the others are written straight into each PEFT LoRA layer
+    (the same ``lora_A``/``lora_B`` modules and bookkeeping ``update_layer`` creates), because ``add_adapter`` /
+    ``update_layer`` move every existing adapter again for each new one, which is quadratic in the adapter count.
+    """
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer
+    from torch import nn
 
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
     pm = get_peft_model(model, cfg, adapter_name=names[0], autocast_adapter_dtype=False)
+    dtype = dtype or next(model.parameters()).dtype
     layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
     for name in names[1:]:
         pm.peft_config[name] = cfg
-        for layer in layers:
-            layer.update_layer(name, rank, 2 * rank, cfg)
-    dtype = dtype or next(model.parameters()).dtype
     with torch.no_grad():
         for layer in layers:
+            dev = layer.get_base_layer().weight.device
+            layer.lora_A[names[0]].to(dtype)
+            layer.lora_B[names[0]].to(dtype)
+            for name in names[1:]:
+                layer.lora_A[name] = nn.Linear(layer.in_features, rank, bias=False, device=dev, dtype=dtype)
+                layer.lora_B[name] = nn.Linear(rank, layer.out_features, bias=False, device=dev, dtype=dtype)
+                layer.lora_dropout[name] = nn.Identity()
+                layer.r[name] = rank
+                layer.lora_alpha[name] = 2 * rank
+                layer.scaling[name] = 2.0
+                layer.use_dora[name] = False
+                layer.lora_bias[name] = False
+                if hasattr(layer, "use_rslora"):
+                    layer.use_rslora[name] = False
             for name in names:
-                layer.lora_A[name].to(dtype)
-                layer.lora_B[name].to(dtype)
                 layer.lora_B[name].weight.normal_(0, b_std)
     return pm.eval()
 

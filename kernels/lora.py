@@ -24,7 +24,7 @@ def _gathered_mm_kernel(
     TILE_ADAPTER, TILE_START, TILE_COUNT, PERM,
     N, K, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ADD: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ADD: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr = "tf32",
 ):
     """One tile of up to BLOCK_M token-rows of one adapter x BLOCK_N output columns x one split of K:
     ``OUT[split, rows, n] (+)= (X[rows] @ W[adapter]ᵀ)[:, n]`` (times ``SCALE[adapter]`` if ``HAS_SCALE``)."""
@@ -52,7 +52,7 @@ def _gathered_mm_kernel(
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 products of bf16 values are exact
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(x.to(w.dtype), w)
+            acc += tl.dot(x.to(w.dtype), w, input_precision=DOT_PREC)
     if HAS_SCALE:
         acc = acc * tl.load(SCALE + a)
     omask = mvalid[:, None] & nvalid[None, :]
@@ -128,6 +128,7 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
         scale, ta, tst, tc, perm,
         r, d_in, k_per_split,
         BLOCK_M=bm, BLOCK_N=RB, BLOCK_K=BLOCK_K, ADD=False, HAS_SCALE=False, UPCAST=interp,
+        DOT_PREC="ieee" if A.dtype == torch.float32 else "tf32",
     )
     u = (u_parts.sum(0) if n_split > 1 else u_parts[0]).to(B.dtype)
     # expand out += scale · u Bᵀ
@@ -139,6 +140,7 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
         scale, ta, tst, tc, perm,
         d_out, r, RB,
         BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=RB, ADD=True, HAS_SCALE=True, UPCAST=interp,
+        DOT_PREC="ieee" if B.dtype == torch.float32 else "tf32",
     )
     return out
 

@@ -7,11 +7,16 @@ import forkkv_hf
 from forkkv_hf.batched_lora import batched_lora, disable_batched_lora, enable_batched_lora, is_batched_lora_enabled
 from models import tiny_llama, with_adapters
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _agents(dtype=torch.float32, seed=0):
     m = tiny_llama(layers=3, seed=seed, dtype=dtype)
+    return _with(m, seed).to(DEV)
+
+
+def _with(m, seed):
     return with_adapters(
         m,
         {
@@ -37,7 +42,7 @@ def _logits(pm, ids, names):
 def test_logits_equal_peft_loop(backend, dtype, monkeypatch):
     monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
     pm = _agents(dtype)
-    ids = torch.randint(3, 128, (len(NAMES), 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (len(NAMES), 6), generator=torch.Generator().manual_seed(1)).to(DEV)
     ref = _logits(pm, ids, NAMES)
     with batched_lora(pm):
         assert is_batched_lora_enabled(pm)
@@ -65,7 +70,7 @@ def test_module_output_matches_every_layer(monkeypatch):
     for name, mod in pm.named_modules():
         if not isinstance(mod, LoraLinear):
             continue
-        x = torch.randn(len(NAMES), 3, mod.in_features, generator=g)
+        x = torch.randn(len(NAMES), 3, mod.in_features, generator=g).to(DEV)
         ref = mod(x, adapter_names=NAMES)
         for backend in ("torch", "triton"):
             monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
@@ -78,7 +83,7 @@ def test_module_output_matches_every_layer(monkeypatch):
 
 def test_generate_tokens_equal_peft():
     pm = _agents(seed=2)
-    ids = torch.randint(3, 128, (len(NAMES), 5), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 128, (len(NAMES), 5), generator=torch.Generator().manual_seed(2)).to(DEV)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=NAMES, **kw)
     with batched_lora(pm):
@@ -94,7 +99,7 @@ def test_generate_tokens_equal_peft():
 
 def test_stacks_follow_weight_changes_and_new_adapters():
     pm = _agents(seed=4)
-    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(5)).to(DEV)
     names = ["planner", "coder", "planner"]
     enable_batched_lora(pm)
     before = _logits(pm, ids, names)
@@ -111,6 +116,7 @@ def test_stacks_follow_weight_changes_and_new_adapters():
 
     enable_batched_lora(pm)
     pm.add_adapter("late", LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.to(DEV)
     enable_batched_lora(pm)  # enable_forkkv's generate guard does this before every generate
     names = ["late", "planner", "__base__"]
     out = _logits(pm, ids, names)
