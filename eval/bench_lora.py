@@ -65,6 +65,20 @@ def main(argv=None):
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
+    # correctness at real size: batched logits vs PEFT's loop on a mixed batch (distinct adapters + a __base__ row)
+    with torch.no_grad():
+        k = min(8, n_max)
+        ids = torch.randint(3, vocab, (k + 1, 32), device=dev, generator=g)
+        mix = names[:k] + ["__base__"]
+        disable_batched_lora(pm)
+        ref = pm(input_ids=ids, adapter_names=mix).logits.float()
+        enable_batched_lora(pm)
+        got = pm(input_ids=ids, adapter_names=mix).logits.float()
+        check = {"rows": k + 1, "max_abs_logit_diff": (got - ref).abs().max().item(),
+                 "max_abs_logit": ref.abs().max().item(),
+                 "greedy_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+        print(json.dumps({"check": check}), flush=True)
+        del ref, got
     for N in args.rows:
         ids = torch.randint(3, vocab, (N, args.prompt), device=dev, generator=g)
         mask = torch.ones_like(ids)
@@ -118,7 +132,7 @@ def main(argv=None):
     result = {"benchmark": "bench_lora", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
               "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
                         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-              "rows": rows, "summary": summary}
+              "check": check, "rows": rows, "summary": summary}
     out = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_lora_{slug(info.get('gpu', 'gpu'))}.json"
     out.write_text(json.dumps(result, indent=1))
     print("wrote", out)
