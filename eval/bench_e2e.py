@@ -212,7 +212,7 @@ def main(argv=None):
         try:
             rec.update(run_one(pm, system, ctx, prompts, names_all[:N], args.new_tokens))
         except torch.cuda.OutOfMemoryError:
-            from forkkv_hf.attention import remove_stale_peft_hooks
+            from forkkv_hf.peft_integration import remove_stale_peft_hooks
 
             rec["oom"] = True
             remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises

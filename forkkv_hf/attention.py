@@ -104,52 +104,13 @@ def register_forkkv() -> None:
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def remove_stale_peft_hooks(model: nn.Module) -> int:
-    """Remove PEFT's ``adapter_names`` pre-forward hooks left behind on LoRA layers.
-
-    PEFT registers them for the duration of one ``generate``/``forward`` call with ``adapter_names``, but (peft 0.21)
-    its context manager does not remove them when the call raises: every later call of the model then fails with a
-    length mismatch or, worse, runs the old ``adapter_names``. Returns how many were removed.
-    """
-    removed = 0
-    for module in model.modules():
-        hooks = module._forward_pre_hooks
-        for hook_id, hook in list(hooks.items()):
-            func = getattr(hook, "func", None)
-            if getattr(func, "__name__", "") == "_adapter_names_pre_forward_hook":
-                del hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-                removed += 1
-    return removed
-
-
-def _guarded(method, model):
-    """Wrap ``model.generate`` so that an exception never leaves PEFT's adapter-name hooks behind, and LoRA layers
-    created since :func:`enable_forkkv` (adapters added later) also take the batched LoRA path."""
-    from .batched_lora import enable_batched_lora
-
-    def call(*args, **kwargs):
-        if getattr(model, "_forkkv_batched_lora", False):
-            enable_batched_lora(model)
-        try:
-            return method(*args, **kwargs)
-        except BaseException:
-            remove_stale_peft_hooks(model)
-            raise
-
-    call.__wrapped__ = method
-    call.__doc__ = method.__doc__
-    call._forkkv_guard = True
-    return call
-
-
 def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
 
     Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
-    (:mod:`forkkv_hf.batched_lora`; ``batched_lora=False`` leaves PEFT's per-adapter loop) and guards ``generate`` so
-    that an exception inside it (a ForkKV error, or any other) does not leave PEFT's ``adapter_names`` hooks
-    installed. :func:`disable_forkkv` undoes all of it.
+    (:mod:`forkkv_hf.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop) and wraps ``generate``
+    (:mod:`forkkv_hf.peft_integration`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
+    installed). :func:`disable_forkkv` undoes all of it.
     """
     register_forkkv()
     base = transformers_model(model)
@@ -158,28 +119,29 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
         base._forkkv_previous_attn = current
         base.set_attn_implementation(ATTN_NAME)
     if model is not base:
-        from .batched_lora import enable_batched_lora
+        from . import peft_integration
+        from .batched_lora import disable_batched_lora, enable_batched_lora
 
-        model._forkkv_batched_lora = batched_lora
+        model._forkkv_enabled = True
         if batched_lora:
             enable_batched_lora(model)
-        if not getattr(model.generate, "_forkkv_guard", False):
-            model.generate = _guarded(model.generate, model)
+        else:
+            disable_batched_lora(model)
+        peft_integration.install(model)
     return model
 
 
 def disable_forkkv(model: nn.Module) -> nn.Module:
-    """Select again the attention implementation the model had before :func:`enable_forkkv`."""
+    """Select again the attention implementation the model had before :func:`enable_forkkv`, and remove what it
+    installed."""
     base = transformers_model(model)
     previous = getattr(base, "_forkkv_previous_attn", None)
     if base.config._attn_implementation == ATTN_NAME:
         base.set_attn_implementation(previous or "sdpa")
-    if getattr(model.__dict__.get("generate"), "_forkkv_guard", False):
-        del model.generate
     if model is not base:
         from .batched_lora import disable_batched_lora
 
-        model._forkkv_batched_lora = False
+        model._forkkv_enabled = False
         disable_batched_lora(model)
     return model
 

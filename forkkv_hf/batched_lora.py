@@ -28,39 +28,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import peft_integration
 from .lora_factors import BASE_ADAPTER, transformers_model
+from .peft_integration import CALL_EPOCH
 
 
 @dataclass
 class StackedLoRA:
     """One LoRA layer's adapters stacked for gathering. ``A [n, r, d_in]``, ``B [n, d_out, r]`` (unscaled),
-    ``scale [n]`` fp32, ``bias [n, d_out]`` or ``None`` (LoRA bias, unscaled)."""
+    ``scale [n]`` fp32, ``bias [n, d_out]`` or ``None`` (LoRA bias, unscaled). ``keys``: per adapter, what its
+    slot was built from (tensor identities and versions, scaling), to notice a changed or reloaded adapter."""
 
-    key: tuple
+    keys: dict | None
     slot: dict
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: torch.Tensor
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    scale: torch.Tensor | None
     bias: torch.Tensor | None
 
 
-def _stack_key(layer) -> tuple:
-    parts = []
-    for name, a in layer.lora_A.items():
-        b = layer.lora_B[name]
-        bias = getattr(b, "bias", None)
-        parts.append(
-            (name, a.weight.data_ptr(), a.weight._version, b.weight.data_ptr(), b.weight._version,
-             None if bias is None else bias._version, float(layer.scaling[name]), a.weight.dtype, a.weight.device)
-        )
-    return tuple(parts)
+def _adapter_key(layer, name: str) -> tuple:
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    bias = getattr(layer.lora_B[name], "bias", None)
+    return (a.data_ptr(), a._version, b.data_ptr(), b._version, None if bias is None else bias._version,
+            float(layer.scaling[name]), a.dtype, a.device)
 
 
-def stacked_lora(layer) -> StackedLoRA:
-    """The layer's stacked factors, rebuilt only when its adapters or their weights changed."""
-    key = _stack_key(layer)
-    cached = getattr(layer, "_forkkv_stack", None)
-    if cached is not None and cached.key == key:
+def stacked_lora(layer, used=None) -> StackedLoRA:
+    """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all) is new, changed
+    (weights written in place, reloaded, rescaled) or was added since the stack was built."""
+    cached = layer.__dict__.get("_forkkv_stack")
+    check = layer.lora_A.keys() if used is None else [n for n in used if n in layer.lora_A]
+    if cached is not None and all(cached.keys.get(n) == _adapter_key(layer, n) for n in check):
         return cached
     names = list(layer.lora_A.keys())
     A0 = layer.lora_A[names[0]].weight
@@ -79,21 +78,32 @@ def stacked_lora(layer) -> StackedLoRA:
             if has_bias and layer.lora_B[n].bias is not None:
                 bias[i] = layer.lora_B[n].bias
     scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A0.device)
-    stack = StackedLoRA(key, {n: i for i, n in enumerate(names)}, A, B, scale, bias)
+    stack = StackedLoRA({n: _adapter_key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, A, B,
+                        scale, bias)
     layer._forkkv_stack = stack
     return stack
 
 
-def _row_slots(layer, stack: StackedLoRA, adapter_names) -> tuple:
-    """Slot of each row's adapter in this layer (-1: ``__base__`` or an adapter without LoRA here); memoised for the
-    list object PEFT passes to every layer during one call."""
-    memo = getattr(layer, "_forkkv_rows_memo", None)
-    if memo is not None and memo[0] is adapter_names and memo[1] is stack and memo[2] == len(adapter_names):
+_EMPTY = StackedLoRA(None, {}, None, None, None, None)
+
+
+def _call_plan(layer, adapter_names):
+    """``(stack, slots, batchable)`` for this forward, computed once per layer and user-level call: every decode
+    step of one ``generate`` reuses it, so a step costs no per-adapter Python work. Each new call (a new
+    ``forward``/``generate``) re-checks the adapters it uses against the stack: changed weights are picked up."""
+    memo = layer.__dict__.get("_forkkv_rows_memo")
+    epoch = CALL_EPOCH[0]
+    if memo is not None and memo[0] is adapter_names and memo[1] == len(adapter_names) and memo[2] == epoch:
         return memo[3]
-    slot = stack.slot
-    slots = tuple(slot.get(n, -1) for n in adapter_names)
-    layer._forkkv_rows_memo = (adapter_names, stack, len(adapter_names), slots)
-    return slots
+    used = set(adapter_names)
+    batchable = _can_batch(layer, used)
+    stack = stacked_lora(layer, used) if batchable else None
+    slots = tuple(stack.slot.get(n, -1) for n in adapter_names) if batchable else None
+    if batchable and all(s_ < 0 for s_ in slots):
+        stack = _EMPTY
+    plan = (stack, slots, batchable)
+    layer._forkkv_rows_memo = (adapter_names, len(adapter_names), epoch, plan)
+    return plan
 
 
 def lora_delta_torch(x: torch.Tensor, slots: tuple, stack: StackedLoRA) -> torch.Tensor:
@@ -134,16 +144,17 @@ def _can_batch(layer, adapters) -> bool:
 def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
     """Drop-in for ``peft.tuners.lora.layer.Linear._mixed_batch_forward``: same result, one gathered LoRA for all
     adapters of the batch."""
-    if not self.lora_A or x.dim() != 3 or not _can_batch(self, set(adapter_names)):
+    if not self.lora_A or x.dim() != 3:
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    stack, slots, batchable = _call_plan(self, adapter_names)
+    if not batchable:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     for k in VARIANT_KWARG_KEYS:
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    stack = stacked_lora(self)
-    slots = _row_slots(self, stack, adapter_names)
-    if all(s < 0 for s in slots):
+    if stack.keys is None:  # no row of this call uses an adapter of this layer
         return result
     if _use_triton(x):
         from forkkv_kernels.lora import lora_delta_triton
@@ -174,11 +185,20 @@ def _lora_linears(model: nn.Module):
     return [m for m in transformers_model(model).modules() if isinstance(m, LoraLinear)]
 
 
-def enable_batched_lora(model: nn.Module) -> nn.Module:
-    """Route every LoRA ``Linear`` of ``model``'s mixed-adapter forward through the batched path (idempotent)."""
+def patch_lora_layers(model: nn.Module) -> None:
+    """Give every LoRA ``Linear`` of ``model`` the batched mixed-adapter forward (idempotent)."""
     for m in _lora_linears(model):
         if "_mixed_batch_forward" not in m.__dict__:
             m._mixed_batch_forward = types.MethodType(batched_mixed_batch_forward, m)
+
+
+def enable_batched_lora(model: nn.Module) -> nn.Module:
+    """Route ``model``'s mixed-adapter LoRA through the batched path (idempotent). LoRA layers created later
+    (adapters added on new modules) are picked up at the next ``generate``."""
+    patch_lora_layers(model)
+    model._forkkv_batched_lora = True
+    peft_integration.install(model)
+    peft_integration.new_call()
     return model
 
 
@@ -188,6 +208,8 @@ def disable_batched_lora(model: nn.Module) -> nn.Module:
         m.__dict__.pop("_mixed_batch_forward", None)
         m.__dict__.pop("_forkkv_stack", None)
         m.__dict__.pop("_forkkv_rows_memo", None)
+    model._forkkv_batched_lora = False
+    peft_integration.uninstall_if_unused(model)
     return model
 
 

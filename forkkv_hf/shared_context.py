@@ -140,7 +140,7 @@ class SharedContext:
         """
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
-        from .attention import remove_stale_peft_hooks
+        from .peft_integration import remove_stale_peft_hooks
 
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = _as_context_ids(context_ids)

@@ -94,6 +94,16 @@ def _block_m(M_per_tile_hint: int) -> int:
     return 16 if M_per_tile_hint <= 16 else (32 if M_per_tile_hint <= 32 else 64)
 
 
+@functools.lru_cache(maxsize=256)
+def _plan(slots: tuple, tokens_per_row: int, device: str):
+    """``(BLOCK_M, tile tensors)`` for a batch's slots, or ``None`` if no row has an adapter here (memoised)."""
+    distinct = len({s for s in slots if s >= 0})
+    if distinct == 0:
+        return None
+    bm = _block_m(max(1, len(slots) // distinct) * tokens_per_row)
+    return bm, _tile_tensors(slots, tokens_per_row, bm, device)
+
+
 def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                       out: torch.Tensor) -> torch.Tensor:
     """``out[b, l] += scale[s] · (x[b, l] @ A[s]ᵀ) @ B[s]ᵀ`` with ``s = slots[b]`` (rows with ``s < 0`` untouched).
@@ -107,11 +117,10 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
     dev = x.device
     x2 = x.reshape(Bsz * L, d_in)
     o2 = out.view(Bsz * L, d_out)
-    distinct = len({s for s in slots if s >= 0})
-    if distinct == 0:
+    plan = _plan(tuple(slots), L, str(dev))
+    if plan is None:
         return out
-    bm = _block_m(max(1, Bsz // distinct) * L)
-    ta, tst, tc, perm = _tile_tensors(tuple(slots), L, bm, str(dev))
+    bm, (ta, tst, tc, perm) = plan
     n_tiles = ta.numel()
     interp = not x.is_cuda
     RB = max(16, triton.next_power_of_2(r))

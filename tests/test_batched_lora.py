@@ -129,3 +129,21 @@ def test_enable_forkkv_turns_it_on():
     assert is_batched_lora_enabled(pm)
     forkkv_hf.disable_forkkv(pm)
     assert not is_batched_lora_enabled(pm)
+
+
+def test_decode_steps_reuse_the_plan(monkeypatch):
+    """Per layer, adapters are checked once per generate call, not at every decode step (that Python work cost
+    ~80 ms per step with 128 adapters on an 8B model)."""
+    import forkkv_hf.batched_lora as bl
+
+    pm = _agents(seed=7)
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(8)).to(DEV)
+    calls = []
+    real = bl.stacked_lora
+    monkeypatch.setattr(bl, "stacked_lora", lambda layer, used=None: calls.append(layer) or real(layer, used))
+    names = ["planner", "coder", "critic"]
+    with batched_lora(pm):
+        pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=6,
+                    min_new_tokens=6, do_sample=False, pad_token_id=0)
+    n_layers = len(bl._lora_linears(pm))
+    assert 0 < len(calls) <= n_layers

@@ -1,0 +1,73 @@
+"""What forkkv-hf installs on a ``PeftModel`` (by ``enable_forkkv`` / ``enable_batched_lora``), in one place.
+
+One instance-level wrapper around ``generate`` that, at every call:
+- starts a new *call epoch*, so the batched-LoRA plans of the previous call (which rows use which adapter, checked
+  against the adapters' weights) are rebuilt once and then reused by every decode step of this call;
+- re-applies batched LoRA to LoRA layers created since it was enabled (an adapter added on new modules);
+- removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
+  duration of the call but does not remove them on an exception, which breaks every later call of the model.
+A forward pre-hook on the outer model starts a new epoch at each direct ``model(...)`` call too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: bumped at every user-level call (outer forward, generate); per-layer plans are reused within one epoch only
+CALL_EPOCH = [0]
+
+
+def new_call(*args, **kwargs) -> None:
+    CALL_EPOCH[0] += 1
+
+
+def remove_stale_peft_hooks(model: nn.Module) -> int:
+    """Remove PEFT's ``adapter_names`` pre-forward hooks left behind on LoRA layers; returns how many."""
+    removed = 0
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for hook_id, hook in list(hooks.items()):
+            func = getattr(hook, "func", None)
+            if getattr(func, "__name__", "") == "_adapter_names_pre_forward_hook":
+                del hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+                removed += 1
+    return removed
+
+
+def install(model: nn.Module) -> None:
+    """Install the ``generate`` wrapper and the epoch hook (idempotent)."""
+    if getattr(model, "_forkkv_epoch_hook", None) is None:
+        model._forkkv_epoch_hook = model.register_forward_pre_hook(new_call)
+    if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
+        return
+    inner = model.generate
+
+    def generate(*args, **kwargs):
+        if getattr(model, "_forkkv_batched_lora", False):
+            from .batched_lora import patch_lora_layers
+
+            patch_lora_layers(model)
+        new_call()
+        try:
+            return inner(*args, **kwargs)
+        except BaseException:
+            remove_stale_peft_hooks(model)
+            raise
+
+    generate._forkkv_wrapper = True
+    generate.__wrapped__ = inner
+    generate.__doc__ = inner.__doc__
+    model.generate = generate
+
+
+def uninstall_if_unused(model: nn.Module) -> None:
+    """Remove the wrapper and hook once neither ForkKV nor batched LoRA is enabled on ``model``."""
+    if getattr(model, "_forkkv_enabled", False) or getattr(model, "_forkkv_batched_lora", False):
+        return
+    hook = getattr(model, "_forkkv_epoch_hook", None)
+    if hook is not None:
+        hook.remove()
+        model._forkkv_epoch_hook = None
+    if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
+        del model.generate
