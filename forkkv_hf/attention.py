@@ -55,7 +55,7 @@ def _rows_run_by(proj: nn.Module, batch: int) -> tuple[str, ...] | None:
 
 def check_rows(module: nn.Module, view: ForkKVView) -> None:
     """Raise if the adapters this forward runs per row are not the agents the cache rows were forked for."""
-    for proj_name in ("k_proj", "v_proj"):
+    for proj_name in ("k_proj", "v_proj", "qkv_proj"):
         proj = getattr(module, proj_name, None)
         if proj is None:
             continue
@@ -71,6 +71,27 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
         return
 
 
+def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
+    """Soft-capped attention over plain tensors ``[B, H(kv), S, D]`` with the sdpa-style mask this implementation
+    registers (bool, or ``None`` = causal, bottom-right aligned); returns ``[B, Q, H, D]``."""
+    B, H, Q, D = query.shape
+    G = H // key.shape[1]
+    k = key.repeat_interleave(G, dim=1)
+    v = value.repeat_interleave(G, dim=1)
+    s = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
+    s = torch.tanh(s / softcap) * softcap
+    S = k.shape[-2]
+    if attention_mask is None:
+        allowed = torch.arange(S, device=s.device)[None, :] <= (S - Q + torch.arange(Q, device=s.device))[:, None]
+        s = s.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask[..., :S], float("-inf"))
+    else:
+        s = s + attention_mask[..., :S]
+    p = torch.softmax(s.float(), dim=-1).to(v.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 def forkkv_attention_forward(
     module: nn.Module,
@@ -84,18 +105,34 @@ def forkkv_attention_forward(
 ):
     """transformers attention interface: ``query [B, H, Q, D]`` -> ``([B, Q, H, D], None)``."""
     if not isinstance(key, ForkKVView):
+        if kwargs.get("softcap") is not None:  # sdpa has no soft-capping (Gemma 2)
+            return _softcap_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
-    if kwargs.get("softcap") is not None or getattr(module, "sliding_window", None):
-        raise ValueError(
-            f"{type(module).__name__} uses attention soft-capping or a sliding window, which ForkKV does not "
-            "implement; use a model with full attention (Llama, Mistral without sliding window, Qwen2)"
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "ForkKV attention cannot be compiled (its cache hands the attention a view object, and the shared "
+            "context's size is dynamic); run the model without torch.compile"
         )
-    check_rows(module, key)
+    view = key
+    source = view.shared.source() if view.shared.source is not None else None
+    if view.shared.source is not None and source is not module:
+        raise ValueError(
+            f"this ForkKVCache's shared context was built for another model instance (layer {module.layer_idx} "
+            "differs); build a SharedContext with the model you generate with"
+        )
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window and view.shared_len + view.private_len > window:
+        raise ValueError(
+            f"layer {module.layer_idx}: the sequence ({view.shared_len} shared + {view.private_len} private tokens) "
+            f"outgrew the sliding window of {window}; ForkKV computes full attention, which equals sliding-window "
+            "attention only within the window. Generate fewer tokens or use a shorter context."
+        )
+    check_rows(module, view)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return residual_attention(query, key, attention_mask, scaling), None
+    return residual_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 
 
 def register_forkkv() -> None:
@@ -118,16 +155,18 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     if current != ATTN_NAME:
         base._forkkv_previous_attn = current
         base.set_attn_implementation(ATTN_NAME)
+    from . import peft_integration
+
+    model._forkkv_enabled = True
     if model is not base:
-        from . import peft_integration
         from .batched_lora import disable_batched_lora, enable_batched_lora
 
-        model._forkkv_enabled = True
         if batched_lora:
             enable_batched_lora(model)
         else:
             disable_batched_lora(model)
-        peft_integration.install(model)
+    peft_integration.install(model)
+    peft_integration.install_token_recorder(base)
     return model
 
 
@@ -138,11 +177,15 @@ def disable_forkkv(model: nn.Module) -> nn.Module:
     previous = getattr(base, "_forkkv_previous_attn", None)
     if base.config._attn_implementation == ATTN_NAME:
         base.set_attn_implementation(previous or "sdpa")
+    from . import peft_integration
+
+    model._forkkv_enabled = False
     if model is not base:
         from .batched_lora import disable_batched_lora
 
-        model._forkkv_enabled = False
         disable_batched_lora(model)
+    peft_integration.uninstall_token_recorder(base)
+    peft_integration.uninstall_if_unused(model)
     return model
 
 

@@ -279,6 +279,9 @@ class ForkKVCache(Cache):
             if not isinstance(a, str):
                 raise TypeError(f"adapter names must be strings, got {a!r}")
         self.shared = shared
+        #: token ids each row appended after the shared context ([B, P], recorded at every forward), to tell a
+        #: continuation of the same rows from a reuse with other inputs
+        self.private_ids: torch.Tensor | None = None
         super().__init__(layers=[ForkKVLayer(layer, rows, residual) for layer in shared.layers])
 
     @classmethod
@@ -298,6 +301,96 @@ class ForkKVCache(Cache):
                 "ForkKVCache; call forkkv_hf.enable_forkkv(model) before generating with it"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # -- row-level bookkeeping mirrored from the layers ---------------------------------------------------------
+    def record_tokens(self, input_ids: torch.Tensor) -> None:
+        """Remember the tokens a forward appends (called by the hook :func:`forkkv_hf.enable_forkkv` installs)."""
+        ids = input_ids.detach()
+        if self.private_ids is None or self.private_ids.shape[0] != ids.shape[0]:
+            if self.private_ids is not None and ids.shape[0] % self.private_ids.shape[0] == 0:
+                self.private_ids = self.private_ids.repeat_interleave(ids.shape[0] // self.private_ids.shape[0], 0)
+            else:
+                self.private_ids = ids[:, :0]
+        self.private_ids = torch.cat([self.private_ids.to(ids.device), ids], dim=1)
+
+    def reset(self):
+        super().reset()
+        self.private_ids = None
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        if self.private_ids is not None:
+            self.private_ids = self.private_ids.index_select(0, beam_idx.to(self.private_ids.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.private_ids is not None:
+            self.private_ids = self.private_ids.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        if self.private_ids is not None:
+            self.private_ids = self.private_ids[indices]
+
+    def crop(self, tokens_to_remove: int):
+        super().crop(tokens_to_remove)
+        if self.private_ids is not None:
+            self.private_ids = self.private_ids[:, : self.layers[0].private_length()]
+
+    def check_generate_inputs(self, model, input_ids, kwargs) -> None:
+        """Refuse, before ``generate`` runs, every input this cache would silently serve wrong: a context other
+        than the shared one, rows that are not a continuation of what the cache already holds, ``use_cache=False``,
+        a static/compiled cache, and Activated-LoRA rows whose adapter would switch on inside the shared context."""
+        if kwargs.get("use_cache") is False:
+            raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to)")
+        gen_cfg = kwargs.get("generation_config")
+        impl = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
+        if impl is not None:
+            raise ValueError(f"cache_implementation={impl!r} asks for another cache; a ForkKVCache is dynamic and "
+                             "eager: drop cache_implementation (and compile settings) when passing it")
+        if input_ids is None:
+            raise ValueError("pass input_ids with the full rows (shared context + prompt), as forkkv_hf.batch_inputs "
+                             "builds them, together with a ForkKVCache")
+        T = self.shared.num_tokens
+        P = self.layers[0].private_length()
+        L = input_ids.shape[1]
+        if L <= T + P:
+            raise ValueError(
+                f"input_ids have {L} tokens but this cache already holds {T} shared + {P} private tokens: pass the "
+                "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
+            )
+        ctx = self.shared.token_ids.to(input_ids.device)
+        if not torch.equal(input_ids[:, :T], ctx.expand(input_ids.shape[0], T)):
+            raise ValueError(
+                f"input_ids do not start with the {T}-token shared context this cache was built on; build the rows "
+                "with forkkv_hf.batch_inputs(context_ids, prompts) (padding goes after the context)"
+            )
+        if P > 0:
+            rec = self.private_ids
+            rows = input_ids.shape[0]
+            if rec is None or rec.shape[0] != rows or not torch.equal(input_ids[:, T : T + P], rec.to(input_ids.device)):
+                raise ValueError(
+                    f"this ForkKVCache already holds {P} private tokens per row from an earlier generate, and these "
+                    "input_ids do not continue them; call cache.reset() (or fork a new cache) for new prompts"
+                )
+        self._check_activated_lora(model, input_ids, kwargs.get("adapter_names"))
+
+    def _check_activated_lora(self, model, input_ids, adapter_names) -> None:
+        cfgs = getattr(model, "peft_config", None) or {}
+        if not adapter_names or not any(getattr(cfgs.get(n), "alora_invocation_tokens", None) for n in adapter_names):
+            return
+        from peft.tuners.lora.variants import calculate_alora_offsets
+
+        offsets = calculate_alora_offsets(cfgs, getattr(model, "active_adapter", None), input_ids, adapter_names)
+        T = self.shared.num_tokens
+        for i, (name, off) in enumerate(zip(adapter_names, offsets)):
+            if off is not None and input_ids.shape[1] - off < T:
+                raise ValueError(
+                    f"row {i} ({name!r}, Activated LoRA): its invocation sequence starts at token "
+                    f"{input_ids.shape[1] - off}, inside the {T}-token shared context, so the adapter would be active "
+                    "over part of the context, which the shared cache computed without it. Put the invocation "
+                    "sequence in the agent's prompt."
+                )
 
     @property
     def adapter_names(self) -> list[str]:

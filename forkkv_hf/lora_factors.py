@@ -63,32 +63,48 @@ def available_adapters(model: nn.Module) -> list[str]:
 
 
 def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """Map ``layer_idx`` to the self-attention module of each decoder layer.
-
-    Raises ``ValueError`` for fused ``qkv_proj`` projections (Phi-3 style), which this version does not split.
-    """
+    """Map ``layer_idx`` to the self-attention module of each decoder layer (separate ``k_proj``/``v_proj``, or a
+    fused ``qkv_proj`` as in Phi-3)."""
     found: dict[int, nn.Module] = {}
     for name, module in transformers_model(model).named_modules():
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None or isinstance(module, nn.Linear):
             continue
-        if hasattr(module, "qkv_proj") and not hasattr(module, "k_proj"):
-            raise ValueError(
-                f"{name} uses a fused qkv_proj projection ({type(module).__name__}); ForkKV needs separate k_proj and "
-                "v_proj projections to split the cache. Use a model with separate projections (Llama, Mistral, Qwen2)."
-            )
-        if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+        if (hasattr(module, "k_proj") and hasattr(module, "v_proj")) or hasattr(module, "qkv_proj"):
             if layer_idx in found:
                 raise ValueError(f"two attention modules claim layer_idx={layer_idx}: cannot map the cache layers")
             found[layer_idx] = module
     if not found:
         raise ValueError(
-            f"no self-attention modules with k_proj/v_proj and a layer_idx were found in {type(model).__name__}; "
-            "ForkKV supports decoder-only transformers models such as Llama, Mistral and Qwen2."
+            f"no self-attention modules with k_proj/v_proj (or qkv_proj) and a layer_idx were found in "
+            f"{type(model).__name__}; ForkKV supports decoder-only transformers models such as Llama, Mistral, Qwen2 "
+            "and Phi-3."
         )
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"attention layer indices are not 0..{len(found) - 1}: {sorted(found)}")
     return found
+
+
+@dataclass
+class KVProjections:
+    """Where an attention layer's K and V come from: ``k``/``v`` are ``(module, out_slice)``, ``out_slice`` the
+    ``(start, stop)`` output features of a fused ``qkv_proj`` (``None`` for separate projections)."""
+
+    k: tuple
+    v: tuple
+
+    @property
+    def fused(self) -> bool:
+        return self.k[0] is self.v[0]
+
+
+def kv_projections(attn: nn.Module, config) -> KVProjections:
+    if hasattr(attn, "k_proj") and hasattr(attn, "v_proj"):
+        return KVProjections((attn.k_proj, None), (attn.v_proj, None))
+    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_size = config.num_attention_heads * head_dim
+    kv_size = config.num_key_value_heads * head_dim
+    return KVProjections((attn.qkv_proj, (q_size, q_size + kv_size)), (attn.qkv_proj, (q_size + kv_size, q_size + 2 * kv_size)))
 
 
 def _lora_layer_class():
@@ -142,10 +158,18 @@ def check_adapter_names(model: nn.Module, names) -> list[str]:
     return names
 
 
+def is_activated_lora(layer, adapter: str) -> bool:
+    """PEFT Activated LoRA (``alora_invocation_tokens``): inactive until its invocation sequence, so over a shared
+    context that precedes the invocation its K/V are exactly the base model's and it needs no residual."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return variant is not None and type(variant).__name__ == "ALoraLinearVariant"
+
+
 def collect_projection_lora(
-    proj: nn.Module, adapters: list[str], where: str, dtype: torch.dtype
+    proj: nn.Module, adapters: list[str], where: str, dtype: torch.dtype, out_slice: tuple | None = None
 ) -> ProjectionLoRA | None:
-    """Stack the LoRA factors of ``adapters`` found on ``proj``. ``None`` if none of them has LoRA there."""
+    """Stack the LoRA factors of ``adapters`` found on ``proj`` (rows ``out_slice`` of ``B`` for a fused projection).
+    ``None`` if none of them needs a residual there (no LoRA, or Activated LoRA)."""
     layer = lora_layer_of(proj, where)
     if layer is None:
         return None
@@ -154,7 +178,7 @@ def collect_projection_lora(
             f"{where} has merged LoRA adapters {layer.merged_adapters}; ForkKV needs unmerged adapters "
             "(call peft_model.unmerge_adapter())."
         )
-    present = [a for a in adapters if a in layer.lora_A]
+    present = [a for a in adapters if a in layer.lora_A and not is_activated_lora(layer, a)]
     if not present:
         return None
     ranks, has_bias = [], []
@@ -169,24 +193,24 @@ def collect_projection_lora(
         if variant is not None:
             raise ValueError(
                 f"adapter {a!r} on {where} is a LoRA variant ({type(variant).__name__}); ForkKV supports plain LoRA "
-                "on k_proj/v_proj."
+                "and Activated LoRA on k_proj/v_proj."
             )
         ranks.append(layer.lora_A[a].weight.shape[0])
         has_bias.append(getattr(layer.lora_B[a], "bias", None) is not None)
     r_max = max(ranks)
     A0 = layer.lora_A[present[0]].weight
     d_in = A0.shape[1]
-    d_out = layer.lora_B[present[0]].weight.shape[0]
+    lo, hi = out_slice if out_slice is not None else (0, layer.lora_B[present[0]].weight.shape[0])
     bias = any(has_bias)
     A = torch.zeros(len(present), r_max, d_in, dtype=A0.dtype, device=A0.device)
-    B = torch.zeros(len(present), d_out, r_max + bias, dtype=dtype, device=A0.device)
+    B = torch.zeros(len(present), hi - lo, r_max + bias, dtype=dtype, device=A0.device)
     with torch.no_grad():
         for i, a in enumerate(present):
             r, s = ranks[i], layer.scaling[a]
             A[i, :r] = layer.lora_A[a].weight
-            B[i, :, :r] = (layer.lora_B[a].weight.float() * s).to(dtype)
+            B[i, :, :r] = (layer.lora_B[a].weight[lo:hi].float() * s).to(dtype)
             if has_bias[i]:
-                B[i, :, r_max] = (layer.lora_B[a].bias.float() * s).to(dtype)
+                B[i, :, r_max] = (layer.lora_B[a].bias[lo:hi].float() * s).to(dtype)
     return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None)
 
 

@@ -6,7 +6,9 @@ One instance-level wrapper around ``generate`` that, at every call:
 - re-applies batched LoRA to LoRA layers created since it was enabled (an adapter added on new modules);
 - removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
   duration of the call but does not remove them on an exception, which breaks every later call of the model.
-A forward pre-hook on the outer model starts a new epoch at each direct ``model(...)`` call too.
+A forward pre-hook on the outer model starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
+with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``), and a forward
+pre-hook on the transformers model records the tokens each forward appends to a ``ForkKVCache``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def install(model: nn.Module) -> None:
             from .batched_lora import patch_lora_layers
 
             patch_lora_layers(model)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and hasattr(cache, "check_generate_inputs"):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            cache.check_generate_inputs(model, input_ids, kwargs)
         new_call()
         try:
             return inner(*args, **kwargs)
@@ -59,6 +65,26 @@ def install(model: nn.Module) -> None:
     generate.__wrapped__ = inner
     generate.__doc__ = inner.__doc__
     model.generate = generate
+
+
+def _record_tokens_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if cache is not None and input_ids is not None and hasattr(cache, "record_tokens"):
+        cache.record_tokens(input_ids)
+
+
+def install_token_recorder(base: nn.Module) -> None:
+    """On the transformers model: record the tokens each forward appends to a ForkKVCache (idempotent)."""
+    if getattr(base, "_forkkv_recorder", None) is None:
+        base._forkkv_recorder = base.register_forward_pre_hook(_record_tokens_hook, with_kwargs=True)
+
+
+def uninstall_token_recorder(base: nn.Module) -> None:
+    handle = getattr(base, "_forkkv_recorder", None)
+    if handle is not None:
+        handle.remove()
+        base._forkkv_recorder = None
 
 
 def uninstall_if_unused(model: nn.Module) -> None:

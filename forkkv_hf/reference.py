@@ -72,8 +72,10 @@ def causal_private_mask(Q: int, P: int, device) -> torch.Tensor:
     return j <= (P - Q + i)
 
 
-def reference_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
-    """Attention of ``query [B, H, Q, D]`` over the materialised rows; returns ``[B, Q, H, D]`` in fp32."""
+def reference_attention(query: torch.Tensor, view, attention_mask, scaling: float,
+                        softcap: float | None = None) -> torch.Tensor:
+    """Attention of ``query [B, H, Q, D]`` over the materialised rows; returns ``[B, Q, H, D]`` in fp32.
+    ``softcap``: attention-logit soft-capping ``tanh(s / c) · c`` of the scaled scores (Gemma 2)."""
     B, H, Q, D = query.shape
     K, V = materialize_kv(view)
     Hkv = K.shape[1]
@@ -82,6 +84,8 @@ def reference_attention(query: torch.Tensor, view, attention_mask, scaling: floa
     K = K.repeat_interleave(G, dim=1)
     V = V.repeat_interleave(G, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", query.float(), K) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     mask, additive = kv_mask(attention_mask, B, Q, T, P, query.device)
     if mask is None:
         allowed = torch.ones(Q, T + P, dtype=torch.bool, device=query.device)

@@ -50,16 +50,25 @@ def _apply_mask(s: torch.Tensor, mask, additive: bool) -> torch.Tensor:
     return s.masked_fill(~mask[:, None, None], float("-inf"))
 
 
-def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
+def _softcap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention-logit soft-capping, applied to the scaled scores before masking."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling: float,
+                             softcap: float | None = None) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a :class:`~forkkv_hf.cache.ForkKVView`; returns ``[B, Q, H, D]`` in
-    the query's dtype. Accumulates in fp32."""
+    the query's dtype. Accumulates in fp32. ``softcap``: attention-logit soft-capping (Gemma 2), or ``None``."""
     B, H, Q, D = query.shape
     sh = view.shared
     _, Hkv, T, _ = sh.key.shape
     G = H // Hkv
     P = view.private_len
     dev = query.device
-    q = query.float().view(B, Hkv, G, Q, D) * scaling
+    q = query.float().view(B, Hkv, G, Q, D)
+    if softcap is None:
+        q = q * scaling
+    score_scale = 1.0 if softcap is None else scaling
     mask, additive = kv_mask(attention_mask, B, Q, T, P, dev)
 
     m = torch.full((B, Hkv, G, Q), float("-inf"), device=dev)
@@ -93,6 +102,7 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
             kr = kr.view(-1, t1 - t0, Hkv, D).transpose(1, 2)  # [n, Hkv, C, D]
             kr = apply_rope(kr, sh.cos[t0:t1].float(), sh.sin[t0:t1].float())
             s = s + torch.einsum("bhgqd,bhcd->bhgqc", q, kr[k_local] * k_row_valid)
+        s = _softcap(s * score_scale, softcap) if softcap is not None else s
         if mask is not None:
             s = _apply_mask(s, mask[..., t0:t1], additive)
         p, alpha = _online_update(state, s)
@@ -103,6 +113,7 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
 
     if P > 0:
         s = torch.einsum("bhgqd,bhpd->bhgqp", q, view.key.float())
+        s = _softcap(s * score_scale, softcap) if softcap is not None else s
         pm = causal_private_mask(Q, P, dev) if mask is None else mask[..., T : T + P]
         s = _apply_mask(s, pm, additive)
         p, alpha = _online_update(state, s)
@@ -128,15 +139,17 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto") -> torch.Tensor:
+def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
+                       softcap: float | None = None) -> torch.Tensor:
     """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"torch"`` (:func:`residual_attention_torch`)
-    or ``"auto"`` (Triton on CUDA when available, else PyTorch). Set ``FORKKV_BACKEND`` to override ``"auto"``."""
+    or ``"auto"`` (Triton on CUDA when available, else PyTorch). Set ``FORKKV_BACKEND`` to override ``"auto"``.
+    Soft-capped attention (``softcap``) always takes the PyTorch path."""
     if backend == "auto":
         backend = os.environ.get("FORKKV_BACKEND", "auto")
     if backend == "auto":
         backend = "triton" if query.is_cuda and _triton_ready(query) else "torch"
-    if backend == "torch":
-        return residual_attention_torch(query, view, attention_mask, scaling)
+    if backend == "torch" or softcap is not None:
+        return residual_attention_torch(query, view, attention_mask, scaling, softcap=softcap)
     if backend == "triton":
         from forkkv_kernels import residual_attention_triton
 

@@ -8,11 +8,16 @@
 
 ``SharedContext.fork(adapter_names)`` then gives a :class:`~forkkv_hf.cache.ForkKVCache` for a batch whose row ``i``
 is agent ``adapter_names[i]``; any number of caches can be forked, nothing shared is copied or ever written again.
+
+``SharedContext.build_continuation`` is the same base pass over tokens that continue an already computed context
+(its base K/V given as ``past``): the building block of :class:`~forkkv_hf.store.ForkKVStore`, which keeps context
+segments in radix trees and computes only what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +34,7 @@ from .lora_factors import (
     collect_projection_lora,
     find_attention_modules,
     is_peft_model,
+    kv_projections,
     lora_layer_of,
     transformers_model,
 )
@@ -66,6 +72,10 @@ class SharedLayer:
     sin: torch.Tensor
     k_res: Residual | None = None
     v_res: Residual | None = None
+    #: the attention module this layer was computed for (a cache must not be read by another model's layer)
+    source: object = field(default=None, repr=False, compare=False)
+    #: the layer's sliding-window size (None: full attention); ForkKV is exact while the sequence fits in it
+    sliding_window: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -118,6 +128,8 @@ class SharedContext:
     adapters: tuple[str, ...]
     config: object = field(repr=False)
     model_id: int = 0
+    #: position of ``token_ids[0]``: 0 for a context, > 0 for a segment made by :meth:`build_continuation`
+    start: int = 0
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -138,36 +150,83 @@ class SharedContext:
         (default: every adapter of the model). ``chunk_size``: tokens per forward of the base pass (bounds activation
         memory on long contexts; ``None`` for one pass); a progress bar shows when there are several chunks.
         """
+        return cls._base_pass(model, context_ids, adapter_names, chunk_size=chunk_size, progress=progress)
+
+    @classmethod
+    @torch.no_grad()
+    def build_continuation(
+        cls,
+        model: nn.Module,
+        token_ids,
+        adapter_names=None,
+        *,
+        past=None,
+        keep_kv: bool = True,
+        chunk_size: int | None = 4096,
+        progress: bool = True,
+    ) -> SharedContext:
+        """The base pass of :meth:`build` over ``token_ids`` that continue a context of ``S`` tokens.
+
+        ``past``: the base model's K/V of those ``S`` tokens, one ``(key, value)`` pair per layer, each
+        ``[1, H_kv, S, D]`` (``key`` after RoPE, as a ``SharedLayer`` holds it), or ``None`` for ``S = 0``.
+        The base model runs over ``token_ids`` only, at positions ``S, S+1, ...``, with ``past`` as its cache.
+        Returns a segment (``start = S``): per layer the K/V (``[1, H_kv, T, D]``; empty ``[1, H_kv, 0, D]`` with
+        ``keep_kv=False``, when only residuals are wanted), ``cos``/``sin`` ``[T, D]`` and the residuals of
+        ``adapter_names`` over these ``T`` tokens. Concatenated along T with the segments before it, it equals
+        :meth:`build` over the whole context (up to float rounding). A segment with ``start > 0`` cannot be forked.
+        """
+        return cls._base_pass(
+            model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past, keep_kv=keep_kv
+        )
+
+    @classmethod
+    def _base_pass(
+        cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True
+    ) -> SharedContext:
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
         from .peft_integration import remove_stale_peft_hooks
 
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = _as_context_ids(context_ids)
+        S = _past_length(past)
         if adapter_names is None:
             adapter_names = available_adapters(model)
         adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
         base = transformers_model(model)
         config = base.config
         max_pos = _max_positions(config)
-        if max_pos is not None and ids.numel() > max_pos:
+        if max_pos is not None and S + ids.numel() > max_pos:
             raise ValueError(
-                f"the shared context has {ids.numel()} tokens but {type(base).__name__} supports at most "
+                f"the shared context has {S + ids.numel()} tokens but {type(base).__name__} supports at most "
                 f"max_position_embeddings={max_pos}; shorten the context"
             )
         attn_modules = find_attention_modules(model)
         dtype = _cache_dtype(base)
         captures: dict[int, _Capture] = {}
+        projections = {idx: kv_projections(attn, config) for idx, attn in attn_modules.items()}
+        windows = {idx: _sliding_window(attn, config) for idx, attn in attn_modules.items()}
+        for idx, w in windows.items():
+            if w is not None and S + ids.numel() > w:
+                raise ValueError(
+                    f"layer {idx} uses sliding-window attention (window {w}) and the shared context has "
+                    f"{S + ids.numel()} tokens; ForkKV computes full attention, which equals sliding-window attention only "
+                    f"while the whole sequence fits in the window. Use a context (plus prompt and output) of at most {w} "
+                    "tokens, or a model without sliding-window layers."
+                )
+        from .attention import install_adapter_probe
+
         for idx, attn in attn_modules.items():
-            k_lora = collect_projection_lora(attn.k_proj, list(adapters), f"layer {idx} k_proj", dtype)
-            v_lora = collect_projection_lora(attn.v_proj, list(adapters), f"layer {idx} v_proj", dtype)
+            proj = projections[idx]
+            name_k = f"layer {idx} {'qkv_proj' if proj.fused else 'k_proj'}"
+            name_v = f"layer {idx} {'qkv_proj' if proj.fused else 'v_proj'}"
+            k_lora = collect_projection_lora(proj.k[0], list(adapters), name_k, dtype, out_slice=proj.k[1])
+            v_lora = collect_projection_lora(proj.v[0], list(adapters), name_v, dtype, out_slice=proj.v[1])
             check_k_norm(attn, idx, k_lora)
             captures[idx] = _Capture(k_lora, v_lora)
-            from .attention import install_adapter_probe
-
-            for proj in (attn.k_proj, attn.v_proj):
-                if lora_layer_of(proj, f"layer {idx}") is not None:
-                    install_adapter_probe(proj)
+            for module in {id(proj.k[0]): proj.k[0], id(proj.v[0]): proj.v[0]}.values():
+                if lora_layer_of(module, f"layer {idx}") is not None:
+                    install_adapter_probe(module)
 
         T = ids.numel()
         device = next(base.parameters()).device
@@ -191,27 +250,34 @@ class SharedContext:
             uc = (xs @ lora.A.reshape(n * r, -1).t()).view(xs.shape[0], n, r)
             u[:, t0 : t0 + xs.shape[0], :r] = uc.transpose(0, 1).to(u.dtype)
 
-        def make_proj_hook(idx: int, which: str):
+        def make_proj_hook(idx: int, kinds: tuple):
+            """Pre-hook on a projection feeding K and/or V: ``u = x·Aᵀ`` for its adapters. A fused qkv_proj has one
+            ``A`` for K and V, so one ``u`` serves both residuals."""
             cap = captures[idx]
 
             def hook(module, args):
                 x = args[0]
-                lora = cap.k_lora if which == "k" else cap.v_lora
-                if lora is None:
-                    return
-                name = "u_k" if which == "k" else "u_v"
-                if getattr(cap, name) is None:
-                    setattr(cap, name, u_buffer(lora, x))
-                write_u(lora, getattr(cap, name), x)
+                for which in kinds:
+                    lora = cap.k_lora if which == "k" else cap.v_lora
+                    if lora is None:
+                        continue
+                    name = "u_k" if which == "k" else "u_v"
+                    if which == "v" and "k" in kinds and cap.k_lora is not None:
+                        cap.u_v = cap.u_k  # fused: the same A, the same activations
+                        continue
+                    if getattr(cap, name) is None:
+                        setattr(cap, name, u_buffer(lora, x))
+                    write_u(lora, getattr(cap, name), x)
 
             return hook
 
-        def make_k_out_hook(idx: int):
+        def make_k_out_hook(idx: int, out_slice):
             cap = captures[idx]
 
             def hook(module, args, output):
                 if offset[0] == 0 and cap.k_out_head is None:
-                    cap.k_out_head = output[0, :8].detach().clone()
+                    out = output[0, :8] if out_slice is None else output[0, :8, out_slice[0] : out_slice[1]]
+                    cap.k_out_head = out.detach().clone()
 
             return hook
 
@@ -248,12 +314,16 @@ class SharedContext:
         handles = []
         try:
             for idx, attn in attn_modules.items():
+                proj = projections[idx]
                 handles.append(attn.register_forward_pre_hook(make_attn_hook(idx), with_kwargs=True))
-                handles.append(attn.k_proj.register_forward_pre_hook(make_proj_hook(idx, "k")))
-                handles.append(attn.v_proj.register_forward_pre_hook(make_proj_hook(idx, "v")))
+                if proj.fused:
+                    handles.append(proj.k[0].register_forward_pre_hook(make_proj_hook(idx, ("k", "v"))))
+                else:
+                    handles.append(proj.k[0].register_forward_pre_hook(make_proj_hook(idx, ("k",))))
+                    handles.append(proj.v[0].register_forward_pre_hook(make_proj_hook(idx, ("v",))))
                 if captures[idx].k_lora is not None:
-                    handles.append(attn.k_proj.register_forward_hook(make_k_out_hook(idx)))
-            kv_cache = _run_base_pass(model, base, ids, chunk_size, progress, offset)
+                    handles.append(proj.k[0].register_forward_hook(make_k_out_hook(idx, proj.k[1])))
+            kv_cache = _run_base_pass(model, base, ids, chunk_size, progress, offset, past)
         finally:
             for h in handles:
                 h.remove()
@@ -262,17 +332,33 @@ class SharedContext:
         for idx in range(len(attn_modules)):
             cap = captures[idx]
             key, value = kv_cache.layers[idx].keys, kv_cache.layers[idx].values
-            if key is None or key.shape[-2] != T:
-                raise RuntimeError(f"layer {idx}: the base pass cached {None if key is None else key.shape[-2]} tokens, expected {T}")
+            if key is None or key.shape[-2] != S + T:
+                got = None if key is None else key.shape[-2]
+                raise RuntimeError(f"layer {idx}: the base pass cached {got} tokens, expected {S + T}")
+            key, value = key[:, :, S:], value[:, :, S:]  # a segment holds its own tokens only, not the past
             cos, sin = rope_buffers[cap.rope_group]
             k_res = _residual(cap.k_lora, cap.u_k)
             v_res = _residual(cap.v_lora, cap.u_v)
-            layer = SharedLayer(key, value, cos, sin, k_res, v_res)
+            if k_res is not None and cos.shape[-1] != key.shape[-1]:
+                raise ValueError(
+                    f"layer {idx} rotates only {cos.shape[-1]} of its {key.shape[-1]} head dimensions (partial "
+                    "rotary); ForkKV's K residual assumes full rotate-half RoPE. Retarget the adapters away from the "
+                    "K projection (LoRA on V is still shared)."
+                )
+            layer = SharedLayer(key, value, cos, sin, k_res, v_res, source=weakref.ref(attn_modules[idx]),
+                                sliding_window=windows[idx])
             if k_res is not None:
                 _check_rope_layout(idx, cap.k_out_head, layer)
+            if not keep_kv:
+                layer.key = key.new_empty((1, key.shape[1], 0, key.shape[-1]))
+                layer.value = value.new_empty((1, value.shape[1], 0, value.shape[-1]))
+            elif S:  # a copy, so that the past's K/V (the head of the cache's storage) can be freed
+                layer.key, layer.value = key.clone(), value.clone()
             layers.append(layer)
         del kv_cache
-        return cls(layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base))
+        return cls(
+            layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S
+        )
 
     # ------------------------------------------------------------------ use
     def fork(self, adapter_names, residual: str = "kv"):
@@ -280,6 +366,12 @@ class SharedContext:
         the base model). Rows may repeat an agent; they then share its residual. ``residual``: ``"kv"`` (default),
         ``"v"`` or ``"none"``, see :class:`~forkkv_hf.cache.ForkKVCache`."""
         from .cache import ForkKVCache
+
+        if self.start:
+            raise ValueError(
+                f"this SharedContext is a segment starting at position {self.start} (made by build_continuation); "
+                "concatenate it with the segments before it, or use forkkv_hf.ForkKVStore, which does that"
+            )
 
         return ForkKVCache(self, adapter_names, residual=residual)
 
@@ -307,10 +399,11 @@ class SharedContext:
     def residual_bytes(self, adapter: str, kinds: str = "kv") -> int:
         """Bytes of one adapter's rCache (its ``u`` over all layers; ``0`` for adapters without k/v LoRA).
         ``kinds``: count the K residuals (``"k"``), the V residuals (``"v"``) or both (``"kv"``)."""
-        total = 0
+        total, seen = 0, set()
         for l in self.layers:
             for kind, res in (("k", l.k_res), ("v", l.v_res)):
-                if kind in kinds and res is not None and adapter in res.adapters:
+                if kind in kinds and res is not None and adapter in res.adapters and res.u.data_ptr() not in seen:
+                    seen.add(res.u.data_ptr())  # a fused qkv_proj's K and V residuals share one u
                     total += _nbytes(res.u[0])
         return total
 
@@ -323,6 +416,14 @@ class SharedContext:
             f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
             f"base={self.base_bytes() / 2**20:.1f} MiB)"
         )
+
+
+def _sliding_window(attn: nn.Module, config) -> int | None:
+    """The layer's sliding window: the module's own (Qwen2, Gemma), else the config's when the model passes it to
+    every attention call (Mistral, Phi-3)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(config, "sliding_window", None)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -345,8 +446,23 @@ def _cache_dtype(base: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset):
-    """One forward of the base model (adapters disabled) over ``ids``, chunked; returns its ``DynamicCache``."""
+def _past_length(past) -> int:
+    """Tokens in ``past`` (one ``(key, value)`` pair ``[1, H_kv, S, D]`` per layer, or ``None``); validates it."""
+    if past is None:
+        return 0
+    lengths = set()
+    for idx, pair in enumerate(past):
+        if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != 1 for t in pair):
+            raise ValueError(f"past layer {idx}: expected a (key, value) pair of [1, H_kv, S, D] tensors")
+        lengths.update(t.shape[-2] for t in pair)
+    if len(lengths) != 1:
+        raise ValueError(f"past layers hold different numbers of tokens {sorted(lengths)}; each must hold the same S")
+    return lengths.pop()
+
+
+def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset, past=None):
+    """One forward of the base model (adapters disabled) over ``ids``, chunked, after the ``S`` tokens of ``past``
+    (per layer ``(key, value)``, or ``None``); returns its ``DynamicCache`` (``S + T`` tokens)."""
     from transformers import DynamicCache
 
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -356,11 +472,22 @@ def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset)
     starts = list(range(0, T, step))
     disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
     cache = DynamicCache(config=base.config)
+    S = 0
+    if past is not None:
+        past = list(past)
+        num_layers = getattr(base.config, "num_hidden_layers", len(past))
+        if len(past) != num_layers:
+            raise ValueError(
+                f"past has {len(past)} layers but the model has {num_layers}; give one (key, value) pair per layer"
+            )
+        for idx, (key, value) in enumerate(past):
+            cache.update(key, value, idx)
+        S = past[0][0].shape[-2]
     with disable:
         for t0 in tqdm(starts, desc="forkkv: base pass over shared context", unit="chunk", disable=not progress or len(starts) == 1):
             offset[0] = t0
             chunk = ids[t0 : t0 + step][None]
-            positions = torch.arange(t0, t0 + chunk.shape[1], device=ids.device)[None]
+            positions = torch.arange(S + t0, S + t0 + chunk.shape[1], device=ids.device)[None]
             kwargs = dict(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(cache))
             if runner is base:
                 kwargs["logits_to_keep"] = 1

@@ -50,11 +50,12 @@ def with_adapters(model, specs: dict, seed=0) -> PeftModel:
 
 
 def semantic_reference_cache(peft_model, context_ids, rows):
-    """An independent build of ForkKV's *defined* context K/V, as a plain ``DynamicCache``.
+    """An independent build of ForkKV's *defined* context K/V, as a plain ``DynamicCache`` (one full copy per row).
 
-    ForkKV's semantics: every agent's context K/V come from its own k_proj/v_proj (base + LoRA, through PEFT's own
-    forward) applied to the hidden states of ONE base-model pass, then RoPE. This computes exactly that with PEFT's
-    and transformers' own code (no forkkv_hf code involved), one full K/V copy per row.
+    ForkKV's semantics: an agent's context K/V are the base model's (ONE base pass), plus the LoRA delta of its own
+    K/V projections (PEFT's own forward with ``adapter_names``, minus the base layer) applied to that pass's hidden
+    states, the K delta rotated with the layer's own cos/sin (transformers' ``apply_rotary_pos_emb``). Works for
+    separate k_proj/v_proj and for a fused qkv_proj (its K and V slices). No forkkv_hf code is involved.
     """
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -62,33 +63,53 @@ def semantic_reference_cache(peft_model, context_ids, rows):
     from forkkv_hf.compat import cache_kwargs
 
     base = peft_model.get_base_model()
+    cfg = base.config
     attns = [layer.self_attn for layer in base.model.layers]
     xs, pes = {}, {}
     hooks = []
     for i, attn in enumerate(attns):
-        hooks.append(attn.k_proj.register_forward_pre_hook(lambda m, a, i=i: xs.__setitem__(i, a[0])))
+        proj = attn.qkv_proj if hasattr(attn, "qkv_proj") else attn.k_proj
+        hooks.append(proj.register_forward_pre_hook(lambda m, a, i=i: xs.__setitem__(i, a[0])))
         hooks.append(
             attn.register_forward_pre_hook(
                 lambda m, a, kw, i=i: pes.__setitem__(i, kw["position_embeddings"]), with_kwargs=True
             )
         )
     ids = torch.as_tensor(context_ids).reshape(1, -1)
+    base_cache = DynamicCache()
     with torch.no_grad(), peft_model.disable_adapter():
-        base.model(input_ids=ids, use_cache=False)
+        base.model(input_ids=ids, use_cache=True, **cache_kwargs(base_cache))
     for h in hooks:
         h.remove()
     cache = DynamicCache()
     B = len(rows)
+
+    def delta(proj, x):
+        if not hasattr(proj, "lora_A"):
+            return None
+        return proj(x, adapter_names=list(rows)) - proj.base_layer(x)
+
     with torch.no_grad():
         for i, attn in enumerate(attns):
             x = xs[i].expand(B, -1, -1)
             T = x.shape[1]
             D = attn.head_dim
-            k = attn.k_proj(x, adapter_names=list(rows)) if hasattr(attn.k_proj, "lora_A") else attn.k_proj(x)
-            v = attn.v_proj(x, adapter_names=list(rows)) if hasattr(attn.v_proj, "lora_A") else attn.v_proj(x)
-            k = k.view(B, T, -1, D).transpose(1, 2)
-            v = v.view(B, T, -1, D).transpose(1, 2)
-            cos, sin = pes[i]
-            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            kv = cfg.num_key_value_heads * D
+            if hasattr(attn, "qkv_proj"):
+                dq = delta(attn.qkv_proj, x)
+                q_size = cfg.num_attention_heads * D
+                dk = None if dq is None else dq[..., q_size : q_size + kv]
+                dv = None if dq is None else dq[..., q_size + kv :]
+            else:
+                dk, dv = delta(attn.k_proj, x), delta(attn.v_proj, x)
+            k = base_cache.layers[i].keys.expand(B, -1, -1, -1).clone()
+            v = base_cache.layers[i].values.expand(B, -1, -1, -1).clone()
+            if dk is not None:
+                dk = dk.reshape(B, T, -1, D).transpose(1, 2)
+                cos, sin = pes[i]
+                _, dk = apply_rotary_pos_emb(dk, dk, cos, sin)
+                k = k + dk
+            if dv is not None:
+                v = v + dv.reshape(B, T, -1, D).transpose(1, 2)
             cache.update(k, v, i)
     return cache

@@ -120,15 +120,6 @@ def test_k_norm_model_refuses_k_lora_but_shares_v_lora():
     assert torch.equal(out, exact)
 
 
-def test_fused_qkv_refused():
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    base = _tiny(Phi3Config, Phi3ForCausalLM)
-    pm = with_adapters(base, {"fused": dict(target_modules=["qkv_proj"])})
-    with pytest.raises(ValueError, match="fused qkv_proj"):
-        SharedContext.build(pm, _ctx(8), ["fused"])
-
-
 def test_generate_with_other_adapter_names(agents):
     ctx = _ctx(10)
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])

@@ -53,6 +53,7 @@ def full_agents():
             "planner": dict(r=4, target_modules=ALL),
             "coder": dict(r=2, lora_alpha=3, target_modules=ALL, use_rslora=True),
             "critic": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "gate_proj"]),
+            "biased": dict(r=3, target_modules=["k_proj", "v_proj", "o_proj"], lora_bias=True),
         },
         seed=1,
     )
@@ -115,8 +116,8 @@ def test_matches_defined_semantics(full_agents, mode):
     projections applied to ONE base pass's hidden states (one full copy per row, DynamicCache, SDPA)."""
     pm = full_agents
     ctx = _context(23)
-    names = ["planner", "critic", "coder", "planner", "__base__"]
-    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3], seed=2), pad_token_id=0)
+    names = ["planner", "critic", "coder", "planner", "__base__", "biased"]
+    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3, 2], seed=2), pad_token_id=0)
     nb = mode.get("num_beams", 1)
     # PEFT repeats adapter_names for beams itself, but not for num_return_sequences (its users repeat them)
     k = mode.get("num_return_sequences", 1) if nb == 1 else 1

@@ -1,0 +1,162 @@
+"""Model families: each supported one equals the exact per-agent run where ForkKV is exact (LoRA on the last layer's
+K/V, and layer 0's K/V for any adapter) and an independent build of ForkKV's semantics everywhere else; the others
+are refused with an error that names the reason."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from forkkv_hf.reference import materialize_kv
+from models import semantic_reference_cache, with_adapters
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny(name, **kw):
+    import transformers
+
+    cfg_cls = getattr(transformers, f"{name}Config")
+    model_cls = getattr(transformers, f"{name.replace('Text', '')}ForCausalLM")
+    torch.manual_seed(0)
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    cfg = cfg_cls(**base)
+    model = model_cls(cfg).eval()
+    return model
+
+
+FAMILIES = {
+    # name: (config class prefix, config overrides, LoRA targets with K, LoRA targets without K, attn implementation)
+    "mistral": ("Mistral", dict(sliding_window=None), LLAMA_TARGETS, None, "sdpa"),
+    "qwen2-bias": ("Qwen2", dict(), LLAMA_TARGETS, None, "sdpa"),
+    "phi3-fused": ("Phi3", dict(), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], None, "sdpa"),
+    "gemma2-softcap": ("Gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64), LLAMA_TARGETS, None,
+                       "eager"),
+    "qwen3-knorm": ("Qwen3", dict(head_dim=16), None, ["q_proj", "v_proj", "o_proj", "up_proj"], "sdpa"),
+    "gemma3-knorm": ("Gemma3Text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64), None,
+                     ["q_proj", "v_proj", "o_proj", "down_proj"], "eager"),
+}
+
+
+def _family(key, seed=0):
+    prefix, kw, with_k, without_k, attn = FAMILIES[key]
+    model = _tiny(prefix, attn_implementation=attn, **kw)
+    targets = with_k or without_k
+    pm = with_adapters(model, {"planner": dict(r=4, target_modules=targets),
+                               "coder": dict(r=8, lora_alpha=4, target_modules=targets[:2])}, seed=seed)
+    return pm
+
+
+def _gen(pm, inputs, names, cache=None, **kw):
+    extra = cache_kwargs(cache) if cache is not None else {}
+    kw.setdefault("max_new_tokens", 5)
+    return pm.generate(**inputs, adapter_names=names, do_sample=False, pad_token_id=0, output_scores=True,
+                       return_dict_in_generate=True, **extra, **kw)
+
+
+def _same(a, b, tol=1e-4):
+    assert torch.equal(a.sequences, b.sequences), (a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+CTX = torch.randint(3, 128, (19,), generator=torch.Generator().manual_seed(11))
+PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8]), torch.tensor([9, 10, 11, 12])]
+NAMES = ["planner", "coder", "__base__"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_defined_semantics(family):
+    pm = _family(family)
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    ref_cache = semantic_reference_cache(pm, CTX, NAMES)
+    ref = _gen(pm, inputs, NAMES, ref_cache)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        out = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+    _same(out, ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_layer0_kv_exact(family):
+    """Layer 0's context K/V of every agent equal the agent's own (PEFT, its adapter on the whole context)."""
+    pm = _family(family, seed=1)
+    cache = ForkKVCache.from_context(pm, CTX, adapter_names=NAMES)
+    layer = cache.layers[0]
+    dummy = torch.zeros(len(NAMES), layer.shared.key.shape[1], 0, layer.shared.key.shape[-1])
+    view, _ = layer.update(dummy, dummy)
+    K, V = materialize_kv(view)
+    for b, name in enumerate(NAMES):
+        own = DynamicCache()
+        with torch.no_grad():
+            pm(input_ids=CTX[None], adapter_names=[name], use_cache=True, **cache_kwargs(own))
+        torch.testing.assert_close(K[b], own.layers[0].keys[0].float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(V[b], own.layers[0].values[0].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exact_for_last_layer_lora(family):
+    """LoRA only on the last layer's K/V projection (V only for K-norm models): ForkKV equals the per-agent run."""
+    prefix, kw, with_k, without_k, attn = FAMILIES[family]
+    model = _tiny(prefix, attn_implementation=attn, **kw)
+    targets = ["qkv_proj"] if "phi3" in family else (["k_proj", "v_proj"] if with_k else ["v_proj"])
+    pm = with_adapters(model, {"planner": dict(r=4, target_modules=targets, layers_to_transform=[2]),
+                               "coder": dict(r=2, target_modules=targets, layers_to_transform=[2])}, seed=2)
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    exact = _gen(pm, inputs, NAMES)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        out = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+    _same(out, exact)
+
+
+@pytest.mark.parametrize("family", ["qwen3-knorm", "gemma3-knorm"])
+def test_k_norm_refuses_k_lora(family):
+    prefix, kw, _, _, attn = FAMILIES[family]
+    pm = with_adapters(_tiny(prefix, attn_implementation=attn, **kw), {"kq": dict(target_modules=["k_proj"])})
+    with pytest.raises(ValueError, match="k_norm"):
+        SharedContext.build(pm, CTX, ["kq"])
+
+
+def test_fused_qkv_stores_one_residual_for_k_and_v():
+    pm = _family("phi3-fused")
+    shared = SharedContext.build(pm, CTX, ["planner"])
+    for layer in shared.layers:
+        assert layer.k_res.u is layer.v_res.u  # one A for K and V: one u
+    # per agent: r numbers per token per layer, not 2r
+    assert shared.residual_bytes("planner") == 4 * 3 * CTX.numel() * 4
+
+
+def test_sliding_window_within_window_is_exact_and_beyond_is_refused():
+    model = _tiny("Mistral", attn_implementation="sdpa", sliding_window=28)
+    pm = with_adapters(model, {"planner": dict(r=4, target_modules=["k_proj", "v_proj"], layers_to_transform=[2])})
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(CTX, PROMPTS[:2], pad_token_id=0)  # 19 + 3 + 5 new = 27 <= 28
+    exact = _gen(pm, inputs, names)
+    forkkv_hf.enable_forkkv(pm)
+    out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, CTX, adapter_names=names))
+    _same(out, exact)
+    with pytest.raises(ValueError, match="outgrew the sliding window of 28"):
+        _gen(pm, inputs, names, ForkKVCache.from_context(pm, CTX, adapter_names=names), min_new_tokens=9,
+             max_new_tokens=9)
+    with pytest.raises(ValueError, match="sliding-window attention \\(window 28\\)"):
+        SharedContext.build(pm, torch.randint(3, 128, (30,)), names)
+
+
+def test_gemma2_softcap_goes_through_the_torch_path():
+    from forkkv_hf import reference_attention, residual_attention
+    from views import random_view
+
+    view = random_view(B=2, T=20, P=3)
+    q = torch.randn(2, 4, 2, 16)
+    ref = reference_attention(q, view, None, 0.25, softcap=2.0)
+    out = residual_attention(q, view, None, 0.25, softcap=2.0, backend="triton")  # soft-cap: PyTorch path
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (ref - reference_attention(q, view, None, 0.25)).abs().max() > 1e-3

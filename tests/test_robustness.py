@@ -1,0 +1,231 @@
+"""Misuse is refused before it can be silently wrong, and never corrupts a shared base other caches read;
+Activated LoRA agents share the context exactly; the cache API matches a materialised DynamicCache under random
+sequences of operations."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from forkkv_hf.reference import materialize_kv
+from models import tiny_llama, with_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def agents():
+    pm = with_adapters(tiny_llama(layers=2, seed=21), {"planner": dict(r=4, target_modules=ALL),
+                                                       "coder": dict(r=2, target_modules=ALL)}, seed=21)
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def _ctx(T=15, seed=3):
+    return torch.randint(3, 128, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(pm, inputs, names, cache, **kw):
+    kw.setdefault("max_new_tokens", 4)
+    return pm.generate(**inputs, adapter_names=names, do_sample=False, pad_token_id=0, **cache_kwargs(cache), **kw)
+
+
+# ------------------------------------------------------------------------------------------ generate-time checks
+def test_inputs_must_start_with_the_shared_context(agents):
+    ctx = _ctx()
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
+    other = ctx.clone()
+    other[3] += 1
+    with pytest.raises(ValueError, match="do not start with the 15-token shared context"):
+        _gen(agents, batch_inputs(other, [torch.tensor([4, 5])]), ["planner"], cache)
+    with pytest.raises(ValueError, match="pass the whole rows"):  # tail-only input_ids: HF would silently misplace them
+        _gen(agents, {"input_ids": torch.tensor([[4, 5]])}, ["planner"], cache)
+
+
+def test_reuse_needs_reset_but_continuation_works(agents):
+    ctx = _ctx()
+    names = ["planner", "coder"]
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    first = _gen(agents, inputs, names, cache)
+    with pytest.raises(ValueError, match="call cache.reset"):  # other prompts on a used cache
+        _gen(agents, batch_inputs(ctx, [torch.tensor([7, 8]), torch.tensor([9])], pad_token_id=0), names, cache)
+    # a continuation of the same rows (previous output + new tokens) equals generating it from a fresh fork
+    cont = torch.cat([first, torch.tensor([[11], [12]])], dim=1)
+    inputs2 = {"input_ids": cont, "attention_mask": torch.cat([inputs["attention_mask"],
+                                                               torch.ones(2, cont.shape[1] - 17, dtype=torch.long)], 1)}
+    a = _gen(agents, inputs2, names, cache)
+    b = _gen(agents, inputs2, names, ForkKVCache.from_context(agents, ctx, adapter_names=names))
+    assert torch.equal(a, b)
+    cache.reset()
+    again = _gen(agents, inputs, names, cache)
+    assert torch.equal(again, first)
+
+
+def test_use_cache_false_and_static_cache_refused(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5])])
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
+    with pytest.raises(ValueError, match="use_cache=True"):
+        _gen(agents, inputs, ["planner"], cache, use_cache=False)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        _gen(agents, inputs, ["planner"], cache, cache_implementation="static")
+
+
+def test_cache_of_another_model_refused(agents):
+    ctx = _ctx()
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
+    twin = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=21), {"planner": dict(r=4)}, seed=21))
+    with pytest.raises(ValueError, match="built for another model instance"):
+        _gen(twin, batch_inputs(ctx, [torch.tensor([4, 5])]), ["planner"], cache)
+
+
+def test_misuse_never_corrupts_the_shared_base(agents):
+    ctx = _ctx()
+    shared = SharedContext.build(agents, ctx, ["planner", "coder"])
+    snapshot = [(l.key.clone(), l.value.clone(), l.k_res.u.clone(), l.v_res.u.clone()) for l in shared.layers]
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    reference = _gen(agents, inputs, ["planner", "coder"], shared.fork(["planner", "coder"]))
+    bad = shared.fork(["planner", "coder"])
+    for attempt in (
+        lambda: _gen(agents, inputs, ["coder", "planner"], bad),  # wrong rows
+        lambda: _gen(agents, batch_inputs(ctx, [torch.tensor([4])] * 3), ["planner"] * 3, bad),  # wrong batch
+        lambda: _gen(agents, inputs, ["planner", "coder"], bad, use_cache=False),
+    ):
+        with pytest.raises((ValueError, TypeError)):
+            attempt()
+        bad.reset()
+    for (k, v, uk, uv), l in zip(snapshot, shared.layers):
+        assert torch.equal(k, l.key) and torch.equal(v, l.value)
+        assert torch.equal(uk, l.k_res.u) and torch.equal(uv, l.v_res.u)
+    assert torch.equal(_gen(agents, inputs, ["planner", "coder"], shared.fork(["planner", "coder"])), reference)
+
+
+# ------------------------------------------------------------------------------------------ Activated LoRA
+def test_activated_lora_is_exact():
+    """An aLoRA agent is inactive over the shared context: the base K/V are its own exactly, no residual needed,
+    and ForkKV equals the per-agent run exactly, even with aLoRA on every layer's q/k/v/o."""
+    from peft import LoraConfig, get_peft_model
+
+    invocation = [7, 8, 9]
+    model = tiny_llama(layers=3, seed=31)
+    torch.manual_seed(31)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=ALL, alora_invocation_tokens=invocation, task_type="CAUSAL_LM",
+                                          init_lora_weights=False), adapter_name="checker")
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(8)
+    pm.eval()
+    ctx = _ctx(17)
+    ctx[ctx == 7] = 6  # no invocation inside the context
+    names = ["checker", "__base__", "checker"]
+    prompts = [torch.tensor(invocation + [11, 12]), torch.tensor([5, 6]), torch.tensor([13] + invocation)]
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    exact = pm.generate(**inputs, adapter_names=names, **kw)
+    forkkv_hf.enable_forkkv(pm)
+    shared = SharedContext.build(pm, ctx, ["checker"])
+    assert all(l.k_res is None and l.v_res is None for l in shared.layers)  # nothing stored for it
+    out = pm.generate(**inputs, adapter_names=names, **kw, **cache_kwargs(shared.fork(names)))
+    assert torch.equal(out.sequences, exact.sequences)
+    for a, b in zip(out.scores, exact.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the adapter does act (not a test that cannot fail)
+    base_out = pm.generate(**inputs, adapter_names=["__base__"] * 3, **kw, **cache_kwargs(shared.fork(["__base__"] * 3)))
+    assert not torch.equal(base_out.sequences[0], out.sequences[0])
+    # an invocation inside the shared context would switch the adapter on over part of it: refused
+    ctx2 = torch.cat([ctx[:5], torch.tensor(invocation), ctx[5:]])
+    shared2 = SharedContext.build(pm, ctx2, ["checker"])
+    with pytest.raises(ValueError, match="inside the 20-token shared context"):
+        pm.generate(**batch_inputs(ctx2, [torch.tensor([11, 12])]), adapter_names=["checker"], **kw,
+                    **cache_kwargs(shared2.fork(["checker"])))
+
+
+# ------------------------------------------------------------------------------------------ cache API property test
+def _random_shared(seed):
+    from views import random_view
+
+    view = random_view(B=3, Hkv=2, D=8, T=9, P=0, n_agents=2, rows=[0, 1, -1], seed=seed)
+    shared = view.shared
+    from forkkv_hf.shared_context import SharedContext as SC
+
+    ctx = SC(layers=[shared], token_ids=torch.arange(9), adapters=("agent0", "agent1"), config=None)
+    return ctx
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("update"), st.integers(1, 3)),
+        st.tuples(st.just("reorder"), st.permutations([0, 1, 2])),
+        st.tuples(st.just("repeat"), st.integers(1, 2)),
+        st.tuples(st.just("select"), st.integers(0, 7)),
+        st.tuples(st.just("crop"), st.integers(1, 2)),
+        st.tuples(st.just("reset"), st.just(0)),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, seed=st.integers(0, 10_000))
+def test_cache_api_matches_materialised_dynamic_cache(ops, seed):
+    """Random update/reorder/repeat/select/crop/reset sequences: the ForkKV rows, materialised, always equal a
+    DynamicCache that was given the same rows' full K/V and the same operations."""
+    shared = _random_shared(seed)
+    fork = ForkKVCache.__new__(ForkKVCache)
+    from transformers.cache_utils import Cache
+
+    from forkkv_hf.cache import ForkKVLayer
+
+    fork.shared = shared
+    fork.residual = "kv"
+    fork.private_ids = None
+    Cache.__init__(fork, layers=[ForkKVLayer(shared.layers[0], ("agent0", "agent1", "__base__"))])
+    g = torch.Generator().manual_seed(seed)
+    ref = None
+    rows = 3
+    for op, arg in ops:
+        layer = fork.layers[0]
+        if op == "update":
+            k = torch.randn(rows, 2, arg, 8, generator=g)
+            v = torch.randn(rows, 2, arg, 8, generator=g)
+            view, _ = fork.update(k, v, 0) if False else layer.update(k, v)
+            if ref is None:  # the reference starts from the materialised shared part of each row
+                K0, V0 = materialize_kv(view)
+                T = shared.layers[0].key.shape[-2]
+                ref = DynamicCache()
+                ref.update(K0[:, :, :T], V0[:, :, :T], 0)
+            ref.update(k.float(), v.float(), 0)
+            K, V = materialize_kv(view)
+            torch.testing.assert_close(K, ref.layers[0].keys)
+            torch.testing.assert_close(V, ref.layers[0].values)
+        elif ref is None:
+            continue  # nothing private yet: the other operations have nothing to act on
+        elif op == "reorder":
+            idx = torch.tensor([arg[i % 3] % rows for i in range(rows)])
+            fork.reorder_cache(idx)
+            ref.reorder_cache(idx)
+        elif op == "repeat":
+            fork.batch_repeat_interleave(arg)
+            ref.batch_repeat_interleave(arg)
+            rows *= arg
+        elif op == "select":
+            keep = [i for i in range(rows) if (arg >> (i % 3)) & 1] or [0]
+            idx = torch.tensor(keep)
+            fork.batch_select_indices(idx)
+            ref.batch_select_indices(idx)
+            rows = len(keep)
+        elif op == "crop":
+            P = layer.private_length()
+            n = min(arg, P)
+            if n:
+                fork.crop(-n)
+                ref.crop(-n)
+        elif op == "reset":
+            fork.reset()
+            ref, rows = None, 3
+        assert fork.get_seq_length() == (9 if ref is None else ref.get_seq_length())
