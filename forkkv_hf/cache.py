@@ -273,7 +273,8 @@ class ForkKVCache(Cache):
         if missing:
             raise ValueError(
                 f"adapter(s) {missing} have no residuals in this shared context (built for {list(shared.adapters)}); "
-                "build it with adapter_names that include them"
+                f"compute them with shared.add_adapters(model, {missing}) (or build it with adapter_names that "
+                "include them)"
             )
         for a in rows:
             if not isinstance(a, str):
@@ -351,6 +352,21 @@ class ForkKVCache(Cache):
         if input_ids is None:
             raise ValueError("pass input_ids with the full rows (shared context + prompt), as forkkv_hf.batch_inputs "
                              "builds them, together with a ForkKVCache")
+        from .lora_factors import find_attention_modules, transformers_model
+
+        model_dtype = getattr(transformers_model(model), "dtype", None)
+        base_dtype = self.shared.layers[0].key.dtype
+        if isinstance(model_dtype, torch.dtype) and model_dtype != base_dtype:
+            raise TypeError(
+                f"the model computes K/V in {model_dtype} but this ForkKVCache's shared context holds {base_dtype}; "
+                "build the shared context with the model in the dtype you generate with"
+            )
+        src = self.shared.layers[0].source
+        if src is not None and src() is not find_attention_modules(model).get(0):
+            raise ValueError("this ForkKVCache's shared context was built for another model instance; build a "
+                             "SharedContext with the model you generate with")
+        self.shared.check_adapters_unchanged(model, [a for a in dict.fromkeys(self.adapter_names)
+                                                     if a in self.shared.adapters])
         T = self.shared.num_tokens
         P = self.layers[0].private_length()
         L = input_ids.shape[1]

@@ -130,6 +130,8 @@ class SharedContext:
     model_id: int = 0
     #: position of ``token_ids[0]``: 0 for a context, > 0 for a segment made by :meth:`build_continuation`
     start: int = 0
+    #: per adapter, the identity and version of its K/V LoRA tensors when its residuals were computed
+    adapter_states: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -357,8 +359,46 @@ class SharedContext:
             layers.append(layer)
         del kv_cache
         return cls(
-            layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S
+            layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S,
+            adapter_states={a: adapter_state(model, a) for a in adapters},
         )
+
+    # ------------------------------------------------------------------ adapters
+    @torch.no_grad()
+    def add_adapters(self, model: nn.Module, adapter_names, *, chunk_size: int | None = 4096,
+                     progress: bool = True) -> SharedContext:
+        """Compute the residuals of adapters this context was not built for (e.g. loaded later) and add them.
+
+        One base pass over the context with hooks (no K/V kept), as :meth:`build` does for its adapters. Caches
+        already forked keep working: existing adapters keep their slots. Returns ``self``.
+        """
+        if self.start:
+            raise ValueError("add_adapters works on a whole context (start 0), not on a continuation segment")
+        new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
+        if not new:
+            return self
+        seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
+                                            progress=progress)
+        for layer, extra in zip(self.layers, seg.layers):
+            layer.k_res = _merge_residuals(layer.k_res, extra.k_res)
+            if extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u:
+                layer.v_res = _merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res)
+            else:
+                layer.v_res = _merge_residuals(layer.v_res, extra.v_res)
+        self.adapters = self.adapters + seg.adapters
+        self.adapter_states.update(seg.adapter_states)
+        return self
+
+    def check_adapters_unchanged(self, model: nn.Module, names=None) -> None:
+        """Raise if an adapter's K/V LoRA weights changed (or were reloaded) since its residuals were computed:
+        serving them would be silently wrong."""
+        for name in self.adapters if names is None else names:
+            if name in self.adapter_states and adapter_state(model, name) != self.adapter_states[name]:
+                raise ValueError(
+                    f"adapter {name!r} changed since this shared context computed its residuals (its weights were "
+                    "written or reloaded); build a new SharedContext (or use ForkKVStore, which keys residuals by "
+                    "adapter content)"
+                )
 
     # ------------------------------------------------------------------ use
     def fork(self, adapter_names, residual: str = "kv"):
@@ -416,6 +456,32 @@ class SharedContext:
             f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
             f"base={self.base_bytes() / 2**20:.1f} MiB)"
         )
+
+
+def adapter_state(model: nn.Module, name: str) -> tuple:
+    """Identity and in-place version of ``name``'s LoRA tensors on the K/V projections: changes when the adapter is
+    written to, reloaded or replaced (cheap: a few attribute reads per layer)."""
+    state = []
+    for idx, attn in sorted(find_attention_modules(model).items()):
+        for mod in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None), getattr(attn, "qkv_proj", None)):
+            layer = None if mod is None else lora_layer_of(mod, f"layer {idx}")
+            if layer is not None and name in layer.lora_A:
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                state.append((a.data_ptr(), a._version, b.data_ptr(), b._version, float(layer.scaling[name])))
+    return tuple(state)
+
+
+def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):
+    """Stack the residuals of newly added adapters after the existing ones (slots of existing adapters unchanged;
+    ranks zero-padded to the larger)."""
+    if new is None:
+        return old
+    if old is None:
+        return new
+    r = max(old.rank, new.rank)
+    pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[-1]))  # noqa: E731
+    u = share_u_with.u if share_u_with is not None else torch.cat([pad(old.u), pad(new.u)], dim=0)
+    return Residual(old.adapters + new.adapters, u, torch.cat([pad(old.B), pad(new.B)], dim=0), old.ranks + new.ranks)
 
 
 def _sliding_window(attn: nn.Module, config) -> int | None:

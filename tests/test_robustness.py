@@ -229,3 +229,40 @@ def test_cache_api_matches_materialised_dynamic_cache(ops, seed):
             fork.reset()
             ref, rows = None, 3
         assert fork.get_seq_length() == (9 if ref is None else ref.get_seq_length())
+
+
+# ------------------------------------------------------------------------------------------ adapters after the fact
+def test_adapters_added_after_the_context_was_built():
+    from peft import LoraConfig
+
+    pm = with_adapters(tiny_llama(layers=2, seed=41), {"planner": dict(r=4, target_modules=ALL)}, seed=41)
+    forkkv_hf.enable_forkkv(pm)
+    ctx = _ctx(13)
+    shared = SharedContext.build(pm, ctx, ["planner"])
+    early = shared.fork(["planner"])
+    pm.add_adapter("late", LoraConfig(r=6, lora_alpha=12, target_modules=["k_proj", "v_proj"],
+                                      init_lora_weights=False))
+    pm.eval()
+    with pytest.raises(ValueError, match=r"shared.add_adapters\(model, \['late'\]\)"):
+        shared.fork(["late"])
+    shared.add_adapters(pm, ["late"])
+    names = ["late", "planner"]
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6, 7])], pad_token_id=0)
+    a = _gen(pm, inputs, names, shared.fork(names))
+    b = _gen(pm, inputs, names, SharedContext.build(pm, ctx, names).fork(names))
+    assert torch.equal(a, b)
+    # a cache forked before the addition still reads its own residuals
+    one = batch_inputs(ctx, [torch.tensor([4, 5])])
+    assert torch.equal(_gen(pm, one, ["planner"], early), _gen(pm, one, ["planner"], shared.fork(["planner"])))
+
+
+def test_changed_adapter_is_refused():
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=42), {"planner": dict(r=4)}, seed=42))
+    ctx = _ctx(11)
+    shared = SharedContext.build(pm, ctx, ["planner"])
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "v_proj.lora_B.planner" in n:
+                p.add_(0.5)
+    with pytest.raises(ValueError, match="adapter 'planner' changed since this shared context"):
+        _gen(pm, batch_inputs(ctx, [torch.tensor([4, 5])]), ["planner"], shared.fork(["planner"]))
