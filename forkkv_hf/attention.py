@@ -110,11 +110,6 @@ def forkkv_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            "ForkKV attention cannot be compiled (its cache hands the attention a view object, and the shared "
-            "context's size is dynamic); run the model without torch.compile"
-        )
     view = key
     source = view.shared.source() if view.shared.source is not None else None
     if view.shared.source is not None and source is not module:

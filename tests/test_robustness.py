@@ -74,6 +74,22 @@ def test_use_cache_false_and_static_cache_refused(agents):
         _gen(agents, inputs, ["planner"], cache, cache_implementation="static")
 
 
+def test_torch_compile_keeps_the_result():
+    """A compiled decoder graph-breaks around ForkKV attention (its cache hands over a view object) and gives the
+    same tokens: compiling is not refused, and is not silently wrong."""
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=23), {"planner": dict(r=4)}, seed=23))
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5])])
+    eager = _gen(pm, inputs, ["planner"], ForkKVCache.from_context(pm, ctx, adapter_names=["planner"]))
+    decoder = pm.get_base_model().model
+    decoder.forward = torch.compile(decoder.forward, backend="eager")
+    try:
+        compiled = _gen(pm, inputs, ["planner"], ForkKVCache.from_context(pm, ctx, adapter_names=["planner"]))
+    finally:
+        del decoder.forward
+    assert torch.equal(eager, compiled)
+
+
 def test_cache_of_another_model_refused(agents):
     ctx = _ctx()
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
