@@ -23,8 +23,8 @@ from bench_kernel import D, device_info, make_case  # noqa: E402
 from sweep_kernel import graph_time  # noqa: E402
 
 CONFIGS = [
-    dict(variant="t", block_t=32, block_m=16, agents_per_item=4, num_warps=4, num_stages=2, programs_per_sm=8),
-    dict(variant="t", block_t=64, block_m=16, agents_per_item=4, num_warps=8, num_stages=2, programs_per_sm=8),
+    dict(block_t=32, block_m=16, agents_per_item=4, num_warps=4, num_stages=2, programs_per_sm=8),
+    dict(block_t=64, block_m=16, agents_per_item=4, num_warps=8, num_stages=2, programs_per_sm=8),
 ]
 
 

@@ -60,7 +60,7 @@ def main(argv=None):
 
     grid = []
     for bt, (bm, apm), nw, dc in itertools.product(*CONFIGS.values()):
-        grid.append(dict(variant="t", block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=2,
+        grid.append(dict(block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=2,
                          programs_per_sm=8, d_chunk=dc))
     grid = grid[: args.max_configs]
     results = []

@@ -4,13 +4,13 @@ Reproduces :func:`forkkv_hf.reference.reference_attention` (the fp32, materialis
 any row's K/V of the shared context:
 
 - ``_shared_part_kernel`` (grid: work item x KV head x split of the shared context, flash-decoding style). A work
-  item is a group of query vectors (rows x queries x the G query heads of one KV head) whose rows share one agent.
-  Per tile of ``BLOCK_T`` context tokens it loads the base K/V tile, rebuilds the agent's K residual in registers
-  (``u[BLOCK_T, r] @ B_k[r, D]``, two halves so that rotate-half RoPE with that token's cos/sin is a few FMAs), adds
-  it to the base tile, and runs one online-softmax step for all the item's vectors; it accumulates ``P·V_base`` and
-  the rank-r ``P·u_v`` (the V residual is never expanded). Items of different agents read the same base tiles at
-  about the same time (item is the fastest grid axis), so the base is fetched from HBM about once and served from L2
-  to the others. Writes unnormalised partials (m, l, acc, acc_uv) per split.
+  item is a block of query vectors (rows x queries x the G query heads of one KV head) from up to ``A_MAX`` agents,
+  which share each base tile it loads. Per tile of ``BLOCK_T`` context tokens and per agent, it rebuilds the agent's
+  K residual in registers (``u[BLOCK_T, r] @ B_k[r, DC]`` in head-dim chunks, lo and hi halves so that rotate-half
+  RoPE with that token's cos/sin is a few FMAs) and adds it to the base tile; scores are computed transposed
+  (``[tokens, queries]``) so that rebuilt tile is the left MMA operand. One online-softmax step for all vectors, then
+  ``P·V_base`` and the rank-r ``P·u_v`` per agent (the V residual is never expanded). Writes unnormalised partials
+  (m, l, acc, acc_uv) per split.
 - ``_private_merge_kernel`` (grid: row x KV head x query block). Attends to the row's private K/V (causal, or the
   given mask), merges it with the shared partials by log-sum-exp, applies ``B_v`` to the merged ``P·u_v`` once, and
   writes the output ``[B, Q, H, D]``.
@@ -21,7 +21,6 @@ Decode (one query per row) and extend (a block of queries per row) are the same 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -53,144 +52,13 @@ def _shared_part_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
     SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    item = tl.program_id(0)
-    hkv = tl.program_id(1)
-    split = tl.program_id(2)
-
-    # the item's query vectors: SLOTS (row, query) slots x the G query heads of KV head hkv, from up to A_MAX agents
-    v = tl.arange(0, BLOCK_M)
-    slot = v // G
-    g = v % G
-    in_slots = slot < SLOTS
-    row = tl.load(SLOT_ROW + item * SLOTS + slot, mask=in_slots, other=-1)
-    valid = row >= 0
-    row = tl.maximum(row, 0)
-    qi = tl.load(SLOT_Q + item * SLOTS + slot, mask=in_slots, other=0)
-    ag = tl.load(SLOT_AGENT + item * SLOTS + slot, mask=in_slots, other=-1)
-    head = hkv * G + g
-    d = tl.arange(0, HALF_B)
-    dm = d < HALF
-    q_ptr = Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
-    qmask = valid[:, None] & dm[None, :]
-    q_lo = tl.load(q_ptr, mask=qmask, other=0.0)
-    q_hi = tl.load(q_ptr + HALF, mask=qmask, other=0.0)
-    dtype = q_lo.dtype
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
-    acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
-    rk = tl.arange(0, RKB)
-    rv = tl.arange(0, RVB)
-
-    t_begin = split * split_len
-    t_end = tl.minimum(T, t_begin + split_len)
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tm = t < t_end
-        kmask = tm[:, None] & dm[None, :]
-        # the base tiles: loaded once, used by every agent of the item
-        kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + d[None, :]
-        kb_lo = tl.load(kb_ptr, mask=kmask, other=0.0)
-        kb_hi = tl.load(kb_ptr + HALF, mask=kmask, other=0.0)
-        if HAS_K_RES:
-            c_ptr = COS + t[:, None] * s_ct + d[None, :]
-            s_ptr = SIN + t[:, None] * s_st + d[None, :]
-            c_lo = tl.load(c_ptr, mask=kmask, other=0.0).to(tl.float32)
-            s_lo = tl.load(s_ptr, mask=kmask, other=0.0).to(tl.float32)
-            if ROPE_HALF:  # cos/sin halves are equal (every rotate-half RoPE in transformers)
-                c_hi = c_lo
-                s_hi = s_lo
-            else:
-                c_hi = tl.load(c_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-                s_hi = tl.load(s_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-            kb_lo32 = kb_lo.to(tl.float32)
-            kb_hi32 = kb_hi.to(tl.float32)
-            s = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-            for j in tl.static_range(A_MAX):
-                # agent j of the item: rebuild its K residual for this tile, rotate it, add it to the base tile
-                kslot = tl.load(AGENT_K + item * A_MAX + j)
-                ks = tl.maximum(kslot, 0)
-                lim = tl.where(kslot >= 0, RK, 0)
-                u = tl.load(UK + ks * s_ukn + t[:, None] * s_ukt + rk[None, :],
-                            mask=tm[:, None] & (rk[None, :] < lim), other=0.0)
-                bk_ptr = BK + ks * s_bkn + (hkv * 2 * HALF + d[:, None]) * s_bko + rk[None, :]
-                bk_mask = dm[:, None] & (rk[None, :] < lim)
-                bk_lo = tl.load(bk_ptr, mask=bk_mask, other=0.0)
-                bk_hi = tl.load(bk_ptr + HALF * s_bko, mask=bk_mask, other=0.0)
-                x_lo = _dot(u, tl.trans(bk_lo), DOT_PREC, UPCAST)  # [BLOCK_T, HALF_B] fp32
-                x_hi = _dot(u, tl.trans(bk_hi), DOT_PREC, UPCAST)
-                k_lo = (kb_lo32 + x_lo * c_lo - x_hi * s_lo).to(dtype)
-                k_hi = (kb_hi32 + x_hi * c_hi + x_lo * s_hi).to(dtype)
-                s_j = _dot(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
-                s_j += _dot(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
-                s = tl.where(ag[:, None] == j, s_j, s)
-        else:
-            s = _dot(q_lo, tl.trans(kb_lo), DOT_PREC, UPCAST)
-            s += _dot(q_hi, tl.trans(kb_hi), DOT_PREC, UPCAST)
-        s = s * qk_scale
-        allowed = valid[:, None] & tm[None, :]
-        if HAS_MASK:
-            mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt,
-                         mask=allowed, other=0)
-            allowed = allowed & (mk != 0)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pd = p.to(dtype)
-        vb_ptr = VB + hkv * s_vbh + t[:, None] * s_vbt + d[None, :]
-        v_lo = tl.load(vb_ptr, mask=kmask, other=0.0)
-        v_hi = tl.load(vb_ptr + HALF, mask=kmask, other=0.0)
-        acc_lo = acc_lo * alpha[:, None] + _dot(pd, v_lo, DOT_PREC, UPCAST)
-        acc_hi = acc_hi * alpha[:, None] + _dot(pd, v_hi, DOT_PREC, UPCAST)
-        if HAS_V_RES:
-            acc_uv = acc_uv * alpha[:, None]
-            for j in tl.static_range(A_MAX):
-                vslot = tl.load(AGENT_V + item * A_MAX + j)
-                vs = tl.maximum(vslot, 0)
-                lim = tl.where(vslot >= 0, RV, 0)
-                uvt = tl.load(UV + vs * s_uvn + t[:, None] * s_uvt + rv[None, :],
-                              mask=tm[:, None] & (rv[None, :] < lim), other=0.0)
-                acc_uv += tl.where(ag[:, None] == j, _dot(pd, uvt, DOT_PREC, UPCAST), 0.0)
-        m_i = m_new
-
-    # partials of vector (row, head, qi) for this split
-    w = ((row * H + head) * NQ + qi) * n_splits + split
-    tl.store(M_WS + w, m_i, mask=valid)
-    tl.store(L_WS + w, l_i, mask=valid)
-    a_ptr = ACC_WS + w[:, None] * (2 * HALF_B) + d[None, :]
-    tl.store(a_ptr, acc_lo, mask=valid[:, None])
-    tl.store(a_ptr + HALF_B, acc_hi, mask=valid[:, None])
-    if HAS_V_RES:
-        tl.store(UV_WS + w[:, None] * RVB + rv[None, :], acc_uv, mask=valid[:, None])
-
-
-@triton.jit
-def _shared_part_kernel_t(
-    Q, s_qb, s_qh, s_qq,
-    KB, s_kbh, s_kbt,
-    VB, s_vbh, s_vbt,
-    COS, SIN, s_ct, s_st,
-    UK, s_ukn, s_ukt, BK, s_bkn, s_bko,
-    UV, s_uvn, s_uvt,
-    MASK, s_mb, s_mq, s_mt,
-    SLOT_ROW, SLOT_Q, SLOT_AGENT, AGENT_K, AGENT_V,
-    M_WS, L_WS, ACC_WS, UV_WS,
-    T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
-    G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
-    SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True, DC: tl.constexpr = 32,
 ):
-    """Same result as ``_shared_part_kernel``, computed transposed: scores are ``[BLOCK_T, BLOCK_M]`` (context tokens
-    x query vectors), so the K tile that is rebuilt in registers is the *left* operand of the score product (it never
-    has to go through shared memory) and the small query block is the loop-invariant right operand."""
+    """The shared context's part of every work item's attention, for one KV head and one split of the context.
+
+    Scores are computed transposed, ``[BLOCK_T, BLOCK_M]`` (context tokens x query vectors), so the K tile rebuilt in
+    registers is the *left* MMA operand and never goes through shared memory (the untransposed version of this
+    kernel was 2.2x slower, eval/KERNEL_NOTES.md)."""
     item = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -537,14 +405,15 @@ def _rope_half(shared) -> bool:
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                               agents_per_item: int | None = 4, num_warps: int = 4,
-                              num_stages: int = 2, variant: str = "t", programs_per_sm: int = 8,
+                              num_stages: int = 2, programs_per_sm: int = 8,
                               uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
     the shared context, ``block_m`` query vectors per work item, ``agents_per_item`` the most agents packed in one
-    item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel, ``variant``: ``"t"``
-    (scores computed transposed, the default) or ``"n"`` (scores as [queries, tokens]).
+    item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel, ``programs_per_sm``
+    how many programs the split of the context aims at per SM, ``uv_natural`` the layout of the V-residual
+    accumulation, ``d_chunk`` the head-dim chunk of the K-residual rebuild.
     """
     B, H, NQ, D = query.shape
     sh = view.shared
@@ -626,8 +495,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     qk_scale = float(scaling) * LOG2E
     cos, sin = sh.cos, sh.sin
 
-    shared_kernel = {"t": _shared_part_kernel_t, "n": _shared_part_kernel}[variant]
-    LAST_LAUNCH["shared"] = shared_kernel[(n_items, Hkv, n_splits)](
+    LAST_LAUNCH["shared"] = _shared_part_kernel[(n_items, Hkv, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
@@ -640,7 +508,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
-        DOT_PREC=prec, UPCAST=interp, **({"UV_NATURAL": uv_natural, "DC": min(HALF_B, max(16, d_chunk))} if variant == "t" else {}),
+        DOT_PREC=prec, UPCAST=interp, UV_NATURAL=uv_natural, DC=min(HALF_B, max(16, d_chunk)),
         num_warps=num_warps, num_stages=num_stages,
     )
 
