@@ -15,6 +15,15 @@ import triton
 import triton.language as tl
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain integer math: triton.cdiv / next_power_of_2 go through Triton's JIT machinery, ~10 µs a call on the host
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 @triton.jit
 def _gathered_mm_kernel(
     X, s_xm, s_xk,
@@ -123,12 +132,12 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
     bm, (ta, tst, tc, perm) = plan
     n_tiles = ta.numel()
     interp = not x.is_cuda
-    RB = max(16, triton.next_power_of_2(r))
+    RB = max(16, _next_pow2(r))
     # shrink u = x Aᵀ, split over d_in so that a few tiles (decode: one token per row) still fill the GPU
     BLOCK_K = 64 if interp else 128
-    n_split = 2 if interp else max(1, min(triton.cdiv(d_in, BLOCK_K), triton.cdiv(4 * _num_sms(str(dev)), n_tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(d_in, n_split), BLOCK_K) * BLOCK_K
-    n_split = triton.cdiv(d_in, k_per_split)
+    n_split = 2 if interp else max(1, min(_cdiv(d_in, BLOCK_K), _cdiv(4 * _num_sms(str(dev)), n_tiles)))
+    k_per_split = _cdiv(_cdiv(d_in, n_split), BLOCK_K) * BLOCK_K
+    n_split = _cdiv(d_in, k_per_split)
     u_parts = torch.zeros(n_split, Bsz * L, RB, device=dev, dtype=torch.float32)
     _gathered_mm_kernel[(n_tiles, 1, n_split)](
         x2, x2.stride(0), x2.stride(1),
@@ -142,7 +151,7 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
     u = (u_parts.sum(0) if n_split > 1 else u_parts[0]).to(B.dtype)
     # expand out += scale · u Bᵀ
     BLOCK_N = 64 if interp else 128
-    _gathered_mm_kernel[(n_tiles, triton.cdiv(d_out, BLOCK_N), 1)](
+    _gathered_mm_kernel[(n_tiles, _cdiv(d_out, BLOCK_N), 1)](
         u, u.stride(0), u.stride(1),
         B, B.stride(0), B.stride(1), B.stride(2),
         o2, 0, o2.stride(0), o2.stride(1),

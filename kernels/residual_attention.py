@@ -27,6 +27,15 @@ import triton
 import triton.language as tl
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain integer math: triton.cdiv / next_power_of_2 go through Triton's JIT machinery, ~10 µs a call on the host
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 @triton.jit
 def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``tl.dot`` with fp32 accumulation. ``UPCAST`` (the CPU interpreter) feeds it fp32 copies: the interpreter's
@@ -310,7 +319,7 @@ LOG2E = 1.4426950408889634
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, _next_pow2(max(int(n), 1)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -466,9 +475,9 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
 
     if n_splits is None:
         target = programs_per_sm * _num_sms(str(dev))
-        n_splits = max(1, min(triton.cdiv(T, BLOCK_T), triton.cdiv(target, n_items * Hkv)))
-    split_len = triton.cdiv(triton.cdiv(T, n_splits), BLOCK_T) * BLOCK_T
-    n_splits = triton.cdiv(T, split_len)
+        n_splits = max(1, min(_cdiv(T, BLOCK_T), _cdiv(target, n_items * Hkv)))
+    split_len = _cdiv(_cdiv(T, n_splits), BLOCK_T) * BLOCK_T
+    n_splits = _cdiv(T, split_len)
 
     mask = _kv_mask(attention_mask, B, NQ, T, P)
     has_mask = mask is not None
@@ -516,7 +525,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     row_vslot = _row_slots(v_slots, str(dev)) if has_v else slot_row
     BLOCK_M2 = _pow2(G * min(NQ, max(1, 64 // G)))
     qpb2 = max(1, BLOCK_M2 // G)
-    LAST_LAUNCH["merge"] = _private_merge_kernel[(B, Hkv, triton.cdiv(NQ, qpb2))](
+    LAST_LAUNCH["merge"] = _private_merge_kernel[(B, Hkv, _cdiv(NQ, qpb2))](
         q, q.stride(0), q.stride(1), q.stride(2),
         kp, kp.stride(0), kp.stride(1), kp.stride(2),
         vp, vp.stride(0), vp.stride(1), vp.stride(2),
