@@ -15,6 +15,7 @@ from .lora_factors import BASE_ADAPTER
 from .reference import reference_attention
 from .residual_attention import residual_attention, residual_attention_torch
 from .shared_context import SharedContext
+from .store import ForkKVStore
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "CACHE_KWARG",
     "ForkKVCache",
     "ForkKVLayer",
+    "ForkKVStore",
     "ForkKVView",
     "MemoryReport",
     "SharedContext",
