@@ -180,9 +180,20 @@ def _bias_rows(slots: tuple, stack: StackedLoRA, device) -> torch.Tensor:
 
 
 def _lora_linears(model: nn.Module):
+    """The LoRA ``Linear`` layers of ``model``. The walk does not descend into LoRA layers: with hundreds of adapters
+    their ``lora_A``/``lora_B`` children are most of the module tree (this runs before every ``generate``)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
 
-    return [m for m in transformers_model(model).modules() if isinstance(m, LoraLinear)]
+    found, stack = [], [transformers_model(model)]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, LoraLayer):
+            if isinstance(m, LoraLinear):
+                found.append(m)
+            continue
+        stack.extend(m._modules.values())
+    return [m for m in found if m is not None]
 
 
 def patch_lora_layers(model: nn.Module) -> None:
