@@ -11,8 +11,8 @@ tokens, a 64-token prompt per agent, 128 generated tokens per agent (``min_new_t
 For each (T, N): time to first token (the whole batch's first token, prefill included), decode tokens/s, total time,
 peak GPU memory (``max_memory_allocated``) and cache bytes. Capacity: under a memory budget (``--budget-gib``,
 enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
-derived from that line, and that N is run (and must fit) to report its throughput. A ``torch.profiler`` trace of
-ForkKV decode steps says where the time goes. JSON with the device and versions.
+derived from that line, and that N is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
+of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes. JSON with the device and versions.
 
     python eval/bench_e2e.py [--contexts 4096 16384 32768] [--agents 1 4 8] [--forkkv-agents 1 4 8 32 128]
 """
@@ -56,6 +56,11 @@ def _free():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _peak():
@@ -114,52 +119,71 @@ def run_one(pm, system, ctx, prompts, names, new_tokens):
     return rec
 
 
-def profile_decode(pm, ctx, prompts, names, steps=4):
-    """Where ForkKV's decode time goes: CUDA time by kernel family, and the CPU (Python) share of the step."""
+def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True):
+    """Wall time, kernel time by family and CPU time of the ops of one ``generate`` of ``new_tokens`` tokens
+    (without ``profiled``: wall time only, free of the profiler's own overhead)."""
+    import contextlib
+
     from torch.profiler import ProfilerActivity, profile
 
     import forkkv_hf
     from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
 
-    forkkv_hf.enable_forkkv(pm)
-    dev = ctx.device
-    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
-    with torch.no_grad():
-        shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
-        cache = shared.fork(names)
-        out = pm(**inputs, adapter_names=names, use_cache=True, **cache_kwargs(cache))
-        nxt = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        pm(input_ids=nxt, attention_mask=mask, adapter_names=names, use_cache=True, **cache_kwargs(cache))
-        torch.cuda.synchronize()
-        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-                pm(input_ids=nxt, attention_mask=mask, adapter_names=names, use_cache=True, **cache_kwargs(cache))
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     fams = {"forkkv attention kernels": ("_shared_part", "_private_merge"), "batched LoRA kernels": ("_gathered_mm",),
-            "GEMM (base weights)": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
-            "elementwise/other": ()}
-    totals = {k: 0.0 for k in fams}
-    top = []
+            "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
+            "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"), "elementwise/other": ()}
+    with torch.no_grad():
+        if system == "forkkv":
+            forkkv_hf.enable_forkkv(pm)
+        else:
+            forkkv_hf.disable_forkkv(pm)
+        _sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
+            t0 = time.perf_counter()
+            if system == "forkkv":
+                shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+                pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(shared.fork(names)))
+            else:
+                pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
+            _sync()
+            wall = time.perf_counter() - t0
+    gpu = {k: 0.0 for k in fams}
+    cpu = {}
+    if not profiled:
+        return wall, gpu, cpu
     for ev in prof.key_averages():
-        cuda_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if not cuda_us or ev.key.startswith("ProfilerStep"):
-            continue
-        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
-            continue
-        top.append((cuda_us, ev.key))
-        fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "elementwise/other")
-        totals[fam] += cuda_us
-    top.sort(reverse=True)
-    gpu = sum(totals.values()) / steps / 1e6
-    return {"rows": len(names), "context": ctx.numel(), "step_wall_s": wall, "gpu_busy_s": gpu,
-            "cpu_overhead_share": max(0.0, 1 - gpu / wall),
-            "gpu_s_by_family": {k: v / steps / 1e6 for k, v in totals.items()},
-            "top_kernels": [{"name": n[:80], "s_per_step": us / steps / 1e6} for us, n in top[:12]]}
+        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        is_kernel = getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
+        if is_kernel and dev_us:
+            fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "elementwise/other")
+            gpu[fam] += dev_us / 1e6
+        elif not is_kernel:
+            cpu[ev.key] = (ev.self_cpu_time_total / 1e6, ev.count)
+    return wall, gpu, cpu
+
+
+def profile_decode(pm, system, ctx, prompts, names, steps=8):
+    """Where one decode step of ``generate`` spends its time, with nothing but decode steps counted: two profiled
+    generates of 1 and 1 + ``steps`` tokens; the differences (wall, kernel time by family, CPU time of the top ops)
+    divided by ``steps``. The wall time of a step comes from the same two generates run without the profiler.
+    ``cpu_overhead_share`` = 1 - GPU-busy time / wall time of a step: the share of the step that the GPU waits for
+    Python (``generate``, the model's modules, PEFT, ForkKV's dispatch) to launch work."""
+    _, g1, c1 = _profiled_generate(pm, system, ctx, prompts, names, 1)
+    _, g2, c2 = _profiled_generate(pm, system, ctx, prompts, names, 1 + steps)
+    w1 = _profiled_generate(pm, system, ctx, prompts, names, 1, profiled=False)[0]
+    w2 = _profiled_generate(pm, system, ctx, prompts, names, 1 + steps, profiled=False)[0]
+    wall = (w2 - w1) / steps
+    gpu = {k: max(0.0, (g2[k] - g1[k]) / steps) for k in g2}
+    busy = sum(gpu.values())
+    ops = {k: ((t - c1.get(k, (0, 0))[0]) / steps, (n - c1.get(k, (0, 0))[1]) / steps) for k, (t, n) in c2.items()}
+    top_cpu = sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"system": system, "rows": len(names), "context": ctx.numel(), "steps": steps, "step_wall_s": wall,
+            "gpu_busy_s": busy, "cpu_overhead_share": max(0.0, 1 - busy / wall) if wall > 0 else None,
+            "gpu_s_by_family": gpu,
+            "top_cpu_ops": [{"op": k[:80], "self_cpu_s_per_step": t, "calls_per_step": n} for k, (t, n) in top_cpu]}
 
 
 def main(argv=None):
@@ -175,6 +199,10 @@ def main(argv=None):
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this script")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", default=None,
+                    help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds: start no new case after this (the JSON is saved after each case; --resume it)")
     args = ap.parse_args(argv)
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -194,6 +222,17 @@ def main(argv=None):
     rows = []
     capacity = {}
     profile = None
+    if args.resume and Path(args.resume).exists():
+        old = json.loads(Path(args.resume).read_text())
+        if old["device"].get("gpu") == info.get("gpu") and old["new_tokens"] == args.new_tokens:
+            rows, capacity, profile = old["rows"], old.get("capacity") or {}, old.get("profile")
+            print(f"resumed {len(rows)} cases from {args.resume}", flush=True)
+        else:
+            print(f"not resuming {args.resume}: another device or another number of new tokens", flush=True)
+    started = time.time()
+
+    def out_of_time():
+        return args.time_limit is not None and time.time() - started > args.time_limit
     out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_e2e_{slug(info.get('gpu', 'cpu'))}.json"
 
     def save():
@@ -206,6 +245,11 @@ def main(argv=None):
         out_path.write_text(json.dumps(result, indent=1))
 
     def case(system, T, N):
+        done = next((r for r in rows if (r["system"], r["context"], r["agents"]) == (system, T, N)), None)
+        if done is not None:
+            return done
+        if out_of_time():
+            return {"skipped": True}
         ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
         prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
         rec = {"system": system, "context": T, "agents": N}
@@ -231,8 +275,11 @@ def main(argv=None):
     # capacity under the budget, at one context: peak(N) is linear in N; fit it on the measured runs, run the max N
     T = args.capacity_context
     for system in ("baseline", "forkkv"):
-        pts = [(r["agents"], r["peak_gib"]) for r in rows
-               if r["system"] == system and r["context"] == T and not r.get("oom")]
+        if system in capacity or out_of_time():
+            continue
+        listed = args.agents if system == "baseline" else args.forkkv_agents
+        pts = sorted((r["agents"], r["peak_gib"]) for r in rows if r["system"] == system and r["context"] == T
+                     and r["agents"] in listed and not r.get("oom"))
         if len(pts) < 2:
             continue
         (n1, p1), (n2, p2) = pts[-2], pts[-1]
@@ -242,26 +289,39 @@ def main(argv=None):
         if n_cap > n_max:  # agents are distinct adapters: no more agents than adapters built
             cap["limited_by_adapters_built"] = n_max
             n_cap = n_max
+        finished = True
         while n_cap > n2:
             rec = case(system, T, n_cap)
+            if rec.get("skipped"):
+                finished = False
+                break
             if not rec.get("oom"):
                 break
             n_cap = int(n_cap * 0.9)
-        cap["max_agents_run"] = n_cap
+        if not finished:
+            continue
+        cap["max_agents_run"] = max(n_cap, n2)
         capacity[system] = cap
         print(json.dumps({"capacity": system, **cap}), flush=True)
         save()
 
-    if not args.no_profile and dev == "cuda":
+    if not args.no_profile and not profile and not out_of_time():
+        profile = []
         T = args.capacity_context
-        N = 32
-        ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
-        prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
-        try:
-            profile = profile_decode(pm, ctx, prompts, names_all[:N])
-        except Exception as e:  # noqa: BLE001 - keep the measurements even if the profiler fails
-            profile = {"error": repr(e)[:500]}
-        print(json.dumps({"profile": profile}), flush=True)
+        for system, N in ((("forkkv", 32), ("forkkv", 1), ("baseline", 1)) if not args.tiny else (("forkkv", 2),)):
+            ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
+            prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
+            try:
+                p = profile_decode(pm, system, ctx, prompts, names_all[:N])
+            except Exception as e:  # noqa: BLE001 - keep the measurements even if the profiler fails
+                p = {"system": system, "rows": N, "error": repr(e)[:500]}
+                from forkkv_hf.peft_integration import remove_stale_peft_hooks
+
+                remove_stale_peft_hooks(pm)
+            _free()
+            profile.append(p)
+            print(json.dumps({"profile": p}), flush=True)
+            save()
     save()
     print("wrote", out_path)
 

@@ -63,6 +63,15 @@ def main(argv=None):
     print(f"model + {n_max} adapters built in {time.time() - t0:.0f} s; "
           f"{torch.cuda.memory_allocated() / 2**30 if dev == 'cuda' else 0:.1f} GiB allocated", flush=True)
     rows = []
+    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_lora_{slug(info.get('gpu', 'gpu'))}.json"
+
+    def save(rows, check, summary):  # after every case: a run cut short keeps what it measured
+        result = {"benchmark": "bench_lora", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
+                  "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
+                            "dtype": str(dtype), "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                  "check": check, "rows": rows, "summary": summary}
+        out_path.write_text(json.dumps(result, indent=1))
+
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
     # correctness at real size: batched logits vs PEFT's loop on a mixed batch (distinct adapters + a __base__ row)
@@ -113,6 +122,7 @@ def main(argv=None):
                 rec["generate_tok_s"] = N * (n - 1) / max(t_total - t_prefill, 1e-9)
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
+                save(rows, check, [])
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     disable_batched_lora(pm)
@@ -129,13 +139,8 @@ def main(argv=None):
             s["speedup_vs_peft"] = s["peft_distinct_s"] / s["batched_distinct_s"]
         summary.append(s)
         print(json.dumps(s), flush=True)
-    result = {"benchmark": "bench_lora", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
-              "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
-                        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-              "check": check, "rows": rows, "summary": summary}
-    out = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_lora_{slug(info.get('gpu', 'gpu'))}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
+    save(rows, check, summary)
+    print("wrote", out_path)
 
 
 if __name__ == "__main__":

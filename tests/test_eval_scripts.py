@@ -32,3 +32,6 @@ def test_bench_e2e_tiny(tmp_path):
     assert all(r["new_tokens"] == 3 for r in res["rows"])
     assert all(r["cache_gib"] > 0 and r["decode_tok_s"] > 0 for r in res["rows"])
     assert set(res["capacity"]) == {"baseline", "forkkv"}
+    (prof,) = res["profile"]
+    assert "error" not in prof, prof
+    assert prof["step_wall_s"] > 0 and prof["top_cpu_ops"]
