@@ -6,8 +6,12 @@ Same result as :func:`forkkv_hf.reference.reference_attention`, computed the way
 - the V residual is never expanded: ``P·V_row = P·V_base + (P·u_v) B_vᵀ``, applied once after the softmax;
 - the shared context and the private part are merged with an online (flash-style) softmax.
 
-On CUDA, :func:`residual_attention` dispatches to the Triton kernels of ``forkkv_kernels`` when they are installed
-and support the shapes; elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
+On CUDA, :func:`residual_attention` dispatches decode-like calls (few queries per row) to the Triton kernels of
+``forkkv_kernels`` when they are installed, and prompt-like calls (``>= EXTEND_SDPA_MIN_QUERIES`` queries per row:
+the agents' prompts after the shared context) to :func:`residual_attention_sdpa`, which rebuilds a few rows' K/V
+at a time and runs PyTorch's fused SDPA on them: prompts are compute-bound, so the few bytes saved by not
+materialising a row's K/V for one call are worth less than the tensor-core efficiency of a mature attention kernel.
+Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from .rope import apply_rope
 
 #: elements of fp32 working memory one chunk of the PyTorch path may use (per tensor)
 CHUNK_ELEMENTS = 1 << 24
+#: on CUDA, calls with at least this many queries per row take the materialise-and-SDPA path
+EXTEND_SDPA_MIN_QUERIES = 16
+#: bytes of rebuilt K/V (and fp32 residual scratch) the SDPA path may hold at once
+SDPA_WORKSPACE_BYTES = 1 << 30
 
 
 def _chunk_len(B: int, Hkv: int, G: int, Q: int, D: int, T: int) -> int:
@@ -129,6 +137,64 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
     return out.permute(0, 3, 1, 2, 4).reshape(B, Q, H, D).to(query.dtype)
 
 
+def residual_attention_sdpa(query: torch.Tensor, view, attention_mask, scaling: float,
+                            workspace_bytes: int | None = None) -> torch.Tensor:
+    """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through
+    ``torch.nn.functional.scaled_dot_product_attention``: a group of rows at a time (as many as fit
+    ``workspace_bytes``), each row's K/V is rebuilt (``K_base + RoPE(B_k u_k)`` and ``V_base + B_v u_v``, the residual
+    in fp32, then rounded once to the cache dtype) and concatenated with its private K/V; GQA without repeating K/V
+    (a KV head's ``G`` query heads become ``G·Q`` queries). Returns ``[B, Q, H, D]`` in the query's dtype."""
+    B, H, Q, D = query.shape
+    sh = view.shared
+    _, Hkv, T, _ = sh.key.shape
+    G = H // Hkv
+    P = view.private_len
+    dev, dtype = query.device, query.dtype
+    mask, additive = kv_mask(attention_mask, B, Q, T, P, dev)
+    if mask is None:
+        allowed = torch.ones(Q, T + P, dtype=torch.bool, device=dev)
+        allowed[:, T:] = causal_private_mask(Q, P, dev)
+        mask = allowed.expand(B, Q, T + P)
+    elif additive:
+        mask = mask.to(dtype)
+    k_rows = view.k_rows if sh.k_res is not None and view.k_rows is not None else None
+    v_rows = view.v_rows if sh.v_res is not None and view.v_rows is not None else None
+    elem = query.element_size()
+    per_row = 2 * (T + P) * Hkv * D * elem + T * Hkv * D * 4 + G * Q * (T + P) * mask.element_size()
+    group = max(1, (workspace_bytes or SDPA_WORKSPACE_BYTES) // per_row)
+    q = query.reshape(B, Hkv, G * Q, D)  # head h = kv * G + g: a KV head's queries are contiguous
+    out = torch.empty(B, Q, H, D, device=dev, dtype=dtype)
+    for b0 in range(0, B, group):
+        b1 = min(B, b0 + group)
+        n = b1 - b0
+        K = sh.key.expand(n, Hkv, T, D)
+        V = sh.value.expand(n, Hkv, T, D)
+        if k_rows is not None and bool((k_rows[b0:b1] >= 0).any()):
+            K = K + _rows_residual(sh.k_res, k_rows[b0:b1], Hkv, D, rope=(sh.cos, sh.sin)).to(dtype)
+        if v_rows is not None and bool((v_rows[b0:b1] >= 0).any()):
+            V = V + _rows_residual(sh.v_res, v_rows[b0:b1], Hkv, D).to(dtype)
+        if P:
+            K = torch.cat([K, view.key[b0:b1]], dim=2)
+            V = torch.cat([V, view.value[b0:b1]], dim=2)
+        m = mask[b0:b1, None, None].expand(n, 1, G, Q, T + P).reshape(n, 1, G * Q, T + P)
+        o = torch.nn.functional.scaled_dot_product_attention(q[b0:b1], K, V, attn_mask=m, scale=scaling)
+        out[b0:b1] = o.view(n, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(n, Q, H, D)
+    return out
+
+
+def _rows_residual(res, rows: torch.Tensor, Hkv: int, D: int, rope=None) -> torch.Tensor:
+    """``[n, H_kv, T, D]`` fp32 residual ``B[s] u[s]`` of each row's slot ``s`` (zero where ``s`` is -1), rotated
+    with ``rope = (cos, sin)`` when given."""
+    slots = rows.clamp(min=0)
+    u = res.u[slots].float()  # [n, T, r]
+    r = torch.bmm(u, res.B[slots].float().transpose(1, 2))  # [n, T, H_kv * D]
+    r = r * (rows >= 0).float()[:, None, None]
+    r = r.view(rows.numel(), -1, Hkv, D).transpose(1, 2)
+    if rope is not None:
+        r = apply_rope(r, rope[0].float(), rope[1].float())
+    return r
+
+
 def _triton_ready(query: torch.Tensor) -> bool:
     if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False
@@ -141,15 +207,23 @@ def _triton_ready(query: torch.Tensor) -> bool:
 
 def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
                        softcap: float | None = None) -> torch.Tensor:
-    """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"torch"`` (:func:`residual_attention_torch`)
-    or ``"auto"`` (Triton on CUDA when available, else PyTorch). Set ``FORKKV_BACKEND`` to override ``"auto"``.
-    Soft-capped attention (``softcap``) always takes the PyTorch path."""
+    """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"sdpa"`` (:func:`residual_attention_sdpa`),
+    ``"torch"`` (:func:`residual_attention_torch`) or ``"auto"``: on CUDA, SDPA for prompt-like calls (at least
+    ``EXTEND_SDPA_MIN_QUERIES`` queries per row) and Triton for the rest when installed; PyTorch elsewhere. Set
+    ``FORKKV_BACKEND`` to override ``"auto"``. Soft-capped attention (``softcap``) always takes the PyTorch path."""
     if backend == "auto":
         backend = os.environ.get("FORKKV_BACKEND", "auto")
     if backend == "auto":
-        backend = "triton" if query.is_cuda and _triton_ready(query) else "torch"
+        if not query.is_cuda:
+            backend = "torch"
+        elif query.shape[2] >= EXTEND_SDPA_MIN_QUERIES:
+            backend = "sdpa"
+        else:
+            backend = "triton" if _triton_ready(query) else "torch"
     if backend == "torch" or softcap is not None:
         return residual_attention_torch(query, view, attention_mask, scaling, softcap=softcap)
+    if backend == "sdpa":
+        return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
         from forkkv_kernels import residual_attention_triton
 

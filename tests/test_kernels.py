@@ -119,6 +119,34 @@ def test_generate_with_triton_backend_equals_torch(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_generate_long_prompts_all_backends_agree(monkeypatch):
+    """Prompts of 16+ tokens: ``auto`` (on CUDA: SDPA for the prompts, Triton for decode), ``sdpa`` and ``triton``
+    give the PyTorch path's greedy tokens."""
+    import forkkv_hf
+    from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
+    from models import tiny_llama, with_adapters
+
+    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=7),
+                       {"planner": dict(r=4), "coder": dict(r=8, lora_alpha=8)}).to(DEV)
+    forkkv_hf.enable_forkkv(pm)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randint(3, 128, (33,), generator=g)
+    names = ["planner", "coder", "__base__", "coder"]
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (16, 21, 18, 17)]
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=DEV)
+    outs = {}
+    for backend in ("torch", "sdpa", "triton", "auto"):
+        monkeypatch.setenv("FORKKV_BACKEND", backend)
+        cache = ForkKVCache.from_context(pm, ctx.to(DEV), adapter_names=names)
+        outs[backend] = pm.generate(**inputs, adapter_names=names, max_new_tokens=4, do_sample=False,
+                                    pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                    **cache_kwargs(cache))
+    for backend in ("sdpa", "triton", "auto"):
+        assert torch.equal(outs["torch"].sequences, outs[backend].sequences), backend
+        for a, b in zip(outs["torch"].scores, outs[backend].scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=backend)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("T,N,Q", [(4096, 8, 1), (2053, 5, 1), (1500, 4, 17)], ids=["T4096-N8", "T2053-N5", "T1500-Q17"])

@@ -1,10 +1,13 @@
-"""The chunked PyTorch ResidualAttention equals the materialising fp32 reference."""
+"""The chunked PyTorch ResidualAttention and the rebuild-and-SDPA path equal the materialising fp32 reference."""
 
 import pytest
 import torch
 
-from forkkv_hf import reference_attention, residual_attention_torch
 import importlib
+from functools import partial
+
+from forkkv_hf import reference_attention, residual_attention_torch
+from forkkv_hf.residual_attention import residual_attention, residual_attention_sdpa
 
 ra_mod = importlib.import_module("forkkv_hf.residual_attention")
 from views import padding_mask, random_view
@@ -27,22 +30,28 @@ def _query(view, H, Q, dtype, seed=1):
     return torch.randn(view.batch_size, H, Q, view.shared.key.shape[-1], generator=g).to(dtype)
 
 
+PATHS = {"torch": residual_attention_torch, "sdpa": residual_attention_sdpa,
+         "sdpa-1row-groups": partial(residual_attention_sdpa, workspace_bytes=1)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name,kw,H,Q", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("masked", [False, True], ids=["implicit-causal", "padding-mask"])
-def test_torch_path_matches_reference_fp32(name, kw, H, Q, masked):
+def test_paths_match_reference_fp32(name, kw, H, Q, masked, path):
     view = random_view(**kw)
     q = _query(view, H, Q, torch.float32)
     T, P, B = view.shared_len, view.private_len, view.batch_size
     mask = padding_mask(B, Q, T, P, [b % max(1, P - Q + 1) for b in range(B)]) if masked else None
     scale = q.shape[-1] ** -0.5
     ref = reference_attention(q, view, mask, scale)
-    out = residual_attention_torch(q, view, mask, scale)
+    out = PATHS[path](q, view, mask, scale)
     assert out.shape == (B, Q, H, q.shape[-1])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["torch", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_torch_path_low_precision(dtype):
+def test_paths_low_precision(dtype, path):
     """Error against the fp32 reference at most 3x that of the same computation done by PyTorch in the low dtype
     (flash-attention's pass rule): here, SDPA over the materialised rows rounded to the low dtype."""
     from forkkv_hf.reference import materialize_kv
@@ -53,7 +62,7 @@ def test_torch_path_low_precision(dtype):
     q = q32.to(dtype)
     scale = 32**-0.5
     ref = reference_attention(q32, view, None, scale)  # fp32 math on the low-precision inputs
-    out = residual_attention_torch(q, view, None, scale).float()
+    out = PATHS[path](q, view, None, scale).float()
     K, V = materialize_kv(view)
     Kd, Vd = K.to(dtype).repeat_interleave(2, 1), V.to(dtype).repeat_interleave(2, 1)
     T, P = view.shared_len, view.private_len
@@ -90,6 +99,20 @@ def test_additive_float_mask_equals_bool_mask():
     q = _query(view, 4, 2, torch.float32)
     bool_mask = padding_mask(3, 2, 21, 5, [0, 1, 2])
     float_mask = torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
-    a = residual_attention_torch(q, view, bool_mask, 0.25)
-    b = residual_attention_torch(q, view, float_mask, 0.25)
-    torch.testing.assert_close(a, b)
+    for path in ("torch", "sdpa"):
+        a = PATHS[path](q, view, bool_mask, 0.25)
+        b = PATHS[path](q, view, float_mask, 0.25)
+        torch.testing.assert_close(a, b)
+
+
+def test_dispatch(monkeypatch):
+    """``auto`` takes PyTorch on CPU; ``FORKKV_BACKEND`` and ``backend=`` select a path; unknown names are refused."""
+    view = random_view(B=2, T=20, P=17)
+    q = _query(view, 4, 17, torch.float32)
+    ref = reference_attention(q, view, None, 0.25)
+    for backend in ("auto", "torch", "sdpa"):
+        torch.testing.assert_close(residual_attention(q, view, None, 0.25, backend=backend), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FORKKV_BACKEND", "sdpa")
+    torch.testing.assert_close(residual_attention(q, view, None, 0.25), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown ForkKV attention backend"):
+        residual_attention(q, view, None, 0.25, backend="flash")
