@@ -62,11 +62,25 @@ def available_adapters(model: nn.Module) -> list[str]:
     return list(config.keys())
 
 
+def _modules_outside_lora(root: nn.Module):
+    """``root``'s modules in ``named_modules`` order, without the insides of PEFT tuner layers: with hundreds of
+    adapters their per-adapter ``lora_A``/``lora_B`` children are most of the module tree (tens of thousands), and
+    this walk runs at every build and before every ``generate``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        yield m
+        if not isinstance(m, BaseTunerLayer):
+            stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
+
+
 def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """Map ``layer_idx`` to the self-attention module of each decoder layer (separate ``k_proj``/``v_proj``, or a
     fused ``qkv_proj`` as in Phi-3)."""
     found: dict[int, nn.Module] = {}
-    for name, module in transformers_model(model).named_modules():
+    for module in _modules_outside_lora(transformers_model(model)):
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None or isinstance(module, nn.Linear):
             continue

@@ -360,7 +360,7 @@ class SharedContext:
         del kv_cache
         return cls(
             layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S,
-            adapter_states={a: adapter_state(model, a) for a in adapters},
+            adapter_states=adapter_states(model, adapters),
         )
 
     # ------------------------------------------------------------------ adapters
@@ -392,8 +392,10 @@ class SharedContext:
     def check_adapters_unchanged(self, model: nn.Module, names=None) -> None:
         """Raise if an adapter's K/V LoRA weights changed (or were reloaded) since its residuals were computed:
         serving them would be silently wrong."""
-        for name in self.adapters if names is None else names:
-            if name in self.adapter_states and adapter_state(model, name) != self.adapter_states[name]:
+        names = [n for n in (self.adapters if names is None else names) if n in self.adapter_states]
+        now = adapter_states(model, names)
+        for name in names:
+            if now[name] != self.adapter_states[name]:
                 raise ValueError(
                     f"adapter {name!r} changed since this shared context computed its residuals (its weights were "
                     "written or reloaded); build a new SharedContext (or use ForkKVStore, which keys residuals by "
@@ -458,17 +460,28 @@ class SharedContext:
         )
 
 
-def adapter_state(model: nn.Module, name: str) -> tuple:
-    """Identity and in-place version of ``name``'s LoRA tensors on the K/V projections: changes when the adapter is
-    written to, reloaded or replaced (cheap: a few attribute reads per layer)."""
-    state = []
+def adapter_states(model: nn.Module, names) -> dict[str, tuple]:
+    """For each adapter in ``names``: identity and in-place version of its LoRA tensors on the K/V projections,
+    which change when the adapter is written to, reloaded or replaced (a few attribute reads per layer; one walk
+    of the model for all names)."""
+    names = list(names)
+    states: dict[str, list] = {n: [] for n in names}
     for idx, attn in sorted(find_attention_modules(model).items()):
         for mod in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None), getattr(attn, "qkv_proj", None)):
             layer = None if mod is None else lora_layer_of(mod, f"layer {idx}")
-            if layer is not None and name in layer.lora_A:
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                state.append((a.data_ptr(), a._version, b.data_ptr(), b._version, float(layer.scaling[name])))
-    return tuple(state)
+            if layer is None:
+                continue
+            for name in names:
+                if name in layer.lora_A:
+                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                    states[name].append((a.data_ptr(), a._version, b.data_ptr(), b._version,
+                                         float(layer.scaling[name])))
+    return {n: tuple(s) for n, s in states.items()}
+
+
+def adapter_state(model: nn.Module, name: str) -> tuple:
+    """:func:`adapter_states` of one adapter."""
+    return adapter_states(model, [name])[name]
 
 
 def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):

@@ -52,7 +52,7 @@ from .lora_factors import (
     is_peft_model,
     transformers_model,
 )
-from .shared_context import Residual, SharedContext, _as_context_ids, adapter_state
+from .shared_context import Residual, SharedContext, _as_context_ids, adapter_states
 
 # ---------------------------------------------------------------------------------------------------------------------
 # fingerprints
@@ -571,7 +571,7 @@ class ForkKVStore:
             for l, (t, (k, v, c, s)) in enumerate(zip(template.layers, base_layers))
         ]
         # the adapters' current K/V LoRA state: generate refuses the cache if they change before it runs
-        states = {a: adapter_state(self.model, a) for a in names}
+        states = adapter_states(self.model, names)
         shared = dataclasses.replace(template, layers=layers, token_ids=ids, adapters=tuple(names), start=0,
                                      adapter_states=states)
         try:
