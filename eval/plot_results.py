@@ -75,7 +75,8 @@ def plot_lora(path, res):
 def plot_e2e(path, res):
     rows = [r for r in res["rows"] if not r.get("oom")]
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    cap = res.get("capacity") or {}
+    fig, axes = plt.subplots(1, 3 if len(cap) == 2 else 2, figsize=(15 if len(cap) == 2 else 10, 3.8))
     for T in contexts:
         for system, style in (("baseline", "s--"), ("forkkv", "o-")):
             rs = sorted((r for r in rows if r["system"] == system and r["context"] == T), key=lambda r: r["agents"])
@@ -85,6 +86,23 @@ def plot_e2e(path, res):
             label = f"{'PEFT + DynamicCache' if system == 'baseline' else 'forkkv'}, {T // 1024}K"
             axes[0].plot(n, [r["decode_tok_s"] for r in rs], style, label=label)
             axes[1].plot(n, [r["peak_gib"] for r in rs], style, label=label)
+    axes[0].set_yscale("log")
+    axes[1].axhline(res["budget_gib"], color="gray", lw=0.8, ls=":", label=f"budget {res['budget_gib']:.0f} GiB")
+    if len(cap) == 2:
+        ax = axes[2]
+        at = {s: next(r for r in rows if r["system"] == s and r["context"] == c["context"]
+                      and r["agents"] == c["max_agents_run"]) for s, c in cap.items()}
+        names = ["baseline", "forkkv"]
+        bars = ax.bar([0, 1], [cap[s]["max_agents_run"] for s in names], color=["tab:gray", "tab:blue"])
+        for b, s in zip(bars, names):
+            ax.annotate(f"{cap[s]['max_agents_run']} agents\n{at[s]['decode_tok_s']:.0f} tok/s",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([0, 1], ["PEFT + DynamicCache", "forkkv"])
+        ax.set_ylabel("agents that fit")
+        ax.set_yscale("log")
+        ax.set_ylim(1, max(c["max_agents_run"] for c in cap.values()) * 4)
+        ax.set_title(f"capacity at {cap['forkkv']['context'] // 1024}K context, {res['budget_gib']:.0f} GiB budget",
+                     fontsize=9)
     for ax, yl in zip(axes, ("decode tokens/s (all agents)", "peak GPU memory, GiB")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("agents")
