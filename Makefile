@@ -42,7 +42,7 @@ demo: install-demo
 	$(BIN)/python examples/demo.py
 
 ## all CPU tests, on the newest transformers and on 5.17 (the GPU machine's version)
-test: install
+test: install-eval
 	$(BIN)/python -m pytest -q tests
 	PYTHONPATH=$(TF_OLD_DIR) $(BIN)/python -m pytest -q tests
 

@@ -119,7 +119,7 @@ def run_one(pm, system, ctx, prompts, names, new_tokens):
     return rec
 
 
-def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True):
+def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True, shared=None):
     """Wall time, kernel time by family and CPU time of the ops of one ``generate`` of ``new_tokens`` tokens
     (without ``profiled``: wall time only, free of the profiler's own overhead)."""
     import contextlib
@@ -144,7 +144,7 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
         with (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
             t0 = time.perf_counter()
             if system == "forkkv":
-                shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+                shared = shared or SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
                 pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(shared.fork(names)))
             else:
                 pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
@@ -165,16 +165,24 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
     return wall, gpu, cpu
 
 
-def profile_decode(pm, system, ctx, prompts, names, steps=8):
+def profile_decode(pm, system, ctx, prompts, names, steps=16):
     """Where one decode step of ``generate`` spends its time, with nothing but decode steps counted: two profiled
     generates of 1 and 1 + ``steps`` tokens; the differences (wall, kernel time by family, CPU time of the top ops)
     divided by ``steps``. The wall time of a step comes from the same two generates run without the profiler.
     ``cpu_overhead_share`` = 1 - GPU-busy time / wall time of a step: the share of the step that the GPU waits for
     Python (``generate``, the model's modules, PEFT, ForkKV's dispatch) to launch work."""
-    _, g1, c1 = _profiled_generate(pm, system, ctx, prompts, names, 1)
-    _, g2, c2 = _profiled_generate(pm, system, ctx, prompts, names, 1 + steps)
-    w1 = _profiled_generate(pm, system, ctx, prompts, names, 1, profiled=False)[0]
-    w2 = _profiled_generate(pm, system, ctx, prompts, names, 1 + steps, profiled=False)[0]
+    shared = None
+    if system == "forkkv":  # one base pass for all four generates: only the generates differ
+        import forkkv_hf
+        from forkkv_hf import SharedContext
+
+        forkkv_hf.enable_forkkv(pm)
+        with torch.no_grad():
+            shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+    run = lambda n, p: _profiled_generate(pm, system, ctx, prompts, names, n, profiled=p, shared=shared)  # noqa: E731
+    _, g1, c1 = run(1, True)
+    _, g2, c2 = run(1 + steps, True)
+    w1, w2 = run(1, False)[0], run(1 + steps, False)[0]
     wall = (w2 - w1) / steps
     gpu = {k: max(0.0, (g2[k] - g1[k]) / steps) for k in g2}
     busy = sum(gpu.values())

@@ -330,6 +330,7 @@ class SharedContext:
             for h in handles:
                 h.remove()
 
+        rope_buffers = _dedupe_rope(rope_buffers)
         layers = []
         for idx in range(len(attn_modules)):
             cap = captures[idx]
@@ -458,6 +459,22 @@ class SharedContext:
             f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
             f"base={self.base_bytes() / 2**20:.1f} MiB)"
         )
+
+
+def _dedupe_rope(buffers: dict) -> dict:
+    """One (cos, sin) table per distinct content and device. Rope groups are told apart by the identity of the
+    position embeddings a layer receives; with a device map (accelerate), each layer on another device than the
+    rotary module receives its own moved copy, which would otherwise keep a table per layer."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out = {}
+    for g, (cos, sin) in buffers.items():
+        same = next((k for k in kept if k[0].device == cos.device and k[0].shape == cos.shape
+                     and k[0].dtype == cos.dtype and torch.equal(k[0], cos) and torch.equal(k[1], sin)), None)
+        if same is None:
+            kept.append((cos, sin))
+            same = kept[-1]
+        out[g] = same
+    return out
 
 
 def adapter_states(model: nn.Module, names) -> dict[str, tuple]:

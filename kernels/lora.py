@@ -119,7 +119,16 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
 
     ``x``: ``[B, L, d_in]``; ``A``: ``[n, r, d_in]``; ``B``: ``[n, d_out, r]``; ``scale``: ``[n]`` fp32; ``out``:
     ``[B, L, d_out]`` contiguous, updated in place and returned. ``slots``: a host tuple (plans are cached by it).
+    Launches on ``x``'s GPU (with a device map, layers live on several GPUs).
     """
+    from .residual_attention import _on_device
+
+    with _on_device(x.device):
+        return _lora_delta_triton(x, slots, A, B, scale, out)
+
+
+def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
     Bsz, L, d_in = x.shape
     n, r, _ = A.shape
     d_out = B.shape[1]

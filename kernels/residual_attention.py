@@ -411,11 +411,19 @@ def _rope_half(shared) -> bool:
     return flag
 
 
-def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
-                              block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
-                              agents_per_item: int | None = 4, num_warps: int = 4,
-                              num_stages: int = 2, programs_per_sm: int = 8,
-                              uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
+def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
+    """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
+    Launches on the query's GPU (with a device map, layers live on several GPUs). ``tuning``: see
+    :func:`_residual_attention_triton`."""
+    with _on_device(query.device):
+        return _residual_attention_triton(query, view, attention_mask, scaling, **tuning)
+
+
+def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
+                               block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
+                               agents_per_item: int | None = 4, num_warps: int = 4,
+                               num_stages: int = 2, programs_per_sm: int = 8,
+                               uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
@@ -540,6 +548,16 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         num_warps=4, num_stages=2,
     )
     return out
+
+
+def _on_device(dev: torch.device):
+    """Launch on the tensors' GPU: with a device map, layers live on several GPUs while the current device stays
+    the first one (Triton launches on the current device)."""
+    import contextlib
+
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=64)
