@@ -33,7 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 
-from common import add_random_adapters, build_model, default_device, device_info, llama8b_config, slug  # noqa: E402
+from common import (  # noqa: E402
+    add_random_adapters,
+    build_model,
+    build_model_split,
+    default_device,
+    device_info,
+    llama8b_config,
+    slug,
+)
 
 PROMPT, NEW, PREFILL_CHUNK = 64, 128, 4096
 
@@ -55,7 +63,8 @@ def _free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
 
 
 def _sync():
@@ -65,6 +74,13 @@ def _sync():
 
 def _peak():
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _peaks_gib() -> list[float]:
+    """Peak memory of every visible GPU (a device-map run spreads over several)."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())]
 
 
 def cache_bytes(cache) -> int:
@@ -111,6 +127,7 @@ def run_one(pm, system, ctx, prompts, names, new_tokens):
         "step_ms_median": 1e3 * sorted(b - a for a, b in zip(timer.times, timer.times[1:]))[(len(timer.times) - 1) // 2]
         if len(timer.times) > 1 else None,
         "peak_gib": _peak() / 2**30,
+        "peak_gib_per_gpu": _peaks_gib(),
         "cache_gib": cache_bytes(cache) / 2**30,
         "new_tokens": out.sequences.shape[1] - inputs["input_ids"].shape[1],
     }
@@ -205,6 +222,10 @@ def main(argv=None):
     ap.add_argument("--adapters", type=int, default=256, help="distinct adapters built (bounds the capacity runs)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-capacity", action="store_true")
+    ap.add_argument("--devices", nargs="+", default=None,
+                    help="split the layers over these devices with accelerate (e.g. cuda:0 cuda:1); the budget is "
+                         "per device")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this script")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", default=None,
@@ -216,14 +237,21 @@ def main(argv=None):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     info = device_info()
     if dev == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total))
+        for i in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(i).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), i)
     t0 = time.time()
-    model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
+    config = llama8b_config(layers=args.layers, tiny=args.tiny)
+    device_map = None
+    if args.devices and len(args.devices) > 1:
+        model, device_map = build_model_split(config, args.devices, dtype=dtype)
+    else:
+        model = build_model(config, dtype=dtype)
     n_max = max(args.agents + args.forkkv_agents + [args.adapters])
     names_all = [f"agent{i}" for i in range(n_max)]
     pm = add_random_adapters(model, names_all, rank=16)
-    weights_gib = (torch.cuda.memory_allocated() / 2**30) if dev == "cuda" else 0.0
+    weights_gib = (sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+                   if dev == "cuda" else 0.0)
     print(f"model + {n_max} adapters: {weights_gib:.1f} GiB, built in {time.time() - t0:.0f} s", flush=True)
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
@@ -241,13 +269,14 @@ def main(argv=None):
 
     def out_of_time():
         return args.time_limit is not None and time.time() - started > args.time_limit
-    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_e2e_{slug(info.get('gpu', 'cpu'))}.json"
+    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_e2e_{slug(info.get('gpu', 'cpu'))}{f'_x{len(args.devices)}' if args.devices and len(args.devices) > 1 else ''}.json"
 
     def save():
         result = {"benchmark": "bench_e2e", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
                   "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
                             "dtype": str(dtype), "lora": "rank 16 on q/k/v/o", "adapters_built": n_max,
-                            "weights_and_adapters_gib": weights_gib},
+                            "weights_and_adapters_gib": weights_gib, "devices": args.devices or [dev],
+                            "device_map": device_map},
                   "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
                   "baseline_prefill_chunk": PREFILL_CHUNK, "rows": rows, "capacity": capacity, "profile": profile}
         out_path.write_text(json.dumps(result, indent=1))
@@ -283,7 +312,7 @@ def main(argv=None):
     # capacity under the budget, at one context: peak(N) is linear in N; fit it on the measured runs, run the max N
     T = args.capacity_context
     for system in ("baseline", "forkkv"):
-        if system in capacity or out_of_time():
+        if args.no_capacity or system in capacity or out_of_time():
             continue
         listed = args.agents if system == "baseline" else args.forkkv_agents
         pts = sorted((r["agents"], r["peak_gib"]) for r in rows if r["system"] == system and r["context"] == T

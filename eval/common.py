@@ -21,7 +21,7 @@ def device_info() -> dict:
             pass
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+        info.update(gpu=p.name, gpu_count=torch.cuda.device_count(), sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     return info
 
@@ -59,6 +59,40 @@ def build_model(config, device=None, dtype=torch.bfloat16):
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()
+
+
+def build_model_split(config, devices, dtype=torch.bfloat16):
+    """A random causal LM whose decoder layers are split in contiguous blocks over ``devices`` (embeddings on the
+    first, final norm and head on the last), dispatched with accelerate's hooks as ``device_map`` loading does.
+    Built on the meta device and materialised on each layer's device (no full copy anywhere). Returns the model
+    and its device map."""
+    import accelerate
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    n = config.num_hidden_layers
+    per = -(-n // len(devices))
+    dm = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
+    dm.update({f"model.layers.{i}": devices[i // per] for i in range(n)})
+    dm.update({"model.norm": devices[-1], "lm_head": devices[-1]})
+    with torch.no_grad():
+        for name, dev in dm.items():
+            module = model.get_submodule(name)
+            if name == "model.rotary_emb":
+                with torch.device(dev):  # its inv_freq is computed, not loaded
+                    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+                continue
+            module.to_empty(device=dev)
+            for pname, p in module.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)  # RMSNorm weights
+                else:
+                    p.normal_(0.0, config.initializer_range)
+    accelerate.dispatch_model(model, device_map=dm, force_hooks=True)
+    return model.eval(), dm
 
 
 def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dtype=None,

@@ -234,7 +234,6 @@ class SharedContext:
         device = next(base.parameters()).device
         ids = ids.to(device)
         rope_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        rope_ptr_to_group: dict[int, int] = {}
         offset = [0]
 
         def u_buffer(lora: ProjectionLoRA | None, like: torch.Tensor):
@@ -296,16 +295,21 @@ class SharedContext:
                         "that passes (cos, sin) to its attention (Llama, Mistral, Qwen2)"
                     )
                 cos, sin = pe
+                if cap.rope_group is None:  # first chunk: join the group whose table holds the same values
+                    n = cos.shape[-2]
+                    cap.rope_group = next(
+                        (g for g, (c, s_) in rope_buffers.items() if c.device == cos.device and c.dtype == cos.dtype
+                         and c.shape[-1] == cos.shape[-1] and torch.equal(c[:n], cos[0]) and torch.equal(s_[:n], sin[0])),
+                        None)
                 if cap.rope_group is None:
-                    cap.rope_group = rope_ptr_to_group.setdefault(cos.data_ptr(), len(rope_ptr_to_group))
-                g = cap.rope_group
-                if g not in rope_buffers:
+                    g = cap.rope_group = len(rope_buffers)
                     D = cos.shape[-1]
                     rope_buffers[g] = (
                         torch.empty(T, D, dtype=cos.dtype, device=cos.device),
                         torch.empty(T, D, dtype=sin.dtype, device=sin.device),
                     )
                     cap.writes_rope = True
+                g = cap.rope_group
                 if cap.writes_rope:
                     t0 = offset[0]
                     rope_buffers[g][0][t0 : t0 + cos.shape[-2]] = cos[0]
@@ -330,7 +334,6 @@ class SharedContext:
             for h in handles:
                 h.remove()
 
-        rope_buffers = _dedupe_rope(rope_buffers)
         layers = []
         for idx in range(len(attn_modules)):
             cap = captures[idx]
@@ -459,22 +462,6 @@ class SharedContext:
             f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
             f"base={self.base_bytes() / 2**20:.1f} MiB)"
         )
-
-
-def _dedupe_rope(buffers: dict) -> dict:
-    """One (cos, sin) table per distinct content and device. Rope groups are told apart by the identity of the
-    position embeddings a layer receives; with a device map (accelerate), each layer on another device than the
-    rotary module receives its own moved copy, which would otherwise keep a table per layer."""
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    out = {}
-    for g, (cos, sin) in buffers.items():
-        same = next((k for k in kept if k[0].device == cos.device and k[0].shape == cos.shape
-                     and k[0].dtype == cos.dtype and torch.equal(k[0], cos) and torch.equal(k[1], sin)), None)
-        if same is None:
-            kept.append((cos, sin))
-            same = kept[-1]
-        out[g] = same
-    return out
 
 
 def adapter_states(model: nn.Module, names) -> dict[str, tuple]:

@@ -35,3 +35,13 @@ def test_bench_e2e_tiny(tmp_path):
     (prof,) = res["profile"]
     assert "error" not in prof, prof
     assert prof["step_wall_s"] > 0 and prof["top_cpu_ops"]
+
+
+def test_bench_e2e_tiny_split_over_devices(tmp_path):
+    """The device-map variant (layers split with accelerate; here over two "cpu" devices, hooks forced)."""
+    res = _run("bench_e2e.py", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
+               "--forkkv-agents", "2", "--new-tokens", "3", "--adapters", "2", "--no-profile", "--no-capacity",
+               tmp_path=tmp_path)
+    assert res["model"]["devices"] == ["cpu", "cpu"] and res["model"]["device_map"]["model.layers.1"] == "cpu"
+    assert {r["system"] for r in res["rows"]} == {"baseline", "forkkv"}
+    assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res["rows"])
