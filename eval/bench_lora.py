@@ -2,9 +2,12 @@
 
 Llama-3.1-8B shapes (random bf16 weights) on one GPU, rank-16 LoRA on q/k/v/o. For N rows (N = 1, 8, 32, 128, 256)
 it measures, with N distinct adapters and with all rows on one adapter:
-- ``step_s``: one decode step (``model(next_token, cache, adapter_names)``, the median of 5) after a prefill;
+- ``step_s``: one decode step (``model(next_token, cache, adapter_names)``, the median of 5) after a prefill; it
+  includes what PEFT spends per ``PeftModel.forward`` with ``adapter_names`` (``_enable_peft_forward_hooks``, which
+  walks all modules: ~65,000 with 256 adapters), which ``generate`` pays once per call, not per step. On the H200 a
+  step measured this way took 0.25-0.5 s where a ``generate`` step took 50-90 ms;
 - ``generate_tok_s``: tokens/s of ``generate`` (fixed length: ``min_new_tokens = max_new_tokens``), decode only
-  (the time of a 1-token generate is subtracted);
+  (the time of a 1-token generate is subtracted; medians of ``--reps`` runs);
 for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.batched_lora`). Writes JSON with the
 device and versions.
 
@@ -44,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--peft-max-rows", type=int, default=256, help="skip PEFT's loop above this many rows")
+    ap.add_argument("--reps", type=int, default=3, help="generate timings: median of this many runs")
     ap.add_argument("--tiny", action="store_true", help="toy model sizes (a CPU smoke run of this script)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -114,9 +118,12 @@ def main(argv=None):
                     del cache, out
                     kw = dict(input_ids=ids, attention_mask=mask, adapter_names=row_names, do_sample=False,
                               pad_token_id=0)
-                    t_prefill = cuda_time(lambda: pm.generate(**kw, max_new_tokens=1, min_new_tokens=1), 0, 1)
+                    # median of --reps runs (one run for PEFT's loop at large N: it takes minutes)
+                    reps = args.reps if (path == "batched" or N <= 32) else 1
+                    t_prefill = cuda_time(lambda: pm.generate(**kw, max_new_tokens=1, min_new_tokens=1), 0, reps)
                     n = args.new_tokens
-                    t_total = cuda_time(lambda: pm.generate(**kw, max_new_tokens=n, min_new_tokens=n), 0, 1)
+                    t_total = cuda_time(lambda: pm.generate(**kw, max_new_tokens=n, min_new_tokens=n), 0, reps)
+                    rec["generate_reps"] = reps
                 rec["prefill_s"] = t_prefill
                 rec["generate_s"] = t_total
                 rec["generate_tok_s"] = N * (n - 1) / max(t_total - t_prefill, 1e-9)
