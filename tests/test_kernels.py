@@ -160,3 +160,22 @@ def test_kernel_real_sizes_gpu(dtype, T, N, Q):
     out = residual_attention_triton(q.cuda(), _to(view, "cuda"), None, 128**-0.5)
     err = (out.float().cpu() - ref).abs().max().item()
     assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sdpa_prompt_path_real_sizes_gpu(dtype):
+    """The path CUDA takes for prompts (rebuild rows, SDPA), 8B-shaped heads, 64-token prompts: flash-attention's pass
+    rule against the fp32 reference, with padding between context and prompt."""
+    from forkkv_hf.residual_attention import residual_attention_sdpa
+
+    T, N, Q = 3001, 6, 64
+    view = random_view(B=N + 1, Hkv=8, D=128, T=T, P=Q + 3, n_agents=N, ranks=(16,) * N, dtype=dtype,
+                       rows=list(range(N)) + [-1])
+    q = _query(view, 32, Q).to(dtype)
+    mask = padding_mask(N + 1, Q, T, Q + 3, [b % 4 for b in range(N + 1)])
+    ref = reference_attention(q.float(), view, mask, 128**-0.5)
+    base_err = lowp_attention_error(q.float(), view, mask, 128**-0.5, ref)
+    out = residual_attention_sdpa(q.cuda(), _to(view, "cuda"), mask.cuda(), 128**-0.5, workspace_bytes=1 << 28)
+    err = (out.float().cpu() - ref).abs().max().item()
+    assert err <= 3 * base_err + 1e-5, (err, base_err)
