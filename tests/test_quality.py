@@ -24,7 +24,8 @@ def quick(tmp_path_factory):
     assert not MISSING, f"packages the evaluation needs are missing: {', '.join(MISSING)}"
     out = tmp_path_factory.mktemp("quality") / "quality_quick.json"
     subprocess.run([sys.executable, str(ROOT / "eval" / "quality.py"), "--quick", "--scenarios", "gsm8k_fewshot",
-                    "--max-new-tokens", "4", "--out", str(out)], check=True, capture_output=True, timeout=600)
+                    "--max-new-tokens", "4", "--variants", "exact", "forkkv", "forkkv_v", "naive", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
     return out, json.loads(out.read_text())
 
 
