@@ -125,7 +125,8 @@ def main():
     for path, res in _load("bench_lora_*.json"):
         made.append(plot_lora(path, res))
     for path, res in _load("bench_e2e_*.json"):
-        made.append(plot_e2e(path, res))
+        if "rows" in res:  # the device-map comparison (two runs in one file) is a README table, not a plot
+            made.append(plot_e2e(path, res))
     for path, res in _load("quality*.json"):
         from quality import plot_quality  # noqa: PLC0415 - only when quality results exist
 
