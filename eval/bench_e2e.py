@@ -91,12 +91,29 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if t is not None)
 
 
+def _generate(pm, system, ctx, inputs, names, gen, shared=None):
+    """One ``generate`` of the agents as ``system`` does it; returns the output and the cache it filled.
+    ForkKV: one base pass over ``ctx`` (or the given ``shared``), a fork per call. Baseline: every row prefills the
+    context with its own adapter."""
+    import forkkv_hf
+    from forkkv_hf import SharedContext, cache_kwargs
+
+    if system == "forkkv":
+        forkkv_hf.enable_forkkv(pm)
+        shared = shared or SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+        cache = shared.fork(names)
+        return pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache)), cache
+    forkkv_hf.disable_forkkv(pm)
+    # chunked prefill bounds the activations of N long rows (what a careful HF user would do)
+    out = pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
+    return out, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
 def run_one(pm, system, ctx, prompts, names, new_tokens):
     """One generate of N agents; returns the measurements (raises torch.cuda.OutOfMemoryError if it does not fit)."""
     from transformers import LogitsProcessorList
 
-    import forkkv_hf
-    from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+    from forkkv_hf import batch_inputs
 
     _free()
     timer = StepTimer()
@@ -104,20 +121,10 @@ def run_one(pm, system, ctx, prompts, names, new_tokens):
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                return_dict_in_generate=True, logits_processor=LogitsProcessorList([timer]))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        if system == "forkkv":
-            forkkv_hf.enable_forkkv(pm)
-            shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
-            cache = shared.fork(names)
-            out = pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache))
-        else:
-            forkkv_hf.disable_forkkv(pm)
-            # chunked prefill bounds the activations of N long rows (what a careful HF user would do)
-            out = pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
-            cache = getattr(out, "cache", None) or out.past_key_values
+        out, cache = _generate(pm, system, ctx, inputs, names, gen)
     t_end = timer.times[-1]
     rec = {
         "ttft_s": timer.times[0] - t0,
@@ -143,8 +150,7 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
 
     from torch.profiler import ProfilerActivity, profile
 
-    import forkkv_hf
-    from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+    from forkkv_hf import batch_inputs
 
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -152,19 +158,11 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
             "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
             "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"), "elementwise/other": ()}
     with torch.no_grad():
-        if system == "forkkv":
-            forkkv_hf.enable_forkkv(pm)
-        else:
-            forkkv_hf.disable_forkkv(pm)
         _sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
             t0 = time.perf_counter()
-            if system == "forkkv":
-                shared = shared or SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
-                pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(shared.fork(names)))
-            else:
-                pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
+            _generate(pm, system, ctx, inputs, names, gen, shared=shared)
             _sync()
             wall = time.perf_counter() - t0
     gpu = {k: 0.0 for k in fams}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import peft_integration
-from .lora_factors import BASE_ADAPTER, transformers_model
+from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
 from .peft_integration import CALL_EPOCH
 
 
@@ -180,20 +180,11 @@ def _bias_rows(slots: tuple, stack: StackedLoRA, device) -> torch.Tensor:
 
 
 def _lora_linears(model: nn.Module):
-    """The LoRA ``Linear`` layers of ``model``. The walk does not descend into LoRA layers: with hundreds of adapters
-    their ``lora_A``/``lora_B`` children are most of the module tree (this runs before every ``generate``)."""
+    """The LoRA ``Linear`` layers of ``model`` (a walk that does not descend into tuner layers: this runs before
+    every ``generate``)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.lora.layer import LoraLayer
 
-    found, stack = [], [transformers_model(model)]
-    while stack:
-        m = stack.pop()
-        if isinstance(m, LoraLayer):
-            if isinstance(m, LoraLinear):
-                found.append(m)
-            continue
-        stack.extend(m._modules.values())
-    return [m for m in found if m is not None]
+    return [m for m in _modules_outside_lora(transformers_model(model)) if isinstance(m, LoraLinear)]
 
 
 def patch_lora_layers(model: nn.Module) -> None:

@@ -72,6 +72,13 @@ def causal_private_mask(Q: int, P: int, device) -> torch.Tensor:
     return j <= (P - Q + i)
 
 
+def implicit_mask(Q: int, T: int, P: int, device) -> torch.Tensor:
+    """``[Q, T + P]`` bool, what a ``None`` mask means: the whole shared context visible, causal in the private part."""
+    allowed = torch.ones(Q, T + P, dtype=torch.bool, device=device)
+    allowed[:, T:] = causal_private_mask(Q, P, device)
+    return allowed
+
+
 def reference_attention(query: torch.Tensor, view, attention_mask, scaling: float,
                         softcap: float | None = None) -> torch.Tensor:
     """Attention of ``query [B, H, Q, D]`` over the materialised rows; returns ``[B, Q, H, D]`` in fp32.
@@ -88,9 +95,7 @@ def reference_attention(query: torch.Tensor, view, attention_mask, scaling: floa
         s = torch.tanh(s / softcap) * softcap
     mask, additive = kv_mask(attention_mask, B, Q, T, P, query.device)
     if mask is None:
-        allowed = torch.ones(Q, T + P, dtype=torch.bool, device=query.device)
-        allowed[:, T:] = causal_private_mask(Q, P, query.device)
-        s = s.masked_fill(~allowed, float("-inf"))
+        s = s.masked_fill(~implicit_mask(Q, T, P, query.device), float("-inf"))
     elif additive:
         s = s + mask[:, None].float()
     else:

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .reference import causal_private_mask, kv_mask
+from .reference import causal_private_mask, implicit_mask, kv_mask
 from .rope import apply_rope
 
 #: elements of fp32 working memory one chunk of the PyTorch path may use (per tensor)
@@ -152,9 +152,7 @@ def residual_attention_sdpa(query: torch.Tensor, view, attention_mask, scaling: 
     dev, dtype = query.device, query.dtype
     mask, additive = kv_mask(attention_mask, B, Q, T, P, dev)
     if mask is None:
-        allowed = torch.ones(Q, T + P, dtype=torch.bool, device=dev)
-        allowed[:, T:] = causal_private_mask(Q, P, dev)
-        mask = allowed.expand(B, Q, T + P)
+        mask = implicit_mask(Q, T, P, dev).expand(B, Q, T + P)
     elif additive:
         mask = mask.to(dtype)
     k_rows = view.k_rows if sh.k_res is not None and view.k_rows is not None else None

@@ -483,11 +483,6 @@ def adapter_states(model: nn.Module, names) -> dict[str, tuple]:
     return {n: tuple(s) for n, s in states.items()}
 
 
-def adapter_state(model: nn.Module, name: str) -> tuple:
-    """:func:`adapter_states` of one adapter."""
-    return adapter_states(model, [name])[name]
-
-
 def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):
     """Stack the residuals of newly added adapters after the existing ones (slots of existing adapters unchanged;
     ranks zero-padded to the larger)."""

@@ -57,6 +57,15 @@ def _gen(pm, inputs, names, cache=None, **kw):
                        return_dict_in_generate=True, **extra, **kw)
 
 
+def _forkkv_gen(pm, inputs):
+    """``_gen`` through a ForkKV cache of ``CTX`` for ``NAMES``, with ForkKV enabled for this call only."""
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        return _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+
+
 def _same(a, b, tol=1e-4):
     assert torch.equal(a.sequences, b.sequences), (a.sequences, b.sequences)
     for x, y in zip(a.scores, b.scores):
@@ -74,11 +83,7 @@ def test_family_matches_defined_semantics(family):
     inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
     ref_cache = semantic_reference_cache(pm, CTX, NAMES)
     ref = _gen(pm, inputs, NAMES, ref_cache)
-    forkkv_hf.enable_forkkv(pm)
-    try:
-        out = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
-    finally:
-        forkkv_hf.disable_forkkv(pm)
+    out = _forkkv_gen(pm, inputs)
     _same(out, ref)
 
 
@@ -109,11 +114,7 @@ def test_family_exact_for_last_layer_lora(family):
                                "coder": dict(r=2, target_modules=targets, layers_to_transform=[2])}, seed=2)
     inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
     exact = _gen(pm, inputs, NAMES)
-    forkkv_hf.enable_forkkv(pm)
-    try:
-        out = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
-    finally:
-        forkkv_hf.disable_forkkv(pm)
+    out = _forkkv_gen(pm, inputs)
     _same(out, exact)
 
 
