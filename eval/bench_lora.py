@@ -8,8 +8,14 @@ it measures, with N distinct adapters and with all rows on one adapter:
   step measured this way took 0.25-0.5 s where a ``generate`` step took 50-90 ms;
 - ``generate_tok_s``: tokens/s of ``generate`` (fixed length: ``min_new_tokens = max_new_tokens``), decode only
   (the time of a 1-token generate is subtracted; medians of ``--reps`` runs);
-for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.batched_lora`). Writes JSON with the
-device and versions.
+- ``generate_step_s``: the decode step of ``generate`` that this gives (what the targets are about);
+- with ``--profile-rows``: ``torch.profiler`` over the decode steps of ``generate`` (two generates, 1 and 1 + k
+  tokens; the difference divided by k): GPU kernel time per step by family and the share of the step the GPU idles
+  waiting for the host;
+for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.batched_lora`). The model's objects are
+moved out of Python's cyclic garbage collector (``gc.freeze()``) after the build: with 256 adapters the module tree
+holds ~2 million Python objects, and one full collection (0.6 s, measured on CPU) falling inside a timed generate
+would be read as LoRA time. Writes JSON with the device and versions.
 
     python eval/bench_lora.py [--rows 1 8 32 128 256] [--prompt 128] [--new-tokens 16] [--layers 32]
 """
@@ -17,6 +23,8 @@ device and versions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import sys
 import time
@@ -48,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--peft-max-rows", type=int, default=256, help="skip PEFT's loop above this many rows")
     ap.add_argument("--reps", type=int, default=3, help="generate timings: median of this many runs")
+    ap.add_argument("--profile-rows", type=int, nargs="*", default=[32, 256],
+                    help="profile the batched path's decode steps at these N (distinct and one adapter)")
     ap.add_argument("--tiny", action="store_true", help="toy model sizes (a CPU smoke run of this script)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -64,6 +74,8 @@ def main(argv=None):
     n_max = max(args.rows)
     names = [f"agent{i}" for i in range(n_max)]
     pm = add_random_adapters(model, names, rank=args.rank)
+    gc.collect()
+    gc.freeze()  # see the module docstring
     print(f"model + {n_max} adapters built in {time.time() - t0:.0f} s; "
           f"{torch.cuda.memory_allocated() / 2**30 if dev == 'cuda' else 0:.1f} GiB allocated", flush=True)
     rows = []
@@ -127,6 +139,10 @@ def main(argv=None):
                 rec["prefill_s"] = t_prefill
                 rec["generate_s"] = t_total
                 rec["generate_tok_s"] = N * (n - 1) / max(t_total - t_prefill, 1e-9)
+                rec["generate_step_s"] = (t_total - t_prefill) / (n - 1)
+                if path == "batched" and N in (args.profile_rows or []):
+                    rec["profile"] = profile_steps(pm, kw)
+                    print(json.dumps({"profile": rec["profile"]}), flush=True)
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
                 save(rows, check, [])
@@ -136,18 +152,60 @@ def main(argv=None):
     # summary: ours (distinct) over ours (one adapter), and speed-up over PEFT's loop
     summary = []
     for N in args.rows:
-        get = lambda mix, path: next((r["step_s"] for r in rows if r["rows"] == N and r["mix"] == mix  # noqa: E731
-                                      and r["path"] == path), None)
-        s = {"rows": N, "batched_distinct_s": get("distinct", "batched"), "batched_one_s": get("one_adapter", "batched"),
-             "peft_distinct_s": get("distinct", "peft"), "peft_one_s": get("one_adapter", "peft")}
-        if s["batched_one_s"]:
-            s["distinct_over_one"] = s["batched_distinct_s"] / s["batched_one_s"]
-        if s["peft_distinct_s"]:
-            s["speedup_vs_peft"] = s["peft_distinct_s"] / s["batched_distinct_s"]
+        def get(mix, path, key):
+            return next((r[key] for r in rows if r["rows"] == N and r["mix"] == mix and r["path"] == path), None)
+
+        s = {"rows": N}
+        for key in ("generate_step_s", "step_s"):
+            s.update({f"{path}_{mix}_{key}": get(m, path, key) for mix, m in (("distinct", "distinct"),
+                      ("one", "one_adapter")) for path in ("batched", "peft")})
+        if s["batched_one_generate_step_s"]:
+            s["distinct_over_one"] = s["batched_distinct_generate_step_s"] / s["batched_one_generate_step_s"]
+        if s["peft_distinct_generate_step_s"]:
+            s["speedup_vs_peft"] = s["peft_distinct_generate_step_s"] / s["batched_distinct_generate_step_s"]
         summary.append(s)
         print(json.dumps(s), flush=True)
     save(rows, check, summary)
     print("wrote", out_path)
+
+
+def profile_steps(pm, kw, steps=8):
+    """Where a decode step of the batched path's ``generate`` goes: kernel time per step by family (from two profiled
+    generates of 1 and 1 + ``steps`` tokens) and the step's wall time (from the same two generates unprofiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fams = {"batched LoRA kernels": ("_gathered_mm",), "GEMM": ("gemm", "Gemm", "cutlass", "xmma", "nvjet", "cublas"),
+            "attention": ("flash", "fmha", "attention", "Attention"), "other kernels": ()}
+
+    def run(n, profiled):
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.no_grad(), (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            pm.generate(**kw, max_new_tokens=n, min_new_tokens=n)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        gpu = {f: 0.0 for f in fams}
+        if profiled:
+            for ev in prof.key_averages():
+                dev_us = getattr(ev, "self_device_time_total", 0)
+                if dev_us and "CUDA" in str(getattr(ev, "device_type", "")):
+                    fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "other kernels")
+                    gpu[fam] += dev_us / 1e3
+        return wall, gpu
+
+    w1, _ = run(1, False)
+    w2, _ = run(1 + steps, False)
+    _, g1 = run(1, True)
+    _, g2 = run(1 + steps, True)
+    gpu = {f: (g2[f] - g1[f]) / steps for f in fams}
+    wall_ms = 1e3 * (w2 - w1) / steps
+    busy = sum(gpu.values())
+    return {"rows": len(kw["adapter_names"]), "distinct_adapters": len(set(kw["adapter_names"])), "steps": steps,
+            "step_wall_ms": wall_ms, "gpu_busy_ms": busy, "gpu_ms_by_family": gpu,
+            "host_bound_share": max(0.0, 1 - busy / wall_ms) if wall_ms > 0 else None}
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_p
     The first adapter comes from ``get_peft_model``; the others are written straight into each PEFT LoRA layer
     (the same ``lora_A``/``lora_B`` modules and bookkeeping ``update_layer`` creates), because ``add_adapter`` /
     ``update_layer`` move every existing adapter again for each new one, which is quadratic in the adapter count.
+    On a tensor-parallel model (``tp_plan``) the new factors are sharded as PEFT shards the first adapter's.
     """
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer
@@ -118,9 +119,17 @@ def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_p
             dev = layer.get_base_layer().weight.device
             layer.lora_A[names[0]].to(dtype)
             layer.lora_B[names[0]].to(dtype)
+            base = layer.get_base_layer()
+            tp_plan = getattr(base, "_hf_tp_plan", None)  # tensor parallelism: PEFT stamps the plan on the layer
             for name in names[1:]:
                 layer.lora_A[name] = nn.Linear(layer.in_features, rank, bias=False, device=dev, dtype=dtype)
                 layer.lora_B[name] = nn.Linear(rank, layer.out_features, bias=False, device=dev, dtype=dtype)
+                if tp_plan in ("colwise", "rowwise"):  # shard as PEFT shards the first adapter
+                    from peft.tuners.lora.model import add_lora_tp_hooks_dtensor
+
+                    part = "lora_B" if tp_plan == "colwise" else "lora_A"
+                    add_lora_tp_hooks_dtensor(getattr(layer, part)[name], tp_plan, base._hf_device_mesh,
+                                              base_layer=base, module_name=f"{part}.{name}")
                 layer.lora_dropout[name] = nn.Identity()
                 layer.r[name] = rank
                 layer.lora_alpha[name] = 2 * rank

@@ -146,13 +146,6 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     """
     register_forkkv()
     base = transformers_model(model)
-    tp = getattr(base, "_tp_size", None)
-    if tp not in (None, 1) or any(type(p).__name__ == "DTensor" for p in base.parameters()):
-        raise NotImplementedError(
-            f"this model is tensor-parallel (tp_plan, tp_size={tp}); ForkKV does not support tensor parallelism yet "
-            "(its shared K/V and B factors would have to be sharded by KV head per rank). To spread a model and its "
-            "agents over several GPUs, load it with device_map='auto' (accelerate), which ForkKV supports."
-        )
     current = base.config._attn_implementation
     if current != ATTN_NAME:
         base._forkkv_previous_attn = current

@@ -39,6 +39,7 @@ from .lora_factors import (
     transformers_model,
 )
 from .rope import apply_rope
+from .tp import local
 
 
 @dataclass
@@ -477,7 +478,7 @@ def adapter_states(model: nn.Module, names) -> dict[str, tuple]:
                 continue
             for name in names:
                 if name in layer.lora_A:
-                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                    a, b = local(layer.lora_A[name].weight), local(layer.lora_B[name].weight)
                     states[name].append((a.data_ptr(), a._version, b.data_ptr(), b._version,
                                          float(layer.scaling[name])))
     return {n: tuple(s) for n, s in states.items()}

@@ -53,6 +53,7 @@ from .lora_factors import (
     transformers_model,
 )
 from .shared_context import Residual, SharedContext, _as_context_ids, adapter_states
+from .tp import local, tp_world
 
 # ---------------------------------------------------------------------------------------------------------------------
 # fingerprints
@@ -80,6 +81,7 @@ def tensor_digest(t: torch.Tensor, memo: bool = True) -> bytes:
     """sha256 of a tensor's dtype, shape and bytes, remembered on the tensor object. With ``memo``, the remembered
     digest is reused while the tensor's version counter and data pointer are unchanged (a new tensor is a new
     object, so it is always hashed); without, the bytes are hashed again."""
+    t = local(t)  # tensor parallelism: the rank's own shard (the fingerprint includes the rank)
     key = _memo_key(t)
     if memo and key is not None:
         cached = getattr(t, _DIGEST_ATTR, None)
@@ -98,6 +100,7 @@ def tensor_digest(t: torch.Tensor, memo: bool = True) -> bytes:
 
 
 def _needs_hashing(t: torch.Tensor) -> bool:
+    t = local(t)
     key = _memo_key(t)
     cached = getattr(t, _DIGEST_ATTR, None)
     return key is None or cached is None or cached[0] != key
@@ -138,11 +141,12 @@ def base_fingerprint(model: nn.Module, progress: bool = True) -> str:
         for n, t in itertools.chain(base.named_parameters(), base.named_buffers())
         if not _is_adapter_tensor(n)
     ]
-    todo = sum(t.numel() * t.element_size() for _, t in tensors if _needs_hashing(t))
+    todo = sum(local(t).numel() * t.element_size() for _, t in tensors if _needs_hashing(t))
     h = hashlib.sha256(type(base).__name__.encode())
     h.update(_json_digest(base.config.to_dict(), _BASE_CONFIG_IGNORED))
     first = next(base.parameters())
-    h.update(f"{first.device}|{getattr(base, 'dtype', first.dtype)}".encode())
+    tp_rank, tp_size = tp_world(base)  # a rank's shards are other bytes than its peers' (and than the whole model)
+    h.update(f"{first.device}|{getattr(base, 'dtype', first.dtype)}|tp{tp_rank}/{tp_size}".encode())
     bar = tqdm(total=todo, unit="B", unit_scale=True, desc="forkkv: fingerprint of the base weights",
                disable=not progress or todo < _HASH_PROGRESS_BYTES)
     with bar:
@@ -151,7 +155,7 @@ def base_fingerprint(model: nn.Module, progress: bool = True) -> str:
             h.update(name.encode())
             h.update(tensor_digest(t))
             if fresh:
-                bar.update(t.numel() * t.element_size())
+                bar.update(local(t).numel() * t.element_size())
     return h.hexdigest()
 
 

@@ -114,21 +114,23 @@ def _plan(slots: tuple, tokens_per_row: int, device: str):
 
 
 def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                      out: torch.Tensor) -> torch.Tensor:
+                      out: torch.Tensor, reduce_group=None) -> torch.Tensor:
     """``out[b, l] += scale[s] · (x[b, l] @ A[s]ᵀ) @ B[s]ᵀ`` with ``s = slots[b]`` (rows with ``s < 0`` untouched).
 
     ``x``: ``[B, L, d_in]``; ``A``: ``[n, r, d_in]``; ``B``: ``[n, d_out, r]``; ``scale``: ``[n]`` fp32; ``out``:
     ``[B, L, d_out]`` contiguous, updated in place and returned. ``slots``: a host tuple (plans are cached by it).
-    Launches on ``x``'s GPU (with a device map, layers live on several GPUs).
+    Launches on ``x``'s GPU (with a device map, layers live on several GPUs). ``reduce_group``: a process group
+    across which the shrink ``u`` is summed before the expand (a rowwise tensor-parallel layer: ``x`` and ``A`` are
+    this rank's slices of the input features).
     """
     from .residual_attention import _on_device
 
     with _on_device(x.device):
-        return _lora_delta_triton(x, slots, A, B, scale, out)
+        return _lora_delta_triton(x, slots, A, B, scale, out, reduce_group)
 
 
 def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
+                       out: torch.Tensor, reduce_group=None) -> torch.Tensor:
     Bsz, L, d_in = x.shape
     n, r, _ = A.shape
     d_out = B.shape[1]
@@ -157,7 +159,13 @@ def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.
         BLOCK_M=bm, BLOCK_N=RB, BLOCK_K=BLOCK_K, ADD=False, HAS_SCALE=False, UPCAST=interp,
         DOT_PREC="ieee" if A.dtype == torch.float32 else "tf32",
     )
-    u = (u_parts.sum(0) if n_split > 1 else u_parts[0]).to(B.dtype)
+    u = u_parts.sum(0) if n_split > 1 else u_parts[0]
+    if reduce_group is not None:
+        import torch.distributed as dist
+
+        u = u.contiguous()
+        dist.all_reduce(u, group=reduce_group)
+    u = u.to(B.dtype)
     # expand out += scale · u Bᵀ
     BLOCK_N = 64 if interp else 128
     _gathered_mm_kernel[(n_tiles, _cdiv(d_out, BLOCK_N), 1)](

@@ -147,3 +147,27 @@ def test_decode_steps_reuse_the_plan(monkeypatch):
                     min_new_tokens=6, do_sample=False, pad_token_id=0)
     n_layers = len(bl._lora_linears(pm))
     assert 0 < len(calls) <= n_layers
+
+
+def test_peft_argument_checks_once_per_call_and_still_enforced(monkeypatch):
+    """PEFT's ``_check_forward_args`` (O(rows) per layer) runs once per layer and generate call, not per decode step;
+    its errors still come: a wrong number of names, merged adapters on a later call."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    pm = _agents(seed=9)
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(8)).to(DEV)
+    calls = []
+    real = LoraLinear._check_forward_args
+    monkeypatch.setattr(LoraLinear, "_check_forward_args",
+                        lambda self, x, *a, **k: calls.append(self) or real(self, x, *a, **k))
+    names = ["planner", "coder", "critic"]
+    with batched_lora(pm):
+        pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=6,
+                    min_new_tokens=6, do_sample=False, pad_token_id=0)
+        n_layers = len({id(m) for m in calls})
+        assert n_layers > 0 and len(calls) == n_layers  # one check per layer for 6 forward passes
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):
+            pm(input_ids=ids, adapter_names=names[:2])
+        pm.merge_adapter(["planner"])
+        with pytest.raises(ValueError, match="merged adapters"):
+            pm(input_ids=ids, adapter_names=names)

@@ -99,10 +99,3 @@ def test_two_gpus_device_map_equals_one_gpu(backend, monkeypatch):
         tensors += [t for res in (layer.k_res, layer.v_res) if res is not None for t in (res.u, res.B)]
         assert all(t.device == dev for t in tensors), i
     assert shared.rope_bytes() == 2 * ref_shared.rope_bytes()
-
-
-def test_tensor_parallel_model_is_refused_clearly():
-    model = _model(layers=2)
-    model._tp_size = 2  # what transformers sets on a model loaded with tp_plan under torchrun
-    with pytest.raises(NotImplementedError, match="tensor-parallel.*device_map"):
-        forkkv_hf.enable_forkkv(_agents(model))

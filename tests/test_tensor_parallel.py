@@ -1,0 +1,86 @@
+"""ForkKV under transformers tensor parallelism (``tp_plan="auto"``, one process per rank, ``torchrun``).
+
+The reference is the same ForkKV run on one process with the unsharded model. On CPU the ranks are two processes
+with the gloo backend (transformers falls back to a CPU mesh); on a machine with 2 GPUs the same run uses NCCL.
+Checked: greedy tokens equal, scores close, and each rank holds its share of the cache: half the base K/V (its KV
+heads) and half the B factors, and the whole residual ``u`` of every adapter (replicated)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import tiny_llama, with_adapters
+from tp_common import run_forkkv
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def _fixture(tmp_path):
+    """A tiny Llama saved as a checkpoint (tp_plan needs from_pretrained) and two adapters saved beside it, with
+    LoRA on colwise (q/k/v, gate) and rowwise (o, down) projections. Returns the single-process PeftModel."""
+    model = tiny_llama(layers=3, hidden=64, heads=4, kv_heads=2, seed=21)
+    model.save_pretrained(tmp_path / "model")
+    pm = with_adapters(model, {"coder": dict(r=8, lora_alpha=8, target_modules=TARGETS),
+                               "planner": dict(r=4, target_modules=TARGETS)})
+    pm.save_pretrained(tmp_path / "adapters")  # one subfolder per (non-"default") adapter
+    return pm
+
+
+def _torchrun(tmp_path, nproc: int, env_extra: dict) -> list[dict]:
+    out = tmp_path / "rank"
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(HERE), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(HERE / "tp_worker.py"), str(tmp_path / "model"), str(tmp_path / "adapters"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return [json.loads((tmp_path / f"rank.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _check(ranks, shared, ref, world):
+    for rep in ranks:
+        assert rep["world"] == world
+        assert rep["sequences"] == ref.sequences.tolist(), rep["rank"]
+        for got, want in zip(rep["scores"], ref.scores):
+            torch.testing.assert_close(torch.tensor(got), want.float().cpu(), rtol=1e-4, atol=1e-4)
+        # the rank's share: its KV heads of the base and of B; u whole (per token, not per head)
+        assert rep["key_shape"][1] == shared.layers[0].key.shape[1] // world
+        assert rep["base_bytes"] * world == shared.base_bytes()
+        assert rep["factor_bytes"] * world == shared.factor_bytes()
+        assert rep["residual_bytes"] == {a: shared.residual_bytes(a) for a in shared.adapters}
+        assert rep["stacks"] == ["colwise", "rowwise"]  # both kinds went through the batched LoRA
+
+
+@pytest.mark.parametrize("lora_backend", ["torch", "triton"])
+def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backend):
+    """``triton``: the batched LoRA's Triton kernels (interpreted), with the rowwise layers' all-reduce between
+    shrink and expand; ``torch``: its PyTorch path."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is needed for the tensor-parallel test")
+    pm = _fixture(tmp_path)
+    shared, ref = run_forkkv(pm, "cpu")
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FORKKV_LORA_BACKEND": lora_backend}
+    if lora_backend == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    ranks = _torchrun(tmp_path, 2, env)
+    _check(ranks, shared, ref, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path):
+    pm = _fixture(tmp_path)
+    shared, ref = run_forkkv(pm.to("cuda:0"), "cuda:0")
+    ranks = _torchrun(tmp_path, 2, {})
+    _check(ranks, shared, ref, 2)
+    assert {r["device"] for r in ranks} == {"cuda:0", "cuda:1"}

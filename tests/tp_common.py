@@ -1,0 +1,23 @@
+"""What the tensor-parallel test runs, on one process (the reference) and on every rank of ``tests/tp_worker.py``."""
+
+import torch
+
+import forkkv_hf
+from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+
+NAMES = ["planner", "coder", "__base__", "planner", "coder"]
+
+
+def run_forkkv(pm, device, new_tokens: int = 6):
+    """Build the shared context of two agents, fork it for a mixed batch (two rows of one agent, a base row), and
+    generate greedily; returns the SharedContext and the generate output (sequences and scores)."""
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randint(3, 128, (37,), generator=g)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (3, 17, 5, 1, 9)]
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=device)
+    forkkv_hf.enable_forkkv(pm)
+    with torch.no_grad():
+        shared = SharedContext.build(pm, ctx.to(device), ["coder", "planner"], progress=False)
+        out = pm.generate(**inputs, adapter_names=NAMES, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          output_scores=True, return_dict_in_generate=True, **cache_kwargs(shared.fork(NAMES)))
+    return shared, out

@@ -1,0 +1,50 @@
+"""One rank of a tensor-parallel ForkKV run (``torchrun --nproc_per_node N tests/tp_worker.py MODEL ADAPTERS OUT``).
+
+Loads the checkpoint with ``tp_plan="auto"`` (transformers shards q/k/v/o and the MLP over the ranks), the adapters
+with ``PeftModel.from_pretrained``/``load_adapter``, builds a SharedContext and generates as
+``tests/test_tensor_parallel.py`` does on one process; every rank writes what it saw to ``OUT.rank<k>.json``:
+tokens, scores, and the bytes and shapes of its own share of the cache. Not a test module itself."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tp_common import NAMES, run_forkkv  # noqa: E402
+
+
+def main(model_dir: str, adapters_dir: str, out: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32)
+    rank = dist.get_rank()
+    adapters = sorted(p.name for p in Path(adapters_dir).iterdir() if p.is_dir())
+    pm = PeftModel.from_pretrained(model, str(Path(adapters_dir) / adapters[0]), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        pm.load_adapter(str(Path(adapters_dir) / name), adapter_name=name)
+    pm.eval()
+    device = model.model.embed_tokens.weight.device
+    shared, result = run_forkkv(pm, device)
+    layer = shared.layers[0]
+    report = {
+        "rank": rank, "world": dist.get_world_size(), "device": str(device),
+        "sequences": result.sequences.tolist(), "scores": [s.float().cpu().tolist() for s in result.scores],
+        "base_bytes": shared.base_bytes(), "factor_bytes": shared.factor_bytes(),
+        "residual_bytes": {a: shared.residual_bytes(a) for a in shared.adapters},
+        "key_shape": list(layer.key.shape),
+        # the batched LoRA's stacks: rowwise layers (o_proj, down_proj) sum their partial u across the ranks
+        "stacks": sorted({("rowwise" if st.reduce_group is not None else "colwise")
+                          for m in pm.modules() if (st := m.__dict__.get("_forkkv_stack")) is not None}),
+    }
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
