@@ -44,6 +44,9 @@ from common import (  # noqa: E402
 )
 
 PROMPT, NEW, PREFILL_CHUNK = 64, 128, 4096
+#: the baseline's LoRA: PEFT's per-adapter loop (False), or forkkv_hf's batched LoRA (set by eval/bench_tp.py: under
+#: tensor parallelism PEFT 0.21.0's mixed-adapter loop fails, its LoRA factors not being sharded)
+BASELINE_BATCHED_LORA = False
 
 
 class StepTimer:
@@ -104,6 +107,10 @@ def _generate(pm, system, ctx, inputs, names, gen, shared=None):
         cache = shared.fork(names)
         return pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache)), cache
     forkkv_hf.disable_forkkv(pm)
+    if BASELINE_BATCHED_LORA:
+        from forkkv_hf.batched_lora import enable_batched_lora
+
+        enable_batched_lora(pm)
     # chunked prefill bounds the activations of N long rows (what a careful HF user would do)
     out = pm.generate(**inputs, adapter_names=names, prefill_chunk_size=PREFILL_CHUNK, **gen)
     return out, getattr(out, "cache", None) or getattr(out, "past_key_values", None)

@@ -4,8 +4,9 @@ GPU, ``torchrun``) vs the same model on one GPU.
 Llama-3.1-8B shapes (random bf16 weights, written once as a checkpoint: ``tp_plan`` loads through
 ``from_pretrained``), rank-16 LoRA on q/k/v/o (random B, sharded as PEFT shards a user's adapters), a shared
 context of ``--context`` tokens, 64-token prompts, ``--new-tokens`` generated tokens. For ForkKV at each N in
-``--forkkv-agents`` and the baseline at each N in ``--agents`` (see eval/bench_e2e.py for the two systems): time to
-first token, decode tokens/s, every rank's peak GPU memory and its share of the cache. Rank 0 writes the JSON.
+``--forkkv-agents`` and the baseline at each N in ``--agents`` (see eval/bench_e2e.py for the two systems; here the
+baseline's LoRA is forkkv_hf's batched LoRA, because PEFT 0.21.0's mixed-adapter loop fails under tensor parallelism):
+time to first token, decode tokens/s, every rank's peak GPU memory and its share of the cache. Rank 0 writes the JSON.
 
     python eval/bench_tp.py --make-checkpoint DIR                      # once (16 GB for 8B shapes)
     python eval/bench_tp.py --checkpoint DIR --out one_gpu.json         # 1 GPU
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 
+import bench_e2e  # noqa: E402
 from bench_e2e import PROMPT, _free, run_one  # noqa: E402
 from common import add_random_adapters, build_model, default_device, device_info, llama8b_config  # noqa: E402
 
@@ -73,6 +75,11 @@ def main(argv=None):
     names = [f"agent{i}" for i in range(n_max)]
     pm = add_random_adapters(model, names, rank=16)
     local = device.index if device.type == "cuda" else None
+    if local is not None:
+        torch.cuda.set_device(local)  # run_one reads the current device's peak memory
+    # the baseline's LoRA is forkkv_hf's batched LoRA on one GPU and on two: PEFT 0.21.0's own mixed-adapter loop
+    # fails under tensor parallelism (it leaves the LoRA factors whole while the base layers compute their shards)
+    bench_e2e.BASELINE_BATCHED_LORA = True
 
     def gather(x):  # one value per rank, on every rank
         if world == 1:
@@ -101,8 +108,6 @@ def main(argv=None):
         ctx = torch.randint(3, vocab, (args.context,), device=device, generator=g)
         prompts = [torch.randint(3, vocab, (PROMPT,), device=device, generator=g) for _ in range(N)]
         rec = {"system": system, "context": args.context, "agents": N}
-        if local is not None:
-            torch.cuda.reset_peak_memory_stats(local)
         try:
             rec.update(run_one(pm, system, ctx, prompts, names[:N], args.new_tokens))
         except torch.cuda.OutOfMemoryError:
@@ -111,12 +116,9 @@ def main(argv=None):
             rec["oom"] = True
             remove_stale_peft_hooks(pm)
             _free()
-        peak = torch.cuda.max_memory_allocated(local) / 2**30 if local is not None else 0.0
-        peaks = gather(peak)
-        caches = gather(rec.get("cache_gib"))
         rec.pop("peak_gib_per_gpu", None)
-        rec["peak_gib_per_rank"] = peaks
-        rec["cache_gib_per_rank"] = caches
+        rec["peak_gib_per_rank"] = gather(rec.get("peak_gib"))
+        rec["cache_gib_per_rank"] = gather(rec.get("cache_gib"))
         rows.append(rec)
         if rank == 0:
             print(json.dumps(rec), flush=True)

@@ -31,7 +31,7 @@ from torch import nn
 from . import peft_integration
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
 from .peft_integration import CALL_EPOCH
-from .tp import local, process_group, shard_dim
+from .tp import local, lora_shard, rowwise_group
 
 
 @dataclass
@@ -66,26 +66,26 @@ def stacked_lora(layer, used=None) -> StackedLoRA:
     if cached is not None and all(cached.keys.get(n) == _adapter_key(layer, n) for n in check):
         return cached
     names = list(layer.lora_A.keys())
-    A0 = local(layer.lora_A[names[0]].weight)
-    r_max = max(layer.lora_A[n].weight.shape[0] for n in names)
-    d_in = A0.shape[1]
-    d_out = local(layer.lora_B[names[0]].weight).shape[0]
-    A = torch.zeros(len(names), r_max, d_in, dtype=A0.dtype, device=A0.device)
-    B = torch.zeros(len(names), d_out, r_max, dtype=local(layer.lora_B[names[0]].weight).dtype, device=A0.device)
+    base_w = layer.get_base_layer().weight
+    # tensor parallelism: this rank's shards (lora_B rows of a colwise layer, lora_A columns of a rowwise one)
+    As = [lora_shard(layer.lora_A[n].weight, base_w, 1) for n in names]
+    Bs = [lora_shard(layer.lora_B[n].weight, base_w, 0) for n in names]
+    r_max = max(a.shape[0] for a in As)
+    d_in, d_out = As[0].shape[1], Bs[0].shape[0]
+    A = torch.zeros(len(names), r_max, d_in, dtype=As[0].dtype, device=As[0].device)
+    B = torch.zeros(len(names), d_out, r_max, dtype=Bs[0].dtype, device=As[0].device)
     has_bias = any(getattr(layer.lora_B[n], "bias", None) is not None for n in names)
-    bias = torch.zeros(len(names), d_out, dtype=B.dtype, device=A0.device) if has_bias else None
+    bias = torch.zeros(len(names), d_out, dtype=B.dtype, device=A.device) if has_bias else None
     with torch.no_grad():
         for i, n in enumerate(names):
-            r = layer.lora_A[n].weight.shape[0]
-            A[i, :r] = local(layer.lora_A[n].weight)  # tensor parallelism: this rank's shards
-            B[i, :, :r] = local(layer.lora_B[n].weight)
+            r = As[i].shape[0]
+            A[i, :r] = As[i]
+            B[i, :, :r] = Bs[i]
             if has_bias and layer.lora_B[n].bias is not None:
-                bias[i] = local(layer.lora_B[n].bias)
-    scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A0.device)
-    a_w = layer.lora_A[names[0]].weight
-    group = process_group(a_w) if shard_dim(a_w) == 1 else None
+                bias[i] = lora_shard(layer.lora_B[n].bias, base_w, 0)
+    scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A.device)
     stack = StackedLoRA({n: _adapter_key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, A, B,
-                        scale, bias, group)
+                        scale, bias, rowwise_group(base_w))
     layer._forkkv_stack = stack
     return stack
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .tp import is_dtensor, local, shard_dim
+from .tp import is_dtensor, local, lora_shard, shard_dim
 
 #: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
 BASE_ADAPTER = "__base__"
@@ -214,30 +214,33 @@ def collect_projection_lora(
         ranks.append(local(layer.lora_A[a].weight).shape[0])
         has_bias.append(getattr(layer.lora_B[a], "bias", None) is not None)
     r_max = max(ranks)
-    A0 = local(layer.lora_A[present[0]].weight)
-    if out_slice is not None and (is_dtensor(layer.lora_B[present[0]].weight) or is_dtensor(A0)):
+    base_w = layer.get_base_layer().weight
+    if out_slice is not None and is_dtensor(base_w):
         raise NotImplementedError(
             f"{where} is a fused qkv_proj sharded by tensor parallelism; ForkKV cannot tell which of its local rows "
             "are K and V. Load the model with device_map instead of tp_plan, or use a model with separate "
             "k_proj/v_proj."
         )
-    if shard_dim(layer.lora_A[present[0]].weight) == 1:
+    if shard_dim(base_w) == 1:
         raise NotImplementedError(
-            f"{where}'s lora_A is sharded by input features (a rowwise tensor-parallel k/v projection); ForkKV needs "
-            "K/V projections sharded by output features (transformers' 'colwise' plan, the default)."
+            f"{where} is sharded by input features (a rowwise tensor-parallel k/v projection); ForkKV needs K/V "
+            "projections sharded by output features (transformers' 'colwise' plan, the default)."
         )
-    d_in = A0.shape[1]
-    lo, hi = out_slice if out_slice is not None else (0, local(layer.lora_B[present[0]].weight).shape[0])
+    # tensor parallelism: A whole (the input is replicated), B's rows of this rank's KV heads
+    As = [lora_shard(layer.lora_A[a].weight, base_w, 1) for a in present]
+    Bs = [lora_shard(layer.lora_B[a].weight, base_w, 0) for a in present]
+    d_in = As[0].shape[1]
+    lo, hi = out_slice if out_slice is not None else (0, Bs[0].shape[0])
     bias = any(has_bias)
-    A = torch.zeros(len(present), r_max, d_in, dtype=A0.dtype, device=A0.device)
-    B = torch.zeros(len(present), hi - lo, r_max + bias, dtype=dtype, device=A0.device)
+    A = torch.zeros(len(present), r_max, d_in, dtype=As[0].dtype, device=As[0].device)
+    B = torch.zeros(len(present), hi - lo, r_max + bias, dtype=dtype, device=As[0].device)
     with torch.no_grad():
         for i, a in enumerate(present):
             r, s = ranks[i], layer.scaling[a]
-            A[i, :r] = local(layer.lora_A[a].weight)  # tensor parallelism: A whole, B's rows of this rank's heads
-            B[i, :, :r] = (local(layer.lora_B[a].weight)[lo:hi].float() * s).to(dtype)
+            A[i, :r] = As[i]
+            B[i, :, :r] = (Bs[i][lo:hi].float() * s).to(dtype)
             if has_bias[i]:
-                B[i, :, r_max] = (local(layer.lora_B[a].bias)[lo:hi].float() * s).to(dtype)
+                B[i, :, r_max] = (lora_shard(layer.lora_B[a].bias, base_w, 0)[lo:hi].float() * s).to(dtype)
     return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None)
 
 

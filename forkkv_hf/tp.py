@@ -54,3 +54,30 @@ def tp_world(model) -> tuple[int, int]:
             mesh = p.device_mesh
             return mesh.get_local_rank(), mesh.size()
     return 0, 1
+
+
+def lora_shard(factor: torch.Tensor, base_weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's part of a LoRA factor whose base layer is sharded on ``dim`` (``lora_B`` rows, dim 0, for a colwise
+    layer; ``lora_A`` columns, dim 1, for a rowwise one); the factor whole when the layer is not sharded that way.
+
+    Taken from the factor's own sharding when PEFT sharded it, else sliced like the base weight (PEFT releases
+    without DTensor support leave the factors whole on every rank while the base layer computes only its shard).
+    """
+    if shard_dim(factor) == dim:
+        return local(factor)
+    f = local(factor)
+    if shard_dim(base_weight) != dim:
+        return f
+    n, n_local = base_weight.shape[dim], local(base_weight).shape[dim]
+    if f.shape[dim] == n_local:
+        return f
+    if f.shape[dim] != n:
+        raise ValueError(f"a LoRA factor of shape {tuple(f.shape)} does not match its base layer's {n} features")
+    mesh = base_weight.device_mesh
+    start = mesh.get_local_rank() * -(-n // mesh.size())  # torch.chunk's split, as DTensor's Shard
+    return f.narrow(dim, start, n_local)
+
+
+def rowwise_group(base_weight: torch.Tensor):
+    """The process group over which a rowwise layer's partial products are summed; ``None`` if not rowwise."""
+    return process_group(base_weight) if shard_dim(base_weight) == 1 else None

@@ -59,10 +59,12 @@ def _check(ranks, shared, ref, world):
         assert rep["stacks"] == ["colwise", "rowwise"]  # both kinds went through the batched LoRA
 
 
-@pytest.mark.parametrize("lora_backend", ["torch", "triton"])
-def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backend):
+@pytest.mark.parametrize("lora_backend,whole_lora", [("torch", False), ("triton", False), ("torch", True)],
+                         ids=["torch", "triton", "whole-lora-factors"])
+def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backend, whole_lora):
     """``triton``: the batched LoRA's Triton kernels (interpreted), with the rowwise layers' all-reduce between
-    shrink and expand; ``torch``: its PyTorch path."""
+    shrink and expand; ``torch``: its PyTorch path. ``whole-lora-factors``: the LoRA factors left whole on every rank
+    (PEFT 0.21.0 does not shard them): ForkKV slices them like the base layers."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -70,6 +72,8 @@ def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backe
     pm = _fixture(tmp_path)
     shared, ref = run_forkkv(pm, "cpu")
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FORKKV_LORA_BACKEND": lora_backend}
+    if whole_lora:
+        env["FORKKV_TEST_WHOLE_LORA"] = "1"
     if lora_backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     ranks = _torchrun(tmp_path, 2, env)
@@ -78,9 +82,10 @@ def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backe
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path):
+@pytest.mark.parametrize("whole_lora", [False, True], ids=["peft-sharded", "whole-lora-factors"])
+def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path, whole_lora):
     pm = _fixture(tmp_path)
     shared, ref = run_forkkv(pm.to("cuda:0"), "cuda:0")
-    ranks = _torchrun(tmp_path, 2, {})
+    ranks = _torchrun(tmp_path, 2, {"FORKKV_TEST_WHOLE_LORA": "1"} if whole_lora else {})
     _check(ranks, shared, ref, 2)
     assert {r["device"] for r in ranks} == {"cuda:0", "cuda:1"}

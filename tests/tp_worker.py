@@ -6,6 +6,7 @@ with ``PeftModel.from_pretrained``/``load_adapter``, builds a SharedContext and 
 tokens, scores, and the bytes and shapes of its own share of the cache. Not a test module itself."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def main(model_dir: str, adapters_dir: str, out: str) -> None:
     for name in adapters[1:]:
         pm.load_adapter(str(Path(adapters_dir) / name), adapter_name=name)
     pm.eval()
+    if os.environ.get("FORKKV_TEST_WHOLE_LORA"):
+        # as PEFT releases without DTensor support (0.21.0) leave them: every factor whole on every rank, while the
+        # base layers compute their shards
+        from peft.tuners.lora import LoraLayer
+        from torch import nn
+
+        for layer in [m for m in pm.modules() if isinstance(m, LoraLayer)]:
+            for part in (layer.lora_A, layer.lora_B):
+                for lin in part.values():
+                    if type(lin.weight).__name__ == "DTensor":
+                        lin.weight = nn.Parameter(lin.weight.full_tensor(), requires_grad=False)
     device = model.model.embed_tokens.weight.device
     shared, result = run_forkkv(pm, device)
     layer = shared.layers[0]
