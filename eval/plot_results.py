@@ -123,7 +123,8 @@ def main():
     for path, res in _load("bench_kernel_*.json"):
         made.append(plot_kernel(path, res))
     for path, res in _load("bench_lora_*.json"):
-        made.append(plot_lora(path, res))
+        if len({r["rows"] for r in res["rows"]}) >= 3:  # the 1-2 row-count reruns are README tables
+            made.append(plot_lora(path, res))
     for path, res in _load("bench_e2e_*.json"):
         if "rows" in res:  # the device-map comparison (two runs in one file) is a README table, not a plot
             made.append(plot_e2e(path, res))
