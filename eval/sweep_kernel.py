@@ -45,6 +45,7 @@ CONFIGS = {
     "items": [(16, 1), (16, 4)],  # (block_m, agents_per_item): 1 = one agent per item (no base sharing)
     "num_warps": [4, 8],
     "d_chunk": [32, 64],
+    "lowp_rope": [False, True],
 }
 
 
@@ -52,6 +53,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="+", default=["32768:32", "4096:8"])
     ap.add_argument("--max-configs", type=int, default=64)
+    ap.add_argument("--only", default=None, help='JSON dict of knob values to keep, e.g. {"num_warps": 4}')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from triton.testing import do_bench
@@ -59,9 +61,12 @@ def main(argv=None):
     from forkkv_kernels import residual_attention_triton
 
     grid = []
-    for bt, (bm, apm), nw, dc in itertools.product(*CONFIGS.values()):
+    for bt, (bm, apm), nw, dc, lowp in itertools.product(*CONFIGS.values()):
         grid.append(dict(block_t=bt, block_m=bm, agents_per_item=apm, num_warps=nw, num_stages=2,
-                         programs_per_sm=8, d_chunk=dc))
+                         programs_per_sm=8, d_chunk=dc, lowp_rope=lowp))
+    if args.only:
+        keep = json.loads(args.only)
+        grid = [c for c in grid if all(c.get(k) == v for k, v in keep.items())]
     grid = grid[: args.max_configs]
     results = []
     scale = D**-0.5

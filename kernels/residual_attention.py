@@ -21,6 +21,7 @@ Decode (one query per row) and extend (a block of queries per row) are the same 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -62,6 +63,7 @@ def _shared_part_kernel(
     SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True, DC: tl.constexpr = 32,
+    LOWP_ROPE: tl.constexpr = False,
 ):
     """The shared context's part of every work item's attention, for one KV head and one split of the context.
 
@@ -141,8 +143,25 @@ def _shared_part_kernel(
                     bkT_mask = ddm[None, :] & (rk[:, None] < lim)
                     x_lo = _dot(u, tl.load(bkT_ptr, mask=bkT_mask, other=0.0), DOT_PREC, UPCAST)  # [BLOCK_T, DC]
                     x_hi = _dot(u, tl.load(bkT_ptr + HALF * s_bko, mask=bkT_mask, other=0.0), DOT_PREC, UPCAST)
-                    k_lo = (kb_lo.to(tl.float32) + x_lo * c_lo.to(tl.float32) - x_hi * s_lo.to(tl.float32)).to(dtype)
-                    k_hi = (kb_hi.to(tl.float32) + x_hi * c_hi.to(tl.float32) + x_lo * s_hi.to(tl.float32)).to(dtype)
+                    if LOWP_ROPE and UPCAST:  # the interpreter's bf16 arithmetic is wrong: the same roundings in fp32
+                        xl = x_lo.to(dtype).to(tl.float32)
+                        xh = x_hi.to(dtype).to(tl.float32)
+                        cl = c_lo.to(dtype).to(tl.float32)
+                        sl = s_lo.to(dtype).to(tl.float32)
+                        ch = c_hi.to(dtype).to(tl.float32)
+                        sh = s_hi.to(dtype).to(tl.float32)
+                        rl = ((xl * cl).to(dtype).to(tl.float32) - (xh * sl).to(dtype).to(tl.float32)).to(dtype)
+                        rh = ((xh * ch).to(dtype).to(tl.float32) + (xl * sh).to(dtype).to(tl.float32)).to(dtype)
+                        k_lo = (kb_lo.to(tl.float32) + rl.to(tl.float32)).to(dtype)
+                        k_hi = (kb_hi.to(tl.float32) + rh.to(tl.float32)).to(dtype)
+                    elif LOWP_ROPE:  # the rotation in the cache dtype (packed bf16/fp16 FMAs, half the registers)
+                        xl = x_lo.to(dtype)
+                        xh = x_hi.to(dtype)
+                        k_lo = kb_lo + (xl * c_lo.to(dtype) - xh * s_lo.to(dtype))
+                        k_hi = kb_hi + (xh * c_hi.to(dtype) + xl * s_hi.to(dtype))
+                    else:
+                        k_lo = (kb_lo.to(tl.float32) + x_lo * c_lo.to(tl.float32) - x_hi * s_lo.to(tl.float32)).to(dtype)
+                        k_hi = (kb_hi.to(tl.float32) + x_hi * c_hi.to(tl.float32) + x_lo * s_hi.to(tl.float32)).to(dtype)
                     part = _dot(k_lo, qc_lo, DOT_PREC, UPCAST) + _dot(k_hi, qc_hi, DOT_PREC, UPCAST)
                     if A_MAX == 1:
                         sT += part
@@ -423,14 +442,15 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
                                block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                                agents_per_item: int | None = 4, num_warps: int = 4,
                                num_stages: int = 2, programs_per_sm: int = 8,
-                               uv_natural: bool = True, d_chunk: int = 32) -> torch.Tensor:
+                               uv_natural: bool = True, d_chunk: int = 32, lowp_rope: bool | None = None) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a ``ForkKVView``; returns ``[B, Q, H, D]`` in the query's dtype.
 
     Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
     the shared context, ``block_m`` query vectors per work item, ``agents_per_item`` the most agents packed in one
     item (they share each base tile), ``num_warps``/``num_stages`` for the shared-part kernel, ``programs_per_sm``
     how many programs the split of the context aims at per SM, ``uv_natural`` the layout of the V-residual
-    accumulation, ``d_chunk`` the head-dim chunk of the K-residual rebuild.
+    accumulation, ``d_chunk`` the head-dim chunk of the K-residual rebuild, ``lowp_rope`` the K residual's rotation
+    in the cache dtype instead of fp32 (default: env ``FORKKV_LOWP_ROPE=1``; an experiment, off).
     """
     B, H, NQ, D = query.shape
     sh = view.shared
@@ -526,6 +546,7 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
         G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
         DOT_PREC=prec, UPCAST=interp, UV_NATURAL=uv_natural, DC=min(HALF_B, max(16, d_chunk)),
+        LOWP_ROPE=bool(int(os.environ.get("FORKKV_LOWP_ROPE", "0"))) if lowp_rope is None else lowp_rope,
         num_warps=num_warps, num_stages=num_stages,
     )
 
