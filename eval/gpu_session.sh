@@ -2,16 +2,7 @@
 # One GPU-machine session: make the working tree importable, run the tests named in $TESTS (pytest args; empty to
 # skip), then the scripts in $SCRIPTS (each gets --out $OUT/<name>.json). Everything it writes goes under $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
-# importable without installing: forkkv_hf from the tree, forkkv_kernels through a link to kernels/
-mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/forkkv_kernels
-export PYTHONPATH="$PWD:/tmp/pp"
+source "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-tests/test_kernels.py}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi

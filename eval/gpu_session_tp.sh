@@ -3,15 +3,7 @@
 # under torchrun with tp_plan="auto" on two (a random Llama-3.1-8B-shaped checkpoint is written first: tp_plan loads
 # through from_pretrained). Everything it writes goes under $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
-mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/forkkv_kernels
-export PYTHONPATH="$PWD:/tmp/pp"
+source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu ${TESTS:-tests/test_tensor_parallel.py tests/test_multi_device.py tests/test_batched_lora.py} 2>&1 | tail -15 | tee "$OUT/tests.txt"
 echo "tests done at $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.txt"
