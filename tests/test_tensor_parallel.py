@@ -22,10 +22,10 @@ ROOT = HERE.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 
-def _fixture(tmp_path):
+def _fixture(tmp_path, heads=4, kv_heads=2):
     """A tiny Llama saved as a checkpoint (tp_plan needs from_pretrained) and two adapters saved beside it, with
     LoRA on colwise (q/k/v, gate) and rowwise (o, down) projections. Returns the single-process PeftModel."""
-    model = tiny_llama(layers=3, hidden=64, heads=4, kv_heads=2, seed=21)
+    model = tiny_llama(layers=3, hidden=64, heads=heads, kv_heads=kv_heads, seed=21)
     model.save_pretrained(tmp_path / "model")
     pm = with_adapters(model, {"coder": dict(r=8, lora_alpha=8, target_modules=TARGETS),
                                "planner": dict(r=4, target_modules=TARGETS)})
@@ -78,6 +78,15 @@ def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backe
         env["TRITON_INTERPRET"] = "1"
     ranks = _torchrun(tmp_path, 2, env)
     _check(ranks, shared, ref, 2)
+
+
+def test_tensor_parallel_four_ranks_on_cpu(tmp_path):
+    """Nothing assumes two ranks: 4 KV heads over 4 ranks, one head each."""
+    pm = _fixture(tmp_path, heads=8, kv_heads=4)
+    shared, ref = run_forkkv(pm, "cpu")
+    ranks = _torchrun(tmp_path, 4, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FORKKV_LORA_BACKEND": "torch"})
+    _check(ranks, shared, ref, 4)
+    assert ranks[0]["key_shape"][1] == 1
 
 
 @pytest.mark.gpu
