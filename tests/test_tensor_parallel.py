@@ -2,7 +2,8 @@
 
 The reference is the same ForkKV run on one process with the unsharded model. On CPU the ranks are two processes
 with the gloo backend (transformers falls back to a CPU mesh); on a machine with 2 GPUs the same run uses NCCL.
-Checked: greedy tokens equal, scores close, and each rank holds its share of the cache: half the base K/V (its KV
+Checked: greedy tokens equal (also with the cache forked from a ``ForkKVStore``), scores close, and each rank holds its
+share of the cache: half the base K/V (its KV
 heads) and half the B factors, and the whole residual ``u`` of every adapter (replicated)."""
 
 import json
@@ -49,6 +50,7 @@ def _check(ranks, shared, ref, world):
     for rep in ranks:
         assert rep["world"] == world
         assert rep["sequences"] == ref.sequences.tolist(), rep["rank"]
+        assert rep["store_sequences"] == ref.sequences.tolist(), rep["rank"]  # a ForkKVStore fork, same tokens
         for got, want in zip(rep["scores"], ref.scores):
             torch.testing.assert_close(torch.tensor(got), want.float().cpu(), rtol=1e-4, atol=1e-4)
         # the rank's share: its KV heads of the base and of B; u whole (per token, not per head)

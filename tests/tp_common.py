@@ -8,13 +8,32 @@ from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
 NAMES = ["planner", "coder", "__base__", "planner", "coder"]
 
 
-def run_forkkv(pm, device, new_tokens: int = 6):
-    """Build the shared context of two agents, fork it for a mixed batch (two rows of one agent, a base row), and
-    generate greedily; returns the SharedContext and the generate output (sequences and scores)."""
+def _case(device):
     g = torch.Generator().manual_seed(5)
     ctx = torch.randint(3, 128, (37,), generator=g)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (3, 17, 5, 1, 9)]
-    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=device)
+    return ctx, batch_inputs(ctx, prompts, pad_token_id=0, device=device)
+
+
+def run_store(pm, device, new_tokens: int = 6):
+    """The same generate with its cache forked from a ``ForkKVStore`` (the context extended in two turns); returns
+    the sequences."""
+    ctx, inputs = _case(device)
+    forkkv_hf.enable_forkkv(pm)
+    store = forkkv_hf.ForkKVStore(pm)
+    with torch.no_grad():
+        store.extend(ctx[:20].to(device), ["coder", "planner"])
+        store.extend(ctx.to(device))
+        cache = store.fork(ctx.to(device), NAMES)
+        out = pm.generate(**inputs, adapter_names=NAMES, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, **cache_kwargs(cache))
+    return out.sequences
+
+
+def run_forkkv(pm, device, new_tokens: int = 6):
+    """Build the shared context of two agents, fork it for a mixed batch (two rows of one agent, a base row), and
+    generate greedily; returns the SharedContext and the generate output (sequences and scores)."""
+    ctx, inputs = _case(device)
     forkkv_hf.enable_forkkv(pm)
     with torch.no_grad():
         shared = SharedContext.build(pm, ctx.to(device), ["coder", "planner"], progress=False)

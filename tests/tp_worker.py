@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tp_common import NAMES, run_forkkv  # noqa: E402
+from tp_common import run_forkkv, run_store  # noqa: E402
 
 
 def main(model_dir: str, adapters_dir: str, out: str) -> None:
@@ -42,10 +42,11 @@ def main(model_dir: str, adapters_dir: str, out: str) -> None:
                         lin.weight = nn.Parameter(lin.weight.full_tensor(), requires_grad=False)
     device = model.model.embed_tokens.weight.device
     shared, result = run_forkkv(pm, device)
+    store_sequences = run_store(pm, device)
     layer = shared.layers[0]
     report = {
         "rank": rank, "world": dist.get_world_size(), "device": str(device),
-        "sequences": result.sequences.tolist(), "scores": [s.float().cpu().tolist() for s in result.scores],
+        "sequences": result.sequences.tolist(), "store_sequences": store_sequences.tolist(), "scores": [s.float().cpu().tolist() for s in result.scores],
         "base_bytes": shared.base_bytes(), "factor_bytes": shared.factor_bytes(),
         "residual_bytes": {a: shared.residual_bytes(a) for a in shared.adapters},
         "key_shape": list(layer.key.shape),
