@@ -93,7 +93,7 @@ def test_tensor_parallel_four_ranks_on_cpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("whole_lora", [False, True], ids=["peft-sharded", "whole-lora-factors"])
+@pytest.mark.parametrize("whole_lora", [False, True], ids=["as-peft-loads-them", "whole-lora-factors"])
 def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path, whole_lora):
     pm = _fixture(tmp_path)
     shared, ref = run_forkkv(pm.to("cuda:0"), "cuda:0")
