@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     build_model_split,
     default_device,
     device_info,
+    kernel_seconds_by_family,
     llama8b_config,
     slug,
 )
@@ -172,17 +173,12 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
             _generate(pm, system, ctx, inputs, names, gen, shared=shared)
             _sync()
             wall = time.perf_counter() - t0
-    gpu = {k: 0.0 for k in fams}
     cpu = {}
     if not profiled:
-        return wall, gpu, cpu
+        return wall, {k: 0.0 for k in fams}, cpu
+    gpu = kernel_seconds_by_family(prof, fams, "elementwise/other")
     for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        is_kernel = getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
-        if is_kernel and dev_us:
-            fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "elementwise/other")
-            gpu[fam] += dev_us / 1e6
-        elif not is_kernel:
+        if not (getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)):
             cpu[ev.key] = (ev.self_cpu_time_total / 1e6, ev.count)
     return wall, gpu, cpu
 

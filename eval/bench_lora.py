@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     cuda_time,
     default_device,
     device_info,
+    kernel_seconds_by_family,
     llama8b_config,
     slug,
 )
@@ -187,14 +188,9 @@ def profile_steps(pm, kw, steps=8):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t
-        gpu = {f: 0.0 for f in fams}
-        if profiled:
-            for ev in prof.key_averages():
-                dev_us = getattr(ev, "self_device_time_total", 0)
-                if dev_us and "CUDA" in str(getattr(ev, "device_type", "")):
-                    fam = next((f for f, keys in fams.items() if any(k in ev.key for k in keys)), "other kernels")
-                    gpu[fam] += dev_us / 1e3
-        return wall, gpu
+        if not profiled:
+            return wall, None
+        return wall, {f: 1e3 * t for f, t in kernel_seconds_by_family(prof, fams, "other kernels").items()}
 
     w1, _ = run(1, False)
     w2, _ = run(1 + steps, False)

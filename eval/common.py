@@ -143,6 +143,19 @@ def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_p
     return pm.eval()
 
 
+def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
+    """GPU kernel time (seconds) of a ``torch.profiler`` run by family: a kernel counts for the first family with a
+    name fragment its name contains, else for ``other``."""
+    out = {f: 0.0 for f in families}
+    out.setdefault(other, 0.0)
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if dev_us and getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type):
+            fam = next((f for f, keys in families.items() if keys and any(k in ev.key for k in keys)), other)
+            out[fam] += dev_us / 1e6
+    return out
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -16,6 +16,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it beside its result file (``path`` with ``.png``), close it; returns the PNG's path."""
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def _load(pattern):
     return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
 
@@ -41,11 +50,7 @@ def plot_kernel(path, res):
     axes[0].set_ylabel("one layer, µs")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Decode attention, Llama-3.1-8B layer, r=16 — {res['device'].get('gpu')}", fontsize=10)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def plot_lora(path, res):
@@ -65,11 +70,7 @@ def plot_lora(path, res):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Mixed-adapter decode, 8B shapes, r=16 — {res['device'].get('gpu')}", fontsize=9)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def plot_e2e(path, res):
@@ -111,11 +112,7 @@ def plot_e2e(path, res):
         ax.legend(fontsize=8)
     fig.suptitle(f"End to end, Llama-3.1-8B shapes, 64-token prompts, 128 new tokens — {res['device'].get('gpu')}",
                  fontsize=10)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def main():

@@ -524,11 +524,9 @@ def plot_quality(path, result) -> Path:
     fig.suptitle(f"ForkKV fidelity, SmolLM2-135M + 4 trained LoRA agents, shared contexts of {tokens} tokens, "
                  f"{sum(len(sc['rows']) for sc in result['scenarios'])} prompts, greedy ({result['machine']['cpu']})",
                  fontsize=9)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    from plot_results import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

@@ -161,8 +161,6 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
     stack, slots, batchable = _call_plan(self, adapter_names)
     if not batchable:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
-    if stack.A is not None and stack.A.shape[-1] != x.shape[-1]:  # e.g. a sharded input with an unsharded lora_A
-        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     for k in VARIANT_KWARG_KEYS:

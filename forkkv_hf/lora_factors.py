@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .tp import is_dtensor, local, lora_shard, shard_dim
+from .tp import is_dtensor, lora_shard, shard_dim
 
 #: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
 BASE_ADAPTER = "__base__"
@@ -197,7 +197,7 @@ def collect_projection_lora(
     present = [a for a in adapters if a in layer.lora_A and not is_activated_lora(layer, a)]
     if not present:
         return None
-    ranks, has_bias = [], []
+    has_bias = []
     for a in present:
         if layer.use_dora.get(a, False) or a in getattr(layer, "lora_magnitude_vector", {}):
             raise ValueError(
@@ -211,9 +211,7 @@ def collect_projection_lora(
                 f"adapter {a!r} on {where} is a LoRA variant ({type(variant).__name__}); ForkKV supports plain LoRA "
                 "and Activated LoRA on k_proj/v_proj."
             )
-        ranks.append(local(layer.lora_A[a].weight).shape[0])
         has_bias.append(getattr(layer.lora_B[a], "bias", None) is not None)
-    r_max = max(ranks)
     base_w = layer.get_base_layer().weight
     if out_slice is not None and is_dtensor(base_w):
         raise NotImplementedError(
@@ -229,6 +227,8 @@ def collect_projection_lora(
     # tensor parallelism: A whole (the input is replicated), B's rows of this rank's KV heads
     As = [lora_shard(layer.lora_A[a].weight, base_w, 1) for a in present]
     Bs = [lora_shard(layer.lora_B[a].weight, base_w, 0) for a in present]
+    ranks = [a.shape[0] for a in As]
+    r_max = max(ranks)
     d_in = As[0].shape[1]
     lo, hi = out_slice if out_slice is not None else (0, Bs[0].shape[0])
     bias = any(has_bias)
