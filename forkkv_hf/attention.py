@@ -16,8 +16,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .cache import ForkKVView
+from .decode_ops import static_attention
 from .lora_factors import BASE_ADAPTER, transformers_model
 from .residual_attention import residual_attention
+from .static_cache import StaticForkKVView
 
 ATTN_NAME = "forkkv"
 
@@ -25,6 +27,8 @@ ATTN_NAME = "forkkv"
 # ---------------------------------------------------------------------------------------------------------------------
 # which adapter each row really runs: recorded from PEFT's LoRA layers, checked against the cache's rows
 def _probe_hook(module, args, kwargs, output):
+    if torch.compiler.is_compiling():  # the call's eager prefill recorded the names; decode steps run the same
+        return
     module._forkkv_adapter_names = kwargs.get("adapter_names")
 
 
@@ -111,6 +115,17 @@ def forkkv_attention_forward(
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
     view = key
+    if not torch.compiler.is_compiling():  # a compiled decode step was checked by its call's eager prefill
+        _check_view(module, view, kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if isinstance(view, StaticForkKVView):
+        return static_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
+    return residual_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
+
+
+def _check_view(module: nn.Module, view: ForkKVView, kwargs) -> None:
+    """Refuse a view of another model instance, one that outgrew a sliding window, or rows run by other adapters."""
     source = view.shared.source() if view.shared.source is not None else None
     if view.shared.source is not None and source is not module:
         raise ValueError(
@@ -125,9 +140,6 @@ def forkkv_attention_forward(
             "attention only within the window. Generate fewer tokens or use a shorter context."
         )
     check_rows(module, view)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return residual_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 
 
 def register_forkkv() -> None:

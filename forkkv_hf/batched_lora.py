@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import peft_integration
+from .decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
 from .peft_integration import CALL_EPOCH
 from .tp import local, lora_shard, rowwise_group
@@ -109,27 +110,14 @@ def _call_plan(layer, adapter_names):
         stack = _EMPTY
     plan = (stack, slots, batchable)
     layer._forkkv_rows_memo = (adapter_names, len(adapter_names), epoch, plan)
+    # what this call's compiled decode steps read (the rows' slots as device tensors), made once per call
+    remember_decode_plan(layer, stack, slots, batchable, batchable and stack.A is not None and _use_triton(stack.A))
     return plan
 
 
 def lora_delta_torch(x: torch.Tensor, slots: tuple, stack: StackedLoRA) -> torch.Tensor:
-    """``[B, L, d_out]`` LoRA delta per row, vectorised: per-row gather of ``A``/``B`` and two ``bmm`` (with the
-    partial ``u`` of a rowwise tensor-parallel layer summed across its ranks in between)."""
-    idx = torch.tensor([max(s, 0) for s in slots], device=x.device)
-    valid = torch.tensor([s >= 0 for s in slots], device=x.device, dtype=torch.float32)
-    A = stack.A[idx]  # [B, r, d_in]
-    Bm = stack.B[idx]  # [B, d_out, r]
-    u = torch.bmm(x.to(A.dtype), A.transpose(1, 2))  # [B, L, r]
-    if stack.reduce_group is not None:
-        import torch.distributed as dist
-
-        u = u.float()
-        dist.all_reduce(u, group=stack.reduce_group)
-    y = torch.bmm(u.to(Bm.dtype), Bm.transpose(1, 2))  # [B, L, d_out]
-    y = y * (stack.scale[idx] * valid).to(y.dtype)[:, None, None]
-    if stack.bias is not None:
-        y = y + _bias_rows(slots, stack, x.device).to(y.dtype)
-    return y
+    """``[B, L, d_out]`` LoRA delta per row, vectorised (:func:`forkkv_hf.decode_ops.lora_delta_rows`)."""
+    return lora_delta_rows(x, *row_slots(tuple(slots), str(x.device)), stack)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -158,6 +146,8 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
     adapters of the batch."""
     if not self.lora_A or x.dim() != 3:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    if torch.compiler.is_compiling():  # a compiled decode step: the plan this call's prefill stored
+        return decode_lora_forward(self, x, *args, **kwargs)
     stack, slots, batchable = _call_plan(self, adapter_names)
     if not batchable:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
@@ -188,6 +178,8 @@ def checked_forward_args(self, x, *args, **kwargs):
     """PEFT's ``_check_forward_args`` once per layer, user-level call and adapter list instead of at every decode
     step: with ``adapter_names`` it builds a set of the batch's names and looks each up (O(rows) per LoRA layer and
     step, ~3 ms a step for 256 agents on an 8B model). The row-count check, which is cheap, runs every time."""
+    if torch.compiler.is_compiling():  # the call's eager prefill checked these names
+        return None
     names = kwargs.get("adapter_names")
     if names is None or len(x) != len(names):
         return type(self)._check_forward_args(self, x, *args, **kwargs)
@@ -202,9 +194,7 @@ def checked_forward_args(self, x, *args, **kwargs):
 
 def _bias_rows(slots: tuple, stack: StackedLoRA, device) -> torch.Tensor:
     """``[B, 1, d_out]``: each row's scaled LoRA bias (zero for rows without this layer's adapter)."""
-    idx = torch.tensor([max(s, 0) for s in slots], device=device)
-    valid = torch.tensor([s >= 0 for s in slots], device=device, dtype=torch.float32)
-    return (stack.bias[idx].float() * (stack.scale[idx] * valid)[:, None])[:, None, :]
+    return bias_rows(*row_slots(tuple(slots), str(device)), stack)
 
 
 def _lora_linears(model: nn.Module):

@@ -341,14 +341,14 @@ class ForkKVCache(Cache):
     def check_generate_inputs(self, model, input_ids, kwargs) -> None:
         """Refuse, before ``generate`` runs, every input this cache would silently serve wrong: a context other
         than the shared one, rows that are not a continuation of what the cache already holds, ``use_cache=False``,
-        a static/compiled cache, and Activated-LoRA rows whose adapter would switch on inside the shared context."""
+        another cache implementation, and Activated-LoRA rows whose adapter would switch on inside the shared context."""
         if kwargs.get("use_cache") is False:
             raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to)")
         gen_cfg = kwargs.get("generation_config")
         impl = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
         if impl is not None:
-            raise ValueError(f"cache_implementation={impl!r} asks for another cache; a ForkKVCache is dynamic and "
-                             "eager: drop cache_implementation (and compile settings) when passing it")
+            raise ValueError(f"cache_implementation={impl!r} asks for another cache; drop it when passing a "
+                             "ForkKVCache (which compiles its decode step itself where it can)")
         if input_ids is None:
             raise ValueError("pass input_ids with the full rows (shared context + prompt), as forkkv_hf.batch_inputs "
                              "builds them, together with a ForkKVCache")

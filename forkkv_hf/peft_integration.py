@@ -7,8 +7,9 @@ One instance-level wrapper around ``generate`` that, at every call:
 - removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
   duration of the call but does not remove them on an exception, which breaks every later call of the model.
 A forward pre-hook on the outer model starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
-with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``), and a forward
-pre-hook on the transformers model records the tokens each forward appends to a ``ForkKVCache``.
+with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``) and picks the cache's
+layout (static where the decode step compiles, :mod:`forkkv_hf.compile_policy`), and a forward pre-hook on the
+transformers model records the tokens each forward appends to a ``ForkKVCache``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def install(model: nn.Module) -> None:
         if cache is not None and hasattr(cache, "check_generate_inputs"):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             cache.check_generate_inputs(model, input_ids, kwargs)
+            from .compile_policy import prepare_generate
+
+            prepare_generate(model, cache, input_ids, kwargs)  # static layout where the decode step compiles
         new_call()
         try:
             return inner(*args, **kwargs)

@@ -16,7 +16,9 @@ Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -63,6 +65,47 @@ def _softcap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return s if softcap is None else torch.tanh(s / softcap) * softcap
 
 
+@dataclass(frozen=True)
+class BatchAgents:
+    """The agents of a batch, as device tensors (``None`` where no row has a residual of that kind):
+    ``k_used [n]`` the distinct K-residual slots (-1 counted as slot 0, masked per row), ``k_local [B]`` each row's
+    index into them, ``k_row_valid [B, 1, 1, 1]`` fp32 (0 for rows without a K residual); ``v_slot [B]`` each row's
+    V-residual slot (clamped), ``v_row_valid [B]`` fp32."""
+
+    k_used: torch.Tensor | None = None
+    k_local: torch.Tensor | None = None
+    k_row_valid: torch.Tensor | None = None
+    v_slot: torch.Tensor | None = None
+    v_row_valid: torch.Tensor | None = None
+
+
+@functools.lru_cache(maxsize=256)
+def batch_agents(k_slots: tuple | None, v_slots: tuple | None, device: str) -> BatchAgents:
+    """:class:`BatchAgents` from the rows' host slots (``None``: the layer has no residual of that kind). Memoised:
+    the same rows give the same tensors, built without reading device memory."""
+    out = {}
+    if k_slots is not None and any(s >= 0 for s in k_slots):
+        used = sorted(set(k_slots))
+        out["k_used"] = torch.tensor(used, dtype=torch.long, device=device).clamp(min=0)
+        out["k_local"] = torch.tensor([used.index(s) for s in k_slots], dtype=torch.long, device=device)
+        out["k_row_valid"] = torch.tensor([float(s >= 0) for s in k_slots], device=device)[:, None, None, None]
+    if v_slots is not None and any(s >= 0 for s in v_slots):
+        out["v_slot"] = torch.tensor(v_slots, dtype=torch.long, device=device).clamp(min=0)
+        out["v_row_valid"] = torch.tensor([float(s >= 0) for s in v_slots], device=device)
+    return BatchAgents(**out)
+
+
+def view_agents(view, device) -> BatchAgents:
+    """The view's agents: precomputed by a static cache layer (``view.agents``, set before the step), else from its
+    host slots."""
+    agents = getattr(view, "agents", None)
+    if agents is not None:
+        return agents
+    slots = [None if rows is None else tuple(slots if slots is not None else rows.tolist())
+             for rows, slots in ((view.k_rows, view.k_slots), (view.v_rows, view.v_slots))]
+    return batch_agents(slots[0], slots[1], str(device))
+
+
 def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling: float,
                              softcap: float | None = None) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a :class:`~forkkv_hf.cache.ForkKVView`; returns ``[B, Q, H, D]`` in
@@ -85,19 +128,13 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
     acc = torch.zeros(B, Hkv, G, Q, D, device=dev)
 
     # agents present in the batch, each rebuilt once per chunk; rows index into them
-    k_res = sh.k_res if view.k_rows is not None else None
+    agents = view_agents(view, dev)
+    k_res = sh.k_res if agents.k_used is not None else None
     if k_res is not None:
-        k_used, k_local = torch.unique(view.k_rows, return_inverse=True)
-        k_valid = k_used >= 0
-        if not bool(k_valid.any()):
-            k_res = None
-        else:
-            k_row_valid = (view.k_rows >= 0).float()[:, None, None, None]
-            k_used = k_used.clamp(min=0)
-    v_res = sh.v_res if view.v_rows is not None and bool((view.v_rows >= 0).any()) else None
+        k_used, k_local, k_row_valid = agents.k_used, agents.k_local, agents.k_row_valid
+    v_res = sh.v_res if agents.v_slot is not None else None
     if v_res is not None:
-        v_slot = view.v_rows.clamp(min=0)
-        v_row_valid = (view.v_rows >= 0).float()
+        v_slot, v_row_valid = agents.v_slot, agents.v_row_valid
         acc_uv = torch.zeros(B, Hkv, G, Q, v_res.rank, device=dev)
 
     C = _chunk_len(B, Hkv, G, Q, D, T)

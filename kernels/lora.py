@@ -113,6 +113,20 @@ def _plan(slots: tuple, tokens_per_row: int, device: str):
     return bm, _tile_tensors(slots, tokens_per_row, bm, device)
 
 
+@functools.lru_cache(maxsize=64)
+def padded_plan(slots: tuple, tokens_per_row: int, device: str):
+    """:func:`_plan` with shapes that depend only on the batch: the tiles padded with empty ones to a power of two,
+    ``perm`` to every token-row, so that batches of one size but another mix of adapters reuse a compiled graph.
+    ``(BLOCK_M, tile tensors)``, or ``None`` if no row has an adapter here."""
+    plan = _plan(slots, tokens_per_row, device)
+    if plan is None:
+        return None
+    bm, (ta, tst, tc, perm) = plan
+    n = _next_pow2(ta.numel())
+    pad = lambda t, size: torch.cat([t, t.new_zeros(size - t.numel())])  # noqa: E731
+    return bm, (pad(ta, n), pad(tst, n), pad(tc, n), pad(perm, len(slots) * tokens_per_row))
+
+
 def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                       out: torch.Tensor, reduce_group=None) -> torch.Tensor:
     """``out[b, l] += scale[s] · (x[b, l] @ A[s]ᵀ) @ B[s]ᵀ`` with ``s = slots[b]`` (rows with ``s < 0`` untouched).
@@ -131,16 +145,25 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
 
 def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                        out: torch.Tensor, reduce_group=None) -> torch.Tensor:
+    plan = _plan(tuple(slots), x.shape[1], str(x.device))
+    if plan is None:
+        return out
+    return lora_delta_planned(x, A, B, scale, out, plan[0], *plan[1], reduce_group=reduce_group)
+
+
+def lora_delta_planned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                       block_m: int, tile_adapter: torch.Tensor, tile_start: torch.Tensor, tile_count: torch.Tensor,
+                       perm: torch.Tensor, reduce_group=None) -> torch.Tensor:
+    """:func:`lora_delta_triton` over tiles planned beforehand (``int32`` device tensors, as :func:`_plan` gives
+    them; tiles with ``tile_count`` 0 do nothing): no host-side work that reads tensor values, so it can be captured
+    in a CUDA graph. Call it on ``x``'s device."""
     Bsz, L, d_in = x.shape
     n, r, _ = A.shape
     d_out = B.shape[1]
     dev = x.device
     x2 = x.reshape(Bsz * L, d_in)
     o2 = out.view(Bsz * L, d_out)
-    plan = _plan(tuple(slots), L, str(dev))
-    if plan is None:
-        return out
-    bm, (ta, tst, tc, perm) = plan
+    bm, ta, tst, tc, perm = block_m, tile_adapter, tile_start, tile_count, perm
     n_tiles = ta.numel()
     interp = not x.is_cuda
     RB = max(16, _next_pow2(r))

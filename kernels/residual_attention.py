@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -438,6 +439,35 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         return _residual_attention_triton(query, view, attention_mask, scaling, **tuning)
 
 
+@dataclass(frozen=True)
+class WorkPlan:
+    """How the shared-part kernel packs (row, query) slots into work items (see :func:`_plan`), as device tensors:
+    per item and slot ``slot_row`` (-1: empty), ``slot_q``, ``slot_agent``; per item and agent ``agent_k``/``agent_v``
+    (residual slots, -1: none); per row ``row_vslot`` (its V residual slot). ``block_m``: query vectors per item;
+    ``a_max``: the most agents an item holds. Built on the host from the rows' slots (memoised, so the same rows give
+    the same tensors), then read by every launch for those rows, eager or captured in a graph."""
+
+    block_m: int
+    a_max: int
+    slot_row: torch.Tensor
+    slot_q: torch.Tensor
+    slot_agent: torch.Tensor
+    agent_k: torch.Tensor
+    agent_v: torch.Tensor
+    row_vslot: torch.Tensor
+
+
+def plan_work(k_slots: tuple, v_slots: tuple, nq: int, groups: int, device, block_m: int | None = None,
+              agents_per_item: int | None = 4) -> WorkPlan:
+    """The work items for rows whose K/V residual slots are ``k_slots``/``v_slots`` (host tuples, -1: none; all -1
+    when the layer has no residual of that kind), ``nq`` queries per row and ``groups`` query heads per KV head."""
+    BLOCK_M = max(block_m or (16 if nq == 1 else 64), _pow2(groups))
+    SLOTS = BLOCK_M // groups
+    apm = min(SLOTS, agents_per_item or 8)
+    tensors, a_max = _plan_tensors(tuple(k_slots), tuple(v_slots), nq, SLOTS, apm, str(device))
+    return WorkPlan(BLOCK_M, a_max, *tensors, _row_slots(tuple(v_slots), str(device)))
+
+
 def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float,
                                block_t: int | None = None, n_splits: int | None = None, block_m: int | None = None,
                                agents_per_item: int | None = 4, num_warps: int = 4,
@@ -458,25 +488,8 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
     B, H, NQ, D = query.shape
     sh = view.shared
     _, Hkv, T, _ = sh.key.shape
-    P = view.private_len
     if H % Hkv:
         raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
-    if D % 2:
-        raise ValueError(f"head_dim {D} is odd; rotate-half RoPE needs an even head_dim")
-    G = H // Hkv
-    HALF = D // 2
-    dev = query.device
-    dtype = query.dtype
-    key = sh.key[0]
-    value = sh.value[0]
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        key, value = key.contiguous(), value.contiguous()
-    q = query if query.stride(-1) == 1 else query.contiguous()
-    kp = view.key if view.key.stride(-1) == 1 else view.key.contiguous()
-    vp = view.value if view.value.stride(-1) == 1 else view.value.contiguous()
-    if key.dtype != dtype or kp.dtype != dtype:
-        raise TypeError(f"query is {dtype} but the cache holds {key.dtype}/{kp.dtype}")
-
     k_res = sh.k_res if view.k_rows is not None else None
     v_res = sh.v_res if view.v_rows is not None else None
     k_slots = tuple(view.k_slots) if k_res is not None else (-1,) * B
@@ -487,22 +500,68 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
         k_slots = (-1,) * B
     if not has_v:
         v_slots = (-1,) * B
-    RK = k_res.rank if has_k else 1
-    RV = v_res.rank if has_v else 1
+    plan = plan_work(k_slots, v_slots, NQ, H // Hkv, query.device, block_m=block_m, agents_per_item=agents_per_item)
+    return _launch(
+        query, sh.key[0], sh.value[0], sh.cos, sh.sin,
+        k_res.u if has_k else None, k_res.B if has_k else None, v_res.u if has_v else None, v_res.B if has_v else None,
+        view.key, view.value, _kv_mask(attention_mask, B, NQ, T, view.private_len), plan, scaling,
+        rope_half=has_k and _rope_half(sh), block_t=block_t, n_splits=n_splits, num_warps=num_warps,
+        num_stages=num_stages, programs_per_sm=programs_per_sm, uv_natural=uv_natural, d_chunk=d_chunk,
+        lowp_rope=lowp_rope, workspace=_workspace,
+    )
+
+
+def launch_residual_attention(q, key, value, cos, sin, u_k, b_k, u_v, b_v, kp, vp, mask, plan: WorkPlan,
+                              scaling: float, *, rope_half: bool, **tuning) -> torch.Tensor:
+    """The two kernels over pre-planned work (no host-side reads of tensor values, so it can be captured in a CUDA
+    graph). ``q [B, H, NQ, D]``; ``key``/``value`` ``[H_kv, T, D]`` (the shared base); ``cos``/``sin`` ``[T, D]``;
+    ``u_k [n, T, r_k]``, ``b_k [n, H_kv·D, r_k]`` (``None``: no K residual), ``u_v``/``b_v`` likewise;
+    ``kp``/``vp`` ``[B, H_kv, P, D]`` (private); ``mask`` int8 ``[B, NQ, T + P]`` (1 = attend) or ``None`` (causal
+    in the private part); ``rope_half``: cos/sin repeat their first half. Fresh scratch buffers per call. Returns
+    ``[B, NQ, H, D]``."""
+    with _on_device(q.device):
+        return _launch(q, key, value, cos, sin, u_k, b_k, u_v, b_v, kp, vp, mask, plan, scaling,
+                       rope_half=rope_half, **tuning)
+
+
+def _fresh_workspace(name: str, numel: int, device) -> torch.Tensor:
+    return torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+
+
+def _launch(q, key, value, cos, sin, u_k, b_k, u_v, b_v, kp, vp, mask, plan: WorkPlan, scaling: float, *,
+            rope_half: bool, block_t: int | None = None, n_splits: int | None = None, num_warps: int = 4,
+            num_stages: int = 2, programs_per_sm: int = 8, uv_natural: bool = True, d_chunk: int | None = None,
+            lowp_rope: bool | None = None, workspace=_fresh_workspace) -> torch.Tensor:
+    B, H, NQ, D = q.shape
+    Hkv, T, _ = key.shape
+    P = kp.shape[-2]
+    if D % 2:
+        raise ValueError(f"head_dim {D} is odd; rotate-half RoPE needs an even head_dim")
+    G = H // Hkv
+    HALF = D // 2
+    dev = q.device
+    dtype = q.dtype
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kp = kp if kp.stride(-1) == 1 else kp.contiguous()
+    vp = vp if vp.stride(-1) == 1 else vp.contiguous()
+    if key.dtype != dtype or kp.dtype != dtype:
+        raise TypeError(f"query is {dtype} but the cache holds {key.dtype}/{kp.dtype}")
+    has_k, has_v = u_k is not None, u_v is not None
+    RK = u_k.shape[-1] if has_k else 1
+    RV = u_v.shape[-1] if has_v else 1
     RKB, RVB = _pow2(RK), _pow2(RV)
     HALF_B = _pow2(HALF)
     prec = "ieee" if dtype == torch.float32 else "tf32"
 
-    interp = not query.is_cuda
+    interp = not q.is_cuda
     if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
         block_t, num_stages = block_t or 32, 1
     BLOCK_T = block_t or (32 if interp else 64)
-    BLOCK_M = block_m or (16 if NQ == 1 else 64)
-    BLOCK_M = max(BLOCK_M, _pow2(G))
+    BLOCK_M = plan.block_m
     SLOTS = BLOCK_M // G
-    apm = min(SLOTS, agents_per_item or 8)
-    (slot_row, slot_q, slot_agent, agent_k, agent_v), a_max = _plan_tensors(k_slots, v_slots, NQ, SLOTS, apm, str(dev))
-    n_items = slot_row.numel() // SLOTS
+    n_items = plan.slot_row.numel() // SLOTS
 
     if n_splits is None:
         target = programs_per_sm * _num_sms(str(dev))
@@ -510,21 +569,20 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
     split_len = _cdiv(_cdiv(T, n_splits), BLOCK_T) * BLOCK_T
     n_splits = _cdiv(T, split_len)
 
-    mask = _kv_mask(attention_mask, B, NQ, T, P)
     has_mask = mask is not None
     mk = mask if has_mask else q  # dummy pointer
     ms = mask.stride() if has_mask else (0, 0, 0)
 
     n_vec = B * H * NQ * n_splits
-    m_ws = _workspace("m", n_vec, dev)
-    l_ws = _workspace("l", n_vec, dev)
-    acc_ws = _workspace("acc", n_vec * 2 * HALF_B, dev)
-    uv_ws = _workspace("uv", n_vec * RVB if has_v else 1, dev)
+    m_ws = workspace("m", n_vec, dev)
+    l_ws = workspace("l", n_vec, dev)
+    acc_ws = workspace("acc", n_vec * 2 * HALF_B, dev)
+    uv_ws = workspace("uv", n_vec * RVB if has_v else 1, dev)
 
-    uk = k_res.u if has_k else q
-    bk = k_res.B if has_k else q
-    uv = v_res.u if has_v else q
-    bv = v_res.B if has_v else q
+    uk = u_k if has_k else q
+    bk = b_k if has_k else q
+    uv = u_v if has_v else q
+    bv = b_v if has_v else q
     uk_s = (uk.stride(0), uk.stride(1)) if has_k else (0, 0)
     bk_s = (bk.stride(0), bk.stride(1)) if has_k else (0, 0)
     uv_s = (uv.stride(0), uv.stride(1)) if has_v else (0, 0)
@@ -533,7 +591,6 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
         if t is not q and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     qk_scale = float(scaling) * LOG2E
-    cos, sin = sh.cos, sh.sin
     if lowp_rope is None:
         env = os.environ.get("FORKKV_LOWP_ROPE")
         lowp_rope = bool(int(env)) if env is not None else (not interp and dtype in (torch.bfloat16, torch.float16))
@@ -547,18 +604,17 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
         uk, *uk_s, bk, *bk_s,
         uv, *uv_s,
         mk, *ms,
-        slot_row, slot_q, slot_agent, agent_k, agent_v,
+        plan.slot_row, plan.slot_q, plan.slot_agent, plan.agent_k, plan.agent_v,
         m_ws, l_ws, acc_ws, uv_ws,
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
-        G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
-        BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and _rope_half(sh),
+        G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=plan.a_max, BLOCK_M=BLOCK_M,
+        BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and rope_half,
         DOT_PREC=prec, UPCAST=interp, UV_NATURAL=uv_natural, DC=min(HALF_B, max(16, d_chunk or (64 if lowp else 32))),
         LOWP_ROPE=lowp,
         num_warps=num_warps, num_stages=num_stages,
     )
 
     out = torch.empty(B, NQ, H, D, device=dev, dtype=dtype)
-    row_vslot = _row_slots(v_slots, str(dev)) if has_v else slot_row
     BLOCK_M2 = _pow2(G * min(NQ, max(1, 64 // G)))
     qpb2 = max(1, BLOCK_M2 // G)
     LAST_LAUNCH["merge"] = _private_merge_kernel[(B, Hkv, _cdiv(NQ, qpb2))](
@@ -566,7 +622,7 @@ def _residual_attention_triton(query: torch.Tensor, view, attention_mask, scalin
         kp, kp.stride(0), kp.stride(1), kp.stride(2),
         vp, vp.stride(0), vp.stride(1), vp.stride(2),
         bv, *bv_s,
-        row_vslot,
+        plan.row_vslot,
         mk, *ms,
         m_ws, l_ws, acc_ws, uv_ws,
         out, out.stride(0), out.stride(1), out.stride(2),

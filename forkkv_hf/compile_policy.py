@@ -1,0 +1,136 @@
+"""Whether a ``generate`` call with a :class:`~forkkv_hf.cache.ForkKVCache` compiles its decode step, and the cache
+layout that follows from it.
+
+transformers compiles the decode steps of ``generate`` (never the prefill) when the cache is compileable and the
+model sits on CUDA/XPU (or ``compile_config._compile_all_devices`` is set), unless ``disable_compile=True``; with its
+default ``CompileConfig`` that is inductor with ``mode="reduce-overhead"``: CUDA graphs. The ``generate`` wrapper
+(:mod:`forkkv_hf.peft_integration`) calls :func:`prepare_generate` before each call: where the step can compile, it
+switches the cache to its static layout (:func:`forkkv_hf.static_cache.make_static`), whose layers are compileable,
+so transformers' own compile path takes over (honouring ``disable_compile`` and the user's ``compile_config``);
+elsewhere the cache keeps (or goes back to) the dynamic layout, which is not compileable, so decode runs eager, and
+the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .lora_factors import find_attention_modules, is_peft_model, kv_projections, transformers_model
+from .static_cache import make_dynamic, make_static
+from .tp import is_dtensor
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()
+
+#: a static cache's private capacity is rounded up to a multiple of this: fewer distinct shapes, fewer compiles
+CAPACITY_STEP = 64
+#: generate options whose decoding loop crops or re-runs the cache (assisted decoding) or compiles the prefill
+EAGER_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "prefill_chunk_size")
+
+
+def _log_once(level: int, reason: str) -> None:
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.log(level, "forkkv-hf: the decode step runs eager: %s", reason)
+
+
+def _option(kwargs: dict, gen_cfg, name: str, default=None):
+    """A generation option as ``generate`` resolves it: the keyword, else the generation config's value."""
+    if name in kwargs:
+        return kwargs[name]
+    return getattr(gen_cfg, name, default) if gen_cfg is not None else default
+
+
+def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
+    """Private tokens per row the call needs (the rows after the shared context, plus the new tokens), rounded up to
+    a multiple of :data:`CAPACITY_STEP`."""
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None and "max_length" not in kwargs:
+        max_new = getattr(gen_cfg, "max_new_tokens", None)
+    if max_new is None:
+        max_new = (_option(kwargs, gen_cfg, "max_length") or 20) - input_len
+    need = input_len - cache.num_shared_tokens + max(int(max_new), 1)
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] | None:
+    """``(log level, reason)`` why this call's decode step must run eager, or ``None`` if it can be compiled."""
+    base = transformers_model(model)
+    gen_cfg = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+    if _option(kwargs, gen_cfg, "disable_compile", False):
+        return logging.INFO, "generate(disable_compile=True)"
+    compile_config = _option(kwargs, gen_cfg, "compile_config")
+    device = base.device
+    if device.type not in ("cuda", "xpu") and not getattr(compile_config, "_compile_all_devices", False):
+        return logging.INFO, (f"the model is on {device.type}; transformers compiles decode steps on CUDA/XPU "
+                              "(CompileConfig._compile_all_devices = True compiles elsewhere)")
+    devices = set(getattr(base, "hf_device_map", {}).values())
+    if len(devices) > 1:
+        return logging.WARNING, (f"the model is split over {sorted(map(str, devices))} (device_map); one CUDA graph "
+                                 "cannot span devices")
+    attn = find_attention_modules(model)
+    proj = kv_projections(attn[0], base.config).k[0] if attn else None
+    weight = getattr(getattr(proj, "base_layer", proj), "weight", None)
+    if weight is not None and is_dtensor(weight):
+        return logging.WARNING, "tensor parallelism (the batched LoRA's all-reduces are not captured)"
+    if (_option(kwargs, gen_cfg, "num_beams", 1) or 1) > 1:
+        return logging.INFO, "beam search (transformers runs its decode steps eager)"
+    for name in EAGER_OPTIONS:
+        if _option(kwargs, gen_cfg, name) is not None:
+            return logging.WARNING, f"generate({name}=...) is not compiled with a ForkKVCache"
+    window = min((w for w in (getattr(l.shared, "sliding_window", None) for l in cache.layers) if w), default=None)
+    if window and cache.num_shared_tokens + capacity > window:
+        return logging.WARNING, (f"a sliding-window layer (window {window}) cannot hold the call's "
+                                 f"{cache.num_shared_tokens} shared + up to {capacity} private tokens")
+    if is_peft_model(model):
+        return _lora_reason(model, kwargs.get("adapter_names"))
+    return None
+
+
+def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
+    from .batched_lora import _can_batch, _lora_linears
+
+    layers = _lora_linears(model)
+    if not layers:
+        return None
+    if adapter_names is None:
+        return logging.WARNING, ("generate got no adapter_names; pass adapter_names=cache.adapter_names (one per "
+                                 "row) to compile the decode step")
+    if not getattr(model, "_forkkv_batched_lora", False):
+        return logging.WARNING, ("batched LoRA is off (enable_forkkv(model, batched_lora=False)); PEFT's per-adapter "
+                                 "loop is not compiled")
+    used = set(adapter_names)
+    for layer in layers:
+        if not _can_batch(layer, used):
+            return logging.WARNING, ("a LoRA layer cannot be batched for these adapters (DoRA or another LoRA "
+                                     "variant, or active dropout), so it runs PEFT's own code")
+    return None
+
+
+def _use_triton(device) -> bool:
+    backend = os.environ.get("FORKKV_BACKEND", "auto")
+    if backend not in ("auto", "triton") or (backend == "auto" and device.type != "cuda"):
+        return False
+    try:
+        import forkkv_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare_generate(model, cache, input_ids, kwargs: dict) -> bool:
+    """Before ``generate`` runs with ``cache``: the static layout if its decode step can be compiled (returns
+    ``True``), else the dynamic one, the reason logged once (``False``)."""
+    base = transformers_model(model)
+    gen_cfg = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+    capacity = private_capacity(cache, input_ids.shape[1], kwargs, gen_cfg)
+    refused = eager_reason(model, cache, kwargs, capacity)
+    if refused is not None:
+        make_dynamic(cache)
+        _log_once(*refused)
+        return False
+    cfg = base.config
+    groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    make_static(cache, capacity, groups, _use_triton(cache.layers[0].shared.key.device))
+    return True

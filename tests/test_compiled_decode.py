@@ -1,0 +1,274 @@
+"""The decode step of ``generate`` with a ForkKVCache, compiled through transformers' own compile path.
+
+On CPU, ``CompileConfig(fullgraph=True, mode=None)`` with ``_compile_all_devices = True`` and an eager backend that
+counts how often the compiled graphs run: fullgraph raises on any graph break, and the count proves every decode
+step ran the compiled graph. The tokens must equal the eager run's (dynamic cache). ``gpu`` tests run the default
+config (inductor, CUDA graphs) against eager under the bf16 pass rule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cache_kwargs
+from forkkv_hf.static_cache import StaticForkKVCache, make_static
+from models import tiny_llama, with_adapters
+from test_generate import ALL, _assert_same, _context, _gen, _prompts
+
+GRAPH_RUNS: list[list] = []  # per compiled graph: [runs, whether it is a model forward (embeds tokens)]
+
+
+@torch._dynamo.register_backend
+def forkkv_counted_eager(gm, example_inputs):
+    """The eager backend, counting runs of each compiled graph."""
+    entry = [0, any(n.target is torch.nn.functional.embedding for n in gm.graph.nodes)]
+    GRAPH_RUNS.append(entry)
+
+    def run(*args):
+        entry[0] += 1
+        return gm.forward(*args)
+
+    return run
+
+
+def _compile_config(backend="forkkv_counted_eager"):
+    cc = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    cc._compile_all_devices = True
+    return cc
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (and stays below dynamo's recompile limit, which would fall back to eager)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    GRAPH_RUNS.clear()
+    yield
+
+
+@pytest.fixture(scope="module")
+def agents():
+    m = tiny_llama(layers=2, seed=1)
+    pm = with_adapters(
+        m,
+        {
+            "planner": dict(r=4, target_modules=ALL),
+            "coder": dict(r=2, lora_alpha=3, target_modules=ALL, use_rslora=True),
+            "critic": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "gate_proj"]),
+            "biased": dict(r=3, target_modules=["k_proj", "v_proj", "o_proj"], lora_bias=True),
+        },
+        seed=1,
+    )
+    return forkkv_hf.enable_forkkv(pm)
+
+
+NAMES = ["planner", "critic", "coder", "__base__", "biased"]
+
+
+def _decode_graph_runs() -> int:
+    """Runs of compiled model forwards (the token recorder hook compiles to a small graph of its own)."""
+    return sum(runs for runs, is_forward in GRAPH_RUNS if is_forward)
+
+
+def _eager_and_compiled(pm, ctx, inputs, names, gen_names=None, seed=7, **mode):
+    gen_names = gen_names or names
+    torch.manual_seed(seed)
+    eager = _gen(pm, inputs, gen_names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **mode)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    torch.manual_seed(seed)
+    compiled = _gen(pm, inputs, gen_names, cache, compile_config=_compile_config(), **mode)
+    assert isinstance(cache, StaticForkKVCache)
+    return eager, compiled, cache
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(do_sample=False),
+        dict(do_sample=True, top_k=0, temperature=1.0),
+        dict(do_sample=True, num_return_sequences=2),
+    ],
+    ids=["greedy", "sampling", "sample-nrs2"],
+)
+def test_compiled_decode_equals_eager(agents, mode):
+    """Mixed adapters with a ``__base__`` row, padded prompts of different lengths; every decode step runs the one
+    compiled graph."""
+    ctx = _context(23)
+    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3], seed=2), pad_token_id=0)
+    k = mode.get("num_return_sequences", 1)
+    gen_names = [n for n in NAMES for _ in range(k)]
+    eager, compiled, cache = _eager_and_compiled(agents, ctx, inputs, NAMES, gen_names, max_new_tokens=6, **mode)
+    _assert_same(compiled, eager)
+    assert isinstance(cache, StaticForkKVCache)
+    assert _decode_graph_runs() == 5  # max_new_tokens - 1 decode steps, all compiled
+    assert cache.adapter_names == gen_names
+
+
+def test_beam_search(agents):
+    """transformers runs beam search's decode steps eager: with a compile config the cache stays dynamic and the
+    tokens equal eager; the static layout itself (forced, run eager) reorders beams in place and equals it too."""
+    ctx = _context(23)
+    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3], seed=2), pad_token_id=0)
+    mode = dict(do_sample=False, num_beams=3, max_new_tokens=6)
+    eager = _gen(agents, inputs, NAMES, ForkKVCache.from_context(agents, ctx, adapter_names=NAMES), **mode)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=NAMES)
+    _assert_same(_gen(agents, inputs, NAMES, cache, compile_config=_compile_config(), **mode), eager)
+    assert type(cache) is ForkKVCache and not GRAPH_RUNS
+    forced = make_static(ForkKVCache.from_context(agents, ctx, adapter_names=NAMES), 64, 2, use_triton=False)
+    raw_generate = agents.generate.__wrapped__  # PEFT's generate, without the wrapper that picks the layout
+    out = raw_generate(**inputs, adapter_names=NAMES, output_scores=True, return_dict_in_generate=True,
+                       pad_token_id=0, **cache_kwargs(forced), **mode)
+    _assert_same(out, eager)
+    assert isinstance(forced, StaticForkKVCache) and forced.adapter_names == [n for n in NAMES for _ in range(3)]
+    assert forced.get_seq_length() == 23 + 5 + 6 - 1
+
+
+def test_continuation_with_the_same_cache(agents):
+    """A second generate continues the first one's rows (context + prompt + output + a new prompt): the static
+    cache grows its buffers and keeps what it holds; tokens equal the eager continuation."""
+    ctx = _context(19)
+    names = ["coder", "planner", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([2, 6, 3], seed=5), pad_token_id=0)
+    outs = {}
+    for compiled in (False, True):
+        cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+        extra = dict(compile_config=_compile_config()) if compiled else {}
+        first = _gen(agents, inputs, names, cache, max_new_tokens=4, **extra)
+        more = torch.cat([first.sequences, torch.tensor([[5, 6]] * 3)], dim=1)
+        grown = torch.ones(3, more.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long)
+        follow = dict(input_ids=more, attention_mask=torch.cat([inputs["attention_mask"], grown], dim=1))
+        outs[compiled] = _gen(agents, follow, names, cache, max_new_tokens=70, **extra)
+        assert isinstance(cache, StaticForkKVCache) == compiled
+    _assert_same(outs[True], outs[False])
+    assert cache.capacity >= 6 + 4 + 2 + 70 and cache.capacity % 64 == 0
+    assert _decode_graph_runs() == 3 + 69
+
+
+def test_store_fork(agents):
+    store = ForkKVStore(agents)
+    ctx = _context(31, seed=9)
+    store.extend(ctx, ["planner", "critic"])
+    names = ["critic", "planner", "critic"]
+    inputs = batch_inputs(ctx, _prompts([3, 4, 2], seed=11), pad_token_id=0)
+    eager = _gen(agents, inputs, names, store.fork(ctx, names))
+    compiled = _gen(agents, inputs, names, store.fork(ctx, names), compile_config=_compile_config())
+    _assert_same(compiled, eager)
+    assert _decode_graph_runs() == 7
+
+
+def test_second_generate_does_not_recompile(agents):
+    """Other prompts of the same shapes, a new fork of the same shared context: no new graph, no recompile; the
+    second fork reuses the first one's static buffers (the same addresses: CUDA graphs replay, not re-record)."""
+    ctx = _context(29, seed=4)
+    names = ["planner", "coder", "__base__"]
+    shared = SharedContext.build(agents, ctx, ["planner", "coder"], progress=False)
+    caches = []
+    for seed in (1, 2):
+        inputs = batch_inputs(ctx, _prompts([4, 4, 4], seed=seed), pad_token_id=0)
+        caches.append(shared.fork(names))
+        out = _gen(agents, inputs, names, caches[-1], compile_config=_compile_config())
+        eager = _gen(agents, inputs, names, shared.fork(names))
+        _assert_same(out, eager)
+        if seed == 1:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            assert graphs == 2  # the forward and the token recorder
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert "recompilations" not in torch._dynamo.utils.counters or not torch._dynamo.utils.counters["recompilations"]
+    assert _decode_graph_runs() == 2 * 7
+    first, second = caches
+    for a, b in zip(first.layers, second.layers):
+        assert a.keys.data_ptr() != b.keys.data_ptr()  # the first cache kept a copy of its content
+    pooled = [l.keys.data_ptr() for l in second.layers]
+    third = shared.fork(names)
+    _gen(agents, batch_inputs(ctx, _prompts([4, 4, 4], seed=3), pad_token_id=0), names, third,
+         compile_config=_compile_config())
+    assert [l.keys.data_ptr() for l in third.layers] == pooled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch):
+    """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``."""
+    monkeypatch.setenv("FORKKV_BACKEND", "triton")
+    monkeypatch.setenv("FORKKV_LORA_BACKEND", "triton")
+    ctx = _context(40, seed=3)
+    inputs = batch_inputs(ctx, _prompts([3, 1, 2, 2, 4], seed=8), pad_token_id=0)
+    eager, compiled, cache = _eager_and_compiled(agents, ctx, inputs, NAMES, max_new_tokens=4)
+    _assert_same(compiled, eager)
+    assert all(layer.work is not None for layer in cache.layers)
+    assert _decode_graph_runs() == 3
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_functionalized_graph(agents, backend):
+    """AOTAutograd's functionalisation (what inductor sees: in-place cache writes, custom ops) keeps the tokens."""
+    ctx = _context(17)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 5]), pad_token_id=0)
+    eager = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names))
+    out = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names),
+               compile_config=_compile_config(backend))
+    _assert_same(out, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_eager_where_compile_cannot_run(agents, caplog):
+    """disable_compile, a CPU model without _compile_all_devices, no adapter_names, or a DoRA adapter: the cache
+    stays dynamic (not compileable), decode runs eager, the reason is logged once."""
+    from forkkv_hf import compile_policy
+
+    ctx = _context(15)
+    names = ["planner", "coder"]
+    inputs = batch_inputs(ctx, _prompts([2, 3]), pad_token_id=0)
+    cc_cpu = CompileConfig(fullgraph=True, backend="forkkv_counted_eager", mode=None)  # no _compile_all_devices
+    compile_policy._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="forkkv_hf.compile_policy"):
+        for extra in (dict(disable_compile=True, compile_config=_compile_config()), dict(compile_config=cc_cpu),
+                      dict(compile_config=cc_cpu)):
+            cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+            _gen(agents, inputs, names, cache, **extra)
+            assert type(cache) is ForkKVCache and not cache.is_compileable
+    assert not GRAPH_RUNS
+    reasons = [r.getMessage() for r in caplog.records if r.name == "forkkv_hf.compile_policy"]
+    assert len(reasons) == 2, reasons  # each reason once
+    assert "disable_compile=True" in reasons[0] and "the model is on cpu" in reasons[1]
+
+    # a cache made static by a compiled call goes back to the dynamic layout (with its content) for an eager one
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    first = _gen(agents, inputs, names, cache, max_new_tokens=3, compile_config=_compile_config())
+    assert isinstance(cache, StaticForkKVCache)
+    grown = torch.ones(2, first.sequences.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)
+    cont = dict(input_ids=first.sequences, attention_mask=torch.cat([inputs["attention_mask"], grown], 1))
+    again = _gen(agents, cont, names, cache, max_new_tokens=3, disable_compile=True)
+    assert type(cache) is ForkKVCache
+    ref = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    _gen(agents, inputs, names, ref, max_new_tokens=3)
+    _assert_same(again, _gen(agents, cont, names, ref, max_new_tokens=3))
+
+
+def test_peft_paths_that_do_not_compile(caplog):
+    """No adapter_names (PEFT's hooks would be missing from the graph) and DoRA (PEFT's own code): eager, logged."""
+    from forkkv_hf import compile_policy
+
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=4), {
+        "planner": dict(r=4), "dora": dict(r=2, use_dora=True, target_modules=["q_proj", "o_proj"])}, seed=4))
+    ctx = _context(15)
+    inputs = batch_inputs(ctx, _prompts([2]), pad_token_id=0)
+    compile_policy._LOGGED.clear()
+    with caplog.at_level(logging.WARNING, logger="forkkv_hf.compile_policy"):
+        pm.set_adapter("planner")
+        cache = ForkKVCache.from_context(pm, ctx, adapter_names=["planner"])
+        pm.generate(**inputs, max_new_tokens=3, pad_token_id=0, compile_config=_compile_config(),
+                    **cache_kwargs(cache))
+        assert type(cache) is ForkKVCache
+        cache = ForkKVCache.from_context(pm, ctx, adapter_names=["planner"])
+        with pytest.raises(ValueError, match="DoRA"):  # PEFT refuses DoRA in mixed batches; ForkKV does not compile
+            _gen(pm, inputs, ["dora"], ForkKVCache.from_context(pm, ctx, adapter_names=["__base__"]),
+                 compile_config=_compile_config())
+    reasons = " | ".join(r.getMessage() for r in caplog.records)
+    assert "no adapter_names" in reasons and "cannot be batched" in reasons, reasons
+    assert not GRAPH_RUNS
