@@ -13,8 +13,16 @@ peak GPU memory (``max_memory_allocated``) and cache bytes. Capacity: under a me
 enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
 derived from that line, and that N is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
 of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes. JSON with the device and versions.
+These rows run ForkKV's decode eager (``disable_compile=True``), timed with a synchronising hook at every step.
+
+Decode step of plain ``generate`` (``eval/decode_step.py``; ``--decode-agents``, default on CUDA 1 8 32 128 and the
+capacity N, at ``--decode-context``): step = difference of two generate lengths, GPU-busy time per step (profiler),
+tokens/s and the first call's extra time, for ForkKV with the decode step compiled (transformers' default: inductor,
+CUDA graphs) and eager (``--compile on off``), and the transformers-alone anchors (no PEFT, one row: eager
+``DynamicCache``; ``StaticCache`` + its own compile). ``--only-decode`` skips the sections above.
 
     python eval/bench_e2e.py [--contexts 4096 16384 32768] [--agents 1 4 8] [--forkkv-agents 1 4 8 32 128]
+    python eval/bench_e2e.py --only-decode [--decode-agents 1 8 32 128] [--compile on off]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 
+import decode_step  # noqa: E402
 from common import (  # noqa: E402
     add_random_adapters,
     build_model,
@@ -106,6 +115,7 @@ def _generate(pm, system, ctx, inputs, names, gen, shared=None):
         forkkv_hf.enable_forkkv(pm)
         shared = shared or SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
         cache = shared.fork(names)
+        gen = {"disable_compile": True, **gen}  # these sections time eager decode (the decode section compiles)
         return pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache)), cache
     forkkv_hf.disable_forkkv(pm)
     if BASELINE_BATCHED_LORA:
@@ -228,6 +238,16 @@ def main(argv=None):
                     help="split the layers over these devices with accelerate (e.g. cuda:0 cuda:1); the budget is "
                          "per device")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this script")
+    ap.add_argument("--decode-agents", type=int, nargs="*", default=None,
+                    help="N for the decode-step section (default: 1 8 32 128 on CUDA, none on CPU); empty: skip it")
+    ap.add_argument("--decode-context", type=int, default=32768)
+    ap.add_argument("--decode-tokens", type=int, nargs=2, default=[8, 40], help="the two generate lengths")
+    ap.add_argument("--decode-reps", type=int, default=3)
+    ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend for compile on (default: transformers' default on CUDA, eager on CPU)")
+    ap.add_argument("--no-anchors", action="store_true", help="skip the transformers-alone rows")
+    ap.add_argument("--only-decode", action="store_true", help="only the decode-step section")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", default=None,
                     help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
@@ -248,14 +268,32 @@ def main(argv=None):
         model, device_map = build_model_split(config, args.devices, dtype=dtype)
     else:
         model = build_model(config, dtype=dtype)
-    n_max = max(args.agents + args.forkkv_agents + [args.adapters])
+    if args.decode_agents is None:
+        args.decode_agents = [1, 8, 32, 128] if dev == "cuda" else []
+    if args.only_decode:
+        args.agents, args.forkkv_agents, args.no_capacity = [], [], True
+    n_max = max(args.agents + args.forkkv_agents + args.decode_agents + [args.adapters])
     names_all = [f"agent{i}" for i in range(n_max)]
+    g = torch.Generator(device=dev).manual_seed(0)
+    vocab = model.config.vocab_size
+    compile_config = decode_step.compile_config_for(dev, args.compile_backend)
+    decode_step.raise_recompile_limit()
+    decode_ctx = torch.randint(3, vocab, (args.decode_context,), device=dev, generator=g)
+    decode_prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(n_max)]
+    decode, anchors = [], []
+    if args.resume and Path(args.resume).exists():
+        old = json.loads(Path(args.resume).read_text())
+        if old["device"].get("gpu") == info.get("gpu"):
+            decode, anchors = old.get("decode") or [], old.get("anchors") or []
+    if args.decode_agents and not args.no_anchors and not anchors:  # before PEFT wraps the model
+        ids = torch.cat([decode_ctx, decode_prompts[0]])[None]
+        anchors = decode_step.anchor_cases(model, ids, *args.decode_tokens, args.decode_reps, compile_config,
+                                           profile=not args.no_profile)
+        _free()
     pm = add_random_adapters(model, names_all, rank=16)
     weights_gib = (sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
                    if dev == "cuda" else 0.0)
     print(f"model + {n_max} adapters: {weights_gib:.1f} GiB, built in {time.time() - t0:.0f} s", flush=True)
-    g = torch.Generator(device=dev).manual_seed(0)
-    vocab = model.config.vocab_size
     rows = []
     capacity = {}
     profile = None
@@ -279,7 +317,10 @@ def main(argv=None):
                             "weights_and_adapters_gib": weights_gib, "devices": args.devices or [dev],
                             "device_map": device_map},
                   "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
-                  "baseline_prefill_chunk": PREFILL_CHUNK, "rows": rows, "capacity": capacity, "profile": profile}
+                  "baseline_prefill_chunk": PREFILL_CHUNK, "rows": rows, "capacity": capacity, "profile": profile,
+                  "decode_settings": {"context": args.decode_context, "tokens": args.decode_tokens,
+                                      "reps": args.decode_reps, "compile_backend": args.compile_backend or "default"},
+                  "decode": decode, "anchors": anchors}
         out_path.write_text(json.dumps(result, indent=1))
 
     def case(system, T, N):
@@ -343,7 +384,7 @@ def main(argv=None):
         print(json.dumps({"capacity": system, **cap}), flush=True)
         save()
 
-    if not args.no_profile and not profile and not out_of_time():
+    if not args.no_profile and not args.only_decode and not profile and not out_of_time():
         profile = []
         T = args.capacity_context
         for system, N in ((("forkkv", 32), ("forkkv", 1), ("baseline", 1)) if not args.tiny else (("forkkv", 2),)):
@@ -360,6 +401,14 @@ def main(argv=None):
             profile.append(p)
             print(json.dumps({"profile": p}), flush=True)
             save()
+
+    cap = capacity.get("forkkv", {}).get("max_agents_run")
+    for N in args.decode_agents + ([cap] if cap and cap <= n_max and cap not in args.decode_agents else []):
+        decode_step.forkkv_cases(pm, decode_ctx, decode_prompts[:N], names_all[:N], [c == "on" for c in args.compile],
+                                 *args.decode_tokens, args.decode_reps, compile_config,
+                                 profile=not args.no_profile, done=decode, save=save,
+                                 out_of_time=out_of_time)
+        _free()
     save()
     print("wrote", out_path)
 

@@ -16,7 +16,15 @@ from __future__ import annotations
 import logging
 import os
 
-from .lora_factors import find_attention_modules, is_peft_model, kv_projections, transformers_model
+import torch
+
+from .lora_factors import (
+    _modules_outside_lora,
+    find_attention_modules,
+    is_peft_model,
+    kv_projections,
+    transformers_model,
+)
 from .static_cache import make_dynamic, make_static
 from .tp import is_dtensor
 
@@ -89,11 +97,21 @@ def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] |
 
 
 def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
-    from .batched_lora import _can_batch, _lora_linears
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    layers = _lora_linears(model)
-    if not layers:
+    from .batched_lora import _can_batch
+
+    tuned = [m for m in _modules_outside_lora(transformers_model(model))
+             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+    if not tuned:
         return None
+    if model.training:
+        return logging.WARNING, "the model is in training mode"
+    if any(type(m) is not LoraLinear for m in tuned):
+        return logging.WARNING, ("the model has LoRA on modules other than plain Linear layers (or modules_to_save / "
+                                 "trainable tokens), whose mixed-adapter forward is PEFT's own")
     if adapter_names is None:
         return logging.WARNING, ("generate got no adapter_names; pass adapter_names=cache.adapter_names (one per "
                                  "row) to compile the decode step")
@@ -101,11 +119,46 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
         return logging.WARNING, ("batched LoRA is off (enable_forkkv(model, batched_lora=False)); PEFT's per-adapter "
                                  "loop is not compiled")
     used = set(adapter_names)
-    for layer in layers:
-        if not _can_batch(layer, used):
-            return logging.WARNING, ("a LoRA layer cannot be batched for these adapters (DoRA or another LoRA "
-                                     "variant, or active dropout), so it runs PEFT's own code")
+    if not all(_can_batch(layer, used) for layer in tuned):
+        return logging.WARNING, ("a LoRA layer cannot be batched for these adapters (DoRA or another LoRA variant, or "
+                                 "active dropout), so it runs PEFT's own code")
     return None
+
+
+#: what LoRA layers get as ``adapter_names`` inside a compiled step: they run the plan their call's prefill made
+PLANNED_ROWS = "forkkv-hf: rows planned at the prefill"
+
+
+class RowNames:
+    """A forward pre-hook that gives a LoRA layer ``adapter_names``, in place of the one PEFT's ``generate`` installs
+    for the call: the names in eager forwards (the prefill), :data:`PLANNED_ROWS` in a compiled one. PEFT's hook holds
+    the names in a ``functools.partial``, which dynamo guards name by name: every other mix of adapters would
+    recompile the step. The names here are read only outside a compiled region."""
+
+    def __init__(self, names: list):
+        self.names = names
+
+    def __call__(self, module, args, kwargs):
+        kwargs["adapter_names"] = PLANNED_ROWS if torch.compiler.is_compiling() else self.names
+        return args, kwargs
+
+
+def compiled_generate(model, generate, args, kwargs):
+    """``generate(*args, **kwargs)`` of a call whose decode step compiles: a PEFT model's ``adapter_names`` reach its
+    LoRA layers through :class:`RowNames` hooks (removed afterwards) instead of PEFT's."""
+    names = kwargs.get("adapter_names")
+    if names is None or not is_peft_model(model):
+        return generate(*args, **kwargs)
+    from .batched_lora import _lora_linears
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+    hook = RowNames(list(names))
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in _lora_linears(model)]
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _use_triton(device) -> bool:
@@ -119,9 +172,10 @@ def _use_triton(device) -> bool:
     return True
 
 
-def prepare_generate(model, cache, input_ids, kwargs: dict) -> bool:
-    """Before ``generate`` runs with ``cache``: the static layout if its decode step can be compiled (returns
-    ``True``), else the dynamic one, the reason logged once (``False``)."""
+def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
+    """Before ``generate`` runs with ``cache``: the static layout if its decode step can be compiled, else the
+    dynamic one (the reason logged once). Returns the callable to run the call with (``generate`` itself, or
+    :func:`compiled_generate` around it)."""
     base = transformers_model(model)
     gen_cfg = kwargs.get("generation_config") or getattr(base, "generation_config", None)
     capacity = private_capacity(cache, input_ids.shape[1], kwargs, gen_cfg)
@@ -129,8 +183,8 @@ def prepare_generate(model, cache, input_ids, kwargs: dict) -> bool:
     if refused is not None:
         make_dynamic(cache)
         _log_once(*refused)
-        return False
+        return generate
     cfg = base.config
     groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     make_static(cache, capacity, groups, _use_triton(cache.layers[0].shared.key.device))
-    return True
+    return lambda *a, **kw: compiled_generate(model, generate, a, kw)

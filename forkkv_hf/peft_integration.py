@@ -52,15 +52,16 @@ def install(model: nn.Module) -> None:
 
             patch_lora_layers(model)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        call = inner
         if cache is not None and hasattr(cache, "check_generate_inputs"):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             cache.check_generate_inputs(model, input_ids, kwargs)
             from .compile_policy import prepare_generate
 
-            prepare_generate(model, cache, input_ids, kwargs)  # static layout where the decode step compiles
+            call = prepare_generate(model, cache, input_ids, kwargs, inner)  # static layout where decode compiles
         new_call()
         try:
-            return inner(*args, **kwargs)
+            return call(*args, **kwargs)
         except BaseException:
             remove_stale_peft_hooks(model)
             raise

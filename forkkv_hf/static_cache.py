@@ -58,8 +58,9 @@ def _mark_static(t: torch.Tensor) -> torch.Tensor:
 
 
 def _lease(holder, name: str, owner, attr: str, shape: tuple, dtype, device) -> torch.Tensor:
-    """A zero-initialised tensor for ``owner.<attr>``: ``holder``'s pooled one of that name if it has this shape,
-    else a new one that replaces it in the pool. A previous owner still using the pooled tensor gets a copy."""
+    """A tensor for ``owner.<attr>``: ``holder``'s pooled one of that name if it has this shape (its old content:
+    positions not written yet are masked), else a new zero one that replaces it in the pool. A previous owner still
+    using the pooled tensor gets a copy."""
     pool = holder.__dict__.setdefault(_POOL, {})
     key = (tuple(shape), dtype, str(device))
     entry = pool.get(name)
@@ -95,6 +96,10 @@ class StaticForkKVLayer(ForkKVLayer):
         self.capacity, self.groups, self.use_triton = capacity, groups, use_triton
         self.length = self.agents = self.work = None
         self.rope_half = False
+        sh = self.shared  # read in place by CUDA graphs (a copy per replay would move the whole context)
+        for t in (sh.key, sh.value, sh.cos, sh.sin, *(x for r in (sh.k_res, sh.v_res) if r is not None
+                                                       for x in (r.u, r.B))):
+            _mark_static(t)
         self._set_rows(self.rows)
         if held is not None:
             self._take_buffers(held[0].shape[0], held[0].shape[1], held[0].shape[-1], held[0].dtype,
