@@ -403,7 +403,8 @@ def main(argv=None):
             save()
 
     cap = capacity.get("forkkv", {}).get("max_agents_run")
-    for N in args.decode_agents + ([cap] if cap and cap <= n_max and cap not in args.decode_agents else []):
+    at_capacity = [cap] if args.decode_agents and cap and cap <= n_max and cap not in args.decode_agents else []
+    for N in args.decode_agents + at_capacity:
         decode_step.forkkv_cases(pm, decode_ctx, decode_prompts[:N], names_all[:N], [c == "on" for c in args.compile],
                                  *args.decode_tokens, args.decode_reps, compile_config,
                                  profile=not args.no_profile, done=decode, save=save,

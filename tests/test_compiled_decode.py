@@ -208,17 +208,24 @@ def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch):
     assert _decode_graph_runs() == 3
 
 
-@pytest.mark.parametrize("backend", ["aot_eager"])
-def test_functionalized_graph(agents, backend):
-    """AOTAutograd's functionalisation (what inductor sees: in-place cache writes, custom ops) keeps the tokens."""
+@pytest.mark.parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")],
+                         ids=["aot_eager", "inductor-triton-ops"])
+def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatch):
+    """AOTAutograd's functionalisation (in-place cache writes on static inputs) and inductor's lowering (on CPU: C++;
+    the Triton kernels, interpreted, as extern custom ops) keep the tokens."""
+    monkeypatch.setenv("FORKKV_BACKEND", kernels)
+    monkeypatch.setenv("FORKKV_LORA_BACKEND", kernels)
     ctx = _context(17)
-    names = ["planner", "__base__"]
-    inputs = batch_inputs(ctx, _prompts([3, 5]), pad_token_id=0)
+    names = ["planner", "__base__", "biased"]
+    inputs = batch_inputs(ctx, _prompts([3, 5, 2]), pad_token_id=0)
     eager = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names))
-    out = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names),
-               compile_config=_compile_config(backend))
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    cc = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    cc._compile_all_devices = True
+    out = _gen(agents, inputs, names, cache, compile_config=cc)
     _assert_same(out, eager)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert isinstance(cache, StaticForkKVCache) and (cache.layers[0].work is not None) == (kernels == "triton")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_eager_where_compile_cannot_run(agents, caplog):

@@ -45,3 +45,14 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
     assert res["model"]["devices"] == ["cpu", "cpu"] and res["model"]["device_map"]["model.layers.1"] == "cpu"
     assert {r["system"] for r in res["rows"]} == {"baseline", "forkkv"}
     assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res["rows"])
+
+
+def test_bench_e2e_tiny_decode_section(tmp_path):
+    """The decode-step section: ForkKV compiled (eager backend on CPU) and not, and the transformers-alone anchors."""
+    res = _run("bench_e2e.py", "--tiny", "--only-decode", "--decode-agents", "2", "--decode-context", "40",
+               "--decode-tokens", "2", "4", "--decode-reps", "1", "--adapters", "2", tmp_path=tmp_path)
+    assert not res["rows"] and {(r["agents"], r["compile"]) for r in res["decode"]} == {(2, True), (2, False)}
+    assert [r["system"] for r in res["anchors"]] == ["transformers, DynamicCache eager",
+                                                      "transformers, StaticCache + compile"]
+    for r in res["decode"] + res["anchors"]:
+        assert r["step_ms"] > 0 and r["tok_s"] > 0 and r["first_call_s"] > 0 and "gpu_busy_ms" in r, r
