@@ -9,6 +9,7 @@
 
 from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, is_forkkv_enabled, register_forkkv
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
+from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
 from .compat import CACHE_KWARG, cache_kwargs
 from .inputs import batch_inputs
 from .lora_factors import BASE_ADAPTER

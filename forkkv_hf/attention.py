@@ -19,7 +19,6 @@ from .cache import ForkKVView
 from .decode_ops import static_attention
 from .lora_factors import BASE_ADAPTER, transformers_model
 from .residual_attention import residual_attention
-from .static_cache import StaticForkKVView
 
 ATTN_NAME = "forkkv"
 
@@ -119,7 +118,7 @@ def forkkv_attention_forward(
         _check_view(module, view, kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if isinstance(view, StaticForkKVView):
+    if getattr(view, "static", False):  # a StaticForkKVView (forkkv_hf.static_cache)
         return static_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
     return residual_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 

@@ -1,13 +1,15 @@
 """Whether a ``generate`` call with a :class:`~forkkv_hf.cache.ForkKVCache` compiles its decode step, and the cache
 layout that follows from it.
 
-transformers compiles the decode steps of ``generate`` (never the prefill) when the cache is compileable and the
-model sits on CUDA/XPU (or ``compile_config._compile_all_devices`` is set), unless ``disable_compile=True``; with its
-default ``CompileConfig`` that is inductor with ``mode="reduce-overhead"``: CUDA graphs. The ``generate`` wrapper
-(:mod:`forkkv_hf.peft_integration`) calls :func:`prepare_generate` before each call: where the step can compile, it
-switches the cache to its static layout (:func:`forkkv_hf.static_cache.make_static`), whose layers are compileable,
-so transformers' own compile path takes over (honouring ``disable_compile`` and the user's ``compile_config``);
-elsewhere the cache keeps (or goes back to) the dynamic layout, which is not compileable, so decode runs eager, and
+transformers compiles the decode steps of ``generate`` (never the prefill; greedy search and sampling, not beam
+search) when the cache is compileable and the model sits on CUDA/XPU (or ``compile_config._compile_all_devices`` is
+set), unless ``disable_compile=True``; with its default ``CompileConfig`` that is inductor with
+``mode="reduce-overhead"``: CUDA graphs. The ``generate`` wrapper (:mod:`forkkv_hf.peft_integration`, where this
+module registers :func:`prepare_generate`) calls it before each call: where the step can compile, it switches the
+cache to its static layout (:func:`forkkv_hf.static_cache.make_static`), whose layers are compileable, so
+transformers' own compile path takes over (honouring ``disable_compile`` and the user's ``compile_config``), and a
+PEFT model's ``adapter_names`` reach its LoRA layers through :class:`RowNames`; elsewhere the cache keeps (or goes
+back to) the dynamic layout, which is not compileable, so decode runs eager, and
 the reason is logged once.
 """
 
@@ -18,6 +20,7 @@ import os
 
 import torch
 
+from . import peft_integration
 from .lora_factors import (
     _modules_outside_lora,
     find_attention_modules,
@@ -188,3 +191,7 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     make_static(cache, capacity, groups, _use_triton(cache.layers[0].shared.key.device))
     return lambda *a, **kw: compiled_generate(model, generate, a, kw)
+
+
+if prepare_generate not in peft_integration.GENERATE_PREPARERS:
+    peft_integration.GENERATE_PREPARERS.append(prepare_generate)

@@ -18,6 +18,9 @@ from torch import nn
 
 #: bumped at every user-level call (outer forward, generate); per-layer plans are reused within one epoch only
 CALL_EPOCH = [0]
+#: run before a ``generate`` with a ``ForkKVCache``, after its checks: ``fn(model, cache, input_ids, kwargs,
+#: generate) -> generate`` (:mod:`forkkv_hf.compile_policy` registers the layout choice for compiled decode)
+GENERATE_PREPARERS: list = []
 
 
 def new_call(*args, **kwargs) -> None:
@@ -56,9 +59,8 @@ def install(model: nn.Module) -> None:
         if cache is not None and hasattr(cache, "check_generate_inputs"):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             cache.check_generate_inputs(model, input_ids, kwargs)
-            from .compile_policy import prepare_generate
-
-            call = prepare_generate(model, cache, input_ids, kwargs, inner)  # static layout where decode compiles
+            for prepare in GENERATE_PREPARERS:
+                call = prepare(model, cache, input_ids, kwargs, call)
         new_call()
         try:
             return call(*args, **kwargs)

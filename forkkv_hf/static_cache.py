@@ -43,6 +43,7 @@ class StaticForkKVView(ForkKVView):
     agents: BatchAgents | None = None
     work: object = None
     rope_half: bool = False
+    static = True  # what the attention function dispatches on (a class attribute, not a field)
 
 
 @functools.lru_cache(maxsize=256)
@@ -155,17 +156,15 @@ class StaticForkKVLayer(ForkKVLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.keys.shape[0]:
-            raise ValueError(
-                f"the batch has {key_states.shape[0]} rows but this ForkKVCache holds {self.keys.shape[0]}; "
-                "call cache.reset() before reusing it for another batch"
-            )
         q = key_states.shape[-2]
-        if not torch.compiler.is_compiling() and int(self.length) + q > self.capacity:
-            raise ValueError(
-                f"this ForkKVCache has room for {self.capacity} private tokens per row (sized by generate's "
-                f"max_new_tokens/max_length) and {int(self.length)} are used; {q} more do not fit"
-            )
+        if not torch.compiler.is_compiling():  # eager (the prefill): the batch and the room left
+            B, used = key_states.shape[0], int(self.length)
+            if B != self.keys.shape[0] or used + q > self.capacity:
+                raise ValueError(
+                    f"this ForkKVCache holds {self.keys.shape[0]} rows with room for {self.capacity} private tokens "
+                    f"each ({used} used; sized by generate's max_new_tokens/max_length) and cannot take {B} rows of "
+                    f"{q} more tokens; call cache.reset() before reusing it for another batch"
+                )
         pos = torch.arange(q, device=self.keys.device) + self.length
         self.length.add_(q)
         self.keys.index_copy_(2, pos, key_states)

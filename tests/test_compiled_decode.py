@@ -18,7 +18,7 @@ import forkkv_hf
 from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.static_cache import StaticForkKVCache, make_static
 from models import tiny_llama, with_adapters
-from test_generate import ALL, _assert_same, _context, _gen, _prompts
+from test_generate import ALL, _assert_same, _context, _gen, _prompts, full_agents  # noqa: F401 (fixture)
 
 GRAPH_RUNS: list[list] = []  # per compiled graph: [runs, whether it is a model forward (embeds tokens)]
 
@@ -52,19 +52,9 @@ def fresh_dynamo():
 
 
 @pytest.fixture(scope="module")
-def agents():
-    m = tiny_llama(layers=2, seed=1)
-    pm = with_adapters(
-        m,
-        {
-            "planner": dict(r=4, target_modules=ALL),
-            "coder": dict(r=2, lora_alpha=3, target_modules=ALL, use_rslora=True),
-            "critic": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "gate_proj"]),
-            "biased": dict(r=3, target_modules=["k_proj", "v_proj", "o_proj"], lora_bias=True),
-        },
-        seed=1,
-    )
-    return forkkv_hf.enable_forkkv(pm)
+def agents(full_agents):
+    """test_generate's agents: LoRA on q/k/v/o of every layer, different ranks and alphas, rsLoRA, a LoRA bias."""
+    return full_agents
 
 
 NAMES = ["planner", "critic", "coder", "__base__", "biased"]
@@ -196,6 +186,7 @@ def test_second_generate_does_not_recompile(agents):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
 def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch):
     """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``."""
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
@@ -213,6 +204,8 @@ def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch):
 def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatch):
     """AOTAutograd's functionalisation (in-place cache writes on static inputs) and inductor's lowering (on CPU: C++;
     the Triton kernels, interpreted, as extern custom ops) keep the tokens."""
+    if kernels == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
     monkeypatch.setenv("FORKKV_BACKEND", kernels)
     monkeypatch.setenv("FORKKV_LORA_BACKEND", kernels)
     ctx = _context(17)
@@ -220,9 +213,7 @@ def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatc
     inputs = batch_inputs(ctx, _prompts([3, 5, 2]), pad_token_id=0)
     eager = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names))
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
-    cc = CompileConfig(fullgraph=True, backend=backend, mode=None)
-    cc._compile_all_devices = True
-    out = _gen(agents, inputs, names, cache, compile_config=cc)
+    out = _gen(agents, inputs, names, cache, compile_config=_compile_config(backend))
     _assert_same(out, eager)
     assert isinstance(cache, StaticForkKVCache) and (cache.layers[0].work is not None) == (kernels == "triton")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
