@@ -129,6 +129,7 @@ def anchor_cases(model, input_ids, n1: int, n2: int, reps: int, compile_config, 
         rec.update(measure(anchor_runner(model, input_ids, static, compile_config), 1, n1, n2, reps, profile))
         print({k: v for k, v in rec.items() if k != "gpu_ms_by_family"}, flush=True)
         out.append(rec)
+    torch._dynamo.reset()
     return out
 
 
@@ -161,3 +162,8 @@ def forkkv_cases(pm, ctx, prompts: list, names: list, compiles: list, n1: int, n
         print({k: v for k, v in rec.items() if k != "gpu_ms_by_family"}, flush=True)
         done.append(rec)
         save()
+        if c:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
+            from forkkv_hf.static_cache import free_static_buffers
+
+            free_static_buffers(pm)
+            torch._dynamo.reset()
