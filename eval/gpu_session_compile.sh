@@ -9,7 +9,7 @@ PART=${PART:-all}
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
   # compiled decode (4K and 32K, default compile: inductor + CUDA graphs) and the kernel/generate suites that cover the
   # refactored Triton launchers in eager mode
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_compiled_decode.py \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs tests/test_compiled_decode.py \
     2>&1 | tail -30 | tee "$OUT/gpu_tests_compiled_decode.txt"
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_generate.py \
     2>&1 | tail -15 | tee "$OUT/gpu_tests_kernels_generate.txt"

@@ -188,8 +188,15 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         _log_once(*refused)
         return generate
     cfg = base.config
+    device = cache.layers[0].shared.key.device
+    use_triton = _use_triton(device)
+    if device.type == "cuda" and (not use_triton or getattr(cfg, "attn_logit_softcapping", None)):
+        make_dynamic(cache)  # the PyTorch path's loop over context chunks would unroll into the graph
+        _log_once(logging.WARNING, "the attention runs the PyTorch path here (FORKKV_BACKEND, no Triton, or "
+                                   "soft-capping), which is not compiled on CUDA")
+        return generate
     groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    make_static(cache, capacity, groups, _use_triton(cache.layers[0].shared.key.device))
+    make_static(cache, capacity, groups, use_triton)
     return lambda *a, **kw: compiled_generate(model, generate, a, kw)
 
 
