@@ -177,7 +177,8 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
 def checked_forward_args(self, x, *args, **kwargs):
     """PEFT's ``_check_forward_args`` once per layer, user-level call and adapter list instead of at every decode
     step: with ``adapter_names`` it builds a set of the batch's names and looks each up (O(rows) per LoRA layer and
-    step, ~3 ms a step for 256 agents on an 8B model). The row-count check, which is cheap, runs every time."""
+    step, ~3 ms a step for 256 agents on an 8B model). The row-count check, which is cheap, runs at every eager
+    forward (a compiled decode step skips both: its call's eager prefill ran them)."""
     if torch.compiler.is_compiling():  # the call's eager prefill checked these names
         return None
     names = kwargs.get("adapter_names")
