@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .guards import generate_cache
+
 #: bumped at every user-level call (outer forward, generate); per-layer plans are reused within one epoch only
 CALL_EPOCH = [0]
 
@@ -50,7 +52,7 @@ def install(model: nn.Module) -> None:
             from .batched_lora import patch_lora_layers
 
             patch_lora_layers(model)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
         if cache is not None and hasattr(cache, "check_generate_inputs"):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             cache.check_generate_inputs(model, input_ids, kwargs)
@@ -69,9 +71,8 @@ def install(model: nn.Module) -> None:
 
 def _record_tokens_hook(module, args, kwargs):
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if cache is not None and input_ids is not None and hasattr(cache, "record_tokens"):
-        cache.record_tokens(input_ids)
+    if cache is not None and hasattr(cache, "prepare_forward"):  # checks the inputs, records the tokens
+        return cache.prepare_forward(module, args, kwargs)
 
 
 def install_token_recorder(base: nn.Module) -> None:

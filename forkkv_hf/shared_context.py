@@ -25,6 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs
+from .inputs import context_token_ids as _as_context_ids
+from .inputs import vocab_size_of
 from .lora_factors import (
     BASE_ADAPTER,
     ProjectionLoRA,
@@ -81,26 +83,6 @@ class SharedLayer:
     @property
     def num_tokens(self) -> int:
         return self.key.shape[-2]
-
-
-def _as_context_ids(context_ids) -> torch.Tensor:
-    if isinstance(context_ids, (list, tuple)):
-        context_ids = torch.tensor(context_ids, dtype=torch.long)
-    if not isinstance(context_ids, torch.Tensor):
-        raise TypeError(f"context_ids must be a 1-D LongTensor (or [1, T]), got {type(context_ids).__name__}")
-    if context_ids.dim() == 2:
-        if context_ids.shape[0] != 1:
-            raise ValueError(
-                f"context_ids has batch size {context_ids.shape[0]}; a shared context is one sequence ([T] or [1, T])"
-            )
-        context_ids = context_ids[0]
-    if context_ids.dim() != 1:
-        raise ValueError(f"context_ids must be [T] or [1, T], got shape {tuple(context_ids.shape)}")
-    if context_ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise TypeError(f"context_ids must hold token ids (integer dtype), got {context_ids.dtype}")
-    if context_ids.numel() == 0:
-        raise ValueError("the shared context is empty; give it at least one token")
-    return context_ids.long()
 
 
 def _max_positions(config) -> int | None:
@@ -191,7 +173,7 @@ class SharedContext:
         from .peft_integration import remove_stale_peft_hooks
 
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
-        ids = _as_context_ids(context_ids)
+        ids = _as_context_ids(context_ids, vocab_size_of(model))
         S = _past_length(past)
         if adapter_names is None:
             adapter_names = available_adapters(model)
