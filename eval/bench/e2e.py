@@ -12,79 +12,28 @@ For each (T, N): time to first token (the whole batch's first token, prefill inc
 peak GPU memory (``max_memory_allocated``) and cache bytes. Capacity: under a memory budget (``--budget-gib``,
 enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
 derived from that line, and that N is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
-of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes. JSON with the device and versions.
+of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes.
+Result: the one schema (eval/bench/schema.py), rows keyed by (system, context, agents); capacity and profile in
+``extra``.
 
-    python eval/bench_e2e.py [--contexts 4096 16384 32768] [--agents 1 4 8] [--forkkv-agents 1 4 8 32 128]
+    python -m eval.bench.e2e [--contexts 4096 16384 32768] [--agents 1 4 8] [--forkkv-agents 1 4 8 32 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "eval"))
-
-from common import (  # noqa: E402
-    add_random_adapters,
-    build_model,
-    build_model_split,
-    default_device,
-    device_info,
-    kernel_seconds_by_family,
-    llama8b_config,
-    slug,
-)
+from .measure import StepTimer, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes, peaks_gib, sync
+from .models import add_random_adapters, build_model, build_model_split, default_device, llama8b_config
+from .runner import BenchmarkRun
 
 PROMPT, NEW, PREFILL_CHUNK = 64, 128, 4096
-#: the baseline's LoRA: PEFT's per-adapter loop (False), or forkkv_hf's batched LoRA (set by eval/bench_tp.py: under
-#: tensor parallelism PEFT 0.21.0's mixed-adapter loop fails, its LoRA factors not being sharded)
-BASELINE_BATCHED_LORA = False
-
-
-class StepTimer:
-    """A logits processor that records (synchronised) wall time at every generation step."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak():
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-
-
-def _peaks_gib() -> list[float]:
-    """Peak memory of every visible GPU (a device-map run spreads over several)."""
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())]
+CASE_KEYS = ("system", "context", "agents")
 
 
 def cache_bytes(cache) -> int:
@@ -95,10 +44,11 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if t is not None)
 
 
-def _generate(pm, system, ctx, inputs, names, gen, shared=None):
+def _generate(pm, system, ctx, inputs, names, gen, shared=None, baseline_batched_lora=False):
     """One ``generate`` of the agents as ``system`` does it; returns the output and the cache it filled.
     ForkKV: one base pass over ``ctx`` (or the given ``shared``), a fork per call. Baseline: every row prefills the
-    context with its own adapter."""
+    context with its own adapter, with PEFT's per-adapter LoRA loop or (``baseline_batched_lora``) forkkv_hf's
+    batched LoRA (eval/bench/tp.py: PEFT 0.21.0's mixed-adapter loop fails under tensor parallelism)."""
     import forkkv_hf
     from forkkv_hf import SharedContext, cache_kwargs
 
@@ -108,7 +58,7 @@ def _generate(pm, system, ctx, inputs, names, gen, shared=None):
         cache = shared.fork(names)
         return pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache)), cache
     forkkv_hf.disable_forkkv(pm)
-    if BASELINE_BATCHED_LORA:
+    if baseline_batched_lora:
         from forkkv_hf.batched_lora import enable_batched_lora
 
         enable_batched_lora(pm)
@@ -117,22 +67,22 @@ def _generate(pm, system, ctx, inputs, names, gen, shared=None):
     return out, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
-def run_one(pm, system, ctx, prompts, names, new_tokens):
+def run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora=False):
     """One generate of N agents; returns the measurements (raises torch.cuda.OutOfMemoryError if it does not fit)."""
     from transformers import LogitsProcessorList
 
     from forkkv_hf import batch_inputs
 
-    _free()
+    free_memory()
     timer = StepTimer()
     dev = ctx.device
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                return_dict_in_generate=True, logits_processor=LogitsProcessorList([timer]))
-    _sync()
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out, cache = _generate(pm, system, ctx, inputs, names, gen)
+        out, cache = _generate(pm, system, ctx, inputs, names, gen, baseline_batched_lora=baseline_batched_lora)
     t_end = timer.times[-1]
     rec = {
         "ttft_s": timer.times[0] - t0,
@@ -141,14 +91,26 @@ def run_one(pm, system, ctx, prompts, names, new_tokens):
         "decode_tok_s": len(names) * (len(timer.times) - 1) / max(t_end - timer.times[0], 1e-9),
         "step_ms_median": 1e3 * sorted(b - a for a, b in zip(timer.times, timer.times[1:]))[(len(timer.times) - 1) // 2]
         if len(timer.times) > 1 else None,
-        "peak_gib": _peak() / 2**30,
-        "peak_gib_per_gpu": _peaks_gib(),
+        "peak_gib": peak_bytes() / 2**30,
+        "peak_gib_per_gpu": peaks_gib(),
         "cache_gib": cache_bytes(cache) / 2**30,
         "new_tokens": out.sequences.shape[1] - inputs["input_ids"].shape[1],
     }
     del out, cache
-    _free()
+    free_memory()
     return rec
+
+
+def measure_case(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora=False) -> dict:
+    """:func:`run_one`'s measurements, or ``{"oom": True}`` when the case does not fit (PEFT's stale hooks removed)."""
+    try:
+        return run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora)
+    except torch.cuda.OutOfMemoryError:
+        from forkkv_hf.peft_integration import remove_stale_peft_hooks
+
+        remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
+        free_memory()
+        return {"oom": True}
 
 
 def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True, shared=None):
@@ -166,19 +128,19 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
             "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
             "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"), "elementwise/other": ()}
     with torch.no_grad():
-        _sync()
+        sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
             t0 = time.perf_counter()
             _generate(pm, system, ctx, inputs, names, gen, shared=shared)
-            _sync()
+            sync()
             wall = time.perf_counter() - t0
     cpu = {}
     if not profiled:
         return wall, {k: 0.0 for k in fams}, cpu
     gpu = kernel_seconds_by_family(prof, fams, "elementwise/other")
     for ev in prof.key_averages():
-        if not (getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)):
+        if not is_cuda_event(ev):
             cpu[ev.key] = (ev.self_cpu_time_total / 1e6, ev.count)
     return wall, gpu, cpu
 
@@ -212,6 +174,33 @@ def profile_decode(pm, system, ctx, prompts, names, steps=16):
             "top_cpu_ops": [{"op": k[:80], "self_cpu_s_per_step": t, "calls_per_step": n} for k, (t, n) in top_cpu]}
 
 
+def _capacity(run, measure, system, T, listed, budget_gib, n_max) -> None:
+    """The largest N of ``system`` that fits ``budget_gib`` at context ``T``: peak(N) is linear in N; fit it on the
+    two largest measured N of ``listed``, run the predicted N (10% fewer until it fits) into ``run.extra``."""
+    pts = sorted((r["agents"], r["peak_gib"]) for r in run.rows if r["system"] == system and r["context"] == T
+                 and r["agents"] in listed and not r.get("oom"))
+    if len(pts) < 2:
+        return
+    (n1, p1), (n2, p2) = pts[-2], pts[-1]
+    slope = (p2 - p1) / (n2 - n1)
+    n_cap = int(math.floor(n2 + (budget_gib * 0.97 - p2) / slope)) if slope > 0 else n2
+    cap = {"context": T, "fit_points": pts, "gib_per_agent": slope, "predicted_max_agents": n_cap}
+    if n_cap > n_max:  # agents are distinct adapters: no more agents than adapters built
+        cap["limited_by_adapters_built"] = n_max
+        n_cap = n_max
+    while n_cap > n2:
+        rec = measure(system, T, n_cap)
+        if rec.get("skipped"):
+            return
+        if not rec.get("oom"):
+            break
+        n_cap = int(n_cap * 0.9)
+    cap["max_agents_run"] = max(n_cap, n2)
+    run.extra["capacity"][system] = cap
+    print(json.dumps({"capacity": system, **cap}), flush=True)
+    run.save()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -236,7 +225,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    info = device_info()
     if dev == "cuda":
         for i in range(torch.cuda.device_count()):
             total = torch.cuda.get_device_properties(i).total_memory
@@ -244,7 +232,8 @@ def main(argv=None):
     t0 = time.time()
     config = llama8b_config(layers=args.layers, tiny=args.tiny)
     device_map = None
-    if args.devices and len(args.devices) > 1:
+    split = bool(args.devices and len(args.devices) > 1)
+    if split:
         model, device_map = build_model_split(config, args.devices, dtype=dtype)
     else:
         model = build_model(config, dtype=dtype)
@@ -256,99 +245,40 @@ def main(argv=None):
     print(f"model + {n_max} adapters: {weights_gib:.1f} GiB, built in {time.time() - t0:.0f} s", flush=True)
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
-    rows = []
-    capacity = {}
-    profile = None
-    if args.resume and Path(args.resume).exists():
-        old = json.loads(Path(args.resume).read_text())
-        if old["device"].get("gpu") == info.get("gpu") and old["new_tokens"] == args.new_tokens:
-            rows, capacity, profile = old["rows"], old.get("capacity") or {}, old.get("profile")
-            print(f"resumed {len(rows)} cases from {args.resume}", flush=True)
-        else:
-            print(f"not resuming {args.resume}: another device or another number of new tokens", flush=True)
-    started = time.time()
+    params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
+                        "lora": "rank 16 on q/k/v/o", "adapters_built": n_max, "weights_and_adapters_gib": weights_gib,
+                        "devices": args.devices or [dev], "device_map": device_map},
+              "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
+              "baseline_prefill_chunk": PREFILL_CHUNK}
+    run = BenchmarkRun("bench_e2e", params, CASE_KEYS, out=args.out, suffix=f"_x{len(args.devices)}" if split else "",
+                       resume=args.resume, resume_if_same=("new_tokens",), time_limit=args.time_limit)
+    run.extra.setdefault("capacity", {})
+    run.extra.setdefault("profile", None)
 
-    def out_of_time():
-        return args.time_limit is not None and time.time() - started > args.time_limit
-    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_e2e_{slug(info.get('gpu', 'cpu'))}{f'_x{len(args.devices)}' if args.devices and len(args.devices) > 1 else ''}.json"
-
-    def save():
-        result = {"benchmark": "bench_e2e", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
-                  "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
-                            "dtype": str(dtype), "lora": "rank 16 on q/k/v/o", "adapters_built": n_max,
-                            "weights_and_adapters_gib": weights_gib, "devices": args.devices or [dev],
-                            "device_map": device_map},
-                  "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
-                  "baseline_prefill_chunk": PREFILL_CHUNK, "rows": rows, "capacity": capacity, "profile": profile}
-        out_path.write_text(json.dumps(result, indent=1))
-
-    def case(system, T, N):
-        done = next((r for r in rows if (r["system"], r["context"], r["agents"]) == (system, T, N)), None)
-        if done is not None:
-            return done
-        if out_of_time():
-            return {"skipped": True}
+    def draw(T, N):  # a context and N prompts, drawn only for the cases that run (resumed cases draw nothing)
         ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
-        prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
-        rec = {"system": system, "context": T, "agents": N}
-        try:
-            rec.update(run_one(pm, system, ctx, prompts, names_all[:N], args.new_tokens))
-        except torch.cuda.OutOfMemoryError:
-            from forkkv_hf.peft_integration import remove_stale_peft_hooks
+        return ctx, [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
 
-            rec["oom"] = True
-            remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
-            _free()
-        rows.append(rec)
-        print(json.dumps(rec), flush=True)
-        save()
-        return rec
+    def measure(system, T, N):
+        return run.measure({"system": system, "context": T, "agents": N},
+                           lambda: measure_case(pm, system, *draw(T, N), names_all[:N], args.new_tokens))
 
     for T in args.contexts:
         for N in args.agents:
-            case("baseline", T, N)
+            measure("baseline", T, N)
         for N in args.forkkv_agents:
-            case("forkkv", T, N)
+            measure("forkkv", T, N)
 
-    # capacity under the budget, at one context: peak(N) is linear in N; fit it on the measured runs, run the max N
-    T = args.capacity_context
     for system in ("baseline", "forkkv"):
-        if args.no_capacity or system in capacity or out_of_time():
+        if args.no_capacity or system in run.extra["capacity"] or run.out_of_time():
             continue
         listed = args.agents if system == "baseline" else args.forkkv_agents
-        pts = sorted((r["agents"], r["peak_gib"]) for r in rows if r["system"] == system and r["context"] == T
-                     and r["agents"] in listed and not r.get("oom"))
-        if len(pts) < 2:
-            continue
-        (n1, p1), (n2, p2) = pts[-2], pts[-1]
-        slope = (p2 - p1) / (n2 - n1)
-        n_cap = int(math.floor(n2 + (args.budget_gib * 0.97 - p2) / slope)) if slope > 0 else n2
-        cap = {"context": T, "fit_points": pts, "gib_per_agent": slope, "predicted_max_agents": n_cap}
-        if n_cap > n_max:  # agents are distinct adapters: no more agents than adapters built
-            cap["limited_by_adapters_built"] = n_max
-            n_cap = n_max
-        finished = True
-        while n_cap > n2:
-            rec = case(system, T, n_cap)
-            if rec.get("skipped"):
-                finished = False
-                break
-            if not rec.get("oom"):
-                break
-            n_cap = int(n_cap * 0.9)
-        if not finished:
-            continue
-        cap["max_agents_run"] = max(n_cap, n2)
-        capacity[system] = cap
-        print(json.dumps({"capacity": system, **cap}), flush=True)
-        save()
+        _capacity(run, measure, system, args.capacity_context, listed, args.budget_gib, n_max)
 
-    if not args.no_profile and not profile and not out_of_time():
-        profile = []
-        T = args.capacity_context
+    if not args.no_profile and not run.extra["profile"] and not run.out_of_time():
+        run.extra["profile"] = profile = []
         for system, N in ((("forkkv", 32), ("forkkv", 1), ("baseline", 1)) if not args.tiny else (("forkkv", 2),)):
-            ctx = torch.randint(3, vocab, (T,), device=dev, generator=g)
-            prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(N)]
+            ctx, prompts = draw(args.capacity_context, N)
             try:
                 p = profile_decode(pm, system, ctx, prompts, names_all[:N])
             except Exception as e:  # noqa: BLE001 - keep the measurements even if the profiler fails
@@ -356,12 +286,11 @@ def main(argv=None):
                 from forkkv_hf.peft_integration import remove_stale_peft_hooks
 
                 remove_stale_peft_hooks(pm)
-            _free()
+            free_memory()
             profile.append(p)
             print(json.dumps({"profile": p}), flush=True)
-            save()
-    save()
-    print("wrote", out_path)
+            run.save()
+    run.finish()
 
 
 if __name__ == "__main__":
