@@ -10,6 +10,7 @@
 from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, is_forkkv_enabled, register_forkkv
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from .compat import CACHE_KWARG, cache_kwargs
+from .identity import StaleContextError, set_weight_checks
 from .inputs import batch_inputs
 from .lora_factors import BASE_ADAPTER
 from .reference import reference_attention
@@ -28,6 +29,7 @@ __all__ = [
     "ForkKVView",
     "MemoryReport",
     "SharedContext",
+    "StaleContextError",
     "batch_inputs",
     "cache_kwargs",
     "disable_forkkv",
@@ -38,4 +40,5 @@ __all__ = [
     "register_forkkv",
     "residual_attention",
     "residual_attention_torch",
+    "set_weight_checks",
 ]

@@ -366,8 +366,7 @@ class ForkKVCache(Cache):
         if src is not None and src() is not find_attention_modules(model).get(0):
             raise ValueError("this ForkKVCache's shared context was built for another model instance; build a "
                              "SharedContext with the model you generate with")
-        self.shared.check_adapters_unchanged(model, [a for a in dict.fromkeys(self.adapter_names)
-                                                     if a in self.shared.adapters])
+        self.shared.check_weights(model, list(dict.fromkeys(self.adapter_names)))
 
     def prepare_forward(self, module, args: tuple, kwargs: dict):
         """Before each forward of ``module`` (the transformers model) that appends to this cache (the hook
@@ -380,6 +379,12 @@ class ForkKVCache(Cache):
         if ids is not None:
             self.record_tokens(ids)
         return changed
+
+    def __getstate__(self):
+        """``pickle``/``torch.save``: the shared context travels with the cache, a ForkKVStore's pin does not (a
+        loaded cache belongs to no store). At its first generate the loaded context is checked against the model
+        by content (:meth:`SharedContext.check_weights`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_forkkv_store_lease"}
 
     @property
     def adapter_names(self) -> list[str]:

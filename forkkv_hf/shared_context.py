@@ -40,8 +40,9 @@ from .lora_factors import (
     lora_layer_of,
     transformers_model,
 )
+from .identity import ContextIdentity, check_context, record_context
+from .model_lock import model_lock
 from .rope import apply_rope
-from .tp import local
 
 
 @dataclass
@@ -75,7 +76,8 @@ class SharedLayer:
     sin: torch.Tensor
     k_res: Residual | None = None
     v_res: Residual | None = None
-    #: the attention module this layer was computed for (a cache must not be read by another model's layer)
+    #: the attention module this layer was computed for (a cache must not be read by another model's layer); a
+    #: weakref, dropped when pickled and set again when the context is first checked against a model
     source: object = field(default=None, repr=False, compare=False)
     #: the layer's sliding-window size (None: full attention); ForkKV is exact while the sequence fits in it
     sliding_window: int | None = None
@@ -83,6 +85,9 @@ class SharedLayer:
     @property
     def num_tokens(self) -> int:
         return self.key.shape[-2]
+
+    def __getstate__(self):
+        return {**self.__dict__, "source": None}
 
 
 def _max_positions(config) -> int | None:
@@ -113,8 +118,8 @@ class SharedContext:
     model_id: int = 0
     #: position of ``token_ids[0]``: 0 for a context, > 0 for a segment made by :meth:`build_continuation`
     start: int = 0
-    #: per adapter, the identity and version of its K/V LoRA tensors when its residuals were computed
-    adapter_states: dict = field(default_factory=dict, repr=False)
+    #: what the base K/V and residuals were computed from (:mod:`forkkv_hf.identity`); checked before each generate
+    identity: ContextIdentity | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -134,6 +139,10 @@ class SharedContext:
         ``context_ids``: ``[T]`` or ``[1, T]`` token ids. ``adapter_names``: the adapters that may fork this context
         (default: every adapter of the model). ``chunk_size``: tokens per forward of the base pass (bounds activation
         memory on long contexts; ``None`` for one pass); a progress bar shows when there are several chunks.
+
+        Holds the model's lock (:mod:`forkkv_hf.model_lock`) for the whole pass: builds, forks and generates from
+        several threads run one after the other. Records the identity of the weights it reads
+        (:mod:`forkkv_hf.identity`): a generate after they change is refused.
         """
         return cls._base_pass(model, context_ids, adapter_names, chunk_size=chunk_size, progress=progress)
 
@@ -149,6 +158,7 @@ class SharedContext:
         keep_kv: bool = True,
         chunk_size: int | None = 4096,
         progress: bool = True,
+        record_identity: bool = True,
     ) -> SharedContext:
         """The base pass of :meth:`build` over ``token_ids`` that continue a context of ``S`` tokens.
 
@@ -159,15 +169,22 @@ class SharedContext:
         ``keep_kv=False``, when only residuals are wanted), ``cos``/``sin`` ``[T, D]`` and the residuals of
         ``adapter_names`` over these ``T`` tokens. Concatenated along T with the segments before it, it equals
         :meth:`build` over the whole context (up to float rounding). A segment with ``start > 0`` cannot be forked.
+        ``record_identity=False``: no identity (the caller records it, as :class:`~forkkv_hf.store.ForkKVStore` does).
         """
-        return cls._base_pass(
-            model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past, keep_kv=keep_kv
-        )
+        return cls._base_pass(model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past,
+                              keep_kv=keep_kv, record_identity=record_identity)
 
     @classmethod
-    def _base_pass(
-        cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True
-    ) -> SharedContext:
+    def _base_pass(cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True,
+                   record_identity: bool = True) -> SharedContext:
+        check_chunk_size(chunk_size)
+        with model_lock(model):
+            return cls._locked_base_pass(model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                                         record_identity)
+
+    @classmethod
+    def _locked_base_pass(cls, model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                          record_identity) -> SharedContext:
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
         from .peft_integration import remove_stale_peft_hooks
@@ -347,7 +364,7 @@ class SharedContext:
         del kv_cache
         return cls(
             layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S,
-            adapter_states=adapter_states(model, adapters),
+            identity=record_context(model, adapters) if record_identity else None,
         )
 
     # ------------------------------------------------------------------ adapters
@@ -357,37 +374,57 @@ class SharedContext:
         """Compute the residuals of adapters this context was not built for (e.g. loaded later) and add them.
 
         One base pass over the context with hooks (no K/V kept), as :meth:`build` does for its adapters. Caches
-        already forked keep working: existing adapters keep their slots. Returns ``self``.
+        already forked keep working: existing adapters keep their slots. The base weights must be those the context
+        was built from. Returns ``self``.
         """
         if self.start:
             raise ValueError("add_adapters works on a whole context (start 0), not on a continuation segment")
-        new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
-        if not new:
-            return self
-        seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
-                                            progress=progress)
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
+        with model_lock(model):
+            new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
+            if not new:
+                return self
+            self.check_weights(model, [])  # the new residuals must read the base this context's K/V came from
+            seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
+                                                progress=progress)
+            self._merge(seg)
+        return self
+
+    def _merge(self, seg: SharedContext) -> None:
         for layer, extra in zip(self.layers, seg.layers):
             layer.k_res = _merge_residuals(layer.k_res, extra.k_res)
             if extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u:
                 layer.v_res = _merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res)
             else:
                 layer.v_res = _merge_residuals(layer.v_res, extra.v_res)
+        if self.identity is not None and seg.identity is not None:
+            self.identity.adapters.update(seg.identity.adapters)
         self.adapters = self.adapters + seg.adapters
-        self.adapter_states.update(seg.adapter_states)
-        return self
 
-    def check_adapters_unchanged(self, model: nn.Module, names=None) -> None:
-        """Raise if an adapter's K/V LoRA weights changed (or were reloaded) since its residuals were computed:
-        serving them would be silently wrong."""
-        names = [n for n in (self.adapters if names is None else names) if n in self.adapter_states]
-        now = adapter_states(model, names)
-        for name in names:
-            if now[name] != self.adapter_states[name]:
-                raise ValueError(
-                    f"adapter {name!r} changed since this shared context computed its residuals (its weights were "
-                    "written or reloaded); build a new SharedContext (or use ForkKVStore, which keys residuals by "
-                    "adapter content)"
-                )
+    def check_weights(self, model: nn.Module, adapter_names=None) -> None:
+        """Raise :class:`~forkkv_hf.identity.StaleContextError` (what changed, what to do) unless ``model``'s base
+        weights and the K/V LoRA factors of ``adapter_names`` (default: all of this context's adapters) are the
+        ones this context was computed from: serving it would be silently wrong. Cheap or by content, see
+        :mod:`forkkv_hf.identity`. A context loaded from a file is bound to ``model`` by its first successful check."""
+        if self.identity is None:
+            raise ValueError("this SharedContext records no weight identity (a store-internal segment); fork caches "
+                             "from SharedContext.build or ForkKVStore.fork")
+        names = self.adapters if adapter_names is None else [a for a in adapter_names if a in self.adapters]
+        check_context(self.identity, model, names)
+        if self.layers and self.layers[0].source is None:
+            self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Tie an unpickled context to ``model`` (whose weights were just found to be the recorded ones)."""
+        attention = find_attention_modules(model)
+        if len(attention) != len(self.layers):
+            raise ValueError(f"this shared context has {len(self.layers)} layers but the model has {len(attention)}; "
+                             "build a new SharedContext with this model")
+        base = transformers_model(model)
+        for idx, layer in enumerate(self.layers):
+            layer.source = weakref.ref(attention[idx])
+        self.config, self.model_id = base.config, id(base)
 
     # ------------------------------------------------------------------ use
     def fork(self, adapter_names, residual: str = "kv"):
@@ -447,23 +484,13 @@ class SharedContext:
         )
 
 
-def adapter_states(model: nn.Module, names) -> dict[str, tuple]:
-    """For each adapter in ``names``: identity and in-place version of its LoRA tensors on the K/V projections,
-    which change when the adapter is written to, reloaded or replaced (a few attribute reads per layer; one walk
-    of the model for all names)."""
-    names = list(names)
-    states: dict[str, list] = {n: [] for n in names}
-    for idx, attn in sorted(find_attention_modules(model).items()):
-        for mod in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None), getattr(attn, "qkv_proj", None)):
-            layer = None if mod is None else lora_layer_of(mod, f"layer {idx}")
-            if layer is None:
-                continue
-            for name in names:
-                if name in layer.lora_A:
-                    a, b = local(layer.lora_A[name].weight), local(layer.lora_B[name].weight)
-                    states[name].append((a.data_ptr(), a._version, b.data_ptr(), b._version,
-                                         float(layer.scaling[name])))
-    return {n: tuple(s) for n, s in states.items()}
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size`` must be a positive int (tokens per forward of a base pass) or ``None`` (one pass)."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of tokens per forward of the base pass (e.g. 4096) or "
+                         f"None for one pass over the whole context, got {chunk_size!r}")
 
 
 def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):
