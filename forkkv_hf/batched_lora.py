@@ -85,18 +85,23 @@ def _copy_key(layer, name: str) -> tuple:
     return stamps, float(layer.scaling[name]), tuple(Probes(fresh=True).values(tensors, kind="factor"))
 
 
-def _current(layer, stack: StackedLoRA, names) -> bool:
+def _current(layer, stack: StackedLoRA, used) -> bool:
+    """Whether the stack serves ``used`` as the layer is now: each name it has is current, and it has no slot for
+    a name the layer no longer has (an adapter deleted, or re-added without LoRA here)."""
+    if any((n in stack.slot) != (n in layer.lora_A) for n in used):
+        return False
+    names = [n for n in used if n in layer.lora_A]
     if stack.views:
         return stack.views_current(layer, names)
-    return all(n in stack.slot and n in layer.lora_A and stack.built[n] == _copy_key(layer, n) for n in names)
+    return all(stack.built[n] == _copy_key(layer, n) for n in names)
 
 
 def stacked_lora(layer, used=None) -> StackedLoRA:
-    """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all) is new, was
-    reloaded or rescaled, or (copies only) was written since the stack was built."""
+    """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all the layer's) is
+    new, deleted, reloaded or rescaled, or (copies only) was written since the stack was built."""
     cached = layer.__dict__.get("_forkkv_stack")
-    check = layer.lora_A.keys() if used is None else [n for n in used if n in layer.lora_A]
-    if cached is not None and _current(layer, cached, check):
+    used = list(layer.lora_A.keys()) if used is None else [n for n in used if n != BASE_ADAPTER]
+    if cached is not None and _current(layer, cached, used):
         return cached
     names = list(layer.lora_A.keys())
     base_w = layer.get_base_layer().weight
