@@ -16,6 +16,7 @@ Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -203,6 +204,81 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
+#: Triton kernel family per call shape, from eval/results (sweep_kernel, bench_kernel on an H200): see _triton_kernel
+TRITON_KERNELS = ("cascade", "fused")
+
+
+def _triton_kernel(batch: int, queries: int, has_k: bool) -> str:
+    """Which Triton family serves a call: env ``FORKKV_KERNEL`` (``cascade`` / ``fused``), else the cascade kernels
+    (eval/KERNEL_NOTES.md v7 has the measurements behind this choice)."""
+    name = os.environ.get("FORKKV_KERNEL", "cascade")
+    if name not in TRITON_KERNELS:
+        raise ValueError(f"FORKKV_KERNEL={name!r}: use one of {TRITON_KERNELS}")
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_tensors(slots: tuple, device: str):
+    """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, and the number of distinct
+    slots; cached, so a decode step builds nothing."""
+    t = torch.tensor(slots, dtype=torch.int32, device=device)
+    order = torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), dtype=torch.int32, device=device)
+    return t, order, len({s for s in slots if s >= 0})
+
+
+def _rope_half(shared) -> bool:
+    """Whether the layer's cos/sin tables repeat their first half (the kernels then load one half). Memoised."""
+    flag = getattr(shared, "_rope_half", None)
+    if flag is None:
+        h = shared.cos.shape[-1] // 2
+        flag = bool(torch.equal(shared.cos[:, :h], shared.cos[:, h:]) and torch.equal(shared.sin[:, :h], shared.sin[:, h:]))
+        shared._rope_half = flag
+    return flag
+
+
+def _int8_mask(attention_mask, B: int, Q: int, T: int, P: int):
+    """The model's mask as the kernels take it: ``[B, Q, T + P]`` int8 (1 = attend), or None for the implicit mask."""
+    mask, additive = kv_mask(attention_mask, B, Q, T, P, None)
+    if mask is None:
+        return None
+    if additive:  # an additive float mask: only 0 / -inf-like entries can be expressed as a bool mask
+        finite = mask > torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | ~finite).all()):
+            raise ValueError("the Triton ResidualAttention takes boolean (or 0/-inf) masks, not additive biases; "
+                             "use backend='torch' for attention biases")
+        mask = finite
+    return mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)
+
+
+def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, kernel: str | None = None,
+                              **tuning) -> torch.Tensor:
+    """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` Triton
+    kernels; returns ``[B, Q, H, D]``. ``kernel``: ``"cascade"`` or ``"fused"`` (default: :func:`_triton_kernel`);
+    ``tuning``: that launcher's knobs. Rows' residual slots come from the view's host tuples when present (cached
+    tensors), else from its ``k_rows``/``v_rows`` tensors."""
+    from forkkv_kernels import cascade_attention, fused_rebuild_attention
+
+    sh = view.shared
+    B, _, Q, _ = query.shape
+    present = [(kind, r, rows, slots) for kind, r, rows, slots in
+               (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
+               if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
+    name = kernel or _triton_kernel(B, Q, any(kind == "k" for kind, *_ in present))
+    kw = dict(mask=_int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
+              rope_half=any(kind == "k" for kind, *_ in present) and _rope_half(sh))
+    for kind, r, rows, slots in present:
+        kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
+        if name == "fused":  # plans its work items on the host
+            kw[f"{kind}_slots"] = tuple(slots) if slots is not None else tuple(rows.tolist())
+            continue
+        slot, order, n_agents = _slot_tensors(tuple(slots), str(query.device)) if slots is not None else (rows, None, None)
+        kw[f"{kind}_slot"] = slot
+        if kind == "k":
+            kw.update(k_order=order, k_agents=n_agents)
+    launch = cascade_attention if name == "cascade" else fused_rebuild_attention
+    return launch(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, scaling, **kw, **tuning)
+
+
 def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
                        softcap: float | None = None) -> torch.Tensor:
     """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"sdpa"`` (:func:`residual_attention_sdpa`),
@@ -223,7 +299,5 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "sdpa":
         return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
-        from forkkv_kernels import residual_attention_triton
-
         return residual_attention_triton(query, view, attention_mask, scaling)
     raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch' or 'triton'")
