@@ -19,9 +19,10 @@ Times are the GPU time of one call: a CUDA graph of ``GRAPH_CALLS`` calls replay
 the calls. The same calls timed eagerly from Python (``*_eager_s``: what one un-captured call costs, launch overhead
 included) are recorded beside them. The kernel's output is checked against SDPA at every size. Result: the one
 schema (eval/bench/schema.py), rows keyed by (context, agents), the measured ceilings and the compiled kernels'
-resource use in ``extra``.
+resource use in ``extra``. ``--tuning-from``: run each variant with the knobs a sweep (eval/sweep_kernel.py) found
+fastest at the nearest agent count instead of the launcher's defaults (each row records its ``*_knobs``).
 
-    python -m eval.bench_kernel [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--quick]
+    python -m eval.bench_kernel [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--tuning-from SWEEP.json]
 """
 
 from __future__ import annotations
@@ -148,7 +149,18 @@ def _time(fn, do_bench) -> tuple[float, float]:
     return graph_time(fn, do_bench), eager
 
 
-def measure_case(T: int, N: int, ceil: dict, do_bench) -> dict:
+def swept_knobs(best: dict, variant: str, N: int) -> dict:
+    """The knobs eval.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N`` (the shared-part
+    stage, plus the K-pass stage for ``kv``); {} without a sweep."""
+    out = {}
+    for stage in ("shared", "kres") if variant == "kv" else ("shared",):
+        points = [(int(k.split(":")[1]), b) for k, b in best.items() if k.startswith(f"{stage}/{variant}/")]
+        if points:
+            out.update({k: v for k, v in min(points, key=lambda p: abs(p[0] - N))[1]["config"].items() if v is not None})
+    return out
+
+
+def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None) -> dict:
     from forkkv_hf.residual_attention import residual_attention_triton
 
     q, view = make_case(T, N)
@@ -157,7 +169,9 @@ def measure_case(T: int, N: int, ceil: dict, do_bench) -> dict:
     for variant in VARIANTS:
         vv = variant_view(view, variant)
         key = "forkkv" if variant == "kv" else f"forkkv_{variant}"
-        row[f"{key}_s"], row[f"{key}_eager_s"] = _time(lambda: residual_attention_triton(q, vv, None, scale), do_bench)
+        knobs = row[f"{key}_knobs"] = swept_knobs(best or {}, variant, N)
+        row[f"{key}_s"], row[f"{key}_eager_s"] = _time(
+            lambda: residual_attention_triton(q, vv, None, scale, **knobs), do_bench)
     row["fused_s"], row["fused_eager_s"] = _time(
         lambda: residual_attention_triton(q, view, None, scale, kernel="fused"), do_bench)
     out = residual_attention_triton(q, view, None, scale)
@@ -209,6 +223,8 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
+    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: each variant runs with the "
+                    "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -223,12 +239,17 @@ def main(argv=None):
                                                         "replayed (do_bench median); *_eager_s: do_bench median of "
                                                         "the Python call"},
                        case_keys=["context", "agents"], out=args.out)
+    best = {}
+    if args.tuning_from:
+        from eval.bench.schema import load
+
+        best = run.extra["tuning_from"] = load(args.tuning_from).extra["best"]
     ceil = run.extra["ceilings"] = measure_ceilings(do_bench)
     print(f"{run.device.get('gpu')}: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for T in args.contexts:
         for N in args.agents:
-            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench))
+            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench, best))
             torch.cuda.empty_cache()
     run.extra["kernel_resources"] = kernel_resources()
     print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'fused':>8} {'SDPA':>8} {'floorKV':>8} "

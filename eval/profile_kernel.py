@@ -9,16 +9,19 @@ variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
-
 import torch
 
+from eval.bench.measure import kernel_seconds_by_family
 from eval.bench.runner import BenchmarkRun
-from eval.bench_kernel import D, VARIANTS, kernel_resources, make_case, variant_view
+from eval.bench_kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
+
+
+#: kernel name fragments of each stage of a call
+STAGES = {"k_pass": ["_kres_scores"], "shared": ["_cascade_shared", "_shared_part"], "merge": ["_private_merge"]}
 
 
 def kernel_times(fn, reps: int) -> dict:
-    """Mean GPU time per call of each kernel ``fn`` launches (seconds), by kernel name."""
+    """Mean GPU time per call of each stage of ``fn`` (seconds; ``other``: any other kernel, e.g. a copy)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -27,11 +30,7 @@ def kernel_times(fn, reps: int) -> dict:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    out = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            out[ev.name] += ev.device_time_total * 1e-6 / reps
-    return dict(out)
+    return {k: v / reps for k, v in kernel_seconds_by_family(prof, STAGES, "other").items()}
 
 
 def main(argv=None):
@@ -40,16 +39,23 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--kernel", default=None, help="cascade or fused (default: the dispatch's choice)")
     ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
+    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from forkkv_hf.residual_attention import residual_attention_triton
 
     scale = D**-0.5
+    best = {}
+    if args.tuning_from:
+        from eval.bench.schema import load
+
+        best = load(args.tuning_from).extra["best"]
     if args.ncu_once:
         for point in args.points:
             q, view = make_case(*map(int, point.split(":")))
             for variant in VARIANTS:
-                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel)
+                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel,
+                                          **swept_knobs(best, variant, view.batch_size))
         torch.cuda.synchronize()
         return
     run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel},
@@ -59,13 +65,14 @@ def main(argv=None):
         q, view = make_case(T, N)
         for variant in VARIANTS:
             vv = variant_view(view, variant)
-            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel)  # noqa: E731
+            knobs = swept_knobs(best, variant, N) if args.kernel in (None, "cascade") else {}
+            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel, **knobs)  # noqa: E731
             run.measure({"context": T, "agents": N, "variant": variant},
-                        lambda: {"kernel_s": kernel_times(fn, args.reps), "resources": kernel_resources()})
+                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "resources": kernel_resources()})
         del q, view
         torch.cuda.empty_cache()
     for r in run.rows:
-        parts = ", ".join(f"{k.split('_kernel')[0].lstrip('_')} {v * 1e6:.1f}" for k, v in r["kernel_s"].items())
+        parts = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in r["kernel_s"].items())
         print(f"{r['context']:6d} {r['agents']:4d} {r['variant']:5s} µs: {parts}", flush=True)
     run.finish()
 
