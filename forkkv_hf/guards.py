@@ -110,17 +110,14 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
         raise ValueError("input_ids must be a [batch, tokens] LongTensor, as forkkv_hf.batch_inputs builds them")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold token ids (integer dtype), got {input_ids.dtype}")
-    assisted = any(kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens"))
-    assisted = assisted or getattr(gen_cfg, "prompt_lookup_num_tokens", None) is not None
+    drafts = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+    assisted = any(kwargs.get(k) is not None or getattr(gen_cfg, k, None) is not None for k in drafts)
     if assisted and input_ids.shape[0] != 1:
         raise ValueError(
             f"assisted and prompt-lookup decoding run one row at a time (a transformers rule), got {input_ids.shape[0]}"
             " rows; generate each row with its own fork (shared.fork([name])) or drop assistant_model / "
-            "prompt_lookup_num_tokens"
+            "prompt_lookup_num_tokens / assistant_early_exit"
         )
-    if kwargs.get("assistant_early_exit") is not None or getattr(gen_cfg, "assistant_early_exit", None) is not None:
-        raise ValueError("assistant_early_exit drafts with the model's own first layers and cache, which a ForkKVCache "
-                         "does not support; use assistant_model=<a small model> or prompt_lookup_num_tokens")
     base = transformers_model(model)
     pad, _ = _special_ids(model, kwargs)
     vocab = getattr(base.config, "vocab_size", None)
@@ -137,7 +134,34 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
         )
     _check_rows_continue(cache, input_ids)
     _check_generate_mask(model, input_ids, kwargs, T)
+    _check_adapter_names(model, kwargs, input_ids.shape[0])
     _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
+
+
+def _generation_setting(model, kwargs: dict, name: str, default):
+    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
+    value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
+    """PEFT's ``adapter_names``: a list, one name per row, repeated by the caller for ``num_return_sequences``
+    (PEFT repeats them for beams itself)."""
+    names = kwargs.get("adapter_names")
+    if names is None:
+        return
+    if isinstance(names, str):
+        raise TypeError(f"adapter_names must be a list with one name per row, not the string {names!r}")
+    beams = _generation_setting(model, kwargs, "num_beams", 1)
+    k = _generation_setting(model, kwargs, "num_return_sequences", 1) if beams == 1 else 1
+    if len(names) == rows * k:
+        return
+    if k > 1 and len(names) == rows:
+        raise ValueError(
+            f"num_return_sequences={k}: PEFT does not repeat adapter_names for it; pass "
+            f"[n for n in names for _ in range({k})] ({rows * k} names for {rows} rows)"
+        )
+    raise ValueError(f"adapter_names has {len(names)} names but the batch has {rows} rows; give one name per row")
 
 
 def _check_rows_continue(cache, ids: torch.Tensor) -> None:
@@ -195,7 +219,15 @@ def _whole_rows(cache, ids: torch.Tensor, mask, pos) -> bool:
             f"({T} shared): give a mask of {S + L} columns (cached + new tokens), as generate does"
         )
     if pos is not None:
-        return bool((pos[..., 0] < T).any())
+        if not bool((pos[..., 0] < T).any()):
+            return False
+        if L > T and torch.equal(ids[:, :T], cache.shared.token_ids.to(ids.device).expand(ids.shape[0], T)):
+            return True
+        raise ValueError(
+            f"position_ids start at {int(pos[..., 0].min())}, inside the {T}-token shared context, for input_ids that "
+            f"are not whole rows: the tokens after the cache go at positions {T} and above (pass position_ids of the "
+            f"whole rows' attention_mask, cumsum - 1, sliced to the new tokens)"
+        )
     if L <= S:
         return False
     held = cache.shared.token_ids.to(ids.device)
@@ -289,14 +321,26 @@ def _rope_type(rope) -> str | dict:
     return getattr(rope, "rope_type", "default")
 
 
-def _length_dependent(kind) -> bool:
-    kinds = kind.values() if isinstance(kind, dict) else [kind]
+def _length_dependent(kinds) -> bool:
+    """Whether any of the rope types ``kinds`` (a type, a list of types, or a per-layer-type dict) recomputes its
+    frequencies from the sequence length."""
+    kinds = kinds.values() if isinstance(kinds, dict) else kinds if isinstance(kinds, (list, tuple)) else [kinds]
     return any("dynamic" in str(k) or str(k) == "longrope" for k in kinds)
 
 
+def _config_rope_types(config) -> list:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "rope_type" in params or "type" in params:
+        return [params.get("rope_type", params.get("type"))]
+    return [p.get("rope_type") for p in params.values() if isinstance(p, dict)]  # per layer type (Gemma 3)
+
+
 def rotary_modules(model) -> list:
-    """The model's rotary embedding modules (those holding ``inv_freq``)."""
-    return [m for m in transformers_model(model).modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")]
+    """The rotary embedding modules (holding ``inv_freq``) among the decoder's children: a few attribute reads,
+    not a walk of every module (PEFT adds tens of thousands with many adapters)."""
+    base = transformers_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    return [m for m in decoder.children() if hasattr(m, "inv_freq")]
 
 
 def check_rope_for_prefill(cache, model, seq_len: int) -> None:
@@ -304,10 +348,10 @@ def check_rope_for_prefill(cache, model, seq_len: int) -> None:
     forward after a fork if a plain prefill of the whole rows (``seq_len`` positions) would rotate the context with
     other frequencies than the base pass did; the shared K (and everything computed from it) would not be the
     model's. Position-only types (default, linear, yarn, llama3) never differ."""
+    if not _length_dependent(_config_rope_types(cache.shared.config)):
+        return
     ropes = rotary_modules(model)
     kinds = [_rope_type(r) for r in ropes]
-    if not any(_length_dependent(k) for k in kinds):
-        return
     if len(ropes) != 1 or isinstance(kinds[0], dict):
         raise ValueError(f"this model uses sequence-length dependent RoPE ({kinds}) in several rotary modules, which "
                          "ForkKV cannot check against its shared context; use a rope_type that depends on positions "
@@ -318,12 +362,23 @@ def check_rope_for_prefill(cache, model, seq_len: int) -> None:
     x = torch.zeros(1, dtype=layer.cos.dtype, device=layer.cos.device)
     with torch.no_grad():
         cos, sin = probe(x, torch.arange(max(seq_len, T), device=layer.cos.device)[None])
-    if not (torch.equal(cos[0, :T].to(layer.cos.device), layer.cos) and torch.equal(sin[0, :T], layer.sin)):
+    cos, sin = cos[0, :T].to(layer.cos.device), sin[0, :T].to(layer.sin.device)
+    if not (torch.equal(cos, layer.cos) and torch.equal(sin, layer.sin)):
+        limit = _rope_limit(ropes[0])
+        one_pass = ", build a context longer than that in one pass (chunk_size=None)" \
+            if isinstance(limit, int) and T > limit else ""
         raise ValueError(
-            f"this model uses {kinds[0]!r} RoPE, whose frequencies depend on the sequence length: a plain prefill of "
-            f"these rows ({seq_len} positions) rotates every token with other frequencies than the base pass over "
-            f"the {T}-token shared context did (it changes above {getattr(ropes[0], 'original_max_seq_len', '?')} "
-            "positions), so the shared K/V are not this model's. Keep context + prompt within that length "
-            "(generating past it is fine: plain transformers keeps earlier keys as they were too), or use a "
-            "position-only rope_type (linear, yarn, llama3)."
+            f"this model uses {kinds[0]!r} RoPE, whose frequencies depend on the sequence length (they change above "
+            f"{limit} positions): a plain prefill of these rows ({seq_len} positions) rotates the {T}-token shared "
+            "context with other frequencies than its base pass did, so the shared K/V are not this model's. Keep "
+            f"context + prompt within {limit} tokens (generating past it is fine: plain transformers keeps the earlier "
+            f"keys as they were too){one_pass}, or use a position-only rope_type (linear, yarn, llama3)."
         )
+
+
+def _rope_limit(rope) -> int | None:
+    """Positions above which a sequence-length dependent rotary module changes its frequencies."""
+    params = getattr(getattr(rope, "config", None), "rope_parameters", None) or {}
+    if _rope_type(rope) == "longrope" and "original_max_position_embeddings" in params:
+        return params["original_max_position_embeddings"]
+    return getattr(rope, "original_max_seq_len", None)

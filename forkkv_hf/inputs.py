@@ -48,6 +48,8 @@ def as_token_ids(x, what: str, vocab_size: int | None = None) -> torch.Tensor:
             raise ValueError(
                 f"{what} is not a flat list of token ids ({e}); give one sequence of ints, e.g. tokenizer(text).input_ids"
             ) from None
+    if hasattr(x, "__array__") and not isinstance(x, torch.Tensor):  # numpy
+        x = torch.as_tensor(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a 1-D LongTensor or a list of token ids, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
