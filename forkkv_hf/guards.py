@@ -266,7 +266,12 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict):
     if not isinstance(ids, torch.Tensor):
         return None
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-    T = cache.num_shared_tokens
+    B, T = ids.shape[0], cache.num_shared_tokens
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != B:
+        raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids have {B}")
+    if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != ids.shape[1]):
+        raise ValueError(f"position_ids must be [{B}, {ids.shape[1]}] (one position per token of input_ids), got "
+                         f"{tuple(pos.shape)}")
     changed = None
     if _whole_rows(cache, ids, mask, pos):
         ids, pos = _cut_whole_rows(cache, ids, pos, kwargs)

@@ -199,6 +199,21 @@ def test_direct_forward_of_whole_rows(exact_agents):
                **cache_kwargs(_fork(pm, ctx, names)))
 
 
+def test_forward_shapes_are_checked(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    tail, mask = inputs["input_ids"][:, 15:], inputs["attention_mask"]
+    cache = _fork(agents, ctx, ["planner", "coder"])
+    with pytest.raises(ValueError, match="attention_mask has 1 rows but input_ids have 2"):
+        agents(input_ids=tail, attention_mask=mask[:1], adapter_names=["planner", "coder"], **cache_kwargs(cache))
+    with pytest.raises(ValueError, match=r"position_ids must be \[2, 2\]"):
+        agents(input_ids=tail, position_ids=torch.tensor([15, 16]), adapter_names=["planner", "coder"],
+               **cache_kwargs(cache))
+    with pytest.raises(ValueError, match="covers 16 tokens but this forward appends 2 to a cache holding 15"):
+        agents(input_ids=tail, attention_mask=mask[:, 1:], adapter_names=["planner", "coder"], **cache_kwargs(cache))
+    assert cache.get_seq_length() == 15
+
+
 # ---------------------------------------------------------------------------------------------------- RoPE scaling
 def _rope_agents(rope: dict, max_pos: int):
     m = tiny_llama(layers=3, seed=5, max_pos=max_pos, rope_parameters=dict(rope_theta=10000.0, **rope))
