@@ -13,6 +13,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig
 
 import forkkv_hf
@@ -351,3 +353,120 @@ def test_bad_store_arguments_are_refused():
     shared = SharedContext.build(pm, ctx, ["planner"], progress=False)
     with pytest.raises(TypeError, match="not the string 'coder'"):
         shared.add_adapters(pm, "coder")
+
+
+# ----------------------------------------------------------------------------------------- random interleavings
+TARGETS = {
+    "base_k": lambda pm: _base(pm).layers[0].self_attn.k_proj.base_layer.weight,
+    "base_mlp": lambda pm: _base(pm).layers[0].mlp.down_proj.weight,
+    "base_norm": lambda pm: _base(pm).layers[1].input_layernorm.weight,
+    "planner_v": lambda pm: _base(pm).layers[1].self_attn.v_proj.lora_A["planner"].weight,
+    "planner_q": lambda pm: _base(pm).layers[0].self_attn.q_proj.lora_B["planner"].weight,  # not K/V: no residual
+    "coder_k_bias": lambda pm: _base(pm).layers[0].self_attn.k_proj.lora_B["coder"].bias,
+}
+_GENERATE = st.tuples(st.just("generate"), st.integers(0, 7))
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(sorted(TARGETS)), st.sampled_from(WRITES)),
+    st.tuples(st.just("readd"), st.sampled_from(sorted(SPECS)), st.booleans()),
+    st.tuples(st.just("delete"), st.sampled_from(sorted(SPECS))),
+    st.tuples(st.sampled_from(["build", "fork_shared", "fork_store"])),
+    st.tuples(st.just("plain")),
+    _GENERATE, _GENERATE, _GENERATE,  # generates (what is checked) come up as often as the rest together
+), min_size=6, max_size=14)
+
+
+def _relevant(state: dict, rows) -> dict:
+    """What a context over ``rows`` depends on: every base tensor and the rows' adapters' K/V LoRA factors."""
+    def keep(key):
+        if ".lora_" not in key:
+            return True
+        return any(f".{n}." in key for n in rows) and ("k_proj" in key or "v_proj" in key)
+
+    return {k: v for k, v in state.items() if keep(k)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _readd(pm, name, same_weights):
+    saved = {k: v.clone() for k, v in pm.state_dict().items() if f".{name}." in k}
+    if name in pm.peft_config:
+        pm.set_adapter(next(n for n in pm.peft_config if n != name) if len(pm.peft_config) > 1 else name)
+        pm.delete_adapter(name)
+    spec = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **SPECS[name]}  # with_adapters' default
+    pm.add_adapter(name, LoraConfig(init_lora_weights=False, lora_alpha=8, **spec))
+    pm.eval()
+    if same_weights and saved:
+        pm.load_state_dict({**pm.state_dict(), **saved})
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_interleaved_writes_never_give_a_silently_different_result(ops, interleaving_counts):
+    """Random programs of weight writes (in place, ``.data``, ``load_state_dict``, adapters deleted or re-added
+    with the same or other weights) between builds, forks (SharedContext and ForkKVStore), generates and plain
+    batched-LoRA forwards: every generate equals a fresh exact run on the current weights, or is refused with a
+    StaleContextError exactly when what its context depends on changed; batched LoRA always equals PEFT's loop."""
+    pm, ctx = _agents(seed=15), _ctx(seed=16)
+    seen = interleaving_counts
+    store = ForkKVStore(pm, progress=False)
+    shared, caches = None, []  # caches: (cache, rows, state of the weights its context was computed from)
+
+    def loaded_rows():
+        return [n for n in SPECS if n in pm.peft_config] + ["__base__"]
+
+    def generate(i):
+        cache, rows, then = caches[i % len(caches)]
+        cache.reset()
+        if _same(_relevant(then, rows), _relevant(pm.state_dict(), rows)):
+            assert torch.equal(_gen(pm, ctx, cache, rows), _fresh(pm, ctx, rows))
+            seen["equal"] += 1
+        else:
+            with pytest.raises(StaleContextError, match="SharedContext"):
+                _gen(pm, ctx, cache, rows)
+            seen["refused"] += 1
+
+    for op in [("build",), ("fork_shared",), ("fork_store",), *ops]:
+        kind = op[0]
+        if kind == "write":
+            try:
+                _write(pm, TARGETS[op[1]], op[2], delta=0.2)
+            except KeyError:  # the adapter is deleted
+                pass
+        elif kind == "readd":
+            _readd(pm, op[1], op[2])
+        elif kind == "delete" and op[1] in pm.peft_config and len(pm.peft_config) > 1:
+            pm.set_adapter(next(n for n in pm.peft_config if n != op[1]))
+            pm.delete_adapter(op[1])
+        elif kind == "build":
+            shared = (SharedContext.build(pm, ctx, loaded_rows()[:-1], progress=False),
+                      {k: v.clone() for k, v in pm.state_dict().items()})
+        elif kind == "fork_shared":
+            rows = list(shared[0].adapters) + ["__base__"]
+            caches.append((shared[0].fork(rows), rows, shared[1]))
+            generate(-1)
+        elif kind == "fork_store":
+            rows = loaded_rows()
+            caches.append((store.fork(ctx, rows), rows, {k: v.clone() for k, v in pm.state_dict().items()}))
+            generate(-1)
+        elif kind == "generate":
+            generate(op[1])
+        elif kind == "plain":
+            rows = loaded_rows()
+            ids = torch.randint(3, 128, (len(rows), 4), generator=torch.Generator().manual_seed(3))
+            with torch.no_grad():
+                got = pm(input_ids=ids, adapter_names=rows).logits
+            torch.testing.assert_close(got, _peft_logits(pm, ids, rows), rtol=1e-5, atol=1e-5)
+            seen["plain"] += 1
+    assert not pm._adapters_disabled
+
+
+@pytest.fixture(scope="module")
+def interleaving_counts():
+    """How many generates the random programs checked each way (both must occur for the test to mean much)."""
+    counts = {"equal": 0, "refused": 0, "plain": 0}
+    yield counts
+    print("interleavings checked:", counts)
+    assert min(counts.values()) >= 20, counts
