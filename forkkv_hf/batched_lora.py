@@ -32,7 +32,7 @@ from torch import nn
 
 from . import peft_integration
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
-from .identity import Probes
+from .probes import Probes
 from .peft_integration import CALL_EPOCH
 from .tp import is_dtensor, local, lora_shard, rowwise_group
 

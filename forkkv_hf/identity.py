@@ -9,13 +9,8 @@ values (:func:`base_fingerprint`, :func:`adapter_fingerprint`). Two kinds of evi
 - **stamps** (free): the tensor object and its version counter. Every in-place write through the tensor
   (``param.mul_()`` under ``no_grad``, ``load_state_dict``, an optimizer step) bumps the counter; a reloaded or
   replaced tensor is another object. Writes through ``.data`` bump nothing.
-- **content probes** (one read of the tensors): an exact, order-independent linear checksum of the tensor's bits,
-  computed on the tensor's device (integer sums modulo 2^64, the same on every device and thread count, so a
-  probe saved in one process can be checked in another). Base weights: row and column sums of the tensor's 64-bit
-  words (rows of 256 words) weighted by fixed pseudo-random odd numbers (about 15 GB/s on one CPU core); LoRA
-  factors: a bilinear form ``Σ R_i Q_j x_ij`` of their elements' bit patterns, which is the same whether a factor
-  lives alone or zero-padded in a batched-LoRA stack. A changed word or element always changes the probe; other
-  changes go unseen with probability about 2^-64. Not a cryptographic hash.
+- **content probes** (one read of the tensors, :mod:`forkkv_hf.probes`): an exact, order-independent linear
+  checksum of the tensor's bits, computed on its device, portable across processes and devices.
 
 Modes (:func:`set_weight_checks`, per model): ``"content"`` (the default) probes the base weights and the K/V LoRA
 factors of the rows' adapters at every ``generate`` with a ForkKV cache and every store call, so writes through
@@ -35,13 +30,11 @@ import torch
 from torch import nn
 
 from .lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
-from .tp import local, tp_world
+from .probes import Probes, factor_probe, stamp
+from .tp import tp_world
 
 MODES = ("content", "versions")
 _MODE_ATTR = "_forkkv_weight_checks"
-_MEMO_ATTR = "_forkkv_probe"
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_ROW_WORDS = 256
 
 
 def set_weight_checks(model: nn.Module, mode: str) -> nn.Module:
@@ -55,125 +48,6 @@ def set_weight_checks(model: nn.Module, mode: str) -> nn.Module:
 
 def weight_checks(model: nn.Module) -> str:
     return getattr(transformers_model(model), _MODE_ATTR, "content")
-
-
-# ------------------------------------------------------------------------------------------------------ probes
-_S = lambda c: c - (1 << 64) if c >= 1 << 63 else c  # noqa: E731  (uint64 constant as int64)
-_C1, _C2, _C3 = _S(0x9E3779B97F4A7C15), _S(0xBF58476D1CE4E5B9), _S(0x94D049BB133111EB)
-_WEIGHTS: dict[tuple, torch.Tensor] = {}
-
-
-def _weights(n: int, device, salt: int) -> torch.Tensor:
-    """``[n]`` fixed pseudo-random odd int64 (splitmix64 of the index), cached per device."""
-    key = (n, str(device), salt)
-    w = _WEIGHTS.get(key)
-    if w is None:
-        z = torch.arange(n, dtype=torch.int64, device=device) * _C1 + _S(salt * _C2 % (1 << 64))
-        z = (z ^ (z >> 30)) * _C2
-        z = (z ^ (z >> 27)) * _C3
-        w = _WEIGHTS[key] = (z ^ (z >> 31)) | 1
-    return w
-
-
-def tensor_probe(t: torch.Tensor) -> torch.Tensor:
-    """``[2]`` int64 on ``t``'s device: the weighted column and row sums of ``t``'s bytes read as 64-bit words."""
-    t = local(t).detach()
-    if t.device.type == "meta":
-        return torch.zeros(2, dtype=torch.int64)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    b = t.reshape(-1).view(torch.uint8)
-    if b.storage_offset() % 8:
-        b = b.clone()
-    n8 = b.numel() // 8
-    m = n8 // _ROW_WORDS
-    words = b[: n8 * 8].view(torch.int64)
-    full = words[: m * _ROW_WORDS].view(m, _ROW_WORDS)
-    last = torch.zeros(8 * _ROW_WORDS, dtype=torch.uint8, device=t.device)  # the partial last row, zero-padded
-    rest = b[m * _ROW_WORDS * 8 :]
-    last[: rest.numel()] = rest
-    last = last.view(torch.int64)
-    cols = full.sum(0) + last
-    rows = torch.cat([full.sum(1), last.sum()[None]])
-    return torch.stack([(cols * _weights(_ROW_WORDS, t.device, 1)).sum(),
-                        (rows * _weights(m + 1, t.device, 2)).sum()])
-
-
-def factor_probe(x: torch.Tensor) -> torch.Tensor:
-    """``Σ_ij R_i Q_j bits(x[..., i, j])`` (int64, modulo 2^64) per leading index: ``[...]`` for ``x [..., M, N]``
-    (``[1]`` for a 1-D ``x``). Zero rows or columns appended at the end (a factor padded in a stack) change nothing."""
-    x = local(x).detach()
-    if x.dim() == 1:
-        x = x[None]
-    bits = x.view(_INT_OF_SIZE[x.element_size()]).to(torch.int64)
-    per_row = (bits * _weights(x.shape[-1], x.device, 3)).sum(-1)
-    return (per_row * _weights(x.shape[-2], x.device, 4)).sum(-1)
-
-
-class Probes:
-    """Probe values for one call, each tensor probed at most once. ``fresh``: read every tensor (content mode);
-    otherwise a probe remembered on the tensor is reused while its version counter and storage are unchanged."""
-
-    def __init__(self, fresh: bool):
-        self.fresh = fresh
-        self._seen: dict[tuple, object] = {}
-
-    def values(self, tensors, kind: str = "tensor") -> list:
-        """Host values: ``(p0, p1)`` per tensor (``kind="tensor"``) or one int per factor (``kind="factor"``);
-        ``None`` for ``None``. One device sync per device."""
-        out, todo = [], {}
-        for i, t in enumerate(tensors):
-            if t is None:
-                out.append(None)
-                continue
-            key = (id(t), kind)
-            if key in self._seen:
-                out.append(self._seen[key])
-                continue
-            memo = None if self.fresh else _memo(t, kind)
-            out.append(memo)
-            if memo is None:
-                todo.setdefault(local(t).device, []).append(i)
-        for device, idxs in todo.items():
-            fn = tensor_probe if kind == "tensor" else factor_probe
-            vals = torch.stack([fn(tensors[i]).reshape(-1) for i in idxs]).cpu().tolist()
-            for i, v in zip(idxs, vals):
-                out[i] = tuple(v) if kind == "tensor" else v[0]
-                _remember(tensors[i], kind, out[i])
-        for t, v in zip(tensors, out):
-            if t is not None:
-                self._seen[(id(t), kind)] = v
-        return out
-
-
-def _stamp(t: torch.Tensor):
-    t = local(t)
-    try:
-        return t._version, t.data_ptr()
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
-def _memo(t, kind):
-    cached = getattr(local(t), _MEMO_ATTR, None)
-    stamp = _stamp(t)
-    if cached is None or stamp is None:
-        return None
-    return cached.get(kind) if cached.get("stamp") == stamp else None
-
-
-def _remember(t, kind, value) -> None:
-    t, stamp = local(t), _stamp(t)
-    if stamp is None:
-        return
-    cached = getattr(t, _MEMO_ATTR, None)
-    if cached is None or cached.get("stamp") != stamp:
-        cached = {"stamp": stamp}
-    cached[kind] = value
-    try:
-        setattr(t, _MEMO_ATTR, cached)
-    except (AttributeError, RuntimeError):  # tensor subclasses that take no attributes: no memo
-        pass
 
 
 # ----------------------------------------------------------------------------------------------- what is read
@@ -289,13 +163,13 @@ class WeightRecord:
     def adopt(self, groups) -> None:
         """Remember these tensor objects (per entry a tuple; their contents were just found equal to the record)."""
         self.refs = [tuple(None if t is None else weakref.ref(t) for t in g) for g in groups]
-        self.versions = [tuple(None if t is None else _stamp(t) for t in g) for g in groups]
+        self.versions = [tuple(None if t is None else stamp(t) for t in g) for g in groups]
 
     def unchanged(self, i: int, group) -> bool:
         """Stamp test: the same tensor objects, none written through itself since they were recorded."""
         if self.refs is None:
             return False
-        return all((r is None and t is None) or (r is not None and r() is t and v == _stamp(t))
+        return all((r is None and t is None) or (r is not None and r() is t and v == stamp(t))
                    for r, v, t in zip(self.refs[i], self.versions[i], group))
 
     def same_objects(self, i: int, group) -> bool:

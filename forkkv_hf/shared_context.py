@@ -16,15 +16,21 @@ segments in radix trees and computes only what is missing.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .compat import cache_kwargs
+from .base_pass import (
+    cache_dtype,
+    check_chunk_size,
+    check_rope_layout,
+    max_positions,
+    past_length,
+    run_base_pass,
+    sliding_window,
+)
 from .inputs import context_token_ids as _as_context_ids
 from .inputs import vocab_size_of
 from .lora_factors import (
@@ -35,14 +41,12 @@ from .lora_factors import (
     check_k_norm,
     collect_projection_lora,
     find_attention_modules,
-    is_peft_model,
     kv_projections,
     lora_layer_of,
     transformers_model,
 )
 from .identity import ContextIdentity, check_context, record_context
 from .model_lock import model_lock
-from .rope import apply_rope
 
 
 @dataclass
@@ -88,10 +92,6 @@ class SharedLayer:
 
     def __getstate__(self):
         return {**self.__dict__, "source": None}
-
-
-def _max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
 
 
 @dataclass
@@ -191,23 +191,23 @@ class SharedContext:
 
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = _as_context_ids(context_ids, vocab_size_of(model))
-        S = _past_length(past)
+        S = past_length(past)
         if adapter_names is None:
             adapter_names = available_adapters(model)
         adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
         base = transformers_model(model)
         config = base.config
-        max_pos = _max_positions(config)
+        max_pos = max_positions(config)
         if max_pos is not None and S + ids.numel() > max_pos:
             raise ValueError(
                 f"the shared context has {S + ids.numel()} tokens but {type(base).__name__} supports at most "
                 f"max_position_embeddings={max_pos}; shorten the context"
             )
         attn_modules = find_attention_modules(model)
-        dtype = _cache_dtype(base)
+        dtype = cache_dtype(base)
         captures: dict[int, _Capture] = {}
         projections = {idx: kv_projections(attn, config) for idx, attn in attn_modules.items()}
-        windows = {idx: _sliding_window(attn, config) for idx, attn in attn_modules.items()}
+        windows = {idx: sliding_window(attn, config) for idx, attn in attn_modules.items()}
         for idx, w in windows.items():
             if w is not None and S + ids.numel() > w:
                 raise ValueError(
@@ -329,7 +329,7 @@ class SharedContext:
                     handles.append(proj.v[0].register_forward_pre_hook(make_proj_hook(idx, ("v",))))
                 if captures[idx].k_lora is not None:
                     handles.append(proj.k[0].register_forward_hook(make_k_out_hook(idx, proj.k[1])))
-            kv_cache = _run_base_pass(model, base, ids, chunk_size, progress, offset, past)
+            kv_cache = run_base_pass(model, base, ids, chunk_size, progress, offset, past)
         finally:
             for h in handles:
                 h.remove()
@@ -354,7 +354,7 @@ class SharedContext:
             layer = SharedLayer(key, value, cos, sin, k_res, v_res, source=weakref.ref(attn_modules[idx]),
                                 sliding_window=windows[idx])
             if k_res is not None:
-                _check_rope_layout(idx, cap.k_out_head, layer)
+                check_rope_layout(idx, cap.k_out_head, layer)
             if not keep_kv:
                 layer.key = key.new_empty((1, key.shape[1], 0, key.shape[-1]))
                 layer.value = value.new_empty((1, value.shape[1], 0, value.shape[-1]))
@@ -484,15 +484,6 @@ class SharedContext:
         )
 
 
-def check_chunk_size(chunk_size) -> None:
-    """``chunk_size`` must be a positive int (tokens per forward of a base pass) or ``None`` (one pass)."""
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of tokens per forward of the base pass (e.g. 4096) or "
-                         f"None for one pass over the whole context, got {chunk_size!r}")
-
-
 def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):
     """Stack the residuals of newly added adapters after the existing ones (slots of existing adapters unchanged;
     ranks zero-padded to the larger)."""
@@ -506,14 +497,6 @@ def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: R
     return Residual(old.adapters + new.adapters, u, torch.cat([pad(old.B), pad(new.B)], dim=0), old.ranks + new.ranks)
 
 
-def _sliding_window(attn: nn.Module, config) -> int | None:
-    """The layer's sliding window: the module's own (Qwen2, Gemma), else the config's when the model passes it to
-    every attention call (Mistral, Phi-3)."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None)
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -524,80 +507,3 @@ def _residual(lora: ProjectionLoRA | None, u: torch.Tensor | None) -> Residual |
     if u is None:
         raise RuntimeError("the base pass did not reach a LoRA projection's input hook")
     return Residual(lora.adapters, u, lora.B.to(u.device), lora.ranks)
-
-
-def _cache_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype the model's K/V come out in (its compute dtype)."""
-    dtype = getattr(base, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    return torch.get_default_dtype()
-
-
-def _past_length(past) -> int:
-    """Tokens in ``past`` (one ``(key, value)`` pair ``[1, H_kv, S, D]`` per layer, or ``None``); validates it."""
-    if past is None:
-        return 0
-    lengths = set()
-    for idx, pair in enumerate(past):
-        if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != 1 for t in pair):
-            raise ValueError(f"past layer {idx}: expected a (key, value) pair of [1, H_kv, S, D] tensors")
-        lengths.update(t.shape[-2] for t in pair)
-    if len(lengths) != 1:
-        raise ValueError(f"past layers hold different numbers of tokens {sorted(lengths)}; each must hold the same S")
-    return lengths.pop()
-
-
-def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset, past=None):
-    """One forward of the base model (adapters disabled) over ``ids``, chunked, after the ``S`` tokens of ``past``
-    (per layer ``(key, value)``, or ``None``); returns its ``DynamicCache`` (``S + T`` tokens)."""
-    from transformers import DynamicCache
-
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    runner = decoder if decoder is not None else base
-    T = ids.numel()
-    step = T if not chunk_size or chunk_size >= T else int(chunk_size)
-    starts = list(range(0, T, step))
-    disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
-    cache = DynamicCache(config=base.config)
-    S = 0
-    if past is not None:
-        past = list(past)
-        num_layers = getattr(base.config, "num_hidden_layers", len(past))
-        if len(past) != num_layers:
-            raise ValueError(
-                f"past has {len(past)} layers but the model has {num_layers}; give one (key, value) pair per layer"
-            )
-        for idx, (key, value) in enumerate(past):
-            cache.update(key, value, idx)
-        S = past[0][0].shape[-2]
-    with disable:
-        for t0 in tqdm(starts, desc="forkkv: base pass over shared context", unit="chunk", disable=not progress or len(starts) == 1):
-            offset[0] = t0
-            chunk = ids[t0 : t0 + step][None]
-            positions = torch.arange(S + t0, S + t0 + chunk.shape[1], device=ids.device)[None]
-            kwargs = dict(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(cache))
-            if runner is base:
-                kwargs["logits_to_keep"] = 1
-            runner(**kwargs)
-    return cache
-
-
-def _check_rope_layout(idx: int, k_out_head: torch.Tensor | None, layer: SharedLayer) -> None:
-    """Refuse models whose cached K is not rotate-half RoPE applied directly to k_proj's output: the K residual is
-    rebuilt on that assumption (a K norm, partial rotary or interleaved RoPE would make it wrong)."""
-    if k_out_head is None:
-        return
-    n = k_out_head.shape[0]
-    Hkv, D = layer.key.shape[1], layer.key.shape[-1]
-    k = k_out_head.view(n, Hkv, D).transpose(0, 1)
-    expect = apply_rope(k, layer.cos[:n].to(k.dtype), layer.sin[:n].to(k.dtype))
-    got = layer.key[0, :, :n]
-    err = (expect.float() - got.float()).abs().max().item()
-    scale = got.float().abs().max().item() + 1e-6
-    if err > 2e-2 * scale:
-        raise ValueError(
-            f"layer {idx}: the cached keys are not rotate-half RoPE of k_proj's output (max deviation {err:.3g} "
-            f"against |K| {scale:.3g}); this model transforms K in a way ForkKV cannot split (a K norm, partial or "
-            "interleaved rotary). Retarget the adapters away from k_proj (LoRA on v_proj is still shared)."
-        )

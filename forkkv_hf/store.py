@@ -40,21 +40,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .base_pass import check_chunk_size
 from .cache import ForkKVCache
-from .identity import (
-    ContextIdentity,
-    Probes,
-    adapter_fingerprint,
-    adapter_record,
-    base_fingerprint,
-    kv_factors,
-    weight_checks,
-)
+from .identity import ContextIdentity, adapter_fingerprint, adapter_record, base_fingerprint, kv_factors, weight_checks
 from .lora_factors import BASE_ADAPTER, available_adapters, check_adapter_names, find_attention_modules
 from .model_lock import model_lock
-from .shared_context import Residual, SharedContext, _as_context_ids, check_chunk_size
+from .probes import Probes
+from .shared_context import Residual, SharedContext, _as_context_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tensors of a segment: lists whose entries may repeat one tensor object (cos/sin shared by the layers of a RoPE
