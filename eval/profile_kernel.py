@@ -37,7 +37,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128", "32768:8", "32768:1"])
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--kernel", default=None, help="cascade or fused (default: the dispatch's choice)")
+    ap.add_argument("--kernel", default="cascade", choices=["cascade", "fused"])
     ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
     ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--out", default=None)
@@ -54,8 +54,8 @@ def main(argv=None):
         for point in args.points:
             q, view = make_case(*map(int, point.split(":")))
             for variant in VARIANTS:
-                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel,
-                                          **swept_knobs(best, variant, view.batch_size))
+                knobs = swept_knobs(best, variant, view.batch_size) if args.kernel == "cascade" else {}
+                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel, **knobs)
         torch.cuda.synchronize()
         return
     run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel},
@@ -65,7 +65,7 @@ def main(argv=None):
         q, view = make_case(T, N)
         for variant in VARIANTS:
             vv = variant_view(view, variant)
-            knobs = swept_knobs(best, variant, N) if args.kernel in (None, "cascade") else {}
+            knobs = swept_knobs(best, variant, N) if args.kernel == "cascade" else {}
             fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel, **knobs)  # noqa: E731
             run.measure({"context": T, "agents": N, "variant": variant},
                         lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "resources": kernel_resources()})

@@ -21,6 +21,7 @@ import torch
 from eval.bench.runner import BenchmarkRun
 from eval.bench_kernel import D, graph_time, make_case, variant_view
 
+#: knob values per stage (None: the launcher's default); ``--grid`` replaces a stage's grid
 GRIDS = {
     "shared": {"block_t": [32, 64], "num_warps": [4, 8], "block_m": [None, 128], "programs_per_sm": [2, 4]},
     "kres": {"res_block_t": [64, 128], "res_warps": [4, 8], "res_heads": [8, 2], "res_programs_per_sm": [2, 4]},
@@ -30,8 +31,8 @@ SPILLS = [{"block_m": 128, "num_warps": 4}]
 STAGE_VARIANTS = {"shared": ["kv", "v", "base"], "kres": ["kv"]}
 
 
-def configs(stage: str, only: dict | None = None) -> list[dict]:
-    grid = GRIDS[stage]
+def configs(stage: str, only: dict | None = None, grids: dict | None = None) -> list[dict]:
+    grid = (grids or GRIDS)[stage]
     out = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     out = [c for c in out if not any(all(c.get(k) == v for k, v in bad.items()) for bad in SPILLS)]
     return [c for c in out if all(c.get(k) == v for k, v in (only or {}).items())]
@@ -43,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128", "32768:8", "32768:1"])
     ap.add_argument("--only", default=None, help='JSON dict of knob values to keep, e.g. {"num_warps": 4}')
     ap.add_argument("--fixed", default=None, help="JSON dict of knobs every configuration gets")
+    ap.add_argument("--grid", default=None, help='JSON {stage: {knob: [values]}} replacing those stages\' grids')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from triton.testing import do_bench
@@ -50,8 +52,9 @@ def main(argv=None):
     from forkkv_hf.residual_attention import residual_attention_triton
 
     fixed = json.loads(args.fixed) if args.fixed else {}
+    grids = {**GRIDS, **(json.loads(args.grid) if args.grid else {})}
     run = BenchmarkRun("sweep_kernel", params={"stages": args.stage, "points": args.points, "fixed": fixed,
-                                               "grids": {s: GRIDS[s] for s in args.stage}},
+                                               "grids": {s: grids[s] for s in args.stage}},
                        case_keys=["stage", "variant", "context", "agents", "config"], out=args.out)
     best = run.extra.setdefault("best", {})
     scale = D**-0.5
@@ -62,7 +65,7 @@ def main(argv=None):
             for variant in STAGE_VARIANTS[stage]:
                 vv = variant_view(view, variant)
                 ref = residual_attention_triton(q, vv, None, scale)
-                for cfg in configs(stage, json.loads(args.only) if args.only else None):
+                for cfg in configs(stage, json.loads(args.only) if args.only else None, grids):
                     knobs = {**fixed, **{k: v for k, v in cfg.items() if v is not None}}
 
                     def measure():

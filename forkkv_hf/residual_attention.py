@@ -204,14 +204,19 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-#: Triton kernel family per call shape, from eval/results (sweep_kernel, bench_kernel on an H200): see _triton_kernel
 TRITON_KERNELS = ("cascade", "fused")
+#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, which measured
+#: faster there than the cascade kernels (eval/results/bench_kernel_nvidia_h200.json; eval/KERNEL_NOTES.md v7)
+FUSED_MIN_K_QUERIES = 32
 
 
 def _triton_kernel(batch: int, queries: int, has_k: bool) -> str:
-    """Which Triton family serves a call: env ``FORKKV_KERNEL`` (``cascade`` / ``fused``), else the cascade kernels
-    (eval/KERNEL_NOTES.md v7 has the measurements behind this choice)."""
-    name = os.environ.get("FORKKV_KERNEL", "cascade")
+    """Which Triton family serves a call: env ``FORKKV_KERNEL`` (``cascade`` / ``fused``), else by measurement: the
+    fused-rebuild kernels for calls with K residuals and ``batch · queries >= FUSED_MIN_K_QUERIES``, the cascade
+    kernels for the rest (V residual only, no residual, and few rows)."""
+    name = os.environ.get("FORKKV_KERNEL")
+    if name is None:
+        return "fused" if has_k and batch * queries >= FUSED_MIN_K_QUERIES else "cascade"
     if name not in TRITON_KERNELS:
         raise ValueError(f"FORKKV_KERNEL={name!r}: use one of {TRITON_KERNELS}")
     return name
@@ -219,11 +224,12 @@ def _triton_kernel(batch: int, queries: int, has_k: bool) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _slot_tensors(slots: tuple, device: str):
-    """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, and the number of distinct
-    slots; cached, so a decode step builds nothing."""
+    """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, the number of distinct slots
+    and the most rows one slot has; cached, so a decode step builds nothing."""
     t = torch.tensor(slots, dtype=torch.int32, device=device)
     order = torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), dtype=torch.int32, device=device)
-    return t, order, len({s for s in slots if s >= 0})
+    used = [s for s in slots if s >= 0]
+    return t, order, len(set(used)), max((used.count(s) for s in set(used)), default=1)
 
 
 def _rope_half(shared) -> bool:
@@ -271,10 +277,11 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         if name == "fused":  # plans its work items on the host
             kw[f"{kind}_slots"] = tuple(slots) if slots is not None else tuple(rows.tolist())
             continue
-        slot, order, n_agents = _slot_tensors(tuple(slots), str(query.device)) if slots is not None else (rows, None, None)
+        slot, order, n_agents, max_rows = (_slot_tensors(tuple(slots), str(query.device)) if slots is not None
+                                           else (rows, None, None, None))
         kw[f"{kind}_slot"] = slot
         if kind == "k":
-            kw.update(k_order=order, k_agents=n_agents)
+            kw.update(k_order=order, k_agents=n_agents, k_max_rows=max_rows)
     launch = cascade_attention if name == "cascade" else fused_rebuild_attention
     return launch(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, scaling, **kw, **tuning)
 

@@ -8,7 +8,8 @@ as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_
 1. ``_kres_scores_kernel`` (only with K residuals; grid: sorted row position x split of the context x group of KV
    heads). The first row of each agent (rows sorted by K slot) rebuilds the agent's K residual per tile and KV head,
    ``X = u[BLOCK_T, r] @ B_k[r, D]`` in lo/hi halves, rotates it with the tile's cos/sin, and scores it against the
-   query vectors of *all* rows of that agent (chunks of ``MQ`` vectors), so rows sharing an agent share each rebuild.
+   query vectors of the agent's rows (up to ``MQ`` vectors, one chunk for an agent with few rows), so rows sharing an
+   agent share each rebuild.
    Writes the scaled scores ``R [H_kv, B·VPR, T]`` (fp16 for bf16/fp16 inputs, fp32 for fp32).
 2. ``_cascade_shared_kernel`` (grid: block of ``BLOCK_M`` query vectors x KV head x split, flash-decoding style).
    ``S = Q[BLOCK_M, D] @ K_base[BLOCK_T, D]ᵀ`` for every row at once, plus ``R``; online softmax; ``P·V_base``; and
@@ -47,22 +48,30 @@ def _kres_scores_kernel(
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every row
     with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
-    the rows sorted by ``KSLOT`` (this program is sorted position ``program_id(0)``; only each agent's first acts)."""
+    the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
+    x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
     p = tl.program_id(0)
     split = tl.program_id(1)
-    hg = tl.program_id(2)
+    chunk = tl.program_id(2) // (HKV // HG)
+    hg = tl.program_id(2) % (HKV // HG)
     slot = tl.load(KSLOT + tl.load(ORDER + p))
     prev = tl.load(KSLOT + tl.load(ORDER + tl.maximum(p - 1, 0)))
-    if (slot >= 0) & ((p == 0) | (prev != slot)):
+    first = p + chunk * (MQ // VPR)
+    first_slot = tl.load(KSLOT + tl.load(ORDER + tl.minimum(first, B - 1)))
+    if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
         dtype = Q.dtype.element_ty
         d = tl.arange(0, HALF_B)
         dm = d < HALF
         rk = tl.arange(0, RKB)
         rkm = rk < RK
+        # this chunk's query vectors (the score MMA's columns), resolved once, outside the loop over the context
         col = tl.arange(0, MQ)
         w = col % VPR
-        qi = w // G
-        g = w % G
+        pos = first + col // VPR
+        inb = pos < B
+        rowc = tl.load(ORDER + pos, mask=inb, other=0)
+        ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
+        q_off = rowc * s_qb + (w % G) * s_qh + (w // G) * s_qq
         u_base = UK + slot.to(tl.int64) * T * RK
         b_base = BK + slot.to(tl.int64) * (HKV * 2 * HALF * RK)
         bmask = dm[None, :] & rkm[:, None]
@@ -90,30 +99,15 @@ def _kres_scores_kernel(
                 x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
                 x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
                 k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                k_lo = k_lo.to(dtype)
-                k_hi = k_hi.to(dtype)
-                head = h * G + g
-                # the agent's rows, MQ // VPR at a time, from this sorted position on
-                j = p
-                go = p >= 0
-                while go:
-                    pos = j + col // VPR
-                    inb = pos < B
-                    rowc = tl.load(ORDER + pos, mask=inb, other=0)
-                    ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
-                    qT_ptr = Q + rowc[None, :] * s_qb + head[None, :] * s_qh + qi[None, :] * s_qq + d[:, None]
-                    qmask = ok[None, :] & dm[:, None]
-                    r = mma(k_lo, tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                    r += mma(k_hi, tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                    r = r * qk_scale
-                    if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
-                        r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
-                    vec = ((h * B + rowc) * VPR + w).to(tl.int64)
-                    tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty),
-                             mask=tm[:, None] & ok[None, :])
-                    j += MQ // VPR
-                    nxt = tl.load(KSLOT + tl.load(ORDER + tl.minimum(j, B - 1)))
-                    go = (j < B) & (nxt == slot)
+                qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
+                qmask = ok[None, :] & dm[:, None]
+                r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                r = r * qk_scale
+                if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
+                    r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
+                vec = ((h * B + rowc) * VPR + w).to(tl.int64)
+                tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
 
 
 @triton.jit
@@ -209,7 +203,8 @@ def _cascade_shared_kernel(
 def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, k_priv: torch.Tensor, v_priv: torch.Tensor, scale: float, *,
                       k_u=None, k_B=None, k_slot=None, v_u=None, v_B=None, v_slot=None, mask=None,
-                      rope_half: bool = False, k_order=None, k_agents: int | None = None, **tuning) -> torch.Tensor:
+                      rope_half: bool = False, k_order=None, k_agents: int | None = None, k_max_rows: int | None = None,
+                      **tuning) -> torch.Tensor:
     """Attention of ``q [B, H, NQ, D]`` (after RoPE) over each row's ``[shared base + its agent's residual | private]``
     K/V; returns ``[B, NQ, H, D]`` in the query's dtype.
 
@@ -217,23 +212,26 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
     read); ``k_priv``/``v_priv [B, H_kv, P, D]``; ``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]`` (scaled) and
     ``k_slot [B]`` int (each row's slot, -1: none), the same for V (None: no residual of that kind); ``mask
     [B, NQ, T + P]`` int8 (1 = attend) or None (the shared context visible, causal in the private part). ``k_order``:
-    the rows sorted by ``k_slot`` (computed when None), ``k_agents``: how many distinct K slots (sizes the K pass's
-    grid; ``B`` when None). No host reads of tensor values. ``tuning``: see :func:`_cascade_attention`.
+    the rows sorted by ``k_slot`` (computed when None), ``k_agents``: how many distinct K slots and ``k_max_rows``: the
+    most rows one K slot has (they size the K pass's grid and score MMA; ``B`` when None: correct, slower). No host
+    reads of tensor values. ``tuning``: see :func:`_cascade_attention`.
     """
     with on_device(q.device):
         return _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B,
-                                  v_slot, mask, rope_half, k_order, k_agents, **tuning)
+                                  v_slot, mask, rope_half, k_order, k_agents, k_max_rows, **tuning)
 
 
 def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
-                       rope_half, k_order, k_agents, block_m: int | None = None, block_t: int | None = None,
-                       n_sub: int | None = None, programs_per_sm: int = 4, num_warps: int = 8,
+                       rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
+                       n_sub: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
                        num_stages: int = 2, res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_warps: int = 4, res_stages: int = 2, mq: int | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False) -> torch.Tensor:
-    """Tuning knobs: ``block_m`` query vectors per shared-part program (default: up to 64), ``block_t`` context tokens
-    per tile, ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows'
-    u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM, ``num_warps`` /
+    """Tuning knobs (defaults: the fastest of eval/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7): ``block_m``
+    query vectors per shared-part program (default: up to 64), ``block_t`` context tokens per tile (32 with K residuals
+    and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows'
+    u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM (4 with K
+    residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` /
     ``num_stages`` for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
     (they share the u and cos/sin tiles), ``res_programs_per_sm``, ``res_warps``, ``res_stages``, ``mq`` query vectors
     per score MMA, ``lowp_rope`` the rotation in the cache dtype (default on for bf16/fp16 on the GPU; env
@@ -271,21 +269,26 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HG = res_heads or Hkv
         if Hkv % HG:
             raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
-        n_act = max(1, k_agents or B)
+        rows_max = max(1, k_max_rows or B)
+        MQ = mq or max(16, VPR, min(64, pow2(rows_max * VPR)))
+        n_chunks = cdiv(rows_max, MQ // VPR)
+        n_act = max(1, k_agents or B) * n_chunks
         n_split_r = max(1, min(cdiv(T, BT_R), cdiv(res_programs_per_sm * sms, n_act * (Hkv // HG))))
         split_r = cdiv(cdiv(T, n_split_r), BT_R) * BT_R
         k_u, k_B, cos, sin = k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous()
-        LAST_LAUNCH["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), Hkv // HG)](
+        LAST_LAUNCH["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), n_chunks * (Hkv // HG))](
             q, q.stride(0), q.stride(1), q.stride(2),
             k_u, k_B, cos, sin, k_slot, k_order, r_scores,
             B, T, RK, split_r, qk_scale,
-            HKV=Hkv, G=G, HALF=HALF, HALF_B=HALF_B, RKB=pow2(RK), VPR=VPR, NQG=NQG, MQ=mq or pow2(VPR),
+            HKV=Hkv, G=G, HALF=HALF, HALF_B=HALF_B, RKB=pow2(RK), VPR=VPR, NQG=NQG, MQ=MQ,
             BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
             CLAMP=r_dtype == torch.float16, DOT_PREC=prec, UPCAST=interp,
             num_warps=res_warps, num_stages=res_stages,
         )
 
-    BLOCK_T = block_t or (32 if interp else 64)
+    many_k_rows = has_k and B * NQ >= 32
+    BLOCK_T = block_t or (32 if interp or many_k_rows else 64)
+    programs_per_sm = programs_per_sm or (4 if many_k_rows or B * NQ * G >= 512 else 2)
     BLOCK_M = block_m or min(64, pow2(B * VPR))
     n_sub = n_sub or max(1, BLOCK_M // 16)
     SB = BLOCK_M // n_sub

@@ -28,7 +28,9 @@ def _launch(q, view, mask, scale, host_order=True, **tuning):
     if host_order and "k_slot" in kw:
         slots = view.k_rows.tolist()
         kw["k_order"] = torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), device=DEV)
-        kw["k_agents"] = len({s for s in slots if s >= 0})
+        used = [s for s in slots if s >= 0]
+        kw["k_agents"] = len(set(used))
+        kw["k_max_rows"] = max((used.count(s) for s in set(used)), default=1)
     if mask is not None:
         mask = mask[:, 0].to(torch.int8).to(DEV)
     return cascade_attention(q.to(DEV), sh.key[0].to(DEV), sh.value[0].to(DEV), sh.cos.to(DEV), sh.sin.to(DEV),

@@ -112,10 +112,15 @@ def test_kernel_notices_the_residual(kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    """``FORKKV_KERNEL`` picks the family; unknown names are refused with the choices."""
+    """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL`` overrides it; unknown
+    names are refused with the choices."""
     import importlib
 
     ra = importlib.import_module("forkkv_hf.residual_attention")
+    monkeypatch.delenv("FORKKV_KERNEL", raising=False)
+    many = ra.FUSED_MIN_K_QUERIES
+    assert [ra._triton_kernel(many, 1, True), ra._triton_kernel(many - 1, 1, True), ra._triton_kernel(many, 1, False)] \
+        == ["fused", "cascade", "cascade"]
     monkeypatch.setenv("FORKKV_KERNEL", "fused")
     assert ra._triton_kernel(4, 1, True) == "fused"
     monkeypatch.setenv("FORKKV_KERNEL", "flash")
