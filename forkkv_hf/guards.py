@@ -21,7 +21,7 @@ import copy
 import torch
 
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
-from .inputs import check_token_range
+from .inputs import check_token_range, vocab_size_of
 from .lora_factors import transformers_model
 
 _USE_MASK = "pass the attention_mask of forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=...) (its padding " \
@@ -45,11 +45,18 @@ def generate_cache(kwargs: dict):
 
 
 # ---------------------------------------------------------------------------------------------------- generate
+def _generation_setting(model, kwargs: dict, name: str, default=None):
+    """What a generate call with ``kwargs`` uses for ``name``: the keyword, else its ``generation_config``'s, else the
+    model's ``generation_config``'s, else ``default``."""
+    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
+    value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+    return default if value is None else value
+
+
 def _special_ids(model, kwargs: dict) -> tuple[int | None, set]:
     """``pad_token_id`` and the set of ``eos_token_id`` a generate call with ``kwargs`` uses."""
-    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
-    pad = kwargs["pad_token_id"] if "pad_token_id" in kwargs else getattr(cfg, "pad_token_id", None)
-    eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(cfg, "eos_token_id", None)
+    pad = _generation_setting(model, kwargs, "pad_token_id")
+    eos = _generation_setting(model, kwargs, "eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.reshape(-1).tolist()
     eos = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
@@ -118,9 +125,8 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             " rows; generate each row with its own fork (shared.fork([name])) or drop assistant_model / "
             "prompt_lookup_num_tokens / assistant_early_exit"
         )
-    base = transformers_model(model)
     pad, _ = _special_ids(model, kwargs)
-    vocab = getattr(base.config, "vocab_size", None)
+    vocab = vocab_size_of(model)
     check_token_range(input_ids, "input_ids", vocab, pad_token_id=pad)
     if pad is not None and vocab is not None and not 0 <= pad < vocab:
         raise ValueError(f"pad_token_id={pad} is outside the model's vocabulary (0 <= id < {vocab})")
@@ -136,12 +142,6 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
     _check_generate_mask(model, input_ids, kwargs, T)
     _check_adapter_names(model, kwargs, input_ids.shape[0])
     _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
-
-
-def _generation_setting(model, kwargs: dict, name: str, default):
-    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
-    value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
-    return default if value is None else value
 
 
 def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
