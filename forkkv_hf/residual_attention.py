@@ -205,8 +205,9 @@ def _triton_ready(query: torch.Tensor) -> bool:
 
 
 TRITON_KERNELS = ("cascade", "fused")
-#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, which measured
-#: faster there than the cascade kernels (eval/results/bench_kernel_nvidia_h200.json; eval/KERNEL_NOTES.md v7)
+#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels: on an H200 they
+#: measured 10-26% faster than the cascade kernels at 32 agents and within 3% of them at 128, the cascade kernels
+#: 5-170% faster at 1 and 8 (eval/results/bench_kernel_nvidia_h200.json; eval/KERNEL_NOTES.md v7)
 FUSED_MIN_K_QUERIES = 32
 
 

@@ -224,15 +224,15 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
 def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
                        rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
                        n_sub: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
-                       num_stages: int = 2, res_block_t: int | None = None, res_heads: int | None = None,
+                       num_stages: int | None = None, res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_warps: int = 4, res_stages: int = 2, mq: int | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False) -> torch.Tensor:
     """Tuning knobs (defaults: the fastest of eval/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7): ``block_m``
     query vectors per shared-part program (default: up to 64), ``block_t`` context tokens per tile (32 with K residuals
-    and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows'
-    u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM (4 with K
-    residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` /
-    ``num_stages`` for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
+    and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only
+    its own rows' u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM (4
+    with K residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` and ``num_stages`` (2 with the V
+    residual alone, else 3) for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
     (they share the u and cos/sin tiles), ``res_programs_per_sm``, ``res_warps``, ``res_stages``, ``mq`` query vectors
     per score MMA, ``lowp_rope`` the rotation in the cache dtype (default on for bf16/fp16 on the GPU; env
     ``FORKKV_LOWP_ROPE``), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16."""
@@ -254,6 +254,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if lowp_rope is None:
         env = os.environ.get("FORKKV_LOWP_ROPE")
         lowp_rope = bool(int(env)) if env is not None else (not interp and dtype in (torch.bfloat16, torch.float16))
+    num_stages = num_stages or (2 if has_v and not has_k else 3)
     if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
         block_t, res_block_t, num_stages, res_stages = block_t or 32, res_block_t or 32, 1, 1
 
