@@ -67,15 +67,25 @@ class StackedLoRA:
         return self.views and all(n in self.slot and n in layer.lora_A and self.built.get(n) == _view_key(layer, n)
                                   for n in names)
 
+    def holds(self, factor) -> bool:
+        """Whether this stack is the storage of ``factor`` (a :class:`forkkv_hf.identity.Factor`) as it is now."""
+        return self.views and self.built.get(factor.name) == _key_of(factor.A, factor.B, factor.bias, factor.scaling)
+
 
 def _params(layer, name: str) -> tuple:
-    lb = layer.lora_B[name]
-    return layer.lora_A[name].weight, lb.weight, getattr(lb, "bias", None)
+    """``(lora_A weight, lora_B weight, lora_B bias or None)`` (direct dict reads: this runs per adapter, layer and
+    call)."""
+    pb = layer._modules["lora_B"]._modules[name]._parameters
+    return layer._modules["lora_A"]._modules[name]._parameters["weight"], pb["weight"], pb.get("bias")
+
+
+def _key_of(A, B, bias, scaling: float) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (A, B, bias)) + (
+        scaling,)
 
 
 def _view_key(layer, name: str) -> tuple:
-    return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in _params(layer, name)) + (
-        float(layer.scaling[name]),)
+    return _key_of(*_params(layer, name), float(layer.scaling[name]))
 
 
 def _copy_key(layer, name: str) -> tuple:

@@ -4,7 +4,7 @@
 A shared context's base K/V depend on every base weight; an agent's residuals ``u = x·Aᵀ`` and scaled ``B`` depend on
 its K/V LoRA factors. Both are recorded when the context is computed (:func:`record_context`) and compared with the
 model before each use (:func:`check_context`); the store keys its radix trees by fingerprints made of the same
-values (:func:`base_fingerprint`, :func:`adapter_fingerprint`). Two kinds of evidence:
+values (:func:`base_fingerprint`, :func:`adapter_fingerprints`). Two kinds of evidence:
 
 - **stamps** (free): the tensor object and its version counter. Every in-place write through the tensor
   (``param.mul_()`` under ``no_grad``, ``load_state_dict``, an optimizer step) bumps the counter; a reloaded or
@@ -110,38 +110,43 @@ def kv_factors(model: nn.Module, names, attention=None) -> dict[str, list[Factor
             layer = lora_layer_of(module, f"layer {idx}")
             if layer is None:
                 continue
+            # direct dict reads: this runs for every adapter and K/V layer at every generate
+            lora_a, lora_b = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
             for n in names:
-                if n in layer.lora_A:
-                    lb = layer.lora_B[n]
-                    out[n].append(Factor(f"layer {idx} {label}", n, layer, layer.lora_A[n].weight, lb.weight,
-                                         getattr(lb, "bias", None), float(layer.scaling[n])))
+                if n in lora_a:
+                    pb = lora_b[n]._parameters
+                    out[n].append(Factor(f"layer {idx} {label}", n, layer, lora_a[n]._parameters["weight"],
+                                         pb["weight"], pb.get("bias"), float(layer.scaling[n])))
     return out
 
 
 def _factor_values(entries: list[Factor], probes: Probes) -> list[tuple]:
     """Per entry: ``(A, B, bias)`` probe values. In content mode, factors that a batched-LoRA stack holds as their
     storage are probed in one pass per stack (all its adapters at once); the others one by one."""
-    vals: list = [None] * len(entries)
+    keys = [("factors", id(e.A), id(e.B), id(e.bias)) for e in entries]
+    vals: list = [probes.seen.get(k) for k in keys]  # entries this call already probed
     by_stack: dict[int, list[int]] = {}
     for i, e in enumerate(entries):
         stack = e.layer.__dict__.get("_forkkv_stack")
-        if probes.fresh and stack is not None and getattr(stack, "views", False):
+        # the stack is the factors' storage: read it instead (one pass for all its adapters)
+        if vals[i] is None and probes.fresh and getattr(stack, "views", False) and stack.holds(e):
             by_stack.setdefault(id(stack), []).append(i)
+    pending = {}
     for idxs in by_stack.values():
-        layer = entries[idxs[0]].layer
-        stack, names = layer._forkkv_stack, [entries[i].name for i in idxs]
-        if not stack.views_current(layer, names):
-            continue
-        slots = torch.tensor([stack.slot[n] for n in names], device=stack.A.device)
+        stack = entries[idxs[0]].layer._forkkv_stack
+        slots = torch.tensor([stack.slot[entries[i].name] for i in idxs], device=stack.A.device)
         parts = [factor_probe(stack.A[slots]), factor_probe(stack.B[slots])]
-        if stack.bias is not None:
-            parts.append(factor_probe(stack.bias[slots][:, None]))
-        for i, n, v in zip(idxs, names, torch.stack(parts, 1).cpu().tolist()):
+        parts.append(factor_probe(stack.bias[slots][:, None]) if stack.bias is not None else parts[0])
+        pending.setdefault(stack.A.device, []).append((idxs, torch.stack(parts, 1)))
+    for groups in pending.values():  # one device sync per device
+        host = torch.cat([v for _, v in groups]).cpu().tolist()
+        for i, v in zip([i for idxs, _ in groups for i in idxs], host):
             vals[i] = (v[0], v[1], v[2] if entries[i].bias is not None else None)
     rest = [i for i, v in enumerate(vals) if v is None]
     flat = probes.values([t for i in rest for t in entries[i].tensors], kind="factor")
     for k, i in enumerate(rest):
         vals[i] = tuple(flat[3 * k : 3 * k + 3])
+    probes.seen.update(zip(keys, vals))
     return vals
 
 
@@ -193,10 +198,25 @@ def _adapter_values(entries: list[Factor], probes: Probes) -> list[tuple]:
     return [(tuple(e.A.shape), tuple(e.B.shape), e.scaling, v) for e, v in zip(entries, _factor_values(entries, probes))]
 
 
-def adapter_record(entries: list[Factor], probes: Probes) -> WeightRecord:
-    record = WeightRecord(tuple(e.where for e in entries), tuple(_adapter_values(entries, probes)))
-    record.adopt([e.tensors for e in entries])
-    return record
+def _values_by_adapter(factors: dict, names, probes: Probes, todo: dict | None = None) -> dict[str, dict]:
+    """Per adapter, ``{entry index: value}`` for its :class:`Factor` entries (only those in ``todo[name]`` if
+    given): one pass over all adapters, so factors held by one stack are probed together."""
+    flat = [(n, i, e) for n in names for i, e in enumerate(factors[n]) if todo is None or i in todo[n]]
+    out: dict[str, dict] = {n: {} for n in names}
+    for (n, i, _), v in zip(flat, _adapter_values([e for _, _, e in flat], probes)):
+        out[n][i] = v
+    return out
+
+
+def adapter_records(factors: dict, names, probes: Probes) -> dict[str, WeightRecord]:
+    """Per adapter in ``names``, the record of its K/V LoRA factors (``factors``: from :func:`kv_factors`)."""
+    values = _values_by_adapter(factors, names, probes)
+    records = {}
+    for n in names:
+        entries = factors[n]
+        records[n] = WeightRecord(tuple(e.where for e in entries), tuple(values[n][i] for i in range(len(entries))))
+        records[n].adopt([e.tensors for e in entries])
+    return records
 
 
 @dataclass
@@ -210,9 +230,9 @@ class ContextIdentity:
 def record_context(model: nn.Module, adapters, probes: Probes | None = None) -> ContextIdentity:
     """The identity of the model's weights now, for a context with residuals of ``adapters``."""
     probes = probes or Probes(fresh=weight_checks(model) == "content")
-    factors = kv_factors(model, list(adapters)) if is_peft_model(model) else {}
-    return ContextIdentity(_base_record(model, probes),
-                           {n: adapter_record(factors.get(n, []), probes) for n in adapters})
+    adapters = list(adapters)
+    factors = kv_factors(model, adapters) if is_peft_model(model) else {n: [] for n in adapters}
+    return ContextIdentity(_base_record(model, probes), adapter_records(factors, adapters, probes))
 
 
 class StaleContextError(ValueError):
@@ -242,9 +262,7 @@ def check_context(identity: ContextIdentity, model: nn.Module, adapters, what: s
         raise StaleContextError(
             f"adapter(s) {gone} were deleted from the model after {what} computed their residuals; load them "
             f"again and {_WHAT_TO_DO}, or fork rows without them")
-    factors = kv_factors(model, adapters)
-    for name in adapters:
-        _check_adapter(identity.adapters[name], name, factors[name], probes, what)
+    _check_adapters(identity, kv_factors(model, adapters), adapters, probes, what)
 
 
 def _check_base(record: WeightRecord, model, probes: Probes, what: str) -> None:
@@ -266,33 +284,38 @@ def _check_base(record: WeightRecord, model, probes: Probes, what: str) -> None:
             f"the model's base weights changed since {what} computed its base K/V: "
             f"{_listed([names[i] for i in changed])} {'was' if len(changed) == 1 else 'were'} {how}, so its K/V no "
             f"longer match the model; {_WHAT_TO_DO}")
-    if todo:
+    if todo and (not probes.fresh or record.refs is None):  # remember the objects for stamp checks
         record.adopt([(t,) for t in tensors])
 
 
-def _check_adapter(record: WeightRecord, name: str, entries: list[Factor], probes: Probes, what: str) -> None:
-    where = tuple(e.where for e in entries)
-    if where != record.names:
-        raise StaleContextError(
-            f"adapter {name!r} changed since {what} computed its residuals: it has LoRA on the K/V projections "
-            f"{list(where)} now, {list(record.names)} then (it was deleted and added again, or reloaded); "
-            f"{_WHAT_TO_DO}")
-    todo = [i for i, e in enumerate(entries)
-            if probes.fresh or not record.unchanged(i, e.tensors) or e.scaling != record.values[i][2]]
-    now = _adapter_values([entries[i] for i in todo], probes)
-    changed = [i for i, v in zip(todo, now) if v != record.values[i]]
-    if changed:
-        if record.refs is None:
-            how = "differ from the ones it was computed from (it was saved and loaded in another process)"
-        elif all(record.same_objects(i, entries[i].tensors) for i in changed):
-            how = "were written (in place, through .data or by load_state_dict) or rescaled"
-        else:
-            how = "were replaced: the adapter was deleted and added again, or reloaded, with other weights"
-        raise StaleContextError(
-            f"adapter {name!r} changed since {what} computed its residuals: its K/V LoRA factors at "
-            f"{_listed([entries[i].where for i in changed])} {how}; {_WHAT_TO_DO}")
-    if todo:
-        record.adopt([e.tensors for e in entries])
+def _check_adapters(identity: ContextIdentity, factors: dict, names, probes: Probes, what: str) -> None:
+    todo = {}
+    for name in names:
+        record, entries = identity.adapters[name], factors[name]
+        where = tuple(e.where for e in entries)
+        if where != record.names:
+            raise StaleContextError(
+                f"adapter {name!r} changed since {what} computed its residuals: it has LoRA on the K/V projections "
+                f"{list(where)} now, {list(record.names)} then (it was deleted and added again, or reloaded); "
+                f"{_WHAT_TO_DO}")
+        todo[name] = {i for i, e in enumerate(entries)
+                      if probes.fresh or not record.unchanged(i, e.tensors) or e.scaling != record.values[i][2]}
+    values = _values_by_adapter(factors, names, probes, todo)
+    for name in names:
+        record, entries = identity.adapters[name], factors[name]
+        changed = sorted(i for i, v in values[name].items() if v != record.values[i])
+        if changed:
+            if record.refs is None:
+                how = "differ from the ones it was computed from (it was saved and loaded in another process)"
+            elif all(record.same_objects(i, entries[i].tensors) for i in changed):
+                how = "were written (in place, through .data or by load_state_dict) or rescaled"
+            else:
+                how = "were replaced: the adapter was deleted and added again, or reloaded, with other weights"
+            raise StaleContextError(
+                f"adapter {name!r} changed since {what} computed its residuals: its K/V LoRA factors at "
+                f"{_listed([entries[i].where for i in changed])} {how}; {_WHAT_TO_DO}")
+        if todo[name] and (not probes.fresh or record.refs is None):
+            record.adopt([e.tensors for e in entries])
 
 
 # ---------------------------------------------------------------------------------------- store fingerprints
@@ -322,13 +345,19 @@ def base_fingerprint(model: nn.Module, probes: Probes) -> tuple[str, WeightRecor
     return h.hexdigest(), record
 
 
-def adapter_fingerprint(model: nn.Module, name: str, probes: Probes, factors=None) -> str:
-    """An adapter's identity for a store's trees, independent of its name: sha256 over its ``LoraConfig``
+def adapter_fingerprints(model: nn.Module, names, probes: Probes, factors: dict | None = None) -> dict[str, str]:
+    """Each adapter's identity for a store's trees, independent of its name: sha256 over its ``LoraConfig``
     (provenance fields excluded) and its K/V LoRA factors' places, shapes, scalings and probes (what its residuals
     depend on; its LoRA elsewhere does not change them)."""
-    if not is_peft_model(model) or name not in model.peft_config:
-        raise ValueError(f"{name!r} is not an adapter of this model; load it with peft first")
-    entries = (factors or kv_factors(model, [name]))[name]
-    h = hashlib.sha256(_json(model.peft_config[name].to_dict(), _ADAPTER_CONFIG_IGNORED))
-    h.update(repr(([e.where for e in entries], _adapter_values(entries, probes))).encode())
-    return h.hexdigest()
+    names = list(names)
+    for name in names:
+        if not is_peft_model(model) or name not in model.peft_config:
+            raise ValueError(f"{name!r} is not an adapter of this model; load it with peft first")
+    factors = factors or kv_factors(model, names)
+    values = _values_by_adapter(factors, names, probes)
+    out = {}
+    for name in names:
+        h = hashlib.sha256(_json(model.peft_config[name].to_dict(), _ADAPTER_CONFIG_IGNORED))
+        h.update(repr(([e.where for e in factors[name]], [values[name][i] for i in range(len(factors[name]))])).encode())
+        out[name] = h.hexdigest()
+    return out

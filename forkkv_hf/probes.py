@@ -52,16 +52,16 @@ def tensor_probe(t: torch.Tensor) -> torch.Tensor:
         b = b.clone()
     n8 = b.numel() // 8
     m = n8 // _ROW_WORDS
-    words = b[: n8 * 8].view(torch.int64)
-    full = words[: m * _ROW_WORDS].view(m, _ROW_WORDS)
-    last = torch.zeros(8 * _ROW_WORDS, dtype=torch.uint8, device=t.device)  # the partial last row, zero-padded
-    rest = b[m * _ROW_WORDS * 8 :]
-    last[: rest.numel()] = rest
-    last = last.view(torch.int64)
-    cols = full.sum(0) + last
-    rows = torch.cat([full.sum(1), last.sum()[None]])
+    full = b[: m * _ROW_WORDS * 8].view(torch.int64).view(m, _ROW_WORDS)
+    cols, rows = full.sum(0), full.sum(1)
+    if b.numel() > m * _ROW_WORDS * 8:  # a partial last row: zero-padded to a whole one
+        last = torch.zeros(8 * _ROW_WORDS, dtype=torch.uint8, device=t.device)
+        rest = b[m * _ROW_WORDS * 8 :]
+        last[: rest.numel()] = rest
+        last = last.view(torch.int64)
+        cols, rows = cols + last, torch.cat([rows, last.sum()[None]])
     return torch.stack([(cols * _weights(_ROW_WORDS, t.device, 1)).sum(),
-                        (rows * _weights(m + 1, t.device, 2)).sum()])
+                        (rows * _weights(rows.numel(), t.device, 2)).sum()])
 
 
 def factor_probe(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class Probes:
 
     def __init__(self, fresh: bool):
         self.fresh = fresh
-        self._seen: dict[tuple, object] = {}
+        self.seen: dict[tuple, object] = {}
 
     def values(self, tensors, kind: str = "tensor") -> list:
         """Host values: ``(p0, p1)`` per tensor (``kind="tensor"``) or one int per factor (``kind="factor"``);
@@ -92,8 +92,8 @@ class Probes:
                 out.append(None)
                 continue
             key = (id(t), kind)
-            if key in self._seen:
-                out.append(self._seen[key])
+            if key in self.seen:
+                out.append(self.seen[key])
                 continue
             memo = None if self.fresh else _memo(t, kind)
             out.append(memo)
@@ -107,7 +107,7 @@ class Probes:
                 _remember(tensors[i], kind, out[i])
         for t, v in zip(tensors, out):
             if t is not None:
-                self._seen[(id(t), kind)] = v
+                self.seen[(id(t), kind)] = v
         return out
 
 

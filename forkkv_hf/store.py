@@ -12,7 +12,7 @@ root spells the tokens before it):
 
 Both are functions of the tokens up to the end of the span only (causal attention, one base-model pass), so a node
 is valid for every context that starts with its path, whatever follows. An identity is a fingerprint of the weights
-and config (:func:`~forkkv_hf.identity.base_fingerprint`, :func:`~forkkv_hf.identity.adapter_fingerprint`), never a
+and config (:func:`~forkkv_hf.identity.base_fingerprint`, :func:`~forkkv_hf.identity.adapter_fingerprints`), never a
 name: an adapter reloaded under the same name with other weights, or base weights written in any way (``.data``
 included, in the default content mode), get other trees, so a stale segment is never served: it is recomputed.
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from .base_pass import check_chunk_size
 from .cache import ForkKVCache
-from .identity import ContextIdentity, adapter_fingerprint, adapter_record, base_fingerprint, kv_factors, weight_checks
+from .identity import ContextIdentity, adapter_fingerprints, adapter_records, base_fingerprint, kv_factors, weight_checks
 from .lora_factors import BASE_ADAPTER, available_adapters, check_adapter_names, find_attention_modules
 from .model_lock import model_lock
 from .probes import Probes
@@ -400,8 +400,8 @@ class ForkKVStore:
         return base_fingerprint(self.model, self._probes())[0]
 
     def adapter_identity(self, name: str) -> str:
-        """An adapter's fingerprint (:func:`~forkkv_hf.identity.adapter_fingerprint`)."""
-        return adapter_fingerprint(self.model, name, self._probes())
+        """An adapter's fingerprint (:func:`~forkkv_hf.identity.adapter_fingerprints`)."""
+        return adapter_fingerprints(self.model, [name], self._probes())[name]
 
     # ---------------------------------------------------------------------------------------------- public API
     @torch.no_grad()
@@ -447,7 +447,7 @@ class ForkKVStore:
         ]
         # what the cache was computed from: generate refuses it if the weights change before it runs
         base_record, factors, probes = self._identity_of_call
-        identity = ContextIdentity(base_record, {n: adapter_record(factors[n], probes) for n in names if n in factors})
+        identity = ContextIdentity(base_record, adapter_records(factors, [n for n in names if n in factors], probes))
         shared = dataclasses.replace(template, layers=layers, token_ids=ids, adapters=tuple(names), start=0,
                                      identity=identity)
         try:
@@ -590,7 +590,7 @@ class ForkKVStore:
         seen = [n for n in self._adapters_seen if n in loaded]
         probes, factors = self._probes(), kv_factors(self.model, seen, self._attention)
         base_fp, base_record = base_fingerprint(self.model, probes)
-        fps = {n: adapter_fingerprint(self.model, n, probes, factors) for n in seen}
+        fps = adapter_fingerprints(self.model, seen, probes, factors)
         self._identity_of_call = (base_record, factors, probes)  # a fork's context records the same values
         return base_fp, fps
 
