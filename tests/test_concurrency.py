@@ -20,12 +20,7 @@ SPECS = {"planner": dict(r=4), "coder": dict(r=2), "critic": dict(r=3, target_mo
 ROW_SETS = [["planner", "coder"], ["critic", "__base__", "planner"], ["coder"], ["critic", "coder"]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _agents(seed=0):

@@ -26,12 +26,7 @@ SPECS = {"planner": dict(r=4), "coder": dict(r=2, lora_bias=True, target_modules
 ROWS = ["planner", "coder", "__base__"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _agents(seed=0):
