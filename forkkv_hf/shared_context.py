@@ -12,6 +12,11 @@ is agent ``adapter_names[i]``; any number of caches can be forked, nothing share
 ``SharedContext.build_continuation`` is the same base pass over tokens that continue an already computed context
 (its base K/V given as ``past``): the building block of :class:`~forkkv_hf.store.ForkKVStore`, which keeps context
 segments in radix trees and computes only what is missing.
+
+A context records what it was computed from (:mod:`forkkv_hf.identity`); ``generate`` refuses it once the model's
+base weights or its rows' K/V LoRA factors differ. Builds hold the model's lock (:mod:`forkkv_hf.model_lock`);
+``fork`` only reads, from any thread. ``pickle``/``torch.save`` work; a loaded context is usable with any model
+whose weights are the recorded ones (checked by content at its first generate).
 """
 
 from __future__ import annotations
