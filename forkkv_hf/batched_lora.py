@@ -303,6 +303,13 @@ def enable_batched_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def release_stacks(model: nn.Module) -> None:
+    """Drop every layer's stack (parameters get their own storage back); the next forward builds them again."""
+    for m in _lora_linears(model):
+        _release_stack(m)
+        m.__dict__.pop("_forkkv_rows_memo", None)
+
+
 def disable_batched_lora(model: nn.Module) -> nn.Module:
     """Back to PEFT's own ``_mixed_batch_forward`` (and drop the stacked factors)."""
     for m in _lora_linears(model):

@@ -8,6 +8,8 @@ per-call ``adapter_names`` hooks and ForkKV's base passes, run one after the oth
 - re-applies batched LoRA to LoRA layers created since it was enabled (an adapter added on new modules);
 - removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
   duration of the call but does not remove them on an exception, which breaks every later call of the model.
+A ``save_pretrained`` wrapper gives the LoRA parameters their own storage back before saving (they are views of
+batched LoRA's stacks), so that every format writes only the saved adapter's tensors.
 The ``forward`` wrapper starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
 with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``), and a forward
 pre-hook on the transformers model records the tokens each forward appends to a ``ForkKVCache``.
@@ -55,6 +57,20 @@ def install(model: nn.Module) -> None:
 
         _mark(forward, inner_forward)
         model.forward = forward
+    if hasattr(model, "save_pretrained") and not getattr(model.__dict__.get("save_pretrained"), "_forkkv_wrapper", False):
+        inner_save = model.save_pretrained
+
+        def save_pretrained(*args, **kwargs):
+            # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
+            # (every adapter of the layer), so the parameters get their own storage back first
+            with lock:
+                from .batched_lora import release_stacks
+
+                release_stacks(model)
+                return inner_save(*args, **kwargs)
+
+        _mark(save_pretrained, inner_save)
+        model.save_pretrained = save_pretrained
     if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
         return
     inner = model.generate
@@ -109,6 +125,6 @@ def uninstall_if_unused(model: nn.Module) -> None:
     """Remove the wrappers once neither ForkKV nor batched LoRA is enabled on ``model``."""
     if getattr(model, "_forkkv_enabled", False) or getattr(model, "_forkkv_batched_lora", False):
         return
-    for name in ("forward", "generate"):
+    for name in ("forward", "generate", "save_pretrained"):
         if getattr(model.__dict__.get(name), "_forkkv_wrapper", False):
             delattr(model, name)
