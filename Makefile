@@ -43,7 +43,7 @@ install-eval: $(VENV)/.installed-eval
 
 ## the main job on an embedded default: SmolLM2-135M, a Hamlet scene as shared context, three agents
 demo: install-demo
-	$(BIN)/python examples/demo.py
+	$(BIN)/python -m examples.demo
 
 ## all CPU tests, on the newest transformers and on 5.17 (the GPU machine's version)
 test: install-eval

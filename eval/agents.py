@@ -1,7 +1,7 @@
 """The four trained agents of the fidelity evaluation: LoRA adapters of SmolLM2-135M-Instruct, their tasks and data.
 
 Each agent is a LoRA adapter in ``eval/adapters/<name>/`` (PEFT format, fp16 safetensors) trained by
-``eval/train_adapters.py`` on data shipped in PyPI packages:
+``python -m eval.train_adapters`` on data shipped in PyPI packages:
 
 | agent    | task                                   | data (package)                                  | score             |
 |----------|----------------------------------------|-------------------------------------------------|-------------------|
@@ -24,17 +24,15 @@ import json
 import random
 import re
 import string
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .smollm2 import load_smollm2
+
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
-if str(ROOT / "examples") not in sys.path:
-    sys.path.insert(0, str(ROOT / "examples"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,12 +90,10 @@ def load_agents(names=AGENT_NAMES, dtype: torch.dtype = torch.float32):
     """
     from peft import PeftModel
 
-    from smollm2 import load_smollm2
-
     names = list(names)
     for n in names:
         if not (adapter_path(n) / "adapter_model.safetensors").exists():
-            raise FileNotFoundError(f"no trained adapter {adapter_path(n)}; run python eval/train_adapters.py")
+            raise FileNotFoundError(f"no trained adapter {adapter_path(n)}; run python -m eval.train_adapters")
     model, tok = load_smollm2(dtype)
     pm = PeftModel.from_pretrained(model, str(adapter_path(names[0])), adapter_name=names[0])
     for n in names[1:]:

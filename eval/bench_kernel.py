@@ -1,61 +1,42 @@
-"""Benchmark: ForkKV decode ResidualAttention vs SDPA over materialised per-agent K/V, and the floor.
+"""Benchmark: ForkKV decode ResidualAttention (K+V residuals, V residual only, shared base only) vs SDPA over
+materialised per-agent K/V, and the floors.
 
-One Llama-3.1-8B-shaped attention layer (32 query heads, 8 KV heads, head_dim 128), bf16, rank-16 residuals on K and
-V, N agents (one row each, one query each), a shared context of T tokens and 64 private tokens per row. For each
-(T, N) it times, with the median of ``triton.testing.do_bench``:
+One Llama-3.1-8B-shaped attention layer (32 query heads, 8 KV heads, head_dim 128), bf16, rank-16 residuals, N agents
+(one row each, one query each), a shared context of T tokens and 64 private tokens per row. For each (T, N):
 
-- ``forkkv``: our Triton decode kernels over one base copy + N rank-r residuals + private parts;
-- ``sdpa``: what a PEFT user runs today: ``scaled_dot_product_attention`` over each agent's own full K/V (base +
-  residual materialised, plus private), with ``enable_gqa`` (PyTorch picks the backend), and, where it applies,
-  ``sdpa_flash``: the same forced onto the FlashAttention-2 backend (K/V heads repeated to 32);
-- ``floor``: max(bytes that must be read / measured HBM bandwidth, FLOPs / measured bf16 matmul rate), bytes = one
-  base copy + N residuals + private parts + queries/outputs; FLOPs include rebuilding the K residual.
+- ``cascade_s`` / ``forkkv_v_s`` / ``forkkv_base_s``: the cascade kernels (through
+  :func:`forkkv_hf.residual_attention.residual_attention_triton`) with K and V residuals, with the V residual only
+  (no row has a K residual), and over the shared base only (no residual at all);
+- ``fused_s``: the fused-rebuild kernel family with K+V residuals; ``forkkv_s``: K+V through the dispatch, i.e. the
+  time of the family it picks for that shape (``forkkv_kernel``);
+- ``sdpa_s``: what a PEFT user runs today, ``scaled_dot_product_attention`` over each agent's own full K/V (base +
+  residual materialised, plus private) with ``enable_gqa`` (PyTorch picks the backend); ``sdpa_flash_s``: the same
+  forced onto FlashAttention-2 (K/V heads repeated to 32) where that fits in memory;
+- ``floor_s`` / ``floor_v_s`` / ``floor_base_s``: max(bytes that must be read / measured HBM bandwidth, FLOPs /
+  measured bf16 matmul rate) of each variant (bytes: one base copy + the residuals it uses + private parts + queries
+  and outputs; FLOPs: QK and PV over T + P, the K residual's rebuild, the V residual's P·u_v and B_v).
 
-It also checks the kernel's output against the materialised computation at every size. Writes
-``eval/results/bench_kernel_<gpu>.json`` (or ``--out``) with the device, versions and parameters.
+Times are the GPU time of one call: a CUDA graph of ``GRAPH_CALLS`` calls replayed, ``do_bench`` median, divided by
+the calls. The same calls timed eagerly from Python (``*_eager_s``: what one un-captured call costs, launch overhead
+included) are recorded beside them. The kernel's output is checked against SDPA at every size. Result: the one
+schema (eval/bench/schema.py), rows keyed by (context, agents), the measured ceilings and the compiled kernels'
+resource use in ``extra``. ``--tuning-from``: run each variant with the knobs a sweep (eval/sweep_kernel.py) found
+fastest at the nearest agent count instead of the launcher's defaults (each row records its ``*_knobs``).
 
-    python eval/bench_kernel.py [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--quick]
+    python -m eval.bench_kernel [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--tuning-from SWEEP.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
-import sys
-import time
-from pathlib import Path
+import dataclasses
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from eval.bench.runner import BenchmarkRun
 
 H, HKV, D, RANK, PRIVATE = 32, 8, 128, 16, 64
-
-
-def device_info() -> dict:
-    import transformers
-    import triton
-
-    info = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return info
+GRAPH_CALLS = 10
 
 
 def measure_ceilings(do_bench) -> dict:
@@ -98,6 +79,35 @@ def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0):
     return q, view
 
 
+VARIANTS = ("kv", "v", "base")
+
+
+def variant_view(view, variant: str):
+    """The same rows with K+V residuals (``kv``), the V residual only (``v``) or none (``base``)."""
+    if variant == "kv":
+        return view
+    none = dict(k_rows=None, k_slots=None)
+    if variant == "base":
+        none.update(v_rows=None, v_slots=None)
+    return dataclasses.replace(view, **none)
+
+
+def graph_time(fn, do_bench, calls: int = GRAPH_CALLS) -> float:
+    """GPU time of one ``fn()``: ``calls`` calls captured in a CUDA graph, the replay's ``do_bench`` median / calls."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return do_bench(lambda: g.replay(), warmup=10, rep=100, return_mode="median") * 1e-3 / calls
+
+
 def materialise(view, chunk=8):
     """Every agent's full K/V ``[N, HKV, T + P, D]`` in the view's dtype (what a PEFT user's cache holds)."""
     from forkkv_hf.rope import apply_rope
@@ -119,16 +129,97 @@ def materialise(view, chunk=8):
     return K, V
 
 
-def floor_time(T, N, ceil, itemsize=2):
-    base = 2 * HKV * T * D * itemsize
-    residual = N * 2 * RANK * T * itemsize
-    private = N * 2 * HKV * PRIVATE * D * itemsize
-    qo = 2 * N * H * D * itemsize
-    nbytes = base + residual + private + qo
-    flops = N * (2 * T * RANK * HKV * D + 4 * (T + PRIVATE) * D * H + 2 * T * RANK * H + 2 * RANK * D * H)
-    return {"bytes": nbytes, "flops": flops, "t_bytes_s": nbytes / ceil["hbm_bytes_per_s"],
-            "t_flops_s": flops / ceil["bf16_flops_per_s"],
-            "floor_s": max(nbytes / ceil["hbm_bytes_per_s"], flops / ceil["bf16_flops_per_s"])}
+def floors(T: int, N: int, ceil: dict, itemsize: int = 2) -> dict:
+    """Bytes, FLOPs and floor of each variant (the problem's minimum, whatever the kernel's formulation)."""
+    base_b = 2 * HKV * T * D * itemsize + N * 2 * HKV * PRIVATE * D * itemsize + 2 * N * H * D * itemsize
+    base_f = N * 4 * (T + PRIVATE) * D * H
+    u_b = N * T * RANK * itemsize + N * HKV * D * RANK * itemsize
+    v_f = N * (2 * T * RANK * H + 2 * RANK * D * H)
+    k_f = N * 2 * T * RANK * HKV * D
+    out = {}
+    for name, nbytes, flops in (("base", base_b, base_f), ("v", base_b + u_b, base_f + v_f),
+                                ("kv", base_b + 2 * u_b, base_f + v_f + k_f)):
+        t = max(nbytes / ceil["hbm_bytes_per_s"], flops / ceil["bf16_flops_per_s"])
+        suffix = "" if name == "kv" else f"_{name}"
+        out.update({f"bytes{suffix}": nbytes, f"flops{suffix}": flops, f"floor{suffix}_s": t})
+    return out
+
+
+def _time(fn, do_bench) -> tuple[float, float]:
+    eager = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    return graph_time(fn, do_bench), eager
+
+
+def swept_knobs(best: dict, variant: str, N: int) -> dict:
+    """The knobs eval.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N`` (the shared-part
+    stage, plus the K-pass stage for ``kv``); {} without a sweep."""
+    out = {}
+    for stage in ("shared", "kres") if variant == "kv" else ("shared",):
+        points = [(int(k.split(":")[1]), b) for k, b in best.items() if k.startswith(f"{stage}/{variant}/")]
+        if points:
+            out.update({k: v for k, v in min(points, key=lambda p: abs(p[0] - N))[1]["config"].items() if v is not None})
+    return out
+
+
+def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None) -> dict:
+    from forkkv_hf.residual_attention import _triton_kernel, residual_attention_triton
+
+    q, view = make_case(T, N)
+    scale = D**-0.5
+    row = {"rank": RANK, "private": PRIVATE}
+    for variant in VARIANTS:
+        vv = variant_view(view, variant)
+        key = "cascade" if variant == "kv" else f"forkkv_{variant}"
+        knobs = row[f"{key}_knobs"] = swept_knobs(best or {}, variant, N)
+        row[f"{key}_s"], row[f"{key}_eager_s"] = _time(
+            lambda: residual_attention_triton(q, vv, None, scale, kernel="cascade", **knobs), do_bench)
+    row["fused_s"], row["fused_eager_s"] = _time(
+        lambda: residual_attention_triton(q, view, None, scale, kernel="fused"), do_bench)
+    # K+V through the dispatch: the measured time of the family it picks for this shape
+    fam = row["forkkv_kernel"] = _triton_kernel(N, 1, True)
+    row["forkkv_s"], row["forkkv_eager_s"] = row[f"{fam}_s"], row[f"{fam}_eager_s"]
+    out = residual_attention_triton(q, view, None, scale, **(row["cascade_knobs"] if fam == "cascade" else {}))
+    try:
+        K, V = materialise(view)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True)  # noqa
+        row["max_abs_err_vs_sdpa"] = (out.float() - sdpa().transpose(1, 2).float()).abs().max().item()
+        row["sdpa_s"], row["sdpa_eager_s"] = _time(sdpa, do_bench)
+        row["materialised_kv_bytes"] = 2 * K.numel() * K.element_size()
+        if N * H * (T + PRIVATE) * D * 2 * 2 < 40 * 2**30:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            Kr, Vr = K.repeat_interleave(H // HKV, 1), V.repeat_interleave(H // HKV, 1)
+            del K, V
+
+            def flash():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, Kr, Vr, scale=scale)
+
+            row["sdpa_flash_s"] = do_bench(flash, warmup=25, rep=100, return_mode="median") * 1e-3
+            del Kr, Vr
+    except torch.cuda.OutOfMemoryError:
+        row["sdpa_error"] = "out of memory materialising per-agent K/V"
+    torch.cuda.empty_cache()
+    row.update(floors(T, N, ceil))
+    if "sdpa_s" in row:
+        row["speedup_vs_sdpa"] = row["sdpa_s"] / row["forkkv_s"]
+    for key, floor in (("forkkv", "floor"), ("forkkv_v", "floor_v"), ("forkkv_base", "floor_base")):
+        row[f"{key}_over_floor"] = row[f"{key}_s"] / row[f"{floor}_s"]
+    return row
+
+
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of the compiled kernels of the last launches of each family."""
+    import forkkv_kernels.cascade as cascade
+    import forkkv_kernels.residual_attention as fused
+
+    out = {}
+    for fam, launched in (("cascade", cascade.LAST_LAUNCH), ("fused", fused.LAST_LAUNCH)):
+        for name, k in launched.items():
+            md = getattr(k, "metadata", None)
+            out[f"{fam}.{name}"] = {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
+                                    "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None)}
+    return out
 
 
 def main(argv=None):
@@ -136,81 +227,43 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
+    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: each variant runs with the "
+                    "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench_kernel needs a CUDA GPU")
+        raise SystemExit("bench_kernel needs a CUDA GPU")
     from triton.testing import do_bench
-
-    from forkkv_hf.reference import materialize_kv  # noqa: F401  (documents the ground truth)
-    from forkkv_kernels import residual_attention_triton
 
     if args.quick:
         args.contexts, args.agents = [4096], [1, 8]
-    info = device_info()
-    ceil = measure_ceilings(do_bench)
-    print(f"{info.get('gpu')}: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s",
-          flush=True)
-    scale = D**-0.5
-    rows = []
+    run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "rank": RANK,
+                                                         "private": PRIVATE, "dtype": "bfloat16"},
+                                               "times": f"GPU time per call: CUDA graph of {GRAPH_CALLS} calls "
+                                                        "replayed (do_bench median); *_eager_s: do_bench median of "
+                                                        "the Python call"},
+                       case_keys=["context", "agents"], out=args.out)
+    best = {}
+    if args.tuning_from:
+        from eval.bench.schema import load
+
+        best = run.extra["tuning_from"] = load(args.tuning_from).extra["best"]
+    ceil = run.extra["ceilings"] = measure_ceilings(do_bench)
+    print(f"{run.device.get('gpu')}: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for T in args.contexts:
         for N in args.agents:
-            q, view = make_case(T, N)
-            row = {"context": T, "agents": N, "rank": RANK, "private": PRIVATE}
-            out = residual_attention_triton(q, view, None, scale)
-            t_ours = do_bench(lambda: residual_attention_triton(q, view, None, scale), warmup=25, rep=100,
-                              return_mode="median") * 1e-3
-            row["forkkv_s"] = t_ours
-            try:
-                K, V = materialise(view)
-                ref = torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True)
-                ref = ref.transpose(1, 2)
-                row["max_abs_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
-                row["sdpa_s"] = do_bench(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
-                    warmup=25, rep=100, return_mode="median") * 1e-3
-                row["materialised_kv_bytes"] = 2 * K.numel() * K.element_size()
-                try:
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                    Kr = K.repeat_interleave(H // HKV, 1) if N * H * (T + PRIVATE) * D * 2 * 2 < 40 * 2**30 else None
-                    if Kr is not None:
-                        Vr = V.repeat_interleave(H // HKV, 1)
-                        del K, V
-
-                        def flash():
-                            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                                return torch.nn.functional.scaled_dot_product_attention(q, Kr, Vr, scale=scale)
-
-                        row["sdpa_flash_s"] = do_bench(flash, warmup=25, rep=100, return_mode="median") * 1e-3
-                        del Kr, Vr
-                except Exception as e:  # noqa: BLE001 - report, don't hide
-                    row["sdpa_flash_error"] = repr(e)[:200]
-            except torch.cuda.OutOfMemoryError:
-                row["sdpa_error"] = "out of memory materialising per-agent K/V"
+            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench, best))
             torch.cuda.empty_cache()
-            row.update(floor_time(T, N, ceil))
-            base = min(v for k, v in row.items() if k in ("sdpa_s", "sdpa_flash_s"))
-            row["speedup_vs_best_sdpa"] = base / t_ours
-            row["forkkv_over_floor"] = t_ours / row["floor_s"]
-            rows.append(row)
-            print(f"T={T:6d} N={N:4d}  forkkv {t_ours * 1e6:8.1f} us  sdpa {row.get('sdpa_s', float('nan')) * 1e6:8.1f} us"
-                  f"  flash {row.get('sdpa_flash_s', float('nan')) * 1e6:8.1f} us  floor {row['floor_s'] * 1e6:7.1f} us"
-                  f"  speedup x{row['speedup_vs_best_sdpa']:.1f}  /floor {row['forkkv_over_floor']:.2f}"
-                  f"  err {row.get('max_abs_err_vs_sdpa', float('nan')):.2e}", flush=True)
-            del q, view
-            torch.cuda.empty_cache()
-    result = {"benchmark": "bench_kernel", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
-              "ceilings": ceil, "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16"},
-              "rows": rows}
-    out = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_kernel_{_slug(info.get('gpu', 'gpu'))}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
-
-
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in s).strip("_").lower()
+    run.extra["kernel_resources"] = kernel_resources()
+    print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'cascade':>8} {'fused':>8} {'SDPA':>8} {'floorKV':>8} "
+          f"{'floorV':>7} {'floorB':>7}  (µs, GPU time per call)")
+    us = lambda r, k: f"{r[k] * 1e6:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731
+    for r in run.rows:
+        print(f"{r['context']:6d} {r['agents']:4d} {us(r, 'forkkv_s')} {us(r, 'forkkv_v_s')} {us(r, 'forkkv_base_s')} "
+              f"{us(r, 'cascade_s')} {us(r, 'fused_s')} {us(r, 'sdpa_s')} {us(r, 'floor_s')}{us(r, 'floor_v_s')[1:]}"
+              f"{us(r, 'floor_base_s')[1:]}")
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # One GPU-machine session: make the working tree importable, run the tests named in $TESTS (pytest args; empty to
-# skip), then the scripts in $SCRIPTS (each gets --out $OUT/<name>.json). Everything it writes goes under $OUT.
+# skip), then the benchmarks in $SCRIPTS, each either a module (eval.bench.e2e, run with python3 -m) or a script file
+# (eval/bench_kernel.py); each gets --out $OUT/<name>.json (name: bench_e2e for eval.bench.e2e, the file's name for a
+# script). Everything it writes goes under $OUT.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-tests/test_kernels.py}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
-if [ -n "${NCU:-}" ]; then  # NCU="script.py args": hardware counters of the shared-part kernel launches
+if [ -n "${NCU:-}" ]; then  # NCU="script.py args" or NCU="-m module args": hardware counters of the shared-part kernel launches
   timeout 240 ncu --clock-control none --kernel-name regex:_shared_part --launch-count ${NCU_LAUNCHES:-2} \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     python3 $NCU > "$OUT/ncu.txt" 2>&1
   tail -5 "$OUT/ncu.txt"
 fi
 for script in ${SCRIPTS:-eval/bench_kernel.py}; do
-  name=$(basename "$script" .py)
-  timeout ${SCRIPT_TIMEOUT:-400} python3 "$script" ${ARGS:-} --out "$OUT/$name.json" 2>&1 | tail -${TAIL:-30} | tee "$OUT/$name.txt"
+  if [[ "$script" == *.py ]]; then
+    name=$(basename "$script" .py); run=("$script")
+  else
+    name=${script#eval.}; name=${name//./_}; run=(-m "$script")
+  fi
+  timeout ${SCRIPT_TIMEOUT:-400} python3 "${run[@]}" ${ARGS:-} --out "$OUT/$name.json" 2>&1 | tail -${TAIL:-30} | tee "$OUT/$name.txt"
 done

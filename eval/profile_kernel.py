@@ -1,77 +1,80 @@
-"""Where does the decode kernel's time go? Resource use of each compiled variant (registers, spills, shared memory)
-and ablations (the same kernel without the K residual, without the V residual, without both) at one size.
-Run it under ``ncu`` too (see eval/gpu_session.sh) for hardware counters.
+"""Where does the decode kernels' time go? Per (context, agents) point and variant (K+V residuals, V only, base only):
+the GPU time of each kernel of one call (``torch.profiler``, mean over ``--reps`` calls), next to that kernel's share of
+the variant's floor terms, and the compiled kernels' registers, spills and shared memory. ``--ncu-once`` launches each
+variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 
-    python eval/profile_kernel.py [--point 32768:32] [--ncu-once]
+    python -m eval.profile_kernel [--points 32768:32 32768:128] [--ncu-once]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT))
-
-from bench_kernel import D, device_info, make_case  # noqa: E402
-from sweep_kernel import graph_time  # noqa: E402
-
-CONFIGS = [
-    dict(block_t=32, block_m=16, agents_per_item=4, num_warps=4, num_stages=2, programs_per_sm=8),
-    dict(block_t=64, block_m=16, agents_per_item=4, num_warps=8, num_stages=2, programs_per_sm=8),
-]
+from eval.bench.measure import kernel_seconds_by_family
+from eval.bench.runner import BenchmarkRun
+from eval.bench_kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
 
 
-def stats(k):
-    md = getattr(k, "metadata", None)
-    return {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
-            "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None)}
+#: kernel name fragments of each stage of a call
+STAGES = {"k_pass": ["_kres_scores"], "shared": ["_cascade_shared", "_shared_part"], "merge": ["_private_merge"]}
+
+
+def kernel_times(fn, reps: int) -> dict:
+    """Mean GPU time per call of each stage of ``fn`` (seconds; ``other``: any other kernel, e.g. a copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {k: v / reps for k, v in kernel_seconds_by_family(prof, STAGES, "other").items()}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--point", default="32768:32")
-    ap.add_argument("--ncu-once", action="store_true", help="launch each config once and exit (for ncu)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128", "32768:8", "32768:1"])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernel", default="cascade", choices=["cascade", "fused"])
+    ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
+    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from triton.testing import do_bench
+    from forkkv_hf.residual_attention import residual_attention_triton
 
-    import forkkv_kernels.residual_attention as ra
-
-    T, N = map(int, args.point.split(":"))
-    q, view = make_case(T, N)
     scale = D**-0.5
+    best = {}
+    if args.tuning_from:
+        from eval.bench.schema import load
+
+        best = load(args.tuning_from).extra["best"]
     if args.ncu_once:
-        for cfg in CONFIGS[:2]:
-            ra.residual_attention_triton(q, view, None, scale, **cfg)
+        for point in args.points:
+            q, view = make_case(*map(int, point.split(":")))
+            for variant in VARIANTS:
+                knobs = swept_knobs(best, variant, view.batch_size) if args.kernel == "cascade" else {}
+                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel, **knobs)
         torch.cuda.synchronize()
         return
-    rows = []
-    sh = view.shared
-    k_res, v_res = sh.k_res, sh.v_res
-    for cfg in CONFIGS:
-        for ablation in ("full", "no_k_res", "no_v_res", "no_res"):
-            sh.k_res = None if ablation in ("no_k_res", "no_res") else k_res
-            sh.v_res = None if ablation in ("no_v_res", "no_res") else v_res
-            view.k_rows = None if sh.k_res is None else torch.arange(N, device="cuda")
-            view.v_rows = None if sh.v_res is None else torch.arange(N, device="cuda")
-            fn = lambda: ra.residual_attention_triton(q, view, None, scale, **cfg)  # noqa: E731
-            fn()
-            row = {"context": T, "agents": N, "ablation": ablation, **cfg,
-                   "shared_kernel": stats(ra.LAST_LAUNCH["shared"]), "merge_kernel": stats(ra.LAST_LAUNCH["merge"])}
-            row["graph_s"] = graph_time(fn, do_bench)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    sh.k_res, sh.v_res = k_res, v_res
-    out = {"benchmark": "profile_kernel", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_info(),
-           "rows": rows}
-    Path(args.out or ROOT / "eval" / "results" / "profile_kernel.json").write_text(json.dumps(out, indent=1))
+    run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel},
+                       case_keys=["context", "agents", "variant"], out=args.out)
+    for point in args.points:
+        T, N = map(int, point.split(":"))
+        q, view = make_case(T, N)
+        for variant in VARIANTS:
+            vv = variant_view(view, variant)
+            knobs = swept_knobs(best, variant, N) if args.kernel == "cascade" else {}
+            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel, **knobs)  # noqa: E731
+            run.measure({"context": T, "agents": N, "variant": variant},
+                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "resources": kernel_resources()})
+        del q, view
+        torch.cuda.empty_cache()
+    for r in run.rows:
+        parts = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in r["kernel_s"].items())
+        print(f"{r['context']:6d} {r['agents']:4d} {r['variant']:5s} µs: {parts}", flush=True)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Train the four agent adapters of the fidelity evaluation on SmolLM2-135M-Instruct (CPU), and score them.
 
-    python eval/train_adapters.py                     # train all four (~40 min on 2 cores), then score them
-    python eval/train_adapters.py --agents qa --steps 20
-    python eval/train_adapters.py --score-only        # score the committed adapters against the base model
+    python -m eval.train_adapters                     # train all four (~40 min on 2 cores), then score them
+    python -m eval.train_adapters --agents qa --steps 20
+    python -m eval.train_adapters --score-only        # score the committed adapters against the base model
 
-Each agent (see ``eval/agents.py`` for its task, data and split) is a LoRA adapter trained in fp32 with AdamW on the
+Each agent (see :mod:`eval.agents` for its task, data and split) is a LoRA adapter trained in fp32 with AdamW on the
 answer tokens only (the prompt is masked out of the loss), seeded, then saved with PEFT in fp16 into
 ``eval/adapters/<name>/``. Scoring generates greedily for held-out items (never seen in training) with the saved
 adapter and with the base model (adapters disabled), same prompts, and applies the task's scorer. Everything
@@ -22,9 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,11 +30,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import agents  # noqa: E402
-from agents import AGENTS, ADAPTER_DIR, END, TaskItem, training_text  # noqa: E402
+from . import agents  # noqa: E402
+from .agents import AGENTS, ADAPTER_DIR, END, TaskItem, training_text  # noqa: E402
+from .device import device_info  # noqa: E402
+from .smollm2 import load_smollm2  # noqa: E402
 
 REPORT = ADAPTER_DIR / "training.json"
 
@@ -87,22 +84,6 @@ def held_out_items(name: str) -> list[TaskItem]:
     return agents.qa_items("held_out")[:n]
 
 
-def machine_info() -> dict:
-    import peft
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
-
-
 def encode_example(tok, item: TaskItem, max_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer and their labels (-100 on the prompt: only the answer is learned)."""
     prompt = tok(training_text(item.instruction)).input_ids
@@ -125,8 +106,6 @@ def answer_loss(pm, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor)
 
 def train_agent(name: str, plan: TrainingPlan, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
-
-    from smollm2 import load_smollm2
 
     spec = AGENTS[name]
     random.seed(seed)
@@ -262,7 +241,7 @@ def score_agents(names) -> dict:
 
 def update_report(section: str, per_agent: dict) -> None:
     report = json.loads(REPORT.read_text()) if REPORT.exists() else {"agents": {}}
-    report["machine"] = machine_info()
+    report["machine"] = device_info()
     for name, value in per_agent.items():
         report["agents"].setdefault(name, {})[section] = value
     REPORT.write_text(json.dumps(report, indent=1) + "\n")

@@ -7,8 +7,8 @@ residuals of all three agents). Per turn it prints the prefill tokens computed a
 re-prefilling the transcript every turn, and keeping one ``DynamicCache`` per agent (each agent prefills what it
 has not seen); and the store's memory against one ``DynamicCache`` per agent.
 
-    python examples/agent_workflow.py [--turns 6] [--max-new-tokens 24] [--tokens 1200] [--agents auto|trained|random]
-                                      [--check] [--threads N]
+    python -m examples.agent_workflow [--turns 6] [--max-new-tokens 24] [--tokens 1200] [--agents auto|trained|random]
+                                      [--check] [--threads N]       # from the repository root
 
 ``--agents auto`` uses three trained adapters from ``eval/adapters/`` when they exist, else seeded random ones.
 """
@@ -16,20 +16,16 @@ has not seen); and the store's memory against one ``DynamicCache`` per agent.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import forkkv_hf
+from eval.agents import ADAPTER_DIR
+from eval.smollm2 import load_smollm2
+from forkkv_hf import ForkKVStore, batch_inputs, cache_kwargs
 
-import forkkv_hf  # noqa: E402
-from forkkv_hf import ForkKVStore, batch_inputs, cache_kwargs  # noqa: E402
-from smollm2 import load_smollm2  # noqa: E402
-
-ADAPTER_DIR = HERE.parent / "eval" / "adapters"
 RANDOM_AGENTS = ("planner", "coder", "critic")
 INSTRUCTIONS = {
     "planner": "Plan the next step: what should the team do with this scene? One sentence.",
@@ -92,7 +88,7 @@ def load_agents(model, kind: str, rank: int):
     names = trained_agent_names()
     if kind == "trained" and len(names) < 3:
         raise SystemExit(f"found {len(names)} trained adapters in {ADAPTER_DIR}; train them with "
-                         "python eval/train_adapters.py, or use --agents random")
+                         "python -m eval.train_adapters, or use --agents random")
     if kind == "random" or (kind == "auto" and len(names) < 3):
         return random_agents(model, RANDOM_AGENTS, rank=rank), list(RANDOM_AGENTS), (
             f"seeded RANDOM LoRA adapters (rank {rank} on q/k/v/o) standing in for trained agents")

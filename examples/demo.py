@@ -1,30 +1,27 @@
 """forkkv-hf demo: four trained LoRA agents of SmolLM2-135M-Instruct answer over one shared Hamlet scene.
 
-The agents are the adapters in ``eval/adapters/`` (trained by ``eval/train_adapters.py``, see ``eval/agents.py``):
-``writer`` continues the scene in Shakespeare's style, ``qa`` says who speaks a line of it, ``math`` solves a word
-problem and ``coder`` completes a Python function, each after reading the same scene. Runs on CPU in a few minutes.
+The agents are the adapters in ``eval/adapters/`` (trained by ``python -m eval.train_adapters``, see
+:mod:`eval.agents`): ``writer`` continues the scene in Shakespeare's style, ``qa`` says who speaks a line of it,
+``math`` solves a word problem and ``coder`` completes a Python function, each after reading the same scene. Runs on
+CPU in a few minutes.
 It prints each agent's answer from the exact run (every agent prefills the scene with its own adapter: PEFT mixed
 batch + DynamicCache) and from ForkKV (one base pass over the scene, shared by all agents, plus a rank-r residual
 each), their token agreement, and the cache memory of both.
 
-    python examples/demo.py [--tokens 2000] [--max-new-tokens 48]
+    python -m examples.demo [--tokens 2000] [--max-new-tokens 48]     # from the repository root (make demo)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "eval"))
-
-import forkkv_hf  # noqa: E402
-from forkkv_hf import SharedContext, batch_inputs, cache_kwargs  # noqa: E402
+import forkkv_hf
+from eval import agents
+from eval.agents import AGENTS, context_text, format_speeches, load_agents, prompt_text, speeches
+from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
 
 # the math and coder prompts are written here (not drawn from their data sets) so the demo needs no data packages
 MATH_QUESTION = ("Question: A theatre sells 120 tickets on Monday and twice as many on Tuesday. Each ticket costs $5. "
@@ -40,8 +37,6 @@ CODER_FUNCTION = '''def count_words(line: str) -> int:
 def hamlet_scene(tokenizer, max_tokens: int):
     """Hamlet from Act I, Scene I (``shakespeare`` package), whole speeches up to about ``max_tokens`` tokens;
     returns the text and how many speeches it holds."""
-    from agents import format_speeches, speeches
-
     sp = speeches("hamlet")
     n = 1
     while n < len(sp) and len(tokenizer(format_speeches(sp[: n + 1])).input_ids) <= max_tokens:
@@ -51,8 +46,6 @@ def hamlet_scene(tokenizer, max_tokens: int):
 
 def agent_instructions(n_speeches: int) -> dict[str, str]:
     """Each agent's own prompt after the scene."""
-    import agents
-
     return {
         "writer": agents.continuation_item("hamlet", n_speeches - 3).instruction,  # continue from the scene's end
         "qa": agents.speaker_item("hamlet", 10).instruction,
@@ -67,8 +60,6 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    from agents import AGENTS, context_text, load_agents, prompt_text
 
     names = list(AGENTS)
     peft_model, tok = load_agents(names)
@@ -117,7 +108,7 @@ def main(argv=None):
     print(cache.memory_report())
     print(f"\nwall time on {'CUDA' if torch.cuda.is_available() else 'CPU'}: exact {t_exact:.1f} s "
           f"({len(names)} prefills of the context), forkkv {t_fork:.1f} s (1 base pass + residuals)")
-    print("Fidelity over many prompts and three scenarios: python eval/quality.py (figures in the README).")
+    print("Fidelity over many prompts and three scenarios: python -m eval.quality (figures in the README).")
 
 
 if __name__ == "__main__":

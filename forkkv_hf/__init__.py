@@ -11,6 +11,7 @@ from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
 from .compat import CACHE_KWARG, cache_kwargs
+from .identity import StaleContextError, set_weight_checks
 from .inputs import batch_inputs
 from .lora_factors import BASE_ADAPTER
 from .reference import reference_attention
@@ -29,6 +30,7 @@ __all__ = [
     "ForkKVView",
     "MemoryReport",
     "SharedContext",
+    "StaleContextError",
     "batch_inputs",
     "cache_kwargs",
     "disable_forkkv",
@@ -39,4 +41,5 @@ __all__ = [
     "register_forkkv",
     "residual_attention",
     "residual_attention_torch",
+    "set_weight_checks",
 ]

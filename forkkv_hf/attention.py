@@ -17,7 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .cache import ForkKVView
 from .decode_ops import static_attention
-from .lora_factors import BASE_ADAPTER, transformers_model
+from .lora_factors import BASE_ADAPTER, find_attention_modules, transformers_model
 from .residual_attention import residual_attention
 
 ATTN_NAME = "forkkv"
@@ -155,12 +155,18 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     (:mod:`forkkv_hf.peft_integration`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
     installed). :func:`disable_forkkv` undoes all of it.
     """
+    find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
     register_forkkv()
     base = transformers_model(model)
     current = base.config._attn_implementation
     if current != ATTN_NAME:
-        base._forkkv_previous_attn = current
         base.set_attn_implementation(ATTN_NAME)
+        if base.config._attn_implementation != ATTN_NAME:
+            raise ValueError(
+                f"{type(base).__name__} did not switch to the {ATTN_NAME!r} attention (it does not use transformers' "
+                "AttentionInterface), so it cannot read a ForkKVCache"
+            )
+        base._forkkv_previous_attn = current
     from . import peft_integration
 
     model._forkkv_enabled = True

@@ -14,7 +14,9 @@ Results equal PEFT's to float tolerance. Use it on its own with any PEFT mixed-a
         out = peft_model.generate(**inputs, adapter_names=names)
 
 or keep it on with :func:`enable_batched_lora` / :func:`disable_batched_lora` (``enable_forkkv`` turns it on).
-Stacks are rebuilt when a layer's adapters are added, deleted or their weights change (tracked by tensor versions).
+The stacks are the storage of PEFT's ``lora_A``/``lora_B`` parameters (:class:`StackedLoRA`), so a write to the
+adapters' weights, however it is made, is seen by the next forward; stacks are rebuilt when a layer's adapters are
+added, reloaded or rescaled.
 Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout) fall back to PEFT's own code.
 """
 
@@ -31,46 +33,95 @@ from torch import nn
 from . import peft_integration
 from .decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
+from .probes import Probes
 from .peft_integration import CALL_EPOCH
-from .tp import local, lora_shard, rowwise_group
+from .tp import is_dtensor, local, lora_shard, rowwise_group
 
 
 @dataclass
 class StackedLoRA:
     """One LoRA layer's adapters stacked for gathering. ``A [n, r, d_in]``, ``B [n, d_out, r]`` (unscaled),
-    ``scale [n]`` fp32, ``bias [n, d_out]`` or ``None`` (LoRA bias, unscaled). ``keys``: per adapter, what its
-    slot was built from (tensor identities and versions, scaling), to notice a changed or reloaded adapter.
-    Under tensor parallelism the factors are this rank's shards; ``reduce_group`` is set for a rowwise layer (``A``
-    sharded by input features), whose shrink ``u = x Aᵀ`` is a partial sum to add up across that process group."""
+    ``scale [n]`` fp32, ``bias [n, d_out]`` or ``None`` (LoRA bias, unscaled); ``slot``: adapter name -> index.
 
-    keys: dict | None
+    ``views`` (the usual case): the stacks *are* the storage of the adapters' PEFT parameters: ``lora_A[n].weight``
+    is a view of ``A[slot, :r]``, ``lora_B[n].weight`` of ``B[slot, :, :r]`` (not contiguous when the layer's ranks
+    differ), the LoRA bias of ``bias[slot]``. A write to the parameters (in place, through ``.data``,
+    ``load_state_dict``, an optimizer step) is a write to the stack, so it cannot be stale, and the adapter weights
+    are held once. ``built[n]`` then holds where each parameter pointed; a parameter replaced since (an adapter
+    reloaded, ``model.to(...)``, ``param.data = t``) or a scaling changed makes the stack rebuilt at the next call.
+    Otherwise (tensor parallelism: factors sliced like their base layer or sharded DTensors; adapters of mixed dtype
+    or device) the stacks are copies: ``built[n]`` holds stamps and content probes of what was copied, checked once
+    per call. Under tensor parallelism ``reduce_group`` is set for a rowwise layer (``A`` sharded by input
+    features), whose shrink ``u = x Aᵀ`` is a partial sum to add up across that process group."""
+
+    built: dict | None
     slot: dict
     A: torch.Tensor | None
     B: torch.Tensor | None
     scale: torch.Tensor | None
     bias: torch.Tensor | None
     reduce_group: object = None
+    views: bool = False
+
+    def views_current(self, layer, names) -> bool:
+        """Whether the parameters of ``names`` are still the stack's storage, with unchanged scalings."""
+        return self.views and all(n in self.slot and n in layer.lora_A and self.built.get(n) == _view_key(layer, n)
+                                  for n in names)
+
+    def holds(self, factor) -> bool:
+        """Whether this stack is the storage of ``factor`` (a :class:`forkkv_hf.identity.Factor`) as it is now."""
+        return self.views and self.built.get(factor.name) == _key_of(factor.A, factor.B, factor.bias, factor.scaling)
 
 
-def _adapter_key(layer, name: str) -> tuple:
-    a, b = local(layer.lora_A[name].weight), local(layer.lora_B[name].weight)
-    bias = getattr(layer.lora_B[name], "bias", None)
-    return (a.data_ptr(), a._version, b.data_ptr(), b._version, None if bias is None else bias._version,
-            float(layer.scaling[name]), a.dtype, a.device)
+def _params(layer, name: str) -> tuple:
+    """``(lora_A weight, lora_B weight, lora_B bias or None)`` (direct dict reads: this runs per adapter, layer and
+    call)."""
+    pb = layer._modules["lora_B"]._modules[name]._parameters
+    return layer._modules["lora_A"]._modules[name]._parameters["weight"], pb["weight"], pb.get("bias")
+
+
+def _key_of(A, B, bias, scaling: float) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (A, B, bias)) + (
+        scaling,)
+
+
+def _view_key(layer, name: str) -> tuple:
+    return _key_of(*_params(layer, name), float(layer.scaling[name]))
+
+
+def _copy_key(layer, name: str) -> tuple:
+    """Stamps of a copied adapter, and its content probes (``.data`` writes move no stamp)."""
+    tensors = [local(t) for t in _params(layer, name) if t is not None]
+    stamps = tuple((t.data_ptr(), t._version) for t in tensors)
+    return stamps, float(layer.scaling[name]), tuple(Probes(fresh=True).values(tensors, kind="factor"))
+
+
+def _current(layer, stack: StackedLoRA, used) -> bool:
+    """Whether the stack serves ``used`` as the layer is now: each name it has is current, and it has no slot for
+    a name the layer no longer has (an adapter deleted, or re-added without LoRA here)."""
+    if any((n in stack.slot) != (n in layer.lora_A) for n in used):
+        return False
+    names = [n for n in used if n in layer.lora_A]
+    if stack.views:
+        return stack.views_current(layer, names)
+    return all(stack.built[n] == _copy_key(layer, n) for n in names)
 
 
 def stacked_lora(layer, used=None) -> StackedLoRA:
-    """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all) is new, changed
-    (weights written in place, reloaded, rescaled) or was added since the stack was built."""
+    """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all the layer's) is
+    new, deleted, reloaded or rescaled, or (copies only) was written since the stack was built."""
     cached = layer.__dict__.get("_forkkv_stack")
-    check = layer.lora_A.keys() if used is None else [n for n in used if n in layer.lora_A]
-    if cached is not None and all(cached.keys.get(n) == _adapter_key(layer, n) for n in check):
+    used = list(layer.lora_A.keys()) if used is None else [n for n in used if n != BASE_ADAPTER]
+    if cached is not None and _current(layer, cached, used):
         return cached
     names = list(layer.lora_A.keys())
     base_w = layer.get_base_layer().weight
     # tensor parallelism: this rank's shards (lora_B rows of a colwise layer, lora_A columns of a rowwise one)
     As = [lora_shard(layer.lora_A[n].weight, base_w, 1) for n in names]
     Bs = [lora_shard(layer.lora_B[n].weight, base_w, 0) for n in names]
+    params = [t for n in names for t in _params(layer, n) if t is not None]
+    views = (not any(is_dtensor(t) for t in [base_w, *params]) and len({(t.dtype, t.device) for t in params}) == 1
+             and all(a is layer.lora_A[n].weight and b is layer.lora_B[n].weight for n, a, b in zip(names, As, Bs)))
     r_max = max(a.shape[0] for a in As)
     d_in, d_out = As[0].shape[1], Bs[0].shape[0]
     A = torch.zeros(len(names), r_max, d_in, dtype=As[0].dtype, device=As[0].device)
@@ -84,11 +135,30 @@ def stacked_lora(layer, used=None) -> StackedLoRA:
             B[i, :, :r] = Bs[i]
             if has_bias and layer.lora_B[n].bias is not None:
                 bias[i] = lora_shard(layer.lora_B[n].bias, base_w, 0)
+            if views:  # the parameters become views of their slots (their own storage is freed)
+                pa, pb, pbias = _params(layer, n)
+                pa.data, pb.data = A[i, :r], B[i, :, :r]
+                if pbias is not None:
+                    pbias.data = bias[i]
     scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A.device)
-    stack = StackedLoRA({n: _adapter_key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, A, B,
-                        scale, bias, rowwise_group(base_w))
+    key = _view_key if views else _copy_key
+    stack = StackedLoRA({n: key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, A, B, scale, bias,
+                        rowwise_group(base_w), views)
     layer._forkkv_stack = stack
     return stack
+
+
+def _release_stack(layer) -> None:
+    """Drop the layer's stack; parameters that were its views get their own storage back (PEFT's layout)."""
+    stack = layer.__dict__.pop("_forkkv_stack", None)
+    if stack is None or not stack.views:
+        return
+    with torch.no_grad():
+        for n in stack.slot:
+            if n in layer.lora_A and stack.views_current(layer, [n]):
+                for p in _params(layer, n):
+                    if p is not None:
+                        p.data = p.data.clone()
 
 
 _EMPTY = StackedLoRA(None, {}, None, None, None, None)
@@ -156,7 +226,7 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
     for k in VARIANT_KWARG_KEYS:
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    if stack.keys is None:  # no row of this call uses an adapter of this layer
+    if stack.built is None:  # no row of this call uses an adapter of this layer
         return result
     if _use_triton(x):
         from forkkv_kernels.lora import lora_delta_triton
@@ -224,13 +294,20 @@ def enable_batched_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def release_stacks(model: nn.Module) -> None:
+    """Drop every layer's stack (parameters get their own storage back); the next forward builds them again."""
+    for m in _lora_linears(model):
+        _release_stack(m)
+        m.__dict__.pop("_forkkv_rows_memo", None)
+
+
 def disable_batched_lora(model: nn.Module) -> nn.Module:
     """Back to PEFT's own ``_mixed_batch_forward`` (and drop the stacked factors)."""
     for m in _lora_linears(model):
         m.__dict__.pop("_mixed_batch_forward", None)
         m.__dict__.pop("_check_forward_args", None)
         m.__dict__.pop("_forkkv_check_memo", None)
-        m.__dict__.pop("_forkkv_stack", None)
+        _release_stack(m)
         m.__dict__.pop("_forkkv_rows_memo", None)
     model._forkkv_batched_lora = False
     peft_integration.uninstall_if_unused(model)

@@ -14,11 +14,14 @@ attention function (:mod:`forkkv_hf.attention`) consumes it. The cache's sequenc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .compat import TRANSFORMERS_VERSION, crop_takes_length
+from .guards import check_forward_inputs, check_generate_inputs
 from .lora_factors import BASE_ADAPTER
 from .shared_context import Residual, SharedContext, SharedLayer
 
@@ -180,10 +183,17 @@ class ForkKVLayer(CacheLayerMixin):
         self._reindex_rows(torch.as_tensor(index).reshape(-1))
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove tokens from the end of the private part. A negative value removes that many tokens; a positive
-        one is an absolute length (transformers 5.17's meaning). The shared context cannot be cropped."""
+        """Remove tokens from the end of the private part, as ``DynamicLayer.crop`` of the installed transformers
+        does: ``n <= 0`` removes ``-n`` tokens (``0``: none); ``n > 0`` keeps the first ``n`` tokens of the whole
+        sequence where transformers still takes that meaning (5.17) and is refused where it does not (5.24). The
+        shared context cannot be cropped."""
         T, P = self.shared.num_tokens, self.private_length()
-        keep = P + tokens_to_remove if tokens_to_remove < 0 else min(P, tokens_to_remove - T)
+        if tokens_to_remove > 0 and not crop_takes_length():
+            raise ValueError(
+                f"crop({tokens_to_remove}): transformers {TRANSFORMERS_VERSION} takes only n <= 0 (remove -n tokens), "
+                "as DynamicLayer.crop does"
+            )
+        keep = P + tokens_to_remove if tokens_to_remove <= 0 else min(P, tokens_to_remove - T)
         if keep < 0:
             raise ValueError(
                 f"cannot crop into the shared context ({T} tokens, {P} private); fork a new cache from a shorter context"
@@ -339,19 +349,11 @@ class ForkKVCache(Cache):
             self.private_ids = self.private_ids[:, : self.layers[0].private_length()]
 
     def check_generate_inputs(self, model, input_ids, kwargs) -> None:
-        """Refuse, before ``generate`` runs, every input this cache would silently serve wrong: a context other
-        than the shared one, rows that are not a continuation of what the cache already holds, ``use_cache=False``,
-        another cache implementation, and Activated-LoRA rows whose adapter would switch on inside the shared context."""
-        if kwargs.get("use_cache") is False:
-            raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to)")
-        gen_cfg = kwargs.get("generation_config")
-        impl = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
-        if impl is not None:
-            raise ValueError(f"cache_implementation={impl!r} asks for another cache; drop it when passing a "
-                             "ForkKVCache (which compiles its decode step itself where it can)")
-        if input_ids is None:
-            raise ValueError("pass input_ids with the full rows (shared context + prompt), as forkkv_hf.batch_inputs "
-                             "builds them, together with a ForkKVCache")
+        """Refuse, before ``generate`` runs, every input this cache would silently serve wrong
+        (:func:`forkkv_hf.guards.check_generate_inputs`: rows, masks, token ids, ``use_cache``, static caches,
+        Activated LoRA) and a cache that does not fit the model: another instance, another dtype, adapters
+        changed since their residuals were computed."""
+        check_generate_inputs(self, model, input_ids, kwargs)
         from .lora_factors import find_attention_modules, transformers_model
 
         model_dtype = getattr(transformers_model(model), "dtype", None)
@@ -365,48 +367,45 @@ class ForkKVCache(Cache):
         if src is not None and src() is not find_attention_modules(model).get(0):
             raise ValueError("this ForkKVCache's shared context was built for another model instance; build a "
                              "SharedContext with the model you generate with")
-        self.shared.check_adapters_unchanged(model, [a for a in dict.fromkeys(self.adapter_names)
-                                                     if a in self.shared.adapters])
-        T = self.shared.num_tokens
-        P = self.layers[0].private_length()
-        L = input_ids.shape[1]
-        if L <= T + P:
-            raise ValueError(
-                f"input_ids have {L} tokens but this cache already holds {T} shared + {P} private tokens: pass the "
-                "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
-            )
-        ctx = self.shared.token_ids.to(input_ids.device)
-        if not torch.equal(input_ids[:, :T], ctx.expand(input_ids.shape[0], T)):
-            raise ValueError(
-                f"input_ids do not start with the {T}-token shared context this cache was built on; build the rows "
-                "with forkkv_hf.batch_inputs(context_ids, prompts) (padding goes after the context)"
-            )
-        if P > 0:
-            rec = self.private_ids
-            rows = input_ids.shape[0]
-            if rec is None or rec.shape[0] != rows or not torch.equal(input_ids[:, T : T + P], rec.to(input_ids.device)):
-                raise ValueError(
-                    f"this ForkKVCache already holds {P} private tokens per row from an earlier generate, and these "
-                    "input_ids do not continue them; call cache.reset() (or fork a new cache) for new prompts"
-                )
-        self._check_activated_lora(model, input_ids, kwargs.get("adapter_names"))
+        self.shared.check_weights(model, list(dict.fromkeys(self.adapter_names)))
 
-    def _check_activated_lora(self, model, input_ids, adapter_names) -> None:
-        cfgs = getattr(model, "peft_config", None) or {}
-        if not adapter_names or not any(getattr(cfgs.get(n), "alora_invocation_tokens", None) for n in adapter_names):
-            return
-        from peft.tuners.lora.variants import calculate_alora_offsets
+    @contextlib.contextmanager
+    def generating(self):
+        """Around one ``generate`` call with this cache (the ``generate`` wrapper enters it): the call's forwards
+        after its first are decode steps, whose inputs ``generate`` made itself (:meth:`prepare_forward`)."""
+        self._generate_forwards = 0
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_generate_forwards", None)
 
-        offsets = calculate_alora_offsets(cfgs, getattr(model, "active_adapter", None), input_ids, adapter_names)
-        T = self.shared.num_tokens
-        for i, (name, off) in enumerate(zip(adapter_names, offsets)):
-            if off is not None and input_ids.shape[1] - off < T:
-                raise ValueError(
-                    f"row {i} ({name!r}, Activated LoRA): its invocation sequence starts at token "
-                    f"{input_ids.shape[1] - off}, inside the {T}-token shared context, so the adapter would be active "
-                    "over part of the context, which the shared cache computed without it. Put the invocation "
-                    "sequence in the agent's prompt."
-                )
+    def prepare_forward(self, module, args: tuple, kwargs: dict):
+        """Before each forward of ``module`` (the transformers model) that appends to this cache (the hook
+        :func:`forkkv_hf.enable_forkkv` installs): refuse inputs it would serve wrong, cut whole rows to the new
+        tokens (:func:`forkkv_hf.guards.check_forward_inputs`; a decode step of a ``generate`` call skips the checks
+        that read tensor values) and record the tokens appended. Inside a compiled decode step it only records
+        them (tensor ops; the call's eager prefill ran the checks). Returns the ``(args, kwargs)`` to run, or
+        ``None`` for "as given"."""
+        if torch.compiler.is_compiling():
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None:
+                self.record_tokens(ids)
+            return None
+        n = self.__dict__.get("_generate_forwards")
+        if n is not None:
+            self._generate_forwards = n + 1
+        changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
+        run_args, run_kwargs = changed or (args, kwargs)
+        ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)
+        if ids is not None:
+            self.record_tokens(ids)
+        return changed
+
+    def __getstate__(self):
+        """``pickle``/``torch.save``: the shared context travels with the cache, a ForkKVStore's pin does not (a
+        loaded cache belongs to no store). At its first generate the loaded context is checked against the model
+        by content (:meth:`SharedContext.check_weights`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_forkkv_store_lease"}
 
     @property
     def adapter_names(self) -> list[str]:

@@ -3,8 +3,9 @@ graph break and a CUDA graph captures their launches.
 
 Each op takes only tensors and a few plain numbers: the host-side planning (which rows read which residual, how rows
 are packed into work items and tiles) is done before the step, from the rows of the batch, and arrives as device
-tensors. The fake implementations give the output's shape and dtype to the compiler. The ops allocate their scratch
-buffers per call (inside a CUDA-graph capture they come from the graph's memory pool).
+tensors. The fake implementations give the output's shape and dtype to the compiler. The attention ops take their
+scratch buffers fresh per call (``fresh_scratch``: inside a CUDA-graph capture they come from the graph's memory pool;
+the eager path's shared workspaces must not be handed out to a graph).
 
 ``forkkv_kernels`` (and Triton) is imported only when an op runs, never at import.
 """
@@ -13,47 +14,58 @@ from typing import Optional
 
 import torch
 
+# shapes: query [B, H, NQ, D]; key/value [H_kv, T, D] (the shared base); cos/sin [T, D]; private_k/private_v
+# [B, H_kv, P, D]; mask int8 [B, NQ, T + P] (1 = attend); k_u/v_u [n, T, r], k_b/v_b [n, H_kv·D, r] (None: no residual
+# of that kind); output [B, NQ, H, D] in the query's dtype.
 
-@torch.library.custom_op("forkkv::residual_attention", mutates_args=())
-def residual_attention_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    u_k: Optional[torch.Tensor],
-    b_k: Optional[torch.Tensor],
-    u_v: Optional[torch.Tensor],
-    b_v: Optional[torch.Tensor],
-    private_k: torch.Tensor,
-    private_v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    slot_row: torch.Tensor,
-    slot_q: torch.Tensor,
-    slot_agent: torch.Tensor,
-    agent_k: torch.Tensor,
-    agent_v: torch.Tensor,
-    row_vslot: torch.Tensor,
-    block_m: int,
-    a_max: int,
-    rope_half: bool,
+
+@torch.library.custom_op("forkkv::cascade_attention", mutates_args=())
+def cascade_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    private_k: torch.Tensor, private_v: torch.Tensor, mask: torch.Tensor,
+    k_u: Optional[torch.Tensor], k_b: Optional[torch.Tensor], v_u: Optional[torch.Tensor], v_b: Optional[torch.Tensor],
+    k_slot: Optional[torch.Tensor], k_order: Optional[torch.Tensor], v_slot: Optional[torch.Tensor],
+    k_agents: int, k_max_rows: int, rope_half: bool, scaling: float,
+) -> torch.Tensor:
+    """``forkkv_kernels.cascade_attention``; ``k_slot``/``v_slot [B]`` int32 (each row's slot, -1: none), ``k_order``
+    the rows sorted by K slot, ``k_agents`` distinct K slots, ``k_max_rows`` the most rows one K slot has."""
+    from forkkv_kernels.attention_common import fresh_scratch
+    from forkkv_kernels.cascade import cascade_attention
+
+    return cascade_attention(query, key, value, cos, sin, private_k, private_v, scaling, k_u=k_u, k_B=k_b,
+                             k_slot=k_slot, v_u=v_u, v_B=v_b, v_slot=v_slot, mask=mask, rope_half=rope_half,
+                             k_order=k_order, k_agents=k_agents, k_max_rows=k_max_rows, scratch=fresh_scratch)
+
+
+@cascade_attention_op.register_fake
+def _cascade_attention_fake(query, *args):
+    B, H, NQ, D = query.shape
+    return query.new_empty(B, NQ, H, D)
+
+
+@torch.library.custom_op("forkkv::fused_attention", mutates_args=())
+def fused_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    private_k: torch.Tensor, private_v: torch.Tensor, mask: torch.Tensor,
+    k_u: Optional[torch.Tensor], k_b: Optional[torch.Tensor], v_u: Optional[torch.Tensor], v_b: Optional[torch.Tensor],
+    slot_row: torch.Tensor, slot_q: torch.Tensor, slot_agent: torch.Tensor, agent_k: torch.Tensor,
+    agent_v: torch.Tensor, row_vslot: Optional[torch.Tensor], block_m: int, a_max: int, rope_half: bool,
     scaling: float,
 ) -> torch.Tensor:
-    """ResidualAttention (``forkkv_kernels``) over pre-planned work items. ``query [B, H, NQ, D]``; shared base
-    ``key``/``value`` ``[H_kv, T, D]``, ``cos``/``sin`` ``[T, D]``; residuals ``u [n, T, r]``, ``b [n, H_kv·D, r]``
-    (``None``: none of that kind); ``private_k``/``private_v`` ``[B, H_kv, P, D]``; ``mask`` int8 ``[B, NQ, T + P]``
-    (1 = attend); the work plan's tensors (``forkkv_kernels.residual_attention.WorkPlan``). Returns
-    ``[B, NQ, H, D]``."""
-    from forkkv_kernels.residual_attention import WorkPlan, launch_residual_attention
+    """``forkkv_kernels.fused_rebuild_attention`` over planned work items (``WorkPlan``'s tensors; the K residual
+    is used when ``k_u`` is given, the V one when ``v_u`` is)."""
+    from forkkv_kernels.attention_common import fresh_scratch
+    from forkkv_kernels.residual_attention import WorkPlan, fused_rebuild_attention_planned
 
-    plan = WorkPlan(block_m, a_max, slot_row, slot_q, slot_agent, agent_k, agent_v, row_vslot)
-    return launch_residual_attention(query, key, value, cos, sin, u_k, b_k, u_v, b_v, private_k, private_v, mask,
-                                     plan, scaling, rope_half=rope_half)
+    plan = WorkPlan(block_m, a_max, slot_row, slot_q, slot_agent, agent_k, agent_v, row_vslot, k_u is not None,
+                    v_u is not None)
+    return fused_rebuild_attention_planned(query, key, value, cos, sin, private_k, private_v, scaling, plan,
+                                           k_u=k_u, k_B=k_b, v_u=v_u, v_B=v_b, mask=mask, rope_half=rope_half,
+                                           scratch=fresh_scratch)
 
 
-@residual_attention_op.register_fake
-def _residual_attention_fake(query, key, value, cos, sin, u_k, b_k, u_v, b_v, private_k, private_v, mask, slot_row,
-                             slot_q, slot_agent, agent_k, agent_v, row_vslot, block_m, a_max, rope_half, scaling):
+@fused_attention_op.register_fake
+def _fused_attention_fake(query, *args):
     B, H, NQ, D = query.shape
     return query.new_empty(B, NQ, H, D)
 
@@ -73,11 +85,11 @@ def lora_delta_op(
     """Mixed-adapter LoRA delta ``[B, L, d_out]`` (in ``B``'s dtype) of ``x [B, L, d_in]`` (in ``A``'s dtype) with the
     stacked factors ``A [n, r, d_in]``, ``B [n, d_out, r]``, ``scale [n]`` over pre-planned tiles of token-rows
     (``forkkv_kernels.lora.padded_plan``); rows no tile covers get zero."""
+    from forkkv_kernels.attention_common import on_device
     from forkkv_kernels.lora import lora_delta_planned
-    from forkkv_kernels.residual_attention import _on_device
 
     out = torch.zeros(x.shape[0], x.shape[1], B.shape[1], dtype=B.dtype, device=x.device)
-    with _on_device(x.device):
+    with on_device(x.device):
         return lora_delta_planned(x, A, B, scale, out, block_m, tile_adapter, tile_start, tile_count, perm)
 
 

@@ -10,13 +10,14 @@ through the custom ops of :mod:`forkkv_hf.custom_ops`; the PyTorch paths are pla
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
 from .reference import kv_mask
-from .residual_attention import residual_attention, residual_attention_torch
+from .residual_attention import (_rope_half, _slot_tensors, _triton_kernel, residual_attention,
+                                 residual_attention_torch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -34,8 +35,9 @@ def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, 
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.static_cache.StaticForkKVView`; returns ``[B, Q, H, D]``.
 
     Eager (the prefill) it takes the usual dispatch (:func:`~forkkv_hf.residual_attention.residual_attention`).
-    Compiled, a decode query goes to the Triton custom op when the layer planned work for it, else (CPU, soft-capping)
-    to the PyTorch path, which reads the layer's precomputed agents."""
+    Compiled, a decode query goes to the Triton kernel family the eager dispatch picks for these rows, through its
+    custom op, when the layer planned it (``view.work``), else (CPU, soft-capping) to the PyTorch path, which reads
+    the layer's precomputed agents."""
     Q = query.shape[2]
     if attention_mask is None:
         attention_mask = visible_mask(view, Q)
@@ -46,21 +48,69 @@ def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, 
     return residual_attention_torch(query, view, attention_mask, scaling, softcap=softcap)
 
 
+@dataclass(frozen=True)
+class AttentionDecodePlan:
+    """What a static layer's compiled decode step hands the Triton kernels, made from the rows before the step: the
+    family the eager dispatch picks for one query per row (:func:`~forkkv_hf.residual_attention._triton_kernel`),
+    which residuals some row has, whether cos/sin repeat their halves, and the family's row plan as device tensors:
+    ``cascade``: each row's ``k_slot``/``v_slot`` [B] int32, the rows sorted by K slot, the number of distinct K
+    slots and the most rows one has; ``fused``: the work items (``forkkv_kernels.residual_attention.WorkPlan``)."""
+
+    kernel: str
+    has_k: bool
+    has_v: bool
+    rope_half: bool
+    k_slot: torch.Tensor | None = None
+    k_order: torch.Tensor | None = None
+    k_agents: int = 0
+    k_max_rows: int = 0
+    v_slot: torch.Tensor | None = None
+    work: object = None
+
+
+def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None, groups: int) -> AttentionDecodePlan:
+    """The :class:`AttentionDecodePlan` of rows with these residual slots (host tuples; ``None``: the layer has no
+    residual of that kind) over ``shared`` (a :class:`~forkkv_hf.shared_context.SharedLayer`), one query per row,
+    ``groups`` query heads per KV head. Runs eagerly (it may read cos/sin once)."""
+    dev = str(shared.key.device)
+    B = len(k_slots if k_slots is not None else v_slots)
+    has_k = shared.k_res is not None and k_slots is not None and any(s >= 0 for s in k_slots)
+    has_v = shared.v_res is not None and v_slots is not None and any(s >= 0 for s in v_slots)
+    kernel = _triton_kernel(B, 1, has_k)
+    rope_half = has_k and _rope_half(shared)
+    if kernel == "fused":
+        from forkkv_kernels.residual_attention import plan_work
+
+        none = (-1,) * B
+        work = plan_work(tuple(k_slots) if has_k else none, tuple(v_slots) if has_v else none, 1, groups, dev)
+        return AttentionDecodePlan(kernel, has_k, has_v, rope_half, work=work)
+    plan = AttentionDecodePlan(kernel, has_k, has_v, rope_half)
+    if has_k:
+        k_slot, order, agents, most = _slot_tensors(tuple(k_slots), dev)
+        plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most)
+    if has_v:
+        plan = replace(plan, v_slot=_slot_tensors(tuple(v_slots), dev)[0])
+    return plan
+
+
 def _triton_attention(query, view, attention_mask, scaling):
+    """The planned Triton launch of a compiled decode step (``torch.ops.forkkv``); the same kernels, arguments and
+    mask as the eager dispatch's."""
     B, _, Q, _ = query.shape
-    sh, work, agents = view.shared, view.work, view.agents
+    sh, plan = view.shared, view.work
     mask, additive = kv_mask(attention_mask, B, Q, view.shared_len, view.private_len, query.device)
-    if additive:  # 0 / -inf biases as a bool mask ("forkkv" registers the bool sdpa mask; this is for safety)
+    if additive:  # 0 / -inf biases ("forkkv" registers the bool sdpa mask); no host check of the values here
         mask = mask > torch.finfo(mask.dtype).min / 2
-    has_k, has_v = agents.k_used is not None, agents.v_slot is not None
-    return torch.ops.forkkv.residual_attention(
-        query, sh.key[0], sh.value[0], sh.cos, sh.sin,
-        sh.k_res.u if has_k else None, sh.k_res.B if has_k else None,
-        sh.v_res.u if has_v else None, sh.v_res.B if has_v else None,
-        view.key, view.value, mask.view(torch.int8),
-        work.slot_row, work.slot_q, work.slot_agent, work.agent_k, work.agent_v, work.row_vslot,
-        work.block_m, work.a_max, bool(view.rope_half and has_k), float(scaling),
-    )
+    mask = mask.view(torch.int8)
+    k = (sh.k_res.u, sh.k_res.B) if plan.has_k else (None, None)
+    v = (sh.v_res.u, sh.v_res.B) if plan.has_v else (None, None)
+    common = (query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, mask, *k, *v)
+    if plan.kernel == "fused":
+        w = plan.work
+        return torch.ops.forkkv.fused_attention(*common, w.slot_row, w.slot_q, w.slot_agent, w.agent_k, w.agent_v,
+                                                w.row_vslot, w.block_m, w.a_max, plan.rope_half, float(scaling))
+    return torch.ops.forkkv.cascade_attention(*common, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
+                                              plan.k_max_rows, plan.rope_half, float(scaling))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,7 +167,7 @@ def remember_decode_plan(layer, stack, slots: tuple, batchable: bool, use_triton
     if not batchable:
         layer._forkkv_decode = None
         return
-    if stack.keys is None:
+    if stack.built is None:  # no row of the call has an adapter of this layer
         layer._forkkv_decode = LoRADecodePlan()
         return
     dev = str(stack.A.device)

@@ -8,6 +8,8 @@ model for which that split would be wrong.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -78,24 +80,57 @@ def _modules_outside_lora(root: nn.Module):
             stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
 
 
+#: what ForkKV runs on, for the errors that refuse other models
+SUPPORTED_MODELS = ("decoder-only transformers models with rotary position embeddings and separate k_proj/v_proj "
+                    "(or Phi-3's qkv_proj): Llama, Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, OLMo 2")
+
+
+@functools.cache
+def _takes_rotary_embeddings(attn_class: type) -> bool:
+    return "position_embeddings" in inspect.signature(attn_class.forward).parameters
+
+
+def _unsupported_model(base: nn.Module, found: dict) -> str | None:
+    """Why ForkKV cannot run ``base`` (``found``: its attention modules with k/v projections), or ``None``."""
+    cfg = getattr(base, "config", None)
+    name = f"{type(base).__name__} ({getattr(cfg, 'model_type', '?')})"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return (f"{name} is an encoder-decoder model (its decoder layers also cross-attend to an encoder); ForkKV "
+                f"shares the self-attention cache of {SUPPORTED_MODELS}")
+    if not found:
+        attns = sorted({f"{type(m).__name__}({', '.join(n for n, _ in m.named_children() if 'drop' not in n)})"
+                        for m in base.modules() if type(m).__name__.endswith("Attention")})
+        seen = f" Its attention: {', '.join(attns)}." if attns else ""
+        return (f"{name} has no self-attention layers ForkKV can split (separate k_proj/v_proj or a qkv_proj, with a "
+                f"layer_idx).{seen} ForkKV supports {SUPPORTED_MODELS}")
+    plain = sorted({type(m).__name__ for m in found.values() if not _takes_rotary_embeddings(type(m))})
+    if plain:
+        return (f"{name}'s attention ({', '.join(plain)}) takes no rotary position embeddings (learned or absolute "
+                f"positions); ForkKV rotates the shared K residual with the context's RoPE and supports "
+                f"{SUPPORTED_MODELS}")
+    return None
+
+
 def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """Map ``layer_idx`` to the self-attention module of each decoder layer (separate ``k_proj``/``v_proj``, or a
-    fused ``qkv_proj`` as in Phi-3)."""
+    fused ``qkv_proj`` as in Phi-3). Refuses models ForkKV does not support (encoder-decoder, fused ``c_attn`` or
+    ``query_key_value``, no RoPE) with an error that says which models it supports."""
     found: dict[int, nn.Module] = {}
-    for module in _modules_outside_lora(transformers_model(model)):
+    base = transformers_model(model)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise ValueError(_unsupported_model(base, found))
+    for module in _modules_outside_lora(base):
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None or isinstance(module, nn.Linear):
             continue
         if (hasattr(module, "k_proj") and hasattr(module, "v_proj")) or hasattr(module, "qkv_proj"):
             if layer_idx in found:
-                raise ValueError(f"two attention modules claim layer_idx={layer_idx}: cannot map the cache layers")
+                raise ValueError(f"two attention modules claim layer_idx={layer_idx}: cannot map the cache layers "
+                                 f"of {type(base).__name__}; ForkKV supports {SUPPORTED_MODELS}")
             found[layer_idx] = module
-    if not found:
-        raise ValueError(
-            f"no self-attention modules with k_proj/v_proj (or qkv_proj) and a layer_idx were found in "
-            f"{type(model).__name__}; ForkKV supports decoder-only transformers models such as Llama, Mistral, Qwen2 "
-            "and Phi-3."
-        )
+    why = _unsupported_model(base, found)
+    if why:
+        raise ValueError(why)
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"attention layer indices are not 0..{len(found) - 1}: {sorted(found)}")
     return found

@@ -1,12 +1,16 @@
 """What forkkv-hf installs on a ``PeftModel`` (by ``enable_forkkv`` / ``enable_batched_lora``), in one place.
 
-One instance-level wrapper around ``generate`` that, at every call:
+Instance-level wrappers around ``generate`` and ``forward`` of the ``PeftModel``. Both hold the model's lock
+(:mod:`forkkv_hf.model_lock`) for the whole call, so that calls from several threads, which would interleave PEFT's
+per-call ``adapter_names`` hooks and ForkKV's base passes, run one after the other. At every call they:
 - starts a new *call epoch*, so the batched-LoRA plans of the previous call (which rows use which adapter, checked
   against the adapters' weights) are rebuilt once and then reused by every decode step of this call;
 - re-applies batched LoRA to LoRA layers created since it was enabled (an adapter added on new modules);
 - removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
   duration of the call but does not remove them on an exception, which breaks every later call of the model.
-A forward pre-hook on the outer model starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
+A ``save_pretrained`` wrapper gives the LoRA parameters their own storage back before saving (they are views of
+batched LoRA's stacks), so that every format writes only the saved adapter's tensors.
+The ``forward`` wrapper starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
 with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``) and picks the cache's
 layout (static where the decode step compiles, :mod:`forkkv_hf.compile_policy`), and a forward pre-hook on the
 transformers model records the tokens each forward appends to a ``ForkKVCache``.
@@ -14,7 +18,12 @@ transformers model records the tokens each forward appends to a ``ForkKVCache``.
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
+
+from .guards import generate_cache
+from .model_lock import model_lock
 
 #: bumped at every user-level call (outer forward, generate); per-layer plans are reused within one epoch only
 CALL_EPOCH = [0]
@@ -42,43 +51,71 @@ def remove_stale_peft_hooks(model: nn.Module) -> int:
 
 
 def install(model: nn.Module) -> None:
-    """Install the ``generate`` wrapper and the epoch hook (idempotent)."""
-    if getattr(model, "_forkkv_epoch_hook", None) is None:
-        model._forkkv_epoch_hook = model.register_forward_pre_hook(new_call)
+    """Install the ``generate`` and ``forward`` wrappers (idempotent)."""
+    lock = model_lock(model)
+    if not getattr(model.__dict__.get("forward"), "_forkkv_wrapper", False):
+        inner_forward = model.forward
+
+        def forward(*args, **kwargs):
+            with lock:
+                new_call()
+                return inner_forward(*args, **kwargs)
+
+        _mark(forward, inner_forward)
+        model.forward = forward
+    if hasattr(model, "save_pretrained") and not getattr(model.__dict__.get("save_pretrained"), "_forkkv_wrapper", False):
+        inner_save = model.save_pretrained
+
+        def save_pretrained(*args, **kwargs):
+            # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
+            # (every adapter of the layer), so the parameters get their own storage back first
+            with lock:
+                from .batched_lora import release_stacks
+
+                release_stacks(model)
+                return inner_save(*args, **kwargs)
+
+        _mark(save_pretrained, inner_save)
+        model.save_pretrained = save_pretrained
     if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
         return
     inner = model.generate
 
     def generate(*args, **kwargs):
-        if getattr(model, "_forkkv_batched_lora", False):
-            from .batched_lora import patch_lora_layers
+        with lock:
+            if getattr(model, "_forkkv_batched_lora", False):
+                from .batched_lora import patch_lora_layers
 
-            patch_lora_layers(model)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        call = inner
-        if cache is not None and hasattr(cache, "check_generate_inputs"):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            cache.check_generate_inputs(model, input_ids, kwargs)
-            for prepare in GENERATE_PREPARERS:
-                call = prepare(model, cache, input_ids, kwargs, call)
-        new_call()
-        try:
-            return call(*args, **kwargs)
-        except BaseException:
-            remove_stale_peft_hooks(model)
-            raise
+                patch_lora_layers(model)
+            cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
+            call = inner
+            if cache is not None and hasattr(cache, "check_generate_inputs"):
+                input_ids = kwargs.get("input_ids", args[0] if args else None)
+                cache.check_generate_inputs(model, input_ids, kwargs)
+                for prepare in GENERATE_PREPARERS:
+                    call = prepare(model, cache, input_ids, kwargs, call)
+            new_call()
+            try:
+                with cache.generating() if hasattr(cache, "generating") else contextlib.nullcontext():
+                    return call(*args, **kwargs)
+            except BaseException:
+                remove_stale_peft_hooks(model)
+                raise
 
-    generate._forkkv_wrapper = True
-    generate.__wrapped__ = inner
-    generate.__doc__ = inner.__doc__
+    _mark(generate, inner)
     model.generate = generate
+
+
+def _mark(wrapper, inner) -> None:
+    wrapper._forkkv_wrapper = True
+    wrapper.__wrapped__ = inner
+    wrapper.__doc__ = inner.__doc__
 
 
 def _record_tokens_hook(module, args, kwargs):
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if cache is not None and input_ids is not None and hasattr(cache, "record_tokens"):
-        cache.record_tokens(input_ids)
+    if cache is not None and hasattr(cache, "prepare_forward"):  # checks the inputs, records the tokens
+        return cache.prepare_forward(module, args, kwargs)
 
 
 def install_token_recorder(base: nn.Module) -> None:
@@ -95,12 +132,9 @@ def uninstall_token_recorder(base: nn.Module) -> None:
 
 
 def uninstall_if_unused(model: nn.Module) -> None:
-    """Remove the wrapper and hook once neither ForkKV nor batched LoRA is enabled on ``model``."""
+    """Remove the wrappers once neither ForkKV nor batched LoRA is enabled on ``model``."""
     if getattr(model, "_forkkv_enabled", False) or getattr(model, "_forkkv_batched_lora", False):
         return
-    hook = getattr(model, "_forkkv_epoch_hook", None)
-    if hook is not None:
-        hook.remove()
-        model._forkkv_epoch_hook = None
-    if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
-        del model.generate
+    for name in ("forward", "generate", "save_pretrained"):
+        if getattr(model.__dict__.get(name), "_forkkv_wrapper", False):
+            delattr(model, name)

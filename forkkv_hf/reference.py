@@ -32,10 +32,11 @@ def materialize_kv(view) -> tuple[torch.Tensor, torch.Tensor]:
     _, Hkv, T, D = sh.key.shape
     K = sh.key.float().expand(B, Hkv, T, D).clone()
     V = sh.value.float().expand(B, Hkv, T, D).clone()
-    if sh.k_res is not None:
+    # a view reads a residual only if it has rows for it: a fork with ``residual="v"`` of a K+V context has no k_rows
+    if sh.k_res is not None and view.k_rows is not None:
         dk = _rows_residual(sh.k_res, view.k_rows, B, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         K += apply_rope(dk, sh.cos.float(), sh.sin.float())
-    if sh.v_res is not None:
+    if sh.v_res is not None and view.v_rows is not None:
         V += _rows_residual(sh.v_res, view.v_rows, B, Hkv, D).transpose(1, 2)
     K = torch.cat([K, view.key.float()], dim=2)
     V = torch.cat([V, view.value.float()], dim=2)

@@ -240,6 +240,89 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
+TRITON_KERNELS = ("cascade", "fused")
+#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels: on an H200 they
+#: measured 10-26% faster than the cascade kernels at 32 agents and within 3% of them at 128, the cascade kernels
+#: 5-170% faster at 1 and 8 (eval/results/bench_kernel_nvidia_h200.json; eval/KERNEL_NOTES.md v7)
+FUSED_MIN_K_QUERIES = 32
+
+
+def _triton_kernel(batch: int, queries: int, has_k: bool) -> str:
+    """Which Triton family serves a call: env ``FORKKV_KERNEL`` (``cascade`` / ``fused``), else by measurement: the
+    fused-rebuild kernels for calls with K residuals and ``batch · queries >= FUSED_MIN_K_QUERIES``, the cascade
+    kernels for the rest (V residual only, no residual, and few rows)."""
+    name = os.environ.get("FORKKV_KERNEL")
+    if name is None:
+        return "fused" if has_k and batch * queries >= FUSED_MIN_K_QUERIES else "cascade"
+    if name not in TRITON_KERNELS:
+        raise ValueError(f"FORKKV_KERNEL={name!r}: use one of {TRITON_KERNELS}")
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_tensors(slots: tuple, device: str):
+    """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, the number of distinct slots
+    and the most rows one slot has; cached, so a decode step builds nothing."""
+    t = torch.tensor(slots, dtype=torch.int32, device=device)
+    order = torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), dtype=torch.int32, device=device)
+    used = [s for s in slots if s >= 0]
+    return t, order, len(set(used)), max((used.count(s) for s in set(used)), default=1)
+
+
+def _rope_half(shared) -> bool:
+    """Whether the layer's cos/sin tables repeat their first half (the kernels then load one half). Memoised."""
+    flag = getattr(shared, "_rope_half", None)
+    if flag is None:
+        h = shared.cos.shape[-1] // 2
+        flag = bool(torch.equal(shared.cos[:, :h], shared.cos[:, h:]) and torch.equal(shared.sin[:, :h], shared.sin[:, h:]))
+        shared._rope_half = flag
+    return flag
+
+
+def _int8_mask(attention_mask, B: int, Q: int, T: int, P: int):
+    """The model's mask as the kernels take it: ``[B, Q, T + P]`` int8 (1 = attend), or None for the implicit mask."""
+    mask, additive = kv_mask(attention_mask, B, Q, T, P, None)
+    if mask is None:
+        return None
+    if additive:  # an additive float mask: only 0 / -inf-like entries can be expressed as a bool mask
+        finite = mask > torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | ~finite).all()):
+            raise ValueError("the Triton ResidualAttention takes boolean (or 0/-inf) masks, not additive biases; "
+                             "use backend='torch' for attention biases")
+        mask = finite
+    return mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)
+
+
+def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, kernel: str | None = None,
+                              **tuning) -> torch.Tensor:
+    """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` Triton
+    kernels; returns ``[B, Q, H, D]``. ``kernel``: ``"cascade"`` or ``"fused"`` (default: :func:`_triton_kernel`);
+    ``tuning``: that launcher's knobs. Rows' residual slots come from the view's host tuples when present (cached
+    tensors), else from its ``k_rows``/``v_rows`` tensors."""
+    from forkkv_kernels import cascade_attention, fused_rebuild_attention
+
+    sh = view.shared
+    B, _, Q, _ = query.shape
+    present = [(kind, r, rows, slots) for kind, r, rows, slots in
+               (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
+               if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
+    name = kernel or _triton_kernel(B, Q, any(kind == "k" for kind, *_ in present))
+    kw = dict(mask=_int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
+              rope_half=any(kind == "k" for kind, *_ in present) and _rope_half(sh))
+    for kind, r, rows, slots in present:
+        kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
+        if name == "fused":  # plans its work items on the host
+            kw[f"{kind}_slots"] = tuple(slots) if slots is not None else tuple(rows.tolist())
+            continue
+        slot, order, n_agents, max_rows = (_slot_tensors(tuple(slots), str(query.device)) if slots is not None
+                                           else (rows, None, None, None))
+        kw[f"{kind}_slot"] = slot
+        if kind == "k":
+            kw.update(k_order=order, k_agents=n_agents, k_max_rows=max_rows)
+    launch = cascade_attention if name == "cascade" else fused_rebuild_attention
+    return launch(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, scaling, **kw, **tuning)
+
+
 def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
                        softcap: float | None = None) -> torch.Tensor:
     """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"sdpa"`` (:func:`residual_attention_sdpa`),
@@ -260,7 +343,5 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "sdpa":
         return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
-        from forkkv_kernels import residual_attention_triton
-
         return residual_attention_triton(query, view, attention_mask, scaling)
     raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch' or 'triton'")

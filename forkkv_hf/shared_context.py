@@ -12,19 +12,32 @@ is agent ``adapter_names[i]``; any number of caches can be forked, nothing share
 ``SharedContext.build_continuation`` is the same base pass over tokens that continue an already computed context
 (its base K/V given as ``past``): the building block of :class:`~forkkv_hf.store.ForkKVStore`, which keeps context
 segments in radix trees and computes only what is missing.
+
+A context records what it was computed from (:mod:`forkkv_hf.identity`); ``generate`` refuses it once the model's
+base weights or its rows' K/V LoRA factors differ. Builds hold the model's lock (:mod:`forkkv_hf.model_lock`);
+``fork`` only reads, from any thread. ``pickle``/``torch.save`` work; a loaded context is usable with any model
+whose weights are the recorded ones (checked by content at its first generate).
 """
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .compat import cache_kwargs
+from .base_pass import (
+    cache_dtype,
+    check_chunk_size,
+    check_rope_layout,
+    max_positions,
+    past_length,
+    run_base_pass,
+    sliding_window,
+)
+from .inputs import context_token_ids as _as_context_ids
+from .inputs import vocab_size_of
 from .lora_factors import (
     BASE_ADAPTER,
     ProjectionLoRA,
@@ -33,13 +46,12 @@ from .lora_factors import (
     check_k_norm,
     collect_projection_lora,
     find_attention_modules,
-    is_peft_model,
     kv_projections,
     lora_layer_of,
     transformers_model,
 )
-from .rope import apply_rope
-from .tp import local
+from .identity import ContextIdentity, check_context, record_context
+from .model_lock import model_lock
 
 
 @dataclass
@@ -73,7 +85,8 @@ class SharedLayer:
     sin: torch.Tensor
     k_res: Residual | None = None
     v_res: Residual | None = None
-    #: the attention module this layer was computed for (a cache must not be read by another model's layer)
+    #: the attention module this layer was computed for (a cache must not be read by another model's layer); a
+    #: weakref, dropped when pickled and set again when the context is first checked against a model
     source: object = field(default=None, repr=False, compare=False)
     #: the layer's sliding-window size (None: full attention); ForkKV is exact while the sequence fits in it
     sliding_window: int | None = None
@@ -82,29 +95,8 @@ class SharedLayer:
     def num_tokens(self) -> int:
         return self.key.shape[-2]
 
-
-def _as_context_ids(context_ids) -> torch.Tensor:
-    if isinstance(context_ids, (list, tuple)):
-        context_ids = torch.tensor(context_ids, dtype=torch.long)
-    if not isinstance(context_ids, torch.Tensor):
-        raise TypeError(f"context_ids must be a 1-D LongTensor (or [1, T]), got {type(context_ids).__name__}")
-    if context_ids.dim() == 2:
-        if context_ids.shape[0] != 1:
-            raise ValueError(
-                f"context_ids has batch size {context_ids.shape[0]}; a shared context is one sequence ([T] or [1, T])"
-            )
-        context_ids = context_ids[0]
-    if context_ids.dim() != 1:
-        raise ValueError(f"context_ids must be [T] or [1, T], got shape {tuple(context_ids.shape)}")
-    if context_ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise TypeError(f"context_ids must hold token ids (integer dtype), got {context_ids.dtype}")
-    if context_ids.numel() == 0:
-        raise ValueError("the shared context is empty; give it at least one token")
-    return context_ids.long()
-
-
-def _max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
+    def __getstate__(self):
+        return {**self.__dict__, "source": None}
 
 
 @dataclass
@@ -131,8 +123,8 @@ class SharedContext:
     model_id: int = 0
     #: position of ``token_ids[0]``: 0 for a context, > 0 for a segment made by :meth:`build_continuation`
     start: int = 0
-    #: per adapter, the identity and version of its K/V LoRA tensors when its residuals were computed
-    adapter_states: dict = field(default_factory=dict, repr=False)
+    #: what the base K/V and residuals were computed from (:mod:`forkkv_hf.identity`); checked before each generate
+    identity: ContextIdentity | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -152,6 +144,10 @@ class SharedContext:
         ``context_ids``: ``[T]`` or ``[1, T]`` token ids. ``adapter_names``: the adapters that may fork this context
         (default: every adapter of the model). ``chunk_size``: tokens per forward of the base pass (bounds activation
         memory on long contexts; ``None`` for one pass); a progress bar shows when there are several chunks.
+
+        Holds the model's lock (:mod:`forkkv_hf.model_lock`) for the whole pass: builds, forks and generates from
+        several threads run one after the other. Records the identity of the weights it reads
+        (:mod:`forkkv_hf.identity`): a generate after they change is refused.
         """
         return cls._base_pass(model, context_ids, adapter_names, chunk_size=chunk_size, progress=progress)
 
@@ -167,6 +163,7 @@ class SharedContext:
         keep_kv: bool = True,
         chunk_size: int | None = 4096,
         progress: bool = True,
+        record_identity: bool = True,
     ) -> SharedContext:
         """The base pass of :meth:`build` over ``token_ids`` that continue a context of ``S`` tokens.
 
@@ -177,38 +174,45 @@ class SharedContext:
         ``keep_kv=False``, when only residuals are wanted), ``cos``/``sin`` ``[T, D]`` and the residuals of
         ``adapter_names`` over these ``T`` tokens. Concatenated along T with the segments before it, it equals
         :meth:`build` over the whole context (up to float rounding). A segment with ``start > 0`` cannot be forked.
+        ``record_identity=False``: no identity (the caller records it, as :class:`~forkkv_hf.store.ForkKVStore` does).
         """
-        return cls._base_pass(
-            model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past, keep_kv=keep_kv
-        )
+        return cls._base_pass(model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past,
+                              keep_kv=keep_kv, record_identity=record_identity)
 
     @classmethod
-    def _base_pass(
-        cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True
-    ) -> SharedContext:
+    def _base_pass(cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True,
+                   record_identity: bool = True) -> SharedContext:
+        check_chunk_size(chunk_size)
+        with model_lock(model):
+            return cls._locked_base_pass(model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                                         record_identity)
+
+    @classmethod
+    def _locked_base_pass(cls, model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                          record_identity) -> SharedContext:
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
         from .peft_integration import remove_stale_peft_hooks
 
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
-        ids = _as_context_ids(context_ids)
-        S = _past_length(past)
+        ids = _as_context_ids(context_ids, vocab_size_of(model))
+        S = past_length(past)
         if adapter_names is None:
             adapter_names = available_adapters(model)
         adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
         base = transformers_model(model)
         config = base.config
-        max_pos = _max_positions(config)
+        max_pos = max_positions(config)
         if max_pos is not None and S + ids.numel() > max_pos:
             raise ValueError(
                 f"the shared context has {S + ids.numel()} tokens but {type(base).__name__} supports at most "
                 f"max_position_embeddings={max_pos}; shorten the context"
             )
         attn_modules = find_attention_modules(model)
-        dtype = _cache_dtype(base)
+        dtype = cache_dtype(base)
         captures: dict[int, _Capture] = {}
         projections = {idx: kv_projections(attn, config) for idx, attn in attn_modules.items()}
-        windows = {idx: _sliding_window(attn, config) for idx, attn in attn_modules.items()}
+        windows = {idx: sliding_window(attn, config) for idx, attn in attn_modules.items()}
         for idx, w in windows.items():
             if w is not None and S + ids.numel() > w:
                 raise ValueError(
@@ -330,7 +334,7 @@ class SharedContext:
                     handles.append(proj.v[0].register_forward_pre_hook(make_proj_hook(idx, ("v",))))
                 if captures[idx].k_lora is not None:
                     handles.append(proj.k[0].register_forward_hook(make_k_out_hook(idx, proj.k[1])))
-            kv_cache = _run_base_pass(model, base, ids, chunk_size, progress, offset, past)
+            kv_cache = run_base_pass(model, base, ids, chunk_size, progress, offset, past)
         finally:
             for h in handles:
                 h.remove()
@@ -355,7 +359,7 @@ class SharedContext:
             layer = SharedLayer(key, value, cos, sin, k_res, v_res, source=weakref.ref(attn_modules[idx]),
                                 sliding_window=windows[idx])
             if k_res is not None:
-                _check_rope_layout(idx, cap.k_out_head, layer)
+                check_rope_layout(idx, cap.k_out_head, layer)
             if not keep_kv:
                 layer.key = key.new_empty((1, key.shape[1], 0, key.shape[-1]))
                 layer.value = value.new_empty((1, value.shape[1], 0, value.shape[-1]))
@@ -365,7 +369,7 @@ class SharedContext:
         del kv_cache
         return cls(
             layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=config, model_id=id(base), start=S,
-            adapter_states=adapter_states(model, adapters),
+            identity=record_context(model, adapters) if record_identity else None,
         )
 
     # ------------------------------------------------------------------ adapters
@@ -375,37 +379,57 @@ class SharedContext:
         """Compute the residuals of adapters this context was not built for (e.g. loaded later) and add them.
 
         One base pass over the context with hooks (no K/V kept), as :meth:`build` does for its adapters. Caches
-        already forked keep working: existing adapters keep their slots. Returns ``self``.
+        already forked keep working: existing adapters keep their slots. The base weights must be those the context
+        was built from. Returns ``self``.
         """
         if self.start:
             raise ValueError("add_adapters works on a whole context (start 0), not on a continuation segment")
-        new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
-        if not new:
-            return self
-        seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
-                                            progress=progress)
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
+        with model_lock(model):
+            new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
+            if not new:
+                return self
+            self.check_weights(model, [])  # the new residuals must read the base this context's K/V came from
+            seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
+                                                progress=progress)
+            self._merge(seg)
+        return self
+
+    def _merge(self, seg: SharedContext) -> None:
         for layer, extra in zip(self.layers, seg.layers):
             layer.k_res = _merge_residuals(layer.k_res, extra.k_res)
             if extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u:
                 layer.v_res = _merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res)
             else:
                 layer.v_res = _merge_residuals(layer.v_res, extra.v_res)
+        if self.identity is not None and seg.identity is not None:
+            self.identity.adapters.update(seg.identity.adapters)
         self.adapters = self.adapters + seg.adapters
-        self.adapter_states.update(seg.adapter_states)
-        return self
 
-    def check_adapters_unchanged(self, model: nn.Module, names=None) -> None:
-        """Raise if an adapter's K/V LoRA weights changed (or were reloaded) since its residuals were computed:
-        serving them would be silently wrong."""
-        names = [n for n in (self.adapters if names is None else names) if n in self.adapter_states]
-        now = adapter_states(model, names)
-        for name in names:
-            if now[name] != self.adapter_states[name]:
-                raise ValueError(
-                    f"adapter {name!r} changed since this shared context computed its residuals (its weights were "
-                    "written or reloaded); build a new SharedContext (or use ForkKVStore, which keys residuals by "
-                    "adapter content)"
-                )
+    def check_weights(self, model: nn.Module, adapter_names=None) -> None:
+        """Raise :class:`~forkkv_hf.identity.StaleContextError` (what changed, what to do) unless ``model``'s base
+        weights and the K/V LoRA factors of ``adapter_names`` (default: all of this context's adapters) are the
+        ones this context was computed from: serving it would be silently wrong. Cheap or by content, see
+        :mod:`forkkv_hf.identity`. A context loaded from a file is bound to ``model`` by its first successful check."""
+        if self.identity is None:
+            raise ValueError("this SharedContext records no weight identity (a store-internal segment); fork caches "
+                             "from SharedContext.build or ForkKVStore.fork")
+        names = self.adapters if adapter_names is None else [a for a in adapter_names if a in self.adapters]
+        check_context(self.identity, model, names)
+        if self.layers and self.layers[0].source is None:
+            self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Tie an unpickled context to ``model`` (whose weights were just found to be the recorded ones)."""
+        attention = find_attention_modules(model)
+        if len(attention) != len(self.layers):
+            raise ValueError(f"this shared context has {len(self.layers)} layers but the model has {len(attention)}; "
+                             "build a new SharedContext with this model")
+        base = transformers_model(model)
+        for idx, layer in enumerate(self.layers):
+            layer.source = weakref.ref(attention[idx])
+        self.config, self.model_id = base.config, id(base)
 
     # ------------------------------------------------------------------ use
     def fork(self, adapter_names, residual: str = "kv"):
@@ -465,25 +489,6 @@ class SharedContext:
         )
 
 
-def adapter_states(model: nn.Module, names) -> dict[str, tuple]:
-    """For each adapter in ``names``: identity and in-place version of its LoRA tensors on the K/V projections,
-    which change when the adapter is written to, reloaded or replaced (a few attribute reads per layer; one walk
-    of the model for all names)."""
-    names = list(names)
-    states: dict[str, list] = {n: [] for n in names}
-    for idx, attn in sorted(find_attention_modules(model).items()):
-        for mod in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None), getattr(attn, "qkv_proj", None)):
-            layer = None if mod is None else lora_layer_of(mod, f"layer {idx}")
-            if layer is None:
-                continue
-            for name in names:
-                if name in layer.lora_A:
-                    a, b = local(layer.lora_A[name].weight), local(layer.lora_B[name].weight)
-                    states[name].append((a.data_ptr(), a._version, b.data_ptr(), b._version,
-                                         float(layer.scaling[name])))
-    return {n: tuple(s) for n, s in states.items()}
-
-
 def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: Residual | None = None):
     """Stack the residuals of newly added adapters after the existing ones (slots of existing adapters unchanged;
     ranks zero-padded to the larger)."""
@@ -497,14 +502,6 @@ def _merge_residuals(old: Residual | None, new: Residual | None, share_u_with: R
     return Residual(old.adapters + new.adapters, u, torch.cat([pad(old.B), pad(new.B)], dim=0), old.ranks + new.ranks)
 
 
-def _sliding_window(attn: nn.Module, config) -> int | None:
-    """The layer's sliding window: the module's own (Qwen2, Gemma), else the config's when the model passes it to
-    every attention call (Mistral, Phi-3)."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None)
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -515,80 +512,3 @@ def _residual(lora: ProjectionLoRA | None, u: torch.Tensor | None) -> Residual |
     if u is None:
         raise RuntimeError("the base pass did not reach a LoRA projection's input hook")
     return Residual(lora.adapters, u, lora.B.to(u.device), lora.ranks)
-
-
-def _cache_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype the model's K/V come out in (its compute dtype)."""
-    dtype = getattr(base, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    return torch.get_default_dtype()
-
-
-def _past_length(past) -> int:
-    """Tokens in ``past`` (one ``(key, value)`` pair ``[1, H_kv, S, D]`` per layer, or ``None``); validates it."""
-    if past is None:
-        return 0
-    lengths = set()
-    for idx, pair in enumerate(past):
-        if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != 1 for t in pair):
-            raise ValueError(f"past layer {idx}: expected a (key, value) pair of [1, H_kv, S, D] tensors")
-        lengths.update(t.shape[-2] for t in pair)
-    if len(lengths) != 1:
-        raise ValueError(f"past layers hold different numbers of tokens {sorted(lengths)}; each must hold the same S")
-    return lengths.pop()
-
-
-def _run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, offset, past=None):
-    """One forward of the base model (adapters disabled) over ``ids``, chunked, after the ``S`` tokens of ``past``
-    (per layer ``(key, value)``, or ``None``); returns its ``DynamicCache`` (``S + T`` tokens)."""
-    from transformers import DynamicCache
-
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    runner = decoder if decoder is not None else base
-    T = ids.numel()
-    step = T if not chunk_size or chunk_size >= T else int(chunk_size)
-    starts = list(range(0, T, step))
-    disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
-    cache = DynamicCache(config=base.config)
-    S = 0
-    if past is not None:
-        past = list(past)
-        num_layers = getattr(base.config, "num_hidden_layers", len(past))
-        if len(past) != num_layers:
-            raise ValueError(
-                f"past has {len(past)} layers but the model has {num_layers}; give one (key, value) pair per layer"
-            )
-        for idx, (key, value) in enumerate(past):
-            cache.update(key, value, idx)
-        S = past[0][0].shape[-2]
-    with disable:
-        for t0 in tqdm(starts, desc="forkkv: base pass over shared context", unit="chunk", disable=not progress or len(starts) == 1):
-            offset[0] = t0
-            chunk = ids[t0 : t0 + step][None]
-            positions = torch.arange(S + t0, S + t0 + chunk.shape[1], device=ids.device)[None]
-            kwargs = dict(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(cache))
-            if runner is base:
-                kwargs["logits_to_keep"] = 1
-            runner(**kwargs)
-    return cache
-
-
-def _check_rope_layout(idx: int, k_out_head: torch.Tensor | None, layer: SharedLayer) -> None:
-    """Refuse models whose cached K is not rotate-half RoPE applied directly to k_proj's output: the K residual is
-    rebuilt on that assumption (a K norm, partial rotary or interleaved RoPE would make it wrong)."""
-    if k_out_head is None:
-        return
-    n = k_out_head.shape[0]
-    Hkv, D = layer.key.shape[1], layer.key.shape[-1]
-    k = k_out_head.view(n, Hkv, D).transpose(0, 1)
-    expect = apply_rope(k, layer.cos[:n].to(k.dtype), layer.sin[:n].to(k.dtype))
-    got = layer.key[0, :, :n]
-    err = (expect.float() - got.float()).abs().max().item()
-    scale = got.float().abs().max().item() + 1e-6
-    if err > 2e-2 * scale:
-        raise ValueError(
-            f"layer {idx}: the cached keys are not rotate-half RoPE of k_proj's output (max deviation {err:.3g} "
-            f"against |K| {scale:.3g}); this model transforms K in a way ForkKV cannot split (a K norm, partial or "
-            "interleaved rotary). Retarget the adapters away from k_proj (LoRA on v_proj is still shared)."
-        )

@@ -8,7 +8,8 @@ transformers' ``StaticLayer`` is the template. A cache switched to this layout (
 - the private length as a 0-dim device tensor (``get_seq_length`` returns ``T + length``, like ``StaticLayer``), and
   mask sizes fixed at ``T + capacity``: positions not yet written are masked by causality;
 - the row-to-agent mapping as device tensors built from the rows before the step (``agents`` for the PyTorch path,
-  ``work`` for the Triton kernels), handed to the attention in a :class:`StaticForkKVView`.
+  ``work`` for the Triton kernels: the family the eager dispatch picks and its row plan), handed to the attention in
+  a :class:`StaticForkKVView`.
 
 The token ids each row appended (what ``check_generate_inputs`` compares a continuation with) also live in a buffer
 written in place. Buffers are ``torch._dynamo.mark_static_address``-ed (CUDA graphs read and write them where they
@@ -27,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView
+from .decode_ops import AttentionDecodePlan, plan_decode_attention
 from .residual_attention import BatchAgents, batch_agents
 
 _POOL = "_forkkv_static_buffers"
@@ -36,13 +38,11 @@ _POOL = "_forkkv_static_buffers"
 class StaticForkKVView(ForkKVView):
     """A :class:`~forkkv_hf.cache.ForkKVView` over a static layer: ``key``/``value`` are the whole buffers
     ``[B, H_kv, capacity, D]``; ``length`` (0-dim) counts the private tokens written, this update's included;
-    ``agents``/``work`` are the row plans for the PyTorch path and the Triton kernels (``work`` ``None``: PyTorch);
-    ``rope_half``: the layer's cos/sin repeat their first half."""
+    ``agents``/``work`` are the row plans for the PyTorch path and the Triton kernels (``work`` ``None``: PyTorch)."""
 
     length: torch.Tensor | None = None
     agents: BatchAgents | None = None
-    work: object = None
-    rope_half: bool = False
+    work: AttentionDecodePlan | None = None
     static = True  # what the attention function dispatches on (a class attribute, not a field)
 
 
@@ -96,7 +96,6 @@ class StaticForkKVLayer(ForkKVLayer):
         held = (self.keys, self.values) if self.is_initialized else None
         self.capacity, self.groups, self.use_triton = capacity, groups, use_triton
         self.length = self.agents = self.work = None
-        self.rope_half = False
         sh = self.shared  # read in place by CUDA graphs (a copy per replay would move the whole context)
         for t in (sh.key, sh.value, sh.cos, sh.sin, *(x for r in (sh.k_res, sh.v_res) if r is not None
                                                        for x in (r.u, r.B))):
@@ -136,16 +135,8 @@ class StaticForkKVLayer(ForkKVLayer):
         if self.v_slots is not None:
             self.v_rows = row_tensor(self.v_slots, dev)
         self.agents = batch_agents(self.k_slots, self.v_slots, dev)
-        self.work = self._plan_work() if self.use_triton else None
-
-    def _plan_work(self):
-        from forkkv_kernels.residual_attention import _rope_half, plan_work
-
-        B = len(self.rows)
-        k = self.k_slots if self.agents.k_used is not None else (-1,) * B
-        v = self.v_slots if self.agents.v_slot is not None else (-1,) * B
-        self.rope_half = self.agents.k_used is not None and _rope_half(self.shared)
-        return plan_work(k, v, 1, self.groups, self.shared.key.device)
+        self.work = plan_decode_attention(self.shared, self.k_slots, self.v_slots, self.groups) \
+            if self.use_triton else None
 
     # -- CacheLayerMixin ---------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -171,7 +162,7 @@ class StaticForkKVLayer(ForkKVLayer):
         self.values.index_copy_(2, pos, value_states)
         view = StaticForkKVView(
             self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots, self.v_slots,
-            length=self.length, agents=self.agents, work=self.work, rope_half=self.rope_half,
+            length=self.length, agents=self.agents, work=self.work,
         )
         return view, view
 
@@ -282,7 +273,7 @@ def _dynamic_layer(layer: ForkKVLayer) -> None:
     if layer.is_initialized:  # copies: the pooled buffers may go to another cache
         P = layer.private_length()
         layer.keys, layer.values = layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone()
-    for attr in ("capacity", "groups", "use_triton", "length", "agents", "work", "rope_half"):
+    for attr in ("capacity", "groups", "use_triton", "length", "agents", "work"):
         layer.__dict__.pop(attr, None)
     layer.__class__ = ForkKVLayer
 

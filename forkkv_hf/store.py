@@ -11,9 +11,10 @@ root spells the tokens before it):
   the tree's root holds the adapter's scaled ``B`` factors ``[H_kv·D, w]`` per layer.
 
 Both are functions of the tokens up to the end of the span only (causal attention, one base-model pass), so a node
-is valid for every context that starts with its path, whatever follows. An identity is a fingerprint (sha256) of the
-weights and config, never a name: an adapter reloaded under the same name with other weights gets another residual
-tree, so a stale residual can never be served.
+is valid for every context that starts with its path, whatever follows. An identity is a fingerprint of the weights
+and config (:func:`~forkkv_hf.identity.base_fingerprint`, :func:`~forkkv_hf.identity.adapter_fingerprints`), never a
+name: an adapter reloaded under the same name with other weights, or base weights written in any way (``.data``
+included, in the default content mode), get other trees, so a stale segment is never served: it is recomputed.
 
 ``store.fork(token_ids, adapter_names)`` finds the longest cached prefix in each tree, runs the base model once over
 what is missing (from the earliest position any tree misses, with the cached K/V before it as past; K/V are kept
@@ -32,162 +33,21 @@ are counted per distinct storage (a tensor held by a node and read in place by a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import heapq
 import itertools
-import json
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .base_pass import check_chunk_size
 from .cache import ForkKVCache
-from .lora_factors import (
-    BASE_ADAPTER,
-    available_adapters,
-    check_adapter_names,
-    find_attention_modules,
-    is_peft_model,
-    transformers_model,
-)
-from .shared_context import Residual, SharedContext, _as_context_ids, adapter_states
-from .tp import local, tp_world
-
-# ---------------------------------------------------------------------------------------------------------------------
-# fingerprints
-
-_DIGEST_ATTR = "_forkkv_digest"
-#: config keys that do not change what the model computes (runtime switches, provenance)
-_BASE_CONFIG_IGNORED = {"transformers_version", "use_cache", "return_dict", "output_attentions",
-                        "output_hidden_states", "dtype", "torch_dtype"}
-_ADAPTER_CONFIG_IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
-#: show a progress bar when a fingerprint has to hash more than this many bytes
-_HASH_PROGRESS_BYTES = 1 << 28
-
-
-def _memo_key(t: torch.Tensor):
-    """What identifies a tensor's contents without reading them: its version counter (bumped by every in-place
-    write through the tensor itself), data pointer, dtype and shape. ``None`` if it has no version counter."""
-    try:
-        version = t._version
-    except RuntimeError:  # inference-mode tensors track no versions: always hash them
-        return None
-    return version, t.data_ptr(), t.dtype, tuple(t.shape)
-
-
-def tensor_digest(t: torch.Tensor, memo: bool = True) -> bytes:
-    """sha256 of a tensor's dtype, shape and bytes, remembered on the tensor object. With ``memo``, the remembered
-    digest is reused while the tensor's version counter and data pointer are unchanged (a new tensor is a new
-    object, so it is always hashed); without, the bytes are hashed again."""
-    t = local(t)  # tensor parallelism: the rank's own shard (the fingerprint includes the rank)
-    key = _memo_key(t)
-    if memo and key is not None:
-        cached = getattr(t, _DIGEST_ATTR, None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    digest = h.digest()
-    if key is not None:
-        try:
-            setattr(t, _DIGEST_ATTR, (key, digest))
-        except (AttributeError, RuntimeError):  # tensor subclasses that take no attributes: no memo
-            pass
-    return digest
-
-
-def _needs_hashing(t: torch.Tensor) -> bool:
-    t = local(t)
-    key = _memo_key(t)
-    cached = getattr(t, _DIGEST_ATTR, None)
-    return key is None or cached is None or cached[0] != key
-
-
-def _json_digest(d: dict, ignored: set) -> bytes:
-    def default(x):
-        if isinstance(x, (set, frozenset)):
-            return sorted(map(str, x))
-        return str(x)
-
-    kept = {k: v for k, v in d.items() if k not in ignored and not k.startswith("_")}
-    return json.dumps(kept, sort_keys=True, default=default).encode()
-
-
-def _base_param_name(name: str) -> str:
-    """A base weight's name whether or not PEFT wrapped its module (adding an adapter must not change it)."""
-    return name.replace(".base_layer", "").replace(".original_module", "")
-
-
-def _is_adapter_tensor(name: str) -> bool:
-    return ".lora_" in name or ".modules_to_save." in name
-
-
-def base_fingerprint(model: nn.Module, progress: bool = True) -> str:
-    """Identity of the base model: sha256 over its config and every base weight and buffer (LoRA tensors excluded),
-    plus the device and compute dtype its cache tensors live in.
-
-    Every byte is hashed, not a sample: the identity guards against serving K/V of other weights, and a sample
-    misses a change in the weights it skips (a fine-tune that touches a few rows). It costs about 1 s per GB, once:
-    each tensor's digest is remembered on the tensor and reused while its version counter and data pointer are
-    unchanged, so later calls only read those (in-place writes through the tensor, ``load_state_dict``,
-    ``merge_adapter`` and replaced modules are all seen; writes through ``.data`` bypass version counters).
-    """
-    base = transformers_model(model)
-    tensors = [
-        (_base_param_name(n), t)
-        for n, t in itertools.chain(base.named_parameters(), base.named_buffers())
-        if not _is_adapter_tensor(n)
-    ]
-    todo = sum(local(t).numel() * t.element_size() for _, t in tensors if _needs_hashing(t))
-    h = hashlib.sha256(type(base).__name__.encode())
-    h.update(_json_digest(base.config.to_dict(), _BASE_CONFIG_IGNORED))
-    first = next(base.parameters())
-    tp_rank, tp_size = tp_world(base)  # a rank's shards are other bytes than its peers' (and than the whole model)
-    h.update(f"{first.device}|{getattr(base, 'dtype', first.dtype)}|tp{tp_rank}/{tp_size}".encode())
-    bar = tqdm(total=todo, unit="B", unit_scale=True, desc="forkkv: fingerprint of the base weights",
-               disable=not progress or todo < _HASH_PROGRESS_BYTES)
-    with bar:
-        for name, t in sorted(tensors, key=lambda x: x[0]):
-            fresh = _needs_hashing(t)
-            h.update(name.encode())
-            h.update(tensor_digest(t))
-            if fresh:
-                bar.update(local(t).numel() * t.element_size())
-    return h.hexdigest()
-
-
-def adapter_fingerprint(model: nn.Module, name: str, memo: bool = True) -> str:
-    """Identity of a LoRA adapter, independent of its name: sha256 over its ``LoraConfig`` (provenance fields such
-    as the base model path excluded) and, for every module it touches, the module path, its per-adapter settings
-    (rank, alpha, scaling, dropout...) and the bytes of every adapter tensor (``lora_A``, ``lora_B`` with bias,
-    embeddings, DoRA magnitudes). ``memo``: reuse per-tensor digests while version counters are unchanged (see
-    :func:`base_fingerprint`); ``False`` hashes every byte again."""
-    from peft.tuners.lora import LoraLayer
-
-    if not is_peft_model(model) or name not in model.peft_config:
-        raise ValueError(f"{name!r} is not an adapter of this model; load it with peft first")
-    h = hashlib.sha256(_json_digest(model.peft_config[name].to_dict(), _ADAPTER_CONFIG_IGNORED))
-    for path, module in transformers_model(model).named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for attr in module.adapter_layer_names:
-            container = getattr(module, attr, None)
-            if container is None or name not in container:
-                continue
-            item = container[name]
-            named = item.named_parameters() if isinstance(item, nn.Module) else [("", item)]
-            for pname, t in named:
-                h.update(f"{path}.{attr}.{pname}".encode())
-                h.update(tensor_digest(t, memo=memo))
-        for attr in module.other_param_names:
-            container = getattr(module, attr, None)
-            if hasattr(container, "__contains__") and not isinstance(container, str) and name in container:
-                h.update(f"{path}.{attr}={container[name]!r}".encode())
-    return h.hexdigest()
-
+from .identity import ContextIdentity, adapter_fingerprints, adapter_records, base_fingerprint, kv_factors, weight_checks
+from .lora_factors import BASE_ADAPTER, available_adapters, check_adapter_names, find_attention_modules
+from .model_lock import model_lock
+from .probes import Probes
+from .shared_context import Residual, SharedContext, _as_context_ids
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tensors of a segment: lists whose entries may repeat one tensor object (cos/sin shared by the layers of a RoPE
@@ -498,18 +358,22 @@ class ForkKVStore:
     ``model``: a ``PeftModel`` (or a plain transformers model: ``"__base__"`` rows only), in eval mode.
     ``max_bytes``: evict unpinned nodes, least recently used first, while the store holds more (``None``:
     unbounded). Pinned nodes are never evicted, so while caches are live the store may hold more than this.
-    ``chunk_size``/``progress``: as in :meth:`SharedContext.build`. ``rehash_adapters``: hash every byte of the
-    adapters at each call instead of trusting version counters (catches writes through ``.data``).
+    ``chunk_size``/``progress``: as in :meth:`SharedContext.build`. ``rehash_adapters``: probe the contents of
+    the base weights and the adapters' K/V LoRA factors at every call even when the model's weight checks are
+    ``"versions"`` (:func:`~forkkv_hf.identity.set_weight_checks`; the default ``"content"`` already does), so that
+    writes through ``.data`` are caught.
 
-    Not thread-safe. A cache from :meth:`fork` pins its nodes until :meth:`release` (or until it is garbage
-    collected; the store then unpins them at its next call). The cache stays valid after that (nothing it reads is
-    ever written), but the store no longer counts or keeps what it reads.
+    Thread-safe: every method holds the model's lock (:mod:`forkkv_hf.model_lock`), so forks, extends and
+    generates on the model from several threads run one after the other. A cache from :meth:`fork` pins its nodes
+    until :meth:`release` (or until it is garbage collected; the store then unpins them at its next call). The
+    cache stays valid after that (nothing it reads is ever written), but the store no longer counts or keeps what
+    it reads.
     """
 
     def __init__(self, model: nn.Module, max_bytes: int | None = None, *, chunk_size: int | None = 4096,
                  progress: bool = True, rehash_adapters: bool = False):
-        if max_bytes is not None and max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0 or None (unbounded), got {max_bytes}")
+        _check_bytes(max_bytes, "max_bytes", none_ok=True)
+        check_chunk_size(chunk_size)
         self.model = model
         self.max_bytes = max_bytes
         self.chunk_size = chunk_size
@@ -528,13 +392,16 @@ class ForkKVStore:
         self._adapters_seen: dict[str, None] = {}
 
     # ---------------------------------------------------------------------------------------------- identities
+    def _probes(self) -> Probes:
+        return Probes(fresh=self.rehash_adapters or weight_checks(self.model) == "content")
+
     def base_identity(self) -> str:
-        """The base model's fingerprint (:func:`base_fingerprint`)."""
-        return base_fingerprint(self.model, self.progress)
+        """The base model's fingerprint (:func:`~forkkv_hf.identity.base_fingerprint`)."""
+        return base_fingerprint(self.model, self._probes())[0]
 
     def adapter_identity(self, name: str) -> str:
-        """An adapter's fingerprint (:func:`adapter_fingerprint`)."""
-        return adapter_fingerprint(self.model, name, memo=not self.rehash_adapters)
+        """An adapter's fingerprint (:func:`~forkkv_hf.identity.adapter_fingerprints`)."""
+        return adapter_fingerprints(self.model, [name], self._probes())[name]
 
     # ---------------------------------------------------------------------------------------------- public API
     @torch.no_grad()
@@ -543,6 +410,10 @@ class ForkKVStore:
         ``adapter_names[i]`` (``"__base__"``: no adapter), as ``ForkKVCache.from_context`` would give, computing
         only what the store misses. ``residual``: see :class:`~forkkv_hf.cache.ForkKVCache` (``"none"`` computes
         no residuals). Pass it to ``generate`` with ``adapter_names`` and inputs that start with ``token_ids``."""
+        with model_lock(self.model):
+            return self._fork(token_ids, adapter_names, residual)
+
+    def _fork(self, token_ids, adapter_names, residual: str) -> ForkKVCache:
         if residual not in ForkKVCache.RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {ForkKVCache.RESIDUAL_MODES}, got {residual!r}")
         rows = self._rows(adapter_names)
@@ -574,10 +445,11 @@ class ForkKVStore:
             dataclasses.replace(t, key=k, value=v, cos=c, sin=s, k_res=residuals[l][0], v_res=residuals[l][1])
             for l, (t, (k, v, c, s)) in enumerate(zip(template.layers, base_layers))
         ]
-        # the adapters' current K/V LoRA state: generate refuses the cache if they change before it runs
-        states = adapter_states(self.model, names)
+        # what the cache was computed from: generate refuses it if the weights change before it runs
+        base_record, factors, probes = self._identity_of_call
+        identity = ContextIdentity(base_record, adapter_records(factors, [n for n in names if n in factors], probes))
         shared = dataclasses.replace(template, layers=layers, token_ids=ids, adapters=tuple(names), start=0,
-                                     adapter_states=states)
+                                     identity=identity)
         try:
             cache = ForkKVCache(shared, rows, residual=residual)
         except Exception:
@@ -596,36 +468,47 @@ class ForkKVStore:
         i.e. the agents working on this transcript; ``[]`` for none). Returns how many tokens the base model ran
         over. Pins nothing."""
         ids = _as_context_ids(token_ids).cpu()
-        self._begin()
-        if adapter_names is None:
-            names = self._following_adapters(ids)
-        else:
-            names = [a for a in dict.fromkeys(check_adapter_names(self.model, adapter_names)) if a != BASE_ADAPTER]
-        before = self.stats.base_model_tokens
-        self._ensure(ids, names)
-        self.stats.extends += 1
-        self._evict_to_budget()
-        return self.stats.base_model_tokens - before
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
+        with model_lock(self.model):
+            self._begin()
+            if adapter_names is None:
+                names = self._following_adapters(ids)
+            else:
+                names = [a for a in dict.fromkeys(check_adapter_names(self.model, adapter_names)) if a != BASE_ADAPTER]
+            before = self.stats.base_model_tokens
+            self._ensure(ids, names)
+            self.stats.extends += 1
+            self._evict_to_budget()
+            return self.stats.base_model_tokens - before
 
     def release(self, cache: ForkKVCache) -> bool:
         """Unpin what ``cache`` reads (idempotent; ``False`` if it was already released). The cache stays usable.
         Raises ``ValueError`` for a cache that another store (or no store) made."""
         owner = getattr(cache, "_forkkv_store_lease", None)
         if owner is None or owner[0]() is not self:
-            raise ValueError("this cache was not forked from this ForkKVStore")
-        released = self._release(owner[1])
-        self._begin()
-        self._evict_to_budget()
-        return released
+            raise ValueError("this cache was not forked from this ForkKVStore (or it was loaded from a file, which "
+                             "no store pins); release only caches that this store's fork returned")
+        with model_lock(self.model):
+            released = self._release(owner[1])
+            self._begin()
+            self._evict_to_budget()
+            return released
 
     def evict(self, to_bytes: int = 0) -> int:
         """Evict unpinned nodes, least recently used leaves first, until the store holds at most ``to_bytes`` (or
         only pinned nodes are left). Returns the bytes freed."""
-        self._begin()
-        return self._evict(to_bytes)
+        _check_bytes(to_bytes, "to_bytes")
+        with model_lock(self.model):
+            self._begin()
+            return self._evict(to_bytes)
 
     def report(self) -> StoreReport:
         """Bytes held (per kind, distinct storages), node counts and hit statistics."""
+        with model_lock(self.model):
+            return self._report()
+
+    def _report(self) -> StoreReport:
         self._begin()
         base_t, res_t, fac_t, pinned_t = [], [], [], []
         base_nodes = residual_nodes = 0
@@ -657,8 +540,9 @@ class ForkKVStore:
     @property
     def nbytes(self) -> int:
         """Bytes the store holds now (distinct storages: nodes, factors and the copies live caches read)."""
-        self._begin()
-        return self._ledger.total
+        with model_lock(self.model):
+            self._begin()
+            return self._ledger.total
 
     def __repr__(self) -> str:
         return (f"ForkKVStore({self._ledger.total / 2**20:.1f} MiB, {len(self._leases)} live caches, "
@@ -703,8 +587,12 @@ class ForkKVStore:
         for n in names:
             self._adapters_seen[n] = None
         loaded = set(available_adapters(self.model))
-        fps = {n: self.adapter_identity(n) for n in self._adapters_seen if n in loaded}
-        return self.base_identity(), fps
+        seen = [n for n in self._adapters_seen if n in loaded]
+        probes, factors = self._probes(), kv_factors(self.model, seen, self._attention)
+        base_fp, base_record = base_fingerprint(self.model, probes)
+        fps = adapter_fingerprints(self.model, seen, probes, factors)
+        self._identity_of_call = (base_record, factors, probes)  # a fork's context records the same values
+        return base_fp, fps
 
     def _drop_stale(self, base_fp: str, live_fps: set) -> None:
         """Evict (unless pinned) every node keyed to weights the model no longer has."""
@@ -785,7 +673,7 @@ class ForkKVStore:
             s = min([m, *starts.values()])
             seg = SharedContext.build_continuation(
                 self.model, ids[s:], [by_fp[fp] for fp in starts], past=self._past(base_tree, ids[:s]),
-                keep_kv=m < T, chunk_size=self.chunk_size, progress=self.progress,
+                keep_kv=m < T, chunk_size=self.chunk_size, progress=self.progress, record_identity=False,
             )
             self.stats.base_passes += 1
             self.stats.base_model_tokens += T - s
@@ -975,13 +863,23 @@ class ForkKVStore:
         return freed
 
 
+def _check_bytes(value, what: str, none_ok: bool = False) -> None:
+    """``value`` must be an int number of bytes >= 0 (or ``None`` where that means unbounded)."""
+    if value is None and none_ok:
+        return
+    unbounded = " or None (unbounded)" if none_ok else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be a number of bytes, an int{unbounded}, e.g. 2 * 2**30 for 2 GiB; got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0{unbounded}, got {value}")
+
+
 def _strip(seg: SharedContext) -> SharedContext:
     """A copy of ``seg`` without tensors: the fields a fork's ``SharedContext``/``SharedLayer`` copy from it."""
     empty = seg.layers[0].key.new_empty(0)
     layers = [dataclasses.replace(l, key=empty, value=empty, cos=empty, sin=empty, k_res=None, v_res=None)
               for l in seg.layers]
-    return dataclasses.replace(seg, layers=layers, token_ids=seg.token_ids[:0], adapters=(), start=0,
-                               adapter_states={})
+    return dataclasses.replace(seg, layers=layers, token_ids=seg.token_ids[:0], adapters=(), start=0, identity=None)
 
 
 def _factors(seg: SharedContext, name: str):

@@ -137,9 +137,9 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
     across which the shrink ``u`` is summed before the expand (a rowwise tensor-parallel layer: ``x`` and ``A`` are
     this rank's slices of the input features).
     """
-    from .residual_attention import _on_device
+    from .attention_common import on_device
 
-    with _on_device(x.device):
+    with on_device(x.device):
         return _lora_delta_triton(x, slots, A, B, scale, out, reduce_group)
 
 

@@ -195,15 +195,18 @@ def test_second_generate_does_not_recompile(agents):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
-def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch):
-    """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``."""
+@pytest.mark.parametrize("kernel", ["cascade", "fused"])
+def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch, kernel):
+    """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``: the
+    family the eager dispatch picks (``FORKKV_KERNEL`` here; by default cascade below 32 rows with K residuals)."""
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
     monkeypatch.setenv("FORKKV_LORA_BACKEND", "triton")
+    monkeypatch.setenv("FORKKV_KERNEL", kernel)
     ctx = _context(40, seed=3)
     inputs = batch_inputs(ctx, _prompts([3, 1, 2, 2, 4], seed=8), pad_token_id=0)
     eager, compiled, cache = _eager_and_compiled(agents, ctx, inputs, NAMES, max_new_tokens=4)
     _assert_same(compiled, eager)
-    assert all(layer.work is not None for layer in cache.layers)
+    assert all(layer.work is not None and layer.work.kernel == kernel for layer in cache.layers)
     assert _decode_graph_runs() == 3
 
 

@@ -1,58 +1,182 @@
-"""The GPU benchmark scripts run end to end at toy sizes on CPU (so a GPU session is not spent on a typo)."""
+"""The evaluation package: the GPU benchmarks run end to end at toy sizes on CPU (so a GPU session is not spent on a
+typo) and write the one result schema; the runner resumes and stops as it says; the committed results load and
+plot; every entry point starts; nothing edits sys.path."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from eval.bench.runner import BenchmarkRun
+from eval.bench.schema import SCHEMA, BenchResult, load
+from eval.bench.upgrade_results import upgrade
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, tmp_path):
+def _run(module, *args, tmp_path):
     out = tmp_path / "out.json"
-    subprocess.run([sys.executable, str(ROOT / "eval" / script), *args, "--out", str(out)], check=True,
-                   capture_output=True, timeout=600)
-    return json.loads(out.read_text())
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load(out)  # checks the schema
 
 
 def test_bench_lora_tiny(tmp_path):
-    res = _run("bench_lora.py", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3", tmp_path=tmp_path)
-    assert {r["path"] for r in res["rows"]} == {"peft", "batched"}
-    assert all(r["step_s"] > 0 for r in res["rows"])
-    assert res["device"]["torch"]
+    res = _run("eval.bench.lora", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3",
+               tmp_path=tmp_path)
+    assert res.benchmark == "bench_lora" and res.case_keys == ["rows", "mix", "path"]
+    assert {r["path"] for r in res.rows} == {"peft", "batched"} and len(res.rows) == 8
+    assert all(r["step_s"] > 0 for r in res.rows)
+    assert res.device["torch"] and res.params["model"]["shape"] == "tiny"
+    assert res.extra["check"]["rows"] == 4  # the 3 adapters and a __base__ row
+    assert [s["rows"] for s in res.extra["summary"]] == [1, 3]
 
 
 def test_bench_e2e_tiny(tmp_path):
-    res = _run("bench_e2e.py", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
+    res = _run("eval.bench.e2e", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
                "--capacity-context", "48", "--new-tokens", "3", "--adapters", "2", tmp_path=tmp_path)
-    systems = {r["system"] for r in res["rows"]}
+    systems = {r["system"] for r in res.rows}
     assert systems == {"baseline", "forkkv"}
-    assert all(r["new_tokens"] == 3 for r in res["rows"])
-    assert all(r["cache_gib"] > 0 and r["decode_tok_s"] > 0 for r in res["rows"])
-    assert set(res["capacity"]) == {"baseline", "forkkv"}
-    (prof,) = res["profile"]
+    assert all(r["new_tokens"] == 3 for r in res.rows)
+    assert all(r["cache_gib"] > 0 and r["decode_tok_s"] > 0 for r in res.rows)
+    assert set(res.extra["capacity"]) == {"baseline", "forkkv"}
+    (prof,) = res.extra["profile"]
     assert "error" not in prof, prof
     assert prof["step_wall_s"] > 0 and prof["top_cpu_ops"]
 
 
 def test_bench_e2e_tiny_split_over_devices(tmp_path):
     """The device-map variant (layers split with accelerate; here over two "cpu" devices, hooks forced)."""
-    res = _run("bench_e2e.py", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
+    res = _run("eval.bench.e2e", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
                "--forkkv-agents", "2", "--new-tokens", "3", "--adapters", "2", "--no-profile", "--no-capacity",
                tmp_path=tmp_path)
-    assert res["model"]["devices"] == ["cpu", "cpu"] and res["model"]["device_map"]["model.layers.1"] == "cpu"
-    assert {r["system"] for r in res["rows"]} == {"baseline", "forkkv"}
-    assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res["rows"])
+    model = res.params["model"]
+    assert model["devices"] == ["cpu", "cpu"] and model["device_map"]["model.layers.1"] == "cpu"
+    assert {r["system"] for r in res.rows} == {"baseline", "forkkv"}
+    assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res.rows)
 
 
-def test_bench_e2e_tiny_decode_section(tmp_path):
-    """The decode-step section: ForkKV compiled (eager backend on CPU) and not, and the transformers-alone anchors."""
-    res = _run("bench_e2e.py", "--tiny", "--only-decode", "--decode-agents", "2", "--decode-context", "40",
-               "--decode-tokens", "2", "4", "--decode-reps", "1", "--adapters", "2", tmp_path=tmp_path)
-    assert not res["rows"] and {(r["agents"], r["compile"]) for r in res["decode"]} == {(2, True), (2, False)}
-    assert [r["system"] for r in res["anchors"]] == ["transformers, DynamicCache eager",
-                                                      "transformers, StaticCache + compile"]
-    for r in res["decode"] + res["anchors"]:
-        assert r["step_ms"] > 0 and r["tok_s"] > 0 and r["first_call_s"] > 0 and "gpu_busy_ms" in r, r
+def test_bench_tp_tiny_one_process(tmp_path):
+    """The tensor-parallel benchmark's one-process run (what torchrun runs on every rank) from a written checkpoint."""
+    ck = tmp_path / "ck"
+    subprocess.run([sys.executable, "-m", "eval.bench.tp", "--make-checkpoint", str(ck), "--tiny", "--layers", "2"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = _run("eval.bench.tp", "--checkpoint", str(ck), "--tiny", "--layers", "2", "--context", "40", "--agents", "2",
+               "--forkkv-agents", "2", "--new-tokens", "3", tmp_path=tmp_path)
+    assert res.params["world_size"] == 1 and res.params["mode"] == "one GPU"
+    assert [(r["system"], r["agents"]) for r in res.rows] == [("baseline", 2), ("forkkv", 2)]
+    assert all(len(r["cache_gib_per_rank"]) == 1 and r["cache_gib_per_rank"][0] > 0 for r in res.rows)
+
+
+# --- the runner and the schema, without a model ---------------------------------------------------------------------
+def _measured(calls, value):
+    def fn():
+        calls.append(value)
+        return {"t_s": value}
+
+    return fn
+
+
+def test_runner_saves_every_row_and_resumes_finished_cases(tmp_path):
+    out = tmp_path / "r.json"
+    run = BenchmarkRun("bench_x", {"tokens": 3}, ["n"], out=out)
+    calls = []
+    run.measure({"n": 1}, _measured(calls, 0.5))
+    assert load(out).rows == [{"n": 1, "t_s": 0.5}]  # saved after the row, before finish
+    again = BenchmarkRun("bench_x", {"tokens": 3}, ["n"], out=out, resume=out, resume_if_same=("tokens",))
+    assert again.measure({"n": 1}, _measured(calls, 9.0)) == {"n": 1, "t_s": 0.5}
+    again.measure({"n": 2}, _measured(calls, 0.7))
+    assert calls == [0.5, 0.7]
+    other = BenchmarkRun("bench_x", {"tokens": 4}, ["n"], out=tmp_path / "o.json", resume=out,
+                         resume_if_same=("tokens",))
+    assert other.rows == []  # other parameters: nothing resumed
+
+
+def test_runner_starts_no_case_after_the_time_limit(tmp_path):
+    run = BenchmarkRun("bench_x", {}, ["n"], out=tmp_path / "r.json", time_limit=0.0)
+    calls = []
+    assert run.measure({"n": 1}, _measured(calls, 1.0)) == {"skipped": True}
+    assert calls == [] and run.rows == []
+
+
+def test_schema_refuses_legacy_and_rows_without_their_case(tmp_path):
+    with pytest.raises(ValueError, match="python -m eval.bench.upgrade_results"):
+        BenchResult.from_dict({"benchmark": "bench_e2e", "rows": []})
+    good = BenchResult("bench_x", {}, {}, ["n"], [{"n": 1}]).to_dict()
+    assert BenchResult.from_dict(good).rows == [{"n": 1}]
+    with pytest.raises(ValueError, match=r"lacks its case keys \['n'\]"):
+        BenchResult.from_dict({**good, "rows": [{"t_s": 1.0}]})
+    with pytest.raises(ValueError, match="unknown \\['capacity'\\]"):
+        BenchResult.from_dict({**good, "capacity": {}})
+
+
+def test_upgrade_keeps_every_value(tmp_path):
+    legacy = {"benchmark": "bench_e2e", "time": "t", "device": {"gpu": "G"}, "model": {"layers": 2},
+              "prompt_tokens": 64, "new_tokens": 3, "budget_gib": 60.0, "baseline_prefill_chunk": 4096,
+              "rows": [{"system": "forkkv", "context": 48, "agents": 2, "ttft_s": 0.1234567890123}],
+              "capacity": {"forkkv": {"max_agents_run": 7}}, "profile": None, "note": "by hand"}
+    path = tmp_path / "bench_e2e_g.json"
+    path.write_text(json.dumps(legacy))
+    assert upgrade(path) == [path] and upgrade(path) == []  # converted once; a schema file is left alone
+    res = load(path)
+    assert res.rows == legacy["rows"] and res.device == legacy["device"] and res.note == "by hand"
+    assert res.params == {k: legacy[k] for k in ("model", "prompt_tokens", "new_tokens", "budget_gib",
+                                                 "baseline_prefill_chunk")}
+    assert res.extra == {"capacity": legacy["capacity"], "profile": None}
+    path.write_text(json.dumps({**legacy, "surprise": 1}))
+    with pytest.raises(ValueError, match="'surprise'"):
+        upgrade(path)
+
+
+def test_committed_results_load_and_plot(tmp_path):
+    from eval.plots import plot_all
+
+    results = ROOT / "eval" / "results"
+    for path in results.glob("bench_*.json"):
+        assert json.loads(path.read_text())["schema"] == SCHEMA, path
+    copy = tmp_path / "results"
+    copy.mkdir()
+    for path in list(results.glob("bench_*.json")) + list(results.glob("quality*.json")):
+        shutil.copy(path, copy)
+    made = {p.name for p in plot_all(copy)}
+    # the sweeps; the reruns of a few cases (README tables) are not drawn
+    assert made == {"bench_kernel_nvidia_h200.png", "bench_lora_nvidia_h200.png", "bench_e2e_nvidia_h200.png",
+                    "quality.png"}
+
+
+# --- the package layout ---------------------------------------------------------------------------------------------
+ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.lora",
+                "eval.bench.tp", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
+
+
+def test_entry_points_start():
+    """``python -m <module> --help`` of every entry point, in one process (each import costs seconds)."""
+    code = ("import runpy, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    sys.argv = [m, '--help']\n"
+            "    try:\n"
+            "        runpy.run_module(m, run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code in (0, None), (m, e.code)\n"
+            "    print('STARTED', m, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *ENTRY_POINTS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.findall(r"^STARTED (\S+)$", proc.stdout, re.M) == ENTRY_POINTS
+    dev = subprocess.run([sys.executable, "-m", "eval.device"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert json.loads(dev.stdout)["torch"]
+
+
+def test_no_sys_path_edits_and_eval_never_imports_examples():
+    files = [*(ROOT / "eval").rglob("*.py"), *(ROOT / "examples").rglob("*.py"), ROOT / "tests" / "tp_worker.py"]
+    kernel_scripts = {"bench_kernel.py", "sweep_kernel.py", "profile_kernel.py"}  # not yet on the runner
+    edits = [str(f.relative_to(ROOT)) for f in files if f.name not in kernel_scripts and "sys.path" in f.read_text()]
+    assert edits == []
+    back = [str(f.relative_to(ROOT)) for f in (ROOT / "eval").rglob("*.py")
+            if re.search(r"^\s*(from|import)\s+examples\b", f.read_text(), re.M)]
+    assert back == []

@@ -1,5 +1,6 @@
-"""Triton ResidualAttention kernels against the fp32 reference. On CPU they run in the Triton interpreter
-(``TRITON_INTERPRET=1``, set by conftest when there is no GPU) on small shapes; ``gpu`` tests use real sizes."""
+"""Triton ResidualAttention kernels (both families, through ``forkkv_hf``'s ``residual_attention_triton`` adapter)
+against the fp32 reference. On CPU they run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest when
+there is no GPU) on small shapes; ``gpu`` tests use real sizes. The cascade kernels' own cases: test_cascade_kernel.py."""
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from forkkv_hf import reference_attention
 from views import lowp_attention_error, padding_mask, random_view
 
 triton = pytest.importorskip("triton")
-from forkkv_kernels import residual_attention_triton  # noqa: E402
+from forkkv_hf.residual_attention import residual_attention_triton  # noqa: E402
+
+KERNELS = ["cascade", "fused"]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,16 +52,20 @@ def _to(view, device):
     return view
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
 @pytest.mark.parametrize("name,kw,H,Q,kk", CASES, ids=[c[0] for c in CASES])
-def test_kernel_fp32_matches_reference(name, kw, H, Q, kk, masked):
+def test_kernel_fp32_matches_reference(name, kw, H, Q, kk, masked, kernel):
     view = random_view(**kw)
     q = _query(view, H, Q)
     B, T, P = view.batch_size, view.shared_len, view.private_len
     mask = padding_mask(B, Q, T, P, [(b + 1) % max(1, P - Q + 1) for b in range(B)]) if masked else None
     scale = q.shape[-1] ** -0.5
     ref = reference_attention(q, view, mask, scale)
-    out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if mask is None else mask.to(DEV), scale, **kk)
+    if kernel == "cascade":  # its knobs differ; its splits are exercised in test_cascade_kernel.py
+        kk = {"block_t": kk["block_t"]} if "block_t" in kk else {}
+    out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if mask is None else mask.to(DEV), scale,
+                                    kernel=kernel, **kk)
     assert out.shape == (B, Q, H, q.shape[-1])
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
 
@@ -70,9 +77,13 @@ def test_kernel_fp32_matches_reference(name, kw, H, Q, kk, masked):
     ids=["decode-G4", "extend-G3"],
 )
 @pytest.mark.parametrize("lowp_rope", [False, True], ids=["rope-fp32", "rope-lowp"])
-def test_kernel_low_precision_pass_rule(dtype, kw, H, Q, lowp_rope):
+@pytest.mark.parametrize("kernel", KERNELS + ["cascade-scores-fp32"])
+def test_kernel_low_precision_pass_rule(dtype, kw, H, Q, lowp_rope, kernel):
     """Error against the fp32 reference at most 3x that of PyTorch doing the same attention in the low dtype; with the
-    K residual's rotation in fp32 or in the low dtype (the GPU default; the interpreter emulates its roundings)."""
+    K residual's rotation in fp32 or in the low dtype (the GPU default; the interpreter emulates its roundings); the
+    cascade kernels with their K-residual scores kept in fp16 (default) or fp32."""
+    extra = {"scores_fp32": True} if kernel == "cascade-scores-fp32" else {}
+    kernel = kernel.split("-")[0]
     view = random_view(dtype=dtype, **kw)
     q = _query(view, H, Q).to(dtype)
     scale = q.shape[-1] ** -0.5
@@ -81,20 +92,40 @@ def test_kernel_low_precision_pass_rule(dtype, kw, H, Q, lowp_rope):
         ref = reference_attention(q.float(), view, m, scale)
         base_err = lowp_attention_error(q.float(), view, m, scale, ref)
         out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if m is None else m.to(DEV), scale,
-                                        lowp_rope=lowp_rope)
+                                        kernel=kernel, lowp_rope=lowp_rope, **extra)
+        assert out.dtype == dtype
         err = (out.float().cpu() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (err, base_err)
         view = _to(view, "cpu")
 
 
-def test_kernel_notices_the_residual():
-    """Not a test that cannot fail: with the residual removed the kernel's output changes."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_notices_the_residual(kernel):
+    """Not a test that cannot fail: with the residual removed (the view's host slots, which the adapter reads first)
+    the kernel's output changes."""
     view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1]), DEV)
     q = _query(view, 4, 1).to(DEV)
-    a = residual_attention_triton(q, view, None, 0.25)
+    a = residual_attention_triton(q, view, None, 0.25, kernel=kernel)
     view.k_slots = view.v_slots = (-1, -1)
-    b = residual_attention_triton(q, view, None, 0.25)
+    b = residual_attention_triton(q, view, None, 0.25, kernel=kernel)
     assert (a - b).abs().max() > 1e-2
+
+
+def test_kernel_choice(monkeypatch):
+    """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL`` overrides it; unknown
+    names are refused with the choices."""
+    import importlib
+
+    ra = importlib.import_module("forkkv_hf.residual_attention")
+    monkeypatch.delenv("FORKKV_KERNEL", raising=False)
+    many = ra.FUSED_MIN_K_QUERIES
+    assert [ra._triton_kernel(many, 1, True), ra._triton_kernel(many - 1, 1, True), ra._triton_kernel(many, 1, False)] \
+        == ["fused", "cascade", "cascade"]
+    monkeypatch.setenv("FORKKV_KERNEL", "fused")
+    assert ra._triton_kernel(4, 1, True) == "fused"
+    monkeypatch.setenv("FORKKV_KERNEL", "flash")
+    with pytest.raises(ValueError, match="use one of"):
+        ra._triton_kernel(4, 1, True)
 
 
 def test_generate_with_triton_backend_equals_torch(monkeypatch):
@@ -151,16 +182,17 @@ def test_generate_long_prompts_all_backends_agree(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("T,N,Q", [(4096, 8, 1), (2053, 5, 1), (1500, 4, 17)], ids=["T4096-N8", "T2053-N5", "T1500-Q17"])
-def test_kernel_real_sizes_gpu(dtype, T, N, Q):
+def test_kernel_real_sizes_gpu(dtype, T, N, Q, kernel):
     """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16, on the GPU."""
     view = random_view(B=N + 2, Hkv=8, D=128, T=T, P=9 + Q, n_agents=N, ranks=(16,) * N, dtype=dtype,
                        rows=list(range(N)) + [0, -1])
     q = _query(view, 32, Q).to(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
-    out = residual_attention_triton(q.cuda(), _to(view, "cuda"), None, 128**-0.5)
+    out = residual_attention_triton(q.cuda(), _to(view, "cuda"), None, 128**-0.5, kernel=kernel)
     err = (out.float().cpu() - ref).abs().max().item()
     assert err <= 3 * base_err + 1e-5, (err, base_err)
 

@@ -1,6 +1,6 @@
-"""eval/quality.py runs end to end on a tiny slice (real SmolLM2 model, the committed trained agents) and its
-figures obey what must hold whatever the data: exact agrees with itself, ForkKV's context K/V is closer to the exact
-K/V than naive sharing's, and the JSON/plot are written."""
+"""``python -m eval.quality`` runs end to end on a tiny slice (real SmolLM2 model, the committed trained agents) and
+its figures obey what must hold whatever the data: exact agrees with itself, ForkKV's context K/V is closer to the
+exact K/V than naive sharing's, and the JSON/plot are written."""
 
 import importlib.util
 import json
@@ -23,9 +23,9 @@ MISSING = [f"{m} ({how})" for m, how in _NEEDED.items() if importlib.util.find_s
 def quick(tmp_path_factory):
     assert not MISSING, f"packages the evaluation needs are missing: {', '.join(MISSING)}"
     out = tmp_path_factory.mktemp("quality") / "quality_quick.json"
-    subprocess.run([sys.executable, str(ROOT / "eval" / "quality.py"), "--quick", "--scenarios", "gsm8k_fewshot",
+    subprocess.run([sys.executable, "-m", "eval.quality", "--quick", "--scenarios", "gsm8k_fewshot",
                     "--max-new-tokens", "4", "--variants", "exact", "forkkv", "forkkv_v", "naive", "--out", str(out)],
-                   check=True, capture_output=True, timeout=600)
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out, json.loads(out.read_text())
 
 

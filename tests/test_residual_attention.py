@@ -94,6 +94,21 @@ def test_residual_matters():
     assert (naive - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("path", ["reference", *PATHS])
+def test_v_only_fork_of_kv_context(path):
+    """A ``residual="v"`` fork of a K+V context (K residual present, ``k_rows`` None) reads the V residual only:
+    equal to the same view without the K residual."""
+    fn = reference_attention if path == "reference" else PATHS[path]
+    view = random_view(B=3, T=29, P=3, rows=[0, 1, -1])
+    q = _query(view, 4, 1, torch.float32)
+    view.k_rows, view.k_slots = None, None
+    out = fn(q, view, None, 0.25)
+    k_res, view.shared.k_res = view.shared.k_res, None
+    expected = reference_attention(q, view, None, 0.25)
+    view.shared.k_res = k_res
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_additive_float_mask_equals_bool_mask():
     view = random_view(B=3, T=21, P=5)
     q = _query(view, 4, 2, torch.float32)

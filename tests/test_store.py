@@ -357,18 +357,29 @@ def test_same_weights_under_another_name_share_residuals():
                           _from_scratch(pm, ctx, ["coder_twin", "coder"]))
 
 
-def test_writes_through_data_need_rehash_adapters():
-    """``.data`` writes bypass version counters: only ``rehash_adapters=True`` sees them (documented)."""
+@pytest.mark.parametrize("target", ["adapter", "base"])
+def test_writes_through_data_are_recomputed(target):
+    """``.data`` writes move no version counter. The default content checks see them (to the base weights and to
+    the adapters) and the store recomputes; with ``set_weight_checks(model, "versions")`` only a store with
+    ``rehash_adapters=True`` does (documented)."""
     pm = _agents(seed=8)
     ctx = _ids(12, seed=51)
-    trusting = ForkKVStore(pm, progress=False)
-    store = ForkKVStore(pm, progress=False, rehash_adapters=True)
-    fp = trusting.adapter_identity("critic")
-    store.fork(ctx, ["critic"])
-    pm.get_base_model().model.layers[1].self_attn.v_proj.lora_B["critic"].weight.data.mul_(2.0)
-    assert trusting.adapter_identity("critic") == fp  # version counters did not move: stale
-    assert store.adapter_identity("critic") != fp
-    _assert_outputs_close(_attention_outputs(store.fork(ctx, ["critic"]), ["critic"]),
+    store = ForkKVStore(pm, progress=False)
+    before = _attention_outputs(store.fork(ctx, ["critic"]), ["critic"])
+    layer = pm.get_base_model().model.layers[1].self_attn.v_proj
+    weight = layer.lora_B["critic"].weight if target == "adapter" else layer.base_layer.weight
+    weight.data.mul_(2.0)
+    after = _attention_outputs(store.fork(ctx, ["critic"]), ["critic"])
+    _assert_outputs_close(after, _from_scratch(pm, ctx, ["critic"]))
+    assert (after[1] - before[1]).abs().max() > 1e-3  # the write does change the context's K/V
+
+    forkkv_hf.set_weight_checks(pm, "versions")
+    trusting, rehashing = ForkKVStore(pm, progress=False), ForkKVStore(pm, progress=False, rehash_adapters=True)
+    fps = [(s.base_identity(), s.adapter_identity("critic")) for s in (trusting, rehashing)]
+    weight.data.mul_(0.5)
+    assert (trusting.base_identity(), trusting.adapter_identity("critic")) == fps[0]  # versions: stale
+    assert (rehashing.base_identity(), rehashing.adapter_identity("critic")) != fps[1]
+    _assert_outputs_close(_attention_outputs(rehashing.fork(ctx, ["critic"]), ["critic"]),
                           _from_scratch(pm, ctx, ["critic"]))
 
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tp_common import run_forkkv, run_store  # noqa: E402
+from tp_common import run_forkkv, run_store  # beside this file: torchrun runs it as a script, its folder first
 
 
 def main(model_dir: str, adapters_dir: str, out: str) -> None:

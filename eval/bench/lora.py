@@ -15,9 +15,10 @@ it measures, with N distinct adapters and with all rows on one adapter:
 for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.batched_lora`). The model's objects are
 moved out of Python's cyclic garbage collector (``gc.freeze()``) after the build: with 256 adapters the module tree
 holds ~2 million Python objects, and one full collection (0.6 s, measured on CPU) falling inside a timed generate
-would be read as LoRA time. Writes JSON with the device and versions.
+would be read as LoRA time. Result: the one schema (eval/bench/schema.py), rows keyed by (rows, mix, path); the
+correctness check and the summary in ``extra``.
 
-    python eval/bench_lora.py [--rows 1 8 32 128 256] [--prompt 128] [--new-tokens 16] [--layers 32]
+    python -m eval.bench.lora [--rows 1 8 32 128 256] [--prompt 128] [--new-tokens 16] [--layers 32]
 """
 
 from __future__ import annotations
@@ -26,26 +27,93 @@ import argparse
 import contextlib
 import gc
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "eval"))
+from .measure import cuda_time, kernel_seconds_by_family, sync
+from .models import add_random_adapters, build_model, default_device, llama8b_config
+from .runner import BenchmarkRun
 
-from common import (  # noqa: E402
-    add_random_adapters,
-    build_model,
-    cuda_time,
-    default_device,
-    device_info,
-    kernel_seconds_by_family,
-    llama8b_config,
-    slug,
-)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def check_against_peft(pm, names, vocab, dev, g) -> dict:
+    """Correctness at real size: batched logits vs PEFT's loop on a mixed batch (distinct adapters + a __base__ row)."""
+    from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
+
+    with torch.no_grad():
+        k = min(8, len(names))
+        ids = torch.randint(3, vocab, (k + 1, 32), device=dev, generator=g)
+        mix = names[:k] + ["__base__"]
+        disable_batched_lora(pm)
+        ref = pm(input_ids=ids, adapter_names=mix).logits.float()
+        enable_batched_lora(pm)
+        got = pm(input_ids=ids, adapter_names=mix).logits.float()
+        return {"rows": k + 1, "max_abs_logit_diff": (got - ref).abs().max().item(),
+                "max_abs_logit": ref.abs().max().item(),
+                "greedy_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def measure_decode(pm, ids, mask, row_names, path, args) -> dict:
+    """One case: a decode step after a prefill (``step_s``) and ``generate``'s decode speed, with PEFT's loop
+    (``path="peft"``) or the batched LoRA (``"batched"``); with ``--profile-rows`` its profile."""
+    from transformers import DynamicCache
+
+    from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
+    from forkkv_hf.compat import cache_kwargs
+
+    N = ids.shape[0]
+    (enable_batched_lora if path == "batched" else disable_batched_lora)(pm)
+    rec = {"prompt": args.prompt, "rank": args.rank}
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = pm(input_ids=ids, attention_mask=mask, adapter_names=row_names, use_cache=True, **cache_kwargs(cache))
+        nxt = out.logits[:, -1:].argmax(-1)
+        L = cache.get_seq_length()
+
+        def step():
+            pm(input_ids=nxt, adapter_names=row_names, use_cache=True, **cache_kwargs(cache))
+            cache.crop(-1)  # back to the prefix, so every timed step sees the same cache
+
+        rec["step_s"] = cuda_time(step, warmup=1, reps=5)
+        assert cache.get_seq_length() == L
+        del cache, out
+        kw = dict(input_ids=ids, attention_mask=mask, adapter_names=row_names, do_sample=False, pad_token_id=0)
+        # median of --reps runs (one run for PEFT's loop at large N: it takes minutes)
+        reps = args.reps if (path == "batched" or N <= 32) else 1
+        t_prefill = cuda_time(lambda: pm.generate(**kw, max_new_tokens=1, min_new_tokens=1), 0, reps)
+        n = args.new_tokens
+        t_total = cuda_time(lambda: pm.generate(**kw, max_new_tokens=n, min_new_tokens=n), 0, reps)
+        rec["generate_reps"] = reps
+    rec["prefill_s"] = t_prefill
+    rec["generate_s"] = t_total
+    rec["generate_tok_s"] = N * (n - 1) / max(t_total - t_prefill, 1e-9)
+    rec["generate_step_s"] = (t_total - t_prefill) / (n - 1)
+    if path == "batched" and N in (args.profile_rows or []):
+        rec["profile"] = profile_steps(pm, kw)
+        print(json.dumps({"profile": rec["profile"]}), flush=True)
+    return rec
+
+
+def summarize(rows, row_counts) -> list[dict]:
+    """Per N: ours (distinct) over ours (one adapter), and the speed-up over PEFT's loop."""
+    summary = []
+    for N in row_counts:
+        def get(mix, path, key):
+            return next((r[key] for r in rows if r["rows"] == N and r["mix"] == mix and r["path"] == path), None)
+
+        s = {"rows": N}
+        for key in ("generate_step_s", "step_s"):
+            s.update({f"{path}_{mix}_{key}": get(m, path, key) for mix, m in (("distinct", "distinct"),
+                      ("one", "one_adapter")) for path in ("batched", "peft")})
+        if s["batched_one_generate_step_s"]:
+            s["distinct_over_one"] = s["batched_distinct_generate_step_s"] / s["batched_one_generate_step_s"]
+        if s["peft_distinct_generate_step_s"]:
+            s["speedup_vs_peft"] = s["peft_distinct_generate_step_s"] / s["batched_distinct_generate_step_s"]
+        summary.append(s)
+        print(json.dumps(s), flush=True)
+    return summary
 
 
 def main(argv=None):
@@ -64,12 +132,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    from transformers import DynamicCache
+    from forkkv_hf.batched_lora import disable_batched_lora
 
-    from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
-    from forkkv_hf.compat import cache_kwargs
-
-    info = device_info()
     t0 = time.time()
     model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
     n_max = max(args.rows)
@@ -79,32 +143,14 @@ def main(argv=None):
     gc.freeze()  # see the module docstring
     print(f"model + {n_max} adapters built in {time.time() - t0:.0f} s; "
           f"{torch.cuda.memory_allocated() / 2**30 if dev == 'cuda' else 0:.1f} GiB allocated", flush=True)
-    rows = []
-    out_path = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_lora_{slug(info.get('gpu', 'gpu'))}.json"
-
-    def save(rows, check, summary):  # after every case: a run cut short keeps what it measured
-        result = {"benchmark": "bench_lora", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
-                  "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
-                            "dtype": str(dtype), "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                  "check": check, "rows": rows, "summary": summary}
-        out_path.write_text(json.dumps(result, indent=1))
-
+    params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
+                        "lora_targets": TARGETS}}
+    run = BenchmarkRun("bench_lora", params, ("rows", "mix", "path"), out=args.out)
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
-    # correctness at real size: batched logits vs PEFT's loop on a mixed batch (distinct adapters + a __base__ row)
-    with torch.no_grad():
-        k = min(8, n_max)
-        ids = torch.randint(3, vocab, (k + 1, 32), device=dev, generator=g)
-        mix = names[:k] + ["__base__"]
-        disable_batched_lora(pm)
-        ref = pm(input_ids=ids, adapter_names=mix).logits.float()
-        enable_batched_lora(pm)
-        got = pm(input_ids=ids, adapter_names=mix).logits.float()
-        check = {"rows": k + 1, "max_abs_logit_diff": (got - ref).abs().max().item(),
-                 "max_abs_logit": ref.abs().max().item(),
-                 "greedy_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
-        print(json.dumps({"check": check}), flush=True)
-        del ref, got
+    run.extra["check"] = check_against_peft(pm, names, vocab, dev, g)
+    run.extra["summary"] = []
+    print(json.dumps({"check": run.extra["check"]}), flush=True)
     for N in args.rows:
         ids = torch.randint(3, vocab, (N, args.prompt), device=dev, generator=g)
         mask = torch.ones_like(ids)
@@ -113,61 +159,13 @@ def main(argv=None):
             for path in ("peft", "batched"):
                 if path == "peft" and N > args.peft_max_rows:
                     continue
-                (enable_batched_lora if path == "batched" else disable_batched_lora)(pm)
-                rec = {"rows": N, "mix": mix, "path": path, "prompt": args.prompt, "rank": args.rank}
-                with torch.no_grad():
-                    cache = DynamicCache()
-                    out = pm(input_ids=ids, attention_mask=mask, adapter_names=row_names, use_cache=True,
-                             **cache_kwargs(cache))
-                    nxt = out.logits[:, -1:].argmax(-1)
-                    L = cache.get_seq_length()
-
-                    def step():
-                        pm(input_ids=nxt, adapter_names=row_names, use_cache=True, **cache_kwargs(cache))
-                        cache.crop(-1)  # back to the prefix, so every timed step sees the same cache
-
-                    rec["step_s"] = cuda_time(step, warmup=1, reps=5)
-                    assert cache.get_seq_length() == L
-                    del cache, out
-                    kw = dict(input_ids=ids, attention_mask=mask, adapter_names=row_names, do_sample=False,
-                              pad_token_id=0)
-                    # median of --reps runs (one run for PEFT's loop at large N: it takes minutes)
-                    reps = args.reps if (path == "batched" or N <= 32) else 1
-                    t_prefill = cuda_time(lambda: pm.generate(**kw, max_new_tokens=1, min_new_tokens=1), 0, reps)
-                    n = args.new_tokens
-                    t_total = cuda_time(lambda: pm.generate(**kw, max_new_tokens=n, min_new_tokens=n), 0, reps)
-                    rec["generate_reps"] = reps
-                rec["prefill_s"] = t_prefill
-                rec["generate_s"] = t_total
-                rec["generate_tok_s"] = N * (n - 1) / max(t_total - t_prefill, 1e-9)
-                rec["generate_step_s"] = (t_total - t_prefill) / (n - 1)
-                if path == "batched" and N in (args.profile_rows or []):
-                    rec["profile"] = profile_steps(pm, kw)
-                    print(json.dumps({"profile": rec["profile"]}), flush=True)
-                rows.append(rec)
-                print(json.dumps(rec), flush=True)
-                save(rows, check, [])
+                run.measure({"rows": N, "mix": mix, "path": path},
+                            lambda: measure_decode(pm, ids, mask, row_names, path, args))
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     disable_batched_lora(pm)
-    # summary: ours (distinct) over ours (one adapter), and speed-up over PEFT's loop
-    summary = []
-    for N in args.rows:
-        def get(mix, path, key):
-            return next((r[key] for r in rows if r["rows"] == N and r["mix"] == mix and r["path"] == path), None)
-
-        s = {"rows": N}
-        for key in ("generate_step_s", "step_s"):
-            s.update({f"{path}_{mix}_{key}": get(m, path, key) for mix, m in (("distinct", "distinct"),
-                      ("one", "one_adapter")) for path in ("batched", "peft")})
-        if s["batched_one_generate_step_s"]:
-            s["distinct_over_one"] = s["batched_distinct_generate_step_s"] / s["batched_one_generate_step_s"]
-        if s["peft_distinct_generate_step_s"]:
-            s["speedup_vs_peft"] = s["peft_distinct_generate_step_s"] / s["batched_distinct_generate_step_s"]
-        summary.append(s)
-        print(json.dumps(s), flush=True)
-    save(rows, check, summary)
-    print("wrote", out_path)
+    run.extra["summary"] = summarize(run.rows, args.rows)
+    run.finish()
 
 
 def profile_steps(pm, kw, steps=8):
@@ -181,12 +179,10 @@ def profile_steps(pm, kw, steps=8):
     def run(n, profiled):
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with torch.no_grad(), (profile(activities=acts) if profiled else contextlib.nullcontext()) as prof:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             pm.generate(**kw, max_new_tokens=n, min_new_tokens=n)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             wall = time.perf_counter() - t
         if not profiled:
             return wall, None

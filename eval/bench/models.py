@@ -1,33 +1,9 @@
-"""Shared pieces of the GPU benchmarks: device/version info, a random Llama-3.1-8B-shaped model, many random LoRA
-adapters added fast, timing helpers. Speed does not depend on weight values, so weights are random."""
+"""The benchmarks' model: a random Llama-3.1-8B-shaped causal LM (on one device or split over several) and many
+random LoRA adapters added fast. Speed does not depend on weight values, so weights are random."""
 
 from __future__ import annotations
 
-import platform
-import time
-
 import torch
-
-
-def device_info() -> dict:
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-    for mod in ("triton", "peft"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_count=torch.cuda.device_count(), sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    return info
-
-
-def slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in s).strip("_").lower()
 
 
 def llama8b_config(layers: int = 32, vocab: int = 128256, max_pos: int = 131072, tiny: bool = False):
@@ -141,36 +117,3 @@ def add_random_adapters(model, names, rank=16, targets=("q_proj", "k_proj", "v_p
             for name in names:
                 layer.lora_B[name].weight.normal_(0, b_std)
     return pm.eval()
-
-
-def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
-    """GPU kernel time (seconds) of a ``torch.profiler`` run by family: a kernel counts for the first family with a
-    name fragment its name contains, else for ``other``."""
-    out = {f: 0.0 for f in families}
-    out.setdefault(other, 0.0)
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        if dev_us and getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type):
-            fam = next((f for f, keys in families.items() if keys and any(k in ev.key for k in keys)), other)
-            out[fam] += dev_us / 1e6
-    return out
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def cuda_time(fn, warmup=1, reps=3):
-    """Median wall time of ``fn()`` with the GPU synchronised around it (seconds)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]

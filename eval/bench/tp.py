@@ -4,33 +4,27 @@ GPU, ``torchrun``) vs the same model on one GPU.
 Llama-3.1-8B shapes (random bf16 weights, written once as a checkpoint: ``tp_plan`` loads through
 ``from_pretrained``), rank-16 LoRA on q/k/v/o (random B, sharded as PEFT shards a user's adapters), a shared
 context of ``--context`` tokens, 64-token prompts, ``--new-tokens`` generated tokens. For ForkKV at each N in
-``--forkkv-agents`` and the baseline at each N in ``--agents`` (see eval/bench_e2e.py for the two systems; here the
+``--forkkv-agents`` and the baseline at each N in ``--agents`` (see eval/bench/e2e.py for the two systems; here the
 baseline's LoRA is forkkv_hf's batched LoRA, because PEFT 0.21.0's mixed-adapter loop fails under tensor parallelism):
-time to first token, decode tokens/s, every rank's peak GPU memory and its share of the cache. Rank 0 writes the JSON.
+time to first token, decode tokens/s, every rank's peak GPU memory and its share of the cache. Every rank measures;
+rank 0 writes the result (the one schema, eval/bench/schema.py; rows keyed by (system, context, agents)).
 
-    python eval/bench_tp.py --make-checkpoint DIR                      # once (16 GB for 8B shapes)
-    python eval/bench_tp.py --checkpoint DIR --out one_gpu.json         # 1 GPU
-    torchrun --nproc_per_node 2 eval/bench_tp.py --checkpoint DIR --out tp2.json
+    python -m eval.bench.tp --make-checkpoint DIR                      # once (16 GB for 8B shapes)
+    python -m eval.bench.tp --checkpoint DIR --out one_gpu.json         # 1 GPU
+    torchrun --nproc_per_node 2 -m eval.bench.tp --checkpoint DIR --out tp2.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "eval"))
-
-import bench_e2e  # noqa: E402
-from bench_e2e import PROMPT, _free, run_one  # noqa: E402
-from common import add_random_adapters, build_model, default_device, device_info, llama8b_config  # noqa: E402
+from .e2e import PROMPT, measure_case
+from .models import add_random_adapters, build_model, default_device, llama8b_config
+from .runner import BenchmarkRun
 
 
 def make_checkpoint(path: str, layers: int, tiny: bool) -> None:
@@ -56,6 +50,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.make_checkpoint:
         return make_checkpoint(args.make_checkpoint, args.layers, args.tiny)
+    if not args.checkpoint:
+        ap.error("--checkpoint DIR is needed (write one first with --make-checkpoint DIR)")
 
     from transformers import AutoModelForCausalLM
 
@@ -77,9 +73,6 @@ def main(argv=None):
     local = device.index if device.type == "cuda" else None
     if local is not None:
         torch.cuda.set_device(local)  # run_one reads the current device's peak memory
-    # the baseline's LoRA is forkkv_hf's batched LoRA on one GPU and on two: PEFT 0.21.0's own mixed-adapter loop
-    # fails under tensor parallelism (it leaves the LoRA factors whole while the base layers compute their shards)
-    bench_e2e.BASELINE_BATCHED_LORA = True
 
     def gather(x):  # one value per rank, on every rank
         if world == 1:
@@ -94,43 +87,30 @@ def main(argv=None):
               flush=True)
     g = torch.Generator(device=device).manual_seed(0)
     vocab = model.config.vocab_size
-    rows = []
-    started = time.time()
-    info = device_info()
-    out_path = Path(args.out or ROOT / "eval" / "results" / f"bench_tp_x{world}.json")
+    params = {"world_size": world, "mode": "tp_plan=auto" if world > 1 else "one GPU",
+              "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
+                        "lora": "rank 16 on q/k/v/o", "adapters": n_max},
+              "weights_and_adapters_gib_per_rank": weights_gib, "new_tokens": args.new_tokens,
+              "context": args.context, "prompt_tokens": PROMPT}
+    run = BenchmarkRun("bench_tp", params, ("system", "context", "agents"), out=args.out, suffix=f"_x{world}",
+                       time_limit=args.time_limit, write=rank == 0)
 
     cases = [("baseline", n) for n in args.agents] + [("forkkv", n) for n in args.forkkv_agents]
     for system, N in cases:
         # every rank must run the same cases: rank 0 decides about the time limit
-        stop = gather(args.time_limit is not None and time.time() - started > args.time_limit)[0]
-        if stop:
+        if gather(run.out_of_time())[0]:
             break
         ctx = torch.randint(3, vocab, (args.context,), device=device, generator=g)
         prompts = [torch.randint(3, vocab, (PROMPT,), device=device, generator=g) for _ in range(N)]
-        rec = {"system": system, "context": args.context, "agents": N}
-        try:
-            rec.update(run_one(pm, system, ctx, prompts, names[:N], args.new_tokens))
-        except torch.cuda.OutOfMemoryError:
-            from forkkv_hf.peft_integration import remove_stale_peft_hooks
-
-            rec["oom"] = True
-            remove_stale_peft_hooks(pm)
-            _free()
+        # the baseline's LoRA is forkkv_hf's batched LoRA on one GPU and on two: PEFT 0.21.0's own mixed-adapter
+        # loop fails under tensor parallelism (it leaves the LoRA factors whole while the base layers compute shards)
+        rec = {"system": system, "context": args.context, "agents": N,
+               **measure_case(pm, system, ctx, prompts, names[:N], args.new_tokens, baseline_batched_lora=True)}
         rec.pop("peak_gib_per_gpu", None)
         rec["peak_gib_per_rank"] = gather(rec.get("peak_gib"))
         rec["cache_gib_per_rank"] = gather(rec.get("cache_gib"))
-        rows.append(rec)
-        if rank == 0:
-            print(json.dumps(rec), flush=True)
-            result = {"benchmark": "bench_tp", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info,
-                      "world_size": world, "mode": "tp_plan=auto" if world > 1 else "one GPU",
-                      "model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers,
-                                "dtype": str(dtype), "lora": "rank 16 on q/k/v/o", "adapters": n_max},
-                      "weights_and_adapters_gib_per_rank": weights_gib, "new_tokens": args.new_tokens,
-                      "rows": rows}
-            out_path.write_text(json.dumps(result, indent=1))
-    if rank == 0:
-        print("wrote", out_path, flush=True)
+        run.add(rec)
+    run.finish()  # rank 0 writes
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,79 @@
+"""Timing and memory measurements shared by the benchmarks (GPU-synchronised; on CPU the syncs do nothing)."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, warmup=1, reps=3):
+    """Median wall time of ``fn()`` with the GPU synchronised around it (seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class StepTimer:
+    """A logits processor that records (synchronised) wall time at every generation step."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def free_memory() -> None:
+    """Collect garbage, empty the CUDA caching allocator and reset every GPU's peak-memory counter."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_bytes() -> int:
+    """Peak allocated memory of the current GPU since the last :func:`free_memory` (0 without CUDA)."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def peaks_gib() -> list[float]:
+    """Peak memory of every visible GPU (a device-map run spreads over several)."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())]
+
+
+def is_cuda_event(ev) -> bool:
+    """Whether a ``torch.profiler`` event ran on the GPU."""
+    return getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
+
+
+def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
+    """GPU kernel time (seconds) of a ``torch.profiler`` run by family: a kernel counts for the first family with a
+    name fragment its name contains, else for ``other``."""
+    out = {f: 0.0 for f in families}
+    out.setdefault(other, 0.0)
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if dev_us and is_cuda_event(ev):
+            fam = next((f for f, keys in families.items() if keys and any(k in ev.key for k in keys)), other)
+            out[fam] += dev_us / 1e6
+    return out

@@ -1,0 +1,209 @@
+"""Every plot of the results, drawn from the JSON files in eval/results/ (never from numbers typed by hand).
+
+    python -m eval.plots [--results DIR]     # writes <result>.png beside every result file it draws
+
+Benchmark results (the one schema, :mod:`eval.bench.schema`) are drawn by benchmark: ``bench_kernel``, ``bench_lora``
+and ``bench_e2e`` sweeps (a file whose lines would all have fewer than three points is a rerun for a README table,
+not drawn); ``quality*.json`` is the fidelity report of ``python -m eval.quality``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .bench.runner import RESULTS  # noqa: E402
+from .bench.schema import BenchResult, load  # noqa: E402
+
+VARIANT_LABELS = {"exact": "exact (own prefill)", "forkkv": "forkkv (K+V residual)", "forkkv_v": "forkkv, V only",
+                  "naive": "naive share (base K/V)"}
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it beside its result file (``path`` with ``.png``), close it; returns the PNG's path."""
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def plot_kernel(path, res: BenchResult) -> Path:
+    rows = res.rows
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 3.8), sharey=True)
+    axes = axes if len(contexts) > 1 else [axes]
+    for ax, T in zip(axes, contexts):
+        rs = sorted((r for r in rows if r["context"] == T), key=lambda r: r["agents"])
+        n = [r["agents"] for r in rs]
+        for key, label, style in [("forkkv_s", "forkkv (Triton)", "o-"), ("sdpa_s", "SDPA, per-agent K/V", "s--"),
+                                  ("sdpa_flash_s", "FlashAttention-2 (SDPA)", "^:"), ("floor_s", "floor", "k-")]:
+            pts = [(x, r[key] * 1e6) for x, r in zip(n, rs) if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"shared context {T // 1024}K")
+        ax.set_xlabel("agents (one decode query each)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("one layer, µs")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Decode attention, Llama-3.1-8B layer, r=16 — {res.device.get('gpu')}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_lora(path, res: BenchResult) -> Path:
+    rows = res.rows
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for path_name, mix, style in [("peft", "distinct", "s--"), ("batched", "distinct", "o-"),
+                                  ("peft", "one_adapter", "s:"), ("batched", "one_adapter", "o:")]:
+        rs = sorted((r for r in rows if r["path"] == path_name and r["mix"] == mix), key=lambda r: r["rows"])
+        if rs:
+            ax.plot([r["rows"] for r in rs], [r["generate_tok_s"] for r in rs], style,
+                    label=f"{'PEFT loop' if path_name == 'peft' else 'batched LoRA'}, "
+                          f"{'N distinct adapters' if mix == 'distinct' else 'one adapter'}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rows (agents)")
+    ax.set_ylabel("generate decode tokens/s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Mixed-adapter decode, 8B shapes, r=16 — {res.device.get('gpu')}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_e2e(path, res: BenchResult) -> Path:
+    rows = [r for r in res.rows if not r.get("oom")]
+    contexts = sorted({r["context"] for r in rows})
+    cap = res.extra.get("capacity") or {}
+    fig, axes = plt.subplots(1, 3 if len(cap) == 2 else 2, figsize=(15 if len(cap) == 2 else 10, 3.8))
+    for T in contexts:
+        for system, style in (("baseline", "s--"), ("forkkv", "o-")):
+            rs = sorted((r for r in rows if r["system"] == system and r["context"] == T), key=lambda r: r["agents"])
+            if not rs:
+                continue
+            n = [r["agents"] for r in rs]
+            label = f"{'PEFT + DynamicCache' if system == 'baseline' else 'forkkv'}, {T // 1024}K"
+            axes[0].plot(n, [r["decode_tok_s"] for r in rs], style, label=label)
+            axes[1].plot(n, [r["peak_gib"] for r in rs], style, label=label)
+    axes[0].set_yscale("log")
+    axes[1].axhline(res.params["budget_gib"], color="gray", lw=0.8, ls=":", label=f"budget {res.params['budget_gib']:.0f} GiB")
+    if len(cap) == 2:
+        ax = axes[2]
+        at = {s: next(r for r in rows if r["system"] == s and r["context"] == c["context"]
+                      and r["agents"] == c["max_agents_run"]) for s, c in cap.items()}
+        names = ["baseline", "forkkv"]
+        bars = ax.bar([0, 1], [cap[s]["max_agents_run"] for s in names], color=["tab:gray", "tab:blue"])
+        for b, s in zip(bars, names):
+            ax.annotate(f"{cap[s]['max_agents_run']} agents\n{at[s]['decode_tok_s']:.0f} tok/s",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([0, 1], ["PEFT + DynamicCache", "forkkv"])
+        ax.set_ylabel("agents that fit")
+        ax.set_yscale("log")
+        ax.set_ylim(1, max(c["max_agents_run"] for c in cap.values()) * 4)
+        ax.set_title(f"capacity at {cap['forkkv']['context'] // 1024}K context, {res.params['budget_gib']:.0f} GiB budget",
+                     fontsize=9)
+    for ax, yl in zip(axes, ("decode tokens/s (all agents)", "peak GPU memory, GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("agents")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"End to end, Llama-3.1-8B shapes, 64-token prompts, 128 new tokens — {res.device.get('gpu')}",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_quality(path, result: dict) -> Path:
+    """The fidelity report's figure (``python -m eval.quality``), a PNG next to the JSON ``path``: KL and agreement per agent and variant, similarity and K/V error per layer."""
+    path = Path(path)
+    s = result["summary"]
+    names = list(s["per_agent"])
+    variants = [v for v in result["config"]["variants"] if v != "exact"]
+    colors = {"forkkv": "tab:blue", "forkkv_v": "tab:green", "naive": "tab:red", "exact": "tab:gray"}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    width = 0.8 / len(variants)
+    for ax, key, ylabel in ((axes[0, 0], "kl", "mean KL(exact || variant) per token"),
+                            (axes[0, 1], "token_agreement", "greedy-token agreement with exact")):
+        for j, v in enumerate(variants):
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [s["per_agent"][a][v][key] for a in names], width, label=VARIANT_LABELS[v], color=colors[v])
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_yscale("log")
+    axes[0, 1].set_ylim(0, 1.02)
+    axes[0, 0].legend(fontsize=8)
+    layers = s["layers"]
+    for a in names:
+        axes[1, 0].plot(layers[a]["kv_input_cosine"], "o-", ms=3, label=f"{a} (k/v input)")
+        axes[1, 0].plot(layers[a]["residual_cosine"], ":", color=axes[1, 0].lines[-1].get_color(), lw=1)
+    axes[1, 0].ticklabel_format(axis="y", useOffset=False)
+    axes[1, 0].set_xlabel("layer")
+    axes[1, 0].set_ylabel("cosine with base model's states")
+    axes[1, 0].set_title("agents' states over the shared context (dotted: residual stream)", fontsize=9)
+    axes[1, 0].legend(fontsize=8)
+    axes[1, 0].grid(alpha=0.3)
+    for kind, style in (("k", "-"), ("v", "--")):
+        for variant, color in (("forkkv", "tab:blue"), ("naive", "tab:red")):
+            err = [sum(layers[a][f"{kind}_err_{variant}"][l] for a in names) / len(names)
+                   for l in range(len(layers[names[0]]["kv_input_cosine"]))]
+            axes[1, 1].plot(err, style, color=color, label=f"{kind.upper()}, {variant}")
+    axes[1, 1].set_yscale("log")
+    axes[1, 1].set_xlabel("layer")
+    axes[1, 1].set_ylabel("relative error of context K/V vs exact (mean of agents)")
+    axes[1, 1].legend(fontsize=8)
+    axes[1, 1].grid(alpha=0.3)
+    tokens = sorted({sc["context_tokens"] for sc in result["scenarios"]})
+    fig.suptitle(f"ForkKV fidelity, SmolLM2-135M + 4 trained LoRA agents, shared contexts of {tokens} tokens, "
+                 f"{sum(len(sc['rows']) for sc in result['scenarios'])} prompts, greedy ({result['machine']['cpu']})",
+                 fontsize=9)
+    return save_figure(fig, path, dpi=110)
+
+
+#: benchmark -> (its plot, the row fields that name one line of it, the row field along the x axis)
+BENCH_PLOTS = {"bench_kernel": (plot_kernel, ("context",), "agents"),
+               "bench_lora": (plot_lora, ("path", "mix"), "rows"),
+               "bench_e2e": (plot_e2e, ("system", "context"), "agents")}
+
+
+def is_sweep(res: BenchResult, series: tuple[str, ...], axis: str) -> bool:
+    """Whether some line of the plot would have three points or more (else the file is a rerun of a few cases
+    for a README table)."""
+    points: dict[tuple, set] = {}
+    for r in res.rows:
+        points.setdefault(tuple(r.get(k) for k in series), set()).add(r.get(axis))
+    return any(len(xs) >= 3 for xs in points.values())
+
+
+def plot_all(results: Path = RESULTS) -> list[Path]:
+    """Draw every result file in ``results`` that has a plot; returns the PNGs written."""
+    made = []
+    for path in sorted(results.glob("bench_*.json")):
+        res = load(path)
+        if res.benchmark not in BENCH_PLOTS:
+            continue
+        plot, series, axis = BENCH_PLOTS[res.benchmark]
+        if is_sweep(res, series, axis):
+            made.append(plot(path, res))
+    for path in sorted(results.glob("quality*.json")):
+        made.append(plot_quality(path, json.loads(path.read_text())))
+    return made
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result files (default eval/results)")
+    args = ap.parse_args(argv)
+    for m in plot_all(args.results):
+        print("wrote", m)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Every refusal of what a caller hands a :class:`~forkkv_hf.cache.ForkKVCache`, in one place.
+
+- :func:`generate_cache`: which cache a ``generate`` call passes (refuses ``past_key_values=`` and ``cache=`` at once);
+- :func:`check_generate_inputs`: a ``generate`` call's inputs against the cache, before anything runs: the rows must
+  start with the shared context (and continue what the cache holds), every row must see the whole context (a mask,
+  given or derived from ``pad_token_id``, must not hide context tokens), token ids must be in the vocabulary,
+  assisted decoding runs one row;
+- :func:`check_forward_inputs`: each forward that appends to the cache (generate's steps and direct calls): mask
+  length, context columns, positions after the context, the vocabulary, sequence-length dependent RoPE; whole rows
+  (context + new tokens) are cut to the new tokens when the caller keeps only the last logits (assisted decoding's
+  first step passes whole rows) and refused otherwise.
+
+Each error says what is wrong and what to do. Nothing here imports the cache or the shared context (duck typing),
+so the cache, the attention and the PEFT integration can all call it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
+from .inputs import check_token_range, vocab_size_of
+from .lora_factors import transformers_model
+
+_USE_MASK = "pass the attention_mask of forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=...) (its padding " \
+            "goes between the context and the prompt)"
+
+
+def generate_cache(kwargs: dict):
+    """The cache a ``generate(**kwargs)`` call passes, under either keyword; refuses two different ones."""
+    old, new = kwargs.get("past_key_values"), kwargs.get("cache")
+    if old is not None and new is not None and old is not new:
+        raise ValueError(
+            "generate got both past_key_values= and cache=; transformers uses only one of them. Pass the cache once, "
+            f"as {CACHE_KWARG}= on transformers {TRANSFORMERS_VERSION} (forkkv_hf.cache_kwargs(cache) picks it)"
+        )
+    if new is not None and CACHE_KWARG == "past_key_values" and hasattr(new, "check_generate_inputs"):
+        raise ValueError(
+            f"transformers {TRANSFORMERS_VERSION} takes the cache as past_key_values=, not cache=; pass "
+            "**forkkv_hf.cache_kwargs(cache), which picks the keyword of the installed version"
+        )
+    return old if old is not None else new
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+def _generation_setting(model, kwargs: dict, name: str, default=None):
+    """What a generate call with ``kwargs`` uses for ``name``: the keyword, else its ``generation_config``'s, else the
+    model's ``generation_config``'s, else ``default``."""
+    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
+    value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def _special_ids(model, kwargs: dict) -> tuple[int | None, set]:
+    """``pad_token_id`` and the set of ``eos_token_id`` a generate call with ``kwargs`` uses."""
+    pad = _generation_setting(model, kwargs, "pad_token_id")
+    eos = _generation_setting(model, kwargs, "eos_token_id")
+    if isinstance(eos, torch.Tensor):
+        eos = eos.reshape(-1).tolist()
+    eos = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+    return (None if pad is None else int(pad)), eos
+
+
+def check_context_mask(mask: torch.Tensor, T: int, length: int, what: str) -> None:
+    """Refuse a 2-D ``mask [B, S]`` whose length is not ``length`` or that hides any of the first ``T`` columns (the
+    shared context, whose K/V every row shares)."""
+    if mask.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [batch, tokens] with a ForkKV cache, got shape {tuple(mask.shape)}")
+    if mask.shape[1] != length:
+        raise ValueError(f"{what} covers {mask.shape[1]} tokens but must cover {length}, one column per token of the "
+                         f"rows (shared context, tokens the cache holds, new tokens); {_USE_MASK}")
+    hidden = mask[:, :T] == 0
+    if bool(hidden.any()):
+        row, col = (int(i) for i in hidden.nonzero()[0])
+        raise ValueError(
+            f"{what} hides token {col} of the {T}-token shared context in row {row}; every row reads the shared "
+            f"context's K/V as a whole, so a mask cannot remove context tokens (plain PEFT would compute other K/V for "
+            f"that row). {_USE_MASK[0].upper()}{_USE_MASK[1:]}, or build a separate shared context without those tokens."
+        )
+
+
+def _check_generate_mask(model, input_ids: torch.Tensor, kwargs: dict, T: int) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids have {input_ids.shape[0]}")
+        check_context_mask(mask, T, input_ids.shape[1], "attention_mask")
+        return
+    pad, eos = _special_ids(model, kwargs)
+    if pad is None or pad in eos:
+        return  # generate then attends to every token
+    at = (input_ids[:, :T] == pad).nonzero()
+    if at.numel():
+        raise ValueError(
+            f"pad_token_id={pad} occurs inside the shared context (row {int(at[0, 0])}, token {int(at[0, 1])}) and no "
+            "attention_mask was given, so generate would derive a mask that hides it from that row; "
+            f"{_USE_MASK}, or give a pad_token_id that does not occur in the context"
+        )
+
+
+def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
+    """Refuse, before ``generate`` runs, inputs this cache would serve wrong (see the module docstring); the checks
+    of the cache's own state (model instance, dtype, adapters) are :meth:`ForkKVCache.check_generate_inputs`'."""
+    if kwargs.get("use_cache") is False:
+        raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to)")
+    gen_cfg = kwargs.get("generation_config")
+    impl = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
+    if impl is not None:
+        raise ValueError(f"cache_implementation={impl!r} asks for another cache; drop it when passing a "
+                         "ForkKVCache (which compiles its decode step itself where it can)")
+    if input_ids is None:
+        raise ValueError("pass input_ids with the full rows (shared context + prompt), as forkkv_hf.batch_inputs "
+                         "builds them, together with a ForkKVCache")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, tokens] LongTensor, as forkkv_hf.batch_inputs builds them")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold token ids (integer dtype), got {input_ids.dtype}")
+    drafts = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+    assisted = any(kwargs.get(k) is not None or getattr(gen_cfg, k, None) is not None for k in drafts)
+    if assisted and input_ids.shape[0] != 1:
+        raise ValueError(
+            f"assisted and prompt-lookup decoding run one row at a time (a transformers rule), got {input_ids.shape[0]}"
+            " rows; generate each row with its own fork (shared.fork([name])) or drop assistant_model / "
+            "prompt_lookup_num_tokens / assistant_early_exit"
+        )
+    pad, _ = _special_ids(model, kwargs)
+    vocab = vocab_size_of(model)
+    check_token_range(input_ids, "input_ids", vocab, pad_token_id=pad)
+    if pad is not None and vocab is not None and not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id={pad} is outside the model's vocabulary (0 <= id < {vocab})")
+    T = cache.num_shared_tokens
+    P = cache.layers[0].private_length()
+    L = input_ids.shape[1]
+    if L <= T + P:
+        raise ValueError(
+            f"input_ids have {L} tokens but this cache already holds {T} shared + {P} private tokens: pass the "
+            "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
+        )
+    _check_rows_continue(cache, input_ids)
+    _check_generate_mask(model, input_ids, kwargs, T)
+    _check_adapter_names(model, kwargs, input_ids.shape[0])
+    _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
+
+
+def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
+    """PEFT's ``adapter_names``: a list, one name per row, repeated by the caller for ``num_return_sequences``
+    (PEFT repeats them for beams itself)."""
+    names = kwargs.get("adapter_names")
+    if names is None:
+        return
+    if isinstance(names, str):
+        raise TypeError(f"adapter_names must be a list with one name per row, not the string {names!r}")
+    beams = _generation_setting(model, kwargs, "num_beams", 1)
+    k = _generation_setting(model, kwargs, "num_return_sequences", 1) if beams == 1 else 1
+    if len(names) == rows * k:
+        return
+    if k > 1 and len(names) == rows:
+        raise ValueError(
+            f"num_return_sequences={k}: PEFT does not repeat adapter_names for it; pass "
+            f"[n for n in names for _ in range({k})] ({rows * k} names for {rows} rows)"
+        )
+    raise ValueError(f"adapter_names has {len(names)} names but the batch has {rows} rows; give one name per row")
+
+
+def _check_rows_continue(cache, ids: torch.Tensor) -> None:
+    """``ids [B, >= T + P]`` must start with the shared context and then the private tokens the cache holds."""
+    T = cache.num_shared_tokens
+    P = cache.layers[0].private_length()
+    ctx = cache.shared.token_ids.to(ids.device)
+    if not torch.equal(ids[:, :T], ctx.expand(ids.shape[0], T)):
+        raise ValueError(
+            f"input_ids do not start with the {T}-token shared context this cache was built on; build the rows "
+            "with forkkv_hf.batch_inputs(context_ids, prompts) (padding goes after the context)"
+        )
+    if P > 0:
+        rec = cache.private_ids
+        if rec is None or rec.shape[0] != ids.shape[0] or not torch.equal(ids[:, T : T + P], rec.to(ids.device)):
+            raise ValueError(
+                f"this ForkKVCache already holds {P} private tokens per row from an earlier generate, and these "
+                "input_ids do not continue them; call cache.reset() (or fork a new cache) for new prompts"
+            )
+
+
+def _check_activated_lora(cache, model, input_ids, adapter_names) -> None:
+    cfgs = getattr(model, "peft_config", None) or {}
+    if not adapter_names or not any(getattr(cfgs.get(n), "alora_invocation_tokens", None) for n in adapter_names):
+        return
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    offsets = calculate_alora_offsets(cfgs, getattr(model, "active_adapter", None), input_ids, adapter_names)
+    T = cache.num_shared_tokens
+    for i, (name, off) in enumerate(zip(adapter_names, offsets)):
+        if off is not None and input_ids.shape[1] - off < T:
+            raise ValueError(
+                f"row {i} ({name!r}, Activated LoRA): its invocation sequence starts at token "
+                f"{input_ids.shape[1] - off}, inside the {T}-token shared context, so the adapter would be active "
+                "over part of the context, which the shared cache computed without it. Put the invocation "
+                "sequence in the agent's prompt."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+def _padding(mask, S: int, L: int):
+    """``[B, L]`` bool: which of a forward's ``L`` new tokens (after ``S`` cached ones) are padding, by a 2-D mask
+    (0 columns) or a 4-D one (keys its last query does not attend: transformers masks padding as keys; the 4-D masks
+    of a compileable cache's generate), else ``None``."""
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] < S + L or mask.dim() not in (2, 4):
+        return None
+    cols = mask[:, S : S + L] if mask.dim() == 2 else mask[:, 0, -1, S : S + L]
+    if mask.dim() == 4 and cols.dtype != torch.bool:  # additive: 0 attends, a large negative number masks
+        return cols < torch.finfo(cols.dtype).min / 2
+    return cols == 0
+
+
+def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) -> bool:
+    """Whether ``ids [B, L]`` of a forward are whole rows (context + what the cache holds + new tokens) rather than
+    only the new tokens. A 2-D mask tells by its length, else position ids by where the first new token that is not
+    padding starts; with neither, rows that begin with exactly what the cache holds count as whole rows. A decode
+    step of ``generate`` (new tokens only) is told by a 2-D mask's length alone."""
+    T = cache.num_shared_tokens
+    S = T + cache.layers[0].private_length()
+    L = ids.shape[1]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if mask.shape[1] == S + L:
+            return False
+        if mask.shape[1] == L and L > S:
+            return True
+        raise ValueError(
+            f"attention_mask covers {mask.shape[1]} tokens but this forward appends {L} to a cache holding {S} "
+            f"({T} shared): give a mask of {S + L} columns (cached + new tokens), as generate does"
+        )
+    if decode_step:
+        return False
+    if pos is not None:
+        starts_early = pos[..., 0] < T
+        pad = _padding(mask, S, L)
+        if pad is not None:
+            starts_early = starts_early & ~pad[:, 0]
+        if not bool(starts_early.any()):
+            return False
+        if L > T and torch.equal(ids[:, :T], cache.shared.token_ids.to(ids.device).expand(ids.shape[0], T)):
+            return True
+        raise ValueError(
+            f"position_ids start at {int(pos[..., 0].min())}, inside the {T}-token shared context, for input_ids that "
+            f"are not whole rows: the tokens after the cache go at positions {T} and above (pass position_ids of the "
+            f"whole rows' attention_mask, cumsum - 1, sliced to the new tokens)"
+        )
+    if L <= S:
+        return False
+    held = cache.shared.token_ids.to(ids.device)
+    if cache.private_ids is not None and S > T:
+        if cache.private_ids.shape[0] != ids.shape[0]:
+            return False
+        held = torch.cat([held.expand(ids.shape[0], T), cache.private_ids.to(ids.device)], dim=1)
+    return torch.equal(ids[:, :S], held.expand(ids.shape[0], S))
+
+
+def _cut_whole_rows(cache, ids, pos, kwargs: dict):
+    """Whole rows -> the new tokens (and their positions), if the caller keeps only logits of new tokens."""
+    T = cache.num_shared_tokens
+    S = T + cache.layers[0].private_length()
+    L = ids.shape[1]
+    if L <= S:
+        raise ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
+    _check_rows_continue(cache, ids)
+    if pos is not None and not torch.equal(pos[..., :T], torch.arange(T, device=pos.device).expand_as(pos[..., :T])):
+        raise ValueError(f"position_ids of the shared context must be 0..{T - 1} in every row")
+    keep = kwargs.get("logits_to_keep", 0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= L - S:
+        raise ValueError(
+            f"input_ids hold whole rows ({L} tokens) but the cache already holds their first {S} ({T} shared "
+            f"context): pass only the tokens after them, input_ids[:, {S}:], with the attention_mask of the whole "
+            f"rows and position_ids[:, {S}:] (or generate, which does that); or pass logits_to_keep=k "
+            f"(1 <= k <= {L - S}) to get the logits of the last k tokens only"
+        )
+    return ids[:, S:], (None if pos is None else pos[..., S:])
+
+
+def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: bool = False):
+    """Checks of one forward of ``module`` (the transformers model) that appends to ``cache``; returns ``(args,
+    kwargs)`` with whole rows cut to the new tokens (see :func:`_cut_whole_rows`), or ``None`` to run as given.
+    ``decode_step``: a forward of a ``generate`` call after its first (the prefill), whose ids, mask and positions
+    ``generate`` made from what the first forward was checked on; the checks that read tensor values (a device sync
+    per step) are skipped, the shape checks stay."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        return None
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    B, T = ids.shape[0], cache.num_shared_tokens
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != B:
+        raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids have {B}")
+    if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != ids.shape[1]):
+        raise ValueError(f"position_ids must be [{B}, {ids.shape[1]}] (one position per token of input_ids), got "
+                         f"{tuple(pos.shape)}")
+    changed = None
+    if _whole_rows(cache, ids, mask, pos, decode_step):
+        ids, pos = _cut_whole_rows(cache, ids, pos, kwargs)
+        args, kwargs = _replace_ids(args, kwargs, ids, pos)
+        changed = (args, kwargs)
+    S = T + cache.layers[0].private_length()
+    L = ids.shape[1]
+    mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    vocab = getattr(cache.shared.config, "vocab_size", None)
+    if decode_step:
+        if mask2d is not None and mask2d.shape[1] != S + L:
+            raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens but must cover {S + L} (cached + new)")
+        return changed
+    # one device sync for the usual case; the detailed checks below only run to explain a failure
+    ok = (ids >= 0).all()
+    if vocab is not None:
+        ok = ok & (ids < vocab).all()
+    if mask2d is not None:
+        if mask2d.shape[1] != S + L:
+            raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens but must cover {S + L} (cached + new)")
+        ok = ok & (mask2d[:, :T] != 0).all()
+    new_valid = None
+    if pos is not None:
+        new_valid = pos[..., -L:] >= T
+        pad = _padding(mask, S, L)
+        if pad is not None:
+            new_valid = new_valid | pad
+        ok = ok & new_valid.all()
+    if not bool(ok):
+        check_token_range(ids, "input_ids", vocab)
+        if mask2d is not None:
+            check_context_mask(mask2d, T, S + L, "attention_mask")
+        if new_valid is not None and not bool(new_valid.all()):
+            raise ValueError(
+                f"position_ids put new tokens at positions below {T}, which the shared context occupies; the tokens "
+                f"after the cache start at position {T} (+ earlier tokens of the row): pass position_ids of the "
+                "whole rows' attention_mask (cumsum - 1), sliced to the new tokens"
+            )
+    if cache.layers[0].private_length() == 0:
+        check_rope_for_prefill(cache, module, int(pos.max()) + 1 if pos is not None else S + L)
+    return changed
+
+
+def _replace_ids(args: tuple, kwargs: dict, ids, pos):
+    kwargs = dict(kwargs)
+    if "input_ids" in kwargs or not args:
+        kwargs["input_ids"] = ids
+    else:
+        args = (ids,) + tuple(args[1:])
+    if pos is not None:
+        kwargs["position_ids"] = pos
+    return args, kwargs
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+def _rope_type(rope) -> str | dict:
+    return getattr(rope, "rope_type", "default")
+
+
+def _length_dependent(kinds) -> bool:
+    """Whether any of the rope types ``kinds`` (a type, a list of types, or a per-layer-type dict) recomputes its
+    frequencies from the sequence length."""
+    kinds = kinds.values() if isinstance(kinds, dict) else kinds if isinstance(kinds, (list, tuple)) else [kinds]
+    return any("dynamic" in str(k) or str(k) == "longrope" for k in kinds)
+
+
+def _config_rope_types(config) -> list:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "rope_type" in params or "type" in params:
+        return [params.get("rope_type", params.get("type"))]
+    return [p.get("rope_type") for p in params.values() if isinstance(p, dict)]  # per layer type (Gemma 3)
+
+
+def rotary_modules(model) -> list:
+    """The rotary embedding modules (holding ``inv_freq``) among the decoder's children: a few attribute reads,
+    not a walk of every module (PEFT adds tens of thousands with many adapters)."""
+    base = transformers_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    return [m for m in decoder.children() if hasattr(m, "inv_freq")]
+
+
+def check_rope_for_prefill(cache, model, seq_len: int) -> None:
+    """For RoPE whose frequencies depend on the sequence length (``dynamic`` NTK, ``longrope``): refuse the first
+    forward after a fork if a plain prefill of the whole rows (``seq_len`` positions) would rotate the context with
+    other frequencies than the base pass did; the shared K (and everything computed from it) would not be the
+    model's. Position-only types (default, linear, yarn, llama3) never differ."""
+    if not _length_dependent(_config_rope_types(cache.shared.config)):
+        return
+    ropes = rotary_modules(model)
+    kinds = [_rope_type(r) for r in ropes]
+    if len(ropes) != 1 or isinstance(kinds[0], dict):
+        raise ValueError(f"this model uses sequence-length dependent RoPE ({kinds}) in several rotary modules, which "
+                         "ForkKV cannot check against its shared context; use a rope_type that depends on positions "
+                         "only (default, linear, yarn, llama3)")
+    layer = cache.shared.layers[0]
+    T = layer.cos.shape[0]
+    probe = copy.deepcopy(ropes[0])  # dynamic RoPE updates its state in place: never touch the model's
+    x = torch.zeros(1, dtype=layer.cos.dtype, device=layer.cos.device)
+    with torch.no_grad():
+        cos, sin = probe(x, torch.arange(max(seq_len, T), device=layer.cos.device)[None])
+    cos, sin = cos[0, :T].to(layer.cos.device), sin[0, :T].to(layer.sin.device)
+    if not (torch.equal(cos, layer.cos) and torch.equal(sin, layer.sin)):
+        limit = _rope_limit(ropes[0])
+        one_pass = ", build a context longer than that in one pass (chunk_size=None)" \
+            if isinstance(limit, int) and T > limit else ""
+        raise ValueError(
+            f"this model uses {kinds[0]!r} RoPE, whose frequencies depend on the sequence length (they change above "
+            f"{limit} positions): a plain prefill of these rows ({seq_len} positions) rotates the {T}-token shared "
+            "context with other frequencies than its base pass did, so the shared K/V are not this model's. Keep "
+            f"context + prompt within {limit} tokens (generating past it is fine: plain transformers keeps the earlier "
+            f"keys as they were too){one_pass}, or use a position-only rope_type (linear, yarn, llama3)."
+        )
+
+
+def _rope_limit(rope) -> int | None:
+    """Positions above which a sequence-length dependent rotary module changes its frequencies."""
+    params = getattr(getattr(rope, "config", None), "rope_parameters", None) or {}
+    if _rope_type(rope) == "longrope" and "original_max_position_embeddings" in params:
+        return params["original_max_position_embeddings"]
+    return getattr(rope, "original_max_seq_len", None)

@@ -1,0 +1,261 @@
+"""Pieces both ResidualAttention kernel families share: the private-part + log-sum-exp merge kernel, the MMA helper,
+reusable workspaces and launch helpers.
+
+``_private_merge_kernel`` (grid: row x KV head x query block) attends to each row's private K/V (causal, or the given
+mask), merges that with the shared context's per-split partials (m, l, acc, acc_uv) by log-sum-exp, applies ``B_v`` to
+the merged ``P·u_v`` once, and writes the output ``[B, Q, H, D]``. The partials' layout (index
+``((row·H + head)·NQ + q)·n_splits + split``; ``acc`` as lo half at ``[0, HALF)`` and hi half at
+``[HALF_B, HALF_B + HALF)`` of a ``2·HALF_B`` row; ``acc_uv`` ``RVB`` wide) is the contract with the shared-part kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+#: log2(e): the kernels use exp2 on scores pre-multiplied by it
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. ``UPCAST`` (the CPU interpreter) feeds it fp32 copies: the interpreter's
+    bf16 dot is wrong (triton 3.9), and fp32 products of bf16/fp16 values are exact, as on tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr):
+    """Rotate-half RoPE of a rebuilt K residual given as halves ``x_lo``/``x_hi`` (fp32) with the tokens' cos/sin
+    halves. Returns the rotated halves in fp32, or with ``LOWP`` computed and returned in ``dtype`` (packed bf16/fp16
+    FMAs, half the registers); with ``UPCAST`` (the interpreter, whose bf16 arithmetic is wrong) those roundings are
+    emulated in fp32."""
+    if LOWP and UPCAST:
+        xl = x_lo.to(dtype).to(tl.float32)
+        xh = x_hi.to(dtype).to(tl.float32)
+        cl = c_lo.to(dtype).to(tl.float32)
+        sl = s_lo.to(dtype).to(tl.float32)
+        ch = c_hi.to(dtype).to(tl.float32)
+        sh = s_hi.to(dtype).to(tl.float32)
+        r_lo = ((xl * cl).to(dtype).to(tl.float32) - (xh * sl).to(dtype).to(tl.float32)).to(dtype)
+        r_hi = ((xh * ch).to(dtype).to(tl.float32) + (xl * sh).to(dtype).to(tl.float32)).to(dtype)
+    elif LOWP:
+        xl = x_lo.to(dtype)
+        xh = x_hi.to(dtype)
+        r_lo = xl * c_lo.to(dtype) - xh * s_lo.to(dtype)
+        r_hi = xh * c_hi.to(dtype) + xl * s_hi.to(dtype)
+    else:
+        r_lo = x_lo * c_lo.to(tl.float32) - x_hi * s_lo.to(tl.float32)
+        r_hi = x_hi * c_hi.to(tl.float32) + x_lo * s_hi.to(tl.float32)
+    return r_lo, r_hi
+
+
+@triton.jit
+def softmax_step(s, m_i, l_i, AXIS: tl.constexpr):
+    """One online-softmax step over the masked (``-inf``) scores ``s`` (log2 units) along ``AXIS``: returns the
+    probabilities ``p``, the rescale factor ``alpha`` of the running sums, and the new running max and sum."""
+    m_new = tl.maximum(m_i, tl.max(s, AXIS))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - tl.expand_dims(m_safe, AXIS))
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, AXIS)
+
+
+@triton.jit
+def _private_merge_kernel(
+    Q, s_qb, s_qh, s_qq,
+    KP, s_kpb, s_kph, s_kpt,
+    VP, s_vpb, s_vph, s_vpt,
+    BV, s_bvn, s_bvo,
+    ROW_VSLOT,
+    MASK, s_mb, s_mq, s_mt,
+    M_WS, L_WS, ACC_WS, UV_WS,
+    OUT, s_ob, s_oq, s_oh,
+    T, P, NQ, H, RV, n_splits, qk_scale,
+    G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
+    QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    row = tl.program_id(0)
+    hkv = tl.program_id(1)
+    qb = tl.program_id(2)
+    v = tl.arange(0, BLOCK_M)
+    g = v % G
+    ql = v // G
+    qi = qb * QPB + ql
+    valid = (ql < QPB) & (qi < NQ)
+    head = hkv * G + g
+    d = tl.arange(0, HALF_B)
+    dm = d < HALF
+    qmask = valid[:, None] & dm[None, :]
+    q_ptr = Q + row * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
+    q_lo = tl.load(q_ptr, mask=qmask, other=0.0)
+    q_hi = tl.load(q_ptr + HALF, mask=qmask, other=0.0)
+    dtype = q_lo.dtype
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
+    for t0 in range(0, P, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < P
+        kmask = tm[:, None] & dm[None, :]
+        k_ptr = KP + row * s_kpb + hkv * s_kph + t[:, None] * s_kpt + d[None, :]
+        k_lo = tl.load(k_ptr, mask=kmask, other=0.0)
+        k_hi = tl.load(k_ptr + HALF, mask=kmask, other=0.0)
+        s = mma(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
+        s += mma(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
+        s = s * qk_scale
+        allowed = valid[:, None] & tm[None, :]
+        if HAS_MASK:
+            mk = tl.load(MASK + row * s_mb + qi[:, None] * s_mq + (T + t[None, :]) * s_mt, mask=allowed, other=0)
+            allowed = allowed & (mk != 0)
+        else:  # causal, bottom-right aligned: query qi is private token P - NQ + qi
+            allowed = allowed & (t[None, :] <= (P - NQ + qi)[:, None])
+        p, alpha, m_new, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, 1)
+        pd = p.to(dtype)
+        v_ptr = VP + row * s_vpb + hkv * s_vph + t[:, None] * s_vpt + d[None, :]
+        v_lo = tl.load(v_ptr, mask=kmask, other=0.0)
+        v_hi = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
+        acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, DOT_PREC, UPCAST)
+        acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, DOT_PREC, UPCAST)
+        m_i = m_new
+
+    # log-sum-exp merge with the shared context's split partials
+    rv = tl.arange(0, RVB)
+    acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
+    wbase = ((row * H + head) * NQ + qi) * n_splits
+    for sp in range(0, n_splits):
+        w = wbase + sp
+        m_s = tl.load(M_WS + w, mask=valid, other=float("-inf"))
+        l_s = tl.load(L_WS + w, mask=valid, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m_i - m_safe)
+        b = tl.exp2(m_s - m_safe)
+        a_ptr = ACC_WS + w[:, None] * (2 * HALF_B) + d[None, :]
+        acc_lo = acc_lo * a[:, None] + tl.load(a_ptr, mask=valid[:, None], other=0.0) * b[:, None]
+        acc_hi = acc_hi * a[:, None] + tl.load(a_ptr + HALF_B, mask=valid[:, None], other=0.0) * b[:, None]
+        if HAS_V_RES:
+            uv_s = tl.load(UV_WS + w[:, None] * RVB + rv[None, :], mask=valid[:, None], other=0.0)
+            acc_uv = acc_uv * a[:, None] + uv_s * b[:, None]
+        l_i = l_i * a + l_s * b
+        m_i = m_new
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    out_lo = acc_lo * inv_l[:, None]
+    out_hi = acc_hi * inv_l[:, None]
+    if HAS_V_RES:
+        vslot = tl.load(ROW_VSLOT + row)
+        if vslot >= 0:
+            # P·V_row = P·V_base + (P·u_v) B_vᵀ: the V residual applied once, after the softmax
+            bv_ptr = BV + vslot * s_bvn + (hkv * 2 * HALF + d[:, None]) * s_bvo + rv[None, :]
+            bv_mask = dm[:, None] & (rv[None, :] < RV)
+            bv_lo = tl.load(bv_ptr, mask=bv_mask, other=0.0).to(tl.float32)
+            bv_hi = tl.load(bv_ptr + HALF * s_bvo, mask=bv_mask, other=0.0).to(tl.float32)
+            puv = acc_uv * inv_l[:, None]
+            out_lo += mma(puv, tl.trans(bv_lo), "ieee", UPCAST)
+            out_hi += mma(puv, tl.trans(bv_hi), "ieee", UPCAST)
+    o_ptr = OUT + row * s_ob + qi[:, None] * s_oq + head[:, None] * s_oh + d[None, :]
+    tl.store(o_ptr, out_lo.to(OUT.dtype.element_ty), mask=qmask)
+    tl.store(o_ptr + HALF, out_hi.to(OUT.dtype.element_ty), mask=qmask)
+
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """The next power of two at or above ``n``, at least ``lo`` (Triton block sizes)."""
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    # plain integer math: triton.cdiv / next_power_of_2 go through Triton's JIT machinery, ~10 µs a call on the host
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 4
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(name: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A reusable scratch buffer (the kernels of one stream run one after another, so layers can share it)."""
+    key = (name, str(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:numel]
+
+
+def fresh_scratch(name: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A scratch buffer of its own per call (what :func:`workspace` hands out, unshared): inside a CUDA-graph capture
+    it comes from the graph's memory pool and is released when the launch returns."""
+    return torch.empty(max(numel, 1), dtype=dtype, device=device)
+
+
+def on_device(dev: torch.device):
+    """Launch on the tensors' GPU: with a device map, layers live on several GPUs while the current device stays
+    the first one (Triton launches on the current device)."""
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
+                         RV: int, has_v: bool, block_t: int, prec: str, interp: bool):
+    """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
+    ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
+    ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Returns the output ``[B, NQ, H, D]``; also the compiled
+    kernel (resource reports)."""
+    B, H, NQ, D = q.shape
+    Hkv, P = k_priv.shape[1], k_priv.shape[2]
+    G, HALF = H // Hkv, D // 2
+    out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
+    ms = mask.stride() if mask is not None else (0, 0, 0)
+    bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)
+    BLOCK_M = pow2(G * min(NQ, max(1, 64 // G)))
+    qpb = max(1, BLOCK_M // G)
+    m_ws, l_ws, acc_ws, uv_ws = ws
+    kernel = _private_merge_kernel[(B, Hkv, cdiv(NQ, qpb))](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k_priv, k_priv.stride(0), k_priv.stride(1), k_priv.stride(2),
+        v_priv, v_priv.stride(0), v_priv.stride(1), v_priv.stride(2),
+        v_B if has_v else q, *bv_s,
+        row_vslot if has_v else m_ws,
+        mask if mask is not None else q, *ms,
+        m_ws, l_ws, acc_ws, uv_ws,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        T, P, NQ, H, RV, n_splits, qk_scale,
+        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=block_t,
+        HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
+        num_warps=4, num_stages=2,
+    )
+    return out, kernel
+
+
+def check_inputs(q, k_base, v_base, k_priv, v_priv):
+    """Refuse what the kernels cannot take; return the tensors with a contiguous last dimension."""
+    B, H, NQ, D = q.shape
+    Hkv = k_base.shape[0]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
+    if D % 2:
+        raise ValueError(f"head_dim {D} is odd; rotate-half RoPE needs an even head_dim")
+    if k_base.dtype != q.dtype or k_priv.dtype != q.dtype:
+        raise TypeError(f"query is {q.dtype} but the cache holds {k_base.dtype}/{k_priv.dtype}; "
+                        "build the shared context in the dtype the model runs in")
+    last = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return last(q), last(k_base), last(v_base), last(k_priv), last(v_priv)

@@ -1,0 +1,324 @@
+"""Triton ResidualAttention, cascade family: the shared base attended by every query vector of a KV head in one MMA
+per tile; the residuals as separate low-rank terms; the private part merged by log-sum-exp.
+
+Reproduces :func:`forkkv_hf.reference.reference_attention` (the fp32, materialising ground truth). Per KV head, a query
+vector ``m`` (row, query, one of the G query heads) of a row whose agent has slots ``(k, v)`` scores context token ``t``
+as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_v[v] u_v[v, t]``. Three launches:
+
+1. ``_kres_scores_kernel`` (only with K residuals; grid: sorted row position x split of the context x group of KV
+   heads). The first row of each agent (rows sorted by K slot) rebuilds the agent's K residual per tile and KV head,
+   ``X = u[BLOCK_T, r] @ B_k[r, D]`` in lo/hi halves, rotates it with the tile's cos/sin, and scores it against the
+   query vectors of the agent's rows (up to ``MQ`` vectors, one chunk for an agent with few rows), so rows sharing an
+   agent share each rebuild.
+   Writes the scaled scores ``R [H_kv, B·VPR, T]`` (fp16 for bf16/fp16 inputs, fp32 for fp32).
+2. ``_cascade_shared_kernel`` (grid: block of ``BLOCK_M`` query vectors x KV head x split, flash-decoding style).
+   ``S = Q[BLOCK_M, D] @ K_base[BLOCK_T, D]ᵀ`` for every row at once, plus ``R``; online softmax; ``P·V_base``; and
+   the V residual as ``P·u_v`` in sub-blocks of ``BLOCK_M / N_SUB`` vectors (one batched MMA whose right operand
+   holds the u_v of the sub-block's rows; each vector keeps its own row's columns). Writes per-split partials.
+3. :func:`~.attention_common.launch_private_merge`: the rows' private K/V, the log-sum-exp merge, ``(P·u_v)·B_vᵀ``.
+
+Query vectors are laid out ``VPR = next_pow2(NQ·G)`` per row (vector ``row·VPR + q·G + g``), so a sub-block of vectors
+never straddles rows unevenly. Imports nothing from ``forkkv_hf``; inputs are plain tensors and ints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
+                               rope_residual, softmax_step, workspace)
+
+#: the compiled kernels of the last launch (registers, spills and shared memory are read from them by the tuning scripts)
+LAST_LAUNCH: dict = {}
+
+
+@triton.jit
+def _kres_scores_kernel(
+    Q, s_qb, s_qh, s_qq,
+    UK, BK, COS, SIN, KSLOT, ORDER, R,
+    B, T, RK, split_len, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
+    VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
+    ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every row
+    with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
+    the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
+    x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
+    p = tl.program_id(0)
+    split = tl.program_id(1)
+    chunk = tl.program_id(2) // (HKV // HG)
+    hg = tl.program_id(2) % (HKV // HG)
+    slot = tl.load(KSLOT + tl.load(ORDER + p))
+    prev = tl.load(KSLOT + tl.load(ORDER + tl.maximum(p - 1, 0)))
+    first = p + chunk * (MQ // VPR)
+    first_slot = tl.load(KSLOT + tl.load(ORDER + tl.minimum(first, B - 1)))
+    if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
+        dtype = Q.dtype.element_ty
+        d = tl.arange(0, HALF_B)
+        dm = d < HALF
+        rk = tl.arange(0, RKB)
+        rkm = rk < RK
+        # this chunk's query vectors (the score MMA's columns), resolved once, outside the loop over the context
+        col = tl.arange(0, MQ)
+        w = col % VPR
+        pos = first + col // VPR
+        inb = pos < B
+        rowc = tl.load(ORDER + pos, mask=inb, other=0)
+        ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
+        q_off = rowc * s_qb + (w % G) * s_qh + (w // G) * s_qq
+        u_base = UK + slot.to(tl.int64) * T * RK
+        b_base = BK + slot.to(tl.int64) * (HKV * 2 * HALF * RK)
+        bmask = dm[None, :] & rkm[:, None]
+        t_begin = split * split_len
+        t_end = tl.minimum(T, t_begin + split_len)
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < t_end
+            u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
+            cmask = tm[:, None] & dm[None, :]
+            c_ptr = COS + t[:, None] * (2 * HALF) + d[None, :]
+            s_ptr = SIN + t[:, None] * (2 * HALF) + d[None, :]
+            c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
+            s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
+            if ROPE_HALF:
+                c_hi = c_lo
+                s_hi = s_lo
+            else:
+                c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
+                s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
+            for hh in range(HG):
+                h = hg * HG + hh
+                # B_k rows of head h, transposed: [RKB, HALF_B] per half
+                bT_ptr = b_base + (h * 2 * HALF + d[None, :]) * RK + rk[:, None]
+                x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
+                qmask = ok[None, :] & dm[:, None]
+                r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                r = r * qk_scale
+                if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
+                    r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
+                vec = ((h * B + rowc) * VPR + w).to(tl.int64)
+                tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
+
+
+@triton.jit
+def _cascade_shared_kernel(
+    Q, s_qb, s_qh, s_qq,
+    KB, VB, R, KSLOT, UV, VSLOT,
+    MASK, s_mb, s_mq, s_mt,
+    M_WS, L_WS, ACC_WS, UV_WS,
+    B, T, NQ, RV, split_len, n_splits, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, HALF: tl.constexpr,
+    HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
+    context. ``KB``/``VB [HKV, T, D]``, ``R [HKV, B·VPR, T]``, ``UV [n, T, RV]`` contiguous; ``KSLOT``/``VSLOT [B]``;
+    ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and split (layout: see
+    :mod:`.attention_common`)."""
+    mb = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    v = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = v // VPR
+    w = v % VPR
+    qi = w // G
+    head = hkv * G + w % G
+    valid = (row < B) & (w < NQG)
+    row = tl.minimum(row, B - 1)
+    d = tl.arange(0, DB)
+    dm = d < D
+    q = tl.load(Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :],
+                mask=valid[:, None] & dm[None, :], other=0.0)
+    dtype = q.dtype
+    if HAS_K:
+        kres = valid & (tl.load(KSLOT + row) >= 0)
+        r_row = ((hkv * B + row) * VPR + w).to(tl.int64) * T
+    if HAS_V:
+        # u_v columns of each sub-block: RPSB rows x RVB ranks; vector i of a sub-block reads group i // VPR
+        kk = tl.arange(0, N_SUB)
+        cc = tl.arange(0, SBC)
+        urow = ((mb * BLOCK_M + kk * SB) // VPR)[:, None] + (cc // RVB)[None, :]
+        vs = tl.load(VSLOT + tl.minimum(urow, B - 1), mask=urow < B, other=-1)
+        u_ok = (vs >= 0) & ((cc % RVB) < RV)[None, :]
+        u_off = tl.maximum(vs, 0).to(tl.int64) * T * RV + (cc % RVB)[None, :]
+        acc_uv = tl.zeros([N_SUB, SB, SBC], tl.float32)
+    kv_base = hkv.to(tl.int64) * T * D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DB], tl.float32)
+    t_begin = split * split_len
+    t_end = tl.minimum(T, t_begin + split_len)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < t_end
+        kmask = tm[:, None] & dm[None, :]
+        k = tl.load(KB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
+        s = mma(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        if HAS_K:
+            s += tl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(tl.float32)
+        allowed = valid[:, None] & tm[None, :]
+        if HAS_MASK:
+            mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
+            allowed = allowed & (mk != 0)
+        p, alpha, m_new, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, 1)
+        pd = p.to(dtype)
+        vt = tl.load(VB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + mma(pd, vt, DOT_PREC, UPCAST)
+        if HAS_V:
+            u3 = tl.load(UV + u_off[:, None, :] + t[None, :, None] * RV, mask=u_ok[:, None, :] & tm[None, :, None],
+                         other=0.0)
+            a3 = tl.reshape(alpha, [N_SUB, SB])
+            acc_uv = acc_uv * a3[:, :, None] + mma(tl.reshape(pd, [N_SUB, SB, BLOCK_T]), u3, DOT_PREC, UPCAST)
+        m_i = m_new
+
+    wi = ((row * (HKV * G) + head) * NQ + qi) * n_splits + split
+    tl.store(M_WS + wi, m_i, mask=valid)
+    tl.store(L_WS + wi, l_i, mask=valid)
+    dst = tl.where(d < HALF, d, d - HALF + HALF_B)  # the merge kernel's lo | hi layout
+    tl.store(ACC_WS + wi[:, None] * (2 * HALF_B) + dst[None, :], acc, mask=valid[:, None] & dm[None, :])
+    if HAS_V:
+        grp = tl.arange(0, SB) // VPR
+        sel = grp[:, None] == tl.arange(0, RPSB)[None, :]
+        own = tl.sum(tl.where(sel[None, :, :, None], tl.reshape(acc_uv, [N_SUB, SB, RPSB, RVB]), 0.0), 2)
+        rv = tl.arange(0, RVB)
+        tl.store(UV_WS + wi[:, None] * RVB + rv[None, :], tl.reshape(own, [BLOCK_M, RVB]), mask=valid[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# launcher
+
+
+def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_priv: torch.Tensor, v_priv: torch.Tensor, scale: float, *,
+                      k_u=None, k_B=None, k_slot=None, v_u=None, v_B=None, v_slot=None, mask=None,
+                      rope_half: bool = False, k_order=None, k_agents: int | None = None, k_max_rows: int | None = None,
+                      **tuning) -> torch.Tensor:
+    """Attention of ``q [B, H, NQ, D]`` (after RoPE) over each row's ``[shared base + its agent's residual | private]``
+    K/V; returns ``[B, NQ, H, D]`` in the query's dtype.
+
+    ``k_base``/``v_base [H_kv, T, D]``; ``cos``/``sin [T, D]`` (``rope_half``: their two halves are equal, one is
+    read); ``k_priv``/``v_priv [B, H_kv, P, D]``; ``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]`` (scaled) and
+    ``k_slot [B]`` int (each row's slot, -1: none), the same for V (None: no residual of that kind); ``mask
+    [B, NQ, T + P]`` int8 (1 = attend) or None (the shared context visible, causal in the private part). ``k_order``:
+    the rows sorted by ``k_slot`` (computed when None), ``k_agents``: how many distinct K slots and ``k_max_rows``: the
+    most rows one K slot has (they size the K pass's grid and score MMA; ``B`` when None: correct, slower). No host
+    reads of tensor values. ``tuning``: see :func:`_cascade_attention`.
+    """
+    with on_device(q.device):
+        return _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B,
+                                  v_slot, mask, rope_half, k_order, k_agents, k_max_rows, **tuning)
+
+
+def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
+                       rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
+                       n_sub: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
+                       num_stages: int | None = None, res_block_t: int | None = None, res_heads: int | None = None,
+                       res_programs_per_sm: int = 4, res_warps: int = 4, res_stages: int = 2, mq: int | None = None,
+                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace) -> torch.Tensor:
+    """Tuning knobs (defaults: the fastest of eval/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7): ``block_m``
+    query vectors per shared-part program (default: up to 64), ``block_t`` context tokens per tile (32 with K residuals
+    and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only
+    its own rows' u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM (4
+    with K residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` and ``num_stages`` (2 with the V
+    residual alone, else 3) for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
+    (they share the u and cos/sin tiles), ``res_programs_per_sm``, ``res_warps``, ``res_stages``, ``mq`` query vectors
+    per score MMA, ``lowp_rope`` the rotation in the cache dtype (default on for bf16/fp16 on the GPU; env
+    ``FORKKV_LOWP_ROPE``), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel,
+    device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
+    :func:`~.attention_common.fresh_scratch`)."""
+    B, H, NQ, D = q.shape
+    Hkv, T, _ = k_base.shape
+    q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
+    k_base, v_base = k_base.contiguous(), v_base.contiguous()
+    G, HALF = H // Hkv, D // 2
+    HALF_B, DB = pow2(HALF), pow2(D)
+    VPR, NQG = pow2(NQ * G, 1), NQ * G
+    dev, dtype = q.device, q.dtype
+    interp = not q.is_cuda
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    has_k, has_v = k_u is not None, v_u is not None
+    RK = k_u.shape[-1] if has_k else 1
+    RV = v_u.shape[-1] if has_v else 1
+    qk_scale = float(scale) * LOG2E
+    sms = num_sms(str(dev))
+    if lowp_rope is None:
+        env = os.environ.get("FORKKV_LOWP_ROPE")
+        lowp_rope = bool(int(env)) if env is not None else (not interp and dtype in (torch.bfloat16, torch.float16))
+    num_stages = num_stages or (2 if has_v and not has_k else 3)
+    if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
+        block_t, res_block_t, num_stages, res_stages = block_t or 32, res_block_t or 32, 1, 1
+
+    r_scores = q  # dummy pointer without a K residual
+    if has_k:
+        k_slot = k_slot.to(device=dev, dtype=torch.int32)
+        if k_order is None:
+            k_order = torch.argsort(k_slot, stable=True)
+        k_order = k_order.to(device=dev, dtype=torch.int32)
+        r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
+        r_scores = scratch("kres_scores", Hkv * B * VPR * T, dev, r_dtype)
+        BT_R = res_block_t or (32 if interp else 64)
+        HG = res_heads or Hkv
+        if Hkv % HG:
+            raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
+        rows_max = max(1, k_max_rows or B)
+        MQ = mq or max(16, VPR, min(64, pow2(rows_max * VPR)))
+        n_chunks = cdiv(rows_max, MQ // VPR)
+        n_act = max(1, k_agents or B) * n_chunks
+        n_split_r = max(1, min(cdiv(T, BT_R), cdiv(res_programs_per_sm * sms, n_act * (Hkv // HG))))
+        split_r = cdiv(cdiv(T, n_split_r), BT_R) * BT_R
+        k_u, k_B, cos, sin = k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous()
+        LAST_LAUNCH["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), n_chunks * (Hkv // HG))](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            k_u, k_B, cos, sin, k_slot, k_order, r_scores,
+            B, T, RK, split_r, qk_scale,
+            HKV=Hkv, G=G, HALF=HALF, HALF_B=HALF_B, RKB=pow2(RK), VPR=VPR, NQG=NQG, MQ=MQ,
+            BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
+            CLAMP=r_dtype == torch.float16, DOT_PREC=prec, UPCAST=interp,
+            num_warps=res_warps, num_stages=res_stages,
+        )
+
+    many_k_rows = has_k and B * NQ >= 32
+    BLOCK_T = block_t or (32 if interp or many_k_rows else 64)
+    programs_per_sm = programs_per_sm or (4 if many_k_rows or B * NQ * G >= 512 else 2)
+    BLOCK_M = block_m or min(64, pow2(B * VPR))
+    n_sub = n_sub or max(1, BLOCK_M // 16)
+    SB = BLOCK_M // n_sub
+    RVB = pow2(RV)
+    n_mb = cdiv(B * VPR, BLOCK_M)
+    n_splits = max(1, min(cdiv(T, BLOCK_T), cdiv(programs_per_sm * sms, n_mb * Hkv)))
+    split_len = cdiv(cdiv(T, n_splits), BLOCK_T) * BLOCK_T
+    n_splits = max(1, cdiv(T, split_len))
+    n_vec = B * H * NQ * n_splits
+    ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
+          scratch("uv", n_vec * RVB if has_v else 1, dev))
+    if has_v:
+        v_slot = v_slot.to(device=dev, dtype=torch.int32)
+        v_u = v_u.contiguous()
+    ms = mask.stride() if mask is not None else (0, 0, 0)
+    LAST_LAUNCH["shared"] = _cascade_shared_kernel[(n_mb, Hkv, n_splits)](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
+        mask if mask is not None else q, *ms,
+        *ws,
+        B, T, NQ, RV, split_len, n_splits, qk_scale,
+        HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
+        BLOCK_T=BLOCK_T, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
+        HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out, LAST_LAUNCH["merge"] = launch_private_merge(
+        q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
+        prec=prec, interp=interp)
+    return out

@@ -1,0 +1,392 @@
+"""Misuse on the input side (issue 16, part B): each case is refused with an error that says what is wrong and what
+to do, or works and equals plain PEFT where ForkKV is exact (LoRA on the last layer's K/V, ``__base__`` rows) and
+ForkKV's own plain greedy run elsewhere. Masks over the shared context, cache keywords, token ids, whole rows in a
+direct forward, sequence-length dependent RoPE, assisted and prompt-lookup decoding, ``crop``, model families."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import forkkv_hf
+from forkkv_hf import CACHE_KWARG, ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from forkkv_hf.compat import crop_takes_length
+from models import tiny_llama, with_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+KV_LAST = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[2])  # ForkKV is exact for these
+
+
+@pytest.fixture(scope="module")
+def agents():
+    """LoRA on q/k/v/o of every layer: ForkKV is its own semantics here (refusals, self-consistency)."""
+    pm = with_adapters(tiny_llama(layers=2, seed=21), {"planner": dict(r=4, target_modules=ALL),
+                                                       "coder": dict(r=2, target_modules=ALL)}, seed=21)
+    return forkkv_hf.enable_forkkv(pm)
+
+
+@pytest.fixture(scope="module")
+def exact_agents():
+    """LoRA on the last layer's K/V only: ForkKV equals plain PEFT."""
+    pm = with_adapters(tiny_llama(layers=3, seed=7), {"planner": dict(r=4, **KV_LAST), "coder": dict(r=2, **KV_LAST)},
+                       seed=7)
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def _ctx(T=15, seed=3, high=128):
+    return torch.randint(3, high, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(pm, inputs, names, cache=None, **kw):
+    kw.setdefault("max_new_tokens", 4)
+    kw.setdefault("pad_token_id", 0)
+    extra = cache_kwargs(cache) if cache is not None else {}
+    return pm.generate(**inputs, adapter_names=names, do_sample=False, **extra, **kw)
+
+
+def _plain_peft(pm, fn):
+    """``fn()`` with ForkKV off (plain PEFT, DynamicCache, SDPA), then ForkKV on again."""
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        return fn()
+    finally:
+        forkkv_hf.enable_forkkv(pm)
+
+
+def _fork(pm, ctx, names):
+    return ForkKVCache.from_context(pm, ctx, adapter_names=names)
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+def test_mask_that_hides_context_tokens_is_refused(agents):
+    ctx = _ctx()
+    names = ["planner", "coder"]
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    mask = inputs["attention_mask"].clone()
+    mask[1, 3] = 0
+    cache = _fork(agents, ctx, names)
+    with pytest.raises(ValueError, match=r"hides token 3 of the 15-token shared context in row 1.*batch_inputs"):
+        _gen(agents, {"input_ids": inputs["input_ids"], "attention_mask": mask}, names, cache)
+    # a direct forward of the new tokens with such a mask: refused the same way, before the cache is touched
+    with pytest.raises(ValueError, match="hides token 3 of the 15-token shared context"):
+        agents(input_ids=inputs["input_ids"][:, 15:], attention_mask=mask, adapter_names=names, **cache_kwargs(cache))
+    assert cache.get_seq_length() == 15 and cache.private_ids is None
+
+
+def test_pad_id_inside_the_context_without_mask_is_refused(agents):
+    ctx = _ctx()
+    ctx[4] = 0  # the pad id: generate would derive attention_mask = input_ids != 0, hiding context token 4
+    row = torch.cat([ctx, torch.tensor([4, 5])])[None]
+    with pytest.raises(ValueError, match=r"pad_token_id=0 occurs inside the shared context \(row 0, token 4\)"):
+        _gen(agents, {"input_ids": row}, ["planner"], _fork(agents, ctx, ["planner"]))
+    # with batch_inputs' mask the same rows work, and equal the run whose pad id is not in the context at all
+    out = _gen(agents, batch_inputs(ctx, [torch.tensor([4, 5])]), ["planner"], _fork(agents, ctx, ["planner"]))
+    ref = _gen(agents, {"input_ids": row}, ["planner"], _fork(agents, ctx, ["planner"]), pad_token_id=127)
+    assert torch.equal(out, ref)
+
+
+def test_pad_derived_mask_over_padding_only_equals_plain_peft(exact_agents):
+    """No attention_mask given, pad ids only between context and prompt (batch_inputs' layout): generate derives a
+    mask that hides the padding alone, which ForkKV serves like plain PEFT."""
+    pm = exact_agents
+    ctx = _ctx(18, seed=5)
+    names = ["planner", "coder", "__base__"]
+    ids = batch_inputs(ctx, [torch.tensor([4, 5, 6]), torch.tensor([7]), torch.tensor([8, 9])], pad_token_id=0)
+    inputs = {"input_ids": ids["input_ids"]}
+    exact = _plain_peft(pm, lambda: _gen(pm, inputs, names, max_new_tokens=6))
+    assert torch.equal(_gen(pm, inputs, names, _fork(pm, ctx, names), max_new_tokens=6), exact)
+
+
+@pytest.mark.parametrize("extra", [2, -1], ids=["longer", "shorter"])
+def test_mask_of_the_wrong_length_is_refused(agents, extra):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5])])
+    mask = torch.ones(1, 17 + extra, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"attention_mask covers {17 + extra} tokens but must cover 17"):
+        _gen(agents, {"input_ids": inputs["input_ids"], "attention_mask": mask}, ["planner"],
+             _fork(agents, ctx, ["planner"]))
+
+
+# ---------------------------------------------------------------------------------------------------- cache keyword
+def test_cache_passed_under_both_keywords_is_refused(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5])])
+    a, b = _fork(agents, ctx, ["planner"]), _fork(agents, ctx, ["planner"])
+    with pytest.raises(ValueError, match="both past_key_values= and cache="):
+        agents.generate(**inputs, adapter_names=["planner"], max_new_tokens=2, past_key_values=a, cache=b)
+    if CACHE_KWARG == "past_key_values":  # transformers 5.17 ignores cache= (and then refuses it as unused)
+        with pytest.raises(ValueError, match="takes the cache as past_key_values="):
+            agents.generate(**inputs, adapter_names=["planner"], max_new_tokens=2, cache=a)
+
+
+# ---------------------------------------------------------------------------------------------------- token ids
+def test_token_ids_are_checked_where_they_enter(agents):
+    ctx = _ctx()
+    with pytest.raises(TypeError, match=r"prompt 0 must hold token ids \(integer dtype\), got torch.float32"):
+        batch_inputs(ctx, [torch.tensor([4.7, 5.2])])  # never truncated to [4, 5]
+    with pytest.raises(TypeError, match="integer dtype"):
+        batch_inputs(ctx, [[4.0, 5.0]])
+    with pytest.raises(ValueError, match="prompt 1 is not a flat list of token ids"):
+        batch_inputs(ctx, [[4], [[5, 6], [7]]])
+    with pytest.raises(ValueError, match="prompt 0 holds token id -4 at index 0"):
+        batch_inputs(ctx, [[-4, 5]])
+    with pytest.raises(ValueError, match="pad_token_id must be a token id >= 0"):
+        batch_inputs(ctx, [[4], [5, 6]], pad_token_id=-1)
+    with pytest.raises(TypeError, match="pad_token_id must be an int"):
+        batch_inputs(ctx, [[4], [5, 6]], pad_token_id=1.0)
+    with pytest.raises(ValueError, match=r"context_ids holds token id 500 at index 1.*vocabulary"):
+        SharedContext.build(agents, torch.tensor([3, 500, 4]), ["planner"])
+    with pytest.raises(ValueError, match="context_ids holds token id -5"):
+        SharedContext.build(agents, [3, -5], ["planner"])
+    with pytest.raises(ValueError, match="context_ids is not a flat list"):
+        SharedContext.build(agents, [[3, 4], [5]], ["planner"])
+    with pytest.raises(TypeError, match="integer dtype"):
+        SharedContext.build(agents, [3.0, 4.0], ["planner"])
+    # at generate time, where the model (and so the vocabulary) is known
+    cache = _fork(agents, ctx, ["planner", "coder"])
+    with pytest.raises(ValueError, match=r"input_ids holds token id 400 at row 0, column 15.*\(the model's vocabulary\)"):
+        _gen(agents, batch_inputs(ctx, [[400, 5], [6]], pad_token_id=0), ["planner", "coder"], cache)
+    with pytest.raises(ValueError, match="token id 1000 at row 1, column 15 \\(it is the pad_token_id 1000"):
+        _gen(agents, batch_inputs(ctx, [[4, 5], [6]], pad_token_id=1000), ["planner", "coder"], cache,
+             pad_token_id=1000)
+    # and in a direct forward
+    with pytest.raises(ValueError, match="input_ids holds token id 128"):
+        agents(input_ids=torch.tensor([[128]]), adapter_names=["planner"], **cache_kwargs(_fork(agents, ctx, ["planner"])))
+    # numpy and int32 ids are fine
+    shared = SharedContext.build(agents, ctx.int().numpy(), ["planner"])
+    assert torch.equal(shared.token_ids, ctx)
+
+
+def test_adapter_names_must_match_the_rows(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    cache = _fork(agents, ctx, ["planner", "coder"])
+    with pytest.raises(TypeError, match="not the string 'planner'"):
+        _gen(agents, inputs, "planner", cache)
+    with pytest.raises(ValueError, match="adapter_names has 1 names but the batch has 2 rows"):
+        _gen(agents, inputs, ["planner"], cache)
+    with pytest.raises(ValueError, match=r"PEFT does not repeat adapter_names.*range\(2\)"):
+        agents.generate(**inputs, adapter_names=["planner", "coder"], max_new_tokens=2, do_sample=True,
+                        num_return_sequences=2, pad_token_id=0, **cache_kwargs(cache))
+
+
+# ---------------------------------------------------------------------------------------------------- direct forward
+def test_direct_forward_of_whole_rows(exact_agents):
+    """Whole rows (context + prompt) into a fresh fork would append the context a second time: refused with what to
+    do, unless only the logits of new tokens are asked for (then they are cut to the new tokens, as generate does).
+    The documented forward of the tail keeps working and equals plain PEFT."""
+    pm = exact_agents
+    ctx = _ctx(16, seed=8)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5, 6]), torch.tensor([7])], pad_token_id=0)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        exact = _plain_peft(pm, lambda: pm(**inputs, position_ids=positions, adapter_names=names).logits)
+        cache = _fork(pm, ctx, names)
+        for kwargs in (inputs, {"input_ids": ids}):
+            with pytest.raises(ValueError, match=r"whole rows \(19 tokens\).*pass only the tokens after them, "
+                                                 r"input_ids\[:, 16:\]"):
+                pm(**kwargs, adapter_names=names, **cache_kwargs(cache))
+            assert cache.get_seq_length() == 16  # refused before anything was appended
+        tail = pm(input_ids=ids[:, 16:], attention_mask=mask, position_ids=positions[:, 16:], adapter_names=names,
+                  **cache_kwargs(cache)).logits
+        torch.testing.assert_close(tail, exact[:, 16:], rtol=1e-4, atol=1e-4)
+        last = pm(**inputs, position_ids=positions, adapter_names=names, logits_to_keep=2,
+                  **cache_kwargs(_fork(pm, ctx, names))).logits
+        torch.testing.assert_close(last, exact[:, -2:], rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="position_ids start at 0, inside the 16-token shared context"):
+            pm(input_ids=ids[:, 16:], position_ids=torch.arange(3)[None].expand(2, 3), adapter_names=names,
+               **cache_kwargs(_fork(pm, ctx, names)))
+
+
+def test_forward_shapes_are_checked(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    tail, mask = inputs["input_ids"][:, 15:], inputs["attention_mask"]
+    cache = _fork(agents, ctx, ["planner", "coder"])
+    with pytest.raises(ValueError, match="attention_mask has 1 rows but input_ids have 2"):
+        agents(input_ids=tail, attention_mask=mask[:1], adapter_names=["planner", "coder"], **cache_kwargs(cache))
+    with pytest.raises(ValueError, match=r"position_ids must be \[2, 2\]"):
+        agents(input_ids=tail, position_ids=torch.tensor([15, 16]), adapter_names=["planner", "coder"],
+               **cache_kwargs(cache))
+    with pytest.raises(ValueError, match="covers 16 tokens but this forward appends 2 to a cache holding 15"):
+        agents(input_ids=tail, attention_mask=mask[:, 1:], adapter_names=["planner", "coder"], **cache_kwargs(cache))
+    assert cache.get_seq_length() == 15
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE scaling
+def _rope_agents(rope: dict, max_pos: int):
+    m = tiny_llama(layers=3, seed=5, max_pos=max_pos, rope_parameters=dict(rope_theta=10000.0, **rope))
+    with torch.no_grad():  # sharper attention, so that positions (and so RoPE) matter to the logits
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    return forkkv_hf.enable_forkkv(with_adapters(m, {"planner": dict(r=4, **KV_LAST)}, seed=5))
+
+
+def _rope_run(pm, T: int, prompt: int, new: int, chunk_size=4096):
+    """ForkKV and plain PEFT over a T-token context, two rows (an exact agent and the base model)."""
+    ctx = _ctx(T, seed=1)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, [_ctx(prompt, seed=2), _ctx(prompt, seed=3)])
+    kw = dict(max_new_tokens=new, min_new_tokens=new, output_scores=True, return_dict_in_generate=True)
+    exact = _plain_peft(pm, lambda: _gen(pm, inputs, names, **kw))
+    shared = SharedContext.build(pm, ctx, ["planner"], chunk_size=chunk_size, progress=False)
+    return _gen(pm, inputs, names, shared.fork(names), **kw), exact
+
+
+def _same(out, exact):
+    assert torch.equal(out.sequences, exact.sequences)
+    for a, b in zip(out.scores, exact.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_ntk_rope(monkeypatch):
+    """Dynamic NTK rescales every frequency once a forward reaches past max_position_embeddings (32 here)."""
+    pm = _rope_agents(dict(rope_type="dynamic", factor=4.0), max_pos=32)
+    _same(*_rope_run(pm, T=20, prompt=5, new=4))  # 29 positions: never rescaled
+    _same(*_rope_run(pm, T=20, prompt=5, new=20))  # decoding past 32: earlier keys stay as cached, as in plain HF
+    with pytest.raises(ValueError, match=r"'dynamic' RoPE.*change above 32 positions.*prefill of these rows \(44"):
+        _rope_run(pm, T=20, prompt=24, new=3)  # the prefill itself passes 32: the context would be rescaled too
+    # what the refusal prevents: without it the scores differ from plain PEFT, also for the __base__ row
+    monkeypatch.setattr(forkkv_hf.guards, "check_rope_for_prefill", lambda *a: None)
+    out, exact = _rope_run(pm, T=20, prompt=24, new=3)
+    diff = (out.scores[0][1] - exact.scores[0][1]).abs()
+    assert diff[diff.isfinite()].max() > 1e-3
+
+
+def test_longrope_follows_the_context_length():
+    """longrope switches from short to long factors above original_max_position_embeddings (16 here), per forward:
+    a context built in one pass past 16 tokens uses the long factors as plain PEFT's prefill does; a context within 16
+    whose prefill passes it, or one built in chunks across it, would not match and is refused."""
+    pm = _rope_agents(dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[3.0] * 8,
+                           original_max_position_embeddings=16), max_pos=64)
+    _same(*_rope_run(pm, T=8, prompt=4, new=8))  # decoding past 16
+    _same(*_rope_run(pm, T=20, prompt=5, new=3, chunk_size=None))
+    with pytest.raises(ValueError, match=r"'longrope' RoPE.*change above 16 positions"):
+        _rope_run(pm, T=10, prompt=10, new=3)
+    with pytest.raises(ValueError, match=r"in one pass \(chunk_size=None\)"):
+        _rope_run(pm, T=20, prompt=5, new=3, chunk_size=8)
+
+
+@pytest.mark.parametrize("rope", [dict(rope_type="linear", factor=2.0),
+                                  dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16),
+                                  dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)],
+                         ids=lambda r: r["rope_type"])
+def test_position_only_rope_types_equal_plain_peft(rope):
+    pm = _rope_agents(rope, max_pos=32)
+    _same(*_rope_run(pm, T=14, prompt=10, new=10))  # past 16 and 32 positions, prefill and decode
+
+
+# ---------------------------------------------------------------------------------------------------- assisted decoding
+def _drafter(mode: str):
+    if mode == "assistant_model":
+        return {"assistant_model": tiny_llama(layers=1, seed=8)}
+    return {"prompt_lookup_num_tokens": 3} if mode == "prompt_lookup" else {"assistant_early_exit": 1}
+
+
+DRAFTERS = ["prompt_lookup", "assistant_model", "assistant_early_exit"]
+
+
+@pytest.mark.parametrize("mode", DRAFTERS)
+@pytest.mark.parametrize("name", ["planner", "__base__"])
+def test_assisted_decoding_equals_plain_peft(exact_agents, monkeypatch, mode, name):
+    """Drafts are verified several tokens at a time and rejected ones cropped from the private part (crop(0) when all
+    are accepted): the tokens equal plain PEFT's greedy ones."""
+    pm = exact_agents
+    ctx = _ctx(20, seed=1, high=40)  # few distinct ids: prompt lookup finds n-gram matches
+    inputs = batch_inputs(ctx, [ctx[:6].clone()])
+    exact = _plain_peft(pm, lambda: _gen(pm, inputs, [name], max_new_tokens=12))
+    crops, forwards = [], []
+    monkeypatch.setattr(ForkKVCache, "crop", lambda self, n, crop=ForkKVCache.crop: (crops.append(n), crop(self, n))[1])
+    hook = pm.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]) if isinstance(kw.get(CACHE_KWARG), ForkKVCache)
+        else None, with_kwargs=True)
+    try:
+        cache = _fork(pm, ctx, [name])
+        out = _gen(pm, inputs, [name], cache, max_new_tokens=12, **_drafter(mode))
+    finally:
+        hook.remove()
+    assert torch.equal(out, exact)
+    assert crops and max(forwards[1:]) > 1  # drafts were verified in multi-token forwards and cropped
+    assert cache.get_seq_length() == 20 + 6 + 12 - 1 and cache.private_ids.shape[1] == 6 + 12 - 1
+
+
+@pytest.mark.parametrize("mode", DRAFTERS)
+def test_assisted_decoding_equals_forkkv_greedy(agents, mode):
+    ctx = _ctx(20, seed=1, high=40)
+    inputs = batch_inputs(ctx, [ctx[:6].clone()])
+    shared = SharedContext.build(agents, ctx, ["planner"])
+    greedy = _gen(agents, inputs, ["planner"], shared.fork(["planner"]), max_new_tokens=10)
+    assert torch.equal(_gen(agents, inputs, ["planner"], shared.fork(["planner"]), max_new_tokens=10,
+                            **_drafter(mode)), greedy)
+
+
+def test_assisted_decoding_needs_one_row(agents):
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    with pytest.raises(ValueError, match="one row at a time.*shared.fork\\(\\[name\\]\\)"):
+        _gen(agents, inputs, ["planner", "coder"], _fork(agents, ctx, ["planner", "coder"]),
+             prompt_lookup_num_tokens=3)
+
+
+def test_crop_follows_the_installed_transformers(agents):
+    """crop(n) as DynamicCache's: n <= 0 removes -n tokens; n > 0 is an absolute length where transformers still
+    takes it (5.17) and refused where it does not (5.24); the shared context is never cropped."""
+    ctx = _ctx()
+    cache = _fork(agents, ctx, ["planner"])
+    _gen(agents, batch_inputs(ctx, [torch.tensor([4, 5])]), ["planner"], cache, max_new_tokens=5)  # 15 + 6
+    dyn = DynamicCache()
+    dyn.update(torch.zeros(1, 2, 21, 16), torch.zeros(1, 2, 21, 16), 0)
+    for c in (cache, dyn):
+        c.crop(0)
+        c.crop(-2)
+    assert cache.get_seq_length() == dyn.get_seq_length() == 19
+    assert cache.private_ids.shape[1] == 4
+    if crop_takes_length():
+        cache.crop(17)
+        dyn.crop(17)
+        assert cache.get_seq_length() == dyn.get_seq_length() == 17
+    else:
+        with pytest.raises(ValueError):
+            dyn.crop(17)
+        with pytest.raises(ValueError, match=r"takes only n <= 0 \(remove -n tokens\)"):
+            cache.crop(17)
+    with pytest.raises(ValueError, match="cannot crop into the shared context"):
+        cache.crop(-5)
+
+
+# ---------------------------------------------------------------------------------------------------- model families
+def _family(config_name: str, model_name: str, targets, **cfg):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=128, **cfg)).eval()
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets), adapter_name="agent").eval()
+
+
+SEQ2SEQ = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0, decoder_start_token_id=0)
+FAMILIES = {
+    "bart": (("BartConfig", "BartForConditionalGeneration", ["k_proj", "v_proj"]), SEQ2SEQ, "is an encoder-decoder"),
+    "marian": (("MarianConfig", "MarianMTModel", ["k_proj", "v_proj"]), SEQ2SEQ, "is an encoder-decoder"),
+    "gpt2": (("GPT2Config", "GPT2LMHeadModel", ["c_attn"]), dict(n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
+                                                                  eos_token_id=2),
+             r"no self-attention layers ForkKV can split.*GPT2Attention\(c_attn, c_proj\)"),
+    "opt": (("OPTConfig", "OPTForCausalLM", ["k_proj", "v_proj"]),
+            dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32),
+            "takes no rotary position embeddings"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_unsupported_families_are_refused_clearly(family):
+    (cfg_name, model_name, targets), cfg, message = FAMILIES[family]
+    pm = _family(cfg_name, model_name, targets, **cfg)
+    with pytest.raises(ValueError, match=message + ".*Llama, Mistral"):
+        SharedContext.build(pm, _ctx(8), ["agent"])
+    with pytest.raises(ValueError, match=message):
+        forkkv_hf.enable_forkkv(pm)
+    assert pm.get_base_model().config._attn_implementation != "forkkv"  # left as it was
