@@ -368,6 +368,7 @@ class ForkKVCache(Cache):
             raise ValueError("this ForkKVCache's shared context was built for another model instance; build a "
                              "SharedContext with the model you generate with")
         self.shared.check_weights(model, list(dict.fromkeys(self.adapter_names)))
+        self._weights_checked = True  # this call's prefill forward need not check again
 
     @contextlib.contextmanager
     def generating(self):
@@ -383,18 +384,20 @@ class ForkKVCache(Cache):
         """Before each forward of ``module`` (the transformers model) that appends to this cache (the hook
         :func:`forkkv_hf.enable_forkkv` installs): refuse inputs it would serve wrong, cut whole rows to the new
         tokens (:func:`forkkv_hf.guards.check_forward_inputs`; a decode step of a ``generate`` call skips the checks
-        that read tensor values) and record the tokens appended. Inside a compiled decode step it only records
-        them (tensor ops; the call's eager prefill ran the checks). Returns the ``(args, kwargs)`` to run, or
-        ``None`` for "as given"."""
+        that read tensor values), check the weights at the first forward of a fork not run by ``generate`` (which
+        checks them at each call) and record the tokens appended. A compiled decode step only records them (its
+        call's eager prefill ran the checks). Returns the ``(args, kwargs)`` to run, or ``None`` for "as given"."""
         if torch.compiler.is_compiling():
             ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is not None:
-                self.record_tokens(ids)
-            return None
+            return None if ids is None else self.record_tokens(ids)
         n = self.__dict__.get("_generate_forwards")
         if n is not None:
             self._generate_forwards = n + 1
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
+        checked, self._weights_checked = getattr(self, "_weights_checked", False), False
+        if not checked and not n and self.layers[0].private_length() == 0:
+            # a direct forward on a fresh fork: its context must match the weights, as generate checks each call
+            self.shared.check_weights(module, list(dict.fromkeys(self.adapter_names)))
         run_args, run_kwargs = changed or (args, kwargs)
         ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)
         if ids is not None:
@@ -405,7 +408,7 @@ class ForkKVCache(Cache):
         """``pickle``/``torch.save``: the shared context travels with the cache, a ForkKVStore's pin does not (a
         loaded cache belongs to no store). At its first generate the loaded context is checked against the model
         by content (:meth:`SharedContext.check_weights`)."""
-        return {k: v for k, v in self.__dict__.items() if k != "_forkkv_store_lease"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_forkkv_store_lease", "_weights_checked")}
 
     @property
     def adapter_names(self) -> list[str]:

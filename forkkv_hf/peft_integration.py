@@ -101,6 +101,9 @@ def install(model: nn.Module) -> None:
             except BaseException:
                 remove_stale_peft_hooks(model)
                 raise
+            finally:
+                if cache is not None:  # a weight check of this call covers none of the next direct forwards
+                    cache.__dict__.pop("_weights_checked", None)
 
     _mark(generate, inner)
     model.generate = generate

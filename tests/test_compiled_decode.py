@@ -230,6 +230,32 @@ def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatc
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_eager_decode_steps_skip_the_value_checks(agents, monkeypatch):
+    """An eager generate runs the forward checks that read tensor values (a device sync) at its first forward only:
+    its decode steps feed back tokens, masks and positions generate made itself. Direct forwards keep them."""
+    from forkkv_hf import cache as cache_module
+
+    seen = []
+    real = cache_module.check_forward_inputs
+
+    def spy(cache, module, args, kwargs, decode_step=False):
+        seen.append(decode_step)
+        return real(cache, module, args, kwargs, decode_step)
+
+    monkeypatch.setattr(cache_module, "check_forward_inputs", spy)
+    ctx = _context(15)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([2, 3]), pad_token_id=0)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    out = _gen(agents, inputs, names, cache, max_new_tokens=5)
+    assert seen == [False] + [True] * 4
+    seen.clear()
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        agents(input_ids=out.sequences[:, -1:], attention_mask=mask, adapter_names=names, **cache_kwargs(cache))
+    assert seen == [False]
+
+
 def test_eager_where_compile_cannot_run(agents, caplog):
     """disable_compile, a CPU model without _compile_all_devices, no adapter_names, or a DoRA adapter: the cache
     stays dynamic (not compileable), decode runs eager, the reason is logged once."""

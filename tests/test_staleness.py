@@ -93,6 +93,36 @@ def test_base_weights_changed_after_build_are_refused(where, how):
     assert _key_change(shared, SharedContext.build(pm, ctx, [], progress=False)) > 1e-4  # the write did matter
 
 
+@pytest.mark.parametrize("which", ["base", "adapter"])
+def test_direct_forward_on_a_fresh_fork_is_checked(which):
+    """A plain ``model(...)`` call on a fresh fork is checked like a generate; later forwards of the same fork (its
+    decode steps) and a generate's own prefill forward are not checked again."""
+    pm, ctx = _agents(seed=2), _ctx(seed=3)
+    shared = SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
+    inputs = _inputs(ctx)
+    ok = pm(**inputs, adapter_names=ROWS, past_key_values=shared.fork(ROWS), logits_to_keep=2)  # unchanged weights: served
+    assert ok.logits.shape[:2] == (len(ROWS), 2)
+    writes = {"base": (BASE_WEIGHTS["k_proj"], r"base weights changed"),
+              "adapter": (ADAPTER_WEIGHTS["lora_A"], r"adapter 'planner' changed")}
+    tensor_of, message = writes[which]
+    _write(pm, tensor_of, "data", delta=0.3)
+    with pytest.raises(StaleContextError, match=message):
+        pm(**inputs, adapter_names=ROWS, past_key_values=shared.fork(ROWS), logits_to_keep=2)
+
+
+def test_failed_generate_leaves_no_pass_for_a_direct_forward():
+    """The weight check a generate did for its own prefill does not excuse a later direct forward when the generate
+    failed before its first forward."""
+    pm, ctx = _agents(seed=2), _ctx(seed=3)
+    shared = SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
+    cache = shared.fork(ROWS)
+    with pytest.raises(Exception):
+        pm.generate(**_inputs(ctx), adapter_names=ROWS, past_key_values=cache, max_new_tokens=-1)
+    _write(pm, BASE_WEIGHTS["k_proj"], "data")
+    with pytest.raises(StaleContextError, match="base weights changed"):
+        pm(**_inputs(ctx), adapter_names=ROWS, past_key_values=cache, logits_to_keep=2)
+
+
 def _key_change(old, new) -> float:
     return max((a.key - b.key).abs().max().item() for a, b in zip(old.layers, new.layers))
 
