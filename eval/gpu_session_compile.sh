@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Issue 18 (compiled decode) on the GPU machine: the GPU tests, then the decode-step benchmark. Everything under $OUT.
-#   PART=tests|bench|all (default all); TIME_LIMIT: seconds after which the benchmark starts no new case (default 400);
-#   RESUME: a JSON in the working tree from an earlier call (its cases are kept) -- the benchmark spans calls that way.
-#   AGENTS: the N of the decode section (default "1 8 32 128 230"; 230 = capacity at 32K under 60 GiB, README).
+# Issue 18 (compiled decode) on the GPU machine, within one call's limit: the GPU tests of compiled decode, the
+# kernel/generate suites (eager paths, cascade default), then the decode-step benchmark (python -m eval.bench.decode)
+# in the time left. Everything under $OUT.
+#   PART=tests|bench|all (default all); LIMIT: seconds the whole script may take (default 570); the benchmark starts
+#   no new case once fewer than CASE_S seconds (default 130) are left; RESUME: a bench_decode JSON from an earlier
+#   call (its cases are kept); AGENTS: the N of the benchmark (default "1 8 32 128").
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 PART=${PART:-all}
+LIMIT=${LIMIT:-570}
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
-  # compiled decode (4K and 32K, default compile: inductor + CUDA graphs) and the kernel/generate suites that cover the
-  # refactored Triton launchers in eager mode
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs tests/test_compiled_decode.py \
-    2>&1 | tail -30 | tee "$OUT/gpu_tests_compiled_decode.txt"
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_generate.py \
-    2>&1 | tail -15 | tee "$OUT/gpu_tests_kernels_generate.txt"
+  timeout ${COMPILED_TEST_TIMEOUT:-200} python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs tests/test_compiled_decode.py \
+    > "$OUT/gpu_tests_compiled_decode.txt" 2>&1
+  tail -n 12 "$OUT/gpu_tests_compiled_decode.txt"
+  timeout ${KERNEL_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_cascade_kernel.py \
+    tests/test_kernels.py tests/test_generate.py > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
+  tail -n 12 "$OUT/gpu_tests_kernels_generate.txt"
 fi
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
-  timeout ${BENCH_TIMEOUT:-560} python3 eval/bench_e2e.py --only-decode --decode-agents ${AGENTS:-1 8 32 128 230} \
-    --decode-context 32768 --compile on off --time-limit ${TIME_LIMIT:-400} ${RESUME:+--resume "$RESUME"} \
-    --out "$OUT/bench_e2e_compile.json" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/bench_e2e_compile.txt"
+  left=$((LIMIT - SECONDS))
+  timeout $left python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 \
+    --time-limit $((left - ${CASE_S:-130})) ${RESUME:+--resume "$RESUME"} --out "$OUT/bench_decode.json" \
+    > "$OUT/bench_decode.txt" 2>&1
+  grep -v -i warn "$OUT/bench_decode.txt" | tail -n 30
 fi

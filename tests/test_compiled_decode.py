@@ -391,12 +391,15 @@ def test_pass_rule_harness_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [4096, 32768], ids=["T4K", "T32K"])
-def test_default_compile_equals_eager_bf16_gpu(T):
+@pytest.mark.parametrize("T,kernel", [(4096, "fused"), (32768, None)], ids=["T4K-fused", "T32K-dispatch"])
+def test_default_compile_equals_eager_bf16_gpu(T, kernel, monkeypatch):
     """transformers' default compile (inductor, mode="reduce-overhead": CUDA graphs) over 64 decode steps: the bf16
     pass rule against eager (tokens may part only where fp32 cannot tell them apart beyond bf16 noise), no CUDA-graph
-    skips, no recompile for a second generate."""
+    skips, no recompile for a second generate. ``kernel``: the attention family for both runs (``None``: the
+    dispatch's choice, the cascade kernels for these six rows)."""
+    if kernel is not None:
+        monkeypatch.setenv("FORKKV_KERNEL", kernel)
     divergence, e_eager, e_comp = _pass_rule_case("cuda", T=T, steps=64)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
-    print(f"T={T}: first divergence per row {divergence}; max |logit error| vs fp32: eager {e_eager:.4f}, "
-          f"compiled {e_comp:.4f}")
+    print(f"T={T} {kernel or 'dispatch'}: first divergence per row {divergence}; max |logit error| vs fp32: eager "
+          f"{e_eager:.4f}, compiled {e_comp:.4f}")

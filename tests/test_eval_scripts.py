@@ -61,6 +61,21 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
     assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res.rows)
 
 
+def test_bench_decode_tiny(tmp_path):
+    """Issue 18's decode-step benchmark: ForkKV compiled (eager backend on CPU) and not, the transformers-alone
+    anchors; every row measured, the eager row compares its tokens with the compiled run's."""
+    res = _run("eval.bench.decode", "--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "1",
+               tmp_path=tmp_path)
+    assert res.benchmark == "bench_decode" and res.case_keys == ["system", "context", "agents", "compile"]
+    cases = [tuple(r[k] for k in res.case_keys) for r in res.rows]
+    assert cases == [("transformers, DynamicCache eager", 40, 1, False), ("transformers, StaticCache + compile", 40, 1,
+                     True), ("forkkv", 40, 2, True), ("forkkv", 40, 2, False)]
+    for r in res.rows:  # (a step's sign is timing noise at toy sizes on a shared CPU: not checked)
+        assert "error" not in r and isinstance(r["step_ms"], float) and r["first_call_s"] > 0, r
+        assert "gpu_busy_ms" in r and "gpu_ms_by_family" in r and "profile_error" not in r, r
+    assert res.rows[-1]["rows_same_tokens_as_compiled"] == 2
+
+
 def test_bench_tp_tiny_one_process(tmp_path):
     """The tensor-parallel benchmark's one-process run (what torchrun runs on every rank) from a written checkpoint."""
     ck = tmp_path / "ck"
@@ -150,7 +165,7 @@ def test_committed_results_load_and_plot(tmp_path):
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
-ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.lora",
+ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.decode", "eval.bench.lora",
                 "eval.bench.tp", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
 
 

@@ -1,0 +1,230 @@
+"""Decode step of plain ``generate`` with a ForkKVCache, compiled (issue 18) and eager, measured as a user runs it.
+
+Llama-3.1-8B shapes (random bf16 weights), N rank-16 LoRA agents on q/k/v/o over one ``--context``-token shared
+context, a 64-token prompt per agent, greedy ``generate(**inputs, adapter_names=names, past_key_values=fork)``, no
+per-step hooks or synchronisation:
+
+- step: the difference of two ``generate`` calls of ``n1`` and ``n2`` new tokens (``min_new_tokens`` =
+  ``max_new_tokens``, ``--tokens``), divided by ``n2 - n1``: the prefill and the per-call work cancel out; median of
+  ``--reps``; tok/s = N / step;
+- GPU-busy time per step: the same difference of the GPU kernel time ``torch.profiler`` records (by kernel family;
+  kernels replayed from CUDA graphs count too); ``step_over_busy`` = step / GPU-busy (1.0: the GPU never waits);
+- first call: the wall time of the first ``generate`` of a shape (with compile on: dynamo, inductor, the CUDA-graph
+  recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``).
+
+Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
+``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
+(``disable_compile=True``), the eager row also says how many rows' tokens equal the compiled run's; and two
+transformers-alone anchors (no PEFT, one row, measured first on the plain model): eager ``DynamicCache``, and
+``cache_implementation="static"`` with transformers' own compile.
+
+    python -m eval.bench.decode [--agents 1 8 32 128] [--context 32768] [--compile on off] [--time-limit S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .measure import free_memory, kernel_seconds_by_family, sync
+from .models import add_random_adapters, build_model, default_device, llama8b_config
+from .runner import BenchmarkRun
+
+PROMPT = 64
+CASE_KEYS = ("system", "context", "agents", "compile")
+ANCHORS = ("transformers, DynamicCache eager", "transformers, StaticCache + compile")
+FAMILIES = {
+    "forkkv attention kernels": ("_kres_scores", "_cascade_shared", "_shared_part", "_private_merge"),
+    "batched LoRA kernels": ("_gathered_mm",),
+    "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
+    "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
+    "elementwise/other": (),
+}
+
+
+def _wall(run, n: int) -> tuple[float, object]:
+    sync()
+    t = time.perf_counter()
+    out = run(n)
+    sync()
+    return time.perf_counter() - t, out
+
+
+def _gpu_seconds(run, n: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=acts) as prof:
+        run(n)
+        sync()
+    return kernel_seconds_by_family(prof, FAMILIES, "elementwise/other")
+
+
+def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool) -> tuple[dict, object]:
+    """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
+    the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
+    Returns the measurements and the last ``n2`` output."""
+    first, out = _wall(run, n2)
+    _wall(run, n1)
+    t1, t2 = [], []
+    for _ in range(reps):
+        t1.append(_wall(run, n1)[0])
+        dt, out = _wall(run, n2)
+        t2.append(dt)
+    t1, t2 = sorted(t1)[reps // 2], sorted(t2)[reps // 2]
+    step = (t2 - t1) / (n2 - n1)
+    rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
+           "first_call_extra_s": first - t2, "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None}
+    if profile:
+        try:
+            g1, g2 = _gpu_seconds(run, n1), _gpu_seconds(run, n2)
+            by_family = {k: 1e3 * max(0.0, (g2[k] - g1[k]) / (n2 - n1)) for k in g2}
+            busy = sum(by_family.values())
+            rec.update(gpu_busy_ms=busy, step_over_busy=1e3 * step / busy if busy > 0 else None,
+                       gpu_ms_by_family=by_family)
+        except Exception as e:  # noqa: BLE001 - keep the timings if the profiler fails
+            rec["profile_error"] = repr(e)[:300]
+    return rec, out
+
+
+def compile_config_for(device: str, backend: str | None):
+    """``None`` (transformers' default: inductor, CUDA graphs) on CUDA unless a ``backend`` is named; else a
+    ``CompileConfig`` with that backend (``eager`` by default off CUDA, where ``_compile_all_devices`` is set)."""
+    if device == "cuda" and backend is None:
+        return None
+    from transformers import CompileConfig
+
+    backend = backend or ("inductor" if device == "cuda" else "eager")
+    cc = CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor" else None)
+    if device != "cuda":
+        cc._compile_all_devices = True
+    return cc
+
+
+def _compile_kwargs(compile_on: bool, compile_config) -> dict:
+    if not compile_on:
+        return {"disable_compile": True}
+    return {"compile_config": compile_config} if compile_config is not None else {}
+
+
+def anchor_cases(run: BenchmarkRun, model, input_ids, args, compile_config) -> None:
+    """The transformers-alone rows (the plain model, no PEFT, one row): eager ``DynamicCache``; ``StaticCache`` with
+    transformers' own compile."""
+    T = input_ids.shape[1] - PROMPT
+    for system, static in zip(ANCHORS, (False, True)):
+        extra = {"cache_implementation": "static", **_compile_kwargs(True, compile_config)} if static else \
+            {"disable_compile": True}
+
+        def gen(n, extra=extra):
+            with torch.no_grad():
+                return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+
+        run.measure({"system": system, "context": T, "agents": 1, "compile": static},
+                    lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile)[0]))
+    torch._dynamo.reset()
+    free_memory()
+
+
+def _guarded(fn) -> dict:
+    """``fn()``, or the error it raised as the row's measurement (the other cases still run)."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        free_memory()
+        return {"oom": True}
+    except Exception as e:  # noqa: BLE001 - a case that fails is reported, not fatal to the run
+        return {"error": repr(e)[:1000]}
+
+
+def forkkv_cases(run: BenchmarkRun, pm, ctx, prompts: list, names: list, args, compile_config) -> None:
+    """ForkKV rows for N = ``len(names)``: compile on (first: its first call is a cold start), then off; the eager
+    row records how many rows' ``n2`` tokens equal the compiled run's."""
+    import forkkv_hf
+    from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+    from forkkv_hf.peft_integration import remove_stale_peft_hooks
+    from forkkv_hf.static_cache import free_static_buffers
+
+    T, N = ctx.numel(), len(names)
+    todo = [c == "on" for c in args.compile]
+    if all(run.done({"system": "forkkv", "context": T, "agents": N, "compile": c}) for c in todo):
+        return
+    forkkv_hf.enable_forkkv(pm)
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
+    with torch.no_grad():
+        shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+    outputs = {}
+    for c in todo:
+        def gen(n, c=c):
+            with torch.no_grad():
+                return pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0, **cache_kwargs(shared.fork(names)),
+                                   **_compile_kwargs(c, compile_config))
+
+        def one(c=c, gen=gen):
+            rec, out = measure(gen, N, *args.tokens, args.reps, not args.no_profile)
+            outputs[c] = out
+            if not c and True in outputs:
+                rec["rows_same_tokens_as_compiled"] = int((outputs[True] == out).all(dim=1).sum())
+            return rec
+
+        row = run.measure({"system": "forkkv", "context": T, "agents": N, "compile": c}, lambda one=one: _guarded(one))
+        if "error" in row or "oom" in row:
+            remove_stale_peft_hooks(pm)
+        if c:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
+            free_static_buffers(pm)
+            torch._dynamo.reset()
+        free_memory()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--tokens", type=int, nargs=2, default=[8, 40], help="the two generate lengths n1 n2")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend for compile on (default: transformers' default on CUDA, eager on CPU)")
+    ap.add_argument("--no-anchors", action="store_true", help="skip the transformers-alone rows")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", default=None,
+                    help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds: start no new case after this")
+    args = ap.parse_args(argv)
+    dev = default_device()
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape; more than dynamo's default 8
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    t0 = time.time()
+    model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
+    compile_config = compile_config_for(dev, args.compile_backend)
+    params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
+                        "lora": "rank 16 on q/k/v/o"},
+              "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps,
+              "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)"}
+    run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
+                       resume_if_same=("tokens", "reps"), time_limit=args.time_limit)
+    g = torch.Generator(device=dev).manual_seed(0)
+    vocab = model.config.vocab_size
+    ctx = torch.randint(3, vocab, (args.context,), device=dev, generator=g)
+    prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(max(args.agents))]
+    if not args.no_anchors:  # before PEFT wraps the model
+        anchor_cases(run, model, torch.cat([ctx, prompts[0]])[None], args, compile_config)
+    names = [f"agent{i}" for i in range(max(args.agents))]
+    pm = add_random_adapters(model, names, rank=16)
+    print(f"model + {len(names)} adapters built in {time.time() - t0:.0f} s", flush=True)
+    for N in args.agents:
+        forkkv_cases(run, pm, ctx, prompts[:N], names[:N], args, compile_config)
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
