@@ -37,12 +37,6 @@ def cascade_attention_op(
                              k_order=k_order, k_agents=k_agents, k_max_rows=k_max_rows, scratch=fresh_scratch)
 
 
-@cascade_attention_op.register_fake
-def _cascade_attention_fake(query, *args):
-    B, H, NQ, D = query.shape
-    return query.new_empty(B, NQ, H, D)
-
-
 @torch.library.custom_op("forkkv::fused_attention", mutates_args=())
 def fused_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -64,10 +58,13 @@ def fused_attention_op(
                                            scratch=fresh_scratch)
 
 
-@fused_attention_op.register_fake
-def _fused_attention_fake(query, *args):
+def _attention_fake(query, *args):
     B, H, NQ, D = query.shape
     return query.new_empty(B, NQ, H, D)
+
+
+cascade_attention_op.register_fake(_attention_fake)
+fused_attention_op.register_fake(_attention_fake)
 
 
 @torch.library.custom_op("forkkv::lora_delta", mutates_args=())
