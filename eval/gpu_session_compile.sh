@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Issue 18 (compiled decode) on the GPU machine, within one call's limit: the GPU tests of compiled decode, the
-# kernel/generate suites (eager paths, cascade default), then the decode-step benchmark (python -m eval.bench.decode)
-# in the time left. Everything under $OUT.
-#   PART=tests|bench|all (default all); LIMIT: seconds the whole script may take (default 570); the benchmark starts
-#   no new case once fewer than CASE_S seconds (default 130) are left; RESUME: a bench_decode JSON from an earlier
-#   call (its cases are kept); AGENTS: the N of the benchmark (default "1 8 32 128").
+# Issue 18 (compiled decode) on the GPU machine, within one call's limit. PARTS (default "compiled kernels bench", run
+# in that order): compiled = the GPU tests of compiled decode (bf16 pass rule, default compile); kernels = the
+# kernel/generate suites (eager paths, cascade default); bench = the decode-step benchmark (python -m eval.bench.decode).
+# Everything under $OUT.
+#   LIMIT: seconds the whole script may take (default 570); each part gets what is left (a test part at most
+#   TEST_S, default 200); the benchmark starts no new case once fewer than CASE_S seconds (default 100) are left;
+#   RESUME: a bench_decode JSON from an earlier call (its cases are kept); AGENTS: the benchmark's N (default
+#   "1 8 32 128"); COMPILE: its compile settings in order (default "on off").
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-PART=${PART:-all}
 LIMIT=${LIMIT:-570}
-if [ "$PART" = tests ] || [ "$PART" = all ]; then
-  timeout ${COMPILED_TEST_TIMEOUT:-200} python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs tests/test_compiled_decode.py \
-    > "$OUT/gpu_tests_compiled_decode.txt" 2>&1
-  tail -n 12 "$OUT/gpu_tests_compiled_decode.txt"
-  timeout ${KERNEL_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_cascade_kernel.py \
-    tests/test_kernels.py tests/test_generate.py > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
-  tail -n 12 "$OUT/gpu_tests_kernels_generate.txt"
-fi
-if [ "$PART" = bench ] || [ "$PART" = all ]; then
-  left=$((LIMIT - SECONDS))
-  timeout $left python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 \
-    --time-limit $((left - ${CASE_S:-130})) ${RESUME:+--resume "$RESUME"} --out "$OUT/bench_decode.json" \
-    > "$OUT/bench_decode.txt" 2>&1
-  grep -v -i warn "$OUT/bench_decode.txt" | tail -n 30
-fi
+left() { echo $((LIMIT - SECONDS)); }
+for part in ${PARTS:-compiled kernels bench}; do
+  t=$(left); [ "$t" -gt 20 ] || break
+  case $part in
+    compiled)
+      timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs \
+        tests/test_compiled_decode.py > "$OUT/gpu_tests_compiled_decode.txt" 2>&1
+      grep -E "^T=|passed|failed|Error" "$OUT/gpu_tests_compiled_decode.txt" | tail -n 8 ;;
+    kernels)
+      timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -p no:cacheprovider \
+        tests/test_cascade_kernel.py tests/test_kernels.py tests/test_generate.py > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
+      tail -n 5 "$OUT/gpu_tests_kernels_generate.txt" ;;
+    bench)
+      timeout $t python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 --compile ${COMPILE:-on off} \
+        --time-limit $((t - ${CASE_S:-100})) ${RESUME:+--resume "$RESUME"} --out "$OUT/bench_decode.json" \
+        > "$OUT/bench_decode.txt" 2>&1
+      grep -v -i warn "$OUT/bench_decode.txt" | cut -c1-400 | tail -n 12 ;;
+  esac
+done

@@ -101,7 +101,7 @@ def _triton_attention(query, view, attention_mask, scaling):
     mask, additive = kv_mask(attention_mask, B, Q, view.shared_len, view.private_len, query.device)
     if additive:  # 0 / -inf biases ("forkkv" registers the bool sdpa mask); no host check of the values here
         mask = mask > torch.finfo(mask.dtype).min / 2
-    mask = mask.view(torch.int8)
+    mask = mask.to(torch.int8)  # (a dtype view of a bool tensor does not lower in inductor, torch 2.11)
     k = (sh.k_res.u, sh.k_res.B) if plan.has_k else (None, None)
     v = (sh.v_res.u, sh.v_res.B) if plan.has_v else (None, None)
     common = (query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, mask, *k, *v)

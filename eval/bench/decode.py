@@ -14,7 +14,8 @@ per-step hooks or synchronisation:
 
 Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
 ``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
-(``disable_compile=True``), the eager row also says how many rows' tokens equal the compiled run's; and two
+(``disable_compile=True``; every N compiled first, then eager), the compiled row also says how many rows' tokens
+equal an eager ``generate``'s; and two
 transformers-alone anchors (no PEFT, one row, measured first on the plain model): eager ``DynamicCache``, and
 ``cache_implementation="static"`` with transformers' own compile.
 
@@ -140,44 +141,42 @@ def _guarded(fn) -> dict:
         return {"error": repr(e)[:1000]}
 
 
-def forkkv_cases(run: BenchmarkRun, pm, ctx, prompts: list, names: list, args, compile_config) -> None:
-    """ForkKV rows for N = ``len(names)``: compile on (first: its first call is a cold start), then off; the eager
-    row records how many rows' ``n2`` tokens equal the compiled run's."""
+def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_on: bool, args, compile_config):
+    """The ForkKV row of N = ``len(names)`` with compile on or off (one base pass over ``ctx`` for it). A compiled
+    row also counts the rows whose ``n2`` tokens equal one eager ``generate``'s (the same kernels, eager)."""
     import forkkv_hf
     from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
     from forkkv_hf.peft_integration import remove_stale_peft_hooks
     from forkkv_hf.static_cache import free_static_buffers
 
-    T, N = ctx.numel(), len(names)
-    todo = [c == "on" for c in args.compile]
-    if all(run.done({"system": "forkkv", "context": T, "agents": N, "compile": c}) for c in todo):
+    case = {"system": "forkkv", "context": ctx.numel(), "agents": len(names), "compile": compile_on}
+    if run.done(case) or run.out_of_time():
         return
     forkkv_hf.enable_forkkv(pm)
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
     with torch.no_grad():
         shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
-    outputs = {}
-    for c in todo:
-        def gen(n, c=c):
-            with torch.no_grad():
-                return pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0, **cache_kwargs(shared.fork(names)),
-                                   **_compile_kwargs(c, compile_config))
 
-        def one(c=c, gen=gen):
-            rec, out = measure(gen, N, *args.tokens, args.reps, not args.no_profile)
-            outputs[c] = out
-            if not c and True in outputs:
-                rec["rows_same_tokens_as_compiled"] = int((outputs[True] == out).all(dim=1).sum())
-            return rec
+    def gen(n, c=compile_on):
+        with torch.no_grad():
+            return pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
-        row = run.measure({"system": "forkkv", "context": T, "agents": N, "compile": c}, lambda one=one: _guarded(one))
-        if "error" in row or "oom" in row:
-            remove_stale_peft_hooks(pm)
-        if c:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
-            free_static_buffers(pm)
-            torch._dynamo.reset()
-        free_memory()
+    def one():
+        rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile)
+        if compile_on:
+            eager = gen(args.tokens[1], c=False)
+            rec["rows_same_tokens_as_eager"] = int((eager == out).all(dim=1).sum())
+        return rec
+
+    row = run.measure(case, lambda: _guarded(one))
+    if "error" in row or "oom" in row:
+        remove_stale_peft_hooks(pm)
+    if compile_on:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
+        free_static_buffers(pm)
+        torch._dynamo.reset()
+    del shared
+    free_memory()
 
 
 def main(argv=None):
@@ -221,8 +220,9 @@ def main(argv=None):
     names = [f"agent{i}" for i in range(max(args.agents))]
     pm = add_random_adapters(model, names, rank=16)
     print(f"model + {len(names)} adapters built in {time.time() - t0:.0f} s", flush=True)
-    for N in args.agents:
-        forkkv_cases(run, pm, ctx, prompts[:N], names[:N], args, compile_config)
+    for c in args.compile:  # every N compiled first (the targets), then eager
+        for N in args.agents:
+            forkkv_case(run, pm, ctx, prompts[:N], names[:N], c == "on", args, compile_config)
     run.finish()
 
 
