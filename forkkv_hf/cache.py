@@ -1,8 +1,8 @@
 """``ForkKVCache``: a transformers ``Cache`` whose rows share one base copy of a context and keep rank-r residuals.
 
 Per layer (:class:`ForkKVLayer`) it holds
-- the :class:`~forkkv_hf.shared_context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
-  cache forked from the same :class:`~forkkv_hf.shared_context.SharedContext`;
+- the :class:`~forkkv_hf.context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
+  cache forked from the same :class:`~forkkv_hf.context.SharedContext`;
 - for each batch row, the slot of its agent in that layer's K and V residual stacks (``-1``: no residual);
 - the private K/V of each row (``[B, H_kv, P, D]``: the row's prompt and generated tokens, exact, as in
   ``DynamicLayer``).
@@ -20,9 +20,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
+from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs
 from .lora_factors import BASE_ADAPTER
-from .shared_context import Residual, SharedContext, SharedLayer
 
 
 @dataclass
@@ -429,3 +429,6 @@ class ForkKVCache(Cache):
 
     def __repr__(self) -> str:
         return f"ForkKVCache(rows={self.adapter_names}, shared_tokens={self.num_shared_tokens}, private_tokens={self.layers[0].private_length()})"
+
+
+register_fork(ForkKVCache)  # what SharedContext.fork builds (the context sits below this module)

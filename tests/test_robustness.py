@@ -166,7 +166,7 @@ def _random_shared(seed):
 
     view = random_view(B=3, Hkv=2, D=8, T=9, P=0, n_agents=2, rows=[0, 1, -1], seed=seed)
     shared = view.shared
-    from forkkv_hf.shared_context import SharedContext as SC
+    from forkkv_hf import SharedContext as SC
 
     ctx = SC(layers=[shared], token_ids=torch.arange(9), adapters=("agent0", "agent1"), config=None)
     return ctx

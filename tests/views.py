@@ -7,7 +7,7 @@ import math
 import torch
 
 from forkkv_hf.cache import ForkKVView
-from forkkv_hf.shared_context import Residual, SharedLayer
+from forkkv_hf.context import Residual, SharedLayer
 
 
 def rope_tables(T: int, D: int, base: float = 10000.0, offset: int = 0):
