@@ -15,6 +15,7 @@ import forkkv_hf
 from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.cache import ForkKVLayer
 from forkkv_hf.residual_attention import residual_attention_torch
+from cases import parametrize
 from models import tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -357,7 +358,7 @@ def test_same_weights_under_another_name_share_residuals():
                           _from_scratch(pm, ctx, ["coder_twin", "coder"]))
 
 
-@pytest.mark.parametrize("target", ["adapter", "base"])
+@parametrize("target", ["adapter", "base"])
 def test_writes_through_data_are_recomputed(target):
     """``.data`` writes move no version counter. The default content checks see them (to the base weights and to
     the adapters) and the store recomputes; with ``set_weight_checks(model, "versions")`` only a store with
