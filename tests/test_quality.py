@@ -40,11 +40,11 @@ def test_quick_run_writes_json_and_plot(quick):
 
 def test_forkkv_is_exact_in_layer0(quick):
     """Layer 0's inputs are the embeddings, the same for every agent: ForkKV's context K and V (base + the agent's own
-    LoRA delta) equal the agent's exact K/V there, while naive sharing (base alone) misses the delta."""
+    LoRA delta) equal the agent's exact K/V there (relative error 1000x below naive sharing's, the base alone)."""
     for agent, layers in quick[1]["summary"]["layers"].items():
         for kind in ("k", "v"):
-            assert layers[f"{kind}_err_forkkv"][0] < 1e-5, (agent, kind, layers[f"{kind}_err_forkkv"][0])
-            assert layers[f"{kind}_err_naive"][0] > 1e-3, (agent, kind, layers[f"{kind}_err_naive"][0])
+            forkkv, naive = layers[f"{kind}_err_forkkv"][0], layers[f"{kind}_err_naive"][0]
+            assert naive > 0 and forkkv <= 1e-3 * naive, (agent, kind, forkkv, naive)
 
 
 def test_forkkv_context_kv_closer_to_exact_than_naive(quick):
