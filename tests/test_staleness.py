@@ -269,7 +269,7 @@ def test_batched_lora_stacks_are_the_peft_parameters():
     with torch.no_grad():
         pm(input_ids=ids, adapter_names=["planner", "coder"])
     v = _base(pm).layers[1].self_attn.v_proj
-    stack = v._forkkv_stack
+    stack = v._forkkv_stack  # white-box: storage sharing shows in no output
     assert stack.views and stack.A.shape[1] == 4  # ranks 4 and 2, zero-padded
     for name in ("planner", "coder"):
         for p, s in ((v.lora_A[name].weight, stack.A), (v.lora_B[name].weight, stack.B)):
@@ -493,7 +493,7 @@ def test_interleaved_writes_never_give_a_silently_different_result(ops, interlea
                 got = pm(input_ids=ids, adapter_names=rows).logits
             torch.testing.assert_close(got, _peft_logits(pm, ids, rows), rtol=1e-5, atol=1e-5)
             seen["plain"] += 1
-    assert not pm._adapters_disabled
+    assert not pm._adapters_disabled  # PEFT's own flag (no public getter): a failed call must not leave it set
 
 
 @pytest.fixture(scope="module")
