@@ -1,6 +1,7 @@
 """Triton ResidualAttention kernels (both families, through ``forkkv_hf``'s ``residual_attention_triton`` adapter)
-against the fp32 reference. On CPU they run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest when
-there is no GPU) on small shapes; ``gpu`` tests use real sizes. The cascade kernels' own cases: test_cascade_kernel.py."""
+against the fp32 reference, over the attention case space of tests/cases.py and each family's launcher knobs. On CPU
+they run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest when there is no GPU); ``gpu`` tests use
+real sizes. The cascade launcher's own checks: test_cascade_kernel.py."""
 
 import pytest
 import torch

@@ -2,9 +2,10 @@
 
 Every fenced ``python`` block of README.md runs, in README order, in one namespace (as a reader would run them in one
 session), so a snippet may use what an earlier one defined. The test binds only what the README leaves to the
-reader, again before each snippet (a snippet that loads its own model does not change the one the next is given): the data (``peft_model`` with adapters planner/coder/critic, ``context_ids``, ``tok``, ``p0``..``p2``,
-``doc_ids``, ``transcript_ids``, ``prompt``, ``reply``), a checkpoint ``path`` with its adapters under ``adapters/``,
-and the third-party names ``torch``, ``AutoModelForCausalLM``, ``PeftModel``; every forkkv_hf name must come from a
+reader, again before each snippet (a snippet that loads its own model does not change the one the next is given):
+the data (``peft_model`` with adapters planner/coder/critic, ``context_ids``, ``tok``, ``p0``..``p2``, ``doc_ids``,
+``transcript_ids``, ``prompt``, ``reply``), a checkpoint ``path`` with its adapters under ``adapters/``, and the
+third-party names ``torch``, ``AutoModelForCausalLM``, ``PeftModel``; every forkkv_hf name must come from a
 snippet's own imports. Skipped by rule: snippets that need several processes (they mention ``torchrun`` or
 ``tp_plan``) or a GPU (they mention ``cuda``).
 """
