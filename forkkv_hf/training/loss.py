@@ -177,7 +177,9 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     if not bool(keep.any()):
         raise ValueError("no labelled token after the first position of any row (labels are all -100); nothing to learn")
     logits = transformers_model(model).get_output_embeddings()(hidden[:, :-1][keep])
-    total = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
+    # low-precision logits in fp32; fp64 kept (finite-difference checks)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
     if num_items_in_batch is None:
         return total / keep.sum()
     return total / num_items_in_batch
