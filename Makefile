@@ -50,5 +50,9 @@ test: install-eval
 	$(BIN)/python -m pytest -q tests
 	PYTHONPATH=$(TF_OLD_DIR) $(BIN)/python -m pytest -q tests
 
+## the fast tier: the tests not marked slow (tests/cases.py: a case's fast flag), newest transformers only
+test-fast: install-eval
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 clean:
 	rm -rf $(VENV) .deps

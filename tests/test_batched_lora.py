@@ -39,7 +39,7 @@ def _logits(pm, ids, names):
 
 
 @parametrize("backend", ["torch", "triton"])
-@parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize("dtype", [torch.float32, torch.bfloat16], fast=lambda dtype: dtype == torch.float32)
 def test_logits_equal_peft_loop(backend, dtype, monkeypatch):
     monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
     pm = _agents(dtype)

@@ -26,6 +26,7 @@ def _run(module, *args, tmp_path):
     return load(out)  # checks the schema
 
 
+@pytest.mark.slow
 def test_bench_lora_tiny(tmp_path):
     res = _run("eval.bench.lora", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3",
                tmp_path=tmp_path)
@@ -37,6 +38,7 @@ def test_bench_lora_tiny(tmp_path):
     assert [s["rows"] for s in res.extra["summary"]] == [1, 3]
 
 
+@pytest.mark.slow
 def test_bench_e2e_tiny(tmp_path):
     res = _run("eval.bench.e2e", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
                "--capacity-context", "48", "--new-tokens", "3", "--adapters", "2", tmp_path=tmp_path)
@@ -50,6 +52,7 @@ def test_bench_e2e_tiny(tmp_path):
     assert prof["step_wall_s"] > 0 and prof["top_cpu_ops"]
 
 
+@pytest.mark.slow
 def test_bench_e2e_tiny_split_over_devices(tmp_path):
     """The device-map variant (layers split with accelerate; here over two "cpu" devices, hooks forced)."""
     res = _run("eval.bench.e2e", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
@@ -61,6 +64,7 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
     assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res.rows)
 
 
+@pytest.mark.slow
 def test_bench_tp_tiny_one_process(tmp_path):
     """The tensor-parallel benchmark's one-process run (what torchrun runs on every rank) from a written checkpoint."""
     ck = tmp_path / "ck"
@@ -155,6 +159,7 @@ ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench
                 "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
 
 
+@pytest.mark.slow
 def test_entry_points_start():
     """``python -m <module> --help`` of every entry point, in one process (each import costs seconds)."""
     code = ("import runpy, sys\n"

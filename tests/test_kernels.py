@@ -59,7 +59,7 @@ def test_kernel_tunings_match_reference(kernel, case, knobs, masked):
 
 
 @parametrize("kernel", KERNELS + ["cascade-scores-fp32"])
-@parametrize("lowp_rope", [False, True])
+@parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
 def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, kernel):
@@ -138,6 +138,7 @@ def test_generate_with_triton_backend_equals_torch(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_long_prompts_all_backends_agree(monkeypatch):
     """Prompts of 16+ tokens: ``auto`` (on CUDA: SDPA for the prompts, Triton for decode), ``sdpa`` and ``triton``
     give the PyTorch path's greedy tokens."""

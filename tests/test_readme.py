@@ -16,9 +16,12 @@ import re
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from models import tiny_llama, with_adapters
+
+pytestmark = pytest.mark.slow  # every snippet's generate, a checkpoint saved and loaded
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NEEDS = {"several processes": ("torchrun", "tp_plan"), "a GPU": ("cuda",)}

@@ -74,6 +74,7 @@ def test_use_cache_false_and_static_cache_refused(agents):
         _gen(agents, inputs, ["planner"], cache, cache_implementation="static")
 
 
+@pytest.mark.slow
 def test_torch_compile_keeps_the_result():
     """A compiled decoder graph-breaks around ForkKV attention (its cache hands over a view object) and gives the
     same tokens: compiling is not refused, and is not silently wrong."""

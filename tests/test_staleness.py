@@ -332,6 +332,7 @@ def test_saved_context_is_used_with_the_same_weights_and_refused_with_others(wha
         _gen(other, ctx, cache)
 
 
+@pytest.mark.slow
 def test_saved_context_reused_in_another_process(tmp_path):
     pm, ctx = _agents(seed=12), _ctx(seed=13)
     torch.save(SharedContext.build(pm, ctx, ["planner", "coder"], progress=False), tmp_path / "ctx.pt")
@@ -434,6 +435,7 @@ def _readd(pm, name, same_weights):
         pm.load_state_dict({**pm.state_dict(), **saved})
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=OPS)

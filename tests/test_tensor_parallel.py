@@ -19,6 +19,8 @@ from cases import parametrize
 from models import tiny_llama, with_adapters
 from tp_common import run_forkkv
 
+pytestmark = pytest.mark.slow  # torchrun: several processes per test
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
