@@ -118,3 +118,23 @@ def test_report_recomputes_the_same_rows(quick_run, tmp_path):
                    capture_output=True, timeout=120)
     again = json.loads(copy.read_text())
     assert again["rows"] == raw["rows"] and again["extra"]["comparisons"] == raw["extra"]["comparisons"]
+
+
+@pytest.mark.slow
+def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
+    _, _, raw = quick_run
+    ids = sorted({r["id"] for r in raw["extra"]["records"]})
+    halves = []
+    for i, keep in enumerate((set(ids[::2]), set(ids[1::2]))):
+        part = json.loads(json.dumps(raw))
+        part["extra"]["records"] = [r for r in raw["extra"]["records"] if r["id"] in keep]
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps(part))
+    run = [sys.executable, "-m", "eval.fidelity", "merge"]
+    subprocess.run(run + [str(tmp_path / "merged.json"), *map(str, halves)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["rows"] == raw["rows"] and len(merged["extra"]["sources"]) == 2
+    twice = subprocess.run(run + [str(tmp_path / "bad.json"), str(halves[0]), str(halves[0])], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert twice.returncode != 0 and "repeats prompts" in twice.stderr

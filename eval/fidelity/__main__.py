@@ -4,6 +4,8 @@
     python -m eval.fidelity run                   # train + evaluate; eval/results/fidelity_<device>.json + .png
     python -m eval.fidelity run --quick           # a CPU slice of the same pipeline (about 2 minutes on 2 cores)
     python -m eval.fidelity report FILE.json      # print the tables and redraw the plot of a result file
+    python -m eval.fidelity run --adapters DIR --first-eval-context 9   # evaluate saved adapters on more contexts
+    python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
 
 Three agents (:mod:`eval.fidelity.tasks`: who says a line, which line follows, who speaks next) read a Shakespeare
 scene as their shared context. Each is trained twice from the same initial LoRA weights, on the same batches
@@ -117,6 +119,31 @@ def smoke_model(tokenizer_dir: Path):
     return LlamaForCausalLM(config).eval(), tok
 
 
+def merge(out: Path, files: list[Path]):
+    """One result file from the per-prompt records of several runs of the same adapters (e.g. evaluation contexts
+    continued on another machine): rows and comparisons recomputed over all records; ``extra.sources`` says which
+    file (device, contexts) each part came from. ``device`` and ``params`` are the first file's."""
+    from ..bench.schema import BenchResult
+    from . import report
+
+    parts = [BenchResult.from_dict(json.loads(f.read_text()), str(f)) for f in files]
+    seen, records, sources = set(), [], []
+    for f, part in zip(files, parts):
+        keys = {(r["context"], r["id"], r["kind"], r["variant"]) for r in part.extra["records"]}
+        if keys & seen:
+            raise ValueError(f"{f} repeats prompts of an earlier file ({len(keys & seen)} records); merge disjoint runs")
+        seen |= keys
+        records += part.extra["records"]
+        sources.append({"file": f.name, "device": part.device, "time": part.time,
+                        "contexts": sorted({r["context"] for r in part.extra["records"]})})
+    first = parts[0]
+    extra = {"training": first.extra.get("training"), "sources": sources, "records": records}
+    res = report.result(records, first.device, first.params, extra)
+    res.time = time.strftime("%Y-%m-%d %H:%M:%S")
+    res.save(out)
+    return res
+
+
 def _device_tag() -> str:
     import torch
 
@@ -150,6 +177,9 @@ def main(argv=None):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR",
                    help="a tiny random model with this tokenizer instead of SmolLM2 (checks the code only)")
+    m = sub.add_parser("merge", help="one result file from the records of several runs of the same adapters")
+    m.add_argument("out", type=Path)
+    m.add_argument("files", type=Path, nargs="+")
     p = sub.add_parser("report", help="print the tables of a result file and redraw its plot")
     p.add_argument("file", type=Path)
     p.add_argument("--rewrite", action="store_true",
@@ -159,6 +189,9 @@ def main(argv=None):
         print(f"wrote {write_data(args.out, QUICK if args.quick else FULL, args.seed)}")
     elif args.command == "run":
         run(args)
+    elif args.command == "merge":
+        res = merge(args.out, args.files)
+        print(f"wrote {args.out}: {len(res.extra['records'])} records from {len(args.files)} files")
     else:
         from ..bench.schema import BenchResult
         from . import report
