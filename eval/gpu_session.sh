@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: make the working tree importable, run the tests named in $TESTS (pytest args; empty to
-# skip), then the benchmarks in $SCRIPTS, each either a module (eval.bench.e2e, run with python3 -m) or a script file
-# (eval/bench_kernel.py); each gets --out $OUT/<name>.json (name: bench_e2e for eval.bench.e2e, the file's name for a
-# script). Everything it writes goes under $OUT.
+# skip), then the benchmarks in $SCRIPTS (default: the kernel benchmark, eval.bench.kernel), each a module run with
+# python3 -m (or a path to a .py file); each gets --out $OUT/<name>.json (name: the module without "eval." and with
+# dots as underscores, e.g. bench_kernel for eval.bench.kernel; the file's name for a .py path). Everything it writes
+# goes under $OUT.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-tests/test_kernels.py}" ]; then
@@ -14,7 +15,7 @@ if [ -n "${NCU:-}" ]; then  # NCU="script.py args" or NCU="-m module args": hard
     python3 $NCU > "$OUT/ncu.txt" 2>&1
   tail -5 "$OUT/ncu.txt"
 fi
-for script in ${SCRIPTS:-eval/bench_kernel.py}; do
+for script in ${SCRIPTS:-eval.bench.kernel}; do
   if [[ "$script" == *.py ]]; then
     name=$(basename "$script" .py); run=("$script")
   else

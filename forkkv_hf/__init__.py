@@ -11,12 +11,11 @@ from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
 from .compat import CACHE_KWARG, cache_kwargs
-from .identity import StaleContextError, set_weight_checks
+from .context import SharedContext, StaleContextError, set_weight_checks
 from .inputs import batch_inputs
 from .lora_factors import BASE_ADAPTER
 from .reference import reference_attention
 from .residual_attention import residual_attention, residual_attention_torch
-from .shared_context import SharedContext
 from .store import ForkKVStore
 
 __version__ = "0.1.0"

@@ -15,45 +15,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .adapter_probe import rows_run_by
 from .cache import ForkKVView
 from .decode_ops import static_attention
-from .lora_factors import BASE_ADAPTER, find_attention_modules, transformers_model
+from .lora_factors import find_attention_modules, transformers_model
 from .residual_attention import residual_attention
 
 ATTN_NAME = "forkkv"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# which adapter each row really runs: recorded from PEFT's LoRA layers, checked against the cache's rows
-def _probe_hook(module, args, kwargs, output):
-    if torch.compiler.is_compiling():  # the call's eager prefill recorded the names; decode steps run the same
-        return
-    module._forkkv_adapter_names = kwargs.get("adapter_names")
-
-
-def install_adapter_probe(lora_layer: nn.Module) -> None:
-    """Record, on every forward, the ``adapter_names`` PEFT passes to this LoRA layer (idempotent)."""
-    if getattr(lora_layer, "_forkkv_probe", None) is None:
-        lora_layer._forkkv_adapter_names = None
-        lora_layer._forkkv_probe = lora_layer.register_forward_hook(_probe_hook, with_kwargs=True)
-
-
-def _rows_run_by(proj: nn.Module, batch: int) -> tuple[str, ...] | None:
-    """The adapter PEFT applied to each row in this projection's last forward (``None``: not a probed LoRA layer)."""
-    if getattr(proj, "_forkkv_probe", None) is None:
-        return None
-    names = proj._forkkv_adapter_names
-    if names is not None:
-        return tuple(names)
-    if getattr(proj, "disable_adapters", False):
-        return (BASE_ADAPTER,) * batch
-    active = list(getattr(proj, "active_adapters", []))
-    if len(active) > 1:
-        raise ValueError(
-            f"several adapters are active at once ({active}); a ForkKVCache row runs one adapter. Pass "
-            "adapter_names=cache.adapter_names to generate instead."
-        )
-    return (active[0] if active else BASE_ADAPTER,) * batch
 
 
 def check_rows(module: nn.Module, view: ForkKVView) -> None:
@@ -62,7 +30,7 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
         proj = getattr(module, proj_name, None)
         if proj is None:
             continue
-        seen = _rows_run_by(proj, view.batch_size)
+        seen = rows_run_by(proj, view.batch_size)
         if seen is None:
             continue
         if seen != view.row_adapters:

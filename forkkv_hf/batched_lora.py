@@ -33,7 +33,7 @@ from torch import nn
 from . import peft_integration
 from .decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
-from .probes import Probes
+from .context.probes import Probes
 from .peft_integration import CALL_EPOCH
 from .tp import is_dtensor, local, lora_shard, rowwise_group
 
@@ -69,7 +69,7 @@ class StackedLoRA:
                                   for n in names)
 
     def holds(self, factor) -> bool:
-        """Whether this stack is the storage of ``factor`` (a :class:`forkkv_hf.identity.Factor`) as it is now."""
+        """Whether this stack is the storage of ``factor`` (a :class:`forkkv_hf.context.identity.Factor`) as it is now."""
         return self.views and self.built.get(factor.name) == _key_of(factor.A, factor.B, factor.bias, factor.scaling)
 
 

@@ -1,8 +1,8 @@
 """``ForkKVCache``: a transformers ``Cache`` whose rows share one base copy of a context and keep rank-r residuals.
 
 Per layer (:class:`ForkKVLayer`) it holds
-- the :class:`~forkkv_hf.shared_context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
-  cache forked from the same :class:`~forkkv_hf.shared_context.SharedContext`;
+- the :class:`~forkkv_hf.context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
+  cache forked from the same :class:`~forkkv_hf.context.SharedContext`;
 - for each batch row, the slot of its agent in that layer's K and V residual stacks (``-1``: no residual);
 - the private K/V of each row (``[B, H_kv, P, D]``: the row's prompt and generated tokens, exact, as in
   ``DynamicLayer``).
@@ -14,16 +14,15 @@ attention function (:mod:`forkkv_hf.attention`) consumes it. The cache's sequenc
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
+from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs
 from .lora_factors import BASE_ADAPTER
-from .shared_context import Residual, SharedContext, SharedLayer
 
 
 @dataclass
@@ -370,16 +369,6 @@ class ForkKVCache(Cache):
         self.shared.check_weights(model, list(dict.fromkeys(self.adapter_names)))
         self._weights_checked = True  # this call's prefill forward need not check again
 
-    @contextlib.contextmanager
-    def generating(self):
-        """Around one ``generate`` call with this cache (the ``generate`` wrapper enters it): the call's forwards
-        after its first are decode steps, whose inputs ``generate`` made itself (:meth:`prepare_forward`)."""
-        self._generate_forwards = 0
-        try:
-            yield self
-        finally:
-            self.__dict__.pop("_generate_forwards", None)
-
     def prepare_forward(self, module, args: tuple, kwargs: dict):
         """Before each forward of ``module`` (the transformers model) that appends to this cache (the hook
         :func:`forkkv_hf.enable_forkkv` installs): refuse inputs it would serve wrong, cut whole rows to the new
@@ -390,7 +379,7 @@ class ForkKVCache(Cache):
         if torch.compiler.is_compiling():
             ids = kwargs.get("input_ids", args[0] if args else None)
             return None if ids is None else self.record_tokens(ids)
-        n = self.__dict__.get("_generate_forwards")
+        n = self.__dict__.get("_generate_forwards")  # set by the generate wrapper: after its first, decode steps
         if n is not None:
             self._generate_forwards = n + 1
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
@@ -447,3 +436,6 @@ class ForkKVCache(Cache):
 
     def __repr__(self) -> str:
         return f"ForkKVCache(rows={self.adapter_names}, shared_tokens={self.num_shared_tokens}, private_tokens={self.layers[0].private_length()})"
+
+
+register_fork(ForkKVCache)  # what SharedContext.fork builds (the context sits below this module)

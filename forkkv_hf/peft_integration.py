@@ -18,8 +18,6 @@ transformers model records the tokens each forward appends to a ``ForkKVCache``.
 
 from __future__ import annotations
 
-import contextlib
-
 from torch import nn
 
 from .guards import generate_cache
@@ -94,16 +92,19 @@ def install(model: nn.Module) -> None:
                 cache.check_generate_inputs(model, input_ids, kwargs)
                 for prepare in GENERATE_PREPARERS:
                     call = prepare(model, cache, input_ids, kwargs, call)
+                # this call's forwards after its first are decode steps, on inputs generate made itself: they skip
+                # the forward checks that read tensor values (ForkKVCache.prepare_forward)
+                cache._generate_forwards = 0
             new_call()
             try:
-                with cache.generating() if hasattr(cache, "generating") else contextlib.nullcontext():
-                    return call(*args, **kwargs)
+                return call(*args, **kwargs)
             except BaseException:
                 remove_stale_peft_hooks(model)
                 raise
             finally:
                 if cache is not None:  # a weight check of this call covers none of the next direct forwards
                     cache.__dict__.pop("_weights_checked", None)
+                    cache.__dict__.pop("_generate_forwards", None)
 
     _mark(generate, inner)
     model.generate = generate

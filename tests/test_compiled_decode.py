@@ -20,6 +20,8 @@ from forkkv_hf.static_cache import StaticForkKVCache, make_static
 from models import tiny_llama, with_adapters
 from test_generate import ALL, _assert_same, _context, _gen, _prompts, full_agents  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # every test compiles (make test-fast leaves torch.compile out)
+
 GRAPH_RUNS: list[list] = []  # per compiled graph: [runs, whether it is a model forward (embeds tokens)]
 
 

@@ -61,6 +61,7 @@ def _model_state(pm) -> dict:
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    # PEFT's per-call state, read where PEFT keeps it (it has no public getter)
     return {"adapters_disabled": pm._adapters_disabled, "layers_disabled": sum(m.disable_adapters for m in layers),
             "stale_hooks": remove_stale_peft_hooks(pm)}
 

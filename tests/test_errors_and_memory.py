@@ -124,18 +124,33 @@ def test_generate_with_other_adapter_names(agents):
     ctx = _ctx(10)
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])
     inputs = batch_inputs(ctx, [torch.tensor([3, 4]), torch.tensor([5, 6])])
+    kw = dict(max_new_tokens=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    fresh = ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])
+    want_forked = agents.generate(**inputs, adapter_names=["planner", "coder"], **kw, **cache_kwargs(fresh))
+    want_active = agents.generate(**inputs, **kw)  # plain PEFT, the active adapter on every row
     with pytest.raises(ValueError, match=r"forked for \['planner', 'coder'\].*adapter_names=cache.adapter_names"):
         agents.generate(**inputs, adapter_names=["coder", "planner"], max_new_tokens=2, pad_token_id=0,
                         **cache_kwargs(cache))
     cache.reset()
     with pytest.raises(ValueError, match="forked for"):  # no adapter_names: PEFT runs the active adapter on every row
         agents.generate(**inputs, max_new_tokens=2, pad_token_id=0, **cache_kwargs(cache))
-    # the model is left usable: no stale PEFT adapter_names hooks (peft does not remove them when generate raises)
+    # an exception inside generate (here user code in a logits processor) after PEFT registered its adapter_names hooks
+    def interrupt(input_ids, scores):
+        raise RuntimeError("stopped by the user")
+
     cache.reset()
-    agents.generate(**inputs, adapter_names=["planner", "coder"], max_new_tokens=2, pad_token_id=0,
-                    **cache_kwargs(cache))
-    one = batch_inputs(ctx, [torch.tensor([3, 4])])
-    agents.generate(**one, adapter_names=["planner"], max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(RuntimeError, match="stopped by the user"):
+        agents.generate(**inputs, adapter_names=["coder", "planner"], logits_processor=[interrupt], **kw,
+                        **cache_kwargs(ForkKVCache.from_context(agents, ctx, adapter_names=["coder", "planner"])))
+    # the model is left as it was: no stale PEFT adapter_names hooks (peft does not remove them when generate raises),
+    # which would run coder and planner on the rows of a call without adapter_names; the refused cache serves like a
+    # fresh one
+    for got, want in ((agents.generate(**inputs, adapter_names=["planner", "coder"], **kw, **cache_kwargs(cache)),
+                       want_forked),
+                      (agents.generate(**inputs, **kw), want_active)):
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.scores, want.scores):
+            torch.testing.assert_close(a, b)
 
 
 def test_batch_size_mismatch(agents):

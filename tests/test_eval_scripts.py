@@ -26,6 +26,7 @@ def _run(module, *args, tmp_path):
     return load(out)  # checks the schema
 
 
+@pytest.mark.slow
 def test_bench_lora_tiny(tmp_path):
     res = _run("eval.bench.lora", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3",
                tmp_path=tmp_path)
@@ -37,6 +38,7 @@ def test_bench_lora_tiny(tmp_path):
     assert [s["rows"] for s in res.extra["summary"]] == [1, 3]
 
 
+@pytest.mark.slow
 def test_bench_e2e_tiny(tmp_path):
     res = _run("eval.bench.e2e", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
                "--capacity-context", "48", "--new-tokens", "3", "--adapters", "2", tmp_path=tmp_path)
@@ -50,6 +52,7 @@ def test_bench_e2e_tiny(tmp_path):
     assert prof["step_wall_s"] > 0 and prof["top_cpu_ops"]
 
 
+@pytest.mark.slow
 def test_bench_e2e_tiny_split_over_devices(tmp_path):
     """The device-map variant (layers split with accelerate; here over two "cpu" devices, hooks forced)."""
     res = _run("eval.bench.e2e", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
@@ -61,6 +64,7 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
     assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res.rows)
 
 
+@pytest.mark.slow
 def test_bench_decode_tiny(tmp_path):
     """Issue 18's decode-step benchmark: ForkKV compiled (eager backend on CPU) and not, the transformers-alone
     anchors; every row measured, the compiled row compares its tokens with an eager generate's."""
@@ -76,6 +80,7 @@ def test_bench_decode_tiny(tmp_path):
     assert res.rows[2]["rows_same_tokens_as_eager"] == 2
 
 
+@pytest.mark.slow
 def test_bench_tp_tiny_one_process(tmp_path):
     """The tensor-parallel benchmark's one-process run (what torchrun runs on every rank) from a written checkpoint."""
     ck = tmp_path / "ck"
@@ -165,10 +170,12 @@ def test_committed_results_load_and_plot(tmp_path):
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
-ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.decode", "eval.bench.lora",
-                "eval.bench.tp", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
+ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.decode",
+                "eval.bench.lora", "eval.bench.tp", "eval.bench.kernel", "eval.bench.sweep_kernel",
+                "eval.bench.profile_kernel", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
 
 
+@pytest.mark.slow
 def test_entry_points_start():
     """``python -m <module> --help`` of every entry point, in one process (each import costs seconds)."""
     code = ("import runpy, sys\n"
@@ -187,10 +194,28 @@ def test_entry_points_start():
     assert json.loads(dev.stdout)["torch"]
 
 
+def test_kernel_bench_helpers_on_cpu():
+    """What of the kernel benchmarks runs without a GPU: the sweep's grid (spilling configurations left out), the knobs
+    a sweep result hands the benchmark (nearest swept agent count), and the floors (more residuals, more work)."""
+    from eval.bench.kernel import floors, swept_knobs
+    from eval.bench.sweep_kernel import configs
+
+    grid = configs("shared")
+    assert len(grid) == 12 and not any(c["block_m"] == 128 and c["num_warps"] == 4 for c in grid)
+    assert configs("shared", only={"num_warps": 8}) == [c for c in grid if c["num_warps"] == 8]
+    best = {"shared/kv/32768:8": {"config": {"block_t": 32, "block_m": None}},
+            "shared/kv/32768:32": {"config": {"block_t": 64, "block_m": 128}},
+            "kres/kv/32768:32": {"config": {"res_heads": 2}}}
+    assert swept_knobs(best, "kv", 30) == {"block_t": 64, "block_m": 128, "res_heads": 2}
+    assert swept_knobs(best, "kv", 9) == {"block_t": 32, "res_heads": 2}
+    assert swept_knobs(best, "v", 30) == {} and swept_knobs({}, "kv", 30) == {}
+    f = floors(32768, 32, {"hbm_bytes_per_s": 4e12, "bf16_flops_per_s": 7e14})
+    assert f["floor_base_s"] < f["floor_v_s"] < f["floor_s"] and f["bytes_base"] < f["bytes_v"] < f["bytes"]
+
+
 def test_no_sys_path_edits_and_eval_never_imports_examples():
     files = [*(ROOT / "eval").rglob("*.py"), *(ROOT / "examples").rglob("*.py"), ROOT / "tests" / "tp_worker.py"]
-    kernel_scripts = {"bench_kernel.py", "sweep_kernel.py", "profile_kernel.py"}  # not yet on the runner
-    edits = [str(f.relative_to(ROOT)) for f in files if f.name not in kernel_scripts and "sys.path" in f.read_text()]
+    edits = [str(f.relative_to(ROOT)) for f in files if "sys.path" in f.read_text()]
     assert edits == []
     back = [str(f.relative_to(ROOT)) for f in (ROOT / "eval").rglob("*.py")
             if re.search(r"^\s*(from|import)\s+examples\b", f.read_text(), re.M)]

@@ -5,6 +5,7 @@ import torch
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
+from cases import GENERATE_MODES, parametrize
 from models import semantic_reference_cache, tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -100,17 +101,7 @@ def test_layer0_kv_are_exact(full_agents):
         torch.testing.assert_close(V[b], own.layers[0].values[0].float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        dict(do_sample=False),
-        dict(do_sample=True, top_k=0, temperature=1.0),
-        dict(do_sample=False, num_beams=3),
-        dict(do_sample=True, num_return_sequences=2),
-        dict(do_sample=True, num_beams=2, num_return_sequences=2),
-    ],
-    ids=["greedy", "sampling", "beam3", "sample-nrs2", "beam-sample-nrs2"],
-)
+@parametrize("mode", GENERATE_MODES, fast=lambda mode: mode == GENERATE_MODES[0])
 def test_matches_defined_semantics(full_agents, mode):
     """With LoRA everywhere, ForkKV equals an independent build of its semantics: context K/V from PEFT's own LoRA
     projections applied to ONE base pass's hidden states (one full copy per row, DynamicCache, SDPA)."""

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 import forkkv_hf
 from forkkv_hf import CACHE_KWARG, ForkKVCache, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.compat import crop_takes_length
+from cases import parametrize
 from models import tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -96,7 +97,7 @@ def test_pad_derived_mask_over_padding_only_equals_plain_peft(exact_agents):
     assert torch.equal(_gen(pm, inputs, names, _fork(pm, ctx, names), max_new_tokens=6), exact)
 
 
-@pytest.mark.parametrize("extra", [2, -1], ids=["longer", "shorter"])
+@parametrize("extra", [2, -1])
 def test_mask_of_the_wrong_length_is_refused(agents, extra):
     ctx = _ctx()
     inputs = batch_inputs(ctx, [torch.tensor([4, 5])])
@@ -269,11 +270,10 @@ def test_longrope_follows_the_context_length():
         _rope_run(pm, T=20, prompt=5, new=3, chunk_size=8)
 
 
-@pytest.mark.parametrize("rope", [dict(rope_type="linear", factor=2.0),
-                                  dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_position_embeddings=16),
-                                  dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)],
-                         ids=lambda r: r["rope_type"])
+@parametrize("rope", [dict(rope_type="linear", factor=2.0),
+                      dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=16),
+                      dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)])
 def test_position_only_rope_types_equal_plain_peft(rope):
     pm = _rope_agents(rope, max_pos=32)
     _same(*_rope_run(pm, T=14, prompt=10, new=10))  # past 16 and 32 positions, prefill and decode
@@ -289,8 +289,8 @@ def _drafter(mode: str):
 DRAFTERS = ["prompt_lookup", "assistant_model", "assistant_early_exit"]
 
 
-@pytest.mark.parametrize("mode", DRAFTERS)
-@pytest.mark.parametrize("name", ["planner", "__base__"])
+@parametrize("mode", DRAFTERS)
+@parametrize("name", ["planner", "__base__"])
 def test_assisted_decoding_equals_plain_peft(exact_agents, monkeypatch, mode, name):
     """Drafts are verified several tokens at a time and rejected ones cropped from the private part (crop(0) when all
     are accepted): the tokens equal plain PEFT's greedy ones."""
@@ -313,7 +313,7 @@ def test_assisted_decoding_equals_plain_peft(exact_agents, monkeypatch, mode, na
     assert cache.get_seq_length() == 20 + 6 + 12 - 1 and cache.private_ids.shape[1] == 6 + 12 - 1
 
 
-@pytest.mark.parametrize("mode", DRAFTERS)
+@parametrize("mode", DRAFTERS)
 def test_assisted_decoding_equals_forkkv_greedy(agents, mode):
     ctx = _ctx(20, seed=1, high=40)
     inputs = batch_inputs(ctx, [ctx[:6].clone()])
@@ -381,7 +381,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@parametrize("family", list(FAMILIES))
 def test_unsupported_families_are_refused_clearly(family):
     (cfg_name, model_name, targets), cfg, message = FAMILIES[family]
     pm = _family(cfg_name, model_name, targets, **cfg)

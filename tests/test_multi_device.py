@@ -9,6 +9,7 @@ import torch
 
 import forkkv_hf
 from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
+from cases import parametrize
 from models import tiny_llama, with_adapters
 
 accelerate = pytest.importorskip("accelerate")
@@ -80,7 +81,7 @@ def test_accelerate_hooks_on_cpu_give_the_same_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@parametrize("backend", ["auto", "torch"])
 def test_two_gpus_device_map_equals_one_gpu(backend, monkeypatch):
     monkeypatch.setenv("FORKKV_BACKEND", backend)
     ref_shared, ref = _run(_agents(_model().to("cuda:0")), "cuda:0")

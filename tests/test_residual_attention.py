@@ -1,28 +1,17 @@
 """The chunked PyTorch ResidualAttention and the rebuild-and-SDPA path equal the materialising fp32 reference."""
 
-import pytest
-import torch
-
 import importlib
 from functools import partial
 
+import pytest
+import torch
+
+from cases import ATTN_CASES, LOW_DTYPES, LOWP_CASES, parametrize
 from forkkv_hf import reference_attention, residual_attention_torch
 from forkkv_hf.residual_attention import residual_attention, residual_attention_sdpa
-
-ra_mod = importlib.import_module("forkkv_hf.residual_attention")
 from views import padding_mask, random_view
 
-CASES = [
-    # id, view kwargs, H (query heads), Q
-    ("B3-Hkv2-G2-T37-P5-Q1", dict(B=3, Hkv=2, D=16, T=37, P=5), 4, 1),
-    ("B4-Hkv1-G3-T23-P7-Q3", dict(B=4, Hkv=1, D=8, T=23, P=7, rows=[0, 0, 1, -1]), 3, 3),
-    ("B2-Hkv2-G4-T64-P1-Q1", dict(B=2, Hkv=2, D=32, T=64, P=1, rows=[1, 1]), 8, 1),
-    ("B5-Hkv3-G1-T11-P9-Q4", dict(B=5, Hkv=3, D=16, T=11, P=9, n_agents=3, ranks=(1, 8, 3)), 3, 4),
-    ("kres-only", dict(B=3, T=29, P=3, v_res=False), 4, 1),
-    ("vres-only", dict(B=3, T=29, P=3, k_res=False), 4, 2),
-    ("bias-column", dict(B=3, T=19, P=4, bias=True), 4, 2),
-    ("all-base-rows", dict(B=2, T=19, P=4, rows=[-1, -1]), 4, 1),
-]
+ra_mod = importlib.import_module("forkkv_hf.residual_attention")
 
 
 def _query(view, H, Q, dtype, seed=1):
@@ -34,40 +23,38 @@ PATHS = {"torch": residual_attention_torch, "sdpa": residual_attention_sdpa,
          "sdpa-1row-groups": partial(residual_attention_sdpa, workspace_bytes=1)}
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("name,kw,H,Q", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("masked", [False, True], ids=["implicit-causal", "padding-mask"])
-def test_paths_match_reference_fp32(name, kw, H, Q, masked, path):
-    view = random_view(**kw)
-    q = _query(view, H, Q, torch.float32)
-    T, P, B = view.shared_len, view.private_len, view.batch_size
-    mask = padding_mask(B, Q, T, P, [b % max(1, P - Q + 1) for b in range(B)]) if masked else None
-    scale = q.shape[-1] ** -0.5
+@parametrize("path", list(PATHS))
+@parametrize("masked", [False, True])
+@parametrize("case", ATTN_CASES)
+def test_paths_match_reference_fp32(case, masked, path):
+    view, q = case.view(), case.query()
+    mask = case.mask() if masked else None
+    scale = case.D**-0.5
     ref = reference_attention(q, view, mask, scale)
     out = PATHS[path](q, view, mask, scale)
-    assert out.shape == (B, Q, H, q.shape[-1])
+    assert out.shape == (case.B, case.Q, case.H, case.D)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["torch", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_paths_low_precision(dtype, path):
+@parametrize("path", ["torch", "sdpa"])
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
+def test_paths_low_precision(case, dtype, path):
     """Error against the fp32 reference at most 3x that of the same computation done by PyTorch in the low dtype
     (flash-attention's pass rule): here, SDPA over the materialised rows rounded to the low dtype."""
     from forkkv_hf.reference import materialize_kv
 
-    view32 = random_view(B=4, Hkv=2, D=32, T=45, P=6, rows=[0, 1, 1, -1])
-    view = random_view(B=4, Hkv=2, D=32, T=45, P=6, rows=[0, 1, 1, -1], dtype=dtype)
-    q32 = _query(view32, 4, 2, torch.float32).to(dtype).float()
+    view = case.view(dtype)
+    q32 = case.query().to(dtype).float()
     q = q32.to(dtype)
-    scale = 32**-0.5
+    scale = case.D**-0.5
     ref = reference_attention(q32, view, None, scale)  # fp32 math on the low-precision inputs
     out = PATHS[path](q, view, None, scale).float()
     K, V = materialize_kv(view)
-    Kd, Vd = K.to(dtype).repeat_interleave(2, 1), V.to(dtype).repeat_interleave(2, 1)
-    T, P = view.shared_len, view.private_len
-    allowed = torch.ones(2, T + P, dtype=torch.bool)
-    allowed[:, T:] = torch.tril(torch.ones(2, P, dtype=torch.bool), diagonal=P - 2)
+    G = case.H // case.Hkv
+    Kd, Vd = K.to(dtype).repeat_interleave(G, 1), V.to(dtype).repeat_interleave(G, 1)
+    allowed = torch.ones(case.Q, case.T + case.P, dtype=torch.bool)
+    allowed[:, case.T:] = torch.ones(case.Q, case.P, dtype=torch.bool).tril(case.P - case.Q)  # causal, by hand
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, Kd, Vd, attn_mask=allowed, scale=scale)
     sdpa_err = (sdpa.transpose(1, 2).float() - ref).abs().max().item()
     err = (out - ref).abs().max().item()
@@ -94,7 +81,7 @@ def test_residual_matters():
     assert (naive - ref).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("path", ["reference", *PATHS])
+@parametrize("path", ["reference", *PATHS])
 def test_v_only_fork_of_kv_context(path):
     """A ``residual="v"`` fork of a K+V context (K residual present, ``k_rows`` None) reads the V residual only:
     equal to the same view without the K residual."""

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cases import parametrize
 from models import tiny_llama, with_adapters
 from tp_common import run_forkkv
+
+pytestmark = pytest.mark.slow  # torchrun: several processes per test
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -61,8 +64,7 @@ def _check(ranks, shared, ref, world):
         assert rep["stacks"] == ["colwise", "rowwise"]  # both kinds went through the batched LoRA
 
 
-@pytest.mark.parametrize("lora_backend,whole_lora", [("torch", False), ("triton", False), ("torch", True)],
-                         ids=["torch", "triton", "whole-lora-factors"])
+@parametrize("lora_backend,whole_lora", [("torch", False), ("triton", False), ("torch", True)])
 def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backend, whole_lora):
     """``triton``: the batched LoRA's Triton kernels (interpreted), with the rowwise layers' all-reduce between
     shrink and expand; ``torch``: its PyTorch path. ``whole-lora-factors``: the LoRA factors left whole on every rank
@@ -93,7 +95,7 @@ def test_tensor_parallel_four_ranks_on_cpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("whole_lora", [False, True], ids=["as-peft-loads-them", "whole-lora-factors"])
+@parametrize("whole_lora", [False, True])
 def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path, whole_lora):
     pm = _fixture(tmp_path)
     shared, ref = run_forkkv(pm.to("cuda:0"), "cuda:0")

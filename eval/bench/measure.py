@@ -13,6 +13,27 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+#: calls captured in one CUDA graph by :func:`graph_time`
+GRAPH_CALLS = 10
+
+
+def graph_time(fn, do_bench, calls: int = GRAPH_CALLS) -> float:
+    """GPU time of one ``fn()`` (seconds): ``calls`` calls captured in a CUDA graph, the replay's ``do_bench`` median
+    divided by ``calls``, so that launch overhead is not counted. ``do_bench``: ``triton.testing.do_bench``."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return do_bench(lambda: g.replay(), warmup=10, rep=100, return_mode="median") * 1e-3 / calls
+
+
 def cuda_time(fn, warmup=1, reps=3):
     """Median wall time of ``fn()`` with the GPU synchronised around it (seconds)."""
     for _ in range(warmup):

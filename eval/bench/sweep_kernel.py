@@ -3,11 +3,11 @@
 ``--stage shared`` varies the shared-part kernel's knobs (tile, warps, vectors per program, programs per SM) for each
 variant (K+V residuals, V only, base only); ``--stage kres`` varies the K pass's knobs (tile, warps, KV heads per
 program, programs per SM) with K+V residuals. Each configuration is timed as the GPU time of one call (CUDA graph
-replay, :func:`eval.bench_kernel.graph_time`) and checked against the default configuration's output. Result: the
+replay, :func:`eval.bench.measure.graph_time`) and checked against the default configuration's output. Result: the
 one schema, rows keyed by (stage, variant, context, agents, config); the best configuration per (stage, variant,
 point) in ``extra["best"]``.
 
-    python -m eval.sweep_kernel [--stage shared kres] [--points 32768:32 32768:128] [--out sweep.json]
+    python -m eval.bench.sweep_kernel [--stage shared kres] [--points 32768:32 32768:128] [--out sweep.json]
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import json
 
 import torch
 
-from eval.bench.runner import BenchmarkRun
-from eval.bench_kernel import D, graph_time, make_case, variant_view
+from .kernel import D, make_case, variant_view
+from .measure import graph_time
+from .runner import BenchmarkRun
 
 #: knob values per stage (None: the launcher's default); ``--grid`` replaces a stage's grid
 GRIDS = {

@@ -9,7 +9,7 @@ values (:func:`base_fingerprint`, :func:`adapter_fingerprints`). Two kinds of ev
 - **stamps** (free): the tensor object and its version counter. Every in-place write through the tensor
   (``param.mul_()`` under ``no_grad``, ``load_state_dict``, an optimizer step) bumps the counter; a reloaded or
   replaced tensor is another object. Writes through ``.data`` bump nothing.
-- **content probes** (one read of the tensors, :mod:`forkkv_hf.probes`): an exact, order-independent linear
+- **content probes** (one read of the tensors, :mod:`forkkv_hf.context.probes`): an exact, order-independent linear
   checksum of the tensor's bits, computed on its device, portable across processes and devices.
 
 Modes (:func:`set_weight_checks`, per model): ``"content"`` (the default) probes the base weights and the K/V LoRA
@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
+from ..lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
+from ..tp import tp_world
 from .probes import Probes, factor_probe, stamp
-from .tp import tp_world
 
 MODES = ("content", "versions")
 _MODE_ATTR = "_forkkv_weight_checks"

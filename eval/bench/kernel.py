@@ -20,10 +20,10 @@ Times are the GPU time of one call: a CUDA graph of ``GRAPH_CALLS`` calls replay
 the calls. The same calls timed eagerly from Python (``*_eager_s``: what one un-captured call costs, launch overhead
 included) are recorded beside them. The kernel's output is checked against SDPA at every size. Result: the one
 schema (eval/bench/schema.py), rows keyed by (context, agents), the measured ceilings and the compiled kernels'
-resource use in ``extra``. ``--tuning-from``: run each variant with the knobs a sweep (eval/sweep_kernel.py) found
+resource use in ``extra``. ``--tuning-from``: run each variant with the knobs a sweep (eval/bench/sweep_kernel.py) found
 fastest at the nearest agent count instead of the launcher's defaults (each row records its ``*_knobs``).
 
-    python -m eval.bench_kernel [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--tuning-from SWEEP.json]
+    python -m eval.bench.kernel [--contexts 4096 16384 32768] [--agents 1 8 32 128] [--tuning-from SWEEP.json]
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import dataclasses
 
 import torch
 
-from eval.bench.runner import BenchmarkRun
+from .measure import GRAPH_CALLS, graph_time
+from .runner import BenchmarkRun
 
 H, HKV, D, RANK, PRIVATE = 32, 8, 128, 16, 64
-GRAPH_CALLS = 10
 
 
 def measure_ceilings(do_bench) -> dict:
@@ -60,7 +60,7 @@ def measure_ceilings(do_bench) -> dict:
 def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0):
     """A decode step: N rows (agent i on row i), one query each, shared T + private PRIVATE tokens."""
     from forkkv_hf.cache import ForkKVView
-    from forkkv_hf.shared_context import Residual, SharedLayer
+    from forkkv_hf.context import Residual, SharedLayer
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float32)  # noqa: E731
@@ -90,22 +90,6 @@ def variant_view(view, variant: str):
     if variant == "base":
         none.update(v_rows=None, v_slots=None)
     return dataclasses.replace(view, **none)
-
-
-def graph_time(fn, do_bench, calls: int = GRAPH_CALLS) -> float:
-    """GPU time of one ``fn()``: ``calls`` calls captured in a CUDA graph, the replay's ``do_bench`` median / calls."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(s)
-    return do_bench(lambda: g.replay(), warmup=10, rep=100, return_mode="median") * 1e-3 / calls
 
 
 def materialise(view, chunk=8):
@@ -151,8 +135,8 @@ def _time(fn, do_bench) -> tuple[float, float]:
 
 
 def swept_knobs(best: dict, variant: str, N: int) -> dict:
-    """The knobs eval.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N`` (the shared-part
-    stage, plus the K-pass stage for ``kv``); {} without a sweep."""
+    """The knobs eval.bench.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N`` (the
+    shared-part stage, plus the K-pass stage for ``kv``); {} without a sweep."""
     out = {}
     for stage in ("shared", "kres") if variant == "kv" else ("shared",):
         points = [(int(k.split(":")[1]), b) for k, b in best.items() if k.startswith(f"{stage}/{variant}/")]
@@ -227,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
-    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: each variant runs with the "
+    ap.add_argument("--tuning-from", default=None, help="an eval.bench.sweep_kernel result: each variant runs with the "
                     "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
@@ -245,7 +229,7 @@ def main(argv=None):
                        case_keys=["context", "agents"], out=args.out)
     best = {}
     if args.tuning_from:
-        from eval.bench.schema import load
+        from .schema import load
 
         best = run.extra["tuning_from"] = load(args.tuning_from).extra["best"]
     ceil = run.extra["ceilings"] = measure_ceilings(do_bench)

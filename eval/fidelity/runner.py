@@ -1,0 +1,130 @@
+"""Evaluate trained agents on the held-out contexts under every inference variant, prompt by prompt.
+
+Per evaluation context, every agent of every training kind answers its questions in one mixed-adapter batch
+(``rows``: one adapter name per question), greedily, under each inference variant:
+- ``exact``: each adapter prefills the context itself (PEFT, ``DynamicCache``, SDPA): no sharing;
+- ``forkkv``: one base pass (``SharedContext.build``), forks with K and V residuals;
+- ``forkkv_v``: the same forks with the V residual only;
+- ``naive``: the base model's K/V for every agent (adapter-blind prefix caching).
+Then, under teacher forcing on each row's exact output, the per-token KL(exact || variant) and top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..agents import END
+from ..quality.context_passes import stacked_cache
+from ..quality.metrics import first_divergence, generate_rows
+from .metrics import exact_match, f1
+from .train import adapter_name, context_ids, prompt_ids
+
+VARIANTS = ("exact", "forkkv", "forkkv_v", "naive")
+RESIDUAL_OF = {"forkkv": "kv", "forkkv_v": "v", "naive": "none"}
+
+
+@torch.no_grad()
+def own_prefill(pm, name: str, ids: torch.Tensor):
+    """Adapter ``name``'s own pass over the context: its ``DynamicCache`` (the exact variant)."""
+    from transformers import DynamicCache
+
+    from forkkv_hf import cache_kwargs
+
+    cache = DynamicCache()
+    pm.set_adapter(name)
+    pm.get_base_model().model(input_ids=ids[None], use_cache=True, **cache_kwargs(cache))
+    return cache
+
+
+@torch.no_grad()
+def teacher_forced(pm, inputs: dict, rows: list[str], cache, targets: list[list[int]], pad: int) -> torch.Tensor:
+    """Log-probabilities ``[B, N, V]`` (fp32) of the positions that predict ``targets`` (right-padded to N), each
+    row with its own adapter, the shared context in ``cache``."""
+    from forkkv_hf import cache_kwargs
+
+    dev = inputs["input_ids"].device
+    B, N = len(targets), max(len(t) for t in targets)
+    out_ids = torch.full((B, N), pad, dtype=torch.long, device=dev)
+    out_mask = torch.zeros((B, N), dtype=torch.long, device=dev)
+    for i, t in enumerate(targets):
+        out_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
+        out_mask[i, : len(t)] = 1
+    T = cache.get_seq_length()
+    ids = torch.cat([inputs["input_ids"], out_ids], 1)
+    mask = torch.cat([inputs["attention_mask"], out_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = pm(input_ids=ids[:, T:], attention_mask=mask, position_ids=positions[:, T:], adapter_names=rows,
+             use_cache=True, logits_to_keep=N + 1, **cache_kwargs(cache))
+    return torch.log_softmax(out.logits[:, :N].float(), -1)
+
+
+def evaluate_context(pm, tok, context: dict, examples: list[dict], kinds, variants, max_new_tokens: int) -> list[dict]:
+    """Every (kind, variant) answer to every question of one context, with its metrics (one record each)."""
+    import forkkv_hf
+    from forkkv_hf import SharedContext, batch_inputs
+
+    dev = next(pm.parameters()).device
+    eos, pad = tok.convert_tokens_to_ids(END), tok.pad_token_id
+    ctx = context_ids(tok, context).to(dev)
+    rows = [adapter_name(ex["agent"], kind) for kind in kinds for ex in examples]
+    row_examples = [ex for _ in kinds for ex in examples]
+    prompts = [prompt_ids(tok, ex) for ex in row_examples]
+    inputs = batch_inputs(ctx, prompts, pad_token_id=pad, device=dev)
+    names = list(dict.fromkeys(rows))
+
+    forkkv_hf.disable_forkkv(pm)  # the exact variant: plain PEFT + DynamicCache + SDPA
+    own = {n: own_prefill(pm, n, ctx) for n in names}
+    outputs = {"exact": generate_rows(pm, inputs, rows, stacked_cache(own, rows), max_new_tokens, eos, pad)}
+    targets = [o if o else [eos] for o in outputs["exact"]]
+    logprobs = {"exact": teacher_forced(pm, inputs, rows, stacked_cache(own, rows), targets, pad)}
+    del own
+    forkkv_hf.enable_forkkv(pm)
+    shared = SharedContext.build(pm, ctx, names, progress=False)
+    for v in variants:
+        if v == "exact":
+            continue
+        outputs[v] = generate_rows(pm, inputs, rows, shared.fork(rows, residual=RESIDUAL_OF[v]), max_new_tokens,
+                                   eos, pad)
+        logprobs[v] = teacher_forced(pm, inputs, rows, shared.fork(rows, residual=RESIDUAL_OF[v]), targets, pad)
+    records = []
+    for i, ex in enumerate(row_examples):
+        n = len(targets[i])
+        lp_e = logprobs["exact"][i, :n]
+        target = torch.tensor(targets[i], device=lp_e.device)
+        for v in variants:
+            text = tok.decode(outputs[v][i], skip_special_tokens=True).strip()
+            lp_v = logprobs[v][i, :n]
+            kl = (lp_e.exp() * (lp_e - lp_v)).sum(-1).clamp_min(0).mean().item()
+            records.append({
+                "context": context["id"], "agent": ex["agent"], "kind": kinds[i // len(examples)], "variant": v,
+                "id": ex["id"], "answer": ex["answer"], "output": text[:200], "em": exact_match(text, ex["answer"]),
+                "f1": f1(text, ex["answer"]), "kl": kl, "tf_top1": (lp_v.argmax(-1) == target).float().mean().item(),
+                "identical": first_divergence(outputs["exact"][i], outputs[v][i]) is None,
+            })
+    return records
+
+
+def evaluate(pm, tok, data_eval: dict, kinds, variants=VARIANTS, max_new_tokens: int = 24,
+             time_budget_s: float | None = None, progress: bool = True, checkpoint=None) -> dict:
+    """Records of every evaluation context (until ``time_budget_s``), and the seconds spent; ``checkpoint`` (if
+    given) is called with the partial result after each context."""
+    from tqdm.auto import tqdm
+
+    by_context: dict[int, list[dict]] = {}
+    for ex in data_eval["examples"]:
+        by_context.setdefault(ex["context_index"], []).append(ex)
+    t0 = time.perf_counter()
+    records, done = [], 0
+    for context in tqdm(data_eval["contexts"], desc="evaluate contexts", unit="context", disable=not progress):
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            break
+        records += evaluate_context(pm, tok, context, by_context[context["context_index"]], list(kinds), variants,
+                                    max_new_tokens)
+        done += 1
+        out = {"records": records, "contexts_evaluated": done, "contexts_planned": len(data_eval["contexts"]),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if checkpoint is not None:
+            checkpoint(out)
+    return out

@@ -1,0 +1,282 @@
+"""The shared part of a ForkKV cache: one base-model pass over a context, kept once, forked by many agents.
+
+``SharedContext.build`` runs the base model (adapters disabled) over the context once. It keeps, per layer,
+- the bCache: ``key``/``value`` ``[1, H_kv, T, D]`` exactly as the base model caches them (``key`` after RoPE);
+- the rCache: for every forked adapter with LoRA on ``k_proj``/``v_proj``, ``u = x Aᵀ`` ``[T, r]`` computed by hooks
+  from the projections' input ``x`` during that same pass (nothing ``d_model``-wide is kept), with the scaled ``B``;
+- ``cos``/``sin`` ``[T, D]`` of the context positions, to rotate the K residual after ``B`` is applied.
+
+``SharedContext.fork(adapter_names)`` then gives a :class:`~forkkv_hf.cache.ForkKVCache` for a batch whose row ``i``
+is agent ``adapter_names[i]``; any number of caches can be forked, nothing shared is copied or ever written again.
+The context sits below the cache and names no cache class: :mod:`forkkv_hf.cache` registers the class ``fork``
+builds when it is imported (:func:`register_fork`), which importing ``forkkv_hf`` does.
+
+``SharedContext.build_continuation`` is the same base pass over tokens that continue an already computed context
+(its base K/V given as ``past``): the building block of :class:`~forkkv_hf.store.ForkKVStore`, which keeps context
+segments in radix trees and computes only what is missing.
+
+A context records what it was computed from (:mod:`forkkv_hf.context.identity`); ``generate`` refuses it once the
+model's base weights or its rows' K/V LoRA factors differ. Builds hold the model's lock (:mod:`forkkv_hf.model_lock`);
+``fork`` only reads, from any thread. ``pickle``/``torch.save`` work; a loaded context is usable with any model
+whose weights are the recorded ones (checked by content at its first generate).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..inputs import context_token_ids, vocab_size_of
+from ..lora_factors import (
+    BASE_ADAPTER,
+    available_adapters,
+    check_adapter_names,
+    find_attention_modules,
+    transformers_model,
+)
+from ..model_lock import model_lock
+from ..peft_integration import remove_stale_peft_hooks
+from .base_pass import check_chunk_size, past_length, segment_layers
+from .identity import ContextIdentity, check_context, record_context
+from .segments import ContextLayout, SharedLayer, base_bytes, factor_bytes, merge_residuals, residual_bytes, rope_bytes
+
+#: what :meth:`SharedContext.fork` builds, ``(context, adapter_names, residual=...) -> cache``; registered by
+#: :mod:`forkkv_hf.cache` (above this module) when it is imported
+_fork_factory: Callable | None = None
+
+
+def register_fork(factory: Callable) -> None:
+    """Make ``factory(context, adapter_names, residual=...)`` the cache :meth:`SharedContext.fork` returns."""
+    global _fork_factory
+    _fork_factory = factory
+
+
+@dataclass
+class SharedContext:
+    """The shared context's bCache and rCache. Build with :meth:`build`, use with :meth:`fork`."""
+
+    layers: list[SharedLayer]
+    token_ids: torch.Tensor
+    adapters: tuple[str, ...]
+    config: object = field(repr=False)
+    model_id: int = 0
+    #: position of ``token_ids[0]``: 0 for a context, > 0 for a segment made by :meth:`build_continuation`
+    start: int = 0
+    #: what the base K/V and residuals were computed from (:mod:`forkkv_hf.context.identity`); checked before each
+    #: generate
+    identity: ContextIdentity | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        context_ids,
+        adapter_names=None,
+        *,
+        chunk_size: int | None = 4096,
+        progress: bool = True,
+    ) -> SharedContext:
+        """Run the base model once over ``context_ids`` and capture the residuals of ``adapter_names``.
+
+        ``model``: a ``PeftModel`` (or a plain transformers model, then only ``"__base__"`` rows can fork).
+        ``context_ids``: ``[T]`` or ``[1, T]`` token ids. ``adapter_names``: the adapters that may fork this context
+        (default: every adapter of the model). ``chunk_size``: tokens per forward of the base pass (bounds activation
+        memory on long contexts; ``None`` for one pass); a progress bar shows when there are several chunks.
+
+        Holds the model's lock (:mod:`forkkv_hf.model_lock`) for the whole pass: builds, forks and generates from
+        several threads run one after the other. Records the identity of the weights it reads
+        (:mod:`forkkv_hf.context.identity`): a generate after they change is refused.
+        """
+        return cls._base_pass(model, context_ids, adapter_names, chunk_size=chunk_size, progress=progress)
+
+    @classmethod
+    @torch.no_grad()
+    def build_continuation(
+        cls,
+        model: nn.Module,
+        token_ids,
+        adapter_names=None,
+        *,
+        past=None,
+        keep_kv: bool = True,
+        chunk_size: int | None = 4096,
+        progress: bool = True,
+        record_identity: bool = True,
+    ) -> SharedContext:
+        """The base pass of :meth:`build` over ``token_ids`` that continue a context of ``S`` tokens.
+
+        ``past``: the base model's K/V of those ``S`` tokens, one ``(key, value)`` pair per layer, each
+        ``[1, H_kv, S, D]`` (``key`` after RoPE, as a ``SharedLayer`` holds it), or ``None`` for ``S = 0``.
+        The base model runs over ``token_ids`` only, at positions ``S, S+1, ...``, with ``past`` as its cache.
+        Returns a segment (``start = S``): per layer the K/V (``[1, H_kv, T, D]``; empty ``[1, H_kv, 0, D]`` with
+        ``keep_kv=False``, when only residuals are wanted), ``cos``/``sin`` ``[T, D]`` and the residuals of
+        ``adapter_names`` over these ``T`` tokens. Concatenated along T with the segments before it, it equals
+        :meth:`build` over the whole context (up to float rounding). A segment with ``start > 0`` cannot be forked.
+        ``record_identity=False``: no identity (the caller records it, as :class:`~forkkv_hf.store.ForkKVStore` does).
+        """
+        return cls._base_pass(model, token_ids, adapter_names, chunk_size=chunk_size, progress=progress, past=past,
+                              keep_kv=keep_kv, record_identity=record_identity)
+
+    @classmethod
+    def _base_pass(cls, model, context_ids, adapter_names, *, chunk_size, progress, past=None, keep_kv: bool = True,
+                   record_identity: bool = True) -> SharedContext:
+        check_chunk_size(chunk_size)
+        with model_lock(model):
+            return cls._locked_base_pass(model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                                         record_identity)
+
+    @classmethod
+    def _locked_base_pass(cls, model, context_ids, adapter_names, chunk_size, progress, past, keep_kv,
+                          record_identity) -> SharedContext:
+        if model.training:
+            raise ValueError("the model is in training mode; call model.eval() before building a shared context")
+        remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
+        ids = context_token_ids(context_ids, vocab_size_of(model))
+        S = past_length(past)
+        if adapter_names is None:
+            adapter_names = available_adapters(model)
+        adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
+        base = transformers_model(model)
+        layers = segment_layers(model, base, ids, adapters, past, chunk_size=chunk_size, progress=progress,
+                                keep_kv=keep_kv)
+        return cls(
+            layers=layers, token_ids=ids.detach().cpu(), adapters=adapters, config=base.config, model_id=id(base),
+            start=S, identity=record_context(model, adapters) if record_identity else None,
+        )
+
+    @classmethod
+    def from_tensors(cls, layout: ContextLayout, kv: list[tuple], residuals: list[tuple], token_ids: torch.Tensor,
+                     adapters, identity: ContextIdentity | None) -> SharedContext:
+        """A whole context (start 0) over tensors computed before, e.g. by a :class:`~forkkv_hf.store.ForkKVStore`
+        from the nodes of its radix trees. ``layout``: the model it belongs to (:meth:`layout` of a context built
+        with it). Per layer ``l``: ``kv[l] = (key, value, cos, sin)`` (``[1, H_kv, T, D]``, ``[T, D]``) and
+        ``residuals[l] = (k_res, v_res)`` (:class:`~forkkv_hf.context.segments.Residual` or ``None``).
+        ``token_ids``: ``[T]``. ``identity``: what the tensors were computed from (``None``: not checkable)."""
+        if not (len(kv) == len(residuals) == layout.num_layers):
+            raise ValueError(f"give one (key, value, cos, sin) and one (k_res, v_res) per layer of the layout "
+                             f"({layout.num_layers}), got {len(kv)} and {len(residuals)}")
+        layers = [
+            SharedLayer(k, v, c, s, k_res, v_res, source=source, sliding_window=window)
+            for (k, v, c, s), (k_res, v_res), source, window
+            in zip(kv, residuals, layout.sources, layout.sliding_windows)
+        ]
+        return cls(layers=layers, token_ids=token_ids, adapters=tuple(adapters), config=layout.config,
+                   model_id=layout.model_id, start=0, identity=identity)
+
+    def layout(self) -> ContextLayout:
+        """What ties this context to its model besides its tensors (a
+        :class:`~forkkv_hf.context.segments.ContextLayout`)."""
+        return ContextLayout(self.config, self.model_id, tuple(l.source for l in self.layers),
+                             tuple(l.sliding_window for l in self.layers))
+
+    # ------------------------------------------------------------------ adapters
+    @torch.no_grad()
+    def add_adapters(self, model: nn.Module, adapter_names, *, chunk_size: int | None = 4096,
+                     progress: bool = True) -> SharedContext:
+        """Compute the residuals of adapters this context was not built for (e.g. loaded later) and add them.
+
+        One base pass over the context with hooks (no K/V kept), as :meth:`build` does for its adapters. Caches
+        already forked keep working: existing adapters keep their slots. The base weights must be those the context
+        was built from. Returns ``self``.
+        """
+        if self.start:
+            raise ValueError("add_adapters works on a whole context (start 0), not on a continuation segment")
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
+        with model_lock(model):
+            new = [a for a in dict.fromkeys(adapter_names) if a != BASE_ADAPTER and a not in self.adapters]
+            if not new:
+                return self
+            self.check_weights(model, [])  # the new residuals must read the base this context's K/V came from
+            seg = type(self).build_continuation(model, self.token_ids, new, keep_kv=False, chunk_size=chunk_size,
+                                                progress=progress)
+            self._merge(seg)
+        return self
+
+    def _merge(self, seg: SharedContext) -> None:
+        for layer, extra in zip(self.layers, seg.layers):
+            layer.k_res = merge_residuals(layer.k_res, extra.k_res)
+            if extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u:
+                layer.v_res = merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res)
+            else:
+                layer.v_res = merge_residuals(layer.v_res, extra.v_res)
+        if self.identity is not None and seg.identity is not None:
+            self.identity.adapters.update(seg.identity.adapters)
+        self.adapters = self.adapters + seg.adapters
+
+    def check_weights(self, model: nn.Module, adapter_names=None) -> None:
+        """Raise :class:`~forkkv_hf.context.identity.StaleContextError` (what changed, what to do) unless
+        ``model``'s base weights and the K/V LoRA factors of ``adapter_names`` (default: all of this context's
+        adapters) are the ones this context was computed from: serving it would be silently wrong. Cheap or by
+        content, see :mod:`forkkv_hf.context.identity`. A context loaded from a file is bound to ``model`` by its
+        first successful check."""
+        if self.identity is None:
+            raise ValueError("this SharedContext records no weight identity (a store-internal segment); fork caches "
+                             "from SharedContext.build or ForkKVStore.fork")
+        names = self.adapters if adapter_names is None else [a for a in adapter_names if a in self.adapters]
+        check_context(self.identity, model, names)
+        if self.layers and self.layers[0].source is None:
+            self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Tie an unpickled context to ``model`` (whose weights were just found to be the recorded ones)."""
+        attention = find_attention_modules(model)
+        if len(attention) != len(self.layers):
+            raise ValueError(f"this shared context has {len(self.layers)} layers but the model has {len(attention)}; "
+                             "build a new SharedContext with this model")
+        base = transformers_model(model)
+        for idx, layer in enumerate(self.layers):
+            layer.source = weakref.ref(attention[idx])
+        self.config, self.model_id = base.config, id(base)
+
+    # ------------------------------------------------------------------ use
+    def fork(self, adapter_names, residual: str = "kv"):
+        """A :class:`~forkkv_hf.cache.ForkKVCache` whose row ``i`` is agent ``adapter_names[i]`` (``"__base__"`` for
+        the base model). Rows may repeat an agent; they then share its residual. ``residual``: ``"kv"`` (default),
+        ``"v"`` or ``"none"``, see :class:`~forkkv_hf.cache.ForkKVCache`."""
+        if self.start:
+            raise ValueError(
+                f"this SharedContext is a segment starting at position {self.start} (made by build_continuation); "
+                "concatenate it with the segments before it, or use forkkv_hf.ForkKVStore, which does that"
+            )
+        if _fork_factory is None:
+            raise RuntimeError("no cache class is registered to fork into; import forkkv_hf (its cache module "
+                               "registers ForkKVCache) before forking a SharedContext")
+        return _fork_factory(self, adapter_names, residual=residual)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def base_bytes(self) -> int:
+        """Bytes of the shared bCache (K and V of every layer, held once)."""
+        return base_bytes(self.layers)
+
+    def rope_bytes(self) -> int:
+        """Bytes of the RoPE tables (a table shared by several layers counts once)."""
+        return rope_bytes(self.layers)
+
+    def residual_bytes(self, adapter: str, kinds: str = "kv") -> int:
+        """Bytes of one adapter's rCache (its ``u`` over all layers; ``0`` for adapters without k/v LoRA).
+        ``kinds``: count the K residuals (``"k"``), the V residuals (``"v"``) or both (``"kv"``)."""
+        return residual_bytes(self.layers, adapter, kinds)
+
+    def factor_bytes(self) -> int:
+        """Bytes of the stacked, scaled ``B`` factors kept with the residuals."""
+        return factor_bytes(self.layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedContext(tokens={self.num_tokens}, layers={self.num_layers}, adapters={list(self.adapters)}, "
+            f"base={self.base_bytes() / 2**20:.1f} MiB)"
+        )

@@ -1,0 +1,161 @@
+"""The base-model pass over a training context: what every agent's ForkKV-aware training step reads.
+
+At inference an agent's context K/V are the base model's K/V plus its own LoRA delta applied to the base model's
+k/v-projection inputs (:mod:`forkkv_hf.context`). To train under those semantics, a step needs, per layer,
+the base K/V and those inputs ``x`` (not only ``u = x·Aᵀ``: the gradient of ``A`` is ``(∂L/∂u)ᵀ x``).
+:class:`TrainingContext` runs the base model once over the context (adapters disabled, no grad, eval mode) and
+keeps them; any number of agents' steps then read it. Base weights must stay frozen while it is used.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..compat import cache_kwargs
+from ..inputs import context_token_ids, vocab_size_of
+from ..lora_factors import find_attention_modules, is_peft_model, transformers_model
+
+
+@dataclass
+class ContextLayer:
+    """One layer of a :class:`TrainingContext` (T context tokens).
+
+    ``key``/``value``: ``[1, H_kv, T, D]``, the base model's cached K (after RoPE) and V. ``x_k``/``x_v``: ``[T,
+    d_in]``, the inputs of ``k_proj``/``v_proj`` in the base pass (one tensor when both read the same input).
+    ``cos``/``sin``: ``[T, D]``, the rotary tables of the context positions.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    x_k: torch.Tensor
+    x_v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def nbytes(self) -> int:
+        tensors = {id(t): t for t in (self.key, self.value, self.x_k, self.x_v, self.cos, self.sin)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_trainable_model(model: nn.Module) -> None:
+    """Refuse what ForkKV-aware training cannot train: a model that is not a PEFT model with LoRA, fused qkv
+    projections, and base weights that require grad (the shared base pass is computed once, without grad)."""
+    if not is_peft_model(model):
+        raise TypeError(
+            f"ForkKV-aware training trains LoRA adapters of a PeftModel, got {type(model).__name__}; wrap the model "
+            "with peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    for idx, attn in find_attention_modules(model).items():
+        if not (hasattr(attn, "k_proj") and hasattr(attn, "v_proj")):
+            raise NotImplementedError(
+                f"layer {idx} computes K and V in a fused {type(attn).__name__}.qkv_proj; ForkKV-aware training "
+                "supports models with separate k_proj/v_proj (Llama, Mistral, Qwen2, ...). Fine-tune this model "
+                "with plain PEFT."
+            )
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if frozen:
+        shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+        raise ValueError(
+            f"parameters outside the LoRA adapters require grad ({shown}); ForkKV-aware training computes the base "
+            "model's pass over a context once, without grad, so base weights (modules_to_save, trainable "
+            "embeddings or norms) cannot be trained with it. Freeze them (requires_grad_(False)) or train them "
+            "with plain PEFT."
+        )
+
+
+class TrainingContext:
+    """The base model's pass over one shared context, kept for ForkKV-aware training.
+
+    ``TrainingContext(model, context_ids)`` runs the base model (adapters disabled, ``torch.no_grad``, modules in
+    eval mode for the pass and restored after) over ``context_ids`` (``[T]`` or ``[1, T]``) and keeps per layer the
+    base K/V, the k/v-projection inputs and the rotary tables (:class:`ContextLayer`; :meth:`nbytes` tells the
+    memory: about ``(2·H_kv·D + d_in)·4`` bytes per token and layer in fp32, ``d_in`` once when k_proj and v_proj
+    read the same input). One context serves every agent's training steps (:func:`forkkv_hf.training.forkkv_loss`).
+    The base weights must not change while it is used.
+    """
+
+    def __init__(self, model: nn.Module, context_ids):
+        check_trainable_model(model)
+        base = transformers_model(model)
+        self.token_ids = context_token_ids(context_ids, vocab_size_of(model))
+        self._model = weakref.ref(base)
+        device = next(base.parameters()).device
+        self.layers = _base_pass(model, base, self.token_ids.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    def nbytes(self) -> int:
+        """Bytes held (base K/V, projection inputs, rotary tables)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model other than the one this context was computed with."""
+        if self._model() is not transformers_model(model):
+            raise ValueError(
+                "this TrainingContext was computed with another model instance; build it with the model you train"
+            )
+
+    def __repr__(self) -> str:
+        return f"TrainingContext(tokens={self.num_tokens}, layers={len(self.layers)}, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+@torch.no_grad()
+def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[ContextLayer]:
+    """One forward of the base model over ``ids [T]`` with hooks that record each layer's k/v-projection inputs
+    and rotary tables; the K/V come from its ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    attns = find_attention_modules(model)
+    inputs: dict[int, dict[str, torch.Tensor]] = {i: {} for i in attns}
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def proj_hook(idx: int, kind: str):
+        def hook(module, args):
+            inputs[idx][kind] = args[0][0]
+
+        return hook
+
+    def attn_hook(idx: int):
+        def hook(module, args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is None and len(args) > 1:
+                pe = args[1]
+            if pe is None:
+                raise ValueError(f"layer {idx}: the attention module got no position_embeddings; ForkKV-aware "
+                                 "training needs a RoPE model that passes (cos, sin) to its attention")
+            rope[idx] = (pe[0][0], pe[1][0])
+
+        return hook
+
+    handles = []
+    for idx, attn in attns.items():
+        handles.append(attn.k_proj.register_forward_pre_hook(proj_hook(idx, "k")))
+        handles.append(attn.v_proj.register_forward_pre_hook(proj_hook(idx, "v")))
+        handles.append(attn.register_forward_pre_hook(attn_hook(idx), with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    cache = DynamicCache()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    try:
+        model.eval()
+        with model.disable_adapter():
+            decoder(input_ids=ids[None], position_ids=torch.arange(ids.numel(), device=ids.device)[None],
+                    use_cache=True, **cache_kwargs(cache))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    layers = []
+    for idx in range(len(attns)):
+        x_k, x_v = inputs[idx]["k"], inputs[idx]["v"]
+        if x_v.data_ptr() == x_k.data_ptr() and x_v.shape == x_k.shape:
+            x_v = x_k
+        cos, sin = rope[idx]
+        layers.append(ContextLayer(cache.layers[idx].keys, cache.layers[idx].values, x_k, x_v, cos, sin))
+    return layers

@@ -1,0 +1,185 @@
+"""ForkKV-aware forward and loss: an agent's suffix (prompt + answer) over the context K/V it reads at inference.
+
+For agent ``a`` and a :class:`~forkkv_hf.training.TrainingContext` (base K/V and k/v-projection inputs ``x`` of one
+base pass), layer by layer the context K/V are (``residual="kv"``, what ``SharedContext.fork(names)`` serves)::
+
+    K = K_base + RoPE(s_k · B_k A_k x_k)      V = V_base + s_v · B_v A_v x_v
+
+computed with PEFT's own LoRA modules (dropout, LoRA bias and scaling included), so gradients reach ``A`` and ``B``
+through the residual. The suffix then runs through the model with ``a`` active (PEFT, gradients to every LoRA
+module) over ``[context | suffix]``. Other semantics, for comparison and for the standard baseline:
+``"v"`` (K from the base alone: ``fork(..., residual="v")``), ``"none"`` (the base model's K/V: adapter-blind
+sharing) and ``"exact"`` (the agent's own pass over the context, with grad: ordinary fine-tuning with the context
+in the input, one context pass per call shared by the batch rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compat import cache_kwargs
+from ..lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
+from ..rope import apply_rope
+from .context import TrainingContext
+
+RESIDUALS = ("kv", "v", "none", "exact")
+
+
+def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> torch.Tensor | None:
+    """What ``adapter``'s LoRA adds to ``proj``'s output for input ``x [T, d_in]`` (``None``: no LoRA there)."""
+    layer = lora_layer_of(proj, where)
+    if layer is None or adapter not in layer.lora_A:
+        return None
+    if layer.use_dora.get(adapter, False) or getattr(layer, "lora_variant", {}).get(adapter) is not None:
+        raise ValueError(
+            f"adapter {adapter!r} on {where} is a LoRA variant (DoRA, aLoRA, ...); ForkKV-aware training supports "
+            "plain LoRA on k_proj/v_proj. Train this adapter with plain PEFT."
+        )
+    if getattr(layer, "merged", False):
+        raise ValueError(f"{where} has merged LoRA adapters; call peft_model.unmerge_adapter() before training")
+    return layer.lora_B[adapter](layer.lora_A[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+
+
+def check_k_norm_free(attn: nn.Module, idx: int, adapter: str) -> None:
+    for norm in ("k_norm", "k_layernorm"):
+        if getattr(attn, norm, None) is not None:
+            raise ValueError(
+                f"layer {idx}: {type(attn).__name__} applies {norm} to K before RoPE, so ForkKV cannot add a K "
+                f"residual, but adapter {adapter!r} has LoRA on k_proj. Retarget it away from k_proj, or train "
+                "with residual='v'."
+            )
+
+
+def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, residual: str = "kv"):
+    """Per layer ``(key, value)``, each ``[1, H_kv, T, D]``: the context K/V agent ``adapter_name`` reads under
+    ``residual`` (module docstring), differentiable in its LoRA weights (except ``"none"``). ``adapter_name``
+    must be the active adapter for ``"exact"``."""
+    if residual == "exact":
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        base = transformers_model(model)
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+        ids = context.token_ids.to(context.layers[0].key.device)
+        decoder(input_ids=ids[None], position_ids=torch.arange(ids.numel(), device=ids.device)[None],
+                use_cache=True, **cache_kwargs(cache))
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    attns = find_attention_modules(model)
+    out = []
+    for idx, layer in enumerate(context.layers):
+        key, value = layer.key, layer.value
+        attn = attns[idx]
+        Hkv, T, D = key.shape[1], key.shape[2], key.shape[3]
+        if residual == "kv":
+            dk = _lora_delta(attn.k_proj, adapter_name, layer.x_k, f"layer {idx} k_proj")
+            if dk is not None:
+                check_k_norm_free(attn, idx, adapter_name)
+                dk = dk.view(T, Hkv, D).transpose(0, 1)
+                key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)[None]
+        if residual in ("kv", "v"):
+            dv = _lora_delta(attn.v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
+            if dv is not None:
+                value = value + dv.view(T, Hkv, D).transpose(0, 1).to(value.dtype)[None]
+        out.append((key, value))
+    return out
+
+
+def _check_call(model, context, adapter_name, residual) -> None:
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    if not isinstance(context, TrainingContext):
+        raise TypeError(
+            f"context must be a forkkv_hf.training.TrainingContext (the base pass over the context), got "
+            f"{type(context).__name__}; build one with TrainingContext(model, context_ids)"
+        )
+    context.check_model(model)
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be the name of one LoRA adapter, got {adapter_name!r}")
+    check_adapter_names(model, [adapter_name])
+    if adapter_name == "__base__":
+        raise ValueError("adapter_name '__base__' has no LoRA weights to train; name an adapter of the model")
+
+
+def _activate(model, adapter_name: str) -> None:
+    """Make ``adapter_name`` the one active adapter, as ``PeftModel.set_adapter`` does (which also marks its
+    weights trainable); left as is when it already is."""
+    if list(model.active_adapters) != [adapter_name]:
+        model.set_adapter(adapter_name)
+
+
+def _suffix_tensors(batch: dict, T: int, device):
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"batch['input_ids'] must be a [B, L] tensor of the tokens after the context, got "
+                         f"{getattr(ids, 'shape', type(ids))}")
+    ids = ids.to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)} (the suffix only: "
+                         "the context is always attended)")
+    full = torch.cat([torch.ones(ids.shape[0], T, dtype=mask.dtype, device=device), mask], dim=1)
+    positions = (full.cumsum(-1) - 1).clamp_min(0)[:, T:]
+    return ids, mask, full, positions
+
+
+def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, residual: str):
+    """Last hidden states ``[B, L, d_model]`` of the suffix rows over the context K/V of ``residual``."""
+    from transformers import DynamicCache
+
+    _check_call(model, context, adapter_name, residual)
+    _activate(model, adapter_name)
+    T = context.num_tokens
+    base = transformers_model(model)
+    ids, _, full_mask, positions = _suffix_tensors(batch, T, context.layers[0].key.device)
+    B = ids.shape[0]
+    cache = DynamicCache()
+    for idx, (key, value) in enumerate(context_kv(model, context, adapter_name, residual)):
+        cache.update(key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1), idx)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    out = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                  **cache_kwargs(cache))
+    return out.last_hidden_state
+
+
+def forkkv_logits(model: nn.Module, context: TrainingContext, batch: dict, adapter_name: str,
+                  residual: str = "kv") -> torch.Tensor:
+    """Logits ``[B, L, V]`` of the suffix rows ``batch["input_ids"] [B, L]`` (with ``attention_mask [B, L]``,
+    optional) after the context, for agent ``adapter_name`` under ``residual``: what a ``ForkKVCache`` forked with
+    that residual mode computes at inference, differentiable in the adapter's LoRA weights."""
+    hidden = _hidden(model, context, batch, adapter_name, residual)
+    return transformers_model(model).get_output_embeddings()(hidden)
+
+
+def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter_name: str, residual: str = "kv",
+                num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM loss of agent ``adapter_name`` on suffix rows after a shared context, as it will run under ForkKV.
+
+    ``model``: a ``PeftModel`` (LoRA). ``context``: a :class:`~forkkv_hf.training.TrainingContext` of that model.
+    ``batch``: ``input_ids [B, L]`` (the tokens after the context: prompt and answer), ``labels [B, L]`` (as for
+    ``AutoModelForCausalLM``: aligned with ``input_ids``, shifted inside, ``-100`` ignored) and optionally
+    ``attention_mask [B, L]`` (0 on padding). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"`` or
+    ``"exact"`` (module docstring). Activates ``adapter_name`` (``PeftModel.set_adapter``) if it is not the active
+    adapter. Returns the mean cross-entropy over the labelled tokens, or their sum divided by
+    ``num_items_in_batch`` when given (gradient accumulation, as ``transformers.Trainer`` passes it). The vocabulary
+    projection runs on the labelled positions only.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("batch has no 'labels'; give labels [B, L] aligned with input_ids (-100 where not learned)")
+    hidden = _hidden(model, context, batch, adapter_name, residual)
+    labels = labels.to(hidden.device)
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(hidden.shape[:2])}")
+    target = labels[:, 1:]
+    keep = target != -100
+    if not bool(keep.any()):
+        raise ValueError("no labelled token after the first position of any row (labels are all -100); nothing to learn")
+    logits = transformers_model(model).get_output_embeddings()(hidden[:, :-1][keep])
+    # low-precision logits in fp32; fp64 kept (finite-difference checks)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+    if num_items_in_batch is None:
+        return total / keep.sum()
+    return total / num_items_in_batch

@@ -1,0 +1,136 @@
+"""``transformers.Trainer`` integration of ForkKV-aware training: :class:`ForkKVTrainer` and its collator.
+
+Each training example is the suffix of one shared context (``input_ids``, ``labels``; the prompt and answer that
+come after it) plus ``context_index``, the position of its context in the ``contexts`` list given to the trainer.
+The trainer keeps the base pass of recently used contexts (:class:`~forkkv_hf.training.TrainingContext`) so that
+consecutive batches over one context pay for one base pass; a dataset sorted or grouped by context uses that best.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers import Trainer
+
+from .context import TrainingContext
+from .loss import RESIDUALS, forkkv_loss
+
+#: the columns ForkKVTrainer reads from a dataset
+COLUMNS = ("input_ids", "attention_mask", "labels", "context_index")
+
+
+class ForkKVCollator:
+    """Pads examples ``{"input_ids", "labels", "context_index"[, "attention_mask"]}`` on the right into a batch of
+    tensors: ``input_ids``/``attention_mask``/``labels`` ``[B, L_max]`` (``pad_token_id`` / 0 / -100 on padding),
+    ``context_index [B]``."""
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; pass the tokenizer's pad_token_id (or eos_token_id)")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        for key in ("input_ids", "labels", "context_index"):
+            if key not in examples[0]:
+                raise KeyError(f"training examples need {key!r} (got keys {sorted(examples[0])}); see ForkKVTrainer")
+        width = max(len(e["input_ids"]) for e in examples)
+        B = len(examples)
+        ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, width), -100, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            if len(e["labels"]) != n:
+                raise ValueError(f"example {i}: labels ({len(e['labels'])}) and input_ids ({n}) differ in length")
+            ids[i, :n] = torch.as_tensor(e["input_ids"])
+            labels[i, :n] = torch.as_tensor(e["labels"])
+            mask[i, :n] = torch.as_tensor(e["attention_mask"]) if "attention_mask" in e else 1
+        index = torch.tensor([int(e["context_index"]) for e in examples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "context_index": index}
+
+
+class ForkKVTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains one LoRA adapter of a ``PeftModel`` under ForkKV's semantics.
+
+    ``contexts``: the shared contexts' token ids (a list; example ``i`` reads ``contexts[context_index[i]]``).
+    ``adapter_name``: the adapter to train (default: the model's active adapter). ``residual``: ``"kv"`` (default),
+    ``"v"``, ``"none"`` or ``"exact"`` (see :func:`~forkkv_hf.training.forkkv_loss`). ``max_cached_contexts``:
+    base passes kept (least recently used dropped). Everything else is ``Trainer``'s; pass
+    ``data_collator=ForkKVCollator(tokenizer.pad_token_id)`` (the default when omitted needs ``processing_class``
+    with a pad token) and save with ``model.save_pretrained`` as usual::
+
+        trainer = ForkKVTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=ds,
+                                contexts=context_ids, data_collator=ForkKVCollator(tok.pad_token_id))
+        trainer.train()
+    """
+
+    def __init__(self, *args, contexts, adapter_name: str | None = None, residual: str = "kv",
+                 max_cached_contexts: int = 4, **kwargs):
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        if max_cached_contexts < 1:
+            raise ValueError(f"max_cached_contexts must be at least 1, got {max_cached_contexts}")
+        if kwargs.get("data_collator") is None:
+            tok = kwargs.get("processing_class")
+            pad = getattr(tok, "pad_token_id", None)
+            if pad is None:
+                raise ValueError("pass data_collator=ForkKVCollator(pad_token_id), or processing_class= a tokenizer "
+                                 "with a pad token")
+            kwargs["data_collator"] = ForkKVCollator(pad)
+        super().__init__(*args, **kwargs)
+        # compute_loss normalises by the labelled tokens of its own batch; Trainer then averages over the
+        # accumulation steps (the same on every transformers version, whatever it counts itself)
+        self.model_accepts_loss_kwargs = False
+        self.contexts = list(contexts)
+        if not self.contexts:
+            raise ValueError("contexts is empty; give the token ids of every shared context the examples refer to")
+        self.adapter_name = adapter_name or self._active_adapter()
+        self.residual = residual
+        self.max_cached_contexts = max_cached_contexts
+        self._base_passes: OrderedDict[int, TrainingContext] = OrderedDict()
+
+    def _active_adapter(self) -> str:
+        active = list(getattr(self.model, "active_adapters", []))
+        if len(active) != 1:
+            raise ValueError(f"the model has active adapters {active}; pass adapter_name= the one to train")
+        return active[0]
+
+    def _set_signature_columns_if_needed(self):
+        # the model's forward does not take context_index; keep it when unused columns are removed
+        if self._signature_columns is None:
+            self._signature_columns = list(COLUMNS)
+
+    def training_context(self, model, index: int) -> TrainingContext:
+        """The base pass over ``contexts[index]`` (computed at first use, kept while recently used)."""
+        if not 0 <= index < len(self.contexts):
+            raise IndexError(f"context_index {index} is outside the {len(self.contexts)} contexts given")
+        ctx = self._base_passes.pop(index, None)
+        if ctx is None:
+            ctx = TrainingContext(model, self.contexts[index])
+        self._base_passes[index] = ctx
+        while len(self._base_passes) > self.max_cached_contexts:
+            self._base_passes.popitem(last=False)
+        return ctx
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise NotImplementedError("ForkKVTrainer computes the loss only (prediction_loss_only=True for eval)")
+        model = self.accelerator.unwrap_model(model)
+        if "context_index" not in inputs:
+            raise KeyError("the batch has no 'context_index'; use ForkKVCollator and keep that column")
+        index = inputs["context_index"]
+        n_items = (inputs["labels"][:, 1:] != -100).sum()
+        total = None
+        # rows of one context run together: one forward per distinct context in the batch
+        for c in torch.unique(index).tolist():
+            rows = (index == c).nonzero().flatten()
+            sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+            if not bool((sub["labels"][:, 1:] != -100).any()):
+                continue
+            ctx = self.training_context(model, c)
+            part = forkkv_loss(model, ctx, sub, self.adapter_name, self.residual, num_items_in_batch=n_items)
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("a batch without any labelled token; every example needs labels other than -100")
+        return total

@@ -1,0 +1,43 @@
+"""The wheel holds the whole library: every tracked module of forkkv_hf/ (subpackages included) and of kernels/ (as
+forkkv_kernels), the ``py.typed`` marker, and the version of ``forkkv_hf.__version__`` (its one source)."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import forkkv_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tracked(*paths) -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files", *paths], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs a git checkout: the wheel is built from the tracked files")
+    return out.stdout.split()
+
+
+def test_wheel_holds_every_module_the_marker_and_the_version(tmp_path):
+    files = _tracked("pyproject.toml", "README.md", "forkkv_hf", "kernels")
+    src = tmp_path / "src"
+    for f in files:  # a copy of the tracked tree: the build writes build/ and *.egg-info where it runs
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, src / f)
+    build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_wheel("
+                            f"{str(tmp_path / 'dist')!r}))"], cwd=src, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = tmp_path / "dist" / build.stdout.split()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f for f in files if f.startswith("forkkv_hf/") and f.endswith(".py")}
+    want |= {"forkkv_kernels/" + f.removeprefix("kernels/") for f in files if f.startswith("kernels/") and
+             f.endswith(".py")}
+    assert want - names == set(), "add the missing packages to [tool.setuptools] packages in pyproject.toml"
+    assert "forkkv_hf/py.typed" in names
+    assert wheel.name.startswith(f"forkkv_hf-{forkkv_hf.__version__}-")
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {forkkv_hf.__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()

