@@ -17,6 +17,7 @@ from transformers import CompileConfig
 import forkkv_hf
 from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.static_cache import StaticForkKVCache, make_static
+from cases import GENERATE_MODES, parametrize
 from models import tiny_llama, with_adapters
 from test_generate import ALL, _assert_same, _context, _gen, _prompts, full_agents  # noqa: F401 (fixture)
 
@@ -78,15 +79,7 @@ def _eager_and_compiled(pm, ctx, inputs, names, gen_names=None, seed=7, **mode):
     return eager, compiled, cache
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        dict(do_sample=False),
-        dict(do_sample=True, top_k=0, temperature=1.0),
-        dict(do_sample=True, num_return_sequences=2),
-    ],
-    ids=["greedy", "sampling", "sample-nrs2"],
-)
+@parametrize("mode", [mode for mode in GENERATE_MODES if "num_beams" not in mode])
 def test_compiled_decode_equals_eager(agents, mode):
     """Mixed adapters with a ``__base__`` row, padded prompts of different lengths; every decode step runs the one
     compiled graph."""
@@ -197,7 +190,7 @@ def test_second_generate_does_not_recompile(agents):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
-@pytest.mark.parametrize("kernel", ["cascade", "fused"])
+@parametrize("kernel", ["cascade", "fused"])
 def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch, kernel):
     """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``: the
     family the eager dispatch picks (``FORKKV_KERNEL`` here; by default cascade below 32 rows with K residuals)."""
@@ -212,8 +205,7 @@ def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch, kernel):
     assert _decode_graph_runs() == 3
 
 
-@pytest.mark.parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")],
-                         ids=["aot_eager", "inductor-triton-ops"])
+@parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")])
 def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatch):
     """AOTAutograd's functionalisation (in-place cache writes on static inputs) and inductor's lowering (on CPU: C++;
     the Triton kernels, interpreted, as extern custom ops) keep the tokens."""
@@ -393,7 +385,7 @@ def test_pass_rule_harness_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,kernel", [(4096, "fused"), (32768, None)], ids=["T4K-fused", "T32K-dispatch"])
+@parametrize("T,kernel", [(4096, "fused"), (32768, None)])
 def test_default_compile_equals_eager_bf16_gpu(T, kernel, monkeypatch):
     """transformers' default compile (inductor, mode="reduce-overhead": CUDA graphs) over 64 decode steps: the bf16
     pass rule against eager (tokens may part only where fp32 cannot tell them apart beyond bf16 noise), no CUDA-graph

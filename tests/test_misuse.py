@@ -242,6 +242,7 @@ def _same(out, exact):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dynamic_ntk_rope(monkeypatch):
     """Dynamic NTK rescales every frequency once a forward reaches past max_position_embeddings (32 here)."""
     pm = _rope_agents(dict(rope_type="dynamic", factor=4.0), max_pos=32)

@@ -48,6 +48,7 @@ def _run(pm, device):
     return shared, out
 
 
+@pytest.mark.slow
 def test_moved_position_embeddings_share_one_table():
     """As under a device map, every layer receives its own copy of (cos, sin) (copies die after the layer, so their
     addresses get reused): layers are grouped by the tables' values, one table is kept, the tokens are unchanged."""
@@ -67,6 +68,7 @@ def test_moved_position_embeddings_share_one_table():
     assert torch.equal(out.sequences, ref.sequences)
 
 
+@pytest.mark.slow
 def test_accelerate_hooks_on_cpu_give_the_same_tokens():
     ref_shared, ref = _run(_agents(_model()), "cpu")
     model = _model()

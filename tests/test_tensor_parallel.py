@@ -67,7 +67,7 @@ def _check(ranks, shared, ref, world):
 @parametrize("lora_backend,whole_lora", [("torch", False), ("triton", False), ("torch", True)])
 def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backend, whole_lora):
     """``triton``: the batched LoRA's Triton kernels (interpreted), with the rowwise layers' all-reduce between
-    shrink and expand; ``torch``: its PyTorch path. ``whole-lora-factors``: the LoRA factors left whole on every rank
+    shrink and expand; ``torch``: its PyTorch path. ``whole_lora``: the LoRA factors left whole on every rank
     (PEFT 0.21.0 does not shard them): ForkKV slices them like the base layers."""
     import torch.distributed as dist
 
