@@ -11,11 +11,12 @@ from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
 from .compat import CACHE_KWARG, cache_kwargs
+from .config import ForkKVConfig, config_override, get_config, set_config
 from .context import SharedContext, StaleContextError, set_weight_checks
 from .inputs import batch_inputs
 from .lora_factors import BASE_ADAPTER
-from .reference import reference_attention
-from .residual_attention import residual_attention, residual_attention_torch
+from .ops.dispatch import residual_attention, residual_attention_torch
+from .ops.naive import reference_attention
 from .store import ForkKVStore
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "BASE_ADAPTER",
     "CACHE_KWARG",
     "ForkKVCache",
+    "ForkKVConfig",
     "ForkKVLayer",
     "ForkKVStore",
     "ForkKVView",
@@ -32,13 +34,16 @@ __all__ = [
     "StaleContextError",
     "batch_inputs",
     "cache_kwargs",
+    "config_override",
     "disable_forkkv",
     "enable_forkkv",
     "forkkv_attention_forward",
+    "get_config",
     "is_forkkv_enabled",
     "reference_attention",
     "register_forkkv",
     "residual_attention",
     "residual_attention_torch",
+    "set_config",
     "set_weight_checks",
 ]

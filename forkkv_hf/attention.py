@@ -17,9 +17,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .adapter_probe import rows_run_by
 from .cache import ForkKVView
-from .decode_ops import static_attention
+from .ops.decode_ops import static_attention
 from .lora_factors import find_attention_modules, transformers_model
-from .residual_attention import residual_attention
+from .ops.dispatch import residual_attention
 
 ATTN_NAME = "forkkv"
 

@@ -23,7 +23,6 @@ Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from dataclasses import dataclass
 
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 
 from . import peft_integration
-from .decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
+from .config import get_config
+from .ops.decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
 from .context.probes import Probes
 from .peft_integration import CALL_EPOCH
@@ -186,12 +186,12 @@ def _call_plan(layer, adapter_names):
 
 
 def lora_delta_torch(x: torch.Tensor, slots: tuple, stack: StackedLoRA) -> torch.Tensor:
-    """``[B, L, d_out]`` LoRA delta per row, vectorised (:func:`forkkv_hf.decode_ops.lora_delta_rows`)."""
+    """``[B, L, d_out]`` LoRA delta per row, vectorised (:func:`forkkv_hf.ops.decode_ops.lora_delta_rows`)."""
     return lora_delta_rows(x, *row_slots(tuple(slots), str(x.device)), stack)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    backend = os.environ.get("FORKKV_LORA_BACKEND", "auto")
+    backend = get_config().lora_backend
     if backend == "torch":
         return False
     if backend == "triton":

@@ -16,11 +16,11 @@ the reason is logged once.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from . import peft_integration
+from .config import get_config
 from .lora_factors import (
     _modules_outside_lora,
     find_attention_modules,
@@ -165,7 +165,7 @@ def compiled_generate(model, generate, args, kwargs):
 
 
 def _use_triton(device) -> bool:
-    backend = os.environ.get("FORKKV_BACKEND", "auto")
+    backend = get_config().backend
     if backend not in ("auto", "triton") or (backend == "auto" and device.type != "cuda"):
         return False
     try:

@@ -28,8 +28,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView
-from .decode_ops import AttentionDecodePlan, plan_decode_attention
-from .residual_attention import BatchAgents, batch_agents
+from .ops.decode_ops import AttentionDecodePlan, plan_decode_attention
+from .ops.dispatch import BatchAgents, batch_agents
 
 _POOL = "_forkkv_static_buffers"
 

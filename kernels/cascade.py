@@ -1,7 +1,7 @@
 """Triton ResidualAttention, cascade family: the shared base attended by every query vector of a KV head in one MMA
 per tile; the residuals as separate low-rank terms; the private part merged by log-sum-exp.
 
-Reproduces :func:`forkkv_hf.reference.reference_attention` (the fp32, materialising ground truth). Per KV head, a query
+Reproduces :func:`forkkv_hf.ops.naive.reference_attention` (the fp32, materialising ground truth). Per KV head, a query
 vector ``m`` (row, query, one of the G query heads) of a row whose agent has slots ``(k, v)`` scores context token ``t``
 as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_v[v] u_v[v, t]``. Three launches:
 
@@ -23,7 +23,6 @@ never straddles rows unevenly. Imports nothing from ``forkkv_hf``; inputs are pl
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -31,10 +30,6 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
                                rope_residual, softmax_step, workspace)
-
-#: the compiled kernels of the last launch (registers, spills and shared memory are read from them by the tuning scripts)
-LAST_LAUNCH: dict = {}
-
 
 @triton.jit
 def _kres_scores_kernel(
@@ -226,7 +221,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        n_sub: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
                        num_stages: int | None = None, res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_warps: int = 4, res_stages: int = 2, mq: int | None = None,
-                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace) -> torch.Tensor:
+                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace,
+                       launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs (defaults: the fastest of eval/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7): ``block_m``
     query vectors per shared-part program (default: up to 64), ``block_t`` context tokens per tile (32 with K residuals
     and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only
@@ -234,10 +230,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     with K residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` and ``num_stages`` (2 with the V
     residual alone, else 3) for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
     (they share the u and cos/sin tiles), ``res_programs_per_sm``, ``res_warps``, ``res_stages``, ``mq`` query vectors
-    per score MMA, ``lowp_rope`` the rotation in the cache dtype (default on for bf16/fp16 on the GPU; env
-    ``FORKKV_LOWP_ROPE``), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel,
+    per score MMA, ``lowp_rope`` the rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
+    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel,
     device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
-    :func:`~.attention_common.fresh_scratch`)."""
+    :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
+    ``"shared"``, ``"merge"``) for the tuning scripts."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
@@ -253,9 +250,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     RV = v_u.shape[-1] if has_v else 1
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
+    launched = {}
     if lowp_rope is None:
-        env = os.environ.get("FORKKV_LOWP_ROPE")
-        lowp_rope = bool(int(env)) if env is not None else (not interp and dtype in (torch.bfloat16, torch.float16))
+        lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     num_stages = num_stages or (2 if has_v and not has_k else 3)
     if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
         block_t, res_block_t, num_stages, res_stages = block_t or 32, res_block_t or 32, 1, 1
@@ -279,7 +276,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         n_split_r = max(1, min(cdiv(T, BT_R), cdiv(res_programs_per_sm * sms, n_act * (Hkv // HG))))
         split_r = cdiv(cdiv(T, n_split_r), BT_R) * BT_R
         k_u, k_B, cos, sin = k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous()
-        LAST_LAUNCH["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), n_chunks * (Hkv // HG))](
+        launched["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), n_chunks * (Hkv // HG))](
             q, q.stride(0), q.stride(1), q.stride(2),
             k_u, k_B, cos, sin, k_slot, k_order, r_scores,
             B, T, RK, split_r, qk_scale,
@@ -307,7 +304,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         v_slot = v_slot.to(device=dev, dtype=torch.int32)
         v_u = v_u.contiguous()
     ms = mask.stride() if mask is not None else (0, 0, 0)
-    LAST_LAUNCH["shared"] = _cascade_shared_kernel[(n_mb, Hkv, n_splits)](
+    launched["shared"] = _cascade_shared_kernel[(n_mb, Hkv, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
         mask if mask is not None else q, *ms,
@@ -318,7 +315,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
         num_warps=num_warps, num_stages=num_stages,
     )
-    out, LAST_LAUNCH["merge"] = launch_private_merge(
+    out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp)
+    if launches is not None:
+        launches.update(launched)
     return out

@@ -1,7 +1,7 @@
 """Triton ResidualAttention, "fused rebuild" family: each work item rebuilds its agents' K residual inside the attention
 loop over the shared context.
 
-Reproduces :func:`forkkv_hf.reference.reference_attention` (the fp32, materialising ground truth) without building
+Reproduces :func:`forkkv_hf.ops.naive.reference_attention` (the fp32, materialising ground truth) without building
 any row's K/V of the shared context:
 
 - ``_shared_part_kernel`` (grid: work item x KV head x split of the shared context, flash-decoding style). A work
@@ -21,7 +21,6 @@ The cascade family (:mod:`.cascade`) is the default; this one is kept where it m
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +29,6 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
                                rope_residual, softmax_step, workspace)
-
-#: the compiled kernels of the last launch (registers, spills and shared memory are read from them by the tuning scripts)
-LAST_LAUNCH: dict = {}
 
 @triton.jit
 def _shared_part_kernel(
@@ -49,14 +45,13 @@ def _shared_part_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr, RVB: tl.constexpr,
     SLOTS: tl.constexpr, A_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_K_RES: tl.constexpr, HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_HALF: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, UV_NATURAL: tl.constexpr = True, DC: tl.constexpr = 32,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DC: tl.constexpr = 32,
     LOWP_ROPE: tl.constexpr = False,
 ):
     """The shared context's part of every work item's attention, for one KV head and one split of the context.
 
     Scores are computed transposed, ``[BLOCK_T, BLOCK_M]`` (context tokens x query vectors), so the K tile rebuilt in
-    registers is the *left* MMA operand and never goes through shared memory (the untransposed version of this
-    kernel was 2.2x slower, eval/KERNEL_NOTES.md)."""
+    registers is the *left* MMA operand and never goes through shared memory (eval/KERNEL_NOTES.md)."""
     item = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -83,7 +78,6 @@ def _shared_part_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     accT_lo = tl.zeros([HALF_B, BLOCK_M], tl.float32)
     accT_hi = tl.zeros([HALF_B, BLOCK_M], tl.float32)
-    acc_uvT = tl.zeros([RVB, BLOCK_M], tl.float32)
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
     rk = tl.arange(0, RKB)
     rv = tl.arange(0, RVB)
@@ -162,25 +156,16 @@ def _shared_part_kernel(
         accT_lo = accT_lo * alpha[None, :] + mma(vT_lo, pTd, DOT_PREC, UPCAST)
         accT_hi = accT_hi * alpha[None, :] + mma(vT_hi, pTd, DOT_PREC, UPCAST)
         if HAS_V_RES:
-            if UV_NATURAL:  # P·u_v as [queries, r]: u_v tiles load contiguously, P is transposed once
-                pd = tl.trans(pTd)
-                acc_uv = acc_uv * alpha[:, None]
-                for j in tl.static_range(A_MAX):
-                    vslot = tl.load(AGENT_V + item * A_MAX + j)
-                    vs = tl.maximum(vslot, 0)
-                    lim = tl.where(vslot >= 0, RV, 0)
-                    uvt = tl.load(UV + vs * s_uvn + t[:, None] * s_uvt + rv[None, :],
-                                  mask=tm[:, None] & (rv[None, :] < lim), other=0.0)
-                    acc_uv += tl.where(ag[:, None] == j, mma(pd, uvt, DOT_PREC, UPCAST), 0.0)
-            else:
-                acc_uvT = acc_uvT * alpha[None, :]
-                for j in tl.static_range(A_MAX):
-                    vslot = tl.load(AGENT_V + item * A_MAX + j)
-                    vs = tl.maximum(vslot, 0)
-                    lim = tl.where(vslot >= 0, RV, 0)
-                    uvT = tl.load(UV + vs * s_uvn + t[None, :] * s_uvt + rv[:, None],
-                                  mask=tm[None, :] & (rv[:, None] < lim), other=0.0)
-                    acc_uvT += tl.where(ag[None, :] == j, mma(uvT, pTd, DOT_PREC, UPCAST), 0.0)
+            # P·u_v as [queries, r]: u_v tiles load contiguously, P is transposed once
+            pd = tl.trans(pTd)
+            acc_uv = acc_uv * alpha[:, None]
+            for j in tl.static_range(A_MAX):
+                vslot = tl.load(AGENT_V + item * A_MAX + j)
+                vs = tl.maximum(vslot, 0)
+                lim = tl.where(vslot >= 0, RV, 0)
+                uvt = tl.load(UV + vs * s_uvn + t[:, None] * s_uvt + rv[None, :],
+                              mask=tm[:, None] & (rv[None, :] < lim), other=0.0)
+                acc_uv += tl.where(ag[:, None] == j, mma(pd, uvt, DOT_PREC, UPCAST), 0.0)
         m_i = m_new
 
     w = ((row * H + head) * NQ + qi) * n_splits + split
@@ -190,10 +175,7 @@ def _shared_part_kernel(
     tl.store(a_ptr, accT_lo, mask=valid[None, :])
     tl.store(a_ptr + HALF_B, accT_hi, mask=valid[None, :])
     if HAS_V_RES:
-        if UV_NATURAL:
-            tl.store(UV_WS + w[:, None] * RVB + rv[None, :], acc_uv, mask=valid[:, None])
-        else:
-            tl.store(UV_WS + w[None, :] * RVB + rv[:, None], acc_uvT, mask=valid[None, :])
+        tl.store(UV_WS + w[:, None] * RVB + rv[None, :], acc_uv, mask=valid[:, None])
 
 
 
@@ -329,15 +311,15 @@ def _fused_rebuild_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale,
 
 def _launch(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, plan: WorkPlan, k_u, k_B, v_u, v_B, mask, rope_half,
             scratch, block_t: int | None = None, n_splits: int | None = None, num_warps: int = 4,
-            num_stages: int = 2, programs_per_sm: int = 8, uv_natural: bool = True, d_chunk: int | None = None,
-            lowp_rope: bool | None = None) -> torch.Tensor:
+            num_stages: int = 2, programs_per_sm: int = 8, d_chunk: int | None = None,
+            lowp_rope: bool | None = None, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs (defaults are what the benchmarks chose): ``block_t`` context tokens per tile, ``n_splits`` splits of
     the shared context, ``num_warps``/``num_stages`` for the shared-part kernel, ``programs_per_sm``
-    how many programs the split of the context aims at per SM, ``uv_natural`` the layout of the V-residual
-    accumulation, ``d_chunk`` the head-dim chunk of the K-residual rebuild (default 64 with ``lowp_rope``, else 32),
-    ``lowp_rope`` the K residual's rotation and its add to the base tile in the cache dtype (bf16/fp16 FMAs) instead of
-    fp32 (default: on for bf16/fp16 on the GPU, 587 vs 658 µs at 32K/32 agents on an H200; env ``FORKKV_LOWP_ROPE``
-    = 0/1 overrides; within the tests' pass rule, eval/KERNEL_NOTES.md v6).
+    how many programs the split of the context aims at per SM, ``d_chunk`` the head-dim chunk of the K-residual
+    rebuild (default 64 with ``lowp_rope``, else 32), ``lowp_rope`` the K residual's rotation and its add to the base
+    tile in the cache dtype (bf16/fp16 FMAs) instead of fp32 (``None``: on for bf16/fp16 on the GPU, where it is
+    faster and within the tests' pass rule; eval/KERNEL_NOTES.md v6). ``launches``: a dict that receives the compiled
+    kernels (``"shared"``, ``"merge"``: registers, spills, shared memory) for the tuning scripts.
     """
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
@@ -385,11 +367,10 @@ def _launch(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, plan: WorkPlan, 
     uv_s = (uv.stride(0), uv.stride(1)) if has_v else (0, 0)
     qk_scale = float(scale) * LOG2E
     if lowp_rope is None:
-        env = os.environ.get("FORKKV_LOWP_ROPE")
-        lowp_rope = bool(int(env)) if env is not None else (not interp and dtype in (torch.bfloat16, torch.float16))
+        lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     lowp = bool(lowp_rope) and dtype != torch.float32
 
-    LAST_LAUNCH["shared"] = _shared_part_kernel[(n_items, Hkv, n_splits)](
+    shared = _shared_part_kernel[(n_items, Hkv, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         k_base, k_base.stride(0), k_base.stride(1),
         v_base, v_base.stride(0), v_base.stride(1),
@@ -402,11 +383,13 @@ def _launch(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, plan: WorkPlan, 
         T, NQ, H, RK, RV, split_len, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=HALF_B, RKB=RKB, RVB=RVB, SLOTS=SLOTS, A_MAX=a_max, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, HAS_K_RES=has_k, HAS_V_RES=has_v, HAS_MASK=has_mask, ROPE_HALF=has_k and rope_half,
-        DOT_PREC=prec, UPCAST=interp, UV_NATURAL=uv_natural, DC=min(HALF_B, max(16, d_chunk or (64 if lowp else 32))),
+        DOT_PREC=prec, UPCAST=interp, DC=min(HALF_B, max(16, d_chunk or (64 if lowp else 32))),
         LOWP_ROPE=lowp,
         num_warps=num_warps, num_stages=num_stages,
     )
-    out, LAST_LAUNCH["merge"] = launch_private_merge(
+    out, merge = launch_private_merge(
         q, k_priv, v_priv, bv, plan.row_vslot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp)
+    if launches is not None:
+        launches.update(shared=shared, merge=merge)
     return out

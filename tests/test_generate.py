@@ -78,7 +78,7 @@ def test_layer0_kv_are_exact(full_agents):
     """Layer 0's context K/V of every agent (base + rotated residual) equal the agent's own K/V exactly."""
     from transformers import DynamicCache
 
-    from forkkv_hf.reference import materialize_kv
+    from forkkv_hf.ops.naive import materialize_kv
 
     pm = full_agents
     ctx = _context(17)

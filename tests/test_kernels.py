@@ -11,7 +11,7 @@ from forkkv_hf import reference_attention
 from views import lowp_attention_error, padding_mask, random_view
 
 triton = pytest.importorskip("triton")
-from forkkv_hf.residual_attention import residual_attention_triton  # noqa: E402
+from forkkv_hf.ops.dispatch import residual_attention_triton  # noqa: E402
 
 KERNELS = ["cascade", "fused"]
 
@@ -96,21 +96,23 @@ def test_kernel_notices_the_residual(kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL`` overrides it; unknown
-    names are refused with the choices. White-box (the private chooser): both families give the same result, so no
-    public output shows which one ran."""
-    import importlib
+    """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL``, ``set_config`` and the
+    ``kernel`` argument override it; unknown names are refused with the choices. White-box (the chooser): both
+    families give the same result, so no public output shows which one ran."""
+    import forkkv_hf
+    from forkkv_hf.ops.dispatch import FUSED_MIN_K_QUERIES as many, triton_kernel
 
-    ra = importlib.import_module("forkkv_hf.residual_attention")
     monkeypatch.delenv("FORKKV_KERNEL", raising=False)
-    many = ra.FUSED_MIN_K_QUERIES
-    assert [ra._triton_kernel(many, 1, True), ra._triton_kernel(many - 1, 1, True), ra._triton_kernel(many, 1, False)] \
+    assert [triton_kernel(many, 1, True), triton_kernel(many - 1, 1, True), triton_kernel(many, 1, False)] \
         == ["fused", "cascade", "cascade"]
+    assert triton_kernel(many, 1, True, kernel="cascade") == "cascade"
+    with forkkv_hf.config_override(kernel="fused"):
+        assert triton_kernel(4, 1, True) == "fused"
     monkeypatch.setenv("FORKKV_KERNEL", "fused")
-    assert ra._triton_kernel(4, 1, True) == "fused"
+    assert triton_kernel(4, 1, True) == "fused"
     monkeypatch.setenv("FORKKV_KERNEL", "flash")
-    with pytest.raises(ValueError, match="use one of"):
-        ra._triton_kernel(4, 1, True)
+    with pytest.raises(ValueError, match="FORKKV_KERNEL.*use one of"):
+        triton_kernel(4, 1, True)
 
 
 def test_generate_with_triton_backend_equals_torch(monkeypatch):
@@ -186,7 +188,7 @@ def test_kernel_real_sizes_gpu(case, dtype, kernel):
 def test_sdpa_prompt_path_real_sizes_gpu(dtype):
     """The path CUDA takes for prompts (rebuild rows, SDPA), 8B-shaped heads, 64-token prompts: flash-attention's pass
     rule against the fp32 reference, with padding between context and prompt."""
-    from forkkv_hf.residual_attention import residual_attention_sdpa
+    from forkkv_hf.ops.dispatch import residual_attention_sdpa
 
     T, N, Q = 3001, 6, 64
     view = random_view(B=N + 1, Hkv=8, D=128, T=T, P=Q + 3, n_agents=N, ranks=(16,) * N, dtype=dtype,

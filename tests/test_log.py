@@ -20,7 +20,7 @@ def _fallback(logger, adapter):
 
 
 def test_warns_once_per_message_and_logger(fresh, caplog):
-    a, b = get_logger("forkkv_hf.batched_lora"), get_logger("forkkv_hf.residual_attention")
+    a, b = get_logger("forkkv_hf.batched_lora"), get_logger("forkkv_hf.ops.dispatch")
     with caplog.at_level(logging.WARNING, logger="forkkv_hf"):
         for _ in range(3):
             _fallback(a, "dora")
@@ -29,7 +29,7 @@ def test_warns_once_per_message_and_logger(fresh, caplog):
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
         ("forkkv_hf.batched_lora", logging.WARNING, "adapter 'dora': PEFT's own forward"),
         ("forkkv_hf.batched_lora", logging.WARNING, "adapter 'other': PEFT's own forward"),
-        ("forkkv_hf.residual_attention", logging.WARNING, "adapter 'dora': PEFT's own forward"),
+        ("forkkv_hf.ops.dispatch", logging.WARNING, "adapter 'dora': PEFT's own forward"),
     ]
     assert {r.funcName for r in caplog.records} == {"_fallback"}  # the caller, not warn_once
 

@@ -8,10 +8,10 @@ import torch
 
 from cases import ATTN_CASES, LOW_DTYPES, LOWP_CASES, parametrize
 from forkkv_hf import reference_attention, residual_attention_torch
-from forkkv_hf.residual_attention import residual_attention, residual_attention_sdpa
+from forkkv_hf.ops.dispatch import residual_attention, residual_attention_sdpa
 from views import padding_mask, random_view
 
-ra_mod = importlib.import_module("forkkv_hf.residual_attention")
+ra_mod = importlib.import_module("forkkv_hf.ops.dispatch")
 
 
 def _query(view, H, Q, dtype, seed=1):
@@ -42,7 +42,7 @@ def test_paths_match_reference_fp32(case, masked, path):
 def test_paths_low_precision(case, dtype, path):
     """Error against the fp32 reference at most 3x that of the same computation done by PyTorch in the low dtype
     (flash-attention's pass rule): here, SDPA over the materialised rows rounded to the low dtype."""
-    from forkkv_hf.reference import materialize_kv
+    from forkkv_hf.ops.naive import materialize_kv
 
     view = case.view(dtype)
     q32 = case.query().to(dtype).float()

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
-from forkkv_hf.reference import materialize_kv
+from forkkv_hf.ops.naive import materialize_kv
 from models import tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]

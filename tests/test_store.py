@@ -14,7 +14,7 @@ from peft import LoraConfig
 import forkkv_hf
 from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.cache import ForkKVLayer
-from forkkv_hf.residual_attention import residual_attention_torch
+from forkkv_hf.ops.dispatch import residual_attention_torch
 from cases import parametrize
 from models import tiny_llama, with_adapters
 

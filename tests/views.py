@@ -102,7 +102,7 @@ def padding_mask(B, Q, T, P, pads, device="cpu"):
 def lowp_attention_error(query32, view_lowp, mask, scale, ref):
     """Max error against ``ref`` of the same attention done by PyTorch in the view's low dtype over materialised
     rows (matmuls, softmax and rounding in that dtype): the baseline of flash-attention's pass rule."""
-    from forkkv_hf.reference import materialize_kv
+    from forkkv_hf.ops.naive import materialize_kv
 
     dt = view_lowp.shared.key.dtype
     K, V = materialize_kv(view_lowp)

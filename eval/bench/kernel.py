@@ -5,7 +5,7 @@ One Llama-3.1-8B-shaped attention layer (32 query heads, 8 KV heads, head_dim 12
 (one row each, one query each), a shared context of T tokens and 64 private tokens per row. For each (T, N):
 
 - ``cascade_s`` / ``forkkv_v_s`` / ``forkkv_base_s``: the cascade kernels (through
-  :func:`forkkv_hf.residual_attention.residual_attention_triton`) with K and V residuals, with the V residual only
+  :func:`forkkv_hf.ops.dispatch.residual_attention_triton`) with K and V residuals, with the V residual only
   (no row has a K residual), and over the shared base only (no residual at all);
 - ``fused_s``: the fused-rebuild kernel family with K+V residuals; ``forkkv_s``: K+V through the dispatch, i.e. the
   time of the family it picks for that shape (``forkkv_kernel``);
@@ -94,7 +94,7 @@ def variant_view(view, variant: str):
 
 def materialise(view, chunk=8):
     """Every agent's full K/V ``[N, HKV, T + P, D]`` in the view's dtype (what a PEFT user's cache holds)."""
-    from forkkv_hf.rope import apply_rope
+    from forkkv_hf.ops.rope import apply_rope
 
     sh = view.shared
     N = view.batch_size
@@ -145,8 +145,12 @@ def swept_knobs(best: dict, variant: str, N: int) -> dict:
     return out
 
 
-def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None) -> dict:
-    from forkkv_hf.residual_attention import _triton_kernel, residual_attention_triton
+def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None) -> dict:
+    """One (context, agents) case. ``launches``: ``{"cascade": {}, "fused": {}}`` to receive each family's compiled
+    kernels (for :func:`kernel_resources`)."""
+    from forkkv_hf.ops.dispatch import residual_attention_triton, triton_kernel
+
+    launches = launches if launches is not None else {"cascade": {}, "fused": {}}
 
     q, view = make_case(T, N)
     scale = D**-0.5
@@ -156,11 +160,12 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None)
         key = "cascade" if variant == "kv" else f"forkkv_{variant}"
         knobs = row[f"{key}_knobs"] = swept_knobs(best or {}, variant, N)
         row[f"{key}_s"], row[f"{key}_eager_s"] = _time(
-            lambda: residual_attention_triton(q, vv, None, scale, kernel="cascade", **knobs), do_bench)
+            lambda: residual_attention_triton(q, vv, None, scale, kernel="cascade", launches=launches["cascade"],
+                                              **knobs), do_bench)
     row["fused_s"], row["fused_eager_s"] = _time(
-        lambda: residual_attention_triton(q, view, None, scale, kernel="fused"), do_bench)
+        lambda: residual_attention_triton(q, view, None, scale, kernel="fused", launches=launches["fused"]), do_bench)
     # K+V through the dispatch: the measured time of the family it picks for this shape
-    fam = row["forkkv_kernel"] = _triton_kernel(N, 1, True)
+    fam = row["forkkv_kernel"] = triton_kernel(N, 1, True)
     row["forkkv_s"], row["forkkv_eager_s"] = row[f"{fam}_s"], row[f"{fam}_eager_s"]
     out = residual_attention_triton(q, view, None, scale, **(row["cascade_knobs"] if fam == "cascade" else {}))
     try:
@@ -192,13 +197,11 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None)
     return row
 
 
-def kernel_resources() -> dict:
-    """Registers, spills and shared memory of the compiled kernels of the last launches of each family."""
-    import forkkv_kernels.cascade as cascade
-    import forkkv_kernels.residual_attention as fused
-
+def kernel_resources(launches: dict) -> dict:
+    """Registers, spills and shared memory of the compiled kernels in ``launches`` (family -> the ``launches`` dict
+    its launcher filled: kernel name -> compiled kernel)."""
     out = {}
-    for fam, launched in (("cascade", cascade.LAST_LAUNCH), ("fused", fused.LAST_LAUNCH)):
+    for fam, launched in launches.items():
         for name, k in launched.items():
             md = getattr(k, "metadata", None)
             out[f"{fam}.{name}"] = {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
@@ -235,11 +238,12 @@ def main(argv=None):
     ceil = run.extra["ceilings"] = measure_ceilings(do_bench)
     print(f"{run.device.get('gpu')}: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    launches = {"cascade": {}, "fused": {}}  # the last case's compiled kernels
     for T in args.contexts:
         for N in args.agents:
-            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench, best))
+            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench, best, launches))
             torch.cuda.empty_cache()
-    run.extra["kernel_resources"] = kernel_resources()
+    run.extra["kernel_resources"] = kernel_resources(launches)
     print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'cascade':>8} {'fused':>8} {'SDPA':>8} {'floorKV':>8} "
           f"{'floorV':>7} {'floorB':>7}  (µs, GPU time per call)")
     us = lambda r, k: f"{r[k] * 1e6:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731

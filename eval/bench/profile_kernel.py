@@ -43,7 +43,7 @@ def main(argv=None):
                     help="an eval.bench.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from forkkv_hf.residual_attention import residual_attention_triton
+    from forkkv_hf.ops.dispatch import residual_attention_triton
 
     scale = D**-0.5
     best = {}
@@ -67,9 +67,12 @@ def main(argv=None):
         for variant in VARIANTS:
             vv = variant_view(view, variant)
             knobs = swept_knobs(best, variant, N) if args.kernel == "cascade" else {}
-            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel, **knobs)  # noqa: E731
+            launched = {}
+            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel,  # noqa: E731
+                                                   launches=launched, **knobs)
             run.measure({"context": T, "agents": N, "variant": variant},
-                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "resources": kernel_resources()})
+                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps),
+                                 "resources": kernel_resources({args.kernel: launched})})
         del q, view
         torch.cuda.empty_cache()
     for r in run.rows:

@@ -50,7 +50,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from triton.testing import do_bench
 
-    from forkkv_hf.residual_attention import residual_attention_triton
+    from forkkv_hf.ops.dispatch import residual_attention_triton
 
     fixed = json.loads(args.fixed) if args.fixed else {}
     grids = {**GRIDS, **(json.loads(args.grid) if args.grid else {})}

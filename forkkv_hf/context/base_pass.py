@@ -25,7 +25,7 @@ from ..lora_factors import (
     kv_projections,
     lora_layer_of,
 )
-from ..rope import apply_rope
+from ..ops.rope import apply_rope
 from .segments import Residual, SharedLayer
 
 

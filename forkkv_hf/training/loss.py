@@ -20,7 +20,7 @@ from torch import nn
 
 from ..compat import cache_kwargs
 from ..lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
-from ..rope import apply_rope
+from ..ops.rope import apply_rope
 from .context import TrainingContext
 
 RESIDUALS = ("kv", "v", "none", "exact")

@@ -25,16 +25,18 @@ def cascade_attention_op(
     private_k: torch.Tensor, private_v: torch.Tensor, mask: torch.Tensor,
     k_u: Optional[torch.Tensor], k_b: Optional[torch.Tensor], v_u: Optional[torch.Tensor], v_b: Optional[torch.Tensor],
     k_slot: Optional[torch.Tensor], k_order: Optional[torch.Tensor], v_slot: Optional[torch.Tensor],
-    k_agents: int, k_max_rows: int, rope_half: bool, scaling: float,
+    k_agents: int, k_max_rows: int, rope_half: bool, scaling: float, lowp_rope: Optional[bool] = None,
 ) -> torch.Tensor:
     """``forkkv_kernels.cascade_attention``; ``k_slot``/``v_slot [B]`` int32 (each row's slot, -1: none), ``k_order``
-    the rows sorted by K slot, ``k_agents`` distinct K slots, ``k_max_rows`` the most rows one K slot has."""
+    the rows sorted by K slot, ``k_agents`` distinct K slots, ``k_max_rows`` the most rows one K slot has,
+    ``lowp_rope`` the configuration's (``None``: the kernel's default)."""
     from forkkv_kernels.attention_common import fresh_scratch
     from forkkv_kernels.cascade import cascade_attention
 
     return cascade_attention(query, key, value, cos, sin, private_k, private_v, scaling, k_u=k_u, k_B=k_b,
                              k_slot=k_slot, v_u=v_u, v_B=v_b, v_slot=v_slot, mask=mask, rope_half=rope_half,
-                             k_order=k_order, k_agents=k_agents, k_max_rows=k_max_rows, scratch=fresh_scratch)
+                             k_order=k_order, k_agents=k_agents, k_max_rows=k_max_rows, lowp_rope=lowp_rope,
+                             scratch=fresh_scratch)
 
 
 @torch.library.custom_op("forkkv::fused_attention", mutates_args=())
@@ -44,10 +46,10 @@ def fused_attention_op(
     k_u: Optional[torch.Tensor], k_b: Optional[torch.Tensor], v_u: Optional[torch.Tensor], v_b: Optional[torch.Tensor],
     slot_row: torch.Tensor, slot_q: torch.Tensor, slot_agent: torch.Tensor, agent_k: torch.Tensor,
     agent_v: torch.Tensor, row_vslot: Optional[torch.Tensor], block_m: int, a_max: int, rope_half: bool,
-    scaling: float,
+    scaling: float, lowp_rope: Optional[bool] = None,
 ) -> torch.Tensor:
     """``forkkv_kernels.fused_rebuild_attention`` over planned work items (``WorkPlan``'s tensors; the K residual
-    is used when ``k_u`` is given, the V one when ``v_u`` is)."""
+    is used when ``k_u`` is given, the V one when ``v_u`` is); ``lowp_rope`` as for the cascade op."""
     from forkkv_kernels.attention_common import fresh_scratch
     from forkkv_kernels.residual_attention import WorkPlan, fused_rebuild_attention_planned
 
@@ -55,7 +57,7 @@ def fused_attention_op(
                     v_u is not None)
     return fused_rebuild_attention_planned(query, key, value, cos, sin, private_k, private_v, scaling, plan,
                                            k_u=k_u, k_B=k_b, v_u=v_u, v_B=v_b, mask=mask, rope_half=rope_half,
-                                           scratch=fresh_scratch)
+                                           lowp_rope=lowp_rope, scratch=fresh_scratch)
 
 
 def _attention_fake(query, *args):

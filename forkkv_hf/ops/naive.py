@@ -1,6 +1,6 @@
 """The ForkKV math in plain PyTorch, materialising every row's K/V in fp32. Slow and memory-hungry on purpose:
-it is the readable ground truth that the fast paths (:mod:`forkkv_hf.residual_attention`, the Triton kernels) are
-tested against.
+it is the readable ground truth that the fast paths (:mod:`forkkv_hf.ops.dispatch`, the Triton kernels) are
+tested against. Only the tests (and the public :func:`reference_attention`) use it; no fast path imports it.
 
 For row ``b`` with agent slot ``s`` (``-1``: none), position ``t`` of the shared context:
 ``K_b[t] = K_base[t] + RoPE_t(B_k[s] u_k[s, t])`` and ``V_b[t] = V_base[t] + B_v[s] u_v[s, t]`` (``B`` already scaled);
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .masks import implicit_mask, kv_mask
 from .rope import apply_rope
 
 
@@ -41,43 +42,6 @@ def materialize_kv(view) -> tuple[torch.Tensor, torch.Tensor]:
     K = torch.cat([K, view.key.float()], dim=2)
     V = torch.cat([V, view.value.float()], dim=2)
     return K, V
-
-
-def kv_mask(attention_mask, B: int, Q: int, T: int, P: int, device) -> tuple[torch.Tensor | None, bool]:
-    """Normalise the mask the model passes to ``[B, Q, T + P]``.
-
-    Returns ``(mask, additive)``: a bool mask (True = attend), a float additive mask, or ``None`` meaning "causal
-    within the private part, the whole shared context visible" (what transformers' sdpa mask leaves implicit).
-    """
-    if attention_mask is None:
-        return None, False
-    m = attention_mask
-    if m.dim() == 4:
-        if m.shape[1] != 1:
-            raise ValueError(f"per-head attention masks are not supported (got {tuple(m.shape)})")
-        m = m[:, 0]
-    if m.dim() != 3:
-        raise ValueError(f"expected a 4D attention mask [B, 1, Q, kv], got shape {tuple(attention_mask.shape)}")
-    kv = T + P
-    m = m[..., -Q:, :]
-    if m.shape[-1] < kv:
-        raise ValueError(f"the attention mask covers {m.shape[-1]} keys but the cache holds {kv}")
-    m = m[..., :kv].expand(B, Q, kv)
-    return m, m.dtype != torch.bool
-
-
-def causal_private_mask(Q: int, P: int, device) -> torch.Tensor:
-    """``[Q, P]`` bool: query ``i`` (the last ``Q`` of the private part) sees private key ``j`` iff ``j <= P - Q + i``."""
-    i = torch.arange(Q, device=device)[:, None]
-    j = torch.arange(P, device=device)[None, :]
-    return j <= (P - Q + i)
-
-
-def implicit_mask(Q: int, T: int, P: int, device) -> torch.Tensor:
-    """``[Q, T + P]`` bool, what a ``None`` mask means: the whole shared context visible, causal in the private part."""
-    allowed = torch.ones(Q, T + P, dtype=torch.bool, device=device)
-    allowed[:, T:] = causal_private_mask(Q, P, device)
-    return allowed
 
 
 def reference_attention(query: torch.Tensor, view, attention_mask, scaling: float,

@@ -4,7 +4,7 @@ mixed-adapter LoRA, in forms a compiled graph traces without a break.
 Nothing here reads tensor values on the host or plans work while tracing: what depends on which row runs which
 adapter was built before the step, from the rows, as device tensors (the cache layer's ``agents``/``work``, the
 LoRA layer's :class:`LoRADecodePlan`, made when a call's prefill plans that layer). The Triton kernels are reached
-through the custom ops of :mod:`forkkv_hf.custom_ops`; the PyTorch paths are plain tensor code.
+through the custom ops of :mod:`forkkv_hf.ops.custom_ops`; the PyTorch paths are plain tensor code.
 """
 
 from __future__ import annotations
@@ -14,27 +14,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..config import get_config
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
-from .reference import kv_mask
-from .residual_attention import (_rope_half, _slot_tensors, _triton_kernel, residual_attention,
-                                 residual_attention_torch)
+from .dispatch import residual_attention, residual_attention_torch, rope_repeats_half, slot_tensors, triton_kernel
+from .masks import kv_mask, visible_mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # attention over a StaticForkKVView
-def visible_mask(view, Q: int) -> torch.Tensor:
-    """``[1, 1, Q, T + capacity]`` bool: what a ``None`` mask means over a static layer (the whole shared context,
-    causal among the ``view.length`` private tokens written; the rest of the buffer unwritten)."""
-    T, P = view.shared_len, view.private_len
-    dev = view.key.device
-    last = T + view.length - Q + torch.arange(Q, device=dev)  # absolute position of each query
-    return (torch.arange(T + P, device=dev)[None, :] <= last[:, None])[None, None]
-
-
 def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, softcap: float | None = None):
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.static_cache.StaticForkKVView`; returns ``[B, Q, H, D]``.
 
-    Eager (the prefill) it takes the usual dispatch (:func:`~forkkv_hf.residual_attention.residual_attention`).
+    Eager (the prefill) it takes the usual dispatch (:func:`~forkkv_hf.ops.dispatch.residual_attention`).
     Compiled, a decode query goes to the Triton kernel family the eager dispatch picks for these rows, through its
     custom op, when the layer planned it (``view.work``), else (CPU, soft-capping) to the PyTorch path, which reads
     the layer's precomputed agents."""
@@ -51,8 +42,9 @@ def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, 
 @dataclass(frozen=True)
 class AttentionDecodePlan:
     """What a static layer's compiled decode step hands the Triton kernels, made from the rows before the step: the
-    family the eager dispatch picks for one query per row (:func:`~forkkv_hf.residual_attention._triton_kernel`),
-    which residuals some row has, whether cos/sin repeat their halves, and the family's row plan as device tensors:
+    family the eager dispatch picks for one query per row (:func:`~forkkv_hf.ops.dispatch.triton_kernel`),
+    which residuals some row has, whether cos/sin repeat their halves, the configuration's ``lowp_rope`` (read when
+    the plan is made, like the family) and the family's row plan as device tensors:
     ``cascade``: each row's ``k_slot``/``v_slot`` [B] int32, the rows sorted by K slot, the number of distinct K
     slots and the most rows one has; ``fused``: the work items (``forkkv_kernels.residual_attention.WorkPlan``)."""
 
@@ -66,6 +58,7 @@ class AttentionDecodePlan:
     k_max_rows: int = 0
     v_slot: torch.Tensor | None = None
     work: object = None
+    lowp_rope: bool | None = None
 
 
 def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None, groups: int) -> AttentionDecodePlan:
@@ -76,20 +69,21 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None, 
     B = len(k_slots if k_slots is not None else v_slots)
     has_k = shared.k_res is not None and k_slots is not None and any(s >= 0 for s in k_slots)
     has_v = shared.v_res is not None and v_slots is not None and any(s >= 0 for s in v_slots)
-    kernel = _triton_kernel(B, 1, has_k)
-    rope_half = has_k and _rope_half(shared)
+    config = get_config()
+    kernel = triton_kernel(B, 1, has_k, config.kernel)
+    rope_half = has_k and rope_repeats_half(shared)
     if kernel == "fused":
         from forkkv_kernels.residual_attention import plan_work
 
         none = (-1,) * B
         work = plan_work(tuple(k_slots) if has_k else none, tuple(v_slots) if has_v else none, 1, groups, dev)
-        return AttentionDecodePlan(kernel, has_k, has_v, rope_half, work=work)
-    plan = AttentionDecodePlan(kernel, has_k, has_v, rope_half)
+        return AttentionDecodePlan(kernel, has_k, has_v, rope_half, work=work, lowp_rope=config.lowp_rope)
+    plan = AttentionDecodePlan(kernel, has_k, has_v, rope_half, lowp_rope=config.lowp_rope)
     if has_k:
-        k_slot, order, agents, most = _slot_tensors(tuple(k_slots), dev)
+        k_slot, order, agents, most = slot_tensors(tuple(k_slots), dev)
         plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most)
     if has_v:
-        plan = replace(plan, v_slot=_slot_tensors(tuple(v_slots), dev)[0])
+        plan = replace(plan, v_slot=slot_tensors(tuple(v_slots), dev)[0])
     return plan
 
 
@@ -108,9 +102,10 @@ def _triton_attention(query, view, attention_mask, scaling):
     if plan.kernel == "fused":
         w = plan.work
         return torch.ops.forkkv.fused_attention(*common, w.slot_row, w.slot_q, w.slot_agent, w.agent_k, w.agent_v,
-                                                w.row_vslot, w.block_m, w.a_max, plan.rope_half, float(scaling))
+                                                w.row_vslot, w.block_m, w.a_max, plan.rope_half, float(scaling),
+                                                plan.lowp_rope)
     return torch.ops.forkkv.cascade_attention(*common, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
-                                              plan.k_max_rows, plan.rope_half, float(scaling))
+                                              plan.k_max_rows, plan.rope_half, float(scaling), plan.lowp_rope)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """ResidualAttention: attention over ``[shared base + per-agent residual | private]`` without per-row copies.
 
-Same result as :func:`forkkv_hf.reference.reference_attention`, computed the way the Triton kernels do it:
+Same result as :func:`forkkv_hf.ops.naive.reference_attention`, computed the way the Triton kernels do it:
 - the base K/V ``[1, H_kv, T, D]`` is broadcast to every row, never copied per row;
 - the K residual is rebuilt chunk by chunk, once per *agent* (not per row): ``RoPE_t(B_k u_k[t])``;
 - the V residual is never expanded: ``P·V_row = P·V_base + (P·u_v) B_vᵀ``, applied once after the softmax;
@@ -11,7 +11,8 @@ On CUDA, :func:`residual_attention` dispatches decode-like calls (few queries pe
 the agents' prompts after the shared context) to :func:`residual_attention_sdpa`, which rebuilds a few rows' K/V
 at a time and runs PyTorch's fused SDPA on them: prompts are compute-bound, so the few bytes saved by not
 materialising a row's K/V for one call are worth less than the tensor-core efficiency of a mature attention kernel.
-Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
+Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below. The backend and kernel choices come
+from :func:`forkkv_hf.config.get_config`, read once per call here and passed down to the kernels as arguments.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import causal_private_mask, implicit_mask, kv_mask
+from ..config import get_config
+from ..log import get_logger, warn_once
+from .masks import causal_private_mask, implicit_mask, int8_mask, kv_mask
 from .rope import apply_rope
+
+logger = get_logger(__name__)
 
 #: elements of fp32 working memory one chunk of the PyTorch path may use (per tensor)
 CHUNK_ELEMENTS = 1 << 24
@@ -240,27 +245,24 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-TRITON_KERNELS = ("cascade", "fused")
-#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels: on an H200 they
-#: measured 10-26% faster than the cascade kernels at 32 agents and within 3% of them at 128, the cascade kernels
-#: 5-170% faster at 1 and 8 (eval/results/bench_kernel_nvidia_h200.json; eval/KERNEL_NOTES.md v7)
+#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, where they
+#: measure faster than the cascade kernels (eval/KERNEL_NOTES.md, "Which family serves a call")
 FUSED_MIN_K_QUERIES = 32
 
 
-def _triton_kernel(batch: int, queries: int, has_k: bool) -> str:
-    """Which Triton family serves a call: env ``FORKKV_KERNEL`` (``cascade`` / ``fused``), else by measurement: the
-    fused-rebuild kernels for calls with K residuals and ``batch · queries >= FUSED_MIN_K_QUERIES``, the cascade
-    kernels for the rest (V residual only, no residual, and few rows)."""
-    name = os.environ.get("FORKKV_KERNEL")
+def triton_kernel(batch: int, queries: int, has_k: bool, kernel: str | None = None) -> str:
+    """Which Triton family serves a call: ``kernel`` (``cascade`` / ``fused``; the configuration's ``kernel`` when
+    ``None``), else by measurement: the fused-rebuild kernels for calls with K residuals and
+    ``batch · queries >= FUSED_MIN_K_QUERIES``, the cascade kernels for the rest (V residual only, no residual, and
+    few rows)."""
+    name = kernel or get_config().kernel
     if name is None:
         return "fused" if has_k and batch * queries >= FUSED_MIN_K_QUERIES else "cascade"
-    if name not in TRITON_KERNELS:
-        raise ValueError(f"FORKKV_KERNEL={name!r}: use one of {TRITON_KERNELS}")
     return name
 
 
 @functools.lru_cache(maxsize=256)
-def _slot_tensors(slots: tuple, device: str):
+def slot_tensors(slots: tuple, device: str):
     """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, the number of distinct slots
     and the most rows one slot has; cached, so a decode step builds nothing."""
     t = torch.tensor(slots, dtype=torch.int32, device=device)
@@ -269,36 +271,23 @@ def _slot_tensors(slots: tuple, device: str):
     return t, order, len(set(used)), max((used.count(s) for s in set(used)), default=1)
 
 
-def _rope_half(shared) -> bool:
+def rope_repeats_half(shared) -> bool:
     """Whether the layer's cos/sin tables repeat their first half (the kernels then load one half). Memoised."""
     flag = getattr(shared, "_rope_half", None)
     if flag is None:
         h = shared.cos.shape[-1] // 2
-        flag = bool(torch.equal(shared.cos[:, :h], shared.cos[:, h:]) and torch.equal(shared.sin[:, :h], shared.sin[:, h:]))
+        flag = bool(torch.equal(shared.cos[:, :h], shared.cos[:, h:])
+                    and torch.equal(shared.sin[:, :h], shared.sin[:, h:]))
         shared._rope_half = flag
     return flag
-
-
-def _int8_mask(attention_mask, B: int, Q: int, T: int, P: int):
-    """The model's mask as the kernels take it: ``[B, Q, T + P]`` int8 (1 = attend), or None for the implicit mask."""
-    mask, additive = kv_mask(attention_mask, B, Q, T, P, None)
-    if mask is None:
-        return None
-    if additive:  # an additive float mask: only 0 / -inf-like entries can be expressed as a bool mask
-        finite = mask > torch.finfo(mask.dtype).min / 2
-        if not bool(((mask == 0) | ~finite).all()):
-            raise ValueError("the Triton ResidualAttention takes boolean (or 0/-inf) masks, not additive biases; "
-                             "use backend='torch' for attention biases")
-        mask = finite
-    return mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)
 
 
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, kernel: str | None = None,
                               **tuning) -> torch.Tensor:
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` Triton
-    kernels; returns ``[B, Q, H, D]``. ``kernel``: ``"cascade"`` or ``"fused"`` (default: :func:`_triton_kernel`);
-    ``tuning``: that launcher's knobs. Rows' residual slots come from the view's host tuples when present (cached
-    tensors), else from its ``k_rows``/``v_rows`` tensors."""
+    kernels; returns ``[B, Q, H, D]``. ``kernel``: ``"cascade"`` or ``"fused"`` (default: :func:`triton_kernel`);
+    ``tuning``: that launcher's knobs (``lowp_rope`` defaults to the configuration's). Rows' residual slots come from
+    the view's host tuples when present (cached tensors), else from its ``k_rows``/``v_rows`` tensors."""
     from forkkv_kernels import cascade_attention, fused_rebuild_attention
 
     sh = view.shared
@@ -306,15 +295,16 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     present = [(kind, r, rows, slots) for kind, r, rows, slots in
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
-    name = kernel or _triton_kernel(B, Q, any(kind == "k" for kind, *_ in present))
-    kw = dict(mask=_int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
-              rope_half=any(kind == "k" for kind, *_ in present) and _rope_half(sh))
+    name = triton_kernel(B, Q, any(kind == "k" for kind, *_ in present), kernel)
+    tuning.setdefault("lowp_rope", get_config().lowp_rope)
+    kw = dict(mask=int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
+              rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
         kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
         if name == "fused":  # plans its work items on the host
             kw[f"{kind}_slots"] = tuple(slots) if slots is not None else tuple(rows.tolist())
             continue
-        slot, order, n_agents, max_rows = (_slot_tensors(tuple(slots), str(query.device)) if slots is not None
+        slot, order, n_agents, max_rows = (slot_tensors(tuple(slots), str(query.device)) if slots is not None
                                            else (rows, None, None, None))
         kw[f"{kind}_slot"] = slot
         if kind == "k":
@@ -327,21 +317,31 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
                        softcap: float | None = None) -> torch.Tensor:
     """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"sdpa"`` (:func:`residual_attention_sdpa`),
     ``"torch"`` (:func:`residual_attention_torch`) or ``"auto"``: on CUDA, SDPA for prompt-like calls (at least
-    ``EXTEND_SDPA_MIN_QUERIES`` queries per row) and Triton for the rest when installed; PyTorch elsewhere. Set
-    ``FORKKV_BACKEND`` to override ``"auto"``. Soft-capped attention (``softcap``) always takes the PyTorch path."""
+    ``EXTEND_SDPA_MIN_QUERIES`` queries per row) and Triton for the rest when installed; PyTorch elsewhere.
+    ``"auto"`` takes the configuration's backend (:func:`forkkv_hf.get_config`, env ``FORKKV_BACKEND``).
+    Soft-capped attention (``softcap``) always takes the PyTorch path. Where ``"auto"`` falls back to the PyTorch
+    path (CPU, no Triton, soft-capping), it logs a warning once."""
     if backend == "auto":
-        backend = os.environ.get("FORKKV_BACKEND", "auto")
+        backend = get_config().backend
     if backend == "auto":
         if not query.is_cuda:
             backend = "torch"
+            warn_once(logger, "ForkKV attention runs the PyTorch path (the Triton kernels need a CUDA device)")
         elif query.shape[2] >= EXTEND_SDPA_MIN_QUERIES:
             backend = "sdpa"
+        elif _triton_ready(query):
+            backend = "triton"
         else:
-            backend = "triton" if _triton_ready(query) else "torch"
+            backend = "torch"
+            warn_once(logger, "ForkKV attention runs the PyTorch path: forkkv_kernels (Triton) is not importable; "
+                              "install Triton to use the kernels")
     if backend == "torch" or softcap is not None:
+        if softcap is not None and backend != "torch":
+            warn_once(logger, f"ForkKV attention runs the PyTorch path for soft-capped attention (the {backend} path "
+                              "has no soft-capping)")
         return residual_attention_torch(query, view, attention_mask, scaling, softcap=softcap)
     if backend == "sdpa":
         return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
         return residual_attention_triton(query, view, attention_mask, scaling)
-    raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch' or 'triton'")
+    raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch', 'sdpa' or 'triton'")

@@ -1,0 +1,111 @@
+"""The library's run-time configuration, read in one place and passed down as plain values.
+
+    import forkkv_hf
+    forkkv_hf.set_config(backend="torch")            # from now on, until set_config(None)
+    with forkkv_hf.config_override(kernel="fused"):  # for a block
+        ...
+    forkkv_hf.get_config()                           # what the code paths read
+
+Without an override the configuration comes from the environment (the defaults where a variable is unset):
+
+- ``FORKKV_BACKEND`` (``backend``): ``auto`` (default), ``torch``, ``sdpa``, ``triton``: the attention path;
+- ``FORKKV_KERNEL`` (``kernel``): ``cascade`` / ``fused``: the Triton family (unset: chosen per call's shape);
+- ``FORKKV_LORA_BACKEND`` (``lora_backend``): ``auto`` (default: Triton on CUDA), ``torch``, ``triton``: the
+  batched LoRA's path;
+- ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
+  on for bf16/fp16 on the GPU).
+
+The environment is parsed once per distinct set of these values (a test may change a variable between calls); a
+bad value is refused where the configuration is first read, naming the variable and its choices. The Triton kernels
+(``forkkv_kernels``) never read the configuration: their launchers take these values as arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "torch", "sdpa", "triton")
+KERNELS = ("cascade", "fused")
+LORA_BACKENDS = ("auto", "torch", "triton")
+#: field -> environment variable
+ENV_VARS = {"backend": "FORKKV_BACKEND", "kernel": "FORKKV_KERNEL", "lora_backend": "FORKKV_LORA_BACKEND",
+            "lowp_rope": "FORKKV_LOWP_ROPE"}
+
+
+@dataclass(frozen=True)
+class ForkKVConfig:
+    """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
+    PyTorch elsewhere). ``kernel``: the Triton family, ``None`` to choose per call. ``lora_backend``: the batched
+    LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default."""
+
+    backend: str = "auto"
+    kernel: str | None = None
+    lora_backend: str = "auto"
+    lowp_rope: bool | None = None
+
+    def __post_init__(self):
+        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("kernel", KERNELS)):
+            value = getattr(self, field)
+            if (value is not None or field != "kernel") and value not in choices:
+                raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use one of {choices}")
+        if self.lowp_rope not in (None, True, False):
+            raise ValueError(f"lowp_rope={self.lowp_rope!r} ({ENV_VARS['lowp_rope']}): use True/False (1/0) or None")
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    if text.strip() not in ("0", "1"):
+        raise ValueError(f"{name}={text!r}: use 0 or 1 (or leave it unset for the default)")
+    return text.strip() == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _from_env(values: tuple) -> ForkKVConfig:
+    env = dict(zip(ENV_VARS, values))
+    fields = {k: v for k, v in env.items() if v is not None and k != "lowp_rope"}
+    if env["lowp_rope"] is not None:
+        fields["lowp_rope"] = _parse_bool(ENV_VARS["lowp_rope"], env["lowp_rope"])
+    return ForkKVConfig(**fields)
+
+
+def config_from_env() -> ForkKVConfig:
+    """The configuration the ``FORKKV_*`` environment variables give (defaults where unset)."""
+    return _from_env(tuple(os.environ.get(v) for v in ENV_VARS.values()))
+
+
+_override: ForkKVConfig | None = None
+
+
+def get_config() -> ForkKVConfig:
+    """The configuration in force: the one :func:`set_config` set, else :func:`config_from_env`."""
+    return _override if _override is not None else config_from_env()
+
+
+def set_config(config: ForkKVConfig | None = None, **changes) -> ForkKVConfig | None:
+    """Pin the configuration: ``config`` as given, or the one in force with ``changes`` (field=value) applied;
+    ``set_config(None)`` goes back to the environment. Returns the previous override (``None``: there was none)."""
+    global _override
+    previous = _override
+    if config is not None and changes:
+        raise TypeError("set_config: pass a ForkKVConfig or field=value changes, not both")
+    if config is None and changes:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(ForkKVConfig)}
+        if unknown:
+            raise TypeError(f"set_config: unknown field(s) {sorted(unknown)}; use {list(ENV_VARS)}")
+        config = dataclasses.replace(get_config(), **changes)
+    _override = config
+    return previous
+
+
+@contextlib.contextmanager
+def config_override(**changes):
+    """``with config_override(backend="torch"): ...``: the configuration in force with ``changes``, restored on
+    exit. Yields the configuration."""
+    previous = set_config(dataclasses.replace(get_config(), **changes))
+    try:
+        yield get_config()
+    finally:
+        set_config(previous)

@@ -1,0 +1,107 @@
+"""The run-time configuration: read from the FORKKV_* environment, pinned by set_config / config_override, refused
+when a value is unknown, and what the attention paths read (the backend, the Triton family, low-precision RoPE)."""
+
+import logging
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf import ForkKVConfig, config_override, get_config, reference_attention, set_config
+from forkkv_hf.log import warn_once
+from forkkv_hf.ops.dispatch import residual_attention
+from views import random_view
+
+ENV = ("FORKKV_BACKEND", "FORKKV_KERNEL", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    previous = set_config(None)
+    yield monkeypatch
+    set_config(previous)
+
+
+def test_environment_gives_the_configuration(clean_env):
+    assert get_config() == ForkKVConfig(backend="auto", kernel=None, lora_backend="auto", lowp_rope=None)
+    for name, value in zip(ENV, ("sdpa", "fused", "torch", "0")):
+        clean_env.setenv(name, value)
+    assert get_config() == ForkKVConfig(backend="sdpa", kernel="fused", lora_backend="torch", lowp_rope=False)
+    clean_env.setenv("FORKKV_LOWP_ROPE", "1")
+    assert get_config().lowp_rope is True
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("FORKKV_BACKEND", "flash", r"FORKKV_BACKEND.*use one of \('auto', 'torch', 'sdpa', 'triton'\)"),
+    ("FORKKV_KERNEL", "flash", r"FORKKV_KERNEL.*use one of \('cascade', 'fused'\)"),
+    ("FORKKV_LORA_BACKEND", "sdpa", r"FORKKV_LORA_BACKEND.*use one of"),
+    ("FORKKV_LOWP_ROPE", "yes", r"FORKKV_LOWP_ROPE='yes': use 0 or 1"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("FORKKV") else "")
+def test_unknown_values_are_refused_with_the_choices(clean_env, name, value, match):
+    clean_env.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        get_config()
+
+
+def test_set_config_pins_and_override_restores(clean_env):
+    clean_env.setenv("FORKKV_BACKEND", "sdpa")
+    assert set_config(backend="torch") is None
+    clean_env.setenv("FORKKV_BACKEND", "triton")  # a pinned configuration ignores the environment
+    assert get_config().backend == "torch"
+    with config_override(kernel="cascade") as cfg:
+        assert cfg == get_config() == ForkKVConfig(backend="torch", kernel="cascade")
+    assert get_config() == ForkKVConfig(backend="torch")
+    set_config(None)
+    assert get_config().backend == "triton"
+    with pytest.raises(TypeError, match="unknown field"):
+        set_config(kernal="fused")
+    with pytest.raises(ValueError, match="use one of"):
+        set_config(backend="flash")
+    assert get_config().backend == "triton"  # a refused change leaves the configuration as it was
+
+
+def test_dispatch_reads_the_configured_backend(clean_env, monkeypatch):
+    """``backend="auto"`` takes the configured path: the SDPA path runs when configured, the PyTorch one otherwise."""
+    view = random_view(B=2, T=20, P=3)
+    q = torch.randn(2, 4, 3, 16, generator=torch.Generator().manual_seed(0))
+    ops = forkkv_hf.ops.dispatch
+    ran = []
+    for name in ("residual_attention_sdpa", "residual_attention_torch"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: ran.append(_name) or _real(*a, **kw))
+    ref = reference_attention(q, view, None, 0.25)
+    with config_override(backend="sdpa"):
+        torch.testing.assert_close(residual_attention(q, view, None, 0.25), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(residual_attention(q, view, None, 0.25), ref, rtol=1e-5, atol=1e-5)
+    assert ran == ["residual_attention_sdpa", "residual_attention_torch"]
+
+
+def test_cpu_fallback_warns_once(clean_env, caplog):
+    view = random_view(B=2, T=20, P=3)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(0))
+    warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="forkkv_hf"):
+        for _ in range(3):
+            residual_attention(q, view, None, 0.25)
+        residual_attention(q, view, None, 0.25, backend="torch")  # asked for: no warning
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("forkkv_hf.ops.dispatch", "ForkKV attention runs the PyTorch path (the Triton kernels need a CUDA device)")]
+
+
+def test_lowp_rope_reaches_the_kernels(clean_env):
+    """The configured ``lowp_rope`` is what the Triton launch uses: bf16 results equal an explicit ``lowp_rope=True``
+    launch and differ from ``False`` (the interpreter rounds the rotation to bf16 only when it is on)."""
+    pytest.importorskip("triton")
+    from forkkv_hf.ops.dispatch import residual_attention_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    view = random_view(B=2, T=40, P=3, D=32, dtype=torch.bfloat16, device=dev, res_scale=2.0)
+    q = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    outs = {flag: residual_attention_triton(q, view, None, 0.2, kernel="cascade", lowp_rope=flag)
+            for flag in (False, True)}
+    assert not torch.equal(outs[False], outs[True])
+    for flag in (False, True):
+        with config_override(lowp_rope=flag):
+            assert torch.equal(residual_attention_triton(q, view, None, 0.2, kernel="cascade"), outs[flag])
