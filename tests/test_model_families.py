@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
-from forkkv_hf.reference import materialize_kv
+from forkkv_hf.ops.naive import materialize_kv
 from cases import parametrize
 from models import semantic_reference_cache, with_adapters
 
