@@ -7,14 +7,16 @@
     out = peft_model.generate(**inputs, adapter_names=names, past_key_values=cache, max_new_tokens=64)
 """
 
-from .attention import disable_forkkv, enable_forkkv, forkkv_attention_forward, is_forkkv_enabled, register_forkkv
+from .attention import forkkv_attention_forward, register_forkkv
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
 from .compat import CACHE_KWARG, cache_kwargs
 from .config import ForkKVConfig, config_override, get_config, set_config
 from .context import SharedContext, StaleContextError, set_weight_checks
+from .enable import disable_forkkv, enable_forkkv, is_forkkv_enabled
 from .inputs import batch_inputs
-from .lora_factors import BASE_ADAPTER
+from .peft.batched_lora import batched_lora, disable_batched_lora, enable_batched_lora
+from .peft.lora_factors import BASE_ADAPTER
 from .ops.dispatch import residual_attention, residual_attention_torch
 from .ops.naive import reference_attention
 from .store import ForkKVStore
@@ -33,9 +35,12 @@ __all__ = [
     "SharedContext",
     "StaleContextError",
     "batch_inputs",
+    "batched_lora",
     "cache_kwargs",
     "config_override",
+    "disable_batched_lora",
     "disable_forkkv",
+    "enable_batched_lora",
     "enable_forkkv",
     "forkkv_attention_forward",
     "get_config",

@@ -1,4 +1,5 @@
-"""The ``"forkkv"`` attention implementation for transformers, and :func:`enable_forkkv`.
+"""The ``"forkkv"`` attention implementation for transformers (selected on a model by
+:func:`forkkv_hf.enable.enable_forkkv`).
 
 ``forkkv_attention_forward`` is registered with ``AttentionInterface`` under ``"forkkv"`` (and the sdpa mask function
 with ``AttentionMaskInterface`` under the same name, so the model builds causal/padding masks for it). When the
@@ -15,10 +16,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .adapter_probe import rows_run_by
 from .cache import ForkKVView
 from .ops.decode_ops import static_attention
-from .lora_factors import find_attention_modules, transformers_model
+from .peft.adapter_probe import rows_run_by
 from .ops.dispatch import residual_attention
 
 ATTN_NAME = "forkkv"
@@ -113,61 +113,3 @@ def register_forkkv() -> None:
     """Register ``"forkkv"`` with transformers' attention and mask interfaces (idempotent)."""
     AttentionInterface.register(ATTN_NAME, forkkv_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
-    """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
-
-    Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
-    (:mod:`forkkv_hf.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop) and wraps ``generate``
-    (:mod:`forkkv_hf.peft_integration`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
-    installed). :func:`disable_forkkv` undoes all of it.
-    """
-    find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
-    register_forkkv()
-    base = transformers_model(model)
-    current = base.config._attn_implementation
-    if current != ATTN_NAME:
-        base.set_attn_implementation(ATTN_NAME)
-        if base.config._attn_implementation != ATTN_NAME:
-            raise ValueError(
-                f"{type(base).__name__} did not switch to the {ATTN_NAME!r} attention (it does not use transformers' "
-                "AttentionInterface), so it cannot read a ForkKVCache"
-            )
-        base._forkkv_previous_attn = current
-    from . import peft_integration
-
-    model._forkkv_enabled = True
-    if model is not base:
-        from .batched_lora import disable_batched_lora, enable_batched_lora
-
-        if batched_lora:
-            enable_batched_lora(model)
-        else:
-            disable_batched_lora(model)
-    peft_integration.install(model)
-    peft_integration.install_token_recorder(base)
-    return model
-
-
-def disable_forkkv(model: nn.Module) -> nn.Module:
-    """Select again the attention implementation the model had before :func:`enable_forkkv`, and remove what it
-    installed."""
-    base = transformers_model(model)
-    previous = getattr(base, "_forkkv_previous_attn", None)
-    if base.config._attn_implementation == ATTN_NAME:
-        base.set_attn_implementation(previous or "sdpa")
-    from . import peft_integration
-
-    model._forkkv_enabled = False
-    if model is not base:
-        from .batched_lora import disable_batched_lora
-
-        disable_batched_lora(model)
-    peft_integration.uninstall_token_recorder(base)
-    peft_integration.uninstall_if_unused(model)
-    return model
-
-
-def is_forkkv_enabled(model: nn.Module) -> bool:
-    return transformers_model(model).config._attn_implementation == ATTN_NAME

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
 from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs
-from .lora_factors import BASE_ADAPTER
+from .peft.lora_factors import BASE_ADAPTER
 
 
 @dataclass
@@ -353,7 +353,7 @@ class ForkKVCache(Cache):
         Activated LoRA) and a cache that does not fit the model: another instance, another dtype, adapters
         changed since their residuals were computed."""
         check_generate_inputs(self, model, input_ids, kwargs)
-        from .lora_factors import find_attention_modules, transformers_model
+        from .peft.lora_factors import find_attention_modules, transformers_model
 
         model_dtype = getattr(transformers_model(model), "dtype", None)
         base_dtype = self.shared.layers[0].key.dtype

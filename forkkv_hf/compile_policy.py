@@ -4,7 +4,7 @@ layout that follows from it.
 transformers compiles the decode steps of ``generate`` (never the prefill; greedy search and sampling, not beam
 search) when the cache is compileable and the model sits on CUDA/XPU (or ``compile_config._compile_all_devices`` is
 set), unless ``disable_compile=True``; with its default ``CompileConfig`` that is inductor with
-``mode="reduce-overhead"``: CUDA graphs. The ``generate`` wrapper (:mod:`forkkv_hf.peft_integration`, where this
+``mode="reduce-overhead"``: CUDA graphs. The ``generate`` wrapper (:mod:`forkkv_hf.peft.wrappers`, where this
 module registers :func:`prepare_generate`) calls it before each call: where the step can compile, it switches the
 cache to its static layout (:func:`forkkv_hf.static_cache.make_static`), whose layers are compileable, so
 transformers' own compile path takes over (honouring ``disable_compile`` and the user's ``compile_config``), and a
@@ -19,9 +19,9 @@ import logging
 
 import torch
 
-from . import peft_integration
 from .config import get_config
-from .lora_factors import (
+from .peft import wrappers
+from .peft.lora_factors import (
     _modules_outside_lora,
     find_attention_modules,
     is_peft_model,
@@ -29,7 +29,7 @@ from .lora_factors import (
     transformers_model,
 )
 from .static_cache import make_dynamic, make_static
-from .tp import is_dtensor
+from .peft.tp import is_dtensor
 
 log = logging.getLogger(__name__)
 _LOGGED: set = set()
@@ -104,7 +104,7 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    from .batched_lora import _can_batch
+    from .peft.batched_lora import _can_batch
 
     tuned = [m for m in _modules_outside_lora(transformers_model(model))
              if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
@@ -152,7 +152,7 @@ def compiled_generate(model, generate, args, kwargs):
     names = kwargs.get("adapter_names")
     if names is None or not is_peft_model(model):
         return generate(*args, **kwargs)
-    from .batched_lora import _lora_linears
+    from .peft.batched_lora import _lora_linears
 
     kwargs = {k: v for k, v in kwargs.items() if k != "adapter_names"}
     hook = RowNames(list(names))
@@ -200,5 +200,5 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     return lambda *a, **kw: compiled_generate(model, generate, a, kw)
 
 
-if prepare_generate not in peft_integration.GENERATE_PREPARERS:
-    peft_integration.GENERATE_PREPARERS.append(prepare_generate)
+if prepare_generate not in wrappers.GENERATE_PREPARERS:
+    wrappers.GENERATE_PREPARERS.append(prepare_generate)

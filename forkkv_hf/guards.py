@@ -22,7 +22,7 @@ import torch
 
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
 from .inputs import check_token_range, vocab_size_of
-from .lora_factors import transformers_model
+from .peft.lora_factors import transformers_model
 
 _USE_MASK = "pass the attention_mask of forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=...) (its padding " \
             "goes between the context and the prompt)"

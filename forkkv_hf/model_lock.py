@@ -18,7 +18,7 @@ import weakref
 
 from torch import nn
 
-from .lora_factors import transformers_model
+from .peft.lora_factors import transformers_model
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()

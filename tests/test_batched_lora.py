@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import forkkv_hf
-from forkkv_hf.batched_lora import batched_lora, disable_batched_lora, enable_batched_lora, is_batched_lora_enabled
+from forkkv_hf.peft.batched_lora import batched_lora, disable_batched_lora, enable_batched_lora, is_batched_lora_enabled
 from cases import parametrize
 from models import tiny_llama, with_adapters
 
@@ -135,7 +135,7 @@ def test_enable_forkkv_turns_it_on():
 def test_decode_steps_reuse_the_plan(monkeypatch):
     """Per layer, adapters are checked once per generate call, not at every decode step (that Python work cost
     ~80 ms per step with 128 adapters on an 8B model)."""
-    import forkkv_hf.batched_lora as bl
+    import forkkv_hf.peft.batched_lora as bl
 
     pm = _agents(seed=7)
     ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(8)).to(DEV)
@@ -174,3 +174,27 @@ def test_peft_argument_checks_once_per_call_and_still_enforced(monkeypatch):
         pm.merge_adapter(["planner"])
         with pytest.raises(ValueError, match="merged adapters"):
             pm(input_ids=ids, adapter_names=names)
+
+
+def test_fallback_to_peft_warns_once(caplog):
+    """Active LoRA dropout (PEFT refuses adapter_names on a model in training mode, not on a dropout module in it)
+    leaves the LoRA layers to PEFT's own mixed-batch forward: logged once however many layers and calls reach it;
+    nothing is logged while the batched path runs."""
+    from forkkv_hf.log import warn_once
+
+    warn_once.cache_clear()
+    pm = with_adapters(tiny_llama(layers=2, seed=7), {"plain": dict(r=4), "drop": dict(r=4, lora_dropout=0.5)}, seed=7)
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    names = ["drop", "plain", "drop"]
+    logger = "forkkv_hf.peft.batched_lora"
+    with batched_lora(pm), caplog.at_level("WARNING", logger=logger):
+        _logits(pm, ids, names)  # eval: batched, no warning
+        assert not [r for r in caplog.records if r.name == logger]
+        dropouts = [m for n, m in pm.named_modules() if n.endswith("lora_dropout.drop")]
+        assert dropouts
+        for m in dropouts:
+            m.train()
+        for _ in range(2):
+            _logits(pm, ids, names)
+    messages = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(messages) == 1 and "dropout" in messages[0] and "PEFT's own" in messages[0], messages

@@ -11,7 +11,7 @@ import torch
 
 import forkkv_hf
 from forkkv_hf import ForkKVStore, SharedContext, batch_inputs, cache_kwargs
-from forkkv_hf.peft_integration import remove_stale_peft_hooks
+from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
 from models import tiny_llama, with_adapters
 
 THREADS = 4

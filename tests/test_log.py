@@ -20,22 +20,22 @@ def _fallback(logger, adapter):
 
 
 def test_warns_once_per_message_and_logger(fresh, caplog):
-    a, b = get_logger("forkkv_hf.batched_lora"), get_logger("forkkv_hf.ops.dispatch")
+    a, b = get_logger("forkkv_hf.peft.batched_lora"), get_logger("forkkv_hf.ops.dispatch")
     with caplog.at_level(logging.WARNING, logger="forkkv_hf"):
         for _ in range(3):
             _fallback(a, "dora")
         _fallback(a, "other")
         _fallback(b, "dora")
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
-        ("forkkv_hf.batched_lora", logging.WARNING, "adapter 'dora': PEFT's own forward"),
-        ("forkkv_hf.batched_lora", logging.WARNING, "adapter 'other': PEFT's own forward"),
+        ("forkkv_hf.peft.batched_lora", logging.WARNING, "adapter 'dora': PEFT's own forward"),
+        ("forkkv_hf.peft.batched_lora", logging.WARNING, "adapter 'other': PEFT's own forward"),
         ("forkkv_hf.ops.dispatch", logging.WARNING, "adapter 'dora': PEFT's own forward"),
     ]
     assert {r.funcName for r in caplog.records} == {"_fallback"}  # the caller, not warn_once
 
 
 def test_library_level_silences_and_cache_clear_forgets(fresh, caplog):
-    log = get_logger("forkkv_hf.batched_lora")
+    log = get_logger("forkkv_hf.peft.batched_lora")
     root = logging.getLogger("forkkv_hf")
     level = root.level
     root.setLevel(logging.ERROR)

@@ -19,7 +19,7 @@ from peft import LoraConfig
 
 import forkkv_hf
 from forkkv_hf import ForkKVStore, SharedContext, StaleContextError, batch_inputs, cache_kwargs
-from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
+from forkkv_hf.peft.batched_lora import disable_batched_lora, enable_batched_lora
 from cases import parametrize
 from models import tiny_llama, with_adapters
 

@@ -146,7 +146,7 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     row also counts the rows whose ``n2`` tokens equal one eager ``generate``'s (the same kernels, eager)."""
     import forkkv_hf
     from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
-    from forkkv_hf.peft_integration import remove_stale_peft_hooks
+    from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
     from forkkv_hf.static_cache import free_static_buffers
 
     case = {"system": "forkkv", "context": ctx.numel(), "agents": len(names), "compile": compile_on}

@@ -60,7 +60,7 @@ def _generate(pm, system, ctx, inputs, names, gen, shared=None, baseline_batched
         return pm.generate(**inputs, adapter_names=names, **gen, **cache_kwargs(cache)), cache
     forkkv_hf.disable_forkkv(pm)
     if baseline_batched_lora:
-        from forkkv_hf.batched_lora import enable_batched_lora
+        from forkkv_hf.peft.batched_lora import enable_batched_lora
 
         enable_batched_lora(pm)
     # chunked prefill bounds the activations of N long rows (what a careful HF user would do)
@@ -107,7 +107,7 @@ def measure_case(pm, system, ctx, prompts, names, new_tokens, baseline_batched_l
     try:
         return run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora)
     except torch.cuda.OutOfMemoryError:
-        from forkkv_hf.peft_integration import remove_stale_peft_hooks
+        from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
 
         remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
         free_memory()
@@ -284,7 +284,7 @@ def main(argv=None):
                 p = profile_decode(pm, system, ctx, prompts, names_all[:N])
             except Exception as e:  # noqa: BLE001 - keep the measurements even if the profiler fails
                 p = {"system": system, "rows": N, "error": repr(e)[:500]}
-                from forkkv_hf.peft_integration import remove_stale_peft_hooks
+                from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
 
                 remove_stale_peft_hooks(pm)
             free_memory()

@@ -12,7 +12,7 @@ it measures, with N distinct adapters and with all rows on one adapter:
 - with ``--profile-rows``: ``torch.profiler`` over the decode steps of ``generate`` (two generates, 1 and 1 + k
   tokens; the difference divided by k): GPU kernel time per step by family and the share of the step the GPU idles
   waiting for the host;
-for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.batched_lora`). The model's objects are
+for ``peft`` (PEFT's ``_mixed_batch_forward``) and ``batched`` (:mod:`forkkv_hf.peft.batched_lora`). The model's objects are
 moved out of Python's cyclic garbage collector (``gc.freeze()``) after the build: with 256 adapters the module tree
 holds ~2 million Python objects, and one full collection (0.6 s, measured on CPU) falling inside a timed generate
 would be read as LoRA time. Result: the one schema (eval/bench/schema.py), rows keyed by (rows, mix, path); the
@@ -40,7 +40,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def check_against_peft(pm, names, vocab, dev, g) -> dict:
     """Correctness at real size: batched logits vs PEFT's loop on a mixed batch (distinct adapters + a __base__ row)."""
-    from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
+    from forkkv_hf.peft.batched_lora import disable_batched_lora, enable_batched_lora
 
     with torch.no_grad():
         k = min(8, len(names))
@@ -60,7 +60,7 @@ def measure_decode(pm, ids, mask, row_names, path, args) -> dict:
     (``path="peft"``) or the batched LoRA (``"batched"``); with ``--profile-rows`` its profile."""
     from transformers import DynamicCache
 
-    from forkkv_hf.batched_lora import disable_batched_lora, enable_batched_lora
+    from forkkv_hf.peft.batched_lora import disable_batched_lora, enable_batched_lora
     from forkkv_hf.compat import cache_kwargs
 
     N = ids.shape[0]
@@ -132,7 +132,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    from forkkv_hf.batched_lora import disable_batched_lora
+    from forkkv_hf.peft.batched_lora import disable_batched_lora
 
     t0 = time.time()
     model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)

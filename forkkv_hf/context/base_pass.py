@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapter_probe import install_adapter_probe
+from ..peft.adapter_probe import install_adapter_probe
 from ..compat import cache_kwargs
-from ..lora_factors import (
+from ..peft.lora_factors import (
     ProjectionLoRA,
     check_k_norm,
     collect_projection_lora,

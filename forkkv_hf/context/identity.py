@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
-from ..tp import tp_world
+from ..peft.lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
+from ..peft.tp import tp_world
 from .probes import Probes, factor_probe, stamp
 
 MODES = ("content", "versions")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tp import local
+from ..peft.tp import local
 
 _MEMO_ATTR = "_forkkv_probe"
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

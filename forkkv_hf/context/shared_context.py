@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..inputs import context_token_ids, vocab_size_of
-from ..lora_factors import (
+from ..peft.lora_factors import (
     BASE_ADAPTER,
     available_adapters,
     check_adapter_names,
@@ -39,7 +39,7 @@ from ..lora_factors import (
     transformers_model,
 )
 from ..model_lock import model_lock
-from ..peft_integration import remove_stale_peft_hooks
+from ..peft.wrappers import remove_stale_peft_hooks
 from .base_pass import check_chunk_size, past_length, segment_layers
 from .identity import ContextIdentity, check_context, record_context
 from .segments import ContextLayout, SharedLayer, base_bytes, factor_bytes, merge_residuals, residual_bytes, rope_bytes

@@ -18,7 +18,7 @@ from ..context.identity import (
     weight_checks,
 )
 from ..context.probes import Probes
-from ..lora_factors import available_adapters, find_attention_modules
+from ..peft.lora_factors import available_adapters, find_attention_modules
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..context import SharedContext
 from ..context.base_pass import check_chunk_size
 from ..context.identity import adapter_fingerprints, base_fingerprint
 from ..inputs import context_token_ids
-from ..lora_factors import BASE_ADAPTER, check_adapter_names
+from ..peft.lora_factors import BASE_ADAPTER, check_adapter_names
 from ..model_lock import model_lock
 from .fingerprint import CallIdentities, Fingerprints
 from .radix import RadixNode, RadixTree

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..compat import cache_kwargs
 from ..inputs import context_token_ids, vocab_size_of
-from ..lora_factors import find_attention_modules, is_peft_model, transformers_model
+from ..peft.lora_factors import find_attention_modules, is_peft_model, transformers_model
 
 
 @dataclass

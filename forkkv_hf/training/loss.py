@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
-from ..lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
+from ..peft.lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
 from ..ops.rope import apply_rope
 from .context import TrainingContext
 

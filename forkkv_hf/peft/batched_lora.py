@@ -29,13 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import peft_integration
-from .config import get_config
-from .ops.decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
+from ..context.probes import Probes
+from ..config import get_config
+from ..ops.decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
+from ..log import get_logger, warn_once
+from . import wrappers
+from .calls import CALL_EPOCH, new_call
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
-from .context.probes import Probes
-from .peft_integration import CALL_EPOCH
 from .tp import is_dtensor, local, lora_shard, rowwise_group
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -173,7 +176,11 @@ def _call_plan(layer, adapter_names):
     if memo is not None and memo[0] is adapter_names and memo[1] == len(adapter_names) and memo[2] == epoch:
         return memo[3]
     used = set(adapter_names)
-    batchable = _can_batch(layer, used)
+    reason = unbatchable_reason(layer, used)
+    if reason is not None:
+        warn_once(logger, f"batched LoRA: {reason}; these layers run PEFT's own mixed-batch forward (same result, "
+                          "one LoRA pass per adapter)")
+    batchable = reason is None
     stack = stacked_lora(layer, used) if batchable else None
     slots = tuple(stack.slot.get(n, -1) for n in adapter_names) if batchable else None
     if batchable and all(s_ < 0 for s_ in slots):
@@ -199,16 +206,22 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _can_batch(layer, adapters) -> bool:
+def unbatchable_reason(layer, adapters) -> str | None:
+    """Why the batched path cannot run ``adapters`` on this LoRA layer (``None``: it can). The text names the kind
+    of adapter, not the adapter or layer, so the fallback warns once per reason."""
     for n in adapters:
         if n == BASE_ADAPTER or n not in layer.lora_A:
             continue
         if n in getattr(layer, "lora_variant", {}) or layer.use_dora.get(n, False):
-            return False
+            return "DoRA and other LoRA-variant adapters are not batched"
         drop = layer.lora_dropout[n]
         if not isinstance(drop, nn.Identity) and drop.training:
-            return False
-    return True
+            return "LoRA dropout is active (a lora_dropout module in training mode; model.eval() turns it off)"
+    return None
+
+
+def _can_batch(layer, adapters) -> bool:
+    return unbatchable_reason(layer, adapters) is None
 
 
 def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
@@ -289,8 +302,8 @@ def enable_batched_lora(model: nn.Module) -> nn.Module:
     (adapters added on new modules) are picked up at the next ``generate``."""
     patch_lora_layers(model)
     model._forkkv_batched_lora = True
-    peft_integration.install(model)
-    peft_integration.new_call()
+    wrappers.install(model)
+    new_call()
     return model
 
 
@@ -310,7 +323,7 @@ def disable_batched_lora(model: nn.Module) -> nn.Module:
         _release_stack(m)
         m.__dict__.pop("_forkkv_rows_memo", None)
     model._forkkv_batched_lora = False
-    peft_integration.uninstall_if_unused(model)
+    wrappers.uninstall_if_unused(model)
     return model
 
 
@@ -329,3 +342,10 @@ def batched_lora(model: nn.Module):
     finally:
         if not was:
             disable_batched_lora(model)
+
+
+# the wrappers reach batched LoRA only through these hooks (this module sits above them)
+if patch_lora_layers not in wrappers.BEFORE_GENERATE:
+    wrappers.BEFORE_GENERATE.append(patch_lora_layers)
+if release_stacks not in wrappers.BEFORE_SAVE:
+    wrappers.BEFORE_SAVE.append(release_stacks)

@@ -3,13 +3,16 @@
 Instance-level wrappers around ``generate`` and ``forward`` of the ``PeftModel``. Both hold the model's lock
 (:mod:`forkkv_hf.model_lock`) for the whole call, so that calls from several threads, which would interleave PEFT's
 per-call ``adapter_names`` hooks and ForkKV's base passes, run one after the other. At every call they:
-- starts a new *call epoch*, so the batched-LoRA plans of the previous call (which rows use which adapter, checked
-  against the adapters' weights) are rebuilt once and then reused by every decode step of this call;
-- re-applies batched LoRA to LoRA layers created since it was enabled (an adapter added on new modules);
+- starts a new *call epoch* (:mod:`forkkv_hf.peft.calls`), so the batched-LoRA plans of the previous call (which rows
+  use which adapter, checked against the adapters' weights) are rebuilt once and then reused by every decode step of
+  this call;
+- runs the ``BEFORE_GENERATE`` hooks (batched LoRA registers one that patches LoRA layers created since it was
+  enabled: an adapter added on new modules);
 - removes PEFT's ``adapter_names`` pre-forward hooks if ``generate`` raises: peft (0.21) registers them for the
   duration of the call but does not remove them on an exception, which breaks every later call of the model.
-A ``save_pretrained`` wrapper gives the LoRA parameters their own storage back before saving (they are views of
-batched LoRA's stacks), so that every format writes only the saved adapter's tensors.
+A ``save_pretrained`` wrapper runs the ``BEFORE_SAVE`` hooks (batched LoRA registers one that gives the LoRA
+parameters their own storage back: they are views of its stacks), so that every format writes only the saved
+adapter's tensors.
 The ``forward`` wrapper starts a new epoch at each direct ``model(...)`` call too. Before a ``generate``
 with a ``ForkKVCache`` it runs the cache's input checks (``ForkKVCache.check_generate_inputs``) and picks the cache's
 layout (static where the decode step compiles, :mod:`forkkv_hf.compile_policy`), and a forward pre-hook on the
@@ -20,18 +23,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from .guards import generate_cache
-from .model_lock import model_lock
+from ..guards import generate_cache
+from ..model_lock import model_lock
+from .calls import new_call
 
-#: bumped at every user-level call (outer forward, generate); per-layer plans are reused within one epoch only
-CALL_EPOCH = [0]
+#: run before every ``generate`` of a model that has batched LoRA enabled: ``fn(model)``
+#: (:mod:`forkkv_hf.peft.batched_lora` registers the patching of new LoRA layers)
+BEFORE_GENERATE: list = []
+#: run before every ``save_pretrained``: ``fn(model)`` (batched LoRA registers the release of its stacks)
+BEFORE_SAVE: list = []
 #: run before a ``generate`` with a ``ForkKVCache``, after its checks: ``fn(model, cache, input_ids, kwargs,
 #: generate) -> generate`` (:mod:`forkkv_hf.compile_policy` registers the layout choice for compiled decode)
 GENERATE_PREPARERS: list = []
-
-
-def new_call(*args, **kwargs) -> None:
-    CALL_EPOCH[0] += 1
 
 
 def remove_stale_peft_hooks(model: nn.Module) -> int:
@@ -68,9 +71,8 @@ def install(model: nn.Module) -> None:
             # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
             # (every adapter of the layer), so the parameters get their own storage back first
             with lock:
-                from .batched_lora import release_stacks
-
-                release_stacks(model)
+                for hook in BEFORE_SAVE:
+                    hook(model)
                 return inner_save(*args, **kwargs)
 
         _mark(save_pretrained, inner_save)
@@ -82,9 +84,8 @@ def install(model: nn.Module) -> None:
     def generate(*args, **kwargs):
         with lock:
             if getattr(model, "_forkkv_batched_lora", False):
-                from .batched_lora import patch_lora_layers
-
-                patch_lora_layers(model)
+                for hook in BEFORE_GENERATE:
+                    hook(model)
             cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
             call = inner
             if cache is not None and hasattr(cache, "check_generate_inputs"):

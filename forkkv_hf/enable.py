@@ -1,0 +1,63 @@
+"""Turn ForkKV on and off on a model: :func:`enable_forkkv` selects the ``"forkkv"`` attention
+(:mod:`forkkv_hf.attention`) and, on a ``PeftModel``, installs batched LoRA and the ``generate``/``forward``
+wrappers (:mod:`forkkv_hf.peft`); :func:`disable_forkkv` undoes all of it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import ATTN_NAME, register_forkkv
+from .peft import wrappers
+from .peft.batched_lora import disable_batched_lora, enable_batched_lora
+from .peft.lora_factors import find_attention_modules, transformers_model
+
+
+def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
+    """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
+
+    Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
+    (:mod:`forkkv_hf.peft.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop) and wraps ``generate``
+    (:mod:`forkkv_hf.peft.wrappers`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
+    installed). :func:`disable_forkkv` undoes all of it.
+    """
+    find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
+    register_forkkv()
+    base = transformers_model(model)
+    current = base.config._attn_implementation
+    if current != ATTN_NAME:
+        base.set_attn_implementation(ATTN_NAME)
+        if base.config._attn_implementation != ATTN_NAME:
+            raise ValueError(
+                f"{type(base).__name__} did not switch to the {ATTN_NAME!r} attention (it does not use transformers' "
+                "AttentionInterface), so it cannot read a ForkKVCache"
+            )
+        base._forkkv_previous_attn = current
+    model._forkkv_enabled = True
+    if model is not base:
+        if batched_lora:
+            enable_batched_lora(model)
+        else:
+            disable_batched_lora(model)
+    wrappers.install(model)
+    wrappers.install_token_recorder(base)
+    return model
+
+
+def disable_forkkv(model: nn.Module) -> nn.Module:
+    """Select again the attention implementation the model had before :func:`enable_forkkv`, and remove what it
+    installed."""
+    base = transformers_model(model)
+    previous = getattr(base, "_forkkv_previous_attn", None)
+    if base.config._attn_implementation == ATTN_NAME:
+        base.set_attn_implementation(previous or "sdpa")
+    model._forkkv_enabled = False
+    if model is not base:
+        disable_batched_lora(model)
+    wrappers.uninstall_token_recorder(base)
+    wrappers.uninstall_if_unused(model)
+    return model
+
+
+def is_forkkv_enabled(model: nn.Module) -> bool:
+    return transformers_model(model).config._attn_implementation == ATTN_NAME
