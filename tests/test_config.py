@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from cases import parametrize
 
 import forkkv_hf
 from forkkv_hf import ForkKVConfig, config_override, get_config, reference_attention, set_config
@@ -33,13 +34,17 @@ def test_environment_gives_the_configuration(clean_env):
     assert get_config().lowp_rope is True
 
 
-@pytest.mark.parametrize("name,value,match", [
-    ("FORKKV_BACKEND", "flash", r"FORKKV_BACKEND.*use one of \('auto', 'torch', 'sdpa', 'triton'\)"),
-    ("FORKKV_KERNEL", "flash", r"FORKKV_KERNEL.*use one of \('cascade', 'fused'\)"),
-    ("FORKKV_LORA_BACKEND", "sdpa", r"FORKKV_LORA_BACKEND.*use one of"),
-    ("FORKKV_LOWP_ROPE", "yes", r"FORKKV_LOWP_ROPE='yes': use 0 or 1"),
-], ids=lambda v: v if isinstance(v, str) and v.startswith("FORKKV") else "")
-def test_unknown_values_are_refused_with_the_choices(clean_env, name, value, match):
+BAD_VALUES = {  # variable: (a value it refuses, what the error must say)
+    "FORKKV_BACKEND": ("flash", r"FORKKV_BACKEND.*use one of \('auto', 'torch', 'sdpa', 'triton'\)"),
+    "FORKKV_KERNEL": ("flash", r"FORKKV_KERNEL.*use one of \('cascade', 'fused'\)"),
+    "FORKKV_LORA_BACKEND": ("sdpa", r"FORKKV_LORA_BACKEND.*use one of"),
+    "FORKKV_LOWP_ROPE": ("yes", r"FORKKV_LOWP_ROPE='yes': use 0 or 1"),
+}
+
+
+@parametrize("name", list(BAD_VALUES))
+def test_unknown_values_are_refused_with_the_choices(clean_env, name):
+    value, match = BAD_VALUES[name]
     clean_env.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         get_config()

@@ -28,10 +28,7 @@ NEEDS = {"several processes": ("torchrun", "tp_plan"), "a GPU": ("cuda",)}
 
 #: snippets that cannot run as written, by their first line, with the error they give: the README fix is owed (once
 #: it is made, the snippet runs and this test fails until its entry is removed)
-KNOWN_BROKEN = {
-    # the fix: `from forkkv_hf import cache_kwargs` (or `forkkv_hf.cache_kwargs(cache)`) in that snippet
-    "store = forkkv_hf.ForkKVStore(peft_model, max_bytes=2 * 2**30)": "NameError: name 'cache_kwargs' is not defined",
-}
+KNOWN_BROKEN: dict[str, str] = {}  # snippet's first line -> the error it gives, while the README is being fixed
 
 
 def snippets() -> list[tuple[int, str]]:
@@ -59,6 +56,8 @@ def _namespace(tmp_path) -> dict:
     return {
         "peft_model": peft_model, "context_ids": ids(30), "tok": types.SimpleNamespace(pad_token_id=0),
         "p0": ids(5), "p1": ids(3), "p2": ids(7), "path": str(tmp_path / "checkpoint"),
+        "batch": {"input_ids": (suffix := ids(6)[None]), "labels": suffix.clone(),
+                  "attention_mask": torch.ones_like(suffix)},
         "doc_ids": doc, "transcript_ids": doc + ids(6).tolist(), "prompt": ids(4).tolist(), "reply": ids(5).tolist(),
         "torch": torch, "AutoModelForCausalLM": AutoModelForCausalLM, "PeftModel": PeftModel,
     }
@@ -93,7 +92,9 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     # what the snippets promise: generated rows that start with the shared context they were given, the forks of
     # one SharedContext, the memory and store reports
     contexts = [torch.as_tensor(given[k]) for k in ("context_ids", "transcript_ids")]
-    assert len(outs) == len(ran) - 1  # every snippet but the one forking two caches generates
+    # every snippet generates but the one forking two caches and the training one (which leaves a loss)
+    assert len(outs) == len(ran) - 2
+    assert torch.isfinite(ns["loss"]) and ns["loss"].grad_fn is not None  # a loss that trains the adapter
     for out in outs:
         assert out.dtype == torch.long and any(out.shape[1] > len(c) and torch.equal(out[0, : len(c)], c)
                                                for c in contexts)
