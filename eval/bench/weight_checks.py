@@ -11,14 +11,12 @@ for the base weights alone and with ``--adapters`` adapters in the rows. Models:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import forkkv_hf
 
-from .measure import sync
+from .measure import cuda_time
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -30,18 +28,6 @@ def _model(kind: str, device: str):
         return load_smollm2(torch.float32)[0].to(device), torch.float32
     dtype = torch.float32 if kind == "tiny" else torch.bfloat16
     return build_model(llama8b_config(tiny=kind == "tiny"), device=device, dtype=dtype), dtype
-
-
-def _seconds(fn, reps: int) -> list[float]:
-    fn()  # first call: records are adopted, probes compiled
-    out = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main(argv=None) -> None:
@@ -68,9 +54,8 @@ def main(argv=None) -> None:
         forkkv_hf.set_weight_checks(pm, mode)
         for checked in (0, args.adapters):
             rows = names[:checked]
-            times = _seconds(lambda: shared.check_weights(pm, rows), args.reps)
             run.measure({"mode": mode, "adapters_checked": checked},
-                        lambda: {"check_s": statistics.median(times), "check_max_s": max(times)})
+                        lambda: {"check_s": cuda_time(lambda: shared.check_weights(pm, rows), reps=args.reps)})
     run.finish()
 
 
