@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 18 (compiled decode) on the GPU machine, within one call's limit. PARTS (default "compiled kernels bench", run
 # in that order): compiled = the GPU tests of compiled decode (bf16 pass rule, default compile); kernels = the
-# kernel/generate suites (eager paths, cascade default); bench = the decode-step benchmark (python -m eval.bench.decode).
+# kernel/generate suites (eager paths, cascade default); hostprof = the compiled N=1 row again with --host-profile (where
+# the host's part of a step goes; its own JSON, bench_decode_host.json); bench = the decode-step benchmark
+# (python -m eval.bench.decode).
 # Everything under $OUT.
 #   LIMIT: seconds the whole script may take (default 570); each part gets what is left (a test part at most
 #   TEST_S, default 200); the benchmark starts no new case once fewer than CASE_S seconds (default 100) are left;
@@ -22,6 +24,10 @@ for part in ${PARTS:-compiled kernels bench}; do
       timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -p no:cacheprovider \
         tests/test_cascade_kernel.py tests/test_kernels.py tests/test_generate.py > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
       tail -n 5 "$OUT/gpu_tests_kernels_generate.txt" ;;
+    hostprof)
+      timeout $t python3 -m eval.bench.decode --agents 1 --context 32768 --compile on --no-anchors --host-profile \
+        --out "$OUT/bench_decode_host.json" > "$OUT/bench_decode_host.txt" 2>&1
+      grep -v -i warn "$OUT/bench_decode_host.txt" | cut -c1-300 | tail -n 4 ;;
     bench)
       timeout $t python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 --compile ${COMPILE:-on off} \
         --time-limit $((t - ${CASE_S:-100})) ${RESUME:+--resume "$RESUME"} --out "$OUT/bench_decode.json" \

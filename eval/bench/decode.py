@@ -9,6 +9,8 @@ per-step hooks or synchronisation:
   ``--reps``; tok/s = N / step;
 - GPU-busy time per step: the same difference of the GPU kernel time ``torch.profiler`` records (by kernel family;
   kernels replayed from CUDA graphs count too); ``step_over_busy`` = step / GPU-busy (1.0: the GPU never waits);
+  ``kernels_per_step``: the kernels a step runs (each leaves a gap of about a microsecond or more even inside a
+  CUDA graph, which GPU-busy does not count); ``--host-profile``: where the host's part of a compiled step goes;
 - first call: the wall time of the first ``generate`` of a shape (with compile on: dynamo, inductor, the CUDA-graph
   recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``).
 
@@ -29,11 +31,12 @@ import time
 
 import torch
 
-from .measure import free_memory, kernel_seconds_by_family, sync
+from .measure import free_memory, kernel_launches, kernel_seconds_by_family, sync
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
 PROMPT = 64
+KERNELS = "kernel launches"
 CASE_KEYS = ("system", "context", "agents", "compile")
 ANCHORS = ("transformers, DynamicCache eager", "transformers, StaticCache + compile")
 FAMILIES = {
@@ -61,13 +64,14 @@ def _gpu_seconds(run, n: int) -> dict:
     with profile(activities=acts) as prof:
         run(n)
         sync()
-    return kernel_seconds_by_family(prof, FAMILIES, "elementwise/other")
+    return {**kernel_seconds_by_family(prof, FAMILIES, "elementwise/other"), KERNELS: kernel_launches(prof)}
 
 
-def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool) -> tuple[dict, object]:
+def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False) -> tuple[dict, object]:
     """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
     the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
-    Returns the measurements and the last ``n2`` output."""
+    ``host``: also the host's per-step profile (:func:`host_profile`). Returns the measurements and the last ``n2``
+    output."""
     first, out = _wall(run, n2)
     _wall(run, n1)
     t1, t2 = [], []
@@ -79,16 +83,51 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool) -> tuple
     step = (t2 - t1) / (n2 - n1)
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
            "first_call_extra_s": first - t2, "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None}
+    if host:
+        try:
+            rec["host_profile"] = host_profile(run, n1, n2)
+        except Exception as e:  # noqa: BLE001
+            rec["host_profile_error"] = repr(e)[:300]
     if profile:
         try:
             g1, g2 = _gpu_seconds(run, n1), _gpu_seconds(run, n2)
+            kernels = (g2.pop(KERNELS) - g1.pop(KERNELS)) / (n2 - n1)
             by_family = {k: 1e3 * max(0.0, (g2[k] - g1[k]) / (n2 - n1)) for k in g2}
             busy = sum(by_family.values())
             rec.update(gpu_busy_ms=busy, step_over_busy=1e3 * step / busy if busy > 0 else None,
-                       gpu_ms_by_family=by_family)
+                       gpu_ms_by_family=by_family, kernels_per_step=kernels)
         except Exception as e:  # noqa: BLE001 - keep the timings if the profiler fails
             rec["profile_error"] = repr(e)[:300]
     return rec, out
+
+
+def host_profile(run, n1: int, n2: int, top: int = 40) -> list[dict]:
+    """Where the host spends a decode step: ``cProfile`` over one ``run(n1)`` and one ``run(n2)``, the difference of
+    each function's own time (tottime) and cumulative time per step, the ``top`` functions by own time. cProfile
+    slows Python calls, so the figures rank the host's work rather than time it; C-level work (dynamo's guards, a
+    CUDA-graph replay, a device sync) is charged to the function that calls it."""
+    import cProfile
+    import pstats
+
+    def stats(n):
+        prof = cProfile.Profile()
+        sync()
+        prof.enable()
+        run(n)
+        sync()
+        prof.disable()
+        return {f"{k[0].split('site-packages/')[-1]}:{k[1]}({k[2]})": (v[2], v[3], v[1])
+                for k, v in pstats.Stats(prof).stats.items()}
+
+    s1, s2 = stats(n1), stats(n2)
+    per = max(1, n2 - n1)
+    rows = []
+    for k, (tt, ct, calls) in s2.items():
+        t1, c1, n1_calls = s1.get(k, (0.0, 0.0, 0))
+        rows.append({"function": k, "own_ms": 1e3 * (tt - t1) / per, "cum_ms": 1e3 * (ct - c1) / per,
+                     "calls": (calls - n1_calls) / per})
+    rows.sort(key=lambda r: -r["own_ms"])
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:top]]
 
 
 def compile_config_for(device: str, backend: str | None):
@@ -125,7 +164,8 @@ def anchor_cases(run: BenchmarkRun, model, input_ids, args, compile_config) -> N
                                       max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
 
         run.measure({"system": system, "context": T, "agents": 1, "compile": static},
-                    lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile)[0]))
+                    lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile,
+                                                     static and args.host_profile)[0]))
     torch._dynamo.reset()
     free_memory()
 
@@ -163,7 +203,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
                                pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
     def one():
-        rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile)
+        rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile,
+                           compile_on and args.host_profile)
         if compile_on:
             eager = gen(args.tokens[1], c=False)
             rec["rows_same_tokens_as_eager"] = int((eager == out).all(dim=1).sum())
@@ -190,6 +231,8 @@ def main(argv=None):
                     help="torch.compile backend for compile on (default: transformers' default on CUDA, eager on CPU)")
     ap.add_argument("--no-anchors", action="store_true", help="skip the transformers-alone rows")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="compiled rows: also where the host's part of a step goes (cProfile, per step)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)

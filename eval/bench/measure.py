@@ -98,3 +98,9 @@ def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
             fam = next((f for f, keys in families.items() if keys and any(k in ev.key for k in keys)), other)
             out[fam] += dev_us / 1e6
     return out
+
+
+def kernel_launches(prof) -> int:
+    """How many GPU kernels a ``torch.profiler`` run recorded (replays of CUDA graphs count each kernel)."""
+    return sum(ev.count for ev in prof.key_averages() if is_cuda_event(ev)
+               and (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)))
