@@ -69,6 +69,25 @@ def softmax_step(s, m_i, l_i, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _merge_split(M_WS, L_WS, ACC_WS, UV_WS, w, valid, m_i, l_i, acc_lo, acc_hi, acc_uv, HALF_B: tl.constexpr,
+                 RVB: tl.constexpr, HAS_V_RES: tl.constexpr):
+    """Merge one split's partials (entries ``w``, one per query vector) into the running (m, l, acc, acc_uv)."""
+    m_s = tl.load(M_WS + w, mask=valid, other=float("-inf"))
+    l_s = tl.load(L_WS + w, mask=valid, other=0.0)
+    m_new = tl.maximum(m_i, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m_i - m_safe)
+    b = tl.exp2(m_s - m_safe)
+    a_ptr = ACC_WS + w[:, None] * (2 * HALF_B) + tl.arange(0, HALF_B)[None, :]
+    acc_lo = acc_lo * a[:, None] + tl.load(a_ptr, mask=valid[:, None], other=0.0) * b[:, None]
+    acc_hi = acc_hi * a[:, None] + tl.load(a_ptr + HALF_B, mask=valid[:, None], other=0.0) * b[:, None]
+    if HAS_V_RES:
+        uv_s = tl.load(UV_WS + w[:, None] * RVB + tl.arange(0, RVB)[None, :], mask=valid[:, None], other=0.0)
+        acc_uv = acc_uv * a[:, None] + uv_s * b[:, None]
+    return m_new, l_i * a + l_s * b, acc_lo, acc_hi, acc_uv
+
+
+@triton.jit
 def _private_merge_kernel(
     Q, s_qb, s_qh, s_qq,
     KP, s_kpb, s_kph, s_kpt,
@@ -82,6 +101,7 @@ def _private_merge_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
     QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr,
 ):
     row = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -130,26 +150,18 @@ def _private_merge_kernel(
         m_i = m_new
 
     # log-sum-exp merge with the shared context's split partials
-    rv = tl.arange(0, RVB)
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
     wbase = ((row * H + head) * NQ + qi) * n_splits
-    for sp in range(0, n_splits):
-        w = wbase + sp
-        m_s = tl.load(M_WS + w, mask=valid, other=float("-inf"))
-        l_s = tl.load(L_WS + w, mask=valid, other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m_i - m_safe)
-        b = tl.exp2(m_s - m_safe)
-        a_ptr = ACC_WS + w[:, None] * (2 * HALF_B) + d[None, :]
-        acc_lo = acc_lo * a[:, None] + tl.load(a_ptr, mask=valid[:, None], other=0.0) * b[:, None]
-        acc_hi = acc_hi * a[:, None] + tl.load(a_ptr + HALF_B, mask=valid[:, None], other=0.0) * b[:, None]
-        if HAS_V_RES:
-            uv_s = tl.load(UV_WS + w[:, None] * RVB + rv[None, :], mask=valid[:, None], other=0.0)
-            acc_uv = acc_uv * a[:, None] + uv_s * b[:, None]
-        l_i = l_i * a + l_s * b
-        m_i = m_new
+    if MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
+        for sp in tl.range(0, n_splits, loop_unroll_factor=MERGE_UNROLL):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
+                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
+    else:
+        for sp in range(0, n_splits):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
+                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
 
+    rv = tl.arange(0, RVB)
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     out_lo = acc_lo * inv_l[:, None]
     out_hi = acc_hi * inv_l[:, None]
@@ -214,15 +226,37 @@ def on_device(dev: torch.device):
     return contextlib.nullcontext()
 
 
+def split_length(T: int, block_t: int, n_items: int, target: int, splits: int | None = None,
+                 whole_waves: bool = False) -> int:
+    """Tokens per split of a ``T``-token context (a multiple of ``block_t``) for a grid of ``n_items`` programs per
+    split: ``splits`` splits when given, else enough that the grid reaches ``target`` programs (``whole_waves``: at
+    most ``target``, so a kernel with ``target`` resident programs runs in one wave instead of a wave and a tail)."""
+    if splits is not None and splits < 1:
+        raise ValueError(f"{splits} splits of the context; give at least 1 (or None to size them by programs per SM)")
+    n = splits if splits is not None else (target // n_items if whole_waves else cdiv(target, n_items))
+    n = max(1, min(cdiv(T, block_t), n))
+    return cdiv(cdiv(T, n), block_t) * block_t
+
+
+def launch_options(num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
+    """Launch keywords of a kernel; ``maxnreg`` (a per-thread register cap, more programs per SM) only when set."""
+    return dict(num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+
+
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
-                         RV: int, has_v: bool, block_t: int, prec: str, interp: bool):
+                         RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
+                         merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
-    ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Returns the output ``[B, NQ, H, D]``; also the compiled
-    kernel (resource reports)."""
+    ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
+    ``merge_unroll`` (how many splits' partials one unrolled step of the merge loop loads), ``merge_block_t`` private
+    tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the compiled kernel (resource
+    reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
     G, HALF = H // Hkv, D // 2
+    if merge_unroll < 1:
+        raise ValueError(f"merge_unroll={merge_unroll}; give 1 (no unrolling) or more splits per unrolled step")
     out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)
@@ -239,9 +273,9 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         m_ws, l_ws, acc_ws, uv_ws,
         out, out.stride(0), out.stride(1), out.stride(2),
         T, P, NQ, H, RV, n_splits, qk_scale,
-        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=block_t,
-        HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        num_warps=4, num_stages=2,
+        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
+        HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
+        num_warps=merge_warps, num_stages=merge_stages,
     )
     return out, kernel
 

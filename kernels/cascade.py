@@ -5,12 +5,11 @@ Reproduces :func:`forkkv_hf.ops.naive.reference_attention` (the fp32, materialis
 vector ``m`` (row, query, one of the G query heads) of a row whose agent has slots ``(k, v)`` scores context token ``t``
 as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_v[v] u_v[v, t]``. Three launches:
 
-1. ``_kres_scores_kernel`` (only with K residuals; grid: sorted row position x split of the context x group of KV
-   heads). The first row of each agent (rows sorted by K slot) rebuilds the agent's K residual per tile and KV head,
-   ``X = u[BLOCK_T, r] @ B_k[r, D]`` in lo/hi halves, rotates it with the tile's cos/sin, and scores it against the
-   query vectors of the agent's rows (up to ``MQ`` vectors, one chunk for an agent with few rows), so rows sharing an
-   agent share each rebuild.
-   Writes the scaled scores ``R [H_kv, B·VPR, T]`` (fp16 for bf16/fp16 inputs, fp32 for fp32).
+1. the K pass, :mod:`.kres_pass` (only with K residuals; grid: sorted row position x split of the context x group of
+   KV heads). The first row of each agent (rows sorted by K slot) rebuilds the agent's K residual per tile and KV head,
+   ``X = u[BLOCK_T, r] @ B_k[r, D]``, rotates it with the tile's cos/sin, and scores it against the query vectors of
+   the agent's rows (up to ``MQ`` vectors, one chunk for an agent with few rows), so rows sharing an agent share each
+   rebuild. Writes the scaled scores ``R [H_kv, B·VPR, T]`` (fp16 for bf16/fp16 inputs, fp32 for fp32).
 2. ``_cascade_shared_kernel`` (grid: block of ``BLOCK_M`` query vectors x KV head x split, flash-decoding style).
    ``S = Q[BLOCK_M, D] @ K_base[BLOCK_T, D]ᵀ`` for every row at once, plus ``R``; online softmax; ``P·V_base``; and
    the V residual as ``P·u_v`` in sub-blocks of ``BLOCK_M / N_SUB`` vectors (one batched MMA whose right operand
@@ -28,82 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
-                               rope_residual, softmax_step, workspace)
-
-@triton.jit
-def _kres_scores_kernel(
-    Q, s_qb, s_qh, s_qq,
-    UK, BK, COS, SIN, KSLOT, ORDER, R,
-    B, T, RK, split_len, qk_scale,
-    HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
-    VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
-    ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every row
-    with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
-    the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
-    x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
-    p = tl.program_id(0)
-    split = tl.program_id(1)
-    chunk = tl.program_id(2) // (HKV // HG)
-    hg = tl.program_id(2) % (HKV // HG)
-    slot = tl.load(KSLOT + tl.load(ORDER + p))
-    prev = tl.load(KSLOT + tl.load(ORDER + tl.maximum(p - 1, 0)))
-    first = p + chunk * (MQ // VPR)
-    first_slot = tl.load(KSLOT + tl.load(ORDER + tl.minimum(first, B - 1)))
-    if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
-        dtype = Q.dtype.element_ty
-        d = tl.arange(0, HALF_B)
-        dm = d < HALF
-        rk = tl.arange(0, RKB)
-        rkm = rk < RK
-        # this chunk's query vectors (the score MMA's columns), resolved once, outside the loop over the context
-        col = tl.arange(0, MQ)
-        w = col % VPR
-        pos = first + col // VPR
-        inb = pos < B
-        rowc = tl.load(ORDER + pos, mask=inb, other=0)
-        ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
-        q_off = rowc * s_qb + (w % G) * s_qh + (w // G) * s_qq
-        u_base = UK + slot.to(tl.int64) * T * RK
-        b_base = BK + slot.to(tl.int64) * (HKV * 2 * HALF * RK)
-        bmask = dm[None, :] & rkm[:, None]
-        t_begin = split * split_len
-        t_end = tl.minimum(T, t_begin + split_len)
-        for t0 in range(t_begin, t_end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tm = t < t_end
-            u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
-            cmask = tm[:, None] & dm[None, :]
-            c_ptr = COS + t[:, None] * (2 * HALF) + d[None, :]
-            s_ptr = SIN + t[:, None] * (2 * HALF) + d[None, :]
-            c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
-            s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
-            if ROPE_HALF:
-                c_hi = c_lo
-                s_hi = s_lo
-            else:
-                c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
-                s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
-            for hh in range(HG):
-                h = hg * HG + hh
-                # B_k rows of head h, transposed: [RKB, HALF_B] per half
-                bT_ptr = b_base + (h * 2 * HALF + d[None, :]) * RK + rk[:, None]
-                x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
-                x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
-                k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
-                qmask = ok[None, :] & dm[:, None]
-                r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                r = r * qk_scale
-                if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
-                    r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
-                vec = ((h * B + rowc) * VPR + w).to(tl.int64)
-                tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
-
+from .attention_common import (LOG2E, cdiv, check_inputs, launch_options, launch_private_merge, mma, num_sms,
+                               on_device, pow2, softmax_step, split_length, workspace)
+from .kres_pass import launch_kres_scores
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -218,23 +144,30 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
 
 def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
                        rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
-                       n_sub: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
-                       num_stages: int | None = None, res_block_t: int | None = None, res_heads: int | None = None,
-                       res_programs_per_sm: int = 4, res_warps: int = 4, res_stages: int = 2, mq: int | None = None,
-                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace,
-                       launches: dict | None = None) -> torch.Tensor:
-    """Tuning knobs (defaults: the fastest of eval/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7): ``block_m``
-    query vectors per shared-part program (default: up to 64), ``block_t`` context tokens per tile (32 with K residuals
-    and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only
-    its own rows' u_v), ``programs_per_sm`` how many shared-part programs the split of the context aims at per SM (4
-    with K residuals and 32+ rows or with 512+ query vectors, else 2), ``num_warps`` and ``num_stages`` (2 with the V
-    residual alone, else 3) for the shared-part kernel; for the K pass: ``res_block_t``, ``res_heads`` KV heads per program
-    (they share the u and cos/sin tiles), ``res_programs_per_sm``, ``res_warps``, ``res_stages``, ``mq`` query vectors
-    per score MMA, ``lowp_rope`` the rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
-    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel,
-    device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
-    :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
-    ``"shared"``, ``"merge"``) for the tuning scripts."""
+                       n_sub: int | None = None, programs_per_sm: int | None = None, n_splits: int | None = None,
+                       num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None,
+                       whole_waves: bool = False, res_form: str = "halves", res_block_t: int | None = None,
+                       res_heads: int | None = None, res_programs_per_sm: int = 4, res_splits: int | None = None,
+                       res_warps: int = 4, res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
+                       merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int = 1,
+                       merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       scratch=workspace, launches: dict | None = None) -> torch.Tensor:
+    """Tuning knobs (defaults: the fastest of eval/bench/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7).
+
+    Shared-part kernel: ``block_m`` query vectors per program (default: up to 64), ``block_t`` context tokens per tile
+    (32 with K residuals and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``:
+    each multiplies only its own rows' u_v), ``programs_per_sm`` how many programs the split of the context aims at per
+    SM (4 with K residuals and 32+ rows or with 512+ query vectors, else 2) or ``n_splits`` the split count itself,
+    ``num_warps``, ``num_stages`` (2 with the V residual alone, else 3), ``maxnreg`` a per-thread register cap.
+    ``whole_waves``: size both kernels' splits so the grid does not exceed programs-per-SM x SMs (one wave, no tail)
+    instead of reaching at least that. K pass (:func:`~.kres_pass.launch_kres_scores`): ``res_form``,
+    ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` / ``res_splits``, ``res_warps``, ``res_stages``,
+    ``res_maxnreg``, ``mq``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
+    ``merge_stages``, ``merge_unroll``, ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype
+    (``None``: on for bf16/fp16 on the GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16.
+    ``scratch(name, numel, device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a
+    CUDA-graph capture passes :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the
+    compiled kernels (``"kres"``, ``"shared"``, ``"merge"``) for the tuning scripts."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
@@ -246,7 +179,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     interp = not q.is_cuda
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
-    RK = k_u.shape[-1] if has_k else 1
     RV = v_u.shape[-1] if has_v else 1
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
@@ -262,29 +194,15 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         k_slot = k_slot.to(device=dev, dtype=torch.int32)
         if k_order is None:
             k_order = torch.argsort(k_slot, stable=True)
-        k_order = k_order.to(device=dev, dtype=torch.int32)
         r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
         r_scores = scratch("kres_scores", Hkv * B * VPR * T, dev, r_dtype)
-        BT_R = res_block_t or (32 if interp else 64)
-        HG = res_heads or Hkv
-        if Hkv % HG:
-            raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
-        rows_max = max(1, k_max_rows or B)
-        MQ = mq or max(16, VPR, min(64, pow2(rows_max * VPR)))
-        n_chunks = cdiv(rows_max, MQ // VPR)
-        n_act = max(1, k_agents or B) * n_chunks
-        n_split_r = max(1, min(cdiv(T, BT_R), cdiv(res_programs_per_sm * sms, n_act * (Hkv // HG))))
-        split_r = cdiv(cdiv(T, n_split_r), BT_R) * BT_R
-        k_u, k_B, cos, sin = k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous()
-        launched["kres"] = _kres_scores_kernel[(B, cdiv(T, split_r), n_chunks * (Hkv // HG))](
-            q, q.stride(0), q.stride(1), q.stride(2),
-            k_u, k_B, cos, sin, k_slot, k_order, r_scores,
-            B, T, RK, split_r, qk_scale,
-            HKV=Hkv, G=G, HALF=HALF, HALF_B=HALF_B, RKB=pow2(RK), VPR=VPR, NQG=NQG, MQ=MQ,
-            BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
-            CLAMP=r_dtype == torch.float16, DOT_PREC=prec, UPCAST=interp,
-            num_warps=res_warps, num_stages=res_stages,
-        )
+        launched["kres"] = launch_kres_scores(
+            q, k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous(), k_slot,
+            k_order.to(device=dev, dtype=torch.int32), r_scores, qk_scale, VPR=VPR, rope_half=rope_half,
+            lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
+            k_max_rows=k_max_rows, res_form=res_form, res_block_t=res_block_t, res_heads=res_heads,
+            res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, res_warps=res_warps,
+            res_stages=res_stages, res_maxnreg=res_maxnreg, mq=mq, whole_waves=whole_waves)
 
     many_k_rows = has_k and B * NQ >= 32
     BLOCK_T = block_t or (32 if interp or many_k_rows else 64)
@@ -294,8 +212,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     SB = BLOCK_M // n_sub
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
-    n_splits = max(1, min(cdiv(T, BLOCK_T), cdiv(programs_per_sm * sms, n_mb * Hkv)))
-    split_len = cdiv(cdiv(T, n_splits), BLOCK_T) * BLOCK_T
+    split_len = split_length(T, BLOCK_T, n_mb * Hkv, programs_per_sm * sms, n_splits, whole_waves)
     n_splits = max(1, cdiv(T, split_len))
     n_vec = B * H * NQ * n_splits
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
@@ -313,11 +230,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        num_warps=num_warps, num_stages=num_stages,
+        **launch_options(num_warps, num_stages, maxnreg),
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
-        prec=prec, interp=interp)
+        prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages, merge_unroll=merge_unroll,
+        merge_block_t=merge_block_t)
     if launches is not None:
         launches.update(launched)
     return out

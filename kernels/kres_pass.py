@@ -1,0 +1,153 @@
+"""The cascade family's K-residual score pass: per agent, the rebuilt and rotated K residual scored against the query
+vectors of the agent's rows, written once for the shared-part kernel (:mod:`.cascade`) to add to its base scores.
+
+For a row whose agent has K slot ``k``, KV head ``h``, context token ``t`` and query vector ``m`` of that head it
+computes ``qk_scale · q_m·RoPE_t(B_k[k] u_k[k, t])_h``. Per tile of ``BLOCK_T`` tokens and KV head: the rebuild
+``X = u[BLOCK_T, r] @ B_k[r, D]`` (one MMA), the rotate-half RoPE of ``X`` with the tile's cos/sin (CUDA cores), the
+scores ``X_rot @ Q[D, MQ]`` (one MMA; the agent's vectors are its columns, so rows sharing an agent share the rebuild).
+Two forms of the same arithmetic (``PAIRS``):
+
+- halves: ``X`` as its lo and hi halves (two rebuild MMAs of width ``D/2``, two score MMAs of depth ``D/2``), so the
+  rotation pairs dimension ``i`` with ``i + D/2`` elementwise;
+- pairs: ``B_k``'s columns interleaved (``2i`` = dim ``i``, ``2i+1`` = dim ``i + D/2``), so one rebuild MMA of width
+  ``D`` yields both halves as adjacent columns (split in registers), the rotated pair is joined back and the
+  queries' rows interleaved the same way: one MMA each, half the operand staging and MMA waits of the halves form.
+
+Imports nothing from ``forkkv_hf``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import cdiv, launch_options, mma, pow2, rope_residual, split_length
+
+#: the forms of the K pass (``res_form``)
+RES_FORMS = ("halves", "pairs")
+
+
+@triton.jit
+def _kres_scores_kernel(
+    Q, s_qb, s_qh, s_qq,
+    UK, BK, COS, SIN, KSLOT, ORDER, R,
+    B, T, RK, split_len, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
+    VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
+    ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+):
+    """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every row
+    with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
+    the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
+    x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
+    p = tl.program_id(0)
+    split = tl.program_id(1)
+    chunk = tl.program_id(2) // (HKV // HG)
+    hg = tl.program_id(2) % (HKV // HG)
+    slot = tl.load(KSLOT + tl.load(ORDER + p))
+    prev = tl.load(KSLOT + tl.load(ORDER + tl.maximum(p - 1, 0)))
+    first = p + chunk * (MQ // VPR)
+    first_slot = tl.load(KSLOT + tl.load(ORDER + tl.minimum(first, B - 1)))
+    if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
+        dtype = Q.dtype.element_ty
+        d = tl.arange(0, HALF_B)
+        dm = d < HALF
+        rk = tl.arange(0, RKB)
+        rkm = rk < RK
+        # this chunk's query vectors (the score MMA's columns), resolved once, outside the loop over the context
+        col = tl.arange(0, MQ)
+        w = col % VPR
+        pos = first + col // VPR
+        inb = pos < B
+        rowc = tl.load(ORDER + pos, mask=inb, other=0)
+        ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
+        q_off = rowc * s_qb + (w % G) * s_qh + (w // G) * s_qq
+        qmask = ok[None, :] & dm[:, None]
+        u_base = UK + slot.to(tl.int64) * T * RK
+        b_base = BK + slot.to(tl.int64) * (HKV * 2 * HALF * RK)
+        bmask = dm[None, :] & rkm[:, None]
+        # pairs form: column j of the rebuilt tile is dim j // 2 of the lo (j even) or hi (j odd) half
+        j = tl.arange(0, 2 * HALF_B)
+        j_dim = j // 2 + (j % 2) * HALF
+        j_mask = ((j // 2) < HALF)[None, :] & rkm[:, None]
+        t_begin = split * split_len
+        t_end = tl.minimum(T, t_begin + split_len)
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < t_end
+            u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
+            cmask = tm[:, None] & dm[None, :]
+            c_ptr = COS + t[:, None] * (2 * HALF) + d[None, :]
+            s_ptr = SIN + t[:, None] * (2 * HALF) + d[None, :]
+            c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
+            s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
+            if ROPE_HALF:
+                c_hi = c_lo
+                s_hi = s_lo
+            else:
+                c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
+                s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
+            for hh in range(HG):
+                h = hg * HG + hh
+                qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
+                if PAIRS:
+                    bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask, other=0.0)
+                    x_lo, x_hi = tl.split(tl.reshape(mma(u, bT, DOT_PREC, UPCAST), [BLOCK_T, HALF_B, 2]))
+                    k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                    k = tl.reshape(tl.join(k_lo.to(dtype), k_hi.to(dtype)), [BLOCK_T, 2 * HALF_B])
+                    q_pairs = tl.join(tl.load(qT_ptr, mask=qmask, other=0.0), tl.load(qT_ptr + HALF, mask=qmask,
+                                                                                      other=0.0))
+                    r = mma(k, tl.reshape(tl.permute(q_pairs, (0, 2, 1)), [2 * HALF_B, MQ]), DOT_PREC, UPCAST)
+                else:
+                    # B_k rows of head h, transposed: [RKB, HALF_B] per half
+                    bT_ptr = b_base + (h * 2 * HALF + d[None, :]) * RK + rk[:, None]
+                    x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                    x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                    k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                    r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                    r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                r = r * qk_scale
+                if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
+                    r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
+                vec = ((h * B + rowc) * VPR + w).to(tl.int64)
+                tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
+
+
+def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int, rope_half: bool,
+                       lowp: bool, prec: str, interp: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
+                       res_form: str = "halves", res_block_t: int | None = None, res_heads: int | None = None,
+                       res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
+                       res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
+                       whole_waves: bool = False):
+    """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
+    ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
+    slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
+    ``None``: ``B``). Knobs: ``res_form`` (:data:`RES_FORMS`), ``res_block_t`` tokens per tile, ``res_heads`` KV heads
+    per program (they share the u and cos/sin tiles), ``res_programs_per_sm`` (sizes the split of the context, see
+    :func:`~.attention_common.split_length`) or ``res_splits`` (the split count itself), ``res_warps``, ``res_stages``,
+    ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA. Returns the
+    compiled kernel."""
+    B, H, NQ, D = q.shape
+    Hkv, T = k_B.shape[1] // D, k_u.shape[1]
+    if res_form not in RES_FORMS:
+        raise ValueError(f"res_form={res_form!r}; use one of {RES_FORMS}")
+    BT_R = res_block_t or (32 if interp else 64)
+    HG = res_heads or Hkv
+    if Hkv % HG:
+        raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
+    rows_max = max(1, k_max_rows or B)
+    MQ = mq or max(16, VPR, min(64, pow2(rows_max * VPR)))
+    n_chunks = cdiv(rows_max, MQ // VPR)
+    n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
+    split_len = split_length(T, BT_R, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
+    return _kres_scores_kernel[(B, cdiv(T, split_len), n_chunks * (Hkv // HG))](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k_u, k_B, cos, sin, k_slot, k_order, r_scores,
+        B, T, k_u.shape[-1], split_len, qk_scale,
+        HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
+        MQ=MQ, BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
+        DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs",
+        **launch_options(res_warps, res_stages, res_maxnreg),
+    )
