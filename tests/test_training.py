@@ -266,3 +266,58 @@ def test_refuses_dora_and_k_norm_models():
     with pytest.raises(ValueError, match="k_norm.*residual='v'"):
         forkkv_loss(qwen, tc, _batch(), "agent")
     assert torch.isfinite(forkkv_loss(qwen, tc, _batch(), "agent", residual="v"))
+
+
+@parametrize("residual", ["kv", "v", "none", "exact"])
+def test_rows_of_several_contexts_in_one_batch_equal_each_context_alone(residual):
+    """One TrainingContext over contexts of different lengths, rows mixed in one batch: each row's logits and the
+    gradients are those of its own context alone (padding never reaches a row; positions follow each context)."""
+    pm = _model()
+    pm.set_adapter("agent")
+    pm.train()
+    contexts = [_context(seed=2), torch.randint(3, 128, (T - 6,), generator=torch.Generator().manual_seed(4))]
+    batch = _batch(B=4)
+    index = torch.tensor([1, 0, 1, 0])
+    mixed = TrainingContext(pm, contexts)
+    assert mixed.num_contexts == 2 and mixed.lengths == [T, T - 6] and mixed.num_tokens == T
+    got = forkkv_logits(pm, mixed, {**batch, "context_index": index}, "agent", residual=residual)
+    keep = batch["attention_mask"].bool()
+    for c, ids in enumerate(contexts):
+        rows = (index == c).nonzero().flatten()
+        alone = forkkv_logits(pm, TrainingContext(pm, ids), {k: v[rows] for k, v in batch.items()}, "agent",
+                              residual=residual)
+        err = (got[rows] - alone).abs()[keep[rows]].max().item()
+        assert err < 1e-5 * alone.abs().max().item(), (c, err)
+    # the loss over the mixed batch is the token-weighted mean of the per-context losses, and so are its gradients
+    loss = forkkv_loss(pm, mixed, {**batch, "context_index": index}, "agent", residual=residual)
+    parts = []
+    for c, ids in enumerate(contexts):
+        sub = {k: v[index == c] for k, v in batch.items()}
+        parts.append((forkkv_loss(pm, TrainingContext(pm, ids), sub, "agent", residual=residual),
+                      (sub["labels"][:, 1:] != -100).sum()))
+    want = sum(l * n for l, n in parts) / sum(n for _, n in parts)
+    assert abs(loss.item() - want.item()) < 1e-5
+    g_mixed, g_alone = _grads(pm, loss), _grads(pm, want)
+    assert (g_mixed - g_alone).abs().max() < 1e-4 * g_alone.abs().max()  # fp32 sums in another order
+
+
+def test_several_contexts_refusals():
+    pm = _model()
+    contexts = [_context(seed=2), _context(seed=3)[:9]]
+    tc, batch = TrainingContext(pm, contexts), _batch()
+    with pytest.raises(ValueError, match="give batch\\['context_index'\\]"):
+        forkkv_loss(pm, tc, batch, "agent")
+    with pytest.raises(IndexError, match="outside the 2 contexts"):
+        forkkv_loss(pm, tc, {**batch, "context_index": torch.tensor([0, 2])}, "agent")
+    with pytest.raises(ValueError, match="context_index'\\] must be \\[B\\]"):
+        forkkv_loss(pm, tc, {**batch, "context_index": torch.tensor([0, 1, 1])}, "agent")
+    with pytest.raises(ValueError, match="holds 2 contexts"):
+        tc.token_ids
+    with pytest.raises(ValueError, match="empty list"):
+        TrainingContext(pm, [])
+    dyn = with_adapters(tiny_llama(layers=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                              "rope_theta": 10000.0}),
+                        {"agent": dict(target_modules=ALL)})
+    with pytest.raises(ValueError, match="one TrainingContext per context"):
+        TrainingContext(dyn, contexts)
+    assert TrainingContext(dyn, contexts[0]).num_contexts == 1

@@ -1,10 +1,12 @@
-"""The base-model pass over a training context: what every agent's ForkKV-aware training step reads.
+"""The base-model pass over training contexts: what every agent's ForkKV-aware training step reads.
 
 At inference an agent's context K/V are the base model's K/V plus its own LoRA delta applied to the base model's
 k/v-projection inputs (:mod:`forkkv_hf.context`). To train under those semantics, a step needs, per layer,
 the base K/V and those inputs ``x`` (not only ``u = x·Aᵀ``: the gradient of ``A`` is ``(∂L/∂u)ᵀ x``).
-:class:`TrainingContext` runs the base model once over the context (adapters disabled, no grad, eval mode) and
-keeps them; any number of agents' steps then read it. Base weights must stay frozen while it is used.
+:class:`TrainingContext` runs the base model once over one context, or over several at once (right-padded to the
+longest: a batch whose rows read different contexts costs one forward, not one per context), with adapters
+disabled, no grad, eval mode, and keeps them; any number of agents' steps then read it. Base weights must stay
+frozen while it is used.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
+from ..guards import _config_rope_types, _length_dependent
 from ..inputs import context_token_ids, vocab_size_of
 from ..peft.lora_factors import find_attention_modules, is_peft_model, transformers_model
 
 
 @dataclass
 class ContextLayer:
-    """One layer of a :class:`TrainingContext` (T context tokens).
+    """One layer of a :class:`TrainingContext` (``n`` contexts, right-padded to ``T`` tokens, the longest).
 
-    ``key``/``value``: ``[1, H_kv, T, D]``, the base model's cached K (after RoPE) and V. ``x_k``/``x_v``: ``[T,
+    ``key``/``value``: ``[n, H_kv, T, D]``, the base model's cached K (after RoPE) and V. ``x_k``/``x_v``: ``[n, T,
     d_in]``, the inputs of ``k_proj``/``v_proj`` in the base pass (one tensor when both read the same input).
-    ``cos``/``sin``: ``[T, D]``, the rotary tables of the context positions.
+    ``cos``/``sin``: ``[T, D]``, the rotary tables of positions ``0..T-1`` (the same for every context). Entries
+    past a context's length are padding (``TrainingContext.valid``).
     """
 
     key: torch.Tensor
@@ -68,27 +72,61 @@ def check_trainable_model(model: nn.Module) -> None:
 
 
 class TrainingContext:
-    """The base model's pass over one shared context, kept for ForkKV-aware training.
+    """The base model's pass over one shared context, or over several, kept for ForkKV-aware training.
 
-    ``TrainingContext(model, context_ids)`` runs the base model (adapters disabled, ``torch.no_grad``, modules in
-    eval mode for the pass and restored after) over ``context_ids`` (``[T]`` or ``[1, T]``) and keeps per layer the
-    base K/V, the k/v-projection inputs and the rotary tables (:class:`ContextLayer`; :meth:`nbytes` tells the
-    memory: about ``(2·H_kv·D + d_in)·4`` bytes per token and layer in fp32, ``d_in`` once when k_proj and v_proj
-    read the same input). One context serves every agent's training steps (:func:`forkkv_hf.training.forkkv_loss`).
-    The base weights must not change while it is used.
+    ``TrainingContext(model, context_ids)``: ``context_ids`` is one context (``[T]`` or ``[1, T]`` ids, or a list of
+    ints) or a list of contexts (each ``[T_i]`` ids or a list of ints). The base model (adapters disabled,
+    ``torch.no_grad``, modules in eval mode for the pass and restored after) runs once over all of them, right-padded
+    to the longest, and per layer the base K/V, the k/v-projection inputs and the rotary tables are kept
+    (:class:`ContextLayer`; :meth:`nbytes` tells the memory: about ``(2·H_kv·D + d_in)·4`` bytes per token and layer
+    in fp32, ``d_in`` once when k_proj and v_proj read the same input). With several contexts, a training batch
+    says which one each row follows in ``batch["context_index"]`` (:func:`forkkv_hf.training.forkkv_loss`). The
+    padding never reaches a row: it comes after every context token (causal attention) and is masked for the rows.
+    One context serves every agent's training steps. The base weights must not change while it is used.
     """
 
     def __init__(self, model: nn.Module, context_ids):
         check_trainable_model(model)
         base = transformers_model(model)
-        self.token_ids = context_token_ids(context_ids, vocab_size_of(model))
+        vocab = vocab_size_of(model)
+        several = _is_context_list(context_ids)
+        items = list(context_ids) if several else [context_ids]
+        if several and not items:
+            raise ValueError("context_ids is an empty list; give one context (token ids) or a list of contexts")
+        self.contexts = [context_token_ids(c, vocab) for c in items]
+        if len(self.contexts) > 1 and _length_dependent(_config_rope_types(base.config)):
+            raise ValueError(
+                "this model's RoPE depends on the sequence length (dynamic NTK / longrope), so contexts padded to the "
+                "longest would be rotated with other frequencies than each alone; build one TrainingContext per "
+                "context"
+            )
+        self.lengths = [c.numel() for c in self.contexts]
         self._model = weakref.ref(base)
         device = next(base.parameters()).device
-        self.layers = _base_pass(model, base, self.token_ids.to(device))
+        width = max(self.lengths)
+        ids = torch.zeros(len(self.contexts), width, dtype=torch.long)
+        for i, c in enumerate(self.contexts):
+            ids[i, : c.numel()] = c  # the padding id is never attended (see the class docstring)
+        self.padded_ids = ids.to(device)
+        #: ``[n, T]`` bool: True on each context's own tokens, False on its padding
+        self.valid = (torch.arange(width)[None] < torch.tensor(self.lengths)[:, None]).to(device)
+        self.layers = _base_pass(model, base, self.padded_ids)
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.contexts)
 
     @property
     def num_tokens(self) -> int:
-        return self.token_ids.numel()
+        """Tokens of the context, or of the longest when there are several (the width of the kept K/V)."""
+        return max(self.lengths)
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """``[T]``: the token ids of the (one) context."""
+        if len(self.contexts) != 1:
+            raise ValueError(f"this TrainingContext holds {len(self.contexts)} contexts; read .contexts[i]")
+        return self.contexts[0]
 
     def nbytes(self) -> int:
         """Bytes held (base K/V, projection inputs, rotary tables)."""
@@ -102,12 +140,21 @@ class TrainingContext:
             )
 
     def __repr__(self) -> str:
-        return f"TrainingContext(tokens={self.num_tokens}, layers={len(self.layers)}, {self.nbytes() / 2**20:.1f} MiB)"
+        what = f"tokens={self.num_tokens}" if len(self.contexts) == 1 else \
+            f"contexts={len(self.contexts)}, tokens={sum(self.lengths)}"
+        return f"TrainingContext({what}, layers={len(self.layers)}, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+def _is_context_list(context_ids) -> bool:
+    """Whether ``context_ids`` is a list of contexts (its items are sequences) rather than one list of ids."""
+    if not isinstance(context_ids, (list, tuple)):
+        return False
+    return all(isinstance(c, (list, tuple)) or getattr(c, "ndim", 0) > 0 for c in context_ids)
 
 
 @torch.no_grad()
 def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[ContextLayer]:
-    """One forward of the base model over ``ids [T]`` with hooks that record each layer's k/v-projection inputs
+    """One forward of the base model over ``ids [n, T]`` with hooks that record each layer's k/v-projection inputs
     and rotary tables; the K/V come from its ``DynamicCache``."""
     from transformers import DynamicCache
 
@@ -117,7 +164,7 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
 
     def proj_hook(idx: int, kind: str):
         def hook(module, args):
-            inputs[idx][kind] = args[0][0]
+            inputs[idx][kind] = args[0]
 
         return hook
 
@@ -144,7 +191,7 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
     try:
         model.eval()
         with model.disable_adapter():
-            decoder(input_ids=ids[None], position_ids=torch.arange(ids.numel(), device=ids.device)[None],
+            decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
                     use_cache=True, **cache_kwargs(cache))
     finally:
         for h in handles:

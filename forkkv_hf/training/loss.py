@@ -10,7 +10,8 @@ through the residual. The suffix then runs through the model with ``a`` active (
 module) over ``[context | suffix]``. Other semantics, for comparison and for the standard baseline:
 ``"v"`` (K from the base alone: ``fork(..., residual="v")``), ``"none"`` (the base model's K/V: adapter-blind
 sharing) and ``"exact"`` (the agent's own pass over the context, with grad: ordinary fine-tuning with the context
-in the input, one context pass per call shared by the batch rows).
+in the input, one context pass per call shared by the batch rows). A batch may mix rows of several contexts (a
+:class:`~forkkv_hf.training.TrainingContext` over several, ``batch["context_index"]``): one forward serves them all.
 """
 
 from __future__ import annotations
@@ -52,17 +53,17 @@ def check_k_norm_free(attn: nn.Module, idx: int, adapter: str) -> None:
 
 
 def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, residual: str = "kv"):
-    """Per layer ``(key, value)``, each ``[1, H_kv, T, D]``: the context K/V agent ``adapter_name`` reads under
-    ``residual`` (module docstring), differentiable in its LoRA weights (except ``"none"``). ``adapter_name``
-    must be the active adapter for ``"exact"``."""
+    """Per layer ``(key, value)``, each ``[n, H_kv, T, D]`` (``n`` contexts right-padded to ``T`` tokens): the
+    context K/V agent ``adapter_name`` reads under ``residual`` (module docstring), differentiable in its LoRA
+    weights (except ``"none"``). ``adapter_name`` must be the active adapter for ``"exact"``."""
     if residual == "exact":
         from transformers import DynamicCache
 
         cache = DynamicCache()
         base = transformers_model(model)
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-        ids = context.token_ids.to(context.layers[0].key.device)
-        decoder(input_ids=ids[None], position_ids=torch.arange(ids.numel(), device=ids.device)[None],
+        ids = context.padded_ids  # right padding: no context token attends to it (causal)
+        decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
                 use_cache=True, **cache_kwargs(cache))
         return [(layer.keys, layer.values) for layer in cache.layers]
     attns = find_attention_modules(model)
@@ -70,17 +71,17 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
     for idx, layer in enumerate(context.layers):
         key, value = layer.key, layer.value
         attn = attns[idx]
-        Hkv, T, D = key.shape[1], key.shape[2], key.shape[3]
+        n, Hkv, T, D = key.shape
         if residual == "kv":
             dk = _lora_delta(attn.k_proj, adapter_name, layer.x_k, f"layer {idx} k_proj")
             if dk is not None:
                 check_k_norm_free(attn, idx, adapter_name)
-                dk = dk.view(T, Hkv, D).transpose(0, 1)
-                key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)[None]
+                dk = dk.view(n, T, Hkv, D).transpose(1, 2)
+                key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)
         if residual in ("kv", "v"):
             dv = _lora_delta(attn.v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
             if dv is not None:
-                value = value + dv.view(T, Hkv, D).transpose(0, 1).to(value.dtype)[None]
+                value = value + dv.view(n, T, Hkv, D).transpose(1, 2).to(value.dtype)
         out.append((key, value))
     return out
 
@@ -108,20 +109,44 @@ def _activate(model, adapter_name: str) -> None:
         model.set_adapter(adapter_name)
 
 
-def _suffix_tensors(batch: dict, T: int, device):
+def _suffix_tensors(batch: dict, context: TrainingContext, device):
+    """The batch on ``device``: ``input_ids``/``attention_mask [B, L]``, the mask over ``[context | suffix]``
+    ``[B, T + L]`` (each row's context tokens, not its padding) and the suffix positions ``[B, L]`` (after each
+    row's own context), and ``rows [B]``: the context of each row (``None``: the one context, for every row)."""
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError(f"batch['input_ids'] must be a [B, L] tensor of the tokens after the context, got "
                          f"{getattr(ids, 'shape', type(ids))}")
-    ids = ids.to(device)
+    ids = ids.to(device, non_blocking=True)
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    mask = torch.ones_like(ids) if mask is None else mask.to(device, non_blocking=True)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)} (the suffix only: "
                          "the context is always attended)")
-    full = torch.cat([torch.ones(ids.shape[0], T, dtype=mask.dtype, device=device), mask], dim=1)
-    positions = (full.cumsum(-1) - 1).clamp_min(0)[:, T:]
-    return ids, mask, full, positions
+    rows = _context_rows(batch, context, ids.shape[0])
+    valid = context.valid.expand(ids.shape[0], -1) if rows is None else context.valid[rows.to(device)]
+    full = torch.cat([valid.to(mask.dtype), mask], dim=1)
+    positions = (full.cumsum(-1) - 1).clamp_min(0)[:, valid.shape[1]:]
+    return ids, mask, full, positions, rows
+
+
+def _context_rows(batch: dict, context: TrainingContext, B: int) -> torch.Tensor | None:
+    """``batch["context_index"]`` checked against ``context`` (``[B]`` long, on the CPU), or ``None`` when the
+    context is one and the batch gives no index (or only zeros)."""
+    index = batch.get("context_index")
+    if index is None:
+        if context.num_contexts > 1:
+            raise ValueError(f"the TrainingContext holds {context.num_contexts} contexts; give batch['context_index'] "
+                             "[B], the context each row follows")
+        return None
+    index = torch.as_tensor(index).cpu()
+    if index.shape != (B,) or index.is_floating_point() or index.dtype == torch.bool:
+        raise ValueError(f"batch['context_index'] must be [B] = [{B}] integer indices of contexts, got "
+                         f"{tuple(index.shape)} {index.dtype}")
+    if B and not 0 <= int(index.min()) <= int(index.max()) < context.num_contexts:
+        raise IndexError(f"batch['context_index'] holds {int(index.min())}..{int(index.max())}, outside the "
+                         f"{context.num_contexts} contexts of this TrainingContext")
+    return None if context.num_contexts == 1 else index.long()
 
 
 def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, residual: str):
@@ -130,13 +155,17 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
 
     _check_call(model, context, adapter_name, residual)
     _activate(model, adapter_name)
-    T = context.num_tokens
     base = transformers_model(model)
-    ids, _, full_mask, positions = _suffix_tensors(batch, T, context.layers[0].key.device)
+    ids, _, full_mask, positions, rows = _suffix_tensors(batch, context, context.layers[0].key.device)
     B = ids.shape[0]
     cache = DynamicCache()
+    picked = None if rows is None else rows.to(ids.device)
     for idx, (key, value) in enumerate(context_kv(model, context, adapter_name, residual)):
-        cache.update(key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1), idx)
+        if picked is None:  # one context: every row reads it (a view, no copy)
+            key, value = key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1)
+        else:
+            key, value = key.index_select(0, picked), value.index_select(0, picked)
+        cache.update(key, value, idx)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     out = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                   **cache_kwargs(cache))
@@ -158,8 +187,9 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
 
     ``model``: a ``PeftModel`` (LoRA). ``context``: a :class:`~forkkv_hf.training.TrainingContext` of that model.
     ``batch``: ``input_ids [B, L]`` (the tokens after the context: prompt and answer), ``labels [B, L]`` (as for
-    ``AutoModelForCausalLM``: aligned with ``input_ids``, shifted inside, ``-100`` ignored) and optionally
-    ``attention_mask [B, L]`` (0 on padding). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"`` or
+    ``AutoModelForCausalLM``: aligned with ``input_ids``, shifted inside, ``-100`` ignored), optionally
+    ``attention_mask [B, L]`` (0 on padding) and, when ``context`` holds several contexts, ``context_index [B]``
+    (the context each row follows). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"`` or
     ``"exact"`` (module docstring). Activates ``adapter_name`` (``PeftModel.set_adapter``) if it is not the active
     adapter. Returns the mean cross-entropy over the labelled tokens, or their sum divided by
     ``num_items_in_batch`` when given (gradient accumulation, as ``transformers.Trainer`` passes it). The vocabulary
@@ -168,18 +198,22 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("batch has no 'labels'; give labels [B, L] aligned with input_ids (-100 where not learned)")
-    hidden = _hidden(model, context, batch, adapter_name, residual)
-    labels = labels.to(hidden.device)
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(hidden.shape[:2])}")
+    labels, ids = torch.as_tensor(labels), batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and labels.shape != ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
+    # the labelled positions are found where the labels are (on the CPU: no wait for the device)
     target = labels[:, 1:]
     keep = target != -100
     if not bool(keep.any()):
         raise ValueError("no labelled token after the first position of any row (labels are all -100); nothing to learn")
-    logits = transformers_model(model).get_output_embeddings()(hidden[:, :-1][keep])
+    hidden = _hidden(model, context, batch, adapter_name, residual)
+    where = keep.flatten().nonzero().flatten().to(hidden.device, non_blocking=True)
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
+    target = target.flatten()[keep.flatten()].to(hidden.device, non_blocking=True)
+    logits = transformers_model(model).get_output_embeddings()(picked)
     # low-precision logits in fp32; fp64 kept (finite-difference checks)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+    total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
     if num_items_in_batch is None:
         return total / keep.sum()
     return total / num_items_in_batch
