@@ -343,6 +343,8 @@ class ForkKVCache(Cache):
             self.private_ids = self.private_ids[indices]
 
     def crop(self, tokens_to_remove: int):
+        if tokens_to_remove == 0:  # removes nothing (every version); generate's deferred stop check calls it per step
+            return
         super().crop(tokens_to_remove)
         if self.private_ids is not None:
             self.private_ids = self.private_ids[:, : self.layers[0].private_length()]

@@ -29,6 +29,7 @@ from .peft.lora_factors import (
     transformers_model,
 )
 from .static_cache import make_dynamic, make_static
+from .stop_check import deferring
 from .peft.tp import is_dtensor
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,12 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         return generate
     groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     make_static(cache, capacity, groups, use_triton)
-    return lambda *a, **kw: compiled_generate(model, generate, a, kw)
+
+    def run(*a, **kw):
+        with deferring(cache, device):
+            return compiled_generate(model, generate, a, kw)
+
+    return run
 
 
 if prepare_generate not in wrappers.GENERATE_PREPARERS:

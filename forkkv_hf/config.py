@@ -13,7 +13,9 @@ Without an override the configuration comes from the environment (the defaults w
 - ``FORKKV_LORA_BACKEND`` (``lora_backend``): ``auto`` (default: Triton on CUDA), ``torch``, ``triton``: the
   batched LoRA's path;
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
-  on for bf16/fp16 on the GPU).
+  on for bf16/fp16 on the GPU);
+- ``FORKKV_DEFER_STOP`` (``defer_stop``): ``auto`` (default) / ``off``: whether a decode step compiled on CUDA
+  reads generate's stop flag one step late (:mod:`forkkv_hf.stop_check`).
 
 The environment is parsed once per distinct set of these values (a test may change a variable between calls); a
 bad value is refused where the configuration is first read, naming the variable and its choices. The Triton kernels
@@ -31,24 +33,28 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 KERNELS = ("cascade", "fused")
 LORA_BACKENDS = ("auto", "torch", "triton")
+DEFER_STOP = ("auto", "off")
 #: field -> environment variable
 ENV_VARS = {"backend": "FORKKV_BACKEND", "kernel": "FORKKV_KERNEL", "lora_backend": "FORKKV_LORA_BACKEND",
-            "lowp_rope": "FORKKV_LOWP_ROPE"}
+            "lowp_rope": "FORKKV_LOWP_ROPE", "defer_stop": "FORKKV_DEFER_STOP"}
 
 
 @dataclass(frozen=True)
 class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
     PyTorch elsewhere). ``kernel``: the Triton family, ``None`` to choose per call. ``lora_backend``: the batched
-    LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default."""
+    LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default.
+    ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not."""
 
     backend: str = "auto"
     kernel: str | None = None
     lora_backend: str = "auto"
     lowp_rope: bool | None = None
+    defer_stop: str = "auto"
 
     def __post_init__(self):
-        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("kernel", KERNELS)):
+        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("kernel", KERNELS),
+                               ("defer_stop", DEFER_STOP)):
             value = getattr(self, field)
             if (value is not None or field != "kernel") and value not in choices:
                 raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use one of {choices}")
