@@ -104,3 +104,15 @@ def kernel_launches(prof) -> int:
     """How many GPU kernels a ``torch.profiler`` run recorded (replays of CUDA graphs count each kernel)."""
     return sum(ev.count for ev in prof.key_averages() if is_cuda_event(ev)
                and (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)))
+
+
+def kernels_by_name(prof) -> dict:
+    """``{kernel name (first 90 characters): [launches, seconds]}`` of a ``torch.profiler`` run."""
+    out = {}
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if dev_us and is_cuda_event(ev):
+            entry = out.setdefault(ev.key[:90], [0, 0.0])
+            entry[0] += ev.count
+            entry[1] += dev_us / 1e6
+    return out
