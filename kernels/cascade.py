@@ -149,7 +149,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        whole_waves: bool = False, res_form: str = "halves", res_block_t: int | None = None,
                        res_heads: int | None = None, res_programs_per_sm: int = 4, res_splits: int | None = None,
                        res_warps: int = 4, res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int = 1,
+                       res_whole_waves: bool = False, merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int = 1,
                        merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs (defaults: the fastest of eval/bench/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7).
@@ -158,11 +158,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     (32 with K residuals and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``:
     each multiplies only its own rows' u_v), ``programs_per_sm`` how many programs the split of the context aims at per
     SM (4 with K residuals and 32+ rows or with 512+ query vectors, else 2) or ``n_splits`` the split count itself,
-    ``num_warps``, ``num_stages`` (2 with the V residual alone, else 3), ``maxnreg`` a per-thread register cap.
-    ``whole_waves``: size both kernels' splits so the grid does not exceed programs-per-SM x SMs (one wave, no tail)
-    instead of reaching at least that. K pass (:func:`~.kres_pass.launch_kres_scores`): ``res_form``,
-    ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` / ``res_splits``, ``res_warps``, ``res_stages``,
-    ``res_maxnreg``, ``mq``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
+    ``num_warps``, ``num_stages`` (2 with the V residual alone, else 3), ``maxnreg`` a per-thread register cap,
+    ``whole_waves``: size the splits so the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of
+    reaching at least that. K pass (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``,
+    ``res_heads``, ``res_programs_per_sm`` / ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``,
+    ``res_whole_waves``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
     ``merge_stages``, ``merge_unroll``, ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype
     (``None``: on for bf16/fp16 on the GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16.
     ``scratch(name, numel, device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a
@@ -202,7 +202,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
             k_max_rows=k_max_rows, res_form=res_form, res_block_t=res_block_t, res_heads=res_heads,
             res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, res_warps=res_warps,
-            res_stages=res_stages, res_maxnreg=res_maxnreg, mq=mq, whole_waves=whole_waves)
+            res_stages=res_stages, res_maxnreg=res_maxnreg, mq=mq, whole_waves=res_whole_waves)
 
     many_k_rows = has_k and B * NQ >= 32
     BLOCK_T = block_t or (32 if interp or many_k_rows else 64)

@@ -127,8 +127,9 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     ``None``: ``B``). Knobs: ``res_form`` (:data:`RES_FORMS`), ``res_block_t`` tokens per tile, ``res_heads`` KV heads
     per program (they share the u and cos/sin tiles), ``res_programs_per_sm`` (sizes the split of the context, see
     :func:`~.attention_common.split_length`) or ``res_splits`` (the split count itself), ``res_warps``, ``res_stages``,
-    ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA. Returns the
-    compiled kernel."""
+    ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA,
+    ``whole_waves`` (the split rule rounds down: at most one wave of ``res_programs_per_sm`` programs per SM). Returns
+    the compiled kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:

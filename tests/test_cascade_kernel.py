@@ -1,7 +1,9 @@
 """The cascade ResidualAttention kernels (``forkkv_kernels.cascade_attention``) against the fp32 reference, through its
-plain-tensor launcher: the attention case space (tests/cases.py) with the rows' order derived on the device, K and V
-slots that differ, refusals. On CPU they run in the Triton interpreter. (Through the adapter, with the other
-kernel family, their knobs, the low-precision pass rule and end-to-end generate: test_kernels.py.)"""
+plain-tensor launcher: the attention case space (tests/cases.py) with the rows' order derived on the device and with
+the K pass's ``pairs`` form, the launch knobs (split counts, whole waves, register caps, merge unrolling), K and V
+slots that differ, refusals; the tuning sweep's checks (eval/bench/sweep_kernel.py). On CPU they run in the Triton
+interpreter. (Through the adapter, with the other kernel family, the shared knob table, the low-precision pass rule
+and end-to-end generate: test_kernels.py.)"""
 
 import ast
 from pathlib import Path
@@ -9,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, parametrize
+from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, LOWP_CASES, AttnCase, parametrize
 from forkkv_hf import reference_attention
-from views import lowp_attention_error, random_view
+from views import lowp_attention_error, padding_mask, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import cascade_attention  # noqa: E402
@@ -56,6 +58,60 @@ def test_cascade_launcher_derives_the_row_order(case, masked):
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
+@parametrize("masked", [False, True])
+@parametrize("case", ATTN_CASES)
+def test_cascade_pairs_form_matches_reference(case, masked):
+    """The K pass's ``pairs`` form (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head) over the
+    attention case space: GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an agent or without
+    one, extend calls, masks."""
+    view, q = case.view(), case.query()
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, res_form="pairs")
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+#: launch knobs of the cascade launcher beyond tests/cases.py's TUNINGS, each on a case that makes it matter (several
+#: splits of the context, several KV heads, rows sharing an agent, extend)
+_LONG = AttnCase(B=3, H=4, Hkv=2, D=32, T=77, P=3)
+LAUNCH_KNOBS = [
+    (_LONG, dict(n_splits=3, res_splits=5, res_block_t=16, block_t=16)),
+    (_LONG, dict(whole_waves=True, res_whole_waves=True, programs_per_sm=3, res_programs_per_sm=3, block_t=16)),
+    (_LONG, dict(res_form="pairs", res_heads=1, res_splits=2, res_block_t=16, merge_unroll=3, n_splits=7, block_t=16)),
+    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)),
+     dict(res_form="pairs", mq=16, merge_unroll=4, merge_block_t=16, merge_warps=2, merge_stages=1)),
+    (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(res_form="pairs", res_warps=8, res_maxnreg=128, maxnreg=168,
+                                                     res_stages=3, n_splits=50)),
+]
+
+
+@parametrize("masked", [False, True], fast=lambda masked: masked)
+@parametrize("case,knobs", LAUNCH_KNOBS)
+def test_cascade_launch_knobs_match_reference(case, knobs, masked):
+    """Split counts (explicit, more than the context has tiles, rounded to whole waves), register caps, warps and the
+    merge's unrolled split loop (a remainder included) change the schedule, not the result."""
+    view, q = case.view(), case.query()
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, **knobs)
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+@parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
+@parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
+@parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
+def test_cascade_pairs_form_low_precision_pass_rule(case, dtype, lowp_rope):
+    """bf16/fp16 with the ``pairs`` form: error against the fp32 reference at most 3x that of PyTorch doing the same
+    attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated roundings)."""
+    view, q = case.view(dtype), case.query(dtype)
+    scale = case.D**-0.5
+    for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
+        ref = reference_attention(q.float(), view, m, scale)
+        base_err = lowp_attention_error(q.float(), view, m, scale, ref)
+        out = _launch(q, view, m, scale, res_form="pairs", lowp_rope=lowp_rope)
+        assert out.dtype == dtype
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
 def test_cascade_k_and_v_slots_differ_per_row():
     """A row may have a K residual and no V residual (and the reverse): each kind follows its own slots."""
     view = random_view(B=4, Hkv=2, D=16, T=31, P=3, rows=[0, 1, -1, 1])
@@ -85,6 +141,12 @@ def test_cascade_refuses_what_it_cannot_take():
         _launch(_query(view, 4, 1), view, None, 0.25, res_heads=3)
     with pytest.raises(TypeError, match="query is torch.float16"):
         _launch(_query(view, 4, 1).half(), view, None, 0.25)
+    with pytest.raises(ValueError, match="res_form='quads'; use one of"):
+        _launch(_query(view, 4, 1), view, None, 0.25, res_form="quads")
+    with pytest.raises(ValueError, match="0 splits of the context; give at least 1"):
+        _launch(_query(view, 4, 1), view, None, 0.25, n_splits=0)
+    with pytest.raises(ValueError, match="merge_unroll=0; give 1"):
+        _launch(_query(view, 4, 1), view, None, 0.25, merge_unroll=0)
 
 
 def test_kernels_import_nothing_from_forkkv_hf():
@@ -97,13 +159,110 @@ def test_kernels_import_nothing_from_forkkv_hf():
             assert not any(n.split(".")[0] == "forkkv_hf" for n in names), (path.name, names)
 
 
+#: knob sets the GPU tests run besides the defaults: the candidates of eval/bench/sweep_kernel.py that change code
+#: paths (the pairs form, 8 warps under a register cap, whole waves, the unrolled merge)
+GPU_KNOBS = [
+    {},
+    {"res_form": "pairs"},
+    {"res_form": "pairs", "res_block_t": 128, "res_warps": 8, "res_maxnreg": 128},
+    {"res_warps": 8, "res_maxnreg": 128, "whole_waves": True, "res_whole_waves": True, "res_programs_per_sm": 3},
+    {"merge_unroll": 4, "block_t": 128, "num_warps": 8, "programs_per_sm": 2, "whole_waves": True},
+]
+
+
 @pytest.mark.gpu
 @parametrize("dtype", LOW_DTYPES)
 @parametrize("case", GPU_CASES)
 def test_cascade_real_sizes_gpu(case, dtype):
-    """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16, on the GPU, with the default knobs."""
+    """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16, on the GPU, with the default knobs and each of
+    :data:`GPU_KNOBS` (one reference per case)."""
     view, q = case.view(dtype), case.query(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
-    err = (_launch(q, view, None, 128**-0.5).float() - ref).abs().max().item()
-    assert err <= 3 * base_err + 1e-5, (err, base_err)
+    for knobs in GPU_KNOBS:
+        err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+# --- the tuning sweep (eval/bench/sweep_kernel.py): what of it runs without a GPU ------------------------------------
+def test_sweep_reference_is_the_exact_attention():
+    """The sweep checks configurations against eval.bench.kernel.reference: the fp32 reference's output (rows with
+    and without each residual kind, slots that differ per kind)."""
+    from eval.bench.kernel import reference
+
+    view = random_view(B=5, Hkv=2, D=16, T=37, P=4, n_agents=3, rows=[0, 2, -1, 1, 0], ranks=(4, 3, 2),
+                       dtype=torch.bfloat16)
+    view.v_rows = torch.tensor([1, -1, 0, 2, 2])
+    q = _query(view, 4, 1).to(torch.bfloat16)
+    ref, sdpa_err = reference(q, view, 0.25, chunk=2)
+    torch.testing.assert_close(ref, reference_attention(q.float(), view, None, 0.25), rtol=1e-5, atol=1e-5)
+    assert 0 < sdpa_err < 0.05
+
+
+def test_sweep_geometry_matches_the_launcher():
+    """The sweep sizes whole waves from a compiled kernel's resources and predicts the launcher's own split count
+    (it skips a wave count equal to it): the same numbers as the launcher's split rule."""
+    from eval.bench.sweep_kernel import launch_geometry, resident_programs, wave_splits
+    from forkkv_kernels.attention_common import split_length
+
+    # the H200's compiled kernels (eval/results/raw/profile_kernel_v7b_cascade_h200.json): K pass, shared part, merge
+    assert [resident_programs(150, 4, 20480), resident_programs(241, 4, 106496), resident_programs(104, 4, 21504)] \
+        == [3, 2, 4]
+    assert resident_programs(128, 8, 12288) == 2 and resident_programs(64, 4, 200000) == 1
+    for stage, variant, cfg, N in [("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
+                                   ("shared", "kv", {}, 32), ("shared", "base", {}, 128), ("shared", "v", {}, 8),
+                                   ("shared", "base", {"block_m": 128, "programs_per_sm": 3}, 1)]:
+        geo = launch_geometry(stage, variant, cfg, N, 32768, 132)
+        per_sm = 132 * (cfg.get("programs_per_sm") or
+                        (4 if stage == "kres" or (variant == "kv" and N >= 32) or N >= 128 else 2))
+        assert geo["splits"] == -(-32768 // split_length(32768, geo["block_t"], geo["items"], per_sm)), (stage, N)
+        one = wave_splits(1, 3, 132, geo["items"], 32768, geo["block_t"])
+        assert one * geo["items"] <= 3 * 132 or one == 1  # one wave at most
+        assert one == -(-32768 // split_length(32768, geo["block_t"], geo["items"], 3 * 132, whole_waves=True))
+
+
+@pytest.mark.slow
+def test_sweep_checks_every_configuration_and_a_wrong_one_cannot_win(tmp_path, monkeypatch):
+    """A run of the sweep's stages on CPU (interpreter, tiny shapes, a fake timer): every configuration is checked
+    against the exact output, one whose output is wrong is not timed and cannot be best (here the ``pairs`` form,
+    deliberately broken), the combined stage runs the stages' best, and no configuration starts past the time limit."""
+    import eval.bench.sweep_kernel as sk
+    from eval.bench.runner import BenchmarkRun
+    from eval.bench.sweep_kernel import Sweep, job_order
+
+    # the interpreter compiles nothing: 3 resident programs per SM, so whole-wave split counts get tried
+    monkeypatch.setattr(sk, "resources", lambda compiled: {"resident": 3})
+    cases = {}
+    for T, N in [(200, 1), (40, 2)]:
+        view = random_view(B=N, Hkv=2, D=16, T=T, P=3, n_agents=N, rows=list(range(N)), ranks=(4,) * N,
+                           dtype=torch.bfloat16, seed=T)
+        cases[(T, N)] = (_query(view, 4, 1).to(torch.bfloat16), view)
+    run = BenchmarkRun("sweep_kernel", params={}, case_keys=["stage", "variant", "context", "agents", "config"],
+                       out=tmp_path / "sweep.json", time_limit=600)
+    sweep = Sweep(run, lambda fn: (fn(), 1e-3)[1], cases, [1, 2], 4)
+    attn = sweep.attn
+
+    def broken_pairs(q, view, mask, scale, **knobs):
+        out = attn(q, view, mask, scale, **knobs)
+        return out + 0.05 if knobs.get("res_form") == "pairs" else out
+
+    sweep.attn = broken_pairs
+    candidates = {"kres": [{}, {"res_form": "pairs"}, {"res_block_t": 16}], "shared": [{}, {"n_splits": 3}],
+                  "merge": [{"merge_unroll": 2}]}
+    sweep.run_jobs(job_order(list(cases), ["kres", "shared", "merge", "combined"]), candidates)
+    rows = run.rows
+    assert rows and all("max_abs_err" in r and r["ok"] == ("graph_s" in r) for r in rows), rows
+    wrong = [r for r in rows if "pairs" in r["config"]]
+    assert len(wrong) >= 2 and not any(r["ok"] for r in wrong)
+    assert {r["stage"] for r in rows if "waves" in r} == {"kres", "shared"}
+    assert all(r["ok"] for r in rows if "pairs" not in r["config"])
+    assert not any(b["config"].get("res_form") for b in run.extra["best"].values())
+    assert {(r["stage"], r["variant"]) for r in rows if r["stage"] == "combined"} == {
+        ("combined", v) for v in ("kv", "v", "base")}
+    assert {(s["variant"], s["context"]) for s in run.extra["summary"]} == {
+        (v, T) for v in ("kv", "v", "base") for T, _ in cases}
+
+    late = BenchmarkRun("sweep_kernel", params={}, case_keys=["stage", "variant", "context", "agents", "config"],
+                        out=tmp_path / "late.json", time_limit=0)
+    Sweep(late, lambda fn: 1e-3, cases, [1], 4).run_jobs(job_order(list(cases), ["kres", "shared"]), candidates)
+    assert late.rows == [] and len(late.extra["not_run"]) == 4

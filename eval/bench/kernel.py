@@ -57,22 +57,22 @@ def measure_ceilings(do_bench) -> dict:
     return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0):
+def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda"):
     """A decode step: N rows (agent i on row i), one query each, shared T + private PRIVATE tokens."""
     from forkkv_hf.cache import ForkKVView
     from forkkv_hf.context import Residual, SharedLayer
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float32)  # noqa: E731
-    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
-    f = torch.outer(torch.arange(T, device="cuda", dtype=torch.float32), inv)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=device, generator=g, dtype=torch.float32)  # noqa: E731
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
     emb = torch.cat([f, f], -1)
     res = lambda: Residual(  # noqa: E731
         tuple(f"a{i}" for i in range(N)), rnd(N, T, RANK).to(dtype), (rnd(N, HKV * D, RANK) * 0.05).to(dtype), (RANK,) * N
     )
     shared = SharedLayer(rnd(1, HKV, T, D).to(dtype), rnd(1, HKV, T, D).to(dtype), emb.cos().to(dtype),
                          emb.sin().to(dtype), res(), res())
-    rows = torch.arange(N, device="cuda")
+    rows = torch.arange(N, device=device)
     view = ForkKVView(shared, rows, rows, rnd(N, HKV, PRIVATE, D).to(dtype), rnd(N, HKV, PRIVATE, D).to(dtype),
                       tuple(f"a{i}" for i in range(N)), tuple(range(N)), tuple(range(N)))
     q = rnd(N, H, 1, D).to(dtype)
@@ -92,25 +92,53 @@ def variant_view(view, variant: str):
     return dataclasses.replace(view, **none)
 
 
-def materialise(view, chunk=8):
-    """Every agent's full K/V ``[N, HKV, T + P, D]`` in the view's dtype (what a PEFT user's cache holds)."""
+def row_kv(view, lo: int, hi: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``lo:hi``'s full K/V ``[hi - lo, H_kv, T + P, D]`` (base + each row's residuals where it has them, then its
+    private part), computed in fp32 and stored in ``dtype`` (default: the view's)."""
     from forkkv_hf.ops.rope import apply_rope
 
     sh = view.shared
-    N = view.batch_size
-    T = sh.key.shape[2]
-    dt = sh.key.dtype
-    K = torch.empty(N, HKV, T + view.private_len, D, device="cuda", dtype=dt)
+    _, Hkv, T, Dh = sh.key.shape
+    dt = dtype or sh.key.dtype
+    K = sh.key.float().expand(hi - lo, -1, -1, -1).clone()
+    V = sh.value.float().expand(hi - lo, -1, -1, -1).clone()
+    for res, rows, dst, rope in ((sh.k_res, view.k_rows, K, True), (sh.v_res, view.v_rows, V, False)):
+        if res is None or rows is None:
+            continue
+        slots = rows[lo:hi].clamp(min=0)
+        d = (res.u[slots].float() @ res.B[slots].float().transpose(1, 2)).view(hi - lo, T, Hkv, Dh).transpose(1, 2)
+        d = d * (rows[lo:hi] >= 0).view(-1, 1, 1, 1)
+        dst += apply_rope(d, sh.cos.float(), sh.sin.float()) if rope else d
+    return (torch.cat([K, view.key[lo:hi].float()], 2).to(dt), torch.cat([V, view.value[lo:hi].float()], 2).to(dt))
+
+
+def materialise(view, chunk=8, dtype=None):
+    """Every row's full K/V ``[N, H_kv, T + P, D]`` in ``dtype`` (default: the view's; what a PEFT user's cache
+    holds)."""
+    N, sh = view.batch_size, view.shared
+    _, Hkv, T, Dh = sh.key.shape
+    K = torch.empty(N, Hkv, T + view.private_len, Dh, device=sh.key.device, dtype=dtype or sh.key.dtype)
     V = torch.empty_like(K)
     for i in range(0, N, chunk):
-        j = min(N, i + chunk)
-        dk = (sh.k_res.u[i:j].float() @ sh.k_res.B[i:j].float().transpose(1, 2)).view(j - i, T, HKV, D).transpose(1, 2)
-        dv = (sh.v_res.u[i:j].float() @ sh.v_res.B[i:j].float().transpose(1, 2)).view(j - i, T, HKV, D).transpose(1, 2)
-        K[i:j, :, :T] = (sh.key.float() + apply_rope(dk, sh.cos.float(), sh.sin.float())).to(dt)
-        V[i:j, :, :T] = (sh.value.float() + dv).to(dt)
-    K[:, :, T:] = view.key
-    V[:, :, T:] = view.value
+        K[i:i + chunk], V[i:i + chunk] = row_kv(view, i, min(N, i + chunk), K.dtype)
     return K, V
+
+
+def reference(q, view, scale: float, chunk=8) -> tuple[torch.Tensor, float]:
+    """The exact attention of ``q [N, H, 1, D]`` over the view's rows, ``[N, 1, H, D]`` fp32 (from the view's own
+    low-precision tensors, in fp32), and the error of the same attention done by PyTorch in the view's dtype
+    (materialised K/V, SDPA): the pass rule's unit (tests: a kernel may err by 3x that)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref, err = [], 0.0
+    for i in range(0, view.batch_size, chunk):
+        j = min(view.batch_size, i + chunk)
+        K, V = row_kv(view, i, j, torch.float32)
+        exact = sdpa(q[i:j].float(), K, V, scale=scale, enable_gqa=True)
+        low = sdpa(q[i:j], K.to(q.dtype), V.to(q.dtype), scale=scale, enable_gqa=True)
+        err = max(err, (low.float() - exact).abs().max().item())
+        ref.append(exact.transpose(1, 2))
+        del K, V
+    return torch.cat(ref), err
 
 
 def floors(T: int, N: int, ceil: dict, itemsize: int = 2) -> dict:
@@ -135,13 +163,22 @@ def _time(fn, do_bench) -> tuple[float, float]:
 
 
 def swept_knobs(best: dict, variant: str, N: int) -> dict:
-    """The knobs eval.bench.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N`` (the
-    shared-part stage, plus the K-pass stage for ``kv``); {} without a sweep."""
-    out = {}
-    for stage in ("shared", "kres") if variant == "kv" else ("shared",):
+    """The knobs eval.bench.sweep_kernel found fastest for ``variant`` at the swept agent count nearest ``N``: its
+    ``combined`` stage where it ran, else the union of the stages' (the shared part and the merge, plus the K pass for
+    ``kv``); whole-wave split counts as the rule that gives them (``rule``); {} without a sweep."""
+    def nearest(stage):
         points = [(int(k.split(":")[1]), b) for k, b in best.items() if k.startswith(f"{stage}/{variant}/")]
-        if points:
-            out.update({k: v for k, v in min(points, key=lambda p: abs(p[0] - N))[1]["config"].items() if v is not None})
+        if not points:
+            return None
+        b = min(points, key=lambda p: abs(p[0] - N))[1]
+        return {k: v for k, v in b.get("rule", b["config"]).items() if v is not None}
+
+    combined = nearest("combined")
+    if combined is not None:
+        return combined
+    out = {}
+    for stage in ("kres", "shared", "merge") if variant == "kv" else ("shared", "merge"):
+        out.update(nearest(stage) or {})
     return out
 
 
