@@ -77,7 +77,9 @@ def quick_run(tmp_path_factory):
     out = tmp / "fidelity_quick.json"
     subprocess.run([sys.executable, "-m", "eval.fidelity", "run", "--quick", "--smoke", str(_tokenizer_dir(tmp)),
                     "--data", str(tmp / "data"), "--adapters-out", str(tmp / "adapters"), "--out", str(out),
-                    "--max-new-tokens", "4", "--threads", "1"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+                    "--max-new-tokens", "4", "--threads", "1", "--contexts-per-step", "2",
+                    "--adapters-archive", str(tmp / "packed" / "adapters.tgz")],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
     return tmp, out, json.loads(out.read_text())
 
 
@@ -94,8 +96,18 @@ def test_quick_run_writes_the_result_file_plot_and_adapters(quick_run):
     assert {p.name for p in (tmp / "adapters").iterdir() if p.is_dir()} == names
     assert res.device["torch"] and res.params["quick"]
     training = res.extra["training"]
-    assert training["steps"] == 3 and set(training["losses"]) == {f"{a}/{k}" for a in tasks.AGENTS
-                                                                   for k in ("standard", "forkkv")}
+    # 3 training contexts, 2 per step: one pass is 2 steps
+    assert training["steps"] == 2 and training["contexts_seen"] == 3 and training["stopped"] is None
+    assert set(training["losses"]) == {f"{a}/{k}" for a in tasks.AGENTS for k in ("standard", "forkkv")}
+    assert all(len(v) == 2 for v in training["losses"].values())
+    # the packed adapters are the saved ones
+    import io
+    import tarfile
+
+    packed = b"".join((tmp / "packed" / n).read_bytes() for n in training["adapters_archive"])
+    with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
+        member = tar.extractfile("adapters/speaker_fk/adapter_model.safetensors").read()
+    assert member == (tmp / "adapters" / "speaker_fk" / "adapter_model.safetensors").read_bytes()
     combos = {(r["training"], r["inference"]) for r in res.rows}
     assert combos == {(k, v) for k in ("standard", "forkkv") for v in ("exact", "forkkv", "forkkv_v", "naive")}
     assert {r["agent"] for r in res.rows} == {*tasks.AGENTS, "all"}
@@ -138,3 +150,31 @@ def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
     twice = subprocess.run(run + [str(tmp_path / "bad.json"), str(halves[0]), str(halves[0])], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert twice.returncode != 0 and "repeats prompts" in twice.stderr
+
+
+def test_training_plan_groups_contexts_pass_by_pass():
+    from eval.fidelity import train
+
+    plan = train.plan_steps(list(range(10)), train.TrainConfig(contexts_per_step=4, seed=1))
+    assert [len(g) for g in plan] == [4, 4, 2] and sorted(sum(plan, [])) == list(range(10))
+    longer = train.plan_steps(list(range(10)), train.TrainConfig(contexts_per_step=4, steps=5, seed=1))
+    assert longer[:3] == plan and len(longer) == 5 and len(set(sum(longer[3:], []))) == 8
+    assert train.plan_steps(list(range(10)), train.TrainConfig(contexts_per_step=4, seed=2)) != plan
+
+
+@pytest.mark.slow
+def test_time_budget_stops_both_kinds_at_the_same_step(tmp_path, one_torch_thread):
+    from eval.fidelity import train
+    from eval.fidelity.__main__ import smoke_model
+
+    assert not MISSING, f"packages the benchmark needs are missing: {', '.join(MISSING)}"
+    contexts, examples = tasks.make_split("train", 3, 2, 2400, seed=0)
+    model, tok = smoke_model(_tokenizer_dir(tmp_path))
+    # a spent budget stops the run after the step that measures the pace: both kinds at that step
+    cfg = train.TrainConfig(steps=3, contexts_per_step=2, warmup=1, time_budget_s=0.0)
+    _, report = train.train(model, tok, {"train": {"contexts": contexts, "examples": examples}}, cfg)
+    assert report["steps"] == 1 and report["planned_steps"] == 3 and "time budget" in report["stopped"]
+    assert {len(v) for v in report["losses"].values()} == {1}
+    first = train.plan_steps([c["context_index"] for c in contexts], cfg)[0]
+    assert report["examples_per_agent"] == {a: sum(1 for e in examples if e["agent"] == a and e["context_index"]
+                                                   in first) for a in tasks.AGENTS}

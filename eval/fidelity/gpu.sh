@@ -50,7 +50,7 @@ smoke)
   mkdir -p "$HOME/m"; cp .m/smol.part00 "$HOME/m/"
   unpack; tar xzf .fidelity/tok.tgz -C /tmp
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/src python3 -m eval.fidelity run --smoke /tmp/tok --data /tmp/data \
-    --train-contexts 4 --train-steps 2 --contexts-per-step 2 --tf32 --eval-contexts 1 --max-new-tokens 2 \
+    --train-contexts 4 --train-steps 2 --contexts-per-step 2 --eval-contexts 1 --max-new-tokens 2 \
     --out "$OUT/smoke.json" --adapters-out /tmp/smoke_adapters --adapters-archive "$OUT/smoke_adapters.tgz" "$@" 2>&1 \
     | grep --line-buffered -v Warning | tail -15
   echo "smoke done in ${SECONDS}s" ;;

@@ -109,20 +109,21 @@ def add_adapters(model, cfg: TrainConfig):
 
 
 def plan_steps(context_indices: list[int], cfg: TrainConfig) -> list[list[int]]:
-    """The contexts of each step: seeded shuffles of ``context_indices`` (a new one per pass), cut into groups of
-    ``contexts_per_step``; ``cfg.steps`` of them, or ``cfg.epochs`` passes."""
+    """The contexts of each step: per pass over ``context_indices`` a new seeded shuffle, cut into groups of
+    ``contexts_per_step`` (a pass's last group may be smaller; no group spans two passes); ``cfg.steps`` groups, or
+    the groups of ``cfg.epochs`` passes."""
     per = cfg.contexts_per_step
     if per < 1 or not context_indices:
         raise ValueError(f"contexts_per_step must be >= 1 and there must be training contexts (got {per}, "
                          f"{len(context_indices)} contexts)")
-    steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(len(context_indices) / per)
+    passes = cfg.epochs if cfg.steps is None else math.ceil(cfg.steps / math.ceil(len(context_indices) / per))
     rng = random.Random(cfg.seed)
-    order: list[int] = []
-    while len(order) < steps * per:
-        shuffled = list(context_indices)
-        rng.shuffle(shuffled)
-        order += shuffled
-    return [order[i * per:(i + 1) * per] for i in range(steps)]
+    groups: list[list[int]] = []
+    for _ in range(passes):
+        order = list(context_indices)
+        rng.shuffle(order)
+        groups += [order[i:i + per] for i in range(0, len(order), per)]
+    return groups if cfg.steps is None else groups[: cfg.steps]
 
 
 def _optimizer(params, cfg: TrainConfig):
@@ -174,7 +175,7 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
     seconds = {k: 0.0 for k in cfg.kinds}
     seconds["base_pass"] = 0.0
     examples = {a: 0 for a in AGENTS}  # questions each agent's adapters (both kinds) were trained on
-    stop, done, t0, t1 = None, 0, time.perf_counter(), None
+    stop, done, seen, t0, t1 = None, 0, 0, time.perf_counter(), None
     bar = tqdm(range(steps), desc="train agents (standard + forkkv-aware)", unit="step", mininterval=5)
     for step in bar:
         if step >= steps:
@@ -224,13 +225,14 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
         for (k, _), v in zip(step_losses, torch.stack([v for _, v in step_losses]).tolist()):
             losses[k].append(round(v, 4))
         done += 1
+        seen += len(cis)
         bar.set_postfix({k: f"{sum(v[-20:]) / max(1, len(v[-20:])):.2f}" for k, v in losses.items()
                          if k.startswith(AGENTS[0])})
         del ctx
     bar.close()
     total = time.perf_counter() - t0
     return {"config": asdict(cfg), "steps": done, "planned_steps": len(plan), "stopped": stop,
-            "contexts_seen": done * cfg.contexts_per_step, "train_contexts": len(contexts),
+            "contexts_seen": seen, "train_contexts": len(contexts),
             "examples_per_agent": examples, "targets": list(TARGETS),
             "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "seconds_note": "host time per kind (the device runs behind; one wait per step, at its end)",

@@ -14,7 +14,9 @@ LoRA) meets a slightly different context at inference. Training under ForkKV's s
         optimizers[name].step(); optimizers[name].zero_grad()
 
 Gradients reach ``A`` and ``B`` of the agent's ``k_proj``/``v_proj`` LoRA through the residual and every LoRA module
-through the suffix (prompt and answer). :class:`ForkKVTrainer` (a ``transformers.Trainer``) does the same from a
+through the suffix (prompt and answer). A step may cover several contexts at once, at about the cost of one on a GPU
+(the step's time is mostly per operator, not per token): ``TrainingContext(peft_model, [ids_a, ids_b, ...])`` and
+``batch["context_index"]`` ``[B]``, the context of each row. :class:`ForkKVTrainer` (a ``transformers.Trainer``) does the same from a
 dataset whose examples carry a ``context_index``; adapters are saved with ``save_pretrained`` as usual and served by
 ``SharedContext.build(...).fork(...)`` + ``generate``. ``residual="v"`` trains for V-only forks, ``"exact"`` is ordinary
 fine-tuning with the context in the input (one context pass per call, shared by the batch rows).
