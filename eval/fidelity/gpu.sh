@@ -3,11 +3,11 @@
 # two calls (eval/fidelity/README is in the module docstring of eval/fidelity/__main__.py). Prepare here, from the
 # repository root:   bash eval/fidelity/gpu.sh prepare
 # then call 1 (carry .m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz):
-#   bash .fidelity/gpu.sh smoke       # keeps part 1 of the model in $HOME/m, then 2 training steps and 1 evaluation
+#   bash eval/fidelity/gpu.sh smoke     # keeps part 1 of the model in $HOME/m, then 2 training steps and 1 evaluation
 #                                     # context of a tiny model: the pipeline's code on CUDA (about 30 s)
-#   (or  bash .fidelity/gpu.sh place  # only keeps part 1 and imports the code on CUDA: a few seconds)
+#   (or  bash eval/fidelity/gpu.sh place  # only keeps part 1 and imports the code on CUDA: a few seconds)
 # and at once call 2 (carry .m/smol.part01 .whl .fidelity/src.tgz .fidelity/data.tgz):
-#   bash .fidelity/gpu.sh run [ARGS]  # joins the model, checks its sha256, trains + evaluates; results under $OUT:
+#   bash eval/fidelity/gpu.sh run [ARGS]  # joins the model, checks its sha256, trains + evaluates; results under $OUT:
 #                                     # the result file (saved after every evaluated context), log.txt, and the
 #                                     # adapters as adapters.tgz.00, .01 (written right after training)
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, kernels and eval as committed at HEAD when
