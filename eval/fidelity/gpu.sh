@@ -28,7 +28,8 @@ prepare)
   mkdir -p .m .whl .fidelity
   # gzip -1 takes ~6% off the GGUF: each call's carry (model part + archives + the ~16 MB working tree) stays
   # well under the 64 MiB a call may carry
-  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b 46000000 -d - .m/smol.part
+  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b 46500000 -d - .m/smol.part
+  [ "$(ls .m/smol.part* | wc -l)" = 2 ] || { echo "the model did not split into two parts: $(ls .m)"; exit 1; }
   sha256sum "$src/$GGUF" | cut -d' ' -f1 > .fidelity/smol.sha256
   ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf
   tmp=$(mktemp -d)
