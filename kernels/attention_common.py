@@ -58,6 +58,23 @@ def rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype: tl.constexpr, LOWP:
 
 
 @triton.jit
+def rope_tile(COS, SIN, s_ct, s_st, t, d, mask, HALF: tl.constexpr, ROPE_HALF: tl.constexpr):
+    """The cos/sin of tokens ``t`` at dims ``d`` of the lo half and ``d + HALF`` of the hi half (``[len(t), len(d)]``
+    each; ``ROPE_HALF``: the halves are equal, read once). Returns ``(c_lo, s_lo, c_hi, s_hi)``."""
+    c_ptr = COS + t[:, None] * s_ct + d[None, :]
+    s_ptr = SIN + t[:, None] * s_st + d[None, :]
+    c_lo = tl.load(c_ptr, mask=mask, other=0.0)
+    s_lo = tl.load(s_ptr, mask=mask, other=0.0)
+    if ROPE_HALF:
+        c_hi = c_lo
+        s_hi = s_lo
+    else:
+        c_hi = tl.load(c_ptr + HALF, mask=mask, other=0.0)
+        s_hi = tl.load(s_ptr + HALF, mask=mask, other=0.0)
+    return c_lo, s_lo, c_hi, s_hi
+
+
+@triton.jit
 def softmax_step(s, m_i, l_i, AXIS: tl.constexpr):
     """One online-softmax step over the masked (``-inf``) scores ``s`` (log2 units) along ``AXIS``: returns the
     probabilities ``p``, the rescale factor ``alpha`` of the running sums, and the new running max and sum."""

@@ -149,8 +149,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        whole_waves: bool = False, res_form: str = "halves", res_block_t: int | None = None,
                        res_heads: int | None = None, res_programs_per_sm: int = 4, res_splits: int | None = None,
                        res_warps: int = 4, res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       res_whole_waves: bool = False, merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int = 1,
-                       merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       res_whole_waves: bool = False, merge_warps: int = 4, merge_stages: int = 2,
+                       merge_unroll: int = 1, merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs (defaults: the fastest of eval/bench/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7).
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import cdiv, launch_options, mma, pow2, rope_residual, split_length
+from .attention_common import cdiv, launch_options, mma, pow2, rope_residual, rope_tile, split_length
 
 #: the forms of the K pass (``res_form``)
 RES_FORMS = ("halves", "pairs")
@@ -38,8 +38,8 @@ def _kres_scores_kernel(
     ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, PAIRS: tl.constexpr,
 ):
-    """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every row
-    with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
+    """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
+    row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
     the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
     x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
     p = tl.program_id(0)
@@ -78,17 +78,8 @@ def _kres_scores_kernel(
             t = t0 + tl.arange(0, BLOCK_T)
             tm = t < t_end
             u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
-            cmask = tm[:, None] & dm[None, :]
-            c_ptr = COS + t[:, None] * (2 * HALF) + d[None, :]
-            s_ptr = SIN + t[:, None] * (2 * HALF) + d[None, :]
-            c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
-            s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
-            if ROPE_HALF:
-                c_hi = c_lo
-                s_hi = s_lo
-            else:
-                c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
-                s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
+            c_lo, s_lo, c_hi, s_hi = rope_tile(COS, SIN, 2 * HALF, 2 * HALF, t, d, tm[:, None] & dm[None, :], HALF,
+                                               ROPE_HALF)
             for hh in range(HG):
                 h = hg * HG + hh
                 qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
-                               rope_residual, softmax_step, workspace)
+                               rope_residual, rope_tile, softmax_step, workspace)
 
 @triton.jit
 def _shared_part_kernel(
@@ -99,16 +99,7 @@ def _shared_part_kernel(
                 kb_ptr = KB + hkv * s_kbh + t[:, None] * s_kbt + dd[None, :]
                 kb_lo = tl.load(kb_ptr, mask=cmask, other=0.0)
                 kb_hi = tl.load(kb_ptr + HALF, mask=cmask, other=0.0)
-                c_ptr = COS + t[:, None] * s_ct + dd[None, :]
-                s_ptr = SIN + t[:, None] * s_st + dd[None, :]
-                c_lo = tl.load(c_ptr, mask=cmask, other=0.0)
-                s_lo = tl.load(s_ptr, mask=cmask, other=0.0)
-                if ROPE_HALF:
-                    c_hi = c_lo
-                    s_hi = s_lo
-                else:
-                    c_hi = tl.load(c_ptr + HALF, mask=cmask, other=0.0)
-                    s_hi = tl.load(s_ptr + HALF, mask=cmask, other=0.0)
+                c_lo, s_lo, c_hi, s_hi = rope_tile(COS, SIN, s_ct, s_st, t, dd, cmask, HALF, ROPE_HALF)
                 qc_ptr = Q + row[None, :] * s_qb + head[None, :] * s_qh + qi[None, :] * s_qq + dd[:, None]
                 qc_mask = valid[None, :] & ddm[:, None]
                 qc_lo = tl.load(qc_ptr, mask=qc_mask, other=0.0)

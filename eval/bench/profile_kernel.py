@@ -9,6 +9,8 @@ variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 from __future__ import annotations
 
 import argparse
+import json
+
 import torch
 
 from .kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
@@ -41,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
     ap.add_argument("--tuning-from", default=None,
                     help="an eval.bench.sweep_kernel result: its fastest knobs per variant")
+    ap.add_argument("--knobs", default=None,
+                    help='JSON launcher knobs for every variant (over --tuning-from\'s), e.g. {"res_form": "pairs"}')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from forkkv_hf.ops.dispatch import residual_attention_triton
@@ -51,22 +55,27 @@ def main(argv=None):
         from .schema import load
 
         best = load(args.tuning_from).extra["best"]
+    extra = json.loads(args.knobs) if args.knobs else {}
+
+    def knobs_of(variant, N):
+        return {**swept_knobs(best, variant, N), **extra} if args.kernel == "cascade" else {}
+
     if args.ncu_once:
         for point in args.points:
             q, view = make_case(*map(int, point.split(":")))
             for variant in VARIANTS:
-                knobs = swept_knobs(best, variant, view.batch_size) if args.kernel == "cascade" else {}
+                knobs = knobs_of(variant, view.batch_size)
                 residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel, **knobs)
         torch.cuda.synchronize()
         return
-    run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel},
+    run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel, "knobs": extra},
                        case_keys=["context", "agents", "variant"], out=args.out)
     for point in args.points:
         T, N = map(int, point.split(":"))
         q, view = make_case(T, N)
         for variant in VARIANTS:
             vv = variant_view(view, variant)
-            knobs = swept_knobs(best, variant, N) if args.kernel == "cascade" else {}
+            knobs = knobs_of(variant, N)
             launched = {}
             fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel,  # noqa: E731
                                                    launches=launched, **knobs)

@@ -1,4 +1,5 @@
-"""Tune the cascade decode kernels on the GPU within a time limit: launch configurations of each pass, timed and checked.
+"""Tune the cascade decode kernels on the GPU within a time limit: launch configurations of each pass, timed and
+checked.
 
 Stages, in priority order (the K pass dominates K+V calls; eval/KERNEL_NOTES.md "v8" says why these candidates):
 
@@ -49,7 +50,7 @@ CANDIDATES = {
         {"res_form": "pairs", "res_heads": 4},
     ],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
-    "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}, {"merge_unroll": 4, "merge_block_t": 64}],
+    "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}],
 }
 STAGE_VARIANTS = {"kres": ["kv"], "shared": ["kv", "v", "base"], "merge": ["kv", "v", "base"],
                   "combined": ["kv", "v", "base"]}
