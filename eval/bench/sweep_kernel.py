@@ -76,9 +76,10 @@ def configs(stage: str, only: dict | None = None, grids: dict | None = None) -> 
 
 def resident_programs(n_regs: int, num_warps: int, shared: int, limits: dict = SM90) -> int:
     """How many programs of a compiled kernel one SM holds at once (registers per warp rounded up to the allocation
-    unit; shared memory plus the per-program reserve)."""
+    unit, each of the 4 sub-partitions holding a quarter of the register file; shared memory plus the per-program
+    reserve)."""
     per_warp = -(-n_regs * 32 // limits["reg_unit"]) * limits["reg_unit"]
-    by_regs = (limits["regs"] // max(per_warp, 1)) // num_warps
+    by_regs = 4 * (limits["regs"] // 4 // max(per_warp, 1)) // num_warps
     by_smem = limits["smem"] // (shared + limits["smem_reserved"])
     return max(1, min(by_regs, by_smem, limits["warps"] // num_warps, limits["programs"]))
 
