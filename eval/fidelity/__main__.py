@@ -120,7 +120,7 @@ def pack(folder: Path, prefix: Path, part_bytes: int = 15_000_000) -> list[str]:
     import tarfile
 
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
         tar.add(folder, arcname=Path(folder).name)
     data = buf.getvalue()
     prefix = Path(prefix)

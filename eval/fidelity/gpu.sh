@@ -52,7 +52,7 @@ place)
   mkdir -p "$HOME/m"; cp .m/smol.part00 "$HOME/m/"
   unpack
   cd /tmp/src && PYTHONPATH=/tmp/src python3 -c "import torch, forkkv_hf.training, eval.fidelity.train; \
-print('part 1 kept;', torch.cuda.get_device_name(0), torch.__version__)"
+print('part 1 kept;', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA', torch.__version__)"
   echo "place done in ${SECONDS}s" ;;
 smoke)
   mkdir -p "$HOME/m"; cp .m/smol.part00 "$HOME/m/"
@@ -71,6 +71,6 @@ run)
   echo "set-up done at ${SECONDS}s"
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity run --data /tmp/data \
     --out "$OUT/fidelity_nvidia_h200.json" --adapters-out /tmp/adapters --adapters-archive "$OUT/adapters.tgz" "$@" 2>&1 \
-    | grep --line-buffered -v Warning | tee "$OUT/log.txt" | tail -40
+    | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v Warning | tail -40  # log.txt: as it comes (progress bars end in \r)
   echo "run done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
 esac

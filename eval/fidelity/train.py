@@ -222,7 +222,8 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
                 step_losses.append((f"{a}/{kind}", loss.detach()))
                 seconds[kind] += time.perf_counter() - t
         # one wait for the device per step (the losses), not one per agent and kind
-        for (k, _), v in zip(step_losses, torch.stack([v for _, v in step_losses]).tolist()):
+        values = torch.stack([v for _, v in step_losses]).tolist() if step_losses else []
+        for (k, _), v in zip(step_losses, values):
             losses[k].append(round(v, 4))
         done += 1
         seen += len(cis)
