@@ -121,6 +121,29 @@ def _cascade_shared_kernel(
 # launcher
 
 
+def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype) -> dict:
+    """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
+    ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
+    the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
+    eval/KERNEL_NOTES.md "v8 measured"). Whole waves: every split count rounds down to one wave of the kernel's
+    resident programs (2 per SM for the shared part, 1 for its 8-warp tile, 2 for the K pass, so 4 is two waves)."""
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
+        return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
+                    whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
+                    res_programs_per_sm=4, res_whole_waves=False, merge_unroll=1)
+    # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
+    # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
+    wide = B * VPR <= 32 and (has_k or not has_v)
+    return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
+                num_stages=2 if has_v and not has_k else 3, programs_per_sm=1 if wide else 2, whole_waves=True,
+                # K pass: 128-token tiles on 8 warps capped at 128 registers (32 agents 649 -> 492 µs)
+                res_block_t=128, res_warps=8, res_stages=2, res_maxnreg=128, res_programs_per_sm=4,
+                res_whole_waves=True,
+                # the merge stage's candidates 2/4/8 measured within 1.5% of each other, 2 won 4 of 7 points
+                merge_unroll=2)
+
+
+
 def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, k_priv: torch.Tensor, v_priv: torch.Tensor, scale: float, *,
                       k_u=None, k_B=None, k_slot=None, v_u=None, v_B=None, v_slot=None, mask=None,
@@ -145,29 +168,30 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
 def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
                        rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
                        n_sub: int | None = None, programs_per_sm: int | None = None, n_splits: int | None = None,
-                       num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None,
-                       whole_waves: bool = False, res_form: str = "halves", res_block_t: int | None = None,
-                       res_heads: int | None = None, res_programs_per_sm: int = 4, res_splits: int | None = None,
-                       res_warps: int = 4, res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       res_whole_waves: bool = False, merge_warps: int = 4, merge_stages: int = 2,
-                       merge_unroll: int = 1, merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       num_warps: int | None = None, num_stages: int | None = None, maxnreg: int | None = None,
+                       whole_waves: bool | None = None, res_form: str = "halves", res_block_t: int | None = None,
+                       res_heads: int | None = None, res_programs_per_sm: int | None = None,
+                       res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
+                       res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
+                       merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int | None = None,
+                       merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
-    """Tuning knobs (defaults: the fastest of eval/bench/sweep_kernel.py on an H200, eval/KERNEL_NOTES.md v7).
+    """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
+    tiles for speed).
 
-    Shared-part kernel: ``block_m`` query vectors per program (default: up to 64), ``block_t`` context tokens per tile
-    (32 with K residuals and 32+ rows, else 64), ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``:
-    each multiplies only its own rows' u_v), ``programs_per_sm`` how many programs the split of the context aims at per
-    SM (4 with K residuals and 32+ rows or with 512+ query vectors, else 2) or ``n_splits`` the split count itself,
-    ``num_warps``, ``num_stages`` (2 with the V residual alone, else 3), ``maxnreg`` a per-thread register cap,
-    ``whole_waves``: size the splits so the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of
-    reaching at least that. K pass (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``,
-    ``res_heads``, ``res_programs_per_sm`` / ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``,
-    ``res_whole_waves``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
-    ``merge_stages``, ``merge_unroll``, ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype
-    (``None``: on for bf16/fp16 on the GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16.
-    ``scratch(name, numel, device, dtype)``: the scores' and partials' buffers (default: reusable workspaces; a
-    CUDA-graph capture passes :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the
-    compiled kernels (``"kres"``, ``"shared"``, ``"merge"``) for the tuning scripts."""
+    Shared-part kernel: ``block_m`` query vectors per program (default: up to 64), ``block_t`` context tokens per tile,
+    ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows' u_v),
+    ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
+    itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
+    the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
+    (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
+    ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``. Merge
+    (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``, ``merge_unroll``,
+    ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the
+    GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``:
+    the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
+    :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
+    ``"shared"``, ``"merge"``) for the tuning scripts."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
@@ -185,9 +209,15 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     launched = {}
     if lowp_rope is None:
         lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
-    num_stages = num_stages or (2 if has_v and not has_k else 3)
-    if dtype == torch.float32 and not interp:  # fp32 tiles take twice the shared memory
-        block_t, res_block_t, num_stages, res_stages = block_t or 32, res_block_t or 32, 1, 1
+    # the interpreter runs the GPU's bf16/fp16 rule (its split rounding included) with 32-token tiles for speed
+    cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype)
+    if interp:
+        cfg.update(block_t=32, res_block_t=32)
+    given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
+                 whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
+                 res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
+                 merge_unroll=merge_unroll)
+    cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual
     if has_k:
@@ -200,19 +230,17 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             q, k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous(), k_slot,
             k_order.to(device=dev, dtype=torch.int32), r_scores, qk_scale, VPR=VPR, rope_half=rope_half,
             lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
-            k_max_rows=k_max_rows, res_form=res_form, res_block_t=res_block_t, res_heads=res_heads,
-            res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, res_warps=res_warps,
-            res_stages=res_stages, res_maxnreg=res_maxnreg, mq=mq, whole_waves=res_whole_waves)
+            k_max_rows=k_max_rows, res_form=res_form, res_block_t=cfg["res_block_t"], res_heads=res_heads,
+            res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
+            res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"])
 
-    many_k_rows = has_k and B * NQ >= 32
-    BLOCK_T = block_t or (32 if interp or many_k_rows else 64)
-    programs_per_sm = programs_per_sm or (4 if many_k_rows or B * NQ * G >= 512 else 2)
+    BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))
     n_sub = n_sub or max(1, BLOCK_M // 16)
     SB = BLOCK_M // n_sub
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
-    split_len = split_length(T, BLOCK_T, n_mb * Hkv, programs_per_sm * sms, n_splits, whole_waves)
+    split_len = split_length(T, BLOCK_T, n_mb * Hkv, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
     n_splits = max(1, cdiv(T, split_len))
     n_vec = B * H * NQ * n_splits
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
@@ -230,11 +258,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        **launch_options(num_warps, num_stages, maxnreg),
+        **launch_options(cfg["num_warps"], cfg["num_stages"], maxnreg),
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
-        prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages, merge_unroll=merge_unroll,
+        prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages, merge_unroll=cfg["merge_unroll"],
         merge_block_t=merge_block_t)
     if launches is not None:
         launches.update(launched)

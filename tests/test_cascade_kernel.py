@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from forkkv_kernels import cascade_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
 
 def _launch(q, view, mask, scale, host_order=True, **tuning):
@@ -93,6 +94,102 @@ def test_cascade_launch_knobs_match_reference(case, knobs, masked):
     mask = case.mask() if masked else None
     out = _launch(q, view, mask, case.D**-0.5, **knobs)
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+def _gpu_rule(case) -> dict:
+    """The launch knobs the launcher uses on the GPU for ``case`` in bf16 (the interpreter runs the same rule with
+    32-token tiles)."""
+    from forkkv_kernels.cascade import launch_defaults
+
+    vpr = 1 << (case.Q * (case.H // case.Hkv) - 1).bit_length()
+    return launch_defaults(case.B, case.Q, vpr, case.k_res, case.v_res, torch.bfloat16)
+
+
+#: the GPU's launch rules (``launch_defaults``, eval/results/sweep_kernel_v8_nvidia_h200.json) forced, with their tiles:
+#: 128 tokens for the shared part (few vectors) or 64 / 32 (many), 128 for the K pass, splits rounded down to whole
+#: waves, the merge unrolled by 2. (The interpreter ignores warps and register caps; tiles and splits are what it runs.)
+V8_WIDE = dict(block_t=128, num_warps=8, programs_per_sm=1, whole_waves=True, res_block_t=128, res_warps=8,
+               res_maxnreg=128, res_programs_per_sm=4, res_whole_waves=True, merge_unroll=2)
+V8_RULES = {"wide": V8_WIDE, "narrow": dict(V8_WIDE, block_t=64, num_warps=4, programs_per_sm=2),
+            "many_k": dict(V8_WIDE, block_t=32, num_warps=4, programs_per_sm=2)}
+#: contexts that are not a multiple of 128 tokens and span several tiles and splits: GQA 1-8, ranks 1-16, rows sharing
+#: an agent or without one, extend calls, one residual kind or none, more than 32 query vectors (the narrow rule)
+V8_CASES = [
+    AttnCase(B=3, H=4, Hkv=2, D=32, T=300, P=3, fast=True),
+    AttnCase(B=4, H=8, Hkv=1, D=16, T=389, P=5, Q=2, rows=(0, 0, 1, -1)),
+    AttnCase(B=5, H=3, Hkv=3, D=16, T=257, P=4, N=3, ranks=(1, 8, 3)),
+    AttnCase(B=2, H=6, Hkv=2, D=48, T=200, P=6, Q=4),
+    AttnCase(B=9, H=16, Hkv=2, D=16, T=450, P=2, N=3, ranks=(16, 4, 2), rows=(0, 1, 2, 0, 1, 2, -1, 0, 0)),
+    AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False),
+    AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False),
+]
+
+
+@parametrize("masked", [False, True], fast=lambda masked: masked)
+@parametrize("case", ATTN_CASES)
+def test_cascade_gpu_launch_rule_matches_reference(case, masked):
+    """The attention case space with the knobs the GPU would use for each shape (128-token tiles, whole waves)."""
+    view, q = case.view(), case.query()
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, **_gpu_rule(case))
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+@parametrize("masked", [False, True], fast=lambda masked: masked)
+@parametrize("rule", list(V8_RULES))
+@parametrize("case", V8_CASES)
+def test_cascade_v8_rules_on_long_odd_contexts(case, rule, masked):
+    """Each of the GPU's launch rules on contexts of several 128-token tiles, the last one partial, and several
+    splits (a whole-wave split count that rounds down, an odd one for the unrolled merge)."""
+    view, q = case.view(), case.query()
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, **V8_RULES[rule])
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+@parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
+@parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
+@parametrize("rule", ["gpu", "wide", "narrow"], fast=lambda rule: rule == "gpu")
+@parametrize("case", LOWP_CASES + [AttnCase(B=4, H=8, Hkv=2, D=64, T=300, P=5, rows=(0, 1, 1, -1))],
+             fast=lambda case: case.T == 300)
+def test_cascade_v8_rules_low_precision_pass_rule(case, rule, dtype, lowp_rope):
+    """bf16/fp16 with the GPU's launch rules: error against the fp32 reference at most 3x that of PyTorch doing the
+    same attention in the low dtype."""
+    view, q = case.view(dtype), case.query(dtype)
+    scale = case.D**-0.5
+    knobs = _gpu_rule(case) if rule == "gpu" else V8_RULES[rule]
+    for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
+        ref = reference_attention(q.float(), view, m, scale)
+        base_err = lowp_attention_error(q.float(), view, m, scale, ref)
+        out = _launch(q, view, m, scale, lowp_rope=lowp_rope, **knobs)
+        assert out.dtype == dtype
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
+def test_gpu_launch_rule_is_the_sweeps_best():
+    """``launch_defaults`` gives the fastest passing rule of the v8 sweep at each measured point (T=32K, 8/32/128
+    agents, K+V / V / base), except where the sweep measured the rule's choice as fast: the merge's unroll factor
+    (2, 4 and 8 within 1.5% of each other) and the K pass at 8 agents (2 whole waves, 64 splits: 196.4 µs; 1 wave, 32
+    splits: 195.9 µs)."""
+    import json
+
+    from forkkv_kernels.attention_common import split_length
+    from forkkv_kernels.cascade import launch_defaults
+
+    path = Path(__file__).parents[1] / "eval/results/sweep_kernel_v8_nvidia_h200.json"
+    summary = json.loads(path.read_text())["extra"]["summary"]
+    assert len(summary) == 9
+    for s in summary:
+        N, variant = s["agents"], s["variant"]
+        rule = launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+        for knob, value in s["best_rule"].items():
+            if knob == "merge_unroll" or (variant, N, knob) == ("kv", 8, "res_programs_per_sm"):
+                continue
+            assert rule[knob] == value, (variant, N, knob, rule[knob], value)
+    # K+V at 32 agents won at the K pass's own split rule (17 -> 16 splits of 128 tokens): whole waves give the same
+    assert split_length(32768, 128, 32, 4 * 132, whole_waves=True) == split_length(32768, 128, 32, 4 * 132)
+    assert launch_defaults(32, 1, 4, True, True, torch.float32)["whole_waves"] is False  # fp32: not swept
 
 
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)

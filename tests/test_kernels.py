@@ -43,6 +43,7 @@ def _fp32_matches_reference(case, masked, kernel, **knobs):
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.version_independent
 @parametrize("kernel", KERNELS)
 @parametrize("masked", [False, True])
 @parametrize("case", ATTN_CASES)
@@ -50,6 +51,7 @@ def test_kernel_fp32_matches_reference(case, masked, kernel):
     _fp32_matches_reference(case, masked, kernel)
 
 
+@pytest.mark.version_independent
 @parametrize("masked", [False, True])
 @parametrize("kernel,case,knobs", [(k, case, knobs) for k, cases in TUNINGS.items() for case, knobs in cases])
 def test_kernel_tunings_match_reference(kernel, case, knobs, masked):
@@ -58,6 +60,7 @@ def test_kernel_tunings_match_reference(kernel, case, knobs, masked):
     _fp32_matches_reference(case, masked, kernel, **knobs)
 
 
+@pytest.mark.version_independent
 @parametrize("kernel", KERNELS + ["cascade-scores-fp32"])
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
@@ -83,6 +86,7 @@ def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, kernel):
         view = _to(view, "cpu")
 
 
+@pytest.mark.version_independent
 @parametrize("kernel", KERNELS)
 def test_kernel_notices_the_residual(kernel):
     """Not a test that cannot fail: with the residual removed (the view's host slots, which the adapter reads first)
@@ -95,6 +99,7 @@ def test_kernel_notices_the_residual(kernel):
     assert (a - b).abs().max() > 1e-2
 
 
+@pytest.mark.version_independent
 def test_kernel_choice(monkeypatch):
     """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL``, ``set_config`` and the
     ``kernel`` argument override it; unknown names are refused with the choices. White-box (the chooser): both
@@ -113,6 +118,22 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("FORKKV_KERNEL", "flash")
     with pytest.raises(ValueError, match="FORKKV_KERNEL.*use one of"):
         triton_kernel(4, 1, True)
+
+
+@pytest.mark.version_independent
+def test_kernel_choice_by_context(monkeypatch):
+    """Decode calls with K residuals over a context of at least CASCADE_MIN_K_CONTEXT tokens take the cascade kernels
+    whatever the rows (measured faster there); shorter or unknown contexts and extend calls keep the fused kernels
+    from FUSED_MIN_K_QUERIES (row, query) pairs. White-box (the chooser)."""
+    from forkkv_hf.ops.dispatch import CASCADE_MIN_K_CONTEXT as long, FUSED_MIN_K_QUERIES as many, triton_kernel
+
+    monkeypatch.delenv("FORKKV_KERNEL", raising=False)
+    assert [triton_kernel(many, 1, True, context=long), triton_kernel(4 * many, 1, True, context=2 * long),
+            triton_kernel(many, 1, True, context=long - 1), triton_kernel(many, 1, True),
+            triton_kernel(many, 2, True, context=long), triton_kernel(many - 1, 1, True, context=16),
+            triton_kernel(many, 1, False, context=16)] \
+        == ["cascade", "cascade", "fused", "fused", "fused", "cascade", "cascade"]
+    assert triton_kernel(many, 1, True, kernel="fused", context=long) == "fused"
 
 
 def test_generate_with_triton_backend_equals_torch(monkeypatch):
@@ -169,6 +190,7 @@ def test_generate_long_prompts_all_backends_agree(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=backend)
 
 
+@pytest.mark.version_independent
 @pytest.mark.gpu
 @parametrize("kernel", KERNELS)
 @parametrize("dtype", LOW_DTYPES)
@@ -183,6 +205,7 @@ def test_kernel_real_sizes_gpu(case, dtype, kernel):
     assert err <= 3 * base_err + 1e-5, (err, base_err)
 
 
+@pytest.mark.version_independent
 @pytest.mark.gpu
 @parametrize("dtype", LOW_DTYPES)
 def test_sdpa_prompt_path_real_sizes_gpu(dtype):

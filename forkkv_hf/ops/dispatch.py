@@ -245,19 +245,29 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, where they
-#: measure faster than the cascade kernels (eval/KERNEL_NOTES.md, "Which family serves a call")
+#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, unless they are
+#: decode calls over a context of at least CASCADE_MIN_K_CONTEXT tokens (eval/KERNEL_NOTES.md, "Which family serves a
+#: call")
 FUSED_MIN_K_QUERIES = 32
+#: the shortest shared context at which decode calls (one query per row) with K residuals take the cascade kernels
+#: whatever the rows: at 32K tokens the cascade kernels (v8 launch rules) measured 460 / 1,739 µs for 32 / 128 agents
+#: against the fused-rebuild kernels' 592 / 2,201 µs; shorter contexts were measured only with v7's rules (fused
+#: faster at 4K and 16K tokens, 32 agents)
+CASCADE_MIN_K_CONTEXT = 32768
 
 
-def triton_kernel(batch: int, queries: int, has_k: bool, kernel: str | None = None) -> str:
-    """Which Triton family serves a call: ``kernel`` (``cascade`` / ``fused``; the configuration's ``kernel`` when
-    ``None``), else by measurement: the fused-rebuild kernels for calls with K residuals and
-    ``batch · queries >= FUSED_MIN_K_QUERIES``, the cascade kernels for the rest (V residual only, no residual, and
-    few rows)."""
+def triton_kernel(batch: int, queries: int, has_k: bool, kernel: str | None = None,
+                  context: int | None = None) -> str:
+    """Which Triton family serves a call over ``context`` shared tokens: ``kernel`` (``cascade`` / ``fused``; the
+    configuration's ``kernel`` when ``None``), else by measurement: the fused-rebuild kernels for calls with K
+    residuals and ``batch · queries >= FUSED_MIN_K_QUERIES``, except decode calls (``queries == 1``) over at least
+    ``CASCADE_MIN_K_CONTEXT`` tokens; the cascade kernels for the rest (V residual only, no residual, few rows, long
+    contexts). ``context=None`` (unknown) counts as short."""
     name = kernel or get_config().kernel
     if name is None:
-        return "fused" if has_k and batch * queries >= FUSED_MIN_K_QUERIES else "cascade"
+        if not has_k or batch * queries < FUSED_MIN_K_QUERIES:
+            return "cascade"
+        return "cascade" if queries == 1 and (context or 0) >= CASCADE_MIN_K_CONTEXT else "fused"
     return name
 
 
@@ -295,7 +305,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     present = [(kind, r, rows, slots) for kind, r, rows, slots in
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
-    name = triton_kernel(B, Q, any(kind == "k" for kind, *_ in present), kernel)
+    name = triton_kernel(B, Q, any(kind == "k" for kind, *_ in present), kernel, context=view.shared_len)
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
     kw = dict(mask=int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
