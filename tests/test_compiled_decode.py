@@ -19,7 +19,8 @@ from forkkv_hf import ForkKVCache, ForkKVStore, SharedContext, batch_inputs, cac
 from forkkv_hf.static_cache import StaticForkKVCache, make_static
 from cases import GENERATE_MODES, parametrize
 from models import tiny_llama, with_adapters
-from test_generate import ALL, _assert_same, _context, _gen, _prompts, full_agents  # noqa: F401 (fixture)
+from test_generate import (ALL, _assert_same, _context, _gen, _prompts, full_agents,  # noqa: F401 (fixture)
+                           make_full_agents)
 
 pytestmark = pytest.mark.slow  # every test compiles (make test-fast leaves torch.compile out)
 
@@ -58,6 +59,13 @@ def fresh_dynamo():
 def agents(full_agents):
     """test_generate's agents: LoRA on q/k/v/o of every layer, different ranks and alphas, rsLoRA, a LoRA bias."""
     return full_agents
+
+
+@pytest.fixture(scope="module")
+def two_layer_agents():
+    """The same agents on two layers, for the tests that run the interpreted Triton kernels (their cost is per layer
+    and call)."""
+    return make_full_agents(layers=2)
 
 
 NAMES = ["planner", "critic", "coder", "__base__", "biased"]
@@ -191,7 +199,7 @@ def test_second_generate_does_not_recompile(agents):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
 @parametrize("kernel", ["cascade", "fused"])
-def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch, kernel):
+def test_triton_custom_ops_in_the_compiled_step(two_layer_agents, monkeypatch, kernel):
     """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``: the
     family the eager dispatch picks (``FORKKV_KERNEL`` here; by default cascade below 32 rows with K residuals)."""
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
@@ -199,26 +207,27 @@ def test_triton_custom_ops_in_the_compiled_step(agents, monkeypatch, kernel):
     monkeypatch.setenv("FORKKV_KERNEL", kernel)
     ctx = _context(40, seed=3)
     inputs = batch_inputs(ctx, _prompts([3, 1, 2, 2, 4], seed=8), pad_token_id=0)
-    eager, compiled, cache = _eager_and_compiled(agents, ctx, inputs, NAMES, max_new_tokens=4)
+    eager, compiled, cache = _eager_and_compiled(two_layer_agents, ctx, inputs, NAMES, max_new_tokens=4)
     _assert_same(compiled, eager)
     assert all(layer.work is not None and layer.work.kernel == kernel for layer in cache.layers)
     assert _decode_graph_runs() == 3
 
 
 @parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")])
-def test_functionalized_and_inductor_graphs(agents, backend, kernels, monkeypatch):
+def test_functionalized_and_inductor_graphs(two_layer_agents, backend, kernels, monkeypatch):
     """AOTAutograd's functionalisation (in-place cache writes on static inputs) and inductor's lowering (on CPU: C++;
     the Triton kernels, interpreted, as extern custom ops) keep the tokens."""
     if kernels == "triton" and torch.cuda.is_available():
         pytest.skip("interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
     monkeypatch.setenv("FORKKV_BACKEND", kernels)
     monkeypatch.setenv("FORKKV_LORA_BACKEND", kernels)
+    pm = two_layer_agents
     ctx = _context(17)
     names = ["planner", "__base__", "biased"]
     inputs = batch_inputs(ctx, _prompts([3, 5, 2]), pad_token_id=0)
-    eager = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names))
-    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
-    out = _gen(agents, inputs, names, cache, compile_config=_compile_config(backend))
+    eager = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), max_new_tokens=4)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+    out = _gen(pm, inputs, names, cache, compile_config=_compile_config(backend), max_new_tokens=4)
     _assert_same(out, eager)
     assert isinstance(cache, StaticForkKVCache) and (cache.layers[0].work is not None) == (kernels == "triton")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

@@ -20,9 +20,6 @@ SPECS = {"planner": dict(r=4), "coder": dict(r=2), "critic": dict(r=3, target_mo
 ROW_SETS = [["planner", "coder"], ["critic", "__base__", "planner"], ["coder"], ["critic", "coder"]]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def _agents(seed=0):
     return forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=seed), SPECS, seed=seed))
 

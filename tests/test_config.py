@@ -13,6 +13,8 @@ from forkkv_hf.log import warn_once
 from forkkv_hf.ops.dispatch import residual_attention
 from views import random_view
 
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
 ENV = ("FORKKV_BACKEND", "FORKKV_KERNEL", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE")
 
 

@@ -102,6 +102,7 @@ def _measured(calls, value):
     return fn
 
 
+@pytest.mark.version_independent
 def test_runner_saves_every_row_and_resumes_finished_cases(tmp_path):
     out = tmp_path / "r.json"
     run = BenchmarkRun("bench_x", {"tokens": 3}, ["n"], out=out)
@@ -117,6 +118,7 @@ def test_runner_saves_every_row_and_resumes_finished_cases(tmp_path):
     assert other.rows == []  # other parameters: nothing resumed
 
 
+@pytest.mark.version_independent
 def test_runner_starts_no_case_after_the_time_limit(tmp_path):
     run = BenchmarkRun("bench_x", {}, ["n"], out=tmp_path / "r.json", time_limit=0.0)
     calls = []
@@ -124,6 +126,7 @@ def test_runner_starts_no_case_after_the_time_limit(tmp_path):
     assert calls == [] and run.rows == []
 
 
+@pytest.mark.version_independent
 def test_schema_refuses_legacy_and_rows_without_their_case(tmp_path):
     with pytest.raises(ValueError, match="python -m eval.bench.upgrade_results"):
         BenchResult.from_dict({"benchmark": "bench_e2e", "rows": []})
@@ -135,6 +138,7 @@ def test_schema_refuses_legacy_and_rows_without_their_case(tmp_path):
         BenchResult.from_dict({**good, "capacity": {}})
 
 
+@pytest.mark.version_independent
 def test_upgrade_keeps_every_value(tmp_path):
     legacy = {"benchmark": "bench_e2e", "time": "t", "device": {"gpu": "G"}, "model": {"layers": 2},
               "prompt_tokens": 64, "new_tokens": 3, "budget_gib": 60.0, "baseline_prefill_chunk": 4096,
@@ -153,6 +157,7 @@ def test_upgrade_keeps_every_value(tmp_path):
         upgrade(path)
 
 
+@pytest.mark.version_independent
 def test_committed_results_load_and_plot(tmp_path):
     from eval.plots import plot_all
 
@@ -194,6 +199,7 @@ def test_entry_points_start():
     assert json.loads(dev.stdout)["torch"]
 
 
+@pytest.mark.version_independent
 def test_kernel_bench_helpers_on_cpu():
     """What of the kernel benchmarks runs without a GPU: the sweep's grid (spilling configurations left out), the knobs
     a sweep result hands the benchmark (nearest swept agent count), and the floors (more residuals, more work)."""
@@ -213,6 +219,7 @@ def test_kernel_bench_helpers_on_cpu():
     assert f["floor_base_s"] < f["floor_v_s"] < f["floor_s"] and f["bytes_base"] < f["bytes_v"] < f["bytes"]
 
 
+@pytest.mark.version_independent
 def test_no_sys_path_edits_and_eval_never_imports_examples():
     files = [*(ROOT / "eval").rglob("*.py"), *(ROOT / "examples").rglob("*.py"), ROOT / "tests" / "tp_worker.py"]
     edits = [str(f.relative_to(ROOT)) for f in files if "sys.path" in f.read_text()]

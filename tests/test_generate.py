@@ -44,10 +44,9 @@ def last_layer_agents():
     return forkkv_hf.enable_forkkv(pm)
 
 
-@pytest.fixture(scope="module")
-def full_agents():
-    """Agents with LoRA on q/k/v/o of every layer, different ranks, alphas and rsLoRA."""
-    m = tiny_llama(layers=3, seed=1)
+def make_full_agents(layers=3):
+    """Agents with LoRA on q/k/v/o of every layer, different ranks, alphas and rsLoRA, a LoRA bias; ForkKV on."""
+    m = tiny_llama(layers=layers, seed=1)
     pm = with_adapters(
         m,
         {
@@ -59,6 +58,12 @@ def full_agents():
         seed=1,
     )
     return forkkv_hf.enable_forkkv(pm)
+
+
+@pytest.fixture(scope="module")
+def full_agents():
+    """:func:`make_full_agents` on three layers."""
+    return make_full_agents()
 
 
 def test_exact_for_last_layer_kv_lora(last_layer_agents):

@@ -7,6 +7,8 @@ import pytest
 
 from forkkv_hf.log import get_logger, warn_once
 
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
 
 @pytest.fixture
 def fresh():

@@ -152,6 +152,7 @@ def test_sliding_window_within_window_is_exact_and_beyond_is_refused():
         SharedContext.build(pm, torch.randint(3, 128, (30,)), names)
 
 
+@pytest.mark.version_independent
 def test_gemma2_softcap_goes_through_the_torch_path():
     from forkkv_hf import reference_attention, residual_attention
     from views import random_view

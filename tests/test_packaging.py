@@ -11,6 +11,8 @@ import pytest
 
 import forkkv_hf
 
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -26,7 +26,8 @@ def quick(tmp_path_factory):
     assert not MISSING, f"packages the evaluation needs are missing: {', '.join(MISSING)}"
     out = tmp_path_factory.mktemp("quality") / "quality_quick.json"
     subprocess.run([sys.executable, "-m", "eval.quality", "--quick", "--scenarios", "gsm8k_fewshot",
-                    "--max-new-tokens", "4", "--variants", "exact", "forkkv", "forkkv_v", "naive", "--out", str(out)],
+                    "--max-new-tokens", "4", "--variants", "exact", "forkkv", "forkkv_v", "naive", "--threads", "1",
+                    "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out, json.loads(out.read_text())
 

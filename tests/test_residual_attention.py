@@ -11,6 +11,8 @@ from forkkv_hf import reference_attention, residual_attention_torch
 from forkkv_hf.ops.dispatch import residual_attention, residual_attention_sdpa
 from views import padding_mask, random_view
 
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
 ra_mod = importlib.import_module("forkkv_hf.ops.dispatch")
 
 

@@ -27,9 +27,6 @@ SPECS = {"planner": dict(r=4), "coder": dict(r=2, lora_bias=True, target_modules
 ROWS = ["planner", "coder", "__base__"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def _agents(seed=0):
     return forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=seed), SPECS, seed=seed))
 

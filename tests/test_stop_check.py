@@ -108,6 +108,7 @@ def test_other_caches_keep_transformers_answer():
         assert not on
 
 
+@pytest.mark.version_independent
 def test_defer_stop_config():
     with pytest.raises(ValueError, match="FORKKV_DEFER_STOP"):
         forkkv_hf.ForkKVConfig(defer_stop="on")

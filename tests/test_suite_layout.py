@@ -4,9 +4,12 @@ the parameters), and the scheme reads as documented."""
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
 from cases import ATTN_CASES, case_id
+
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
 TESTS = Path(__file__).resolve().parent
 

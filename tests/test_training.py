@@ -17,11 +17,6 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 T = 17
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_torch_thread):
-    yield
-
-
 def _model(dtype=torch.float32, layers=3, **specs):
     return with_adapters(tiny_llama(layers=layers, dtype=dtype), specs or {"agent": dict(target_modules=ALL)})
 

