@@ -65,17 +65,19 @@ def case_id(params: dict) -> str:
     return "-".join(parts) or "default"
 
 
-def parametrize(argnames: str, values, fast=None):
+def parametrize(argnames: str, values, fast=None, version_independent=None):
     """``pytest.mark.parametrize(argnames, values)`` with ids from :func:`case_id`. ``fast``: which values run in the
     fast tier (a predicate on the value; default: a value's own ``fast`` flag where it has one, else all); the rest are
-    marked ``slow``."""
+    marked ``slow``. ``version_independent``: which values are marked so (a predicate; the rule: tests/conftest.py)."""
     names = [n.strip() for n in argnames.split(",")]
     params = []
     for v in values:
         row = tuple(v) if len(names) > 1 else (v,)
         is_fast = fast(v) if fast is not None else getattr(v, "fast", True)
-        params.append(pytest.param(*row, id=case_id(dict(zip(names, row))),
-                                   marks=() if is_fast else (pytest.mark.slow,)))
+        marks = [] if is_fast else [pytest.mark.slow]
+        if version_independent is not None and version_independent(v):
+            marks.append(pytest.mark.version_independent)
+        params.append(pytest.param(*row, id=case_id(dict(zip(names, row))), marks=marks))
     return pytest.mark.parametrize(argnames, params)
 
 

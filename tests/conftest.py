@@ -4,10 +4,13 @@
 ``PYTHONPATH=.deps/transformers-5.17.0``) with ``-m "not version_independent"``. A test is marked
 ``version_independent`` when it runs no transformers or PEFT code: the Triton kernels and the attention paths on
 views built by hand (tests/views.py), the configuration, the logger, the suite's own layout, packaging, the
-benchmarks' schema and helpers, the context benchmark's data and metrics. Everything that builds a model, a cache, a
-shared context or an adapter, calls ``generate``/``forward``, compiles, trains, or starts a script that does, stays
-unmarked and runs on both versions (they differ in the cache keyword, ``Cache.crop``, the masks generate passes,
-compile and tensor-parallel internals: forkkv_hf/compat.py). When unsure, leave a test unmarked.
+benchmarks' schema and helpers, the context benchmark's data and metrics. Marked too: a variant of an unmarked test
+that differs from it only below the transformers/PEFT interfaces (the same model, inputs and generate/compile calls,
+another Triton kernel family or the Triton LoRA path in place of the other one: test_compiled_decode's ``fused``
+case, test_tensor_parallel's ``triton`` one). Everything else that builds a model, a cache, a shared context or an
+adapter, calls ``generate``/``forward``, compiles, trains, or starts a script that does, stays unmarked and runs on
+both versions (they differ in the cache keyword, ``Cache.crop``, the masks generate passes, compile and
+tensor-parallel internals: forkkv_hf/compat.py). When unsure, leave a test unmarked.
 
 The session runs torch on one intra-op thread: the models are tiny, and on 2 shared cores OpenMP's spin-waiting
 threads made them 2-20x slower. Subprocesses inherit ``OMP_WAIT_POLICY=PASSIVE`` for the same reason.
@@ -37,7 +40,15 @@ def pytest_report_header(config):
     )
 
 
+#: the files that take longest (torchrun, compiles, interpreted kernels, subprocesses), longest first: collected first,
+#: so that `make test`'s workers (whole files each) start on them and finish together
+LONGEST_FIRST = ("test_tensor_parallel.py", "test_cascade_kernel.py", "test_compiled_decode.py", "test_eval_scripts.py",
+                 "test_kernels.py", "test_quality.py", "test_staleness.py", "test_training_eval.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the order within a file stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
