@@ -87,30 +87,30 @@ def is_cuda_event(ev) -> bool:
     return getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
 
 
+def _device_us(ev) -> float:
+    """A profiler event's own GPU time in microseconds (the attribute's name differs between torch versions)."""
+    return getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+
+
 def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
     """GPU kernel time (seconds) of a ``torch.profiler`` run by family: a kernel counts for the first family with a
     name fragment its name contains, else for ``other``."""
     out = {f: 0.0 for f in families}
     out.setdefault(other, 0.0)
     for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        dev_us = _device_us(ev)
         if dev_us and is_cuda_event(ev):
             fam = next((f for f, keys in families.items() if keys and any(k in ev.key for k in keys)), other)
             out[fam] += dev_us / 1e6
     return out
 
 
-def kernel_launches(prof) -> int:
-    """How many GPU kernels a ``torch.profiler`` run recorded (replays of CUDA graphs count each kernel)."""
-    return sum(ev.count for ev in prof.key_averages() if is_cuda_event(ev)
-               and (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)))
-
-
 def kernels_by_name(prof) -> dict:
-    """``{kernel name (first 90 characters): [launches, seconds]}`` of a ``torch.profiler`` run."""
+    """``{kernel name (first 90 characters): [launches, seconds]}`` of a ``torch.profiler`` run (replays of CUDA
+    graphs count each kernel)."""
     out = {}
     for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        dev_us = _device_us(ev)
         if dev_us and is_cuda_event(ev):
             entry = out.setdefault(ev.key[:90], [0, 0.0])
             entry[0] += ev.count
