@@ -3,12 +3,14 @@
 # in that order): compiled = the GPU tests of compiled decode (bf16 pass rule, default compile); kernels = the
 # kernel/generate suites (eager paths, cascade default); hostprof = the compiled N=1 row again with --host-profile (where
 # the host's part of a step goes; its own JSON, bench_decode_host.json); bench = the decode-step benchmark
-# (python -m eval.bench.decode).
+# (python -m eval.bench.decode); kbench = the kernel benchmark (python -m eval.bench.kernel, bench_kernel.json, saved
+# after each case).
 # Everything under $OUT.
 #   LIMIT: seconds the whole script may take (default 570); each part gets what is left (a test part at most
 #   TEST_S, default 200); the benchmark starts no new case once fewer than CASE_S seconds (default 100) are left;
 #   RESUME: a bench_decode JSON from an earlier call (its cases are kept); AGENTS: the benchmark's N (default
-#   "1 8 32 128"); COMPILE: its compile settings in order (default "on off").
+#   "1 8 32 128"); COMPILE: its compile settings in order (default "on off"); NO_ANCHORS=1: skip the
+#   transformers-alone rows; KTESTS: the test files of the kernels part.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 LIMIT=${LIMIT:-570}
@@ -22,7 +24,7 @@ for part in ${PARTS:-compiled kernels bench}; do
       grep -E "^T=|passed|failed|Error" "$OUT/gpu_tests_compiled_decode.txt" | tail -n 8 ;;
     kernels)
       timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -p no:cacheprovider \
-        tests/test_cascade_kernel.py tests/test_kernels.py tests/test_generate.py > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
+        ${KTESTS:-tests/test_cascade_kernel.py tests/test_kernels.py tests/test_generate.py} > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
       tail -n 5 "$OUT/gpu_tests_kernels_generate.txt" ;;
     hostprof)
       timeout $t python3 -m eval.bench.decode --agents 1 --context 32768 --compile on --no-anchors --host-profile \
@@ -30,8 +32,12 @@ for part in ${PARTS:-compiled kernels bench}; do
       grep -v -i warn "$OUT/bench_decode_host.txt" | cut -c1-300 | tail -n 4 ;;
     bench)
       timeout $t python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 --compile ${COMPILE:-on off} \
-        --time-limit $((t - ${CASE_S:-100})) ${RESUME:+--resume "$RESUME"} --out "$OUT/bench_decode.json" \
+        --time-limit $((t - ${CASE_S:-100})) ${RESUME:+--resume "$RESUME"} ${NO_ANCHORS:+--no-anchors} \
+        --out "$OUT/bench_decode.json" \
         > "$OUT/bench_decode.txt" 2>&1
       grep -v -i warn "$OUT/bench_decode.txt" | cut -c1-400 | tail -n 12 ;;
+    kbench)
+      timeout $t python3 -m eval.bench.kernel --out "$OUT/bench_kernel.json" > "$OUT/bench_kernel.txt" 2>&1
+      grep -v -i warn "$OUT/bench_kernel.txt" | cut -c1-200 | tail -n 16 ;;
   esac
 done
