@@ -9,7 +9,8 @@
 #   LIMIT: seconds the whole script may take (default 570); each part gets what is left (a test part at most
 #   TEST_S, default 200); the benchmark starts no new case once fewer than CASE_S seconds (default 100) are left;
 #   RESUME: a bench_decode JSON from an earlier call (its cases are kept); AGENTS: the benchmark's N (default
-#   "1 8 32 128"); COMPILE: its compile settings in order (default "on off"); NO_ANCHORS=1: skip the
+#   "1 8 32 128"); COMPILE: its compile settings in order (default "on off"); COMPILED_AGENTS: the N of its
+#   compiled rows if not AGENTS; NO_ANCHORS=1: skip the
 #   transformers-alone rows; KTESTS: the test files of the kernels part.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -32,6 +33,7 @@ for part in ${PARTS:-compiled kernels bench}; do
       grep -v -i warn "$OUT/bench_decode_host.txt" | cut -c1-300 | tail -n 4 ;;
     bench)
       timeout $t python3 -m eval.bench.decode --agents ${AGENTS:-1 8 32 128} --context 32768 --compile ${COMPILE:-on off} \
+        ${COMPILED_AGENTS:+--compiled-agents $COMPILED_AGENTS} \
         --time-limit $((t - ${CASE_S:-100})) ${RESUME:+--resume "$RESUME"} ${NO_ANCHORS:+--no-anchors} \
         --out "$OUT/bench_decode.json" \
         > "$OUT/bench_decode.txt" 2>&1

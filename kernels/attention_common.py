@@ -260,6 +260,42 @@ def launch_options(num_warps: int, num_stages: int, maxnreg: int | None = None) 
     return dict(num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
+#: launches whose pipeline needed more shared memory than the GPU has: (kernel, tensor dtypes, constexprs, stages
+#: asked) -> the stages that fit (see :func:`launch`)
+_FITTED_STAGES: dict = {}
+
+
+def _out_of_shared_memory(err: Exception) -> bool:
+    return type(err).__name__ == "OutOfResources" and "shared memory" in str(err)
+
+
+def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | None = None, **constexprs):
+    """``kernel[grid](*args, **constexprs)`` with these launch options. The launch rules were measured on one GPU and
+    shape family (eval/KERNEL_NOTES.md); where a kernel's software pipeline of ``num_stages`` tiles needs more shared
+    memory than this GPU has (a wider head, a higher rank, fp32 tiles, a smaller GPU), it runs with fewer stages, which
+    changes its speed, not its result; remembered per kernel, dtypes and compile-time constants. One stage that still
+    does not fit raises Triton's error."""
+    key = None
+    if _FITTED_STAGES:
+        key = (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(sorted(constexprs.items())),
+               num_warps, num_stages, maxnreg)
+        num_stages = _FITTED_STAGES.get(key, num_stages)
+    asked = num_stages
+    while True:
+        try:
+            compiled = kernel[grid](*args, **constexprs, **launch_options(num_warps, num_stages, maxnreg))
+        except Exception as e:  # triton.runtime.errors.OutOfResources (not importable under every Triton version)
+            if num_stages <= 1 or not _out_of_shared_memory(e):
+                raise
+            num_stages -= 1
+            continue
+        if num_stages != asked:
+            key = key or (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+                          tuple(sorted(constexprs.items())), num_warps, asked, maxnreg)
+            _FITTED_STAGES[key] = num_stages
+        return compiled
+
+
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
                          merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None):
@@ -280,8 +316,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     BLOCK_M = pow2(G * min(NQ, max(1, 64 // G)))
     qpb = max(1, BLOCK_M // G)
     m_ws, l_ws, acc_ws, uv_ws = ws
-    kernel = _private_merge_kernel[(B, Hkv, cdiv(NQ, qpb))](
-        q, q.stride(0), q.stride(1), q.stride(2),
+    kernel = launch(
+        _private_merge_kernel, (B, Hkv, cdiv(NQ, qpb)), q, q.stride(0), q.stride(1), q.stride(2),
         k_priv, k_priv.stride(0), k_priv.stride(1), k_priv.stride(2),
         v_priv, v_priv.stride(0), v_priv.stride(1), v_priv.stride(2),
         v_B if has_v else q, *bv_s,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, launch_options, launch_private_merge, mma, num_sms,
+from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms,
                                on_device, pow2, softmax_step, split_length, workspace)
 from .kres_pass import launch_kres_scores
 
@@ -249,8 +249,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         v_slot = v_slot.to(device=dev, dtype=torch.int32)
         v_u = v_u.contiguous()
     ms = mask.stride() if mask is not None else (0, 0, 0)
-    launched["shared"] = _cascade_shared_kernel[(n_mb, Hkv, n_splits)](
-        q, q.stride(0), q.stride(1), q.stride(2),
+    launched["shared"] = launch(
+        _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
         k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
         mask if mask is not None else q, *ms,
         *ws,
@@ -258,7 +258,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        **launch_options(cfg["num_warps"], cfg["num_stages"], maxnreg),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import cdiv, launch_options, mma, pow2, rope_residual, rope_tile, split_length
+from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, split_length
 
 #: the forms of the K pass (``res_form``)
 RES_FORMS = ("halves", "pairs")
@@ -134,12 +134,12 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     n_chunks = cdiv(rows_max, MQ // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
     split_len = split_length(T, BT_R, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
-    return _kres_scores_kernel[(B, cdiv(T, split_len), n_chunks * (Hkv // HG))](
-        q, q.stride(0), q.stride(1), q.stride(2),
+    return launch(
+        _kres_scores_kernel, (B, cdiv(T, split_len), n_chunks * (Hkv // HG)), q, q.stride(0), q.stride(1), q.stride(2),
         k_u, k_B, cos, sin, k_slot, k_order, r_scores,
         B, T, k_u.shape[-1], split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs",
-        **launch_options(res_warps, res_stages, res_maxnreg),
+        num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

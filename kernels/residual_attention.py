@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, launch_private_merge, mma, num_sms, on_device, pow2,
+from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms, on_device, pow2,
                                rope_residual, rope_tile, softmax_step, workspace)
 
 @triton.jit
@@ -361,8 +361,8 @@ def _launch(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, plan: WorkPlan, 
         lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     lowp = bool(lowp_rope) and dtype != torch.float32
 
-    shared = _shared_part_kernel[(n_items, Hkv, n_splits)](
-        q, q.stride(0), q.stride(1), q.stride(2),
+    shared = launch(
+        _shared_part_kernel, (n_items, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
         k_base, k_base.stride(0), k_base.stride(1),
         v_base, v_base.stride(0), v_base.stride(1),
         cos, sin, cos.stride(0), sin.stride(0),

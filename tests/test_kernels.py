@@ -223,3 +223,48 @@ def test_sdpa_prompt_path_real_sizes_gpu(dtype):
     out = residual_attention_sdpa(q.cuda(), _to(view, "cuda"), mask.cuda(), 128**-0.5, workspace_bytes=1 << 28)
     err = (out.float().cpu() - ref).abs().max().item()
     assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
+@pytest.mark.version_independent
+def test_launch_takes_fewer_stages_where_shared_memory_runs_out(monkeypatch):
+    """A launch rule whose pipeline needs more shared memory than the GPU has (a wider head, a higher rank, fp32 tiles
+    than the rule was measured on) runs with fewer stages, and remembers it; other errors, and one stage that still
+    does not fit, are raised."""
+    from forkkv_kernels import attention_common as ac
+
+    monkeypatch.setattr(ac, "_FITTED_STAGES", {})
+
+    class OutOfResources(Exception):
+        pass
+
+    class FakeKernel:
+        def __init__(self, fits: int, other_error=False):
+            self.fits, self.other_error, self.tried = fits, other_error, []
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **kw):
+                self.tried.append(num_stages)
+                if self.other_error:
+                    raise RuntimeError("not a resource error")
+                if num_stages > self.fits:
+                    raise OutOfResources("out of resource: shared memory, Required: 237568, Hardware limit: 232448.")
+                return ("ran", grid, args, kw, num_stages)
+            return run
+
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    k = FakeKernel(fits=1)
+    assert ac.launch(k, (1, 2), x, 7, num_warps=8, num_stages=3, BLOCK_T=128)[-1] == 1
+    assert k.tried == [3, 2, 1]
+    assert ac.launch(k, (1, 2), x, 9, num_warps=8, num_stages=3, BLOCK_T=128)[-1] == 1  # remembered: no retries
+    assert k.tried == [3, 2, 1, 1]
+    ac.launch(k, (1, 2), x.float(), 9, num_warps=8, num_stages=3, BLOCK_T=128)  # other dtypes: their own entry
+    assert k.tried[4:] == [3, 2, 1]
+    fits = FakeKernel(fits=3)
+    assert ac.launch(fits, (1,), x, num_warps=4, num_stages=3, maxnreg=128, BLOCK_T=64)[-1] == 3
+    assert fits.tried == [3]
+    with pytest.raises(OutOfResources):
+        ac.launch(FakeKernel(fits=0), (1,), x, num_warps=4, num_stages=2, BLOCK_T=64)
+    bad = FakeKernel(fits=3, other_error=True)
+    with pytest.raises(RuntimeError, match="not a resource error"):
+        ac.launch(bad, (1,), x, num_warps=4, num_stages=3, BLOCK_T=64)
+    assert bad.tried == [3]

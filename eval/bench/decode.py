@@ -232,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs=2, default=[8, 40], help="the two generate lengths n1 n2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--compiled-agents", type=int, nargs="+", default=None,
+                    help="the N of the compiled rows where they differ from --agents (e.g. a capacity-sized N)")
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend for compile on (default: transformers' default on CUDA, eager on CPU)")
     ap.add_argument("--no-anchors", action="store_true", help="skip the transformers-alone rows")
@@ -262,14 +264,16 @@ def main(argv=None):
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
     ctx = torch.randint(3, vocab, (args.context,), device=dev, generator=g)
-    prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(max(args.agents))]
+    agents = {"on": args.compiled_agents or args.agents, "off": args.agents}
+    n_max = max(max(agents[c]) for c in args.compile)
+    prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(n_max)]
     if not args.no_anchors:  # before PEFT wraps the model
         anchor_cases(run, model, torch.cat([ctx, prompts[0]])[None], args, compile_config)
-    names = [f"agent{i}" for i in range(max(args.agents))]
+    names = [f"agent{i}" for i in range(n_max)]
     pm = add_random_adapters(model, names, rank=16)
     print(f"model + {len(names)} adapters built in {time.time() - t0:.0f} s", flush=True)
     for c in args.compile:  # every N compiled first (the targets), then eager
-        for N in args.agents:
+        for N in agents[c]:
             forkkv_case(run, pm, ctx, prompts[:N], names[:N], c == "on", args, compile_config)
     run.finish()
 
