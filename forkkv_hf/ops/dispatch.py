@@ -250,10 +250,11 @@ def _triton_ready(query: torch.Tensor) -> bool:
 #: call")
 FUSED_MIN_K_QUERIES = 32
 #: the shortest shared context at which decode calls (one query per row) with K residuals take the cascade kernels
-#: whatever the rows: at 32K tokens the cascade kernels (v8 launch rules) measured 460 / 1,739 µs for 32 / 128 agents
-#: against the fused-rebuild kernels' 592 / 2,201 µs; shorter contexts were measured only with v7's rules (fused
-#: faster at 4K and 16K tokens, 32 agents)
-CASCADE_MIN_K_CONTEXT = 32768
+#: whatever the rows: with v8's launch rules the cascade kernels measured faster than the fused-rebuild kernels at
+#: every measured point from 4K tokens (eval/results/bench_kernel_nvidia_h200.json, H200, 32 / 128 agents: 4K 88.7 /
+#: 257.6 vs 113.4 / 325.7 µs, 16K 251.0 / 887.4 vs 322.3 / 1,148.3, 32K 461.5 / 1,735.0 vs 587.0 / 2,226.2); shorter
+#: contexts were not measured
+CASCADE_MIN_K_CONTEXT = 4096
 
 
 def triton_kernel(batch: int, queries: int, has_k: bool, kernel: str | None = None,
