@@ -26,7 +26,7 @@ def _next_pow2(n: int) -> int:
 
 @triton.jit
 def _gathered_mm_kernel(
-    X, s_xm, s_xk,
+    X, s_xs, s_xm, s_xk, X_PARTS,
     W, s_wa, s_wn, s_wk,
     OUT, s_os, s_om, s_on,
     SCALE,
@@ -36,7 +36,9 @@ def _gathered_mm_kernel(
     ADD: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr = "tf32",
 ):
     """One tile of up to BLOCK_M token-rows of one adapter x BLOCK_N output columns x one split of K:
-    ``OUT[split, rows, n] (+)= (X[rows] @ W[adapter]ᵀ)[:, n]`` (times ``SCALE[adapter]`` if ``HAS_SCALE``)."""
+    ``OUT[split, rows, n] (+)= (X[rows] @ W[adapter]ᵀ)[:, n]`` (times ``SCALE[adapter]`` if ``HAS_SCALE``), where
+    ``X`` is the sum of ``X_PARTS`` partial inputs ``s_xs`` apart (the shrink's split-K parts, summed in fp32 here
+    rather than by a separate reduction; 1 for a plain input)."""
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ks = tl.program_id(2)
@@ -55,11 +57,14 @@ def _gathered_mm_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + rk
         kvalid = kk < k_end
-        x = tl.load(X + rows[:, None] * s_xm + kk[None, :] * s_xk, mask=mvalid[:, None] & kvalid[None, :], other=0.0)
+        xmask = mvalid[:, None] & kvalid[None, :]
+        x = tl.load(X + rows[:, None] * s_xm + kk[None, :] * s_xk, mask=xmask, other=0.0)
+        for part in range(1, X_PARTS):
+            x += tl.load(X + part * s_xs + rows[:, None] * s_xm + kk[None, :] * s_xk, mask=xmask, other=0.0)
         w = tl.load(W + a * s_wa + rn[None, :] * s_wn + kk[:, None] * s_wk, mask=kvalid[:, None] & nvalid[None, :],
                     other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 products of bf16 values are exact
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(x.to(w.dtype).to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x.to(w.dtype), w, input_precision=DOT_PREC)
     if HAS_SCALE:
@@ -172,9 +177,10 @@ def lora_delta_planned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale:
     n_split = 2 if interp else max(1, min(_cdiv(d_in, BLOCK_K), _cdiv(4 * _num_sms(str(dev)), n_tiles)))
     k_per_split = _cdiv(_cdiv(d_in, n_split), BLOCK_K) * BLOCK_K
     n_split = _cdiv(d_in, k_per_split)
-    u_parts = torch.zeros(n_split, Bsz * L, RB, device=dev, dtype=torch.float32)
+    # every (split, tiled row, column < r) is written; the rest (rows of no adapter, padding columns) is never read
+    u_parts = torch.empty(n_split, Bsz * L, RB, device=dev, dtype=torch.float32)
     _gathered_mm_kernel[(n_tiles, 1, n_split)](
-        x2, x2.stride(0), x2.stride(1),
+        x2, 0, x2.stride(0), x2.stride(1), 1,
         A, A.stride(0), A.stride(1), A.stride(2),
         u_parts, u_parts.stride(0), u_parts.stride(1), u_parts.stride(2),
         scale, ta, tst, tc, perm,
@@ -182,17 +188,17 @@ def lora_delta_planned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale:
         BLOCK_M=bm, BLOCK_N=RB, BLOCK_K=BLOCK_K, ADD=False, HAS_SCALE=False, UPCAST=interp,
         DOT_PREC="ieee" if A.dtype == torch.float32 else "tf32",
     )
-    u = u_parts.sum(0) if n_split > 1 else u_parts[0]
+    u, parts = u_parts, n_split
     if reduce_group is not None:
         import torch.distributed as dist
 
-        u = u.contiguous()
+        u, parts = u_parts.sum(0, keepdim=True), 1
         dist.all_reduce(u, group=reduce_group)
-    u = u.to(B.dtype)
-    # expand out += scale · u Bᵀ
+    # expand out += scale · u Bᵀ; the kernel sums u's split-K parts (fp32) and rounds u to B's dtype, as a
+    # u_parts.sum(0).to(B.dtype) before it would, without those two launches
     BLOCK_N = 64 if interp else 128
     _gathered_mm_kernel[(n_tiles, _cdiv(d_out, BLOCK_N), 1)](
-        u, u.stride(0), u.stride(1),
+        u, u.stride(0), u.stride(1), u.stride(2), parts,
         B, B.stride(0), B.stride(1), B.stride(2),
         o2, 0, o2.stride(0), o2.stride(1),
         scale, ta, tst, tc, perm,

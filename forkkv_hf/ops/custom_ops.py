@@ -69,8 +69,9 @@ cascade_attention_op.register_fake(_attention_fake)
 fused_attention_op.register_fake(_attention_fake)
 
 
-@torch.library.custom_op("forkkv::lora_delta", mutates_args=())
-def lora_delta_op(
+@torch.library.custom_op("forkkv::lora_add_", mutates_args=("out",))
+def lora_add_op(
+    out: torch.Tensor,
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -80,18 +81,19 @@ def lora_delta_op(
     tile_count: torch.Tensor,
     perm: torch.Tensor,
     block_m: int,
-) -> torch.Tensor:
-    """Mixed-adapter LoRA delta ``[B, L, d_out]`` (in ``B``'s dtype) of ``x [B, L, d_in]`` (in ``A``'s dtype) with the
-    stacked factors ``A [n, r, d_in]``, ``B [n, d_out, r]``, ``scale [n]`` over pre-planned tiles of token-rows
-    (``forkkv_kernels.lora.padded_plan``); rows no tile covers get zero."""
+) -> None:
+    """``out [B, L, d_out]`` (contiguous, in ``B``'s dtype) += the mixed-adapter LoRA delta of ``x [B, L, d_in]`` (in
+    ``A``'s dtype) with the stacked factors ``A [n, r, d_in]``, ``B [n, d_out, r]``, ``scale [n]`` over pre-planned
+    tiles of token-rows (``forkkv_kernels.lora.padded_plan``); rows no tile covers are left as they are. In place, so
+    that the projection's output takes the delta with no zero-filled buffer and no separate add (inductor runs the
+    op on the output's own buffer when nothing else reads it)."""
     from forkkv_kernels.attention_common import on_device
     from forkkv_kernels.lora import lora_delta_planned
 
-    out = torch.zeros(x.shape[0], x.shape[1], B.shape[1], dtype=B.dtype, device=x.device)
     with on_device(x.device):
-        return lora_delta_planned(x, A, B, scale, out, block_m, tile_adapter, tile_start, tile_count, perm)
+        lora_delta_planned(x, A, B, scale, out, block_m, tile_adapter, tile_start, tile_count, perm)
 
 
-@lora_delta_op.register_fake
-def _lora_delta_fake(x, A, B, scale, tile_adapter, tile_start, tile_count, perm, block_m):
-    return x.new_empty(x.shape[0], x.shape[1], B.shape[1], dtype=B.dtype)
+@lora_add_op.register_fake
+def _lora_add_fake(out, x, A, B, scale, tile_adapter, tile_start, tile_count, perm, block_m):
+    return None

@@ -200,8 +200,13 @@ def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         return result
     if plan.tiles is None:
         return result + lora_delta_rows(x, plan.idx, plan.valid, stack).to(result.dtype)
-    delta = torch.ops.forkkv.lora_delta(x.to(stack.A.dtype), stack.A, stack.B, stack.scale, *plan.tiles, plan.block_m)
-    result = result + delta.to(result.dtype)
+    args = (x.to(stack.A.dtype), stack.A, stack.B, stack.scale, *plan.tiles, plan.block_m)
+    if result.dtype == stack.B.dtype and result.is_contiguous():
+        torch.ops.forkkv.lora_add_(result, *args)  # the projection's fresh output takes the delta in place
+    else:
+        delta = result.new_zeros(result.shape, dtype=stack.B.dtype)
+        torch.ops.forkkv.lora_add_(delta, *args)
+        result = result + delta.to(result.dtype)
     if stack.bias is not None:
         result = result + bias_rows(plan.idx, plan.valid, stack).to(result.dtype)
     return result
