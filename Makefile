@@ -53,10 +53,11 @@ TEST_WORKERS ?= 2
 PYTEST  := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## all CPU tests on the newest transformers; on 5.17 (the GPU machine's version) again, less the tests that run no
-## transformers/PEFT code (marked version_independent: tests/conftest.py)
+## transformers/PEFT code (marked version_independent) and the evaluation scripts' end-to-end runs (eval_harness; the
+## rules: tests/conftest.py)
 test: install-eval
 	$(PYTEST) tests
-	PYTHONPATH=$(TF_OLD_DIR) $(PYTEST) -m "not version_independent" tests
+	PYTHONPATH=$(TF_OLD_DIR) $(PYTEST) -m "not version_independent and not eval_harness" tests
 
 ## the fast tier: the tests not marked slow (tests/cases.py: a case's fast flag), newest transformers only
 test-fast: install-eval

@@ -1,7 +1,7 @@
 """The test session's settings, and the rule of the ``version_independent`` marker.
 
 ``make test`` runs the suite twice: on the newest transformers, then on 5.17 (the GPU machine's version,
-``PYTHONPATH=.deps/transformers-5.17.0``) with ``-m "not version_independent"``. A test is marked
+``PYTHONPATH=.deps/transformers-5.17.0``) with ``-m "not version_independent and not eval_harness"``. A test is marked
 ``version_independent`` when it runs no transformers or PEFT code: the Triton kernels and the attention paths on
 views built by hand (tests/views.py), the configuration, the logger, the suite's own layout, packaging, the
 benchmarks' schema and helpers, the context benchmark's data and metrics. Marked too: a variant of an unmarked test
@@ -11,6 +11,12 @@ case, test_tensor_parallel's ``triton`` one). Everything else that builds a mode
 adapter, calls ``generate``/``forward``, compiles, trains, or starts a script that does, stays unmarked and runs on
 both versions (they differ in the cache keyword, ``Cache.crop``, the masks generate passes, compile and
 tensor-parallel internals: forkkv_hf/compat.py). When unsure, leave a test unmarked.
+
+``eval_harness`` marks the tests that run an evaluation script of eval/ end to end (the benchmarks' tiny runs,
+``eval.quality`` and ``eval.fidelity`` on the real model, their entry points): the 5.17 pass leaves them out too
+(``-m "not version_independent and not eval_harness"``). They check the evaluation, not the library; the library
+code they reach runs in the 5.17 pass through its own tests, and the scripts themselves run on 5.17 on the GPU
+machine whenever results are made there (each result file records the versions it ran with).
 
 The session runs torch on one intra-op thread: the models are tiny, and on 2 shared cores OpenMP's spin-waiting
 threads made them 2-20x slower. Subprocesses inherit ``OMP_WAIT_POLICY=PASSIVE`` for the same reason.

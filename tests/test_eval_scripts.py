@@ -27,6 +27,7 @@ def _run(module, *args, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_bench_lora_tiny(tmp_path):
     res = _run("eval.bench.lora", "--tiny", "--rows", "1", "3", "--prompt", "6", "--new-tokens", "3",
                tmp_path=tmp_path)
@@ -39,6 +40,7 @@ def test_bench_lora_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_bench_e2e_tiny(tmp_path):
     res = _run("eval.bench.e2e", "--tiny", "--contexts", "48", "--agents", "1", "2", "--forkkv-agents", "1", "2",
                "--capacity-context", "48", "--new-tokens", "3", "--adapters", "2", tmp_path=tmp_path)
@@ -53,6 +55,7 @@ def test_bench_e2e_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_bench_e2e_tiny_split_over_devices(tmp_path):
     """The device-map variant (layers split with accelerate; here over two "cpu" devices, hooks forced)."""
     res = _run("eval.bench.e2e", "--tiny", "--devices", "cpu", "cpu", "--contexts", "40", "--agents", "2",
@@ -65,6 +68,7 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_bench_decode_tiny(tmp_path):
     """Issue 18's decode-step benchmark: ForkKV compiled (eager backend on CPU) and not, the transformers-alone
     anchors; every row measured, the compiled row compares its tokens with an eager generate's."""
@@ -81,6 +85,7 @@ def test_bench_decode_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_bench_tp_tiny_one_process(tmp_path):
     """The tensor-parallel benchmark's one-process run (what torchrun runs on every rank) from a written checkpoint."""
     ck = tmp_path / "ck"
@@ -181,6 +186,7 @@ ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench
 
 
 @pytest.mark.slow
+@pytest.mark.eval_harness
 def test_entry_points_start():
     """``python -m <module> --help`` of every entry point, in one process (each import costs seconds)."""
     code = ("import runpy, sys\n"

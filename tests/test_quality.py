@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the real model, in a subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.eval_harness]  # the real model, in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

