@@ -306,13 +306,18 @@ def test_sweep_geometry_matches_the_launcher():
     assert [resident_programs(150, 4, 20480), resident_programs(241, 4, 106496), resident_programs(104, 4, 21504)] \
         == [3, 2, 4]
     assert resident_programs(128, 8, 12288) == 2 and resident_programs(64, 4, 200000) == 1
+    # the v8 rules (kernels/cascade.py launch_defaults): K pass 128-token tiles, 4 programs per SM, whole waves; the
+    # shared part 128-token tiles and one program per SM up to 32 query vectors, else 64 (32 with K residuals) and 2
+    # (the V residual alone keeps 64-token tiles at 8 agents; a configuration's own knobs win over the rule)
+    expected = {("kres", 32): (32, 128, 4), ("kres", 128): (128 * 2, 128, 4), ("shared", 32): (2 * 8, 32, 2),
+                ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 64, 2), ("shared", 1): (8, 128, 3)}
     for stage, variant, cfg, N in [("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
                                    ("shared", "kv", {}, 32), ("shared", "base", {}, 128), ("shared", "v", {}, 8),
                                    ("shared", "base", {"block_m": 128, "programs_per_sm": 3}, 1)]:
         geo = launch_geometry(stage, variant, cfg, N, 32768, 132)
-        per_sm = 132 * (cfg.get("programs_per_sm") or
-                        (4 if stage == "kres" or (variant == "kv" and N >= 32) or N >= 128 else 2))
-        assert geo["splits"] == -(-32768 // split_length(32768, geo["block_t"], geo["items"], per_sm)), (stage, N)
+        items, block_t, per_sm = expected[stage, N]
+        assert (geo["items"], geo["block_t"]) == (items, block_t), (stage, N, geo)
+        assert geo["splits"] == -(-32768 // split_length(32768, block_t, items, per_sm * 132, whole_waves=True))
         one = wave_splits(1, 3, 132, geo["items"], 32768, geo["block_t"])
         assert one * geo["items"] <= 3 * 132 or one == 1  # one wave at most
         assert one == -(-32768 // split_length(32768, geo["block_t"], geo["items"], 3 * 132, whole_waves=True))

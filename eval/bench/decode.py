@@ -67,12 +67,16 @@ def _gpu_seconds(run, n: int) -> dict:
     return {**kernel_seconds_by_family(prof, FAMILIES, "elementwise/other"), NAMES: kernels_by_name(prof)}
 
 
-def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False) -> tuple[dict, object]:
+def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False,
+            log: str | None = None) -> tuple[dict, object]:
     """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
     the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
-    ``host``: also the host's per-step profile (:func:`host_profile`). Returns the measurements and the last ``n2``
-    output."""
+    ``host``: also the host's per-step profile (:func:`host_profile`); ``log``: a name to print each phase's end
+    with. Returns the measurements and the last ``n2`` output."""
+    say = (lambda what: print(f"{log}: {what} ({time.strftime('%H:%M:%S')})", flush=True)) if log else \
+        (lambda what: None)
     first, out = _wall(run, n2)
+    say(f"first call {first:.1f} s")
     _wall(run, n1)
     t1, t2 = [], []
     for _ in range(reps):
@@ -80,6 +84,7 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
         dt, out = _wall(run, n2)
         t2.append(dt)
     t1, t2 = sorted(t1)[reps // 2], sorted(t2)[reps // 2]
+    say("timed")
     step = (t2 - t1) / (n2 - n1)
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
            "first_call_extra_s": first - t2, "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None}
@@ -208,8 +213,10 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
                                pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
     def one():
+        print(f"forkkv N={len(names)} compile={compile_on}: shared context built, measuring "
+              f"({time.strftime('%H:%M:%S')})", flush=True)  # a case cut by a call's limit still says how far it got
         rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile,
-                           compile_on and args.host_profile)
+                           compile_on and args.host_profile, log=f"forkkv N={len(names)} compile={compile_on}")
         if compile_on:
             eager = gen(args.tokens[1], c=False)
             rec["rows_same_tokens_as_eager"] = int((eager == out).all(dim=1).sum())

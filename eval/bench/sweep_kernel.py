@@ -95,23 +95,35 @@ def wave_splits(waves: int, resident: int, sms: int, items: int, T: int, block_t
     return effective_splits(T, block_t, waves * resident * sms // items)
 
 
+def default_rule(variant: str, N: int) -> dict:
+    """The launcher's GPU launch rule (``forkkv_kernels.cascade.launch_defaults``) for the benchmark's bf16 decode
+    step of ``variant`` with ``N`` rows (one query each, 4 query vectors per row and KV head)."""
+    from forkkv_kernels.cascade import launch_defaults
+
+    return launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+
+
 def default_block_t(stage: str, variant: str, N: int) -> int:
     """The launcher's default tile of ``stage`` for the benchmark's bf16 decode step with ``N`` rows."""
-    return 64 if stage == "kres" or variant != "kv" or N < 32 else 32
+    return default_rule(variant, N)["res_block_t" if stage == "kres" else "block_t"]
 
 
 def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: int) -> dict:
     """Programs per split, tile and the launcher's own split count for a configuration of ``stage`` on the
     benchmark's decode step (``N`` rows, one agent and one query each, 4 query vectors per row and KV head), as the
-    launchers size them."""
+    launchers size them: ``cfg``'s knobs over the launcher's GPU rule (:func:`default_rule`)."""
+    from forkkv_kernels.attention_common import split_length
+
+    rule = {**default_rule(variant, N), **cfg}
     if stage == "kres":
-        items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), cfg.get("res_block_t") or 64
-        per_sm = cfg.get("res_programs_per_sm") or 4
+        items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
+        per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
     else:
-        block_m = cfg.get("block_m") or min(64, max(16, 1 << (4 * N - 1).bit_length()))
-        items, block_t = -(-4 * N // block_m) * HKV, cfg.get("block_t") or default_block_t(stage, variant, N)
-        per_sm = cfg.get("programs_per_sm") or (4 if (variant == "kv" and N >= 32) or 4 * N >= 512 else 2)
-    return {"items": items, "block_t": block_t, "splits": effective_splits(T, block_t, -(-per_sm * sms // items))}
+        block_m = cfg.get("block_m") or min(64, 1 << (4 * N - 1).bit_length())
+        items, block_t = -(-4 * N // block_m) * HKV, rule["block_t"]
+        per_sm, whole = rule["programs_per_sm"], rule["whole_waves"]
+    return {"items": items, "block_t": block_t,
+            "splits": -(-T // split_length(T, block_t, items, per_sm * sms, whole_waves=whole))}
 
 
 def resources(compiled) -> dict:
