@@ -3,7 +3,8 @@
 # in that order): compiled = the GPU tests of compiled decode (bf16 pass rule, default compile); kernels = the
 # kernel/generate suites (eager paths, cascade default); hostprof = the compiled N=1 row again with --host-profile (where
 # the host's part of a step goes; its own JSON, bench_decode_host.json); bench = the decode-step benchmark
-# (python -m eval.bench.decode); kbench = the kernel benchmark (python -m eval.bench.kernel, bench_kernel.json, saved
+# (python -m eval.bench.decode); warmfirst = its compiled rows' first call again in a new process (compile caches
+# on disk); kbench = the kernel benchmark (python -m eval.bench.kernel, bench_kernel.json, saved
 # after each case).
 # Everything under $OUT.
 #   LIMIT: seconds the whole script may take (default 570); each part gets what is left (a test part at most
@@ -38,6 +39,11 @@ for part in ${PARTS:-compiled kernels bench}; do
         --out "$OUT/bench_decode.json" \
         > "$OUT/bench_decode.txt" 2>&1
       grep -v -i warn "$OUT/bench_decode.txt" | cut -c1-400 | tail -n 12 ;;
+    warmfirst)  # the compiled rows' first call again in a new process (the compile caches of the bench part on disk)
+      timeout $t python3 -m eval.bench.decode --agents ${COMPILED_AGENTS:-${AGENTS:-1 8 32 128}} --context 32768 \
+        --compile on --no-anchors --first-call-only --out "$OUT/bench_decode_first_call.json" \
+        > "$OUT/bench_decode_first_call.txt" 2>&1
+      grep -v -i warn "$OUT/bench_decode_first_call.txt" | cut -c1-300 | tail -n 6 ;;
     kbench)
       timeout $t python3 -m eval.bench.kernel --out "$OUT/bench_kernel.json" > "$OUT/bench_kernel.txt" 2>&1
       grep -v -i warn "$OUT/bench_kernel.txt" | cut -c1-200 | tail -n 16 ;;

@@ -12,7 +12,9 @@ per-step hooks or synchronisation:
   ``kernels_per_step``: the kernels a step runs (each leaves a gap of about a microsecond or more even inside a
   CUDA graph, which GPU-busy does not count); ``--host-profile``: where the host's part of a compiled step goes;
 - first call: the wall time of the first ``generate`` of a shape (with compile on: dynamo, inductor, the CUDA-graph
-  recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``).
+  recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``);
+  ``--first-call-only`` in a later process times it again with the compile caches an earlier run left on disk
+  (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it.
 
 Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
 ``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
@@ -199,7 +201,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
     from forkkv_hf.static_cache import free_static_buffers
 
-    case = {"system": "forkkv", "context": ctx.numel(), "agents": len(names), "compile": compile_on}
+    system = "forkkv, first call in a new process" if args.first_call_only else "forkkv"
+    case = {"system": system, "context": ctx.numel(), "agents": len(names), "compile": compile_on}
     if run.done(case) or run.out_of_time():
         return
     forkkv_hf.enable_forkkv(pm)
@@ -212,6 +215,10 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
             return pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
+    def first_only():  # a new process with the on-disk compile caches of an earlier one (Triton's, inductor's)
+        dt, _ = _wall(gen, args.tokens[1])
+        return {"rows": len(names), "n2": args.tokens[1], "first_call_s": dt}
+
     def one():
         print(f"forkkv N={len(names)} compile={compile_on}: shared context built, measuring "
               f"({time.strftime('%H:%M:%S')})", flush=True)  # a case cut by a call's limit still says how far it got
@@ -222,7 +229,7 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
             rec["rows_same_tokens_as_eager"] = int((eager == out).all(dim=1).sum())
         return rec
 
-    row = run.measure(case, lambda: _guarded(one))
+    row = run.measure(case, lambda: _guarded(first_only if args.first_call_only else one))
     if "error" in row or "oom" in row:
         remove_stale_peft_hooks(pm)
     if compile_on:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
@@ -247,6 +254,9 @@ def main(argv=None):
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--host-profile", action="store_true",
                     help="compiled rows: also where the host's part of a step goes (cProfile, per step)")
+    ap.add_argument("--first-call-only", action="store_true",
+                    help="only each ForkKV row's first generate (rows 'forkkv, first call in a new process'): run it "
+                         "after a full run, in a new process, to time a first call with the compile caches on disk")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)
