@@ -12,7 +12,8 @@
 #   RESUME: a bench_decode JSON from an earlier call (its cases are kept); AGENTS: the benchmark's N (default
 #   "1 8 32 128"); COMPILE: its compile settings in order (default "on off"); COMPILED_AGENTS: the N of its
 #   compiled rows if not AGENTS; NO_ANCHORS=1: skip the
-#   transformers-alone rows; KTESTS: the test files of the kernels part.
+#   transformers-alone rows; KTESTS: the test files of the kernels part; KBENCH_ARGS: the kernel benchmark's arguments
+#   (e.g. "--queries 4 --contexts 1024 4096").
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 LIMIT=${LIMIT:-570}
@@ -45,7 +46,7 @@ for part in ${PARTS:-compiled kernels bench}; do
         > "$OUT/bench_decode_first_call.txt" 2>&1
       grep -v -i warn "$OUT/bench_decode_first_call.txt" | cut -c1-300 | tail -n 6 ;;
     kbench)
-      timeout $t python3 -m eval.bench.kernel --out "$OUT/bench_kernel.json" > "$OUT/bench_kernel.txt" 2>&1
+      timeout $t python3 -m eval.bench.kernel ${KBENCH_ARGS:-} --out "$OUT/bench_kernel.json" > "$OUT/bench_kernel.txt" 2>&1
       grep -v -i warn "$OUT/bench_kernel.txt" | cut -c1-200 | tail -n 16 ;;
   esac
 done

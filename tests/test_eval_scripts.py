@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from eval.bench.runner import BenchmarkRun
 from eval.bench.schema import SCHEMA, BenchResult, load
@@ -223,6 +224,23 @@ def test_kernel_bench_helpers_on_cpu():
     assert swept_knobs(best, "v", 30) == {} and swept_knobs({}, "kv", 30) == {}
     f = floors(32768, 32, {"hbm_bytes_per_s": 4e12, "bf16_flops_per_s": 7e14})
     assert f["floor_base_s"] < f["floor_v_s"] < f["floor_s"] and f["bytes_base"] < f["bytes_v"] < f["bytes"]
+    f4 = floors(32768, 32, {"hbm_bytes_per_s": 4e12, "bf16_flops_per_s": 7e14}, queries=4)
+    assert f4["flops_base"] == 4 * f["flops_base"] and f["flops"] < f4["flops"] < 4 * f["flops"]  # one K rebuild
+
+
+@pytest.mark.version_independent
+@pytest.mark.parametrize("queries", [1, 3])
+def test_kernel_bench_sdpa_row_is_the_exact_attention(queries):
+    """The benchmark's SDPA row over materialised per-agent K/V (decode and extend calls: the new tokens are the
+    last private ones, causal among themselves) computes the attention the kernels compute."""
+    import eval.bench.kernel as kb
+    from forkkv_hf import reference_attention
+
+    q, view = kb.make_case(40, 3, dtype=torch.float32, device="cpu", queries=queries)
+    K, V = kb.materialise(view)
+    out = kb.materialised_attention(q, K, V, kb.D**-0.5).transpose(1, 2)
+    ref = reference_attention(q, view, None, kb.D**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.version_independent

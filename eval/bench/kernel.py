@@ -57,8 +57,9 @@ def measure_ceilings(do_bench) -> dict:
     return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda"):
-    """A decode step: N rows (agent i on row i), one query each, shared T + private PRIVATE tokens."""
+def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queries: int = 1):
+    """A decode step: N rows (agent i on row i), ``queries`` new tokens each (1: decode; more: an extend call, the
+    last ``queries`` of the private tokens), shared T + private PRIVATE tokens."""
     from forkkv_hf.cache import ForkKVView
     from forkkv_hf.context import Residual, SharedLayer
 
@@ -75,7 +76,7 @@ def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda"):
     rows = torch.arange(N, device=device)
     view = ForkKVView(shared, rows, rows, rnd(N, HKV, PRIVATE, D).to(dtype), rnd(N, HKV, PRIVATE, D).to(dtype),
                       tuple(f"a{i}" for i in range(N)), tuple(range(N)), tuple(range(N)))
-    q = rnd(N, H, 1, D).to(dtype)
+    q = rnd(N, H, queries, D).to(dtype)
     return q, view
 
 
@@ -124,6 +125,15 @@ def materialise(view, chunk=8, dtype=None):
     return K, V
 
 
+def materialised_attention(q, K, V, scale: float) -> torch.Tensor:
+    """SDPA of ``q [N, H, nq, D]`` over materialised ``K``/``V [N, H_kv, L, D]``, the ``nq`` new tokens being the last
+    of the ``L``: each sees everything up to itself (decode: everything). ``[N, H, nq, D]``."""
+    nq, L = q.shape[2], K.shape[2]
+    mask = None if nq == 1 else (torch.arange(L, device=q.device)[None, :]
+                                 <= torch.arange(L - nq, L, device=q.device)[:, None])
+    return torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def reference(q, view, scale: float, chunk=8) -> tuple[torch.Tensor, float]:
     """The exact attention of ``q [N, H, 1, D]`` over the view's rows, ``[N, 1, H, D]`` fp32 (from the view's own
     low-precision tensors, in fp32), and the error of the same attention done by PyTorch in the view's dtype
@@ -141,12 +151,13 @@ def reference(q, view, scale: float, chunk=8) -> tuple[torch.Tensor, float]:
     return torch.cat(ref), err
 
 
-def floors(T: int, N: int, ceil: dict, itemsize: int = 2) -> dict:
-    """Bytes, FLOPs and floor of each variant (the problem's minimum, whatever the kernel's formulation)."""
-    base_b = 2 * HKV * T * D * itemsize + N * 2 * HKV * PRIVATE * D * itemsize + 2 * N * H * D * itemsize
-    base_f = N * 4 * (T + PRIVATE) * D * H
+def floors(T: int, N: int, ceil: dict, itemsize: int = 2, queries: int = 1) -> dict:
+    """Bytes, FLOPs and floor of each variant (the problem's minimum, whatever the kernel's formulation), for
+    ``queries`` new tokens per row (the K residual's rebuild is shared by them)."""
+    base_b = 2 * HKV * T * D * itemsize + N * 2 * HKV * PRIVATE * D * itemsize + 2 * N * queries * H * D * itemsize
+    base_f = N * queries * 4 * (T + PRIVATE) * D * H
     u_b = N * T * RANK * itemsize + N * HKV * D * RANK * itemsize
-    v_f = N * (2 * T * RANK * H + 2 * RANK * D * H)
+    v_f = N * queries * (2 * T * RANK * H + 2 * RANK * D * H)
     k_f = N * 2 * T * RANK * HKV * D
     out = {}
     for name, nbytes, flops in (("base", base_b, base_f), ("v", base_b + u_b, base_f + v_f),
@@ -182,14 +193,15 @@ def swept_knobs(best: dict, variant: str, N: int) -> dict:
     return out
 
 
-def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None) -> dict:
-    """One (context, agents) case. ``launches``: ``{"cascade": {}, "fused": {}}`` to receive each family's compiled
-    kernels (for :func:`kernel_resources`)."""
+def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None,
+                 queries: int = 1) -> dict:
+    """One (context, agents) case with ``queries`` new tokens per row. ``launches``: ``{"cascade": {}, "fused": {}}``
+    to receive each family's compiled kernels (for :func:`kernel_resources`)."""
     from forkkv_hf.ops.dispatch import residual_attention_triton, triton_kernel
 
     launches = launches if launches is not None else {"cascade": {}, "fused": {}}
 
-    q, view = make_case(T, N)
+    q, view = make_case(T, N, queries=queries)
     scale = D**-0.5
     row = {"rank": RANK, "private": PRIVATE}
     for variant in VARIANTS:
@@ -202,16 +214,16 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     row["fused_s"], row["fused_eager_s"] = _time(
         lambda: residual_attention_triton(q, view, None, scale, kernel="fused", launches=launches["fused"]), do_bench)
     # K+V through the dispatch: the measured time of the family it picks for this shape
-    fam = row["forkkv_kernel"] = triton_kernel(N, 1, True, context=T)
+    fam = row["forkkv_kernel"] = triton_kernel(N, queries, True, context=T)
     row["forkkv_s"], row["forkkv_eager_s"] = row[f"{fam}_s"], row[f"{fam}_eager_s"]
     out = residual_attention_triton(q, view, None, scale, **(row["cascade_knobs"] if fam == "cascade" else {}))
     try:
         K, V = materialise(view)
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True)  # noqa
+        sdpa = lambda: materialised_attention(q, K, V, scale)  # noqa: E731
         row["max_abs_err_vs_sdpa"] = (out.float() - sdpa().transpose(1, 2).float()).abs().max().item()
         row["sdpa_s"], row["sdpa_eager_s"] = _time(sdpa, do_bench)
         row["materialised_kv_bytes"] = 2 * K.numel() * K.element_size()
-        if N * H * (T + PRIVATE) * D * 2 * 2 < 40 * 2**30:
+        if queries == 1 and N * H * (T + PRIVATE) * D * 2 * 2 < 40 * 2**30:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             Kr, Vr = K.repeat_interleave(H // HKV, 1), V.repeat_interleave(H // HKV, 1)
@@ -226,7 +238,7 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     except torch.cuda.OutOfMemoryError:
         row["sdpa_error"] = "out of memory materialising per-agent K/V"
     torch.cuda.empty_cache()
-    row.update(floors(T, N, ceil))
+    row.update(floors(T, N, ceil, queries=queries))
     if "sdpa_s" in row:
         row["speedup_vs_sdpa"] = row["sdpa_s"] / row["forkkv_s"]
     for key, floor in (("forkkv", "floor"), ("forkkv_v", "floor_v"), ("forkkv_base", "floor_base")):
@@ -250,6 +262,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--queries", type=int, default=1,
+                    help="new tokens per row (1: decode; more: extend calls, e.g. speculative decoding's drafts); "
+                         "results in bench_kernel_<gpu>_q<queries>.json")
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
     ap.add_argument("--tuning-from", default=None, help="an eval.bench.sweep_kernel result: each variant runs with the "
                     "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
@@ -262,11 +277,13 @@ def main(argv=None):
     if args.quick:
         args.contexts, args.agents = [4096], [1, 8]
     run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "rank": RANK,
-                                                         "private": PRIVATE, "dtype": "bfloat16"},
+                                                         "private": PRIVATE, "dtype": "bfloat16",
+                                                         "queries_per_row": args.queries},
                                                "times": f"GPU time per call: CUDA graph of {GRAPH_CALLS} calls "
                                                         "replayed (do_bench median); *_eager_s: do_bench median of "
                                                         "the Python call"},
-                       case_keys=["context", "agents"], out=args.out)
+                       case_keys=["context", "agents"], out=args.out,
+                       suffix="" if args.queries == 1 else f"_q{args.queries}")
     best = {}
     if args.tuning_from:
         from .schema import load
@@ -278,7 +295,8 @@ def main(argv=None):
     launches = {"cascade": {}, "fused": {}}  # the last case's compiled kernels
     for T in args.contexts:
         for N in args.agents:
-            run.measure({"context": T, "agents": N}, lambda: measure_case(T, N, ceil, do_bench, best, launches))
+            run.measure({"context": T, "agents": N},
+                        lambda: measure_case(T, N, ceil, do_bench, best, launches, queries=args.queries))
             torch.cuda.empty_cache()
     run.extra["kernel_resources"] = kernel_resources(launches)
     print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'cascade':>8} {'fused':>8} {'SDPA':>8} {'floorKV':>8} "
