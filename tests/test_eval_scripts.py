@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import parametrize
 
 from eval.bench.runner import BenchmarkRun
 from eval.bench.schema import SCHEMA, BenchResult, load
@@ -229,7 +230,7 @@ def test_kernel_bench_helpers_on_cpu():
 
 
 @pytest.mark.version_independent
-@pytest.mark.parametrize("queries", [1, 3])
+@parametrize("queries", [1, 3])
 def test_kernel_bench_sdpa_row_is_the_exact_attention(queries):
     """The benchmark's SDPA row over materialised per-agent K/V (decode and extend calls: the new tokens are the
     last private ones, causal among themselves) computes the attention the kernels compute."""
