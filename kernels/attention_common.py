@@ -275,24 +275,21 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
     memory than this GPU has (a wider head, a higher rank, fp32 tiles, a smaller GPU), it runs with fewer stages, which
     changes its speed, not its result; remembered per kernel, dtypes and compile-time constants. One stage that still
     does not fit raises Triton's error."""
-    key = None
-    if _FITTED_STAGES:
-        key = (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(sorted(constexprs.items())),
-               num_warps, num_stages, maxnreg)
-        num_stages = _FITTED_STAGES.get(key, num_stages)
-    asked = num_stages
+    def key():
+        return (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+                tuple(sorted(constexprs.items())), num_warps, num_stages, maxnreg)
+
+    stages = _FITTED_STAGES.get(key(), num_stages) if _FITTED_STAGES else num_stages
     while True:
         try:
-            compiled = kernel[grid](*args, **constexprs, **launch_options(num_warps, num_stages, maxnreg))
+            compiled = kernel[grid](*args, **constexprs, **launch_options(num_warps, stages, maxnreg))
         except Exception as e:  # triton.runtime.errors.OutOfResources (not importable under every Triton version)
-            if num_stages <= 1 or not _out_of_shared_memory(e):
+            if stages <= 1 or not _out_of_shared_memory(e):
                 raise
-            num_stages -= 1
+            stages -= 1
             continue
-        if num_stages != asked:
-            key = key or (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
-                          tuple(sorted(constexprs.items())), num_warps, asked, maxnreg)
-            _FITTED_STAGES[key] = num_stages
+        if stages != num_stages:
+            _FITTED_STAGES[key()] = stages
         return compiled
 
 
