@@ -13,7 +13,8 @@
 #   "1 8 32 128"); COMPILE: its compile settings in order (default "on off"); COMPILED_AGENTS: the N of its
 #   compiled rows if not AGENTS; NO_ANCHORS=1: skip the
 #   transformers-alone rows; KTESTS: the test files of the kernels part; KBENCH_ARGS: the kernel benchmark's arguments
-#   (e.g. "--queries 4 --contexts 1024 4096").
+#   (e.g. "--queries 4 --contexts 1024 4096"); XDIST=N: the kernels part on N pytest-xdist workers (wheels in the
+#   ignored .whl/, which the call must carry: pip download --no-deps -d .whl pytest-xdist execnet).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 LIMIT=${LIMIT:-570}
@@ -26,7 +27,12 @@ for part in ${PARTS:-compiled kernels bench}; do
         tests/test_compiled_decode.py > "$OUT/gpu_tests_compiled_decode.txt" 2>&1
       grep -E "^T=|passed|failed|Error" "$OUT/gpu_tests_compiled_decode.txt" | tail -n 8 ;;
     kernels)
-      timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -p no:cacheprovider \
+      xdist=()
+      if [ -n "${XDIST:-}" ]; then  # parallel workers: each configuration's Triton compile is CPU work (16 cores there)
+        python3 -m pip install -q --no-deps --no-index --target /tmp/xdist .whl/pytest_xdist-*.whl .whl/execnet-*.whl \
+          && export PYTHONPATH="$PYTHONPATH:/tmp/xdist" && xdist=(-n "$XDIST")
+      fi
+      timeout $((t < ${TEST_S:-200} ? t : ${TEST_S:-200})) python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
         ${KTESTS:-tests/test_cascade_kernel.py tests/test_kernels.py tests/test_generate.py} > "$OUT/gpu_tests_kernels_generate.txt" 2>&1
       tail -n 5 "$OUT/gpu_tests_kernels_generate.txt" ;;
     hostprof)
