@@ -85,9 +85,11 @@ def resident_programs(n_regs: int, num_warps: int, shared: int, limits: dict = S
 
 
 def effective_splits(T: int, block_t: int, n: int) -> int:
-    """How many splits the launchers make of a ``T``-token context asked for ``n`` (each a whole number of tiles)."""
-    n = max(1, min(-(-T // block_t), n))
-    return -(-T // (-(-(-(-T // n)) // block_t) * block_t))
+    """How many splits the launchers make of a ``T``-token context asked for ``n`` (each a whole number of tiles):
+    the launchers' own ``split_length`` with that split count (at least 1)."""
+    from forkkv_kernels.attention_common import split_length
+
+    return -(-T // split_length(T, block_t, 1, 1, splits=max(1, n)))
 
 
 def wave_splits(waves: int, resident: int, sms: int, items: int, T: int, block_t: int) -> int:
