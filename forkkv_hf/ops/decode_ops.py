@@ -138,6 +138,18 @@ def lora_delta_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, sta
     return y
 
 
+def add_lora_delta(result: torch.Tensor, dtype: torch.dtype, add_) -> torch.Tensor:
+    """``result`` plus a LoRA delta that ``add_(out)`` adds into a ``[B, L, d_out]`` tensor in the stack's ``dtype``:
+    into ``result`` itself where it is contiguous and of that dtype (no zero-filled buffer, no separate add), else
+    into zeros, rounded to ``result``'s dtype and added (as PEFT's mixed-batch forward rounds its delta)."""
+    if result.dtype == dtype and result.is_contiguous():
+        add_(result)
+        return result
+    delta = result.new_zeros(result.shape, dtype=dtype)
+    add_(delta)
+    return result + delta.to(result.dtype)
+
+
 def bias_rows(idx: torch.Tensor, valid: torch.Tensor, stack) -> torch.Tensor:
     """``[B, 1, d_out]``: each row's scaled LoRA bias (zero for rows without this layer's adapter)."""
     return (stack.bias[idx].float() * (stack.scale[idx] * valid)[:, None])[:, None, :]
@@ -201,12 +213,7 @@ def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     if plan.tiles is None:
         return result + lora_delta_rows(x, plan.idx, plan.valid, stack).to(result.dtype)
     args = (x.to(stack.A.dtype), stack.A, stack.B, stack.scale, *plan.tiles, plan.block_m)
-    if result.dtype == stack.B.dtype and result.is_contiguous():
-        torch.ops.forkkv.lora_add_(result, *args)  # the projection's fresh output takes the delta in place
-    else:
-        delta = result.new_zeros(result.shape, dtype=stack.B.dtype)
-        torch.ops.forkkv.lora_add_(delta, *args)
-        result = result + delta.to(result.dtype)
+    result = add_lora_delta(result, stack.B.dtype, lambda out: torch.ops.forkkv.lora_add_(out, *args))
     if stack.bias is not None:
         result = result + bias_rows(plan.idx, plan.valid, stack).to(result.dtype)
     return result

@@ -31,7 +31,8 @@ from torch import nn
 
 from ..context.probes import Probes
 from ..config import get_config
-from ..ops.decode_ops import bias_rows, decode_lora_forward, lora_delta_rows, remember_decode_plan, row_slots
+from ..ops.decode_ops import (add_lora_delta, bias_rows, decode_lora_forward, lora_delta_rows,
+                              remember_decode_plan, row_slots)
 from ..log import get_logger, warn_once
 from . import wrappers
 from .calls import CALL_EPOCH, new_call
@@ -245,12 +246,8 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
         from forkkv_kernels.lora import lora_delta_triton
 
         xs = x.to(stack.A.dtype)
-        if result.dtype == stack.B.dtype and result.is_contiguous():
-            lora_delta_triton(xs, slots, stack.A, stack.B, stack.scale, result, stack.reduce_group)
-        else:
-            delta = torch.zeros(result.shape, dtype=stack.B.dtype, device=x.device)
-            lora_delta_triton(xs, slots, stack.A, stack.B, stack.scale, delta, stack.reduce_group)
-            result = result + delta.to(result.dtype)
+        result = add_lora_delta(result, stack.B.dtype, lambda out: lora_delta_triton(
+            xs, slots, stack.A, stack.B, stack.scale, out, stack.reduce_group))
         if stack.bias is not None:
             result = result + _bias_rows(slots, stack, x.device).to(result.dtype)
         return result
