@@ -83,7 +83,7 @@ def test_bench_decode_tiny(tmp_path):
     for r in res.rows:  # (a step's sign is timing noise at toy sizes on a shared CPU: not checked)
         assert "error" not in r and isinstance(r["step_ms"], float) and r["first_call_s"] > 0, r
         assert "gpu_busy_ms" in r and "gpu_ms_by_family" in r and "profile_error" not in r, r
-    assert res.rows[2]["rows_same_tokens_as_eager"] == 2
+    assert res.rows[2]["first_divergence_vs_eager"] == [4, 4]  # every new token the same as eager
 
 
 @pytest.mark.slow
