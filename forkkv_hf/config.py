@@ -9,7 +9,7 @@
 Without an override the configuration comes from the environment (the defaults where a variable is unset):
 
 - ``FORKKV_BACKEND`` (``backend``): ``auto`` (default), ``torch``, ``sdpa``, ``triton``: the attention path;
-- ``FORKKV_KERNEL`` (``kernel``): ``cascade`` / ``fused``: the Triton family (unset: chosen per call's shape);
+- ``FORKKV_KERNEL`` (``kernel``): ``cascade`` / ``fused``: the Triton family (unset: cascade, measured faster);
 - ``FORKKV_LORA_BACKEND`` (``lora_backend``): ``auto`` (default: Triton on CUDA), ``torch``, ``triton``: the
   batched LoRA's path;
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
@@ -42,7 +42,7 @@ ENV_VARS = {"backend": "FORKKV_BACKEND", "kernel": "FORKKV_KERNEL", "lora_backen
 @dataclass(frozen=True)
 class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
-    PyTorch elsewhere). ``kernel``: the Triton family, ``None`` to choose per call. ``lora_backend``: the batched
+    PyTorch elsewhere). ``kernel``: the Triton family, ``None``: the cascade kernels. ``lora_backend``: the batched
     LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default.
     ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not."""
 

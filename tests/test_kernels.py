@@ -101,39 +101,21 @@ def test_kernel_notices_the_residual(kernel):
 
 @pytest.mark.version_independent
 def test_kernel_choice(monkeypatch):
-    """By default the family the measurements chose for the call's shape; ``FORKKV_KERNEL``, ``set_config`` and the
-    ``kernel`` argument override it; unknown names are refused with the choices. White-box (the chooser): both
-    families give the same result, so no public output shows which one ran."""
+    """By default the cascade family (measured faster at every point since v8); ``FORKKV_KERNEL``, ``set_config`` and
+    the ``kernel`` argument choose the fused family; unknown names are refused with the choices. White-box (the
+    chooser): both families give the same result, so no public output shows which one ran."""
     import forkkv_hf
-    from forkkv_hf.ops.dispatch import FUSED_MIN_K_QUERIES as many, triton_kernel
+    from forkkv_hf.ops.dispatch import triton_kernel
 
     monkeypatch.delenv("FORKKV_KERNEL", raising=False)
-    assert [triton_kernel(many, 1, True), triton_kernel(many - 1, 1, True), triton_kernel(many, 1, False)] \
-        == ["fused", "cascade", "cascade"]
-    assert triton_kernel(many, 1, True, kernel="cascade") == "cascade"
+    assert triton_kernel() == "cascade" and triton_kernel("fused") == "fused"
     with forkkv_hf.config_override(kernel="fused"):
-        assert triton_kernel(4, 1, True) == "fused"
+        assert triton_kernel() == "fused"
     monkeypatch.setenv("FORKKV_KERNEL", "fused")
-    assert triton_kernel(4, 1, True) == "fused"
+    assert triton_kernel() == "fused" and triton_kernel("cascade") == "cascade"
     monkeypatch.setenv("FORKKV_KERNEL", "flash")
     with pytest.raises(ValueError, match="FORKKV_KERNEL.*use one of"):
-        triton_kernel(4, 1, True)
-
-
-@pytest.mark.version_independent
-def test_kernel_choice_by_context(monkeypatch):
-    """Decode calls with K residuals over a context of at least CASCADE_MIN_K_CONTEXT tokens take the cascade kernels
-    whatever the rows (measured faster there); shorter or unknown contexts and extend calls keep the fused kernels
-    from FUSED_MIN_K_QUERIES (row, query) pairs. White-box (the chooser)."""
-    from forkkv_hf.ops.dispatch import CASCADE_MIN_K_CONTEXT as long, FUSED_MIN_K_QUERIES as many, triton_kernel
-
-    monkeypatch.delenv("FORKKV_KERNEL", raising=False)
-    assert [triton_kernel(many, 1, True, context=long), triton_kernel(4 * many, 1, True, context=2 * long),
-            triton_kernel(many, 1, True, context=long - 1), triton_kernel(many, 1, True),
-            triton_kernel(many, 2, True, context=long), triton_kernel(many - 1, 1, True, context=16),
-            triton_kernel(many, 1, False, context=16)] \
-        == ["cascade", "cascade", "fused", "fused", "fused", "cascade", "cascade"]
-    assert triton_kernel(many, 1, True, kernel="fused", context=long) == "fused"
+        triton_kernel()
 
 
 def test_generate_with_triton_backend_equals_torch(monkeypatch):

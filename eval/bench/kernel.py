@@ -214,7 +214,7 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     row["fused_s"], row["fused_eager_s"] = _time(
         lambda: residual_attention_triton(q, view, None, scale, kernel="fused", launches=launches["fused"]), do_bench)
     # K+V through the dispatch: the measured time of the family it picks for this shape
-    fam = row["forkkv_kernel"] = triton_kernel(N, queries, True, context=T)
+    fam = row["forkkv_kernel"] = triton_kernel()
     row["forkkv_s"], row["forkkv_eager_s"] = row[f"{fam}_s"], row[f"{fam}_eager_s"]
     out = residual_attention_triton(q, view, None, scale, **(row["cascade_knobs"] if fam == "cascade" else {}))
     try:

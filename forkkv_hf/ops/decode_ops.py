@@ -70,7 +70,7 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None, 
     has_k = shared.k_res is not None and k_slots is not None and any(s >= 0 for s in k_slots)
     has_v = shared.v_res is not None and v_slots is not None and any(s >= 0 for s in v_slots)
     config = get_config()
-    kernel = triton_kernel(B, 1, has_k, config.kernel, context=shared.key.shape[2])
+    kernel = triton_kernel()
     rope_half = has_k and rope_repeats_half(shared)
     if kernel == "fused":
         from forkkv_kernels.residual_attention import plan_work

@@ -245,31 +245,14 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-#: calls with K residuals and at least this many (row, query) pairs take the fused-rebuild kernels, unless they are
-#: decode calls over a context of at least CASCADE_MIN_K_CONTEXT tokens (eval/KERNEL_NOTES.md, "Which family serves a
-#: call")
-FUSED_MIN_K_QUERIES = 32
-#: the shortest shared context at which decode calls (one query per row) with K residuals take the cascade kernels
-#: whatever the rows: with v8's launch rules the cascade kernels measured faster than the fused-rebuild kernels at
-#: every measured point from 4K tokens (eval/results/bench_kernel_nvidia_h200.json, H200, 32 / 128 agents: 4K 88.7 /
-#: 257.6 vs 113.4 / 325.7 µs, 16K 251.0 / 887.4 vs 322.3 / 1,148.3, 32K 461.5 / 1,735.0 vs 587.0 / 2,226.2); shorter
-#: contexts were not measured
-CASCADE_MIN_K_CONTEXT = 4096
-
-
-def triton_kernel(batch: int, queries: int, has_k: bool, kernel: str | None = None,
-                  context: int | None = None) -> str:
-    """Which Triton family serves a call over ``context`` shared tokens: ``kernel`` (``cascade`` / ``fused``; the
-    configuration's ``kernel`` when ``None``), else by measurement: the fused-rebuild kernels for calls with K
-    residuals and ``batch · queries >= FUSED_MIN_K_QUERIES``, except decode calls (``queries == 1``) over at least
-    ``CASCADE_MIN_K_CONTEXT`` tokens; the cascade kernels for the rest (V residual only, no residual, few rows, long
-    contexts). ``context=None`` (unknown) counts as short."""
-    name = kernel or get_config().kernel
-    if name is None:
-        if not has_k or batch * queries < FUSED_MIN_K_QUERIES:
-            return "cascade"
-        return "cascade" if queries == 1 and (context or 0) >= CASCADE_MIN_K_CONTEXT else "fused"
-    return name
+def triton_kernel(kernel: str | None = None) -> str:
+    """Which Triton family serves a call: ``kernel``
+    (``cascade`` / ``fused``; the configuration's ``kernel`` when ``None``), else the cascade kernels. With v8's launch
+    rules they measured faster than the fused-rebuild kernels at every measured point (H200, eval/KERNEL_NOTES.md
+    "Which family serves a call": decode at 1K-32K tokens with 32 / 128 agents, extend calls of 4 queries at 1K-16K
+    with 8 / 32 agents); the fused family stays selectable (``kernel="fused"``, ``FORKKV_KERNEL=fused``) for
+    comparison."""
+    return kernel or get_config().kernel or "cascade"
 
 
 @functools.lru_cache(maxsize=256)
@@ -306,7 +289,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     present = [(kind, r, rows, slots) for kind, r, rows, slots in
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
-    name = triton_kernel(B, Q, any(kind == "k" for kind, *_ in present), kernel, context=view.shared_len)
+    name = triton_kernel(kernel)
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
     kw = dict(mask=int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
