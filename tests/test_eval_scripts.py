@@ -84,6 +84,9 @@ def test_bench_decode_tiny(tmp_path):
         assert "error" not in r and isinstance(r["step_ms"], float) and r["first_call_s"] > 0, r
         assert "gpu_busy_ms" in r and "gpu_ms_by_family" in r and "profile_error" not in r, r
     assert res.rows[2]["first_divergence_vs_eager"] == [4, 4]  # every new token the same as eager
+    compiled, eager = res.rows[2]["first_call_compile"], res.rows[3]["first_call_compile"]
+    assert any("compile_inner" in k and v > 0 for k, v in compiled["seconds"].items()), compiled
+    assert compiled["counts"]["stats.unique_graphs"] >= 1 and eager == {"seconds": {}, "counts": {}}
 
 
 @pytest.mark.slow

@@ -13,13 +13,14 @@ per-step hooks or synchronisation:
   CUDA graph, which GPU-busy does not count); ``--host-profile``: where the host's part of a compiled step goes;
 - first call: the wall time of the first ``generate`` of a shape (with compile on: dynamo, inductor, the CUDA-graph
   recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``);
+  ``first_call_compile``: dynamo's timed phases within it and the compile caches' hits and misses;
   ``--first-call-only`` in a later process times it again with the compile caches an earlier run left on disk
   (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it.
 
 Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
 ``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
-(``disable_compile=True``; every N compiled first, then eager), the compiled row also says how many rows' tokens
-equal an eager ``generate``'s; and two
+(``disable_compile=True``; every N compiled first, then eager), the compiled row also gives each row's first
+token that differs from an eager ``generate``'s (``first_divergence_vs_eager``); and two
 transformers-alone anchors (no PEFT, one row, measured first on the plain model): eager ``DynamicCache``, and
 ``cache_implementation="static"`` with transformers' own compile.
 
@@ -58,6 +59,25 @@ def _wall(run, n: int) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+def _first_call(run, n: int) -> tuple[float, object, dict]:
+    """The first call of a shape, with where its compile time went: dynamo's timed phases summed over the call
+    (``torch._dynamo.utils.compilation_time_metrics``: ``compile_inner`` is all of dynamo and its backend,
+    ``bytecode_tracing`` the tracing, ``OutputGraph.call_user_compiler`` inductor and AOT autograd, ...), the
+    graphs compiled and the compile caches' hits and misses (inductor's FX graph cache, AOT autograd's)."""
+    from torch._dynamo import utils as du
+
+    metrics = getattr(du, "compilation_time_metrics", {})
+    before = {k: sum(v) for k, v in metrics.items()}
+    counts = {k: dict(du.counters[k]) for k in ("stats", "inductor", "aot_autograd")}
+    dt, out = _wall(run, n)
+    phases = {k: round(sum(v) - before.get(k, 0.0), 3) for k, v in metrics.items()}
+    caches = {f"{k}.{name}": c - counts[k].get(name, 0) for k in ("stats", "inductor", "aot_autograd")
+              for name, c in du.counters[k].items()
+              if "cache" in name or name in ("unique_graphs", "calls_captured")}
+    return dt, out, {"seconds": {k: v for k, v in sorted(phases.items(), key=lambda kv: -kv[1]) if v > 0.05},
+                     "counts": {k: v for k, v in caches.items() if v}}
+
+
 def _gpu_seconds(run, n: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -77,8 +97,8 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     with. Returns the measurements and the last ``n2`` output."""
     say = (lambda what: print(f"{log}: {what} ({time.strftime('%H:%M:%S')})", flush=True)) if log else \
         (lambda what: None)
-    first, out = _wall(run, n2)
-    say(f"first call {first:.1f} s")
+    first, out, compile_info = _first_call(run, n2)
+    say(f"first call {first:.1f} s: {compile_info}")
     _wall(run, n1)
     t1, t2 = [], []
     for _ in range(reps):
@@ -89,7 +109,8 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     step = (t2 - t1) / (n2 - n1)
     say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s")
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
-           "first_call_extra_s": first - t2, "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None}
+           "first_call_extra_s": first - t2, "first_call_compile": compile_info, "step_ms": 1e3 * step,
+           "tok_s": rows / step if step > 0 else None}
     if host:
         try:
             rec["host_profile"] = host_profile(run, n1, n2)
@@ -216,8 +237,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
                                pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
     def first_only():  # a new process with the on-disk compile caches of an earlier one (Triton's, inductor's)
-        dt, _ = _wall(gen, args.tokens[1])
-        return {"rows": len(names), "n2": args.tokens[1], "first_call_s": dt}
+        dt, _, compile_info = _first_call(gen, args.tokens[1])
+        return {"rows": len(names), "n2": args.tokens[1], "first_call_s": dt, "first_call_compile": compile_info}
 
     def one():
         print(f"forkkv N={len(names)} compile={compile_on}: shared context built, measuring "
