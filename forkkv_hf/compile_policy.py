@@ -196,8 +196,7 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         _log_once(logging.WARNING, "the attention runs the PyTorch path here (FORKKV_BACKEND, no Triton, or "
                                    "soft-capping), which is not compiled on CUDA")
         return generate
-    groups = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    make_static(cache, capacity, groups, use_triton)
+    make_static(cache, capacity, use_triton)
 
     def run(*a, **kw):
         with deferring(cache, device):

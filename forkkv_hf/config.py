@@ -2,14 +2,13 @@
 
     import forkkv_hf
     forkkv_hf.set_config(backend="torch")            # from now on, until set_config(None)
-    with forkkv_hf.config_override(kernel="fused"):  # for a block
+    with forkkv_hf.config_override(lora_backend="torch"):  # for a block
         ...
     forkkv_hf.get_config()                           # what the code paths read
 
 Without an override the configuration comes from the environment (the defaults where a variable is unset):
 
 - ``FORKKV_BACKEND`` (``backend``): ``auto`` (default), ``torch``, ``sdpa``, ``triton``: the attention path;
-- ``FORKKV_KERNEL`` (``kernel``): ``cascade`` / ``fused``: the Triton family (unset: cascade, measured faster);
 - ``FORKKV_LORA_BACKEND`` (``lora_backend``): ``auto`` (default: Triton on CUDA), ``torch``, ``triton``: the
   batched LoRA's path;
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
@@ -19,7 +18,8 @@ Without an override the configuration comes from the environment (the defaults w
 
 The environment is parsed once per distinct set of these values (a test may change a variable between calls); a
 bad value is refused where the configuration is first read, naming the variable and its choices. The Triton kernels
-(``forkkv_kernels``) never read the configuration: their launchers take these values as arguments.
+(``forkkv_kernels``) never read the configuration: their launchers take these values as arguments. ``FORKKV_KERNEL``
+chose between two kernel families until the fused-rebuild one was removed; set, it is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -28,35 +28,32 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
-KERNELS = ("cascade", "fused")
 LORA_BACKENDS = ("auto", "torch", "triton")
 DEFER_STOP = ("auto", "off")
 #: field -> environment variable
-ENV_VARS = {"backend": "FORKKV_BACKEND", "kernel": "FORKKV_KERNEL", "lora_backend": "FORKKV_LORA_BACKEND",
+ENV_VARS = {"backend": "FORKKV_BACKEND", "lora_backend": "FORKKV_LORA_BACKEND",
             "lowp_rope": "FORKKV_LOWP_ROPE", "defer_stop": "FORKKV_DEFER_STOP"}
 
 
 @dataclass(frozen=True)
 class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
-    PyTorch elsewhere). ``kernel``: the Triton family, ``None``: the cascade kernels. ``lora_backend``: the batched
-    LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default.
+    PyTorch elsewhere). ``lora_backend``: the batched LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default.
     ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not."""
 
     backend: str = "auto"
-    kernel: str | None = None
     lora_backend: str = "auto"
     lowp_rope: bool | None = None
     defer_stop: str = "auto"
 
     def __post_init__(self):
-        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("kernel", KERNELS),
-                               ("defer_stop", DEFER_STOP)):
+        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("defer_stop", DEFER_STOP)):
             value = getattr(self, field)
-            if (value is not None or field != "kernel") and value not in choices:
+            if value not in choices:
                 raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use one of {choices}")
         if self.lowp_rope not in (None, True, False):
             raise ValueError(f"lowp_rope={self.lowp_rope!r} ({ENV_VARS['lowp_rope']}): use True/False (1/0) or None")
@@ -77,8 +74,16 @@ def _from_env(values: tuple) -> ForkKVConfig:
     return ForkKVConfig(**fields)
 
 
+@functools.lru_cache(maxsize=4)
+def _retired(value: str) -> None:
+    warnings.warn(f"FORKKV_KERNEL={value!r} is ignored: the cascade kernels serve every call (the fused-rebuild "
+                  "family measured slower everywhere and was removed); unset FORKKV_KERNEL", stacklevel=3)
+
+
 def config_from_env() -> ForkKVConfig:
     """The configuration the ``FORKKV_*`` environment variables give (defaults where unset)."""
+    if os.environ.get("FORKKV_KERNEL"):
+        _retired(os.environ["FORKKV_KERNEL"])
     return _from_env(tuple(os.environ.get(v) for v in ENV_VARS.values()))
 
 

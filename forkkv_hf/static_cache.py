@@ -87,14 +87,14 @@ def free_static_buffers(model) -> int:
 
 class StaticForkKVLayer(ForkKVLayer):
     """A :class:`~forkkv_hf.cache.ForkKVLayer` whose private K/V live in fixed buffers (module docstring). Set up by
-    :func:`make_static`; ``capacity`` private tokens per row, ``groups`` query heads per KV head, ``use_triton``
+    :func:`make_static`; ``capacity`` private tokens per row, ``use_triton``
     whether the compiled step calls the Triton kernels (else the PyTorch path)."""
 
     is_compileable = True
 
-    def _setup(self, capacity: int, groups: int, use_triton: bool) -> None:
+    def _setup(self, capacity: int, use_triton: bool) -> None:
         held = (self.keys, self.values) if self.is_initialized else None
-        self.capacity, self.groups, self.use_triton = capacity, groups, use_triton
+        self.capacity, self.use_triton = capacity, use_triton
         self.length = self.agents = self.work = None
         sh = self.shared  # read in place by CUDA graphs (a copy per replay would move the whole context)
         for t in (sh.key, sh.value, sh.cos, sh.sin, *(x for r in (sh.k_res, sh.v_res) if r is not None
@@ -135,8 +135,7 @@ class StaticForkKVLayer(ForkKVLayer):
         if self.v_slots is not None:
             self.v_rows = row_tensor(self.v_slots, dev)
         self.agents = batch_agents(self.k_slots, self.v_slots, dev)
-        self.work = plan_decode_attention(self.shared, self.k_slots, self.v_slots, self.groups) \
-            if self.use_triton else None
+        self.work = plan_decode_attention(self.shared, self.k_slots, self.v_slots) if self.use_triton else None
 
     # -- CacheLayerMixin ---------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -262,9 +261,9 @@ class StaticForkKVCache(ForkKVCache):
         make_dynamic(self).batch_select_indices(indices)
 
 
-def _static_layer(layer: ForkKVLayer, capacity: int, groups: int, use_triton: bool) -> None:
+def _static_layer(layer: ForkKVLayer, capacity: int, use_triton: bool) -> None:
     layer.__class__ = StaticForkKVLayer
-    layer._setup(capacity, groups, use_triton)
+    layer._setup(capacity, use_triton)
 
 
 def _dynamic_layer(layer: ForkKVLayer) -> None:
@@ -273,19 +272,19 @@ def _dynamic_layer(layer: ForkKVLayer) -> None:
     if layer.is_initialized:  # copies: the pooled buffers may go to another cache
         P = layer.private_length()
         layer.keys, layer.values = layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone()
-    for attr in ("capacity", "groups", "use_triton", "length", "agents", "work"):
+    for attr in ("capacity", "use_triton", "length", "agents", "work"):
         layer.__dict__.pop(attr, None)
     layer.__class__ = ForkKVLayer
 
 
-def make_static(cache: ForkKVCache, capacity: int, groups: int, use_triton: bool) -> ForkKVCache:
+def make_static(cache: ForkKVCache, capacity: int, use_triton: bool) -> ForkKVCache:
     """Switch ``cache`` (in place: the caller's object stays the one ``generate`` gets) to the static layout with
-    room for ``capacity`` private tokens per row; what it already holds is copied over. ``groups``: query heads per KV
-    head; ``use_triton``: the compiled step calls the Triton kernels. A static cache with enough room and the same
+    room for ``capacity`` private tokens per row; what it already holds is copied over. ``use_triton``: the compiled
+    step calls the Triton kernels. A static cache with enough room and the same
     settings is left as it is."""
     if isinstance(cache, StaticForkKVCache):
         layer = cache.layers[0]
-        if capacity <= cache.capacity and (groups, use_triton) == (layer.groups, layer.use_triton):
+        if capacity <= cache.capacity and use_triton == layer.use_triton:
             return cache
         make_dynamic(cache)
     ids = cache.__dict__.pop("private_ids", None)
@@ -293,7 +292,7 @@ def make_static(cache: ForkKVCache, capacity: int, groups: int, use_triton: bool
     cache.capacity = capacity
     cache._ids = cache._ids_len = None
     for layer in cache.layers:
-        _static_layer(layer, capacity, groups, use_triton)
+        _static_layer(layer, capacity, use_triton)
     if ids is not None:
         cache.private_ids = ids
     return cache

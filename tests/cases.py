@@ -175,20 +175,17 @@ ATTN_CASES = [
 #: the low-precision pass rule's cases (bf16/fp16 against fp32, at most 3x PyTorch's own low-precision error): a decode
 #: and an extend call
 LOWP_CASES = [c for c in ATTN_CASES if c.lowp]
-#: launcher knobs of each kernel family, each on a case of the attention space (its other shapes run the defaults)
-TUNINGS = {
-    "fused": [(A(B=3, H=4, Hkv=2, D=32, T=77, P=3), dict(block_t=16, n_splits=3))],
-    "cascade": [
-        (A(B=3, H=4, Hkv=2, D=32, T=77, P=3), dict(block_t=16)),
-        (A(B=6, H=4, Hkv=2, D=16, T=37, P=3), dict(block_m=16, n_sub=1)),
-        (A(B=9, H=4, Hkv=1, D=16, T=50, P=3), dict(block_m=32, n_sub=2, block_t=16)),
-        (A(B=5, H=8, Hkv=2, D=16, T=23, P=2), dict(block_m=128, n_sub=4)),
-        (A(B=7, H=4, Hkv=1, D=16, T=31, P=2, Q=2, rows=(1, 0, 1, 1, 0, 1, 1)), dict(mq=16)),
-        (A(B=3, H=4, Hkv=2, D=16, T=77, P=3),
-         dict(res_heads=1, res_block_t=16, res_programs_per_sm=64, programs_per_sm=64)),
-        (A(B=3, H=4, Hkv=2, D=16, T=77, P=3), dict(programs_per_sm=1, res_programs_per_sm=1)),
-    ],
-}
+#: the cascade launcher's knobs, each on a case of the attention space (its other shapes run the defaults)
+TUNINGS = [
+    (A(B=3, H=4, Hkv=2, D=32, T=77, P=3), dict(block_t=16)),
+    (A(B=6, H=4, Hkv=2, D=16, T=37, P=3), dict(block_m=16, n_sub=1)),
+    (A(B=9, H=4, Hkv=1, D=16, T=50, P=3), dict(block_m=32, n_sub=2, block_t=16)),
+    (A(B=5, H=8, Hkv=2, D=16, T=23, P=2), dict(block_m=128, n_sub=4)),
+    (A(B=7, H=4, Hkv=1, D=16, T=31, P=2, Q=2, rows=(1, 0, 1, 1, 0, 1, 1)), dict(mq=16)),
+    (A(B=3, H=4, Hkv=2, D=16, T=77, P=3),
+     dict(res_heads=1, res_block_t=16, res_programs_per_sm=64, programs_per_sm=64)),
+    (A(B=3, H=4, Hkv=2, D=16, T=77, P=3), dict(programs_per_sm=1, res_programs_per_sm=1)),
+]
 
 
 @dataclass(frozen=True)

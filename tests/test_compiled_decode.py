@@ -112,7 +112,7 @@ def test_beam_search(agents):
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=NAMES)
     _assert_same(_gen(agents, inputs, NAMES, cache, compile_config=_compile_config(), **mode), eager)
     assert type(cache) is ForkKVCache and not GRAPH_RUNS
-    forced = make_static(ForkKVCache.from_context(agents, ctx, adapter_names=NAMES), 64, 2, use_triton=False)
+    forced = make_static(ForkKVCache.from_context(agents, ctx, adapter_names=NAMES), 64, use_triton=False)
     raw_generate = agents.generate.__wrapped__  # PEFT's generate, without the wrapper that picks the layout
     out = raw_generate(**inputs, adapter_names=NAMES, output_scores=True, return_dict_in_generate=True,
                        pad_token_id=0, **cache_kwargs(forced), **mode)
@@ -198,18 +198,16 @@ def test_second_generate_does_not_recompile(agents):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
-@parametrize("kernel", ["cascade", "fused"], version_independent=lambda kernel: kernel == "fused")  # cascade: 5.17
-def test_triton_custom_ops_in_the_compiled_step(two_layer_agents, monkeypatch, kernel):
+def test_triton_custom_ops_in_the_compiled_step(two_layer_agents, monkeypatch):
     """The Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``: the
-    family the eager dispatch picks (``FORKKV_KERNEL`` here; by default cascade below 32 rows with K residuals)."""
+    cascade attention with each layer's rows planned before the step, the batched LoRA."""
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
     monkeypatch.setenv("FORKKV_LORA_BACKEND", "triton")
-    monkeypatch.setenv("FORKKV_KERNEL", kernel)
     ctx = _context(40, seed=3)
     inputs = batch_inputs(ctx, _prompts([3, 1, 2, 2, 4], seed=8), pad_token_id=0)
     eager, compiled, cache = _eager_and_compiled(two_layer_agents, ctx, inputs, NAMES, max_new_tokens=4)
     _assert_same(compiled, eager)
-    assert all(layer.work is not None and layer.work.kernel == kernel for layer in cache.layers)
+    assert all(layer.work is not None and layer.work.has_k for layer in cache.layers)
     assert _decode_graph_runs() == 3
 
 
@@ -394,15 +392,12 @@ def test_pass_rule_harness_on_cpu():
 
 
 @pytest.mark.gpu
-@parametrize("T,kernel", [(4096, "fused"), (32768, None)])
-def test_default_compile_equals_eager_bf16_gpu(T, kernel, monkeypatch):
+@parametrize("T", [4096, 32768])
+def test_default_compile_equals_eager_bf16_gpu(T):
     """transformers' default compile (inductor, mode="reduce-overhead": CUDA graphs) over 64 decode steps: the bf16
     pass rule against eager (tokens may part only where fp32 cannot tell them apart beyond bf16 noise), no CUDA-graph
-    skips, no recompile for a second generate. ``kernel``: the attention family for both runs (``None``: the
-    dispatch's choice, the cascade kernels for these six rows)."""
-    if kernel is not None:
-        monkeypatch.setenv("FORKKV_KERNEL", kernel)
+    skips, no recompile for a second generate."""
     divergence, e_eager, e_comp = _pass_rule_case("cuda", T=T, steps=64)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
-    print(f"T={T} {kernel or 'dispatch'}: first divergence per row {divergence}; max |logit error| vs fp32: eager "
+    print(f"T={T}: first divergence per row {divergence}; max |logit error| vs fp32: eager "
           f"{e_eager:.4f}, compiled {e_comp:.4f}")

@@ -1,5 +1,6 @@
 """The run-time configuration: read from the FORKKV_* environment, pinned by set_config / config_override, refused
-when a value is unknown, and what the attention paths read (the backend, the Triton family, low-precision RoPE)."""
+when a value is unknown, and what the attention paths read (the backend, low-precision RoPE); the retired
+FORKKV_KERNEL is ignored with a warning."""
 
 import logging
 
@@ -15,12 +16,12 @@ from views import random_view
 
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
-ENV = ("FORKKV_BACKEND", "FORKKV_KERNEL", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE")
+ENV = ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ENV:
+    for name in ENV + ("FORKKV_KERNEL",):
         monkeypatch.delenv(name, raising=False)
     previous = set_config(None)
     yield monkeypatch
@@ -28,20 +29,25 @@ def clean_env(monkeypatch):
 
 
 def test_environment_gives_the_configuration(clean_env):
-    assert get_config() == ForkKVConfig(backend="auto", kernel=None, lora_backend="auto", lowp_rope=None)
-    for name, value in zip(ENV, ("sdpa", "fused", "torch", "0")):
+    assert get_config() == ForkKVConfig(backend="auto", lora_backend="auto", lowp_rope=None)
+    for name, value in zip(ENV, ("sdpa", "torch", "0")):
         clean_env.setenv(name, value)
-    assert get_config() == ForkKVConfig(backend="sdpa", kernel="fused", lora_backend="torch", lowp_rope=False)
+    assert get_config() == ForkKVConfig(backend="sdpa", lora_backend="torch", lowp_rope=False)
     clean_env.setenv("FORKKV_LOWP_ROPE", "1")
     assert get_config().lowp_rope is True
 
 
 BAD_VALUES = {  # variable: (a value it refuses, what the error must say)
     "FORKKV_BACKEND": ("flash", r"FORKKV_BACKEND.*use one of \('auto', 'torch', 'sdpa', 'triton'\)"),
-    "FORKKV_KERNEL": ("flash", r"FORKKV_KERNEL.*use one of \('cascade', 'fused'\)"),
     "FORKKV_LORA_BACKEND": ("sdpa", r"FORKKV_LORA_BACKEND.*use one of"),
     "FORKKV_LOWP_ROPE": ("yes", r"FORKKV_LOWP_ROPE='yes': use 0 or 1"),
 }
+
+
+def test_retired_kernel_choice_is_ignored_with_a_warning(clean_env):
+    clean_env.setenv("FORKKV_KERNEL", "fused")
+    with pytest.warns(UserWarning, match="FORKKV_KERNEL='fused' is ignored: the cascade kernels serve every call"):
+        assert get_config() == ForkKVConfig()
 
 
 @parametrize("name", list(BAD_VALUES))
@@ -57,13 +63,13 @@ def test_set_config_pins_and_override_restores(clean_env):
     assert set_config(backend="torch") is None
     clean_env.setenv("FORKKV_BACKEND", "triton")  # a pinned configuration ignores the environment
     assert get_config().backend == "torch"
-    with config_override(kernel="cascade") as cfg:
-        assert cfg == get_config() == ForkKVConfig(backend="torch", kernel="cascade")
+    with config_override(lora_backend="torch") as cfg:
+        assert cfg == get_config() == ForkKVConfig(backend="torch", lora_backend="torch")
     assert get_config() == ForkKVConfig(backend="torch")
     set_config(None)
     assert get_config().backend == "triton"
     with pytest.raises(TypeError, match="unknown field"):
-        set_config(kernal="fused")
+        set_config(kernel="fused")  # the retired kernel choice is an unknown field
     with pytest.raises(ValueError, match="use one of"):
         set_config(backend="flash")
     assert get_config().backend == "triton"  # a refused change leaves the configuration as it was
@@ -106,9 +112,9 @@ def test_lowp_rope_reaches_the_kernels(clean_env):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     view = random_view(B=2, T=40, P=3, D=32, dtype=torch.bfloat16, device=dev, res_scale=2.0)
     q = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
-    outs = {flag: residual_attention_triton(q, view, None, 0.2, kernel="cascade", lowp_rope=flag)
+    outs = {flag: residual_attention_triton(q, view, None, 0.2, lowp_rope=flag)
             for flag in (False, True)}
     assert not torch.equal(outs[False], outs[True])
     for flag in (False, True):
         with config_override(lowp_rope=flag):
-            assert torch.equal(residual_attention_triton(q, view, None, 0.2, kernel="cascade"), outs[flag])
+            assert torch.equal(residual_attention_triton(q, view, None, 0.2), outs[flag])

@@ -1,5 +1,5 @@
-"""Triton ResidualAttention kernels (both families, through ``forkkv_hf``'s ``residual_attention_triton`` adapter)
-against the fp32 reference, over the attention case space of tests/cases.py and each family's launcher knobs. On CPU
+"""The Triton ResidualAttention kernels (the cascade, through ``forkkv_hf``'s ``residual_attention_triton`` adapter)
+against the fp32 reference, over the attention case space of tests/cases.py and the launcher's knobs. On CPU
 they run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest when there is no GPU); ``gpu`` tests use
 real sizes. The cascade launcher's own checks: test_cascade_kernel.py."""
 
@@ -12,8 +12,6 @@ from views import lowp_attention_error, padding_mask, random_view
 
 triton = pytest.importorskip("triton")
 from forkkv_hf.ops.dispatch import residual_attention_triton  # noqa: E402
-
-KERNELS = ["cascade", "fused"]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,45 +30,42 @@ def _to(view, device):
     return view
 
 
-def _fp32_matches_reference(case, masked, kernel, **knobs):
+def _fp32_matches_reference(case, masked, **knobs):
     view, q = case.view(), case.query()
     mask = case.mask() if masked else None
     scale = case.D**-0.5
     ref = reference_attention(q, view, mask, scale)
-    out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if mask is None else mask.to(DEV), scale,
-                                    kernel=kernel, **knobs)
+    out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if mask is None else mask.to(DEV), scale, **knobs)
     assert out.shape == (case.B, case.Q, case.H, case.D)
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.version_independent
-@parametrize("kernel", KERNELS)
 @parametrize("masked", [False, True])
 @parametrize("case", ATTN_CASES)
-def test_kernel_fp32_matches_reference(case, masked, kernel):
-    _fp32_matches_reference(case, masked, kernel)
+def test_kernel_fp32_matches_reference(case, masked):
+    _fp32_matches_reference(case, masked)
 
 
 @pytest.mark.version_independent
 @parametrize("masked", [False, True])
-@parametrize("kernel,case,knobs", [(k, case, knobs) for k, cases in TUNINGS.items() for case, knobs in cases])
-def test_kernel_tunings_match_reference(kernel, case, knobs, masked):
-    """The launchers' knobs (tile sizes, splits, vectors per program, programs per SM) change the schedule, not the
+@parametrize("case,knobs", TUNINGS)
+def test_kernel_tunings_match_reference(case, knobs, masked):
+    """The launcher's knobs (tile sizes, splits, vectors per program, programs per SM) change the schedule, not the
     result."""
-    _fp32_matches_reference(case, masked, kernel, **knobs)
+    _fp32_matches_reference(case, masked, **knobs)
 
 
 @pytest.mark.version_independent
-@parametrize("kernel", KERNELS + ["cascade-scores-fp32"])
+@parametrize("scores", ["fp16", "fp32"])
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
-def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, kernel):
+def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, scores):
     """Error against the fp32 reference at most 3x that of PyTorch doing the same attention in the low dtype; with the
     K residual's rotation in fp32 or in the low dtype (the GPU default; the interpreter emulates its roundings); the
-    cascade kernels with their K-residual scores kept in fp16 (default) or fp32."""
-    extra = {"scores_fp32": True} if kernel == "cascade-scores-fp32" else {}
-    kernel = kernel.split("-")[0]
+    K-residual scores kept in fp16 (default) or fp32."""
+    extra = {"scores_fp32": True} if scores == "fp32" else {}
     view = case.view(dtype)
     q = case.query(dtype)
     scale = case.D**-0.5
@@ -79,7 +74,7 @@ def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, kernel):
         ref = reference_attention(q.float(), view, m, scale)
         base_err = lowp_attention_error(q.float(), view, m, scale, ref)
         out = residual_attention_triton(q.to(DEV), _to(view, DEV), None if m is None else m.to(DEV), scale,
-                                        kernel=kernel, lowp_rope=lowp_rope, **extra)
+                                        lowp_rope=lowp_rope, **extra)
         assert out.dtype == dtype
         err = (out.float().cpu() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (err, base_err)
@@ -87,35 +82,15 @@ def test_kernel_low_precision_pass_rule(case, dtype, lowp_rope, kernel):
 
 
 @pytest.mark.version_independent
-@parametrize("kernel", KERNELS)
-def test_kernel_notices_the_residual(kernel):
+def test_kernel_notices_the_residual():
     """Not a test that cannot fail: with the residual removed (the view's host slots, which the adapter reads first)
     the kernel's output changes."""
     view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1]), DEV)
     q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
-    a = residual_attention_triton(q, view, None, 0.25, kernel=kernel)
+    a = residual_attention_triton(q, view, None, 0.25)
     view.k_slots = view.v_slots = (-1, -1)
-    b = residual_attention_triton(q, view, None, 0.25, kernel=kernel)
+    b = residual_attention_triton(q, view, None, 0.25)
     assert (a - b).abs().max() > 1e-2
-
-
-@pytest.mark.version_independent
-def test_kernel_choice(monkeypatch):
-    """By default the cascade family (measured faster at every point since v8); ``FORKKV_KERNEL``, ``set_config`` and
-    the ``kernel`` argument choose the fused family; unknown names are refused with the choices. White-box (the
-    chooser): both families give the same result, so no public output shows which one ran."""
-    import forkkv_hf
-    from forkkv_hf.ops.dispatch import triton_kernel
-
-    monkeypatch.delenv("FORKKV_KERNEL", raising=False)
-    assert triton_kernel() == "cascade" and triton_kernel("fused") == "fused"
-    with forkkv_hf.config_override(kernel="fused"):
-        assert triton_kernel() == "fused"
-    monkeypatch.setenv("FORKKV_KERNEL", "fused")
-    assert triton_kernel() == "fused" and triton_kernel("cascade") == "cascade"
-    monkeypatch.setenv("FORKKV_KERNEL", "flash")
-    with pytest.raises(ValueError, match="FORKKV_KERNEL.*use one of"):
-        triton_kernel()
 
 
 def test_generate_with_triton_backend_equals_torch(monkeypatch):
@@ -174,15 +149,14 @@ def test_generate_long_prompts_all_backends_agree(monkeypatch):
 
 @pytest.mark.version_independent
 @pytest.mark.gpu
-@parametrize("kernel", KERNELS)
 @parametrize("dtype", LOW_DTYPES)
 @parametrize("case", GPU_CASES)
-def test_kernel_real_sizes_gpu(case, dtype, kernel):
+def test_kernel_real_sizes_gpu(case, dtype):
     """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16, on the GPU."""
     view, q = case.view(dtype), case.query(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
-    out = residual_attention_triton(q.cuda(), _to(view, "cuda"), None, 128**-0.5, kernel=kernel)
+    out = residual_attention_triton(q.cuda(), _to(view, "cuda"), None, 128**-0.5)
     err = (out.float().cpu() - ref).abs().max().item()
     assert err <= 3 * base_err + 1e-5, (err, base_err)
 

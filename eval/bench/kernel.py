@@ -7,8 +7,9 @@ One Llama-3.1-8B-shaped attention layer (32 query heads, 8 KV heads, head_dim 12
 - ``cascade_s`` / ``forkkv_v_s`` / ``forkkv_base_s``: the cascade kernels (through
   :func:`forkkv_hf.ops.dispatch.residual_attention_triton`) with K and V residuals, with the V residual only
   (no row has a K residual), and over the shared base only (no residual at all);
-- ``fused_s``: the fused-rebuild kernel family with K+V residuals; ``forkkv_s``: K+V through the dispatch, i.e. the
-  time of the family it picks for that shape (``forkkv_kernel``);
+- ``forkkv_s``: K+V through the dispatch (the cascade kernels with the launcher's defaults; ``cascade_s`` with the
+  knobs of ``--tuning-from`` where given). Result files before the fused-rebuild family's removal also hold its time,
+  ``fused_s``, and the family the dispatch then chose, ``forkkv_kernel``;
 - ``sdpa_s``: what a PEFT user runs today, ``scaled_dot_product_attention`` over each agent's own full K/V (base +
   residual materialised, plus private) with ``enable_gqa`` (PyTorch picks the backend); ``sdpa_flash_s``: the same
   forced onto FlashAttention-2 (K/V heads repeated to 32) where that fits in memory;
@@ -195,11 +196,11 @@ def swept_knobs(best: dict, variant: str, N: int) -> dict:
 
 def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None,
                  queries: int = 1) -> dict:
-    """One (context, agents) case with ``queries`` new tokens per row. ``launches``: ``{"cascade": {}, "fused": {}}``
-    to receive each family's compiled kernels (for :func:`kernel_resources`)."""
-    from forkkv_hf.ops.dispatch import residual_attention_triton, triton_kernel
+    """One (context, agents) case with ``queries`` new tokens per row. ``launches``: ``{"cascade": {}}`` to receive
+    the compiled kernels (for :func:`kernel_resources`)."""
+    from forkkv_hf.ops.dispatch import residual_attention_triton
 
-    launches = launches if launches is not None else {"cascade": {}, "fused": {}}
+    launches = launches if launches is not None else {"cascade": {}}
 
     q, view = make_case(T, N, queries=queries)
     scale = D**-0.5
@@ -209,14 +210,13 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
         key = "cascade" if variant == "kv" else f"forkkv_{variant}"
         knobs = row[f"{key}_knobs"] = swept_knobs(best or {}, variant, N)
         row[f"{key}_s"], row[f"{key}_eager_s"] = _time(
-            lambda: residual_attention_triton(q, vv, None, scale, kernel="cascade", launches=launches["cascade"],
-                                              **knobs), do_bench)
-    row["fused_s"], row["fused_eager_s"] = _time(
-        lambda: residual_attention_triton(q, view, None, scale, kernel="fused", launches=launches["fused"]), do_bench)
-    # K+V through the dispatch: the measured time of the family it picks for this shape
-    fam = row["forkkv_kernel"] = triton_kernel()
-    row["forkkv_s"], row["forkkv_eager_s"] = row[f"{fam}_s"], row[f"{fam}_eager_s"]
-    out = residual_attention_triton(q, view, None, scale, **(row["cascade_knobs"] if fam == "cascade" else {}))
+            lambda: residual_attention_triton(q, vv, None, scale, launches=launches["cascade"], **knobs), do_bench)
+    if row["cascade_knobs"]:  # K+V as the dispatch runs it: the launcher's defaults
+        row["forkkv_s"], row["forkkv_eager_s"] = _time(lambda: residual_attention_triton(q, view, None, scale),
+                                                       do_bench)
+    else:
+        row["forkkv_s"], row["forkkv_eager_s"] = row["cascade_s"], row["cascade_eager_s"]
+    out = residual_attention_triton(q, view, None, scale, **row["cascade_knobs"])
     try:
         K, V = materialise(view)
         sdpa = lambda: materialised_attention(q, K, V, scale)  # noqa: E731
@@ -292,19 +292,19 @@ def main(argv=None):
     ceil = run.extra["ceilings"] = measure_ceilings(do_bench)
     print(f"{run.device.get('gpu')}: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    launches = {"cascade": {}, "fused": {}}  # the last case's compiled kernels
+    launches = {"cascade": {}}  # the last case's compiled kernels
     for T in args.contexts:
         for N in args.agents:
             run.measure({"context": T, "agents": N},
                         lambda: measure_case(T, N, ceil, do_bench, best, launches, queries=args.queries))
             torch.cuda.empty_cache()
     run.extra["kernel_resources"] = kernel_resources(launches)
-    print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'cascade':>8} {'fused':>8} {'SDPA':>8} {'floorKV':>8} "
+    print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'swept':>8} {'SDPA':>8} {'floorKV':>8} "
           f"{'floorV':>7} {'floorB':>7}  (µs, GPU time per call)")
     us = lambda r, k: f"{r[k] * 1e6:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731
     for r in run.rows:
         print(f"{r['context']:6d} {r['agents']:4d} {us(r, 'forkkv_s')} {us(r, 'forkkv_v_s')} {us(r, 'forkkv_base_s')} "
-              f"{us(r, 'cascade_s')} {us(r, 'fused_s')} {us(r, 'sdpa_s')} {us(r, 'floor_s')}{us(r, 'floor_v_s')[1:]}"
+              f"{us(r, 'cascade_s')} {us(r, 'sdpa_s')} {us(r, 'floor_s')}{us(r, 'floor_v_s')[1:]}"
               f"{us(r, 'floor_base_s')[1:]}")
     run.finish()
 

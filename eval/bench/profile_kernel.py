@@ -39,7 +39,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128", "32768:8", "32768:1"])
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--kernel", default="cascade", choices=["cascade", "fused"])
     ap.add_argument("--ncu-once", action="store_true", help="launch each variant once and exit (for ncu)")
     ap.add_argument("--tuning-from", default=None,
                     help="an eval.bench.sweep_kernel result: its fastest knobs per variant")
@@ -58,17 +57,17 @@ def main(argv=None):
     extra = json.loads(args.knobs) if args.knobs else {}
 
     def knobs_of(variant, N):
-        return {**swept_knobs(best, variant, N), **extra} if args.kernel == "cascade" else {}
+        return {**swept_knobs(best, variant, N), **extra}
 
     if args.ncu_once:
         for point in args.points:
             q, view = make_case(*map(int, point.split(":")))
             for variant in VARIANTS:
                 knobs = knobs_of(variant, view.batch_size)
-                residual_attention_triton(q, variant_view(view, variant), None, scale, kernel=args.kernel, **knobs)
+                residual_attention_triton(q, variant_view(view, variant), None, scale, **knobs)
         torch.cuda.synchronize()
         return
-    run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": args.kernel, "knobs": extra},
+    run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": "cascade", "knobs": extra},
                        case_keys=["context", "agents", "variant"], out=args.out)
     for point in args.points:
         T, N = map(int, point.split(":"))
@@ -77,11 +76,10 @@ def main(argv=None):
             vv = variant_view(view, variant)
             knobs = knobs_of(variant, N)
             launched = {}
-            fn = lambda: residual_attention_triton(q, vv, None, scale, kernel=args.kernel,  # noqa: E731
-                                                   launches=launched, **knobs)
+            fn = lambda: residual_attention_triton(q, vv, None, scale, launches=launched, **knobs)  # noqa: E731
             run.measure({"context": T, "agents": N, "variant": variant},
                         lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps),
-                                 "resources": kernel_resources({args.kernel: launched})})
+                                 "resources": kernel_resources({"cascade": launched})})
         del q, view
         torch.cuda.empty_cache()
     for r in run.rows:

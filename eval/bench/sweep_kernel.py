@@ -166,7 +166,7 @@ class Sweep:
 
     def call(self, point, variant, knobs: dict, launched: dict):
         q, view = self.cases[point]
-        return self.attn(q, variant_view(view, variant), None, D**-0.5, kernel="cascade", launches=launched, **knobs)
+        return self.attn(q, variant_view(view, variant), None, D**-0.5, launches=launched, **knobs)
 
     def measure(self, stage: str, variant: str, point, knobs: dict, extra: dict | None = None) -> dict:
         """One configuration: checked against the exact output, timed if it passes, recorded (the best kept)."""

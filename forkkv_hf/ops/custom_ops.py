@@ -39,34 +39,12 @@ def cascade_attention_op(
                              scratch=fresh_scratch)
 
 
-@torch.library.custom_op("forkkv::fused_attention", mutates_args=())
-def fused_attention_op(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    private_k: torch.Tensor, private_v: torch.Tensor, mask: torch.Tensor,
-    k_u: Optional[torch.Tensor], k_b: Optional[torch.Tensor], v_u: Optional[torch.Tensor], v_b: Optional[torch.Tensor],
-    slot_row: torch.Tensor, slot_q: torch.Tensor, slot_agent: torch.Tensor, agent_k: torch.Tensor,
-    agent_v: torch.Tensor, row_vslot: Optional[torch.Tensor], block_m: int, a_max: int, rope_half: bool,
-    scaling: float, lowp_rope: Optional[bool] = None,
-) -> torch.Tensor:
-    """``forkkv_kernels.fused_rebuild_attention`` over planned work items (``WorkPlan``'s tensors; the K residual
-    is used when ``k_u`` is given, the V one when ``v_u`` is); ``lowp_rope`` as for the cascade op."""
-    from forkkv_kernels.attention_common import fresh_scratch
-    from forkkv_kernels.residual_attention import WorkPlan, fused_rebuild_attention_planned
-
-    plan = WorkPlan(block_m, a_max, slot_row, slot_q, slot_agent, agent_k, agent_v, row_vslot, k_u is not None,
-                    v_u is not None)
-    return fused_rebuild_attention_planned(query, key, value, cos, sin, private_k, private_v, scaling, plan,
-                                           k_u=k_u, k_B=k_b, v_u=v_u, v_B=v_b, mask=mask, rope_half=rope_half,
-                                           lowp_rope=lowp_rope, scratch=fresh_scratch)
-
-
 def _attention_fake(query, *args):
     B, H, NQ, D = query.shape
     return query.new_empty(B, NQ, H, D)
 
 
 cascade_attention_op.register_fake(_attention_fake)
-fused_attention_op.register_fake(_attention_fake)
 
 
 @torch.library.custom_op("forkkv::lora_add_", mutates_args=("out",))

@@ -16,7 +16,7 @@ import torch
 
 from ..config import get_config
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
-from .dispatch import residual_attention, residual_attention_torch, rope_repeats_half, slot_tensors, triton_kernel
+from .dispatch import residual_attention, residual_attention_torch, rope_repeats_half, slot_tensors
 from .masks import kv_mask, visible_mask
 
 
@@ -26,7 +26,7 @@ def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, 
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.static_cache.StaticForkKVView`; returns ``[B, Q, H, D]``.
 
     Eager (the prefill) it takes the usual dispatch (:func:`~forkkv_hf.ops.dispatch.residual_attention`).
-    Compiled, a decode query goes to the Triton kernel family the eager dispatch picks for these rows, through its
+    Compiled, a decode query goes to the cascade Triton kernels the eager dispatch runs, through their
     custom op, when the layer planned it (``view.work``), else (CPU, soft-capping) to the PyTorch path, which reads
     the layer's precomputed agents."""
     Q = query.shape[2]
@@ -41,14 +41,11 @@ def static_attention(query: torch.Tensor, view, attention_mask, scaling: float, 
 
 @dataclass(frozen=True)
 class AttentionDecodePlan:
-    """What a static layer's compiled decode step hands the Triton kernels, made from the rows before the step: the
-    family the eager dispatch picks for one query per row (:func:`~forkkv_hf.ops.dispatch.triton_kernel`),
+    """What a static layer's compiled decode step hands the cascade kernels, made from the rows before the step:
     which residuals some row has, whether cos/sin repeat their halves, the configuration's ``lowp_rope`` (read when
-    the plan is made, like the family) and the family's row plan as device tensors:
-    ``cascade``: each row's ``k_slot``/``v_slot`` [B] int32, the rows sorted by K slot, the number of distinct K
-    slots and the most rows one has; ``fused``: the work items (``forkkv_kernels.residual_attention.WorkPlan``)."""
+    the plan is made) and the rows as device tensors: each row's ``k_slot``/``v_slot`` [B] int32, the rows sorted by
+    K slot, the number of distinct K slots and the most rows one has."""
 
-    kernel: str
     has_k: bool
     has_v: bool
     rope_half: bool
@@ -57,28 +54,17 @@ class AttentionDecodePlan:
     k_agents: int = 0
     k_max_rows: int = 0
     v_slot: torch.Tensor | None = None
-    work: object = None
     lowp_rope: bool | None = None
 
 
-def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None, groups: int) -> AttentionDecodePlan:
+def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) -> AttentionDecodePlan:
     """The :class:`AttentionDecodePlan` of rows with these residual slots (host tuples; ``None``: the layer has no
-    residual of that kind) over ``shared`` (a :class:`~forkkv_hf.shared_context.SharedLayer`), one query per row,
-    ``groups`` query heads per KV head. Runs eagerly (it may read cos/sin once)."""
+    residual of that kind) over ``shared`` (a :class:`~forkkv_hf.shared_context.SharedLayer`), one query per row.
+    Runs eagerly (it may read cos/sin once)."""
     dev = str(shared.key.device)
-    B = len(k_slots if k_slots is not None else v_slots)
     has_k = shared.k_res is not None and k_slots is not None and any(s >= 0 for s in k_slots)
     has_v = shared.v_res is not None and v_slots is not None and any(s >= 0 for s in v_slots)
-    config = get_config()
-    kernel = triton_kernel()
-    rope_half = has_k and rope_repeats_half(shared)
-    if kernel == "fused":
-        from forkkv_kernels.residual_attention import plan_work
-
-        none = (-1,) * B
-        work = plan_work(tuple(k_slots) if has_k else none, tuple(v_slots) if has_v else none, 1, groups, dev)
-        return AttentionDecodePlan(kernel, has_k, has_v, rope_half, work=work, lowp_rope=config.lowp_rope)
-    plan = AttentionDecodePlan(kernel, has_k, has_v, rope_half, lowp_rope=config.lowp_rope)
+    plan = AttentionDecodePlan(has_k, has_v, has_k and rope_repeats_half(shared), lowp_rope=get_config().lowp_rope)
     if has_k:
         k_slot, order, agents, most = slot_tensors(tuple(k_slots), dev)
         plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most)
@@ -98,13 +84,8 @@ def _triton_attention(query, view, attention_mask, scaling):
     mask = mask.to(torch.int8)  # (a dtype view of a bool tensor does not lower in inductor, torch 2.11)
     k = (sh.k_res.u, sh.k_res.B) if plan.has_k else (None, None)
     v = (sh.v_res.u, sh.v_res.B) if plan.has_v else (None, None)
-    common = (query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, mask, *k, *v)
-    if plan.kernel == "fused":
-        w = plan.work
-        return torch.ops.forkkv.fused_attention(*common, w.slot_row, w.slot_q, w.slot_agent, w.agent_k, w.agent_v,
-                                                w.row_vslot, w.block_m, w.a_max, plan.rope_half, float(scaling),
-                                                plan.lowp_rope)
-    return torch.ops.forkkv.cascade_attention(*common, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
+    return torch.ops.forkkv.cascade_attention(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value,
+                                              mask, *k, *v, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
                                               plan.k_max_rows, plan.rope_half, float(scaling), plan.lowp_rope)
 
 

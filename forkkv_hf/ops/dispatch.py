@@ -11,8 +11,8 @@ On CUDA, :func:`residual_attention` dispatches decode-like calls (few queries pe
 the agents' prompts after the shared context) to :func:`residual_attention_sdpa`, which rebuilds a few rows' K/V
 at a time and runs PyTorch's fused SDPA on them: prompts are compute-bound, so the few bytes saved by not
 materialising a row's K/V for one call are worth less than the tensor-core efficiency of a mature attention kernel.
-Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below. The backend and kernel choices come
-from :func:`forkkv_hf.config.get_config`, read once per call here and passed down to the kernels as arguments.
+Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below. The backend choice comes from
+:func:`forkkv_hf.config.get_config`, read once per call here and passed down to the kernels as arguments.
 """
 
 from __future__ import annotations
@@ -245,16 +245,6 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-def triton_kernel(kernel: str | None = None) -> str:
-    """Which Triton family serves a call: ``kernel``
-    (``cascade`` / ``fused``; the configuration's ``kernel`` when ``None``), else the cascade kernels. With v8's launch
-    rules they measured faster than the fused-rebuild kernels at every measured point (H200, eval/KERNEL_NOTES.md
-    "Which family serves a call": decode at 1K-32K tokens with 32 / 128 agents, extend calls of 4 queries at 1K-16K
-    with 8 / 32 agents); the fused family stays selectable (``kernel="fused"``, ``FORKKV_KERNEL=fused``) for
-    comparison."""
-    return kernel or get_config().kernel or "cascade"
-
-
 @functools.lru_cache(maxsize=256)
 def slot_tensors(slots: tuple, device: str):
     """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, the number of distinct slots
@@ -276,35 +266,30 @@ def rope_repeats_half(shared) -> bool:
     return flag
 
 
-def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, kernel: str | None = None,
-                              **tuning) -> torch.Tensor:
-    """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` Triton
-    kernels; returns ``[B, Q, H, D]``. ``kernel``: ``"cascade"`` or ``"fused"`` (default: :func:`triton_kernel`);
-    ``tuning``: that launcher's knobs (``lowp_rope`` defaults to the configuration's). Rows' residual slots come from
-    the view's host tuples when present (cached tensors), else from its ``k_rows``/``v_rows`` tensors."""
-    from forkkv_kernels import cascade_attention, fused_rebuild_attention
+def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
+    """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` cascade
+    kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` defaults to the
+    configuration's). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
+    order by agent and the counts that size the K pass), else from its ``k_rows``/``v_rows`` tensors (derived on the
+    device)."""
+    from forkkv_kernels import cascade_attention
 
     sh = view.shared
-    B, _, Q, _ = query.shape
     present = [(kind, r, rows, slots) for kind, r, rows, slots in
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
-    name = triton_kernel(kernel)
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
-    kw = dict(mask=int8_mask(attention_mask, B, Q, view.shared_len, view.private_len),
+    kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
         kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
-        if name == "fused":  # plans its work items on the host
-            kw[f"{kind}_slots"] = tuple(slots) if slots is not None else tuple(rows.tolist())
-            continue
         slot, order, n_agents, max_rows = (slot_tensors(tuple(slots), str(query.device)) if slots is not None
                                            else (rows, None, None, None))
         kw[f"{kind}_slot"] = slot
         if kind == "k":
             kw.update(k_order=order, k_agents=n_agents, k_max_rows=max_rows)
-    launch = cascade_attention if name == "cascade" else fused_rebuild_attention
-    return launch(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, scaling, **kw, **tuning)
+    return cascade_attention(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, scaling, **kw,
+                             **tuning)
 
 
 def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
