@@ -50,6 +50,16 @@ def test_forkkv_is_exact_in_layer0(quick):
             assert naive > 0 and forkkv <= 1e-3 * naive, (agent, kind, forkkv, naive)
 
 
+def test_fitted_bound_is_at_most_forkkv(quick):
+    """The best residual of ForkKV's size fitted to the agent's exact K/V (rank-r truncated SVD of exact - base) is
+    at least as close as ForkKV's own (a rank-r residual too: Eckart-Young), layer by layer."""
+    for agent, layers in quick[1]["summary"]["layers"].items():
+        for kind in ("k", "v"):
+            for l, (fit, fk) in enumerate(zip(layers[f"{kind}_err_fitted"], layers[f"{kind}_err_forkkv"])):
+                assert fit <= fk * (1 + 1e-4) + 1e-7, (agent, kind, l, fit, fk)
+            assert sum(layers[f"{kind}_err_fitted"]) < sum(layers[f"{kind}_err_forkkv"]), (agent, kind)
+
+
 def test_forkkv_context_kv_closer_to_exact_than_naive(quick):
     """Per layer, ForkKV's context K and V (base + residual) are closer to each agent's exact K/V than the base
     model's K/V alone; the agents' k/v inputs stay close to the base model's (the cosine the method relies on)."""

@@ -50,6 +50,12 @@ def _lora_delta(module, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
     return module.lora_B[adapter](module.lora_A[adapter](x)) * module.scaling[adapter]
 
 
+def _truncated(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``m [T, d]`` (truncated SVD, in fp32)."""
+    U, S, Vh = torch.linalg.svd(m.float(), full_matrices=False)
+    return ((U[:, :rank] * S[:rank]) @ Vh[:rank]).to(m.dtype)
+
+
 def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx - exact).norm() / exact.norm().clamp_min(1e-12)).item()
 
@@ -60,7 +66,10 @@ def agent_prefill(pm, adapter: str, context_ids: torch.Tensor, base: BaseStates)
     variant, and per layer the drift of its states from the base pass and the error of each variant's context K/V.
 
     K errors are taken before RoPE: RoPE rotates each position by an orthogonal matrix, so the relative error of the
-    rotated keys is the same.
+    rotated keys is the same. ``*_err_fitted``: the error of the best residual of the same size as ForkKV's (rank r of
+    the adapter on that projection: ``u [T, r]`` and ``B [d_out, r]``) fitted to the agent's own K/V, i.e. the base K/V
+    plus the rank-r truncated SVD of (exact - base); what a residual fitted after the agent's own prefill could reach
+    (ForkKV's where the adapter has no LoRA on the projection: neither stores a residual there).
     """
     from transformers import DynamicCache
 
@@ -68,7 +77,7 @@ def agent_prefill(pm, adapter: str, context_ids: torch.Tensor, base: BaseStates)
 
     n = len(attention_layers(pm))
     stats = {key: [0.0] * n for key in ("kv_input_cosine", "residual_cosine", "k_err_forkkv", "k_err_naive",
-                                        "v_err_forkkv", "v_err_naive")}
+                                        "k_err_fitted", "v_err_forkkv", "v_err_naive", "v_err_fitted")}
 
     def proj_hook(i: int, kind: str):
         def hook(module, args, output):
@@ -81,6 +90,8 @@ def agent_prefill(pm, adapter: str, context_ids: torch.Tensor, base: BaseStates)
             fork = naive if delta is None else naive + delta
             stats[f"{kind}_err_forkkv"][i] = _rel_err(fork, exact)
             stats[f"{kind}_err_naive"][i] = _rel_err(naive, exact)
+            stats[f"{kind}_err_fitted"][i] = stats[f"{kind}_err_forkkv"][i] if delta is None else \
+                _rel_err(naive + _truncated(exact - naive, module.r[adapter]), exact)
 
         return hook
 
