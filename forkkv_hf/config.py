@@ -42,7 +42,8 @@ ENV_VARS = {"backend": "FORKKV_BACKEND", "lora_backend": "FORKKV_LORA_BACKEND",
 @dataclass(frozen=True)
 class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
-    PyTorch elsewhere). ``lora_backend``: the batched LoRA's path. ``lowp_rope``: the kernels' K-residual rotation in the cache dtype, ``None`` for their default.
+    PyTorch elsewhere). ``lora_backend``: the batched LoRA's path. ``lowp_rope``: the kernels' K-residual rotation
+    in the cache dtype, ``None`` for their default.
     ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not."""
 
     backend: str = "auto"

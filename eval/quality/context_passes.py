@@ -118,6 +118,34 @@ def agent_prefill(pm, adapter: str, context_ids: torch.Tensor, base: BaseStates)
     return cache, stats
 
 
+def context_passes(pm, ctx: torch.Tensor, names, done=None):
+    """The base pass over ``ctx`` (``SharedContext.build`` with ForkKV on, recorded by :class:`BaseStates`), then
+    each agent's own prefill with ForkKV off (:func:`agent_prefill`). Returns ``(shared, own caches by agent,
+    per-layer stats by agent)``; ForkKV is left off. ``done(phase, t0)``: called after each of the two parts
+    (``base_pass_s``, ``agent_prefills_s``) with its start time."""
+    import time
+
+    import forkkv_hf
+    from forkkv_hf import SharedContext
+
+    done = done or (lambda phase, t0: None)
+    t = time.perf_counter()
+    forkkv_hf.enable_forkkv(pm)
+    base = BaseStates(pm)
+    try:
+        shared = SharedContext.build(pm, ctx, list(names), progress=False)
+    finally:
+        base.remove()
+    done("base_pass_s", t)
+    t = time.perf_counter()
+    forkkv_hf.disable_forkkv(pm)  # the exact variant is plain PEFT + DynamicCache + SDPA
+    caches, stats = {}, {}
+    for name in names:
+        caches[name], stats[name] = agent_prefill(pm, name, ctx, base)
+    done("agent_prefills_s", t)
+    return shared, caches, stats
+
+
 def stacked_cache(agent_caches: dict, rows: list[str]):
     """A ``DynamicCache`` whose row i is a copy of agent ``rows[i]``'s own context cache (the exact variant)."""
     from transformers import DynamicCache

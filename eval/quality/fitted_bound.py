@@ -21,16 +21,13 @@ import torch
 from ..agents import AGENT_NAMES, load_agents
 from ..bench.runner import RESULTS, slug
 from ..device import device_info
-from .context_passes import BaseStates, agent_prefill
+from .context_passes import context_passes
 from .scenarios import build_scenarios
 
 KEYS = ("k_err_naive", "k_err_forkkv", "k_err_fitted", "v_err_naive", "v_err_forkkv", "v_err_fitted")
 
 
 def main(argv=None):
-    import forkkv_hf
-    from forkkv_hf import SharedContext
-
     ap = argparse.ArgumentParser(prog="python -m eval.quality.fitted_bound", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context-tokens", type=int, default=2048)
@@ -41,15 +38,9 @@ def main(argv=None):
     rows = []
     for sc in build_scenarios(tok, args.context_tokens, 1):
         ctx = torch.tensor(sc.context_ids, dtype=torch.long)
-        forkkv_hf.enable_forkkv(pm)
-        base = BaseStates(pm)
-        try:
-            SharedContext.build(pm, ctx, list(AGENT_NAMES), progress=False)
-        finally:
-            base.remove()
-        forkkv_hf.disable_forkkv(pm)
+        layer_stats = context_passes(pm, ctx, AGENT_NAMES)[2]
         for name in AGENT_NAMES:
-            stats = agent_prefill(pm, name, ctx, base)[1]
+            stats = layer_stats[name]
             row = {"scenario": sc.name, "agent": name, "context_tokens": ctx.numel(),
                    **{k: sum(stats[k]) / len(stats[k]) for k in KEYS}}
             rows.append(row)

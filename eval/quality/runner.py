@@ -10,7 +10,7 @@ import torch
 from .. import agents
 from ..agents import AGENT_NAMES, END, prompt_text
 from ..device import device_info
-from .context_passes import BaseStates, agent_prefill, stacked_cache
+from .context_passes import context_passes, stacked_cache
 from .metrics import first_divergence, generate_rows, summarize, teacher_forced_logprobs
 from .scenarios import Scenario, build_scenarios
 
@@ -20,7 +20,7 @@ RESIDUAL_OF = {"forkkv": "kv", "forkkv_v": "v", "naive": "none"}
 
 def run_scenario(pm, tok, sc: Scenario, max_new_tokens: int, variants=VARIANTS) -> dict:
     import forkkv_hf
-    from forkkv_hf import SharedContext, batch_inputs
+    from forkkv_hf import batch_inputs
 
     eos, pad = tok.convert_tokens_to_ids(END), tok.pad_token_id
     ctx = torch.tensor(sc.context_ids, dtype=torch.long)
@@ -34,22 +34,7 @@ def run_scenario(pm, tok, sc: Scenario, max_new_tokens: int, variants=VARIANTS) 
         timing[phase] = time.perf_counter() - t0
         print(f"[quality]   {sc.name} {phase} {timing[phase]:.1f}", flush=True)
 
-    t = time.perf_counter()
-    forkkv_hf.enable_forkkv(pm)
-    base = BaseStates(pm)
-    try:
-        shared = SharedContext.build(pm, ctx, list(AGENT_NAMES), progress=False)
-    finally:
-        base.remove()
-    done("base_pass_s", t)
-
-    t = time.perf_counter()
-    forkkv_hf.disable_forkkv(pm)  # the exact variant is plain PEFT + DynamicCache + SDPA
-    own_caches, layer_stats = {}, {}
-    for name in AGENT_NAMES:
-        own_caches[name], layer_stats[name] = agent_prefill(pm, name, ctx, base)
-    del base
-    done("agent_prefills_s", t)
+    shared, own_caches, layer_stats = context_passes(pm, ctx, AGENT_NAMES, done)
 
     outputs, logprobs = {}, {}
     t = time.perf_counter()
