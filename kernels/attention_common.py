@@ -1,11 +1,11 @@
-"""Pieces both ResidualAttention kernel families share: the private-part + log-sum-exp merge kernel, the MMA helper,
-reusable workspaces and launch helpers.
+"""Pieces the cascade ResidualAttention kernels (cascade.py, kres_pass.py) share: the private-part + log-sum-exp
+merge kernel, the MMA and RoPE helpers, reusable workspaces and launch helpers.
 
 ``_private_merge_kernel`` (grid: row x KV head x query block) attends to each row's private K/V (causal, or the given
 mask), merges that with the shared context's per-split partials (m, l, acc, acc_uv) by log-sum-exp, applies ``B_v`` to
 the merged ``P·u_v`` once, and writes the output ``[B, Q, H, D]``. The partials' layout (index
 ``((row·H + head)·NQ + q)·n_splits + split``; ``acc`` as lo half at ``[0, HALF)`` and hi half at
-``[HALF_B, HALF_B + HALF)`` of a ``2·HALF_B`` row; ``acc_uv`` ``RVB`` wide) is the contract with the shared-part kernels.
+``[HALF_B, HALF_B + HALF)`` of a ``2·HALF_B`` row; ``acc_uv`` ``RVB`` wide) is the contract with the shared-part kernel.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton ResidualAttention, cascade family: the shared base attended by every query vector of a KV head in one MMA
+"""Triton ResidualAttention, the cascade kernels: the shared base attended by every query vector of a KV head in one MMA
 per tile; the residuals as separate low-rank terms; the private part merged by log-sum-exp.
 
 Reproduces :func:`forkkv_hf.ops.naive.reference_attention` (the fp32, materialising ground truth). Per KV head, a query
