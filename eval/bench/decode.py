@@ -15,7 +15,10 @@ per-step hooks or synchronisation:
   recording and the Triton JIT of that shape), and its excess over a warm call (``first_call_extra_s``);
   ``first_call_compile``: dynamo's timed phases within it and the compile caches' hits and misses;
   ``--first-call-only`` in a later process times it again with the compile caches an earlier run left on disk
-  (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it.
+  (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it;
+- ``peak_gib``: the case's peak allocator memory (``max_memory_allocated``: the model and its adapters, the shared
+  context, the calls, CUDA-graph pools); ``--budget-gib`` caps the GPU at that much (a case that does not fit is
+  recorded as ``oom``), e.g. 60 for the capacity row of the end-to-end benchmark.
 
 Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
 ``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
@@ -251,7 +254,15 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
             rec["first_divergence_vs_eager"] = same.cumprod(dim=1).sum(dim=1).tolist()
         return rec
 
-    row = run.measure(case, lambda: _guarded(first_only if args.first_call_only else one))
+    def with_peak():  # the case's peak allocator memory: the model, its adapters, the shared context and the calls
+        rec = (first_only if args.first_call_only else one)()
+        if torch.cuda.is_available():
+            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return rec
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    row = run.measure(case, lambda: _guarded(with_peak))
     if "error" in row or "oom" in row:
         remove_stale_peft_hooks(pm)
     if compile_on:  # the next shape compiles anew: drop this one's graphs, CUDA-graph pools and static buffers
@@ -279,6 +290,9 @@ def main(argv=None):
     ap.add_argument("--first-call-only", action="store_true",
                     help="only each ForkKV row's first generate (rows 'forkkv, first call in a new process'): run it "
                          "after a full run, in a new process, to time a first call with the compile caches on disk")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="cap each GPU's memory at this many GiB (set_per_process_memory_fraction): a case that does "
+                         "not fit is recorded as oom")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)
@@ -291,12 +305,16 @@ def main(argv=None):
     for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape; more than dynamo's default 8
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if args.budget_gib is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(i).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), i)
     t0 = time.time()
     model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
     compile_config = compile_config_for(dev, args.compile_backend)
     params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
                         "lora": "rank 16 on q/k/v/o"},
-              "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps,
+              "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps, "budget_gib": args.budget_gib,
               "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)"}
     run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
                        resume_if_same=("tokens", "reps"), time_limit=args.time_limit)
