@@ -15,8 +15,11 @@
 #   transformers-alone rows; KTESTS: the test files of the kernels part; KBENCH_ARGS: the kernel benchmark's arguments
 #   (e.g. "--queries 4 --contexts 1024 4096"); XDIST=N: the kernels part on N pytest-xdist workers (wheels in the
 #   ignored .whl/, which the call must carry: pip download --no-deps -d .whl pytest-xdist execnet).
+#   REGIONS=1: the compiled decode step with its decoder layer as one nested compile region
+#   (FORKKV_COMPILE_REGIONS=on, forkkv_hf.compile_regions).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
+[ -n "${REGIONS:-}" ] && export FORKKV_COMPILE_REGIONS=on
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
 for part in ${PARTS:-compiled kernels bench}; do

@@ -15,10 +15,12 @@ the reason is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
+from .compile_regions import compile_regions
 from .config import get_config
 from .peft import wrappers
 from .peft.lora_factors import (
@@ -199,7 +201,8 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     make_static(cache, capacity, use_triton)
 
     def run(*a, **kw):
-        with deferring(cache, device):
+        regions = compile_regions(model) if get_config().compile_regions == "on" else contextlib.nullcontext()
+        with deferring(cache, device), regions:
             return compiled_generate(model, generate, a, kw)
 
     return run

@@ -14,7 +14,9 @@ Without an override the configuration comes from the environment (the defaults w
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
   on for bf16/fp16 on the GPU);
 - ``FORKKV_DEFER_STOP`` (``defer_stop``): ``auto`` (default) / ``off``: whether a decode step compiled on CUDA
-  reads generate's stop flag one step late (:mod:`forkkv_hf.stop_check`).
+  reads generate's stop flag one step late (:mod:`forkkv_hf.stop_check`);
+- ``FORKKV_COMPILE_REGIONS`` (``compile_regions``): ``off`` (default) / ``on``: a compiled decode step compiles the
+  model's repeated decoder layer once and reuses it for every layer (:mod:`forkkv_hf.compile_regions`).
 
 The environment is parsed once per distinct set of these values (a test may change a variable between calls); a
 bad value is refused where the configuration is first read, naming the variable and its choices. The Triton kernels
@@ -34,9 +36,11 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 LORA_BACKENDS = ("auto", "torch", "triton")
 DEFER_STOP = ("auto", "off")
+COMPILE_REGIONS = ("off", "on")
 #: field -> environment variable
 ENV_VARS = {"backend": "FORKKV_BACKEND", "lora_backend": "FORKKV_LORA_BACKEND",
-            "lowp_rope": "FORKKV_LOWP_ROPE", "defer_stop": "FORKKV_DEFER_STOP"}
+            "lowp_rope": "FORKKV_LOWP_ROPE", "defer_stop": "FORKKV_DEFER_STOP",
+            "compile_regions": "FORKKV_COMPILE_REGIONS"}
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,19 @@ class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
     PyTorch elsewhere). ``lora_backend``: the batched LoRA's path. ``lowp_rope``: the kernels' K-residual rotation
     in the cache dtype, ``None`` for their default.
-    ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not."""
+    ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not.
+    ``compile_regions``: ``on`` compiles the repeated decoder layer once per compiled decode step (a shorter first
+    call), ``off`` the whole step as one graph."""
 
     backend: str = "auto"
     lora_backend: str = "auto"
     lowp_rope: bool | None = None
     defer_stop: str = "auto"
+    compile_regions: str = "off"
 
     def __post_init__(self):
-        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("defer_stop", DEFER_STOP)):
+        for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("defer_stop", DEFER_STOP),
+                               ("compile_regions", COMPILE_REGIONS)):
             value = getattr(self, field)
             if value not in choices:
                 raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use one of {choices}")

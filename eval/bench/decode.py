@@ -18,7 +18,9 @@ per-step hooks or synchronisation:
   (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it;
 - ``peak_gib``: the case's peak allocator memory (``max_memory_allocated``: the model and its adapters, the shared
   context, the calls, CUDA-graph pools); ``--budget-gib`` caps the GPU at that much (a case that does not fit is
-  recorded as ``oom``), e.g. 60 for the capacity row of the end-to-end benchmark.
+  recorded as ``oom``), e.g. 60 for the capacity row of the end-to-end benchmark;
+- ``FORKKV_COMPILE_REGIONS=on`` in the environment: the compiled rows compile the decoder layer once
+  (:mod:`forkkv_hf.compile_regions`; ``params.compile_regions`` records it).
 
 Rows (case keys system, context, agents, compile): ``forkkv`` with the decode step compiled (transformers' default
 ``CompileConfig`` on CUDA: inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs) and eager
@@ -36,6 +38,8 @@ import argparse
 import time
 
 import torch
+
+from forkkv_hf.config import get_config
 
 from .measure import free_memory, kernel_seconds_by_family, kernels_by_name, sync
 from .models import add_random_adapters, build_model, default_device, llama8b_config
@@ -315,7 +319,8 @@ def main(argv=None):
     params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
                         "lora": "rank 16 on q/k/v/o"},
               "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps, "budget_gib": args.budget_gib,
-              "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)"}
+              "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)",
+              "compile_regions": get_config().compile_regions}
     run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
                        resume_if_same=("tokens", "reps"), time_limit=args.time_limit)
     g = torch.Generator(device=dev).manual_seed(0)

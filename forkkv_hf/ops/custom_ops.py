@@ -75,3 +75,28 @@ def lora_add_op(
 @lora_add_op.register_fake
 def _lora_add_fake(out, x, A, B, scale, tile_adapter, tile_start, tile_count, perm, block_m):
     return None
+
+
+@torch.library.custom_op("forkkv::lora_add", mutates_args=())
+def lora_add_functional_op(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    tile_adapter: torch.Tensor,
+    tile_start: torch.Tensor,
+    tile_count: torch.Tensor,
+    perm: torch.Tensor,
+    block_m: int,
+) -> torch.Tensor:
+    """``forkkv::lora_add_`` into a copy of ``base``, returned: for graphs whose functionalisation does not take a
+    custom op that writes its input (a nested compile region's, torch 2.13)."""
+    out = base.clone()
+    lora_add_op(out, x, A, B, scale, tile_adapter, tile_start, tile_count, perm, block_m)
+    return out
+
+
+@lora_add_functional_op.register_fake
+def _lora_add_functional_fake(base, *args):
+    return torch.empty_like(base)

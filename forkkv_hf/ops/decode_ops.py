@@ -120,15 +120,16 @@ def lora_delta_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, sta
 
 
 def add_lora_delta(result: torch.Tensor, dtype: torch.dtype, add_) -> torch.Tensor:
-    """``result`` plus a LoRA delta that ``add_(out)`` adds into a ``[B, L, d_out]`` tensor in the stack's ``dtype``:
-    into ``result`` itself where it is contiguous and of that dtype (no zero-filled buffer, no separate add), else
-    into zeros, rounded to ``result``'s dtype and added (as PEFT's mixed-batch forward rounds its delta)."""
+    """``result`` plus a LoRA delta that ``add_(out)`` adds into a ``[B, L, d_out]`` tensor in the stack's ``dtype``
+    (in place, or into a copy it returns): into ``result`` itself where it is contiguous and of that dtype (no
+    zero-filled buffer, no separate add), else into zeros, rounded to ``result``'s dtype and added (as PEFT's
+    mixed-batch forward rounds its delta)."""
     if result.dtype == dtype and result.is_contiguous():
-        add_(result)
-        return result
+        new = add_(result)
+        return result if new is None else new
     delta = result.new_zeros(result.shape, dtype=dtype)
-    add_(delta)
-    return result + delta.to(result.dtype)
+    new = add_(delta)
+    return result + (delta if new is None else new).to(result.dtype)
 
 
 def bias_rows(idx: torch.Tensor, valid: torch.Tensor, stack) -> torch.Tensor:
@@ -140,13 +141,15 @@ def bias_rows(idx: torch.Tensor, valid: torch.Tensor, stack) -> torch.Tensor:
 class LoRADecodePlan:
     """What a LoRA layer's compiled decode step reads: the stacked factors (``None``: no row of the call uses an
     adapter of this layer), each row's slot and validity, and for the Triton kernels the tiles of one token per row
-    (``forkkv_kernels.lora.padded_plan``; ``None``: the PyTorch path)."""
+    (``forkkv_kernels.lora.padded_plan``; ``None``: the PyTorch path); ``functional``: the kernels' delta goes into
+    a copy (``forkkv::lora_add``) instead of in place, for nested compile regions (:mod:`forkkv_hf.compile_regions`)."""
 
     stack: object = None
     idx: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     tiles: tuple | None = None
     block_m: int = 0
+    functional: bool = False
 
 
 def remember_decode_plan(layer, stack, slots: tuple, batchable: bool, use_triton: bool) -> None:
@@ -171,7 +174,7 @@ def remember_decode_plan(layer, stack, slots: tuple, batchable: bool, use_triton
                 torch._dynamo.mark_static_address(t)
         stack._static = True
     layer._forkkv_decode = LoRADecodePlan(stack, idx, valid, None if plan is None else plan[1],
-                                          0 if plan is None else plan[0])
+                                          0 if plan is None else plan[0], get_config().compile_regions == "on")
 
 
 def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -194,7 +197,8 @@ def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     if plan.tiles is None:
         return result + lora_delta_rows(x, plan.idx, plan.valid, stack).to(result.dtype)
     args = (x.to(stack.A.dtype), stack.A, stack.B, stack.scale, *plan.tiles, plan.block_m)
-    result = add_lora_delta(result, stack.B.dtype, lambda out: torch.ops.forkkv.lora_add_(out, *args))
+    op = torch.ops.forkkv.lora_add if plan.functional else torch.ops.forkkv.lora_add_
+    result = add_lora_delta(result, stack.B.dtype, lambda out: op(out, *args))
     if stack.bias is not None:
         result = result + bias_rows(plan.idx, plan.valid, stack).to(result.dtype)
     return result

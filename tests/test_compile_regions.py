@@ -1,0 +1,100 @@
+"""Regional compilation of the decode step (``compile_regions="on"``, :mod:`forkkv_hf.compile_regions`): the decoder
+layer is one nested compile region, traced and compiled once and reused by every layer; tokens equal eager, the
+model is left as it was, a second call does not recompile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, batch_inputs
+from forkkv_hf.compile_regions import available, compile_regions, decoder_layers
+from test_compiled_decode import NAMES, _compile_config, _decode_graph_runs, fresh_dynamo  # noqa: F401 (fixture)
+from test_generate import _assert_same, _context, _gen, _prompts, make_full_agents
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not available(), reason="torch without torch.compiler.nested_compile_region")]
+
+
+@pytest.fixture(scope="module")
+def four_layer_agents():
+    """test_generate's agents (LoRA on q/k/v/o, mixed ranks, rsLoRA, a LoRA bias) on four layers: enough repeats
+    for the saving to show in what dynamo captures."""
+    return make_full_agents(layers=4)
+
+
+def _captured() -> int:
+    return torch._dynamo.utils.counters["stats"]["calls_captured"]
+
+
+def test_regions_equal_eager_and_trace_the_layer_once(four_layer_agents):
+    pm = four_layer_agents
+    ctx = _context(23)
+    inputs = batch_inputs(ctx, _prompts([5, 2, 4, 1, 3], seed=2), pad_token_id=0)
+    eager = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES), max_new_tokens=6)
+    whole = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES), max_new_tokens=6,
+                 compile_config=_compile_config())
+    captured_whole = _captured()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with forkkv_hf.config_override(compile_regions="on"):
+        regional = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES), max_new_tokens=6,
+                        compile_config=_compile_config())
+    _assert_same(whole, eager)
+    _assert_same(regional, eager)
+    # the outer graph calls the region instead of holding four copies of the layer
+    assert _captured() < captured_whole / 2, (_captured(), captured_whole)
+    layers = decoder_layers(pm)
+    assert len(layers) == 4 and all("forward" not in layer.__dict__ for layer in layers)  # the model as it was
+
+
+def test_regions_second_call_does_not_recompile(four_layer_agents):
+    pm = four_layer_agents
+    ctx = _context(29, seed=4)
+    names = ["planner", "coder", "__base__"]
+    shared = SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
+    with forkkv_hf.config_override(compile_regions="on"):
+        for seed in (1, 2):
+            inputs = batch_inputs(ctx, _prompts([4, 4, 4], seed=seed), pad_token_id=0)
+            out = _gen(pm, inputs, names, shared.fork(names), compile_config=_compile_config())
+            _assert_same(out, _gen(pm, inputs, names, shared.fork(names)))
+            if seed == 1:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert not torch._dynamo.utils.counters["recompilations"]
+    assert _decode_graph_runs() == 2 * 7
+
+
+def test_regions_leave_a_wrapped_forward_alone(four_layer_agents):
+    """A layer whose ``forward`` someone already set on the instance keeps it; the others are marked, then
+    restored."""
+    layers = decoder_layers(four_layer_agents)
+    own = layers[0].forward
+    layers[0].forward = own
+    try:
+        with compile_regions(four_layer_agents) as marked:
+            assert marked == 3 and layers[0].__dict__["forward"] is own
+            assert all(layer.__dict__["forward"].__self__ is layer for layer in layers[1:])
+        assert all("forward" not in layer.__dict__ for layer in layers[1:])
+    finally:
+        layers[0].__dict__.pop("forward", None)
+
+
+def test_regions_through_inductor_with_the_triton_custom_ops(monkeypatch):
+    """The GPU's path on CPU: inductor lowers the region once, the Triton kernels (interpreted) run as the custom ops
+    inside it; tokens equal eager."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
+    monkeypatch.setenv("FORKKV_BACKEND", "triton")
+    monkeypatch.setenv("FORKKV_LORA_BACKEND", "triton")
+    pm = make_full_agents(layers=2)
+    ctx = _context(17)
+    names = ["planner", "__base__", "biased"]
+    inputs = batch_inputs(ctx, _prompts([3, 5, 2]), pad_token_id=0)
+    eager = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), max_new_tokens=4)
+    with forkkv_hf.config_override(compile_regions="on"):
+        out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), max_new_tokens=4,
+                   compile_config=_compile_config("inductor"))
+    _assert_same(out, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
