@@ -54,10 +54,12 @@ def compile_regions(model: nn.Module):
     the model no decoder-layer list, or where a layer's ``forward`` is already set on the instance (someone else
     wraps it)."""
     layers = [m for m in decoder_layers(model) if "forward" not in m.__dict__] if available() else []
-    for layer in layers:
-        layer.forward = _region_forward(layer)
+    marked = []
     try:
-        yield len(layers)
-    finally:
         for layer in layers:
+            layer.forward = _region_forward(layer)
+            marked.append(layer)
+        yield len(marked)
+    finally:
+        for layer in marked:
             layer.__dict__.pop("forward", None)

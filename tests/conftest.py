@@ -48,7 +48,8 @@ def pytest_report_header(config):
 #: the files that take longest (torchrun, compiles, interpreted kernels, subprocesses), longest first: collected first,
 #: so that `make test`'s workers (whole files each) start on them and finish together
 LONGEST_FIRST = ("test_tensor_parallel.py", "test_cascade_kernel.py", "test_compiled_decode.py", "test_eval_scripts.py",
-                 "test_kernels.py", "test_quality.py", "test_staleness.py", "test_training_eval.py")
+                 "test_kernels.py", "test_quality.py", "test_compile_regions.py", "test_staleness.py",
+                 "test_training_eval.py")
 
 
 def pytest_collection_modifyitems(config, items):
