@@ -19,6 +19,7 @@ per-step hooks or synchronisation:
 - ``peak_gib``: the case's peak allocator memory (``max_memory_allocated``: the model and its adapters, the shared
   context, the calls, CUDA-graph pools); ``--budget-gib`` caps the GPU at that much (a case that does not fit is
   recorded as ``oom``), e.g. 60 for the capacity row of the end-to-end benchmark;
+- ``--adapters``: adapters loaded beyond the rows' (the first call's compile grows with them);
 - ``FORKKV_COMPILE_REGIONS=on`` in the environment: the compiled rows compile the decoder layer once
   (:mod:`forkkv_hf.compile_regions`; ``params.compile_regions`` records it).
 
@@ -297,6 +298,9 @@ def main(argv=None):
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="cap each GPU's memory at this many GiB (set_per_process_memory_fraction): a case that does "
                          "not fit is recorded as oom")
+    ap.add_argument("--adapters", type=int, default=None,
+                    help="adapters loaded (default: the largest N); the rows use the first N, the others only sit "
+                         "in the model, as a user's unused adapters do (dynamo's first compile grows with them)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)
@@ -316,9 +320,12 @@ def main(argv=None):
     t0 = time.time()
     model = build_model(llama8b_config(layers=args.layers, tiny=args.tiny), dtype=dtype)
     compile_config = compile_config_for(dev, args.compile_backend)
+    agents = {"on": args.compiled_agents or args.agents, "off": args.agents}
+    n_max = max(max(agents[c]) for c in args.compile)
     params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
                         "lora": "rank 16 on q/k/v/o"},
               "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps, "budget_gib": args.budget_gib,
+              "adapters_loaded": max(n_max, args.adapters or 0),
               "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)",
               "compile_regions": get_config().compile_regions}
     run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
@@ -326,12 +333,10 @@ def main(argv=None):
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
     ctx = torch.randint(3, vocab, (args.context,), device=dev, generator=g)
-    agents = {"on": args.compiled_agents or args.agents, "off": args.agents}
-    n_max = max(max(agents[c]) for c in args.compile)
     prompts = [torch.randint(3, vocab, (PROMPT,), device=dev, generator=g) for _ in range(n_max)]
     if not args.no_anchors:  # before PEFT wraps the model
         anchor_cases(run, model, torch.cat([ctx, prompts[0]])[None], args, compile_config)
-    names = [f"agent{i}" for i in range(n_max)]
+    names = [f"agent{i}" for i in range(params["adapters_loaded"])]
     pm = add_random_adapters(model, names, rank=16)
     print(f"model + {len(names)} adapters built in {time.time() - t0:.0f} s", flush=True)
     for c in args.compile:  # every N compiled first (the targets), then eager
