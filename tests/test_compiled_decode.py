@@ -211,7 +211,8 @@ def test_triton_custom_ops_in_the_compiled_step(two_layer_agents, monkeypatch):
     assert _decode_graph_runs() == 3
 
 
-@parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")])
+@parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")],
+             version_independent=lambda case: case[0] == "inductor")  # aot_eager, torch: the same calls on 5.17
 def test_functionalized_and_inductor_graphs(two_layer_agents, backend, kernels, monkeypatch):
     """AOTAutograd's functionalisation (in-place cache writes on static inputs) and inductor's lowering (on CPU: C++;
     the Triton kernels, interpreted, as extern custom ops) keep the tokens."""
