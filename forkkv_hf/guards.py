@@ -205,7 +205,10 @@ def _check_activated_lora(cache, model, input_ids, adapter_names) -> None:
 def _padding(mask, S: int, L: int):
     """``[B, L]`` bool: which of a forward's ``L`` new tokens (after ``S`` cached ones) are padding, by a 2-D mask
     (0 columns) or a 4-D one (keys its last query does not attend: transformers masks padding as keys; the 4-D masks
-    of a compileable cache's generate), else ``None``."""
+    of a compileable cache's generate; for models with ``layer_types``, a dict of them per attention type, each of
+    which masks the padding), else ``None``."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next((m for m in mask.values() if isinstance(m, torch.Tensor)), None))
     if not isinstance(mask, torch.Tensor) or mask.shape[-1] < S + L or mask.dim() not in (2, 4):
         return None
     cols = mask[:, S : S + L] if mask.dim() == 2 else mask[:, 0, -1, S : S + L]

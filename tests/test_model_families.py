@@ -163,3 +163,22 @@ def test_gemma2_softcap_goes_through_the_torch_path():
     out = residual_attention(q, view, None, 0.25, softcap=2.0, backend="triton")  # soft-cap: PyTorch path
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (ref - reference_attention(q, view, None, 0.25)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_decode_with_per_layer_type_masks():
+    """Qwen2's config has ``layer_types``: generate with a compileable (static) cache passes the prefill a dict of 4-D
+    masks, one per attention type; the forward checks read the padding from it (a padded row's position 0 is
+    padding, not a token inside the shared context). Compiled tokens equal eager."""
+    from transformers import CompileConfig
+
+    pm = _family("qwen2-bias")
+    forkkv_hf.enable_forkkv(pm)
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    eager = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES))
+    cc = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES), compile_config=cc)
+    _same(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
