@@ -316,3 +316,29 @@ def test_several_contexts_refusals():
     with pytest.raises(ValueError, match="one TrainingContext per context"):
         TrainingContext(dyn, contexts)
     assert TrainingContext(dyn, contexts[0]).num_contexts == 1
+
+
+def test_losses_of_several_adapters_before_one_backward():
+    """Two agents' losses summed before one backward (or a student's loss followed by a teacher's forward, as in
+    distillation): each adapter gets the gradients of its own loss. PEFT's set_adapter, which activating the second
+    adapter calls, marks every other adapter frozen; without undoing that the first adapter's gradients are lost."""
+    pm = _model(a=dict(target_modules=ALL), b=dict(target_modules=ALL))
+    pm.train()
+    for p in (p for n, p in pm.named_parameters() if "lora_" in n):
+        p.requires_grad_(True)
+    ctx, batch = TrainingContext(pm, _context()), _batch()
+
+    def grads(name):
+        return torch.cat([p.grad.flatten() for n, p in pm.named_parameters() if f".{name}." in n])
+
+    for name in ("a", "b"):
+        forkkv_loss(pm, ctx, batch, name).backward()
+    alone = {name: grads(name).clone() for name in ("a", "b")}
+    pm.zero_grad(set_to_none=True)
+    loss_a = forkkv_loss(pm, ctx, batch, "a")
+    with torch.no_grad():  # a teacher's forward between the student's loss and its backward
+        forkkv_logits(pm, ctx, batch, "b", residual="exact")
+    (loss_a + forkkv_loss(pm, ctx, batch, "b")).backward()
+    for name in ("a", "b"):
+        assert grads(name).abs().max() > 0
+        torch.testing.assert_close(grads(name), alone[name])

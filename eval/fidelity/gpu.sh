@@ -92,8 +92,8 @@ run)
 probe)
   unpack
   join_model
-  tar xzf "$HOME/m/teachers.tgz" -C /tmp
-  teachers=/tmp/$(tar tzf "$HOME/m/teachers.tgz" | head -1 | cut -d/ -f1)
+  rm -rf /tmp/teachers_in; mkdir -p /tmp/teachers_in; tar xzf "$HOME/m/teachers.tgz" -C /tmp/teachers_in
+  teachers=$(ls -d /tmp/teachers_in/*)
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
     --teacher "$teachers" --out "$OUT/fidelity_probe_nvidia_h200.json" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -40

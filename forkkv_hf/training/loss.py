@@ -104,9 +104,16 @@ def _check_call(model, context, adapter_name, residual) -> None:
 
 def _activate(model, adapter_name: str) -> None:
     """Make ``adapter_name`` the one active adapter, as ``PeftModel.set_adapter`` does (which also marks its
-    weights trainable); left as is when it already is."""
-    if list(model.active_adapters) != [adapter_name]:
-        model.set_adapter(adapter_name)
+    weights trainable); left as is when it already is. ``set_adapter`` also sets ``requires_grad=False`` on every
+    other adapter; that is undone here, because a loss of another adapter computed before this call (a sum of two
+    agents' losses, or a student's loss before its teacher's forward) would otherwise get no gradients at
+    ``backward()``: nothing this function turned trainable is turned off again."""
+    if list(model.active_adapters) == [adapter_name]:
+        return
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    model.set_adapter(adapter_name)
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 def _suffix_tensors(batch: dict, context: TrainingContext, device):
@@ -191,7 +198,8 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     ``attention_mask [B, L]`` (0 on padding) and, when ``context`` holds several contexts, ``context_index [B]``
     (the context each row follows). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"`` or
     ``"exact"`` (module docstring). Activates ``adapter_name`` (``PeftModel.set_adapter``) if it is not the active
-    adapter. Returns the mean cross-entropy over the labelled tokens, or their sum divided by
+    adapter, keeping other adapters' trainable weights trainable (losses of several adapters may be summed before
+    one ``backward()``). Returns the mean cross-entropy over the labelled tokens, or their sum divided by
     ``num_items_in_batch`` when given (gradient accumulation, as ``transformers.Trainer`` passes it). The vocabulary
     projection runs on the labelled positions only.
     """
