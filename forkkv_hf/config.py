@@ -50,7 +50,8 @@ class ForkKVConfig:
     in the cache dtype, ``None`` for their default.
     ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not.
     ``compile_regions``: ``on`` compiles the repeated decoder layer once per compiled decode step (a shorter first
-    call), ``off`` the whole step as one graph."""
+    call, a slower step: 50.7 s / 72.6 ms against 61.4 s / 63.5 ms on an H200 at 128 agents), ``off`` the whole
+    step as one graph."""
 
     backend: str = "auto"
     lora_backend: str = "auto"
