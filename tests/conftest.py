@@ -6,7 +6,8 @@
 views built by hand (tests/views.py), the configuration, the logger, the suite's own layout, packaging, the
 benchmarks' schema and helpers, the context benchmark's data and metrics. Marked too: a variant of an unmarked test
 that differs from it only below the transformers/PEFT interfaces (the same model, inputs and generate/compile calls,
-the Triton LoRA path in place of the PyTorch one: test_tensor_parallel's ``triton`` case). Everything else that builds a model, a cache, a shared context or an
+the Triton paths in place of the PyTorch ones: test_tensor_parallel's ``triton`` case, test_compiled_decode's
+``triton`` custom-op case; LoRA factors made whole before ForkKV reads them: test_tensor_parallel's ``whole_lora``). Everything else that builds a model, a cache, a shared context or an
 adapter, calls ``generate``/``forward``, compiles, trains, or starts a script that does, stays unmarked and runs on
 both versions (they differ in the cache keyword, ``Cache.crop``, the masks generate passes, compile and
 tensor-parallel internals: forkkv_hf/compat.py). When unsure, leave a test unmarked.

@@ -137,9 +137,11 @@ def test_cascade_gpu_launch_rule_matches_reference(case, masked):
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
-@parametrize("masked", [False, True], fast=lambda masked: masked)
-@parametrize("rule", list(V8_RULES))
-@parametrize("case", V8_CASES)
+#: every case under every rule, masked or not alternating: each case and each rule meet both mask settings
+V8_COMBOS = [(case, rule, (i + j) % 2 == 1) for i, case in enumerate(V8_CASES) for j, rule in enumerate(V8_RULES)]
+
+
+@parametrize("case,rule,masked", V8_COMBOS, fast=lambda combo: combo[0].fast)
 def test_cascade_v8_rules_on_long_odd_contexts(case, rule, masked):
     """Each of the GPU's launch rules on contexts of several 128-token tiles, the last one partial, and several
     splits (a whole-wave split count that rounds down, an odd one for the unrolled merge)."""
@@ -149,11 +151,15 @@ def test_cascade_v8_rules_on_long_odd_contexts(case, rule, masked):
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
-@parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
-@parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
-@parametrize("rule", ["gpu", "wide", "narrow"], fast=lambda rule: rule == "gpu")
-@parametrize("case", LOWP_CASES + [AttnCase(B=4, H=8, Hkv=2, D=64, T=300, P=5, rows=(0, 1, 1, -1))],
-             fast=lambda case: case.T == 300)
+#: (rule, dtype, lowp_rope) covering every pair of values of any two of them (6 of the 12 combinations)
+LOWP_RULE_PAIRS = [("gpu", torch.bfloat16, True), ("gpu", torch.float16, False), ("wide", torch.bfloat16, False),
+                   ("wide", torch.float16, True), ("narrow", torch.bfloat16, True), ("narrow", torch.float16, False)]
+
+
+@parametrize("case,rule,dtype,lowp_rope",
+             [(case, *combo) for case in LOWP_CASES + [AttnCase(B=4, H=8, Hkv=2, D=64, T=300, P=5, rows=(0, 1, 1, -1))]
+              for combo in LOWP_RULE_PAIRS],
+             fast=lambda combo: combo[0].T == 300 and combo[1] == "gpu" and combo[2] == torch.bfloat16)
 def test_cascade_v8_rules_low_precision_pass_rule(case, rule, dtype, lowp_rope):
     """bf16/fp16 with the GPU's launch rules: error against the fp32 reference at most 3x that of PyTorch doing the
     same attention in the low dtype."""
