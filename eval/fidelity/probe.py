@@ -79,7 +79,7 @@ def score(pm, tok, data, agent: str, name: str, residual: str, contexts: list[in
 
 def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, spec: dict, cfg: T.TrainConfig,
                   plan: list[list[int]]) -> dict:
-    from forkkv_hf.training import TrainingContext, forkkv_logits
+    from forkkv_hf.training import TrainingContext, forkkv_distill_loss, forkkv_loss
 
     params = [p for n, p in pm.named_parameters() if f".{student}." in n]
     for p in params:
@@ -110,19 +110,11 @@ def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, 
             index += [j] * len(picked)
         batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
         batch["context_index"] = torch.tensor(index)
-        logits = forkkv_logits(pm, ctx, batch, student, residual="kv")
-        lg, tg, _ = answer_logits_targets(logits, batch["labels"])
-        lg = lg.float()
-        loss = torch.zeros((), device=lg.device)
-        if spec["loss"] in ("ce", "cekl"):
-            loss = loss + torch.nn.functional.cross_entropy(lg, tg)
-        if spec["loss"] in ("kl", "cekl"):
-            with torch.no_grad():
-                tl = forkkv_logits(pm, ctx, batch, teacher, residual="exact")
-                tlg, _, _ = answer_logits_targets(tl, batch["labels"])
-                tlp = torch.log_softmax(tlg.float(), -1)
-            loss = loss + torch.nn.functional.kl_div(torch.log_softmax(lg, -1), tlp, log_target=True,
-                                                     reduction="batchmean")
+        if spec["loss"] == "ce":
+            loss = forkkv_loss(pm, ctx, batch, student, residual="kv")
+        else:  # KL per answer token from the teacher under exact inference (+ the cross-entropy for cekl)
+            loss = forkkv_distill_loss(pm, ctx, batch, student, teacher, residual="kv", teacher_residual="exact",
+                                       temperature=1.0, ce_weight=1.0 if spec["loss"] == "cekl" else 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -151,6 +143,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    from forkkv_hf.training import copy_adapter
 
     from ..device import device_info
     from ..smollm2 import load_smollm2
@@ -193,18 +187,14 @@ def main(argv=None):
             lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(T.TARGETS),
                             rank_pattern=ranks, alpha_pattern={k: 2 * v for k, v in ranks.items()},
                             task_type="CAUSAL_LM")
-            if pm is None:
-                pm = get_peft_model(model, lc, adapter_name=name)
-            else:
-                pm.add_adapter(name, lc)
             if spec["init"] == "init":
                 if spec["kv_rank"] or teacher is None:
                     raise SystemExit(f"variant {variant}: init copies the standard adapter (needs --teacher, its rank)")
-                with torch.no_grad():
-                    own = dict(pm.named_parameters())
-                    for n, p in list(own.items()):
-                        if f".{teacher}." in n:
-                            own[n.replace(f".{teacher}.", f".{name}.")].copy_(p)
+                copy_adapter(pm, teacher, name)  # the standard adapter's config and weights
+            elif pm is None:
+                pm = get_peft_model(model, lc, adapter_name=name)
+            else:
+                pm.add_adapter(name, lc)
             pm.train()
             t = time.perf_counter()
             rec = train_variant(pm, tok, data, agent, name, teacher, spec, cfg, plan)

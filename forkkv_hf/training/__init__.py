@@ -19,10 +19,13 @@ through the suffix (prompt and answer). A step may cover several contexts at onc
 ``batch["context_index"]`` ``[B]``, the context of each row. :class:`ForkKVTrainer` (a ``transformers.Trainer``) does the same from a
 dataset whose examples carry a ``context_index``; adapters are saved with ``save_pretrained`` as usual and served by
 ``SharedContext.build(...).fork(...)`` + ``generate``. ``residual="v"`` trains for V-only forks, ``"exact"`` is ordinary
-fine-tuning with the context in the input (one context pass per call, shared by the batch rows).
+fine-tuning with the context in the input (one context pass per call, shared by the batch rows). To adapt an existing
+standard adapter to ForkKV, :func:`copy_adapter` it into a student and train that with :func:`forkkv_distill_loss`
+(or ``ForkKVTrainer(..., teacher_adapter=...)``): the student under ForkKV learns the teacher's exact-inference outputs.
 """
 
 from .context import ContextLayer, TrainingContext
+from .distill import copy_adapter, forkkv_distill_loss
 from .loss import RESIDUALS, context_kv, forkkv_logits, forkkv_loss
 from .trainer import ForkKVCollator, ForkKVTrainer
 
@@ -33,6 +36,8 @@ __all__ = [
     "ForkKVTrainer",
     "TrainingContext",
     "context_kv",
+    "copy_adapter",
+    "forkkv_distill_loss",
     "forkkv_logits",
     "forkkv_loss",
 ]

@@ -203,25 +203,32 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     ``num_items_in_batch`` when given (gradient accumulation, as ``transformers.Trainer`` passes it). The vocabulary
     projection runs on the labelled positions only.
     """
+    keep, target = labelled_targets(batch)
+    logits = labelled_logits(model, _hidden(model, context, batch, adapter_name, residual), keep)
+    total = torch.nn.functional.cross_entropy(logits, target.to(logits.device, non_blocking=True), reduction="sum")
+    return total / (keep.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def labelled_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep [B, L-1]`` (bool, where the labels are: on the CPU, no wait for the device): the labelled positions
+    of ``batch["labels"] [B, L]`` after the causal shift, and their targets ``[N]`` (``N = keep.sum()`` > 0)."""
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("batch has no 'labels'; give labels [B, L] aligned with input_ids (-100 where not learned)")
     labels, ids = torch.as_tensor(labels), batch.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and labels.shape != ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
-    # the labelled positions are found where the labels are (on the CPU: no wait for the device)
     target = labels[:, 1:]
     keep = target != -100
     if not bool(keep.any()):
         raise ValueError("no labelled token after the first position of any row (labels are all -100); nothing to learn")
-    hidden = _hidden(model, context, batch, adapter_name, residual)
+    return keep, target[keep]
+
+
+def labelled_logits(model: nn.Module, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits ``[N, V]`` of the positions ``keep [B, L-1]`` of ``hidden [B, L, d_model]`` (the vocabulary projection
+    runs on those positions only), in fp32 at least (fp64 kept: finite-difference checks)."""
     where = keep.flatten().nonzero().flatten().to(hidden.device, non_blocking=True)
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
-    target = target.flatten()[keep.flatten()].to(hidden.device, non_blocking=True)
     logits = transformers_model(model).get_output_embeddings()(picked)
-    # low-precision logits in fp32; fp64 kept (finite-difference checks)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-    if num_items_in_batch is None:
-        return total / keep.sum()
-    return total / num_items_in_batch
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

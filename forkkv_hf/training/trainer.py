@@ -14,6 +14,7 @@ import torch
 from transformers import Trainer
 
 from .context import TrainingContext
+from .distill import check_distill_args, forkkv_distill_loss
 from .loss import RESIDUALS, forkkv_loss
 
 #: the columns ForkKVTrainer reads from a dataset
@@ -56,7 +57,11 @@ class ForkKVTrainer(Trainer):
     ``contexts``: the shared contexts' token ids (a list; example ``i`` reads ``contexts[context_index[i]]``).
     ``adapter_name``: the adapter to train (default: the model's active adapter). ``residual``: ``"kv"`` (default),
     ``"v"``, ``"none"`` or ``"exact"`` (see :func:`~forkkv_hf.training.forkkv_loss`). ``max_cached_contexts``:
-    base passes kept (least recently used dropped). Everything else is ``Trainer``'s; pass
+    base passes kept (least recently used dropped). ``teacher_adapter``: distil from that adapter of the model
+    under ``teacher_residual`` (default ``"exact"``) with :func:`~forkkv_hf.training.forkkv_distill_loss`
+    (``temperature``, ``ce_weight``) instead of learning the labels; the student ``adapter_name`` is then made
+    trainable and the teacher frozen (start the student from it with :func:`~forkkv_hf.training.copy_adapter`).
+    Everything else is ``Trainer``'s; pass
     ``data_collator=ForkKVCollator(tokenizer.pad_token_id)`` (the default when omitted needs ``processing_class``
     with a pad token) and save with ``model.save_pretrained`` as usual::
 
@@ -66,7 +71,8 @@ class ForkKVTrainer(Trainer):
     """
 
     def __init__(self, *args, contexts, adapter_name: str | None = None, residual: str = "kv",
-                 max_cached_contexts: int = 4, **kwargs):
+                 max_cached_contexts: int = 4, teacher_adapter: str | None = None, teacher_residual: str = "exact",
+                 temperature: float = 1.0, ce_weight: float = 0.0, **kwargs):
         if residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
         if max_cached_contexts < 1:
@@ -88,6 +94,14 @@ class ForkKVTrainer(Trainer):
         self.adapter_name = adapter_name or self._active_adapter()
         self.residual = residual
         self.max_cached_contexts = max_cached_contexts
+        self.teacher_adapter, self.teacher_residual = teacher_adapter, teacher_residual
+        self.temperature, self.ce_weight = temperature, ce_weight
+        if teacher_adapter is not None:
+            check_distill_args(self.model, self.adapter_name, teacher_adapter, teacher_residual, temperature,
+                               ce_weight)
+            # the optimizer takes the weights that require grad when training starts: the student's, not the teacher's
+            self.model.set_requires_grad(teacher_adapter, False)
+            self.model.set_requires_grad(self.adapter_name, True)
         self._base_passes: OrderedDict[int, TrainingContext] = OrderedDict()
 
     def _active_adapter(self) -> str:
@@ -129,7 +143,11 @@ class ForkKVTrainer(Trainer):
             if not bool((sub["labels"][:, 1:] != -100).any()):
                 continue
             ctx = self.training_context(model, c)
-            part = forkkv_loss(model, ctx, sub, self.adapter_name, self.residual, num_items_in_batch=n_items)
+            if self.teacher_adapter is None:
+                part = forkkv_loss(model, ctx, sub, self.adapter_name, self.residual, num_items_in_batch=n_items)
+            else:
+                part = forkkv_distill_loss(model, ctx, sub, self.adapter_name, self.teacher_adapter, self.residual,
+                                           self.teacher_residual, self.temperature, self.ce_weight, n_items)
             total = part if total is None else total + part
         if total is None:
             raise ValueError("a batch without any labelled token; every example needs labels other than -100")
