@@ -320,8 +320,9 @@ def test_several_contexts_refusals():
 
 def test_losses_of_several_adapters_before_one_backward():
     """Two agents' losses summed before one backward (or a student's loss followed by a teacher's forward, as in
-    distillation): each adapter gets the gradients of its own loss. PEFT's set_adapter, which activating the second
-    adapter calls, marks every other adapter frozen; without undoing that the first adapter's gradients are lost."""
+    distillation, or by the next TrainingContext's base pass): each adapter gets the gradients of its own loss.
+    PEFT's set_adapter and disable_adapter, which activating the second adapter and the base pass call, mark other
+    adapters frozen; without undoing that the first adapter's gradients are lost."""
     pm = _model(a=dict(target_modules=ALL), b=dict(target_modules=ALL))
     pm.train()
     for p in (p for n, p in pm.named_parameters() if "lora_" in n):
@@ -338,7 +339,9 @@ def test_losses_of_several_adapters_before_one_backward():
     loss_a = forkkv_loss(pm, ctx, batch, "a")
     with torch.no_grad():  # a teacher's forward between the student's loss and its backward
         forkkv_logits(pm, ctx, batch, "b", residual="exact")
-    (loss_a + forkkv_loss(pm, ctx, batch, "b")).backward()
+    loss_b = forkkv_loss(pm, ctx, batch, "b")
+    TrainingContext(pm, _context(seed=4))  # the next step's base pass (adapters disabled) before this one's backward
+    (loss_a + loss_b).backward()
     for name in ("a", "b"):
         assert grads(name).abs().max() > 0
         torch.testing.assert_close(grads(name), alone[name])

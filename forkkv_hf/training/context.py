@@ -186,6 +186,9 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
         handles.append(attn.v_proj.register_forward_pre_hook(proj_hook(idx, "v")))
         handles.append(attn.register_forward_pre_hook(attn_hook(idx), with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
+    # disable_adapter() marks every inactive adapter frozen on its way out: a loss computed before this base pass
+    # would get no gradients at backward(); the flags are put back as they were
+    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
     cache = DynamicCache()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     try:
@@ -198,6 +201,8 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
             h.remove()
         for m, training in modes.items():
             m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
     layers = []
     for idx in range(len(attns)):
         x_k, x_v = inputs[idx]["k"], inputs[idx]["v"]
