@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -85,14 +84,7 @@ def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, 
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps = len(plan)
-
-    def lr_factor(step):
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, steps - cfg.warmup))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: T.schedule(step, cfg.warmup, len(plan)))
     by_ctx = {}
     for ex in data["train"]["examples"]:
         if ex["agent"] == agent:

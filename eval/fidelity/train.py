@@ -126,6 +126,13 @@ def plan_steps(context_indices: list[int], cfg: TrainConfig) -> list[list[int]]:
     return groups if cfg.steps is None else groups[: cfg.steps]
 
 
+def schedule(step: int, warmup: int, steps: int) -> float:
+    """The learning-rate factor of ``step``: linear warmup over ``warmup`` steps, cosine decay to 10% at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
 def _optimizer(params, cfg: TrainConfig):
     fused = all(p.is_cuda for p in params)  # one kernel per step on CUDA
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, **({"fused": True} if fused else {}))
@@ -159,10 +166,8 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
     names = {(a, k): adapter_name(a, k) for a in AGENTS for k in cfg.kinds}
     opts, scheds = {}, {}
 
-    def lr_factor(step):  # linear warmup, cosine decay to 10% at the last planned (or cut) step
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, steps - cfg.warmup))))
+    def lr_factor(step):  # reads `steps` when called: a time budget may cut it
+        return schedule(step, cfg.warmup, steps)
 
     for key, name in names.items():
         params = [p for n, p in pm.named_parameters() if f".{name}." in n]
