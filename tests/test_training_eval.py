@@ -122,7 +122,71 @@ def test_quick_run_writes_the_result_file_plot_and_adapters(quick_run):
             assert r["kl"]["mean"] == 0 and r["identical"]["mean"] == 1 and r["tf_top1"]["mean"] == 1
     records = res.extra["records"]
     assert len(records) == 2 * 4 * len({(x["context"], x["id"]) for x in records})
+    assert {c["comparison"] for c in res.extra["comparisons"]} == {
+        name for name, a, b in report.COMPARISONS if a[0] != "distill" and b[0] != "distill"}
+
+
+def _lora(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_quick_run_with_a_distilled_kind(quick_run):
+    """`--kinds standard forkkv distill`: the students start from the run's final standard adapters, train under
+    ForkKV on the same steps, and are evaluated under every variant and saved with the others."""
+    from eval.bench.schema import BenchResult
+
+    tmp, _, _ = quick_run
+    out = tmp / "fidelity_distill.json"
+    subprocess.run([sys.executable, "-m", "eval.fidelity", "run", "--quick", "--smoke", str(_tokenizer_dir(tmp)),
+                    "--data", str(tmp / "data"), "--adapters-out", str(tmp / "adapters3"), "--out", str(out),
+                    "--max-new-tokens", "4", "--threads", "1", "--contexts-per-step", "2",
+                    "--kinds", "standard", "forkkv", "distill"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    res = BenchResult.from_dict(json.loads(out.read_text()), str(out))
+    names = {f"{a}{s}" for a in tasks.AGENTS for s in ("", "_fk", "_fd")}
+    assert {p.name for p in (tmp / "adapters3").iterdir() if p.is_dir()} == names
+    for a in tasks.AGENTS:  # trained away from the standard adapter it was copied from
+        student, teacher = _lora(tmp / "adapters3" / f"{a}_fd"), _lora(tmp / "adapters3" / a)
+        assert student.keys() == teacher.keys()
+        assert any(not (student[k] == teacher[k]).all() for k in student), a
+    training = res.extra["training"]
+    assert set(training["losses"]) == {f"{a}/{k}" for a in tasks.AGENTS for k in ("standard", "forkkv", "distill")}
+    assert all(len(v) == 2 for v in training["losses"].values())  # the same 2 steps for every kind
+    assert training["distill"]["steps"] == 2 and training["seconds"]["distill"] > 0
+    variants = ("exact", "forkkv", "forkkv_v", "naive")
+    assert {(r["training"], r["inference"]) for r in res.rows} == {
+        (k, v) for k in ("standard", "forkkv", "distill") for v in variants}
     assert {c["comparison"] for c in res.extra["comparisons"]} == {name for name, *_ in report.COMPARISONS}
+    assert "| distilled | forkkv |" in report.table(res)
+
+
+@pytest.mark.slow
+def test_distill_from_loaded_teachers_trains_only_the_students(quick_run):
+    """`--teachers DIR --kinds standard distill`: the standard adapters are loaded and stay as saved; only the
+    students train. A distill kind without standard is refused."""
+    from eval.fidelity import train
+    from eval.fidelity.__main__ import smoke_model
+
+    tmp, _, _ = quick_run
+    data = tasks.read_jsonl(tmp / "data")
+    model, tok = smoke_model(_tokenizer_dir(tmp))
+    cfg = train.TrainConfig(steps=1, contexts_per_step=2, warmup=1, kinds=("distill", "standard"))
+    pm, rep = train.train(model, tok, data, cfg, teachers=tmp / "adapters")
+    assert set(rep["losses"]) == {f"{a}/distill" for a in tasks.AGENTS} and rep["steps"] == 1
+    assert rep["teachers_loaded_from"] == str(tmp / "adapters")
+    saved = tmp / "teachers_and_students"
+    train.save_adapters(pm, saved, [train.adapter_name(a, k) for a in tasks.AGENTS for k in ("standard", "distill")])
+    for a in tasks.AGENTS:
+        loaded, again = _lora(tmp / "adapters" / a), _lora(saved / a)
+        assert all((loaded[k] == again[k]).all() for k in loaded), a  # the teacher did not train
+        student = _lora(saved / f"{a}_fd")
+        assert any(not (student[k] == again[k]).all() for k in student), a
+    with pytest.raises(ValueError, match="list standard"):
+        train.check_kinds(("forkkv", "distill"))
+    with pytest.raises(ValueError, match="list standard in --kinds"):
+        train.check_kinds(("forkkv",), teachers=tmp / "adapters")
 
 
 @pytest.mark.version_independent

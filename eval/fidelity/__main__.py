@@ -6,12 +6,16 @@
     python -m eval.fidelity run --train-steps 100 --contexts-per-step 4   # 100 steps of 4 contexts (32 questions)
     python -m eval.fidelity report FILE.json      # print the tables and redraw the plot of a result file
     python -m eval.fidelity run --adapters DIR --first-eval-context 9   # evaluate saved adapters on more contexts
+    python -m eval.fidelity run --kinds standard forkkv distill   # also a ForkKV student distilled from standard
+    python -m eval.fidelity run --teachers DIR --kinds standard distill   # load DIR's standard adapters, distil only
     python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
 
 Three agents (:mod:`eval.fidelity.tasks`: who says a line, which line follows, who speaks next) read a Shakespeare
 scene as their shared context. Each is trained twice from the same initial LoRA weights, on the same batches
 (:mod:`eval.fidelity.train`): ``standard`` (its own pass over the context, as ordinary fine-tuning) and ``forkkv``
-(ForkKV-aware: base K/V + its residual, :mod:`forkkv_hf.training`). Both are evaluated on held-out plays under
+(ForkKV-aware: base K/V + its residual, :mod:`forkkv_hf.training`); with ``--kinds ... distill`` a third
+adapter per agent, ``distill``, starts from the final standard one and learns its outputs under ForkKV (or from the
+standard adapters of ``--teachers DIR``, which are then loaded, not trained). Every kind is evaluated on held-out plays under
 ``exact``, ``forkkv``, ``forkkv_v`` and ``naive`` inference (:mod:`eval.fidelity.runner`); the result file holds
 exact match, F1, KL and agreement with 95% context-cluster bootstrap intervals (:mod:`eval.fidelity.report`).
 ``run`` reads the data as JSON lines (no ``datasets`` needed: the GPU machine has none), writing them first when
@@ -49,6 +53,10 @@ def run(args) -> Path:
     from . import report, tasks, train
     from .runner import VARIANTS, evaluate
 
+    kinds = train.check_kinds(args.kinds, args.teachers, trained=args.adapters is None)  # before the model loads
+    if args.teachers is not None and args.adapters is not None:
+        raise SystemExit("--teachers (train the other kinds from loaded standard adapters) and --adapters (train "
+                         "nothing) exclude each other; pass one")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,10 +74,11 @@ def run(args) -> Path:
     model.to(device)
     cfg = train.TrainConfig(epochs=args.epochs, steps=args.train_steps, contexts_per_step=args.contexts_per_step,
                             lr=args.lr, seed=args.seed, time_budget_s=args.train_budget_s, tf32=args.tf32,
-                            warmup=args.warmup if args.warmup is not None else 2 if args.quick else 20)
+                            warmup=args.warmup if args.warmup is not None else 2 if args.quick else 20,
+                            kinds=kinds)
     names = [train.adapter_name(a, k) for a in tasks.AGENTS for k in cfg.kinds]
     if args.adapters is None:
-        pm, training = train.train(model, tok, data, cfg)
+        pm, training = train.train(model, tok, data, cfg, teachers=args.teachers)
         saved = args.adapters_out or (folder.parent / "adapters")
         train.save_adapters(pm, saved, names)
         if args.adapters_archive:  # before the evaluation: a run cut short still returns its adapters
@@ -78,11 +87,7 @@ def run(args) -> Path:
               f"{training['seconds_total']} s, {training['seconds_per_step']} s/step after the first; "
               f"{time.perf_counter() - t0:.0f} s since the model load began", flush=True)
     else:  # evaluate adapters trained before (training's record is in that run's result file)
-        from peft import PeftModel
-
-        pm = PeftModel.from_pretrained(model, str(args.adapters / names[0]), adapter_name=names[0])
-        for name in names[1:]:
-            pm.load_adapter(str(args.adapters / name), adapter_name=name)
+        pm = train.load_adapters(model, args.adapters, names)
         pm.eval()
         training = {"adapters_loaded_from": str(args.adapters)}
     out = args.out or RESULTS / (f"fidelity_quick.json" if args.quick else f"fidelity_{_device_tag()}.json")
@@ -188,22 +193,28 @@ def main(argv=None):
     d.add_argument("--out", type=Path, default=DATA)
     d.add_argument("--quick", action="store_true")
     d.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run", help="train both kinds, evaluate every variant, write the result file and plot")
+    r = sub.add_parser("run", help="train every kind, evaluate every variant, write the result file and plot")
     r.add_argument("--quick", action="store_true", help="a tiny CPU slice of the same pipeline")
     r.add_argument("--data", type=Path, help=f"JSON-lines folder (default {DATA})")
     r.add_argument("--train-contexts", type=int, help="use only the first N training contexts")
     r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
     r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
     r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
+    r.add_argument("--kinds", nargs="+", default=["standard", "forkkv"], metavar="KIND",
+                   help="training kinds to train and evaluate: standard, forkkv, distill (default standard forkkv); "
+                        "distill needs standard")
+    r.add_argument("--teachers", type=Path,
+                   help="load the standard adapters <agent> from this save_pretrained folder instead of training them")
     r.add_argument("--epochs", type=int, default=1, help="passes over the training contexts (without --train-steps)")
-    r.add_argument("--train-steps", type=int, help="optimizer steps per adapter, both kinds (default: --epochs passes)")
+    r.add_argument("--train-steps", type=int, help="optimizer steps per adapter, every kind (default: --epochs passes)")
     r.add_argument("--contexts-per-step", type=int, default=1,
                    help="training contexts per step: each agent's batch holds its questions about all of them")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--warmup", type=int, help="warm-up steps (default 20, 2 with --quick)")
     r.add_argument("--tf32", action="store_true", help="TF32 matmuls while training on CUDA (evaluation stays fp32)")
     r.add_argument("--train-budget-s", type=float,
-                   help="safety stop: cut the planned steps (both kinds at the same step) to fit this many seconds")
+                   help="safety stop: cut the planned steps (standard and forkkv at the same step) to fit this many "
+                        "seconds")
     r.add_argument("--eval-budget-s", type=float, help="stop evaluating (after a whole context) after this")
     r.add_argument("--max-new-tokens", type=int, default=24)
     r.add_argument("--adapters-out", type=Path, help="where save_pretrained writes the adapters")

@@ -3,6 +3,7 @@
 # three calls made back to back (a warm machine keeps $HOME between calls). The working tree travels with each call
 # and a call carries 64 MiB at most, so the model goes in three parts. Prepare here, from the repository root:
 #   bash eval/fidelity/gpu.sh prepare [TEACHERS]   # TEACHERS: a folder of saved standard adapters for `probe`
+#                                                 # or `run --teachers` (unpacked to /tmp/teachers_in/<its name>)
 # call 1 (carry .m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz):
 #   bash eval/fidelity/gpu.sh place     # keeps what it carries in $HOME/m and imports the code on CUDA (seconds)
 #   (or  bash eval/fidelity/gpu.sh smoke  # the same, then 2 training steps and 1 evaluation context of a tiny
@@ -13,6 +14,9 @@
 #   bash eval/fidelity/gpu.sh run [ARGS]    # joins the model, checks its sha256, trains + evaluates; results under
 #                                         # $OUT: the result file (saved after every evaluated context), log.txt,
 #                                         # and the adapters as adapters.tgz.00, .01 (written right after training)
+#   bash eval/fidelity/gpu.sh run --teachers /tmp/teachers_in/<TEACHERS name> --kinds standard distill [ARGS]
+#                                         # the standard adapters carried in call 2 are loaded, not trained; only
+#                                         # the distilled students train; both are evaluated and archived
 #   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
@@ -30,6 +34,11 @@ keep() {  # what this call carries of the model (and the teachers) stays in $HOM
   mkdir -p "$HOME/m"; cp .m/smol.part* "$HOME/m/"
   if [ -f .fidelity/teachers.tgz ]; then cp .fidelity/teachers.tgz "$HOME/m/"; fi
   echo "kept: $(ls "$HOME/m" | tr '\n' ' ')"
+}
+unpack_teachers() {  # the teachers.tgz a call carried (kept in $HOME/m) into /tmp/teachers_in/<its folder>
+  [ -f "$HOME/m/teachers.tgz" ] || return 0
+  rm -rf /tmp/teachers_in; mkdir -p /tmp/teachers_in; tar xzf "$HOME/m/teachers.tgz" -C /tmp/teachers_in
+  echo "teachers at $(ls -d /tmp/teachers_in/*)"
 }
 join_model() {  # the GGUF from the parts kept by earlier calls and this call's; its sha256 checked
   keep
@@ -85,6 +94,7 @@ smoke)
 run)
   unpack
   join_model
+  unpack_teachers
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity run --data /tmp/data \
     --out "$OUT/fidelity_nvidia_h200.json" --adapters-out /tmp/adapters --adapters-archive "$OUT/adapters.tgz" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v Warning | tail -40  # log.txt: as it comes (progress bars end in \r)
@@ -92,7 +102,8 @@ run)
 probe)
   unpack
   join_model
-  rm -rf /tmp/teachers_in; mkdir -p /tmp/teachers_in; tar xzf "$HOME/m/teachers.tgz" -C /tmp/teachers_in
+  [ -f "$HOME/m/teachers.tgz" ] || { echo "probe needs the teachers: prepare with TEACHERS, carry .fidelity/teachers.tgz"; exit 1; }
+  unpack_teachers
   teachers=$(ls -d /tmp/teachers_in/*)
   cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
     --teacher "$teachers" --out "$OUT/fidelity_probe_nvidia_h200.json" "$@" 2>&1 \

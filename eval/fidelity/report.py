@@ -9,6 +9,7 @@ against standard adapters under exact inference (the quality a user has today wi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..bench.schema import BenchResult
@@ -16,8 +17,11 @@ from .metrics import bootstrap_ci, paired_difference_ci
 from .tasks import AGENTS
 
 BASELINE = ("standard", "exact")
+#: display names of training kinds where the kind's own name would mislead (others: the name itself)
+LABELS = {"distill": "distilled"}
 METRICS = ("em", "f1", "kl", "tf_top1", "identical")
 #: the paired comparisons the issue asks about: (name, (training, inference) of a, of b); each reports mean(a - b)
+#: (a result file holds those whose two sides were evaluated)
 COMPARISONS = (
     ("forkkv-trained@forkkv - standard@exact", ("forkkv", "forkkv"), ("standard", "exact")),
     ("forkkv-trained@forkkv - standard@forkkv", ("forkkv", "forkkv"), ("standard", "forkkv")),
@@ -25,6 +29,9 @@ COMPARISONS = (
     ("standard@forkkv - standard@forkkv_v (K residual, standard)", ("standard", "forkkv"), ("standard", "forkkv_v")),
     ("forkkv-trained@forkkv - forkkv-trained@forkkv_v (K residual, forkkv-trained)", ("forkkv", "forkkv"),
      ("forkkv", "forkkv_v")),
+    ("distilled@forkkv - standard@exact", ("distill", "forkkv"), ("standard", "exact")),
+    ("distilled@forkkv - forkkv-trained@forkkv", ("distill", "forkkv"), ("forkkv", "forkkv")),
+    ("distilled@forkkv - standard@forkkv", ("distill", "forkkv"), ("standard", "forkkv")),
 )
 
 
@@ -92,6 +99,11 @@ def comparison_table(res: BenchResult, agents=("all", *AGENTS)) -> str:
     return "\n".join(lines)
 
 
+def label(kind: str, suffix: str = "") -> str:
+    """Display name of training kind ``kind`` (``suffix`` appended to kinds without their own label)."""
+    return LABELS.get(kind, kind + suffix)
+
+
 def _pct(ci: dict) -> str:
     return f"{100 * ci['mean']:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
 
@@ -106,7 +118,7 @@ def table(res: BenchResult, agent: str = "all") -> str:
             continue
         d = r.get("em_minus_standard_exact")
         diff = "—" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-        lines.append(f"| {r['training']} | {r['inference']} | {_pct(r['em'])} | {_pct(r['f1'])} | {diff} | "
+        lines.append(f"| {label(r['training'])} | {r['inference']} | {_pct(r['em'])} | {_pct(r['f1'])} | {diff} | "
                      f"{r['kl']['mean']:.2e} | {100 * r['tf_top1']['mean']:.1f} | {100 * r['identical']['mean']:.0f} |")
     return "\n".join(lines)
 
@@ -136,18 +148,19 @@ def plot(res: BenchResult, path: Path) -> Path:
                 ys.append(100 * ci["mean"])
                 lo.append(100 * (ci["mean"] - ci["lo"]))
                 hi.append(100 * (ci["hi"] - ci["mean"]))
-            hatch = "//" if kind == "forkkv" else None
+            hatch = {"forkkv": "//", "distill": "\\\\"}.get(kind)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colors[j % 10], hatch=hatch,
-                   label=f"{kind}-trained, {variant} inference")
+                   label=f"{label(kind, '-trained')}, {variant} inference")
         ax.set_xticks(range(len(agents)), agents)
         ax.set_ylabel(f"{'exact match' if metric == 'em' else 'F1'} (%)")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     dev = res.device.get("gpu") or res.device.get("cpu", "")
-    fig.suptitle(f"Context benchmark (SmolLM2-135M, LoRA agents): standard vs ForkKV-aware training, 95% "
-                 f"context-bootstrap CIs ({dev})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    kinds = " vs ".join(label(k, "-trained") for k in dict.fromkeys(kind for kind, _ in combos))
+    fig.suptitle(f"Context benchmark (SmolLM2-135M, LoRA agents): {kinds}, 95% context-bootstrap CIs ({dev})",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(combos) / 4), 1, 1))  # room for the legend's rows
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,5 +1,6 @@
 """Train the benchmark's agents two ways on the same data, in one loop: standard (the agent's own pass over the
-context, ``residual="exact"``) and ForkKV-aware (``residual="kv"``, :mod:`forkkv_hf.training`).
+context, ``residual="exact"``) and ForkKV-aware (``residual="kv"``, :mod:`forkkv_hf.training`); optionally a third
+way after them, distilled (a ForkKV student started from the final standard adapter, trained to match it).
 
 Step by step (contexts in a seeded order, reshuffled each epoch, ``contexts_per_step`` at a time), one
 :class:`~forkkv_hf.training.TrainingContext` (one base pass over those contexts) serves the ForkKV-aware step of
@@ -9,6 +10,13 @@ step, so they always stop at the same step: the planned ``steps`` decide the len
 ``time_budget_s`` is a safety stop (it cuts the planned steps, both kinds alike, and the report says so).
 Adapters ``<agent>`` (standard) and ``<agent>_fk`` (ForkKV-aware) live in one ``PeftModel`` and are saved with
 ``save_pretrained``.
+
+The ``distill`` kind (adapter ``<agent>_fd``) needs the final standard adapters, so it trains in a second phase:
+``copy_adapter`` of ``<agent>``, then the same steps (same contexts, same questions, same schedule) with
+:func:`~forkkv_hf.training.forkkv_distill_loss` (student under ``"kv"``, teacher under ``"exact"``, temperature 1,
+no cross-entropy). The standard adapters may instead be loaded (``teachers``: a ``save_pretrained`` folder); then
+only the other kinds train. With a time budget and both phases, the first phase gets a like share per kind of it
+and the distill phase what is left (it may then stop earlier; the report's ``distill`` says where).
 
 Where the time goes (SmolLM2-135M on an H200): the steps are bound by the host (about 18 µs of Python and dispatch
 per operator, some 24,000 operators in a standard step of one agent, 14,500 in a ForkKV-aware one), not by the GPU, so
@@ -28,8 +36,11 @@ from tqdm.auto import tqdm
 from ..agents import END, context_text, prompt_text
 from .tasks import AGENTS
 
-#: training kinds: adapter-name suffix and the ``residual`` the loss runs with
-KINDS = {"standard": ("", "exact"), "forkkv": ("_fk", "kv")}
+#: training kinds: adapter-name suffix and the ``residual`` the loss runs with ("distill": the student's, its teacher
+#: being the standard adapter under "exact")
+KINDS = {"standard": ("", "exact"), "forkkv": ("_fk", "kv"), "distill": ("_fd", "kv")}
+#: the kinds trained side by side from fresh weights; "distill" trains after them, from the final standard adapters
+LOCKSTEP = ("standard", "forkkv")
 #: steps after the first (which pays one-off device set-up) that measure the pace a time budget is checked against
 CALIBRATION_STEPS = 5
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,6 +66,7 @@ class TrainConfig:
     time_budget_s: float | None = None
     #: TF32 for the CUDA matmuls of training (evaluation stays full fp32)
     tf32: bool = False
+    #: any of :data:`KINDS`; "distill" needs "standard" (trained in the same run, or loaded as teachers)
     kinds: tuple = ("standard", "forkkv")
 
 
@@ -89,14 +101,14 @@ def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict:
     return batch
 
 
-def add_adapters(model, cfg: TrainConfig):
-    """``model`` wrapped with one fresh LoRA adapter per agent and kind (same seed for both kinds of an agent:
-    they start from the same weights)."""
-    from peft import LoraConfig, get_peft_model
+def add_adapters(model, cfg: TrainConfig, kinds=None):
+    """``model`` (or the ``PeftModel`` it already is) with one fresh LoRA adapter per agent and kind of ``kinds``
+    (default ``cfg.kinds``; same seed for every kind of an agent: they start from the same weights)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    pm = None
+    pm = model if isinstance(model, PeftModel) else None
     for a in AGENTS:
-        for kind in cfg.kinds:
+        for kind in cfg.kinds if kinds is None else kinds:
             torch.manual_seed(cfg.seed + AGENTS.index(a))
             lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(TARGETS),
                             task_type="CAUSAL_LM")
@@ -138,32 +150,118 @@ def _optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
-def train(model, tok, data: dict, cfg: TrainConfig) -> tuple[object, dict]:
-    """Train every agent both ways on ``data["train"]``; returns the ``PeftModel`` and the training report."""
-    pm = add_adapters(model, cfg)
+def check_kinds(kinds, teachers=None, trained: bool = True) -> tuple:
+    """``kinds`` in :data:`KINDS` order, or a ``ValueError`` that says what to pass instead (``trained=False``:
+    saved adapters to evaluate, any kinds)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"training kinds must be some of {tuple(KINDS)}, got {tuple(kinds)}")
+    if trained and "distill" in kinds and "standard" not in kinds:
+        raise ValueError("the distill kind learns from the standard adapters: list standard in the kinds too (trained "
+                         "in the same run, or loaded with --teachers DIR)")
+    if teachers is not None and "standard" not in kinds:
+        raise ValueError("--teachers loads the standard adapters, which are then evaluated: list standard in --kinds")
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def load_adapters(model, folder, names, pm=None):
+    """``PeftModel`` ``pm`` (or ``model`` wrapped) with the adapters ``folder/<name>`` of ``save_pretrained``, frozen."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    missing = [n for n in names if not (Path(folder) / n / "adapter_config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no saved adapter {missing} in {folder}: pass the folder that save_pretrained wrote "
+                                "(one subfolder per adapter, as `run --adapters-out` writes)")
+    for name in names:
+        if pm is None:
+            pm = PeftModel.from_pretrained(model, str(Path(folder) / name), adapter_name=name)
+        else:
+            pm.load_adapter(str(Path(folder) / name), adapter_name=name)
+    return pm
+
+
+def train(model, tok, data: dict, cfg: TrainConfig, teachers=None) -> tuple[object, dict]:
+    """Train every agent in every kind of ``cfg.kinds`` on ``data["train"]``; returns the ``PeftModel`` and the
+    training report. ``teachers``: a ``save_pretrained`` folder whose standard adapters ``<agent>`` are loaded
+    instead of trained (the other kinds train)."""
+    kinds = check_kinds(cfg.kinds, teachers)
+    fresh = [k for k in LOCKSTEP if k in kinds and not (k == "standard" and teachers is not None)]
+    pm = None if teachers is None else load_adapters(model, teachers, list(AGENTS))
+    pm = add_adapters(model if pm is None else pm, cfg, fresh)
     pm.train()
     device = next(pm.parameters()).device
     precision = torch.get_float32_matmul_precision()
     if cfg.tf32 and device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     try:
-        return pm, _train(pm, tok, data, cfg, device)
+        report = _train(pm, tok, data, cfg, fresh, "distill" in kinds)
+        if teachers is not None:
+            report["teachers_loaded_from"] = str(teachers)
+        return pm, report
     finally:
         torch.set_float32_matmul_precision(precision)
         pm.eval()
 
 
-def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
-    from forkkv_hf.training import TrainingContext, forkkv_loss
+def _train(pm, tok, data: dict, cfg: TrainConfig, lockstep: list[str], distill: bool) -> dict:
+    from forkkv_hf.training import copy_adapter, forkkv_distill_loss, forkkv_loss
+
+    contexts = data["train"]["contexts"]
+    plan = plan_steps([c["context_index"] for c in contexts], cfg)
+    planned = len(plan)
+    budget = cfg.time_budget_s
+    if budget is not None and lockstep and distill:  # each kind's steps get a like share of the budget
+        budget = budget * len(lockstep) / (len(lockstep) + 1)
+    stats = {"losses": {}, "seconds": {"base_pass": 0.0}, "examples": {}}
+    t0 = time.perf_counter()
+    out = {"steps": 0, "stopped": None, "contexts_seen": 0, "seconds_per_step": None}
+    if lockstep:
+        out = _phase(pm, tok, data, cfg, plan, budget, lockstep, stats, "train agents (" + " + ".join(lockstep) + ")",
+                     lambda ctx, batch, a, kind: forkkv_loss(pm, ctx, batch, adapter_name(a, kind),
+                                                             residual=KINDS[kind][1]))
+        plan = plan[: out["steps"]]  # the distilled students take the same steps
+    if distill:
+        for a in AGENTS:  # each student starts from its final standard adapter
+            copy_adapter(pm, adapter_name(a, "standard"), adapter_name(a, "distill"))
+        left = None if cfg.time_budget_s is None else max(0.0, cfg.time_budget_s - (time.perf_counter() - t0))
+        phase = _phase(pm, tok, data, cfg, plan, left, ["distill"], stats, "distill agents (standard -> forkkv)",
+                       lambda ctx, batch, a, kind: forkkv_distill_loss(
+                           pm, ctx, batch, adapter_name(a, "distill"), adapter_name(a, "standard"), residual="kv",
+                           teacher_residual="exact", temperature=1.0, ce_weight=0.0))
+        if lockstep:
+            out["distill"] = {k: phase[k] for k in ("steps", "stopped", "seconds_per_step")}
+        else:
+            out = phase
+    losses = stats["losses"]
+    return {"config": asdict(cfg), "steps": out["steps"], "planned_steps": planned, "stopped": out["stopped"],
+            **({"distill": out["distill"]} if "distill" in out else {}),
+            "contexts_seen": out["contexts_seen"], "train_contexts": len(contexts),
+            "examples_per_agent": stats["examples"], "targets": list(TARGETS),
+            "seconds": {k: round(v, 1) for k, v in stats["seconds"].items()},
+            "seconds_note": "host time per kind (the device runs behind; one wait per step, at its end)",
+            "seconds_total": round(time.perf_counter() - t0, 1),
+            "seconds_per_step": out["seconds_per_step"],
+            "losses": losses,
+            "loss_first_20": {k: _mean(v[:20]) for k, v in losses.items()},
+            "loss_last_20": {k: _mean(v[-20:]) for k, v in losses.items()}}
+
+
+def _phase(pm, tok, data: dict, cfg: TrainConfig, plan: list[list[int]], budget_s, kinds: list[str], stats: dict,
+           desc: str, loss_fn) -> dict:
+    """One AdamW step per agent and kind of ``kinds`` for each step of ``plan`` (questions sampled with the seed
+    every phase uses: the same batches), the learning rate on :func:`schedule`; ``loss_fn(ctx, batch, agent,
+    kind)``. Losses and host seconds go into ``stats``; returns the steps done, why it stopped, the pace."""
+    from forkkv_hf.training import TrainingContext
 
     contexts = data["train"]["contexts"]
     by_context: dict[int, dict[str, list[dict]]] = {}
     for ex in data["train"]["examples"]:
         by_context.setdefault(ex["context_index"], {}).setdefault(ex["agent"], []).append(ex)
-    plan = plan_steps([c["context_index"] for c in contexts], cfg)
     steps = len(plan)
     rng = random.Random(cfg.seed + 1)
-    names = {(a, k): adapter_name(a, k) for a in AGENTS for k in cfg.kinds}
+    names = {(a, k): adapter_name(a, k) for a in AGENTS for k in kinds}
     opts, scheds = {}, {}
 
     def lr_factor(step):  # reads `steps` when called: a time budget may cut it
@@ -176,27 +274,30 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
         opts[key] = _optimizer(params, cfg)
         scheds[key] = torch.optim.lr_scheduler.LambdaLR(opts[key], lr_factor)
     text_by_index = {c["context_index"]: c for c in contexts}
-    losses = {f"{a}/{k}": [] for a, k in names}
-    seconds = {k: 0.0 for k in cfg.kinds}
-    seconds["base_pass"] = 0.0
-    examples = {a: 0 for a in AGENTS}  # questions each agent's adapters (both kinds) were trained on
+    losses = stats["losses"]
+    for a, k in names:
+        losses[f"{a}/{k}"] = []
+    seconds = stats["seconds"]
+    for k in kinds:
+        seconds[k] = 0.0
+    examples = {a: 0 for a in AGENTS}  # questions each agent's adapters (every kind) were trained on
     stop, done, seen, t0, t1 = None, 0, 0, time.perf_counter(), None
-    bar = tqdm(range(steps), desc="train agents (standard + forkkv-aware)", unit="step", mininterval=5)
+    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=5)
     for step in bar:
         if step >= steps:
             break
         if step == 1:
             t1 = time.perf_counter()  # the first step pays one-off set-up (kernels, allocator)
-        if cfg.time_budget_s is not None and t1 is not None:
+        if budget_s is not None and t1 is not None:
             spent = time.perf_counter() - t0
             if step == 1 + CALIBRATION_STEPS and steps > step:
                 pace = (time.perf_counter() - t1) / CALIBRATION_STEPS
-                fit = step + int((cfg.time_budget_s - spent) / pace)
+                fit = step + int((budget_s - spent) / pace)
                 if fit < steps:
                     steps, stop = max(step, fit), f"planned steps cut to {max(step, fit)} at step {step} " \
-                                                  f"({pace:.2f} s/step, budget {cfg.time_budget_s:.0f} s)"
-            if spent > cfg.time_budget_s and step < steps:
-                steps, stop = step, f"time budget of {cfg.time_budget_s:.0f} s spent after step {step}"
+                                                  f"({pace:.2f} s/step, budget {budget_s:.0f} s)"
+            if spent > budget_s and step < steps:
+                steps, stop = step, f"time budget of {budget_s:.0f} s spent after step {step}"
                 break
         cis = plan[step]
         t = time.perf_counter()
@@ -215,10 +316,10 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
             examples[a] += len(rows)
             batch = collate([encode(tok, r) for r in rows], tok.pad_token_id)
             batch["context_index"] = torch.tensor(index)
-            for kind in cfg.kinds:
+            for kind in kinds:
                 t = time.perf_counter()
                 key = (a, kind)
-                loss = forkkv_loss(pm, ctx, batch, names[key], residual=KINDS[kind][1])
+                loss = loss_fn(ctx, batch, a, kind)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(opts[key].param_groups[0]["params"], 1.0)
                 opts[key].step()
@@ -233,20 +334,12 @@ def _train(pm, tok, data: dict, cfg: TrainConfig, device) -> dict:
         done += 1
         seen += len(cis)
         bar.set_postfix({k: f"{sum(v[-20:]) / max(1, len(v[-20:])):.2f}" for k, v in losses.items()
-                         if k.startswith(AGENTS[0])})
+                         if k.startswith(AGENTS[0]) and k.split("/")[1] in kinds})
         del ctx
     bar.close()
-    total = time.perf_counter() - t0
-    return {"config": asdict(cfg), "steps": done, "planned_steps": len(plan), "stopped": stop,
-            "contexts_seen": seen, "train_contexts": len(contexts),
-            "examples_per_agent": examples, "targets": list(TARGETS),
-            "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "seconds_note": "host time per kind (the device runs behind; one wait per step, at its end)",
-            "seconds_total": round(total, 1),
-            "seconds_per_step": round((time.perf_counter() - t1) / (done - 1), 3) if t1 and done > 1 else None,
-            "losses": losses,
-            "loss_first_20": {k: _mean(v[:20]) for k, v in losses.items()},
-            "loss_last_20": {k: _mean(v[-20:]) for k, v in losses.items()}}
+    stats["examples"] = stats["examples"] or examples
+    return {"steps": done, "stopped": stop, "contexts_seen": seen,
+            "seconds_per_step": round((time.perf_counter() - t1) / (done - 1), 3) if t1 and done > 1 else None}
 
 
 def _mean(xs):
