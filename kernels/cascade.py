@@ -173,9 +173,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
-                       merge_warps: int = 4, merge_stages: int = 2, merge_unroll: int | None = None,
-                       merge_block_t: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
-                       scratch=workspace, launches: dict | None = None) -> torch.Tensor:
+                       res_score: str = "mma", merge_warps: int = 4, merge_stages: int = 2,
+                       merge_unroll: int | None = None, merge_block_t: int | None = None,
+                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
 
@@ -185,7 +185,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
-    ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``. Merge
+    ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``. Merge
     (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``, ``merge_unroll``,
     ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the
     GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``:
@@ -232,7 +232,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
             k_max_rows=k_max_rows, res_form=res_form, res_block_t=cfg["res_block_t"], res_heads=res_heads,
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
-            res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"])
+            res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
+            res_score=res_score)
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))

@@ -13,6 +13,12 @@ Two forms of the same arithmetic (``PAIRS``):
   ``D`` yields both halves as adjacent columns (split in registers), the rotated pair is joined back and the
   queries' rows interleaved the same way: one MMA each, half the operand staging and MMA waits of the halves form.
 
+The score step has two ways (``res_score``): ``"mma"`` (tensor cores; the MMA needs at least 16 columns, so one row of
+G = 4 query vectors uses 4 of them) and ``"fma"`` (halves form only: each query vector's dot products on CUDA cores,
+``sum(K_rot[BLOCK_T, D] * q[None, D], axis=1)`` for one vector at a time, ``MQ`` as small as the agent's vectors,
+at most 16: no padding, and no conversion of the rotated tile into an MMA operand layout). Both round the rotated K
+residual and the queries alike and accumulate in fp32.
+
 Imports nothing from ``forkkv_hf``.
 """
 
@@ -26,6 +32,8 @@ from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile,
 
 #: the forms of the K pass (``res_form``)
 RES_FORMS = ("halves", "pairs")
+#: the ways of the K pass's score step (``res_score``)
+RES_SCORES = ("mma", "fma")
 
 
 @triton.jit
@@ -36,7 +44,7 @@ def _kres_scores_kernel(
     HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+    UPCAST: tl.constexpr, PAIRS: tl.constexpr, SCORE_FMA: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
     row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
@@ -97,8 +105,22 @@ def _kres_scores_kernel(
                     x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
                     x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
                     k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                    r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                    r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                    if SCORE_FMA:  # fp32 products of the values the MMA would multiply, fp32 sums; the rotated
+                        # tile stays in the rebuild's layout, one query vector (a broadcast row) at a time
+                        kl = k_lo.to(dtype).to(tl.float32)
+                        kh = k_hi.to(dtype).to(tl.float32)
+                        r = tl.zeros([BLOCK_T, MQ], tl.float32)
+                        for c in tl.static_range(MQ):
+                            pick = col == c
+                            qc_ptr = Q + tl.sum(tl.where(pick, q_off, 0), 0) + h * G * s_qh + d
+                            qc_ok = dm & ((d * 0 + tl.sum(tl.where(pick & ok, 1, 0), 0)) > 0)
+                            qlc = tl.load(qc_ptr, mask=qc_ok, other=0.0).to(tl.float32)
+                            qhc = tl.load(qc_ptr + HALF, mask=qc_ok, other=0.0).to(tl.float32)
+                            rc = tl.sum(kl * qlc[None, :] + kh * qhc[None, :], 1)
+                            r = tl.where(pick[None, :], rc[:, None], r)
+                    else:
+                        r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
+                        r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
                 r = r * qk_scale
                 if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
                     r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
@@ -111,7 +133,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_form: str = "halves", res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       whole_waves: bool = False):
+                       whole_waves: bool = False, res_score: str = "mma"):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -119,18 +141,29 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     per program (they share the u and cos/sin tiles), ``res_programs_per_sm`` (sizes the split of the context, see
     :func:`~.attention_common.split_length`) or ``res_splits`` (the split count itself), ``res_warps``, ``res_stages``,
     ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA,
-    ``whole_waves`` (the split rule rounds down: at most one wave of ``res_programs_per_sm`` programs per SM). Returns
+    ``whole_waves`` (the split rule rounds down: at most one wave of ``res_programs_per_sm`` programs per SM),
+    ``res_score`` (:data:`RES_SCORES`; ``"fma"``: halves form, ``mq`` default the agent's vectors, at most 16). Returns
     the compiled kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
         raise ValueError(f"res_form={res_form!r}; use one of {RES_FORMS}")
+    if res_score not in RES_SCORES:
+        raise ValueError(f"res_score={res_score!r}; use one of {RES_SCORES}")
+    fma = res_score == "fma"
+    if fma and res_form != "halves":
+        raise ValueError(f"res_score='fma' runs in the halves form only (res_form={res_form!r}): pass "
+                         "res_form='halves' or res_score='mma'")
     BT_R = res_block_t or (32 if interp else 64)
     HG = res_heads or Hkv
     if Hkv % HG:
         raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
     rows_max = max(1, k_max_rows or B)
-    MQ = mq or max(16, VPR, min(64, pow2(rows_max * VPR)))
+    MQ = mq or max(VPR, min(16 if fma else 64, pow2(rows_max * VPR, 1 if fma else 16)))
+    if MQ < VPR or MQ != pow2(MQ, 1) or (MQ < 16 and not fma) or (MQ > 16 and fma):
+        limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
+        raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
+                         + limit)
     n_chunks = cdiv(rows_max, MQ // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
     split_len = split_length(T, BT_R, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
@@ -140,6 +173,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         B, T, k_u.shape[-1], split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
-        DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs",
+        DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", SCORE_FMA=fma,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

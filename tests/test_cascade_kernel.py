@@ -71,6 +71,17 @@ def test_cascade_pairs_form_matches_reference(case, masked):
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
+@parametrize("case", ATTN_CASES)
+def test_cascade_fma_scores_match_reference(case):
+    """The K pass scoring on CUDA cores (``res_score="fma"``: no MMA padding, the score step's width the agent's own
+    query vectors) over the attention case space, every other case masked."""
+    view, q = case.view(), case.query()
+    masked = ATTN_CASES.index(case) % 2 == 1
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, res_score="fma")
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
 #: launch knobs of the cascade launcher beyond tests/cases.py's TUNINGS, each on a case that makes it matter (several
 #: splits of the context, several KV heads, rows sharing an agent, extend)
 _LONG = AttnCase(B=3, H=4, Hkv=2, D=32, T=77, P=3)
@@ -252,6 +263,14 @@ def test_cascade_refuses_what_it_cannot_take():
         _launch(_query(view, 4, 1), view, None, 0.25, n_splits=0)
     with pytest.raises(ValueError, match="merge_unroll=0; give 1"):
         _launch(_query(view, 4, 1), view, None, 0.25, merge_unroll=0)
+    with pytest.raises(ValueError, match="res_score='tf32'; use one of"):
+        _launch(_query(view, 4, 1), view, None, 0.25, res_score="tf32")
+    with pytest.raises(ValueError, match="halves form only"):
+        _launch(_query(view, 4, 1), view, None, 0.25, res_score="fma", res_form="pairs")
+    with pytest.raises(ValueError, match="mq=8: a power of two of at least 2 .* and 16"):
+        _launch(_query(view, 4, 1), view, None, 0.25, mq=8)
+    with pytest.raises(ValueError, match="mq=1: a power of two of at least 2"):
+        _launch(_query(view, 4, 1), view, None, 0.25, mq=1, res_score="fma")
 
 
 def test_kernels_import_nothing_from_forkkv_hf():

@@ -36,18 +36,19 @@ from .measure import graph_time
 from .runner import BenchmarkRun
 
 #: candidate configurations per stage, in priority order ({}: the launcher's defaults); the reasons are in
-#: eval/KERNEL_NOTES.md ("v8: launch configurations")
+#: eval/KERNEL_NOTES.md ("v8: launch configurations", "v9 candidates")
 CANDIDATES = {
+    # v9 (eval/KERNEL_NOTES.md "v9 candidates"): the score step on CUDA cores (no 16-column MMA padding for the 4
+    # query vectors of one row), at the v8 defaults' tile and at smaller ones, with and without the register cap
+    # (the v8 list, all of it measured: eval/results/sweep_kernel_v8_nvidia_h200.json, params.candidates)
     "kres": [
         {},
-        {"res_form": "pairs"},
-        {"res_form": "pairs", "res_block_t": 128, "res_warps": 8, "res_maxnreg": 128},
-        {"res_form": "pairs", "res_warps": 8, "res_maxnreg": 128},
-        {"res_block_t": 128, "res_warps": 8, "res_maxnreg": 128},
-        {"res_warps": 8, "res_maxnreg": 128},
-        {"res_form": "pairs", "res_maxnreg": 128},
-        {"res_form": "pairs", "res_stages": 3},
-        {"res_form": "pairs", "res_heads": 4},
+        {"res_score": "fma"},
+        {"res_score": "fma", "res_maxnreg": 255},
+        {"res_score": "fma", "res_block_t": 64},
+        {"res_score": "fma", "res_block_t": 64, "res_warps": 4, "res_maxnreg": 255},
+        {"res_score": "fma", "res_block_t": 32, "res_warps": 4, "res_maxnreg": 255},
+        {"res_score": "fma", "res_heads": 2, "res_block_t": 64},
     ],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}],
