@@ -7,8 +7,9 @@ TF_OLD  := 5.17.0
 TF_OLD_DIR := .deps/transformers-$(TF_OLD)
 # the CPU build of torch on this workplace's disk; a plain `pip install torch` would fetch a multi-GB CUDA build
 TORCH   := torch==2.13.0
-# huggingface-hub 1.x satisfies both transformers 5.17 (<2.0) and the newest 5.x
-HUB     := huggingface-hub>=1.31,<2
+# transformers 5.17 needs huggingface-hub 1.x (the newest 5.x, 2.x): the 1.x copy goes into $(TF_OLD_DIR) with it, and
+# httpx (which hub 1.x needs and 2.x replaced) into the venv
+HUB_OLD := huggingface-hub>=1.31,<2
 
 .PHONY: install install-demo install-eval test test-fast demo clean
 
@@ -18,8 +19,9 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q "$(HUB)" -e ".[dev]"
-	$(BIN)/pip install -q --no-deps --target $(TF_OLD_DIR) transformers==$(TF_OLD)
+	$(BIN)/pip install -q -U -e ".[dev]" transformers "httpx>=0.23,<1"
+	rm -rf $(TF_OLD_DIR)
+	$(BIN)/pip install -q --no-deps --target $(TF_OLD_DIR) transformers==$(TF_OLD) "$(HUB_OLD)"
 	touch $@
 
 install: $(VENV)/.installed

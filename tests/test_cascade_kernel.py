@@ -275,7 +275,7 @@ def test_cascade_refuses_what_it_cannot_take():
 
 def test_kernels_import_nothing_from_forkkv_hf():
     """Layering: the kernels package sits below forkkv_hf (its launchers take plain tensors)."""
-    for path in (Path(__file__).parents[1] / "kernels").glob("*.py"):
+    for path in (Path(__file__).parents[1] / "forkkv_kernels").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

@@ -1,5 +1,5 @@
-"""The wheel holds the whole library: every tracked module of forkkv_hf/ (subpackages included) and of kernels/ (as
-forkkv_kernels), the ``py.typed`` marker, and the version of ``forkkv_hf.__version__`` (its one source)."""
+"""The wheel holds the whole library: every tracked module of forkkv_hf/ (subpackages included) and of
+forkkv_kernels/, the ``py.typed`` marker, and the version of ``forkkv_hf.__version__`` (its one source)."""
 
 import shutil
 import subprocess
@@ -25,7 +25,7 @@ def _tracked(*paths) -> list[str]:
 
 
 def test_wheel_holds_every_module_the_marker_and_the_version(tmp_path):
-    files = _tracked("pyproject.toml", "README.md", "forkkv_hf", "kernels")
+    files = _tracked("pyproject.toml", "README.md", "forkkv_hf", "forkkv_kernels")
     src = tmp_path / "src"
     for f in files:  # a copy of the tracked tree: the build writes build/ and *.egg-info where it runs
         (src / f).parent.mkdir(parents=True, exist_ok=True)
@@ -35,11 +35,22 @@ def test_wheel_holds_every_module_the_marker_and_the_version(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = tmp_path / "dist" / build.stdout.split()[-1]
     names = set(zipfile.ZipFile(wheel).namelist())
-    want = {f for f in files if f.startswith("forkkv_hf/") and f.endswith(".py")}
-    want |= {"forkkv_kernels/" + f.removeprefix("kernels/") for f in files if f.startswith("kernels/") and
-             f.endswith(".py")}
+    want = {f for f in files if f.startswith(("forkkv_hf/", "forkkv_kernels/")) and f.endswith(".py")}
     assert want - names == set(), "add the missing packages to [tool.setuptools] packages in pyproject.toml"
     assert "forkkv_hf/py.typed" in names
     assert wheel.name.startswith(f"forkkv_hf-{forkkv_hf.__version__}-")
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     assert f"\nVersion: {forkkv_hf.__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """The repository root is on the import path in the tests, ``python -m eval...`` and the examples: a top-level
+    package folder named like an installed distribution's module shadows it there (``kernels/`` did, once transformers
+    5.25 began to import Hugging Face's ``kernels`` package: ``import transformers`` failed from the root)."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert {"forkkv_hf", "forkkv_kernels", "eval"} <= ours
+    clashes = {name: owners[name] for name in ours if set(owners.get(name, [])) - {"forkkv-hf", "forkkv_hf"}}
+    assert clashes == {}, f"rename these folders: installed distributions provide modules of the same name: {clashes}"

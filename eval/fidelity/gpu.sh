@@ -18,7 +18,7 @@
 #                                         # the standard adapters carried in call 2 are loaded, not trained; only
 #                                         # the distilled students train; both are evaluated and archived
 #   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
-# The code runs from the snapshot in src.tgz: this repository's forkkv_hf, kernels and eval as committed at HEAD when
+# The code runs from the snapshot in src.tgz: this repository's forkkv_hf, forkkv_kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail
 mode=${1:?prepare, place, smoke, run or probe}; shift || true
@@ -27,7 +27,6 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 export FORKKV_BACKEND=torch FORKKV_LORA_BACKEND=torch
 unpack() {
   tar xzf .fidelity/src.tgz -C /tmp; tar xzf .fidelity/data.tgz -C /tmp
-  ln -sfn /tmp/src/kernels /tmp/src/forkkv_kernels
   echo "code at $(cat /tmp/src/COMMIT)"
 }
 keep() {  # what this call carries of the model (and the teachers) stays in $HOME/m for the next call
@@ -61,9 +60,9 @@ prepare)
   sha256sum "$src/$GGUF" | cut -d' ' -f1 > .fidelity/smol.sha256
   ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf
   tmp=$(mktemp -d)
-  git archive --prefix=src/ HEAD forkkv_hf kernels $(git ls-files 'eval/*.py' 'eval/*.sh') | tar x -C "$tmp"
+  git archive --prefix=src/ HEAD forkkv_hf forkkv_kernels $(git ls-files 'eval/*.py' 'eval/*.sh') | tar x -C "$tmp"
   git rev-parse HEAD > "$tmp/src/COMMIT"
-  git diff --quiet HEAD -- forkkv_hf kernels eval || echo "note: uncommitted changes under forkkv_hf, kernels or eval are not in src.tgz"
+  git diff --quiet HEAD -- forkkv_hf forkkv_kernels eval || echo "note: uncommitted changes under forkkv_hf, forkkv_kernels or eval are not in src.tgz"
   cp .fidelity/smol.sha256 "$tmp/src/"
   tar czf .fidelity/src.tgz -C "$tmp" src
   mkdir -p "$tmp/tok"; cp ~/.cache/forkkv-hf/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} "$tmp/tok/"
