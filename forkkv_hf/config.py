@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import warnings
 from dataclasses import dataclass
+
+from .memo import memoized
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 LORA_BACKENDS = ("auto", "torch", "triton")
@@ -75,7 +76,7 @@ def _parse_bool(name: str, text: str) -> bool:
     return text.strip() == "1"
 
 
-@functools.lru_cache(maxsize=16)
+@memoized(maxsize=16)
 def _from_env(values: tuple) -> ForkKVConfig:
     env = dict(zip(ENV_VARS, values))
     fields = {k: v for k, v in env.items() if v is not None and k != "lowp_rope"}
@@ -84,7 +85,7 @@ def _from_env(values: tuple) -> ForkKVConfig:
     return ForkKVConfig(**fields)
 
 
-@functools.lru_cache(maxsize=4)
+@memoized(maxsize=4)
 def _retired(value: str) -> None:
     warnings.warn(f"FORKKV_KERNEL={value!r} is ignored: the cascade kernels serve every call (the fused-rebuild "
                   "family measured slower everywhere and was removed); unset FORKKV_KERNEL", stacklevel=3)

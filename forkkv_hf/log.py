@@ -15,8 +15,9 @@ application's logging configuration takes over as soon as it has one.
 
 from __future__ import annotations
 
-import functools
 import logging
+
+from .memo import memoized
 
 ROOT_LOGGER = "forkkv_hf"
 
@@ -29,7 +30,7 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-@functools.lru_cache(maxsize=None)
+@memoized(maxsize=None)
 def warn_once(logger: logging.Logger, message: str) -> None:
     """``logger.warning(message)`` the first time this (logger, message) pair comes, nothing after that (for the life
     of the process; ``warn_once.cache_clear()`` forgets). Format the message before the call: the formatted text is

@@ -20,13 +20,13 @@ another takes them over keeps a copy of its content. :func:`free_static_buffers`
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
+from .memo import memoized
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView
 from .ops.decode_ops import AttentionDecodePlan, plan_decode_attention
 from .ops.dispatch import BatchAgents, batch_agents
@@ -46,7 +46,7 @@ class StaticForkKVView(ForkKVView):
     static = True  # what the attention function dispatches on (a class attribute, not a field)
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def row_tensor(slots: tuple, device: str) -> torch.Tensor:
     """``[B]`` long: the rows' residual slots (memoised: the same rows give the same tensor)."""
     return torch.tensor(slots, dtype=torch.long, device=device)

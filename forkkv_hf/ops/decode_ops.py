@@ -9,12 +9,12 @@ through the custom ops of :mod:`forkkv_hf.ops.custom_ops`; the PyTorch paths are
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import get_config
+from ..memo import memoized
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
 from .dispatch import residual_attention, residual_attention_torch, rope_repeats_half, slot_tensors
 from .masks import kv_mask, visible_mask
@@ -91,7 +91,7 @@ def _triton_attention(query, view, attention_mask, scaling):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # batched mixed-adapter LoRA
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def row_slots(slots: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B] long, [B] fp32)``: each row's adapter slot (clamped to 0) and whether it has one. Memoised: the same
     rows give the same tensors."""

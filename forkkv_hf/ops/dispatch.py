@@ -17,7 +17,6 @@ Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 
 from ..config import get_config
 from ..log import get_logger, warn_once
+from ..memo import memoized
 from .masks import causal_private_mask, implicit_mask, int8_mask, kv_mask
 from .rope import apply_rope
 
@@ -84,7 +84,7 @@ class BatchAgents:
     v_row_valid: torch.Tensor | None = None
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def batch_agents(k_slots: tuple | None, v_slots: tuple | None, device: str) -> BatchAgents:
     """:class:`BatchAgents` from the rows' host slots (``None``: the layer has no residual of that kind). Memoised:
     the same rows give the same tensors, built without reading device memory."""
@@ -245,7 +245,7 @@ def _triton_ready(query: torch.Tensor) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def slot_tensors(slots: tuple, device: str):
     """``slots`` (host tuple, -1: none) as an int32 tensor, the rows sorted by slot, the number of distinct slots
     and the most rows one slot has; cached, so a decode step builds nothing."""
