@@ -186,6 +186,20 @@ def test_cascade_v8_rules_low_precision_pass_rule(case, rule, dtype, lowp_rope):
         assert err <= 3 * base_err + 1e-5, (err, base_err)
 
 
+@parametrize("case,dtype", [(case, dtype) for case in LOWP_CASES for dtype in LOW_DTYPES])
+def test_cascade_fma_scores_low_precision_pass_rule(case, dtype):
+    """bf16/fp16 with the K pass scoring on CUDA cores (fp32 products of the rounded rotated residual and queries):
+    error against the fp32 reference at most 3x that of PyTorch doing the same attention in the low dtype."""
+    view, q = case.view(dtype), case.query(dtype)
+    scale = case.D**-0.5
+    ref = reference_attention(q.float(), view, None, scale)
+    base_err = lowp_attention_error(q.float(), view, None, scale, ref)
+    out = _launch(q, view, None, scale, lowp_rope=True, res_score="fma", **_gpu_rule(case, dtype))
+    assert out.dtype == dtype
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
 def test_gpu_launch_rule_is_the_sweeps_best():
     """``launch_defaults`` gives the fastest passing rule of the v8 sweep at each measured point (T=32K, 8/32/128
     agents, K+V / V / base), except where the sweep measured the rule's choice as fast: the merge's unroll factor
@@ -291,6 +305,8 @@ GPU_KNOBS = [
     {"res_form": "pairs", "res_block_t": 128, "res_warps": 8, "res_maxnreg": 128},
     {"res_warps": 8, "res_maxnreg": 128, "whole_waves": True, "res_whole_waves": True, "res_programs_per_sm": 3},
     {"merge_unroll": 4, "block_t": 128, "num_warps": 8, "programs_per_sm": 2, "whole_waves": True},
+    {"res_score": "fma"},
+    {"res_score": "fma", "res_block_t": 64, "res_warps": 4, "res_maxnreg": 255},
 ]
 
 
