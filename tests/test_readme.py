@@ -63,6 +63,7 @@ def _namespace(tmp_path) -> dict:
     }
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a snippet a user copies shows them no warning (max_length, ...)
 def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets' relative paths (adapters/planner) resolve here
     given = _namespace(tmp_path)
