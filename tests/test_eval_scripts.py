@@ -3,6 +3,7 @@ typo) and write the one result schema; the runner resumes and stops as it says; 
 plot; every entry point starts; nothing edits sys.path."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -255,3 +256,23 @@ def test_no_sys_path_edits_and_eval_never_imports_examples():
     back = [str(f.relative_to(ROOT)) for f in (ROOT / "eval").rglob("*.py")
             if re.search(r"^\s*(from|import)\s+examples\b", f.read_text(), re.M)]
     assert back == []
+
+
+@pytest.mark.slow
+@pytest.mark.eval_harness
+def test_offline_sm90_compile_of_the_k_pass(tmp_path):
+    """`eval.bench.offline_kernel` compiles the K pass for sm_90 here, without a GPU (Triton's compiler and the ptxas
+    it ships): the GPU's default rule and the v9 CUDA-core score candidate neither spill nor exceed the 128-register
+    cap, and the fma form has no score MMA (only the rebuild's). A kernel change that makes them spill fails here
+    before any GPU run."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = tmp_path / "offline.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    configs = json.dumps([{}, {"res_score": "fma", "res_block_t": 64}])
+    proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    default, fma = json.loads(out.read_text())["rows"]
+    for row in (default, fma):
+        assert row["spill_bytes"] == 0 and row["regs"] <= 128 and row["programs_per_sm"] >= 2, row
+    assert 0 < fma["wgmma"] < default["wgmma"]
