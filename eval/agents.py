@@ -23,13 +23,13 @@ import importlib.util
 import json
 import random
 import re
-import string
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from .metrics.context_qa.context_qa import normalize_answer, rouge_l
 from .smollm2 import load_smollm2
 
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
@@ -343,14 +343,6 @@ def speaker_item(play: str, index: int) -> TaskItem:
                     speaker, {"kind": "speaker"})
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD-style: lower case, no punctuation (so "680,000" is "680000"), no articles, single spaces."""
-    text = str(text).lower()
-    text = "".join(c for c in text if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
 def qa_found(reference: str, output: str) -> bool:
     ref, out = normalize_answer(reference), normalize_answer(output)
     return bool(ref) and re.search(rf"\b{re.escape(ref)}\b", out) is not None
@@ -365,20 +357,9 @@ def speaker_found(speaker: str, output: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring
-@lru_cache(maxsize=1)
-def _rouge():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(reference: str, output: str) -> float:
-    return float(_rouge().score(reference, output)["rougeL"].fmeasure)
-
-
 def score(item: TaskItem, output: str) -> dict:
     """``{"score": in [0, 1], "rouge_l": ...}`` of ``output`` (the agent's answer, special tokens removed)."""
-    result = {"rouge_l": rouge_l(item.reference, output)}
+    result = {"rouge_l": rouge_l(output, item.reference)}
     if item.agent == "math":
         got, want = math_answer(output), _number(item.meta["answer"])
         result["score"] = float(got is not None and want is not None and abs(got - want) < 1e-6)

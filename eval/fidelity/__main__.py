@@ -231,7 +231,8 @@ def main(argv=None):
     p = sub.add_parser("report", help="print the tables of a result file and redraw its plot")
     p.add_argument("file", type=Path)
     p.add_argument("--rewrite", action="store_true",
-                   help="recompute the rows and comparisons from the file's per-prompt records and save it")
+                   help="rescore the file's per-prompt records through the context_qa evaluate module (ROUGE-L "
+                        "added, EM/F1 checked), recompute the rows and comparisons, and save it")
     args = ap.parse_args(argv)
     if args.command == "data":
         print(f"wrote {write_data(args.out, QUICK if args.quick else FULL, args.seed)}")
@@ -247,8 +248,10 @@ def main(argv=None):
         res = BenchResult.from_dict(json.loads(args.file.read_text()), str(args.file))
         if args.rewrite:
             records = res.extra["records"]
-            new = report.result(records, res.device, res.params, {k: v for k, v in res.extra.items()
-                                                                   if k != "comparisons"})
+            checked = report.rescore(records)  # ROUGE-L added, EM/F1 rechecked through the evaluate module
+            print(f"rescored through the evaluate module: {checked}")
+            new = report.result(records, res.device, res.params, {**{k: v for k, v in res.extra.items()
+                                                                      if k != "comparisons"}, "rescored": checked})
             new.time, new.note = res.time, res.note
             res = new
             res.save(args.file)

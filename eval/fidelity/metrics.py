@@ -1,7 +1,9 @@
-"""Answer metrics (SQuAD-style exact match and token F1) and context-cluster bootstrap confidence intervals.
+"""Answer metrics and context-cluster bootstrap confidence intervals.
 
-Exact match and F1 follow the SQuAD v1.1 evaluation script (the ``squad`` metric of ``evaluate``): answers are
-lower-cased, stripped of punctuation and articles and split on white space (:func:`eval.agents.normalize_answer`).
+Exact match, F1 and ROUGE-L are those of the ``context_qa`` evaluate module kept in the repository
+(:mod:`eval.metrics.context_qa.context_qa`; ``evaluate.load("eval/metrics/context_qa")``), called as plain functions
+(the GPU machine has no ``evaluate``); ``python -m eval.fidelity report FILE --rewrite`` recomputes a result file's
+per-prompt scores through the module itself where ``evaluate`` is installed.
 Prompts over one context are not independent (a variant that misreads a context misreads it for every question), so
 intervals resample whole contexts (cluster bootstrap), and comparisons between variants are paired: the same
 resampled contexts for both.
@@ -10,24 +12,11 @@ resampled contexts for both.
 from __future__ import annotations
 
 import random
-from collections import Counter
 
-from ..agents import normalize_answer
+from ..metrics.context_qa.context_qa import exact_match, f1, rouge_l  # noqa: F401  (re-exported)
 
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+#: characters of an output a record keeps (shorter ones are whole: their scores can be recomputed exactly)
+OUTPUT_CHARS = 200
 
 
 def _cluster_means(values: list[float], clusters: list, rng: random.Random, n: int) -> list[float]:

@@ -13,13 +13,15 @@ import math
 from pathlib import Path
 
 from ..bench.schema import BenchResult
-from .metrics import bootstrap_ci, paired_difference_ci
+from .metrics import OUTPUT_CHARS, bootstrap_ci, paired_difference_ci
 from .tasks import AGENTS
 
 BASELINE = ("standard", "exact")
 #: display names of training kinds where the kind's own name would mislead (others: the name itself)
 LABELS = {"distill": "distilled"}
-METRICS = ("em", "f1", "kl", "tf_top1", "identical")
+METRICS = ("em", "f1", "rouge_l", "kl", "tf_top1", "identical")
+#: the repository's evaluate module of exact match, F1 and ROUGE-L (eval/metrics/context_qa)
+METRIC_MODULE = Path(__file__).resolve().parents[1] / "metrics" / "context_qa"
 #: the paired comparisons the issue asks about: (name, (training, inference) of a, of b); each reports mean(a - b)
 #: (a result file holds those whose two sides were evaluated)
 COMPARISONS = (
@@ -38,6 +40,7 @@ COMPARISONS = (
 def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     """Rows of the result file from the per-prompt records of :func:`eval.fidelity.runner.evaluate`."""
     combos = list(dict.fromkeys((r["kind"], r["variant"]) for r in records))
+    metrics = [m for m in METRICS if all(m in r for r in records)]  # rouge_l: only where it was computed
     key = lambda r: (r["context"], r["id"])  # noqa: E731
     rows = []
     for agent in (*AGENTS, "all"):
@@ -50,7 +53,7 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
             clusters = [r["context"] for r in sel]
             row = {"training": kind, "inference": variant, "agent": agent, "prompts": len(sel),
                    "contexts": len(set(clusters))}
-            for m in METRICS:
+            for m in metrics:
                 row[m] = bootstrap_ci([float(r[m]) for r in sel], clusters, n=n_boot)
             if base and (kind, variant) != BASELINE:
                 paired = [r for r in sel if key(r) in base]
@@ -79,6 +82,30 @@ def comparisons(records: list[dict], n_boot: int = 2000) -> list[dict]:
                                               [k[0] for k in keys], n=n_boot)
             out.append(row)
     return out
+
+
+def rescore(records: list[dict], metric=None) -> dict:
+    """Every record's exact match, F1 and ROUGE-L recomputed from its output and answer through the ``context_qa``
+    evaluate module (``metric``: a loaded one, default ``evaluate.load`` of :data:`METRIC_MODULE`): ``rouge_l`` is set
+    (in place), and exact match and F1 must equal what the run stored for every output kept whole. Returns what was
+    checked."""
+    if metric is None:
+        import evaluate
+
+        metric = evaluate.load(str(METRIC_MODULE))
+    per = metric.compute(predictions=[r["output"] for r in records],
+                         references=[r["answer"] for r in records])["per_example"]
+    checked, differ = 0, []
+    for i, r in enumerate(records):
+        r["rouge_l"] = per["rouge_l"][i]
+        if len(r["output"]) < OUTPUT_CHARS:
+            checked += 1
+            if per["exact_match"][i] != r["em"] or abs(per["f1"][i] - r["f1"]) > 1e-9:
+                differ.append(r["id"])
+    if differ:
+        raise ValueError(f"the evaluate module scores {len(differ)} records otherwise than the run did, e.g. {differ[:3]}")
+    return {"module": "eval/metrics/context_qa (evaluate)", "records": len(records), "em_f1_rechecked": checked,
+            "rouge_l_added": len(records)}
 
 
 def result(records: list[dict], device: dict, params: dict, extra: dict) -> BenchResult:
@@ -110,15 +137,17 @@ def _pct(ci: dict) -> str:
 
 def table(res: BenchResult, agent: str = "all") -> str:
     """A markdown table of one agent's rows (or all agents pooled)."""
-    lines = ["| training | inference | exact match % [95% CI] | F1 % [95% CI] | EM − standard/exact (points) | "
-             "KL(exact ‖ variant) | TF top-1 % | identical outputs % |",
-             "|---|---|---|---|---|---|---|---|"]
+    rouge = all("rouge_l" in r for r in res.rows)
+    lines = ["| training | inference | exact match % [95% CI] | F1 % [95% CI] | " + ("ROUGE-L % | " if rouge else "")
+             + "EM − standard/exact (points) | KL(exact ‖ variant) | TF top-1 % | identical outputs % |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if rouge else "")]
     for r in res.rows:
         if r["agent"] != agent:
             continue
         d = r.get("em_minus_standard_exact")
         diff = "—" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-        lines.append(f"| {label(r['training'])} | {r['inference']} | {_pct(r['em'])} | {_pct(r['f1'])} | {diff} | "
+        rl = f"{100 * r['rouge_l']['mean']:.1f} | " if rouge else ""
+        lines.append(f"| {label(r['training'])} | {r['inference']} | {_pct(r['em'])} | {_pct(r['f1'])} | {rl}{diff} | "
                      f"{r['kl']['mean']:.2e} | {100 * r['tf_top1']['mean']:.1f} | {100 * r['identical']['mean']:.0f} |")
     return "\n".join(lines)
 

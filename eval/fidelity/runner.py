@@ -13,6 +13,7 @@ Then, under teacher forcing on each row's exact output, the per-token KL(exact |
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import torch
@@ -20,8 +21,12 @@ import torch
 from ..agents import END
 from ..quality.context_passes import stacked_cache
 from ..quality.metrics import first_divergence, generate_rows
-from .metrics import exact_match, f1
+from .metrics import OUTPUT_CHARS, exact_match, f1, rouge_l
 from .train import adapter_name, context_ids, prompt_ids
+
+#: ROUGE-L needs rouge_score, which the GPU machine lacks: its records go without, and ``python -m eval.fidelity report
+#: FILE --rewrite`` adds it on CPU
+HAS_ROUGE = importlib.util.find_spec("rouge_score") is not None
 
 VARIANTS = ("exact", "forkkv", "forkkv_v", "naive")
 RESIDUAL_OF = {"forkkv": "kv", "forkkv_v": "v", "naive": "none"}
@@ -102,9 +107,10 @@ def evaluate_context(pm, tok, context: dict, examples: list[dict], kinds, varian
             kl = (lp_e.exp() * (lp_e - lp_v)).sum(-1).clamp_min(0).mean().item()
             records.append({
                 "context": context["id"], "agent": ex["agent"], "kind": kinds[i // len(examples)], "variant": v,
-                "id": ex["id"], "answer": ex["answer"], "output": text[:200], "em": exact_match(text, ex["answer"]),
+                "id": ex["id"], "answer": ex["answer"], "output": text[:OUTPUT_CHARS], "em": exact_match(text, ex["answer"]),
                 "f1": f1(text, ex["answer"]), "kl": kl, "tf_top1": (lp_v.argmax(-1) == target).float().mean().item(),
                 "identical": first_divergence(outputs["exact"][i], outputs[v][i]) is None,
+                **({"rouge_l": rouge_l(text, ex["answer"])} if HAS_ROUGE else {}),
             })
     return records
 

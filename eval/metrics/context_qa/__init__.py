@@ -1,0 +1,1 @@
+"""The ``context_qa`` metric module (see ``context_qa.py``)."""
