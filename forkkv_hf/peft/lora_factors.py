@@ -85,6 +85,10 @@ SUPPORTED_MODELS = ("decoder-only transformers models with rotary position embed
                     "(or Phi-3's qkv_proj): Llama, Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, OLMo 2")
 
 
+#: ``config.layer_types`` entries of self-attention layers (the others: linear attention, Mamba, ... hold a state)
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+
 @functools.cache
 def _takes_rotary_embeddings(attn_class: type) -> bool:
     return "position_embeddings" in inspect.signature(attn_class.forward).parameters
@@ -103,6 +107,13 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
         seen = f" Its attention: {', '.join(attns)}." if attns else ""
         return (f"{name} has no self-attention layers ForkKV can split (separate k_proj/v_proj or a qkv_proj, with a "
                 f"layer_idx).{seen} ForkKV supports {SUPPORTED_MODELS}")
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and len(found) < n_layers:
+        kinds = sorted(set(getattr(cfg, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+        what = f" ({', '.join(kinds)})" if kinds else ""
+        return (f"{name} has {n_layers - len(found)} of its {n_layers} decoder layers without self-attention{what}: "
+                f"their recurrent state over the context is not K/V, and ForkKV shares and forks attention K/V only; "
+                f"ForkKV supports {SUPPORTED_MODELS}")
     plain = sorted({type(m).__name__ for m in found.values() if not _takes_rotary_embeddings(type(m))})
     if plain:
         return (f"{name}'s attention ({', '.join(plain)}) takes no rotary position embeddings (learned or absolute "
