@@ -373,6 +373,7 @@ SEQ2SEQ = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention
 HYBRID = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
               linear_value_head_dim=16)
+HYBRID_REFUSED = r"3 of its 4 decoder layers without a self-attention ForkKV can split \(layer types linear_attention\)"
 FAMILIES = {
     "bart": (("BartConfig", "BartForConditionalGeneration", ["k_proj", "v_proj"]), SEQ2SEQ, "is an encoder-decoder"),
     "marian": (("MarianConfig", "MarianMTModel", ["k_proj", "v_proj"]), SEQ2SEQ, "is an encoder-decoder"),
@@ -384,11 +385,10 @@ FAMILIES = {
             "takes no rotary position embeddings"),
     # hybrids: gated-delta-net (linear attention) layers with a full-attention layer every 4th; before the check the
     # error was "attention layer indices are not 0..0: [3]"
-    "qwen3_5": (("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", ["k_proj", "v_proj"]), dict(HYBRID),
-                r"3 of its 4 decoder layers without self-attention \(linear_attention\)"),
+    "qwen3_5": (("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", ["k_proj", "v_proj"]), dict(HYBRID), HYBRID_REFUSED),
     "qwen3_next": (("Qwen3NextConfig", "Qwen3NextForCausalLM", ["k_proj", "v_proj"]),
                    dict(HYBRID, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
-                        num_experts_per_tok=2), r"3 of its 4 decoder layers without self-attention \(linear_attention\)"),
+                        num_experts_per_tok=2), HYBRID_REFUSED),
 }
 
 

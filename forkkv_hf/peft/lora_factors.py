@@ -107,13 +107,14 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
         seen = f" Its attention: {', '.join(attns)}." if attns else ""
         return (f"{name} has no self-attention layers ForkKV can split (separate k_proj/v_proj or a qkv_proj, with a "
                 f"layer_idx).{seen} ForkKV supports {SUPPORTED_MODELS}")
-    n_layers = getattr(cfg, "num_hidden_layers", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # a multimodal model's decoder
+    n_layers = getattr(text, "num_hidden_layers", None)
     if isinstance(n_layers, int) and len(found) < n_layers:
-        kinds = sorted(set(getattr(cfg, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
-        what = f" ({', '.join(kinds)})" if kinds else ""
-        return (f"{name} has {n_layers - len(found)} of its {n_layers} decoder layers without self-attention{what}: "
-                f"their recurrent state over the context is not K/V, and ForkKV shares and forks attention K/V only; "
-                f"ForkKV supports {SUPPORTED_MODELS}")
+        kinds = sorted(set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+        what = f" (layer types {', '.join(kinds)})" if kinds else ""
+        return (f"{name} has {n_layers - len(found)} of its {n_layers} decoder layers without a self-attention ForkKV "
+                f"can split{what}: what they keep of the context (a recurrent state, another cache) is not the K/V "
+                f"ForkKV shares and forks; ForkKV supports {SUPPORTED_MODELS}")
     plain = sorted({type(m).__name__ for m in found.values() if not _takes_rotary_embeddings(type(m))})
     if plain:
         return (f"{name}'s attention ({', '.join(plain)}) takes no rotary position embeddings (learned or absolute "
