@@ -75,6 +75,10 @@ def forkkv_attention_forward(
     **kwargs,
 ):
     """transformers attention interface: ``query [B, H, Q, D]`` -> ``([B, Q, H, D], None)``."""
+    if kwargs.get("s_aux") is not None:  # neither SDPA nor ResidualAttention adds sink logits to the softmax
+        raise ValueError(f"{type(module).__name__} passes attention sinks (s_aux), which the \"forkkv\" attention "
+                         "does not compute; this model is not supported (forkkv_hf.disable_forkkv(model) restores "
+                         "its attention)")
     if not isinstance(key, ForkKVView):
         if kwargs.get("softcap") is not None:  # sdpa has no soft-capping (Gemma 2)
             return _softcap_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None

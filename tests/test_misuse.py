@@ -370,8 +370,9 @@ def _family(config_name: str, model_name: str, targets, **cfg):
 
 SEQ2SEQ = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0, decoder_start_token_id=0)
-HYBRID = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
+HYBRID_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2)
+HYBRID = dict(HYBRID_BASE, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
               linear_value_head_dim=16)
 HYBRID_REFUSED = r"3 of its 4 decoder layers without a self-attention ForkKV can split \(layer types linear_attention\)"
 FAMILIES = {
@@ -390,6 +391,24 @@ FAMILIES = {
                    dict(HYBRID, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
                         num_experts_per_tok=2), HYBRID_REFUSED),
 }
+
+
+def test_attention_sinks_are_refused_not_dropped():
+    """GPT-OSS adds learned sinks to its softmax (``s_aux``): ForkKV's attention (and the SDPA it falls back to)
+    computed without them, and generated other tokens than the model even where ForkKV is exact (V-only LoRA on the
+    last layer). Refused at build, at enable, and by the attention itself for any model that passes ``s_aux``."""
+    from forkkv_hf.attention import forkkv_attention_forward
+
+    pm = _family("GptOssConfig", "GptOssForCausalLM", ["v_proj"], **HYBRID_BASE, head_dim=16, num_local_experts=2,
+                 num_experts_per_tok=1, sliding_window=64, attn_implementation="eager")
+    with pytest.raises(ValueError, match=r"GptOssAttention\) adds learned attention sinks.*Llama, Mistral"):
+        SharedContext.build(pm, _ctx(8), ["agent"])
+    with pytest.raises(ValueError, match="adds learned attention sinks"):
+        forkkv_hf.enable_forkkv(pm)
+    assert pm.get_base_model().config._attn_implementation == "eager"  # left as it was
+    q = torch.randn(1, 4, 3, 16)
+    with pytest.raises(ValueError, match=r"passes attention sinks \(s_aux\)"):
+        forkkv_attention_forward(torch.nn.Linear(1, 1), q, q[:, :2], q[:, :2], None, s_aux=torch.zeros(4))
 
 
 @parametrize("family", list(FAMILIES))

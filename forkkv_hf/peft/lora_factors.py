@@ -115,6 +115,11 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
         return (f"{name} has {n_layers - len(found)} of its {n_layers} decoder layers without a self-attention ForkKV "
                 f"can split{what}: what they keep of the context (a recurrent state, another cache) is not the K/V "
                 f"ForkKV shares and forks; ForkKV supports {SUPPORTED_MODELS}")
+    sinks = sorted({type(m).__name__ for m in found.values() if getattr(m, "sinks", None) is not None})
+    if sinks:
+        return (f"{name}'s attention ({', '.join(sinks)}) adds learned attention sinks to its softmax (GPT-OSS's "
+                f"`sinks`, passed as `s_aux`), which ForkKV's attention does not compute; ForkKV supports "
+                f"{SUPPORTED_MODELS}")
     plain = sorted({type(m).__name__ for m in found.values() if not _takes_rotary_embeddings(type(m))})
     if plain:
         return (f"{name}'s attention ({', '.join(plain)}) takes no rotary position embeddings (learned or absolute "
