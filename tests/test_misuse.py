@@ -411,6 +411,15 @@ def test_attention_sinks_are_refused_not_dropped():
         forkkv_attention_forward(torch.nn.Linear(1, 1), q, q[:, :2], q[:, :2], None, s_aux=torch.zeros(4))
 
 
+def test_rotary_embeddings_of_another_form_are_refused_clearly():
+    """Llama 4 hands its attention one complex ``freqs_cis`` tensor, not ``(cos, sin)``: refused with what it got
+    (before: "not enough values to unpack")."""
+    pm = _family("Llama4TextConfig", "Llama4ForCausalLM", ["v_proj"], **HYBRID_BASE, head_dim=16, num_local_experts=2,
+                 intermediate_size_mlp=128, interleave_moe_layer_step=1, attention_chunk_size=64)
+    with pytest.raises(ValueError, match=r"position_embeddings of another form \(one torch.complex64 tensor"):
+        SharedContext.build(pm, _ctx(8), ["agent"])
+
+
 @parametrize("family", list(FAMILIES))
 def test_unsupported_families_are_refused_clearly(family):
     (cfg_name, model_name, targets), cfg, message = FAMILIES[family]

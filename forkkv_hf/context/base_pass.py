@@ -142,6 +142,14 @@ class _LayerCapture:
     k_out_head: torch.Tensor | None = None  # first tokens of k_proj's output, to check the RoPE layout
 
 
+def _form(value) -> str:
+    """A short description of ``value``: a tensor's dtype and shape (Llama 4 passes one complex tensor), else its
+    type."""
+    if isinstance(value, torch.Tensor):
+        return f"one {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 class ResidualCapture:
     """The hooks of one base pass over ``T`` tokens. Per attention layer they capture ``u = x·Aᵀ`` ``[n, T, r]`` for
     the ``n`` adapters with LoRA on its K/V projections (from the projections' input ``x``; nothing ``d_model``-wide
@@ -214,10 +222,11 @@ class ResidualCapture:
             pe = kwargs.get("position_embeddings")
             if pe is None and len(args) > 1:
                 pe = args[1]
-            if pe is None:
+            if pe is None or not (isinstance(pe, (tuple, list)) and len(pe) == 2):
+                got = "no position_embeddings" if pe is None else f"position_embeddings of another form ({_form(pe)})"
                 raise ValueError(
-                    f"layer {idx}: the attention module got no position_embeddings; ForkKV needs a RoPE model "
-                    "that passes (cos, sin) to its attention (Llama, Mistral, Qwen2)"
+                    f"layer {idx}: the attention module got {got}; ForkKV needs a RoPE model that passes (cos, sin) "
+                    "to its attention (Llama, Mistral, Qwen2)"
                 )
             cos, sin = pe
             if cap.rope_group is None:  # first chunk: join the group whose table holds the same values
