@@ -182,3 +182,36 @@ def test_compiled_decode_with_per_layer_type_masks():
     compiled = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, CTX, adapter_names=NAMES), compile_config=cc)
     _same(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
+
+
+#: more families (config class prefix: what LoRA on the last layer's k_proj/v_proj gives): exact, or refused with a
+#: reason, in which case LoRA on v_proj alone must be exact. Found by a sweep of the transformers 5.25 families.
+MORE_FAMILIES = {
+    "Granite": None, "Starcoder2": None, "SeedOss": None, "Arcee": None,  # exact with K and V
+    "Cohere": "not rotate-half RoPE", "Cohere2": "not rotate-half RoPE", "Ernie4_5": "not rotate-half RoPE",
+    "StableLm": "partial rotary", "Phi": "partial rotary", "Glm4": "partial rotary",
+    "Exaone4": "applies k_norm", "Apertus": "applies k_norm", "Olmo3": "applies k_norm",
+}
+
+
+@pytest.mark.slow
+@parametrize("prefix", list(MORE_FAMILIES))
+def test_more_families_are_exact_or_refused(prefix):
+    import transformers
+
+    if not hasattr(transformers, f"{prefix}Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+    refusal = MORE_FAMILIES[prefix]
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    for targets in (["k_proj", "v_proj"], ["v_proj"]):
+        pm = with_adapters(_tiny(prefix, attn_implementation="eager"),
+                           {"planner": dict(r=4, target_modules=targets, layers_to_transform=[2]),
+                            "coder": dict(r=2, target_modules=targets, layers_to_transform=[2])}, seed=2)
+        exact = _gen(pm, inputs, NAMES)
+        if refusal is not None and "k_proj" in targets:
+            with pytest.raises(ValueError, match=refusal):
+                _forkkv_gen(pm, inputs)
+            continue
+        _same(_forkkv_gen(pm, inputs), exact)
+        if refusal is None:
+            break
