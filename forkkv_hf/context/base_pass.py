@@ -43,11 +43,13 @@ def check_chunk_size(chunk_size) -> None:
 
 
 def sliding_window(attn: nn.Module, config) -> int | None:
-    """The layer's sliding window: the module's own (Qwen2, Gemma), else the config's when the model passes it to
-    every attention call (Mistral, Phi-3)."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None)
+    """The layer's sliding window, ``None`` for full attention: the module's own (Qwen2, Gemma), else the config's
+    when the model passes it to every attention call (Mistral, Phi-3). 0 means none (Qwen2-MoE's config without
+    ``use_sliding_window`` sets 0). A model that sets the attribute on its sliding layers only and keeps a window in
+    its config (Qwen2-MoE with ``use_sliding_window``) gets its full layers refused beyond that window: a false
+    refusal, never a silently wrong result."""
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    return window or None
 
 
 def cache_dtype(base: nn.Module) -> torch.dtype:
