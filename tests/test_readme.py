@@ -63,7 +63,9 @@ def _namespace(tmp_path) -> dict:
     }
 
 
-@pytest.mark.filterwarnings("error::UserWarning")  # a snippet a user copies shows them no warning (max_length, ...)
+# a snippet a user copies shows them no warning of ours or of how it calls transformers (max_length, past_key_values)
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.filterwarnings("error:.*past_key_values.*deprecated:FutureWarning")
 def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets' relative paths (adapters/planner) resolve here
     given = _namespace(tmp_path)
