@@ -79,6 +79,27 @@ def test_exact_for_last_layer_kv_lora(last_layer_agents):
     _assert_same(out, exact)
 
 
+#: generate options whose logits processors read the rows' ids (the shared context included): ForkKV hands generate
+#: the same ids, so they see what they see in the exact run
+ID_PROCESSORS = [dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5], [9, 10]]),
+                 dict(sequence_bias={(8,): 4.0}), dict(min_new_tokens=6, eos_token_id=2),
+                 dict(encoder_repetition_penalty=1.2), dict(do_sample=True, top_k=20, min_p=0.1)]
+
+
+@parametrize("options", ID_PROCESSORS, fast=lambda options: "repetition_penalty" in options)
+def test_logits_processors_reading_the_ids_are_exact(last_layer_agents, options):
+    pm = last_layer_agents
+    ctx = _context(20)
+    names = ["planner", "coder", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([5, 3, 4]), pad_token_id=0)
+    forkkv_hf.disable_forkkv(pm)
+    torch.manual_seed(0)
+    exact = _gen(pm, inputs, names, **options)
+    forkkv_hf.enable_forkkv(pm)
+    torch.manual_seed(0)
+    _assert_same(_gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **options), exact)
+
+
 def test_layer0_kv_are_exact(full_agents):
     """Layer 0's context K/V of every agent (base + rotated residual) equal the agent's own K/V exactly."""
     from transformers import DynamicCache
