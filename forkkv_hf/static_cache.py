@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from .memo import memoized
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView
+from .memo import memoized
 from .ops.decode_ops import AttentionDecodePlan, plan_decode_attention
 from .ops.dispatch import BatchAgents, batch_agents
 
