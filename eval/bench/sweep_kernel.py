@@ -38,17 +38,10 @@ from .runner import BenchmarkRun
 #: candidate configurations per stage, in priority order ({}: the launcher's defaults); the reasons are in
 #: eval/KERNEL_NOTES.md ("v8: launch configurations", "v9 candidates")
 CANDIDATES = {
-    # v9 (eval/KERNEL_NOTES.md "v9: the score step on CUDA cores"): the score step on CUDA cores (no 16-column MMA
-    # padding for the 4 query vectors of one row) in the configurations that compile for sm_90 without spilling
-    # (python -m eval.bench.offline_kernel), and the v8 tile without the register cap (1 program per SM)
-    # (the v8 list, all of it measured: eval/results/sweep_kernel_v8_nvidia_h200.json, params.candidates)
-    "kres": [
-        {},
-        {"res_score": "fma", "res_block_t": 64},
-        {"res_score": "fma", "res_block_t": 64, "res_heads": 2},
-        {"res_score": "fma", "res_block_t": 32, "res_warps": 4},
-        {"res_score": "fma", "res_maxnreg": 255},
-    ],
+    # the v8 list and v9's score step on CUDA cores were measured and lost to the default at every point
+    # (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json, params.candidates;
+    # eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
+    "kres": [{}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}],
 }
