@@ -38,9 +38,9 @@ from .runner import BenchmarkRun
 #: candidate configurations per stage, in priority order ({}: the launcher's defaults); the reasons are in
 #: eval/KERNEL_NOTES.md ("v8: launch configurations", "v9 candidates")
 CANDIDATES = {
-    # the v8 list and v9's score step on CUDA cores were measured and lost to the default at every point
-    # (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json, params.candidates;
-    # eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
+    # measured: the v8 list (its winner is the default now) and v9's score step on CUDA cores, which lost to it at
+    # every point (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json,
+    # params.candidates; eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
     "kres": [{}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}],
