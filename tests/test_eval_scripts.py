@@ -182,7 +182,7 @@ def test_committed_results_load_and_plot(tmp_path):
     made = {p.name for p in plot_all(copy)}
     # the sweeps; the reruns of a few cases (README tables) are not drawn
     assert made == {"bench_kernel_nvidia_h200.png", "bench_lora_nvidia_h200.png", "bench_e2e_nvidia_h200.png",
-                    "quality.png"}
+                    "bench_kernel_nvidia_h200_q4_short_v8.png", "quality.png"}
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
