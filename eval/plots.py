@@ -37,6 +37,7 @@ def save_figure(fig, path: Path, dpi: int = 120) -> Path:
 def plot_kernel(path, res: BenchResult) -> Path:
     rows = res.rows
     queries = res.params.get("shape", {}).get("queries_per_row", 1)
+    calls, per_agent = ("Decode", "one decode query each") if queries == 1 else ("Extend", f"{queries} query positions each")
     contexts = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 3.8), sharey=True)
     axes = axes if len(contexts) > 1 else [axes]
@@ -51,11 +52,11 @@ def plot_kernel(path, res: BenchResult) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"shared context {T // 1024}K")
-        ax.set_xlabel("agents (one decode query each)" if queries == 1 else f"agents ({queries} query positions each)")
+        ax.set_xlabel(f"agents ({per_agent})")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("one layer, µs")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{'Decode' if queries == 1 else 'Extend'} attention, Llama-3.1-8B layer, r=16 — {res.device.get('gpu')}", fontsize=10)
+    fig.suptitle(f"{calls} attention, Llama-3.1-8B layer, r=16 — {res.device.get('gpu')}", fontsize=10)
     return save_figure(fig, path)
 
 

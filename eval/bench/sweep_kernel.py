@@ -36,7 +36,7 @@ from .measure import graph_time
 from .runner import BenchmarkRun
 
 #: candidate configurations per stage, in priority order ({}: the launcher's defaults); the reasons are in
-#: eval/KERNEL_NOTES.md ("v8: launch configurations", "v9 candidates")
+#: eval/KERNEL_NOTES.md ("v8: launch configurations", "v9 measured")
 CANDIDATES = {
     # measured: the v8 list (its winner is the default now) and v9's score step on CUDA cores, which lost to it at
     # every point (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json,
