@@ -105,6 +105,30 @@ def _merge_split(M_WS, L_WS, ACC_WS, UV_WS, w, valid, m_i, l_i, acc_lo, acc_hi, 
 
 
 @triton.jit
+def _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, s0, n_splits, valid, m_i, l_i, acc_lo, acc_hi, acc_uv,
+                 HALF_B: tl.constexpr, RVB: tl.constexpr, CHUNK: tl.constexpr, HAS_V_RES: tl.constexpr):
+    """Merge the partials of splits ``s0 .. s0 + CHUNK`` (those below ``n_splits``; entries ``wbase + split``, one
+    per query vector) into the running (m, l, acc, acc_uv): one max over the chunk, its loads all independent."""
+    sp = s0 + tl.arange(0, CHUNK)
+    ok = (sp < n_splits)[:, None] & valid[None, :]
+    w = wbase[None, :] + sp[:, None]
+    m_s = tl.load(M_WS + w, mask=ok, other=float("-inf"))
+    l_s = tl.load(L_WS + w, mask=ok, other=0.0)
+    m_new = tl.maximum(m_i, tl.max(m_s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m_i - m_safe)
+    b = tl.exp2(m_s - m_safe[None, :])
+    a_ptr = ACC_WS + w[:, :, None] * (2 * HALF_B) + tl.arange(0, HALF_B)[None, None, :]
+    b3 = b[:, :, None]
+    acc_lo = acc_lo * a[:, None] + tl.sum(tl.load(a_ptr, mask=ok[:, :, None], other=0.0) * b3, 0)
+    acc_hi = acc_hi * a[:, None] + tl.sum(tl.load(a_ptr + HALF_B, mask=ok[:, :, None], other=0.0) * b3, 0)
+    if HAS_V_RES:
+        uv_s = tl.load(UV_WS + w[:, :, None] * RVB + tl.arange(0, RVB)[None, None, :], mask=ok[:, :, None], other=0.0)
+        acc_uv = acc_uv * a[:, None] + tl.sum(uv_s * b3, 0)
+    return m_new, l_i * a + tl.sum(l_s * b, 0), acc_lo, acc_hi, acc_uv
+
+
+@triton.jit
 def _private_merge_kernel(
     Q, s_qb, s_qh, s_qq,
     KP, s_kpb, s_kph, s_kpt,
@@ -118,7 +142,7 @@ def _private_merge_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
     QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -169,7 +193,12 @@ def _private_merge_kernel(
     # log-sum-exp merge with the shared context's split partials
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
     wbase = ((row * H + head) * NQ + qi) * n_splits
-    if MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
+    if MERGE_CHUNK > 1:  # MERGE_CHUNK splits per step, loaded together (no chain of dependent loads over the splits)
+        for sp in tl.range(0, n_splits, MERGE_CHUNK, loop_unroll_factor=MERGE_UNROLL):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, sp, n_splits, valid, m_i,
+                                                            l_i, acc_lo, acc_hi, acc_uv, HALF_B, RVB, MERGE_CHUNK,
+                                                            HAS_V_RES)
+    elif MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
         for sp in tl.range(0, n_splits, loop_unroll_factor=MERGE_UNROLL):
             m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
                                                             acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
@@ -295,18 +324,22 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
 
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
-                         merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None):
+                         merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None,
+                         merge_chunk: int = 1):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
-    ``merge_unroll`` (how many splits' partials one unrolled step of the merge loop loads), ``merge_block_t`` private
-    tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the compiled kernel (resource
+    ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
+    partials one step loads together and merges with one max: a power of two; 1, one split per step),
+    ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the compiled kernel (resource
     reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
     G, HALF = H // Hkv, D // 2
     if merge_unroll < 1:
         raise ValueError(f"merge_unroll={merge_unroll}; give 1 (no unrolling) or more splits per unrolled step")
+    if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
+        raise ValueError(f"merge_chunk={merge_chunk}; give a power of two (1: one split's partials per merge step)")
     out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)
@@ -325,7 +358,7 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         T, P, NQ, H, RV, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
         HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
-        num_warps=merge_warps, num_stages=merge_stages,
+        MERGE_CHUNK=merge_chunk, num_warps=merge_warps, num_stages=merge_stages,
     )
     return out, kernel
 

@@ -130,7 +130,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
-                    res_programs_per_sm=4, res_whole_waves=False, merge_unroll=1)
+                    res_programs_per_sm=4, res_whole_waves=False, merge_unroll=1, merge_chunk=1)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     wide = B * VPR <= 32 and (has_k or not has_v)
@@ -140,7 +140,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 res_block_t=128, res_warps=8, res_stages=2, res_maxnreg=128, res_programs_per_sm=4,
                 res_whole_waves=True,
                 # the merge stage's candidates 2/4/8 measured within 1.5% of each other, 2 won 4 of 7 points
-                merge_unroll=2)
+                merge_unroll=2, merge_chunk=1)
 
 
 
@@ -175,7 +175,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
                        res_score: str = "mma", merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
-                       lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace, launches: dict | None = None) -> torch.Tensor:
+                       merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
 
@@ -187,7 +187,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``. Merge
     (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``, ``merge_unroll``,
-    ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the
+    ``merge_chunk``, ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the
     GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``:
     the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
@@ -216,7 +216,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
-                 merge_unroll=merge_unroll)
+                 merge_unroll=merge_unroll, merge_chunk=merge_chunk)
     cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual
@@ -264,7 +264,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages, merge_unroll=cfg["merge_unroll"],
-        merge_block_t=merge_block_t)
+        merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t)
     if launches is not None:
         launches.update(launched)
     return out

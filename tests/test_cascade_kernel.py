@@ -93,6 +93,12 @@ LAUNCH_KNOBS = [
      dict(res_form="pairs", mq=16, merge_unroll=4, merge_block_t=16, merge_warps=2, merge_stages=1)),
     (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(res_form="pairs", res_warps=8, res_maxnreg=128, maxnreg=168,
                                                      res_stages=3, n_splits=50)),
+    # the merge taking several splits' partials per step: 7 splits in chunks of 4 (a partial chunk), 50 in chunks of
+    # 16 unrolled by 2, and a chunk wider than the splits there are
+    (_LONG, dict(merge_chunk=4, n_splits=7, block_t=16, res_block_t=16)),
+    (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(merge_chunk=16, merge_unroll=2, n_splits=50)),
+    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_chunk=8, n_splits=2)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_chunk=4, n_splits=9)),
 ]
 
 
@@ -277,6 +283,8 @@ def test_cascade_refuses_what_it_cannot_take():
         _launch(_query(view, 4, 1), view, None, 0.25, n_splits=0)
     with pytest.raises(ValueError, match="merge_unroll=0; give 1"):
         _launch(_query(view, 4, 1), view, None, 0.25, merge_unroll=0)
+    with pytest.raises(ValueError, match="merge_chunk=3; give a power of two"):
+        _launch(_query(view, 4, 1), view, None, 0.25, merge_chunk=3)
     with pytest.raises(ValueError, match="res_score='tf32'; use one of"):
         _launch(_query(view, 4, 1), view, None, 0.25, res_score="tf32")
     with pytest.raises(ValueError, match="halves form only"):
@@ -298,7 +306,7 @@ def test_kernels_import_nothing_from_forkkv_hf():
 
 
 #: knob sets the GPU tests run besides the defaults: the candidates of eval/bench/sweep_kernel.py that change code
-#: paths (the pairs form, 8 warps under a register cap, whole waves, the unrolled merge)
+#: paths (the pairs form, 8 warps under a register cap, whole waves, the unrolled merge, the merge by chunks of splits)
 GPU_KNOBS = [
     {},
     {"res_form": "pairs"},
@@ -307,6 +315,7 @@ GPU_KNOBS = [
     {"merge_unroll": 4, "block_t": 128, "num_warps": 8, "programs_per_sm": 2, "whole_waves": True},
     {"res_score": "fma"},
     {"res_score": "fma", "res_block_t": 64, "res_warps": 4, "res_maxnreg": 255},
+    {"merge_chunk": 8, "merge_unroll": 1},
 ]
 
 

@@ -43,7 +43,12 @@ CANDIDATES = {
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
     "kres": [{}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
-    "merge": [{"merge_unroll": 4}, {"merge_unroll": 8}, {"merge_unroll": 2}],
+    # v10: the merge taking several splits' partials per step (merge_chunk; the default unroll of 2 was measured
+    # against 4 and 8 in v8/v9 within 1.5%), and with it twice the splits of the context
+    "merge": [{"merge_chunk": 4, "merge_unroll": 1}, {"merge_chunk": 8, "merge_unroll": 1},
+              {"merge_chunk": 16, "merge_unroll": 1}, {"merge_chunk": 4, "merge_unroll": 2},
+              {"merge_chunk": 8, "merge_unroll": 1, "programs_per_sm": 4},
+              {"merge_chunk": 16, "merge_unroll": 1, "programs_per_sm": 4}],
 }
 STAGE_VARIANTS = {"kres": ["kv"], "shared": ["kv", "v", "base"], "merge": ["kv", "v", "base"],
                   "combined": ["kv", "v", "base"]}
