@@ -4,7 +4,7 @@
 
 Benchmark results (the one schema, :mod:`eval.bench.schema`) are drawn by benchmark: ``bench_kernel``, ``bench_lora``
 and ``bench_e2e`` sweeps (a file whose lines would all have fewer than three points is a rerun for a README table,
-not drawn); ``quality*.json`` is the fidelity report of ``python -m eval.quality``.
+not drawn); ``profile_kernel*.json`` (a call's stages, stacked); ``quality*.json`` is the fidelity report of ``python -m eval.quality``.
 """
 
 from __future__ import annotations
@@ -169,6 +169,43 @@ def plot_quality(path, result: dict) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+#: the stages of a ResidualAttention call, as eval.bench.profile_kernel names them, and their colours
+PROFILE_STAGES = (("k_pass", "K pass", "tab:red"), ("shared", "shared part", "tab:blue"),
+                  ("merge", "private part + merge", "tab:green"), ("other", "other", "tab:gray"))
+
+
+def plot_profile(path, res: BenchResult) -> Path:
+    """GPU time per stage of one call, stacked, per variant, with each variant's floor: one panel per (context, agent
+    count), each on its own linear scale."""
+    panels = sorted({(r["context"], r["agents"]) for r in res.rows})
+    names = {"kv": "K+V", "v": "V only", "base": "base only"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1, 3.8), squeeze=False)
+    labels = set()
+    for ax, (T, N) in zip(axes[0], panels):
+        rows = {r["variant"]: r for r in res.rows if (r["context"], r["agents"]) == (T, N)}
+        variants = [v for v in names if v in rows]
+        for x, v in enumerate(variants):
+            r, bottom = rows[v], 0.0
+            for key, label, colour in PROFILE_STAGES:
+                us = r["kernel_s"].get(key, 0.0) * 1e6
+                if us > 0:
+                    ax.bar(x, us, bottom=bottom, color=colour, label=None if label in labels else label)
+                    labels.add(label)
+                    bottom += us
+            if "floor_s" in r:
+                ax.plot([x - 0.4, x + 0.4], [r["floor_s"] * 1e6] * 2, "k-", lw=2,
+                        label=None if "floor" in labels else "floor")
+                labels.add("floor")
+            ax.text(x, bottom, f"{bottom:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(variants)), [names[v] for v in variants], fontsize=7)
+        ax.set_title(f"{T // 1024}K context, {N} agent{'s' if N > 1 else ''}", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("one layer, µs of GPU time")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Where a ResidualAttention call's time goes, stage by stage — {res.device.get('gpu')}", fontsize=10)
+    return save_figure(fig, path)
+
+
 #: benchmark -> (its plot, the row fields that name one line of it, the row field along the x axis)
 BENCH_PLOTS = {"bench_kernel": (plot_kernel, ("context",), "agents"),
                "bench_lora": (plot_lora, ("path", "mix"), "rows"),
@@ -194,6 +231,8 @@ def plot_all(results: Path = RESULTS) -> list[Path]:
         plot, series, axis = BENCH_PLOTS[res.benchmark]
         if is_sweep(res, series, axis):
             made.append(plot(path, res))
+    for path in sorted(results.glob("profile_kernel*.json")):
+        made.append(plot_profile(path, load(path)))
     for path in sorted(results.glob("quality*.json")):
         made.append(plot_quality(path, json.loads(path.read_text())))
     return made

@@ -1,6 +1,7 @@
 """Where does the decode kernels' time go? Per (context, agents) point and variant (K+V residuals, V only, base only):
-the GPU time of each kernel of one call (``torch.profiler``, mean over ``--reps`` calls), next to that kernel's share of
-the variant's floor terms, and the compiled kernels' registers, spills and shared memory. ``--ncu-once`` launches each
+the GPU time of each kernel of one call (``torch.profiler``, mean over ``--reps`` calls), next to the variant's floor
+(``floor_s``: eval.bench.kernel's, from the ceilings this run measures), and the compiled kernels' registers, spills and
+shared memory. Plot: ``python -m eval.plots`` (``profile_kernel*.json``: the stages stacked against the floor). ``--ncu-once`` launches each
 variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 
     python -m eval.bench.profile_kernel [--points 32768:32 32768:128] [--ncu-once]
@@ -13,7 +14,7 @@ import json
 
 import torch
 
-from .kernel import D, VARIANTS, kernel_resources, make_case, swept_knobs, variant_view
+from .kernel import D, VARIANTS, floors, kernel_resources, make_case, measure_ceilings, swept_knobs, variant_view
 from .measure import kernel_seconds_by_family
 from .runner import BenchmarkRun
 
@@ -69,6 +70,9 @@ def main(argv=None):
         return
     run = BenchmarkRun("profile_kernel", params={"reps": args.reps, "kernel": "cascade", "knobs": extra},
                        case_keys=["context", "agents", "variant"], out=args.out)
+    from triton.testing import do_bench
+
+    ceil = run.extra["ceilings"] = measure_ceilings(do_bench)
     for point in args.points:
         T, N = map(int, point.split(":"))
         q, view = make_case(T, N)
@@ -77,8 +81,10 @@ def main(argv=None):
             knobs = knobs_of(variant, N)
             launched = {}
             fn = lambda: residual_attention_triton(q, vv, None, scale, launches=launched, **knobs)  # noqa: E731
+            fl = floors(T, N, ceil)
+            floor_s = fl["floor_s" if variant == "kv" else f"floor_{variant}_s"]
             run.measure({"context": T, "agents": N, "variant": variant},
-                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps),
+                        lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "floor_s": floor_s,
                                  "resources": kernel_resources({"cascade": launched})})
         del q, view
         torch.cuda.empty_cache()
