@@ -43,12 +43,16 @@ CANDIDATES = {
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
     "kres": [{}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
-    # v10: the merge taking several splits' partials per step (merge_chunk; the default unroll of 2 was measured
-    # against 4 and 8 in v8/v9 within 1.5%), and with it twice the splits of the context
-    "merge": [{"merge_chunk": 4, "merge_unroll": 1}, {"merge_chunk": 8, "merge_unroll": 1},
-              {"merge_chunk": 16, "merge_unroll": 1}, {"merge_chunk": 4, "merge_unroll": 2},
-              {"merge_chunk": 8, "merge_unroll": 1, "programs_per_sm": 4},
-              {"merge_chunk": 16, "merge_unroll": 1, "programs_per_sm": 4}],
+    # v10 (measured: sweep_kernel_v10_nvidia_h200.json): the merge taking several splits' partials per step
+    # (merge_chunk) won at 1 and 8 agents with chunks of 16; v10b: the same run compares it with the v8 default
+    # (chunk 1, unroll 2) and tries the merge's warps, pipeline stages and private tile
+    "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1},
+              {"merge_chunk": 16, "merge_unroll": 1, "merge_warps": 8},
+              {"merge_chunk": 8, "merge_unroll": 1, "merge_warps": 8},
+              {"merge_chunk": 4, "merge_unroll": 1, "merge_warps": 2},
+              {"merge_chunk": 1, "merge_unroll": 2, "merge_warps": 2},
+              {"merge_chunk": 16, "merge_unroll": 1, "merge_block_t": 64},
+              {"merge_chunk": 16, "merge_unroll": 1, "merge_stages": 1}],
 }
 STAGE_VARIANTS = {"kres": ["kv"], "shared": ["kv", "v", "base"], "merge": ["kv", "v", "base"],
                   "combined": ["kv", "v", "base"]}
