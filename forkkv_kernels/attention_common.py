@@ -331,8 +331,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
     ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
     partials one step loads together and merges with one max: a power of two; 1, one split per step),
-    ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the compiled kernel (resource
-    reports)."""
+    ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the
+    compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
     G, HALF = H // Hkv, D // 2

@@ -125,8 +125,9 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
-    eval/KERNEL_NOTES.md "v8 measured"). Whole waves: every split count rounds down to one wave of the kernel's
-    resident programs (2 per SM for the shared part, 1 for its 8-warp tile, 2 for the K pass, so 4 is two waves)."""
+    eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured").
+    Whole waves: every split count rounds down to one wave of the kernel's resident programs (2 per SM for the shared
+    part, 1 for its 8-warp tile, 2 for the K pass, so 4 is two waves)."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
@@ -134,14 +135,17 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                     merge_warps=4)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
-    wide = B * VPR <= 32 and (has_k or not has_v)
+    few = B * VPR <= 32
+    wide = few and (has_k or not has_v)
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k else 3, programs_per_sm=1 if wide else 2, whole_waves=True,
                 # K pass: 128-token tiles on 8 warps capped at 128 registers (32 agents 649 -> 492 µs)
                 res_block_t=128, res_warps=8, res_stages=2, res_maxnreg=128, res_programs_per_sm=4,
                 res_whole_waves=True,
-                # the merge stage's candidates 2/4/8 measured within 1.5% of each other, 2 won 4 of 7 points
-                merge_unroll=2, merge_chunk=1, merge_warps=4)
+                # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
+                # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
+                # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
+                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1, merge_warps=4)
 
 
 
@@ -176,7 +180,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
                        res_score: str = "mma", merge_warps: int | None = None, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
-                       merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False, scratch=workspace, launches: dict | None = None) -> torch.Tensor:
+                       merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
 
@@ -188,11 +193,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``. Merge
     (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``, ``merge_unroll``,
-    ``merge_chunk``, ``merge_block_t``. ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the
-    GPU), ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``:
-    the scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
-    :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
-    ``"shared"``, ``"merge"``) for the tuning scripts."""
+    ``merge_chunk`` (at most the split count, rounded up to a power of two), ``merge_block_t``. ``lowp_rope`` the K
+    residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU), ``scores_fp32`` keep the
+    K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``: the scores' and partials'
+    buffers (default: reusable workspaces; a CUDA-graph capture passes :func:`~.attention_common.fresh_scratch`).
+    ``launches``: a dict that receives the compiled kernels (``"kres"``, ``"shared"``, ``"merge"``) for the tuning
+    scripts."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
@@ -267,8 +273,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     chunk = chunk if chunk < 1 or chunk & (chunk - 1) else min(chunk, pow2(n_splits, 1))
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
-        prec=prec, interp=interp, merge_warps=cfg["merge_warps"], merge_stages=merge_stages, merge_unroll=cfg["merge_unroll"],
-        merge_chunk=chunk, merge_block_t=merge_block_t)
+        prec=prec, interp=interp, merge_warps=cfg["merge_warps"], merge_stages=merge_stages,
+        merge_unroll=cfg["merge_unroll"], merge_chunk=chunk, merge_block_t=merge_block_t)
     if launches is not None:
         launches.update(launched)
     return out

@@ -231,6 +231,29 @@ def test_gpu_launch_rule_is_the_sweeps_best():
     assert launch_defaults(32, 1, 4, True, True, torch.float32)["whole_waves"] is False  # fp32: not swept
 
 
+def test_gpu_merge_rule_is_the_v10b_sweeps_choice():
+    """The merge's launch rule (splits' partials 16 at a time with at most 32 query vectors per KV head, else one split
+    per step unrolled by 2) is within 1.5% of the faster of the two at every point of the v10b sweep, which measured
+    both in one run (T=32K, 1/8/32/128 agents, K+V / V / base)."""
+    import json
+
+    from forkkv_kernels.cascade import launch_defaults
+
+    path = Path(__file__).parents[1] / "eval/results/sweep_kernel_v10b_nvidia_h200.json"
+    times = {}
+    for r in json.loads(path.read_text())["rows"]:
+        knobs = json.loads(r["config"])
+        if r["stage"] == "merge" and set(knobs) == {"merge_chunk", "merge_unroll"}:
+            times.setdefault((r["agents"], r["variant"]), {})[(knobs["merge_chunk"], knobs["merge_unroll"])] = r["graph_s"]
+    assert len(times) == 12
+    for (N, variant), t in times.items():
+        rule = launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+        chosen = t[(rule["merge_chunk"], rule["merge_unroll"])]
+        assert chosen <= 1.015 * min(t.values()), (N, variant, t)
+    assert launch_defaults(8, 1, 4, True, True, torch.bfloat16)["merge_chunk"] == 16
+    assert launch_defaults(32, 1, 4, True, True, torch.bfloat16)["merge_chunk"] == 1
+
+
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)

@@ -1,8 +1,8 @@
 """Where does the decode kernels' time go? Per (context, agents) point and variant (K+V residuals, V only, base only):
 the GPU time of each kernel of one call (``torch.profiler``, mean over ``--reps`` calls), next to the variant's floor
 (``floor_s``: eval.bench.kernel's, from the ceilings this run measures), and the compiled kernels' registers, spills and
-shared memory. Plot: ``python -m eval.plots`` (``profile_kernel*.json``: the stages stacked against the floor). ``--ncu-once`` launches each
-variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
+shared memory. Plot: ``python -m eval.plots`` (``profile_kernel*.json``: the stages stacked against the floor).
+``--ncu-once`` launches each variant once (for ``ncu``; see the GPU command in eval/KERNEL_NOTES.md).
 
     python -m eval.bench.profile_kernel [--points 32768:32 32768:128] [--ncu-once]
 """
