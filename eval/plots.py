@@ -201,7 +201,7 @@ def plot_profile(path, res: BenchResult) -> Path:
         ax.set_title(f"{T // 1024}K context, {N} agent{'s' if N > 1 else ''}", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("one layer, µs of GPU time")
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="upper right")  # over short bars
     fig.suptitle(f"Where a ResidualAttention call's time goes, stage by stage — {res.device.get('gpu')}", fontsize=10)
     return save_figure(fig, path)
 

@@ -177,12 +177,13 @@ def test_committed_results_load_and_plot(tmp_path):
         assert json.loads(path.read_text())["schema"] == SCHEMA, path
     copy = tmp_path / "results"
     copy.mkdir()
-    for path in list(results.glob("bench_*.json")) + list(results.glob("quality*.json")):
+    for path in [*results.glob("bench_*.json"), *results.glob("quality*.json"), *results.glob("profile_kernel*.json")]:
         shutil.copy(path, copy)
     made = {p.name for p in plot_all(copy)}
-    # the sweeps; the reruns of a few cases (README tables) are not drawn
+    # the sweeps and the stage profiles; the reruns of a few cases (README tables) are not drawn
     assert made == {"bench_kernel_nvidia_h200.png", "bench_lora_nvidia_h200.png", "bench_e2e_nvidia_h200.png",
-                    "bench_kernel_nvidia_h200_q4_short_v8.png", "quality.png"}
+                    "bench_kernel_nvidia_h200_q4_short_v8.png", "bench_kernel_nvidia_h200_v10.png",
+                    "profile_kernel_v10b_nvidia_h200.png", "quality.png"}
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
