@@ -105,37 +105,26 @@ def _merge_split(M_WS, L_WS, ACC_WS, UV_WS, w, valid, m_i, l_i, acc_lo, acc_hi, 
 
 
 @triton.jit
-def _load_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, s0, n_splits, valid, HALF_B: tl.constexpr, RVB: tl.constexpr,
-                CHUNK: tl.constexpr, HAS_V_RES: tl.constexpr):
-    """The partials (m, l, acc lo/hi, acc_uv) of splits ``s0 .. s0 + CHUNK`` (those below ``n_splits``; entries
-    ``wbase + split``, one per query vector), ``[CHUNK, vectors(, width)]``, all loads independent."""
+def _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, s0, n_splits, valid, m_i, l_i, acc_lo, acc_hi, acc_uv,
+                 HALF_B: tl.constexpr, RVB: tl.constexpr, CHUNK: tl.constexpr, HAS_V_RES: tl.constexpr):
+    """Merge the partials of splits ``s0 .. s0 + CHUNK`` (those below ``n_splits``; entries ``wbase + split``, one
+    per query vector) into the running (m, l, acc, acc_uv): one max over the chunk, its loads all independent."""
     sp = s0 + tl.arange(0, CHUNK)
     ok = (sp < n_splits)[:, None] & valid[None, :]
     w = wbase[None, :] + sp[:, None]
     m_s = tl.load(M_WS + w, mask=ok, other=float("-inf"))
     l_s = tl.load(L_WS + w, mask=ok, other=0.0)
-    a_ptr = ACC_WS + w[:, :, None] * (2 * HALF_B) + tl.arange(0, HALF_B)[None, None, :]
-    lo = tl.load(a_ptr, mask=ok[:, :, None], other=0.0)
-    hi = tl.load(a_ptr + HALF_B, mask=ok[:, :, None], other=0.0)
-    if HAS_V_RES:
-        uv = tl.load(UV_WS + w[:, :, None] * RVB + tl.arange(0, RVB)[None, None, :], mask=ok[:, :, None], other=0.0)
-    else:
-        uv = l_s
-    return m_s, l_s, lo, hi, uv
-
-
-@triton.jit
-def _combine_chunk(m_i, l_i, acc_lo, acc_hi, acc_uv, m_s, l_s, lo, hi, uv, HAS_V_RES: tl.constexpr):
-    """Merge a chunk of splits' partials (:func:`_load_chunk`) into the running (m, l, acc, acc_uv) with one max."""
     m_new = tl.maximum(m_i, tl.max(m_s, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     a = tl.exp2(m_i - m_safe)
     b = tl.exp2(m_s - m_safe[None, :])
+    a_ptr = ACC_WS + w[:, :, None] * (2 * HALF_B) + tl.arange(0, HALF_B)[None, None, :]
     b3 = b[:, :, None]
-    acc_lo = acc_lo * a[:, None] + tl.sum(lo * b3, 0)
-    acc_hi = acc_hi * a[:, None] + tl.sum(hi * b3, 0)
+    acc_lo = acc_lo * a[:, None] + tl.sum(tl.load(a_ptr, mask=ok[:, :, None], other=0.0) * b3, 0)
+    acc_hi = acc_hi * a[:, None] + tl.sum(tl.load(a_ptr + HALF_B, mask=ok[:, :, None], other=0.0) * b3, 0)
     if HAS_V_RES:
-        acc_uv = acc_uv * a[:, None] + tl.sum(uv * b3, 0)
+        uv_s = tl.load(UV_WS + w[:, :, None] * RVB + tl.arange(0, RVB)[None, None, :], mask=ok[:, :, None], other=0.0)
+        acc_uv = acc_uv * a[:, None] + tl.sum(uv_s * b3, 0)
     return m_new, l_i * a + tl.sum(l_s * b, 0), acc_lo, acc_hi, acc_uv
 
 
@@ -153,7 +142,7 @@ def _private_merge_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
     QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr, PRIV_FMA: tl.constexpr, PREFETCH: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -176,10 +165,6 @@ def _private_merge_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
-    wbase = ((row * H + head) * NQ + qi) * n_splits
-    if PREFETCH:  # every split in one chunk: its loads go out before the private part, which hides their latency
-        m_s, l_s, lo_s, hi_s, uv_s = _load_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, 0, n_splits, valid, HALF_B, RVB,
-                                                 MERGE_CHUNK, HAS_V_RES)
     for t0 in range(0, P, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < P
@@ -187,12 +172,8 @@ def _private_merge_kernel(
         k_ptr = KP + row * s_kpb + hkv * s_kph + t[:, None] * s_kpt + d[None, :]
         k_lo = tl.load(k_ptr, mask=kmask, other=0.0)
         k_hi = tl.load(k_ptr + HALF, mask=kmask, other=0.0)
-        if PRIV_FMA:  # CUDA cores: products of the same values in fp32, fp32 sums (vectors need not fill an MMA)
-            s = tl.sum(q_lo.to(tl.float32)[:, None, :] * k_lo.to(tl.float32)[None, :, :], 2)
-            s += tl.sum(q_hi.to(tl.float32)[:, None, :] * k_hi.to(tl.float32)[None, :, :], 2)
-        else:
-            s = mma(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
-            s += mma(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
+        s = mma(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
+        s += mma(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
         s = s * qk_scale
         allowed = valid[:, None] & tm[None, :]
         if HAS_MASK:
@@ -205,26 +186,18 @@ def _private_merge_kernel(
         v_ptr = VP + row * s_vpb + hkv * s_vph + t[:, None] * s_vpt + d[None, :]
         v_lo = tl.load(v_ptr, mask=kmask, other=0.0)
         v_hi = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
-        if PRIV_FMA:
-            pf = pd.to(tl.float32)[:, :, None]
-            acc_lo = acc_lo * alpha[:, None] + tl.sum(pf * v_lo.to(tl.float32)[None, :, :], 1)
-            acc_hi = acc_hi * alpha[:, None] + tl.sum(pf * v_hi.to(tl.float32)[None, :, :], 1)
-        else:
-            acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, DOT_PREC, UPCAST)
-            acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, DOT_PREC, UPCAST)
+        acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, DOT_PREC, UPCAST)
+        acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, DOT_PREC, UPCAST)
         m_i = m_new
 
     # log-sum-exp merge with the shared context's split partials
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
-    if PREFETCH:
-        m_i, l_i, acc_lo, acc_hi, acc_uv = _combine_chunk(m_i, l_i, acc_lo, acc_hi, acc_uv, m_s, l_s, lo_s, hi_s, uv_s,
-                                                          HAS_V_RES)
-    elif MERGE_CHUNK > 1:  # MERGE_CHUNK splits per step, loaded together (no chain of dependent loads over the splits)
+    wbase = ((row * H + head) * NQ + qi) * n_splits
+    if MERGE_CHUNK > 1:  # MERGE_CHUNK splits per step, loaded together (no chain of dependent loads over the splits)
         for sp in tl.range(0, n_splits, MERGE_CHUNK, loop_unroll_factor=MERGE_UNROLL):
-            m_s, l_s, lo_s, hi_s, uv_s = _load_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, sp, n_splits, valid, HALF_B,
-                                                     RVB, MERGE_CHUNK, HAS_V_RES)
-            m_i, l_i, acc_lo, acc_hi, acc_uv = _combine_chunk(m_i, l_i, acc_lo, acc_hi, acc_uv, m_s, l_s, lo_s, hi_s,
-                                                              uv_s, HAS_V_RES)
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, sp, n_splits, valid, m_i,
+                                                            l_i, acc_lo, acc_hi, acc_uv, HALF_B, RVB, MERGE_CHUNK,
+                                                            HAS_V_RES)
     elif MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
         for sp in tl.range(0, n_splits, loop_unroll_factor=MERGE_UNROLL):
             m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
@@ -247,12 +220,8 @@ def _private_merge_kernel(
             bv_lo = tl.load(bv_ptr, mask=bv_mask, other=0.0).to(tl.float32)
             bv_hi = tl.load(bv_ptr + HALF * s_bvo, mask=bv_mask, other=0.0).to(tl.float32)
             puv = acc_uv * inv_l[:, None]
-            if PRIV_FMA:
-                out_lo += tl.sum(puv[:, :, None] * tl.trans(bv_lo)[None, :, :], 1)
-                out_hi += tl.sum(puv[:, :, None] * tl.trans(bv_hi)[None, :, :], 1)
-            else:
-                out_lo += mma(puv, tl.trans(bv_lo), "ieee", UPCAST)
-                out_hi += mma(puv, tl.trans(bv_hi), "ieee", UPCAST)
+            out_lo += mma(puv, tl.trans(bv_lo), "ieee", UPCAST)
+            out_hi += mma(puv, tl.trans(bv_hi), "ieee", UPCAST)
     o_ptr = OUT + row * s_ob + qi[:, None] * s_oq + head[:, None] * s_oh + d[None, :]
     tl.store(o_ptr, out_lo.to(OUT.dtype.element_ty), mask=qmask)
     tl.store(o_ptr + HALF, out_hi.to(OUT.dtype.element_ty), mask=qmask)
@@ -356,15 +325,12 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
                          merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None,
-                         merge_chunk: int = 1, merge_fma: bool = False):
+                         merge_chunk: int = 1):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
     ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
-    partials one step loads together and merges with one max: a power of two; 1, one split per step; when one chunk
-    holds every split, with ``merge_fma`` its loads are issued before the private part), ``merge_fma`` (the private
-    part and ``B_v`` on CUDA cores: a program holds only its rows' own query vectors, at most 16, not the 16 an MMA
-    needs; private tiles of at most 16 tokens),
+    partials one step loads together and merges with one max: a power of two; 1, one split per step),
     ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the
     compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
@@ -377,10 +343,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)
-    # merge_fma: at most 16 vectors (whole queries of G heads where G <= 16), tiles of at most 16 private tokens
-    BLOCK_M = pow2(G * min(NQ, max(1, 16 // G)), 4) if merge_fma else pow2(G * min(NQ, max(1, 64 // G)))
+    BLOCK_M = pow2(G * min(NQ, max(1, 64 // G)))
     qpb = max(1, BLOCK_M // G)
-    block_t = min(16, merge_block_t or 16) if merge_fma else (merge_block_t or block_t)
     m_ws, l_ws, acc_ws, uv_ws = ws
     kernel = launch(
         _private_merge_kernel, (B, Hkv, cdiv(NQ, qpb)), q, q.stride(0), q.stride(1), q.stride(2),
@@ -392,10 +356,9 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         m_ws, l_ws, acc_ws, uv_ws,
         out, out.stride(0), out.stride(1), out.stride(2),
         T, P, NQ, H, RV, n_splits, qk_scale,
-        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=block_t,
+        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
         HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
-        MERGE_CHUNK=merge_chunk, PRIV_FMA=merge_fma, PREFETCH=merge_fma and merge_chunk >= n_splits > 1,
-        num_warps=merge_warps, num_stages=merge_stages,
+        MERGE_CHUNK=merge_chunk, num_warps=merge_warps, num_stages=merge_stages,
     )
     return out, kernel
 

@@ -99,13 +99,6 @@ LAUNCH_KNOBS = [
     (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(merge_chunk=16, merge_unroll=2, n_splits=50)),
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_chunk=8, n_splits=2)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_chunk=4, n_splits=9)),
-    # the private part and B_v on CUDA cores (programs of only the rows' own vectors): with every split in one
-    # prefetched chunk, with chunks, extend calls (several query blocks), GQA 1 and 3, head dim 48, masks
-    (_LONG, dict(merge_fma=True, merge_chunk=8, n_splits=7, block_t=16, res_block_t=16)),
-    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_fma=True, merge_chunk=2,
-                                                                                n_splits=5)),
-    (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=20, Q=5), dict(merge_fma=True, merge_chunk=16, n_splits=3)),
-    (AttnCase(B=2, H=2, Hkv=2, D=32, T=64, P=17, N=2, ranks=(64, 5)), dict(merge_fma=True)),
 ]
 
 

@@ -43,13 +43,10 @@ CANDIDATES = {
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"): the default only, until a new K-pass form is built
     "kres": [{}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
-    # v10 / v10b (measured: sweep_kernel_v10{,b}_nvidia_h200.json): the merge taking the splits' partials 16 at a time
-    # won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing. v10c: the private part
-    # and B_v on CUDA cores, programs of only the rows' own vectors, the chunk's loads issued first (merge_fma)
-    "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1},
-              {"merge_fma": True, "merge_chunk": 16, "merge_unroll": 1},
-              {"merge_fma": True, "merge_chunk": 4, "merge_unroll": 1},
-              {"merge_fma": True, "merge_chunk": 1, "merge_unroll": 2}],
+    # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
+    # at a time won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing; the private
+    # part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere. Both rules, for a same-run comparison
+    "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1}],
 }
 STAGE_VARIANTS = {"kres": ["kv"], "shared": ["kv", "v", "base"], "merge": ["kv", "v", "base"],
                   "combined": ["kv", "v", "base"]}
