@@ -4,7 +4,8 @@
 
 Benchmark results (the one schema, :mod:`eval.bench.schema`) are drawn by benchmark: ``bench_kernel``, ``bench_lora``
 and ``bench_e2e`` sweeps (a file whose lines would all have fewer than three points is a rerun for a README table,
-not drawn); ``profile_kernel*.json`` (a call's stages, stacked); ``quality*.json`` is the fidelity report of ``python -m eval.quality``.
+not drawn), and ``profile_kernel`` results (a call's stages, stacked); ``quality*.json`` is the fidelity report of
+``python -m eval.quality``.
 """
 
 from __future__ import annotations
