@@ -9,9 +9,11 @@ source "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-tests/test_kernels.py}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q ${TESTS-tests/test_kernels.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
-if [ -n "${NCU:-}" ]; then  # NCU="script.py args" or NCU="-m module args": hardware counters of the shared-part kernel launches
-  timeout 240 ncu --clock-control none --kernel-name regex:_shared_part --launch-count ${NCU_LAUNCHES:-2} \
-    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+if [ -n "${NCU:-}" ]; then  # NCU="script.py args" or NCU="-m module args": hardware counters of the cascade kernels'
+  # launches (the K pass, the shared part, the private part + merge), e.g. NCU="-m eval.bench.profile_kernel --ncu-once"
+  timeout 240 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-_kres_scores|_cascade_shared|_private_merge}" \
+    --launch-count ${NCU_LAUNCHES:-12} --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     python3 $NCU > "$OUT/ncu.txt" 2>&1
   tail -5 "$OUT/ncu.txt"
 fi

@@ -42,7 +42,7 @@ import torch
 
 from forkkv_hf.config import get_config
 
-from .measure import free_memory, kernel_seconds_by_family, kernels_by_name, sync
+from .measure import KERNEL_FAMILIES, free_memory, kernel_seconds_by_family, kernels_by_name, sync
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -50,13 +50,6 @@ PROMPT = 64
 NAMES = "kernels by name"
 CASE_KEYS = ("system", "context", "agents", "compile")
 ANCHORS = ("transformers, DynamicCache eager", "transformers, StaticCache + compile")
-FAMILIES = {
-    "forkkv attention kernels": ("_kres_scores", "_cascade_shared", "_shared_part", "_private_merge"),
-    "batched LoRA kernels": ("_gathered_mm",),
-    "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
-    "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
-    "elementwise/other": (),
-}
 
 
 def _wall(run, n: int) -> tuple[float, object]:
@@ -94,7 +87,7 @@ def _gpu_seconds(run, n: int) -> dict:
     with profile(activities=acts) as prof:
         run(n)
         sync()
-    return {**kernel_seconds_by_family(prof, FAMILIES, "elementwise/other"), NAMES: kernels_by_name(prof)}
+    return {**kernel_seconds_by_family(prof, KERNEL_FAMILIES, "elementwise/other"), NAMES: kernels_by_name(prof)}
 
 
 def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False,

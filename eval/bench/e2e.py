@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from .measure import StepTimer, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes, peaks_gib, sync
+from .measure import (KERNEL_FAMILIES, StepTimer, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes,
+                      peaks_gib, sync)
 from .models import add_random_adapters, build_model, build_model_split, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -125,9 +126,6 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
 
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    fams = {"forkkv attention kernels": ("_shared_part", "_private_merge"), "batched LoRA kernels": ("_gathered_mm",),
-            "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
-            "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"), "elementwise/other": ()}
     with torch.no_grad():
         sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -138,8 +136,8 @@ def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=Tru
             wall = time.perf_counter() - t0
     cpu = {}
     if not profiled:
-        return wall, {k: 0.0 for k in fams}, cpu
-    gpu = kernel_seconds_by_family(prof, fams, "elementwise/other")
+        return wall, {k: 0.0 for k in KERNEL_FAMILIES}, cpu
+    gpu = kernel_seconds_by_family(prof, KERNEL_FAMILIES, "elementwise/other")
     for ev in prof.key_averages():
         if not is_cuda_event(ev):
             cpu[ev.key] = (ev.self_cpu_time_total / 1e6, ev.count)

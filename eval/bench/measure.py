@@ -92,6 +92,16 @@ def _device_us(ev) -> float:
     return getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
 
 
+#: kernel name fragments of the GPU work of a decode step, by family (``kernel_seconds_by_family``; ``()``: the rest)
+KERNEL_FAMILIES = {
+    "forkkv attention kernels": ("_kres_scores", "_cascade_shared", "_shared_part", "_private_merge"),
+    "batched LoRA kernels": ("_gathered_mm",),
+    "attention (SDPA/flash)": ("flash", "fmha", "attention", "Attention"),
+    "GEMM": ("gemm", "Gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
+    "elementwise/other": (),
+}
+
+
 def kernel_seconds_by_family(prof, families: dict, other: str) -> dict:
     """GPU kernel time (seconds) of a ``torch.profiler`` run by family: a kernel counts for the first family with a
     name fragment its name contains, else for ``other``."""
