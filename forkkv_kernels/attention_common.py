@@ -330,7 +330,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
     ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
-    partials one step loads together and merges with one max: a power of two; 1, one split per step),
+    partials one step loads together and merges with one max: a power of two; 1, one split per step; a chunk wider
+    than the splits runs as the split count rounded up to a power of two, the rest being masked lanes),
     ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the
     compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
@@ -340,6 +341,7 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         raise ValueError(f"merge_unroll={merge_unroll}; give 1 (no unrolling) or more splits per unrolled step")
     if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
         raise ValueError(f"merge_chunk={merge_chunk}; give a power of two (1: one split's partials per merge step)")
+    merge_chunk = min(merge_chunk, pow2(n_splits, 1))
     out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)

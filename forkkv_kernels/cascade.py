@@ -131,8 +131,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
-                    res_programs_per_sm=4, res_whole_waves=False, merge_unroll=1, merge_chunk=1,
-                    merge_warps=4)
+                    res_programs_per_sm=4, res_whole_waves=False, merge_unroll=1, merge_chunk=1)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -145,7 +144,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
-                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1, merge_warps=4)
+                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1)
 
 
 
@@ -178,7 +177,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
-                       res_score: str = "mma", merge_warps: int | None = None, merge_stages: int = 2,
+                       res_score: str = "mma", merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
@@ -223,7 +222,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
-                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_warps=merge_warps)
+                 merge_unroll=merge_unroll, merge_chunk=merge_chunk)
     cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual
@@ -268,13 +267,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )
-    # a chunk wider than the splits only adds masked lanes (an invalid one is refused by the merge's launcher)
-    chunk = cfg["merge_chunk"]
-    chunk = chunk if chunk < 1 or chunk & (chunk - 1) else min(chunk, pow2(n_splits, 1))
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
-        prec=prec, interp=interp, merge_warps=cfg["merge_warps"], merge_stages=merge_stages,
-        merge_unroll=cfg["merge_unroll"], merge_chunk=chunk, merge_block_t=merge_block_t)
+        prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages,
+        merge_unroll=cfg["merge_unroll"], merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t)
     if launches is not None:
         launches.update(launched)
     return out

@@ -76,12 +76,12 @@ def main(argv=None):
     for point in args.points:
         T, N = map(int, point.split(":"))
         q, view = make_case(T, N)
+        fl = floors(T, N, ceil)
         for variant in VARIANTS:
             vv = variant_view(view, variant)
             knobs = knobs_of(variant, N)
             launched = {}
             fn = lambda: residual_attention_triton(q, vv, None, scale, launches=launched, **knobs)  # noqa: E731
-            fl = floors(T, N, ceil)
             floor_s = fl["floor_s" if variant == "kv" else f"floor_{variant}_s"]
             run.measure({"context": T, "agents": N, "variant": variant},
                         lambda: {"knobs": knobs, "kernel_s": kernel_times(fn, args.reps), "floor_s": floor_s,
