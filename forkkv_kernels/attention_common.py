@@ -22,13 +22,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation. ``UPCAST`` (the CPU interpreter) feeds it fp32 copies: the interpreter's
-    bf16 dot is wrong (triton 3.9), and fp32 products of bf16/fp16 values are exact, as on tensor cores."""
+def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, acc=None):
+    """``tl.dot`` with fp32 accumulation (into ``acc`` when given). ``UPCAST`` (the CPU interpreter) feeds it fp32
+    copies: the interpreter's bf16 dot is wrong (triton 3.9), and fp32 products of bf16/fp16 values are exact, as on
+    tensor cores."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit

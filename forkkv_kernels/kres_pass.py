@@ -43,20 +43,24 @@ def _kres_scores_kernel(
     B, T, RK, split_len, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
-    ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, PAIRS: tl.constexpr, SCORE_FMA: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
-    row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous; ``ORDER``:
-    the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of the context
-    x (chunk of ``MQ // VPR`` of the agent's rows, group of ``HG`` KV heads)."""
+    row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous;
+    ``ORDER``: the rows sorted by ``KSLOT``. Grid: sorted position (only each agent's first position acts) x split of
+    the context x (chunk of ``MQ // HA // VPR`` of the agent's rows, group of ``HG`` KV heads). ``HA`` KV heads share
+    one score tile: column ``c`` belongs to head ``c // (MQ // HA)`` of the pack, each head's MMA sees only its own
+    columns (the others' query operand is zero) and accumulates into the tile, which is scaled and stored once per
+    pack instead of once per head."""
     p = tl.program_id(0)
     split = tl.program_id(1)
     chunk = tl.program_id(2) // (HKV // HG)
     hg = tl.program_id(2) % (HKV // HG)
     slot = tl.load(KSLOT + tl.load(ORDER + p))
     prev = tl.load(KSLOT + tl.load(ORDER + tl.maximum(p - 1, 0)))
-    first = p + chunk * (MQ // VPR)
+    CV: tl.constexpr = MQ // HA  # score columns (query vectors of the chunk) per head
+    first = p + chunk * (CV // VPR)
     first_slot = tl.load(KSLOT + tl.load(ORDER + tl.minimum(first, B - 1)))
     if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
         dtype = Q.dtype.element_ty
@@ -66,8 +70,9 @@ def _kres_scores_kernel(
         rkm = rk < RK
         # this chunk's query vectors (the score MMA's columns), resolved once, outside the loop over the context
         col = tl.arange(0, MQ)
+        col_head = col // CV
         w = col % VPR
-        pos = first + col // VPR
+        pos = first + (col % CV) // VPR
         inb = pos < B
         rowc = tl.load(ORDER + pos, mask=inb, other=0)
         ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
@@ -88,43 +93,49 @@ def _kres_scores_kernel(
             u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
             c_lo, s_lo, c_hi, s_hi = rope_tile(COS, SIN, 2 * HALF, 2 * HALF, t, d, tm[:, None] & dm[None, :], HALF,
                                                ROPE_HALF)
-            for hh in range(HG):
-                h = hg * HG + hh
-                qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
-                if PAIRS:
-                    bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask, other=0.0)
-                    x_lo, x_hi = tl.split(tl.reshape(mma(u, bT, DOT_PREC, UPCAST), [BLOCK_T, HALF_B, 2]))
-                    k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                    k = tl.reshape(tl.join(k_lo.to(dtype), k_hi.to(dtype)), [BLOCK_T, 2 * HALF_B])
-                    q_pairs = tl.join(tl.load(qT_ptr, mask=qmask, other=0.0), tl.load(qT_ptr + HALF, mask=qmask,
-                                                                                      other=0.0))
-                    r = mma(k, tl.reshape(tl.permute(q_pairs, (0, 2, 1)), [2 * HALF_B, MQ]), DOT_PREC, UPCAST)
-                else:
-                    # B_k rows of head h, transposed: [RKB, HALF_B] per half
-                    bT_ptr = b_base + (h * 2 * HALF + d[None, :]) * RK + rk[:, None]
-                    x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
-                    x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
-                    k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                    if SCORE_FMA:  # fp32 products of the values the MMA would multiply, fp32 sums; the rotated
-                        # tile stays in the rebuild's layout, one query vector (a broadcast row) at a time
-                        kl = k_lo.to(dtype).to(tl.float32)
-                        kh = k_hi.to(dtype).to(tl.float32)
-                        r = tl.zeros([BLOCK_T, MQ], tl.float32)
-                        for c in tl.static_range(MQ):
-                            pick = col == c
-                            qc_ptr = Q + tl.sum(tl.where(pick, q_off, 0), 0) + h * G * s_qh + d
-                            qc_ok = dm & ((d * 0 + tl.sum(tl.where(pick & ok, 1, 0), 0)) > 0)
-                            qlc = tl.load(qc_ptr, mask=qc_ok, other=0.0).to(tl.float32)
-                            qhc = tl.load(qc_ptr + HALF, mask=qc_ok, other=0.0).to(tl.float32)
-                            rc = tl.sum(kl * qlc[None, :] + kh * qhc[None, :], 1)
-                            r = tl.where(pick[None, :], rc[:, None], r)
+            for hp in range(HG // HA):
+                racc = tl.zeros([BLOCK_T, MQ], tl.float32)
+                for ha in range(HA):
+                    h = hg * HG + hp * HA + ha
+                    qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
+                    qmask_h = qmask & (col_head == ha)[None, :]
+                    if PAIRS:
+                        bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask,
+                                     other=0.0)
+                        x_lo, x_hi = tl.split(tl.reshape(mma(u, bT, DOT_PREC, UPCAST), [BLOCK_T, HALF_B, 2]))
+                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                        k = tl.reshape(tl.join(k_lo.to(dtype), k_hi.to(dtype)), [BLOCK_T, 2 * HALF_B])
+                        q_pairs = tl.join(tl.load(qT_ptr, mask=qmask_h, other=0.0),
+                                          tl.load(qT_ptr + HALF, mask=qmask_h, other=0.0))
+                        racc = mma(k, tl.reshape(tl.permute(q_pairs, (0, 2, 1)), [2 * HALF_B, MQ]), DOT_PREC, UPCAST,
+                                   racc)
                     else:
-                        r = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                        r += mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask, other=0.0), DOT_PREC, UPCAST)
-                r = r * qk_scale
+                        # B_k rows of head h, transposed: [RKB, HALF_B] per half
+                        bT_ptr = b_base + (h * 2 * HALF + d[None, :]) * RK + rk[:, None]
+                        x_lo = mma(u, tl.load(bT_ptr, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                        x_hi = mma(u, tl.load(bT_ptr + HALF * RK, mask=bmask, other=0.0), DOT_PREC, UPCAST)
+                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                        if SCORE_FMA:  # (HA = 1) fp32 products of the values the MMA would multiply, fp32 sums; the
+                            # rotated tile stays in the rebuild's layout, one query vector (a broadcast row) at a time
+                            kl = k_lo.to(dtype).to(tl.float32)
+                            kh = k_hi.to(dtype).to(tl.float32)
+                            for c in tl.static_range(MQ):
+                                pick = col == c
+                                qc_ptr = Q + tl.sum(tl.where(pick, q_off, 0), 0) + h * G * s_qh + d
+                                qc_ok = dm & ((d * 0 + tl.sum(tl.where(pick & ok, 1, 0), 0)) > 0)
+                                qlc = tl.load(qc_ptr, mask=qc_ok, other=0.0).to(tl.float32)
+                                qhc = tl.load(qc_ptr + HALF, mask=qc_ok, other=0.0).to(tl.float32)
+                                rc = tl.sum(kl * qlc[None, :] + kh * qhc[None, :], 1)
+                                racc = tl.where(pick[None, :], rc[:, None], racc)
+                        else:
+                            racc = mma(k_lo.to(dtype), tl.load(qT_ptr, mask=qmask_h, other=0.0), DOT_PREC, UPCAST,
+                                       racc)
+                            racc = mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask_h, other=0.0), DOT_PREC,
+                                       UPCAST, racc)
+                r = racc * qk_scale
                 if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
                     r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
-                vec = ((h * B + rowc) * VPR + w).to(tl.int64)
+                vec = (((hg * HG + hp * HA + col_head) * B + rowc) * VPR + w).to(tl.int64)
                 tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
 
 
@@ -133,7 +144,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_form: str = "halves", res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       whole_waves: bool = False, res_score: str = "mma"):
+                       whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -142,8 +153,11 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     :func:`~.attention_common.split_length`) or ``res_splits`` (the split count itself), ``res_warps``, ``res_stages``,
     ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA,
     ``whole_waves`` (the split rule rounds down: at most one wave of ``res_programs_per_sm`` programs per SM),
-    ``res_score`` (:data:`RES_SCORES`; ``"fma"``: halves form, ``mq`` default the agent's vectors, at most 16). Returns
-    the compiled kernel."""
+    ``res_score`` (:data:`RES_SCORES`; ``"fma"``: halves form, ``mq`` default the agent's vectors, at most 16),
+    ``res_pack`` at most this many KV heads share one score tile of ``mq`` columns (a power of two; each head gets
+    ``mq // pack`` columns: 4 for a decode row of G = 4, so 4 heads fill a 16-column MMA that one head would pad; the
+    pack shrinks until each head's columns hold all the vectors of an agent's rows and the pack divides
+    ``res_heads``; MMA scores only). Returns the compiled kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -164,7 +178,12 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
-    n_chunks = cdiv(rows_max, MQ // VPR)
+    if res_pack < 1 or res_pack & (res_pack - 1):
+        raise ValueError(f"res_pack={res_pack}; give a power of two (1: one KV head per score tile)")
+    pack = 1 if fma else res_pack
+    while pack > 1 and (HG % pack or MQ // pack < pow2(rows_max * VPR, 1)):
+        pack //= 2
+    n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
     split_len = split_length(T, BT_R, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
     return launch(
@@ -172,7 +191,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         k_u, k_B, cos, sin, k_slot, k_order, r_scores,
         B, T, k_u.shape[-1], split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
-        MQ=MQ, BLOCK_T=BT_R, HG=HG, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
+        MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", SCORE_FMA=fma,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

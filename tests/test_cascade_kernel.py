@@ -82,6 +82,47 @@ def test_cascade_fma_scores_match_reference(case):
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
+#: shapes where several KV heads can share the K pass's score tile (4 and 8 KV heads: packs of 2-8 heads), decode and
+#: extend, rows sharing an agent and a row without one, several ranks
+PACK_CASES = [
+    AttnCase(B=3, H=8, Hkv=4, D=32, T=45, P=3),
+    AttnCase(B=5, H=16, Hkv=8, D=16, T=41, P=2, N=3, ranks=(16, 4, 7)),
+    AttnCase(B=4, H=8, Hkv=8, D=16, T=37, P=3, rows=(0, 0, 1, -1)),
+    AttnCase(B=3, H=8, Hkv=4, D=16, T=29, P=4, Q=2),
+]
+
+
+@parametrize("case", ATTN_CASES + PACK_CASES)
+def test_cascade_packed_heads_match_reference(case):
+    """Several KV heads sharing one score tile of the K pass (``res_pack``: each head's MMA multiplies only its own
+    columns, the heads' MMAs accumulate into the tile) over the attention case space and the pack shapes, every other
+    case masked; the pack shrinks to what a case allows (the heads of a program, an agent's vectors per head)."""
+    view, q = case.view(), case.query()
+    masked = (ATTN_CASES + PACK_CASES).index(case) % 2 == 1
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, res_pack=8)
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
+
+
+@parametrize("case", PACK_CASES)
+def test_cascade_packed_heads_pairs_form_and_head_groups(case):
+    """The pack in the pairs form, and packs inside groups of KV heads per program (``res_heads``)."""
+    view, q = case.view(), case.query()
+    ref = reference_attention(q, view, None, case.D**-0.5)
+    for knobs in (dict(res_form="pairs", res_pack=4), dict(res_heads=2, res_pack=2), dict(res_heads=4, res_pack=4)):
+        if case.Hkv % knobs.get("res_heads", 1):
+            continue
+        torch.testing.assert_close(_launch(q, view, None, case.D**-0.5, **knobs), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_cascade_pack_refuses_what_is_not_a_power_of_two():
+    case = PACK_CASES[0]
+    view, q = case.view(), case.query()
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"res_pack={bad}; give a power of two"):
+            _launch(q, view, None, 0.25, res_pack=bad)
+
+
 #: launch knobs of the cascade launcher beyond tests/cases.py's TUNINGS, each on a case that makes it matter (several
 #: splits of the context, several KV heads, rows sharing an agent, extend)
 _LONG = AttnCase(B=3, H=4, Hkv=2, D=32, T=77, P=3)
@@ -339,6 +380,8 @@ GPU_KNOBS = [
     {"res_score": "fma"},
     {"res_score": "fma", "res_block_t": 64, "res_warps": 4, "res_maxnreg": 255},
     {"merge_chunk": 8, "merge_unroll": 1},
+    {"res_pack": 4},
+    {"res_pack": 8, "mq": 32, "res_form": "pairs"},
 ]
 
 

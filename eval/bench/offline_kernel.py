@@ -21,6 +21,10 @@ import tempfile
 from .sweep_kernel import CANDIDATES, default_rule, resident_programs
 
 
+#: the K pass's arguments that the benchmark's launches pass 16-divisible (pointers: 16-byte aligned)
+DIVISIBLE = ["Q", "UK", "BK", "COS", "SIN", "KSLOT", "ORDER", "R", "s_qb", "s_qh", "s_qq", "B", "T", "RK", "split_len"]
+
+
 def compile_kres(knobs: dict) -> dict:
     """Compile ``_kres_scores_kernel`` for sm_90 with ``knobs`` over the bf16 K+V rule; its resources."""
     import triton
@@ -35,11 +39,16 @@ def compile_kres(knobs: dict) -> dict:
             "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
             "split_len": "i32", "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or (4 if fma else 16),
-                 BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8, ROPE_HALF=True, LOWP_ROPE=True,
+                 BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8, HA=rule.get("res_pack") or 1,
+                 ROPE_HALF=True, LOWP_ROPE=True,
                  CLAMP=True, DOT_PREC="tf32", UPCAST=False, PAIRS=rule.get("res_form", "halves") == "pairs",
                  SCORE_FMA=fma)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
-    src = ASTSource(_kres_scores_kernel, sig, constexprs={(list(sig).index(k),): v for k, v in const.items()})
+    names = list(sig)
+    # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the
+    # benchmark's strides, sizes and split lengths); without it the loads compile unvectorised
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE}
+    src = ASTSource(_kres_scores_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
