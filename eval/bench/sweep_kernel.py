@@ -41,10 +41,12 @@ CANDIDATES = {
     # measured: the v8 list (its winner is the default now) and v9's score step on CUDA cores, which lost to it at
     # every point (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json,
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"). v11: KV heads sharing one score tile (``res_pack``,
-    # eval/KERNEL_NOTES.md "v11"): packs of 2, 4 and 8 (8 on a 32-column tile), in programs of 8 or 4 heads, on the
-    # 128-token tile and on 64-token tiles of 4 warps
-    "kres": [{}, {"res_pack": 4}, {"res_pack": 2}, {"res_pack": 8, "mq": 32}, {"res_pack": 4, "res_heads": 4},
-             {"res_pack": 4, "res_block_t": 64, "res_warps": 4}],
+    # eval/KERNEL_NOTES.md "v11"): sweep_kernel_v11_nvidia_h200.json measured packs of 2, 4 and 8 on the 128-token
+    # tile (no gain) and packs of 4 on 64-token tiles of 4 warps (the best); v11b: that tile with and without packs
+    "kres": [{}, {"res_block_t": 64, "res_warps": 4}, {"res_pack": 4, "res_block_t": 64, "res_warps": 4},
+             {"res_pack": 2, "res_block_t": 64, "res_warps": 4},
+             {"res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 3},
+             {"res_pack": 4, "res_heads": 4, "res_block_t": 64, "res_warps": 4}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing; the private
