@@ -125,9 +125,10 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
-    eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured").
+    eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured"; the
+    K pass: sweep_kernel_v11b_nvidia_h200.json, "v11 measured").
     Whole waves: every split count rounds down to one wave of the kernel's resident programs (2 per SM for the shared
-    part, 1 for its 8-warp tile, 2 for the K pass, so 4 is two waves)."""
+    part, 1 for its 8-warp tile, 4 for the K pass)."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
@@ -138,9 +139,12 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     wide = few and (has_k or not has_v)
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k else 3, programs_per_sm=1 if wide else 2, whole_waves=True,
-                # K pass: 128-token tiles on 8 warps capped at 128 registers (32 agents 649 -> 492 µs)
-                res_block_t=128, res_warps=8, res_stages=2, res_maxnreg=128, res_programs_per_sm=4,
-                res_whole_waves=True, res_pack=1,
+                # K pass: 64-token tiles on 4 warps capped at 128 registers (4 programs per SM), 3 pipeline stages,
+                # 4 KV heads per score tile (v11b, same run, whole call K+V: 32 agents 458.0 -> 419.0 µs, 128 agents
+                # 1,734.4 -> 1,540.6, 8 agents 159.3 -> 147.4, 1 agent 72.0 -> 71.0; v8's 128-token tile on 8 warps
+                # before)
+                res_block_t=64, res_warps=4, res_stages=3, res_maxnreg=128, res_programs_per_sm=4,
+                res_whole_waves=True, res_pack=4,
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
