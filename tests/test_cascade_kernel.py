@@ -448,10 +448,10 @@ def test_sweep_geometry_matches_the_launcher():
     assert [resident_programs(150, 4, 20480), resident_programs(241, 4, 106496), resident_programs(104, 4, 21504)] \
         == [3, 2, 4]
     assert resident_programs(128, 8, 12288) == 2 and resident_programs(64, 4, 200000) == 1
-    # the v8 rules (kernels/cascade.py launch_defaults): K pass 128-token tiles, 4 programs per SM, whole waves; the
-    # shared part 128-token tiles and one program per SM up to 32 query vectors, else 64 (32 with K residuals) and 2
-    # (the V residual alone keeps 64-token tiles at 8 agents; a configuration's own knobs win over the rule)
-    expected = {("kres", 32): (32, 128, 4), ("kres", 128): (128 * 2, 128, 4), ("shared", 32): (2 * 8, 32, 2),
+    # the rules (forkkv_kernels/cascade.py launch_defaults): K pass 64-token tiles (v11), 4 programs per SM, whole
+    # waves; the shared part (v8) 128-token tiles and one program per SM up to 32 query vectors, else 64 (32 with K
+    # residuals) and 2 (the V residual alone keeps 64-token tiles at 8 agents; a configuration's own knobs win)
+    expected = {("kres", 32): (32, 64, 4), ("kres", 128): (128 * 2, 64, 4), ("shared", 32): (2 * 8, 32, 2),
                 ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 64, 2), ("shared", 1): (8, 128, 3)}
     for stage, variant, cfg, N in [("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
                                    ("shared", "kv", {}, 32), ("shared", "base", {}, 128), ("shared", "v", {}, 8),

@@ -183,7 +183,8 @@ def test_committed_results_load_and_plot(tmp_path):
     # the sweeps and the stage profiles; the reruns of a few cases (README tables) are not drawn
     assert made == {"bench_kernel_nvidia_h200.png", "bench_lora_nvidia_h200.png", "bench_e2e_nvidia_h200.png",
                     "bench_kernel_nvidia_h200_q4_short_v8.png", "bench_kernel_nvidia_h200_v10.png",
-                    "profile_kernel_v10b_nvidia_h200.png", "quality.png"}
+                    "bench_kernel_nvidia_h200_v11.png", "profile_kernel_v10b_nvidia_h200.png",
+                    "profile_kernel_v11b_nvidia_h200.png", "quality.png"}
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
