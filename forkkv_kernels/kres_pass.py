@@ -5,13 +5,18 @@ For a row whose agent has K slot ``k``, KV head ``h``, context token ``t`` and q
 computes ``qk_scale · q_m·RoPE_t(B_k[k] u_k[k, t])_h``. Per tile of ``BLOCK_T`` tokens and KV head: the rebuild
 ``X = u[BLOCK_T, r] @ B_k[r, D]`` (one MMA), the rotate-half RoPE of ``X`` with the tile's cos/sin (CUDA cores), the
 scores ``X_rot @ Q[D, MQ]`` (one MMA; the agent's vectors are its columns, so rows sharing an agent share the rebuild).
-Two forms of the same arithmetic (``PAIRS``):
+Three forms of the same arithmetic (``res_form``):
 
 - halves: ``X`` as its lo and hi halves (two rebuild MMAs of width ``D/2``, two score MMAs of depth ``D/2``), so the
   rotation pairs dimension ``i`` with ``i + D/2`` elementwise;
 - pairs: ``B_k``'s columns interleaved (``2i`` = dim ``i``, ``2i+1`` = dim ``i + D/2``), so one rebuild MMA of width
   ``D`` yields both halves as adjacent columns (split in registers), the rotated pair is joined back and the
-  queries' rows interleaved the same way: one MMA each, half the operand staging and MMA waits of the halves form.
+  queries' rows interleaved the same way: one MMA each, half the operand staging and MMA waits of the halves form;
+- joined: one rebuild MMA over the head's whole ``B_k`` in its own order (columns ``[lo | hi]``), split into the
+  halves in registers (in the MMA's accumulator layout a thread holds column ``j`` and ``j + D/2`` alike), rotated as
+  halves and joined back for one score MMA of depth ``D`` against the queries as they are: the pairs form's two MMAs
+  without its shuffles of packed pairs (ptxas also serialises the halves form's MMAs and not this one's,
+  eval/KERNEL_NOTES.md "v11").
 
 The score step has two ways (``res_score``): ``"mma"`` (tensor cores; the MMA needs at least 16 columns, so one row of
 G = 4 query vectors uses 4 of them) and ``"fma"`` (halves form only: each query vector's dot products on CUDA cores,
@@ -31,7 +36,7 @@ import triton.language as tl
 from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, split_length
 
 #: the forms of the K pass (``res_form``)
-RES_FORMS = ("halves", "pairs")
+RES_FORMS = ("halves", "pairs", "joined")
 #: the ways of the K pass's score step (``res_score``)
 RES_SCORES = ("mma", "fma")
 
@@ -44,7 +49,7 @@ def _kres_scores_kernel(
     HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, PAIRS: tl.constexpr, SCORE_FMA: tl.constexpr,
+    UPCAST: tl.constexpr, PAIRS: tl.constexpr, JOINED: tl.constexpr, SCORE_FMA: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
     row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous;
@@ -85,6 +90,10 @@ def _kres_scores_kernel(
         j = tl.arange(0, 2 * HALF_B)
         j_dim = j // 2 + (j % 2) * HALF
         j_mask = ((j // 2) < HALF)[None, :] & rkm[:, None]
+        # joined form: column j of the rebuilt tile is dim j of the lo half (j < HALF_B) or j - HALF_B of the hi half
+        jn = tl.arange(0, 2 * HALF_B)
+        jn_dim = jn % HALF_B + (jn // HALF_B) * HALF
+        jn_mask = ((jn % HALF_B) < HALF)[None, :] & rkm[:, None]
         t_begin = split * split_len
         t_end = tl.minimum(T, t_begin + split_len)
         for t0 in range(t_begin, t_end, BLOCK_T):
@@ -99,7 +108,21 @@ def _kres_scores_kernel(
                     h = hg * HG + hp * HA + ha
                     qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
                     qmask_h = qmask & (col_head == ha)[None, :]
-                    if PAIRS:
+                    if JOINED:
+                        # one rebuild MMA over the head's whole B_k (column j: dim j of the lo half for j < HALF_B,
+                        # of the hi half above), split into the halves in registers; one score MMA of depth 2·HALF_B
+                        bT = tl.load(b_base + (h * 2 * HALF + jn_dim[None, :]) * RK + rk[:, None], mask=jn_mask,
+                                     other=0.0)
+                        x_lo, x_hi = tl.split(tl.permute(tl.reshape(mma(u, bT, DOT_PREC, UPCAST),
+                                                                    [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
+                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
+                        k = tl.reshape(tl.permute(tl.join(k_lo.to(dtype), k_hi.to(dtype)), (0, 2, 1)),
+                                       [BLOCK_T, 2 * HALF_B])
+                        qn = tl.load(Q + (q_off + h * G * s_qh)[None, :] + jn_dim[:, None],
+                                     mask=(ok & (col_head == ha))[None, :] & ((jn % HALF_B) < HALF)[:, None],
+                                     other=0.0)
+                        racc = mma(k, qn, DOT_PREC, UPCAST, racc)
+                    elif PAIRS:
                         bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask,
                                      other=0.0)
                         x_lo, x_hi = tl.split(tl.reshape(mma(u, bT, DOT_PREC, UPCAST), [BLOCK_T, HALF_B, 2]))
@@ -192,6 +215,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         B, T, k_u.shape[-1], split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
-        DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", SCORE_FMA=fma,
+        DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

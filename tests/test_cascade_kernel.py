@@ -60,14 +60,16 @@ def test_cascade_launcher_derives_the_row_order(case, masked):
 
 
 @parametrize("masked", [False, True])
+@parametrize("form", ["pairs", "joined"], fast=lambda form: form == "joined")
 @parametrize("case", ATTN_CASES)
-def test_cascade_pairs_form_matches_reference(case, masked):
-    """The K pass's ``pairs`` form (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head) over the
-    attention case space: GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an agent or without
-    one, extend calls, masks."""
+def test_cascade_k_pass_forms_match_reference(case, form, masked):
+    """The K pass's other forms over the attention case space: ``pairs`` (lo/hi halves interleaved: one rebuild MMA
+    and one score MMA per KV head) and ``joined`` (one rebuild MMA over the head's whole B_k split into the halves in
+    registers, one score MMA of depth D); GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an
+    agent or without one, extend calls, masks."""
     view, q = case.view(), case.query()
     mask = case.mask() if masked else None
-    out = _launch(q, view, mask, case.D**-0.5, res_form="pairs")
+    out = _launch(q, view, mask, case.D**-0.5, res_form=form)
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=2e-5, atol=2e-5)
 
 
@@ -109,7 +111,8 @@ def test_cascade_packed_heads_pairs_form_and_head_groups(case):
     """The pack in the pairs form, and packs inside groups of KV heads per program (``res_heads``)."""
     view, q = case.view(), case.query()
     ref = reference_attention(q, view, None, case.D**-0.5)
-    for knobs in (dict(res_form="pairs", res_pack=4), dict(res_heads=2, res_pack=2), dict(res_heads=4, res_pack=4)):
+    for knobs in (dict(res_form="pairs", res_pack=4), dict(res_form="joined", res_pack=4), dict(res_heads=2, res_pack=2),
+                  dict(res_heads=4, res_pack=4)):
         if case.Hkv % knobs.get("res_heads", 1):
             continue
         torch.testing.assert_close(_launch(q, view, None, case.D**-0.5, **knobs), ref, rtol=2e-5, atol=2e-5)
@@ -130,6 +133,7 @@ LAUNCH_KNOBS = [
     (_LONG, dict(n_splits=3, res_splits=5, res_block_t=16, block_t=16)),
     (_LONG, dict(whole_waves=True, res_whole_waves=True, programs_per_sm=3, res_programs_per_sm=3, block_t=16)),
     (_LONG, dict(res_form="pairs", res_heads=1, res_splits=2, res_block_t=16, merge_unroll=3, n_splits=7, block_t=16)),
+    (_LONG, dict(res_form="joined", res_heads=1, res_splits=3, res_block_t=16, block_t=16)),
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)),
      dict(res_form="pairs", mq=16, merge_unroll=4, merge_block_t=16, merge_warps=2, merge_stages=1)),
     (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(res_form="pairs", res_warps=8, res_maxnreg=128, maxnreg=168,
@@ -317,18 +321,20 @@ def test_gpu_merge_rule_is_the_v10b_sweeps_choice():
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
-def test_cascade_pairs_form_low_precision_pass_rule(case, dtype, lowp_rope):
-    """bf16/fp16 with the ``pairs`` form: error against the fp32 reference at most 3x that of PyTorch doing the same
-    attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated roundings)."""
+def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
+    """bf16/fp16 with the ``pairs`` and ``joined`` forms: error against the fp32 reference at most 3x that of PyTorch
+    doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated
+    roundings)."""
     view, q = case.view(dtype), case.query(dtype)
     scale = case.D**-0.5
     for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
         ref = reference_attention(q.float(), view, m, scale)
         base_err = lowp_attention_error(q.float(), view, m, scale, ref)
-        out = _launch(q, view, m, scale, res_form="pairs", lowp_rope=lowp_rope)
-        assert out.dtype == dtype
-        err = (out.float() - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (err, base_err)
+        for form in ("pairs", "joined"):
+            out = _launch(q, view, m, scale, res_form=form, lowp_rope=lowp_rope)
+            assert out.dtype == dtype
+            err = (out.float() - ref).abs().max().item()
+            assert err <= 3 * base_err + 1e-5, (form, err, base_err)
 
 
 def test_cascade_k_and_v_slots_differ_per_row():
@@ -401,6 +407,7 @@ GPU_KNOBS = [
     {"merge_chunk": 8, "merge_unroll": 1},
     {"res_pack": 4, "res_block_t": 64, "res_warps": 4},
     {"res_pack": 8, "mq": 32, "res_form": "pairs"},
+    {"res_form": "joined", "res_pack": 1, "res_block_t": 128, "res_warps": 8, "res_stages": 2},
 ]
 
 
