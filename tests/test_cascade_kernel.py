@@ -111,8 +111,8 @@ def test_cascade_packed_heads_pairs_form_and_head_groups(case):
     """The pack in the pairs form, and packs inside groups of KV heads per program (``res_heads``)."""
     view, q = case.view(), case.query()
     ref = reference_attention(q, view, None, case.D**-0.5)
-    for knobs in (dict(res_form="pairs", res_pack=4), dict(res_form="joined", res_pack=4), dict(res_heads=2, res_pack=2),
-                  dict(res_heads=4, res_pack=4)):
+    for knobs in (dict(res_form="pairs", res_pack=4), dict(res_form="joined", res_pack=4),
+                  dict(res_heads=2, res_pack=2), dict(res_heads=4, res_pack=4)):
         if case.Hkv % knobs.get("res_heads", 1):
             continue
         torch.testing.assert_close(_launch(q, view, None, case.D**-0.5, **knobs), ref, rtol=2e-5, atol=2e-5)

@@ -267,8 +267,8 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     it ships, with the GPU launch's 16-divisible arguments): the GPU's default rule stays within the 128-register cap
     at 2+ programs per SM and spills at most 32 bytes (v11's rule: 8 with this machine's Triton 3.9; the GPU's Triton
     3.6 wheel, run the same way, compiles it without spills: eval/KERNEL_NOTES.md "v11"), the v9 CUDA-core score
-    candidate (64-token tile, 8 warps) does not spill, and the fma form has no score MMA (only the rebuild's). A kernel change that makes them spill more
-    fails here before any GPU run."""
+    candidate (64-token tile, 8 warps) does not spill, and the fma form has no score MMA (only the rebuild's). A kernel
+    change that makes them spill more fails here before any GPU run."""
     pytest.importorskip("triton.backends.nvidia")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

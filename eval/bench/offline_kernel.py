@@ -39,9 +39,10 @@ def compile_kres(knobs: dict) -> dict:
             "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
             "split_len": "i32", "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or (4 if fma else 16),
-                 BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8, HA=1 if fma else (rule.get("res_pack") or 1),
-                 ROPE_HALF=True, LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
-                 PAIRS=rule.get("res_form", "halves") == "pairs", JOINED=rule.get("res_form") == "joined", SCORE_FMA=fma)
+                 BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
+                 HA=1 if fma else (rule.get("res_pack") or 1), ROPE_HALF=True, LOWP_ROPE=True, CLAMP=True,
+                 DOT_PREC="tf32", UPCAST=False, PAIRS=rule.get("res_form", "halves") == "pairs",
+                 JOINED=rule.get("res_form") == "joined", SCORE_FMA=fma)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the
