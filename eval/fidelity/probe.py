@@ -129,6 +129,11 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--eval-contexts", type=int, default=24)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the training plan, the questions sampled per step and fresh LoRA weights (a second seed: 1)")
+    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR",
+                    help="a tiny random Llama with this tokenizer instead of SmolLM2 (a check of the code, not the "
+                         "method)")
     ap.add_argument("--time-limit", type=float, help="start no variant that the last one's pace says would end later")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -140,12 +145,14 @@ def main(argv=None):
 
     from ..device import device_info
     from ..smollm2 import load_smollm2
+    from .__main__ import smoke_model
 
     data = read_jsonl(args.data)
-    model, tok = load_smollm2()
+    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    cfg = T.TrainConfig(rank=args.rank, lr=args.lr, steps=args.steps, contexts_per_step=args.contexts_per_step)
+    cfg = T.TrainConfig(rank=args.rank, lr=args.lr, steps=args.steps, contexts_per_step=args.contexts_per_step,
+                        seed=args.seed)
     plan = T.plan_steps([c["context_index"] for c in data["train"]["contexts"]], cfg)
     eval_ctx = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
     out = {"device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -174,7 +181,7 @@ def main(argv=None):
             if spec["loss"] != "ce" and teacher is None:
                 raise SystemExit(f"variant {variant} needs --teacher")
             name = f"{agent}_{variant}"
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             ranks = {"k_proj": spec["kv_rank"], "v_proj": spec["kv_rank"]} if spec["kv_rank"] else {}
             lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(T.TARGETS),
                             rank_pattern=ranks, alpha_pattern={k: 2 * v for k, v in ranks.items()},
