@@ -193,8 +193,8 @@ def test_distill_from_loaded_teachers_trains_only_the_students(quick_run):
 def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, tmp_path):
     """`python -m eval.fidelity.probe` (the training-recipe probe of issue 20's results) on the smoke model and the
     quick data: the standard adapter's reference rows, a fresh cross-entropy variant and a distilled one started from
-    the standard adapter, each trained and scored under ForkKV and exact inference; the same seed repeats a run loss
-    for loss, another seed changes the fresh variant's."""
+    the standard adapter, each trained and scored under ForkKV and exact inference, with paired differences from the
+    standard adapter; the same seed repeats a run loss for loss, another seed changes the fresh variant's."""
     tmp, _, _ = quick_run
 
     def probe(seed, name):
@@ -218,6 +218,13 @@ def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, 
     same = again["agents"]["next_speaker"]["variants"]
     assert all(same[k]["losses"] == v["losses"] for k, v in res["variants"].items())
     assert other["agents"]["next_speaker"]["variants"]["ce_fresh"]["losses"] != res["variants"]["ce_fresh"]["losses"]
+    # the paired comparisons with the standard adapter: the mean difference of the two rows' exact matches
+    ref = res["reference"]["standard@exact"]
+    for variant, rows in res["comparisons"].items():
+        mine = res["variants"][variant]["kv"]
+        d = rows["kv_minus_standard@exact"]
+        assert d["mean"] == pytest.approx(100 * (mine["answer_exact"] - ref["answer_exact"]), abs=0.06)
+        assert d["lo"] <= d["mean"] <= d["hi"]
 
 
 @pytest.mark.version_independent

@@ -49,6 +49,44 @@ def answer_logits_targets(logits: torch.Tensor, labels: torch.Tensor):
     return logits[:, :-1][keep.to(logits.device)], target[keep].to(logits.device), rows
 
 
+def question_contexts(data, agent: str, contexts: list[int]) -> list[int]:
+    """The scene of each question :func:`score` scores, in its order (the clusters of the paired intervals)."""
+    counts = {}
+    for ex in data["eval"]["examples"]:
+        if ex["agent"] == agent:
+            counts[ex["context_index"]] = counts.get(ex["context_index"], 0) + 1
+    return [ci for ci in contexts for _ in range(counts.get(ci, 0))]
+
+
+def compare(res: dict, clusters: list[int]) -> dict:
+    """Each variant's teacher-forced exact match under ForkKV and under exact inference minus the standard adapter's
+    under exact inference (and under ForkKV), paired over the same questions, with 95% scene-bootstrap intervals, in
+    points: ``{variant: {"kv_minus_standard@exact": {...}, ...}}``."""
+    from .metrics import paired_difference_ci
+
+    out = {}
+    for variant, rec in res["variants"].items():
+        rows = {}
+        for residual in ("kv", "exact"):
+            for ref, base in res["reference"].items():
+                d = paired_difference_ci(rec[residual]["per_question"], base["per_question"], clusters)
+                rows[f"{residual}_minus_{ref}"] = {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+        out[variant] = rows
+    return out
+
+
+def summarize(path: Path, data: dict, eval_contexts: int) -> dict:
+    """Add the paired comparisons (:func:`compare`) to a probe result file, per agent; returns them."""
+    out = json.loads(path.read_text())
+    ctx = [c["context_index"] for c in data["eval"]["contexts"]][:eval_contexts]
+    made = {}
+    for agent, res in out["agents"].items():
+        if res["reference"]:
+            res["comparisons"] = made[agent] = compare(res, question_contexts(data, agent, ctx))
+    path.write_text(json.dumps(out, indent=1))
+    return made
+
+
 def score(pm, tok, data, agent: str, name: str, residual: str, contexts: list[int]) -> dict:
     from forkkv_hf.training import TrainingContext, forkkv_logits
 
@@ -136,7 +174,15 @@ def main(argv=None):
                          "method)")
     ap.add_argument("--time-limit", type=float, help="start no variant that the last one's pace says would end later")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: add the paired comparisons to the result file --out (with --data and "
+                         "--eval-contexts as it was run)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        for agent, rows in summarize(args.out, read_jsonl(args.data), args.eval_contexts).items():
+            for variant, r in rows.items():
+                print(agent, variant, {k: f"{v['mean']:+.1f} [{v['lo']:+.1f}, {v['hi']:+.1f}]" for k, v in r.items()})
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -205,6 +251,8 @@ def main(argv=None):
                   f"{rec['kv']['answer_nll']:.3f}; exact-inference {rec['exact']['answer_exact']:.3f} "
                   f"({rec['train_s']} s)", flush=True)
             res["variants"][variant] = rec
+            if res["reference"]:
+                res["comparisons"] = compare(res, question_contexts(data, agent, eval_ctx))
             if len(pm.peft_config) > 1:  # the next variant starts from its own weights
                 pm.delete_adapter(name)
             last = time.perf_counter() - t_variant
