@@ -82,7 +82,6 @@ def _kres_scores_kernel(
         rowc = tl.load(ORDER + pos, mask=inb, other=0)
         ok = inb & (tl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
         q_off = rowc * s_qb + (w % G) * s_qh + (w // G) * s_qq
-        qmask = ok[None, :] & dm[:, None]
         u_base = UK + slot.to(tl.int64) * T * RK
         b_base = BK + slot.to(tl.int64) * (HKV * 2 * HALF * RK)
         bmask = dm[None, :] & rkm[:, None]
@@ -93,7 +92,8 @@ def _kres_scores_kernel(
         # joined form: column j of the rebuilt tile is dim j of the lo half (j < HALF_B) or j - HALF_B of the hi half
         jn = tl.arange(0, 2 * HALF_B)
         jn_dim = jn % HALF_B + (jn // HALF_B) * HALF
-        jn_mask = ((jn % HALF_B) < HALF)[None, :] & rkm[:, None]
+        jn_ok = (jn % HALF_B) < HALF
+        jn_mask = jn_ok[None, :] & rkm[:, None]
         t_begin = split * split_len
         t_end = tl.minimum(T, t_begin + split_len)
         for t0 in range(t_begin, t_end, BLOCK_T):
@@ -107,7 +107,8 @@ def _kres_scores_kernel(
                 for ha in range(HA):
                     h = hg * HG + hp * HA + ha
                     qT_ptr = Q + (q_off + h * G * s_qh)[None, :] + d[:, None]
-                    qmask_h = qmask & (col_head == ha)[None, :]
+                    ok_h = ok & (col_head == ha)  # this head's columns of the tile
+                    qmask_h = ok_h[None, :] & dm[:, None]
                     if JOINED:
                         # one rebuild MMA over the head's whole B_k (column j: dim j of the lo half for j < HALF_B,
                         # of the hi half above), split into the halves in registers; one score MMA of depth 2·HALF_B
@@ -119,8 +120,7 @@ def _kres_scores_kernel(
                         k = tl.reshape(tl.permute(tl.join(k_lo.to(dtype), k_hi.to(dtype)), (0, 2, 1)),
                                        [BLOCK_T, 2 * HALF_B])
                         qn = tl.load(Q + (q_off + h * G * s_qh)[None, :] + jn_dim[:, None],
-                                     mask=(ok & (col_head == ha))[None, :] & ((jn % HALF_B) < HALF)[:, None],
-                                     other=0.0)
+                                     mask=ok_h[None, :] & jn_ok[:, None], other=0.0)
                         racc = mma(k, qn, DOT_PREC, UPCAST, racc)
                     elif PAIRS:
                         bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask,
