@@ -267,16 +267,23 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     it ships, with the GPU launch's 16-divisible arguments): the GPU's default rule stays within the 128-register cap
     at 2+ programs per SM and spills at most 32 bytes (v11's rule: 8 with this machine's Triton 3.9; the GPU's Triton
     3.6 wheel, run the same way, compiles it without spills: eval/KERNEL_NOTES.md "v11"), the v9 CUDA-core score
-    candidate (64-token tile, 8 warps) does not spill, and the fma form has no score MMA (only the rebuild's). A kernel
-    change that makes them spill more fails here before any GPU run."""
+    candidate (64-token tile, 8 warps) does not spill, and the fma form has no score MMA (only the rebuild's); the hot
+    loop's SASS counts and ptxas's serialisation reports are read (the joined form: fewer MMA waits, none
+    serialised). A kernel change that makes them spill more fails here before any GPU run."""
     pytest.importorskip("triton.backends.nvidia")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    configs = json.dumps([{}, {"res_score": "fma", "res_block_t": 64, "res_warps": 8, "res_stages": 2}])
+    halves = {"res_block_t": 128, "res_warps": 8, "res_stages": 2, "res_pack": 1}
+    configs = json.dumps([{}, {"res_score": "fma", "res_block_t": 64, "res_warps": 8, "res_stages": 2}, halves,
+                          {**halves, "res_form": "joined"}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    default, fma = json.loads(out.read_text())["rows"]
+    default, fma, halves, joined = json.loads(out.read_text())["rows"]
     for row, spill in ((default, 32), (fma, 0)):
         assert row["spill_bytes"] <= spill and row["regs"] <= 128 and row["programs_per_sm"] >= 2, row
     assert 0 < fma["wgmma"] < default["wgmma"]
+    # the hot loop's statistics: the joined form waits for its MMAs fewer times per (tile, head) step than the halves
+    # form (one rebuild and one score MMA group against two of each) and ptxas does not serialise its MMAs
+    assert 0 < joined["loop_mma_waits"] < halves["loop_mma_waits"] and joined["mma_serialised"] == []
+    assert halves["loop_instructions"] > 100 and halves["loop_rotation"] > 0 and halves["loop_local"] == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -53,19 +54,51 @@ def compile_kres(knobs: dict) -> dict:
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    try:
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        # ptxas's own report of the same PTX: its "Potential Performance Loss" lines say when it serialises MMAs
+        reg_cap = [f"--maxrregcount={opts['maxnreg']}"] if "maxnreg" in opts else []
+        info = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
+                               os.path.join(tmp, "again.cubin"), *reg_cap], capture_output=True, text=True).stderr
     fields = dict(kv.split(":") for kv in next(line for line in usage.splitlines() if "REG:" in line).split())
     out = {"regs": int(fields["REG"]), "spill_bytes": int(fields["STACK"]), "shared": kernel.metadata.shared,
            "warps": rule["res_warps"], "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
            "mma_sync": kernel.asm["ptx"].count("mma.sync")}
     out["programs_per_sm"] = resident_programs(out["regs"], out["warps"], out["shared"])
-    return out
+    return {**out, **hot_loop(sass), "mma_serialised": sorted(set(re.findall(r"\((C751[2-6])\)", info)))}
+
+
+def hot_loop(sass: str) -> dict:
+    """Instruction counts of the hot loop of a kernel's SASS (the loop over one tile's KV heads: the longest loop whose
+    body, between its label and the branch back to it, holds no other label; the end's one-instruction trap loop is
+    one such too, the shortest): how many
+    instructions, MMAs (``HGMMA``), waits for them (``WARPGROUP.DEPBAR``), conversions and packed rotations
+    (``F2FP``, ``HMUL2``, ``HFMA2``) and byte shuffles (``PRMT``), and local-memory (spill) accesses."""
+    lines = sass.splitlines()
+    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and label_at.get(m.group(1), i) < i:
+            body = lines[label_at[m.group(1)]:i + 1]
+            if not any(re.match(r"^\.L_x_\d+:", b) for b in body[1:]):
+                loops.append(body)
+    body = max(loops, key=len, default=[])
+    ops = [m.group(1) for b in body if (m := re.match(r"^\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", b))]
+    count = lambda *names: sum(op in names for op in ops)  # noqa: E731
+    return {"loop_instructions": len(ops), "loop_hgmma": count("HGMMA"),
+            "loop_mma_waits": sum("WARPGROUP.DEPBAR" in b for b in body),
+            "loop_rotation": count("F2FP", "HMUL2", "HFMA2"), "loop_prmt": count("PRMT"),
+            "loop_local": count("LDL", "STL")}
 
 
 def main(argv=None):
