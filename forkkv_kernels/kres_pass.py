@@ -162,6 +162,18 @@ def _kres_scores_kernel(
                 tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
 
 
+def score_pack(res_pack: int, fma: bool, heads: int, mq: int, agent_vectors: int) -> int:
+    """How many KV heads share one score tile for ``res_pack`` (at most that many, a power of two): 1 for CUDA-core
+    scores, else halved until it divides the program's ``heads`` and each head's ``mq // pack`` columns hold an agent's
+    ``agent_vectors`` (its rows' query vectors of one KV head)."""
+    if res_pack < 1 or res_pack & (res_pack - 1):
+        raise ValueError(f"res_pack={res_pack}; give a power of two (1: one KV head per score tile)")
+    pack = 1 if fma else res_pack
+    while pack > 1 and (heads % pack or mq // pack < pow2(agent_vectors, 1)):
+        pack //= 2
+    return pack
+
+
 def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int, rope_half: bool,
                        lowp: bool, prec: str, interp: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
                        res_form: str = "halves", res_block_t: int | None = None, res_heads: int | None = None,
@@ -201,11 +213,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
-    if res_pack < 1 or res_pack & (res_pack - 1):
-        raise ValueError(f"res_pack={res_pack}; give a power of two (1: one KV head per score tile)")
-    pack = 1 if fma else res_pack
-    while pack > 1 and (HG % pack or MQ // pack < pow2(rows_max * VPR, 1)):
-        pack //= 2
+    pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
     split_len = split_length(T, BT_R, n_act, res_programs_per_sm * sms, res_splits, whole_waves)

@@ -32,18 +32,20 @@ def compile_kres(knobs: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from forkkv_kernels.kres_pass import _kres_scores_kernel
+    from forkkv_kernels.kres_pass import _kres_scores_kernel, score_pack
 
     rule = {**default_rule("kv", 32), **knobs}
     fma = rule.get("res_score", "mma") == "fma"
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16",
             "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
             "split_len": "i32", "qk_scale": "fp32"}
-    const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or (4 if fma else 16),
+    MQ = rule.get("mq") or (4 if fma else 16)
+    const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=MQ,
                  BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
-                 HA=1 if fma else (rule.get("res_pack") or 1), ROPE_HALF=True, LOWP_ROPE=True, CLAMP=True,
-                 DOT_PREC="tf32", UPCAST=False, PAIRS=rule.get("res_form", "halves") == "pairs",
-                 JOINED=rule.get("res_form") == "joined", SCORE_FMA=fma)
+                 HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
+                 LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
+                 PAIRS=rule.get("res_form", "halves") == "pairs", JOINED=rule.get("res_form") == "joined",
+                 SCORE_FMA=fma)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the
@@ -80,9 +82,9 @@ def compile_kres(knobs: dict) -> dict:
 def hot_loop(sass: str) -> dict:
     """Instruction counts of the hot loop of a kernel's SASS (the loop over one tile's KV heads: the longest loop whose
     body, between its label and the branch back to it, holds no other label; the end's one-instruction trap loop is
-    one such too, the shortest): how many
-    instructions, MMAs (``HGMMA``), waits for them (``WARPGROUP.DEPBAR``), conversions and packed rotations
-    (``F2FP``, ``HMUL2``, ``HFMA2``) and byte shuffles (``PRMT``), and local-memory (spill) accesses."""
+    one such too, the shortest): how many instructions, MMAs (``HGMMA``), waits for them (``WARPGROUP.DEPBAR``),
+    conversions and packed rotations (``F2FP``, ``HMUL2``, ``HFMA2``), byte shuffles (``PRMT``) and local-memory (spill)
+    accesses."""
     lines = sass.splitlines()
     label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = []
