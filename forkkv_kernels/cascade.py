@@ -126,25 +126,28 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
     eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured"; the
-    K pass: sweep_kernel_v11b_nvidia_h200.json, "v11 measured").
-    Whole waves: every split count rounds down to one wave of the kernel's resident programs (2 per SM for the shared
-    part, 1 for its 8-warp tile, 4 for the K pass)."""
+    K pass: sweep_kernel_v11c_nvidia_h200.json, "v11c measured").
+    Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
+    shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
+    measured as fast as one in v11c)."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
-                    whole_waves=False, res_block_t=32, res_warps=4, res_stages=1, res_maxnreg=None,
-                    res_programs_per_sm=4, res_whole_waves=False, res_pack=1, merge_unroll=1, merge_chunk=1)
+                    whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
+                    res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, merge_unroll=1,
+                    merge_chunk=1)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
     wide = few and (has_k or not has_v)
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k else 3, programs_per_sm=1 if wide else 2, whole_waves=True,
-                # K pass: 64-token tiles on 4 warps capped at 128 registers (4 programs per SM), 3 pipeline stages,
-                # 4 KV heads per score tile (v11b, same run, whole call K+V: 32 agents 458.0 -> 419.0 µs, 128 agents
-                # 1,734.4 -> 1,540.6, 8 agents 159.3 -> 147.4, 1 agent 72.0 -> 71.0; v8's 128-token tile on 8 warps
-                # before)
-                res_block_t=64, res_warps=4, res_stages=3, res_maxnreg=128, res_programs_per_sm=4,
-                res_whole_waves=True, res_pack=4,
+                # K pass: the joined form (one rebuild MMA split in registers, one score MMA of depth D), one KV head
+                # per score tile, 128-token tiles on 8 warps capped at 128 registers (2 programs per SM), 3 pipeline
+                # stages (v11c, same run, whole call K+V against v11b's halves form in packs of 4 on 64-token tiles:
+                # 32 agents 419.2 -> 403.2 µs, 128 agents 1,546.8 -> 1,471.6, 8 agents 148.3 -> 144.4, 1 agent
+                # 71.3 -> 71.1)
+                res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
+                res_programs_per_sm=4, res_whole_waves=True, res_pack=1,
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
@@ -177,7 +180,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
                        n_sub: int | None = None, programs_per_sm: int | None = None, n_splits: int | None = None,
                        num_warps: int | None = None, num_stages: int | None = None, maxnreg: int | None = None,
-                       whole_waves: bool | None = None, res_form: str = "halves", res_block_t: int | None = None,
+                       whole_waves: bool | None = None, res_form: str | None = None, res_block_t: int | None = None,
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
@@ -226,7 +229,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
-                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, res_pack=res_pack)
+                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, res_pack=res_pack, res_form=res_form)
+    if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
+        given["res_form"] = "halves"
     cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual
@@ -240,7 +245,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             q, k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous(), k_slot,
             k_order.to(device=dev, dtype=torch.int32), r_scores, qk_scale, VPR=VPR, rope_half=rope_half,
             lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
-            k_max_rows=k_max_rows, res_form=res_form, res_block_t=cfg["res_block_t"], res_heads=res_heads,
+            k_max_rows=k_max_rows, res_form=cfg["res_form"], res_block_t=cfg["res_block_t"], res_heads=res_heads,
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
             res_score=res_score, res_pack=cfg["res_pack"])

@@ -36,6 +36,7 @@ def compile_kres(knobs: dict) -> dict:
 
     rule = {**default_rule("kv", 32), **knobs}
     fma = rule.get("res_score", "mma") == "fma"
+    form = knobs.get("res_form") or ("halves" if fma else rule["res_form"])  # as the launcher: fma in the halves form
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16",
             "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
             "split_len": "i32", "qk_scale": "fp32"}
@@ -44,7 +45,7 @@ def compile_kres(knobs: dict) -> dict:
                  BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
                  HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
-                 PAIRS=rule.get("res_form", "halves") == "pairs", JOINED=rule.get("res_form") == "joined",
+                 PAIRS=form == "pairs", JOINED=form == "joined",
                  SCORE_FMA=fma)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)

@@ -41,12 +41,12 @@ CANDIDATES = {
     # measured: the v8 list (its winner is the default now) and v9's score step on CUDA cores, which lost to it at
     # every point (eval/results/sweep_kernel_v8_nvidia_h200.json and sweep_kernel_v9_nvidia_h200.json,
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"). v11/v11b (sweep_kernel_v11{,b}_nvidia_h200.json): KV
-    # heads sharing a score tile on 64-token tiles of 4 warps, 3 stages won (the rule since). v11c: the joined form
-    # (one rebuild MMA split in registers, one score MMA; ptxas does not serialise its MMAs), without packs (with them
-    # ptxas serialises for want of registers), on the 128-token tile of 8 warps (2 and 3 stages) and on the rule's tile
-    "kres": [{}, {"res_form": "joined", "res_pack": 1, "res_block_t": 128, "res_warps": 8, "res_stages": 2},
-             {"res_form": "joined", "res_pack": 1, "res_block_t": 128, "res_warps": 8, "res_stages": 3},
-             {"res_form": "joined", "res_pack": 1}],
+    # heads sharing a score tile on 64-token tiles of 4 warps, 3 stages won. v11c (sweep_kernel_v11c_nvidia_h200.json):
+    # the joined form (one rebuild MMA split in registers, one score MMA) without packs won on 128-token tiles of 8
+    # warps, 3 stages (the rule since) and tied on 64-token tiles of 4 warps. Now: v11b's rule and the joined form's
+    # runner-up, for a same-run comparison
+    "kres": [{}, {"res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 3},
+             {"res_form": "joined", "res_pack": 1, "res_block_t": 64, "res_warps": 4, "res_stages": 3}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing; the private
