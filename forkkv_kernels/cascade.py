@@ -133,8 +133,8 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory (not in the sweep: v7's settings)
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
-                    res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, merge_unroll=1,
-                    merge_chunk=1)
+                    res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
+                    merge_unroll=1, merge_chunk=1)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -147,7 +147,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 32 agents 419.2 -> 403.2 µs, 128 agents 1,546.8 -> 1,471.6, 8 agents 148.3 -> 144.4, 1 agent
                 # 71.3 -> 71.1)
                 res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
-                res_programs_per_sm=4, res_whole_waves=True, res_pack=1,
+                res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=False,
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
@@ -184,7 +184,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
-                       res_score: str = "mma", res_pack: int | None = None, merge_warps: int = 4, merge_stages: int = 2,
+                       res_score: str = "mma", res_pack: int | None = None, res_satfinite: bool | None = None,
+                       merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
@@ -198,7 +199,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
-    ``res_pack``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``,
+    ``res_pack``, ``res_satfinite``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``,
     ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two), ``merge_block_t``.
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
     ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``: the
@@ -229,7 +230,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
-                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, res_pack=res_pack, res_form=res_form)
+                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, res_pack=res_pack, res_form=res_form,
+                 res_satfinite=res_satfinite)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -248,7 +250,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             k_max_rows=k_max_rows, res_form=cfg["res_form"], res_block_t=cfg["res_block_t"], res_heads=res_heads,
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
-            res_score=res_score, res_pack=cfg["res_pack"])
+            res_score=res_score, res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"])
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))

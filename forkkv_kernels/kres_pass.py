@@ -42,6 +42,14 @@ RES_SCORES = ("mma", "fma")
 
 
 @triton.jit
+def _f16_satfinite(x):
+    """fp32 -> fp16 rounded to nearest, saturated to the largest finite fp16 (±65504; NaN stays NaN): PTX's
+    ``cvt.rn.satfinite.f16x2.f32``, two values per instruction (GPU only: the interpreter cannot run PTX)."""
+    return tl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
 def _kres_scores_kernel(
     Q, s_qb, s_qh, s_qq,
     UK, BK, COS, SIN, KSLOT, ORDER, R,
@@ -49,7 +57,7 @@ def _kres_scores_kernel(
     HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, PAIRS: tl.constexpr, JOINED: tl.constexpr, SCORE_FMA: tl.constexpr,
+    UPCAST: tl.constexpr, PAIRS: tl.constexpr, JOINED: tl.constexpr, SCORE_FMA: tl.constexpr, SATF: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
     row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous;
@@ -156,7 +164,9 @@ def _kres_scores_kernel(
                             racc = mma(k_hi.to(dtype), tl.load(qT_ptr + HALF, mask=qmask_h, other=0.0), DOT_PREC,
                                        UPCAST, racc)
                 r = racc * qk_scale
-                if CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
+                if SATF:  # fp16 buffer, sm_90: one saturating conversion per 2 scores instead of a clamp and a cvt
+                    r = _f16_satfinite(r)
+                elif CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
                     r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
                 vec = (((hg * HG + hp * HA + col_head) * B + rowc) * VPR + w).to(tl.int64)
                 tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
@@ -179,7 +189,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_form: str = "halves", res_block_t: int | None = None, res_heads: int | None = None,
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
-                       whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1):
+                       whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
+                       res_satfinite: bool = False):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -189,7 +200,9 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     ``res_maxnreg`` (register cap per thread: more programs per SM), ``mq`` query vectors per score MMA,
     ``whole_waves`` (the split rule rounds down: at most one wave of ``res_programs_per_sm`` programs per SM),
     ``res_score`` (:data:`RES_SCORES`; ``"fma"``: halves form, ``mq`` default the agent's vectors, at most 16),
-    ``res_pack`` at most this many KV heads share one score tile of ``mq`` columns (a power of two; each head gets
+    ``res_satfinite`` (fp16 scores on sm_90+: one saturating PTX conversion per 2 scores instead of a clamp to ±60000
+    and a conversion; elsewhere the clamp), ``res_pack`` at most this many KV heads share one score tile of ``mq``
+    columns (a power of two; each head gets
     ``mq // pack`` columns: 4 for a decode row of G = 4, so 4 heads fill a 16-column MMA that one head would pad; the
     pack shrinks until each head's columns hold all the vectors of an agent's rows and the pack divides
     ``res_heads``; MMA scores only). Returns the compiled kernel."""
@@ -224,5 +237,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,
+        SATF=res_satfinite and r_scores.dtype == torch.float16 and not interp
+        and torch.cuda.get_device_capability(q.device)[0] >= 9,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

@@ -411,6 +411,8 @@ GPU_KNOBS = [
     {"res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
     {"res_pack": 8, "mq": 32, "res_form": "pairs"},
     {"res_form": "joined", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 2},
+    {"res_satfinite": True},
+    {"res_satfinite": True, "res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
 ]
 
 
@@ -431,6 +433,22 @@ def test_cascade_real_sizes_gpu(case, dtype):
             continue
         err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+@pytest.mark.gpu
+@parametrize("case", GPU_CASES)
+def test_gpu_satfinite_scores_equal_the_clamped_ones(case):
+    """The K pass's saturating conversion (``res_satfinite``: PTX ``cvt.rn.satfinite.f16x2.f32``, two scores per
+    instruction; only on sm_90+) writes the same fp16 scores as the clamp and conversion it replaces wherever
+    |score| < 60000: the attention is bit for bit the same, in both forms (a swapped pair of the packed conversion
+    would move every other score to its neighbour's token)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the saturating conversion runs on sm_90+ only (elsewhere the knob keeps the clamp)")
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
+    for form in ("joined", "halves"):
+        clamped = _launch(q, view, None, 128**-0.5, res_form=form, res_satfinite=False)
+        saturated = _launch(q, view, None, 128**-0.5, res_form=form, res_satfinite=True)
+        assert torch.equal(clamped, saturated), (form, (clamped.float() - saturated.float()).abs().max().item())
 
 
 # --- the tuning sweep (eval/bench/sweep_kernel.py): what of it runs without a GPU ------------------------------------

@@ -46,7 +46,7 @@ def compile_kres(knobs: dict) -> dict:
                  HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
                  PAIRS=form == "pairs", JOINED=form == "joined",
-                 SCORE_FMA=fma)
+                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")))
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the

@@ -44,9 +44,11 @@ CANDIDATES = {
     # heads sharing a score tile on 64-token tiles of 4 warps, 3 stages won. v11c (sweep_kernel_v11c_nvidia_h200.json):
     # the joined form (one rebuild MMA split in registers, one score MMA) without packs won on 128-token tiles of 8
     # warps, 3 stages (the rule since) and tied on 64-token tiles of 4 warps. Now: v11b's rule and the joined form's
-    # runner-up, for a same-run comparison
-    "kres": [{}, {"res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 3},
-             {"res_form": "joined", "res_pack": 1, "res_block_t": 64, "res_warps": 4, "res_stages": 3}],
+    # runner-up, for a same-run comparison; v11e: the saturating fp16 conversion of the scores (16 fewer instructions
+    # per step offline) on the rule, on the runner-up's tile and with programs of 4 KV heads
+    "kres": [{}, {"res_satfinite": True}, {"res_satfinite": True, "res_block_t": 64, "res_warps": 4},
+             {"res_satfinite": True, "res_heads": 4},
+             {"res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 3}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing; the private
