@@ -126,7 +126,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
     eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured"; the
-    K pass: sweep_kernel_v11c_nvidia_h200.json, "v11c measured").
+    K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c measured").
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
     measured as fast as one in v11c)."""
@@ -145,9 +145,11 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # per score tile, 128-token tiles on 8 warps capped at 128 registers (2 programs per SM), 3 pipeline
                 # stages (v11c, same run, whole call K+V against v11b's halves form in packs of 4 on 64-token tiles:
                 # 32 agents 419.2 -> 403.2 µs, 128 agents 1,546.8 -> 1,471.6, 8 agents 148.3 -> 144.4, 1 agent
-                # 71.3 -> 71.1)
+                # 71.3 -> 71.1); the fp16 scores through one saturating conversion per 2 instead of a clamp (v11e,
+                # same run: 32 agents 403.8 -> 398.1 µs, 128 agents 1,474.4 -> 1,448.0, 8 agents 145.4 -> 144.0,
+                # 1 agent 71.0 -> 70.7; sm_90+, elsewhere the clamp)
                 res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
-                res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=False,
+                res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=True,
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
