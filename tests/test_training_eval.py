@@ -227,6 +227,28 @@ def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, 
         assert d["lo"] <= d["mean"] <= d["hi"]
 
 
+@pytest.mark.slow
+def test_fitted_residual_bound_ends_at_the_exact_and_the_naive_runs(quick_run, tmp_path):
+    """`python -m eval.fidelity.fitted` (issue 20: what a residual of rank r fitted to the agent's own K/V keeps) on
+    the smoke model: the full-width fit is the agent's own pass (K/V and answer logits), rank 0 is adapter-blind
+    sharing; every variant is scored on the same questions, with paired intervals against the exact run."""
+    tmp, _, _ = quick_run
+    out = tmp_path / "fitted.json"
+    subprocess.run([sys.executable, "-m", "eval.fidelity.fitted", "--smoke", str(_tokenizer_dir(tmp)), "--data",
+                    str(tmp / "data"), "--adapter", str(tmp / "adapters" / "next_speaker"), "--agent", "next_speaker",
+                    "--ranks", "0", "2", "100000", "--eval-contexts", "1", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    scale = res["naive_logits_max_abs_diff_vs_exact"]  # how far the agent's own K/V move its answers
+    assert scale > 1e-4, scale
+    assert res["full_width_kv_max_abs_diff"] < 1e-4 and res["full_width_logits_max_abs_diff"] < 1e-3 * scale
+    assert res["rank_0_logits_max_abs_diff_vs_naive"] < 1e-3 * scale
+    n = len(res["per_question"]["exact"])
+    assert n > 0 and all(len(v) == n for v in res["per_question"].values())
+    assert set(res["summary"]) == {"exact", "forkkv", "naive", "rank_0", "rank_2", "rank_100000"}
+    assert res["summary"]["exact"]["minus_exact"]["mean"] == 0
+
+
 @pytest.mark.version_independent
 @pytest.mark.slow
 def test_report_recomputes_the_same_rows(quick_run, tmp_path):

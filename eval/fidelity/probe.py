@@ -10,7 +10,9 @@ answer, so it tracks the benchmark's exact match at one forward per batch instea
 ``answer_nll`` is the mean negative log-likelihood per answer token. The reference rows score the standard adapter
 ``--teacher/<agent>`` under exact inference (its own pass over the scene) and under ForkKV.
 
-Variants (name = loss + init [+ k/v rank]): ``ce``: cross-entropy on the answers; ``kl``: KL from the standard
+Variants (name = loss + init [+ k/v rank]): ``std``: cross-entropy under exact inference (ordinary fine-tuning: a
+standard adapter, e.g. to serve as ``--teacher`` after ``--save``); ``ce``: cross-entropy on the answers under ForkKV;
+``kl``: KL from the standard
 adapter under exact inference to the student under ForkKV on the answer positions (distillation; needs
 ``--teacher``); ``cekl``: their sum. ``fresh``: new LoRA weights (seeded); ``init``: start from the standard adapter.
 ``_kvN``: rank N on k_proj/v_proj (the residual's rank), the other modules keep ``--rank``.
@@ -34,8 +36,8 @@ from .tasks import read_jsonl
 def parse_variant(name: str) -> dict:
     parts = name.split("_")
     loss, init = parts[0], parts[1]
-    if loss not in ("ce", "kl", "cekl") or init not in ("fresh", "init"):
-        raise ValueError(f"variant {name!r}: <ce|kl|cekl>_<fresh|init>[_kvN]")
+    if loss not in ("std", "ce", "kl", "cekl") or init not in ("fresh", "init"):
+        raise ValueError(f"variant {name!r}: <std|ce|kl|cekl>_<fresh|init>[_kvN]")
     kv = int(parts[2][2:]) if len(parts) > 2 and parts[2].startswith("kv") else None
     return {"loss": loss, "init": init, "kv_rank": kv}
 
@@ -140,8 +142,8 @@ def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, 
             index += [j] * len(picked)
         batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
         batch["context_index"] = torch.tensor(index)
-        if spec["loss"] == "ce":
-            loss = forkkv_loss(pm, ctx, batch, student, residual="kv")
+        if spec["loss"] in ("ce", "std"):
+            loss = forkkv_loss(pm, ctx, batch, student, residual="kv" if spec["loss"] == "ce" else "exact")
         else:  # KL per answer token from the teacher under exact inference (+ the cross-entropy for cekl)
             loss = forkkv_distill_loss(pm, ctx, batch, student, teacher, residual="kv", teacher_residual="exact",
                                        temperature=1.0, ce_weight=1.0 if spec["loss"] == "cekl" else 0.0)
@@ -174,6 +176,7 @@ def main(argv=None):
                          "method)")
     ap.add_argument("--time-limit", type=float, help="start no variant that the last one's pace says would end later")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--save", type=Path, help="save each trained variant's adapter in SAVE/<agent>_<variant>")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: add the paired comparisons to the result file --out (with --data and "
                          "--eval-contexts as it was run)")
@@ -224,7 +227,7 @@ def main(argv=None):
                 continue
             t_variant = time.perf_counter()
             spec = parse_variant(variant)
-            if spec["loss"] != "ce" and teacher is None:
+            if spec["loss"] in ("kl", "cekl") and teacher is None:
                 raise SystemExit(f"variant {variant} needs --teacher")
             name = f"{agent}_{variant}"
             torch.manual_seed(args.seed)
@@ -251,6 +254,8 @@ def main(argv=None):
                   f"{rec['kv']['answer_nll']:.3f}; exact-inference {rec['exact']['answer_exact']:.3f} "
                   f"({rec['train_s']} s)", flush=True)
             res["variants"][variant] = rec
+            if args.save is not None:
+                pm.save_pretrained(str(args.save), selected_adapters=[name])
             if res["reference"]:
                 res["comparisons"] = compare(res, question_contexts(data, agent, eval_ctx))
             if len(pm.peft_config) > 1:  # the next variant starts from its own weights

@@ -1,0 +1,177 @@
+"""How much of a standard agent's exact-inference score can a residual cache of rank r keep, whatever its values?
+
+    python -m eval.fidelity.fitted --adapter .fidelity/std/next_speaker_std_fresh --agent next_speaker \
+        --ranks 0 8 16 32 64 192 --out eval/results/fidelity_fitted_rank_cpu.json
+
+For each held-out scene the agent's context K/V are taken three ways: its own pass over the scene (``exact``), the
+base model's (what ForkKV shares) and, per rank r, the base K/V plus the best rank-r approximation of their
+difference (truncated SVD of ``exact - base`` per layer over the ``[T, H_kv·D]`` matrix, K before RoPE): the same
+storage as ForkKV's rank-r residual (``u [T, r]`` and ``B [H_kv·D, r]`` per layer and kind), and by Eckart-Young the
+residual of that size closest to the agent's own K/V. Rank 0 is adapter-blind sharing; the full width (``H_kv·D``)
+is the exact run. Each variant is scored by teacher forcing like :mod:`eval.fidelity.probe` (a question counts when
+every answer token and the end token are the argmax: when greedy decoding reproduces the answer), on the same
+questions, with paired scene-bootstrap intervals against the exact run; ForkKV's own residual (``x_base·Aᵀ``, rank
+of the adapter) is scored beside them. A fitted residual needs the agent's own pass over the context, which ForkKV
+exists to avoid: this is a bound on what any residual of that size could hold, not a serving mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import train as T
+from .probe import answer_logits_targets, question_contexts
+from .tasks import read_jsonl
+
+
+def fitted_kv(exact, base, layers, rank: int):
+    """Per layer ``(key, value)`` ``[1, H_kv, T, D]``: ``base`` plus the rank-``rank`` truncated SVD of ``exact -
+    base`` (keys un-rotated with the layer's RoPE tables first, fitted, rotated back). ``exact``/``base``: per layer
+    ``(key, value)`` as :func:`forkkv_hf.training.context_kv` returns them; ``layers``: the TrainingContext's layers
+    (their ``cos``/``sin``)."""
+    from forkkv_hf.ops.rope import apply_rope
+
+    out = []
+    for (ke, ve), (kb, vb), layer in zip(exact, base, layers):
+        n, H, Tn, D = kb.shape
+        cos, sin = layer.cos.to(kb.dtype), layer.sin.to(kb.dtype)
+        dk = apply_rope(ke - kb, cos, -sin)  # RoPE_t is a rotation: its inverse is the rotation by -t
+        fit = []
+        for d in (dk, ve - vb):
+            m = d.transpose(1, 2).reshape(n * Tn, H * D).float()
+            if rank <= 0:
+                m = torch.zeros_like(m)
+            elif rank < min(m.shape):
+                U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+                m = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+            fit.append(m.reshape(n, Tn, H, D).transpose(1, 2).to(kb.dtype))
+        out.append((kb + apply_rope(fit[0], cos, sin), vb + fit[1]))
+    return out
+
+
+def logits_over(pm, context, batch: dict, adapter: str, kv) -> torch.Tensor:
+    """Logits ``[B, L, V]`` of the suffix rows over the given per-layer context K/V (one context), the agent active:
+    :func:`forkkv_hf.training.forkkv_logits` with the context K/V replaced."""
+    from transformers import DynamicCache
+
+    from forkkv_hf.compat import cache_kwargs
+    from forkkv_hf.peft.lora_factors import transformers_model
+    from forkkv_hf.training.loss import _activate, _suffix_tensors
+
+    _activate(pm, adapter)
+    base = transformers_model(pm)
+    ids, _, full_mask, positions, _ = _suffix_tensors(batch, context, context.layers[0].key.device)
+    cache = DynamicCache()
+    for idx, (key, value) in enumerate(kv):
+        cache.update(key.expand(ids.shape[0], -1, -1, -1), value.expand(ids.shape[0], -1, -1, -1), idx)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    hidden = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                     **cache_kwargs(cache)).last_hidden_state
+    return base.get_output_embeddings()(hidden)
+
+
+def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], contexts: list[int]) -> dict:
+    """Per variant (``exact``, ``forkkv``, ``naive``, ``rank_<r>``): teacher-forced exact match per question and its
+    mean; the largest differences of the full-width fit from the exact run (K/V and answer logits) and of rank 0 from
+    adapter-blind sharing (logits)."""
+    from forkkv_hf.training import TrainingContext
+    from forkkv_hf.training.loss import context_kv
+
+    by_ctx = {}
+    for ex in data["eval"]["examples"]:
+        if ex["agent"] == agent:
+            by_ctx.setdefault(ex["context_index"], []).append(ex)
+    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
+    names = ["exact", "forkkv", "naive"] + [f"rank_{r}" for r in ranks]
+    hits = {n: [] for n in names}
+    worst_full = 0.0
+    # the ends of the curve, checked on the logits: the full width is the exact run, rank 0 adapter-blind sharing
+    ends = {"full_width_logits_max_abs_diff": 0.0, "rank_0_logits_max_abs_diff_vs_naive": 0.0,
+            "naive_logits_max_abs_diff_vs_exact": 0.0}  # the scale: how far adapter-blind sharing is
+    with torch.no_grad():
+        for ci in tqdm(contexts, desc=f"fitted residuals {agent}", unit="scene"):
+            rows = by_ctx.get(ci, [])
+            if not rows:
+                continue
+            ctx = TrainingContext(pm, T.context_ids(tok, text[ci]))
+            batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
+            pm.set_adapter(adapter)
+            exact = context_kv(pm, ctx, adapter, "exact")
+            base = context_kv(pm, ctx, adapter, "none")
+            kv = {"exact": exact, "forkkv": context_kv(pm, ctx, adapter, "kv"), "naive": base}
+            width = exact[0][0].shape[1] * exact[0][0].shape[3]
+            for r in ranks:
+                kv[f"rank_{r}"] = fitted_kv(exact, base, ctx.layers, r)
+                if r >= width:  # the full width reproduces the agent's own K/V
+                    worst_full = max(worst_full, max((a - b).abs().max().item() for (ka, va), (kb, vb) in
+                                                     zip(kv[f"rank_{r}"], exact) for a, b in ((ka, kb), (va, vb))))
+            answer = {}
+            for n in names:
+                lg, tg, rid = answer_logits_targets(logits_over(pm, ctx, batch, adapter, kv[n]).float(),
+                                                    batch["labels"])
+                answer[n] = lg
+                hit = (lg.argmax(-1) == tg).cpu()
+                hits[n] += [float(hit[rid == i].all()) for i in range(len(rows))]
+            d = (answer["naive"] - answer["exact"]).abs().max().item()
+            ends["naive_logits_max_abs_diff_vs_exact"] = max(ends["naive_logits_max_abs_diff_vs_exact"], d)
+            for r in ranks:
+                if r >= width:
+                    d = (answer[f"rank_{r}"] - answer["exact"]).abs().max().item()
+                    ends["full_width_logits_max_abs_diff"] = max(ends["full_width_logits_max_abs_diff"], d)
+                if r == 0:
+                    d = (answer["rank_0"] - answer["naive"]).abs().max().item()
+                    ends["rank_0_logits_max_abs_diff_vs_naive"] = max(ends["rank_0_logits_max_abs_diff_vs_naive"], d)
+    return {"per_question": hits, "answer_exact": {n: sum(h) / len(h) for n, h in hits.items()},
+            "full_width_kv_max_abs_diff": worst_full, "kv_width": width, **ends}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.fidelity.fitted", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", type=Path, required=True, help="a saved standard adapter (save_pretrained folder)")
+    ap.add_argument("--agent", default="next_speaker")
+    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
+    ap.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 192])
+    ap.add_argument("--eval-contexts", type=int, default=24)
+    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    from peft import PeftModel
+
+    from ..device import device_info
+    from ..smollm2 import load_smollm2
+    from .__main__ import smoke_model
+    from .metrics import bootstrap_ci, paired_difference_ci
+
+    t0 = time.perf_counter()
+    data = read_jsonl(args.data)
+    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
+    pm = PeftModel.from_pretrained(model, str(args.adapter), adapter_name="agent")
+    pm.eval()
+    ctx_ids = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
+    res = score_ranks(pm, tok, data, args.agent, "agent", args.ranks, ctx_ids)
+    clusters = question_contexts(data, args.agent, ctx_ids)
+    pct = lambda d: {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}  # noqa: E731
+    res["summary"] = {n: {"answer_exact": pct(bootstrap_ci(h, clusters)),
+                          "minus_exact": pct(paired_difference_ci(h, res["per_question"]["exact"], clusters)),
+                          "minus_forkkv": pct(paired_difference_ci(h, res["per_question"]["forkkv"], clusters))}
+                      for n, h in res["per_question"].items()}
+    out = {"benchmark": "fidelity_fitted_rank", "device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "params": {k: str(v) for k, v in vars(args).items()}, "agent": args.agent,
+           "lora_rank": pm.peft_config["agent"].r, **res, "seconds": round(time.perf_counter() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    for n, s in res["summary"].items():
+        print(f"{n:>10}: {s['answer_exact']['mean']:5.1f} [{s['answer_exact']['lo']:.1f}, {s['answer_exact']['hi']:.1f}]"
+              f"  vs exact {s['minus_exact']['mean']:+.1f} [{s['minus_exact']['lo']:+.1f}, {s['minus_exact']['hi']:+.1f}]")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
