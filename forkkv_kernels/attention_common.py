@@ -246,6 +246,14 @@ def num_sms(device: str) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=8)
+def sm_major(device: str) -> int:
+    """The compute capability's major version of ``device`` (9 on Hopper); 0 off CUDA."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_capability(torch.device(device))[0]
+    return 0
+
+
 _WORKSPACES: dict = {}
 
 

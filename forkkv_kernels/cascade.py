@@ -201,8 +201,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
-    ``res_pack``, ``res_satfinite``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``, ``merge_stages``,
-    ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two), ``merge_block_t``.
+    ``res_pack``, ``res_satfinite``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
+    ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
+    ``merge_block_t``.
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
     ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, split_length
+from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, sm_major, split_length
 
 #: the forms of the K pass (``res_form``)
 RES_FORMS = ("halves", "pairs", "joined")
@@ -237,7 +237,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,
-        SATF=res_satfinite and r_scores.dtype == torch.float16 and not interp
-        and torch.cuda.get_device_capability(q.device)[0] >= 9,
+        SATF=res_satfinite and r_scores.dtype == torch.float16 and not interp and sm_major(str(q.device)) >= 9,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

@@ -168,8 +168,9 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     for n, s in res["summary"].items():
-        print(f"{n:>10}: {s['answer_exact']['mean']:5.1f} [{s['answer_exact']['lo']:.1f}, {s['answer_exact']['hi']:.1f}]"
-              f"  vs exact {s['minus_exact']['mean']:+.1f} [{s['minus_exact']['lo']:+.1f}, {s['minus_exact']['hi']:+.1f}]")
+        a, d = s["answer_exact"], s["minus_exact"]
+        print(f"{n:>10}: {a['mean']:5.1f} [{a['lo']:.1f}, {a['hi']:.1f}]  vs exact {d['mean']:+.1f} "
+              f"[{d['lo']:+.1f}, {d['hi']:+.1f}]")
     print(f"wrote {args.out}")
 
 
