@@ -131,6 +131,33 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
             "full_width_kv_max_abs_diff": worst_full, "kv_width": width, **ends}
 
 
+def plot(path: Path, res: dict) -> Path:
+    """Teacher-forced exact match against the residual's rank (95% scene-bootstrap intervals), with the exact run,
+    ForkKV's own residual and adapter-blind sharing as lines; the PNG beside ``path``."""
+    from ..plots import plt, save_figure
+
+    summary = res["summary"]
+    ranks = sorted(int(n.split("_")[1]) for n in summary if n.startswith("rank_"))
+    mean = [summary[f"rank_{r}"]["answer_exact"]["mean"] for r in ranks]
+    lo = [summary[f"rank_{r}"]["answer_exact"]["lo"] for r in ranks]
+    hi = [summary[f"rank_{r}"]["answer_exact"]["hi"] for r in ranks]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(ranks, mean, "o-", color="tab:blue", label="base + best rank-r fit of the agent's own K/V")
+    ax.fill_between(ranks, lo, hi, color="tab:blue", alpha=0.15)
+    for name, style, label in (("exact", "k--", "exact (own pass over the context)"),
+                               ("forkkv", "r:", f"ForkKV (its rank-{res['lora_rank']} residual)")):
+        ax.axhline(summary[name]["answer_exact"]["mean"], linestyle=style[1:], color=style[0], label=label)
+    ax.set_xscale("symlog", linthresh=8)
+    ax.set_xticks(ranks)
+    ax.set_xticklabels([str(r) for r in ranks])
+    ax.set_xlabel(f"residual rank per layer and kind (K/V width {res['kv_width']})")
+    ax.set_ylabel("answers reproduced, % (teacher-forced)")
+    ax.set_title(f"How much a residual of rank r can keep: {res['agent']}, standard adapter")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity.fitted", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +194,7 @@ def main(argv=None):
            "lora_rank": pm.peft_config["agent"].r, **res, "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
+    plot(args.out, out)
     for n, s in res["summary"].items():
         a, d = s["answer_exact"], s["minus_exact"]
         print(f"{n:>10}: {a['mean']:5.1f} [{a['lo']:.1f}, {a['hi']:.1f}]  vs exact {d['mean']:+.1f} "
