@@ -310,3 +310,51 @@ def test_time_budget_stops_both_kinds_at_the_same_step(tmp_path):
     first = train.plan_steps([c["context_index"] for c in contexts], cfg)[0]
     assert report["examples_per_agent"] == {a: sum(1 for e in examples if e["agent"] == a and e["context_index"]
                                                    in first) for a in tasks.AGENTS}
+
+
+@pytest.mark.version_independent
+def test_reduced_rank_maps_recover_a_low_rank_linear_drift():
+    """eval.fidelity.regressed's reduced-rank regression: a drift that is exactly ``X·W`` with ``W`` of rank 3 is
+    recovered at rank 3 (``X·A·Bᵀ = X·W``, held-out R² 1) and not at rank 2, whose fit is the best rank-2 one."""
+    import torch
+
+    from eval.fidelity.regressed import Moments, held_out_r2, reduced_rank_maps
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 3, generator=g) @ torch.randn(3, 10, generator=g)
+    xs = [torch.randn(40, 12, generator=g) for _ in range(3)]
+    m = Moments()
+    for x in xs[:2]:
+        m.add([(x, x, x @ W, x @ W)])
+    maps = reduced_rank_maps(m, [2, 3], ridge=1e-9)
+    A, B = maps[3][(0, "k")]
+    assert torch.allclose(B.T @ B, torch.eye(3), atol=1e-5)
+    assert torch.allclose(xs[2] @ A @ B.T, xs[2] @ W, atol=1e-3)
+    (ss, tot) = held_out_r2(maps[3], [(xs[2], xs[2], xs[2] @ W, xs[2] @ W)])["k"]
+    assert ss / tot < 1e-8
+    y = torch.cat(xs[:2]) @ W
+    A2, B2 = maps[2][(0, "v")]
+    fit2 = torch.cat(xs[:2]) @ A2 @ B2.T
+    best2 = torch.linalg.svdvals(y).pow(2)[2:].sum()  # Eckart-Young: the best rank-2 error on the training rows
+    assert (fit2 - y).pow(2).sum() == pytest.approx(best2.item(), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_regressed_residual_runs_and_scores_every_variant(quick_run, tmp_path):
+    """`python -m eval.fidelity.regressed` on the smoke model: maps learnt on the training scenes, every variant
+    scored on the same questions, R² of both kinds at most 1 and the per-scene fit's at least the map's, the plot."""
+    tmp, _, _ = quick_run
+    out = tmp_path / "regressed.json"
+    subprocess.run([sys.executable, "-m", "eval.fidelity.regressed", "--smoke", str(_tokenizer_dir(tmp)), "--data",
+                    str(tmp / "data"), "--adapter", str(tmp / "adapters" / "next_speaker"), "--agent", "next_speaker",
+                    "--ranks", "2", "4", "--train-contexts", "2", "--eval-contexts", "1", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    n = len(res["per_question"]["exact"])
+    assert n > 0 and all(len(v) == n for v in res["per_question"].values())
+    assert set(res["summary"]) == {"exact", "forkkv", "naive", "fitted_2", "regressed_2", "fitted_4", "regressed_4"}
+    for r in ("2", "4"):
+        for kind in ("k", "v"):
+            assert res["held_out_r2"][r][kind] <= res["fitted_r2"][r][kind] <= 1
+    assert res["fitted_r2"]["2"]["k"] <= res["fitted_r2"]["4"]["k"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
