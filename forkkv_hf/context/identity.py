@@ -120,6 +120,36 @@ def kv_factors(model: nn.Module, names, attention=None) -> dict[str, list[Factor
     return out
 
 
+def all_factors(model: nn.Module, names) -> dict[str, list[Factor]]:
+    """Per adapter: a :class:`Factor` for every LoRA layer it has, K/V or not (``where``: the module's name), in
+    module order: what a residual fitted to the agent's own pass depends on (:mod:`forkkv_hf.context.fitted`)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, list[Factor]] = {n: [] for n in names}
+    for where, module in transformers_model(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for n in names:
+            if n in module.lora_A:
+                pb = module.lora_B[n]._parameters
+                out[n].append(Factor(where, n, module, module.lora_A[n].weight, pb["weight"], pb.get("bias"),
+                                     float(module.scaling[n])))
+            elif n in getattr(module, "lora_embedding_A", {}):
+                out[n].append(Factor(where, n, module, module.lora_embedding_A[n], module.lora_embedding_B[n], None,
+                                     float(module.scaling[n])))
+    return out
+
+
+def _factors(model: nn.Module, names, fitted) -> dict[str, list[Factor]]:
+    """:func:`kv_factors` for ForkKV's residuals, :func:`all_factors` for the ``fitted`` ones."""
+    names = list(names)
+    plain = [n for n in names if n not in fitted]
+    out = kv_factors(model, plain) if plain else {}
+    if len(plain) < len(names):
+        out.update(all_factors(model, [n for n in names if n in fitted]))
+    return out
+
+
 def _factor_values(entries: list[Factor], probes: Probes) -> list[tuple]:
     """Per entry: ``(A, B, bias)`` probe values. In content mode, factors that a batched-LoRA stack holds as their
     storage are probed in one pass per stack (all its adapters at once); the others one by one."""
@@ -221,18 +251,24 @@ def adapter_records(factors: dict, names, probes: Probes) -> dict[str, WeightRec
 
 @dataclass
 class ContextIdentity:
-    """What a shared context was computed from: the base weights, and each adapter's K/V LoRA factors."""
+    """What a shared context was computed from: the base weights, and each adapter's K/V LoRA factors (all its LoRA
+    factors for the adapters in ``fitted``, whose residuals were fitted to their own pass)."""
 
     base: WeightRecord
     adapters: dict[str, WeightRecord]
+    fitted: frozenset = frozenset()
+
+    def __setstate__(self, state):  # files saved before ``fitted`` existed
+        self.__dict__.update({"fitted": frozenset(), **state})
 
 
-def record_context(model: nn.Module, adapters, probes: Probes | None = None) -> ContextIdentity:
-    """The identity of the model's weights now, for a context with residuals of ``adapters``."""
+def record_context(model: nn.Module, adapters, probes: Probes | None = None, fitted=()) -> ContextIdentity:
+    """The identity of the model's weights now, for a context with residuals of ``adapters`` (those in ``fitted``
+    fitted to their own pass: all their LoRA factors are recorded)."""
     probes = probes or Probes(fresh=weight_checks(model) == "content")
-    adapters = list(adapters)
-    factors = kv_factors(model, adapters) if is_peft_model(model) else {n: [] for n in adapters}
-    return ContextIdentity(_base_record(model, probes), adapter_records(factors, adapters, probes))
+    adapters, fitted = list(adapters), frozenset(fitted)
+    factors = _factors(model, adapters, fitted) if is_peft_model(model) else {n: [] for n in adapters}
+    return ContextIdentity(_base_record(model, probes), adapter_records(factors, adapters, probes), fitted)
 
 
 class StaleContextError(ValueError):
@@ -262,7 +298,7 @@ def check_context(identity: ContextIdentity, model: nn.Module, adapters, what: s
         raise StaleContextError(
             f"adapter(s) {gone} were deleted from the model after {what} computed their residuals; load them "
             f"again and {_WHAT_TO_DO}, or fork rows without them")
-    _check_adapters(identity, kv_factors(model, adapters), adapters, probes, what)
+    _check_adapters(identity, _factors(model, adapters, identity.fitted), adapters, probes, what)
 
 
 def _check_base(record: WeightRecord, model, probes: Probes, what: str) -> None:
@@ -294,8 +330,9 @@ def _check_adapters(identity: ContextIdentity, factors: dict, names, probes: Pro
         record, entries = identity.adapters[name], factors[name]
         where = tuple(e.where for e in entries)
         if where != record.names:
+            on = "the modules" if name in identity.fitted else "the K/V projections"
             raise StaleContextError(
-                f"adapter {name!r} changed since {what} computed its residuals: it has LoRA on the K/V projections "
+                f"adapter {name!r} changed since {what} computed its residuals: it has LoRA on {on} "
                 f"{list(where)} now, {list(record.names)} then (it was deleted and added again, or reloaded); "
                 f"{_WHAT_TO_DO}")
         todo[name] = {i for i, e in enumerate(entries)
@@ -311,8 +348,10 @@ def _check_adapters(identity: ContextIdentity, factors: dict, names, probes: Pro
                 how = "were written (in place, through .data or by load_state_dict) or rescaled"
             else:
                 how = "were replaced: the adapter was deleted and added again, or reloaded, with other weights"
+            factors_of = "LoRA factors (its residuals were fitted to its own pass)" if name in identity.fitted \
+                else "K/V LoRA factors"
             raise StaleContextError(
-                f"adapter {name!r} changed since {what} computed its residuals: its K/V LoRA factors at "
+                f"adapter {name!r} changed since {what} computed its residuals: its {factors_of} at "
                 f"{_listed([entries[i].where for i in changed])} {how}; {_WHAT_TO_DO}")
         if todo[name] and (not probes.fresh or record.refs is None):
             record.adopt([e.tensors for e in entries])

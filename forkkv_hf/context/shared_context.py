@@ -199,6 +199,50 @@ class SharedContext:
             self._merge(seg)
         return self
 
+    def fit_residuals(self, model: nn.Module, adapter_names, rank: int = 16, *, chunk_size: int | None = 4096,
+                      progress: bool = True) -> SharedContext:
+        """A new context whose agents ``adapter_names`` read residuals fitted to their own pass over the context.
+
+        Runs each agent's own forward over the context once (the plain path's prefill compute; one agent's full
+        K/V alive at a time) and keeps per layer and kind the best rank-``rank`` approximation of its K/V minus the
+        base K/V (:mod:`forkkv_hf.context.fitted`): far more faithful than ForkKV's ``x_base·Aᵀ`` for agents whose
+        LoRA on q/o/MLP shapes the context's later layers, at the memory of a rank-``rank`` residual; exact at
+        ``rank = H_kv·D``. Agents with no K/V LoRA get one too. The new context shares this one's base K/V (nothing
+        is copied); this one and the caches forked from it are unchanged. A generate with it is refused once any
+        LoRA weight of a fitted agent changes. Works on a whole context (start 0) built by :meth:`build`.
+        """
+        from .fitted import fit_residuals, without
+
+        if self.start:
+            raise ValueError("fit_residuals works on a whole context (start 0), not on a continuation segment")
+        if self.identity is None:
+            raise ValueError("this SharedContext records no weight identity (a store-internal segment); fit "
+                             "residuals on a context from SharedContext.build")
+        with model_lock(model):
+            self.check_weights(model, [])  # the drift is measured against this context's base K/V
+            fitted = fit_residuals(self, model, adapter_names, rank, chunk_size=chunk_size, progress=progress)
+            names = fitted[0][0].adapters
+            layers = [
+                SharedLayer(l.key, l.value, l.cos, l.sin, merge_residuals(without(l.k_res, names), k),
+                            merge_residuals(without(l.v_res, names), v), source=l.source,
+                            sliding_window=l.sliding_window)
+                for l, (k, v) in zip(self.layers, fitted)
+            ]
+            adapters = tuple(a for a in self.adapters if a not in names) + names
+            old = self.identity
+            now = record_context(model, names, fitted=names)
+            identity = ContextIdentity(old.base, {**{a: r for a, r in old.adapters.items() if a not in names},
+                                                  **now.adapters},
+                                       frozenset(getattr(old, "fitted", frozenset()) - set(names)) | now.fitted)
+        return type(self)(layers=layers, token_ids=self.token_ids, adapters=adapters, config=self.config,
+                          model_id=self.model_id, start=0, identity=identity)
+
+    @property
+    def fitted_adapters(self) -> tuple[str, ...]:
+        """The agents whose residuals were fitted to their own pass (:meth:`fit_residuals`)."""
+        fitted = getattr(self.identity, "fitted", frozenset()) if self.identity is not None else frozenset()
+        return tuple(a for a in self.adapters if a in fitted)
+
     def _merge(self, seg: SharedContext) -> None:
         for layer, extra in zip(self.layers, seg.layers):
             layer.k_res = merge_residuals(layer.k_res, extra.k_res)

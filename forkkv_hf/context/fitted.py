@@ -1,0 +1,137 @@
+"""Fitted residuals: an agent's rCache fitted to its own pass over the context.
+
+ForkKV's residual ``u = x_base·Aᵀ`` restores what the agent's K/V LoRA makes of the *base model's* hidden states;
+the drift that its LoRA on q/o/MLP causes in later layers' K/V is lost. On the context benchmark that is most of the
+agent's score (README, "Training agents for ForkKV": 38.5 against 73.4 under exact inference), while the best
+rank-8 residual fitted to the agent's own K/V keeps 62.0, rank 64 keeps 70.3.
+
+:func:`fit_residuals` runs each agent's own pass over the context once (the compute of the plain path's prefill, one
+agent's full K/V alive at a time) and keeps, per layer and kind, the best rank-``r`` approximation of ``own − base``
+(K taken back before RoPE; truncated SVD through the ``[H_kv·D]²`` Gram matrix in float64): ``u = M·V_r`` ``[T, r]``
+and ``B = V_r`` ``[H_kv·D, r]``, the rCache layout every fork, kernel and memory report already reads. The shared
+base is untouched; at ``r = H_kv·D`` the fork reproduces the agent's own K/V (up to the cache dtype's rounding).
+Because the residual now depends on every LoRA weight of the agent (not only its K/V factors), the context's
+identity records all of them for fitted agents: a generate after any of them changes is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compat import cache_kwargs
+from ..ops.rope import apply_rope
+from ..peft.lora_factors import check_adapter_names, is_peft_model, transformers_model
+from .base_pass import cache_dtype, check_chunk_size
+from .segments import Residual
+
+
+def check_fittable(model: nn.Module, names) -> list[str]:
+    """The distinct adapter names, after refusing what a fitted residual cannot stand for."""
+    if not is_peft_model(model):
+        raise TypeError("fit_residuals needs a peft.PeftModel with the agents' LoRA adapters (the base model's rows "
+                        "need no residual)")
+    if isinstance(names, str):
+        raise TypeError(f"adapter_names must be a list of adapter names, not the string {names!r}")
+    names = list(dict.fromkeys(names))
+    check_adapter_names(model, names)
+    if "__base__" in names:
+        raise ValueError("'__base__' reads the shared base K/V as they are; it has nothing to fit")
+    for n in names:
+        cfg = model.peft_config[n]
+        if type(cfg).__name__ != "LoraConfig":
+            raise ValueError(f"adapter {n!r} is a {type(cfg).__name__}; fitted residuals are for LoRA adapters")
+        if getattr(cfg, "modules_to_save", None):
+            raise ValueError(f"adapter {n!r} trains whole modules ({cfg.modules_to_save}); the context identity "
+                             "cannot record them, so a fitted residual could go stale silently. Merge or drop them.")
+    return names
+
+
+def _own_pass(model: nn.Module, ids: torch.Tensor, adapter: str, chunk_size, progress: bool):
+    """The agent's own K/V over ``ids`` ``[T]`` (its adapter active through PEFT's ``adapter_names``): per layer
+    ``(key, value)`` ``[1, H_kv, T, D]``, key after RoPE."""
+    from transformers import DynamicCache
+
+    base = transformers_model(model)
+    T = ids.numel()
+    step = T if not chunk_size or chunk_size >= T else int(chunk_size)
+    cache = DynamicCache(config=base.config)
+    starts = list(range(0, T, step))
+    for t0 in tqdm(starts, desc=f"forkkv: {adapter}'s own pass", unit="chunk", leave=False,
+                   disable=not progress or len(starts) == 1):
+        chunk = ids[t0 : t0 + step][None]
+        positions = torch.arange(t0, t0 + chunk.shape[1], device=ids.device)[None]
+        model(input_ids=chunk, position_ids=positions, use_cache=True, adapter_names=[adapter], logits_to_keep=1,
+              **cache_kwargs(cache))
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u [T, r], B [W, r])`` with ``u·Bᵀ`` the best rank-``r`` approximation of ``m`` ``[T, W]`` (Eckart-Young):
+    ``B`` the top right singular vectors, from the float64 Gram matrix; ``r = min(rank, T, W)``."""
+    r = min(rank, *m.shape)
+    gram = m.double().T @ m.double()
+    evals, evecs = torch.linalg.eigh(gram)
+    B = evecs[:, evals.argsort(descending=True)[:r]]
+    return (m.double() @ B), B
+
+
+@torch.no_grad()
+def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_size=4096, progress: bool = True):
+    """Per layer ``(k_res, v_res)``: one :class:`Residual` per kind holding the fitted residuals of
+    ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)``, u in the cache's dtype, B in its dtype too.
+    ``context``: the whole :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int (the residual's rank per layer and kind), got {rank!r}")
+    check_chunk_size(chunk_size)
+    names = check_fittable(model, adapter_names)
+    if model.training:
+        raise ValueError("the model is in training mode; call model.eval() before fitting residuals")
+    dtype = cache_dtype(transformers_model(model))
+    for idx, layer in enumerate(context.layers):
+        if layer.cos.shape[-1] != layer.key.shape[-1]:
+            raise ValueError(
+                f"layer {idx} rotates only {layer.cos.shape[-1]} of its {layer.key.shape[-1]} head dimensions "
+                "(partial rotary); a fitted K residual assumes full rotate-half RoPE")
+    device = context.layers[0].key.device
+    ids = context.token_ids.to(device)
+    per_layer = [([], []) for _ in context.layers]  # per layer: per kind, per agent (u, B)
+    for name in tqdm(names, desc="forkkv: fitting residuals", unit="agent", disable=not progress):
+        own = _own_pass(model, ids, name, chunk_size, progress)
+        if len(own) != len(context.layers):
+            raise RuntimeError(f"{name}'s pass cached {len(own)} layers, the context has {len(context.layers)}")
+        for idx, ((ke, ve), layer) in enumerate(zip(own, context.layers)):
+            kb, vb = layer.key, layer.value
+            if ke.shape != kb.shape:
+                raise RuntimeError(f"layer {idx}: {name}'s own K is {tuple(ke.shape)}, the base K {tuple(kb.shape)}")
+            n, H, T, D = kb.shape
+            dk = apply_rope(ke.float() - kb.float(), layer.cos.float(), -layer.sin.float())  # RoPE_t⁻¹ = RoPE_-t
+            for kind, d in enumerate((dk, ve.float() - vb.float())):
+                u, B = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), rank)
+                per_layer[idx][kind].append((u.to(dtype), B.to(dtype)))
+        del own
+    out = []
+    for kinds in per_layer:
+        pair = []
+        for entries in kinds:
+            r = max(u.shape[-1] for u, _ in entries)
+            pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[-1]))  # noqa: E731
+            pair.append(Residual(tuple(names), torch.stack([pad(u) for u, _ in entries]),
+                                 torch.stack([pad(B) for _, B in entries]), tuple(u.shape[-1] for u, _ in entries)))
+        out.append(tuple(pair))
+    return out
+
+
+def without(res: Residual | None, names) -> Residual | None:
+    """``res`` less the slots of ``names`` (``None`` when nothing is left)."""
+    if res is None:
+        return None
+    keep = [i for i, a in enumerate(res.adapters) if a not in set(names)]
+    if len(keep) == len(res.adapters):
+        return res
+    if not keep:
+        return None
+    idx = torch.tensor(keep, device=res.u.device)
+    return Residual(tuple(res.adapters[i] for i in keep), res.u.index_select(0, idx),
+                    res.B.index_select(0, idx.to(res.B.device)), tuple(res.ranks[i] for i in keep))

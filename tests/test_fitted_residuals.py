@@ -1,0 +1,156 @@
+"""``SharedContext.fit_residuals``: residuals fitted to each agent's own pass over the context (issue 20's finding
+that the residual's values, not its rank, lose the agents' scores). Full width is the exact per-agent run through
+``generate``; lower ranks are the best fit of that size; the context's identity then covers every LoRA weight of a
+fitted agent; bad input is refused with what to do."""
+
+import pickle
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs
+from forkkv_hf.context.fitted import top_subspace
+from models import tiny_llama, with_adapters
+from test_generate import _assert_same, _context, _gen, _prompts
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WIDTH = 2 * 16  # tiny_llama: 2 KV heads of 64 / 4 = 16 dims
+
+
+@pytest.fixture(scope="module")
+def agents():
+    """LoRA everywhere (ForkKV's residual is approximate for them), one agent without K/V LoRA at all."""
+    m = tiny_llama(layers=3, seed=2)
+    pm = with_adapters(m, {"planner": dict(r=4, target_modules=ALL),
+                           "coder": dict(r=2, lora_alpha=5, target_modules=ALL, use_rslora=True),
+                           "no_kv": dict(r=4, target_modules=["q_proj", "o_proj", "up_proj"])}, seed=3)
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def _exact(pm, inputs, names, **kw):
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        return _gen(pm, inputs, names, **kw)  # each row prefills the context with its own adapter
+    finally:
+        forkkv_hf.enable_forkkv(pm)
+
+
+@pytest.mark.parametrize("residual_mode", ["kv"])
+def test_full_width_fit_is_the_exact_run(agents, residual_mode):
+    pm = agents
+    ctx = _context(21)
+    names = ["planner", "coder", "no_kv", "__base__", "planner"]
+    inputs = batch_inputs(ctx, _prompts([4, 2, 5, 3, 1], seed=4), pad_token_id=0)
+    exact = _exact(pm, inputs, names)
+    shared = SharedContext.build(pm, ctx, ["planner", "coder", "no_kv"], progress=False)
+    plain = _gen(pm, inputs, names, shared.fork(names))  # ForkKV's own residual: not exact here
+    worst = max((a - b).abs().max().item() for a, b in zip(exact.scores, plain.scores))
+    assert worst > 1e-3, "the agents must be ones ForkKV's own residual is not exact for"
+    fitted = shared.fit_residuals(pm, ["planner", "coder", "no_kv"], rank=WIDTH, progress=False)
+    assert fitted.fitted_adapters == ("planner", "coder", "no_kv") and shared.fitted_adapters == ()
+    assert fitted.layers[0].key is shared.layers[0].key  # the base is shared, not copied
+    _assert_same(_gen(pm, inputs, names, fitted.fork(names, residual=residual_mode)), exact, atol=1e-4)
+
+
+def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
+    """Rank r stores ``u [T, r]`` and ``B [H_kv·D, r]``; its K/V error against the agent's own is Eckart-Young's:
+    the tail of the singular values of ``own - base`` (K before RoPE), and below ForkKV's own residual's."""
+    from transformers import DynamicCache
+
+    from forkkv_hf import cache_kwargs
+    from forkkv_hf.ops.naive import materialize_kv
+    from forkkv_hf.ops.rope import apply_rope
+
+    pm = agents
+    ctx = _context(30, seed=5)
+    shared = SharedContext.build(pm, ctx, ["planner"], progress=False)
+    fitted = shared.fit_residuals(pm, ["planner"], rank=3, progress=False)
+    own = DynamicCache()
+    with torch.no_grad():
+        pm(input_ids=ctx[None], adapter_names=["planner"], use_cache=True, **cache_kwargs(own))
+    errs = {}
+    for name, context in (("fitted", fitted), ("forkkv", shared)):
+        cache = context.fork(["planner"])
+        errs[name] = 0.0
+        for idx, layer in enumerate(cache.layers):
+            if name == "fitted":
+                assert layer.shared.k_res.u.shape == (1, 30, 3) and layer.shared.v_res.B.shape == (1, WIDTH, 3)
+            dummy = torch.zeros(1, 2, 0, 16)
+            view, _ = layer.update(dummy, dummy)
+            K, V = materialize_kv(view)
+            ke, ve = own.layers[idx].keys[0], own.layers[idx].values[0]
+            errs[name] += (K[0] - ke).pow(2).sum().item() + (V[0] - ve).pow(2).sum().item()
+            if name == "fitted":
+                lay = shared.layers[idx]
+                dk = apply_rope(ke - lay.key[0], lay.cos, -lay.sin).transpose(0, 1).reshape(30, WIDTH)
+                dv = (ve - lay.value[0]).transpose(0, 1).reshape(30, WIDTH)
+                tail = sum(torch.linalg.svdvals(d.double()).pow(2)[3:].sum().item() for d in (dk, dv))
+                got = (K[0] - ke).pow(2).sum().item() + (V[0] - ve).pow(2).sum().item()
+                assert got == pytest.approx(tail, rel=1e-3, abs=1e-9), idx
+    assert errs["fitted"] < errs["forkkv"]
+
+
+def test_top_subspace_is_the_truncated_svd():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(50, 12, generator=g) @ torch.diag(torch.linspace(3, 0.1, 12))
+    u, B = top_subspace(m, 5)
+    U, S, Vh = torch.linalg.svd(m.double(), full_matrices=False)
+    torch.testing.assert_close(u @ B.T, (U[:, :5] * S[:5]) @ Vh[:5], rtol=1e-9, atol=1e-9)
+    assert top_subspace(m, 100)[0].shape == (50, 12)  # the rank is capped at the width
+
+
+def test_changed_lora_weights_of_a_fitted_agent_are_refused(agents):
+    """ForkKV's residual depends on the K/V LoRA factors only; a fitted one on every LoRA weight of its agent: a
+    write to its MLP LoRA makes generate refuse the fitted context (not the plain one)."""
+    pm = agents
+    ctx = _context(12, seed=6)
+    shared = SharedContext.build(pm, ctx, ["planner"], progress=False)
+    fitted = shared.fit_residuals(pm, ["planner"], rank=4, progress=False)
+    inputs = batch_inputs(ctx, _prompts([3], seed=1), pad_token_id=0)
+    up = pm.base_model.model.model.layers[1].mlp.up_proj.lora_B["planner"].weight
+    saved = up.detach().clone()
+    try:
+        with torch.no_grad():
+            up.add_(0.01)
+        _gen(pm, inputs, ["planner"], shared.fork(["planner"]), max_new_tokens=2)  # its K/V factors are unchanged
+        with pytest.raises(StaleContextError, match="fitted to its own pass.*mlp.up_proj"):
+            _gen(pm, inputs, ["planner"], fitted.fork(["planner"]), max_new_tokens=2)
+    finally:
+        with torch.no_grad():
+            up.copy_(saved)
+    _gen(pm, inputs, ["planner"], fitted.fork(["planner"]), max_new_tokens=2)
+
+
+def test_fitted_context_pickles_and_reports_its_memory(agents):
+    pm = agents
+    ctx = _context(16, seed=7)
+    fitted = SharedContext.build(pm, ctx, ["planner", "coder"], progress=False).fit_residuals(
+        pm, ["coder"], rank=6, progress=False)
+    again = pickle.loads(pickle.dumps(fitted))
+    assert again.fitted_adapters == ("coder",)
+    inputs = batch_inputs(ctx, _prompts([2, 3], seed=2), pad_token_id=0)
+    a = _gen(pm, inputs, ["planner", "coder"], fitted.fork(["planner", "coder"]))
+    _assert_same(_gen(pm, inputs, ["planner", "coder"], again.fork(["planner", "coder"])), a)
+    report = fitted.fork(["planner", "coder"]).memory_report()
+    per_layer = 2 * 16 * 6 * 4  # K and V, T=16, rank 6 (the stack's widest), fp32
+    assert report.residual_bytes_per_agent["coder"] == 3 * per_layer
+
+
+def test_bad_input_is_refused_with_what_to_do(agents):
+    pm = agents
+    shared = SharedContext.build(pm, _context(8), ["planner"], progress=False)
+    with pytest.raises(ValueError, match="positive int"):
+        shared.fit_residuals(pm, ["planner"], rank=0)
+    with pytest.raises(TypeError, match="list of adapter names"):
+        shared.fit_residuals(pm, "planner")
+    with pytest.raises(ValueError, match="nothing to fit"):
+        shared.fit_residuals(pm, ["__base__"])
+    with pytest.raises(ValueError, match="unknown|not"):
+        shared.fit_residuals(pm, ["nobody"])
+    pm.train()
+    try:
+        with pytest.raises(ValueError, match="model.eval()"):
+            shared.fit_residuals(pm, ["planner"])
+    finally:
+        pm.eval()
