@@ -36,8 +36,7 @@ def _exact(pm, inputs, names, **kw):
         forkkv_hf.enable_forkkv(pm)
 
 
-@pytest.mark.parametrize("residual_mode", ["kv"])
-def test_full_width_fit_is_the_exact_run(agents, residual_mode):
+def test_full_width_fit_is_the_exact_run(agents):
     pm = agents
     ctx = _context(21)
     names = ["planner", "coder", "no_kv", "__base__", "planner"]
@@ -50,7 +49,7 @@ def test_full_width_fit_is_the_exact_run(agents, residual_mode):
     fitted = shared.fit_residuals(pm, ["planner", "coder", "no_kv"], rank=WIDTH, progress=False)
     assert fitted.fitted_adapters == ("planner", "coder", "no_kv") and shared.fitted_adapters == ()
     assert fitted.layers[0].key is shared.layers[0].key  # the base is shared, not copied
-    _assert_same(_gen(pm, inputs, names, fitted.fork(names, residual=residual_mode)), exact, atol=1e-4)
+    _assert_same(_gen(pm, inputs, names, fitted.fork(names)), exact, atol=1e-4)
 
 
 def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
