@@ -58,7 +58,7 @@ def measure_ceilings(do_bench) -> dict:
     return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queries: int = 1):
+def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queries: int = 1, rank: int = RANK):
     """A decode step: N rows (agent i on row i), ``queries`` new tokens each (1: decode; more: an extend call, the
     last ``queries`` of the private tokens), shared T + private PRIVATE tokens."""
     from forkkv_hf.cache import ForkKVView
@@ -70,7 +70,7 @@ def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queri
     f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
     emb = torch.cat([f, f], -1)
     res = lambda: Residual(  # noqa: E731
-        tuple(f"a{i}" for i in range(N)), rnd(N, T, RANK).to(dtype), (rnd(N, HKV * D, RANK) * 0.05).to(dtype), (RANK,) * N
+        tuple(f"a{i}" for i in range(N)), rnd(N, T, rank).to(dtype), (rnd(N, HKV * D, rank) * 0.05).to(dtype), (rank,) * N
     )
     shared = SharedLayer(rnd(1, HKV, T, D).to(dtype), rnd(1, HKV, T, D).to(dtype), emb.cos().to(dtype),
                          emb.sin().to(dtype), res(), res())
@@ -152,14 +152,14 @@ def reference(q, view, scale: float, chunk=8) -> tuple[torch.Tensor, float]:
     return torch.cat(ref), err
 
 
-def floors(T: int, N: int, ceil: dict, itemsize: int = 2, queries: int = 1) -> dict:
+def floors(T: int, N: int, ceil: dict, itemsize: int = 2, queries: int = 1, rank: int = RANK) -> dict:
     """Bytes, FLOPs and floor of each variant (the problem's minimum, whatever the kernel's formulation), for
     ``queries`` new tokens per row (the K residual's rebuild is shared by them)."""
     base_b = 2 * HKV * T * D * itemsize + N * 2 * HKV * PRIVATE * D * itemsize + 2 * N * queries * H * D * itemsize
     base_f = N * queries * 4 * (T + PRIVATE) * D * H
-    u_b = N * T * RANK * itemsize + N * HKV * D * RANK * itemsize
-    v_f = N * queries * (2 * T * RANK * H + 2 * RANK * D * H)
-    k_f = N * 2 * T * RANK * HKV * D
+    u_b = N * T * rank * itemsize + N * HKV * D * rank * itemsize
+    v_f = N * queries * (2 * T * rank * H + 2 * rank * D * H)
+    k_f = N * 2 * T * rank * HKV * D
     out = {}
     for name, nbytes, flops in (("base", base_b, base_f), ("v", base_b + u_b, base_f + v_f),
                                 ("kv", base_b + 2 * u_b, base_f + v_f + k_f)):
@@ -195,16 +195,16 @@ def swept_knobs(best: dict, variant: str, N: int) -> dict:
 
 
 def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None,
-                 queries: int = 1) -> dict:
+                 queries: int = 1, rank: int = RANK) -> dict:
     """One (context, agents) case with ``queries`` new tokens per row. ``launches``: ``{"cascade": {}}`` to receive
     the compiled kernels (for :func:`kernel_resources`)."""
     from forkkv_hf.ops.dispatch import residual_attention_triton
 
     launches = launches if launches is not None else {"cascade": {}}
 
-    q, view = make_case(T, N, queries=queries)
+    q, view = make_case(T, N, queries=queries, rank=rank)
     scale = D**-0.5
-    row = {"rank": RANK, "private": PRIVATE}
+    row = {"rank": rank, "private": PRIVATE}
     for variant in VARIANTS:
         vv = variant_view(view, variant)
         key = "cascade" if variant == "kv" else f"forkkv_{variant}"
@@ -238,7 +238,7 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     except torch.cuda.OutOfMemoryError:
         row["sdpa_error"] = "out of memory materialising per-agent K/V"
     torch.cuda.empty_cache()
-    row.update(floors(T, N, ceil, queries=queries))
+    row.update(floors(T, N, ceil, queries=queries, rank=rank))
     if "sdpa_s" in row:
         row["speedup_vs_sdpa"] = row["sdpa_s"] / row["forkkv_s"]
     for key, floor in (("forkkv", "floor"), ("forkkv_v", "floor_v"), ("forkkv_base", "floor_base")):
@@ -265,6 +265,8 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=1,
                     help="new tokens per row (1: decode; more: extend calls, e.g. speculative decoding's drafts); "
                          "results in bench_kernel_<gpu>_q<queries>.json")
+    ap.add_argument("--rank", type=int, default=RANK, help="the residuals' rank (e.g. 64 for fitted residuals, "
+                    "SharedContext.fit_residuals); results in bench_kernel_<gpu>[_q<queries>]_r<rank>.json")
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
     ap.add_argument("--tuning-from", default=None, help="an eval.bench.sweep_kernel result: each variant runs with the "
                     "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
@@ -276,14 +278,15 @@ def main(argv=None):
 
     if args.quick:
         args.contexts, args.agents = [4096], [1, 8]
-    run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "rank": RANK,
+    run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "rank": args.rank,
                                                          "private": PRIVATE, "dtype": "bfloat16",
                                                          "queries_per_row": args.queries},
                                                "times": f"GPU time per call: CUDA graph of {GRAPH_CALLS} calls "
                                                         "replayed (do_bench median); *_eager_s: do_bench median of "
                                                         "the Python call"},
                        case_keys=["context", "agents"], out=args.out,
-                       suffix="" if args.queries == 1 else f"_q{args.queries}")
+                       suffix=("" if args.queries == 1 else f"_q{args.queries}")
+                       + ("" if args.rank == RANK else f"_r{args.rank}"))
     best = {}
     if args.tuning_from:
         from .schema import load
@@ -296,7 +299,8 @@ def main(argv=None):
     for T in args.contexts:
         for N in args.agents:
             run.measure({"context": T, "agents": N},
-                        lambda: measure_case(T, N, ceil, do_bench, best, launches, queries=args.queries))
+                        lambda: measure_case(T, N, ceil, do_bench, best, launches, queries=args.queries,
+                                                 rank=args.rank))
             torch.cuda.empty_cache()
     run.extra["kernel_resources"] = kernel_resources(launches)
     print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'swept':>8} {'SDPA':>8} {'floorKV':>8} "
