@@ -27,6 +27,7 @@ def sync():
         torch.cuda.synchronize()
 
 
+@torch.no_grad()
 def last_layer_error(pm, context, fitted, name: str) -> dict:
     """Relative Frobenius error of the fitted last layer's K/V against the agent's own, and ForkKV's for scale."""
     from forkkv_hf.context.fitted import _own_pass
