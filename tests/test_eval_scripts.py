@@ -186,7 +186,7 @@ def test_committed_results_load_and_plot(tmp_path):
                     "bench_kernel_nvidia_h200_v11.png", "bench_kernel_nvidia_h200_v11c.png",
                     "bench_kernel_nvidia_h200_q4_short_v11c.png", "bench_kernel_nvidia_h200_q16_v11c.png",
                     "bench_kernel_nvidia_h200_v11e.png", "bench_kernel_nvidia_h200_v11f.png",
-                    "profile_kernel_v11f_nvidia_h200.png",
+                    "profile_kernel_v11f_nvidia_h200.png", "bench_kernel_nvidia_h200_r64.png",
                     "profile_kernel_v10b_nvidia_h200.png", "profile_kernel_v11b_nvidia_h200.png",
                     "profile_kernel_v11c_nvidia_h200.png", "quality.png"}
 
