@@ -127,6 +127,27 @@ def test_k_norm_refuses_k_lora(family):
         SharedContext.build(pm, CTX, ["kq"])
 
 
+@parametrize("family", ["qwen3-knorm", "phi3-fused", "gemma2-softcap"])
+def test_fitted_residuals_at_full_width_are_exact(family):
+    """SharedContext.fit_residuals stores the agent's own K/V drift after the layer's own K processing: at full width
+    it is each agent's own run on k_norm models (with LoRA on k_proj, which ForkKV's residual refuses there), fused
+    qkv_proj and soft-capping (eager attention)."""
+    prefix, kw, with_k, without_k, attn = FAMILIES[family]
+    targets = (with_k or without_k) + (["k_proj"] if family == "qwen3-knorm" else [])
+    pm = with_adapters(_tiny(prefix, attn_implementation=attn, **kw),
+                       {"planner": dict(r=4, target_modules=targets), "coder": dict(r=8, lora_alpha=4,
+                                                                                  target_modules=targets[:2])}, seed=1)
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    exact = _gen(pm, inputs, NAMES)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        shared = SharedContext.build(pm, CTX, [] if family == "qwen3-knorm" else ["planner", "coder"], progress=False)
+        fitted = shared.fit_residuals(pm, ["planner", "coder"], rank=10_000, progress=False)
+        _same(_gen(pm, inputs, NAMES, fitted.fork(NAMES)), exact)
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+
+
 def test_fused_qkv_stores_one_residual_for_k_and_v():
     pm = _family("phi3-fused")
     shared = SharedContext.build(pm, CTX, ["planner"])

@@ -306,5 +306,6 @@ def check_k_norm(attn: nn.Module, layer_idx: int, k_lora: ProjectionLoRA | None)
                 f"layer {layer_idx}: {type(attn).__name__} applies {norm_name} to K before RoPE, so "
                 f"k_norm(base + residual) is not k_norm(base) + residual, but adapter(s) {list(k_lora.adapters)} put "
                 "LoRA on k_proj. Retarget those adapters away from k_proj (LoRA on v_proj, q_proj, o_proj and the MLP "
-                "is fine on this model)."
+                "is fine on this model), or leave them out of the build and fit their residuals to their own pass: "
+                "SharedContext.build(model, ids, other_names).fit_residuals(model, those_names, rank=...)."
             )
