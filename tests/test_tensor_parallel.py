@@ -17,7 +17,7 @@ import torch
 
 from cases import parametrize
 from models import tiny_llama, with_adapters
-from tp_common import run_forkkv
+from tp_common import run_fitted, run_forkkv
 
 pytestmark = pytest.mark.slow  # torchrun: several processes per test
 
@@ -49,8 +49,10 @@ def _torchrun(tmp_path, nproc: int, env_extra: dict) -> list[dict]:
     return [json.loads((tmp_path / f"rank.rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def _check(ranks, shared, ref, world):
+def _check(ranks, shared, ref, world, fitted=None):
     for rep in ranks:
+        if fitted is not None:  # full-width fitted residuals, each rank fitting its own KV heads: the one-process run
+            assert rep["fitted_sequences"] == fitted.tolist(), rep["rank"]
         assert rep["world"] == world
         assert rep["sequences"] == ref.sequences.tolist(), rep["rank"]
         assert rep["store_sequences"] == ref.sequences.tolist(), rep["rank"]  # a ForkKVStore fork, same tokens
@@ -78,13 +80,14 @@ def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(tmp_path, lora_backe
         pytest.fail("torch.distributed with gloo is needed for the tensor-parallel test")
     pm = _fixture(tmp_path)
     shared, ref = run_forkkv(pm, "cpu")
+    fitted = run_fitted(pm, "cpu", shared)
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FORKKV_LORA_BACKEND": lora_backend}
     if whole_lora:
         env["FORKKV_TEST_WHOLE_LORA"] = "1"
     if lora_backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     ranks = _torchrun(tmp_path, 2, env)
-    _check(ranks, shared, ref, 2)
+    _check(ranks, shared, ref, 2, fitted)
 
 
 def test_tensor_parallel_four_ranks_on_cpu(tmp_path):

@@ -15,6 +15,18 @@ def _case(device):
     return ctx, batch_inputs(ctx, prompts, pad_token_id=0, device=device)
 
 
+def run_fitted(pm, device, shared, new_tokens: int = 6):
+    """The same generate with the agents' residuals fitted to their own pass at full width
+    (``SharedContext.fit_residuals``): each rank fits its own KV heads. Returns the sequences."""
+    ctx, inputs = _case(device)
+    forkkv_hf.enable_forkkv(pm)
+    with torch.no_grad():
+        fitted = shared.fit_residuals(pm, ["coder", "planner"], rank=100_000, progress=False)
+        out = pm.generate(**inputs, adapter_names=NAMES, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, **cache_kwargs(fitted.fork(NAMES)))
+    return out.sequences
+
+
 def run_store(pm, device, new_tokens: int = 6):
     """The same generate with its cache forked from a ``ForkKVStore`` (the context extended in two turns); returns
     the sequences."""

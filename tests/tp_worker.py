@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tp_common import run_forkkv, run_store  # beside this file: torchrun runs it as a script, its folder first
+from tp_common import run_fitted, run_forkkv, run_store  # beside this file: torchrun runs it as a script, its folder first
 
 
 def main(model_dir: str, adapters_dir: str, out: str) -> None:
@@ -41,10 +41,12 @@ def main(model_dir: str, adapters_dir: str, out: str) -> None:
     device = model.model.embed_tokens.weight.device
     shared, result = run_forkkv(pm, device)
     store_sequences = run_store(pm, device)
+    fitted_sequences = run_fitted(pm, device, shared)
     layer = shared.layers[0]
     report = {
         "rank": rank, "world": dist.get_world_size(), "device": str(device),
-        "sequences": result.sequences.tolist(), "store_sequences": store_sequences.tolist(), "scores": [s.float().cpu().tolist() for s in result.scores],
+        "sequences": result.sequences.tolist(), "store_sequences": store_sequences.tolist(),
+        "fitted_sequences": fitted_sequences.tolist(), "scores": [s.float().cpu().tolist() for s in result.scores],
         "base_bytes": shared.base_bytes(), "factor_bytes": shared.factor_bytes(),
         "residual_bytes": {a: shared.residual_bytes(a) for a in shared.adapters},
         "key_shape": list(layer.key.shape),
