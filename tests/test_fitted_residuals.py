@@ -49,6 +49,8 @@ def test_full_width_fit_is_the_exact_run(agents):
     assert worst > 1e-3, "the agents must be ones ForkKV's own residual is not exact for"
     fitted = shared.fit_residuals(pm, ["planner", "coder", "no_kv"], rank=WIDTH, progress=False)
     assert fitted.fitted_adapters == ("planner", "coder", "no_kv") and shared.fitted_adapters == ()
+    assert all(x == pytest.approx(1.0) for a in ("planner", "coder") for kind in "kv"
+               for x in fitted.fit_retained[a][kind]) and len(fitted.fit_retained["planner"]["k"]) == 3
     assert fitted.layers[0].key is shared.layers[0].key  # the base is shared, not copied
     _assert_same(_gen(pm, inputs, names, fitted.fork(names)), exact, atol=1e-4)
 
@@ -89,15 +91,19 @@ def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
                 got = (K[0] - ke).pow(2).sum().item() + (V[0] - ve).pow(2).sum().item()
                 assert got == pytest.approx(tail, rel=1e-3, abs=1e-9), idx
     assert errs["fitted"] < errs["forkkv"]
+    assert all(0 < x < 1 for kind in "kv" for x in fitted.fit_retained["planner"][kind])
 
 
 def test_top_subspace_is_the_truncated_svd():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(50, 12, generator=g) @ torch.diag(torch.linspace(3, 0.1, 12))
-    u, B = top_subspace(m, 5)
+    u, B, kept = top_subspace(m, 5)
     U, S, Vh = torch.linalg.svd(m.double(), full_matrices=False)
     torch.testing.assert_close(u @ B.T, (U[:, :5] * S[:5]) @ Vh[:5], rtol=1e-9, atol=1e-9)
-    assert top_subspace(m, 100)[0].shape == (50, 12)  # the rank is capped at the width
+    assert kept == pytest.approx((S[:5].pow(2).sum() / S.pow(2).sum()).item(), rel=1e-9)
+    u, _, kept = top_subspace(m, 100)
+    assert u.shape == (50, 12) and kept == pytest.approx(1.0)  # the rank is capped at the width
+    assert top_subspace(torch.zeros(4, 3), 2)[2] == 1.0
 
 
 def test_changed_lora_weights_of_a_fitted_agent_are_refused(agents):

@@ -87,6 +87,8 @@ def main(argv=None):
         seconds = time.perf_counter() - t0
         row = {"rank": rank, "fit_s": round(seconds, 3), "fit_s_per_agent": round(seconds / args.agents, 3),
                "residual_bytes_per_agent": fitted.residual_bytes(names[0]),
+               "retained_share_mean": {k: round(sum(x for a in names for x in fitted.fit_retained[a][k])
+                                                 / sum(len(fitted.fit_retained[a][k]) for a in names), 4) for k in "kv"},
                "fit_peak_over_held_bytes": torch.cuda.max_memory_allocated() - before if cuda else None,
                "last_layer_relative_error": last_layer_error(pm, context, fitted, names[0])}
         out["rows"].append(row)

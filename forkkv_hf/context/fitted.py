@@ -67,21 +67,26 @@ def _own_pass(model: nn.Module, ids: torch.Tensor, adapter: str, chunk_size, pro
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u [T, r], B [W, r])`` with ``u·Bᵀ`` the best rank-``r`` approximation of ``m`` ``[T, W]`` (Eckart-Young):
-    ``B`` the top right singular vectors, from the float64 Gram matrix; ``r = min(rank, T, W)``."""
+def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(u [T, r], B [W, r], retained)`` with ``u·Bᵀ`` the best rank-``r`` approximation of ``m`` ``[T, W]``
+    (Eckart-Young): ``B`` the top right singular vectors, from the float64 Gram matrix; ``r = min(rank, T, W)``;
+    ``retained``: the share of ``‖m‖²`` the fit keeps (1.0 for a zero ``m``)."""
     r = min(rank, *m.shape)
     gram = m.double().T @ m.double()
     evals, evecs = torch.linalg.eigh(gram)
-    B = evecs[:, evals.argsort(descending=True)[:r]]
-    return (m.double() @ B), B
+    order = evals.argsort(descending=True)
+    B = evecs[:, order[:r]]
+    total = evals.clamp_min(0).sum().item()
+    retained = evals[order[:r]].clamp_min(0).sum().item() / total if total > 0 else 1.0
+    return (m.double() @ B), B, min(retained, 1.0)
 
 
 @torch.no_grad()
 def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_size=4096, progress: bool = True):
-    """Per layer ``(k_res, v_res)``: one :class:`Residual` per kind holding the fitted residuals of
-    ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)``, u in the cache's dtype, B in its dtype too.
-    ``context``: the whole :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
+    """``(per layer (k_res, v_res), retained)``: one :class:`Residual` per kind holding the fitted residuals of
+    ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)``, u and B in the cache's dtype; ``retained``:
+    per adapter, per kind, per layer, the share of the drift the fit keeps. ``context``: the whole
+    :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int (the residual's rank per layer and kind), got {rank!r}")
     check_chunk_size(chunk_size)
@@ -97,6 +102,7 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_
     device = context.layers[0].key.device
     ids = context.token_ids.to(device)
     per_layer = [([], []) for _ in context.layers]  # per layer: per kind, per agent (u, B)
+    retained = {n: {"k": [], "v": []} for n in names}
     for name in tqdm(names, desc="forkkv: fitting residuals", unit="agent", disable=not progress):
         own = _own_pass(model, ids, name, chunk_size, progress)
         if len(own) != len(context.layers):
@@ -108,8 +114,9 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_
             n, H, T, D = kb.shape
             dk = apply_rope(ke.float() - kb.float(), layer.cos.float(), -layer.sin.float())  # RoPE_t⁻¹ = RoPE_-t
             for kind, d in enumerate((dk, ve.float() - vb.float())):
-                u, B = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), rank)
+                u, B, kept = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), rank)
                 per_layer[idx][kind].append((u.to(dtype), B.to(dtype)))
+                retained[name]["kv"[kind]].append(round(kept, 6))
         del own
     out = []
     for kinds in per_layer:
@@ -120,7 +127,7 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_
             pair.append(Residual(tuple(names), torch.stack([pad(u) for u, _ in entries]),
                                  torch.stack([pad(B) for _, B in entries]), tuple(u.shape[-1] for u, _ in entries)))
         out.append(tuple(pair))
-    return out
+    return out, retained
 
 
 def without(res: Residual | None, names) -> Residual | None:

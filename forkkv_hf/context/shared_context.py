@@ -69,6 +69,9 @@ class SharedContext:
     #: what the base K/V and residuals were computed from (:mod:`forkkv_hf.context.identity`); checked before each
     #: generate
     identity: ContextIdentity | None = field(default=None, repr=False)
+    #: per fitted agent (:meth:`fit_residuals`), per kind (``"k"``, ``"v"``), per layer: the share of the squared
+    #: drift ``‖own − base‖²`` its rank-r fit keeps (1.0: exact)
+    fit_retained: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -207,7 +210,8 @@ class SharedContext:
         K/V alive at a time) and keeps per layer and kind the best rank-``rank`` approximation of its K/V minus the
         base K/V (:mod:`forkkv_hf.context.fitted`): far more faithful than ForkKV's ``x_base·Aᵀ`` for agents whose
         LoRA on q/o/MLP shapes the context's later layers, at the memory of a rank-``rank`` residual; exact at
-        ``rank = H_kv·D``. Agents with no K/V LoRA get one too. The new context shares this one's base K/V (nothing
+        ``rank = H_kv·D``; :attr:`fit_retained` says, per agent, kind and layer, the share of the drift the fit
+        keeps (a guide to the rank). Agents with no K/V LoRA get one too. The new context shares this one's base K/V (nothing
         is copied); this one and the caches forked from it are unchanged. A generate with it is refused once any
         LoRA weight of a fitted agent changes. Works on a whole context (start 0) built by :meth:`build`.
         """
@@ -220,7 +224,8 @@ class SharedContext:
                              "residuals on a context from SharedContext.build")
         with model_lock(model):
             self.check_weights(model, [])  # the drift is measured against this context's base K/V
-            fitted = fit_residuals(self, model, adapter_names, rank, chunk_size=chunk_size, progress=progress)
+            fitted, retained = fit_residuals(self, model, adapter_names, rank, chunk_size=chunk_size,
+                                             progress=progress)
             names = fitted[0][0].adapters
             layers = [
                 SharedLayer(l.key, l.value, l.cos, l.sin, merge_residuals(without(l.k_res, names), k),
@@ -234,8 +239,9 @@ class SharedContext:
             identity = ContextIdentity(old.base, {**{a: r for a, r in old.adapters.items() if a not in names},
                                                   **now.adapters},
                                        frozenset(getattr(old, "fitted", frozenset()) - set(names)) | now.fitted)
+        kept = {a: r for a, r in getattr(self, "fit_retained", {}).items() if a not in names}
         return type(self)(layers=layers, token_ids=self.token_ids, adapters=adapters, config=self.config,
-                          model_id=self.model_id, start=0, identity=identity)
+                          model_id=self.model_id, start=0, identity=identity, fit_retained={**kept, **retained})
 
     @property
     def fitted_adapters(self) -> tuple[str, ...]:
