@@ -383,3 +383,21 @@ def test_fitted_variant_at_full_width_is_the_exact_run(quick_run, tmp_path):
     assert len({len(v) for v in by.values()}) == 1 and by["exact"]
     assert all(r["identical"] and r["kl"] < 1e-6 for r in by["fitted_100000"])
     assert max(r["kl"] for r in by["forkkv"]) > 1e-6  # the smoke agents are ones ForkKV's residual is not exact for
+
+
+@pytest.mark.slow
+def test_weighted_fit_at_full_width_is_the_exact_run(quick_run, tmp_path):
+    """`python -m eval.fidelity.weighted` on the smoke model: the fit in attention's metric (queries' pair energies
+    for K, the output projection for V) answers every question as the exact run at full width; every variant is
+    scored on the same questions, with its paired difference from the plain fit of the same rank."""
+    tmp, _, _ = quick_run
+    out = tmp_path / "weighted.json"
+    subprocess.run([sys.executable, "-m", "eval.fidelity.weighted", "--smoke", str(_tokenizer_dir(tmp)), "--data",
+                    str(tmp / "data"), "--adapter", str(tmp / "adapters" / "next_speaker"), "--agent", "next_speaker",
+                    "--ranks", "2", "100000", "--eval-contexts", "1", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    hits = res["per_question"]
+    assert hits["weighted_100000"] == hits["exact"] and len(hits["exact"]) > 0
+    assert set(res["summary"]) == {"exact", "forkkv", "rank_2", "weighted_2", "rank_100000", "weighted_100000"}
+    assert "minus_rank" in res["summary"]["weighted_2"]
