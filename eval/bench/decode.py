@@ -215,7 +215,8 @@ def _guarded(fn) -> dict:
         return {"error": repr(e)[:1000]}
 
 
-def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_on: bool, args, compile_config):
+def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_on: bool, args, compile_config,
+                fit_rank: int = 0):
     """The ForkKV row of N = ``len(names)`` with compile on or off (one base pass over ``ctx`` for it). A compiled
     row also counts the rows whose ``n2`` tokens equal one eager ``generate``'s (the same kernels, eager)."""
     import forkkv_hf
@@ -224,6 +225,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     from forkkv_hf.static_cache import free_static_buffers
 
     system = "forkkv, first call in a new process" if args.first_call_only else "forkkv"
+    if fit_rank:
+        system += f", fitted rank {fit_rank}"
     case = {"system": system, "context": ctx.numel(), "agents": len(names), "compile": compile_on}
     if run.done(case) or run.out_of_time():
         return
@@ -231,6 +234,12 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
     with torch.no_grad():
         shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
+        if fit_rank:  # each agent's residuals fitted to its own pass (SharedContext.fit_residuals)
+            t_fit = time.perf_counter()
+            shared = shared.fit_residuals(pm, sorted(set(names)), rank=fit_rank, progress=False)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            print(f"fitted {len(set(names))} agents at rank {fit_rank} in {time.perf_counter() - t_fit:.1f} s",
+                  flush=True)
 
     def gen(n, c=compile_on):
         with torch.no_grad():
@@ -294,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--adapters", type=int, default=None,
                     help="adapters loaded (default: the largest N); the rows use the first N, the others only sit "
                          "in the model, as a user's unused adapters do (dynamo's first compile grows with them)")
+    ap.add_argument("--fit-ranks", type=int, nargs="+", default=[0],
+                    help="0: ForkKV's own residuals; r > 0: the agents' residuals fitted to their own pass at rank r "
+                         "(SharedContext.fit_residuals), rows 'forkkv, fitted rank r'")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)
@@ -334,7 +346,8 @@ def main(argv=None):
     print(f"model + {len(names)} adapters built in {time.time() - t0:.0f} s", flush=True)
     for c in args.compile:  # every N compiled first (the targets), then eager
         for N in agents[c]:
-            forkkv_case(run, pm, ctx, prompts[:N], names[:N], c == "on", args, compile_config)
+            for r in args.fit_ranks:
+                forkkv_case(run, pm, ctx, prompts[:N], names[:N], c == "on", args, compile_config, fit_rank=r)
     run.finish()
 
 
