@@ -30,26 +30,44 @@ from .probe import answer_logits_targets, question_contexts
 from .tasks import read_jsonl
 
 
-def fitted_kv(exact, base, layers, rank: int):
+def _plain_fit(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-``rank`` truncated SVD of ``m`` (fp32; zeros at rank 0, ``m`` itself from its full rank on)."""
+    m = m.float()
+    if rank <= 0:
+        return torch.zeros_like(m)
+    if rank < min(m.shape):
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    return m
+
+
+def _metric_fit(m: torch.Tensor, rank: int, S: torch.Tensor) -> torch.Tensor:
+    """The best rank-``rank`` fit of ``m`` in the metric whose square root is ``S`` (float64): the rank-``rank`` fit of
+    ``m·S`` (its top right singular vectors, from the Gram matrix), mapped back by ``S⁻¹``."""
+    S = S.double()
+    a = m.double() @ S
+    ev, vec = torch.linalg.eigh(a.T @ a)
+    top = vec[:, ev.argsort(descending=True)[:rank]]
+    return (a @ top) @ top.T @ torch.linalg.pinv(S)
+
+
+def fitted_kv(exact, base, layers, rank: int, metric=None):
     """Per layer ``(key, value)`` ``[1, H_kv, T, D]``: ``base`` plus the rank-``rank`` truncated SVD of ``exact -
     base`` (keys un-rotated with the layer's RoPE tables first, fitted, rotated back). ``exact``/``base``: per layer
     ``(key, value)`` as :func:`forkkv_hf.training.context_kv` returns them; ``layers``: the TrainingContext's layers
-    (their ``cos``/``sin``)."""
+    (their ``cos``/``sin``). ``metric``: per layer ``(S_k, S_v)`` ``[H_kv·D, H_kv·D]``, the square roots of metrics
+    to fit each kind in (:mod:`eval.fidelity.weighted`); ``None``: plain squared error."""
     from forkkv_hf.ops.rope import apply_rope
 
     out = []
-    for (ke, ve), (kb, vb), layer in zip(exact, base, layers):
+    for idx, ((ke, ve), (kb, vb), layer) in enumerate(zip(exact, base, layers)):
         n, H, Tn, D = kb.shape
         cos, sin = layer.cos.to(kb.dtype), layer.sin.to(kb.dtype)
         dk = apply_rope(ke - kb, cos, -sin)  # RoPE_t is a rotation: its inverse is the rotation by -t
         fit = []
-        for d in (dk, ve - vb):
-            m = d.transpose(1, 2).reshape(n * Tn, H * D).float()
-            if rank <= 0:
-                m = torch.zeros_like(m)
-            elif rank < min(m.shape):
-                U, S, Vh = torch.linalg.svd(m, full_matrices=False)
-                m = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        for kind, d in enumerate((dk, ve - vb)):
+            m = d.transpose(1, 2).reshape(n * Tn, H * D)
+            m = _plain_fit(m, rank) if metric is None else _metric_fit(m, rank, metric[idx][kind])
             fit.append(m.reshape(n, Tn, H, D).transpose(1, 2).to(kb.dtype))
         out.append((kb + apply_rope(fit[0], cos, sin), vb + fit[1]))
     return out
@@ -76,6 +94,70 @@ def logits_over(pm, context, batch: dict, adapter: str, kv) -> torch.Tensor:
     return base.get_output_embeddings()(hidden)
 
 
+def add_agent_args(ap: argparse.ArgumentParser, ranks: list[int]) -> None:
+    """The options every script of this family takes (the agent's saved adapter, the data, the ranks, the scenes)."""
+    ap.add_argument("--adapter", type=Path, required=True, help="a saved standard adapter (save_pretrained folder)")
+    ap.add_argument("--agent", default="next_speaker")
+    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
+    ap.add_argument("--ranks", type=int, nargs="+", default=ranks)
+    ap.add_argument("--eval-contexts", type=int, default=24)
+    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+def load_agent(args):
+    """``(data, peft_model, tokenizer)``: the data of ``--data`` and the model (SmolLM2, or the smoke model) with the
+    adapter of ``--adapter`` loaded as ``"agent"``, active, in eval mode."""
+    from peft import PeftModel
+
+    from ..smollm2 import load_smollm2
+    from .__main__ import smoke_model
+
+    data = read_jsonl(args.data)
+    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
+    pm = PeftModel.from_pretrained(model, str(args.adapter), adapter_name="agent")
+    pm.eval()
+    pm.set_adapter("agent")
+    return data, pm, tok
+
+
+def eval_scenes(data, agent: str, count: int) -> tuple[dict, dict, list[int]]:
+    """``(questions per scene, scene per index, the first count scene indices)`` of the evaluation split, for
+    ``agent``'s questions."""
+    by_ctx = {}
+    for ex in data["eval"]["examples"]:
+        if ex["agent"] == agent:
+            by_ctx.setdefault(ex["context_index"], []).append(ex)
+    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
+    return by_ctx, text, [c["context_index"] for c in data["eval"]["contexts"]][:count]
+
+
+def score_variants(pm, ctx, batch: dict, adapter: str, kv: dict, hits: dict) -> dict:
+    """Teacher-force ``batch`` over each variant's context K/V (``kv``: name -> per-layer K/V), appending to
+    ``hits[name]`` whether each question's answer is reproduced; returns each variant's answer logits."""
+    answer = {}
+    for n in hits:
+        lg, tg, rid = answer_logits_targets(logits_over(pm, ctx, batch, adapter, kv[n]).float(), batch["labels"])
+        answer[n] = lg
+        hit = (lg.argmax(-1) == tg).cpu()
+        hits[n] += [float(hit[rid == i].all()) for i in range(batch["labels"].shape[0])]
+    return answer
+
+
+def pct(d: dict) -> dict:
+    return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+
+
+def summarize_hits(hits: dict, clusters: list, refs=("exact", "forkkv")) -> dict:
+    """Per variant: its exact match and its paired differences from each of ``refs``, in points, with 95%
+    scene-bootstrap intervals."""
+    from .metrics import bootstrap_ci, paired_difference_ci
+
+    return {n: {"answer_exact": pct(bootstrap_ci(h, clusters)),
+                **{f"minus_{r}": pct(paired_difference_ci(h, hits[r], clusters)) for r in refs}}
+            for n, h in hits.items()}
+
+
 def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], contexts: list[int]) -> dict:
     """Per variant (``exact``, ``forkkv``, ``naive``, ``rank_<r>``): teacher-forced exact match per question and its
     mean; the largest differences of the full-width fit from the exact run (K/V and answer logits) and of rank 0 from
@@ -83,11 +165,7 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
     from forkkv_hf.training import TrainingContext
     from forkkv_hf.training.loss import context_kv
 
-    by_ctx = {}
-    for ex in data["eval"]["examples"]:
-        if ex["agent"] == agent:
-            by_ctx.setdefault(ex["context_index"], []).append(ex)
-    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
+    by_ctx, text, _ = eval_scenes(data, agent, 0)
     names = ["exact", "forkkv", "naive"] + [f"rank_{r}" for r in ranks]
     hits = {n: [] for n in names}
     worst_full = 0.0
@@ -111,13 +189,7 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
                 if r >= width:  # the full width reproduces the agent's own K/V
                     worst_full = max(worst_full, max((a - b).abs().max().item() for (ka, va), (kb, vb) in
                                                      zip(kv[f"rank_{r}"], exact) for a, b in ((ka, kb), (va, vb))))
-            answer = {}
-            for n in names:
-                lg, tg, rid = answer_logits_targets(logits_over(pm, ctx, batch, adapter, kv[n]).float(),
-                                                    batch["labels"])
-                answer[n] = lg
-                hit = (lg.argmax(-1) == tg).cpu()
-                hits[n] += [float(hit[rid == i].all()) for i in range(len(rows))]
+            answer = score_variants(pm, ctx, batch, adapter, kv, hits)
             d = (answer["naive"] - answer["exact"]).abs().max().item()
             ends["naive_logits_max_abs_diff_vs_exact"] = max(ends["naive_logits_max_abs_diff_vs_exact"], d)
             for r in ranks:
@@ -161,34 +233,15 @@ def plot(path: Path, res: dict) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity.fitted", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, required=True, help="a saved standard adapter (save_pretrained folder)")
-    ap.add_argument("--agent", default="next_speaker")
-    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
-    ap.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 192])
-    ap.add_argument("--eval-contexts", type=int, default=24)
-    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
-    ap.add_argument("--out", type=Path, required=True)
+    add_agent_args(ap, [0, 8, 16, 32, 64, 192])
     args = ap.parse_args(argv)
-    from peft import PeftModel
-
     from ..device import device_info
-    from ..smollm2 import load_smollm2
-    from .__main__ import smoke_model
-    from .metrics import bootstrap_ci, paired_difference_ci
 
     t0 = time.perf_counter()
-    data = read_jsonl(args.data)
-    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
-    pm = PeftModel.from_pretrained(model, str(args.adapter), adapter_name="agent")
-    pm.eval()
-    ctx_ids = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
+    data, pm, tok = load_agent(args)
+    ctx_ids = eval_scenes(data, args.agent, args.eval_contexts)[2]
     res = score_ranks(pm, tok, data, args.agent, "agent", args.ranks, ctx_ids)
-    clusters = question_contexts(data, args.agent, ctx_ids)
-    pct = lambda d: {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}  # noqa: E731
-    res["summary"] = {n: {"answer_exact": pct(bootstrap_ci(h, clusters)),
-                          "minus_exact": pct(paired_difference_ci(h, res["per_question"]["exact"], clusters)),
-                          "minus_forkkv": pct(paired_difference_ci(h, res["per_question"]["forkkv"], clusters))}
-                      for n, h in res["per_question"].items()}
+    res["summary"] = summarize_hits(res["per_question"], question_contexts(data, args.agent, ctx_ids))
     out = {"benchmark": "fidelity_fitted_rank", "device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "params": {k: str(v) for k, v in vars(args).items()}, "agent": args.agent,
            "lora_rank": pm.peft_config["agent"].r, **res, "seconds": round(time.perf_counter() - t0, 1)}

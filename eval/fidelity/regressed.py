@@ -25,9 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import train as T
-from .fitted import fitted_kv, logits_over
-from .probe import answer_logits_targets, question_contexts
-from .tasks import read_jsonl
+from .fitted import add_agent_args, eval_scenes, fitted_kv, load_agent, score_variants, summarize_hits
+from .probe import question_contexts
 
 
 def drift(exact, base, layers):
@@ -144,32 +143,17 @@ def plot(path: Path, res: dict) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity.regressed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, required=True, help="a saved standard adapter (save_pretrained folder)")
-    ap.add_argument("--agent", default="next_speaker")
-    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
-    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+    add_agent_args(ap, [8, 16, 32])
     ap.add_argument("--train-contexts", type=int, default=64)
     ap.add_argument("--ridge", type=float, default=1e-3)
-    ap.add_argument("--eval-contexts", type=int, default=24)
-    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
-    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    from peft import PeftModel
-
     from forkkv_hf.training import TrainingContext
     from forkkv_hf.training.loss import context_kv
 
     from ..device import device_info
-    from ..smollm2 import load_smollm2
-    from .__main__ import smoke_model
-    from .metrics import bootstrap_ci, paired_difference_ci
 
     t0 = time.perf_counter()
-    data = read_jsonl(args.data)
-    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
-    pm = PeftModel.from_pretrained(model, str(args.adapter), adapter_name="agent")
-    pm.eval()
-    pm.set_adapter("agent")
+    data, pm, tok = load_agent(args)
 
     def kv_pair(text):
         ctx = TrainingContext(pm, T.context_ids(tok, text))
@@ -182,12 +166,7 @@ def main(argv=None):
             moments.add(drift(exact, base, ctx.layers))
     maps = reduced_rank_maps(moments, args.ranks, args.ridge)
 
-    by_ctx = {}
-    for ex in data["eval"]["examples"]:
-        if ex["agent"] == args.agent:
-            by_ctx.setdefault(ex["context_index"], []).append(ex)
-    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
-    ctx_ids = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
+    by_ctx, text, ctx_ids = eval_scenes(data, args.agent, args.eval_contexts)
     names = ["exact", "forkkv", "naive"] + [f"{k}_{r}" for r in args.ranks for k in ("fitted", "regressed")]
     hits = {n: [] for n in names}
     r2 = {r: {"k": [0.0, 0.0], "v": [0.0, 0.0]} for r in args.ranks}
@@ -211,16 +190,8 @@ def main(argv=None):
                     r2[r][kind][0] += a
                     r2[r][kind][1] += b
             batch = T.collate([T.encode(tok, row) for row in rows], tok.pad_token_id)
-            for n in names:
-                lg, tg, rid = answer_logits_targets(logits_over(pm, ctx, batch, "agent", kv[n]).float(),
-                                                    batch["labels"])
-                hit = (lg.argmax(-1) == tg).cpu()
-                hits[n] += [float(hit[rid == i].all()) for i in range(len(rows))]
-    clusters = question_contexts(data, args.agent, ctx_ids)
-    pct = lambda d: {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}  # noqa: E731
-    summary = {n: {"answer_exact": pct(bootstrap_ci(h, clusters)),
-                   "minus_exact": pct(paired_difference_ci(h, hits["exact"], clusters)),
-                   "minus_forkkv": pct(paired_difference_ci(h, hits["forkkv"], clusters))} for n, h in hits.items()}
+            score_variants(pm, ctx, batch, "agent", kv, hits)
+    summary = summarize_hits(hits, question_contexts(data, args.agent, ctx_ids))
     out = {"benchmark": "fidelity_regressed_residual", "device": device_info(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "params": {k: str(v) for k, v in vars(args).items()},
            "agent": args.agent, "lora_rank": pm.peft_config["agent"].r, "train_rows": moments.n,

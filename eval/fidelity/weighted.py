@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import train as T
-from .fitted import fitted_kv, logits_over
-from .probe import answer_logits_targets, question_contexts
-from .tasks import read_jsonl
+from .fitted import add_agent_args, eval_scenes, fitted_kv, load_agent, pct, score_variants, summarize_hits
+from .probe import question_contexts
 
 
 def metrics(pm, adapter: str, queries: dict, Hkv: int, D: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,63 +53,23 @@ def metrics(pm, adapter: str, queries: dict, Hkv: int, D: int) -> list[tuple[tor
     return out
 
 
-def weighted_kv(exact, base, layers, rank: int, metric):
-    """:func:`eval.fidelity.fitted.fitted_kv` with each kind's drift fitted in its metric."""
-    from forkkv_hf.ops.rope import apply_rope
-
-    out = []
-    for (ke, ve), (kb, vb), layer, S_pair in zip(exact, base, layers, metric):
-        n, H, Tn, D = kb.shape
-        cos, sin = layer.cos.to(kb.dtype), layer.sin.to(kb.dtype)
-        fit = []
-        for d, S in zip((apply_rope(ke - kb, cos, -sin), ve - vb), S_pair):
-            S = S.double()
-            a = d.transpose(1, 2).reshape(n * Tn, H * D).double() @ S
-            ev, vec = torch.linalg.eigh(a.T @ a)  # the top right singular vectors of a, from its Gram matrix
-            top = vec[:, ev.argsort(descending=True)[:rank]]
-            m = (a @ top) @ top.T @ torch.linalg.pinv(S)
-            fit.append(m.reshape(n, Tn, H, D).transpose(1, 2).to(kb.dtype))
-        out.append((kb + apply_rope(fit[0], cos, sin), vb + fit[1]))
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity.weighted", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, required=True, help="a saved standard adapter (save_pretrained folder)")
-    ap.add_argument("--agent", default="next_speaker")
-    ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
-    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--eval-contexts", type=int, default=24)
-    ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
-    ap.add_argument("--out", type=Path, required=True)
+    add_agent_args(ap, [8, 16, 32])
     args = ap.parse_args(argv)
-    from peft import PeftModel
-
     from forkkv_hf.peft.lora_factors import find_attention_modules
     from forkkv_hf.training import TrainingContext
     from forkkv_hf.training.loss import context_kv
 
     from ..device import device_info
-    from ..smollm2 import load_smollm2
-    from .__main__ import smoke_model
-    from .metrics import bootstrap_ci, paired_difference_ci
 
     t0 = time.perf_counter()
-    data = read_jsonl(args.data)
-    model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
-    pm = PeftModel.from_pretrained(model, str(args.adapter), adapter_name="agent")
-    pm.eval()
-    pm.set_adapter("agent")
+    data, pm, tok = load_agent(args)
     queries = {}
     hooks = [attn.q_proj.register_forward_hook(lambda m, a, o, i=idx: queries.__setitem__(i, o[0].detach()))
              for idx, attn in find_attention_modules(pm).items()]
-    by_ctx = {}
-    for ex in data["eval"]["examples"]:
-        if ex["agent"] == args.agent:
-            by_ctx.setdefault(ex["context_index"], []).append(ex)
-    text = {c["context_index"]: c for c in data["eval"]["contexts"]}
-    ctx_ids = [c["context_index"] for c in data["eval"]["contexts"]][: args.eval_contexts]
+    by_ctx, text, ctx_ids = eval_scenes(data, args.agent, args.eval_contexts)
     names = ["exact", "forkkv"] + [f"{k}_{r}" for r in args.ranks for k in ("rank", "weighted")]
     hits = {n: [] for n in names}
     with torch.no_grad():
@@ -129,19 +87,15 @@ def main(argv=None):
             kv = {"exact": exact, "forkkv": context_kv(pm, ctx, "agent", "kv")}
             for r in args.ranks:
                 kv[f"rank_{r}"] = fitted_kv(exact, base, ctx.layers, r)
-                kv[f"weighted_{r}"] = weighted_kv(exact, base, ctx.layers, r, metric)
+                kv[f"weighted_{r}"] = fitted_kv(exact, base, ctx.layers, r, metric)
             batch = T.collate([T.encode(tok, row) for row in rows], tok.pad_token_id)
-            for n in names:
-                lg, tg, rid = answer_logits_targets(logits_over(pm, ctx, batch, "agent", kv[n]).float(),
-                                                    batch["labels"])
-                hit = (lg.argmax(-1) == tg).cpu()
-                hits[n] += [float(hit[rid == i].all()) for i in range(len(rows))]
+            score_variants(pm, ctx, batch, "agent", kv, hits)
     for h in hooks:
         h.remove()
     clusters = question_contexts(data, args.agent, ctx_ids)
-    pct = lambda d: {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}  # noqa: E731
-    summary = {n: {"answer_exact": pct(bootstrap_ci(h, clusters)),
-                   "minus_exact": pct(paired_difference_ci(h, hits["exact"], clusters))} for n, h in hits.items()}
+    summary = summarize_hits(hits, clusters, refs=("exact",))
+    from .metrics import paired_difference_ci
+
     for r in args.ranks:
         summary[f"weighted_{r}"]["minus_rank"] = pct(paired_difference_ci(hits[f"weighted_{r}"], hits[f"rank_{r}"],
                                                                           clusters))
