@@ -74,10 +74,11 @@ def past_length(past) -> int:
     return lengths.pop()
 
 
-def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk, past=None):
+def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk, past=None, adapter=None):
     """One forward of the base model (adapters disabled) over ``ids`` ``[T]``, chunked, after the ``S`` tokens of
     ``past`` (per layer ``(key, value)``, or ``None``); ``on_chunk(t0)`` is called before the forward of the chunk
-    that starts at token ``t0``. Returns its ``DynamicCache`` (``S + T`` tokens)."""
+    that starts at token ``t0``. Returns its ``DynamicCache`` (``S + T`` tokens). ``adapter``: run that adapter's own
+    pass instead (the PEFT model with ``adapter_names=[adapter]``, what :mod:`forkkv_hf.context.fitted` fits)."""
     from transformers import DynamicCache
 
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -85,7 +86,12 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     T = ids.numel()
     step = T if not chunk_size or chunk_size >= T else int(chunk_size)
     starts = list(range(0, T, step))
-    disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    if adapter is not None:  # PEFT's adapter_names on the whole model: only its last position's logits
+        runner, desc = model, f"forkkv: {adapter}'s own pass"
+        extra = {"adapter_names": [adapter], "logits_to_keep": 1}
+    else:
+        extra, desc = {"logits_to_keep": 1} if runner is base else {}, "forkkv: base pass over shared context"
+    disable = model.disable_adapter() if is_peft_model(model) and adapter is None else contextlib.nullcontext()
     cache = DynamicCache(config=base.config)
     S = 0
     if past is not None:
@@ -99,14 +105,12 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
             cache.update(key, value, idx)
         S = past[0][0].shape[-2]
     with disable:
-        for t0 in tqdm(starts, desc="forkkv: base pass over shared context", unit="chunk", disable=not progress or len(starts) == 1):
+        for t0 in tqdm(starts, desc=desc, unit="chunk", leave=adapter is None,
+                       disable=not progress or len(starts) == 1):
             on_chunk(t0)
             chunk = ids[t0 : t0 + step][None]
             positions = torch.arange(S + t0, S + t0 + chunk.shape[1], device=ids.device)[None]
-            kwargs = dict(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(cache))
-            if runner is base:
-                kwargs["logits_to_keep"] = 1
-            runner(**kwargs)
+            runner(input_ids=chunk, position_ids=positions, use_cache=True, **extra, **cache_kwargs(cache))
     return cache
 
 

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compat import cache_kwargs
 from ..ops.rope import apply_rope
 from ..peft.lora_factors import check_adapter_names, is_peft_model, transformers_model
-from .base_pass import cache_dtype, check_chunk_size
+from .base_pass import cache_dtype, check_chunk_size, run_base_pass
 from .segments import Residual
 
 
@@ -51,19 +50,8 @@ def check_fittable(model: nn.Module, names) -> list[str]:
 def _own_pass(model: nn.Module, ids: torch.Tensor, adapter: str, chunk_size, progress: bool):
     """The agent's own K/V over ``ids`` ``[T]`` (its adapter active through PEFT's ``adapter_names``): per layer
     ``(key, value)`` ``[1, H_kv, T, D]``, key after RoPE."""
-    from transformers import DynamicCache
-
-    base = transformers_model(model)
-    T = ids.numel()
-    step = T if not chunk_size or chunk_size >= T else int(chunk_size)
-    cache = DynamicCache(config=base.config)
-    starts = list(range(0, T, step))
-    for t0 in tqdm(starts, desc=f"forkkv: {adapter}'s own pass", unit="chunk", leave=False,
-                   disable=not progress or len(starts) == 1):
-        chunk = ids[t0 : t0 + step][None]
-        positions = torch.arange(t0, t0 + chunk.shape[1], device=ids.device)[None]
-        model(input_ids=chunk, position_ids=positions, use_cache=True, adapter_names=[adapter], logits_to_keep=1,
-              **cache_kwargs(cache))
+    cache = run_base_pass(model, transformers_model(model), ids, chunk_size, progress, lambda t0: None,
+                          adapter=adapter)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -72,13 +60,13 @@ def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     (Eckart-Young): ``B`` the top right singular vectors, from the float64 Gram matrix; ``r = min(rank, T, W)``;
     ``retained``: the share of ``‖m‖²`` the fit keeps (1.0 for a zero ``m``)."""
     r = min(rank, *m.shape)
-    gram = m.double().T @ m.double()
-    evals, evecs = torch.linalg.eigh(gram)
+    m = m.double()
+    evals, evecs = torch.linalg.eigh(m.T @ m)
     order = evals.argsort(descending=True)
     B = evecs[:, order[:r]]
     total = evals.clamp_min(0).sum().item()
     retained = evals[order[:r]].clamp_min(0).sum().item() / total if total > 0 else 1.0
-    return (m.double() @ B), B, min(retained, 1.0)
+    return m @ B, B, min(retained, 1.0)
 
 
 @torch.no_grad()

@@ -262,13 +262,21 @@ class ContextIdentity:
         self.__dict__.update({"fitted": frozenset(), **state})
 
 
+def record_adapters(model: nn.Module, adapters, probes: Probes | None = None, fitted=()) -> dict[str, WeightRecord]:
+    """The records of ``adapters``' LoRA factors now (K/V ones; all of them for those in ``fitted``, fitted to their
+    own pass), without reading the base weights."""
+    probes = probes or Probes(fresh=weight_checks(model) == "content")
+    adapters = list(adapters)
+    factors = _factors(model, adapters, frozenset(fitted)) if is_peft_model(model) else {n: [] for n in adapters}
+    return adapter_records(factors, adapters, probes)
+
+
 def record_context(model: nn.Module, adapters, probes: Probes | None = None, fitted=()) -> ContextIdentity:
     """The identity of the model's weights now, for a context with residuals of ``adapters`` (those in ``fitted``
     fitted to their own pass: all their LoRA factors are recorded)."""
     probes = probes or Probes(fresh=weight_checks(model) == "content")
-    adapters, fitted = list(adapters), frozenset(fitted)
-    factors = _factors(model, adapters, fitted) if is_peft_model(model) else {n: [] for n in adapters}
-    return ContextIdentity(_base_record(model, probes), adapter_records(factors, adapters, probes), fitted)
+    return ContextIdentity(_base_record(model, probes), record_adapters(model, adapters, probes, fitted),
+                           frozenset(fitted))
 
 
 class StaleContextError(ValueError):

@@ -41,7 +41,7 @@ from ..peft.lora_factors import (
 from ..model_lock import model_lock
 from ..peft.wrappers import remove_stale_peft_hooks
 from .base_pass import check_chunk_size, past_length, segment_layers
-from .identity import ContextIdentity, check_context, record_context
+from .identity import ContextIdentity, check_context, record_adapters, record_context
 from .segments import ContextLayout, SharedLayer, base_bytes, factor_bytes, merge_residuals, residual_bytes, rope_bytes
 
 #: what :meth:`SharedContext.fork` builds, ``(context, adapter_names, residual=...) -> cache``; registered by
@@ -211,9 +211,10 @@ class SharedContext:
         base K/V (:mod:`forkkv_hf.context.fitted`): far more faithful than ForkKV's ``x_base·Aᵀ`` for agents whose
         LoRA on q/o/MLP shapes the context's later layers, at the memory of a rank-``rank`` residual; exact at
         ``rank = H_kv·D``; :attr:`fit_retained` says, per agent, kind and layer, the share of the drift the fit
-        keeps (a guide to the rank). Agents with no K/V LoRA get one too. The new context shares this one's base K/V (nothing
-        is copied); this one and the caches forked from it are unchanged. A generate with it is refused once any
-        LoRA weight of a fitted agent changes. Works on a whole context (start 0) built by :meth:`build`.
+        keeps (a guide to the rank). Agents with no K/V LoRA get one too. The new context shares this one's base
+        K/V (nothing is copied); this one and the caches forked from it are unchanged. A generate with it is
+        refused once any LoRA weight of a fitted agent changes. Works on a whole context (start 0) built by
+        :meth:`build`.
         """
         from .fitted import fit_residuals, without
 
@@ -234,11 +235,10 @@ class SharedContext:
                 for l, (k, v) in zip(self.layers, fitted)
             ]
             adapters = tuple(a for a in self.adapters if a not in names) + names
-            old = self.identity
-            now = record_context(model, names, fitted=names)
+            old = self.identity  # the base was just checked: only the fitted agents' records are new
+            records = record_adapters(model, names, fitted=names)
             identity = ContextIdentity(old.base, {**{a: r for a, r in old.adapters.items() if a not in names},
-                                                  **now.adapters},
-                                       frozenset(getattr(old, "fitted", frozenset()) - set(names)) | now.fitted)
+                                                  **records}, old.fitted | frozenset(names))
         kept = {a: r for a, r in getattr(self, "fit_retained", {}).items() if a not in names}
         return type(self)(layers=layers, token_ids=self.token_ids, adapters=adapters, config=self.config,
                           model_id=self.model_id, start=0, identity=identity, fit_retained={**kept, **retained})
@@ -246,7 +246,7 @@ class SharedContext:
     @property
     def fitted_adapters(self) -> tuple[str, ...]:
         """The agents whose residuals were fitted to their own pass (:meth:`fit_residuals`)."""
-        fitted = getattr(self.identity, "fitted", frozenset()) if self.identity is not None else frozenset()
+        fitted = self.identity.fitted if self.identity is not None else frozenset()
         return tuple(a for a in self.adapters if a in fitted)
 
     def _merge(self, seg: SharedContext) -> None:
