@@ -237,7 +237,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
         if fit_rank:  # each agent's residuals fitted to its own pass (SharedContext.fit_residuals)
             t_fit = time.perf_counter()
             shared = shared.fit_residuals(pm, sorted(set(names)), rank=fit_rank, progress=False)
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             print(f"fitted {len(set(names))} agents at rank {fit_rank} in {time.perf_counter() - t_fit:.1f} s",
                   flush=True)
 
