@@ -42,7 +42,8 @@ import torch
 
 from forkkv_hf.config import get_config
 
-from .measure import KERNEL_FAMILIES, free_memory, kernel_seconds_by_family, kernels_by_name, sync
+from .measure import (KERNEL_FAMILIES, compile_counters, counters_since, free_memory, kernel_seconds_by_family,
+                      kernels_by_name, sync)
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -101,17 +102,20 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     first, out, compile_info = _first_call(run, n2)
     say(f"first call {first:.1f} s: {compile_info}")
     _wall(run, n1)
+    before = compile_counters()
     t1, t2 = [], []
     for _ in range(reps):
         t1.append(_wall(run, n1)[0])
         dt, out = _wall(run, n2)
         t2.append(dt)
+    events = counters_since(before)  # over the timed calls: a warm step should add none
     t1, t2 = sorted(t1)[reps // 2], sorted(t2)[reps // 2]
     step = (t2 - t1) / (n2 - n1)
-    say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s")
+    say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
+        f", compile events {events}")
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
            "first_call_extra_s": first - t2, "first_call_compile": compile_info, "step_ms": 1e3 * step,
-           "tok_s": rows / step if step > 0 else None}
+           "tok_s": rows / step if step > 0 else None, "compile_events_while_timed": events}
     if host:
         try:
             rec["host_profile"] = host_profile(run, n1, n2)

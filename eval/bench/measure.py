@@ -126,3 +126,23 @@ def kernels_by_name(prof) -> dict:
             entry[0] += ev.count
             entry[1] += dev_us / 1e6
     return out
+
+
+def compile_counters() -> dict:
+    """A snapshot of the compile events a decode step can hide behind: dynamo's graphs and recompiles, inductor's
+    CUDA-graph skips (a skipped graph runs its kernels one launch at a time; a function whose static inputs moved
+    more than ``cudagraph_unexpected_rerecord_limit`` times is skipped too) and re-recordings on non-static inputs.
+    :func:`counters_since` gives what happened after it."""
+    from torch._dynamo.utils import counters
+
+    snap = {f"inductor.{k}": v for k, v in counters["inductor"].items() if "cudagraph" in k}
+    snap["stats.unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+    snap["recompiles"] = sum(counters["recompiles"].values())
+    snap["graph_breaks"] = sum(counters["graph_break"].values())
+    return snap
+
+
+def counters_since(before: dict) -> dict:
+    """The nonzero changes of :func:`compile_counters` since ``before``."""
+    now = compile_counters()
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
