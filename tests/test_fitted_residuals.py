@@ -55,9 +55,11 @@ def test_full_width_fit_is_the_exact_run(agents):
     _assert_same(_gen(pm, inputs, names, fitted.fork(names)), exact, atol=1e-4)
 
 
-def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
+@pytest.mark.parametrize("rk,rv", [(3, 3), (2, 5)])
+def test_low_rank_fit_is_the_best_fit_of_its_size(agents, rk, rv):
     """Rank r stores ``u [T, r]`` and ``B [H_kv·D, r]``; its K/V error against the agent's own is Eckart-Young's:
-    the tail of the singular values of ``own - base`` (K before RoPE), and below ForkKV's own residual's."""
+    the tail of the singular values of ``own - base`` (K before RoPE), and below ForkKV's own residual's. The K
+    residual's rank may differ from V's (``k_rank``)."""
     from transformers import DynamicCache
 
     from forkkv_hf import cache_kwargs
@@ -67,7 +69,7 @@ def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
     pm = agents
     ctx = _context(30, seed=5)
     shared = SharedContext.build(pm, ctx, ["planner"], progress=False)
-    fitted = shared.fit_residuals(pm, ["planner"], rank=3, progress=False)
+    fitted = shared.fit_residuals(pm, ["planner"], rank=rv, k_rank=None if rk == rv else rk, progress=False)
     own = DynamicCache()
     with torch.no_grad():
         pm(input_ids=ctx[None], adapter_names=["planner"], use_cache=True, **cache_kwargs(own))
@@ -77,7 +79,8 @@ def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
         errs[name] = 0.0
         for idx, layer in enumerate(cache.layers):
             if name == "fitted":
-                assert layer.shared.k_res.u.shape == (1, 30, 3) and layer.shared.v_res.B.shape == (1, WIDTH, 3)
+                assert layer.shared.k_res.u.shape == (1, 30, rk) and layer.shared.k_res.B.shape == (1, WIDTH, rk)
+                assert layer.shared.v_res.u.shape == (1, 30, rv) and layer.shared.v_res.B.shape == (1, WIDTH, rv)
             dummy = torch.zeros(1, 2, 0, 16)
             view, _ = layer.update(dummy, dummy)
             K, V = materialize_kv(view)
@@ -87,11 +90,12 @@ def test_low_rank_fit_is_the_best_fit_of_its_size(agents):
                 lay = shared.layers[idx]
                 dk = apply_rope(ke - lay.key[0], lay.cos, -lay.sin).transpose(0, 1).reshape(30, WIDTH)
                 dv = (ve - lay.value[0]).transpose(0, 1).reshape(30, WIDTH)
-                tail = sum(torch.linalg.svdvals(d.double()).pow(2)[3:].sum().item() for d in (dk, dv))
+                tail = sum(torch.linalg.svdvals(d.double()).pow(2)[r:].sum().item() for d, r in ((dk, rk), (dv, rv)))
                 got = (K[0] - ke).pow(2).sum().item() + (V[0] - ve).pow(2).sum().item()
                 assert got == pytest.approx(tail, rel=1e-3, abs=1e-9), idx
     assert errs["fitted"] < errs["forkkv"]
-    assert all(0 < x < 1 for kind in "kv" for x in fitted.fit_retained["planner"][kind])
+    kept = [x for kind in "kv" for x in fitted.fit_retained["planner"][kind]]
+    assert all(0 < x <= 1 for x in kept) and min(kept) < 1  # layer 0's V drift is rank 4 (planner's LoRA): kept
 
 
 def test_top_subspace_is_the_truncated_svd():
@@ -148,6 +152,8 @@ def test_bad_input_is_refused_with_what_to_do(agents):
     shared = SharedContext.build(pm, _context(8), ["planner"], progress=False)
     with pytest.raises(ValueError, match="positive int"):
         shared.fit_residuals(pm, ["planner"], rank=0)
+    with pytest.raises(ValueError, match="k_rank must be a positive int"):
+        shared.fit_residuals(pm, ["planner"], rank=4, k_rank=2.5)
     with pytest.raises(TypeError, match="list of adapter names"):
         shared.fit_residuals(pm, "planner")
     with pytest.raises(ValueError, match="nothing to fit"):

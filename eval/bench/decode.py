@@ -36,6 +36,7 @@ transformers-alone anchors (no PEFT, one row, measured first on the plain model)
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -109,11 +110,12 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
         dt, out = _wall(run, n2)
         t2.append(dt)
     events = counters_since(before)  # over the timed calls: a warm step should add none
-    t1, t2 = sorted(t1)[reps // 2], sorted(t2)[reps // 2]
+    all_times = {"n1": [round(t, 4) for t in t1], "n2": [round(t, 4) for t in t2]}
+    t1, t2 = statistics.median(t1), statistics.median(t2)  # of an even count: the mean of the middle two
     step = (t2 - t1) / (n2 - n1)
     say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
         f", compile events {events}")
-    rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "first_call_s": first,
+    rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times, "first_call_s": first,
            "first_call_extra_s": first - t2, "first_call_compile": compile_info, "step_ms": 1e3 * step,
            "tok_s": rows / step if step > 0 else None, "compile_events_while_timed": events}
     if host:
@@ -220,7 +222,7 @@ def _guarded(fn) -> dict:
 
 
 def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_on: bool, args, compile_config,
-                fit_rank: int = 0):
+                fit_rank: tuple[int, int] = (0, 0)):
     """The ForkKV row of N = ``len(names)`` with compile on or off (one base pass over ``ctx`` for it). A compiled
     row also counts the rows whose ``n2`` tokens equal one eager ``generate``'s (the same kernels, eager)."""
     import forkkv_hf
@@ -229,8 +231,9 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     from forkkv_hf.static_cache import free_static_buffers
 
     system = "forkkv, first call in a new process" if args.first_call_only else "forkkv"
-    if fit_rank:
-        system += f", fitted rank {fit_rank}"
+    k_rank, v_rank = fit_rank
+    if v_rank:
+        system += f", fitted rank {v_rank}" if k_rank == v_rank else f", fitted ranks {k_rank}/{v_rank}"
     case = {"system": system, "context": ctx.numel(), "agents": len(names), "compile": compile_on}
     if run.done(case) or run.out_of_time():
         return
@@ -238,13 +241,13 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=ctx.device)
     with torch.no_grad():
         shared = SharedContext.build(pm, ctx, sorted(set(names)), progress=False)
-        if fit_rank:  # each agent's residuals fitted to its own pass (SharedContext.fit_residuals)
+        if v_rank:  # each agent's residuals fitted to its own pass (SharedContext.fit_residuals)
             t_fit = time.perf_counter()
-            shared = shared.fit_residuals(pm, sorted(set(names)), rank=fit_rank, progress=False)
+            shared = shared.fit_residuals(pm, sorted(set(names)), rank=v_rank, k_rank=k_rank, progress=False)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            print(f"fitted {len(set(names))} agents at rank {fit_rank} in {time.perf_counter() - t_fit:.1f} s",
-                  flush=True)
+            print(f"fitted {len(set(names))} agents at ranks K {k_rank} / V {v_rank} in "
+                  f"{time.perf_counter() - t_fit:.1f} s", flush=True)
 
     def gen(n, c=compile_on):
         with torch.no_grad():
@@ -284,6 +287,12 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
     free_memory()
 
 
+def _fit_rank(text: str) -> tuple[int, int]:
+    """``"r"`` -> ``(r, r)``, ``"k:v"`` -> ``(k, v)``: the fitted residuals' K and V ranks (0: ForkKV's own)."""
+    k, _, v = text.partition(":")
+    return int(k), int(v or k)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -308,9 +317,10 @@ def main(argv=None):
     ap.add_argument("--adapters", type=int, default=None,
                     help="adapters loaded (default: the largest N); the rows use the first N, the others only sit "
                          "in the model, as a user's unused adapters do (dynamo's first compile grows with them)")
-    ap.add_argument("--fit-ranks", type=int, nargs="+", default=[0],
+    ap.add_argument("--fit-ranks", type=_fit_rank, nargs="+", default=[(0, 0)],
                     help="0: ForkKV's own residuals; r > 0: the agents' residuals fitted to their own pass at rank r "
-                         "(SharedContext.fit_residuals), rows 'forkkv, fitted rank r'")
+                         "(SharedContext.fit_residuals), rows 'forkkv, fitted rank r'; K:V (e.g. 16:64): the K "
+                         "residual at rank K, V's at rank V, rows 'forkkv, fitted ranks K/V'")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)

@@ -70,13 +70,16 @@ def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_size=4096, progress: bool = True):
+def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, k_rank: int | None = None,
+                  chunk_size=4096, progress: bool = True):
     """``(per layer (k_res, v_res), retained)``: one :class:`Residual` per kind holding the fitted residuals of
-    ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)``, u and B in the cache's dtype; ``retained``:
-    per adapter, per kind, per layer, the share of the drift the fit keeps. ``context``: the whole
-    :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int (the residual's rank per layer and kind), got {rank!r}")
+    ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)`` (K: ``k_rank`` where given), u and B in the
+    cache's dtype; ``retained``: per adapter, per kind, per layer, the share of the drift the fit keeps.
+    ``context``: the whole :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
+    for what, r in (("rank", rank), ("k_rank", rank if k_rank is None else k_rank)):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"{what} must be a positive int (the residual's rank per layer and kind), got {r!r}")
+    ranks = (rank if k_rank is None else k_rank, rank)  # per kind: K, V
     check_chunk_size(chunk_size)
     names = check_fittable(model, adapter_names)
     if model.training:
@@ -102,7 +105,7 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, chunk_
             n, H, T, D = kb.shape
             dk = apply_rope(ke.float() - kb.float(), layer.cos.float(), -layer.sin.float())  # RoPE_t⁻¹ = RoPE_-t
             for kind, d in enumerate((dk, ve.float() - vb.float())):
-                u, B, kept = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), rank)
+                u, B, kept = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), ranks[kind])
                 per_layer[idx][kind].append((u.to(dtype), B.to(dtype)))
                 retained[name]["kv"[kind]].append(round(kept, 6))
         del own

@@ -202,8 +202,8 @@ class SharedContext:
             self._merge(seg)
         return self
 
-    def fit_residuals(self, model: nn.Module, adapter_names, rank: int = 16, *, chunk_size: int | None = 4096,
-                      progress: bool = True) -> SharedContext:
+    def fit_residuals(self, model: nn.Module, adapter_names, rank: int = 16, *, k_rank: int | None = None,
+                      chunk_size: int | None = 4096, progress: bool = True) -> SharedContext:
         """A new context whose agents ``adapter_names`` read residuals fitted to their own pass over the context.
 
         Runs each agent's own forward over the context once (the plain path's prefill compute; one agent's full
@@ -214,7 +214,8 @@ class SharedContext:
         keeps (a guide to the rank). Agents with no K/V LoRA get one too. The new context shares this one's base
         K/V (nothing is copied); this one and the caches forked from it are unchanged. A generate with it is
         refused once any LoRA weight of a fitted agent changes. Works on a whole context (start 0) built by
-        :meth:`build`.
+        :meth:`build`. ``k_rank``: the K residual's rank where it differs from ``rank`` (V's): the attention's K
+        pass costs in proportion to it, the V residual far less.
         """
         from .fitted import fit_residuals, without
 
@@ -225,7 +226,7 @@ class SharedContext:
                              "residuals on a context from SharedContext.build")
         with model_lock(model):
             self.check_weights(model, [])  # the drift is measured against this context's base K/V
-            fitted, retained = fit_residuals(self, model, adapter_names, rank, chunk_size=chunk_size,
+            fitted, retained = fit_residuals(self, model, adapter_names, rank, k_rank=k_rank, chunk_size=chunk_size,
                                              progress=progress)
             names = fitted[0][0].adapters
             layers = [
