@@ -236,8 +236,8 @@ def test_fitted_residual_bound_ends_at_the_exact_and_the_naive_runs(quick_run, t
     out = tmp_path / "fitted.json"
     subprocess.run([sys.executable, "-m", "eval.fidelity.fitted", "--smoke", str(_tokenizer_dir(tmp)), "--data",
                     str(tmp / "data"), "--adapter", str(tmp / "adapters" / "next_speaker"), "--agent", "next_speaker",
-                    "--ranks", "0", "2", "100000", "--eval-contexts", "1", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+                    "--ranks", "0", "2", "100000", "--split-ranks", "100000:0", "--eval-contexts", "1", "--out",
+                    str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     res = json.loads(out.read_text())
     scale = res["naive_logits_max_abs_diff_vs_exact"]  # how far the agent's own K/V move its answers
     assert scale > 1e-4, scale
@@ -245,9 +245,35 @@ def test_fitted_residual_bound_ends_at_the_exact_and_the_naive_runs(quick_run, t
     assert res["rank_0_logits_max_abs_diff_vs_naive"] < 1e-3 * scale
     n = len(res["per_question"]["exact"])
     assert n > 0 and all(len(v) == n for v in res["per_question"].values())
-    assert set(res["summary"]) == {"exact", "forkkv", "naive", "rank_0", "rank_2", "rank_100000"}
+    assert set(res["summary"]) == {"exact", "forkkv", "naive", "rank_0", "rank_2", "rank_100000", "rank_k100000_v0"}
     assert res["summary"]["exact"]["minus_exact"]["mean"] == 0
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_fitted_kv_fits_each_kind_at_its_own_rank():
+    """``fitted_kv(..., (K rank, V rank))``: K at full width is the agent's own K while V at rank 0 is the base's;
+    the fit of a kind does not depend on the other kind's rank."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from eval.fidelity.fitted import fitted_kv
+
+    g = torch.Generator().manual_seed(0)
+    H, T, D = 2, 9, 8
+    angles = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # rotate-half tables [T, D]
+    layers = [SimpleNamespace(cos=cos, sin=sin)]
+    exact = [tuple(torch.randn(1, H, T, D, generator=g) for _ in range(2))]
+    base = [tuple(torch.randn(1, H, T, D, generator=g) for _ in range(2))]
+    (k, v), = fitted_kv(exact, base, layers, (H * D, 0))
+    torch.testing.assert_close(k, exact[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, base[0][1])
+    (k2, v2), = fitted_kv(exact, base, layers, (3, 5))
+    (k3, _), = fitted_kv(exact, base, layers, 3)
+    (_, v5), = fitted_kv(exact, base, layers, 5)
+    torch.testing.assert_close(k2, k3)
+    torch.testing.assert_close(v2, v5)
 
 
 @pytest.mark.version_independent
@@ -373,15 +399,16 @@ def test_fitted_variant_at_full_width_is_the_exact_run(quick_run, tmp_path):
     bad = subprocess.run(base + ["--variants", "exact", "fitted_x"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "fitted_<rank>" in bad.stderr
-    subprocess.run(base + ["--variants", "exact", "forkkv", "fitted_1", "fitted_100000"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(base + ["--variants", "exact", "forkkv", "fitted_1", "fitted_100000", "fitted_100000_1"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
     records = json.loads(out.read_text())["extra"]["records"]
     by = {}
     for r in records:
         by.setdefault(r["variant"], []).append(r)
-    assert set(by) == {"exact", "forkkv", "fitted_1", "fitted_100000"}
+    assert set(by) == {"exact", "forkkv", "fitted_1", "fitted_100000", "fitted_100000_1"}
     assert len({len(v) for v in by.values()}) == 1 and by["exact"]
     assert all(r["identical"] and r["kl"] < 1e-6 for r in by["fitted_100000"])
+    assert max(r["kl"] for r in by["fitted_100000_1"]) > 1e-6  # K at full width, V at rank 1: not exact
     assert max(r["kl"] for r in by["forkkv"]) > 1e-6  # the smoke agents are ones ForkKV's residual is not exact for
 
 

@@ -224,7 +224,7 @@ def main(argv=None):
     r.add_argument("--max-new-tokens", type=int, default=24)
     r.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="inference variants (default: exact forkkv forkkv_v naive); fitted_<r> adds the forks of "
-                        "SharedContext.fit_residuals at rank r")
+                        "SharedContext.fit_residuals at rank r, fitted_<k>_<v> at K rank k and V rank v")
     r.add_argument("--adapters-out", type=Path, help="where save_pretrained writes the adapters")
     r.add_argument("--adapters-archive", type=Path, metavar="PREFIX",
                    help="also pack the saved adapters into PREFIX.00, .01, ... (15 MB parts; cat | tar xz)")

@@ -51,14 +51,16 @@ def _metric_fit(m: torch.Tensor, rank: int, S: torch.Tensor) -> torch.Tensor:
     return (a @ top) @ top.T @ torch.linalg.pinv(S)
 
 
-def fitted_kv(exact, base, layers, rank: int, metric=None):
+def fitted_kv(exact, base, layers, rank: int | tuple[int, int], metric=None):
     """Per layer ``(key, value)`` ``[1, H_kv, T, D]``: ``base`` plus the rank-``rank`` truncated SVD of ``exact -
-    base`` (keys un-rotated with the layer's RoPE tables first, fitted, rotated back). ``exact``/``base``: per layer
+    base`` (keys un-rotated with the layer's RoPE tables first, fitted, rotated back; ``rank`` a pair: K's rank,
+    V's rank). ``exact``/``base``: per layer
     ``(key, value)`` as :func:`forkkv_hf.training.context_kv` returns them; ``layers``: the TrainingContext's layers
     (their ``cos``/``sin``). ``metric``: per layer ``(S_k, S_v)`` ``[H_kv·D, H_kv·D]``, the square roots of metrics
     to fit each kind in (:mod:`eval.fidelity.weighted`); ``None``: plain squared error."""
     from forkkv_hf.ops.rope import apply_rope
 
+    ranks = rank if isinstance(rank, tuple) else (rank, rank)
     out = []
     for idx, ((ke, ve), (kb, vb), layer) in enumerate(zip(exact, base, layers)):
         n, H, Tn, D = kb.shape
@@ -67,7 +69,8 @@ def fitted_kv(exact, base, layers, rank: int, metric=None):
         fit = []
         for kind, d in enumerate((dk, ve - vb)):
             m = d.transpose(1, 2).reshape(n * Tn, H * D)
-            m = _plain_fit(m, rank) if metric is None else _metric_fit(m, rank, metric[idx][kind])
+            r = ranks[kind]
+            m = _plain_fit(m, r) if metric is None else _metric_fit(m, r, metric[idx][kind])
             fit.append(m.reshape(n, Tn, H, D).transpose(1, 2).to(kb.dtype))
         out.append((kb + apply_rope(fit[0], cos, sin), vb + fit[1]))
     return out
@@ -100,6 +103,8 @@ def add_agent_args(ap: argparse.ArgumentParser, ranks: list[int]) -> None:
     ap.add_argument("--agent", default="next_speaker")
     ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
     ap.add_argument("--ranks", type=int, nargs="+", default=ranks)
+    ap.add_argument("--split-ranks", nargs="*", default=[], metavar="K:V",
+                    help="also the K residual at rank K and V's at rank V (variants rank_k<K>_v<V>)")
     ap.add_argument("--eval-contexts", type=int, default=24)
     ap.add_argument("--smoke", type=Path, metavar="TOKENIZER_DIR", help="a tiny random Llama (a check of the code)")
     ap.add_argument("--out", type=Path, required=True)
@@ -158,15 +163,29 @@ def summarize_hits(hits: dict, clusters: list, refs=("exact", "forkkv")) -> dict
             for n, h in hits.items()}
 
 
-def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], contexts: list[int]) -> dict:
-    """Per variant (``exact``, ``forkkv``, ``naive``, ``rank_<r>``): teacher-forced exact match per question and its
+def split_ranks(specs) -> dict[str, tuple[int, int]]:
+    """``["16:64", ...]`` -> ``{"rank_k16_v64": (16, 64), ...}``."""
+    out = {}
+    for spec in specs:
+        k, sep, v = spec.partition(":")
+        if not (sep and k.isdigit() and v.isdigit()):
+            raise ValueError(f"--split-ranks takes K:V pairs of ints, got {spec!r}")
+        out[f"rank_k{k}_v{v}"] = (int(k), int(v))
+    return out
+
+
+def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], contexts: list[int],
+                split: dict | None = None) -> dict:
+    """Per variant (``exact``, ``forkkv``, ``naive``, ``rank_<r>``; ``split``: name -> (K rank, V rank), as
+    :func:`split_ranks` names them): teacher-forced exact match per question and its
     mean; the largest differences of the full-width fit from the exact run (K/V and answer logits) and of rank 0 from
     adapter-blind sharing (logits)."""
     from forkkv_hf.training import TrainingContext
     from forkkv_hf.training.loss import context_kv
 
     by_ctx, text, _ = eval_scenes(data, agent, 0)
-    names = ["exact", "forkkv", "naive"] + [f"rank_{r}" for r in ranks]
+    split = split or {}
+    names = ["exact", "forkkv", "naive"] + [f"rank_{r}" for r in ranks] + list(split)
     hits = {n: [] for n in names}
     worst_full = 0.0
     # the ends of the curve, checked on the logits: the full width is the exact run, rank 0 adapter-blind sharing
@@ -184,6 +203,8 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
             base = context_kv(pm, ctx, adapter, "none")
             kv = {"exact": exact, "forkkv": context_kv(pm, ctx, adapter, "kv"), "naive": base}
             width = exact[0][0].shape[1] * exact[0][0].shape[3]
+            for name, pair in split.items():
+                kv[name] = fitted_kv(exact, base, ctx.layers, pair)
             for r in ranks:
                 kv[f"rank_{r}"] = fitted_kv(exact, base, ctx.layers, r)
                 if r >= width:  # the full width reproduces the agent's own K/V
@@ -209,7 +230,7 @@ def plot(path: Path, res: dict) -> Path:
     from ..plots import plt, save_figure
 
     summary = res["summary"]
-    ranks = sorted(int(n.split("_")[1]) for n in summary if n.startswith("rank_"))
+    ranks = sorted(int(n.split("_")[1]) for n in summary if n.startswith("rank_") and n[5:].isdigit())
     mean = [summary[f"rank_{r}"]["answer_exact"]["mean"] for r in ranks]
     lo = [summary[f"rank_{r}"]["answer_exact"]["lo"] for r in ranks]
     hi = [summary[f"rank_{r}"]["answer_exact"]["hi"] for r in ranks]
@@ -220,6 +241,12 @@ def plot(path: Path, res: dict) -> Path:
     for name, style, label in (("exact", "k--", "exact (own pass over the context)"),
                                ("forkkv", "r:", f"ForkKV (its rank-{res['lora_rank']} residual)")):
         ax.axhline(summary[name]["answer_exact"]["mean"], linestyle=style[1:], color=style[0], label=label)
+    for i, (name, (rk, rv)) in enumerate(split_ranks(res.get("split_ranks", [])).items()):  # at V's rank
+        if rv in ranks:
+            a = summary[name]["answer_exact"]
+            x = ranks.index(rv) + 0.12 * (i + 1)
+            ax.errorbar([x], [a["mean"]], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]], fmt="s",
+                        color=f"C{i + 2}", capsize=3, label=f"K rank {rk}, V rank {rv}")
     ax.set_xticks(xs)
     ax.set_xticklabels([str(r) for r in ranks])
     ax.set_xlabel(f"residual rank per layer and kind (K/V width {res['kv_width']})")
@@ -240,7 +267,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     data, pm, tok = load_agent(args)
     ctx_ids = eval_scenes(data, args.agent, args.eval_contexts)[2]
-    res = score_ranks(pm, tok, data, args.agent, "agent", args.ranks, ctx_ids)
+    res = score_ranks(pm, tok, data, args.agent, "agent", args.ranks, ctx_ids, split_ranks(args.split_ranks))
+    res["split_ranks"] = args.split_ranks
     res["summary"] = summarize_hits(res["per_question"], question_contexts(data, args.agent, ctx_ids))
     out = {"benchmark": "fidelity_fitted_rank", "device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "params": {k: str(v) for k, v in vars(args).items()}, "agent": args.agent,

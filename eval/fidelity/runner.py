@@ -9,7 +9,7 @@ Per evaluation context, every agent of every training kind answers its questions
 - ``forkkv_v``: the same forks with the V residual only;
 - ``naive``: the base model's K/V for every agent (adapter-blind prefix caching);
 - ``fitted_<r>`` (asked for by name): the forks of ``SharedContext.fit_residuals(..., rank=r)``, each agent's
-  residuals fitted to its own pass over the context.
+  residuals fitted to its own pass over the context; ``fitted_<k>_<v>``: the K residual at rank k, V's at rank v.
 Then, under teacher forcing on each row's exact output, the per-token KL(exact || variant) and top-1 agreement.
 """
 
@@ -34,13 +34,16 @@ VARIANTS = ("exact", "forkkv", "forkkv_v", "naive")
 RESIDUAL_OF = {"forkkv": "kv", "forkkv_v": "v", "naive": "none"}
 
 
-def fitted_rank(variant: str) -> int | None:
-    """``r`` of a ``fitted_<r>`` variant, ``None`` for the others; unknown names are refused."""
+def fitted_rank(variant: str) -> tuple[int, int] | None:
+    """``(K rank, V rank)`` of a ``fitted_<r>`` (both ``r``) or ``fitted_<k>_<v>`` variant, ``None`` for the others;
+    unknown names are refused."""
     if variant in VARIANTS:
         return None
-    if variant.startswith("fitted_") and variant[7:].isdigit() and int(variant[7:]) > 0:
-        return int(variant[7:])
-    raise ValueError(f"unknown inference variant {variant!r}: one of {list(VARIANTS)} or fitted_<rank>")
+    parts = variant.split("_")[1:] if variant.startswith("fitted_") else []
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ValueError(f"unknown inference variant {variant!r}: one of {list(VARIANTS)}, fitted_<rank> or "
+                     "fitted_<K rank>_<V rank>")
 
 
 @torch.no_grad()
@@ -105,7 +108,7 @@ def evaluate_context(pm, tok, context: dict, examples: list[dict], kinds, varian
         if v == "exact":
             continue
         r = fitted_rank(v)
-        source = shared if r is None else shared.fit_residuals(pm, names, rank=r, progress=False)
+        source = shared if r is None else shared.fit_residuals(pm, names, rank=r[1], k_rank=r[0], progress=False)
         residual = "kv" if r is not None else RESIDUAL_OF[v]
         outputs[v] = generate_rows(pm, inputs, rows, source.fork(rows, residual=residual), max_new_tokens, eos, pad)
         logprobs[v] = teacher_forced(pm, inputs, rows, source.fork(rows, residual=residual), targets, pad)
