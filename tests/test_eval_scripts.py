@@ -73,19 +73,26 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
 @pytest.mark.slow
 @pytest.mark.eval_harness
 def test_bench_decode_tiny(tmp_path):
-    """Issue 18's decode-step benchmark: ForkKV compiled (eager backend on CPU) and not, the transformers-alone
-    anchors; every row measured, the compiled row compares its tokens with an eager generate's."""
-    res = _run("eval.bench.decode", "--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "1",
-               tmp_path=tmp_path)
+    """Issue 18's decode-step benchmark: ForkKV compiled (eager backend on CPU) and not, with its own residuals and
+    with fitted ones (K and V at their own ranks), the transformers-alone anchors; every row measured, the compiled
+    rows compare their tokens with an eager generate's, and their timed (warm) calls compile nothing."""
+    res = _run("eval.bench.decode", "--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "2",
+               "--fit-ranks", "0", "2:4", tmp_path=tmp_path)
     assert res.benchmark == "bench_decode" and res.case_keys == ["system", "context", "agents", "compile"]
     cases = [tuple(r[k] for k in res.case_keys) for r in res.rows]
+    fitted = "forkkv, fitted ranks 2/4"
     assert cases == [("transformers, DynamicCache eager", 40, 1, False), ("transformers, StaticCache + compile", 40, 1,
-                     True), ("forkkv", 40, 2, True), ("forkkv", 40, 2, False)]
+                     True), ("forkkv", 40, 2, True), (fitted, 40, 2, True), ("forkkv", 40, 2, False),
+                     (fitted, 40, 2, False)]
     for r in res.rows:  # (a step's sign is timing noise at toy sizes on a shared CPU: not checked)
         assert "error" not in r and isinstance(r["step_ms"], float) and r["first_call_s"] > 0, r
         assert "gpu_busy_ms" in r and "gpu_ms_by_family" in r and "profile_error" not in r, r
-    assert res.rows[2]["first_divergence_vs_eager"] == [4, 4]  # every new token the same as eager
-    compiled, eager = res.rows[2]["first_call_compile"], res.rows[3]["first_call_compile"]
+        assert len(r["generate_each_s"]["n1"]) == len(r["generate_each_s"]["n2"]) == 2, r
+        assert r["generate_s"][1] == pytest.approx(sum(r["generate_each_s"]["n2"]) / 2, abs=1e-3), r  # median of 2
+    for r in res.rows[2:4]:
+        assert r["first_divergence_vs_eager"] == [4, 4], r  # every new token the same as eager
+        assert r["compile_events_while_timed"] == {}, r  # warm calls: no recompile, no new graph
+    compiled, eager = res.rows[2]["first_call_compile"], res.rows[4]["first_call_compile"]
     assert any("compile_inner" in k and v > 0 for k, v in compiled["seconds"].items()), compiled
     assert compiled["counts"]["stats.unique_graphs"] >= 1 and eager == {"seconds": {}, "counts": {}}
 

@@ -1,7 +1,7 @@
 """How much of a standard agent's exact-inference score can a residual cache of rank r keep, whatever its values?
 
     python -m eval.fidelity.fitted --adapter .fidelity/std/next_speaker_std_fresh --agent next_speaker \
-        --ranks 0 8 16 32 64 192 --out eval/results/fidelity_fitted_rank_cpu.json
+        --ranks 0 8 16 32 64 192 [--split-ranks 64:16 ...] --out eval/results/fidelity_fitted_rank_cpu.json
 
 For each held-out scene the agent's context K/V are taken three ways: its own pass over the scene (``exact``), the
 base model's (what ForkKV shares) and, per rank r, the base K/V plus the best rank-r approximation of their
@@ -12,7 +12,9 @@ is the exact run. Each variant is scored by teacher forcing like :mod:`eval.fide
 every answer token and the end token are the argmax: when greedy decoding reproduces the answer), on the same
 questions, with paired scene-bootstrap intervals against the exact run; ForkKV's own residual (``x_base·Aᵀ``, rank
 of the adapter) is scored beside them. A fitted residual needs the agent's own pass over the context, which ForkKV
-exists to avoid: this is a bound on what any residual of that size could hold, not a serving mode.
+exists to avoid: this is a bound on what any residual of that size could hold (``SharedContext.fit_residuals`` serves
+it). ``--split-ranks K:V`` also fits K at rank K and V at rank V (variants ``rank_k<K>_v<V>``; the plot's second
+panel shows every measured pair).
 """
 
 from __future__ import annotations
@@ -224,9 +226,22 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
             "full_width_kv_max_abs_diff": worst_full, "kv_width": width, **ends}
 
 
+def _rank_grid(summary: dict) -> tuple[list[int], list[int], dict]:
+    """``(K ranks, V ranks, {(k, v): score})`` of every fitted variant in ``summary`` (``rank_<r>`` is ``(r, r)``)."""
+    cells = {}
+    for name, s in summary.items():
+        parts = name.split("_")[1:]
+        if name.startswith("rank_") and len(parts) == 1 and parts[0].isdigit():
+            cells[(int(parts[0]),) * 2] = s["answer_exact"]["mean"]
+        elif name.startswith("rank_k") and len(parts) == 2:
+            cells[(int(parts[0][1:]), int(parts[1][1:]))] = s["answer_exact"]["mean"]
+    return sorted({k for k, _ in cells}), sorted({v for _, v in cells}), cells
+
+
 def plot(path: Path, res: dict) -> Path:
     """Teacher-forced exact match against the residual's rank (95% scene-bootstrap intervals), with the exact run,
-    ForkKV's own residual and adapter-blind sharing as lines; the PNG beside ``path``."""
+    ForkKV's own residual and adapter-blind sharing as lines; where K and V ranks were also fitted apart
+    (``--split-ranks``), a second panel: the score of each measured (K rank, V rank). The PNG beside ``path``."""
     from ..plots import plt, save_figure
 
     summary = res["summary"]
@@ -234,19 +249,15 @@ def plot(path: Path, res: dict) -> Path:
     mean = [summary[f"rank_{r}"]["answer_exact"]["mean"] for r in ranks]
     lo = [summary[f"rank_{r}"]["answer_exact"]["lo"] for r in ranks]
     hi = [summary[f"rank_{r}"]["answer_exact"]["hi"] for r in ranks]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    split = bool(res.get("split_ranks"))
+    fig, axes = plt.subplots(1, 2 if split else 1, figsize=(12.4 if split else 6.4, 4.4), squeeze=False)
+    ax = axes[0][0]
     xs = list(range(len(ranks)))  # evenly spaced: the ranks are roughly doubling
     ax.plot(xs, mean, "o-", color="tab:blue", label="base + best rank-r fit of the agent's own K/V")
     ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.15)
     for name, style, label in (("exact", "k--", "exact (own pass over the context)"),
                                ("forkkv", "r:", f"ForkKV (its rank-{res['lora_rank']} residual)")):
         ax.axhline(summary[name]["answer_exact"]["mean"], linestyle=style[1:], color=style[0], label=label)
-    for i, (name, (rk, rv)) in enumerate(split_ranks(res.get("split_ranks", [])).items()):  # at V's rank
-        if rv in ranks:
-            a = summary[name]["answer_exact"]
-            x = ranks.index(rv) + 0.12 * (i + 1)
-            ax.errorbar([x], [a["mean"]], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]], fmt="s",
-                        color=f"C{i + 2}", capsize=3, label=f"K rank {rk}, V rank {rv}")
     ax.set_xticks(xs)
     ax.set_xticklabels([str(r) for r in ranks])
     ax.set_xlabel(f"residual rank per layer and kind (K/V width {res['kv_width']})")
@@ -254,6 +265,22 @@ def plot(path: Path, res: dict) -> Path:
     ax.set_title(f"What a rank-r residual can keep: {res['agent']}, standard adapter", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
+    if split:
+        ks, vs, cells = _rank_grid(summary)
+        grid = [[cells.get((k, v), float("nan")) for v in vs] for k in ks]
+        ax = axes[0][1]
+        im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto",
+                       vmin=summary["naive"]["answer_exact"]["mean"], vmax=summary["exact"]["answer_exact"]["mean"])
+        for (k, v), score in cells.items():
+            ax.text(vs.index(v), ks.index(k), f"{score:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if score < 0.5 * (im.norm.vmin + im.norm.vmax) else "black")
+        ax.set_xticks(range(len(vs)), [str(v) for v in vs])
+        ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("V residual rank")
+        ax.set_ylabel("K residual rank")
+        ax.set_title(f"K and V fitted at their own ranks (exact {summary['exact']['answer_exact']['mean']:.1f}, "
+                     f"ForkKV {summary['forkkv']['answer_exact']['mean']:.1f}); blank: not run", fontsize=10)
+        fig.colorbar(im, ax=ax, label="answers reproduced, %")
     return save_figure(fig, path)
 
 
