@@ -97,8 +97,8 @@ GENERATE_MODES = [
 class AttnCase:
     """One ResidualAttention call on a random view (tests/views.py ``random_view``): ``B`` rows, ``H`` query heads,
     ``Hkv`` KV heads of dim ``D``, ``T`` shared and ``P`` private tokens, ``Q`` queries per row; ``rows``: each row's
-    agent slot (-1: no residual; default: the agents in turn and a base row), ``N`` agents of ranks ``ranks``,
-    which residuals exist (``k_res``/``v_res``), a LoRA bias column (``bias``)."""
+    agent slot (-1: no residual; default: the agents in turn and a base row), ``N`` agents of ranks ``ranks`` (V's
+    ``v_ranks`` where they differ), which residuals exist (``k_res``/``v_res``), a LoRA bias column (``bias``)."""
 
     B: int
     H: int
@@ -110,6 +110,7 @@ class AttnCase:
     rows: tuple | None = None
     N: int = 2
     ranks: tuple = (4, 2)
+    v_ranks: tuple | None = None
     k_res: bool = True
     v_res: bool = True
     bias: bool = False
@@ -129,7 +130,8 @@ class AttnCase:
         from views import random_view
 
         return random_view(B=self.B, Hkv=self.Hkv, D=self.D, T=self.T, P=self.P, n_agents=self.N,
-                           rows=None if self.rows is None else list(self.rows), ranks=self.ranks, k_res=self.k_res,
+                           rows=None if self.rows is None else list(self.rows), ranks=self.ranks,
+                           v_ranks=self.v_ranks, k_res=self.k_res,
                            v_res=self.v_res, bias=self.bias, dtype=dtype, seed=seed)
 
     def query(self, dtype=torch.float32, seed=3) -> torch.Tensor:
@@ -145,6 +147,13 @@ class AttnCase:
         pads = [(b + 1) % max(1, self.P - self.Q + 1) for b in range(self.B)]
         return padding_mask(self.B, self.Q, self.T, self.P, pads)
 
+
+#: K and V residual stacks of different widths (fitted residuals' ``k_rank``): K wider than V and V wider than K,
+#: decode and extend, rows sharing an agent and a base row
+SPLIT_RANK_CASES = [
+    AttnCase(B=4, H=8, Hkv=2, D=16, T=45, P=3, ranks=(6, 3), v_ranks=(2, 5)),
+    AttnCase(B=4, H=4, Hkv=4, D=32, T=37, P=2, Q=2, ranks=(2, 4), v_ranks=(16, 3), rows=(0, 1, 0, -1)),
+]
 
 A = AttnCase
 #: the attention case space: GQA group sizes 1-8, head dims 8-128 (48: not a power of two), ranks 1-64, rows that share

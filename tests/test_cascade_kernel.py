@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, LOWP_CASES, AttnCase, parametrize
+from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, LOWP_CASES, SPLIT_RANK_CASES, AttnCase, parametrize
 from forkkv_hf import reference_attention
 from views import lowp_attention_error, padding_mask, random_view
 
@@ -117,6 +117,18 @@ def test_cascade_packed_heads_pairs_form_and_head_groups(case):
         if case.Hkv % knobs.get("res_heads", 1):
             continue
         torch.testing.assert_close(_launch(q, view, None, case.D**-0.5, **knobs), ref, rtol=2e-5, atol=2e-5)
+
+
+@parametrize("case", SPLIT_RANK_CASES)
+def test_cascade_k_and_v_residuals_of_different_ranks(case):
+    """Fitted residuals' ``k_rank``: the K pass reads a K stack of one width, the V pass a V stack of another; the
+    default launch and the K pass's forms and packs, masked, equal the reference."""
+    view, q = case.view(), case.query()
+    assert view.shared.k_res.rank != view.shared.v_res.rank
+    mask, scale = case.mask(), case.D**-0.5
+    ref = reference_attention(q, view, mask, scale)
+    for knobs in ({}, dict(res_form="halves"), dict(res_form="joined"), dict(res_form="pairs", res_pack=2)):
+        torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_cascade_pack_refuses_what_is_not_a_power_of_two():

@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 import torch
 
-from cases import ATTN_CASES, LOW_DTYPES, LOWP_CASES, parametrize
+from cases import ATTN_CASES, LOW_DTYPES, LOWP_CASES, SPLIT_RANK_CASES, parametrize
 from forkkv_hf import reference_attention, residual_attention_torch
 from forkkv_hf.ops.dispatch import residual_attention, residual_attention_sdpa
 from views import padding_mask, random_view
@@ -36,6 +36,16 @@ def test_paths_match_reference_fp32(case, masked, path):
     out = PATHS[path](q, view, mask, scale)
     assert out.shape == (case.B, case.Q, case.H, case.D)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@parametrize("path", list(PATHS))
+@parametrize("case", SPLIT_RANK_CASES)
+def test_paths_with_k_and_v_residuals_of_different_ranks(case, path):
+    """Fitted residuals' ``k_rank``: the K and V stacks of different widths, masked."""
+    view, q = case.view(), case.query()
+    ref = reference_attention(q, view, case.mask(), case.D**-0.5)
+    torch.testing.assert_close(PATHS[path](q, view, case.mask(), case.D**-0.5), ref, rtol=1e-5, atol=1e-5)
+    assert view.shared.k_res.rank != view.shared.v_res.rank
 
 
 @parametrize("path", ["torch", "sdpa"])

@@ -27,6 +27,7 @@ def random_view(
     n_agents=2,
     rows=None,
     ranks=(4, 2),
+    v_ranks=None,
     k_res=True,
     v_res=True,
     bias=False,
@@ -35,7 +36,8 @@ def random_view(
     seed=0,
     res_scale=0.5,
 ):
-    """``rows``: slot per row (-1 = no residual); default cycles through the agents and one -1 row."""
+    """``rows``: slot per row (-1 = no residual); default cycles through the agents and one -1 row. ``ranks``: per
+    agent, of both residuals; ``v_ranks``: V's where they differ from K's (fitted residuals' ``k_rank``)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     if rows is None:
@@ -46,7 +48,7 @@ def random_view(
     key = rnd(1, Hkv, T, D).to(dtype)
     value = rnd(1, Hkv, T, D).to(dtype)
 
-    def residual():
+    def residual(ranks):
         r_max = max(ranks[:n_agents])
         r = r_max + bias
         u = torch.zeros(n_agents, T, r)
@@ -66,8 +68,8 @@ def random_view(
         value.to(device),
         cos.to(dtype).to(device),
         sin.to(dtype).to(device),
-        residual() if k_res else None,
-        residual() if v_res else None,
+        residual(ranks) if k_res else None,
+        residual(ranks if v_ranks is None else v_ranks) if v_res else None,
     )
     for res in (shared.k_res, shared.v_res):
         if res is not None:
