@@ -226,6 +226,23 @@ def score_ranks(pm, tok, data, agent: str, adapter: str, ranks: list[int], conte
             "full_width_kv_max_abs_diff": worst_full, "kv_width": width, **ends}
 
 
+def rank_pair_differences(hits: dict, clusters: list) -> dict:
+    """Paired differences (points, 95% scene-bootstrap intervals) between fitted variants that share a K rank, share
+    a V rank, or swap them: ``"rank_k64_v16 - rank_k16_v64"`` and so on, each pair once (the higher K rank first,
+    then the higher V rank)."""
+    from .metrics import paired_difference_ci
+
+    _, _, cells = _rank_grid({n: {"answer_exact": {"mean": 0.0}} for n in hits})
+    name = {kv: (f"rank_{kv[0]}" if kv[0] == kv[1] and f"rank_{kv[0]}" in hits else f"rank_k{kv[0]}_v{kv[1]}")
+            for kv in cells}
+    out = {}
+    for a in sorted(cells, reverse=True):
+        for b in sorted(cells, reverse=True):
+            if a > b and (a[0] == b[0] or a[1] == b[1] or a == b[::-1]):
+                out[f"{name[a]} - {name[b]}"] = pct(paired_difference_ci(hits[name[a]], hits[name[b]], clusters))
+    return out
+
+
 def _rank_grid(summary: dict) -> tuple[list[int], list[int], dict]:
     """``(K ranks, V ranks, {(k, v): score})`` of every fitted variant in ``summary`` (``rank_<r>`` is ``(r, r)``)."""
     cells = {}
@@ -296,7 +313,10 @@ def main(argv=None):
     ctx_ids = eval_scenes(data, args.agent, args.eval_contexts)[2]
     res = score_ranks(pm, tok, data, args.agent, "agent", args.ranks, ctx_ids, split_ranks(args.split_ranks))
     res["split_ranks"] = args.split_ranks
-    res["summary"] = summarize_hits(res["per_question"], question_contexts(data, args.agent, ctx_ids))
+    clusters = question_contexts(data, args.agent, ctx_ids)
+    res["summary"] = summarize_hits(res["per_question"], clusters)
+    if args.split_ranks:
+        res["paired_differences"] = rank_pair_differences(res["per_question"], clusters)
     out = {"benchmark": "fidelity_fitted_rank", "device": device_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "params": {k: str(v) for k, v in vars(args).items()}, "agent": args.agent,
            "lora_rank": pm.peft_config["agent"].r, **res, "seconds": round(time.perf_counter() - t0, 1)}
