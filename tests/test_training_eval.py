@@ -246,6 +246,7 @@ def test_fitted_residual_bound_ends_at_the_exact_and_the_naive_runs(quick_run, t
     n = len(res["per_question"]["exact"])
     assert n > 0 and all(len(v) == n for v in res["per_question"].values())
     assert set(res["summary"]) == {"exact", "forkkv", "naive", "rank_0", "rank_2", "rank_100000", "rank_k100000_v0"}
+    assert set(res["paired_differences"]) == {"rank_100000 - rank_k100000_v0", "rank_k100000_v0 - rank_0"}
     assert res["summary"]["exact"]["minus_exact"]["mean"] == 0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
