@@ -55,7 +55,7 @@ def test_full_width_fit_is_the_exact_run(agents):
     _assert_same(_gen(pm, inputs, names, fitted.fork(names)), exact, atol=1e-4)
 
 
-@pytest.mark.parametrize("rk,rv", [(3, 3), (2, 5)])
+@parametrize("rk,rv", [(3, 3), (2, 5)])
 def test_low_rank_fit_is_the_best_fit_of_its_size(agents, rk, rv):
     """Rank r stores ``u [T, r]`` and ``B [H_kv·D, r]``; its K/V error against the agent's own is Eckart-Young's:
     the tail of the singular values of ``own - base`` (K before RoPE), and below ForkKV's own residual's. The K
