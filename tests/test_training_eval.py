@@ -410,6 +410,15 @@ def test_fitted_variant_at_full_width_is_the_exact_run(quick_run, tmp_path):
     assert len({len(v) for v in by.values()}) == 1 and by["exact"]
     assert all(r["identical"] and r["kl"] < 1e-6 for r in by["fitted_100000"])
     assert max(r["kl"] for r in by["fitted_100000_1"]) > 1e-6  # K at full width, V at rank 1: not exact
+    # --agents: only these agents' questions (and adapters); unknown agents refused before the model loads
+    bad = subprocess.run(base + ["--variants", "exact", "--agents", "nobody"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown agents ['nobody']" in bad.stderr
+    subprocess.run(base + ["--variants", "exact", "fitted_1", "--agents", "next_speaker"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    records = json.loads(out.read_text())["extra"]["records"]
+    assert {r["agent"] for r in records} == {"next_speaker"} and {r["variant"] for r in records} == {"exact", "fitted_1"}
+    assert len(records) == 2 * len(by["exact"]) // 3  # this agent's share of the questions, two variants
     assert max(r["kl"] for r in by["forkkv"]) > 1e-6  # the smoke agents are ones ForkKV's residual is not exact for
 
 

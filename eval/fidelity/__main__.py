@@ -59,6 +59,15 @@ def run(args) -> Path:
         fitted_rank(v)  # unknown names refused before the model loads
     if "exact" not in variants:
         raise SystemExit("--variants must include exact (the reference every other variant is compared with)")
+    agents = list(tasks.AGENTS)
+    if args.agents:
+        unknown = sorted(set(args.agents) - set(tasks.AGENTS))
+        if unknown:
+            raise SystemExit(f"unknown agents {unknown}: the benchmark's agents are {list(tasks.AGENTS)}")
+        if args.adapters is None:
+            raise SystemExit("--agents evaluates some of the agents of saved adapters; pass --adapters DIR (training "
+                             "trains them all)")
+        agents = [a for a in tasks.AGENTS if a in args.agents]
     if args.teachers is not None and args.adapters is not None:
         raise SystemExit("--teachers (train the other kinds from loaded standard adapters) and --adapters (train "
                          "nothing) exclude each other; pass one")
@@ -73,6 +82,7 @@ def run(args) -> Path:
     if args.train_contexts:
         data["train"]["contexts"] = data["train"]["contexts"][: args.train_contexts]
     data["eval"]["contexts"] = data["eval"]["contexts"][args.first_eval_context :][: args.eval_contexts]
+    data["eval"]["examples"] = [ex for ex in data["eval"]["examples"] if ex["agent"] in agents]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     model, tok = load_smollm2() if args.smoke is None else smoke_model(args.smoke)
@@ -81,7 +91,7 @@ def run(args) -> Path:
                             lr=args.lr, seed=args.seed, time_budget_s=args.train_budget_s, tf32=args.tf32,
                             warmup=args.warmup if args.warmup is not None else 2 if args.quick else 20,
                             kinds=kinds)
-    names = [train.adapter_name(a, k) for a in tasks.AGENTS for k in cfg.kinds]
+    names = [train.adapter_name(a, k) for a in agents for k in cfg.kinds]
     if args.adapters is None:
         pm, training = train.train(model, tok, data, cfg, teachers=args.teachers)
         saved = args.adapters_out or (folder.parent / "adapters")
@@ -101,6 +111,7 @@ def run(args) -> Path:
               "device": device, "data": {f"{split}_{k}": len(v) for split, parts in data.items() for k, v in parts.items()},
               "sizes": sizes, "variants": list(variants), "max_new_tokens": args.max_new_tokens, "greedy": True,
               "eval_budget_s": args.eval_budget_s, "quick": args.quick, "first_eval_context": args.first_eval_context,
+              "agents": agents,
               "env": {k: os.environ.get(k) for k in ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND")}}
 
     def save(partial):
@@ -205,6 +216,8 @@ def main(argv=None):
     r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
     r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
     r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
+    r.add_argument("--agents", nargs="+", metavar="AGENT",
+                   help="with --adapters: evaluate only these agents' questions (and load only their adapters)")
     r.add_argument("--kinds", nargs="+", default=["standard", "forkkv"], metavar="KIND",
                    help="training kinds to train and evaluate: standard, forkkv, distill (default standard forkkv); "
                         "distill needs standard")
