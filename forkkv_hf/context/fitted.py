@@ -11,7 +11,8 @@ agent's full K/V alive at a time) and keeps, per layer and kind, the best rank-`
 and ``B = V_r`` ``[H_kv·D, r]``, the rCache layout every fork, kernel and memory report already reads. The shared
 base is untouched; at ``r = H_kv·D`` the fork reproduces the agent's own K/V (up to the cache dtype's rounding).
 K and V may take different ranks (``k_rank``): on that benchmark V's rank saturates at 16 while K's pays up to 64
-(K 64 / V 16 keeps 71.4, as much as 64 / 64), and a V rank costs the decode step more than a K rank.
+(K 64 / V 16 keeps 71.4, as many answers as 64 / 64, with 3x its KL from the exact run), and a V rank costs the
+decode step more than a K rank.
 Because the residual now depends on every LoRA weight of the agent (not only its K/V factors), the context's
 identity records all of them for fitted agents: a generate after any of them changes is refused.
 """
