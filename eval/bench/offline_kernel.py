@@ -80,6 +80,63 @@ def compile_kres(knobs: dict) -> dict:
     return {**out, **hot_loop(sass), "mma_serialised": sorted(set(re.findall(r"\((C751[2-6])\)", info)))}
 
 
+def _resources(kernel, opts: dict) -> dict:
+    """Registers, spill stack, shared memory and residency of a compiled kernel (cuobjdump's resource usage)."""
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(kv.split(":") for kv in next(line for line in usage.splitlines() if "REG:" in line).split())
+    out = {"regs": int(fields["REG"]), "spill_bytes": int(fields["STACK"]), "shared": kernel.metadata.shared,
+           "warps": opts["num_warps"], "stages": opts["num_stages"]}
+    out["programs_per_sm"] = resident_programs(out["regs"], out["warps"], out["shared"])
+    return out
+
+
+def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
+                   has_k: bool = True) -> dict:
+    """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``) for sm_90 at V rank
+    ``rank_v`` with these launch settings, the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its
+    resources, or the compiler's error (e.g. more shared memory than an SM has)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from forkkv_kernels.attention_common import pow2
+    from forkkv_kernels.cascade import _cascade_shared_kernel
+
+    ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
+           "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
+    ints = ["s_qb", "s_qh", "s_qq", "s_mb", "s_mq", "s_mt", "B", "T", "NQ", "RV", "split_len", "n_splits"]
+    order = ["Q", "s_qb", "s_qh", "s_qq", "KB", "VB", "R", "KSLOT", "UV", "VSLOT", "MASK", "s_mb", "s_mq", "s_mt",
+             "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
+    args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}
+    assert set(ints) <= set(args)
+    VPR, RVB = 4, pow2(rank_v)
+    n_sub = max(1, block_m // 16)
+    SB = block_m // n_sub
+    const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
+                 BLOCK_T=block_t, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
+                 HAS_K=has_k, HAS_V=True, HAS_MASK=False, DOT_PREC="tf32", UPCAST=False)
+    sig = {**args, **dict.fromkeys(const, "constexpr")}
+    names = list(sig)
+    divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len")]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(_cascade_shared_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer for that setting
+        return {"error": str(e).splitlines()[0][:200], "warps": num_warps, "stages": num_stages}
+    return {**_resources(kernel, opts), "acc_uv_values": n_sub * SB * const["SBC"]}
+
+
 def hot_loop(sass: str) -> dict:
     """Instruction counts of the hot loop of a kernel's SASS (the loop over one tile's KV heads: the longest loop whose
     body, between its label and the branch back to it, holds no other label; the end's one-instruction trap loop is
@@ -108,6 +165,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", help="JSON list of K-pass knob dicts (default: the sweep's kres candidates)")
     ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--shared-ranks", type=int, nargs="*", metavar="RV",
+                    help="instead: the shared kernel (base + V residual) at these V ranks, over BLOCK_M 64/32/16 and "
+                         "1-3 pipeline stages (16 agents' rule otherwise: 64-token tiles, 4 warps)")
     args = ap.parse_args(argv)
     import triton
 
@@ -115,6 +175,17 @@ def main(argv=None):
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
     print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
     rows = []
+    if args.shared_ranks:
+        for rv in args.shared_ranks:
+            for block_m in (64, 32, 16):
+                for stages in (3, 2, 1):
+                    rows.append({"rank_v": rv, "block_m": block_m, **compile_shared(rv, block_m, num_stages=stages)})
+                    print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"triton": triton.__version__, "target": "sm_90", "kernel": "_cascade_shared_kernel",
+                           "rows": rows}, f, indent=1)
+        return
     for knobs in json.loads(args.configs) if args.configs else CANDIDATES["kres"]:
         rows.append({"knobs": knobs, **compile_kres(knobs)})
         print(json.dumps(knobs, sort_keys=True), json.dumps({k: v for k, v in rows[-1].items() if k != "knobs"}),
