@@ -301,3 +301,10 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     # form (one rebuild and one score MMA group against two of each) and ptxas does not serialise its MMAs
     assert 0 < joined["loop_mma_waits"] < halves["loop_mma_waits"] and joined["mma_serialised"] == []
     assert halves["loop_instructions"] > 100 and halves["loop_rotation"] > 0 and halves["loop_local"] == 0
+    # the shared kernel at V rank 64 (fitted residuals): its P·u_v accumulator grows with BLOCK_M, and so do its spills
+    proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--shared-ranks", "64", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {(r["block_m"], r["stages"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 9 and rows[(64, 1)]["acc_uv_values"] == 4 * rows[(16, 1)]["acc_uv_values"] == 16384
+    assert rows[(16, 1)]["spill_bytes"] * 4 < rows[(64, 1)]["spill_bytes"], rows
