@@ -64,19 +64,14 @@ def compile_kres(knobs: dict) -> dict:
             f.write(kernel.asm["cubin"])
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
-                               text=True, check=True).stdout
         sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
         # ptxas's own report of the same PTX: its "Potential Performance Loss" lines say when it serialises MMAs
         reg_cap = [f"--maxrregcount={opts['maxnreg']}"] if "maxnreg" in opts else []
         info = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
                                os.path.join(tmp, "again.cubin"), *reg_cap], capture_output=True, text=True).stderr
-    fields = dict(kv.split(":") for kv in next(line for line in usage.splitlines() if "REG:" in line).split())
-    out = {"regs": int(fields["REG"]), "spill_bytes": int(fields["STACK"]), "shared": kernel.metadata.shared,
-           "warps": rule["res_warps"], "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
-           "mma_sync": kernel.asm["ptx"].count("mma.sync")}
-    out["programs_per_sm"] = resident_programs(out["regs"], out["warps"], out["shared"])
+    out = {k: v for k, v in _resources(kernel, opts).items() if k != "stages"}
+    out.update(wgmma=kernel.asm["ptx"].count("wgmma.mma_async"), mma_sync=kernel.asm["ptx"].count("mma.sync"))
     return {**out, **hot_loop(sass), "mma_serialised": sorted(set(re.findall(r"\((C751[2-6])\)", info)))}
 
 
