@@ -410,6 +410,9 @@ def test_fitted_variant_at_full_width_is_the_exact_run(quick_run, tmp_path):
     assert len({len(v) for v in by.values()}) == 1 and by["exact"]
     assert all(r["identical"] and r["kl"] < 1e-6 for r in by["fitted_100000"])
     assert max(r["kl"] for r in by["fitted_100000_1"]) > 1e-6  # K at full width, V at rank 1: not exact
+    pairs = {c["comparison"] for c in json.loads(out.read_text())["extra"]["comparisons"] if c["agent"] == "all"}
+    assert {"standard@fitted_100000 - standard@fitted_1", "standard@fitted_100000_1 - standard@fitted_100000",
+            "forkkv-trained@fitted_100000_1 - forkkv-trained@fitted_1"} <= pairs, pairs
     # --agents: only these agents' questions (and adapters); unknown agents refused before the model loads
     bad = subprocess.run(base + ["--variants", "exact", "--agents", "nobody"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

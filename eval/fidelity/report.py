@@ -65,12 +65,22 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     return rows
 
 
+def fitted_comparisons(records: list[dict]) -> list[tuple]:
+    """Every pair of fitted variants a run evaluated for one training kind, as :data:`COMPARISONS` entries (the
+    variant named first in the run first): e.g. ``standard@fitted_64_16 - standard@fitted_64``."""
+    combos = list(dict.fromkeys((r["kind"], r["variant"]) for r in records if r["variant"].startswith("fitted_")))
+    label = {"forkkv": "forkkv-trained", **LABELS}  # as COMPARISONS names the kinds
+    return [(f"{label.get(a[0], a[0])}@{a[1]} - {label.get(b[0], b[0])}@{b[1]}", a, b)
+            for i, b in enumerate(combos) for a in combos[i + 1:] if a[0] == b[0]]
+
+
 def comparisons(records: list[dict], n_boot: int = 2000) -> list[dict]:
-    """:data:`COMPARISONS` per agent and pooled: paired differences in exact match, F1 and KL, with intervals."""
+    """:data:`COMPARISONS` and the pairs of fitted variants (:func:`fitted_comparisons`) per agent and pooled: paired
+    differences in exact match, F1 and KL, with intervals."""
     out = []
     for agent in (*AGENTS, "all"):
         mine = [r for r in records if agent == "all" or r["agent"] == agent]
-        for name, a, b in COMPARISONS:
+        for name, a, b in (*COMPARISONS, *fitted_comparisons(records)):
             side_a = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == a}
             side_b = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == b}
             keys = [k for k in side_a if k in side_b]
@@ -160,6 +170,8 @@ def plot(res: BenchResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     agents = [a for a in (*AGENTS, "all") if any(r["agent"] == a for r in res.rows)]
+    if len(agents) == 2:  # one agent evaluated (run --agents): "all" would repeat it
+        agents = agents[:1]
     combos = list(dict.fromkeys((r["training"], r["inference"]) for r in res.rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=False)
     width = 0.8 / len(combos)
