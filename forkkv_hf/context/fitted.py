@@ -10,9 +10,9 @@ agent's full K/V alive at a time) and keeps, per layer and kind, the best rank-`
 (K taken back before RoPE; truncated SVD through the ``[H_kv·D]²`` Gram matrix in float64): ``u = M·V_r`` ``[T, r]``
 and ``B = V_r`` ``[H_kv·D, r]``, the rCache layout every fork, kernel and memory report already reads. The shared
 base is untouched; at ``r = H_kv·D`` the fork reproduces the agent's own K/V (up to the cache dtype's rounding).
-K and V may take different ranks (``k_rank``): on that benchmark V's rank saturates at 16 while K's pays up to 64
-(K 64 / V 16 keeps 71.4, as many answers as 64 / 64, with 3x its KL from the exact run), and a V rank costs the
-decode step more than a K rank.
+K and V may take different ranks (``k_rank``; a V rank costs the decode step more than a K rank): which kind needs
+the rank depends on the agent (on that benchmark ``next_speaker`` keeps at K 64 / V 16 the answers of 64 / 64,
+``next_line`` loses 6.2 points there and is exact only at 64 / 64).
 Because the residual now depends on every LoRA weight of the agent (not only its K/V factors), the context's
 identity records all of them for fitted agents: a generate after any of them changes is refused.
 """
