@@ -115,9 +115,9 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     step = (t2 - t1) / (n2 - n1)
     say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
         f", compile events {events}")
-    rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times, "first_call_s": first,
-           "first_call_extra_s": first - t2, "first_call_compile": compile_info, "step_ms": 1e3 * step,
-           "tok_s": rows / step if step > 0 else None, "compile_events_while_timed": events}
+    rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times,
+           "first_call_s": first, "first_call_extra_s": first - t2, "first_call_compile": compile_info,
+           "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None, "compile_events_while_timed": events}
     if host:
         try:
             rec["host_profile"] = host_profile(run, n1, n2)

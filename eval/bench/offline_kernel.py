@@ -107,11 +107,9 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
 
     ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
            "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
-    ints = ["s_qb", "s_qh", "s_qq", "s_mb", "s_mq", "s_mt", "B", "T", "NQ", "RV", "split_len", "n_splits"]
     order = ["Q", "s_qb", "s_qh", "s_qq", "KB", "VB", "R", "KSLOT", "UV", "VSLOT", "MASK", "s_mb", "s_mq", "s_mt",
              "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
-    args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}
-    assert set(ints) <= set(args)
+    args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}  # the rest: strides and sizes
     VPR, RVB = 4, pow2(rank_v)
     n_sub = max(1, block_m // 16)
     SB = block_m // n_sub

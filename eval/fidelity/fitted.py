@@ -232,26 +232,31 @@ def rank_pair_differences(hits: dict, clusters: list) -> dict:
     then the higher V rank)."""
     from .metrics import paired_difference_ci
 
-    _, _, cells = _rank_grid({n: {"answer_exact": {"mean": 0.0}} for n in hits})
-    name = {kv: (f"rank_{kv[0]}" if kv[0] == kv[1] and f"rank_{kv[0]}" in hits else f"rank_k{kv[0]}_v{kv[1]}")
-            for kv in cells}
+    name = fitted_pairs(hits)
     out = {}
-    for a in sorted(cells, reverse=True):
-        for b in sorted(cells, reverse=True):
+    for a in sorted(name, reverse=True):
+        for b in sorted(name, reverse=True):
             if a > b and (a[0] == b[0] or a[1] == b[1] or a == b[::-1]):
                 out[f"{name[a]} - {name[b]}"] = pct(paired_difference_ci(hits[name[a]], hits[name[b]], clusters))
     return out
 
 
-def _rank_grid(summary: dict) -> tuple[list[int], list[int], dict]:
-    """``(K ranks, V ranks, {(k, v): score})`` of every fitted variant in ``summary`` (``rank_<r>`` is ``(r, r)``)."""
-    cells = {}
-    for name, s in summary.items():
+def fitted_pairs(names) -> dict[tuple[int, int], str]:
+    """``{(K rank, V rank): variant}`` of the fitted variants among ``names``: ``rank_<r>`` is ``(r, r)`` (and wins
+    over a ``rank_k<r>_v<r>`` of the same ranks), ``rank_k<K>_v<V>`` as :func:`split_ranks` names them."""
+    out = {}
+    for name in names:
         parts = name.split("_")[1:]
         if name.startswith("rank_") and len(parts) == 1 and parts[0].isdigit():
-            cells[(int(parts[0]),) * 2] = s["answer_exact"]["mean"]
+            out[(int(parts[0]),) * 2] = name
         elif name.startswith("rank_k") and len(parts) == 2:
-            cells[(int(parts[0][1:]), int(parts[1][1:]))] = s["answer_exact"]["mean"]
+            out.setdefault((int(parts[0][1:]), int(parts[1][1:])), name)
+    return out
+
+
+def _rank_grid(summary: dict) -> tuple[list[int], list[int], dict]:
+    """``(K ranks, V ranks, {(k, v): score})`` of every fitted variant in ``summary`` (:func:`fitted_pairs`)."""
+    cells = {kv: summary[name]["answer_exact"]["mean"] for kv, name in fitted_pairs(summary).items()}
     return sorted({k for k, _ in cells}), sorted({v for _, v in cells}), cells
 
 
