@@ -91,10 +91,12 @@ def test_bench_decode_tiny(tmp_path):
         assert r["generate_s"][1] == pytest.approx(sum(r["generate_each_s"]["n2"]) / 2, abs=1e-3), r  # median of 2
     for r in res.rows[2:4]:
         assert r["first_divergence_vs_eager"] == [4, 4], r  # every new token the same as eager
-        assert r["compile_events_while_timed"] == {}, r  # warm calls: no recompile, no new graph
+        assert r["events_while_timed"] == {}, r  # warm calls: no recompile, no new graph
+        assert r["events_each_call"] == {"n1": [{}, {}], "n2": [{}, {}]} and r["triton_compiled_while_timed"] == []
+        assert all(len(c) == 2 and c[0] >= 0 for calls in r["full_gc_each_call"].values() for c in calls), r
     compiled, eager = res.rows[2]["first_call_compile"], res.rows[4]["first_call_compile"]
     assert any("compile_inner" in k and v > 0 for k, v in compiled["seconds"].items()), compiled
-    assert compiled["counts"]["stats.unique_graphs"] >= 1 and eager == {"seconds": {}, "counts": {}}
+    assert compiled["counts"]["stats.unique_graphs"] >= 1 and eager["seconds"] == {} and eager["counts"] == {}
 
 
 @pytest.mark.slow
@@ -244,6 +246,43 @@ def test_kernel_bench_helpers_on_cpu():
     assert f["floor_base_s"] < f["floor_v_s"] < f["floor_s"] and f["bytes_base"] < f["bytes_v"] < f["bytes"]
     f4 = floors(32768, 32, {"hbm_bytes_per_s": 4e12, "bf16_flops_per_s": 7e14}, queries=4)
     assert f4["flops_base"] == 4 * f["flops_base"] and f["flops"] < f4["flops"] < 4 * f["flops"]  # one K rebuild
+
+
+def test_triton_compile_watch_counts_and_chains(monkeypatch):
+    """The decode benchmark's Triton JIT watch: each compile the hook sees is one more ``triton.jit_compiles`` in the
+    counters, named in TRITON_COMPILES, and a hook set before it still runs (installed once however often asked)."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from eval.bench import measure
+
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append(kw["repr"]))
+    monkeypatch.setattr(measure, "TRITON_COMPILES", [])
+    assert measure.watch_triton_compiles() and measure.watch_triton_compiles()
+    before = measure.compile_counters()
+    knobs.runtime.jit_post_compile_hook(key="k", repr="_kernel[num_warps=4](x: *bf16)",
+                                        fn=SimpleNamespace(name="_kernel"), compile={}, is_manual_warmup=False,
+                                        already_compiled=False)
+    assert measure.counters_since(before) == {"triton.jit_compiles": 1}
+    assert measure.TRITON_COMPILES == ["_kernel: _kernel[num_warps=4](x: *bf16)"] and len(seen) == 1
+
+
+def test_full_collections_counts_only_generation_two():
+    """The decode benchmark's GC watch: a full collection inside it counts with its time, a young one does not, and
+    it leaves gc.callbacks as it found them."""
+    import gc
+
+    from eval.bench.measure import FullCollections
+
+    callbacks = list(gc.callbacks)
+    with FullCollections() as young:
+        gc.collect(0)
+    with FullCollections() as full:
+        gc.collect()
+    assert (young.collections, young.seconds) == (0, 0.0) and full.collections == 1 and full.seconds > 0
+    assert gc.callbacks == callbacks
 
 
 @pytest.mark.version_independent

@@ -16,6 +16,11 @@ per-step hooks or synchronisation:
   ``first_call_compile``: dynamo's timed phases within it and the compile caches' hits and misses;
   ``--first-call-only`` in a later process times it again with the compile caches an earlier run left on disk
   (Triton's kernel cache and inductor's FX-graph cache, on by default), as a user's second run meets it;
+- what happened inside the timed calls: ``events_while_timed`` over all of them, ``events_each_call`` per call (in
+  the order of ``generate_each_s``): recompiles, new graphs, CUDA-graph skips and re-recordings, Triton JIT compiles
+  of our kernels (``triton_compiled_while_timed`` names them) and the CUDA allocator's device allocations and
+  retries (``measure.compile_counters``); a warm call should show none; ``full_gc_each_call``: per call, Python's
+  full garbage collections inside it and their seconds (``measure.FullCollections``);
 - ``peak_gib``: the case's peak allocator memory (``max_memory_allocated``: the model and its adapters, the shared
   context, the calls, CUDA-graph pools); ``--budget-gib`` caps the GPU at that much (a case that does not fit is
   recorded as ``oom``), e.g. 60 for the capacity row of the end-to-end benchmark;
@@ -36,6 +41,7 @@ transformers-alone anchors (no PEFT, one row, measured first on the plain model)
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -43,8 +49,8 @@ import torch
 
 from forkkv_hf.config import get_config
 
-from .measure import (KERNEL_FAMILIES, compile_counters, counters_since, free_memory, kernel_seconds_by_family,
-                      kernels_by_name, sync)
+from .measure import (KERNEL_FAMILIES, TRITON_COMPILES, FullCollections, compile_counters, counters_since,
+                      free_memory, kernel_seconds_by_family, kernels_by_name, sync, watch_triton_compiles)
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -93,31 +99,49 @@ def _gpu_seconds(run, n: int) -> dict:
 
 
 def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False,
-            log: str | None = None) -> tuple[dict, object]:
+            log: str | None = None, freeze_gc: bool = False) -> tuple[dict, object]:
     """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
     the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
     ``host``: also the host's per-step profile (:func:`host_profile`); ``log``: a name to print each phase's end
-    with. Returns the measurements and the last ``n2`` output."""
+    with; ``freeze_gc``: ``gc.freeze()`` after the warm-up (what was allocated so far, the compiled graphs among it,
+    leaves the collector's walks; undone at the end). Returns the measurements and the last ``n2`` output."""
     say = (lambda what: print(f"{log}: {what} ({time.strftime('%H:%M:%S')})", flush=True)) if log else \
         (lambda what: None)
+    watch_triton_compiles()
+    jits = len(TRITON_COMPILES)
     first, out, compile_info = _first_call(run, n2)
+    compile_info["triton_jit_compiles"] = len(TRITON_COMPILES) - jits
     say(f"first call {first:.1f} s: {compile_info}")
     _wall(run, n1)
-    before = compile_counters()
-    t1, t2 = [], []
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+    before, jits = compile_counters(), len(TRITON_COMPILES)
+    times = {n1: [], n2: []}
+    each = {"n1": [], "n2": []}  # per timed call, in the order of generate_each_s: what happened inside it
+    full_gc = {"n1": [], "n2": []}  # per timed call: [full collections, their seconds]
     for _ in range(reps):
-        t1.append(_wall(run, n1)[0])
-        dt, out = _wall(run, n2)
-        t2.append(dt)
+        for n, key in ((n1, "n1"), (n2, "n2")):
+            call_before = compile_counters()
+            with FullCollections() as gcs:
+                dt, o = _wall(run, n)
+            times[n].append(dt)
+            each[key].append(counters_since(call_before))
+            full_gc[key].append([gcs.collections, round(gcs.seconds, 4)])
+            out = o if n == n2 else out
     events = counters_since(before)  # over the timed calls: a warm step should add none
-    all_times = {"n1": [round(t, 4) for t in t1], "n2": [round(t, 4) for t in t2]}
-    t1, t2 = statistics.median(t1), statistics.median(t2)  # of an even count: the mean of the middle two
+    all_times = {"n1": [round(t, 4) for t in times[n1]], "n2": [round(t, 4) for t in times[n2]]}
+    t1, t2 = statistics.median(times[n1]), statistics.median(times[n2])  # of an even count: the middle two's mean
     step = (t2 - t1) / (n2 - n1)
     say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
-        f", compile events {events}")
+        f" (each {all_times}), events {events}")
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times,
            "first_call_s": first, "first_call_extra_s": first - t2, "first_call_compile": compile_info,
-           "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None, "compile_events_while_timed": events}
+           "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None, "events_while_timed": events,
+           "events_each_call": each, "triton_compiled_while_timed": TRITON_COMPILES[jits:],
+           "full_gc_each_call": full_gc, "gc_frozen": gc.get_freeze_count() if freeze_gc else None}
+    if freeze_gc:
+        gc.unfreeze()
     if host:
         try:
             rec["host_profile"] = host_profile(run, n1, n2)
@@ -262,7 +286,8 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
         print(f"forkkv N={len(names)} compile={compile_on}: shared context built, measuring "
               f"({time.strftime('%H:%M:%S')})", flush=True)  # a case cut by a call's limit still says how far it got
         rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile,
-                           compile_on and args.host_profile, log=f"forkkv N={len(names)} compile={compile_on}")
+                           compile_on and args.host_profile, log=f"forkkv N={len(names)} compile={compile_on}",
+                           freeze_gc=args.freeze_gc)
         if compile_on:  # the step of each row's first token that differs from eager's (n2: none); random bf16
             # weights give near-ties, so rows part after some steps: the GPU pass-rule test judges those partings
             same = (gen(args.tokens[1], c=False) == out)[:, inputs["input_ids"].shape[1]:].long()
@@ -321,6 +346,9 @@ def main(argv=None):
                     help="0: ForkKV's own residuals; r > 0: the agents' residuals fitted to their own pass at rank r "
                          "(SharedContext.fit_residuals), rows 'forkkv, fitted rank r'; K:V (e.g. 16:64): the K "
                          "residual at rank K, V's at rank V, rows 'forkkv, fitted ranks K/V'")
+    ap.add_argument("--freeze-gc", action="store_true",
+                    help="ForkKV rows: gc.freeze() after the warm-up call, as a serving loop would after compiling "
+                         "(full garbage collections then skip the compiled graphs); records gc_frozen")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of this module")
     ap.add_argument("--out", default=None)
@@ -345,7 +373,7 @@ def main(argv=None):
     params = {"model": {"shape": "tiny" if args.tiny else "Llama-3.1-8B", "layers": args.layers, "dtype": str(dtype),
                         "lora": "rank 16 on q/k/v/o"},
               "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps, "budget_gib": args.budget_gib,
-              "adapters_loaded": max(n_max, args.adapters or 0),
+              "freeze_gc": args.freeze_gc, "adapters_loaded": max(n_max, args.adapters or 0),
               "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)",
               "compile_regions": get_config().compile_regions}
     run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,

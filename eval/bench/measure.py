@@ -128,10 +128,69 @@ def kernels_by_name(prof) -> dict:
     return out
 
 
+class FullCollections:
+    """While active (``with``): the full (generation 2) collections of Python's cyclic garbage collector, their count
+    ``collections`` and wall time ``seconds``. A full collection walks every tracked object, and after a
+    ``torch.compile`` there are millions (graphs, guards, code objects): one inside a timed call is a host pause that
+    the counters of :func:`compile_counters` do not see."""
+
+    def __init__(self):
+        self.collections, self.seconds, self._start = 0, 0.0, None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.collections += 1
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+        return False
+
+
+#: ``"name: repr"`` of every ``@triton.jit`` compile in this process since :func:`watch_triton_compiles`
+TRITON_COMPILES: list[str] = []
+
+
+def watch_triton_compiles() -> bool:
+    """Record each Triton JIT compile of a ``@triton.jit`` kernel launched through its ``JITFunction`` (ours; inductor's
+    generated kernels compile apart and show in dynamo's counters) in :data:`TRITON_COMPILES`, through
+    ``triton.knobs.runtime.jit_post_compile_hook`` (Triton 3.4+), after any hook already set. Idempotent; False where
+    this Triton has no such hook."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    rt = getattr(knobs, "runtime", None)
+    if rt is None or not hasattr(rt, "jit_post_compile_hook"):
+        return False
+    prev = rt.jit_post_compile_hook
+    if getattr(prev, "forkkv_watch", False):
+        return True
+
+    def hook(**kw):
+        TRITON_COMPILES.append(f"{getattr(kw.get('fn'), 'name', '?')}: {str(kw.get('repr', ''))[:400]}")
+        return prev(**kw) if prev is not None else None
+
+    hook.forkkv_watch = True
+    rt.jit_post_compile_hook = hook
+    return True
+
+
 def compile_counters() -> dict:
-    """A snapshot of the compile events a decode step can hide behind: dynamo's graphs and recompiles, inductor's
+    """A snapshot of the events a warm decode step can hide behind: dynamo's graphs and recompiles, inductor's
     CUDA-graph skips (a skipped graph runs its kernels one launch at a time; a function whose static inputs moved
-    more than ``cudagraph_unexpected_rerecord_limit`` times is skipped too) and re-recordings on non-static inputs.
+    more than ``cudagraph_unexpected_rerecord_limit`` times is skipped too) and re-recordings on non-static inputs,
+    Triton JIT compiles of our kernels (once :func:`watch_triton_compiles` ran) and the CUDA caching allocator's
+    device allocations and retries (a ``cudaMalloc``, or a retry that frees cached blocks, inside a step).
     :func:`counters_since` gives what happened after it."""
     from torch._dynamo.utils import counters
 
@@ -139,6 +198,11 @@ def compile_counters() -> dict:
     snap["stats.unique_graphs"] = counters["stats"].get("unique_graphs", 0)
     snap["recompiles"] = sum(counters["recompiles"].values())
     snap["graph_breaks"] = sum(counters["graph_break"].values())
+    snap["triton.jit_compiles"] = len(TRITON_COMPILES)
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        snap["cuda.device_allocs"] = stats.get("num_device_alloc", stats.get("segment.all.allocated", 0))
+        snap["cuda.alloc_retries"] = stats.get("num_alloc_retries", 0)
     return snap
 
 
