@@ -55,7 +55,8 @@ CANDIDATES = {
     # part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere. v12: several decode rows per program
     # (``merge_rows``: 16 real query vectors instead of 4 and 12 padding rows), against both rules in the same run
     "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1},
-              {"merge_rows": 4, "merge_chunk": 1, "merge_unroll": 2}, {"merge_rows": 4, "merge_chunk": 16, "merge_unroll": 1},
+              {"merge_rows": 4, "merge_chunk": 1, "merge_unroll": 2},
+              {"merge_rows": 4, "merge_chunk": 16, "merge_unroll": 1},
               {"merge_rows": 4, "merge_chunk": 4, "merge_unroll": 1},
               {"merge_rows": 4, "merge_chunk": 1, "merge_unroll": 2, "merge_block_t": 16},
               {"merge_rows": 4, "merge_chunk": 16, "merge_unroll": 1, "merge_block_t": 16},
