@@ -139,29 +139,25 @@ def _private_merge_kernel(
     MASK, s_mb, s_mq, s_mt,
     M_WS, L_WS, ACC_WS, UV_WS,
     OUT, s_ob, s_oq, s_oh,
-    B, T, P, NQ, H, RV, n_splits, qk_scale,
+    T, P, NQ, H, RV, n_splits, qk_scale,
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
-    QPB: tl.constexpr, RPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
-    # RPP rows per program, each with QPB queries x G heads of one KV head: vector v is (row rl, query ql, head g);
-    # the private tiles hold BLOCK_T tokens of each of the RPP rows side by side, a vector scoring only its own row's
-    row0 = tl.program_id(0) * RPP
+    row = tl.program_id(0)
     hkv = tl.program_id(1)
     qb = tl.program_id(2)
     v = tl.arange(0, BLOCK_M)
-    rl = v // (G * QPB)
     g = v % G
-    ql = (v // G) % QPB
-    row = row0 + rl
+    ql = v // G
     qi = qb * QPB + ql
-    valid = (rl < RPP) & (row < B) & (qi < NQ)
+    valid = (ql < QPB) & (qi < NQ)
     head = hkv * G + g
     d = tl.arange(0, HALF_B)
     dm = d < HALF
     qmask = valid[:, None] & dm[None, :]
-    q_ptr = Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
+    q_ptr = Q + row * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
     q_lo = tl.load(q_ptr, mask=qmask, other=0.0)
     q_hi = tl.load(q_ptr + HALF, mask=qmask, other=0.0)
     dtype = q_lo.dtype
@@ -170,30 +166,25 @@ def _private_merge_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
-    j = tl.arange(0, RPP * BLOCK_T)
-    row_j = row0 + j // BLOCK_T
     for t0 in range(0, P, BLOCK_T):
-        t = t0 + j % BLOCK_T
-        tm = (t < P) & (row_j < B)
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < P
         kmask = tm[:, None] & dm[None, :]
-        k_ptr = KP + row_j[:, None] * s_kpb + hkv * s_kph + t[:, None] * s_kpt + d[None, :]
+        k_ptr = KP + row * s_kpb + hkv * s_kph + t[:, None] * s_kpt + d[None, :]
         k_lo = tl.load(k_ptr, mask=kmask, other=0.0)
         k_hi = tl.load(k_ptr + HALF, mask=kmask, other=0.0)
         s = mma(q_lo, tl.trans(k_lo), DOT_PREC, UPCAST)
         s += mma(q_hi, tl.trans(k_hi), DOT_PREC, UPCAST)
         s = s * qk_scale
         allowed = valid[:, None] & tm[None, :]
-        if RPP > 1:
-            allowed = allowed & (row[:, None] == row_j[None, :])
         if HAS_MASK:
-            mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + (T + t[None, :]) * s_mt, mask=allowed,
-                         other=0)
+            mk = tl.load(MASK + row * s_mb + qi[:, None] * s_mq + (T + t[None, :]) * s_mt, mask=allowed, other=0)
             allowed = allowed & (mk != 0)
         else:  # causal, bottom-right aligned: query qi is private token P - NQ + qi
             allowed = allowed & (t[None, :] <= (P - NQ + qi)[:, None])
         p, alpha, m_new, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, 1)
         pd = p.to(dtype)
-        v_ptr = VP + row_j[:, None] * s_vpb + hkv * s_vph + t[:, None] * s_vpt + d[None, :]
+        v_ptr = VP + row * s_vpb + hkv * s_vph + t[:, None] * s_vpt + d[None, :]
         v_lo = tl.load(v_ptr, mask=kmask, other=0.0)
         v_hi = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
         acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, DOT_PREC, UPCAST)
@@ -222,21 +213,17 @@ def _private_merge_kernel(
     out_lo = acc_lo * inv_l[:, None]
     out_hi = acc_hi * inv_l[:, None]
     if HAS_V_RES:
-        puv = acc_uv * inv_l[:, None]
-        for r in tl.static_range(RPP):
-            if row0 + r < B:
-                vslot = tl.load(ROW_VSLOT + row0 + r)
-                if vslot >= 0:
-                    # P·V_row = P·V_base + (P·u_v) B_vᵀ: the V residual applied once, after the softmax, to the
-                    # vectors of row r (the other rows' vectors multiply zeros)
-                    bv_ptr = BV + vslot * s_bvn + (hkv * 2 * HALF + d[:, None]) * s_bvo + rv[None, :]
-                    bv_mask = dm[:, None] & (rv[None, :] < RV)
-                    bv_lo = tl.load(bv_ptr, mask=bv_mask, other=0.0).to(tl.float32)
-                    bv_hi = tl.load(bv_ptr + HALF * s_bvo, mask=bv_mask, other=0.0).to(tl.float32)
-                    puv_r = tl.where((rl == r)[:, None], puv, 0.0) if RPP > 1 else puv
-                    out_lo += mma(puv_r, tl.trans(bv_lo), "ieee", UPCAST)
-                    out_hi += mma(puv_r, tl.trans(bv_hi), "ieee", UPCAST)
-    o_ptr = OUT + row[:, None] * s_ob + qi[:, None] * s_oq + head[:, None] * s_oh + d[None, :]
+        vslot = tl.load(ROW_VSLOT + row)
+        if vslot >= 0:
+            # P·V_row = P·V_base + (P·u_v) B_vᵀ: the V residual applied once, after the softmax
+            bv_ptr = BV + vslot * s_bvn + (hkv * 2 * HALF + d[:, None]) * s_bvo + rv[None, :]
+            bv_mask = dm[:, None] & (rv[None, :] < RV)
+            bv_lo = tl.load(bv_ptr, mask=bv_mask, other=0.0).to(tl.float32)
+            bv_hi = tl.load(bv_ptr + HALF * s_bvo, mask=bv_mask, other=0.0).to(tl.float32)
+            puv = acc_uv * inv_l[:, None]
+            out_lo += mma(puv, tl.trans(bv_lo), "ieee", UPCAST)
+            out_hi += mma(puv, tl.trans(bv_hi), "ieee", UPCAST)
+    o_ptr = OUT + row * s_ob + qi[:, None] * s_oq + head[:, None] * s_oh + d[None, :]
     tl.store(o_ptr, out_lo.to(OUT.dtype.element_ty), mask=qmask)
     tl.store(o_ptr + HALF, out_hi.to(OUT.dtype.element_ty), mask=qmask)
 
@@ -347,18 +334,15 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
                          merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None,
-                         merge_chunk: int = 1, merge_rows: int = 1):
+                         merge_chunk: int = 1):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
     ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
     partials one step loads together and merges with one max: a power of two; 1, one split per step; a chunk wider
     than the splits runs as the split count rounded up to a power of two, the rest being masked lanes),
-    ``merge_block_t`` private tokens per tile (default ``block_t``), ``merge_rows`` rows per program (a power of two;
-    where a row has fewer than 16 query vectors per KV head, the MMA's least, several rows fill one program instead
-    of padding: their private tiles side by side, each vector scoring only its own row's tokens; used only where
-    all of a row's queries fit one program, ``merge_rows`` x ``NQ`` x G <= 64, else 1). Returns the output
-    ``[B, NQ, H, D]``; also the compiled kernel (resource reports)."""
+    ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the
+    compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
     G, HALF = H // Hkv, D // 2
@@ -370,19 +354,11 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     out = torch.empty(B, NQ, H, D, device=q.device, dtype=q.dtype)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     bv_s = (v_B.stride(0), v_B.stride(1)) if has_v else (0, 0)
-    if merge_rows < 1 or merge_rows & (merge_rows - 1):
-        raise ValueError(f"merge_rows={merge_rows}; give a power of two (1: one row per program)")
-    rpp = merge_rows if merge_rows * NQ * G <= 64 else 1
-    rpp = min(rpp, pow2(B, 1))
-    if rpp > 1:
-        qpb = NQ
-        BLOCK_M = pow2(rpp * G * NQ)
-    else:
-        BLOCK_M = pow2(G * min(NQ, max(1, 64 // G)))
-        qpb = max(1, BLOCK_M // G)
+    BLOCK_M = pow2(G * min(NQ, max(1, 64 // G)))
+    qpb = max(1, BLOCK_M // G)
     m_ws, l_ws, acc_ws, uv_ws = ws
     kernel = launch(
-        _private_merge_kernel, (cdiv(B, rpp), Hkv, cdiv(NQ, qpb)), q, q.stride(0), q.stride(1), q.stride(2),
+        _private_merge_kernel, (B, Hkv, cdiv(NQ, qpb)), q, q.stride(0), q.stride(1), q.stride(2),
         k_priv, k_priv.stride(0), k_priv.stride(1), k_priv.stride(2),
         v_priv, v_priv.stride(0), v_priv.stride(1), v_priv.stride(2),
         v_B if has_v else q, *bv_s,
@@ -390,9 +366,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         mask if mask is not None else q, *ms,
         m_ws, l_ws, acc_ws, uv_ws,
         out, out.stride(0), out.stride(1), out.stride(2),
-        B, T, P, NQ, H, RV, n_splits, qk_scale,
-        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, RPP=rpp, BLOCK_M=BLOCK_M,
-        BLOCK_T=merge_block_t or block_t,
+        T, P, NQ, H, RV, n_splits, qk_scale,
+        G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
         HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
         MERGE_CHUNK=merge_chunk, num_warps=merge_warps, num_stages=merge_stages,
     )

@@ -158,15 +158,6 @@ LAUNCH_KNOBS = [
     (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(merge_chunk=16, merge_unroll=2, n_splits=50)),
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_chunk=8, n_splits=2)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_chunk=4, n_splits=9)),
-    # several rows per merge program (their private tiles side by side): a last program with one real row, a row
-    # without an agent, ranks that differ by agent, GQA 3 with 4 queries per row (two rows of 12 vectors), more rows
-    # asked than there are, and more than fit (one row per program then)
-    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_rows=4, merge_block_t=16)),
-    (AttnCase(B=9, H=16, Hkv=2, D=16, T=450, P=2, N=3, ranks=(16, 4, 2), rows=(0, 1, 2, 0, 1, 2, -1, 0, 0)),
-     dict(merge_rows=2, merge_chunk=4, n_splits=5)),
-    (AttnCase(B=2, H=6, Hkv=2, D=48, T=200, P=6, Q=4), dict(merge_rows=4, merge_block_t=16)),
-    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_rows=8, merge_unroll=2)),
-    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, Q=9), dict(merge_rows=16)),
 ]
 
 

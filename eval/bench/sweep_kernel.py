@@ -52,15 +52,10 @@ CANDIDATES = {
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule now); its warps, stages and private tile changed nothing; the private
-    # part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere. v12: several decode rows per program
-    # (``merge_rows``: 16 real query vectors instead of 4 and 12 padding rows), against both rules in the same run
-    "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1},
-              {"merge_rows": 4, "merge_chunk": 1, "merge_unroll": 2},
-              {"merge_rows": 4, "merge_chunk": 16, "merge_unroll": 1},
-              {"merge_rows": 4, "merge_chunk": 4, "merge_unroll": 1},
-              {"merge_rows": 4, "merge_chunk": 1, "merge_unroll": 2, "merge_block_t": 16},
-              {"merge_rows": 4, "merge_chunk": 16, "merge_unroll": 1, "merge_block_t": 16},
-              {"merge_rows": 2, "merge_chunk": 1, "merge_unroll": 2}],
+    # part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere; several decode rows per program (v12,
+    # sweep_kernel_v12_nvidia_h200.json; removed since: commit 458e02a) changed nothing measurable. Both rules, for a
+    # same-run comparison
+    "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1}],
 }
 STAGE_VARIANTS = {"kres": ["kv"], "shared": ["kv", "v", "base"], "merge": ["kv", "v", "base"],
                   "combined": ["kv", "v", "base"]}
