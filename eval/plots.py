@@ -4,7 +4,8 @@
 
 Benchmark results (the one schema, :mod:`eval.bench.schema`) are drawn by benchmark: ``bench_kernel``, ``bench_lora``
 and ``bench_e2e`` sweeps (a file whose lines would all have fewer than three points is a rerun for a README table,
-not drawn), and ``profile_kernel`` results (a call's stages, stacked); ``quality*.json`` is the fidelity report of
+not drawn), ``bench_decode`` files that record each call's garbage collections (every timed call), and
+``profile_kernel`` results (a call's stages, stacked); ``quality*.json`` is the fidelity report of
 ``python -m eval.quality``.
 """
 
@@ -207,6 +208,35 @@ def plot_profile(path, res: BenchResult) -> Path:
     return save_figure(fig, path)
 
 
+def plot_decode_calls(path, res: BenchResult) -> Path:
+    """Each timed ``generate`` call of a decode benchmark in the order run (the short and the long call of each
+    repetition), with the part of it Python's full garbage collections took stacked on top in red: one panel per
+    row."""
+    rows = [r for r in res.rows if "full_gc_each_call" in r]
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        calls = [(f"{r[key]}", t, gc[1]) for i in range(r["reps"]) for key in ("n1", "n2")
+                 for t, gc in [(r["generate_each_s"][key][i], r["full_gc_each_call"][key][i])]]
+        labelled = False
+        for x, (n, t, gc_s) in enumerate(calls):
+            colour = "tab:blue" if n == str(r["n1"]) else "tab:green"
+            ax.bar(x, t - gc_s, color=colour, label=f"{n} new tokens" if x < 2 else None)
+            if gc_s > 0:
+                ax.bar(x, gc_s, bottom=t - gc_s, color="tab:red", label=None if labelled else "full garbage collection")
+                ax.text(x, t, f"{gc_s:.2f} s", ha="center", va="bottom", fontsize=7)
+                labelled = True
+        ax.set_ylim(0, 1.45 * max(t for _, t, _ in calls))
+        ax.set_xticks(range(len(calls)), [str(i // 2 + 1) for i in range(len(calls))], fontsize=7)
+        ax.set_xlabel("repetition")
+        ax.set_title(f"{r['system']}, {r['agents']} agents, {r['context'] // 1024}K", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
+    axes[0][0].set_ylabel("generate call, s")
+    frozen = "gc.freeze() after the warm-up" if res.params.get("freeze_gc") else "the collector as Python sets it"
+    fig.suptitle(f"Timed decode calls with {frozen} — {res.device.get('gpu', 'CPU')}", fontsize=10)
+    return save_figure(fig, path)
+
+
 #: benchmark -> (its plot, the row fields that name one line of it, the row field along the x axis)
 BENCH_PLOTS = {"bench_kernel": (plot_kernel, ("context",), "agents"),
                "bench_lora": (plot_lora, ("path", "mix"), "rows"),
@@ -227,11 +257,12 @@ def plot_all(results: Path = RESULTS) -> list[Path]:
     made = []
     for path in sorted(results.glob("bench_*.json")):
         res = load(path)
-        if res.benchmark not in BENCH_PLOTS:
-            continue
-        plot, series, axis = BENCH_PLOTS[res.benchmark]
-        if is_sweep(res, series, axis):
-            made.append(plot(path, res))
+        if res.benchmark in BENCH_PLOTS:
+            plot, series, axis = BENCH_PLOTS[res.benchmark]
+            if is_sweep(res, series, axis):
+                made.append(plot(path, res))
+        elif res.benchmark == "bench_decode" and any("full_gc_each_call" in r for r in res.rows):
+            made.append(plot_decode_calls(path, res))
     for path in sorted(results.glob("profile_kernel*.json")):
         made.append(plot_profile(path, load(path)))
     for path in sorted(results.glob("quality*.json")):
