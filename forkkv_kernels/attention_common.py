@@ -130,6 +130,27 @@ def _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, s0, n_splits, valid, m_i, l_i
 
 
 @triton.jit
+def _merge_splits(M_WS, L_WS, ACC_WS, UV_WS, wbase, n_splits, valid, m_i, l_i, acc_lo, acc_hi, acc_uv,
+                  HALF_B: tl.constexpr, RVB: tl.constexpr, HAS_V_RES: tl.constexpr, MERGE_UNROLL: tl.constexpr,
+                  MERGE_CHUNK: tl.constexpr):
+    """Merge every split's partials (entries ``wbase + split``) into the running (m, l, acc, acc_uv)."""
+    if MERGE_CHUNK > 1:  # MERGE_CHUNK splits per step, loaded together (no chain of dependent loads over the splits)
+        for sp in tl.range(0, n_splits, MERGE_CHUNK, loop_unroll_factor=MERGE_UNROLL):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, sp, n_splits, valid, m_i,
+                                                            l_i, acc_lo, acc_hi, acc_uv, HALF_B, RVB, MERGE_CHUNK,
+                                                            HAS_V_RES)
+    elif MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
+        for sp in tl.range(0, n_splits, loop_unroll_factor=MERGE_UNROLL):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
+                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
+    else:
+        for sp in range(0, n_splits):
+            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
+                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
+    return m_i, l_i, acc_lo, acc_hi, acc_uv
+
+
+@triton.jit
 def _private_merge_kernel(
     Q, s_qb, s_qh, s_qq,
     KP, s_kpb, s_kph, s_kpt,
@@ -143,7 +164,7 @@ def _private_merge_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
     QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr, MERGE_FIRST: tl.constexpr,
 ):
     row = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -166,6 +187,12 @@ def _private_merge_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_lo = tl.zeros([BLOCK_M, HALF_B], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, HALF_B], tl.float32)
+    acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
+    wbase = ((row * H + head) * NQ + qi) * n_splits
+    if MERGE_FIRST:  # the splits' partials first: their loads are issued with the query's, not after the private part
+        m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_splits(M_WS, L_WS, ACC_WS, UV_WS, wbase, n_splits, valid, m_i, l_i,
+                                                         acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES, MERGE_UNROLL,
+                                                         MERGE_CHUNK)
     for t0 in range(0, P, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < P
@@ -189,24 +216,14 @@ def _private_merge_kernel(
         v_hi = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
         acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, DOT_PREC, UPCAST)
         acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, DOT_PREC, UPCAST)
+        if MERGE_FIRST and HAS_V_RES:
+            acc_uv = acc_uv * alpha[:, None]
         m_i = m_new
 
-    # log-sum-exp merge with the shared context's split partials
-    acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
-    wbase = ((row * H + head) * NQ + qi) * n_splits
-    if MERGE_CHUNK > 1:  # MERGE_CHUNK splits per step, loaded together (no chain of dependent loads over the splits)
-        for sp in tl.range(0, n_splits, MERGE_CHUNK, loop_unroll_factor=MERGE_UNROLL):
-            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_chunk(M_WS, L_WS, ACC_WS, UV_WS, wbase, sp, n_splits, valid, m_i,
-                                                            l_i, acc_lo, acc_hi, acc_uv, HALF_B, RVB, MERGE_CHUNK,
-                                                            HAS_V_RES)
-    elif MERGE_UNROLL > 1:  # the splits' loads are independent: unrolled, several are in flight at once
-        for sp in tl.range(0, n_splits, loop_unroll_factor=MERGE_UNROLL):
-            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
-                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
-    else:
-        for sp in range(0, n_splits):
-            m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_split(M_WS, L_WS, ACC_WS, UV_WS, wbase + sp, valid, m_i, l_i,
-                                                            acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES)
+    if not MERGE_FIRST:  # log-sum-exp merge with the shared context's split partials
+        m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_splits(M_WS, L_WS, ACC_WS, UV_WS, wbase, n_splits, valid, m_i, l_i,
+                                                         acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES, MERGE_UNROLL,
+                                                         MERGE_CHUNK)
 
     rv = tl.arange(0, RVB)
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
@@ -334,15 +351,16 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
                          merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None,
-                         merge_chunk: int = 1):
+                         merge_chunk: int = 1, merge_first: bool = False):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
     ``merge_unroll`` (how many steps of the merge loop one unrolled step holds), ``merge_chunk`` (how many splits'
     partials one step loads together and merges with one max: a power of two; 1, one split per step; a chunk wider
     than the splits runs as the split count rounded up to a power of two, the rest being masked lanes),
-    ``merge_block_t`` private tokens per tile (default ``block_t``). Returns the output ``[B, NQ, H, D]``; also the
-    compiled kernel (resource reports)."""
+    ``merge_block_t`` private tokens per tile (default ``block_t``), ``merge_first``: merge the splits' partials
+    before the private part instead of after it (same result; their loads then start with the program). Returns the
+    output ``[B, NQ, H, D]``; also the compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
     G, HALF = H // Hkv, D // 2
@@ -369,7 +387,7 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         T, P, NQ, H, RV, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
         HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
-        MERGE_CHUNK=merge_chunk, num_warps=merge_warps, num_stages=merge_stages,
+        MERGE_CHUNK=merge_chunk, MERGE_FIRST=bool(merge_first), num_warps=merge_warps, num_stages=merge_stages,
     )
     return out, kernel
 

@@ -134,7 +134,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
-                    merge_unroll=1, merge_chunk=1)
+                    merge_unroll=1, merge_chunk=1, merge_first=False)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -153,7 +153,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
                 # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
                 # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
-                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1)
+                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1, merge_first=False)
 
 
 
@@ -189,7 +189,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_score: str = "mma", res_pack: int | None = None, res_satfinite: bool | None = None,
                        merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
-                       merge_chunk: int | None = None, lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       merge_chunk: int | None = None, merge_first: bool | None = None,
+                       lowp_rope: bool | None = None, scores_fp32: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -203,7 +204,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
     ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
-    ``merge_block_t``.
+    ``merge_block_t``, ``merge_first`` (the splits' partials merged before the private part).
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
     ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
@@ -233,7 +234,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
-                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, res_pack=res_pack, res_form=res_form,
+                 merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_first=merge_first, res_pack=res_pack,
+                 res_form=res_form,
                  res_satfinite=res_satfinite)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
@@ -284,7 +286,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages,
-        merge_unroll=cfg["merge_unroll"], merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t)
+        merge_unroll=cfg["merge_unroll"], merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t,
+        merge_first=cfg["merge_first"])
     if launches is not None:
         launches.update(launched)
     return out

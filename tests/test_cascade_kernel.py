@@ -158,6 +158,12 @@ LAUNCH_KNOBS = [
     (AttnCase(B=4, H=6, Hkv=3, D=48, T=50, P=4), dict(merge_chunk=16, merge_unroll=2, n_splits=50)),
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(merge_chunk=8, n_splits=2)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_chunk=4, n_splits=9)),
+    # the splits merged before the private part (its rescale then applies to the V residual's P·u_v too): per split,
+    # by chunks, with several private tiles, extend rows and a row without an agent
+    (_LONG, dict(merge_first=True, n_splits=5, block_t=16, res_block_t=16, merge_unroll=2)),
+    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)),
+     dict(merge_first=True, merge_chunk=4, n_splits=3, merge_block_t=16)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_first=True, merge_chunk=16)),
 ]
 
 
