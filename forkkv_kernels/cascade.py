@@ -125,7 +125,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
-    eval/KERNEL_NOTES.md "v8 measured"; the merge's chunks: sweep_kernel_v10b_nvidia_h200.json, "v10 measured"; the
+    eval/KERNEL_NOTES.md "v8 measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b measured"; the
     K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c measured").
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
@@ -150,10 +150,12 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 1 agent 71.0 -> 70.7; sm_90+, elsewhere the clamp)
                 res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
                 res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=True,
-                # the merge: with few programs (one per row and KV head) the splits' partials 16 at a time (v10b, same
-                # run: 1 agent V 76.8 -> 67.4 µs, K+V 77.0 -> 72.5; 8 agents V 87.5 -> 76.7, K+V 164.8 -> 159.3); with
-                # more, one split per step unrolled by 2 (32 agents within 1%, 128 agents base 193.4 -> 185.6)
-                merge_unroll=1 if few else 2, merge_chunk=16 if few else 1, merge_first=False)
+                # the merge: the splits' partials merged first, before the private part, one split per step unrolled
+                # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
+                # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1
+                # -> 43.9, V 67.6 -> 65.6, K+V 70.9 -> 68.5; 8 agents 49.1 -> 46.9 / 77.0 -> 75.1 / 141.4 -> 140.1;
+                # 128 agents 178.5 -> 176.7 / 402.8 -> 397.8 / 1,438.5 -> 1,434.2)
+                merge_unroll=2, merge_chunk=1, merge_first=True)
 
 
 
