@@ -52,9 +52,10 @@ CANDIDATES = {
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule until v12b); its warps, stages and private tile changed nothing; the
-    # private part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere; several decode rows per program (v12,
-    # sweep_kernel_v12_nvidia_h200.json; removed since: commit 458e02a) changed nothing measurable. v12b: the splits'
-    # partials merged before the private part (``merge_first``), against both rules in the same run
+    # private part on CUDA cores (v10c, removed since: commit 2ea4d11) lost everywhere; several decode rows per
+    # program (v12, sweep_kernel_v12_nvidia_h200.json; removed since: commit 458e02a) changed nothing measurable.
+    # v12b (sweep_kernel_v12b_nvidia_h200.json, the rule now): the splits' partials merged before the private part
+    # (``merge_first``), against both of v10's rules in the same run
     "merge": [{"merge_chunk": 1, "merge_unroll": 2}, {"merge_chunk": 16, "merge_unroll": 1},
               {"merge_chunk": 1, "merge_unroll": 2, "merge_first": True},
               {"merge_chunk": 16, "merge_unroll": 1, "merge_first": True}],
