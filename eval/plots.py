@@ -215,11 +215,11 @@ def plot_decode_calls(path, res: BenchResult) -> Path:
     rows = [r for r in res.rows if "full_gc_each_call" in r]
     fig, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 3.6), squeeze=False)
     for ax, r in zip(axes[0], rows):
-        calls = [(f"{r[key]}", t, gc[1]) for i in range(r["reps"]) for key in ("n1", "n2")
-                 for t, gc in [(r["generate_each_s"][key][i], r["full_gc_each_call"][key][i])]]
+        calls = [(r[key], r["generate_each_s"][key][i], r["full_gc_each_call"][key][i][1])
+                 for i in range(r["reps"]) for key in ("n1", "n2")]  # (new tokens, seconds, of them in full GCs)
         labelled = False
         for x, (n, t, gc_s) in enumerate(calls):
-            colour = "tab:blue" if n == str(r["n1"]) else "tab:green"
+            colour = "tab:blue" if n == r["n1"] else "tab:green"
             ax.bar(x, t - gc_s, color=colour, label=f"{n} new tokens" if x < 2 else None)
             if gc_s > 0:
                 ax.bar(x, gc_s, bottom=t - gc_s, color="tab:red", label=None if labelled else "full garbage collection")

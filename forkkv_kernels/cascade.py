@@ -121,6 +121,16 @@ def _cascade_shared_kernel(
 # launcher
 
 
+def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> dict:
+    """The shared kernel's V-residual sub-blocks for ``block_m`` query vectors per program (``vpr`` per row, V ranks
+    padded to ``rvb``): ``N_SUB`` sub-blocks (default ``block_m / 16``) of ``SB`` vectors, each holding ``RPSB`` rows
+    whose ``u_v`` it multiplies, ``SBC = RPSB·rvb`` columns."""
+    n_sub = n_sub or max(1, block_m // 16)
+    sb = block_m // n_sub
+    rpsb = max(1, sb // vpr)
+    return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
+
+
 def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype) -> dict:
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
     ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
@@ -260,8 +270,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))
-    n_sub = n_sub or max(1, BLOCK_M // 16)
-    SB = BLOCK_M // n_sub
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
     split_len = split_length(T, BLOCK_T, n_mb * Hkv, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
@@ -280,7 +288,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         *ws,
         B, T, NQ, RV, split_len, n_splits, qk_scale,
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
-        BLOCK_T=BLOCK_T, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
+        BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )

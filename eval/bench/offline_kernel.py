@@ -103,7 +103,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     from triton.compiler import ASTSource
 
     from forkkv_kernels.attention_common import pow2
-    from forkkv_kernels.cascade import _cascade_shared_kernel
+    from forkkv_kernels.cascade import _cascade_shared_kernel, sub_blocks
 
     ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
            "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
@@ -111,11 +111,9 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
              "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
     args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}  # the rest: strides and sizes
     VPR, RVB = 4, pow2(rank_v)
-    n_sub = max(1, block_m // 16)
-    SB = block_m // n_sub
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
-                 BLOCK_T=block_t, N_SUB=n_sub, SB=SB, RPSB=max(1, SB // VPR), SBC=max(1, SB // VPR) * RVB,
-                 HAS_K=has_k, HAS_V=True, HAS_MASK=False, DOT_PREC="tf32", UPCAST=False)
+                 BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=True, HAS_MASK=False,
+                 DOT_PREC="tf32", UPCAST=False)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len")]
@@ -127,7 +125,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer for that setting
         return {"error": str(e).splitlines()[0][:200], "warps": num_warps, "stages": num_stages}
-    return {**_resources(kernel, opts), "acc_uv_values": n_sub * SB * const["SBC"]}
+    return {**_resources(kernel, opts), "acc_uv_values": const["N_SUB"] * const["SB"] * const["SBC"]}
 
 
 def hot_loop(sass: str) -> dict:
