@@ -4,7 +4,7 @@ arithmetic; only the working set of ``u_v`` shrinks from N agents' to one agent'
 
 Each KV head's programs read a row's ``u_v [T, r]`` again (it is shared by the KV heads: ``B_v`` maps the rank to every
 head), so the kernel moves ``H_kv`` x N x T x r x 2 bytes through L2 beside the base: at 32 agents and 32K, 268 MB
-against the base's 134 MB per copy read (eval/KERNEL_NOTES.md, "v13"). If those reads are what the V residual costs,
+against the base's 134 MB per copy read (eval/KERNEL_NOTES.md, "v13"; measured there: the working set did not matter). If those reads are what the V residual costs,
 the "one agent" column is close to base only; if it is the arithmetic, close to the V-only time.
 
     python -m eval.bench.probe_uv [--points 32768:32 32768:128] [--out probe.json]
