@@ -8,6 +8,14 @@ against the base's 134 MB per copy read (eval/KERNEL_NOTES.md, "v13"; measured t
 the "one agent" column is close to base only; if it is the arithmetic, close to the V-only time.
 
     python -m eval.bench.probe_uv [--points 32768:32 32768:128] [--out probe.json]
+    python -m eval.bench.probe_uv --ablate no_uv_load     # the same calls with the V residual's parts removed
+
+``--ablate`` (timing only: the results are wrong, and the call is not checked) runs a copy of the shared-part kernel
+with a part of the V residual's loop removed, to see which part costs the time: ``no_uv_load`` multiplies a zero
+tile instead of loading ``u_v`` (the ``P·u_v`` MMA, its layout changes and the rescale stay; offline for sm_90 the
+loop keeps its 32 ``mma.sync`` per 64-token tile and loses 65 of 603 instructions). A removal of the MMA that keeps
+the load alive without costing more than the MMA was not found (sums of the tile within each thread: 2,060
+instructions and spills).
 
 Times: GPU time per call (CUDA graph of ``GRAPH_CALLS`` calls replayed, ``do_bench`` median); the kernels'
 launch defaults, or ``--knobs`` (JSON) over them.
@@ -17,7 +25,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import inspect
 import json
+import os
+import tempfile
 
 import torch
 
@@ -32,10 +44,40 @@ def one_agent_v(view):
     return dataclasses.replace(view, v_rows=rows, v_slots=(0,) * len(view.v_slots))
 
 
+#: the lines of ``_cascade_shared_kernel``'s V-residual step that an ablation replaces
+UV_LOAD = ("u3 = tl.load(UV + u_off[:, None, :] + t[None, :, None] * RV, mask=u_ok[:, None, :] & tm[None, :, None],\n"
+           "                         other=0.0)")
+ABLATIONS = {
+    "no_uv_load": (UV_LOAD, "u3 = tl.zeros([N_SUB, BLOCK_T, SBC], dtype)"),
+}
+
+
+def ablated_kernel(name: str):
+    """A copy of the shared-part kernel with the ablation ``name`` (:data:`ABLATIONS`), compiled from a file (Triton
+    reads a kernel's source)."""
+    from forkkv_kernels import cascade
+
+    old, new = ABLATIONS[name]
+    src = inspect.getsource(cascade._cascade_shared_kernel.fn)
+    if old not in src:
+        raise SystemExit(f"the shared-part kernel changed: {old!r} not found; update probe_uv.ABLATIONS")
+    src = src.replace(old, new, 1)
+    head = ("import triton\nimport triton.language as tl\n"
+            "from forkkv_kernels.attention_common import mma, softmax_step\n\n")
+    path = os.path.join(tempfile.mkdtemp(prefix="forkkv_ablate_"), f"shared_{name}.py")
+    with open(path, "w") as f:
+        f.write(head + src)
+    spec = importlib.util.spec_from_file_location(f"shared_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._cascade_shared_kernel
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128"])
     ap.add_argument("--knobs", default="{}", help="JSON launch knobs over the defaults, for every call")
+    ap.add_argument("--ablate", choices=sorted(ABLATIONS), default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -45,7 +87,11 @@ def main(argv=None):
     from forkkv_hf.ops.dispatch import residual_attention_triton
 
     knobs = json.loads(args.knobs)
-    run = BenchmarkRun("probe_uv", params={"knobs": knobs, "points": args.points},
+    if args.ablate:
+        from forkkv_kernels import cascade
+
+        cascade._cascade_shared_kernel = ablated_kernel(args.ablate)
+    run = BenchmarkRun("probe_uv", params={"knobs": knobs, "points": args.points, "ablate": args.ablate},
                        case_keys=["context", "agents", "variant"], out=args.out)
     for point in args.points:
         T, N = map(int, point.split(":"))
