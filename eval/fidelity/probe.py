@@ -14,8 +14,11 @@ Variants (name = loss + init [+ k/v rank]): ``std``: cross-entropy under exact i
 standard adapter, e.g. to serve as ``--teacher`` after ``--save``); ``ce``: cross-entropy on the answers under ForkKV;
 ``kl``: KL from the standard
 adapter under exact inference to the student under ForkKV on the answer positions (distillation; needs
-``--teacher``); ``cekl``: their sum. ``fresh``: new LoRA weights (seeded); ``init``: start from the standard adapter.
-``_kvN``: rank N on k_proj/v_proj (the residual's rank), the other modules keep ``--rank``.
+``--teacher``); ``cekl``: their sum; ``fitR``: cross-entropy under residuals fitted to rank R to the agent's own pass
+(``FittedResidual(R)``: training for ``SharedContext.fit_residuals``), scored also under them. ``fresh``: new LoRA
+weights (seeded); ``init``: start from the standard adapter. ``_kvN``: rank N on k_proj/v_proj (the residual's rank),
+the other modules keep ``--rank``. ``--fitted-ranks R ...`` adds reference rows of the standard adapter under fitted
+residuals of those ranks (``standard@fittedR``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -36,10 +40,19 @@ from .tasks import read_jsonl
 def parse_variant(name: str) -> dict:
     parts = name.split("_")
     loss, init = parts[0], parts[1]
-    if loss not in ("std", "ce", "kl", "cekl") or init not in ("fresh", "init"):
-        raise ValueError(f"variant {name!r}: <std|ce|kl|cekl>_<fresh|init>[_kvN]")
+    fit = re.fullmatch(r"fit(\d+)", loss)
+    if (loss not in ("std", "ce", "kl", "cekl") and not fit) or init not in ("fresh", "init"):
+        raise ValueError(f"variant {name!r}: <std|ce|kl|cekl|fitR>_<fresh|init>[_kvN]")
     kv = int(parts[2][2:]) if len(parts) > 2 and parts[2].startswith("kv") else None
-    return {"loss": loss, "init": init, "kv_rank": kv}
+    return {"loss": "fit" if fit else loss, "init": init, "kv_rank": kv, "fit_rank": int(fit.group(1)) if fit else None}
+
+
+def as_residual(name: str):
+    """A scoring row's residual: ``"kv"``/``"exact"``/... as they are, ``"fittedR"`` as ``FittedResidual(R)``."""
+    from forkkv_hf.training import FittedResidual
+
+    fit = re.fullmatch(r"fitted(\d+)", name)
+    return FittedResidual(int(fit.group(1))) if fit else name
 
 
 def answer_logits_targets(logits: torch.Tensor, labels: torch.Tensor):
@@ -69,7 +82,7 @@ def compare(res: dict, clusters: list[int]) -> dict:
     out = {}
     for variant, rec in res["variants"].items():
         rows = {}
-        for residual in ("kv", "exact"):
+        for residual in [k for k, v in rec.items() if isinstance(v, dict) and "per_question" in v]:
             for ref, base in res["reference"].items():
                 d = paired_difference_ci(rec[residual]["per_question"], base["per_question"], clusters)
                 rows[f"{residual}_minus_{ref}"] = {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
@@ -105,7 +118,7 @@ def score(pm, tok, data, agent: str, name: str, residual: str, contexts: list[in
                 continue
             ctx = TrainingContext(pm, T.context_ids(tok, text[ci]))
             batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
-            logits = forkkv_logits(pm, ctx, batch, name, residual=residual).float()
+            logits = forkkv_logits(pm, ctx, batch, name, residual=as_residual(residual)).float()
             lg, tg, rid = answer_logits_targets(logits, batch["labels"])
             hit = (lg.argmax(-1) == tg).cpu()
             nll += torch.nn.functional.cross_entropy(lg, tg, reduction="sum").item()
@@ -118,7 +131,7 @@ def score(pm, tok, data, agent: str, name: str, residual: str, contexts: list[in
 
 def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, spec: dict, cfg: T.TrainConfig,
                   plan: list[list[int]]) -> dict:
-    from forkkv_hf.training import TrainingContext, forkkv_distill_loss, forkkv_loss
+    from forkkv_hf.training import FittedResidual, TrainingContext, forkkv_distill_loss, forkkv_loss
 
     params = [p for n, p in pm.named_parameters() if f".{student}." in n]
     for p in params:
@@ -142,8 +155,9 @@ def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, 
             index += [j] * len(picked)
         batch = T.collate([T.encode(tok, r) for r in rows], tok.pad_token_id)
         batch["context_index"] = torch.tensor(index)
-        if spec["loss"] in ("ce", "std"):
-            loss = forkkv_loss(pm, ctx, batch, student, residual="kv" if spec["loss"] == "ce" else "exact")
+        if spec["loss"] in ("ce", "std", "fit"):
+            residual = {"ce": "kv", "std": "exact"}.get(spec["loss"]) or FittedResidual(spec["fit_rank"])
+            loss = forkkv_loss(pm, ctx, batch, student, residual=residual)
         else:  # KL per answer token from the teacher under exact inference (+ the cross-entropy for cekl)
             loss = forkkv_distill_loss(pm, ctx, batch, student, teacher, residual="kv", teacher_residual="exact",
                                        temperature=1.0, ce_weight=1.0 if spec["loss"] == "cekl" else 0.0)
@@ -163,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=Path(".fidelity/data"))
     ap.add_argument("--teacher", type=Path, help="folder of the standard adapters (save_pretrained, one per agent)")
     ap.add_argument("--variants", nargs="+", default=["ce_fresh"])
+    ap.add_argument("--fitted-ranks", type=int, nargs="*", default=[],
+                    help="also score the standard adapter (reference rows) under residuals fitted to these ranks")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--contexts-per-step", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -217,7 +233,7 @@ def main(argv=None):
             else:
                 pm.load_adapter(str(args.teacher / agent), adapter_name=teacher)
             pm.eval()
-            for residual in ("exact", "kv"):
+            for residual in ("exact", "kv", *(f"fitted{r}" for r in args.fitted_ranks)):
                 s = score(pm, tok, data, agent, teacher, residual, eval_ctx)
                 res["reference"][f"standard@{residual}"] = s
                 print(f"{agent} standard@{residual}: exact {s['answer_exact']:.3f} nll {s['answer_nll']:.3f}", flush=True)
@@ -248,10 +264,11 @@ def main(argv=None):
             rec = train_variant(pm, tok, data, agent, name, teacher, spec, cfg, plan)
             rec["train_s"] = round(time.perf_counter() - t, 1)
             pm.eval()
-            for residual in ("kv", "exact"):
+            for residual in ("kv", "exact", *([f"fitted{spec['fit_rank']}"] if spec["fit_rank"] else [])):
                 rec[residual] = score(pm, tok, data, agent, name, residual, eval_ctx)
+            fitted = "".join(f"; {k} {v['answer_exact']:.3f}" for k, v in rec.items() if k.startswith("fitted"))
             print(f"{name}: loss {rec['loss_last_10']:.3f}; forkkv exact {rec['kv']['answer_exact']:.3f} nll "
-                  f"{rec['kv']['answer_nll']:.3f}; exact-inference {rec['exact']['answer_exact']:.3f} "
+                  f"{rec['kv']['answer_nll']:.3f}; exact-inference {rec['exact']['answer_exact']:.3f}{fitted} "
                   f"({rec['train_s']} s)", flush=True)
             res["variants"][variant] = rec
             if args.save is not None:

@@ -22,16 +22,19 @@ dataset whose examples carry a ``context_index``; adapters are saved with ``save
 fine-tuning with the context in the input (one context pass per call, shared by the batch rows). To adapt an existing
 standard adapter to ForkKV, :func:`copy_adapter` it into a student and train that with :func:`forkkv_distill_loss`
 (or ``ForkKVTrainer(..., teacher_adapter=...)``): the student under ForkKV learns the teacher's exact-inference outputs.
+``residual=FittedResidual(r)`` trains for residuals fitted to the agent's own pass (``SharedContext.fit_residuals``).
 """
 
 from .context import ContextLayer, TrainingContext
 from .distill import copy_adapter, forkkv_distill_loss
+from .fitted import FittedResidual
 from .loss import RESIDUALS, context_kv, forkkv_logits, forkkv_loss
 from .trainer import ForkKVCollator, ForkKVTrainer
 
 __all__ = [
     "RESIDUALS",
     "ContextLayer",
+    "FittedResidual",
     "ForkKVCollator",
     "ForkKVTrainer",
     "TrainingContext",

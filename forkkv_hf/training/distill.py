@@ -19,7 +19,7 @@ from torch import nn
 
 from ..peft.lora_factors import check_adapter_names, is_peft_model
 from .context import TrainingContext
-from .loss import RESIDUALS, _hidden, labelled_logits, labelled_targets
+from .loss import _hidden, check_residual, labelled_logits, labelled_targets
 
 
 def check_distill_args(model: nn.Module, adapter_name: str, teacher_adapter: str, teacher_residual: str,
@@ -33,9 +33,8 @@ def check_distill_args(model: nn.Module, adapter_name: str, teacher_adapter: str
         raise ValueError(f"the student and the teacher are the same adapter {adapter_name!r}; train a copy of the "
                          f"teacher: copy_adapter(peft_model, {teacher_adapter!r}, 'student') and pass "
                          "adapter_name='student'")
-    if teacher_residual not in RESIDUALS:
-        raise ValueError(f"teacher_residual must be one of {RESIDUALS}, got {teacher_residual!r} ('exact': the "
-                         "teacher as it was trained, its own pass over the context)")
+    check_residual(teacher_residual, "teacher_residual ('exact': the teacher as it was trained, its own pass over "
+                                     "the context)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r} (1.0: the teacher's own distributions)")
     if not ce_weight >= 0:

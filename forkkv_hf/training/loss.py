@@ -9,8 +9,9 @@ computed with PEFT's own LoRA modules (dropout, LoRA bias and scaling included),
 through the residual. The suffix then runs through the model with ``a`` active (PEFT, gradients to every LoRA
 module) over ``[context | suffix]``. Other semantics, for comparison and for the standard baseline:
 ``"v"`` (K from the base alone: ``fork(..., residual="v")``), ``"none"`` (the base model's K/V: adapter-blind
-sharing) and ``"exact"`` (the agent's own pass over the context, with grad: ordinary fine-tuning with the context
-in the input, one context pass per call shared by the batch rows). A batch may mix rows of several contexts (a
+sharing), ``"exact"`` (the agent's own pass over the context, with grad: ordinary fine-tuning with the context
+in the input, one context pass per call shared by the batch rows) and ``FittedResidual(r)`` (that pass's K/V fitted
+to rank ``r`` as ``SharedContext.fit_residuals`` serves them: :mod:`.fitted`). A batch may mix rows of several contexts (a
 :class:`~forkkv_hf.training.TrainingContext` over several, ``batch["context_index"]``): one forward serves them all.
 """
 
@@ -23,8 +24,16 @@ from ..compat import cache_kwargs
 from ..peft.lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
 from ..ops.rope import apply_rope
 from .context import TrainingContext
+from .fitted import FittedResidual, fitted_kv
 
 RESIDUALS = ("kv", "v", "none", "exact")
+
+
+def check_residual(residual, what: str = "residual") -> None:
+    """Refuse a ``residual`` that is neither one of :data:`RESIDUALS` nor a :class:`FittedResidual`."""
+    if not isinstance(residual, FittedResidual) and residual not in RESIDUALS:
+        raise ValueError(f"{what} must be one of {RESIDUALS} or a FittedResidual(rank) (training for "
+                         f"SharedContext.fit_residuals), got {residual!r}")
 
 
 def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> torch.Tensor | None:
@@ -55,7 +64,10 @@ def check_k_norm_free(attn: nn.Module, idx: int, adapter: str) -> None:
 def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, residual: str = "kv"):
     """Per layer ``(key, value)``, each ``[n, H_kv, T, D]`` (``n`` contexts right-padded to ``T`` tokens): the
     context K/V agent ``adapter_name`` reads under ``residual`` (module docstring), differentiable in its LoRA
-    weights (except ``"none"``). ``adapter_name`` must be the active adapter for ``"exact"``."""
+    weights (except ``"none"``). ``adapter_name`` must be the active adapter for ``"exact"`` and a
+    :class:`FittedResidual`."""
+    if isinstance(residual, FittedResidual):
+        return fitted_kv(context, context_kv(model, context, adapter_name, "exact"), residual)
     if residual == "exact":
         from transformers import DynamicCache
 
@@ -87,8 +99,7 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
 
 
 def _check_call(model, context, adapter_name, residual) -> None:
-    if residual not in RESIDUALS:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    check_residual(residual)
     if not isinstance(context, TrainingContext):
         raise TypeError(
             f"context must be a forkkv_hf.training.TrainingContext (the base pass over the context), got "
@@ -196,8 +207,8 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     ``batch``: ``input_ids [B, L]`` (the tokens after the context: prompt and answer), ``labels [B, L]`` (as for
     ``AutoModelForCausalLM``: aligned with ``input_ids``, shifted inside, ``-100`` ignored), optionally
     ``attention_mask [B, L]`` (0 on padding) and, when ``context`` holds several contexts, ``context_index [B]``
-    (the context each row follows). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"`` or
-    ``"exact"`` (module docstring). Activates ``adapter_name`` (``PeftModel.set_adapter``) if it is not the active
+    (the context each row follows). ``residual``: ``"kv"`` (ForkKV, default), ``"v"``, ``"none"``, ``"exact"`` or
+    a :class:`FittedResidual` (module docstring). Activates ``adapter_name`` (``PeftModel.set_adapter``) if it is not the active
     adapter, keeping other adapters' trainable weights trainable (losses of several adapters may be summed before
     one ``backward()``). Returns the mean cross-entropy over the labelled tokens, or their sum divided by
     ``num_items_in_batch`` when given (gradient accumulation, as ``transformers.Trainer`` passes it). The vocabulary

@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from .context import TrainingContext
 from .distill import check_distill_args, forkkv_distill_loss
-from .loss import RESIDUALS, forkkv_loss
+from .loss import check_residual, forkkv_loss
 
 #: the columns ForkKVTrainer reads from a dataset
 COLUMNS = ("input_ids", "attention_mask", "labels", "context_index")
@@ -56,7 +56,8 @@ class ForkKVTrainer(Trainer):
 
     ``contexts``: the shared contexts' token ids (a list; example ``i`` reads ``contexts[context_index[i]]``).
     ``adapter_name``: the adapter to train (default: the model's active adapter). ``residual``: ``"kv"`` (default),
-    ``"v"``, ``"none"`` or ``"exact"`` (see :func:`~forkkv_hf.training.forkkv_loss`). ``max_cached_contexts``:
+    ``"v"``, ``"none"``, ``"exact"`` or a :class:`~forkkv_hf.training.FittedResidual` (see
+    :func:`~forkkv_hf.training.forkkv_loss`). ``max_cached_contexts``:
     base passes kept (least recently used dropped). ``teacher_adapter``: distil from that adapter of the model
     under ``teacher_residual`` (default ``"exact"``) with :func:`~forkkv_hf.training.forkkv_distill_loss`
     (``temperature``, ``ce_weight``) instead of learning the labels; the student ``adapter_name`` is then made
@@ -70,11 +71,10 @@ class ForkKVTrainer(Trainer):
         trainer.train()
     """
 
-    def __init__(self, *args, contexts, adapter_name: str | None = None, residual: str = "kv",
+    def __init__(self, *args, contexts, adapter_name: str | None = None, residual="kv",
                  max_cached_contexts: int = 4, teacher_adapter: str | None = None, teacher_residual: str = "exact",
                  temperature: float = 1.0, ce_weight: float = 0.0, **kwargs):
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        check_residual(residual)
         if max_cached_contexts < 1:
             raise ValueError(f"max_cached_contexts must be at least 1, got {max_cached_contexts}")
         if kwargs.get("data_collator") is None:
