@@ -95,8 +95,8 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     # what the snippets promise: generated rows that start with the shared context they were given, the forks of
     # one SharedContext, the memory and store reports
     contexts = [torch.as_tensor(given[k]) for k in ("context_ids", "transcript_ids")]
-    # every snippet generates but the one forking two caches and the two training ones (which leave a loss)
-    assert len(outs) == len(ran) - 3
+    # every snippet generates but the one forking two caches and the three training ones (which leave a loss)
+    assert len(outs) == len(ran) - 4
     assert torch.isfinite(ns["loss"]) and ns["loss"].grad_fn is not None  # a loss that trains the adapter
     for out in outs:
         assert out.dtype == torch.long and any(out.shape[1] > len(c) and torch.equal(out[0, : len(c)], c)

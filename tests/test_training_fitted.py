@@ -11,7 +11,7 @@ from models import tiny_llama, with_adapters
 import forkkv_hf
 from forkkv_hf import SharedContext, cache_kwargs
 from forkkv_hf.ops.rope import apply_rope
-from forkkv_hf.training import FittedResidual, TrainingContext, context_kv, forkkv_logits, forkkv_loss
+from forkkv_hf.training import FittedResidual, TrainingContext, forkkv_logits, forkkv_loss
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 T = 17
@@ -149,4 +149,12 @@ def test_bad_ranks_and_names_are_refused():
     tc = TrainingContext(pm, _context())
     with pytest.raises(ValueError, match="FittedResidual\\(rank\\)"):
         forkkv_loss(pm, tc, _batch(), "agent", residual="fitted")
-    assert context_kv is not None
+    # a partial-rotary layer (rotary tables narrower than the head): refused, as fit_residuals refuses it
+    from types import SimpleNamespace
+
+    from forkkv_hf.training.fitted import fitted_kv
+
+    kv = torch.zeros(1, 2, 5, 8)
+    layer = SimpleNamespace(key=kv, value=kv, cos=torch.ones(5, 4), sin=torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="partial rotary"):
+        fitted_kv(SimpleNamespace(layers=[layer], lengths=[5]), [(kv, kv)], FittedResidual(2))

@@ -33,8 +33,8 @@ def check_distill_args(model: nn.Module, adapter_name: str, teacher_adapter: str
         raise ValueError(f"the student and the teacher are the same adapter {adapter_name!r}; train a copy of the "
                          f"teacher: copy_adapter(peft_model, {teacher_adapter!r}, 'student') and pass "
                          "adapter_name='student'")
-    check_residual(teacher_residual, "teacher_residual ('exact': the teacher as it was trained, its own pass over "
-                                     "the context)")
+    check_residual(teacher_residual, "teacher_residual",
+                   " ('exact': the teacher as it was trained, its own pass over the context)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r} (1.0: the teacher's own distributions)")
     if not ce_weight >= 0:

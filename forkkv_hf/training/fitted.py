@@ -13,8 +13,9 @@ vectors of that context's drift, found as at inference (float64 Gram matrix, :fu
 top_subspace`), per context of a :class:`~forkkv_hf.training.TrainingContext` over its own tokens (not its padding).
 The forward equals fitted inference. Gradients flow through the drift and treat the subspace as fixed (it is computed
 without grad): the projected drift's gradient, not the subspace's rotation, whose derivative divides by gaps between
-singular values and is unstable where they meet. At ``r = H_kv·D`` the projection is the identity and the step is
-ordinary fine-tuning (``"exact"``), gradients included.
+singular values and is unstable where they meet. At ``r = H_kv·D`` over a context of at least that many tokens the
+projection is the identity and the step is ordinary fine-tuning (``"exact"``), gradients included (over fewer tokens
+the subspace is the drift's row space: the same forward, the gradient projected onto it).
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def fitted_kv(context, own: list, spec: FittedResidual) -> list:
     (the agent's own K/V over the same padded contexts, K after RoPE) minus them."""
     k_rank, v_rank = spec.ranks
     out = []
-    for layer, (ke, ve) in zip(context.layers, own):
+    for idx, (layer, (ke, ve)) in enumerate(zip(context.layers, own)):
         kb, vb = layer.key, layer.value
+        if layer.cos.shape[-1] != kb.shape[-1]:
+            raise ValueError(f"layer {idx} rotates only {layer.cos.shape[-1]} of its {kb.shape[-1]} head dimensions "
+                             "(partial rotary); a fitted K residual assumes full rotate-half RoPE (as "
+                             "SharedContext.fit_residuals does)")
         cos, sin = layer.cos.to(ke.dtype), layer.sin.to(ke.dtype)
         dk = project_drift(apply_rope(ke - kb, cos, -sin), k_rank, context.lengths)  # RoPE_t⁻¹ = RoPE_-t
         dv = project_drift(ve - vb, v_rank, context.lengths)

@@ -29,11 +29,11 @@ from .fitted import FittedResidual, fitted_kv
 RESIDUALS = ("kv", "v", "none", "exact")
 
 
-def check_residual(residual, what: str = "residual") -> None:
+def check_residual(residual, what: str = "residual", hint: str = "") -> None:
     """Refuse a ``residual`` that is neither one of :data:`RESIDUALS` nor a :class:`FittedResidual`."""
     if not isinstance(residual, FittedResidual) and residual not in RESIDUALS:
         raise ValueError(f"{what} must be one of {RESIDUALS} or a FittedResidual(rank) (training for "
-                         f"SharedContext.fit_residuals), got {residual!r}")
+                         f"SharedContext.fit_residuals), got {residual!r}{hint}")
 
 
 def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> torch.Tensor | None:
