@@ -7,6 +7,7 @@ import pytest
 import torch
 from cases import parametrize
 from models import tiny_llama, with_adapters
+from test_training import _batch, _grads
 
 import forkkv_hf
 from forkkv_hf import SharedContext, cache_kwargs
@@ -20,16 +21,6 @@ WIDTH = 2 * 16  # tiny_llama: 2 KV heads of 16 dims
 
 def _model(layers=3):
     return with_adapters(tiny_llama(layers=layers), {"agent": dict(target_modules=ALL)})
-
-
-def _batch(B=2, L=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (B, L), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _context(seed=2, n=T):
@@ -68,11 +59,6 @@ def test_fitted_training_forward_is_fitted_inference(rank, k_rank):
     assert (kv - served).abs()[keep].max() > 100 * err + 1e-4  # the check can tell the modes apart
 
 
-def _lora_grads(pm, loss):
-    params = [p for n, p in pm.named_parameters() if "lora_" in n]
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
-
-
 def test_full_width_is_ordinary_fine_tuning():
     """Rank H_kv·D over a context of more tokens than that: the projection is the identity (with fewer tokens the
     fit's subspace is the drift's row space, which keeps the forward but projects the gradient)."""
@@ -82,7 +68,7 @@ def test_full_width_is_ordinary_fine_tuning():
     exact = forkkv_loss(pm, tc, batch, "agent", residual="exact")
     full = forkkv_loss(pm, tc, batch, "agent", residual=FittedResidual(WIDTH))
     assert abs(full.item() - exact.item()) < 1e-5
-    g_full, g_exact = _lora_grads(pm, full), _lora_grads(pm, exact)
+    g_full, g_exact = _grads(pm, full), _grads(pm, exact)
     assert (g_full - g_exact).abs().max() < 1e-4 * g_exact.abs().max()
     low = forkkv_loss(pm, tc, batch, "agent", residual=FittedResidual(2))
     assert abs(low.item() - exact.item()) > 1e-4  # rank 2 is not the exact run on this adapter
@@ -98,7 +84,7 @@ def test_gradients_are_the_fixed_subspace_projection(monkeypatch):
     tc, batch = TrainingContext(pm, _context()), _batch()
     rank, k_rank = 4, 3
     got = forkkv_loss(pm, tc, batch, "agent", residual=FittedResidual(rank, k_rank))
-    g_got = _lora_grads(pm, got)
+    g_got = _grads(pm, got)
 
     def fit(d, r):  # d [1, H, T, D] -> its rank-r projection, the subspace from the SVD, detached
         H, D = d.shape[1], d.shape[3]
@@ -118,7 +104,7 @@ def test_gradients_are_the_fixed_subspace_projection(monkeypatch):
     monkeypatch.setattr(L, "context_kv", reference_kv)
     want = forkkv_loss(pm, tc, batch, "agent", residual=FittedResidual(rank, k_rank))
     assert abs(got.item() - want.item()) < 1e-10
-    g_want = _lora_grads(pm, want)
+    g_want = _grads(pm, want)
     assert (g_got - g_want).abs().max() < 1e-8 * g_want.abs().max()
     assert g_got.abs().max() > 0
 

@@ -72,6 +72,25 @@ def top_subspace(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return m @ B, B, min(retained, 1.0)
 
 
+def fit_ranks(rank, k_rank=None) -> tuple[int, int]:
+    """``(K's rank, V's rank)`` of a fit at ``rank`` (K at ``k_rank`` where given), refusing what is not a positive
+    int."""
+    for what, r in (("rank", rank), ("k_rank", rank if k_rank is None else k_rank)):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"{what} must be a positive int (the residual's rank per layer and kind), got {r!r}")
+    return (rank if k_rank is None else k_rank, rank)
+
+
+def check_full_rope(layers) -> None:
+    """Refuse layers (with ``key`` and ``cos``) whose rotary tables are narrower than the head: a fitted K residual
+    is taken back through RoPE over the whole head."""
+    for idx, layer in enumerate(layers):
+        if layer.cos.shape[-1] != layer.key.shape[-1]:
+            raise ValueError(
+                f"layer {idx} rotates only {layer.cos.shape[-1]} of its {layer.key.shape[-1]} head dimensions "
+                "(partial rotary); a fitted K residual assumes full rotate-half RoPE")
+
+
 @torch.no_grad()
 def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, k_rank: int | None = None,
                   chunk_size=4096, progress: bool = True):
@@ -79,20 +98,13 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, k_rank
     ``adapter_names`` (in that order), rank ``min(rank, T, H_kv·D)`` (K: ``k_rank`` where given), u and B in the
     cache's dtype; ``retained``: per adapter, per kind, per layer, the share of the drift the fit keeps.
     ``context``: the whole :class:`~forkkv_hf.context.SharedContext` (its base K/V and RoPE tables)."""
-    for what, r in (("rank", rank), ("k_rank", rank if k_rank is None else k_rank)):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"{what} must be a positive int (the residual's rank per layer and kind), got {r!r}")
-    ranks = (rank if k_rank is None else k_rank, rank)  # per kind: K, V
+    ranks = fit_ranks(rank, k_rank)  # per kind: K, V
     check_chunk_size(chunk_size)
     names = check_fittable(model, adapter_names)
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before fitting residuals")
     dtype = cache_dtype(transformers_model(model))
-    for idx, layer in enumerate(context.layers):
-        if layer.cos.shape[-1] != layer.key.shape[-1]:
-            raise ValueError(
-                f"layer {idx} rotates only {layer.cos.shape[-1]} of its {layer.key.shape[-1]} head dimensions "
-                "(partial rotary); a fitted K residual assumes full rotate-half RoPE")
+    check_full_rope(context.layers)
     device = context.layers[0].key.device
     ids = context.token_ids.to(device)
     per_layer = [([], []) for _ in context.layers]  # per layer: per kind, per agent (u, B)

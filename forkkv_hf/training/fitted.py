@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context.fitted import top_subspace
+from ..context.fitted import check_full_rope, fit_ranks, top_subspace
 from ..ops.rope import apply_rope
 
 
@@ -37,15 +37,12 @@ class FittedResidual:
     k_rank: int | None = None
 
     def __post_init__(self):
-        for what, r in (("rank", self.rank), ("k_rank", self.rank if self.k_rank is None else self.k_rank)):
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise ValueError(f"FittedResidual {what} must be a positive int (the fitted residual's rank per layer "
-                                 f"and kind, as given to SharedContext.fit_residuals), got {r!r}")
+        fit_ranks(self.rank, self.k_rank)  # refuses what fit_residuals refuses
 
     @property
     def ranks(self) -> tuple[int, int]:
         """(K's rank, V's rank)."""
-        return (self.rank if self.k_rank is None else self.k_rank, self.rank)
+        return fit_ranks(self.rank, self.k_rank)
 
 
 def project_drift(d: torch.Tensor, rank: int, lengths: list[int]) -> torch.Tensor:
@@ -66,13 +63,10 @@ def fitted_kv(context, own: list, spec: FittedResidual) -> list:
     """Per layer ``(key, value)`` ``[n, H_kv, T, D]``: ``context``'s base K/V plus the rank-``spec`` fit of ``own``
     (the agent's own K/V over the same padded contexts, K after RoPE) minus them."""
     k_rank, v_rank = spec.ranks
+    check_full_rope(context.layers)
     out = []
-    for idx, (layer, (ke, ve)) in enumerate(zip(context.layers, own)):
+    for layer, (ke, ve) in zip(context.layers, own):
         kb, vb = layer.key, layer.value
-        if layer.cos.shape[-1] != kb.shape[-1]:
-            raise ValueError(f"layer {idx} rotates only {layer.cos.shape[-1]} of its {kb.shape[-1]} head dimensions "
-                             "(partial rotary); a fitted K residual assumes full rotate-half RoPE (as "
-                             "SharedContext.fit_residuals does)")
         cos, sin = layer.cos.to(ke.dtype), layer.sin.to(ke.dtype)
         dk = project_drift(apply_rope(ke - kb, cos, -sin), k_rank, context.lengths)  # RoPE_t⁻¹ = RoPE_-t
         dv = project_drift(ve - vb, v_rank, context.lengths)
