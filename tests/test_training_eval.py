@@ -447,3 +447,48 @@ def test_weighted_fit_at_full_width_is_the_exact_run(quick_run, tmp_path):
     assert hits["weighted_100000"] == hits["exact"] and len(hits["exact"]) > 0
     assert set(res["summary"]) == {"exact", "forkkv", "rank_2", "weighted_2", "rank_100000", "weighted_100000"}
     assert "minus_rank" in res["summary"]["weighted_2"]
+
+
+@pytest.mark.version_independent
+def test_compare_pairs_the_prompts_of_two_result_files(tmp_path, capsys):
+    """`python -m eval.fidelity compare A:KIND:VARIANT B:KIND:VARIANT`: paired over the prompts both files hold
+    (matched by context and id, whatever their order), per agent and pooled; a kind/variant a file lacks, a file
+    without records and disjoint prompts are refused with what the file has."""
+    from eval.fidelity.__main__ import compare
+
+    def rec(ctx, i, agent, em, kind="standard", variant="exact"):
+        return {"context": f"c{ctx}", "id": f"c{ctx}/{agent}/{i}", "agent": agent, "kind": kind, "variant": variant,
+                "em": em, "f1": em, "kl": 0.0}
+
+    a = [rec(c, i, ag, float((c + i) % 2), variant="fitted_16") for c in range(4) for i in range(3)
+         for ag in ("next_line", "speaker")]
+    b = [rec(c, i, ag, 1.0) for c in range(4) for i in range(3) for ag in ("next_line", "speaker")][::-1]
+    b.append(rec(9, 0, "speaker", 0.0))  # a prompt side a lacks: not paired
+    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
+    fa.write_text(json.dumps({"extra": {"records": a}}))
+    fb.write_text(json.dumps({"extra": {"records": b}}))
+    rows = compare(f"{fa}:standard:fitted_16", f"{fb}:standard:exact", tmp_path / "cmp.json")
+    by = {r["agent"]: r for r in rows}
+    assert set(by) == {"speaker", "next_line", "all"}
+    assert by["all"]["prompts"] == 24 and by["speaker"]["prompts"] == 12
+    want = sum((c + i) % 2 for c in range(4) for i in range(3)) / 12
+    assert by["speaker"]["em_a"] == pytest.approx(want) and by["speaker"]["em_b"] == 1.0
+    assert by["all"]["em"]["mean"] == pytest.approx(want - 1.0)
+    assert by["all"]["em"]["lo"] <= by["all"]["em"]["mean"] <= by["all"]["em"]["hi"]
+    assert json.loads((tmp_path / "cmp.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| all | 24 |" in capsys.readouterr().out
+    fr = tmp_path / "reversed.json"  # the same records in another order: every pair is a record and itself
+    fr.write_text(json.dumps({"extra": {"records": a[::-1]}}))
+    same = compare(f"{fa}:standard:fitted_16", f"{fr}:standard:fitted_16")[-1]["em"]
+    assert same["mean"] == same["lo"] == same["hi"] == 0
+    with pytest.raises(SystemExit, match="has standard:fitted_16"):
+        compare(f"{fa}:standard:fitted_8", f"{fb}:standard:exact")
+    with pytest.raises(SystemExit, match="FILE:KIND:VARIANT"):
+        compare(f"{fa}:standard", f"{fb}:standard:exact")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"extra": {}}))
+    with pytest.raises(SystemExit, match="no per-prompt records"):
+        compare(f"{empty}:standard:exact", f"{fb}:standard:exact")
+    fb.write_text(json.dumps({"extra": {"records": [rec(9, 0, "speaker", 0.0)]}}))
+    with pytest.raises(SystemExit, match="share no prompt"):
+        compare(f"{fa}:standard:fitted_16", f"{fb}:standard:exact")

@@ -9,6 +9,7 @@
     python -m eval.fidelity run --kinds standard forkkv distill   # also a ForkKV student distilled from standard
     python -m eval.fidelity run --teachers DIR --kinds standard distill   # load DIR's standard adapters, distil only
     python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
+    python -m eval.fidelity compare A.json:standard:fitted_16 B.json:standard:exact   # paired a - b, two files
 
 Three agents (:mod:`eval.fidelity.tasks`: who says a line, which line follows, who speaks next) read a Shakespeare
 scene as their shared context. Each is trained twice from the same initial LoRA weights, on the same batches
@@ -201,6 +202,44 @@ def _device_tag() -> str:
     return torch.cuda.get_device_name(0).lower().replace("nvidia ", "nvidia_").replace(" ", "_")
 
 
+def _side(spec: str) -> tuple[str, list[dict]]:
+    """``FILE:KIND:VARIANT`` -> (its label, the file's records of that training kind and inference variant)."""
+    path, sep, rest = spec.partition(":")
+    kind, sep2, variant = rest.partition(":")
+    if not (sep and sep2 and kind and variant):
+        raise SystemExit(f"{spec!r}: expected FILE:KIND:VARIANT, e.g. eval/results/fidelity_cpu.json:standard:exact")
+    data = json.loads(Path(path).read_text())
+    records = data.get("extra", {}).get("records")
+    if not records:
+        raise SystemExit(f"{path} holds no per-prompt records (extra.records): not a `run` result file")
+    mine = [r for r in records if (r["kind"], r["variant"]) == (kind, variant)]
+    if not mine:
+        have = sorted({f"{r['kind']}:{r['variant']}" for r in records})
+        raise SystemExit(f"{path} has no records of {kind}:{variant}; it has {', '.join(have)}")
+    return f"{Path(path).stem}:{kind}@{variant}", mine
+
+
+def compare(spec_a: str, spec_b: str, out: Path | None = None) -> list[dict]:
+    """Print (and with ``out`` save) the paired differences a - b per agent and pooled (:func:`report.paired_rows`)."""
+    from . import report
+
+    (name_a, a), (name_b, b) = _side(spec_a), _side(spec_b)
+    rows = report.paired_rows(f"{name_a} - {name_b}", a, b)
+    if not rows:
+        raise SystemExit("the two sides share no prompt (context and question id): not the same evaluation data")
+    print(f"a = {name_a}\nb = {name_b}\n")
+    print("| agent | prompts | a, EM % | b, EM % | a - b, points [95% CI] | F1, points [95% CI] |\n|---|---|---|---|---|---|")
+    for r in rows:
+        em, f = r["em"], r["f1"]
+        print(f"| {r['agent']} | {r['prompts']} | {100 * r['em_a']:.1f} | {100 * r['em_b']:.1f} | "
+              f"{100 * em['mean']:+.1f} [{100 * em['lo']:+.1f}, {100 * em['hi']:+.1f}] | "
+              f"{100 * f['mean']:+.1f} [{100 * f['lo']:+.1f}, {100 * f['hi']:+.1f}] |")
+    if out is not None:
+        out.write_text(json.dumps({"a": spec_a, "b": spec_b, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,11 +293,18 @@ def main(argv=None):
     p.add_argument("--rewrite", action="store_true",
                    help="rescore the file's per-prompt records through the context_qa evaluate module (ROUGE-L "
                         "added, EM/F1 checked), recompute the rows and comparisons, and save it")
+    c = sub.add_parser("compare", help="paired differences between two variants' records, of one result file or two "
+                                       "(e.g. trained adapters against the standard ones they started from)")
+    c.add_argument("a", metavar="FILE:KIND:VARIANT", help="side a, e.g. fit16.json:standard:fitted_16")
+    c.add_argument("b", metavar="FILE:KIND:VARIANT", help="side b (the difference is a - b, over the prompts both hold)")
+    c.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.command == "data":
         print(f"wrote {write_data(args.out, QUICK if args.quick else FULL, args.seed)}")
     elif args.command == "run":
         run(args)
+    elif args.command == "compare":
+        compare(args.a, args.b, args.out)
     elif args.command == "merge":
         res = merge(args.out, args.files)
         print(f"wrote {args.out}: {len(res.extra['records'])} records from {len(args.files)} files")

@@ -78,19 +78,32 @@ def comparisons(records: list[dict], n_boot: int = 2000) -> list[dict]:
     """:data:`COMPARISONS` and the pairs of fitted variants (:func:`fitted_comparisons`) per agent and pooled: paired
     differences in exact match, F1 and KL, with intervals."""
     out = []
+    for name, a, b in (*COMPARISONS, *fitted_comparisons(records)):
+        out += paired_rows(name, [r for r in records if (r["kind"], r["variant"]) == a],
+                           [r for r in records if (r["kind"], r["variant"]) == b], n_boot)
+    order = {agent: i for i, agent in enumerate((*AGENTS, "all"))}
+    return sorted(out, key=lambda row: order[row["agent"]])  # stable: the comparisons' order within an agent
+
+
+def paired_rows(name: str, side_a: list[dict], side_b: list[dict], n_boot: int = 2000) -> list[dict]:
+    """Paired differences ``a - b`` in exact match, F1 and KL over the prompts both record lists hold (matched by
+    context and question id), per agent and pooled (``"all"``), with context-bootstrap intervals; each row also
+    carries both sides' exact match over those prompts (``em_a``, ``em_b``). The two lists may come from different
+    result files (``python -m eval.fidelity compare``): e.g. trained adapters against the standard ones."""
+    out = []
     for agent in (*AGENTS, "all"):
-        mine = [r for r in records if agent == "all" or r["agent"] == agent]
-        for name, a, b in (*COMPARISONS, *fitted_comparisons(records)):
-            side_a = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == a}
-            side_b = {(r["context"], r["id"]): r for r in mine if (r["kind"], r["variant"]) == b}
-            keys = [k for k in side_a if k in side_b]
-            if not keys:
-                continue
-            row = {"comparison": name, "agent": agent, "prompts": len(keys)}
-            for m in ("em", "f1", "kl"):
-                row[m] = paired_difference_ci([float(side_a[k][m]) for k in keys], [float(side_b[k][m]) for k in keys],
-                                              [k[0] for k in keys], n=n_boot)
-            out.append(row)
+        a = {(r["context"], r["id"]): r for r in side_a if agent == "all" or r["agent"] == agent}
+        b = {(r["context"], r["id"]): r for r in side_b if agent == "all" or r["agent"] == agent}
+        keys = [k for k in a if k in b]
+        if not keys:
+            continue
+        row = {"comparison": name, "agent": agent, "prompts": len(keys)}
+        for m in ("em", "f1", "kl"):
+            row[m] = paired_difference_ci([float(a[k][m]) for k in keys], [float(b[k][m]) for k in keys],
+                                          [k[0] for k in keys], n=n_boot)
+        row["em_a"] = sum(float(a[k]["em"]) for k in keys) / len(keys)
+        row["em_b"] = sum(float(b[k]["em"]) for k in keys) / len(keys)
+        out.append(row)
     return out
 
 
