@@ -492,3 +492,45 @@ def test_compare_pairs_the_prompts_of_two_result_files(tmp_path, capsys):
     fb.write_text(json.dumps({"extra": {"records": [rec(9, 0, "speaker", 0.0)]}}))
     with pytest.raises(SystemExit, match="share no prompt"):
         compare(f"{fa}:standard:fitted_16", f"{fb}:standard:exact")
+
+
+@pytest.mark.version_independent
+def test_fit_plot_reads_probe_files(tmp_path):
+    """`python -m eval.fidelity.fit_plot`: per agent and rank, the standard adapter under a rank-R fit, the adapter
+    trained for it under it and under exact inference, each minus standard@exact paired over the same questions
+    (scene clusters from the data), a table, a JSON and a plot; files without such variants are refused."""
+    from eval.fidelity import fit_plot
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "eval"):
+        (data / f"{split}_contexts.jsonl").write_text("".join(json.dumps({"context_index": i}) + "\n" for i in range(3)))
+        (data / f"{split}_examples.jsonl").write_text("".join(
+            json.dumps({"context_index": i, "agent": "next_line"}) + "\n" for i in range(3) for _ in range(4)))
+
+    def row(pq):
+        return {"answer_exact": sum(pq) / len(pq), "per_question": pq}
+
+    exact = [1.0] * 12
+    std8 = [1.0, 0.0] * 6
+    trained = [1.0] * 8 + [0.0] * 4  # the third scene lost entirely
+    res = {"params": {"data": str(data), "eval_contexts": "3"}, "agents": {"next_line": {
+        "reference": {"standard@exact": row(exact), "standard@fitted8": row(std8)},
+        "variants": {"fit8_init": {"fitted8": row(trained), "exact": row(exact), "kv": row(std8)},
+                     "ce_fresh": {"kv": row(std8), "exact": row(exact)}}}}}
+    f = tmp_path / "probe.json"
+    f.write_text(json.dumps(res))
+    out = fit_plot.collect([f])
+    assert list(out) == ["next_line"] and list(out["next_line"]) == [8]
+    r = out["next_line"][8]
+    std, fit, ex = (r[name] for name, _ in fit_plot.SERIES)
+    assert std["mean"] == -50.0 and std["lo"] == std["hi"] == -50.0  # every scene loses half
+    assert fit["mean"] == pytest.approx(-33.3) and fit["lo"] == -100.0 and fit["hi"] == 0.0  # scene-clustered
+    assert ex == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert r["trained for rank R, fitted rank R (EM %)"] == pytest.approx(66.7) and r["standard@exact"] == 100.0
+    assert "| next_line | 8 | 100.0 | 50.0 (-50.0 [-50.0, -50.0]) |" in fit_plot.table(out)
+    assert fit_plot.plot(out, tmp_path / "fit.png").stat().st_size > 0
+    del res["agents"]["next_line"]["variants"]["fit8_init"]
+    f.write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="no fitR_init variant"):
+        fit_plot.collect([f])

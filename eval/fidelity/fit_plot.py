@@ -1,0 +1,118 @@
+"""Training for fitted residuals, by rank: one picture (and table) from the probe's result files.
+
+    python -m eval.fidelity.fit_plot eval/results/fidelity_probe_cpu_fitted8*.json \
+        eval/results/fidelity_probe_cpu_fitted16*.json --out eval/results/fidelity_fitted_training.png
+
+Each file is a :mod:`eval.fidelity.probe` result with ``fitR_init`` variants (an agent's standard adapter trained
+under ``FittedResidual(R)``) and the reference rows ``standard@exact`` and ``standard@fittedR``. Per agent and rank R
+it reports, in teacher-forced exact-match points minus the standard adapter under exact inference (paired over the
+same questions, 95% scene-bootstrap intervals): the standard adapter under a rank-R fit, the adapter trained for it
+under that fit, and the trained adapter under exact inference. Zero is the issue's target (within its interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from .metrics import paired_difference_ci
+from .probe import question_contexts
+from .tasks import read_jsonl
+
+SERIES = (("standard adapter, fitted rank R", "tab:gray"), ("trained for rank R, fitted rank R", "tab:blue"),
+          ("trained for rank R, exact inference", "tab:green"))
+
+
+def collect(files: list[Path], data_dir: Path | None = None) -> dict:
+    """``{agent: {R: {series: {"mean", "lo", "hi"} (points), "standard@exact": EM %, "questions": n}}}``."""
+    out: dict = {}
+    datas: dict = {}
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        data_path = Path(data_dir or res["params"]["data"])
+        data = datas.setdefault(data_path, read_jsonl(data_path))
+        ctx = [c["context_index"] for c in data["eval"]["contexts"]][: int(res["params"]["eval_contexts"])]
+        for agent, r in res["agents"].items():
+            ref = r["reference"].get("standard@exact")
+            if ref is None:
+                continue
+            clusters = question_contexts(data, agent, ctx)
+            base = ref["per_question"]
+            if len(clusters) != len(base):
+                raise ValueError(f"{f}: {agent}'s {len(base)} questions do not match the data's {len(clusters)}")
+            for variant, rec in r["variants"].items():
+                fit = re.fullmatch(r"fit(\d+)_init", variant)
+                std = r["reference"].get(f"standard@fitted{fit.group(1)}") if fit else None
+                if std is None:
+                    continue
+                rank = int(fit.group(1))
+                sides = (std, rec[f"fitted{rank}"], rec["exact"])
+
+                def diff(s):
+                    d = paired_difference_ci(s["per_question"], base, clusters)
+                    return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+
+                out.setdefault(agent, {})[rank] = {
+                    **{name: diff(s) for (name, _), s in zip(SERIES, sides)},
+                    **{f"{name} (EM %)": round(100 * s["answer_exact"], 1) for (name, _), s in zip(SERIES, sides)},
+                    "standard@exact": round(100 * ref["answer_exact"], 1), "questions": len(base), "file": str(f)}
+    if not out:
+        raise SystemExit("no fitR_init variant with its standard@fittedR and standard@exact reference rows in the files")
+    return out
+
+
+def table(res: dict) -> str:
+    lines = ["| agent | rank | standard@exact | " + " | ".join(n for n, _ in SERIES) + " |",
+             "|---|---|---|" + "---|" * len(SERIES)]
+    for agent, by_rank in res.items():
+        for rank in sorted(by_rank):
+            row = by_rank[rank]
+            cells = [f"{row[f'{n} (EM %)']:.1f} ({row[n]['mean']:+.1f} [{row[n]['lo']:+.1f}, {row[n]['hi']:+.1f}])"
+                     for n, _ in SERIES]
+            lines.append(f"| {agent} | {rank} | {row['standard@exact']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, out: Path) -> Path:
+    from ..plots import plt, save_figure
+
+    agents = sorted(res)
+    fig, axes = plt.subplots(1, len(agents), figsize=(5.6 * len(agents), 4.2), squeeze=False)
+    for ax, agent in zip(axes[0], agents):
+        ranks = sorted(res[agent])
+        for j, (name, color) in enumerate(SERIES):
+            xs = [i + (j - 1) * 0.22 for i in range(len(ranks))]
+            rows = [res[agent][r][name] for r in ranks]
+            ax.errorbar(xs, [r["mean"] for r in rows], yerr=[[r["mean"] - r["lo"] for r in rows],
+                                                            [r["hi"] - r["mean"] for r in rows]],
+                        fmt="o", capsize=3, color=color, label=name)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+        std = res[agent][ranks[0]]["standard@exact"]
+        ax.set_title(f"{agent} (standard@exact {std:.1f}%, {res[agent][ranks[0]]['questions']} questions)",
+                     fontsize=9)
+        ax.set_ylabel("exact match minus standard@exact (points)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Training for fitted residuals (SmolLM2-135M, teacher-forced, paired 95% scene-bootstrap CIs)",
+                 fontsize=10)
+    return save_figure(fig, out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.fidelity.fit_plot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", type=Path, nargs="+", help="probe result files with fitR_init variants")
+    ap.add_argument("--out", type=Path, required=True, help="the PNG (a JSON of the figures is written beside it)")
+    ap.add_argument("--data", type=Path, help="the benchmark's JSON lines (default: each file's --data)")
+    args = ap.parse_args(argv)
+    res = collect(args.files, args.data)
+    print(table(res))
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {plot(res, args.out)} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
