@@ -506,7 +506,8 @@ def test_fit_plot_reads_probe_files(tmp_path):
     for split in ("train", "eval"):
         (data / f"{split}_contexts.jsonl").write_text("".join(json.dumps({"context_index": i}) + "\n" for i in range(3)))
         (data / f"{split}_examples.jsonl").write_text("".join(
-            json.dumps({"context_index": i, "agent": "next_line"}) + "\n" for i in range(3) for _ in range(4)))
+            json.dumps({"context_index": i, "agent": agent}) + "\n" for agent in ("next_line", "next_speaker")
+            for i in range(3) for _ in range(4)))
 
     def row(pq):
         return {"answer_exact": sum(pq) / len(pq), "per_question": pq}
@@ -521,7 +522,7 @@ def test_fit_plot_reads_probe_files(tmp_path):
     f = tmp_path / "probe.json"
     f.write_text(json.dumps(res))
     out = fit_plot.collect([f])
-    assert list(out) == ["next_line"] and list(out["next_line"]) == [8]
+    assert list(out) == ["next_line"] and list(out["next_line"]) == [8]  # one agent: nothing pooled
     r = out["next_line"][8]
     std, fit, ex = (r[name] for name, _ in fit_plot.SERIES)
     assert std["mean"] == -50.0 and std["lo"] == std["hi"] == -50.0  # every scene loses half
@@ -530,6 +531,17 @@ def test_fit_plot_reads_probe_files(tmp_path):
     assert r["trained for rank R, fitted rank R (EM %)"] == pytest.approx(66.7) and r["standard@exact"] == 100.0
     assert "| next_line | 8 | 100.0 | 50.0 (-50.0 [-50.0, -50.0]) |" in fit_plot.table(out)
     assert fit_plot.plot(out, tmp_path / "fit.png").stat().st_size > 0
+    # a second agent in a second file, its trained adapter exact at the fit: pooled per question, scene clusters
+    other = json.loads(json.dumps(res))
+    other["agents"]["next_speaker"] = other["agents"].pop("next_line")
+    other["agents"]["next_speaker"]["variants"]["fit8_init"]["fitted8"] = row(exact)
+    f2 = tmp_path / "probe2.json"
+    f2.write_text(json.dumps(other))
+    both = fit_plot.collect([f, f2])
+    assert set(both) == {"next_line", "next_speaker", "all"} and both["all"][8]["questions"] == 24
+    pooled = both["all"][8]["trained for rank R, fitted rank R"]
+    assert pooled["mean"] == pytest.approx(-16.7) and pooled["lo"] == -50.0 and pooled["hi"] == 0.0
+    assert "| all | 8 | 100.0 |" in fit_plot.table(both).splitlines()[-1]
     del res["agents"]["next_line"]["variants"]["fit8_init"]
     f.write_text(json.dumps(res))
     with pytest.raises(SystemExit, match="no fitR_init variant"):

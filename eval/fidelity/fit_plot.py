@@ -26,9 +26,11 @@ SERIES = (("standard adapter, fitted rank R", "tab:gray"), ("trained for rank R,
 
 
 def collect(files: list[Path], data_dir: Path | None = None) -> dict:
-    """``{agent: {R: {series: {"mean", "lo", "hi"} (points), "standard@exact": EM %, "questions": n}}}``."""
+    """``{agent: {R: {series: {"mean", "lo", "hi"} (points), "<series> (EM %)", "standard@exact": EM %, "questions":
+    n}}}``; ``"all"`` pools the agents of a rank that several agents have (paired per question, scene clusters)."""
     out: dict = {}
     datas: dict = {}
+    pooled: dict = {}  # rank -> agent -> (the three series' per-question values, standard@exact's, clusters)
     for f in files:
         res = json.loads(Path(f).read_text())
         data_path = Path(data_dir or res["params"]["data"])
@@ -48,25 +50,35 @@ def collect(files: list[Path], data_dir: Path | None = None) -> dict:
                 if std is None:
                     continue
                 rank = int(fit.group(1))
-                sides = (std, rec[f"fitted{rank}"], rec["exact"])
-
-                def diff(s):
-                    d = paired_difference_ci(s["per_question"], base, clusters)
-                    return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
-
-                out.setdefault(agent, {})[rank] = {
-                    **{name: diff(s) for (name, _), s in zip(SERIES, sides)},
-                    **{f"{name} (EM %)": round(100 * s["answer_exact"], 1) for (name, _), s in zip(SERIES, sides)},
-                    "standard@exact": round(100 * ref["answer_exact"], 1), "questions": len(base), "file": str(f)}
+                sides = [s["per_question"] for s in (std, rec[f"fitted{rank}"], rec["exact"])]
+                out.setdefault(agent, {})[rank] = {**_row(sides, base, clusters), "file": str(f)}
+                pooled.setdefault(rank, {})[agent] = (sides, base, [(str(data_path), c) for c in clusters])
     if not out:
         raise SystemExit("no fitR_init variant with its standard@fittedR and standard@exact reference rows in the files")
+    for rank, by_agent in pooled.items():  # every agent of a rank, its questions side by side (same scene clusters)
+        if len(by_agent) > 1:
+            parts = list(by_agent.values())
+            sides = [sum((p[0][i] for p in parts), []) for i in range(len(SERIES))]
+            out.setdefault("all", {})[rank] = {**_row(sides, sum((p[1] for p in parts), []),
+                                                      sum((p[2] for p in parts), [])), "agents": sorted(by_agent)}
     return out
+
+
+def _row(sides: list[list[float]], base: list[float], clusters: list) -> dict:
+    def diff(values):
+        d = paired_difference_ci(values, base, clusters)
+        return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+
+    return {**{name: diff(v) for (name, _), v in zip(SERIES, sides)},
+            **{f"{name} (EM %)": round(100 * sum(v) / len(v), 1) for (name, _), v in zip(SERIES, sides)},
+            "standard@exact": round(100 * sum(base) / len(base), 1), "questions": len(base)}
 
 
 def table(res: dict) -> str:
     lines = ["| agent | rank | standard@exact | " + " | ".join(n for n, _ in SERIES) + " |",
              "|---|---|---|" + "---|" * len(SERIES)]
-    for agent, by_rank in res.items():
+    for agent in [a for a in res if a != "all"] + (["all"] if "all" in res else []):
+        by_rank = res[agent]
         for rank in sorted(by_rank):
             row = by_rank[rank]
             cells = [f"{row[f'{n} (EM %)']:.1f} ({row[n]['mean']:+.1f} [{row[n]['lo']:+.1f}, {row[n]['hi']:+.1f}])"
@@ -78,7 +90,7 @@ def table(res: dict) -> str:
 def plot(res: dict, out: Path) -> Path:
     from ..plots import plt, save_figure
 
-    agents = sorted(res)
+    agents = [a for a in sorted(res) if a != "all"] + (["all"] if "all" in res else [])
     fig, axes = plt.subplots(1, len(agents), figsize=(5.6 * len(agents), 4.2), squeeze=False)
     for ax, agent in zip(axes[0], agents):
         ranks = sorted(res[agent])
