@@ -27,7 +27,8 @@ SERIES = (("standard adapter, fitted rank R", "tab:gray"), ("trained for rank R,
 
 def collect(files: list[Path], data_dir: Path | None = None) -> dict:
     """``{agent: {R: {series: {"mean", "lo", "hi"} (points), "<series> (EM %)", "standard@exact": EM %, "questions":
-    n}}}``; ``"all"`` pools the agents of a rank that several agents have (paired per question, scene clusters)."""
+    n}}}``; ``"all"``, added last, pools the agents of a rank that several agents have (paired per question, scene
+    clusters)."""
     out: dict = {}
     datas: dict = {}
     pooled: dict = {}  # rank -> agent -> (the three series' per-question values, standard@exact's, clusters)
@@ -77,8 +78,7 @@ def _row(sides: list[list[float]], base: list[float], clusters: list) -> dict:
 def table(res: dict) -> str:
     lines = ["| agent | rank | standard@exact | " + " | ".join(n for n, _ in SERIES) + " |",
              "|---|---|---|" + "---|" * len(SERIES)]
-    for agent in [a for a in res if a != "all"] + (["all"] if "all" in res else []):
-        by_rank = res[agent]
+    for agent, by_rank in res.items():  # "all" last: collect adds it after the agents
         for rank in sorted(by_rank):
             row = by_rank[rank]
             cells = [f"{row[f'{n} (EM %)']:.1f} ({row[n]['mean']:+.1f} [{row[n]['lo']:+.1f}, {row[n]['hi']:+.1f}])"
