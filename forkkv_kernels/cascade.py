@@ -131,11 +131,13 @@ def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> di
     return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
 
 
-def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype) -> dict:
+def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype,
+                    v_rank: int = 16) -> dict:
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
-    ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``. bf16/fp16: the fastest passing rules of
+    ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``, with a V residual of rank ``v_rank``. bf16/fp16: the fastest passing rules of
     the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
-    eval/KERNEL_NOTES.md "v8 measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b measured"; the
+    eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline stages: sweep_kernel_v13b_nvidia_h200.json, "v13b
+    measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b measured"; the
     K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c measured").
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
@@ -149,8 +151,14 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
     wide = few and (has_k or not has_v)
+    # the V residual alone: 2 stages from 33 vectors on (3 stages give its 64-vector program 176 KiB, one per SM: 32
+    # agents 118.2 -> 121.2-132.6 µs), 3 up to 32 vectors at rank <= 16 (the u_v tile double-buffered, two programs
+    # per SM still: v13b, 8 agents 75.1 -> 69.8 µs, 1 agent 65.4 -> 55.8; a higher rank's wider u_v tile would leave
+    # one program per SM, unmeasured)
+    piped_v = few and v_rank <= 16
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
-                num_stages=2 if has_v and not has_k else 3, programs_per_sm=1 if wide else 2, whole_waves=True,
+                num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
+                whole_waves=True,
                 # K pass: the joined form (one rebuild MMA split in registers, one score MMA of depth D), one KV head
                 # per score tile, 128-token tiles on 8 warps capped at 128 registers (2 programs per SM), 3 pipeline
                 # stages (v11c, same run, whole call K+V against v11b's halves form in packs of 4 on 64-token tiles:
@@ -240,7 +248,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if lowp_rope is None:
         lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     # the interpreter runs the GPU's bf16/fp16 rule (its split rounding included) with 32-token tiles for speed
-    cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype)
+    cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype, RV)
     if interp:
         cfg.update(block_t=32, res_block_t=32)
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,

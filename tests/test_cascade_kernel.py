@@ -357,6 +357,30 @@ def test_gpu_merge_rule_is_the_v12b_sweeps_choice():
     assert launch_defaults(8, 1, 4, True, True, torch.bfloat16)["merge_first"] is True
 
 
+def test_gpu_v_residual_stages_are_the_v13b_sweeps_choice():
+    """The V residual alone runs its shared part with 3 pipeline stages up to 32 query vectors per KV head (8 agents)
+    at rank <= 16 and with 2 from 33 on: at every point of the v13b sweep (T=32K, 1/8/32/128 agents, rank 16) the
+    rule's stage count is the faster of the two on the rule's tiles and splits, and 3 stages measured at least 5%
+    faster at 1 and 8 agents; a higher rank keeps 2 (its wider u_v tile is unmeasured at 3)."""
+    import json
+
+    from forkkv_kernels.cascade import launch_defaults
+
+    path = Path(__file__).parents[1] / "eval/results/sweep_kernel_v13b_nvidia_h200.json"
+    times = {}
+    for r in json.loads(path.read_text())["rows"]:
+        if r["variant"] == "v" and r["config"] in ("{}", '{"num_stages": 3}') and r["ok"]:
+            times.setdefault(r["agents"], {})[json.loads(r["config"]).get("num_stages", 2)] = r["graph_s"]
+    assert sorted(times) == [1, 8, 32, 128] and all(sorted(t) == [2, 3] for t in times.values())
+    for N, t in times.items():
+        stages = launch_defaults(N, 1, 4, False, True, torch.bfloat16)["num_stages"]
+        assert t[stages] == min(t.values()), (N, stages, t)
+        if N <= 8:
+            assert stages == 3 and t[3] <= 0.95 * t[2], (N, t)
+    assert launch_defaults(8, 1, 4, False, True, torch.bfloat16, v_rank=64)["num_stages"] == 2
+    assert launch_defaults(8, 1, 4, True, True, torch.bfloat16)["num_stages"] == 3  # K+V: unchanged
+
+
 @parametrize("lowp_rope", [False, True], fast=lambda lowp_rope: lowp_rope)
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
