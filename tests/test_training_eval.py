@@ -524,7 +524,8 @@ def test_fit_plot_reads_probe_files(tmp_path):
     out = fit_plot.collect([f])
     assert list(out) == ["next_line"] and list(out["next_line"]) == [8]  # one agent: nothing pooled
     r = out["next_line"][8]
-    std, fit, ex = (r[name] for name, _ in fit_plot.SERIES)
+    std, fit, ex = (r[name] for name, _ in fit_plot.SERIES[:3])
+    assert fit_plot.SERIES[3][0] not in r and fit_plot.EQUAL not in r  # no --baseline
     assert std["mean"] == -50.0 and std["lo"] == std["hi"] == -50.0  # every scene loses half
     assert fit["mean"] == pytest.approx(-33.3) and fit["lo"] == -100.0 and fit["hi"] == 0.0  # scene-clustered
     assert ex == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
@@ -542,6 +543,32 @@ def test_fit_plot_reads_probe_files(tmp_path):
     pooled = both["all"][8]["trained for rank R, fitted rank R"]
     assert pooled["mean"] == pytest.approx(-16.7) and pooled["lo"] == -50.0 and pooled["hi"] == 0.0
     assert "| all | 8 | 100.0 |" in fit_plot.table(both).splitlines()[-1]
+    # the fair baseline: the standard adapter trained as many more steps under exact inference (std_init)
+    res["params"]["steps"] = other["params"]["steps"] = "93"
+    f.write_text(json.dumps(res))
+    f2.write_text(json.dumps(other))
+    longer = [1.0] * 10 + [0.0, 1.0]
+    bl = {"params": {"steps": "93"}, "agents": {"next_line": {
+        "reference": {"standard@exact": row(exact)}, "variants": {"std_init": {"exact": row(longer)}}}}}
+    fb = tmp_path / "std93.json"
+    fb.write_text(json.dumps(bl))
+    withb = fit_plot.collect([f, f2], baseline_files=[fb])
+    r = withb["next_line"][8]
+    assert r[fit_plot.SERIES[3][0]]["mean"] == pytest.approx(-8.3)  # one question of 12 lost
+    eq = r[fit_plot.EQUAL]  # trained under its fit (third scene lost) minus the longer-trained standard adapter
+    assert eq["mean"] == pytest.approx(-25.0) and eq["lo"] == pytest.approx(-75.0) and eq["hi"] == 0.0
+    assert fit_plot.EQUAL not in withb["next_speaker"][8] and fit_plot.EQUAL not in withb["all"][8]  # one agent has it
+    t = fit_plot.table(withb)
+    assert "| -25.0 [-75.0, +0.0] |" in t and t.splitlines()[-1].endswith("| not run | not run |")
+    assert fit_plot.plot(withb, tmp_path / "fitb.png").stat().st_size > 0
+    bl["params"]["steps"] = "40"
+    fb.write_text(json.dumps(bl))
+    with pytest.raises(SystemExit, match="not the same standard adapter"):
+        fit_plot.collect([f], baseline_files=[fb])
+    del bl["agents"]["next_line"]["variants"]["std_init"]
+    fb.write_text(json.dumps(bl))
+    with pytest.raises(SystemExit, match="no std_init variant"):
+        fit_plot.collect([f], baseline_files=[fb])
     del res["agents"]["next_line"]["variants"]["fit8_init"]
     f.write_text(json.dumps(res))
     with pytest.raises(SystemExit, match="no fitR_init variant"):

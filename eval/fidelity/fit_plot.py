@@ -8,6 +8,11 @@ under ``FittedResidual(R)``) and the reference rows ``standard@exact`` and ``sta
 it reports, in teacher-forced exact-match points minus the standard adapter under exact inference (paired over the
 same questions, 95% scene-bootstrap intervals): the standard adapter under a rank-R fit, the adapter trained for it
 under that fit, and the trained adapter under exact inference. Zero is the issue's target (within its interval).
+
+``--baseline FILES``: probe results with a ``std_init`` variant (the standard adapter trained as many more steps under
+exact inference, ``--variants std_init``), the fair baseline of an adapter that took those steps under a fit: adds
+that adapter under exact inference as a fourth series and, per agent and rank, the trained adapter under its fit
+minus it (``"minus equally trained"``).
 """
 
 from __future__ import annotations
@@ -22,13 +27,34 @@ from .probe import question_contexts
 from .tasks import read_jsonl
 
 SERIES = (("standard adapter, fitted rank R", "tab:gray"), ("trained for rank R, fitted rank R", "tab:blue"),
-          ("trained for rank R, exact inference", "tab:green"))
+          ("trained for rank R, exact inference", "tab:green"),
+          ("standard trained as many more steps, exact inference", "tab:orange"))  # the last: with --baseline only
+EQUAL = "minus equally trained"  # trained for rank R under its fit minus the standard adapter trained as long (exact)
 
 
-def collect(files: list[Path], data_dir: Path | None = None) -> dict:
+def baselines(files: list[Path]) -> dict:
+    """``{agent: (std_init's per-question exact-inference scores, its standard@exact's, its steps)}`` from probe
+    files with a ``std_init`` variant."""
+    out = {}
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        for agent, r in res["agents"].items():
+            rec = r["variants"].get("std_init")
+            if rec is not None:
+                out[agent] = (rec["exact"]["per_question"], r["reference"]["standard@exact"]["per_question"],
+                              res["params"]["steps"])
+    if files and not out:
+        raise SystemExit("no std_init variant in the --baseline files (python -m eval.fidelity.probe --variants "
+                         "std_init trains it)")
+    return out
+
+
+def collect(files: list[Path], data_dir: Path | None = None, baseline_files: list[Path] = ()) -> dict:
     """``{agent: {R: {series: {"mean", "lo", "hi"} (points), "<series> (EM %)", "standard@exact": EM %, "questions":
-    n}}}``; ``"all"``, added last, pools the agents of a rank that several agents have (paired per question, scene
-    clusters)."""
+    n}}}`` (with ``baseline_files``, where an agent has one, the fourth series and ``EQUAL``); ``"all"``, added last,
+    pools the agents of a rank that several agents have (paired per question, scene clusters; the baseline's series
+    only if every pooled agent has one)."""
+    equal = baselines(list(baseline_files))
     out: dict = {}
     datas: dict = {}
     pooled: dict = {}  # rank -> agent -> (the three series' per-question values, standard@exact's, clusters)
@@ -45,13 +71,17 @@ def collect(files: list[Path], data_dir: Path | None = None) -> dict:
             base = ref["per_question"]
             if len(clusters) != len(base):
                 raise ValueError(f"{f}: {agent}'s {len(base)} questions do not match the data's {len(clusters)}")
+            eq = equal.get(agent)
+            if eq is not None and (eq[1] != base or eq[2] != res["params"]["steps"]):
+                raise SystemExit(f"{f}: {agent}'s --baseline is not the same standard adapter, questions and steps "
+                                 f"(its steps {eq[2]}, these {res['params']['steps']})")
             for variant, rec in r["variants"].items():
                 fit = re.fullmatch(r"fit(\d+)_init", variant)
                 std = r["reference"].get(f"standard@fitted{fit.group(1)}") if fit else None
                 if std is None:
                     continue
                 rank = int(fit.group(1))
-                sides = [s["per_question"] for s in (std, rec[f"fitted{rank}"], rec["exact"])]
+                sides = [s["per_question"] for s in (std, rec[f"fitted{rank}"], rec["exact"])] + ([eq[0]] if eq else [])
                 out.setdefault(agent, {})[rank] = {**_row(sides, base, clusters), "file": str(f)}
                 pooled.setdefault(rank, {})[agent] = (sides, base, [(str(data_path), c) for c in clusters])
     if not out:
@@ -59,7 +89,7 @@ def collect(files: list[Path], data_dir: Path | None = None) -> dict:
     for rank, by_agent in pooled.items():  # every agent of a rank, its questions side by side (same scene clusters)
         if len(by_agent) > 1:
             parts = list(by_agent.values())
-            sides = [sum((p[0][i] for p in parts), []) for i in range(len(SERIES))]
+            sides = [sum((p[0][i] for p in parts), []) for i in range(min(len(p[0]) for p in parts))]
             out.setdefault("all", {})[rank] = {**_row(sides, sum((p[1] for p in parts), []),
                                                       sum((p[2] for p in parts), [])), "agents": sorted(by_agent)}
     return out
@@ -70,19 +100,29 @@ def _row(sides: list[list[float]], base: list[float], clusters: list) -> dict:
         d = paired_difference_ci(values, base, clusters)
         return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
 
-    return {**{name: diff(v) for (name, _), v in zip(SERIES, sides)},
-            **{f"{name} (EM %)": round(100 * sum(v) / len(v), 1) for (name, _), v in zip(SERIES, sides)},
-            "standard@exact": round(100 * sum(base) / len(base), 1), "questions": len(base)}
+    row = {**{name: diff(v) for (name, _), v in zip(SERIES, sides)},
+           **{f"{name} (EM %)": round(100 * sum(v) / len(v), 1) for (name, _), v in zip(SERIES, sides)},
+           "standard@exact": round(100 * sum(base) / len(base), 1), "questions": len(base)}
+    if len(sides) == len(SERIES):  # the trained adapter under its fit against the standard adapter trained as long
+        d = paired_difference_ci(sides[1], sides[3], clusters)
+        row[EQUAL] = {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+    return row
 
 
 def table(res: dict) -> str:
-    lines = ["| agent | rank | standard@exact | " + " | ".join(n for n, _ in SERIES) + " |",
-             "|---|---|---|" + "---|" * len(SERIES)]
+    full = any(EQUAL in row for by_rank in res.values() for row in by_rank.values())
+    names = [n for n, _ in SERIES][: len(SERIES) if full else len(SERIES) - 1]
+    lines = ["| agent | rank | standard@exact | " + " | ".join(names + ([EQUAL] if full else [])) + " |",
+             "|---|---|---|" + "---|" * (len(names) + full)]
+
+    def ci(d):
+        return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+
     for agent, by_rank in res.items():  # "all" last: collect adds it after the agents
         for rank in sorted(by_rank):
             row = by_rank[rank]
-            cells = [f"{row[f'{n} (EM %)']:.1f} ({row[n]['mean']:+.1f} [{row[n]['lo']:+.1f}, {row[n]['hi']:+.1f}])"
-                     for n, _ in SERIES]
+            cells = [f"{row[f'{n} (EM %)']:.1f} ({ci(row[n])})" if n in row else "not run" for n in names]
+            cells += [ci(row[EQUAL]) if EQUAL in row else "not run"] if full else []
             lines.append(f"| {agent} | {rank} | {row['standard@exact']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,8 +135,11 @@ def plot(res: dict, out: Path) -> Path:
     for ax, agent in zip(axes[0], agents):
         ranks = sorted(res[agent])
         for j, (name, color) in enumerate(SERIES):
-            xs = [i + (j - 1) * 0.22 for i in range(len(ranks))]
-            rows = [res[agent][r][name] for r in ranks]
+            have = [i for i, r in enumerate(ranks) if name in res[agent][r]]
+            if not have:
+                continue
+            xs = [i + (j - 1.5) * 0.18 for i in have]
+            rows = [res[agent][ranks[i]][name] for i in have]
             ax.errorbar(xs, [r["mean"] for r in rows], yerr=[[r["mean"] - r["lo"] for r in rows],
                                                             [r["hi"] - r["mean"] for r in rows]],
                         fmt="o", capsize=3, color=color, label=name)
@@ -119,8 +162,10 @@ def main(argv=None):
     ap.add_argument("files", type=Path, nargs="+", help="probe result files with fitR_init variants")
     ap.add_argument("--out", type=Path, required=True, help="the PNG (a JSON of the figures is written beside it)")
     ap.add_argument("--data", type=Path, help="the benchmark's JSON lines (default: each file's --data)")
+    ap.add_argument("--baseline", type=Path, nargs="*", default=[],
+                    help="probe result files with a std_init variant (the standard adapter trained as many more steps)")
     args = ap.parse_args(argv)
-    res = collect(args.files, args.data)
+    res = collect(args.files, args.data, args.baseline)
     print(table(res))
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     print(f"wrote {plot(res, args.out)} and {args.out.with_suffix('.json')}")
