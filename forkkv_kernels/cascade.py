@@ -134,11 +134,12 @@ def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> di
 def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype,
                     v_rank: int = 16) -> dict:
     """The launch knobs :func:`cascade_attention` uses on the GPU where a call does not give them, for ``B`` rows of
-    ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``, with a V residual of rank ``v_rank``. bf16/fp16: the fastest passing rules of
-    the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json ``extra.summary``: H200, T=32K, 8/32/128 agents;
-    eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline stages: sweep_kernel_v13b_nvidia_h200.json, "v13b
-    measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b measured"; the
-    K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c measured").
+    ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``, with a V residual of rank ``v_rank``.
+    bf16/fp16: the fastest passing rules of the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json
+    ``extra.summary``: H200, T=32K, 8/32/128 agents; eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline
+    stages: sweep_kernel_v13b_nvidia_h200.json, "v13b measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b
+    measured"; the K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c
+    measured").
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
     measured as fast as one in v11c)."""
