@@ -133,8 +133,9 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     all_times = {"n1": [round(t, 4) for t in times[n1]], "n2": [round(t, 4) for t in times[n2]]}
     t1, t2 = statistics.median(times[n1]), statistics.median(times[n2])  # of an even count: the middle two's mean
     step = (t2 - t1) / (n2 - n1)
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB so far" if torch.cuda.is_available() else ""
     say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
-        f" (each {all_times}), events {events}")
+        f" (each {all_times}), events {events}{peak}")  # a call cut after this line (profile, eager check) keeps these
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times,
            "first_call_s": first, "first_call_extra_s": first - t2, "first_call_compile": compile_info,
            "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None, "events_while_timed": events,
