@@ -57,7 +57,7 @@ def collect(files: list[Path], data_dir: Path | None = None, baseline_files: lis
     equal = baselines(list(baseline_files))
     out: dict = {}
     datas: dict = {}
-    pooled: dict = {}  # rank -> agent -> (the three series' per-question values, standard@exact's, clusters)
+    pooled: dict = {}  # rank -> agent -> (its series' per-question values, standard@exact's, clusters)
     for f in files:
         res = json.loads(Path(f).read_text())
         data_path = Path(data_dir or res["params"]["data"])
@@ -96,16 +96,15 @@ def collect(files: list[Path], data_dir: Path | None = None, baseline_files: lis
 
 
 def _row(sides: list[list[float]], base: list[float], clusters: list) -> dict:
-    def diff(values):
-        d = paired_difference_ci(values, base, clusters)
+    def diff(values, against=base):
+        d = paired_difference_ci(values, against, clusters)
         return {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
 
     row = {**{name: diff(v) for (name, _), v in zip(SERIES, sides)},
            **{f"{name} (EM %)": round(100 * sum(v) / len(v), 1) for (name, _), v in zip(SERIES, sides)},
            "standard@exact": round(100 * sum(base) / len(base), 1), "questions": len(base)}
     if len(sides) == len(SERIES):  # the trained adapter under its fit against the standard adapter trained as long
-        d = paired_difference_ci(sides[1], sides[3], clusters)
-        row[EQUAL] = {k: round(100 * d[k], 1) for k in ("mean", "lo", "hi")}
+        row[EQUAL] = diff(sides[1], against=sides[3])
     return row
 
 
