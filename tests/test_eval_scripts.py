@@ -189,17 +189,13 @@ def test_committed_results_load_and_plot(tmp_path):
     for path in [*results.glob("bench_*.json"), *results.glob("quality*.json"), *results.glob("profile_kernel*.json")]:
         shutil.copy(path, copy)
     made = {p.name for p in plot_all(copy)}
-    # the sweeps, the stage profiles and the decode calls with their garbage collections; the reruns of a few cases
-    # (README tables) are not drawn
-    assert made == {"bench_kernel_nvidia_h200.png", "bench_lora_nvidia_h200.png", "bench_e2e_nvidia_h200.png",
-                    "bench_kernel_nvidia_h200_q4_short_v8.png", "bench_kernel_nvidia_h200_v10.png",
-                    "bench_kernel_nvidia_h200_v11.png", "bench_kernel_nvidia_h200_v11c.png",
-                    "bench_kernel_nvidia_h200_q4_short_v11c.png", "bench_kernel_nvidia_h200_q16_v11c.png",
-                    "bench_kernel_nvidia_h200_v11e.png", "bench_kernel_nvidia_h200_v11f.png",
-                    "profile_kernel_v11f_nvidia_h200.png", "bench_kernel_nvidia_h200_r64.png",
-                    "profile_kernel_v10b_nvidia_h200.png", "profile_kernel_v11b_nvidia_h200.png",
-                    "profile_kernel_v11c_nvidia_h200.png", "quality.png", "bench_decode_nvidia_h200_gc.png",
-                    "bench_decode_nvidia_h200_gc_frozen.png"}
+    # every committed plot of these families is what plot_all draws from the committed JSON, and nothing it draws is
+    # missing from the commit (the reruns of a few cases, README tables, are not drawn)
+    committed = {p.name for pattern in ("bench_*.png", "quality*.png", "profile_kernel*.png")
+                 for p in results.glob(pattern)}
+    assert made == committed
+    assert {"bench_kernel_nvidia_h200.png", "bench_e2e_nvidia_h200.png", "quality.png",
+            "profile_kernel_v11f_nvidia_h200.png", "bench_decode_nvidia_h200_gc.png"} <= made
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
