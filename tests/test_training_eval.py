@@ -452,8 +452,9 @@ def test_weighted_fit_at_full_width_is_the_exact_run(quick_run, tmp_path):
 @pytest.mark.version_independent
 def test_compare_pairs_the_prompts_of_two_result_files(tmp_path, capsys):
     """`python -m eval.fidelity compare A:KIND:VARIANT B:KIND:VARIANT`: paired over the prompts both files hold
-    (matched by context and id, whatever their order), per agent and pooled; a kind/variant a file lacks, a file
-    without records and disjoint prompts are refused with what the file has."""
+    (matched by context and id, whatever their order), per agent and pooled; ``A1+A2`` pools two files' records; a
+    kind/variant a file lacks, a file without records, disjoint prompts and a prompt in two joined files are refused
+    with what the file has."""
     from eval.fidelity.__main__ import compare
 
     def rec(ctx, i, agent, em, kind="standard", variant="exact"):
@@ -492,6 +493,15 @@ def test_compare_pairs_the_prompts_of_two_result_files(tmp_path, capsys):
     fb.write_text(json.dumps({"extra": {"records": [rec(9, 0, "speaker", 0.0)]}}))
     with pytest.raises(SystemExit, match="share no prompt"):
         compare(f"{fa}:standard:fitted_16", f"{fb}:standard:exact")
+    # FILE+FILE pools one side's records: each agent's adapters evaluated in its own run
+    fl, fs = tmp_path / "line.json", tmp_path / "speaker.json"
+    fl.write_text(json.dumps({"extra": {"records": [r for r in a if r["agent"] == "next_line"]}}))
+    fs.write_text(json.dumps({"extra": {"records": [r for r in a if r["agent"] == "speaker"]}}))
+    fb.write_text(json.dumps({"extra": {"records": b}}))
+    joined = compare(f"{fl}+{fs}:standard:fitted_16", f"{fb}:standard:exact")
+    assert [(r["agent"], r["prompts"], r["em"]) for r in joined] == [(r["agent"], r["prompts"], r["em"]) for r in rows]
+    with pytest.raises(SystemExit, match="is in both"):
+        compare(f"{fl}+{fa}:standard:fitted_16", f"{fb}:standard:exact")
 
 
 @pytest.mark.version_independent

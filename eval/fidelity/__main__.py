@@ -10,6 +10,7 @@
     python -m eval.fidelity run --teachers DIR --kinds standard distill   # load DIR's standard adapters, distil only
     python -m eval.fidelity merge OUT.json A.json B.json   # one result file from runs over disjoint prompts
     python -m eval.fidelity compare A.json:standard:fitted_16 B.json:standard:exact   # paired a - b, two files
+    python -m eval.fidelity compare A1.json+A2.json:standard:fitted_32 B.json:standard:exact   # side a pooled
 
 Three agents (:mod:`eval.fidelity.tasks`: who says a line, which line follows, who speaks next) read a Shakespeare
 scene as their shared context. Each is trained twice from the same initial LoRA weights, on the same batches
@@ -203,20 +204,32 @@ def _device_tag() -> str:
 
 
 def _side(spec: str) -> tuple[str, list[dict]]:
-    """``FILE:KIND:VARIANT`` -> (its label, the file's records of that training kind and inference variant)."""
-    path, sep, rest = spec.partition(":")
+    """``FILE[+FILE...]:KIND:VARIANT`` -> (its label, the files' records of that training kind and inference variant).
+    Several files joined by ``+`` pool their records (e.g. one agent's adapters trained in one run and another's in a
+    second); a prompt found in two of them is refused, since it would be counted twice."""
+    paths, sep, rest = spec.partition(":")
     kind, sep2, variant = rest.partition(":")
     if not (sep and sep2 and kind and variant):
         raise SystemExit(f"{spec!r}: expected FILE:KIND:VARIANT, e.g. eval/results/fidelity_cpu.json:standard:exact")
-    data = json.loads(Path(path).read_text())
-    records = data.get("extra", {}).get("records")
-    if not records:
-        raise SystemExit(f"{path} holds no per-prompt records (extra.records): not a `run` result file")
-    mine = [r for r in records if (r["kind"], r["variant"]) == (kind, variant)]
-    if not mine:
-        have = sorted({f"{r['kind']}:{r['variant']}" for r in records})
-        raise SystemExit(f"{path} has no records of {kind}:{variant}; it has {', '.join(have)}")
-    return f"{Path(path).stem}:{kind}@{variant}", mine
+    files = [paths] if Path(paths).exists() else paths.split("+")
+    mine, seen = [], {}
+    for path in files:
+        data = json.loads(Path(path).read_text())
+        records = data.get("extra", {}).get("records")
+        if not records:
+            raise SystemExit(f"{path} holds no per-prompt records (extra.records): not a `run` result file")
+        own = [r for r in records if (r["kind"], r["variant"]) == (kind, variant)]
+        if not own:
+            have = sorted({f"{r['kind']}:{r['variant']}" for r in records})
+            raise SystemExit(f"{path} has no records of {kind}:{variant}; it has {', '.join(have)}")
+        for r in own:
+            key = (r["context"], r["id"])
+            if key in seen:
+                raise SystemExit(f"prompt {r['id']!r} of {kind}:{variant} is in both {seen[key]} and {path}: join "
+                                 "files that hold different agents or contexts")
+            seen[key] = path
+        mine += own
+    return f"{'+'.join(Path(f).stem for f in files)}:{kind}@{variant}", mine
 
 
 def compare(spec_a: str, spec_b: str, out: Path | None = None) -> list[dict]:
