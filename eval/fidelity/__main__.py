@@ -214,6 +214,8 @@ def _side(spec: str) -> tuple[str, list[dict]]:
     files = [paths] if Path(paths).exists() else paths.split("+")
     mine, seen = [], {}
     for path in files:
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: no such result file")
         data = json.loads(Path(path).read_text())
         records = data.get("extra", {}).get("records")
         if not records:
@@ -308,7 +310,8 @@ def main(argv=None):
                         "added, EM/F1 checked), recompute the rows and comparisons, and save it")
     c = sub.add_parser("compare", help="paired differences between two variants' records, of one result file or two "
                                        "(e.g. trained adapters against the standard ones they started from)")
-    c.add_argument("a", metavar="FILE:KIND:VARIANT", help="side a, e.g. fit16.json:standard:fitted_16")
+    c.add_argument("a", metavar="FILE:KIND:VARIANT", help="side a, e.g. fit16.json:standard:fitted_16; "
+                   "FILE+FILE:KIND:VARIANT pools the records of several files (each prompt in one of them)")
     c.add_argument("b", metavar="FILE:KIND:VARIANT", help="side b (the difference is a - b, over the prompts both hold)")
     c.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = ap.parse_args(argv)
