@@ -35,10 +35,11 @@ import triton.language as tl
 
 from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, sm_major, split_length
 
-#: the forms of the K pass (``res_form``)
-RES_FORMS = ("halves", "pairs", "joined")
-#: the ways of the K pass's score step (``res_score``)
-RES_SCORES = ("mma", "fma")
+#: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
+#: (:mod:`.kres_gluon`)
+RES_FORMS = ("halves", "pairs", "joined", "gluon")
+#: the ways of the K pass's score step (``res_score``); ``"mma_sync"``: the Gluon form's 8-column ``mma.sync``
+RES_SCORES = ("mma", "fma", "mma_sync")
 
 
 @triton.jit
@@ -212,6 +213,17 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         raise ValueError(f"res_form={res_form!r}; use one of {RES_FORMS}")
     if res_score not in RES_SCORES:
         raise ValueError(f"res_score={res_score!r}; use one of {RES_SCORES}")
+    if res_form == "gluon":
+        from .kres_gluon import launch_kres_scores_gluon
+
+        return launch_kres_scores_gluon(
+            q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale, VPR=VPR, rope_half=rope_half, lowp=lowp, sms=sms,
+            k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
+            res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, mq=mq, whole_waves=whole_waves,
+            res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg)
+    if res_score == "mma_sync":
+        raise ValueError("res_score='mma_sync' is the Gluon K pass's (res_form='gluon'); the Triton forms take "
+                         "'mma' or 'fma'")
     fma = res_score == "fma"
     if fma and res_form != "halves":
         raise ValueError(f"res_score='fma' runs in the halves form only (res_form={res_form!r}): pass "

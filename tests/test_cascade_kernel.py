@@ -265,8 +265,8 @@ def test_cascade_fma_scores_low_precision_pass_rule(case, dtype):
     scale = case.D**-0.5
     ref = reference_attention(q.float(), view, None, scale)
     base_err = lowp_attention_error(q.float(), view, None, scale, ref)
-    rule = {**_gpu_rule(case, dtype), "res_form": "halves"}  # the CUDA-core score step runs in the halves form
-    out = _launch(q, view, None, scale, lowp_rope=True, res_score="fma", **rule)
+    rule = {**_gpu_rule(case, dtype), "res_form": "halves", "res_score": "fma"}  # CUDA-core scores: the halves form
+    out = _launch(q, view, None, scale, lowp_rope=True, **rule)
     assert out.dtype == dtype
     err = (out.float() - ref).abs().max().item()
     assert err <= 3 * base_err + 1e-5, (err, base_err)

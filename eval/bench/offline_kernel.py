@@ -27,19 +27,20 @@ DIVISIBLE = ["Q", "UK", "BK", "COS", "SIN", "KSLOT", "ORDER", "R", "s_qb", "s_qh
 
 
 def compile_kres(knobs: dict) -> dict:
-    """Compile ``_kres_scores_kernel`` for sm_90 with ``knobs`` over the bf16 K+V rule; its resources."""
+    """Compile ``_kres_scores_kernel`` for sm_90 with ``knobs`` over the bf16 K+V rule (``res_form="gluon"``: the Gluon
+    K pass, :mod:`forkkv_kernels.kres_gluon`, with its own rule under ``knobs``); its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from forkkv_kernels.kres_pass import _kres_scores_kernel, score_pack
 
+    if knobs.get("res_form") == "gluon":
+        return _compile_gluon_kres(knobs)
     rule = {**default_rule("kv", 32), **knobs}
     fma = rule.get("res_score", "mma") == "fma"
     form = knobs.get("res_form") or ("halves" if fma else rule["res_form"])  # as the launcher: fma in the halves form
-    args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16",
-            "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
-            "split_len": "i32", "qk_scale": "fp32"}
+    args = dict(_KRES_ARGS)
     MQ = rule.get("mq") or (4 if fma else 16)
     const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=MQ,
                  BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
@@ -47,16 +48,52 @@ def compile_kres(knobs: dict) -> dict:
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
                  PAIRS=form == "pairs", JOINED=form == "joined",
                  SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")))
+    opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
+    if rule.get("res_maxnreg"):
+        opts["maxnreg"] = rule["res_maxnreg"]
+    return _inspect(triton.compile(_source(ASTSource, _kres_scores_kernel, args, const), target=GPUTarget("cuda", 90, 32),
+                                   options=opts), opts)
+
+
+#: the K pass's runtime arguments (both kernels take the same)
+_KRES_ARGS = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16",
+              "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
+              "split_len": "i32", "qk_scale": "fp32"}
+
+
+def _source(source_cls, fn, args: dict, const: dict):
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the
     # benchmark's strides, sizes and split lengths); without it the loads compile unvectorised
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE}
-    src = ASTSource(_kres_scores_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
+    return source_cls(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+
+
+def _compile_gluon_kres(knobs: dict) -> dict:
+    """The Gluon K pass at the benchmark's decode shapes (one row of G = 4 vectors per agent) with ``knobs`` over
+    ``GLUON_RULE``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from forkkv_kernels.kres_gluon import GLUON_RULE, _kres_scores_gluon, score_columns
+
+    rule = {**GLUON_RULE, **knobs}
+    const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or score_columns(4, rule["res_score"]),
+                 BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
+                 SYNC_SCORE=rule["res_score"] == "mma_sync")
+    opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return _inspect(triton.compile(_source(GluonASTSource, _kres_scores_gluon, dict(_KRES_ARGS), const),
+                                   target=GPUTarget("cuda", 90, 32), options=opts), opts)
+
+
+def _inspect(kernel, opts: dict) -> dict:
+    """A compiled K pass's resources, hot-loop counts and ptxas's serialisation reports."""
+    import triton
+
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")

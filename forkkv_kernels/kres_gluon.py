@@ -1,0 +1,295 @@
+"""The K pass (:mod:`.kres_pass`) written in Gluon for Hopper (sm_90): the same scores as the Triton kernel's joined
+form, with its operands placed by hand.
+
+Per program (one agent, one split of the context, one chunk of its query vectors) the agent's ``B_k`` and its query
+vectors of every KV head go to shared memory once, before the loop over the context (the Triton kernel loads and
+stages both again for every tile and head). Per tile of ``BLOCK_T`` tokens the ``u`` tile goes to shared memory and
+the tile's cos/sin to registers; then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of
+width D, split into its halves in registers: in the MMA's layout a thread holds column ``j`` and ``j + D/2`` alike),
+the rotate-half RoPE on CUDA cores in the cache dtype, the scores ``X_rot @ Q`` with the rotated tile as a register
+operand (``res_score="mma_sync"``: ``mma.sync``, 8 columns, enough for a decode row's G = 4 query vectors where the
+warpgroup MMA pads them to 16; ``"mma"``: the warpgroup MMA), scaled and stored as fp16 (one saturating conversion
+per 2) or fp32.
+
+What ptxas does with it decided its shape (eval/KERNEL_NOTES.md "v14"): the heads unrolled, or a rebuild issued for the
+next head before this one's rotation (an MMA in flight across the loop's back edge), and ptxas serialises every MMA
+of the kernel (its reports C7514 / C7515); one head per loop step with each MMA waited for before its result is read
+compiles without them, 165 registers (3 programs per SM at 4 warps), ~176 instructions per step against the joined
+form's ~204.
+
+Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation, the
+rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score accumulation. Limits
+(:func:`unsupported` says which one a call breaks): a CUDA device of compute capability 9.x, bf16/fp16, ``D/2`` a
+power of two from 16 to 128, rank at most 64, score tiles of 8 (16) to 64 columns, 64 or 128 tokens per tile (4 or 8
+warps), the staged operands within :data:`SMEM_LIMIT`. Gluon has no interpreter: the CPU tests run the Triton
+kernel and this module's checks; the kernel itself is checked on the GPU against the exact attention
+(tests/test_kres_gluon.py).
+
+Imports nothing from ``forkkv_hf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon: triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    # the CTA barrier: gl.thread_barrier up to Triton 3.6 (the GPU machine's), gl.barrier after
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+except ImportError:  # pragma: no cover - older Triton
+    gluon = None
+
+from .attention_common import cdiv, pow2, sm_major, split_length
+
+HAVE_GLUON = gluon is not None
+
+
+#: the Gluon K pass's launch knobs where a call asks for the form and does not give them (tiles of 64 tokens on 4
+#: warps: 165 registers, 3 programs per SM; one wave of them)
+GLUON_RULE = dict(res_form="gluon", res_block_t=64, res_warps=4, res_stages=1, res_maxnreg=None, res_programs_per_sm=3,
+                  res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma_sync")
+#: how many query vectors one score tile may hold (its columns), by the score step: mma.sync takes 8 columns and up,
+#: the warpgroup MMA 16
+SCORE_COLUMNS = {"mma_sync": (8, 16, 32, 64), "mma": (16, 32, 64)}
+#: shared memory the kernel may take (the agent's B_k and queries of every KV head, the u tile, the store's
+#: conversion), bytes: below an H100/H200 SM's 227 KiB
+SMEM_LIMIT = 200 * 1024
+
+
+def score_columns(vectors: int, res_score: str) -> int:
+    """The score tile's width for an agent's ``vectors`` (its rows' query vectors of one KV head): the narrowest the
+    score step takes that holds them (at most 64; chunks of the rows beyond)."""
+    narrowest = SCORE_COLUMNS[res_score][0]
+    return max(narrowest, min(64, pow2(vectors, narrowest)))
+
+
+def shared_bytes(hkv: int, d: int, rank: int, mq: int, block_t: int) -> int:
+    """The kernel's shared memory: ``B_k`` and the queries of every KV head, the u tile, the store's fp32 staging."""
+    rkb = max(16, pow2(rank))
+    return 2 * (hkv * rkb * d + hkv * d * mq + block_t * rkb) + 4 * block_t * mq
+
+
+def unsupported(q: torch.Tensor, hkv: int, rank: int, vpr: int, mq: int, block_t: int, res_score: str) -> str | None:
+    """Why the Gluon K pass cannot serve a call (queries ``[B, H, NQ, D]``, ``hkv`` KV heads, K rank ``rank``, ``vpr``
+    query vectors per row and KV head, ``mq`` score columns, ``block_t`` tokens per tile), or None: see the module's
+    limits."""
+    half = q.shape[-1] // 2
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16/fp16 (got {q.dtype})"
+    if not (16 <= half <= 128 and half == pow2(half)):
+        return f"head dim {q.shape[-1]}: D/2 must be a power of two from 16 to 128"
+    if not 1 <= rank <= 64:
+        return f"K rank {rank}: at most 64"
+    if res_score not in SCORE_COLUMNS:
+        return f"res_score={res_score!r}: use one of {tuple(SCORE_COLUMNS)}"
+    if mq not in SCORE_COLUMNS[res_score] or mq < vpr:
+        return (f"mq={mq}: one of {SCORE_COLUMNS[res_score]} with res_score={res_score!r}, at least a row's {vpr} "
+                "query vectors")
+    if block_t not in (64, 128):
+        return f"res_block_t={block_t}: 64 (4 warps) or 128 (8 warps)"
+    smem = shared_bytes(hkv, q.shape[-1], rank, mq, block_t)
+    if smem > SMEM_LIMIT:
+        return (f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {q.shape[-1]} at "
+                f"rank {rank}, mq={mq}")
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon (triton >= 3.5 has it)"
+    if not q.is_cuda or sm_major(str(q.device)) != 9:
+        return f"it runs on CUDA devices of compute capability 9.x only (got {q.device})"
+    return None
+
+
+if HAVE_GLUON:
+    @gluon.constexpr_function
+    def _acc_layout(nw, n):
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, n, 16])
+
+    @gluon.constexpr_function
+    def _cols_layout(rows, cols, nw):
+        """A blocked ``[rows, cols]`` layout with ``rows`` (tokens, contiguous in memory) fastest: 8 per thread."""
+        spt = min(8, rows)
+        tr = min(32, rows // spt)
+        return gl.BlockedLayout(size_per_thread=[spt, 1], threads_per_warp=[tr, 32 // tr], warps_per_cta=[1, nw],
+                                order=[0, 1])
+
+    @gluon.jit
+    def _satfinite_f16(x):
+        return gl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16,
+                                         is_pure=True, pack=2)
+
+    @gluon.jit
+    def _halves(x, BLOCK_T: gl.constexpr, HALF: gl.constexpr):
+        """``x [BLOCK_T, 2·HALF]`` as its lo and hi halves of columns."""
+        return gl.split(gl.permute(gl.reshape(x, [BLOCK_T, 2, HALF]), (0, 2, 1)))
+
+    @gluon.jit
+    def _joined(lo, hi, BLOCK_T: gl.constexpr, D: gl.constexpr):
+        """The halves joined back into ``[BLOCK_T, D]`` (the inverse of :func:`_halves`)."""
+        return gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), [BLOCK_T, D])
+
+    @gluon.jit
+    def _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok,
+                      VPR: gl.constexpr, BLOCK_T: gl.constexpr, LS: gl.constexpr, SATF: gl.constexpr):
+        """Scale, convert and store one head's ``[BLOCK_T, MQ]`` score tile."""
+        r = gl.convert_layout(s * qk_scale, LS)
+        if R.dtype.element_ty == gl.float16:
+            if SATF:
+                r = _satfinite_f16(r)
+            else:
+                r = gl.minimum(gl.maximum(r, -60000.0), 60000.0).to(gl.float16)
+        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LS))
+        vec = ((h * B + rowc) * VPR + w).to(gl.int64)
+        gl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty),
+                 mask=(t < t_end)[:, None] & ok[None, :])
+
+    @gluon.jit
+    def _kres_scores_gluon(
+        Q, s_qb, s_qh, s_qq,
+        UK, BK, COS, SIN, KSLOT, ORDER, R,
+        B, T, RK, split_len, qk_scale,
+        HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
+        NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
+        SYNC_SCORE: gl.constexpr,
+    ):
+        """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h``, as
+        :func:`~.kres_pass._kres_scores_kernel` with every KV head in one program (no packs). Grid: sorted position x
+        split of the context x chunk of ``MQ // VPR`` of the agent's rows."""
+        NW: gl.constexpr = gl.num_warps()
+        D: gl.constexpr = 2 * HALF
+        ACC_X: gl.constexpr = _acc_layout(NW, D)  # a rebuilt head [BLOCK_T, D]
+        if SYNC_SCORE:  # the scores by mma.sync (synchronous, 8 columns at least)
+            ACC_S: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+        else:
+            ACC_S: gl.constexpr = _acc_layout(NW, MQ)  # a score tile [BLOCK_T, MQ]
+        B_Q: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=ACC_S, k_width=2)
+        A_U: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_X, k_width=2)
+        A_K: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_S, k_width=2)
+        LB: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[NW, 1],
+                                            order=[0, 1])  # a head's B_k [RKB, D] (rank contiguous in memory)
+        LQ: gl.constexpr = _cols_layout(D, MQ, NW)  # a head's queries [D, MQ] (dims contiguous in memory)
+        LS: gl.constexpr = _cols_layout(BLOCK_T, MQ, NW)  # a score tile for the store (tokens contiguous)
+        SB: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RKB, D], gl.bfloat16)
+        SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, MQ], gl.bfloat16)
+        SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, RKB], gl.bfloat16)
+        LU: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1], warps_per_cta=[NW, 1],
+                                            order=[1, 0])  # a u tile [BLOCK_T, RKB]
+
+        p = gl.program_id(0)
+        split = gl.program_id(1)
+        chunk = gl.program_id(2)
+        slot = gl.load(KSLOT + gl.load(ORDER + p))
+        prev = gl.load(KSLOT + gl.load(ORDER + gl.maximum(p - 1, 0)))
+        first = p + chunk * (MQ // VPR)
+        first_slot = gl.load(KSLOT + gl.load(ORDER + gl.minimum(first, B - 1)))
+        if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
+            dtype = Q.dtype.element_ty
+            # the agent's B_k of every KV head, [HKV, RKB, D]: element (h, k, n) = B_k[slot, h·D + n, k]
+            b_smem = gl.allocate_shared_memory(dtype, [HKV, RKB, D], SB)
+            kb = gl.arange(0, RKB, layout=gl.SliceLayout(1, LB))
+            nb = gl.arange(0, D, layout=gl.SliceLayout(0, LB))
+            b_base = BK + slot.to(gl.int64) * (HKV * D * RK)
+            for i in gl.static_range(HKV):
+                b_smem.index(i).store(gl.load(b_base + (i * D + nb[None, :]) * RK + kb[:, None],
+                                              mask=(kb < RK)[:, None], other=0.0))
+            # this chunk's query vectors (the score tile's columns) of every KV head, [HKV, D, MQ]
+            q_smem = gl.allocate_shared_memory(dtype, [HKV, D, MQ], SQ)
+            dq = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
+            colq = gl.arange(0, MQ, layout=gl.SliceLayout(0, LQ))
+            wq = colq % VPR
+            posq = first + colq // VPR
+            inq = posq < B
+            rowq = gl.load(ORDER + posq, mask=inq, other=0)
+            okq = inq & (gl.load(KSLOT + rowq, mask=inq, other=-1) == slot) & (wq < NQG)
+            q_off = rowq * s_qb + (wq % G) * s_qh + (wq // G) * s_qq
+            for i in gl.static_range(HKV):
+                q_smem.index(i).store(gl.load(Q + (q_off + i * G * s_qh)[None, :] + dq[:, None], mask=okq[None, :],
+                                              other=0.0))
+            fence_async_shared()
+            _cta_barrier()
+            # the columns again, in the store's layout
+            col = gl.arange(0, MQ, layout=gl.SliceLayout(0, LS))
+            w = col % VPR
+            pos = first + col // VPR
+            inb = pos < B
+            rowc = gl.load(ORDER + pos, mask=inb, other=0)
+            ok = inb & (gl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
+
+            u_base = UK + slot.to(gl.int64) * T * RK
+            u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)
+            tu = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LU))
+            ku = gl.arange(0, RKB, layout=gl.SliceLayout(0, LU))
+            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, ACC_X))
+            dc = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_X)) % HALF  # [lo | hi] columns: their frequency
+            zx = gl.zeros([BLOCK_T, D], gl.float32, ACC_X)
+            # zeros the compiler cannot see as such: each score MMA chain then starts from defined accumulator registers
+            # (with an undefined start ptxas serialises every MMA of the kernel, its report C7514)
+            zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S) * qk_scale
+            t_begin = split * split_len
+            t_end = gl.minimum(T, t_begin + split_len)
+            for t0 in range(t_begin, t_end, BLOCK_T):
+                u = gl.load(u_base + (t0 + tu)[:, None] * RK + ku[None, :],
+                            mask=((t0 + tu) < t_end)[:, None] & (ku < RK)[None, :], other=0.0)
+                _cta_barrier()  # the previous tile's rebuild MMAs are done (waited): its u tile can go
+                u_smem.store(u)
+                fence_async_shared()
+                _cta_barrier()
+                cmask = ((t0 + tc) < t_end)[:, None]
+                c_off = (t0 + tc)[:, None] * D + dc[None, :]
+                # the cos/sin of the lo half's dims in both halves' columns, split like the rebuilt tile below (in the
+                # MMA's layout a thread holds column j and j + HALF alike: the split moves no data)
+                c_lo, c_hi = _halves(gl.load(COS + c_off, mask=cmask, other=0.0).to(dtype), BLOCK_T, HALF)
+                s_lo, s_hi = _halves(gl.load(SIN + c_off, mask=cmask, other=0.0).to(dtype), BLOCK_T, HALF)
+                if not ROPE_HALF:  # the hi half's own cos/sin
+                    c_unused, c_hi = _halves(gl.load(COS + c_off + HALF, mask=cmask, other=0.0).to(dtype), BLOCK_T,
+                                             HALF)
+                    s_unused, s_hi = _halves(gl.load(SIN + c_off + HALF, mask=cmask, other=0.0).to(dtype), BLOCK_T,
+                                             HALF)
+                # one head at a time, in a loop: unrolled, ptxas serialises every MMA of the kernel (its report
+                # C7514), and a rebuild issued for the next head before this one's rotation (an MMA in flight across
+                # the loop's back edge) gets them serialised too (C7515)
+                for h in range(HKV):
+                    x = warpgroup_mma_wait(num_outstanding=0, deps=[
+                        warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True)])
+                    xl, xh = _halves(x.to(dtype), BLOCK_T, HALF)
+                    k = gl.convert_layout(_joined(xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi, BLOCK_T, D), A_K)
+                    if SYNC_SCORE:
+                        s = mma_v2(k, q_smem.index(h).load(B_Q), zs)
+                    else:
+                        s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
+                            warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
+                    _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok, VPR, BLOCK_T, LS, SATF)
+
+
+def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
+                             rope_half: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
+                             lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3, res_splits: int | None = None,
+                             mq: int | None = None, whole_waves: bool = False, res_satfinite: bool = True,
+                             res_score: str = "mma_sync", res_maxnreg: int | None = None):
+    """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]``; arguments as
+    :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
+    ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
+    tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype). Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
+    B, H, NQ, D = q.shape
+    Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
+    block_t = res_block_t or 64
+    rows_max = max(1, k_max_rows or B)
+    MQ = mq or score_columns(rows_max * VPR, res_score if res_score in SCORE_COLUMNS else "mma")
+    why = unsupported(q, Hkv, rank, VPR, MQ, block_t, res_score)
+    if why:
+        raise ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
+    if not lowp:
+        raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or True) "
+                         "or use res_form='joined'")
+    n_chunks = cdiv(rows_max, MQ // VPR)
+    n_act = max(1, k_agents or B) * n_chunks
+    split_len = split_length(T, block_t, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
+    opts = {} if res_maxnreg is None else {"maxnreg": res_maxnreg}
+    return _kres_scores_gluon[(B, cdiv(T, split_len), n_chunks)](
+        q, q.stride(0), q.stride(1), q.stride(2), k_u, k_B, cos, sin, k_slot, k_order, r_scores,
+        B, T, rank, split_len, qk_scale,
+        HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
+        BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
+        SYNC_SCORE=res_score == "mma_sync", num_warps=block_t // 16, **opts)

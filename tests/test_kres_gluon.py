@@ -1,0 +1,141 @@
+"""The Gluon K pass (``forkkv_kernels.kres_gluon``, ``res_form="gluon"``): on CPU what it refuses and why, and its
+sm_90 compile (registers, spills, ptxas's serialisation reports) with this machine's Triton; on a Hopper GPU its
+attention against the fp32 reference (the low-precision pass rule) over the real-size cases, both score steps and its
+launch knobs, and over the attention case space's shapes it takes (the ones it does not take are refused with the
+reason). Gluon has no interpreter, so the kernel itself runs only on the GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, parametrize
+from forkkv_hf import reference_attention
+from views import lowp_attention_error
+
+pytest.importorskip("triton")
+from forkkv_kernels import kres_gluon  # noqa: E402
+from test_cascade_kernel import _launch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
+
+def _why(D=128, dtype=torch.bfloat16, hkv=8, rank=16, vpr=4, mq=8, block_t=64, res_score="mma_sync", device="cpu"):
+    return kres_gluon.unsupported(torch.zeros(1, 4 * hkv, 1, D, dtype=dtype, device=device), hkv, rank, vpr, mq,
+                                  block_t, res_score)
+
+
+def test_gluon_k_pass_says_why_it_cannot_serve_a_call():
+    """Each limit of the Gluon K pass is named (the CPU reaches the device check last, so every other reason shows
+    here): dtype, head dim, rank, score step, score width, tile, shared memory, then the device."""
+    assert "bf16/fp16" in _why(dtype=torch.float32)
+    assert "head dim 48" in _why(D=48) and "head dim 16" in _why(D=16) and "head dim 512" in _why(D=512)
+    assert "K rank 65" in _why(rank=65)
+    assert "res_score='fma'" in _why(res_score="fma")
+    assert "mq=8" in _why(mq=8, res_score="mma")  # the warpgroup MMA takes 16 columns and up
+    assert "mq=8" in _why(mq=8, vpr=16) and "mq=12" in _why(mq=12)
+    assert "res_block_t=32" in _why(block_t=32)
+    assert "shared memory" in _why(hkv=32, D=256, rank=64, mq=64)
+    assert "compute capability 9.x" in _why()
+    assert kres_gluon.score_columns(4, "mma_sync") == 8 and kres_gluon.score_columns(4, "mma") == 16
+    assert kres_gluon.score_columns(12, "mma_sync") == 16 and kres_gluon.score_columns(200, "mma") == 64
+
+
+def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
+    """Through the launcher: on CPU ``res_form="gluon"`` raises with the reason and the way out; ``mma_sync`` scores
+    are the Gluon form's, refused in the Triton forms."""
+    case = ATTN_CASES[4]  # D=64, Hkv=2, ranks 16/16/4
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
+    if not HOPPER:
+        with pytest.raises(ValueError, match="res_form='gluon' cannot serve this call: it runs on CUDA devices .* "
+                                             "use res_form='joined'"):
+            _launch(q, view, None, case.D**-0.5, res_form="gluon")
+    with pytest.raises(ValueError, match="res_score='mma_sync' is the Gluon K pass's"):
+        _launch(q, view, None, case.D**-0.5, res_form="joined", res_score="mma_sync")
+
+
+@pytest.mark.slow
+def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
+    """`eval.bench.offline_kernel` compiles the Gluon K pass for sm_90 here: the default (mma.sync scores, 64-token
+    tiles of 4 warps) fits 3 programs per SM without spills, ptxas serialises none of its MMAs (a head loop unrolled,
+    or a rebuild in flight across the loop's back edge, gets them all serialised: eval/KERNEL_NOTES.md "v14"), and its
+    hot loop is shorter than the Triton rule's per step of equal work (64 rotated elements per thread)."""
+    pytest.importorskip("triton.backends.nvidia")
+    pytest.importorskip("triton.experimental.gluon")
+    out = tmp_path / "offline.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    configs = json.dumps([{}, {"res_form": "gluon"}, {"res_form": "gluon", "res_score": "mma"}])
+    proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rule, gluon, gluon_wgmma = json.loads(out.read_text())["rows"]
+    for row in (gluon, gluon_wgmma):
+        assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 3 and not row["mma_serialised"], row
+        assert row["loop_instructions"] < rule["loop_instructions"], (row, rule)
+    assert gluon["wgmma"] == 1 and gluon["mma_sync"] == 8  # the rebuild on the warpgroup MMA, the scores by mma.sync
+    assert gluon_wgmma["mma_sync"] == 0
+
+
+#: the Gluon K pass's launch knobs the GPU tests run (the sweep's candidates, eval/bench/sweep_kernel.py)
+GLUON_KNOBS = [
+    {"res_form": "gluon"},
+    {"res_form": "gluon", "res_score": "mma"},
+    {"res_form": "gluon", "res_block_t": 128},
+    {"res_form": "gluon", "res_maxnreg": 128, "res_programs_per_sm": 8},
+    {"res_form": "gluon", "mq": 64},
+    {"res_form": "gluon", "res_satfinite": False},
+]
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("case", GPU_CASES)
+def test_gluon_k_pass_real_sizes_gpu(case, dtype):
+    """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16: the attention with the Gluon K pass under each of
+    :data:`GLUON_KNOBS` within 3x PyTorch's own low-precision error of the fp32 reference (decode, rows sharing an
+    agent, extend calls of 7 and 17 queries: 32 and 128 vectors per row, the latter beyond one score tile)."""
+    if not HOPPER:
+        pytest.skip("the Gluon K pass runs on sm_90 only")
+    view, q = case.view(dtype), case.query(dtype)
+    ref = reference_attention(q.float(), view, None, 128**-0.5)
+    base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
+    vpr = 1 << (case.Q * 4 - 1).bit_length()
+    for knobs in GLUON_KNOBS:
+        if vpr > 64 or knobs.get("mq", 64) < vpr:
+            with pytest.raises(ValueError, match="res_form='gluon' cannot serve this call"):
+                _launch(q, view, None, 128**-0.5, **knobs)
+            continue
+        err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+#: the case space once, bf16 and fp16 in turn, every third case masked (each call compiles the kernel anew)
+GLUON_CASES = [(case, LOW_DTYPES[i % 2], i % 3 == 0) for i, case in enumerate(ATTN_CASES)]
+
+
+@pytest.mark.gpu
+@parametrize("case,dtype,masked", GLUON_CASES)
+def test_gluon_k_pass_case_space_gpu(case, dtype, masked):
+    """The attention case space in bf16/fp16 with ``res_form="gluon"``: GQA 1-8, head dims 32-128 (16, 8 and 48 are
+    refused with the reason), ranks 1-64, rows sharing an agent or without one, extend calls, padding masks; within
+    3x PyTorch's low-precision error of the fp32 reference (the pass rule of every low-precision kernel test)."""
+    if not HOPPER:
+        pytest.skip("the Gluon K pass runs on sm_90 only")
+    view, q = case.view(dtype), case.query(dtype)
+    mask = case.mask() if masked else None
+    half = case.D // 2
+    if not (16 <= half <= 128 and half & (half - 1) == 0) and case.k_res:
+        with pytest.raises(ValueError, match=f"head dim {case.D}"):
+            _launch(q, view, mask, case.D**-0.5, res_form="gluon")
+        return
+    ref = reference_attention(q.float(), view, mask, case.D**-0.5)
+    base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
+    for score in ("mma_sync", "mma"):
+        err = (_launch(q, view, mask, case.D**-0.5, res_form="gluon", res_score=score).float() - ref).abs().max()
+        assert err.item() <= 3 * base_err + 1e-5, (score, err.item(), base_err)
