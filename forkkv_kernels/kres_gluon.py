@@ -52,6 +52,9 @@ HAVE_GLUON = gluon is not None
 #: warps: 165 registers, 3 programs per SM; one wave of them)
 GLUON_RULE = dict(res_form="gluon", res_block_t=64, res_warps=4, res_stages=1, res_maxnreg=None, res_programs_per_sm=3,
                   res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma_sync")
+#: whether calls that do not choose a K-pass form get this one where it serves them (measured: eval/KERNEL_NOTES.md
+#: "v14 measured")
+GLUON_DEFAULT = False
 #: how many query vectors one score tile may hold (its columns), by the score step: mma.sync takes 8 columns and up,
 #: the warpgroup MMA 16
 SCORE_COLUMNS = {"mma_sync": (8, 16, 32, 64), "mma": (16, 32, 64)}
@@ -73,15 +76,17 @@ def shared_bytes(hkv: int, d: int, rank: int, mq: int, block_t: int) -> int:
     return 2 * (hkv * rkb * d + hkv * d * mq + block_t * rkb) + 4 * block_t * mq
 
 
-def unsupported(q: torch.Tensor, hkv: int, rank: int, vpr: int, mq: int, block_t: int, res_score: str) -> str | None:
-    """Why the Gluon K pass cannot serve a call (queries ``[B, H, NQ, D]``, ``hkv`` KV heads, K rank ``rank``, ``vpr``
-    query vectors per row and KV head, ``mq`` score columns, ``block_t`` tokens per tile), or None: see the module's
-    limits."""
-    half = q.shape[-1] // 2
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"it takes bf16/fp16 (got {q.dtype})"
+def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: int, mq: int, block_t: int,
+                res_score: str) -> str | None:
+    """Why the Gluon K pass cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, ``hkv`` KV heads,
+    K rank ``rank``, ``vpr`` query vectors per row and KV head, ``mq`` score columns, ``block_t`` tokens per tile), or
+    None: see the module's limits."""
+    half = d // 2
+    device = torch.device(device)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16/fp16 (got {dtype})"
     if not (16 <= half <= 128 and half == pow2(half)):
-        return f"head dim {q.shape[-1]}: D/2 must be a power of two from 16 to 128"
+        return f"head dim {d}: D/2 must be a power of two from 16 to 128"
     if not 1 <= rank <= 64:
         return f"K rank {rank}: at most 64"
     if res_score not in SCORE_COLUMNS:
@@ -91,15 +96,21 @@ def unsupported(q: torch.Tensor, hkv: int, rank: int, vpr: int, mq: int, block_t
                 "query vectors")
     if block_t not in (64, 128):
         return f"res_block_t={block_t}: 64 (4 warps) or 128 (8 warps)"
-    smem = shared_bytes(hkv, q.shape[-1], rank, mq, block_t)
+    smem = shared_bytes(hkv, d, rank, mq, block_t)
     if smem > SMEM_LIMIT:
-        return (f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {q.shape[-1]} at "
-                f"rank {rank}, mq={mq}")
+        return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {d} at rank {rank}, mq={mq}"
     if not HAVE_GLUON:
         return "this Triton has no Gluon (triton >= 3.5 has it)"
-    if not q.is_cuda or sm_major(str(q.device)) != 9:
-        return f"it runs on CUDA devices of compute capability 9.x only (got {q.device})"
+    if device.type != "cuda" or sm_major(str(device)) != 9:
+        return f"it runs on CUDA devices of compute capability 9.x only (got {device})"
     return None
+
+
+def serves_by_default(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: int, rows: int) -> bool:
+    """Whether the launcher takes the Gluon K pass for a call that does not choose a form (:data:`GLUON_DEFAULT` and
+    the call within its limits at :data:`GLUON_RULE`'s knobs; ``rows``: the most rows one agent has)."""
+    return GLUON_DEFAULT and unsupported(device, dtype, d, hkv, rank, vpr, score_columns(rows * vpr, "mma_sync"),
+                                         GLUON_RULE["res_block_t"], "mma_sync") is None
 
 
 if HAVE_GLUON:
@@ -277,7 +288,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     block_t = res_block_t or 64
     rows_max = max(1, k_max_rows or B)
     MQ = mq or score_columns(rows_max * VPR, res_score if res_score in SCORE_COLUMNS else "mma")
-    why = unsupported(q, Hkv, rank, VPR, MQ, block_t, res_score)
+    why = unsupported(q.device, q.dtype, D, Hkv, rank, VPR, MQ, block_t, res_score)
     if why:
         raise ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
     if not lowp:

@@ -27,8 +27,7 @@ pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not r
 
 
 def _why(D=128, dtype=torch.bfloat16, hkv=8, rank=16, vpr=4, mq=8, block_t=64, res_score="mma_sync", device="cpu"):
-    return kres_gluon.unsupported(torch.zeros(1, 4 * hkv, 1, D, dtype=dtype, device=device), hkv, rank, vpr, mq,
-                                  block_t, res_score)
+    return kres_gluon.unsupported(device, dtype, D, hkv, rank, vpr, mq, block_t, res_score)
 
 
 def test_gluon_k_pass_says_why_it_cannot_serve_a_call():

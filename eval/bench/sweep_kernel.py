@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .kernel import D, HKV, make_case, reference, variant_view
+from .kernel import D, HKV, RANK, make_case, reference, variant_view
 from .measure import graph_time
 from .runner import BenchmarkRun
 
@@ -111,8 +111,12 @@ def default_rule(variant: str, N: int) -> dict:
     """The launcher's GPU launch rule (``forkkv_kernels.cascade.launch_defaults``) for the benchmark's bf16 decode
     step of ``variant`` with ``N`` rows (one query each, 4 query vectors per row and KV head)."""
     from forkkv_kernels.cascade import launch_defaults
+    from forkkv_kernels.kres_gluon import GLUON_RULE, serves_by_default
 
-    return launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+    rule = launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+    if variant == "kv" and torch.cuda.is_available() and serves_by_default("cuda", torch.bfloat16, D, HKV, RANK, 4, 1):
+        rule.update(GLUON_RULE)  # the launcher's K pass on Hopper
+    return rule
 
 
 def default_block_t(stage: str, variant: str, N: int) -> int:
