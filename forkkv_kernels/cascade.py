@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms,
                                on_device, pow2, softmax_step, split_length, workspace)
-from .kres_gluon import GLUON_RULE, serves_by_default
+from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
 @triton.jit
@@ -260,10 +260,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                  res_form=res_form, res_satfinite=res_satfinite, res_score=res_score)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
-    # the Gluon K pass (Hopper) with its own knobs under the given ones: where asked for, or by default where it serves
-    if has_k and cfg["res_form"] != "gluon" and (res_form == "gluon" or res_form is None and res_score is None
-                                                 and lowp_rope and serves_by_default(
-                                                     dev, dtype, D, Hkv, k_u.shape[-1], VPR, k_max_rows or B)):
+    if res_form == "gluon" and cfg["res_form"] != "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
     cfg.update({k: v for k, v in given.items() if v is not None})
 

@@ -52,9 +52,6 @@ HAVE_GLUON = gluon is not None
 #: warps: 165 registers, 3 programs per SM; one wave of them)
 GLUON_RULE = dict(res_form="gluon", res_block_t=64, res_warps=4, res_stages=1, res_maxnreg=None, res_programs_per_sm=3,
                   res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma_sync")
-#: whether calls that do not choose a K-pass form get this one where it serves them (measured: eval/KERNEL_NOTES.md
-#: "v14 measured")
-GLUON_DEFAULT = False
 #: how many query vectors one score tile may hold (its columns), by the score step: mma.sync takes 8 columns and up,
 #: the warpgroup MMA 16
 SCORE_COLUMNS = {"mma_sync": (8, 16, 32, 64), "mma": (16, 32, 64)}
@@ -104,13 +101,6 @@ def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: in
     if device.type != "cuda" or sm_major(str(device)) != 9:
         return f"it runs on CUDA devices of compute capability 9.x only (got {device})"
     return None
-
-
-def serves_by_default(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: int, rows: int) -> bool:
-    """Whether the launcher takes the Gluon K pass for a call that does not choose a form (:data:`GLUON_DEFAULT` and
-    the call within its limits at :data:`GLUON_RULE`'s knobs; ``rows``: the most rows one agent has)."""
-    return GLUON_DEFAULT and unsupported(device, dtype, d, hkv, rank, vpr, score_columns(rows * vpr, "mma_sync"),
-                                         GLUON_RULE["res_block_t"], "mma_sync") is None
 
 
 if HAVE_GLUON:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .kernel import D, HKV, RANK, make_case, reference, variant_view
+from .kernel import D, HKV, make_case, reference, variant_view
 from .measure import graph_time
 from .runner import BenchmarkRun
 
@@ -43,14 +43,14 @@ CANDIDATES = {
     # params.candidates; eval/KERNEL_NOTES.md "v9 measured"). v11/v11b (sweep_kernel_v11{,b}_nvidia_h200.json): KV
     # heads sharing a score tile on 64-token tiles of 4 warps, 3 stages won. v11c (sweep_kernel_v11c_nvidia_h200.json):
     # the joined form (one rebuild MMA split in registers, one score MMA) without packs won on 128-token tiles of 8
-    # warps, 3 stages (the rule since) and tied on 64-token tiles of 4 warps; v11e (sweep_kernel_v11e_nvidia_h200.json,
-    # against v11b's rule and the joined form's runner-up): the saturating fp16 conversion of the scores (16 fewer
-    # instructions per step offline) won on the rule. v14: the Gluon K pass (forkkv_kernels/kres_gluon.py: B_k and the queries staged once per program, one head per
-    # loop step, 8-column mma.sync scores; offline 177 instructions per step against the rule's 233) with both score
-    # steps, two waves of its 3 resident programs, a 128-register cap (4 per SM, spills) and 128-token tiles
-    "kres": [{}, {"res_form": "gluon"}, {"res_form": "gluon", "res_score": "mma"},
-             {"res_form": "gluon", "res_programs_per_sm": 6}, {"res_form": "gluon", "res_maxnreg": 128},
-             {"res_form": "gluon", "res_block_t": 128}],
+    # warps, 3 stages (the rule since) and tied on 64-token tiles of 4 warps. Now: v11b's rule and the joined form's
+    # runner-up, for a same-run comparison; v11e: the saturating fp16 conversion of the scores (16 fewer instructions
+    # per step offline) on the rule, on the runner-up's tile and with programs of 4 KV heads. v14
+    # (sweep_kernel_v14_nvidia_h200.json): the Gluon K pass (res_form="gluon", both score steps) lost to the rule at 32
+    # and 128 agents by 20-32%, not in the list
+    "kres": [{}, {"res_satfinite": True}, {"res_satfinite": True, "res_block_t": 64, "res_warps": 4},
+             {"res_satfinite": True, "res_heads": 4},
+             {"res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 3}],
     "shared": [{}, {"block_t": 32}, {"block_t": 64}, {"block_t": 128, "num_warps": 8}],
     # v10 / v10b / v10c (measured: sweep_kernel_v10{,b,c}_nvidia_h200.json): the merge taking the splits' partials 16
     # at a time won at 1 and 8 agents (the rule until v12b); its warps, stages and private tile changed nothing; the
@@ -111,12 +111,8 @@ def default_rule(variant: str, N: int) -> dict:
     """The launcher's GPU launch rule (``forkkv_kernels.cascade.launch_defaults``) for the benchmark's bf16 decode
     step of ``variant`` with ``N`` rows (one query each, 4 query vectors per row and KV head)."""
     from forkkv_kernels.cascade import launch_defaults
-    from forkkv_kernels.kres_gluon import GLUON_RULE, serves_by_default
 
-    rule = launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
-    if variant == "kv" and torch.cuda.is_available() and serves_by_default("cuda", torch.bfloat16, D, HKV, RANK, 4, 1):
-        rule.update(GLUON_RULE)  # the launcher's K pass on Hopper
-    return rule
+    return launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
 
 
 def default_block_t(stage: str, variant: str, N: int) -> int:
