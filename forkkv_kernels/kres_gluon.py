@@ -15,7 +15,10 @@ What ptxas does with it decided its shape (eval/KERNEL_NOTES.md "v14"): the head
 next head before this one's rotation (an MMA in flight across the loop's back edge), and ptxas serialises every MMA
 of the kernel (its reports C7514 / C7515); one head per loop step with each MMA waited for before its result is read
 compiles without them, 165 registers (3 programs per SM at 4 warps), ~176 instructions per step against the joined
-form's ~204.
+form's ~204. Measured on an H200 it is exact and **slower** than the Triton rule (whole K+V call at 32K: 464 vs 387
+µs at 32 agents, 1,859 vs 1,446 at 128; eval/KERNEL_NOTES.md "v14 measured": its tile loads are synchronous and
+every MMA is waited for at once), so the launcher never picks it: it serves calls that ask for it
+(``res_form="gluon"``) and is the starting point of a pipelined version.
 
 Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation, the
 rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score accumulation. Limits
@@ -75,9 +78,9 @@ def shared_bytes(hkv: int, d: int, rank: int, mq: int, block_t: int) -> int:
 
 def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: int, mq: int, block_t: int,
                 res_score: str) -> str | None:
-    """Why the Gluon K pass cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, ``hkv`` KV heads,
-    K rank ``rank``, ``vpr`` query vectors per row and KV head, ``mq`` score columns, ``block_t`` tokens per tile), or
-    None: see the module's limits."""
+    """Why the Gluon K pass cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, ``hkv`` KV
+    heads, K rank ``rank``, ``vpr`` query vectors per row and KV head, ``mq`` score columns, ``block_t`` tokens per
+    tile), or None: see the module's limits."""
     half = d // 2
     device = torch.device(device)
     if dtype not in (torch.bfloat16, torch.float16):
@@ -95,7 +98,8 @@ def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: in
         return f"res_block_t={block_t}: 64 (4 warps) or 128 (8 warps)"
     smem = shared_bytes(hkv, d, rank, mq, block_t)
     if smem > SMEM_LIMIT:
-        return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {d} at rank {rank}, mq={mq}"
+        return (f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {d} at rank {rank}, "
+                f"mq={mq}")
     if not HAVE_GLUON:
         return "this Triton has no Gluon (triton >= 3.5 has it)"
     if device.type != "cuda" or sm_major(str(device)) != 9:
@@ -266,13 +270,14 @@ if HAVE_GLUON:
 
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
                              rope_half: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
-                             lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3, res_splits: int | None = None,
-                             mq: int | None = None, whole_waves: bool = False, res_satfinite: bool = True,
-                             res_score: str = "mma_sync", res_maxnreg: int | None = None):
+                             lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
+                             res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
+                             res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]``; arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
-    tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype). Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
+    tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype). Raises ``ValueError``
+    where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
     block_t = res_block_t or 64
@@ -282,8 +287,8 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     if why:
         raise ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
     if not lowp:
-        raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or True) "
-                         "or use res_form='joined'")
+        raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
+                         "True) or use res_form='joined'")
     n_chunks = cdiv(rows_max, MQ // VPR)
     n_act = max(1, k_agents or B) * n_chunks
     split_len = split_length(T, block_t, n_act, res_programs_per_sm * sms, res_splits, whole_waves)

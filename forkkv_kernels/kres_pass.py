@@ -217,8 +217,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         from .kres_gluon import launch_kres_scores_gluon
 
         return launch_kres_scores_gluon(
-            q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale, VPR=VPR, rope_half=rope_half, lowp=lowp, sms=sms,
-            k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
+            q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale, VPR=VPR, rope_half=rope_half, lowp=lowp,
+            sms=sms, k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
             res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, mq=mq, whole_waves=whole_waves,
             res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg)
     if res_score == "mma_sync":

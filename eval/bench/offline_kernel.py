@@ -51,8 +51,8 @@ def compile_kres(knobs: dict) -> dict:
     opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
-    return _inspect(triton.compile(_source(ASTSource, _kres_scores_kernel, args, const), target=GPUTarget("cuda", 90, 32),
-                                   options=opts), opts)
+    return _inspect(triton.compile(_source(ASTSource, _kres_scores_kernel, args, const),
+                                   target=GPUTarget("cuda", 90, 32), options=opts), opts)
 
 
 #: the K pass's runtime arguments (both kernels take the same)
