@@ -37,13 +37,14 @@ import torch
 
 try:  # Gluon: triton >= 3.5
     from triton.experimental import gluon
+    from triton.experimental.gluon import constexpr_function
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     # the CTA barrier: gl.thread_barrier up to Triton 3.6 (the GPU machine's), gl.barrier after
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-except ImportError:  # pragma: no cover - older Triton
+except (ImportError, AttributeError):  # pragma: no cover - a Triton without (this) Gluon
     gluon = None
 
 from .attention_common import cdiv, pow2, sm_major, split_length
@@ -108,11 +109,11 @@ def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: in
 
 
 if HAVE_GLUON:
-    @gluon.constexpr_function
+    @constexpr_function
     def _acc_layout(nw, n):
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, n, 16])
 
-    @gluon.constexpr_function
+    @constexpr_function
     def _cols_layout(rows, cols, nw):
         """A blocked ``[rows, cols]`` layout with ``rows`` (tokens, contiguous in memory) fastest: 8 per thread."""
         spt = min(8, rows)
