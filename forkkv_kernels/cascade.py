@@ -260,7 +260,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                  res_form=res_form, res_satfinite=res_satfinite, res_score=res_score)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
-    if res_form == "gluon" and cfg["res_form"] != "gluon":  # the Gluon K pass's own knobs under the given ones
+    if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
     cfg.update({k: v for k, v in given.items() if v is not None})
 

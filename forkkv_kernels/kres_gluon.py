@@ -137,6 +137,18 @@ if HAVE_GLUON:
         return gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), [BLOCK_T, D])
 
     @gluon.jit
+    def _columns(first, slot, ORDER, KSLOT, B, MQ: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr,
+                 LAYOUT: gl.constexpr):
+        """The score tile's ``MQ`` columns in ``LAYOUT`` (rows from the sorted position ``first`` on, ``VPR`` query
+        vectors each): each column's row, its query vector of that row, and whether it is one of the agent's."""
+        col = gl.arange(0, MQ, layout=LAYOUT)
+        w = col % VPR
+        pos = first + col // VPR
+        inb = pos < B
+        row = gl.load(ORDER + pos, mask=inb, other=0)
+        return row, w, inb & (gl.load(KSLOT + row, mask=inb, other=-1) == slot) & (w < NQG)
+
+    @gluon.jit
     def _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok,
                       VPR: gl.constexpr, BLOCK_T: gl.constexpr, LS: gl.constexpr, SATF: gl.constexpr):
         """Scale, convert and store one head's ``[BLOCK_T, MQ]`` score tile."""
@@ -203,25 +215,14 @@ if HAVE_GLUON:
             # this chunk's query vectors (the score tile's columns) of every KV head, [HKV, D, MQ]
             q_smem = gl.allocate_shared_memory(dtype, [HKV, D, MQ], SQ)
             dq = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
-            colq = gl.arange(0, MQ, layout=gl.SliceLayout(0, LQ))
-            wq = colq % VPR
-            posq = first + colq // VPR
-            inq = posq < B
-            rowq = gl.load(ORDER + posq, mask=inq, other=0)
-            okq = inq & (gl.load(KSLOT + rowq, mask=inq, other=-1) == slot) & (wq < NQG)
+            rowq, wq, okq = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, LQ))
             q_off = rowq * s_qb + (wq % G) * s_qh + (wq // G) * s_qq
             for i in gl.static_range(HKV):
                 q_smem.index(i).store(gl.load(Q + (q_off + i * G * s_qh)[None, :] + dq[:, None], mask=okq[None, :],
                                               other=0.0))
             fence_async_shared()
             _cta_barrier()
-            # the columns again, in the store's layout
-            col = gl.arange(0, MQ, layout=gl.SliceLayout(0, LS))
-            w = col % VPR
-            pos = first + col // VPR
-            inb = pos < B
-            rowc = gl.load(ORDER + pos, mask=inb, other=0)
-            ok = inb & (gl.load(KSLOT + rowc, mask=inb, other=-1) == slot) & (w < NQG)
+            rowc, w, ok = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, LS))  # the store's
 
             u_base = UK + slot.to(gl.int64) * T * RK
             u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)

@@ -127,9 +127,8 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     from forkkv_kernels.attention_common import split_length
     from forkkv_kernels.kres_gluon import GLUON_RULE
 
-    rule = {**default_rule(variant, N), **cfg}
-    if cfg.get("res_form") == "gluon" and default_rule(variant, N)["res_form"] != "gluon":  # as the launcher does
-        rule = {**default_rule(variant, N), **GLUON_RULE, **cfg}
+    # a Gluon K pass takes its own knobs under the given ones, as the launcher does
+    rule = {**default_rule(variant, N), **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
         per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
