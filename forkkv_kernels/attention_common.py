@@ -33,6 +33,17 @@ def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, acc=None):
 
 
 @triton.jit
+def mma_f16(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` of fp16 operands accumulated in fp16 (tensor cores with an fp16 accumulator: packed pairs, half the
+    registers of fp32, no conversion before fp16 arithmetic); ``UPCAST`` (the interpreter) emulates it as fp32 sums
+    rounded to fp16."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(tl.float16)
+    else:
+        return tl.dot(a, b, out_dtype=tl.float16)
+
+
+@triton.jit
 def rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr):
     """Rotate-half RoPE of a rebuilt K residual given as halves ``x_lo``/``x_hi`` (fp32) with the tokens' cos/sin
     halves. Returns the rotated halves in fp32, or with ``LOWP`` computed and returned in ``dtype`` (packed bf16/fp16

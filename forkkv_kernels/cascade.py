@@ -148,7 +148,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
-                    res_score="mma", merge_unroll=1, merge_chunk=1, merge_first=False)
+                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -170,6 +170,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 1 agent 71.0 -> 70.7; sm_90+, elsewhere the clamp)
                 res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
                 res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma",
+                res_f16=False,
                 # the merge: the splits' partials merged first, before the private part, one split per step unrolled
                 # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1
@@ -209,6 +210,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
                        res_score: str | None = None, res_pack: int | None = None, res_satfinite: bool | None = None,
+                       res_f16: bool | None = None,
                        merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
@@ -224,7 +226,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
-    ``res_pack``, ``res_satfinite``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
+    ``res_pack``, ``res_satfinite``, ``res_f16``. Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
     ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
     ``merge_block_t``, ``merge_first`` (the splits' partials merged before the private part).
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
@@ -257,7 +259,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
                  merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_first=merge_first, res_pack=res_pack,
-                 res_form=res_form, res_satfinite=res_satfinite, res_score=res_score)
+                 res_form=res_form, res_satfinite=res_satfinite, res_score=res_score, res_f16=res_f16)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
@@ -278,7 +280,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             k_max_rows=k_max_rows, res_form=cfg["res_form"], res_block_t=cfg["res_block_t"], res_heads=res_heads,
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
-            res_score=cfg["res_score"], res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"])
+            res_score=cfg["res_score"], res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"],
+            res_f16=cfg["res_f16"])
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))

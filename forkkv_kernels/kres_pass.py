@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import cdiv, launch, mma, pow2, rope_residual, rope_tile, sm_major, split_length
+from .attention_common import cdiv, launch, mma, mma_f16, pow2, rope_residual, rope_tile, sm_major, split_length
 
 #: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
 #: (:mod:`.kres_gluon`)
@@ -59,6 +59,7 @@ def _kres_scores_kernel(
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, PAIRS: tl.constexpr, JOINED: tl.constexpr, SCORE_FMA: tl.constexpr, SATF: tl.constexpr,
+    F16: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
     row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous;
@@ -111,6 +112,12 @@ def _kres_scores_kernel(
             u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & rkm[None, :], other=0.0)
             c_lo, s_lo, c_hi, s_hi = rope_tile(COS, SIN, 2 * HALF, 2 * HALF, t, d, tm[:, None] & dm[None, :], HALF,
                                                ROPE_HALF)
+            if F16:  # (joined form) the tile's operands in fp16 once, for all its KV heads
+                u = u.to(tl.float16)
+                c_lo = c_lo.to(tl.float16)
+                s_lo = s_lo.to(tl.float16)
+                c_hi = c_hi.to(tl.float16)
+                s_hi = s_hi.to(tl.float16)
             for hp in range(HG // HA):
                 racc = tl.zeros([BLOCK_T, MQ], tl.float32)
                 for ha in range(HA):
@@ -123,13 +130,19 @@ def _kres_scores_kernel(
                         # of the hi half above), split into the halves in registers; one score MMA of depth 2·HALF_B
                         bT = tl.load(b_base + (h * 2 * HALF + jn_dim[None, :]) * RK + rk[:, None], mask=jn_mask,
                                      other=0.0)
-                        x_lo, x_hi = tl.split(tl.permute(tl.reshape(mma(u, bT, DOT_PREC, UPCAST),
-                                                                    [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
-                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-                        k = tl.reshape(tl.permute(tl.join(k_lo.to(dtype), k_hi.to(dtype)), (0, 2, 1)),
-                                       [BLOCK_T, 2 * HALF_B])
                         qn = tl.load(Q + (q_off + h * G * s_qh)[None, :] + jn_dim[:, None],
                                      mask=ok_h[None, :] & jn_ok[:, None], other=0.0)
+                        if F16:  # the rebuild accumulates in fp16: packed halves, no conversion before the rotation
+                            x = mma_f16(u, bT.to(tl.float16), UPCAST)
+                            rdt: tl.constexpr = tl.float16
+                            qn = qn.to(tl.float16)
+                        else:
+                            x = mma(u, bT, DOT_PREC, UPCAST)
+                            rdt: tl.constexpr = dtype
+                        x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
+                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, rdt, LOWP_ROPE or F16, UPCAST)
+                        k = tl.reshape(tl.permute(tl.join(k_lo.to(rdt), k_hi.to(rdt)), (0, 2, 1)),
+                                       [BLOCK_T, 2 * HALF_B])
                         racc = mma(k, qn, DOT_PREC, UPCAST, racc)
                     elif PAIRS:
                         bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask,
@@ -191,7 +204,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
-                       res_satfinite: bool = False):
+                       res_satfinite: bool = False, res_f16: bool = False):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -206,7 +219,10 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     columns (a power of two; each head gets
     ``mq // pack`` columns: 4 for a decode row of G = 4, so 4 heads fill a 16-column MMA that one head would pad; the
     pack shrinks until each head's columns hold all the vectors of an agent's rows and the pack divides
-    ``res_heads``; MMA scores only). Returns the compiled kernel."""
+    ``res_heads``; MMA scores only), ``res_f16`` (joined form: the rebuild's operands, its accumulator, the rotation and
+    the score MMA's operands in fp16, the scores accumulated in fp32: no conversion between the rebuild and the
+    rotation; for bf16 caches the K residual and the queries must then stay within fp16's range, see
+    :func:`f16_safe`). Returns the compiled kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -225,6 +241,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         raise ValueError("res_score='mma_sync' is the Gluon K pass's (res_form='gluon'); the Triton forms take "
                          "'mma' or 'fma'")
     fma = res_score == "fma"
+    if res_f16 and res_form != "joined":
+        raise ValueError(f"res_f16 runs in the joined form only (res_form={res_form!r}): pass res_form='joined'")
     if fma and res_form != "halves":
         raise ValueError(f"res_score='fma' runs in the halves form only (res_form={res_form!r}): pass "
                          "res_form='halves' or res_score='mma'")
@@ -238,6 +256,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
+    if res_f16 and q.dtype != torch.float16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
+        q, k_B = q.to(torch.float16), k_B.to(torch.float16)
     pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)
@@ -250,5 +270,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,
         SATF=res_satfinite and r_scores.dtype == torch.float16 and not interp and sm_major(str(q.device)) >= 9,
+        F16=res_f16,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

@@ -400,6 +400,41 @@ def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
             assert err <= 3 * base_err + 1e-5, (form, err, base_err)
 
 
+@parametrize("case", LOWP_CASES)
+@parametrize("dtype", LOW_DTYPES)
+def test_cascade_f16_k_pass_low_precision_pass_rule(case, dtype):
+    """``res_f16`` (joined form: the rebuild accumulated in fp16, the rotation and the score MMA's operands in fp16,
+    the scores in fp32; emulated on the interpreter as fp32 sums rounded to fp16): within 3x PyTorch's low-precision
+    error of the fp32 reference, bf16 and fp16 caches, with and without padding."""
+    view, q = case.view(dtype), case.query(dtype)
+    scale = case.D**-0.5
+    for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
+        ref = reference_attention(q.float(), view, m, scale)
+        base_err = lowp_attention_error(q.float(), view, m, scale, ref)
+        out = _launch(q, view, m, scale, res_form="joined", res_f16=True, lowp_rope=True)
+        assert out.dtype == dtype
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (err, base_err)
+
+
+@parametrize("case", ATTN_CASES, fast=lambda case: ATTN_CASES.index(case) % 3 == 0)
+def test_cascade_f16_k_pass_case_space(case):
+    """``res_f16`` over the attention case space (GQA 1-8, head dims 8-128, ranks 1-64, shared agents, rows without
+    one, extend calls, every other case masked), fp32 inputs: the fp16 roundings of the K residual and the queries
+    bound the error (the residual's scores only; the base's are fp32)."""
+    view, q = case.view(), case.query()
+    masked = ATTN_CASES.index(case) % 2 == 1
+    mask = case.mask() if masked else None
+    out = _launch(q, view, mask, case.D**-0.5, res_form="joined", res_f16=True)
+    torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=3e-3, atol=3e-3)
+
+
+def test_cascade_f16_k_pass_refused_outside_the_joined_form():
+    view = random_view(B=2, Hkv=2, D=16, T=31, P=3, rows=[0, 1])
+    with pytest.raises(ValueError, match="res_f16 runs in the joined form only"):
+        _launch(_query(view, 4, 1), view, None, 0.25, res_form="halves", res_f16=True)
+
+
 def test_cascade_k_and_v_slots_differ_per_row():
     """A row may have a K residual and no V residual (and the reverse): each kind follows its own slots."""
     view = random_view(B=4, Hkv=2, D=16, T=31, P=3, rows=[0, 1, -1, 1])
@@ -473,6 +508,8 @@ GPU_KNOBS = [
     {"res_form": "joined", "res_pack": 4, "res_block_t": 64, "res_warps": 4, "res_stages": 2},
     {"res_satfinite": True},
     {"res_satfinite": True, "res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
+    {"res_f16": True},
+    {"res_f16": True, "res_block_t": 64, "res_warps": 4},
 ]
 
 

@@ -47,7 +47,7 @@ def compile_kres(knobs: dict) -> dict:
                  HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
                  PAIRS=form == "pairs", JOINED=form == "joined",
-                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")))
+                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")), F16=bool(rule.get("res_f16")))
     opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
