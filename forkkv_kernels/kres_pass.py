@@ -186,6 +186,27 @@ def _kres_scores_kernel(
                 tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
 
 
+#: ``res_f16`` on a bf16/fp32 call: the queries enter fp16 scaled by this power of two (their scores scaled back)
+Q_F16_SCALE = 2.0**-8
+#: ``res_f16``: the largest K-residual operand or rebuilt value :func:`f16_range_ok` accepts (rotated values reach
+#: sqrt(2) times it, within fp16's 65504)
+F16_LIMIT = 2.0**14
+
+
+def f16_range_ok(k_u: torch.Tensor, k_B: torch.Tensor) -> bool:
+    """Whether ``res_f16`` is safe for these K residuals (``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]``): every ``u`` and
+    ``B_k`` value and every rebuilt value's bound (per slot ``max|u| · max_i sum_j |B_k[i, j]|``) at most
+    :data:`F16_LIMIT`, so that nothing overflows fp16 in the rebuild or the rotation. One host read; callers check once
+    per residual, not per call."""
+    if k_u.numel() == 0 or k_B.numel() == 0:
+        return True
+    u_max = k_u.detach().abs().amax(dim=(1, 2)).float()
+    b_abs = k_B.detach().abs().float()
+    bound = (u_max * b_abs.sum(-1).amax(-1)).amax()
+    worst = torch.stack([u_max.amax(), b_abs.amax(), bound])
+    return bool(torch.isfinite(worst).all() and (worst <= F16_LIMIT).all())
+
+
 def score_pack(res_pack: int, fma: bool, heads: int, mq: int, agent_vectors: int) -> int:
     """How many KV heads share one score tile for ``res_pack`` (at most that many, a power of two): 1 for CUDA-core
     scores, else halved until it divides the program's ``heads`` and each head's ``mq // pack`` columns hold an agent's
@@ -221,8 +242,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     pack shrinks until each head's columns hold all the vectors of an agent's rows and the pack divides
     ``res_heads``; MMA scores only), ``res_f16`` (joined form: the rebuild's operands, its accumulator, the rotation and
     the score MMA's operands in fp16, the scores accumulated in fp32: no conversion between the rebuild and the
-    rotation; for bf16 caches the K residual and the queries must then stay within fp16's range, see
-    :func:`f16_safe`). Returns the compiled kernel."""
+    rotation; bf16/fp32 queries enter fp16 scaled by :data:`Q_F16_SCALE`; the K residual must stay within fp16's
+    range: :func:`f16_range_ok`). Returns the compiled kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -257,7 +278,10 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
     if res_f16 and q.dtype != torch.float16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
-        q, k_B = q.to(torch.float16), k_B.to(torch.float16)
+        q16 = torch.empty(q.shape, dtype=torch.float16, device=q.device)
+        torch.mul(q, Q_F16_SCALE, out=q16)  # exact (a power of two): bf16 queries up to 1.6e7 stay finite
+        q, qk_scale = q16, qk_scale / Q_F16_SCALE
+        k_B = k_B.to(torch.float16)
     pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)

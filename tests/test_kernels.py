@@ -93,6 +93,45 @@ def test_kernel_notices_the_residual():
     assert (a - b).abs().max() > 1e-2
 
 
+@pytest.mark.version_independent
+def test_f16_k_pass_kept_off_beyond_fp16s_range():
+    """The K pass's fp16 form (``res_f16``) holds only while the K residual's values and rebuilt values stay within
+    fp16's range: the adapter checks each residual once (memoised on it) and keeps the fp32 rebuild beyond that, so
+    the output still equals the reference. Not a test that cannot fail: the launcher given the fp16 form directly on
+    the same residual overflows (non-finite output)."""
+    from forkkv_kernels import cascade_attention
+    from forkkv_kernels.kres_pass import F16_LIMIT, f16_range_ok
+
+    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False), DEV)
+    res = view.shared.k_res
+    assert f16_range_ok(res.u, res.B)
+    res.u = res.u * (4 * F16_LIMIT / res.u.abs().max())  # rebuilt values beyond fp16's 65504
+    assert not f16_range_ok(res.u, res.B)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
+    ref = reference_attention(q.cpu(), _to(view, "cpu"), None, 0.25)
+    view = _to(view, DEV)
+    out = residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
+    assert res._fits_f16 is False
+    sh = view.shared
+    raw = cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, k_u=res.u,
+                            k_B=res.B, k_slot=view.k_rows.to(DEV), res_form="joined", res_f16=True)
+    assert not torch.isfinite(raw).all()
+
+
+@pytest.mark.version_independent
+def test_compiled_decode_plan_keeps_the_f16_k_pass_off_beyond_fp16s_range():
+    """The compiled decode's plan (what the custom op receives) carries ``res_f16=False`` for a K residual beyond
+    fp16's range and leaves the kernel's rule (``None``) otherwise."""
+    from forkkv_hf.ops.decode_ops import plan_decode_attention
+
+    view = random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False)
+    assert plan_decode_attention(view.shared, (0, 1), None).res_f16 is None
+    far = random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False)
+    far.shared.k_res.u = far.shared.k_res.u * 1e5
+    assert plan_decode_attention(far.shared, (0, 1), None).res_f16 is False
+
+
 def test_generate_with_triton_backend_equals_torch(monkeypatch):
     """End to end on a tiny model: greedy generate through the Triton kernels gives the PyTorch path's tokens."""
     import forkkv_hf

@@ -266,10 +266,24 @@ def rope_repeats_half(shared) -> bool:
     return flag
 
 
+def k_residual_fits_f16(res) -> bool:
+    """Whether the K residual ``res`` (a :class:`~forkkv_hf.context.segments.Residual`) may take the K pass's fp16
+    form (``res_f16``: its values and rebuilt values within fp16's range, checked by
+    :func:`forkkv_kernels.kres_pass.f16_range_ok`). Memoised on the residual (residuals are never written after they
+    are made); one host read per residual."""
+    flag = getattr(res, "_fits_f16", None)
+    if flag is None:
+        from forkkv_kernels.kres_pass import f16_range_ok
+
+        flag = f16_range_ok(res.u, res.B)
+        res._fits_f16 = flag
+    return flag
+
+
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` cascade
     kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` defaults to the
-    configuration's). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
+    configuration's; ``res_f16`` is turned off for a K residual beyond fp16's range). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
     order by agent and the counts that size the K pass), else from its ``k_rows``/``v_rows`` tensors (derived on the
     device)."""
     from forkkv_kernels import cascade_attention
@@ -279,6 +293,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
+    if any(kind == "k" for kind, *_ in present) and not k_residual_fits_f16(sh.k_res):
+        tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
