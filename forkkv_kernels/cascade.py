@@ -140,7 +140,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     ``extra.summary``: H200, T=32K, 8/32/128 agents; eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline
     stages: sweep_kernel_v13b_nvidia_h200.json, "v13b measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b
     measured"; the K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c
-    measured").
+    measured"; its fp16 form: sweep_kernel_v15{,b}_nvidia_h100.json, "v15 measured").
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
     measured as fast as one in v11c)."""
@@ -170,7 +170,11 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 1 agent 71.0 -> 70.7; sm_90+, elsewhere the clamp)
                 res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
                 res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma",
-                res_f16=False,
+                # the rebuild accumulated in fp16, rotated and scored from fp16 operands, for decode calls of 128+
+                # vectors per KV head (v15, one H100, two sweeps: 32 agents 390.9 -> 381.9 and 390.0 -> 385.2 µs,
+                # 128 agents 1,434.4 -> 1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent
+                # 79.5 -> 84.0, the queries' and B_k's conversions, so not below 128 vectors; extend calls unmeasured)
+                res_f16=has_k and NQ == 1 and B * VPR >= 128,
                 # the merge: the splits' partials merged first, before the private part, one split per step unrolled
                 # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1
@@ -253,8 +257,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     # the interpreter runs the GPU's bf16/fp16 rule (its split rounding included) with 32-token tiles for speed
     cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype, RV)
-    if interp:
-        cfg.update(block_t=32, res_block_t=32)
+    if interp:  # (fp32 calls: the GPU's fp32 rule keeps the fp32 rebuild)
+        cfg.update(block_t=32, res_block_t=32, res_f16=cfg["res_f16"] and dtype != torch.float32)
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,

@@ -317,6 +317,28 @@ def test_gpu_k_pass_rule_is_the_v11c_sweeps_best():
     assert launch_defaults(32, 1, 4, True, True, torch.float32)["res_form"] == "halves"  # fp32: not swept
 
 
+def test_gpu_k_pass_f16_form_is_the_v15_sweeps_choice():
+    """The K pass's fp16 form (``res_f16``) is in the bf16/fp16 rule for decode calls of 128+ vectors per KV head
+    (32+ agents of G = 4): in both v15 sweeps (one H100, T=32K, K+V) it is faster than the rule without it at 32 and
+    128 agents, and it is off at 1 and 8 agents, where it measured slower; off for extend calls (unmeasured) and fp32."""
+    import json
+
+    from forkkv_kernels.cascade import launch_defaults
+
+    for name, points in (("v15", (1, 8, 32, 128)), ("v15b", (32, 128))):
+        path = Path(__file__).parents[1] / f"eval/results/sweep_kernel_{name}_nvidia_h100.json"
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["stage"] == "kres" and r["ok"]]
+        for N in points:
+            on = launch_defaults(N, 1, 4, True, True, torch.bfloat16)["res_f16"]
+            at = {r["config"]: r["graph_s"] for r in rows if r["agents"] == N}
+            f16, plain = at['{"res_f16": true}'], at["{}"]
+            assert on == (N >= 32) and (f16 < plain) == on, (name, N, on, f16, plain)
+    assert launch_defaults(32, 1, 4, True, True, torch.float16)["res_f16"] is True
+    assert launch_defaults(32, 4, 16, True, True, torch.bfloat16)["res_f16"] is False  # extend: unmeasured
+    assert launch_defaults(32, 1, 4, False, True, torch.bfloat16)["res_f16"] is False  # no K residual
+    assert launch_defaults(32, 1, 4, True, True, torch.float32)["res_f16"] is False
+
+
 def test_gpu_k_pass_saturating_conversion_is_the_v11e_sweeps_choice():
     """The K pass's fp16 scores go through the saturating conversion (``res_satfinite``) in the bf16/fp16 rule: in the
     v11e sweep (T=32K, 1/8/32/128 agents, K+V) the rule with it (``{"res_satfinite": true}`` over v11c's rule, the
@@ -427,6 +449,22 @@ def test_cascade_f16_k_pass_case_space(case):
     mask = case.mask() if masked else None
     out = _launch(q, view, mask, case.D**-0.5, res_form="joined", res_f16=True)
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=3e-3, atol=3e-3)
+
+
+@parametrize("dtype", [torch.float32, *LOW_DTYPES])
+def test_cascade_rule_f16_form_for_many_agents(dtype):
+    """33 decode rows of G = 4 (132 vectors per KV head) take the rule's fp16 K pass on the interpreter (as the GPU's
+    bf16/fp16 rule does): within the low-precision pass rule for bf16/fp16, and fp32 calls keep the fp32 rebuild
+    (exact to 2e-5, which the fp16 form's roundings would miss)."""
+    view = random_view(B=33, Hkv=2, D=16, T=40, P=3, n_agents=5, ranks=(4, 2, 3, 4, 1), dtype=dtype)
+    q = _query(view, 8, 1).to(dtype)
+    ref = reference_attention(q.float(), view, None, 0.25)
+    out = _launch(q, view, None, 0.25)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    else:
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 3 * lowp_attention_error(q.float(), view, None, 0.25, ref) + 1e-5, err
 
 
 def test_cascade_f16_k_pass_refused_outside_the_joined_form():
