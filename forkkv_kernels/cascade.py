@@ -268,6 +268,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
+    if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
+        cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual

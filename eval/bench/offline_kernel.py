@@ -40,14 +40,16 @@ def compile_kres(knobs: dict) -> dict:
     rule = {**default_rule("kv", 32), **knobs}
     fma = rule.get("res_score", "mma") == "fma"
     form = knobs.get("res_form") or ("halves" if fma else rule["res_form"])  # as the launcher: fma in the halves form
-    args = dict(_KRES_ARGS)
+    f16 = bool(rule.get("res_f16")) and form == "joined"  # as the launcher: the fp16 form is the joined form's
+    # the fp16 form's queries and B_k arrive converted by the launcher
+    args = {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if f16 else {})}
     MQ = rule.get("mq") or (4 if fma else 16)
     const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=MQ,
                  BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
                  HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
                  PAIRS=form == "pairs", JOINED=form == "joined",
-                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")), F16=bool(rule.get("res_f16")))
+                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")), F16=f16)
     opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
