@@ -225,7 +225,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
-                       res_satfinite: bool = False, res_f16: bool = False):
+                       res_satfinite: bool = False, res_f16: bool = False, k_B16=None):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -243,7 +243,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     ``res_heads``; MMA scores only), ``res_f16`` (joined form: the rebuild's operands, its accumulator, the rotation and
     the score MMA's operands in fp16, the scores accumulated in fp32: no conversion between the rebuild and the
     rotation; bf16/fp32 queries enter fp16 scaled by :data:`Q_F16_SCALE`; the K residual must stay within fp16's
-    range: :func:`f16_range_ok`). Returns the compiled kernel."""
+    range: :func:`f16_range_ok`; ``k_B16``: ``k_B`` already in fp16, else converted per call). Returns the compiled
+    kernel."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -281,7 +282,11 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         q16 = torch.empty(q.shape, dtype=torch.float16, device=q.device)
         torch.mul(q, Q_F16_SCALE, out=q16)  # exact (a power of two): bf16 queries up to 1.6e7 stay finite
         q, qk_scale = q16, qk_scale / Q_F16_SCALE
-        k_B = k_B.to(torch.float16)
+    if res_f16:  # B_k in fp16: the caller's copy (kept with the residual) or converted here, per call
+        if k_B16 is not None and (k_B16.dtype != torch.float16 or k_B16.shape != k_B.shape):
+            raise ValueError(f"k_B16 must be k_B in fp16: got {k_B16.dtype} {tuple(k_B16.shape)} for "
+                             f"{tuple(k_B.shape)}")
+        k_B = k_B16.contiguous() if k_B16 is not None else k_B.to(torch.float16)
     pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)

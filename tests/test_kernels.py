@@ -100,6 +100,7 @@ def test_f16_k_pass_kept_off_beyond_fp16s_range():
     the output still equals the reference. Not a test that cannot fail: the launcher given the fp16 form directly on
     the same residual overflows (non-finite output)."""
     from forkkv_kernels import cascade_attention
+    from forkkv_hf.ops.dispatch import k_residual_fits_f16
     from forkkv_kernels.kres_pass import F16_LIMIT, f16_range_ok
 
     view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False), DEV)
@@ -112,11 +113,37 @@ def test_f16_k_pass_kept_off_beyond_fp16s_range():
     view = _to(view, DEV)
     out = residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
-    assert res._fits_f16 is False
+    assert k_residual_fits_f16(res) is False and res._fits_f16[2] is False  # memoised
     sh = view.shared
     raw = cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, k_u=res.u,
                             k_B=res.B, k_slot=view.k_rows.to(DEV), res_form="joined", res_f16=True)
     assert not torch.isfinite(raw).all()
+
+
+@pytest.mark.version_independent
+def test_f16_k_pass_takes_the_residuals_fp16_b():
+    """With the fp16 form the adapter passes the K residual's ``B`` in fp16, converted once and kept with the residual
+    (not pickled with it): the same output as the launcher converting it per call, bit for bit; a ``k_B16`` that is
+    not ``k_B`` in fp16 is refused."""
+    import pickle
+
+    from forkkv_kernels import cascade_attention
+    from forkkv_hf.ops.dispatch import k_residual_b16
+
+    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False), DEV)
+    res, sh = view.shared.k_res, view.shared
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
+    out = residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    b16 = k_residual_b16(res)
+    assert b16.dtype == torch.float16 and k_residual_b16(res) is b16  # kept, not converted again
+    kw = dict(k_u=res.u, k_B=res.B, k_slot=view.k_rows.to(DEV), res_form="joined", res_f16=True)
+    per_call = cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, **kw)
+    assert torch.equal(out, per_call)
+    assert "_b16" not in pickle.loads(pickle.dumps(res)).__dict__
+    with pytest.raises(ValueError, match="k_B16 must be k_B in fp16"):
+        cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, k_B16=res.B, **kw)
+    res.B = res.B * 2  # a new B: a new copy
+    assert torch.equal(k_residual_b16(res), res.B.to(torch.float16))
 
 
 @pytest.mark.version_independent

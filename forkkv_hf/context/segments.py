@@ -32,6 +32,11 @@ class Residual:
     def rank(self) -> int:
         return self.u.shape[-1]
 
+    def __getstate__(self):
+        # what the kernels' adapter memoises on a residual (forkkv_hf.ops.dispatch: its fp16 range check and fp16 B)
+        # is derived, not data: not pickled
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
 
 @dataclass
 class SharedLayer:

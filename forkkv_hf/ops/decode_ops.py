@@ -16,8 +16,8 @@ import torch
 from ..config import get_config
 from ..memo import memoized
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
-from .dispatch import (k_residual_fits_f16, residual_attention, residual_attention_torch, rope_repeats_half,
-                       slot_tensors)
+from .dispatch import (k_residual_b16, k_residual_fits_f16, residual_attention, residual_attention_torch,
+                       rope_repeats_half, slot_tensors)
 from .masks import kv_mask, visible_mask
 
 
@@ -58,6 +58,8 @@ class AttentionDecodePlan:
     lowp_rope: bool | None = None
     #: False where the K residual is beyond fp16's range (the K pass keeps its fp32 rebuild); None: the kernel's rule
     res_f16: bool | None = None
+    #: the K residual's B in fp16 for that form, kept with the residual (None: beyond range)
+    k_b16: torch.Tensor | None = None
 
 
 def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) -> AttentionDecodePlan:
@@ -71,7 +73,8 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) 
     if has_k:
         k_slot, order, agents, most = slot_tensors(tuple(k_slots), dev)
         plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most,
-                       res_f16=None if k_residual_fits_f16(shared.k_res) else False)
+                       res_f16=None if k_residual_fits_f16(shared.k_res) else False,
+                       k_b16=k_residual_b16(shared.k_res))
     if has_v:
         plan = replace(plan, v_slot=slot_tensors(tuple(v_slots), dev)[0])
     return plan
@@ -91,7 +94,7 @@ def _triton_attention(query, view, attention_mask, scaling):
     return torch.ops.forkkv.cascade_attention(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value,
                                               mask, *k, *v, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
                                               plan.k_max_rows, plan.rope_half, float(scaling), plan.lowp_rope,
-                                              plan.res_f16)
+                                              plan.res_f16, plan.k_b16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

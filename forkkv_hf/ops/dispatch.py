@@ -266,24 +266,39 @@ def rope_repeats_half(shared) -> bool:
     return flag
 
 
+def _memo_on(res, name: str, make):
+    """``make()`` memoised on the residual ``res`` under ``name``, for as long as its ``u`` and ``B`` are the same
+    tensors (residuals are never written after they are made, but may be moved: a new tensor, a new value)."""
+    memo = res.__dict__.get(name)
+    if memo is None or memo[0] is not res.u or memo[1] is not res.B:
+        memo = (res.u, res.B, make())
+        res.__dict__[name] = memo
+    return memo[2]
+
+
 def k_residual_fits_f16(res) -> bool:
     """Whether the K residual ``res`` (a :class:`~forkkv_hf.context.segments.Residual`) may take the K pass's fp16
     form (``res_f16``: its values and rebuilt values within fp16's range, checked by
-    :func:`forkkv_kernels.kres_pass.f16_range_ok`). Memoised on the residual (residuals are never written after they
-    are made); one host read per residual."""
-    flag = getattr(res, "_fits_f16", None)
-    if flag is None:
-        from forkkv_kernels.kres_pass import f16_range_ok
+    :func:`forkkv_kernels.kres_pass.f16_range_ok`). Memoised on the residual: one host read per residual."""
+    from forkkv_kernels.kres_pass import f16_range_ok
 
-        flag = f16_range_ok(res.u, res.B)
-        res._fits_f16 = flag
-    return flag
+    return _memo_on(res, "_fits_f16", lambda: f16_range_ok(res.u, res.B))
+
+
+def k_residual_b16(res):
+    """The K residual's ``B`` in fp16 for the K pass's fp16 form (``k_B16``: the kernels then convert none per call),
+    memoised on the residual (one copy of ``B``: ``H_kv·D·r`` values per adapter and layer, ~3% of its ``u`` at a
+    32K context); ``None`` where the residual is beyond fp16's range (the form is not used)."""
+    if not k_residual_fits_f16(res):
+        return None
+    return _memo_on(res, "_b16", lambda: res.B if res.B.dtype == torch.float16 else res.B.to(torch.float16))
 
 
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` cascade
     kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` defaults to the
-    configuration's; ``res_f16`` is turned off for a K residual beyond fp16's range). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
+    configuration's; ``res_f16`` is turned off for a K residual beyond fp16's range, else its fp16 ``B`` is kept with
+    it and passed). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
     order by agent and the counts that size the K pass), else from its ``k_rows``/``v_rows`` tensors (derived on the
     device)."""
     from forkkv_kernels import cascade_attention
@@ -293,8 +308,11 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                (("k", sh.k_res, view.k_rows, view.k_slots), ("v", sh.v_res, view.v_rows, view.v_slots))
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
-    if any(kind == "k" for kind, *_ in present) and not k_residual_fits_f16(sh.k_res):
-        tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild
+    if any(kind == "k" for kind, *_ in present):
+        if k_residual_fits_f16(sh.k_res):
+            tuning.setdefault("k_B16", k_residual_b16(sh.k_res))
+        else:
+            tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
