@@ -200,7 +200,8 @@ def f16_range_ok(k_u: torch.Tensor, k_B: torch.Tensor) -> bool:
     per residual, not per call."""
     if k_u.numel() == 0 or k_B.numel() == 0:
         return True
-    u_max = k_u.detach().abs().amax(dim=(1, 2)).float()
+    lo, hi = torch.aminmax(k_u.detach().reshape(k_u.shape[0], -1), dim=1)  # no |u| temporary the size of u
+    u_max = torch.maximum(-lo, hi).float()
     b_abs = k_B.detach().abs().float()
     bound = (u_max * b_abs.sum(-1).amax(-1)).amax()
     worst = torch.stack([u_max.amax(), b_abs.amax(), bound])
