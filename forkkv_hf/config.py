@@ -13,6 +13,8 @@ Without an override the configuration comes from the environment (the defaults w
   batched LoRA's path;
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
   on for bf16/fp16 on the GPU);
+- ``FORKKV_F16_K_PASS`` (``f16_k_pass``): ``0`` / ``1``: the kernels' K pass rebuilds and rotates the K residual in
+  fp16 (unset: their rule, from 32 decode agents in bf16/fp16); a K residual beyond fp16's range never takes it;
 - ``FORKKV_DEFER_STOP`` (``defer_stop``): ``auto`` (default) / ``off``: whether a decode step compiled on CUDA
   reads generate's stop flag one step late (:mod:`forkkv_hf.stop_check`);
 - ``FORKKV_COMPILE_REGIONS`` (``compile_regions``): ``off`` (default) / ``on``: a compiled decode step compiles the
@@ -41,14 +43,17 @@ COMPILE_REGIONS = ("off", "on")
 #: field -> environment variable
 ENV_VARS = {"backend": "FORKKV_BACKEND", "lora_backend": "FORKKV_LORA_BACKEND",
             "lowp_rope": "FORKKV_LOWP_ROPE", "defer_stop": "FORKKV_DEFER_STOP",
-            "compile_regions": "FORKKV_COMPILE_REGIONS"}
+            "compile_regions": "FORKKV_COMPILE_REGIONS", "f16_k_pass": "FORKKV_F16_K_PASS"}
+#: the fields that are a bool or None (their variables: 0 / 1 / unset)
+BOOL_FIELDS = ("lowp_rope", "f16_k_pass")
 
 
 @dataclass(frozen=True)
 class ForkKVConfig:
     """``backend``: the attention path (``auto``: on CUDA, SDPA for prompt-like calls and Triton for the rest;
     PyTorch elsewhere). ``lora_backend``: the batched LoRA's path. ``lowp_rope``: the kernels' K-residual rotation
-    in the cache dtype, ``None`` for their default.
+    in the cache dtype, ``None`` for their default. ``f16_k_pass``: the K pass in fp16 (``res_f16``; eval/KERNEL_NOTES.md
+    "v15"), ``None`` for the kernels' rule.
     ``defer_stop``: ``auto`` lets a decode step compiled on CUDA read the stop flag one step late, ``off`` not.
     ``compile_regions``: ``on`` compiles the repeated decoder layer once per compiled decode step (a shorter first
     call, a slower step: 50.7 s / 72.6 ms against 61.4 s / 63.5 ms on an H200 at 128 agents), ``off`` the whole
@@ -59,6 +64,7 @@ class ForkKVConfig:
     lowp_rope: bool | None = None
     defer_stop: str = "auto"
     compile_regions: str = "off"
+    f16_k_pass: bool | None = None
 
     def __post_init__(self):
         for field, choices in (("backend", BACKENDS), ("lora_backend", LORA_BACKENDS), ("defer_stop", DEFER_STOP),
@@ -66,8 +72,10 @@ class ForkKVConfig:
             value = getattr(self, field)
             if value not in choices:
                 raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use one of {choices}")
-        if self.lowp_rope not in (None, True, False):
-            raise ValueError(f"lowp_rope={self.lowp_rope!r} ({ENV_VARS['lowp_rope']}): use True/False (1/0) or None")
+        for field in BOOL_FIELDS:
+            value = getattr(self, field)
+            if value not in (None, True, False):
+                raise ValueError(f"{field}={value!r} ({ENV_VARS[field]}): use True/False (1/0) or None")
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -79,9 +87,10 @@ def _parse_bool(name: str, text: str) -> bool:
 @memoized(maxsize=16)
 def _from_env(values: tuple) -> ForkKVConfig:
     env = dict(zip(ENV_VARS, values))
-    fields = {k: v for k, v in env.items() if v is not None and k != "lowp_rope"}
-    if env["lowp_rope"] is not None:
-        fields["lowp_rope"] = _parse_bool(ENV_VARS["lowp_rope"], env["lowp_rope"])
+    fields = {k: v for k, v in env.items() if v is not None and k not in BOOL_FIELDS}
+    for k in BOOL_FIELDS:
+        if env[k] is not None:
+            fields[k] = _parse_bool(ENV_VARS[k], env[k])
     return ForkKVConfig(**fields)
 
 

@@ -16,7 +16,7 @@ from views import random_view
 
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
-ENV = ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE")
+ENV = ("FORKKV_BACKEND", "FORKKV_LORA_BACKEND", "FORKKV_LOWP_ROPE", "FORKKV_F16_K_PASS")
 
 
 @pytest.fixture
@@ -118,3 +118,34 @@ def test_lowp_rope_reaches_the_kernels(clean_env):
     for flag in (False, True):
         with config_override(lowp_rope=flag):
             assert torch.equal(residual_attention_triton(q, view, None, 0.2), outs[flag])
+
+
+def test_f16_k_pass_reaches_the_kernels(clean_env):
+    """The configured ``f16_k_pass`` (``FORKKV_F16_K_PASS``) is what the Triton launch and the compiled decode's plan
+    use: bf16 results equal an explicit ``res_f16`` launch of the same value and differ between on and off (fp16 and
+    bf16 round the rotated K residual differently); unset, the kernels' rule decides (``None``); fp32 calls keep their
+    rule; a K residual beyond fp16's range stays off whatever is configured; bad values are refused."""
+    pytest.importorskip("triton")
+    from forkkv_hf.ops.decode_ops import plan_decode_attention
+    from forkkv_hf.ops.dispatch import residual_attention_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    view = random_view(B=2, T=40, P=3, D=32, dtype=torch.bfloat16, device=dev, res_scale=2.0)
+    q = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    outs = {flag: residual_attention_triton(q, view, None, 0.2, res_f16=flag) for flag in (False, True)}
+    assert not torch.equal(outs[False], outs[True])
+    assert plan_decode_attention(view.shared, (0, 1), None).res_f16 is None
+    for flag in (False, True):
+        with config_override(f16_k_pass=flag):
+            assert torch.equal(residual_attention_triton(q, view, None, 0.2), outs[flag])
+            assert plan_decode_attention(view.shared, (0, 1), None).res_f16 is flag
+    clean_env.setenv("FORKKV_F16_K_PASS", "1")
+    assert get_config().f16_k_pass is True
+    fp32 = random_view(B=2, T=40, P=3, D=32, device=dev)
+    assert plan_decode_attention(fp32.shared, (0, 1), None).res_f16 is None
+    far = random_view(B=2, T=40, P=3, D=32, dtype=torch.bfloat16, device=dev)
+    far.shared.k_res.u = far.shared.k_res.u * 1e5
+    assert plan_decode_attention(far.shared, (0, 1), None).res_f16 is False
+    clean_env.setenv("FORKKV_F16_K_PASS", "yes")
+    with pytest.raises(ValueError, match="FORKKV_F16_K_PASS"):
+        get_config()

@@ -294,11 +294,20 @@ def k_residual_b16(res):
     return _memo_on(res, "_b16", lambda: res.B if res.B.dtype == torch.float16 else res.B.to(torch.float16))
 
 
+def f16_k_pass_setting(res, dtype: torch.dtype) -> bool | None:
+    """What the K pass's ``res_f16`` is for the K residual ``res`` in a ``dtype`` call: ``False`` beyond fp16's range
+    (:func:`k_residual_fits_f16`), else the configuration's ``f16_k_pass`` for bf16/fp16 calls (``None``: the
+    kernels' rule; fp32 calls keep their rule, the fp32 rebuild)."""
+    if not k_residual_fits_f16(res):
+        return False
+    return get_config().f16_k_pass if dtype in (torch.bfloat16, torch.float16) else None
+
+
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` cascade
-    kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` defaults to the
-    configuration's; ``res_f16`` is turned off for a K residual beyond fp16's range, else its fp16 ``B`` is kept with
-    it and passed). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
+    kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` and ``res_f16`` default to the
+    configuration's ``lowp_rope`` and ``f16_k_pass``; ``res_f16`` is off for a K residual beyond fp16's range, else
+    its fp16 ``B`` is kept with it and passed). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
     order by agent and the counts that size the K pass), else from its ``k_rows``/``v_rows`` tensors (derived on the
     device)."""
     from forkkv_kernels import cascade_attention
@@ -309,10 +318,11 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                if r is not None and rows is not None and not (slots is not None and all(s < 0 for s in slots))]
     tuning.setdefault("lowp_rope", get_config().lowp_rope)
     if any(kind == "k" for kind, *_ in present):
-        if k_residual_fits_f16(sh.k_res):
-            tuning.setdefault("k_B16", k_residual_b16(sh.k_res))
+        if not k_residual_fits_f16(sh.k_res):
+            tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild, whatever asked
         else:
-            tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild
+            tuning.setdefault("res_f16", f16_k_pass_setting(sh.k_res, query.dtype))
+            tuning.setdefault("k_B16", k_residual_b16(sh.k_res))
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
