@@ -202,9 +202,14 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
 
     launches = launches if launches is not None else {"cascade": {}}
 
+    from forkkv_kernels.attention_common import pow2
+    from forkkv_kernels.cascade import launch_defaults
+
     q, view = make_case(T, N, queries=queries, rank=rank)
     scale = D**-0.5
-    row = {"rank": rank, "private": PRIVATE}
+    # the K pass's rule at this point (what the defaults columns ran; e.g. res_f16 from 32 decode agents, v15)
+    rule = launch_defaults(N, queries, pow2(queries * (H // HKV), 1), True, True, q.dtype, rank)
+    row = {"rank": rank, "private": PRIVATE, "kres_rule": {k: v for k, v in rule.items() if k.startswith("res_")}}
     for variant in VARIANTS:
         vv = variant_view(view, variant)
         key = "cascade" if variant == "kv" else f"forkkv_{variant}"
