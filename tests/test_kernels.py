@@ -130,10 +130,11 @@ def test_f16_k_pass_takes_the_residuals_fp16_b():
     from forkkv_kernels import cascade_attention
     from forkkv_hf.ops.dispatch import k_residual_b16
 
-    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False), DEV)
+    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False, dtype=torch.bfloat16), DEV)
     res, sh = view.shared.k_res, view.shared
-    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
     out = residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    assert "_b16" in res.__dict__  # the adapter made the copy and kept it
     b16 = k_residual_b16(res)
     assert b16.dtype == torch.float16 and k_residual_b16(res) is b16  # kept, not converted again
     kw = dict(k_u=res.u, k_B=res.B, k_slot=view.k_rows.to(DEV), res_form="joined", res_f16=True)

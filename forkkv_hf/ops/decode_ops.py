@@ -16,8 +16,8 @@ import torch
 from ..config import get_config
 from ..memo import memoized
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
-from .dispatch import (f16_k_pass_setting, k_residual_b16, residual_attention, residual_attention_torch,
-                       rope_repeats_half, slot_tensors)
+from .dispatch import (f16_k_pass_args, residual_attention, residual_attention_torch, rope_repeats_half,
+                       slot_tensors)
 from .masks import kv_mask, visible_mask
 
 
@@ -59,7 +59,7 @@ class AttentionDecodePlan:
     #: the configuration's ``f16_k_pass`` (None: the kernels' rule), False where the K residual is beyond fp16's range
     #: (the K pass keeps its fp32 rebuild)
     res_f16: bool | None = None
-    #: the K residual's B in fp16 for that form, kept with the residual (None: beyond range)
+    #: the K residual's B in fp16 for that form, kept with the residual (None: beyond range, or an fp32 layer)
     k_b16: torch.Tensor | None = None
 
 
@@ -73,9 +73,9 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) 
     plan = AttentionDecodePlan(has_k, has_v, has_k and rope_repeats_half(shared), lowp_rope=get_config().lowp_rope)
     if has_k:
         k_slot, order, agents, most = slot_tensors(tuple(k_slots), dev)
-        plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most,
-                       res_f16=f16_k_pass_setting(shared.k_res, shared.key.dtype),
-                       k_b16=k_residual_b16(shared.k_res))
+        res_f16, k_b16 = f16_k_pass_args(shared.k_res, shared.key.dtype)
+        plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most, res_f16=res_f16,
+                       k_b16=k_b16)
     if has_v:
         plan = replace(plan, v_slot=slot_tensors(tuple(v_slots), dev)[0])
     return plan

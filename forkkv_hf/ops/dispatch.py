@@ -294,22 +294,25 @@ def k_residual_b16(res):
     return _memo_on(res, "_b16", lambda: res.B if res.B.dtype == torch.float16 else res.B.to(torch.float16))
 
 
-def f16_k_pass_setting(res, dtype: torch.dtype) -> bool | None:
-    """What the K pass's ``res_f16`` is for the K residual ``res`` in a ``dtype`` call: ``False`` beyond fp16's range
-    (:func:`k_residual_fits_f16`), else the configuration's ``f16_k_pass`` for bf16/fp16 calls (``None``: the
-    kernels' rule; fp32 calls keep their rule, the fp32 rebuild)."""
+def f16_k_pass_args(res, dtype: torch.dtype) -> tuple[bool | None, torch.Tensor | None]:
+    """The K pass's ``res_f16`` and ``k_B16`` for the K residual ``res`` in a ``dtype`` call: ``(False, None)`` beyond
+    fp16's range (:func:`k_residual_fits_f16`); for bf16/fp16 calls the configuration's ``f16_k_pass`` (``None``: the
+    kernels' rule) and the residual's kept fp16 ``B``; ``(None, None)`` for fp32 calls (their rule keeps the fp32
+    rebuild, so no copy is made)."""
     if not k_residual_fits_f16(res):
-        return False
-    return get_config().f16_k_pass if dtype in (torch.bfloat16, torch.float16) else None
+        return False, None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None, None
+    return get_config().f16_k_pass, k_residual_b16(res)
 
 
 def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling: float, **tuning) -> torch.Tensor:
     """``query [B, H, Q, D]`` over a :class:`~forkkv_hf.cache.ForkKVView` through the ``forkkv_kernels`` cascade
     kernels; returns ``[B, Q, H, D]``. ``tuning``: the launcher's knobs (``lowp_rope`` and ``res_f16`` default to the
     configuration's ``lowp_rope`` and ``f16_k_pass``; ``res_f16`` is off for a K residual beyond fp16's range, else
-    its fp16 ``B`` is kept with it and passed). Rows' residual slots come from the view's host tuples when present (cached tensors: the rows'
-    order by agent and the counts that size the K pass), else from its ``k_rows``/``v_rows`` tensors (derived on the
-    device)."""
+    its fp16 ``B`` is kept with it and passed: :func:`f16_k_pass_args`). Rows' residual slots come from the view's
+    host tuples when present (cached tensors: the rows' order by agent and the counts that size the K pass), else from
+    its ``k_rows``/``v_rows`` tensors (derived on the device)."""
     from forkkv_kernels import cascade_attention
 
     sh = view.shared
@@ -321,8 +324,9 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
         if not k_residual_fits_f16(sh.k_res):
             tuning["res_f16"] = False  # values beyond fp16's range: the K pass keeps its fp32 rebuild, whatever asked
         else:
-            tuning.setdefault("res_f16", f16_k_pass_setting(sh.k_res, query.dtype))
-            tuning.setdefault("k_B16", k_residual_b16(sh.k_res))
+            f16, b16 = f16_k_pass_args(sh.k_res, query.dtype)
+            tuning.setdefault("res_f16", f16)
+            tuning.setdefault("k_B16", b16)
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
     for kind, r, rows, slots in present:
