@@ -193,7 +193,8 @@ def test_distill_from_loaded_teachers_trains_only_the_students(quick_run):
 def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, tmp_path):
     """`python -m eval.fidelity.probe` (the training-recipe probe of issue 20's results) on the smoke model and the
     quick data: the standard adapter's reference rows (also under rank-4 fitted residuals), a fresh cross-entropy
-    variant, a distilled one and one trained under rank-4 fitted residuals, both started from the standard adapter,
+    variant, a distilled one and two trained under rank-4 fitted residuals (cross-entropy, distilled), all three started
+    from the standard adapter,
     each trained and scored under ForkKV and exact inference (the fitted one also under its fit), with paired
     differences from the standard adapter; the same seed repeats a run loss for loss, another seed changes the fresh
     variant's."""
@@ -203,7 +204,7 @@ def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, 
         out = tmp_path / f"{name}.json"
         subprocess.run([sys.executable, "-m", "eval.fidelity.probe", "--smoke", str(_tokenizer_dir(tmp)), "--data",
                         str(tmp / "data"), "--teacher", str(tmp / "adapters"), "--agents", "next_speaker",
-                        "--variants", "ce_fresh", "kl_init", "fit4_init", "--fitted-ranks", "4", "--steps", "2",
+                        "--variants", "ce_fresh", "kl_init", "fit4_init", "klfit4_init", "--fitted-ranks", "4", "--steps", "2",
                         "--contexts-per-step", "2",
                         "--eval-contexts", "2", "--threads", "1", "--seed", str(seed), "--out", str(out)],
                        cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -212,11 +213,12 @@ def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, 
     first, again, other = probe(0, "a"), probe(0, "b"), probe(1, "c")
     res = first["agents"]["next_speaker"]
     assert set(res["reference"]) == {"standard@exact", "standard@kv", "standard@fitted4"}
-    assert set(res["variants"]) == {"ce_fresh", "kl_init", "fit4_init"}
+    assert set(res["variants"]) == {"ce_fresh", "kl_init", "fit4_init", "klfit4_init"}
     assert "fitted4" in res["variants"]["fit4_init"] and "fitted4" not in res["variants"]["kl_init"]
-    assert "fitted4_minus_standard@fitted4" in res["comparisons"]["fit4_init"]
+    for fit in ("fit4_init", "klfit4_init"):  # trained under the rank-4 fit (CE, distilled), scored under it
+        assert "fitted4_minus_standard@fitted4" in res["comparisons"][fit]
     for rec in [*res["reference"].values(), *(v[r] for v in res["variants"].values() for r in ("kv", "exact")),
-                res["variants"]["fit4_init"]["fitted4"]]:
+                res["variants"]["fit4_init"]["fitted4"], res["variants"]["klfit4_init"]["fitted4"]]:
         assert rec["questions"] > 0 and 0.0 <= rec["answer_exact"] <= 1.0 and rec["answer_nll"] > 0
     for v in res["variants"].values():
         assert len(v["losses"]) == 2

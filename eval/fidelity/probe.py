@@ -15,7 +15,8 @@ standard adapter, e.g. to serve as ``--teacher`` after ``--save``); ``ce``: cros
 ``kl``: KL from the standard
 adapter under exact inference to the student under ForkKV on the answer positions (distillation; needs
 ``--teacher``); ``cekl``: their sum; ``fitR``: cross-entropy under residuals fitted to rank R to the agent's own pass
-(``FittedResidual(R)``: training for ``SharedContext.fit_residuals``), scored also under them. ``fresh``: new LoRA
+(``FittedResidual(R)``: training for ``SharedContext.fit_residuals``), scored also under them; ``klfitR``: ``kl``'s
+distillation with the student under that fit. ``fresh``: new LoRA
 weights (seeded); ``init``: start from the standard adapter. ``_kvN``: rank N on k_proj/v_proj (the residual's rank),
 the other modules keep ``--rank``. ``--fitted-ranks R ...`` adds reference rows of the standard adapter under fitted
 residuals of those ranks (``standard@fittedR``).
@@ -40,11 +41,12 @@ from .tasks import read_jsonl
 def parse_variant(name: str) -> dict:
     parts = name.split("_")
     loss, init = parts[0], parts[1]
-    fit = re.fullmatch(r"fit(\d+)", loss)
+    fit = re.fullmatch(r"(kl)?fit(\d+)", loss)
     if (loss not in ("std", "ce", "kl", "cekl") and not fit) or init not in ("fresh", "init"):
-        raise ValueError(f"variant {name!r}: <std|ce|kl|cekl|fitR>_<fresh|init>[_kvN]")
+        raise ValueError(f"variant {name!r}: <std|ce|kl|cekl|fitR|klfitR>_<fresh|init>[_kvN]")
     kv = int(parts[2][2:]) if len(parts) > 2 and parts[2].startswith("kv") else None
-    return {"loss": "fit" if fit else loss, "init": init, "kv_rank": kv, "fit_rank": int(fit.group(1)) if fit else None}
+    return {"loss": f"{fit.group(1) or ''}fit" if fit else loss, "init": init, "kv_rank": kv,
+            "fit_rank": int(fit.group(2)) if fit else None}
 
 
 def as_residual(name: str):
@@ -159,7 +161,8 @@ def train_variant(pm, tok, data, agent: str, student: str, teacher: str | None, 
             residual = {"ce": "kv", "std": "exact"}.get(spec["loss"]) or FittedResidual(spec["fit_rank"])
             loss = forkkv_loss(pm, ctx, batch, student, residual=residual)
         else:  # KL per answer token from the teacher under exact inference (+ the cross-entropy for cekl)
-            loss = forkkv_distill_loss(pm, ctx, batch, student, teacher, residual="kv", teacher_residual="exact",
+            residual = FittedResidual(spec["fit_rank"]) if spec["loss"] == "klfit" else "kv"
+            loss = forkkv_distill_loss(pm, ctx, batch, student, teacher, residual=residual, teacher_residual="exact",
                                        temperature=1.0, ce_weight=1.0 if spec["loss"] == "cekl" else 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,7 +246,7 @@ def main(argv=None):
                 continue
             t_variant = time.perf_counter()
             spec = parse_variant(variant)
-            if spec["loss"] in ("kl", "cekl") and teacher is None:
+            if spec["loss"] in ("kl", "cekl", "klfit") and teacher is None:
                 raise SystemExit(f"variant {variant} needs --teacher")
             name = f"{agent}_{variant}"
             torch.manual_seed(args.seed)
