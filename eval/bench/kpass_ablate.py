@@ -1,0 +1,186 @@
+"""What binds the K pass? Its step taken apart: one replica of the library's K pass (``forkkv_kernels.kres_pass``, the
+decode rule: joined form, fp16 rebuild, 128-token tiles of 8 warps, 3 stages, cap 128 registers, one KV head per
+score tile) whose parts can be left out, timed at the benchmark's shapes (H_kv = 8, G = 4, D = 128, r = 16, one decode
+query per agent, 32K context) on the same grid as the library's pass.
+
+Parts (each variant leaves out some; what is left out is replaced by what keeps the rest from being optimised away):
+``load`` (the u and cos/sin tiles read per tile; without: read once, before the loop), ``rot`` (the RoPE rotation of
+the rebuilt tile; without: the rebuilt tile scored as it is), ``score`` (the score MMA; without: the rebuilt tile's
+row sums stand in for its result), ``store`` (the score tile written per tile and head; without: accumulated
+in registers, written once per program). The variant with every part is checked against the library's pass first
+(same scores, bit for bit up to the accumulation order) and timed beside it, so the replica's time can stand for the
+pass's. The difference between two variants is what that part costs where the others run; the MMA-only variant is the
+pass's tensor-core time at this tile shape (its floor within this design).
+
+    python -m eval.bench.kpass_ablate [--agents 32 128] [--context 32768] [--out eval/results/kpass_ablate_<gpu>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from forkkv_kernels.attention_common import split_length
+
+from .runner import BenchmarkRun
+
+HKV, G, D, R, MQ, BLOCK_T = 8, 4, 128, 16, 16, 128
+#: (name, load, rot, score, store): the parts each variant keeps
+VARIANTS = [
+    ("all", True, True, True, True),
+    ("no_store", True, True, True, False),
+    ("no_rot", True, False, True, True),
+    ("no_load", False, True, True, True),
+    ("no_score", True, True, False, True),
+    ("no_rot_store", True, False, True, False),
+    ("mma_only", False, False, True, False),
+    ("rebuild_only", False, False, False, False),
+]
+
+
+@triton.jit
+def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, T, split_len, qk_scale,
+                         HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, RK: tl.constexpr, MQ: tl.constexpr,
+                         BLOCK_T: tl.constexpr, LOAD: tl.constexpr, ROT: tl.constexpr, SCORE: tl.constexpr,
+                         STORE: tl.constexpr):
+    """The joined fp16 K pass for agent ``program_id(0)`` (one row of G vectors per KV head), split
+    ``program_id(1)``: ``Q [A, HKV, G, 2·HALF]`` fp16, ``UK [A, T, RK]`` bf16, ``BK [A, HKV·2·HALF, RK]`` fp16,
+    ``COS``/``SIN [T, 2·HALF]`` bf16 (halves equal), ``R_OUT [HKV, A·G, T]`` fp16."""
+    a = tl.program_id(0)
+    split = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    rk = tl.arange(0, RK)
+    col = tl.arange(0, MQ)
+    ok = col < G
+    jn = tl.arange(0, 2 * HALF)
+    u_base = UK + a.to(tl.int64) * T * RK
+    b_base = BK + a.to(tl.int64) * (HKV * 2 * HALF * RK)
+    t_begin = split * split_len
+    t_end = tl.minimum(T, t_begin + split_len)
+    t_first = t_begin + tl.arange(0, BLOCK_T)
+    u0 = tl.load(u_base + t_first[:, None] * RK + rk[None, :]).to(tl.float16)
+    c0 = tl.load(COS + t_first[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
+    s0 = tl.load(SIN + t_first[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
+    keep = tl.zeros([BLOCK_T, MQ], tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        if LOAD:
+            u = tl.load(u_base + t[:, None] * RK + rk[None, :]).to(tl.float16)
+            c = tl.load(COS + t[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
+            s = tl.load(SIN + t[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
+        else:
+            u = u0
+            c = c0
+            s = s0
+        for h in range(HKV):
+            bT = tl.load(b_base + (h * 2 * HALF + jn[None, :]) * RK + rk[:, None])
+            qn = tl.load(Q + ((a * HKV + h) * G + col[None, :]) * (2 * HALF) + jn[:, None], mask=ok[None, :],
+                         other=0.0)
+            x = tl.dot(u, bT, out_dtype=tl.float16)
+            if ROT:
+                x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF]), (0, 2, 1)))
+                k_lo = x_lo * c - x_hi * s
+                k_hi = x_hi * c + x_lo * s
+                k = tl.reshape(tl.permute(tl.join(k_lo, k_hi), (0, 2, 1)), [BLOCK_T, 2 * HALF])
+            else:
+                k = x
+            if SCORE:
+                r = tl.dot(k, qn, out_dtype=tl.float32) * qk_scale
+            else:  # the rebuilt (rotated) tile's row sums stand in for the scores
+                r = tl.broadcast_to(tl.sum(k, 1).to(tl.float32)[:, None], [BLOCK_T, MQ]) * qk_scale
+            if STORE:
+                vec = (h * tl.num_programs(0) + a) * G + col
+                tl.store(R_OUT + vec[None, :].to(tl.int64) * T + t[:, None], r.to(tl.float16),
+                         mask=(t < t_end)[:, None] & ok[None, :])
+            else:
+                keep += r
+    if not STORE:
+        vec = a * G + col
+        tl.store(R_OUT + vec[None, :].to(tl.int64) * T + t_first[:, None], keep.to(tl.float16),
+                 mask=ok[None, :])
+
+
+def make_inputs(A: int, T: int, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(A, HKV * G, 1, D, device=device, generator=g, dtype=torch.bfloat16)
+    u = (torch.randn(A, T, R, device=device, generator=g) * 0.5).to(torch.bfloat16)
+    B = (torch.randn(A, HKV * D, R, device=device, generator=g) * 0.05).to(torch.bfloat16)
+    pos = torch.arange(T, device=device, dtype=torch.float32)
+    inv = 500000.0 ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    ang = torch.outer(pos, inv)
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16).contiguous()
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16).contiguous()
+    return q, u, B, cos, sin
+
+
+def library_pass(q, u, B, cos, sin, scale, sms):
+    """The library's K pass with the decode rule at this point (``launch_defaults``' K-pass knobs)."""
+    from forkkv_kernels.cascade import launch_defaults
+    from forkkv_kernels.kres_pass import launch_kres_scores
+
+    A, T = q.shape[0], u.shape[1]
+    rule = launch_defaults(A, 1, G, True, True, q.dtype)
+    knobs = {k: v for k, v in rule.items() if k.startswith("res_") and k != "res_whole_waves"}
+    slot = torch.arange(A, device=q.device, dtype=torch.int32)
+    out = torch.empty(HKV, A * G, T, device=q.device, dtype=torch.float16)
+
+    def run():
+        return launch_kres_scores(q, u, B, cos, sin, slot, slot, out, scale, VPR=G, rope_half=True, lowp=True,
+                                  prec="tf32", interp=False, sms=sms, k_agents=A, k_max_rows=1,
+                                  whole_waves=rule["res_whole_waves"], **knobs)
+    return run, out, knobs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--agents", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from forkkv_kernels.kres_pass import Q_F16_SCALE
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run = BenchmarkRun("kpass_ablate", params={"context": args.context, "agents": args.agents, "shape": {
+        "kv_heads": HKV, "group": G, "head_dim": D, "rank": R, "block_t": BLOCK_T, "warps": 8, "stages": 3,
+        "maxnreg": 128}, "variants": {v[0]: dict(zip(("load", "rot", "score", "store"), v[1:])) for v in VARIANTS}},
+        case_keys=["agents", "variant"], out=args.out)
+    T, scale = args.context, D**-0.5 * 1.4426950408889634
+    for A in args.agents:
+        q, u, B, cos, sin = make_inputs(A, T)
+        lib, lib_out, knobs = library_pass(q, u, B, cos, sin, scale, sms)
+        lib()
+        split_len = split_length(T, BLOCK_T, A, knobs["res_programs_per_sm"] * sms, None, True)
+        q16 = (q.float() * Q_F16_SCALE).to(torch.float16).reshape(A, HKV, G, D).contiguous()
+        B16 = B.to(torch.float16)
+        out = torch.zeros(HKV, A * G, T, device="cuda", dtype=torch.float16)
+        grid = (A, triton.cdiv(T, split_len))
+
+        def launch(name, load, rot, score, store):
+            return _kpass_ablate_kernel[grid](q16, u, B16, cos, sin, out, T, split_len, scale / Q_F16_SCALE,
+                                              HKV=HKV, G=G, HALF=D // 2, RK=R, MQ=MQ, BLOCK_T=BLOCK_T, LOAD=load,
+                                              ROT=rot, SCORE=score, STORE=store, num_warps=8, num_stages=3,
+                                              maxnreg=128)
+        launch(*VARIANTS[0])
+        torch.cuda.synchronize()
+        err = (out.float() - lib_out.float()).abs().max().item()
+        ref = lib_out.float().abs().max().item()
+        print(f"agents {A}: replica vs library max |diff| {err:.3g} (scores up to {ref:.3g}); grid {grid}",
+              flush=True)
+        if not err <= 1e-2 * max(ref, 1.0):
+            raise SystemExit("the replica's scores are not the library's: fix the replica before timing it")
+        run.measure({"agents": A, "variant": "library"},
+                    lambda: {"us": triton.testing.do_bench(lib, warmup=25, rep=200) * 1e3, "knobs": knobs,
+                             "grid": list(grid), "max_abs_diff_vs_replica": err})
+        for v in VARIANTS:
+            k = launch(*v)
+            run.measure({"agents": A, "variant": v[0]},
+                        lambda: {"us": triton.testing.do_bench(lambda: launch(*v), warmup=25, rep=200) * 1e3,
+                                 "n_regs": k.n_regs, "n_spills": k.n_spills, "shared": k.metadata.shared})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
