@@ -10,8 +10,8 @@ from models import tiny_llama, with_adapters
 from peft import PeftModel
 from test_training import ALL, _batch, _context, _Rows
 
-from forkkv_hf.training import (ForkKVCollator, ForkKVTrainer, TrainingContext, copy_adapter, forkkv_distill_loss,
-                                forkkv_logits)
+from forkkv_hf.training import (FittedResidual, ForkKVCollator, ForkKVTrainer, TrainingContext, copy_adapter,
+                                forkkv_distill_loss, forkkv_logits)
 
 
 def _teacher_and_student(layers=3, **teacher):
@@ -69,11 +69,12 @@ def test_student_equal_to_its_teacher_has_nothing_to_learn():
     assert max(g.abs().max().item() for g in grads) < 1e-6
 
 
-def _reference(pm, ctx, batch, temperature, ce_weight, num_items):
-    """The distillation loss from full-vocabulary logits (forkkv_logits) of every position, then the labelled ones."""
+def _reference(pm, ctx, batch, temperature, ce_weight, num_items, residual="kv"):
+    """The distillation loss from full-vocabulary logits (forkkv_logits) of every position, then the labelled ones;
+    the student under ``residual``."""
     with torch.no_grad():
         teacher = forkkv_logits(pm, ctx, batch, "teacher", residual="exact")
-    student = forkkv_logits(pm, ctx, batch, "student", residual="kv")
+    student = forkkv_logits(pm, ctx, batch, "student", residual=residual)
     keep = batch["labels"][:, 1:] != -100
     t, s = teacher[:, :-1][keep] / temperature, student[:, :-1][keep] / temperature
     p_t = torch.softmax(t, -1)
@@ -128,6 +129,35 @@ def test_forkkv_student_learns_its_teacher():
     assert all(torch.equal(p, teacher[n]) for n, p in _weights(pm, "teacher").items())
     # the teacher's forward (set_adapter) left it frozen, as set_adapter("student") made it
     assert not any(p.requires_grad for n, p in pm.named_parameters() if ".teacher." in n)
+
+
+def test_distillation_under_a_fitted_residual():
+    """The student under residuals fitted to its own pass (``FittedResidual(r)``, what ``SharedContext.fit_residuals``
+    serves) distilled from the teacher under exact inference (issue 20's probe, variant ``klfitR``). At full width
+    (2 KV heads x 16 dims over a context of more tokens) the fit is the student's own pass, so the teacher's copy has
+    nothing to learn; at rank 2 it has: the loss and its gradients are the full-vocabulary reference's with the
+    student's logits under the fit, and a few steps lower it."""
+    pm = _teacher_and_student()
+    pm.set_adapter("student")
+    pm.train()
+    ctx = TrainingContext(pm, torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(4)))
+    batch = _batch(B=3, pad_last=0)
+    assert abs(forkkv_distill_loss(pm, ctx, batch, "student", "teacher", residual=FittedResidual(32)).item()) < 1e-5
+    params = _student_params(pm)
+    loss = forkkv_distill_loss(pm, ctx, batch, "student", "teacher", residual=FittedResidual(2))
+    want = _reference(pm, ctx, batch, 1.0, 0.0, None, residual=FittedResidual(2))
+    assert loss.item() > 1e-4 and abs(loss.item() - want.item()) <= 1e-5 * want.item()
+    for g, w in zip(torch.autograd.grad(loss, params), torch.autograd.grad(want, params)):
+        assert (g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-9
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = forkkv_distill_loss(pm, ctx, batch, "student", "teacher", residual=FittedResidual(2))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_trainer_with_a_teacher_trains_the_student_only(tmp_path):
