@@ -208,6 +208,35 @@ def plot_profile(path, res: BenchResult) -> Path:
     return save_figure(fig, path)
 
 
+#: eval.bench.kpass_ablate's variants as the plot names them (what each leaves out of the K pass's step)
+ABLATE_NAMES = {"library": "library's pass", "all": "replica (all parts)", "no_store": "no per-tile store",
+                "no_load": "no per-tile loads", "no_rot": "no rotation", "no_score": "no score MMA (stand-in)",
+                "no_rot_store": "no rotation, no store", "mma_only": "MMAs only", "rebuild_only": "rebuild MMA only"}
+
+
+def plot_kpass_ablate(path, res: BenchResult) -> Path:
+    """The K pass with parts of its step left out: one panel per agent count, µs per variant, the replica's time
+    (every part) as a dashed line."""
+    counts = sorted({r["agents"] for r in res.rows})
+    fig, axes = plt.subplots(1, len(counts), figsize=(5.0 * len(counts), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], counts):
+        rows = {r["variant"]: r["us"] for r in res.rows if r["agents"] == n}
+        names = [v for v in ABLATE_NAMES if v in rows]
+        ax.barh(range(len(names)), [rows[v] for v in names],
+                color=["tab:gray" if v in ("library", "all") else "tab:blue" for v in names])
+        for y, v in enumerate(names):
+            ax.text(rows[v], y, f" {rows[v]:.0f}", va="center", fontsize=7)
+        ax.axvline(rows.get("all", 0), color="k", ls="--", lw=1)
+        ax.set_yticks(range(len(names)), [ABLATE_NAMES[v] for v in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.15 * max(rows.values()))
+        ax.set_xlabel("K pass, µs of GPU time (one layer)")
+        ax.set_title(f"{res.params.get('context', 0) // 1024}K context, {n} agents", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"The K pass's step taken apart — {res.device.get('gpu')}", fontsize=10)
+    return save_figure(fig, path)
+
+
 def plot_decode_calls(path, res: BenchResult) -> Path:
     """Each timed ``generate`` call of a decode benchmark in the order run (the short and the long call of each
     repetition), with the part of it Python's full garbage collections took stacked on top in red: one panel per
@@ -265,6 +294,8 @@ def plot_all(results: Path = RESULTS) -> list[Path]:
             made.append(plot_decode_calls(path, res))
     for path in sorted(results.glob("profile_kernel*.json")):
         made.append(plot_profile(path, load(path)))
+    for path in sorted(results.glob("kpass_ablate*.json")):
+        made.append(plot_kpass_ablate(path, load(path)))
     for path in sorted(results.glob("quality*.json")):
         made.append(plot_quality(path, json.loads(path.read_text())))
     return made
