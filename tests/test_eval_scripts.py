@@ -186,22 +186,24 @@ def test_committed_results_load_and_plot(tmp_path):
         assert json.loads(path.read_text())["schema"] == SCHEMA, path
     copy = tmp_path / "results"
     copy.mkdir()
-    for path in [*results.glob("bench_*.json"), *results.glob("quality*.json"), *results.glob("profile_kernel*.json")]:
+    for path in [*results.glob("bench_*.json"), *results.glob("quality*.json"), *results.glob("profile_kernel*.json"),
+                 *results.glob("kpass_ablate*.json")]:
         shutil.copy(path, copy)
     made = {p.name for p in plot_all(copy)}
     # every committed plot of these families is what plot_all draws from the committed JSON, and nothing it draws is
     # missing from the commit (the reruns of a few cases, README tables, are not drawn)
-    committed = {p.name for pattern in ("bench_*.png", "quality*.png", "profile_kernel*.png")
+    committed = {p.name for pattern in ("bench_*.png", "quality*.png", "profile_kernel*.png", "kpass_ablate*.png")
                  for p in results.glob(pattern)}
     assert made == committed
     assert {"bench_kernel_nvidia_h200.png", "bench_e2e_nvidia_h200.png", "quality.png",
-            "profile_kernel_v11f_nvidia_h200.png", "bench_decode_nvidia_h200_gc.png"} <= made
+            "profile_kernel_v11f_nvidia_h200.png", "bench_decode_nvidia_h200_gc.png",
+            "kpass_ablate_nvidia_h100.png"} <= made
 
 
 # --- the package layout ---------------------------------------------------------------------------------------------
 ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.decode",
                 "eval.bench.lora", "eval.bench.tp", "eval.bench.kernel", "eval.bench.sweep_kernel",
-                "eval.bench.profile_kernel", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
+                "eval.bench.profile_kernel", "eval.bench.kpass_ablate", "eval.bench.upgrade_results", "examples.demo", "examples.agent_workflow"]
 
 
 @pytest.mark.slow
@@ -222,6 +224,30 @@ def test_entry_points_start():
     assert re.findall(r"^STARTED (\S+)$", proc.stdout, re.M) == ENTRY_POINTS
     dev = subprocess.run([sys.executable, "-m", "eval.device"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert json.loads(dev.stdout)["torch"]
+
+
+@pytest.mark.version_independent
+def test_kpass_ablate_replica_is_the_library_pass():
+    """`eval.bench.kpass_ablate` times a replica of the K pass with parts left out: every part in, it computes the
+    library pass's scores (fp16 form, bit for bit in the interpreter, as on the GPU); the rotation's switch changes
+    them."""
+    import torch
+
+    from eval.bench import kpass_ablate as K
+    from forkkv_kernels.attention_common import split_length
+
+    q, u, B, cos, sin = K.make_inputs(2, 256, device="cpu")
+    scale = K.D**-0.5
+    run, want, knobs = K.library_pass(q, u, B, cos, sin, scale, sms=1, interp=True)
+    run()
+    split_len = split_length(256, K.BLOCK_T, 2, knobs["res_programs_per_sm"], None, True)
+    assert knobs["res_f16"] and split_len == K.BLOCK_T  # two splits of one tile per agent
+    q16, B16 = K.f16_inputs(q, B)
+    got, other = torch.zeros_like(want), torch.zeros_like(want)
+    K.replica(q16, u, B16, cos, sin, scale, split_len, got)
+    K.replica(q16, u, B16, cos, sin, scale, split_len, other, "no_rot")
+    assert want.abs().max() > 0.1 and torch.equal(got, want)
+    assert (other.float() - want.float()).abs().max() > 0.1
 
 
 @pytest.mark.version_independent

@@ -116,22 +116,45 @@ def make_inputs(A: int, T: int, device="cuda"):
     return q, u, B, cos, sin
 
 
-def library_pass(q, u, B, cos, sin, scale, sms):
-    """The library's K pass with the decode rule at this point (``launch_defaults``' K-pass knobs)."""
+def library_pass(q, u, B, cos, sin, scale, sms, interp=False):
+    """The library's K pass with the decode rule at this point (``launch_defaults``' K-pass knobs; the fp16 form as
+    from 32 agents at any count, so that the replica's arithmetic is the rule's). Returns (run, its output, knobs)."""
     from forkkv_kernels.cascade import launch_defaults
     from forkkv_kernels.kres_pass import launch_kres_scores
 
     A, T = q.shape[0], u.shape[1]
     rule = launch_defaults(A, 1, G, True, True, q.dtype)
     knobs = {k: v for k, v in rule.items() if k.startswith("res_") and k != "res_whole_waves"}
+    knobs["res_f16"] = True
     slot = torch.arange(A, device=q.device, dtype=torch.int32)
     out = torch.empty(HKV, A * G, T, device=q.device, dtype=torch.float16)
 
     def run():
         return launch_kres_scores(q, u, B, cos, sin, slot, slot, out, scale, VPR=G, rope_half=True, lowp=True,
-                                  prec="tf32", interp=False, sms=sms, k_agents=A, k_max_rows=1,
+                                  prec="tf32", interp=interp, sms=sms, k_agents=A, k_max_rows=1,
                                   whole_waves=rule["res_whole_waves"], **knobs)
     return run, out, knobs
+
+
+def f16_inputs(q, B):
+    """The replica's fp16 queries ``[A, HKV, G, D]`` and ``B``, converted as the library's launcher converts them
+    (outside the timed kernel, as the library keeps ``B`` in fp16 with the residual)."""
+    from forkkv_kernels.kres_pass import Q_F16_SCALE
+
+    return (q.float() * Q_F16_SCALE).to(torch.float16).reshape(q.shape[0], HKV, G, D).contiguous(), B.to(torch.float16)
+
+
+def replica(q16, u, B16, cos, sin, scale, split_len, out, variant="all"):
+    """Launch the replica (``variant``: a name of :data:`VARIANTS`) into ``out [HKV, A·G, T]`` fp16, on
+    :func:`f16_inputs`' queries and ``B`` and the library pass's ``u``, cos/sin and ``scale``; returns the compiled
+    kernel."""
+    from forkkv_kernels.kres_pass import Q_F16_SCALE
+
+    A, T = q16.shape[0], u.shape[1]
+    flags = dict(zip(("LOAD", "ROT", "SCORE", "STORE"), dict((v[0], v[1:]) for v in VARIANTS)[variant]))
+    return _kpass_ablate_kernel[(A, triton.cdiv(T, split_len))](
+        q16, u, B16, cos, sin, out, T, split_len, scale / Q_F16_SCALE, HKV=HKV, G=G, HALF=D // 2, RK=R, MQ=MQ,
+        BLOCK_T=BLOCK_T, **flags, num_warps=8, num_stages=3, maxnreg=128)
 
 
 def main(argv=None):
@@ -140,8 +163,6 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from forkkv_kernels.kres_pass import Q_F16_SCALE
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     run = BenchmarkRun("kpass_ablate", params={"context": args.context, "agents": args.agents, "shape": {
         "kv_heads": HKV, "group": G, "head_dim": D, "rank": R, "block_t": BLOCK_T, "warps": 8, "stages": 3,
@@ -153,17 +174,10 @@ def main(argv=None):
         lib, lib_out, knobs = library_pass(q, u, B, cos, sin, scale, sms)
         lib()
         split_len = split_length(T, BLOCK_T, A, knobs["res_programs_per_sm"] * sms, None, True)
-        q16 = (q.float() * Q_F16_SCALE).to(torch.float16).reshape(A, HKV, G, D).contiguous()
-        B16 = B.to(torch.float16)
+        grid = [A, triton.cdiv(T, split_len)]
         out = torch.zeros(HKV, A * G, T, device="cuda", dtype=torch.float16)
-        grid = (A, triton.cdiv(T, split_len))
-
-        def launch(name, load, rot, score, store):
-            return _kpass_ablate_kernel[grid](q16, u, B16, cos, sin, out, T, split_len, scale / Q_F16_SCALE,
-                                              HKV=HKV, G=G, HALF=D // 2, RK=R, MQ=MQ, BLOCK_T=BLOCK_T, LOAD=load,
-                                              ROT=rot, SCORE=score, STORE=store, num_warps=8, num_stages=3,
-                                              maxnreg=128)
-        launch(*VARIANTS[0])
+        q16, B16 = f16_inputs(q, B)
+        replica(q16, u, B16, cos, sin, scale, split_len, out)
         torch.cuda.synchronize()
         err = (out.float() - lib_out.float()).abs().max().item()
         ref = lib_out.float().abs().max().item()
@@ -173,12 +187,13 @@ def main(argv=None):
             raise SystemExit("the replica's scores are not the library's: fix the replica before timing it")
         run.measure({"agents": A, "variant": "library"},
                     lambda: {"us": triton.testing.do_bench(lib, warmup=25, rep=200) * 1e3, "knobs": knobs,
-                             "grid": list(grid), "max_abs_diff_vs_replica": err})
-        for v in VARIANTS:
-            k = launch(*v)
-            run.measure({"agents": A, "variant": v[0]},
-                        lambda: {"us": triton.testing.do_bench(lambda: launch(*v), warmup=25, rep=200) * 1e3,
-                                 "n_regs": k.n_regs, "n_spills": k.n_spills, "shared": k.metadata.shared})
+                             "grid": grid, "max_abs_diff_vs_replica": err})
+        for name, *_ in VARIANTS:
+            k = replica(q16, u, B16, cos, sin, scale, split_len, out, name)
+            run.measure({"agents": A, "variant": name},
+                        lambda: {"us": triton.testing.do_bench(
+                            lambda: replica(q16, u, B16, cos, sin, scale, split_len, out, name), warmup=25,
+                            rep=200) * 1e3, "n_regs": k.n_regs, "n_spills": k.n_spills, "shared": k.metadata.shared})
     run.finish()
 
 
