@@ -229,8 +229,8 @@ def test_entry_points_start():
 @pytest.mark.version_independent
 def test_kpass_ablate_replica_is_the_library_pass():
     """`eval.bench.kpass_ablate` times a replica of the K pass with parts left out: every part in, it computes the
-    library pass's scores (fp16 form, bit for bit in the interpreter, as on the GPU); the rotation's switch changes
-    them."""
+    library pass's scores (fp16 form, bit for bit in the interpreter, as on the GPU), also with the library's masks and
+    gathers added back; the rotation's switch changes them."""
     import torch
 
     from eval.bench import kpass_ablate as K
@@ -243,10 +243,13 @@ def test_kpass_ablate_replica_is_the_library_pass():
     split_len = split_length(256, K.BLOCK_T, 2, knobs["res_programs_per_sm"], None, True)
     assert knobs["res_f16"] and split_len == K.BLOCK_T  # two splits of one tile per agent
     q16, B16 = K.f16_inputs(q, B)
-    got, other = torch.zeros_like(want), torch.zeros_like(want)
-    K.replica(q16, u, B16, cos, sin, scale, split_len, got)
+    assert want.abs().max() > 0.1
+    for variant in ("all", "all_masked", "all_gather"):  # every part in, with and without the library's generality
+        got = torch.zeros_like(want)
+        K.replica(q16, u, B16, cos, sin, scale, split_len, got, variant)
+        assert torch.equal(got, want), variant
+    other = torch.zeros_like(want)
     K.replica(q16, u, B16, cos, sin, scale, split_len, other, "no_rot")
-    assert want.abs().max() > 0.1 and torch.equal(got, want)
     assert (other.float() - want.float()).abs().max() > 0.1
 
 

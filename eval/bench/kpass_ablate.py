@@ -7,9 +7,10 @@ Parts (each variant leaves out some; what is left out is replaced by what keeps 
 ``load`` (the u and cos/sin tiles read per tile; without: read once, before the loop), ``rot`` (the RoPE rotation of
 the rebuilt tile; without: the rebuilt tile scored as it is), ``score`` (the score MMA; without: the rebuilt tile's
 row sums stand in for its result), ``store`` (the score tile written per tile and head; without: accumulated
-in registers, written once per program). The variant with every part is checked against the library's pass first
-(same scores, bit for bit up to the accumulation order) and timed beside it, so the replica's time can stand for the
-pass's. The difference between two variants is what that part costs where the others run; the MMA-only variant is the
+in registers, written once per program); two variants add back the library's generality (``all_masked``: its
+masks on the loads; ``all_gather``: its lookups of the agent's slot and rows and the queries' gather). The variant
+with every part is checked against the library's pass first (same scores, bit for bit) and timed beside it, so the
+replica's time can stand for the pass's. The difference between two variants is what that part costs where the others run; the MMA-only variant is the
 pass's tensor-core time at this tile shape (its floor within this design).
 
     python -m eval.bench.kpass_ablate [--agents 32 128] [--context 32768] [--out eval/results/kpass_ablate_<gpu>.json]
@@ -28,27 +29,38 @@ from forkkv_kernels.attention_common import split_length
 from .runner import BenchmarkRun
 
 HKV, G, D, R, MQ, BLOCK_T = 8, 4, 128, 16, 16, 128
-#: (name, load, rot, score, store): the parts each variant keeps
-VARIANTS = [
-    ("all", True, True, True, True),
-    ("no_store", True, True, True, False),
-    ("no_rot", True, False, True, True),
-    ("no_load", False, True, True, True),
-    ("no_score", True, True, False, True),
-    ("no_rot_store", True, False, True, False),
-    ("mma_only", False, False, True, False),
-    ("rebuild_only", False, False, False, False),
-]
+#: the replica's parts: each variant keeps those set (``LOAD``, ``ROT``, ``SCORE``, ``STORE``) and adds back the
+#: library's generality where set (``MASK``: the tile loads masked to the split's end, the B and query loads to their
+#: dims, as the library's kernel; ``GATHER``: the agent's slot and rows looked up through the slot order before the
+#: loop, the queries gathered per column through them)
+PARTS = ("LOAD", "ROT", "SCORE", "STORE", "MASK", "GATHER")
+VARIANTS = {
+    "all": dict(LOAD=True, ROT=True, SCORE=True, STORE=True),
+    "all_masked": dict(LOAD=True, ROT=True, SCORE=True, STORE=True, MASK=True),
+    "all_gather": dict(LOAD=True, ROT=True, SCORE=True, STORE=True, GATHER=True),
+    "no_store": dict(LOAD=True, ROT=True, SCORE=True, STORE=False),
+    "no_rot": dict(LOAD=True, ROT=False, SCORE=True, STORE=True),
+    "no_load": dict(LOAD=False, ROT=True, SCORE=True, STORE=True),
+    "no_score": dict(LOAD=True, ROT=True, SCORE=False, STORE=True),
+    "no_rot_store": dict(LOAD=True, ROT=False, SCORE=True, STORE=False),
+    "mma_only": dict(LOAD=False, ROT=False, SCORE=True, STORE=False),
+    "rebuild_only": dict(LOAD=False, ROT=False, SCORE=False, STORE=False),
+}
+
+
+def flags(variant: str) -> dict:
+    return {p: VARIANTS[variant].get(p, False) for p in PARTS}
 
 
 @triton.jit
-def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, T, split_len, qk_scale,
+def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, KSLOT, ORDER, T, split_len, qk_scale, n_rank,
                          HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, RK: tl.constexpr, MQ: tl.constexpr,
                          BLOCK_T: tl.constexpr, LOAD: tl.constexpr, ROT: tl.constexpr, SCORE: tl.constexpr,
-                         STORE: tl.constexpr):
+                         STORE: tl.constexpr, MASK: tl.constexpr, GATHER: tl.constexpr):
     """The joined fp16 K pass for agent ``program_id(0)`` (one row of G vectors per KV head), split
     ``program_id(1)``: ``Q [A, HKV, G, 2·HALF]`` fp16, ``UK [A, T, RK]`` bf16, ``BK [A, HKV·2·HALF, RK]`` fp16,
-    ``COS``/``SIN [T, 2·HALF]`` bf16 (halves equal), ``R_OUT [HKV, A·G, T]`` fp16."""
+    ``COS``/``SIN [T, 2·HALF]`` bf16 (halves equal), ``R_OUT [HKV, A·G, T]`` fp16; ``KSLOT``/``ORDER [A]`` int32
+    (the identity here) for ``GATHER``; ``n_rank``: ``RK`` as the runtime value the library's masks compare with."""
     a = tl.program_id(0)
     split = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -56,6 +68,12 @@ def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, T, split_len, qk_scale,
     col = tl.arange(0, MQ)
     ok = col < G
     jn = tl.arange(0, 2 * HALF)
+    q_row = (a * HKV * G + col) * (2 * HALF)  # the agent's row's query vector of each column, KV head 0
+    if GATHER:  # as the library: the agent's slot through the rows' order, each column's row through it again
+        a = tl.load(KSLOT + tl.load(ORDER + a))
+        rowc = tl.load(ORDER + a + col * 0, mask=ok, other=0)
+        ok = ok & (tl.load(KSLOT + rowc, mask=ok, other=-1) == a)
+        q_row = (rowc * HKV * G + col % G) * (2 * HALF)
     u_base = UK + a.to(tl.int64) * T * RK
     b_base = BK + a.to(tl.int64) * (HKV * 2 * HALF * RK)
     t_begin = split * split_len
@@ -67,7 +85,15 @@ def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, T, split_len, qk_scale,
     keep = tl.zeros([BLOCK_T, MQ], tl.float32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        if LOAD:
+        if LOAD and MASK:
+            tm = t < t_end
+            u = tl.load(u_base + t[:, None] * RK + rk[None, :], mask=tm[:, None] & (rk < n_rank)[None, :],
+                        other=0.0).to(tl.float16)
+            c = tl.load(COS + t[:, None] * (2 * HALF) + d[None, :], mask=tm[:, None] & (d < HALF)[None, :],
+                        other=0.0).to(tl.float16)
+            s = tl.load(SIN + t[:, None] * (2 * HALF) + d[None, :], mask=tm[:, None] & (d < HALF)[None, :],
+                        other=0.0).to(tl.float16)
+        elif LOAD:
             u = tl.load(u_base + t[:, None] * RK + rk[None, :]).to(tl.float16)
             c = tl.load(COS + t[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
             s = tl.load(SIN + t[:, None] * (2 * HALF) + d[None, :]).to(tl.float16)
@@ -76,9 +102,14 @@ def _kpass_ablate_kernel(Q, UK, BK, COS, SIN, R_OUT, T, split_len, qk_scale,
             c = c0
             s = s0
         for h in range(HKV):
-            bT = tl.load(b_base + (h * 2 * HALF + jn[None, :]) * RK + rk[:, None])
-            qn = tl.load(Q + ((a * HKV + h) * G + col[None, :]) * (2 * HALF) + jn[:, None], mask=ok[None, :],
-                         other=0.0)
+            if MASK:
+                bT = tl.load(b_base + (h * 2 * HALF + jn[None, :]) * RK + rk[:, None],
+                             mask=((jn % HALF) < HALF)[None, :] & (rk < n_rank)[:, None], other=0.0)
+                qn = tl.load(Q + (q_row + h * G * (2 * HALF))[None, :] + jn[:, None],
+                             mask=ok[None, :] & ((jn % HALF) < HALF)[:, None], other=0.0)
+            else:
+                bT = tl.load(b_base + (h * 2 * HALF + jn[None, :]) * RK + rk[:, None])
+                qn = tl.load(Q + (q_row + h * G * (2 * HALF))[None, :] + jn[:, None], mask=ok[None, :], other=0.0)
             x = tl.dot(u, bT, out_dtype=tl.float16)
             if ROT:
                 x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF]), (0, 2, 1)))
@@ -118,7 +149,9 @@ def make_inputs(A: int, T: int, device="cuda"):
 
 def library_pass(q, u, B, cos, sin, scale, sms, interp=False):
     """The library's K pass with the decode rule at this point (``launch_defaults``' K-pass knobs; the fp16 form as
-    from 32 agents at any count, so that the replica's arithmetic is the rule's). Returns (run, its output, knobs)."""
+    from 32 agents at any count, so that the replica's arithmetic is the rule's), as the library calls it: ``B`` kept
+    in fp16, the queries converted per call (one more kernel in the timed call, ~3 µs). Returns (run, its output,
+    knobs)."""
     from forkkv_kernels.cascade import launch_defaults
     from forkkv_kernels.kres_pass import launch_kres_scores
 
@@ -128,11 +161,12 @@ def library_pass(q, u, B, cos, sin, scale, sms, interp=False):
     knobs["res_f16"] = True
     slot = torch.arange(A, device=q.device, dtype=torch.int32)
     out = torch.empty(HKV, A * G, T, device=q.device, dtype=torch.float16)
+    B16 = B.to(torch.float16)  # kept with the residual, as the library's adapter and compiled decode pass it
 
     def run():
         return launch_kres_scores(q, u, B, cos, sin, slot, slot, out, scale, VPR=G, rope_half=True, lowp=True,
                                   prec="tf32", interp=interp, sms=sms, k_agents=A, k_max_rows=1,
-                                  whole_waves=rule["res_whole_waves"], **knobs)
+                                  whole_waves=rule["res_whole_waves"], k_B16=B16, **knobs)
     return run, out, knobs
 
 
@@ -151,10 +185,10 @@ def replica(q16, u, B16, cos, sin, scale, split_len, out, variant="all"):
     from forkkv_kernels.kres_pass import Q_F16_SCALE
 
     A, T = q16.shape[0], u.shape[1]
-    flags = dict(zip(("LOAD", "ROT", "SCORE", "STORE"), dict((v[0], v[1:]) for v in VARIANTS)[variant]))
+    order = torch.arange(A, device=u.device, dtype=torch.int32)
     return _kpass_ablate_kernel[(A, triton.cdiv(T, split_len))](
-        q16, u, B16, cos, sin, out, T, split_len, scale / Q_F16_SCALE, HKV=HKV, G=G, HALF=D // 2, RK=R, MQ=MQ,
-        BLOCK_T=BLOCK_T, **flags, num_warps=8, num_stages=3, maxnreg=128)
+        q16, u, B16, cos, sin, out, order, order, T, split_len, scale / Q_F16_SCALE, R, HKV=HKV, G=G, HALF=D // 2, RK=R,
+        MQ=MQ, BLOCK_T=BLOCK_T, **flags(variant), num_warps=8, num_stages=3, maxnreg=128)
 
 
 def main(argv=None):
@@ -166,7 +200,7 @@ def main(argv=None):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     run = BenchmarkRun("kpass_ablate", params={"context": args.context, "agents": args.agents, "shape": {
         "kv_heads": HKV, "group": G, "head_dim": D, "rank": R, "block_t": BLOCK_T, "warps": 8, "stages": 3,
-        "maxnreg": 128}, "variants": {v[0]: dict(zip(("load", "rot", "score", "store"), v[1:])) for v in VARIANTS}},
+        "maxnreg": 128}, "variants": {v: flags(v) for v in VARIANTS}},
         case_keys=["agents", "variant"], out=args.out)
     T, scale = args.context, D**-0.5 * 1.4426950408889634
     for A in args.agents:
@@ -188,7 +222,7 @@ def main(argv=None):
         run.measure({"agents": A, "variant": "library"},
                     lambda: {"us": triton.testing.do_bench(lib, warmup=25, rep=200) * 1e3, "knobs": knobs,
                              "grid": grid, "max_abs_diff_vs_replica": err})
-        for name, *_ in VARIANTS:
+        for name in VARIANTS:
             k = replica(q16, u, B16, cos, sin, scale, split_len, out, name)
             run.measure({"agents": A, "variant": name},
                         lambda: {"us": triton.testing.do_bench(
