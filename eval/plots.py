@@ -209,7 +209,8 @@ def plot_profile(path, res: BenchResult) -> Path:
 
 
 #: eval.bench.kpass_ablate's variants as the plot names them (what each leaves out of the K pass's step)
-ABLATE_NAMES = {"library": "library's pass", "all": "replica (all parts)", "no_store": "no per-tile store",
+ABLATE_NAMES = {"library": "library's pass", "all": "replica (all parts)", "all_masked": "+ the library's masks",
+                "all_gather": "+ the library's gathers", "no_store": "no per-tile store",
                 "no_load": "no per-tile loads", "no_rot": "no rotation", "no_score": "no score MMA (stand-in)",
                 "no_rot_store": "no rotation, no store", "mma_only": "MMAs only", "rebuild_only": "rebuild MMA only"}
 

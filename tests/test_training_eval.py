@@ -193,9 +193,9 @@ def test_distill_from_loaded_teachers_trains_only_the_students(quick_run):
 def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, tmp_path):
     """`python -m eval.fidelity.probe` (the training-recipe probe of issue 20's results) on the smoke model and the
     quick data: the standard adapter's reference rows (also under rank-4 fitted residuals), a fresh cross-entropy
-    variant, a distilled one and two trained under rank-4 fitted residuals (cross-entropy, distilled), all three started
-    from the standard adapter,
-    each trained and scored under ForkKV and exact inference (the fitted one also under its fit), with paired
+    variant, a distilled one and two trained under rank-4 fitted residuals (cross-entropy, distilled), all three
+    started from the standard adapter, each trained and scored under ForkKV and exact inference (the fitted ones also
+    under their fit), with paired
     differences from the standard adapter; the same seed repeats a run loss for loss, another seed changes the fresh
     variant's."""
     tmp, _, _ = quick_run
@@ -204,12 +204,18 @@ def test_recipe_probe_runs_its_variants_and_its_seed_decides_the_run(quick_run, 
         out = tmp_path / f"{name}.json"
         subprocess.run([sys.executable, "-m", "eval.fidelity.probe", "--smoke", str(_tokenizer_dir(tmp)), "--data",
                         str(tmp / "data"), "--teacher", str(tmp / "adapters"), "--agents", "next_speaker",
-                        "--variants", "ce_fresh", "kl_init", "fit4_init", "klfit4_init", "--fitted-ranks", "4", "--steps", "2",
-                        "--contexts-per-step", "2",
+                        "--variants", "ce_fresh", "kl_init", "fit4_init", "klfit4_init", "--fitted-ranks", "4",
+                        "--steps", "2", "--contexts-per-step", "2",
                         "--eval-contexts", "2", "--threads", "1", "--seed", str(seed), "--out", str(out)],
                        cwd=ROOT, check=True, capture_output=True, timeout=300)
         return json.loads(out.read_text())
 
+    from eval.fidelity.probe import parse_variant
+
+    assert parse_variant("klfit16_init") == {"loss": "klfit", "init": "init", "kv_rank": None, "fit_rank": 16}
+    assert parse_variant("fit8_fresh")["loss"] == "fit" and parse_variant("kl_init")["fit_rank"] is None
+    with pytest.raises(ValueError, match="klfitR"):
+        parse_variant("klfitx_init")
     first, again, other = probe(0, "a"), probe(0, "b"), probe(1, "c")
     res = first["agents"]["next_speaker"]
     assert set(res["reference"]) == {"standard@exact", "standard@kv", "standard@fitted4"}

@@ -10,8 +10,8 @@ row sums stand in for its result), ``store`` (the score tile written per tile an
 in registers, written once per program); two variants add back the library's generality (``all_masked``: its
 masks on the loads; ``all_gather``: its lookups of the agent's slot and rows and the queries' gather). The variant
 with every part is checked against the library's pass first (same scores, bit for bit) and timed beside it, so the
-replica's time can stand for the pass's. The difference between two variants is what that part costs where the others run; the MMA-only variant is the
-pass's tensor-core time at this tile shape (its floor within this design).
+replica's time can stand for the pass's. The difference between two variants is what that part costs where the
+others run; the MMA-only variant is the pass's tensor-core time at this tile shape (its floor within this design).
 
     python -m eval.bench.kpass_ablate [--agents 32 128] [--context 32768] [--out eval/results/kpass_ablate_<gpu>.json]
 """
