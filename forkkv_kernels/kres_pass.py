@@ -193,6 +193,17 @@ Q_F16_SCALE = 2.0**-8
 F16_LIMIT = 2.0**14
 
 
+def f16_queries(q: torch.Tensor, qk_scale: float) -> tuple[torch.Tensor, float]:
+    """The queries as ``res_f16``'s score MMA takes them, with the score scale to use: fp16 queries as they are, others
+    converted to fp16 scaled by :data:`Q_F16_SCALE` (exact, a power of two: bf16 queries up to 1.6e7 stay finite) and
+    the scale divided by it."""
+    if q.dtype == torch.float16:
+        return q, qk_scale
+    q16 = torch.empty(q.shape, dtype=torch.float16, device=q.device)
+    torch.mul(q, Q_F16_SCALE, out=q16)
+    return q16, qk_scale / Q_F16_SCALE
+
+
 def f16_range_ok(k_u: torch.Tensor, k_B: torch.Tensor) -> bool:
     """Whether ``res_f16`` is safe for these K residuals (``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]``): every ``u`` and
     ``B_k`` value and every rebuilt value's bound (per slot ``max|u| · max_i sum_j |B_k[i, j]|``) at most
@@ -279,10 +290,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
-    if res_f16 and q.dtype != torch.float16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
-        q16 = torch.empty(q.shape, dtype=torch.float16, device=q.device)
-        torch.mul(q, Q_F16_SCALE, out=q16)  # exact (a power of two): bf16 queries up to 1.6e7 stay finite
-        q, qk_scale = q16, qk_scale / Q_F16_SCALE
+    if res_f16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
+        q, qk_scale = f16_queries(q, qk_scale)
     if res_f16:  # B_k in fp16: the caller's copy (kept with the residual) or converted here, per call
         if k_B16 is not None and (k_B16.dtype != torch.float16 or k_B16.shape != k_B.shape):
             raise ValueError(f"k_B16 must be k_B in fp16: got {k_B16.dtype} {tuple(k_B16.shape)} for "

@@ -243,14 +243,14 @@ def test_kpass_ablate_replica_is_the_library_pass():
     run()
     split_len = split_length(256, K.BLOCK_T, 2, knobs["res_programs_per_sm"], None, True)
     assert knobs["res_f16"] and split_len == K.BLOCK_T  # two splits of one tile per agent
-    q16, B16 = K.f16_inputs(q, B)
+    q16, B16, scale16 = K.f16_inputs(q, B, scale)
     assert want.abs().max() > 0.1
     for variant in ("all", "all_masked", "all_gather"):  # every part in, with and without the library's generality
         got = torch.zeros_like(want)
-        K.replica(q16, u, B16, cos, sin, scale, split_len, got, variant)
+        K.replica(q16, u, B16, cos, sin, scale16, split_len, got, variant)
         assert torch.equal(got, want), variant
     other = torch.zeros_like(want)
-    K.replica(q16, u, B16, cos, sin, scale, split_len, other, "no_rot")
+    K.replica(q16, u, B16, cos, sin, scale16, split_len, other, "no_rot")
     assert (other.float() - want.float()).abs().max() > 0.1
 
 

@@ -170,24 +170,24 @@ def library_pass(q, u, B, cos, sin, scale, sms, interp=False):
     return run, out, knobs
 
 
-def f16_inputs(q, B):
-    """The replica's fp16 queries ``[A, HKV, G, D]`` and ``B``, converted as the library's launcher converts them
-    (outside the timed kernel, as the library keeps ``B`` in fp16 with the residual)."""
-    from forkkv_kernels.kres_pass import Q_F16_SCALE
+def f16_inputs(q, B, scale):
+    """The replica's fp16 queries ``[A, HKV, G, D]``, ``B`` and score scale, converted as the library's launcher
+    converts them (``forkkv_kernels.kres_pass.f16_queries``; outside the timed kernel, as the library keeps ``B`` in
+    fp16 with the residual)."""
+    from forkkv_kernels.kres_pass import f16_queries
 
-    return (q.float() * Q_F16_SCALE).to(torch.float16).reshape(q.shape[0], HKV, G, D).contiguous(), B.to(torch.float16)
+    q16, scale16 = f16_queries(q, scale)
+    return q16.reshape(q.shape[0], HKV, G, D).contiguous(), B.to(torch.float16), scale16
 
 
-def replica(q16, u, B16, cos, sin, scale, split_len, out, variant="all"):
+def replica(q16, u, B16, cos, sin, scale16, split_len, out, variant="all"):
     """Launch the replica (``variant``: a name of :data:`VARIANTS`) into ``out [HKV, A·G, T]`` fp16, on
-    :func:`f16_inputs`' queries and ``B`` and the library pass's ``u``, cos/sin and ``scale``; returns the compiled
+    :func:`f16_inputs`' queries, ``B`` and scale and the library pass's ``u`` and cos/sin; returns the compiled
     kernel."""
-    from forkkv_kernels.kres_pass import Q_F16_SCALE
-
     A, T = q16.shape[0], u.shape[1]
     order = torch.arange(A, device=u.device, dtype=torch.int32)
     return _kpass_ablate_kernel[(A, triton.cdiv(T, split_len))](
-        q16, u, B16, cos, sin, out, order, order, T, split_len, scale / Q_F16_SCALE, R, HKV=HKV, G=G, HALF=D // 2, RK=R,
+        q16, u, B16, cos, sin, out, order, order, T, split_len, scale16, R, HKV=HKV, G=G, HALF=D // 2, RK=R,
         MQ=MQ, BLOCK_T=BLOCK_T, **flags(variant), num_warps=8, num_stages=3, maxnreg=128)
 
 
@@ -210,8 +210,8 @@ def main(argv=None):
         split_len = split_length(T, BLOCK_T, A, knobs["res_programs_per_sm"] * sms, None, True)
         grid = [A, triton.cdiv(T, split_len)]
         out = torch.zeros(HKV, A * G, T, device="cuda", dtype=torch.float16)
-        q16, B16 = f16_inputs(q, B)
-        replica(q16, u, B16, cos, sin, scale, split_len, out)
+        q16, B16, scale16 = f16_inputs(q, B, scale)
+        replica(q16, u, B16, cos, sin, scale16, split_len, out)
         torch.cuda.synchronize()
         err = (out.float() - lib_out.float()).abs().max().item()
         ref = lib_out.float().abs().max().item()
@@ -223,10 +223,10 @@ def main(argv=None):
                     lambda: {"us": triton.testing.do_bench(lib, warmup=25, rep=200) * 1e3, "knobs": knobs,
                              "grid": grid, "max_abs_diff_vs_replica": err})
         for name in VARIANTS:
-            k = replica(q16, u, B16, cos, sin, scale, split_len, out, name)
+            k = replica(q16, u, B16, cos, sin, scale16, split_len, out, name)
             run.measure({"agents": A, "variant": name},
                         lambda: {"us": triton.testing.do_bench(
-                            lambda: replica(q16, u, B16, cos, sin, scale, split_len, out, name), warmup=25,
+                            lambda: replica(q16, u, B16, cos, sin, scale16, split_len, out, name), warmup=25,
                             rep=200) * 1e3, "n_regs": k.n_regs, "n_spills": k.n_spills, "shared": k.metadata.shared})
     run.finish()
 
