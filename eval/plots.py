@@ -41,7 +41,7 @@ def plot_kernel(path, res: BenchResult) -> Path:
     queries = res.params.get("shape", {}).get("queries_per_row", 1)
     calls, per_agent = ("Decode", "one decode query each") if queries == 1 else ("Extend", f"{queries} query positions each")
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(max(4.5 * len(contexts), 6.5), 3.8), sharey=True)
     axes = axes if len(contexts) > 1 else [axes]
     for ax, T in zip(axes, contexts):
         rs = sorted((r for r in rows if r["context"] == T), key=lambda r: r["agents"])
