@@ -591,3 +591,32 @@ def test_fit_plot_reads_probe_files(tmp_path):
     f.write_text(json.dumps(res))
     with pytest.raises(SystemExit, match="no fitR_init variant"):
         fit_plot.collect([f])
+
+
+@pytest.mark.version_independent
+def test_rank_plot_reads_compare_files(tmp_path):
+    """`python -m eval.fidelity.rank_plot`: per series, each RANK:FILE compare result's exact-match difference (points,
+    with its interval) per agent, sorted by rank; one panel per agent; a spec without a rank is refused."""
+    from eval.fidelity import rank_plot
+
+    def compare_file(name, rows):
+        f = tmp_path / name
+        f.write_text(json.dumps({"a": "x", "b": "y", "rows": [
+            {"agent": agent, "prompts": 8, "em": {"mean": m, "lo": lo, "hi": hi, "n": 8}, "em_a": a, "em_b": 0.9}
+            for agent, m, lo, hi, a in rows]}))
+        return f
+
+    f32 = compare_file("r32.json", [("next_line", -0.02, -0.04, 0.0, 0.88), ("all", 0.003, -0.03, 0.03, 0.9)])
+    f8 = compare_file("r8.json", [("next_line", -0.1, -0.15, -0.05, 0.8)])
+    pts = rank_plot.read_points([f"32:{f32}", f"8:{f8}"])
+    assert pts["next_line"] == [(8, pytest.approx(-10.0), pytest.approx(-15.0), pytest.approx(-5.0), pytest.approx(80.0)),
+                                (32, pytest.approx(-2.0), pytest.approx(-4.0), 0.0, pytest.approx(88.0))]
+    assert [p[0] for p in pts["all"]] == [32]
+    out = tmp_path / "ranks.png"
+    rank_plot.main(["--series", "distilled", f"8:{f8}", f"32:{f32}", "--series", "teacher", f"32:{f32}",
+                    "--out", str(out)])
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="give RANK:FILE"):
+        rank_plot.read_points([str(f8)])
+    with pytest.raises(SystemExit, match="a label and at least one"):
+        rank_plot.main(["--series", "alone", "--out", str(out)])
