@@ -2,7 +2,7 @@
 # The context benchmark on the GPU machine, which has no datasets, no gguf and no SmolLM2: everything travels in
 # calls made back to back (a warm machine keeps $HOME between calls, ~30 s idle at most). The working tree travels
 # with each call and a call carries 64 MiB at most, so the model goes in as many parts as the tree leaves room for
-# (three with a 20 MB tree, four with 40 MB) and the teachers, when they do not fit beside a part, in a call of their
+# (three with a 20 MB tree, five with 40 MB) and the teachers, when they do not fit beside a part, in a call of their
 # own. Prepare here, from the repository root:
 #   bash eval/fidelity/gpu.sh prepare [TEACHERS]   # TEACHERS: a folder of saved standard adapters for `probe`
 #                                                 # or `run --teachers` (unpacked to /tmp/teachers_in/<its name>);
@@ -19,7 +19,8 @@
 #                                         # the standard adapters carried earlier are loaded, not trained; only
 #                                         # the distilled students train; both are evaluated and archived
 #   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
-#                                         # (a later call may run `probe` again: the parts stay in $HOME/m)
+#                                         # (run again in a later call to the same warm machine, carrying what the
+#                                         # last call carried: the earlier parts stay in $HOME/m)
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, forkkv_kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail

@@ -40,10 +40,11 @@ def read_points(specs: list[str]) -> dict:
 
 
 def plot(series: list[tuple[str, dict]], out: Path, title: str) -> Path:
-    """One panel per agent (``all`` last), x the rank (log scale), y the difference in points with its interval."""
+    """One panel per agent (``all`` last), x the rank (log scale), y the difference in points with its interval (each
+    panel its own scale)."""
     agents = sorted({a for _, pts in series for a in pts}, key=lambda a: (a == "all", a))
     ranks = sorted({p[0] for _, pts in series for agent_pts in pts.values() for p in agent_pts})
-    fig, axes = plt.subplots(1, len(agents), figsize=(4.4 * len(agents), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(agents), figsize=(4.4 * len(agents), 3.8), squeeze=False)
     for ax, agent in zip(axes[0], agents):
         for i, (label, pts) in enumerate(series):
             p = pts.get(agent)
