@@ -33,7 +33,8 @@ unpack() {
   echo "code at $(cat /tmp/src/COMMIT)"
 }
 keep() {  # what this call carries of the model (and the teachers) stays in $HOME/m for the next call
-  mkdir -p "$HOME/m"; cp .m/smol.part* "$HOME/m/"
+  mkdir -p "$HOME/m"
+  if ls .m/smol.part* >/dev/null 2>&1; then cp .m/smol.part* "$HOME/m/"; fi  # a teachers-only call carries none
   if [ -f .fidelity/teachers.tgz ]; then cp .fidelity/teachers.tgz "$HOME/m/"; fi
   echo "kept: $(ls "$HOME/m" | tr '\n' ' ')"
 }
