@@ -609,8 +609,8 @@ def test_rank_plot_reads_compare_files(tmp_path):
     f32 = compare_file("r32.json", [("next_line", -0.02, -0.04, 0.0, 0.88), ("all", 0.003, -0.03, 0.03, 0.9)])
     f8 = compare_file("r8.json", [("next_line", -0.1, -0.15, -0.05, 0.8)])
     pts = rank_plot.read_points([f"32:{f32}", f"8:{f8}"])
-    assert pts["next_line"] == [(8, pytest.approx(-10.0), pytest.approx(-15.0), pytest.approx(-5.0), pytest.approx(80.0)),
-                                (32, pytest.approx(-2.0), pytest.approx(-4.0), 0.0, pytest.approx(88.0))]
+    assert pts["next_line"] == [(8, pytest.approx(-10.0), pytest.approx(-15.0), pytest.approx(-5.0)),
+                                (32, pytest.approx(-2.0), pytest.approx(-4.0), 0.0)]
     assert [p[0] for p in pts["all"]] == [32]
     out = tmp_path / "ranks.png"
     rank_plot.main(["--series", "distilled", f"8:{f8}", f"32:{f32}", "--series", "teacher", f"32:{f32}",

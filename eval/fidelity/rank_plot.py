@@ -17,16 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
 
 
 def read_points(specs: list[str]) -> dict:
-    """``{agent: [(rank, mean, lo, hi, a's EM %)]}`` (points) from ``R:FILE`` specs, sorted by rank."""
+    """``{agent: [(rank, mean, lo, hi)]}`` (points) from ``R:FILE`` specs, sorted by rank."""
     out: dict = {}
     for spec in specs:
         rank, sep, path = spec.partition(":")
@@ -34,14 +29,15 @@ def read_points(specs: list[str]) -> dict:
             raise SystemExit(f"{spec!r}: give RANK:FILE, e.g. 16:eval/results/fidelity_compare_x.json")
         for row in json.loads(Path(path).read_text())["rows"]:
             em = row["em"]
-            out.setdefault(row["agent"], []).append(
-                (int(rank), 100 * em["mean"], 100 * em["lo"], 100 * em["hi"], 100 * row["em_a"]))
+            out.setdefault(row["agent"], []).append((int(rank), 100 * em["mean"], 100 * em["lo"], 100 * em["hi"]))
     return {agent: sorted(points) for agent, points in out.items()}
 
 
 def plot(series: list[tuple[str, dict]], out: Path, title: str) -> Path:
     """One panel per agent (``all`` last), x the rank (log scale), y the difference in points with its interval (each
     panel its own scale)."""
+    from ..plots import plt, save_figure
+
     agents = sorted({a for _, pts in series for a in pts}, key=lambda a: (a == "all", a))
     ranks = sorted({p[0] for _, pts in series for agent_pts in pts.values() for p in agent_pts})
     fig, axes = plt.subplots(1, len(agents), figsize=(4.4 * len(agents), 3.8), squeeze=False)
@@ -52,7 +48,7 @@ def plot(series: list[tuple[str, dict]], out: Path, title: str) -> Path:
                 continue
             x = [r * (1 + 0.04 * (i - (len(series) - 1) / 2)) for r, *_ in p]  # series side by side at a rank
             y = [m for _, m, *_ in p]
-            err = [[m - lo for _, m, lo, _, _ in p], [hi - m for _, m, _, hi, _ in p]]
+            err = [[m - lo for _, m, lo, _ in p], [hi - m for _, m, _, hi in p]]
             ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.2, color=COLOURS[i % len(COLOURS)],
                         label=label)
         ax.axhline(0, color="k", lw=0.8)
@@ -65,11 +61,8 @@ def plot(series: list[tuple[str, dict]], out: Path, title: str) -> Path:
     axes[0][0].set_ylabel("exact match minus the reference, points")
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> None:
