@@ -37,7 +37,7 @@ from .attention_common import cdiv, launch, mma, mma_f16, pow2, rope_residual, r
 
 #: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
 #: (:mod:`.kres_gluon`)
-RES_FORMS = ("halves", "pairs", "joined", "gluon")
+RES_FORMS = ("halves", "pairs", "joined", "gluon", "inline")
 #: the ways of the K pass's score step (``res_score``); ``"mma_sync"``: the Gluon form's 8-column ``mma.sync``
 RES_SCORES = ("mma", "fma", "mma_sync")
 

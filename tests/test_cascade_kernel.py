@@ -60,14 +60,15 @@ def test_cascade_launcher_derives_the_row_order(case, masked):
 
 
 @parametrize("masked", [False, True])
-@parametrize("form", ["halves", "pairs", "joined"], fast=lambda form: form == "halves")
+@parametrize("form", ["halves", "pairs", "joined", "inline"], fast=lambda form: form in ("halves", "inline"))
 @parametrize("case", ATTN_CASES)
 def test_cascade_k_pass_forms_match_reference(case, form, masked):
     """The K pass's forms over the attention case space: ``halves`` (two rebuild and two score MMAs per KV head, the
-    lo and hi halves), ``pairs`` (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head) and
+    lo and hi halves), ``pairs`` (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head),
     ``joined`` (the GPU default: one rebuild MMA over the head's whole B_k split into the halves in registers, one
-    score MMA of depth D); GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an
-    agent or without one, extend calls, masks."""
+    score MMA of depth D) and ``inline`` (no K pass: the joined form's arithmetic inside the shared part, per row of
+    each block); GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an agent or without one,
+    extend calls, masks."""
     view, q = case.view(), case.query()
     mask = case.mask() if masked else None
     out = _launch(q, view, mask, case.D**-0.5, res_form=form)
@@ -128,7 +129,7 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
     mask, scale = case.mask(), case.D**-0.5
     ref = reference_attention(q, view, mask, scale)
     for knobs in ({}, dict(res_form="halves"), dict(res_form="joined"), dict(res_form="pairs", res_pack=2),
-                  dict(block_m=16)):  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
+                  dict(block_m=16), dict(res_form="inline", block_m=16)):  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
@@ -407,7 +408,7 @@ def test_gpu_v_residual_stages_are_the_v13b_sweeps_choice():
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
 def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
-    """bf16/fp16 with the ``pairs`` and ``joined`` forms: error against the fp32 reference at most 3x that of PyTorch
+    """bf16/fp16 with the ``pairs``, ``joined`` and ``inline`` forms: error against the fp32 reference at most 3x that of PyTorch
     doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated
     roundings)."""
     view, q = case.view(dtype), case.query(dtype)
@@ -415,7 +416,7 @@ def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
     for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
         ref = reference_attention(q.float(), view, m, scale)
         base_err = lowp_attention_error(q.float(), view, m, scale, ref)
-        for form in ("pairs", "joined"):
+        for form in ("pairs", "joined", "inline"):
             out = _launch(q, view, m, scale, res_form=form, lowp_rope=lowp_rope)
             assert out.dtype == dtype
             err = (out.float() - ref).abs().max().item()
@@ -548,6 +549,9 @@ GPU_KNOBS = [
     {"res_satfinite": True, "res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
     {"res_f16": True},
     {"res_f16": True, "res_block_t": 64, "res_warps": 4},
+    {"res_form": "inline"},
+    {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3},
+    {"res_form": "inline", "block_m": 16, "block_t": 128, "num_warps": 8, "num_stages": 2},
 ]
 
 

@@ -158,6 +158,7 @@ class Sweep:
         from forkkv_hf.ops.dispatch import residual_attention_triton
 
         self.run, self.timer, self.cases, self.waves, self.sms = run, timer, cases, waves, sms
+        self.variants: list[str] | None = None  # all of a stage's variants (STAGE_VARIANTS) unless narrowed
         self.attn = residual_attention_triton
         self.checks: dict = {}
         self.best = run.extra.setdefault("best", {})
@@ -235,6 +236,8 @@ class Sweep:
 
     def stage(self, stage: str, point, candidates: dict) -> None:
         for variant in STAGE_VARIANTS[stage]:
+            if self.variants and variant not in self.variants:
+                continue
             if self.run.out_of_time():
                 return
             if stage == "combined":
@@ -302,10 +305,12 @@ def main(argv=None):
     ap.add_argument("--candidates", default=None,
                     help='JSON {stage: [config, ...]} replacing those stages\' candidate lists')
     ap.add_argument("--full-grid", action="store_true", help="the kres/shared stages try every GRIDS combination")
+    ap.add_argument("--variants", nargs="+", default=None, choices=["kv", "v", "base"],
+                    help="only these variants of each stage (default: all of STAGE_VARIANTS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     run = BenchmarkRun("sweep_kernel", params={"stages": args.stage, "points": args.points, "waves": args.waves,
-                                               "time_limit_s": args.time_limit},
+                                               "time_limit_s": args.time_limit, "variants": args.variants},
                        case_keys=["stage", "variant", "context", "agents", "config"], out=args.out,
                        time_limit=args.time_limit)
     if not torch.cuda.is_available():
@@ -318,6 +323,7 @@ def main(argv=None):
     points = [tuple(map(int, p.split(":"))) for p in args.points]
     sweep = Sweep(run, lambda fn: graph_time(fn, do_bench), {p: make_case(*p) for p in points}, args.waves,
                   torch.cuda.get_device_properties(0).multi_processor_count)
+    sweep.variants = args.variants
     sweep.run_jobs(job_order(points, args.stage), candidates)
     for s in run.extra["summary"]:
         t0 = f"{s['default_s'] * 1e6:.1f}" if s["default_s"] else "-"
