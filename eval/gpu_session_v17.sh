@@ -12,11 +12,12 @@ timeout 150 python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "real_siz
 tail -3 "$OUT/gpu_tests_v17.txt"
 CANDS='{"shared": [{},
  {"res_form": "inline"},
- {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3},
- {"res_form": "inline", "block_m": 16, "block_t": 128, "num_warps": 8, "num_stages": 2},
  {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 3},
- {"res_form": "inline", "block_m": 32, "block_t": 64, "num_warps": 4, "num_stages": 3},
- {"res_form": "inline", "block_m": 16, "block_t": 32, "num_warps": 4, "num_stages": 3}]}'
+ {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 2},
+ {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3},
+ {"res_form": "inline", "block_m": 16, "block_t": 32, "num_warps": 8, "num_stages": 3},
+ {"res_form": "inline", "block_m": 16, "block_t": 128, "num_warps": 8, "num_stages": 2},
+ {"res_form": "inline", "block_m": 32, "block_t": 64, "num_warps": 8, "num_stages": 3}]}'
 python -m eval.bench.sweep_kernel --stage shared --variants kv --points 32768:8 32768:1 32768:32 32768:128 \
     --candidates "$CANDS" --waves 1 2 --time-limit ${SWEEP_S:-330} --out "$OUT/sweep_kernel_v17.json" \
     > "$OUT/sweep_v17.log" 2>&1

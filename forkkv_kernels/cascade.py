@@ -366,7 +366,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k and not inline, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        K_INLINE=inline, RKB=pow2(k_u.shape[-1]) if inline else 16, RPB=max(1, BLOCK_M // VPR), ROPE_HALF=rope_half,
+        K_INLINE=inline, RKB=pow2(k_u.shape[-1]) if inline else 16, RPB=max(1, min(BLOCK_M // VPR, B)), ROPE_HALF=rope_half,
         LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )
