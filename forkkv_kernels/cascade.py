@@ -16,6 +16,9 @@ as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_
    holds the u_v of the sub-block's rows; each vector keeps its own row's columns). Writes per-split partials.
 3. :func:`~.attention_common.launch_private_merge`: the rows' private K/V, the log-sum-exp merge, ``(P·u_v)·B_vᵀ``.
 
+``res_form="inline"`` joins 1 and 2: the shared-part kernel rebuilds, rotates and scores the K residual of each row of
+its block per base tile (:func:`_inline_k_scores`), with no score buffer (eval/KERNEL_NOTES.md "v17").
+
 Query vectors are laid out ``VPR = next_pow2(NQ·G)`` per row (vector ``row·VPR + q·G + g``), so a sub-block of vectors
 never straddles rows unevenly. Imports nothing from ``forkkv_hf``; inputs are plain tensors and ints.
 """
@@ -279,7 +282,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
-    (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
+    (:func:`~.kres_pass.launch_kres_scores`): ``res_form`` (``"inline"``: no K pass, the K residual rebuilt inside
+    the shared part per row of each block; the K pass's other knobs then do nothing), ``res_block_t``, ``res_heads``,
+    ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``, ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion
     per call). Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
@@ -366,7 +371,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k and not inline, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        K_INLINE=inline, RKB=pow2(k_u.shape[-1]) if inline else 16, RPB=max(1, min(BLOCK_M // VPR, B)), ROPE_HALF=rope_half,
+        K_INLINE=inline, RKB=pow2(k_u.shape[-1]) if inline else 16, RPB=max(1, min(BLOCK_M // VPR, B)),
+        ROPE_HALF=rope_half,
         LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )

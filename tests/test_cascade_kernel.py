@@ -129,7 +129,8 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
     mask, scale = case.mask(), case.D**-0.5
     ref = reference_attention(q, view, mask, scale)
     for knobs in ({}, dict(res_form="halves"), dict(res_form="joined"), dict(res_form="pairs", res_pack=2),
-                  dict(block_m=16), dict(res_form="inline", block_m=16)):  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
+                  dict(block_m=16),  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
+                  dict(res_form="inline", block_m=16)):
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
@@ -408,9 +409,9 @@ def test_gpu_v_residual_stages_are_the_v13b_sweeps_choice():
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
 def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
-    """bf16/fp16 with the ``pairs``, ``joined`` and ``inline`` forms: error against the fp32 reference at most 3x that of PyTorch
-    doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated
-    roundings)."""
+    """bf16/fp16 with the ``pairs``, ``joined`` and ``inline`` forms: error against the fp32 reference at most 3x that
+    of PyTorch doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype
+    (emulated roundings)."""
     view, q = case.view(dtype), case.query(dtype)
     scale = case.D**-0.5
     for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):

@@ -157,7 +157,8 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
                  BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k and not inline, HAS_V=True,
-                 HAS_MASK=False, DOT_PREC="tf32", UPCAST=False, K_INLINE=inline, RKB=16, RPB=rows or max(1, block_m // VPR),
+                 HAS_MASK=False, DOT_PREC="tf32", UPCAST=False, K_INLINE=inline, RKB=16,
+                 RPB=rows or max(1, block_m // VPR),
                  ROPE_HALF=True, LOWP_ROPE=True)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
@@ -206,7 +207,8 @@ def main(argv=None):
                          "1-3 pipeline stages (16 agents' rule otherwise: 64-token tiles, 4 warps)")
     ap.add_argument("--inline", default=None, metavar="JSON",
                     help="instead: the shared kernel with the K residual rebuilt inside it (res_form='inline', V rank "
-                         "16) for each of these knob dicts (block_m, block_t, num_warps, num_stages, maxnreg, rows: decode rows per block)")
+                         "16) for each of these knob dicts (block_m, block_t, num_warps, num_stages, maxnreg, rows: "
+                         "decode rows per block)")
     args = ap.parse_args(argv)
     import triton
 
