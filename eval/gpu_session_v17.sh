@@ -7,16 +7,14 @@ mkdir -p "$OUT"
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env_v17.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/env_v17.txt"
-timeout 120 python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "real_sizes" -p no:cacheprovider \
+[ "${TESTS:-1}" = 1 ] && timeout 120 python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "real_sizes" -p no:cacheprovider \
     > "$OUT/gpu_tests_v17.txt" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests_v17.txt"
 tail -3 "$OUT/gpu_tests_v17.txt"
 CANDS='{"shared": [{},
  {"res_form": "inline"},
  {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 3},
  {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 2},
- {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3},
  {"res_form": "inline", "block_m": 16, "block_t": 32, "num_warps": 8, "num_stages": 3},
- {"res_form": "inline", "block_m": 16, "block_t": 128, "num_warps": 8, "num_stages": 2},
  {"res_form": "inline", "block_m": 32, "block_t": 64, "num_warps": 8, "num_stages": 3}]}'
 python -m eval.bench.sweep_kernel --stage shared --variants kv --points 32768:8 32768:1 32768:32 32768:128 \
     --candidates "$CANDS" --waves 1 --time-limit ${SWEEP_S:-300} --out "$OUT/sweep_kernel_v17.json" \
