@@ -16,7 +16,7 @@ CANDS='{"shared": [{},
  {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 2},
  {"res_form": "inline", "block_m": 16, "block_t": 32, "num_warps": 8, "num_stages": 3},
  {"res_form": "inline", "block_m": 32, "block_t": 64, "num_warps": 8, "num_stages": 3}]}'
-python -m eval.bench.sweep_kernel --stage shared --variants kv --points 32768:8 32768:1 32768:32 32768:128 \
+python -m eval.bench.sweep_kernel --stage shared --variants kv --points ${POINTS:-32768:8 32768:1 32768:32 32768:128} \
     --candidates "$CANDS" --waves 1 --time-limit ${SWEEP_S:-300} --out "$OUT/sweep_kernel_v17.json" \
     > "$OUT/sweep_v17.log" 2>&1
 grep BEST "$OUT/sweep_v17.log"; tail -2 "$OUT/sweep_v17.log"
