@@ -35,6 +35,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
+
 @triton.jit
 def _inline_k_scores(qn, row_local, row0, hkv, t, tm, jn_dim, jn_ok, UK, BK, COS, SIN, KSLOT, B, T, RK,
                      HKV: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,

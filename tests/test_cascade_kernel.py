@@ -551,8 +551,8 @@ GPU_KNOBS = [
     {"res_f16": True},
     {"res_f16": True, "res_block_t": 64, "res_warps": 4},
     {"res_form": "inline"},
-    {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3},
-    {"res_form": "inline", "block_m": 16, "block_t": 128, "num_warps": 8, "num_stages": 2},
+    {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 3},
+    {"res_form": "inline", "block_m": 32, "block_t": 32, "num_warps": 8, "num_stages": 2},
 ]
 
 
