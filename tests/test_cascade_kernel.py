@@ -680,3 +680,25 @@ def test_sweep_checks_every_configuration_and_a_wrong_one_cannot_win(tmp_path, m
                         out=tmp_path / "late.json", time_limit=0)
     Sweep(late, lambda fn: 1e-3, cases, [1], 4).run_jobs(job_order(list(cases), ["kres", "shared"]), candidates)
     assert late.rows == [] and len(late.extra["not_run"]) == 4
+
+
+def test_sweep_of_the_inline_form_on_one_variant(tmp_path, monkeypatch):
+    """The v17 run's shape (eval/gpu_session_v17.sh) on CPU: the shared stage narrowed to K+V calls (``variants``)
+    times only ``kv`` rows, and the inline form's configurations pass the sweep's check against the exact output."""
+    import eval.bench.sweep_kernel as sk
+    from eval.bench.runner import BenchmarkRun
+    from eval.bench.sweep_kernel import Sweep, job_order
+
+    monkeypatch.setattr(sk, "resources", lambda compiled: {"resident": 2})
+    view = random_view(B=3, Hkv=2, D=16, T=70, P=3, n_agents=3, rows=[0, 1, 2], ranks=(4, 2, 3),
+                       dtype=torch.bfloat16, seed=3)
+    cases = {(70, 3): (_query(view, 4, 1).to(torch.bfloat16), view)}
+    run = BenchmarkRun("sweep_kernel", params={}, case_keys=["stage", "variant", "context", "agents", "config"],
+                       out=tmp_path / "sweep.json", time_limit=600)
+    sweep = Sweep(run, lambda fn: (fn(), 1e-3)[1], cases, [1], 4)
+    sweep.variants = ["kv"]
+    candidates = {"shared": [{}, {"res_form": "inline"}, {"res_form": "inline", "block_m": 16, "block_t": 32}]}
+    sweep.run_jobs(job_order(list(cases), ["shared"]), candidates)
+    assert run.rows and {r["variant"] for r in run.rows} == {"kv"}
+    inline = [r for r in run.rows if "inline" in r["config"]]
+    assert len({r["config"] for r in inline}) >= 2 and all(r["ok"] for r in inline), inline
