@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms,
-                               on_device, pow2, rope_residual, rope_tile, softmax_step, split_length, workspace)
+from .attention_common import (LOG2E, cdiv, check_inputs, joined_columns, launch, launch_private_merge, mma, num_sms,
+                               on_device, pow2, rope_tile, rotate_joined, softmax_step, split_length, workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
@@ -63,10 +63,8 @@ def _inline_k_scores(qn, row_local, row0, hkv, t, tm, jn_dim, jn_ok, UK, BK, COS
         u = tl.load(UK + sl * T * RK + t[:, None] * RK + rk[None, :], mask=ok_t[:, None] & rkm[None, :], other=0.0)
         bT = tl.load(BK + sl * (HKV * 2 * HALF * RK) + (hkv * 2 * HALF + jn_dim[None, :]) * RK + rk[:, None],
                      mask=ok_j[None, :] & rkm[:, None], other=0.0)
-        x = mma(u, bT, DOT_PREC, UPCAST)
-        x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
-        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST)
-        k = tl.reshape(tl.permute(tl.join(k_lo.to(dtype), k_hi.to(dtype)), (0, 2, 1)), [BLOCK_T, 2 * HALF_B])
+        k = rotate_joined(mma(u, bT, DOT_PREC, UPCAST), c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST, BLOCK_T,
+                          HALF_B)
         sc = mma(qn, tl.trans(k), DOT_PREC, UPCAST)
         out = tl.where((row_local == j)[:, None], sc, out)
     return out
@@ -120,9 +118,7 @@ def _cascade_shared_kernel(
         acc_uv = tl.zeros([N_SUB, SB, SBC], tl.float32)
     kv_base = hkv.to(tl.int64) * T * D
     if K_INLINE:  # the queries in the joined layout of the rebuilt tile (lo half at [0, HALF), hi at [HALF_B, ...))
-        jn = tl.arange(0, 2 * HALF_B)
-        jn_dim = jn % HALF_B + (jn // HALF_B) * HALF
-        jn_ok = (jn % HALF_B) < HALF
+        jn_dim, jn_ok = joined_columns(HALF, HALF_B)
         qn = tl.load(Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + jn_dim[None, :],
                      mask=valid[:, None] & jn_ok[None, :], other=0.0)
         row0 = (mb * BLOCK_M) // VPR

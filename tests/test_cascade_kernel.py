@@ -506,6 +506,12 @@ def test_cascade_refuses_what_it_cannot_take():
         _launch(_query(view, 4, 1).half(), view, None, 0.25)
     with pytest.raises(ValueError, match="res_form='quads'; use one of"):
         _launch(_query(view, 4, 1), view, None, 0.25, res_form="quads")
+    from forkkv_kernels.kres_pass import launch_kres_scores
+
+    with pytest.raises(ValueError, match="res_form='inline' has no K pass"):  # the K pass's launcher alone
+        q, u, b = torch.zeros(1, 4, 1, 16), torch.zeros(1, 8, 4), torch.zeros(1, 32, 4)
+        launch_kres_scores(q, u, b, None, None, None, None, None, 1.0, VPR=4, rope_half=True, lowp=False,
+                           prec="ieee", interp=True, sms=4, k_agents=None, k_max_rows=None, res_form="inline")
     with pytest.raises(ValueError, match="0 splits of the context; give at least 1"):
         _launch(_query(view, 4, 1), view, None, 0.25, n_splits=0)
     with pytest.raises(ValueError, match="merge_unroll=0; give 1"):
@@ -695,8 +701,7 @@ def test_sweep_of_the_inline_form_on_one_variant(tmp_path, monkeypatch):
     cases = {(70, 3): (_query(view, 4, 1).to(torch.bfloat16), view)}
     run = BenchmarkRun("sweep_kernel", params={}, case_keys=["stage", "variant", "context", "agents", "config"],
                        out=tmp_path / "sweep.json", time_limit=600)
-    sweep = Sweep(run, lambda fn: (fn(), 1e-3)[1], cases, [1], 4)
-    sweep.variants = ["kv"]
+    sweep = Sweep(run, lambda fn: (fn(), 1e-3)[1], cases, [1], 4, variants=["kv"])
     candidates = {"shared": [{}, {"res_form": "inline"}, {"res_form": "inline", "block_m": 16, "block_t": 32}]}
     sweep.run_jobs(job_order(list(cases), ["shared"]), candidates)
     assert run.rows and {r["variant"] for r in run.rows} == {"kv"}

@@ -215,35 +215,27 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
     print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
-    rows = []
+    rows, meta = [], {}
     if args.inline:
+        meta = {"kernel": "_cascade_shared_kernel", "res_form": "inline"}
         for knobs in json.loads(args.inline):
             rows.append({"knobs": knobs, **compile_shared(16, inline=True, **knobs)})
             print(json.dumps(rows[-1]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"triton": triton.__version__, "target": "sm_90", "kernel": "_cascade_shared_kernel",
-                           "res_form": "inline", "rows": rows}, f, indent=1)
-        return
-    if args.shared_ranks:
+    elif args.shared_ranks:
+        meta = {"kernel": "_cascade_shared_kernel"}
         for rv in args.shared_ranks:
             for block_m in (64, 32, 16):
                 for stages in (3, 2, 1):
                     rows.append({"rank_v": rv, "block_m": block_m, **compile_shared(rv, block_m, num_stages=stages)})
                     print(json.dumps(rows[-1]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"triton": triton.__version__, "target": "sm_90", "kernel": "_cascade_shared_kernel",
-                           "rows": rows}, f, indent=1)
-        return
-    for knobs in json.loads(args.configs) if args.configs else CANDIDATES["kres"]:
-        rows.append({"knobs": knobs, **compile_kres(knobs)})
-        print(json.dumps(knobs, sort_keys=True), json.dumps({k: v for k, v in rows[-1].items() if k != "knobs"}),
-              flush=True)
+    else:
+        for knobs in json.loads(args.configs) if args.configs else CANDIDATES["kres"]:
+            rows.append({"knobs": knobs, **compile_kres(knobs)})
+            print(json.dumps(knobs, sort_keys=True), json.dumps({k: v for k, v in rows[-1].items() if k != "knobs"}),
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"triton": triton.__version__, "target": "sm_90", "rows": rows}, f, indent=1)
-
+            json.dump({"triton": triton.__version__, "target": "sm_90", **meta, "rows": rows}, f, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -152,13 +152,15 @@ def resources(compiled) -> dict:
 class Sweep:
     """The cases of one run, their references, and the measurement of a configuration. ``cases``: (context, agents)
     -> (query, view) of :func:`eval.bench.kernel.make_case`; ``timer(fn)``: seconds per call of ``fn``; ``sms``: the
-    GPU's SM count; ``waves``: see :meth:`launch_config`."""
+    GPU's SM count; ``waves``: see :meth:`launch_config`; ``variants``: only these of each stage's variants
+    (default: all of :data:`STAGE_VARIANTS`)."""
 
-    def __init__(self, run: BenchmarkRun, timer, cases: dict, waves: list[int], sms: int):
+    def __init__(self, run: BenchmarkRun, timer, cases: dict, waves: list[int], sms: int,
+                 variants: list[str] | None = None):
         from forkkv_hf.ops.dispatch import residual_attention_triton
 
         self.run, self.timer, self.cases, self.waves, self.sms = run, timer, cases, waves, sms
-        self.variants: list[str] | None = None  # all of a stage's variants (STAGE_VARIANTS) unless narrowed
+        self.variants = variants
         self.attn = residual_attention_triton
         self.checks: dict = {}
         self.best = run.extra.setdefault("best", {})
@@ -322,8 +324,7 @@ def main(argv=None):
     run.result.params["candidates"] = {s: candidates[s] for s in ("kres", "shared", "merge")}
     points = [tuple(map(int, p.split(":"))) for p in args.points]
     sweep = Sweep(run, lambda fn: graph_time(fn, do_bench), {p: make_case(*p) for p in points}, args.waves,
-                  torch.cuda.get_device_properties(0).multi_processor_count)
-    sweep.variants = args.variants
+                  torch.cuda.get_device_properties(0).multi_processor_count, args.variants)
     sweep.run_jobs(job_order(points, args.stage), candidates)
     for s in run.extra["summary"]:
         t0 = f"{s['default_s'] * 1e6:.1f}" if s["default_s"] else "-"
