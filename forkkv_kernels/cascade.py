@@ -16,9 +16,6 @@ as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_
    holds the u_v of the sub-block's rows; each vector keeps its own row's columns). Writes per-split partials.
 3. :func:`~.attention_common.launch_private_merge`: the rows' private K/V, the log-sum-exp merge, ``(P·u_v)·B_vᵀ``.
 
-``res_form="inline"`` joins 1 and 2: the shared-part kernel rebuilds, rotates and scores the K residual of each row of
-its block per base tile (:func:`_inline_k_scores`), with no score buffer (eval/KERNEL_NOTES.md "v17").
-
 Query vectors are laid out ``VPR = next_pow2(NQ·G)`` per row (vector ``row·VPR + q·G + g``), so a sub-block of vectors
 never straddles rows unevenly. Imports nothing from ``forkkv_hf``; inputs are plain tensors and ints.
 """
@@ -30,65 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, joined_columns, launch, launch_private_merge, mma, num_sms,
-                               on_device, pow2, rope_tile, rotate_joined, softmax_step, split_length, workspace)
+from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms,
+                               on_device, pow2, softmax_step, split_length, workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
-
-
-@triton.jit
-def _inline_k_scores(qn, row_local, row0, hkv, t, tm, jn_dim, jn_ok, UK, BK, COS, SIN, KSLOT, B, T, RK,
-                     HKV: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
-                     RPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, ROPE_HALF: tl.constexpr,
-                     LOWP_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The K residual's scores ``q·RoPE_t(B_k u_k[t])`` of a block's query vectors ``qn [BLOCK_M, 2·HALF_B]`` (joined
-    layout) for the tile's tokens ``t``, unscaled: per row of the block (``RPB`` of them, from ``row0``), the
-    K pass's joined form (:mod:`.kres_pass`) on that row's slot: one rebuild MMA ``u[BLOCK_T, r] @ B_k[r, D]`` split
-    into halves in registers, the rotation, one score MMA of depth D whose results only that row's vectors keep. Rows
-    without a K slot (-1) or past ``B`` rebuild zeros."""
-    dtype = qn.dtype
-    d = tl.arange(0, HALF_B)
-    c_lo, s_lo, c_hi, s_hi = rope_tile(COS, SIN, 2 * HALF, 2 * HALF, t, d, tm[:, None] & (d < HALF)[None, :], HALF,
-                                       ROPE_HALF)
-    rk = tl.arange(0, RKB)
-    rkm = rk < RK
-    out = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-    for j in tl.static_range(RPB):
-        rj = row0 + j
-        slot = tl.load(KSLOT + tl.minimum(rj, B - 1))
-        sl = tl.maximum(slot, 0).to(tl.int64)
-        # (the row's test as vectors: the interpreter refuses a scalar mask broadcast into a load's)
-        ok_t = tm & ((t * 0 + slot) >= 0) & ((t * 0 + rj) < B)
-        ok_j = jn_ok & ((jn_dim * 0 + slot) >= 0) & ((jn_dim * 0 + rj) < B)
-        u = tl.load(UK + sl * T * RK + t[:, None] * RK + rk[None, :], mask=ok_t[:, None] & rkm[None, :], other=0.0)
-        bT = tl.load(BK + sl * (HKV * 2 * HALF * RK) + (hkv * 2 * HALF + jn_dim[None, :]) * RK + rk[:, None],
-                     mask=ok_j[None, :] & rkm[:, None], other=0.0)
-        k = rotate_joined(mma(u, bT, DOT_PREC, UPCAST), c_lo, s_lo, c_hi, s_hi, dtype, LOWP_ROPE, UPCAST, BLOCK_T,
-                          HALF_B)
-        sc = mma(qn, tl.trans(k), DOT_PREC, UPCAST)
-        out = tl.where((row_local == j)[:, None], sc, out)
-    return out
-
 
 @triton.jit
 def _cascade_shared_kernel(
     Q, s_qb, s_qh, s_qq,
     KB, VB, R, KSLOT, UV, VSLOT,
-    UK, BK, COS, SIN,
     MASK, s_mb, s_mq, s_mt,
     M_WS, L_WS, ACC_WS, UV_WS,
-    B, T, NQ, RV, RK, split_len, n_splits, qk_scale,
+    B, T, NQ, RV, split_len, n_splits, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, HALF: tl.constexpr,
     HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
     HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    K_INLINE: tl.constexpr, RKB: tl.constexpr, RPB: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr,
 ):
     """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
     context. ``KB``/``VB [HKV, T, D]``, ``R [HKV, B·VPR, T]``, ``UV [n, T, RV]`` contiguous; ``KSLOT``/``VSLOT [B]``;
     ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and split (layout: see
-    :mod:`.attention_common`). ``K_INLINE`` (no ``R``): the K residual rebuilt in this kernel, per tile and row of the
-    block (``RPB`` rows), from ``UK [n, T, RK]``, ``BK [n, HKV·D, RK]`` and ``COS``/``SIN [T, D]``."""
+    :mod:`.attention_common`)."""
     mb = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,12 +76,6 @@ def _cascade_shared_kernel(
         u_off = tl.maximum(vs, 0).to(tl.int64) * T * RV + (cc % RVB)[None, :]
         acc_uv = tl.zeros([N_SUB, SB, SBC], tl.float32)
     kv_base = hkv.to(tl.int64) * T * D
-    if K_INLINE:  # the queries in the joined layout of the rebuilt tile (lo half at [0, HALF), hi at [HALF_B, ...))
-        jn_dim, jn_ok = joined_columns(HALF, HALF_B)
-        qn = tl.load(Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + jn_dim[None, :],
-                     mask=valid[:, None] & jn_ok[None, :], other=0.0)
-        row0 = (mb * BLOCK_M) // VPR
-        row_local = v // VPR - row0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -137,10 +90,6 @@ def _cascade_shared_kernel(
         s = mma(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         if HAS_K:
             s += tl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(tl.float32)
-        if K_INLINE:
-            s += _inline_k_scores(qn, row_local, row0, hkv, t, tm, jn_dim, jn_ok, UK, BK, COS, SIN, KSLOT, B, T, RK,
-                                  HKV, HALF, HALF_B, RKB, RPB, BLOCK_M, BLOCK_T, ROPE_HALF, LOWP_ROPE, DOT_PREC,
-                                  UPCAST) * qk_scale
         allowed = valid[:, None] & tm[None, :]
         if HAS_MASK:
             mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
@@ -279,9 +228,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
-    (:func:`~.kres_pass.launch_kres_scores`): ``res_form`` (``"inline"``: no K pass, the K residual rebuilt inside
-    the shared part per row of each block; the K pass's other knobs then do nothing), ``res_block_t``, ``res_heads``,
-    ``res_programs_per_sm`` /
+    (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``, ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion
     per call). Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
@@ -327,10 +274,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     cfg.update({k: v for k, v in given.items() if v is not None})
 
     r_scores = q  # dummy pointer without a K residual
-    inline = has_k and cfg["res_form"] == "inline"  # the K residual rebuilt in the shared part: no K pass
     if has_k:
         k_slot = k_slot.to(device=dev, dtype=torch.int32)
-    if has_k and not inline:
         if k_order is None:
             k_order = torch.argsort(k_slot, stable=True)
         r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
@@ -346,7 +291,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_f16=cfg["res_f16"], k_B16=k_B16)
 
     BLOCK_T = cfg["block_t"]
-    BLOCK_M = block_m or cfg.get("block_m") or min(64, pow2(B * VPR))
+    BLOCK_M = block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
     split_len = split_length(T, BLOCK_T, n_mb * Hkv, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
@@ -361,16 +306,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     launched["shared"] = launch(
         _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
         k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
-        *((k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous()) if inline else (q,) * 4),
         mask if mask is not None else q, *ms,
         *ws,
-        B, T, NQ, RV, k_u.shape[-1] if inline else 1, split_len, n_splits, qk_scale,
+        B, T, NQ, RV, split_len, n_splits, qk_scale,
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
-        HAS_K=has_k and not inline, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        K_INLINE=inline, RKB=pow2(k_u.shape[-1]) if inline else 16, RPB=max(1, min(BLOCK_M // VPR, B)),
-        ROPE_HALF=rope_half,
-        LOWP_ROPE=bool(lowp_rope) and dtype != torch.float32,
+        HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
     )
     out, launched["merge"] = launch_private_merge(

@@ -38,7 +38,7 @@ from .attention_common import (cdiv, joined_columns, launch, mma, mma_f16, pow2,
 
 #: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
 #: (:mod:`.kres_gluon`)
-RES_FORMS = ("halves", "pairs", "joined", "gluon", "inline")
+RES_FORMS = ("halves", "pairs", "joined", "gluon")
 #: the ways of the K pass's score step (``res_score``); ``"mma_sync"``: the Gluon form's 8-column ``mma.sync``
 RES_SCORES = ("mma", "fma", "mma_sync")
 
@@ -257,9 +257,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
         raise ValueError(f"res_form={res_form!r}; use one of {RES_FORMS}")
-    if res_form == "inline":
-        raise ValueError("res_form='inline' has no K pass: the shared part rebuilds the K residual; call "
-                         "forkkv_kernels.cascade_attention with it, or give this launcher one of the other forms")
     if res_score not in RES_SCORES:
         raise ValueError(f"res_score={res_score!r}; use one of {RES_SCORES}")
     if res_form == "gluon":

@@ -60,15 +60,14 @@ def test_cascade_launcher_derives_the_row_order(case, masked):
 
 
 @parametrize("masked", [False, True])
-@parametrize("form", ["halves", "pairs", "joined", "inline"], fast=lambda form: form in ("halves", "inline"))
+@parametrize("form", ["halves", "pairs", "joined"], fast=lambda form: form == "halves")
 @parametrize("case", ATTN_CASES)
 def test_cascade_k_pass_forms_match_reference(case, form, masked):
     """The K pass's forms over the attention case space: ``halves`` (two rebuild and two score MMAs per KV head, the
-    lo and hi halves), ``pairs`` (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head),
+    lo and hi halves), ``pairs`` (lo/hi halves interleaved: one rebuild MMA and one score MMA per KV head) and
     ``joined`` (the GPU default: one rebuild MMA over the head's whole B_k split into the halves in registers, one
-    score MMA of depth D) and ``inline`` (no K pass: the joined form's arithmetic inside the shared part, per row of
-    each block); GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an agent or without one,
-    extend calls, masks."""
+    score MMA of depth D); GQA 1-8, head dims 8-128 (48: padded halves), ranks 1-64, rows sharing an
+    agent or without one, extend calls, masks."""
     view, q = case.view(), case.query()
     mask = case.mask() if masked else None
     out = _launch(q, view, mask, case.D**-0.5, res_form=form)
@@ -129,8 +128,7 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
     mask, scale = case.mask(), case.D**-0.5
     ref = reference_attention(q, view, mask, scale)
     for knobs in ({}, dict(res_form="halves"), dict(res_form="joined"), dict(res_form="pairs", res_pack=2),
-                  dict(block_m=16),  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
-                  dict(res_form="inline", block_m=16)):
+                  dict(block_m=16)):  # block_m 16: the lever for wide V ranks (eval/KERNEL_NOTES.md)
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
@@ -409,15 +407,15 @@ def test_gpu_v_residual_stages_are_the_v13b_sweeps_choice():
 @parametrize("dtype", LOW_DTYPES, fast=lambda dtype: dtype == torch.bfloat16)
 @parametrize("case", LOWP_CASES, fast=lambda case: case.Q > 1)
 def test_cascade_k_pass_forms_low_precision_pass_rule(case, dtype, lowp_rope):
-    """bf16/fp16 with the ``pairs``, ``joined`` and ``inline`` forms: error against the fp32 reference at most 3x that
-    of PyTorch doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype
-    (emulated roundings)."""
+    """bf16/fp16 with the ``pairs`` and ``joined`` forms: error against the fp32 reference at most 3x that of PyTorch
+    doing the same attention in the low dtype, with the K residual's rotation in fp32 or in the low dtype (emulated
+    roundings)."""
     view, q = case.view(dtype), case.query(dtype)
     scale = case.D**-0.5
     for m in (None, padding_mask(case.B, case.Q, case.T, case.P, [1] * case.B)):
         ref = reference_attention(q.float(), view, m, scale)
         base_err = lowp_attention_error(q.float(), view, m, scale, ref)
-        for form in ("pairs", "joined", "inline"):
+        for form in ("pairs", "joined"):
             out = _launch(q, view, m, scale, res_form=form, lowp_rope=lowp_rope)
             assert out.dtype == dtype
             err = (out.float() - ref).abs().max().item()
@@ -506,12 +504,6 @@ def test_cascade_refuses_what_it_cannot_take():
         _launch(_query(view, 4, 1).half(), view, None, 0.25)
     with pytest.raises(ValueError, match="res_form='quads'; use one of"):
         _launch(_query(view, 4, 1), view, None, 0.25, res_form="quads")
-    from forkkv_kernels.kres_pass import launch_kres_scores
-
-    with pytest.raises(ValueError, match="res_form='inline' has no K pass"):  # the K pass's launcher alone
-        q, u, b = torch.zeros(1, 4, 1, 16), torch.zeros(1, 8, 4), torch.zeros(1, 32, 4)
-        launch_kres_scores(q, u, b, None, None, None, None, None, 1.0, VPR=4, rope_half=True, lowp=False,
-                           prec="ieee", interp=True, sms=4, k_agents=None, k_max_rows=None, res_form="inline")
     with pytest.raises(ValueError, match="0 splits of the context; give at least 1"):
         _launch(_query(view, 4, 1), view, None, 0.25, n_splits=0)
     with pytest.raises(ValueError, match="merge_unroll=0; give 1"):
@@ -556,9 +548,6 @@ GPU_KNOBS = [
     {"res_satfinite": True, "res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
     {"res_f16": True},
     {"res_f16": True, "res_block_t": 64, "res_warps": 4},
-    {"res_form": "inline"},
-    {"res_form": "inline", "block_m": 16, "block_t": 64, "num_warps": 8, "num_stages": 3},
-    {"res_form": "inline", "block_m": 32, "block_t": 32, "num_warps": 8, "num_stages": 2},
 ]
 
 
@@ -688,9 +677,9 @@ def test_sweep_checks_every_configuration_and_a_wrong_one_cannot_win(tmp_path, m
     assert late.rows == [] and len(late.extra["not_run"]) == 4
 
 
-def test_sweep_of_the_inline_form_on_one_variant(tmp_path, monkeypatch):
-    """The v17 run's shape (eval/gpu_session_v17.sh) on CPU: the shared stage narrowed to K+V calls (``variants``)
-    times only ``kv`` rows, and the inline form's configurations pass the sweep's check against the exact output."""
+def test_sweep_narrowed_to_one_variant(tmp_path, monkeypatch):
+    """``variants`` (``sweep_kernel --variants kv``, the v17 run's shape) times only those rows of a stage, and every
+    configuration of them passes the sweep's check against the exact output."""
     import eval.bench.sweep_kernel as sk
     from eval.bench.runner import BenchmarkRun
     from eval.bench.sweep_kernel import Sweep, job_order
@@ -702,8 +691,7 @@ def test_sweep_of_the_inline_form_on_one_variant(tmp_path, monkeypatch):
     run = BenchmarkRun("sweep_kernel", params={}, case_keys=["stage", "variant", "context", "agents", "config"],
                        out=tmp_path / "sweep.json", time_limit=600)
     sweep = Sweep(run, lambda fn: (fn(), 1e-3)[1], cases, [1], 4, variants=["kv"])
-    candidates = {"shared": [{}, {"res_form": "inline"}, {"res_form": "inline", "block_m": 16, "block_t": 32}]}
+    candidates = {"shared": [{}, {"block_m": 16, "block_t": 16}, {"block_t": 64, "num_stages": 2}]}
     sweep.run_jobs(job_order(list(cases), ["shared"]), candidates)
     assert run.rows and {r["variant"] for r in run.rows} == {"kv"}
-    inline = [r for r in run.rows if "inline" in r["config"]]
-    assert len({r["config"] for r in inline}) >= 2 and all(r["ok"] for r in inline), inline
+    assert len({r["config"] for r in run.rows}) >= 3 and all(r["ok"] for r in run.rows), run.rows

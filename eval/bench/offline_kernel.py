@@ -133,13 +133,10 @@ def _resources(kernel, opts: dict) -> dict:
 
 
 def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
-                   has_k: bool = True, inline: bool = False, rows: int | None = None,
-                   maxnreg: int | None = None) -> dict:
+                   has_k: bool = True) -> dict:
     """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``) for sm_90 at V rank
     ``rank_v`` with these launch settings, the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its
-    resources, or the compiler's error (e.g. more shared memory than an SM has). ``inline``: the K residual (rank 16)
-    rebuilt inside it (``res_form="inline"``) instead of read as scores, for ``rows`` decode rows per program (default
-    as many as the block holds)."""
+    resources, or the compiler's error (e.g. more shared memory than an SM has)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -148,25 +145,21 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     from forkkv_kernels.cascade import _cascade_shared_kernel, sub_blocks
 
     ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
-           "VSLOT": "*i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16", "SIN": "*bf16", "MASK": "*i8",
-           "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
-    order = ["Q", "s_qb", "s_qh", "s_qq", "KB", "VB", "R", "KSLOT", "UV", "VSLOT", "UK", "BK", "COS", "SIN", "MASK",
-             "s_mb", "s_mq", "s_mt", "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "RK", "split_len",
-             "n_splits", "qk_scale"]
+           "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
+    order = ["Q", "s_qb", "s_qh", "s_qq", "KB", "VB", "R", "KSLOT", "UV", "VSLOT", "MASK", "s_mb", "s_mq", "s_mt",
+             "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
     args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}  # the rest: strides and sizes
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
-                 BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k and not inline, HAS_V=True,
-                 HAS_MASK=False, DOT_PREC="tf32", UPCAST=False, K_INLINE=inline, RKB=16,
-                 RPB=rows or max(1, block_m // VPR),
-                 ROPE_HALF=True, LOWP_ROPE=True)
+                 BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=True, HAS_MASK=False,
+                 DOT_PREC="tf32", UPCAST=False)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(_cascade_shared_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
-    opts = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
     try:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer for that setting
@@ -205,10 +198,6 @@ def main(argv=None):
     ap.add_argument("--shared-ranks", type=int, nargs="*", metavar="RV",
                     help="instead: the shared kernel (base + V residual) at these V ranks, over BLOCK_M 64/32/16 and "
                          "1-3 pipeline stages (16 agents' rule otherwise: 64-token tiles, 4 warps)")
-    ap.add_argument("--inline", default=None, metavar="JSON",
-                    help="instead: the shared kernel with the K residual rebuilt inside it (res_form='inline', V rank "
-                         "16) for each of these knob dicts (block_m, block_t, num_warps, num_stages, maxnreg, rows: "
-                         "decode rows per block)")
     args = ap.parse_args(argv)
     import triton
 
@@ -216,12 +205,7 @@ def main(argv=None):
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
     print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
     rows, meta = [], {}
-    if args.inline:
-        meta = {"kernel": "_cascade_shared_kernel", "res_form": "inline"}
-        for knobs in json.loads(args.inline):
-            rows.append({"knobs": knobs, **compile_shared(16, inline=True, **knobs)})
-            print(json.dumps(rows[-1]), flush=True)
-    elif args.shared_ranks:
+    if args.shared_ranks:
         meta = {"kernel": "_cascade_shared_kernel"}
         for rv in args.shared_ranks:
             for block_m in (64, 32, 16):
@@ -236,6 +220,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"triton": triton.__version__, "target": "sm_90", **meta, "rows": rows}, f, indent=1)
+
 
 if __name__ == "__main__":
     main()
