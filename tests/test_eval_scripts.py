@@ -348,7 +348,8 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     tiles of 8 warps: 32 with this machine's Triton 3.9, outside the loop: eval/KERNEL_NOTES.md "v11c"), the v9 CUDA-core score
     candidate (64-token tile, 8 warps) does not spill, and the fma form has no score MMA (only the rebuild's); the hot
     loop's SASS counts and ptxas's serialisation reports are read (the joined form: fewer MMA waits, none
-    serialised). A kernel change that makes them spill more fails here before any GPU run."""
+    serialised); the shared kernel at V rank 64 likewise. A kernel change that makes them spill more fails here before
+    any GPU run."""
     pytest.importorskip("triton.backends.nvidia")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
