@@ -70,26 +70,6 @@ def rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype: tl.constexpr, LOWP:
 
 
 @triton.jit
-def joined_columns(HALF: tl.constexpr, HALF_B: tl.constexpr):
-    """The joined layout of a rebuilt K tile's ``2·HALF_B`` columns (and of the queries read to match it): column ``j``
-    is dim ``j`` of the lo half for ``j < HALF_B`` and dim ``j - HALF_B`` of the hi half above. Returns each column's
-    dim and whether it is one (``HALF < HALF_B`` leaves padding columns)."""
-    jn = tl.arange(0, 2 * HALF_B)
-    return jn % HALF_B + (jn // HALF_B) * HALF, (jn % HALF_B) < HALF
-
-
-@triton.jit
-def rotate_joined(x, c_lo, s_lo, c_hi, s_hi, dtype: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_T: tl.constexpr, HALF_B: tl.constexpr):
-    """RoPE of a rebuilt K tile ``x [BLOCK_T, 2·HALF_B]`` in the joined layout (:func:`joined_columns`): split into its
-    halves in registers (in an MMA accumulator's layout a thread holds column ``j`` and ``j + HALF_B`` alike), rotated
-    by :func:`rope_residual`, joined back in ``dtype``."""
-    x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
-    k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, dtype, LOWP, UPCAST)
-    return tl.reshape(tl.permute(tl.join(k_lo.to(dtype), k_hi.to(dtype)), (0, 2, 1)), [BLOCK_T, 2 * HALF_B])
-
-
-@triton.jit
 def rope_tile(COS, SIN, s_ct, s_st, t, d, mask, HALF: tl.constexpr, ROPE_HALF: tl.constexpr):
     """The cos/sin of tokens ``t`` at dims ``d`` of the lo half and ``d + HALF`` of the hi half (``[len(t), len(d)]``
     each; ``ROPE_HALF``: the halves are equal, read once). Returns ``(c_lo, s_lo, c_hi, s_hi)``."""

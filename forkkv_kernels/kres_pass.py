@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (cdiv, joined_columns, launch, mma, mma_f16, pow2, rope_residual, rope_tile,
-                               rotate_joined, sm_major, split_length)
+from .attention_common import cdiv, launch, mma, mma_f16, pow2, rope_residual, rope_tile, sm_major, split_length
 
 #: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
 #: (:mod:`.kres_gluon`)
@@ -101,7 +100,9 @@ def _kres_scores_kernel(
         j_dim = j // 2 + (j % 2) * HALF
         j_mask = ((j // 2) < HALF)[None, :] & rkm[:, None]
         # joined form: column j of the rebuilt tile is dim j of the lo half (j < HALF_B) or j - HALF_B of the hi half
-        jn_dim, jn_ok = joined_columns(HALF, HALF_B)
+        jn = tl.arange(0, 2 * HALF_B)
+        jn_dim = jn % HALF_B + (jn // HALF_B) * HALF
+        jn_ok = (jn % HALF_B) < HALF
         jn_mask = jn_ok[None, :] & rkm[:, None]
         t_begin = split * split_len
         t_end = tl.minimum(T, t_begin + split_len)
@@ -138,7 +139,10 @@ def _kres_scores_kernel(
                         else:
                             x = mma(u, bT, DOT_PREC, UPCAST)
                             rdt: tl.constexpr = dtype
-                        k = rotate_joined(x, c_lo, s_lo, c_hi, s_hi, rdt, LOWP_ROPE or F16, UPCAST, BLOCK_T, HALF_B)
+                        x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, HALF_B]), (0, 2, 1)))
+                        k_lo, k_hi = rope_residual(x_lo, x_hi, c_lo, s_lo, c_hi, s_hi, rdt, LOWP_ROPE or F16, UPCAST)
+                        k = tl.reshape(tl.permute(tl.join(k_lo.to(rdt), k_hi.to(rdt)), (0, 2, 1)),
+                                       [BLOCK_T, 2 * HALF_B])
                         racc = mma(k, qn, DOT_PREC, UPCAST, racc)
                     elif PAIRS:
                         bT = tl.load(b_base + (h * 2 * HALF + j_dim[None, :]) * RK + rk[:, None], mask=j_mask,
