@@ -21,10 +21,16 @@
 #   bash eval/fidelity/gpu.sh probe [ARGS]  # the same model, python -m eval.fidelity.probe --teacher <TEACHERS> ARGS
 #                                         # (run again in a later call to the same warm machine, carrying what the
 #                                         # last call carried: the earlier parts stay in $HOME/m)
+#   bash eval/fidelity/gpu.sh chain R [ARGS]  # no teachers: per agent of ARGS' --agents, python -m eval.fidelity.probe
+#                                         # three times: a standard adapter trained fresh (std_fresh), as many steps
+#                                         # again from it (std_init: how the rank-R tables' seed-0 teachers came), then
+#                                         # distilled from that for a rank-R fit (klfitR_init); each stage's result in
+#                                         # $OUT/chain_<variant>.json, every stage's adapters (std_fresh/, std/,
+#                                         # klfitR/, a folder per agent) in $OUT/chain_adapters.tgz after each stage
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, forkkv_kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail
-mode=${1:?prepare, place, smoke, run or probe}; shift || true
+mode=${1:?prepare, place, smoke, run, probe or chain}; shift || true
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 # fp32 PyTorch paths of the ForkKV attention and the batched LoRA: the semantics measured here, no Triton compiles
 export FORKKV_BACKEND=torch FORKKV_LORA_BACKEND=torch
@@ -127,4 +133,22 @@ probe)
     --teacher "$teachers" --out "$OUT/fidelity_probe_nvidia_h200.json" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -40
   echo "probe done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
+chain)
+  rank=${1:?chain R [probe ARGS]: the fit rank R}; shift
+  unpack
+  join_model
+  w=/tmp/chain; rm -rf "$w"; mkdir -p "$w"; kept=()
+  stage() {  # VARIANT TEACHERS|- FOLDER [ARGS]: one probe call; its adapters into $w/FOLDER/<agent>, all archived
+    local v=$1 t=$2 dest=$3 d a; shift 3
+    (cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
+      $([ "$t" = - ] || echo --teacher "$t") --variants "$v" --save "$w/save_$v" --out "$OUT/chain_$v.json" "$@" 2>&1 \
+      | tee -a "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -8)
+    mkdir -p "$w/$dest"
+    for d in "$w/save_$v"/*_"$v"; do a=$(basename "$d"); mv "$d" "$w/$dest/${a%_"$v"}"; done
+    kept+=("$dest"); tar czf "$OUT/chain_adapters.tgz" -C "$w" "${kept[@]}"
+    echo "chain: $v done at ${SECONDS}s" | tee -a "$OUT/log.txt"
+  }
+  stage std_fresh - std_fresh "$@"
+  stage std_init "$w/std_fresh" std "$@"
+  stage "klfit${rank}_init" "$w/std" "klfit$rank" --fitted-ranks "$rank" "$@" ;;
 esac
