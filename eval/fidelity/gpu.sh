@@ -26,7 +26,8 @@
 #                                         # again from it (std_init: how the rank-R tables' seed-0 teachers came), then
 #                                         # distilled from that for a rank-R fit (klfitR_init); each stage's result in
 #                                         # $OUT/chain_<variant>.json, every stage's adapters (std_fresh/, std/,
-#                                         # klfitR/, a folder per agent) in $OUT/chain_adapters.tgz after each stage
+#                                         # klfitR/, a folder per agent) in $OUT/chain_adapters.tgz.00, .01, ...
+#                                         # after each stage
 # The code runs from the snapshot in src.tgz: this repository's forkkv_hf, forkkv_kernels and eval as committed at HEAD when
 # `prepare` ran (src/COMMIT; uncommitted edits stay out).
 set -euo pipefail
@@ -145,7 +146,9 @@ chain)
       | tee -a "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -8)
     mkdir -p "$w/$dest"
     for d in "$w/save_$v"/*_"$v"; do a=$(basename "$d"); mv "$d" "$w/$dest/${a%_"$v"}"; done
-    kept+=("$dest"); tar czf "$OUT/chain_adapters.tgz" -C "$w" "${kept[@]}"
+    # in parts of 15 MB: a file over 16 MiB does not come back from $OUT (cat chain_adapters.tgz.* | tar xz)
+    kept+=("$dest"); rm -f "$OUT"/chain_adapters.tgz.*
+    tar cz -C "$w" "${kept[@]}" | split -b 15000000 -d - "$OUT/chain_adapters.tgz."
     echo "chain: $v done at ${SECONDS}s" | tee -a "$OUT/log.txt"
   }
   stage std_fresh - std_fresh "$@"
