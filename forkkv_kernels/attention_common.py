@@ -20,6 +20,21 @@ import triton.language as tl
 #: log2(e): the kernels use exp2 on scores pre-multiplied by it
 LOG2E = 1.4426950408889634
 
+try:  # programmatic dependent launch (Hopper on): a kernel's grid starts while its predecessor drains
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except (ImportError, AttributeError):  # pragma: no cover - a Triton without the intrinsics
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 @triton.jit
 def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, acc=None):
@@ -175,7 +190,7 @@ def _private_merge_kernel(
     G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RVB: tl.constexpr,
     QPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_V_RES: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr, MERGE_FIRST: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, MERGE_CHUNK: tl.constexpr, MERGE_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -201,6 +216,8 @@ def _private_merge_kernel(
     acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
     wbase = ((row * H + head) * NQ + qi) * n_splits
     if MERGE_FIRST:  # the splits' partials first: their loads are issued with the query's, not after the private part
+        if PDL:  # launched before the shared kernel ended: its partials are complete and visible after the wait
+            gdc_wait()
         m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_splits(M_WS, L_WS, ACC_WS, UV_WS, wbase, n_splits, valid, m_i, l_i,
                                                          acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES, MERGE_UNROLL,
                                                          MERGE_CHUNK)
@@ -232,6 +249,8 @@ def _private_merge_kernel(
         m_i = m_new
 
     if not MERGE_FIRST:  # log-sum-exp merge with the shared context's split partials
+        if PDL:  # the private part ran while the shared kernel drained
+            gdc_wait()
         m_i, l_i, acc_lo, acc_hi, acc_uv = _merge_splits(M_WS, L_WS, ACC_WS, UV_WS, wbase, n_splits, valid, m_i, l_i,
                                                          acc_lo, acc_hi, acc_uv, HALF_B, RVB, HAS_V_RES, MERGE_UNROLL,
                                                          MERGE_CHUNK)
@@ -335,8 +354,17 @@ def _out_of_shared_memory(err: Exception) -> bool:
     return type(err).__name__ == "OutOfResources" and "shared memory" in str(err)
 
 
-def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | None = None, **constexprs):
-    """``kernel[grid](*args, **constexprs)`` with these launch options. The launch rules were measured on one GPU and
+def pdl_ok(device: str) -> bool:
+    """Whether programmatic dependent launch can run on ``device``: a CUDA GPU of compute capability 9+ (Hopper on) and
+    a Triton with the grid-dependency intrinsics."""
+    return HAS_PDL and sm_major(device) >= 9
+
+
+def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | None = None, pdl: bool = False,
+           **constexprs):
+    """``kernel[grid](*args, **constexprs)`` with these launch options; ``pdl``: as a programmatic dependent launch
+    (its grid may start before the previous kernel in the stream ends; the kernel waits, ``gdc_wait``, before it
+    reads what that kernel wrote; only where :func:`pdl_ok`). The launch rules were measured on one GPU and
     shape family (eval/KERNEL_NOTES.md); where a kernel's software pipeline of ``num_stages`` tiles needs more shared
     memory than this GPU has (a wider head, a higher rank, fp32 tiles, a smaller GPU), it runs with fewer stages, which
     changes its speed, not its result; remembered per kernel, dtypes and compile-time constants. One stage that still
@@ -345,10 +373,14 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
         return (id(kernel), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
                 tuple(sorted(constexprs.items())), num_warps, num_stages, maxnreg)
 
+    options = launch_options(num_warps, num_stages, maxnreg)
+    if pdl:
+        options["launch_pdl"] = True
+
     stages = _FITTED_STAGES.get(key(), num_stages) if _FITTED_STAGES else num_stages
     while True:
         try:
-            compiled = kernel[grid](*args, **constexprs, **launch_options(num_warps, stages, maxnreg))
+            compiled = kernel[grid](*args, **constexprs, **{**options, "num_stages": stages})
         except Exception as e:  # triton.runtime.errors.OutOfResources (not importable under every Triton version)
             if stages <= 1 or not _out_of_shared_memory(e):
                 raise
@@ -362,7 +394,7 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
 def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: int, qk_scale: float, *, T: int,
                          RV: int, has_v: bool, block_t: int, prec: str, interp: bool, merge_warps: int = 4,
                          merge_stages: int = 2, merge_unroll: int = 1, merge_block_t: int | None = None,
-                         merge_chunk: int = 1, merge_first: bool = False):
+                         merge_chunk: int = 1, merge_first: bool = False, pdl: bool = False):
     """Run ``_private_merge_kernel``: ``q [B, H, NQ, D]``, ``k_priv``/``v_priv [B, H_kv, P, D]`` (last dim contiguous),
     ``v_B [n, H_kv·D, r]`` and ``row_vslot [B]`` int32 (used when ``has_v``), ``mask [B, NQ, T + P]`` int8 or None,
     ``ws = (m, l, acc, acc_uv)`` the shared part's partials. Knobs: ``merge_warps``, ``merge_stages``,
@@ -370,7 +402,9 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
     partials one step loads together and merges with one max: a power of two; 1, one split per step; a chunk wider
     than the splits runs as the split count rounded up to a power of two, the rest being masked lanes),
     ``merge_block_t`` private tokens per tile (default ``block_t``), ``merge_first``: merge the splits' partials
-    before the private part instead of after it (same result; their loads then start with the program). Returns the
+    before the private part instead of after it (same result; their loads then start with the program), ``pdl``: a
+    programmatic dependent launch after the shared kernel (which must be the stream's previous kernel; the private part,
+    or with ``merge_first`` nothing, runs before the wait for its partials). Returns the
     output ``[B, NQ, H, D]``; also the compiled kernel (resource reports)."""
     B, H, NQ, D = q.shape
     Hkv, P = k_priv.shape[1], k_priv.shape[2]
@@ -398,7 +432,8 @@ def launch_private_merge(q, k_priv, v_priv, v_B, row_vslot, mask, ws, n_splits: 
         T, P, NQ, H, RV, n_splits, qk_scale,
         G=G, HALF=HALF, HALF_B=pow2(HALF), RVB=pow2(RV), QPB=qpb, BLOCK_M=BLOCK_M, BLOCK_T=merge_block_t or block_t,
         HAS_V_RES=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp, MERGE_UNROLL=merge_unroll,
-        MERGE_CHUNK=merge_chunk, MERGE_FIRST=bool(merge_first), num_warps=merge_warps, num_stages=merge_stages,
+        MERGE_CHUNK=merge_chunk, MERGE_FIRST=bool(merge_first), PDL=pdl, num_warps=merge_warps,
+        num_stages=merge_stages, pdl=pdl,
     )
     return out, kernel
 

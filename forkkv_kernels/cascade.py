@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, launch, launch_private_merge, mma, num_sms,
-                               on_device, pow2, softmax_step, split_length, workspace)
+from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents, gdc_wait, launch,
+                               launch_private_merge, mma, num_sms, on_device, pdl_ok, pow2, softmax_step, split_length,
+                               workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
@@ -43,11 +44,15 @@ def _cascade_shared_kernel(
     HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
     HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
     """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
     context. ``KB``/``VB [HKV, T, D]``, ``R [HKV, B·VPR, T]``, ``UV [n, T, RV]`` contiguous; ``KSLOT``/``VSLOT [B]``;
     ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and split (layout: see
-    :mod:`.attention_common`)."""
+    :mod:`.attention_common`). ``PDL_WAIT``: launched as a programmatic dependent launch after the K pass, it waits for
+    that grid before the first read of ``R`` (everything else it reads was written before the K pass began);
+    ``PDL_TRIGGER``: lets the merge kernel's grid start (after the wait, if any: then all the work before this call
+    is complete)."""
     mb = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -82,6 +87,10 @@ def _cascade_shared_kernel(
     acc = tl.zeros([BLOCK_M, DB], tl.float32)
     t_begin = split * split_len
     t_end = tl.minimum(T, t_begin + split_len)
+    if PDL_WAIT:
+        gdc_wait()
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < t_end
@@ -148,7 +157,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
-                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False)
+                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -180,7 +189,9 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1
                 # -> 43.9, V 67.6 -> 65.6, K+V 70.9 -> 68.5; 8 agents 49.1 -> 46.9 / 77.0 -> 75.1 / 141.4 -> 140.1;
                 # 128 agents 178.5 -> 176.7 / 402.8 -> 397.8 / 1,438.5 -> 1,434.2)
-                merge_unroll=2, merge_chunk=1, merge_first=True)
+                merge_unroll=2, merge_chunk=1, merge_first=True,
+                # programmatic dependent launch between the three kernels (v19: not measured yet, off)
+                pdl=False)
 
 
 
@@ -218,7 +229,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
-                       lowp_rope: bool | None = None, scores_fp32: bool = False,
+                       lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | None = None,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -235,7 +246,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
     ``merge_block_t``, ``merge_first`` (the splits' partials merged before the private part).
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
-    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``scratch(name, numel, device, dtype)``: the
+    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``pdl``: the shared kernel (after a K pass) and
+    the merge as programmatic dependent launches, each starting while the kernel before it drains and waiting for it
+    before reading its output (Hopper on, :func:`~.attention_common.pdl_ok`; elsewhere ignored). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
@@ -264,7 +277,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                  whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
                  merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_first=merge_first, res_pack=res_pack,
-                 res_form=res_form, res_satfinite=res_satfinite, res_score=res_score, res_f16=res_f16)
+                 res_form=res_form, res_satfinite=res_satfinite, res_score=res_score, res_f16=res_f16, pdl=pdl)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
@@ -273,6 +286,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
 
+    use_pdl = bool(cfg["pdl"]) and not interp and pdl_ok(str(dev))
+    if has_v:  # converted before the first launch: no other kernel between the three
+        v_slot = v_slot.to(device=dev, dtype=torch.int32)
+        v_u = v_u.contiguous()
     r_scores = q  # dummy pointer without a K residual
     if has_k:
         k_slot = k_slot.to(device=dev, dtype=torch.int32)
@@ -288,7 +305,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
             res_score=cfg["res_score"], res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"],
-            res_f16=cfg["res_f16"], k_B16=k_B16)
+            res_f16=cfg["res_f16"], k_B16=k_B16, pdl=use_pdl)
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))
@@ -299,9 +316,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     n_vec = B * H * NQ * n_splits
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
           scratch("uv", n_vec * RVB if has_v else 1, dev))
-    if has_v:
-        v_slot = v_slot.to(device=dev, dtype=torch.int32)
-        v_u = v_u.contiguous()
     ms = mask.stride() if mask is not None else (0, 0, 0)
     launched["shared"] = launch(
         _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
@@ -312,13 +326,14 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
+        PDL_WAIT=use_pdl and has_k, PDL_TRIGGER=use_pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg, pdl=use_pdl and has_k,
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages,
         merge_unroll=cfg["merge_unroll"], merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t,
-        merge_first=cfg["merge_first"])
+        merge_first=cfg["merge_first"], pdl=use_pdl)
     if launches is not None:
         launches.update(launched)
     return out

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import cdiv, launch, mma, mma_f16, pow2, rope_residual, rope_tile, sm_major, split_length
+from .attention_common import (cdiv, gdc_launch_dependents, launch, mma, mma_f16, pow2, rope_residual, rope_tile,
+                               sm_major, split_length)
 
 #: the forms of the K pass (``res_form``); ``"gluon"``: the joined form's arithmetic in Gluon, Hopper only
 #: (:mod:`.kres_gluon`)
@@ -59,7 +60,7 @@ def _kres_scores_kernel(
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, PAIRS: tl.constexpr, JOINED: tl.constexpr, SCORE_FMA: tl.constexpr, SATF: tl.constexpr,
-    F16: tl.constexpr,
+    F16: tl.constexpr, PDL: tl.constexpr,
 ):
     """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h`` for every
     row with a K slot. ``UK [n, T, RK]``, ``BK [n, HKV·2·HALF, RK]``, ``COS``/``SIN [T, 2·HALF]`` contiguous;
@@ -67,7 +68,10 @@ def _kres_scores_kernel(
     the context x (chunk of ``MQ // HA // VPR`` of the agent's rows, group of ``HG`` KV heads). ``HA`` KV heads share
     one score tile: column ``c`` belongs to head ``c // (MQ // HA)`` of the pack, each head's MMA sees only its own
     columns (the others' query operand is zero) and accumulates into the tile, which is scaled and stored once per
-    pack instead of once per head."""
+    pack instead of once per head. ``PDL``: let the next kernel's grid (the shared part, a programmatic dependent
+    launch that waits for this grid before it reads ``R``) start as this grid's programs have all started."""
+    if PDL:
+        gdc_launch_dependents()
     p = tl.program_id(0)
     split = tl.program_id(1)
     chunk = tl.program_id(2) // (HKV // HG)
@@ -237,7 +241,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
-                       res_satfinite: bool = False, res_f16: bool = False, k_B16=None):
+                       res_satfinite: bool = False, res_f16: bool = False, k_B16=None, pdl: bool = False):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
     ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
@@ -256,7 +260,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     the score MMA's operands in fp16, the scores accumulated in fp32: no conversion between the rebuild and the
     rotation; bf16/fp32 queries enter fp16 scaled by :data:`Q_F16_SCALE`; the K residual must stay within fp16's
     range: :func:`f16_range_ok`; ``k_B16``: ``k_B`` already in fp16, else converted per call). Returns the compiled
-    kernel."""
+    kernel. ``pdl``: the kernel lets the next one (a programmatic dependent launch) start early."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -309,6 +313,6 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,
         SATF=res_satfinite and r_scores.dtype == torch.float16 and not interp and sm_major(str(q.device)) >= 9,
-        F16=res_f16,
+        F16=res_f16, PDL=pdl,
         num_warps=res_warps, num_stages=res_stages, maxnreg=res_maxnreg,
     )

@@ -164,6 +164,12 @@ LAUNCH_KNOBS = [
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)),
      dict(merge_first=True, merge_chunk=4, n_splits=3, merge_block_t=16)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(merge_first=True, merge_chunk=16)),
+    # programmatic dependent launches (ignored off Hopper and under the interpreter): the shared kernel after the K
+    # pass and the merge after it, the merge's private part before or after its wait; without residuals only the merge
+    (_LONG, dict(pdl=True, n_splits=5, block_t=16, res_block_t=16)),
+    (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(pdl=True, merge_first=False)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False), dict(pdl=True, n_splits=9)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(pdl=True, merge_first=False)),
 ]
 
 
@@ -548,6 +554,8 @@ GPU_KNOBS = [
     {"res_satfinite": True, "res_form": "halves", "res_pack": 4, "res_block_t": 64, "res_warps": 4},
     {"res_f16": True},
     {"res_f16": True, "res_block_t": 64, "res_warps": 4},
+    {"pdl": True},
+    {"pdl": True, "merge_first": False},
 ]
 
 
@@ -584,6 +592,41 @@ def test_gpu_satfinite_scores_equal_the_clamped_ones(case):
         clamped = _launch(q, view, None, 128**-0.5, res_form=form, res_satfinite=False)
         saturated = _launch(q, view, None, 128**-0.5, res_form=form, res_satfinite=True)
         assert torch.equal(clamped, saturated), (form, (clamped.float() - saturated.float()).abs().max().item())
+
+
+@pytest.mark.gpu
+@parametrize("case", GPU_CASES[:2])
+def test_gpu_pdl_calls_in_a_cuda_graph_equal_plain_launches(case):
+    """Programmatic dependent launches captured in a CUDA graph, calls back to back on shared workspaces (a call's
+    merge followed by the next call's K pass or shared kernel; each kernel's early start overlaps the one before it):
+    every replay gives the outputs of plain launches, bit for bit, for K+V, V only and no residual."""
+    from forkkv_kernels.attention_common import fresh_scratch, pdl_ok
+
+    if not pdl_ok("cuda"):
+        pytest.skip("programmatic dependent launch needs sm_90+ and Triton's grid-dependency intrinsics")
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16).to(DEV)
+    sh = view.shared
+    args = [t.to(DEV) for t in (sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value)]
+    slots = view.k_rows.tolist()
+    res = {"k_u": sh.k_res.u.to(DEV), "k_B": sh.k_res.B.to(DEV), "k_slot": view.k_rows.to(DEV),
+           "k_order": torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), device=DEV),
+           "v_u": sh.v_res.u.to(DEV), "v_B": sh.v_res.B.to(DEV), "v_slot": view.v_rows.to(DEV)}
+    variants = [res, {k: v for k, v in res.items() if k.startswith("v")}, {}]
+
+    def calls(pdl, **kw):
+        return [cascade_attention(q, *args, 128**-0.5, pdl=pdl, **v, **kw) for v in variants]
+
+    plain = calls(False)
+    calls(True, scratch=fresh_scratch)  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = calls(True, scratch=fresh_scratch)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for want, got in zip(plain, captured):
+            assert torch.equal(want, got)
 
 
 # --- the tuning sweep (eval/bench/sweep_kernel.py): what of it runs without a GPU ------------------------------------
