@@ -51,8 +51,8 @@ def _cascade_shared_kernel(
     ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and split (layout: see
     :mod:`.attention_common`). ``PDL_WAIT``: launched as a programmatic dependent launch after the K pass, it waits for
     that grid before the first read of ``R`` (everything else it reads was written before the K pass began);
-    ``PDL_TRIGGER``: lets the merge kernel's grid start (after the wait, if any: then all the work before this call
-    is complete)."""
+    ``PDL_TRIGGER``: lets the merge kernel's grid start, 1: at once (after the wait, if any: then all the work before
+    this call is complete), 2: after the context loop, before the partials' stores; 0: as the grid ends."""
     mb = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -89,7 +89,7 @@ def _cascade_shared_kernel(
     t_end = tl.minimum(T, t_begin + split_len)
     if PDL_WAIT:
         gdc_wait()
-    if PDL_TRIGGER:
+    if PDL_TRIGGER == 1:
         gdc_launch_dependents()
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -114,6 +114,8 @@ def _cascade_shared_kernel(
             acc_uv = acc_uv * a3[:, :, None] + mma(tl.reshape(pd, [N_SUB, SB, BLOCK_T]), u3, DOT_PREC, UPCAST)
         m_i = m_new
 
+    if PDL_TRIGGER == 2:
+        gdc_launch_dependents()
     wi = ((row * (HKV * G) + head) * NQ + qi) * n_splits + split
     tl.store(M_WS + wi, m_i, mask=valid)
     tl.store(L_WS + wi, l_i, mask=valid)
@@ -129,6 +131,10 @@ def _cascade_shared_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # launcher
+
+
+#: the ``pdl`` settings of :func:`cascade_attention` (None: plain launches)
+PDL_MODES = (None, "early", "late", "merge")
 
 
 def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> dict:
@@ -229,7 +235,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
-                       lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | None = None,
+                       lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -246,9 +252,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
     ``merge_block_t``, ``merge_first`` (the splits' partials merged before the private part).
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),
-    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``pdl``: the shared kernel (after a K pass) and
-    the merge as programmatic dependent launches, each starting while the kernel before it drains and waiting for it
-    before reading its output (Hopper on, :func:`~.attention_common.pdl_ok`; elsewhere ignored). ``scratch(name, numel, device, dtype)``: the
+    ``scores_fp32`` keep the K-residual scores in fp32 instead of fp16. ``pdl`` (:data:`PDL_MODES`; Hopper on,
+    :func:`~.attention_common.pdl_ok`, elsewhere ignored): programmatic dependent launches, each kernel starting while
+    the one before it drains and waiting for it before reading its output: ``"early"`` (or True) the shared kernel
+    after a K pass and the merge, each kernel letting the next start as soon as its own grid runs; ``"late"`` the same,
+    the shared kernel letting the merge start after its context loop (the K pass as it ends); ``"merge"`` only the
+    merge, let start after the shared kernel's context loop. ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
@@ -286,7 +295,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
 
-    use_pdl = bool(cfg["pdl"]) and not interp and pdl_ok(str(dev))
+    pdl_mode = {False: None, True: "early"}.get(cfg["pdl"], cfg["pdl"])
+    if pdl_mode not in PDL_MODES:
+        raise ValueError(f"pdl={cfg['pdl']!r}; use one of {PDL_MODES} (True: 'early', False/None: plain launches)")
+    pdl_mode = pdl_mode if not interp and pdl_ok(str(dev)) else None
+    use_pdl = pdl_mode is not None
     if has_v:  # converted before the first launch: no other kernel between the three
         v_slot = v_slot.to(device=dev, dtype=torch.int32)
         v_u = v_u.contiguous()
@@ -305,7 +318,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
             res_score=cfg["res_score"], res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"],
-            res_f16=cfg["res_f16"], k_B16=k_B16, pdl=use_pdl)
+            res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early")
 
     BLOCK_T = cfg["block_t"]
     BLOCK_M = block_m or min(64, pow2(B * VPR))
@@ -326,8 +339,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        PDL_WAIT=use_pdl and has_k, PDL_TRIGGER=use_pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg, pdl=use_pdl and has_k,
+        PDL_WAIT=pdl_mode in ("early", "late") and has_k, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
+        pdl=pdl_mode in ("early", "late") and has_k,
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,

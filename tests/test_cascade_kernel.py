@@ -170,6 +170,8 @@ LAUNCH_KNOBS = [
     (AttnCase(B=5, H=8, Hkv=2, D=16, T=41, P=9, Q=2, rows=(1, 0, 1, 1, -1)), dict(pdl=True, merge_first=False)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False), dict(pdl=True, n_splits=9)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(pdl=True, merge_first=False)),
+    (_LONG, dict(pdl="late", n_splits=5, block_t=16, res_block_t=16)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False), dict(pdl="merge", n_splits=9)),
 ]
 
 
@@ -556,6 +558,8 @@ GPU_KNOBS = [
     {"res_f16": True, "res_block_t": 64, "res_warps": 4},
     {"pdl": True},
     {"pdl": True, "merge_first": False},
+    {"pdl": "late"},
+    {"pdl": "merge"},
 ]
 
 
@@ -617,16 +621,24 @@ def test_gpu_pdl_calls_in_a_cuda_graph_equal_plain_launches(case):
         return [cascade_attention(q, *args, 128**-0.5, pdl=pdl, **v, **kw) for v in variants]
 
     plain = calls(False)
-    calls(True, scratch=fresh_scratch)  # compiled outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = calls(True, scratch=fresh_scratch)
-    for _ in range(3):
-        graph.replay()
+    for mode in ("early", "late", "merge"):
+        calls(mode, scratch=fresh_scratch)  # compiled outside the capture
         torch.cuda.synchronize()
-        for want, got in zip(plain, captured):
-            assert torch.equal(want, got)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = calls(mode, scratch=fresh_scratch)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for want, got in zip(plain, captured):
+                assert torch.equal(want, got), mode
+
+
+def test_cascade_refuses_an_unknown_pdl_mode():
+    case = _LONG
+    view, q = case.view(), case.query()
+    with pytest.raises(ValueError, match="pdl='eager'.*early"):
+        _launch(q, view, None, case.D**-0.5, pdl="eager")
 
 
 # --- the tuning sweep (eval/bench/sweep_kernel.py): what of it runs without a GPU ------------------------------------
