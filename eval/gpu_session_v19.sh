@@ -5,6 +5,7 @@
 # 2. `sweep_kernel --stage merge` at 1/8/32/128 agents (32K), K+V / V only / base only: the rule, pdl with the
 #    merge's partials first (the rule's order), pdl with the private part before the wait; then the same in reverse
 #    order (the run-to-run spread); with MODES=1 instead the rule against the three pdl modes (early, late, merge);
+#    with RULE=1 the rule (pdl "merge" since v19) against plain launches;
 # 3. the per-kernel profile of the rule on this machine (PROFILE=1; the H200 profile was never measured).
 # KNOB_TESTS=0 leaves out the launch-knob cases on the GPU (the PDL graph test still runs).
 # Results under $OUT (copy to eval/results).
@@ -25,7 +26,10 @@ if [ "${KNOB_TESTS:-1}" = 1 ]; then
 fi
 PTS="32768:1 32768:8 32768:32 32768:128"
 for pass in a b; do
-    if [ "${MODES:-0}" = 1 ]; then
+    if [ "${RULE:-0}" = 1 ]; then  # the adopted rule (pdl "merge" but V only beyond 32 vectors) against no pdl
+        name=v19r$pass
+        if [ $pass = a ]; then C='{"merge": [{}, {"pdl": false}]}'; else C='{"merge": [{"pdl": false}, {}]}'; fi
+    elif [ "${MODES:-0}" = 1 ]; then
         name=v19m$pass
         if [ $pass = a ]; then C='{"merge": [{}, {"pdl": "early"}, {"pdl": "late"}, {"pdl": "merge"}]}'
         else C='{"merge": [{"pdl": "merge"}, {"pdl": "late"}, {"pdl": "early"}, {}]}'; fi

@@ -196,8 +196,13 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # -> 43.9, V 67.6 -> 65.6, K+V 70.9 -> 68.5; 8 agents 49.1 -> 46.9 / 77.0 -> 75.1 / 141.4 -> 140.1;
                 # 128 agents 178.5 -> 176.7 / 402.8 -> 397.8 / 1,438.5 -> 1,434.2)
                 merge_unroll=2, merge_chunk=1, merge_first=True,
-                # programmatic dependent launch between the three kernels (v19: not measured yet, off)
-                pdl=False)
+                # the merge as a programmatic dependent launch, let start after the shared kernel's context loop (v19,
+                # one H100, two sweeps each, µs: base only 1 / 8 / 32 / 128 agents 55.8 -> 54.8, 59.2 -> 57.8, 64.1 ->
+                # 62.9, 181.8 -> 176.8; V only 1 / 8 agents 68.0 -> 65.2, 76.7 -> 73.5; K+V 8 / 32 agents 146.6 ->
+                # 145.4, 378.8 -> 375.4, at 1 / 128 within 0.2%); not for the V residual alone beyond 32 vectors
+                # (32 agents 119.4 -> 128.8, 128 agents 382.2 -> 415.9); "early" (every kernel letting the next start
+                # at once) lost at 8 agents (V only +4.9%, K+V +1.6%) and won only V only at 1 agent (-5.7%)
+                pdl=False if has_v and not has_k and not few else "merge")
 
 
 
