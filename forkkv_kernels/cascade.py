@@ -201,7 +201,10 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 62.9, 181.8 -> 176.8; V only 1 / 8 agents 68.0 -> 65.2, 76.7 -> 73.5; K+V 8 / 32 agents 146.6 ->
                 # 145.4, 378.8 -> 375.4, at 1 / 128 within 0.2%); not for the V residual alone beyond 32 vectors
                 # (32 agents 119.4 -> 128.8, 128 agents 382.2 -> 415.9); "early" (every kernel letting the next start
-                # at once) lost at 8 agents (V only +4.9%, K+V +1.6%) and won only V only at 1 agent (-5.7%)
+                # at once) lost at 8 agents (V only +4.9%, K+V +1.6%) and won more than "merge" only for V only at 1
+                # agent (-5.7% against -4.1%), base only at 128 (-4.1% against -2.8%) and V only from 32 agents (-0.7
+                # / -0.9%, within the run-to-run spread, where "merge" loses);
+                # sweep_kernel_v19{a,b,ma,mb,ra,rb}_nvidia_h100.json, eval/KERNEL_NOTES.md "v19"
                 pdl=False if has_v and not has_k and not few else "merge")
 
 
