@@ -47,6 +47,18 @@ def test_questions_are_answered_by_their_context_only():
 
 
 @pytest.mark.version_independent
+def test_more_evaluation_contexts_extend_the_default_set():
+    """``python -m eval.fidelity data --eval-contexts N``: the first contexts of a larger evaluation set, and their
+    questions, are the smaller set's (runs on the extra contexts merge with runs on the default set); training data
+    does not change."""
+    assert not MISSING, f"packages the benchmark needs are missing: {', '.join(MISSING)}"
+    small, large = tasks.make_split("eval", 2, 3, 2400, seed=0), tasks.make_split("eval", 5, 3, 2400, seed=0)
+    assert large[0][:2] == small[0] and len(large[0]) == 5
+    assert [e for e in large[1] if e["context_index"] < 2] == small[1]
+    assert {c["id"] for c in large[0][2:]}.isdisjoint(c["id"] for c in small[0])
+
+
+@pytest.mark.version_independent
 def test_exact_match_f1_and_bootstrap():
     assert metrics.exact_match("The Ghost.", "ghost") == 1.0
     assert metrics.exact_match("Ham", "Hor") == 0.0

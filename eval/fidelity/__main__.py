@@ -263,6 +263,10 @@ def main(argv=None):
     d.add_argument("--out", type=Path, default=DATA)
     d.add_argument("--quick", action="store_true")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--eval-contexts", type=int,
+                   help=f"evaluation contexts to write (default {FULL['eval_contexts']}); the first "
+                        f"{FULL['eval_contexts']} of more are the default set's, question for question, so runs on "
+                        "the extra ones (run --data DIR --first-eval-context 24) merge with runs on the default set")
     r = sub.add_parser("run", help="train every kind, evaluate every variant, write the result file and plot")
     r.add_argument("--quick", action="store_true", help="a tiny CPU slice of the same pipeline")
     r.add_argument("--data", type=Path, help=f"JSON-lines folder (default {DATA})")
@@ -316,7 +320,10 @@ def main(argv=None):
     c.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.command == "data":
-        print(f"wrote {write_data(args.out, QUICK if args.quick else FULL, args.seed)}")
+        sizes = dict(QUICK if args.quick else FULL)
+        if args.eval_contexts:
+            sizes["eval_contexts"] = args.eval_contexts
+        print(f"wrote {write_data(args.out, sizes, args.seed)}")
     elif args.command == "run":
         run(args)
     elif args.command == "compare":
