@@ -49,7 +49,8 @@ def compile_kres(knobs: dict) -> dict:
                  HA=score_pack(rule.get("res_pack") or 1, fma, rule.get("res_heads") or 8, MQ, 4), ROPE_HALF=True,
                  LOWP_ROPE=True, CLAMP=True, DOT_PREC="tf32", UPCAST=False,
                  PAIRS=form == "pairs", JOINED=form == "joined",
-                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")), F16=f16)
+                 SCORE_FMA=fma, SATF=bool(rule.get("res_satfinite")), F16=f16,
+                 PDL=rule.get("pdl") in (True, "early"))  # the K pass lets the shared kernel start in "early" only
     opts = {"num_warps": rule["res_warps"], "num_stages": rule["res_stages"]}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
@@ -133,10 +134,11 @@ def _resources(kernel, opts: dict) -> dict:
 
 
 def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
-                   has_k: bool = True) -> dict:
+                   has_k: bool = True, pdl_trigger: int = 2) -> dict:
     """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``) for sm_90 at V rank
     ``rank_v`` with these launch settings, the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its
-    resources, or the compiler's error (e.g. more shared memory than an SM has)."""
+    resources, or the compiler's error (e.g. more shared memory than an SM has). ``pdl_trigger``: where the kernel lets
+    the merge start (2: after its context loop, the rule's ``pdl="merge"``; 0: plain launches)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,7 +154,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
                  BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=True, HAS_MASK=False,
-                 DOT_PREC="tf32", UPCAST=False)
+                 DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len")]
