@@ -295,8 +295,10 @@ def num_sms(device: str) -> int:
 
 @functools.lru_cache(maxsize=8)
 def sm_major(device: str) -> int:
-    """The compute capability's major version of ``device`` (9 on Hopper); 0 off CUDA."""
-    if device.startswith("cuda"):
+    """The NVIDIA compute capability's major version of ``device`` (9 on Hopper); 0 off CUDA and on ROCm, whose
+    "capability" numbers name AMD architectures (9 on MI300), not the PTX features (saturating conversions,
+    programmatic dependent launch) the kernels gate on it."""
+    if device.startswith("cuda") and torch.version.hip is None:
         return torch.cuda.get_device_capability(torch.device(device))[0]
     return 0
 

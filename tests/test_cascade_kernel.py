@@ -634,6 +634,20 @@ def test_gpu_pdl_calls_in_a_cuda_graph_equal_plain_launches(case):
                 assert torch.equal(want, got), mode
 
 
+def test_hopper_features_stay_off_on_rocm(monkeypatch):
+    """The PTX-only features (the K pass's saturating conversion, programmatic dependent launch) gate on the NVIDIA
+    compute capability: a ROCm device reporting "capability" 9 (MI300) does not get them; a Hopper GPU does."""
+    from forkkv_kernels import attention_common as ac
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    for hip, want in (("6.2.0", 0), (None, 9)):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        ac.sm_major.cache_clear()
+        assert ac.sm_major("cuda:7") == want
+        assert ac.pdl_ok("cuda:7") == (want == 9 and ac.HAS_PDL)
+    ac.sm_major.cache_clear()
+
+
 def test_cascade_refuses_an_unknown_pdl_mode():
     case = _LONG
     view, q = case.view(), case.query()
