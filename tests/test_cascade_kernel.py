@@ -302,6 +302,36 @@ def test_gpu_launch_rule_is_the_sweeps_best():
     assert launch_defaults(32, 1, 4, True, True, torch.float32)["whole_waves"] is False  # fp32: not swept
 
 
+def test_gpu_pdl_rule_follows_the_v19_sweeps():
+    """The launch rule's ``pdl`` (v19): "merge" wherever the mode sweeps (``v19ma``/``v19mb``, one H100, 32K, 1-128
+    agents) measured it no slower than plain launches by more than the run-to-run spread (1.5%) in both orders, plain
+    launches where it measured slower (the V residual alone from 32 agents, +7-9%); and the rule's own check against
+    plain launches (``v19ra``/``v19rb``) never slower by more than the spread."""
+    import json
+
+    from forkkv_kernels.cascade import launch_defaults
+
+    res = Path(__file__).parents[1] / "eval/results"
+    def times(names):
+        out = {}
+        for name in names:
+            for r in json.loads((res / f"sweep_kernel_{name}_nvidia_h100.json").read_text())["rows"]:
+                if "graph_s" in r:
+                    out.setdefault((r["variant"], r["agents"], r["config"]), []).append(r["graph_s"])
+        return out
+
+    modes, check = times(["v19ma", "v19mb"]), times(["v19ra", "v19rb"])
+    for variant in ("kv", "v", "base"):
+        for N in (1, 8, 32, 128):
+            rule = launch_defaults(N, 1, 4, variant == "kv", variant in ("kv", "v"), torch.bfloat16)
+            plain = modes[variant, N, "{}"]
+            merge = modes[variant, N, json.dumps({"pdl": "merge"})]
+            slower = all(m > 1.015 * p for m, p in zip(merge, plain))
+            assert rule["pdl"] == (False if slower else "merge"), (variant, N, merge, plain)
+            on, off = check[variant, N, "{}"], check[variant, N, json.dumps({"pdl": False})]
+            assert sum(on) <= 1.015 * sum(off), (variant, N, on, off)
+
+
 def test_gpu_k_pass_rule_is_the_v11c_sweeps_best():
     """The K pass's launch rule (the joined form, one KV head per score tile, 128-token tiles on 8 warps, 3 stages) is
     within 1% of the v11c sweep's fastest K pass configuration at every point (T=32K, 1/8/32/128 agents, K+V; whole-wave
