@@ -104,3 +104,13 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     assert ns["cache_a"].adapter_names == ["planner", "planner", "coder"] and ns["cache_b"].adapter_names == ["critic"]
     assert "one DynamicCache per row" in printed.getvalue()
     assert ("ForkKVStore:" in printed.getvalue()) == any("store.report()" in code for code in ran)
+
+
+@pytest.mark.version_independent
+def test_readme_contents_list_names_every_section():
+    """The contents list after the introduction links every ``##`` section, in order, by the anchor GitHub gives it
+    (lower case, punctuation but ``-``/``_`` dropped, spaces as ``-``): a renamed or added section fails here."""
+    text = README.read_text()
+    heads = re.findall(r"^## (.+)$", text, flags=re.M)
+    listed = re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", text.split("Contents:\n", 1)[1].split("\n\n", 1)[0], flags=re.M)
+    assert listed == [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads]
