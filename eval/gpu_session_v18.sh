@@ -5,12 +5,7 @@
 # since v16, so only the queries' conversion is left against it. Results under $OUT (copy to eval/results).
 # Shorter: PROFILE=0, SWEEP=0.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=.
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env_v18.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/env_v18.txt"
-cat "$OUT/env_v18.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, the tree importable, the device and versions in $OUT/env.txt
 if [ "${PROFILE:-1}" = 1 ]; then
     timeout 240 python -m eval.bench.profile_kernel --points 32768:1 32768:8 32768:32 32768:128 \
         --out "$OUT/profile_kernel_v18.json" > "$OUT/profile_kernel_v18.log" 2>&1

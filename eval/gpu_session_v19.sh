@@ -10,12 +10,7 @@
 # KNOB_TESTS=0 leaves out the launch-knob cases on the GPU (the PDL graph test still runs).
 # Results under $OUT (copy to eval/results).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=.
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env_v19.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/env_v19.txt"
-cat "$OUT/env_v19.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, the tree importable, the device and versions in $OUT/env.txt
 timeout 240 python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "pdl or launch_knobs" -p no:cacheprovider \
     > "$OUT/gpu_tests_pdl.log" 2>&1
 echo "tests rc=$?"; tail -3 "$OUT/gpu_tests_pdl.log"
