@@ -22,9 +22,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
 
-def _launch(q, view, mask, scale, host_order=True, **tuning):
-    """``cascade_attention`` on the view's tensors: slots as tensors; with ``host_order`` also the sorted rows and the
-    number of agents (what the adapter passes), else the launcher derives them on the device."""
+def _device_inputs(view, host_order=True) -> tuple[list, dict]:
+    """The view's tensors on ``DEV`` as ``cascade_attention`` takes them: the shared and private K/V with cos/sin
+    (positional) and the residuals' keywords, slots as tensors; with ``host_order`` also the sorted rows and the number
+    of agents (what the adapter passes), else the launcher derives them on the device."""
     sh = view.shared
     kw = {}
     for kind, res, rows in (("k", sh.k_res, view.k_rows), ("v", sh.v_res, view.v_rows)):
@@ -36,10 +37,16 @@ def _launch(q, view, mask, scale, host_order=True, **tuning):
         used = [s for s in slots if s >= 0]
         kw["k_agents"] = len(set(used))
         kw["k_max_rows"] = max((used.count(s) for s in set(used)), default=1)
+    args = [t.to(DEV) for t in (sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value)]
+    return args, kw
+
+
+def _launch(q, view, mask, scale, host_order=True, **tuning):
+    """``cascade_attention`` on the view's tensors (:func:`_device_inputs`), the output on CPU."""
+    args, kw = _device_inputs(view, host_order)
     if mask is not None:
         mask = mask[:, 0].to(torch.int8).to(DEV)
-    return cascade_attention(q.to(DEV), sh.key[0].to(DEV), sh.value[0].to(DEV), sh.cos.to(DEV), sh.sin.to(DEV),
-                             view.key.to(DEV), view.value.to(DEV), scale, mask=mask, **kw, **tuning).cpu()
+    return cascade_attention(q.to(DEV), *args, scale, mask=mask, **kw, **tuning).cpu()
 
 
 def _query(view, H, Q, seed=5):
@@ -639,13 +646,8 @@ def test_gpu_pdl_calls_in_a_cuda_graph_equal_plain_launches(case):
     if not pdl_ok("cuda"):
         pytest.skip("programmatic dependent launch needs sm_90+ and Triton's grid-dependency intrinsics")
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16).to(DEV)
-    sh = view.shared
-    args = [t.to(DEV) for t in (sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value)]
-    slots = view.k_rows.tolist()
-    res = {"k_u": sh.k_res.u.to(DEV), "k_B": sh.k_res.B.to(DEV), "k_slot": view.k_rows.to(DEV),
-           "k_order": torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i]), device=DEV),
-           "v_u": sh.v_res.u.to(DEV), "v_B": sh.v_res.B.to(DEV), "v_slot": view.v_rows.to(DEV)}
-    variants = [res, {k: v for k, v in res.items() if k.startswith("v")}, {}]
+    args, res = _device_inputs(view)  # inputs on the GPU before the capture (a copy inside it would be illegal)
+    variants = [res, {k: v for k, v in res.items() if k.startswith("v_")}, {}]
 
     def calls(pdl, **kw):
         return [cascade_attention(q, *args, 128**-0.5, pdl=pdl, **v, **kw) for v in variants]
