@@ -632,3 +632,30 @@ def test_rank_plot_reads_compare_files(tmp_path):
         rank_plot.read_points([str(f8)])
     with pytest.raises(SystemExit, match="a label and at least one"):
         rank_plot.main(["--series", "alone", "--out", str(out)])
+
+
+@pytest.mark.version_independent
+def test_forest_plot_reads_one_row_per_label(tmp_path):
+    """`python -m eval.fidelity.forest_plot`: each LABEL=FILE[@AGENT] is that compare row's exact-match difference in
+    points with its interval (the pooled ``all`` without an agent); lines keep their first order across series; a
+    missing row or a spec without a label is refused with what to give."""
+    from eval.fidelity import forest_plot
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"a": "x", "b": "y", "rows": [
+        {"agent": agent, "prompts": n, "em": {"mean": m, "lo": lo, "hi": hi, "n": n}, "em_a": 0.9, "em_b": 0.9}
+        for agent, m, lo, hi, n in (("speaker", -0.016, -0.047, 0.016, 576), ("all", -0.001, -0.024, 0.023, 1152))]}))
+    assert forest_plot.read_row(f"speaker (0)={f}@speaker") == (
+        "speaker (0)", pytest.approx(-1.6), pytest.approx(-4.7), pytest.approx(1.6), 576)
+    assert forest_plot.read_row(f"pooled={f}")[1:] == (pytest.approx(-0.1), pytest.approx(-2.4), pytest.approx(2.3),
+                                                       1152)
+    out = tmp_path / "forest.png"
+    forest_plot.main(["--series", "student", f"a={f}@speaker", f"b={f}", "--series", "teacher", f"b={f}",
+                      "--out", str(out)])
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no row 'next_line'"):
+        forest_plot.read_row(f"x={f}@next_line")
+    with pytest.raises(SystemExit, match="give LABEL=FILE"):
+        forest_plot.read_row(str(f))
+    with pytest.raises(SystemExit, match="a name and at least one"):
+        forest_plot.main(["--series", "alone", "--out", str(out)])
