@@ -42,7 +42,7 @@ def plot(series: list[tuple[str, list[tuple]]], out: Path, title: str, xlabel: s
     labels: list[str] = []
     for _, rows in series:
         labels += [r[0] for r in rows if r[0] not in labels]
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(labels)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.45 * len(labels)))
     for i, (name, rows) in enumerate(series):
         dy = 0.12 * (i - (len(series) - 1) / 2)
         y = [labels.index(r[0]) + dy for r in rows]
@@ -54,7 +54,7 @@ def plot(series: list[tuple[str, list[tuple]]], out: Path, title: str, xlabel: s
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(series))  # below: no row hidden
     ax.set_title(title, fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, out)
