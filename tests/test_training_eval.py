@@ -653,6 +653,15 @@ def test_forest_plot_reads_one_row_per_label(tmp_path):
     forest_plot.main(["--series", "student", f"a={f}@speaker", f"b={f}", "--series", "teacher", f"b={f}",
                       "--out", str(out)])
     assert out.stat().st_size > 0
+    rec = json.loads(out.with_suffix(".json").read_text())  # the record beside the PNG draws it again
+    assert [s["name"] for s in rec["series"]] == ["student", "teacher"]
+    assert rec["series"][0]["rows"][1] == dict(spec=f"b={f}", label="b", mean=pytest.approx(-0.1),
+                                               lo=pytest.approx(-2.4), hi=pytest.approx(2.3), prompts=1152)
+    out.unlink()
+    forest_plot.main(["--spec", str(out.with_suffix(".json"))])
+    assert out.stat().st_size > 0 and json.loads(out.with_suffix(".json").read_text()) == rec
+    with pytest.raises(SystemExit, match="--out PNG"):
+        forest_plot.main(["--series", "student", f"a={f}@speaker"])
     with pytest.raises(SystemExit, match="no row 'next_line'"):
         forest_plot.read_row(f"x={f}@next_line")
     with pytest.raises(SystemExit, match="give LABEL=FILE"):

@@ -9,7 +9,10 @@
 Each ``LABEL=FILE[@AGENT]`` names a ``python -m eval.fidelity compare ... --out FILE`` result and the row of it to
 draw (an agent's, or without ``@AGENT`` the pooled ``all``): its exact-match difference a - b in points with the 95%
 scene-bootstrap interval, on the line ``LABEL``. Lines keep the order in which they first appear; each series is one
-colour. Zero is the reference (side b); the gray band is issue 20's ±0.5 points.
+colour. Zero is the reference (side b); the gray band is issue 20's ±0.5 points. Beside the PNG a JSON records the
+series, their specs and the values drawn; ``--spec THAT.json`` draws it again from the compare files it names:
+
+    python -m eval.fidelity.forest_plot --spec eval/results/fidelity_fitted32_seeds_72ctx_cpu.json
 """
 
 from __future__ import annotations
@@ -62,16 +65,32 @@ def plot(series: list[tuple[str, list[tuple]]], out: Path, title: str, xlabel: s
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--series", nargs="+", action="append", required=True, metavar="NAME LABEL=FILE[@AGENT]",
-                    help="a series name, then LABEL=FILE[@AGENT] compare rows (repeat --series for each)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--series", nargs="+", action="append", metavar="NAME LABEL=FILE[@AGENT]",
+                     help="a series name, then LABEL=FILE[@AGENT] compare rows (repeat --series for each)")
+    src.add_argument("--spec", type=Path, help="the JSON an earlier call wrote beside its PNG: draw it again")
     ap.add_argument("--title", default="Exact match minus the teachers' exact inference (by generation)")
     ap.add_argument("--xlabel", default="exact match minus the reference, points (95% scene-bootstrap interval)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the PNG (with --spec: beside the spec by default)")
     args = ap.parse_args(argv)
-    for s in args.series:
+    if args.spec:
+        rec = json.loads(args.spec.read_text())
+        series = [[s["name"], *(r["spec"] for r in s["rows"])] for s in rec["series"]]
+        title, xlabel, out = rec["title"], rec["xlabel"], args.out or args.spec.with_suffix(".png")
+    else:
+        if args.out is None:
+            raise SystemExit("--out PNG: where to draw the series")
+        series, title, xlabel, out = args.series, args.title, args.xlabel, args.out
+    for s in series:
         if len(s) < 2:
             raise SystemExit(f"--series {' '.join(s)}: give a name and at least one LABEL=FILE[@AGENT]")
-    print(plot([(s[0], [read_row(x) for x in s[1:]]) for s in args.series], args.out, args.title, args.xlabel))
+    drawn = [(s[0], [read_row(x) for x in s[1:]]) for s in series]
+    png = plot(drawn, out, title, xlabel)
+    record = {"title": title, "xlabel": xlabel, "series": [
+        {"name": name, "rows": [dict(spec=spec, label=r[0], mean=r[1], lo=r[2], hi=r[3], prompts=r[4])
+                                for spec, r in zip(s[1:], rows)]} for s, (name, rows) in zip(series, drawn)]}
+    png.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(png, png.with_suffix(".json"))
 
 
 if __name__ == "__main__":
