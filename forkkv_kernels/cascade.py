@@ -308,6 +308,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         raise ValueError(f"pdl={cfg['pdl']!r}; use one of {PDL_MODES} (True: 'early', False/None: plain launches)")
     pdl_mode = pdl_mode if not interp and pdl_ok(str(dev)) else None
     use_pdl = pdl_mode is not None
+    shared_waits = pdl_mode in ("early", "late") and has_k  # the shared kernel a dependent launch after the K pass
     if has_v:  # converted before the first launch: no other kernel between the three
         v_slot = v_slot.to(device=dev, dtype=torch.int32)
         v_u = v_u.contiguous()
@@ -347,9 +348,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
         HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        PDL_WAIT=pdl_mode in ("early", "late") and has_k, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
+        PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
-        pdl=pdl_mode in ("early", "late") and has_k,
+        pdl=shared_waits,
     )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
