@@ -179,6 +179,12 @@ LAUNCH_KNOBS = [
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False, v_res=False), dict(pdl=True, merge_first=False)),
     (_LONG, dict(pdl="late", n_splits=5, block_t=16, res_block_t=16)),
     (AttnCase(B=3, H=4, Hkv=2, D=16, T=300, P=4, k_res=False), dict(pdl="merge", n_splits=9)),
+    # the shared kernel's whole tiles read and scored without a token mask, a split's last partial tile masked (v20),
+    # against every tile masked: splits ending mid-tile, a context of whole tiles only (every split whole), one whole
+    # tile before a partial one; with both residuals, the V residual alone and base only
+    (_LONG, dict(whole_tiles=False, n_splits=3, block_t=16, res_block_t=16)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=96, P=4, k_res=False), dict(n_splits=3, block_t=16)),
+    (AttnCase(B=3, H=4, Hkv=2, D=16, T=100, P=4, k_res=False, v_res=False), dict(n_splits=2, block_t=32)),
 ]
 
 
@@ -597,6 +603,7 @@ GPU_KNOBS = [
     {"pdl": True, "merge_first": False},
     {"pdl": "late"},
     {"pdl": "merge"},
+    {"whole_tiles": False},
 ]
 
 

@@ -380,3 +380,20 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     rows = {(r["block_m"], r["stages"]): r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 9 and rows[(64, 1)]["acc_uv_values"] == 4 * rows[(16, 1)]["acc_uv_values"] == 16384
     assert rows[(16, 1)]["spill_bytes"] * 4 < rows[(64, 1)]["spill_bytes"], rows
+    # the shared kernel's two context loops under the rule (v20): the whole tiles' loop selects no score (a select
+    # per score is 64 x 64 / 128 = 32 per thread and tile at 128 agents), the masked last tile's does; both take the
+    # same exponentials, and the whole tiles' loop is the shorter and, for the V residual alone, does not spill
+    proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--shared-variants", "128", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"base", "v", "kv"}
+    for variant, row in rows.items():
+        whole, tail = sorted(row["loops"], key=lambda lp: lp["loop_fsel"])
+        assert whole["loop_fsel"] < 8 and tail["loop_fsel"] >= 16, (variant, whole, tail)
+        assert whole["loop_instructions"] < tail["loop_instructions"] and whole["loop_ex2"] == tail["loop_ex2"] > 0
+        assert row["programs_per_sm"] == 2, (variant, row)
+    assert min(lp["loop_local"] for lp in rows["v"]["loops"]) == 0
+    # base only: the scale fused into exp2's argument, one FMA per score and no separate multiply by the scale
+    whole = min(rows["base"]["loops"], key=lambda lp: lp["loop_fsel"])
+    assert whole["loop_ffma"] >= 32 and whole["loop_fmul"] <= 66, whole

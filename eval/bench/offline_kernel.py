@@ -98,14 +98,11 @@ def _inspect(kernel, opts: dict) -> dict:
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    sass = _sass(kernel)
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
+        ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
         # ptxas's own report of the same PTX: its "Potential Performance Loss" lines say when it serialises MMAs
         reg_cap = [f"--maxrregcount={opts['maxnreg']}"] if "maxnreg" in opts else []
         info = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
@@ -113,6 +110,19 @@ def _inspect(kernel, opts: dict) -> dict:
     out = {k: v for k, v in _resources(kernel, opts).items() if k != "stages"}
     out.update(wgmma=kernel.asm["ptx"].count("wgmma.mma_async"), mma_sync=kernel.asm["ptx"].count("mma.sync"))
     return {**out, **hot_loop(sass), "mma_serialised": sorted(set(re.findall(r"\((C751[2-6])\)", info)))}
+
+
+def _sass(kernel) -> str:
+    """A compiled kernel's SASS (the nvdisasm Triton ships)."""
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def _resources(kernel, opts: dict) -> dict:
@@ -134,11 +144,14 @@ def _resources(kernel, opts: dict) -> dict:
 
 
 def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
-                   has_k: bool = True, pdl_trigger: int = 2) -> dict:
-    """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``) for sm_90 at V rank
-    ``rank_v`` with these launch settings, the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its
-    resources, or the compiler's error (e.g. more shared memory than an SM has). ``pdl_trigger``: where the kernel lets
-    the merge start (2: after its context loop, the rule's ``pdl="merge"``; 0: plain launches)."""
+                   has_k: bool = True, pdl_trigger: int = 2, has_v: bool = True, whole_tiles: bool = True) -> dict:
+    """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``; ``has_v=False``: the
+    base alone, or with ``has_k`` the K residual's scores) for sm_90 at V rank ``rank_v`` with these launch settings,
+    the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its resources and ``loops``, the
+    :func:`loop_counts` of its two context loops (whole tiles, then the split's masked last tile: the longer one
+    first), or the compiler's error (e.g. more shared memory than an SM has). ``pdl_trigger``: where the kernel lets
+    the merge start (2: after its context loop, the rule's ``pdl="merge"``; 0: plain launches); ``whole_tiles``: the
+    launcher's knob (a kernel before v20 has one masked loop and ignores it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -153,7 +166,8 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}  # the rest: strides and sizes
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
-                 BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=True, HAS_MASK=False,
+                 BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=has_v, HAS_MASK=False,
+                 **({"WHOLE_TILES": whole_tiles} if "WHOLE_TILES" in _cascade_shared_kernel.arg_names else {}),
                  DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
@@ -166,15 +180,26 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer for that setting
         return {"error": str(e).splitlines()[0][:200], "warps": num_warps, "stages": num_stages}
-    return {**_resources(kernel, opts), "acc_uv_values": const["N_SUB"] * const["SB"] * const["SBC"]}
+    return {**_resources(kernel, opts), "acc_uv_values": const["N_SUB"] * const["SB"] * const["SBC"] if has_v else 0,
+            "loops": [loop_counts(body) for body in loop_bodies(_sass(kernel))[:2]]}
 
 
-def hot_loop(sass: str) -> dict:
-    """Instruction counts of the hot loop of a kernel's SASS (the loop over one tile's KV heads: the longest loop whose
-    body, between its label and the branch back to it, holds no other label; the end's one-instruction trap loop is
-    one such too, the shortest): how many instructions, MMAs (``HGMMA``), waits for them (``WARPGROUP.DEPBAR``),
-    conversions and packed rotations (``F2FP``, ``HMUL2``, ``HFMA2``), byte shuffles (``PRMT``) and local-memory (spill)
-    accesses."""
+def shared_rule(agents: int, has_k: bool, has_v: bool, rank_v: int = 16) -> dict:
+    """:func:`compile_shared` under the bf16 rule (``launch_defaults``) for ``agents`` rows of one decode query."""
+    import torch
+
+    from forkkv_kernels.attention_common import pow2
+    from forkkv_kernels.cascade import launch_defaults
+
+    rule = launch_defaults(agents, 1, 4, has_k, has_v, torch.bfloat16, rank_v)
+    return compile_shared(rank_v, min(64, pow2(agents * 4)), rule["block_t"], rule["num_warps"], rule["num_stages"],
+                          has_k=has_k, has_v=has_v, pdl_trigger=0 if rule["pdl"] is False else 2,
+                          whole_tiles=rule.get("whole_tiles", False))
+
+
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The innermost loops of a kernel's SASS, longest first: each loop's lines from its label to the branch back to
+    it, for loops whose body holds no other label (the end's one-instruction trap loop is one such too)."""
     lines = sass.splitlines()
     label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = []
@@ -184,13 +209,26 @@ def hot_loop(sass: str) -> dict:
             body = lines[label_at[m.group(1)]:i + 1]
             if not any(re.match(r"^\.L_x_\d+:", b) for b in body[1:]):
                 loops.append(body)
-    body = max(loops, key=len, default=[])
+    return sorted(loops, key=len, reverse=True)
+
+
+def loop_counts(body: list[str]) -> dict:
+    """Instruction counts of one loop body: how many instructions, MMAs (``HGMMA``), waits for them
+    (``WARPGROUP.DEPBAR``), conversions and packed rotations (``F2FP``, ``HMUL2``, ``HFMA2``), byte shuffles
+    (``PRMT``), local-memory (spill) accesses, and the softmax's per-score instructions: selects (``FSEL``),
+    multiplies, adds and FMAs, exponentials (``MUFU.EX2``)."""
     ops = [m.group(1) for b in body if (m := re.match(r"^\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", b))]
     count = lambda *names: sum(op in names for op in ops)  # noqa: E731
     return {"loop_instructions": len(ops), "loop_hgmma": count("HGMMA"),
             "loop_mma_waits": sum("WARPGROUP.DEPBAR" in b for b in body),
             "loop_rotation": count("F2FP", "HMUL2", "HFMA2"), "loop_prmt": count("PRMT"),
-            "loop_local": count("LDL", "STL")}
+            "loop_local": count("LDL", "STL"), "loop_fsel": count("FSEL"), "loop_fmul": count("FMUL"),
+            "loop_fadd": count("FADD"), "loop_ffma": count("FFMA"), "loop_ex2": count("MUFU")}
+
+
+def hot_loop(sass: str) -> dict:
+    """:func:`loop_counts` of the kernel's longest innermost loop (the K pass: the loop over one tile's KV heads)."""
+    return loop_counts(next(iter(loop_bodies(sass)), []))
 
 
 def main(argv=None):
@@ -200,6 +238,9 @@ def main(argv=None):
     ap.add_argument("--shared-ranks", type=int, nargs="*", metavar="RV",
                     help="instead: the shared kernel (base + V residual) at these V ranks, over BLOCK_M 64/32/16 and "
                          "1-3 pipeline stages (16 agents' rule otherwise: 64-token tiles, 4 warps)")
+    ap.add_argument("--shared-variants", type=int, nargs="*", metavar="AGENTS",
+                    help="instead: the shared kernel of each variant (base only, V residual only, K+V) under the bf16 "
+                         "rule at these agent counts, with its two context loops' counts")
     args = ap.parse_args(argv)
     import triton
 
@@ -207,7 +248,13 @@ def main(argv=None):
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
     print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
     rows, meta = [], {}
-    if args.shared_ranks:
+    if args.shared_variants:
+        meta = {"kernel": "_cascade_shared_kernel", "rule": "launch_defaults, bf16, one query per row"}
+        for agents in args.shared_variants:
+            for variant, has_k, has_v in (("base", False, False), ("v", False, True), ("kv", True, True)):
+                rows.append({"variant": variant, "agents": agents, **shared_rule(agents, has_k, has_v)})
+                print(json.dumps(rows[-1]), flush=True)
+    elif args.shared_ranks:
         meta = {"kernel": "_cascade_shared_kernel"}
         for rv in args.shared_ranks:
             for block_m in (64, 32, 16):
