@@ -8,7 +8,12 @@
 # 3. the GPU tests of the cascade kernels (every knob set, odd contexts, bf16/fp16) and the library's kernel tests;
 # 4. the library's path at 1-128 agents (`eval.bench.kernel`).
 # Each step can be left out: OFFLINE=0, PROFILE=0, TESTS=0, BENCH=0; SWEEP=1 adds (before the tests) `sweep_kernel
-# --stage merge` of whole calls at 1-128 agents, the rule against `whole_tiles=False`, twice in opposite orders.
+# --stage merge` of whole calls at 1-128 agents, the rule against `whole_tiles=False`, twice in opposite orders (the
+# knob exists at commit 0c6e7ba only: v20's whole tiles were measured there and removed after; eval/KERNEL_NOTES.md
+# "v20 measured"). The calls as made: `bash eval/gpu_session_v20.sh` (H200; its profiles' v19 side ran v20's kernels,
+# `python -m` putting the working directory first, so they were discarded), `BENCH=0 TEST_TIMEOUT=330 ...` (H200,
+# the A/B profiles), `OFFLINE=0 PROFILE=0 SWEEP=1 BENCH=0 TEST_TIMEOUT=200 ...` (H100), then at the final commit
+# `OFFLINE=0 PROFILE=0 TEST_TIMEOUT=330 ...`.
 # Results: $OUT/v20.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
 FINAL=${OUT:-/tmp/out}

@@ -33,56 +33,6 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
-
-@triton.jit
-def _shared_tile(t0, t_end, q, m_i, l_i, acc, acc_uv, KB_H, VB_H, R, UV, MASK, s_mb, s_mq, s_mt, r_row, kres,
-                 u_off, u_ok, valid, row, qi, d, dm, qk_scale, RV, D: tl.constexpr, DB: tl.constexpr,
-                 BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, HAS_K: tl.constexpr,
-                 HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 TAIL: tl.constexpr):
-    """One ``BLOCK_T``-token tile of :func:`_cascade_shared_kernel`'s context loop: scores, online softmax, ``P·V_base``
-    and ``P·u_v``. ``TAIL``: the tile may run past ``t_end`` (tokens masked); otherwise every token is read unmasked
-    and only an attention mask (``HAS_MASK``) selects scores. Rows past the batch (``valid`` false) have zero queries,
-    so their scores stay finite; their partials are never stored."""
-    t = t0 + tl.arange(0, BLOCK_T)
-    tm = t < t_end
-    if TAIL:
-        kmask = tm[:, None] & dm[None, :]
-    else:  # (masks broadcast over the tokens)
-        kmask = dm[None, :]
-    kv_off = t[:, None] * D + d[None, :]
-    if TAIL or D != DB:
-        k = tl.load(KB_H + kv_off, mask=kmask, other=0.0)
-    else:
-        k = tl.load(KB_H + kv_off)
-    s = mma(q, tl.trans(k), DOT_PREC, UPCAST)
-    if HAS_K:  # the K residual's scores come pre-scaled: one FMA per score
-        rmask = kres[:, None] & tm[None, :] if TAIL else kres[:, None]
-        s = tl.fma(s, qk_scale, tl.load(R + r_row[:, None] + t[None, :], mask=rmask, other=0.0).to(tl.float32))
-    if TAIL or HAS_MASK:
-        allowed = valid[:, None] & tm[None, :]
-        if HAS_MASK:
-            mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
-            allowed = allowed & (mk != 0)
-        s = tl.where(allowed, s, float("-inf"))
-    if HAS_K:
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, 1)
-    else:  # raw scores: the scale fused into exp2's argument
-        p, alpha, m_new, l_i = softmax_step_scaled(s, qk_scale, m_i, l_i, 1)
-    pd = p.to(q.dtype)
-    if TAIL or D != DB:
-        vt = tl.load(VB_H + kv_off, mask=kmask, other=0.0)
-    else:
-        vt = tl.load(VB_H + kv_off)
-    acc = acc * alpha[:, None] + mma(pd, vt, DOT_PREC, UPCAST)
-    if HAS_V:
-        umask = u_ok[:, None, :] & tm[None, :, None] if TAIL else u_ok[:, None, :]
-        u3 = tl.load(UV + u_off[:, None, :] + t[None, :, None] * RV, mask=umask, other=0.0)
-        a3 = tl.reshape(alpha, [N_SUB, SB])
-        acc_uv = acc_uv * a3[:, :, None] + mma(tl.reshape(pd, [N_SUB, SB, BLOCK_T]), u3, DOT_PREC, UPCAST)
-    return m_new, l_i, acc, acc_uv
-
-
 @triton.jit
 def _cascade_shared_kernel(
     Q, s_qb, s_qh, s_qq,
@@ -93,8 +43,8 @@ def _cascade_shared_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, HALF: tl.constexpr,
     HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
-    HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, WHOLE_TILES: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
     """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
     context. ``KB``/``VB [HKV, T, D]``, ``R [HKV, B·VPR, T]``, ``UV [n, T, RV]`` contiguous; ``KSLOT``/``VSLOT [B]``;
@@ -117,7 +67,7 @@ def _cascade_shared_kernel(
     dm = d < D
     q = tl.load(Q + row[:, None] * s_qb + head[:, None] * s_qh + qi[:, None] * s_qq + d[None, :],
                 mask=valid[:, None] & dm[None, :], other=0.0)
-    kres, r_row, u_off, u_ok, acc_uv = valid, row, row, valid, 0.0  # (stand-ins where a residual is absent)
+    dtype = q.dtype
     if HAS_K:
         kres = valid & (tl.load(KSLOT + row) >= 0)
         r_row = ((hkv * B + row) * VPR + w).to(tl.int64) * T
@@ -130,8 +80,7 @@ def _cascade_shared_kernel(
         u_ok = (vs >= 0) & ((cc % RVB) < RV)[None, :]
         u_off = tl.maximum(vs, 0).to(tl.int64) * T * RV + (cc % RVB)[None, :]
         acc_uv = tl.zeros([N_SUB, SB, SBC], tl.float32)
-    KB_H = KB + hkv.to(tl.int64) * T * D  # this KV head's base K / V
-    VB_H = VB + hkv.to(tl.int64) * T * D
+    kv_base = hkv.to(tl.int64) * T * D
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -142,19 +91,33 @@ def _cascade_shared_kernel(
         gdc_wait()
     if PDL_TRIGGER == 1:
         gdc_launch_dependents()
-    # whole tiles without a token mask (no per-score select), then the split's last, partial tile, if any, masked
-    # (WHOLE_TILES off: every tile through the masked loop)
-    t_whole = t_begin + (t_end - t_begin) // BLOCK_T * BLOCK_T if WHOLE_TILES else t_begin
-    for t0 in range(t_begin, t_whole, BLOCK_T):
-        m_i, l_i, acc, acc_uv = _shared_tile(
-            t0, t_end, q, m_i, l_i, acc, acc_uv, KB_H, VB_H, R, UV, MASK, s_mb, s_mq, s_mt, r_row, kres, u_off,
-            u_ok, valid, row, qi, d, dm, qk_scale, RV, D, DB, BLOCK_T, N_SUB, SB, HAS_K, HAS_V, HAS_MASK, DOT_PREC,
-            UPCAST, False)
-    for t0 in range(t_whole, t_end, BLOCK_T):
-        m_i, l_i, acc, acc_uv = _shared_tile(
-            t0, t_end, q, m_i, l_i, acc, acc_uv, KB_H, VB_H, R, UV, MASK, s_mb, s_mq, s_mt, r_row, kres, u_off,
-            u_ok, valid, row, qi, d, dm, qk_scale, RV, D, DB, BLOCK_T, N_SUB, SB, HAS_K, HAS_V, HAS_MASK, DOT_PREC,
-            UPCAST, True)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < t_end
+        kmask = tm[:, None] & dm[None, :]
+        k = tl.load(KB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
+        s = mma(q, tl.trans(k), DOT_PREC, UPCAST)
+        if HAS_K:  # the K residual's scores come pre-scaled: one FMA per score
+            s = tl.fma(s, qk_scale, tl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :],
+                                            other=0.0).to(tl.float32))
+        allowed = valid[:, None] & tm[None, :]
+        if HAS_MASK:
+            mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
+            allowed = allowed & (mk != 0)
+        s = tl.where(allowed, s, float("-inf"))
+        if HAS_K:
+            p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, 1)
+        else:  # raw scores: the scale fused into exp2's argument
+            p, alpha, m_new, l_i = softmax_step_scaled(s, qk_scale, m_i, l_i, 1)
+        pd = p.to(dtype)
+        vt = tl.load(VB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + mma(pd, vt, DOT_PREC, UPCAST)
+        if HAS_V:
+            u3 = tl.load(UV + u_off[:, None, :] + t[None, :, None] * RV, mask=u_ok[:, None, :] & tm[None, :, None],
+                         other=0.0)
+            a3 = tl.reshape(alpha, [N_SUB, SB])
+            acc_uv = acc_uv * a3[:, :, None] + mma(tl.reshape(pd, [N_SUB, SB, BLOCK_T]), u3, DOT_PREC, UPCAST)
+        m_i = m_new
 
     if PDL_TRIGGER == 2:
         gdc_launch_dependents()
@@ -205,8 +168,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
-                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False,
-                    whole_tiles=True)
+                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False)
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -218,7 +180,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     piped_v = few and v_rank <= 16
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
-                whole_waves=True, whole_tiles=True,
+                whole_waves=True,
                 # K pass: the joined form (one rebuild MMA split in registers, one score MMA of depth D), one KV head
                 # per score tile, 128-token tiles on 8 warps capped at 128 registers (2 programs per SM), 3 pipeline
                 # stages (v11c, same run, whole call K+V against v11b's halves form in packs of 4 on 64-token tiles:
@@ -277,8 +239,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
                        n_sub: int | None = None, programs_per_sm: int | None = None, n_splits: int | None = None,
                        num_warps: int | None = None, num_stages: int | None = None, maxnreg: int | None = None,
-                       whole_waves: bool | None = None, whole_tiles: bool | None = None,
-                       res_form: str | None = None, res_block_t: int | None = None,
+                       whole_waves: bool | None = None, res_form: str | None = None, res_block_t: int | None = None,
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
                        res_splits: int | None = None, res_warps: int | None = None, res_stages: int | None = None,
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
@@ -296,9 +257,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows' u_v),
     ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
-    the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that,
-    ``whole_tiles``: a split's whole tiles read and scored without a token mask, only its last, partial tile masked
-    (False: every tile masked, as before v20). K pass
+    the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``, ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion
@@ -327,6 +286,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
     RV = v_u.shape[-1] if has_v else 1
+    if not float(scale) > 0:  # the shared kernel takes each row's running max over unscaled scores
+        raise ValueError(f"scale={scale}: the attention scale must be positive (the usual head_dim ** -0.5)")
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
     launched = {}
@@ -337,8 +298,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if interp:  # (fp32 calls: the GPU's fp32 rule keeps the fp32 rebuild)
         cfg.update(block_t=32, res_block_t=32, res_f16=cfg["res_f16"] and dtype != torch.float32)
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
-                 whole_waves=whole_waves, whole_tiles=whole_tiles, res_block_t=res_block_t, res_warps=res_warps,
-                 res_stages=res_stages, res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
+                 whole_waves=whole_waves, res_block_t=res_block_t, res_warps=res_warps, res_stages=res_stages,
+                 res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
                  merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_first=merge_first, res_pack=res_pack,
                  res_form=res_form, res_satfinite=res_satfinite, res_score=res_score, res_f16=res_f16, pdl=pdl)
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
@@ -393,8 +354,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         B, T, NQ, RV, split_len, n_splits, qk_scale,
         HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
         BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
-        HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, WHOLE_TILES=bool(cfg["whole_tiles"]), DOT_PREC=prec,
-        UPCAST=interp, PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
+        HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
+        PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
         pdl=shared_waits,
     )

@@ -144,14 +144,13 @@ def _resources(kernel, opts: dict) -> dict:
 
 
 def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
-                   has_k: bool = True, pdl_trigger: int = 2, has_v: bool = True, whole_tiles: bool = True) -> dict:
+                   has_k: bool = True, pdl_trigger: int = 2, has_v: bool = True) -> dict:
     """Compile ``_cascade_shared_kernel`` (the shared base's part and the V residual's ``P·u_v``; ``has_v=False``: the
     base alone, or with ``has_k`` the K residual's scores) for sm_90 at V rank ``rank_v`` with these launch settings,
     the kernel benchmark's shapes (G = 4, one query per row: VPR = 4); its resources and ``loops``, the
-    :func:`loop_counts` of its two context loops (whole tiles, then the split's masked last tile: the longer one
-    first), or the compiler's error (e.g. more shared memory than an SM has). ``pdl_trigger``: where the kernel lets
-    the merge start (2: after its context loop, the rule's ``pdl="merge"``; 0: plain launches); ``whole_tiles``: the
-    launcher's knob (a kernel before v20 has one masked loop and ignores it)."""
+    :func:`loop_counts` of its innermost loops of more than 8 instructions, longest first (its context loop; v20's
+    measured form had two), or the compiler's error (e.g. more shared memory than an SM has). ``pdl_trigger``: where
+    the kernel lets the merge start (2: after its context loop, the rule's ``pdl="merge"``; 0: plain launches)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -167,7 +166,6 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
                  BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=has_v, HAS_MASK=False,
-                 **({"WHOLE_TILES": whole_tiles} if "WHOLE_TILES" in _cascade_shared_kernel.arg_names else {}),
                  DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
@@ -181,7 +179,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer for that setting
         return {"error": str(e).splitlines()[0][:200], "warps": num_warps, "stages": num_stages}
     return {**_resources(kernel, opts), "acc_uv_values": const["N_SUB"] * const["SB"] * const["SBC"] if has_v else 0,
-            "loops": [loop_counts(body) for body in loop_bodies(_sass(kernel))[:2]]}
+            "loops": [c for c in map(loop_counts, loop_bodies(_sass(kernel))) if c["loop_instructions"] > 8]}
 
 
 def shared_rule(agents: int, has_k: bool, has_v: bool, rank_v: int = 16) -> dict:
@@ -193,8 +191,7 @@ def shared_rule(agents: int, has_k: bool, has_v: bool, rank_v: int = 16) -> dict
 
     rule = launch_defaults(agents, 1, 4, has_k, has_v, torch.bfloat16, rank_v)
     return compile_shared(rank_v, min(64, pow2(agents * 4)), rule["block_t"], rule["num_warps"], rule["num_stages"],
-                          has_k=has_k, has_v=has_v, pdl_trigger=0 if rule["pdl"] is False else 2,
-                          whole_tiles=rule.get("whole_tiles", False))
+                          has_k=has_k, has_v=has_v, pdl_trigger=0 if rule["pdl"] is False else 2)
 
 
 def loop_bodies(sass: str) -> list[list[str]]:
@@ -240,7 +237,7 @@ def main(argv=None):
                          "1-3 pipeline stages (16 agents' rule otherwise: 64-token tiles, 4 warps)")
     ap.add_argument("--shared-variants", type=int, nargs="*", metavar="AGENTS",
                     help="instead: the shared kernel of each variant (base only, V residual only, K+V) under the bf16 "
-                         "rule at these agent counts, with its two context loops' counts")
+                         "rule at these agent counts, with its context loop's instruction counts")
     args = ap.parse_args(argv)
     import triton
 
