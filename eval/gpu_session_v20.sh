@@ -31,7 +31,7 @@ if [ "${OFFLINE:-1}" = 1 ]; then
         --out "$OUT/offline_shared_v19.json" >> "$OUT/offline_shared.log" 2>&1)
     echo "offline rc=$?"; pack
 fi
-PTS="32768:1 32768:8 32768:32 32768:128"
+PTS=${PTS:-"32768:1 32768:8 32768:32 32768:128"}
 prof() {  # $1: tag, $2: the directory whose forkkv_kernels runs
     (cd "$2" && python -c "import forkkv_kernels.cascade as c; print(c.__file__)" && timeout 150 python -m eval.bench.profile_kernel --points $PTS --out "$OUT/profile_kernel_$1.json" \
         > "$OUT/profile_$1.log" 2>&1)

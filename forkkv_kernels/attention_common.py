@@ -113,18 +113,6 @@ def softmax_step(s, m_i, l_i, AXIS: tl.constexpr):
 
 
 @triton.jit
-def softmax_step_scaled(s, scale, m_i, l_i, AXIS: tl.constexpr):
-    """:func:`softmax_step` over ``s * scale`` for raw scores ``s`` and ``scale > 0``: the running max is taken over
-    the raw scores and scaled once per row (the same value, rounding being monotone), and the scale is fused into
-    exp2's argument (one FMA per score instead of a multiply and a subtraction)."""
-    m_new = tl.maximum(m_i, tl.max(s, AXIS) * scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(tl.fma(s, scale, -tl.expand_dims(m_safe, AXIS)))
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, AXIS)
-
-
-@triton.jit
 def _merge_split(M_WS, L_WS, ACC_WS, UV_WS, w, valid, m_i, l_i, acc_lo, acc_hi, acc_uv, HALF_B: tl.constexpr,
                  RVB: tl.constexpr, HAS_V_RES: tl.constexpr):
     """Merge one split's partials (entries ``w``, one per query vector) into the running (m, l, acc, acc_uv)."""

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents, gdc_wait, launch,
-                               launch_private_merge, mma, num_sms, on_device, pdl_ok, pow2, softmax_step,
-                               softmax_step_scaled, split_length, workspace)
+                               launch_private_merge, mma, num_sms, on_device, pdl_ok, pow2, softmax_step, split_length,
+                               workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 
@@ -96,19 +96,14 @@ def _cascade_shared_kernel(
         tm = t < t_end
         kmask = tm[:, None] & dm[None, :]
         k = tl.load(KB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
-        s = mma(q, tl.trans(k), DOT_PREC, UPCAST)
-        if HAS_K:  # the K residual's scores come pre-scaled: one FMA per score
-            s = tl.fma(s, qk_scale, tl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :],
-                                            other=0.0).to(tl.float32))
+        s = mma(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        if HAS_K:
+            s += tl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(tl.float32)
         allowed = valid[:, None] & tm[None, :]
         if HAS_MASK:
             mk = tl.load(MASK + row[:, None] * s_mb + qi[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
             allowed = allowed & (mk != 0)
-        s = tl.where(allowed, s, float("-inf"))
-        if HAS_K:
-            p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, 1)
-        else:  # raw scores: the scale fused into exp2's argument
-            p, alpha, m_new, l_i = softmax_step_scaled(s, qk_scale, m_i, l_i, 1)
+        p, alpha, m_new, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, 1)
         pd = p.to(dtype)
         vt = tl.load(VB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + mma(pd, vt, DOT_PREC, UPCAST)
@@ -286,8 +281,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
     RV = v_u.shape[-1] if has_v else 1
-    if not float(scale) > 0:  # the shared kernel takes each row's running max over unscaled scores
-        raise ValueError(f"scale={scale}: the attention scale must be positive (the usual head_dim ** -0.5)")
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
     launched = {}
