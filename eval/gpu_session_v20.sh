@@ -22,7 +22,8 @@ source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versi
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v20.tgz" -C "$OUT" .; }
 ROOT=$PWD
 REF="$ROOT/.ref/v19"
-[ -d "$REF/forkkv_kernels" ] || { echo "no $REF (carry it: git show 32fed87:forkkv_kernels/...)"; exit 2; }
+[ -d "$REF/forkkv_kernels" ] || { echo "no $REF: make it here (mkdir -p .ref/v19/forkkv_kernels; for f in \$(git ls-files \
+forkkv_kernels); do git show 32fed87:\$f > .ref/v19/\$f; done) and pass carry=[\".ref\"]"; exit 2; }
 if [ "${OFFLINE:-1}" = 1 ]; then
     python -m eval.bench.offline_kernel --shared-variants 128 32 8 1 --out "$OUT/offline_shared_v20.json" \
         > "$OUT/offline_shared.log" 2>&1

@@ -381,8 +381,8 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     assert len(rows) == 9 and rows[(64, 1)]["acc_uv_values"] == 4 * rows[(16, 1)]["acc_uv_values"] == 16384
     assert rows[(16, 1)]["spill_bytes"] * 4 < rows[(64, 1)]["spill_bytes"], rows
     # the shared kernel of each variant under the rule at 128 agents: one context loop (v20's whole-tile loop beside
-    # a masked one was measured and removed), two programs per SM, the K+V kernel's loop without spills, and a select,
-    # a max and an exponential per score (64 x 64 tile: 32 per thread)
+    # a masked one was measured and removed), two programs per SM, the K+V kernel's loop without spills, and a select
+    # and an exponential per score (64 x 64 tile: 32 per thread)
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--shared-variants", "128", "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
