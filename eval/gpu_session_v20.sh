@@ -12,8 +12,10 @@
 # knob exists at commit 0c6e7ba only: v20's whole tiles were measured there and removed after; eval/KERNEL_NOTES.md
 # "v20 measured"). The calls as made: `bash eval/gpu_session_v20.sh` (H200; its profiles' v19 side ran v20's kernels,
 # `python -m` putting the working directory first, so they were discarded), `BENCH=0 TEST_TIMEOUT=330 ...` (H200,
-# the A/B profiles), `OFFLINE=0 PROFILE=0 SWEEP=1 BENCH=0 TEST_TIMEOUT=200 ...` (H100), then at the final commit
-# `OFFLINE=0 PROFILE=0 TEST_TIMEOUT=330 ...`.
+# the A/B profiles), `OFFLINE=0 PROFILE=0 SWEEP=1 BENCH=0 TEST_TIMEOUT=200 ...` (H100), then at commit 0d85c44 (the
+# scale fused, one masked loop) `OFFLINE=0 PROFILE=0 TEST_TIMEOUT=330 ...` and `OFFLINE=0 TESTS=0 BENCH=0
+# PTS="32768:128 32768:32" ...` (H100); last, with the kernels back at v19's, a `sweep_kernel --stage shared` of wider
+# score tiles written out in the call (its command: eval/KERNEL_NOTES.md "v20").
 # Results: $OUT/v20.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
 FINAL=${OUT:-/tmp/out}
