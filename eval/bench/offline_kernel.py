@@ -169,7 +169,9 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
                  DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
-    divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len")]
+    # what a launch specialises: 16-byte aligned pointers and 16-divisible strides, sizes and V ranks (RV = 16 on the
+    # GPU: without it the u_v loads compile as 16-bit scalar loads, a code the GPU never runs)
+    divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len", "RV")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(_cascade_shared_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
