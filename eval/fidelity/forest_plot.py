@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .rank_plot import COLOURS
+from .rank_plot import COLOURS, em_points
 
 
 def read_row(spec: str) -> tuple[str, float, float, float, int]:
@@ -33,8 +33,7 @@ def read_row(spec: str) -> tuple[str, float, float, float, int]:
     rows = json.loads(Path(path).read_text())["rows"]
     for row in rows:
         if row["agent"] == (agent or "all"):
-            em = row["em"]
-            return label, 100 * em["mean"], 100 * em["lo"], 100 * em["hi"], row["prompts"]
+            return label, *em_points(row), row["prompts"]
     raise SystemExit(f"{path} has no row {agent or 'all'!r}; it has {[r['agent'] for r in rows]}")
 
 

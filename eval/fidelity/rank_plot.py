@@ -20,6 +20,12 @@ from pathlib import Path
 COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
 
 
+def em_points(row: dict) -> tuple[float, float, float]:
+    """A compare row's exact-match difference a - b and its 95% interval, in points."""
+    em = row["em"]
+    return 100 * em["mean"], 100 * em["lo"], 100 * em["hi"]
+
+
 def read_points(specs: list[str]) -> dict:
     """``{agent: [(rank, mean, lo, hi)]}`` (points) from ``R:FILE`` specs, sorted by rank."""
     out: dict = {}
@@ -28,8 +34,7 @@ def read_points(specs: list[str]) -> dict:
         if not sep or not rank.isdigit():
             raise SystemExit(f"{spec!r}: give RANK:FILE, e.g. 16:eval/results/fidelity_compare_x.json")
         for row in json.loads(Path(path).read_text())["rows"]:
-            em = row["em"]
-            out.setdefault(row["agent"], []).append((int(rank), 100 * em["mean"], 100 * em["lo"], 100 * em["hi"]))
+            out.setdefault(row["agent"], []).append((int(rank), *em_points(row)))
     return {agent: sorted(points) for agent, points in out.items()}
 
 
