@@ -32,6 +32,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
                                workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
+from .shared_gluon import GLUON_SHARED_RULE, launch_shared_gluon
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -244,6 +245,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
+                       shared_form: str | None = None, shared_schedule: str = "ahead",
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -265,7 +267,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     the one before it drains and waiting for it before reading its output: ``"early"`` (or True) the shared kernel
     after a K pass and the merge, each kernel letting the next start as soon as its own grid runs; ``"late"`` the same,
     the shared kernel letting the merge start after its context loop (the K pass as it ends); ``"merge"`` only the
-    merge, let start after the shared kernel's context loop. ``scratch(name, numel, device, dtype)``: the
+    merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` (None: the default) or
+    ``"gluon"``, the shared part by :mod:`.shared_gluon` (Hopper, no V residual; its own knobs
+    :data:`~.shared_gluon.GLUON_SHARED_RULE` under the given ``block_t``, ``num_warps``, ``num_stages``;
+    ``shared_schedule`` ``"ahead"`` or ``"fa3"``: where its MMAs overlap the softmax; it lets the merge start only as
+    it ends). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
@@ -299,6 +305,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
+    if shared_form not in (None, "triton", "gluon"):
+        raise ValueError(f"shared_form={shared_form!r}; use 'triton' or 'gluon'")
+    if shared_form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
+        cfg.update(GLUON_SHARED_RULE)
     if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -330,7 +340,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early")
 
     BLOCK_T = cfg["block_t"]
-    BLOCK_M = block_m or min(64, pow2(B * VPR))
+    gluon_shared = shared_form == "gluon"
+    BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
     split_len = split_length(T, BLOCK_T, n_mb * Hkv, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
@@ -339,19 +350,28 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
           scratch("uv", n_vec * RVB if has_v else 1, dev))
     ms = mask.stride() if mask is not None else (0, 0, 0)
-    launched["shared"] = launch(
-        _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
-        k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
-        mask if mask is not None else q, *ms,
-        *ws,
-        B, T, NQ, RV, split_len, n_splits, qk_scale,
-        HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
-        BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
-        HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
-        PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
-        pdl=shared_waits,
-    )
+    if gluon_shared:
+        if has_v:
+            raise ValueError("shared_form='gluon' has no V residual (P·u_v): use shared_form='triton' for calls with "
+                             "v_u")
+        launched["shared"] = launch_shared_gluon(
+            q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
+            qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], schedule=shared_schedule)
+    else:
+        launched["shared"] = launch(
+            _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
+            k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
+            mask if mask is not None else q, *ms,
+            *ws,
+            B, T, NQ, RV, split_len, n_splits, qk_scale,
+            HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
+            BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
+            HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
+            PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
+            pdl=shared_waits,
+        )
     out, launched["merge"] = launch_private_merge(
         q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
         prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages,

@@ -184,6 +184,39 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
             "loops": [c for c in map(loop_counts, loop_bodies(_sass(kernel))) if c["loop_instructions"] > 8]}
 
 
+def compile_shared_gluon(knobs: dict) -> dict:
+    """Compile the Gluon shared kernel (:mod:`forkkv_kernels.shared_gluon`) for sm_90 at the benchmark's shapes (base
+    only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_schedule``,
+    ``has_mask``) over its rule: resources, ptxas's serialisation reports and :func:`context_loop`'s counts."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE, _cascade_shared_gluon, descriptors
+
+    rule = {**GLUON_SHARED_RULE, **knobs}
+    desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
+    args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
+            "R": "*fp16", "KSLOT": "*i32", "MASK": "*i8", "s_mb": "i32", "s_mq": "i32", "s_mt": "i32",
+            "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "B": "i32", "T": "i32", "NQ": "i32",
+            "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
+    const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
+                 STAGES=rule["num_stages"], HAS_K=bool(rule.get("has_k")), HAS_MASK=bool(rule.get("has_mask")),
+                 FA3_ORDER=rule.get("shared_schedule") == "fa3")
+    sig = {**args, **dict.fromkeys(const, "constexpr")}
+    names = list(sig)
+    divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
+    src = GluonASTSource(_cascade_shared_gluon, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible})
+    opts = {"num_warps": rule["num_warps"], "num_stages": 1}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    out = _inspect(kernel, opts)
+    return {**{k: v for k, v in out.items() if not k.startswith("loop_")}, "stages": rule["num_stages"],
+            **context_loop(_sass(kernel))}
+
+
 def shared_rule(agents: int, has_k: bool, has_v: bool, rank_v: int = 16) -> dict:
     """:func:`compile_shared` under the bf16 rule (``launch_defaults``) for ``agents`` rows of one decode query."""
     import torch
@@ -225,6 +258,18 @@ def loop_counts(body: list[str]) -> dict:
             "loop_fadd": count("FADD"), "loop_ffma": count("FFMA"), "loop_ex2": count("MUFU")}
 
 
+def context_loop(sass: str) -> dict:
+    """:func:`loop_counts` of the shortest loop that issues MMAs, closed by a conditional branch back, inner labels
+    allowed (a Gluon kernel's context loop holds the re-entry points of its mbarrier waits, whose spin loops sit out
+    of line and jump back unconditionally)."""
+    lines = sass.splitlines()
+    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    bodies = [lines[label_at[m.group(1)]:i + 1] for i, line in enumerate(lines)
+              if (m := re.search(r"@!?U?P\w+\s+BRA `\((\.L_x_\d+)\)", line)) and label_at.get(m.group(1), i) < i]
+    bodies = [b for b in bodies if any("HGMMA" in line for line in b)]
+    return loop_counts(min(bodies, key=len, default=[]))
+
+
 def hot_loop(sass: str) -> dict:
     """:func:`loop_counts` of the kernel's longest innermost loop (the K pass: the loop over one tile's KV heads)."""
     return loop_counts(next(iter(loop_bodies(sass)), []))
@@ -240,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--shared-variants", type=int, nargs="*", metavar="AGENTS",
                     help="instead: the shared kernel of each variant (base only, V residual only, K+V) under the bf16 "
                          "rule at these agent counts, with its context loop's instruction counts")
+    ap.add_argument("--gluon-shared", metavar="JSON",
+                    help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
+                         "dicts (block_t, num_warps, num_stages, shared_schedule, has_k, has_mask)")
     args = ap.parse_args(argv)
     import triton
 
@@ -247,7 +295,12 @@ def main(argv=None):
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
     print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
     rows, meta = [], {}
-    if args.shared_variants:
+    if args.gluon_shared:
+        meta = {"kernel": "_cascade_shared_gluon"}
+        for knobs in json.loads(args.gluon_shared):
+            rows.append({"knobs": knobs, **compile_shared_gluon(knobs)})
+            print(json.dumps(rows[-1]), flush=True)
+    elif args.shared_variants:
         meta = {"kernel": "_cascade_shared_kernel", "rule": "launch_defaults, bf16, one query per row"}
         for agents in args.shared_variants:
             for variant, has_k, has_v in (("base", False, False), ("v", False, True), ("kv", True, True)):

@@ -45,6 +45,8 @@ def main(argv=None):
                     help="an eval.bench.sweep_kernel result: its fastest knobs per variant")
     ap.add_argument("--knobs", default=None,
                     help='JSON launcher knobs for every variant (over --tuning-from\'s), e.g. {"res_form": "pairs"}')
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="only these variants (e.g. base for knobs that serve calls without residuals only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from forkkv_hf.ops.dispatch import residual_attention_triton
@@ -63,7 +65,7 @@ def main(argv=None):
     if args.ncu_once:
         for point in args.points:
             q, view = make_case(*map(int, point.split(":")))
-            for variant in VARIANTS:
+            for variant in args.variants:
                 knobs = knobs_of(variant, view.batch_size)
                 residual_attention_triton(q, variant_view(view, variant), None, scale, **knobs)
         torch.cuda.synchronize()
@@ -77,7 +79,7 @@ def main(argv=None):
         T, N = map(int, point.split(":"))
         q, view = make_case(T, N)
         fl = floors(T, N, ceil)
-        for variant in VARIANTS:
+        for variant in args.variants:
             vv = variant_view(view, variant)
             knobs = knobs_of(variant, N)
             launched = {}

@@ -126,14 +126,18 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     launchers size them: ``cfg``'s knobs over the launcher's GPU rule (:func:`default_rule`)."""
     from forkkv_kernels.attention_common import split_length
     from forkkv_kernels.kres_gluon import GLUON_RULE
+    from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE
 
-    # a Gluon K pass takes its own knobs under the given ones, as the launcher does
-    rule = {**default_rule(variant, N), **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}), **cfg}
+    # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
+    gluon_shared = cfg.get("shared_form") == "gluon"
+    rule = {**default_rule(variant, N), **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
+            **(GLUON_SHARED_RULE if gluon_shared else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
         per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
     else:
-        block_m = cfg.get("block_m") or min(64, 1 << (4 * N - 1).bit_length())
+        block_m = (16 * rule["num_warps"] if gluon_shared
+                   else cfg.get("block_m") or min(64, 1 << (4 * N - 1).bit_length()))
         items, block_t = -(-4 * N // block_m) * HKV, rule["block_t"]
         per_sm, whole = rule["programs_per_sm"], rule["whole_waves"]
     return {"items": items, "block_t": block_t,

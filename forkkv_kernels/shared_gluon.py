@@ -1,0 +1,302 @@
+"""The cascade's shared part (:func:`~.cascade._cascade_shared_kernel`) written in Gluon for Hopper (sm_90), with the
+overlap FlashAttention-3 gets inside one warpgroup: the next tile's score MMA and this tile's ``P·V`` MMA in flight
+while the warps run the softmax.
+
+Per program (a block of ``BLOCK_M = 16·num_warps`` query vectors of one KV head, one split of the context, the Triton
+kernel's grid) the queries go to shared memory once; the split's K and V tiles arrive by TMA into a ring of
+``STAGES`` buffers, each with its own mbarrier, issued ahead by one thread. Per tile ``j`` (FlashAttention-3's
+"intra-warpgroup overlap"):
+
+1. issue ``S_j = Q·K_jᵀ`` (asynchronous warpgroup MMA, both operands in shared memory);
+2. issue ``O += P_{j-1}·V_{j-1}`` (``P`` from registers);
+3. wait for ``S_j`` only; its softmax step (scale, K-residual scores ``R``, masks, running max and sum, ``P_j``) runs
+   while ``P_{j-1}·V_{j-1}`` is still in the tensor cores;
+4. wait for ``O``, refill the ring's freed stage with tile ``j - 1 + STAGES``, rescale ``O``.
+
+The last tile's ``P·V`` after the loop. No MMA stays in flight across the loop's back edge (ptxas would serialise
+every MMA of the kernel: eval/KERNEL_NOTES.md "v14"). Writes the same unnormalised partials (m, l, acc) as the Triton
+kernel, so the merge (:func:`~.attention_common.launch_private_merge`) is shared.
+
+Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
+probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
+CUDA device of compute capability 9.x, bf16/fp16, head dim 64 or 128, no V residual (its ``P·u_v`` stays in the
+Triton kernel), 64 or 128 tokens per tile, 4 or 8 warps. Gluon has no interpreter: the CPU tests check this module's
+limits and compile it for sm_90 offline; the kernel itself is checked on the GPU against the exact attention
+(tests/test_shared_gluon.py).
+
+Imports nothing from ``forkkv_hf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon with Hopper's TMA: triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import constexpr_function
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # the TMA load: tma.async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), tma.async_load after
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except (ImportError, AttributeError):  # pragma: no cover - a Triton without (this) Gluon
+    gluon = None
+
+from .attention_common import sm_major
+
+HAVE_GLUON = gluon is not None
+
+#: the Gluon shared kernel's launch knobs where a call asks for it and does not give them
+GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=2, programs_per_sm=2, whole_waves=True)
+#: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
+SMEM_LIMIT = 200 * 1024
+
+
+def shared_bytes(d: int, block_t: int, num_warps: int, stages: int) -> int:
+    """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values)."""
+    return 2 * (16 * num_warps * d + 2 * stages * block_t * d) + 16 * stages
+
+
+def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, num_warps: int,
+                stages: int) -> str | None:
+    """Why the Gluon shared kernel cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, a V
+    residual or not, ``block_t`` tokens per tile on ``num_warps`` warps with ``stages`` buffers), or None."""
+    device = torch.device(device)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16/fp16 (got {dtype})"
+    if d not in (64, 128):
+        return f"head dim {d}: 64 or 128"
+    if has_v:
+        return "it has no V residual (P·u_v)"
+    if block_t not in (64, 128):
+        return f"block_t={block_t}: 64 or 128"
+    if num_warps not in (4, 8):
+        return f"num_warps={num_warps}: 4 (64 query vectors per program) or 8 (128)"
+    if not 2 <= stages <= 4:
+        return f"num_stages={stages}: 2 to 4 (the K/V ring's buffers)"
+    smem = shared_bytes(d, block_t, num_warps, stages)
+    if smem > SMEM_LIMIT:
+        return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon (triton >= 3.5 has it)"
+    if device.type != "cuda" or sm_major(str(device)) != 9:
+        return f"it runs on CUDA devices of compute capability 9.x only (got {device})"
+    return None
+
+
+if HAVE_GLUON:
+    @constexpr_function
+    def _acc_layout(nw, n):
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _vectors(mb, BLOCK_M: gl.constexpr, B, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr, hkv,
+                 LAYOUT: gl.constexpr):
+        """The program's query vectors in ``LAYOUT``: row, query, head, whether real, and the vector's index."""
+        v = mb * BLOCK_M + gl.arange(0, BLOCK_M, layout=LAYOUT)
+        row = v // VPR
+        w = v % VPR
+        valid = (row < B) & (w < NQG)
+        return gl.minimum(row, B - 1), w // G, hkv * G + w % G, valid, w
+
+    @gluon.jit
+    def _scores(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, mrow, mq, valid,
+                BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, HAS_K: gl.constexpr, HAS_MASK: gl.constexpr):
+        """One tile's scores in log2 units: scaled, plus the K residual's (pre-scaled) scores, masked to -inf."""
+        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC_S))
+        tm = t < t_end
+        s = s * qk_scale
+        if HAS_K:
+            s += gl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(gl.float32)
+        allowed = valid[:, None] & tm[None, :]
+        if HAS_MASK:
+            mk = gl.load(MASK + mrow[:, None] * s_mb + mq[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
+            allowed = allowed & (mk != 0)
+        return gl.where(allowed, s, float("-inf"))
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i):
+        """One online-softmax step over masked scores ``s`` (log2 units): probabilities, the running sums' rescale
+        factor, the new running max and sum."""
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, stage, row, pred, NBYTES: gl.constexpr):
+        """Issue the TMA copies of one K and one V tile (context row ``row`` of the flattened ``[HKV·T, D]``) into
+        ``stage`` of the ring."""
+        mbarrier.expect(kbar.index(stage), NBYTES, pred=pred)
+        _tma_load(k_desc, [row, 0], kbar.index(stage), k_smem.index(stage), pred=pred)
+        mbarrier.expect(vbar.index(stage), NBYTES, pred=pred)
+        _tma_load(v_desc, [row, 0], vbar.index(stage), v_smem.index(stage), pred=pred)
+
+    @gluon.jit
+    def _cascade_shared_gluon(
+        Q, s_qb, s_qh, s_qq,
+        k_desc, v_desc, R, KSLOT,
+        MASK, s_mb, s_mq, s_mt,
+        M_WS, L_WS, ACC_WS,
+        B, T, NQ, split_len, n_splits, qk_scale,
+        HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
+        VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
+        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, FA3_ORDER: gl.constexpr,
+    ):
+        """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
+        the context, as :func:`~.cascade._cascade_shared_kernel` without a V residual. ``k_desc``/``v_desc``: TMA
+        descriptors of the flattened ``[HKV·T, D]`` base with ``[BLOCK_T, D]`` blocks (rows past a split's end are
+        read and masked; past the tensor's end, zeros)."""
+        NW: gl.constexpr = gl.num_warps()
+        BLOCK_M: gl.constexpr = 16 * NW
+        ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)  # scores [BLOCK_M, BLOCK_T]
+        ACC_O: gl.constexpr = _acc_layout(NW, D)  # output [BLOCK_M, D]
+        A_P: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2)
+        LQ: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
+                                            order=[1, 0])  # the queries [BLOCK_M, D] (dims contiguous)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+        NBYTES: gl.constexpr = BLOCK_T * D * 2
+
+        mb = gl.program_id(0)
+        hkv = gl.program_id(1)
+        split = gl.program_id(2)
+        t_begin = split * split_len
+        t_end = gl.minimum(T, t_begin + split_len)
+        n = gl.cdiv(t_end - t_begin, BLOCK_T)
+        kv_row = hkv * T + t_begin
+
+        kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kbar.index(i), count=1)
+            mbarrier.init(vbar.index(i), count=1)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], v_desc.layout)
+        fence_async_shared()
+        _cta_barrier()
+        for i in gl.static_range(STAGES):
+            _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, i, kv_row + i * BLOCK_T, i < n, NBYTES)
+
+        rowq, qi, head, validq, wq = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LQ))
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, LQ))
+        q = gl.load(Q + (rowq * s_qb + head * s_qh + qi * s_qq)[:, None] + d[None, :], mask=validq[:, None],
+                    other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], SQ, q)
+        fence_async_shared()
+        _cta_barrier()
+
+        row, qs, head_s, valid, ws = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_S))
+        r_row = row  # dummies without a K residual
+        kres = valid
+        if HAS_K:
+            kres = valid & (gl.load(KSLOT + row) >= 0)
+            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * T
+        # zeros the compiler cannot see as such: the score MMAs start from defined accumulator registers (with an
+        # undefined start ptxas serialises every MMA of the kernel, its report C7514)
+        zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
+        o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
+
+        mbarrier.wait(kbar.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, ACC_S))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, ACC_S))
+        if FA3_ORDER:
+            # tile 0's probabilities here, its P·V in the loop's first step
+            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt,
+                                                  row, qs, valid, BLOCK_T, ACC_S, HAS_K, HAS_MASK), m_i, l_i)
+            pa = gl.convert_layout(p.to(dtype), A_P)
+            for j in range(1, n):
+                st = j % STAGES
+                sp = (j - 1) % STAGES
+                mbarrier.wait(kbar.index(st), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zs, use_acc=False, is_async=True)
+                mbarrier.wait(vbar.index(sp), ((j - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(pa, v_smem.index(sp), o, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+                p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                      s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
+                                                      HAS_MASK), m_i, l_i)
+                pn = gl.convert_layout(p.to(dtype), A_P)
+                o, pa, pn = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa, pn])
+                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, sp, kv_row + (j - 1 + STAGES) * BLOCK_T,
+                       j - 1 + STAGES < n, NBYTES)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
+                pa = pn
+            sp = (n - 1) % STAGES
+        else:
+            # the next tile's scores issued before this tile's softmax: the softmax and the rescale run under that
+            # MMA (the P·V needs their result, so the compiler cannot move them past the wait)
+            for j in range(0, n - 1):
+                st = j % STAGES
+                sn = (j + 1) % STAGES
+                mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
+                p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                      s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
+                                                      HAS_MASK), m_i, l_i)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
+                pa = gl.convert_layout(p.to(dtype), A_P)
+                mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
+                o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
+                s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
+                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
+                       j + STAGES < n, NBYTES)
+            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
+                                                  MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
+                                                  HAS_MASK), m_i, l_i)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
+            pa = gl.convert_layout(p.to(dtype), A_P)
+            sp = (n - 1) % STAGES
+        mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
+        o = warpgroup_mma(pa, v_smem.index(sp), o)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(kbar.index(i))
+            mbarrier.invalidate(vbar.index(i))
+
+        wi = ((row * (HKV * G) + head_s) * NQ + qs) * n_splits + split
+        gl.store(M_WS + wi, m_i, mask=valid)
+        gl.store(L_WS + wi, l_i, mask=valid)
+        rowo, qo, heado, valido, wo = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_O))
+        wio = ((rowo * (HKV * G) + heado) * NQ + qo) * n_splits + split
+        do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
+        dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
+        gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
+
+
+def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
+    """TMA descriptors of the base K/V ``[HKV, T, D]`` (contiguous) as ``[HKV·T, D]`` in ``block_t``-row blocks."""
+    hkv, t, d = k_base.shape
+    layout = gl.NVMMASharedLayout.get_default_for([block_t, d], gl.bfloat16 if k_base.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return tuple(TensorDescriptor.from_tensor(x.view(hkv * t, d), [block_t, d], layout) for x in (k_base, v_base))
+
+
+def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
+                        qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
+                        schedule: str = "ahead"):
+    """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l, acc, _)``;
+    arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`. Raises ``ValueError``
+    where :func:`unsupported` says why it cannot."""
+    B, H, NQ, D = q.shape
+    Hkv, T, _ = k_base.shape
+    why = unsupported(q.device, q.dtype, D, False, block_t, num_warps, num_stages)
+    if why:
+        raise ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
+    if k_base.dtype != q.dtype or v_base.dtype != q.dtype:
+        raise ValueError(f"shared_form='gluon': the base K/V ({k_base.dtype}) must have the queries' dtype {q.dtype}")
+    if k_base.data_ptr() % 16 or v_base.data_ptr() % 16:
+        raise ValueError("shared_form='gluon' reads the base K/V by TMA, which needs them 16-byte aligned: pass "
+                         "k_base/v_base with an aligned start or use shared_form='triton'")
+    k_desc, v_desc = descriptors(k_base, v_base, block_t)
+    ms = mask.stride() if mask is not None else (0, 0, 0)
+    return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](
+        q, q.stride(0), q.stride(1), q.stride(2), k_desc, v_desc, r_scores, k_slot if has_k else q,
+        mask if mask is not None else q, *ms, ws[0], ws[1], ws[2],
+        B, T, NQ, split_len, n_splits, qk_scale,
+        HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
+        STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, FA3_ORDER=schedule == "fa3",
+        num_warps=num_warps)

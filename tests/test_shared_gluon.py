@@ -1,0 +1,149 @@
+"""The Gluon shared kernel (``forkkv_kernels.shared_gluon``, ``shared_form="gluon"``): on CPU what it refuses and why,
+and its sm_90 compile (registers, spills, ptxas's serialisation reports, the context loop's MMAs and waits) with this
+machine's Triton; on a Hopper GPU its attention against the fp32 reference (the low-precision pass rule) at real
+sizes under each launch knob and over odd shapes (GQA 1-8, head dims 64/128, contexts shorter than a tile, extend
+calls, padding masks, K residuals or none). Gluon has no interpreter, so the kernel itself runs only on the GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cases import LOW_DTYPES, AttnCase, parametrize
+from forkkv_hf import reference_attention
+from views import lowp_attention_error, random_view
+
+pytest.importorskip("triton")
+from forkkv_kernels import shared_gluon  # noqa: E402
+from test_cascade_kernel import _launch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
+
+
+def _why(D=128, dtype=torch.bfloat16, has_v=False, block_t=64, num_warps=4, stages=2, device="cpu"):
+    return shared_gluon.unsupported(device, dtype, D, has_v, block_t, num_warps, stages)
+
+
+def test_gluon_shared_says_why_it_cannot_serve_a_call():
+    """Each limit is named (the CPU reaches the device check last, so every other reason shows here)."""
+    assert "bf16/fp16" in _why(dtype=torch.float32)
+    assert "head dim 32" in _why(D=32) and "head dim 256" in _why(D=256)
+    assert "no V residual" in _why(has_v=True)
+    assert "block_t=32" in _why(block_t=32)
+    assert "num_warps=2" in _why(num_warps=2)
+    assert "num_stages=1" in _why(stages=1) and "num_stages=5" in _why(stages=5)
+    assert "shared memory" in _why(block_t=128, num_warps=8, stages=4)
+    assert "compute capability 9.x" in _why()
+    assert shared_gluon.shared_bytes(128, 64, 4, 2) == 2 * (64 * 128 + 2 * 2 * 64 * 128) + 32
+
+
+def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
+    """Through ``cascade_attention``: an unknown form, a V residual and (off Hopper) the device raise with what to do."""
+    case = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, v_res=False)
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
+    with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton' or 'gluon'"):
+        _launch(q, view, None, case.D**-0.5, shared_form="cuda")
+    with_v = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4)
+    with pytest.raises(ValueError, match="shared_form='gluon' has no V residual .* use shared_form='triton'"):
+        _launch(with_v.query(torch.bfloat16), with_v.view(torch.bfloat16), None, case.D**-0.5, shared_form="gluon")
+    if not HOPPER:
+        with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: it runs on CUDA devices .* "
+                                             "use shared_form='triton'"):
+            _launch(q, view, None, case.D**-0.5, shared_form="gluon")
+
+
+@pytest.mark.slow
+def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
+    """`eval.bench.offline_kernel --gluon-shared` compiles the kernel for sm_90 here: without spills, two programs
+    per SM at its rule, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs (8 score steps of 16,
+    4 P·V steps) under a single wait (the rule's schedule: the next tile's scores in flight under the softmax) or two
+    (FlashAttention-3's order); with K-residual scores and a mask too."""
+    pytest.importorskip("triton.backends.nvidia")
+    pytest.importorskip("triton.experimental.gluon")
+    out = tmp_path / "offline.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    configs = json.dumps([{}, {"shared_schedule": "fa3"}, {"has_k": True, "has_mask": True}])
+    proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rule, fa3, with_k = json.loads(out.read_text())["rows"]
+    for row in (rule, fa3, with_k):
+        assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 2 and not row["mma_serialised"], row
+        assert row["loop_hgmma"] == 12 and row["loop_ex2"] >= 32, row
+    assert rule["loop_mma_waits"] == 1 and fa3["loop_mma_waits"] == 2
+
+
+#: the launch knobs the GPU tests run (the sweep's candidates)
+GLUON_SHARED_KNOBS = [
+    {"shared_form": "gluon"},
+    {"shared_form": "gluon", "shared_schedule": "fa3"},
+    {"shared_form": "gluon", "num_stages": 3},
+    {"shared_form": "gluon", "num_warps": 8},
+    {"shared_form": "gluon", "block_t": 128},
+    {"shared_form": "gluon", "n_splits": 3},
+]
+
+
+def _real_view(dtype, T, k_res, Q):
+    rows = list(range(8)) + [0, -1]
+    view = random_view(B=len(rows), Hkv=8, D=128, T=T, P=9 + Q, n_agents=8, ranks=(16,) * 8, dtype=dtype, rows=rows,
+                       k_res=k_res, v_res=False)
+    g = torch.Generator().manual_seed(3)
+    return view, torch.randn(len(rows), 32, Q, 128, generator=g).to(dtype)
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("T,k_res,Q", [(4096, False, 1), (2053, True, 1), (1500, False, 7), (1500, True, 17)])
+def test_gluon_shared_real_sizes_gpu(T, k_res, Q, dtype):
+    """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), 8 agents of rank 16 plus an agent-0 row and a base row:
+    the attention with the Gluon shared kernel under each of :data:`GLUON_SHARED_KNOBS` within 3x PyTorch's own
+    low-precision error of the fp32 reference (decode over a context of whole tiles and over one whose splits end
+    mid-tile, with or without K residuals; extend calls of 7 and 17 queries: 32 and 128 vectors per row)."""
+    if not HOPPER:
+        pytest.skip("the Gluon shared kernel runs on sm_90 only")
+    view, q = _real_view(dtype, T, k_res, Q)
+    ref = reference_attention(q.float(), view, None, 128**-0.5)
+    base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
+    for knobs in GLUON_SHARED_KNOBS:
+        err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+A = AttnCase
+#: shapes the kernel takes (head dims 64 and 128), each with a K residual or none: GQA 1, 2, 4 and 8, a context shorter
+#: than one tile, rows sharing an agent and a base row, extend calls, several blocks of query vectors
+GLUON_SHARED_CASES = [
+    A(B=5, H=8, Hkv=2, D=64, T=129, P=2, N=3, ranks=(16, 16, 4), v_res=False),
+    A(B=2, H=2, Hkv=1, D=128, T=33, P=3, ranks=(64, 8), v_res=False),
+    A(B=4, H=8, Hkv=2, D=64, T=70, P=5, rows=(0, 1, 1, -1), v_res=False),
+    A(B=3, H=4, Hkv=4, D=64, T=200, P=4, Q=3, v_res=False),
+    A(B=3, H=16, Hkv=2, D=128, T=300, P=4, k_res=False, v_res=False),
+    A(B=70, H=4, Hkv=1, D=64, T=150, P=2, k_res=False, v_res=False),
+    A(B=6, H=8, Hkv=2, D=128, T=1000, P=3, Q=2, N=3, ranks=(8, 16, 32), v_res=False),
+]
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("masked", [False, True])
+@parametrize("case", GLUON_SHARED_CASES)
+def test_gluon_shared_case_space_gpu(case, masked, dtype):
+    """:data:`GLUON_SHARED_CASES` in bf16/fp16, with and without a padding mask, both schedules: within 3x PyTorch's
+    low-precision error of the fp32 reference."""
+    if not HOPPER:
+        pytest.skip("the Gluon shared kernel runs on sm_90 only")
+    view, q = case.view(dtype), case.query(dtype)
+    mask = case.mask() if masked else None
+    ref = reference_attention(q.float(), view, mask, case.D**-0.5)
+    base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
+    for schedule in ("ahead", "fa3"):
+        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", shared_schedule=schedule).float()
+        err = (out - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (schedule, err, base_err)
