@@ -245,7 +245,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
-                       shared_form: str | None = None, shared_schedule: str = "ahead",
+                       shared_form: str | None = None, shared_schedule: str = "ahead", shared_k_early: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -357,7 +357,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], schedule=shared_schedule)
+            num_stages=cfg["num_stages"], schedule=shared_schedule, k_early=shared_k_early)
     else:
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),

@@ -127,13 +127,17 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
+    def _fetch_one(desc, bar, smem, stage, row, pred, NBYTES: gl.constexpr):
+        """Issue the TMA copy of one tile (context row ``row`` of the flattened ``[HKV·T, D]``) into ``stage`` of
+        its ring."""
+        mbarrier.expect(bar.index(stage), NBYTES, pred=pred)
+        _tma_load(desc, [row, 0], bar.index(stage), smem.index(stage), pred=pred)
+
+    @gluon.jit
     def _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, stage, row, pred, NBYTES: gl.constexpr):
-        """Issue the TMA copies of one K and one V tile (context row ``row`` of the flattened ``[HKV·T, D]``) into
-        ``stage`` of the ring."""
-        mbarrier.expect(kbar.index(stage), NBYTES, pred=pred)
-        _tma_load(k_desc, [row, 0], kbar.index(stage), k_smem.index(stage), pred=pred)
-        mbarrier.expect(vbar.index(stage), NBYTES, pred=pred)
-        _tma_load(v_desc, [row, 0], vbar.index(stage), v_smem.index(stage), pred=pred)
+        """Issue the TMA copies of one K and one V tile into ``stage`` of their rings."""
+        _fetch_one(k_desc, kbar, k_smem, stage, row, pred, NBYTES)
+        _fetch_one(v_desc, vbar, v_smem, stage, row, pred, NBYTES)
 
     @gluon.jit
     def _cascade_shared_gluon(
@@ -144,7 +148,7 @@ if HAVE_GLUON:
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, FA3_ORDER: gl.constexpr,
+        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, FA3_ORDER: gl.constexpr, K_EARLY: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel` without a V residual. ``k_desc``/``v_desc``: TMA
@@ -230,6 +234,8 @@ if HAVE_GLUON:
         else:
             # the next tile's scores issued before this tile's softmax: the softmax and the rescale run under that
             # MMA (the P·V needs their result, so the compiler cannot move them past the wait)
+            if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
+                _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
             for j in range(0, n - 1):
                 st = j % STAGES
                 sn = (j + 1) % STAGES
@@ -243,8 +249,13 @@ if HAVE_GLUON:
                 mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
                 o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
                 s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
-                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
-                       j + STAGES < n, NBYTES)
+                if K_EARLY:  # K tile j + 1's stage and V tile j's are free
+                    _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
+                               NBYTES)
+                    _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
+                else:
+                    _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
+                           j + STAGES < n, NBYTES)
             p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
                                                   MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
                                                   HAS_MASK), m_i, l_i)
@@ -277,7 +288,7 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        schedule: str = "ahead"):
+                        schedule: str = "ahead", k_early: bool = False):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l, acc, _)``;
     arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`. Raises ``ValueError``
     where :func:`unsupported` says why it cannot."""
@@ -299,4 +310,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, FA3_ORDER=schedule == "fa3",
-        num_warps=num_warps)
+        K_EARLY=bool(k_early), num_warps=num_warps)

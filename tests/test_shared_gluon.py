@@ -84,6 +84,7 @@ GLUON_SHARED_KNOBS = [
     {"shared_form": "gluon"},
     {"shared_form": "gluon", "shared_schedule": "fa3"},
     {"shared_form": "gluon", "num_stages": 3},
+    {"shared_form": "gluon", "num_stages": 3, "shared_k_early": True},
     {"shared_form": "gluon", "num_warps": 8},
     {"shared_form": "gluon", "block_t": 128},
     {"shared_form": "gluon", "n_splits": 3},
