@@ -33,6 +33,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 from .shared_gluon import GLUON_SHARED_RULE, launch_shared_gluon
+from .shared_gluon import unsupported as gluon_unsupported
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -164,7 +165,8 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
         return dict(block_t=32, num_warps=4, num_stages=1, programs_per_sm=4 if has_k and B * NQ >= 32 else 2,
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
-                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False)
+                    res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False,
+                    shared_form="triton")
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -206,7 +208,15 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # agent (-5.7% against -4.1%), base only at 128 (-4.1% against -2.8%) and V only from 32 agents (-0.7
                 # / -0.9%, within the run-to-run spread, where "merge" loses);
                 # sweep_kernel_v19{a,b,ma,mb,ra,rb}_nvidia_h100.json, eval/KERNEL_NOTES.md "v19"
-                pdl=False if has_v and not has_k and not few else "merge")
+                pdl=False if has_v and not has_k and not few else "merge",
+                # the shared part in Gluon (its softmax under the next tile's score MMA, K/V by TMA into 3 buffers,
+                # :data:`~.shared_gluon.GLUON_SHARED_RULE`) without residuals from 512 query vectors per KV head
+                # (v21, one H100, base only at 128 agents: its kernel 150.0 / 150.9 / 151.1 -> 139.2 / 139.5 µs in
+                # three profiles, whole calls 180.6 -> 173.1 and 179.6 -> 156.3 in two sweeps; at 32 agents equal,
+                # 52.4-53.7 against 52.5-53.0, at 1 and 8 agents slower, 60.7-64.2 against 55.1-58.9 whole;
+                # profile_kernel_v21*_nvidia_h100.json, sweep_kernel_v21{a,c}_nvidia_h100.json; the K residual's
+                # scores it also takes, unmeasured, so not picked for them)
+                shared_form="gluon" if not has_k and not has_v and B * VPR >= 512 else "triton")
 
 
 
@@ -245,7 +255,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
-                       shared_form: str | None = None, shared_schedule: str = "ahead", shared_k_early: bool = False,
+                       shared_form: str | None = None, shared_k_early: bool = True,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -267,11 +277,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     the one before it drains and waiting for it before reading its output: ``"early"`` (or True) the shared kernel
     after a K pass and the merge, each kernel letting the next start as soon as its own grid runs; ``"late"`` the same,
     the shared kernel letting the merge start after its context loop (the K pass as it ends); ``"merge"`` only the
-    merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` (None: the default) or
-    ``"gluon"``, the shared part by :mod:`.shared_gluon` (Hopper, no V residual; its own knobs
-    :data:`~.shared_gluon.GLUON_SHARED_RULE` under the given ``block_t``, ``num_warps``, ``num_stages``;
-    ``shared_schedule`` ``"ahead"`` or ``"fa3"``: where its MMAs overlap the softmax; it lets the merge start only as
-    it ends). ``scratch(name, numel, device, dtype)``: the
+    merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
+    part by :mod:`.shared_gluon` (Hopper, no V residual; its own knobs :data:`~.shared_gluon.GLUON_SHARED_RULE` under
+    the given ``block_t``, ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they
+    free; it lets the merge start only as it ends); None: the rule's pick (:func:`launch_defaults`), the Triton
+    kernel where the call cannot take the Gluon one (another device or dtype, a given ``block_m``, knobs outside
+    its limits). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
@@ -307,8 +318,15 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         cfg.update(GLUON_RULE)
     if shared_form not in (None, "triton", "gluon"):
         raise ValueError(f"shared_form={shared_form!r}; use 'triton' or 'gluon'")
-    if shared_form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
-        cfg.update(GLUON_SHARED_RULE)
+    form = shared_form or cfg["shared_form"]
+    if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
+        use = {**cfg, **GLUON_SHARED_RULE, **{k: v for k, v in given.items() if v is not None}}
+        if shared_form is None and (block_m is not None or k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or
+                                    gluon_unsupported(dev, dtype, D, has_v, use["block_t"], use["num_warps"],
+                                                      use["num_stages"])):
+            form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
+        else:
+            cfg.update(GLUON_SHARED_RULE)
     if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -340,7 +358,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early")
 
     BLOCK_T = cfg["block_t"]
-    gluon_shared = shared_form == "gluon"
+    gluon_shared = form == "gluon"
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
@@ -357,7 +375,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], schedule=shared_schedule, k_early=shared_k_early)
+            num_stages=cfg["num_stages"], k_early=shared_k_early)
     else:
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),

@@ -1,28 +1,30 @@
-"""The cascade's shared part (:func:`~.cascade._cascade_shared_kernel`) written in Gluon for Hopper (sm_90), with the
-overlap FlashAttention-3 gets inside one warpgroup: the next tile's score MMA and this tile's ``P·V`` MMA in flight
-while the warps run the softmax.
+"""The cascade's shared part (:func:`~.cascade._cascade_shared_kernel`) written in Gluon for Hopper (sm_90), its
+softmax under the next tile's score MMA.
 
 Per program (a block of ``BLOCK_M = 16·num_warps`` query vectors of one KV head, one split of the context, the Triton
-kernel's grid) the queries go to shared memory once; the split's K and V tiles arrive by TMA into a ring of
-``STAGES`` buffers, each with its own mbarrier, issued ahead by one thread. Per tile ``j`` (FlashAttention-3's
-"intra-warpgroup overlap"):
+kernel's grid) the queries go to shared memory once; the split's K and V tiles arrive by TMA into rings of
+``STAGES`` buffers, each with its own mbarrier, issued ahead by one thread (no per-thread ``cp.async`` address work).
+Per tile ``j``:
 
-1. issue ``S_j = Q·K_jᵀ`` (asynchronous warpgroup MMA, both operands in shared memory);
-2. issue ``O += P_{j-1}·V_{j-1}`` (``P`` from registers);
-3. wait for ``S_j`` only; its softmax step (scale, K-residual scores ``R``, masks, running max and sum, ``P_j``) runs
-   while ``P_{j-1}·V_{j-1}`` is still in the tensor cores;
-4. wait for ``O``, refill the ring's freed stage with tile ``j - 1 + STAGES``, rescale ``O``.
+1. issue ``S_{j+1} = Q·K_{j+1}ᵀ`` (asynchronous warpgroup MMA, both operands in shared memory);
+2. this tile's softmax step (scale, K-residual scores ``R``, masks, running max and sum) and the rescale of ``O``
+   while that MMA runs;
+3. issue ``O += P_j·V_j`` (``P`` from registers), wait for both, refill the freed buffers (``K_EARLY``: K tile
+   ``j + 1``'s, one tile further ahead than V's, which frees only now).
 
-The last tile's ``P·V`` after the loop. No MMA stays in flight across the loop's back edge (ptxas would serialise
-every MMA of the kernel: eval/KERNEL_NOTES.md "v14"). Writes the same unnormalised partials (m, l, acc) as the Triton
-kernel, so the merge (:func:`~.attention_common.launch_private_merge`) is shared.
+No MMA stays in flight across the loop's back edge (ptxas would serialise every MMA of the kernel: eval/KERNEL_NOTES.md
+"v14"). FlashAttention-3's order (the previous tile's ``P·V`` in flight under this tile's softmax) was built and
+measured no faster: ptxas moves its second wait above the exponentials (eval/KERNEL_NOTES.md "v21"). Writes the same
+unnormalised partials (m, l, acc) as the Triton kernel, so the merge (:func:`~.attention_common.launch_private_merge`)
+is shared. The launcher's rule (:func:`~.cascade.launch_defaults`) picks it for calls without residuals from 512 query
+vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
 CUDA device of compute capability 9.x, bf16/fp16, head dim 64 or 128, no V residual (its ``P·u_v`` stays in the
-Triton kernel), 64 or 128 tokens per tile, 4 or 8 warps. Gluon has no interpreter: the CPU tests check this module's
-limits and compile it for sm_90 offline; the kernel itself is checked on the GPU against the exact attention
-(tests/test_shared_gluon.py).
+Triton kernel), 64 or 128 tokens per tile, 4 or 8 warps, 2-4 buffers. Gluon has no interpreter: the CPU tests check
+this module's limits and compile it for sm_90 offline; the kernel itself is checked on the GPU against the exact
+attention (tests/test_shared_gluon.py).
 
 Imports nothing from ``forkkv_hf``.
 """
@@ -48,8 +50,9 @@ from .attention_common import sm_major
 
 HAVE_GLUON = gluon is not None
 
-#: the Gluon shared kernel's launch knobs where a call asks for it and does not give them
-GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=2, programs_per_sm=2, whole_waves=True)
+#: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them: 64-token
+#: tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
+GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=2, whole_waves=True)
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
 
@@ -148,7 +151,7 @@ if HAVE_GLUON:
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, FA3_ORDER: gl.constexpr, K_EARLY: gl.constexpr,
+        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel` without a V residual. ``k_desc``/``v_desc``: TMA
@@ -208,60 +211,36 @@ if HAVE_GLUON:
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, ACC_S))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, ACC_S))
-        if FA3_ORDER:
-            # tile 0's probabilities here, its P·V in the loop's first step
-            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt,
-                                                  row, qs, valid, BLOCK_T, ACC_S, HAS_K, HAS_MASK), m_i, l_i)
-            pa = gl.convert_layout(p.to(dtype), A_P)
-            for j in range(1, n):
-                st = j % STAGES
-                sp = (j - 1) % STAGES
-                mbarrier.wait(kbar.index(st), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zs, use_acc=False, is_async=True)
-                mbarrier.wait(vbar.index(sp), ((j - 1) // STAGES) & 1)
-                o_tok = warpgroup_mma(pa, v_smem.index(sp), o, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
-                p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
-                                                      s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                                      HAS_MASK), m_i, l_i)
-                pn = gl.convert_layout(p.to(dtype), A_P)
-                o, pa, pn = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa, pn])
-                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, sp, kv_row + (j - 1 + STAGES) * BLOCK_T,
-                       j - 1 + STAGES < n, NBYTES)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-                pa = pn
-            sp = (n - 1) % STAGES
-        else:
-            # the next tile's scores issued before this tile's softmax: the softmax and the rescale run under that
-            # MMA (the P·V needs their result, so the compiler cannot move them past the wait)
-            if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
-                _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
-            for j in range(0, n - 1):
-                st = j % STAGES
-                sn = (j + 1) % STAGES
-                mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
-                p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
-                                                      s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                                      HAS_MASK), m_i, l_i)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-                pa = gl.convert_layout(p.to(dtype), A_P)
-                mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
-                o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
-                s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
-                if K_EARLY:  # K tile j + 1's stage and V tile j's are free
-                    _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
-                               NBYTES)
-                    _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
-                else:
-                    _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
-                           j + STAGES < n, NBYTES)
-            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
-                                                  MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
+        # the next tile's scores issued before this tile's softmax: the softmax and the rescale run under that MMA
+        # (the P·V needs their result, so the compiler cannot move them past the wait)
+        if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
+            _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
+        for j in range(0, n - 1):
+            st = j % STAGES
+            sn = (j + 1) % STAGES
+            mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
+            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                  s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
                                                   HAS_MASK), m_i, l_i)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
             pa = gl.convert_layout(p.to(dtype), A_P)
-            sp = (n - 1) % STAGES
+            mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
+            o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
+            s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
+            if K_EARLY:  # K tile j + 1's stage and V tile j's are free
+                _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
+                           NBYTES)
+                _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
+            else:
+                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
+                       j + STAGES < n, NBYTES)
+        p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
+                                              MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
+                                              HAS_MASK), m_i, l_i)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
+        pa = gl.convert_layout(p.to(dtype), A_P)
+        sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
         for i in gl.static_range(STAGES):
@@ -288,7 +267,7 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        schedule: str = "ahead", k_early: bool = False):
+                        k_early: bool = True):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l, acc, _)``;
     arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`. Raises ``ValueError``
     where :func:`unsupported` says why it cannot."""
@@ -309,5 +288,5 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         mask if mask is not None else q, *ms, ws[0], ws[1], ws[2],
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
-        STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, FA3_ORDER=schedule == "fa3",
-        K_EARLY=bool(k_early), num_warps=num_warps)
+        STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
+        num_warps=num_warps)

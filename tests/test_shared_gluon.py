@@ -61,30 +61,30 @@ def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
 @pytest.mark.slow
 def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     """`eval.bench.offline_kernel --gluon-shared` compiles the kernel for sm_90 here: without spills, two programs
-    per SM at its rule, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs (8 score steps of 16,
-    4 P·V steps) under a single wait (the rule's schedule: the next tile's scores in flight under the softmax) or two
-    (FlashAttention-3's order); with K-residual scores and a mask too."""
+    per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
+    (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
+    K-residual scores and a mask too."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    configs = json.dumps([{}, {"shared_schedule": "fa3"}, {"has_k": True, "has_mask": True}])
+    configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rule, fa3, with_k = json.loads(out.read_text())["rows"]
-    for row in (rule, fa3, with_k):
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
         assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 2 and not row["mma_serialised"], row
-        assert row["loop_hgmma"] == 12 and row["loop_ex2"] >= 32, row
-    assert rule["loop_mma_waits"] == 1 and fa3["loop_mma_waits"] == 2
+        assert row["loop_hgmma"] == 12 and row["loop_mma_waits"] == 1 and row["loop_ex2"] >= 32, row
+    assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
 
 
 #: the launch knobs the GPU tests run (the sweep's candidates)
 GLUON_SHARED_KNOBS = [
     {"shared_form": "gluon"},
-    {"shared_form": "gluon", "shared_schedule": "fa3"},
-    {"shared_form": "gluon", "num_stages": 3},
-    {"shared_form": "gluon", "num_stages": 3, "shared_k_early": True},
+    {"shared_form": "gluon", "shared_k_early": False},
+    {"shared_form": "gluon", "num_stages": 2},
+    {"shared_form": "gluon", "num_stages": 4},
     {"shared_form": "gluon", "num_warps": 8},
     {"shared_form": "gluon", "block_t": 128},
     {"shared_form": "gluon", "n_splits": 3},
@@ -136,15 +136,37 @@ GLUON_SHARED_CASES = [
 @parametrize("masked", [False, True])
 @parametrize("case", GLUON_SHARED_CASES)
 def test_gluon_shared_case_space_gpu(case, masked, dtype):
-    """:data:`GLUON_SHARED_CASES` in bf16/fp16, with and without a padding mask, both schedules: within 3x PyTorch's
-    low-precision error of the fp32 reference."""
+    """:data:`GLUON_SHARED_CASES` in bf16/fp16, with and without a padding mask, K tiles refilled early or with V's:
+    within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     view, q = case.view(dtype), case.query(dtype)
     mask = case.mask() if masked else None
     ref = reference_attention(q.float(), view, mask, case.D**-0.5)
     base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
-    for schedule in ("ahead", "fa3"):
-        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", shared_schedule=schedule).float()
+    for k_early in (True, False):
+        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", shared_k_early=k_early).float()
         err = (out - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (schedule, err, base_err)
+        assert err <= 3 * base_err + 1e-5, (k_early, err, base_err)
+
+
+def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_512_vectors():
+    """``launch_defaults`` picks ``shared_form="gluon"`` for bf16/fp16 calls without residuals from 512 query vectors
+    per KV head (v21 measured), the Triton kernel otherwise; where a call cannot take it (here: the CPU interpreter)
+    the launcher runs the Triton kernel instead, exact."""
+    from forkkv_kernels.cascade import launch_defaults
+
+    assert launch_defaults(128, 1, 4, False, False, torch.bfloat16)["shared_form"] == "gluon"
+    assert launch_defaults(4, 16, 128, False, False, torch.float16)["shared_form"] == "gluon"
+    assert launch_defaults(127, 1, 4, False, False, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, True, False, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, False, False, torch.float32)["shared_form"] == "triton"
+    case = AttnCase(B=4, H=8, Hkv=1, D=64, T=40, P=17, Q=16, k_res=False, v_res=False)  # 4 rows x 128 vectors
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
+    launches = {}
+    out = _launch(q, view, None, case.D**-0.5, launches=launches).float()
+    ref = reference_attention(q.float(), view, None, case.D**-0.5)
+    assert (out - ref).abs().max().item() <= 3 * lowp_attention_error(q.float(), view, None, case.D**-0.5, ref) + 1e-5
+    name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
+    assert ("gluon" in name) == HOPPER, name

@@ -186,7 +186,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
 
 def compile_shared_gluon(knobs: dict) -> dict:
     """Compile the Gluon shared kernel (:mod:`forkkv_kernels.shared_gluon`) for sm_90 at the benchmark's shapes (base
-    only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_schedule``,
+    only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_k_early``,
     ``has_mask``) over its rule: resources, ptxas's serialisation reports and :func:`context_loop`'s counts."""
     import torch
     import triton
@@ -204,7 +204,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
             "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], HAS_K=bool(rule.get("has_k")), HAS_MASK=bool(rule.get("has_mask")),
-                 FA3_ORDER=rule.get("shared_schedule") == "fa3", K_EARLY=bool(rule.get("shared_k_early")))
+                 K_EARLY=rule.get("shared_k_early", True))
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
@@ -287,7 +287,7 @@ def main(argv=None):
                          "rule at these agent counts, with its context loop's instruction counts")
     ap.add_argument("--gluon-shared", metavar="JSON",
                     help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
-                         "dicts (block_t, num_warps, num_stages, shared_schedule, has_k, has_mask)")
+                         "dicts (block_t, num_warps, num_stages, shared_k_early, has_k, has_mask)")
     args = ap.parse_args(argv)
     import triton
 

@@ -129,7 +129,7 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
-    gluon_shared = cfg.get("shared_form") == "gluon"
+    gluon_shared = {**default_rule(variant, N), **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
     rule = {**default_rule(variant, N), **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
             **(GLUON_SHARED_RULE if gluon_shared else {}), **cfg}
     if stage == "kres":
