@@ -50,8 +50,8 @@ from .attention_common import sm_major
 
 HAVE_GLUON = gluon is not None
 
-#: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them: 64-token
-#: tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
+#: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them:
+#: 64-token tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
 GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=2, whole_waves=True)
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
@@ -268,9 +268,9 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
                         k_early: bool = True):
-    """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l, acc, _)``;
-    arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`. Raises ``ValueError``
-    where :func:`unsupported` says why it cannot."""
+    """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
+    acc, _)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention` (``k_early``: K
+    tiles refilled as soon as they free). Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     why = unsupported(q.device, q.dtype, D, False, block_t, num_warps, num_stages)

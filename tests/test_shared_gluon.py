@@ -44,7 +44,8 @@ def test_gluon_shared_says_why_it_cannot_serve_a_call():
 
 
 def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
-    """Through ``cascade_attention``: an unknown form, a V residual and (off Hopper) the device raise with what to do."""
+    """Through ``cascade_attention``: an unknown form, a V residual and (off Hopper) the device raise, saying what to
+    do."""
     case = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, v_res=False)
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
     with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton' or 'gluon'"):
