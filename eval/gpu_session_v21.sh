@@ -11,6 +11,9 @@
 # SECOND=1 (the second call, after the first had shown 3 stages as the only Gluon setting ahead of the rule, at 128
 # agents): instead of steps 3-4, whole calls in the opposite order with the K tiles refilled one tile earlier
 # (shared_k_early) against 3 stages, 2 stages and the rule (pass c), and profiles of the three at 32 and 128 agents.
+# The calls as made: `SWEEP_B=0 TEST_TIMEOUT=200 bash eval/gpu_session_v21.sh` and `SECOND=1 OFFLINE=0 TESTS_K=real_sizes
+# TEST_TIMEOUT=120 ...` (H100). Since then the FA3 order (`shared_schedule`) is removed and 3 buffers are the default:
+# the script is the record of those calls; its candidates name knobs as they were then. Next: eval/gpu_session_v22.sh.
 # Results: $OUT/v21.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
 FINAL=${OUT:-/tmp/out}
