@@ -80,7 +80,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
 
 
-#: the launch knobs the GPU tests run (the sweep's candidates)
+#: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
 GLUON_SHARED_KNOBS = [
     {"shared_form": "gluon"},
     {"shared_form": "gluon", "shared_k_early": False},
