@@ -5,7 +5,9 @@
 #    cascade and library kernel tests (their base-only calls from 512 vectors per KV head now take the Gluon kernel);
 # 2. the library's path with the rule at 1-128 agents (`eval.bench.kernel`), on whichever card comes;
 # 3. where the rule's threshold belongs: whole calls, base only, at 64 and 96 agents (256 and 384 vectors per KV
-#    head, between v21's tie at 32 and gain at 128), the Triton rule against the Gluon kernel, both orders.
+#    head, between v21's tie at 32 and gain at 128), the Triton rule against the Gluon kernel, both orders; and at 32
+#    and 128 agents the Gluon kernel with the score MMAs' queries from registers (`shared_q_regs`, built after v21's
+#    calls: 192 registers offline, still two programs per SM; half the score MMAs' shared-memory reads).
 # Each step can be left out: TESTS=0, BENCH=0, SWEEP=0.
 # Results: $OUT/v22.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
@@ -28,11 +30,12 @@ if [ "${BENCH:-1}" = 1 ]; then
 fi
 if [ "${SWEEP:-1}" = 1 ]; then
     for pass in a b; do
-        if [ $pass = a ]; then C='{"shared": [{"shared_form": "triton"}, {"shared_form": "gluon"}]}'
-        else C='{"shared": [{"shared_form": "gluon"}, {"shared_form": "triton"}]}'; fi
+        QR='{"shared_form": "gluon", "shared_q_regs": true}'
+        if [ $pass = a ]; then C="{\"shared\": [{\"shared_form\": \"triton\"}, {\"shared_form\": \"gluon\"}, $QR]}"
+        else C="{\"shared\": [$QR, {\"shared_form\": \"gluon\"}, {\"shared_form\": \"triton\"}]}"; fi
         timeout 150 python -m eval.bench.sweep_kernel --stage shared --variants base --waves 1 \
-            --points 32768:64 32768:96 --candidates "$C" --time-limit 120 --out "$OUT/sweep_kernel_v22$pass.json" \
-            > "$OUT/sweep_v22$pass.log" 2>&1
+            --points 32768:32 32768:64 32768:96 32768:128 --candidates "$C" --time-limit 120 \
+            --out "$OUT/sweep_kernel_v22$pass.json" > "$OUT/sweep_v22$pass.log" 2>&1
         echo "sweep $pass rc=$?"; tail -4 "$OUT/sweep_v22$pass.log"; pack
     done
 fi

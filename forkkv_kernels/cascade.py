@@ -255,7 +255,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
-                       shared_form: str | None = None, shared_k_early: bool = True,
+                       shared_form: str | None = None, shared_k_early: bool = True, shared_q_regs: bool = False,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -280,7 +280,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
     part by :mod:`.shared_gluon` (Hopper, no V residual; its own knobs :data:`~.shared_gluon.GLUON_SHARED_RULE` under
     the given ``block_t``, ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they
-    free; it lets the merge start only as it ends); None: the rule's pick (:func:`launch_defaults`), the Triton
+    free; ``shared_q_regs``: its score MMAs' queries from registers; it lets the merge start only as it ends); None: the rule's pick (:func:`launch_defaults`), the Triton
     kernel where the call cannot take the Gluon one (another device or dtype, a given ``block_m``, knobs outside
     its limits). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
@@ -375,7 +375,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], k_early=shared_k_early)
+            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs)
     else:
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),

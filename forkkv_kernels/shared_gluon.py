@@ -151,7 +151,7 @@ if HAVE_GLUON:
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
+        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr, Q_REGS: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel` without a V residual. ``k_desc``/``v_desc``: TMA
@@ -195,6 +195,10 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], SQ, q)
         fence_async_shared()
         _cta_barrier()
+        if Q_REGS:  # the score MMAs' left operand from registers: half their shared-memory reads
+            qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=ACC_S, k_width=2))
+        else:
+            qa = q_smem
 
         row, qs, head_s, valid, ws = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_S))
         r_row = row  # dummies without a K residual
@@ -208,7 +212,7 @@ if HAVE_GLUON:
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
 
         mbarrier.wait(kbar.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
+        s = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, ACC_S))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, ACC_S))
         # the next tile's scores issued before this tile's softmax: the softmax and the rescale run under that MMA
@@ -219,7 +223,7 @@ if HAVE_GLUON:
             st = j % STAGES
             sn = (j + 1) % STAGES
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
                                                   HAS_MASK), m_i, l_i)
@@ -267,10 +271,11 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True):
+                        k_early: bool = True, q_regs: bool = False):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, _)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention` (``k_early``: K
-    tiles refilled as soon as they free). Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
+    tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not shared memory).
+    Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     why = unsupported(q.device, q.dtype, D, False, block_t, num_warps, num_stages)
@@ -289,4 +294,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        num_warps=num_warps)
+        Q_REGS=bool(q_regs), num_warps=num_warps)

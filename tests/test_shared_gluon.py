@@ -64,12 +64,13 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     """`eval.bench.offline_kernel --gluon-shared` compiles the kernel for sm_90 here: without spills, two programs
     per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
     (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
-    K-residual scores and a mask too."""
+    K-residual scores and a mask too, and with the score MMAs' queries from registers."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True}])
+    configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
+                          {"shared_q_regs": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,6 +90,7 @@ GLUON_SHARED_KNOBS = [
     {"shared_form": "gluon", "num_warps": 8},
     {"shared_form": "gluon", "block_t": 128, "num_stages": 2},  # 3 buffers of 128-token tiles exceed SMEM_LIMIT
     {"shared_form": "gluon", "n_splits": 3},
+    {"shared_form": "gluon", "shared_q_regs": True},
 ]
 
 

@@ -204,7 +204,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
             "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], HAS_K=bool(rule.get("has_k")), HAS_MASK=bool(rule.get("has_mask")),
-                 K_EARLY=rule.get("shared_k_early", True))
+                 K_EARLY=rule.get("shared_k_early", True), Q_REGS=bool(rule.get("shared_q_regs")))
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
