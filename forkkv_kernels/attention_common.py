@@ -448,8 +448,9 @@ def check_inputs(q, k_base, v_base, k_priv, v_priv):
         raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
     if D % 2:
         raise ValueError(f"head_dim {D} is odd; rotate-half RoPE needs an even head_dim")
-    if k_base.dtype != q.dtype or k_priv.dtype != q.dtype:
-        raise TypeError(f"query is {q.dtype} but the cache holds {k_base.dtype}/{k_priv.dtype}; "
-                        "build the shared context in the dtype the model runs in")
+    if any(t.dtype != q.dtype for t in (k_base, v_base, k_priv, v_priv)):
+        raise TypeError(f"query is {q.dtype} but the cache holds {k_base.dtype}/{v_base.dtype} (shared K/V) and "
+                        f"{k_priv.dtype}/{v_priv.dtype} (private); build the shared context in the dtype the model "
+                        "runs in")
     last = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
     return last(q), last(k_base), last(v_base), last(k_priv), last(v_priv)

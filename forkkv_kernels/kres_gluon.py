@@ -35,21 +35,22 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon: triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import constexpr_function
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
-    # the CTA barrier: gl.thread_barrier up to Triton 3.6 (the GPU machine's), gl.barrier after
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-except (ImportError, AttributeError):  # pragma: no cover - a Triton without (this) Gluon
-    gluon = None
+from .attention_common import cdiv, pow2, split_length
+from .gluon_common import HAVE_GLUON, device_unsupported
 
-from .attention_common import cdiv, pow2, sm_major, split_length
+if HAVE_GLUON:
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import constexpr_function
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                       warpgroup_mma_wait)
 
-HAVE_GLUON = gluon is not None
+        from .gluon_common import acc_layout as _acc_layout
+        from .gluon_common import cta_barrier as _cta_barrier
+    except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
+        HAVE_GLUON = False
 
 
 #: the Gluon K pass's launch knobs where a call asks for the form and does not give them (tiles of 64 tokens on 4
@@ -101,18 +102,10 @@ def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: in
     if smem > SMEM_LIMIT:
         return (f"{smem} bytes of shared memory (at most {SMEM_LIMIT}) for {hkv} KV heads of dim {d} at rank {rank}, "
                 f"mq={mq}")
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon (triton >= 3.5 has it)"
-    if device.type != "cuda" or sm_major(str(device)) != 9:
-        return f"it runs on CUDA devices of compute capability 9.x only (got {device})"
-    return None
+    return device_unsupported(device, HAVE_GLUON)
 
 
 if HAVE_GLUON:
-    @constexpr_function
-    def _acc_layout(nw, n):
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, n, 16])
-
     @constexpr_function
     def _cols_layout(rows, cols, nw):
         """A blocked ``[rows, cols]`` layout with ``rows`` (tokens, contiguous in memory) fastest: 8 per thread."""

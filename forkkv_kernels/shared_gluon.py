@@ -33,22 +33,23 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon with Hopper's TMA: triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import constexpr_function
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    # the TMA load: tma.async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), tma.async_load after
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-except (ImportError, AttributeError):  # pragma: no cover - a Triton without (this) Gluon
-    gluon = None
+from .gluon_common import HAVE_GLUON, device_unsupported
 
-from .attention_common import sm_major
+if HAVE_GLUON:  # with Hopper's TMA
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                       warpgroup_mma_wait)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-HAVE_GLUON = gluon is not None
+        from .gluon_common import acc_layout as _acc_layout
+        from .gluon_common import cta_barrier as _cta_barrier
+        # the TMA load: tma.async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), tma.async_load after
+        _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
+        HAVE_GLUON = False
+
 
 #: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them:
 #: 64-token tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
@@ -82,18 +83,10 @@ def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, n
     smem = shared_bytes(d, block_t, num_warps, stages)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon (triton >= 3.5 has it)"
-    if device.type != "cuda" or sm_major(str(device)) != 9:
-        return f"it runs on CUDA devices of compute capability 9.x only (got {device})"
-    return None
+    return device_unsupported(device, HAVE_GLUON)
 
 
 if HAVE_GLUON:
-    @constexpr_function
-    def _acc_layout(nw, n):
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, n, 16])
-
     @gluon.jit
     def _vectors(mb, BLOCK_M: gl.constexpr, B, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr, hkv,
                  LAYOUT: gl.constexpr):
@@ -281,8 +274,6 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     why = unsupported(q.device, q.dtype, D, False, block_t, num_warps, num_stages)
     if why:
         raise ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
-    if k_base.dtype != q.dtype or v_base.dtype != q.dtype:
-        raise ValueError(f"shared_form='gluon': the base K/V ({k_base.dtype}) must have the queries' dtype {q.dtype}")
     if k_base.data_ptr() % 16 or v_base.data_ptr() % 16:
         raise ValueError("shared_form='gluon' reads the base K/V by TMA, which needs them 16-byte aligned: pass "
                          "k_base/v_base with an aligned start or use shared_form='triton'")

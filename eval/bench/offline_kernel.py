@@ -64,12 +64,12 @@ _KRES_ARGS = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "
               "split_len": "i32", "qk_scale": "fp32"}
 
 
-def _source(source_cls, fn, args: dict, const: dict):
+def _source(source_cls, fn, args: dict, const: dict, divisible: list | None = None):
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch on the GPU specialises: 16-byte aligned pointers and integers that are multiples of 16 (the
-    # benchmark's strides, sizes and split lengths); without it the loads compile unvectorised
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE}
+    # benchmark's strides, sizes and split lengths; default: the K pass's); without it the loads compile unvectorised
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in (DIVISIBLE if divisible is None else divisible)}
     return source_cls(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
 
 
@@ -205,13 +205,10 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], HAS_K=bool(rule.get("has_k")), HAS_MASK=bool(rule.get("has_mask")),
                  K_EARLY=rule.get("shared_k_early", True), Q_REGS=bool(rule.get("shared_q_regs")))
-    sig = {**args, **dict.fromkeys(const, "constexpr")}
-    names = list(sig)
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
-    src = GluonASTSource(_cascade_shared_gluon, sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible})
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    kernel = triton.compile(_source(GluonASTSource, _cascade_shared_gluon, args, const, divisible),
+                            target=GPUTarget("cuda", 90, 32), options=opts)
     out = _inspect(kernel, opts)
     return {**{k: v for k, v in out.items() if not k.startswith("loop_")}, "stages": rule["num_stages"],
             **context_loop(_sass(kernel))}

@@ -129,8 +129,9 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
-    gluon_shared = {**default_rule(variant, N), **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
-    rule = {**default_rule(variant, N), **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
+    default = default_rule(variant, N)
+    gluon_shared = {**default, **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
+    rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
             **(GLUON_SHARED_RULE if gluon_shared else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
