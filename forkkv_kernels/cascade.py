@@ -210,13 +210,15 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # sweep_kernel_v19{a,b,ma,mb,ra,rb}_nvidia_h100.json, eval/KERNEL_NOTES.md "v19"
                 pdl=False if has_v and not has_k and not few else "merge",
                 # the shared part in Gluon (its softmax under the next tile's score MMA, K/V by TMA into 3 buffers,
-                # :data:`~.shared_gluon.GLUON_SHARED_RULE`) without residuals from 512 query vectors per KV head
+                # :data:`~.shared_gluon.GLUON_SHARED_RULE`) without residuals from 192 query vectors per KV head
                 # (v21, one H100, base only at 128 agents: its kernel 150.0 / 150.9 / 151.1 -> 139.2 / 139.5 µs in
-                # three profiles, whole calls 180.6 -> 173.1 and 179.6 -> 156.3 in two sweeps; at 32 agents equal,
-                # 52.4-53.7 against 52.5-53.0, at 1 and 8 agents slower, 60.7-64.2 against 55.1-58.9 whole;
-                # profile_kernel_v21*_nvidia_h100.json, sweep_kernel_v21{a,c}_nvidia_h100.json; the K residual's
-                # scores it also takes, unmeasured, so not picked for them)
-                shared_form="gluon" if not has_k and not has_v and B * VPR >= 512 else "triton")
+                # three profiles; v22/v23, one H100, whole calls in five sweeps, two orders: 48 agents 71.1-75.9 ->
+                # 68.6-71.1, 64 agents 93.5-95.3 -> 83.7-89.5, 96 agents 141.5-144.6 -> 132.1-136.5, 128 agents
+                # 167.3-178.4 -> 167.4-171.7; at 32 agents 62.5-62.6 -> 64.0-64.4, at 1 and 8 agents 55.1-58.9 ->
+                # 60.7-65.0 (v21): the Triton kernel below 192 vectors, 129-191 unmeasured;
+                # profile_kernel_v21*_nvidia_h100.json, sweep_kernel_v2{1a,1c,2a,3b,3c,3d,3e}_nvidia_h100.json; the K
+                # residual's scores it also takes, unmeasured, so not picked for them)
+                shared_form="gluon" if not has_k and not has_v and B * VPR >= 192 else "triton")
 
 
 

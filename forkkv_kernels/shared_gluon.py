@@ -16,8 +16,8 @@ No MMA stays in flight across the loop's back edge (ptxas would serialise every 
 "v14"). FlashAttention-3's order (the previous tile's ``P·V`` in flight under this tile's softmax) was built and
 measured no faster: ptxas moves its second wait above the exponentials (eval/KERNEL_NOTES.md "v21"). Writes the same
 unnormalised partials (m, l, acc) as the Triton kernel, so the merge (:func:`~.attention_common.launch_private_merge`)
-is shared. The launcher's rule (:func:`~.cascade.launch_defaults`) picks it for calls without residuals from 512 query
-vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured").
+is shared. The launcher's rule (:func:`~.cascade.launch_defaults`) picks it for calls without residuals from 192 query
+vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured", "v23 measured").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a

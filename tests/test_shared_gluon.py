@@ -162,15 +162,16 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
         assert err <= 3 * base_err + 1e-5, (k_early, err, base_err)
 
 
-def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_512_vectors():
-    """``launch_defaults`` picks ``shared_form="gluon"`` for bf16/fp16 calls without residuals from 512 query vectors
-    per KV head (v21 measured), the Triton kernel otherwise; where a call cannot take it (here: the CPU interpreter)
+def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors():
+    """``launch_defaults`` picks ``shared_form="gluon"`` for bf16/fp16 calls without residuals from 192 query vectors
+    per KV head (v21-v23 measured), the Triton kernel otherwise; where a call cannot take it (here: the CPU interpreter)
     the launcher runs the Triton kernel instead, exact."""
     from forkkv_kernels.cascade import launch_defaults
 
     assert launch_defaults(128, 1, 4, False, False, torch.bfloat16)["shared_form"] == "gluon"
+    assert launch_defaults(48, 1, 4, False, False, torch.bfloat16)["shared_form"] == "gluon"
     assert launch_defaults(4, 16, 128, False, False, torch.float16)["shared_form"] == "gluon"
-    assert launch_defaults(127, 1, 4, False, False, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(47, 1, 4, False, False, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, True, False, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, False, torch.float32)["shared_form"] == "triton"
