@@ -7,7 +7,9 @@
 #    opposite orders (b, c);
 # 3. the library's path with the rule at 48 / 64 / 96 agents (`eval.bench.kernel`);
 # 4. per-kernel profiles at 64 agents, base only: the rule (Gluon) and the Triton kernel.
-# Each step can be left out: TESTS=0, SWEEP=0, BENCH=0, PROFILE=0.
+# Each step can be left out: TESTS=0, SWEEP=0, BENCH=0, PROFILE=0; PASSES names the sweep passes (b, d: Gluon first).
+# The calls as made (H100): `bash eval/gpu_session_v23.sh`, then `TESTS=0 BENCH=0 PROFILE=0 PASSES="d e"`. Since
+# then the rule's threshold is 192 vectors (eval/KERNEL_NOTES.md "v23 measured"): the script is the record of those calls.
 # Results: $OUT/v23.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -21,8 +23,8 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 if [ "${SWEEP:-1}" = 1 ]; then
     T='{"shared_form": "triton"}'; G='{"shared_form": "gluon"}'
-    for pass in b c; do
-        if [ $pass = b ]; then C="{\"shared\": [$G, $T]}"; else C="{\"shared\": [$T, $G]}"; fi
+    for pass in ${PASSES:-b c}; do
+        if [ $pass = b ] || [ $pass = d ]; then C="{\"shared\": [$G, $T]}"; else C="{\"shared\": [$T, $G]}"; fi
         timeout 150 python -m eval.bench.sweep_kernel --stage shared --variants base --waves 1 \
             --points 32768:32 32768:48 32768:64 32768:96 32768:128 --candidates "$C" --time-limit 120 \
             --out "$OUT/sweep_kernel_v23$pass.json" > "$OUT/sweep_v23$pass.log" 2>&1
