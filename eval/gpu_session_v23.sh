@@ -2,7 +2,7 @@
 # v23 (issue 19): where the Gluon shared kernel's threshold belongs. v22's first call (sweep_kernel_v22a) had it ahead
 # of the Triton rule from 64 agents (256 query vectors per KV head) on, behind at 32; its opposite-order pass was cut
 # by the call's limit. The rule now picks it from 256 vectors (launch_defaults). One call of ~5 minutes:
-# 1. the rule test on Hopper (it checks the Gluon kernel ran) and the library kernel tests' GPU cases;
+# 1. the rule test on Hopper (it checks the Gluon kernel ran, exact);
 # 2. whole calls, base only, at 32 / 48 / 64 / 96 / 128 agents: Gluon against the Triton kernel, two passes in
 #    opposite orders (b, c);
 # 3. the library's path with the rule at 48 / 64 / 96 agents (`eval.bench.kernel`);
