@@ -8,8 +8,10 @@ heads) and half the B factors, and the whole residual ``u`` of every adapter (re
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,21 @@ def _torchrun(tmp_path, nproc: int, env_extra: dict) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(HERE), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(HERE / "tp_worker.py"), str(tmp_path / "model"), str(tmp_path / "adapters"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    for attempt in (1, 2):
+        for stale in tmp_path.glob("rank.rank*.json"):
+            stale.unlink()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0:
+            break
+        # a rank killed by a signal from native code runs once more (seen once, 2026-12-06, in make test's 5.17 pass
+        # on 2 busy cores: "terminate called without an active exception", SIGABRT in rank 0; not reproduced in 9
+        # runs alone or beside another test file); a Python error in a rank (exit code 1) fails at once, and so
+        # does a second death
+        codes = [int(c) for c in re.findall(r"exitcode\s*:?\s*(-?\d+)", proc.stderr)]
+        native = bool(codes) and all(c < 0 for c in codes)
+        if attempt == 2 or not native:
+            raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        warnings.warn(f"torchrun: a rank died by a signal, running once more:\n{proc.stderr[-2000:]}")
     return [json.loads((tmp_path / f"rank.rank{r}.json").read_text()) for r in range(nproc)]
 
 
