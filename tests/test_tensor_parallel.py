@@ -51,6 +51,7 @@ def _torchrun(tmp_path, nproc: int, env_extra: dict) -> list[dict]:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode == 0:
             break
+        (tmp_path / f"torchrun_attempt{attempt}.log").write_text(proc.stdout + "\n" + proc.stderr)
         # a rank killed by a signal from native code runs once more (seen once, 2026-12-06, in make test's 5.17 pass
         # on 2 busy cores: "terminate called without an active exception", SIGABRT in rank 0; not reproduced in 9
         # runs alone or beside another test file); a Python error in a rank (exit code 1) fails at once, and so
