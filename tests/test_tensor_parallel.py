@@ -52,10 +52,10 @@ def _torchrun(tmp_path, nproc: int, env_extra: dict) -> list[dict]:
         if proc.returncode == 0:
             break
         (tmp_path / f"torchrun_attempt{attempt}.log").write_text(proc.stdout + "\n" + proc.stderr)
-        # a rank killed by a signal from native code runs once more (seen once, 2026-12-06, in make test's 5.17 pass
-        # on 2 busy cores: "terminate called without an active exception", SIGABRT in rank 0; not reproduced in 9
-        # runs alone or beside another test file); a Python error in a rank (exit code 1) fails at once, and so
-        # does a second death
+        # a rank killed by a signal from native code runs once more (twice in three `make test` runs on 2026-12-06,
+        # the 5.17 pass on 2 busy cores: SIGABRT in one rank, the first printing "terminate called without an active
+        # exception"; never in 16 runs of that pass or of this file alone); a Python error in a rank (exit code 1)
+        # fails at once, and so does a second death
         codes = [int(c) for c in re.findall(r"exitcode\s*:?\s*(-?\d+)", proc.stderr)]
         native = bool(codes) and all(c < 0 for c in codes)
         if attempt == 2 or not native:
