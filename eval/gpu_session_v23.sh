@@ -8,6 +8,8 @@
 # 3. the library's path with the rule at 48 / 64 / 96 agents (`eval.bench.kernel`);
 # 4. per-kernel profiles at 64 agents, base only: the rule (Gluon) and the Triton kernel.
 # Each step can be left out: TESTS=0, SWEEP=0, BENCH=0, PROFILE=0; PASSES names the sweep passes (b, d: Gluon first).
+# BOUNDARY=1 (after the threshold moved to 192): instead of the steps, the boundary's GPU test at real sizes (48 rows
+# take the Gluon kernel, 47 the Triton one, both exact) and the library's path at 47 / 48 agents.
 # The calls as made (H100): `bash eval/gpu_session_v23.sh`, then `TESTS=0 BENCH=0 PROFILE=0 PASSES="d e"`. Since
 # then the rule's threshold is 192 vectors (eval/KERNEL_NOTES.md "v23 measured"): the script is the record of those calls.
 # Results: $OUT/v23.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
@@ -16,6 +18,14 @@ FINAL=${OUT:-/tmp/out}
 OUT=/tmp/v23w; rm -rf "$OUT"
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v23.tgz" -C "$OUT" .; }
+if [ "${BOUNDARY:-0}" = 1 ]; then
+    timeout 150 python -m pytest -q tests/test_shared_gluon.py -k "rule" -p no:cacheprovider > "$OUT/gpu_tests_v23f.log" 2>&1
+    echo "boundary tests rc=$?"; tail -3 "$OUT/gpu_tests_v23f.log"; pack
+    timeout 120 python -m eval.bench.kernel --contexts 32768 --agents 47 48 --out "$OUT/bench_kernel_v23f.json" \
+        > "$OUT/bench_kernel_v23f.log" 2>&1
+    echo "bench rc=$?"; tail -3 "$OUT/bench_kernel_v23f.log"; pack
+    exit 0
+fi
 if [ "${TESTS:-1}" = 1 ]; then
     timeout 150 python -m pytest -q tests/test_shared_gluon.py -k rule -p no:cacheprovider \
         > "$OUT/gpu_tests_v23.log" 2>&1

@@ -183,3 +183,24 @@ def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors
     assert (out - ref).abs().max().item() <= 3 * lowp_attention_error(q.float(), view, None, case.D**-0.5, ref) + 1e-5
     name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
     assert ("gluon" in name) == HOPPER, name
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("rows", [48, 47])
+def test_the_rules_boundary_at_real_sizes_gpu(rows, dtype):
+    """Llama-3.1-8B-shaped heads, base only, one decode query per row: 48 rows (192 query vectors per KV head) take
+    the Gluon kernel by the rule, 47 the Triton one; both within 3x PyTorch's low-precision error of the fp32
+    reference."""
+    if not HOPPER:
+        pytest.skip("the rule picks the Gluon shared kernel on sm_90 only")
+    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=1, ranks=(16,), dtype=dtype, rows=[-1] * rows,
+                       k_res=False, v_res=False)
+    q = torch.randn(rows, 32, 1, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ref = reference_attention(q.float(), view, None, 128**-0.5)
+    launches = {}
+    out = _launch(q, view, None, 128**-0.5, launches=launches).float()
+    err = (out - ref).abs().max().item()
+    assert err <= 3 * lowp_attention_error(q.float(), view, None, 128**-0.5, ref) + 1e-5, err
+    name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
+    assert ("gluon" in name) == (rows >= 48), name
