@@ -22,9 +22,9 @@ vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured", "v23 measure
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
 CUDA device of compute capability 9.x, bf16/fp16, head dim 64 or 128, no V residual (its ``P·u_v`` stays in the
-Triton kernel), 64 or 128 tokens per tile, 4 or 8 warps, 2-4 buffers. Gluon has no interpreter: the CPU tests check
-this module's limits and compile it for sm_90 offline; the kernel itself is checked on the GPU against the exact
-attention (tests/test_shared_gluon.py).
+Triton kernel), 32, 64 or 128 tokens per tile, 4 or 8 warps, 2-6 buffers within :data:`SMEM_LIMIT`. Gluon has no
+interpreter: the CPU tests check this module's limits and compile it for sm_90 offline; the kernel itself is checked on
+the GPU against the exact attention (tests/test_shared_gluon.py).
 
 Imports nothing from ``forkkv_hf``.
 """
@@ -74,12 +74,12 @@ def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, n
         return f"head dim {d}: 64 or 128"
     if has_v:
         return "it has no V residual (P·u_v)"
-    if block_t not in (64, 128):
-        return f"block_t={block_t}: 64 or 128"
+    if block_t not in (32, 64, 128):
+        return f"block_t={block_t}: 32, 64 or 128"
     if num_warps not in (4, 8):
         return f"num_warps={num_warps}: 4 (64 query vectors per program) or 8 (128)"
-    if not 2 <= stages <= 4:
-        return f"num_stages={stages}: 2 to 4 (the K/V ring's buffers)"
+    if not 2 <= stages <= 6:
+        return f"num_stages={stages}: 2 to 6 (the K/V ring's buffers)"
     smem = shared_bytes(d, block_t, num_warps, stages)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
