@@ -32,7 +32,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
                                workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
-from .shared_gluon import GLUON_SHARED_RULE, launch_shared_gluon
+from .shared_gluon import launch_shared_gluon, rule_for
 from .shared_gluon import unsupported as gluon_unsupported
 
 @triton.jit
@@ -280,11 +280,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     after a K pass and the merge, each kernel letting the next start as soon as its own grid runs; ``"late"`` the same,
     the shared kernel letting the merge start after its context loop (the K pass as it ends); ``"merge"`` only the
     merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
-    part by :mod:`.shared_gluon` (Hopper, no V residual; its own knobs :data:`~.shared_gluon.GLUON_SHARED_RULE` under
-    the given ``block_t``, ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they
-    free; ``shared_q_regs``: its score MMAs' queries from registers; it lets the merge start only as it ends); None: the rule's pick (:func:`launch_defaults`), the Triton
-    kernel where the call cannot take the Gluon one (another device or dtype, a given ``block_m``, knobs outside
-    its limits). ``scratch(name, numel, device, dtype)``: the
+    part by :mod:`.shared_gluon` (Hopper; its own knobs :func:`~.shared_gluon.rule_for` under the given ``block_t``,
+    ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they free; ``shared_q_regs``:
+    its score MMAs' queries from registers; it lets the merge start only as it ends); None: the rule's pick
+    (:func:`launch_defaults`), the Triton kernel where the call cannot take the Gluon one (another device or dtype, a
+    given ``block_m``, knobs outside its limits). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
@@ -322,13 +322,13 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         raise ValueError(f"shared_form={shared_form!r}; use 'triton' or 'gluon'")
     form = shared_form or cfg["shared_form"]
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
-        use = {**cfg, **GLUON_SHARED_RULE, **{k: v for k, v in given.items() if v is not None}}
+        use = {**cfg, **rule_for(has_v), **{k: v for k, v in given.items() if v is not None}}
         if shared_form is None and (block_m is not None or k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or
                                     gluon_unsupported(dev, dtype, D, has_v, use["block_t"], use["num_warps"],
-                                                      use["num_stages"])):
+                                                      use["num_stages"], VPR, RV)):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
         else:
-            cfg.update(GLUON_SHARED_RULE)
+            cfg.update(rule_for(has_v))
     if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -371,13 +371,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
           scratch("uv", n_vec * RVB if has_v else 1, dev))
     ms = mask.stride() if mask is not None else (0, 0, 0)
     if gluon_shared:
-        if has_v:
-            raise ValueError("shared_form='gluon' has no V residual (P·u_v): use shared_form='triton' for calls with "
-                             "v_u")
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs)
+            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs,
+            v_u=v_u if has_v else None, v_slot=v_slot if has_v else None)
     else:
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),

@@ -9,22 +9,25 @@ Per tile ``j``:
 1. issue ``S_{j+1} = Q·K_{j+1}ᵀ`` (asynchronous warpgroup MMA, both operands in shared memory);
 2. this tile's softmax step (scale, K-residual scores ``R``, masks, running max and sum) and the rescale of ``O``
    while that MMA runs;
-3. issue ``O += P_j·V_j`` (``P`` from registers), wait for both, refill the freed buffers (``K_EARLY``: K tile
+3. issue ``O += P_j·V_j`` (``P`` from registers); with a V residual, under it, ``P_j·u_v`` per vector with its own
+   row's ``u_v`` tile (copied by ``cp.async`` into a ring beside K/V's; per warp and row one batched ``mma.sync``,
+   the warp's other rows' probabilities zeroed); wait for both, refill the freed buffers (``K_EARLY``: K tile
    ``j + 1``'s, one tile further ahead than V's, which frees only now).
 
 No MMA stays in flight across the loop's back edge (ptxas would serialise every MMA of the kernel: eval/KERNEL_NOTES.md
 "v14"). FlashAttention-3's order (the previous tile's ``P·V`` in flight under this tile's softmax) was built and
 measured no faster: ptxas moves its second wait above the exponentials (eval/KERNEL_NOTES.md "v21"). Writes the same
-unnormalised partials (m, l, acc) as the Triton kernel, so the merge (:func:`~.attention_common.launch_private_merge`)
+unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge (:func:`~.attention_common.launch_private_merge`)
 is shared. The launcher's rule (:func:`~.cascade.launch_defaults`) picks it for calls without residuals from 192 query
-vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured", "v23 measured").
+vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured", "v23 measured"); with a V residual it runs only
+when asked (``shared_form="gluon"``; built after the session's GPU calls, not yet run on a GPU: "v25").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
-CUDA device of compute capability 9.x, bf16/fp16, head dim 64 or 128, no V residual (its ``P·u_v`` stays in the
-Triton kernel), 32, 64 or 128 tokens per tile, 4 or 8 warps, 2-6 buffers within :data:`SMEM_LIMIT`. Gluon has no
-interpreter: the CPU tests check this module's limits and compile it for sm_90 offline; the kernel itself is checked on
-the GPU against the exact attention (tests/test_shared_gluon.py).
+CUDA device of compute capability 9.x, bf16/fp16, head dim 64 or 128, a V residual only of rank 8, 16 or 32 with at
+most 16 query vectors per row and KV head, 32, 64 or 128 tokens per tile, 4 or 8 warps, 2-6 buffers within
+:data:`SMEM_LIMIT`. Gluon has no interpreter: the CPU tests check this module's limits and compile it for sm_90
+offline; the kernel itself is checked on the GPU against the exact attention (tests/test_shared_gluon.py).
 
 Imports nothing from ``forkkv_hf``.
 """
@@ -39,6 +42,7 @@ if HAVE_GLUON:  # with Hopper's TMA
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
         from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                        warpgroup_mma_wait)
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -47,6 +51,8 @@ if HAVE_GLUON:  # with Hopper's TMA
         from .gluon_common import cta_barrier as _cta_barrier
         # the TMA load: tma.async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), tma.async_load after
         _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+        # the cp.async copy likewise: async_copy_global_to_shared up to 3.6, async_load after
+        _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
         HAVE_GLUON = False
 
@@ -54,33 +60,46 @@ if HAVE_GLUON:  # with Hopper's TMA
 #: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them:
 #: 64-token tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
 GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=2, whole_waves=True)
+#: with a V residual (opt-in, not yet run on a GPU: eval/KERNEL_NOTES.md "v25"): 32-token tiles, so that 16 rows'
+#: ``u_v`` tiles fit beside K/V's (115 KB with 3 buffers at rank 16, 183 registers offline: two programs per SM)
+GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
+
+
+def rule_for(has_v: bool) -> dict:
+    """The Gluon shared kernel's launch knobs where a call does not give them."""
+    return GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
 
 
-def shared_bytes(d: int, block_t: int, num_warps: int, stages: int) -> int:
-    """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values)."""
-    return 2 * (16 * num_warps * d + 2 * stages * block_t * d) + 16 * stages
+def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, v_rows: int = 0, v_rank: int = 0) -> int:
+    """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values), and with a V
+    residual ``stages`` tiles of ``u_v`` for each of the program's ``v_rows`` rows."""
+    return 2 * (16 * num_warps * d + 2 * stages * block_t * d + stages * v_rows * block_t * v_rank) + (24 if v_rows else 16) * stages
 
 
 def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, num_warps: int,
-                stages: int) -> str | None:
+                stages: int, vpr: int = 4, v_rank: int = 16) -> str | None:
     """Why the Gluon shared kernel cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, a V
-    residual or not, ``block_t`` tokens per tile on ``num_warps`` warps with ``stages`` buffers), or None."""
+    residual of rank ``v_rank`` or none, ``vpr`` query vectors per row and KV head, ``block_t`` tokens per tile on
+    ``num_warps`` warps with ``stages`` buffers), or None."""
     device = torch.device(device)
     if dtype not in (torch.bfloat16, torch.float16):
         return f"it takes bf16/fp16 (got {dtype})"
     if d not in (64, 128):
         return f"head dim {d}: 64 or 128"
-    if has_v:
-        return "it has no V residual (P·u_v)"
+    if has_v and vpr > 16:
+        return f"a V residual with {vpr} query vectors per row and KV head: at most 16 (a warp's rows)"
+    if has_v and v_rank not in (8, 16, 32):
+        return f"a V residual of rank {v_rank}: 8, 16 or 32 (u_v in 16-byte copies)"
     if block_t not in (32, 64, 128):
         return f"block_t={block_t}: 32, 64 or 128"
     if num_warps not in (4, 8):
         return f"num_warps={num_warps}: 4 (64 query vectors per program) or 8 (128)"
     if not 2 <= stages <= 6:
         return f"num_stages={stages}: 2 to 6 (the K/V ring's buffers)"
-    smem = shared_bytes(d, block_t, num_warps, stages)
+    v_rows = 16 // vpr * num_warps if has_v else 0
+    smem = shared_bytes(d, block_t, num_warps, stages, v_rows, v_rank if has_v else 0)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
     return device_unsupported(device, HAVE_GLUON)
@@ -136,20 +155,49 @@ if HAVE_GLUON:
         _fetch_one(v_desc, vbar, v_smem, stage, row, pred, NBYTES)
 
     @gluon.jit
+    def _fetch_u(UV, u_off, u_t, u_smem, stage, t, T, RV: gl.constexpr):
+        """Issue the ``cp.async`` copies of the program's rows' ``u_v`` tiles (tokens ``t`` on; zeros past ``T``)
+        into ``stage`` of their ring, one commit group per tile (``u_off``/``u_t``: each element's offset in ``UV``
+        at token 0 and its token within the tile, in the copy's layout). Copied by every thread, not by TMA: each
+        row's tile is a TMA copy of its own, and Gluon fences each with a CTA barrier (16 per tile for 16 rows)."""
+        _cp_async(u_smem.index(stage), UV + (u_off + t * RV), mask=(t + u_t) < T)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _pu(p, alpha, acc_u, u_smem, stage, ACC_S: gl.constexpr, MMA2: gl.constexpr, NW: gl.constexpr,
+            RPW: gl.constexpr, VPR: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr):
+        """``acc_u = alpha·acc_u + P·u_v`` per query vector with its own row's ``u_v`` tile: warp ``w``'s 16
+        vectors hold ``RPW`` rows; for each ``j`` one batched ``mma.sync`` (one batch per warp) multiplies the
+        probabilities of the warp's ``j``-th row (the others' zeroed) by that row's tile."""
+        a3 = gl.convert_layout(gl.reshape(gl.convert_layout(alpha, gl.BlockedLayout([1], [32], [NW], [0])),
+                                          [NW, 16]), gl.SliceLayout(2, MMA2))
+        acc_u = acc_u * a3[:, :, None]
+        A_U: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA2, k_width=2)
+        a = gl.convert_layout(gl.reshape(p.to(dtype), [NW, 16, BLOCK_T]), A_U)
+        li = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_U)))  # the vector's place in its warp
+        for j in gl.static_range(RPW):
+            aj = gl.where((li // VPR == j)[None, :, None], a, gl.zeros_like(a))
+            b = u_smem.index(stage).slice(j * NW, NW, dim=0).load(
+                gl.DotOperandLayout(operand_index=1, parent=MMA2, k_width=2))
+            acc_u = mma_v2(aj, b, acc_u)
+        return acc_u
+
+    @gluon.jit
     def _cascade_shared_gluon(
         Q, s_qb, s_qh, s_qq,
-        k_desc, v_desc, R, KSLOT,
+        k_desc, v_desc, R, KSLOT, UV, VSLOT,
         MASK, s_mb, s_mq, s_mt,
-        M_WS, L_WS, ACC_WS,
+        M_WS, L_WS, ACC_WS, UV_WS,
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
-        VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-        HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr, Q_REGS: gl.constexpr,
+        VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
+        HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
+        Q_REGS: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
-        the context, as :func:`~.cascade._cascade_shared_kernel` without a V residual. ``k_desc``/``v_desc``: TMA
-        descriptors of the flattened ``[HKV·T, D]`` base with ``[BLOCK_T, D]`` blocks (rows past a split's end are
-        read and masked; past the tensor's end, zeros)."""
+        the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
+        flattened ``[HKV·T, D]`` base with ``[BLOCK_T, D]`` blocks (rows past a split's end are read and masked; past
+        the tensor's end, zeros); ``UV``: the V residual's ``u_v [n, T, RV]``, contiguous (``HAS_V``)."""
         NW: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = 16 * NW
         ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)  # scores [BLOCK_M, BLOCK_T]
@@ -160,6 +208,11 @@ if HAVE_GLUON:
         dtype: gl.constexpr = Q.dtype.element_ty
         SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
         NBYTES: gl.constexpr = BLOCK_T * D * 2
+        RPW: gl.constexpr = 16 // VPR  # rows per warp (a V residual: VPR <= 16)
+        NR: gl.constexpr = RPW * NW  # rows per program (a V residual)
+        LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 * 8 // RV, RV // 8],
+                                             warps_per_cta=[NW, 1, 1], order=[2, 1, 0])  # u_v tiles [NR, BLOCK_T, RV]
+        MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
 
         mb = gl.program_id(0)
         hkv = gl.program_id(1)
@@ -176,10 +229,22 @@ if HAVE_GLUON:
             mbarrier.init(vbar.index(i), count=1)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], v_desc.layout)
+        row0 = mb * (BLOCK_M // VPR)  # the program's first row
+        if HAS_V:  # each row's u_v tile, ring beside K/V's: [stage, j·NW + w, token, rank] for row row0 + w·RPW + j
+            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
+                                               gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
+            k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
+            u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
+            u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
+            u_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LU3)))[None, :, None]
+            u_off = (u_slot * T * RV)[:, None, None] + u_t * RV + \
+                gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(1, LU3)))[None, None, :]
         fence_async_shared()
         _cta_barrier()
         for i in gl.static_range(STAGES):
             _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, i, kv_row + i * BLOCK_T, i < n, NBYTES)
+            if HAS_V:
+                _fetch_u(UV, u_off, u_t, u_smem, i, t_begin + i * BLOCK_T, T, RV)
 
         rowq, qi, head, validq, wq = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LQ))
         d = gl.arange(0, D, layout=gl.SliceLayout(0, LQ))
@@ -203,6 +268,7 @@ if HAVE_GLUON:
         # undefined start ptxas serialises every MMA of the kernel, its report C7514)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
+        acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)  # P·u_v per vector (HAS_V)
 
         mbarrier.wait(kbar.index(0), 0)
         s = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
@@ -224,7 +290,13 @@ if HAVE_GLUON:
             pa = gl.convert_layout(p.to(dtype), A_P)
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
+            if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
+                async_copy.wait_group(STAGES - 1)
+                _cta_barrier()
+                acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
+            if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
+                _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
             if K_EARLY:  # K tile j + 1's stage and V tile j's are free
                 _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
                            NBYTES)
@@ -240,6 +312,11 @@ if HAVE_GLUON:
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
+        if HAS_V:
+            async_copy.wait_group(STAGES - 1)
+            _cta_barrier()
+            acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
+            async_copy.wait_group(0)  # the copies past the split's end, before the program ends
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
             mbarrier.invalidate(vbar.index(i))
@@ -252,37 +329,55 @@ if HAVE_GLUON:
         do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
         dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
         gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
+        if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
+            LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
+            ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
+                                                                                            [NW, 1, 1], [2, 1, 0])),
+                                              [BLOCK_M, RV]), LU)
+            rowu, qu, headu, validu, wu = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LU))
+            wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
+            has_u = gl.load(VSLOT + rowu) >= 0
+            r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
+            gl.store(UV_WS + wiu[:, None] * RV + r[None, :], gl.where(has_u[:, None], ou, 0.0),
+                     mask=validu[:, None])
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
 def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
     """TMA descriptors of the base K/V ``[HKV, T, D]`` (contiguous) as ``[HKV·T, D]`` in ``block_t``-row blocks."""
     hkv, t, d = k_base.shape
-    layout = gl.NVMMASharedLayout.get_default_for([block_t, d], gl.bfloat16 if k_base.dtype == torch.bfloat16
-                                                  else gl.float16)
+    layout = gl.NVMMASharedLayout.get_default_for([block_t, d], _gl_dtype(k_base.dtype))
     return tuple(TensorDescriptor.from_tensor(x.view(hkv * t, d), [block_t, d], layout) for x in (k_base, v_base))
 
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False):
+                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
-    acc, _)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention` (``k_early``: K
-    tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not shared memory).
-    Raises ``ValueError`` where :func:`unsupported` says why it cannot."""
+    acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
+    (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
+    shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
+    ``ValueError`` where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
-    why = unsupported(q.device, q.dtype, D, False, block_t, num_warps, num_stages)
+    has_v = v_u is not None
+    rv = v_u.shape[-1] if has_v else 16
+    why = unsupported(q.device, q.dtype, D, has_v, block_t, num_warps, num_stages, VPR, rv)
     if why:
         raise ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
-    if k_base.data_ptr() % 16 or v_base.data_ptr() % 16:
-        raise ValueError("shared_form='gluon' reads the base K/V by TMA, which needs them 16-byte aligned: pass "
-                         "k_base/v_base with an aligned start or use shared_form='triton'")
+    if k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or (has_v and v_u.data_ptr() % 16):
+        raise ValueError("shared_form='gluon' reads the base K/V by TMA and u_v in 16-byte copies, which need them "
+                         "16-byte aligned: pass tensors with an aligned start or use shared_form='triton'")
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2), k_desc, v_desc, r_scores, k_slot if has_k else q,
-        mask if mask is not None else q, *ms, ws[0], ws[1], ws[2],
+        v_u if has_v else q, v_slot if has_v else q,
+        mask if mask is not None else q, *ms, ws[0], ws[1], ws[2], ws[3],
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
-        STAGES=num_stages, HAS_K=has_k, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
+        STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
         Q_REGS=bool(q_regs), num_warps=num_warps)

@@ -26,15 +26,18 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
 
-def _why(D=128, dtype=torch.bfloat16, has_v=False, block_t=64, num_warps=4, stages=2, device="cpu"):
-    return shared_gluon.unsupported(device, dtype, D, has_v, block_t, num_warps, stages)
+def _why(D=128, dtype=torch.bfloat16, has_v=False, block_t=64, num_warps=4, stages=2, device="cpu", vpr=4, rank=16):
+    return shared_gluon.unsupported(device, dtype, D, has_v, block_t, num_warps, stages, vpr, rank)
 
 
 def test_gluon_shared_says_why_it_cannot_serve_a_call():
     """Each limit is named (the CPU reaches the device check last, so every other reason shows here)."""
     assert "bf16/fp16" in _why(dtype=torch.float32)
     assert "head dim 32" in _why(D=32) and "head dim 256" in _why(D=256)
-    assert "no V residual" in _why(has_v=True)
+    assert "rank 4" in _why(has_v=True, rank=4) and "rank 64" in _why(has_v=True, rank=64)
+    assert "32 query vectors per row" in _why(has_v=True, vpr=32)
+    assert "shared memory" in _why(has_v=True, block_t=64, stages=3)  # 16 rows' u_v tiles beside K/V's: 208 KB
+    assert "compute capability" in _why(has_v=True, block_t=32, stages=3)
     assert "block_t=16" in _why(block_t=16)
     assert "num_warps=2" in _why(num_warps=2)
     assert "num_stages=1" in _why(stages=1) and "num_stages=7" in _why(stages=7)
@@ -45,14 +48,15 @@ def test_gluon_shared_says_why_it_cannot_serve_a_call():
 
 
 def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
-    """Through ``cascade_attention``: an unknown form, a V residual and (off Hopper) the device raise, saying what to
-    do."""
+    """Through ``cascade_attention``: an unknown form, a V residual of a rank the kernel cannot take and (off Hopper)
+    the device raise, saying what to do."""
     case = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, v_res=False)
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
     with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton' or 'gluon'"):
         _launch(q, view, None, case.D**-0.5, shared_form="cuda")
-    with_v = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4)
-    with pytest.raises(ValueError, match="shared_form='gluon' has no V residual .* use shared_form='triton'"):
+    with_v = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4)  # V ranks 4 and 2
+    with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: a V residual of rank 4: 8, 16 "
+                                         "or 32 .* use shared_form='triton'"):
         _launch(with_v.query(torch.bfloat16), with_v.view(torch.bfloat16), None, case.D**-0.5, shared_form="gluon")
     if not HOPPER:
         with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: it runs on CUDA devices .* "
@@ -66,13 +70,14 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
     (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
     K-residual scores and a mask too, with the score MMAs' queries from registers, and on 32-token tiles (10 MMAs,
-    three programs per SM)."""
+    three programs per SM; with a V residual, alone and with K's scores, two)."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
-                          {"shared_q_regs": True}, {"block_t": 32}])
+                          {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
+                          {"block_t": 32, "has_v": True, "has_k": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -82,7 +87,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
         wide = row["knobs"].get("block_t", 64) // 16  # the P·V MMA's steps: one per 16 tokens of the tile
         assert row["loop_hgmma"] == 8 + wide and row["loop_mma_waits"] == 1 and row["loop_ex2"] >= 8 * wide, row
     assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
-    assert rows[-1]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
+    assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
+    assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -212,3 +218,68 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, dtype):
     assert err <= 3 * lowp_attention_error(q.float(), view, None, 128**-0.5, ref) + 1e-5, err
     name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
     assert ("gluon" in name) == (rows >= 48), name
+
+
+#: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
+
+
+def test_every_v_residual_gpu_knob_set_is_within_the_kernels_limits():
+    """Each of :data:`GLUON_SHARED_V_KNOBS` over the kernel's V rule passes every limit but the device's, at rank 32
+    and 16 query vectors per row (the largest ``u_v`` tiles of the GPU cases) and at the real sizes' rank 16."""
+    for knobs in GLUON_SHARED_V_KNOBS:
+        k = {**shared_gluon.rule_for(True), **knobs}
+        for vpr, rank in ((16, 32), (4, 16)):
+            why = _why(has_v=True, block_t=k["block_t"], stages=k["num_stages"], vpr=vpr, rank=rank)
+            assert why is None or "compute capability" in why, (knobs, vpr, rank, why)
+
+
+#: V residuals (ranks 8-32, one padded width per call): GQA 1-8, head dims 64/128, rows sharing an agent and base rows,
+#: contexts shorter than a tile and splits ending mid-tile, extend calls up to 16 vectors per row, K residuals too
+GLUON_SHARED_V_CASES = [
+    A(B=5, H=8, Hkv=2, D=64, T=129, P=2, N=3, ranks=(16, 16, 8), k_res=False),
+    A(B=2, H=2, Hkv=1, D=128, T=33, P=3, ranks=(32, 8)),
+    A(B=4, H=8, Hkv=2, D=64, T=70, P=5, rows=(0, 1, 1, -1), ranks=(8, 8), k_res=False),
+    A(B=3, H=4, Hkv=4, D=64, T=200, P=4, Q=3, ranks=(16, 16)),
+    A(B=3, H=16, Hkv=2, D=128, T=300, P=4, ranks=(16, 8), k_res=False),
+    A(B=70, H=4, Hkv=1, D=64, T=150, P=2, ranks=(16, 16), k_res=False),
+    A(B=6, H=8, Hkv=2, D=128, T=1000, P=3, Q=2, N=3, ranks=(8, 16, 32)),
+]
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("masked", [False, True])
+@parametrize("case", GLUON_SHARED_V_CASES)
+def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
+    """The V residual's ``P·u_v`` in the Gluon kernel (asked for: the rule does not pick it), under its V rule
+    (32-token tiles, 3 buffers) and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
+    if not HOPPER:
+        pytest.skip("the Gluon shared kernel runs on sm_90 only")
+    view, q = case.view(dtype), case.query(dtype)
+    mask = case.mask() if masked else None
+    ref = reference_attention(q.float(), view, mask, case.D**-0.5)
+    base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
+    for knobs in GLUON_SHARED_V_KNOBS[:2]:
+        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", **knobs).float()
+        err = (out - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("T,k_res,Q", [(4096, False, 1), (2053, True, 1), (1500, True, 3)])
+def test_gluon_shared_v_residual_real_sizes_gpu(T, k_res, Q, dtype):
+    """Llama-3.1-8B-shaped heads, 8 agents of rank 16 plus an agent-0 row and a base row, with V residuals (and K's):
+    the Gluon kernel within 3x PyTorch's low-precision error of the fp32 reference."""
+    if not HOPPER:
+        pytest.skip("the Gluon shared kernel runs on sm_90 only")
+    rows = list(range(8)) + [0, -1]
+    view = random_view(B=len(rows), Hkv=8, D=128, T=T, P=9 + Q, n_agents=8, ranks=(16,) * 8, dtype=dtype, rows=rows,
+                       k_res=k_res, v_res=True)
+    q = torch.randn(len(rows), 32, Q, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = reference_attention(q.float(), view, None, 128**-0.5)
+    base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
+    for knobs in GLUON_SHARED_V_KNOBS:
+        err = (_launch(q, view, None, 128**-0.5, shared_form="gluon", **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)

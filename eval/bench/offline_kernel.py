@@ -187,7 +187,8 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
 def compile_shared_gluon(knobs: dict) -> dict:
     """Compile the Gluon shared kernel (:mod:`forkkv_kernels.shared_gluon`) for sm_90 at the benchmark's shapes (base
     only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_k_early``,
-    ``has_mask``) over its rule: resources, ptxas's serialisation reports and :func:`context_loop`'s counts."""
+    ``has_mask``, ``has_v`` and ``v_rank``: a V residual) over its rule: resources, ptxas's serialisation reports and
+    :func:`context_loop`'s counts."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -197,14 +198,16 @@ def compile_shared_gluon(knobs: dict) -> dict:
     from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE, _cascade_shared_gluon, descriptors
 
     rule = {**GLUON_SHARED_RULE, **knobs}
+    has_v, rv = bool(rule.get("has_v")), rule.get("v_rank", 16)
     desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
-            "R": "*fp16", "KSLOT": "*i32", "MASK": "*i8", "s_mb": "i32", "s_mq": "i32", "s_mt": "i32",
-            "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "B": "i32", "T": "i32", "NQ": "i32",
-            "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
+            "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
+            "s_mq": "i32", "s_mt": "i32", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32",
+            "B": "i32", "T": "i32", "NQ": "i32", "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
-                 STAGES=rule["num_stages"], HAS_K=bool(rule.get("has_k")), HAS_MASK=bool(rule.get("has_mask")),
-                 K_EARLY=rule.get("shared_k_early", True), Q_REGS=bool(rule.get("shared_q_regs")))
+                 STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
+                 HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
+                 Q_REGS=bool(rule.get("shared_q_regs")))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel = triton.compile(_source(GluonASTSource, _cascade_shared_gluon, args, const, divisible),

@@ -126,13 +126,13 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     launchers size them: ``cfg``'s knobs over the launcher's GPU rule (:func:`default_rule`)."""
     from forkkv_kernels.attention_common import split_length
     from forkkv_kernels.kres_gluon import GLUON_RULE
-    from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE
+    from forkkv_kernels.shared_gluon import rule_for
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
     default = default_rule(variant, N)
     gluon_shared = {**default, **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
     rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
-            **(GLUON_SHARED_RULE if gluon_shared else {}), **cfg}
+            **(rule_for(variant in ("v", "kv")) if gluon_shared else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
         per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
