@@ -2,7 +2,8 @@
 and its sm_90 compile (registers, spills, ptxas's serialisation reports, the context loop's MMAs and waits) with this
 machine's Triton; on a Hopper GPU its attention against the fp32 reference (the low-precision pass rule) at real
 sizes under each launch knob and over odd shapes (GQA 1-8, head dims 64/128, contexts shorter than a tile, extend
-calls, padding masks, K residuals or none). Gluon has no interpreter, so the kernel itself runs only on the GPU."""
+calls, padding masks, K residuals or none; V residuals, opt-in), and the launcher's rule at its boundary. Gluon has no
+interpreter, so the kernel itself runs only on the GPU."""
 
 import json
 import os
