@@ -17,10 +17,11 @@ Per tile ``j``:
 No MMA stays in flight across the loop's back edge (ptxas would serialise every MMA of the kernel: eval/KERNEL_NOTES.md
 "v14"). FlashAttention-3's order (the previous tile's ``P·V`` in flight under this tile's softmax) was built and
 measured no faster: ptxas moves its second wait above the exponentials (eval/KERNEL_NOTES.md "v21"). Writes the same
-unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge (:func:`~.attention_common.launch_private_merge`)
-is shared. The launcher's rule (:func:`~.cascade.launch_defaults`) picks it for calls without residuals from 192 query
-vectors per KV head (measured: eval/KERNEL_NOTES.md "v21 measured", "v23 measured"); with a V residual it runs only
-when asked (``shared_form="gluon"``; built after the session's GPU calls, not yet run on a GPU: "v25").
+unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
+(:func:`~.attention_common.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
+picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
+measured", "v23 measured"); with a V residual it runs only when asked (``shared_form="gluon"``; built after the
+session's GPU calls, not yet run on a GPU: "v25").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
@@ -68,6 +69,8 @@ GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
 def rule_for(has_v: bool) -> dict:
     """The Gluon shared kernel's launch knobs where a call does not give them."""
     return GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE
+
+
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
 
@@ -75,7 +78,8 @@ SMEM_LIMIT = 200 * 1024
 def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, v_rows: int = 0, v_rank: int = 0) -> int:
     """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values), and with a V
     residual ``stages`` tiles of ``u_v`` for each of the program's ``v_rows`` rows."""
-    return 2 * (16 * num_warps * d + 2 * stages * block_t * d + stages * v_rows * block_t * v_rank) + (24 if v_rows else 16) * stages
+    values = 16 * num_warps * d + 2 * stages * block_t * d + stages * v_rows * block_t * v_rank
+    return 2 * values + 16 * stages  # K's and V's 8-byte mbarriers per stage (the u_v ring's copies need none)
 
 
 def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, num_warps: int,

@@ -118,12 +118,21 @@ def test_every_gpu_knob_set_is_within_the_kernels_limits():
         assert why is None or "compute capability" in why, (knobs, why)
 
 
-def _real_view(dtype, T, k_res, Q):
+def _real_view(dtype, T, k_res, Q, v_res=False):
     rows = list(range(8)) + [0, -1]
     view = random_view(B=len(rows), Hkv=8, D=128, T=T, P=9 + Q, n_agents=8, ranks=(16,) * 8, dtype=dtype, rows=rows,
-                       k_res=k_res, v_res=False)
+                       k_res=k_res, v_res=v_res)
     g = torch.Generator().manual_seed(3)
     return view, torch.randn(len(rows), 32, Q, 128, generator=g).to(dtype)
+
+
+def _assert_exact_under(knob_sets, q, view, mask, scale):
+    """The launcher's output under each knob set within 3x PyTorch's low-precision error of the fp32 reference."""
+    ref = reference_attention(q.float(), view, mask, scale)
+    base_err = lowp_attention_error(q.float(), view, mask, scale, ref)
+    for knobs in knob_sets:
+        err = (_launch(q, view, mask, scale, **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
 
 
 @pytest.mark.gpu
@@ -137,11 +146,7 @@ def test_gluon_shared_real_sizes_gpu(T, k_res, Q, dtype):
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     view, q = _real_view(dtype, T, k_res, Q)
-    ref = reference_attention(q.float(), view, None, 128**-0.5)
-    base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
-    for knobs in GLUON_SHARED_KNOBS:
-        err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+    _assert_exact_under(GLUON_SHARED_KNOBS, q, view, None, 128**-0.5)
 
 
 A = AttnCase
@@ -167,14 +172,8 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    view, q = case.view(dtype), case.query(dtype)
-    mask = case.mask() if masked else None
-    ref = reference_attention(q.float(), view, mask, case.D**-0.5)
-    base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
-    for k_early in (True, False):
-        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", shared_k_early=k_early).float()
-        err = (out - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (k_early, err, base_err)
+    knob_sets = [{"shared_form": "gluon", "shared_k_early": k_early} for k_early in (True, False)]
+    _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
 def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors():
@@ -257,14 +256,8 @@ def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     (32-token tiles, 3 buffers) and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    view, q = case.view(dtype), case.query(dtype)
-    mask = case.mask() if masked else None
-    ref = reference_attention(q.float(), view, mask, case.D**-0.5)
-    base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
-    for knobs in GLUON_SHARED_V_KNOBS[:2]:
-        out = _launch(q, view, mask, case.D**-0.5, shared_form="gluon", **knobs).float()
-        err = (out - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
+    _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
 @pytest.mark.gpu
@@ -275,12 +268,6 @@ def test_gluon_shared_v_residual_real_sizes_gpu(T, k_res, Q, dtype):
     the Gluon kernel within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    rows = list(range(8)) + [0, -1]
-    view = random_view(B=len(rows), Hkv=8, D=128, T=T, P=9 + Q, n_agents=8, ranks=(16,) * 8, dtype=dtype, rows=rows,
-                       k_res=k_res, v_res=True)
-    q = torch.randn(len(rows), 32, Q, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
-    ref = reference_attention(q.float(), view, None, 128**-0.5)
-    base_err = lowp_attention_error(q.float(), view, None, 128**-0.5, ref)
-    for knobs in GLUON_SHARED_V_KNOBS:
-        err = (_launch(q, view, None, 128**-0.5, shared_form="gluon", **knobs).float() - ref).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+    view, q = _real_view(dtype, T, k_res, Q, v_res=True)
+    _assert_exact_under([{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS], q, view, None,
+                        128**-0.5)

@@ -195,10 +195,10 @@ def compile_shared_gluon(knobs: dict) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from forkkv_kernels.shared_gluon import GLUON_SHARED_RULE, _cascade_shared_gluon, descriptors
+    from forkkv_kernels.shared_gluon import _cascade_shared_gluon, descriptors, rule_for
 
-    rule = {**GLUON_SHARED_RULE, **knobs}
-    has_v, rv = bool(rule.get("has_v")), rule.get("v_rank", 16)
+    has_v, rv = bool(knobs.get("has_v")), knobs.get("v_rank", 16)
+    rule = {**rule_for(has_v), **knobs}  # the launcher's rule: 32-token tiles with a V residual
     desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
             "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
@@ -287,7 +287,8 @@ def main(argv=None):
                          "rule at these agent counts, with its context loop's instruction counts")
     ap.add_argument("--gluon-shared", metavar="JSON",
                     help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
-                         "dicts (block_t, num_warps, num_stages, shared_k_early, has_k, has_mask)")
+                         "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, has_k, has_mask, "
+                         "has_v, v_rank)")
     args = ap.parse_args(argv)
     import triton
 
