@@ -322,13 +322,14 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         raise ValueError(f"shared_form={shared_form!r}; use 'triton' or 'gluon'")
     form = shared_form or cfg["shared_form"]
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
-        use = {**cfg, **rule_for(has_v), **{k: v for k, v in given.items() if v is not None}}
+        grule = rule_for(has_v, D, VPR, RV, block_t, num_warps)
+        use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
         if shared_form is None and (block_m is not None or k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or
                                     gluon_unsupported(dev, dtype, D, has_v, use["block_t"], use["num_warps"],
                                                       use["num_stages"], VPR, RV)):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
         else:
-            cfg.update(rule_for(has_v))
+            cfg.update(grule)
     if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})

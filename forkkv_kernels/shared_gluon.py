@@ -66,13 +66,30 @@ GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=
 GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
 
 
-def rule_for(has_v: bool) -> dict:
-    """The Gluon shared kernel's launch knobs where a call does not give them."""
-    return GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE
-
-
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
+
+
+def rule_for(has_v: bool, d: int = 128, vpr: int = 4, v_rank: int = 16, block_t: int | None = None,
+             num_warps: int | None = None) -> dict:
+    """The Gluon shared kernel's launch knobs where a call does not give them. With a V residual its rows' ``u_v``
+    tiles grow with the rows per program (``16 // vpr`` per warp) and the rank: the rule's buffers drop (down to 2)
+    until they fit beside K/V's under :data:`SMEM_LIMIT` (a call that gives ``block_t``/``num_warps`` is fitted
+    under those)."""
+    rule = dict(GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE)
+    if has_v and vpr <= 16:
+        bt, nw = block_t or rule["block_t"], num_warps or rule["num_warps"]
+        while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], 16 // vpr * nw,
+                                                      v_rank) > SMEM_LIMIT:
+            rule["num_stages"] -= 1
+    return rule
+
+
+def u_nvmma(v_rank: int) -> bool:
+    """Whether the ``u_v`` ring takes the NVMMA shared layout (Gluon's default for it: a 32/64-byte swizzle at ranks
+    16/32) or, at rank 8 (16-byte rows, where that default has no swizzle), a plain one: eight 16-byte rows are an
+    ``ldmatrix`` tile over all 32 banks as they lie."""
+    return v_rank >= 16
 
 
 def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, v_rows: int = 0, v_rank: int = 0) -> int:
@@ -196,7 +213,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr,
+        Q_REGS: gl.constexpr, U_NVMMA: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -235,8 +252,11 @@ if HAVE_GLUON:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], v_desc.layout)
         row0 = mb * (BLOCK_M // VPR)  # the program's first row
         if HAS_V:  # each row's u_v tile, ring beside K/V's: [stage, j·NW + w, token, rank] for row row0 + w·RPW + j
-            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
-                                               gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
+            if U_NVMMA:
+                SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype)
+            else:  # rank 8: 16-byte rows, 8 of them an ldmatrix tile over all 32 banks without a swizzle
+                SU: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[2, 1, 0])
+            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV], SU)
             k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
             u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
             u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
@@ -384,4 +404,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), num_warps=num_warps)
+        Q_REGS=bool(q_regs), U_NVMMA=u_nvmma(rv), num_warps=num_warps)

@@ -20,6 +20,7 @@ from views import lowp_attention_error, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import shared_gluon  # noqa: E402
+from forkkv_kernels.attention_common import pow2  # noqa: E402
 from test_cascade_kernel import _launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
-                          {"block_t": 32, "has_v": True, "has_k": True}])
+                          {"block_t": 32, "has_v": True, "has_k": True},
+                          {"block_t": 32, "has_v": True, "v_rank": 8}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -90,6 +92,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
+    assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8 (its u_v ring unswizzled): one n8 step per row
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -224,14 +227,35 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, dtype):
 GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
 
 
+def _v_geometry(case):
+    """A V case's query vectors per row and KV head (the launcher's power of two) and padded ``u_v`` width."""
+    return pow2(case.Q * case.H // case.Hkv, 1), pow2(max(case.v_ranks or case.ranks), 1)
+
+
 def test_every_v_residual_gpu_knob_set_is_within_the_kernels_limits():
-    """Each of :data:`GLUON_SHARED_V_KNOBS` over the kernel's V rule passes every limit but the device's, at rank 32
-    and 16 query vectors per row (the largest ``u_v`` tiles of the GPU cases) and at the real sizes' rank 16."""
-    for knobs in GLUON_SHARED_V_KNOBS:
-        k = {**shared_gluon.rule_for(True), **knobs}
-        for vpr, rank in ((16, 32), (4, 16)):
-            why = _why(has_v=True, block_t=k["block_t"], stages=k["num_stages"], vpr=vpr, rank=rank)
-            assert why is None or "compute capability" in why, (knobs, vpr, rank, why)
+    """Each V knob set the GPU tests run, over the kernel's V rule as the launcher fits it to the call, passes every
+    limit but the device's: the case space's first two (fewer vectors per row mean more rows, so more ``u_v`` tiles:
+    32 rows of rank 32 at 2 vectors per row) and all of them at the real sizes (4 vectors per row, rank 16)."""
+    geometries = [(case.D, *_v_geometry(case), GLUON_SHARED_V_KNOBS[:2]) for case in GLUON_SHARED_V_CASES]
+    for d, vpr, rank, knob_sets in geometries + [(128, 4, 16, GLUON_SHARED_V_KNOBS)]:
+        for knobs in knob_sets:
+            k = {**shared_gluon.rule_for(True, d, vpr, rank), **knobs}
+            why = _why(D=d, has_v=True, block_t=k["block_t"], stages=k["num_stages"], vpr=vpr, rank=rank)
+            assert why is None or "compute capability" in why, (d, vpr, rank, knobs, why)
+
+
+def test_the_v_rule_takes_fewer_buffers_where_the_rows_u_v_tiles_need_the_room():
+    """With a V residual the rule's 3 buffers drop to 2 where the program's rows' ``u_v`` tiles would not fit beside
+    K/V's (32 rows of rank 32: 262 KB at 3, 176 KB at 2), under a given ``block_t``/``num_warps`` too; where even 2 do
+    not fit (64 rows of rank 32) the launcher's refusal says so. Without one the rule stands."""
+    assert shared_gluon.rule_for(True, 128, 4, 16)["num_stages"] == 3  # the real sizes: 115 KB
+    assert shared_gluon.rule_for(True, 128, 2, 32)["num_stages"] == 2
+    assert shared_gluon.rule_for(True, 128, 8, 32, num_warps=8)["num_stages"] == 3  # 16 rows' tiles: 176 KB
+    assert shared_gluon.rule_for(True, 128, 4, 16, block_t=64)["num_stages"] == 2  # 208 KB at 3, 144 KB at 2
+    assert shared_gluon.rule_for(False, 128, 1, 32) == shared_gluon.GLUON_SHARED_RULE
+    assert "shared memory" in _why(has_v=True, block_t=32, stages=shared_gluon.rule_for(True, 128, 1, 32)["num_stages"],
+                                   vpr=1, rank=32)
+    assert shared_gluon.u_nvmma(16) and shared_gluon.u_nvmma(32) and not shared_gluon.u_nvmma(8)
 
 
 #: V residuals (ranks 8-32, one padded width per call): GQA 1-8, head dims 64/128, rows sharing an agent and base rows,
