@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # v26 (issue 19; eval/KERNEL_NOTES.md "v26"), after v24's call: the V residual in the Gluon shared kernel was exact at
 # the real sizes and 20% faster than the Triton kernel from 32 agents (V only), but two case-space shapes failed: rank
-# 8 (wrong results; its u_v rows are 16 bytes, where Gluon's default NVMMA layout has no swizzle) and a rank-32 call at
-# 2 vectors per row (32 rows per program: 262 KB of shared memory at the rule's 3 buffers, refused). Now the ring takes
-# a plain layout at rank 8 and the rule drops to 2 buffers where the tiles need the room. Parts (PARTS, in order):
-# - diag: the failing shapes under each u_v layout (default / NVMMA / plain), each row's error (~40 s);
+# 8 (wrong results) and a rank-32 call at 2 vectors per row (32 rows per program: 262 KB of shared memory at the rule's
+# 3 buffers, refused). The rule now drops to 2 buffers where the tiles need the room; the first call of this script
+# (aeea780's diag: the u_v ring's layout, NVMMA or plain, changed nothing at rank 8) led to the rank-8 fault: the kernel wrote
+# P·u_v rows RV wide where the merge reads them RVB = max(16, RV) wide; now RVB wide, zeros past the rank.
+# Parts (PARTS, in order):
+# - diag: the failing shapes (and rank 16 on the same rows), each row's error (~30 s);
 # - tests: the V residual's GPU tests (case space, real sizes) and the rule's (~3 minutes);
+# - graph: the cascade's PDL calls captured in CUDA graphs (V only there is the rule's Gluon pick) (~1 minute);
 # - vt: whole calls, V only, at 8 / 12 / 16 / 24 agents: the Triton kernel against the Gluon V rule and 2 buffers,
 #   two orders (where the Gluon kernel starts to win);
 # - base: v24's 32-token tiles for the base part, whole calls at 1 / 32 / 48 / 128 agents, one pass;
 # - bench: the library's path (`eval.bench.kernel`) at 1 / 8 / 32 / 128 agents (after a rule change).
+# Calls: "diag tests vt base" (aeea780's script), then "diag tests graph bench" after the V rule's adoption.
 # Results: $OUT/v26.tgz, copy to eval/results.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -24,7 +28,6 @@ import json, sys
 import torch
 from cases import AttnCase as A
 from forkkv_hf import reference_attention
-from forkkv_kernels import shared_gluon
 from test_cascade_kernel import _launch
 from views import lowp_attention_error
 from eval.device import device_info
@@ -34,22 +37,16 @@ cases = {
     "rank 8, four agents": A(B=4, H=8, Hkv=2, D=64, T=70, P=5, N=4, rows=(0, 1, 2, 3), ranks=(8,) * 4, k_res=False),
     "ranks 32,8, 2 vectors per row": A(B=2, H=2, Hkv=1, D=128, T=33, P=3, ranks=(32, 8)),
 }
-default, rows = shared_gluon.u_nvmma, []
+rows = []
 for name, case in cases.items():
     q, view, scale = case.query(torch.bfloat16), case.view(torch.bfloat16), case.D**-0.5
     ref = reference_attention(q.float(), view, None, scale)
     lowp = lowp_attention_error(q.float(), view, None, scale, ref)
-    for layout in ("default", "nvmma", "plain"):
-        shared_gluon.u_nvmma = default if layout == "default" else (lambda rv, v=layout == "nvmma": v)
-        try:
-            err = (_launch(q, view, None, scale, shared_form="gluon").float() - ref).abs().amax(dim=(1, 2, 3))
-            row = {"case": name, "layout": layout, "max_abs_err": err.max().item(), "per_row": err.tolist(),
-                   "lowp_err": lowp, "ok": err.max().item() <= 3 * lowp + 1e-5}
-        except Exception as e:  # a layout that does not compile is a result here
-            row = {"case": name, "layout": layout, "error": f"{type(e).__name__}: {e}"[:400]}
-        shared_gluon.u_nvmma = default
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    err = (_launch(q, view, None, scale, shared_form="gluon").float() - ref).abs().amax(dim=(1, 2, 3))
+    row = {"case": name, "max_abs_err": err.max().item(), "per_row": err.tolist(), "lowp_err": lowp,
+           "ok": err.max().item() <= 3 * lowp + 1e-5}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
 open(sys.argv[1], "w").write(json.dumps({"device": device_info(), "rows": rows}, indent=1))
 PY
     echo "diag rc=$?"; cut -c1-220 "$OUT/gluon_v_layouts_v26.log"; pack
@@ -58,6 +55,11 @@ if has tests; then
     timeout 240 python -m pytest -q tests/test_shared_gluon.py -k "v_residual or rule" -p no:cacheprovider \
         > "$OUT/gpu_tests_v26.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v26.log" | head -12; pack
+fi
+if has graph; then  # the rule's Gluon V pick (10 rows: 40 vectors) in CUDA graphs with each PDL mode, bit for bit
+    timeout 150 python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "pdl_calls" -p no:cacheprovider \
+        > "$OUT/gpu_tests_v26_graph.log" 2>&1
+    echo "graph rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v26_graph.log" | head -5; pack
 fi
 if has vt; then
     T='{"shared_form": "triton"}'; GV='{"shared_form": "gluon"}'; GV2='{"shared_form": "gluon", "num_stages": 2}'

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_common import pow2
 from .gluon_common import HAVE_GLUON, device_unsupported
 
 if HAVE_GLUON:  # with Hopper's TMA
@@ -61,8 +62,9 @@ if HAVE_GLUON:  # with Hopper's TMA
 #: the Gluon shared kernel's launch knobs where a call asks for it (or the rule picks it) and does not give them:
 #: 64-token tiles on 4 warps, 3 buffers (115 KB of shared memory, 165 registers: two programs per SM; v21 measured)
 GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=2, whole_waves=True)
-#: with a V residual (opt-in, not yet run on a GPU: eval/KERNEL_NOTES.md "v25"): 32-token tiles, so that 16 rows'
-#: ``u_v`` tiles fit beside K/V's (115 KB with 3 buffers at rank 16, 183 registers offline: two programs per SM)
+#: with a V residual (the rule's pick for the V residual alone from 32 query vectors per KV head, v25/v26 measured:
+#: eval/KERNEL_NOTES.md): 32-token tiles, so that 16 rows' ``u_v`` tiles fit beside K/V's (115 KB with 3 buffers at
+#: rank 16, 183 registers: two programs per SM); 2 buffers below 96 vectors (:func:`rule_for`)
 GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
 
 
@@ -71,25 +73,22 @@ SMEM_LIMIT = 200 * 1024
 
 
 def rule_for(has_v: bool, d: int = 128, vpr: int = 4, v_rank: int = 16, block_t: int | None = None,
-             num_warps: int | None = None) -> dict:
-    """The Gluon shared kernel's launch knobs where a call does not give them. With a V residual its rows' ``u_v``
-    tiles grow with the rows per program (``16 // vpr`` per warp) and the rank: the rule's buffers drop (down to 2)
-    until they fit beside K/V's under :data:`SMEM_LIMIT` (a call that gives ``block_t``/``num_warps`` is fitted
-    under those)."""
+             num_warps: int | None = None, vectors: int | None = None) -> dict:
+    """The Gluon shared kernel's launch knobs where a call does not give them. With a V residual: 2 buffers below 96
+    query vectors per KV head (``vectors``; v26, one H100, V only, whole calls in two orders, 3 -> 2 buffers: 8 agents
+    74.5-75.0 -> 72.0-72.8 µs, 12 79.9-80.2 -> 78.5, 16 82.4-82.5 -> 81.2-81.4; at 24 91.2-91.3 -> 92.7-93.1, at 32 and
+    128 +1-2%: sweep_kernel_v26{ta,tb}, v25{va,vb}_nvidia_h100.json); and as its rows' ``u_v`` tiles grow with the
+    rows per program (``16 // vpr`` per warp) and the rank, the buffers drop (down to 2) until they fit beside K/V's
+    under :data:`SMEM_LIMIT` (a call that gives ``block_t``/``num_warps`` is fitted under those)."""
     rule = dict(GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE)
+    if has_v and vectors is not None and vectors < 96:
+        rule["num_stages"] = 2
     if has_v and vpr <= 16:
         bt, nw = block_t or rule["block_t"], num_warps or rule["num_warps"]
         while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], 16 // vpr * nw,
                                                       v_rank) > SMEM_LIMIT:
             rule["num_stages"] -= 1
     return rule
-
-
-def u_nvmma(v_rank: int) -> bool:
-    """Whether the ``u_v`` ring takes the NVMMA shared layout (Gluon's default for it: a 32/64-byte swizzle at ranks
-    16/32) or, at rank 8 (16-byte rows, where that default has no swizzle), a plain one: eight 16-byte rows are an
-    ``ldmatrix`` tile over all 32 banks as they lie."""
-    return v_rank >= 16
 
 
 def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, v_rows: int = 0, v_rank: int = 0) -> int:
@@ -213,7 +212,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, U_NVMMA: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -252,11 +251,8 @@ if HAVE_GLUON:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], v_desc.layout)
         row0 = mb * (BLOCK_M // VPR)  # the program's first row
         if HAS_V:  # each row's u_v tile, ring beside K/V's: [stage, j·NW + w, token, rank] for row row0 + w·RPW + j
-            if U_NVMMA:
-                SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype)
-            else:  # rank 8: 16-byte rows, 8 of them an ldmatrix tile over all 32 banks without a swizzle
-                SU: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[2, 1, 0])
-            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV], SU)
+            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
+                                               gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
             k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
             u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
             u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
@@ -362,8 +358,10 @@ if HAVE_GLUON:
             wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
             has_u = gl.load(VSLOT + rowu) >= 0
             r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
-            gl.store(UV_WS + wiu[:, None] * RV + r[None, :], gl.where(has_u[:, None], ou, 0.0),
+            gl.store(UV_WS + wiu[:, None] * RVB + r[None, :], gl.where(has_u[:, None], ou, 0.0),
                      mask=validu[:, None])
+            if RVB > RV:  # the merge's rows are RVB wide (at least 16): zeros past the rank (rank 8)
+                gl.store(UV_WS + wiu[:, None] * RVB + RV + r[None, :], gl.zeros_like(ou), mask=validu[:, None])
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -404,4 +402,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), U_NVMMA=u_nvmma(rv), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), num_warps=num_warps)

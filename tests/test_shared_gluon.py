@@ -92,7 +92,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
-    assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8 (its u_v ring unswizzled): one n8 step per row
+    assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8: one n8 step per row
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -179,10 +179,11 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
-def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors():
+def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
     """``launch_defaults`` picks ``shared_form="gluon"`` for bf16/fp16 calls without residuals from 192 query vectors
-    per KV head (v21-v23 measured), the Triton kernel otherwise; where a call cannot take it (here: the CPU interpreter)
-    the launcher runs the Triton kernel instead, exact."""
+    per KV head (v21-v23 measured) and with the V residual alone from 32 (v25-v26), the Triton kernel otherwise (K
+    residuals, fp32); where a call cannot take it (here: the CPU interpreter) the launcher runs the Triton kernel
+    instead, exact."""
     from forkkv_kernels.cascade import launch_defaults
 
     assert launch_defaults(128, 1, 4, False, False, torch.bfloat16)["shared_form"] == "gluon"
@@ -190,7 +191,11 @@ def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors
     assert launch_defaults(4, 16, 128, False, False, torch.float16)["shared_form"] == "gluon"
     assert launch_defaults(47, 1, 4, False, False, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, True, False, torch.bfloat16)["shared_form"] == "triton"
-    assert launch_defaults(128, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, False, True, torch.bfloat16)["shared_form"] == "gluon"
+    assert launch_defaults(8, 1, 4, False, True, torch.float16)["shared_form"] == "gluon"
+    assert launch_defaults(7, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, True, True, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(128, 1, 4, False, True, torch.float32)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, False, torch.float32)["shared_form"] == "triton"
     case = AttnCase(B=4, H=8, Hkv=1, D=64, T=40, P=17, Q=16, k_res=False, v_res=False)  # 4 rows x 128 vectors
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
@@ -204,15 +209,15 @@ def test_the_rule_picks_the_gluon_shared_part_without_residuals_from_192_vectors
 
 @pytest.mark.gpu
 @parametrize("dtype", LOW_DTYPES)
-@parametrize("rows", [48, 47])
-def test_the_rules_boundary_at_real_sizes_gpu(rows, dtype):
-    """Llama-3.1-8B-shaped heads, base only, one decode query per row: 48 rows (192 query vectors per KV head) take
-    the Gluon kernel by the rule, 47 the Triton one; both within 3x PyTorch's low-precision error of the fp32
-    reference."""
+@parametrize("rows,v_res", [(48, False), (47, False), (8, True), (7, True)])
+def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
+    """Llama-3.1-8B-shaped heads, one decode query per row: base only, 48 rows (192 query vectors per KV head) take
+    the Gluon kernel by the rule, 47 the Triton one; with a rank-16 V residual per row, 8 rows (32 vectors) the Gluon
+    kernel, 7 the Triton one; each within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the rule picks the Gluon shared kernel on sm_90 only")
-    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=1, ranks=(16,), dtype=dtype, rows=[-1] * rows,
-                       k_res=False, v_res=False)
+    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=rows if v_res else 1, ranks=(16,) * rows,
+                       dtype=dtype, rows=list(range(rows)) if v_res else [-1] * rows, k_res=False, v_res=v_res)
     q = torch.randn(rows, 32, 1, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     launches = {}
@@ -220,7 +225,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, dtype):
     err = (out - ref).abs().max().item()
     assert err <= 3 * lowp_attention_error(q.float(), view, None, 128**-0.5, ref) + 1e-5, err
     name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
-    assert ("gluon" in name) == (rows >= 48), name
+    assert ("gluon" in name) == (rows * 4 >= (32 if v_res else 192)), name
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
@@ -249,13 +254,14 @@ def test_the_v_rule_takes_fewer_buffers_where_the_rows_u_v_tiles_need_the_room()
     K/V's (32 rows of rank 32: 262 KB at 3, 176 KB at 2), under a given ``block_t``/``num_warps`` too; where even 2 do
     not fit (64 rows of rank 32) the launcher's refusal says so. Without one the rule stands."""
     assert shared_gluon.rule_for(True, 128, 4, 16)["num_stages"] == 3  # the real sizes: 115 KB
+    assert shared_gluon.rule_for(True, 128, 4, 16, vectors=95)["num_stages"] == 2  # below 96 vectors: 2 (v26)
+    assert shared_gluon.rule_for(True, 128, 4, 16, vectors=96)["num_stages"] == 3
     assert shared_gluon.rule_for(True, 128, 2, 32)["num_stages"] == 2
     assert shared_gluon.rule_for(True, 128, 8, 32, num_warps=8)["num_stages"] == 3  # 16 rows' tiles: 176 KB
     assert shared_gluon.rule_for(True, 128, 4, 16, block_t=64)["num_stages"] == 2  # 208 KB at 3, 144 KB at 2
     assert shared_gluon.rule_for(False, 128, 1, 32) == shared_gluon.GLUON_SHARED_RULE
     assert "shared memory" in _why(has_v=True, block_t=32, stages=shared_gluon.rule_for(True, 128, 1, 32)["num_stages"],
                                    vpr=1, rank=32)
-    assert shared_gluon.u_nvmma(16) and shared_gluon.u_nvmma(32) and not shared_gluon.u_nvmma(8)
 
 
 #: V residuals (ranks 8-32, one padded width per call): GQA 1-8, head dims 64/128, rows sharing an agent and base rows,
@@ -276,8 +282,9 @@ GLUON_SHARED_V_CASES = [
 @parametrize("masked", [False, True])
 @parametrize("case", GLUON_SHARED_V_CASES)
 def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
-    """The V residual's ``P·u_v`` in the Gluon kernel (asked for: the rule does not pick it), under its V rule
-    (32-token tiles, 3 buffers) and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
+    """The V residual's ``P·u_v`` in the Gluon kernel (asked for; the rule picks it for the V residual alone from 32
+    vectors), under its V rule (32-token tiles, 3 buffers, 2 below 96 vectors or where the rows' tiles need the room)
+    and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
