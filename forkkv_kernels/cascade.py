@@ -217,14 +217,16 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 167.3-178.4 -> 167.4-171.7; at 32 agents 62.5-62.6 -> 64.0-64.4, at 1 and 8 agents 55.1-58.9 ->
                 # 60.7-65.0 (v21): the Triton kernel below 192 vectors, 129-191 unmeasured;
                 # profile_kernel_v21*_nvidia_h100.json, sweep_kernel_v2{1a,1c,2a,3b,3c,3d,3e}_nvidia_h100.json; the K
-                # residual's scores it also takes, unmeasured, so not picked for them); with the V residual alone from
+                # residual's scores it also takes, not picked for them: below); with the V residual alone from
                 # 32 vectors (v25/v26, one H100, whole calls, two orders each, Triton -> Gluon µs: 8 agents 73.6-75.3
                 # -> 71.5-72.8, 12 81.4-81.5 -> 78.5, 16 90.3-90.6 -> 81.2-81.4, 24 117.1-117.6 -> 91.2-91.3, 32
                 # 119.4-119.5 -> 94.3-95.8, 128 380.3-385.4 -> 315.5-326.2; at 1 agent 65.8 -> 66.3-66.6, 2-7
-                # unmeasured; sweep_kernel_v25{va,vb}, v26{ta,tb}_nvidia_h100.json; where it cannot take a call, e.g.
-                # ranks other than 8/16/32, the Triton kernel); with K's scores it lost at every size (v25: 32 agents
-                # 373.6-377.6 -> 391.6-395.9, 128 1,389.0-1,391.0 -> 1,444.4-1,457.4)
-                shared_form="gluon" if not has_k and B * VPR >= (32 if has_v else 192) else "triton")
+                # unmeasured; sweep_kernel_v25{va,vb}, v26{ta,tb}_nvidia_h100.json; decode calls only, extend calls
+                # unmeasured; where it cannot take a call, e.g. ranks other than 8/16/32, the Triton kernel); with K's
+                # scores it lost at every size (v25: 32 agents 373.6-377.6 -> 391.6-395.9, 128 1,389.0-1,391.0 ->
+                # 1,444.4-1,457.4)
+                shared_form="gluon" if not has_k and (B * VPR >= 192 if not has_v else NQ == 1 and B * VPR >= 32)
+                else "triton")
 
 
 

@@ -718,9 +718,10 @@ def test_sweep_geometry_matches_the_launcher():
     assert resident_programs(128, 8, 12288) == 2 and resident_programs(64, 4, 200000) == 1
     # the rules (forkkv_kernels/cascade.py launch_defaults): K pass 128-token tiles (v11c), 4 programs per SM, whole
     # waves; the shared part (v8) 128-token tiles and one program per SM up to 32 query vectors, else 64 (32 with K
-    # residuals) and 2 (the V residual alone keeps 64-token tiles at 8 agents; a configuration's own knobs win)
+    # residuals) and 2 (the V residual alone from 32 vectors: the Gluon kernel's 32-token tiles, v26; a
+    # configuration's own knobs win)
     expected = {("kres", 32): (32, 128, 4), ("kres", 128): (128 * 2, 128, 4), ("shared", 32): (2 * 8, 32, 2),
-                ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 64, 2), ("shared", 1): (8, 128, 3)}
+                ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 32, 2), ("shared", 1): (8, 128, 3)}
     for stage, variant, cfg, N in [("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
                                    ("shared", "kv", {}, 32), ("shared", "base", {}, 128), ("shared", "v", {}, 8),
                                    ("shared", "base", {"block_m": 128, "programs_per_sm": 3}, 1)]:

@@ -181,9 +181,9 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
 
 def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
     """``launch_defaults`` picks ``shared_form="gluon"`` for bf16/fp16 calls without residuals from 192 query vectors
-    per KV head (v21-v23 measured) and with the V residual alone from 32 (v25-v26), the Triton kernel otherwise (K
-    residuals, fp32); where a call cannot take it (here: the CPU interpreter) the launcher runs the Triton kernel
-    instead, exact."""
+    per KV head (v21-v23 measured) and with the V residual alone in decode calls from 32 (v25-v26), the Triton kernel
+    otherwise (K residuals, fp32, extend calls with a V residual); where a call cannot take it (here: the CPU
+    interpreter) the launcher runs the Triton kernel instead, exact."""
     from forkkv_kernels.cascade import launch_defaults
 
     assert launch_defaults(128, 1, 4, False, False, torch.bfloat16)["shared_form"] == "gluon"
@@ -194,6 +194,7 @@ def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
     assert launch_defaults(128, 1, 4, False, True, torch.bfloat16)["shared_form"] == "gluon"
     assert launch_defaults(8, 1, 4, False, True, torch.float16)["shared_form"] == "gluon"
     assert launch_defaults(7, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
+    assert launch_defaults(16, 2, 8, False, True, torch.bfloat16)["shared_form"] == "triton"  # extend: unmeasured
     assert launch_defaults(128, 1, 4, True, True, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, True, torch.float32)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, False, torch.float32)["shared_form"] == "triton"

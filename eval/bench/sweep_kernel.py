@@ -132,7 +132,7 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     default = default_rule(variant, N)
     gluon_shared = {**default, **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
     rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
-            **(rule_for(variant in ("v", "kv")) if gluon_shared else {}), **cfg}
+            **(rule_for(variant in ("v", "kv"), vectors=4 * N) if gluon_shared else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
         per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
