@@ -185,27 +185,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pu(p, alpha, acc_u, u_smem, stage, ACC_S: gl.constexpr, MMA2: gl.constexpr, NW: gl.constexpr,
-            RPW: gl.constexpr, VPR: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr, UV_WIDE: gl.constexpr):
+            RPW: gl.constexpr, VPR: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr):
         """``acc_u = alpha·acc_u + P·u_v`` per query vector with its own row's ``u_v`` tile: warp ``w``'s 16
         vectors hold ``RPW`` rows; for each ``j`` one batched ``mma.sync`` (one batch per warp) multiplies the
-        probabilities of the warp's ``j``-th row (the others' zeroed) by that row's tile. ``UV_WIDE``: one batched
-        ``mma.sync`` per tile against the warp's ``RPW`` tiles side by side (``acc_u [NW, 16, RPW·RV]``, every
-        vector against every row of its warp; :func:`_own_uv` keeps each vector's own block at the end)."""
+        probabilities of the warp's ``j``-th row (the others' zeroed) by that row's tile."""
         a3 = gl.convert_layout(gl.reshape(gl.convert_layout(alpha, gl.BlockedLayout([1], [32], [NW], [0])),
                                           [NW, 16]), gl.SliceLayout(2, MMA2))
         acc_u = acc_u * a3[:, :, None]
         A_U: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA2, k_width=2)
         a = gl.convert_layout(gl.reshape(p.to(dtype), [NW, 16, BLOCK_T]), A_U)
-        if UV_WIDE:
-            acc_u = mma_v2(a, u_smem.index(stage).load(gl.DotOperandLayout(operand_index=1, parent=MMA2, k_width=2)),
-                           acc_u)
-        else:
-            li = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_U)))  # the vector's place in its warp
-            for j in gl.static_range(RPW):
-                aj = gl.where((li // VPR == j)[None, :, None], a, gl.zeros_like(a))
-                b = u_smem.index(stage).slice(j * NW, NW, dim=0).load(
-                    gl.DotOperandLayout(operand_index=1, parent=MMA2, k_width=2))
-                acc_u = mma_v2(aj, b, acc_u)
+        li = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_U)))  # the vector's place in its warp
+        for j in gl.static_range(RPW):
+            aj = gl.where((li // VPR == j)[None, :, None], a, gl.zeros_like(a))
+            b = u_smem.index(stage).slice(j * NW, NW, dim=0).load(
+                gl.DotOperandLayout(operand_index=1, parent=MMA2, k_width=2))
+            acc_u = mma_v2(aj, b, acc_u)
         return acc_u
 
     @gluon.jit
@@ -218,7 +212,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr, UV_WIDE: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -236,12 +230,8 @@ if HAVE_GLUON:
         NBYTES: gl.constexpr = BLOCK_T * D * 2
         RPW: gl.constexpr = 16 // VPR  # rows per warp (a V residual: VPR <= 16)
         NR: gl.constexpr = RPW * NW  # rows per program (a V residual)
-        # the u_v ring's tile [UR, BLOCK_T, UC]: one row's tile per slot, or (UV_WIDE) a warp's RPW tiles side by side
-        UR: gl.constexpr = NW if UV_WIDE else NR
-        UC: gl.constexpr = RPW * RV if UV_WIDE else RV
-        TPC: gl.constexpr = 32 if UC >= 256 else UC // 8  # threads along a token's UC values, 8 each
-        LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 // TPC, TPC],
-                                             warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
+        LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 * 8 // RV, RV // 8],
+                                             warps_per_cta=[NW, 1, 1], order=[2, 1, 0])  # u_v tiles [NR, BLOCK_T, RV]
         MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
 
         mb = gl.program_id(0)
@@ -260,19 +250,15 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, D], v_desc.layout)
         row0 = mb * (BLOCK_M // VPR)  # the program's first row
-        if HAS_V:  # the rows' u_v tiles, ring beside K/V's, row row0 + w·RPW + j at [stage, j·NW + w, token, rank]
-            # (UV_WIDE: at [stage, w, token, j·RV + rank])
-            u_smem = gl.allocate_shared_memory(dtype, [STAGES, UR, BLOCK_T, UC],
-                                               gl.NVMMASharedLayout.get_default_for([UR, BLOCK_T, UC], dtype))
-            k3 = gl.arange(0, UR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))[:, None, None]
-            c3 = gl.arange(0, UC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LU3)))[None, None, :]
-            if UV_WIDE:
-                u_row = gl.minimum(row0 + k3 * RPW + c3 // RV, B - 1)
-            else:
-                u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
+        if HAS_V:  # each row's u_v tile, ring beside K/V's: [stage, j·NW + w, token, rank] for row row0 + w·RPW + j
+            u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
+                                               gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
+            k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
+            u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
             u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
             u_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LU3)))[None, :, None]
-            u_off = u_slot * T * RV + u_t * RV + c3 % RV
+            u_off = (u_slot * T * RV)[:, None, None] + u_t * RV + \
+                gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(1, LU3)))[None, None, :]
         fence_async_shared()
         _cta_barrier()
         for i in gl.static_range(STAGES):
@@ -302,7 +288,7 @@ if HAVE_GLUON:
         # undefined start ptxas serialises every MMA of the kernel, its report C7514)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
-        acc_u = gl.zeros([NW, 16, UC], gl.float32, MMA2)  # P·u_v per vector (HAS_V; UV_WIDE: against each row)
+        acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)  # P·u_v per vector (HAS_V)
 
         mbarrier.wait(kbar.index(0), 0)
         s = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
@@ -327,7 +313,7 @@ if HAVE_GLUON:
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
                 async_copy.wait_group(STAGES - 1)
                 _cta_barrier()
-                acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype, UV_WIDE)
+                acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
             if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
                 _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
@@ -349,7 +335,7 @@ if HAVE_GLUON:
         if HAS_V:
             async_copy.wait_group(STAGES - 1)
             _cta_barrier()
-            acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype, UV_WIDE)
+            acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             async_copy.wait_group(0)  # the copies past the split's end, before the program ends
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
@@ -365,13 +351,6 @@ if HAVE_GLUON:
         gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
         if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
             LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
-            if UV_WIDE:  # each vector's own row's block of its warp's products
-                LW: gl.constexpr = gl.BlockedLayout([1, 1, RPW, RV], [1, 32, 1, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
-                a4 = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout(
-                    [1, 1, UC], [1, 32, 1], [NW, 1, 1], [2, 1, 0])), [NW, 16, RPW, RV]), LW)
-                li = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LW))))
-                jw = gl.arange(0, RPW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LW))))
-                acc_u = gl.sum(gl.where((li[None, :, None, None] // VPR) == jw[None, None, :, None], a4, 0.0), 2)
             ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
                                                                                             [NW, 1, 1], [2, 1, 0])),
                                               [BLOCK_M, RV]), LU)
@@ -398,7 +377,7 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, uv_wide: bool = False, v_u=None, v_slot=None):
+                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
@@ -423,4 +402,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), UV_WIDE=bool(uv_wide), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), num_warps=num_warps)

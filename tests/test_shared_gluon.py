@@ -80,8 +80,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
                           {"block_t": 32, "has_v": True, "has_k": True},
-                          {"block_t": 32, "has_v": True, "v_rank": 8},
-                          {"block_t": 32, "has_v": True, "shared_uv_wide": True}])
+                          {"block_t": 32, "has_v": True, "v_rank": 8}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -94,8 +93,6 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
     assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8: one n8 step per row
-    # one P·u_v MMA per warp against its rows' tiles side by side: the same MMA steps, no per-row zeroing (PRMT)
-    assert rows[8]["mma_sync"] == rows[5]["mma_sync"] and rows[8]["loop_prmt"] < rows[5]["loop_prmt"]
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -233,8 +230,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
-#: (``shared_uv_wide``, v27: one ``P·u_v`` MMA per warp against its rows' tiles side by side)
-GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"shared_uv_wide": True}, {"num_stages": 4}, {"shared_k_early": False}]
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
 
 
 def _v_geometry(case):
@@ -244,9 +240,9 @@ def _v_geometry(case):
 
 def test_every_v_residual_gpu_knob_set_is_within_the_kernels_limits():
     """Each V knob set the GPU tests run, over the kernel's V rule as the launcher fits it to the call, passes every
-    limit but the device's: the case space's first three (fewer vectors per row mean more rows, so more ``u_v`` tiles:
+    limit but the device's: the case space's first two (fewer vectors per row mean more rows, so more ``u_v`` tiles:
     32 rows of rank 32 at 2 vectors per row) and all of them at the real sizes (4 vectors per row, rank 16)."""
-    geometries = [(case.D, *_v_geometry(case), GLUON_SHARED_V_KNOBS[:3]) for case in GLUON_SHARED_V_CASES]
+    geometries = [(case.D, *_v_geometry(case), GLUON_SHARED_V_KNOBS[:2]) for case in GLUON_SHARED_V_CASES]
     for d, vpr, rank, knob_sets in geometries + [(128, 4, 16, GLUON_SHARED_V_KNOBS)]:
         for knobs in knob_sets:
             k = {**shared_gluon.rule_for(True, d, vpr, rank), **knobs}
@@ -288,11 +284,11 @@ GLUON_SHARED_V_CASES = [
 @parametrize("case", GLUON_SHARED_V_CASES)
 def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     """The V residual's ``P·u_v`` in the Gluon kernel (asked for; the rule picks it for the V residual alone from 32
-    vectors), under its V rule (32-token tiles, 3 buffers, 2 below 96 vectors or where the rows' tiles need the room),
-    on 2 and with one ``P·u_v`` MMA per warp (``shared_uv_wide``): within 3x PyTorch's low-precision error of the fp32 reference."""
+    vectors), under its V rule (32-token tiles, 3 buffers, 2 below 96 vectors or where the rows' tiles need the room)
+    and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:3]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 

@@ -207,8 +207,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=max(16, rv),
-                 UV_WIDE=bool(rule.get("shared_uv_wide")))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=max(16, rv))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel = triton.compile(_source(GluonASTSource, _cascade_shared_gluon, args, const, divisible),
