@@ -333,7 +333,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR)
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
         if shared_form is None and (block_m is not None or k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or
-                                    (has_v and v_u.data_ptr() % 16) or
+                                    (has_v and (v_u.data_ptr() % 16 or v_u.dtype != dtype)) or
                                     gluon_unsupported(dev, dtype, D, has_v, use["block_t"], use["num_warps"],
                                                       use["num_stages"], VPR, RV)):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule

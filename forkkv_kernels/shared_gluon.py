@@ -387,6 +387,9 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     Hkv, T, _ = k_base.shape
     has_v = v_u is not None
     rv = v_u.shape[-1] if has_v else 16
+    if has_v and v_u.dtype != q.dtype:
+        raise TypeError(f"shared_form='gluon' copies u_v into shared memory as the queries' {q.dtype}, but u_v is "
+                        f"{v_u.dtype}: pass it in {q.dtype} or use shared_form='triton'")
     why = unsupported(q.device, q.dtype, D, has_v, block_t, num_warps, num_stages, VPR, rv)
     if why:
         raise ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")

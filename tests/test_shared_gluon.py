@@ -21,7 +21,8 @@ from views import lowp_attention_error, random_view
 pytest.importorskip("triton")
 from forkkv_kernels import shared_gluon  # noqa: E402
 from forkkv_kernels.attention_common import pow2  # noqa: E402
-from test_cascade_kernel import _launch  # noqa: E402
+from forkkv_kernels import cascade_attention  # noqa: E402
+from test_cascade_kernel import _device_inputs, _launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -50,8 +51,8 @@ def test_gluon_shared_says_why_it_cannot_serve_a_call():
 
 
 def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
-    """Through ``cascade_attention``: an unknown form, a V residual of a rank the kernel cannot take and (off Hopper)
-    the device raise, saying what to do."""
+    """Through ``cascade_attention``: an unknown form, a V residual of a rank the kernel cannot take or of another
+    dtype than the queries and (off Hopper) the device raise, saying what to do."""
     case = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, v_res=False)
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
     with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton' or 'gluon'"):
@@ -60,6 +61,11 @@ def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
     with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: a V residual of rank 4: 8, 16 "
                                          "or 32 .* use shared_form='triton'"):
         _launch(with_v.query(torch.bfloat16), with_v.view(torch.bfloat16), None, case.D**-0.5, shared_form="gluon")
+    rank16 = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, ranks=(16, 16), k_res=False)
+    args, kw = _device_inputs(rank16.view(torch.bfloat16))
+    kw["v_u"] = kw["v_u"].float()
+    with pytest.raises(TypeError, match="u_v is torch.float32: pass it in torch.bfloat16 or use shared_form='triton'"):
+        cascade_attention(rank16.query(torch.bfloat16).to(args[0].device), *args, 0.125, **kw, shared_form="gluon")
     if not HOPPER:
         with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: it runs on CUDA devices .* "
                                              "use shared_form='triton'"):
