@@ -1,7 +1,7 @@
 """``eval.bench.probe_uv`` on CPU (Triton interpreter, small shapes): the one-agent view reads agent 0's V residual
 for every row (and is exact for that view); the ``no_uv_load`` ablation compiles from the patched kernel source and
-removes exactly the V residual (its output is the base-only call's); a kernel whose text no longer holds the patched
-lines is refused, not silently run unpatched."""
+removes exactly the V residual (its output is the base-only call's); the Gluon kernel's ablations patch a copy of its
+module; a kernel whose text no longer holds the patched lines is refused, not silently run unpatched."""
 
 import pytest
 import torch
@@ -47,3 +47,22 @@ def test_a_changed_kernel_is_refused(monkeypatch):
     monkeypatch.setitem(probe_uv.ABLATIONS, "no_uv_load", ("not in the kernel", "x"))
     with pytest.raises(SystemExit, match="update probe_uv.ABLATIONS"):
         probe_uv.ablated_kernel("no_uv_load")
+    monkeypatch.setitem(probe_uv.GLUON_ABLATIONS, "gluon_no_pu", [("not in the kernel", "x")])
+    with pytest.raises(SystemExit, match="update probe_uv.GLUON_ABLATIONS"):
+        probe_uv.ablated_gluon("gluon_no_pu")
+
+
+@pytest.mark.parametrize("name", sorted(probe_uv.GLUON_ABLATIONS))
+def test_gluon_ablations_patch_every_occurrence_and_import(name):
+    """Each Gluon ablation finds its lines in the kernel's module (both ``P·u_v`` calls: the loop's and the last
+    tile's) and the patched copy imports as a module of its own, whose launcher is not the library's (Gluon has no
+    interpreter: the patched kernel runs only on the GPU, timing only)."""
+    import inspect
+
+    from forkkv_kernels import shared_gluon
+
+    src = inspect.getsource(shared_gluon)
+    for old, _ in probe_uv.GLUON_ABLATIONS[name]:
+        assert src.count(old) == 1, old
+    launch = probe_uv.ablated_gluon(name)
+    assert launch is not shared_gluon.launch_shared_gluon and launch.__name__ == "launch_shared_gluon"

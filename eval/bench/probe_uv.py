@@ -17,6 +17,12 @@ loop keeps its 32 ``mma.sync`` per 64-token tile and loses 65 of 603 instruction
 the load alive without costing more than the MMA was not found (sums of the tile within each thread: 2,060
 instructions and spills).
 
+The V residual alone runs in the Gluon shared kernel from 32 query vectors per KV head (v26), and two ablations patch
+a copy of that module (``forkkv_kernels/shared_gluon.py``): ``gluon_no_uv_load`` masks off every ``u_v`` copy
+(``cp.async`` with nothing read: the tiles zero-filled, no load leaves the SM; the products, their shared-memory
+reads and the waits stay), ``gluon_no_pu`` drops the ``P·u_v`` products (the copies and their waits stay). Against
+the unablated call at the same point: what the ``u_v`` reads cost, and what the products cost.
+
 Times: GPU time per call (CUDA graph of ``GRAPH_CALLS`` calls replayed, ``do_bench`` median); the kernels'
 launch defaults, or ``--knobs`` (JSON) over them.
 """
@@ -52,6 +58,39 @@ ABLATIONS = {
 }
 
 
+#: the Gluon shared kernel's lines each of its ablations replaces (every occurrence)
+GLUON_FETCH_U = "_cp_async(u_smem.index(stage), UV + (u_off + t * RV), mask=(t + u_t) < T)"
+GLUON_PU = "acc_u = _pu(p, alpha, acc_u, u_smem, {}, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)"
+GLUON_ABLATIONS = {
+    "gluon_no_uv_load": [(GLUON_FETCH_U, GLUON_FETCH_U.replace("< T)", "< 0)"))],
+    "gluon_no_pu": [(GLUON_PU.format("st"), "acc_u = acc_u"), (GLUON_PU.format("sp"), "acc_u = acc_u")],
+}
+
+
+def _module_from_source(src: str, name: str):
+    """Import ``src`` from a file of its own (Triton and Gluon read a kernel's source from its file)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="forkkv_ablate_"), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ablated_gluon(name: str):
+    """The Gluon shared kernel's launcher from a copy of its module with the ablation ``name``
+    (:data:`GLUON_ABLATIONS`)."""
+    from forkkv_kernels import shared_gluon
+
+    src = inspect.getsource(shared_gluon)
+    for old, new in GLUON_ABLATIONS[name]:
+        if old not in src:
+            raise SystemExit(f"the Gluon shared kernel changed: {old!r} not found; update probe_uv.GLUON_ABLATIONS")
+        src = src.replace(old, new)
+    return _module_from_source(src.replace("from .", "from forkkv_kernels."), f"shared_gluon_{name}").launch_shared_gluon
+
+
 def ablated_kernel(name: str):
     """A copy of the shared-part kernel with the ablation ``name`` (:data:`ABLATIONS`), compiled from a file (Triton
     reads a kernel's source)."""
@@ -64,20 +103,14 @@ def ablated_kernel(name: str):
     src = src.replace(old, new, 1)
     head = ("import triton\nimport triton.language as tl\n"
             "from forkkv_kernels.attention_common import mma, softmax_step\n\n")
-    path = os.path.join(tempfile.mkdtemp(prefix="forkkv_ablate_"), f"shared_{name}.py")
-    with open(path, "w") as f:
-        f.write(head + src)
-    spec = importlib.util.spec_from_file_location(f"shared_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod._cascade_shared_kernel
+    return _module_from_source(head + src, f"shared_{name}")._cascade_shared_kernel
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="+", default=["32768:32", "32768:128"])
     ap.add_argument("--knobs", default="{}", help="JSON launch knobs over the defaults, for every call")
-    ap.add_argument("--ablate", choices=sorted(ABLATIONS), default=None)
+    ap.add_argument("--ablate", choices=sorted([*ABLATIONS, *GLUON_ABLATIONS]), default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -90,7 +123,10 @@ def main(argv=None):
     if args.ablate:
         from forkkv_kernels import cascade
 
-        cascade._cascade_shared_kernel = ablated_kernel(args.ablate)
+        if args.ablate in GLUON_ABLATIONS:
+            cascade.launch_shared_gluon = ablated_gluon(args.ablate)
+        else:
+            cascade._cascade_shared_kernel = ablated_kernel(args.ablate)
     run = BenchmarkRun("probe_uv", params={"knobs": knobs, "points": args.points, "ablate": args.ablate},
                        case_keys=["context", "agents", "variant"], out=args.out)
     for point in args.points:
