@@ -6,7 +6,7 @@
 #   ablations: `gluon_no_uv_load` (the u_v copies masked off: nothing read) and `gluon_no_pu` (the P·u_v products
 #   dropped), timing only (~2 minutes);
 # - profile: per-kernel time of the V-only call (`eval.bench.profile_kernel --variants v`) (~1 minute).
-# Results: $OUT/v28.tgz, copy to eval/results.
+# ABL / POINTS narrow the probe (e.g. ABL="none gluon_no_uv_load" POINTS=32768:128). Results: $OUT/v28.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/v28w; rm -rf "$OUT"
@@ -15,9 +15,9 @@ pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v28.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"probe profile"}
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has probe; then
-    for ab in none gluon_no_uv_load gluon_no_pu; do
+    for ab in ${ABL:-none gluon_no_uv_load gluon_no_pu}; do
         flag=(); [ $ab != none ] && flag=(--ablate $ab)
-        timeout 100 python -m eval.bench.probe_uv --points 32768:32 32768:128 "${flag[@]}" \
+        timeout 100 python -m eval.bench.probe_uv --points ${POINTS:-32768:32 32768:128} "${flag[@]}" \
             --out "$OUT/probe_uv_v28_$ab.json" > "$OUT/probe_uv_v28_$ab.log" 2>&1
         echo "probe $ab rc=$?"; grep " us$" "$OUT/probe_uv_v28_$ab.log"; pack
     done
