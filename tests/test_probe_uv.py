@@ -6,6 +6,7 @@ module; a kernel whose text no longer holds the patched lines is refused, not si
 import pytest
 import torch
 
+from cases import parametrize
 from eval.bench import probe_uv
 from eval.bench.kernel import D, make_case, reference, variant_view
 
@@ -52,7 +53,7 @@ def test_a_changed_kernel_is_refused(monkeypatch):
         probe_uv.ablated_gluon("gluon_no_pu")
 
 
-@pytest.mark.parametrize("name", sorted(probe_uv.GLUON_ABLATIONS))
+@parametrize("name", sorted(probe_uv.GLUON_ABLATIONS))
 def test_gluon_ablations_patch_every_occurrence_and_import(name):
     """Each Gluon ablation finds its lines in the kernel's module (both ``P·u_v`` calls: the loop's and the last
     tile's) and the patched copy imports as a module of its own, whose launcher is not the library's (Gluon has no
