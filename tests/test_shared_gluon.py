@@ -19,9 +19,8 @@ from forkkv_hf import reference_attention
 from views import lowp_attention_error, random_view
 
 pytest.importorskip("triton")
-from forkkv_kernels import shared_gluon  # noqa: E402
+from forkkv_kernels import cascade_attention, shared_gluon  # noqa: E402
 from forkkv_kernels.attention_common import pow2  # noqa: E402
-from forkkv_kernels import cascade_attention  # noqa: E402
 from test_cascade_kernel import _device_inputs, _launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
