@@ -33,7 +33,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 from .shared_gluon import launch_shared_gluon, rule_for
-from .shared_gluon import unsupported as gluon_unsupported
+from .shared_gluon import refusal as gluon_refusal
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -332,10 +332,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
         grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR)
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
-        if shared_form is None and (block_m is not None or k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or
-                                    (has_v and (v_u.data_ptr() % 16 or v_u.dtype != dtype)) or
-                                    gluon_unsupported(dev, dtype, D, has_v, use["block_t"], use["num_warps"],
-                                                      use["num_stages"], VPR, RV)):
+        if shared_form is None and (block_m is not None or
+                                    gluon_refusal(q, k_base, v_base, v_u, use["block_t"], use["num_warps"],
+                                                  use["num_stages"], VPR) is not None):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
         else:
             cfg.update(grule)

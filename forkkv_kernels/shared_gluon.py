@@ -20,8 +20,7 @@ measured no faster: ptxas moves its second wait above the exponentials (eval/KER
 unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
 (:func:`~.attention_common.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
 picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
-measured", "v23 measured"); with a V residual it runs only when asked (``shared_form="gluon"``; built after the
-session's GPU calls, not yet run on a GPU: "v25").
+measured", "v23 measured") and for decode calls with the V residual alone from 32 ("v25 measured, v26").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
@@ -85,15 +84,16 @@ def rule_for(has_v: bool, d: int = 128, vpr: int = 4, v_rank: int = 16, block_t:
         rule["num_stages"] = 2
     if has_v and vpr <= 16:
         bt, nw = block_t or rule["block_t"], num_warps or rule["num_warps"]
-        while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], 16 // vpr * nw,
-                                                      v_rank) > SMEM_LIMIT:
+        while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], vpr, v_rank) > SMEM_LIMIT:
             rule["num_stages"] -= 1
     return rule
 
 
-def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, v_rows: int = 0, v_rank: int = 0) -> int:
+def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, vpr: int = 4, v_rank: int = 0) -> int:
     """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values), and with a V
-    residual ``stages`` tiles of ``u_v`` for each of the program's ``v_rows`` rows."""
+    residual of rank ``v_rank`` (0: none) ``stages`` tiles of ``u_v`` for each of the program's rows (``16 // vpr``
+    per warp at ``vpr`` query vectors per row and KV head)."""
+    v_rows = 16 // vpr * num_warps if v_rank else 0
     values = 16 * num_warps * d + 2 * stages * block_t * d + stages * v_rows * block_t * v_rank
     return 2 * values + 16 * stages  # K's and V's 8-byte mbarriers per stage (the u_v ring's copies need none)
 
@@ -118,8 +118,7 @@ def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, n
         return f"num_warps={num_warps}: 4 (64 query vectors per program) or 8 (128)"
     if not 2 <= stages <= 6:
         return f"num_stages={stages}: 2 to 6 (the K/V ring's buffers)"
-    v_rows = 16 // vpr * num_warps if has_v else 0
-    smem = shared_bytes(d, block_t, num_warps, stages, v_rows, v_rank if has_v else 0)
+    smem = shared_bytes(d, block_t, num_warps, stages, vpr, v_rank if has_v else 0)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
     return device_unsupported(device, HAVE_GLUON)
@@ -375,6 +374,26 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
     return tuple(TensorDescriptor.from_tensor(x.view(hkv * t, d), [block_t, d], layout) for x in (k_base, v_base))
 
 
+def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: int, vpr: int) -> Exception | None:
+    """The error, saying what to do, that a launch of this call (queries ``q``, base ``k_base``/``v_base``, the V
+    residual's ``u_v`` or None, these knobs) would raise, or None where the kernel can take it: ``u_v`` in another
+    dtype than the queries (copied raw into a ring of theirs), a limit of :func:`unsupported`, tensors without a
+    16-byte aligned start (TMA and the 16-byte copies need one). The launcher's rule takes the Triton kernel instead
+    wherever this is not None."""
+    has_v = v_u is not None
+    if has_v and v_u.dtype != q.dtype:
+        return TypeError(f"shared_form='gluon' copies u_v into shared memory as the queries' {q.dtype}, but u_v is "
+                         f"{v_u.dtype}: pass it in {q.dtype} or use shared_form='triton'")
+    why = unsupported(q.device, q.dtype, q.shape[-1], has_v, block_t, num_warps, num_stages, vpr,
+                      v_u.shape[-1] if has_v else 16)
+    if why:
+        return ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
+    if k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or (has_v and v_u.data_ptr() % 16):
+        return ValueError("shared_form='gluon' reads the base K/V by TMA and u_v in 16-byte copies, which need them "
+                          "16-byte aligned: pass tensors with an aligned start or use shared_form='triton'")
+    return None
+
+
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
                         k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
@@ -382,20 +401,14 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
     shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
-    ``ValueError`` where :func:`unsupported` says why it cannot."""
+    :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     has_v = v_u is not None
     rv = v_u.shape[-1] if has_v else 16
-    if has_v and v_u.dtype != q.dtype:
-        raise TypeError(f"shared_form='gluon' copies u_v into shared memory as the queries' {q.dtype}, but u_v is "
-                        f"{v_u.dtype}: pass it in {q.dtype} or use shared_form='triton'")
-    why = unsupported(q.device, q.dtype, D, has_v, block_t, num_warps, num_stages, VPR, rv)
-    if why:
-        raise ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
-    if k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or (has_v and v_u.data_ptr() % 16):
-        raise ValueError("shared_form='gluon' reads the base K/V by TMA and u_v in 16-byte copies, which need them "
-                         "16-byte aligned: pass tensors with an aligned start or use shared_form='triton'")
+    err = refusal(q, k_base, v_base, v_u, block_t, num_warps, num_stages, VPR)
+    if err is not None:
+        raise err
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](

@@ -2,7 +2,7 @@
 and its sm_90 compile (registers, spills, ptxas's serialisation reports, the context loop's MMAs and waits) with this
 machine's Triton; on a Hopper GPU its attention against the fp32 reference (the low-precision pass rule) at real
 sizes under each launch knob and over odd shapes (GQA 1-8, head dims 64/128, contexts shorter than a tile, extend
-calls, padding masks, K residuals or none; V residuals, opt-in), and the launcher's rule at its boundary. Gluon has no
+calls, padding masks, K residuals or none; V residuals), and the launcher's rule at its boundaries. Gluon has no
 interpreter, so the kernel itself runs only on the GPU."""
 
 import json
@@ -110,7 +110,7 @@ GLUON_SHARED_KNOBS = [
     {"shared_form": "gluon", "block_t": 128, "num_stages": 2},  # 3 buffers of 128-token tiles exceed SMEM_LIMIT
     {"shared_form": "gluon", "n_splits": 3},
     {"shared_form": "gluon", "shared_q_regs": True},
-    # 32-token tiles (built after v23, not yet run on a GPU): 126 registers and 66 KB with 3 buffers offline, three
+    # 32-token tiles (v24, measured slower for base only: v26): 126 registers and 66 KB with 3 buffers offline, three
     # programs per SM; with 6 buffers 115 KB, two
     {"shared_form": "gluon", "block_t": 32, "programs_per_sm": 3},
     {"shared_form": "gluon", "block_t": 32, "num_stages": 6},

@@ -195,6 +195,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
+    from forkkv_kernels.attention_common import pow2
     from forkkv_kernels.shared_gluon import _cascade_shared_gluon, descriptors, rule_for
 
     has_v, rv = bool(knobs.get("has_v")), knobs.get("v_rank", 16)
@@ -207,7 +208,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=max(16, rv))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel = triton.compile(_source(GluonASTSource, _cascade_shared_gluon, args, const, divisible),
