@@ -34,6 +34,7 @@ from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 from .shared_gluon import launch_shared_gluon, rule_for
 from .shared_gluon import refusal as gluon_refusal
+from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -290,7 +291,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
     part by :mod:`.shared_gluon` (Hopper; its own knobs :func:`~.shared_gluon.rule_for` under the given ``block_t``,
     ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they free; ``shared_q_regs``:
-    its score MMAs' queries from registers; it lets the merge start only as it ends); None: the rule's pick
+    its score MMAs' queries from registers; it lets the merge start only as it ends), or ``"gluon_pair"``, with a V
+    residual, two KV heads per program sharing the rows' ``u_v`` tiles (:mod:`.shared_gluon_pair`; its knobs
+    :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the given ones; never the rule's pick); None: the rule's pick
     (:func:`launch_defaults`), the Triton kernel where the call cannot take the Gluon one (another device or dtype, a
     given ``block_m``, knobs outside its limits). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
@@ -326,9 +329,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
-    if shared_form not in (None, "triton", "gluon"):
-        raise ValueError(f"shared_form={shared_form!r}; use 'triton' or 'gluon'")
+    if shared_form not in (None, "triton", "gluon", "gluon_pair"):
+        raise ValueError(f"shared_form={shared_form!r}; use 'triton', 'gluon' or 'gluon_pair'")
     form = shared_form or cfg["shared_form"]
+    if form == "gluon_pair":  # asked for: its own knobs under the given ones, its refusal raised by its launcher
+        cfg.update(GLUON_PAIR_RULE)
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
         grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR)
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
@@ -369,17 +374,24 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early")
 
     BLOCK_T = cfg["block_t"]
-    gluon_shared = form == "gluon"
+    gluon_shared = form in ("gluon", "gluon_pair")
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
-    split_len = split_length(T, BLOCK_T, n_mb * Hkv, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
+    programs = n_mb * (Hkv // 2 if form == "gluon_pair" else Hkv)
+    split_len = split_length(T, BLOCK_T, programs, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
     n_splits = max(1, cdiv(T, split_len))
     n_vec = B * H * NQ * n_splits
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
           scratch("uv", n_vec * RVB if has_v else 1, dev))
     ms = mask.stride() if mask is not None else (0, 0, 0)
-    if gluon_shared:
+    if form == "gluon_pair":
+        launched["shared"] = launch_shared_gluon_pair(
+            q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
+            qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], k_early=shared_k_early, v_u=v_u if has_v else None,
+            v_slot=v_slot if has_v else None)
+    elif gluon_shared:
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],

@@ -732,6 +732,10 @@ def test_sweep_geometry_matches_the_launcher():
         one = wave_splits(1, 3, 132, geo["items"], 32768, geo["block_t"])
         assert one * geo["items"] <= 3 * 132 or one == 1  # one wave at most
         assert one == -(-32768 // split_length(32768, geo["block_t"], geo["items"], 3 * 132, whole_waves=True))
+    # the pair kernel (two KV heads per program, one program per SM): half the programs of the Gluon V kernel
+    geo = launch_geometry("shared", "v", {"shared_form": "gluon_pair"}, 32, 32768, 132)
+    assert (geo["items"], geo["block_t"]) == (2 * 4, 32), geo
+    assert geo["splits"] == -(-32768 // split_length(32768, 32, 8, 132, whole_waves=True))
 
 
 @pytest.mark.slow

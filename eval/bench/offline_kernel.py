@@ -197,9 +197,11 @@ def compile_shared_gluon(knobs: dict) -> dict:
 
     from forkkv_kernels.attention_common import pow2
     from forkkv_kernels.shared_gluon import _cascade_shared_gluon, descriptors, rule_for
+    from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE, PAIR_REGS, _cascade_shared_gluon_pair
 
-    has_v, rv = bool(knobs.get("has_v")), knobs.get("v_rank", 16)
-    rule = {**rule_for(has_v), **knobs}  # the launcher's rule: 32-token tiles with a V residual
+    pair = bool(knobs.get("pair"))
+    has_v, rv = bool(knobs.get("has_v")) or pair, knobs.get("v_rank", 16)
+    rule = {**(GLUON_PAIR_RULE if pair else rule_for(has_v)), **knobs}  # the launcher's: 32-token tiles with V
     desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
             "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
@@ -211,7 +213,11 @@ def compile_shared_gluon(knobs: dict) -> dict:
                  Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
-    kernel = triton.compile(_source(GluonASTSource, _cascade_shared_gluon, args, const, divisible),
+    kernel_fn = _cascade_shared_gluon
+    if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS")}
+        const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
+    kernel = triton.compile(_source(GluonASTSource, kernel_fn, args, const, divisible),
                             target=GPUTarget("cuda", 90, 32), options=opts)
     out = _inspect(kernel, opts)
     return {**{k: v for k, v in out.items() if not k.startswith("loop_")}, "stages": rule["num_stages"],
@@ -289,7 +295,7 @@ def main(argv=None):
     ap.add_argument("--gluon-shared", metavar="JSON",
                     help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
                          "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, has_k, has_mask, "
-                         "has_v, v_rank)")
+                         "has_v, v_rank; pair: the two-head kernel, forkkv_kernels.shared_gluon_pair)")
     args = ap.parse_args(argv)
     import triton
 

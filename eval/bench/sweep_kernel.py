@@ -127,19 +127,22 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     from forkkv_kernels.attention_common import split_length
     from forkkv_kernels.kres_gluon import GLUON_RULE
     from forkkv_kernels.shared_gluon import rule_for
+    from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
     default = default_rule(variant, N)
-    gluon_shared = {**default, **cfg}.get("shared_form") == "gluon"  # given, or the rule's pick
+    form = {**default, **cfg}.get("shared_form")  # given, or the rule's pick
+    gluon_shared = form in ("gluon", "gluon_pair")
+    shared_rule = GLUON_PAIR_RULE if form == "gluon_pair" else rule_for(variant in ("v", "kv"), vectors=4 * N)
     rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
-            **(rule_for(variant in ("v", "kv"), vectors=4 * N) if gluon_shared else {}), **cfg}
+            **(shared_rule if gluon_shared else {}), **cfg}
     if stage == "kres":
         items, block_t = N * (HKV // (cfg.get("res_heads") or HKV)), rule["res_block_t"]
         per_sm, whole = rule["res_programs_per_sm"], rule["res_whole_waves"]
     else:
         block_m = (16 * rule["num_warps"] if gluon_shared
                    else cfg.get("block_m") or min(64, 1 << (4 * N - 1).bit_length()))
-        items, block_t = -(-4 * N // block_m) * HKV, rule["block_t"]
+        items, block_t = -(-4 * N // block_m) * (HKV // 2 if form == "gluon_pair" else HKV), rule["block_t"]
         per_sm, whole = rule["programs_per_sm"], rule["whole_waves"]
     return {"items": items, "block_t": block_t,
             "splits": -(-T // split_length(T, block_t, items, per_sm * sms, whole_waves=whole))}
