@@ -4,8 +4,8 @@
 # rescale factor moved to the products' layout without shared memory; never run before. Parts (PARTS, in order):
 # - smoke: two small V calls through the rule's Gluon pick against the exact attention, 60 s limit;
 # - sweep: whole calls, V only, at 8 / 32 / 128 agents: transposed against untransposed products, two orders;
-# - tests: the V residual's GPU tests (case space with both product forms, real sizes, the rule) and the pair kernel's
-#   real sizes (its products, untransposed, take the new rescale);
+# - tests: the V residual's GPU tests in bf16 (case space with both product forms, real sizes) and the pair kernel's
+#   real sizes (its products, untransposed, take the new rescale) (TESTS_K: another -k; ~3 minutes);
 # - bench (not in the default parts): the library's path (`eval.bench.kernel`) at 1 / 8 / 32 / 128 agents.
 # Results: $OUT/v30.tgz, copy to eval/results.
 set -u
@@ -47,8 +47,8 @@ if has sweep && [ $ok = 1 ]; then
     done
 fi
 if has tests && [ $ok = 1 ]; then
-    timeout 330 python -m pytest -q -m gpu tests/test_shared_gluon.py tests/test_shared_gluon_pair.py \
-        -k "v_residual or rule or (pair and real_sizes)" \
+    timeout 220 python -m pytest -q -m gpu tests/test_shared_gluon.py tests/test_shared_gluon_pair.py \
+        -k "${TESTS_K:-(v_residual or (pair and real_sizes)) and bf16}" \
         -p no:cacheprovider > "$OUT/gpu_tests_v30.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v30.log" | head -12; pack
 fi
