@@ -188,6 +188,8 @@ if HAVE_GLUON:
         """``acc_u = alpha·acc_u + P·u_v`` per query vector with its own row's ``u_v`` tile: warp ``w``'s 16
         vectors hold ``RPW`` rows; for each ``j`` one batched ``mma.sync`` (one batch per warp) multiplies the
         probabilities of the warp's ``j``-th row (the others' zeroed) by that row's tile."""
+        # the scores' rows and the products' rows sit in the same lanes: a reshape, no shared memory (v30; a 1D
+        # blocked layout in between put a warp's vectors in other warps)
         a3 = gl.convert_layout(gl.reshape(alpha, [NW, 16]), gl.SliceLayout(2, MMA2))
         acc_u = acc_u * a3[:, :, None]
         A_U: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA2, k_width=2)
@@ -201,31 +203,6 @@ if HAVE_GLUON:
         return acc_u
 
     @gluon.jit
-    def _repeat(x, n: gl.constexpr, TIMES: gl.constexpr):
-        """``x [n, 8]`` or ``[n, BLOCK_T, 8]`` stacked ``TIMES`` (1, 2, 4 or 8) times along its first dim."""
-        for _ in gl.static_range(TIMES.bit_length() - 1):
-            if len(x.shape) == 2:
-                x = gl.reshape(gl.permute(gl.join(x, x), (2, 0, 1)), [2 * x.shape[0], x.shape[1]])
-            else:
-                x = gl.reshape(gl.permute(gl.join(x, x), (3, 0, 1, 2)), [2 * x.shape[0], x.shape[1], x.shape[2]])
-        return x
-
-    @gluon.jit
-    def _pu_t(p, alpha, acc_u, u_smem, stage, MMA2: gl.constexpr, NW: gl.constexpr, HR: gl.constexpr,
-              BLOCK_T: gl.constexpr, dtype: gl.constexpr):
-        """``acc_u = alpha·acc_u + u_vᵀ·Pᵀ``, ``[2·HR·NW, RV, 8]``, batch ``(j', h, w)``: the tile of row ``h·HR + j'``
-        of warp ``w`` transposed (``RV`` x ``BLOCK_T``) times the transposed probabilities of the half ``h`` of the
-        warp's vectors that holds the row's (8 columns; the columns of the half's other rows are computed and never
-        stored). One batched ``mma.sync`` chain per batch, nothing zeroed (ranks 16/32, at most 8 vectors per row)."""
-        a = gl.reshape(gl.permute(gl.reshape(alpha, [NW, 2, 8]), (1, 0, 2)), [2 * NW, 8])  # batch (h, w)
-        acc_u = acc_u * gl.convert_layout(_repeat(a, 2 * NW, HR), gl.SliceLayout(1, MMA2))[:, None, :]
-        b = gl.reshape(gl.permute(gl.reshape(p.to(dtype), [NW, 2, 8, BLOCK_T]), (1, 0, 3, 2)), [2 * NW, BLOCK_T, 8])
-        b = _repeat(b, 2 * NW, HR)
-        b = gl.convert_layout(b, gl.DotOperandLayout(operand_index=1, parent=MMA2, k_width=2))
-        ua = u_smem.index(stage).permute((0, 2, 1)).load(gl.DotOperandLayout(operand_index=0, parent=MMA2, k_width=2))
-        return mma_v2(ua, b, acc_u)
-
-    @gluon.jit
     def _cascade_shared_gluon(
         Q, s_qb, s_qh, s_qq,
         k_desc, v_desc, R, KSLOT, UV, VSLOT,
@@ -235,7 +212,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr, TRANSPOSED_PU: gl.constexpr = True,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -256,8 +233,6 @@ if HAVE_GLUON:
         LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 * 8 // RV, RV // 8],
                                              warps_per_cta=[NW, 1, 1], order=[2, 1, 0])  # u_v tiles [NR, BLOCK_T, RV]
         MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
-        PU_T: gl.constexpr = RV >= 16 and VPR <= 8 and TRANSPOSED_PU  # the transposed products (:func:`_pu_t`)
-        HR: gl.constexpr = max(RPW // 2, 1)  # rows per half of a warp's vectors (PU_T)
 
         mb = gl.program_id(0)
         hkv = gl.program_id(1)
@@ -279,10 +254,7 @@ if HAVE_GLUON:
             u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
                                                gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
             k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
-            if PU_T:  # [stage, (j'·2 + h)·NW + w, ...] for row row0 + w·RPW + h·HR + j' (the transposed products')
-                u_row = gl.minimum(row0 + (k3 % NW) * RPW + (k3 // NW) % 2 * HR + k3 // (2 * NW), B - 1)
-            else:
-                u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
+            u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
             u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
             u_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LU3)))[None, :, None]
             u_off = (u_slot * T * RV)[:, None, None] + u_t * RV + \
@@ -316,10 +288,7 @@ if HAVE_GLUON:
         # undefined start ptxas serialises every MMA of the kernel, its report C7514)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
-        if PU_T:  # u_vᵀ·Pᵀ per row and half of its warp's vectors (HAS_V)
-            acc_u = gl.zeros([NR, RV, 8], gl.float32, MMA2)
-        else:  # P·u_v per vector (HAS_V)
-            acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)
+        acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)  # P·u_v per vector (HAS_V)
 
         mbarrier.wait(kbar.index(0), 0)
         s = warpgroup_mma(qa, k_smem.index(0).permute((1, 0)), zs, use_acc=False)
@@ -344,10 +313,7 @@ if HAVE_GLUON:
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
                 async_copy.wait_group(STAGES - 1)
                 _cta_barrier()
-                if PU_T:
-                    acc_u = _pu_t(p, alpha, acc_u, u_smem, st, MMA2, NW, HR, BLOCK_T, dtype)
-                else:
-                    acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
+                acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
             if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
                 _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
@@ -369,10 +335,7 @@ if HAVE_GLUON:
         if HAS_V:
             async_copy.wait_group(STAGES - 1)
             _cta_barrier()
-            if PU_T:
-                acc_u = _pu_t(p, alpha, acc_u, u_smem, sp, MMA2, NW, HR, BLOCK_T, dtype)
-            else:
-                acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
+            acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             async_copy.wait_group(0)  # the copies past the split's end, before the program ends
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
@@ -386,23 +349,7 @@ if HAVE_GLUON:
         do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
         dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
         gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
-        if HAS_V and PU_T:  # each row's columns of its batches' u_vᵀ·Pᵀ; zeros for rows without a V residual
-            LT: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NW, 1, 1], [2, 1, 0])
-            ot = gl.convert_layout(acc_u, LT)
-            kb = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LT)))[:, None, None]
-            rt = gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(2, LT)))[None, :, None]
-            nt = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LT)))[None, None, :]
-            h = (kb // NW) % 2
-            vin = h * 8 + nt  # the vector's place among its warp's 16
-            vt = mb * BLOCK_M + (kb % NW) * 16 + vin
-            rowt = vt // VPR
-            wt = vt % VPR
-            mine = (vin // VPR == h * HR + kb // (2 * NW)) & (rowt < B) & (wt < NQG)
-            rowt = gl.minimum(rowt, B - 1)
-            wit = ((rowt * (HKV * G) + hkv * G + wt % G) * NQ + wt // G) * n_splits + split
-            has_t = gl.load(VSLOT + rowt, mask=mine, other=-1) >= 0
-            gl.store(UV_WS + wit * RVB + rt, gl.where(has_t, ot, 0.0), mask=mine & (rt < RV))
-        if HAS_V and not PU_T:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
+        if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
             LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
             ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
                                                                                             [NW, 1, 1], [2, 1, 0])),
@@ -450,12 +397,11 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None, pu_t: bool = True):
+                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
-    shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32; ``pu_t``: its
-    products transposed, :func:`_pu_t`, where the rank is 16+ and a row has at most 8 vectors). Raises
+    shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
     :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
@@ -473,4 +419,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), TRANSPOSED_PU=bool(pu_t), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), num_warps=num_warps)

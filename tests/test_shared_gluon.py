@@ -97,8 +97,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[0]["stages"] == 3 and rows[1]["stages"] == 2
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
-    # rank 16: the transposed products (v30), 8 mma.sync per 32-token tile and warp; rank 8 untransposed, 16
-    assert rows[5]["mma_sync"] == rows[7]["mma_sync"] == 16
+    assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8: one n8 step per row
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -236,8 +235,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
-#: (``shared_pu_t=False``: the products untransposed, the form before v30, which ranks 8 and 16-vector rows take)
-GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"shared_pu_t": False}, {"num_stages": 4}, {"shared_k_early": False}]
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
 
 
 def _v_geometry(case):
@@ -247,9 +245,9 @@ def _v_geometry(case):
 
 def test_every_v_residual_gpu_knob_set_is_within_the_kernels_limits():
     """Each V knob set the GPU tests run, over the kernel's V rule as the launcher fits it to the call, passes every
-    limit but the device's: the case space's first three (fewer vectors per row mean more rows, so more ``u_v`` tiles:
+    limit but the device's: the case space's first two (fewer vectors per row mean more rows, so more ``u_v`` tiles:
     32 rows of rank 32 at 2 vectors per row) and all of them at the real sizes (4 vectors per row, rank 16)."""
-    geometries = [(case.D, *_v_geometry(case), GLUON_SHARED_V_KNOBS[:3]) for case in GLUON_SHARED_V_CASES]
+    geometries = [(case.D, *_v_geometry(case), GLUON_SHARED_V_KNOBS[:2]) for case in GLUON_SHARED_V_CASES]
     for d, vpr, rank, knob_sets in geometries + [(128, 4, 16, GLUON_SHARED_V_KNOBS)]:
         for knobs in knob_sets:
             k = {**shared_gluon.rule_for(True, d, vpr, rank), **knobs}
@@ -292,12 +290,11 @@ GLUON_SHARED_V_CASES = [
 @parametrize("case", GLUON_SHARED_V_CASES)
 def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     """The V residual's ``P·u_v`` in the Gluon kernel (asked for; the rule picks it for the V residual alone from 32
-    vectors), under its V rule (32-token tiles, 3 buffers, 2 below 96 vectors or where the rows' tiles need the room),
-    on 2 and with the products untransposed (``shared_pu_t=False``): within 3x PyTorch's low-precision error of the
-    fp32 reference."""
+    vectors), under its V rule (32-token tiles, 3 buffers, 2 below 96 vectors or where the rows' tiles need the room)
+    and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:3]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 

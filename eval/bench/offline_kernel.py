@@ -210,12 +210,12 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv), TRANSPOSED_PU=rule.get("shared_pu_t", True))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "TRANSPOSED_PU")}
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS")}
         const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
     kernel = triton.compile(_source(GluonASTSource, kernel_fn, args, const, divisible),
                             target=GPUTarget("cuda", 90, 32), options=opts)

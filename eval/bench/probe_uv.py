@@ -61,10 +61,9 @@ ABLATIONS = {
 #: the Gluon shared kernel's lines each of its ablations replaces (every occurrence)
 GLUON_FETCH_U = "_cp_async(u_smem.index(stage), UV + (u_off + t * RV), mask=(t + u_t) < T)"
 GLUON_PU = "acc_u = _pu(p, alpha, acc_u, u_smem, {}, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)"
-GLUON_PU_T = "acc_u = _pu_t(p, alpha, acc_u, u_smem, {}, MMA2, NW, HR, BLOCK_T, dtype)"  # the transposed form (v30)
 GLUON_ABLATIONS = {
     "gluon_no_uv_load": [(GLUON_FETCH_U, GLUON_FETCH_U.replace("< T)", "< 0)"))],
-    "gluon_no_pu": [(form.format(stage), "acc_u = acc_u") for form in (GLUON_PU, GLUON_PU_T) for stage in ("st", "sp")],
+    "gluon_no_pu": [(GLUON_PU.format("st"), "acc_u = acc_u"), (GLUON_PU.format("sp"), "acc_u = acc_u")],
 }
 
 
