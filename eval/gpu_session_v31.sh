@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# v31 (issue 19; eval/KERNEL_NOTES.md "v30 measured"), prepared, not run: hardware counters of the shared part's kernels
+# (ncu reads them on the Firecracker H100 machines: the device library's KINDS.md) for base only and V only at 32 and
+# 128 agents through the rule (32 agents base only: the Triton kernel; the rest the Gluon kernels): where the V
+# residual's extra time goes (shared-memory wavefronts and bank conflicts of the u_v ring's ldmatrix reads against
+# the base's, L2 bytes, issue slots, stall reasons, tensor pipes). ~3 minutes. Results: $OUT/v31.tgz.
+set -u
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/v31w; rm -rf "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v31.tgz" -C "$OUT" .; }
+METRICS=l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
+METRICS=$METRICS,lts__t_bytes.sum,smsp__inst_executed.sum
+METRICS=$METRICS,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+METRICS=$METRICS,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
+timeout 270 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --metrics "$METRICS" \
+    python3 -m eval.bench.profile_kernel --ncu-once --variants base v --points ${POINTS:-32768:32 32768:128} \
+    > "$OUT/ncu_v31.txt" 2>&1
+echo "ncu rc=$?"
+grep -E "Duration|Throughput|wavefronts|bank_conflicts|lts__t_bytes|inst_executed|tensor_op|Issue Slots Busy|_cascade_shared" \
+    "$OUT/ncu_v31.txt" | head -60
+pack
