@@ -21,7 +21,10 @@ The V residual alone runs in the Gluon shared kernel from 32 query vectors per K
 a copy of that module (``forkkv_kernels/shared_gluon.py``): ``gluon_no_uv_load`` masks off every ``u_v`` copy
 (``cp.async`` with nothing read: the tiles zero-filled, no load leaves the SM; the products, their shared-memory
 reads and the waits stay), ``gluon_no_pu`` drops the ``P·u_v`` products (the copies and their waits stay). Against
-the unablated call at the same point: what the ``u_v`` reads cost, and what the products cost.
+the unablated call at the same point: what the ``u_v`` reads cost, and what the products cost. Two more (v31, after
+v28 found the products' part and v30 found their instructions were not it): ``gluon_pu_fixed_tile`` reads every
+tile's ``u_v`` from the ring's first slot (the same shared-memory reads, none waiting on the newest copies) and
+``gluon_no_uv_wait`` drops the wait for each tile's copies and the CTA barrier before the products.
 
 Times: GPU time per call (CUDA graph of ``GRAPH_CALLS`` calls replayed, ``do_bench`` median); the kernels'
 launch defaults, or ``--knobs`` (JSON) over them.
@@ -61,9 +64,16 @@ ABLATIONS = {
 #: the Gluon shared kernel's lines each of its ablations replaces (every occurrence)
 GLUON_FETCH_U = "_cp_async(u_smem.index(stage), UV + (u_off + t * RV), mask=(t + u_t) < T)"
 GLUON_PU = "acc_u = _pu(p, alpha, acc_u, u_smem, {}, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)"
+GLUON_PU_TILE = "b = u_smem.index(stage).slice(j * NW, NW, dim=0).load("
+GLUON_UV_WAIT = "{0}async_copy.wait_group(STAGES - 1)\n{0}_cta_barrier()\n"
 GLUON_ABLATIONS = {
     "gluon_no_uv_load": [(GLUON_FETCH_U, GLUON_FETCH_U.replace("< T)", "< 0)"))],
     "gluon_no_pu": [(GLUON_PU.format("st"), "acc_u = acc_u"), (GLUON_PU.format("sp"), "acc_u = acc_u")],
+    # (v31) the products kept, every tile's read from stage 0's ring slot: the same shared-memory reads, none of them
+    # waiting on the newest copies
+    "gluon_pu_fixed_tile": [(GLUON_PU_TILE, GLUON_PU_TILE.replace("index(stage)", "index(0)"))],
+    # (v31) the products kept, without the wait for the tile's copies and the CTA barrier before them
+    "gluon_no_uv_wait": [(GLUON_UV_WAIT.format(" " * 16), ""), (GLUON_UV_WAIT.format(" " * 12), "")],
 }
 
 
