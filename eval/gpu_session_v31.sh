@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# v31 (issue 19; eval/KERNEL_NOTES.md "v30 measured", "v31"), prepared, not run: hardware counters of the shared
-# part's kernels (ncu reads them on the Firecracker H100 machines: the device library's KINDS.md) for base only and V only at 32 and
-# 128 agents through the rule (32 agents base only: the Triton kernel; the rest the Gluon kernels): where the V
-# residual's extra time goes (shared-memory wavefronts and bank conflicts of the u_v ring's ldmatrix reads against
+# v31 (issue 19; eval/KERNEL_NOTES.md "v30 measured", "v31"), prepared, not run: where the V residual's extra time
+# goes in the Gluon shared kernel. ncu reads hardware counters on the Firecracker H100 machines (the device library's
+# KINDS.md): base only and V only at 32 and 128 agents through the rule (32 agents base only: the Triton kernel; the
+# rest the Gluon kernels): shared-memory wavefronts and bank conflicts of the u_v ring's ldmatrix reads against
 # the base's, L2 bytes, issue slots, stall reasons, tensor pipes). Parts (PARTS, in order):
 # - probe: `eval.bench.probe_uv` unablated and with the Gluon ablations v28 did not have, `gluon_pu_fixed_tile` (every
 #   tile's products read the u_v ring's first slot: the same shared-memory reads, none waiting on new copies) and
