@@ -203,6 +203,37 @@ if HAVE_GLUON:
         return acc_u
 
     @gluon.jit
+    def _store_partials(m_i, l_i, o, acc_u, row, head_s, qs, valid, M_WS, L_WS, ACC_WS, UV_WS, VSLOT, B, NQ, n_splits,
+                        mb, hkv, split, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+                        HALF_B: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr, RV: gl.constexpr,
+                        RVB: gl.constexpr, HAS_V: gl.constexpr, ACC_O: gl.constexpr, NW: gl.constexpr):
+        """One program's unnormalised partials of KV head ``hkv`` and split ``split`` as the merge reads them: each
+        vector's running max and sum, its output (the merge's lo | hi halves) and, with a V residual, its ``P·u_v``
+        (``RVB`` wide, zeros past the rank; zeros for rows without one, whose tiles were slot 0's)."""
+        BLOCK_M: gl.constexpr = 16 * NW
+        wi = ((row * (HKV * G) + head_s) * NQ + qs) * n_splits + split
+        gl.store(M_WS + wi, m_i, mask=valid)
+        gl.store(L_WS + wi, l_i, mask=valid)
+        rowo, qo, heado, valido, wo = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_O))
+        wio = ((rowo * (HKV * G) + heado) * NQ + qo) * n_splits + split
+        do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
+        dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
+        gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
+        if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
+            LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
+            ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
+                                                                                            [NW, 1, 1], [2, 1, 0])),
+                                              [BLOCK_M, RV]), LU)
+            rowu, qu, headu, validu, wu = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LU))
+            wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
+            has_u = gl.load(VSLOT + rowu) >= 0
+            r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
+            gl.store(UV_WS + wiu[:, None] * RVB + r[None, :], gl.where(has_u[:, None], ou, 0.0),
+                     mask=validu[:, None])
+            if RVB > RV:  # the merge's rows are RVB wide (at least 16): zeros past the rank (rank 8)
+                gl.store(UV_WS + wiu[:, None] * RVB + RV + r[None, :], gl.zeros_like(ou), mask=validu[:, None])
+
+    @gluon.jit
     def _cascade_shared_gluon(
         Q, s_qb, s_qh, s_qq,
         k_desc, v_desc, R, KSLOT, UV, VSLOT,
@@ -341,27 +372,8 @@ if HAVE_GLUON:
             mbarrier.invalidate(kbar.index(i))
             mbarrier.invalidate(vbar.index(i))
 
-        wi = ((row * (HKV * G) + head_s) * NQ + qs) * n_splits + split
-        gl.store(M_WS + wi, m_i, mask=valid)
-        gl.store(L_WS + wi, l_i, mask=valid)
-        rowo, qo, heado, valido, wo = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_O))
-        wio = ((rowo * (HKV * G) + heado) * NQ + qo) * n_splits + split
-        do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
-        dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
-        gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
-        if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
-            LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
-            ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
-                                                                                            [NW, 1, 1], [2, 1, 0])),
-                                              [BLOCK_M, RV]), LU)
-            rowu, qu, headu, validu, wu = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LU))
-            wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
-            has_u = gl.load(VSLOT + rowu) >= 0
-            r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
-            gl.store(UV_WS + wiu[:, None] * RVB + r[None, :], gl.where(has_u[:, None], ou, 0.0),
-                     mask=validu[:, None])
-            if RVB > RV:  # the merge's rows are RVB wide (at least 16): zeros past the rank (rank 8)
-                gl.store(UV_WS + wiu[:, None] * RVB + RV + r[None, :], gl.zeros_like(ou), mask=validu[:, None])
+        _store_partials(m_i, l_i, o, acc_u, row, head_s, qs, valid, M_WS, L_WS, ACC_WS, UV_WS, VSLOT, B, NQ,
+                        n_splits, mb, hkv, split, HKV, G, D, HALF, HALF_B, VPR, NQG, RV, RVB, HAS_V, ACC_O, NW)
 
 
 def _gl_dtype(dtype: torch.dtype):

@@ -35,7 +35,7 @@ if HAVE_GLUON:
 
     from .gluon_common import acc_layout as _acc_layout
     from .gluon_common import cta_barrier as _cta_barrier
-    from .shared_gluon import _fetch, _fetch_one, _fetch_u, _pu, _scores, _softmax, _vectors
+    from .shared_gluon import _fetch, _fetch_one, _fetch_u, _pu, _scores, _softmax, _store_partials, _vectors
 
 #: the pair kernel's launch knobs where a call does not give them: the single-head V rule's 32-token tiles and 3
 #: buffers on 4 warps per head, one program (8 warps) per SM
@@ -194,25 +194,8 @@ if HAVE_GLUON:
             mbarrier.invalidate(kbar.index(i))
             mbarrier.invalidate(vbar.index(i))
 
-        wi = ((row * (HKV * G) + head_s) * NQ + qs) * n_splits + split
-        gl.store(M_WS + wi, m_i, mask=valid)
-        gl.store(L_WS + wi, l_i, mask=valid)
-        rowo, qo, heado, valido, wo = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_O))
-        wio = ((rowo * (HKV * G) + heado) * NQ + qo) * n_splits + split
-        do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
-        dst = gl.where(do < HALF, do, do - HALF + HALF_B)
-        gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
-        LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
-        ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
-                                                                                        [NW, 1, 1], [2, 1, 0])),
-                                          [BLOCK_M, RV]), LU)
-        rowu, qu, headu, validu, wu = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LU))
-        wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
-        has_u = gl.load(VSLOT + rowu) >= 0
-        r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
-        gl.store(UV_WS + wiu[:, None] * RVB + r[None, :], gl.where(has_u[:, None], ou, 0.0), mask=validu[:, None])
-        if RVB > RV:
-            gl.store(UV_WS + wiu[:, None] * RVB + RV + r[None, :], gl.zeros_like(ou), mask=validu[:, None])
+        _store_partials(m_i, l_i, o, acc_u, row, head_s, qs, valid, M_WS, L_WS, ACC_WS, UV_WS, VSLOT, B, NQ,
+                        n_splits, mb, hkv, split, HKV, G, D, HALF, HALF_B, VPR, NQG, RV, RVB, True, ACC_O, NW)
 
     @gluon.jit
     def _cascade_shared_gluon_pair(
