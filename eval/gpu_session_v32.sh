@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # v31 + v32 (issue 19; eval/KERNEL_NOTES.md "v31", "v32"), prepared, not run: first v31 (gpu_session_v31.sh: the two
 # new probe ablations and ncu of the shared part's kernels), then v32, the V kernel with a producer warp
-# (forkkv_kernels/shared_gluon_ws.py, shared_form="gluon_ws"; never run before). Parts (PARTS, in order):
-# - v31: `bash eval/gpu_session_v31.sh` (its probe and ncu parts, ~5 minutes; V31_PARTS narrows it);
+# (forkkv_kernels/shared_gluon_ws.py, shared_form="gluon_ws"; never run before). Parts (PARTS, in order; the default
+# "smoke sweep tests" takes ~6 minutes, v31 ~5 more: run `PARTS=v31` as a call of its own, a call stops at 10 minutes):
+# - v31: `bash eval/gpu_session_v31.sh` (its probe and ncu parts; V31_PARTS narrows it);
 # - smoke: three small V calls of the producer-warp kernel against the exact attention, 60 s limit (a hang or a
 #   fault stops the v32 parts);
 # - sweep: whole calls, V only, at 8 / 32 / 128 agents: the rule's Gluon V kernel against the producer-warp kernel,
 #   two orders;
-# - tests: tests/test_shared_gluon_ws.py on the GPU (TESTS_K narrows it; ~3 minutes).
+# - tests: tests/test_shared_gluon_ws.py on the GPU (TESTS_K narrows it; ~3 minutes);
+# - ncu (not in the default): the producer-warp kernel's counters at 32 / 128 agents, as v31's for the rule's kernels
+#   (barrier stalls against the single-head kernel's).
 # Results: $OUT/v32.tgz (and v31's $OUT/v31.tgz).
 set -u
 FINAL=${OUT:-/tmp/out}
-PARTS=${PARTS:-"v31 smoke sweep tests"}
+PARTS=${PARTS:-"smoke sweep tests"}
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has v31; then OUT=$FINAL PARTS=${V31_PARTS:-"probe ncu"} bash "$(dirname "$0")/gpu_session_v31.sh"; fi
 OUT=/tmp/v32w; rm -rf "$OUT"
@@ -51,4 +54,12 @@ if has tests && [ $ok = 1 ]; then
     timeout 240 python -m pytest -q -m gpu tests/test_shared_gluon_ws.py ${TESTS_K:+-k "$TESTS_K"} \
         -p no:cacheprovider > "$OUT/gpu_tests_v32.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v32.log" | head -12; pack
+fi
+if has ncu && [ $ok = 1 ]; then
+    timeout 200 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 2 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section MemoryWorkloadAnalysis \
+        python3 -m eval.bench.profile_kernel --ncu-once --variants v --points 32768:32 32768:128 \
+        --knobs '{"shared_form": "gluon_ws"}' > "$OUT/ncu_v32.txt" 2>&1
+    echo "ncu rc=$?"; grep -E "Duration|Issue Slots Busy|Stall|_cascade_shared" "$OUT/ncu_v32.txt" | head -30; pack
 fi
