@@ -44,14 +44,14 @@ if HAVE_GLUON:  # with Hopper's TMA
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                        warpgroup_mma_wait)
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         from .gluon_common import acc_layout as _acc_layout
         from .gluon_common import cta_barrier as _cta_barrier
-        # the TMA load: tma.async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), tma.async_load after
-        _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+        from .shared_gluon_steps import (_fetch, _fetch_one, _queries, _rows, _store_partials, _tile_softmax,
+                                         _u_offsets)
         # the cp.async copy likewise: async_copy_global_to_shared up to 3.6, async_load after
         _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
@@ -126,54 +126,6 @@ def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, n
 
 if HAVE_GLUON:
     @gluon.jit
-    def _vectors(mb, BLOCK_M: gl.constexpr, B, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr, hkv,
-                 LAYOUT: gl.constexpr):
-        """The program's query vectors in ``LAYOUT``: row, query, head, whether real, and the vector's index."""
-        v = mb * BLOCK_M + gl.arange(0, BLOCK_M, layout=LAYOUT)
-        row = v // VPR
-        w = v % VPR
-        valid = (row < B) & (w < NQG)
-        return gl.minimum(row, B - 1), w // G, hkv * G + w % G, valid, w
-
-    @gluon.jit
-    def _scores(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, mrow, mq, valid,
-                BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, HAS_K: gl.constexpr, HAS_MASK: gl.constexpr):
-        """One tile's scores in log2 units: scaled, plus the K residual's (pre-scaled) scores, masked to -inf."""
-        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC_S))
-        tm = t < t_end
-        s = s * qk_scale
-        if HAS_K:
-            s += gl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(gl.float32)
-        allowed = valid[:, None] & tm[None, :]
-        if HAS_MASK:
-            mk = gl.load(MASK + mrow[:, None] * s_mb + mq[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
-            allowed = allowed & (mk != 0)
-        return gl.where(allowed, s, float("-inf"))
-
-    @gluon.jit
-    def _softmax(s, m_i, l_i):
-        """One online-softmax step over masked scores ``s`` (log2 units): probabilities, the running sums' rescale
-        factor, the new running max and sum."""
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-    @gluon.jit
-    def _fetch_one(desc, bar, smem, stage, row, pred, NBYTES: gl.constexpr):
-        """Issue the TMA copy of one tile (context row ``row`` of the flattened ``[HKV·T, D]``) into ``stage`` of
-        its ring."""
-        mbarrier.expect(bar.index(stage), NBYTES, pred=pred)
-        _tma_load(desc, [row, 0], bar.index(stage), smem.index(stage), pred=pred)
-
-    @gluon.jit
-    def _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, stage, row, pred, NBYTES: gl.constexpr):
-        """Issue the TMA copies of one K and one V tile into ``stage`` of their rings."""
-        _fetch_one(k_desc, kbar, k_smem, stage, row, pred, NBYTES)
-        _fetch_one(v_desc, vbar, v_smem, stage, row, pred, NBYTES)
-
-    @gluon.jit
     def _fetch_u(UV, u_off, u_t, u_smem, stage, t, T, RV: gl.constexpr):
         """Issue the ``cp.async`` copies of the program's rows' ``u_v`` tiles (tokens ``t`` on; zeros past ``T``)
         into ``stage`` of their ring, one commit group per tile (``u_off``/``u_t``: each element's offset in ``UV``
@@ -203,37 +155,6 @@ if HAVE_GLUON:
         return acc_u
 
     @gluon.jit
-    def _store_partials(m_i, l_i, o, acc_u, row, head_s, qs, valid, M_WS, L_WS, ACC_WS, UV_WS, VSLOT, B, NQ, n_splits,
-                        mb, hkv, split, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
-                        HALF_B: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr, RV: gl.constexpr,
-                        RVB: gl.constexpr, HAS_V: gl.constexpr, ACC_O: gl.constexpr, NW: gl.constexpr):
-        """One program's unnormalised partials of KV head ``hkv`` and split ``split`` as the merge reads them: each
-        vector's running max and sum, its output (the merge's lo | hi halves) and, with a V residual, its ``P·u_v``
-        (``RVB`` wide, zeros past the rank; zeros for rows without one, whose tiles were slot 0's)."""
-        BLOCK_M: gl.constexpr = 16 * NW
-        wi = ((row * (HKV * G) + head_s) * NQ + qs) * n_splits + split
-        gl.store(M_WS + wi, m_i, mask=valid)
-        gl.store(L_WS + wi, l_i, mask=valid)
-        rowo, qo, heado, valido, wo = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_O))
-        wio = ((rowo * (HKV * G) + heado) * NQ + qo) * n_splits + split
-        do = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_O))
-        dst = gl.where(do < HALF, do, do - HALF + HALF_B)  # the merge kernel's lo | hi layout
-        gl.store(ACC_WS + wio[:, None] * (2 * HALF_B) + dst[None, :], o, mask=valido[:, None])
-        if HAS_V:  # each vector's P·u_v; zeros for rows without a V residual (their tiles were slot 0's)
-            LU: gl.constexpr = gl.BlockedLayout([1, RV], [32, 1], [NW, 1], [1, 0])
-            ou = gl.convert_layout(gl.reshape(gl.convert_layout(acc_u, gl.BlockedLayout([1, 1, RV], [1, 32, 1],
-                                                                                            [NW, 1, 1], [2, 1, 0])),
-                                              [BLOCK_M, RV]), LU)
-            rowu, qu, headu, validu, wu = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LU))
-            wiu = ((rowu * (HKV * G) + headu) * NQ + qu) * n_splits + split
-            has_u = gl.load(VSLOT + rowu) >= 0
-            r = gl.arange(0, RV, layout=gl.SliceLayout(0, LU))
-            gl.store(UV_WS + wiu[:, None] * RVB + r[None, :], gl.where(has_u[:, None], ou, 0.0),
-                     mask=validu[:, None])
-            if RVB > RV:  # the merge's rows are RVB wide (at least 16): zeros past the rank (rank 8)
-                gl.store(UV_WS + wiu[:, None] * RVB + RV + r[None, :], gl.zeros_like(ou), mask=validu[:, None])
-
-    @gluon.jit
     def _cascade_shared_gluon(
         Q, s_qb, s_qh, s_qq,
         k_desc, v_desc, R, KSLOT, UV, VSLOT,
@@ -253,16 +174,11 @@ if HAVE_GLUON:
         BLOCK_M: gl.constexpr = 16 * NW
         ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)  # scores [BLOCK_M, BLOCK_T]
         ACC_O: gl.constexpr = _acc_layout(NW, D)  # output [BLOCK_M, D]
-        A_P: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2)
-        LQ: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
-                                            order=[1, 0])  # the queries [BLOCK_M, D] (dims contiguous)
         dtype: gl.constexpr = Q.dtype.element_ty
         SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
         NBYTES: gl.constexpr = BLOCK_T * D * 2
         RPW: gl.constexpr = 16 // VPR  # rows per warp (a V residual: VPR <= 16)
         NR: gl.constexpr = RPW * NW  # rows per program (a V residual)
-        LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 * 8 // RV, RV // 8],
-                                             warps_per_cta=[NW, 1, 1], order=[2, 1, 0])  # u_v tiles [NR, BLOCK_T, RV]
         MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
 
         mb = gl.program_id(0)
@@ -284,12 +200,7 @@ if HAVE_GLUON:
         if HAS_V:  # each row's u_v tile, ring beside K/V's: [stage, j·NW + w, token, rank] for row row0 + w·RPW + j
             u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
                                                gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
-            k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
-            u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
-            u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)  # a row without one: slot 0's, never used
-            u_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LU3)))[None, :, None]
-            u_off = (u_slot * T * RV)[:, None, None] + u_t * RV + \
-                gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(1, LU3)))[None, None, :]
+            u_off, u_t = _u_offsets(VSLOT, row0, B, T, NW, RPW, BLOCK_T, RV)
         fence_async_shared()
         _cta_barrier()
         for i in gl.static_range(STAGES):
@@ -297,10 +208,7 @@ if HAVE_GLUON:
             if HAS_V:
                 _fetch_u(UV, u_off, u_t, u_smem, i, t_begin + i * BLOCK_T, T, RV)
 
-        rowq, qi, head, validq, wq = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LQ))
-        d = gl.arange(0, D, layout=gl.SliceLayout(0, LQ))
-        q = gl.load(Q + (rowq * s_qb + head * s_qh + qi * s_qq)[:, None] + d[None, :], mask=validq[:, None],
-                    other=0.0)
+        q = _queries(Q, s_qb, s_qh, s_qq, mb, B, hkv, VPR, NQG, G, D, NW)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], SQ, q)
         fence_async_shared()
         _cta_barrier()
@@ -309,12 +217,7 @@ if HAVE_GLUON:
         else:
             qa = q_smem
 
-        row, qs, head_s, valid, ws = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_S))
-        r_row = row  # dummies without a K residual
-        kres = valid
-        if HAS_K:
-            kres = valid & (gl.load(KSLOT + row) >= 0)
-            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * T
+        row, qs, head_s, valid, r_row, kres = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
         # zeros the compiler cannot see as such: the score MMAs start from defined accumulator registers (with an
         # undefined start ptxas serialises every MMA of the kernel, its report C7514)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
@@ -334,11 +237,9 @@ if HAVE_GLUON:
             sn = (j + 1) % STAGES
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
-            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
-                                                  s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                                  HAS_MASK), m_i, l_i)
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-            pa = gl.convert_layout(p.to(dtype), A_P)
+            p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                      s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                      ACC_O, HAS_K, HAS_MASK, dtype)
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
@@ -355,11 +256,9 @@ if HAVE_GLUON:
             else:
                 _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
                        j + STAGES < n, NBYTES)
-        p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
-                                              MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                              HAS_MASK), m_i, l_i)
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-        pa = gl.convert_layout(p.to(dtype), A_P)
+        p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                  s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                  ACC_O, HAS_K, HAS_MASK, dtype)
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)

@@ -35,7 +35,8 @@ if HAVE_GLUON:
 
     from .gluon_common import acc_layout as _acc_layout
     from .gluon_common import cta_barrier as _cta_barrier
-    from .shared_gluon import _fetch, _fetch_one, _fetch_u, _pu, _scores, _softmax, _store_partials, _vectors
+    from .shared_gluon import _fetch_u, _pu
+    from .shared_gluon_steps import _fetch, _fetch_one, _queries, _rows, _store_partials, _tile_softmax, _u_offsets
 
 #: the pair kernel's launch knobs where a call does not give them: the single-head V rule's 32-token tiles and 3
 #: buffers on 4 warps per head, one program (8 warps) per SM
@@ -95,15 +96,9 @@ if HAVE_GLUON:
         BLOCK_M: gl.constexpr = 16 * NW
         ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)
         ACC_O: gl.constexpr = _acc_layout(NW, D)
-        A_P: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2)
-        LQ: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
-                                            order=[1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
         NBYTES: gl.constexpr = BLOCK_T * D * 2
         RPW: gl.constexpr = 16 // VPR
-        NR: gl.constexpr = RPW * NW
-        LU3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32 * 8 // RV, RV // 8],
-                                             warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
         MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
 
         mb = gl.program_id(0)
@@ -115,31 +110,18 @@ if HAVE_GLUON:
         kv_row = hkv * T + t_begin
         row0 = mb * (BLOCK_M // VPR)
         if LEAD:  # the rows' u_v offsets, as the single-head kernel's
-            k3 = gl.arange(0, NR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LU3)))
-            u_row = gl.minimum(row0 + (k3 % NW) * RPW + k3 // NW, B - 1)
-            u_slot = gl.maximum(gl.load(VSLOT + u_row), 0).to(gl.int64)
-            u_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LU3)))[None, :, None]
-            u_off = (u_slot * T * RV)[:, None, None] + u_t * RV + \
-                gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(1, LU3)))[None, None, :]
+            u_off, u_t = _u_offsets(VSLOT, row0, B, T, NW, RPW, BLOCK_T, RV)
         for i in gl.static_range(STAGES):
             _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, i, kv_row + i * BLOCK_T, i < n, NBYTES)
             if LEAD:
                 _fill_u(UV, u_off, u_t, u_smem, u_ready, i, t_begin + i * BLOCK_T, T, RV)
 
-        rowq, qi, head, validq, wq = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LQ))
-        d = gl.arange(0, D, layout=gl.SliceLayout(0, LQ))
-        q = gl.load(Q + (rowq * s_qb + head * s_qh + qi * s_qq)[:, None] + d[None, :], mask=validq[:, None],
-                    other=0.0)
+        q = _queries(Q, s_qb, s_qh, s_qq, mb, B, hkv, VPR, NQG, G, D, NW)
         q_smem.store(q)
         fence_async_shared()
         _cta_barrier()
 
-        row, qs, head_s, valid, ws = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_S))
-        r_row = row
-        kres = valid
-        if HAS_K:
-            kres = valid & (gl.load(KSLOT + row) >= 0)
-            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * T
+        row, qs, head_s, valid, r_row, kres = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
         acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)
@@ -156,11 +138,9 @@ if HAVE_GLUON:
             ph = (j // STAGES) & 1
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
-            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
-                                                  s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                                  HAS_MASK), m_i, l_i)
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-            pa = gl.convert_layout(p.to(dtype), A_P)
+            p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                      s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                      ACC_O, HAS_K, HAS_MASK, dtype)
             mbarrier.wait(vbar.index(st), ph)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             mbarrier.wait(u_ready.index(st), ph)  # the lead's copies of tile j landed
@@ -178,11 +158,9 @@ if HAVE_GLUON:
             else:
                 _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
                        j + STAGES < n, NBYTES)
-        p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
-                                              MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                              HAS_MASK), m_i, l_i)
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-        pa = gl.convert_layout(p.to(dtype), A_P)
+        p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                  s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                  ACC_O, HAS_K, HAS_MASK, dtype)
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)

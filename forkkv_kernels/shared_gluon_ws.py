@@ -21,15 +21,14 @@ from .shared_gluon import GLUON_SHARED_V_RULE, HAVE_GLUON, _gl_dtype, descriptor
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_common import acc_layout as _acc_layout
     from .gluon_common import cta_barrier as _cta_barrier
-    from .shared_gluon import _pu, _scores, _softmax, _store_partials, _vectors
-
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    from .shared_gluon import _pu
+    from .shared_gluon_steps import _queries, _rows, _store_partials, _tile_softmax, _tma_load
 
 #: the producer-warp kernel's launch knobs where a call does not give them: the single-head V rule's 32-token tiles on
 #: 4 consumer warps, two programs per SM, with 2 buffers (one ring for K, V and u_v; with 3 two programs do not fit)
@@ -96,9 +95,6 @@ if HAVE_GLUON:
         BLOCK_M: gl.constexpr = 16 * NW
         ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)
         ACC_O: gl.constexpr = _acc_layout(NW, D)
-        A_P: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2)
-        LQ: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
-                                            order=[1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
         RPW: gl.constexpr = 16 // VPR
         MMA2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
@@ -109,20 +105,12 @@ if HAVE_GLUON:
         t_end = gl.minimum(T, t_begin + split_len)
         n = gl.cdiv(t_end - t_begin, BLOCK_T)
 
-        rowq, qi, head, validq, wq = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, LQ))
-        d = gl.arange(0, D, layout=gl.SliceLayout(0, LQ))
-        q = gl.load(Q + (rowq * s_qb + head * s_qh + qi * s_qq)[:, None] + d[None, :], mask=validq[:, None],
-                    other=0.0)
+        q = _queries(Q, s_qb, s_qh, s_qq, mb, B, hkv, VPR, NQG, G, D, NW)
         q_smem.store(q)
         fence_async_shared()
         _cta_barrier()  # (the partition's own barrier: the queries in shared memory before the first MMA)
 
-        row, qs, head_s, valid, ws = _vectors(mb, BLOCK_M, B, VPR, NQG, G, hkv, gl.SliceLayout(1, ACC_S))
-        r_row = row
-        kres = valid
-        if HAS_K:
-            kres = valid & (gl.load(KSLOT + row) >= 0)
-            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * T
+        row, qs, head_s, valid, r_row, kres = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
         acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)
@@ -136,22 +124,18 @@ if HAVE_GLUON:
             sn = (j + 1) % STAGES
             mbarrier.wait(k_full.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
-            p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
-                                                  s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                                  HAS_MASK), m_i, l_i)
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-            pa = gl.convert_layout(p.to(dtype), A_P)
+            p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                      s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                      ACC_O, HAS_K, HAS_MASK, dtype)
             mbarrier.wait(vu_full.index(st), (j // STAGES) & 1)  # V tile j and the rows' u_v tiles
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
             fence_async_shared()  # the u_v tiles' reads before the producer's next TMA into the stage
             mbarrier.arrive(empty.index(st), count=1)  # tile j's K (read last iteration), V and u_v
-        p, alpha, m_i, l_i = _softmax(_scores(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres,
-                                              MASK, s_mb, s_mq, s_mt, row, qs, valid, BLOCK_T, ACC_S, HAS_K,
-                                              HAS_MASK), m_i, l_i)
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-        pa = gl.convert_layout(p.to(dtype), A_P)
+        p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
+                                                  s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
+                                                  ACC_O, HAS_K, HAS_MASK, dtype)
         sp = (n - 1) % STAGES
         mbarrier.wait(vu_full.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
