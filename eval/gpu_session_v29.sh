@@ -3,7 +3,7 @@
 # the kernel with two KV heads per program sharing the rows' u_v tiles (forkkv_kernels/shared_gluon_pair.py,
 # shared_form="gluon_pair", warp specialised; never run before). Parts (PARTS, in order):
 # - probe: v28, `eval.bench.probe_uv` unablated and with its two Gluon ablations at 32 / 128 agents (~2 minutes;
-#   gpu_session_v28.sh's loop);
+#   the loop of v28's script, which this one replaced);
 # - smoke: one small pair call against the exact attention, 60 s limit (a hang or a fault stops the pair parts);
 # - tests: tests/test_shared_gluon_pair.py on the GPU (case space, real sizes) (~2 minutes);
 # - sweep: whole calls, V only, at 8 / 32 / 128 agents: the Gluon V kernel against the pair kernel, two orders.
