@@ -126,7 +126,7 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype, False)
             mbarrier.wait(vu_full.index(st), (j // STAGES) & 1)  # V tile j and the rows' u_v tiles
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
@@ -135,7 +135,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index(st), count=1)  # tile j's K (read last iteration), V and u_v
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype)
+                                                  ACC_O, HAS_K, HAS_MASK, dtype, False)
         sp = (n - 1) % STAGES
         mbarrier.wait(vu_full.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)

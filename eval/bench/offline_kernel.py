@@ -212,19 +212,19 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv), LAZY=bool(rule.get("shared_lazy")))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS")}
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "LAZY")}
         const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
     if ws:  # the producer-warp kernel: u_v by TMA (its descriptor in UV's place), no HAS_V/Q_REGS/K_EARLY
         args = {("u_desc" if k == "UV" else k): v for k, v in args.items()}
         args["u_desc"] = mangle_type(u_descriptor(torch.zeros(8, 256, rv, dtype=torch.bfloat16), rule["block_t"]))
         order = ["Q", "s_qb", "s_qh", "s_qq", "k_desc", "v_desc", "u_desc", "R", "KSLOT", "VSLOT"]
         args = {**{k: args[k] for k in order}, **{k: v for k, v in args.items() if k not in order}}
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_EARLY")}
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_EARLY", "LAZY")}
         const["PRODUCER_REGS"] = WS_PRODUCER_REGS
         opts["maxnreg"], kernel_fn = WS_MAXNREG, _cascade_shared_gluon_ws
         divisible = [n for n in divisible if n != "UV"]
