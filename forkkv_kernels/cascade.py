@@ -35,7 +35,6 @@ from .kres_pass import launch_kres_scores
 from .shared_gluon import launch_shared_gluon, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
-from .shared_gluon_ws import GLUON_WS_RULE, launch_shared_gluon_ws
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -295,9 +294,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     its score MMAs' queries from registers; ``shared_lazy``: its softmax lazy, the output rescaled only on tiles
     that move a row's max; it lets the merge start only as it ends), or ``"gluon_pair"``, with a V
     residual, two KV heads per program sharing the rows' ``u_v`` tiles (:mod:`.shared_gluon_pair`; its knobs
-    :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the given ones; never the rule's pick), or ``"gluon_ws"``, with
-    a V residual, one producer warp issuing every copy (:mod:`.shared_gluon_ws`; :data:`~.shared_gluon_ws.
-    GLUON_WS_RULE`; never the rule's pick); None: the rule's pick
+    :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the given ones; never the rule's pick); None: the rule's pick
     (:func:`launch_defaults`), the Triton kernel where the call cannot take the Gluon one (another device or dtype, a
     given ``block_m``, knobs outside its limits). ``scratch(name, numel, device, dtype)``: the
     scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
@@ -333,11 +330,11 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones
         cfg.update(GLUON_RULE)
-    if shared_form not in (None, "triton", "gluon", "gluon_pair", "gluon_ws"):
-        raise ValueError(f"shared_form={shared_form!r}; use 'triton', 'gluon', 'gluon_pair' or 'gluon_ws'")
+    if shared_form not in (None, "triton", "gluon", "gluon_pair"):
+        raise ValueError(f"shared_form={shared_form!r}; use 'triton', 'gluon' or 'gluon_pair'")
     form = shared_form or cfg["shared_form"]
-    if form in ("gluon_pair", "gluon_ws"):  # asked for: its own knobs under the given ones, refused by its launcher
-        cfg.update(GLUON_PAIR_RULE if form == "gluon_pair" else GLUON_WS_RULE)
+    if form == "gluon_pair":  # asked for: its own knobs under the given ones, refused by its launcher
+        cfg.update(GLUON_PAIR_RULE)
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
         grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR)
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
@@ -378,7 +375,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early")
 
     BLOCK_T = cfg["block_t"]
-    gluon_shared = form in ("gluon", "gluon_pair", "gluon_ws")
+    gluon_shared = form in ("gluon", "gluon_pair")
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     n_mb = cdiv(B * VPR, BLOCK_M)
@@ -395,11 +392,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], k_early=shared_k_early, v_u=v_u if has_v else None,
             v_slot=v_slot if has_v else None)
-    elif form == "gluon_ws":
-        launched["shared"] = launch_shared_gluon_ws(
-            q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
-            qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], v_u=v_u if has_v else None, v_slot=v_slot if has_v else None)
     elif gluon_shared:
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,

@@ -1,4 +1,4 @@
-"""The steps the Gluon shared kernels (:mod:`.shared_gluon`, :mod:`.shared_gluon_pair`, :mod:`.shared_gluon_ws`)
+"""The steps the Gluon shared kernels (:mod:`.shared_gluon`, :mod:`.shared_gluon_pair`)
 share: a program's query vectors and their rows, one tile's masked scores and online-softmax step, the TMA issue of
 K/V tiles, where the rows' ``u_v`` tiles start, and the partials' stores the merge reads. Gluon functions, inlined
 into each kernel (its compiled code the same as with them written out: eval/KERNEL_NOTES.md). Imports nothing from

@@ -54,7 +54,7 @@ def test_gluon_shared_through_the_launcher_refuses_with_the_way_out():
     dtype than the queries and (off Hopper) the device raise, saying what to do."""
     case = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4, v_res=False)
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
-    with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton', 'gluon', 'gluon_pair' or 'gluon_ws'"):
+    with pytest.raises(ValueError, match="shared_form='cuda'; use 'triton', 'gluon' or 'gluon_pair'"):
         _launch(q, view, None, case.D**-0.5, shared_form="cuda")
     with_v = AttnCase(B=3, H=4, Hkv=2, D=64, T=29, P=4)  # V ranks 4 and 2
     with pytest.raises(ValueError, match="shared_form='gluon' cannot serve this call: a V residual of rank 4: 8, 16 "

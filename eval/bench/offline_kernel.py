@@ -187,8 +187,8 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
 def compile_shared_gluon(knobs: dict) -> dict:
     """Compile the Gluon shared kernel (:mod:`forkkv_kernels.shared_gluon`) for sm_90 at the benchmark's shapes (base
     only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_k_early``,
-    ``has_mask``, ``has_v`` and ``v_rank``: a V residual) over its rule: resources, ptxas's serialisation reports and
-    :func:`context_loop`'s counts."""
+    ``has_mask``, ``shared_lazy``, ``has_v`` and ``v_rank``: a V residual) over its rule: resources, ptxas's
+    serialisation reports and :func:`context_loop`'s counts."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -198,12 +198,10 @@ def compile_shared_gluon(knobs: dict) -> dict:
     from forkkv_kernels.attention_common import pow2
     from forkkv_kernels.shared_gluon import _cascade_shared_gluon, descriptors, rule_for
     from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE, PAIR_REGS, _cascade_shared_gluon_pair
-    from forkkv_kernels.shared_gluon_ws import (GLUON_WS_RULE, WS_MAXNREG, WS_PRODUCER_REGS,
-                                                _cascade_shared_gluon_ws, u_descriptor)
 
-    pair, ws = bool(knobs.get("pair")), bool(knobs.get("ws"))
-    has_v, rv = bool(knobs.get("has_v")) or pair or ws, knobs.get("v_rank", 16)
-    rule = {**(GLUON_PAIR_RULE if pair else GLUON_WS_RULE if ws else rule_for(has_v)), **knobs}  # 32-token tiles (V)
+    pair = bool(knobs.get("pair"))
+    has_v, rv = bool(knobs.get("has_v")) or pair, knobs.get("v_rank", 16)
+    rule = {**(GLUON_PAIR_RULE if pair else rule_for(has_v)), **knobs}  # 32-token tiles (V)
     desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
             "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
@@ -219,15 +217,6 @@ def compile_shared_gluon(knobs: dict) -> dict:
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
         const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "LAZY")}
         const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
-    if ws:  # the producer-warp kernel: u_v by TMA (its descriptor in UV's place), no HAS_V/Q_REGS/K_EARLY
-        args = {("u_desc" if k == "UV" else k): v for k, v in args.items()}
-        args["u_desc"] = mangle_type(u_descriptor(torch.zeros(8, 256, rv, dtype=torch.bfloat16), rule["block_t"]))
-        order = ["Q", "s_qb", "s_qh", "s_qq", "k_desc", "v_desc", "u_desc", "R", "KSLOT", "VSLOT"]
-        args = {**{k: args[k] for k in order}, **{k: v for k, v in args.items() if k not in order}}
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_EARLY", "LAZY")}
-        const["PRODUCER_REGS"] = WS_PRODUCER_REGS
-        opts["maxnreg"], kernel_fn = WS_MAXNREG, _cascade_shared_gluon_ws
-        divisible = [n for n in divisible if n != "UV"]
     kernel = triton.compile(_source(GluonASTSource, kernel_fn, args, const, divisible),
                             target=GPUTarget("cuda", 90, 32), options=opts)
     out = _inspect(kernel, opts)
@@ -305,7 +294,7 @@ def main(argv=None):
                          "rule at these agent counts, with its context loop's instruction counts")
     ap.add_argument("--gluon-shared", metavar="JSON",
                     help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
-                         "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, has_k, has_mask, "
+                         "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, shared_lazy, has_k, has_mask, "
                          "has_v, v_rank; pair: the two-head kernel, forkkv_kernels.shared_gluon_pair)")
     args = ap.parse_args(argv)
     import triton

@@ -128,13 +128,12 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     from forkkv_kernels.kres_gluon import GLUON_RULE
     from forkkv_kernels.shared_gluon import rule_for
     from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE
-    from forkkv_kernels.shared_gluon_ws import GLUON_WS_RULE
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
     default = default_rule(variant, N)
     form = {**default, **cfg}.get("shared_form")  # given, or the rule's pick
-    gluon_shared = form in ("gluon", "gluon_pair", "gluon_ws")
-    shared_rule = {"gluon_pair": GLUON_PAIR_RULE, "gluon_ws": GLUON_WS_RULE}.get(form) or \
+    gluon_shared = form in ("gluon", "gluon_pair")
+    shared_rule = {"gluon_pair": GLUON_PAIR_RULE}.get(form) or \
         rule_for(variant in ("v", "kv"), vectors=4 * N)
     rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
             **(shared_rule if gluon_shared else {}), **cfg}
