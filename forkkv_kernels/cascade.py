@@ -14,7 +14,7 @@ as ``q_m·K_base[t] + q_m·RoPE_t(B_k[k] u_k[k, t])`` and reads ``V_base[t] + B_
    ``S = Q[BLOCK_M, D] @ K_base[BLOCK_T, D]ᵀ`` for every row at once, plus ``R``; online softmax; ``P·V_base``; and
    the V residual as ``P·u_v`` in sub-blocks of ``BLOCK_M / N_SUB`` vectors (one batched MMA whose right operand
    holds the u_v of the sub-block's rows; each vector keeps its own row's columns). Writes per-split partials.
-3. :func:`~.attention_common.launch_private_merge`: the rows' private K/V, the log-sum-exp merge, ``(P·u_v)·B_vᵀ``.
+3. :func:`~.merge.launch_private_merge`: the rows' private K/V, the log-sum-exp merge, ``(P·u_v)·B_vᵀ``.
 
 Query vectors are laid out ``VPR = next_pow2(NQ·G)`` per row (vector ``row·VPR + q·G + g``), so a sub-block of vectors
 never straddles rows unevenly. Imports nothing from ``forkkv_hf``; inputs are plain tensors and ints.
@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents, gdc_wait, launch,
-                               launch_private_merge, mma, num_sms, on_device, pdl_ok, pow2, softmax_step, split_length,
-                               workspace)
+from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents, gdc_wait, launch, mma, num_sms,
+                               on_device, pdl_ok, pow2, softmax_step, split_length, workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
+from .merge import launch_private_merge
 from .shared_gluon import launch_shared_gluon, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
@@ -279,7 +279,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``, ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion
-    per call). Merge (:func:`~.attention_common.launch_private_merge`): ``merge_warps``,
+    per call). Merge (:func:`~.merge.launch_private_merge`): ``merge_warps``,
     ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at most the split count, rounded up to a power of two),
     ``merge_block_t``, ``merge_first`` (the splits' partials merged before the private part).
     ``lowp_rope`` the K residual's rotation in the cache dtype (``None``: on for bf16/fp16 on the GPU),

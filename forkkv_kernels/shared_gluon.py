@@ -18,7 +18,7 @@ No MMA stays in flight across the loop's back edge (ptxas would serialise every 
 "v14"). FlashAttention-3's order (the previous tile's ``P·V`` in flight under this tile's softmax) was built and
 measured no faster: ptxas moves its second wait above the exponentials (eval/KERNEL_NOTES.md "v21"). Writes the same
 unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
-(:func:`~.attention_common.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
+(:func:`~.merge.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
 picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
 measured", "v23 measured") and for decode calls with the V residual alone from 32 ("v25 measured, v26").
 
