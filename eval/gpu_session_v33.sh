@@ -9,7 +9,10 @@
 #   the lazy softmax, two orders;
 # - ncu: stall reasons (smsp__average_warps_issue_stalled_*_per_issue_active) and issue counts of the Gluon kernels at
 #   128 agents, base and V only, the rule's and the lazy form;
-# - tests: tests/test_shared_gluon.py on the GPU (TESTS_K narrows it).
+# - tests: tests/test_shared_gluon.py on the GPU (TESTS_K narrows it; TESTS names other files).
+# - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns).
+# The first four ran at e9581fa (the lazy form measured slower and removed after; KERNEL_NOTES "v33 measured"): with
+# the lazy form gone, `PARTS="bench tests"` is what runs on later code.
 # Results: $OUT/v33.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -63,8 +66,13 @@ if has ncu && [ $ok = 1 ]; then
             "$OUT/ncu_v33_$form.txt" | head -12; pack
     done
 fi
+if has bench && [ $ok = 1 ]; then
+    timeout 200 python -m eval.bench.kernel --contexts 32768 --agents 1 8 32 128 --out "$OUT/bench_kernel_v33.json" \
+        > "$OUT/bench_kernel_v33.log" 2>&1
+    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v33.log"; pack
+fi
 if has tests && [ $ok = 1 ]; then
-    timeout 300 python -m pytest -q -m gpu tests/test_shared_gluon.py ${TESTS_K:+-k "$TESTS_K"} \
+    timeout ${TESTS_S:-300} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} ${TESTS_K:+-k "$TESTS_K"} \
         -p no:cacheprovider > "$OUT/gpu_tests_v33.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v33.log" | head -12; pack
 fi

@@ -164,13 +164,12 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr, LAZY: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
         flattened ``[HKV·T, D]`` base with ``[BLOCK_T, D]`` blocks (rows past a split's end are read and masked; past
-        the tensor's end, zeros); ``UV``: the V residual's ``u_v [n, T, RV]``, contiguous (``HAS_V``); ``LAZY``: the
-        lazy softmax (:func:`~.shared_gluon_steps._softmax`), the output rescaled only on tiles that move a max."""
+        the tensor's end, zeros); ``UV``: the V residual's ``u_v [n, T, RV]``, contiguous (``HAS_V``)."""
         NW: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = 16 * NW
         ACC_S: gl.constexpr = _acc_layout(NW, BLOCK_T)  # scores [BLOCK_M, BLOCK_T]
@@ -240,7 +239,7 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype, LAZY)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype)
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
@@ -259,7 +258,7 @@ if HAVE_GLUON:
                        j + STAGES < n, NBYTES)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype, LAZY)
+                                                  ACC_O, HAS_K, HAS_MASK, dtype)
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
@@ -309,12 +308,11 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, lazy: bool = False, v_u=None, v_slot=None):
+                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
-    shared memory; ``lazy``: the lazy softmax, the output rescaled only on tiles that move a row's max;
-    ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
+    shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
     :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
@@ -332,4 +330,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), LAZY=bool(lazy), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), num_warps=num_warps)

@@ -140,7 +140,7 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype, False)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype)
             mbarrier.wait(vbar.index(st), ph)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             mbarrier.wait(u_ready.index(st), ph)  # the lead's copies of tile j landed
@@ -160,7 +160,7 @@ if HAVE_GLUON:
                        j + STAGES < n, NBYTES)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype, False)
+                                                  ACC_O, HAS_K, HAS_MASK, dtype)
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)

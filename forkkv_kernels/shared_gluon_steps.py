@@ -21,9 +21,6 @@ if HAVE_GLUON:  # with Hopper's TMA
 
 
 if HAVE_GLUON:
-    #: how far (log2 units) a tile's max may pass a row's running max before the lazy softmax (``LAZY``) moves it
-    LAZY_LOG2 = gl.constexpr(8.0)
-
     @gluon.jit
     def _vectors(mb, BLOCK_M: gl.constexpr, B, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr, hkv,
                  LAYOUT: gl.constexpr):
@@ -50,15 +47,10 @@ if HAVE_GLUON:
         return gl.where(allowed, s, float("-inf"))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, LAZY: gl.constexpr):
+    def _softmax(s, m_i, l_i):
         """One online-softmax step over masked scores ``s`` (log2 units): probabilities, the running sums' rescale
-        factor, the new running max and sum. ``LAZY``: a row keeps its running max until a tile's exceeds it by more
-        than :data:`LAZY_LOG2` (its probabilities then reach ``2**LAZY_LOG2`` at most; the sums and the partials are
-        relative to whichever max was kept, so the result is the same): most tiles leave every max as it was, and
-        their rescale factors are exactly 1."""
+        factor, the new running max and sum."""
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        if LAZY:
-            m_new = gl.where(m_new > m_i + LAZY_LOG2, m_new, m_i)
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
         p = gl.exp2(s - m_safe[:, None])
@@ -92,19 +84,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile_softmax(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o,
                       BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, ACC_O: gl.constexpr, HAS_K: gl.constexpr,
-                      HAS_MASK: gl.constexpr, dtype: gl.constexpr, LAZY: gl.constexpr):
+                      HAS_MASK: gl.constexpr, dtype: gl.constexpr):
         """One tile's softmax step (:func:`_scores`, :func:`_softmax`) and the output's rescale: the probabilities,
-        the rescale factor, the running max and sum, the rescaled output, the probabilities as ``P·V``'s operand.
-        ``LAZY``: the output rescaled only where a row's running max moved (one program-wide test: a branch around the
-        rescale's multiplies, one per output value a thread holds)."""
-        m_old = m_i
+        the rescale factor, the running max and sum, the rescaled output, the probabilities as ``P·V``'s operand."""
         p, alpha, m_i, l_i = _softmax(_scores(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, row, qs,
-                                              valid, BLOCK_T, ACC_S, HAS_K, HAS_MASK), m_i, l_i, LAZY)
-        if LAZY:
-            if gl.max(gl.where(m_i != m_old, 1, 0), 0) > 0:
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
-        else:
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
+                                              valid, BLOCK_T, ACC_S, HAS_K, HAS_MASK), m_i, l_i)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
         pa = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2))
         return p, alpha, m_i, l_i, o, pa
 

@@ -16,7 +16,7 @@ import torch
 
 from cases import LOW_DTYPES, AttnCase, parametrize
 from forkkv_hf import reference_attention
-from views import lowp_attention_error, padding_mask, random_view
+from views import lowp_attention_error, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import cascade_attention, shared_gluon  # noqa: E402
@@ -77,7 +77,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
     (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
     K-residual scores and a mask too, with the score MMAs' queries from registers, and on 32-token tiles (10 MMAs,
-    three programs per SM; with a V residual, alone and with K's scores, two); the lazy softmax, base and V."""
+    three programs per SM; with a V residual, alone and with K's scores, two)."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
@@ -85,8 +85,7 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
                           {"block_t": 32, "has_v": True, "has_k": True},
-                          {"block_t": 32, "has_v": True, "v_rank": 8}, {"shared_lazy": True},
-                          {"block_t": 32, "has_v": True, "shared_lazy": True}])
+                          {"block_t": 32, "has_v": True, "v_rank": 8}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -115,7 +114,6 @@ GLUON_SHARED_KNOBS = [
     # programs per SM; with 6 buffers 115 KB, two
     {"shared_form": "gluon", "block_t": 32, "programs_per_sm": 3},
     {"shared_form": "gluon", "block_t": 32, "num_stages": 6},
-    {"shared_form": "gluon", "shared_lazy": True},  # v33: the output rescaled only on tiles that move a max
 ]
 
 
@@ -183,7 +181,6 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     knob_sets = [{"shared_form": "gluon", "shared_k_early": k_early} for k_early in (True, False)]
-    knob_sets.append({"shared_form": "gluon", "shared_lazy": True})
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
@@ -238,7 +235,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
-GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}, {"shared_lazy": True}]
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
 
 
 def _v_geometry(case):
@@ -297,7 +294,7 @@ def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2] + [{"shared_lazy": True}]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
@@ -312,26 +309,3 @@ def test_gluon_shared_v_residual_real_sizes_gpu(T, k_res, Q, dtype):
     view, q = _real_view(dtype, T, k_res, Q, v_res=True)
     _assert_exact_under([{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS], q, view, None,
                         128**-0.5)
-
-
-@pytest.mark.gpu
-@parametrize("dtype", LOW_DTYPES)
-@parametrize("v_res,masked", [(False, False), (False, True), (True, False), (True, True)])
-def test_lazy_softmax_where_the_maxima_move_gpu(v_res, masked, dtype):
-    """The lazy softmax (``shared_lazy``) where the rows' maxima keep moving: the base keys scaled up along the
-    context (x0.25 at its start to x6 at its end: a row's max passes the kept one by more than 2^8 many times, each
-    time rescaling the output, and by less most other times, its probabilities then above 1), and scaled down (the
-    max kept from the first tile on), decode and 7-query extend calls, with and without a padding mask: within 3x
-    PyTorch's low-precision error of the fp32 reference, as the rescale-every-tile form."""
-    if not HOPPER:
-        pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    for ramp in ((0.25, 6.0), (6.0, 0.25)):
-        for Q in (1, 7):
-            view, q = _real_view(dtype, 3001, False, Q, v_res=v_res)
-            key = view.shared.key
-            key.mul_(torch.linspace(*ramp, key.shape[2], dtype=torch.float32).to(key)[None, None, :, None])
-            mask = None
-            if masked:
-                mask = padding_mask(q.shape[0], Q, key.shape[2], view.key.shape[2], [i % 3 for i in range(q.shape[0])])
-            knobs = {"shared_form": "gluon", "shared_lazy": True}
-            _assert_exact_under([knobs, {"shared_form": "gluon"}], q, view, mask, 128**-0.5)
