@@ -67,7 +67,8 @@ if has ncu && [ $ok = 1 ]; then
     done
 fi
 if has bench && [ $ok = 1 ]; then
-    timeout 200 python -m eval.bench.kernel --contexts 32768 --agents 1 8 32 128 --out "$OUT/bench_kernel_v33.json" \
+    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
+        --out "$OUT/bench_kernel_v33.json" \
         > "$OUT/bench_kernel_v33.log" 2>&1
     echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v33.log"; pack
 fi
