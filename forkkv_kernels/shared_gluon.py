@@ -50,8 +50,8 @@ if HAVE_GLUON:  # with Hopper's TMA
 
         from .gluon_common import acc_layout as _acc_layout
         from .gluon_common import cta_barrier as _cta_barrier
-        from .shared_gluon_steps import (_fetch, _fetch_one, _queries, _rows, _store_partials, _tile_softmax,
-                                         _u_offsets)
+        from .shared_gluon_steps import (_fetch, _fetch_one, _queries, _refill, _rows, _store_partials,
+                                         _tile_softmax, _u_offsets)
         # the cp.async copy likewise: async_copy_global_to_shared up to 3.6, async_load after
         _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
@@ -249,13 +249,7 @@ if HAVE_GLUON:
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
             if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
                 _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
-            if K_EARLY:  # K tile j + 1's stage and V tile j's are free
-                _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
-                           NBYTES)
-                _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
-            else:
-                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
-                       j + STAGES < n, NBYTES)
+            _refill(k_desc, v_desc, kbar, vbar, k_smem, v_smem, j, kv_row, n, STAGES, BLOCK_T, NBYTES, K_EARLY)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
                                                   ACC_O, HAS_K, HAS_MASK, dtype)

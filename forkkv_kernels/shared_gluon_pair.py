@@ -36,7 +36,8 @@ if HAVE_GLUON:
     from .gluon_common import acc_layout as _acc_layout
     from .gluon_common import cta_barrier as _cta_barrier
     from .shared_gluon import _fetch_u, _pu
-    from .shared_gluon_steps import _fetch, _fetch_one, _queries, _rows, _store_partials, _tile_softmax, _u_offsets
+    from .shared_gluon_steps import (_fetch, _fetch_one, _queries, _refill, _rows, _store_partials, _tile_softmax,
+                                     _u_offsets)
 
 #: the pair kernel's launch knobs where a call does not give them: the single-head V rule's 32-token tiles and 3
 #: buffers on 4 warps per head, one program (8 warps) per SM
@@ -151,13 +152,7 @@ if HAVE_GLUON:
             if LEAD:  # refill the stage once the worker has read it (each lead warp reads only rows it copied)
                 mbarrier.wait(u_free.index(st), ph)
                 _fill_u(UV, u_off, u_t, u_smem, u_ready, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
-            if K_EARLY:
-                _fetch_one(k_desc, kbar, k_smem, sn, kv_row + (j + 1 + STAGES) * BLOCK_T, j + 1 + STAGES < n,
-                           NBYTES)
-                _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
-            else:
-                _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T,
-                       j + STAGES < n, NBYTES)
+            _refill(k_desc, v_desc, kbar, vbar, k_smem, v_smem, j, kv_row, n, STAGES, BLOCK_T, NBYTES, K_EARLY)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
                                                   ACC_O, HAS_K, HAS_MASK, dtype)

@@ -107,6 +107,21 @@ if HAVE_GLUON:
         _fetch_one(v_desc, vbar, v_smem, stage, row, pred, NBYTES)
 
     @gluon.jit
+    def _refill(k_desc, v_desc, kbar, vbar, k_smem, v_smem, j, kv_row, n, STAGES: gl.constexpr,
+                BLOCK_T: gl.constexpr, NBYTES: gl.constexpr, K_EARLY: gl.constexpr):
+        """After tile ``j``'s MMAs: refill the stages they freed. ``K_EARLY``: K tile ``j + 1``'s stage (its scores
+        are done) with tile ``j + 1 + STAGES`` and V tile ``j``'s with tile ``j + STAGES``; else both of tile ``j``'s
+        stages with tile ``j + STAGES``."""
+        st = j % STAGES
+        if K_EARLY:
+            _fetch_one(k_desc, kbar, k_smem, (j + 1) % STAGES, kv_row + (j + 1 + STAGES) * BLOCK_T,
+                       j + 1 + STAGES < n, NBYTES)
+            _fetch_one(v_desc, vbar, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n, NBYTES)
+        else:
+            _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, st, kv_row + (j + STAGES) * BLOCK_T, j + STAGES < n,
+                   NBYTES)
+
+    @gluon.jit
     def _u_offsets(VSLOT, row0, B, T, NW: gl.constexpr, RPW: gl.constexpr, BLOCK_T: gl.constexpr, RV: gl.constexpr):
         """Where the program's rows' ``u_v`` tiles start in ``u_v [n, T, RV]`` (:func:`_fetch_u`'s ``u_off`` and
         ``u_t``, in the copy's layout): ring row ``j·NW + w`` holds row ``row0 + w·RPW + j``; a row without a V
