@@ -50,8 +50,8 @@ if HAVE_GLUON:  # with Hopper's TMA
 
         from .gluon_common import acc_layout as _acc_layout
         from .gluon_common import cta_barrier as _cta_barrier
-        from .shared_gluon_steps import (_fetch, _fetch_one, _queries, _refill, _rows, _store_partials,
-                                         _tile_softmax, _u_offsets)
+        from .shared_gluon_steps import (_fetch, _fetch_one, _kscores, _queries, _refill, _rows,
+                                         _store_partials, _tile_softmax, _u_offsets)
         # the cp.async copy likewise: async_copy_global_to_shared up to 3.6, async_load after
         _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
@@ -164,7 +164,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr, K_AHEAD: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -232,14 +232,19 @@ if HAVE_GLUON:
         # (the P·V needs their result, so the compiler cannot move them past the wait)
         if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
             _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
+        KA: gl.constexpr = HAS_K and K_AHEAD
+        rk = _kscores(R, r_row, kres, t_begin, t_end, BLOCK_T, ACC_S, KA)  # K_AHEAD: tile 0's K-residual scores
         for j in range(0, n - 1):
             st = j % STAGES
             sn = (j + 1) % STAGES
+            # K_AHEAD: the next tile's K-residual scores loaded a tile ahead, their latency under this tile's work
+            rk_next = _kscores(R, r_row, kres, t_begin + (j + 1) * BLOCK_T, t_end, BLOCK_T, ACC_S, KA)
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype, rk, KA)
+            rk = rk_next
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
@@ -252,7 +257,7 @@ if HAVE_GLUON:
             _refill(k_desc, v_desc, kbar, vbar, k_smem, v_smem, j, kv_row, n, STAGES, BLOCK_T, NBYTES, K_EARLY)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype)
+                                                  ACC_O, HAS_K, HAS_MASK, dtype, rk, KA)
         sp = (n - 1) % STAGES
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
@@ -302,11 +307,12 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, v_u=None, v_slot=None):
+                        k_early: bool = True, q_regs: bool = False, k_ahead: bool = False, v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
-    shared memory; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
+    shared memory; ``k_ahead``: each tile's K-residual scores loaded one tile ahead, their latency under the tile
+    before; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
     :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
@@ -324,4 +330,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), K_AHEAD=bool(k_ahead), num_warps=num_warps)

@@ -32,14 +32,29 @@ if HAVE_GLUON:
         return gl.minimum(row, B - 1), w // G, hkv * G + w % G, valid, w
 
     @gluon.jit
-    def _scores(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, mrow, mq, valid,
-                BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, HAS_K: gl.constexpr, HAS_MASK: gl.constexpr):
-        """One tile's scores in log2 units: scaled, plus the K residual's (pre-scaled) scores, masked to -inf."""
+    def _kscores(R, r_row, kres, t0, t_end, BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, HAS_K: gl.constexpr):
+        """The K residual's (pre-scaled) scores of the tile of tokens ``t0`` on, in the scores' layout (zeros past
+        ``t_end`` and for vectors without a K residual); without one (``HAS_K`` off) a dummy, no load."""
+        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC_S))
+        rk = t
+        if HAS_K:
+            rk = gl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & (t < t_end)[None, :], other=0.0)
+        return rk
+
+    @gluon.jit
+    def _scores(s, rk, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, mrow, mq, valid,
+                BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, HAS_K: gl.constexpr, K_PRE: gl.constexpr,
+                HAS_MASK: gl.constexpr):
+        """One tile's scores in log2 units: scaled, plus the K residual's (pre-scaled) scores, masked to -inf.
+        ``K_PRE``: those scores are ``rk`` (loaded earlier by :func:`_kscores`), else loaded here."""
         t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC_S))
         tm = t < t_end
         s = s * qk_scale
         if HAS_K:
-            s += gl.load(R + r_row[:, None] + t[None, :], mask=kres[:, None] & tm[None, :], other=0.0).to(gl.float32)
+            if K_PRE:
+                s += rk.to(gl.float32)
+            else:
+                s += _kscores(R, r_row, kres, t0, t_end, BLOCK_T, ACC_S, HAS_K).to(gl.float32)
         allowed = valid[:, None] & tm[None, :]
         if HAS_MASK:
             mk = gl.load(MASK + mrow[:, None] * s_mb + mq[:, None] * s_mq + t[None, :] * s_mt, mask=allowed, other=0)
@@ -84,11 +99,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile_softmax(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o,
                       BLOCK_T: gl.constexpr, ACC_S: gl.constexpr, ACC_O: gl.constexpr, HAS_K: gl.constexpr,
-                      HAS_MASK: gl.constexpr, dtype: gl.constexpr):
+                      HAS_MASK: gl.constexpr, dtype: gl.constexpr, rk=None, K_PRE: gl.constexpr = False):
         """One tile's softmax step (:func:`_scores`, :func:`_softmax`) and the output's rescale: the probabilities,
-        the rescale factor, the running max and sum, the rescaled output, the probabilities as ``P·V``'s operand."""
-        p, alpha, m_i, l_i = _softmax(_scores(s, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, row, qs,
-                                              valid, BLOCK_T, ACC_S, HAS_K, HAS_MASK), m_i, l_i)
+        the rescale factor, the running max and sum, the rescaled output, the probabilities as ``P·V``'s operand.
+        ``K_PRE``: the K residual's scores are ``rk``, loaded ahead (:func:`_kscores`)."""
+        p, alpha, m_i, l_i = _softmax(_scores(s, rk, t0, t_end, qk_scale, R, r_row, kres, MASK, s_mb, s_mq, s_mt, row,
+                                              qs, valid, BLOCK_T, ACC_S, HAS_K, K_PRE, HAS_MASK), m_i, l_i)
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, ACC_O))[:, None]
         pa = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=ACC_O, k_width=2))
         return p, alpha, m_i, l_i, o, pa

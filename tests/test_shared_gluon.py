@@ -77,7 +77,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
     (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
     K-residual scores and a mask too, with the score MMAs' queries from registers, and on 32-token tiles (10 MMAs,
-    three programs per SM; with a V residual, alone and with K's scores, two)."""
+    three programs per SM; with a V residual, alone and with K's scores, two); with K's scores loaded a tile ahead,
+    still two."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
@@ -85,7 +86,9 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     configs = json.dumps([{}, {"num_stages": 2, "shared_k_early": False}, {"has_k": True, "has_mask": True},
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
                           {"block_t": 32, "has_v": True, "has_k": True},
-                          {"block_t": 32, "has_v": True, "v_rank": 8}])
+                          {"block_t": 32, "has_v": True, "v_rank": 8},
+                          {"block_t": 32, "has_v": True, "has_k": True, "shared_k_ahead": True},
+                          {"has_k": True, "shared_k_ahead": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -98,6 +101,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
     assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8: one n8 step per row
+    # K's scores a tile ahead: more registers (178 -> 208 with a V residual, 168 -> 190 without), two programs per SM
+    assert rows[8]["regs"] > rows[6]["regs"] and rows[8]["programs_per_sm"] == 2 == rows[9]["programs_per_sm"]
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -114,6 +119,7 @@ GLUON_SHARED_KNOBS = [
     # programs per SM; with 6 buffers 115 KB, two
     {"shared_form": "gluon", "block_t": 32, "programs_per_sm": 3},
     {"shared_form": "gluon", "block_t": 32, "num_stages": 6},
+    {"shared_form": "gluon", "shared_k_ahead": True},  # the K residual's scores loaded a tile ahead (v35)
 ]
 
 
@@ -181,6 +187,7 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     knob_sets = [{"shared_form": "gluon", "shared_k_early": k_early} for k_early in (True, False)]
+    knob_sets.append({"shared_form": "gluon", "shared_k_ahead": True})
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
@@ -235,7 +242,8 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
-GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False},
+                        {"shared_k_ahead": True}]
 
 
 def _v_geometry(case):
@@ -294,7 +302,7 @@ def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2] + [{"shared_k_ahead": True}]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# v35 (issue 19; eval/KERNEL_NOTES.md "v35"): the Gluon shared kernel with the K residual's scores loaded one tile
+# ahead (`shared_k_ahead=True`), against its plain form (the scores loaded in the softmax, as v25 measured) and the
+# rule's Triton kernel, for K+V calls.
+# Parts (PARTS, in order):
+# - smoke: both Gluon forms against the exact attention with K and V residuals (decode, extend, a mask), 90 s limit
+#   (a fault stops the rest);
+# - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): the rule (Triton), Gluon, Gluon with the scores ahead, two
+#   orders;
+# - tests: the Gluon kernel's real-size GPU tests (their knob sets include the scores ahead); TESTS_K narrows them;
+# - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns).
+# Results: $OUT/v35.tgz.
+set -u
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/v35w; rm -rf "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v35.tgz" -C "$OUT" .; }
+PARTS=${PARTS:-"smoke sweep tests"}
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+ok=1
+if has smoke; then
+    PYTHONPATH="$PWD:$PWD/tests" timeout 90 python - > "$OUT/smoke_v35.log" 2>&1 <<'PY'
+import torch
+from cases import AttnCase as A
+from forkkv_hf import reference_attention
+from test_cascade_kernel import _launch
+from views import lowp_attention_error
+for case, masked in ((A(B=6, H=8, Hkv=2, D=128, T=3000, P=3, N=3, ranks=(8, 16, 32)), False),
+                     (A(B=9, H=4, Hkv=4, D=64, T=900, P=3, N=3, ranks=(16, 16, 16)), True),
+                     (A(B=4, H=8, Hkv=2, D=128, T=1029, P=5, Q=3, N=2, ranks=(16, 16)), False)):
+    for dtype in (torch.bfloat16, torch.float16):
+        q, view, scale = case.query(dtype), case.view(dtype), case.D**-0.5
+        mask = case.mask() if masked else None
+        ref = reference_attention(q.float(), view, mask, scale)
+        lowp = lowp_attention_error(q.float(), view, mask, scale, ref)
+        for knobs in ({}, {"shared_form": "gluon"}, {"shared_form": "gluon", "shared_k_ahead": True}):
+            err = (_launch(q, view, mask, scale, **knobs).float() - ref).abs().max().item()
+            print(f"{knobs} T={case.T} Q={case.Q} {dtype} mask={masked} err={err:.3g} lowp={lowp:.3g} "
+                  f"ok={err <= 3 * lowp + 1e-5}", flush=True)
+            assert err <= 3 * lowp + 1e-5
+PY
+    rc=$?; echo "smoke rc=$rc"; tail -6 "$OUT/smoke_v35.log"; pack
+    [ $rc = 0 ] || ok=0
+fi
+if has sweep && [ $ok = 1 ]; then
+    R='{}'; G='{"shared_form": "gluon"}'; A='{"shared_form": "gluon", "shared_k_ahead": true}'
+    for pass in a b; do
+        if [ $pass = a ]; then C="{\"shared\": [$R, $G, $A]}"; else C="{\"shared\": [$A, $G, $R]}"; fi
+        timeout ${SWEEP_S:-170} python -m eval.bench.sweep_kernel --stage shared --variants kv --waves 1 \
+            --points 32768:8 32768:32 32768:128 --candidates "$C" --time-limit $(( ${SWEEP_S:-170} - 30 )) \
+            --out "$OUT/sweep_kernel_v35$pass.json" > "$OUT/sweep_v35$pass.log" 2>&1
+        echo "sweep $pass rc=$?"; grep "^BEST" "$OUT/sweep_v35$pass.log"; pack
+    done
+fi
+if has bench && [ $ok = 1 ]; then
+    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
+        --out "$OUT/bench_kernel_v35.json" > "$OUT/bench_kernel_v35.log" 2>&1
+    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v35.log"; pack
+fi
+if has tests && [ $ok = 1 ]; then
+    timeout ${TESTS_S:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} \
+        -k "${TESTS_K:-real_sizes_gpu and not boundary}" -p no:cacheprovider > "$OUT/gpu_tests_v35.log" 2>&1
+    echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v35.log" | head -12; pack
+fi
