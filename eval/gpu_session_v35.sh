@@ -7,6 +7,7 @@
 #   (a fault stops the rest);
 # - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): the rule (Triton), Gluon, Gluon with the scores ahead, two
 #   orders;
+# - ncu (not in the default): stall reasons of the Gluon shared kernel, both forms, K+V at 32 agents;
 # - tests: the Gluon kernel's real-size GPU tests (their knob sets include the scores ahead); TESTS_K narrows them;
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns).
 # Results: $OUT/v35.tgz.
@@ -50,6 +51,18 @@ if has sweep && [ $ok = 1 ]; then
             --points 32768:8 32768:32 32768:128 --candidates "$C" --time-limit $(( ${SWEEP_S:-170} - 30 )) \
             --out "$OUT/sweep_kernel_v35$pass.json" > "$OUT/sweep_v35$pass.log" 2>&1
         echo "sweep $pass rc=$?"; grep "^BEST" "$OUT/sweep_v35$pass.log"; pack
+    done
+fi
+if has ncu && [ $ok = 1 ]; then
+    for form in sync ahead; do
+        K='{"shared_form": "gluon"}'; [ $form = ahead ] && K='{"shared_form": "gluon", "shared_k_ahead": true}'
+        timeout 120 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 1 \
+            --section SchedulerStats --section WarpStateStats --section Occupancy \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
+            python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 --knobs "$K" \
+            > "$OUT/ncu_v35_$form.txt" 2>&1
+        echo "ncu $form rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
+            "$OUT/ncu_v35_$form.txt" | head -6; pack
     done
 fi
 if has bench && [ $ok = 1 ]; then
