@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# v35 (issue 19; eval/KERNEL_NOTES.md "v35"): the Gluon shared kernel with the K residual's scores loaded one tile
-# ahead (`shared_k_ahead=True`), against its plain form (the scores loaded in the softmax, as v25 measured) and the
-# rule's Triton kernel, for K+V calls.
+# v35 (issue 19; eval/KERNEL_NOTES.md "v35"): the Gluon shared kernel reading the K residual's scores a tile ahead
+# (`shared_k_load="ahead"`) or from a cp.async ring beside u_v's (`"ring"`, 2 buffers), against its plain form (the
+# scores loaded in the softmax, as v25 measured; with 3 buffers and with 2) and the rule's Triton kernel, K+V calls.
+# The first call (smoke, sweep with the first three; ncu of the first two) ran at 8ef240c.
 # Parts (PARTS, in order):
 # - smoke: both Gluon forms against the exact attention with K and V residuals (decode, extend, a mask), 90 s limit
 #   (a fault stops the rest);
@@ -27,14 +28,15 @@ from forkkv_hf import reference_attention
 from test_cascade_kernel import _launch
 from views import lowp_attention_error
 for case, masked in ((A(B=6, H=8, Hkv=2, D=128, T=3000, P=3, N=3, ranks=(8, 16, 32)), False),
-                     (A(B=9, H=4, Hkv=4, D=64, T=900, P=3, N=3, ranks=(16, 16, 16)), True),
-                     (A(B=4, H=8, Hkv=2, D=128, T=1029, P=5, Q=3, N=2, ranks=(16, 16)), False)):
+                     (A(B=9, H=4, Hkv=4, D=64, T=904, P=3, N=3, ranks=(16, 16, 16)), True),
+                     (A(B=4, H=8, Hkv=2, D=128, T=1032, P=5, Q=3, N=2, ranks=(16, 16)), False)):
     for dtype in (torch.bfloat16, torch.float16):
         q, view, scale = case.query(dtype), case.view(dtype), case.D**-0.5
         mask = case.mask() if masked else None
         ref = reference_attention(q.float(), view, mask, scale)
         lowp = lowp_attention_error(q.float(), view, mask, scale, ref)
-        for knobs in ({}, {"shared_form": "gluon"}, {"shared_form": "gluon", "shared_k_ahead": True}):
+        for knobs in ({}, {"shared_form": "gluon"}, {"shared_form": "gluon", "shared_k_load": "ahead"},
+                      {"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}):
             err = (_launch(q, view, mask, scale, **knobs).float() - ref).abs().max().item()
             print(f"{knobs} T={case.T} Q={case.Q} {dtype} mask={masked} err={err:.3g} lowp={lowp:.3g} "
                   f"ok={err <= 3 * lowp + 1e-5}", flush=True)
@@ -44,9 +46,10 @@ PY
     [ $rc = 0 ] || ok=0
 fi
 if has sweep && [ $ok = 1 ]; then
-    R='{}'; G='{"shared_form": "gluon"}'; A='{"shared_form": "gluon", "shared_k_ahead": true}'
+    R='{}'; G='{"shared_form": "gluon"}'; A='{"shared_form": "gluon", "shared_k_load": "ahead"}'
+    G2='{"shared_form": "gluon", "num_stages": 2}'; RG='{"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}'
     for pass in a b; do
-        if [ $pass = a ]; then C="{\"shared\": [$R, $G, $A]}"; else C="{\"shared\": [$A, $G, $R]}"; fi
+        if [ $pass = a ]; then C="{\"shared\": [$R, $G, $A, $G2, $RG]}"; else C="{\"shared\": [$RG, $G2, $A, $G, $R]}"; fi
         timeout ${SWEEP_S:-170} python -m eval.bench.sweep_kernel --stage shared --variants kv --waves 1 \
             --points 32768:8 32768:32 32768:128 --candidates "$C" --time-limit $(( ${SWEEP_S:-170} - 30 )) \
             --out "$OUT/sweep_kernel_v35$pass.json" > "$OUT/sweep_v35$pass.log" 2>&1
@@ -54,8 +57,8 @@ if has sweep && [ $ok = 1 ]; then
     done
 fi
 if has ncu && [ $ok = 1 ]; then
-    for form in sync ahead; do
-        K='{"shared_form": "gluon"}'; [ $form = ahead ] && K='{"shared_form": "gluon", "shared_k_ahead": true}'
+    for form in sync ring; do
+        K='{"shared_form": "gluon"}'; [ $form = ring ] && K='{"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}'
         timeout 120 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 1 \
             --section SchedulerStats --section WarpStateStats --section Occupancy \
             --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \

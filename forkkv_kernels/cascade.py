@@ -267,7 +267,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
                        shared_form: str | None = None, shared_k_early: bool = True, shared_q_regs: bool = False,
-                       shared_k_ahead: bool = False,
+                       shared_k_load: str = "softmax",
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -292,7 +292,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
     part by :mod:`.shared_gluon` (Hopper; its own knobs :func:`~.shared_gluon.rule_for` under the given ``block_t``,
     ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they free; ``shared_q_regs``:
-    its score MMAs' queries from registers; ``shared_k_ahead``: its K-residual scores loaded a tile ahead; it lets
+    its score MMAs' queries from registers; ``shared_k_load``: where it reads K's scores (:data:`~.shared_gluon.K_LOADS`); it lets
     the merge start only as it ends), or ``"gluon_pair"``, with a V residual, two KV heads per program sharing the rows' ``u_v`` tiles (:mod:`.shared_gluon_pair`; its knobs
     :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the given ones; never the rule's pick); None: the rule's pick
     (:func:`launch_defaults`), the Triton kernel where the call cannot take the Gluon one (another device or dtype, a
@@ -396,7 +396,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_ahead=shared_k_ahead,
+            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_load=shared_k_load,
             v_u=v_u if has_v else None, v_slot=v_slot if has_v else None)
     else:
         launched["shared"] = launch(

@@ -67,6 +67,11 @@ GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=
 GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
 
 
+#: where the kernel reads each tile's K-residual scores (``k_load``): in its softmax, a tile ahead into registers, or by
+#: ``cp.async`` into a ring beside ``u_v``'s (eval/KERNEL_NOTES.md "v35")
+K_LOADS = ("softmax", "ahead", "ring")
+
+
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
 SMEM_LIMIT = 200 * 1024
 
@@ -135,6 +140,15 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
+    def _fetch_r(R, r_row, kres, r_smem, stage, t, t_end, BLOCK_T: gl.constexpr, LR: gl.constexpr):
+        """Issue the ``cp.async`` copies of the program's K-residual scores for the tile of tokens ``t`` on (zeros
+        past ``t_end`` and for vectors without a K residual) into ``stage`` of their ring (``r_row``/``kres``: each
+        vector's score row and whether it has one, in the copy's layout ``LR``); committed with the tile's ``u_v``
+        copies (or alone)."""
+        tt = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, LR))
+        _cp_async(r_smem.index(stage), R + r_row[:, None] + tt[None, :], mask=kres[:, None] & (tt < t_end)[None, :])
+
+    @gluon.jit
     def _pu(p, alpha, acc_u, u_smem, stage, ACC_S: gl.constexpr, MMA2: gl.constexpr, NW: gl.constexpr,
             RPW: gl.constexpr, VPR: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr):
         """``acc_u = alpha·acc_u + P·u_v`` per query vector with its own row's ``u_v`` tile: warp ``w``'s 16
@@ -164,7 +178,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr, K_AHEAD: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr, K_LOAD: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -201,12 +215,24 @@ if HAVE_GLUON:
             u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
                                                gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
             u_off, u_t = _u_offsets(VSLOT, row0, B, T, NW, RPW, BLOCK_T, RV)
+        KA: gl.constexpr = HAS_K and K_LOAD == 1  # K's scores a tile ahead, in registers
+        KR: gl.constexpr = HAS_K and K_LOAD == 2  # K's scores in a ring beside u_v's, STAGES tiles ahead
+        COPIES: gl.constexpr = HAS_V or KR  # cp.async copies, one commit group per tile
+        if KR:
+            LR: gl.constexpr = gl.BlockedLayout([1, 8], [256 // BLOCK_T, BLOCK_T // 8], [NW, 1], [1, 0])
+            r_smem = gl.allocate_shared_memory(R.dtype.element_ty, [STAGES, BLOCK_M, BLOCK_T],
+                                               gl.SwizzledSharedLayout(8, 1, BLOCK_T // 8, [1, 0]))
+            _r0, _r1, _r2, _r3, r_row_c, kres_c = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, LR)
         fence_async_shared()
         _cta_barrier()
         for i in gl.static_range(STAGES):
             _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, i, kv_row + i * BLOCK_T, i < n, NBYTES)
+            if KR:
+                _fetch_r(R, r_row_c, kres_c, r_smem, i, t_begin + i * BLOCK_T, t_end, BLOCK_T, LR)
             if HAS_V:
                 _fetch_u(UV, u_off, u_t, u_smem, i, t_begin + i * BLOCK_T, T, RV)
+            elif KR:
+                async_copy.commit_group()
 
         q = _queries(Q, s_qb, s_qh, s_qq, mb, B, hkv, VPR, NQG, G, D, NW)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], SQ, q)
@@ -232,39 +258,53 @@ if HAVE_GLUON:
         # (the P·V needs their result, so the compiler cannot move them past the wait)
         if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
             _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
-        KA: gl.constexpr = HAS_K and K_AHEAD
-        rk = _kscores(R, r_row, kres, t_begin, t_end, BLOCK_T, ACC_S, KA)  # K_AHEAD: tile 0's K-residual scores
+        rk = _kscores(R, r_row, kres, t_begin, t_end, BLOCK_T, ACC_S, KA)  # K_LOAD 1: tile 0's K-residual scores
         for j in range(0, n - 1):
             st = j % STAGES
             sn = (j + 1) % STAGES
-            # K_AHEAD: the next tile's K-residual scores loaded a tile ahead, their latency under this tile's work
+            # K_LOAD 1: the next tile's K-residual scores loaded a tile ahead, their latency under this tile's work
             rk_next = _kscores(R, r_row, kres, t_begin + (j + 1) * BLOCK_T, t_end, BLOCK_T, ACC_S, KA)
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
+            if KR:  # tile j's copies done (the later STAGES - 1 may still run): its K scores from the ring
+                async_copy.wait_group(STAGES - 1)
+                _cta_barrier()
+                rk = r_smem.index(st).load(ACC_S)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype, rk, KA)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype, rk, KA or KR)
             rk = rk_next
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
             if HAS_V:  # under the two warpgroup MMAs: tile j's group done (the later STAGES - 1 may still run)
-                async_copy.wait_group(STAGES - 1)
-                _cta_barrier()
+                if not KR:
+                    async_copy.wait_group(STAGES - 1)
+                    _cta_barrier()
                 acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
+            if KR:  # the stages tile j's copies filled are free (tiles past the split's end copy zeros)
+                _fetch_r(R, r_row_c, kres_c, r_smem, st, t_begin + (j + STAGES) * BLOCK_T, t_end, BLOCK_T, LR)
             if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
                 _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
+            elif KR:
+                async_copy.commit_group()
             _refill(k_desc, v_desc, kbar, vbar, k_smem, v_smem, j, kv_row, n, STAGES, BLOCK_T, NBYTES, K_EARLY)
+        sp = (n - 1) % STAGES
+        if KR:
+            async_copy.wait_group(STAGES - 1)
+            _cta_barrier()
+            rk = r_smem.index(sp).load(ACC_S)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype, rk, KA)
-        sp = (n - 1) % STAGES
+                                                  ACC_O, HAS_K, HAS_MASK, dtype, rk, KA or KR)
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
         if HAS_V:
-            async_copy.wait_group(STAGES - 1)
-            _cta_barrier()
+            if not KR:
+                async_copy.wait_group(STAGES - 1)
+                _cta_barrier()
             acc_u = _pu(p, alpha, acc_u, u_smem, sp, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
+        if COPIES:
             async_copy.wait_group(0)  # the copies past the split's end, before the program ends
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
@@ -307,12 +347,13 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, k_ahead: bool = False, v_u=None, v_slot=None):
+                        k_early: bool = True, q_regs: bool = False, k_load: str = "softmax", v_u=None, v_slot=None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
-    shared memory; ``k_ahead``: each tile's K-residual scores loaded one tile ahead, their latency under the tile
-    before; ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
+    shared memory; ``k_load``: where each tile's K-residual scores are read (:data:`K_LOADS`: ``"softmax"``
+    loaded in its softmax, ``"ahead"`` a tile ahead into registers, ``"ring"`` by ``cp.async`` into a ring of
+    ``num_stages`` buffers beside ``u_v``'s, which needs ``T`` a multiple of 8); ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
     :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
@@ -321,6 +362,15 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     err = refusal(q, k_base, v_base, v_u, block_t, num_warps, num_stages, VPR)
     if err is not None:
         raise err
+    if k_load not in K_LOADS:
+        raise ValueError(f"k_load={k_load!r}; use one of {K_LOADS}")
+    if k_load == "ring" and has_k:
+        ring = num_stages * 16 * num_warps * block_t * r_scores.element_size()
+        smem = shared_bytes(D, block_t, num_warps, num_stages, VPR, rv if has_v else 0) + ring
+        if T % 8 or r_scores.element_size() != 2 or smem > SMEM_LIMIT:
+            raise ValueError(f"k_load='ring' copies the K residual's fp16 scores in 16-byte pieces into {ring} more "
+                             f"bytes of shared memory ({smem} in all, at most {SMEM_LIMIT}): it needs a context of a "
+                             f"multiple of 8 tokens (got {T}) and fp16 scores; use k_load='ahead' or fewer stages")
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](
@@ -330,4 +380,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), K_AHEAD=bool(k_ahead), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load), num_warps=num_warps)

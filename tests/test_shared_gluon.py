@@ -87,8 +87,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
                           {"block_t": 32, "has_v": True, "has_k": True},
                           {"block_t": 32, "has_v": True, "v_rank": 8},
-                          {"block_t": 32, "has_v": True, "has_k": True, "shared_k_ahead": True},
-                          {"has_k": True, "shared_k_ahead": True}])
+                          {"block_t": 32, "has_v": True, "has_k": True, "shared_k_load": "ahead"},
+                          {"has_k": True, "shared_k_load": "ahead"}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -119,7 +119,7 @@ GLUON_SHARED_KNOBS = [
     # programs per SM; with 6 buffers 115 KB, two
     {"shared_form": "gluon", "block_t": 32, "programs_per_sm": 3},
     {"shared_form": "gluon", "block_t": 32, "num_stages": 6},
-    {"shared_form": "gluon", "shared_k_ahead": True},  # the K residual's scores loaded a tile ahead (v35)
+    {"shared_form": "gluon", "shared_k_load": "ahead"},  # the K residual's scores loaded a tile ahead (v35)
 ]
 
 
@@ -187,7 +187,7 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     knob_sets = [{"shared_form": "gluon", "shared_k_early": k_early} for k_early in (True, False)]
-    knob_sets.append({"shared_form": "gluon", "shared_k_ahead": True})
+    knob_sets.append({"shared_form": "gluon", "shared_k_load": "ahead"})
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
@@ -243,7 +243,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
 GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False},
-                        {"shared_k_ahead": True}]
+                        {"shared_k_load": "ahead"}]
 
 
 def _v_geometry(case):
@@ -302,7 +302,7 @@ def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2] + [{"shared_k_ahead": True}]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2] + [{"shared_k_load": "ahead"}]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 

@@ -187,7 +187,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
 def compile_shared_gluon(knobs: dict) -> dict:
     """Compile the Gluon shared kernel (:mod:`forkkv_kernels.shared_gluon`) for sm_90 at the benchmark's shapes (base
     only unless ``knobs["has_k"]``) with ``knobs`` (``block_t``, ``num_warps``, ``num_stages``, ``shared_k_early``,
-    ``shared_q_regs``, ``shared_k_ahead``, ``has_mask``, ``has_v`` and ``v_rank``: a V residual) over its rule:
+    ``shared_q_regs``, ``shared_k_load``, ``has_mask``, ``has_v`` and ``v_rank``: a V residual) over its rule:
     resources, ptxas's serialisation reports and :func:`context_loop`'s counts."""
     import torch
     import triton
@@ -196,7 +196,7 @@ def compile_shared_gluon(knobs: dict) -> dict:
     from triton.runtime.jit import mangle_type
 
     from forkkv_kernels.attention_common import pow2
-    from forkkv_kernels.shared_gluon import _cascade_shared_gluon, descriptors, rule_for
+    from forkkv_kernels.shared_gluon import K_LOADS, _cascade_shared_gluon, descriptors, rule_for
     from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE, PAIR_REGS, _cascade_shared_gluon_pair
 
     pair = bool(knobs.get("pair"))
@@ -210,12 +210,12 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv), K_AHEAD=bool(rule.get("shared_k_ahead")))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv), K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_AHEAD")}
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_LOAD")}
         const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
     kernel = triton.compile(_source(GluonASTSource, kernel_fn, args, const, divisible),
                             target=GPUTarget("cuda", 90, 32), options=opts)
@@ -294,7 +294,7 @@ def main(argv=None):
                          "rule at these agent counts, with its context loop's instruction counts")
     ap.add_argument("--gluon-shared", metavar="JSON",
                     help="instead: the Gluon shared kernel (forkkv_kernels.shared_gluon) under each of these knob "
-                         "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, shared_k_ahead, has_k, "
+                         "dicts (block_t, num_warps, num_stages, shared_k_early, shared_q_regs, shared_k_load, has_k, "
                          "has_mask, has_v, v_rank; pair: the two-head kernel, forkkv_kernels.shared_gluon_pair)")
     args = ap.parse_args(argv)
     import triton
