@@ -27,9 +27,9 @@ from cases import AttnCase as A
 from forkkv_hf import reference_attention
 from test_cascade_kernel import _launch
 from views import lowp_attention_error
-for case, masked in ((A(B=6, H=8, Hkv=2, D=128, T=3000, P=3, N=3, ranks=(8, 16, 32)), False),
-                     (A(B=9, H=4, Hkv=4, D=64, T=904, P=3, N=3, ranks=(16, 16, 16)), True),
-                     (A(B=4, H=8, Hkv=2, D=128, T=1032, P=5, Q=3, N=2, ranks=(16, 16)), False)):
+for case, masked in ((A(B=6, H=8, Hkv=2, D=128, T=3008, P=3, N=3, ranks=(8, 16, 32)), False),
+                     (A(B=9, H=4, Hkv=4, D=64, T=912, P=3, N=3, ranks=(16, 16, 16)), True),
+                     (A(B=4, H=8, Hkv=2, D=128, T=1040, P=5, Q=3, N=2, ranks=(16, 16)), False)):
     for dtype in (torch.bfloat16, torch.float16):
         q, view, scale = case.query(dtype), case.view(dtype), case.D**-0.5
         mask = case.mask() if masked else None

@@ -367,10 +367,10 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     if k_load == "ring" and has_k:
         ring = num_stages * 16 * num_warps * block_t * r_scores.element_size()
         smem = shared_bytes(D, block_t, num_warps, num_stages, VPR, rv if has_v else 0) + ring
-        if T % 8 or r_scores.element_size() != 2 or smem > SMEM_LIMIT:
+        if T % 16 or r_scores.element_size() != 2 or smem > SMEM_LIMIT:
             raise ValueError(f"k_load='ring' copies the K residual's fp16 scores in 16-byte pieces into {ring} more "
                              f"bytes of shared memory ({smem} in all, at most {SMEM_LIMIT}): it needs a context of a "
-                             f"multiple of 8 tokens (got {T}) and fp16 scores; use k_load='ahead' or fewer stages")
+                             f"multiple of 16 tokens (got {T}) and fp16 scores; use k_load='ahead' or fewer stages")
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](
