@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# v35 (issue 19; eval/KERNEL_NOTES.md "v35"): the Gluon shared kernel reading the K residual's scores a tile ahead
-# (`shared_k_load="ahead"`) or from a cp.async ring beside u_v's (`"ring"`, 2 buffers), against its plain form (the
-# scores loaded in the softmax, as v25 measured; with 3 buffers and with 2) and the rule's Triton kernel, K+V calls.
-# The first call (smoke, sweep with the first three; ncu of the first two) ran at 8ef240c.
+# v35 (issue 19; eval/KERNEL_NOTES.md "v35", "v35 measured", "v35b", "v35b measured"): the Gluon shared kernel reading
+# the K residual's scores from a cp.async ring beside u_v's (`shared_k_load="ring"`, 2 buffers; the rule's pick for
+# decode calls with both residuals from 32 query vectors per KV head since v35b) against its plain form (the scores
+# loaded in the softmax) and the Triton kernel, K+V calls.
 # Parts (PARTS, in order):
-# - smoke: both Gluon forms against the exact attention with K and V residuals (decode, extend, a mask), 90 s limit
-#   (a fault stops the rest);
-# - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): the rule (Triton), Gluon, Gluon with the scores ahead, two
-#   orders;
-# - ncu (not in the default): stall reasons of the Gluon shared kernel, both forms, K+V at 32 agents;
-# - tests: the Gluon kernel's real-size GPU tests (their knob sets include the scores ahead); TESTS_K narrows them;
+# - smoke: the Triton kernel, the Gluon one and the Gluon one with the ring against the exact attention with K and V
+#   residuals (decode, extend, a mask; contexts of multiples of 16), 90 s limit (a fault stops the rest);
+# - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): Triton, Gluon plain, the rule, two orders;
+# - ncu (not in the default): stall reasons of the Gluon shared kernel, plain and with the ring, K+V at 32 agents;
+# - tests: the Gluon kernel's real-size and ring GPU tests (TESTS_K narrows them);
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns).
+# Ran: at 8ef240c the first smoke / sweep / ncu (H100; a tile-ahead load then measured, since removed), at f474e79 the
+# second (H200; the ring, the plain form on 2 buffers, the tile-ahead load), the ring's case space
+# (eval/ring_check_v35.py, since moved into tests/test_shared_gluon.py) and two more sweeps; this form of the script is
+# what runs on the code that adopted the ring (no GPU time was left to run it).
 # Results: $OUT/v35.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -35,8 +38,7 @@ for case, masked in ((A(B=6, H=8, Hkv=2, D=128, T=3008, P=3, N=3, ranks=(8, 16, 
         mask = case.mask() if masked else None
         ref = reference_attention(q.float(), view, mask, scale)
         lowp = lowp_attention_error(q.float(), view, mask, scale, ref)
-        for knobs in ({}, {"shared_form": "gluon"}, {"shared_form": "gluon", "shared_k_load": "ahead"},
-                      {"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}):
+        for knobs in ({}, {"shared_form": "gluon"}, {"shared_form": "gluon", "shared_k_load": "ring"}):
             err = (_launch(q, view, mask, scale, **knobs).float() - ref).abs().max().item()
             print(f"{knobs} T={case.T} Q={case.Q} {dtype} mask={masked} err={err:.3g} lowp={lowp:.3g} "
                   f"ok={err <= 3 * lowp + 1e-5}", flush=True)
@@ -46,10 +48,9 @@ PY
     [ $rc = 0 ] || ok=0
 fi
 if has sweep && [ $ok = 1 ]; then
-    R='{}'; G='{"shared_form": "gluon"}'; A='{"shared_form": "gluon", "shared_k_load": "ahead"}'
-    G2='{"shared_form": "gluon", "num_stages": 2}'; RG='{"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}'
+    T='{"shared_form": "triton"}'; G='{"shared_form": "gluon", "shared_k_load": "softmax"}'; R='{}'
     for pass in a b; do
-        if [ $pass = a ]; then C="{\"shared\": [$R, $G, $A, $G2, $RG]}"; else C="{\"shared\": [$RG, $G2, $A, $G, $R]}"; fi
+        if [ $pass = a ]; then C="{\"shared\": [$T, $G, $R]}"; else C="{\"shared\": [$R, $G, $T]}"; fi
         timeout ${SWEEP_S:-170} python -m eval.bench.sweep_kernel --stage shared --variants kv --waves 1 \
             --points 32768:8 32768:32 32768:128 --candidates "$C" --time-limit $(( ${SWEEP_S:-170} - 30 )) \
             --out "$OUT/sweep_kernel_v35$pass.json" > "$OUT/sweep_v35$pass.log" 2>&1
@@ -58,7 +59,7 @@ if has sweep && [ $ok = 1 ]; then
 fi
 if has ncu && [ $ok = 1 ]; then
     for form in sync ring; do
-        K='{"shared_form": "gluon"}'; [ $form = ring ] && K='{"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 2}'
+        K='{"shared_form": "gluon"}'; [ $form = ring ] && K='{"shared_form": "gluon", "shared_k_load": "ring"}'
         timeout 120 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 1 \
             --section SchedulerStats --section WarpStateStats --section Occupancy \
             --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
@@ -75,6 +76,6 @@ if has bench && [ $ok = 1 ]; then
 fi
 if has tests && [ $ok = 1 ]; then
     timeout ${TESTS_S:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} \
-        -k "${TESTS_K:-real_sizes_gpu and not boundary}" -p no:cacheprovider > "$OUT/gpu_tests_v35.log" 2>&1
+        -k "${TESTS_K:-real_sizes_gpu or ring}" -p no:cacheprovider > "$OUT/gpu_tests_v35.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests_v35.log" | head -12; pack
 fi

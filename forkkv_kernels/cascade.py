@@ -32,7 +32,7 @@ from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents,
 from .kres_gluon import GLUON_RULE
 from .kres_pass import launch_kres_scores
 from .merge import launch_private_merge
-from .shared_gluon import launch_shared_gluon, rule_for
+from .shared_gluon import launch_shared_gluon, ring_unsupported, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
 
@@ -167,7 +167,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                     whole_waves=False, res_form="halves", res_block_t=32, res_warps=4, res_stages=1,
                     res_maxnreg=None, res_programs_per_sm=4, res_whole_waves=False, res_pack=1, res_satfinite=False,
                     res_score="mma", res_f16=False, merge_unroll=1, merge_chunk=1, merge_first=False, pdl=False,
-                    shared_form="triton")
+                    shared_form="triton", shared_k_load="softmax")
     # one block of at most 32 vectors (8 agents): 128-token tiles on 8 warps, one program per SM (base 59.5 -> 51.4
     # µs, K+V 240.6 -> 164.9); not for the V residual alone (89.2 -> 109.3 µs)
     few = B * VPR <= 32
@@ -177,6 +177,12 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # per SM still: v13b, 8 agents 75.1 -> 69.8 µs, 1 agent 65.4 -> 55.8; a higher rank's wider u_v tile would leave
     # one program per SM, unmeasured)
     piped_v = few and v_rank <= 16
+    # both residuals, decode, from 32 vectors: the Gluon kernel with K's scores through its cp.async ring (v35b, one
+    # H200, whole K+V calls in two orders, Triton -> Gluon µs: 8 agents 138.0 / 139.1 -> 134.3 / 133.2, 16 229.2 ->
+    # 205.3, 32 370.8 / 370.4 -> 344.2 / 345.5, 64 706.2 -> 655.7, 128 1,378.0 / 1,369.8 -> 1,284.2 / 1,276.7; at 1
+    # and 4 agents 66.2 -> 77.5 and 93.7 -> 100.8; sweep_kernel_v35{ba,bb,c}_nvidia_h200.json; where the ring cannot
+    # take a call, e.g. a context not a multiple of 16 tokens, the Triton kernel)
+    gluon_kv = has_k and has_v and NQ == 1 and B * VPR >= 32
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
                 whole_waves=True,
@@ -226,8 +232,9 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # unmeasured; where it cannot take a call, e.g. ranks other than 8/16/32, the Triton kernel); with K's
                 # scores it lost at every size (v25: 32 agents 373.6-377.6 -> 391.6-395.9, 128 1,389.0-1,391.0 ->
                 # 1,444.4-1,457.4)
-                shared_form="gluon" if not has_k and (B * VPR >= 192 if not has_v else NQ == 1 and B * VPR >= 32)
-                else "triton")
+                shared_form="gluon" if gluon_kv or not has_k and (B * VPR >= 192 if not has_v else NQ == 1 and
+                                                                   B * VPR >= 32) else "triton",
+                shared_k_load="ring" if gluon_kv else "softmax")
 
 
 
@@ -267,7 +274,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
                        shared_form: str | None = None, shared_k_early: bool = True, shared_q_regs: bool = False,
-                       shared_k_load: str = "softmax",
+                       shared_k_load: str | None = None,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
     tiles for speed).
@@ -292,12 +299,14 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     merge, let start after the shared kernel's context loop. ``shared_form``: ``"triton"`` or ``"gluon"``, the shared
     part by :mod:`.shared_gluon` (Hopper; its own knobs :func:`~.shared_gluon.rule_for` under the given ``block_t``,
     ``num_warps``, ``num_stages``; ``shared_k_early``: its K tiles refilled as soon as they free; ``shared_q_regs``:
-    its score MMAs' queries from registers; ``shared_k_load``: where it reads K's scores (:data:`~.shared_gluon.K_LOADS`); it lets
-    the merge start only as it ends), or ``"gluon_pair"``, with a V residual, two KV heads per program sharing the rows' ``u_v`` tiles (:mod:`.shared_gluon_pair`; its knobs
-    :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the given ones; never the rule's pick); None: the rule's pick
-    (:func:`launch_defaults`), the Triton kernel where the call cannot take the Gluon one (another device or dtype, a
-    given ``block_m``, knobs outside its limits). ``scratch(name, numel, device, dtype)``: the
-    scores' and partials' buffers (default: reusable workspaces; a CUDA-graph capture passes
+    its score MMAs' queries from registers; ``shared_k_load``: where it reads K's scores
+    (:data:`~.shared_gluon.K_LOADS`; the rule's pick where the rule picks the kernel, else ``"softmax"``); it lets
+    the merge start only as it ends), or ``"gluon_pair"``, with a V residual, two KV heads per program sharing the
+    rows' ``u_v`` tiles (:mod:`.shared_gluon_pair`; its knobs :data:`~.shared_gluon_pair.GLUON_PAIR_RULE` under the
+    given ones; never the rule's pick); None: the rule's pick (:func:`launch_defaults`), the Triton kernel where the
+    call cannot take the Gluon one (another device or dtype, a given ``block_m``, knobs outside its limits, a context
+    the rule's ring of K's scores cannot take). ``scratch(name, numel, device, dtype)``: the scores' and partials'
+    buffers (default: reusable workspaces; a CUDA-graph capture passes
     :func:`~.attention_common.fresh_scratch`). ``launches``: a dict that receives the compiled kernels (``"kres"``,
     ``"shared"``, ``"merge"``) for the tuning scripts."""
     B, H, NQ, D = q.shape
@@ -335,14 +344,21 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     form = shared_form or cfg["shared_form"]
     if form == "gluon_pair":  # asked for: its own knobs under the given ones, refused by its launcher
         cfg.update(GLUON_PAIR_RULE)
+    k_load = shared_k_load or (cfg["shared_k_load"] if form == cfg["shared_form"] == "gluon" else "softmax")
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
-        grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR)
+        k_ring = has_k and k_load == "ring"
+        if k_ring and shared_k_load is None and ring_unsupported(T, torch.float32 if (
+                scores_fp32 or dtype == torch.float32) else torch.float16) is not None:
+            k_load, k_ring = "softmax", False  # the rule's ring where this call cannot take it
+            if shared_form is None:
+                form = "triton"  # ... and its kernel pick with it: the Triton kernel
+        grule = rule_for(has_v, D, VPR, RV, block_t, num_warps, vectors=B * VPR, k_ring=k_ring)
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
-        if shared_form is None and (block_m is not None or
-                                    gluon_refusal(q, k_base, v_base, v_u, use["block_t"], use["num_warps"],
-                                                  use["num_stages"], VPR) is not None):
+        if form == "gluon" and shared_form is None and (
+                block_m is not None or gluon_refusal(q, k_base, v_base, v_u, use["block_t"], use["num_warps"],
+                                                     use["num_stages"], VPR, k_ring) is not None):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
-        else:
+        elif form == "gluon":
             cfg.update(grule)
     if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
         cfg["res_f16"] = False
@@ -396,7 +412,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_load=shared_k_load,
+            num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_load=k_load,
             v_u=v_u if has_v else None, v_slot=v_slot if has_v else None)
     else:
         launched["shared"] = launch(

@@ -8,7 +8,8 @@ Per tile ``j``:
 
 1. issue ``S_{j+1} = Q·K_{j+1}ᵀ`` (asynchronous warpgroup MMA, both operands in shared memory);
 2. this tile's softmax step (scale, K-residual scores ``R``, masks, running max and sum) and the rescale of ``O``
-   while that MMA runs;
+   while that MMA runs; K's scores loaded here, or (``k_load="ring"``) copied by ``cp.async`` ``STAGES`` tiles
+   ahead into a ring beside ``u_v``'s and read from it;
 3. issue ``O += P_j·V_j`` (``P`` from registers); with a V residual, under it, ``P_j·u_v`` per vector with its own
    row's ``u_v`` tile (copied by ``cp.async`` into a ring beside K/V's; per warp and row one batched ``mma.sync``,
    the warp's other rows' probabilities zeroed); wait for both, refill the freed buffers (``K_EARLY``: K tile
@@ -20,7 +21,8 @@ measured no faster: ptxas moves its second wait above the exponentials (eval/KER
 unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
 (:func:`~.merge.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
 picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
-measured", "v23 measured") and for decode calls with the V residual alone from 32 ("v25 measured, v26").
+measured", "v23 measured"), for decode calls with the V residual alone from 32 ("v25 measured, v26"), and for decode
+calls with both residuals from 32, K's scores through the ring ("v35b measured").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
@@ -67,9 +69,10 @@ GLUON_SHARED_RULE = dict(block_t=64, num_warps=4, num_stages=3, programs_per_sm=
 GLUON_SHARED_V_RULE = dict(GLUON_SHARED_RULE, block_t=32)
 
 
-#: where the kernel reads each tile's K-residual scores (``k_load``): in its softmax, a tile ahead into registers, or by
-#: ``cp.async`` into a ring beside ``u_v``'s (eval/KERNEL_NOTES.md "v35")
-K_LOADS = ("softmax", "ahead", "ring")
+#: where the kernel reads each tile's K-residual scores (``k_load``): loaded in its softmax, or copied by ``cp.async``
+#: ``num_stages`` tiles ahead into a ring beside ``u_v``'s (eval/KERNEL_NOTES.md "v35", "v35b measured"; a tile ahead
+#: into registers was measured too, slower than the ring everywhere, and removed)
+K_LOADS = ("softmax", "ring")
 
 
 #: shared memory the kernel may take (queries, the K/V ring, its barriers), bytes: below an H100/H200 SM's 227 KiB
@@ -77,37 +80,43 @@ SMEM_LIMIT = 200 * 1024
 
 
 def rule_for(has_v: bool, d: int = 128, vpr: int = 4, v_rank: int = 16, block_t: int | None = None,
-             num_warps: int | None = None, vectors: int | None = None) -> dict:
+             num_warps: int | None = None, vectors: int | None = None, k_ring: bool = False) -> dict:
     """The Gluon shared kernel's launch knobs where a call does not give them. With a V residual: 2 buffers below 96
     query vectors per KV head (``vectors``; v26, one H100, V only, whole calls in two orders, 3 -> 2 buffers: 8 agents
     74.5-75.0 -> 72.0-72.8 µs, 12 79.9-80.2 -> 78.5, 16 82.4-82.5 -> 81.2-81.4; at 24 91.2-91.3 -> 92.7-93.1, at 32 and
     128 +1-2%: sweep_kernel_v26{ta,tb}, v25{va,vb}_nvidia_h100.json); and as its rows' ``u_v`` tiles grow with the
     rows per program (``16 // vpr`` per warp) and the rank, the buffers drop (down to 2) until they fit beside K/V's
-    under :data:`SMEM_LIMIT` (a call that gives ``block_t``/``num_warps`` is fitted under those)."""
+    under :data:`SMEM_LIMIT` (a call that gives ``block_t``/``num_warps`` is fitted under those). With the K residual's
+    scores in a ring (``k_ring``): 2 buffers (90 KB with a V residual of rank 16, two programs per SM; 3 buffers take
+    127 KB, one program per SM: v35d, one H200, K+V whole calls at 32 / 128 agents 342.7 -> 384.3 / 1,286.0 ->
+    1,445.3 µs, sweep_kernel_v35d_nvidia_h200.json)."""
     rule = dict(GLUON_SHARED_V_RULE if has_v else GLUON_SHARED_RULE)
-    if has_v and vectors is not None and vectors < 96:
+    if (has_v and vectors is not None and vectors < 96) or k_ring:
         rule["num_stages"] = 2
     if has_v and vpr <= 16:
         bt, nw = block_t or rule["block_t"], num_warps or rule["num_warps"]
-        while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], vpr, v_rank) > SMEM_LIMIT:
+        while rule["num_stages"] > 2 and shared_bytes(d, bt, nw, rule["num_stages"], vpr, v_rank, k_ring) > SMEM_LIMIT:
             rule["num_stages"] -= 1
     return rule
 
 
-def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, vpr: int = 4, v_rank: int = 0) -> int:
-    """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values), and with a V
+def shared_bytes(d: int, block_t: int, num_warps: int, stages: int, vpr: int = 4, v_rank: int = 0,
+                 k_ring: bool = False) -> int:
+    """The kernel's shared memory: the queries' block and ``stages`` K and V tiles (2-byte values), with a V
     residual of rank ``v_rank`` (0: none) ``stages`` tiles of ``u_v`` for each of the program's rows (``16 // vpr``
-    per warp at ``vpr`` query vectors per row and KV head)."""
+    per warp at ``vpr`` query vectors per row and KV head), and with the K residual's scores in a ring (``k_ring``)
+    ``stages`` tiles of the program's fp16 scores."""
     v_rows = 16 // vpr * num_warps if v_rank else 0
     values = 16 * num_warps * d + 2 * stages * block_t * d + stages * v_rows * block_t * v_rank
+    values += stages * 16 * num_warps * block_t if k_ring else 0
     return 2 * values + 16 * stages  # K's and V's 8-byte mbarriers per stage (the u_v ring's copies need none)
 
 
 def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, num_warps: int,
-                stages: int, vpr: int = 4, v_rank: int = 16) -> str | None:
+                stages: int, vpr: int = 4, v_rank: int = 16, k_ring: bool = False) -> str | None:
     """Why the Gluon shared kernel cannot serve a call (queries of ``dtype`` and head dim ``d`` on ``device``, a V
     residual of rank ``v_rank`` or none, ``vpr`` query vectors per row and KV head, ``block_t`` tokens per tile on
-    ``num_warps`` warps with ``stages`` buffers), or None."""
+    ``num_warps`` warps with ``stages`` buffers, the K residual's scores in a ring or not), or None."""
     device = torch.device(device)
     if dtype not in (torch.bfloat16, torch.float16):
         return f"it takes bf16/fp16 (got {dtype})"
@@ -123,7 +132,7 @@ def unsupported(device, dtype: torch.dtype, d: int, has_v: bool, block_t: int, n
         return f"num_warps={num_warps}: 4 (64 query vectors per program) or 8 (128)"
     if not 2 <= stages <= 6:
         return f"num_stages={stages}: 2 to 6 (the K/V ring's buffers)"
-    smem = shared_bytes(d, block_t, num_warps, stages, vpr, v_rank if has_v else 0)
+    smem = shared_bytes(d, block_t, num_warps, stages, vpr, v_rank if has_v else 0, k_ring)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory (at most {SMEM_LIMIT}): fewer stages or a smaller block_t"
     return device_unsupported(device, HAVE_GLUON)
@@ -215,8 +224,7 @@ if HAVE_GLUON:
             u_smem = gl.allocate_shared_memory(dtype, [STAGES, NR, BLOCK_T, RV],
                                                gl.NVMMASharedLayout.get_default_for([NR, BLOCK_T, RV], dtype))
             u_off, u_t = _u_offsets(VSLOT, row0, B, T, NW, RPW, BLOCK_T, RV)
-        KA: gl.constexpr = HAS_K and K_LOAD == 1  # K's scores a tile ahead, in registers
-        KR: gl.constexpr = HAS_K and K_LOAD == 2  # K's scores in a ring beside u_v's, STAGES tiles ahead
+        KR: gl.constexpr = HAS_K and K_LOAD == 1  # K's scores in a ring beside u_v's, STAGES tiles ahead
         COPIES: gl.constexpr = HAS_V or KR  # cp.async copies, one commit group per tile
         if KR:
             LR: gl.constexpr = gl.BlockedLayout([1, 8], [256 // BLOCK_T, BLOCK_T // 8], [NW, 1], [1, 0])
@@ -258,12 +266,14 @@ if HAVE_GLUON:
         # (the P·V needs their result, so the compiler cannot move them past the wait)
         if K_EARLY:  # tile 0's K stage is free now: K runs one tile further ahead than V
             _fetch_one(k_desc, kbar, k_smem, 0, kv_row + STAGES * BLOCK_T, STAGES < n, NBYTES)
-        rk = _kscores(R, r_row, kres, t_begin, t_end, BLOCK_T, ACC_S, KA)  # K_LOAD 1: tile 0's K-residual scores
+        # rk: K's scores from the ring where KR, else unused (loaded in the softmax, if any); a placeholder carried
+        # through the loop as in the form measured (eval/KERNEL_NOTES.md "v35b measured": without it ptxas gives the
+        # ring's loop 206 registers and 530 instructions instead of 174 and 516)
+        rk = _kscores(R, r_row, kres, t_begin, t_end, BLOCK_T, ACC_S, False)
         for j in range(0, n - 1):
             st = j % STAGES
             sn = (j + 1) % STAGES
-            # K_LOAD 1: the next tile's K-residual scores loaded a tile ahead, their latency under this tile's work
-            rk_next = _kscores(R, r_row, kres, t_begin + (j + 1) * BLOCK_T, t_end, BLOCK_T, ACC_S, KA)
+            rk_next = _kscores(R, r_row, kres, t_begin + (j + 1) * BLOCK_T, t_end, BLOCK_T, ACC_S, False)
             mbarrier.wait(kbar.index(sn), ((j + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(qa, k_smem.index(sn).permute((1, 0)), zs, use_acc=False, is_async=True)
             if KR:  # tile j's copies done (the later STAGES - 1 may still run): its K scores from the ring
@@ -272,7 +282,7 @@ if HAVE_GLUON:
                 rk = r_smem.index(st).load(ACC_S)
             p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + j * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                       s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                      ACC_O, HAS_K, HAS_MASK, dtype, rk, KA or KR)
+                                                      ACC_O, HAS_K, HAS_MASK, dtype, rk, KR)
             rk = rk_next
             mbarrier.wait(vbar.index(st), (j // STAGES) & 1)
             o_tok = warpgroup_mma(pa, v_smem.index(st), o, is_async=True)
@@ -296,7 +306,7 @@ if HAVE_GLUON:
             rk = r_smem.index(sp).load(ACC_S)
         p, alpha, m_i, l_i, o, pa = _tile_softmax(s, t_begin + (n - 1) * BLOCK_T, t_end, qk_scale, R, r_row, kres, MASK,
                                                   s_mb, s_mq, s_mt, row, qs, valid, m_i, l_i, o, BLOCK_T, ACC_S,
-                                                  ACC_O, HAS_K, HAS_MASK, dtype, rk, KA or KR)
+                                                  ACC_O, HAS_K, HAS_MASK, dtype, rk, KR)
         mbarrier.wait(vbar.index(sp), ((n - 1) // STAGES) & 1)
         o = warpgroup_mma(pa, v_smem.index(sp), o)
         if HAS_V:
@@ -325,20 +335,36 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
     return tuple(TensorDescriptor.from_tensor(x.view(hkv * t, d), [block_t, d], layout) for x in (k_base, v_base))
 
 
-def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: int, vpr: int) -> Exception | None:
+def ring_unsupported(T: int, r_dtype: torch.dtype) -> str | None:
+    """Why the K residual's scores cannot go through the ring (``k_load="ring"``) for a context of ``T`` tokens with
+    scores in ``r_dtype``, or None: its 16-byte copies need fp16 scores and every score row 16-byte aligned, which the
+    compiler knows only of a ``T`` that is a multiple of 16 (Triton specialises an integer argument on 16)."""
+    if r_dtype != torch.float16:
+        return f"the K residual's scores in {r_dtype} (the ring copies fp16 scores)"
+    if T % 16:
+        return f"a context of {T} tokens (the ring's 16-byte copies need a multiple of 16)"
+    return None
+
+
+def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: int, vpr: int,
+            k_ring: bool = False, r_dtype: torch.dtype = torch.float16) -> Exception | None:
     """The error, saying what to do, that a launch of this call (queries ``q``, base ``k_base``/``v_base``, the V
     residual's ``u_v`` or None, these knobs) would raise, or None where the kernel can take it: ``u_v`` in another
     dtype than the queries (copied raw into a ring of theirs), a limit of :func:`unsupported`, tensors without a
-    16-byte aligned start (TMA and the 16-byte copies need one). The launcher's rule takes the Triton kernel instead
-    wherever this is not None."""
+    16-byte aligned start (TMA and the 16-byte copies need one), and with the K residual's scores in a ring
+    (``k_ring``, scores in ``r_dtype``) :func:`ring_unsupported`'s limits. The launcher's rule takes the Triton kernel
+    instead wherever this is not None."""
     has_v = v_u is not None
     if has_v and v_u.dtype != q.dtype:
         return TypeError(f"shared_form='gluon' copies u_v into shared memory as the queries' {q.dtype}, but u_v is "
                          f"{v_u.dtype}: pass it in {q.dtype} or use shared_form='triton'")
     why = unsupported(q.device, q.dtype, q.shape[-1], has_v, block_t, num_warps, num_stages, vpr,
-                      v_u.shape[-1] if has_v else 16)
+                      v_u.shape[-1] if has_v else 16, k_ring)
     if why:
         return ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
+    why = ring_unsupported(k_base.shape[1], r_dtype) if k_ring else None
+    if why:
+        return ValueError(f"shared_k_load='ring' cannot serve this call: {why}; use shared_k_load='softmax'")
     if k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or (has_v and v_u.data_ptr() % 16):
         return ValueError("shared_form='gluon' reads the base K/V by TMA and u_v in 16-byte copies, which need them "
                           "16-byte aligned: pass tensors with an aligned start or use shared_form='triton'")
@@ -352,25 +378,19 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
     shared memory; ``k_load``: where each tile's K-residual scores are read (:data:`K_LOADS`: ``"softmax"``
-    loaded in its softmax, ``"ahead"`` a tile ahead into registers, ``"ring"`` by ``cp.async`` into a ring of
-    ``num_stages`` buffers beside ``u_v``'s, which needs ``T`` a multiple of 8); ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the rows' slots, int32). Raises
-    :func:`refusal`'s error where the kernel cannot take the call."""
+    loaded in its softmax, ``"ring"`` by ``cp.async`` into a ring of ``num_stages`` buffers beside ``u_v``'s,
+    within :func:`ring_unsupported`'s limits); ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the
+    rows' slots, int32). Raises :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     has_v = v_u is not None
     rv = v_u.shape[-1] if has_v else 16
-    err = refusal(q, k_base, v_base, v_u, block_t, num_warps, num_stages, VPR)
-    if err is not None:
-        raise err
     if k_load not in K_LOADS:
         raise ValueError(f"k_load={k_load!r}; use one of {K_LOADS}")
-    if k_load == "ring" and has_k:
-        ring = num_stages * 16 * num_warps * block_t * r_scores.element_size()
-        smem = shared_bytes(D, block_t, num_warps, num_stages, VPR, rv if has_v else 0) + ring
-        if T % 16 or r_scores.element_size() != 2 or smem > SMEM_LIMIT:
-            raise ValueError(f"k_load='ring' copies the K residual's fp16 scores in 16-byte pieces into {ring} more "
-                             f"bytes of shared memory ({smem} in all, at most {SMEM_LIMIT}): it needs a context of a "
-                             f"multiple of 16 tokens (got {T}) and fp16 scores; use k_load='ahead' or fewer stages")
+    err = refusal(q, k_base, v_base, v_u, block_t, num_warps, num_stages, VPR, has_k and k_load == "ring",
+                  r_scores.dtype)
+    if err is not None:
+        raise err
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
     ms = mask.stride() if mask is not None else (0, 0, 0)
     return _cascade_shared_gluon[(n_mb, Hkv, n_splits)](

@@ -201,11 +201,14 @@ def _gpu_rule(case, dtype: torch.dtype) -> dict:
     """The launch knobs the launcher uses on the GPU for ``case`` with queries of ``dtype``: on CPU the bf16 rule
     whatever the dtype (the interpreter runs it with 32-token tiles; it has no shared-memory limit), on the GPU the rule
     of ``dtype`` itself (the bf16 rule's 128-token tiles in fp32 do not fit an H200's shared memory at D=128 with a
-    rank-64 V residual, even with one pipeline stage; the launcher never runs them so)."""
+    rank-64 V residual, even with one pipeline stage; the launcher never runs them so). Without the shared kernel's
+    form and its K-score load: the launcher's own pick, which falls back where a call cannot take it (given, they
+    would be asked for)."""
     from forkkv_kernels.cascade import launch_defaults
 
     vpr = 1 << (case.Q * (case.H // case.Hkv) - 1).bit_length()
-    return launch_defaults(case.B, case.Q, vpr, case.k_res, case.v_res, torch.bfloat16 if DEV == "cpu" else dtype)
+    rule = launch_defaults(case.B, case.Q, vpr, case.k_res, case.v_res, torch.bfloat16 if DEV == "cpu" else dtype)
+    return {k: v for k, v in rule.items() if k not in ("shared_form", "shared_k_load")}
 
 
 #: the GPU's launch rules (``launch_defaults``, eval/results/sweep_kernel_v8_nvidia_h200.json) forced, with their tiles:

@@ -77,8 +77,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     per SM at its rule (3 buffers) and with 2, no MMA serialised by ptxas, and in the context loop one tile's 12 MMAs
     (8 score steps of 16, 4 P·V steps) under a single wait (the next tile's scores in flight under the softmax); with
     K-residual scores and a mask too, with the score MMAs' queries from registers, and on 32-token tiles (10 MMAs,
-    three programs per SM; with a V residual, alone and with K's scores, two); with K's scores loaded a tile ahead,
-    still two."""
+    three programs per SM; with a V residual, alone and with K's scores, two); with K's scores through the ring
+    (2 buffers), two."""
     pytest.importorskip("triton.backends.nvidia")
     pytest.importorskip("triton.experimental.gluon")
     out = tmp_path / "offline.json"
@@ -87,8 +87,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
                           {"shared_q_regs": True}, {"block_t": 32}, {"block_t": 32, "has_v": True},
                           {"block_t": 32, "has_v": True, "has_k": True},
                           {"block_t": 32, "has_v": True, "v_rank": 8},
-                          {"block_t": 32, "has_v": True, "has_k": True, "shared_k_load": "ahead"},
-                          {"has_k": True, "shared_k_load": "ahead"}])
+                          {"block_t": 32, "has_v": True, "has_k": True, "shared_k_load": "ring"},
+                          {"has_k": True, "shared_k_load": "ring"}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--gluon-shared", configs, "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -101,8 +101,8 @@ def test_offline_sm90_compile_of_the_gluon_shared_kernel(tmp_path):
     assert rows[4]["programs_per_sm"] == 3  # 32-token tiles: 126 registers, 66 KB
     assert rows[5]["mma_sync"] > 0 and rows[4]["mma_sync"] == 0  # P·u_v per row: batched mma.sync
     assert rows[7]["mma_sync"] == rows[5]["mma_sync"] // 2  # rank 8: one n8 step per row
-    # K's scores a tile ahead: more registers (178 -> 208 with a V residual, 168 -> 190 without), two programs per SM
-    assert rows[8]["regs"] > rows[6]["regs"] and rows[8]["programs_per_sm"] == 2 == rows[9]["programs_per_sm"]
+    # K's scores through the ring: its rule's 2 buffers (90 KB with a V residual), two programs per SM
+    assert rows[8]["stages"] == 2 == rows[9]["stages"] and rows[8]["shared"] < rows[6]["shared"]
 
 
 #: the launch knobs the GPU tests run (v21's sweep candidates, over the final rule: 3 buffers, K refilled early)
@@ -119,7 +119,6 @@ GLUON_SHARED_KNOBS = [
     # programs per SM; with 6 buffers 115 KB, two
     {"shared_form": "gluon", "block_t": 32, "programs_per_sm": 3},
     {"shared_form": "gluon", "block_t": 32, "num_stages": 6},
-    {"shared_form": "gluon", "shared_k_load": "ahead"},  # the K residual's scores loaded a tile ahead (v35)
 ]
 
 
@@ -187,7 +186,6 @@ def test_gluon_shared_case_space_gpu(case, masked, dtype):
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     knob_sets = [{"shared_form": "gluon", "shared_k_early": k_early} for k_early in (True, False)]
-    knob_sets.append({"shared_form": "gluon", "shared_k_load": "ahead"})
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
@@ -207,7 +205,6 @@ def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
     assert launch_defaults(8, 1, 4, False, True, torch.float16)["shared_form"] == "gluon"
     assert launch_defaults(7, 1, 4, False, True, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(16, 2, 8, False, True, torch.bfloat16)["shared_form"] == "triton"  # extend: unmeasured
-    assert launch_defaults(128, 1, 4, True, True, torch.bfloat16)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, True, torch.float32)["shared_form"] == "triton"
     assert launch_defaults(128, 1, 4, False, False, torch.float32)["shared_form"] == "triton"
     case = AttnCase(B=4, H=8, Hkv=1, D=64, T=40, P=17, Q=16, k_res=False, v_res=False)  # 4 rows x 128 vectors
@@ -218,6 +215,60 @@ def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
     assert (out - ref).abs().max().item() <= 3 * lowp_attention_error(q.float(), view, None, case.D**-0.5, ref) + 1e-5
     name = getattr(getattr(launches["shared"], "metadata", None), "name", "")
     assert ("gluon" in name) == HOPPER, name
+
+
+def test_the_rule_reads_k_scores_through_the_ring_for_decode_with_both_residuals():
+    """With K and V residuals, decode calls from 32 query vectors per KV head take the Gluon kernel with K's scores
+    through its ``cp.async`` ring (v35b measured; 2 buffers), fewer vectors, extend calls, K residuals alone and fp32
+    the Triton kernel; the ring's limits say what a call breaks (fp16 scores, a context of a multiple of 16 tokens,
+    where the rule then takes the Triton kernel) and its buffers count in the kernel's shared memory."""
+    from forkkv_kernels.cascade import launch_defaults
+
+    for b_, nq, vpr, dtype in ((8, 1, 4, torch.bfloat16), (128, 1, 4, torch.float16), (32, 1, 1, torch.bfloat16)):
+        rule = launch_defaults(b_, nq, vpr, True, True, dtype)
+        assert (rule["shared_form"], rule["shared_k_load"]) == ("gluon", "ring"), (b_, nq, vpr)
+    for args in ((7, 1, 4, True, True, torch.bfloat16), (16, 2, 8, True, True, torch.bfloat16),
+                 (128, 1, 4, True, False, torch.bfloat16), (128, 1, 4, True, True, torch.float32)):
+        rule = launch_defaults(*args)
+        assert (rule["shared_form"], rule["shared_k_load"]) == ("triton", "softmax"), args
+    assert shared_gluon.rule_for(True, vectors=512, k_ring=True)["num_stages"] == 2
+    assert shared_gluon.ring_unsupported(32768, torch.float16) is None
+    assert "multiple of 16" in shared_gluon.ring_unsupported(2053, torch.float16)
+    assert "fp16" in shared_gluon.ring_unsupported(4096, torch.float32)
+    ring = shared_gluon.shared_bytes(128, 32, 4, 2, 4, 16, k_ring=True) - \
+        shared_gluon.shared_bytes(128, 32, 4, 2, 4, 16)
+    assert ring == 2 * 64 * 32 * 2  # two buffers of 64 vectors x 32 tokens of fp16 scores
+
+
+#: the ring's case space on the GPU: contexts of multiples of 16 tokens (the ring's limit), GQA 1, 4 and 8, head dims
+#: 64 and 128, K/V ranks 8-32 (the Gluon V path's), rows sharing an agent and a base row, extend calls, real sizes
+GLUON_RING_CASES = [
+    A(B=5, H=8, Hkv=2, D=64, T=144, P=2, N=3, ranks=(16, 16, 8)),
+    A(B=4, H=8, Hkv=2, D=64, T=80, P=5, rows=(0, 1, 1, -1), ranks=(16, 32)),
+    A(B=3, H=4, Hkv=4, D=64, T=208, P=4, Q=3),
+    A(B=3, H=16, Hkv=2, D=128, T=304, P=4),
+    A(B=70, H=4, Hkv=1, D=64, T=160, P=2),
+    A(B=6, H=8, Hkv=2, D=128, T=1008, P=3, Q=2, N=3, ranks=(8, 16, 32)),
+    A(B=10, H=32, Hkv=8, D=128, T=4096, P=9, N=8, ranks=(16,) * 8),
+    A(B=10, H=32, Hkv=8, D=128, T=1504, P=12, Q=3, N=8, ranks=(16,) * 8),
+]
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("masked", [False, True])
+@parametrize("case", GLUON_RING_CASES)
+def test_gluon_shared_k_ring_case_space_gpu(case, masked, dtype):
+    """K's scores through the ring (its rule's 2 buffers on 32-token tiles, and 3 buffers on 64-token tiles), with K
+    and V residuals, in bf16/fp16, with and without a padding mask: within 3x PyTorch's low-precision error of the fp32
+    reference. eval/ring_check_v35.py (at f474e79) ran these cases and knobs on an H200 before the rule took the ring,
+    24 passed (raw/ring_check_v35_h200.txt; two cases there with ranks the Gluon V path refuses, 4 and 64, have ranks
+    16 and 32 here)."""
+    if not HOPPER:
+        pytest.skip("the Gluon shared kernel runs on sm_90 only")
+    knob_sets = [{"shared_form": "gluon", "shared_k_load": "ring"},
+                 {"shared_form": "gluon", "shared_k_load": "ring", "num_stages": 3, "block_t": 64}]
+    _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 
 @pytest.mark.gpu
@@ -242,8 +293,7 @@ def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
 
 
 #: the launch knobs the V residual's GPU tests run over its rule (32-token tiles, 3 buffers: 115 KB at rank 16)
-GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False},
-                        {"shared_k_load": "ahead"}]
+GLUON_SHARED_V_KNOBS = [{}, {"num_stages": 2}, {"num_stages": 4}, {"shared_k_early": False}]
 
 
 def _v_geometry(case):
@@ -302,7 +352,7 @@ def test_gluon_shared_v_residual_case_space_gpu(case, masked, dtype):
     and on 2: within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
-    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2] + [{"shared_k_load": "ahead"}]]
+    knob_sets = [{"shared_form": "gluon", **knobs} for knobs in GLUON_SHARED_V_KNOBS[:2]]
     _assert_exact_under(knob_sets, case.query(dtype), case.view(dtype), case.mask() if masked else None, case.D**-0.5)
 
 

@@ -201,7 +201,8 @@ def compile_shared_gluon(knobs: dict) -> dict:
 
     pair = bool(knobs.get("pair"))
     has_v, rv = bool(knobs.get("has_v")) or pair, knobs.get("v_rank", 16)
-    rule = {**(GLUON_PAIR_RULE if pair else rule_for(has_v)), **knobs}  # 32-token tiles (V)
+    k_ring = bool(knobs.get("has_k")) and knobs.get("shared_k_load") == "ring"
+    rule = {**(GLUON_PAIR_RULE if pair else rule_for(has_v, k_ring=k_ring)), **knobs}  # 32-token tiles (V)
     desc = mangle_type(descriptors(*[torch.zeros(8, 256, 128, dtype=torch.bfloat16)] * 2, rule["block_t"])[0])
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
             "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
@@ -210,7 +211,8 @@ def compile_shared_gluon(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
-                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv), K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")))
+                 Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv),
+                 K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
