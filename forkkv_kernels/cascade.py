@@ -42,7 +42,7 @@ def _cascade_shared_kernel(
     KB, VB, R, KSLOT, UV, VSLOT,
     MASK, s_mb, s_mq, s_mt,
     M_WS, L_WS, ACC_WS, UV_WS,
-    B, T, NQ, RV, split_len, n_splits, qk_scale,
+    B, T, RS, NQ, RV, split_len, n_splits, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, HALF: tl.constexpr,
     HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
@@ -50,10 +50,11 @@ def _cascade_shared_kernel(
     PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
     """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
-    context. ``KB``/``VB [HKV, T, D]``, ``R [HKV, B·VPR, T]``, ``UV [n, T, RV]`` contiguous; ``KSLOT``/``VSLOT [B]``;
-    ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and split (layout: see
-    :mod:`.attention_common`). ``PDL_WAIT``: launched as a programmatic dependent launch after the K pass, it waits for
-    that grid before the first read of ``R`` (everything else it reads was written before the K pass began);
+    context. ``KB``/``VB [HKV, T, D]``, ``UV [n, T, RV]`` contiguous, ``R [HKV, B·VPR, T]`` rows ``RS`` apart;
+    ``KSLOT``/``VSLOT [B]``; ``MASK [B, NQ, T + P]`` int8. Writes unnormalised (m, l, acc, acc_uv) per vector and
+    split (layout: see :mod:`.attention_common`). ``PDL_WAIT``: launched as a programmatic dependent launch after the K
+    pass, it waits for that grid before the first read of ``R`` (everything else it reads was written before the K
+    pass began);
     ``PDL_TRIGGER``: lets the merge kernel's grid start, 1: at once (after the wait, if any: then all the work before
     this call is complete), 2: after the context loop, before the partials' stores; 0: as the grid ends."""
     mb = tl.program_id(0)
@@ -73,7 +74,7 @@ def _cascade_shared_kernel(
     dtype = q.dtype
     if HAS_K:
         kres = valid & (tl.load(KSLOT + row) >= 0)
-        r_row = ((hkv * B + row) * VPR + w).to(tl.int64) * T
+        r_row = ((hkv * B + row) * VPR + w).to(tl.int64) * RS
     if HAS_V:
         # u_v columns of each sub-block: RPSB rows x RVB ranks; vector i of a sub-block reads group i // VPR
         kk = tl.arange(0, N_SUB)
@@ -320,6 +321,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     interp = not q.is_cuda
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
+    # the K residual's score rows (written by the K pass, read by the shared part) padded to 16 tokens: every row
+    # 16-byte aligned, as the Gluon kernel's ring of them needs (eval/KERNEL_NOTES.md "v35b measured")
+    r_stride = cdiv(T, 16) * 16
     RV = v_u.shape[-1] if has_v else 1
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
@@ -347,7 +351,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     k_load = shared_k_load or (cfg["shared_k_load"] if form == cfg["shared_form"] == "gluon" else "softmax")
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
         k_ring = has_k and k_load == "ring"
-        if k_ring and shared_k_load is None and ring_unsupported(T, torch.float32 if (
+        if k_ring and shared_k_load is None and ring_unsupported(r_stride, torch.float32 if (
                 scores_fp32 or dtype == torch.float32) else torch.float16) is not None:
             k_load, k_ring = "softmax", False  # the rule's ring where this call cannot take it
             if shared_form is None:
@@ -379,11 +383,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         if k_order is None:
             k_order = torch.argsort(k_slot, stable=True)
         r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
-        r_scores = scratch("kres_scores", Hkv * B * VPR * T, dev, r_dtype)
+        r_scores = scratch("kres_scores", Hkv * B * VPR * r_stride, dev, r_dtype)
         launched["kres"] = launch_kres_scores(
             q, k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous(), k_slot,
             k_order.to(device=dev, dtype=torch.int32), r_scores, qk_scale, VPR=VPR, rope_half=rope_half,
-            lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms, k_agents=k_agents,
+            r_stride=r_stride, lowp=bool(lowp_rope) and dtype != torch.float32, prec=prec, interp=interp, sms=sms,
+            k_agents=k_agents,
             k_max_rows=k_max_rows, res_form=cfg["res_form"], res_block_t=cfg["res_block_t"], res_heads=res_heads,
             res_programs_per_sm=cfg["res_programs_per_sm"], res_splits=res_splits, res_warps=cfg["res_warps"],
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
@@ -407,20 +412,20 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], k_early=shared_k_early, v_u=v_u if has_v else None,
-            v_slot=v_slot if has_v else None)
+            v_slot=v_slot if has_v else None, r_stride=r_stride)
     elif gluon_shared:
         launched["shared"] = launch_shared_gluon(
             q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_load=k_load,
-            v_u=v_u if has_v else None, v_slot=v_slot if has_v else None)
+            v_u=v_u if has_v else None, v_slot=v_slot if has_v else None, r_stride=r_stride)
     else:
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
             k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
             mask if mask is not None else q, *ms,
             *ws,
-            B, T, NQ, RV, split_len, n_splits, qk_scale,
+            B, T, r_stride, NQ, RV, split_len, n_splits, qk_scale,
             HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
             BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
             HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,

@@ -160,7 +160,7 @@ if HAVE_GLUON:
     def _kres_scores_gluon(
         Q, s_qb, s_qh, s_qq,
         UK, BK, COS, SIN, KSLOT, ORDER, R,
-        B, T, RK, split_len, qk_scale,
+        B, T, RS, RK, split_len, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
         NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
         SYNC_SCORE: gl.constexpr,
@@ -260,15 +260,16 @@ if HAVE_GLUON:
                     else:
                         s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
                             warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
-                    _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok, VPR, BLOCK_T, LS, SATF)
+                    _store_scores(s, R, h, t0, t_end, RS, B, qk_scale, rowc, w, ok, VPR, BLOCK_T, LS, SATF)
 
 
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
                              rope_half: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
-                             res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None):
-    """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]``; arguments as
+                             res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
+                             r_stride: int | None = None):
+    """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
     tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype). Raises ``ValueError``
@@ -290,7 +291,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     opts = {} if res_maxnreg is None else {"maxnreg": res_maxnreg}
     return _kres_scores_gluon[(B, cdiv(T, split_len), n_chunks)](
         q, q.stride(0), q.stride(1), q.stride(2), k_u, k_B, cos, sin, k_slot, k_order, r_scores,
-        B, T, rank, split_len, qk_scale,
+        B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
         SYNC_SCORE=res_score == "mma_sync", num_warps=block_t // 16, **opts)

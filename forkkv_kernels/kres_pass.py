@@ -55,7 +55,7 @@ def _f16_satfinite(x):
 def _kres_scores_kernel(
     Q, s_qb, s_qh, s_qq,
     UK, BK, COS, SIN, KSLOT, ORDER, R,
-    B, T, RK, split_len, qk_scale,
+    B, T, RS, RK, split_len, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_B: tl.constexpr, RKB: tl.constexpr,
     VPR: tl.constexpr, NQG: tl.constexpr, MQ: tl.constexpr, BLOCK_T: tl.constexpr, HG: tl.constexpr,
     HA: tl.constexpr, ROPE_HALF: tl.constexpr, LOWP_ROPE: tl.constexpr, CLAMP: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -187,7 +187,7 @@ def _kres_scores_kernel(
                 elif CLAMP:  # fp16 buffer: bound |score| (log2 units) far beyond where exp2 differences vanish
                     r = tl.minimum(tl.maximum(r, -60000.0), 60000.0)
                 vec = (((hg * HG + hp * HA + col_head) * B + rowc) * VPR + w).to(tl.int64)
-                tl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
+                tl.store(R + vec[None, :] * RS + t[:, None], r.to(R.dtype.element_ty), mask=tm[:, None] & ok[None, :])
 
 
 #: ``res_f16`` on a bf16/fp32 call: the queries enter fp16 scaled by this power of two (their scores scaled back)
@@ -241,9 +241,11 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        res_programs_per_sm: int = 4, res_splits: int | None = None, res_warps: int = 4,
                        res_stages: int = 2, res_maxnreg: int | None = None, mq: int | None = None,
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
-                       res_satfinite: bool = False, res_f16: bool = False, k_B16=None, pdl: bool = False):
-    """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``. ``q [B, H, NQ, D]``; ``k_u [n, T, r]``,
-    ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous; ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
+                       res_satfinite: bool = False, res_f16: bool = False, k_B16=None, pdl: bool = False,
+                       r_stride: int | None = None):
+    """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``, score rows ``r_stride`` apart (default
+    ``T``). ``q [B, H, NQ, D]``; ``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous;
+    ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
     slot). ``k_agents``/``k_max_rows``: distinct K slots and the most rows of one slot (grid and score-MMA width;
     ``None``: ``B``). Knobs: ``res_form`` (:data:`RES_FORMS`), ``res_block_t`` tokens per tile, ``res_heads`` KV heads
     per program (they share the u and cos/sin tiles), ``res_programs_per_sm`` (sizes the split of the context, see
@@ -274,7 +276,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
             q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale, VPR=VPR, rope_half=rope_half, lowp=lowp,
             sms=sms, k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
             res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, mq=mq, whole_waves=whole_waves,
-            res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg)
+            res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg, r_stride=r_stride)
     if res_score == "mma_sync":
         raise ValueError("res_score='mma_sync' is the Gluon K pass's (res_form='gluon'); the Triton forms take "
                          "'mma' or 'fma'")
@@ -308,7 +310,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     return launch(
         _kres_scores_kernel, (B, cdiv(T, split_len), n_chunks * (Hkv // HG)), q, q.stride(0), q.stride(1), q.stride(2),
         k_u, k_B, cos, sin, k_slot, k_order, r_scores,
-        B, T, k_u.shape[-1], split_len, qk_scale,
+        B, T, r_stride or T, k_u.shape[-1], split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, HALF_B=pow2(D // 2), RKB=pow2(k_u.shape[-1]), VPR=VPR, NQG=NQ * (H // Hkv),
         MQ=MQ, BLOCK_T=BT_R, HG=HG, HA=pack, ROPE_HALF=rope_half, LOWP_ROPE=lowp, CLAMP=r_scores.dtype == torch.float16,
         DOT_PREC=prec, UPCAST=interp, PAIRS=res_form == "pairs", JOINED=res_form == "joined", SCORE_FMA=fma,

@@ -183,7 +183,7 @@ if HAVE_GLUON:
         k_desc, v_desc, R, KSLOT, UV, VSLOT,
         MASK, s_mb, s_mq, s_mt,
         M_WS, L_WS, ACC_WS, UV_WS,
-        B, T, NQ, split_len, n_splits, qk_scale,
+        B, T, RS, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
@@ -230,7 +230,7 @@ if HAVE_GLUON:
             LR: gl.constexpr = gl.BlockedLayout([1, 8], [256 // BLOCK_T, BLOCK_T // 8], [NW, 1], [1, 0])
             r_smem = gl.allocate_shared_memory(R.dtype.element_ty, [STAGES, BLOCK_M, BLOCK_T],
                                                gl.SwizzledSharedLayout(8, 1, BLOCK_T // 8, [1, 0]))
-            _r0, _r1, _r2, _r3, r_row_c, kres_c = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, LR)
+            _r0, _r1, _r2, _r3, r_row_c, kres_c = _rows(mb, B, RS, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, LR)
         fence_async_shared()
         _cta_barrier()
         for i in gl.static_range(STAGES):
@@ -251,7 +251,7 @@ if HAVE_GLUON:
         else:
             qa = q_smem
 
-        row, qs, head_s, valid, r_row, kres = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
+        row, qs, head_s, valid, r_row, kres = _rows(mb, B, RS, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
         # zeros the compiler cannot see as such: the score MMAs start from defined accumulator registers (with an
         # undefined start ptxas serialises every MMA of the kernel, its report C7514)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
@@ -335,24 +335,27 @@ def descriptors(k_base: torch.Tensor, v_base: torch.Tensor, block_t: int):
     return tuple(TensorDescriptor.from_tensor(x.view(hkv * t, d), [block_t, d], layout) for x in (k_base, v_base))
 
 
-def ring_unsupported(T: int, r_dtype: torch.dtype) -> str | None:
-    """Why the K residual's scores cannot go through the ring (``k_load="ring"``) for a context of ``T`` tokens with
-    scores in ``r_dtype``, or None: its 16-byte copies need fp16 scores and every score row 16-byte aligned, which the
-    compiler knows only of a ``T`` that is a multiple of 16 (Triton specialises an integer argument on 16)."""
+def ring_unsupported(r_stride: int, r_dtype: torch.dtype) -> str | None:
+    """Why the K residual's scores cannot go through the ring (``k_load="ring"``) with score rows ``r_stride`` apart
+    in ``r_dtype``, or None: its 16-byte copies need fp16 scores and every score row 16-byte aligned, which the
+    compiler knows only of a stride that is a multiple of 16 (Triton specialises an integer argument on 16; the
+    launcher pads the rows to 16 tokens)."""
     if r_dtype != torch.float16:
         return f"the K residual's scores in {r_dtype} (the ring copies fp16 scores)"
-    if T % 16:
-        return f"a context of {T} tokens (the ring's 16-byte copies need a multiple of 16)"
+    if r_stride % 16:
+        return f"score rows {r_stride} tokens apart (the ring's 16-byte copies need a multiple of 16)"
     return None
 
 
 def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: int, vpr: int,
-            k_ring: bool = False, r_dtype: torch.dtype = torch.float16) -> Exception | None:
+            k_ring: bool = False, r_dtype: torch.dtype = torch.float16,
+            r_stride: int | None = None) -> Exception | None:
     """The error, saying what to do, that a launch of this call (queries ``q``, base ``k_base``/``v_base``, the V
     residual's ``u_v`` or None, these knobs) would raise, or None where the kernel can take it: ``u_v`` in another
     dtype than the queries (copied raw into a ring of theirs), a limit of :func:`unsupported`, tensors without a
     16-byte aligned start (TMA and the 16-byte copies need one), and with the K residual's scores in a ring
-    (``k_ring``, scores in ``r_dtype``) :func:`ring_unsupported`'s limits. The launcher's rule takes the Triton kernel
+    (``k_ring``, scores in ``r_dtype``, rows ``r_stride`` apart, default the context's length)
+    :func:`ring_unsupported`'s limits. The launcher's rule takes the Triton kernel
     instead wherever this is not None."""
     has_v = v_u is not None
     if has_v and v_u.dtype != q.dtype:
@@ -362,7 +365,7 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
                       v_u.shape[-1] if has_v else 16, k_ring)
     if why:
         return ValueError(f"shared_form='gluon' cannot serve this call: {why}; use shared_form='triton'")
-    why = ring_unsupported(k_base.shape[1], r_dtype) if k_ring else None
+    why = ring_unsupported(r_stride or k_base.shape[1], r_dtype) if k_ring else None
     if why:
         return ValueError(f"shared_k_load='ring' cannot serve this call: {why}; use shared_k_load='softmax'")
     if k_base.data_ptr() % 16 or v_base.data_ptr() % 16 or (has_v and v_u.data_ptr() % 16):
@@ -373,14 +376,16 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
 
 def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int, n_splits: int,
                         qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int, num_stages: int,
-                        k_early: bool = True, q_regs: bool = False, k_load: str = "softmax", v_u=None, v_slot=None):
+                        k_early: bool = True, q_regs: bool = False, k_load: str = "softmax", v_u=None, v_slot=None,
+                        r_stride: int | None = None):
     """Run :func:`_cascade_shared_gluon` over the grid ``(n_mb, HKV, n_splits)`` into the partials ``ws = (m, l,
     acc, acc_uv)``; arguments as the Triton shared kernel's launch in :func:`~.cascade._cascade_attention`
     (``k_early``: K tiles refilled as soon as they free; ``q_regs``: the score MMAs' queries from registers, not
     shared memory; ``k_load``: where each tile's K-residual scores are read (:data:`K_LOADS`: ``"softmax"``
     loaded in its softmax, ``"ring"`` by ``cp.async`` into a ring of ``num_stages`` buffers beside ``u_v``'s,
     within :func:`ring_unsupported`'s limits); ``v_u``/``v_slot``: the V residual's ``u_v [n, T, RV]`` and the
-    rows' slots, int32). Raises :func:`refusal`'s error where the kernel cannot take the call."""
+    rows' slots, int32; ``r_stride``: how far apart ``r_scores``' rows are, default ``T``). Raises
+    :func:`refusal`'s error where the kernel cannot take the call."""
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     has_v = v_u is not None
@@ -388,7 +393,7 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
     if k_load not in K_LOADS:
         raise ValueError(f"k_load={k_load!r}; use one of {K_LOADS}")
     err = refusal(q, k_base, v_base, v_u, block_t, num_warps, num_stages, VPR, has_k and k_load == "ring",
-                  r_scores.dtype)
+                  r_scores.dtype, r_stride)
     if err is not None:
         raise err
     k_desc, v_desc = descriptors(k_base, v_base, block_t)
@@ -397,7 +402,7 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         q, q.stride(0), q.stride(1), q.stride(2), k_desc, v_desc, r_scores, k_slot if has_k else q,
         v_u if has_v else q, v_slot if has_v else q,
         mask if mask is not None else q, *ms, ws[0], ws[1], ws[2], ws[3],
-        B, T, NQ, split_len, n_splits, qk_scale,
+        B, T, r_stride or T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
         Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load), num_warps=num_warps)

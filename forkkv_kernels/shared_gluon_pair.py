@@ -84,7 +84,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _pair_head(
         Q, s_qb, s_qh, s_qq, k_desc, v_desc, R, KSLOT, UV, VSLOT, MASK, s_mb, s_mq, s_mt,
-        M_WS, L_WS, ACC_WS, UV_WS, B, T, NQ, split_len, n_splits, qk_scale,
+        M_WS, L_WS, ACC_WS, UV_WS, B, T, RS, NQ, split_len, n_splits, qk_scale,
         kbar, vbar, k_smem, v_smem, q_smem, u_smem, u_ready, u_free,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
@@ -122,7 +122,7 @@ if HAVE_GLUON:
         fence_async_shared()
         _cta_barrier()
 
-        row, qs, head_s, valid, r_row, kres = _rows(mb, B, T, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
+        row, qs, head_s, valid, r_row, kres = _rows(mb, B, RS, hkv, KSLOT, BLOCK_M, VPR, NQG, G, HAS_K, ACC_S)
         zs = gl.zeros([BLOCK_M, BLOCK_T], gl.float32, ACC_S) * qk_scale
         o = gl.zeros([BLOCK_M, D], gl.float32, ACC_O)
         acc_u = gl.zeros([NW, 16, RV], gl.float32, MMA2)
@@ -176,7 +176,7 @@ if HAVE_GLUON:
         k_desc, v_desc, R, KSLOT, UV, VSLOT,
         MASK, s_mb, s_mq, s_mt,
         M_WS, L_WS, ACC_WS, UV_WS,
-        B, T, NQ, split_len, n_splits, qk_scale,
+        B, T, RS, NQ, split_len, n_splits, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr, RVB: gl.constexpr,
@@ -215,12 +215,12 @@ if HAVE_GLUON:
         # each partition's arguments written out: a tuple built by concatenation loses its constexprs (Triton 3.6)
         gl.warp_specialize([
             (_pair_head, (Q, s_qb, s_qh, s_qq, k_desc, v_desc, R, KSLOT, UV, VSLOT, MASK, s_mb, s_mq, s_mt,
-                          M_WS, L_WS, ACC_WS, UV_WS, B, T, NQ, split_len, n_splits, qk_scale,
+                          M_WS, L_WS, ACC_WS, UV_WS, B, T, RS, NQ, split_len, n_splits, qk_scale,
                           kbar0, vbar0, k_smem0, v_smem0, q_smem0, u_smem, u_ready, u_free,
                           HKV, G, D, HALF, HALF_B, VPR, NQG, BLOCK_T, STAGES, RV, HAS_K, HAS_MASK, K_EARLY, RVB, NW,
                           True)),
             (_pair_head, (Q, s_qb, s_qh, s_qq, k_desc, v_desc, R, KSLOT, UV, VSLOT, MASK, s_mb, s_mq, s_mt,
-                          M_WS, L_WS, ACC_WS, UV_WS, B, T, NQ, split_len, n_splits, qk_scale,
+                          M_WS, L_WS, ACC_WS, UV_WS, B, T, RS, NQ, split_len, n_splits, qk_scale,
                           kbar1, vbar1, k_smem1, v_smem1, q_smem1, u_smem, u_ready, u_free,
                           HKV, G, D, HALF, HALF_B, VPR, NQG, BLOCK_T, STAGES, RV, HAS_K, HAS_MASK, K_EARLY, RVB, NW,
                           False)),
@@ -229,7 +229,8 @@ if HAVE_GLUON:
 
 def launch_shared_gluon_pair(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: int, split_len: int,
                              n_splits: int, qk_scale: float, VPR: int, has_k: bool, block_t: int, num_warps: int,
-                             num_stages: int, v_u, v_slot, k_early: bool = True):
+                             num_stages: int, v_u, v_slot, k_early: bool = True,
+                             r_stride: int | None = None):
     """Run :func:`_cascade_shared_gluon_pair` over the grid ``(n_mb, HKV // 2, n_splits)`` into the partials ``ws``;
     arguments as :func:`~.shared_gluon.launch_shared_gluon`'s (a V residual required). Raises :func:`pair_refusal`'s
     error where the kernel cannot take the call."""
@@ -244,7 +245,7 @@ def launch_shared_gluon_pair(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n
     return _cascade_shared_gluon_pair[(n_mb, Hkv // 2, n_splits)](
         q, q.stride(0), q.stride(1), q.stride(2), k_desc, v_desc, r_scores, k_slot if has_k else q, v_u, v_slot,
         mask if mask is not None else q, *ms, ws[0], ws[1], ws[2], ws[3],
-        B, T, NQ, split_len, n_splits, qk_scale,
+        B, T, r_stride or T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_MASK=mask is not None, K_EARLY=bool(k_early), RVB=pow2(rv),
         WORKER_REGS=PAIR_REGS, num_warps=num_warps, maxnreg=PAIR_REGS)

@@ -84,7 +84,7 @@ if HAVE_GLUON:
                        other=0.0)
 
     @gluon.jit
-    def _rows(mb, B, T, hkv, KSLOT, BLOCK_M: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr,
+    def _rows(mb, B, RS, hkv, KSLOT, BLOCK_M: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr, G: gl.constexpr,
               HAS_K: gl.constexpr, ACC_S: gl.constexpr):
         """The program's vectors in the scores' layout: row, query, head, whether real, and the K residual's score
         rows and whether each vector has one (dummies without a K residual)."""
@@ -93,7 +93,7 @@ if HAVE_GLUON:
         kres = valid
         if HAS_K:
             kres = valid & (gl.load(KSLOT + row) >= 0)
-            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * T
+            r_row = ((hkv * B + row) * VPR + ws).to(gl.int64) * RS
         return row, qs, head_s, valid, r_row, kres
 
     @gluon.jit

@@ -220,8 +220,9 @@ def test_the_rule_picks_the_gluon_shared_part_without_k_residuals():
 def test_the_rule_reads_k_scores_through_the_ring_for_decode_with_both_residuals():
     """With K and V residuals, decode calls from 32 query vectors per KV head take the Gluon kernel with K's scores
     through its ``cp.async`` ring (v35b measured; 2 buffers), fewer vectors, extend calls, K residuals alone and fp32
-    the Triton kernel; the ring's limits say what a call breaks (fp16 scores, a context of a multiple of 16 tokens,
-    where the rule then takes the Triton kernel) and its buffers count in the kernel's shared memory."""
+    the Triton kernel; the ring's limits say what a call breaks (fp16 scores, score rows a multiple of 16 tokens
+    apart, which the launcher's padding always gives; where a call breaks them the rule takes the Triton kernel) and
+    its buffers count in the kernel's shared memory."""
     from forkkv_kernels.cascade import launch_defaults
 
     for b_, nq, vpr, dtype in ((8, 1, 4, torch.bfloat16), (128, 1, 4, torch.float16), (32, 1, 1, torch.bfloat16)):
@@ -233,15 +234,15 @@ def test_the_rule_reads_k_scores_through_the_ring_for_decode_with_both_residuals
         assert (rule["shared_form"], rule["shared_k_load"]) == ("triton", "softmax"), args
     assert shared_gluon.rule_for(True, vectors=512, k_ring=True)["num_stages"] == 2
     assert shared_gluon.ring_unsupported(32768, torch.float16) is None
-    assert "multiple of 16" in shared_gluon.ring_unsupported(2053, torch.float16)
+    assert "multiple of 16" in shared_gluon.ring_unsupported(2053, torch.float16)  # a stride the launcher never gives
     assert "fp16" in shared_gluon.ring_unsupported(4096, torch.float32)
     ring = shared_gluon.shared_bytes(128, 32, 4, 2, 4, 16, k_ring=True) - \
         shared_gluon.shared_bytes(128, 32, 4, 2, 4, 16)
     assert ring == 2 * 64 * 32 * 2  # two buffers of 64 vectors x 32 tokens of fp16 scores
 
 
-#: the ring's case space on the GPU: contexts of multiples of 16 tokens (the ring's limit), GQA 1, 4 and 8, head dims
-#: 64 and 128, K/V ranks 8-32 (the Gluon V path's), rows sharing an agent and a base row, extend calls, real sizes
+#: the ring's case space on the GPU: contexts of multiples of 16 tokens and not, GQA 1, 4 and 8, head dims 64 and 128,
+#: K/V ranks 8-32 (the Gluon V path's), rows sharing an agent and a base row, extend calls, real sizes
 GLUON_RING_CASES = [
     A(B=5, H=8, Hkv=2, D=64, T=144, P=2, N=3, ranks=(16, 16, 8)),
     A(B=4, H=8, Hkv=2, D=64, T=80, P=5, rows=(0, 1, 1, -1), ranks=(16, 32)),
@@ -251,6 +252,9 @@ GLUON_RING_CASES = [
     A(B=6, H=8, Hkv=2, D=128, T=1008, P=3, Q=2, N=3, ranks=(8, 16, 32)),
     A(B=10, H=32, Hkv=8, D=128, T=4096, P=9, N=8, ranks=(16,) * 8),
     A(B=10, H=32, Hkv=8, D=128, T=1504, P=12, Q=3, N=8, ranks=(16,) * 8),
+    # contexts not a multiple of 16 tokens: the score rows padded to 16 by the launcher
+    A(B=5, H=8, Hkv=2, D=64, T=129, P=2, N=3, ranks=(16, 16, 8)),
+    A(B=10, H=32, Hkv=8, D=128, T=2053, P=9, N=8, ranks=(16,) * 8),
 ]
 
 

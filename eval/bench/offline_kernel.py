@@ -23,7 +23,8 @@ from .sweep_kernel import CANDIDATES, default_rule, resident_programs
 
 
 #: the K pass's arguments that the benchmark's launches pass 16-divisible (pointers: 16-byte aligned)
-DIVISIBLE = ["Q", "UK", "BK", "COS", "SIN", "KSLOT", "ORDER", "R", "s_qb", "s_qh", "s_qq", "B", "T", "RK", "split_len"]
+DIVISIBLE = ["Q", "UK", "BK", "COS", "SIN", "KSLOT", "ORDER", "R", "s_qb", "s_qh", "s_qq", "B", "T", "RS", "RK",
+             "split_len"]
 
 
 def compile_kres(knobs: dict) -> dict:
@@ -60,7 +61,8 @@ def compile_kres(knobs: dict) -> dict:
 
 #: the K pass's runtime arguments (both kernels take the same)
 _KRES_ARGS = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "*bf16", "BK": "*bf16", "COS": "*bf16",
-              "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RK": "i32",
+              "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RS": "i32",
+              "RK": "i32",
               "split_len": "i32", "qk_scale": "fp32"}
 
 
@@ -161,7 +163,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
            "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}
     order = ["Q", "s_qb", "s_qh", "s_qq", "KB", "VB", "R", "KSLOT", "UV", "VSLOT", "MASK", "s_mb", "s_mq", "s_mt",
-             "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
+             "M_WS", "L_WS", "ACC_WS", "UV_WS", "B", "T", "RS", "NQ", "RV", "split_len", "n_splits", "qk_scale"]
     args = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in order}  # the rest: strides and sizes
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
@@ -171,7 +173,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     names = list(sig)
     # what a launch specialises: 16-byte aligned pointers and 16-divisible strides, sizes and V ranks (RV = 16 on the
     # GPU: without it the u_v loads compile as 16-bit scalar loads, a code the GPU never runs)
-    divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "split_len", "RV")]
+    divisible = [n for n in order if n in ptr or n in ("s_qb", "s_qh", "s_qq", "T", "RS", "split_len", "RV")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(_cascade_shared_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
@@ -207,13 +209,14 @@ def compile_shared_gluon(knobs: dict) -> dict:
     args = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "k_desc": desc, "v_desc": desc,
             "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16", "VSLOT": "*i32", "MASK": "*i8", "s_mb": "i32",
             "s_mq": "i32", "s_mt": "i32", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32",
-            "B": "i32", "T": "i32", "NQ": "i32", "split_len": "i32", "n_splits": "i32", "qk_scale": "fp32"}
+            "B": "i32", "T": "i32", "RS": "i32", "NQ": "i32", "split_len": "i32", "n_splits": "i32",
+            "qk_scale": "fp32"}
     const = dict(HKV=8, G=4, D=128, HALF=64, HALF_B=64, VPR=4, NQG=4, BLOCK_T=rule["block_t"],
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
                  Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv),
                  K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")))
-    divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "split_len"]
+    divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "RS", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers

@@ -65,7 +65,7 @@ ABLATIONS = {
 GLUON_FETCH_U = "_cp_async(u_smem.index(stage), UV + (u_off + t * RV), mask=(t + u_t) < T)"
 GLUON_PU = "acc_u = _pu(p, alpha, acc_u, u_smem, {}, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)"
 GLUON_PU_TILE = "b = u_smem.index(stage).slice(j * NW, NW, dim=0).load("
-GLUON_UV_WAIT = "{0}async_copy.wait_group(STAGES - 1)\n{0}_cta_barrier()\n"
+GLUON_UV_WAIT = "{0}if not KR:\n{0}    async_copy.wait_group(STAGES - 1)\n{0}    _cta_barrier()\n"
 GLUON_ABLATIONS = {
     "gluon_no_uv_load": [(GLUON_FETCH_U, GLUON_FETCH_U.replace("< T)", "< 0)"))],
     "gluon_no_pu": [(GLUON_PU.format("st"), "acc_u = acc_u"), (GLUON_PU.format("sp"), "acc_u = acc_u")],
