@@ -149,13 +149,20 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _fetch_r(R, r_row, kres, r_smem, stage, t, t_end, BLOCK_T: gl.constexpr, LR: gl.constexpr):
-        """Issue the ``cp.async`` copies of the program's K-residual scores for the tile of tokens ``t`` on (zeros
-        past ``t_end`` and for vectors without a K residual) into ``stage`` of their ring (``r_row``/``kres``: each
-        vector's score row and whether it has one, in the copy's layout ``LR``); committed with the tile's ``u_v``
-        copies (or alone)."""
+    def _fetch_r(R, r_row, kres, r_smem, stage, t, t_end, RS, BLOCK_T: gl.constexpr, LR: gl.constexpr,
+                 R_PAD: gl.constexpr):
+        """Issue the ``cp.async`` copies of the program's K-residual scores for the tile of tokens ``t`` on into
+        ``stage`` of their ring (``r_row``/``kres``: each vector's score row and whether it has one, in the copy's
+        layout ``LR``; zeros for vectors without one and past ``t_end``); committed with the tile's ``u_v`` copies (or
+        alone). ``R_PAD`` (a context not a multiple of 16 tokens): bounded by the row's padded length ``RS`` instead,
+        a multiple of 16 the compiler knows, which keeps the copies 16 bytes wide (with the context's end as the
+        bound they do not compile); the scores past the split's end it then copies the softmax masks."""
         tt = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, LR))
-        _cp_async(r_smem.index(stage), R + r_row[:, None] + tt[None, :], mask=kres[:, None] & (tt < t_end)[None, :])
+        if R_PAD:
+            inside = tt < RS
+        else:
+            inside = tt < t_end
+        _cp_async(r_smem.index(stage), R + r_row[:, None] + tt[None, :], mask=kres[:, None] & inside[None, :])
 
     @gluon.jit
     def _pu(p, alpha, acc_u, u_smem, stage, ACC_S: gl.constexpr, MMA2: gl.constexpr, NW: gl.constexpr,
@@ -187,7 +194,7 @@ if HAVE_GLUON:
         HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr, HALF_B: gl.constexpr,
         VPR: gl.constexpr, NQG: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, RV: gl.constexpr,
         HAS_K: gl.constexpr, HAS_V: gl.constexpr, HAS_MASK: gl.constexpr, K_EARLY: gl.constexpr,
-        Q_REGS: gl.constexpr, RVB: gl.constexpr, K_LOAD: gl.constexpr,
+        Q_REGS: gl.constexpr, RVB: gl.constexpr, K_LOAD: gl.constexpr, R_PAD: gl.constexpr,
     ):
         """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of
         the context, as :func:`~.cascade._cascade_shared_kernel`. ``k_desc``/``v_desc``: TMA descriptors of the
@@ -236,7 +243,7 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             _fetch(k_desc, v_desc, kbar, vbar, k_smem, v_smem, i, kv_row + i * BLOCK_T, i < n, NBYTES)
             if KR:
-                _fetch_r(R, r_row_c, kres_c, r_smem, i, t_begin + i * BLOCK_T, t_end, BLOCK_T, LR)
+                _fetch_r(R, r_row_c, kres_c, r_smem, i, t_begin + i * BLOCK_T, t_end, RS, BLOCK_T, LR, R_PAD)
             if HAS_V:
                 _fetch_u(UV, u_off, u_t, u_smem, i, t_begin + i * BLOCK_T, T, RV)
             elif KR:
@@ -293,7 +300,8 @@ if HAVE_GLUON:
                 acc_u = _pu(p, alpha, acc_u, u_smem, st, ACC_S, MMA2, NW, RPW, VPR, BLOCK_T, dtype)
             s, o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, pa])
             if KR:  # the stages tile j's copies filled are free (tiles past the split's end copy zeros)
-                _fetch_r(R, r_row_c, kres_c, r_smem, st, t_begin + (j + STAGES) * BLOCK_T, t_end, BLOCK_T, LR)
+                _fetch_r(R, r_row_c, kres_c, r_smem, st, t_begin + (j + STAGES) * BLOCK_T, t_end, RS, BLOCK_T,
+                         LR, R_PAD)
             if HAS_V:  # u_v tile j's stage is free (a tile past the split's end copies tokens it never uses)
                 _fetch_u(UV, u_off, u_t, u_smem, st, t_begin + (j + STAGES) * BLOCK_T, T, RV)
             elif KR:
@@ -405,4 +413,4 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, r_stride or T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load), num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load), R_PAD=T % 16 != 0, num_warps=num_warps)

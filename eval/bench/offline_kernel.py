@@ -215,12 +215,12 @@ def compile_shared_gluon(knobs: dict) -> dict:
                  STAGES=rule["num_stages"], RV=rv, HAS_K=bool(rule.get("has_k")), HAS_V=has_v,
                  HAS_MASK=bool(rule.get("has_mask")), K_EARLY=rule.get("shared_k_early", True),
                  Q_REGS=bool(rule.get("shared_q_regs")), RVB=pow2(rv),
-                 K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")))
+                 K_LOAD=K_LOADS.index(rule.get("shared_k_load", "softmax")), R_PAD=bool(rule.get("r_pad")))
     divisible = [n for n, t in args.items() if t.startswith("*")] + ["s_qb", "s_qh", "s_qq", "T", "RS", "split_len"]
     opts = {"num_warps": rule["num_warps"], "num_stages": 1}
     kernel_fn = _cascade_shared_gluon
     if pair:  # two KV heads per program: no HAS_V/Q_REGS (a V residual, queries in shared memory), its registers
-        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_LOAD")}
+        const = {k: v for k, v in const.items() if k not in ("HAS_V", "Q_REGS", "K_LOAD", "R_PAD")}
         const["WORKER_REGS"], opts["maxnreg"], kernel_fn = PAIR_REGS, PAIR_REGS, _cascade_shared_gluon_pair
     kernel = triton.compile(_source(GluonASTSource, kernel_fn, args, const, divisible),
                             target=GPUTarget("cuda", 90, 32), options=opts)
