@@ -9,7 +9,8 @@
 # - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): Triton, Gluon plain, the rule, two orders;
 # - ncu (not in the default): stall reasons of the Gluon shared kernel, plain and with the ring, K+V at 32 agents;
 # - tests: the Gluon kernel's real-size and ring GPU tests (TESTS_K narrows them);
-# - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns).
+# - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns);
+# - decode (not in the default): the capacity decode end to end (`eval.bench.decode`, 256 agents, ~5-9 minutes).
 # Ran: at 8ef240c the first smoke / sweep / ncu (H100; a tile-ahead load then measured, since removed), at f474e79 the
 # second (H200; the ring, the plain form on 2 buffers, the tile-ahead load), the ring's case space
 # (eval/ring_check_v35.py, since moved into tests/test_shared_gluon.py) and two more sweeps; this form of the script is
@@ -73,6 +74,12 @@ if has bench && [ $ok = 1 ]; then
     timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
         --out "$OUT/bench_kernel_v35.json" > "$OUT/bench_kernel_v35.log" 2>&1
     echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v35.log"; pack
+fi
+if has decode && [ $ok = 1 ]; then  # the capacity decode with the rule (256 agents, 32K, compiled, 60 GiB cap)
+    timeout ${DECODE_S:-540} python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps 3 \
+        --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_v35.json" \
+        > "$OUT/bench_decode_capacity_v35.log" 2>&1
+    echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_v35.log"; pack
 fi
 if has tests && [ $ok = 1 ]; then
     timeout ${TESTS_S:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} \
