@@ -22,7 +22,8 @@ unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
 (:func:`~.merge.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
 picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
 measured", "v23 measured"), for decode calls with the V residual alone from 32 ("v25 measured, v26"), and for decode
-calls with both residuals from 32, K's scores through the ring ("v35b measured").
+calls with both residuals from 32 over contexts of a multiple of 16 tokens, K's scores through the ring ("v35b
+measured").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a
@@ -363,8 +364,8 @@ def refusal(q, k_base, v_base, v_u, block_t: int, num_warps: int, num_stages: in
     dtype than the queries (copied raw into a ring of theirs), a limit of :func:`unsupported`, tensors without a
     16-byte aligned start (TMA and the 16-byte copies need one), and with the K residual's scores in a ring
     (``k_ring``, scores in ``r_dtype``, rows ``r_stride`` apart, default the context's length)
-    :func:`ring_unsupported`'s limits. The launcher's rule takes the Triton kernel
-    instead wherever this is not None."""
+    :func:`ring_unsupported`'s limits. The launcher's rule takes the Triton kernel instead wherever this is not
+    None."""
     has_v = v_u is not None
     if has_v and v_u.dtype != q.dtype:
         return TypeError(f"shared_form='gluon' copies u_v into shared memory as the queries' {q.dtype}, but u_v is "
