@@ -8,6 +8,7 @@
 #   residuals (decode, extend, a mask; contexts of multiples of 16), 90 s limit (a fault stops the rest);
 # - sweep: whole K+V calls at 8 / 32 / 128 agents (32K): Triton, Gluon plain, the rule, two orders;
 # - ncu (not in the default): stall reasons of the Gluon shared kernel, plain and with the ring, K+V at 32 agents;
+# - ncu_kpass (not in the default): the K pass's stall reasons, K+V at 32 agents;
 # - tests: the Gluon kernel's real-size and ring GPU tests (TESTS_K narrows them);
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`eval.bench.kernel`, all four columns);
 # - decode (not in the default): the capacity decode end to end (`eval.bench.decode`, 256 agents, ~5-9 minutes).
@@ -69,6 +70,14 @@ if has ncu && [ $ok = 1 ]; then
         echo "ncu $form rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
             "$OUT/ncu_v35_$form.txt" | head -6; pack
     done
+fi
+if has ncu_kpass && [ $ok = 1 ]; then  # the K pass's stall reasons (never taken apart by ncu's warp states)
+    timeout 120 ncu --clock-control none --kernel-name regex:"_kres_scores" --launch-count 1 \
+        --section SchedulerStats --section WarpStateStats --section Occupancy \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
+        python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 > "$OUT/ncu_v35_kpass.txt" 2>&1
+    echo "ncu_kpass rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
+        "$OUT/ncu_v35_kpass.txt" | head -4; pack
 fi
 if has bench && [ $ok = 1 ]; then
     timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
