@@ -324,6 +324,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     # the K residual's score rows (written by the K pass, read by the shared part) padded to 16 tokens: every row
     # 16-byte aligned, as the Gluon kernel's ring of them needs (eval/KERNEL_NOTES.md "v35b measured")
     r_stride = cdiv(T, 16) * 16
+    r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
     RV = v_u.shape[-1] if has_v else 1
     qk_scale = float(scale) * LOG2E
     sms = num_sms(str(dev))
@@ -353,8 +354,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         k_ring = has_k and k_load == "ring"
         # the rule's ring where this call cannot take it, or its context is not a multiple of 16 tokens (the ring's
         # copies then bounded by the padded rows, not yet run on a GPU: eval/KERNEL_NOTES.md "v35b measured")
-        if k_ring and shared_k_load is None and (T % 16 or ring_unsupported(r_stride, torch.float32 if (
-                scores_fp32 or dtype == torch.float32) else torch.float16) is not None):
+        if k_ring and shared_k_load is None and (T % 16 or ring_unsupported(r_stride, r_dtype) is not None):
             k_load, k_ring = "softmax", False
             if shared_form is None:
                 form = "triton"  # ... and its kernel pick with it: the Triton kernel
@@ -362,7 +362,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         use = {**cfg, **grule, **{k: v for k, v in given.items() if v is not None}}
         if form == "gluon" and shared_form is None and (
                 block_m is not None or gluon_refusal(q, k_base, v_base, v_u, use["block_t"], use["num_warps"],
-                                                     use["num_stages"], VPR, k_ring) is not None):
+                                                     use["num_stages"], VPR, k_ring, r_dtype, r_stride) is not None):
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
         elif form == "gluon":
             cfg.update(grule)
@@ -384,7 +384,6 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         k_slot = k_slot.to(device=dev, dtype=torch.int32)
         if k_order is None:
             k_order = torch.argsort(k_slot, stable=True)
-        r_dtype = torch.float32 if (scores_fp32 or dtype == torch.float32) else torch.float16
         r_scores = scratch("kres_scores", Hkv * B * VPR * r_stride, dev, r_dtype)
         launched["kres"] = launch_kres_scores(
             q, k_u.contiguous(), k_B.contiguous(), cos.contiguous(), sin.contiguous(), k_slot,

@@ -414,4 +414,5 @@ def launch_shared_gluon(q, k_base, v_base, r_scores, k_slot, mask, ws, *, n_mb: 
         B, T, r_stride or T, NQ, split_len, n_splits, qk_scale,
         HKV=Hkv, G=H // Hkv, D=D, HALF=D // 2, HALF_B=D // 2, VPR=VPR, NQG=NQ * (H // Hkv), BLOCK_T=block_t,
         STAGES=num_stages, RV=rv, HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, K_EARLY=bool(k_early),
-        Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load), R_PAD=T % 16 != 0, num_warps=num_warps)
+        Q_REGS=bool(q_regs), RVB=pow2(rv), K_LOAD=K_LOADS.index(k_load),
+        R_PAD=has_k and k_load == "ring" and T % 16 != 0, num_warps=num_warps)

@@ -28,8 +28,9 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
 
 
-def _why(D=128, dtype=torch.bfloat16, has_v=False, block_t=64, num_warps=4, stages=2, device="cpu", vpr=4, rank=16):
-    return shared_gluon.unsupported(device, dtype, D, has_v, block_t, num_warps, stages, vpr, rank)
+def _why(D=128, dtype=torch.bfloat16, has_v=False, block_t=64, num_warps=4, stages=2, device="cpu", vpr=4, rank=16,
+         k_ring=False):
+    return shared_gluon.unsupported(device, dtype, D, has_v, block_t, num_warps, stages, vpr, rank, k_ring)
 
 
 def test_gluon_shared_says_why_it_cannot_serve_a_call():
@@ -271,8 +272,8 @@ def test_every_ring_gpu_case_is_within_the_kernels_limits():
         vpr, rank = _v_geometry(case)
         for knobs in GLUON_RING_KNOBS:
             k = {**shared_gluon.rule_for(True, case.D, vpr, rank, k_ring=True), **knobs}
-            why = shared_gluon.unsupported("cpu", torch.bfloat16, case.D, True, k["block_t"], k["num_warps"],
-                                           k["num_stages"], vpr, rank, k_ring=True)
+            why = _why(D=case.D, has_v=True, block_t=k["block_t"], num_warps=k["num_warps"], stages=k["num_stages"],
+                       vpr=vpr, rank=rank, k_ring=True)
             assert why is None or "compute capability" in why, (case, knobs, why)
             assert max(case.v_ranks or case.ranks) in (8, 16, 32), case
 

@@ -131,9 +131,10 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
 
     # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
     default = default_rule(variant, N)
-    form = {**default, **cfg}.get("shared_form")  # given, or the rule's pick
+    knobs = {**default, **cfg}
+    form = knobs.get("shared_form")  # given, or the rule's pick
     gluon_shared = form in ("gluon", "gluon_pair")
-    k_load = {**default, **cfg}.get("shared_k_load") if form == "gluon" else None
+    k_load = knobs.get("shared_k_load") if form == "gluon" else None
     shared_rule = {"gluon_pair": GLUON_PAIR_RULE}.get(form) or \
         rule_for(variant in ("v", "kv"), vectors=4 * N, k_ring=variant == "kv" and k_load == "ring")
     rule = {**default, **(GLUON_RULE if cfg.get("res_form") == "gluon" else {}),
