@@ -157,13 +157,32 @@ if HAVE_GLUON:
                  mask=(t < t_end)[:, None] & ok[None, :])
 
     @gluon.jit
+    def _tile_loads(u_base, COS, SIN, t0, t_end, RK, tu, ku, tc, dc, D: gl.constexpr, HALF: gl.constexpr,
+                    ROPE_HALF: gl.constexpr):
+        """One tile's loads (tokens ``t0`` on, zeros past ``t_end``): its ``u`` tile and the cos/sin of the lo half's
+        frequencies (and of the hi half's, unless ``ROPE_HALF``: then the lo half's again, no second load)."""
+        u = gl.load(u_base + (t0 + tu)[:, None] * RK + ku[None, :],
+                    mask=((t0 + tu) < t_end)[:, None] & (ku < RK)[None, :], other=0.0)
+        cmask = ((t0 + tc) < t_end)[:, None]
+        c_off = (t0 + tc)[:, None] * D + dc[None, :]
+        c = gl.load(COS + c_off, mask=cmask, other=0.0)
+        s = gl.load(SIN + c_off, mask=cmask, other=0.0)
+        if ROPE_HALF:
+            ch = c
+            sh = s
+        else:
+            ch = gl.load(COS + c_off + HALF, mask=cmask, other=0.0)
+            sh = gl.load(SIN + c_off + HALF, mask=cmask, other=0.0)
+        return u, c, s, ch, sh
+
+    @gluon.jit
     def _kres_scores_gluon(
         Q, s_qb, s_qh, s_qq,
         UK, BK, COS, SIN, KSLOT, ORDER, R,
         B, T, RS, RK, split_len, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
         NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
-        SYNC_SCORE: gl.constexpr,
+        SYNC_SCORE: gl.constexpr, F16: gl.constexpr,
     ):
         """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h``, as
         :func:`~.kres_pass._kres_scores_kernel` with every KV head in one program (no packs). Grid: sorted position x
@@ -187,6 +206,8 @@ if HAVE_GLUON:
         SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, RKB], gl.bfloat16)
         LU: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1], warps_per_cta=[NW, 1],
                                             order=[1, 0])  # a u tile [BLOCK_T, RKB]
+        LC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (HALF // 8), HALF // 8],
+                                            warps_per_cta=[NW, 1], order=[1, 0])  # a cos/sin tile [BLOCK_T, HALF]
 
         p = gl.program_id(0)
         split = gl.program_id(1)
@@ -221,39 +242,54 @@ if HAVE_GLUON:
             u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)
             tu = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LU))
             ku = gl.arange(0, RKB, layout=gl.SliceLayout(0, LU))
-            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, ACC_X))
-            dc = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_X)) % HALF  # [lo | hi] columns: their frequency
-            zx = gl.zeros([BLOCK_T, D], gl.float32, ACC_X)
+            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LC))
+            dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, LC))
+            if F16:  # the rebuild accumulated in fp16 (the queries and B_k arrive in fp16): no conversion after it;
+                # zeros the compiler cannot see as such (else ptxas serialises the kernel's MMAs, its report C7514)
+                zx = (gl.zeros([BLOCK_T, D], gl.float32, ACC_X) * qk_scale).to(gl.float16)
+            else:
+                zx = gl.zeros([BLOCK_T, D], gl.float32, ACC_X)
+            # the layout of a rebuilt tile's halves (in the MMA's layout a thread holds column j and j + HALF alike:
+            # the split moves no data); the tile's cos/sin are converted into it once per tile, for all its heads
+            probe, probe_hi = _halves(zx, BLOCK_T, HALF)
             # zeros the compiler cannot see as such: each score MMA chain then starts from defined accumulator registers
             # (with an undefined start ptxas serialises every MMA of the kernel, its report C7514)
             zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S) * qk_scale
             t_begin = split * split_len
             t_end = gl.minimum(T, t_begin + split_len)
+            # the u tile and the cos/sin of the lo half's frequencies (the fp16 form) loaded one tile ahead into
+            # registers: a tile's heads of work lie between a load and its use (v14 waited on them at once; v36)
+            u_n, c_n, s_n, ch_n, sh_n = _tile_loads(u_base, COS, SIN, t_begin, t_end, RK, tu, ku, tc, dc, D, HALF,
+                                                    ROPE_HALF)
             for t0 in range(t_begin, t_end, BLOCK_T):
-                u = gl.load(u_base + (t0 + tu)[:, None] * RK + ku[None, :],
-                            mask=((t0 + tu) < t_end)[:, None] & (ku < RK)[None, :], other=0.0)
+                if F16:
+                    u, c, sn, ch, sh = u_n, c_n, s_n, ch_n, sh_n
+                    u_n, c_n, s_n, ch_n, sh_n = _tile_loads(u_base, COS, SIN, t0 + BLOCK_T, t_end, RK, tu, ku, tc, dc,
+                                                            D, HALF, ROPE_HALF)
+                else:  # (with the fp32 rebuild the registers held ahead cost more than they hide: 194 registers and
+                    # a loop of 255 instructions instead of 143 and 161 offline)
+                    u, c, sn, ch, sh = _tile_loads(u_base, COS, SIN, t0, t_end, RK, tu, ku, tc, dc, D, HALF, ROPE_HALF)
                 _cta_barrier()  # the previous tile's rebuild MMAs are done (waited): its u tile can go
-                u_smem.store(u)
+                u_smem.store(u.to(dtype))
                 fence_async_shared()
                 _cta_barrier()
-                cmask = ((t0 + tc) < t_end)[:, None]
-                c_off = (t0 + tc)[:, None] * D + dc[None, :]
-                # the cos/sin of the lo half's dims in both halves' columns, split like the rebuilt tile below (in the
-                # MMA's layout a thread holds column j and j + HALF alike: the split moves no data)
-                c_lo, c_hi = _halves(gl.load(COS + c_off, mask=cmask, other=0.0).to(dtype), BLOCK_T, HALF)
-                s_lo, s_hi = _halves(gl.load(SIN + c_off, mask=cmask, other=0.0).to(dtype), BLOCK_T, HALF)
-                if not ROPE_HALF:  # the hi half's own cos/sin
-                    c_unused, c_hi = _halves(gl.load(COS + c_off + HALF, mask=cmask, other=0.0).to(dtype), BLOCK_T,
-                                             HALF)
-                    s_unused, s_hi = _halves(gl.load(SIN + c_off + HALF, mask=cmask, other=0.0).to(dtype), BLOCK_T,
-                                             HALF)
+                c_lo = gl.convert_layout(c.to(dtype), probe.type.layout)
+                s_lo = gl.convert_layout(sn.to(dtype), probe.type.layout)
+                if ROPE_HALF:  # the two halves' cos/sin are equal
+                    c_hi = c_lo
+                    s_hi = s_lo
+                else:
+                    c_hi = gl.convert_layout(ch.to(dtype), probe.type.layout)
+                    s_hi = gl.convert_layout(sh.to(dtype), probe.type.layout)
                 # one head at a time, in a loop: unrolled, ptxas serialises every MMA of the kernel (its report
                 # C7514), and a rebuild issued for the next head before this one's rotation (an MMA in flight across
                 # the loop's back edge) gets them serialised too (C7515)
                 for h in range(HKV):
                     x = warpgroup_mma_wait(num_outstanding=0, deps=[
                         warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True)])
-                    xl, xh = _halves(x.to(dtype), BLOCK_T, HALF)
+                    xl, xh = _halves(x, BLOCK_T, HALF)
+                    xl = xl.to(dtype)
+                    xh = xh.to(dtype)
                     k = gl.convert_layout(_joined(xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi, BLOCK_T, D), A_K)
                     if SYNC_SCORE:
                         s = mma_v2(k, q_smem.index(h).load(B_Q), zs)
@@ -268,11 +304,14 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
                              res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
-                             r_stride: int | None = None):
+                             r_stride: int | None = None, res_f16: bool = False):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
-    tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype). Raises ``ValueError``
+    tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype); ``res_f16`` the
+    rebuild accumulated in fp16, the rotation and the score operands in fp16 (as the Triton joined form's, with its
+    range condition :func:`~.kres_pass.f16_range_ok`): ``q`` and ``k_B`` arrive in fp16, the queries scaled as
+    :func:`~.kres_pass.f16_queries` does (the caller converts them). Raises ``ValueError``
     where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
@@ -285,6 +324,8 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     if not lowp:
         raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
                          "True) or use res_form='joined'")
+    if res_f16 and (q.dtype != torch.float16 or k_B.dtype != torch.float16):
+        raise ValueError("res_f16: the queries and k_B arrive in fp16 (kres_pass.launch_kres_scores converts them)")
     n_chunks = cdiv(rows_max, MQ // VPR)
     n_act = max(1, k_agents or B) * n_chunks
     split_len = split_length(T, block_t, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
@@ -294,4 +335,4 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
         B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
-        SYNC_SCORE=res_score == "mma_sync", num_warps=block_t // 16, **opts)
+        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), num_warps=block_t // 16, **opts)

@@ -223,6 +223,13 @@ def f16_range_ok(k_u: torch.Tensor, k_B: torch.Tensor) -> bool:
     return bool(torch.isfinite(worst).all() and (worst <= F16_LIMIT).all())
 
 
+def _b16(k_B: torch.Tensor, k_B16) -> torch.Tensor:
+    """``k_B`` in fp16 for ``res_f16``: the caller's copy (kept with the residual) or converted here, per call."""
+    if k_B16 is not None and (k_B16.dtype != torch.float16 or k_B16.shape != k_B.shape):
+        raise ValueError(f"k_B16 must be k_B in fp16: got {k_B16.dtype} {tuple(k_B16.shape)} for {tuple(k_B.shape)}")
+    return k_B16.contiguous() if k_B16 is not None else k_B.to(torch.float16)
+
+
 def score_pack(res_pack: int, fma: bool, heads: int, mq: int, agent_vectors: int) -> int:
     """How many KV heads share one score tile for ``res_pack`` (at most that many, a power of two): 1 for CUDA-core
     scores, else halved until it divides the program's ``heads`` and each head's ``mq // pack`` columns hold an agent's
@@ -272,11 +279,15 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     if res_form == "gluon":
         from .kres_gluon import launch_kres_scores_gluon
 
+        if res_f16:  # the queries (scaled into fp16's range) and B_k in fp16, as for the joined form
+            q, qk_scale = f16_queries(q, qk_scale)
+            k_B = _b16(k_B, k_B16)
         return launch_kres_scores_gluon(
             q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale, VPR=VPR, rope_half=rope_half, lowp=lowp,
             sms=sms, k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
             res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, mq=mq, whole_waves=whole_waves,
-            res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg, r_stride=r_stride)
+            res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg, r_stride=r_stride,
+            res_f16=res_f16)
     if res_score == "mma_sync":
         raise ValueError("res_score='mma_sync' is the Gluon K pass's (res_form='gluon'); the Triton forms take "
                          "'mma' or 'fma'")
@@ -299,10 +310,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     if res_f16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
         q, qk_scale = f16_queries(q, qk_scale)
     if res_f16:  # B_k in fp16: the caller's copy (kept with the residual) or converted here, per call
-        if k_B16 is not None and (k_B16.dtype != torch.float16 or k_B16.shape != k_B.shape):
-            raise ValueError(f"k_B16 must be k_B in fp16: got {k_B16.dtype} {tuple(k_B16.shape)} for "
-                             f"{tuple(k_B.shape)}")
-        k_B = k_B16.contiguous() if k_B16 is not None else k_B.to(torch.float16)
+        k_B = _b16(k_B, k_B16)
     pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
     n_act = max(1, k_agents or B) * n_chunks * (Hkv // HG)

@@ -90,6 +90,7 @@ GLUON_KNOBS = [
     {"res_form": "gluon", "res_maxnreg": 128, "res_programs_per_sm": 8},
     {"res_form": "gluon", "mq": 64},
     {"res_form": "gluon", "res_satfinite": False},
+    {"res_form": "gluon", "res_f16": True},
 ]
 
 
@@ -136,6 +137,7 @@ def test_gluon_k_pass_case_space_gpu(case, dtype, masked):
         return
     ref = reference_attention(q.float(), view, mask, case.D**-0.5)
     base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
-    for score in ("mma_sync", "mma"):
-        err = (_launch(q, view, mask, case.D**-0.5, res_form="gluon", res_score=score).float() - ref).abs().max()
-        assert err.item() <= 3 * base_err + 1e-5, (score, err.item(), base_err)
+    for score, f16 in (("mma_sync", False), ("mma", False), ("mma_sync", True)):
+        err = (_launch(q, view, mask, case.D**-0.5, res_form="gluon", res_score=score, res_f16=f16).float()
+               - ref).abs().max()
+        assert err.item() <= 3 * base_err + 1e-5, (score, f16, err.item(), base_err)

@@ -87,11 +87,12 @@ def _compile_gluon_kres(knobs: dict) -> dict:
     rule = {**GLUON_RULE, **knobs}
     const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or score_columns(4, rule["res_score"]),
                  BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
-                 SYNC_SCORE=rule["res_score"] == "mma_sync")
+                 SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")))
+    args = {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if rule.get("res_f16") else {})}
     opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
-    return _inspect(triton.compile(_source(GluonASTSource, _kres_scores_gluon, dict(_KRES_ARGS), const),
+    return _inspect(triton.compile(_source(GluonASTSource, _kres_scores_gluon, args, const),
                                    target=GPUTarget("cuda", 90, 32), options=opts), opts)
 
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# v36 (issue 19; eval/KERNEL_NOTES.md "v36"): the Gluon K pass with its u tile and cos/sin loaded one tile ahead into
+# registers and the rebuild accumulated in fp16 (`res_form="gluon", res_f16=True`) against the rule's Triton K pass,
+# whole K+V calls; and what v35b left unrun (the ring's GPU tests at contexts not a multiple of 16 tokens, the K pass's
+# stall reasons, the library's path).
+# Parts (PARTS, in order):
+# - tests: the ring's and the rule's boundary GPU tests (test_shared_gluon.py) and the Gluon K pass's real-size GPU
+#   tests (test_kres_gluon.py, res_f16 among its knobs); TESTS_K / TESTS narrow them;
+# - sweep: the K pass stage, rule vs the Gluon fp16 form, K+V at 8 / 32 / 128 agents (32K), two orders;
+# - ncu: the K pass's stall reasons, the rule's and the Gluon fp16 form's, K+V at 32 agents;
+# - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents;
+# - decode (not in the default): the capacity decode end to end (256 agents, ~5-9 minutes).
+# Results: $OUT/v36.tgz.
+set -u
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/v36w; rm -rf "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v36.tgz" -C "$OUT" .; }
+PARTS=${PARTS:-"tests sweep ncu"}
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+if has tests; then
+    timeout ${TESTS_S:-240} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py tests/test_kres_gluon.py} \
+        -k "${TESTS_K:-ring or rules_boundary or gluon_k_pass_real_sizes}" -p no:cacheprovider -x \
+        > "$OUT/gpu_tests_v36.log" 2>&1
+    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v36.log" | head -12; pack
+fi
+if has sweep; then
+    R='{}'; G='{"res_form": "gluon", "res_f16": true}'
+    for pass in a b; do
+        if [ $pass = a ]; then C="{\"kres\": [$R, $G]}"; else C="{\"kres\": [$G, $R]}"; fi
+        timeout ${SWEEP_S:-150} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 \
+            --points 32768:32 32768:128 32768:8 --candidates "$C" --time-limit $(( ${SWEEP_S:-150} - 30 )) \
+            --out "$OUT/sweep_kernel_v36$pass.json" > "$OUT/sweep_v36$pass.log" 2>&1
+        echo "sweep $pass rc=$?"; grep -E "^BEST|graph" "$OUT/sweep_v36$pass.log" | head -20; pack
+    done
+fi
+if has ncu; then
+    for form in rule gluon16; do
+        K='{}'; [ $form = gluon16 ] && K='{"res_form": "gluon", "res_f16": true}'
+        timeout 100 ncu --clock-control none --kernel-name regex:"_kres_scores" --launch-count 1 \
+            --section SchedulerStats --section WarpStateStats --section Occupancy \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
+            python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 --knobs "$K" \
+            > "$OUT/ncu_v36_$form.txt" 2>&1
+        echo "ncu $form rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
+            "$OUT/ncu_v36_$form.txt" | head -4; pack
+    done
+fi
+if has bench; then
+    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
+        --out "$OUT/bench_kernel_v36.json" > "$OUT/bench_kernel_v36.log" 2>&1
+    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v36.log"; pack
+fi
+if has decode; then
+    timeout ${DECODE_S:-540} python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps 3 \
+        --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_v36.json" \
+        > "$OUT/bench_decode_capacity_v36.log" 2>&1
+    echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_v36.log"; pack
+fi
