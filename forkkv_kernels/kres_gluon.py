@@ -145,12 +145,13 @@ if HAVE_GLUON:
     def _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok,
                       VPR: gl.constexpr, BLOCK_T: gl.constexpr, LS: gl.constexpr, SATF: gl.constexpr):
         """Scale, convert and store one head's ``[BLOCK_T, MQ]`` score tile."""
-        r = gl.convert_layout(s * qk_scale, LS)
-        if R.dtype.element_ty == gl.float16:
+        r = s * qk_scale
+        if R.dtype.element_ty == gl.float16:  # converted before the layout change: half its shared-memory bytes
             if SATF:
                 r = _satfinite_f16(r)
             else:
                 r = gl.minimum(gl.maximum(r, -60000.0), 60000.0).to(gl.float16)
+        r = gl.convert_layout(r, LS)
         t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LS))
         vec = ((h * B + rowc) * VPR + w).to(gl.int64)
         gl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty),
