@@ -182,7 +182,8 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # H200, whole K+V calls in two orders, Triton -> Gluon µs: 8 agents 138.0 / 139.1 -> 134.3 / 133.2, 16 229.2 ->
     # 205.3, 32 370.8 / 370.4 -> 344.2 / 345.5, 64 706.2 -> 655.7, 128 1,378.0 / 1,369.8 -> 1,284.2 / 1,276.7; at 1
     # and 4 agents 66.2 -> 77.5 and 93.7 -> 100.8; sweep_kernel_v35{ba,bb,c}_nvidia_h200.json; where the ring cannot
-    # take a call, and for contexts not a multiple of 16 tokens (not yet run on a GPU), the Triton kernel)
+    # take a call, the Triton kernel; contexts not a multiple of 16 tokens take the ring too since its GPU tests passed
+    # at 129 and 2,053 tokens, v36)
     gluon_kv = has_k and has_v and NQ == 1 and B * VPR >= 32
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
@@ -352,9 +353,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     k_load = shared_k_load or (cfg["shared_k_load"] if form == cfg["shared_form"] == "gluon" else "softmax")
     if form == "gluon":  # the Gluon shared kernel's own knobs under the given ones
         k_ring = has_k and k_load == "ring"
-        # the rule's ring where this call cannot take it, or its context is not a multiple of 16 tokens (the ring's
-        # copies then bounded by the padded rows, not yet run on a GPU: eval/KERNEL_NOTES.md "v35b measured")
-        if k_ring and shared_k_load is None and (T % 16 or ring_unsupported(r_stride, r_dtype) is not None):
+        # the rule's ring where this call cannot take it (fp32 scores; any context: the score rows are padded to 16
+        # tokens, eval/KERNEL_NOTES.md "v35b measured", "v36 measured")
+        if k_ring and shared_k_load is None and ring_unsupported(r_stride, r_dtype) is not None:
             k_load, k_ring = "softmax", False
             if shared_form is None:
                 form = "triton"  # ... and its kernel pick with it: the Triton kernel

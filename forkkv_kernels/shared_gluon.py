@@ -22,8 +22,8 @@ unnormalised partials (m, l, acc, acc_uv) as the Triton kernel, so the merge
 (:func:`~.merge.launch_private_merge`) is shared. The launcher's rule (:func:`~.cascade.launch_defaults`)
 picks it for calls without residuals from 192 query vectors per KV head (measured: eval/KERNEL_NOTES.md "v21
 measured", "v23 measured"), for decode calls with the V residual alone from 32 ("v25 measured, v26"), and for decode
-calls with both residuals from 32 over contexts of a multiple of 16 tokens, K's scores through the ring ("v35b
-measured").
+calls with both residuals from 32, K's scores through the ring ("v35b measured"; contexts not a multiple of 16 tokens
+since "v36 measured").
 
 Same arithmetic as the Triton kernel under the low-precision pass rule: bf16/fp16 operands, fp32 accumulation, the
 probabilities rounded to the cache dtype before ``P·V``. Limits (:func:`unsupported` says which one a call breaks): a

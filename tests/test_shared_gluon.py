@@ -288,7 +288,8 @@ def test_gluon_shared_k_ring_case_space_gpu(case, masked, dtype):
     Record: eval/ring_check_v35.py (at f474e79) ran 24 combinations of these cases on an H200, all within bound, the
     rest refused by the Gluon V path's limits (raw/ring_check_v35_h200.txt); this test's first form (a2c661a, H100,
     raw/gpu_tests_v35c_h100.txt) passed at 144 and 4,096 tokens and failed elsewhere on those refusals and, at 129 and
-    2,053 tokens, on the copies' mask not compiling: cases, knobs and mask mended since, not yet rerun."""
+    2,053 tokens, on the copies' mask not compiling: cases, knobs and mask mended since; the mended form passed on an
+    H100 (raw/gpu_tests_v36_ring_h100.txt, 48 passed with the rule's boundary tests)."""
     if not HOPPER:
         pytest.skip("the Gluon shared kernel runs on sm_90 only")
     _assert_exact_under(GLUON_RING_KNOBS, case.query(dtype), case.view(dtype), case.mask() if masked else None,
@@ -297,15 +298,18 @@ def test_gluon_shared_k_ring_case_space_gpu(case, masked, dtype):
 
 @pytest.mark.gpu
 @parametrize("dtype", LOW_DTYPES)
-@parametrize("rows,v_res", [(48, False), (47, False), (8, True), (7, True)])
-def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, dtype):
-    """Llama-3.1-8B-shaped heads, one decode query per row: base only, 48 rows (192 query vectors per KV head) take
-    the Gluon kernel by the rule, 47 the Triton one; with a rank-16 V residual per row, 8 rows (32 vectors) the Gluon
-    kernel, 7 the Triton one; each within 3x PyTorch's low-precision error of the fp32 reference."""
+@parametrize("rows,v_res,k_res", [(48, False, False), (47, False, False), (8, True, False), (7, True, False),
+                                   (8, True, True), (7, True, True)])
+def test_the_rules_boundary_at_real_sizes_gpu(rows, v_res, k_res, dtype):
+    """Llama-3.1-8B-shaped heads, one decode query per row, a context of 2,053 tokens (not a multiple of 16): base
+    only, 48 rows (192 query vectors per KV head) take the Gluon kernel by the rule, 47 the Triton one; with a rank-16
+    V residual per row, 8 rows (32 vectors) the Gluon kernel, 7 the Triton one; the same with K and V residuals (the
+    Gluon kernel with K's scores through its ring); each within 3x PyTorch's low-precision error of the fp32
+    reference."""
     if not HOPPER:
         pytest.skip("the rule picks the Gluon shared kernel on sm_90 only")
     view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=rows if v_res else 1, ranks=(16,) * rows,
-                       dtype=dtype, rows=list(range(rows)) if v_res else [-1] * rows, k_res=False, v_res=v_res)
+                       dtype=dtype, rows=list(range(rows)) if v_res else [-1] * rows, k_res=k_res, v_res=v_res)
     q = torch.randn(rows, 32, 1, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     launches = {}
