@@ -4,29 +4,31 @@ form, with its operands placed by hand.
 Per program (one agent, one split of the context, one chunk of its query vectors) the agent's ``B_k`` and its query
 vectors of every KV head go to shared memory once, before the loop over the context (the Triton kernel loads and
 stages both again for every tile and head). Per tile of ``BLOCK_T`` tokens the ``u`` tile goes to shared memory and
-the tile's cos/sin to registers; then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of
-width D, split into its halves in registers: in the MMA's layout a thread holds column ``j`` and ``j + D/2`` alike),
-the rotate-half RoPE on CUDA cores in the cache dtype, the scores ``X_rot @ Q`` with the rotated tile as a register
-operand (``res_score="mma_sync"``: ``mma.sync``, 8 columns, enough for a decode row's G = 4 query vectors where the
-warpgroup MMA pads them to 16; ``"mma"``: the warpgroup MMA), scaled and stored as fp16 (one saturating conversion
-per 2) or fp32.
+the cos/sin of the lo half's frequencies to registers, in the layout of a rebuilt tile's halves (with ``res_f16`` both
+loaded a tile ahead); then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of width D,
+split into its halves in registers: in the MMA's layout a thread holds column ``j`` and ``j + D/2`` alike), the
+rotate-half RoPE on CUDA cores in the cache dtype, the scores ``X_rot @ Q`` with the rotated halves as register
+operands (``res_score="mma_sync"``: ``mma.sync`` over each half, 8 columns, enough for a decode row's G = 4 query
+vectors where the warpgroup MMA pads them to 16; ``"mma"``: the warpgroup MMA over the joined tile), scaled, converted
+(fp16: one saturating conversion per 2) and stored from the accumulator's layout (no shared memory, no CTA barrier
+per head).
 
 What ptxas does with it decided its shape (eval/KERNEL_NOTES.md "v14"): the heads unrolled, or a rebuild issued for the
 next head before this one's rotation (an MMA in flight across the loop's back edge), and ptxas serialises every MMA
 of the kernel (its reports C7514 / C7515); one head per loop step with each MMA waited for before its result is read
-compiles without them, 165 registers (3 programs per SM at 4 warps), ~176 instructions per step against the joined
-form's ~204. Measured on an H200 it is exact and **slower** than the Triton rule (whole K+V call at 32K: 464 vs 387
-µs at 32 agents, 1,859 vs 1,446 at 128; eval/KERNEL_NOTES.md "v14 measured": its tile loads are synchronous and
-every MMA is waited for at once), so the launcher never picks it: it serves calls that ask for it
-(``res_form="gluon"``) and is the starting point of a pipelined version.
+compiles without them. Measured: v14 (synchronous tile loads, fp32 rebuild) lost to the Triton rule by ~20-30% on an
+H200; v36 (the loads of ``res_f16`` a tile ahead, fp16 rebuild) on an H100, whole K+V calls at 32K: +2% at 32 agents,
+-1.6% at 128, +7% at 8 (eval/KERNEL_NOTES.md "v36 measured"), so the launcher never picks it: it serves calls that
+ask for it (``res_form="gluon"``). Its stores without shared memory and its two score chains (v36b) have not run on a
+GPU yet.
 
-Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation, the
-rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score accumulation. Limits
-(:func:`unsupported` says which one a call breaks): a CUDA device of compute capability 9.x, bf16/fp16, ``D/2`` a
-power of two from 16 to 128, rank at most 64, score tiles of 8 (16) to 64 columns, 64 or 128 tokens per tile (4 or 8
-warps), the staged operands within :data:`SMEM_LIMIT`. Gluon has no interpreter: the CPU tests run the Triton
-kernel and this module's checks; the kernel itself is checked on the GPU against the exact attention
-(tests/test_kres_gluon.py).
+Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation (or fp16
+with ``res_f16``), the rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score
+accumulation. Limits (:func:`unsupported` says which one a call breaks): a CUDA device of compute capability 9.x,
+bf16/fp16, ``D/2`` a power of two from 16 to 128, rank at most 64, score tiles of 8 (16) to 64 columns, 64 or 128
+tokens per tile (4 or 8 warps), the staged operands within :data:`SMEM_LIMIT`, one KV head's scores within int32
+offsets. Gluon has no interpreter: the CPU tests run the Triton kernel and this module's checks; the kernel itself is
+checked on the GPU against the exact attention (tests/test_kres_gluon.py).
 
 Imports nothing from ``forkkv_hf``.
 """
@@ -73,7 +75,8 @@ def score_columns(vectors: int, res_score: str) -> int:
 
 
 def shared_bytes(hkv: int, d: int, rank: int, mq: int, block_t: int) -> int:
-    """The kernel's shared memory: ``B_k`` and the queries of every KV head, the u tile, the store's fp32 staging."""
+    """The kernel's shared memory: ``B_k`` and the queries of every KV head, the u tile, and a score tile's fp32 bytes
+    for the layout conversions' scratch."""
     rkb = max(16, pow2(rank))
     return 2 * (hkv * rkb * d + hkv * d * mq + block_t * rkb) + 4 * block_t * mq
 
@@ -142,20 +145,16 @@ if HAVE_GLUON:
         return row, w, inb & (gl.load(KSLOT + row, mask=inb, other=-1) == slot) & (w < NQG)
 
     @gluon.jit
-    def _store_scores(s, R, h, t0, t_end, T, B, qk_scale, rowc, w, ok,
-                      VPR: gl.constexpr, BLOCK_T: gl.constexpr, LS: gl.constexpr, SATF: gl.constexpr):
-        """Scale, convert and store one head's ``[BLOCK_T, MQ]`` score tile."""
+    def _score_values(s, R, qk_scale, SATF: gl.constexpr):
+        """One head's ``[BLOCK_T, MQ]`` scores scaled and converted to the buffer's dtype (fp16: saturated), in their
+        accumulator's layout."""
         r = s * qk_scale
-        if R.dtype.element_ty == gl.float16:  # converted before the layout change: half its shared-memory bytes
+        if R.dtype.element_ty == gl.float16:
             if SATF:
                 r = _satfinite_f16(r)
             else:
                 r = gl.minimum(gl.maximum(r, -60000.0), 60000.0).to(gl.float16)
-        r = gl.convert_layout(r, LS)
-        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LS))
-        vec = ((h * B + rowc) * VPR + w).to(gl.int64)
-        gl.store(R + vec[None, :] * T + t[:, None], r.to(R.dtype.element_ty),
-                 mask=(t < t_end)[:, None] & ok[None, :])
+        return r.to(R.dtype.element_ty)
 
     @gluon.jit
     def _tile_loads(u_base, COS, SIN, t0, t_end, RK, tu, ku, tc, dc, D: gl.constexpr, HALF: gl.constexpr,
@@ -201,7 +200,6 @@ if HAVE_GLUON:
         LB: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[NW, 1],
                                             order=[0, 1])  # a head's B_k [RKB, D] (rank contiguous in memory)
         LQ: gl.constexpr = _cols_layout(D, MQ, NW)  # a head's queries [D, MQ] (dims contiguous in memory)
-        LS: gl.constexpr = _cols_layout(BLOCK_T, MQ, NW)  # a score tile for the store (tokens contiguous)
         SB: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RKB, D], gl.bfloat16)
         SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, MQ], gl.bfloat16)
         SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, RKB], gl.bfloat16)
@@ -237,7 +235,11 @@ if HAVE_GLUON:
                                               other=0.0))
             fence_async_shared()
             _cta_barrier()
-            rowc, w, ok = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, LS))  # the store's
+            # the score tile's addresses in the accumulator's layout, at head 0 and token 0 (a head adds B·VPR rows)
+            rowc, w, ok = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, ACC_S))
+            ts = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, ACC_S))
+            r_off = ((rowc * VPR + w) * RS)[None, :] + ts[:, None]  # int32: a head's scores fit (the launcher checks)
+            head_stride = (B * VPR).to(gl.int64) * RS
 
             u_base = UK + slot.to(gl.int64) * T * RK
             u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)
@@ -263,6 +265,7 @@ if HAVE_GLUON:
             u_n, c_n, s_n, ch_n, sh_n = _tile_loads(u_base, COS, SIN, t_begin, t_end, RK, tu, ku, tc, dc, D, HALF,
                                                     ROPE_HALF)
             for t0 in range(t_begin, t_end, BLOCK_T):
+                r_mask = ((t0 + ts) < t_end)[:, None] & ok[None, :]
                 if F16:
                     u, c, sn, ch, sh = u_n, c_n, s_n, ch_n, sh_n
                     u_n, c_n, s_n, ch_n, sh_n = _tile_loads(u_base, COS, SIN, t0 + BLOCK_T, t_end, RK, tu, ku, tc, dc,
@@ -291,13 +294,22 @@ if HAVE_GLUON:
                     xl, xh = _halves(x, BLOCK_T, HALF)
                     xl = xl.to(dtype)
                     xh = xh.to(dtype)
-                    k = gl.convert_layout(_joined(xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi, BLOCK_T, D), A_K)
-                    if SYNC_SCORE:
-                        s = mma_v2(k, q_smem.index(h).load(B_Q), zs)
+                    k_lo = xl * c_lo - xh * s_lo
+                    k_hi = xh * c_hi + xl * s_hi
+                    if SYNC_SCORE:  # mma.sync over the halves as they are (no join); for a narrow tile two
+                        # independent chains of depth HALF, summed (a wide one would spill their accumulators; v36b)
+                        s = mma_v2(gl.convert_layout(k_lo, A_K), q_smem.index(h).slice(0, HALF).load(B_Q), zs)
+                        if MQ <= 16:
+                            s += mma_v2(gl.convert_layout(k_hi, A_K), q_smem.index(h).slice(HALF, HALF).load(B_Q), zs)
+                        else:
+                            s = mma_v2(gl.convert_layout(k_hi, A_K), q_smem.index(h).slice(HALF, HALF).load(B_Q), s)
                     else:
+                        k = gl.convert_layout(_joined(k_lo, k_hi, BLOCK_T, D), A_K)
                         s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
                             warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
-                    _store_scores(s, R, h, t0, t_end, RS, B, qk_scale, rowc, w, ok, VPR, BLOCK_T, LS, SATF)
+                    # stored from the accumulator's layout (each thread's tokens of each vector), not through shared
+                    # memory: no CTA barrier per head (v36b)
+                    gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
 
 
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
@@ -322,6 +334,9 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     why = unsupported(q.device, q.dtype, D, Hkv, rank, VPR, MQ, block_t, res_score)
     if why:
         raise ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
+    if B * VPR * (r_stride or T) >= 2**31:  # the kernel's int32 offsets within one KV head's scores
+        raise ValueError(f"res_form='gluon' cannot serve this call: {B} rows' scores of {T} tokens exceed its int32 "
+                         "offsets; use res_form='joined' (the Triton K pass)")
     if not lowp:
         raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
                          "True) or use res_form='joined'")
@@ -336,4 +351,5 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
         B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
-        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), num_warps=block_t // 16, **opts)
+        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16),
+        num_warps=block_t // 16, **opts)

@@ -85,7 +85,8 @@ def _compile_gluon_kres(knobs: dict) -> dict:
     from forkkv_kernels.kres_gluon import GLUON_RULE, _kres_scores_gluon, score_columns
 
     rule = {**GLUON_RULE, **knobs}
-    const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=rule.get("mq") or score_columns(4, rule["res_score"]),
+    mq = rule.get("mq") or score_columns(4, rule["res_score"])
+    const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=mq,
                  BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
                  SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")))
     args = {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if rule.get("res_f16") else {})}
