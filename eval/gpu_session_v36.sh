@@ -10,6 +10,11 @@
 # - ncu: the K pass's stall reasons, the rule's and the Gluon fp16 form's, K+V at 32 agents;
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents;
 # - decode (not in the default): the capacity decode end to end (256 agents, ~5-9 minutes).
+# Ran (H100, 2026-12-07): at 23b9bb1 `TESTS_S=150 SWEEP_S=130` (the default parts; the tests part timed out after 37
+# passed), then `TESTS="tests/test_shared_gluon.py" TESTS_K="ring or rules_boundary" PARTS=tests` (48 passed), then
+# `TESTS="tests/test_kres_gluon.py" TESTS_K="real_sizes" PARTS="tests bench"` (8 passed), then the decode part's
+# command by hand with `--reps 2` (eval/KERNEL_NOTES.md "v36 measured"). v36b (the Gluon K pass's stores and score
+# chains since) has not run: KERNEL_NOTES "v36b" says what to run next.
 # Results: $OUT/v36.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
