@@ -4,8 +4,8 @@ form, with its operands placed by hand.
 Per program (one agent, one split of the context, one chunk of its query vectors) the agent's ``B_k`` and its query
 vectors of every KV head go to shared memory once, before the loop over the context (the Triton kernel loads and
 stages both again for every tile and head). Per tile of ``BLOCK_T`` tokens the ``u`` tile goes to shared memory and
-the cos/sin of the lo half's frequencies to registers, loaded straight into the layout of a rebuilt tile's halves
-(with ``res_f16`` both loaded a tile ahead); then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of width D,
+the cos/sin of the lo half's frequencies to registers, converted once per tile into the layout of a rebuilt tile's
+halves (with ``res_f16`` both loaded a tile ahead); then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of width D,
 split into its halves in registers: in the MMA's layout a thread holds column ``j`` and ``j + D/2`` alike), the
 rotate-half RoPE on CUDA cores in the cache dtype, the scores ``X_rot @ Q`` with the rotated halves as register
 operands (``res_score="mma_sync"``: ``mma.sync`` over each half, 8 columns, enough for a decode row's G = 4 query
@@ -75,8 +75,8 @@ def score_columns(vectors: int, res_score: str) -> int:
 
 
 def shared_bytes(hkv: int, d: int, rank: int, mq: int, block_t: int) -> int:
-    """The kernel's shared memory: ``B_k`` and the queries of every KV head, the u tile, and (at most) a score tile's
-    fp32 bytes for a layout conversion's scratch (the warpgroup MMA's scores)."""
+    """The kernel's shared memory: ``B_k`` and the queries of every KV head, the u tile, and a score tile's fp32 bytes
+    for the layout conversions' scratch."""
     rkb = max(16, pow2(rank))
     return 2 * (hkv * rkb * d + hkv * d * mq + block_t * rkb) + 4 * block_t * mq
 
@@ -245,17 +245,16 @@ if HAVE_GLUON:
             u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)
             tu = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LU))
             ku = gl.arange(0, RKB, layout=gl.SliceLayout(0, LU))
+            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LC))
+            dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, LC))
             if F16:  # the rebuild accumulated in fp16 (the queries and B_k arrive in fp16): no conversion after it;
                 # zeros the compiler cannot see as such (else ptxas serialises the kernel's MMAs, its report C7514)
                 zx = (gl.zeros([BLOCK_T, D], gl.float32, ACC_X) * qk_scale).to(gl.float16)
             else:
                 zx = gl.zeros([BLOCK_T, D], gl.float32, ACC_X)
             # the layout of a rebuilt tile's halves (in the MMA's layout a thread holds column j and j + HALF alike:
-            # the split moves no data); the tile's cos/sin are loaded in it, for all its heads (no conversion through
-            # shared memory: 51 KB of it in all, four programs per SM at 128 registers; v36b)
+            # the split moves no data); the tile's cos/sin are converted into it once per tile, for all its heads
             probe, probe_hi = _halves(zx, BLOCK_T, HALF)
-            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, probe.type.layout))
-            dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, probe.type.layout))
             # zeros the compiler cannot see as such: each score MMA chain then starts from defined accumulator registers
             # (with an undefined start ptxas serialises every MMA of the kernel, its report C7514)
             zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S) * qk_scale
@@ -278,14 +277,14 @@ if HAVE_GLUON:
                 u_smem.store(u.to(dtype))
                 fence_async_shared()
                 _cta_barrier()
-                c_lo = c.to(dtype)
-                s_lo = sn.to(dtype)
+                c_lo = gl.convert_layout(c.to(dtype), probe.type.layout)
+                s_lo = gl.convert_layout(sn.to(dtype), probe.type.layout)
                 if ROPE_HALF:  # the two halves' cos/sin are equal
                     c_hi = c_lo
                     s_hi = s_lo
                 else:
-                    c_hi = ch.to(dtype)
-                    s_hi = sh.to(dtype)
+                    c_hi = gl.convert_layout(ch.to(dtype), probe.type.layout)
+                    s_hi = gl.convert_layout(sh.to(dtype), probe.type.layout)
                 # one head at a time, in a loop: unrolled, ptxas serialises every MMA of the kernel (its report
                 # C7514), and a rebuild issued for the next head before this one's rotation (an MMA in flight across
                 # the loop's back edge) gets them serialised too (C7515)

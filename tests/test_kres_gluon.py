@@ -98,7 +98,6 @@ GLUON_KNOBS = [
     {"res_form": "gluon", "mq": 64},
     {"res_form": "gluon", "res_satfinite": False},
     {"res_form": "gluon", "res_f16": True},
-    {"res_form": "gluon", "res_f16": True, "res_maxnreg": 128, "res_programs_per_sm": 4},
 ]
 
 
