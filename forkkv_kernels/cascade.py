@@ -367,7 +367,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             form = "triton"  # the rule's pick, where this call cannot take it: the Triton kernel under its own rule
         elif form == "gluon":
             cfg.update(grule)
-    if res_form not in (None, "joined") or res_score == "fma":  # the fp16 form is the joined form's
+    # the fp16 form is the joined form's (the Gluon form takes it where a call asks: level with the rule in v36)
+    if res_form not in (None, "joined") or res_score == "fma":
         cfg["res_f16"] = False
     cfg.update({k: v for k, v in given.items() if v is not None})
 

@@ -265,7 +265,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     columns (a power of two; each head gets
     ``mq // pack`` columns: 4 for a decode row of G = 4, so 4 heads fill a 16-column MMA that one head would pad; the
     pack shrinks until each head's columns hold all the vectors of an agent's rows and the pack divides
-    ``res_heads``; MMA scores only), ``res_f16`` (joined form: the rebuild's operands, its accumulator, the rotation and
+    ``res_heads``; MMA scores only), ``res_f16`` (joined and Gluon forms: the rebuild's operands, its accumulator, the rotation and
     the score MMA's operands in fp16, the scores accumulated in fp32: no conversion between the rebuild and the
     rotation; bf16/fp32 queries enter fp16 scaled by :data:`Q_F16_SCALE`; the K residual must stay within fp16's
     range: :func:`f16_range_ok`; ``k_B16``: ``k_B`` already in fp16, else converted per call). Returns the compiled
@@ -307,9 +307,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"
         raise ValueError(f"mq={MQ}: a power of two of at least {VPR} (the query vectors of one row and KV head)"
                          + limit)
-    if res_f16:  # the score MMA's and the rebuild's fp16 operands (u: per tile)
+    if res_f16:  # the score MMA's and the rebuild's fp16 operands (u: per tile); B_k: the caller's copy or converted
         q, qk_scale = f16_queries(q, qk_scale)
-    if res_f16:  # B_k in fp16: the caller's copy (kept with the residual) or converted here, per call
         k_B = _b16(k_B, k_B16)
     pack = score_pack(res_pack, fma, HG, MQ, rows_max * VPR)
     n_chunks = cdiv(rows_max, MQ // pack // VPR)
