@@ -6,7 +6,8 @@
 # Parts (PARTS, in order):
 # - tests: the ring's and the rule's boundary GPU tests (test_shared_gluon.py) and the Gluon K pass's real-size GPU
 #   tests (test_kres_gluon.py, res_f16 among its knobs); TESTS_K / TESTS narrow them;
-# - sweep: the K pass stage, rule vs the Gluon fp16 form, K+V at 8 / 32 / 128 agents (32K), two orders;
+# - sweep: the K pass stage, rule vs the Gluon fp16 form (since v36c also with two KV heads per step, and so at 168
+#   registers; the run at 23b9bb1 had the first two only), K+V at 8 / 32 / 128 agents (32K), two orders;
 # - ncu: the K pass's stall reasons, the rule's and the Gluon fp16 form's, K+V at 32 agents;
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents;
 # - decode (not in the default): the capacity decode end to end (256 agents, ~5-9 minutes).
@@ -31,8 +32,10 @@ if has tests; then
 fi
 if has sweep; then
     R='{}'; G='{"res_form": "gluon", "res_f16": true}'
+    G2='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2}'  # v36c: two KV heads per step
+    G2M='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2, "res_maxnreg": 168}'  # ... at 3 programs per SM
     for pass in a b; do
-        if [ $pass = a ]; then C="{\"kres\": [$R, $G]}"; else C="{\"kres\": [$G, $R]}"; fi
+        if [ $pass = a ]; then C="{\"kres\": [$R, $G, $G2, $G2M]}"; else C="{\"kres\": [$G2M, $G2, $G, $R]}"; fi
         timeout ${SWEEP_S:-150} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 \
             --points 32768:32 32768:128 32768:8 --candidates "$C" --time-limit $(( ${SWEEP_S:-150} - 30 )) \
             --out "$OUT/sweep_kernel_v36$pass.json" > "$OUT/sweep_v36$pass.log" 2>&1

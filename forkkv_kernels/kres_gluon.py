@@ -5,9 +5,10 @@ Per program (one agent, one split of the context, one chunk of its query vectors
 vectors of every KV head go to shared memory once, before the loop over the context (the Triton kernel loads and
 stages both again for every tile and head). Per tile of ``BLOCK_T`` tokens the ``u`` tile goes to shared memory and
 the cos/sin of the lo half's frequencies to registers, converted once per tile into the layout of a rebuilt tile's
-halves (with ``res_f16`` both loaded a tile ahead); then for each KV head, in a loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of width D,
-split into its halves in registers: in the MMA's layout a thread holds column ``j`` and ``j + D/2`` alike), the
-rotate-half RoPE on CUDA cores in the cache dtype, the scores ``X_rot @ Q`` with the rotated halves as register
+halves (with ``res_f16`` both loaded a tile ahead); then for each KV head (or pair of heads, ``res_step_heads``), in a
+loop: the rebuild ``X = u @ B_k`` (one warpgroup MMA of width D, split into its halves in registers: in the MMA's
+layout a thread holds column ``j`` and ``j + D/2`` alike), the rotate-half RoPE on CUDA cores in the cache dtype, the
+scores ``X_rot @ Q`` with the rotated halves as register
 operands (``res_score="mma_sync"``: ``mma.sync`` over each half, 8 columns, enough for a decode row's G = 4 query
 vectors where the warpgroup MMA pads them to 16; ``"mma"``: the warpgroup MMA over the joined tile), scaled, converted
 (fp16: one saturating conversion per 2) and stored from the accumulator's layout (no shared memory, no CTA barrier
@@ -176,13 +177,29 @@ if HAVE_GLUON:
         return u, c, s, ch, sh
 
     @gluon.jit
+    def _head_scores(x, q_h, c_lo, s_lo, c_hi, s_hi, zs, dtype: gl.constexpr, A_K: gl.constexpr, B_Q: gl.constexpr,
+                     BLOCK_T: gl.constexpr, HALF: gl.constexpr, MQ: gl.constexpr):
+        """One head's scores by ``mma.sync`` from its rebuilt tile ``x``: the rotate-half RoPE of its halves in the
+        cache dtype, each half against its half of the head's queries ``q_h`` (no join); for a narrow tile two
+        independent chains of depth HALF, summed (a wide one would spill their accumulators; v36b)."""
+        xl, xh = _halves(x, BLOCK_T, HALF)
+        xl = xl.to(dtype)
+        xh = xh.to(dtype)
+        s = mma_v2(gl.convert_layout(xl * c_lo - xh * s_lo, A_K), q_h.slice(0, HALF).load(B_Q), zs)
+        if MQ <= 16:
+            s += mma_v2(gl.convert_layout(xh * c_hi + xl * s_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), zs)
+        else:
+            s = mma_v2(gl.convert_layout(xh * c_hi + xl * s_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), s)
+        return s
+
+    @gluon.jit
     def _kres_scores_gluon(
         Q, s_qb, s_qh, s_qq,
         UK, BK, COS, SIN, KSLOT, ORDER, R,
         B, T, RS, RK, split_len, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
         NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
-        SYNC_SCORE: gl.constexpr, F16: gl.constexpr,
+        SYNC_SCORE: gl.constexpr, F16: gl.constexpr, HP: gl.constexpr,
     ):
         """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h``, as
         :func:`~.kres_pass._kres_scores_kernel` with every KV head in one program (no packs). Grid: sorted position x
@@ -288,28 +305,37 @@ if HAVE_GLUON:
                 # one head at a time, in a loop: unrolled, ptxas serialises every MMA of the kernel (its report
                 # C7514), and a rebuild issued for the next head before this one's rotation (an MMA in flight across
                 # the loop's back edge) gets them serialised too (C7515)
-                for h in range(HKV):
-                    x = warpgroup_mma_wait(num_outstanding=0, deps=[
-                        warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True)])
-                    xl, xh = _halves(x, BLOCK_T, HALF)
-                    xl = xl.to(dtype)
-                    xh = xh.to(dtype)
-                    k_lo = xl * c_lo - xh * s_lo
-                    k_hi = xh * c_hi + xl * s_hi
-                    if SYNC_SCORE:  # mma.sync over the halves as they are (no join); for a narrow tile two
-                        # independent chains of depth HALF, summed (a wide one would spill their accumulators; v36b)
-                        s = mma_v2(gl.convert_layout(k_lo, A_K), q_smem.index(h).slice(0, HALF).load(B_Q), zs)
-                        if MQ <= 16:
-                            s += mma_v2(gl.convert_layout(k_hi, A_K), q_smem.index(h).slice(HALF, HALF).load(B_Q), zs)
-                        else:
-                            s = mma_v2(gl.convert_layout(k_hi, A_K), q_smem.index(h).slice(HALF, HALF).load(B_Q), s)
+                for hp in range(HKV // HP):
+                    h = hp * HP
+                    if HP == 2:  # two heads per step: their rebuilds issued together, their rotations and score
+                        # chains side by side (independent instructions for the scheduler; v36c)
+                        x0, x1 = warpgroup_mma_wait(num_outstanding=0, deps=[
+                            warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True),
+                            warpgroup_mma(u_smem, b_smem.index(h + 1), zx, use_acc=False, is_async=True)])
+                        s0 = _head_scores(x0, q_smem.index(h), c_lo, s_lo, c_hi, s_hi, zs, dtype, A_K, B_Q, BLOCK_T,
+                                          HALF, MQ)
+                        s1 = _head_scores(x1, q_smem.index(h + 1), c_lo, s_lo, c_hi, s_hi, zs, dtype, A_K, B_Q,
+                                          BLOCK_T, HALF, MQ)
+                        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s0, R, qk_scale, SATF), mask=r_mask)
+                        gl.store(R + ((h + 1) * head_stride + t0) + r_off, _score_values(s1, R, qk_scale, SATF),
+                                 mask=r_mask)
                     else:
-                        k = gl.convert_layout(_joined(k_lo, k_hi, BLOCK_T, D), A_K)
-                        s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
-                            warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
-                    # stored from the accumulator's layout (each thread's tokens of each vector), not through shared
-                    # memory: no CTA barrier per head (v36b)
-                    gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
+                        x = warpgroup_mma_wait(num_outstanding=0, deps=[
+                            warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True)])
+                        if SYNC_SCORE:
+                            s = _head_scores(x, q_smem.index(h), c_lo, s_lo, c_hi, s_hi, zs, dtype, A_K, B_Q, BLOCK_T,
+                                             HALF, MQ)
+                        else:  # the warpgroup MMA over the joined rotated tile
+                            xl, xh = _halves(x, BLOCK_T, HALF)
+                            xl = xl.to(dtype)
+                            xh = xh.to(dtype)
+                            k = gl.convert_layout(_joined(xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi, BLOCK_T, D),
+                                                  A_K)
+                            s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
+                                warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
+                        # stored from the accumulator's layout (each thread's tokens of each vector), not through
+                        # shared memory: no CTA barrier per head (v36b)
+                        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
 
 
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
@@ -317,14 +343,16 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
                              res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
-                             r_stride: int | None = None, res_f16: bool = False):
+                             r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
     tile that holds an agent's vectors, ``lowp`` must be on (the rotation in the cache dtype); ``res_f16`` the
     rebuild accumulated in fp16, the rotation and the score operands in fp16 (as the Triton joined form's, with its
     range condition :func:`~.kres_pass.f16_range_ok`): ``q`` and ``k_B`` arrive in fp16, the queries scaled as
-    :func:`~.kres_pass.f16_queries` does (the caller converts them). Raises ``ValueError``
+    :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
+head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their rotations
+and score chains side by side). Raises ``ValueError``
     where :func:`unsupported` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
@@ -340,6 +368,9 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     if not lowp:
         raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
                          "True) or use res_form='joined'")
+    if res_step_heads not in (1, 2) or (res_step_heads == 2 and (res_score != "mma_sync" or Hkv % 2)):
+        raise ValueError(f"res_step_heads={res_step_heads}: 1, or 2 with res_score='mma_sync' and an even number of "
+                         f"KV heads (got {res_score!r}, {Hkv} KV heads)")
     if res_f16 and (q.dtype != torch.float16 or k_B.dtype != torch.float16):
         raise ValueError("res_f16: the queries and k_B arrive in fp16 (kres_pass.launch_kres_scores converts them)")
     n_chunks = cdiv(rows_max, MQ // VPR)
@@ -351,5 +382,4 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
         B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
-        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16),
-        num_warps=block_t // 16, **opts)
+        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), HP=res_step_heads, num_warps=block_t // 16, **opts)

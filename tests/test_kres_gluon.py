@@ -48,7 +48,7 @@ def test_gluon_k_pass_says_why_it_cannot_serve_a_call():
 
 def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
     """Through the launcher: on CPU ``res_form="gluon"`` raises with the reason and the way out; ``mma_sync`` scores
-    are the Gluon form's, refused in the Triton forms."""
+    and two KV heads per step are the Gluon form's, refused in the Triton forms."""
     case = ATTN_CASES[4]  # D=64, Hkv=2, ranks 16/16/4
     view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
     if not HOPPER:
@@ -57,6 +57,8 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
             _launch(q, view, None, case.D**-0.5, res_form="gluon")
     with pytest.raises(ValueError, match="res_score='mma_sync' is the Gluon K pass's"):
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_score="mma_sync")
+    with pytest.raises(ValueError, match="res_step_heads=2 is the Gluon K pass's"):
+        _launch(q, view, None, case.D**-0.5, res_form="joined", res_step_heads=2)
 
 
 @pytest.mark.slow
@@ -98,6 +100,7 @@ GLUON_KNOBS = [
     {"res_form": "gluon", "mq": 64},
     {"res_form": "gluon", "res_satfinite": False},
     {"res_form": "gluon", "res_f16": True},
+    {"res_form": "gluon", "res_f16": True, "res_step_heads": 2},
 ]
 
 
