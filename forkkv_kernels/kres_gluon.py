@@ -177,20 +177,32 @@ if HAVE_GLUON:
         return u, c, s, ch, sh
 
     @gluon.jit
-    def _head_scores(x, q_h, c_lo, s_lo, c_hi, s_hi, zs, dtype: gl.constexpr, A_K: gl.constexpr, B_Q: gl.constexpr,
-                     BLOCK_T: gl.constexpr, HALF: gl.constexpr, MQ: gl.constexpr):
-        """One head's scores by ``mma.sync`` from its rebuilt tile ``x``: the rotate-half RoPE of its halves in the
-        cache dtype, each half against its half of the head's queries ``q_h`` (no join); for a narrow tile two
-        independent chains of depth HALF, summed (a wide one would spill their accumulators; v36b)."""
+    def _rotated(x, c_lo, s_lo, c_hi, s_hi, dtype: gl.constexpr, BLOCK_T: gl.constexpr, HALF: gl.constexpr):
+        """A rebuilt tile ``x``'s halves, rotate-half RoPE applied in the cache dtype ``dtype``."""
         xl, xh = _halves(x, BLOCK_T, HALF)
         xl = xl.to(dtype)
         xh = xh.to(dtype)
-        s = mma_v2(gl.convert_layout(xl * c_lo - xh * s_lo, A_K), q_h.slice(0, HALF).load(B_Q), zs)
+        return xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi
+
+    @gluon.jit
+    def _head_scores(x, q_h, c_lo, s_lo, c_hi, s_hi, zs, dtype: gl.constexpr, A_K: gl.constexpr, B_Q: gl.constexpr,
+                     BLOCK_T: gl.constexpr, HALF: gl.constexpr, MQ: gl.constexpr):
+        """One head's scores by ``mma.sync`` from its rebuilt tile ``x``: its rotated halves, each against its half of
+        the head's queries ``q_h`` (no join); for a narrow tile two independent chains of depth HALF, summed (a wide
+        one would spill their accumulators; v36b)."""
+        k_lo, k_hi = _rotated(x, c_lo, s_lo, c_hi, s_hi, dtype, BLOCK_T, HALF)
+        s = mma_v2(gl.convert_layout(k_lo, A_K), q_h.slice(0, HALF).load(B_Q), zs)
         if MQ <= 16:
-            s += mma_v2(gl.convert_layout(xh * c_hi + xl * s_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), zs)
+            s += mma_v2(gl.convert_layout(k_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), zs)
         else:
-            s = mma_v2(gl.convert_layout(xh * c_hi + xl * s_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), s)
+            s = mma_v2(gl.convert_layout(k_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), s)
         return s
+
+    @gluon.jit
+    def _store_head(s, R, h, t0, head_stride, r_off, r_mask, qk_scale, SATF: gl.constexpr):
+        """Store head ``h``'s scores of the tile at ``t0`` from their accumulator's layout (each thread its tokens of
+        each vector), not through shared memory: no CTA barrier per head (v36b)."""
+        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
 
     @gluon.jit
     def _kres_scores_gluon(
@@ -316,9 +328,8 @@ if HAVE_GLUON:
                                           HALF, MQ)
                         s1 = _head_scores(x1, q_smem.index(h + 1), c_lo, s_lo, c_hi, s_hi, zs, dtype, A_K, B_Q,
                                           BLOCK_T, HALF, MQ)
-                        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s0, R, qk_scale, SATF), mask=r_mask)
-                        gl.store(R + ((h + 1) * head_stride + t0) + r_off, _score_values(s1, R, qk_scale, SATF),
-                                 mask=r_mask)
+                        _store_head(s0, R, h, t0, head_stride, r_off, r_mask, qk_scale, SATF)
+                        _store_head(s1, R, h + 1, t0, head_stride, r_off, r_mask, qk_scale, SATF)
                     else:
                         x = warpgroup_mma_wait(num_outstanding=0, deps=[
                             warpgroup_mma(u_smem, b_smem.index(h), zx, use_acc=False, is_async=True)])
@@ -326,16 +337,11 @@ if HAVE_GLUON:
                             s = _head_scores(x, q_smem.index(h), c_lo, s_lo, c_hi, s_hi, zs, dtype, A_K, B_Q, BLOCK_T,
                                              HALF, MQ)
                         else:  # the warpgroup MMA over the joined rotated tile
-                            xl, xh = _halves(x, BLOCK_T, HALF)
-                            xl = xl.to(dtype)
-                            xh = xh.to(dtype)
-                            k = gl.convert_layout(_joined(xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi, BLOCK_T, D),
-                                                  A_K)
+                            k_lo, k_hi = _rotated(x, c_lo, s_lo, c_hi, s_hi, dtype, BLOCK_T, HALF)
+                            k = gl.convert_layout(_joined(k_lo, k_hi, BLOCK_T, D), A_K)
                             s, k = warpgroup_mma_wait(num_outstanding=0, deps=[
                                 warpgroup_mma(k, q_smem.index(h), zs, is_async=True), k])
-                        # stored from the accumulator's layout (each thread's tokens of each vector), not through
-                        # shared memory: no CTA barrier per head (v36b)
-                        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
+                        _store_head(s, R, h, t0, head_stride, r_off, r_mask, qk_scale, SATF)
 
 
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,

@@ -42,8 +42,7 @@ def compile_kres(knobs: dict) -> dict:
     fma = rule.get("res_score", "mma") == "fma"
     form = knobs.get("res_form") or ("halves" if fma else rule["res_form"])  # as the launcher: fma in the halves form
     f16 = bool(rule.get("res_f16")) and form == "joined"  # as the launcher: the fp16 form is the joined form's
-    # the fp16 form's queries and B_k arrive converted by the launcher
-    args = {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if f16 else {})}
+    args = _kres_args(f16)
     MQ = rule.get("mq") or (4 if fma else 16)
     const = dict(HKV=8, G=4, HALF=64, HALF_B=64, RKB=16, VPR=4, NQG=4, MQ=MQ,
                  BLOCK_T=rule["res_block_t"], HG=rule.get("res_heads") or 8,
@@ -64,6 +63,11 @@ _KRES_ARGS = {"Q": "*bf16", "s_qb": "i32", "s_qh": "i32", "s_qq": "i32", "UK": "
               "SIN": "*bf16", "KSLOT": "*i32", "ORDER": "*i32", "R": "*fp16", "B": "i32", "T": "i32", "RS": "i32",
               "RK": "i32",
               "split_len": "i32", "qk_scale": "fp32"}
+
+
+def _kres_args(f16: bool) -> dict:
+    """Both K passes' runtime arguments; the fp16 form's queries and ``B_k`` arrive converted by the launcher."""
+    return {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if f16 else {})}
 
 
 def _source(source_cls, fn, args: dict, const: dict, divisible: list | None = None):
@@ -90,7 +94,7 @@ def _compile_gluon_kres(knobs: dict) -> dict:
                  BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
                  SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")),
                  HP=rule.get("res_step_heads") or 1)
-    args = {**_KRES_ARGS, **({"Q": "*fp16", "BK": "*fp16"} if rule.get("res_f16") else {})}
+    args = _kres_args(bool(rule.get("res_f16")))
     opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
