@@ -8,7 +8,8 @@
 #   tests (test_kres_gluon.py, res_f16 among its knobs); TESTS_K / TESTS narrow them;
 # - sweep: the K pass stage, rule vs the Gluon fp16 form (since v36c also with two KV heads per step, and so at 168
 #   registers; the run at 23b9bb1 had the first two only), K+V at 8 / 32 / 128 agents (32K), two orders;
-# - ncu: the K pass's stall reasons, the rule's and the Gluon fp16 form's, K+V at 32 agents;
+# - ncu: the K pass's stall reasons, the rule's and the Gluon fp16 form's (since v36c also two KV heads per step at 168
+#   registers; NCU_FORMS narrows them), K+V at 32 agents;
 # - bench (not in the default): the library's path at 1 / 8 / 32 / 128 agents;
 # - decode (not in the default): the capacity decode end to end (256 agents, ~5-9 minutes).
 # Ran (H100, 2026-12-07): at 23b9bb1 `TESTS_S=150 SWEEP_S=130` (the default parts; the tests part timed out after 37
@@ -43,8 +44,12 @@ if has sweep; then
     done
 fi
 if has ncu; then
-    for form in rule gluon16; do
-        K='{}'; [ $form = gluon16 ] && K='{"res_form": "gluon", "res_f16": true}'
+    for form in ${NCU_FORMS:-rule gluon16 gluon16x2}; do
+        case $form in
+            rule) K='{}';;
+            gluon16) K='{"res_form": "gluon", "res_f16": true}';;
+            gluon16x2) K='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2, "res_maxnreg": 168}';;
+        esac
         timeout 100 ncu --clock-control none --kernel-name regex:"_kres_scores" --launch-count 1 \
             --section SchedulerStats --section WarpStateStats --section Occupancy \
             --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
