@@ -114,3 +114,40 @@ def test_readme_contents_list_names_every_section():
     heads = re.findall(r"^## (.+)$", text, flags=re.M)
     listed = re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", text.split("Contents:\n", 1)[1].split("\n\n", 1)[0], flags=re.M)
     assert listed == [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads]
+
+
+def _anchor(head: str) -> str:
+    return re.sub(r"[^\w\- ]", "", head.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.version_independent
+def test_docs_links_and_named_results_exist():
+    """Every relative link of README.md and eval/RESULTS.md into the repository reaches a file (and, with ``#``, a section of it), and every
+    result file they name in backticks (``*.json``/``*.png``/``*.txt``/``*.log``, by path or by name under
+    ``eval/results/`` or ``raw/``) is committed: moving or renaming a result, or a section, fails here. Abbreviated
+    names (``_next_line.json`` after a full one) and files a run writes at run time are not results."""
+    root = README.parent
+    run_time = {"torchrun_attempt1.log"}
+    missing = []
+    for doc in (README, root / "eval" / "RESULTS.md"):
+        text = doc.read_text()
+        for m in re.finditer(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+            target, anchor = m.group(1), m.group(2)
+            if target.startswith("http"):
+                continue
+            path = ((doc.parent / target) if target else doc).resolve()
+            if not path.is_relative_to(root.resolve()):  # beside the repository (the design card): not ours to check
+                continue
+            if not path.exists():
+                missing.append((doc.name, target))
+            elif anchor and path.suffix == ".md":
+                if anchor not in {_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}:
+                    missing.append((doc.name, f"{target}#{anchor}"))
+        for m in re.finditer(r"`((?:eval/results/|raw/)?[\w./-]+\.(?:json|png|txt|log))`", text):
+            name = m.group(1)
+            if name.startswith(("_", ".")) or name in run_time:
+                continue
+            results = root / "eval" / "results"
+            if not any(p.exists() for p in (root / name, results / name, results / "raw" / name)):
+                missing.append((doc.name, name))
+    assert not missing, missing
