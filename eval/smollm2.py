@@ -30,8 +30,9 @@ def cache_dir() -> Path:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)``; the model is a ``LlamaForCausalLM`` in eval mode with SDPA attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)``; the model is a ``LlamaForCausalLM`` in eval mode with SDPA attention, plain (not
+    marked quantised: its weights are the de-quantised GGUF's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir()
     if not (target / "config.json").exists():
@@ -47,7 +48,13 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
         save_model(model, str(target / "model.safetensors"))
         tok.save_pretrained(target)
     tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa").eval()
+    config = AutoConfig.from_pretrained(target)
+    # the GGUF loader leaves its quantization_config on the config it saved, though the weights saved are plain
+    # de-quantised tensors: loaded with it, the model counts as GGUF-quantised and transformers' Trainer refuses to
+    # train it ("QuantizationMethod.GGUF ... do not support training"); caches converted before this fix hold it too
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(target, config=config, dtype=dtype, attn_implementation="sdpa").eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
