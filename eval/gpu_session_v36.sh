@@ -35,7 +35,7 @@ if has sweep; then
     R='{}'; G='{"res_form": "gluon", "res_f16": true}'
     G2='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2}'  # v36c: two KV heads per step
     G2M='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2, "res_maxnreg": 168}'  # ... at 3 programs per SM
-    for pass in a b; do
+    for pass in ${PASSES:-a b}; do  # PASSES=a: the first order only
         if [ $pass = a ]; then C="{\"kres\": [$R, $G, $G2, $G2M]}"; else C="{\"kres\": [$G2M, $G2, $G, $R]}"; fi
         timeout ${SWEEP_S:-150} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 \
             --points 32768:32 32768:128 32768:8 --candidates "$C" --time-limit $(( ${SWEEP_S:-150} - 30 )) \
