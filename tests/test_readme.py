@@ -113,19 +113,21 @@ def test_readme_contents_list_names_every_section():
     text = README.read_text()
     heads = re.findall(r"^## (.+)$", text, flags=re.M)
     listed = re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", text.split("Contents:\n", 1)[1].split("\n\n", 1)[0], flags=re.M)
-    assert listed == [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads]
+    assert listed == [_anchor(h) for h in heads]
 
 
 def _anchor(head: str) -> str:
+    """The anchor GitHub gives a heading."""
     return re.sub(r"[^\w\- ]", "", head.strip().lower()).replace(" ", "-")
 
 
 @pytest.mark.version_independent
 def test_docs_links_and_named_results_exist():
-    """Every relative link of README.md and eval/RESULTS.md into the repository reaches a file (and, with ``#``, a section of it), and every
-    result file they name in backticks (``*.json``/``*.png``/``*.txt``/``*.log``, by path or by name under
-    ``eval/results/`` or ``raw/``) is committed: moving or renaming a result, or a section, fails here. Abbreviated
-    names (``_next_line.json`` after a full one) and files a run writes at run time are not results."""
+    """Every relative link of README.md and eval/RESULTS.md into the repository reaches a file (and, with ``#``, a
+    heading of it), and every result file they name in backticks (``*.json``/``*.png``/``*.txt``/``*.log``, by path
+    or by name under ``eval/results/`` or ``raw/``) is committed: moving or renaming a result, or a section, fails
+    here. Abbreviated names (``_next_line.json`` after a full one) and files a run writes at run time are not
+    results."""
     root = README.parent
     run_time = {"torchrun_attempt1.log"}
     missing = []
