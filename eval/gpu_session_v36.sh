@@ -17,6 +17,7 @@
 # `TESTS="tests/test_kres_gluon.py" TESTS_K="real_sizes" PARTS="tests bench"` (8 passed), then the decode part's
 # command by hand with `--reps 2` (eval/KERNEL_NOTES.md "v36 measured"). v36b (the Gluon K pass's stores and score
 # chains since) has not run: KERNEL_NOTES "v36b" says what to run next.
+# A later session (2026-12-07) got no machine in twenty-two calls: still unrun (KERNEL_NOTES "v36b and v36c still unrun").
 # Results: $OUT/v36.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}

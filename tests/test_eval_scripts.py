@@ -204,7 +204,7 @@ def test_committed_results_load_and_plot(tmp_path):
 ENTRY_POINTS = ["eval.quality", "eval.train_adapters", "eval.plots", "eval.bench.e2e", "eval.bench.decode",
                 "eval.bench.lora", "eval.bench.tp", "eval.bench.kernel", "eval.bench.sweep_kernel",
                 "eval.bench.profile_kernel", "eval.bench.kpass_ablate", "eval.bench.upgrade_results", "examples.demo",
-                "examples.agent_workflow"]
+                "examples.agent_workflow", "examples.train_agent"]
 
 
 @pytest.mark.slow

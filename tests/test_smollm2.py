@@ -1,6 +1,7 @@
 """The real model as the evaluation loads it (``eval.smollm2.load_smollm2``) is a plain model that transformers'
 ``Trainer`` accepts: the GGUF loader's ``quantization_config`` once rode along on the converted model, which then
-counted as GGUF-quantised and ``ForkKVTrainer`` refused to train it."""
+counted as GGUF-quantised and ``ForkKVTrainer`` refused to train it. And the training example
+(``python -m examples.train_agent``) runs end to end on it."""
 
 import importlib.util
 
@@ -37,3 +38,16 @@ def test_the_real_model_is_plain_and_trains_under_forkkv(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     moved = [n for n, p in pm.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
     assert any("lora_B" in n for n in moved), "one step of ForkKV-aware training left every LoRA B unchanged"
+
+
+def test_the_training_example_runs_end_to_end(tmp_path):
+    """``python -m examples.train_agent`` at one step per phase, one scene each: the teacher trains, the student is
+    distilled under a fitted residual, both are saved, loaded back and scored (the example's own code path)."""
+    from examples.train_agent import main
+
+    scores = main(["--steps", "1", "--train-scenes", "1", "--eval-scenes", "1", "--rank", "8", "--out",
+                   str(tmp_path)])
+    assert list(scores) == ["teacher, exact", "teacher, fitted rank 8", "student, fitted rank 8"]
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+    for adapter in ("speaker", "speaker_fit8"):
+        assert (tmp_path / "adapters" / adapter / "adapter_model.safetensors").stat().st_size > 0
