@@ -82,8 +82,8 @@ def evaluate(pm, tok, split: dict, teacher: str, student: str, rank: int) -> dic
         inputs = batch_inputs(ctx, [prompt_ids(tok, q) for q in qs] * 2, pad_token_id=tok.pad_token_id)
         one = {k: v[: len(qs)] for k, v in inputs.items()}
         forkkv_hf.disable_forkkv(pm)
-        exact = generate_rows(pm, one, [teacher] * len(qs), stacked_cache({teacher: own_prefill(pm, teacher, ctx)},
-                                                                         [teacher] * len(qs)), 12, eos, tok.pad_token_id)
+        own = stacked_cache({teacher: own_prefill(pm, teacher, ctx)}, [teacher] * len(qs))  # the scene, per row
+        exact = generate_rows(pm, one, [teacher] * len(qs), own, 12, eos, tok.pad_token_id)
         forkkv_hf.enable_forkkv(pm)
         fitted = SharedContext.build(pm, ctx, [teacher, student], progress=False).fit_residuals(
             pm, [teacher, student], rank=rank, progress=False)
