@@ -9,3 +9,13 @@ export PYTHONPATH="$PWD"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -m eval.device  # the device info every result file records (eval/device.py)
 } 2>&1 | tee "$OUT/env.txt"
+# ncu_stalls LIMIT_S KERNEL_REGEX LAUNCHES OUTFILE ARGS...: ncu's warp-state stall reasons, issue counts and times of
+# the first LAUNCHES launches of the kernels matching KERNEL_REGEX in `python3 -m eval.bench.profile_kernel --ncu-once
+# ARGS` (clocks not locked), written to OUTFILE; its status is the run's (timeout's: 124 when cut off)
+ncu_stalls() {
+  local limit=$1 kernel=$2 launches=$3 out=$4; shift 4
+  timeout "$limit" ncu --clock-control none --kernel-name regex:"$kernel" --launch-count "$launches" \
+    --section SchedulerStats --section WarpStateStats --section Occupancy \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
+    python3 -m eval.bench.profile_kernel --ncu-once "$@" > "$out" 2>&1
+}

@@ -57,11 +57,7 @@ fi
 if has ncu && [ $ok = 1 ]; then
     for form in rule lazy; do
         K='{}'; [ $form = lazy ] && K='{"shared_lazy": true}'
-        timeout 120 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 2 \
-            --section SchedulerStats --section WarpStateStats --section Occupancy \
-            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
-            python3 -m eval.bench.profile_kernel --ncu-once --variants base v --points 32768:128 --knobs "$K" \
-            > "$OUT/ncu_v33_$form.txt" 2>&1
+        ncu_stalls 120 _cascade_shared 2 "$OUT/ncu_v33_$form.txt" --variants base v --points 32768:128 --knobs "$K"
         echo "ncu $form rc=$?"; grep -E "_cascade_shared|gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
             "$OUT/ncu_v33_$form.txt" | head -12; pack
     done

@@ -62,20 +62,13 @@ fi
 if has ncu && [ $ok = 1 ]; then
     for form in sync ring; do
         K='{"shared_form": "gluon"}'; [ $form = ring ] && K='{"shared_form": "gluon", "shared_k_load": "ring"}'
-        timeout 120 ncu --clock-control none --kernel-name regex:"_cascade_shared" --launch-count 1 \
-            --section SchedulerStats --section WarpStateStats --section Occupancy \
-            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
-            python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 --knobs "$K" \
-            > "$OUT/ncu_v35_$form.txt" 2>&1
+        ncu_stalls 120 _cascade_shared 1 "$OUT/ncu_v35_$form.txt" --variants kv --points 32768:32 --knobs "$K"
         echo "ncu $form rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
             "$OUT/ncu_v35_$form.txt" | head -6; pack
     done
 fi
 if has ncu_kpass && [ $ok = 1 ]; then  # the K pass's stall reasons (never taken apart by ncu's warp states)
-    timeout 120 ncu --clock-control none --kernel-name regex:"_kres_scores" --launch-count 1 \
-        --section SchedulerStats --section WarpStateStats --section Occupancy \
-        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
-        python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 > "$OUT/ncu_v35_kpass.txt" 2>&1
+    ncu_stalls 120 _kres_scores 1 "$OUT/ncu_v35_kpass.txt" --variants kv --points 32768:32
     echo "ncu_kpass rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
         "$OUT/ncu_v35_kpass.txt" | head -4; pack
 fi

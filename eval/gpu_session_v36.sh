@@ -51,11 +51,7 @@ if has ncu; then
             gluon16) K='{"res_form": "gluon", "res_f16": true}';;
             gluon16x2) K='{"res_form": "gluon", "res_f16": true, "res_step_heads": 2, "res_maxnreg": 168}';;
         esac
-        timeout 100 ncu --clock-control none --kernel-name regex:"_kres_scores" --launch-count 1 \
-            --section SchedulerStats --section WarpStateStats --section Occupancy \
-            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
-            python3 -m eval.bench.profile_kernel --ncu-once --variants kv --points 32768:32 --knobs "$K" \
-            > "$OUT/ncu_v36_$form.txt" 2>&1
+        ncu_stalls 100 _kres_scores 1 "$OUT/ncu_v36_$form.txt" --variants kv --points 32768:32 --knobs "$K"
         echo "ncu $form rc=$?"; grep -E "gpu__time_duration|inst_executed|Warp Cycles Per Issued" \
             "$OUT/ncu_v36_$form.txt" | head -4; pack
     done
