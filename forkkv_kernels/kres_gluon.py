@@ -18,10 +18,10 @@ What ptxas does with it decided its shape (eval/KERNEL_NOTES.md "v14"): the head
 next head before this one's rotation (an MMA in flight across the loop's back edge), and ptxas serialises every MMA
 of the kernel (its reports C7514 / C7515); one head per loop step with each MMA waited for before its result is read
 compiles without them. Measured: v14 (synchronous tile loads, fp32 rebuild) lost to the Triton rule by ~20-30% on an
-H200; v36 (the loads of ``res_f16`` a tile ahead, fp16 rebuild) on an H100, whole K+V calls at 32K: +2% at 32 agents,
--1.6% at 128, +7% at 8 (eval/KERNEL_NOTES.md "v36 measured"), so the launcher never picks it: it serves calls that
-ask for it (``res_form="gluon"``). Its stores without shared memory and its two score chains (v36b) have not run on a
-GPU yet.
+H200; v36 (the loads of ``res_f16`` a tile ahead, fp16 rebuild) on an H100 level with it; v36b (its stores without
+shared memory, two score chains) on an H100, whole K+V calls at 32K: -3.6 / -4.4% at 128 agents in two orders, level
+at 32, +5% at 8 (eval/KERNEL_NOTES.md "v36b measured"), so the launch rule takes it for K+V decode calls from
+:data:`~.rules.GLUON_K_FROM` query vectors per KV head, where :func:`refusal` lets it.
 
 Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation (or fp16
 with ``res_f16``), the rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score
@@ -344,6 +344,33 @@ if HAVE_GLUON:
                         _store_head(s, R, h, t0, head_stride, r_off, r_mask, qk_scale, SATF)
 
 
+def refusal(q, k_u, k_B, *, VPR: int, k_max_rows: int | None = None, r_stride: int | None = None, lowp: bool = True,
+            res_block_t: int | None = None, res_score: str = "mma_sync", mq: int | None = None,
+            res_step_heads: int = 1) -> ValueError | None:
+    """The error, saying what to do, that :func:`launch_kres_scores_gluon` would raise for this call (queries ``q``,
+    the K residual's ``k_u``/``k_B``, these arguments as the launcher's), or None where the kernel can take it: a
+    limit of :func:`unsupported`, one KV head's scores beyond int32 offsets, the rotation not in the cache dtype, a
+    head pair the call cannot take. The launch rule (:func:`~.rules.launch_defaults`) takes the Triton K pass
+    wherever this is not None."""
+    B, H, NQ, D = q.shape
+    Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
+    block_t = res_block_t or 64
+    rows_max = max(1, k_max_rows or B)
+    MQ = mq or score_columns(rows_max * VPR, res_score if res_score in SCORE_COLUMNS else "mma")
+    why = unsupported(q.device, q.dtype, D, Hkv, rank, VPR, MQ, block_t, res_score)
+    if not why and B * VPR * (r_stride or T) >= 2**31:  # the kernel's int32 offsets within one KV head's scores
+        why = f"{B} rows' scores of {T} tokens exceed its int32 offsets"
+    if why:
+        return ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
+    if not lowp:
+        return ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
+                          "True) or use res_form='joined'")
+    if res_step_heads not in (1, 2) or (res_step_heads == 2 and (res_score != "mma_sync" or Hkv % 2)):
+        return ValueError(f"res_step_heads={res_step_heads}: 1, or 2 with res_score='mma_sync' and an even number of "
+                          f"KV heads (got {res_score!r}, {Hkv} KV heads)")
+    return None
+
+
 def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scale: float, *, VPR: int,
                              rope_half: bool, sms: int, k_agents: int | None, k_max_rows: int | None,
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
@@ -357,26 +384,17 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     rebuild accumulated in fp16, the rotation and the score operands in fp16 (as the Triton joined form's, with its
     range condition :func:`~.kres_pass.f16_range_ok`): ``q`` and ``k_B`` arrive in fp16, the queries scaled as
     :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
-head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their rotations
-and score chains side by side). Raises ``ValueError``
-    where :func:`unsupported` says why it cannot."""
+    head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their
+    rotations and score chains side by side). Raises ``ValueError`` where :func:`refusal` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
     block_t = res_block_t or 64
     rows_max = max(1, k_max_rows or B)
     MQ = mq or score_columns(rows_max * VPR, res_score if res_score in SCORE_COLUMNS else "mma")
-    why = unsupported(q.device, q.dtype, D, Hkv, rank, VPR, MQ, block_t, res_score)
-    if why:
-        raise ValueError(f"res_form='gluon' cannot serve this call: {why}; use res_form='joined' (the Triton K pass)")
-    if B * VPR * (r_stride or T) >= 2**31:  # the kernel's int32 offsets within one KV head's scores
-        raise ValueError(f"res_form='gluon' cannot serve this call: {B} rows' scores of {T} tokens exceed its int32 "
-                         "offsets; use res_form='joined' (the Triton K pass)")
-    if not lowp:
-        raise ValueError("res_form='gluon' rotates the K residual in the cache dtype: leave lowp_rope on (None or "
-                         "True) or use res_form='joined'")
-    if res_step_heads not in (1, 2) or (res_step_heads == 2 and (res_score != "mma_sync" or Hkv % 2)):
-        raise ValueError(f"res_step_heads={res_step_heads}: 1, or 2 with res_score='mma_sync' and an even number of "
-                         f"KV heads (got {res_score!r}, {Hkv} KV heads)")
+    err = refusal(q, k_u, k_B, VPR=VPR, k_max_rows=k_max_rows, r_stride=r_stride, lowp=lowp, res_block_t=block_t,
+                  res_score=res_score, mq=MQ, res_step_heads=res_step_heads)
+    if err is not None:
+        raise err
     if res_f16 and (q.dtype != torch.float16 or k_B.dtype != torch.float16):
         raise ValueError("res_f16: the queries and k_B arrive in fp16 (kres_pass.launch_kres_scores converts them)")
     n_chunks = cdiv(rows_max, MQ // VPR)

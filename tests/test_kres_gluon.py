@@ -15,10 +15,11 @@ import torch
 
 from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, parametrize
 from forkkv_hf import reference_attention
-from views import lowp_attention_error
+from views import lowp_attention_error, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import kres_gluon  # noqa: E402
+from forkkv_kernels.rules import GLUON_K_FROM, TRITON_K_RULE, launch_defaults  # noqa: E402
 from test_cascade_kernel import _launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,57 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_score="mma_sync")
     with pytest.raises(ValueError, match="res_step_heads=2 is the Gluon K pass's"):
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_step_heads=2)
+
+
+def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_512_vectors():
+    """``launch_defaults``: the Gluon K pass's knobs (fp16 rebuild) for K+V decode calls from :data:`GLUON_K_FROM`
+    query vectors per KV head (128 agents of G = 4), the Triton K pass's rule below them and for every other call (K
+    alone, extend calls, fp32: unmeasured or not faster)."""
+    assert GLUON_K_FROM == 512
+    rule = launch_defaults(128, 1, 4, True, True, torch.bfloat16)
+    assert {k: rule[k] for k in kres_gluon.GLUON_RULE} == kres_gluon.GLUON_RULE and rule["res_f16"] is True
+    for args in ((127, 1, 4, True, True, torch.bfloat16), (128, 1, 4, True, False, torch.bfloat16),
+                 (64, 2, 8, True, True, torch.bfloat16)):
+        rule = launch_defaults(*args)
+        assert {k: rule[k] for k in TRITON_K_RULE} == TRITON_K_RULE, args
+    assert launch_defaults(128, 1, 4, True, True, torch.float32)["res_form"] == "halves"
+
+
+def test_the_gluon_k_pass_threshold_follows_the_v36b_sweeps():
+    """The rule's K pass at 8 / 32 / 128 agents (T=32K, K+V, one H100, two orders: sweep_kernel_v36b{a,b}): the Gluon
+    fp16 form where it measured faster than the Triton rule (the sweeps' ``{}`` row) by more than the run-to-run spread
+    (1.5%) in both orders, the Triton rule where it did not; every row within its exactness bound."""
+    gluon = json.dumps({"res_f16": True, "res_form": "gluon"}, sort_keys=True)
+    times = {}
+    for name in ("v36ba", "v36bb"):
+        for r in json.loads((ROOT / f"eval/results/sweep_kernel_{name}_nvidia_h100.json").read_text())["rows"]:
+            if "graph_s" in r:
+                assert r["ok"], r
+                times.setdefault((r["agents"], r["config"]), []).append(r["graph_s"])
+    for agents in (8, 32, 128):
+        faster = all(g < 0.985 * t for g, t in zip(times[agents, gluon], times[agents, "{}"]))
+        form = launch_defaults(agents, 1, 4, True, True, torch.bfloat16)["res_form"]
+        assert (form == "gluon") == faster == (agents * 4 >= GLUON_K_FROM), (agents, form, times[agents, gluon])
+
+
+def test_the_rules_gluon_k_pass_falls_back_where_a_call_cannot_take_it(monkeypatch):
+    """Where the rule picks the Gluon K pass but the call cannot take it (here: no Hopper GPU; elsewhere a K residual
+    beyond fp16's range, ``lowp_rope=False``, the Triton pass's own knobs given, a limit of
+    :func:`~forkkv_kernels.kres_gluon.refusal`) the launcher runs the Triton K pass under its rule: exact, no error.
+    128 rows of one decode query and G = 4 (512 vectors), 8 agents."""
+    if HOPPER:
+        pytest.skip("on a Hopper GPU the rule's Gluon K pass serves this call (test_the_rules_k_pass_boundary_gpu)")
+    view = random_view(B=128, Hkv=1, D=16, T=20, P=2, n_agents=8, ranks=(4,) * 8, rows=[i % 8 for i in range(128)])
+    q = torch.randn(128, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="res_form='gluon' cannot serve this call"):
+        _launch(q, view, None, 0.25, res_form="gluon")
+    import forkkv_kernels.cascade as cascade
+
+    forms, launch = [], cascade.launch_kres_scores
+    monkeypatch.setattr(cascade, "launch_kres_scores", lambda *a, **kw: forms.append(kw) or launch(*a, **kw))
+    out = _launch(q, view, None, 0.25)
+    assert forms[0]["res_form"] == "joined" and forms[0]["res_warps"] == TRITON_K_RULE["res_warps"], forms
+    torch.testing.assert_close(out, reference_attention(q, view, None, 0.25), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.slow
@@ -124,6 +176,28 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
             continue
         err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+@pytest.mark.gpu
+@parametrize("dtype", LOW_DTYPES)
+@parametrize("rows,f16", [(128, True), (127, True), (128, False)])
+def test_the_rules_k_pass_boundary_gpu(rows, f16, dtype):
+    """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (32 agents), a context of
+    2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the Triton one, and
+    so does a call whose K pass may not run in fp16 (``res_f16=False``, as the adapter passes for a K residual beyond
+    fp16's range); each within 3x PyTorch's low-precision error of the fp32 reference."""
+    if not HOPPER:
+        pytest.skip("the rule picks the Gluon K pass on sm_90 only")
+    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=32, ranks=(16,) * 32, dtype=dtype,
+                       rows=[i % 32 for i in range(rows)])
+    q = torch.randn(rows, 32, 1, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ref = reference_attention(q.float(), view, None, 128**-0.5)
+    launches = {}
+    out = _launch(q, view, None, 128**-0.5, launches=launches, **({} if f16 else {"res_f16": False})).float()
+    err = (out - ref).abs().max().item()
+    assert err <= 3 * lowp_attention_error(q.float(), view, None, 128**-0.5, ref) + 1e-5, err
+    name = getattr(getattr(launches["kres"], "metadata", None), "name", "")
+    assert ("gluon" in name) == (rows * 4 >= GLUON_K_FROM and f16), name
 
 
 #: the case space once, bf16 and fp16 in turn, every third case masked (each call compiles the kernel anew)

@@ -148,16 +148,16 @@ def make_inputs(A: int, T: int, device="cuda"):
 
 
 def library_pass(q, u, B, cos, sin, scale, sms, interp=False):
-    """The library's K pass with the decode rule at this point (``launch_defaults``' K-pass knobs; the fp16 form as
-    from 32 agents at any count, so that the replica's arithmetic is the rule's), as the library calls it: ``B`` kept
-    in fp16, the queries converted per call (one more kernel in the timed call, ~3 µs). Returns (run, its output,
-    knobs)."""
-    from forkkv_kernels.cascade import launch_defaults
+    """The library's Triton K pass under its rule (``TRITON_K_RULE``, the decode rule's K-pass knobs below
+    ``GLUON_K_FROM`` vectors; the fp16 form at any count, so that the replica's arithmetic is the rule's), as the
+    library calls it: ``B`` kept in fp16, the queries converted per call (one more kernel in the timed call, ~3 µs).
+    Returns (run, its output, knobs)."""
     from forkkv_kernels.kres_pass import launch_kres_scores
+    from forkkv_kernels.rules import TRITON_K_RULE
 
     A, T = q.shape[0], u.shape[1]
-    rule = launch_defaults(A, 1, G, True, True, q.dtype)
-    knobs = {k: v for k, v in rule.items() if k.startswith("res_") and k != "res_whole_waves"}
+    rule = TRITON_K_RULE
+    knobs = {k: v for k, v in rule.items() if k != "res_whole_waves"}
     knobs["res_f16"] = True
     slot = torch.arange(A, device=q.device, dtype=torch.int32)
     out = torch.empty(HKV, A * G, T, device=q.device, dtype=torch.float16)

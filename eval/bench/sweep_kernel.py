@@ -126,11 +126,15 @@ def launch_geometry(stage: str, variant: str, cfg: dict, N: int, T: int, sms: in
     launchers size them: ``cfg``'s knobs over the launcher's GPU rule (:func:`default_rule`)."""
     from forkkv_kernels.attention_common import split_length
     from forkkv_kernels.kres_gluon import GLUON_RULE
+    from forkkv_kernels.rules import TRITON_K_RULE, asks_triton_k_pass
     from forkkv_kernels.shared_gluon import rule_for
     from forkkv_kernels.shared_gluon_pair import GLUON_PAIR_RULE
 
-    # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does
+    # a Gluon K pass or shared kernel takes its own knobs under the given ones, as the launcher does; where the rule
+    # picks the Gluon K pass and the knobs ask for the Triton one, the Triton pass's rule
     default = default_rule(variant, N)
+    if default["res_form"] == "gluon" and asks_triton_k_pass(**{k: v for k, v in cfg.items() if k.startswith("res_")}):
+        default = {**default, **TRITON_K_RULE}
     knobs = {**default, **cfg}
     form = knobs.get("shared_form")  # given, or the rule's pick
     gluon_shared = form in ("gluon", "gluon_pair")
