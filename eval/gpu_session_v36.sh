@@ -18,6 +18,8 @@
 # command by hand with `--reps 2` (eval/KERNEL_NOTES.md "v36 measured"). v36b (the Gluon K pass's stores and score
 # chains since) has not run: KERNEL_NOTES "v36b" says what to run next.
 # A later session (2026-12-07) got no machine in twenty-two calls: still unrun (KERNEL_NOTES "v36b and v36c still unrun").
+# The session after it (2026-12-07, H100): `PARTS=sweep PASSES=a`, then `TESTS="tests/test_kres_gluon.py" TESTS_K="gluon_k_pass
+# and real_sizes" PARTS="tests sweep ncu" PASSES=b` (KERNEL_NOTES "v36b measured"; the result files named v36b{a,b}).
 # Results: $OUT/v36.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
