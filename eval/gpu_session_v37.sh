@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # v37 (issue 19; eval/KERNEL_NOTES.md "v36b measured", "v37"): the launch rule with the Gluon K pass for K+V decode
 # calls from 512 query vectors per KV head (forkkv_kernels/rules.py GLUON_K_FROM).
-# Parts (PARTS, in order):
+# Parts (PARTS; run in the order tests, sweep, bench, decode):
 # - tests: the rule's boundary GPU tests (the Gluon K pass at 128 rows, the Triton one at 127 and without fp16; the
 #   shared kernel's boundary at 2,053 tokens);
 # - bench: the library's path at 1 / 8 / 32 / 128 agents (AGENTS);
 # - decode: the capacity decode end to end (256 agents, REPS repetitions, ~4-9 minutes);
-# - sweep (not in the default): the rule's Triton K pass against the Gluon fp16 one between the measured points
-#   (48 / 64 / 96 agents, 32K, K+V, two orders): where GLUON_K_FROM belongs.
+# - sweep (not in the default): the Triton K pass against the Gluon fp16 one, each named (the rule's res_f16 either
+#   way), at SWEEP_POINTS (default between the measured points, 48 / 64 / 96 agents; 32K, K+V, two orders): where
+#   GLUON_K_FROM belongs.
 # Results: $OUT/v37.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -21,6 +22,17 @@ if has tests; then
         -k "${TESTS_K:-rules_k_pass_boundary or rules_boundary}" -p no:cacheprovider > "$OUT/gpu_tests_v37.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v37.log" | head -12; pack
 fi
+if has sweep; then
+    C='{"kres": [{"res_form": "joined"}, {"res_form": "gluon", "res_f16": true}]}'  # the Triton pass, the Gluon one
+    P=${SWEEP_POINTS:-"32768:48 32768:64 32768:96"}
+    for pass in ${PASSES:-a b}; do  # two orders: b reverses the points
+        [ $pass = b ] && P=$(echo $P | tr ' ' '\n' | tac | tr '\n' ' ')
+        timeout ${SWEEP_S:-120} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 --points $P \
+            --candidates "$C" --time-limit $(( ${SWEEP_S:-120} - 30 )) --out "$OUT/sweep_kernel_v37$pass.json" \
+            > "$OUT/sweep_v37$pass.log" 2>&1
+        echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_v37$pass.log" | head -5; pack
+    done
+fi
 if has bench; then
     timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
         --out "$OUT/bench_kernel_v37.json" > "$OUT/bench_kernel_v37.log" 2>&1
@@ -31,14 +43,4 @@ if has decode; then
         --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_v37.json" \
         > "$OUT/bench_decode_capacity_v37.log" 2>&1
     echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_v37.log"; pack
-fi
-if has sweep; then
-    C='{"kres": [{}, {"res_form": "gluon", "res_f16": true}]}'
-    for pass in ${PASSES:-a b}; do  # two orders: b reverses the points
-        if [ $pass = a ]; then P="32768:48 32768:64 32768:96"; else P="32768:96 32768:64 32768:48"; fi
-        timeout ${SWEEP_S:-120} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 --points $P \
-            --candidates "$C" --time-limit $(( ${SWEEP_S:-120} - 30 )) --out "$OUT/sweep_kernel_v37$pass.json" \
-            > "$OUT/sweep_v37$pass.log" 2>&1
-        echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_v37$pass.log" | head -5; pack
-    done
 fi
