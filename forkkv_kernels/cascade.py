@@ -246,7 +246,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if lowp_rope is None:
         lowp_rope = not interp and dtype in (torch.bfloat16, torch.float16)
     # the interpreter runs the GPU's bf16/fp16 rule (its split rounding included) with 32-token tiles for speed
-    cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype, RV)
+    cfg = launch_defaults(B, NQ, VPR, has_k, has_v, torch.bfloat16 if interp else dtype, RV, k_max_rows or B)
     if has_k and cfg["res_form"] == "gluon" and res_form != "gluon" and (  # the rule's Gluon K pass, where it serves
             asks_triton_k_pass(res_form=res_form, res_f16=res_f16, res_score=res_score, res_warps=res_warps,
                                res_stages=res_stages, res_pack=res_pack, res_heads=res_heads)

@@ -21,6 +21,9 @@ TRITON_K_RULE = dict(res_form="joined", res_block_t=128, res_warps=8, res_stages
 #: 1,230.4 / 1,227.9; level at 32 agents, 356.8 / 359.4 -> 356.3 / 356.4, and slower at 8, 151.0 -> 158.7;
 #: sweep_kernel_v36b{a,b}_nvidia_h100.json, eval/KERNEL_NOTES.md "v36b measured")
 GLUON_K_FROM = 512
+#: ... where an agent's rows hold at most this many of them (its score tile 8 columns wide, as measured: one decode row
+#: of G = 4, or two; wider tiles keep one score chain and spill, unmeasured)
+GLUON_K_ROW_VECTORS = 8
 
 
 #: the K-pass knobs only the Triton K pass takes
@@ -37,10 +40,10 @@ def asks_triton_k_pass(res_form: str | None = None, res_f16: bool | None = None,
 
 
 def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: torch.dtype,
-                    v_rank: int = 16) -> dict:
+                    v_rank: int = 16, agent_rows: int = 1) -> dict:
     """The launch knobs :func:`~.cascade.cascade_attention` uses on the GPU where a call does not give them, for
     ``B`` rows of ``NQ`` queries (``VPR`` query vectors per row and KV head) in ``dtype``, with a V residual of rank
-    ``v_rank``.
+    ``v_rank`` and at most ``agent_rows`` rows per agent of the K residual.
     bf16/fp16: the fastest passing rules of the v8 sweep (eval/results/sweep_kernel_v8_nvidia_h200.json
     ``extra.summary``: H200, T=32K, 8/32/128 agents; eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline
     stages: sweep_kernel_v13b_nvidia_h200.json, "v13b measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b
@@ -71,12 +74,13 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # take a call, the Triton kernel; contexts not a multiple of 16 tokens take the ring too since its GPU tests passed
     # at 129 and 2,053 tokens, v36)
     gluon_kv = has_k and has_v and NQ == 1 and B * VPR >= 32
-    # ... and its K pass in Gluon from GLUON_K_FROM vectors (TRITON_K_RULE below them; where a call cannot take the
-    # Gluon K pass, cascade_attention falls back to it)
+    # ... and its K pass in Gluon from GLUON_K_FROM vectors, an agent's rows holding at most GLUON_K_ROW_VECTORS
+    # (TRITON_K_RULE elsewhere; where a call cannot take the Gluon K pass, cascade_attention falls back to it)
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
                 whole_waves=True,
-                **(GLUON_RULE if gluon_kv and B * VPR >= GLUON_K_FROM else TRITON_K_RULE),
+                **(GLUON_RULE if gluon_kv and B * VPR >= GLUON_K_FROM and agent_rows * VPR <= GLUON_K_ROW_VECTORS
+                   else TRITON_K_RULE),
                 # the rebuild accumulated in fp16, rotated and scored from fp16 operands, for decode calls of 128+
                 # vectors per KV head (v15, one H100, two sweeps: 32 agents 390.9 -> 381.9 and 390.0 -> 385.2 µs,
                 # 128 agents 1,434.4 -> 1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent

@@ -64,13 +64,15 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
 
 def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_512_vectors():
     """``launch_defaults``: the Gluon K pass's knobs (fp16 rebuild) for K+V decode calls from :data:`GLUON_K_FROM`
-    query vectors per KV head (128 agents of G = 4), the Triton K pass's rule below them and for every other call (K
-    alone, extend calls, fp32: unmeasured or not faster)."""
+    query vectors per KV head (128 agents of G = 4) whose agents have at most two rows (8-column score tiles, as
+    measured), the Triton K pass's rule below them and for every other call (K alone, extend calls, three rows per
+    agent, fp32: unmeasured or not faster)."""
     assert GLUON_K_FROM == 512
     rule = launch_defaults(128, 1, 4, True, True, torch.bfloat16)
     assert {k: rule[k] for k in kres_gluon.GLUON_RULE} == kres_gluon.GLUON_RULE and rule["res_f16"] is True
+    assert launch_defaults(128, 1, 4, True, True, torch.bfloat16, agent_rows=2)["res_form"] == "gluon"
     for args in ((127, 1, 4, True, True, torch.bfloat16), (128, 1, 4, True, False, torch.bfloat16),
-                 (64, 2, 8, True, True, torch.bfloat16)):
+                 (64, 2, 8, True, True, torch.bfloat16), (128, 1, 4, True, True, torch.bfloat16, 16, 3)):
         rule = launch_defaults(*args)
         assert {k: rule[k] for k in TRITON_K_RULE} == TRITON_K_RULE, args
     assert launch_defaults(128, 1, 4, True, True, torch.float32)["res_form"] == "halves"
@@ -182,14 +184,14 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
 @parametrize("dtype", LOW_DTYPES)
 @parametrize("rows,f16", [(128, True), (127, True), (128, False)])
 def test_the_rules_k_pass_boundary_gpu(rows, f16, dtype):
-    """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (32 agents), a context of
-    2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the Triton one, and
+    """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (64 agents, two rows each),
+    a context of 2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the Triton one, and
     so does a call whose K pass may not run in fp16 (``res_f16=False``, as the adapter passes for a K residual beyond
     fp16's range); each within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the rule picks the Gluon K pass on sm_90 only")
-    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=32, ranks=(16,) * 32, dtype=dtype,
-                       rows=[i % 32 for i in range(rows)])
+    view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=64, ranks=(16,) * 64, dtype=dtype,
+                       rows=[i % 64 for i in range(rows)])
     q = torch.randn(rows, 32, 1, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     ref = reference_attention(q.float(), view, None, 128**-0.5)
     launches = {}
