@@ -19,3 +19,20 @@ ncu_stalls() {
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
     python3 -m eval.bench.profile_kernel --ncu-once "$@" > "$out" 2>&1
 }
+# library_path LIMIT TAG AGENTS...: the library's path at 32K (`python -m eval.bench.kernel`) at these agent counts,
+# into $OUT/bench_kernel_TAG.{json,log}; prints its status and the log's tail
+library_path() {
+  local limit=$1 tag=$2; shift 2
+  timeout "$limit" python -m eval.bench.kernel --contexts 32768 --agents "$@" \
+    --out "$OUT/bench_kernel_$tag.json" > "$OUT/bench_kernel_$tag.log" 2>&1
+  echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_$tag.log"
+}
+# capacity_decode LIMIT TAG REPS: the capacity decode with the rule (256 agents, 32K, compiled through `generate`, 60 GiB
+# cap; `python -m eval.bench.decode`), into $OUT/bench_decode_capacity_TAG.{json,log}; prints its status and tail
+capacity_decode() {
+  local limit=$1 tag=$2 reps=$3
+  timeout "$limit" python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps "$reps" \
+    --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_$tag.json" \
+    > "$OUT/bench_decode_capacity_$tag.log" 2>&1
+  echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_$tag.log"
+}

@@ -63,10 +63,7 @@ if has ncu && [ $ok = 1 ]; then
     done
 fi
 if has bench && [ $ok = 1 ]; then
-    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
-        --out "$OUT/bench_kernel_v33.json" \
-        > "$OUT/bench_kernel_v33.log" 2>&1
-    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v33.log"; pack
+    library_path ${BENCH_S:-200} v33 ${AGENTS:-1 8 32 128}; pack
 fi
 if has tests && [ $ok = 1 ]; then
     timeout ${TESTS_S:-300} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} ${TESTS_K:+-k "$TESTS_K"} \

@@ -73,15 +73,10 @@ if has ncu_kpass && [ $ok = 1 ]; then  # the K pass's stall reasons (never taken
         "$OUT/ncu_v35_kpass.txt" | head -4; pack
 fi
 if has bench && [ $ok = 1 ]; then
-    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
-        --out "$OUT/bench_kernel_v35.json" > "$OUT/bench_kernel_v35.log" 2>&1
-    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v35.log"; pack
+    library_path ${BENCH_S:-200} v35 ${AGENTS:-1 8 32 128}; pack
 fi
 if has decode && [ $ok = 1 ]; then  # the capacity decode with the rule (256 agents, 32K, compiled, 60 GiB cap)
-    timeout ${DECODE_S:-540} python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps 3 \
-        --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_v35.json" \
-        > "$OUT/bench_decode_capacity_v35.log" 2>&1
-    echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_v35.log"; pack
+    capacity_decode ${DECODE_S:-540} v35 3; pack
 fi
 if has tests && [ $ok = 1 ]; then
     timeout ${TESTS_S:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py} \

@@ -35,13 +35,8 @@ if has sweep; then
     done
 fi
 if has bench; then
-    timeout ${BENCH_S:-200} python -m eval.bench.kernel --contexts 32768 --agents ${AGENTS:-1 8 32 128} \
-        --out "$OUT/bench_kernel_v37.json" > "$OUT/bench_kernel_v37.log" 2>&1
-    echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_v37.log"; pack
+    library_path ${BENCH_S:-200} v37 ${AGENTS:-1 8 32 128}; pack
 fi
 if has decode; then
-    timeout ${DECODE_S:-400} python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps ${REPS:-2} \
-        --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_v37.json" \
-        > "$OUT/bench_decode_capacity_v37.log" 2>&1
-    echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_v37.log"; pack
+    capacity_decode ${DECODE_S:-400} v37 ${REPS:-2}; pack
 fi
