@@ -48,7 +48,8 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     ``extra.summary``: H200, T=32K, 8/32/128 agents; eval/KERNEL_NOTES.md "v8 measured"; the V residual's pipeline
     stages: sweep_kernel_v13b_nvidia_h200.json, "v13b measured"; the merge: sweep_kernel_v12b_nvidia_h200.json, "v12b
     measured"; the K pass: sweep_kernel_v11c_nvidia_h200.json and sweep_kernel_v11e_nvidia_h200.json, "v11c
-    measured"; its fp16 form: sweep_kernel_v15{,b}_nvidia_h100.json, "v15 measured").
+    measured"; its fp16 form: sweep_kernel_v15{,b}_nvidia_h100.json, "v15 measured"; the Gluon K pass:
+    :data:`GLUON_K_FROM`).
     Whole waves: every split count rounds down to whole waves of the kernel's resident programs (2 per SM for the
     shared part, 1 for its 8-warp tile; the K pass aims at 4 per SM: two waves of its 2 resident 8-warp programs, which
     measured as fast as one in v11c)."""
