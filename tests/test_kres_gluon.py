@@ -99,10 +99,11 @@ def test_the_rules_gluon_k_pass_falls_back_where_a_call_cannot_take_it(monkeypat
     """Where the rule picks the Gluon K pass but the call cannot take it (here: no Hopper GPU; elsewhere a K residual
     beyond fp16's range, ``lowp_rope=False``, the Triton pass's own knobs given, a limit of
     :func:`~forkkv_kernels.kres_gluon.refusal`) the launcher runs the Triton K pass under its rule: exact, no error.
-    128 rows of one decode query and G = 4 (512 vectors), 8 agents."""
+    128 rows of one decode query and G = 4 (512 vectors), one agent each (the rule's pick, shown below, is Gluon)."""
     if HOPPER:
         pytest.skip("on a Hopper GPU the rule's Gluon K pass serves this call (test_the_rules_k_pass_boundary_gpu)")
-    view = random_view(B=128, Hkv=1, D=16, T=20, P=2, n_agents=8, ranks=(4,) * 8, rows=[i % 8 for i in range(128)])
+    view = random_view(B=128, Hkv=1, D=16, T=20, P=2, n_agents=128, ranks=(4,) * 128, rows=list(range(128)))
+    assert launch_defaults(128, 1, 4, True, True, torch.bfloat16, agent_rows=1)["res_form"] == "gluon"
     q = torch.randn(128, 4, 1, 16, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="res_form='gluon' cannot serve this call"):
         _launch(q, view, None, 0.25, res_form="gluon")
@@ -185,9 +186,9 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
 @parametrize("rows,f16", [(128, True), (127, True), (128, False)])
 def test_the_rules_k_pass_boundary_gpu(rows, f16, dtype):
     """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (64 agents, two rows each),
-    a context of 2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the Triton one, and
-    so does a call whose K pass may not run in fp16 (``res_f16=False``, as the adapter passes for a K residual beyond
-    fp16's range); each within 3x PyTorch's low-precision error of the fp32 reference."""
+    a context of 2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the
+    Triton one, and so does a call whose K pass may not run in fp16 (``res_f16=False``, as the adapter passes for a K
+    residual beyond fp16's range); each within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:
         pytest.skip("the rule picks the Gluon K pass on sm_90 only")
     view = random_view(B=rows, Hkv=8, D=128, T=2053, P=9, n_agents=64, ranks=(16,) * 64, dtype=dtype,
