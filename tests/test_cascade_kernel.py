@@ -349,8 +349,8 @@ def test_gpu_pdl_rule_follows_the_v19_sweeps():
 def test_gpu_k_pass_rule_is_the_v11c_sweeps_best():
     """The Triton K pass's launch rule (the joined form, one KV head per score tile, 128-token tiles on 8 warps, 3
     stages) is within 1% of the v11c sweep's fastest K pass configuration at every point (T=32K, 1/8/32/128 agents,
-    K+V; whole-wave split counts included), at least 3% faster than v11b's rule (the halves form in packs of 4 on 64-token tiles: the
-    sweep's ``{}`` row) at 32 and 128 agents and not slower at 1 and 8."""
+    K+V; whole-wave split counts included), at least 3% faster than v11b's rule (the halves form in packs of 4 on
+    64-token tiles: the sweep's ``{}`` row) at 32 and 128 agents and not slower at 1 and 8."""
     import json
 
     from forkkv_kernels.rules import GLUON_K_FROM, TRITON_K_RULE, launch_defaults
