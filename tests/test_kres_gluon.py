@@ -78,6 +78,20 @@ def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_512_vectors():
     assert launch_defaults(128, 1, 4, True, True, torch.float32)["res_form"] == "halves"
 
 
+def test_which_given_knobs_ask_for_the_triton_k_pass():
+    """Where the rule picks the Gluon K pass, a call still gets the Triton one when its knobs ask for it: a Triton form
+    named, the fp16 rebuild refused (``res_f16=False``), CUDA-core scores, or one of the Triton pass's own knobs;
+    knobs the Gluon pass takes (its form, its score steps, splits, tiles, register caps) keep it."""
+    from forkkv_kernels.rules import TRITON_K_KNOBS, asks_triton_k_pass
+
+    for knobs in ({"res_form": "joined"}, {"res_form": "halves"}, {"res_form": "pairs"}, {"res_f16": False},
+                  {"res_score": "fma"}, *({k: 2} for k in TRITON_K_KNOBS)):
+        assert asks_triton_k_pass(**knobs), knobs
+    for knobs in ({}, {"res_form": "gluon"}, {"res_f16": True}, {"res_score": "mma"}, {"res_score": "mma_sync"},
+                  {"res_splits": 4, "res_block_t": 128, "res_maxnreg": 168, "res_programs_per_sm": 3}):
+        assert not asks_triton_k_pass(**knobs), knobs
+
+
 def test_the_gluon_k_pass_threshold_follows_the_v36b_sweeps():
     """The rule's K pass at 8 / 32 / 128 agents (T=32K, K+V, one H100, two orders: sweep_kernel_v36b{a,b}): the Gluon
     fp16 form where it measured faster than the Triton rule (the sweeps' ``{}`` row) by more than the run-to-run spread
