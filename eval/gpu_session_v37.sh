@@ -9,7 +9,7 @@
 # - sweep (not in the default): the Triton K pass against the Gluon fp16 one, each named (the rule's res_f16 either
 #   way), at SWEEP_POINTS (default between the measured points, 48 / 64 / 96 agents; 32K, K+V, two orders): where
 #   GLUON_K_FROM belongs.
-# Not run yet: the session that wrote it (2026-12-07) got no machine after 6128b53 (KERNEL_NOTES "v37").
+# Run 2026-12-07 on one H100 (KERNEL_NOTES "v37 measured"); the tests now sit at GLUON_K_FROM = 384 (96 / 95 rows).
 # Results: $OUT/v37.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}

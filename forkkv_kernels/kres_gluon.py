@@ -20,8 +20,9 @@ of the kernel (its reports C7514 / C7515); one head per loop step with each MMA 
 compiles without them. Measured: v14 (synchronous tile loads, fp32 rebuild) lost to the Triton rule by ~20-30% on an
 H200; v36 (the loads of ``res_f16`` a tile ahead, fp16 rebuild) on an H100 level with it; v36b (its stores without
 shared memory, two score chains) on an H100, whole K+V calls at 32K: -3.6 / -4.4% at 128 agents in two orders, level
-at 32, +5% at 8 (eval/KERNEL_NOTES.md "v36b measured"), so the launch rule takes it for K+V decode calls from
-:data:`~.rules.GLUON_K_FROM` query vectors per KV head, where :func:`refusal` lets it.
+at 32, +5% at 8 (eval/KERNEL_NOTES.md "v36b measured"); v37: -6.1 / -6.4% at 96 agents, -2.6 / -1.5% at 64, so the
+launch rule takes it for K+V decode calls from :data:`~.rules.GLUON_K_FROM` query vectors per KV head (96 agents),
+where :func:`refusal` lets it.
 
 Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation (or fp16
 with ``res_f16``), the rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score

@@ -16,11 +16,13 @@ from .kres_gluon import GLUON_RULE
 TRITON_K_RULE = dict(res_form="joined", res_block_t=128, res_warps=8, res_stages=3, res_maxnreg=128,
                      res_programs_per_sm=4, res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma")
 #: query vectors per KV head (agents x 4 for a decode row of Llama's GQA) from which a K+V decode call's K pass is the
-#: Gluon one (:data:`~.kres_gluon.GLUON_RULE`, fp16 rebuild, scores stored from the ``mma.sync`` layout: v36b, one
-#: H100, whole K+V calls at 32K in two orders, the rule's Triton pass -> Gluon µs: 128 agents 1,275.7 / 1,283.9 ->
-#: 1,230.4 / 1,227.9; level at 32 agents, 356.8 / 359.4 -> 356.3 / 356.4, and slower at 8, 151.0 -> 158.7;
-#: sweep_kernel_v36b{a,b}_nvidia_h100.json, eval/KERNEL_NOTES.md "v36b measured")
-GLUON_K_FROM = 512
+#: Gluon one (:data:`~.kres_gluon.GLUON_RULE`, fp16 rebuild, scores stored from the ``mma.sync`` layout), where it
+#: measured faster than the Triton pass by more than the 1.5% run-to-run spread in both orders (one H100, whole K+V
+#: calls at 32K, Triton -> Gluon µs; v36b: 128 agents 1,275.7 / 1,283.9 -> 1,230.4 / 1,227.9, level at 32, slower at
+#: 8, 151.0 -> 158.7; v37: 96 agents 1,019.9 / 1,019.8 -> 957.6 / 954.9, 64 agents 662.4 / 653.7 -> 645.0 / 644.0
+#: (-2.6 / -1.5%), 48 agents 497.0 / 506.8 -> 493.2 / 493.9; sweep_kernel_v36b{a,b}, _v37{a,b}_nvidia_h100.json,
+#: eval/KERNEL_NOTES.md "v36b measured", "v37 measured")
+GLUON_K_FROM = 384
 #: ... where an agent's rows hold at most this many of them (its score tile 8 columns wide, as measured: one decode row
 #: of G = 4, or two; wider tiles keep one score chain and spill, unmeasured)
 GLUON_K_ROW_VECTORS = 8

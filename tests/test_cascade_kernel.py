@@ -359,7 +359,7 @@ def test_gpu_k_pass_rule_is_the_v11c_sweeps_best():
     rows = [r for r in json.loads(path.read_text())["rows"] if r["stage"] == "kres" and r["ok"]]
     # the sweep's configurations are knobs over v11b's rule (its "{}" row); the rule's are these
     adopted = {"res_block_t": 128, "res_form": "joined", "res_pack": 1, "res_stages": 3, "res_warps": 8}
-    for N in (1, 8, 32, 128):  # the Triton K pass's rule (the Gluon one from 128 agents: test_kres_gluon.py)
+    for N in (1, 8, 32, 128):  # the Triton K pass's rule (the Gluon one from 96 agents: test_kres_gluon.py)
         rule = TRITON_K_RULE if N * 4 >= GLUON_K_FROM else launch_defaults(N, 1, 4, True, True, torch.bfloat16)
         assert {k: rule[k] for k in adopted} == adopted
         at = {r["config"]: r["graph_s"] for r in rows if r["agents"] == N}

@@ -70,6 +70,18 @@ def test_bench_e2e_tiny_split_over_devices(tmp_path):
     assert all(r["new_tokens"] == 3 and not r.get("oom") for r in res.rows)
 
 
+def test_bench_decode_refuses_lengths_of_two_capacities(capsys):
+    """The decode benchmark's two ``generate`` lengths must give one private capacity (the 64-token prompt plus n in
+    one multiple of 64): otherwise its compiled steps change shapes and buffers between the timed calls (v37 at 8 / 104
+    tokens: CUDA graphs recorded inside the timing). Refused before anything is built; fine with compile off."""
+    from eval.bench import decode
+
+    with pytest.raises(SystemExit):
+        decode.main(["--tiny", "--tokens", "8", "104"])
+    assert "different private capacities" in capsys.readouterr().err
+    assert len({-(-(decode.PROMPT + n) // 64) for n in (8, 40)}) == 1  # the default lengths: one capacity
+
+
 @pytest.mark.slow
 @pytest.mark.eval_harness
 def test_bench_decode_tiny(tmp_path):

@@ -62,17 +62,17 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_step_heads=2)
 
 
-def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_512_vectors():
+def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_384_vectors():
     """``launch_defaults``: the Gluon K pass's knobs (fp16 rebuild) for K+V decode calls from :data:`GLUON_K_FROM`
-    query vectors per KV head (128 agents of G = 4) whose agents have at most two rows (8-column score tiles, as
+    query vectors per KV head (96 agents of G = 4) whose agents have at most two rows (8-column score tiles, as
     measured), the Triton K pass's rule below them and for every other call (K alone, extend calls, three rows per
     agent, fp32: unmeasured or not faster)."""
-    assert GLUON_K_FROM == 512
-    rule = launch_defaults(128, 1, 4, True, True, torch.bfloat16)
+    assert GLUON_K_FROM == 384
+    rule = launch_defaults(96, 1, 4, True, True, torch.bfloat16)
     assert {k: rule[k] for k in kres_gluon.GLUON_RULE} == kres_gluon.GLUON_RULE and rule["res_f16"] is True
-    assert launch_defaults(128, 1, 4, True, True, torch.bfloat16, agent_rows=2)["res_form"] == "gluon"
-    for args in ((127, 1, 4, True, True, torch.bfloat16), (128, 1, 4, True, False, torch.bfloat16),
-                 (64, 2, 8, True, True, torch.bfloat16), (128, 1, 4, True, True, torch.bfloat16, 16, 3)):
+    assert launch_defaults(96, 1, 4, True, True, torch.bfloat16, agent_rows=2)["res_form"] == "gluon"
+    for args in ((95, 1, 4, True, True, torch.bfloat16), (96, 1, 4, True, False, torch.bfloat16),
+                 (48, 2, 8, True, True, torch.bfloat16), (96, 1, 4, True, True, torch.bfloat16, 16, 3)):
         rule = launch_defaults(*args)
         assert {k: rule[k] for k in TRITON_K_RULE} == TRITON_K_RULE, args
     assert launch_defaults(128, 1, 4, True, True, torch.float32)["res_form"] == "halves"
@@ -92,19 +92,23 @@ def test_which_given_knobs_ask_for_the_triton_k_pass():
         assert not asks_triton_k_pass(**knobs), knobs
 
 
-def test_the_gluon_k_pass_threshold_follows_the_v36b_sweeps():
-    """The rule's K pass at 8 / 32 / 128 agents (T=32K, K+V, one H100, two orders: sweep_kernel_v36b{a,b}): the Gluon
-    fp16 form where it measured faster than the Triton rule (the sweeps' ``{}`` row) by more than the run-to-run spread
-    (1.5%) in both orders, the Triton rule where it did not; every row within its exactness bound."""
+def test_the_gluon_k_pass_threshold_follows_the_v36b_and_v37_sweeps():
+    """The rule's K pass at 8 / 32 / 128 agents (sweep_kernel_v36b{a,b}) and 48 / 64 / 96 (sweep_kernel_v37{a,b}; T=32K,
+    K+V, one H100 each, two orders): the Gluon fp16 form where it measured faster than the Triton pass (v36b: the rule's
+    ``{}`` row, v37: the Triton pass named) by more than the run-to-run spread (1.5%) in both orders, the Triton pass
+    where it did not; every row within its exactness bound."""
     gluon = json.dumps({"res_f16": True, "res_form": "gluon"}, sort_keys=True)
+    triton = {"v36b": "{}", "v37": json.dumps({"res_form": "joined"})}
     times = {}
-    for name in ("v36ba", "v36bb"):
+    for name in ("v36ba", "v36bb", "v37a", "v37b"):
         for r in json.loads((ROOT / f"eval/results/sweep_kernel_{name}_nvidia_h100.json").read_text())["rows"]:
             if "graph_s" in r:
                 assert r["ok"], r
-                times.setdefault((r["agents"], r["config"]), []).append(r["graph_s"])
-    for agents in (8, 32, 128):
-        faster = all(g < 0.985 * t for g, t in zip(times[agents, gluon], times[agents, "{}"]))
+                config = "triton" if r["config"] == triton[name[:-1]] else r["config"]
+                times.setdefault((r["agents"], config), []).append(r["graph_s"])
+    for agents in (8, 32, 48, 64, 96, 128):
+        assert len(times[agents, gluon]) == len(times[agents, "triton"]) == 2, agents
+        faster = all(g < 0.985 * t for g, t in zip(times[agents, gluon], times[agents, "triton"]))
         form = launch_defaults(agents, 1, 4, True, True, torch.bfloat16)["res_form"]
         assert (form == "gluon") == faster == (agents * 4 >= GLUON_K_FROM), (agents, form, times[agents, gluon])
 
@@ -197,10 +201,10 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
 
 @pytest.mark.gpu
 @parametrize("dtype", LOW_DTYPES)
-@parametrize("rows,f16", [(128, True), (127, True), (128, False)])
+@parametrize("rows,f16", [(96, True), (95, True), (96, False)])
 def test_the_rules_k_pass_boundary_gpu(rows, f16, dtype):
-    """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (64 agents, two rows each),
-    a context of 2,053 tokens: 128 rows (512 query vectors per KV head) take the Gluon K pass by the rule, 127 the
+    """Llama-3.1-8B-shaped heads, one decode query per row, K and V residuals of rank 16 (64 agents, one or two rows
+    each), a context of 2,053 tokens: 96 rows (384 query vectors per KV head) take the Gluon K pass by the rule, 95 the
     Triton one, and so does a call whose K pass may not run in fp16 (``res_f16=False``, as the adapter passes for a K
     residual beyond fp16's range); each within 3x PyTorch's low-precision error of the fp32 reference."""
     if not HOPPER:

@@ -47,6 +47,7 @@ import time
 
 import torch
 
+from forkkv_hf.compile_policy import CAPACITY_STEP
 from forkkv_hf.config import get_config
 
 from .measure import (KERNEL_FAMILIES, TRITON_COMPILES, FullCollections, compile_counters, counters_since,
@@ -357,6 +358,12 @@ def main(argv=None):
                     help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds: start no new case after this")
     args = ap.parse_args(argv)
+    if "on" in args.compile and len({-(-(PROMPT + n) // CAPACITY_STEP) for n in args.tokens}) > 1:
+        ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
+                 f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their compiled steps run "
+                 "different shapes and cache buffers (v37 at 8 / 104: 212 CUDA-graph recordings and 31 device "
+                 f"allocations inside the timed calls; none at 8 / 40); choose n1 and n2 with {PROMPT} + n in the "
+                 f"same multiple of {CAPACITY_STEP}")
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape; more than dynamo's default 8
