@@ -101,6 +101,8 @@ def test_bench_decode_tiny(tmp_path):
         assert "gpu_busy_ms" in r and "gpu_ms_by_family" in r and "profile_error" not in r, r
         assert len(r["generate_each_s"]["n1"]) == len(r["generate_each_s"]["n2"]) == 2, r
         assert r["generate_s"][1] == pytest.approx(sum(r["generate_each_s"]["n2"]) / 2, abs=1e-3), r  # median of 2
+        each = [1e3 * (b - a) / 2 for a, b in zip(r["generate_each_s"]["n1"], r["generate_each_s"]["n2"])]
+        assert r["step_ms_each"] == pytest.approx(each, abs=0.2) and len(each) == 2, r  # each rep's own n1 / n2 pair
     for r in res.rows[2:4]:
         assert r["first_divergence_vs_eager"] == [4, 4], r  # every new token the same as eager
         assert r["events_while_timed"] == {}, r  # warm calls: no recompile, no new graph

@@ -6,7 +6,8 @@ per-step hooks or synchronisation:
 
 - step: the difference of two ``generate`` calls of ``n1`` and ``n2`` new tokens (``min_new_tokens`` =
   ``max_new_tokens``, ``--tokens``), divided by ``n2 - n1``: the prefill and the per-call work cancel out; median of
-  ``--reps``; tok/s = N / step;
+  ``--reps``; tok/s = N / step; ``step_ms_each``: each rep's own estimate (its spread: the prefill's jitter over
+  ``n2 - n1`` steps); n1 and n2 must give one private capacity (a 64-token prompt plus n in one multiple of 64);
 - GPU-busy time per step: the same difference of the GPU kernel time ``torch.profiler`` records (by kernel family;
   kernels replayed from CUDA graphs count too); ``step_over_busy`` = step / GPU-busy (1.0: the GPU never waits);
   ``kernels_per_step``: the kernels a step runs (each leaves a gap of about a microsecond or more even inside a
@@ -134,12 +135,17 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     all_times = {"n1": [round(t, 4) for t in times[n1]], "n2": [round(t, 4) for t in times[n2]]}
     t1, t2 = statistics.median(times[n1]), statistics.median(times[n2])  # of an even count: the middle two's mean
     step = (t2 - t1) / (n2 - n1)
+    # each rep's own estimate (its n1 call and the n2 call after it): their spread is the step's uncertainty, which
+    # the prefill's jitter divided by n2 - n1 dominates (v37: 106.8 and 125.6 ms around a median of 116.2)
+    step_each = [round(1e3 * (b - a) / (n2 - n1), 3) for a, b in zip(times[n1], times[n2])]
     peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB so far" if torch.cuda.is_available() else ""
-    say(f"timed: step {1e3 * step:.2f} ms, {rows / step if step > 0 else 0:.1f} tok/s, generate {t1:.2f} / {t2:.2f} s"
-        f" (each {all_times}), events {events}{peak}")  # a call cut after this line (profile, eager check) keeps these
+    say(f"timed: step {1e3 * step:.2f} ms (each rep {step_each}), {rows / step if step > 0 else 0:.1f} tok/s, "
+        f"generate {t1:.2f} / {t2:.2f} s (each {all_times}), events {events}{peak}")
+    # (a call cut after the line above, in the profile or the eager check, keeps these figures in its log)
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times,
            "first_call_s": first, "first_call_extra_s": first - t2, "first_call_compile": compile_info,
-           "step_ms": 1e3 * step, "tok_s": rows / step if step > 0 else None, "events_while_timed": events,
+           "step_ms": 1e3 * step, "step_ms_each": step_each, "tok_s": rows / step if step > 0 else None,
+           "events_while_timed": events,
            "events_each_call": each, "triton_compiled_while_timed": TRITON_COMPILES[jits:],
            "full_gc_each_call": full_gc, "gc_frozen": gc.get_freeze_count() if freeze_gc else None}
     if freeze_gc:
