@@ -27,12 +27,15 @@ library_path() {
     --out "$OUT/bench_kernel_$tag.json" > "$OUT/bench_kernel_$tag.log" 2>&1
   echo "bench rc=$?"; tail -8 "$OUT/bench_kernel_$tag.log"
 }
-# capacity_decode LIMIT TAG REPS: the capacity decode with the rule (256 agents, 32K, compiled through `generate`, 60 GiB
-# cap; `python -m eval.bench.decode`), into $OUT/bench_decode_capacity_TAG.{json,log}; prints its status and tail
+# capacity_decode LIMIT TAG REPS [ARGS...]: the capacity decode with the rule (256 agents, 32K, compiled through
+# `generate`, 60 GiB cap; `python -m eval.bench.decode`, ARGS added, e.g. --tokens 8 64), into
+# $OUT/bench_decode_capacity_TAG.{json,log}; prints its status and tail. CAPACITY_PROFILE=1: with the profiler's
+# GPU-busy time per step (two more calls; the step's kernels by family), else --no-profile
 capacity_decode() {
-  local limit=$1 tag=$2 reps=$3
+  local limit=$1 tag=$2 reps=$3; shift 3
+  local profile=--no-profile; [ "${CAPACITY_PROFILE:-0}" = 1 ] && profile=
   timeout "$limit" python -m eval.bench.decode --agents 256 --compile on --budget-gib 60 --reps "$reps" \
-    --freeze-gc --no-profile --no-anchors --out "$OUT/bench_decode_capacity_$tag.json" \
+    --freeze-gc $profile --no-anchors --out "$OUT/bench_decode_capacity_$tag.json" "$@" \
     > "$OUT/bench_decode_capacity_$tag.log" 2>&1
   echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_$tag.log"
 }

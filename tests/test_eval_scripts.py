@@ -82,6 +82,20 @@ def test_bench_decode_refuses_lengths_of_two_capacities(capsys):
     assert len({-(-(decode.PROMPT + n) // 64) for n in (8, 40)}) == 1  # the default lengths: one capacity
 
 
+def test_bench_decode_k_pass_triton_keeps_the_rule_off_the_gluon_k_pass(monkeypatch, capsys):
+    """``--k-pass triton``: every K+V decode call takes the Triton K pass under its rule (fp16 rebuild kept), where the
+    launch rule would take the Gluon one (128 agents): the baseline the Gluon pass is measured against end to end."""
+    import forkkv_kernels.rules as rules
+    from eval.bench import decode
+
+    monkeypatch.setattr(rules, "GLUON_K_FROM", rules.GLUON_K_FROM)  # restored after the test
+    assert rules.launch_defaults(128, 1, 4, True, True, torch.bfloat16)["res_form"] == "gluon"
+    with pytest.raises(SystemExit):  # patched before the lengths' check stops the run
+        decode.main(["--tiny", "--k-pass", "triton", "--tokens", "8", "104"])
+    rule = rules.launch_defaults(128, 1, 4, True, True, torch.bfloat16)
+    assert {k: rule[k] for k in rules.TRITON_K_RULE} == rules.TRITON_K_RULE and rule["res_f16"] is True, rule
+
+
 @pytest.mark.slow
 @pytest.mark.eval_harness
 def test_bench_decode_tiny(tmp_path):

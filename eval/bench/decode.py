@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 
 import torch
@@ -363,7 +364,14 @@ def main(argv=None):
     ap.add_argument("--resume", default=None,
                     help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds: start no new case after this")
+    ap.add_argument("--k-pass", choices=["rule", "triton"], default="rule",
+                    help="the kernels' K pass: the launch rule's, or the Triton one at every count (the rule before "
+                         "the Gluon K pass, its fp16 rebuild kept; FORKKV_F16_K_PASS=0 drops that too)")
     args = ap.parse_args(argv)
+    if args.k_pass == "triton":
+        import forkkv_kernels.rules as rules
+
+        rules.GLUON_K_FROM = sys.maxsize  # read at each launch: no call reaches the Gluon K pass's threshold
     if "on" in args.compile and len({-(-(PROMPT + n) // CAPACITY_STEP) for n in args.tokens}) > 1:
         ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
                  f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their compiled steps run "
@@ -389,7 +397,8 @@ def main(argv=None):
               "prompt_tokens": PROMPT, "tokens": args.tokens, "reps": args.reps, "budget_gib": args.budget_gib,
               "freeze_gc": args.freeze_gc, "adapters_loaded": max(n_max, args.adapters or 0),
               "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)",
-              "compile_regions": get_config().compile_regions}
+              "compile_regions": get_config().compile_regions, "k_pass": args.k_pass,
+              "f16_k_pass": get_config().f16_k_pass}
     run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
                        resume_if_same=("tokens", "reps"), time_limit=args.time_limit)
     g = torch.Generator(device=dev).manual_seed(0)
