@@ -30,7 +30,7 @@ from .peft.lora_factors import (
     kv_projections,
     transformers_model,
 )
-from .static_cache import make_dynamic, make_static
+from .static_cache import make_dynamic, make_static, pooled_capacity
 from .stop_check import deferring
 from .peft.tp import is_dtensor
 
@@ -93,12 +93,20 @@ def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] |
     for name in EAGER_OPTIONS:
         if _option(kwargs, gen_cfg, name) is not None:
             return logging.WARNING, f"generate({name}=...) is not compiled with a ForkKVCache"
-    window = min((w for w in (getattr(l.shared, "sliding_window", None) for l in cache.layers) if w), default=None)
-    if window and cache.num_shared_tokens + capacity > window:
-        return logging.WARNING, (f"a sliding-window layer (window {window}) cannot hold the call's "
-                                 f"{cache.num_shared_tokens} shared + up to {capacity} private tokens")
+    window = _window_reason(cache, capacity)
+    if window is not None:
+        return logging.WARNING, window
     if is_peft_model(model):
         return _lora_reason(model, kwargs.get("adapter_names"))
+    return None
+
+
+def _window_reason(cache, capacity: int) -> str | None:
+    """Why a sliding-window layer cannot hold the shared context plus ``capacity`` private tokens, or ``None``."""
+    window = min((w for w in (getattr(l.shared, "sliding_window", None) for l in cache.layers) if w), default=None)
+    if window and cache.num_shared_tokens + capacity > window:
+        return (f"a sliding-window layer (window {window}) cannot hold the call's {cache.num_shared_tokens} shared "
+                f"+ up to {capacity} private tokens")
     return None
 
 
@@ -198,6 +206,11 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         _log_once(logging.WARNING, "the attention runs the PyTorch path here (FORKKV_BACKEND, no Triton, or "
                                    "soft-capping), which is not compiled on CUDA")
         return generate
+    # a longer call's pooled buffers, kept (no new buffers, no CUDA graphs recorded anew; transformers' own static
+    # cache is reused so too) while at most twice the room needed: the private part reads the whole capacity
+    pooled = pooled_capacity(cache)
+    if capacity < pooled <= 2 * capacity and _window_reason(cache, pooled) is None:
+        capacity = pooled
     make_static(cache, capacity, use_triton)
 
     def run(*a, **kw):

@@ -14,7 +14,8 @@ transformers' ``StaticLayer`` is the template. A cache switched to this layout (
 The token ids each row appended (what ``check_generate_inputs`` compares a continuation with) also live in a buffer
 written in place. Buffers are ``torch._dynamo.mark_static_address``-ed (CUDA graphs read and write them where they
 are) and pooled per attention module: the next cache of the same shape gets the same buffers, so a second
-``generate`` replays the captured graphs instead of recording new ones. A cache that still uses pooled buffers when
+``generate`` replays the captured graphs instead of recording new ones; a shorter call takes a longer one's buffers
+while they hold at most twice the room it needs (:func:`pooled_capacity`). A cache that still uses pooled buffers when
 another takes them over keeps a copy of its content. :func:`free_static_buffers` drops a model's pool.
 """
 
@@ -75,6 +76,31 @@ def _lease(holder, name: str, owner, attr: str, shape: tuple, dtype, device) -> 
     return t
 
 
+def _holder(shared):
+    """Where a layer's static buffers are pooled: its attention module (the shared layer's ``source``), else the
+    shared layer itself."""
+    src = shared.source() if shared.source is not None else None
+    return src if src is not None else shared
+
+
+def pooled_capacity(cache: ForkKVCache) -> int:
+    """The private capacity of the static buffers pooled for ``cache``'s first layer if they fit its rows (their
+    number, KV heads, head size, dtype and device), else 0. :func:`~forkkv_hf.compile_policy.prepare_generate` sizes a
+    call so where that is at most twice the room it needs: a shorter call after a longer one keeps the longer one's
+    buffers and captured graphs, where a smaller capacity would allocate new buffers that every switch between the
+    two lengths records CUDA graphs for anew (v37: 212 recordings inside the timed calls of 8 / 104 new tokens)."""
+    layer = cache.layers[0] if cache.layers else None
+    if layer is None or getattr(layer, "shared", None) is None:
+        return 0
+    entry = _holder(layer.shared).__dict__.get(_POOL, {}).get("keys")
+    if entry is None:
+        return 0
+    (B, Hkv, capacity, D), dtype, device = entry[0]
+    key = layer.shared.key
+    fits = (B, Hkv, D, dtype, device) == (len(layer.rows), key.shape[1], key.shape[-1], key.dtype, str(key.device))
+    return capacity if fits else 0
+
+
 def free_static_buffers(model) -> int:
     """Drop the pooled static buffers of ``model``'s attention modules (caches using them keep theirs); returns how
     many pools were dropped."""
@@ -106,8 +132,7 @@ class StaticForkKVLayer(ForkKVLayer):
                                held[0].device, held)
 
     def _holder(self):
-        src = self.shared.source() if self.shared.source is not None else None
-        return src if src is not None else self.shared
+        return _holder(self.shared)
 
     def _take_buffers(self, B, Hkv, D, dtype, device, held=None) -> None:
         holder = self._holder()

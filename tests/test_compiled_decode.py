@@ -197,6 +197,38 @@ def test_second_generate_does_not_recompile(agents):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_shorter_generate_keeps_a_longer_ones_buffers(agents):
+    """Lengths whose private capacities differ (4 + 62 new tokens need 128, 4 + 6 need 64), alternating over new forks:
+    a shorter call after a longer one takes the longer one's pooled buffers (``pooled_capacity``, at most twice the
+    room it needs) and its graph, so no call after the first of each length compiles or moves a buffer (on the GPU:
+    no CUDA graph recorded anew, as v37's capacity decode at 8 / 104 tokens did at each switch); tokens as eager."""
+    from forkkv_hf.static_cache import free_static_buffers, pooled_capacity
+
+    free_static_buffers(agents)  # the module's model: other tests' pools
+    ctx = _context(29, seed=4)
+    names = ["planner", "coder", "__base__"]
+    shared = SharedContext.build(agents, ctx, ["planner", "coder"], progress=False)
+    assert pooled_capacity(shared.fork(names)) == 0  # nothing pooled yet
+    ptrs, graphs = [], None
+    for i, n in enumerate((62, 6, 62, 6)):
+        inputs = batch_inputs(ctx, _prompts([4, 4, 4], seed=i), pad_token_id=0)
+        cache = shared.fork(names)
+        _assert_same(_gen(agents, inputs, names, cache, max_new_tokens=n, compile_config=_compile_config()),
+                     _gen(agents, inputs, names, shared.fork(names), max_new_tokens=n))
+        assert cache.capacity == 128 and pooled_capacity(shared.fork(names)) == 128, (n, cache.capacity)
+        ptrs.append([layer.keys.data_ptr() for layer in cache.layers])
+        graphs = graphs or torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs == 2
+    assert ptrs[1] == ptrs[2] == ptrs[3]  # the first cache kept a copy when the second took the pooled buffers
+    assert pooled_capacity(shared.fork(names[:2])) == 0  # other rows: other buffers
+    # more than twice the room needed (4 + 130 tokens: 192 against 64) is not kept: the private part reads it all
+    for n, capacity in ((130, 192), (6, 64)):
+        cache = shared.fork(names)
+        _gen(agents, batch_inputs(ctx, _prompts([4, 4, 4], seed=5), pad_token_id=0), names, cache, max_new_tokens=n,
+             compile_config=_compile_config())
+        assert cache.capacity == capacity, (n, cache.capacity)
+
+
 @parametrize("kernels", ["torch", "triton"], version_independent=lambda kernels: kernels == "triton")
 def test_custom_ops_in_the_compiled_step(two_layer_agents, kernels, monkeypatch):
     """``triton``: the Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``:

@@ -374,10 +374,10 @@ def main(argv=None):
         rules.GLUON_K_FROM = sys.maxsize  # read at each launch: no call reaches the Gluon K pass's threshold
     if "on" in args.compile and len({-(-(PROMPT + n) // CAPACITY_STEP) for n in args.tokens}) > 1:
         ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
-                 f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their compiled steps run "
-                 "different shapes and cache buffers (v37 at 8 / 104: 212 CUDA-graph recordings and 31 device "
-                 f"allocations inside the timed calls; none at 8 / 40); choose n1 and n2 with {PROMPT} + n in the "
-                 f"same multiple of {CAPACITY_STEP}")
+                 f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their steps may run "
+                 "different shapes and buffers (v37 at 8 / 104, before the library kept a longer call's buffers for "
+                 "a shorter one: 212 CUDA-graph recordings inside the timed calls); choose n1 and n2 with "
+                 f"{PROMPT} + n in the same multiple of {CAPACITY_STEP}")
     dev = default_device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape; more than dynamo's default 8
