@@ -2,6 +2,7 @@
 # v38 (issue 19; eval/KERNEL_NOTES.md "v37 measured"): what v37 left open.
 # Parts (PARTS, default "tests decode"; SYSTEMS, default "gluon triton"):
 # - tests: the rule's boundary GPU test at GLUON_K_FROM = 384 (96 / 95 rows, and res_f16=False; 6 cases, ~130 s);
+#   calls of two sizes replaying their CUDA graphs (test_two_sizes_replay_their_cuda_graphs_gpu, the pooled buffers);
 # - decode: the capacity decode (256 agents) once per K pass in SYSTEMS, each its own process: "gluon" the rule,
 #   "triton" the Triton K pass at every count (`--k-pass triton`: the rule before v36b, fp16 rebuild kept; v37's
 #   baseline, FORKKV_F16_K_PASS=0, also dropped the fp16 rebuild); 8 / 64 tokens (56 steps, one private capacity), REPS reps (default 2), the
@@ -16,8 +17,8 @@ pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v38.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests decode"}
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
-    timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_kres_gluon.py -k rules_k_pass_boundary \
-        -p no:cacheprovider > "$OUT/gpu_tests_v38.log" 2>&1
+    timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_compiled_decode.py \
+        -k "rules_k_pass_boundary or two_sizes" -p no:cacheprovider > "$OUT/gpu_tests_v38.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v38.log" | head -12; pack
 fi
 if has decode; then

@@ -438,3 +438,39 @@ def test_default_compile_equals_eager_bf16_gpu(T):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     print(f"T={T}: first divergence per row {divergence}; max |logit error| vs fp32: eager "
           f"{e_eager:.4f}, compiled {e_comp:.4f}")
+
+
+@pytest.mark.gpu
+def test_two_sizes_replay_their_cuda_graphs_gpu():
+    """transformers' default compile (inductor, CUDA graphs), calls of two sizes alternating over new forks (16-token
+    prompts plus 62 or 6 new tokens: private capacities 128 and 64): once each size has run, another round records no
+    CUDA graph, compiles no graph and allocates no static buffer, and repeats its tokens (the shorter call keeps the
+    longer one's buffers, ``pooled_capacity``; v37's capacity decode at 8 / 104 recorded at every switch)."""
+    from torch._dynamo.utils import counters
+
+    names = ["a0", "a1", "__base__", "a0"]
+    model = tiny_llama(layers=2, hidden=1024, heads=8, kv_heads=2, vocab=2048, max_pos=8192, seed=3)
+    pm = forkkv_hf.enable_forkkv(with_adapters(model, {n: dict(r=16, lora_alpha=16, target_modules=ALL)
+                                                       for n in ("a0", "a1")}, seed=3)).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randint(3, 2048, (4096,), generator=g)
+    inputs = batch_inputs(ctx, [torch.randint(3, 2048, (16,), generator=g) for _ in names], pad_token_id=0,
+                          device="cuda")
+    shared = SharedContext.build(pm, ctx.to("cuda"), ["a0", "a1"], progress=False)
+
+    def round_of_both():
+        out, ptrs = [], []
+        for n in (62, 6):
+            cache = shared.fork(names)
+            out.append(pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0, **cache_kwargs(cache)))
+            assert cache.capacity == 128, (n, cache.capacity)
+            ptrs.append(cache.layers[0].keys.data_ptr())
+        return out, ptrs
+
+    first, ptrs = round_of_both()
+    before = counters["inductor"]["cudagraph_recorded_non_static_inputs"], counters["stats"]["unique_graphs"]
+    again, ptrs_again = round_of_both()
+    after = counters["inductor"]["cudagraph_recorded_non_static_inputs"], counters["stats"]["unique_graphs"]
+    assert after == before and len(set(ptrs + ptrs_again)) == 1, (before, after, ptrs, ptrs_again)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
