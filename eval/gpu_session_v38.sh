@@ -6,8 +6,9 @@
 # - decode: the capacity decode (256 agents) once per K pass in SYSTEMS, each its own process: "gluon" the rule,
 #   "triton" the Triton K pass at every count (`--k-pass triton`: the rule before v36b, fp16 rebuild kept; v37's
 #   baseline, FORKKV_F16_K_PASS=0, also dropped the fp16 rebuild); 8 / 64 tokens (56 steps, one private capacity), REPS reps (default 2), the
-#   profiler's GPU-busy time per step (CAPACITY_PROFILE=1: not the prefill's jitter), ~270 s each, so one system per
-#   call after the tests: `PARTS="tests decode" SYSTEMS=gluon`, then `PARTS=decode SYSTEMS=triton` on the same machine.
+#   profiler's GPU-busy time per step (CAPACITY_PROFILE=1: not the prefill's jitter), ~250 s each, so one system per
+#   call: `PARTS=tests` (~250 s with the two-sizes test's inductor compiles), then `PARTS=decode SYSTEMS=gluon` and
+#   `PARTS=decode SYSTEMS=triton` on the same machine (calls back to back: it goes back after 30 s idle).
 # Results: $OUT/v38.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -17,7 +18,7 @@ pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v38.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests decode"}
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
-    timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_compiled_decode.py \
+    timeout ${TESTS_S:-330} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_compiled_decode.py \
         -k "rules_k_pass_boundary or two_sizes" -p no:cacheprovider > "$OUT/gpu_tests_v38.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v38.log" | head -12; pack
 fi
