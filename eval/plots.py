@@ -46,7 +46,7 @@ def plot_kernel(path, res: BenchResult) -> Path:
     for ax, T in zip(axes, contexts):
         rs = sorted((r for r in rows if r["context"] == T), key=lambda r: r["agents"])
         n = [r["agents"] for r in rs]
-        for key, label, style in [("forkkv_s", "forkkv (Triton)", "o-"), ("sdpa_s", "SDPA, per-agent K/V", "s--"),
+        for key, label, style in [("forkkv_s", "forkkv, K+V residuals", "o-"), ("sdpa_s", "SDPA, per-agent K/V", "s--"),
                                   ("sdpa_flash_s", "FlashAttention-2 (SDPA)", "^:"), ("floor_s", "floor", "k-")]:
             pts = [(x, r[key] * 1e6) for x, r in zip(n, rs) if key in r]
             if pts:
