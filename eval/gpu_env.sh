@@ -39,3 +39,18 @@ capacity_decode() {
     > "$OUT/bench_decode_capacity_$tag.log" 2>&1
   echo "decode rc=$?"; tail -4 "$OUT/bench_decode_capacity_$tag.log"
 }
+# kres_sweep TAG CANDIDATES POINTS...: the K pass stage over whole K+V calls (`python -m eval.bench.sweep_kernel
+# --stage kres`) at POINTS with the CANDIDATES (JSON), once per order in PASSES (default "a b"; b reverses the points),
+# each cut at SWEEP_S seconds (default 150), into $OUT/sweep_kernel_TAG{a,b}.json and $OUT/sweep_TAG{a,b}.log; prints
+# each order's status and best rows and calls the session script's `pack` after it
+kres_sweep() {
+  local tag=$1 cand=$2; shift 2
+  local limit=${SWEEP_S:-150} pass p
+  for pass in ${PASSES:-a b}; do
+    p="$*"; [ "$pass" = b ] && p=$(echo "$*" | tr ' ' '\n' | tac | tr '\n' ' ')
+    timeout "$limit" python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 --points $p \
+      --candidates "$cand" --time-limit $(( limit - 30 )) --out "$OUT/sweep_kernel_$tag$pass.json" \
+      > "$OUT/sweep_$tag$pass.log" 2>&1
+    echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_$tag$pass.log" | head -5; pack
+  done
+}

@@ -25,14 +25,7 @@ if has tests; then
 fi
 if has sweep; then
     C='{"kres": [{"res_form": "joined"}, {"res_form": "gluon", "res_f16": true}]}'  # the Triton pass, the Gluon one
-    P=${SWEEP_POINTS:-"32768:48 32768:64 32768:96"}
-    for pass in ${PASSES:-a b}; do  # two orders: b reverses the points
-        [ $pass = b ] && P=$(echo $P | tr ' ' '\n' | tac | tr '\n' ' ')
-        timeout ${SWEEP_S:-120} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 --points $P \
-            --candidates "$C" --time-limit $(( ${SWEEP_S:-120} - 30 )) --out "$OUT/sweep_kernel_v37$pass.json" \
-            > "$OUT/sweep_v37$pass.log" 2>&1
-        echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_v37$pass.log" | head -5; pack
-    done
+    SWEEP_S=${SWEEP_S:-120} kres_sweep v37 "$C" ${SWEEP_POINTS:-32768:48 32768:64 32768:96}
 fi
 if has bench; then
     library_path ${BENCH_S:-200} v37 ${AGENTS:-1 8 32 128}; pack

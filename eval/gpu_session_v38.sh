@@ -31,14 +31,7 @@ fi
 if has sweep; then
     C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_cs_direct": true},'
     C+=' {"res_form": "gluon", "res_f16": true, "res_cs_direct": true, "res_maxnreg": 128, "res_programs_per_sm": 4}]}'
-    P=${SWEEP_POINTS:-"32768:32 32768:128"}
-    for pass in ${PASSES:-a b}; do  # two orders: b reverses the points
-        [ $pass = b ] && P=$(echo $P | tr ' ' '\n' | tac | tr '\n' ' ')
-        timeout ${SWEEP_S:-150} python -m eval.bench.sweep_kernel --stage kres --variants kv --waves 1 --points $P \
-            --candidates "$C" --time-limit $(( ${SWEEP_S:-150} - 30 )) --out "$OUT/sweep_kernel_v38$pass.json" \
-            > "$OUT/sweep_v38$pass.log" 2>&1
-        echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_v38$pass.log" | head -5; pack
-    done
+    kres_sweep v38 "$C" ${SWEEP_POINTS:-32768:32 32768:128}
 fi
 if has decode; then
     for s in ${SYSTEMS:-gluon triton}; do
