@@ -56,6 +56,12 @@ def _option(kwargs: dict, gen_cfg, name: str, default=None):
     return getattr(gen_cfg, name, default) if gen_cfg is not None else default
 
 
+def round_capacity(tokens: int) -> int:
+    """The private capacity a call needing ``tokens`` private tokens per row gets: a multiple of
+    :data:`CAPACITY_STEP`."""
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+
+
 def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
     """Private tokens per row the call needs (the rows after the shared context, plus the new tokens), rounded up to
     a multiple of :data:`CAPACITY_STEP`."""
@@ -65,7 +71,7 @@ def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
     if max_new is None:
         max_new = (_option(kwargs, gen_cfg, "max_length") or 20) - input_len
     need = input_len - cache.num_shared_tokens + max(int(max_new), 1)
-    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+    return round_capacity(need)
 
 
 def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] | None:

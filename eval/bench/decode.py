@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from forkkv_hf.compile_policy import CAPACITY_STEP
+from forkkv_hf.compile_policy import CAPACITY_STEP, round_capacity
 from forkkv_hf.config import get_config
 
 from .measure import (KERNEL_FAMILIES, TRITON_COMPILES, FullCollections, compile_counters, counters_since,
@@ -372,7 +372,7 @@ def main(argv=None):
         import forkkv_kernels.rules as rules
 
         rules.GLUON_K_FROM = sys.maxsize  # read at each launch: no call reaches the Gluon K pass's threshold
-    if "on" in args.compile and len({-(-(PROMPT + n) // CAPACITY_STEP) for n in args.tokens}) > 1:
+    if "on" in args.compile and len({round_capacity(PROMPT + n) for n in args.tokens}) > 1:
         ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
                  f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their steps may run "
                  "different shapes and buffers (v37 at 8 / 104, before the library kept a longer call's buffers for "
