@@ -14,7 +14,8 @@
 #   call: `PARTS=tests` (~300 s with the two-sizes test's inductor compiles), then `PARTS=sweep` (~100 s),
 #   `PARTS=decode SYSTEMS=gluon` and `PARTS=decode SYSTEMS=triton` on the same machine (calls back to back: it goes
 #   back after 30 s idle).
-# Results: $OUT/v38.tgz.
+# Results: $OUT/v38.tgz. Run at 3fad091 (eval/KERNEL_NOTES.md "v38 measured"); res_cs_direct was removed after it
+# (slower or level), so PARTS=sweep needs that commit.
 set -u
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/v38w; rm -rf "$OUT"

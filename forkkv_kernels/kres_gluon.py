@@ -212,7 +212,7 @@ if HAVE_GLUON:
         B, T, RS, RK, split_len, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
         NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
-        SYNC_SCORE: gl.constexpr, F16: gl.constexpr, HP: gl.constexpr, CS_DIRECT: gl.constexpr,
+        SYNC_SCORE: gl.constexpr, F16: gl.constexpr, HP: gl.constexpr,
     ):
         """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h``, as
         :func:`~.kres_pass._kres_scores_kernel` with every KV head in one program (no packs). Grid: sorted position x
@@ -285,10 +285,6 @@ if HAVE_GLUON:
             # the layout of a rebuilt tile's halves (in the MMA's layout a thread holds column j and j + HALF alike:
             # the split moves no data); the tile's cos/sin are converted into it once per tile, for all its heads
             probe, probe_hi = _halves(zx, BLOCK_T, HALF)
-            if CS_DIRECT:  # the cos/sin tiles loaded in that layout: no conversion through shared memory (8 KiB of
-                # scratch and a CTA barrier per tile less; v38)
-                tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, probe.type.layout))
-                dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, probe.type.layout))
             # zeros the compiler cannot see as such: each score MMA chain then starts from defined accumulator registers
             # (with an undefined start ptxas serialises every MMA of the kernel, its report C7514)
             zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S) * qk_scale
@@ -381,8 +377,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
                              res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
-                             r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1,
-                             res_cs_direct: bool = False):
+                             r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
@@ -391,10 +386,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     range condition :func:`~.kres_pass.f16_range_ok`): ``q`` and ``k_B`` arrive in fp16, the queries scaled as
     :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
     head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their
-    rotations and score chains side by side); ``res_cs_direct`` each tile's cos/sin loaded in the rotation's layout
-    rather than converted into it through shared memory (51,200 bytes of shared memory instead of 59,392 at Llama's
-    shapes: with ``res_maxnreg=128``, 4 programs per SM instead of 3; v38, offline). Raises ``ValueError`` where
-    :func:`refusal` says why it cannot."""
+    rotations and score chains side by side). Raises ``ValueError`` where :func:`refusal` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
     block_t = res_block_t or 64
@@ -415,5 +407,4 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
         B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
-        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), HP=res_step_heads, CS_DIRECT=bool(res_cs_direct),
-        num_warps=block_t // 16, **opts)
+        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), HP=res_step_heads, num_warps=block_t // 16, **opts)
