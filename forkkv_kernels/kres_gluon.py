@@ -212,7 +212,7 @@ if HAVE_GLUON:
         B, T, RS, RK, split_len, qk_scale,
         HKV: gl.constexpr, G: gl.constexpr, HALF: gl.constexpr, RKB: gl.constexpr, VPR: gl.constexpr,
         NQG: gl.constexpr, MQ: gl.constexpr, BLOCK_T: gl.constexpr, ROPE_HALF: gl.constexpr, SATF: gl.constexpr,
-        SYNC_SCORE: gl.constexpr, F16: gl.constexpr, HP: gl.constexpr,
+        SYNC_SCORE: gl.constexpr, F16: gl.constexpr, HP: gl.constexpr, RT_ZEROS: gl.constexpr,
     ):
         """``R[h, row·VPR + w, t] = qk_scale · q[row, h·G + w%G, w//G] · RoPE_t(B_k[slot] u_k[slot, t])_h``, as
         :func:`~.kres_pass._kres_scores_kernel` with every KV head in one program (no packs). Grid: sorted position x
@@ -277,17 +277,19 @@ if HAVE_GLUON:
             ku = gl.arange(0, RKB, layout=gl.SliceLayout(0, LU))
             tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LC))
             dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, LC))
-            if F16:  # the rebuild accumulated in fp16 (the queries and B_k arrive in fp16): no conversion after it;
-                # zeros the compiler cannot see as such (else ptxas serialises the kernel's MMAs, its report C7514)
-                zx = (gl.zeros([BLOCK_T, D], gl.float32, ACC_X) * qk_scale).to(gl.float16)
-            else:
-                zx = gl.zeros([BLOCK_T, D], gl.float32, ACC_X)
+            # the MMAs' zero accumulators: plain zeros (the score chains start from RZ, v39: offline 118 instructions
+            # per head and 148 registers instead of 125 and 166, the same results bit for bit), or with RT_ZEROS
+            # zeros the compiler cannot see as such (0 · qk_scale, v36b's form: the chains' start copied into four
+            # registers at every head; the rebuild's use_acc=False ignores its accumulator either way)
+            zx = gl.zeros([BLOCK_T, D], gl.float16 if F16 else gl.float32, ACC_X)  # F16: the rebuild in fp16
+            zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S)
+            if RT_ZEROS:
+                zs = zs * qk_scale
+                if F16:
+                    zx = (gl.zeros([BLOCK_T, D], gl.float32, ACC_X) * qk_scale).to(gl.float16)
             # the layout of a rebuilt tile's halves (in the MMA's layout a thread holds column j and j + HALF alike:
             # the split moves no data); the tile's cos/sin are converted into it once per tile, for all its heads
             probe, probe_hi = _halves(zx, BLOCK_T, HALF)
-            # zeros the compiler cannot see as such: each score MMA chain then starts from defined accumulator registers
-            # (with an undefined start ptxas serialises every MMA of the kernel, its report C7514)
-            zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC_S) * qk_scale
             t_begin = split * split_len
             t_end = gl.minimum(T, t_begin + split_len)
             # the u tile and the cos/sin of the lo half's frequencies (the fp16 form) loaded one tile ahead into
@@ -377,7 +379,8 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
                              lowp: bool = True, res_block_t: int | None = None, res_programs_per_sm: int = 3,
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
                              res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
-                             r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1):
+                             r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1,
+                             res_runtime_zeros: bool = False):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
@@ -386,7 +389,9 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     range condition :func:`~.kres_pass.f16_range_ok`): ``q`` and ``k_B`` arrive in fp16, the queries scaled as
     :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
     head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their
-    rotations and score chains side by side). Raises ``ValueError`` where :func:`refusal` says why it cannot."""
+    rotations and score chains side by side); ``res_runtime_zeros`` the MMAs' zero accumulators as v36b had them
+    (``0 · qk_scale``, unseen by the compiler: seven more instructions per head, the same results; v39's A/B knob).
+    Raises ``ValueError`` where :func:`refusal` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
     block_t = res_block_t or 64
@@ -407,4 +412,5 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
         B, T, r_stride or T, rank, split_len, qk_scale,
         HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
         BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
-        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), HP=res_step_heads, num_warps=block_t // 16, **opts)
+        SYNC_SCORE=res_score == "mma_sync", F16=bool(res_f16), HP=res_step_heads, RT_ZEROS=bool(res_runtime_zeros),
+        num_warps=block_t // 16, **opts)

@@ -60,6 +60,8 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_score="mma_sync")
     with pytest.raises(ValueError, match="res_step_heads=2 is the Gluon K pass's"):
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_step_heads=2)
+    with pytest.raises(ValueError, match="res_runtime_zeros is the Gluon K pass's"):
+        _launch(q, view, None, case.D**-0.5, res_form="joined", res_runtime_zeros=True)
 
 
 def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_384_vectors():
@@ -146,11 +148,13 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
     out = tmp_path / "offline.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     configs = json.dumps([{"res_f16": False}, {"res_f16": True}, {"res_form": "gluon"},
-                          {"res_form": "gluon", "res_score": "mma"}, {"res_form": "gluon", "res_f16": True}])
+                          {"res_form": "gluon", "res_score": "mma"}, {"res_form": "gluon", "res_f16": True},
+                          {"res_form": "gluon", "res_f16": True, "res_runtime_zeros": True},
+                          {"res_form": "gluon", "res_runtime_zeros": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rule, rule16, gluon, gluon_wgmma, gluon16 = json.loads(out.read_text())["rows"]
+    rule, rule16, gluon, gluon_wgmma, gluon16, gluon16_rt, gluon_rt = json.loads(out.read_text())["rows"]
     for row in (gluon, gluon_wgmma):
         assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 3 and not row["mma_serialised"], row
         assert row["loop_instructions"] < rule["loop_instructions"], (row, rule)
@@ -162,6 +166,12 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
     assert gluon16["spill_bytes"] == 0 and gluon16["programs_per_sm"] >= 3, gluon16
     assert gluon16["loop_instructions"] < rule16["loop_instructions"] and gluon16["loop_mma_waits"] == 1, gluon16
     assert set(gluon16["mma_serialised"]) <= {"C7514"}, gluon16
+    # plain zero accumulators (the score chains start from RZ) against v36b's runtime zeros (0 · qk_scale, copied into
+    # the chains' start registers at every head): fewer instructions per head, no more registers, no new
+    # serialisation (Triton 3.6: 118 against 125 instructions, 148 against 166 registers; 3.9: 120 against 127; v39)
+    for new, old in ((gluon16, gluon16_rt), (gluon, gluon_rt)):
+        assert new["loop_instructions"] < old["loop_instructions"] and new["regs"] <= old["regs"], (new, old)
+        assert set(new["mma_serialised"]) <= set(old["mma_serialised"]), (new, old)
 
 
 #: the Gluon K pass's launch knobs the GPU tests run (the sweep's candidates, eval/bench/sweep_kernel.py)
@@ -174,6 +184,7 @@ GLUON_KNOBS = [
     {"res_form": "gluon", "res_satfinite": False},
     {"res_form": "gluon", "res_f16": True},
     {"res_form": "gluon", "res_f16": True, "res_step_heads": 2},
+    {"res_form": "gluon", "res_f16": True, "res_runtime_zeros": True},
 ]
 
 
@@ -183,7 +194,8 @@ GLUON_KNOBS = [
 def test_gluon_k_pass_real_sizes_gpu(case, dtype):
     """Llama-3.1-8B-shaped heads (32 query, 8 KV, D=128), rank 16: the attention with the Gluon K pass under each of
     :data:`GLUON_KNOBS` within 3x PyTorch's own low-precision error of the fp32 reference (decode, rows sharing an
-    agent, extend calls of 7 and 17 queries: 32 and 128 vectors per row, the latter beyond one score tile)."""
+    agent, extend calls of 7 and 17 queries: 32 and 128 vectors per row, the latter beyond one score tile); where a
+    row's vectors fit one 8-column tile, plain zero accumulators and v36b's runtime zeros agree bit for bit."""
     if not HOPPER:
         pytest.skip("the Gluon K pass runs on sm_90 only")
     view, q = case.view(dtype), case.query(dtype)
@@ -197,6 +209,11 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
             continue
         err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+    if vpr <= 8:  # plain zero accumulators give v36b's runtime zeros' results bit for bit (the same MMAs from +0.0)
+        for f16 in (True, False):
+            plain = _launch(q, view, None, 128**-0.5, res_form="gluon", res_f16=f16)
+            assert torch.equal(plain, _launch(q, view, None, 128**-0.5, res_form="gluon", res_f16=f16,
+                                              res_runtime_zeros=True)), f16
 
 
 @pytest.mark.gpu

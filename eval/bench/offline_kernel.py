@@ -93,7 +93,7 @@ def _compile_gluon_kres(knobs: dict) -> dict:
     const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=mq,
                  BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
                  SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")),
-                 HP=rule.get("res_step_heads") or 1)
+                 HP=rule.get("res_step_heads") or 1, RT_ZEROS=bool(rule.get("res_runtime_zeros")))
     args = _kres_args(bool(rule.get("res_f16")))
     opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# v39 (issue 19; eval/KERNEL_NOTES.md "v39"): the Gluon K pass's MMAs from plain zero accumulators (118 instructions
+# per head and 148 registers offline, against 125 and 166 with v36b's runtime zeros, the same results bit for bit).
+# Parts (PARTS, default "tests sweep"):
+# - tests: the Gluon K pass's real-size GPU tests (its knobs with res_runtime_zeros; plain and runtime zeros compared
+#   bit for bit) and the rule's boundary test (96 / 95 rows; ~250 s);
+# - sweep: the rule's Gluon fp16 K pass against it with res_runtime_zeros (v38's rule), whole K+V calls at 32K, at
+#   SWEEP_POINTS (default 32 / 64 / 128 agents), two orders (~120 s);
+# - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s).
+# Results: $OUT/v39.tgz.
+set -u
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/v39w; rm -rf "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v39.tgz" -C "$OUT" .; }
+PARTS=${PARTS:-"tests sweep"}
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+if has tests; then
+    timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py \
+        -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes)" -p no:cacheprovider > "$OUT/gpu_tests_v39.log" 2>&1
+    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v39.log" | head -12; pack
+fi
+if has sweep; then
+    C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_runtime_zeros": true}]}'
+    kres_sweep v39 "$C" ${SWEEP_POINTS:-32768:32 32768:64 32768:128}
+fi
+if has path; then
+    library_path ${PATH_S:-240} v39 1 8 32 128; pack
+fi
