@@ -390,7 +390,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
     head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their
     rotations and score chains side by side); ``res_runtime_zeros`` the MMAs' zero accumulators as v36b had them
-    (``0 · qk_scale``, unseen by the compiler: seven more instructions per head, the same results; v39's A/B knob).
+    (``0 · qk_scale``, unseen by the compiler: 6-8 more instructions per head, the same results; v39's A/B knob).
     Raises ``ValueError`` where :func:`refusal` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
