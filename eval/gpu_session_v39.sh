@@ -6,7 +6,10 @@
 #   bit for bit) and the rule's boundary test (96 / 95 rows; ~250 s);
 # - sweep: the rule's Gluon fp16 K pass against it with res_runtime_zeros (v38's rule), whole K+V calls at 32K, at
 #   SWEEP_POINTS (default 32 / 64 / 128 agents), two orders (~120 s);
-# - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s).
+# - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s);
+# - profile (not in the default, a call of its own): the capacity decode (256 agents) once, 8 / 24 tokens (one private
+#   capacity), one rep, with the profiler's GPU time per step by kernel family (v38's profiled run at 8 / 64 tokens
+#   and two reps was cut by its call's limit; this one ~400 s).
 # Results: $OUT/v39.tgz.
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -26,4 +29,8 @@ if has sweep; then
 fi
 if has path; then
     library_path ${PATH_S:-240} v39 1 8 32 128; pack
+fi
+if has profile; then
+    CAPACITY_PROFILE=1 capacity_decode ${DECODE_S:-560} v39prof 1 --tokens 8 24
+    grep -E "timed|busy" "$OUT/bench_decode_capacity_v39prof.log" | cut -c1-300; pack
 fi
