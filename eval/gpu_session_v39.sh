@@ -4,8 +4,9 @@
 # Parts (PARTS, default "tests sweep"):
 # - tests: the Gluon K pass's real-size GPU tests (its knobs with res_runtime_zeros; plain and runtime zeros compared
 #   bit for bit) and the rule's boundary test (96 / 95 rows; ~250 s);
-# - sweep: the rule's Gluon fp16 K pass against it with res_runtime_zeros (v38's rule), whole K+V calls at 32K, at
-#   SWEEP_POINTS (default 32 / 64 / 128 agents), two orders (~120 s);
+# - sweep: the rule's Gluon fp16 K pass against it with res_runtime_zeros (v38's rule) and against the Triton K pass
+#   (`res_form="joined"`, the rule below 96 agents: whether the threshold moves), whole K+V calls at 32K, at
+#   SWEEP_POINTS (default 32 / 64 / 128 agents), two orders (~150 s);
 # - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s);
 # - profile (not in the default, a call of its own): the capacity decode (256 agents) once, 8 / 24 tokens (one private
 #   capacity), one rep, with the profiler's GPU time per step by kernel family (v38's profiled run at 8 / 64 tokens
@@ -24,7 +25,8 @@ if has tests; then
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v39.log" | head -12; pack
 fi
 if has sweep; then
-    C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_runtime_zeros": true}]}'
+    C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_runtime_zeros": true},'
+    C+=' {"res_form": "joined"}]}'
     kres_sweep v39 "$C" ${SWEEP_POINTS:-32768:32 32768:64 32768:128}
 fi
 if has path; then
