@@ -199,8 +199,9 @@ F16_LIMIT = 2.0**14
 
 def f16_queries(q: torch.Tensor, qk_scale: float) -> tuple[torch.Tensor, float]:
     """The queries as ``res_f16``'s score MMA takes them, with the score scale to use: fp16 queries as they are, others
-    converted to fp16 scaled by :data:`Q_F16_SCALE` (exact, a power of two: bf16 queries up to 1.6e7 stay finite) and
-    the scale divided by it."""
+    converted to fp16 scaled by :data:`Q_F16_SCALE` (a power of two: bf16 queries up to 1.6e7 stay finite; exact for
+    components from 2^-9 in magnitude, smaller ones rounded by fp16's subnormals, by at most 2^-17 absolute) and the
+    scale divided by it."""
     if q.dtype == torch.float16:
         return q, qk_scale
     q16 = torch.empty(q.shape, dtype=torch.float16, device=q.device)

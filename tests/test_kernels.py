@@ -121,6 +121,28 @@ def test_f16_k_pass_kept_off_beyond_fp16s_range():
 
 
 @pytest.mark.version_independent
+def test_f16_queries_are_exact_where_fp16_holds_their_bits():
+    """The fp16 form's queries (``f16_queries``: bf16 scaled by 2^-8 into fp16, the score scale divided by it): every
+    bf16 value from 2^-9 in magnitude up to 1e7 (fp16's range, scaled back, ends near 1.68e7) converts exactly; below
+    2^-9 fp16's subnormals round it, by at most 2^-17 absolute (half their spacing, scaled back), which the README
+    states; fp16 queries pass as they are."""
+    from forkkv_kernels.kres_pass import Q_F16_SCALE, f16_queries
+
+    g = torch.Generator().manual_seed(0)
+    mags = torch.logspace(-7, 7, 200_000, dtype=torch.float64)  # 1e-7 .. 1e7
+    q = (torch.randn(200_000, generator=g, dtype=torch.float64).sign() * mags).to(torch.bfloat16).view(1, 1, 1, -1)
+    q16, scale = f16_queries(q, 0.125)
+    assert q16.dtype == torch.float16 and scale == 0.125 / Q_F16_SCALE and torch.isfinite(q16).all()
+    back, ref = q16.double() / Q_F16_SCALE, q.double()
+    big = ref.abs() >= 2.0**-9
+    assert torch.equal(back[big], ref[big])  # exact where fp16 holds all 8 of bf16's bits
+    err = (back - ref).abs()[~big]
+    assert err.max() <= 2.0**-17 and err.max() > 0  # rounded below it, within half a subnormal step
+    half = torch.randn(1, 2, 1, 8, generator=g).half()
+    assert f16_queries(half, 0.125)[0] is half and f16_queries(half, 0.125)[1] == 0.125
+
+
+@pytest.mark.version_independent
 def test_f16_k_pass_takes_the_residuals_fp16_b():
     """With the fp16 form the adapter passes the K residual's ``B`` in fp16, converted once and kept with the residual
     (not pickled with it): the same output as the launcher converting it per call, bit for bit; a ``k_B16`` that is
