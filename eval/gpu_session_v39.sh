@@ -6,7 +6,7 @@
 #   bit for bit) and the rule's boundary test (96 / 95 rows; ~250 s);
 # - sweep: the rule's Gluon fp16 K pass against it with res_runtime_zeros (v38's rule) and against the Triton K pass
 #   (`res_form="joined"`, the rule below 96 agents: whether the threshold moves), whole K+V calls at 32K, at
-#   SWEEP_POINTS (default 32 / 64 / 128 agents), two orders (~150 s);
+#   SWEEP_POINTS (default 8 / 32 / 64 / 128 agents), two orders (~180 s);
 # - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s);
 # - profile (not in the default, a call of its own): the capacity decode (256 agents) once, 8 / 24 tokens (one private
 #   capacity), one rep, with the profiler's GPU time per step by kernel family (v38's profiled run at 8 / 64 tokens
@@ -27,7 +27,7 @@ fi
 if has sweep; then
     C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_runtime_zeros": true},'
     C+=' {"res_form": "joined"}]}'
-    kres_sweep v39 "$C" ${SWEEP_POINTS:-32768:32 32768:64 32768:128}
+    kres_sweep v39 "$C" ${SWEEP_POINTS:-32768:8 32768:32 32768:64 32768:128}
 fi
 if has path; then
     library_path ${PATH_S:-240} v39 1 8 32 128; pack
