@@ -105,6 +105,7 @@ def test_bench_decode_tiny(tmp_path):
     res = _run("eval.bench.decode", "--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "2",
                "--fit-ranks", "0", "2:4", tmp_path=tmp_path)
     assert res.benchmark == "bench_decode" and res.case_keys == ["system", "context", "agents", "compile"]
+    assert "partial" not in res.extra  # every case's row replaced its timed phase's partial record
     cases = [tuple(r[k] for k in res.case_keys) for r in res.rows]
     fitted = "forkkv, fitted ranks 2/4"
     assert cases == [("transformers, DynamicCache eager", 40, 1, False), ("transformers, StaticCache + compile", 40, 1,
@@ -164,6 +165,41 @@ def test_runner_saves_every_row_and_resumes_finished_cases(tmp_path):
     other = BenchmarkRun("bench_x", {"tokens": 4}, ["n"], out=tmp_path / "o.json", resume=out,
                          resume_if_same=("tokens",))
     assert other.rows == []  # other parameters: nothing resumed
+
+
+@pytest.mark.version_independent
+def test_runner_keeps_a_cases_partial_measurements_until_its_row(tmp_path):
+    """``partial``: what a case measured so far is in the file (``extra["partial"]``, one entry per case, replaced by a
+    later call) before the case's row exists; the row drops it, other cases' entries stay."""
+    out = tmp_path / "r.json"
+    run = BenchmarkRun("bench_x", {}, ["n"], out=out)
+    run.partial({"n": 1}, {"t_s": 0.1})
+    run.partial({"n": 1}, {"t_s": 0.2})
+    run.partial({"n": 2}, {"t_s": 0.3})
+    assert load(out).extra["partial"] == [{"n": 1, "t_s": 0.2}, {"n": 2, "t_s": 0.3}] and load(out).rows == []
+    run.measure({"n": 1}, lambda: {"t_s": 0.2, "profile": 1})
+    assert load(out).extra["partial"] == [{"n": 2, "t_s": 0.3}]
+    run.measure({"n": 2}, lambda: {"t_s": 0.3})
+    assert "partial" not in load(out).extra and [r["n"] for r in load(out).rows] == [1, 2]
+
+
+def test_bench_decode_cut_in_its_profile_keeps_the_timed_phase(tmp_path, monkeypatch):
+    """A decode case cut after its timed calls (here: the profiler stopping the process, as a call's time limit does
+    in v38) leaves the timed phase's measurements in the result file, not only in the log."""
+    from eval.bench import decode
+
+    def cut(run, n):
+        raise SystemExit("cut")
+
+    monkeypatch.setattr(decode, "_gpu_seconds", cut)
+    out = tmp_path / "d.json"
+    with pytest.raises(SystemExit, match="cut"):
+        decode.main(["--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "1",
+                     "--compile", "off", "--no-anchors", "--out", str(out)])
+    res = load(out)
+    (part,) = res.extra["partial"]
+    assert res.rows == [] and (part["system"], part["agents"], part["compile"]) == ("forkkv", 2, False)
+    assert isinstance(part["step_ms"], float) and len(part["step_ms_each"]) == 1 and "gpu_busy_ms" not in part
 
 
 @pytest.mark.version_independent

@@ -102,12 +102,14 @@ def _gpu_seconds(run, n: int) -> dict:
 
 
 def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False,
-            log: str | None = None, freeze_gc: bool = False) -> tuple[dict, object]:
+            log: str | None = None, freeze_gc: bool = False, on_timed=None) -> tuple[dict, object]:
     """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
     the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
     ``host``: also the host's per-step profile (:func:`host_profile`); ``log``: a name to print each phase's end
     with; ``freeze_gc``: ``gc.freeze()`` after the warm-up (what was allocated so far, the compiled graphs among it,
-    leaves the collector's walks; undone at the end). Returns the measurements and the last ``n2`` output."""
+    leaves the collector's walks; undone at the end); ``on_timed``: called with the timed phase's measurements before
+    the profiles (a call cut in them keeps these, :meth:`BenchmarkRun.partial`). Returns the measurements and the
+    last ``n2`` output."""
     say = (lambda what: print(f"{log}: {what} ({time.strftime('%H:%M:%S')})", flush=True)) if log else \
         (lambda what: None)
     watch_triton_compiles()
@@ -151,6 +153,8 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
            "full_gc_each_call": full_gc, "gc_frozen": gc.get_freeze_count() if freeze_gc else None}
     if freeze_gc:
         gc.unfreeze()
+    if on_timed is not None:
+        on_timed(dict(rec))
     if host:
         try:
             rec["host_profile"] = host_profile(run, n1, n2)
@@ -236,9 +240,10 @@ def anchor_cases(run: BenchmarkRun, model, input_ids, args, compile_config) -> N
                 return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
 
-        run.measure({"system": system, "context": T, "agents": 1, "compile": static},
-                    lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile,
-                                                     static and args.host_profile)[0]))
+        case = {"system": system, "context": T, "agents": 1, "compile": static}
+        run.measure(case, lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile,
+                                                           static and args.host_profile,
+                                                           on_timed=lambda timed: run.partial(case, timed))[0]))
     torch._dynamo.reset()
     free_memory()
 
@@ -296,7 +301,7 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
               f"({time.strftime('%H:%M:%S')})", flush=True)  # a case cut by a call's limit still says how far it got
         rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile,
                            compile_on and args.host_profile, log=f"forkkv N={len(names)} compile={compile_on}",
-                           freeze_gc=args.freeze_gc)
+                           freeze_gc=args.freeze_gc, on_timed=lambda timed: run.partial(case, timed))
         if compile_on:  # the step of each row's first token that differs from eager's (n2: none); random bf16
             # weights give near-ties, so rows part after some steps: the GPU pass-rule test judges those partings
             same = (gen(args.tokens[1], c=False) == out)[:, inputs["input_ids"].shape[1]:].long()

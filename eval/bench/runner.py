@@ -99,14 +99,31 @@ class BenchmarkRun:
         return self.add({**case, **fn()})
 
     def add(self, row: dict) -> dict:
-        """Append a measured row (all its case keys present), print it, save."""
+        """Append a measured row (all its case keys present), print it, save; the case's partial record goes."""
         absent = [k for k in self.result.case_keys if k not in row]
         if absent:
             raise ValueError(f"row {row} lacks its case keys {absent}: every row carries {self.result.case_keys}")
+        self._drop_partial(row)
         self.result.rows.append(row)
         self._print(json.dumps(row))
         self.save()
         return row
+
+    def partial(self, case: dict, fields: dict) -> None:
+        """Save what a case has measured so far under ``extra["partial"]`` (not a row: a resumed run measures the case
+        again), so that a run cut before the case's row keeps it in the file, not only in its log; :meth:`add` drops
+        it."""
+        self._drop_partial(case)
+        self.extra.setdefault("partial", []).append({**case, **fields})
+        self.save()
+
+    def _drop_partial(self, case: dict) -> None:
+        keys = self.result.case_keys
+        kept = [p for p in self.extra.get("partial", []) if any(p.get(k) != case.get(k) for k in keys)]
+        if kept:
+            self.extra["partial"] = kept
+        else:
+            self.extra.pop("partial", None)
 
     def save(self) -> None:
         if self.write:
