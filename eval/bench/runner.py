@@ -3,9 +3,9 @@
 What the runner does for every benchmark: measures the device info once (:func:`eval.device.device_info`), names
 the result file (``eval/results/<benchmark>_<gpu slug><suffix>.json`` unless ``--out``), keeps the rows in the one
 schema (:class:`eval.bench.schema.BenchResult`), prints each row as a JSON line and rewrites the file after each
-one (a run cut short keeps what it measured; a case's phases so far with :meth:`BenchmarkRun.partial`), resumes an earlier run's cases, and stops starting new cases after a
-time limit. What a benchmark does: build its model, say which cases to run, and return one ``dict`` of
-measurements per case (``measure``)::
+one (a run cut short keeps what it measured; with :meth:`BenchmarkRun.partial`, also a case's phases so far), resumes
+an earlier run's cases, and stops starting new cases after a time limit. What a benchmark does: build its model, say
+which cases to run, and return one ``dict`` of measurements per case (``measure``)::
 
     run = BenchmarkRun("bench_lora", params={"model": {...}}, case_keys=["rows", "mix", "path"], out=args.out)
     for case in cases:
