@@ -1,6 +1,15 @@
 # Sourced by the GPU session scripts: $OUT, the device and versions in $OUT/env.txt, and the working tree importable
 # without installing (forkkv_hf, forkkv_kernels and the eval package from the tree).
 # Everything under eval/ runs as a module from the repository root: python3 -m eval.bench.e2e, -m eval.quality, ...
+# A session script sets SESSION (its version, e.g. v39) before sourcing this: its files then go to /tmp/${SESSION}w,
+# and `pack` puts them into $FINAL/$SESSION.tgz, $FINAL being the $OUT it was given (the device's); `has PART`: PARTS
+# names PART
+if [ -n "${SESSION:-}" ]; then
+  FINAL=${OUT:-/tmp/out}
+  OUT=/tmp/${SESSION}w; rm -rf "$OUT"
+  pack() { mkdir -p "$FINAL" && tar czf "$FINAL/$SESSION.tgz" -C "$OUT" .; }
+fi
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

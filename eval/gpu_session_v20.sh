@@ -18,10 +18,8 @@
 # score tiles written out in the call (its command: eval/KERNEL_NOTES.md "v20").
 # Results: $OUT/v20.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v20w; rm -rf "$OUT"
+SESSION=v20
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v20.tgz" -C "$OUT" .; }
 ROOT=$PWD
 REF="$ROOT/.ref/v19"
 [ -d "$REF/forkkv_kernels" ] || { echo "no $REF: make it here (mkdir -p .ref/v19/forkkv_kernels; for f in \$(git ls-files \

@@ -16,10 +16,8 @@
 # the script is the record of those calls; its candidates name knobs as they were then. Next: eval/gpu_session_v22.sh.
 # Results: $OUT/v21.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v21w; rm -rf "$OUT"
+SESSION=v21
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v21.tgz" -C "$OUT" .; }
 PTS=${PTS:-"32768:1 32768:8 32768:32 32768:128"}
 GLUON='{"shared_form": "gluon"}, {"shared_form": "gluon", "shared_schedule": "fa3"}, {"shared_form": "gluon", "num_stages": 3}, {"shared_form": "gluon", "num_warps": 8}, {"shared_form": "gluon", "block_t": 128}'
 if [ "${OFFLINE:-1}" = 1 ]; then

@@ -11,10 +11,8 @@
 # Each step can be left out: TESTS=0, BENCH=0, SWEEP=0.
 # Results: $OUT/v22.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v22w; rm -rf "$OUT"
+SESSION=v22
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v22.tgz" -C "$OUT" .; }
 if [ "${TESTS:-1}" = 1 ]; then
     timeout ${TEST_TIMEOUT:-300} python -m pytest -q tests/test_shared_gluon.py -p no:cacheprovider \
         > "$OUT/gpu_tests_v22_gluon.log" 2>&1

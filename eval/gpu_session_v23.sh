@@ -14,10 +14,8 @@
 # then the rule's threshold is 192 vectors (eval/KERNEL_NOTES.md "v23 measured"): the script is the record of those calls.
 # Results: $OUT/v23.tgz (the device returns at most 8 files; packed again after each step), copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v23w; rm -rf "$OUT"
+SESSION=v23
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v23.tgz" -C "$OUT" .; }
 if [ "${BOUNDARY:-0}" = 1 ]; then
     timeout 150 python -m pytest -q tests/test_shared_gluon.py -k "rule" -p no:cacheprovider > "$OUT/gpu_tests_v23f.log" 2>&1
     echo "boundary tests rc=$?"; tail -3 "$OUT/gpu_tests_v23f.log"; pack

@@ -12,12 +12,9 @@
 # - bench: the library's path at 47 / 48 agents (`eval.bench.kernel`).
 # e.g. `PARTS="tests v" bash eval/gpu_session_v24.sh`. Results: $OUT/v24.tgz, copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v24w; rm -rf "$OUT"
+SESSION=v24
 source "$(dirname "$0")/gpu_env.sh"  # the tree importable, the device and versions in $OUT/env.txt
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v24.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests base v bench"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
     timeout 300 python -m pytest -q tests/test_shared_gluon.py -k "rule or real_sizes or v_residual" -p no:cacheprovider \
         > "$OUT/gpu_tests_v24.log" 2>&1

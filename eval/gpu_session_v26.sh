@@ -16,12 +16,9 @@
 # Calls: "diag tests vt base" (aeea780's script), then "diag tests graph bench" after the V rule's adoption.
 # Results: $OUT/v26.tgz, copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v26w; rm -rf "$OUT"
+SESSION=v26
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v26.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"diag tests vt base"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has diag; then
     PYTHONPATH="$PWD:$PWD/tests" timeout 120 python - "$OUT/gluon_v_layouts_v26.json" > "$OUT/gluon_v_layouts_v26.log" 2>&1 <<'PY'
 import json, sys

@@ -9,12 +9,9 @@
 # - sweep: whole calls, V only, at 8 / 32 / 128 agents: the Gluon V kernel against the pair kernel, two orders.
 # Results: $OUT/v29.tgz, copy to eval/results.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v29w; rm -rf "$OUT"
+SESSION=v29
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v29.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"probe smoke tests sweep"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has probe; then
     for ab in ${ABL:-none gluon_no_uv_load gluon_no_pu}; do
         flag=(); [ $ab != none ] && flag=(--ablate $ab)

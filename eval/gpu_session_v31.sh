@@ -11,12 +11,9 @@
 # - ncu: the counters above (~3 minutes).
 # Results: $OUT/v31.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v31w; rm -rf "$OUT"
+SESSION=v31
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v31.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"probe ncu"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has probe; then
     for ab in ${ABL:-none gluon_pu_fixed_tile gluon_no_uv_wait}; do
         flag=(); [ $ab != none ] && flag=(--ablate $ab)

@@ -15,12 +15,9 @@
 # the lazy form gone, `PARTS="bench tests"` is what runs on later code.
 # Results: $OUT/v33.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v33w; rm -rf "$OUT"
+SESSION=v33
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v33.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"smoke sweep ncu tests"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 ok=1
 if has smoke; then
     PYTHONPATH="$PWD:$PWD/tests" timeout 60 python - > "$OUT/smoke_v33.log" 2>&1 <<'PY'

@@ -18,12 +18,9 @@
 # what runs on the code that adopted the ring (no GPU time was left to run it).
 # Results: $OUT/v35.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v35w; rm -rf "$OUT"
+SESSION=v35
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v35.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"smoke sweep tests"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 ok=1
 if has smoke; then
     PYTHONPATH="$PWD:$PWD/tests" timeout 90 python - > "$OUT/smoke_v35.log" 2>&1 <<'PY'

@@ -22,12 +22,9 @@
 # and real_sizes" PARTS="tests sweep ncu" PASSES=b` (KERNEL_NOTES "v36b measured"; the result files named v36b{a,b}).
 # Results: $OUT/v36.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v36w; rm -rf "$OUT"
+SESSION=v36
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v36.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests sweep ncu"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
     timeout ${TESTS_S:-240} python -m pytest -q -m gpu ${TESTS:-tests/test_shared_gluon.py tests/test_kres_gluon.py} \
         -k "${TESTS_K:-ring or rules_boundary or gluon_k_pass_real_sizes}" -p no:cacheprovider -x \

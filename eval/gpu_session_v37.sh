@@ -12,12 +12,9 @@
 # Run 2026-12-07 on one H100 (KERNEL_NOTES "v37 measured"); the tests now sit at GLUON_K_FROM = 384 (96 / 95 rows).
 # Results: $OUT/v37.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v37w; rm -rf "$OUT"
+SESSION=v37
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v37.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests bench decode"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
     timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_shared_gluon.py \
         -k "${TESTS_K:-rules_k_pass_boundary or rules_boundary}" -p no:cacheprovider > "$OUT/gpu_tests_v37.log" 2>&1

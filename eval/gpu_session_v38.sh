@@ -17,12 +17,9 @@
 # Results: $OUT/v38.tgz. Run at 3fad091 (eval/KERNEL_NOTES.md "v38 measured"); res_cs_direct was removed after it
 # (slower or level), so PARTS=sweep needs that commit.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v38w; rm -rf "$OUT"
+SESSION=v38
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v38.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests decode"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
     timeout ${TESTS_S:-330} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_compiled_decode.py \
         -k "rules_k_pass_boundary or two_sizes or (gluon_k_pass and real_sizes)" -p no:cacheprovider \

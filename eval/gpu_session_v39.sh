@@ -13,12 +13,9 @@
 #   and two reps was cut by its call's limit; this one ~400 s).
 # Results: $OUT/v39.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=/tmp/v39w; rm -rf "$OUT"
+SESSION=v39
 source "$(dirname "$0")/gpu_env.sh"
-pack() { mkdir -p "$FINAL" && tar czf "$FINAL/v39.tgz" -C "$OUT" .; }
 PARTS=${PARTS:-"tests sweep"}
-has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
     timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py \
         -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes)" -p no:cacheprovider > "$OUT/gpu_tests_v39.log" 2>&1
