@@ -10,7 +10,10 @@
 # - path (not in the default): the library's path at 1 / 8 / 32 / 128 agents (`python -m eval.bench.kernel`, ~150 s);
 # - profile (not in the default, a call of its own): the capacity decode (256 agents) once, 8 / 24 tokens (one private
 #   capacity), one rep, with the profiler's GPU time per step by kernel family (v38's profiled run at 8 / 64 tokens
-#   and two reps was cut by its call's limit; this one ~400 s).
+#   and two reps was cut by its call's limit; this one ~400 s);
+# - threshold (not in the default): the Gluon fp16 K pass against the Triton one at 12 / 16 / 20 / 24 agents (v39's
+#   sweep: Gluon 3% slower at 8 agents, 3% faster at 32), two orders (~70 s);
+# - decode (not in the default): the capacity decode (256 agents) as v38's, 8 / 64 tokens, two reps (~240 s).
 # Results: $OUT/v39.tgz.
 set -u
 SESSION=v39
@@ -28,6 +31,13 @@ if has sweep; then
 fi
 if has path; then
     library_path ${PATH_S:-240} v39 1 8 32 128; pack
+fi
+if has threshold; then
+    kres_sweep v39t '{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "joined"}]}' \
+        32768:12 32768:16 32768:20 32768:24
+fi
+if has decode; then
+    capacity_decode ${DECODE_S:-330} v39 2 --tokens 8 64; pack
 fi
 if has profile; then
     CAPACITY_PROFILE=1 capacity_decode ${DECODE_S:-560} v39prof 1 --tokens 8 24
