@@ -20,9 +20,10 @@ of the kernel (its reports C7514 / C7515); one head per loop step with each MMA 
 compiles without them. Measured: v14 (synchronous tile loads, fp32 rebuild) lost to the Triton rule by ~20-30% on an
 H200; v36 (the loads of ``res_f16`` a tile ahead, fp16 rebuild) on an H100 level with it; v36b (its stores without
 shared memory, two score chains) on an H100, whole K+V calls at 32K: -3.6 / -4.4% at 128 agents in two orders, level
-at 32, +5% at 8 (eval/KERNEL_NOTES.md "v36b measured"); v37: -6.1 / -6.4% at 96 agents, -2.6 / -1.5% at 64, so the
-launch rule takes it for K+V decode calls from :data:`~.rules.GLUON_K_FROM` query vectors per KV head (96 agents),
-where :func:`refusal` lets it.
+at 32, +5% at 8 (eval/KERNEL_NOTES.md "v36b measured"); v37: -6.1 / -6.4% at 96 agents, -2.6 / -1.5% at 64; v39 (the
+MMAs from plain zeros, 7 instructions per head fewer): -2.1 to -9.0% from 16 to 128 agents, level at 12, +3% at 8, so
+the launch rule takes it (fp16 rebuild) for K+V decode calls from :data:`~.rules.GLUON_K_FROM` query vectors per KV
+head (16 agents), where :func:`refusal` lets it.
 
 Same arithmetic as the joined form with the rotation in the cache dtype (``lowp_rope``): fp32 accumulation (or fp16
 with ``res_f16``), the rebuilt halves rounded to bf16/fp16, the rotation in packed bf16/fp16, fp32 score
@@ -58,7 +59,7 @@ if HAVE_GLUON:
 
 
 #: the Gluon K pass's launch knobs where a call asks for the form and does not give them (tiles of 64 tokens on 4
-#: warps: 165 registers, 3 programs per SM; one wave of them)
+#: warps: 148 registers with the fp16 rebuild, v39; 3 programs per SM; one wave of them)
 GLUON_RULE = dict(res_form="gluon", res_block_t=64, res_warps=4, res_stages=1, res_maxnreg=None, res_programs_per_sm=3,
                   res_whole_waves=True, res_pack=1, res_satfinite=True, res_score="mma_sync")
 #: how many query vectors one score tile may hold (its columns), by the score step: mma.sync takes 8 columns and up,

@@ -18,11 +18,12 @@ TRITON_K_RULE = dict(res_form="joined", res_block_t=128, res_warps=8, res_stages
 #: query vectors per KV head (agents x 4 for a decode row of Llama's GQA) from which a K+V decode call's K pass is the
 #: Gluon one (:data:`~.kres_gluon.GLUON_RULE`, fp16 rebuild, scores stored from the ``mma.sync`` layout), where it
 #: measured faster than the Triton pass by more than the 1.5% run-to-run spread in both orders (one H100, whole K+V
-#: calls at 32K, Triton -> Gluon µs; v36b: 128 agents 1,275.7 / 1,283.9 -> 1,230.4 / 1,227.9, level at 32, slower at
-#: 8, 151.0 -> 158.7; v37: 96 agents 1,019.9 / 1,019.8 -> 957.6 / 954.9, 64 agents 662.4 / 653.7 -> 645.0 / 644.0
-#: (-2.6 / -1.5%), 48 agents 497.0 / 506.8 -> 493.2 / 493.9; sweep_kernel_v36b{a,b}, _v37{a,b}_nvidia_h100.json,
-#: eval/KERNEL_NOTES.md "v36b measured", "v37 measured")
-GLUON_K_FROM = 384
+#: calls at 32K, Triton -> Gluon µs; v39, its MMAs from plain zeros: 16 agents 223.5 / 224.4 -> 217.1 / 219.7, 20
+#: agents 261.8 / 262.9 -> 253.6 / 254.2, 32 agents 353.4 / 353.5 -> 343.4 / 342.1, 128 agents 1,283.4 / 1,286.8 ->
+#: 1,187.1 / 1,170.8; level at 12, 184.9 / 185.5 -> 184.4 / 186.7; slower at 8, 148.3 / 148.3 -> 153.1 / 154.3;
+#: sweep_kernel_v39{a,b}, _v39t{a,b}_nvidia_h100.json, eval/KERNEL_NOTES.md "v39 measured"; v36b's and v37's form,
+#: before v39, from 96 agents)
+GLUON_K_FROM = 64
 #: ... where an agent's rows hold at most this many of them (its score tile 8 columns wide, as measured: one decode row
 #: of G = 4, or two; wider tiles keep one score chain and spill, unmeasured)
 GLUON_K_ROW_VECTORS = 8
@@ -79,16 +80,17 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     gluon_kv = has_k and has_v and NQ == 1 and B * VPR >= 32
     # ... and its K pass in Gluon from GLUON_K_FROM vectors, an agent's rows holding at most GLUON_K_ROW_VECTORS
     # (TRITON_K_RULE elsewhere; where a call cannot take the Gluon K pass, cascade_attention falls back to it)
+    gluon_k = gluon_kv and B * VPR >= GLUON_K_FROM and agent_rows * VPR <= GLUON_K_ROW_VECTORS
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
                 whole_waves=True,
-                **(GLUON_RULE if gluon_kv and B * VPR >= GLUON_K_FROM and agent_rows * VPR <= GLUON_K_ROW_VECTORS
-                   else TRITON_K_RULE),
+                **(GLUON_RULE if gluon_k else TRITON_K_RULE),
                 # the rebuild accumulated in fp16, rotated and scored from fp16 operands, for decode calls of 128+
                 # vectors per KV head (v15, one H100, two sweeps: 32 agents 390.9 -> 381.9 and 390.0 -> 385.2 µs,
                 # 128 agents 1,434.4 -> 1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent
                 # 79.5 -> 84.0, the queries' and B_k's conversions, so not below 128 vectors; extend calls unmeasured)
-                res_f16=has_k and NQ == 1 and B * VPR >= 128,
+                # and for the Gluon K pass's calls below them (its fp16 form is the one v39 swept at 16-24 agents)
+                res_f16=has_k and NQ == 1 and (B * VPR >= 128 or gluon_k),
                 # the merge: the splits' partials merged first, before the private part, one split per step unrolled
                 # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1

@@ -359,7 +359,7 @@ def test_gpu_k_pass_rule_is_the_v11c_sweeps_best():
     rows = [r for r in json.loads(path.read_text())["rows"] if r["stage"] == "kres" and r["ok"]]
     # the sweep's configurations are knobs over v11b's rule (its "{}" row); the rule's are these
     adopted = {"res_block_t": 128, "res_form": "joined", "res_pack": 1, "res_stages": 3, "res_warps": 8}
-    for N in (1, 8, 32, 128):  # the Triton K pass's rule (the Gluon one from 96 agents: test_kres_gluon.py)
+    for N in (1, 8, 32, 128):  # the Triton K pass's rule (the Gluon one from 16 agents: test_kres_gluon.py)
         rule = TRITON_K_RULE if N * 4 >= GLUON_K_FROM else launch_defaults(N, 1, 4, True, True, torch.bfloat16)
         assert {k: rule[k] for k in adopted} == adopted
         at = {r["config"]: r["graph_s"] for r in rows if r["agents"] == N}
@@ -720,12 +720,13 @@ def test_sweep_geometry_matches_the_launcher():
         == [3, 2, 4]
     assert resident_programs(128, 8, 12288) == 2 and resident_programs(64, 4, 200000) == 1
     # the rules (forkkv_kernels/cascade.py launch_defaults): K pass 128-token tiles (v11c), 4 programs per SM, whole
-    # waves; the shared part (v8) 128-token tiles and one program per SM up to 32 query vectors, else 64 (32 with K
-    # residuals) and 2 (the V residual alone from 32 vectors: the Gluon kernel's 32-token tiles, v26; a
-    # configuration's own knobs win)
-    expected = {("kres", 32): (32, 128, 4), ("kres", 128): (128 * 2, 128, 4), ("shared", 32): (2 * 8, 32, 2),
-                ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 32, 2), ("shared", 1): (8, 128, 3)}
-    for stage, variant, cfg, N in [("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
+    # waves (the Gluon one's from 16 agents, v39: 64-token tiles, 3 per SM); the shared part (v8) 128-token tiles and
+    # one program per SM up to 32 query vectors, else 64 (32 with K residuals) and 2 (the V residual alone from 32
+    # vectors: the Gluon kernel's 32-token tiles, v26; a configuration's own knobs win)
+    expected = {("kres", 8): (8, 128, 4), ("kres", 32): (32, 64, 3), ("kres", 128): (128 * 2, 128, 4),
+                ("shared", 32): (2 * 8, 32, 2), ("shared", 128): (8 * 8, 64, 2), ("shared", 8): (8, 32, 2),
+                ("shared", 1): (8, 128, 3)}
+    for stage, variant, cfg, N in [("kres", "kv", {}, 8), ("kres", "kv", {}, 32), ("kres", "kv", {"res_heads": 4}, 128),
                                    ("shared", "kv", {}, 32), ("shared", "base", {}, 128), ("shared", "v", {}, 8),
                                    ("shared", "base", {"block_m": 128, "programs_per_sm": 3}, 1)]:
         geo = launch_geometry(stage, variant, cfg, N, 32768, 132)

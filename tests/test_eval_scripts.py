@@ -96,6 +96,20 @@ def test_bench_decode_k_pass_triton_keeps_the_rule_off_the_gluon_k_pass(monkeypa
     assert {k: rule[k] for k in rules.TRITON_K_RULE} == rules.TRITON_K_RULE and rule["res_f16"] is True, rule
 
 
+def test_bench_decode_k_pass_runtime_zeros_starts_the_gluon_k_pass_from_runtime_zeros(monkeypatch):
+    """``--k-pass runtime-zeros``: the rule's K pass, its Gluon launches with ``res_runtime_zeros=True`` (v38's form),
+    whatever the caller passes: the end-to-end baseline of v39's plain zero accumulators."""
+    import forkkv_kernels.kres_gluon as kres_gluon
+    from eval.bench import decode
+
+    calls = []
+    monkeypatch.setattr(kres_gluon, "launch_kres_scores_gluon", lambda *a, **kw: calls.append(kw))
+    with pytest.raises(SystemExit):  # patched before the lengths' check stops the run
+        decode.main(["--tiny", "--k-pass", "runtime-zeros", "--tokens", "8", "104"])
+    kres_gluon.launch_kres_scores_gluon(1, res_runtime_zeros=False, res_f16=True)
+    assert calls == [{"res_runtime_zeros": True, "res_f16": True}], calls
+
+
 @pytest.mark.slow
 @pytest.mark.eval_harness
 def test_bench_decode_tiny(tmp_path):

@@ -369,14 +369,21 @@ def main(argv=None):
     ap.add_argument("--resume", default=None,
                     help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds: start no new case after this")
-    ap.add_argument("--k-pass", choices=["rule", "triton"], default="rule",
-                    help="the kernels' K pass: the launch rule's, or the Triton one at every count (the rule before "
-                         "the Gluon K pass, its fp16 rebuild kept; FORKKV_F16_K_PASS=0 drops that too)")
+    ap.add_argument("--k-pass", choices=["rule", "triton", "runtime-zeros"], default="rule",
+                    help="the kernels' K pass: the launch rule's, the Triton one at every count (the rule before "
+                         "the Gluon K pass, its fp16 rebuild kept; FORKKV_F16_K_PASS=0 drops that too), or the rule's "
+                         "with the Gluon pass's MMAs from runtime zeros (res_runtime_zeros: v38's form)")
     args = ap.parse_args(argv)
-    if args.k_pass == "triton":
+    if args.k_pass != "rule":
         import forkkv_kernels.rules as rules
 
-        rules.GLUON_K_FROM = sys.maxsize  # read at each launch: no call reaches the Gluon K pass's threshold
+        if args.k_pass == "triton":  # read at each launch: no call reaches the Gluon K pass's threshold
+            rules.GLUON_K_FROM = sys.maxsize
+        else:  # the launcher is looked up at each call
+            import forkkv_kernels.kres_gluon as kres_gluon
+
+            launch = kres_gluon.launch_kres_scores_gluon
+            kres_gluon.launch_kres_scores_gluon = lambda *a, **kw: launch(*a, **{**kw, "res_runtime_zeros": True})
     if "on" in args.compile and len({round_capacity(PROMPT + n) for n in args.tokens}) > 1:
         ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
                  f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their steps may run "

@@ -7,7 +7,8 @@ detail from the one here.
     python -m eval.bench.offline_kernel --configs '[{"res_score": "fma", "res_block_t": 64}]'
 
 Shapes: the kernel benchmark's (32 query heads, 8 KV heads, D=128, rank 16, bf16, one query per row, one row per
-agent); knobs over the GPU's bf16 K+V rule (``forkkv_kernels.cascade.launch_defaults``).
+agent); knobs over the GPU's bf16 K+V rule at 32 agents (``forkkv_kernels.cascade.launch_defaults``; its Triton K
+pass's knobs, ``TRITON_K_RULE``, for the Triton kernel).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def compile_kres(knobs: dict) -> dict:
 
     if knobs.get("res_form") == "gluon":
         return _compile_gluon_kres(knobs)
-    rule = {**default_rule("kv", 32), **knobs}
+    from forkkv_kernels.rules import TRITON_K_RULE
+
+    # the Triton pass's rule at 32 agents (there the launcher's where the Gluon pass cannot serve a call, v39)
+    rule = {**default_rule("kv", 32), **TRITON_K_RULE, **knobs}
     fma = rule.get("res_score", "mma") == "fma"
     form = knobs.get("res_form") or ("halves" if fma else rule["res_form"])  # as the launcher: fma in the halves form
     f16 = bool(rule.get("res_f16")) and form == "joined"  # as the launcher: the fp16 form is the joined form's
@@ -313,7 +317,8 @@ def main(argv=None):
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("the offline compile needs Triton's compiler: unset TRITON_INTERPRET")
-    print(f"triton {triton.__version__}, sm_90, bf16 K+V rule: {json.dumps(default_rule('kv', 32), sort_keys=True)}")
+    print(f"triton {triton.__version__}, sm_90, bf16 K+V rule at 32 agents: "
+          f"{json.dumps(default_rule('kv', 32), sort_keys=True)}")
     rows, meta = [], {}
     if args.gluon_shared:
         meta = {"kernel": "_cascade_shared_gluon"}
