@@ -132,6 +132,9 @@ def test_bench_decode_tiny(tmp_path):
         assert r["generate_s"][1] == pytest.approx(sum(r["generate_each_s"]["n2"]) / 2, abs=1e-3), r  # median of 2
         each = [1e3 * (b - a) / 2 for a, b in zip(r["generate_each_s"]["n1"], r["generate_each_s"]["n2"])]
         assert r["step_ms_each"] == pytest.approx(each, abs=0.2) and len(each) == 2, r  # each rep's own n1 / n2 pair
+        marked = r["step_ms_marked_each"]  # every timed call's decode steps between its marks
+        assert len(marked["n1"]) == len(marked["n2"]) == 2 and all(m > 0 for m in marked["n1"] + marked["n2"]), r
+        assert r["step_ms_marked"] == pytest.approx(sum(marked["n2"]) / 2, abs=1e-3), r
     for r in res.rows[2:4]:
         assert r["first_divergence_vs_eager"] == [4, 4], r  # every new token the same as eager
         assert r["events_while_timed"] == {}, r  # warm calls: no recompile, no new graph
@@ -389,6 +392,27 @@ def test_full_collections_counts_only_generation_two():
         gc.collect()
     assert (young.collections, young.seconds) == (0, 0.0) and full.collections == 1 and full.seconds > 0
     assert gc.callbacks == callbacks
+
+
+def test_step_marks_time_the_decode_steps_of_a_generate_call():
+    """The decode benchmark's step marks: one mark per new token of a ``generate`` call (a logits processor), the
+    time per step between the first and the last mark, cleared by reading; host time off CUDA (here: a step that
+    sleeps 20 ms measures at least that)."""
+    import time
+
+    from models import tiny_llama
+    from transformers import LogitsProcessorList
+
+    from eval.bench.measure import StepMarks
+
+    model, marks = tiny_llama(), StepMarks()
+    slow = lambda input_ids, scores: time.sleep(0.02) or scores  # noqa: E731
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                   pad_token_id=0, logits_processor=LogitsProcessorList([marks, slow]))
+    assert len(marks.marks) == 6
+    step = marks.step_seconds()
+    assert 0.02 <= step < 1.0 and marks.marks == [] and marks.step_seconds() is None, step
 
 
 @pytest.mark.version_independent

@@ -8,6 +8,8 @@ per-step hooks or synchronisation:
   ``max_new_tokens``, ``--tokens``), divided by ``n2 - n1``: the prefill and the per-call work cancel out; median of
   ``--reps``; tok/s = N / step; ``step_ms_each``: each rep's own estimate (its spread: the prefill's jitter over
   ``n2 - n1`` steps); n1 and n2 must give one private capacity (a 64-token prompt plus n in one multiple of 64);
+  ``step_ms_marked``: the decode steps alone, between each call's first and last token (:class:`~.measure.StepMarks`,
+  CUDA events, no synchronisation), median of the n2 calls (``step_ms_marked_each``: every timed call's);
 - GPU-busy time per step: the same difference of the GPU kernel time ``torch.profiler`` records (by kernel family;
   kernels replayed from CUDA graphs count too); ``step_over_busy`` = step / GPU-busy (1.0: the GPU never waits);
   ``kernels_per_step``: the kernels a step runs (each leaves a gap of about a microsecond or more even inside a
@@ -48,11 +50,12 @@ import sys
 import time
 
 import torch
+from transformers import LogitsProcessorList
 
 from forkkv_hf.compile_policy import CAPACITY_STEP, round_capacity
 from forkkv_hf.config import get_config
 
-from .measure import (KERNEL_FAMILIES, TRITON_COMPILES, FullCollections, compile_counters, counters_since,
+from .measure import (KERNEL_FAMILIES, TRITON_COMPILES, FullCollections, StepMarks, compile_counters, counters_since,
                       free_memory, kernel_seconds_by_family, kernels_by_name, sync, watch_triton_compiles)
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
@@ -102,14 +105,16 @@ def _gpu_seconds(run, n: int) -> dict:
 
 
 def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bool = False,
-            log: str | None = None, freeze_gc: bool = False, on_timed=None) -> tuple[dict, object]:
+            log: str | None = None, freeze_gc: bool = False, on_timed=None,
+            marks: StepMarks | None = None) -> tuple[dict, object]:
     """``run(n)``: one ``generate`` of ``n`` new tokens for ``rows`` rows (a fresh cache each call). The first call is
     the first of its shape; then ``n1`` is warmed up and ``n1``/``n2`` are timed ``reps`` times each, alternating.
     ``host``: also the host's per-step profile (:func:`host_profile`); ``log``: a name to print each phase's end
     with; ``freeze_gc``: ``gc.freeze()`` after the warm-up (what was allocated so far, the compiled graphs among it,
     leaves the collector's walks; undone at the end); ``on_timed``: called with the timed phase's measurements before
-    the profiles (a call cut in them keeps these, :meth:`BenchmarkRun.partial`). Returns the measurements and the
-    last ``n2`` output."""
+    the profiles (a call cut in them keeps these, :meth:`BenchmarkRun.partial`); ``marks``: the :class:`StepMarks`
+    that ``run`` passes to ``generate``, read after each timed call. Returns the measurements and the last ``n2``
+    output."""
     say = (lambda what: print(f"{log}: {what} ({time.strftime('%H:%M:%S')})", flush=True)) if log else \
         (lambda what: None)
     watch_triton_compiles()
@@ -125,11 +130,16 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     times = {n1: [], n2: []}
     each = {"n1": [], "n2": []}  # per timed call, in the order of generate_each_s: what happened inside it
     full_gc = {"n1": [], "n2": []}  # per timed call: [full collections, their seconds]
+    marked = {"n1": [], "n2": []}  # per timed call: ms per step between its first and last token's marks
     for _ in range(reps):
         for n, key in ((n1, "n1"), (n2, "n2")):
             call_before = compile_counters()
+            if marks is not None:
+                marks.step_seconds()  # (clears the earlier calls' marks)
             with FullCollections() as gcs:
                 dt, o = _wall(run, n)
+            if marks is not None:
+                marked[key].append(round(1e3 * (marks.step_seconds() or 0.0), 3))
             times[n].append(dt)
             each[key].append(counters_since(call_before))
             full_gc[key].append([gcs.collections, round(gcs.seconds, 4)])
@@ -143,7 +153,7 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
     step_each = [round(1e3 * (b - a) / (n2 - n1), 3) for a, b in zip(times[n1], times[n2])]
     peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB so far" if torch.cuda.is_available() else ""
     say(f"timed: step {1e3 * step:.2f} ms (each rep {step_each}), {rows / step if step > 0 else 0:.1f} tok/s, "
-        f"generate {t1:.2f} / {t2:.2f} s (each {all_times}), events {events}{peak}")
+        f"generate {t1:.2f} / {t2:.2f} s (each {all_times}), marked {marked}, events {events}{peak}")
     # (a call cut after the line above, in the profile or the eager check, keeps these figures in its log)
     rec = {"rows": rows, "n1": n1, "n2": n2, "reps": reps, "generate_s": [t1, t2], "generate_each_s": all_times,
            "first_call_s": first, "first_call_extra_s": first - t2, "first_call_compile": compile_info,
@@ -151,6 +161,8 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
            "events_while_timed": events,
            "events_each_call": each, "triton_compiled_while_timed": TRITON_COMPILES[jits:],
            "full_gc_each_call": full_gc, "gc_frozen": gc.get_freeze_count() if freeze_gc else None}
+    if marks is not None:  # the decode steps alone (the n2 calls: more steps between their marks)
+        rec.update(step_ms_marked=statistics.median(marked["n2"]), step_ms_marked_each=marked)
     if freeze_gc:
         gc.unfreeze()
     if on_timed is not None:
@@ -230,7 +242,7 @@ def _compile_kwargs(compile_on: bool, compile_config) -> dict:
 def anchor_cases(run: BenchmarkRun, model, input_ids, args, compile_config) -> None:
     """The transformers-alone rows (the plain model, no PEFT, one row): eager ``DynamicCache``; ``StaticCache`` with
     transformers' own compile."""
-    T = input_ids.shape[1] - PROMPT
+    T, marks = input_ids.shape[1] - PROMPT, StepMarks()
     for system, static in zip(ANCHORS, (False, True)):
         extra = {"cache_implementation": "static", **_compile_kwargs(True, compile_config)} if static else \
             {"disable_compile": True}
@@ -238,11 +250,12 @@ def anchor_cases(run: BenchmarkRun, model, input_ids, args, compile_config) -> N
         def gen(n, extra=extra):
             with torch.no_grad():
                 return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                      logits_processor=LogitsProcessorList([marks]), **extra)
 
         case = {"system": system, "context": T, "agents": 1, "compile": static}
         run.measure(case, lambda: _guarded(lambda: measure(gen, 1, *args.tokens, args.reps, not args.no_profile,
-                                                           static and args.host_profile,
+                                                           static and args.host_profile, marks=marks,
                                                            on_timed=lambda timed: run.partial(case, timed))[0]))
     torch._dynamo.reset()
     free_memory()
@@ -287,10 +300,13 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
             print(f"fitted {len(set(names))} agents at ranks K {k_rank} / V {v_rank} in "
                   f"{time.perf_counter() - t_fit:.1f} s", flush=True)
 
+    marks = StepMarks()
+
     def gen(n, c=compile_on):
         with torch.no_grad():
             return pm.generate(**inputs, adapter_names=names, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0, **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
+                               pad_token_id=0, logits_processor=LogitsProcessorList([marks]),
+                               **cache_kwargs(shared.fork(names)), **_compile_kwargs(c, compile_config))
 
     def first_only():  # a new process with the on-disk compile caches of an earlier one (Triton's, inductor's)
         dt, _, compile_info = _first_call(gen, args.tokens[1])
@@ -301,7 +317,7 @@ def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_
               f"({time.strftime('%H:%M:%S')})", flush=True)  # a case cut by a call's limit still says how far it got
         rec, out = measure(gen, len(names), *args.tokens, args.reps, not args.no_profile,
                            compile_on and args.host_profile, log=f"forkkv N={len(names)} compile={compile_on}",
-                           freeze_gc=args.freeze_gc, on_timed=lambda timed: run.partial(case, timed))
+                           freeze_gc=args.freeze_gc, on_timed=lambda timed: run.partial(case, timed), marks=marks)
         if compile_on:  # the step of each row's first token that differs from eager's (n2: none); random bf16
             # weights give near-ties, so rows part after some steps: the GPU pass-rule test judges those partings
             same = (gen(args.tokens[1], c=False) == out)[:, inputs["input_ids"].shape[1]:].long()

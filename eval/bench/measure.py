@@ -61,6 +61,34 @@ class StepTimer:
         return scores
 
 
+class StepMarks:
+    """A logits processor that marks every generation step without waiting for the GPU: a CUDA event recorded on the
+    current stream (the host's clock off CUDA). :meth:`step_seconds` after the call is the time per step between the
+    first token's mark and the last one's: the decode steps alone, free of the prefill and its jitter."""
+
+    def __init__(self):
+        self.marks = []
+
+    def __call__(self, input_ids, scores):
+        if scores.is_cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+        return scores
+
+    def step_seconds(self) -> float | None:
+        """Seconds per step between the first and the last mark (None below two), waiting for the last; clears."""
+        marks, self.marks = self.marks, []
+        if len(marks) < 2:
+            return None
+        first, last = marks[0], marks[-1]
+        if isinstance(first, float):
+            return (last - first) / (len(marks) - 1)
+        last.synchronize()
+        return first.elapsed_time(last) / 1e3 / (len(marks) - 1)
+
+
 def free_memory() -> None:
     """Collect garbage, empty the CUDA caching allocator and reset every GPU's peak-memory counter."""
     gc.collect()
