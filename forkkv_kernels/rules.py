@@ -27,6 +27,8 @@ GLUON_K_FROM = 64
 #: ... where an agent's rows hold at most this many of them (its score tile 8 columns wide, as measured: one decode row
 #: of G = 4, or two; wider tiles keep one score chain and spill, unmeasured)
 GLUON_K_ROW_VECTORS = 8
+#: query vectors per KV head from which a decode call's Triton K pass rebuilds, rotates and scores in fp16 (v15, below)
+TRITON_F16_FROM = 128
 
 
 #: the K-pass knobs only the Triton K pass takes
@@ -90,7 +92,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
                 # 128 agents 1,434.4 -> 1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent
                 # 79.5 -> 84.0, the queries' and B_k's conversions, so not below 128 vectors; extend calls unmeasured)
                 # and for the Gluon K pass's calls below them (its fp16 form is the one v39 swept at 16-24 agents)
-                res_f16=has_k and NQ == 1 and (B * VPR >= 128 or gluon_k),
+                res_f16=has_k and NQ == 1 and (B * VPR >= TRITON_F16_FROM or gluon_k),
                 # the merge: the splits' partials merged first, before the private part, one split per step unrolled
                 # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1

@@ -139,6 +139,14 @@ def test_the_rules_gluon_k_pass_falls_back_where_a_call_cannot_take_it(monkeypat
     out = _launch(q, view, None, 0.25)
     assert forms[0]["res_form"] == "joined" and forms[0]["res_warps"] == TRITON_K_RULE["res_warps"], forms
     torch.testing.assert_close(out, reference_attention(q, view, None, 0.25), rtol=2e-5, atol=2e-5)
+    # bf16: the fallback's fp16 rebuild from the Triton pass's own threshold (v15: 128 vectors), not the Gluon one's
+    for rows, f16 in ((16, False), (32, True)):
+        forms.clear()
+        view = random_view(B=rows, Hkv=1, D=16, T=20, P=2, n_agents=rows, ranks=(4,) * rows, rows=list(range(rows)),
+                           dtype=torch.bfloat16)
+        assert launch_defaults(rows, 1, 4, True, True, torch.bfloat16)["res_f16"] is True
+        _launch(torch.randn(rows, 4, 1, 16, generator=torch.Generator().manual_seed(4)).bfloat16(), view, None, 0.25)
+        assert forms[0]["res_form"] == "joined" and forms[0]["res_f16"] is f16, (rows, forms[0]["res_f16"])
 
 
 @pytest.mark.slow
