@@ -8,15 +8,17 @@
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps) with the rule, then with v38's runtime zeros
 #   (`--k-pass runtime-zeros`), each with its step marks: whether the marks resolve what v39's wall-clock
 #   differences (reps 6-17% apart) could not (~2 x 220 s: two calls, DECODE_PART=rule or rz);
-# - tests (not in the default): the Gluon K pass's real-size tests and the rule's boundary (16 / 15 rows, ~200 s).
+# - tests (not in the default): the Gluon K pass's real-size tests, the rule's boundary (16 / 15 rows) and the step
+#   marks on CUDA (~200 s).
 # Results: $OUT/v40.tgz.
 set -u
 SESSION=v40
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-"path decode"}
 if has tests; then
-    timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py \
-        -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes)" -p no:cacheprovider > "$OUT/gpu_tests_v40.log" 2>&1
+    timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_eval_scripts.py \
+        -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes) or step_marks" -p no:cacheprovider \
+        > "$OUT/gpu_tests_v40.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v40.log" | head -12; pack
 fi
 if has path; then

@@ -51,6 +51,9 @@ def test_bench_e2e_tiny(tmp_path):
     assert systems == {"baseline", "forkkv"}
     assert all(r["new_tokens"] == 3 for r in res.rows)
     assert all(r["cache_gib"] > 0 and r["decode_tok_s"] > 0 for r in res.rows)
+    for r in res.rows:  # the times of each new token's mark since the call's start
+        assert 0 < r["ttft_s"] < r["total_s"] and r["decode_s"] == pytest.approx(r["total_s"] - r["ttft_s"]), r
+        assert 0 < r["step_ms_median"] <= 1e3 * r["decode_s"], r
     assert set(res.extra["capacity"]) == {"baseline", "forkkv"}
     (prof,) = res.extra["profile"]
     assert "error" not in prof, prof
@@ -413,6 +416,35 @@ def test_step_marks_time_the_decode_steps_of_a_generate_call():
     assert len(marks.marks) == 6
     step = marks.step_seconds()
     assert 0.02 <= step < 1.0 and marks.marks == [] and marks.step_seconds() is None, step
+    marks.begin()  # each token's time since the start: the first after the prefill and its own 20 ms step
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                   pad_token_id=0, logits_processor=LogitsProcessorList([marks, slow]))
+    times = marks.elapsed()
+    assert len(times) == 3 and 0 < times[0] and all(b - a >= 0.02 for a, b in zip(times, times[1:])), times
+    with pytest.raises(ValueError, match="different clocks"):  # a CUDA start and host-clock tokens: refused
+        StepMarks._seconds(object(), 1.0)
+
+
+@pytest.mark.gpu
+def test_step_marks_on_the_gpu_wait_for_nothing():
+    """On CUDA a mark is an event on the logits' stream: marking returns while the GPU is still busy (~100 M cycles of
+    ``torch.cuda._sleep``, tens of ms), and the marks' difference is the GPU's time between them."""
+    import time
+
+    from eval.bench.measure import StepMarks
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA only")
+    x, marks = torch.zeros(4, device="cuda"), StepMarks()
+    marks.begin(x.device)
+    marks(None, x)
+    torch.cuda._sleep(100_000_000)
+    t = time.perf_counter()
+    marks(None, x)
+    host = time.perf_counter() - t
+    busy = not torch.cuda.current_stream().query()
+    times = marks.elapsed()
+    assert busy and host < 0.005 and times[1] - times[0] > 0.02, (host, times)
 
 
 @pytest.mark.version_independent

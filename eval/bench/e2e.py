@@ -9,7 +9,9 @@ tokens, a 64-token prompt per agent, 128 generated tokens per agent (``min_new_t
   (``SharedContext.build``), ``fork(names)``, ``generate`` over the prompts.
 
 For each (T, N): time to first token (the whole batch's first token, prefill included), decode tokens/s, total time,
-peak GPU memory (``max_memory_allocated``) and cache bytes. Capacity: under a memory budget (``--budget-gib``,
+peak GPU memory (``max_memory_allocated``) and cache bytes; the times from each new token's mark on the GPU's timeline
+(:class:`~.measure.StepMarks`: no synchronisation inside the call; results before 2026-12-07 waited for the GPU at
+every step). Capacity: under a memory budget (``--budget-gib``,
 enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
 derived from that line, and that N is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
 of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes.
@@ -28,7 +30,7 @@ import time
 
 import torch
 
-from .measure import (KERNEL_FAMILIES, StepTimer, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes,
+from .measure import (KERNEL_FAMILIES, StepMarks, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes,
                       peaks_gib, sync)
 from .models import add_random_adapters, build_model, build_model_split, default_device, llama8b_config
 from .runner import BenchmarkRun
@@ -76,23 +78,23 @@ def run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora=F
     from forkkv_hf import batch_inputs
 
     free_memory()
-    timer = StepTimer()
+    marks = StepMarks()  # each new token marked on the GPU's timeline, no synchronisation inside the call
     dev = ctx.device
     inputs = batch_inputs(ctx, prompts, pad_token_id=0, device=dev)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-               return_dict_in_generate=True, logits_processor=LogitsProcessorList([timer]))
+               return_dict_in_generate=True, logits_processor=LogitsProcessorList([marks]))
     sync()
-    t0 = time.perf_counter()
+    marks.begin(pm.get_output_embeddings().weight.device)
     with torch.no_grad():
         out, cache = _generate(pm, system, ctx, inputs, names, gen, baseline_batched_lora=baseline_batched_lora)
-    t_end = timer.times[-1]
+    times = marks.elapsed()  # each token's seconds since the start
+    steps = sorted(b - a for a, b in zip(times, times[1:]))
     rec = {
-        "ttft_s": timer.times[0] - t0,
-        "total_s": t_end - t0,
-        "decode_s": t_end - timer.times[0],
-        "decode_tok_s": len(names) * (len(timer.times) - 1) / max(t_end - timer.times[0], 1e-9),
-        "step_ms_median": 1e3 * sorted(b - a for a, b in zip(timer.times, timer.times[1:]))[(len(timer.times) - 1) // 2]
-        if len(timer.times) > 1 else None,
+        "ttft_s": times[0],
+        "total_s": times[-1],
+        "decode_s": times[-1] - times[0],
+        "decode_tok_s": len(names) * (len(times) - 1) / max(times[-1] - times[0], 1e-9),
+        "step_ms_median": 1e3 * steps[(len(steps) - 1) // 2] if steps else None,
         "peak_gib": peak_bytes() / 2**30,
         "peak_gib_per_gpu": peaks_gib(),
         "cache_gib": cache_bytes(cache) / 2**30,

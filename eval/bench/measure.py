@@ -49,44 +49,53 @@ def cuda_time(fn, warmup=1, reps=3):
     return times[len(times) // 2]
 
 
-class StepTimer:
-    """A logits processor that records (synchronised) wall time at every generation step."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        sync()
-        self.times.append(time.perf_counter())
-        return scores
-
-
 class StepMarks:
     """A logits processor that marks every generation step without waiting for the GPU: a CUDA event recorded on the
-    current stream (the host's clock off CUDA). :meth:`step_seconds` after the call is the time per step between the
-    first token's mark and the last one's: the decode steps alone, free of the prefill and its jitter."""
+    logits' device's current stream (the host's clock off CUDA). :meth:`step_seconds` after the call is the time per
+    step between the first token's mark and the last one's: the decode steps alone, free of the prefill and its
+    jitter; :meth:`elapsed` each token's time since :meth:`begin`."""
 
     def __init__(self):
-        self.marks = []
+        self.marks, self.start = [], None
+
+    @staticmethod
+    def _mark(device):
+        if device is None or torch.device(device).type != "cuda":
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(device))
+        return ev
 
     def __call__(self, input_ids, scores):
-        if scores.is_cuda:
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
+        self.marks.append(self._mark(scores.device))
         return scores
+
+    def begin(self, device=None) -> None:
+        """Clear the marks and mark the start on ``device`` (the logits' device; None: the host's clock)."""
+        self.marks, self.start = [], self._mark(device)
+
+    def _take(self) -> list:
+        marks, self.marks = self.marks, []
+        if marks and not isinstance(marks[-1], float):
+            marks[-1].synchronize()
+        return marks
+
+    @staticmethod
+    def _seconds(a, b) -> float:
+        if isinstance(a, float) != isinstance(b, float):
+            raise ValueError("StepMarks: the start and the tokens were marked on different clocks; pass the logits' "
+                             "device to begin()")
+        return b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3
 
     def step_seconds(self) -> float | None:
         """Seconds per step between the first and the last mark (None below two), waiting for the last; clears."""
-        marks, self.marks = self.marks, []
-        if len(marks) < 2:
-            return None
-        first, last = marks[0], marks[-1]
-        if isinstance(first, float):
-            return (last - first) / (len(marks) - 1)
-        last.synchronize()
-        return first.elapsed_time(last) / 1e3 / (len(marks) - 1)
+        marks = self._take()
+        return self._seconds(marks[0], marks[-1]) / (len(marks) - 1) if len(marks) > 1 else None
+
+    def elapsed(self) -> list[float]:
+        """Each mark's seconds since :meth:`begin`'s, waiting for the last; clears."""
+        start, marks = self.start, self._take()
+        return [self._seconds(start, m) for m in marks]
 
 
 def free_memory() -> None:
