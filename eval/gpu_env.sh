@@ -28,6 +28,14 @@ ncu_stalls() {
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
     python3 -m eval.bench.profile_kernel --ncu-once "$@" > "$out" 2>&1
 }
+# gpu_tests LIMIT TAG EXPR FILES...: the GPU tests (`-m gpu`) of FILES that pytest's `-k EXPR` selects, into
+# $OUT/gpu_tests_TAG.log; prints its status and summary lines and packs ($SESSION's scripts)
+gpu_tests() {
+  local limit=$1 tag=$2 expr=$3; shift 3
+  timeout "$limit" python -m pytest -q -m gpu "$@" -k "$expr" -p no:cacheprovider > "$OUT/gpu_tests_$tag.log" 2>&1
+  echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_$tag.log" | head -12
+  if type pack > /dev/null 2>&1; then pack; fi
+}
 # library_path LIMIT TAG AGENTS...: the library's path at 32K (`python -m eval.bench.kernel`) at these agent counts,
 # into $OUT/bench_kernel_TAG.{json,log}; prints its status and the log's tail
 library_path() {

@@ -2,9 +2,9 @@
 # v40 (issue 19; eval/KERNEL_NOTES.md "v39 measured", "v40"): after v39's threshold change (the Gluon K pass from 16
 # agents) and the decode benchmark's step marks (`step_ms_marked`: the decode steps alone, CUDA events between each
 # call's first and last token, no synchronisation).
-# Parts (PARTS, default "path decode"):
-# - path: the library's path at 1 / 8 / 16 / 32 / 128 agents under the new rule (`python -m eval.bench.kernel`,
-#   ~60 s): the README's table (its 32-agent row was the Triton K pass's);
+# Parts (PARTS, default "decode"):
+# - path (run on 2026-12-07, twice: bench_kernel_nvidia_h100_v40{,r}.json): the library's path at 1 / 8 / 16 / 32 /
+#   128 agents under the new rule (`python -m eval.bench.kernel`, ~40 s);
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps) with the rule, then with v38's runtime zeros
 #   (`--k-pass runtime-zeros`), each with its step marks: whether the marks resolve what v39's wall-clock
 #   differences (reps 6-17% apart) could not (~2 x 220 s: two calls, DECODE_PART=rule or rz);
@@ -14,12 +14,10 @@
 set -u
 SESSION=v40
 source "$(dirname "$0")/gpu_env.sh"
-PARTS=${PARTS:-"path decode"}
+PARTS=${PARTS:-"decode"}
 if has tests; then
-    timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_eval_scripts.py \
-        -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes) or step_marks" -p no:cacheprovider \
-        > "$OUT/gpu_tests_v40.log" 2>&1
-    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v40.log" | head -12; pack
+    gpu_tests ${TESTS_S:-300} v40 "rules_k_pass_boundary or (gluon_k_pass and real_sizes) or step_marks" \
+        tests/test_kres_gluon.py tests/test_eval_scripts.py
 fi
 if has path; then
     library_path ${PATH_S:-240} v40 1 8 16 32 128; pack
