@@ -206,12 +206,12 @@ def test_runner_keeps_a_cases_partial_measurements_until_its_row(tmp_path):
 def test_bench_decode_cut_in_its_profile_keeps_the_timed_phase(tmp_path, monkeypatch):
     """A decode case cut after its timed calls (here: the profiler stopping the process, as a call's time limit does
     in v38) leaves the timed phase's measurements in the result file, not only in the log."""
-    from eval.bench import decode
+    from eval.bench import decode, decode_timing
 
     def cut(run, n):
         raise SystemExit("cut")
 
-    monkeypatch.setattr(decode, "_gpu_seconds", cut)
+    monkeypatch.setattr(decode_timing, "_gpu_seconds", cut)
     out = tmp_path / "d.json"
     with pytest.raises(SystemExit, match="cut"):
         decode.main(["--tiny", "--agents", "2", "--context", "40", "--tokens", "2", "4", "--reps", "1",
