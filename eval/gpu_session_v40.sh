@@ -6,8 +6,8 @@
 # - path (run on 2026-12-07, twice: bench_kernel_nvidia_h100_v40{,r}.json): the library's path at 1 / 8 / 16 / 32 /
 #   128 agents under the new rule (`python -m eval.bench.kernel`, ~40 s);
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps) with the rule, then with v38's runtime zeros
-#   (`--k-pass runtime-zeros`), each with its step marks: whether the marks resolve what v39's wall-clock
-#   differences (reps 6-17% apart) could not (~2 x 220 s: two calls, DECODE_PART=rule or rz);
+#   (`--k-pass runtime-zeros`), each with its step marks, back to back in one call (~2 x 220 s; DECODE_PARTS="rule"
+#   or "rz" for one of them): whether the marks resolve what v39's wall-clock differences (reps 6-17% apart) could not;
 # - tests (not in the default): the Gluon K pass's real-size tests, the rule's boundary (16 / 15 rows) and the step
 #   marks on CUDA (~200 s).
 # Results: $OUT/v40.tgz.
@@ -23,9 +23,11 @@ if has path; then
     library_path ${PATH_S:-240} v40 1 8 16 32 128; pack
 fi
 if has decode; then
-    case ${DECODE_PART:-rule} in
-        rule) capacity_decode ${DECODE_S:-330} v40 2 --tokens 8 64 ;;
-        rz) capacity_decode ${DECODE_S:-330} v40rz 2 --tokens 8 64 --k-pass runtime-zeros ;;
-    esac
-    pack
+    for arm in ${DECODE_PARTS:-rule rz}; do
+        case $arm in
+            rule) capacity_decode ${DECODE_S:-285} v40 2 --tokens 8 64 ;;
+            rz) capacity_decode ${DECODE_S:-285} v40rz 2 --tokens 8 64 --k-pass runtime-zeros ;;
+        esac
+        pack
+    done
 fi
