@@ -4,7 +4,8 @@
 
 Benchmark results (the one schema, :mod:`eval.bench.schema`) are drawn by benchmark: ``bench_kernel``, ``bench_lora``
 and ``bench_e2e`` sweeps (a file whose lines would all have fewer than three points is a rerun for a README table,
-not drawn), ``bench_decode`` files that record each call's garbage collections (every timed call), and
+not drawn), ``bench_decode`` files that record each call's garbage collections (every timed call; with the profile,
+the step's GPU time by kernel family), and
 ``profile_kernel`` results (a call's stages, stacked); ``quality*.json`` is the fidelity report of
 ``python -m eval.quality``.
 """
@@ -238,32 +239,72 @@ def plot_kpass_ablate(path, res: BenchResult) -> Path:
     return save_figure(fig, path)
 
 
+#: the ForkKV attention's kernels in a step's breakdown (name fragments, as eval.bench.measure.KERNEL_FAMILIES)
+ATTENTION_PARTS = (("K pass", "_kres_scores"), ("shared part", "_cascade_shared"), ("private part + merge",
+                                                                                     "_private_merge"))
+
+
+def _step_breakdown(ax, r: dict) -> None:
+    """One decode step's GPU time by kernel family as a stacked bar, the ForkKV attention split into its kernels
+    (the profiled rows' ``gpu_ms_by_family`` and ``kernels_per_step_by_name``)."""
+    families = dict(r["gpu_ms_by_family"])
+    attention = families.pop("forkkv attention kernels", 0.0)
+    parts = []
+    for label, fragment in ATTENTION_PARTS:
+        ms = sum(k["us"] for name, k in r.get("kernels_per_step_by_name", {}).items() if fragment in name) / 1e3
+        if ms > 0:
+            parts.append((label, ms))
+            attention -= ms
+    if attention > 0.05:
+        parts.append(("other ForkKV attention", attention))
+    parts += sorted(((k, v) for k, v in families.items() if v > 0.05), key=lambda kv: -kv[1])
+    left, colours = 0.0, plt.get_cmap("tab10").colors
+    for i, (label, ms) in enumerate(parts):
+        ax.barh(0, ms, left=left, color=colours[i % len(colours)], label=f"{label}: {ms:.1f}")
+        left += ms
+    ax.set_yticks([])
+    ax.set_xlabel(f"GPU ms per decode step (profiled; busy {r['gpu_busy_ms']:.1f}, step {r['step_ms']:.1f})")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+
+
 def plot_decode_calls(path, res: BenchResult) -> Path:
     """Each timed ``generate`` call of a decode benchmark in the order run (the short and the long call of each
-    repetition), with the part of it Python's full garbage collections took stacked on top in red: one panel per
-    row."""
+    repetition), with the part of it Python's full garbage collections took stacked on top in red and each call's
+    marked decode step (``step_ms_marked_each``) written above it: one panel per row; below it, where the row was
+    profiled, its step's GPU time by kernel family."""
     rows = [r for r in res.rows if "full_gc_each_call" in r]
-    fig, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 3.6), squeeze=False)
+    profiled = any("gpu_ms_by_family" in r for r in rows)
+    fig, axes = plt.subplots(2 if profiled else 1, len(rows), figsize=(5.2 * len(rows), 6.4 if profiled else 3.6),
+                             squeeze=False, gridspec_kw={"height_ratios": [3, 1]} if profiled else None)
     for ax, r in zip(axes[0], rows):
-        calls = [(r[key], r["generate_each_s"][key][i], r["full_gc_each_call"][key][i][1])
-                 for i in range(r["reps"]) for key in ("n1", "n2")]  # (new tokens, seconds, of them in full GCs)
+        calls = [(r[key], r["generate_each_s"][key][i], r["full_gc_each_call"][key][i][1],
+                  r.get("step_ms_marked_each", {}).get(key, [None] * r["reps"])[i])
+                 for i in range(r["reps"]) for key in ("n1", "n2")]  # (new tokens, seconds, in full GCs, marked ms)
         labelled = False
-        for x, (n, t, gc_s) in enumerate(calls):
+        for x, (n, t, gc_s, marked) in enumerate(calls):
             colour = "tab:blue" if n == r["n1"] else "tab:green"
             ax.bar(x, t - gc_s, color=colour, label=f"{n} new tokens" if x < 2 else None)
             if gc_s > 0:
                 ax.bar(x, gc_s, bottom=t - gc_s, color="tab:red", label=None if labelled else "full garbage collection")
-                ax.text(x, t, f"{gc_s:.2f} s", ha="center", va="bottom", fontsize=7)
                 labelled = True
-        ax.set_ylim(0, 1.45 * max(t for _, t, _ in calls))
+            notes = ([f"GC {gc_s:.2f} s"] if gc_s > 0 else []) + ([f"{marked:.1f} ms/step"] if marked else [])
+            if notes:
+                ax.text(x, t, "\n".join(notes), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 1.45 * max(t for _, t, _, _ in calls))
         ax.set_xticks(range(len(calls)), [str(i // 2 + 1) for i in range(len(calls))], fontsize=7)
         ax.set_xlabel("repetition")
         ax.set_title(f"{r['system']}, {r['agents']} agents, {r['context'] // 1024}K", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="upper left", ncol=2)
+    for ax, r in zip(axes[1] if profiled else [], rows):
+        if "gpu_ms_by_family" in r:
+            _step_breakdown(ax, r)
+        else:
+            ax.axis("off")
     axes[0][0].set_ylabel("generate call, s")
     frozen = "gc.freeze() after the warm-up" if res.params.get("freeze_gc") else "the collector as Python sets it"
-    fig.suptitle(f"Timed decode calls with {frozen} — {res.device.get('gpu', 'CPU')}", fontsize=10)
+    fig.suptitle(f"Timed decode calls, {frozen}\n{res.device.get('gpu', 'CPU')}", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -425,6 +425,30 @@ def test_step_marks_time_the_decode_steps_of_a_generate_call():
         StepMarks._seconds(object(), 1.0)
 
 
+def test_decode_plot_splits_the_profiled_step_by_kernel():
+    """The decode plot's step breakdown: the ForkKV attention split into the K pass, the shared part and the merge by
+    kernel name, the other families beside them; the bars add up to the step's GPU-busy time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.plots import _step_breakdown
+
+    row = {"gpu_ms_by_family": {"forkkv attention kernels": 9.0, "GEMM": 2.0, "batched LoRA kernels": 0.5,
+                                "elementwise/other": 0.0},
+           "kernels_per_step_by_name": {"_kres_scores_gluon": {"us": 5000.0}, "_cascade_shared_gluon": {"us": 3000.0},
+                                        "_private_merge_kernel": {"us": 500.0}, "nvjet_x": {"us": 2000.0}},
+           "gpu_busy_ms": 11.5, "step_ms": 12.0}
+    fig, ax = plt.subplots()
+    _step_breakdown(ax, row)
+    bars = {c.get_label(): c.patches[0].get_width() for c in ax.containers}
+    plt.close(fig)
+    assert bars == {"K pass: 5.0": 5.0, "shared part: 3.0": 3.0, "private part + merge: 0.5": 0.5,
+                    "other ForkKV attention: 0.5": 0.5, "GEMM: 2.0": 2.0, "batched LoRA kernels: 0.5": 0.5}, bars
+    assert sum(bars.values()) == pytest.approx(row["gpu_busy_ms"])
+
+
 @pytest.mark.gpu
 def test_step_marks_on_the_gpu_wait_for_nothing():
     """On CUDA a mark is an event on the logits' stream: marking returns while the GPU is still busy (~100 M cycles of
