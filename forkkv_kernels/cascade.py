@@ -33,7 +33,7 @@ from .kres_gluon import GLUON_RULE
 from .kres_gluon import refusal as kres_refusal
 from .kres_pass import launch_kres_scores
 from .merge import launch_private_merge
-from .rules import TRITON_F16_FROM, TRITON_K_RULE, asks_triton_k_pass, launch_defaults
+from .rules import asks_triton_k_pass, launch_defaults, triton_k_knobs
 from .shared_gluon import launch_shared_gluon, ring_unsupported, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
@@ -254,8 +254,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             or kres_refusal(q, k_u, k_B, VPR=VPR, k_max_rows=k_max_rows, r_stride=r_stride,
                             lowp=bool(lowp_rope), res_block_t=res_block_t, res_score=res_score or cfg["res_score"],
                             mq=mq, res_step_heads=res_step_heads or 1) is not None):
-        # ... else the Triton K pass under its rule (its fp16 form from its own threshold)
-        cfg.update(TRITON_K_RULE, res_f16=cfg["res_f16"] and B * VPR >= TRITON_F16_FROM)
+        cfg.update(triton_k_knobs(B, NQ, VPR, has_k))  # ... else the Triton K pass under its rule
     if interp:  # (fp32 calls: the GPU's fp32 rule keeps the fp32 rebuild)
         cfg.update(block_t=32, res_block_t=32, res_f16=cfg["res_f16"] and dtype != torch.float32)
     given = dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,

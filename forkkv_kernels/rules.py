@@ -27,12 +27,23 @@ GLUON_K_FROM = 64
 #: ... where an agent's rows hold at most this many of them (its score tile 8 columns wide, as measured: one decode row
 #: of G = 4, or two; wider tiles keep one score chain and spill, unmeasured)
 GLUON_K_ROW_VECTORS = 8
-#: query vectors per KV head from which a decode call's Triton K pass rebuilds, rotates and scores in fp16 (v15, below)
+#: query vectors per KV head from which a decode call's Triton K pass rebuilds, rotates and scores in fp16
+#: (v15: :func:`triton_k_knobs`)
 TRITON_F16_FROM = 128
 
 
 #: the K-pass knobs only the Triton K pass takes
 TRITON_K_KNOBS = ("res_warps", "res_stages", "res_pack", "res_heads")
+
+
+def triton_k_knobs(B: int, NQ: int, VPR: int, has_k: bool) -> dict:
+    """The Triton K pass's knobs for a bf16/fp16 call (:data:`TRITON_K_RULE`) with its fp16 rebuild: the rebuild
+    accumulated in fp16, rotated and scored from fp16 operands, for decode calls of :data:`TRITON_F16_FROM`+ vectors
+    per KV head (v15, one H100, two sweeps: 32 agents 390.9 -> 381.9 and 390.0 -> 385.2 µs, 128 agents 1,434.4 ->
+    1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent 79.5 -> 84.0, the queries' and B_k's
+    conversions, so not below 128 vectors; extend calls unmeasured). The rule's where it does not take the Gluon K
+    pass, and :func:`~.cascade.cascade_attention`'s where a call cannot take it."""
+    return {**TRITON_K_RULE, "res_f16": has_k and NQ == 1 and B * VPR >= TRITON_F16_FROM}
 
 
 def asks_triton_k_pass(res_form: str | None = None, res_f16: bool | None = None, res_score: str | None = None,
@@ -86,13 +97,8 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
                 whole_waves=True,
-                **(GLUON_RULE if gluon_k else TRITON_K_RULE),
-                # the rebuild accumulated in fp16, rotated and scored from fp16 operands, for decode calls of 128+
-                # vectors per KV head (v15, one H100, two sweeps: 32 agents 390.9 -> 381.9 and 390.0 -> 385.2 µs,
-                # 128 agents 1,434.4 -> 1,391.5 and 1,435.9 -> 1,394.0; at 8 agents 146.1 -> 147.7 and at 1 agent
-                # 79.5 -> 84.0, the queries' and B_k's conversions, so not below 128 vectors; extend calls unmeasured)
-                # and for the Gluon K pass's calls below them (its fp16 form is the one v39 swept at 16-24 agents)
-                res_f16=has_k and NQ == 1 and (B * VPR >= TRITON_F16_FROM or gluon_k),
+                # the Gluon K pass with its fp16 rebuild (the form v39 swept, at 16-24 agents too), or the Triton one
+                **({**GLUON_RULE, "res_f16": True} if gluon_k else triton_k_knobs(B, NQ, VPR, has_k)),
                 # the merge: the splits' partials merged first, before the private part, one split per step unrolled
                 # by 2 (v12b, same run, against v10b's rule of chunks of 16 up to 8 agents and one split unrolled by
                 # 2 from 9: 32 agents base 61.1 -> 56.5 µs, V 125.3 -> 117.6, K+V 391.2 -> 387.0; 1 agent base 46.1
