@@ -16,9 +16,8 @@ SESSION=v37
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-"tests bench decode"}
 if has tests; then
-    timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_shared_gluon.py \
-        -k "${TESTS_K:-rules_k_pass_boundary or rules_boundary}" -p no:cacheprovider > "$OUT/gpu_tests_v37.log" 2>&1
-    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v37.log" | head -12; pack
+    gpu_tests ${TESTS_S:-200} v37 "${TESTS_K:-rules_k_pass_boundary or rules_boundary}" tests/test_kres_gluon.py \
+        tests/test_shared_gluon.py
 fi
 if has sweep; then
     C='{"kres": [{"res_form": "joined"}, {"res_form": "gluon", "res_f16": true}]}'  # the Triton pass, the Gluon one

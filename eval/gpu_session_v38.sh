@@ -21,10 +21,8 @@ SESSION=v38
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-"tests decode"}
 if has tests; then
-    timeout ${TESTS_S:-330} python -m pytest -q -m gpu tests/test_kres_gluon.py tests/test_compiled_decode.py \
-        -k "rules_k_pass_boundary or two_sizes or (gluon_k_pass and real_sizes)" -p no:cacheprovider \
-        > "$OUT/gpu_tests_v38.log" 2>&1
-    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v38.log" | head -12; pack
+    gpu_tests ${TESTS_S:-330} v38 "rules_k_pass_boundary or two_sizes or (gluon_k_pass and real_sizes)" \
+        tests/test_kres_gluon.py tests/test_compiled_decode.py
 fi
 if has sweep; then
     C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_cs_direct": true},'

@@ -20,9 +20,7 @@ SESSION=v39
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-"tests sweep"}
 if has tests; then
-    timeout ${TESTS_S:-300} python -m pytest -q -m gpu tests/test_kres_gluon.py \
-        -k "rules_k_pass_boundary or (gluon_k_pass and real_sizes)" -p no:cacheprovider > "$OUT/gpu_tests_v39.log" 2>&1
-    echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v39.log" | head -12; pack
+    gpu_tests ${TESTS_S:-300} v39 "rules_k_pass_boundary or (gluon_k_pass and real_sizes)" tests/test_kres_gluon.py
 fi
 if has sweep; then
     C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_runtime_zeros": true},'
