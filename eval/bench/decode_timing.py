@@ -85,7 +85,7 @@ def measure(run, rows: int, n1: int, n2: int, reps: int, profile: bool, host: bo
         for n, key in ((n1, "n1"), (n2, "n2")):
             call_before = compile_counters()
             if marks is not None:
-                marks.step_seconds()  # (clears the earlier calls' marks)
+                marks.begin()  # the earlier calls' marks cleared
             with FullCollections() as gcs:
                 dt, o = _wall(run, n)
             if marks is not None:
