@@ -20,12 +20,16 @@ export PYTHONPATH="$PWD"
 } 2>&1 | tee "$OUT/env.txt"
 # ncu_stalls LIMIT_S KERNEL_REGEX LAUNCHES OUTFILE ARGS...: ncu's warp-state stall reasons, issue counts and times of
 # the first LAUNCHES launches of the kernels matching KERNEL_REGEX in `python3 -m eval.bench.profile_kernel --ncu-once
-# ARGS` (clocks not locked), written to OUTFILE; its status is the run's (timeout's: 124 when cut off)
+# ARGS` (clocks not locked), written to OUTFILE; its status is the run's (timeout's: 124 when cut off). NCU_PIPES=1
+# adds each pipe's share of its peak issue rate and cycles (which pipe "math pipe throttle" waits on)
 ncu_stalls() {
   local limit=$1 kernel=$2 launches=$3 out=$4; shift 4
+  local metrics="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum"
+  metrics+=",gpu__time_duration.sum"
+  [ "${NCU_PIPES:-0}" = 1 ] && metrics+=",regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active"
+  [ "${NCU_PIPES:-0}" = 1 ] && metrics+=",regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
   timeout "$limit" ncu --clock-control none --kernel-name regex:"$kernel" --launch-count "$launches" \
-    --section SchedulerStats --section WarpStateStats --section Occupancy \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,gpu__time_duration.sum" \
+    --section SchedulerStats --section WarpStateStats --section Occupancy --metrics "$metrics" \
     python3 -m eval.bench.profile_kernel --ncu-once "$@" > "$out" 2>&1
 }
 # gpu_tests LIMIT TAG EXPR FILES...: the GPU tests (`-m gpu`) of FILES that pytest's `-k EXPR` selects, into
