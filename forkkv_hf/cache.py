@@ -33,7 +33,9 @@ class ForkKVView:
     row in ``shared.k_res``/``shared.v_res`` (``-1``: the row has no residual there), ``None`` if the layer has no
     residual of that kind. ``key``/``value``: private K/V ``[B, H_kv, P, D]`` (P counts the tokens just appended).
     ``row_adapters``: the agent of each row. ``k_slots``/``v_slots``: the same slots as host tuples (kernels plan
-    their work from them without a device sync).
+    their work from them without a device sync). ``context_visible``: this forward's mask is known to show every row
+    the whole shared context (a 2-D mask the forward checks refused otherwise, or generate's extension of one, or no
+    mask), so the Triton kernels read a mask in the private part only.
     """
 
     shared: SharedLayer
@@ -44,6 +46,7 @@ class ForkKVView:
     row_adapters: tuple[str, ...]
     k_slots: tuple[int, ...] | None = None
     v_slots: tuple[int, ...] | None = None
+    context_visible: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -78,6 +81,7 @@ class ForkKVLayer(CacheLayerMixin):
         self.residual = residual
         self._fork_rows = rows
         self._set_rows(rows)
+        self.context_visible = False  # each forward's, from ForkKVCache.prepare_forward (ForkKVView's)
 
     # -- rows --------------------------------------------------------------------------------------------------
     def _set_rows(self, rows: tuple[str, ...]) -> None:
@@ -136,9 +140,8 @@ class ForkKVLayer(CacheLayerMixin):
             )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        view = ForkKVView(
-            self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots, self.v_slots
-        )
+        view = ForkKVView(self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots,
+                          self.v_slots, getattr(self, "context_visible", False))
         return view, view
 
     def private_length(self) -> int:
@@ -385,6 +388,10 @@ class ForkKVCache(Cache):
         if n is not None:
             self._generate_forwards = n + 1
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
+        # a 2-D mask hiding context tokens was just refused (at a decode step: generate extended a checked one)
+        mask = kwargs.get("attention_mask")
+        for layer in self.layers:
+            layer.context_visible = mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2
         checked, self._weights_checked = getattr(self, "_weights_checked", False), False
         if not checked and not n and self.layers[0].private_length() == 0:
             # a direct forward on a fresh fork: its context must match the weights, as generate checks each call

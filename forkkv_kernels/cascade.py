@@ -157,7 +157,7 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
                       sin: torch.Tensor, k_priv: torch.Tensor, v_priv: torch.Tensor, scale: float, *,
                       k_u=None, k_B=None, k_slot=None, v_u=None, v_B=None, v_slot=None, mask=None,
                       rope_half: bool = False, k_order=None, k_agents: int | None = None, k_max_rows: int | None = None,
-                      **tuning) -> torch.Tensor:
+                      context_visible: bool = False, **tuning) -> torch.Tensor:
     """Attention of ``q [B, H, NQ, D]`` (after RoPE) over each row's ``[shared base + its agent's residual | private]``
     K/V; returns ``[B, NQ, H, D]`` in the query's dtype.
 
@@ -167,16 +167,21 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
     [B, NQ, T + P]`` int8 (1 = attend) or None (the shared context visible, causal in the private part). ``k_order``:
     the rows sorted by ``k_slot`` (computed when None), ``k_agents``: how many distinct K slots and ``k_max_rows``: the
     most rows one K slot has (they size the K pass's grid and score MMA; ``B`` when None: correct, slower). No host
-    reads of tensor values. ``tuning``: see :func:`_cascade_attention`.
+    reads of tensor values. ``context_visible``: the caller knows that ``mask`` shows every row the whole shared
+    context (its first ``T`` columns all ones), so only the private part reads it: the shared part's kernels run
+    unmasked (the compiled decode step's mask, eval/KERNEL_NOTES.md "v41 measured"). ``tuning``: see
+    :func:`_cascade_attention`.
     """
     with on_device(q.device):
         return _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B,
-                                  v_slot, mask, rope_half, k_order, k_agents, k_max_rows, **tuning)
+                                  v_slot, mask, rope_half, k_order, k_agents, k_max_rows,
+                                  shared_mask=None if context_visible else mask, **tuning)
 
 
 def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, k_B, k_slot, v_u, v_B, v_slot, mask,
-                       rope_half, k_order, k_agents, k_max_rows, block_m: int | None = None, block_t: int | None = None,
-                       n_sub: int | None = None, programs_per_sm: int | None = None, n_splits: int | None = None,
+                       rope_half, k_order, k_agents, k_max_rows, shared_mask, block_m: int | None = None,
+                       block_t: int | None = None, n_sub: int | None = None, programs_per_sm: int | None = None,
+                       n_splits: int | None = None,
                        num_warps: int | None = None, num_stages: int | None = None, maxnreg: int | None = None,
                        whole_waves: bool | None = None, res_form: str | None = None, res_block_t: int | None = None,
                        res_heads: int | None = None, res_programs_per_sm: int | None = None,
@@ -191,8 +196,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        shared_form: str | None = None, shared_k_early: bool = True, shared_q_regs: bool = False,
                        shared_k_load: str | None = None,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
-    """Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter, with 32-token
-    tiles for speed).
+    """``shared_mask``: the mask the shared part's kernels read (``mask``, or None where the caller knows it shows
+    the whole context). Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter,
+    with 32-token tiles for speed).
 
     Shared-part kernel: ``block_m`` query vectors per program (default: up to 64), ``block_t`` context tokens per tile,
     ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows' u_v),
@@ -331,16 +337,16 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     n_vec = B * H * NQ * n_splits
     ws = (scratch("m", n_vec, dev), scratch("l", n_vec, dev), scratch("acc", n_vec * 2 * HALF_B, dev),
           scratch("uv", n_vec * RVB if has_v else 1, dev))
-    ms = mask.stride() if mask is not None else (0, 0, 0)
+    ms = shared_mask.stride() if shared_mask is not None else (0, 0, 0)
     if form == "gluon_pair":
         launched["shared"] = launch_shared_gluon_pair(
-            q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
+            q, k_base, v_base, r_scores, k_slot, shared_mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], k_early=shared_k_early, v_u=v_u if has_v else None,
             v_slot=v_slot if has_v else None, r_stride=r_stride)
     elif gluon_shared:
         launched["shared"] = launch_shared_gluon(
-            q, k_base, v_base, r_scores, k_slot, mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
+            q, k_base, v_base, r_scores, k_slot, shared_mask, ws, n_mb=n_mb, split_len=split_len, n_splits=n_splits,
             qk_scale=qk_scale, VPR=VPR, has_k=has_k, block_t=BLOCK_T, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], k_early=shared_k_early, q_regs=shared_q_regs, k_load=k_load,
             v_u=v_u if has_v else None, v_slot=v_slot if has_v else None, r_stride=r_stride)
@@ -348,12 +354,12 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         launched["shared"] = launch(
             _cascade_shared_kernel, (n_mb, Hkv, n_splits), q, q.stride(0), q.stride(1), q.stride(2),
             k_base, v_base, r_scores, k_slot if has_k else q, v_u if has_v else q, v_slot if has_v else q,
-            mask if mask is not None else q, *ms,
+            shared_mask if shared_mask is not None else q, *ms,
             *ws,
             B, T, r_stride, NQ, RV, split_len, n_splits, qk_scale,
             HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
             BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
-            HAS_K=has_k, HAS_V=has_v, HAS_MASK=mask is not None, DOT_PREC=prec, UPCAST=interp,
+            HAS_K=has_k, HAS_V=has_v, HAS_MASK=shared_mask is not None, DOT_PREC=prec, UPCAST=interp,
             PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
             pdl=shared_waits,

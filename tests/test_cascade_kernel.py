@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import ATTN_CASES, GPU_CASES, LOW_DTYPES, LOWP_CASES, SPLIT_RANK_CASES, AttnCase, parametrize
+from cases import (ATTN_CASES, GPU_CASES, LOW_DTYPES, LOWP_CASES, SPLIT_RANK_CASES, AttnCase, GpuCase,
+                   parametrize)
 from forkkv_hf import reference_attention
 from views import lowp_attention_error, padding_mask, random_view
 
@@ -534,6 +535,23 @@ def test_cascade_k_and_v_slots_differ_per_row():
                                rtol=2e-5, atol=2e-5)
 
 
+@parametrize("case", ATTN_CASES, fast=lambda case: ATTN_CASES.index(case) % 3 == 0)
+def test_cascade_context_visible_reads_the_mask_in_the_private_part_only(case):
+    """``context_visible=True`` (the compiled decode step's call): a padding mask, whose context columns are ones,
+    gives what it gives without the flag; and the shared part no longer reads the mask's context columns while the
+    private part still reads its own (a mask that also hides context tokens then gives the padding mask's result, and
+    without the flag it does not: the flag is not a no-op)."""
+    view, q = case.view(), case.query()
+    pad, scale = case.mask(), case.D**-0.5
+    hiding = pad.clone()
+    hiding[..., : case.T // 2] = False  # what no caller of the flag passes: context tokens hidden
+    got = _launch(q, view, pad, scale, context_visible=True)
+    torch.testing.assert_close(got, _launch(q, view, pad, scale), rtol=0, atol=0)
+    torch.testing.assert_close(got, reference_attention(q, view, pad, scale), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(_launch(q, view, hiding, scale, context_visible=True), got, rtol=0, atol=0)
+    assert (_launch(q, view, hiding, scale) - got).abs().max() > 1e-3
+
+
 def test_cascade_notices_each_residual():
     """Not a test that cannot fail: removing either residual changes the output."""
     view = random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1])
@@ -624,6 +642,22 @@ def test_cascade_real_sizes_gpu(case, dtype):
             continue
         err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+@pytest.mark.gpu
+@parametrize("case", [*GPU_CASES[:2], GpuCase(2053, 20)])
+def test_gpu_context_visible_equals_the_masked_shared_part(case):
+    """``context_visible`` on the GPU under the launch rule (8 agents: the Triton K pass with the Gluon shared kernel;
+    20 agents: both in Gluon): with a padding mask, the same output bit for bit as the shared part reading the mask,
+    within the pass rule of the reference."""
+    view, q = case.view(torch.bfloat16), case.query(torch.bfloat16)
+    B, P = q.shape[0], view.private_len
+    mask = padding_mask(B, 1, case.T, P, [b % (P - 1) for b in range(B)])
+    ref = reference_attention(q.float(), view, mask, 128**-0.5)
+    got = _launch(q, view, mask, 128**-0.5, context_visible=True)
+    assert torch.equal(got, _launch(q, view, mask, 128**-0.5))
+    err = (got.float() - ref).abs().max().item()
+    assert err <= 3 * lowp_attention_error(q.float(), view, mask, 128**-0.5, ref) + 1e-5, err
 
 
 @pytest.mark.gpu

@@ -234,17 +234,28 @@ def test_custom_ops_in_the_compiled_step(two_layer_agents, kernels, monkeypatch)
     """``triton``: the Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``:
     the cascade attention with each layer's rows planned before the step, the batched LoRA. ``torch``: the same
     calls on the PyTorch paths (the run on transformers 5.17: the Triton case differs from it below the
-    transformers/PEFT interfaces only)."""
+    transformers/PEFT interfaces only). The op's calls pass the padded rows' mask with ``context_visible``: only the
+    private part reads it."""
+    import forkkv_kernels.cascade as cascade_module
+
     if kernels == "triton" and torch.cuda.is_available():
         pytest.skip("interpreted kernels on CPU tensors; the gpu tests run them on CUDA")
     monkeypatch.setenv("FORKKV_BACKEND", kernels)
     monkeypatch.setenv("FORKKV_LORA_BACKEND", kernels)
+    op_calls, launcher = [], cascade_module.cascade_attention
+
+    def spy(*args, **kw):  # the custom op imports the launcher from its module at each call
+        op_calls.append((kw.get("mask") is not None and bool((kw["mask"] == 0).any()), kw.get("context_visible")))
+        return launcher(*args, **kw)
+
+    monkeypatch.setattr(cascade_module, "cascade_attention", spy)
     ctx = _context(40, seed=3)
     inputs = batch_inputs(ctx, _prompts([3, 1, 2, 2, 4], seed=8), pad_token_id=0)
     eager, compiled, cache = _eager_and_compiled(two_layer_agents, ctx, inputs, NAMES, max_new_tokens=4)
     _assert_same(compiled, eager)
     assert all((layer.work is not None and layer.work.has_k) == (kernels == "triton") for layer in cache.layers)
     assert _decode_graph_runs() == 3
+    assert op_calls == ([(True, True)] * 3 * len(cache.layers) if kernels == "triton" else [])
 
 
 @parametrize("backend,kernels", [("aot_eager", "torch"), ("inductor", "triton")],

@@ -207,6 +207,43 @@ def test_generate_with_triton_backend_equals_torch(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_masks_reach_the_shared_part_only_where_they_may_hide_context(monkeypatch):
+    """Padded rows in an eager generate, and a direct forward with a 2-D mask (both checked: a mask hiding context
+    tokens is refused), call the kernels with ``context_visible`` (their shared part reads no mask); a direct forward
+    with a 4-D mask of the caller's own keeps the mask everywhere."""
+    import forkkv_hf
+    import forkkv_kernels
+    from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
+    from models import tiny_llama, with_adapters
+
+    monkeypatch.setenv("FORKKV_BACKEND", "triton")
+    calls, launcher = [], forkkv_kernels.cascade_attention
+
+    def spy(*args, **kw):
+        calls.append((kw["mask"] is not None, kw["context_visible"]))
+        return launcher(*args, **kw)
+
+    monkeypatch.setattr(forkkv_kernels, "cascade_attention", spy)
+    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=6), {"planner": dict(r=4)}).to(DEV)
+    forkkv_hf.enable_forkkv(pm)
+    ctx = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(0)).to(DEV)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0, device=DEV)
+    pm.generate(**inputs, adapter_names=names, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                disable_compile=True, **cache_kwargs(ForkKVCache.from_context(pm, ctx, adapter_names=names)))
+    assert calls == [(True, True)] * 6  # the prompts' forward and two decode steps, two layers each
+    ids, m2 = inputs["input_ids"], inputs["attention_mask"]
+    T, (B, S) = ctx.numel(), ids.shape
+    pos = (m2.cumsum(-1) - 1).clamp(min=0)[:, T:]
+    causal = torch.ones(S, S, dtype=torch.bool, device=DEV).tril()
+    m4 = (m2[:, None, None, :].bool() & causal[None, None]).expand(B, 1, S, S)[:, :, T:]
+    for mask, visible in ((m2, True), (m4, False)):
+        calls.clear()
+        pm(input_ids=ids[:, T:], attention_mask=mask, position_ids=pos, adapter_names=names,
+           **cache_kwargs(ForkKVCache.from_context(pm, ctx, adapter_names=names)))
+        assert calls == [(True, visible)] * 2, mask.dim()
+
+
 @pytest.mark.slow
 def test_generate_long_prompts_all_backends_agree(monkeypatch):
     """Prompts of 16+ tokens: ``auto`` (on CUDA: SDPA for the prompts, Triton for decode), ``sdpa`` and ``triton``

@@ -83,7 +83,11 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) 
 
 def _triton_attention(query, view, attention_mask, scaling):
     """The planned Triton launch of a compiled decode step (``torch.ops.forkkv``); the same kernels, arguments and
-    mask as the eager dispatch's."""
+    mask as the eager dispatch's, the mask read by the private part only (``context_visible``): transformers compiles
+    decode steps of ``generate`` only, whose prefill refused any mask that hides shared-context tokens
+    (:func:`~forkkv_hf.guards.check_context_mask`) and whose steps append visible columns; a ``None`` mask here is
+    :func:`~.masks.visible_mask`, the whole context visible. Reading it over a 32K context cost the shared kernel 25%
+    more instructions per tile (eval/KERNEL_NOTES.md "v41 measured")."""
     B, _, Q, _ = query.shape
     sh, plan = view.shared, view.work
     mask, additive = kv_mask(attention_mask, B, Q, view.shared_len, view.private_len, query.device)
@@ -95,7 +99,7 @@ def _triton_attention(query, view, attention_mask, scaling):
     return torch.ops.forkkv.cascade_attention(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value,
                                               mask, *k, *v, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
                                               plan.k_max_rows, plan.rope_half, float(scaling), plan.lowp_rope,
-                                              plan.res_f16, plan.k_b16)
+                                              plan.res_f16, plan.k_b16, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

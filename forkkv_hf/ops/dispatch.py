@@ -312,7 +312,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
     configuration's ``lowp_rope`` and ``f16_k_pass``; ``res_f16`` is off for a K residual beyond fp16's range, else
     its fp16 ``B`` is kept with it and passed: :func:`f16_k_pass_args`). Rows' residual slots come from the view's
     host tuples when present (cached tensors: the rows' order by agent and the counts that size the K pass), else from
-    its ``k_rows``/``v_rows`` tensors (derived on the device)."""
+    its ``k_rows``/``v_rows`` tensors (derived on the device). A mask is read by the shared part's kernels too unless
+    the view says it shows the whole context (``context_visible``)."""
     from forkkv_kernels import cascade_attention
 
     sh = view.shared
@@ -328,7 +329,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
             tuning.setdefault("res_f16", f16)
             tuning.setdefault("k_B16", b16)
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
-              rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh))
+              rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh),
+              context_visible=getattr(view, "context_visible", False))
     for kind, r, rows, slots in present:
         kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
         slot, order, n_agents, max_rows = (slot_tensors(tuple(slots), str(query.device)) if slots is not None
