@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# v42 (issue 19; eval/KERNEL_NOTES.md "v41 measured"): the compiled step's kernels with `context_visible` (the mask read
-# in the private part only; v41: compiled 103.78 against eager 99.22 ms per step at 256 agents on one H100).
-# Parts (PARTS, default "tests decode"):
-# - tests: `context_visible` bit for bit against the masked shared part at 8 and 20 agents, the compiled decode's GPU
-#   tests (compiled against eager tokens, graphs replayed) (~150 s);
+# v42 (issue 19; eval/KERNEL_NOTES.md "v41 measured", "v42"): (a) the compiled step's kernels with `context_visible`
+# (the mask read in the private part only; v41: compiled 103.78 against eager 99.22 ms per step at 256 agents on one
+# H100); (b) the Gluon K pass with its rebuild by mma.sync (`res_rebuild="mma_sync"`, forkkv_kernels/kres_gluon_sync.py:
+# the heads' rebuilds and rotations interleaved within a warp, never run on a GPU).
+# Parts (PARTS, default "tests sweep decode"):
+# - tests: `context_visible` bit for bit against the masked shared part at 8 and 20 agents; the compiled decode's GPU
+#   tests; the Gluon K pass's real-size tests with the mma.sync rebuild among their knobs (~200 s);
+# - sweep: whole K+V calls at 32K, the rule's Gluon K pass against its mma.sync rebuild (uncapped: 178 registers, 2
+#   programs per SM; capped at 160: 3 per SM), at 16 / 32 / 128 / 256 agents, two orders (~2 x 120 s);
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps, marked steps) compiled, then eager, back to back
-#   on one machine (~2 x 220 s; DECODE_PARTS="comp" or "eager" for one of them). Prediction: compiled ~99-100 ms;
+#   (~2 x 220 s; DECODE_PARTS="comp", "eager" or "sync": compiled with `--k-pass sync`);
 # - path (not in the default; on an H200 when one comes): the library's path at 1 / 8 / 16 / 32 / 128 agents.
 # Results: $OUT/v42.tgz.
 set -u
 SESSION=v42
 source "$(dirname "$0")/gpu_env.sh"
-PARTS=${PARTS:-"tests decode"}
+PARTS=${PARTS:-"tests sweep decode"}
 if has tests; then
-    gpu_tests ${TESTS_S:-300} v42 "context_visible or default_compile_equals_eager or two_sizes_replay" \
-        tests/test_cascade_kernel.py tests/test_compiled_decode.py
+    gpu_tests ${TESTS_S:-360} v42 \
+        "context_visible or default_compile_equals_eager or two_sizes_replay or gluon_k_pass_real_sizes" \
+        tests/test_cascade_kernel.py tests/test_compiled_decode.py tests/test_kres_gluon.py
+fi
+if has sweep; then
+    C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync"},'
+    C+=' {"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync", "res_maxnreg": 160}]}'
+    SWEEP_S=${SWEEP_S:-130} kres_sweep v42 "$C" ${SWEEP_POINTS:-32768:16 32768:32 32768:128 32768:256}
 fi
 if has decode; then
     for arm in ${DECODE_PARTS:-comp eager}; do
         case $arm in
             comp) capacity_decode ${DECODE_S:-285} v42comp 2 --tokens 8 64 ;;
             eager) capacity_decode ${DECODE_S:-285} v42eager 2 --tokens 8 64 --compile off ;;
+            sync) capacity_decode ${DECODE_S:-285} v42sync 2 --tokens 8 64 --k-pass sync ;;
         esac
         pack
     done

@@ -41,21 +41,20 @@ from __future__ import annotations
 import torch
 
 from .attention_common import cdiv, pow2, split_length
-from .gluon_common import HAVE_GLUON, device_unsupported
+from .gluon_common import device_unsupported
+from .kres_gluon_parts import HAVE_GLUON
 
 if HAVE_GLUON:
-    try:
-        from triton.experimental import gluon
-        from triton.experimental.gluon import constexpr_function
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                       warpgroup_mma_wait)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
-        from .gluon_common import acc_layout as _acc_layout
-        from .gluon_common import cta_barrier as _cta_barrier
-    except (ImportError, AttributeError):  # pragma: no cover - a Gluon without these parts
-        HAVE_GLUON = False
+    from .gluon_common import acc_layout as _acc_layout
+    from .gluon_common import cta_barrier as _cta_barrier
+    from .kres_gluon_parts import (_cols_layout, _columns, _head_scores, _halves, _joined, _rotated, _store_head,
+                                   _tile_loads)
+    from .kres_gluon_sync import _kres_scores_gluon_sync
 
 
 #: the Gluon K pass's launch knobs where a call asks for the form and does not give them (tiles of 64 tokens on 4
@@ -112,100 +111,6 @@ def unsupported(device, dtype: torch.dtype, d: int, hkv: int, rank: int, vpr: in
 
 
 if HAVE_GLUON:
-    @constexpr_function
-    def _cols_layout(rows, cols, nw):
-        """A blocked ``[rows, cols]`` layout with ``rows`` (tokens, contiguous in memory) fastest: 8 per thread."""
-        spt = min(8, rows)
-        tr = min(32, rows // spt)
-        return gl.BlockedLayout(size_per_thread=[spt, 1], threads_per_warp=[tr, 32 // tr], warps_per_cta=[1, nw],
-                                order=[0, 1])
-
-    @gluon.jit
-    def _satfinite_f16(x):
-        return gl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16,
-                                         is_pure=True, pack=2)
-
-    @gluon.jit
-    def _halves(x, BLOCK_T: gl.constexpr, HALF: gl.constexpr):
-        """``x [BLOCK_T, 2·HALF]`` as its lo and hi halves of columns."""
-        return gl.split(gl.permute(gl.reshape(x, [BLOCK_T, 2, HALF]), (0, 2, 1)))
-
-    @gluon.jit
-    def _joined(lo, hi, BLOCK_T: gl.constexpr, D: gl.constexpr):
-        """The halves joined back into ``[BLOCK_T, D]`` (the inverse of :func:`_halves`)."""
-        return gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), [BLOCK_T, D])
-
-    @gluon.jit
-    def _columns(first, slot, ORDER, KSLOT, B, MQ: gl.constexpr, VPR: gl.constexpr, NQG: gl.constexpr,
-                 LAYOUT: gl.constexpr):
-        """The score tile's ``MQ`` columns in ``LAYOUT`` (rows from the sorted position ``first`` on, ``VPR`` query
-        vectors each): each column's row, its query vector of that row, and whether it is one of the agent's."""
-        col = gl.arange(0, MQ, layout=LAYOUT)
-        w = col % VPR
-        pos = first + col // VPR
-        inb = pos < B
-        row = gl.load(ORDER + pos, mask=inb, other=0)
-        return row, w, inb & (gl.load(KSLOT + row, mask=inb, other=-1) == slot) & (w < NQG)
-
-    @gluon.jit
-    def _score_values(s, R, qk_scale, SATF: gl.constexpr):
-        """One head's ``[BLOCK_T, MQ]`` scores scaled and converted to the buffer's dtype (fp16: saturated), in their
-        accumulator's layout."""
-        r = s * qk_scale
-        if R.dtype.element_ty == gl.float16:
-            if SATF:
-                r = _satfinite_f16(r)
-            else:
-                r = gl.minimum(gl.maximum(r, -60000.0), 60000.0).to(gl.float16)
-        return r.to(R.dtype.element_ty)
-
-    @gluon.jit
-    def _tile_loads(u_base, COS, SIN, t0, t_end, RK, tu, ku, tc, dc, D: gl.constexpr, HALF: gl.constexpr,
-                    ROPE_HALF: gl.constexpr):
-        """One tile's loads (tokens ``t0`` on, zeros past ``t_end``): its ``u`` tile and the cos/sin of the lo half's
-        frequencies (and of the hi half's, unless ``ROPE_HALF``: then the lo half's again, no second load)."""
-        u = gl.load(u_base + (t0 + tu)[:, None] * RK + ku[None, :],
-                    mask=((t0 + tu) < t_end)[:, None] & (ku < RK)[None, :], other=0.0)
-        cmask = ((t0 + tc) < t_end)[:, None]
-        c_off = (t0 + tc)[:, None] * D + dc[None, :]
-        c = gl.load(COS + c_off, mask=cmask, other=0.0)
-        s = gl.load(SIN + c_off, mask=cmask, other=0.0)
-        if ROPE_HALF:
-            ch = c
-            sh = s
-        else:
-            ch = gl.load(COS + c_off + HALF, mask=cmask, other=0.0)
-            sh = gl.load(SIN + c_off + HALF, mask=cmask, other=0.0)
-        return u, c, s, ch, sh
-
-    @gluon.jit
-    def _rotated(x, c_lo, s_lo, c_hi, s_hi, dtype: gl.constexpr, BLOCK_T: gl.constexpr, HALF: gl.constexpr):
-        """A rebuilt tile ``x``'s halves, rotate-half RoPE applied in the cache dtype ``dtype``."""
-        xl, xh = _halves(x, BLOCK_T, HALF)
-        xl = xl.to(dtype)
-        xh = xh.to(dtype)
-        return xl * c_lo - xh * s_lo, xh * c_hi + xl * s_hi
-
-    @gluon.jit
-    def _head_scores(x, q_h, c_lo, s_lo, c_hi, s_hi, zs, dtype: gl.constexpr, A_K: gl.constexpr, B_Q: gl.constexpr,
-                     BLOCK_T: gl.constexpr, HALF: gl.constexpr, MQ: gl.constexpr):
-        """One head's scores by ``mma.sync`` from its rebuilt tile ``x``: its rotated halves, each against its half of
-        the head's queries ``q_h`` (no join); for a narrow tile two independent chains of depth HALF, summed (a wide
-        one would spill their accumulators; v36b)."""
-        k_lo, k_hi = _rotated(x, c_lo, s_lo, c_hi, s_hi, dtype, BLOCK_T, HALF)
-        s = mma_v2(gl.convert_layout(k_lo, A_K), q_h.slice(0, HALF).load(B_Q), zs)
-        if MQ <= 16:
-            s += mma_v2(gl.convert_layout(k_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), zs)
-        else:
-            s = mma_v2(gl.convert_layout(k_hi, A_K), q_h.slice(HALF, HALF).load(B_Q), s)
-        return s
-
-    @gluon.jit
-    def _store_head(s, R, h, t0, head_stride, r_off, r_mask, qk_scale, SATF: gl.constexpr):
-        """Store head ``h``'s scores of the tile at ``t0`` from their accumulator's layout (each thread its tokens of
-        each vector), not through shared memory: no CTA barrier per head (v36b)."""
-        gl.store(R + (h * head_stride + t0) + r_off, _score_values(s, R, qk_scale, SATF), mask=r_mask)
-
     @gluon.jit
     def _kres_scores_gluon(
         Q, s_qb, s_qh, s_qq,
@@ -381,7 +286,7 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
                              res_splits: int | None = None, mq: int | None = None, whole_waves: bool = False,
                              res_satfinite: bool = True, res_score: str = "mma_sync", res_maxnreg: int | None = None,
                              r_stride: int | None = None, res_f16: bool = False, res_step_heads: int = 1,
-                             res_runtime_zeros: bool = False):
+                             res_runtime_zeros: bool = False, res_rebuild: str = "wgmma"):
     """Run :func:`_kres_scores_gluon` into ``r_scores [H_kv, B·VPR, T]`` (rows ``r_stride`` apart); arguments as
     :func:`~.kres_pass.launch_kres_scores`: ``res_block_t`` 64 (4 warps, the default) or 128 (8 warps),
     ``res_score`` ``"mma_sync"`` (the default) or ``"mma"`` (the warpgroup MMA), ``mq`` default the narrowest score
@@ -391,13 +296,19 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     :func:`~.kres_pass.f16_queries` does (the caller converts them); ``res_step_heads`` KV heads per step of the
     head loop (1, or 2 with ``mma.sync`` scores and an even head count: their rebuilds issued together, their
     rotations and score chains side by side); ``res_runtime_zeros`` the MMAs' zero accumulators as v36b had them
-    (``0 · qk_scale``, unseen by the compiler: 6-8 more instructions per head, the same results; v39's A/B knob).
+    (``0 · qk_scale``, unseen by the compiler: 6-8 more instructions per head, the same results; v39's A/B knob);
+    ``res_rebuild`` ``"wgmma"`` (the warpgroup MMA, the default) or ``"mma_sync"`` (:mod:`.kres_gluon_sync`: the fp16
+    form with ``mma.sync`` scores, one head per step, the heads' rebuilds and rotations interleaved).
     Raises ``ValueError`` where :func:`refusal` says why it cannot."""
     B, H, NQ, D = q.shape
     Hkv, T, rank = k_B.shape[1] // D, k_u.shape[1], k_u.shape[-1]
     block_t = res_block_t or 64
     rows_max = max(1, k_max_rows or B)
     MQ = mq or score_columns(rows_max * VPR, res_score if res_score in SCORE_COLUMNS else "mma")
+    if res_rebuild not in ("wgmma", "mma_sync") or res_rebuild == "mma_sync" and (
+            not res_f16 or res_score != "mma_sync" or res_step_heads != 1 or res_runtime_zeros):
+        raise ValueError(f"res_rebuild={res_rebuild!r}: 'wgmma', or 'mma_sync' with res_f16=True, "
+                         "res_score='mma_sync', one head per step and plain zeros")
     err = refusal(q, k_u, k_B, VPR=VPR, k_max_rows=k_max_rows, r_stride=r_stride, lowp=lowp, res_block_t=block_t,
                   res_score=res_score, mq=MQ, res_step_heads=res_step_heads)
     if err is not None:
@@ -408,6 +319,13 @@ def launch_kres_scores_gluon(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, q
     n_act = max(1, k_agents or B) * n_chunks
     split_len = split_length(T, block_t, n_act, res_programs_per_sm * sms, res_splits, whole_waves)
     opts = {} if res_maxnreg is None else {"maxnreg": res_maxnreg}
+    if res_rebuild == "mma_sync":
+        return _kres_scores_gluon_sync[(B, cdiv(T, split_len), n_chunks)](
+            q, q.stride(0), q.stride(1), q.stride(2), k_u, k_B, cos, sin, k_slot, k_order, r_scores,
+            B, T, r_stride or T, rank, split_len, qk_scale,
+            HKV=Hkv, G=H // Hkv, HALF=D // 2, RKB=max(16, pow2(rank)), VPR=VPR, NQG=NQ * (H // Hkv), MQ=MQ,
+            BLOCK_T=block_t, ROPE_HALF=rope_half, SATF=bool(res_satfinite) and r_scores.dtype == torch.float16,
+            num_warps=block_t // 16, **opts)
     return _kres_scores_gluon[(B, cdiv(T, split_len), n_chunks)](
         q, q.stride(0), q.stride(1), q.stride(2), k_u, k_B, cos, sin, k_slot, k_order, r_scores,
         B, T, r_stride or T, rank, split_len, qk_scale,

@@ -251,7 +251,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
                        res_satfinite: bool = False, res_f16: bool = False, k_B16=None, pdl: bool = False,
                        r_stride: int | None = None, res_step_heads: int | None = None,
-                       res_runtime_zeros: bool | None = None):
+                       res_runtime_zeros: bool | None = None, res_rebuild: str | None = None):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``, score rows ``r_stride`` apart (default
     ``T``). ``q [B, H, NQ, D]``; ``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous;
     ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
@@ -272,8 +272,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     and the rotation; bf16/fp32 queries enter fp16 scaled by :data:`Q_F16_SCALE`; the K residual must stay within fp16's
     range: :func:`f16_range_ok`; ``k_B16``: ``k_B`` already in fp16, else converted per call). Returns the compiled
     kernel. ``pdl``: the kernel lets the next one (a programmatic dependent launch) start early.
-    ``res_step_heads``, ``res_runtime_zeros``: the Gluon form's KV heads per step of its head loop, and its zero
-    accumulators as v36b had them (:func:`~.kres_gluon.launch_kres_scores_gluon`)."""
+    ``res_step_heads``, ``res_runtime_zeros``, ``res_rebuild``: the Gluon form's KV heads per step of its head loop,
+    its zero accumulators as v36b had them and its rebuild's MMA (:func:`~.kres_gluon.launch_kres_scores_gluon`)."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
@@ -291,13 +291,17 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
             sms=sms, k_agents=k_agents, k_max_rows=k_max_rows, res_block_t=res_block_t,
             res_programs_per_sm=res_programs_per_sm, res_splits=res_splits, mq=mq, whole_waves=whole_waves,
             res_satfinite=res_satfinite, res_score=res_score, res_maxnreg=res_maxnreg, r_stride=r_stride,
-            res_f16=res_f16, res_step_heads=res_step_heads or 1, res_runtime_zeros=bool(res_runtime_zeros))
+            res_f16=res_f16, res_step_heads=res_step_heads or 1, res_runtime_zeros=bool(res_runtime_zeros),
+            res_rebuild=res_rebuild or "wgmma")
     if res_step_heads not in (None, 1):
         raise ValueError(f"res_step_heads={res_step_heads} is the Gluon K pass's (res_form='gluon'); the Triton forms "
                          "take one KV head per step (res_heads sets how many a program takes)")
     if res_runtime_zeros:
         raise ValueError("res_runtime_zeros is the Gluon K pass's (res_form='gluon'); the Triton forms start their "
                          "MMAs from their own zeros")
+    if res_rebuild not in (None, "wgmma"):
+        raise ValueError(f"res_rebuild={res_rebuild!r} is the Gluon K pass's (res_form='gluon'); the Triton forms' "
+                         "rebuild is Triton's own tl.dot")
     if res_score == "mma_sync":
         raise ValueError("res_score='mma_sync' is the Gluon K pass's (res_form='gluon'); the Triton forms take "
                          "'mma' or 'fma'")

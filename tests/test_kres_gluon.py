@@ -62,6 +62,15 @@ def test_gluon_form_refuses_cpu_and_mma_sync_belongs_to_it():
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_step_heads=2)
     with pytest.raises(ValueError, match="res_runtime_zeros is the Gluon K pass's"):
         _launch(q, view, None, case.D**-0.5, res_form="joined", res_runtime_zeros=True)
+    with pytest.raises(ValueError, match="res_rebuild='mma_sync' is the Gluon K pass's"):
+        _launch(q, view, None, case.D**-0.5, res_form="joined", res_rebuild="mma_sync")
+    # the rebuild by mma.sync is the fp16 form's, one head per step, mma.sync scores (before any device check)
+    for knobs in ({}, {"res_f16": True, "res_score": "mma"}, {"res_f16": True, "res_step_heads": 2},
+                  {"res_f16": True, "res_runtime_zeros": True}):
+        with pytest.raises(ValueError, match="res_rebuild='mma_sync': 'wgmma', or 'mma_sync' with res_f16=True"):
+            _launch(q, view, None, case.D**-0.5, res_form="gluon", res_rebuild="mma_sync", **knobs)
+    with pytest.raises(ValueError, match="res_rebuild='hgmma'"):
+        _launch(q, view, None, case.D**-0.5, res_form="gluon", res_rebuild="hgmma")
 
 
 def test_the_rule_takes_the_gluon_k_pass_for_k_and_v_decode_from_64_vectors():
@@ -163,11 +172,12 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
     configs = json.dumps([{"res_f16": False}, {"res_f16": True}, {"res_form": "gluon"},
                           {"res_form": "gluon", "res_score": "mma"}, {"res_form": "gluon", "res_f16": True},
                           {"res_form": "gluon", "res_f16": True, "res_runtime_zeros": True},
-                          {"res_form": "gluon", "res_runtime_zeros": True}])
+                          {"res_form": "gluon", "res_runtime_zeros": True},
+                          {"res_form": "gluon", "res_f16": True, "res_rebuild": "mma_sync", "res_maxnreg": 160}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rule, rule16, gluon, gluon_wgmma, gluon16, gluon16_rt, gluon_rt = json.loads(out.read_text())["rows"]
+    rule, rule16, gluon, gluon_wgmma, gluon16, gluon16_rt, gluon_rt, sync16 = json.loads(out.read_text())["rows"]
     for row in (gluon, gluon_wgmma):
         assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 3 and not row["mma_serialised"], row
         assert row["loop_instructions"] < rule["loop_instructions"], (row, rule)
@@ -185,6 +195,11 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
     for new, old in ((gluon16, gluon16_rt), (gluon, gluon_rt)):
         assert new["loop_instructions"] < old["loop_instructions"] and new["regs"] <= old["regs"], (new, old)
         assert set(new["mma_serialised"]) <= set(old["mma_serialised"]), (new, old)
+    # the rebuild by mma.sync (kres_gluon_sync): no warpgroup MMA, the 8 heads in straight-line code (16 rebuild and
+    # 8 score mma.sync each) with nothing serialised, 3 programs per SM under its 160-register cap (Triton 3.6: 1,283
+    # instructions per tile of 8 heads, no spill; 3.9: 56 bytes spilled)
+    assert sync16["wgmma"] == 0 and sync16["mma_sync"] == 8 * 24 and not sync16["mma_serialised"], sync16
+    assert sync16["programs_per_sm"] >= 3 and sync16["spill_bytes"] <= 64, sync16
 
 
 #: the Gluon K pass's launch knobs the GPU tests run (the sweep's candidates, eval/bench/sweep_kernel.py)
@@ -198,6 +213,8 @@ GLUON_KNOBS = [
     {"res_form": "gluon", "res_f16": True},
     {"res_form": "gluon", "res_f16": True, "res_step_heads": 2},
     {"res_form": "gluon", "res_f16": True, "res_runtime_zeros": True},
+    {"res_form": "gluon", "res_f16": True, "res_rebuild": "mma_sync"},
+    {"res_form": "gluon", "res_f16": True, "res_rebuild": "mma_sync", "res_maxnreg": 160},
 ]
 
 
@@ -272,7 +289,8 @@ def test_gluon_k_pass_case_space_gpu(case, dtype, masked):
         return
     ref = reference_attention(q.float(), view, mask, case.D**-0.5)
     base_err = lowp_attention_error(q.float(), view, mask, case.D**-0.5, ref)
-    for score, f16 in (("mma_sync", False), ("mma", False), ("mma_sync", True)):
-        err = (_launch(q, view, mask, case.D**-0.5, res_form="gluon", res_score=score, res_f16=f16).float()
-               - ref).abs().max()
-        assert err.item() <= 3 * base_err + 1e-5, (score, f16, err.item(), base_err)
+    for score, f16, rebuild in (("mma_sync", False, "wgmma"), ("mma", False, "wgmma"), ("mma_sync", True, "wgmma"),
+                                ("mma_sync", True, "mma_sync")):
+        err = (_launch(q, view, mask, case.D**-0.5, res_form="gluon", res_score=score, res_f16=f16,
+                       res_rebuild=rebuild).float() - ref).abs().max()
+        assert err.item() <= 3 * base_err + 1e-5, (score, f16, rebuild, err.item(), base_err)

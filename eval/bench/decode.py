@@ -229,10 +229,11 @@ def main(argv=None):
     ap.add_argument("--resume", default=None,
                     help="a JSON of an earlier, unfinished run on the same GPU: its cases are kept, not rerun")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds: start no new case after this")
-    ap.add_argument("--k-pass", choices=["rule", "triton", "runtime-zeros"], default="rule",
+    ap.add_argument("--k-pass", choices=["rule", "triton", "runtime-zeros", "sync"], default="rule",
                     help="the kernels' K pass: the launch rule's, the Triton one at every count (the rule before "
                          "the Gluon K pass, its fp16 rebuild kept; FORKKV_F16_K_PASS=0 drops that too), or the rule's "
-                         "with the Gluon pass's MMAs from runtime zeros (res_runtime_zeros: v38's form)")
+                         "with the Gluon pass's MMAs from runtime zeros (res_runtime_zeros: v38's form), or its fp16 "
+                         "calls with the rebuild by mma.sync at 160 registers (res_rebuild='mma_sync': v42's form)")
     args = ap.parse_args(argv)
     if args.k_pass != "rule":
         import forkkv_kernels.rules as rules
@@ -243,7 +244,10 @@ def main(argv=None):
             import forkkv_kernels.kres_gluon as kres_gluon
 
             launch = kres_gluon.launch_kres_scores_gluon
-            kres_gluon.launch_kres_scores_gluon = lambda *a, **kw: launch(*a, **{**kw, "res_runtime_zeros": True})
+            knobs = ({"res_runtime_zeros": True} if args.k_pass == "runtime-zeros" else
+                     {"res_rebuild": "mma_sync", "res_maxnreg": 160})
+            kres_gluon.launch_kres_scores_gluon = lambda *a, **kw: launch(
+                *a, **({**kw, **knobs} if kw.get("res_f16") or args.k_pass == "runtime-zeros" else kw))
     if "on" in args.compile and len({round_capacity(PROMPT + n) for n in args.tokens}) > 1:
         ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: with a {PROMPT}-token prompt the two calls need "
                  f"different private capacities (multiples of {CAPACITY_STEP} tokens), so their steps may run "

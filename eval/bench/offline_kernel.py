@@ -95,14 +95,18 @@ def _compile_gluon_kres(knobs: dict) -> dict:
     rule = {**GLUON_RULE, **knobs}
     mq = rule.get("mq") or score_columns(4, rule["res_score"])
     const = dict(HKV=8, G=4, HALF=64, RKB=16, VPR=4, NQG=4, MQ=mq,
-                 BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]),
-                 SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")),
-                 HP=rule.get("res_step_heads") or 1, RT_ZEROS=bool(rule.get("res_runtime_zeros")))
+                 BLOCK_T=rule["res_block_t"], ROPE_HALF=True, SATF=bool(rule["res_satfinite"]))
+    kernel = _kres_scores_gluon
+    if rule.get("res_rebuild") == "mma_sync":  # the rebuild by mma.sync (kres_gluon_sync: the fp16 form only)
+        from forkkv_kernels.kres_gluon_sync import _kres_scores_gluon_sync as kernel
+    else:
+        const.update(SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")),
+                     HP=rule.get("res_step_heads") or 1, RT_ZEROS=bool(rule.get("res_runtime_zeros")))
     args = _kres_args(bool(rule.get("res_f16")))
     opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
-    return _inspect(triton.compile(_source(GluonASTSource, _kres_scores_gluon, args, const),
+    return _inspect(triton.compile(_source(GluonASTSource, kernel, args, const),
                                    target=GPUTarget("cuda", 90, 32), options=opts), opts)
 
 
