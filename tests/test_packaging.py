@@ -54,3 +54,18 @@ def test_no_top_level_folder_shadows_an_installed_package():
     assert {"forkkv_hf", "forkkv_kernels", "eval"} <= ours
     clashes = {name: owners[name] for name in ours if set(owners.get(name, [])) - {"forkkv-hf", "forkkv_hf"}}
     assert clashes == {}, f"rename these folders: installed distributions provide modules of the same name: {clashes}"
+
+
+def test_layering_reads_the_kernel_package_too(tmp_path):
+    """The design card's layering tool (``../shared/tools/layering.py``: import circles, modules over 450 lines) reads
+    the kernels from a ``kernels/`` folder, which became ``forkkv_kernels/`` (above): run from the repository root it
+    skips them without a word. Run over a view of the tree where ``kernels`` is that folder, it must find nothing."""
+    tool = ROOT.parent / "shared" / "tools" / "layering.py"
+    if not tool.exists():
+        pytest.skip("the design card's tools are not beside this checkout")
+    for name, target in (("forkkv_hf", "forkkv_hf"), ("kernels", "forkkv_kernels"), ("eval", "eval"),
+                         ("examples", "examples")):
+        (tmp_path / name).symlink_to(ROOT / target, target_is_directory=True)
+    proc = subprocess.run([sys.executable, str(tool)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "forkkv_kernels" not in proc.stdout and "nothing found" in proc.stdout, proc.stdout[-3000:]
