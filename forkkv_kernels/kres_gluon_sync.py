@@ -29,7 +29,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
     from .gluon_common import cta_barrier as _cta_barrier
-    from .kres_gluon_parts import _cols_layout, _columns, _halves, _head_scores, _store_head, _tile_loads
+    from .kres_gluon_parts import (_agent_program, _halves, _head_scores, _score_addresses, _stage_agent, _store_head,
+                                   _tile_loads, _tile_offsets, _tile_rope)
 
     @gluon.jit
     def _kres_scores_gluon_sync(
@@ -45,53 +46,19 @@ if HAVE_GLUON:
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
         B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=ACC, k_width=2)
-        LB: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[NW, 1],
-                                            order=[0, 1])  # a head's B_k [RKB, D] (rank contiguous in memory)
-        LQ: gl.constexpr = _cols_layout(D, MQ, NW)  # a head's queries [D, MQ] (dims contiguous in memory)
-        SB: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RKB, D], gl.float16)
-        SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, MQ], gl.float16)
         SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, RKB], gl.float16)
-        LU: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1], warps_per_cta=[NW, 1],
-                                            order=[1, 0])  # a u tile [BLOCK_T, RKB]
-        LC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (HALF // 8), HALF // 8],
-                                            warps_per_cta=[NW, 1], order=[1, 0])  # a cos/sin tile [BLOCK_T, HALF]
 
-        p = gl.program_id(0)
         split = gl.program_id(1)
-        chunk = gl.program_id(2)
-        slot = gl.load(KSLOT + gl.load(ORDER + p))
-        prev = gl.load(KSLOT + gl.load(ORDER + gl.maximum(p - 1, 0)))
-        first = p + chunk * (MQ // VPR)
-        first_slot = gl.load(KSLOT + gl.load(ORDER + gl.minimum(first, B - 1)))
-        if (slot >= 0) & ((p == 0) | (prev != slot)) & (first < B) & (first_slot == slot):
+        slot, first, active = _agent_program(KSLOT, ORDER, B, MQ, VPR)
+        if active:
             dtype: gl.constexpr = gl.float16
-            b_smem = gl.allocate_shared_memory(dtype, [HKV, RKB, D], SB)
-            kb = gl.arange(0, RKB, layout=gl.SliceLayout(1, LB))
-            nb = gl.arange(0, D, layout=gl.SliceLayout(0, LB))
-            b_base = BK + slot.to(gl.int64) * (HKV * D * RK)
-            for i in gl.static_range(HKV):
-                b_smem.index(i).store(gl.load(b_base + (i * D + nb[None, :]) * RK + kb[:, None],
-                                              mask=(kb < RK)[:, None], other=0.0).to(dtype))
-            q_smem = gl.allocate_shared_memory(dtype, [HKV, D, MQ], SQ)
-            dq = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
-            rowq, wq, okq = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, LQ))
-            q_off = rowq * s_qb + (wq % G) * s_qh + (wq // G) * s_qq
-            for i in gl.static_range(HKV):
-                q_smem.index(i).store(gl.load(Q + (q_off + i * G * s_qh)[None, :] + dq[:, None], mask=okq[None, :],
-                                              other=0.0).to(dtype))
-            fence_async_shared()
-            _cta_barrier()
-            rowc, w, ok = _columns(first, slot, ORDER, KSLOT, B, MQ, VPR, NQG, gl.SliceLayout(0, ACC))
-            ts = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, ACC))
-            r_off = ((rowc * VPR + w) * RS)[None, :] + ts[:, None]
-            head_stride = (B * VPR).to(gl.int64) * RS
-
+            b_smem, q_smem = _stage_agent(Q, s_qb, s_qh, s_qq, BK, KSLOT, ORDER, B, RK, slot, first, dtype, HKV, G, D,
+                                          RKB, MQ, VPR, NQG)
+            r_off, head_stride, ts, ok = _score_addresses(first, slot, KSLOT, ORDER, B, RS, MQ, VPR, NQG, BLOCK_T,
+                                                          ACC)
             u_base = UK + slot.to(gl.int64) * T * RK
             u_smem = gl.allocate_shared_memory(dtype, [BLOCK_T, RKB], SU)
-            tu = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LU))
-            ku = gl.arange(0, RKB, layout=gl.SliceLayout(0, LU))
-            tc = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LC))
-            dc = gl.arange(0, HALF, layout=gl.SliceLayout(0, LC))
+            tu, ku, tc, dc = _tile_offsets(BLOCK_T, RKB, HALF)
             zx = gl.zeros([BLOCK_T, D], gl.float16, ACC)
             zs = gl.zeros([BLOCK_T, MQ], gl.float32, ACC)
             probe, probe_hi = _halves(zx, BLOCK_T, HALF)
@@ -108,14 +75,7 @@ if HAVE_GLUON:
                 u_smem.store(u.to(dtype))
                 _cta_barrier()
                 u_a = u_smem.load(A_OP)  # the u tile as the rebuild's A operand, for every head
-                c_lo = gl.convert_layout(c.to(dtype), probe.type.layout)
-                s_lo = gl.convert_layout(sn.to(dtype), probe.type.layout)
-                if ROPE_HALF:
-                    c_hi = c_lo
-                    s_hi = s_lo
-                else:
-                    c_hi = gl.convert_layout(ch.to(dtype), probe.type.layout)
-                    s_hi = gl.convert_layout(sh.to(dtype), probe.type.layout)
+                c_lo, s_lo, c_hi, s_hi = _tile_rope(c, sn, ch, sh, probe, dtype, ROPE_HALF)
                 # the heads in straight-line code, each head's rebuild issued before the previous head's rotation and
                 # scores (no asynchronous accumulator: ptxas interleaves them, offline SASS)
                 x_n = mma_v2(u_a, b_smem.index(0).load(B_OP), zx)
