@@ -9,6 +9,7 @@ fused-rebuild kernels of v6 were removed once the cascade measured faster at eve
 "Which family serves a call").
 """
 
+from .attention_common import release_workspaces
 from .cascade import cascade_attention
 
-__all__ = ["cascade_attention"]
+__all__ = ["cascade_attention", "release_workspaces"]

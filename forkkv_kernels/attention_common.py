@@ -145,6 +145,16 @@ def workspace(name: str, numel: int, device, dtype=torch.float32) -> torch.Tenso
     return buf[:numel]
 
 
+def release_workspaces() -> int:
+    """Drop the reusable scratch buffers (:func:`workspace`; the largest at a call of B decode rows, H_kv KV heads and
+    T context tokens: the K residual's scores, 2 bytes x H_kv x 4·B x T, 512 MiB at 256 rows of Llama-3.1-8B shapes
+    over 32K) so that the CUDA caching allocator can give their memory back; the next call allocates them anew.
+    Returns the bytes released (tensors still in use elsewhere keep theirs)."""
+    freed = sum(buf.numel() * buf.element_size() for buf in _WORKSPACES.values())
+    _WORKSPACES.clear()
+    return freed
+
+
 def fresh_scratch(name: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
     """A scratch buffer of its own per call (what :func:`workspace` hands out, unshared): inside a CUDA-graph capture
     it comes from the graph's memory pool and is released when the launch returns."""

@@ -843,3 +843,21 @@ def test_sweep_narrowed_to_one_variant(tmp_path, monkeypatch):
     sweep.run_jobs(job_order(list(cases), ["shared"]), candidates)
     assert run.rows and {r["variant"] for r in run.rows} == {"kv"}
     assert len({r["config"] for r in run.rows}) >= 3 and all(r["ok"] for r in run.rows), run.rows
+
+
+def test_release_workspaces_gives_the_scratch_back():
+    """The launcher's reusable scratch (the K residual's scores, the splits' partials) stays allocated between calls;
+    ``release_workspaces`` drops it and says how many bytes, and the next call allocates it anew and gives the same
+    output."""
+    from forkkv_kernels import release_workspaces
+    from forkkv_kernels import attention_common
+
+    view = random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1])
+    q = _query(view, 4, 1)
+    release_workspaces()
+    first = _launch(q, view, None, 0.25)
+    held = dict(attention_common._WORKSPACES)
+    assert any(name == "kres_scores" for name, *_ in held), sorted(held)
+    assert release_workspaces() == sum(b.numel() * b.element_size() for b in held.values()) > 0
+    assert not attention_common._WORKSPACES and release_workspaces() == 0
+    assert torch.equal(_launch(q, view, None, 0.25), first) and attention_common._WORKSPACES

@@ -99,7 +99,14 @@ class StepMarks:
 
 
 def free_memory() -> None:
-    """Collect garbage, empty the CUDA caching allocator and reset every GPU's peak-memory counter."""
+    """Drop the kernels' reusable scratch buffers (an earlier case's would count in the next case's memory), collect
+    garbage, empty the CUDA caching allocator and reset every GPU's peak-memory counter."""
+    try:
+        from forkkv_kernels import release_workspaces
+    except ImportError:  # no Triton: no kernels, no buffers of theirs
+        pass
+    else:
+        release_workspaces()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
