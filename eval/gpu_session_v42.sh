@@ -10,6 +10,9 @@
 #   programs per SM; capped at 160: 3 per SM), at 16 / 32 / 128 / 256 agents, two orders (~2 x 120 s);
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps, marked steps) compiled, then eager, back to back
 #   (~2 x 220 s; DECODE_PARTS="comp", "eager" or "sync": compiled with `--k-pass sync`);
+# - ncu (not in the default): each pipe's share of its peak (`NCU_PIPES=1`) for the K pass with the mma.sync rebuild
+#   and for the shared kernel, at 128 agents (~60 s each): whether the interleaving moved the K pass's issue rate, and
+#   what limits the shared part (33 of the 256-agent step's 103 ms in v39's profile);
 # - path (not in the default; on an H200 when one comes): the library's path at 1 / 8 / 16 / 32 / 128 agents.
 # Results: $OUT/v42.tgz.
 set -u
@@ -35,6 +38,16 @@ if has decode; then
         esac
         pack
     done
+fi
+if has ncu; then
+    K='{"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync", "res_maxnreg": 160}'
+    NCU_PIPES=1 ncu_stalls ${NCU_S:-120} _kres_scores 1 "$OUT/ncu_v42_kpass_sync.txt" --variants kv \
+        --points 32768:128 --knobs "$K"
+    echo "ncu kpass rc=$?"; grep -E "gpu__time_duration|Issued Warp|pipe_(fma|tensor)_cycles" \
+        "$OUT/ncu_v42_kpass_sync.txt" | head -6; pack
+    NCU_PIPES=1 ncu_stalls ${NCU_S:-120} _cascade_shared 1 "$OUT/ncu_v42_shared.txt" --variants kv --points 32768:128
+    echo "ncu shared rc=$?"; grep -E "gpu__time_duration|Issued Warp|pipe_(fma|tensor)_cycles" \
+        "$OUT/ncu_v42_shared.txt" | head -6; pack
 fi
 if has path; then
     library_path ${PATH_S:-150} v42 1 8 16 32 128; pack
