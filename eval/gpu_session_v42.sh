@@ -2,13 +2,15 @@
 # v42 (issue 19; eval/KERNEL_NOTES.md "v41 measured", "v42"): (a) the compiled step's kernels with `context_visible`
 # (the mask read in the private part only; v41: compiled 103.78 against eager 99.22 ms per step at 256 agents on one
 # H100); (b) the Gluon K pass with its rebuild by mma.sync (`res_rebuild="mma_sync"`, forkkv_kernels/kres_gluon_sync.py:
-# the heads' rebuilds and rotations interleaved within a warp, never run on a GPU).
+# the heads' rebuilds and rotations interleaved within a warp, never run on a GPU); (c) the fp16 K pass reading the
+# RoPE tables in fp16 (`rope16`, the adapter's default since v42: no conversion per tile).
 # Parts (PARTS, default "tests sweep decode"):
 # - tests: `context_visible` bit for bit against the masked shared part at 8 and 20 agents; the compiled decode's GPU
 #   tests; the Gluon K pass's real-size tests with the mma.sync rebuild among their knobs (~200 s);
 # - sweep: whole K+V calls at 32K, the rule's Gluon K pass against its mma.sync rebuild (uncapped: 178 registers, 2
-#   programs per SM; capped at 160: 3 per SM) and the Triton K pass (the rule's below 16 agents), at 8 / 16 / 32 /
-#   128 / 256 agents, two orders (~2 x 170 s);
+#   programs per SM; capped at 160: 3 per SM), the Triton K pass (the rule's below 16 agents) and the Gluon pass
+#   converting the RoPE tables per tile as before `rope16` (`"rope16": null`), at 8 / 16 / 32 / 128 / 256 agents, two
+#   orders (~2 x 200 s);
 # - decode: the capacity decode (256 agents, 8 / 64 tokens, two reps, marked steps) compiled, then eager, back to back
 #   (~2 x 220 s; DECODE_PARTS="comp", "eager" or "sync": compiled with `--k-pass sync`);
 # - ncu (not in the default): each pipe's share of its peak (`NCU_PIPES=1`) for the K pass with the mma.sync rebuild
@@ -27,8 +29,9 @@ if has tests; then
 fi
 if has sweep; then
     C='{"kres": [{"res_form": "gluon", "res_f16": true}, {"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync"},'
-    C+=' {"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync", "res_maxnreg": 160}, {"res_form": "joined"}]}'
-    SWEEP_S=${SWEEP_S:-170} kres_sweep v42 "$C" ${SWEEP_POINTS:-32768:8 32768:16 32768:32 32768:128 32768:256}
+    C+=' {"res_form": "gluon", "res_f16": true, "res_rebuild": "mma_sync", "res_maxnreg": 160}, {"res_form": "joined"},'
+    C+=' {"res_form": "gluon", "res_f16": true, "rope16": null}]}'
+    SWEEP_S=${SWEEP_S:-200} kres_sweep v42 "$C" ${SWEEP_POINTS:-32768:8 32768:16 32768:32 32768:128 32768:256}
 fi
 if has decode; then
     for arm in ${DECODE_PARTS:-comp eager}; do

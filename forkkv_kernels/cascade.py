@@ -189,8 +189,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        res_maxnreg: int | None = None, mq: int | None = None, res_whole_waves: bool | None = None,
                        res_score: str | None = None, res_pack: int | None = None, res_satfinite: bool | None = None,
                        res_f16: bool | None = None, k_B16=None, res_step_heads: int | None = None,
-                       res_runtime_zeros: bool | None = None, res_rebuild: str | None = None, merge_warps: int = 4,
-                       merge_stages: int = 2,
+                       res_runtime_zeros: bool | None = None, res_rebuild: str | None = None, rope16=None,
+                       merge_warps: int = 4, merge_stages: int = 2,
                        merge_unroll: int | None = None, merge_block_t: int | None = None,
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
@@ -209,7 +209,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     (:func:`~.kres_pass.launch_kres_scores`): ``res_form``, ``res_block_t``, ``res_heads``, ``res_programs_per_sm`` /
     ``res_splits``, ``res_warps``, ``res_stages``, ``res_maxnreg``, ``mq``, ``res_whole_waves``, ``res_score``,
     ``res_pack``, ``res_satfinite``, ``res_step_heads``, ``res_runtime_zeros`` and ``res_rebuild`` (the Gluon
-    form's), ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion per call). Merge
+    form's), ``res_f16`` (with ``k_B16``, ``k_B`` in fp16 kept by the caller: no conversion per call; ``rope16``,
+    the cos/sin tables in fp16 kept by the caller: none per tile). Merge
     (:func:`~.merge.launch_private_merge`): ``merge_warps``, ``merge_stages``, ``merge_unroll``, ``merge_chunk`` (at
     most the split count, rounded up to a power of two), ``merge_block_t``, ``merge_first`` (the splits' partials
     merged before the private part).
@@ -325,7 +326,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             res_stages=cfg["res_stages"], res_maxnreg=cfg["res_maxnreg"], mq=mq, whole_waves=cfg["res_whole_waves"],
             res_score=cfg["res_score"], res_pack=cfg["res_pack"], res_satfinite=cfg["res_satfinite"],
             res_f16=cfg["res_f16"], k_B16=k_B16, pdl=pdl_mode == "early", res_step_heads=res_step_heads,
-            res_runtime_zeros=res_runtime_zeros, res_rebuild=res_rebuild)
+            res_runtime_zeros=res_runtime_zeros, res_rebuild=res_rebuild, rope16=rope16)
 
     BLOCK_T = cfg["block_t"]
     gluon_shared = form in ("gluon", "gluon_pair")

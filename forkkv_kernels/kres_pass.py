@@ -231,6 +231,21 @@ def _b16(k_B: torch.Tensor, k_B16) -> torch.Tensor:
     return k_B16.contiguous() if k_B16 is not None else k_B.to(torch.float16)
 
 
+def rope_f16(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` in fp16 (contiguous) for ``rope16``: the same values as the fp16 forms' conversion per tile."""
+    return cos.to(torch.float16).contiguous(), sin.to(torch.float16).contiguous()
+
+
+def _rope16(cos: torch.Tensor, sin: torch.Tensor, rope16) -> tuple[torch.Tensor, torch.Tensor]:
+    c16, s16 = rope16
+    for name, t, ref in (("cos", c16, cos), ("sin", s16, sin)):
+        if t.dtype != torch.float16 or t.shape != ref.shape or t.device != ref.device or not t.is_contiguous():
+            raise ValueError(f"rope16's {name} must be the {name} table in fp16, contiguous, on its device: got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device} for {tuple(ref.shape)} on {ref.device} "
+                             "(forkkv_kernels.kres_pass.rope_f16 makes them)")
+    return c16, s16
+
+
 def score_pack(res_pack: int, fma: bool, heads: int, mq: int, agent_vectors: int) -> int:
     """How many KV heads share one score tile for ``res_pack`` (at most that many, a power of two): 1 for CUDA-core
     scores, else halved until it divides the program's ``heads`` and each head's ``mq // pack`` columns hold an agent's
@@ -251,7 +266,7 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                        whole_waves: bool = False, res_score: str = "mma", res_pack: int = 1,
                        res_satfinite: bool = False, res_f16: bool = False, k_B16=None, pdl: bool = False,
                        r_stride: int | None = None, res_step_heads: int | None = None,
-                       res_runtime_zeros: bool | None = None, res_rebuild: str | None = None):
+                       res_runtime_zeros: bool | None = None, res_rebuild: str | None = None, rope16=None):
     """Run ``_kres_scores_kernel`` into ``r_scores [H_kv, B·VPR, T]``, score rows ``r_stride`` apart (default
     ``T``). ``q [B, H, NQ, D]``; ``k_u [n, T, r]``, ``k_B [n, H_kv·D, r]``, ``cos``/``sin [T, D]`` contiguous;
     ``k_slot [B]``, ``k_order [B]`` int32 (rows sorted by
@@ -273,13 +288,18 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     range: :func:`f16_range_ok`; ``k_B16``: ``k_B`` already in fp16, else converted per call). Returns the compiled
     kernel. ``pdl``: the kernel lets the next one (a programmatic dependent launch) start early.
     ``res_step_heads``, ``res_runtime_zeros``, ``res_rebuild``: the Gluon form's KV heads per step of its head loop,
-    its zero accumulators as v36b had them and its rebuild's MMA (:func:`~.kres_gluon.launch_kres_scores_gluon`)."""
+    its zero accumulators as v36b had them and its rebuild's MMA (:func:`~.kres_gluon.launch_kres_scores_gluon`).
+    ``rope16``: ``(cos, sin)`` in fp16, kept by the caller, read instead of ``cos``/``sin`` by the fp16 forms (no
+    conversion per tile: the Gluon pass's tile 97 instructions shorter, 1,227 -> 1,130 offline; the same values, both
+    conversions rounding to the nearest fp16; :func:`rope_f16`)."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
         raise ValueError(f"res_form={res_form!r}; use one of {RES_FORMS}")
     if res_score not in RES_SCORES:
         raise ValueError(f"res_score={res_score!r}; use one of {RES_SCORES}")
+    if res_f16 and rope16 is not None:  # the fp16 forms' cos/sin: the caller's fp16 copies
+        cos, sin = _rope16(cos, sin, rope16)
     if res_form == "gluon":
         from .kres_gluon import launch_kres_scores_gluon
 

@@ -18,6 +18,7 @@ from views import lowp_attention_error, padding_mask, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import cascade_attention  # noqa: E402
+from forkkv_kernels.kres_pass import rope_f16  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.version_independent  # no transformers/PEFT code: not rerun on 5.17 (tests/conftest.py)
@@ -496,12 +497,15 @@ def test_cascade_f16_k_pass_low_precision_pass_rule(case, dtype):
 def test_cascade_f16_k_pass_case_space(case):
     """``res_f16`` over the attention case space (GQA 1-8, head dims 8-128, ranks 1-64, shared agents, rows without
     one, extend calls, every other case masked), fp32 inputs: the fp16 roundings of the K residual and the queries
-    bound the error (the residual's scores only; the base's are fp32)."""
+    bound the error (the residual's scores only; the base's are fp32); with ``rope16`` the same output bit for bit."""
     view, q = case.view(), case.query()
     masked = ATTN_CASES.index(case) % 2 == 1
     mask = case.mask() if masked else None
     out = _launch(q, view, mask, case.D**-0.5, res_form="joined", res_f16=True)
     torch.testing.assert_close(out, reference_attention(q, view, mask, case.D**-0.5), rtol=3e-3, atol=3e-3)
+    if case.k_res:  # the RoPE tables given in fp16 (rope16): the same conversion, made once: bit for bit
+        rope16 = rope_f16(view.shared.cos.to(DEV), view.shared.sin.to(DEV))
+        assert torch.equal(_launch(q, view, mask, case.D**-0.5, res_form="joined", res_f16=True, rope16=rope16), out)
 
 
 @parametrize("dtype", [torch.float32, *LOW_DTYPES])

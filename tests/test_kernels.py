@@ -169,6 +169,52 @@ def test_f16_k_pass_takes_the_residuals_fp16_b():
     assert torch.equal(k_residual_b16(res), res.B.to(torch.float16))
 
 
+def test_f16_k_pass_takes_the_rope_tables_in_fp16(monkeypatch):
+    """With the fp16 form the adapter also passes the RoPE tables in fp16 (``rope16``), made once per table and kept
+    while it lives (layers and calls sharing a table share the copy; a compiled step's plan holds the same): the same
+    output as the kernels converting them per tile, bit for bit; a ``rope16`` that is not the tables in fp16 is
+    refused with what to pass."""
+    import gc
+
+    import forkkv_kernels
+    from forkkv_kernels import cascade_attention
+    from forkkv_kernels.kres_pass import rope_f16
+    from forkkv_hf.ops import dispatch
+    from forkkv_hf.ops.decode_ops import plan_decode_attention
+
+    view = _to(random_view(B=2, Hkv=2, D=16, T=30, P=2, rows=[0, 1], v_res=False, dtype=torch.bfloat16), DEV)
+    res, sh = view.shared.k_res, view.shared
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+    seen, launcher = [], forkkv_kernels.cascade_attention
+
+    def spy(*args, **kw):
+        seen.append(kw.get("rope16"))
+        return launcher(*args, **kw)
+
+    monkeypatch.setattr(forkkv_kernels, "cascade_attention", spy)
+    out = residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    c16, s16 = seen[0]
+    assert c16.dtype == s16.dtype == torch.float16 and seen[1][0] is c16 and seen[1][1] is s16
+    assert torch.equal(c16, sh.cos.to(torch.float16)) and torch.equal(s16, sh.sin.to(torch.float16))
+    plan = plan_decode_attention(sh, (0, 1), None)
+    assert plan.rope16[0] is c16 and plan.rope16[1] is s16  # the compiled step's plan: the same copy
+    kw = dict(k_u=res.u, k_B=res.B, k_slot=view.k_rows.to(DEV), res_form="joined", res_f16=True)
+    per_tile = cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, **kw)
+    assert torch.equal(out, per_tile)
+    for bad in ((sh.cos, sh.sin), rope_f16(sh.cos[:-1], sh.sin[:-1])):
+        with pytest.raises(ValueError, match="rope16's cos must be the cos table in fp16"):
+            cascade_attention(q, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value, 0.25, rope16=bad, **kw)
+    n = len(dispatch._ROPE16)
+    sh.cos = sh.cos.clone()  # a new table: a new copy, and the old one's goes with it
+    seen.clear()
+    residual_attention_triton(q, view, None, 0.25, res_form="joined", res_f16=True)
+    assert seen[0][0] is not c16
+    del c16, s16, seen[:], plan
+    gc.collect()
+    assert len(dispatch._ROPE16) <= n
+
+
 @pytest.mark.version_independent
 def test_compiled_decode_plan_keeps_the_f16_k_pass_off_beyond_fp16s_range():
     """The compiled decode's plan (what the custom op receives) carries ``res_f16=False`` for a K residual beyond

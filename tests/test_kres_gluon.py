@@ -19,6 +19,7 @@ from views import lowp_attention_error, random_view
 
 pytest.importorskip("triton")
 from forkkv_kernels import kres_gluon  # noqa: E402
+from forkkv_kernels.kres_pass import rope_f16  # noqa: E402
 from forkkv_kernels.rules import GLUON_K_FROM, TRITON_K_RULE, launch_defaults  # noqa: E402
 from test_cascade_kernel import _launch  # noqa: E402
 
@@ -173,11 +174,13 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
                           {"res_form": "gluon", "res_score": "mma"}, {"res_form": "gluon", "res_f16": True},
                           {"res_form": "gluon", "res_f16": True, "res_runtime_zeros": True},
                           {"res_form": "gluon", "res_runtime_zeros": True},
-                          {"res_form": "gluon", "res_f16": True, "res_rebuild": "mma_sync", "res_maxnreg": 160}])
+                          {"res_form": "gluon", "res_f16": True, "res_rebuild": "mma_sync", "res_maxnreg": 160},
+                          {"res_form": "gluon", "res_f16": True, "rope16": True}])
     proc = subprocess.run([sys.executable, "-m", "eval.bench.offline_kernel", "--configs", configs, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rule, rule16, gluon, gluon_wgmma, gluon16, gluon16_rt, gluon_rt, sync16 = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())["rows"]
+    rule, rule16, gluon, gluon_wgmma, gluon16, gluon16_rt, gluon_rt, sync16, gluon16_rope16 = rows
     for row in (gluon, gluon_wgmma):
         assert row["spill_bytes"] == 0 and row["programs_per_sm"] >= 3 and not row["mma_serialised"], row
         assert row["loop_instructions"] < rule["loop_instructions"], (row, rule)
@@ -200,6 +203,11 @@ def test_offline_sm90_compile_of_the_gluon_k_pass(tmp_path):
     # instructions per tile of 8 heads, no spill; 3.9: 56 bytes spilled)
     assert sync16["wgmma"] == 0 and sync16["mma_sync"] == 8 * 24 and not sync16["mma_serialised"], sync16
     assert sync16["programs_per_sm"] >= 3 and sync16["spill_bytes"] <= 64, sync16
+    # the RoPE tables given in fp16 (rope16): the tile's cos/sin conversions gone (Triton 3.6: the tile loop's span 519
+    # -> 422 instructions), the head loop and the registers as they were
+    assert gluon16_rope16["tile_loop_instructions"] <= gluon16["tile_loop_instructions"] - 64, (gluon16_rope16, gluon16)
+    assert (gluon16_rope16["loop_instructions"], gluon16_rope16["regs"]) == (gluon16["loop_instructions"],
+                                                                             gluon16["regs"]), gluon16_rope16
 
 
 #: the Gluon K pass's launch knobs the GPU tests run (the sweep's candidates, eval/bench/sweep_kernel.py)
@@ -244,6 +252,12 @@ def test_gluon_k_pass_real_sizes_gpu(case, dtype):
             plain = _launch(q, view, None, 128**-0.5, res_form="gluon", res_f16=f16)
             assert torch.equal(plain, _launch(q, view, None, 128**-0.5, res_form="gluon", res_f16=f16,
                                               res_runtime_zeros=True)), f16
+        # the RoPE tables given in fp16 (rope16): the per-tile conversion made once, the same output bit for bit
+        rope16 = rope_f16(view.shared.cos.cuda(), view.shared.sin.cuda())
+        for rebuild in ("wgmma", "mma_sync"):
+            kw = dict(res_form="gluon", res_f16=True, res_rebuild=rebuild)
+            assert torch.equal(_launch(q, view, None, 128**-0.5, **kw),
+                               _launch(q, view, None, 128**-0.5, rope16=rope16, **kw)), rebuild
 
 
 @pytest.mark.gpu

@@ -103,6 +103,8 @@ def _compile_gluon_kres(knobs: dict) -> dict:
         const.update(SYNC_SCORE=rule["res_score"] == "mma_sync", F16=bool(rule.get("res_f16")),
                      HP=rule.get("res_step_heads") or 1, RT_ZEROS=bool(rule.get("res_runtime_zeros")))
     args = _kres_args(bool(rule.get("res_f16")))
+    if rule.get("rope16"):  # the RoPE tables given in fp16 (the adapter's rope16 for the fp16 form)
+        args.update(COS="*fp16", SIN="*fp16")
     opts = {"num_warps": rule["res_block_t"] // 16, "num_stages": 1}
     if rule.get("res_maxnreg"):
         opts["maxnreg"] = rule["res_maxnreg"]
@@ -298,8 +300,17 @@ def context_loop(sass: str) -> dict:
 
 
 def hot_loop(sass: str) -> dict:
-    """:func:`loop_counts` of the kernel's longest innermost loop (the K pass: the loop over one tile's KV heads)."""
-    return loop_counts(next(iter(loop_bodies(sass)), []))
+    """:func:`loop_counts` of the kernel's longest innermost loop (the K pass: the loop over one tile's KV heads), and
+    ``tile_loop_instructions``: the longest loop's static span, inner loops counted once (the K pass's tile loop; a
+    kernel without nested loops: its innermost one)."""
+    spans = []
+    lines = sass.splitlines()
+    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and label_at.get(m.group(1), i) < i:
+            spans.append(sum(1 for x in lines[label_at[m.group(1)]:i + 1] if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", x)))
+    return {**loop_counts(next(iter(loop_bodies(sass)), [])), "tile_loop_instructions": max(spans, default=0)}
 
 
 def main(argv=None):

@@ -27,19 +27,22 @@ def cascade_attention_op(
     k_slot: Optional[torch.Tensor], k_order: Optional[torch.Tensor], v_slot: Optional[torch.Tensor],
     k_agents: int, k_max_rows: int, rope_half: bool, scaling: float, lowp_rope: Optional[bool] = None,
     res_f16: Optional[bool] = None, k_b16: Optional[torch.Tensor] = None, context_visible: bool = False,
+    cos16: Optional[torch.Tensor] = None, sin16: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``forkkv_kernels.cascade_attention``; ``k_slot``/``v_slot [B]`` int32 (each row's slot, -1: none), ``k_order``
     the rows sorted by K slot, ``k_agents`` distinct K slots, ``k_max_rows`` the most rows one K slot has,
     ``lowp_rope`` the configuration's, ``res_f16`` False for a K residual beyond fp16's range (``None``: the kernel's
     defaults), ``k_b16`` its B in fp16 for that form (``None``: converted per call), ``context_visible``: the mask
-    shows every row the whole shared context, so only the private part reads it."""
+    shows every row the whole shared context, so only the private part reads it, ``cos16``/``sin16`` the RoPE tables
+    in fp16 for that form (``None``: converted per tile)."""
     from forkkv_kernels.attention_common import fresh_scratch
     from forkkv_kernels.cascade import cascade_attention
 
     return cascade_attention(query, key, value, cos, sin, private_k, private_v, scaling, k_u=k_u, k_B=k_b,
                              k_slot=k_slot, v_u=v_u, v_B=v_b, v_slot=v_slot, mask=mask, rope_half=rope_half,
                              k_order=k_order, k_agents=k_agents, k_max_rows=k_max_rows, lowp_rope=lowp_rope,
-                             res_f16=res_f16, k_B16=k_b16, context_visible=context_visible, scratch=fresh_scratch)
+                             res_f16=res_f16, k_B16=k_b16, context_visible=context_visible,
+                             rope16=None if cos16 is None else (cos16, sin16), scratch=fresh_scratch)
 
 
 def _attention_fake(query, *args):

@@ -16,8 +16,8 @@ import torch
 from ..config import get_config
 from ..memo import memoized
 from . import custom_ops  # noqa: F401  (registers torch.ops.forkkv.*)
-from .dispatch import (f16_k_pass_args, residual_attention, residual_attention_torch, rope_repeats_half,
-                       slot_tensors)
+from .dispatch import (f16_k_pass_args, residual_attention, residual_attention_torch, rope16_tables,
+                       rope_repeats_half, slot_tensors)
 from .masks import kv_mask, visible_mask
 
 
@@ -61,6 +61,8 @@ class AttentionDecodePlan:
     res_f16: bool | None = None
     #: the K residual's B in fp16 for that form, kept with the residual (None: beyond range, or an fp32 layer)
     k_b16: torch.Tensor | None = None
+    #: the RoPE tables in fp16 for that form (``rope16``), kept with the tables (None where ``k_b16`` is)
+    rope16: tuple | None = None
 
 
 def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) -> AttentionDecodePlan:
@@ -75,7 +77,7 @@ def plan_decode_attention(shared, k_slots: tuple | None, v_slots: tuple | None) 
         k_slot, order, agents, most = slot_tensors(tuple(k_slots), dev)
         res_f16, k_b16 = f16_k_pass_args(shared.k_res, shared.key.dtype)
         plan = replace(plan, k_slot=k_slot, k_order=order, k_agents=agents, k_max_rows=most, res_f16=res_f16,
-                       k_b16=k_b16)
+                       k_b16=k_b16, rope16=None if k_b16 is None else rope16_tables(shared.cos, shared.sin))
     if has_v:
         plan = replace(plan, v_slot=slot_tensors(tuple(v_slots), dev)[0])
     return plan
@@ -99,7 +101,7 @@ def _triton_attention(query, view, attention_mask, scaling):
     return torch.ops.forkkv.cascade_attention(query, sh.key[0], sh.value[0], sh.cos, sh.sin, view.key, view.value,
                                               mask, *k, *v, plan.k_slot, plan.k_order, plan.v_slot, plan.k_agents,
                                               plan.k_max_rows, plan.rope_half, float(scaling), plan.lowp_rope,
-                                              plan.res_f16, plan.k_b16, True)
+                                              plan.res_f16, plan.k_b16, True, *(plan.rope16 or (None, None)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Elsewhere (and with ``backend="torch"``) it runs the chunked PyTorch path below.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -294,6 +295,27 @@ def k_residual_b16(res):
     return _memo_on(res, "_b16", lambda: res.B if res.B.dtype == torch.float16 else res.B.to(torch.float16))
 
 
+_ROPE16: dict = {}  # id(cos table) -> (a weak reference to it, its sin table, their fp16 copies)
+
+
+def rope16_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE tables in fp16 for the K pass's fp16 form (``rope16``: the kernels then convert none per tile), made
+    once per table (the layers of a model share theirs: one copy, ``2·T·D`` values, 16 MiB at 32K for D = 128) and
+    dropped with it; the tables themselves where they are fp16 already."""
+    from forkkv_kernels.kres_pass import rope_f16
+
+    if cos.dtype == torch.float16 and sin.dtype == torch.float16 and cos.is_contiguous() and sin.is_contiguous():
+        return cos, sin
+    key = id(cos)
+    memo = _ROPE16.get(key)
+    if memo is None or memo[0]() is not cos or memo[1] is not sin:
+        # (keyed by identity: tensors compare by value; the entry goes when the table does)
+        memo = (weakref.ref(cos, lambda ref, key=key: _ROPE16.pop(key, None) if _ROPE16.get(key, (None,))[0] is ref
+                            else None), sin, rope_f16(cos, sin))
+        _ROPE16[key] = memo
+    return memo[2]
+
+
 def f16_k_pass_args(res, dtype: torch.dtype) -> tuple[bool | None, torch.Tensor | None]:
     """The K pass's ``res_f16`` and ``k_B16`` for the K residual ``res`` in a ``dtype`` call: ``(False, None)`` beyond
     fp16's range (:func:`k_residual_fits_f16`); for bf16/fp16 calls the configuration's ``f16_k_pass`` (``None``: the
@@ -328,6 +350,8 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
             f16, b16 = f16_k_pass_args(sh.k_res, query.dtype)
             tuning.setdefault("res_f16", f16)
             tuning.setdefault("k_B16", b16)
+            if b16 is not None:  # the fp16 form may run: its RoPE tables in fp16 too
+                tuning.setdefault("rope16", rope16_tables(sh.cos, sh.sin))
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh),
               context_visible=getattr(view, "context_visible", False))
