@@ -26,8 +26,10 @@ ncu_stalls() {
   local limit=$1 kernel=$2 launches=$3 out=$4; shift 4
   local metrics="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum"
   metrics+=",gpu__time_duration.sum"
-  [ "${NCU_PIPES:-0}" = 1 ] && metrics+=",regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active"
-  [ "${NCU_PIPES:-0}" = 1 ] && metrics+=",regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
+  if [ "${NCU_PIPES:-0}" = 1 ]; then
+    metrics+=",regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active"
+    metrics+=",regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
+  fi
   timeout "$limit" ncu --clock-control none --kernel-name regex:"$kernel" --launch-count "$launches" \
     --section SchedulerStats --section WarpStateStats --section Occupancy --metrics "$metrics" \
     python3 -m eval.bench.profile_kernel --ncu-once "$@" > "$out" 2>&1

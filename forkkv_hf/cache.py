@@ -74,6 +74,7 @@ class ForkKVLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    context_visible = False  # this forward's ForkKVView.context_visible, set by ForkKVCache.prepare_forward
 
     def __init__(self, shared: SharedLayer, rows: tuple[str, ...], residual: str = "kv"):
         super().__init__()
@@ -81,7 +82,6 @@ class ForkKVLayer(CacheLayerMixin):
         self.residual = residual
         self._fork_rows = rows
         self._set_rows(rows)
-        self.context_visible = False  # each forward's, from ForkKVCache.prepare_forward (ForkKVView's)
 
     # -- rows --------------------------------------------------------------------------------------------------
     def _set_rows(self, rows: tuple[str, ...]) -> None:
@@ -141,7 +141,7 @@ class ForkKVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         view = ForkKVView(self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots,
-                          self.v_slots, getattr(self, "context_visible", False))
+                          self.v_slots, self.context_visible)
         return view, view
 
     def private_length(self) -> int:

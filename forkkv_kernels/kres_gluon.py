@@ -131,7 +131,6 @@ if HAVE_GLUON:
         else:
             ACC_S: gl.constexpr = _acc_layout(NW, MQ)  # a score tile [BLOCK_T, MQ]
         B_Q: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=ACC_S, k_width=2)
-        A_U: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_X, k_width=2)
         A_K: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_S, k_width=2)
         SU: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, RKB], gl.bfloat16)
 

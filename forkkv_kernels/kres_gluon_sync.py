@@ -6,7 +6,7 @@ Why (eval/KERNEL_NOTES.md "v41 measured", "v42"): the Gluon K pass issues 41% of
 rotation instructions, then the score chain) and the 2.5 warps per scheduler do not fill each other's gaps. With the
 rebuild on the warpgroup MMA, ptxas serialises every MMA of the kernel as soon as a rebuild is in flight while the
 previous head's accumulator is read (its reports C7514 / C7515), so that kernel cannot overlap them; ``mma.sync`` has
-no asynchronous accumulator, so the next head's rebuild can be issued before this head's rotation (``PIPE``) and the
+no asynchronous accumulator, so the next head's rebuild can be issued before this head's rotation and the
 scheduler may interleave the two. The cost: the rebuild as 16 ``HMMA`` per warp and head (m16n8k16 over D = 128
 columns) with ``B_k`` loaded from shared memory per head, against one warpgroup MMA.
 
@@ -26,7 +26,6 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
     from .gluon_common import cta_barrier as _cta_barrier
     from .kres_gluon_parts import (_agent_program, _halves, _head_scores, _score_addresses, _stage_agent, _store_head,

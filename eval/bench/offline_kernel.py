@@ -258,19 +258,23 @@ def shared_rule(agents: int, has_k: bool, has_v: bool, rank_v: int = 16) -> dict
                           has_k=has_k, has_v=has_v, pdl_trigger=0 if rule["pdl"] is False else 2)
 
 
-def loop_bodies(sass: str) -> list[list[str]]:
-    """The innermost loops of a kernel's SASS, longest first: each loop's lines from its label to the branch back to
-    it, for loops whose body holds no other label (the end's one-instruction trap loop is one such too)."""
+def _loops(sass: str) -> list[list[str]]:
+    """Every loop of a kernel's SASS: its lines from its label to the branch back to it."""
     lines = sass.splitlines()
     label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and label_at.get(m.group(1), i) < i:
-            body = lines[label_at[m.group(1)]:i + 1]
-            if not any(re.match(r"^\.L_x_\d+:", b) for b in body[1:]):
-                loops.append(body)
-    return sorted(loops, key=len, reverse=True)
+            loops.append(lines[label_at[m.group(1)]:i + 1])
+    return loops
+
+
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The innermost loops of a kernel's SASS, longest first: each loop's lines from its label to the branch back to
+    it, for loops whose body holds no other label (the end's one-instruction trap loop is one such too)."""
+    inner = [body for body in _loops(sass) if not any(re.match(r"^\.L_x_\d+:", b) for b in body[1:])]
+    return sorted(inner, key=len, reverse=True)
 
 
 def loop_counts(body: list[str]) -> dict:
@@ -303,14 +307,8 @@ def hot_loop(sass: str) -> dict:
     """:func:`loop_counts` of the kernel's longest innermost loop (the K pass: the loop over one tile's KV heads), and
     ``tile_loop_instructions``: the longest loop's static span, inner loops counted once (the K pass's tile loop; a
     kernel without nested loops: its innermost one)."""
-    spans = []
-    lines = sass.splitlines()
-    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
-        if m and label_at.get(m.group(1), i) < i:
-            spans.append(sum(1 for x in lines[label_at[m.group(1)]:i + 1] if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", x)))
-    return {**loop_counts(next(iter(loop_bodies(sass)), [])), "tile_loop_instructions": max(spans, default=0)}
+    longest = max((loop_counts(body)["loop_instructions"] for body in _loops(sass)), default=0)
+    return {**loop_counts(next(iter(loop_bodies(sass)), [])), "tile_loop_instructions": longest}
 
 
 def main(argv=None):

@@ -354,7 +354,7 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                 tuning.setdefault("rope16", rope16_tables(sh.cos, sh.sin))
     kw = dict(mask=int8_mask(attention_mask, query.shape[0], query.shape[2], view.shared_len, view.private_len),
               rope_half=any(kind == "k" for kind, *_ in present) and rope_repeats_half(sh),
-              context_visible=getattr(view, "context_visible", False))
+              context_visible=view.context_visible)
     for kind, r, rows, slots in present:
         kw[f"{kind}_u"], kw[f"{kind}_B"] = r.u, r.B
         slot, order, n_agents, max_rows = (slot_tensors(tuple(slots), str(query.device)) if slots is not None
