@@ -223,6 +223,24 @@ def test_bench_decode_cut_in_its_profile_keeps_the_timed_phase(tmp_path, monkeyp
 
 
 @pytest.mark.version_independent
+def test_a_case_out_of_memory_keeps_what_the_allocator_said(monkeypatch):
+    """A benchmark case that runs out of GPU memory is a row saying so, with the allocator's own account (allocated
+    against reserved-but-unallocated), not a bare flag: v41's baseline at 5 agents failed under a 60 GiB budget with a
+    predicted peak of 46.7 GiB, and nothing recorded why."""
+    from eval.bench import decode, e2e
+
+    msg = "CUDA out of memory. Tried to allocate 2.00 GiB.\n  Of the allocated memory 44.1 GiB is allocated by PyTorch"
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError(msg)
+
+    monkeypatch.setattr(e2e, "run_one", boom)
+    rec = e2e.measure_case(torch.nn.Module(), "baseline", None, [], [], 1)
+    assert rec["oom"] is True and rec["message"] == " ".join(msg.split())
+    assert decode._guarded(boom) == rec
+    assert decode._guarded(lambda: 1 / 0) == {"error": "ZeroDivisionError('division by zero')"}
+
+
 def test_runner_starts_no_case_after_the_time_limit(tmp_path):
     run = BenchmarkRun("bench_x", {}, ["n"], out=tmp_path / "r.json", time_limit=0.0)
     calls = []

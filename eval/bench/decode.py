@@ -54,7 +54,7 @@ from forkkv_hf.compile_policy import CAPACITY_STEP, round_capacity
 from forkkv_hf.config import get_config
 
 from .decode_timing import _first_call, measure
-from .measure import StepMarks, free_memory
+from .measure import StepMarks, free_memory, oom_record
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -109,9 +109,10 @@ def _guarded(fn) -> dict:
     """``fn()``, or the error it raised as the row's measurement (the other cases still run)."""
     try:
         return fn()
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as e:
+        rec = oom_record(e)
         free_memory()
-        return {"oom": True}
+        return rec
     except Exception as e:  # noqa: BLE001 - a case that fails is reported, not fatal to the run
         return {"error": repr(e)[:1000]}
 

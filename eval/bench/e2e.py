@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from .measure import (KERNEL_FAMILIES, StepMarks, free_memory, is_cuda_event, kernel_seconds_by_family, peak_bytes,
-                      peaks_gib, sync)
+from .measure import (KERNEL_FAMILIES, StepMarks, free_memory, is_cuda_event, kernel_seconds_by_family, oom_record,
+                      peak_bytes, peaks_gib, sync)
 from .models import add_random_adapters, build_model, build_model_split, default_device, llama8b_config
 from .runner import BenchmarkRun
 
@@ -109,12 +109,13 @@ def measure_case(pm, system, ctx, prompts, names, new_tokens, baseline_batched_l
     """:func:`run_one`'s measurements, or ``{"oom": True}`` when the case does not fit (PEFT's stale hooks removed)."""
     try:
         return run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as e:
         from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
 
+        rec = oom_record(e)
         remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
         free_memory()
-        return {"oom": True}
+        return rec
 
 
 def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True, shared=None):

@@ -114,6 +114,17 @@ def free_memory() -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
+def oom_record(err: BaseException) -> dict:
+    """A case that ran out of GPU memory, as its row: what the allocator said (how much it tried to allocate, how much
+    PyTorch held allocated and reserved-but-unallocated: fragmentation against real demand) and the peaks so far.
+    Call it before :func:`free_memory`, which resets the peaks."""
+    rec = {"oom": True, "message": " ".join(str(err).split())[:800]}
+    if torch.cuda.is_available():
+        rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return rec
+
+
 def peak_bytes() -> int:
     """Peak allocated memory of the current GPU since the last :func:`free_memory` (0 without CUDA)."""
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
