@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# v43 (issue 19; eval/KERNEL_NOTES.md "v42 measured"): what the last device minutes of a session buy.
+# Parts (PARTS, default "path oom"):
+# - path: the library's path at 1 / 8 / 16 / 32 / 128 agents (`python -m eval.bench.kernel`, ~80 s): on an H200 it
+#   replaces the README's H200 table of v20 (issue 19's targets are an H200's); on an H100 a second machine's v42 row;
+# - oom: the end-to-end baseline at 5 agents under the 60 GiB budget (and ForkKV at 1 agent, which the script needs),
+#   ~120 s: v41 ran out of memory there with a predicted peak of 46.7 GiB, and the row now keeps the allocator's
+#   message (allocated against reserved-but-unallocated), so it says why.
+# Results: $OUT/v43.tgz.
+set -u
+SESSION=v43
+source "$(dirname "$0")/gpu_env.sh"
+PARTS=${PARTS:-"path oom"}
+if has path; then
+    library_path ${PATH_S:-150} v43 1 8 16 32 128; pack
+fi
+if has oom; then
+    timeout ${OOM_S:-240} python -m eval.bench.e2e --contexts 32768 --agents 5 --forkkv-agents 1 --no-profile \
+        --no-capacity --out "$OUT/bench_e2e_v43oom.json" > "$OUT/bench_e2e_v43oom.log" 2>&1
+    echo "oom rc=$?"; cut -c1-1500 "$OUT/bench_e2e_v43oom.log" | tail -6; pack
+fi
