@@ -10,6 +10,11 @@ no asynchronous accumulator, so the next head's rebuild can be issued before thi
 scheduler may interleave the two. The cost: the rebuild as 16 ``HMMA`` per warp and head (m16n8k16 over D = 128
 columns) with ``B_k`` loaded from shared memory per head, against one warpgroup MMA.
 
+Measured (eval/KERNEL_NOTES.md "v42 measured", one H100): whole K+V calls 3-14% slower than with the rule's Gluon K
+pass at 32 / 128 / 256 agents, capped at 160 registers or not; ncu at 128 agents: the same issue rate (0.41 per
+scheduler), the pipes' use spread, the HMMAs' shared-memory operands waited on. Kept opt-in for sweeps; the launch
+rule does not take it.
+
 Same operands, arithmetic and results as the Gluon K pass's fp16 form (``res_f16``): ``u`` and ``B_k`` in fp16, the
 rebuild accumulated in fp16, rotated in packed fp16, scores by ``mma.sync`` accumulated in fp32, scaled and stored
 through the saturating conversion; the same grid and launcher (:func:`~.kres_gluon.launch_kres_scores_gluon` with

@@ -290,8 +290,9 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     ``res_step_heads``, ``res_runtime_zeros``, ``res_rebuild``: the Gluon form's KV heads per step of its head loop,
     its zero accumulators as v36b had them and its rebuild's MMA (:func:`~.kres_gluon.launch_kres_scores_gluon`).
     ``rope16``: ``(cos, sin)`` in fp16, kept by the caller, read instead of ``cos``/``sin`` by the fp16 forms (no
-    conversion per tile: the Gluon pass's tile 97 instructions shorter, 1,227 -> 1,130 offline; the same values, both
-    conversions rounding to the nearest fp16; :func:`rope_f16`)."""
+    conversion per tile: the Gluon pass's tile 97 instructions shorter, 1,227 -> 1,130 offline, whole K+V calls 1.0-3.4%
+    faster at 32-256 agents on an H100, v42; the same values, both conversions rounding to the nearest fp16;
+    :func:`rope_f16`)."""
     B, H, NQ, D = q.shape
     Hkv, T = k_B.shape[1] // D, k_u.shape[1]
     if res_form not in RES_FORMS:
