@@ -382,6 +382,10 @@ class ForkKVCache(Cache):
         checks them at each call) and record the tokens appended. A compiled decode step only records them (its
         call's eager prefill ran the checks). Returns the ``(args, kwargs)`` to run, or ``None`` for "as given"."""
         if torch.compiler.is_compiling():
+            # nothing checked this forward's mask (a compiled generate's decode steps pass context_visible
+            # themselves): the kernels read it everywhere, whatever an earlier eager forward of this cache set
+            for layer in self.layers:
+                layer.context_visible = False
             ids = kwargs.get("input_ids", args[0] if args else None)
             return None if ids is None else self.record_tokens(ids)
         n = self.__dict__.get("_generate_forwards")  # set by the generate wrapper: after its first, decode steps

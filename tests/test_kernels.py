@@ -291,6 +291,51 @@ def test_masks_reach_the_shared_part_only_where_they_may_hide_context(monkeypatc
 
 
 @pytest.mark.slow
+def test_a_compiled_forward_reads_its_mask_everywhere_after_an_eager_one(monkeypatch):
+    """A forward of a ``torch.compile``d model runs its cache's pre-hook traced, where no mask value is checked: after an
+    eager forward with a 2-D mask set ``context_visible`` on the cache, a compiled step with a 4-D mask of the caller's
+    own that hides a context token must still reach the shared part and give the eager step's logits (the flag was
+    stale before: the hidden token was attended to)."""
+    import forkkv_hf
+    import forkkv_kernels
+    from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
+    from models import tiny_llama, with_adapters
+
+    monkeypatch.setenv("FORKKV_BACKEND", "triton")
+    calls, launcher = [], forkkv_kernels.cascade_attention
+
+    def spy(*args, **kw):  # runs the kernels outside the trace (the interpreter cannot be traced)
+        calls.append(kw["context_visible"])
+        return torch._dynamo.disable(launcher)(*args, **kw)
+
+    monkeypatch.setattr(forkkv_kernels, "cascade_attention", spy)
+    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=6), {"planner": dict(r=4)}).to(DEV)
+    forkkv_hf.enable_forkkv(pm)
+    ctx = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(0)).to(DEV)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0, device=DEV)
+    ids, m2 = inputs["input_ids"], inputs["attention_mask"]
+    T, (B, S) = ctx.numel(), ids.shape
+    pos = (m2.cumsum(-1) - 1).clamp(min=0)[:, T:]
+    step = dict(input_ids=torch.tensor([[9], [10]], device=DEV), position_ids=pos[:, -1:] + 1, adapter_names=names)
+    hiding = torch.ones(B, 1, 1, S + 1, dtype=torch.bool, device=DEV)
+    hiding[0, ..., 3] = False  # row 0 does not see context token 3
+    base, logits = pm.get_base_model(), {}
+    for mode in ("eager", "compiled", "unmasked"):
+        cache = ForkKVCache.from_context(pm, ctx, adapter_names=names)
+        with torch.no_grad():
+            pm(input_ids=ids[:, T:], attention_mask=m2, position_ids=pos, adapter_names=names, **cache_kwargs(cache))
+            calls.clear()
+            run = torch.compile(base, backend="eager") if mode == "compiled" else base
+            kw = dict(attention_mask=hiding if mode != "unmasked" else hiding | True, **step, **cache_kwargs(cache))
+            with pm._enable_peft_forward_hooks(**kw):  # PeftModel.forward's own way to the rows' adapters
+                logits[mode] = run(**{k: v for k, v in kw.items() if k != "adapter_names"}).logits
+        assert calls == [False, False], mode
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["unmasked"][0], logits["eager"][0], atol=1e-2)  # the token hidden matters
+
+
+@pytest.mark.slow
 def test_generate_long_prompts_all_backends_agree(monkeypatch):
     """Prompts of 16+ tokens: ``auto`` (on CUDA: SDPA for the prompts, Triton for decode), ``sdpa`` and ``triton``
     give the PyTorch path's greedy tokens."""
