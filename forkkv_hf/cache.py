@@ -377,25 +377,21 @@ class ForkKVCache(Cache):
     def prepare_forward(self, module, args: tuple, kwargs: dict):
         """Before each forward of ``module`` (the transformers model) that appends to this cache (the hook
         :func:`forkkv_hf.enable_forkkv` installs): refuse inputs it would serve wrong, cut whole rows to the new
-        tokens (:func:`forkkv_hf.guards.check_forward_inputs`; a decode step of a ``generate`` call skips the checks
-        that read tensor values), check the weights at the first forward of a fork not run by ``generate`` (which
-        checks them at each call) and record the tokens appended. A compiled decode step only records them (its
-        call's eager prefill ran the checks). Returns the ``(args, kwargs)`` to run, or ``None`` for "as given"."""
-        if torch.compiler.is_compiling():
-            # nothing checked this forward's mask (a compiled generate's decode steps pass context_visible
-            # themselves): the kernels read it everywhere, whatever an earlier eager forward of this cache set
-            for layer in self.layers:
-                layer.context_visible = False
+        tokens (:func:`forkkv_hf.guards.check_forward_inputs`; generate's decode steps skip the checks that read
+        tensor values), check the weights at the first forward of a fork not run by ``generate`` (which checks them
+        at each call), record the tokens appended (all a traced forward does); returns new ``(args, kwargs)`` or None"""
+        # the shared kernels skip a 2-D mask (checked below: one hiding context tokens is refused; decode steps extend
+        # checked ones); a traced forward checks none (compiled generate steps pass context_visible themselves)
+        compiling, mask = torch.compiler.is_compiling(), kwargs.get("attention_mask")
+        for layer in self.layers:
+            layer.context_visible = not compiling and (mask is None or torch.is_tensor(mask) and mask.dim() == 2)
+        if compiling:
             ids = kwargs.get("input_ids", args[0] if args else None)
             return None if ids is None else self.record_tokens(ids)
         n = self.__dict__.get("_generate_forwards")  # set by the generate wrapper: after its first, decode steps
         if n is not None:
             self._generate_forwards = n + 1
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
-        # a 2-D mask hiding context tokens was just refused (at a decode step: generate extended a checked one)
-        mask = kwargs.get("attention_mask")
-        for layer in self.layers:
-            layer.context_visible = mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2
         checked, self._weights_checked = getattr(self, "_weights_checked", False), False
         if not checked and not n and self.layers[0].private_length() == 0:
             # a direct forward on a fresh fork: its context must match the weights, as generate checks each call
