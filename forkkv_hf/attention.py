@@ -86,8 +86,10 @@ def forkkv_attention_forward(
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
     view = key
-    if not torch.compiler.is_compiling():  # a compiled decode step was checked by its call's eager prefill
+    if not torch.compiler.is_compiling():
         _check_view(module, view, kwargs)
+    elif not getattr(view, "static", False):  # a model its user compiled: nothing checked this call's rows eagerly
+        torch.compiler.disable(_check_view)(module, view, kwargs)  # (a compiled generate's step: its eager prefill did)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if getattr(view, "static", False):  # a StaticForkKVView (forkkv_hf.static_cache)

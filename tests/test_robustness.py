@@ -99,6 +99,22 @@ def test_torch_compile_keeps_the_result():
     assert [str(w.message)[:120] for w in caught if "lru_cache" in str(w.message)] == []
 
 
+@pytest.mark.slow
+def test_a_compiled_model_still_refuses_rows_run_by_other_adapters():
+    """A model its user compiled (so the cache's checks run traced, with no eager prefill of ``generate`` before
+    them) still refuses a forward whose rows run other adapters than the cache's: here the transformers model called
+    directly, its active adapter on every row (this ran silently before)."""
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=23), {"planner": dict(r=4)}, seed=23))
+    ctx = _ctx()
+    inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
+    T, ids, m2 = ctx.numel(), inputs["input_ids"], inputs["attention_mask"]
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["planner", "__base__"])
+    compiled = torch.compile(pm.get_base_model(), backend="eager")
+    with torch.no_grad(), pytest.raises(ValueError, match="forked for"):
+        compiled(input_ids=ids[:, T:], attention_mask=m2, position_ids=(m2.cumsum(-1) - 1).clamp(min=0)[:, T:],
+                 **cache_kwargs(cache))
+
+
 def test_cache_of_another_model_refused(agents):
     ctx = _ctx()
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
