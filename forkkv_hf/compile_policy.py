@@ -24,6 +24,7 @@ from .compile_regions import compile_regions
 from .config import get_config
 from .peft import wrappers
 from .peft.lora_factors import (
+    PLANNED_ROWS,
     _modules_outside_lora,
     find_attention_modules,
     is_peft_model,
@@ -145,8 +146,6 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
     return None
 
 
-#: what LoRA layers get as ``adapter_names`` inside a compiled step: they run the plan their call's prefill made
-PLANNED_ROWS = "forkkv-hf: rows planned at the prefill"
 
 
 class RowNames:

@@ -176,6 +176,24 @@ def test_peft_argument_checks_once_per_call_and_still_enforced(monkeypatch):
             pm(input_ids=ids, adapter_names=names)
 
 
+@pytest.mark.slow
+def test_a_model_its_user_compiled_runs_each_calls_own_adapters():
+    """``torch.compile(peft_model)`` with ``adapter_names``: a traced forward outside ``generate``'s compiled decode
+    runs PEFT's own mixed-batch forward (and its argument checks) for its own rows, not the plan an earlier eager call
+    of other rows left on the layers (that plan is for a compiled generate's decode steps; it ran here before: the
+    eager call's adapters on the compiled call's rows, silently)."""
+    pm = _agents(seed=4)
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(5)).to(DEV)
+    names, other = ["planner", "coder", "critic"], ["critic", "planner", "coder"]
+    with batched_lora(pm):
+        want = _logits(pm, ids, names)
+        _logits(pm, ids, other)  # leaves its rows' plan on every layer
+        compiled = torch.compile(pm, backend="eager")
+        torch.testing.assert_close(_logits(compiled, ids, names), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):
+            _logits(compiled, ids, names[:2])
+
+
 def test_fallback_to_peft_warns_once(caplog):
     """Active LoRA dropout (PEFT refuses adapter_names on a model in training mode, not on a dropout module in it)
     leaves the LoRA layers to PEFT's own mixed-batch forward: logged once however many layers and calls reach it;

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora_factors import BASE_ADAPTER
+from .lora_factors import BASE_ADAPTER, PLANNED_ROWS
 
 
 def _probe_hook(module, args, kwargs, output):
-    if torch.compiler.is_compiling():  # the call's eager prefill recorded the names; decode steps run the same
-        return
+    if torch.compiler.is_compiling() and kwargs.get("adapter_names") == PLANNED_ROWS:
+        return  # a compiled decode step of generate: its call's eager prefill recorded the names, the steps run them
     module._forkkv_adapter_names = kwargs.get("adapter_names")
 
 

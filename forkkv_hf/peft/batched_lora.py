@@ -36,7 +36,7 @@ from ..ops.decode_ops import (add_lora_delta, bias_rows, decode_lora_forward, lo
 from ..log import get_logger, warn_once
 from . import wrappers
 from .calls import CALL_EPOCH, new_call
-from .lora_factors import BASE_ADAPTER, _modules_outside_lora, transformers_model
+from .lora_factors import BASE_ADAPTER, PLANNED_ROWS, _modules_outside_lora, transformers_model
 from .tp import is_dtensor, local, lora_shard, rowwise_group
 
 logger = get_logger(__name__)
@@ -230,8 +230,11 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
     adapters of the batch."""
     if not self.lora_A or x.dim() != 3:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
-    if torch.compiler.is_compiling():  # a compiled decode step: the plan this call's prefill stored
-        return decode_lora_forward(self, x, *args, **kwargs)
+    if torch.compiler.is_compiling():
+        if adapter_names == PLANNED_ROWS:  # a compiled decode step of generate: the plan its call's prefill stored
+            return decode_lora_forward(self, x, *args, **kwargs)
+        # a model its user compiled: PEFT's own forward, traced (the plan an eager call left is not this call's)
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     stack, slots, batchable = _call_plan(self, adapter_names)
     if not batchable:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
@@ -259,8 +262,9 @@ def checked_forward_args(self, x, *args, **kwargs):
     step: with ``adapter_names`` it builds a set of the batch's names and looks each up (O(rows) per LoRA layer and
     step, ~3 ms a step for 256 agents on an 8B model). The row-count check, which is cheap, runs at every eager
     forward (a compiled decode step skips both: its call's eager prefill ran them)."""
-    if torch.compiler.is_compiling():  # the call's eager prefill checked these names
-        return None
+    if torch.compiler.is_compiling():  # a compiled decode step: its call's eager prefill checked the names
+        return None if kwargs.get("adapter_names") == PLANNED_ROWS else type(self)._check_forward_args(
+            self, x, *args, **kwargs)
     names = kwargs.get("adapter_names")
     if names is None or len(x) != len(names):
         return type(self)._check_forward_args(self, x, *args, **kwargs)

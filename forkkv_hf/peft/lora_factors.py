@@ -19,6 +19,10 @@ from .tp import is_dtensor, lora_shard, shard_dim
 
 #: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
 BASE_ADAPTER = "__base__"
+#: what LoRA layers get as ``adapter_names`` inside a compiled decode step of ``generate``
+#: (:class:`~forkkv_hf.compile_policy.RowNames`): they run the plan their call's eager prefill made. Other names in a
+#: traced forward come from a model its user compiled: nothing planned them
+PLANNED_ROWS = "forkkv-hf: rows planned at the prefill"
 
 
 @dataclass
