@@ -253,14 +253,25 @@ def test_generate_with_triton_backend_equals_torch(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _two_rows():
+    """A tiny ForkKV model, a 21-token context and two rows (a ``planner`` row and a ``__base__`` row, padded)."""
+    import forkkv_hf
+    from forkkv_hf import batch_inputs
+    from models import tiny_llama, with_adapters
+
+    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=6), {"planner": dict(r=4)}).to(DEV)
+    forkkv_hf.enable_forkkv(pm)
+    ctx = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(0)).to(DEV)
+    names = ["planner", "__base__"]
+    return pm, ctx, names, batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0, device=DEV)
+
+
 def test_masks_reach_the_shared_part_only_where_they_may_hide_context(monkeypatch):
     """Padded rows in an eager generate, and a direct forward with a 2-D mask (both checked: a mask hiding context
     tokens is refused), call the kernels with ``context_visible`` (their shared part reads no mask); a direct forward
     with a 4-D mask of the caller's own keeps the mask everywhere."""
-    import forkkv_hf
     import forkkv_kernels
-    from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
-    from models import tiny_llama, with_adapters
+    from forkkv_hf import ForkKVCache, cache_kwargs
 
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
     calls, launcher = [], forkkv_kernels.cascade_attention
@@ -270,11 +281,7 @@ def test_masks_reach_the_shared_part_only_where_they_may_hide_context(monkeypatc
         return launcher(*args, **kw)
 
     monkeypatch.setattr(forkkv_kernels, "cascade_attention", spy)
-    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=6), {"planner": dict(r=4)}).to(DEV)
-    forkkv_hf.enable_forkkv(pm)
-    ctx = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(0)).to(DEV)
-    names = ["planner", "__base__"]
-    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0, device=DEV)
+    pm, ctx, names, inputs = _two_rows()
     pm.generate(**inputs, adapter_names=names, max_new_tokens=3, do_sample=False, pad_token_id=0,
                 disable_compile=True, **cache_kwargs(ForkKVCache.from_context(pm, ctx, adapter_names=names)))
     assert calls == [(True, True)] * 6  # the prompts' forward and two decode steps, two layers each
@@ -296,10 +303,8 @@ def test_a_compiled_forward_reads_its_mask_everywhere_after_an_eager_one(monkeyp
     eager forward with a 2-D mask set ``context_visible`` on the cache, a compiled step with a 4-D mask of the caller's
     own that hides a context token must still reach the shared part and give the eager step's logits (the flag was
     stale before: the hidden token was attended to)."""
-    import forkkv_hf
     import forkkv_kernels
-    from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
-    from models import tiny_llama, with_adapters
+    from forkkv_hf import ForkKVCache, cache_kwargs
 
     monkeypatch.setenv("FORKKV_BACKEND", "triton")
     calls, launcher = [], forkkv_kernels.cascade_attention
@@ -309,11 +314,7 @@ def test_a_compiled_forward_reads_its_mask_everywhere_after_an_eager_one(monkeyp
         return torch._dynamo.disable(launcher)(*args, **kw)
 
     monkeypatch.setattr(forkkv_kernels, "cascade_attention", spy)
-    pm = with_adapters(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, seed=6), {"planner": dict(r=4)}).to(DEV)
-    forkkv_hf.enable_forkkv(pm)
-    ctx = torch.randint(3, 128, (21,), generator=torch.Generator().manual_seed(0)).to(DEV)
-    names = ["planner", "__base__"]
-    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0, device=DEV)
+    pm, ctx, names, inputs = _two_rows()
     ids, m2 = inputs["input_ids"], inputs["attention_mask"]
     T, (B, S) = ctx.numel(), ids.shape
     pos = (m2.cumsum(-1) - 1).clamp(min=0)[:, T:]
