@@ -7,7 +7,10 @@
 #   ~120 s: v41 ran out of memory there with a predicted peak of 46.7 GiB, and the row now keeps the allocator's
 #   message (allocated against reserved-but-unallocated), so it says why;
 # - tests: the tests of models their users compile (stop 62's three silent results, fixed on CPU) on the GPU's
-#   kernels: each call's own adapters through the batched LoRA, the mask read everywhere, the rows' check (~60 s).
+#   kernels: each call's own adapters through the batched LoRA, the mask read everywhere, the rows' check (~60 s);
+# - decode (not in the default; a call of its own): the compiled decode step at 1 / 8 / 32 / 128 agents, marked, for
+#   the README's compiled-decode table (H200, 2026-12-03, before `context_visible` and rope16: 134.1 ms at 256 agents
+#   where v42 measured 89.8 on an H100); ~90 s per count, `DECODE_RESUME` continues a cut run.
 # Results: $OUT/v43.tgz.
 set -u
 SESSION=v43
@@ -26,4 +29,11 @@ if has tests; then  # not `gpu`-marked (they run on CPU too), so not through gpu
         tests/test_robustness.py -k "user_compiled or compiled_forward_reads or compiled_model_still" \
         -p no:cacheprovider > "$OUT/gpu_tests_v43.log" 2>&1
     echo "tests rc=$?"; grep -E "^FAILED|passed|failed|Error" "$OUT/gpu_tests_v43.log" | head -8; pack
+fi
+if has decode; then
+    resume=(); [ -n "${DECODE_RESUME:-}" ] && resume=(--resume "$DECODE_RESUME")
+    timeout $(( ${DECODE_LIMIT:-420} + 150 )) python -m eval.bench.decode --agents 1 8 32 128 --compile on \
+        --tokens 8 40 --reps 2 --freeze-gc --no-profile --no-anchors --time-limit ${DECODE_LIMIT:-420} \
+        "${resume[@]}" --out "$OUT/bench_decode_compiled_v43.json" > "$OUT/bench_decode_compiled_v43.log" 2>&1
+    echo "decode rc=$?"; grep -E "timed:" "$OUT/bench_decode_compiled_v43.log" | cut -c1-160; pack
 fi
