@@ -85,14 +85,14 @@ def forkkv_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
-    view = key
+    view, static = key, getattr(key, "static", False)  # static: a StaticForkKVView (forkkv_hf.static_cache)
     if not torch.compiler.is_compiling():
         _check_view(module, view, kwargs)
-    elif not getattr(view, "static", False):  # a model its user compiled: nothing checked this call's rows eagerly
+    elif not static:  # a model its user compiled: nothing checked this call's rows eagerly
         torch.compiler.disable(_check_view)(module, view, kwargs)  # (a compiled generate's step: its eager prefill did)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if getattr(view, "static", False):  # a StaticForkKVView (forkkv_hf.static_cache)
+    if static:
         return static_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
     return residual_attention(query, view, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 

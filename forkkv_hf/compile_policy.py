@@ -146,8 +146,6 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
     return None
 
 
-
-
 class RowNames:
     """A forward pre-hook that gives a LoRA layer ``adapter_names``, in place of the one PEFT's ``generate`` installs
     for the call: the names in eager forwards (the prefill), :data:`PLANNED_ROWS` in a compiled one. PEFT's hook holds

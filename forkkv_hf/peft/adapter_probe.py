@@ -9,14 +9,13 @@ of the attention.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .lora_factors import BASE_ADAPTER, PLANNED_ROWS
+from .lora_factors import BASE_ADAPTER, in_planned_step
 
 
 def _probe_hook(module, args, kwargs, output):
-    if torch.compiler.is_compiling() and kwargs.get("adapter_names") == PLANNED_ROWS:
+    if in_planned_step(kwargs.get("adapter_names")):
         return  # a compiled decode step of generate: its call's eager prefill recorded the names, the steps run them
     module._forkkv_adapter_names = kwargs.get("adapter_names")
 

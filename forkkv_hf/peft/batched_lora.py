@@ -36,7 +36,7 @@ from ..ops.decode_ops import (add_lora_delta, bias_rows, decode_lora_forward, lo
 from ..log import get_logger, warn_once
 from . import wrappers
 from .calls import CALL_EPOCH, new_call
-from .lora_factors import BASE_ADAPTER, PLANNED_ROWS, _modules_outside_lora, transformers_model
+from .lora_factors import BASE_ADAPTER, _modules_outside_lora, in_planned_step, transformers_model
 from .tp import is_dtensor, local, lora_shard, rowwise_group
 
 logger = get_logger(__name__)
@@ -230,10 +230,9 @@ def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **k
     adapters of the batch."""
     if not self.lora_A or x.dim() != 3:
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
-    if torch.compiler.is_compiling():
-        if adapter_names == PLANNED_ROWS:  # a compiled decode step of generate: the plan its call's prefill stored
-            return decode_lora_forward(self, x, *args, **kwargs)
-        # a model its user compiled: PEFT's own forward, traced (the plan an eager call left is not this call's)
+    if in_planned_step(adapter_names):  # the plan its call's prefill stored
+        return decode_lora_forward(self, x, *args, **kwargs)
+    if torch.compiler.is_compiling():  # a model its user compiled: PEFT's own forward, traced (no plan is this call's)
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     stack, slots, batchable = _call_plan(self, adapter_names)
     if not batchable:
@@ -262,11 +261,10 @@ def checked_forward_args(self, x, *args, **kwargs):
     step: with ``adapter_names`` it builds a set of the batch's names and looks each up (O(rows) per LoRA layer and
     step, ~3 ms a step for 256 agents on an 8B model). The row-count check, which is cheap, runs at every eager
     forward (a compiled decode step skips both: its call's eager prefill ran them)."""
-    if torch.compiler.is_compiling():  # a compiled decode step: its call's eager prefill checked the names
-        return None if kwargs.get("adapter_names") == PLANNED_ROWS else type(self)._check_forward_args(
-            self, x, *args, **kwargs)
     names = kwargs.get("adapter_names")
-    if names is None or len(x) != len(names):
+    if in_planned_step(names):  # its call's eager prefill checked the names
+        return None
+    if names is None or len(x) != len(names) or torch.compiler.is_compiling():  # traced by its user: no memo
         return type(self)._check_forward_args(self, x, *args, **kwargs)
     memo = self.__dict__.get("_forkkv_check_memo")
     key = (len(names), CALL_EPOCH[0], bool(self.merged))

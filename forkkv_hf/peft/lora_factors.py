@@ -25,6 +25,12 @@ BASE_ADAPTER = "__base__"
 PLANNED_ROWS = "forkkv-hf: rows planned at the prefill"
 
 
+def in_planned_step(adapter_names) -> bool:
+    """Whether a LoRA layer's forward given ``adapter_names`` runs inside a compiled decode step of ``generate`` (its
+    call's eager prefill planned and checked the rows), rather than eagerly or in a model its user compiled."""
+    return torch.compiler.is_compiling() and adapter_names == PLANNED_ROWS
+
+
 @dataclass
 class ProjectionLoRA:
     """Stacked LoRA factors of one projection (``k_proj`` or ``v_proj``) of one layer, for the adapters that have it.
