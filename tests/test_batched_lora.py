@@ -189,7 +189,9 @@ def test_a_model_its_user_compiled_runs_each_calls_own_adapters():
         want = _logits(pm, ids, names)
         _logits(pm, ids, other)  # leaves its rows' plan on every layer
         compiled = torch.compile(pm, backend="eager")
-        torch.testing.assert_close(_logits(compiled, ids, names), want, rtol=1e-5, atol=1e-5)
+        # PEFT's mixed-batch forward against the plan's gathered one: fp32 rounding apart (2e-5 on an H100's GEMMs);
+        # the stale plan was 0.81 away
+        torch.testing.assert_close(_logits(compiled, ids, names), want, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="Length of `adapter_names`"):
             _logits(compiled, ids, names[:2])
 

@@ -241,6 +241,33 @@ def test_a_case_out_of_memory_keeps_what_the_allocator_said(monkeypatch):
     assert decode._guarded(lambda: 1 / 0) == {"error": "ZeroDivisionError('division by zero')"}
 
 
+@pytest.mark.version_independent
+def test_a_case_out_of_memory_frees_its_tensors_before_emptying_the_allocator(monkeypatch):
+    """The OOM row's ``free_memory`` (garbage collection, ``empty_cache``) runs once the failed call's tensors are
+    gone: inside the ``except`` block its exception still held the call's frames and every tensor in them, so the
+    allocator kept their blocks (a failed ``generate``'s cache: DynamicCache, probed on a tiny model)."""
+    import weakref
+
+    from eval.bench import decode, e2e
+
+    refs, alive_at_free = [], []
+
+    def boom(*a, **k):
+        cache = torch.empty(64)  # what the failed call had allocated
+        refs.append(weakref.ref(cache))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    def free_memory():
+        alive_at_free.append(refs[-1]() is not None)
+
+    monkeypatch.setattr(e2e, "run_one", boom)
+    for module in (e2e, decode):
+        monkeypatch.setattr(module, "free_memory", free_memory)
+    assert e2e.measure_case(torch.nn.Module(), "baseline", None, [], [], 1)["oom"] is True
+    assert decode._guarded(boom)["oom"] is True
+    assert alive_at_free == [False, False]
+
+
 def test_runner_starts_no_case_after_the_time_limit(tmp_path):
     run = BenchmarkRun("bench_x", {}, ["n"], out=tmp_path / "r.json", time_limit=0.0)
     calls = []

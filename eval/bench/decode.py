@@ -111,10 +111,10 @@ def _guarded(fn) -> dict:
         return fn()
     except torch.cuda.OutOfMemoryError as e:
         rec = oom_record(e)
-        free_memory()
-        return rec
     except Exception as e:  # noqa: BLE001 - a case that fails is reported, not fatal to the run
         return {"error": repr(e)[:1000]}
+    free_memory()  # outside the except block: its exception held the failed call's frames, and their tensors
+    return rec
 
 
 def forkkv_case(run: BenchmarkRun, pm, ctx, prompts: list, names: list, compile_on: bool, args, compile_config,

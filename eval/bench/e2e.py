@@ -107,15 +107,15 @@ def run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora=F
 
 def measure_case(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora=False) -> dict:
     """:func:`run_one`'s measurements, or ``{"oom": True}`` when the case does not fit (PEFT's stale hooks removed)."""
+    from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
+
     try:
         return run_one(pm, system, ctx, prompts, names, new_tokens, baseline_batched_lora)
     except torch.cuda.OutOfMemoryError as e:
-        from forkkv_hf.peft.wrappers import remove_stale_peft_hooks
-
         rec = oom_record(e)
-        remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
-        free_memory()
-        return rec
+    remove_stale_peft_hooks(pm)  # PEFT leaves its adapter_names hooks when generate raises
+    free_memory()  # outside the except block: its exception held the failed call's frames, and their tensors
+    return rec
 
 
 def _profiled_generate(pm, system, ctx, prompts, names, new_tokens, profiled=True, shared=None):

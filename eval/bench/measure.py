@@ -117,7 +117,9 @@ def free_memory() -> None:
 def oom_record(err: BaseException) -> dict:
     """A case that ran out of GPU memory, as its row: what the allocator said (how much it tried to allocate, how much
     PyTorch held allocated and reserved-but-unallocated: fragmentation against real demand) and the peaks so far.
-    Call it before :func:`free_memory`, which resets the peaks."""
+    Call it before :func:`free_memory`, which resets the peaks, and call that after the ``except`` block: until the
+    block ends its exception holds the failed call's frames, and with them every tensor the call had allocated, which
+    ``empty_cache`` then cannot return."""
     rec = {"oom": True, "message": " ".join(str(err).split())[:800]}
     if torch.cuda.is_available():
         rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
