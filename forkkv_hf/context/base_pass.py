@@ -18,7 +18,7 @@ from ..peft.adapter_probe import install_adapter_probe
 from ..compat import cache_kwargs
 from ..peft.lora_factors import (
     ProjectionLoRA,
-    check_k_norm,
+    check_kv_transforms,
     collect_projection_lora,
     find_attention_modules,
     is_peft_model,
@@ -321,7 +321,7 @@ def segment_layers(model: nn.Module, base: nn.Module, ids: torch.Tensor, adapter
         name_v = f"layer {idx} {'qkv_proj' if proj.fused else 'v_proj'}"
         k_lora = collect_projection_lora(proj.k[0], list(adapters), name_k, dtype, out_slice=proj.k[1])
         v_lora = collect_projection_lora(proj.v[0], list(adapters), name_v, dtype, out_slice=proj.v[1])
-        check_k_norm(attn, idx, k_lora)
+        check_kv_transforms(attn, idx, config, k_lora, v_lora)
         captures[idx] = _LayerCapture(k_lora, v_lora)
         for module in {id(proj.k[0]): proj.k[0], id(proj.v[0]): proj.v[0]}.values():
             if lora_layer_of(module, f"layer {idx}") is not None:

@@ -248,6 +248,7 @@ def collect_projection_lora(
 ) -> ProjectionLoRA | None:
     """Stack the LoRA factors of ``adapters`` found on ``proj`` (rows ``out_slice`` of ``B`` for a fused projection).
     ``None`` if none of them needs a residual there (no LoRA, or Activated LoRA)."""
+    check_saved_copies(proj, adapters, where)
     layer = lora_layer_of(proj, where)
     if layer is None:
         return None
@@ -306,16 +307,49 @@ def collect_projection_lora(
     return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None)
 
 
-def check_k_norm(attn: nn.Module, layer_idx: int, k_lora: ProjectionLoRA | None) -> None:
-    """Refuse LoRA on k_proj for models that normalise K per head before RoPE (Qwen3, Gemma 3, OLMo 2)."""
-    if k_lora is None:
-        return
-    for norm_name in ("k_norm", "k_layernorm"):
-        if getattr(attn, norm_name, None) is not None:
+def kv_transform(attn: nn.Module, config, kind: str) -> str | None:
+    """What ``attn`` does to its K (``kind="k"``) or V (``"v"``) after the projection that makes ``f(base + residual)``
+    differ from ``f(base) + residual`` (so a LoRA residual on that projection cannot be added to the shared one), or
+    ``None``: a per-head norm (Qwen3, Gemma 3 and OLMo 2's ``k_norm``, Gemma 4's ``v_norm``) or OLMo's ``clip_qkv``."""
+    for norm in (f"{kind}_norm", f"{kind}_layernorm"):
+        if getattr(attn, norm, None) is not None:
+            return f"applies {norm} to {kind.upper()}{' before RoPE' if kind == 'k' else ''}"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # a multimodal model's decoder
+    clip = getattr(text, "clip_qkv", None)
+    if clip is not None:
+        return f"clamps q/k/v to +-{clip:g} after the projections (clip_qkv)"
+    return None
+
+
+def check_kv_transforms(attn: nn.Module, layer_idx: int, config, k_lora: ProjectionLoRA | None,
+                        v_lora: ProjectionLoRA | None = None) -> None:
+    """Refuse LoRA on k_proj / v_proj where the attention transforms K / V after the projection
+    (:func:`kv_transform`): a norm of ``base + residual`` is not the norm of the base plus the residual, nor is a
+    clamp."""
+    for kind, lora in (("k", k_lora), ("v", v_lora)):
+        why = lora is not None and kv_transform(attn, config, kind)
+        if why:
+            other = "v" if kind == "k" else "k"
+            fine = (f"LoRA on {other}_proj, q_proj, o_proj and the MLP is fine on this model"
+                    if not kv_transform(attn, config, other) else "LoRA on q_proj, o_proj and the MLP is fine")
             raise ValueError(
-                f"layer {layer_idx}: {type(attn).__name__} applies {norm_name} to K before RoPE, so "
-                f"k_norm(base + residual) is not k_norm(base) + residual, but adapter(s) {list(k_lora.adapters)} put "
-                "LoRA on k_proj. Retarget those adapters away from k_proj (LoRA on v_proj, q_proj, o_proj and the MLP "
-                "is fine on this model), or leave them out of the build and fit their residuals to their own pass: "
+                f"layer {layer_idx}: {type(attn).__name__} {why}, so f(base + residual) is not f(base) + residual, "
+                f"but adapter(s) {list(lora.adapters)} put LoRA on {kind}_proj. Retarget those adapters away from "
+                f"{kind}_proj ({fine}), or leave them out of the build and fit their residuals to their own pass: "
                 "SharedContext.build(model, ids, other_names).fit_residuals(model, those_names, rank=...)."
             )
+
+
+def check_saved_copies(proj: nn.Module, adapters, where: str) -> None:
+    """Refuse adapters that replace ``proj`` (a K or V projection) by a trained copy (PEFT's ``modules_to_save``):
+    their context K/V is the copy's, which no rank-r residual of the base pass restores."""
+    copies = getattr(proj, "modules_to_save", None)
+    if not isinstance(copies, nn.ModuleDict) or not hasattr(proj, "original_module"):
+        return
+    saved = sorted(a for a in adapters if a in copies)
+    if saved:
+        raise ValueError(
+            f"adapter(s) {saved} replace {where} by a trained copy (modules_to_save), so their context K/V are the "
+            "copy's, not the base model's plus a LoRA residual. Train LoRA on that projection instead (target_modules),"
+            " or serve those adapters with their own cache (plain PEFT + DynamicCache)."
+        )

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
-from ..peft.lora_factors import check_adapter_names, find_attention_modules, lora_layer_of, transformers_model
+from ..peft.lora_factors import (check_adapter_names, check_saved_copies, find_attention_modules, kv_transform,
+                                 lora_layer_of, transformers_model)
 from ..ops.rope import apply_rope
 from .context import TrainingContext
 from .fitted import FittedResidual, fitted_kv
@@ -38,6 +39,7 @@ def check_residual(residual, what: str = "residual", hint: str = "") -> None:
 
 def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> torch.Tensor | None:
     """What ``adapter``'s LoRA adds to ``proj``'s output for input ``x [T, d_in]`` (``None``: no LoRA there)."""
+    check_saved_copies(proj, [adapter], where)
     layer = lora_layer_of(proj, where)
     if layer is None or adapter not in layer.lora_A:
         return None
@@ -51,14 +53,15 @@ def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> t
     return layer.lora_B[adapter](layer.lora_A[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
 
 
-def check_k_norm_free(attn: nn.Module, idx: int, adapter: str) -> None:
-    for norm in ("k_norm", "k_layernorm"):
-        if getattr(attn, norm, None) is not None:
-            raise ValueError(
-                f"layer {idx}: {type(attn).__name__} applies {norm} to K before RoPE, so ForkKV cannot add a K "
-                f"residual, but adapter {adapter!r} has LoRA on k_proj. Retarget it away from k_proj, or train "
-                "with residual='v'."
-            )
+def check_kv_transform_free(attn: nn.Module, config, idx: int, adapter: str, kind: str) -> None:
+    why = kv_transform(attn, config, kind)
+    if why:
+        raise ValueError(
+            f"layer {idx}: {type(attn).__name__} {why}, so ForkKV cannot add a {kind.upper()} residual, but adapter "
+            f"{adapter!r} has LoRA on {kind}_proj. Retarget it away from {kind}_proj, or train with "
+            f"residual={'v' if kind == 'k' and not kv_transform(attn, config, 'v') else 'none'!r}, or for fitted "
+            "residuals (residual=FittedResidual(rank))."
+        )
 
 
 def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, residual: str = "kv"):
@@ -79,6 +82,7 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
                 use_cache=True, **cache_kwargs(cache))
         return [(layer.keys, layer.values) for layer in cache.layers]
     attns = find_attention_modules(model)
+    config = transformers_model(model).config
     out = []
     for idx, layer in enumerate(context.layers):
         key, value = layer.key, layer.value
@@ -87,12 +91,13 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
         if residual == "kv":
             dk = _lora_delta(attn.k_proj, adapter_name, layer.x_k, f"layer {idx} k_proj")
             if dk is not None:
-                check_k_norm_free(attn, idx, adapter_name)
+                check_kv_transform_free(attn, config, idx, adapter_name, "k")
                 dk = dk.view(n, T, Hkv, D).transpose(1, 2)
                 key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)
         if residual in ("kv", "v"):
             dv = _lora_delta(attn.v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
             if dv is not None:
+                check_kv_transform_free(attn, config, idx, adapter_name, "v")
                 value = value + dv.view(n, T, Hkv, D).transpose(1, 2).to(value.dtype)
         out.append((key, value))
     return out
