@@ -4,8 +4,7 @@ Per layer (:class:`ForkKVLayer`) it holds
 - the :class:`~forkkv_hf.context.SharedLayer` (base K/V, residuals, cos/sin), read-only and shared by every
   cache forked from the same :class:`~forkkv_hf.context.SharedContext`;
 - for each batch row, the slot of its agent in that layer's K and V residual stacks (``-1``: no residual);
-- the private K/V of each row (``[B, H_kv, P, D]``: the row's prompt and generated tokens, exact, as in
-  ``DynamicLayer``).
+- the private K/V of each row (``[B, H_kv, P, D]``: its prompt and generated tokens, exact, as in ``DynamicLayer``).
 
 ``update()`` appends to the private part and returns a :class:`ForkKVView` as both "key" and "value"; the ``"forkkv"``
 attention function (:mod:`forkkv_hf.attention`) consumes it. The cache's sequence axis is
@@ -21,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
 from .context import Residual, SharedContext, SharedLayer, register_fork
-from .guards import check_forward_inputs, check_generate_inputs
+from .guards import check_forward_inputs, check_generate_inputs, embedded_ids
 from .peft.lora_factors import BASE_ADAPTER
 
 
@@ -398,6 +397,7 @@ class ForkKVCache(Cache):
             self.shared.check_weights(module, list(dict.fromkeys(self.adapter_names)))
         run_args, run_kwargs = changed or (args, kwargs)
         ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)
+        ids = embedded_ids(self, run_kwargs.get("inputs_embeds"), n) if ids is None else ids
         if ids is not None:
             self.record_tokens(ids)
         return changed

@@ -16,13 +16,12 @@ so the cache, the attention and the PEFT integration can all call it.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
 from .inputs import check_token_range, vocab_size_of
 from .peft.lora_factors import transformers_model
+from .rope_checks import check_rope_for_prefill
 
 _USE_MASK = "pass the attention_mask of forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=...) (its padding " \
             "goes between the context and the prompt)"
@@ -139,9 +138,42 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
         )
     _check_rows_continue(cache, input_ids)
+    _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
+    if _generation_setting(model, kwargs, "output_attentions", False):
+        raise ValueError(_NO_WEIGHTS)
     _check_generate_mask(model, input_ids, kwargs, T)
     _check_adapter_names(model, kwargs, input_ids.shape[0])
     _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
+
+
+_NO_WEIGHTS = ("output_attentions=True with a ForkKV cache: ForkKV's attention computes no attention weights over its "
+               "split cache (they would come back empty); drop output_attentions, or run these rows with plain PEFT "
+               "+ DynamicCache and attn_implementation='eager' for the weights")
+
+
+def _embeddings_of(model, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return transformers_model(model).get_input_embeddings()(ids.to(like.device)).to(like.dtype)
+
+
+def _check_generate_embeds(cache, model, input_ids: torch.Tensor, embeds, S: int) -> None:
+    """``inputs_embeds`` beside the whole rows' ``input_ids``: ``generate`` embeds only the tokens after the cache
+    from them; over the ``S`` tokens the cache holds (whose K/V came from the ids) they must be the model's own
+    embeddings of those ids, or they would be ignored there."""
+    if embeds is None:
+        return
+    B, L = input_ids.shape
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or tuple(embeds.shape[:2]) != (B, L):
+        raise ValueError(f"inputs_embeds must be [batch, tokens, hidden] with the input_ids' [{B}, {L}], got "
+                         f"{tuple(getattr(embeds, 'shape', ()))}")
+    if not torch.equal(embeds[:, :S], _embeddings_of(model, input_ids[:, :S], embeds)):
+        held = "the shared context" + (" and the tokens this cache holds" if S > cache.num_shared_tokens else "")
+        raise ValueError(
+            f"inputs_embeds differ from the model's embeddings of input_ids over their first {S} tokens ({held}), "
+            "whose K/V this cache holds, computed from the token ids: embeddings of your own there would be ignored. "
+            "Give embeddings of your own only after them (in the prompt), or run these rows with plain PEFT + "
+            "DynamicCache"
+        )
 
 
 def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
@@ -287,8 +319,12 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     ``decode_step``: a forward of a ``generate`` call after its first (the prefill), whose ids, mask and positions
     ``generate`` made from what the first forward was checked on; the checks that read tensor values (a device sync
     per step) are skipped, the shape checks stay."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(_NO_WEIGHTS)
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor):
+        if isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+            _check_forward_embeds(cache, module, kwargs, decode_step)
         return None
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
     B, T = ids.shape[0], cache.num_shared_tokens
@@ -340,6 +376,53 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     return changed
 
 
+def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> None:
+    """:func:`check_forward_inputs` for a forward given ``inputs_embeds`` (the new tokens only: embeddings cannot be
+    cut to them as whole rows of ids are): the mask's and positions' shapes; then, outside ``generate``'s decode
+    steps, no context column hidden, no new token placed inside the context, no whole rows."""
+    embeds, mask, pos = kwargs["inputs_embeds"], kwargs.get("attention_mask"), kwargs.get("position_ids")
+    B, L = embeds.shape[:2]
+    T = cache.num_shared_tokens
+    S = T + cache.layers[0].private_length()
+    mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if mask2d is not None and tuple(mask2d.shape) != (B, S + L):
+        raise ValueError(f"attention_mask is {list(mask2d.shape)} but must be [{B}, {S + L}]: one column per cached "
+                         f"token ({S}, {T} shared) and per new token (inputs_embeds hold the new tokens only)")
+    if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != L):
+        raise ValueError(f"position_ids must be [{B}, {L}] (one position per row of inputs_embeds), got "
+                         f"{tuple(pos.shape)}")
+    if decode_step:
+        return
+    if mask2d is not None:
+        check_context_mask(mask2d, T, S + L, "attention_mask")
+    if pos is not None:
+        inside = pos < T
+        pad = _padding(mask, S, L)
+        if bool((inside & ~pad if pad is not None else inside).any()):
+            raise ValueError(f"position_ids put new tokens at positions below {T}, which the shared context occupies; "
+                             f"the embeddings after the cache go at positions {T} and above")
+    ctx = cache.shared.token_ids
+    if L > T and torch.equal(embeds[:, :T], _embeddings_of(module, ctx, embeds).expand(B, T, -1)):
+        raise ValueError(f"inputs_embeds start with the embeddings of the {T}-token shared context, which this cache "
+                         "already holds: pass the embeddings of the new tokens only (after the context and the tokens"
+                         " the cache holds)")
+    if cache.layers[0].private_length() == 0:
+        check_rope_for_prefill(cache, module, int(pos.max()) + 1 if pos is not None else S + L)
+
+
+def embedded_ids(cache, embeds, forwards) -> torch.Tensor | None:
+    """The token ids of a ``generate`` prefill given ``inputs_embeds`` (``forwards``: the call's forwards so far, 0),
+    from the whole rows' ``input_ids`` the call was given (checked equal to the embeddings over what the cache holds),
+    for the cache's record of its private tokens; ``None`` for other forwards."""
+    ids = cache.__dict__.get("_generate_ids")
+    if forwards != 0 or ids is None or not isinstance(embeds, torch.Tensor):
+        return None
+    S = cache.num_shared_tokens + cache.layers[0].private_length()
+    if embeds.shape[0] != ids.shape[0] and embeds.shape[0] % ids.shape[0] == 0:  # num_return_sequences, beams
+        ids = ids.repeat_interleave(embeds.shape[0] // ids.shape[0], dim=0)
+    return ids[:, S:] if ids.shape[1] - S == embeds.shape[1] else None
+
+
 def _replace_ids(args: tuple, kwargs: dict, ids, pos):
     kwargs = dict(kwargs)
     if "input_ids" in kwargs or not args:
@@ -349,71 +432,3 @@ def _replace_ids(args: tuple, kwargs: dict, ids, pos):
     if pos is not None:
         kwargs["position_ids"] = pos
     return args, kwargs
-
-
-# ---------------------------------------------------------------------------------------------------- RoPE
-def _rope_type(rope) -> str | dict:
-    return getattr(rope, "rope_type", "default")
-
-
-def _length_dependent(kinds) -> bool:
-    """Whether any of the rope types ``kinds`` (a type, a list of types, or a per-layer-type dict) recomputes its
-    frequencies from the sequence length."""
-    kinds = kinds.values() if isinstance(kinds, dict) else kinds if isinstance(kinds, (list, tuple)) else [kinds]
-    return any("dynamic" in str(k) or str(k) == "longrope" for k in kinds)
-
-
-def _config_rope_types(config) -> list:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if "rope_type" in params or "type" in params:
-        return [params.get("rope_type", params.get("type"))]
-    return [p.get("rope_type") for p in params.values() if isinstance(p, dict)]  # per layer type (Gemma 3)
-
-
-def rotary_modules(model) -> list:
-    """The rotary embedding modules (holding ``inv_freq``) among the decoder's children: a few attribute reads,
-    not a walk of every module (PEFT adds tens of thousands with many adapters)."""
-    base = transformers_model(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    return [m for m in decoder.children() if hasattr(m, "inv_freq")]
-
-
-def check_rope_for_prefill(cache, model, seq_len: int) -> None:
-    """For RoPE whose frequencies depend on the sequence length (``dynamic`` NTK, ``longrope``): refuse the first
-    forward after a fork if a plain prefill of the whole rows (``seq_len`` positions) would rotate the context with
-    other frequencies than the base pass did; the shared K (and everything computed from it) would not be the
-    model's. Position-only types (default, linear, yarn, llama3) never differ."""
-    if not _length_dependent(_config_rope_types(cache.shared.config)):
-        return
-    ropes = rotary_modules(model)
-    kinds = [_rope_type(r) for r in ropes]
-    if len(ropes) != 1 or isinstance(kinds[0], dict):
-        raise ValueError(f"this model uses sequence-length dependent RoPE ({kinds}) in several rotary modules, which "
-                         "ForkKV cannot check against its shared context; use a rope_type that depends on positions "
-                         "only (default, linear, yarn, llama3)")
-    layer = cache.shared.layers[0]
-    T = layer.cos.shape[0]
-    probe = copy.deepcopy(ropes[0])  # dynamic RoPE updates its state in place: never touch the model's
-    x = torch.zeros(1, dtype=layer.cos.dtype, device=layer.cos.device)
-    with torch.no_grad():
-        cos, sin = probe(x, torch.arange(max(seq_len, T), device=layer.cos.device)[None])
-    cos, sin = cos[0, :T].to(layer.cos.device), sin[0, :T].to(layer.sin.device)
-    if not (torch.equal(cos, layer.cos) and torch.equal(sin, layer.sin)):
-        limit = _rope_limit(ropes[0])
-        one_pass = ", build a context longer than that in one pass (chunk_size=None)" \
-            if isinstance(limit, int) and T > limit else ""
-        raise ValueError(
-            f"this model uses {kinds[0]!r} RoPE, whose frequencies depend on the sequence length (they change above "
-            f"{limit} positions): a plain prefill of these rows ({seq_len} positions) rotates the {T}-token shared "
-            "context with other frequencies than its base pass did, so the shared K/V are not this model's. Keep "
-            f"context + prompt within {limit} tokens (generating past it is fine: plain transformers keeps the earlier "
-            f"keys as they were too){one_pass}, or use a position-only rope_type (linear, yarn, llama3)."
-        )
-
-
-def _rope_limit(rope) -> int | None:
-    """Positions above which a sequence-length dependent rotary module changes its frequencies."""
-    params = getattr(getattr(rope, "config", None), "rope_parameters", None) or {}
-    if _rope_type(rope) == "longrope" and "original_max_position_embeddings" in params:
-        return params["original_max_position_embeddings"]
-    return getattr(rope, "original_max_seq_len", None)

@@ -89,13 +89,14 @@ def install(model: nn.Module) -> None:
             cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
             call = inner
             if cache is not None and hasattr(cache, "check_generate_inputs"):
-                input_ids = kwargs.get("input_ids", args[0] if args else None)
+                input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
                 cache.check_generate_inputs(model, input_ids, kwargs)
                 for prepare in GENERATE_PREPARERS:
                     call = prepare(model, cache, input_ids, kwargs, call)
                 # this call's forwards after its first are decode steps, on inputs generate made itself: they skip
                 # the forward checks that read tensor values (ForkKVCache.prepare_forward)
                 cache._generate_forwards = 0
+                cache._generate_ids = input_ids  # a prefill given inputs_embeds records its tokens from them
             new_call()
             try:
                 return call(*args, **kwargs)
@@ -106,6 +107,7 @@ def install(model: nn.Module) -> None:
                 if cache is not None:  # a weight check of this call covers none of the next direct forwards
                     cache.__dict__.pop("_weights_checked", None)
                     cache.__dict__.pop("_generate_forwards", None)
+                    cache.__dict__.pop("_generate_ids", None)
 
     _mark(generate, inner)
     model.generate = generate

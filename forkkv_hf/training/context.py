@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
-from ..guards import _config_rope_types, _length_dependent
+from ..rope_checks import _config_rope_types, _length_dependent
 from ..inputs import context_token_ids, vocab_size_of
 from ..peft.lora_factors import find_attention_modules, is_peft_model, transformers_model
 
