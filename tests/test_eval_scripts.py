@@ -242,6 +242,39 @@ def test_a_case_out_of_memory_keeps_what_the_allocator_said(monkeypatch):
 
 
 @pytest.mark.version_independent
+def test_the_capacity_search_runs_no_case_after_an_out_of_memory_one():
+    """Near the largest measured N the capacity search goes up one N at a time and stops at the first that does not
+    fit (v44: after 7 and 6 agents ran out of memory in one process, 5 did too, which alone fits); far from it (a fit
+    that predicts hundreds more) it runs the fit's N first, and flags a lower N measured after an OOM."""
+    from types import SimpleNamespace
+
+    from eval.bench import e2e
+
+    def search(system, rows, fits_up_to, n_max=256):
+        run = SimpleNamespace(rows=[dict(system=system, context=64, agents=n, peak_gib=p) for n, p in rows],
+                              extra={"capacity": {}}, save=lambda: None)
+        ran = []
+
+        def measure(system, T, n):
+            ran.append(n)
+            return {"oom": True} if n > fits_up_to else {"peak_gib": 1.0}
+
+        e2e._capacity(run, measure, system, 64, [n for n, _ in rows], 60.0, n_max)
+        return ran, run.extra["capacity"][system]
+
+    ran, cap = search("baseline", [(1, 26.5), (4, 41.6)], fits_up_to=5)  # the fit: 7
+    assert ran == [5, 6] and cap["max_agents_run"] == 5 and cap["first_oom_agents"] == 6 and "after_oom" not in cap
+    ran, cap = search("baseline", [(1, 26.5), (4, 41.6)], fits_up_to=9)
+    assert ran == [5, 6, 7] and cap["max_agents_run"] == 7 and "first_oom_agents" not in cap
+    ran, cap = search("forkkv", [(32, 29.6), (128, 37.7)], fits_up_to=256)  # the fit: 370, 256 adapters
+    assert ran == [256] and cap["max_agents_run"] == 256 and cap["limited_by_adapters_built"] == 256
+    ran, cap = search("forkkv", [(32, 29.6), (128, 37.7)], fits_up_to=200)
+    assert ran == [256, 230, 207, 186] and cap["max_agents_run"] == 186 and cap["after_oom"] is True
+    ran, cap = search("forkkv", [(32, 29.6), (128, 37.7)], fits_up_to=240)
+    assert ran == [256, 230] and cap["max_agents_run"] == 230 and cap["after_oom"] is True
+
+
+@pytest.mark.version_independent
 def test_a_case_out_of_memory_frees_its_tensors_before_emptying_the_allocator(monkeypatch):
     """The OOM row's ``free_memory`` (garbage collection, ``empty_cache``) runs once the failed call's tensors are
     gone: inside the ``except`` block its exception still held the call's frames and every tensor in them, so the

@@ -13,7 +13,8 @@ peak GPU memory (``max_memory_allocated``) and cache bytes; the times from each 
 (:class:`~.measure.StepMarks`: no synchronisation inside the call; results before 2026-12-07 waited for the GPU at
 every step). Capacity: under a memory budget (``--budget-gib``,
 enforced with ``set_per_process_memory_fraction``), peak memory is measured at two N, the largest N that fits is
-derived from that line, and that N is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
+derived from that line and searched for up to it (:func:`_capacity`: no case after an out-of-memory one where it can
+be avoided), and the N found is run (and must fit) to report its throughput. ``torch.profiler`` over decode steps
 of ``generate`` (ForkKV at N=32 and N=1, the baseline at N=1, at the capacity context) says where the time goes.
 ForkKV's decode runs eager here (``disable_compile=True``); :mod:`eval.bench.decode` measures it compiled. Result: the one schema (eval/bench/schema.py), rows keyed by (system, context, agents); capacity and profile in
 ``extra``.
@@ -176,9 +177,17 @@ def profile_decode(pm, system, ctx, prompts, names, steps=16):
             "top_cpu_ops": [{"op": k[:80], "self_cpu_s_per_step": t, "calls_per_step": n} for k, (t, n) in top_cpu]}
 
 
+#: the widest gap between the largest measured N and the fit's that the capacity search walks one N at a time
+STEP_LIMIT = 8
+
+
 def _capacity(run, measure, system, T, listed, budget_gib, n_max) -> None:
     """The largest N of ``system`` that fits ``budget_gib`` at context ``T``: peak(N) is linear in N; fit it on the
-    two largest measured N of ``listed``, run the predicted N (10% fewer until it fits) into ``run.extra``."""
+    two largest measured N of ``listed`` and search up to the fit's N, into ``run.extra``. A case that runs after an
+    out-of-memory one in the same process is no measure (v44: the baseline's 7 and 6 agents ran out of memory, then 5
+    did too at 50.7 GiB allocated, where 5 alone peaked at 46.7), so within :data:`STEP_LIMIT` of the largest
+    measured N the search goes up one N at a time and stops at the first that does not fit; beyond it (ForkKV) it
+    runs the fit's N, then 10% fewer until one fits, flagging ``after_oom`` where that lower N ran after an OOM."""
     pts = sorted((r["agents"], r["peak_gib"]) for r in run.rows if r["system"] == system and r["context"] == T
                  and r["agents"] in listed and not r.get("oom"))
     if len(pts) < 2:
@@ -190,14 +199,24 @@ def _capacity(run, measure, system, T, listed, budget_gib, n_max) -> None:
     if n_cap > n_max:  # agents are distinct adapters: no more agents than adapters built
         cap["limited_by_adapters_built"] = n_max
         n_cap = n_max
-    while n_cap > n2:
-        rec = measure(system, T, n_cap)
+    fits, tries = n2, (list(range(n2 + 1, n_cap + 1)) if n_cap - n2 <= STEP_LIMIT else [n_cap])
+    while tries:
+        n = tries.pop(0)
+        rec = measure(system, T, n)
         if rec.get("skipped"):
             return
-        if not rec.get("oom"):
+        if rec.get("oom"):
+            cap["first_oom_agents"] = n
+            if n_cap - n2 <= STEP_LIMIT:
+                break
+            cap["after_oom"] = True
+            if int(n * 0.9) > n2:
+                tries.append(int(n * 0.9))
+            continue
+        fits = n
+        if n_cap - n2 > STEP_LIMIT:
             break
-        n_cap = int(n_cap * 0.9)
-    cap["max_agents_run"] = max(n_cap, n2)
+    cap["max_agents_run"] = fits
     run.extra["capacity"][system] = cap
     print(json.dumps({"capacity": system, **cap}), flush=True)
     run.save()
