@@ -7,6 +7,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def plain_peft(pm, fn):
+    """``fn()`` with ForkKV off (plain PEFT, DynamicCache, SDPA: the exact reference), then ForkKV on again."""
+    import forkkv_hf
+
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        return fn()
+    finally:
+        forkkv_hf.enable_forkkv(pm)
+
+
 def tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, dtype=torch.float32, seed=0, max_pos=512, **kw):
     torch.manual_seed(seed)
     config = LlamaConfig(

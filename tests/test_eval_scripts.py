@@ -244,8 +244,8 @@ def test_a_case_out_of_memory_keeps_what_the_allocator_said(monkeypatch):
 @pytest.mark.version_independent
 def test_the_capacity_search_runs_no_case_after_an_out_of_memory_one():
     """Near the largest measured N the capacity search goes up one N at a time and stops at the first that does not
-    fit (v44: after 7 and 6 agents ran out of memory in one process, 5 did too, which alone fits); far from it (a fit
-    that predicts hundreds more) it runs the fit's N first, and flags a lower N measured after an OOM."""
+    fit (a case after an OOM may inherit its allocator's fragments); far from it (a fit that predicts hundreds more)
+    it runs the fit's N first, and flags a lower N measured after an OOM."""
     from types import SimpleNamespace
 
     from eval.bench import e2e

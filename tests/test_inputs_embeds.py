@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, batch_inputs, cache_kwargs
-from models import tiny_llama, with_adapters
+from models import plain_peft, tiny_llama, with_adapters
 
 KV_LAST = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[2])
 T = 18
@@ -24,14 +24,6 @@ def pm():
     agents = {"planner": dict(r=4, **KV_LAST), "coder": dict(r=2, **KV_LAST)}
     model = with_adapters(tiny_llama(layers=3, seed=7), agents, seed=7)
     return forkkv_hf.enable_forkkv(model)
-
-
-def _plain(pm, fn):
-    forkkv_hf.disable_forkkv(pm)
-    try:
-        return fn()
-    finally:
-        forkkv_hf.enable_forkkv(pm)
 
 
 def _inputs():
@@ -55,7 +47,7 @@ def test_generate_takes_own_embeddings_after_the_context_and_refuses_them_inside
     e[:, T:] = e[:, T:] * 3 + 0.5  # a soft prompt of the caller's own, after the context
     kw = dict(inp, inputs_embeds=e, adapter_names=NAMES, **GEN)
     _same(pm.generate(**kw, **cache_kwargs(ForkKVCache.from_context(pm, CTX, NAMES))),
-          _plain(pm, lambda: pm.generate(**kw)))
+          plain_peft(pm, lambda: pm.generate(**kw)))
     e[:, 2:6] = 0.25  # inside the context: plain PEFT reads them, the cache holds the ids' K/V (served silently before)
     with pytest.raises(ValueError, match="inputs_embeds differ .* first 18 tokens"):
         pm.generate(**dict(kw, inputs_embeds=e), **cache_kwargs(ForkKVCache.from_context(pm, CTX, NAMES)))
@@ -74,7 +66,7 @@ def test_a_cache_filled_through_embeddings_continues(pm):
                                                              dtype=torch.long)], 1)
         return pm.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, **GEN, **cache_kwargs(cache))
 
-    _same(turns(ForkKVCache.from_context(pm, CTX, NAMES)), _plain(pm, lambda: turns(DynamicCache())))
+    _same(turns(ForkKVCache.from_context(pm, CTX, NAMES)), plain_peft(pm, lambda: turns(DynamicCache())))
 
 
 def test_a_forward_given_embeddings_gets_the_checks_of_one_given_ids(pm):
@@ -83,7 +75,7 @@ def test_a_forward_given_embeddings_gets_the_checks_of_one_given_ids(pm):
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     new = dict(inputs_embeds=_emb(pm, ids[:, T:]), position_ids=pos[:, T:], adapter_names=NAMES)
     with torch.no_grad():
-        want = _plain(pm, lambda: pm(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=NAMES).logits)
+        want = plain_peft(pm, lambda: pm(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=NAMES).logits)
         got = pm(**new, attention_mask=mask, **cache_kwargs(ForkKVCache.from_context(pm, CTX, NAMES))).logits
         torch.testing.assert_close(got, want[:, T:], rtol=1e-4, atol=1e-4)
         hidden = mask.clone()
@@ -105,7 +97,7 @@ def test_generate_takes_inputs_and_refuses_attention_weights(pm):
     inp = _inputs()
     kw = dict(attention_mask=inp["attention_mask"], adapter_names=NAMES, **GEN)
     _same(pm.generate(inputs=inp["input_ids"], **kw, **cache_kwargs(ForkKVCache.from_context(pm, CTX, NAMES))),
-          _plain(pm, lambda: pm.generate(input_ids=inp["input_ids"], **kw)))
+          plain_peft(pm, lambda: pm.generate(input_ids=inp["input_ids"], **kw)))
     with pytest.raises(ValueError, match="computes no attention weights"):
         pm.generate(input_ids=inp["input_ids"], output_attentions=True, **kw,
                     **cache_kwargs(ForkKVCache.from_context(pm, CTX, NAMES)))

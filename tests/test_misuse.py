@@ -11,7 +11,7 @@ import forkkv_hf
 from forkkv_hf import CACHE_KWARG, ForkKVCache, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.compat import crop_takes_length
 from cases import parametrize
-from models import tiny_llama, with_adapters
+from models import plain_peft, tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
 KV_LAST = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[2])  # ForkKV is exact for these
@@ -42,15 +42,6 @@ def _gen(pm, inputs, names, cache=None, **kw):
     kw.setdefault("pad_token_id", 0)
     extra = cache_kwargs(cache) if cache is not None else {}
     return pm.generate(**inputs, adapter_names=names, do_sample=False, **extra, **kw)
-
-
-def _plain_peft(pm, fn):
-    """``fn()`` with ForkKV off (plain PEFT, DynamicCache, SDPA), then ForkKV on again."""
-    forkkv_hf.disable_forkkv(pm)
-    try:
-        return fn()
-    finally:
-        forkkv_hf.enable_forkkv(pm)
 
 
 def _fork(pm, ctx, names):
@@ -85,7 +76,7 @@ def test_pad_id_inside_the_context_without_mask_is_refused(agents):
     assert torch.equal(out, ref)
 
 
-def test_pad_derived_mask_over_padding_only_equals_plain_peft(exact_agents):
+def test_pad_derived_mask_over_padding_only_equalsplain_peft(exact_agents):
     """No attention_mask given, pad ids only between context and prompt (batch_inputs' layout): generate derives a
     mask that hides the padding alone, which ForkKV serves like plain PEFT."""
     pm = exact_agents
@@ -93,7 +84,7 @@ def test_pad_derived_mask_over_padding_only_equals_plain_peft(exact_agents):
     names = ["planner", "coder", "__base__"]
     ids = batch_inputs(ctx, [torch.tensor([4, 5, 6]), torch.tensor([7]), torch.tensor([8, 9])], pad_token_id=0)
     inputs = {"input_ids": ids["input_ids"]}
-    exact = _plain_peft(pm, lambda: _gen(pm, inputs, names, max_new_tokens=6))
+    exact = plain_peft(pm, lambda: _gen(pm, inputs, names, max_new_tokens=6))
     assert torch.equal(_gen(pm, inputs, names, _fork(pm, ctx, names), max_new_tokens=6), exact)
 
 
@@ -182,7 +173,7 @@ def test_direct_forward_of_whole_rows(exact_agents):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        exact = _plain_peft(pm, lambda: pm(**inputs, position_ids=positions, adapter_names=names).logits)
+        exact = plain_peft(pm, lambda: pm(**inputs, position_ids=positions, adapter_names=names).logits)
         cache = _fork(pm, ctx, names)
         for kwargs in (inputs, {"input_ids": ids}):
             with pytest.raises(ValueError, match=r"whole rows \(19 tokens\).*pass only the tokens after them, "
@@ -231,7 +222,7 @@ def _rope_run(pm, T: int, prompt: int, new: int, chunk_size=4096):
     names = ["planner", "__base__"]
     inputs = batch_inputs(ctx, [_ctx(prompt, seed=2), _ctx(prompt, seed=3)])
     kw = dict(max_new_tokens=new, min_new_tokens=new, output_scores=True, return_dict_in_generate=True)
-    exact = _plain_peft(pm, lambda: _gen(pm, inputs, names, **kw))
+    exact = plain_peft(pm, lambda: _gen(pm, inputs, names, **kw))
     shared = SharedContext.build(pm, ctx, ["planner"], chunk_size=chunk_size, progress=False)
     return _gen(pm, inputs, names, shared.fork(names), **kw), exact
 
@@ -275,7 +266,7 @@ def test_longrope_follows_the_context_length():
                       dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                            original_max_position_embeddings=16),
                       dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)])
-def test_position_only_rope_types_equal_plain_peft(rope):
+def test_position_only_rope_types_equalplain_peft(rope):
     pm = _rope_agents(rope, max_pos=32)
     _same(*_rope_run(pm, T=14, prompt=10, new=10))  # past 16 and 32 positions, prefill and decode
 
@@ -292,13 +283,13 @@ DRAFTERS = ["prompt_lookup", "assistant_model", "assistant_early_exit"]
 
 @parametrize("mode", DRAFTERS)
 @parametrize("name", ["planner", "__base__"])
-def test_assisted_decoding_equals_plain_peft(exact_agents, monkeypatch, mode, name):
+def test_assisted_decoding_equalsplain_peft(exact_agents, monkeypatch, mode, name):
     """Drafts are verified several tokens at a time and rejected ones cropped from the private part (crop(0) when all
     are accepted): the tokens equal plain PEFT's greedy ones."""
     pm = exact_agents
     ctx = _ctx(20, seed=1, high=40)  # few distinct ids: prompt lookup finds n-gram matches
     inputs = batch_inputs(ctx, [ctx[:6].clone()])
-    exact = _plain_peft(pm, lambda: _gen(pm, inputs, [name], max_new_tokens=12))
+    exact = plain_peft(pm, lambda: _gen(pm, inputs, [name], max_new_tokens=12))
     crops, forwards = [], []
     monkeypatch.setattr(ForkKVCache, "crop", lambda self, n, crop=ForkKVCache.crop: (crops.append(n), crop(self, n))[1])
     hook = pm.get_base_model().register_forward_pre_hook(

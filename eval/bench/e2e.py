@@ -184,10 +184,11 @@ STEP_LIMIT = 8
 def _capacity(run, measure, system, T, listed, budget_gib, n_max) -> None:
     """The largest N of ``system`` that fits ``budget_gib`` at context ``T``: peak(N) is linear in N; fit it on the
     two largest measured N of ``listed`` and search up to the fit's N, into ``run.extra``. A case that runs after an
-    out-of-memory one in the same process is no measure (v44: the baseline's 7 and 6 agents ran out of memory, then 5
-    did too at 50.7 GiB allocated, where 5 alone peaked at 46.7), so within :data:`STEP_LIMIT` of the largest
-    measured N the search goes up one N at a time and stops at the first that does not fit; beyond it (ForkKV) it
-    runs the fit's N, then 10% fewer until one fits, flagging ``after_oom`` where that lower N ran after an OOM."""
+    out-of-memory one in the same process may inherit the failed case's allocator fragments (not measured: v44's
+    baseline ran 7, 6 and 5 agents out of memory, but what failed 5 was ForkKV's stacked factors left alive by
+    ``disable_forkkv``, since fixed), so within :data:`STEP_LIMIT` of the largest measured N the search goes up one N
+    at a time and stops at the first that does not fit; beyond it (ForkKV) it runs the fit's N, then 10% fewer until
+    one fits, flagging ``after_oom`` where that lower N ran after an OOM."""
     pts = sorted((r["agents"], r["peak_gib"]) for r in run.rows if r["system"] == system and r["context"] == T
                  and r["agents"] in listed and not r.get("oom"))
     if len(pts) < 2:
