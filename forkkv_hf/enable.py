@@ -40,6 +40,8 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
         else:
             disable_batched_lora(model)
     wrappers.install(model)
+    if model is not base:  # its own generate is reachable too (peft_model.get_base_model().generate)
+        wrappers.install_generate(base, model)
     wrappers.install_token_recorder(base)
     return model
 
@@ -56,6 +58,8 @@ def disable_forkkv(model: nn.Module) -> nn.Module:
         disable_batched_lora(model)
     wrappers.uninstall_token_recorder(base)
     wrappers.uninstall_if_unused(model)
+    if model is not base and getattr(base.__dict__.get("generate"), "_forkkv_wrapper", False):
+        del base.generate
     return model
 
 

@@ -113,9 +113,14 @@ def test_beam_search(agents):
     _assert_same(_gen(agents, inputs, NAMES, cache, compile_config=_compile_config(), **mode), eager)
     assert type(cache) is ForkKVCache and not GRAPH_RUNS
     forced = make_static(ForkKVCache.from_context(agents, ctx, adapter_names=NAMES), 64, use_triton=False)
-    raw_generate = agents.generate.__wrapped__  # PEFT's generate, without the wrapper that picks the layout
-    out = raw_generate(**inputs, adapter_names=NAMES, output_scores=True, return_dict_in_generate=True,
-                       pad_token_id=0, **cache_kwargs(forced), **mode)
+    raw_generate = agents.generate.__wrapped__  # PEFT's generate, without the wrappers that pick the layout
+    base = agents.get_base_model()
+    wrapped = base.__dict__.pop("generate")  # the transformers model's (it checks a generate not run by the PeftModel's)
+    try:
+        out = raw_generate(**inputs, adapter_names=NAMES, output_scores=True, return_dict_in_generate=True,
+                           pad_token_id=0, **cache_kwargs(forced), **mode)
+    finally:
+        base.generate = wrapped
     _assert_same(out, eager)
     assert isinstance(forced, StaticForkKVCache) and forced.adapter_names == [n for n in NAMES for _ in range(3)]
     assert forced.get_seq_length() == 23 + 5 + 6 - 1

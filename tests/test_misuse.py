@@ -420,3 +420,29 @@ def test_unsupported_families_are_refused_clearly(family):
     with pytest.raises(ValueError, match=message):
         forkkv_hf.enable_forkkv(pm)
     assert pm.get_base_model().config._attn_implementation != "forkkv"  # left as it was
+
+
+def test_generate_of_the_model_inside_the_peft_model_runs_the_checks(exact_agents, monkeypatch):
+    """``peft_model.get_base_model().generate`` with a ForkKV cache runs the checks of ``peft_model.generate`` (before,
+    none: a used cache served new prompts over the old prompt's K/V, silently); the PeftModel's generate, which calls
+    it, checks once; disable_forkkv removes both wrappers."""
+    pm, ctx = exact_agents, _ctx()
+    base = pm.get_base_model()
+    pm.set_adapter("planner")
+    one = batch_inputs(ctx, [torch.tensor([4, 5, 6, 7])], pad_token_id=0)
+    two = batch_inputs(ctx, [torch.tensor([8, 9, 10, 11, 12, 13, 14])], pad_token_id=0)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["planner"])
+    out = base.generate(**one, max_new_tokens=3, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    assert torch.equal(out, plain_peft(pm, lambda: _gen(pm, one, ["planner"], max_new_tokens=3)))
+    with pytest.raises(ValueError, match="do not continue them; call cache.reset"):
+        base.generate(**two, max_new_tokens=3, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    calls = []
+    checks = ForkKVCache.check_generate_inputs
+    monkeypatch.setattr(ForkKVCache, "check_generate_inputs", lambda self, *a: calls.append(1) or checks(self, *a))
+    _gen(pm, two, ["planner"], ForkKVCache.from_context(pm, ctx, adapter_names=["planner"]))
+    assert calls == [1]
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        assert "generate" not in base.__dict__ and "generate" not in pm.__dict__
+    finally:
+        forkkv_hf.enable_forkkv(pm)

@@ -77,16 +77,27 @@ def install(model: nn.Module) -> None:
 
         _mark(save_pretrained, inner_save)
         model.save_pretrained = save_pretrained
-    if getattr(model.__dict__.get("generate"), "_forkkv_wrapper", False):
+    install_generate(model, model)
+
+
+def install_generate(target: nn.Module, model: nn.Module) -> None:
+    """Wrap ``target.generate`` (idempotent): ``model`` itself, or the transformers model inside the ``PeftModel``
+    ``model``, whose own ``generate`` a caller can reach (``peft_model.get_base_model().generate``); the checks and
+    hooks run against ``model`` once per call, the inner wrapper passing a call of the outer one straight through
+    (before, a generate of the inner model skipped every check: a used cache served new prompts, stale residuals
+    served)."""
+    if getattr(target.__dict__.get("generate"), "_forkkv_wrapper", False):
         return
-    inner = model.generate
+    lock, inner = model_lock(model), target.generate
 
     def generate(*args, **kwargs):
         with lock:
+            cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
+            if target is not model and cache is not None and "_generate_forwards" in cache.__dict__:
+                return inner(*args, **kwargs)  # inside the PeftModel's wrapped generate: checked there
             if getattr(model, "_forkkv_batched_lora", False):
                 for hook in BEFORE_GENERATE:
                     hook(model)
-            cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
             call = inner
             if cache is not None and hasattr(cache, "check_generate_inputs"):
                 input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
@@ -110,7 +121,7 @@ def install(model: nn.Module) -> None:
                     cache.__dict__.pop("_generate_ids", None)
 
     _mark(generate, inner)
-    model.generate = generate
+    target.generate = generate
 
 
 def _mark(wrapper, inner) -> None:
