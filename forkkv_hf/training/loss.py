@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
+from ..context.base_pass import sliding_window
+from ..log import get_logger, warn_once
 from ..peft.lora_factors import (check_adapter_names, check_saved_copies, find_attention_modules, kv_transform,
                                  lora_layer_of, transformers_model)
 from ..ops.rope import apply_rope
@@ -28,6 +30,9 @@ from .context import TrainingContext
 from .fitted import FittedResidual, fitted_kv
 
 RESIDUALS = ("kv", "v", "none", "exact")
+
+
+_logger = get_logger(__name__)
 
 
 def check_residual(residual, what: str = "residual", hint: str = "") -> None:
@@ -50,6 +55,7 @@ def _lora_delta(proj: nn.Module, adapter: str, x: torch.Tensor, where: str) -> t
         )
     if getattr(layer, "merged", False):
         raise ValueError(f"{where} has merged LoRA adapters; call peft_model.unmerge_adapter() before training")
+    x = x.to(layer.lora_A[adapter].weight.dtype)  # as PEFT's forward does (a bf16 model keeps fp32 adapters)
     return layer.lora_B[adapter](layer.lora_A[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
 
 
@@ -180,6 +186,7 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     _activate(model, adapter_name)
     base = transformers_model(model)
     ids, _, full_mask, positions, rows = _suffix_tensors(batch, context, context.layers[0].key.device)
+    _check_runnable(model, full_mask.shape[1], residual)
     B = ids.shape[0]
     cache = DynamicCache()
     picked = None if rows is None else rows.to(ids.device)
@@ -195,13 +202,55 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     return out.last_hidden_state
 
 
+def _check_runnable(model, length: int, residual) -> None:
+    """Refuse what the training forward cannot run as inference would: transformers' gradient checkpointing (its
+    decoder layers drop the cache in training mode, and the cache is how the context's K/V reach them: the context
+    was silently left out), and rows of ``length`` (context + suffix) beyond a sliding window, which ForkKV
+    inference refuses (ordinary fine-tuning, ``"exact"``, runs them)."""
+    base = transformers_model(model)
+    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in base.modules()):
+        raise ValueError(
+            "gradient checkpointing is on (model.gradient_checkpointing_enable() or TrainingArguments("
+            "gradient_checkpointing=True)): in training mode transformers' checkpointed decoder layers drop the "
+            "cache through which ForkKV-aware training passes the context's K/V, so the context would be left out. "
+            "Turn it off (model.gradient_checkpointing_disable(), gradient_checkpointing=False)"
+        )
+    if residual == "exact":
+        return
+    for idx, attn in find_attention_modules(model).items():
+        w = sliding_window(attn, base.config)
+        if w is not None and length > w:
+            raise ValueError(
+                f"layer {idx} uses sliding-window attention (window {w}) and context + suffix rows reach {length} "
+                "tokens: ForkKV inference refuses such rows (it computes full attention), so an agent cannot be "
+                "trained for them; shorten the context or the rows, or train with residual='exact'"
+            )
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of final hidden states as the model's own forward makes them: its output projection, then
+    what some families apply to it (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2/3's
+    ``final_logit_softcapping``; before, left out: Gemma 2's logits were 8 apart from its own)."""
+    base = transformers_model(model)
+    logits = base.get_output_embeddings()(hidden)
+    scale = getattr(base, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def forkkv_logits(model: nn.Module, context: TrainingContext, batch: dict, adapter_name: str,
                   residual: str = "kv") -> torch.Tensor:
     """Logits ``[B, L, V]`` of the suffix rows ``batch["input_ids"] [B, L]`` (with ``attention_mask [B, L]``,
     optional) after the context, for agent ``adapter_name`` under ``residual``: what a ``ForkKVCache`` forked with
     that residual mode computes at inference, differentiable in the adapter's LoRA weights."""
-    hidden = _hidden(model, context, batch, adapter_name, residual)
-    return transformers_model(model).get_output_embeddings()(hidden)
+    return output_logits(model, _hidden(model, context, batch, adapter_name, residual))
 
 
 def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter_name: str, residual: str = "kv",
@@ -234,10 +283,16 @@ def labelled_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels, ids = torch.as_tensor(labels), batch.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and labels.shape != ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
+    if bool((labels[:, 0] != -100).any()):
+        warn_once(_logger, "labels on the first token after the context are not learned: its logits would come from "
+                           "the context's last position, which ForkKV computes with the base model for every agent "
+                           "(at inference the prompt's own tokens predict the answer); start each row with its "
+                           "prompt, or put the first answer token after at least one prompt token")
     target = labels[:, 1:]
     keep = target != -100
     if not bool(keep.any()):
-        raise ValueError("no labelled token after the first position of any row (labels are all -100); nothing to learn")
+        raise ValueError("no labelled token after the first position of any row (labels are all -100, or only the "
+                         "first token, which follows the context, is labelled: see the warning); nothing to learn")
     return keep, target[keep]
 
 
@@ -246,5 +301,5 @@ def labelled_logits(model: nn.Module, hidden: torch.Tensor, keep: torch.Tensor) 
     runs on those positions only), in fp32 at least (fp64 kept: finite-difference checks)."""
     where = keep.flatten().nonzero().flatten().to(hidden.device, non_blocking=True)
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
-    logits = transformers_model(model).get_output_embeddings()(picked)
+    logits = output_logits(model, picked)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -84,10 +84,18 @@ class ForkKVTrainer(Trainer):
                 raise ValueError("pass data_collator=ForkKVCollator(pad_token_id), or processing_class= a tokenizer "
                                  "with a pad token")
             kwargs["data_collator"] = ForkKVCollator(pad)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("ForkKVTrainer computes its own loss (forkkv_loss or forkkv_distill_loss); drop "
+                             "compute_loss_func")
         super().__init__(*args, **kwargs)
-        # compute_loss normalises by the labelled tokens of its own batch; Trainer then averages over the
-        # accumulation steps (the same on every transformers version, whatever it counts itself)
-        self.model_accepts_loss_kwargs = False
+        if self.args.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor}: ForkKVTrainer's loss is the "
+                             "plain cross-entropy (or distillation); set it to 0")
+        # Trainer passes num_items_in_batch, the labelled tokens of every micro-batch of the optimizer step, and does
+        # not average over the accumulation steps itself: the same update as one batch of them all (before, each
+        # micro-batch was normalised by its own tokens, and the steps averaged: batch 1 x accumulation 2 gave an
+        # update 16% off batch 2's)
+        self.model_accepts_loss_kwargs = True
         self.contexts = list(contexts)
         if not self.contexts:
             raise ValueError("contexts is empty; give the token ids of every shared context the examples refer to")
@@ -99,9 +107,10 @@ class ForkKVTrainer(Trainer):
         if teacher_adapter is not None:
             check_distill_args(self.model, self.adapter_name, teacher_adapter, teacher_residual, temperature,
                                ce_weight)
-            # the optimizer takes the weights that require grad when training starts: the student's, not the teacher's
-            self.model.set_requires_grad(teacher_adapter, False)
-            self.model.set_requires_grad(self.adapter_name, True)
+        # the optimizer takes the weights that require grad when training starts: this adapter's only (before, those
+        # of the active adapter: another adapter_name trained nothing, and weight decay moved the active one)
+        for name in self.model.peft_config:
+            self.model.set_requires_grad(name, name == self.adapter_name)
         self._base_passes: OrderedDict[int, TrainingContext] = OrderedDict()
 
     def _active_adapter(self) -> str:
@@ -128,13 +137,11 @@ class ForkKVTrainer(Trainer):
         return ctx
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs:
-            raise NotImplementedError("ForkKVTrainer computes the loss only (prediction_loss_only=True for eval)")
         model = self.accelerator.unwrap_model(model)
         if "context_index" not in inputs:
             raise KeyError("the batch has no 'context_index'; use ForkKVCollator and keep that column")
         index = inputs["context_index"]
-        n_items = (inputs["labels"][:, 1:] != -100).sum()
+        n_items = (inputs["labels"][:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
         total = None
         # rows of one context run together: one forward per distinct context in the batch
         for c in torch.unique(index).tolist():
@@ -151,4 +158,15 @@ class ForkKVTrainer(Trainer):
             total = part if total is None else total + part
         if total is None:
             raise ValueError("a batch without any labelled token; every example needs labels other than -100")
-        return total
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            total = total * self._loss_scale()  # as Trainer.compute_loss: the devices' gradients are averaged
+        return (total, {}) if return_outputs else total  # evaluate() asks for outputs; the loss is all there is
+
+    def _loss_scale(self) -> int:
+        """What ``Trainer.compute_loss`` multiplies a loss normalised by ``num_items_in_batch`` with (the token count
+        summed over the data-parallel processes, whose gradients are then averaged)."""
+        scale = self.accelerator.num_processes
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None:
+            scale //= pc.tp_size
+        return scale if self.args.n_gpu <= 1 else self.args.n_gpu
