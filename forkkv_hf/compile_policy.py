@@ -66,11 +66,14 @@ def round_capacity(tokens: int) -> int:
 def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
     """Private tokens per row the call needs (the rows after the shared context, plus the new tokens), rounded up to
     a multiple of :data:`CAPACITY_STEP`."""
-    max_new = kwargs.get("max_new_tokens")
-    if max_new is None and "max_length" not in kwargs:
-        max_new = getattr(gen_cfg, "max_new_tokens", None)
+    # transformers' own rule (GenerationMixin._prepare_generated_length): max_new_tokens, from the call or its
+    # generation config, wins over any max_length; without either, 20 new tokens (before, an unset max_length was
+    # read as 20 in all, and a config's max_new_tokens lost to a max_length keyword: the call outgrew its static
+    # buffers, an index error inside the compiled step)
+    max_new = _option(kwargs, gen_cfg, "max_new_tokens")
     if max_new is None:
-        max_new = (_option(kwargs, gen_cfg, "max_length") or 20) - input_len
+        max_length = _option(kwargs, gen_cfg, "max_length")
+        max_new = 20 if max_length is None else max_length - input_len
     need = input_len - cache.num_shared_tokens + max(int(max_new), 1)
     return round_capacity(need)
 

@@ -122,6 +122,9 @@ def set_config(config: ForkKVConfig | None = None, **changes) -> ForkKVConfig | 
     previous = _override
     if config is not None and changes:
         raise TypeError("set_config: pass a ForkKVConfig or field=value changes, not both")
+    if config is not None and not isinstance(config, ForkKVConfig):
+        raise TypeError(f"set_config takes a ForkKVConfig (or field=value changes, e.g. set_config(backend='torch')), "
+                        f"got {config!r}")
     if config is None and changes:
         unknown = set(changes) - {f.name for f in dataclasses.fields(ForkKVConfig)}
         if unknown:

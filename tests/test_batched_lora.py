@@ -244,3 +244,19 @@ def test_disable_forkkv_frees_the_stacked_factors():
     gc.collect()
     assert [s for s in stacks if s() is not None] == []
     assert all(m.__dict__.get("_forkkv_decode") is None for m in _lora_linears(pm))
+
+
+def test_adapters_of_different_dtypes_run_as_peft_runs_them():
+    """A bf16 adapter beside an fp32 one in an fp32 model: PEFT computes each in its own dtype; the batched path
+    stacked them in the first one's (the fp32 adapter's rows 0.05 off in logits, silently), and now leaves such a
+    layer to PEFT's forward."""
+    pm = with_adapters(tiny_llama(layers=2, seed=3), {"b": dict(r=8), "a": dict(r=4)})
+    for n, p in pm.named_parameters():
+        if ".b." in n:
+            p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", "__base__", "b"]
+    with torch.no_grad():
+        want = pm(input_ids=ids, adapter_names=names).logits
+        with batched_lora(pm):
+            torch.testing.assert_close(pm(input_ids=ids, adapter_names=names).logits, want, rtol=1e-6, atol=1e-6)

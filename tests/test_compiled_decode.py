@@ -490,3 +490,28 @@ def test_two_sizes_replay_their_cuda_graphs_gpu():
     after = counters["inductor"]["cudagraph_recorded_non_static_inputs"], counters["stats"]["unique_graphs"]
     assert after == before and len(set(ptrs + ptrs_again)) == 1, (before, after, ptrs, ptrs_again)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@parametrize("lengths", [dict(), dict(config_max_new_tokens=30, max_length=60)])
+def test_the_static_capacity_holds_what_transformers_generates(agents, lengths):
+    """The compiled call's private buffers hold the tokens transformers' own length rule makes: 20 new tokens
+    without max_new_tokens or max_length, and a generation config's max_new_tokens over a max_length keyword (before,
+    an unset max_length counted as 20 in all and the config lost to the keyword: 44-token prompts overflowed the
+    64-token buffers inside the compiled step)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from forkkv_hf.compile_policy import private_capacity
+
+    ctx = _context(10)
+    inputs = batch_inputs(ctx, _prompts([50, 47], seed=4), pad_token_id=0)
+    lengths = dict(lengths)
+    new = lengths.pop("config_max_new_tokens", None)
+    cfg = GenerationConfig(pad_token_id=0, max_new_tokens=new)
+    kw = dict(lengths, generation_config=cfg)
+    out = agents.generate(**inputs, adapter_names=["planner", "coder"], do_sample=False,
+                          **cache_kwargs(ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])), **kw)
+    made = out.shape[1] - ctx.numel()  # private tokens per row: prompt, padding and new tokens
+    capacity = private_capacity(SimpleNamespace(num_shared_tokens=ctx.numel()), inputs["input_ids"].shape[1], kw, cfg)
+    assert made - (inputs["input_ids"].shape[1] - ctx.numel()) == (new or 20) and made <= capacity

@@ -149,3 +149,12 @@ def test_f16_k_pass_reaches_the_kernels(clean_env):
     clean_env.setenv("FORKKV_F16_K_PASS", "yes")
     with pytest.raises(ValueError, match="FORKKV_F16_K_PASS"):
         get_config()
+
+
+def test_set_config_refuses_what_is_not_a_config():
+    """``set_config("torch")`` was accepted and failed at the next generate with an AttributeError."""
+    from forkkv_hf import config
+
+    with pytest.raises(TypeError, match="set_config takes a ForkKVConfig"):
+        config.set_config("torch")
+    assert config.get_config() != "torch"

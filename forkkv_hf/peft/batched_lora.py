@@ -66,6 +66,9 @@ class StackedLoRA:
     bias: torch.Tensor | None
     reduce_group: object = None
     views: bool = False
+    #: the layer's adapters have different dtypes: one stack would round some of them (PEFT computes each in its own
+    #: dtype), so such a layer runs PEFT's forward
+    mixed_dtypes: bool = False
 
     def views_current(self, layer, names) -> bool:
         """Whether the parameters of ``names`` are still the stack's storage, with unchanged scalings."""
@@ -126,6 +129,11 @@ def stacked_lora(layer, used=None) -> StackedLoRA:
     params = [t for n in names for t in _params(layer, n) if t is not None]
     views = (not any(is_dtensor(t) for t in [base_w, *params]) and len({(t.dtype, t.device) for t in params}) == 1
              and all(a is layer.lora_A[n].weight and b is layer.lora_B[n].weight for n, a, b in zip(names, As, Bs)))
+    if len({t.dtype for t in params}) > 1:  # no stack: PEFT computes each adapter in its own dtype
+        stack = StackedLoRA({n: _copy_key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, None, None,
+                            None, None, mixed_dtypes=True)
+        layer._forkkv_stack = stack
+        return stack
     r_max = max(a.shape[0] for a in As)
     d_in, d_out = As[0].shape[1], Bs[0].shape[0]
     A = torch.zeros(len(names), r_max, d_in, dtype=As[0].dtype, device=As[0].device)
@@ -186,6 +194,10 @@ def _call_plan(layer, adapter_names):
                           "one LoRA pass per adapter)")
     batchable = reason is None
     stack = stacked_lora(layer, used) if batchable else None
+    if stack is not None and stack.mixed_dtypes:  # before, stacked in the first adapter's dtype: the others rounded
+        warn_once(logger, "batched LoRA: a layer's adapters have different dtypes (PEFT computes each in its own); "
+                          "these layers run PEFT's own mixed-batch forward (same result, one LoRA pass per adapter)")
+        batchable, stack = False, None
     slots = tuple(stack.slot.get(n, -1) for n in adapter_names) if batchable else None
     if batchable and all(s_ < 0 for s_ in slots):
         stack = _EMPTY
