@@ -81,6 +81,23 @@ def test_accelerate_hooks_on_cpu_give_the_same_tokens():
     assert shared.rope_bytes() == ref_shared.rope_bytes()
 
 
+def test_offloaded_weights_are_refused_with_what_to_do(tmp_path):
+    """A device_map that offloads a layer to disk keeps its weights on the meta device between forwards: the build
+    (before, PyTorch's "Cannot copy out of meta tensor") and a context built before the dispatch (before, called
+    stale: "base weights changed") say so."""
+    pm = _agents(_model())
+    ctx = torch.randint(3, 128, (29,), generator=torch.Generator().manual_seed(5))
+    forkkv_hf.enable_forkkv(pm)
+    before = SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
+    dm = _device_map(4, ["cpu", "cpu"])
+    dm["model.layers.3"] = "disk"
+    accelerate.dispatch_model(pm.get_base_model(), device_map=dm, offload_dir=str(tmp_path), force_hooks=True)
+    with pytest.raises(ValueError, match="on the meta device .*offload.*Load the model without offload"):
+        SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
+    with pytest.raises(ValueError, match="on the meta device"):
+        before.check_weights(pm)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @parametrize("backend", ["auto", "torch"])

@@ -24,6 +24,7 @@ from ..peft.lora_factors import (
     is_peft_model,
     kv_projections,
     lora_layer_of,
+    refuse_offloaded,
 )
 from ..ops.rope import apply_rope
 from .segments import Residual, SharedLayer
@@ -303,6 +304,7 @@ def segment_layers(model: nn.Module, base: nn.Module, ids: torch.Tensor, adapter
             f"max_position_embeddings={max_pos}; shorten the context"
         )
     attn_modules = find_attention_modules(model)
+    refuse_offloaded(model.named_parameters())
     dtype = cache_dtype(base)
     projections = {idx: kv_projections(attn, config) for idx, attn in attn_modules.items()}
     windows = {idx: sliding_window(attn, config) for idx, attn in attn_modules.items()}

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..peft.lora_factors import find_attention_modules, is_peft_model, kv_projections, lora_layer_of, transformers_model
+from ..peft.lora_factors import (find_attention_modules, is_peft_model, kv_projections, lora_layer_of, refuse_offloaded,
+                                 transformers_model)
 from ..peft.tp import tp_world
 from .probes import Probes, factor_probe, stamp
 
@@ -311,6 +312,7 @@ def check_context(identity: ContextIdentity, model: nn.Module, adapters, what: s
 
 def _check_base(record: WeightRecord, model, probes: Probes, what: str) -> None:
     named = base_tensors(model)
+    refuse_offloaded(named)
     names = tuple(n for n, _ in named)
     if names != record.names:
         missing, new = sorted(set(record.names) - set(names)), sorted(set(names) - set(record.names))

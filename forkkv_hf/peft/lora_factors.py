@@ -353,3 +353,18 @@ def check_saved_copies(proj: nn.Module, adapters, where: str) -> None:
             "copy's, not the base model's plus a LoRA residual. Train LoRA on that projection instead (target_modules),"
             " or serve those adapters with their own cache (plain PEFT + DynamicCache)."
         )
+
+
+def refuse_offloaded(named) -> None:
+    """Refuse weights on the meta device (``named``: ``(name, tensor)`` pairs): a ``device_map`` that offloads layers
+    to the CPU or disk (accelerate keeps their weights there between forwards). ForkKV reads weights outside the
+    forward (the LoRA factors of the residuals, the context's weight checks); before, a build failed inside PyTorch
+    and a check called offloaded weights changed."""
+    meta = [n for n, t in named if t is not None and t.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} weights are on the meta device (e.g. {meta[0]}): the model was dispatched with offload (a "
+            "device_map with 'cpu' or 'disk' entries), whose weights accelerate loads only inside their forward; "
+            "ForkKV reads weights outside it. Load the model without offload (a device_map of GPUs only, or one "
+            "device)."
+        )
