@@ -309,7 +309,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     shared_waits = pdl_mode in ("early", "late") and has_k  # the shared kernel a dependent launch after the K pass
     if has_v:  # converted before the first launch: no other kernel between the three
         v_slot = v_slot.to(device=dev, dtype=torch.int32)
-        v_u = v_u.contiguous()
+        v_u, v_B = v_u.contiguous(), v_B.contiguous()  # the merge reads v_B's rank with stride 1
     r_scores = q  # dummy pointer without a K residual
     if has_k:
         k_slot = k_slot.to(device=dev, dtype=torch.int32)

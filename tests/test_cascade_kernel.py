@@ -141,6 +141,18 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
+def test_cascade_reads_factors_of_any_layout():
+    """``v_B`` with the same values in another memory layout (rank not of stride 1): the merge assumed stride 1 and
+    read other values, silently (0.5 off; found by an audit); the launcher makes it contiguous as it does ``k_B``."""
+    view = random_view(B=3, Hkv=2, D=16, T=37, P=3, ranks=(4, 2))
+    q = torch.randn(3, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    ref = reference_attention(q, view, None, 0.25)
+    B = view.shared.v_res.B
+    view.shared.v_res.B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(view.shared.v_res.B, B) and view.shared.v_res.B.stride(2) != 1
+    torch.testing.assert_close(_launch(q, view, None, 0.25), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_cascade_pack_refuses_what_is_not_a_power_of_two():
     case = PACK_CASES[0]
     view, q = case.view(), case.query()
