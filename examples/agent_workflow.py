@@ -23,6 +23,7 @@ import torch
 
 import forkkv_hf
 from eval.agents import ADAPTER_DIR
+from eval.cli import positive_int
 from eval.smollm2 import load_smollm2
 from forkkv_hf import ForkKVStore, batch_inputs, cache_kwargs
 
@@ -102,15 +103,15 @@ def load_agents(model, kind: str, rank: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=1200, help="length of the shared document (tokens)")
+    ap.add_argument("--turns", type=positive_int, default=6)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=24)
+    ap.add_argument("--tokens", type=positive_int, default=1200, help="length of the shared document (tokens)")
     ap.add_argument("--agents", choices=["auto", "trained", "random"], default="auto")
-    ap.add_argument("--rank", type=int, default=8, help="rank of the random agents")
+    ap.add_argument("--rank", type=positive_int, default=8, help="rank of the random agents")
     ap.add_argument("--check", action="store_true",
                     help="also generate each turn from a fresh ForkKVCache.from_context (a full base pass) and check "
                          "that the tokens are the same")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

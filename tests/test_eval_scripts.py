@@ -629,3 +629,18 @@ def test_offline_sm90_compile_of_the_k_pass(tmp_path):
     base, kv = rows["base"]["loops"][0], rows["kv"]["loops"][0]
     assert base["loop_fsel"] >= 32 and base["loop_ex2"] >= 32 and base["loop_hgmma"] > 0, base
     assert kv["loop_local"] == 0, kv
+
+
+@pytest.mark.version_independent
+def test_command_lines_refuse_bad_values_before_loading_anything(capsys):
+    """A scenario name outside the three (before, dropped silently; all of them unknown: a ZeroDivisionError after
+    the model loaded) and counts below 1 (before, tracebacks from torch, PEFT or transformers) are usage errors."""
+    from eval.quality.__main__ import main as quality
+    from examples.agent_workflow import main as workflow
+
+    for run, argv in ((quality, ["--scenarios", "hamlet_act", "hamlet"]), (quality, ["--threads", "0"]),
+                      (quality, ["--prompts-per-agent", "0"]), (workflow, ["--turns", "0"]),
+                      (workflow, ["--rank", "0"]), (workflow, ["--max-new-tokens", "-1"])):
+        with pytest.raises(SystemExit):
+            run(argv)
+    assert "invalid choice: 'hamlet'" in capsys.readouterr().err

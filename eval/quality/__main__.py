@@ -7,8 +7,12 @@ import json
 from pathlib import Path
 
 from .. import quality
+from ..cli import positive_int
 from ..plots import RESULTS, plot_quality
 from .runner import VARIANTS, print_summary, run
+
+#: the scenarios :func:`~eval.quality.scenarios.build_scenarios` makes
+SCENARIOS = ("gsm8k_fewshot", "hamlet_act", "code_module")
 
 
 def main(argv=None):
@@ -16,11 +20,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="a tiny slice: 128-token contexts, each agent's shortest prompt, 6 tokens")
-    ap.add_argument("--context-tokens", type=int, help="minimum shared-context length (default 2048; quick 128)")
-    ap.add_argument("--prompts-per-agent", type=int, help="prompts of each agent per scenario (default 3; quick 1)")
-    ap.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default 128; quick 6)")
-    ap.add_argument("--scenarios", nargs="+", help="run only these scenarios")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context-tokens", type=positive_int, help="minimum shared-context length (default 2048; quick 128)")
+    ap.add_argument("--prompts-per-agent", type=positive_int, help="prompts of each agent per scenario (default 3; quick 1)")
+    ap.add_argument("--max-new-tokens", type=positive_int, help="greedy tokens per answer (default 128; quick 6)")
+    ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["exact", "forkkv", "naive"],
                     help="variants to run (default: exact, forkkv, naive; exact always runs: it is the reference). "
                          "The committed results add forkkv_v (about 8 more minutes)")
