@@ -72,6 +72,14 @@ def test_exact_match_f1_and_bootstrap():
     # one cluster: resampling it changes nothing, so the interval is a point
     one = metrics.bootstrap_ci([0, 1], ["a", "a"], n=200)
     assert one["lo"] == one["hi"] == 0.5
+    # the interval leaves as many resamples above as below (it left one fewer above: the index one too high)
+    import random
+
+    rng = random.Random(1)
+    values, clusters = [rng.random() for _ in range(40)], list(range(40))  # no two resample means alike
+    means = sorted(metrics._cluster_means(values, clusters, random.Random(0), 2000))
+    ci = metrics.bootstrap_ci(values, clusters, n=2000)
+    assert len(set(means)) == 2000 and (means.index(ci["lo"]), means.index(ci["hi"])) == (50, 1949)
 
 
 def _tokenizer_dir(tmp_path) -> Path:

@@ -41,7 +41,7 @@ def bootstrap_ci(values: list[float], clusters: list, n: int = 2000, seed: int =
         return {"mean": None, "lo": None, "hi": None, "n": 0}
     means = sorted(_cluster_means(values, clusters, random.Random(seed), n))
     lo = means[int((1 - level) / 2 * n)]
-    hi = means[min(n - 1, int((1 + level) / 2 * n))]
+    hi = means[min(n - 1, int((1 + level) / 2 * n) - 1)]  # as many resamples above hi as below lo
     return {"mean": sum(values) / len(values), "lo": lo, "hi": hi, "n": len(values)}
 
 
