@@ -178,13 +178,13 @@ def test_runner_saves_every_row_and_resumes_finished_cases(tmp_path):
     calls = []
     run.measure({"n": 1}, _measured(calls, 0.5))
     assert load(out).rows == [{"n": 1, "t_s": 0.5}]  # saved after the row, before finish
-    again = BenchmarkRun("bench_x", {"tokens": 3}, ["n"], out=out, resume=out, resume_if_same=("tokens",))
+    again = BenchmarkRun("bench_x", {"tokens": 3}, ["n"], out=out, resume=out)
     assert again.measure({"n": 1}, _measured(calls, 9.0)) == {"n": 1, "t_s": 0.5}
     again.measure({"n": 2}, _measured(calls, 0.7))
     assert calls == [0.5, 0.7]
-    other = BenchmarkRun("bench_x", {"tokens": 4}, ["n"], out=tmp_path / "o.json", resume=out,
-                         resume_if_same=("tokens",))
-    assert other.rows == []  # other parameters: nothing resumed
+    for params in ({"tokens": 4}, {"tokens": 3, "k_pass": "triton"}):  # any parameter differing: nothing resumed
+        other = BenchmarkRun("bench_x", params, ["n"], out=tmp_path / "o.json", resume=out)
+        assert other.rows == []
 
 
 @pytest.mark.version_independent

@@ -276,8 +276,7 @@ def main(argv=None):
               "compile_backend": args.compile_backend or "transformers default (inductor, reduce-overhead)",
               "compile_regions": get_config().compile_regions, "k_pass": args.k_pass,
               "f16_k_pass": get_config().f16_k_pass}
-    run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume,
-                       resume_if_same=("tokens", "reps"), time_limit=args.time_limit)
+    run = BenchmarkRun("bench_decode", params, CASE_KEYS, out=args.out, resume=args.resume, time_limit=args.time_limit)
     g = torch.Generator(device=dev).manual_seed(0)
     vocab = model.config.vocab_size
     ctx = torch.randint(3, vocab, (args.context,), device=dev, generator=g)

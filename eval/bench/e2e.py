@@ -273,7 +273,7 @@ def main(argv=None):
               "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "budget_gib": args.budget_gib,
               "baseline_prefill_chunk": PREFILL_CHUNK}
     run = BenchmarkRun("bench_e2e", params, CASE_KEYS, out=args.out, suffix=f"_x{len(args.devices)}" if split else "",
-                       resume=args.resume, resume_if_same=("new_tokens",), time_limit=args.time_limit)
+                       resume=args.resume, time_limit=args.time_limit)
     run.extra.setdefault("capacity", {})
     run.extra.setdefault("profile", None)
 

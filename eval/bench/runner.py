@@ -39,24 +39,29 @@ def default_path(benchmark: str, device: dict, suffix: str = "") -> Path:
     return RESULTS / f"{benchmark}_{slug(device.get('gpu', 'cpu'))}{suffix}.json"
 
 
+#: what a resumed run's device record must share with this run's
+RESUME_DEVICE_KEYS = ("gpu", "gpu_count", "torch", "triton", "transformers", "peft", "cuda")
+
+
 class BenchmarkRun:
     """One run of a benchmark and its result file.
 
     ``params``: what the run was asked for (saved as the schema's ``params``); ``case_keys``: the fields of a case.
     ``out``: the result file (default :func:`default_path` with ``suffix``). ``resume``: an earlier result file of an
-    unfinished run; its rows and ``extra`` are kept (not rerun) when it ran on the same GPU with the same values of
-    the ``params`` named in ``resume_if_same``. ``time_limit``: seconds after which no new case starts. ``write``:
+    unfinished run; its rows and ``extra`` are kept (not rerun) when it ran on the same GPU and software
+    (:data:`RESUME_DEVICE_KEYS`) with the same ``params``, all of them (before, only those a caller named: a run with
+    another K pass, budget or adapter count could be resumed into this one's file). ``time_limit``: seconds after which no new case starts. ``write``:
     False on the ranks of a distributed run that only measure (rank 0 writes).
     """
 
     def __init__(self, benchmark: str, params: dict, case_keys, out=None, suffix: str = "", resume=None,
-                 resume_if_same: tuple[str, ...] = (), time_limit: float | None = None, write: bool = True):
+                 time_limit: float | None = None, write: bool = True):
         self.result = BenchResult(benchmark, device_info(), params, list(case_keys))
         self.path = Path(out) if out else default_path(benchmark, self.result.device, suffix)
         self.time_limit = time_limit
         self.write = write
         if resume and Path(resume).exists():
-            self._resume(Path(resume), resume_if_same)
+            self._resume(Path(resume))
         self.started = time.time()
 
     @property
@@ -72,11 +77,13 @@ class BenchmarkRun:
     def device(self) -> dict:
         return self.result.device
 
-    def _resume(self, path: Path, same: tuple[str, ...]) -> None:
+    def _resume(self, path: Path) -> None:
         old = load(path)
-        differs = [k for k in same if old.params.get(k) != self.result.params.get(k)]
-        if old.device.get("gpu") != self.device.get("gpu") or differs:
-            self._print(f"not resuming {path}: another device or other {differs or 'parameters'}")
+        differs = sorted(k for k in set(old.params) | set(self.result.params)
+                         if old.params.get(k) != self.result.params.get(k))
+        differs += [k for k in RESUME_DEVICE_KEYS if old.device.get(k) != self.device.get(k)]
+        if differs:
+            self._print(f"not resuming {path}: other {differs}")
             return
         self.result.rows[:] = old.rows
         self.result.extra.update(old.extra)
