@@ -153,6 +153,16 @@ def test_cascade_reads_factors_of_any_layout():
     torch.testing.assert_close(_launch(q, view, None, 0.25), ref, rtol=2e-5, atol=2e-5)
 
 
+def test_cascade_tile_knobs_refuse_what_is_not_a_power_of_two():
+    """``block_m``, ``block_t``, ``n_sub``, ``res_block_t`` of 24 or 3 failed deep inside Triton ("arange's range must
+    be a power of 2")."""
+    view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    for knob in (dict(block_m=24), dict(block_t=24), dict(n_sub=3), dict(res_block_t=48)):
+        with pytest.raises(ValueError, match=f"{next(iter(knob))}=.*; give a power of two"):
+            _launch(q, view, None, 0.25, **knob)
+
+
 def test_cascade_pack_refuses_what_is_not_a_power_of_two():
     case = PACK_CASES[0]
     view, q = case.view(), case.query()
