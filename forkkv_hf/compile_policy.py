@@ -50,11 +50,30 @@ def _log_once(level: int, reason: str) -> None:
         log.log(level, "forkkv-hf: the decode step runs eager: %s", reason)
 
 
+class CallConfig:
+    """The generation config a ``generate`` call runs with, as transformers merges it: the ``generation_config``
+    passed, its unset fields from the model's own (before, only the passed one was read: a model's
+    ``prompt_lookup_num_tokens`` or ``max_new_tokens`` went unseen, and the call got a static layout it outgrew or
+    that prompt lookup misreads, silently)."""
+
+    def __init__(self, passed, model_cfg):
+        self.passed, self.model_cfg = passed, model_cfg
+
+    def __getattr__(self, name):
+        value = getattr(self.passed, name, None) if self.passed is not None else None
+        return value if value is not None else getattr(self.model_cfg, name, None)
+
+
+def call_config(model, kwargs: dict) -> CallConfig:
+    return CallConfig(kwargs.get("generation_config"), getattr(transformers_model(model), "generation_config", None))
+
+
 def _option(kwargs: dict, gen_cfg, name: str, default=None):
     """A generation option as ``generate`` resolves it: the keyword, else the generation config's value."""
     if name in kwargs:
         return kwargs[name]
-    return getattr(gen_cfg, name, default) if gen_cfg is not None else default
+    value = getattr(gen_cfg, name, None) if gen_cfg is not None else None
+    return default if value is None else value
 
 
 def round_capacity(tokens: int) -> int:
@@ -81,7 +100,7 @@ def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
 def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] | None:
     """``(log level, reason)`` why this call's decode step must run eager, or ``None`` if it can be compiled."""
     base = transformers_model(model)
-    gen_cfg = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+    gen_cfg = call_config(model, kwargs)
     if _option(kwargs, gen_cfg, "disable_compile", False):
         return logging.INFO, "generate(disable_compile=True)"
     compile_config = _option(kwargs, gen_cfg, "compile_config")
@@ -197,8 +216,7 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     dynamic one (the reason logged once). Returns the callable to run the call with (``generate`` itself, or
     :func:`compiled_generate` around it)."""
     base = transformers_model(model)
-    gen_cfg = kwargs.get("generation_config") or getattr(base, "generation_config", None)
-    capacity = private_capacity(cache, input_ids.shape[1], kwargs, gen_cfg)
+    capacity = private_capacity(cache, input_ids.shape[1], kwargs, call_config(model, kwargs))
     refused = eager_reason(model, cache, kwargs, capacity)
     if refused is not None:
         make_dynamic(cache)
