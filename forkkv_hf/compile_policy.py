@@ -22,6 +22,7 @@ import torch
 
 from .compile_regions import compile_regions
 from .config import get_config
+from .guards import generation_setting
 from .peft import wrappers
 from .peft.lora_factors import (
     PLANNED_ROWS,
@@ -50,48 +51,22 @@ def _log_once(level: int, reason: str) -> None:
         log.log(level, "forkkv-hf: the decode step runs eager: %s", reason)
 
 
-class CallConfig:
-    """The generation config a ``generate`` call runs with, as transformers merges it: the ``generation_config``
-    passed, its unset fields from the model's own (before, only the passed one was read: a model's
-    ``prompt_lookup_num_tokens`` or ``max_new_tokens`` went unseen, and the call got a static layout it outgrew or
-    that prompt lookup misreads, silently)."""
-
-    def __init__(self, passed, model_cfg):
-        self.passed, self.model_cfg = passed, model_cfg
-
-    def __getattr__(self, name):
-        value = getattr(self.passed, name, None) if self.passed is not None else None
-        return value if value is not None else getattr(self.model_cfg, name, None)
-
-
-def call_config(model, kwargs: dict) -> CallConfig:
-    return CallConfig(kwargs.get("generation_config"), getattr(transformers_model(model), "generation_config", None))
-
-
-def _option(kwargs: dict, gen_cfg, name: str, default=None):
-    """A generation option as ``generate`` resolves it: the keyword, else the generation config's value."""
-    if name in kwargs:
-        return kwargs[name]
-    value = getattr(gen_cfg, name, None) if gen_cfg is not None else None
-    return default if value is None else value
-
-
 def round_capacity(tokens: int) -> int:
     """The private capacity a call needing ``tokens`` private tokens per row gets: a multiple of
     :data:`CAPACITY_STEP`."""
     return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
+def private_capacity(cache, model, input_len: int, kwargs: dict) -> int:
     """Private tokens per row the call needs (the rows after the shared context, plus the new tokens), rounded up to
     a multiple of :data:`CAPACITY_STEP`."""
     # transformers' own rule (GenerationMixin._prepare_generated_length): max_new_tokens, from the call or its
     # generation config, wins over any max_length; without either, 20 new tokens (before, an unset max_length was
     # read as 20 in all, and a config's max_new_tokens lost to a max_length keyword: the call outgrew its static
     # buffers, an index error inside the compiled step)
-    max_new = _option(kwargs, gen_cfg, "max_new_tokens")
+    max_new = generation_setting(model, kwargs, "max_new_tokens")
     if max_new is None:
-        max_length = _option(kwargs, gen_cfg, "max_length")
+        max_length = generation_setting(model, kwargs, "max_length")
         max_new = 20 if max_length is None else max_length - input_len
     need = input_len - cache.num_shared_tokens + max(int(max_new), 1)
     return round_capacity(need)
@@ -100,10 +75,9 @@ def private_capacity(cache, input_len: int, kwargs: dict, gen_cfg) -> int:
 def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] | None:
     """``(log level, reason)`` why this call's decode step must run eager, or ``None`` if it can be compiled."""
     base = transformers_model(model)
-    gen_cfg = call_config(model, kwargs)
-    if _option(kwargs, gen_cfg, "disable_compile", False):
+    if generation_setting(model, kwargs, "disable_compile", False):
         return logging.INFO, "generate(disable_compile=True)"
-    compile_config = _option(kwargs, gen_cfg, "compile_config")
+    compile_config = generation_setting(model, kwargs, "compile_config")
     device = base.device
     if device.type not in ("cuda", "xpu") and not getattr(compile_config, "_compile_all_devices", False):
         return logging.INFO, (f"the model is on {device.type}; transformers compiles decode steps on CUDA/XPU "
@@ -117,10 +91,10 @@ def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] |
     weight = getattr(getattr(proj, "base_layer", proj), "weight", None)
     if weight is not None and is_dtensor(weight):
         return logging.WARNING, "tensor parallelism (the batched LoRA's all-reduces are not captured)"
-    if (_option(kwargs, gen_cfg, "num_beams", 1) or 1) > 1:
+    if generation_setting(model, kwargs, "num_beams", 1) > 1:
         return logging.INFO, "beam search (transformers runs its decode steps eager)"
     for name in EAGER_OPTIONS:
-        if _option(kwargs, gen_cfg, name) is not None:
+        if generation_setting(model, kwargs, name) is not None:
             return logging.WARNING, f"generate({name}=...) is not compiled with a ForkKVCache"
     window = _window_reason(cache, capacity)
     if window is not None:
@@ -216,7 +190,7 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     dynamic one (the reason logged once). Returns the callable to run the call with (``generate`` itself, or
     :func:`compiled_generate` around it)."""
     base = transformers_model(model)
-    capacity = private_capacity(cache, input_ids.shape[1], kwargs, call_config(model, kwargs))
+    capacity = private_capacity(cache, model, input_ids.shape[1], kwargs)
     refused = eager_reason(model, cache, kwargs, capacity)
     if refused is not None:
         make_dynamic(cache)

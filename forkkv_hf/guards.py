@@ -44,18 +44,23 @@ def generate_cache(kwargs: dict):
 
 
 # ---------------------------------------------------------------------------------------------------- generate
-def _generation_setting(model, kwargs: dict, name: str, default=None):
-    """What a generate call with ``kwargs`` uses for ``name``: the keyword, else its ``generation_config``'s, else the
-    model's ``generation_config``'s, else ``default``."""
-    cfg = kwargs.get("generation_config") or getattr(transformers_model(model), "generation_config", None)
-    value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+def generation_setting(model, kwargs: dict, name: str, default=None):
+    """What a generate call with ``kwargs`` uses for ``name``, as transformers merges its settings: the keyword, else
+    the ``generation_config`` passed, else (where that leaves it unset) the model's own ``generation_config``, else
+    ``default`` (before, a passed config hid the model's: its ``prompt_lookup_num_tokens`` or ``max_new_tokens`` went
+    unseen, and the compiled decode got a static layout it outgrew or that prompt lookup misread)."""
+    if name in kwargs:
+        value = kwargs[name]
+    else:
+        configs = (kwargs.get("generation_config"), getattr(transformers_model(model), "generation_config", None))
+        value = next((v for v in (getattr(c, name, None) for c in configs if c is not None) if v is not None), None)
     return default if value is None else value
 
 
 def _special_ids(model, kwargs: dict) -> tuple[int | None, set]:
     """``pad_token_id`` and the set of ``eos_token_id`` a generate call with ``kwargs`` uses."""
-    pad = _generation_setting(model, kwargs, "pad_token_id")
-    eos = _generation_setting(model, kwargs, "eos_token_id")
+    pad = generation_setting(model, kwargs, "pad_token_id")
+    eos = generation_setting(model, kwargs, "eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.reshape(-1).tolist()
     eos = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
@@ -139,7 +144,7 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
         )
     _check_rows_continue(cache, input_ids)
     _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
-    if _generation_setting(model, kwargs, "output_attentions", False):
+    if generation_setting(model, kwargs, "output_attentions", False):
         raise ValueError(_NO_WEIGHTS)
     _check_generate_mask(model, input_ids, kwargs, T)
     _check_adapter_names(model, kwargs, input_ids.shape[0])
@@ -184,8 +189,8 @@ def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
         return
     if isinstance(names, str):
         raise TypeError(f"adapter_names must be a list with one name per row, not the string {names!r}")
-    beams = _generation_setting(model, kwargs, "num_beams", 1)
-    k = _generation_setting(model, kwargs, "num_return_sequences", 1) if beams == 1 else 1
+    beams = generation_setting(model, kwargs, "num_beams", 1)
+    k = generation_setting(model, kwargs, "num_return_sequences", 1) if beams == 1 else 1
     if len(names) == rows * k:
         return
     if k > 1 and len(names) == rows:

@@ -513,7 +513,8 @@ def test_the_static_capacity_holds_what_transformers_generates(agents, lengths):
     out = agents.generate(**inputs, adapter_names=["planner", "coder"], do_sample=False,
                           **cache_kwargs(ForkKVCache.from_context(agents, ctx, adapter_names=["planner", "coder"])), **kw)
     made = out.shape[1] - ctx.numel()  # private tokens per row: prompt, padding and new tokens
-    capacity = private_capacity(SimpleNamespace(num_shared_tokens=ctx.numel()), inputs["input_ids"].shape[1], kw, cfg)
+    capacity = private_capacity(SimpleNamespace(num_shared_tokens=ctx.numel()), agents, inputs["input_ids"].shape[1],
+                                kw)
     assert made - (inputs["input_ids"].shape[1] - ctx.numel()) == (new or 20) and made <= capacity
 
 
