@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
 from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs, embedded_ids
+from .memory_report import MemoryReport
 from .peft.lora_factors import BASE_ADAPTER
 
 
@@ -208,56 +209,6 @@ class ForkKVLayer(CacheLayerMixin):
             super().offload()
 
 
-@dataclass
-class MemoryReport:
-    """Bytes held by a :class:`ForkKVCache`, against one ``DynamicCache`` per row of the batch."""
-
-    rows: int
-    agents: int
-    shared_tokens: int
-    private_tokens: int
-    shared_base_bytes: int
-    residual_bytes: int
-    residual_bytes_per_agent: dict
-    factor_bytes: int
-    rope_bytes: int
-    private_bytes: int
-    dynamic_cache_bytes: int
-
-    @property
-    def forkkv_bytes(self) -> int:
-        return self.shared_base_bytes + self.residual_bytes + self.factor_bytes + self.rope_bytes + self.private_bytes
-
-    @property
-    def saving(self) -> float:
-        """How many times less memory than one DynamicCache per row."""
-        return self.dynamic_cache_bytes / max(self.forkkv_bytes, 1)
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["forkkv_bytes"] = self.forkkv_bytes
-        d["saving"] = self.saving
-        return d
-
-    def __str__(self) -> str:
-        mib = lambda b: f"{b / 2**20:10.2f} MiB"  # noqa: E731
-        lines = [
-            f"ForkKV cache: {self.rows} rows, {self.agents} agents with residuals, "
-            f"{self.shared_tokens} shared + {self.private_tokens} private tokens",
-            f"  shared base (bCache, once)      {mib(self.shared_base_bytes)}",
-            f"  residuals (rCache, per agent)   {mib(self.residual_bytes)}",
-        ]
-        for a, b in self.residual_bytes_per_agent.items():
-            lines.append(f"    {a:<30}{mib(b)}")
-        lines += [
-            f"  LoRA B factors + RoPE tables    {mib(self.factor_bytes + self.rope_bytes)}",
-            f"  private K/V (per row)           {mib(self.private_bytes)}",
-            f"  total                           {mib(self.forkkv_bytes)}",
-            f"  one DynamicCache per row        {mib(self.dynamic_cache_bytes)}   ({self.saving:.1f}x more)",
-        ]
-        return "\n".join(lines)
-
-
 class ForkKVCache(Cache):
     """A cache for a batch of agents over one shared context. Row ``i`` is agent ``adapter_names[i]``.
 
@@ -421,10 +372,11 @@ class ForkKVCache(Cache):
         rows = self.adapter_names
         agents = [a for a in dict.fromkeys(rows) if a != BASE_ADAPTER]
         per_agent = {a: self.shared.residual_bytes(a, self.residual) for a in agents}
-        private = sum(
-            l.keys.numel() * l.keys.element_size() * 2 for l in self.layers if l.is_initialized
-        )
         P = self.layers[0].private_length()
+        held = [l for l in self.layers if l.is_initialized]
+        # the tokens' bytes, as a DynamicCache's below; a compiled decode's static buffers hold its capacity beside
+        private = sum(l.keys[:, :, :1].numel() * P * l.keys.element_size() * 2 for l in held)
+        buffers = sum(l.keys.numel() * l.keys.element_size() * 2 for l in held if getattr(l, "capacity", None))
         T = self.shared.num_tokens
         per_token_all_layers = sum(
             2 * l.shared.key.shape[1] * l.shared.key.shape[-1] * l.shared.key.element_size() for l in self.layers
@@ -440,6 +392,7 @@ class ForkKVCache(Cache):
             factor_bytes=self.shared.factor_bytes(),
             rope_bytes=self.shared.rope_bytes(),
             private_bytes=private,
+            static_buffer_bytes=buffers,
             dynamic_cache_bytes=len(rows) * (T + P) * per_token_all_layers,
         )
 

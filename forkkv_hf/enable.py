@@ -11,6 +11,7 @@ from .attention import ATTN_NAME, register_forkkv
 from .peft import wrappers
 from .peft.batched_lora import disable_batched_lora, enable_batched_lora
 from .peft.lora_factors import find_attention_modules, transformers_model
+from .static_cache import free_static_buffers
 
 
 def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
@@ -48,7 +49,8 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
 
 def disable_forkkv(model: nn.Module) -> nn.Module:
     """Select again the attention implementation the model had before :func:`enable_forkkv`, and remove what it
-    installed."""
+    installed, the compiled decode's pooled private K/V buffers included (a cache still holding them keeps its
+    own)."""
     base = transformers_model(model)
     previous = getattr(base, "_forkkv_previous_attn", None)
     if base.config._attn_implementation == ATTN_NAME:
@@ -58,6 +60,7 @@ def disable_forkkv(model: nn.Module) -> nn.Module:
         disable_batched_lora(model)
     wrappers.uninstall_token_recorder(base)
     wrappers.uninstall_if_unused(model)
+    free_static_buffers(base)
     if model is not base and getattr(base.__dict__.get("generate"), "_forkkv_wrapper", False):
         del base.generate
     return model

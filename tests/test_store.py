@@ -459,7 +459,11 @@ def test_released_by_garbage_collection(agents):
     pm, _ = agents
     store = ForkKVStore(pm, progress=False)
     cache = store.fork(_ids(10, seed=95), ["planner", "coder"])
-    assert store.report().live_caches == 1 and store.report().pinned_bytes > 0
+    rep = store.report()
+    assert rep.live_caches == 1 and rep.pinned_bytes > 0
+    # what evict(0) cannot free while the cache lives (its nodes and its agents' factors) is what is pinned (before:
+    # the factors were left out)
+    assert store.evict(0) == 0 and store.report().pinned_bytes == store.nbytes - store.report().view_bytes
     del cache
     gc.collect()
     rep = store.report()

@@ -134,3 +134,24 @@ def residual_bytes(layers: list[SharedLayer], adapter: str, kinds: str = "kv") -
 def factor_bytes(layers: list[SharedLayer]) -> int:
     """Bytes of the stacked, scaled ``B`` factors kept with the residuals."""
     return sum(nbytes(res.B) for l in layers for res in (l.k_res, l.v_res) if res is not None)
+
+
+def unique_tensors(tensors) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen, total = set(), 0
+    for t in unique_tensors(tensors):
+        st = t.untyped_storage()
+        key = (t.device, st.data_ptr())
+        if st.nbytes() and key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total

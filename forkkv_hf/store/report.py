@@ -98,6 +98,8 @@ def measure(base_trees: list[RadixTree], residual_trees: list[RadixTree], view_t
                 pinned_t += node.tensors
     for tree in residual_trees:
         fac_t += tree.root.tensors
+        if tree.root.ref_count:  # a live cache pins its agent's factors (the root) beside its nodes
+            pinned_t += tree.root.tensors
         for node in tree.nodes():
             residual_nodes += 1
             res_t += node.tensors

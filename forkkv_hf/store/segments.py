@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..context import Residual, SharedContext
+from ..context.segments import storage_bytes, unique_tensors  # noqa: F401 (re-exported)
 
 
 def token_axis(t: torch.Tensor) -> int:
@@ -65,27 +66,6 @@ def cat_tensors(parts: list[list]) -> list:
             done[key] = torch.cat([p[i] for p in parts], dim=token_axis(t))
         out.append(done[key])
     return out
-
-
-def unique_tensors(tensors) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
-    seen, total = set(), 0
-    for t in unique_tensors(tensors):
-        st = t.untyped_storage()
-        key = (t.device, st.data_ptr())
-        if st.nbytes() and key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
 
 
 class StorageLedger:

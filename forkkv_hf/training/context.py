@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
+from ..context.segments import storage_bytes
 from ..rope_checks import _config_rope_types, _length_dependent
 from ..inputs import context_token_ids, vocab_size_of
 from ..peft.lora_factors import find_attention_modules, is_peft_model, transformers_model
@@ -40,9 +41,11 @@ class ContextLayer:
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def tensors(self) -> tuple:
+        return (self.key, self.value, self.x_k, self.x_v, self.cos, self.sin)
+
     def nbytes(self) -> int:
-        tensors = {id(t): t for t in (self.key, self.value, self.x_k, self.x_v, self.cos, self.sin)}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return storage_bytes(self.tensors())
 
 
 def check_trainable_model(model: nn.Module) -> None:
@@ -129,8 +132,9 @@ class TrainingContext:
         return self.contexts[0]
 
     def nbytes(self) -> int:
-        """Bytes held (base K/V, projection inputs, rotary tables)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held (base K/V, projection inputs, rotary tables), each storage once (the layers share the rotary
+        tables, and k_proj and v_proj their input where they read the same)."""
+        return storage_bytes(t for layer in self.layers for t in layer.tensors())
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one this context was computed with."""
