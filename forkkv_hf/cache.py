@@ -258,6 +258,11 @@ class ForkKVCache(Cache):
         return cls(shared, names)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0 and self.shared.layers[0].source is None:
+            raise ValueError(  # a loaded or copied context is bound at its first checked call: none ran
+                "this ForkKVCache's shared context was loaded or copied and the forward that reads it ran none of "
+                "ForkKV's checks; call forkkv_hf.enable_forkkv(model) before generating with it"
+            )
         if layer_idx == 0 and self.shared.config._attn_implementation != "forkkv":
             raise ValueError(
                 f"the model runs {self.shared.config._attn_implementation!r} attention, which cannot read a "
@@ -302,11 +307,42 @@ class ForkKVCache(Cache):
         if self.private_ids is not None:
             self.private_ids = self.private_ids[:, : self.layers[0].private_length()]
 
+    def check_whole(self) -> None:
+        """Refuse a cache a failed call left half-written: some layers (or the recorded tokens) hold tokens others
+        do not (an exception inside a forward after its first layers appended)."""
+        if getattr(self.layers[0], "capacity", None) is not None:
+            return  # the static layout (compiled decode) counts on the device: not read here (a sync per layer)
+        held = {layer.private_length() for layer in self.layers}
+        if self.private_ids is not None and self.layers[0].is_initialized:
+            held.add(self.private_ids.shape[1])
+        if len(held) > 1:
+            raise ValueError(
+                f"this ForkKVCache was left half-written by a call that failed (its layers hold {sorted(held)} "
+                "private tokens); call cache.reset() to start its rows over, or fork a new cache"
+            )
+
+    def mark(self) -> tuple:
+        """What :meth:`roll_back` returns to: the rows and the private length (a ``generate`` call's start)."""
+        return tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
+
+    def roll_back(self, mark: tuple) -> None:
+        """Undo what a failed call appended since :meth:`mark`, where its rows did not change and the layout is
+        dynamic (else :meth:`check_whole` refuses the cache at its next use)."""
+        rows, P = mark
+        if getattr(self.layers[0], "capacity", None) is not None or rows != tuple(l.rows for l in self.layers):
+            return
+        for layer in self.layers:
+            if layer.is_initialized and layer.private_length() > P:
+                layer.keys, layer.values = layer.keys[..., :P, :], layer.values[..., :P, :]
+        if self.private_ids is not None and self.private_ids.shape[1] > P:
+            self.private_ids = self.private_ids[:, :P]
+
     def check_generate_inputs(self, model, input_ids, kwargs) -> None:
         """Refuse, before ``generate`` runs, every input this cache would silently serve wrong
         (:func:`forkkv_hf.guards.check_generate_inputs`: rows, masks, token ids, ``use_cache``, static caches,
         Activated LoRA) and a cache that does not fit the model: another instance, another dtype, adapters
         changed since their residuals were computed."""
+        self.check_whole()
         check_generate_inputs(self, model, input_ids, kwargs)
         from .peft.lora_factors import find_attention_modules, transformers_model
 
@@ -341,10 +377,13 @@ class ForkKVCache(Cache):
         n = self.__dict__.get("_generate_forwards")  # set by the generate wrapper: after its first, decode steps
         if n is not None:
             self._generate_forwards = n + 1
+        if not n:
+            self.check_whole()
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
         checked, self._weights_checked = getattr(self, "_weights_checked", False), False
-        if not checked and not n and self.layers[0].private_length() == 0:
-            # a direct forward on a fresh fork: its context must match the weights, as generate checks each call
+        if not checked and not n and (self.layers[0].private_length() == 0 or self.shared.layers[0].source is None):
+            # a direct forward on a fresh fork, or on a loaded / copied one its first model has not yet bound: its
+            # context must match the weights, as generate checks each call
             self.shared.check_weights(module, list(dict.fromkeys(self.adapter_names)))
         run_args, run_kwargs = changed or (args, kwargs)
         ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)

@@ -76,10 +76,34 @@ def test_module_output_matches_every_layer(monkeypatch):
         for backend in ("torch", "triton"):
             monkeypatch.setenv("FORKKV_LORA_BACKEND", backend)
             enable_batched_lora(pm)
-            out = mod(x, adapter_names=NAMES)
+            with torch.no_grad():  # with grad, PEFT's own forward runs (test_gradients_reach_the_lora_weights)
+                out = mod(x, adapter_names=NAMES)
             disable_batched_lora(pm)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"{name} ({backend})")
     assert len(calls) > 10  # the Triton kernels did run (in the interpreter on CPU)
+
+
+def test_gradients_reach_the_lora_weights():
+    """A mixed-adapter forward with grad enabled (eval mode, LoRA weights trainable) gives PEFT's gradients to every
+    LoRA weight and to the input embeddings (before: the stacks cut the weights' autograd link, so they got none,
+    silently, while the loss still backpropagated)."""
+    pm = _agents()
+    ids = torch.randint(3, 128, (len(NAMES), 6), generator=torch.Generator().manual_seed(5)).to(DEV)
+
+    def grads():
+        pm.zero_grad(set_to_none=True)
+        embeds = pm.get_base_model().get_input_embeddings()(ids).detach().requires_grad_(True)
+        pm(inputs_embeds=embeds, adapter_names=NAMES).logits.float().square().mean().backward()
+        lora = {n: p.grad.clone() for n, p in pm.named_parameters() if "lora_" in n and p.grad is not None}
+        return lora, embeds.grad
+
+    ref_lora, ref_x = grads()
+    with batched_lora(pm):
+        out_lora, out_x = grads()
+    assert len(ref_lora) > 10 and out_lora.keys() == ref_lora.keys()
+    for n in ref_lora:
+        torch.testing.assert_close(out_lora[n], ref_lora[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch.testing.assert_close(out_x, ref_x, rtol=1e-5, atol=1e-6)
 
 
 def test_generate_tokens_equal_peft():

@@ -93,6 +93,8 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     else:
         extra, desc = {"logits_to_keep": 1} if runner is base else {}, "forkkv: base pass over shared context"
     disable = model.disable_adapter() if is_peft_model(model) and adapter is None else contextlib.nullcontext()
+    if adapter is None and not is_peft_model(model):
+        _refuse_active_adapters(model)
     cache = DynamicCache(config=base.config)
     S = 0
     if past is not None:
@@ -113,6 +115,21 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
             positions = torch.arange(S + t0, S + t0 + chunk.shape[1], device=ids.device)[None]
             runner(input_ids=chunk, position_ids=positions, use_cache=True, **extra, **cache_kwargs(cache))
     return cache
+
+
+def _refuse_active_adapters(model: nn.Module) -> None:
+    """A transformers model given with PEFT's adapter layers inside and an adapter on (the model inside a
+    ``PeftModel``, or one with adapters loaded by transformers): its pass would not be the base model's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    on = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
+          and m.active_adapters]
+    if on:
+        raise ValueError(
+            f"this model has PEFT adapter layers with an adapter on ({on[0]!r} and {len(on) - 1} more), so its pass "
+            "over the context would not be the base model's; pass the PeftModel itself (peft_model, not "
+            "peft_model.get_base_model()), or turn its adapters off first (model.disable_adapters())"
+        )
 
 
 def check_rope_layout(idx: int, k_out_head: torch.Tensor | None, layer) -> None:

@@ -23,7 +23,7 @@ Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -240,10 +240,19 @@ def _can_batch(layer, adapters) -> bool:
     return unbatchable_reason(layer, adapters) is None
 
 
+def _needs_grad(layer, x: torch.Tensor) -> bool:
+    """A forward whose gradient reaches the LoRA weights or ``x``: the stacks hold the weights' values without their
+    autograd link and the Triton path has no backward, so PEFT's own forward runs it (before: the LoRA weights got
+    no gradient, silently)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for m in (layer.lora_A, layer.lora_B) for p in m.parameters())
+
+
 def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
     """Drop-in for ``peft.tuners.lora.layer.Linear._mixed_batch_forward``: same result, one gathered LoRA for all
     adapters of the batch."""
-    if not self.lora_A or x.dim() != 3:
+    if not self.lora_A or x.dim() != 3 or _needs_grad(self, x):
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     if in_planned_step(adapter_names):  # the plan its call's prefill stored
         return decode_lora_forward(self, x, *args, **kwargs)
@@ -307,8 +316,9 @@ def patch_lora_layers(model: nn.Module) -> None:
     """Give every LoRA ``Linear`` of ``model`` the batched mixed-adapter forward (idempotent)."""
     for m in _lora_linears(model):
         if "_mixed_batch_forward" not in m.__dict__:
-            m._mixed_batch_forward = types.MethodType(batched_mixed_batch_forward, m)
-            m._check_forward_args = types.MethodType(checked_forward_args, m)
+            # partials, not bound methods: a bound method pickles as getattr(m, its function's name), which m lacks
+            m._mixed_batch_forward = functools.partial(batched_mixed_batch_forward, m)
+            m._check_forward_args = functools.partial(checked_forward_args, m)
 
 
 def enable_batched_lora(model: nn.Module) -> nn.Module:

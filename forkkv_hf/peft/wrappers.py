@@ -51,32 +51,37 @@ def remove_stale_peft_hooks(model: nn.Module) -> int:
     return removed
 
 
+class _Wrapper:
+    """An installed wrapper: ``kind`` (``"forward"``, ``"save_pretrained"``, ``"generate"``) around ``inner`` (the bound
+    method it replaced) of ``target``, running against ``model``. An object, not a closure, so that a deep copy or a
+    pickle of the model carries wrappers bound to the copy (a closure's captured model stayed the original's: a
+    deep-copied model ran the original's forward, silently)."""
+
+    _forkkv_wrapper = True
+
+    def __init__(self, kind: str, model: nn.Module, target: nn.Module, inner):
+        self.kind, self.model, self.target, self.__wrapped__ = kind, model, target, inner
+        self.__doc__, self.__name__ = inner.__doc__, getattr(inner, "__name__", kind)
+
+    def __call__(self, *args, **kwargs):
+        with model_lock(self.model):
+            if self.kind == "generate":
+                return _generate(self.target, self.model, self.__wrapped__, args, kwargs)
+            if self.kind == "save_pretrained":
+                # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
+                # (every adapter of the layer), so the parameters get their own storage back first
+                for hook in BEFORE_SAVE:
+                    hook(self.model)
+            else:
+                new_call()
+            return self.__wrapped__(*args, **kwargs)
+
+
 def install(model: nn.Module) -> None:
     """Install the ``generate`` and ``forward`` wrappers (idempotent)."""
-    lock = model_lock(model)
-    if not getattr(model.__dict__.get("forward"), "_forkkv_wrapper", False):
-        inner_forward = model.forward
-
-        def forward(*args, **kwargs):
-            with lock:
-                new_call()
-                return inner_forward(*args, **kwargs)
-
-        _mark(forward, inner_forward)
-        model.forward = forward
-    if hasattr(model, "save_pretrained") and not getattr(model.__dict__.get("save_pretrained"), "_forkkv_wrapper", False):
-        inner_save = model.save_pretrained
-
-        def save_pretrained(*args, **kwargs):
-            # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
-            # (every adapter of the layer), so the parameters get their own storage back first
-            with lock:
-                for hook in BEFORE_SAVE:
-                    hook(model)
-                return inner_save(*args, **kwargs)
-
-        _mark(save_pretrained, inner_save)
-        model.save_pretrained = save_pretrained
+    for name in ("forward", "save_pretrained"):
+        if hasattr(model, name) and not getattr(model.__dict__.get(name), "_forkkv_wrapper", False):
+            setattr(model, name, _Wrapper(name, model, model, getattr(model, name)))
     install_generate(model, model)
 
 
@@ -86,48 +91,41 @@ def install_generate(target: nn.Module, model: nn.Module) -> None:
     hooks run against ``model`` once per call, the inner wrapper passing a call of the outer one straight through
     (before, a generate of the inner model skipped every check: a used cache served new prompts, stale residuals
     served)."""
-    if getattr(target.__dict__.get("generate"), "_forkkv_wrapper", False):
-        return
-    lock, inner = model_lock(model), target.generate
-
-    def generate(*args, **kwargs):
-        with lock:
-            cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
-            if target is not model and cache is not None and "_generate_forwards" in cache.__dict__:
-                return inner(*args, **kwargs)  # inside the PeftModel's wrapped generate: checked there
-            if getattr(model, "_forkkv_batched_lora", False):
-                for hook in BEFORE_GENERATE:
-                    hook(model)
-            call = inner
-            if cache is not None and hasattr(cache, "check_generate_inputs"):
-                input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-                cache.check_generate_inputs(model, input_ids, kwargs)
-                for prepare in GENERATE_PREPARERS:
-                    call = prepare(model, cache, input_ids, kwargs, call)
-                # this call's forwards after its first are decode steps, on inputs generate made itself: they skip
-                # the forward checks that read tensor values (ForkKVCache.prepare_forward)
-                cache._generate_forwards = 0
-                cache._generate_ids = input_ids  # a prefill given inputs_embeds records its tokens from them
-            new_call()
-            try:
-                return call(*args, **kwargs)
-            except BaseException:
-                remove_stale_peft_hooks(model)
-                raise
-            finally:
-                if cache is not None:  # a weight check of this call covers none of the next direct forwards
-                    cache.__dict__.pop("_weights_checked", None)
-                    cache.__dict__.pop("_generate_forwards", None)
-                    cache.__dict__.pop("_generate_ids", None)
-
-    _mark(generate, inner)
-    target.generate = generate
+    if not getattr(target.__dict__.get("generate"), "_forkkv_wrapper", False):
+        target.generate = _Wrapper("generate", model, target, target.generate)
 
 
-def _mark(wrapper, inner) -> None:
-    wrapper._forkkv_wrapper = True
-    wrapper.__wrapped__ = inner
-    wrapper.__doc__ = inner.__doc__
+def _generate(target: nn.Module, model: nn.Module, inner, args: tuple, kwargs: dict):
+    cache = generate_cache(kwargs)  # refuses past_key_values= and cache= at once
+    if target is not model and cache is not None and "_generate_forwards" in cache.__dict__:
+        return inner(*args, **kwargs)  # inside the PeftModel's wrapped generate: checked there
+    if getattr(model, "_forkkv_batched_lora", False):
+        for hook in BEFORE_GENERATE:
+            hook(model)
+    call, mark = inner, None
+    if cache is not None and hasattr(cache, "check_generate_inputs"):
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        cache.check_generate_inputs(model, input_ids, kwargs)
+        for prepare in GENERATE_PREPARERS:
+            call = prepare(model, cache, input_ids, kwargs, call)
+        # this call's forwards after its first are decode steps, on inputs generate made itself: they skip
+        # the forward checks that read tensor values (ForkKVCache.prepare_forward)
+        cache._generate_forwards = 0
+        cache._generate_ids = input_ids  # a prefill given inputs_embeds records its tokens from them
+        mark = cache.mark()
+    new_call()
+    try:
+        return call(*args, **kwargs)
+    except BaseException:
+        remove_stale_peft_hooks(model)
+        if mark is not None:  # what the failed call appended (a refusal inside a layer, an interrupt) is undone
+            cache.roll_back(mark)
+        raise
+    finally:
+        if cache is not None:  # a weight check of this call covers none of the next direct forwards
+            cache.__dict__.pop("_weights_checked", None)
+            cache.__dict__.pop("_generate_forwards", None)
+            cache.__dict__.pop("_generate_ids", None)
 
 
 def _record_tokens_hook(module, args, kwargs):

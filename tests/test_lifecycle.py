@@ -1,0 +1,115 @@
+"""A model, context and cache through their lifecycle: copies, pickles, failed calls, the wrong model handed in.
+Each test here failed before its fix (found by an audit, 2026-12-07): the results were silently wrong."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs, cache_kwargs
+from models import tiny_llama, with_adapters
+from test_generate import ALL, _assert_same, _context, _gen, _prompts
+
+NAMES = ["planner", "coder"]
+
+
+def _agents(seed=1):
+    pm = with_adapters(tiny_llama(layers=2, seed=seed), {"planner": dict(r=4, target_modules=ALL),
+                                                         "coder": dict(r=2, target_modules=ALL)}, seed=seed)
+    return forkkv_hf.enable_forkkv(pm)
+
+
+def test_a_copied_or_pickled_model_runs_itself():
+    """The wrappers ``enable_forkkv`` installs belong to their model: a deep copy's (and a pickle's) forward and
+    generate run the copy (before: the original's, whatever the copy's weights; a pickle failed)."""
+    pm = _agents()
+    ctx = _context(12)
+    inputs = batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0)
+    clone = copy.deepcopy(pm)
+    with torch.no_grad():
+        clone.get_base_model().lm_head.weight.mul_(-1.0)
+        ids = inputs["input_ids"]
+        own = type(clone).forward(clone, input_ids=ids, adapter_names=NAMES).logits
+        torch.testing.assert_close(clone(input_ids=ids, adapter_names=NAMES).logits, own)
+        assert (own - pm(input_ids=ids, adapter_names=NAMES).logits).abs().max() > 0.1
+    out = _gen(clone, inputs, NAMES, ForkKVCache.from_context(clone, ctx, adapter_names=NAMES))
+    forkkv_hf.disable_forkkv(clone)
+    forkkv_hf.enable_forkkv(clone)
+    _assert_same(out, _gen(clone, inputs, NAMES, ForkKVCache.from_context(clone, ctx, adapter_names=NAMES)))
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    _assert_same(_gen(loaded, inputs, NAMES, ForkKVCache.from_context(loaded, ctx, adapter_names=NAMES)),
+                 _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES)))
+
+
+def test_a_failed_call_leaves_the_cache_as_it_was():
+    """A generate refused inside its first forward (rows swapped against the fork, found at layer 0's attention after
+    that layer appended) leaves the cache as before the call, so the next call is served right (before: layer 0 kept
+    the wrong agents' K/V and the next call extended them, silently); a direct forward that fails the same way
+    leaves a half-written cache, which its next use refuses."""
+    pm = _agents()
+    ctx = _context(10)
+    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
+    inputs = batch_inputs(ctx, _prompts([3, 3]), pad_token_id=0)
+    cache = shared.fork(NAMES)
+    with pytest.raises(ValueError, match="rows were forked for"):
+        _gen(pm, inputs, NAMES[::-1], cache)
+    assert [layer.private_length() for layer in cache.layers] == [0, 0]
+    _assert_same(_gen(pm, inputs, NAMES, cache), _gen(pm, inputs, NAMES, shared.fork(NAMES)))
+
+    cache = shared.fork(NAMES)
+    new = inputs["input_ids"][:, ctx.numel():]
+    with pytest.raises(ValueError, match="rows were forked for"), torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES[::-1], **cache_kwargs(cache))
+    assert [layer.private_length() for layer in cache.layers] == [3, 0]
+    with pytest.raises(ValueError, match="half-written"):
+        _gen(pm, inputs, NAMES, cache)
+    with pytest.raises(ValueError, match="half-written"), torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache))
+    cache.reset()
+    _assert_same(_gen(pm, inputs, NAMES, cache), _gen(pm, inputs, NAMES, shared.fork(NAMES)))
+
+
+def test_a_copied_used_cache_is_checked_against_the_model_it_meets():
+    """A cache that holds private tokens, copied or pickled, is bound to a model by its first forward's weight check
+    (before: a direct forward of another model with the same shapes ran on it, silently)."""
+    pm, other = _agents(seed=1), _agents(seed=2)
+    ctx = _context(10)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=NAMES)
+    new = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache))
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        with pytest.raises(StaleContextError), torch.no_grad():
+            other(input_ids=new, adapter_names=NAMES, **cache_kwargs(copied))
+    copied = copy.deepcopy(cache)  # the model it was built with: bound, and it continues as the original does
+    with torch.no_grad():
+        a = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(copied)).logits
+        b = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache)).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_a_copied_context_without_forkkv_is_refused_clearly():
+    """A copied (or loaded) context read by a model without ForkKV's checks says to enable it (before: an
+    AttributeError inside SDPA)."""
+    pm = _agents()
+    ctx = _context(10)
+    shared = copy.deepcopy(SharedContext.build(pm, ctx, NAMES, progress=False))
+    forkkv_hf.disable_forkkv(pm)
+    with pytest.raises(ValueError, match="enable_forkkv"):
+        _gen(pm, batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0), NAMES, shared.fork(NAMES))
+
+
+def test_the_model_inside_a_peft_model_is_refused_for_the_base_pass():
+    """``SharedContext.build(peft_model.get_base_model(), ...)`` with an adapter on ran the "base" pass with that
+    adapter (scores 0.87 off for ``__base__`` rows, silently); now refused, pointing to the PeftModel."""
+    pm = _agents()
+    with pytest.raises(ValueError, match="pass the PeftModel itself"):
+        SharedContext.build(pm.get_base_model(), _context(10), [], progress=False)
