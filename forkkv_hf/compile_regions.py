@@ -17,7 +17,7 @@ import types
 import torch
 from torch import nn
 
-from .peft.lora_factors import transformers_model
+from .peft.lora_factors import decoder_of, transformers_model
 
 _REGIONS: dict = {}  # decoder layer class -> its forward marked as a nested compile region
 
@@ -30,7 +30,7 @@ def available() -> bool:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers (``get_decoder().layers``); empty where the model has no such list."""
     base = transformers_model(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    decoder = decoder_of(base) or getattr(base, "model", base)
     layers = getattr(decoder, "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 

@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from .peft.lora_factors import transformers_model
+from .peft.lora_factors import decoder_of, transformers_model
 
 
 def _rope_type(rope) -> str | dict:
@@ -34,7 +34,7 @@ def rotary_modules(model) -> list:
     """The rotary embedding modules (holding ``inv_freq``) among the decoder's children: a few attribute reads,
     not a walk of every module (PEFT adds tens of thousands with many adapters)."""
     base = transformers_model(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    decoder = decoder_of(base) or base
     return [m for m in decoder.children() if hasattr(m, "inv_freq")]
 
 

@@ -237,3 +237,43 @@ def test_more_families_are_exact_or_refused(prefix):
         _same(_forkkv_gen(pm, inputs), exact)
         if refusal is None:
             break
+
+
+@pytest.mark.slow
+@parametrize("chunk_size", [None, 1])
+def test_modernbert_decoder_two_rope_tables_in_any_chunks(chunk_size):
+    """ModernBERT's decoder: a global RoPE table on full-attention layers, a local one on sliding layers, and a
+    ``get_decoder()`` that returns its LM head (the base pass failed inside a ``Linear``). Built in one-token chunks,
+    the sliding layer joined the global table's group at position 0, where every table is the identity, and its K
+    residual was rotated with the global table (scores 0.69 off, silently): the groups are checked at every chunk."""
+    import transformers
+
+    if not hasattr(transformers, "ModernBertDecoderConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no ModernBertDecoder")
+    model = _tiny("ModernBertDecoder", attn_implementation="eager", num_hidden_layers=2, num_key_value_heads=4,
+                  global_rope_theta=160000.0, local_rope_theta=10.0)
+    kv_last = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[1])
+    pm = with_adapters(model, {"planner": dict(r=4, **kv_last), "coder": dict(r=2, **kv_last)}, seed=2)
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    exact = _gen(pm, inputs, NAMES)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        shared = SharedContext.build(pm, CTX, NAMES[:2], progress=False, chunk_size=chunk_size)
+        assert not torch.equal(shared.layers[0].cos, shared.layers[1].cos)
+        _same(_gen(pm, inputs, NAMES, shared.fork(NAMES)), exact)
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+
+
+@pytest.mark.slow
+def test_k_rope_layout_is_checked_over_one_token_chunks():
+    """Interleaved RoPE (Cohere) with K LoRA is refused whatever the build's chunks (one-token chunks checked only
+    position 0, where every rotation is the identity, and served it: scores 0.035 off)."""
+    pm = with_adapters(_tiny("Cohere", attn_implementation="eager"),
+                       {"planner": dict(r=4, target_modules=["k_proj", "v_proj"], layers_to_transform=[2])}, seed=2)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        with pytest.raises(ValueError, match="not rotate-half RoPE"):
+            SharedContext.build(pm, CTX, ["planner"], progress=False, chunk_size=1)
+    finally:
+        forkkv_hf.disable_forkkv(pm)

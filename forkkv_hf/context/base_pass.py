@@ -20,6 +20,7 @@ from ..peft.lora_factors import (
     ProjectionLoRA,
     check_kv_transforms,
     collect_projection_lora,
+    decoder_of,
     find_attention_modules,
     is_peft_model,
     kv_projections,
@@ -82,7 +83,7 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     pass instead (the PEFT model with ``adapter_names=[adapter]``, what :mod:`forkkv_hf.context.fitted` fits)."""
     from transformers import DynamicCache
 
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    decoder = decoder_of(base)
     runner = decoder if decoder is not None else base
     T = ids.numel()
     step = T if not chunk_size or chunk_size >= T else int(chunk_size)
@@ -230,10 +231,14 @@ class ResidualCapture:
         """Forward hook on the K projection: keep its output over the first tokens of the pass."""
         cap = self.layers[idx]
 
-        def hook(module, args, output):
-            if self.offset == 0 and cap.k_out_head is None:
-                out = output[0, :8] if out_slice is None else output[0, :8, out_slice[0] : out_slice[1]]
-                cap.k_out_head = out.detach().clone()
+        def hook(module, args, output):  # over chunks until 8 tokens (a first chunk of 1 token is position 0 alone,
+            # where every rotation is the identity: that checked nothing)
+            have = 0 if cap.k_out_head is None else cap.k_out_head.shape[0]
+            if have < 8 and self.offset == have:
+                out = output[0, : 8 - have]
+                out = out if out_slice is None else out[:, out_slice[0] : out_slice[1]]
+                out = out.detach().clone()
+                cap.k_out_head = out if cap.k_out_head is None else torch.cat([cap.k_out_head, out])
 
         return hook
 
@@ -267,11 +272,17 @@ class ResidualCapture:
                     torch.empty(self.T, D, dtype=sin.dtype, device=sin.device),
                 )
                 cap.writes_rope = True
-            g = cap.rope_group
+            g, t0, n = cap.rope_group, self.offset, cos.shape[-2]
+            if not cap.writes_rope and not (torch.equal(tables[g][0][t0 : t0 + n], cos[0])
+                                            and torch.equal(tables[g][1][t0 : t0 + n], sin[0])):
+                # the group's tables differ from this layer's in this chunk (before it, they were equal: a first
+                # chunk of one token is position 0, the same for every table): a group of its own from here on
+                old, g = g, len(tables)
+                tables[g] = (tables[old][0].clone(), tables[old][1].clone())
+                cap.rope_group, cap.writes_rope = g, True
             if cap.writes_rope:
-                t0 = self.offset
-                tables[g][0][t0 : t0 + cos.shape[-2]] = cos[0]
-                tables[g][1][t0 : t0 + sin.shape[-2]] = sin[0]
+                tables[g][0][t0 : t0 + n] = cos[0]
+                tables[g][1][t0 : t0 + n] = sin[0]
 
         return hook
 

@@ -68,6 +68,16 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def decoder_of(base: nn.Module) -> nn.Module | None:
+    """The decoder (the module holding the layers) of a transformers model: ``get_decoder()``, unless that is not one
+    (ModernBERT's decoder returns its LM head, a ``Linear`` named ``decoder``), then the base model prefix's module."""
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and any(isinstance(m, nn.ModuleList) for m in decoder.children()):
+        return decoder
+    inner = getattr(base, getattr(base, "base_model_prefix", "") or "model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not base else None
+
+
 def available_adapters(model: nn.Module) -> list[str]:
     """Names of the LoRA adapters loaded in a ``PeftModel`` (empty for a plain model)."""
     config = getattr(model, "peft_config", None)

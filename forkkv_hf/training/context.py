@@ -21,7 +21,7 @@ from ..compat import cache_kwargs
 from ..context.segments import storage_bytes
 from ..rope_checks import _config_rope_types, _length_dependent
 from ..inputs import context_token_ids, vocab_size_of
-from ..peft.lora_factors import find_attention_modules, is_peft_model, transformers_model
+from ..peft.lora_factors import decoder_of, find_attention_modules, is_peft_model, transformers_model
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
     # would get no gradients at backward(); the flags are put back as they were
     flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
     cache = DynamicCache()
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    decoder = decoder_of(base) or base
     try:
         model.eval()
         with model.disable_adapter():

@@ -23,8 +23,8 @@ from torch import nn
 from ..compat import cache_kwargs
 from ..context.base_pass import sliding_window
 from ..log import get_logger, warn_once
-from ..peft.lora_factors import (check_adapter_names, check_saved_copies, find_attention_modules, kv_transform,
-                                 lora_layer_of, transformers_model)
+from ..peft.lora_factors import (check_adapter_names, check_saved_copies, decoder_of, find_attention_modules,
+                                 kv_transform, lora_layer_of, transformers_model)
 from ..ops.rope import apply_rope
 from .context import TrainingContext
 from .fitted import FittedResidual, fitted_kv
@@ -82,7 +82,7 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
 
         cache = DynamicCache()
         base = transformers_model(model)
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+        decoder = decoder_of(base) or base
         ids = context.padded_ids  # right padding: no context token attends to it (causal)
         decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
                 use_cache=True, **cache_kwargs(cache))
@@ -196,7 +196,7 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
         else:
             key, value = key.index_select(0, picked), value.index_select(0, picked)
         cache.update(key, value, idx)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    decoder = decoder_of(base) or base
     out = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                   **cache_kwargs(cache))
     return out.last_hidden_state
