@@ -381,6 +381,11 @@ FAMILIES = {
     "qwen3_next": (("Qwen3NextConfig", "Qwen3NextForCausalLM", ["k_proj", "v_proj"]),
                    dict(HYBRID, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
                         num_experts_per_tok=2), HYBRID_REFUSED),
+    # MiniMax's lightning (linear) attention layers have a qkv_proj and a layer_idx, so every layer looked like
+    # attention: the build failed inside transformers ("uses cache of its own")
+    "minimax": (("MiniMaxConfig", "MiniMaxForCausalLM", ["k_proj", "v_proj"]),
+                dict(HYBRID_BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=8),
+                r"some of its decoder layers without a self-attention ForkKV can split \(layer types linear_attention"),
 }
 
 

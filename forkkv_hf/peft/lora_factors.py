@@ -129,11 +129,11 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
                 f"layer_idx).{seen} ForkKV supports {SUPPORTED_MODELS}")
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # a multimodal model's decoder
     n_layers = getattr(text, "num_hidden_layers", None)
-    if isinstance(n_layers, int) and len(found) < n_layers:
-        kinds = sorted(set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    kinds = sorted(set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if kinds or isinstance(n_layers, int) and len(found) < n_layers:  # MiniMax's linear attention has a qkv_proj
         what = f" (layer types {', '.join(kinds)})" if kinds else ""
-        return (f"{name} has {n_layers - len(found)} of its {n_layers} decoder layers without a self-attention ForkKV "
-                f"can split{what}: what they keep of the context (a recurrent state, another cache) is not the K/V "
+        some = f"{n_layers - len(found)} of its {n_layers}" if len(found) < (n_layers or 0) else "some of its"
+        return (f"{name} has {some} decoder layers without a self-attention ForkKV can split{what}: what they keep of the context (a recurrent state, another cache) is not the K/V "
                 f"ForkKV shares and forks; ForkKV supports {SUPPORTED_MODELS}")
     sinks = sorted({type(m).__name__ for m in found.values() if getattr(m, "sinks", None) is not None})
     if sinks:
