@@ -22,7 +22,7 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     (:mod:`forkkv_hf.peft.wrappers`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
     installed). :func:`disable_forkkv` undoes all of it.
     """
-    find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
+    attention = find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
     register_forkkv()
     base = transformers_model(model)
     current = base.config._attn_implementation
@@ -32,6 +32,15 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
             raise ValueError(
                 f"{type(base).__name__} did not switch to the {ATTN_NAME!r} attention (it does not use transformers' "
                 "AttentionInterface), so it cannot read a ForkKVCache"
+            )
+        others = [i for i, attn in attention.items()
+                  if getattr(getattr(attn, "config", None), "_attn_implementation", ATTN_NAME) != ATTN_NAME]
+        if others:
+            base.set_attn_implementation(current)
+            raise ValueError(
+                f"the attention of layers {others} reads a config of its own that did not switch to the {ATTN_NAME!r} "
+                "attention (PEFT's layer_replication deep-copies the layers), so it cannot read a ForkKVCache; "
+                "ForkKV does not support replicated layers"
             )
         base._forkkv_previous_attn = current
     model._forkkv_enabled = True

@@ -149,6 +149,9 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
     _check_generate_mask(model, input_ids, kwargs, T)
     _check_adapter_names(model, kwargs, input_ids.shape[0])
     _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
+    if model.training:  # as the context's build, the store and the fits refuse it
+        raise ValueError("the model is in training mode (dropout on); call model.eval() before generating with a "
+                         "ForkKVCache")
 
 
 _NO_WEIGHTS = ("output_attentions=True with a ForkKV cache: ForkKV's attention computes no attention weights over its "

@@ -94,8 +94,8 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     else:
         extra, desc = {"logits_to_keep": 1} if runner is base else {}, "forkkv: base pass over shared context"
     disable = model.disable_adapter() if is_peft_model(model) and adapter is None else contextlib.nullcontext()
-    if adapter is None and not is_peft_model(model):
-        _refuse_active_adapters(model)
+    if adapter is None:
+        _refuse_merged_or_active_adapters(model)
     cache = DynamicCache(config=base.config)
     S = 0
     if past is not None:
@@ -118,14 +118,23 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     return cache
 
 
-def _refuse_active_adapters(model: nn.Module) -> None:
-    """A transformers model given with PEFT's adapter layers inside and an adapter on (the model inside a
-    ``PeftModel``, or one with adapters loaded by transformers): its pass would not be the base model's."""
+def _refuse_merged_or_active_adapters(model: nn.Module) -> None:
+    """Refuse a base pass that would not be the base model's: an adapter merged into the base weights (PEFT's
+    ``disable_adapter()`` unmerges it for the pass and leaves it unmerged: the context would lack it and the model
+    be changed, silently), or a transformers model given with PEFT's adapter layers inside and an adapter on (the
+    model inside a ``PeftModel``, or one with adapters loaded by transformers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    on = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
-          and m.active_adapters]
-    if on:
+    tuners = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    merged = sorted({a for _, m in tuners for a in getattr(m, "merged_adapters", ())})
+    if merged:
+        raise ValueError(
+            f"adapters {merged} are merged into the base weights; a shared context's base pass runs the base model "
+            "with adapters off, which would unmerge them. Unmerge them (peft_model.unmerge_adapter()), or make the "
+            "merge permanent (peft_model.merge_and_unload(), then add the agents' adapters), before building"
+        )
+    on = [name for name, m in tuners if not m.disable_adapters and m.active_adapters]
+    if on and not is_peft_model(model):
         raise ValueError(
             f"this model has PEFT adapter layers with an adapter on ({on[0]!r} and {len(on) - 1} more), so its pass "
             "over the context would not be the base model's; pass the PeftModel itself (peft_model, not "
@@ -201,10 +210,13 @@ class ResidualCapture:
     def _write_u(self, lora: ProjectionLoRA, u: torch.Tensor, x: torch.Tensor) -> None:
         """``u[:, offset : offset + C, :r] = x[0] Aᵀ`` for the chunk's input ``x`` ``[1, C, d_in]``."""
         n, r = lora.A.shape[0], lora.A.shape[1]
-        t0 = self.offset
-        xs = x[0].to(lora.A.dtype)  # [C, d_in]
-        uc = (xs @ lora.A.reshape(n * r, -1).t()).view(xs.shape[0], n, r)
-        u[:, t0 : t0 + xs.shape[0], :r] = uc.transpose(0, 1).to(u.dtype)
+        t0, C = self.offset, x.shape[1]
+        for dtype in (lora.A.dtype,) if lora.a_dtypes is None else dict.fromkeys(lora.a_dtypes):
+            # adapters of several dtypes: each in its own, as PEFT's forward (x cast to lora_A's dtype)
+            idx = slice(None) if lora.a_dtypes is None else [i for i, d in enumerate(lora.a_dtypes) if d == dtype]
+            A = lora.A[idx].to(dtype)
+            uc = (x[0].to(dtype) @ A.reshape(A.shape[0] * r, -1).t()).view(C, A.shape[0], r)
+            u[idx, t0 : t0 + C, :r] = uc.transpose(0, 1).to(u.dtype)
 
     def projection_hook(self, idx: int, kinds: tuple):
         """Pre-hook on a projection feeding K and/or V: ``u = x·Aᵀ`` for its adapters. A fused qkv_proj has one

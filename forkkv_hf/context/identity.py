@@ -125,9 +125,16 @@ def all_factors(model: nn.Module, names) -> dict[str, list[Factor]]:
     """Per adapter: a :class:`Factor` for every LoRA layer it has, K/V or not (``where``: the module's name), in
     module order: what a residual fitted to the agent's own pass depends on (:mod:`forkkv_hf.context.fitted`)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     out: dict[str, list[Factor]] = {n: [] for n in names}
     for where, module in transformers_model(model).named_modules():
+        if isinstance(module, TrainableTokensLayer):  # its new embedding rows change the agent's own pass too
+            for n in names:
+                if n in module.trainable_tokens_delta:
+                    delta = module.trainable_tokens_delta[n]
+                    out[n].append(Factor(where, n, module, delta, delta, None, 1.0))
+            continue
         if not isinstance(module, LoraLayer):
             continue
         for n in names:

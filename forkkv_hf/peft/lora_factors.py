@@ -46,6 +46,9 @@ class ProjectionLoRA:
     B: torch.Tensor
     ranks: tuple[int, ...]
     ones_column: int | None = None
+    #: each adapter's ``lora_A`` dtype where they differ (``A`` is then in the widest): ``u`` is computed per dtype,
+    #: as PEFT computes each adapter's in its own; ``None`` where they are one dtype
+    a_dtypes: tuple[torch.dtype, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -162,6 +165,14 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
             continue
         if (hasattr(module, "k_proj") and hasattr(module, "v_proj")) or hasattr(module, "qkv_proj"):
             if layer_idx in found:
+                saved = [n for n, m in base.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+                if saved:  # PEFT's copies of a whole attention (or layer) hold the same layer_idx
+                    raise ValueError(
+                        f"modules_to_save keeps copies of modules that contain attention layers ({saved[0]!r} and "
+                        f"{len(saved) - 1} more): ForkKV shares the base model's attention K/V and cannot serve an "
+                        "adapter's own copy of an attention; save only the projections' LoRA, or run such adapters "
+                        "with plain PEFT"
+                    )
                 raise ValueError(f"two attention modules claim layer_idx={layer_idx}: cannot map the cache layers "
                                  f"of {type(base).__name__}; ForkKV supports {SUPPORTED_MODELS}")
             found[layer_idx] = module
@@ -225,6 +236,11 @@ def check_adapter_names(model: nn.Module, names) -> list[str]:
         if not isinstance(n, str):
             raise TypeError(f"adapter names must be strings, got {n!r} ({type(n).__name__})")
     known = available_adapters(model)
+    if BASE_ADAPTER in known:
+        raise ValueError(
+            f'this model has an adapter named "{BASE_ADAPTER}", the name ForkKV (as PEFT\'s adapter_names) gives rows '
+            "that run no adapter, so its rows would run neither; load it under another name"
+        )
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
     if unknown:
         if not is_peft_model(model):
@@ -305,7 +321,9 @@ def collect_projection_lora(
     d_in = As[0].shape[1]
     lo, hi = out_slice if out_slice is not None else (0, Bs[0].shape[0])
     bias = any(has_bias)
-    A = torch.zeros(len(present), r_max, d_in, dtype=As[0].dtype, device=As[0].device)
+    a_dtypes = tuple(a.dtype for a in As)
+    wide = functools.reduce(torch.promote_types, a_dtypes)
+    A = torch.zeros(len(present), r_max, d_in, dtype=wide, device=As[0].device)
     B = torch.zeros(len(present), hi - lo, r_max + bias, dtype=dtype, device=As[0].device)
     with torch.no_grad():
         for i, a in enumerate(present):
@@ -314,7 +332,8 @@ def collect_projection_lora(
             B[i, :, :r] = (Bs[i][lo:hi].float() * s).to(dtype)
             if has_bias[i]:
                 B[i, :, r_max] = (lora_shard(layer.lora_B[a].bias, base_w, 0)[lo:hi].float() * s).to(dtype)
-    return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None)
+    return ProjectionLoRA(tuple(present), A, B, tuple(ranks), r_max if bias else None,
+                          a_dtypes if len(set(a_dtypes)) > 1 else None)
 
 
 def kv_transform(attn: nn.Module, config, kind: str) -> str | None:

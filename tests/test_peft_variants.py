@@ -1,0 +1,105 @@
+"""PEFT configurations and uses an audit (2026-12-07) found served wrong or refused unclearly; each test failed
+before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import forkkv_hf
+from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs, cache_kwargs
+from models import plain_peft, semantic_reference_cache, tiny_llama, with_adapters
+from test_generate import ALL, _context, _gen, _prompts
+
+
+def _scores_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores))
+
+
+def test_a_merged_adapter_is_refused_at_build():
+    """An adapter merged into the base weights: the base pass's ``disable_adapter()`` unmerged it and left it so
+    (the context and every later call lacked it: scores 0.95 off, silently); now refused, the model untouched."""
+    pm = with_adapters(tiny_llama(), {"x": dict(target_modules=["q_proj", "o_proj"]), "a": {}})
+    pm.merge_adapter(["x"])
+    forkkv_hf.enable_forkkv(pm)
+    with pytest.raises(ValueError, match=r"adapters \['x'\] are merged into the base weights"):
+        ForkKVCache.from_context(pm, _context(12), adapter_names=["a"])
+    assert all(m.merged for m in pm.modules() if hasattr(m, "merged_adapters") and m.merged_adapters == ["x"])
+    assert sum(1 for m in pm.modules() if getattr(m, "merged_adapters", None)) == 4  # still merged
+
+
+def test_adapters_of_other_dtypes_do_not_round_each_other():
+    """An fp32 adapter beside a bf16 one: its ``u`` was computed in the first adapter's dtype, so the result depended
+    on the order of the build's list (1.4e-2 off for ["b", "a"]); each is now computed in its own dtype, as PEFT does."""
+    pm = with_adapters(tiny_llama(), {"a": {}, "b": {}})
+    for m in pm.modules():
+        if hasattr(m, "lora_A") and "b" in m.lora_A:
+            m.lora_A["b"].to(torch.bfloat16)
+            m.lora_B["b"].to(torch.bfloat16)
+    ctx, rows = _context(17), ["a", "b"]
+    inputs = batch_inputs(ctx, _prompts([4, 3]), pad_token_id=0)
+    ref = plain_peft(pm, lambda: _gen(pm, inputs, rows, semantic_reference_cache(pm, ctx, rows), max_new_tokens=4))
+    forkkv_hf.enable_forkkv(pm)
+    outs = [_gen(pm, inputs, rows, SharedContext.build(pm, ctx, order, progress=False).fork(rows), max_new_tokens=4)
+            for order in (["a", "b"], ["b", "a"])]
+    for out in outs:  # row a (fp32) exact; row b (bf16) within its rounding (PEFT rounds B's product to bf16 too)
+        assert max((x[0] - y[0]).abs().max().item() for x, y in zip(out.scores, ref.scores)) < 1e-4
+        assert max((x[1] - y[1]).abs().max().item() for x, y in zip(out.scores, ref.scores)) < 5e-2
+    assert _scores_diff(outs[0], outs[1]) == 0
+
+
+def test_a_fit_follows_the_agents_trainable_tokens():
+    """A residual fitted to an agent's own pass depends on its trainable token rows (``trainable_token_indices``):
+    changed in place after the fit, it was served stale (3.2e-3 off a fresh fit, silently); now StaleContextError."""
+    pm = with_adapters(tiny_llama(), {"a": {"target_modules": ["k_proj"],
+                                            "trainable_token_indices": {"embed_tokens": list(range(3, 128))}}})
+    forkkv_hf.enable_forkkv(pm)
+    ctx, rows = _context(17), ["a"]
+    fitted = SharedContext.build(pm, ctx, rows, progress=False).fit_residuals(pm, rows, rank=32, progress=False)
+    inputs = batch_inputs(ctx, _prompts([4]), pad_token_id=0)
+    _gen(pm, inputs, rows, fitted.fork(rows), max_new_tokens=2)
+    delta = pm.get_base_model().model.embed_tokens.token_adapter.trainable_tokens_delta["a"]
+    with torch.no_grad():
+        delta.add_(2.0 * torch.randn_like(delta))
+    with pytest.raises(StaleContextError, match="token_adapter"):
+        _gen(pm, inputs, rows, fitted.fork(rows), max_new_tokens=2)
+
+
+def test_an_adapter_named_like_the_base_rows_is_refused():
+    """PEFT accepts an adapter named "__base__", ForkKV's (and PEFT's adapter_names') name for rows without one: its
+    rows ran the adapter on the prompt but no residual on the context (0.5 off its own run, silently)."""
+    pm = with_adapters(tiny_llama(), {"__base__": dict(target_modules=["k_proj", "v_proj"])})
+    forkkv_hf.enable_forkkv(pm)
+    with pytest.raises(ValueError, match='an adapter named "__base__"'):
+        ForkKVCache.from_context(pm, _context(12), adapter_names=["__base__"])
+
+
+def test_generate_in_training_mode_is_refused():
+    """As the build, the store and the fits refuse it (dropout on the prompt tokens, the context's residuals without)."""
+    pm = with_adapters(tiny_llama(), {"a": dict(lora_dropout=0.5)})
+    forkkv_hf.enable_forkkv(pm)
+    ctx = _context(12)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["a"])
+    pm.train()  # without adapter_names (one active adapter), which PEFT itself does not refuse in training mode
+    with pytest.raises(ValueError, match="training mode"):
+        pm.generate(**batch_inputs(ctx, _prompts([3]), pad_token_id=0), max_new_tokens=2, pad_token_id=0,
+                    **cache_kwargs(cache))
+
+
+def test_replicated_layers_are_refused_at_enable():
+    """PEFT's ``layer_replication`` deep-copies the decoder layers, each attention with a config of its own that
+    ``set_attn_implementation`` does not reach: generate failed inside SDPA. Refused, the attention left as it was."""
+    model = tiny_llama(layers=2)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=ALL, layer_replication=[[0, 2], [1, 2]]))
+    with pytest.raises(ValueError, match="layer_replication"):
+        forkkv_hf.enable_forkkv(pm)
+    assert pm.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_saved_copies_of_whole_attentions_are_named():
+    """``modules_to_save=["self_attn"]``: the error spoke of two attention modules claiming one layer and of the
+    supported families (on a Llama); it now names modules_to_save."""
+    pm = with_adapters(tiny_llama(), {"a": {"target_modules": ["gate_proj"], "modules_to_save": ["self_attn"]}})
+    with pytest.raises(ValueError, match="modules_to_save keeps copies of modules that contain attention layers"):
+        forkkv_hf.enable_forkkv(pm)
