@@ -12,6 +12,7 @@ import torch
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs, cache_kwargs
+from cases import parametrize
 from models import tiny_llama, with_adapters
 from test_generate import ALL, _assert_same, _context, _gen, _prompts
 
@@ -113,3 +114,27 @@ def test_the_model_inside_a_peft_model_is_refused_for_the_base_pass():
     pm = _agents()
     with pytest.raises(ValueError, match="pass the PeftModel itself"):
         SharedContext.build(pm.get_base_model(), _context(10), [], progress=False)
+
+
+@parametrize("edit", ["norm_eps", "attention_scaling", "rope_scaling"])
+def test_a_changed_setting_is_stale(edit):
+    """A module setting edited after the build (a norm's epsilon, an attention's scaling, the rotary module's
+    attention_scaling) changes the K/V the context holds as a weight edit does: refused (before: served stale, scores
+    0.25-1.1 off, silently); the base fingerprint a ForkKVStore keys its segments by changes with it."""
+    from forkkv_hf.context.identity import base_fingerprint
+    from forkkv_hf.context.probes import Probes
+
+    pm = _agents()
+    ctx = _context(10)
+    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
+    before = base_fingerprint(pm, Probes(fresh=True))[0]
+    base = pm.get_base_model()
+    if edit == "norm_eps":
+        base.model.layers[0].input_layernorm.variance_epsilon = 1.0
+    elif edit == "attention_scaling":
+        base.model.layers[1].self_attn.scaling = 0.5
+    else:
+        base.model.rotary_emb.attention_scaling = 0.7
+    with pytest.raises(StaleContextError, match="settings changed"):
+        _gen(pm, batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0), NAMES, shared.fork(NAMES))
+    assert base_fingerprint(pm, Probes(fresh=True))[0] != before

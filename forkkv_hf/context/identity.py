@@ -33,6 +33,7 @@ from ..peft.lora_factors import (find_attention_modules, is_peft_model, kv_proje
                                  transformers_model)
 from ..peft.tp import tp_world
 from .probes import Probes, factor_probe, stamp
+from .settings import base_name, changed_settings, is_adapter_name, module_settings
 
 MODES = ("content", "versions")
 _MODE_ATTR = "_forkkv_weight_checks"
@@ -52,13 +53,7 @@ def weight_checks(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- what is read
-def _is_adapter_tensor(name: str) -> bool:
-    return ".lora_" in name or ".modules_to_save." in name
-
-
-def _base_name(name: str) -> str:
-    """A base weight's name whether or not PEFT wrapped its module (adding an adapter must not change it)."""
-    return name.replace(".base_layer", "").replace(".original_module", "")
+_is_adapter_tensor, _base_name = is_adapter_name, base_name
 
 
 def base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -265,9 +260,10 @@ class ContextIdentity:
     base: WeightRecord
     adapters: dict[str, WeightRecord]
     fitted: frozenset = frozenset()
+    settings: tuple | None = None  # :func:`~forkkv_hf.context.settings.module_settings` (None: not recorded)
 
-    def __setstate__(self, state):  # files saved before ``fitted`` existed
-        self.__dict__.update({"fitted": frozenset(), **state})
+    def __setstate__(self, state):  # files saved before ``fitted`` or ``settings`` existed
+        self.__dict__.update({"fitted": frozenset(), "settings": None, **state})
 
 
 def record_adapters(model: nn.Module, adapters, probes: Probes | None = None, fitted=()) -> dict[str, WeightRecord]:
@@ -284,7 +280,7 @@ def record_context(model: nn.Module, adapters, probes: Probes | None = None, fit
     fitted to their own pass: all their LoRA factors are recorded)."""
     probes = probes or Probes(fresh=weight_checks(model) == "content")
     return ContextIdentity(_base_record(model, probes), record_adapters(model, adapters, probes, fitted),
-                           frozenset(fitted))
+                           frozenset(fitted), module_settings(model))
 
 
 class StaleContextError(ValueError):
@@ -305,6 +301,11 @@ def check_context(identity: ContextIdentity, model: nn.Module, adapters, what: s
     K/V LoRA factors of ``adapters`` are those ``identity`` recorded. See the module docstring for the modes."""
     probes = Probes(fresh=weight_checks(model) == "content")
     _check_base(identity.base, model, probes, what)
+    changed = [] if identity.settings is None else changed_settings(identity.settings, model)
+    if changed:
+        raise StaleContextError(
+            f"the model's settings changed since {what} computed its K/V ({_listed(changed)}), so they no longer "
+            f"match the model; {_WHAT_TO_DO}")
     adapters = [a for a in adapters if a in identity.adapters]
     if not adapters:
         return
@@ -397,7 +398,7 @@ def base_fingerprint(model: nn.Module, probes: Probes) -> tuple[str, WeightRecor
     h = hashlib.sha256(type(base).__name__.encode())
     h.update(_json(base.config.to_dict(), _BASE_CONFIG_IGNORED))
     h.update(f"{first.device}|{getattr(base, 'dtype', first.dtype)}|tp{tp_rank}/{tp_size}".encode())
-    h.update(repr((record.names, record.values)).encode())
+    h.update(repr((record.names, record.values, module_settings(model))).encode())
     return h.hexdigest(), record
 
 
