@@ -240,6 +240,8 @@ def check_inputs(q, k_base, v_base, k_priv, v_priv):
         raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
     if D % 2:
         raise ValueError(f"head_dim {D} is odd; rotate-half RoPE needs an even head_dim")
+    if k_base.shape[-2] < 1:
+        raise ValueError("the shared context is empty (0 tokens); the kernels attend over at least one shared token")
     if any(t.dtype != q.dtype for t in (k_base, v_base, k_priv, v_priv)):
         raise TypeError(f"query is {q.dtype} but the cache holds {k_base.dtype}/{v_base.dtype} (shared K/V) and "
                         f"{k_priv.dtype}/{v_priv.dtype} (private); build the shared context in the dtype the model "

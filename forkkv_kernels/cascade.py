@@ -270,7 +270,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                  res_maxnreg=res_maxnreg, res_programs_per_sm=res_programs_per_sm, res_whole_waves=res_whole_waves,
                  merge_unroll=merge_unroll, merge_chunk=merge_chunk, merge_first=merge_first, res_pack=res_pack,
                  res_form=res_form, res_satfinite=res_satfinite, res_score=res_score, res_f16=res_f16, pdl=pdl)
-    for name, v in (("block_m", block_m), ("block_t", block_t), ("n_sub", n_sub), ("res_block_t", res_block_t)):
+    for name, v in (("block_m", block_m), ("block_t", block_t), ("n_sub", n_sub), ("res_block_t", res_block_t),
+                    ("merge_block_t", merge_block_t)):
         if v is not None and (not isinstance(v, int) or v < 1 or v & (v - 1)):  # Triton's aranges need them so
             raise ValueError(f"{name}={v!r}; give a power of two")
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only

@@ -334,8 +334,8 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
                          "res_form='halves' or res_score='mma'")
     BT_R = res_block_t or (32 if interp else 64)
     HG = res_heads or Hkv
-    if Hkv % HG:
-        raise ValueError(f"res_heads={HG} does not divide the {Hkv} KV heads")
+    if not isinstance(HG, int) or HG < 1 or Hkv % HG:  # a negative one divided and launched nothing, silently
+        raise ValueError(f"res_heads={HG!r}: give a positive divisor of the {Hkv} KV heads")
     rows_max = max(1, k_max_rows or B)
     MQ = mq or max(VPR, min(16 if fma else 64, pow2(rows_max * VPR, 1 if fma else 16)))
     if MQ < VPR or MQ != pow2(MQ, 1) or (MQ < 16 and not fma) or (MQ > 16 and fma):

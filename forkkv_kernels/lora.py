@@ -42,12 +42,14 @@ def _gathered_mm_kernel(
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ks = tl.program_id(2)
-    a = tl.load(TILE_ADAPTER + tile)
+    # int64 offsets: rows x row stride reaches 2^31 from ~150K tokens of 14K features (int32 wrapped: out-of-bounds
+    # reads and writes), the adapter index x its stride from a few thousand adapters
+    a = tl.load(TILE_ADAPTER + tile).to(tl.int64)
     start = tl.load(TILE_START + tile)
     cnt = tl.load(TILE_COUNT + tile)
     rm = tl.arange(0, BLOCK_M)
     mvalid = rm < cnt
-    rows = tl.load(PERM + start + rm, mask=mvalid, other=0)
+    rows = tl.load(PERM + start + rm, mask=mvalid, other=0).to(tl.int64)
     rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nvalid = rn < N
     rk = tl.arange(0, BLOCK_K)
@@ -150,8 +152,8 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
 
 def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                        out: torch.Tensor, reduce_group=None) -> torch.Tensor:
-    plan = _plan(tuple(slots), x.shape[1], str(x.device))
-    if plan is None:
+    plan = _plan(tuple(slots), x.shape[1], str(x.device)) if x.numel() else None
+    if plan is None:  # no row with an adapter, or no token
         return out
     return lora_delta_planned(x, A, B, scale, out, plan[0], *plan[1], reduce_group=reduce_group)
 

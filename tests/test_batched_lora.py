@@ -284,3 +284,27 @@ def test_adapters_of_different_dtypes_run_as_peft_runs_them():
         want = pm(input_ids=ids, adapter_names=names).logits
         with batched_lora(pm):
             torch.testing.assert_close(pm(input_ids=ids, adapter_names=names).logits, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.version_independent
+@pytest.mark.gpu
+@parametrize("side", ["shrink", "expand"])
+def test_row_offsets_past_two_to_the_31_gpu(side):
+    """A mixed-adapter forward whose tokens x features pass 2^31 elements (~150K tokens of Llama-8B's MLP): the
+    kernel's row offsets were int32 and wrapped (an illegal memory access on an H100; out-of-bounds writes on the
+    expand side). Only the last token row has the adapter, so a wrapped offset reads or writes another row."""
+    from forkkv_kernels.lora import lora_delta_triton
+
+    wide, n, r = 16384, 16, 8
+    d_in, d_out = (wide, n) if side == "shrink" else (n, wide)
+    N = 131200  # (N - 1) x 16384 > 2^31
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(N, 1, d_in, dtype=torch.float16, device="cuda")
+    x[-1] = torch.randn(1, d_in, generator=g).to(x)
+    A = (torch.randn(1, r, d_in, generator=g) / d_in**0.5).to(x)
+    B = (torch.randn(1, d_out, r, generator=g) / r**0.5).to(x)
+    out = torch.zeros(N, 1, d_out, dtype=torch.float16, device="cuda")
+    lora_delta_triton(x, (-1,) * (N - 1) + (0,), A, B, torch.ones(1, device="cuda"), out)
+    ref = (x[-1].float() @ A[0].float().t()) @ B[0].float().t()
+    torch.testing.assert_close(out[-1].float(), ref, rtol=2e-2, atol=2e-2)
+    assert not out[:-1].any()

@@ -158,9 +158,24 @@ def test_cascade_tile_knobs_refuse_what_is_not_a_power_of_two():
     be a power of 2")."""
     view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
     q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
-    for knob in (dict(block_m=24), dict(block_t=24), dict(n_sub=3), dict(res_block_t=48)):
+    for knob in (dict(block_m=24), dict(block_t=24), dict(n_sub=3), dict(res_block_t=48), dict(merge_block_t=24),
+                 dict(merge_block_t=-16)):
         with pytest.raises(ValueError, match=f"{next(iter(knob))}=.*; give a power of two"):
             _launch(q, view, None, 0.25, **knob)
+
+
+def test_cascade_refuses_what_ran_silently_wrong():
+    """A negative ``res_heads`` divided the KV heads and launched no K pass, and a negative ``merge_block_t`` skipped
+    the private part (output 1.2-1.7 and 0.3 off, silently); an empty shared context divided by zero."""
+    view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="res_heads=-1: give a positive divisor of the 2 KV heads"):
+        _launch(q, view, None, 0.25, res_heads=-1, res_form="halves")
+    empty = random_view(B=2, Hkv=2, D=16, T=20, P=2)
+    sh = empty.shared
+    sh.key, sh.value = sh.key[:, :, :0], sh.value[:, :, :0]
+    with pytest.raises(ValueError, match="the shared context is empty"):
+        _launch(q, empty, None, 0.25)
 
 
 def test_cascade_pack_refuses_what_is_not_a_power_of_two():

@@ -91,6 +91,20 @@ def test_dispatch_reads_the_configured_backend(clean_env, monkeypatch):
     assert ran == ["residual_attention_sdpa", "residual_attention_torch"]
 
 
+def test_forced_triton_without_a_gpu_says_so(clean_env, monkeypatch):
+    """``backend="triton"`` / ``lora_backend="triton"`` on CPU tensors without the interpreter failed inside Triton
+    ("0 active drivers")."""
+    from forkkv_hf.peft.batched_lora import _use_triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    view = random_view(B=2, T=20, P=3)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="'triton' backend needs CUDA tensors"):
+        residual_attention(q, view, None, 0.25, backend="triton")
+    with config_override(lora_backend="triton"), pytest.raises(ValueError, match="needs CUDA tensors"):
+        _use_triton(q)
+
+
 def test_cpu_fallback_warns_once(clean_env, caplog):
     view = random_view(B=2, T=20, P=3)
     q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(0))

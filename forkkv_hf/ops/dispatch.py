@@ -396,5 +396,8 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "sdpa":
         return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
+        if not _triton_ready(query):
+            raise ValueError(f"the 'triton' backend needs CUDA tensors and an importable Triton (or TRITON_INTERPRET=1 "
+                             f"for the interpreter); the query is on {query.device}: use the 'auto' or 'torch' backend")
         return residual_attention_triton(query, view, attention_mask, scaling)
     raise ValueError(f"unknown ForkKV attention backend {backend!r}; use 'auto', 'torch', 'sdpa' or 'triton'")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -218,6 +219,9 @@ def _use_triton(x: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"lora_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "
+                             f"the input is on {x.device}: use the 'auto' or 'torch' LoRA backend")
         return True
     return x.is_cuda
 
