@@ -6,7 +6,7 @@
 # names PART
 if [ -n "${SESSION:-}" ]; then
   FINAL=${OUT:-/tmp/out}
-  OUT=/tmp/${SESSION}w; rm -rf "$OUT"
+  OUT=/tmp/${SESSION}w; [ -n "${KEEP_OUT:-}" ] || rm -rf "$OUT"  # KEEP_OUT=1: a second part of one session's call
   pack() { mkdir -p "$FINAL" && tar czf "$FINAL/$SESSION.tgz" -C "$OUT" .; }
 fi
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }

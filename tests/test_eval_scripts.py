@@ -644,3 +644,18 @@ def test_command_lines_refuse_bad_values_before_loading_anything(capsys):
         with pytest.raises(SystemExit):
             run(argv)
     assert "invalid choice: 'hamlet'" in capsys.readouterr().err
+
+
+@pytest.mark.version_independent
+def test_kernel_fuzz_small_on_the_interpreter(tmp_path):
+    """``python -m eval.bench.fuzz_kernels --small``: random shapes through the cascade kernels against its own fp32
+    reference, every case passing (the GPU run is the script's purpose; this keeps the script itself right)."""
+    import json
+
+    from eval.bench.fuzz_kernels import main
+
+    out = tmp_path / "fuzz.json"
+    main(["--small", "--cases", "4", "--seconds", "300", "--seed", "3", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["counts"]["failed"] == 0 and result["counts"]["passed"] + result["counts"]["refused"] == 4
+    assert result["counts"]["passed"] >= 1
