@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops.rope import apply_rope
+from ..ops.rope import unapply_rope
 from ..peft.lora_factors import check_adapter_names, is_peft_model, transformers_model
 from .base_pass import cache_dtype, check_chunk_size, run_base_pass
 from .segments import Residual
@@ -118,7 +118,7 @@ def fit_residuals(context, model: nn.Module, adapter_names, rank: int, *, k_rank
             if ke.shape != kb.shape:
                 raise RuntimeError(f"layer {idx}: {name}'s own K is {tuple(ke.shape)}, the base K {tuple(kb.shape)}")
             n, H, T, D = kb.shape
-            dk = apply_rope(ke.float() - kb.float(), layer.cos.float(), -layer.sin.float())  # RoPE_t⁻¹ = RoPE_-t
+            dk = unapply_rope(ke.float() - kb.float(), layer.cos.float(), layer.sin.float())
             for kind, d in enumerate((dk, ve.float() - vb.float())):
                 u, B, kept = top_subspace(d[0].transpose(0, 1).reshape(T, H * D), ranks[kind])
                 per_layer[idx][kind].append((u.to(dtype), B.to(dtype)))

@@ -239,7 +239,7 @@ class SharedContext:
             old = self.identity  # the base was just checked: only the fitted agents' records are new
             records = record_adapters(model, names, fitted=names)
             identity = ContextIdentity(old.base, {**{a: r for a, r in old.adapters.items() if a not in names},
-                                                  **records}, old.fitted | frozenset(names))
+                                                  **records}, old.fitted | frozenset(names), old.settings)
         kept = {a: r for a, r in getattr(self, "fit_retained", {}).items() if a not in names}
         return type(self)(layers=layers, token_ids=self.token_ids, adapters=adapters, config=self.config,
                           model_id=self.model_id, start=0, identity=identity, fit_retained={**kept, **retained})

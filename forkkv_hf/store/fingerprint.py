@@ -18,6 +18,7 @@ from ..context.identity import (
     weight_checks,
 )
 from ..context.probes import Probes
+from ..context.settings import module_settings
 from ..peft.lora_factors import available_adapters, find_attention_modules
 
 
@@ -32,11 +33,13 @@ class CallIdentities:
     base_record: WeightRecord
     factors: dict
     probes: Probes
+    settings: tuple = ()  # the base model's module settings (:mod:`forkkv_hf.context.settings`)
 
     def context_identity(self, names) -> ContextIdentity:
         """What a context over these weights with the adapters ``names`` was computed from."""
         return ContextIdentity(self.base_record,
-                               adapter_records(self.factors, [n for n in names if n in self.factors], self.probes))
+                               adapter_records(self.factors, [n for n in names if n in self.factors], self.probes),
+                               settings=self.settings)
 
 
 class Fingerprints:
@@ -66,7 +69,7 @@ class Fingerprints:
         probes, factors = self.probes(rehash_adapters), kv_factors(self.model, seen, self.attention)
         base_fp, base_record = base_fingerprint(self.model, probes)
         fps = adapter_fingerprints(self.model, seen, probes, factors)
-        return CallIdentities(base_fp, fps, base_record, factors, probes)
+        return CallIdentities(base_fp, fps, base_record, factors, probes, module_settings(self.model))
 
     def may_need_residual(self, name: str) -> bool:
         """Whether the adapter has LoRA on some attention layer's K/V projection (without running the model)."""

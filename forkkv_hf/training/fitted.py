@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..context.fitted import check_full_rope, fit_ranks, top_subspace
-from ..ops.rope import apply_rope
+from ..ops.rope import apply_rope, unapply_rope
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def fitted_kv(context, own: list, spec: FittedResidual) -> list:
     for layer, (ke, ve) in zip(context.layers, own):
         kb, vb = layer.key, layer.value
         cos, sin = layer.cos.to(ke.dtype), layer.sin.to(ke.dtype)
-        dk = project_drift(apply_rope(ke - kb, cos, -sin), k_rank, context.lengths)  # RoPE_t⁻¹ = RoPE_-t
+        dk = project_drift(unapply_rope(ke - kb, cos, sin), k_rank, context.lengths)
         dv = project_drift(ve - vb, v_rank, context.lengths)
         out.append((kb + apply_rope(dk, cos, sin).to(kb.dtype), vb + dv.to(vb.dtype)))
     return out
