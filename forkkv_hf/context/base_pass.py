@@ -349,12 +349,12 @@ def segment_layers(model: nn.Module, base: nn.Module, ids: torch.Tensor, adapter
     projections = {idx: kv_projections(attn, config) for idx, attn in attn_modules.items()}
     windows = {idx: sliding_window(attn, config) for idx, attn in attn_modules.items()}
     for idx, w in windows.items():
-        if w is not None and S + ids.numel() > w:
+        if w is not None and S + ids.numel() >= w:  # (at w, a sliding layer's cache keeps w - 1 of them)
             raise ValueError(
                 f"layer {idx} uses sliding-window attention (window {w}) and the shared context has "
                 f"{S + ids.numel()} tokens; ForkKV computes full attention, which equals sliding-window attention only "
-                f"while the whole sequence fits in the window. Use a context (plus prompt and output) of at most {w} "
-                "tokens, or a model without sliding-window layers."
+                f"while the whole sequence fits in the window. Use a context of at most {w - 1} tokens (context, "
+                f"prompt and output at most {w}), or a model without sliding-window layers."
             )
     captures: dict[int, _LayerCapture] = {}
     for idx, attn in attn_modules.items():

@@ -37,6 +37,8 @@ def check_fittable(model: nn.Module, names) -> list[str]:
     if isinstance(names, str):
         raise TypeError(f"adapter_names must be a list of adapter names, not the string {names!r}")
     names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("fit_residuals got no adapter names; name the agents whose residuals to fit")
     check_adapter_names(model, names)
     if "__base__" in names:
         raise ValueError("'__base__' reads the shared base K/V as they are; it has nothing to fit")

@@ -252,11 +252,13 @@ class SharedContext:
 
     def _merge(self, seg: SharedContext) -> None:
         for layer, extra in zip(self.layers, seg.layers):
+            # a fused qkv_proj's K and V residuals share one u: merged, they keep sharing it only where the existing
+            # ones did too (fitted residuals have a u per kind: sharing K's gave V the K fit's u, silently)
+            fused = extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u
+            shared = fused and (layer.k_res is None) == (layer.v_res is None) and (
+                layer.k_res is None or layer.v_res.u is layer.k_res.u)
             layer.k_res = merge_residuals(layer.k_res, extra.k_res)
-            if extra.v_res is not None and extra.k_res is not None and extra.v_res.u is extra.k_res.u:
-                layer.v_res = merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res)
-            else:
-                layer.v_res = merge_residuals(layer.v_res, extra.v_res)
+            layer.v_res = merge_residuals(layer.v_res, extra.v_res, share_u_with=layer.k_res if shared else None)
         if self.identity is not None and seg.identity is not None:
             self.identity.adapters.update(seg.identity.adapters)
         self.adapters = self.adapters + seg.adapters
