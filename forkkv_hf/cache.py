@@ -326,10 +326,15 @@ class ForkKVCache(Cache):
         return tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
 
     def roll_back(self, mark: tuple) -> None:
-        """Undo what a failed call appended since :meth:`mark`, where its rows did not change and the layout is
-        dynamic (else :meth:`check_whole` refuses the cache at its next use)."""
+        """Undo what a failed call appended since :meth:`mark`, where its rows did not change (else
+        :meth:`check_whole` refuses the cache at its next use, where it can tell)."""
         rows, P = mark
-        if getattr(self.layers[0], "capacity", None) is not None or rows != tuple(l.rows for l in self.layers):
+        if rows != tuple(l.rows for l in self.layers):
+            return
+        if getattr(self.layers[0], "capacity", None) is not None:  # static: the counters, on the device (no sync)
+            for counter in [l.length for l in self.layers] + [self.__dict__.get("_ids_len")]:
+                if counter is not None:
+                    counter.clamp_(max=P)
             return
         for layer in self.layers:
             if layer.is_initialized and layer.private_length() > P:

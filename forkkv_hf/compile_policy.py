@@ -211,9 +211,13 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         capacity = pooled
     make_static(cache, capacity, use_triton)
 
+    # sampling calls check each step: the forward a deferred check runs too many draws its sample from the random
+    # stream, which then was a step ahead of eager decode for the caller's next draws (tokens of a later call differed)
+    sampling = bool(generation_setting(model, kwargs, "do_sample", False))
+
     def run(*a, **kw):
         regions = compile_regions(model) if get_config().compile_regions == "on" else contextlib.nullcontext()
-        with deferring(cache, device), regions:
+        with deferring(cache, device, allowed=not sampling), regions:
             return compiled_generate(model, generate, a, kw)
 
     return run

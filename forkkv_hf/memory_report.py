@@ -56,7 +56,8 @@ class MemoryReport:
             f"  total                           {mib(self.forkkv_bytes)}",
         ]
         if self.static_buffer_bytes:
-            lines.append(f"  compiled decode's K/V buffers   {mib(self.static_buffer_bytes)}   (capacity, pooled per model)")
+            lines.append(f"  compiled decode's K/V buffers   {mib(self.static_buffer_bytes)}   (capacity, pooled per "
+                         "model)")
         lines += [
             f"  one DynamicCache per row        {mib(self.dynamic_cache_bytes)}   ({self.saving:.1f}x more)",
         ]

@@ -11,7 +11,8 @@ whose cache entries it removes with ``cache.crop(-1)``. transformers turns it on
 forkkv-hf turns it on for the calls whose decode step it compiles on CUDA (:func:`deferring`), where the static
 ForkKV layout crops exactly: ``DeferredStopCheck.is_supported`` answers ``True`` for a cache :func:`deferring` marks
 and exactly as transformers does for every other cache. ``ForkKVConfig.defer_stop`` (``FORKKV_DEFER_STOP``):
-``auto`` (default) or ``off`` (transformers' per-step check). Tokens are the same either way.
+``auto`` (default) or ``off`` (transformers' per-step check). Tokens are the same either way; sampling calls check
+every step (the extra forward would draw a sample, moving the random stream the caller's later draws read).
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def install() -> bool:
 
 
 @contextlib.contextmanager
-def deferring(cache, device: torch.device):
+def deferring(cache, device: torch.device, allowed: bool = True):
     """For the ``generate`` call run inside: ``cache``'s stop check deferred by a step if the configuration allows
-    it (``defer_stop="auto"``) on ``device``."""
-    on = get_config().defer_stop == "auto" and device.type in DEFER_DEVICES and install()
+    it (``defer_stop="auto"``) on ``device`` and the caller does (``allowed``: not for sampling calls, whose extra
+    forward would draw from the random stream)."""
+    on = allowed and get_config().defer_stop == "auto" and device.type in DEFER_DEVICES and install()
     if on:
         setattr(cache, _MARK, True)
     try:

@@ -268,6 +268,52 @@ def test_memory_report_and_disable_after_a_compiled_call(agents):
         forkkv_hf.enable_forkkv(agents)
 
 
+def test_a_failed_compiled_call_leaves_the_cache_as_it_was(agents):
+    """A logits processor raising at the third step of a compiled call: the static cache's counters go back to where
+    the call found them, as an eager call's tensors do, and a retry on the same cache equals a fresh one (before: the
+    retry was refused, its message blaming an earlier generate)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Boom(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, ids, scores):
+            Boom.calls += 1
+            if Boom.calls == 3:
+                raise RuntimeError("boom")
+            return scores
+
+    ctx, names = _context(23), ["planner", "coder", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 4, 2], seed=4), pad_token_id=0)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    with pytest.raises(RuntimeError, match="boom"):
+        _gen(agents, inputs, names, cache, compile_config=_compile_config(), logits_processor=LogitsProcessorList([Boom()]))
+    assert isinstance(cache, StaticForkKVCache) and cache.layers[0].private_length() == 0
+    _assert_same(_gen(agents, inputs, names, cache, compile_config=_compile_config()),
+                 _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names)))
+
+
+def test_use_cache_off_in_a_generation_config_is_refused(agents):
+    """``use_cache=False`` in a passed or the model's generation_config (the keyword was refused already): generate
+    then feeds whole rows at each step, which the compiled step appended to its buffers (tokens 0.45-0.67 off,
+    silently, or an index error inside the graph)."""
+    from transformers import GenerationConfig
+
+    ctx, names = _context(23), ["planner", "coder"]
+    inputs = batch_inputs(ctx, _prompts([3, 4], seed=4), pad_token_id=0)
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        _gen(agents, inputs, names, cache, compile_config=_compile_config(),
+             generation_config=GenerationConfig(use_cache=False, max_new_tokens=3, do_sample=False))
+    own = agents.get_base_model().generation_config
+    own.use_cache = False
+    try:
+        with pytest.raises(ValueError, match="needs use_cache=True"):
+            _gen(agents, inputs, names, cache, compile_config=_compile_config())
+    finally:
+        own.use_cache = True
+
+
 @parametrize("kernels", ["torch", "triton"], version_independent=lambda kernels: kernels == "triton")
 def test_custom_ops_in_the_compiled_step(two_layer_agents, kernels, monkeypatch):
     """``triton``: the Triton kernels (interpreted on CPU) reached from the compiled graph through ``torch.ops.forkkv``:

@@ -55,6 +55,43 @@ def test_full_width_fit_is_the_exact_run(agents):
     _assert_same(_gen(pm, inputs, names, fitted.fork(names)), exact, atol=1e-4)
 
 
+def test_full_width_fit_under_scaled_rope_tables():
+    """YaRN's tables carry its attention_scaling s (cos^2 + sin^2 = s^2): the fit's unrotation by RoPE_-t alone left
+    the K drift scaled by s^2, so a full-width fit was 0.3 off the agent's own run (fit_retained still said 1.0)."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    model = tiny_llama(layers=3, seed=2, max_pos=512, rope_parameters=rope)
+    assert model.model.rotary_emb.attention_scaling > 1.1
+    pm = forkkv_hf.enable_forkkv(with_adapters(model, {"a": dict(r=4, target_modules=ALL)}, seed=3))
+    ctx, names = _context(20), ["a", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 4], seed=4), pad_token_id=0)
+    fitted = SharedContext.build(pm, ctx, ["a"], progress=False).fit_residuals(pm, ["a"], rank=WIDTH, progress=False)
+    _assert_same(_gen(pm, inputs, names, fitted.fork(names)), _exact(pm, inputs, names), atol=1e-4)
+
+
+def test_adding_agents_to_a_fitted_fused_context_keeps_its_fits():
+    """Phi-3's fused qkv_proj: a new agent's K and V residuals share one u, but a fitted agent's do not; merging
+    gave the fitted V the K fit's u (0.82 off its own run, silently)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    pm = forkkv_hf.enable_forkkv(with_adapters(model, {"a": dict(r=4, target_modules=targets),
+                                                       "n": dict(r=2, target_modules=["qkv_proj"])}, seed=3))
+    ctx, names = _context(18), ["a", "n", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 2, 4], seed=4), pad_token_id=0)
+    fitted = SharedContext.build(pm, ctx, ["a"], progress=False).fit_residuals(pm, ["a"], rank=WIDTH, progress=False)
+    fitted.add_adapters(pm, ["n"], progress=False)
+    out = _gen(pm, inputs, names, fitted.fork(names))
+    exact = _exact(pm, inputs, names)
+    assert max((x[0] - y[0]).abs().max().item() for x, y in zip(out.scores, exact.scores)) < 1e-4  # the fitted row
+    together = SharedContext.build(pm, ctx, ["a", "n"], progress=False).fit_residuals(pm, ["a"], rank=WIDTH,
+                                                                                       progress=False)
+    _assert_same(out, _gen(pm, inputs, names, together.fork(names)))  # the added agent as if built with the rest
+
+
 @parametrize("rk,rv", [(3, 3), (2, 5)])
 def test_low_rank_fit_is_the_best_fit_of_its_size(agents, rk, rv):
     """Rank r stores ``u [T, r]`` and ``B [H_kv·D, r]``; its K/V error against the agent's own is Eckart-Young's:
@@ -158,6 +195,8 @@ def test_bad_input_is_refused_with_what_to_do(agents):
         shared.fit_residuals(pm, "planner")
     with pytest.raises(ValueError, match="nothing to fit"):
         shared.fit_residuals(pm, ["__base__"])
+    with pytest.raises(ValueError, match="got no adapter names"):  # before: max() of an empty sequence, inside
+        shared.fit_residuals(pm, [])
     with pytest.raises(ValueError, match="unknown|not"):
         shared.fit_residuals(pm, ["nobody"])
     pm.train()

@@ -127,6 +127,8 @@ def test_a_changed_setting_is_stale(edit):
     pm = _agents()
     ctx = _context(10)
     shared = SharedContext.build(pm, ctx, NAMES, progress=False)
+    caches = [shared.fork(NAMES), shared.fit_residuals(pm, NAMES, rank=4, progress=False).fork(NAMES),
+              forkkv_hf.ForkKVStore(pm, progress=False).fork(ctx, NAMES)]  # (the last two were not checked)
     before = base_fingerprint(pm, Probes(fresh=True))[0]
     base = pm.get_base_model()
     if edit == "norm_eps":
@@ -135,6 +137,7 @@ def test_a_changed_setting_is_stale(edit):
         base.model.layers[1].self_attn.scaling = 0.5
     else:
         base.model.rotary_emb.attention_scaling = 0.7
-    with pytest.raises(StaleContextError, match="settings changed"):
-        _gen(pm, batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0), NAMES, shared.fork(NAMES))
+    for cache in caches:
+        with pytest.raises(StaleContextError, match="settings changed"):
+            _gen(pm, batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0), NAMES, cache)
     assert base_fingerprint(pm, Probes(fresh=True))[0] != before

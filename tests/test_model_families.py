@@ -171,6 +171,10 @@ def test_sliding_window_within_window_is_exact_and_beyond_is_refused():
              max_new_tokens=9)
     with pytest.raises(ValueError, match="sliding-window attention \\(window 28\\)"):
         SharedContext.build(pm, torch.randint(3, 128, (30,)), names)
+    # exactly the window: the sliding layer's cache keeps 27 of them (before: "cached 27 tokens, expected 28", inside)
+    with pytest.raises(ValueError, match="a context of at most 27 tokens"):
+        SharedContext.build(pm, torch.randint(3, 128, (28,)), names)
+    SharedContext.build(pm, torch.randint(3, 128, (27,)), names)
 
 
 @pytest.mark.version_independent

@@ -31,7 +31,8 @@ def test_a_merged_adapter_is_refused_at_build():
 
 def test_adapters_of_other_dtypes_do_not_round_each_other():
     """An fp32 adapter beside a bf16 one: its ``u`` was computed in the first adapter's dtype, so the result depended
-    on the order of the build's list (1.4e-2 off for ["b", "a"]); each is now computed in its own dtype, as PEFT does."""
+    on the order of the build's list (1.4e-2 off for ["b", "a"]); each is now computed in its own dtype, as PEFT
+    does."""
     pm = with_adapters(tiny_llama(), {"a": {}, "b": {}})
     for m in pm.modules():
         if hasattr(m, "lora_A") and "b" in m.lora_A:
@@ -76,7 +77,8 @@ def test_an_adapter_named_like_the_base_rows_is_refused():
 
 
 def test_generate_in_training_mode_is_refused():
-    """As the build, the store and the fits refuse it (dropout on the prompt tokens, the context's residuals without)."""
+    """As the build, the store and the fits refuse it (dropout on the prompt tokens, the context's residuals
+    without)."""
     pm = with_adapters(tiny_llama(), {"a": dict(lora_dropout=0.5)})
     forkkv_hf.enable_forkkv(pm)
     ctx = _context(12)

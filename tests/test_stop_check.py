@@ -87,6 +87,29 @@ def test_deferred_stop_equals_the_per_step_check(full_agents, deferred_on_cpu):
     _assert_same(more["deferred"], more["eager"])
 
 
+def test_sampling_calls_check_each_step(full_agents, deferred_on_cpu):
+    """A sampling call whose rows all stop early: its deferred check's extra forward drew a sample, so the random
+    stream after it was one draw ahead of eager decode's, and the caller's next call sampled other tokens (4 of 4
+    rows). Sampling calls now check each step: nothing undone, the stream and the next call as eager."""
+    pm = full_agents
+    ctx = _context(23, seed=2)
+    inputs = batch_inputs(ctx, _prompts([3, 5, 2, 4], seed=8), pad_token_id=0)
+    eos = _stops_early(pm, ctx, inputs)
+    runs = {}
+    for mode in ("eager", "compiled"):
+        extra = {} if mode == "eager" else dict(compile_config=_compile_config())
+        torch.manual_seed(11)
+        first = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES), max_new_tokens=12,
+                     eos_token_id=eos, do_sample=True, top_k=1, **extra)
+        second = _gen(pm, inputs, NAMES, ForkKVCache.from_context(pm, ctx, adapter_names=NAMES), max_new_tokens=4,
+                      do_sample=True, **extra)
+        runs[mode] = (first, second, torch.randint(0, 1 << 30, (1,)).item())
+    assert deferred_on_cpu == []
+    _assert_same(runs["compiled"][0], runs["eager"][0])
+    _assert_same(runs["compiled"][1], runs["eager"][1])
+    assert runs["compiled"][2] == runs["eager"][2]
+
+
 def test_other_caches_keep_transformers_answer():
     """After install(), ``DeferredStopCheck.is_supported`` answers as transformers does for caches forkkv-hf did not
     mark (transformers defers on MPS only), and a cache is marked only inside :func:`stop_check.deferring`."""

@@ -136,8 +136,9 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
     if kinds or isinstance(n_layers, int) and len(found) < n_layers:  # MiniMax's linear attention has a qkv_proj
         what = f" (layer types {', '.join(kinds)})" if kinds else ""
         some = f"{n_layers - len(found)} of its {n_layers}" if len(found) < (n_layers or 0) else "some of its"
-        return (f"{name} has {some} decoder layers without a self-attention ForkKV can split{what}: what they keep of the context (a recurrent state, another cache) is not the K/V "
-                f"ForkKV shares and forks; ForkKV supports {SUPPORTED_MODELS}")
+        return (f"{name} has {some} decoder layers without a self-attention ForkKV can split{what}: what they keep "
+                f"of the context (a recurrent state, another cache) is not the K/V ForkKV shares and forks; ForkKV "
+                f"supports {SUPPORTED_MODELS}")
     sinks = sorted({type(m).__name__ for m in found.values() if getattr(m, "sinks", None) is not None})
     if sinks:
         return (f"{name}'s attention ({', '.join(sinks)}) adds learned attention sinks to its softmax (GPT-OSS's "
