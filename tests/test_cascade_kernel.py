@@ -609,7 +609,7 @@ def test_cascade_refuses_what_it_cannot_take():
     view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
     with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
         _launch(_query(view, 3, 1), view, None, 0.25)
-    with pytest.raises(ValueError, match="res_heads=3 does not divide"):
+    with pytest.raises(ValueError, match="res_heads=3: give a positive divisor of the 2 KV heads"):
         _launch(_query(view, 4, 1), view, None, 0.25, res_heads=3)
     with pytest.raises(TypeError, match="query is torch.float16"):
         _launch(_query(view, 4, 1).half(), view, None, 0.25)

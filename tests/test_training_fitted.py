@@ -97,7 +97,8 @@ def test_gradients_are_the_fixed_subspace_projection(monkeypatch):
     def reference_kv(model, context, adapter, residual):
         out = []
         for layer, (ke, ve) in zip(context.layers, library_kv(model, context, adapter, "exact")):
-            dk = fit(apply_rope(ke - layer.key, layer.cos, -layer.sin), k_rank)
+            norm = layer.cos**2 + layer.sin**2  # 1 for plain tables; YaRN's carry its attention_scaling squared
+            dk = fit(apply_rope(ke - layer.key, layer.cos, -layer.sin) / norm, k_rank)
             out.append((layer.key + apply_rope(dk, layer.cos, layer.sin), layer.value + fit(ve - layer.value, rank)))
         return out
 
