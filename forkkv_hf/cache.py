@@ -308,13 +308,11 @@ class ForkKVCache(Cache):
             self.private_ids = self.private_ids[:, : self.layers[0].private_length()]
 
     def check_whole(self) -> None:
-        """Refuse a cache a failed call left half-written: some layers (or the recorded tokens) hold tokens others
-        do not (an exception inside a forward after its first layers appended)."""
+        """Refuse a cache a failed call left half-written: some layers hold tokens others do not (an exception inside
+        a forward after its first layers appended)."""
         if getattr(self.layers[0], "capacity", None) is not None:
             return  # the static layout (compiled decode) counts on the device: not read here (a sync per layer)
-        held = {layer.private_length() for layer in self.layers}
-        if self.private_ids is not None and self.layers[0].is_initialized:
-            held.add(self.private_ids.shape[1])
+        held = {layer.private_length() for layer in self.layers}  # (not the recorded ids: embeddings record none)
         if len(held) > 1:
             raise ValueError(
                 f"this ForkKVCache was left half-written by a call that failed (its layers hold {sorted(held)} "

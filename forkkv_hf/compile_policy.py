@@ -93,6 +93,10 @@ def eager_reason(model, cache, kwargs: dict, capacity: int) -> tuple[int, str] |
         return logging.WARNING, "tensor parallelism (the batched LoRA's all-reduces are not captured)"
     if generation_setting(model, kwargs, "num_beams", 1) > 1:
         return logging.INFO, "beam search (transformers runs its decode steps eager)"
+    if not generation_setting(model, kwargs, "use_cache", True):  # (the keyword is refused: guards)
+        # generate then feeds whole rows at every step: eager forwards cut them to the new tokens, a compiled step
+        # appended them (wrong tokens, or an index error inside the graph)
+        return logging.INFO, "use_cache=False in the generation config (generate feeds whole rows at each step)"
     for name in EAGER_OPTIONS:
         if generation_setting(model, kwargs, name) is not None:
             return logging.WARNING, f"generate({name}=...) is not compiled with a ForkKVCache"

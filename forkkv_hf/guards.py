@@ -107,13 +107,9 @@ def _check_generate_mask(model, input_ids: torch.Tensor, kwargs: dict, T: int) -
 def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
     """Refuse, before ``generate`` runs, inputs this cache would serve wrong (see the module docstring); the checks
     of the cache's own state (model instance, dtype, adapters) are :meth:`ForkKVCache.check_generate_inputs`'."""
+    if kwargs.get("use_cache") is False:  # (a config's False runs eager: forkkv_hf.compile_policy.eager_reason)
+        raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to)")
     gen_cfg = kwargs.get("generation_config")
-    configs = (gen_cfg, getattr(transformers_model(model), "generation_config", None))
-    # the keyword, else either config saying False (a passed config's default True may not hide the model's False):
-    # without the cache generate feeds whole rows at every step, which the compiled step appended (wrong tokens)
-    if kwargs.get("use_cache", not any(getattr(c, "use_cache", None) is False for c in configs)) is False:
-        raise ValueError("a ForkKVCache needs use_cache=True (it is the cache the new tokens are appended to); pass "
-                         "use_cache=True or set it in the generation_config")
     impl = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
     if impl is not None:
         raise ValueError(f"cache_implementation={impl!r} asks for another cache; drop it when passing a "

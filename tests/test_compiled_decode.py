@@ -293,23 +293,27 @@ def test_a_failed_compiled_call_leaves_the_cache_as_it_was(agents):
                  _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names)))
 
 
-def test_use_cache_off_in_a_generation_config_is_refused(agents):
-    """``use_cache=False`` in a passed or the model's generation_config (the keyword was refused already): generate
-    then feeds whole rows at each step, which the compiled step appended to its buffers (tokens 0.45-0.67 off,
-    silently, or an index error inside the graph)."""
+def test_use_cache_off_in_a_generation_config_runs_eager(agents):
+    """``use_cache=False`` in a passed or the model's generation_config (the keyword is refused): generate then feeds
+    whole rows at each step, which eager forwards cut to the new tokens but the compiled step appended to its
+    buffers (tokens 0.45-0.67 off, silently, or an index error inside the graph); such calls now run eager, with the
+    tokens of the default settings."""
     from transformers import GenerationConfig
 
     ctx, names = _context(23), ["planner", "coder"]
     inputs = batch_inputs(ctx, _prompts([3, 4], seed=4), pad_token_id=0)
+    want = _gen(agents, inputs, names, ForkKVCache.from_context(agents, ctx, adapter_names=names), max_new_tokens=5)
     cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
-    with pytest.raises(ValueError, match="needs use_cache=True"):
-        _gen(agents, inputs, names, cache, compile_config=_compile_config(),
-             generation_config=GenerationConfig(use_cache=False, max_new_tokens=3, do_sample=False))
+    out = _gen(agents, inputs, names, cache, compile_config=_compile_config(), max_new_tokens=5,
+               generation_config=GenerationConfig(use_cache=False))
+    assert not isinstance(cache, StaticForkKVCache) and _decode_graph_runs() == 0
+    _assert_same(out, want)
     own = agents.get_base_model().generation_config
     own.use_cache = False
     try:
-        with pytest.raises(ValueError, match="needs use_cache=True"):
-            _gen(agents, inputs, names, cache, compile_config=_compile_config())
+        cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+        _assert_same(_gen(agents, inputs, names, cache, compile_config=_compile_config(), max_new_tokens=5), want)
+        assert not isinstance(cache, StaticForkKVCache)
     finally:
         own.use_cache = True
 

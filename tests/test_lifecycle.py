@@ -141,3 +141,29 @@ def test_a_changed_setting_is_stale(edit):
         with pytest.raises(StaleContextError, match="settings changed"):
             _gen(pm, batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0), NAMES, cache)
     assert base_fingerprint(pm, Probes(fresh=True))[0] != before
+
+
+def test_a_loop_that_starts_with_embeddings_is_served():
+    """A manual decode loop: the first forward given ``inputs_embeds`` (which records no token ids), then ids. The
+    half-written check compares the layers only (comparing the recorded ids too refused this loop at its second id
+    step)."""
+    from models import plain_peft
+
+    kv = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[1])  # exact for ForkKV
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=7), {"a": dict(r=4, **kv),
+                                                                               "b": dict(r=2, **kv)}, seed=7))
+    ctx, names = _context(10), ["a", "b"]
+    embed = pm.get_base_model().get_input_embeddings()
+    new = torch.tensor([[40, 41, 42], [50, 51, 52]])
+    cache = ForkKVCache.from_context(pm, ctx, names)
+    fed, logits = torch.cat([ctx.expand(2, -1), new], 1), []
+    with torch.no_grad():
+        out = pm(inputs_embeds=embed(new), adapter_names=names, **cache_kwargs(cache))
+        for _ in range(3):
+            logits.append(out.logits[:, -1])
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            fed = torch.cat([fed, step], 1)
+            out = pm(input_ids=step, adapter_names=names, **cache_kwargs(cache))
+        logits.append(out.logits[:, -1])
+        ref = plain_peft(pm, lambda: pm(input_ids=fed, adapter_names=names).logits)
+    torch.testing.assert_close(torch.stack(logits, 1), ref[:, ctx.numel() + new.shape[1] - 1:], rtol=1e-4, atol=1e-4)
