@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from .attention import ATTN_NAME, register_forkkv
+from .model_lock import model_lock
 from .peft import wrappers
 from .peft.batched_lora import disable_batched_lora, enable_batched_lora
 from .peft.lora_factors import find_attention_modules, transformers_model
@@ -20,8 +21,14 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
     (:mod:`forkkv_hf.peft.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop) and wraps ``generate``
     (:mod:`forkkv_hf.peft.wrappers`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
-    installed). :func:`disable_forkkv` undoes all of it.
+    installed). :func:`disable_forkkv` undoes all of it. Waits for a call of the model running in another thread
+    (it holds the model's lock).
     """
+    with model_lock(model):
+        return _enable(model, batched_lora)
+
+
+def _enable(model: nn.Module, batched_lora: bool) -> nn.Module:
     attention = find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
     register_forkkv()
     base = transformers_model(model)
@@ -59,7 +66,12 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
 def disable_forkkv(model: nn.Module) -> nn.Module:
     """Select again the attention implementation the model had before :func:`enable_forkkv`, and remove what it
     installed, the compiled decode's pooled private K/V buffers included (a cache still holding them keeps its
-    own)."""
+    own). Waits for a call of the model running in another thread (it held the model's lock)."""
+    with model_lock(model):
+        return _disable(model)
+
+
+def _disable(model: nn.Module) -> nn.Module:
     base = transformers_model(model)
     previous = getattr(base, "_forkkv_previous_attn", None)
     if base.config._attn_implementation == ATTN_NAME:

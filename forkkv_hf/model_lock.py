@@ -13,6 +13,7 @@ model share it) and is not stored on the model, so models stay picklable and dee
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -32,3 +33,26 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[base] = threading.RLock()
     return lock
+
+
+_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def model_call(model: nn.Module):
+    """Hold ``model``'s lock for a wrapped ``generate``/``forward`` call and count it as in flight; yields how many
+    calls of this model were in flight before it (0 for a call from outside; more for one nested in it, e.g. from a
+    logits processor)."""
+    base = transformers_model(model)
+    with model_lock(model):
+        depth = _DEPTH.get(base, 0)
+        _DEPTH[base] = depth + 1
+        try:
+            yield depth
+        finally:
+            _DEPTH[base] = depth
+
+
+def calls_in_flight(model: nn.Module) -> int:
+    """How many wrapped calls of ``model`` are running (in this thread, as the caller holds the lock)."""
+    return _DEPTH.get(transformers_model(model), 0)

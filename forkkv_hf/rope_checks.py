@@ -43,7 +43,15 @@ def check_rope_for_prefill(cache, model, seq_len: int) -> None:
     forward after a fork if a plain prefill of the whole rows (``seq_len`` positions) would rotate the context with
     other frequencies than the base pass did; the shared K (and everything computed from it) would not be the
     model's. Position-only types (default, linear, yarn, llama3) never differ."""
-    if not _length_dependent(_config_rope_types(cache.shared.config)):
+    layer = cache.shared.layers[0]
+    check_rope_tables(cache.shared.config, layer.cos, layer.sin, model, seq_len)
+
+
+def check_rope_tables(config, cos_ctx: torch.Tensor, sin_ctx: torch.Tensor, model, seq_len: int,
+                      what: str = "a plain prefill of these rows") -> None:
+    """:func:`check_rope_for_prefill` against the tables ``cos_ctx``/``sin_ctx`` ``[T, D]`` a context was rotated
+    with (a shared context's, or a :class:`~forkkv_hf.training.TrainingContext`'s)."""
+    if not _length_dependent(_config_rope_types(config)):
         return
     ropes = rotary_modules(model)
     kinds = [_rope_type(r) for r in ropes]
@@ -51,20 +59,19 @@ def check_rope_for_prefill(cache, model, seq_len: int) -> None:
         raise ValueError(f"this model uses sequence-length dependent RoPE ({kinds}) in several rotary modules, which "
                          "ForkKV cannot check against its shared context; use a rope_type that depends on positions "
                          "only (default, linear, yarn, llama3)")
-    layer = cache.shared.layers[0]
-    T = layer.cos.shape[0]
+    T = cos_ctx.shape[0]
     probe = copy.deepcopy(ropes[0])  # dynamic RoPE updates its state in place: never touch the model's
-    x = torch.zeros(1, dtype=layer.cos.dtype, device=layer.cos.device)
+    x = torch.zeros(1, dtype=cos_ctx.dtype, device=cos_ctx.device)
     with torch.no_grad():
-        cos, sin = probe(x, torch.arange(max(seq_len, T), device=layer.cos.device)[None])
-    cos, sin = cos[0, :T].to(layer.cos.device), sin[0, :T].to(layer.sin.device)
-    if not (torch.equal(cos, layer.cos) and torch.equal(sin, layer.sin)):
+        cos, sin = probe(x, torch.arange(max(seq_len, T), device=cos_ctx.device)[None])
+    cos, sin = cos[0, :T].to(cos_ctx.device), sin[0, :T].to(sin_ctx.device)
+    if not (torch.equal(cos, cos_ctx) and torch.equal(sin, sin_ctx)):
         limit = _rope_limit(ropes[0])
         one_pass = ", build a context longer than that in one pass (chunk_size=None)" \
             if isinstance(limit, int) and T > limit else ""
         raise ValueError(
             f"this model uses {kinds[0]!r} RoPE, whose frequencies depend on the sequence length (they change above "
-            f"{limit} positions): a plain prefill of these rows ({seq_len} positions) rotates the {T}-token shared "
+            f"{limit} positions): {what} ({seq_len} positions) rotates the {T}-token shared "
             "context with other frequencies than its base pass did, so the shared K/V are not this model's. Keep "
             f"context + prompt within {limit} tokens (generating past it is fine: plain transformers keeps the earlier "
             f"keys as they were too){one_pass}, or use a position-only rope_type (linear, yarn, llama3)."

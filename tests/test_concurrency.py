@@ -131,3 +131,64 @@ def test_failed_base_pass_leaves_the_model_unchanged():
     thread.start()
     thread.join(timeout=120)
     assert done, "the model's lock was not released by the failed build"
+
+
+def test_a_build_inside_a_running_generate_is_refused():
+    """A logits processor that builds a shared context (or calls the store) inside a mixed-adapter generate of the same
+    model: the nested build removed the running call's PEFT adapter_names hooks, so its later steps ran one adapter on
+    every row (0.75 off, silently); refused now, and the running call is undisturbed."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    pm = _agents()
+    rows = ["planner", "coder"]
+    want = _plain(pm, 0, rows)
+    errors = []
+
+    class Nested(LogitsProcessor):
+        def __call__(self, ids, scores):
+            try:
+                SharedContext.build(pm, _ctx(1), ["planner"], progress=False)
+            except ValueError as e:
+                errors.append(str(e))
+            return scores
+
+    ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(200))
+    got = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=rows, do_sample=False,
+                      max_new_tokens=3, pad_token_id=0, logits_processor=LogitsProcessorList([Nested()]))
+    assert torch.equal(got, want)
+    assert errors and "cannot run inside a running generate or forward of the same model" in errors[0]
+    SharedContext.build(pm, _ctx(1), ["planner"], progress=False)  # after the call: fine
+
+
+def test_disable_waits_for_a_running_generate_and_copies_drop_its_hooks():
+    """``disable_forkkv`` took no lock: called while another thread's generate ran, that generate failed inside SDPA.
+    A deep copy made while a generate ran carried its PEFT adapter_names hooks; the copy's next generate drops them."""
+    import copy
+
+    pm = _agents()
+    ctx, rows = _ctx(0), ["planner", "coder"]
+    want = _gen(pm, ctx, SharedContext.build(pm, ctx, rows, progress=False).fork(rows), rows)
+    cache = SharedContext.build(pm, ctx, rows, progress=False).fork(rows)
+    inside, go_on = threading.Event(), threading.Event()
+    layer = pm.get_base_model().model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda *a: (inside.set(), go_on.wait(10)) and None)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", _gen(pm, ctx, cache, rows)))
+    thread.start()
+    assert inside.wait(10)
+    handle.remove()
+    clone = copy.deepcopy(pm)  # mid-call: PEFT's hooks are on the layers
+    disabler = threading.Thread(target=forkkv_hf.disable_forkkv, args=(pm,))
+    disabler.start()
+    disabler.join(0.5)
+    assert disabler.is_alive()  # waits for the running generate
+    go_on.set()
+    thread.join(10)
+    disabler.join(10)
+    assert torch.equal(result["out"], want)
+    assert not forkkv_hf.is_forkkv_enabled(pm)
+    forkkv_hf.enable_forkkv(pm)
+    ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(7))
+    plain = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=3,
+                 pad_token_id=0)
+    assert torch.equal(clone.generate(**plain), pm.generate(**plain))

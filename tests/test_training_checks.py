@@ -144,3 +144,70 @@ def test_evaluate_reports_the_loss_and_label_smoothing_is_refused(tmp_path):
         _trainer(tmp_path, pm, _rows(), args=dict(label_smoothing_factor=0.3))
     with pytest.raises(ValueError, match="drop compute_loss_func"):
         _trainer(tmp_path, pm, _rows(), compute_loss_func=lambda *a, **k: 0)
+
+
+def test_k_residuals_inference_refuses_are_refused_in_training():
+    """Interleaved RoPE (Cohere) trained a K residual inference refuses (logits 0.037 off the model's own where
+    ForkKV is exact, silently); partial rotary (StableLM) failed inside apply_rope. Both now say so; V still trains."""
+    for family, kw, message in (("Cohere", dict(logit_scale=1.0), "not rotate-half RoPE"),
+                                ("StableLm", dict(partial_rotary_factor=0.25), "partial rotary")):
+        pm = with_adapters(_tiny(family, **kw), {"agent": dict(target_modules=["k_proj", "v_proj"])})
+        ctx = TrainingContext(pm, _context())
+        with pytest.raises(ValueError, match=message):
+            forkkv_loss(pm, ctx, _batch(), "agent", residual="kv")
+        assert torch.isfinite(forkkv_loss(pm, ctx, _batch(), "agent", residual="v"))
+
+
+@parametrize("rope", ["dynamic", "longrope"])
+def test_rows_past_a_length_dependent_ropes_limit_are_refused(rope):
+    """Context (17) + suffix (6) past a dynamic-NTK / longrope limit of 20: the context's base pass was rotated for
+    its own length, so neither ForkKV nor "exact" (0.16-0.79 off plain fine-tuning) was the model's pass; refused,
+    as inference refuses such rows. Rows within the limit train."""
+    params = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0} if rope == "dynamic" else \
+        {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+         "original_max_position_embeddings": 20}
+    model = tiny_llama(layers=2, max_pos=20 if rope == "dynamic" else 64, rope_parameters=params)
+    pm = with_adapters(model, {"agent": dict(target_modules=ALL)})
+    ctx = TrainingContext(pm, _context())
+    for residual in ("exact", "kv"):
+        with pytest.raises(ValueError, match="frequencies depend on the sequence length"):
+            forkkv_loss(pm, ctx, _batch(pad_last=0), "agent", residual=residual)
+        assert torch.isfinite(forkkv_loss(pm, ctx, _batch(L=3, pad_last=0), "agent", residual=residual))
+
+
+def test_merged_adapters_are_refused_at_each_step():
+    """A merged adapter: the context's base pass unmerged it for good (merged before) or the suffix saw it over a
+    context without it (merged after: 0.83 off, silently). Refused."""
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=ALL),
+                                              "other": dict(target_modules=["q_proj", "o_proj"])})
+    pm.merge_adapter(["other"])
+    with pytest.raises(ValueError, match=r"adapters \['other'\] are merged"):
+        TrainingContext(pm, _context())
+    pm.unmerge_adapter()
+    ctx = TrainingContext(pm, _context())
+    pm.merge_adapter(["other"])
+    with pytest.raises(ValueError, match=r"adapters \['other'\] are merged"):
+        forkkv_loss(pm, ctx, _batch(), "agent")
+    pm.unmerge_adapter()
+    assert torch.isfinite(forkkv_loss(pm, ctx, _batch(), "agent"))
+
+
+def test_a_refused_forward_leaves_no_adapter_to_the_training_steps():
+    """A forward with ``adapter_names`` refused inside leaves PEFT's hooks on the LoRA layers (PEFT removes them only
+    when the forward returns): the next training step of another agent ran the refused call's adapter on its suffix
+    (loss 4.93 -> 4.85, silently). The wrapper and the training forward remove them."""
+    import forkkv_hf
+    from forkkv_hf import SharedContext, cache_kwargs
+
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=ALL), "other": dict(target_modules=ALL)})
+    ctx_ids, batch = _context(), _batch(pad_last=0)
+    ctx = TrainingContext(pm, ctx_ids)
+    want = forkkv_loss(pm, ctx, batch, "agent").item()
+    forkkv_hf.enable_forkkv(pm)
+    shared = SharedContext.build(pm, ctx_ids, ["other"], progress=False)
+    forkkv_hf.disable_forkkv(pm)  # the forward below is then refused inside the attention
+    full = torch.cat([torch.ones(2, ctx_ids.numel(), dtype=torch.long), batch["attention_mask"]], 1)
+    with pytest.raises(ValueError, match="enable_forkkv"), torch.no_grad():
+        pm(input_ids=batch["input_ids"], attention_mask=full, adapter_names=["other"] * 2,
+           **cache_kwargs(shared.fork(["other"] * 2)))
+    assert forkkv_loss(pm, ctx, batch, "agent").item() == pytest.approx(want, abs=1e-6)

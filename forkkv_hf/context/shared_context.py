@@ -39,6 +39,7 @@ from ..peft.lora_factors import (
     transformers_model,
 )
 from ..model_lock import model_lock
+from ..model_lock import calls_in_flight
 from ..peft.wrappers import remove_stale_peft_hooks
 from .base_pass import check_chunk_size, past_length, segment_layers
 from .identity import ContextIdentity, check_context, record_adapters, record_context
@@ -139,6 +140,10 @@ class SharedContext:
                           record_identity) -> SharedContext:
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before building a shared context")
+        if calls_in_flight(model):  # its PEFT hooks would be removed under it (its rows then ran one adapter)
+            raise ValueError("a shared context (or a ForkKVStore call) cannot run inside a running generate or forward "
+                             "of the same model (a logits processor, a stopping criterion, a hook); run it before or "
+                             "after the call")
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = context_token_ids(context_ids, vocab_size_of(model))
         S = past_length(past)

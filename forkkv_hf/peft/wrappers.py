@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..guards import generate_cache
-from ..model_lock import model_lock
+from ..model_lock import model_call
 from .calls import new_call
 
 #: run before every ``generate`` of a model that has batched LoRA enabled: ``fn(model)``
@@ -64,17 +64,24 @@ class _Wrapper:
         self.__doc__, self.__name__ = inner.__doc__, getattr(inner, "__name__", kind)
 
     def __call__(self, *args, **kwargs):
-        with model_lock(self.model):
+        with model_call(self.model) as outer:
             if self.kind == "generate":
+                if outer == 0:  # PEFT's adapter_names hooks of no running call: a copy made mid-call carries them
+                    remove_stale_peft_hooks(self.model)
                 return _generate(self.target, self.model, self.__wrapped__, args, kwargs)
             if self.kind == "save_pretrained":
                 # batched LoRA's stacks are the adapters' storage: a torch.save of a view writes its whole storage
                 # (every adapter of the layer), so the parameters get their own storage back first
                 for hook in BEFORE_SAVE:
                     hook(self.model)
-            else:
-                new_call()
-            return self.__wrapped__(*args, **kwargs)
+                return self.__wrapped__(*args, **kwargs)
+            new_call()
+            try:
+                return self.__wrapped__(*args, **kwargs)
+            except BaseException:
+                if outer == 0:  # PEFT leaves its adapter_names hooks when a forward raises (later calls ran them)
+                    remove_stale_peft_hooks(self.model)
+                raise
 
 
 def install(model: nn.Module) -> None:

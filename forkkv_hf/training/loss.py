@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from ..compat import cache_kwargs
-from ..context.base_pass import sliding_window
+from ..context.base_pass import check_rope_layout, sliding_window
 from ..log import get_logger, warn_once
+from ..model_lock import calls_in_flight
 from ..peft.lora_factors import (check_adapter_names, check_saved_copies, decoder_of, find_attention_modules,
                                  kv_transform, lora_layer_of, transformers_model)
 from ..ops.rope import apply_rope
-from .context import TrainingContext
+from ..peft.wrappers import remove_stale_peft_hooks
+from ..rope_checks import check_rope_tables
+from .context import TrainingContext, check_not_merged
 from .fitted import FittedResidual, fitted_kv
 
 RESIDUALS = ("kv", "v", "none", "exact")
@@ -98,6 +101,7 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
             dk = _lora_delta(attn.k_proj, adapter_name, layer.x_k, f"layer {idx} k_proj")
             if dk is not None:
                 check_kv_transform_free(attn, config, idx, adapter_name, "k")
+                _check_k_rope(idx, attn, layer)
                 dk = dk.view(n, T, Hkv, D).transpose(1, 2)
                 key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)
         if residual in ("kv", "v"):
@@ -107,6 +111,24 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
                 value = value + dv.view(n, T, Hkv, D).transpose(1, 2).to(value.dtype)
         out.append((key, value))
     return out
+
+
+def _check_k_rope(idx: int, attn: nn.Module, layer) -> None:
+    """Refuse a K residual on a layer whose cached K is not rotate-half RoPE of k_proj's output over its whole head
+    (partial rotary failed inside; interleaved RoPE trained what inference refuses, silently): inference's checks
+    (:func:`forkkv_hf.context.base_pass.check_rope_layout`), once per layer of a context."""
+    if getattr(layer, "k_rope_checked", False):
+        return
+    D = layer.key.shape[-1]
+    if layer.cos.shape[-1] != D:
+        raise ValueError(f"layer {idx} rotates only {layer.cos.shape[-1]} of its {D} head dimensions (partial "
+                         "rotary); ForkKV's K residual assumes full rotate-half RoPE. Retarget the adapters away from "
+                         "the K projection (LoRA on V is still shared), or train with residual='v'")
+    proj = attn.k_proj
+    with torch.no_grad():
+        head = getattr(proj, "base_layer", proj)(layer.x_k[0, :8])
+    check_rope_layout(idx, head, layer)
+    layer.k_rope_checked = True
 
 
 def _check_call(model, context, adapter_name, residual) -> None:
@@ -183,10 +205,12 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     from transformers import DynamicCache
 
     _check_call(model, context, adapter_name, residual)
+    if not calls_in_flight(model):  # PEFT's adapter_names hooks of a forward that raised: they would pick the rows'
+        remove_stale_peft_hooks(model)  # adapters of that call, silently
     _activate(model, adapter_name)
     base = transformers_model(model)
     ids, _, full_mask, positions, rows = _suffix_tensors(batch, context, context.layers[0].key.device)
-    _check_runnable(model, full_mask.shape[1], residual)
+    _check_runnable(model, full_mask.shape[1], residual, context)
     B = ids.shape[0]
     cache = DynamicCache()
     picked = None if rows is None else rows.to(ids.device)
@@ -202,12 +226,17 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     return out.last_hidden_state
 
 
-def _check_runnable(model, length: int, residual) -> None:
+def _check_runnable(model, length: int, residual, context: TrainingContext) -> None:
     """Refuse what the training forward cannot run as inference would: transformers' gradient checkpointing (its
     decoder layers drop the cache in training mode, and the cache is how the context's K/V reach them: the context
-    was silently left out), and rows of ``length`` (context + suffix) beyond a sliding window, which ForkKV
+    was silently left out), adapters merged since the context's base pass, rows of
+    ``length`` (context + suffix) past a length-dependent RoPE's limit (the context was rotated for its own length:
+    neither ForkKV nor ``"exact"`` is then the model's own pass), and rows beyond a sliding window, which ForkKV
     inference refuses (ordinary fine-tuning, ``"exact"``, runs them)."""
     base = transformers_model(model)
+    check_not_merged(model)
+    check_rope_tables(base.config, context.layers[0].cos, context.layers[0].sin, model, length,
+                      what="a pass over context + suffix of these training rows")
     if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in base.modules()):
         raise ValueError(
             "gradient checkpointing is on (model.gradient_checkpointing_enable() or TrainingArguments("
