@@ -23,6 +23,7 @@ import torch
 from .compile_regions import compile_regions
 from .config import get_config
 from .guards import generation_setting
+from .ops.dispatch import TRITON_MAX_HEAD_DIM
 from .peft import wrappers
 from .peft.lora_factors import (
     PLANNED_ROWS,
@@ -202,11 +203,12 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
         return generate
     cfg = base.config
     device = cache.layers[0].shared.key.device
-    use_triton = _use_triton(device)
+    use_triton = _use_triton(device) and cache.layers[0].shared.key.shape[-1] <= TRITON_MAX_HEAD_DIM
     if device.type == "cuda" and (not use_triton or getattr(cfg, "attn_logit_softcapping", None)):
         make_dynamic(cache)  # the PyTorch path's loop over context chunks would unroll into the graph
-        _log_once(logging.WARNING, "the attention runs the PyTorch path here (FORKKV_BACKEND, no Triton, or "
-                                   "soft-capping), which is not compiled on CUDA")
+        _log_once(logging.WARNING, "the attention runs the PyTorch or SDPA path here (FORKKV_BACKEND, no Triton, "
+                                   f"soft-capping, or head_dim above {TRITON_MAX_HEAD_DIM}), which is not compiled on "
+                                   "CUDA")
         return generate
     # a longer call's pooled buffers, kept (no new buffers, no CUDA graphs recorded anew; transformers' own static
     # cache is reused so too) while at most twice the room needed: the private part reads the whole capacity

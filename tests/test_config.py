@@ -172,3 +172,30 @@ def test_set_config_refuses_what_is_not_a_config():
     with pytest.raises(TypeError, match="set_config takes a ForkKVConfig"):
         config.set_config("torch")
     assert config.get_config() != "torch"
+
+
+def test_auto_backend_routes_wide_heads_to_sdpa(clean_env):
+    """head_dim above 128 (Gemma's 256) on CUDA takes the SDPA path: the Triton K pass's rule needs more shared
+    memory than an H100 has there and failed to compile in the kernels' GPU fuzz (v47)."""
+    from forkkv_hf.ops.dispatch import TRITON_MAX_HEAD_DIM, auto_backend
+
+    ready = lambda: True  # noqa: E731
+    assert auto_backend(True, 1, 128, ready) == "triton" and TRITON_MAX_HEAD_DIM == 128
+    assert auto_backend(True, 1, 256, ready) == "sdpa"
+    assert auto_backend(True, 64, 64, ready) == "sdpa"
+    assert auto_backend(False, 1, 256, ready) == "torch"
+    assert auto_backend(True, 1, 128, lambda: False) == "torch"
+
+
+@pytest.mark.gpu
+def test_wide_heads_on_the_gpu_equal_the_reference(clean_env):
+    """head_dim 256 on CUDA through the "auto" backend (the SDPA path): the fp32 reference within bf16's rule."""
+    from views import lowp_attention_error
+
+    view = random_view(B=3, Hkv=2, D=256, T=300, P=3, dtype=torch.bfloat16)
+    q = torch.randn(3, 6, 1, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
+    ref = reference_attention(q, view, None, 256**-0.5)
+    own = lowp_attention_error(q, view, None, 256**-0.5, ref)
+    gpu = random_view(B=3, Hkv=2, D=256, T=300, P=3, dtype=torch.bfloat16, device="cuda")
+    out = residual_attention(q.to("cuda", torch.bfloat16), gpu, None, 256**-0.5)
+    assert (out.float().cpu() - ref).abs().max() <= 3 * own + 2e-3

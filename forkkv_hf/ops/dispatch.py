@@ -366,6 +366,32 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
                              **tuning)
 
 
+#: the largest head_dim the ``"auto"`` backend gives the Triton kernels: their launch rule was measured and their GPU
+#: tests run at 128 (Llama, Mistral, Qwen); at 256 (Gemma) the rule's K pass needs more shared memory than an H100
+#: has (266 KB for 128-token tiles in 3 stages, offline for sm_90) and failed to compile under its register cap in
+#: the kernels' GPU fuzz (eval/results/raw/fuzz_kernels_v47_h100.json); such calls run the SDPA path (exact)
+TRITON_MAX_HEAD_DIM = 128
+
+
+def auto_backend(cuda: bool, queries: int, head_dim: int, triton_ready) -> str:
+    """The ``"auto"`` backend's path for a call on CUDA (``cuda``) or not, of ``queries`` per row and ``head_dim``;
+    ``triton_ready()``: whether the kernels can run. Warns once where it falls back."""
+    if not cuda:
+        warn_once(logger, "ForkKV attention runs the PyTorch path (the Triton kernels need a CUDA device)")
+        return "torch"
+    if queries >= EXTEND_SDPA_MIN_QUERIES:
+        return "sdpa"
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        warn_once(logger, f"ForkKV attention runs the SDPA path for head_dim {head_dim} (the Triton kernels are tuned "
+                          f"and GPU-tested up to {TRITON_MAX_HEAD_DIM})")
+        return "sdpa"
+    if triton_ready():
+        return "triton"
+    warn_once(logger, "ForkKV attention runs the PyTorch path: forkkv_kernels (Triton) is not importable; install "
+                      "Triton to use the kernels")
+    return "torch"
+
+
 def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float, backend: str = "auto",
                        softcap: float | None = None) -> torch.Tensor:
     """Dispatch: ``"triton"`` (the ``forkkv_kernels`` Triton kernels), ``"sdpa"`` (:func:`residual_attention_sdpa`),
@@ -377,17 +403,7 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "auto":
         backend = get_config().backend
     if backend == "auto":
-        if not query.is_cuda:
-            backend = "torch"
-            warn_once(logger, "ForkKV attention runs the PyTorch path (the Triton kernels need a CUDA device)")
-        elif query.shape[2] >= EXTEND_SDPA_MIN_QUERIES:
-            backend = "sdpa"
-        elif _triton_ready(query):
-            backend = "triton"
-        else:
-            backend = "torch"
-            warn_once(logger, "ForkKV attention runs the PyTorch path: forkkv_kernels (Triton) is not importable; "
-                              "install Triton to use the kernels")
+        backend = auto_backend(query.is_cuda, query.shape[2], query.shape[-1], lambda: _triton_ready(query))
     if backend == "torch" or softcap is not None:
         if softcap is not None and backend != "torch":
             warn_once(logger, f"ForkKV attention runs the PyTorch path for soft-capped attention (the {backend} path "
