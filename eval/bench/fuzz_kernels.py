@@ -34,7 +34,7 @@ def _case(rng: random.Random, small: bool = False) -> dict:
                 Q=min(P, c([1, 1, 2, 5])),
                 k_ranks=[c([1, 3, 5, 8, 16, 24, 32, 48, 80]) for _ in range(n_agents)],
                 v_ranks=[c([1, 5, 8, 16, 32, 48]) for _ in range(n_agents)],
-                dtype=c(["bfloat16", "float16", "float32"]), rows=None, n_agents=n_agents)
+                dtype=c(["bfloat16", "float16", "float32"]), n_agents=n_agents)
 
 
 def _run(case: dict, seed: int, device: str) -> dict:

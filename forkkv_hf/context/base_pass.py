@@ -25,6 +25,7 @@ from ..peft.lora_factors import (
     is_peft_model,
     kv_projections,
     lora_layer_of,
+    refuse_merged,
     refuse_offloaded,
 )
 from ..ops.rope import apply_rope
@@ -95,7 +96,8 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
         extra, desc = {"logits_to_keep": 1} if runner is base else {}, "forkkv: base pass over shared context"
     disable = model.disable_adapter() if is_peft_model(model) and adapter is None else contextlib.nullcontext()
     if adapter is None:
-        _refuse_merged_or_active_adapters(model)
+        refuse_merged(model, "a shared context's base pass")
+        _refuse_active_adapters(model)
     cache = DynamicCache(config=base.config)
     S = 0
     if past is not None:
@@ -118,23 +120,16 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     return cache
 
 
-def _refuse_merged_or_active_adapters(model: nn.Module) -> None:
-    """Refuse a base pass that would not be the base model's: an adapter merged into the base weights (PEFT's
-    ``disable_adapter()`` unmerges it for the pass and leaves it unmerged: the context would lack it and the model
-    be changed, silently), or a transformers model given with PEFT's adapter layers inside and an adapter on (the
-    model inside a ``PeftModel``, or one with adapters loaded by transformers)."""
+def _refuse_active_adapters(model: nn.Module) -> None:
+    """Refuse a transformers model given with PEFT's adapter layers inside and an adapter on (the model inside a
+    ``PeftModel``, or one with adapters loaded by transformers): its pass would not be the base model's."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    tuners = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    merged = sorted({a for _, m in tuners for a in getattr(m, "merged_adapters", ())})
-    if merged:
-        raise ValueError(
-            f"adapters {merged} are merged into the base weights; a shared context's base pass runs the base model "
-            "with adapters off, which would unmerge them. Unmerge them (peft_model.unmerge_adapter()), or make the "
-            "merge permanent (peft_model.merge_and_unload(), then add the agents' adapters), before building"
-        )
-    on = [name for name, m in tuners if not m.disable_adapters and m.active_adapters]
-    if on and not is_peft_model(model):
+    if is_peft_model(model):
+        return  # its base pass runs under disable_adapter()
+    on = [name for name, m in model.named_modules()
+          if isinstance(m, BaseTunerLayer) and not m.disable_adapters and m.active_adapters]
+    if on:
         raise ValueError(
             f"this model has PEFT adapter layers with an adapter on ({on[0]!r} and {len(on) - 1} more), so its pass "
             "over the context would not be the base model's; pass the PeftModel itself (peft_model, not "

@@ -33,7 +33,7 @@ from ..peft.lora_factors import (find_attention_modules, is_peft_model, kv_proje
                                  transformers_model)
 from ..peft.tp import tp_world
 from .probes import Probes, factor_probe, stamp
-from .settings import base_name, changed_settings, is_adapter_name, module_settings
+from .settings import base_modules, base_name, changed_settings, is_adapter_name, module_settings
 
 MODES = ("content", "versions")
 _MODE_ATTR = "_forkkv_weight_checks"
@@ -53,27 +53,16 @@ def weight_checks(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- what is read
-_is_adapter_tensor, _base_name = is_adapter_name, base_name
-
-
 def base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every base weight and buffer of the transformers model (LoRA and modules-to-save copies excluded), sorted by
     name; tied weights once. The walk skips the insides of PEFT tuner layers but for their base layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     found: dict[int, tuple[str, torch.Tensor]] = {}
-    stack = [("", transformers_model(model))]
-    while stack:
-        prefix, m = stack.pop()
+    for prefix, m in base_modules(model):
         for kind in (m._parameters, m._buffers):
             for n, t in kind.items():
                 if t is not None and id(t) not in found:
                     found[id(t)] = (prefix + n, t)
-        children = m._modules.items()
-        if isinstance(m, BaseTunerLayer):
-            children = [(k, c) for k, c in children if k == "base_layer"]
-        stack.extend((f"{prefix}{k}.", c) for k, c in children if c is not None)
-    named = [(_base_name(n), t) for n, t in found.values() if not _is_adapter_tensor(n)]
+    named = [(base_name(n), t) for n, t in found.values() if not is_adapter_name(n)]
     return sorted(named, key=lambda x: x[0])
 
 

@@ -23,22 +23,28 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer", "").replace(".original_module", "")
 
 
+def base_modules(model: nn.Module):
+    """``(prefix, module)`` of every module of the transformers model (``prefix``: its name and a dot), depth first,
+    the insides of PEFT tuner layers skipped but for their base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    stack = [("", transformers_model(model))]
+    while stack:
+        prefix, m = stack.pop()
+        yield prefix, m
+        children = m._modules.items()
+        if isinstance(m, BaseTunerLayer):
+            children = [(k, c) for k, c in children if k == "base_layer"]
+        stack.extend((f"{prefix}{k}.", c) for k, c in children if c is not None)
+
+
 def module_settings(model: nn.Module) -> tuple:
     """``(name, value)`` of every public bool, int and float attribute of the transformers model's modules (LoRA
     and PEFT's saved copies excluded, PEFT's wrapped layers by their base layer), sorted by name."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out = []
-    stack = [("", transformers_model(model))]
-    while stack:
-        prefix, m = stack.pop()
-        if not isinstance(m, BaseTunerLayer):
-            out += [(base_name(prefix + k), v) for k, v in vars(m).items()
-                    if type(v) in (bool, int, float) and not k.startswith("_") and k not in _RUNTIME]
-        children = m._modules.items()
-        if isinstance(m, BaseTunerLayer):
-            children = [(k, c) for k, c in children if k == "base_layer"]
-        stack.extend((f"{prefix}{k}.", c) for k, c in children if c is not None)
+    out = [(base_name(prefix + k), v) for prefix, m in base_modules(model) if not isinstance(m, BaseTunerLayer)
+           for k, v in vars(m).items() if type(v) in (bool, int, float) and not k.startswith("_") and k not in _RUNTIME]
     return tuple(sorted(kv for kv in out if not is_adapter_name(kv[0])))
 
 

@@ -38,8 +38,7 @@ from ..peft.lora_factors import (
     find_attention_modules,
     transformers_model,
 )
-from ..model_lock import model_lock
-from ..model_lock import calls_in_flight
+from ..model_lock import calls_in_flight, model_lock
 from ..peft.wrappers import remove_stale_peft_hooks
 from .base_pass import check_chunk_size, past_length, segment_layers
 from .identity import ContextIdentity, check_context, record_adapters, record_context

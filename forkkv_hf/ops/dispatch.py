@@ -236,8 +236,10 @@ def _rows_residual(res, rows: torch.Tensor, Hkv: int, D: int, rope=None) -> torc
     return r
 
 
-def _triton_ready(query: torch.Tensor) -> bool:
-    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+def triton_ready(x: torch.Tensor) -> bool:
+    """Whether the ``forkkv_kernels`` Triton kernels can run on ``x``: a CUDA tensor (or the interpreter) and the
+    package importable."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
         import forkkv_kernels  # noqa: F401
@@ -403,7 +405,7 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "auto":
         backend = get_config().backend
     if backend == "auto":
-        backend = auto_backend(query.is_cuda, query.shape[2], query.shape[-1], lambda: _triton_ready(query))
+        backend = auto_backend(query.is_cuda, query.shape[2], query.shape[-1], lambda: triton_ready(query))
     if backend == "torch" or softcap is not None:
         if softcap is not None and backend != "torch":
             warn_once(logger, f"ForkKV attention runs the PyTorch path for soft-capped attention (the {backend} path "
@@ -412,7 +414,7 @@ def residual_attention(query: torch.Tensor, view, attention_mask, scaling: float
     if backend == "sdpa":
         return residual_attention_sdpa(query, view, attention_mask, scaling)
     if backend == "triton":
-        if not _triton_ready(query):
+        if not triton_ready(query):
             raise ValueError(f"the 'triton' backend needs CUDA tensors and an importable Triton (or TRITON_INTERPRET=1 "
                              f"for the interpreter); the query is on {query.device}: use the 'auto' or 'torch' backend")
         return residual_attention_triton(query, view, attention_mask, scaling)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from ..context.probes import Probes
 from ..config import get_config
+from ..ops.dispatch import triton_ready
 from ..ops.decode_ops import (add_lora_delta, bias_rows, decode_lora_forward, lora_delta_rows,
                               remember_decode_plan, row_slots)
 from ..log import get_logger, warn_once
@@ -219,9 +219,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"lora_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "
-                             f"the input is on {x.device}: use the 'auto' or 'torch' LoRA backend")
+        if not triton_ready(x):
+            raise ValueError(f"lora_backend='triton' needs CUDA tensors and an importable Triton (or "
+                             f"TRITON_INTERPRET=1 for the interpreter); the input is on {x.device}: use the 'auto' or "
+                             "'torch' LoRA backend")
         return True
     return x.is_cuda
 

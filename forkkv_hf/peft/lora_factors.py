@@ -398,3 +398,16 @@ def refuse_offloaded(named) -> None:
             "ForkKV reads weights outside it. Load the model without offload (a device_map of GPUs only, or one "
             "device)."
         )
+
+
+def refuse_merged(model: nn.Module, pass_name: str) -> None:
+    """Refuse adapters merged into the base weights before ``pass_name`` (a pass of the base model with adapters
+    off): PEFT's ``disable_adapter()`` unmerges them for the pass and leaves them unmerged, so the pass would lack
+    them and the model be changed, silently; one merged after the pass is missing from what it computed."""
+    merged = sorted({a for m in model.modules() for a in (getattr(m, "merged_adapters", None) or ())})
+    if merged:
+        raise ValueError(
+            f"adapters {merged} are merged into the base weights; {pass_name} runs the base model with adapters off, "
+            "which would unmerge them. Unmerge them (peft_model.unmerge_adapter()), or make the merge permanent "
+            "(peft_model.merge_and_unload(), then add the agents' adapters)"
+        )

@@ -21,7 +21,8 @@ from ..compat import cache_kwargs
 from ..context.segments import storage_bytes
 from ..rope_checks import _config_rope_types, _length_dependent
 from ..inputs import context_token_ids, vocab_size_of
-from ..peft.lora_factors import decoder_of, find_attention_modules, is_peft_model, transformers_model
+from ..peft.lora_factors import (decoder_of, find_attention_modules, is_peft_model, refuse_merged,
+                                 transformers_model)
 
 
 @dataclass
@@ -74,16 +75,6 @@ def check_trainable_model(model: nn.Module) -> None:
         )
 
 
-def check_not_merged(model: nn.Module) -> None:
-    """Refuse adapters merged into the base weights: the context's base pass (adapters off) unmerges them for good,
-    and one merged after the pass makes the suffix see base + adapter over a context of the base alone."""
-    merged = sorted({a for m in model.modules() for a in (getattr(m, "merged_adapters", None) or ())})
-    if merged:
-        raise ValueError(f"adapters {merged} are merged into the base weights; ForkKV-aware training runs the base "
-                         "model over the context with adapters off. Unmerge them (peft_model.unmerge_adapter()) or "
-                         "make the merge permanent (merge_and_unload()) before building the TrainingContext")
-
-
 class TrainingContext:
     """The base model's pass over one shared context, or over several, kept for ForkKV-aware training.
 
@@ -100,7 +91,7 @@ class TrainingContext:
 
     def __init__(self, model: nn.Module, context_ids):
         check_trainable_model(model)
-        check_not_merged(model)
+        refuse_merged(model, "ForkKV-aware training's pass over the context")
         base = transformers_model(model)
         vocab = vocab_size_of(model)
         several = _is_context_list(context_ids)

@@ -25,11 +25,11 @@ from ..context.base_pass import check_rope_layout, sliding_window
 from ..log import get_logger, warn_once
 from ..model_lock import calls_in_flight
 from ..peft.lora_factors import (check_adapter_names, check_saved_copies, decoder_of, find_attention_modules,
-                                 kv_transform, lora_layer_of, transformers_model)
+                                 kv_transform, lora_layer_of, refuse_merged, transformers_model)
 from ..ops.rope import apply_rope
 from ..peft.wrappers import remove_stale_peft_hooks
 from ..rope_checks import check_rope_tables
-from .context import TrainingContext, check_not_merged
+from .context import TrainingContext
 from .fitted import FittedResidual, fitted_kv
 
 RESIDUALS = ("kv", "v", "none", "exact")
@@ -234,7 +234,7 @@ def _check_runnable(model, length: int, residual, context: TrainingContext) -> N
     neither ForkKV nor ``"exact"`` is then the model's own pass), and rows beyond a sliding window, which ForkKV
     inference refuses (ordinary fine-tuning, ``"exact"``, runs them)."""
     base = transformers_model(model)
-    check_not_merged(model)
+    refuse_merged(model, "the TrainingContext's pass over the context")
     check_rope_tables(base.config, context.layers[0].cos, context.layers[0].sin, model, length,
                       what="a pass over context + suffix of these training rows")
     if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in base.modules()):
