@@ -370,8 +370,9 @@ def residual_attention_triton(query: torch.Tensor, view, attention_mask, scaling
 
 #: the largest head_dim the ``"auto"`` backend gives the Triton kernels: their launch rule was measured and their GPU
 #: tests run at 128 (Llama, Mistral, Qwen); at 256 (Gemma) the rule's K pass needs more shared memory than an H100
-#: has (266 KB for 128-token tiles in 3 stages, offline for sm_90) and failed to compile under its register cap in
-#: the kernels' GPU fuzz (eval/results/raw/fuzz_kernels_v47_h100.json); such calls run the SDPA path (exact)
+#: has (266,240 bytes at K rank 16 for 128-token tiles in 3 stages, offline for sm_90, against the 232,448-byte
+#: limit) and failed to compile under its register cap in the kernels' GPU fuzz
+#: (eval/results/raw/fuzz_kernels_v47_h100.json); such calls run the SDPA path (exact)
 TRITON_MAX_HEAD_DIM = 128
 
 
