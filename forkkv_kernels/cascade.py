@@ -274,6 +274,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                     ("merge_block_t", merge_block_t)):
         if v is not None and (not isinstance(v, int) or v < 1 or v & (v - 1)):  # Triton's aranges need them so
             raise ValueError(f"{name}={v!r}; give a power of two")
+    for name, v in (("block_t", block_t), ("merge_block_t", merge_block_t)):  # the depth of a P·V product: tensor
+        if v is not None and v < 16:  # cores take 16+ (the interpreter takes less; a GPU's compile failed)
+            raise ValueError(f"{name}={v}; give 16 or more (the depth of the P·V product)")
     if res_score == "fma" and res_form is None:  # CUDA-core scores run in the halves form only
         given["res_form"] = "halves"
     if res_form == "gluon":  # the Gluon K pass's own knobs under the given ones

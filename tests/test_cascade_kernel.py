@@ -162,6 +162,9 @@ def test_cascade_tile_knobs_refuse_what_is_not_a_power_of_two():
                  dict(merge_block_t=-16)):
         with pytest.raises(ValueError, match=f"{next(iter(knob))}=.*; give a power of two"):
             _launch(q, view, None, 0.25, **knob)
+    for knob in (dict(block_t=8), dict(merge_block_t=4)):  # powers of two, but tensor cores multiply 16 deep at least
+        with pytest.raises(ValueError, match=f"{next(iter(knob))}=.*; give 16 or more"):
+            _launch(q, view, None, 0.25, **knob)
 
 
 def test_cascade_refuses_what_ran_silently_wrong():

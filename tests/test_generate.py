@@ -168,6 +168,10 @@ def test_residual_modes(full_agents):
     assert (runs["v"].scores[0] - runs["none"].scores[0]).abs().max() > 1e-3
     report = shared.fork(names, residual="v").memory_report()
     assert report.residual_bytes == shared.fork(names).memory_report().residual_bytes // 2
+    # ... and the B factors it uses: V's only (before, a V-only fork counted K's too)
+    v_factors = sum(l.v_res.B.numel() * l.v_res.B.element_size() for l in shared.layers if l.v_res is not None)
+    assert report.factor_bytes == v_factors and shared.fork(names, residual="none").memory_report().factor_bytes == 0
+    assert shared.fork(names).memory_report().factor_bytes == shared.factor_bytes() > v_factors
     # "none" is exactly what a shared context without residuals gives
     bare = SharedContext.build(pm, ctx, [])
     for layer in bare.layers:

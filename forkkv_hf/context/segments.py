@@ -131,9 +131,10 @@ def residual_bytes(layers: list[SharedLayer], adapter: str, kinds: str = "kv") -
     return total
 
 
-def factor_bytes(layers: list[SharedLayer]) -> int:
-    """Bytes of the stacked, scaled ``B`` factors kept with the residuals."""
-    return sum(nbytes(res.B) for l in layers for res in (l.k_res, l.v_res) if res is not None)
+def factor_bytes(layers: list[SharedLayer], kinds: str = "kv") -> int:
+    """Bytes of the stacked, scaled ``B`` factors kept with the residuals of ``kinds`` (as :func:`residual_bytes`)."""
+    return sum(nbytes(res.B) for l in layers for kind, res in (("k", l.k_res), ("v", l.v_res))
+               if kind in kinds and res is not None)
 
 
 def unique_tensors(tensors) -> list[torch.Tensor]:

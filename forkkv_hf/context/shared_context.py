@@ -328,9 +328,10 @@ class SharedContext:
         ``kinds``: count the K residuals (``"k"``), the V residuals (``"v"``) or both (``"kv"``)."""
         return residual_bytes(self.layers, adapter, kinds)
 
-    def factor_bytes(self) -> int:
-        """Bytes of the stacked, scaled ``B`` factors kept with the residuals."""
-        return factor_bytes(self.layers)
+    def factor_bytes(self, kinds: str = "kv") -> int:
+        """Bytes of the stacked, scaled ``B`` factors kept with the residuals of ``kinds`` (as
+        :meth:`residual_bytes`)."""
+        return factor_bytes(self.layers, kinds)
 
     def __repr__(self) -> str:
         return (
