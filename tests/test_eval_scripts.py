@@ -659,3 +659,17 @@ def test_kernel_fuzz_small_on_the_interpreter(tmp_path):
     result = json.loads(out.read_text())
     assert result["counts"]["failed"] == 0 and result["counts"]["passed"] + result["counts"]["refused"] == 4
     assert result["counts"]["passed"] >= 1
+
+
+@pytest.mark.version_independent
+def test_lora_offsets_benchmark_compares_two_kernels_that_agree(tmp_path):
+    """``python -m eval.bench.lora_offsets --small``: the batched LoRA kernel and its int32-offset variant (the int64
+    casts removed from the same source) give the same output on the interpreter; the GPU run times them."""
+    import json
+
+    from eval.bench.lora_offsets import main
+
+    out = tmp_path / "lo.json"
+    main(["--small", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["equal"] for r in rows)
