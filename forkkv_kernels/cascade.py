@@ -33,7 +33,7 @@ from .kres_gluon import GLUON_RULE
 from .kres_gluon import refusal as kres_refusal
 from .kres_pass import launch_kres_scores
 from .merge import launch_private_merge
-from .rules import asks_triton_k_pass, launch_defaults, triton_k_knobs
+from .rules import MAX_HEAD_DIM, asks_triton_k_pass, launch_defaults, triton_k_knobs
 from .shared_gluon import launch_shared_gluon, ring_unsupported, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
@@ -242,6 +242,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     VPR, NQG = pow2(NQ * G, 1), NQ * G
     dev, dtype = q.device, q.dtype
     interp = not q.is_cuda
+    if not interp and D > MAX_HEAD_DIM:
+        raise NotImplementedError(f"head_dim {D}: the kernels serve heads up to {MAX_HEAD_DIM} on the GPU (at 256 their "
+                                  "K pass fails to compile); use forkkv_hf's SDPA path (set_config(backend='sdpa'), "
+                                  "or the 'auto' backend, which picks it)")
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
     # the K residual's score rows (written by the K pass, read by the shared part) padded to 16 tokens: every row

@@ -32,6 +32,14 @@ GLUON_K_ROW_VECTORS = 8
 TRITON_F16_FROM = 128
 
 
+#: the widest head the kernels serve on the GPU: their rule was measured and GPU-tested at 128 (Llama, Mistral, Qwen);
+#: at 256 (Gemma) the rule's K pass failed to compile under its register cap in the kernels' GPU fuzz
+#: (eval/results/raw/fuzz_kernels_v47_h100.json) and needs more shared memory than an H100 has (266,240 bytes at K
+#: rank 16 for 128-token tiles in 3 stages, offline for sm_90, against 232,448). forkkv_hf's "auto" backend gives
+#: wider heads the SDPA path (``forkkv_hf.ops.dispatch.TRITON_MAX_HEAD_DIM``, the same number)
+MAX_HEAD_DIM = 128
+
+
 #: the K-pass knobs only the Triton K pass takes
 TRITON_K_KNOBS = ("res_warps", "res_stages", "res_pack", "res_heads")
 

@@ -180,7 +180,9 @@ def test_auto_backend_routes_wide_heads_to_sdpa(clean_env):
     from forkkv_hf.ops.dispatch import TRITON_MAX_HEAD_DIM, auto_backend
 
     ready = lambda: True  # noqa: E731
-    assert auto_backend(True, 1, 128, ready) == "triton" and TRITON_MAX_HEAD_DIM == 128
+    from forkkv_kernels.rules import MAX_HEAD_DIM
+
+    assert auto_backend(True, 1, 128, ready) == "triton" and TRITON_MAX_HEAD_DIM == MAX_HEAD_DIM == 128
     assert auto_backend(True, 1, 256, ready) == "sdpa"
     assert auto_backend(True, 64, 64, ready) == "sdpa"
     assert auto_backend(False, 1, 256, ready) == "torch"
@@ -199,3 +201,6 @@ def test_wide_heads_on_the_gpu_equal_the_reference(clean_env):
     gpu = random_view(B=3, Hkv=2, D=256, T=300, P=3, dtype=torch.bfloat16, device="cuda")
     out = residual_attention(q.to("cuda", torch.bfloat16), gpu, None, 256**-0.5)
     assert (out.float().cpu() - ref).abs().max() <= 3 * own + 2e-3
+    # a forced Triton backend is refused with what to do (before: ptxas's "Insufficient registers" inside the K pass)
+    with config_override(backend="triton"), pytest.raises(NotImplementedError, match="head_dim 256: the kernels serve"):
+        residual_attention(q.to("cuda", torch.bfloat16), gpu, None, 256**-0.5)
