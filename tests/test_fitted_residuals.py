@@ -68,6 +68,33 @@ def test_full_width_fit_under_scaled_rope_tables():
     _assert_same(_gen(pm, inputs, names, fitted.fork(names)), _exact(pm, inputs, names), atol=1e-4)
 
 
+def test_interleaved_rope_tables_are_refused_for_fits():
+    """Cohere's rotary tables are interleaved (each angle repeated per pair of dimensions): the fit's rotate-half
+    unrotation and the attention's rotation do not undo each other with them, so a full-width fit was 0.04 off its
+    agent's own run (fit_retained 1.0, other tokens), silently. Refused now, in inference and training alike."""
+    import transformers
+
+    from forkkv_hf.training import FittedResidual, TrainingContext, forkkv_loss
+
+    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    pm = with_adapters(transformers.CohereForCausalLM(cfg).eval(), {"a": dict(r=4, target_modules=["q_proj", "o_proj"])},
+                       seed=3)
+    forkkv_hf.enable_forkkv(pm)
+    shared = SharedContext.build(pm, _context(19), ["a"], progress=False)
+    with pytest.raises(ValueError, match="not rotate-half tables.*interleaved"):
+        shared.fit_residuals(pm, ["a"], rank=WIDTH, progress=False)
+    batch = {"input_ids": _prompts([4], seed=1)[0][None], "labels": _prompts([4], seed=1)[0][None]}
+    pm.train()
+    try:
+        with pytest.raises(ValueError, match="not rotate-half tables"):
+            forkkv_loss(pm, TrainingContext(pm, _context(19)), batch, "a", residual=FittedResidual(4))
+    finally:
+        pm.eval()
+
+
 def test_adding_agents_to_a_fitted_fused_context_keeps_its_fits():
     """Phi-3's fused qkv_proj: a new agent's K and V residuals share one u, but a fitted agent's do not; merging
     gave the fitted V the K fit's u (0.82 off its own run, silently)."""

@@ -84,13 +84,21 @@ def fit_ranks(rank, k_rank=None) -> tuple[int, int]:
 
 
 def check_full_rope(layers) -> None:
-    """Refuse layers (with ``key`` and ``cos``) whose rotary tables are narrower than the head: a fitted K residual
-    is taken back through RoPE over the whole head."""
+    """Refuse layers (with ``key``, ``cos`` and ``sin``) whose rotary tables are narrower than the head or not
+    rotate-half tables (each half the same angles): a fitted K residual is taken back through rotate-half RoPE over
+    the whole head and rotated again by the attention, which undo each other only with such tables (Cohere's
+    interleaved tables, repeated per pair of dimensions, made a full-width fit 0.04 off its agent, silently)."""
     for idx, layer in enumerate(layers):
         if layer.cos.shape[-1] != layer.key.shape[-1]:
             raise ValueError(
                 f"layer {idx} rotates only {layer.cos.shape[-1]} of its {layer.key.shape[-1]} head dimensions "
                 "(partial rotary); a fitted K residual assumes full rotate-half RoPE")
+        half = layer.cos.shape[-1] // 2
+        if not all(torch.equal(t[..., :half], t[..., half:]) for t in (layer.cos, layer.sin)):
+            raise ValueError(
+                f"layer {idx}'s rotary tables are not rotate-half tables (their two halves differ: interleaved RoPE, "
+                "as Cohere's); a fitted K residual assumes rotate-half RoPE. Serve these agents with plain PEFT, or "
+                "with ForkKV's own residual where their LoRA is on v_proj only")
 
 
 @torch.no_grad()
