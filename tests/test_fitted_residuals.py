@@ -234,6 +234,26 @@ def test_bad_input_is_refused_with_what_to_do(agents):
         pm.eval()
 
 
+@parametrize("variant", ["dora", "kasa"])
+def test_lora_variants_are_refused_for_fits(variant):
+    """A KaSA agent's fit went stale silently when its ``lora_diag`` changed (the context's record holds A, B and
+    the scaling: 0.016 off its own run, served); DoRA failed inside PEFT's per-row forward. Both refused, named."""
+    from peft import LoraConfig, get_peft_model
+
+    kw = dict(use_dora=True) if variant == "dora" else {}
+    if variant == "kasa":
+        kasa = pytest.importorskip("peft.tuners.lora.config").__dict__.get("KasaConfig")
+        if kasa is None:
+            pytest.skip("this peft has no KaSA")
+        kw = dict(kasa_config=kasa())
+    pm = get_peft_model(tiny_llama(layers=2, seed=2), LoraConfig(r=4, target_modules=["q_proj", "o_proj"],
+                                                                 init_lora_weights=False, **kw), adapter_name="agent")
+    forkkv_hf.enable_forkkv(pm.eval())
+    shared = SharedContext.build(pm, _context(12), [], progress=False)
+    with pytest.raises(ValueError, match=f"'agent' on .*q_proj is a LoRA variant.*plain PEFT"):
+        shared.fit_residuals(pm, ["agent"], rank=WIDTH, progress=False)
+
+
 @pytest.mark.gpu
 @parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_full_width_fit_through_the_kernels(dtype):

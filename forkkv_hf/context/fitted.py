@@ -49,7 +49,27 @@ def check_fittable(model: nn.Module, names) -> list[str]:
         if getattr(cfg, "modules_to_save", None):
             raise ValueError(f"adapter {n!r} trains whole modules ({cfg.modules_to_save}); the context identity "
                              "cannot record them, so a fitted residual could go stale silently. Merge or drop them.")
+    _refuse_variants(model, names)
     return names
+
+
+def _refuse_variants(model: nn.Module, names) -> None:
+    """Refuse agents with a LoRA variant anywhere (DoRA, KaSA, aLoRA, ...): a variant's own tensors (KaSA's
+    ``lora_diag``, DoRA's magnitudes) are not in the context's record of a fitted agent, so a fit could go stale
+    silently after they change (KaSA: 0.016 off, unrefused), and PEFT's per-row forward refuses DoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    for where, module in transformers_model(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for n in names:
+            variant = module.lora_variant.get(n) if hasattr(module, "lora_variant") else None
+            if module.use_dora.get(n, False) or variant is not None:
+                kind = "DoRA" if module.use_dora.get(n, False) else type(variant).__name__
+                raise ValueError(
+                    f"adapter {n!r} on {where} is a LoRA variant ({kind}); fitted residuals serve plain LoRA agents "
+                    "(an Activated LoRA agent needs no fit: ForkKV's own residual is exact for it). Serve this agent "
+                    "with plain PEFT.")
 
 
 def _own_pass(model: nn.Module, ids: torch.Tensor, adapter: str, chunk_size, progress: bool):
