@@ -56,6 +56,12 @@ def test_from_tensors_refuses_a_layer_count_other_than_the_layout(agents):
     kv, residuals = _parts(built)
     with pytest.raises(ValueError, match=r"one \(key, value, cos, sin\) and one \(k_res, v_res\) per layer"):
         SharedContext.from_tensors(built.layout(), kv[:1], residuals[:1], built.token_ids, built.adapters, None)
+    # tensors over other lengths than token_ids: before, a bare size mismatch deep inside (or a mask-length error)
+    short_cos = [(k, v, c[:-1], s) for k, v, c, s in kv]
+    with pytest.raises(ValueError, match=r"layer 0: the tensors cover .*'cos': 9.* token_ids 10"):
+        SharedContext.from_tensors(built.layout(), short_cos, residuals, built.token_ids, built.adapters, None)
+    with pytest.raises(ValueError, match=r"token_ids 9; give every tensor over the same tokens"):
+        SharedContext.from_tensors(built.layout(), kv, residuals, built.token_ids[:-1], built.adapters, None)
 
 
 def test_fork_builds_the_registered_cache_class(agents):

@@ -168,6 +168,13 @@ class SharedContext:
         if not (len(kv) == len(residuals) == layout.num_layers):
             raise ValueError(f"give one (key, value, cos, sin) and one (k_res, v_res) per layer of the layout "
                              f"({layout.num_layers}), got {len(kv)} and {len(residuals)}")
+        T = token_ids.numel()
+        for idx, ((k, v, c, s), pair) in enumerate(zip(kv, residuals)):  # one length, or a bare error deep inside
+            lengths = {"key": k.shape[-2], "value": v.shape[-2], "cos": c.shape[0], "sin": s.shape[0],
+                       **{f"{kind}_res.u": res.u.shape[1] for kind, res in zip("kv", pair) if res is not None}}
+            if any(n != T for n in lengths.values()):
+                raise ValueError(f"layer {idx}: the tensors cover {lengths} tokens, token_ids {T}; give every "
+                                 "tensor over the same tokens")
         layers = [
             SharedLayer(k, v, c, s, k_res, v_res, source=source, sliding_window=window)
             for (k, v, c, s), (k_res, v_res), source, window
