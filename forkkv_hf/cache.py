@@ -284,6 +284,7 @@ class ForkKVCache(Cache):
     def reset(self):
         super().reset()
         self.private_ids = None
+        self.__dict__.pop("_rows_changed_by_failure", None)
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
@@ -310,24 +311,27 @@ class ForkKVCache(Cache):
     def check_whole(self) -> None:
         """Refuse a cache a failed call left half-written: some layers hold tokens others do not (an exception inside
         a forward after its first layers appended)."""
+        if self.__dict__.get("_rows_changed_by_failure"):
+            raise ValueError("a call that failed changed this ForkKVCache's rows after it held tokens (beam search "
+                             "reorders them); call cache.reset() to start its rows over, or fork a new cache")
         if getattr(self.layers[0], "capacity", None) is not None:
             return  # the static layout (compiled decode) counts on the device: not read here (a sync per layer)
         held = {layer.private_length() for layer in self.layers}  # (not the recorded ids: embeddings record none)
         if len(held) > 1:
-            raise ValueError(
-                f"this ForkKVCache was left half-written by a call that failed (its layers hold {sorted(held)} "
-                "private tokens); call cache.reset() to start its rows over, or fork a new cache"
-            )
+            raise ValueError(f"this ForkKVCache was left half-written by a call that failed (its layers hold "
+                             f"{sorted(held)} private tokens); call cache.reset() to start its rows over, or fork anew")
 
     def mark(self) -> tuple:
         """What :meth:`roll_back` returns to: the rows and the private length (a ``generate`` call's start)."""
         return tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
 
     def roll_back(self, mark: tuple) -> None:
-        """Undo what a failed call appended since :meth:`mark`, where its rows did not change (else
-        :meth:`check_whole` refuses the cache at its next use, where it can tell)."""
+        """Undo what a failed call appended since :meth:`mark`. Where it changed the rows, a cache that held no
+        private tokens goes back to its forked rows (generate's expansion for beams or ``num_return_sequences``);
+        one that held tokens is refused at its next use (:meth:`check_whole`)."""
         rows, P = mark
         if rows != tuple(l.rows for l in self.layers):
+            self.reset() if P == 0 else setattr(self, "_rows_changed_by_failure", True)
             return
         if getattr(self.layers[0], "capacity", None) is not None:  # static: the counters, on the device (no sync)
             for counter in [l.length for l in self.layers] + [self.__dict__.get("_ids_len")]:

@@ -78,6 +78,32 @@ def test_a_failed_call_leaves_the_cache_as_it_was():
     _assert_same(_gen(pm, inputs, NAMES, cache), _gen(pm, inputs, NAMES, shared.fork(NAMES)))
 
 
+def test_a_failed_call_that_expanded_the_rows_leaves_the_cache_as_forked():
+    """``num_return_sequences=2`` with the names in the wrong order (``names * 2``) is refused at a layer after
+    generate expanded the cache's rows; the roll back left the expanded rows and the earlier layers' K/V of the wrong
+    agents (rows 1 and 2 swapped), and a next call with the right names extended them (scores 0.7 off, silently).
+    Now the cache goes back to its forked rows. A failed call that reorders rows holding tokens is refused next."""
+    pm = _agents()
+    ctx = _context(10)
+    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
+    inputs = batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0)
+    cache = shared.fork(NAMES)
+    with pytest.raises(ValueError, match="rows were forked for"):
+        _gen(pm, inputs, NAMES * 2, cache, do_sample=True, num_return_sequences=2)
+    assert cache.adapter_names == NAMES and all(layer.private_length() == 0 for layer in cache.layers)
+    right = [n for n in NAMES for _ in range(2)]
+    torch.manual_seed(0)
+    got = _gen(pm, inputs, right, cache, do_sample=True, num_return_sequences=2)
+    torch.manual_seed(0)
+    _assert_same(got, _gen(pm, inputs, right, shared.fork(NAMES), do_sample=True, num_return_sequences=2))
+    cache.layers[0].rows = cache.layers[0].rows[::-1]  # as a failed beam step's reorder would leave them
+    cache.roll_back(((tuple(right),) * len(cache.layers), 3))
+    with pytest.raises(ValueError, match="changed this ForkKVCache's rows"):
+        cache.check_whole()
+    cache.reset()
+    cache.check_whole()
+
+
 def test_a_copied_used_cache_is_checked_against_the_model_it_meets():
     """A cache that holds private tokens, copied or pickled, is bound to a model by its first forward's weight check
     (before: a direct forward of another model with the same shapes ran on it, silently)."""
