@@ -178,6 +178,20 @@ def test_sliding_window_within_window_is_exact_and_beyond_is_refused():
 
 
 @pytest.mark.version_independent
+@parametrize("prefix", ["Gemma", "Gemma2", "Gemma3Text"])
+def test_bidirectional_attention_is_refused(prefix):
+    """``use_bidirectional_attention=True`` (Gemma's embedding variants): a context token's K/V depend on the prompt
+    after it, so no shared pass can stand for a row's own; before, served silently (scores 0.1-0.5 off the plain run,
+    a ``__base__`` row's too), and an eager model's plain generate changed once ForkKV was enabled."""
+    kw = dict(head_dim=16) if prefix == "Gemma" else dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    model = _tiny(prefix, attn_implementation="eager", use_bidirectional_attention=True, **kw)
+    pm = with_adapters(model, {"planner": dict(r=4, target_modules=["v_proj"])})
+    with pytest.raises(ValueError, match="attends bidirectionally.*ForkKV needs causal attention"):
+        forkkv_hf.enable_forkkv(pm)
+    with pytest.raises(ValueError, match="attends bidirectionally"):
+        SharedContext.build(pm, CTX, ["planner"], progress=False)
+
+
 def test_gemma2_softcap_goes_through_the_torch_path():
     from forkkv_hf import reference_attention, residual_attention
     from views import random_view

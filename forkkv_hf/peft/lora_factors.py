@@ -139,6 +139,12 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
         return (f"{name} has {some} decoder layers without a self-attention ForkKV can split{what}: what they keep "
                 f"of the context (a recurrent state, another cache) is not the K/V ForkKV shares and forks; ForkKV "
                 f"supports {SUPPORTED_MODELS}")
+    two_way = sorted({type(m).__name__ for m in found.values() if getattr(m, "is_causal", True) is False})
+    if two_way or getattr(text, "use_bidirectional_attention", False):
+        return (f"{name} attends bidirectionally ({', '.join(two_way) or 'use_bidirectional_attention'}): a context "
+                f"token's K/V then depend on the tokens after it, so one shared pass over the context cannot stand "
+                f"for each row's; ForkKV needs causal attention (set use_bidirectional_attention=False, or serve "
+                f"this model with plain PEFT)")
     sinks = sorted({type(m).__name__ for m in found.values() if getattr(m, "sinks", None) is not None})
     if sinks:
         return (f"{name}'s attention ({', '.join(sinks)}) adds learned attention sinks to its softmax (GPT-OSS's "
