@@ -143,6 +143,7 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
         )
     _check_rows_continue(cache, input_ids)
+    _check_context_positions(kwargs.get("position_ids"), T)
     _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
     if generation_setting(model, kwargs, "output_attentions", False):
         raise ValueError(_NO_WEIGHTS)
@@ -300,6 +301,14 @@ def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) 
     return torch.equal(ids[:, :S], held.expand(ids.shape[0], S))
 
 
+def _check_context_positions(pos, T: int) -> None:
+    """Whole rows' ``position_ids`` (where given) must number the shared context 0..T-1, as its one pass did."""
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.shape[-1] < T or not torch.equal(
+            pos[..., :T], torch.arange(T, device=pos.device).expand_as(pos[..., :T]))):
+        raise ValueError(f"position_ids of the shared context must be 0..{T - 1} in every row (its K/V were computed "
+                         "there); give position_ids of the whole rows that start so, or none")
+
+
 def _cut_whole_rows(cache, ids, pos, kwargs: dict):
     """Whole rows -> the new tokens (and their positions), if the caller keeps only logits of new tokens."""
     T = cache.num_shared_tokens
@@ -308,8 +317,7 @@ def _cut_whole_rows(cache, ids, pos, kwargs: dict):
     if L <= S:
         raise ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
     _check_rows_continue(cache, ids)
-    if pos is not None and not torch.equal(pos[..., :T], torch.arange(T, device=pos.device).expand_as(pos[..., :T])):
-        raise ValueError(f"position_ids of the shared context must be 0..{T - 1} in every row")
+    _check_context_positions(pos, T)
     keep = kwargs.get("logits_to_keep", 0)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= L - S:
         raise ValueError(

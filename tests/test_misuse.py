@@ -191,6 +191,22 @@ def test_direct_forward_of_whole_rows(exact_agents):
                **cache_kwargs(_fork(pm, ctx, names)))
 
 
+def test_generate_position_ids_must_number_the_context_from_zero(exact_agents):
+    """generate's ``position_ids`` of whole rows: the usual cumsum ones equal plain PEFT; ones that shift or restart
+    inside the context were served with the context at 0..T-1 and the prompt moved (0.06-0.12 off, silently)."""
+    pm = exact_agents
+    ctx = _ctx(12, seed=4)
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8, 9])], pad_token_id=0)
+    pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    got = _gen(pm, inputs, names, _fork(pm, ctx, names), position_ids=pos)
+    assert torch.equal(got, plain_peft(pm, lambda: _gen(pm, inputs, names, position_ids=pos)))
+    restart = torch.cat([pos[:, :6], pos[:, 6:12] - 6, pos[:, 12:]], 1)
+    for bad in (pos + 3, restart, pos[:, :5]):
+        with pytest.raises(ValueError, match="position_ids of the shared context must be 0..11 in every row"):
+            _gen(pm, inputs, names, _fork(pm, ctx, names), position_ids=bad)
+
+
 def test_forward_shapes_are_checked(agents):
     ctx = _ctx()
     inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
