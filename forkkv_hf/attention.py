@@ -52,11 +52,12 @@ def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
     s = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
     s = torch.tanh(s / softcap) * softcap
     S = k.shape[-2]
-    if attention_mask is None:
+    low = torch.finfo(s.dtype).min  # as the eager attention masks: a pad row that sees no key stays finite (with -inf
+    if attention_mask is None:      # it was NaN, carried into the row's later tokens through the next layers' K/V)
         allowed = torch.arange(S, device=s.device)[None, :] <= (S - Q + torch.arange(Q, device=s.device))[:, None]
-        s = s.masked_fill(~allowed, float("-inf"))
+        s = s.masked_fill(~allowed, low)
     elif attention_mask.dtype == torch.bool:
-        s = s.masked_fill(~attention_mask[..., :S], float("-inf"))
+        s = s.masked_fill(~attention_mask[..., :S], low)
     else:
         s = s + attention_mask[..., :S]
     p = torch.softmax(s.float(), dim=-1).to(v.dtype)

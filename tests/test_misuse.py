@@ -191,6 +191,35 @@ def test_direct_forward_of_whole_rows(exact_agents):
                **cache_kwargs(_fork(pm, ctx, names)))
 
 
+def test_a_4d_mask_whose_pad_rows_see_nothing_equals_plain_peft(exact_agents):
+    """A direct forward with the caller's 4-D mask over padding on both axes (causal & key pad & query pad): the pad
+    rows see no key. The PyTorch path divided 0 by 0 there and the NaN reached the row's real tokens through the next
+    layers' K/V; SDPA (plain PEFT) and the kernels give such rows 0."""
+    from transformers import DynamicCache
+
+    pm, T = exact_agents, 14
+    ctx = _ctx(T, seed=3)
+    names = ["planner", "__base__"]
+    inp = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10, 11, 12])], pad_token_id=0)
+    ids, mask = inp["input_ids"], inp["attention_mask"].bool()
+    S = ids.shape[1]
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    m4 = torch.tril(torch.ones(S, S, dtype=torch.bool))[None, None] & mask[:, None, None, :] & mask[:, None, :, None]
+    kw = dict(input_ids=ids[:, T:], attention_mask=m4[:, :, T:], position_ids=pos[:, T:], adapter_names=names)
+
+    def plain():
+        dc = DynamicCache()
+        pm(input_ids=ids[:, :T], adapter_names=names, **cache_kwargs(dc))
+        return pm(**kw, **cache_kwargs(dc)).logits
+
+    with torch.no_grad():
+        got = pm(**kw, **cache_kwargs(_fork(pm, ctx, names))).logits
+        want = plain_peft(pm, plain)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got[0, 2:], want[0, 2:], rtol=1e-4, atol=1e-4)  # row 0's real tokens
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
 def test_generate_position_ids_must_number_the_context_from_zero(exact_agents):
     """generate's ``position_ids`` of whole rows: the usual cumsum ones equal plain PEFT; ones that shift or restart
     inside the context were served with the context at 0..T-1 and the prompt moved (0.06-0.12 off, silently)."""

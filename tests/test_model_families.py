@@ -192,6 +192,24 @@ def test_bidirectional_attention_is_refused(prefix):
         SharedContext.build(pm, CTX, ["planner"], progress=False)
 
 
+def test_gemma2_plain_padded_batch_with_forkkv_enabled_equals_eager():
+    """With ForkKV enabled, a plain left-padded batch (no ForkKV cache) on a soft-capping model runs the "forkkv"
+    attention's soft-capped fallback: its -inf fill made the fully masked pad rows NaN, which reached the row's real
+    tokens (other tokens than the eager model's, silently). Masked with the dtype's minimum now, as eager does."""
+    prefix, kw, _, _, attn = FAMILIES["gemma2-softcap"]
+    pm = with_adapters(_tiny(prefix, attn_implementation=attn, **kw),
+                       {"planner": dict(r=4, target_modules=["k_proj", "v_proj"], layers_to_transform=[2])}, seed=3)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long())
+    want = _gen(pm, inputs, ["planner", "__base__"])
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        got = _gen(pm, inputs, ["planner", "__base__"])
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+    _same(got, want)
+
+
 def test_gemma2_softcap_goes_through_the_torch_path():
     from forkkv_hf import reference_attention, residual_attention
     from views import random_view

@@ -173,7 +173,8 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
             acc_uv = acc_uv * alpha[..., None]
 
     l = state[1][..., None]
-    out = acc / l
+    l = torch.where(l > 0, l, 1.0)  # a query that sees no key (a caller's mask over a pad row): 0, as SDPA and the
+    out = acc / l                   # kernels give (before: 0/0, NaN carried into the next layers' K/V)
     if v_res is not None:
         Bv = v_res.B[v_slot].float().view(B, Hkv, D, v_res.rank)
         out = out + torch.einsum("bhgqr,bhdr->bhgqd", acc_uv / l, Bv)

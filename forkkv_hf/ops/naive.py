@@ -65,6 +65,6 @@ def reference_attention(query: torch.Tensor, view, attention_mask, scaling: floa
         s = s + mask[:, None].float()
     else:
         s = s.masked_fill(~mask[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a query that sees no key: 0, as SDPA gives
     out = torch.einsum("bhqk,bhkd->bhqd", p, V)
     return out.transpose(1, 2)
