@@ -211,3 +211,83 @@ def test_a_refused_forward_leaves_no_adapter_to_the_training_steps():
         pm(input_ids=batch["input_ids"], attention_mask=full, adapter_names=["other"] * 2,
            **cache_kwargs(shared.fork(["other"] * 2)))
     assert forkkv_loss(pm, ctx, batch, "agent").item() == pytest.approx(want, abs=1e-6)
+
+
+def test_left_padded_rows_do_not_learn_a_label_from_padding(caplog):
+    """A left-padded row's first real token was learned from the pad position before it (which sees only the
+    context): the loss counted one label more than the unpadded rows give. Dropped and said now, as for the first
+    token after the context."""
+    from forkkv_hf.log import warn_once
+
+    warn_once.cache_clear()
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=ALL)})
+    tc = TrainingContext(pm, _context())
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100
+    with caplog.at_level(logging.WARNING, logger="forkkv_hf"):
+        padded = forkkv_loss(pm, tc, {"input_ids": ids, "attention_mask": mask, "labels": labels}, "agent", "kv")
+    assert "labels right after padding are not learned" in caplog.text
+    # the same labels without the padding: row 1 keeps only its label on 10 (9 follows the context)
+    rows = [{"input_ids": ids[:1], "labels": labels[:1]}, {"input_ids": ids[1:, 2:], "labels": labels[1:, 2:]}]
+    sums = [forkkv_loss(pm, tc, r, "agent", "kv") * (r["labels"][:, 1:] != -100).sum() for r in rows]
+    torch.testing.assert_close(padded, sum(sums) / 4)
+
+
+def test_exact_training_refuses_padding_inside_rows_on_sliding_window_models():
+    """residual="exact" ran rows with padding inside (a shorter context among several, left pads) on a sliding-window
+    model: transformers placed the window by column, so those rows lost tokens of their window (0.8 off alone)."""
+    pm = with_adapters(_tiny("Mistral", sliding_window=8), {"agent": dict(target_modules=ALL)})
+    two = TrainingContext(pm, [_context(), _context(seed=3)[:5]])
+    batch = {**_batch(pad_last=0), "context_index": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match="hold padding before real tokens"):
+        forkkv_loss(pm, two, batch, "agent", "exact")
+    left = _batch(pad_last=0)
+    left["attention_mask"][1, :1] = 0
+    with pytest.raises(ValueError, match="hold padding before real tokens"):
+        forkkv_loss(pm, TrainingContext(pm, _context()), left, "agent", "exact")
+
+
+def test_the_trainer_resumes_training_the_named_adapter(tmp_path):
+    """Resuming from a checkpoint reloaded the adapters trainable only if active and the optimizer took the active
+    one's weights: a student distilled from the active teacher (the README's workflow) trained nothing, silently."""
+    from forkkv_hf.training import copy_adapter
+
+    def make():
+        pm = with_adapters(tiny_llama(layers=2), {"teacher": dict(target_modules=ALL)})
+        copy_adapter(pm, "teacher", "student")
+        return pm
+
+    args = dict(max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    _trainer(tmp_path, make(), _rows(), adapter_name="student", teacher_adapter="teacher", args=args).train()
+    pm = make()
+    before = _lora_state(pm)
+    trainer = _trainer(tmp_path, pm, _rows(), adapter_name="student", teacher_adapter="teacher",
+                       args={**args, "max_steps": 3})
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    moved = {n.split(".")[-2] for n, p in _lora_state(pm).items() if not torch.equal(p, before[n])}
+    assert moved == {"student"}
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(".student." in n for n, p in pm.named_parameters() if id(p) in held)
+
+
+def test_the_trainer_autocasts_under_bf16_and_refuses_what_it_cannot_train(tmp_path):
+    """bf16=True: accelerate autocasts the wrapped model's forward, which the loss does not call, so the trainer ran
+    in fp32 (same loss as without); now under the accelerator's autocast. A single context given as contexts=ids and
+    a misspelt adapter_name failed only at the first step, with misleading errors."""
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=ALL)})
+    seen = []
+    hook = pm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    try:
+        trainer = _trainer(tmp_path, pm, _rows(), args=dict(bf16=True))
+        trainer.evaluate(_Rows(_rows()))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen
+    with pytest.raises(TypeError, match=r"one context's token ids: pass \[context_ids\]"):
+        ForkKVTrainer(model=pm, args=trainer.args, train_dataset=_Rows(_rows()), contexts=_context(),
+                      data_collator=ForkKVCollator(0))
+    with pytest.raises(ValueError, match="agnet"):
+        _trainer(tmp_path, pm, _rows(), adapter_name="agnet")

@@ -53,6 +53,19 @@ def test_copy_adapter_makes_identical_logits(tmp_path):
     assert all(torch.equal(p, teacher[n]) for n, p in _weights(pm, "teacher").items())
 
 
+def test_a_copy_keeps_its_sources_dropout_mode():
+    """add_adapter makes new dropout modules in training mode: the copy of an eval-mode model's adapter dropped out
+    at inference (its greedy rows 0.9 off its source's, and off its own from one call to the next)."""
+    pm = _teacher_and_student(layers=2, target_modules=ALL, lora_dropout=0.5)
+    pm.eval()
+    copy_adapter(pm, "teacher", "copy")
+    drops = [m.lora_dropout for m in pm.modules() if hasattr(m, "lora_dropout") and "copy" in m.lora_dropout]
+    assert drops and not any(d["copy"].training for d in drops)
+    ctx, batch = TrainingContext(pm, _context()), _batch()
+    with torch.no_grad():
+        assert torch.equal(forkkv_logits(pm, ctx, batch, "copy", "kv"), forkkv_logits(pm, ctx, batch, "teacher", "kv"))
+
+
 def test_student_equal_to_its_teacher_has_nothing_to_learn():
     """Student = copy of the teacher and both under exact inference: the KL is 0 and so are its gradients (which
     still reach every student weight). The teacher has LoRA dropout, the student none, the model is in training

@@ -137,3 +137,7 @@ def copy_adapter(model: nn.Module, source: str, target: str) -> None:
         raise RuntimeError(f"copying adapter {source!r} into {target!r} left weights unplaced "
                            f"({loaded.unexpected_keys[:4] if weights else 'no weights found'}); the adapter type is "
                            "not supported by copy_adapter")
+    for module in model.modules():  # add_adapter makes the new dropout modules in training mode whatever the model's
+        drop = getattr(module, "lora_dropout", None)  # (an eval-mode model's copy dropped out at inference)
+        if isinstance(drop, nn.ModuleDict) and target in drop and source in drop:
+            drop[target].train(drop[source].training)

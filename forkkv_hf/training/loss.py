@@ -210,7 +210,7 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     _activate(model, adapter_name)
     base = transformers_model(model)
     ids, _, full_mask, positions, rows = _suffix_tensors(batch, context, context.layers[0].key.device)
-    _check_runnable(model, full_mask.shape[1], residual, context)
+    _check_runnable(model, full_mask, residual, context)
     B = ids.shape[0]
     cache = DynamicCache()
     picked = None if rows is None else rows.to(ids.device)
@@ -226,14 +226,17 @@ def _hidden(model, context: TrainingContext, batch: dict, adapter_name: str, res
     return out.last_hidden_state
 
 
-def _check_runnable(model, length: int, residual, context: TrainingContext) -> None:
+def _check_runnable(model, full_mask: torch.Tensor, residual, context: TrainingContext) -> None:
     """Refuse what the training forward cannot run as inference would: transformers' gradient checkpointing (its
     decoder layers drop the cache in training mode, and the cache is how the context's K/V reach them: the context
     was silently left out), adapters merged since the context's base pass, rows of
     ``length`` (context + suffix) past a length-dependent RoPE's limit (the context was rotated for its own length:
     neither ForkKV nor ``"exact"`` is then the model's own pass), and rows beyond a sliding window, which ForkKV
-    inference refuses (ordinary fine-tuning, ``"exact"``, runs them)."""
+    inference refuses (ordinary fine-tuning, ``"exact"``, runs them unless padding sits inside them: transformers
+    places the window by column, not position, so a row of a shorter context or a left-padded one lost tokens of
+    its window, silently)."""
     base = transformers_model(model)
+    length = full_mask.shape[1]
     refuse_merged(model, "the TrainingContext's pass over the context")
     check_rope_tables(base.config, context.layers[0].cos, context.layers[0].sin, model, length,
                       what="a pass over context + suffix of these training rows")
@@ -244,11 +247,17 @@ def _check_runnable(model, length: int, residual, context: TrainingContext) -> N
             "cache through which ForkKV-aware training passes the context's K/V, so the context would be left out. "
             "Turn it off (model.gradient_checkpointing_disable(), gradient_checkpointing=False)"
         )
-    if residual == "exact":
-        return
+    m = full_mask.bool()
+    holes = bool((~m[:, :-1] & m[:, 1:]).any())  # padding before a real token (contexts of unequal lengths, left pads)
     for idx, attn in find_attention_modules(model).items():
         w = sliding_window(attn, base.config)
-        if w is not None and length > w:
+        if w is not None and length > w and residual == "exact" and holes:
+            raise ValueError(
+                f"layer {idx} uses sliding-window attention (window {w}) and these rows ({length} tokens with the "
+                "context) hold padding before real tokens (contexts of unequal lengths in one TrainingContext, or "
+                "left-padded rows): transformers would place the window by column, not position. Use one "
+                "TrainingContext per context and pad the rows on the right")
+        if w is not None and length > w and residual != "exact":
             raise ValueError(
                 f"layer {idx} uses sliding-window attention (window {w}) and context + suffix rows reach {length} "
                 "tokens: ForkKV inference refuses such rows (it computes full attention), so an agent cannot be "
@@ -319,6 +328,13 @@ def labelled_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                            "prompt, or put the first answer token after at least one prompt token")
     target = labels[:, 1:]
     keep = target != -100
+    mask = batch.get("attention_mask")
+    if mask is not None:  # a label whose predicting position is padding (a left-padded row's first token) is not
+        real = torch.as_tensor(mask)[:, :-1].to(keep.device) != 0  # learned: that position sees only the context
+        if bool((keep & ~real).any()):
+            warn_once(_logger, "labels right after padding are not learned: the padding position before them sees "
+                               "only the context (at inference it predicts nothing); pad the rows on the right")
+        keep = keep & real
     if not bool(keep.any()):
         raise ValueError("no labelled token after the first position of any row (labels are all -100, or only the "
                          "first token, which follows the context, is labelled: see the warning); nothing to learn")

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 from transformers import Trainer
 
+from ..peft.lora_factors import check_adapter_names
 from .context import TrainingContext
 from .distill import check_distill_args, forkkv_distill_loss
 from .loss import check_residual, forkkv_loss
@@ -67,7 +68,7 @@ class ForkKVTrainer(Trainer):
     with a pad token) and save with ``model.save_pretrained`` as usual::
 
         trainer = ForkKVTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=ds,
-                                contexts=context_ids, data_collator=ForkKVCollator(tok.pad_token_id))
+                                contexts=[context_ids], data_collator=ForkKVCollator(tok.pad_token_id))
         trainer.train()
     """
 
@@ -96,10 +97,14 @@ class ForkKVTrainer(Trainer):
         # micro-batch was normalised by its own tokens, and the steps averaged: batch 1 x accumulation 2 gave an
         # update 16% off batch 2's)
         self.model_accepts_loss_kwargs = True
+        if isinstance(contexts, torch.Tensor) and contexts.dim() == 1 or (
+                isinstance(contexts, (list, tuple)) and contexts and isinstance(contexts[0], int)):
+            raise TypeError("contexts is a list of contexts, and this is one context's token ids: pass [context_ids]")
         self.contexts = list(contexts)
         if not self.contexts:
             raise ValueError("contexts is empty; give the token ids of every shared context the examples refer to")
         self.adapter_name = adapter_name or self._active_adapter()
+        check_adapter_names(self.model, [self.adapter_name])
         self.residual = residual
         self.max_cached_contexts = max_cached_contexts
         self.teacher_adapter, self.teacher_residual = teacher_adapter, teacher_residual
@@ -107,11 +112,20 @@ class ForkKVTrainer(Trainer):
         if teacher_adapter is not None:
             check_distill_args(self.model, self.adapter_name, teacher_adapter, teacher_residual, temperature,
                                ce_weight)
+        self._train_only_the_adapter()
+        self._base_passes: OrderedDict[int, TrainingContext] = OrderedDict()
+
+    def _train_only_the_adapter(self) -> None:
         # the optimizer takes the weights that require grad when training starts: this adapter's only (before, those
         # of the active adapter: another adapter_name trained nothing, and weight decay moved the active one)
         for name in self.model.peft_config:
             self.model.set_requires_grad(name, name == self.adapter_name)
-        self._base_passes: OrderedDict[int, TrainingContext] = OrderedDict()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Trainer reloads every adapter of a checkpoint trainable only if active, then the optimizer is built: a
+        # resumed student (not the active adapter) trained nothing, silently
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._train_only_the_adapter()
 
     def _active_adapter(self) -> str:
         active = list(getattr(self.model, "active_adapters", []))
@@ -137,7 +151,11 @@ class ForkKVTrainer(Trainer):
         return ctx
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model = self.accelerator.unwrap_model(model)
+        # bf16=/fp16= of the arguments: accelerate autocasts the wrapped model's forward, which the loss does not call
+        with self.accelerator.autocast():
+            return self._compute_loss(self.accelerator.unwrap_model(model), inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         if "context_index" not in inputs:
             raise KeyError("the batch has no 'context_index'; use ForkKVCollator and keep that column")
         index = inputs["context_index"]
