@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import TRANSFORMERS_VERSION, crop_takes_length
+from .cache_failures import FailedCalls
 from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs, embedded_ids
 from .memory_report import MemoryReport
@@ -209,7 +210,7 @@ class ForkKVLayer(CacheLayerMixin):
             super().offload()
 
 
-class ForkKVCache(Cache):
+class ForkKVCache(FailedCalls, Cache):
     """A cache for a batch of agents over one shared context. Row ``i`` is agent ``adapter_names[i]``.
 
     Build with :meth:`from_context` (one base pass, then fork) or ``SharedContext.build(...).fork(names)`` (to fork
@@ -308,47 +309,12 @@ class ForkKVCache(Cache):
         if self.private_ids is not None:
             self.private_ids = self.private_ids[:, : self.layers[0].private_length()]
 
-    def check_whole(self) -> None:
-        """Refuse a cache a failed call left half-written: some layers hold tokens others do not (an exception inside
-        a forward after its first layers appended)."""
-        if self.__dict__.get("_rows_changed_by_failure"):
-            raise ValueError("a call that failed changed this ForkKVCache's rows after it held tokens (beam search "
-                             "reorders them); call cache.reset() to start its rows over, or fork a new cache")
-        if getattr(self.layers[0], "capacity", None) is not None:
-            return  # the static layout (compiled decode) counts on the device: not read here (a sync per layer)
-        held = {layer.private_length() for layer in self.layers}  # (not the recorded ids: embeddings record none)
-        if len(held) > 1:
-            raise ValueError(f"this ForkKVCache was left half-written by a call that failed (its layers hold "
-                             f"{sorted(held)} private tokens); call cache.reset() to start its rows over, or fork anew")
-
-    def mark(self) -> tuple:
-        """What :meth:`roll_back` returns to: the rows and the private length (a ``generate`` call's start)."""
-        return tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
-
-    def roll_back(self, mark: tuple) -> None:
-        """Undo what a failed call appended since :meth:`mark`. Where it changed the rows, a cache that held no
-        private tokens goes back to its forked rows (generate's expansion for beams or ``num_return_sequences``);
-        one that held tokens is refused at its next use (:meth:`check_whole`)."""
-        rows, P = mark
-        if rows != tuple(l.rows for l in self.layers):
-            self.reset() if P == 0 else setattr(self, "_rows_changed_by_failure", True)
-            return
-        if getattr(self.layers[0], "capacity", None) is not None:  # static: the counters, on the device (no sync)
-            for counter in [l.length for l in self.layers] + [self.__dict__.get("_ids_len")]:
-                if counter is not None:
-                    counter.clamp_(max=P)
-            return
-        for layer in self.layers:
-            if layer.is_initialized and layer.private_length() > P:
-                layer.keys, layer.values = layer.keys[..., :P, :], layer.values[..., :P, :]
-        if self.private_ids is not None and self.private_ids.shape[1] > P:
-            self.private_ids = self.private_ids[:, :P]
-
     def check_generate_inputs(self, model, input_ids, kwargs) -> None:
         """Refuse, before ``generate`` runs, every input this cache would silently serve wrong
         (:func:`forkkv_hf.guards.check_generate_inputs`: rows, masks, token ids, ``use_cache``, static caches,
         Activated LoRA) and a cache that does not fit the model: another instance, another dtype, adapters
         changed since their residuals were computed."""
+        self.undo_failed_forward()
         self.check_whole()
         check_generate_inputs(self, model, input_ids, kwargs)
         from .peft.lora_factors import find_attention_modules, transformers_model
@@ -384,6 +350,8 @@ class ForkKVCache(Cache):
         n = self.__dict__.get("_generate_forwards")  # set by the generate wrapper: after its first, decode steps
         if n is not None:
             self._generate_forwards = n + 1
+        else:  # a direct forward: what an earlier one that raised appended is undone (generate's wrapper does so)
+            self.undo_failed_forward()
         if not n:
             self.check_whole()
         changed = check_forward_inputs(self, module, args, kwargs, decode_step=bool(n))
@@ -392,6 +360,8 @@ class ForkKVCache(Cache):
             # a direct forward on a fresh fork, or on a loaded / copied one its first model has not yet bound: its
             # context must match the weights, as generate checks each call
             self.shared.check_weights(module, list(dict.fromkeys(self.adapter_names)))
+        if n is None:  # taken back by the model's forward hook when it returns (forkkv_hf.peft.wrappers)
+            self._direct_mark = self.mark()
         run_args, run_kwargs = changed or (args, kwargs)
         ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)
         ids = embedded_ids(self, run_kwargs.get("inputs_embeds"), n) if ids is None else ids

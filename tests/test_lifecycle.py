@@ -53,8 +53,9 @@ def test_a_copied_or_pickled_model_runs_itself():
 def test_a_failed_call_leaves_the_cache_as_it_was():
     """A generate refused inside its first forward (rows swapped against the fork, found at layer 0's attention after
     that layer appended) leaves the cache as before the call, so the next call is served right (before: layer 0 kept
-    the wrong agents' K/V and the next call extended them, silently); a direct forward that fails the same way
-    leaves a half-written cache, which its next use refuses."""
+    the wrong agents' K/V and the next call extended them, silently); a direct forward that fails the same way is
+    undone at the cache's next use (it was refused as half-written, and where the refusing layer was the last one,
+    with every layer holding the refused tokens, served 0.4 off, silently)."""
     pm = _agents()
     ctx = _context(10)
     shared = SharedContext.build(pm, ctx, NAMES, progress=False)
@@ -70,12 +71,39 @@ def test_a_failed_call_leaves_the_cache_as_it_was():
     with pytest.raises(ValueError, match="rows were forked for"), torch.no_grad():
         pm(input_ids=new, adapter_names=NAMES[::-1], **cache_kwargs(cache))
     assert [layer.private_length() for layer in cache.layers] == [3, 0]
+    _assert_same(_gen(pm, inputs, NAMES, cache), _gen(pm, inputs, NAMES, shared.fork(NAMES)))
+    cache = shared.fork(NAMES)
+    with pytest.raises(ValueError, match="rows were forked for"), torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES[::-1], **cache_kwargs(cache))
+    with torch.no_grad():
+        got = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache)).logits
+        want = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(shared.fork(NAMES))).logits
+    torch.testing.assert_close(got, want)
+    assert [layer.private_length() for layer in cache.layers] == [3, 3]
+    cache.layers[1].keys = cache.layers[1].keys[..., :2, :]  # a half-written cache no mark explains is refused
     with pytest.raises(ValueError, match="half-written"):
         _gen(pm, inputs, NAMES, cache)
-    with pytest.raises(ValueError, match="half-written"), torch.no_grad():
-        pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache))
-    cache.reset()
-    _assert_same(_gen(pm, inputs, NAMES, cache), _gen(pm, inputs, NAMES, shared.fork(NAMES)))
+
+
+def test_a_direct_forward_refused_at_the_last_layer_is_undone():
+    """K/V LoRA on the last layer only (ForkKV exact): a direct forward with the rows' adapters swapped is refused at
+    that layer after every layer appended, so no half-written check could see it, and the retry was served over
+    the refused tokens (0.4 off)."""
+    kv_last = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[1])
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=4), {"planner": dict(r=4, **kv_last),
+                                                                            "coder": dict(r=2, **kv_last)}, seed=4))
+    ctx = _context(10)
+    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
+    new = batch_inputs(ctx, _prompts([3, 3]), pad_token_id=0)["input_ids"][:, ctx.numel():]
+    cache = shared.fork(NAMES)
+    with pytest.raises(ValueError, match="rows were forked for"), torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES[::-1], **cache_kwargs(cache))
+    assert [layer.private_length() for layer in cache.layers] == [3, 3]
+    with torch.no_grad():
+        got = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache)).logits
+        want = pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(shared.fork(NAMES))).logits
+    torch.testing.assert_close(got, want)
+    assert cache.get_seq_length() == ctx.numel() + 3
 
 
 def test_a_failed_call_that_expanded_the_rows_leaves_the_cache_as_forked():

@@ -236,6 +236,23 @@ def test_generate_position_ids_must_number_the_context_from_zero(exact_agents):
             _gen(pm, inputs, names, _fork(pm, ctx, names), position_ids=bad)
 
 
+def test_a_cache_passed_positionally_is_checked_as_by_keyword():
+    """``model(ids, mask, positions, cache)`` (the cache 4th): the forward hooks looked in the keywords only, so whole
+    rows were appended after the shared context a second time (0.05 off, silently)."""
+    m = forkkv_hf.enable_forkkv(tiny_llama(layers=2, seed=3))
+    ctx = _ctx(12, seed=5)
+    shared = SharedContext.build(m, ctx, [], progress=False)
+    whole = torch.cat([ctx[None], torch.tensor([[40, 41, 42]])], 1)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input_ids hold whole rows \(15 tokens\)"):
+        m(whole, None, None, shared.fork(["__base__"]))
+    with torch.no_grad():
+        cache = shared.fork(["__base__"])
+        got = m(whole[:, 12:], None, torch.arange(12, 15)[None], cache).logits
+        want = m(input_ids=whole).logits[:, 12:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert cache.private_ids.shape[1] == 3  # the tokens were recorded
+
+
 def test_forward_shapes_are_checked(agents):
     ctx = _ctx()
     inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)

@@ -21,6 +21,9 @@ transformers model records the tokens each forward appends to a ``ForkKVCache``.
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 from torch import nn
 
 from ..guards import generate_cache
@@ -135,22 +138,51 @@ def _generate(target: nn.Module, model: nn.Module, inner, args: tuple, kwargs: d
             cache.__dict__.pop("_generate_ids", None)
 
 
-def _record_tokens_hook(module, args, kwargs):
+def _forkkv_cache(module, args: tuple, kwargs: dict):
+    """``(cache, args, kwargs)``: the ForkKVCache a forward of ``module`` appends to (or ``None``), with the arguments
+    bound by name where it came positionally (``model(ids, mask, pos, cache)``: before, every check was skipped)."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is not None and hasattr(cache, "prepare_forward"):  # checks the inputs, records the tokens
-        return cache.prepare_forward(module, args, kwargs)
+    if cache is not None or not any(hasattr(a, "prepare_forward") for a in args):
+        return (cache if hasattr(cache, "prepare_forward") else None), args, kwargs
+    sig = inspect.signature(module.forward)
+    named = {}
+    for name, value in sig.bind_partial(*args, **kwargs).arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"pass the ForkKVCache to {type(module).__name__} by keyword (past_key_values=)")
+        named.update(value) if kind is inspect.Parameter.VAR_KEYWORD else named.__setitem__(name, value)
+    cache = named.get("past_key_values", named.get("cache"))
+    return (cache if hasattr(cache, "prepare_forward") else None), (), named
+
+
+def _record_tokens_hook(module, args, kwargs):
+    cache, run_args, run_kwargs = _forkkv_cache(module, args, kwargs)
+    if cache is not None:  # checks the inputs, records the tokens
+        changed = cache.prepare_forward(module, run_args, run_kwargs)
+        return changed or (None if run_args is args else (run_args, run_kwargs))
+
+
+def _forward_done_hook(module, args, kwargs, output):
+    if torch.compiler.is_compiling():
+        return
+    cache = _forkkv_cache(module, args, kwargs)[0]
+    if cache is not None:  # returned: nothing to undo at the next use
+        cache.__dict__.pop("_direct_mark", None)
 
 
 def install_token_recorder(base: nn.Module) -> None:
-    """On the transformers model: record the tokens each forward appends to a ForkKVCache (idempotent)."""
+    """On the transformers model: record the tokens each forward appends to a ForkKVCache, and mark the forwards
+    that returned (a direct forward that raised is undone at the cache's next use) (idempotent)."""
     if getattr(base, "_forkkv_recorder", None) is None:
-        base._forkkv_recorder = base.register_forward_pre_hook(_record_tokens_hook, with_kwargs=True)
+        base._forkkv_recorder = (base.register_forward_pre_hook(_record_tokens_hook, with_kwargs=True),
+                                 base.register_forward_hook(_forward_done_hook, with_kwargs=True))
 
 
 def uninstall_token_recorder(base: nn.Module) -> None:
-    handle = getattr(base, "_forkkv_recorder", None)
-    if handle is not None:
-        handle.remove()
+    handles = getattr(base, "_forkkv_recorder", None)
+    if handles is not None:
+        for handle in handles:
+            handle.remove()
         base._forkkv_recorder = None
 
 
