@@ -232,6 +232,10 @@ class ForkKVCache(FailedCalls, Cache):
         rows = tuple(adapter_names)
         if not rows:
             raise ValueError("fork at least one row")
+        if shared.start:  # (ForkKVCache(segment, names) was served as if the segment were the whole context)
+            raise ValueError(
+                f"this SharedContext is a segment starting at position {shared.start} (made by build_continuation); "
+                "concatenate it with the segments before it, or use forkkv_hf.ForkKVStore, which does that")
         missing = sorted({a for a in rows if a != BASE_ADAPTER and a not in shared.adapters})
         if missing:
             raise ValueError(

@@ -506,6 +506,8 @@ def test_build_continuation_equals_build(agents):
     torch.testing.assert_close(residual_only.layers[1].v_res.u[0], critic_u, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment starting at position 14"):
         tail.fork(["planner"])
+    with pytest.raises(ValueError, match="segment starting at position 14"):  # the constructor served it
+        forkkv_hf.ForkKVCache(tail, ["planner"])
     with pytest.raises(ValueError, match="different numbers of tokens"):
         uneven = [(head.layers[0].key, head.layers[0].value[:, :, :3])] * 2
         SharedContext.build_continuation(pm, ctx[14:], names, past=uneven)

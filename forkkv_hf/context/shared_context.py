@@ -304,11 +304,6 @@ class SharedContext:
         """A :class:`~forkkv_hf.cache.ForkKVCache` whose row ``i`` is agent ``adapter_names[i]`` (``"__base__"`` for
         the base model). Rows may repeat an agent; they then share its residual. ``residual``: ``"kv"`` (default),
         ``"v"`` or ``"none"``, see :class:`~forkkv_hf.cache.ForkKVCache`."""
-        if self.start:
-            raise ValueError(
-                f"this SharedContext is a segment starting at position {self.start} (made by build_continuation); "
-                "concatenate it with the segments before it, or use forkkv_hf.ForkKVStore, which does that"
-            )
         if _fork_factory is None:
             raise RuntimeError("no cache class is registered to fork into; import forkkv_hf (its cache module "
                                "registers ForkKVCache) before forking a SharedContext")
