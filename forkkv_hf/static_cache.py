@@ -149,10 +149,17 @@ class StaticForkKVLayer(ForkKVLayer):
         self.length.fill_(P)
 
     # -- rows: device plans made on the host, before the step -----------------------------------------------------
+    def plan_current(self) -> bool:
+        """Whether the decode plan was made for the shared layer's residuals as they are (``add_adapters`` replaces
+        them with wider stacks: a plan kept from before read the old ``B``, a kernel error or worse)."""
+        made_for = self.__dict__.get("_plan_res")
+        return made_for is not None and made_for[0] is self.shared.k_res and made_for[1] is self.shared.v_res
+
     def _set_rows(self, rows) -> None:
         rows = tuple(rows)
-        if getattr(self, "agents", None) is not None and rows == self.rows:
+        if getattr(self, "agents", None) is not None and rows == self.rows and self.plan_current():
             return  # beam search reorders rows within groups of one agent: nothing to rebuild
+        self._plan_res = (self.shared.k_res, self.shared.v_res)
         super()._set_rows(rows)
         dev = str(self.shared.key.device)
         if self.k_slots is not None:
@@ -297,7 +304,7 @@ def _dynamic_layer(layer: ForkKVLayer) -> None:
     if layer.is_initialized:  # copies: the pooled buffers may go to another cache
         P = layer.private_length()
         layer.keys, layer.values = layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone()
-    for attr in ("capacity", "use_triton", "length", "agents", "work"):
+    for attr in ("capacity", "use_triton", "length", "agents", "work", "_plan_res"):
         layer.__dict__.pop(attr, None)
     layer.__class__ = ForkKVLayer
 
@@ -309,7 +316,8 @@ def make_static(cache: ForkKVCache, capacity: int, use_triton: bool) -> ForkKVCa
     settings is left as it is."""
     if isinstance(cache, StaticForkKVCache):
         layer = cache.layers[0]
-        if capacity <= cache.capacity and use_triton == layer.use_triton:
+        if capacity <= cache.capacity and use_triton == layer.use_triton and all(l.plan_current() for l in
+                                                                                cache.layers):
             return cache
         make_dynamic(cache)
     ids = cache.__dict__.pop("private_ids", None)

@@ -629,3 +629,39 @@ def test_the_layout_reads_the_models_generation_config_under_a_passed_one(agents
             setattr(base.generation_config, k, v)
     assert torch.equal(out, eager)
     assert isinstance(cache, StaticForkKVCache) == ("max_new_tokens" in setting)
+
+
+def test_a_static_plan_follows_adapters_added_to_its_context(monkeypatch):
+    """``add_adapters`` with a wider rank after a compiled call replaces the shared layer's residual stacks; the static
+    cache kept its decode plan (made for the old ones: the fp16 copy of the old ``B``), and its next compiled call
+    stopped inside the kernel. The plan is rebuilt for the residuals as they are; the continuation equals eager."""
+    from peft import LoraConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("interpreted kernels on CPU tensors")
+    monkeypatch.setenv("FORKKV_BACKEND", "triton")
+    monkeypatch.setenv("FORKKV_LORA_BACKEND", "torch")
+    kv_last = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[1])
+    outs = {}
+    with forkkv_hf.config_override(f16_k_pass=True):
+        for compiled in (False, True):
+            pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=7, dtype=torch.bfloat16),
+                                                       {"a": dict(r=2, **kv_last), "b": dict(r=2, **kv_last)}, seed=7))
+            ctx, names = _context(20), ["a", "b", "a", "b"]
+            shared = SharedContext.build(pm, ctx, ["a", "b"], progress=False)
+            inputs = batch_inputs(ctx, _prompts([3, 2, 4, 1]), pad_token_id=0)
+            cache, kw = shared.fork(names), dict(compile_config=_compile_config()) if compiled else {}
+            first = _gen(pm, inputs, names, cache, max_new_tokens=3, **kw)
+            pm.add_adapter("c", LoraConfig(r=16, lora_alpha=32, target_modules=["k_proj", "v_proj"],
+                                           init_lora_weights=False), autocast_adapter_dtype=False)
+            pm.eval()
+            shared.add_adapters(pm, ["c"], progress=False)
+            ids = torch.cat([first.sequences, torch.full((4, 1), 9)], 1)
+            more = dict(input_ids=ids, attention_mask=torch.cat(
+                [inputs["attention_mask"], torch.ones(4, ids.shape[1] - inputs["input_ids"].shape[1],
+                                                      dtype=torch.long)], 1))
+            outs[compiled] = (first, _gen(pm, more, names, cache, max_new_tokens=3, **kw))
+            if compiled:
+                assert all(layer.plan_current() for layer in cache.layers)
+    for eager, comp in zip(outs[False], outs[True]):
+        _assert_same(comp, eager)
