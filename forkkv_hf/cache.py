@@ -137,7 +137,8 @@ class ForkKVLayer(CacheLayerMixin):
         elif key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(
                 f"the batch has {key_states.shape[0]} rows but this ForkKVCache holds {self.keys.shape[0]}; "
-                "call cache.reset() before reusing it for another batch"
+                "call cache.reset() before reusing it for another batch (to continue its rows with "
+                "num_return_sequences or beams, cache.batch_repeat_interleave(k) first)"
             )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)

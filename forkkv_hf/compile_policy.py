@@ -22,7 +22,7 @@ import torch
 
 from .compile_regions import compile_regions
 from .config import get_config
-from .guards import generation_setting
+from .generate_settings import generation_setting
 from .ops.dispatch import TRITON_MAX_HEAD_DIM
 from .peft import wrappers
 from .peft.lora_factors import (

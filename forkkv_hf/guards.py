@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
+from .generate_settings import check_adapter_names_per_row, generation_setting
 from .inputs import check_token_range, vocab_size_of
 from .peft.lora_factors import transformers_model
 from .rope_checks import check_rope_for_prefill
@@ -44,19 +45,6 @@ def generate_cache(kwargs: dict):
 
 
 # ---------------------------------------------------------------------------------------------------- generate
-def generation_setting(model, kwargs: dict, name: str, default=None):
-    """What a generate call with ``kwargs`` uses for ``name``, as transformers merges its settings: the keyword, else
-    the ``generation_config`` passed, else (where that leaves it unset) the model's own ``generation_config``, else
-    ``default`` (before, a passed config hid the model's: its ``prompt_lookup_num_tokens`` or ``max_new_tokens`` went
-    unseen, and the compiled decode got a static layout it outgrew or that prompt lookup misread)."""
-    if name in kwargs:
-        value = kwargs[name]
-    else:
-        configs = (kwargs.get("generation_config"), getattr(transformers_model(model), "generation_config", None))
-        value = next((v for v in (getattr(c, name, None) for c in configs if c is not None) if v is not None), None)
-    return default if value is None else value
-
-
 def _special_ids(model, kwargs: dict) -> tuple[int | None, set]:
     """``pad_token_id`` and the set of ``eos_token_id`` a generate call with ``kwargs`` uses."""
     pad = generation_setting(model, kwargs, "pad_token_id")
@@ -142,13 +130,16 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             f"input_ids have {L} tokens but this cache already holds {T} shared + {P} private tokens: pass the "
             "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
         )
-    _check_rows_continue(cache, input_ids)
+    _check_rows_continue(cache, input_ids, expanded=True)
     _check_context_positions(kwargs.get("position_ids"), T)
     _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
     if generation_setting(model, kwargs, "output_attentions", False):
         raise ValueError(_NO_WEIGHTS)
+    if generation_setting(model, kwargs, "token_healing", False):  # re-tokenises the rows after these checks
+        raise ValueError("token_healing with a ForkKVCache: it rewrites the rows' tokens inside generate, after the "
+                         "shared context was computed from them; heal the prompts before building the rows")
     _check_generate_mask(model, input_ids, kwargs, T)
-    _check_adapter_names(model, kwargs, input_ids.shape[0])
+    check_adapter_names_per_row(model, kwargs, input_ids.shape[0])
     _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
     if model.training:  # as the context's build, the store and the fits refuse it
         raise ValueError("the model is in training mode (dropout on); call model.eval() before generating with a "
@@ -185,28 +176,10 @@ def _check_generate_embeds(cache, model, input_ids: torch.Tensor, embeds, S: int
         )
 
 
-def _check_adapter_names(model, kwargs: dict, rows: int) -> None:
-    """PEFT's ``adapter_names``: a list, one name per row, repeated by the caller for ``num_return_sequences``
-    (PEFT repeats them for beams itself)."""
-    names = kwargs.get("adapter_names")
-    if names is None:
-        return
-    if isinstance(names, str):
-        raise TypeError(f"adapter_names must be a list with one name per row, not the string {names!r}")
-    beams = generation_setting(model, kwargs, "num_beams", 1)
-    k = generation_setting(model, kwargs, "num_return_sequences", 1) if beams == 1 else 1
-    if len(names) == rows * k:
-        return
-    if k > 1 and len(names) == rows:
-        raise ValueError(
-            f"num_return_sequences={k}: PEFT does not repeat adapter_names for it; pass "
-            f"[n for n in names for _ in range({k})] ({rows * k} names for {rows} rows)"
-        )
-    raise ValueError(f"adapter_names has {len(names)} names but the batch has {rows} rows; give one name per row")
-
-
-def _check_rows_continue(cache, ids: torch.Tensor) -> None:
-    """``ids [B, >= T + P]`` must start with the shared context and then the private tokens the cache holds."""
+def _check_rows_continue(cache, ids: torch.Tensor, expanded: bool = False) -> None:
+    """``ids [B, >= T + P]`` must start with the shared context and then the private tokens the cache holds
+    (``expanded``: a generate's rows, which the cache may hold each ``k`` times: ``batch_repeat_interleave(k)`` before
+    a continuation with ``num_return_sequences`` or beams)."""
     T = cache.num_shared_tokens
     P = cache.layers[0].private_length()
     ctx = cache.shared.token_ids.to(ids.device)
@@ -216,8 +189,10 @@ def _check_rows_continue(cache, ids: torch.Tensor) -> None:
             "with forkkv_hf.batch_inputs(context_ids, prompts) (padding goes after the context)"
         )
     if P > 0:
-        rec = cache.private_ids
-        if rec is None or rec.shape[0] != ids.shape[0] or not torch.equal(ids[:, T : T + P], rec.to(ids.device)):
+        rec, held = cache.private_ids, ids[:, T : T + P]
+        if expanded and rec is not None and rec.shape[0] % ids.shape[0] == 0:
+            held = held.repeat_interleave(rec.shape[0] // ids.shape[0], dim=0)
+        if rec is None or rec.shape[0] != held.shape[0] or not torch.equal(held, rec.to(ids.device)):
             raise ValueError(
                 f"this ForkKVCache already holds {P} private tokens per row from an earlier generate, and these "
                 "input_ids do not continue them; call cache.reset() (or fork a new cache) for new prompts"

@@ -253,6 +253,44 @@ def test_a_cache_passed_positionally_is_checked_as_by_keyword():
     assert cache.private_ids.shape[1] == 3  # the tokens were recorded
 
 
+def test_generate_settings_that_change_the_rows(exact_agents):
+    """token_healing rewrote the rows inside generate after the checks (served over the unhealed context, 0.5-0.8 off):
+    refused. Beams from a generation config: PEFT repeats adapter_names for a num_beams keyword only, so the names
+    repeated per beam are right there (they were refused with advice that then failed inside PEFT). A continuation
+    with num_return_sequences or beams after cache.batch_repeat_interleave(k) equals plain PEFT's over a
+    DynamicCache repeated the same way (it was refused as not continuing the rows)."""
+    from transformers import GenerationConfig
+
+    pm = exact_agents
+    ctx = _ctx(12, seed=6)
+    names = ["planner", "coder"]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8, 9])], pad_token_id=0)
+    with pytest.raises(ValueError, match="token_healing with a ForkKVCache"):
+        _gen(pm, inputs, names, _fork(pm, ctx, names), token_healing=True)
+    beams = [n for n in names for _ in range(2)]
+    config = GenerationConfig(num_beams=2, max_new_tokens=3, pad_token_id=0, do_sample=False)
+    got = pm.generate(**inputs, adapter_names=beams, generation_config=config, **cache_kwargs(_fork(pm, ctx, names)))
+    assert torch.equal(got, plain_peft(pm, lambda: pm.generate(**inputs, adapter_names=beams,
+                                                               generation_config=config)))
+    with pytest.raises(ValueError, match="num_beams=2 from a generation config: PEFT does not repeat"):
+        pm.generate(**inputs, adapter_names=names, generation_config=config, **cache_kwargs(_fork(pm, ctx, names)))
+    cache = _fork(pm, ctx, names)
+    first = _gen(pm, inputs, names, cache)
+    more = {"input_ids": torch.cat([first, torch.tensor([[40], [41]])], 1),
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1)}
+
+    def plain():
+        from transformers import DynamicCache
+
+        dc = DynamicCache()
+        _gen(pm, inputs, names, dc)
+        dc.batch_repeat_interleave(2)
+        return _gen(pm, more, names, dc, num_beams=2)
+
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(_gen(pm, more, names, cache, num_beams=2), plain_peft(pm, plain))
+
+
 def test_forward_shapes_are_checked(agents):
     ctx = _ctx()
     inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
