@@ -98,6 +98,14 @@ def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=N
     ctx = as_token_ids(context_ids, "context_ids")
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
         raise TypeError("prompts must be a list of prompts (one per row); wrap a single prompt as [prompt]")
+    if hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding
+        raise TypeError("prompts is a mapping (a tokenizer's output?); give a list of unpadded prompts, e.g. "
+                        "[tokenizer(t).input_ids for t in texts]")
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and pad_token_id is not None and bool(
+            ((prompts[:, 0] == pad_token_id) | (prompts[:, -1] == pad_token_id)).any()):
+        # a tokenizer's padded batch: its pads would sit inside the prompts, unmasked and attended (silently)
+        raise ValueError(f"prompts is one [B, L] tensor whose rows start or end with pad_token_id={pad_token_id} "
+                         "(padded); give a list of unpadded prompts: batch_inputs pads them itself")
     rows = [as_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
     if not rows:
         raise ValueError("give at least one prompt")

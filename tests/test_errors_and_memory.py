@@ -211,3 +211,16 @@ def test_batch_inputs_layout():
     out = batch_inputs(ctx, [[21, 22], [31]], pad_token_id=0)
     assert out["input_ids"].tolist() == [[11, 12, 13, 21, 22], [11, 12, 13, 0, 31]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]
+
+
+def test_batch_inputs_refuses_a_padded_batch_of_prompts():
+    """A tokenizer's padded ``[B, L]`` batch (or its BatchEncoding) as prompts: each row was taken whole, its pads
+    unmasked inside the prompt (scores 0.06 off, silently). An unpadded ``[B, L]`` tensor is a list of rows."""
+    ctx = torch.tensor([11, 12, 13])
+    padded = torch.tensor([[21, 22, 23], [0, 0, 31]])
+    with pytest.raises(ValueError, match="start or end with pad_token_id=0 \\(padded\\); give a list of unpadded"):
+        batch_inputs(ctx, padded, pad_token_id=0)
+    with pytest.raises(TypeError, match="a mapping"):
+        batch_inputs(ctx, {"input_ids": padded, "attention_mask": padded != 0}, pad_token_id=0)
+    same = batch_inputs(ctx, torch.tensor([[21, 22], [31, 32]]), pad_token_id=0)
+    assert same["input_ids"].tolist() == [[11, 12, 13, 21, 22], [11, 12, 13, 31, 32]]
