@@ -35,7 +35,8 @@ def rotary_modules(model) -> list:
     not a walk of every module (PEFT adds tens of thousands with many adapters)."""
     base = transformers_model(model)
     decoder = decoder_of(base) or base
-    return [m for m in decoder.children() if hasattr(m, "inv_freq")]
+    return [m for m in decoder.children()  # (Gemma 3 keeps one table per layer type: full_attention_inv_freq, ...)
+            if hasattr(m, "inv_freq") or any(n.endswith("_inv_freq") for n, _ in m.named_buffers(recurse=False))]
 
 
 def check_rope_for_prefill(cache, model, seq_len: int) -> None:
@@ -55,9 +56,11 @@ def check_rope_tables(config, cos_ctx: torch.Tensor, sin_ctx: torch.Tensor, mode
         return
     ropes = rotary_modules(model)
     kinds = [_rope_type(r) for r in ropes]
-    if len(ropes) != 1 or isinstance(kinds[0], dict):
-        raise ValueError(f"this model uses sequence-length dependent RoPE ({kinds}) in several rotary modules, which "
-                         "ForkKV cannot check against its shared context; use a rope_type that depends on positions "
+    if len(ropes) != 1 or isinstance(kinds[0], dict) or not hasattr(ropes[0], "inv_freq"):
+        types = _config_rope_types(config)
+        where = f"{len(ropes)} rotary modules" if len(ropes) != 1 else "one table per layer type"
+        raise ValueError(f"this model's RoPE includes a sequence-length dependent type ({types}; {where}), which "
+                         "ForkKV cannot check against its shared context; use rope types that depend on positions "
                          "only (default, linear, yarn, llama3)")
     T = cos_ctx.shape[0]
     probe = copy.deepcopy(ropes[0])  # dynamic RoPE updates its state in place: never touch the model's

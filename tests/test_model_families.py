@@ -210,6 +210,21 @@ def test_gemma2_plain_padded_batch_with_forkkv_enabled_equals_eager():
     _same(got, want)
 
 
+def test_a_length_dependent_rope_per_layer_type_is_refused_by_name():
+    """Gemma 3 keeps one frequency table per layer type (``full_attention_inv_freq``): a dynamic type on one of them
+    was refused with "several rotary modules ([])", naming none."""
+    rope = {"full_attention": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    model = _tiny("Gemma3Text", head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=32,
+                  attn_implementation="eager", rope_parameters=rope,
+                  layer_types=["sliding_attention", "full_attention", "full_attention"])
+    pm = forkkv_hf.enable_forkkv(with_adapters(model, {"planner": dict(r=4, target_modules=["v_proj"])}))
+    inputs = batch_inputs(CTX[:10], [torch.tensor([5, 6, 7])], pad_token_id=0)
+    with pytest.raises(ValueError, match=r"sequence-length dependent type \(\['dynamic', 'default'\]; one table per "
+                                         r"layer type\)"):
+        _gen(pm, inputs, ["planner"], ForkKVCache.from_context(pm, CTX[:10], adapter_names=["planner"]))
+
+
 def test_gemma2_softcap_goes_through_the_torch_path():
     from forkkv_hf import reference_attention, residual_attention
     from views import random_view
