@@ -410,7 +410,7 @@ class ForkKVCache(FailedCalls, Cache):
             shared_base_bytes=self.shared.base_bytes(),
             residual_bytes=sum(per_agent.values()),
             residual_bytes_per_agent=per_agent,
-            factor_bytes=self.shared.factor_bytes(self.residual),
+            factor_bytes=self.shared.factor_bytes(self.residual, agents),  # the rows' agents', as their u
             rope_bytes=self.shared.rope_bytes(),
             private_bytes=private,
             static_buffer_bytes=buffers,

@@ -47,6 +47,9 @@ def test_base_held_once_whatever_the_rows(agents):
     big = shared.fork(["planner"] * 6 + ["coder"] * 6 + ["__base__"] * 4).memory_report()
     assert small.shared_base_bytes == big.shared_base_bytes == shared.base_bytes()
     assert big.residual_bytes == small.residual_bytes + shared.residual_bytes("coder")  # per agent, not per row
+    # the B factors on the same basis as the u: the rows' agents' slots (before, every agent's of the context)
+    assert small.factor_bytes == shared.factor_bytes(adapters=["planner"]) < big.factor_bytes == shared.factor_bytes()
+    assert shared.fork(["__base__"]).memory_report().factor_bytes == 0
     assert big.dynamic_cache_bytes == 16 * small.dynamic_cache_bytes
 
 

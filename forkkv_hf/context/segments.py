@@ -131,10 +131,16 @@ def residual_bytes(layers: list[SharedLayer], adapter: str, kinds: str = "kv") -
     return total
 
 
-def factor_bytes(layers: list[SharedLayer], kinds: str = "kv") -> int:
-    """Bytes of the stacked, scaled ``B`` factors kept with the residuals of ``kinds`` (as :func:`residual_bytes`)."""
-    return sum(nbytes(res.B) for l in layers for kind, res in (("k", l.k_res), ("v", l.v_res))
-               if kind in kinds and res is not None)
+def factor_bytes(layers: list[SharedLayer], kinds: str = "kv", adapters=None) -> int:
+    """Bytes of the stacked, scaled ``B`` factors kept with the residuals of ``kinds`` (as :func:`residual_bytes`),
+    of ``adapters`` only where given (their slots of the stacks, as :func:`residual_bytes` counts their ``u``)."""
+    total = 0
+    for l in layers:
+        for kind, res in (("k", l.k_res), ("v", l.v_res)):
+            if kind in kinds and res is not None:
+                n = res.B.shape[0] if adapters is None else sum(1 for a in set(adapters) if a in res.adapters)
+                total += n * nbytes(res.B[0])
+    return total
 
 
 def unique_tensors(tensors) -> list[torch.Tensor]:

@@ -330,10 +330,10 @@ class SharedContext:
         ``kinds``: count the K residuals (``"k"``), the V residuals (``"v"``) or both (``"kv"``)."""
         return residual_bytes(self.layers, adapter, kinds)
 
-    def factor_bytes(self, kinds: str = "kv") -> int:
+    def factor_bytes(self, kinds: str = "kv", adapters=None) -> int:
         """Bytes of the stacked, scaled ``B`` factors kept with the residuals of ``kinds`` (as
-        :meth:`residual_bytes`)."""
-        return factor_bytes(self.layers, kinds)
+        :meth:`residual_bytes`), of ``adapters`` only where given."""
+        return factor_bytes(self.layers, kinds, adapters)
 
     def __repr__(self) -> str:
         return (
