@@ -46,3 +46,16 @@ def crop_takes_length() -> bool:
     finally:
         logging.set_verbosity(verbosity)
     return layer.get_seq_length() == 1
+
+
+@functools.cache
+def chunked_prefill_skips_cache() -> bool:
+    """Whether the installed transformers' chunked prefill (``prefill_chunk_size``) starts after the tokens a passed
+    cache holds (5.2x) rather than at the rows' first token (5.17, which re-runs the shared context a ForkKVCache
+    holds). Read from ``GenerationMixin._prefill``'s source: it slices the rows by ``next_sequence_length``."""
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        return "next_sequence_length:]" in inspect.getsource(GenerationMixin._prefill)
+    except (AttributeError, OSError, TypeError):
+        return True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
+from .compat import CACHE_KWARG, TRANSFORMERS_VERSION, chunked_prefill_skips_cache
 from .generate_settings import check_adapter_names_per_row, generation_setting
 from .inputs import check_token_range, vocab_size_of
 from .peft.lora_factors import transformers_model
@@ -135,6 +135,11 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
     _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
     if generation_setting(model, kwargs, "output_attentions", False):
         raise ValueError(_NO_WEIGHTS)
+    chunk = generation_setting(model, kwargs, "prefill_chunk_size")
+    if chunk is not None and not chunked_prefill_skips_cache():
+        raise ValueError(f"prefill_chunk_size with a ForkKVCache on transformers {TRANSFORMERS_VERSION}: its chunked "
+                         "prefill starts at the rows' first token, inside the shared context the cache holds; drop "
+                         "prefill_chunk_size (the prompts alone are prefilled) or use a newer transformers 5.x")
     if generation_setting(model, kwargs, "token_healing", False):  # re-tokenises the rows after these checks
         raise ValueError("token_healing with a ForkKVCache: it rewrites the rows' tokens inside generate, after the "
                          "shared context was computed from them; heal the prompts before building the rows")

@@ -291,6 +291,24 @@ def test_generate_settings_that_change_the_rows(exact_agents):
     assert torch.equal(_gen(pm, more, names, cache, num_beams=2), plain_peft(pm, plain))
 
 
+def test_chunked_prefill_equals_plain_peft_or_is_refused(exact_agents):
+    """``prefill_chunk_size``: on transformers that prefill after the cached tokens (5.2x) it equals plain PEFT; on
+    5.17, whose chunks start at the rows' first token (inside the shared context), it is refused saying so (before:
+    refused for the caller's mask, which was right)."""
+    from forkkv_hf.compat import chunked_prefill_skips_cache
+
+    pm = exact_agents
+    ctx = _ctx(12, seed=7)
+    names = ["planner", "coder"]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6, 7]), torch.tensor([8, 9])], pad_token_id=0)
+    if not chunked_prefill_skips_cache():
+        with pytest.raises(ValueError, match="its chunked prefill starts at the rows' first token"):
+            _gen(pm, inputs, names, _fork(pm, ctx, names), prefill_chunk_size=2)
+        return
+    got = _gen(pm, inputs, names, _fork(pm, ctx, names), prefill_chunk_size=2)
+    assert torch.equal(got, plain_peft(pm, lambda: _gen(pm, inputs, names, prefill_chunk_size=2)))
+
+
 def test_forward_shapes_are_checked(agents):
     ctx = _ctx()
     inputs = batch_inputs(ctx, [torch.tensor([4, 5]), torch.tensor([6])], pad_token_id=0)
