@@ -210,6 +210,11 @@ class ForkKVLayer(CacheLayerMixin):
         if self.is_initialized:
             super().offload()
 
+    def prefetch(self):  # back to the shared part's device (the base class reads a `device` this layer never set)
+        if self.is_initialized and self.keys.device != self.shared.key.device:
+            self.keys = self.keys.to(self.shared.key.device, non_blocking=True)
+            self.values = self.values.to(self.shared.key.device, non_blocking=True)
+
 
 class ForkKVCache(FailedCalls, Cache):
     """A cache for a batch of agents over one shared context. Row ``i`` is agent ``adapter_names[i]``.

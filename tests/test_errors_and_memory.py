@@ -62,6 +62,9 @@ def test_private_bytes_grow_with_generation(agents):
                     do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     rep = cache.memory_report()
     P = 3 + 4 - 1
+    for layer in cache.layers:  # prefetch read a `device` the layer never set (AttributeError)
+        layer.offload()
+        layer.prefetch()
     assert rep.private_tokens == P
     assert rep.private_bytes == 2 * 3 * 2 * P * 2 * 16 * 4  # rows * layers * (K,V) * P * Hkv * D * 4 bytes
 
