@@ -569,3 +569,29 @@ def test_generate_of_the_model_inside_the_peft_model_runs_the_checks(exact_agent
         assert "generate" not in base.__dict__ and "generate" not in pm.__dict__
     finally:
         forkkv_hf.enable_forkkv(pm)
+
+
+def test_image_tokens_belong_in_the_prompts():
+    """Gemma 3 with vision: images in the prompts equal plain PEFT; image placeholders in the shared context are
+    refused at build (its pass runs on ids alone: transformers failed inside, image features and tokens mismatched)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                       boi_token_index=297, eoi_token_index=298)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    pm = with_adapters(Gemma3ForConditionalGeneration(cfg).eval(),
+                       {"planner": dict(r=4, target_modules=r".*language_model.*layers\.1\.self_attn\.v_proj")})
+    forkkv_hf.enable_forkkv(pm)
+    ctx, names, image = _ctx(12, high=200), ["planner", "__base__"], [297] + [299] * 4 + [298]
+    inputs = batch_inputs(ctx, [torch.tensor([5, 6] + image + [7]), torch.tensor(image + [9])], pad_token_id=0)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    got = _gen(pm, inputs, names, _fork(pm, ctx, names), pixel_values=pixels)
+    assert torch.equal(got, plain_peft(pm, lambda: _gen(pm, inputs, names, pixel_values=pixels)))
+    with pytest.raises(ValueError, match="the context holds image placeholder tokens \\(image_token_id=299\\)"):
+        SharedContext.build(pm, torch.cat([ctx[:4], torch.tensor(image), ctx[4:]]), names[:1], progress=False)

@@ -55,6 +55,17 @@ def register_fork(factory: Callable) -> None:
     _fork_factory = factory
 
 
+def _refuse_media_tokens(model: nn.Module, ids: torch.Tensor) -> None:
+    """A multimodal model's image/video/audio placeholders in a context: its pass runs on token ids alone (transformers
+    failed inside with "image features and image tokens do not match")."""
+    cfg = getattr(transformers_model(model), "config", None)
+    for name in ("image_token_id", "image_token_index", "video_token_id", "audio_token_id"):
+        tok = getattr(cfg, name, None)
+        if isinstance(tok, int) and bool((ids == tok).any()):
+            raise ValueError(f"the context holds {name.rsplit('_', 2)[0]} placeholder tokens ({name}={tok}): a shared "
+                             "context is computed from token ids alone; put images, video and audio in the prompts")
+
+
 @dataclass
 class SharedContext:
     """The shared context's bCache and rCache. Build with :meth:`build`, use with :meth:`fork`."""
@@ -145,6 +156,7 @@ class SharedContext:
                              "after the call")
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = context_token_ids(context_ids, vocab_size_of(model))
+        _refuse_media_tokens(model, ids)
         S = past_length(past)
         if adapter_names is None:
             adapter_names = available_adapters(model)
