@@ -34,12 +34,14 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
         if seen is None:
             continue
         if seen != view.row_adapters:
+            off = "" if any(a != "__base__" for a in seen) or not any(a != "__base__" for a in view.row_adapters) \
+                else " (are the adapters disabled? PEFT then runs the base model and ignores adapter_names: fork " \
+                     "'__base__' rows, or generate with the adapters on)"
             raise ValueError(
                 f"this forward runs adapters {list(seen)} per row, but the ForkKVCache rows were forked for "
-                f"{list(view.row_adapters)}; pass adapter_names=cache.adapter_names to generate (repeated for "
+                f"{list(view.row_adapters)}{off}; pass adapter_names=cache.adapter_names to generate (repeated for "
                 "num_return_sequences, as PEFT requires), or fork the cache with the rows you generate"
             )
-        return
 
 
 def _softcap_attention(query, key, value, attention_mask, scaling, softcap):

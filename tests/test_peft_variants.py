@@ -105,3 +105,29 @@ def test_saved_copies_of_whole_attentions_are_named():
     pm = with_adapters(tiny_llama(), {"a": {"target_modules": ["gate_proj"], "modules_to_save": ["self_attn"]}})
     with pytest.raises(ValueError, match="modules_to_save keeps copies of modules that contain attention layers"):
         forkkv_hf.enable_forkkv(pm)
+
+
+def test_disabled_adapters_are_base_rows():
+    """``disable_adapter_layers()`` between the build and a generate: PEFT still passes adapter_names but the layers
+    run the base model; the row check read the names first, so the agents' residuals were served over base-model
+    prompts (0.8 off plain PEFT, silently). Disabled layers count as '__base__' rows now: a fork for agents is
+    refused, saying why, one of '__base__' rows served; a fit of disabled adapters (their own passes the base
+    model's, a "perfect" fit 0.7 off) is refused."""
+    kv_last = dict(target_modules=["k_proj", "v_proj"], layers_to_transform=[2])
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=3, seed=7), {"a": dict(r=4, **kv_last),
+                                                                            "b": dict(r=2, **kv_last)}, seed=7))
+    ctx, rows = _context(14), ["a", "b"]
+    inputs = batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0)
+    shared = SharedContext.build(pm, ctx, rows, progress=False)
+    pm.base_model.disable_adapter_layers()
+    try:
+        with pytest.raises(ValueError, match="are the adapters disabled"):
+            _gen(pm, inputs, rows, shared.fork(rows))
+        base = ["__base__"] * 2
+        got = _gen(pm, inputs, base, shared.fork(base))
+        want = plain_peft(pm, lambda: _gen(pm, inputs, rows))
+        assert torch.equal(got.sequences, want.sequences) and _scores_diff(got, want) < 1e-4
+        with pytest.raises(ValueError, match="the adapters are disabled"):
+            shared.fit_residuals(pm, rows, rank=32, progress=False)
+    finally:
+        pm.base_model.enable_adapter_layers()

@@ -62,6 +62,10 @@ def _refuse_variants(model: nn.Module, names) -> None:
     for where, module in transformers_model(model).named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        if module.disable_adapters:  # an agent's own pass would be the base model's: a zero drift, "fit" 1.0
+            raise ValueError(f"the adapters are disabled ({where}: disable_adapter_layers(), or inside "
+                             "disable_adapter()); the agents' own passes would be the base model's. Enable them "
+                             "before fitting residuals")
         for n in names:
             variant = module.lora_variant.get(n) if hasattr(module, "lora_variant") else None
             if module.use_dora.get(n, False) or variant is not None:

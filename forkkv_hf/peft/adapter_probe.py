@@ -31,11 +31,11 @@ def rows_run_by(proj: nn.Module, batch: int) -> tuple[str, ...] | None:
     """The adapter PEFT applied to each row in this projection's last forward (``None``: not a probed LoRA layer)."""
     if getattr(proj, "_forkkv_probe", None) is None:
         return None
+    if getattr(proj, "disable_adapters", False):  # disabled layers run the base layer whatever names PEFT passes
+        return (BASE_ADAPTER,) * batch  # (read after them, a disable_adapter_layers() served the agents' residuals)
     names = proj._forkkv_adapter_names
     if names is not None:
         return tuple(names)
-    if getattr(proj, "disable_adapters", False):
-        return (BASE_ADAPTER,) * batch
     active = list(getattr(proj, "active_adapters", []))
     if len(active) > 1:
         raise ValueError(
