@@ -366,6 +366,23 @@ def test_dynamic_ntk_rope(monkeypatch):
     assert diff[diff.isfinite()].max() > 1e-3
 
 
+def test_a_shared_context_serves_turns_after_a_long_generate_under_dynamic_rope():
+    """A generate that decodes past a dynamic-NTK limit makes transformers replace the rotary module's inv_freq
+    buffers; they were recorded as base weights, so the next turn over the same context was refused as stale (and a
+    ForkKVStore recomputed every turn). Its tables are checked instead: every turn equals plain PEFT."""
+    pm = _rope_agents(dict(rope_type="dynamic", factor=4.0), max_pos=32)
+    ctx, names = _ctx(20, seed=1), ["planner", "__base__"]
+    shared = SharedContext.build(pm, ctx, ["planner"], progress=False)
+    store = forkkv_hf.ForkKVStore(pm)
+    for turn in range(3):
+        inputs = batch_inputs(ctx, [_ctx(5, seed=10 + turn), _ctx(5, seed=20 + turn)])
+        kw = dict(max_new_tokens=12, min_new_tokens=12)  # 37 positions: past 32 every turn
+        exact = plain_peft(pm, lambda: _gen(pm, inputs, names, **kw))
+        assert torch.equal(_gen(pm, inputs, names, shared.fork(names), **kw), exact)
+        assert torch.equal(_gen(pm, inputs, names, store.fork(ctx, names), **kw), exact)
+    assert store.stats.base_passes == 1 and store.stats.base_model_tokens == 20
+
+
 def test_longrope_follows_the_context_length():
     """longrope switches from short to long factors above original_max_position_embeddings (16 here), per forward:
     a context built in one pass past 16 tokens uses the long factors as plain PEFT's prefill does; a context within 16

@@ -32,6 +32,7 @@ from torch import nn
 from ..peft.lora_factors import (find_attention_modules, is_peft_model, kv_projections, lora_layer_of, refuse_offloaded,
                                  transformers_model)
 from ..peft.tp import tp_world
+from ..rope_checks import _config_rope_types, _length_dependent
 from .probes import Probes, factor_probe, stamp
 from .settings import base_modules, base_name, changed_settings, is_adapter_name, module_settings
 
@@ -57,9 +58,15 @@ def base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every base weight and buffer of the transformers model (LoRA and modules-to-save copies excluded), sorted by
     name; tied weights once. The walk skips the insides of PEFT tuner layers but for their base layer."""
     found: dict[int, tuple[str, torch.Tensor]] = {}
+    # a length-dependent RoPE's frequency buffers are transformers' own state, replaced as sequences cross its limit
+    # (a false "weights changed" after a long generate); the tables the context was rotated with are checked instead
+    # (forkkv_hf.rope_checks)
+    moving = _length_dependent(_config_rope_types(getattr(transformers_model(model), "config", None)))
     for prefix, m in base_modules(model):
         for kind in (m._parameters, m._buffers):
             for n, t in kind.items():
+                if moving and kind is m._buffers and n.endswith("inv_freq"):
+                    continue
                 if t is not None and id(t) not in found:
                     found[id(t)] = (prefix + n, t)
     named = [(base_name(n), t) for n, t in found.values() if not is_adapter_name(n)]
