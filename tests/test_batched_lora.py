@@ -308,3 +308,38 @@ def test_row_offsets_past_two_to_the_31_gpu(side):
     ref = (x[-1].float() @ A[0].float().t()) @ B[0].float().t()
     torch.testing.assert_close(out[-1].float(), ref, rtol=2e-2, atol=2e-2)
     assert not out[:-1].any()
+
+
+def test_stacks_made_in_inference_mode_leave_the_adapters_trainable():
+    """A mixed forward under ``torch.inference_mode()`` built the stacks as inference tensors and made the LoRA
+    parameters views of them for good: set_adapter and training failed inside PyTorch afterwards."""
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2), {"a": dict(r=4, target_modules=ALL),
+                                                                     "b": dict(r=2, target_modules=ALL)}))
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        pm(input_ids=ids, adapter_names=["a", "b"])
+    weight = pm.get_base_model().model.layers[0].self_attn.k_proj.lora_A["a"].weight
+    assert not weight.is_inference()
+    pm.set_adapter("a")
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert weight.grad is not None
+    pm.eval()
+
+
+def test_a_deleted_adapter_leaves_the_stacks():
+    """delete_adapter: the stacks kept the deleted adapters' slots for as long as they served the rest (8 adapters'
+    memory for one)."""
+    from forkkv_hf.peft.batched_lora import _lora_linears
+
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2), {f"a{i}": dict(r=8, target_modules=ALL)
+                                                                     for i in range(4)}))
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pm(input_ids=ids, adapter_names=["a0", "a1", "a2", "a3"])
+        pm.set_adapter("a0")
+        for i in range(1, 4):
+            pm.delete_adapter(f"a{i}")
+        pm(input_ids=ids[:2], adapter_names=["a0", "__base__"])
+    slots = {len(m._forkkv_stack.slot) for m in _lora_linears(pm) if "_forkkv_stack" in m.__dict__}
+    assert slots == {1}

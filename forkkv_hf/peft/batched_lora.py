@@ -107,8 +107,8 @@ def _copy_key(layer, name: str) -> tuple:
 def _current(layer, stack: StackedLoRA, used) -> bool:
     """Whether the stack serves ``used`` as the layer is now: each name it has is current, and it has no slot for
     a name the layer no longer has (an adapter deleted, or re-added without LoRA here)."""
-    if any((n in stack.slot) != (n in layer.lora_A) for n in used):
-        return False
+    if any((n in stack.slot) != (n in layer.lora_A) for n in used) or any(n not in layer.lora_A for n in stack.slot):
+        return False  # (a deleted adapter's slot kept its memory for as long as the stack served the others)
     names = [n for n in used if n in layer.lora_A]
     if stack.views:
         return stack.views_current(layer, names)
@@ -117,7 +117,13 @@ def _current(layer, stack: StackedLoRA, used) -> bool:
 
 def stacked_lora(layer, used=None) -> StackedLoRA:
     """The layer's stacked factors. Rebuilt when one of the adapters in ``used`` (default: all the layer's) is
-    new, deleted, reloaded or rescaled, or (copies only) was written since the stack was built."""
+    new, deleted, reloaded or rescaled, or (copies only) was written since the stack was built. Built outside
+    inference mode: the parameters become views of the stacks, and inference tensors could never train again."""
+    with torch.inference_mode(False):
+        return _stacked_lora(layer, used)
+
+
+def _stacked_lora(layer, used) -> StackedLoRA:
     cached = layer.__dict__.get("_forkkv_stack")
     used = list(layer.lora_A.keys()) if used is None else [n for n in used if n != BASE_ADAPTER]
     if cached is not None and _current(layer, cached, used):
@@ -169,7 +175,7 @@ def _release_stack(layer) -> None:
     stack = layer.__dict__.pop("_forkkv_stack", None)
     if stack is None or not stack.views:
         return
-    with torch.no_grad():
+    with torch.no_grad(), torch.inference_mode(False):  # (their own storage, not an inference tensor)
         for n in stack.slot:
             if n in layer.lora_A and stack.views_current(layer, [n]):
                 for p in _params(layer, n):
