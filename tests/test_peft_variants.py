@@ -131,3 +131,14 @@ def test_disabled_adapters_are_base_rows():
             shared.fit_residuals(pm, rows, rank=32, progress=False)
     finally:
         pm.base_model.enable_adapter_layers()
+
+
+def test_a_peft_mixed_model_is_refused_by_name():
+    """``get_peft_model(..., mixed=True)``: enable_forkkv took it for a plain model and the build then said to pass
+    the PeftModel itself."""
+    pmix = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]),
+                          adapter_name="a", mixed=True).eval()
+    with pytest.raises(ValueError, match="a PeftMixedModel .* is not supported"):
+        forkkv_hf.enable_forkkv(pmix)
+    with pytest.raises(ValueError, match="a PeftMixedModel .* is not supported"):
+        SharedContext.build(pmix, _context(8), ["a"], progress=False)

@@ -162,6 +162,9 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """Map ``layer_idx`` to the self-attention module of each decoder layer (separate ``k_proj``/``v_proj``, or a
     fused ``qkv_proj`` as in Phi-3). Refuses models ForkKV does not support (encoder-decoder, fused ``c_attn`` or
     ``query_key_value``, no RoPE) with an error that says which models it supports."""
+    if type(model).__name__ == "PeftMixedModel":  # (taken for a plain model, then refused as "not the PeftModel")
+        raise ValueError("a PeftMixedModel (adapters of several PEFT types) is not supported; ForkKV serves the LoRA "
+                         "adapters of a PeftModel: load them with get_peft_model / PeftModel.from_pretrained")
     found: dict[int, nn.Module] = {}
     base = transformers_model(model)
     if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
