@@ -534,3 +534,32 @@ def test_errors(agents):
             store.fork(ctx, ["planner"])
     finally:
         pm.eval()
+
+
+def test_what_the_store_cannot_take_is_refused_clearly():
+    """A deep copy of a store kept the original model's layers and storages (its forks refused, evict a KeyError),
+    a pickle failed on a weakref: both refused by name. A continuation's past of other heads failed inside
+    torch.cat, a generator past was used up by its first reading, a bf16 past was taken by an fp32 model; a token
+    outside the vocabulary was reported at its index in the uncached tail."""
+    import copy
+    import pickle
+
+    pm = _agents()
+    store = ForkKVStore(pm, progress=False)
+    for clone in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="a ForkKVStore cannot be pickled or copied"):
+            clone(store)
+    ids = _ids(12, seed=1)
+    head = SharedContext.build(pm, ids[:8], [], progress=False)
+    past = [(l.key, l.value) for l in head.layers]
+    with pytest.raises(ValueError, match="past layer 0 has 4 K/V heads"):
+        SharedContext.build_continuation(pm, ids[8:], [], past=[(k.repeat(1, 2, 1, 1), v) for k, v in past])
+    with pytest.raises(TypeError, match="past layer 0 holds torch.bfloat16"):
+        SharedContext.build_continuation(pm, ids[8:], [], past=[(k.bfloat16(), v.bfloat16()) for k, v in past])
+    tail = SharedContext.build_continuation(pm, ids[8:], [], past=(p for p in past), progress=False)
+    whole = SharedContext.build(pm, ids, [], progress=False)
+    torch.testing.assert_close(tail.layers[0].key, whole.layers[0].key[:, :, 8:], rtol=1e-5, atol=1e-5)
+    store.fork(ids, ["__base__"])
+    bad = torch.cat([ids, torch.tensor([500])])
+    with pytest.raises(ValueError, match="token id 500 at index 12"):
+        store.fork(bad, ["__base__"])

@@ -63,18 +63,43 @@ def cache_dtype(base: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def past_length(past) -> int:
-    """Tokens in ``past`` (one ``(key, value)`` pair ``[1, H_kv, S, D]`` per layer, or ``None``); validates it."""
+def past_length(past, base: nn.Module | None = None) -> int:
+    """Tokens in ``past`` (one ``(key, value)`` pair ``[1, H_kv, S, D]`` per layer, or ``None``, a list); validates
+    it, against the K/V ``base`` (the transformers model) makes where given: its dtype, and one head layout."""
     if past is None:
         return 0
-    lengths = set()
+    lengths, layouts = set(), set()
+    dtype = None if base is None else cache_dtype(base)
     for idx, pair in enumerate(past):
         if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != 1 for t in pair):
             raise ValueError(f"past layer {idx}: expected a (key, value) pair of [1, H_kv, S, D] tensors")
+        if dtype is not None and any(t.dtype != dtype for t in pair):  # (a bf16 past was taken by an fp32 model)
+            raise TypeError(f"past layer {idx} holds {pair[0].dtype} K/V but the model computes {dtype}; give the "
+                            "K/V of the same model in its dtype")
         lengths.update(t.shape[-2] for t in pair)
+        layouts.add((pair[0].shape[1], pair[0].shape[-1]))
     if len(lengths) != 1:
         raise ValueError(f"past layers hold different numbers of tokens {sorted(lengths)}; each must hold the same S")
     return lengths.pop()
+
+
+def check_past_layout(past, model: nn.Module) -> None:
+    """Refuse a ``past`` whose K/V heads or head size differ from what the model's attention makes, layer by layer,
+    where the modules say (``head_dim``, the config's ``num_key_value_heads``; before: a size mismatch inside
+    ``torch.cat``)."""
+    from ..peft.tp import tp_world
+
+    world = tp_world(model)[1]
+    for idx, attn in find_attention_modules(model).items():
+        if past is None or idx >= len(past):
+            return
+        cfg = getattr(attn, "config", None)
+        heads, dim = getattr(cfg, "num_key_value_heads", None), getattr(attn, "head_dim", None)
+        want = (None if heads is None else heads // world, dim)
+        got = (past[idx][0].shape[1], past[idx][0].shape[-1])
+        if None not in want and got != want:
+            raise ValueError(f"past layer {idx} has {got[0]} K/V heads of {got[1]} dims, the model's have {want[0]} "
+                             f"of {want[1]}; give the K/V of the same model")
 
 
 def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk, past=None, adapter=None):

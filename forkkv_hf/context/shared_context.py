@@ -40,7 +40,7 @@ from ..peft.lora_factors import (
 )
 from ..model_lock import calls_in_flight, model_lock
 from ..peft.wrappers import remove_stale_peft_hooks
-from .base_pass import check_chunk_size, past_length, segment_layers
+from .base_pass import check_chunk_size, check_past_layout, past_length, segment_layers
 from .identity import ContextIdentity, check_context, record_adapters, record_context
 from .segments import ContextLayout, SharedLayer, base_bytes, factor_bytes, merge_residuals, residual_bytes, rope_bytes
 
@@ -157,11 +157,13 @@ class SharedContext:
         remove_stale_peft_hooks(model)  # left by an earlier call that raised; they would break the base pass
         ids = context_token_ids(context_ids, vocab_size_of(model))
         _refuse_media_tokens(model, ids)
-        S = past_length(past)
+        past = None if past is None else list(past)  # (a generator was used up by its first reading)
+        base = transformers_model(model)
+        S = past_length(past, base)
+        check_past_layout(past, model)
         if adapter_names is None:
             adapter_names = available_adapters(model)
         adapters = tuple(dict.fromkeys(a for a in check_adapter_names(model, adapter_names) if a != BASE_ADAPTER))
-        base = transformers_model(model)
         layers = segment_layers(model, base, ids, adapters, past, chunk_size=chunk_size, progress=progress,
                                 keep_kv=keep_kv)
         return cls(

@@ -15,7 +15,7 @@ from ..cache import ForkKVCache
 from ..context import SharedContext
 from ..context.base_pass import check_chunk_size
 from ..context.identity import adapter_fingerprints, base_fingerprint
-from ..inputs import context_token_ids
+from ..inputs import context_token_ids, vocab_size_of
 from ..peft.lora_factors import BASE_ADAPTER, check_adapter_names
 from ..model_lock import model_lock
 from .fingerprint import CallIdentities, Fingerprints
@@ -58,6 +58,14 @@ class ForkKVStore:
     cache stays valid after that (nothing it reads is ever written), but the store no longer counts or keeps what
     it reads.
     """
+
+    def __reduce__(self):  # a copy kept references to the original model's layers and storages (its forks were
+        raise TypeError(  # refused, evict failed with a KeyError); pickle failed inside on a weakref
+            "a ForkKVStore cannot be pickled or copied (it indexes the model's layers and its own storages); save the "
+            "SharedContexts or caches it forks (they pickle), or make a new store for the copy of the model")
+
+    def __deepcopy__(self, memo):
+        self.__reduce__()
 
     def __init__(self, model: nn.Module, max_bytes: int | None = None, *, chunk_size: int | None = 4096,
                  progress: bool = True, rehash_adapters: bool = False):
@@ -103,7 +111,7 @@ class ForkKVStore:
         if residual not in ForkKVCache.RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {ForkKVCache.RESIDUAL_MODES}, got {residual!r}")
         rows = self._rows(adapter_names)
-        ids = context_token_ids(token_ids).cpu()
+        ids = context_token_ids(token_ids, vocab_size_of(self.model)).cpu()
         names = list(dict.fromkeys(a for a in rows if a != BASE_ADAPTER))
         self._begin()
         base_tree, trees = self._ensure(ids, names if residual != "none" else [])
@@ -150,7 +158,7 @@ class ForkKVStore:
         ``adapter_names`` (default: the adapters whose residuals already cover the cached part of ``token_ids``,
         i.e. the agents working on this transcript; ``[]`` for none). Returns how many tokens the base model ran
         over. Pins nothing."""
-        ids = context_token_ids(token_ids).cpu()
+        ids = context_token_ids(token_ids, vocab_size_of(self.model)).cpu()
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
         with model_lock(self.model):
