@@ -673,3 +673,23 @@ def test_lora_offsets_benchmark_compares_two_kernels_that_agree(tmp_path):
     main(["--small", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["equal"] for r in rows)
+
+
+@pytest.mark.version_independent
+def test_fit_plot_refuses_two_baselines_for_one_agent(tmp_path):
+    """A --baseline glob matching two seeds' probe files kept the last one per agent, and the check that then failed
+    named the steps; two baselines for one agent are refused by name."""
+    import json
+
+    from eval.fidelity.fit_plot import baselines
+
+    probe = {"params": {"steps": 93}, "agents": {"speaker": {
+        "variants": {"std_init": {"exact": {"per_question": [1.0, 0.0]}}},
+        "reference": {"standard@exact": {"per_question": [1.0, 1.0]}}}}}
+    files = []
+    for seed in (0, 1):
+        files.append(tmp_path / f"probe{seed}.json")
+        files[-1].write_text(json.dumps(probe))
+    assert baselines(files[:1])["speaker"][2] == 93
+    with pytest.raises(SystemExit, match="two --baseline files have a std_init baseline for 'speaker'"):
+        baselines(files)

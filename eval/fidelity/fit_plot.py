@@ -41,6 +41,10 @@ def baselines(files: list[Path]) -> dict:
         for agent, r in res["agents"].items():
             rec = r["variants"].get("std_init")
             if rec is not None:
+                if agent in out:  # (a glob matching two seeds' files kept the last one; the check that then failed
+                    raise SystemExit(  # named the steps)
+                        f"two --baseline files have a std_init baseline for {agent!r} (the second: {f}); give one "
+                        "file per agent")
                 out[agent] = (rec["exact"]["per_question"], r["reference"]["standard@exact"]["per_question"],
                               res["params"]["steps"])
     if files and not out:
