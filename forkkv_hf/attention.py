@@ -42,6 +42,7 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
                 f"{list(view.row_adapters)}{off}; pass adapter_names=cache.adapter_names to generate (repeated for "
                 "num_return_sequences, as PEFT requires), or fork the cache with the rows you generate"
             )
+        return  # PEFT passes every LoRA layer of a forward the same names (one projection per layer and step)
 
 
 def _softcap_attention(query, key, value, attention_mask, scaling, softcap):

@@ -86,6 +86,14 @@ def _pad_id(pad_token_id) -> int:
     return pad_token_id
 
 
+def _padded(rows: torch.Tensor, pad: int) -> bool:
+    """Whether the rows of ``rows [B, L]`` carry different numbers of ``pad`` at their start or end (a padded batch;
+    rows that all start with one eos = pad id are not)."""
+    is_pad = (torch.as_tensor(rows) == pad).long()
+    lead, trail = is_pad.cumprod(1).sum(1), is_pad.flip(1).cumprod(1).sum(1)
+    return bool((lead != lead[0]).any() or (trail != trail[0]).any())
+
+
 def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=None) -> dict:
     """``input_ids`` and ``attention_mask`` ``[B, T + L_max]`` for rows "context + that row's prompt".
 
@@ -101,11 +109,12 @@ def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=N
     if hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding
         raise TypeError("prompts is a mapping (a tokenizer's output?); give a list of unpadded prompts, e.g. "
                         "[tokenizer(t).input_ids for t in texts]")
-    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and pad_token_id is not None and bool(
-            ((prompts[:, 0] == pad_token_id) | (prompts[:, -1] == pad_token_id)).any()):
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and pad_token_id is not None and _padded(
+            prompts, pad_token_id):
         # a tokenizer's padded batch: its pads would sit inside the prompts, unmasked and attended (silently)
-        raise ValueError(f"prompts is one [B, L] tensor whose rows start or end with pad_token_id={pad_token_id} "
-                         "(padded); give a list of unpadded prompts: batch_inputs pads them itself")
+        raise ValueError(f"prompts is one [B, L] tensor whose rows start or end with different numbers of "
+                         f"pad_token_id={pad_token_id} (padded); give a list of unpadded prompts: batch_inputs pads "
+                         "them itself")
     rows = [as_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
     if not rows:
         raise ValueError("give at least one prompt")

@@ -224,9 +224,11 @@ def test_batch_inputs_refuses_a_padded_batch_of_prompts():
     unmasked inside the prompt (scores 0.06 off, silently). An unpadded ``[B, L]`` tensor is a list of rows."""
     ctx = torch.tensor([11, 12, 13])
     padded = torch.tensor([[21, 22, 23], [0, 0, 31]])
-    with pytest.raises(ValueError, match="start or end with pad_token_id=0 \\(padded\\); give a list of unpadded"):
+    with pytest.raises(ValueError, match="different numbers of pad_token_id=0 \\(padded\\); give a list of unpadded"):
         batch_inputs(ctx, padded, pad_token_id=0)
     with pytest.raises(TypeError, match="a mapping"):
         batch_inputs(ctx, {"input_ids": padded, "attention_mask": padded != 0}, pad_token_id=0)
     same = batch_inputs(ctx, torch.tensor([[21, 22], [31, 32]]), pad_token_id=0)
     assert same["input_ids"].tolist() == [[11, 12, 13, 21, 22], [11, 12, 13, 31, 32]]
+    eos_first = batch_inputs(ctx, torch.tensor([[2, 22], [2, 32]]), pad_token_id=2)  # pad = eos opening every row
+    assert eos_first["attention_mask"].tolist() == [[1] * 5] * 2

@@ -221,3 +221,26 @@ def test_a_loop_that_starts_with_embeddings_is_served():
         logits.append(out.logits[:, -1])
         ref = plain_peft(pm, lambda: pm(input_ids=fed, adapter_names=names).logits)
     torch.testing.assert_close(torch.stack(logits, 1), ref[:, ctx.numel() + new.shape[1] - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_saved_with_the_previous_token_recorder_is_upgraded():
+    """A model pickled with ForkKV on by the previous release holds one pre-hook handle as its recorder: enable kept
+    it, the forward hook that clears a direct forward's mark was missing, and every direct forward was undone at the
+    next (a decode loop lost its tokens); disable_forkkv failed on the handle."""
+    from forkkv_hf.peft.wrappers import _record_tokens_hook
+
+    pm = _agents()
+    base = pm.get_base_model()
+    forkkv_hf.disable_forkkv(pm)
+    base._forkkv_recorder = base.register_forward_pre_hook(_record_tokens_hook, with_kwargs=True)
+    forkkv_hf.enable_forkkv(pm)
+    assert isinstance(base._forkkv_recorder, tuple) and len(base._forkkv_recorder) == 2
+    ctx = _context(10)
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=NAMES)
+    new = batch_inputs(ctx, _prompts([3, 3]), pad_token_id=0)["input_ids"][:, 10:]
+    with torch.no_grad():
+        pm(input_ids=new, adapter_names=NAMES, **cache_kwargs(cache))
+        pm(input_ids=new[:, :1], adapter_names=NAMES, **cache_kwargs(cache))
+    assert cache.get_seq_length() == 14
+    forkkv_hf.disable_forkkv(pm)
+    assert len(base._forward_pre_hooks) == 0 and len(base._forward_hooks) == 0

@@ -233,6 +233,11 @@ def test_left_padded_rows_do_not_learn_a_label_from_padding(caplog):
     rows = [{"input_ids": ids[:1], "labels": labels[:1]}, {"input_ids": ids[1:, 2:], "labels": labels[1:, 2:]}]
     sums = [forkkv_loss(pm, tc, r, "agent", "kv") * (r["labels"][:, 1:] != -100).sum() for r in rows]
     torch.testing.assert_close(padded, sum(sums) / 4)
+    # the collator does not count them either (Trainer's num_items_in_batch: the loss's scale was 6/7 off)
+    examples = [{"input_ids": i.tolist(), "labels": l.tolist(), "attention_mask": m.tolist(), "context_index": 0}
+                for i, l, m in zip(ids, labels, mask)]
+    collated = ForkKVCollator(0)(examples)
+    assert int((collated["labels"][:, 1:] != -100).sum()) == 4
 
 
 def test_exact_training_refuses_padding_inside_rows_on_sliding_window_models():

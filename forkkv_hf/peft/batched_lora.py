@@ -107,8 +107,8 @@ def _copy_key(layer, name: str) -> tuple:
 def _current(layer, stack: StackedLoRA, used) -> bool:
     """Whether the stack serves ``used`` as the layer is now: each name it has is current, and it has no slot for
     a name the layer no longer has (an adapter deleted, or re-added without LoRA here)."""
-    if any((n in stack.slot) != (n in layer.lora_A) for n in used) or any(n not in layer.lora_A for n in stack.slot):
-        return False  # (a deleted adapter's slot kept its memory for as long as the stack served the others)
+    if any((n in stack.slot) != (n in layer.lora_A) for n in used) or len(stack.slot) != len(layer.lora_A._modules):
+        return False  # (a deleted adapter's slot kept its memory while the stack served the others)
     names = [n for n in used if n in layer.lora_A]
     if stack.views:
         return stack.views_current(layer, names)

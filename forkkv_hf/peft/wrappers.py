@@ -173,6 +173,9 @@ def _forward_done_hook(module, args, kwargs, output):
 def install_token_recorder(base: nn.Module) -> None:
     """On the transformers model: record the tokens each forward appends to a ForkKVCache, and mark the forwards
     that returned (a direct forward that raised is undone at the cache's next use) (idempotent)."""
+    handles = getattr(base, "_forkkv_recorder", None)
+    if handles is not None and not isinstance(handles, tuple):  # an earlier release's pre-hook alone (a model saved
+        uninstall_token_recorder(base)  # with ForkKV on): without the forward hook every direct forward was undone
     if getattr(base, "_forkkv_recorder", None) is None:
         base._forkkv_recorder = (base.register_forward_pre_hook(_record_tokens_hook, with_kwargs=True),
                                  base.register_forward_hook(_forward_done_hook, with_kwargs=True))
@@ -181,7 +184,7 @@ def install_token_recorder(base: nn.Module) -> None:
 def uninstall_token_recorder(base: nn.Module) -> None:
     handles = getattr(base, "_forkkv_recorder", None)
     if handles is not None:
-        for handle in handles:
+        for handle in handles if isinstance(handles, tuple) else (handles,):
             handle.remove()
         base._forkkv_recorder = None
 

@@ -247,10 +247,11 @@ def _check_runnable(model, full_mask: torch.Tensor, residual, context: TrainingC
             "cache through which ForkKV-aware training passes the context's K/V, so the context would be left out. "
             "Turn it off (model.gradient_checkpointing_disable(), gradient_checkpointing=False)"
         )
-    m = full_mask.bool()
-    holes = bool((~m[:, :-1] & m[:, 1:]).any())  # padding before a real token (contexts of unequal lengths, left pads)
+    m, holes = full_mask.bool(), None
     for idx, attn in find_attention_modules(model).items():
         w = sliding_window(attn, base.config)
+        if w is not None and length > w and residual == "exact" and holes is None:  # read once, where it matters
+            holes = bool((~m[:, :-1] & m[:, 1:]).any())  # padding before a real token (unequal contexts, left pads)
         if w is not None and length > w and residual == "exact" and holes:
             raise ValueError(
                 f"layer {idx} uses sliding-window attention (window {w}) and these rows ({length} tokens with the "

@@ -48,6 +48,9 @@ class ForkKVCollator:
             ids[i, :n] = torch.as_tensor(e["input_ids"])
             labels[i, :n] = torch.as_tensor(e["labels"])
             mask[i, :n] = torch.as_tensor(e["attention_mask"]) if "attention_mask" in e else 1
+        # a label right after padding of the example's own is not learned (forkkv_hf.training.loss): not counted
+        # either, so that Trainer's num_items_in_batch counts what the loss sums
+        labels[:, 1:][mask[:, :-1] == 0] = -100
         index = torch.tensor([int(e["context_index"]) for e in examples], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "context_index": index}
 
@@ -159,7 +162,8 @@ class ForkKVTrainer(Trainer):
         if "context_index" not in inputs:
             raise KeyError("the batch has no 'context_index'; use ForkKVCollator and keep that column")
         index = inputs["context_index"]
-        n_items = (inputs["labels"][:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        n_items = ((inputs["labels"][:, 1:] != -100) & (inputs["attention_mask"][:, :-1] != 0)).sum() \
+            if num_items_in_batch is None else num_items_in_batch
         total = None
         # rows of one context run together: one forward per distinct context in the batch
         for c in torch.unique(index).tolist():
