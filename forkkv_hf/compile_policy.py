@@ -123,7 +123,7 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    from .peft.batched_lora import _can_batch
+    from .peft.batched_lora import _can_batch, stacked_lora
 
     tuned = [m for m in _modules_outside_lora(transformers_model(model))
              if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
@@ -144,6 +144,9 @@ def _lora_reason(model, adapter_names) -> tuple[int, str] | None:
     if not all(_can_batch(layer, used) for layer in tuned):
         return logging.WARNING, ("a LoRA layer cannot be batched for these adapters (DoRA or another LoRA variant, or "
                                  "active dropout), so it runs PEFT's own code")
+    if any(stacked_lora(layer, used).mixed_dtypes for layer in tuned):  # (the compiled step found no plan: a crash)
+        return logging.WARNING, ("a LoRA layer holds adapters of different dtypes, which PEFT computes each in its own "
+                                 "(its own code, not compiled)")
     return None
 
 

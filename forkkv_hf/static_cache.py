@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView
+from .config import get_config
 from .memo import memoized
 from .ops.decode_ops import AttentionDecodePlan, plan_decode_attention
 from .ops.dispatch import BatchAgents, batch_agents
@@ -149,17 +150,23 @@ class StaticForkKVLayer(ForkKVLayer):
         self.length.fill_(P)
 
     # -- rows: device plans made on the host, before the step -----------------------------------------------------
+    def _plan_inputs(self) -> tuple:
+        cfg = get_config()
+        return self.shared.k_res, self.shared.v_res, cfg.lowp_rope, cfg.f16_k_pass
+
     def plan_current(self) -> bool:
         """Whether the decode plan was made for the shared layer's residuals as they are (``add_adapters`` replaces
-        them with wider stacks: a plan kept from before read the old ``B``, a kernel error or worse)."""
-        made_for = self.__dict__.get("_plan_res")
-        return made_for is not None and made_for[0] is self.shared.k_res and made_for[1] is self.shared.v_res
+        them with wider stacks: a plan kept from before read the old ``B``, a kernel error or worse) and the kernels'
+        precision settings as they are (``set_config(f16_k_pass=..., lowp_rope=...)`` between calls was ignored by
+        a continued cache's compiled steps)."""
+        made_for, now = self.__dict__.get("_plan_res"), self._plan_inputs()
+        return made_for is not None and made_for[0] is now[0] and made_for[1] is now[1] and made_for[2:] == now[2:]
 
     def _set_rows(self, rows) -> None:
         rows = tuple(rows)
         if getattr(self, "agents", None) is not None and rows == self.rows and self.plan_current():
             return  # beam search reorders rows within groups of one agent: nothing to rebuild
-        self._plan_res = (self.shared.k_res, self.shared.v_res)
+        self._plan_res = self._plan_inputs()
         super()._set_rows(rows)
         dev = str(self.shared.key.device)
         if self.k_slots is not None:
@@ -251,6 +258,17 @@ class StaticForkKVLayer(ForkKVLayer):
 class StaticForkKVCache(ForkKVCache):
     """A :class:`~forkkv_hf.cache.ForkKVCache` in the static layout (module docstring). ``capacity``: private tokens
     per row. Made by :func:`make_static`; :func:`make_dynamic` turns it back."""
+
+    def prepare_forward(self, module, args: tuple, kwargs: dict):
+        if self.__dict__.get("_generate_forwards") is None and not torch.compiler.is_compiling():
+            x = kwargs.get("input_ids", args[0] if args else None)
+            x = kwargs.get("inputs_embeds") if x is None else x
+            # a direct forward that may pass what a compiled call left room for (whole rows counted whole): the
+            # dynamic layout, which grows (it was refused, saying to reset the cache)
+            if x is not None and self.layers[0].private_length() + x.shape[1] > self.capacity:
+                make_dynamic(self)
+                return ForkKVCache.prepare_forward(self, module, args, kwargs)
+        return super().prepare_forward(module, args, kwargs)
 
     @property
     def private_ids(self) -> torch.Tensor | None:

@@ -653,7 +653,7 @@ def test_a_static_plan_follows_adapters_added_to_its_context(monkeypatch):
             cache, kw = shared.fork(names), dict(compile_config=_compile_config()) if compiled else {}
             first = _gen(pm, inputs, names, cache, max_new_tokens=3, **kw)
             pm.add_adapter("c", LoraConfig(r=16, lora_alpha=32, target_modules=["k_proj", "v_proj"],
-                                           init_lora_weights=False), autocast_adapter_dtype=False)
+                                           init_lora_weights=False))  # (the others' dtype: else not compiled)
             pm.eval()
             shared.add_adapters(pm, ["c"], progress=False)
             ids = torch.cat([first.sequences, torch.full((4, 1), 9)], 1)
@@ -662,6 +662,50 @@ def test_a_static_plan_follows_adapters_added_to_its_context(monkeypatch):
                                                       dtype=torch.long)], 1))
             outs[compiled] = (first, _gen(pm, more, names, cache, max_new_tokens=3, **kw))
             if compiled:
-                assert all(layer.plan_current() for layer in cache.layers)
+                assert isinstance(cache, StaticForkKVCache) and all(layer.plan_current() for layer in cache.layers)
     for eager, comp in zip(outs[False], outs[True]):
         _assert_same(comp, eager)
+
+
+def test_what_the_compiled_step_met_unprepared(monkeypatch):
+    """Found by an audit (CPU, compiled against eager): adapters of two dtypes in one layer compiled and then found
+    no plan inside the step (a crash naming the wrong cause): now eager, equal; a set_config between two calls of
+    one cache was ignored by the kept static plan; a direct forward past the static capacity a compiled call left
+    was refused (now the cache goes back to the dynamic layout); a plain model's forward wrapper broke a fullgraph
+    trace."""
+    from peft import LoraConfig, get_peft_model
+
+    from forkkv_hf.static_cache import StaticForkKVCache
+
+    pm = get_peft_model(tiny_llama(layers=2, seed=3, dtype=torch.bfloat16),
+                        LoraConfig(r=4, target_modules=ALL, init_lora_weights=False), adapter_name="a")
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=ALL, init_lora_weights=False), autocast_adapter_dtype=False)
+    pm = forkkv_hf.enable_forkkv(pm.eval())
+    ctx, names = _context(20), ["a", "b", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 2, 4], seed=1), pad_token_id=0)
+    eager = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, names), max_new_tokens=4)
+    _assert_same(_gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, names), max_new_tokens=4,
+                      compile_config=_compile_config()), eager)
+
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=7), {"a": dict(r=4, target_modules=ALL)}))
+    names = ["a", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([3, 2], seed=1), pad_token_id=0)
+    cache = ForkKVCache.from_context(pm, ctx, names)
+    out = _gen(pm, inputs, names, cache, max_new_tokens=4, compile_config=_compile_config())
+    assert isinstance(cache, StaticForkKVCache)
+    with forkkv_hf.config_override(lowp_rope=not forkkv_hf.get_config().lowp_rope):
+        assert not any(layer.plan_current() for layer in cache.layers)
+    new = torch.randint(3, 128, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pm(input_ids=torch.cat([out.sequences[:, -1:], new], 1), adapter_names=names, **cache_kwargs(cache))
+    assert not isinstance(cache, StaticForkKVCache) and cache.get_seq_length() == out.sequences.shape[1] + 80
+
+    plain = forkkv_hf.enable_forkkv(tiny_llama(layers=2, seed=5))  # no PEFT: its own forward is compiled, fullgraph
+
+    def plain_gen(**kw):
+        return plain.generate(**inputs, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                              max_new_tokens=4, **cache_kwargs(ForkKVCache.from_context(plain, ctx, ["__base__"] * 2)),
+                              **kw)
+
+    _assert_same(plain_gen(compile_config=_compile_config()), plain_gen())
+    assert _decode_graph_runs() > 0

@@ -201,7 +201,8 @@ def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     if plan is None:
         raise RuntimeError(
             "a compiled forward reached a LoRA layer that its call's eager prefill did not plan (or cannot batch); "
-            "generate with a ForkKVCache through the model's generate (forkkv_hf.enable_forkkv installs it)"
+            "generate with a ForkKVCache through the model's generate (forkkv_hf.enable_forkkv installs it), and if "
+            "you did, pass disable_compile=True and report it: the compile policy let through a layer it cannot batch"
         )
     for k in VARIANT_KWARG_KEYS:
         kwargs.pop(k, None)

@@ -67,6 +67,8 @@ class _Wrapper:
         self.__doc__, self.__name__ = inner.__doc__, getattr(inner, "__name__", kind)
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced (generate compiles a plain model's forward, wrapper and all): the
+            return self.__wrapped__(*args, **kwargs)  # eager call around the trace holds the lock
         with model_call(self.model) as outer:
             if self.kind == "generate":
                 if outer == 0:  # PEFT's adapter_names hooks of no running call: a copy made mid-call carries them
