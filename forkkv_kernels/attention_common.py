@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import weakref
 
 import torch
 import triton
@@ -132,26 +134,46 @@ def sm_major(device: str) -> int:
     return 0
 
 
-_WORKSPACES: dict = {}
+class _Buffers(dict):
+    """One thread's scratch buffers (a dict that a weak set can hold: compared and hashed by identity)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+_LOCAL = threading.local()
+_ALL_BUFFERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _thread_buffers() -> _Buffers:
+    bufs = getattr(_LOCAL, "buffers", None)
+    if bufs is None:
+        bufs = _LOCAL.buffers = _Buffers()
+        _ALL_BUFFERS.add(bufs)
+    return bufs
 
 
 def workspace(name: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
-    """A reusable scratch buffer (the kernels of one stream run one after another, so layers can share it)."""
-    key = (name, str(device), dtype)
-    buf = _WORKSPACES.get(key)
+    """A reusable scratch buffer of the calling thread (the kernels one thread launches on its stream run one after
+    another, so layers can share it; two threads, e.g. two models generating at once on one GPU, interleaved their
+    launches over one process-wide buffer: a call's merge read the other's partials, 0.9 off)."""
+    bufs, key = _thread_buffers(), (name, str(device), dtype)
+    buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-        _WORKSPACES[key] = buf
+        bufs[key] = buf
     return buf[:numel]
 
 
 def release_workspaces() -> int:
-    """Drop the reusable scratch buffers (:func:`workspace`; the largest at a call of B decode rows, H_kv KV heads and
-    T context tokens: the K residual's scores, 2 bytes x H_kv x 4·B x T, 512 MiB at 256 rows of Llama-3.1-8B shapes
-    over 32K) so that the CUDA caching allocator can give their memory back; the next call allocates them anew.
-    Returns the bytes released (tensors still in use elsewhere keep theirs)."""
-    freed = sum(buf.numel() * buf.element_size() for buf in _WORKSPACES.values())
-    _WORKSPACES.clear()
+    """Drop the reusable scratch buffers of every thread (:func:`workspace`; the largest at a call of B decode rows,
+    H_kv KV heads and T context tokens: the K residual's scores, 2 bytes x H_kv x 4·B x T, 512 MiB at 256 rows of
+    Llama-3.1-8B shapes over 32K) so that the CUDA caching allocator can give their memory back; the next call
+    allocates them anew. Returns the bytes released (tensors still in use elsewhere keep theirs)."""
+    freed = 0
+    for bufs in list(_ALL_BUFFERS):
+        freed += sum(buf.numel() * buf.element_size() for buf in bufs.values())
+        bufs.clear()
     return freed
 
 
@@ -230,6 +252,19 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, maxnreg: int | 
         if stages != num_stages:
             _FITTED_STAGES[key()] = stages
         return compiled
+
+
+def check_mask(mask, B: int, NQ: int, S: int) -> None:
+    """Refuse a ``mask`` the kernels would misread: not ``[B, NQ, >= S]`` (read through three strides: a broadcast
+    ``[B, 1, S]`` read past its end, a 4-D one failed inside Triton) or floating point (read as ``!= 0`` = attend, an
+    additive 0 / -inf mask came out inverted)."""
+    if mask is None:
+        return
+    if mask.dim() != 3 or mask.shape[0] != B or mask.shape[1] != NQ or mask.shape[2] < S:
+        raise ValueError(f"mask {tuple(mask.shape)}: give [B, NQ, T + P] = [{B}, {NQ}, {S}] (1 = attend)")
+    if mask.is_floating_point():
+        raise TypeError(f"mask is {mask.dtype}: give a bool or integer mask (1 = attend); for an additive one pass "
+                        "(mask == 0)")
 
 
 def check_inputs(q, k_base, v_base, k_priv, v_priv):

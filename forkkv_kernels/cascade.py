@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, cdiv, check_inputs, gdc_launch_dependents, gdc_wait, launch, mma, num_sms,
-                               on_device, pdl_ok, pow2, softmax_step, split_length, workspace)
+from .attention_common import (LOG2E, cdiv, check_inputs, check_mask, gdc_launch_dependents, gdc_wait, launch, mma,
+                               num_sms, on_device, pdl_ok, pow2, softmax_step, split_length, workspace)
 from .kres_gluon import GLUON_RULE
 from .kres_gluon import refusal as kres_refusal
 from .kres_pass import launch_kres_scores
@@ -148,6 +148,9 @@ def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> di
     padded to ``rvb``): ``N_SUB`` sub-blocks (default ``block_m / 16``) of ``SB`` vectors, each holding ``RPSB`` rows
     whose ``u_v`` it multiplies, ``SBC = RPSB·rvb`` columns."""
     n_sub = n_sub or max(1, block_m // 16)
+    if n_sub > block_m:  # (SB = 0 failed inside Triton)
+        raise ValueError(f"n_sub={n_sub} is more than the {block_m} query vectors per program (block_m); give at most "
+                         f"{block_m}")
     sb = block_m // n_sub
     rpsb = max(1, sb // vpr)
     return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
@@ -166,8 +169,11 @@ def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tenso
     ``k_slot [B]`` int (each row's slot, -1: none), the same for V (None: no residual of that kind); ``mask
     [B, NQ, T + P]`` int8 (1 = attend) or None (the shared context visible, causal in the private part). ``k_order``:
     the rows sorted by ``k_slot`` (computed when None), ``k_agents``: how many distinct K slots and ``k_max_rows``: the
-    most rows one K slot has (they size the K pass's grid and score MMA; ``B`` when None: correct, slower). No host
-    reads of tensor values. ``context_visible``: the caller knows that ``mask`` shows every row the whole shared
+    most rows one K slot has (they size the K pass's grid and score MMA; ``B`` when None: correct, slower; a value
+    below the true count leaves rows unscored: wrong). No host reads of tensor values: where the launch rule picks
+    the K pass's fp16 rebuild (bf16/fp16 decode calls of 128+ query vectors per KV head, unless ``res_f16=False``),
+    the caller vouches for the K residual's range (:func:`~.kres_pass.f16_range_ok`, as forkkv_hf's adapter checks
+    once per residual); beyond it the rebuild overflows. ``context_visible``: the caller knows that ``mask`` shows every row the whole shared
     context (its first ``T`` columns all ones), so only the private part reads it: the shared part's kernels run
     unmasked (the compiled decode step's mask, eval/KERNEL_NOTES.md "v41 measured"). ``tuning``: see
     :func:`_cascade_attention`.
@@ -236,6 +242,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     B, H, NQ, D = q.shape
     Hkv, T, _ = k_base.shape
     q, k_base, v_base, k_priv, v_priv = check_inputs(q, k_base, v_base, k_priv, v_priv)
+    check_mask(mask, B, NQ, T + k_priv.shape[-2])
     k_base, v_base = k_base.contiguous(), v_base.contiguous()
     G, HALF = H // Hkv, D // 2
     HALF_B, DB = pow2(HALF), pow2(D)
@@ -243,9 +250,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     dev, dtype = q.device, q.dtype
     interp = not q.is_cuda
     if not interp and D > MAX_HEAD_DIM:
-        raise NotImplementedError(f"head_dim {D}: the kernels serve heads up to {MAX_HEAD_DIM} on the GPU (at 256 their "
-                                  "K pass fails to compile); use forkkv_hf's SDPA path (set_config(backend='sdpa'), "
-                                  "or the 'auto' backend, which picks it)")
+        raise NotImplementedError(f"head_dim {D}: the kernels serve heads up to {MAX_HEAD_DIM} on the GPU (at 256 "
+                                  "their K pass fails to compile); use forkkv_hf's SDPA path "
+                                  "(set_config(backend='sdpa'), or the 'auto' backend, which picks it)")
     prec = "ieee" if dtype == torch.float32 else "tf32"
     has_k, has_v = k_u is not None, v_u is not None
     # the K residual's score rows (written by the K pass, read by the shared part) padded to 16 tokens: every row

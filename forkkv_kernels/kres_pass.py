@@ -337,6 +337,9 @@ def launch_kres_scores(q, k_u, k_B, cos, sin, k_slot, k_order, r_scores, qk_scal
     if not isinstance(HG, int) or HG < 1 or Hkv % HG:  # a negative one divided and launched nothing, silently
         raise ValueError(f"res_heads={HG!r}: give a positive divisor of the {Hkv} KV heads")
     rows_max = max(1, k_max_rows or B)
+    if fma and VPR > 16:  # (the mq refusal below named a knob the caller never gave, with contradictory bounds)
+        raise ValueError(f"res_score='fma' (CUDA-core scores) takes at most 16 query vectors per row and KV head, this "
+                         f"call has {VPR}; use res_score='mma'")
     MQ = mq or max(VPR, min(16 if fma else 64, pow2(rows_max * VPR, 1 if fma else 16)))
     if MQ < VPR or MQ != pow2(MQ, 1) or (MQ < 16 and not fma) or (MQ > 16 and fma):
         limit = " and at most 16 (one vector at a time)" if fma else " and 16 (the MMA); fewer with res_score=fma"

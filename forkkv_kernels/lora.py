@@ -146,8 +146,28 @@ def lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.T
     """
     from .attention_common import on_device
 
+    _check_lora_args(x, tuple(slots), A, B, scale, out)
     with on_device(x.device):
         return _lora_delta_triton(x, slots, A, B, scale, out, reduce_group)
+
+
+def _check_lora_args(x, slots: tuple, A, B, scale, out) -> None:
+    """Host-side shape checks (no tensor values read): a slot per row, slots inside the stacks, the stacks' widths
+    matching ``x`` and each other, ``out`` of the result's shape (the kernel trusts them: more slots than rows wrote
+    past ``out``, a slot past the stacks read outside ``A``)."""
+    Bsz, L, d_in = x.shape
+    n, r, _ = A.shape
+    problems = [
+        (len(slots) != Bsz, f"{len(slots)} slots for {Bsz} rows"),
+        (any(s >= n for s in slots), f"a slot >= the {n} adapters stacked"),
+        (A.shape[2] != d_in, f"A's {A.shape[2]} input features for x's {d_in}"),
+        (B.shape[0] != n or B.shape[2] != r, f"B {tuple(B.shape)} for A {tuple(A.shape)} ([n, d_out, r])"),
+        (scale.numel() < n, f"{scale.numel()} scales for {n} adapters"),
+        (tuple(out.shape) != (Bsz, L, B.shape[1]), f"out {tuple(out.shape)}, not {(Bsz, L, B.shape[1])}"),
+    ]
+    bad = [why for wrong, why in problems if wrong]
+    if bad:
+        raise ValueError(f"lora_delta_triton: {'; '.join(bad)}")
 
 
 def _lora_delta_triton(x: torch.Tensor, slots: tuple, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,

@@ -343,3 +343,24 @@ def test_a_deleted_adapter_leaves_the_stacks():
         pm(input_ids=ids[:2], adapter_names=["a0", "__base__"])
     slots = {len(m._forkkv_stack.slot) for m in _lora_linears(pm) if "_forkkv_stack" in m.__dict__}
     assert slots == {1}
+
+
+def test_the_lora_kernel_refuses_shapes_it_would_misread():
+    """lora_delta_triton trusted its shapes: more slots than rows wrote past ``out`` (the process aborted), a slot past
+    the stacks read outside ``A`` (NaN), mismatched widths gave garbage. Refused on the host, by name."""
+    from forkkv_kernels.lora import lora_delta_triton
+
+    x, A, B = torch.randn(2, 1, 8), torch.randn(3, 4, 8), torch.randn(3, 6, 4)
+    scale, out = torch.ones(3), torch.zeros(2, 1, 6)
+    ref = out.clone()
+    for i, s in enumerate((0, 2)):
+        ref[i] += (x[i] @ A[s].T @ B[s].T) * scale[s]
+    torch.testing.assert_close(lora_delta_triton(x, (0, 2), A, B, scale, out), ref, rtol=1e-4, atol=1e-4)
+    for args, why in (((x, (0, 1, 2), A, B, scale, out), "3 slots for 2 rows"),
+                      ((x, (0, 3), A, B, scale, out), "a slot >= the 3 adapters"),
+                      ((x, (0, 1), A[..., :4], B, scale, out), "A's 4 input features for x's 8"),
+                      ((x, (0, 1), A, B[..., :2], scale, out), "B \\(3, 6, 2\\) for A"),
+                      ((x, (0, 1), A, B, scale[:2], out), "2 scales for 3 adapters"),
+                      ((x, (0, 1), A, B, scale, out[..., :5]), "out \\(2, 1, 5\\)")):
+        with pytest.raises(ValueError, match=why):
+            lora_delta_triton(*args)

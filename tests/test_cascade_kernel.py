@@ -167,6 +167,23 @@ def test_cascade_tile_knobs_refuse_what_is_not_a_power_of_two():
             _launch(q, view, None, 0.25, **knob)
 
 
+def test_cascade_refuses_masks_and_knobs_it_would_misread():
+    """A floating (additive) mask was read as != 0 = attend (inverted, 1.35 off); a broadcast [B, 1, S] mask was read
+    past its end and a 4-D one failed inside Triton; n_sub above block_m failed inside Triton."""
+    view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
+    q = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
+    args, kw = _device_inputs(view, True)
+    ok = torch.ones(2, 2, 22, dtype=torch.int8, device=DEV)
+    cascade_attention(q, *args, 0.25, mask=ok, **kw)
+    with pytest.raises(TypeError, match="give a bool or integer mask"):
+        cascade_attention(q, *args, 0.25, mask=torch.zeros(2, 2, 22, device=DEV), **kw)
+    for bad in (ok[:, :1], ok[..., :20], ok[None]):
+        with pytest.raises(ValueError, match=r"give \[B, NQ, T \+ P\] = \[2, 2, 22\]"):
+            cascade_attention(q, *args, 0.25, mask=bad, **kw)
+    with pytest.raises(ValueError, match="n_sub=32 is more than the 16 query vectors"):
+        cascade_attention(q, *args, 0.25, block_m=16, n_sub=32, **kw)
+
+
 def test_cascade_refuses_what_ran_silently_wrong():
     """A negative ``res_heads`` divided the KV heads and launched no K pass, and a negative ``merge_block_t`` skipped
     the private part (output 1.2-1.7 and 0.3 off, silently); an empty shared context divided by zero."""
@@ -900,8 +917,26 @@ def test_release_workspaces_gives_the_scratch_back():
     q = _query(view, 4, 1)
     release_workspaces()
     first = _launch(q, view, None, 0.25)
-    held = dict(attention_common._WORKSPACES)
+    held = dict(attention_common._thread_buffers())
     assert any(name == "kres_scores" for name, *_ in held), sorted(held)
     assert release_workspaces() == sum(b.numel() * b.element_size() for b in held.values()) > 0
-    assert not attention_common._WORKSPACES and release_workspaces() == 0
-    assert torch.equal(_launch(q, view, None, 0.25), first) and attention_common._WORKSPACES
+    assert not attention_common._thread_buffers() and release_workspaces() == 0
+    assert torch.equal(_launch(q, view, None, 0.25), first) and attention_common._thread_buffers()
+
+
+def test_each_thread_has_its_own_scratch():
+    """Two models generating at once from two threads on one GPU (each holds only its own lock) interleaved their
+    kernels over one process-wide scratch: a call's merge read the other call's partials (0.9 off). Per thread now;
+    release_workspaces drops every thread's."""
+    import threading
+
+    from forkkv_kernels import attention_common, release_workspaces
+
+    release_workspaces()
+    mine = attention_common.workspace("probe", 8, "cpu")
+    theirs = []
+    worker = threading.Thread(target=lambda: theirs.append(attention_common.workspace("probe", 8, "cpu")))
+    worker.start()
+    worker.join()
+    assert mine.data_ptr() != theirs[0].data_ptr()
+    assert release_workspaces() == 32  # this thread's 8 floats; a finished thread's buffers went with it
