@@ -14,7 +14,8 @@ Without an override the configuration comes from the environment (the defaults w
 - ``FORKKV_LOWP_ROPE`` (``lowp_rope``): ``0`` / ``1``: the kernels rotate the K residual in the cache dtype (unset:
   on for bf16/fp16 on the GPU);
 - ``FORKKV_F16_K_PASS`` (``f16_k_pass``): ``0`` / ``1``: the kernels' K pass rebuilds and rotates the K residual in
-  fp16 (unset: their rule, from 32 decode agents in bf16/fp16); a K residual beyond fp16's range never takes it;
+  fp16 (unset: their rule, from 16 decode agents on Hopper with the Gluon K pass, 32 with the Triton one, in
+  bf16/fp16); a K residual beyond fp16's range never takes it;
 - ``FORKKV_DEFER_STOP`` (``defer_stop``): ``auto`` (default) / ``off``: whether a decode step compiled on CUDA
   reads generate's stop flag one step late (:mod:`forkkv_hf.stop_check`);
 - ``FORKKV_COMPILE_REGIONS`` (``compile_regions``): ``off`` (default) / ``on``: a compiled decode step compiles the
@@ -138,7 +139,7 @@ def set_config(config: ForkKVConfig | None = None, **changes) -> ForkKVConfig | 
 def config_override(**changes):
     """``with config_override(backend="torch"): ...``: the configuration in force with ``changes``, restored on
     exit. Yields the configuration."""
-    previous = set_config(dataclasses.replace(get_config(), **changes))
+    previous = set_config(**changes) if changes else set_config(get_config())  # (unknown fields named, as set_config)
     try:
         yield get_config()
     finally:

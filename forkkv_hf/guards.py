@@ -251,6 +251,8 @@ def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) 
             return False
         if mask.shape[1] == L and L > S:
             return True
+        if mask.shape[1] == L == S:  # whole rows the cache holds already (a longer mask would append them again)
+            raise ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
         raise ValueError(
             f"attention_mask covers {mask.shape[1]} tokens but this forward appends {L} to a cache holding {S} "
             f"({T} shared): give a mask of {S + L} columns (cached + new tokens), as generate does"

@@ -109,13 +109,13 @@ def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=N
     if hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding
         raise TypeError("prompts is a mapping (a tokenizer's output?); give a list of unpadded prompts, e.g. "
                         "[tokenizer(t).input_ids for t in texts]")
-    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and pad_token_id is not None and _padded(
-            prompts, pad_token_id):
-        # a tokenizer's padded batch: its pads would sit inside the prompts, unmasked and attended (silently)
-        raise ValueError(f"prompts is one [B, L] tensor whose rows start or end with different numbers of "
-                         f"pad_token_id={pad_token_id} (padded); give a list of unpadded prompts: batch_inputs pads "
-                         "them itself")
     rows = [as_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+    if pad_token_id is not None and len(rows) > 1 and len({p.numel() for p in rows}) == 1 and _padded(
+            torch.stack(rows), _pad_id(pad_token_id)):
+        # a tokenizer's padded batch (a [B, L] tensor, or its lists): its pads would sit inside the prompts, unmasked
+        # and attended (silently)
+        raise ValueError(f"prompts are rows of one length that start or end with different numbers of "
+                         f"pad_token_id={pad_token_id} (padded); give unpadded prompts: batch_inputs pads them itself")
     if not rows:
         raise ValueError("give at least one prompt")
     for i, p in enumerate(rows):

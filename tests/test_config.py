@@ -63,6 +63,9 @@ def test_set_config_pins_and_override_restores(clean_env):
     assert set_config(backend="torch") is None
     clean_env.setenv("FORKKV_BACKEND", "triton")  # a pinned configuration ignores the environment
     assert get_config().backend == "torch"
+    with pytest.raises(TypeError, match=r"unknown field\(s\) \['lora_bakend'\]; use \["):  # (a bare dataclass error)
+        with config_override(lora_bakend="torch"):
+            pass
     with config_override(lora_backend="torch") as cfg:
         assert cfg == get_config() == ForkKVConfig(backend="torch", lora_backend="torch")
     assert get_config() == ForkKVConfig(backend="torch")

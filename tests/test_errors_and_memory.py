@@ -224,8 +224,9 @@ def test_batch_inputs_refuses_a_padded_batch_of_prompts():
     unmasked inside the prompt (scores 0.06 off, silently). An unpadded ``[B, L]`` tensor is a list of rows."""
     ctx = torch.tensor([11, 12, 13])
     padded = torch.tensor([[21, 22, 23], [0, 0, 31]])
-    with pytest.raises(ValueError, match="different numbers of pad_token_id=0 \\(padded\\); give a list of unpadded"):
-        batch_inputs(ctx, padded, pad_token_id=0)
+    for form in (padded, padded.tolist(), list(padded)):  # a tensor, a tokenizer's lists, a list of tensors
+        with pytest.raises(ValueError, match="different numbers of pad_token_id=0 \\(padded\\); give unpadded"):
+            batch_inputs(ctx, form, pad_token_id=0)
     with pytest.raises(TypeError, match="a mapping"):
         batch_inputs(ctx, {"input_ids": padded, "attention_mask": padded != 0}, pad_token_id=0)
     same = batch_inputs(ctx, torch.tensor([[21, 22], [31, 32]]), pad_token_id=0)

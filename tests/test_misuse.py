@@ -183,6 +183,8 @@ def test_direct_forward_of_whole_rows(exact_agents):
         tail = pm(input_ids=ids[:, 16:], attention_mask=mask, position_ids=positions[:, 16:], adapter_names=names,
                   **cache_kwargs(cache)).logits
         torch.testing.assert_close(tail, exact[:, 16:], rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="all of which this cache already holds \\(19\\); pass new tokens"):
+            pm(**inputs, adapter_names=names, **cache_kwargs(cache))  # (it said to give a 38-column mask)
         last = pm(**inputs, position_ids=positions, adapter_names=names, logits_to_keep=2,
                   **cache_kwargs(_fork(pm, ctx, names))).logits
         torch.testing.assert_close(last, exact[:, -2:], rtol=1e-4, atol=1e-4)
