@@ -25,6 +25,14 @@ def _agents(seed=1):
     return forkkv_hf.enable_forkkv(pm)
 
 
+def _built(prompt_lengths):
+    """Two agents, a 10-token context built for them, and rows of prompts of these lengths."""
+    pm = _agents()
+    ctx = _context(10)
+    return pm, ctx, SharedContext.build(pm, ctx, NAMES, progress=False), batch_inputs(
+        ctx, _prompts(prompt_lengths), pad_token_id=0)
+
+
 def test_a_copied_or_pickled_model_runs_itself():
     """The wrappers ``enable_forkkv`` installs belong to their model: a deep copy's (and a pickle's) forward and
     generate run the copy (before: the original's, whatever the copy's weights; a pickle failed)."""
@@ -56,10 +64,7 @@ def test_a_failed_call_leaves_the_cache_as_it_was():
     the wrong agents' K/V and the next call extended them, silently); a direct forward that fails the same way is
     undone at the cache's next use (it was refused as half-written, and where the refusing layer was the last one,
     with every layer holding the refused tokens, served 0.4 off, silently)."""
-    pm = _agents()
-    ctx = _context(10)
-    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
-    inputs = batch_inputs(ctx, _prompts([3, 3]), pad_token_id=0)
+    pm, ctx, shared, inputs = _built([3, 3])
     cache = shared.fork(NAMES)
     with pytest.raises(ValueError, match="rows were forked for"):
         _gen(pm, inputs, NAMES[::-1], cache)
@@ -111,10 +116,7 @@ def test_a_failed_call_that_expanded_the_rows_leaves_the_cache_as_forked():
     generate expanded the cache's rows; the roll back left the expanded rows and the earlier layers' K/V of the wrong
     agents (rows 1 and 2 swapped), and a next call with the right names extended them (scores 0.7 off, silently).
     Now the cache goes back to its forked rows. A failed call that reorders rows holding tokens is refused next."""
-    pm = _agents()
-    ctx = _context(10)
-    shared = SharedContext.build(pm, ctx, NAMES, progress=False)
-    inputs = batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0)
+    pm, ctx, shared, inputs = _built([3, 2])
     cache = shared.fork(NAMES)
     with pytest.raises(ValueError, match="rows were forked for"):
         _gen(pm, inputs, NAMES * 2, cache, do_sample=True, num_return_sequences=2)
