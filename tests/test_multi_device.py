@@ -96,6 +96,10 @@ def test_offloaded_weights_are_refused_with_what_to_do(tmp_path):
         SharedContext.build(pm, ctx, ["planner", "coder"], progress=False)
     with pytest.raises(ValueError, match="on the meta device"):
         before.check_weights(pm)
+    store = forkkv_hf.ForkKVStore(pm, progress=False)  # (its fingerprint failed inside: "copy out of meta tensor")
+    for call in (lambda: store.extend(ctx, []), lambda: store.fork(ctx, ["planner"])):
+        with pytest.raises(ValueError, match="on the meta device"):
+            call()
 
 
 @pytest.mark.gpu
@@ -119,3 +123,21 @@ def test_two_gpus_device_map_equals_one_gpu(backend, monkeypatch):
         tensors += [t for res in (layer.k_res, layer.v_res) if res is not None for t in (res.u, res.B)]
         assert all(t.device == dev for t in tensors), i
     assert shared.rope_bytes() == 2 * ref_shared.rope_bytes()
+
+
+def test_a_tensor_parallel_plan_that_gathers_kv_outputs_is_refused(monkeypatch):
+    """OLMo 2/3's plan shards q/k/v_proj but gathers their outputs (every rank sees every KV head): ForkKV sliced the
+    factors for a colwise layout the attention does not see (a size error deep in batched LoRA or the attention).
+    Refused at enable and build, saying to load with device_map (the 2-rank run: /tmp/auditR of 2026-12-07)."""
+    import forkkv_hf.peft.tp as tp
+    from forkkv_hf.peft.lora_factors import find_attention_modules
+    from models import tiny_llama
+
+    model = tiny_llama(layers=2)
+    model.model._tp_plan = {"layers.*.self_attn.k_proj": "colwise_gather_output",
+                            "layers.*.self_attn.o_proj": "rowwise"}
+    assert tp.gathered_projections(model) == []  # not tensor-parallel: nothing to refuse
+    monkeypatch.setattr(tp, "tp_world", lambda m: (0, 2))
+    assert tp.gathered_projections(model) == ["k_proj"]
+    with pytest.raises(ValueError, match=r"plan gathers the outputs of \['k_proj'\].*device_map"):
+        find_attention_modules(model)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .tp import is_dtensor, lora_shard, shard_dim
+from .tp import gathered_projections, is_dtensor, lora_shard, shard_dim
 
 #: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
 BASE_ADAPTER = "__base__"
@@ -189,6 +189,11 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     why = _unsupported_model(base, found)
     if why:
         raise ValueError(why)
+    gathered = gathered_projections(base)
+    if gathered:  # (the factors were sliced for a colwise layout the attention does not see: a crash deep inside)
+        raise ValueError(f"this model's tensor-parallel plan gathers the outputs of {gathered} (every rank sees every "
+                         "KV head), which ForkKV's per-rank K/V do not follow; load it with device_map instead of "
+                         "tp_plan")
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"attention layer indices are not 0..{len(found) - 1}: {sorted(found)}")
     return found

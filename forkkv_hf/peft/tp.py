@@ -81,3 +81,15 @@ def lora_shard(factor: torch.Tensor, base_weight: torch.Tensor, dim: int) -> tor
 def rowwise_group(base_weight: torch.Tensor):
     """The process group over which a rowwise layer's partial products are summed; ``None`` if not rowwise."""
     return process_group(base_weight) if shard_dim(base_weight) == 1 else None
+
+
+def gathered_projections(model) -> list[str]:
+    """The attention projections a tensor-parallel ``model``'s plan shards but gathers the output of
+    (``colwise_gather_output``: OLMo 2/3, OLMoE, ... keep every KV head on every rank for their q/k norms); empty
+    when it is not tensor-parallel. ForkKV's factors and heads follow the colwise layout, not these."""
+    if tp_world(model)[1] == 1:
+        return []
+    plans = [getattr(m, "_tp_plan", None) or {} for m in model.modules() if hasattr(m, "_tp_plan")]
+    plans.append(getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {})
+    return sorted({k.rsplit(".", 1)[-1] for plan in plans for k, v in plan.items()
+                   if "gather" in str(v) and any(p in k for p in ("q_proj", "k_proj", "v_proj", "qkv_proj"))})

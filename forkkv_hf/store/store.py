@@ -16,7 +16,7 @@ from ..context import SharedContext
 from ..context.base_pass import check_chunk_size
 from ..context.identity import adapter_fingerprints, base_fingerprint
 from ..inputs import context_token_ids, vocab_size_of
-from ..peft.lora_factors import BASE_ADAPTER, check_adapter_names
+from ..peft.lora_factors import BASE_ADAPTER, check_adapter_names, refuse_offloaded
 from ..model_lock import model_lock
 from .fingerprint import CallIdentities, Fingerprints
 from .radix import RadixNode, RadixTree
@@ -112,6 +112,7 @@ class ForkKVStore:
             raise ValueError(f"residual must be one of {ForkKVCache.RESIDUAL_MODES}, got {residual!r}")
         rows = self._rows(adapter_names)
         ids = context_token_ids(token_ids, vocab_size_of(self.model)).cpu()
+        refuse_offloaded(self.model.named_parameters())  # (its fingerprint failed inside on meta weights)
         names = list(dict.fromkeys(a for a in rows if a != BASE_ADAPTER))
         self._begin()
         base_tree, trees = self._ensure(ids, names if residual != "none" else [])
@@ -159,6 +160,7 @@ class ForkKVStore:
         i.e. the agents working on this transcript; ``[]`` for none). Returns how many tokens the base model ran
         over. Pins nothing."""
         ids = context_token_ids(token_ids, vocab_size_of(self.model)).cpu()
+        refuse_offloaded(self.model.named_parameters())  # (its fingerprint failed inside on meta weights)
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list of adapter names, not the string {adapter_names!r}")
         with model_lock(self.model):
