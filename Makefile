@@ -45,7 +45,7 @@ $(VENV)/.installed-eval: $(VENV)/.installed-demo
 
 install-eval: $(VENV)/.installed-eval
 
-## the main job on an embedded default: SmolLM2-135M, a Hamlet scene as shared context, three agents
+## the main job on an embedded default: SmolLM2-135M, a Hamlet scene as shared context, four agents
 demo: install-demo
 	$(BIN)/python -m examples.demo
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 import forkkv_hf
+from eval.cli import positive_int
 from eval import agents
 from eval.agents import AGENTS, context_text, format_speeches, load_agents, prompt_text, speeches
 from forkkv_hf import SharedContext, batch_inputs, cache_kwargs
@@ -54,10 +55,19 @@ def agent_instructions(n_speeches: int) -> dict[str, str]:
     }
 
 
+def _context_tokens(text: str) -> int:
+    """``--tokens``: at least 300 (a shorter scene lacks the speech the QA agent asks about, and the writer's passage)."""
+    value = int(text)
+    if value < 300:
+        raise argparse.ArgumentTypeError(f"must be at least 300, got {value}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2000, help="shared context length (tokens of the scene)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=_context_tokens, default=2000,
+                    help="shared context length (tokens of the scene; at least 300: the agents ask about its lines)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

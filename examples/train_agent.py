@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import forkkv_hf
+from eval.cli import positive_int
 from eval.agents import END
 from eval.fidelity import tasks
 from eval.fidelity.metrics import exact_match
@@ -97,12 +98,12 @@ def evaluate(pm, tok, split: dict, teacher: str, student: str, rank: int) -> dic
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of each phase (teacher, then student)")
-    ap.add_argument("--train-scenes", type=int, default=12)
-    ap.add_argument("--eval-scenes", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=32, help="the fitted residual's rank the student is distilled for")
+    ap.add_argument("--steps", type=positive_int, default=24, help="optimizer steps of each phase (teacher, then student)")
+    ap.add_argument("--train-scenes", type=positive_int, default=12)
+    ap.add_argument("--eval-scenes", type=positive_int, default=4)
+    ap.add_argument("--rank", type=positive_int, default=32, help="the fitted residual's rank the student is distilled for")
     ap.add_argument("--out", type=Path, default=Path(".train_agent"), help="adapters and trainer files go here")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's choice)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads on CPU (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

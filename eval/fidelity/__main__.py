@@ -33,6 +33,8 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from ..cli import non_negative_int, positive_int  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / ".fidelity" / "data"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 FULL = dict(train_contexts=400, eval_contexts=24, per_agent=8, eval_per_agent=8)
@@ -263,16 +265,16 @@ def main(argv=None):
     d.add_argument("--out", type=Path, default=DATA)
     d.add_argument("--quick", action="store_true")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--eval-contexts", type=int,
+    d.add_argument("--eval-contexts", type=positive_int,
                    help=f"evaluation contexts to write (default {FULL['eval_contexts']}); the first "
                         f"{FULL['eval_contexts']} of more are the default set's, question for question, so runs on "
                         "the extra ones (run --data DIR --first-eval-context 24) merge with runs on the default set")
     r = sub.add_parser("run", help="train every kind, evaluate every variant, write the result file and plot")
     r.add_argument("--quick", action="store_true", help="a tiny CPU slice of the same pipeline")
     r.add_argument("--data", type=Path, help=f"JSON-lines folder (default {DATA})")
-    r.add_argument("--train-contexts", type=int, help="use only the first N training contexts")
-    r.add_argument("--eval-contexts", type=int, help="evaluate only N evaluation contexts")
-    r.add_argument("--first-eval-context", type=int, default=0, help="skip the evaluation contexts before this one")
+    r.add_argument("--train-contexts", type=positive_int, help="use only the first N training contexts")
+    r.add_argument("--eval-contexts", type=positive_int, help="evaluate only N evaluation contexts")
+    r.add_argument("--first-eval-context", type=non_negative_int, default=0, help="skip the evaluation contexts before this one")
     r.add_argument("--adapters", type=Path, help="do not train: evaluate the adapters saved in this folder")
     r.add_argument("--agents", nargs="+", metavar="AGENT",
                    help="with --adapters: evaluate only these agents' questions (and load only their adapters)")
@@ -281,9 +283,9 @@ def main(argv=None):
                         "distill needs standard")
     r.add_argument("--teachers", type=Path,
                    help="load the standard adapters <agent> from this save_pretrained folder instead of training them")
-    r.add_argument("--epochs", type=int, default=1, help="passes over the training contexts (without --train-steps)")
+    r.add_argument("--epochs", type=positive_int, default=1, help="passes over the training contexts (without --train-steps)")
     r.add_argument("--train-steps", type=int, help="optimizer steps per adapter, every kind (default: --epochs passes)")
-    r.add_argument("--contexts-per-step", type=int, default=1,
+    r.add_argument("--contexts-per-step", type=positive_int, default=1,
                    help="training contexts per step: each agent's batch holds its questions about all of them")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--warmup", type=int, help="warm-up steps (default 20, 2 with --quick)")
