@@ -53,6 +53,7 @@ from transformers import LogitsProcessorList
 from forkkv_hf.compile_policy import CAPACITY_STEP, round_capacity
 from forkkv_hf.config import get_config
 
+from ..cli import positive_int
 from .decode_timing import _first_call, measure
 from .measure import StepMarks, free_memory, oom_record
 from .models import add_random_adapters, build_model, default_device, llama8b_config
@@ -195,10 +196,10 @@ def _fit_rank(text: str) -> tuple[int, int]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--agents", type=positive_int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--tokens", type=int, nargs=2, default=[8, 40], help="the two generate lengths n1 n2")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on", "off"])
     ap.add_argument("--compiled-agents", type=int, nargs="+", default=None,
                     help="the N of the compiled rows where they differ from --agents (e.g. a capacity-sized N)")

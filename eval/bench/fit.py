@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,7 +50,7 @@ def last_layer_error(pm, context, fitted, name: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--agents", type=positive_int, default=4)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check of the script)")

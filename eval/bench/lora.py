@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from ..cli import positive_int
 from .measure import cuda_time, kernel_seconds_by_family, sync
 from .models import add_random_adapters, build_model, default_device, llama8b_config
 from .runner import BenchmarkRun
@@ -118,13 +119,13 @@ def summarize(rows, row_counts) -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    ap.add_argument("--rows", type=positive_int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--peft-max-rows", type=int, default=256, help="skip PEFT's loop above this many rows")
-    ap.add_argument("--reps", type=int, default=3, help="generate timings: median of this many runs")
+    ap.add_argument("--reps", type=positive_int, default=3, help="generate timings: median of this many runs")
     ap.add_argument("--profile-rows", type=int, nargs="*", default=[32, 256],
                     help="profile the batched path's decode steps at these N (distinct and one adapter)")
     ap.add_argument("--tiny", action="store_true", help="toy model sizes (a CPU smoke run of this script)")
