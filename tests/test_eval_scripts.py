@@ -693,3 +693,17 @@ def test_fit_plot_refuses_two_baselines_for_one_agent(tmp_path):
     assert baselines(files[:1])["speaker"][2] == 93
     with pytest.raises(SystemExit, match="two --baseline files have a std_init baseline for 'speaker'"):
         baselines(files)
+
+
+@pytest.mark.version_independent
+def test_fidelity_cli_says_what_is_wrong_with_its_arguments(tmp_path, capsys):
+    """Unknown training kinds and missing result files ended in tracebacks; counts below 1 were taken as "all"."""
+    from eval.fidelity.__main__ import main
+
+    for argv, said in ((["run", "--kinds", "bogus"], "invalid choice: 'bogus'"),
+                       (["report", str(tmp_path / "none.json")], "no such result file"),
+                       (["merge", str(tmp_path / "out.json"), str(tmp_path / "none.json")], "no such result file"),
+                       (["data", "--eval-contexts=-1"], "must be at least 1, got -1")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err

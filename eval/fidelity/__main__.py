@@ -279,6 +279,7 @@ def main(argv=None):
     r.add_argument("--agents", nargs="+", metavar="AGENT",
                    help="with --adapters: evaluate only these agents' questions (and load only their adapters)")
     r.add_argument("--kinds", nargs="+", default=["standard", "forkkv"], metavar="KIND",
+                   choices=["standard", "forkkv", "distill"],
                    help="training kinds to train and evaluate: standard, forkkv, distill (default standard forkkv); "
                         "distill needs standard")
     r.add_argument("--teachers", type=Path,
@@ -331,12 +332,17 @@ def main(argv=None):
     elif args.command == "compare":
         compare(args.a, args.b, args.out)
     elif args.command == "merge":
+        missing = [str(f) for f in args.files if not f.is_file()]
+        if missing:
+            ap.error(f"no such result file: {', '.join(missing)}")
         res = merge(args.out, args.files)
         print(f"wrote {args.out}: {len(res.extra['records'])} records from {len(args.files)} files")
     else:
         from ..bench.schema import BenchResult
         from . import report
 
+        if not args.file.is_file():
+            ap.error(f"no such result file: {args.file}")
         res = BenchResult.from_dict(json.loads(args.file.read_text()), str(args.file))
         if args.rewrite:
             records = res.extra["records"]
