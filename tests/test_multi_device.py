@@ -136,8 +136,9 @@ def test_a_tensor_parallel_plan_that_gathers_kv_outputs_is_refused(monkeypatch):
     model = tiny_llama(layers=2)
     model.model._tp_plan = {"layers.*.self_attn.k_proj": "colwise_gather_output",
                             "layers.*.self_attn.o_proj": "rowwise"}
-    assert tp.gathered_projections(model) == []  # not tensor-parallel: nothing to refuse
-    monkeypatch.setattr(tp, "tp_world", lambda m: (0, 2))
-    assert tp.gathered_projections(model) == ["k_proj"]
+    attn = model.model.layers[0].self_attn
+    assert tp.gathered_projections(model, attn) == []  # not tensor-parallel: nothing to refuse
+    monkeypatch.setattr(tp, "is_dtensor", lambda t: t is attn.k_proj.weight)  # as sharded on a rank
+    assert tp.gathered_projections(model, attn) == ["k_proj"]
     with pytest.raises(ValueError, match=r"plan gathers the outputs of \['k_proj'\].*device_map"):
         find_attention_modules(model)

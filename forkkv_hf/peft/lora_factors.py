@@ -189,7 +189,7 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     why = _unsupported_model(base, found)
     if why:
         raise ValueError(why)
-    gathered = gathered_projections(base)
+    gathered = gathered_projections(base, found[min(found)])
     if gathered:  # (the factors were sliced for a colwise layout the attention does not see: a crash deep inside)
         raise ValueError(f"this model's tensor-parallel plan gathers the outputs of {gathered} (every rank sees every "
                          "KV head), which ForkKV's per-rank K/V do not follow; load it with device_map instead of "

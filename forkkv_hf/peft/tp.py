@@ -83,11 +83,13 @@ def rowwise_group(base_weight: torch.Tensor):
     return process_group(base_weight) if shard_dim(base_weight) == 1 else None
 
 
-def gathered_projections(model) -> list[str]:
+def gathered_projections(model, attn) -> list[str]:
     """The attention projections a tensor-parallel ``model``'s plan shards but gathers the output of
     (``colwise_gather_output``: OLMo 2/3, OLMoE, ... keep every KV head on every rank for their q/k norms); empty
-    when it is not tensor-parallel. ForkKV's factors and heads follow the colwise layout, not these."""
-    if tp_world(model)[1] == 1:
+    when its attention ``attn``'s K projection is not sharded (one look, not a walk of every parameter). ForkKV's
+    factors and heads follow the colwise layout, not these."""
+    proj = getattr(attn, "k_proj", None) or getattr(attn, "qkv_proj", None)
+    if not is_dtensor(getattr(getattr(proj, "base_layer", proj), "weight", None)):
         return []
     plans = [getattr(m, "_tp_plan", None) or {} for m in model.modules() if hasattr(m, "_tp_plan")]
     plans.append(getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {})
