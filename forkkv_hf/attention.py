@@ -19,6 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .cache import ForkKVView
 from .ops.decode_ops import static_attention
 from .peft.adapter_probe import rows_run_by
+from .peft.lora_factors import BASE_ADAPTER
 from .ops.dispatch import residual_attention
 
 ATTN_NAME = "forkkv"
@@ -34,9 +35,10 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
         if seen is None:
             continue
         if seen != view.row_adapters:
-            off = "" if any(a != "__base__" for a in seen) or not any(a != "__base__" for a in view.row_adapters) \
-                else " (are the adapters disabled? PEFT then runs the base model and ignores adapter_names: fork " \
-                     "'__base__' rows, or generate with the adapters on)"
+            off = ""
+            if all(a == BASE_ADAPTER for a in seen) and any(a != BASE_ADAPTER for a in view.row_adapters):
+                off = (" (are the adapters disabled? PEFT then runs the base model and ignores adapter_names: fork "
+                       "'__base__' rows, or generate with the adapters on)")
             raise ValueError(
                 f"this forward runs adapters {list(seen)} per row, but the ForkKVCache rows were forked for "
                 f"{list(view.row_adapters)}{off}; pass adapter_names=cache.adapter_names to generate (repeated for "

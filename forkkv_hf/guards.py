@@ -252,7 +252,7 @@ def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) 
         if mask.shape[1] == L and L > S:
             return True
         if mask.shape[1] == L == S:  # whole rows the cache holds already (a longer mask would append them again)
-            raise ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
+            raise _nothing_new(L, S)
         raise ValueError(
             f"attention_mask covers {mask.shape[1]} tokens but this forward appends {L} to a cache holding {S} "
             f"({T} shared): give a mask of {S + L} columns (cached + new tokens), as generate does"
@@ -283,6 +283,10 @@ def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) 
     return torch.equal(ids[:, :S], held.expand(ids.shape[0], S))
 
 
+def _nothing_new(L: int, S: int) -> ValueError:
+    return ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
+
+
 def _check_context_positions(pos, T: int) -> None:
     """Whole rows' ``position_ids`` (where given) must number the shared context 0..T-1, as its one pass did."""
     if pos is not None and (not isinstance(pos, torch.Tensor) or pos.shape[-1] < T or not torch.equal(
@@ -297,7 +301,7 @@ def _cut_whole_rows(cache, ids, pos, kwargs: dict):
     S = T + cache.layers[0].private_length()
     L = ids.shape[1]
     if L <= S:
-        raise ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
+        raise _nothing_new(L, S)
     _check_rows_continue(cache, ids)
     _check_context_positions(pos, T)
     keep = kwargs.get("logits_to_keep", 0)

@@ -23,6 +23,12 @@ def _length_dependent(kinds) -> bool:
     return any("dynamic" in str(k) or str(k) == "longrope" for k in kinds)
 
 
+def length_dependent_rope(config) -> bool:
+    """Whether ``config``'s rotary embeddings (any layer type's) recompute their frequencies from the sequence length
+    (dynamic NTK, longrope)."""
+    return _length_dependent(_config_rope_types(config))
+
+
 def _config_rope_types(config) -> list:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if "rope_type" in params or "type" in params:
@@ -52,7 +58,7 @@ def check_rope_tables(config, cos_ctx: torch.Tensor, sin_ctx: torch.Tensor, mode
                       what: str = "a plain prefill of these rows") -> None:
     """:func:`check_rope_for_prefill` against the tables ``cos_ctx``/``sin_ctx`` ``[T, D]`` a context was rotated
     with (a shared context's, or a :class:`~forkkv_hf.training.TrainingContext`'s)."""
-    if not _length_dependent(_config_rope_types(config)):
+    if not length_dependent_rope(config):
         return
     ropes = rotary_modules(model)
     kinds = [_rope_type(r) for r in ropes]

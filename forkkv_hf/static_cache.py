@@ -159,14 +159,14 @@ class StaticForkKVLayer(ForkKVLayer):
         them with wider stacks: a plan kept from before read the old ``B``, a kernel error or worse) and the kernels'
         precision settings as they are (``set_config(f16_k_pass=..., lowp_rope=...)`` between calls was ignored by
         a continued cache's compiled steps)."""
-        made_for, now = self.__dict__.get("_plan_res"), self._plan_inputs()
+        made_for, now = self.__dict__.get("_plan_made_for"), self._plan_inputs()
         return made_for is not None and made_for[0] is now[0] and made_for[1] is now[1] and made_for[2:] == now[2:]
 
     def _set_rows(self, rows) -> None:
         rows = tuple(rows)
         if getattr(self, "agents", None) is not None and rows == self.rows and self.plan_current():
             return  # beam search reorders rows within groups of one agent: nothing to rebuild
-        self._plan_res = self._plan_inputs()
+        self._plan_made_for = self._plan_inputs()
         super()._set_rows(rows)
         dev = str(self.shared.key.device)
         if self.k_slots is not None:
@@ -322,7 +322,7 @@ def _dynamic_layer(layer: ForkKVLayer) -> None:
     if layer.is_initialized:  # copies: the pooled buffers may go to another cache
         P = layer.private_length()
         layer.keys, layer.values = layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone()
-    for attr in ("capacity", "use_triton", "length", "agents", "work", "_plan_res"):
+    for attr in ("capacity", "use_triton", "length", "agents", "work", "_plan_made_for"):
         layer.__dict__.pop(attr, None)
     layer.__class__ = ForkKVLayer
 

@@ -68,7 +68,7 @@ def past_length(past, base: nn.Module | None = None) -> int:
     it, against the K/V ``base`` (the transformers model) makes where given: its dtype, and one head layout."""
     if past is None:
         return 0
-    lengths, layouts = set(), set()
+    lengths = set()
     dtype = None if base is None else cache_dtype(base)
     for idx, pair in enumerate(past):
         if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != 1 for t in pair):
@@ -77,7 +77,6 @@ def past_length(past, base: nn.Module | None = None) -> int:
             raise TypeError(f"past layer {idx} holds {pair[0].dtype} K/V but the model computes {dtype}; give the "
                             "K/V of the same model in its dtype")
         lengths.update(t.shape[-2] for t in pair)
-        layouts.add((pair[0].shape[1], pair[0].shape[-1]))
     if len(lengths) != 1:
         raise ValueError(f"past layers hold different numbers of tokens {sorted(lengths)}; each must hold the same S")
     return lengths.pop()
@@ -89,9 +88,11 @@ def check_past_layout(past, model: nn.Module) -> None:
     ``torch.cat``)."""
     from ..peft.tp import tp_world
 
+    if past is None:
+        return
     world = tp_world(model)[1]
     for idx, attn in find_attention_modules(model).items():
-        if past is None or idx >= len(past):
+        if idx >= len(past):
             return
         cfg = getattr(attn, "config", None)
         heads, dim = getattr(cfg, "num_key_value_heads", None), getattr(attn, "head_dim", None)

@@ -49,14 +49,15 @@ def check_fittable(model: nn.Module, names) -> list[str]:
         if getattr(cfg, "modules_to_save", None):
             raise ValueError(f"adapter {n!r} trains whole modules ({cfg.modules_to_save}); the context identity "
                              "cannot record them, so a fitted residual could go stale silently. Merge or drop them.")
-    _refuse_variants(model, names)
+    _refuse_unfittable(model, names)
     return names
 
 
-def _refuse_variants(model: nn.Module, names) -> None:
-    """Refuse agents with a LoRA variant anywhere (DoRA, KaSA, aLoRA, ...): a variant's own tensors (KaSA's
-    ``lora_diag``, DoRA's magnitudes) are not in the context's record of a fitted agent, so a fit could go stale
-    silently after they change (KaSA: 0.016 off, unrefused), and PEFT's per-row forward refuses DoRA."""
+def _refuse_unfittable(model: nn.Module, names) -> None:
+    """Refuse disabled adapters (the agents' own passes would be the base model's) and agents with a LoRA variant
+    anywhere (DoRA, KaSA, aLoRA, ...): a variant's own tensors (KaSA's ``lora_diag``, DoRA's magnitudes) are not in
+    the context's record of a fitted agent, so a fit could go stale silently after they change (KaSA: 0.016 off,
+    unrefused), and PEFT's per-row forward refuses DoRA."""
     from peft.tuners.lora import LoraLayer
 
     for where, module in transformers_model(model).named_modules():

@@ -32,7 +32,7 @@ from torch import nn
 from ..peft.lora_factors import (find_attention_modules, is_peft_model, kv_projections, lora_layer_of, refuse_offloaded,
                                  transformers_model)
 from ..peft.tp import tp_world
-from ..rope_checks import _config_rope_types, _length_dependent
+from ..rope_checks import length_dependent_rope
 from .probes import Probes, factor_probe, stamp
 from .settings import base_modules, base_name, changed_settings, is_adapter_name, module_settings
 
@@ -61,7 +61,7 @@ def base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     # a length-dependent RoPE's frequency buffers are transformers' own state, replaced as sequences cross its limit
     # (a false "weights changed" after a long generate); the tables the context was rotated with are checked instead
     # (forkkv_hf.rope_checks)
-    moving = _length_dependent(_config_rope_types(getattr(transformers_model(model), "config", None)))
+    moving = length_dependent_rope(getattr(transformers_model(model), "config", None))
     for prefix, m in base_modules(model):
         for kind in (m._parameters, m._buffers):
             for n, t in kind.items():

@@ -152,7 +152,10 @@ def _forkkv_cache(module, args: tuple, kwargs: dict):
         kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
             raise TypeError(f"pass the ForkKVCache to {type(module).__name__} by keyword (past_key_values=)")
-        named.update(value) if kind is inspect.Parameter.VAR_KEYWORD else named.__setitem__(name, value)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
     cache = named.get("past_key_values", named.get("cache"))
     return (cache if hasattr(cache, "prepare_forward") else None), (), named
 

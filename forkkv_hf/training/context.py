@@ -19,7 +19,7 @@ from torch import nn
 
 from ..compat import cache_kwargs
 from ..context.segments import storage_bytes
-from ..rope_checks import _config_rope_types, _length_dependent
+from ..rope_checks import length_dependent_rope
 from ..inputs import context_token_ids, vocab_size_of
 from ..peft.lora_factors import (decoder_of, find_attention_modules, is_peft_model, refuse_merged,
                                  transformers_model)
@@ -99,7 +99,7 @@ class TrainingContext:
         if several and not items:
             raise ValueError("context_ids is an empty list; give one context (token ids) or a list of contexts")
         self.contexts = [context_token_ids(c, vocab) for c in items]
-        if len(self.contexts) > 1 and _length_dependent(_config_rope_types(base.config)):
+        if len(self.contexts) > 1 and length_dependent_rope(base.config):
             raise ValueError(
                 "this model's RoPE depends on the sequence length (dynamic NTK / longrope), so contexts padded to the "
                 "longest would be rotated with other frequencies than each alone; build one TrainingContext per "

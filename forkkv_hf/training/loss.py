@@ -247,18 +247,22 @@ def _check_runnable(model, full_mask: torch.Tensor, residual, context: TrainingC
             "cache through which ForkKV-aware training passes the context's K/V, so the context would be left out. "
             "Turn it off (model.gradient_checkpointing_disable(), gradient_checkpointing=False)"
         )
-    m, holes = full_mask.bool(), None
+    holes = None  # padding before a real token (contexts of unequal lengths, left pads): read once, where it matters
     for idx, attn in find_attention_modules(model).items():
         w = sliding_window(attn, base.config)
-        if w is not None and length > w and residual == "exact" and holes is None:  # read once, where it matters
-            holes = bool((~m[:, :-1] & m[:, 1:]).any())  # padding before a real token (unequal contexts, left pads)
-        if w is not None and length > w and residual == "exact" and holes:
-            raise ValueError(
-                f"layer {idx} uses sliding-window attention (window {w}) and these rows ({length} tokens with the "
-                "context) hold padding before real tokens (contexts of unequal lengths in one TrainingContext, or "
-                "left-padded rows): transformers would place the window by column, not position. Use one "
-                "TrainingContext per context and pad the rows on the right")
-        if w is not None and length > w and residual != "exact":
+        if w is None or length <= w:
+            continue
+        if residual == "exact":
+            if holes is None:
+                m = full_mask.bool()
+                holes = bool((~m[:, :-1] & m[:, 1:]).any())
+            if holes:
+                raise ValueError(
+                    f"layer {idx} uses sliding-window attention (window {w}) and these rows ({length} tokens with the "
+                    "context) hold padding before real tokens (contexts of unequal lengths in one TrainingContext, or "
+                    "left-padded rows): transformers would place the window by column, not position. Use one "
+                    "TrainingContext per context and pad the rows on the right")
+        else:
             raise ValueError(
                 f"layer {idx} uses sliding-window attention (window {w}) and context + suffix rows reach {length} "
                 "tokens: ForkKV inference refuses such rows (it computes full attention), so an agent cannot be "
