@@ -156,6 +156,31 @@ def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> di
     return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
 
 
+#: bounds of the Triton shared kernel's V-residual sub-blocks where a call gives neither ``block_m`` nor ``block_t``:
+#: ``acc_uv``'s fp32 values per thread, and the bytes of one pipeline stage's ``u_v`` tile. Each sub-block multiplies
+#: its 16 vectors by all its rows' ``u_v`` side by side (``SBC = 16 / vpr · rank`` columns), so one query vector per
+#: row (MHA, G = 1) at V rank 64 held 1,024 columns: 512 KiB of shared memory for one stage of 128-token tiles
+#: (540,672 bytes offline for sm_90 against 232,448: the v48 GPU fuzz's failure) and 255 registers with spills at 64
+#: vectors per program; the rule's tiles (rank <= 32 with G = 4) are inside both bounds
+V_ACC_PER_THREAD = 64
+V_TILE_BYTES = 96 * 1024
+
+
+def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, num_warps: int, elt: int) -> tuple[int, int]:
+    """``(block_m, block_t)`` of the Triton shared kernel with a V residual of ranks padded to ``rvb`` (``vpr`` query
+    vectors per row, ``num_warps`` warps, ``elt`` bytes per cache value): halved down to 16 until ``acc_uv`` holds at
+    most :data:`V_ACC_PER_THREAD` values per thread and one stage's ``u_v`` tile at most :data:`V_TILE_BYTES`."""
+    def acc_and_tile(bm, bt):
+        sb = sub_blocks(bm, vpr, rvb)
+        return bm * sb["SBC"] / (32 * num_warps), sb["N_SUB"] * bt * sb["SBC"] * elt
+
+    while block_m > 16 and acc_and_tile(block_m, block_t)[0] > V_ACC_PER_THREAD:
+        block_m //= 2
+    while block_t > 16 and acc_and_tile(block_m, block_t)[1] > V_TILE_BYTES:
+        block_t //= 2
+    return block_m, block_t
+
+
 def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, k_priv: torch.Tensor, v_priv: torch.Tensor, scale: float, *,
                       k_u=None, k_B=None, k_slot=None, v_u=None, v_B=None, v_slot=None, mask=None,
@@ -350,6 +375,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     gluon_shared = form in ("gluon", "gluon_pair")
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
+    if has_v and not gluon_shared and block_m is None and block_t is None and n_sub is None:
+        BLOCK_M, BLOCK_T = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, cfg["num_warps"], q.element_size())
     n_mb = cdiv(B * VPR, BLOCK_M)
     programs = n_mb * (Hkv // 2 if form == "gluon_pair" else Hkv)
     split_len = split_length(T, BLOCK_T, programs, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])
@@ -385,7 +412,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             pdl=shared_waits,
         )
     out, launched["merge"] = launch_private_merge(
-        q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=BLOCK_T,
+        q, k_priv, v_priv, v_B, v_slot, mask, ws, n_splits, qk_scale, T=T, RV=RV, has_v=has_v, block_t=cfg["block_t"],
         prec=prec, interp=interp, merge_warps=merge_warps, merge_stages=merge_stages,
         merge_unroll=cfg["merge_unroll"], merge_chunk=cfg["merge_chunk"], merge_block_t=merge_block_t,
         merge_first=cfg["merge_first"], pdl=use_pdl)

@@ -141,6 +141,43 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
+def test_v_tiles_bound_the_v_residual_sub_blocks():
+    """One query vector per row and KV head (MHA) at V rank 64 gave each V-residual sub-block 1,024 ``u_v`` columns:
+    540,672 bytes of shared memory for one stage of the GPU rule's 128-token tiles (its limit 232,448; the v48 GPU
+    fuzz's failure). The fitted tiles keep ``acc_uv`` and one stage's ``u_v`` tile within the bounds wherever 16 x 16
+    tiles can, and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
+    from forkkv_kernels.cascade import V_ACC_PER_THREAD, V_TILE_BYTES, sub_blocks, v_tiles
+
+    for bm, bt, nw in ((64, 32, 4), (32, 128, 8), (16, 128, 8), (64, 64, 4)):
+        for rvb in (1, 8, 16, 32):
+            assert v_tiles(bm, bt, 4, rvb, nw, 2) == (bm, bt)
+    assert v_tiles(32, 128, 1, 64, 8, 2) == (16, 32)  # the fuzz's case: 17 rows of one vector, V rank 48
+    for vpr in (1, 2, 4, 8, 16):
+        for rvb in (1, 4, 16, 32, 64, 128, 256):
+            for bm, bt, nw in ((64, 32, 4), (32, 128, 8), (8, 128, 8), (64, 64, 4), (64, 32, 8)):
+                for elt in (2, 4):
+                    fbm, fbt = v_tiles(bm, bt, vpr, rvb, nw, elt)
+                    sb = sub_blocks(fbm, vpr, rvb)
+                    assert fbm <= bm and fbt <= bt and fbm & (fbm - 1) == 0 and fbt & (fbt - 1) == 0
+                    assert fbm * sb["SBC"] <= V_ACC_PER_THREAD * 32 * nw or fbm == min(bm, 16)
+                    assert sb["N_SUB"] * fbt * sb["SBC"] * elt <= V_TILE_BYTES or fbt == 16
+
+
+@parametrize("case", [AttnCase(B=17, H=2, Hkv=2, D=16, T=45, P=2, N=3, ranks=(48, 1, 32), v_ranks=(48, 16, 16)),
+                      AttnCase(B=9, H=2, Hkv=2, D=24, T=40, P=3, N=2, ranks=(8, 4), v_ranks=(128, 64))])
+def test_cascade_fitted_v_tiles_match_reference(case):
+    """Calls whose V-residual sub-blocks the launcher narrows (:func:`forkkv_kernels.cascade.v_tiles`: one vector per
+    row, V ranks 48-128) equal the reference, masked and not."""
+    from forkkv_kernels.cascade import v_tiles
+
+    bm, rvb = min(64, 1 << (case.B - 1).bit_length()), 1 << (max(case.v_ranks) - 1).bit_length()
+    assert v_tiles(bm, 32, 1, rvb, 4, 4) != (bm, 32)  # (the interpreter's 32-token tiles, fp32)
+    view, q, scale = case.view(), case.query(), case.D**-0.5
+    for mask in (None, case.mask()):
+        torch.testing.assert_close(_launch(q, view, mask, scale), reference_attention(q, view, mask, scale),
+                                   rtol=2e-5, atol=2e-5)
+
+
 def test_cascade_reads_factors_of_any_layout():
     """``v_B`` with the same values in another memory layout (rank not of stride 1): the merge assumed stride 1 and
     read other values, silently (0.5 off; found by an audit); the launcher makes it contiguous as it does ``k_B``."""
@@ -703,6 +740,24 @@ def test_cascade_real_sizes_gpu(case, dtype):
             continue
         err = (_launch(q, view, None, 128**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base_err + 1e-5, (knobs, err, base_err)
+
+
+@pytest.mark.gpu
+@parametrize("dtype", [*LOW_DTYPES, torch.float32])
+@parametrize("shape", [(17, 80, (48, 1, 32), (48, 16, 16)), (40, 128, (16, 64), (64, 64)),
+                       (20, 128, (16,), (128,)), (70, 96, (80, 8), (32, 48))])
+def test_gpu_mha_wide_v_ranks(shape, dtype):
+    """One query vector per row and KV head (MHA: 8 query heads on 8 KV heads) with V ranks 32-128 on the GPU's
+    default launch: the V-residual sub-blocks narrowed to fit (the v48 fuzz's 17 rows at rank 48 asked 540,672 bytes
+    of shared memory), within the pass rule of the same attention computed by PyTorch in the call's dtype."""
+    B, D, k_ranks, v_ranks = shape
+    view = random_view(B=B, Hkv=8, D=D, T=1029, P=5, n_agents=len(k_ranks), ranks=k_ranks, v_ranks=v_ranks,
+                       dtype=dtype, rows=[i % (len(k_ranks) + 1) - 1 for i in range(B)])
+    q = torch.randn(B, 8, 1, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = reference_attention(q.float(), view, None, D**-0.5)
+    base = lowp_attention_error(q.float(), view, None, D**-0.5, ref) if dtype != torch.float32 else 0.0
+    err = (_launch(q, view, None, D**-0.5).float() - ref).abs().max().item()
+    assert err <= 3 * base + 2e-3, (err, base)
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ import dataclasses
 
 import torch
 
+from ..cli import positive_int
 from .measure import GRAPH_CALLS, graph_time
 from .runner import BenchmarkRun
 
@@ -58,9 +59,11 @@ def measure_ceilings(do_bench) -> dict:
     return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queries: int = 1, rank: int = RANK):
+def make_case(T: int, N: int, dtype=torch.bfloat16, seed=0, device="cuda", queries: int = 1, rank: int = RANK,
+              kv_heads: int = HKV):
     """A decode step: N rows (agent i on row i), ``queries`` new tokens each (1: decode; more: an extend call, the
-    last ``queries`` of the private tokens), shared T + private PRIVATE tokens."""
+    last ``queries`` of the private tokens), shared T + private PRIVATE tokens, ``kv_heads`` KV heads (32: MHA)."""
+    HKV = kv_heads  # noqa: N806
     from forkkv_hf.cache import ForkKVView
     from forkkv_hf.context import Residual, SharedLayer
 
@@ -152,9 +155,11 @@ def reference(q, view, scale: float, chunk=8) -> tuple[torch.Tensor, float]:
     return torch.cat(ref), err
 
 
-def floors(T: int, N: int, ceil: dict, itemsize: int = 2, queries: int = 1, rank: int = RANK) -> dict:
+def floors(T: int, N: int, ceil: dict, itemsize: int = 2, queries: int = 1, rank: int = RANK,
+           kv_heads: int = HKV) -> dict:
     """Bytes, FLOPs and floor of each variant (the problem's minimum, whatever the kernel's formulation), for
     ``queries`` new tokens per row (the K residual's rebuild is shared by them)."""
+    HKV = kv_heads  # noqa: N806
     base_b = 2 * HKV * T * D * itemsize + N * 2 * HKV * PRIVATE * D * itemsize + 2 * N * queries * H * D * itemsize
     base_f = N * queries * 4 * (T + PRIVATE) * D * H
     u_b = N * T * rank * itemsize + N * HKV * D * rank * itemsize
@@ -195,7 +200,7 @@ def swept_knobs(best: dict, variant: str, N: int) -> dict:
 
 
 def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None, launches: dict | None = None,
-                 queries: int = 1, rank: int = RANK) -> dict:
+                 queries: int = 1, rank: int = RANK, kv_heads: int = HKV) -> dict:
     """One (context, agents) case with ``queries`` new tokens per row. ``launches``: ``{"cascade": {}}`` to receive
     the compiled kernels (for :func:`kernel_resources`)."""
     from forkkv_hf.ops.dispatch import residual_attention_triton
@@ -205,7 +210,8 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     from forkkv_kernels.attention_common import pow2
     from forkkv_kernels.cascade import launch_defaults
 
-    q, view = make_case(T, N, queries=queries, rank=rank)
+    HKV = kv_heads  # noqa: N806
+    q, view = make_case(T, N, queries=queries, rank=rank, kv_heads=HKV)
     scale = D**-0.5
     # the K pass's rule at this point (what the defaults columns ran; e.g. res_f16 from 32 decode agents, v15)
     rule = launch_defaults(N, queries, pow2(queries * (H // HKV), 1), True, True, q.dtype, rank)
@@ -243,7 +249,7 @@ def measure_case(T: int, N: int, ceil: dict, do_bench, best: dict | None = None,
     except torch.cuda.OutOfMemoryError:
         row["sdpa_error"] = "out of memory materialising per-agent K/V"
     torch.cuda.empty_cache()
-    row.update(floors(T, N, ceil, queries=queries, rank=rank))
+    row.update(floors(T, N, ceil, queries=queries, rank=rank, kv_heads=HKV))
     if "sdpa_s" in row:
         row["speedup_vs_sdpa"] = row["sdpa_s"] / row["forkkv_s"]
     for key, floor in (("forkkv", "floor"), ("forkkv_v", "floor_v"), ("forkkv_base", "floor_base")):
@@ -272,18 +278,23 @@ def main(argv=None):
                          "results in bench_kernel_<gpu>_q<queries>.json")
     ap.add_argument("--rank", type=int, default=RANK, help="the residuals' rank (e.g. 64 for fitted residuals, "
                     "SharedContext.fit_residuals); results in bench_kernel_<gpu>[_q<queries>]_r<rank>.json")
+    ap.add_argument("--kv-heads", type=positive_int, default=HKV, help="KV heads of the 32 query heads (a divisor "
+                    "of 32; 32: an MHA model such as Llama 2); results in ..._kv<kv_heads>.json")
     ap.add_argument("--quick", action="store_true", help="one small size, for a smoke run")
     ap.add_argument("--tuning-from", default=None, help="an eval.bench.sweep_kernel result: each variant runs with the "
                     "knobs it found fastest at the nearest swept agent count (recorded per row as *_knobs)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
+    if H % args.kv_heads:
+        ap.error(f"--kv-heads {args.kv_heads}: give a divisor of the {H} query heads")
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel needs a CUDA GPU")
     from triton.testing import do_bench
 
     if args.quick:
         args.contexts, args.agents = [4096], [1, 8]
-    run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "rank": args.rank,
+    run = BenchmarkRun("bench_kernel", params={"shape": {"heads": H, "kv_heads": args.kv_heads, "head_dim": D,
+                                                         "rank": args.rank,
                                                          "private": PRIVATE, "dtype": "bfloat16",
                                                          "queries_per_row": args.queries},
                                                "times": f"GPU time per call: CUDA graph of {GRAPH_CALLS} calls "
@@ -291,7 +302,8 @@ def main(argv=None):
                                                         "the Python call"},
                        case_keys=["context", "agents"], out=args.out,
                        suffix=("" if args.queries == 1 else f"_q{args.queries}")
-                       + ("" if args.rank == RANK else f"_r{args.rank}"))
+                       + ("" if args.rank == RANK else f"_r{args.rank}")
+                       + ("" if args.kv_heads == HKV else f"_kv{args.kv_heads}"))
     best = {}
     if args.tuning_from:
         from .schema import load
@@ -305,7 +317,7 @@ def main(argv=None):
         for N in args.agents:
             run.measure({"context": T, "agents": N},
                         lambda: measure_case(T, N, ceil, do_bench, best, launches, queries=args.queries,
-                                                 rank=args.rank))
+                                                 rank=args.rank, kv_heads=args.kv_heads))
             torch.cuda.empty_cache()
     run.extra["kernel_resources"] = kernel_resources(launches)
     print(f"{'T':>6} {'N':>4} {'K+V':>8} {'V only':>8} {'base':>8} {'swept':>8} {'SDPA':>8} {'floorKV':>8} "
