@@ -347,8 +347,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result files (default eval/results)")
     args = ap.parse_args(argv)
-    for m in plot_all(args.results):
+    if not args.results.is_dir():
+        raise SystemExit(f"--results {args.results}: no such folder")
+    made = plot_all(args.results)
+    for m in made:
         print("wrote", m)
+    if not made:
+        print(f"no result file under {args.results} has a plot (bench_*.json sweeps, profile_kernel*.json, "
+              "kpass_ablate*.json, quality*.json)")
 
 
 if __name__ == "__main__":

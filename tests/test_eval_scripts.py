@@ -707,3 +707,26 @@ def test_fidelity_cli_says_what_is_wrong_with_its_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.version_independent
+def test_result_tools_name_a_missing_file(tmp_path, capsys):
+    """The result tools ended in tracebacks on a file that is not there (upgrade_results, fit_plot, forest_plot,
+    rank_plot), and ``eval.plots`` said nothing for a folder without result files or one that is not there."""
+    from eval.bench.upgrade_results import main as upgrade
+    from eval.fidelity.fit_plot import main as fit_plot
+    from eval.fidelity.forest_plot import main as forest_plot
+    from eval.fidelity.rank_plot import main as rank_plot
+    from eval.plots import main as plots
+
+    none, png = str(tmp_path / "none.json"), str(tmp_path / "x.png")
+    for run, argv in ((upgrade, [none]), (fit_plot, [none, "--out", png]), (forest_plot, ["--spec", none]),
+                      (forest_plot, ["--series", "s", f"a={none}", "--out", png]),
+                      (rank_plot, ["--series", "a", f"16:{none}", "--out", png]),
+                      (plots, ["--results", str(tmp_path / "none")])):
+        with pytest.raises(SystemExit) as stop:
+            run(argv)
+        said = f"{stop.value.code} {capsys.readouterr().err}"
+        assert "no such f" in said, (run, said)
+    plots(["--results", str(tmp_path)])
+    assert "no result file under" in capsys.readouterr().out

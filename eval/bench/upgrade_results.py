@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli import existing_file
 from .schema import SCHEMA, BenchResult
 
 #: per legacy benchmark: (case keys, legacy fields that are params, legacy fields that are run-level results)
@@ -83,7 +84,7 @@ def upgrade(path: Path) -> list[Path]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="+", type=existing_file)
     args = ap.parse_args(argv)
     for path in args.files:
         for out in upgrade(path):

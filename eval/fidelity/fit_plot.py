@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from ..cli import existing_file
 from .metrics import paired_difference_ci
 from .probe import question_contexts
 from .tasks import read_jsonl
@@ -162,10 +163,10 @@ def plot(res: dict, out: Path) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.fidelity.fit_plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", type=Path, nargs="+", help="probe result files with fitR_init variants")
+    ap.add_argument("files", type=existing_file, nargs="+", help="probe result files with fitR_init variants")
     ap.add_argument("--out", type=Path, required=True, help="the PNG (a JSON of the figures is written beside it)")
     ap.add_argument("--data", type=Path, help="the benchmark's JSON lines (default: each file's --data)")
-    ap.add_argument("--baseline", type=Path, nargs="*", default=[],
+    ap.add_argument("--baseline", type=existing_file, nargs="*", default=[],
                     help="probe result files with a std_init variant (the standard adapter trained as many more steps)")
     args = ap.parse_args(argv)
     res = collect(args.files, args.data, args.baseline)

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli import existing_file, read_file_arg
 from .rank_plot import COLOURS, em_points
 
 
@@ -30,7 +31,7 @@ def read_row(spec: str) -> tuple[str, float, float, float, int]:
     if not sep or not label or not rest:
         raise SystemExit(f"{spec!r}: give LABEL=FILE[@AGENT], e.g. 'speaker (0)=fidelity_compare_x.json@speaker'")
     path, _, agent = rest.partition("@")
-    rows = json.loads(Path(path).read_text())["rows"]
+    rows = json.loads(read_file_arg(path))["rows"]
     for row in rows:
         if row["agent"] == (agent or "all"):
             return label, *em_points(row), row["prompts"]
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--series", nargs="+", action="append", metavar="NAME LABEL=FILE[@AGENT]",
                      help="a series name, then LABEL=FILE[@AGENT] compare rows (repeat --series for each)")
-    src.add_argument("--spec", type=Path, help="the JSON an earlier call wrote beside its PNG: draw it again")
+    src.add_argument("--spec", type=existing_file, help="the JSON an earlier call wrote beside its PNG: draw it again")
     ap.add_argument("--title", default="Exact match minus the teachers' exact inference (by generation)")
     ap.add_argument("--xlabel", default="exact match minus the reference, points (95% scene-bootstrap interval)")
     ap.add_argument("--out", type=Path, help="the PNG (with --spec: beside the spec by default)")

@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli import read_file_arg
+
 COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
 
 
@@ -33,7 +35,7 @@ def read_points(specs: list[str]) -> dict:
         rank, sep, path = spec.partition(":")
         if not sep or not rank.isdigit():
             raise SystemExit(f"{spec!r}: give RANK:FILE, e.g. 16:eval/results/fidelity_compare_x.json")
-        for row in json.loads(Path(path).read_text())["rows"]:
+        for row in json.loads(read_file_arg(path))["rows"]:
             out.setdefault(row["agent"], []).append((int(rank), *em_points(row)))
     return {agent: sorted(points) for agent, points in out.items()}
 
