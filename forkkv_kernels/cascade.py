@@ -156,28 +156,37 @@ def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> di
     return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
 
 
-#: bounds of the Triton shared kernel's V-residual sub-blocks where a call gives neither ``block_m`` nor ``block_t``:
-#: ``acc_uv``'s fp32 values per thread, and the bytes of one pipeline stage's ``u_v`` tile. Each sub-block multiplies
-#: its 16 vectors by all its rows' ``u_v`` side by side (``SBC = 16 / vpr · rank`` columns), so one query vector per
-#: row (MHA, G = 1) at V rank 64 held 1,024 columns: 512 KiB of shared memory for one stage of 128-token tiles
-#: (540,672 bytes offline for sm_90 against 232,448: the v48 GPU fuzz's failure) and 255 registers with spills at 64
-#: vectors per program; the rule's tiles (rank <= 32 with G = 4) are inside both bounds
-V_ACC_PER_THREAD = 64
-V_TILE_BYTES = 96 * 1024
+#: the bytes one pipeline stage of the Triton shared kernel may ask for its tiles (:func:`stage_bytes`) where a call
+#: gives neither ``block_m`` nor ``block_t``: under the 232,448 bytes of shared memory an H100/H200 gives a program.
+#: Each V-residual sub-block multiplies its 16 vectors by all its rows' ``u_v`` side by side (``SBC = 16 / vpr ·
+#: rank`` columns), so one query vector per row (MHA, G = 1) at V rank 48-64 held 1,024 columns: 540,672 bytes for one
+#: stage of the rule's 128-token tiles (offline for sm_90; the v48 GPU fuzz's failure), and at 64 rows the rule's
+#: 64-token V-only tiles asked 278,528 bytes at rank 32 (v49, eval/RESULTS.md)
+V_STAGE_BYTES = 216 * 1024
 
 
-def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, num_warps: int, elt: int) -> tuple[int, int]:
+def stage_bytes(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> int:
+    """An upper estimate of one pipeline stage's shared memory in the Triton shared kernel: the ``u_v`` tile of its
+    V-residual sub-blocks, the K and V base tiles (``d_b`` the padded head dim) and the K residual's score tile, in
+    ``elt``-byte values (offline for sm_90, Triton 3.6: 540,672 bytes measured against 589,824 estimated at G = 1,
+    rank 64, 32 x 128 tiles; 135,680 against 139,264 at rank 256, 16 x 16)."""
+    sb = sub_blocks(block_m, vpr, rvb)
+    return (sb["N_SUB"] * block_t * sb["SBC"] + 2 * block_t * d_b + block_m * block_t) * elt
+
+
+def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> tuple[int, int]:
     """``(block_m, block_t)`` of the Triton shared kernel with a V residual of ranks padded to ``rvb`` (``vpr`` query
-    vectors per row, ``num_warps`` warps, ``elt`` bytes per cache value): halved down to 16 until ``acc_uv`` holds at
-    most :data:`V_ACC_PER_THREAD` values per thread and one stage's ``u_v`` tile at most :data:`V_TILE_BYTES`."""
-    def acc_and_tile(bm, bt):
-        sb = sub_blocks(bm, vpr, rvb)
-        return bm * sb["SBC"] / (32 * num_warps), sb["N_SUB"] * bt * sb["SBC"] * elt
-
-    while block_m > 16 and acc_and_tile(block_m, block_t)[0] > V_ACC_PER_THREAD:
-        block_m //= 2
-    while block_t > 16 and acc_and_tile(block_m, block_t)[1] > V_TILE_BYTES:
+    vectors per row, head dim padded to ``d_b``, ``elt`` bytes per value): ``block_t``, then ``block_m``, halved down to
+    16 until one stage fits :data:`V_STAGE_BYTES` (the rule's tiles, measured, fit as they are: the pipeline's stages
+    are what :func:`~.attention_common.launch` reduces). Raises where 16 x 16 tiles do not fit."""
+    while block_t > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
         block_t //= 2
+    while block_m > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
+        block_m //= 2
+    if stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
+        raise NotImplementedError(f"V rank up to {rvb} with {vpr} query vector(s) per row and KV head: the Triton "
+                                  "shared kernel's smallest tiles exceed its shared memory; use forkkv_hf's SDPA path "
+                                  "(set_config(backend='sdpa'))")
     return block_m, block_t
 
 
@@ -376,7 +385,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
     if has_v and not gluon_shared and block_m is None and block_t is None and n_sub is None:
-        BLOCK_M, BLOCK_T = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, cfg["num_warps"], q.element_size())
+        BLOCK_M, BLOCK_T = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, DB, q.element_size())
     n_mb = cdiv(B * VPR, BLOCK_M)
     programs = n_mb * (Hkv // 2 if form == "gluon_pair" else Hkv)
     split_len = split_length(T, BLOCK_T, programs, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])

@@ -141,26 +141,32 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_v_tiles_bound_the_v_residual_sub_blocks():
+def test_v_tiles_fit_the_v_residual_sub_blocks():
     """One query vector per row and KV head (MHA) at V rank 64 gave each V-residual sub-block 1,024 ``u_v`` columns:
     540,672 bytes of shared memory for one stage of the GPU rule's 128-token tiles (its limit 232,448; the v48 GPU
-    fuzz's failure). The fitted tiles keep ``acc_uv`` and one stage's ``u_v`` tile within the bounds wherever 16 x 16
-    tiles can, and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
-    from forkkv_kernels.cascade import V_ACC_PER_THREAD, V_TILE_BYTES, sub_blocks, v_tiles
+    fuzz's failure). The fitted tiles keep one stage within :data:`V_STAGE_BYTES` wherever 16 x 16 tiles can (else a
+    clear refusal), and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
+    from forkkv_kernels.cascade import V_STAGE_BYTES, stage_bytes, v_tiles
 
-    for bm, bt, nw in ((64, 32, 4), (32, 128, 8), (16, 128, 8), (64, 64, 4)):
+    for bm, bt in ((64, 32), (32, 128), (16, 128), (64, 64)):
         for rvb in (1, 8, 16, 32):
-            assert v_tiles(bm, bt, 4, rvb, nw, 2) == (bm, bt)
-    assert v_tiles(32, 128, 1, 64, 8, 2) == (16, 32)  # the fuzz's case: 17 rows of one vector, V rank 48
+            assert v_tiles(bm, bt, 4, rvb, 128, 2) == (bm, bt)
+    assert v_tiles(32, 128, 1, 64, 128, 2) == (32, 32)  # the fuzz's case: 17 rows of one vector, V rank 48
+    assert stage_bytes(32, 128, 1, 64, 128, 2) >= 540_672  # an upper estimate of what the compile asked
     for vpr in (1, 2, 4, 8, 16):
         for rvb in (1, 4, 16, 32, 64, 128, 256):
-            for bm, bt, nw in ((64, 32, 4), (32, 128, 8), (8, 128, 8), (64, 64, 4), (64, 32, 8)):
-                for elt in (2, 4):
-                    fbm, fbt = v_tiles(bm, bt, vpr, rvb, nw, elt)
-                    sb = sub_blocks(fbm, vpr, rvb)
+            for bm, bt in ((64, 32), (32, 128), (8, 128), (64, 64)):
+                for d_b, elt in ((64, 2), (128, 2), (128, 4)):
+                    if stage_bytes(min(bm, 16), 16, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
+                        with pytest.raises(NotImplementedError, match="backend='sdpa'"):
+                            v_tiles(bm, bt, vpr, rvb, d_b, elt)
+                        continue
+                    fbm, fbt = v_tiles(bm, bt, vpr, rvb, d_b, elt)
                     assert fbm <= bm and fbt <= bt and fbm & (fbm - 1) == 0 and fbt & (fbt - 1) == 0
-                    assert fbm * sb["SBC"] <= V_ACC_PER_THREAD * 32 * nw or fbm == min(bm, 16)
-                    assert sb["N_SUB"] * fbt * sb["SBC"] * elt <= V_TILE_BYTES or fbt == 16
+                    assert stage_bytes(fbm, fbt, vpr, rvb, d_b, elt) <= V_STAGE_BYTES
+                    assert fbm == bm or fbt == 16  # block_t first
+    with pytest.raises(NotImplementedError, match="backend='sdpa'"):
+        v_tiles(64, 32, 1, 512, 128, 4)
 
 
 @parametrize("case", [AttnCase(B=17, H=2, Hkv=2, D=16, T=45, P=2, N=3, ranks=(48, 1, 32), v_ranks=(48, 16, 16)),
@@ -171,7 +177,7 @@ def test_cascade_fitted_v_tiles_match_reference(case):
     from forkkv_kernels.cascade import v_tiles
 
     bm, rvb = min(64, 1 << (case.B - 1).bit_length()), 1 << (max(case.v_ranks) - 1).bit_length()
-    assert v_tiles(bm, 32, 1, rvb, 4, 4) != (bm, 32)  # (the interpreter's 32-token tiles, fp32)
+    assert v_tiles(bm, 32, 1, rvb, 1 << (case.D - 1).bit_length(), 4) != (bm, 32)  # (interpreter: 32-token tiles)
     view, q, scale = case.view(), case.query(), case.D**-0.5
     for mask in (None, case.mask()):
         torch.testing.assert_close(_launch(q, view, mask, scale), reference_attention(q, view, mask, scale),

@@ -35,7 +35,7 @@ def old_tiles(view, variant: str) -> dict:
 def measure_case(T: int, N: int, rank: int, do_bench) -> dict:
     from forkkv_hf.ops.dispatch import residual_attention_triton
     from forkkv_kernels.attention_common import pow2
-    from forkkv_kernels.cascade import launch_defaults, v_tiles
+    from forkkv_kernels.cascade import v_tiles
 
     q, view = make_case(T, N, rank=rank, kv_heads=H)
     scale = D**-0.5
@@ -46,9 +46,8 @@ def measure_case(T: int, N: int, rank: int, do_bench) -> dict:
         ref = materialised_attention(q, K, V, scale).transpose(1, 2).float()
         row[f"sdpa_{variant}_s"] = graph_time(lambda: materialised_attention(q, K, V, scale), do_bench)
         del K, V
-        cfg = launch_defaults(N, 1, 1, variant == "kv", True, torch.bfloat16, rank)
         old = old_tiles(vv, variant)
-        row[f"fitted_{variant}_tiles"] = v_tiles(old["block_m"], old["block_t"], 1, pow2(rank), cfg["num_warps"], 2)
+        row[f"fitted_{variant}_tiles"] = v_tiles(old["block_m"], old["block_t"], 1, pow2(rank), D, 2)
         row[f"old_{variant}_tiles"] = (old["block_m"], old["block_t"])
         for name, knobs in (("fitted", {}), ("old", old)):
             try:
