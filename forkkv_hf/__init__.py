@@ -10,6 +10,7 @@
 from .attention import forkkv_attention_forward, register_forkkv
 from .cache import ForkKVCache, ForkKVLayer, ForkKVView, MemoryReport
 from . import compile_policy  # noqa: F401  (registers the compiled-decode layout choice with generate)
+from . import padded_ids  # noqa: F401  (registers the processors' left-packed ids with generate)
 from .compat import CACHE_KWARG, cache_kwargs
 from .config import ForkKVConfig, config_override, get_config, set_config
 from .context import SharedContext, StaleContextError, set_weight_checks

@@ -79,25 +79,75 @@ def test_exact_for_last_layer_kv_lora(last_layer_agents):
     _assert_same(out, exact)
 
 
-#: generate options whose logits processors read the rows' ids (the shared context included): ForkKV hands generate
-#: the same ids, so they see what they see in the exact run
-ID_PROCESSORS = [dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5], [9, 10]]),
-                 dict(sequence_bias={(8,): 4.0}), dict(min_new_tokens=6, eos_token_id=2),
-                 dict(encoder_repetition_penalty=1.2), dict(do_sample=True, top_k=20, min_p=0.1)]
+#: generate options whose logits processors or stopping criteria read the rows' ids (the shared context included);
+#: ``eos_token_id=0`` makes the pad id the EOS, as most chat tokenizers do
+ID_PROCESSORS = [dict(repetition_penalty=1.5), dict(repetition_penalty=1.3, eos_token_id=0),
+                 dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5], [9, 10]]), dict(sequence_bias={(8,): 4.0}),
+                 dict(sequence_bias={(60, 8): 9.0}), dict(min_new_tokens=6, eos_token_id=2),
+                 dict(encoder_repetition_penalty=1.2), dict(do_sample=True, top_k=20, min_p=0.1),
+                 dict(num_beams=2, repetition_penalty=1.4, eos_token_id=0)]
 
 
-@parametrize("options", ID_PROCESSORS, fast=lambda options: "repetition_penalty" in options)
-def test_logits_processors_reading_the_ids_are_exact(last_layer_agents, options):
+def _left_padded(inputs: dict) -> dict:
+    """``batch_inputs``' rows (``[context | pad | prompt]``) with each row's pads moved to its front: the left-padded
+    batch transformers' processors are written for (each row then reads as the agent's own, unpadded run)."""
+    order = torch.sort(inputs["attention_mask"].to(torch.int8), dim=1, stable=True).indices
+    return {k: inputs[k].gather(1, order) for k in ("input_ids", "attention_mask")}
+
+
+class _StopAfter:
+    """A stopping criterion reading the ids: a row stops once its last three ids are ``ids`` (spanning the prompt's
+    end and the first generated token, as a stop string can)."""
+
+    def __init__(self, ids):
+        self.ids = torch.tensor(ids)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, -3:] == self.ids).all(1)
+
+
+@parametrize("options", ID_PROCESSORS, fast=lambda options: options.get("eos_token_id") == 0)
+def test_logits_processors_reading_the_ids_see_each_row_unpadded(last_layer_agents, options):
+    """Processors that read the ids saw ``batch_inputs``' pads between the context and a shorter row's prompt as
+    tokens of the row: with the pad id as EOS, ``repetition_penalty`` penalised a padded row's EOS and it stopped at
+    another step; n-gram bans, multi-token biases and stop criteria spanning the prompt missed (an audit's finding).
+    They now read each row with its pads in front, as transformers' own left-padded batch (which equals each agent's
+    own run): ForkKV's tokens and scores equal plain PEFT's on the left-padded rows."""
     pm = last_layer_agents
     ctx = _context(20)
     names = ["planner", "coder", "__base__"]
-    inputs = batch_inputs(ctx, _prompts([5, 3, 4]), pad_token_id=0)
+    inputs = batch_inputs(ctx, _prompts([5, 1, 4]), pad_token_id=0)
+    L = inputs["input_ids"].shape[1]
     forkkv_hf.disable_forkkv(pm)
     torch.manual_seed(0)
-    exact = _gen(pm, inputs, names, **options)
+    exact = _gen(pm, _left_padded(inputs), names, **options)
     forkkv_hf.enable_forkkv(pm)
     torch.manual_seed(0)
-    _assert_same(_gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **options), exact)
+    out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **options)
+    assert torch.equal(out.sequences[:, L:], exact.sequences[:, L:]), (out.sequences[:, L:], exact.sequences[:, L:])
+    for sa, sb in zip(out.scores, exact.scores):
+        torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
+
+
+def test_stopping_criteria_reading_the_ids_see_each_row_unpadded(last_layer_agents):
+    """A stopping criterion over the last ids fires for a padded row as in the agent's own run (before: the pads
+    between its context and prompt broke the match) and the row's continuation after it is the same."""
+    from transformers import StoppingCriteriaList
+
+    pm = last_layer_agents
+    ctx, prompts = _context(20), _prompts([5, 1, 4])
+    names = ["planner", "coder", "__base__"]
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    L = inputs["input_ids"].shape[1]
+    forkkv_hf.disable_forkkv(pm)
+    first = _gen(pm, _left_padded(inputs), names, max_new_tokens=1).sequences[1, -1].item()
+    stop = [ctx[-1].item(), prompts[1][0].item(), first]  # row 1's context end, its one-token prompt, its first token
+    exact = _gen(pm, _left_padded(inputs), names, stopping_criteria=StoppingCriteriaList([_StopAfter(stop)]))
+    forkkv_hf.enable_forkkv(pm)
+    out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names),
+               stopping_criteria=StoppingCriteriaList([_StopAfter(stop)]))
+    assert torch.equal(out.sequences[:, L:], exact.sequences[:, L:])
+    assert (out.sequences[1, L + 1:] == 0).all()  # row 1 stopped after its first token
 
 
 def test_layer0_kv_are_exact(full_agents):
