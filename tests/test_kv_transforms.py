@@ -72,6 +72,37 @@ def test_v_norm_refuses_v_lora():
         SharedContext.build(pm, CTX, ["planner"], progress=False)
 
 
+def test_gemma4_k_eq_v_layers_serve_q_and_o_lora():
+    """Gemma 4's ``attention_k_eq_v`` full-attention layers have no ``v_proj`` (V is ``k_proj``'s output): every build
+    failed inside a hook on ``None``, and so did training's context (an audit's finding). Agents with q/o LoRA there
+    equal their exact run (the last layer's); ``k_proj`` LoRA stays refused (k_norm), training builds its context."""
+    import transformers
+
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("Gemma 4 is newer than this transformers")
+    kw = dict(head_dim=16, sliding_window=64, num_kv_shared_layers=0, vocab_size_per_layer_input=128,
+              hidden_size_per_layer_input=16, attn_implementation="eager", attention_k_eq_v=True, global_head_dim=16,
+              num_global_key_value_heads=1)
+    spec = dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[2])
+    pm = with_adapters(_tiny("Gemma4Text", **kw), {"planner": dict(r=4, **spec), "coder": dict(r=8, **spec)}, seed=2)
+    attn = pm.get_base_model().model.layers[2].self_attn
+    assert attn.v_proj is None, "the tiny config no longer makes a k_eq_v layer"
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    exact = _gen(pm, inputs, NAMES)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        _same(_gen(pm, inputs, NAMES, SharedContext.build(pm, CTX, ["planner", "coder"], progress=False).fork(NAMES)),
+              exact)
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+    pm.set_adapter("planner")
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
+    assert torch.isfinite(forkkv_loss(pm, TrainingContext(pm, CTX), batch, "planner", residual="kv"))
+    pk = with_adapters(_tiny("Gemma4Text", **kw), {"planner": dict(r=4, target_modules=["k_proj"])}, seed=2)
+    with pytest.raises(ValueError, match="k_norm"):
+        SharedContext.build(pk, CTX, ["planner"], progress=False)
+
+
 @parametrize("proj", ["k_proj", "v_proj"])
 def test_a_trained_copy_of_a_kv_projection_is_refused(proj):
     """``modules_to_save`` on a K or V projection: the agent's context K/V are its copy's, which no residual of the

@@ -213,6 +213,8 @@ class KVProjections:
 
 
 def kv_projections(attn: nn.Module, config) -> KVProjections:
+    if hasattr(attn, "k_proj") and getattr(attn, "v_proj", 0) is None:  # Gemma 4's attention_k_eq_v: V is K's output
+        return KVProjections((attn.k_proj, None), (attn.k_proj, None))
     if hasattr(attn, "k_proj") and hasattr(attn, "v_proj"):
         return KVProjections((attn.k_proj, None), (attn.v_proj, None))
     head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads

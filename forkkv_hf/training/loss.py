@@ -105,7 +105,8 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
                 dk = dk.view(n, T, Hkv, D).transpose(1, 2)
                 key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)
         if residual in ("kv", "v"):
-            dv = _lora_delta(attn.v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
+            v_proj = attn.v_proj if attn.v_proj is not None else attn.k_proj  # Gemma 4's attention_k_eq_v
+            dv = _lora_delta(v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
             if dv is not None:
                 check_kv_transform_free(attn, config, idx, adapter_name, "v")
                 value = value + dv.view(n, T, Hkv, D).transpose(1, 2).to(value.dtype)
