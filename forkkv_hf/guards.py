@@ -238,6 +238,12 @@ def _padding(mask, S: int, L: int):
     return cols == 0
 
 
+def _positions_fit(pos: torch.Tensor, B: int, L: int) -> bool:
+    """Whether ``position_ids`` give one position per token of ``B`` rows of ``L``: ``[B or 1, L]``, or M-RoPE's
+    ``[sections, B or 1, L]`` (Qwen2-VL's generate builds them for text too; before, refused as malformed)."""
+    return pos.dim() in (2, 3) and pos.shape[-2] in (1, B) and pos.shape[-1] == L
+
+
 def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) -> bool:
     """Whether ``ids [B, L]`` of a forward are whole rows (context + what the cache holds + new tokens) rather than
     only the new tokens. A 2-D mask tells by its length, else position ids by where the first new token that is not
@@ -332,9 +338,9 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     B, T = ids.shape[0], cache.num_shared_tokens
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != B:
         raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids have {B}")
-    if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != ids.shape[1]):
-        raise ValueError(f"position_ids must be [{B}, {ids.shape[1]}] (one position per token of input_ids), got "
-                         f"{tuple(pos.shape)}")
+    if pos is not None and not _positions_fit(pos, B, ids.shape[1]):
+        raise ValueError(f"position_ids must be [{B}, {ids.shape[1]}] (one position per token of input_ids; M-RoPE's "
+                         f"[sections, {B}, {ids.shape[1]}]), got {tuple(pos.shape)}")
     changed = None
     if _whole_rows(cache, ids, mask, pos, decode_step):
         ids, pos = _cut_whole_rows(cache, ids, pos, kwargs)
@@ -390,9 +396,9 @@ def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> Non
     if mask2d is not None and tuple(mask2d.shape) != (B, S + L):
         raise ValueError(f"attention_mask is {list(mask2d.shape)} but must be [{B}, {S + L}]: one column per cached "
                          f"token ({S}, {T} shared) and per new token (inputs_embeds hold the new tokens only)")
-    if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != L):
-        raise ValueError(f"position_ids must be [{B}, {L}] (one position per row of inputs_embeds), got "
-                         f"{tuple(pos.shape)}")
+    if pos is not None and not _positions_fit(pos, B, L):
+        raise ValueError(f"position_ids must be [{B}, {L}] (one position per new embedding; M-RoPE's [sections, {B}, "
+                         f"{L}]), got {tuple(pos.shape)}")
     if decode_step:
         return
     if mask2d is not None:

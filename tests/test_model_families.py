@@ -4,6 +4,7 @@ are refused with an error that names the reason."""
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import forkkv_hf
@@ -328,3 +329,29 @@ def test_k_rope_layout_is_checked_over_one_token_chunks():
             SharedContext.build(pm, CTX, ["planner"], progress=False, chunk_size=1)
     finally:
         forkkv_hf.disable_forkkv(pm)
+
+
+def test_mrope_text_generate_is_exact():
+    """Qwen2-VL (M-RoPE): generate builds position_ids of M-RoPE's ``[sections, B, L]`` for text too, which the
+    forward checks refused as malformed (every ForkKV generate of the model stopped at its prefill; an audit's
+    finding). Text rows with LoRA on the last layer's K/V equal plain PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    if not hasattr(transformers, "Qwen2VLConfig"):
+        pytest.skip("no Qwen2-VL in this transformers")
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=64,
+                                                                          num_heads=2),
+                                     image_token_id=120, video_token_id=121, vision_start_token_id=122,
+                                     vision_end_token_id=123)
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    target = r".*language_model.*layers\.2\.self_attn\.(k_proj|v_proj)"
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=target, init_lora_weights=False),
+                        adapter_name="planner").eval()
+    pm.add_adapter("coder", LoraConfig(r=2, target_modules=target, init_lora_weights=False))
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    _same(_forkkv_gen(pm, inputs), _gen(pm, inputs, NAMES))
