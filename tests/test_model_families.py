@@ -355,3 +355,11 @@ def test_mrope_text_generate_is_exact():
     pm.add_adapter("coder", LoraConfig(r=2, target_modules=target, init_lora_weights=False))
     inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
     _same(_forkkv_gen(pm, inputs), _gen(pm, inputs, NAMES))
+
+
+def test_partial_rotary_on_a_fused_qkv_says_what_can_be_shared():
+    """Phi-3's layout with partial rotary (Phi-4-mini's 0.75): ``qkv_proj`` LoRA is refused, and the message said
+    "LoRA on V is still shared", which a fused projection cannot carry (an audit's finding): it names qkv_proj."""
+    pm = with_adapters(_tiny("Phi3", partial_rotary_factor=0.75), {"planner": dict(r=4, target_modules=["qkv_proj"])})
+    with pytest.raises(ValueError, match="partial rotary.*fused qkv_proj: retarget the adapters away from qkv_proj"):
+        SharedContext.build(pm, CTX, ["planner"], progress=False)

@@ -409,10 +409,13 @@ def segment_layers(model: nn.Module, base: nn.Module, ids: torch.Tensor, adapter
         k_res = _residual(cap.k_lora, cap.u_k)
         v_res = _residual(cap.v_lora, cap.u_v)
         if k_res is not None and cos.shape[-1] != key.shape[-1]:
+            fused = hasattr(attn_modules[idx], "qkv_proj")  # its LoRA changes K whatever it is meant for
             raise ValueError(
                 f"layer {idx} rotates only {cos.shape[-1]} of its {key.shape[-1]} head dimensions (partial "
-                "rotary); ForkKV's K residual assumes full rotate-half RoPE. Retarget the adapters away from the "
-                "K projection (LoRA on V is still shared)."
+                "rotary); ForkKV's K residual assumes full rotate-half RoPE. "
+                + ("Its K and V come from one fused qkv_proj: retarget the adapters away from qkv_proj (LoRA on "
+                   "o_proj and the MLP is shared)." if fused else
+                   "Retarget the adapters away from the K projection (LoRA on V is still shared).")
             )
         layer = SharedLayer(key, value, cos, sin, k_res, v_res, source=weakref.ref(attn_modules[idx]),
                             sliding_window=windows[idx])
