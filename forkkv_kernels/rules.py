@@ -40,6 +40,14 @@ TRITON_F16_FROM = 128
 MAX_HEAD_DIM = 128
 
 
+#: the widest V-residual sub-block (``16 / VPR · rank`` columns: a block of 16 query vectors times all its rows'
+#: ``u_v``) for which a K+V decode call takes the Gluon shared kernel: one query vector per row and KV head (MHA) at
+#: rank 32 (512 columns) measured 6x slower there than in the Triton kernel (v49, one H100, 32 query heads on 32 KV
+#: heads, 8K context, 64 agents, whole K+V calls: 8,766 against 1,454 µs; at rank 16, 256 columns, 752 against 848;
+#: eval/results/raw/bench_v_tiles_v49_h100.json); the rule's measured shapes (G = 4, rank 16: 64 columns) are inside
+GLUON_KV_MAX_COLUMNS = 256
+
+
 #: the K-pass knobs only the Triton K pass takes
 TRITON_K_KNOBS = ("res_warps", "res_stages", "res_pack", "res_heads")
 
@@ -98,10 +106,12 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # and 4 agents 66.2 -> 77.5 and 93.7 -> 100.8; sweep_kernel_v35{ba,bb,c}_nvidia_h200.json; where the ring cannot
     # take a call, the Triton kernel; contexts not a multiple of 16 tokens take the ring too since its GPU tests passed
     # at 129 and 2,053 tokens, v36)
-    gluon_kv = has_k and has_v and NQ == 1 and B * VPR >= 32
+    kv_decode = has_k and has_v and NQ == 1 and B * VPR >= 32
+    gluon_kv = kv_decode and max(1, 16 // VPR) * (1 << max(0, v_rank - 1).bit_length()) <= GLUON_KV_MAX_COLUMNS
     # ... and its K pass in Gluon from GLUON_K_FROM vectors, an agent's rows holding at most GLUON_K_ROW_VECTORS
     # (TRITON_K_RULE elsewhere; where a call cannot take the Gluon K pass, cascade_attention falls back to it)
-    gluon_k = gluon_kv and B * VPR >= GLUON_K_FROM and agent_rows * VPR <= GLUON_K_ROW_VECTORS
+    # (v49's MHA calls beyond GLUON_KV_MAX_COLUMNS measured with it and the Triton shared kernel)
+    gluon_k = kv_decode and B * VPR >= GLUON_K_FROM and agent_rows * VPR <= GLUON_K_ROW_VECTORS
     return dict(block_t=128 if wide else (32 if has_k and B * NQ >= 32 else 64), num_warps=8 if wide else 4,
                 num_stages=2 if has_v and not has_k and not piped_v else 3, programs_per_sm=1 if wide else 2,
                 whole_waves=True,

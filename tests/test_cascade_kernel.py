@@ -169,6 +169,19 @@ def test_v_tiles_fit_the_v_residual_sub_blocks():
         v_tiles(64, 32, 1, 512, 128, 4)
 
 
+def test_kv_rule_keeps_wide_mha_sub_blocks_in_the_triton_kernel():
+    """K+V decode of one query vector per row and KV head (MHA) at V rank 32: the Gluon shared kernel measured 6x
+    slower than the Triton one (v49: 8,766 against 1,454 µs at 64 agents); the rule gives it the Triton kernel with the
+    Gluon K pass it was measured with, and keeps the Gluon kernel where it measured faster (MHA rank 16, G = 4)."""
+    from forkkv_kernels.rules import launch_defaults
+
+    mha32 = launch_defaults(64, 1, 1, True, True, torch.bfloat16, 32)
+    assert (mha32["shared_form"], mha32["shared_k_load"], mha32["res_form"]) == ("triton", "softmax", "gluon")
+    for vpr, rank in ((1, 16), (4, 16), (4, 32), (2, 16)):
+        rule = launch_defaults(64, 1, vpr, True, True, torch.bfloat16, rank)
+        assert (rule["shared_form"], rule["shared_k_load"]) == ("gluon", "ring"), (vpr, rank)
+
+
 @parametrize("case", [AttnCase(B=17, H=2, Hkv=2, D=16, T=45, P=2, N=3, ranks=(48, 1, 32), v_ranks=(48, 16, 16)),
                       AttnCase(B=9, H=2, Hkv=2, D=24, T=40, P=3, N=2, ranks=(8, 4), v_ranks=(128, 64))])
 def test_cascade_fitted_v_tiles_match_reference(case):
