@@ -19,6 +19,18 @@ def _olmo(clip_qkv, targets, **spec):
                                                             "coder": dict(r=8, target_modules=targets, **spec)}, seed=3)
 
 
+def _forkkv_equals_exact(pm):
+    """ForkKV's generate over ``CTX`` for planner and coder (ForkKV on for it only) equals the plain run."""
+    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
+    exact = _gen(pm, inputs, NAMES)
+    forkkv_hf.enable_forkkv(pm)
+    try:
+        _same(_gen(pm, inputs, NAMES, SharedContext.build(pm, CTX, ["planner", "coder"], progress=False).fork(NAMES)),
+              exact)
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+
+
 @parametrize("targets", [["k_proj"], ["v_proj"], ["q_proj", "k_proj", "v_proj"]])
 def test_clip_qkv_refuses_k_and_v_lora_and_fitted_residuals_serve_them(targets):
     """OLMo's ``clip_qkv`` clamps K and V after the projections: clamp(base + LoRA) is not clamp(base) + LoRA
@@ -42,14 +54,7 @@ def test_clip_qkv_shares_q_lora_exactly_and_training_refuses_v_lora():
     """q_proj LoRA on a clip_qkv model is ForkKV's usual approximation (exact where it changes no later layer's K/V:
     the last layer's, as here); at a clip of 0.05 the clamped queries hid the LoRA and the test passed for that."""
     pm = _olmo(8.0, ["q_proj"], layers_to_transform=[2])
-    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
-    exact = _gen(pm, inputs, NAMES)
-    forkkv_hf.enable_forkkv(pm)
-    try:
-        _same(_gen(pm, inputs, NAMES, SharedContext.build(pm, CTX, ["planner", "coder"], progress=False).fork(NAMES)),
-              exact)
-    finally:
-        forkkv_hf.disable_forkkv(pm)
+    _forkkv_equals_exact(pm)
     pm = _olmo(0.05, ["v_proj"])
     pm.set_adapter("planner")
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
@@ -87,14 +92,7 @@ def test_gemma4_k_eq_v_layers_serve_q_and_o_lora():
     pm = with_adapters(_tiny("Gemma4Text", **kw), {"planner": dict(r=4, **spec), "coder": dict(r=8, **spec)}, seed=2)
     attn = pm.get_base_model().model.layers[2].self_attn
     assert attn.v_proj is None, "the tiny config no longer makes a k_eq_v layer"
-    inputs = batch_inputs(CTX, PROMPTS, pad_token_id=0)
-    exact = _gen(pm, inputs, NAMES)
-    forkkv_hf.enable_forkkv(pm)
-    try:
-        _same(_gen(pm, inputs, NAMES, SharedContext.build(pm, CTX, ["planner", "coder"], progress=False).fork(NAMES)),
-              exact)
-    finally:
-        forkkv_hf.disable_forkkv(pm)
+    _forkkv_equals_exact(pm)
     pm.set_adapter("planner")
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
     assert torch.isfinite(forkkv_loss(pm, TrainingContext(pm, CTX), batch, "planner", residual="kv"))
