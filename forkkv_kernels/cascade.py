@@ -37,6 +37,7 @@ from .rules import MAX_HEAD_DIM, asks_triton_k_pass, launch_defaults, triton_k_k
 from .shared_gluon import launch_shared_gluon, ring_unsupported, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
+from .tiles import fma_tiles, sub_blocks, v_tiles
 
 @triton.jit
 def _cascade_shared_kernel(
@@ -49,7 +50,7 @@ def _cascade_shared_kernel(
     HALF_B: tl.constexpr, VPR: tl.constexpr, NQG: tl.constexpr, RVB: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr, N_SUB: tl.constexpr, SB: tl.constexpr, RPSB: tl.constexpr, SBC: tl.constexpr,
     HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr, V_FMA: tl.constexpr = False,
 ):
     """The shared context's part of the attention of ``BLOCK_M`` query vectors of one KV head over one split of the
     context. ``KB``/``VB [HKV, T, D]``, ``UV [n, T, RV]`` contiguous, ``R [HKV, B·VPR, T]`` rows ``RS`` apart;
@@ -77,7 +78,12 @@ def _cascade_shared_kernel(
     if HAS_K:
         kres = valid & (tl.load(KSLOT + row) >= 0)
         r_row = ((hkv * B + row) * VPR + w).to(tl.int64) * RS
-    if HAS_V:
+    rv = tl.arange(0, RVB)
+    if HAS_V and V_FMA:  # each vector its own row's u_v tile, P·u_v on CUDA cores: no block-diagonal columns
+        uf_ok = (valid & (tl.load(VSLOT + row) >= 0))[:, None] & (rv < RV)[None, :]
+        uf_off = tl.maximum(tl.load(VSLOT + row), 0).to(tl.int64) * T * RV
+        acc_uv = tl.zeros([BLOCK_M, RVB], tl.float32)
+    elif HAS_V:
         # u_v columns of each sub-block: RPSB rows x RVB ranks; vector i of a sub-block reads group i // VPR
         kk = tl.arange(0, N_SUB)
         cc = tl.arange(0, SBC)
@@ -113,7 +119,11 @@ def _cascade_shared_kernel(
         pd = p.to(dtype)
         vt = tl.load(VB + kv_base + t[:, None] * D + d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + mma(pd, vt, DOT_PREC, UPCAST)
-        if HAS_V:
+        if HAS_V and V_FMA:
+            uf = tl.load(UV + uf_off[:, None, None] + t[None, :, None] * RV + rv[None, None, :],
+                         mask=uf_ok[:, None, :] & tm[None, :, None], other=0.0)
+            acc_uv = acc_uv * alpha[:, None] + tl.sum(p[:, :, None] * uf.to(tl.float32), 1)
+        elif HAS_V:
             u3 = tl.load(UV + u_off[:, None, :] + t[None, :, None] * RV, mask=u_ok[:, None, :] & tm[None, :, None],
                          other=0.0)
             a3 = tl.reshape(alpha, [N_SUB, SB])
@@ -127,11 +137,12 @@ def _cascade_shared_kernel(
     tl.store(L_WS + wi, l_i, mask=valid)
     dst = tl.where(d < HALF, d, d - HALF + HALF_B)  # the merge kernel's lo | hi layout
     tl.store(ACC_WS + wi[:, None] * (2 * HALF_B) + dst[None, :], acc, mask=valid[:, None] & dm[None, :])
-    if HAS_V:
+    if HAS_V and V_FMA:
+        tl.store(UV_WS + wi[:, None] * RVB + rv[None, :], acc_uv, mask=valid[:, None])
+    elif HAS_V:
         grp = tl.arange(0, SB) // VPR
         sel = grp[:, None] == tl.arange(0, RPSB)[None, :]
         own = tl.sum(tl.where(sel[None, :, :, None], tl.reshape(acc_uv, [N_SUB, SB, RPSB, RVB]), 0.0), 2)
-        rv = tl.arange(0, RVB)
         tl.store(UV_WS + wi[:, None] * RVB + rv[None, :], tl.reshape(own, [BLOCK_M, RVB]), mask=valid[:, None])
 
 
@@ -141,53 +152,6 @@ def _cascade_shared_kernel(
 
 #: the ``pdl`` settings of :func:`cascade_attention` (None: plain launches)
 PDL_MODES = (None, "early", "late", "merge")
-
-
-def sub_blocks(block_m: int, vpr: int, rvb: int, n_sub: int | None = None) -> dict:
-    """The shared kernel's V-residual sub-blocks for ``block_m`` query vectors per program (``vpr`` per row, V ranks
-    padded to ``rvb``): ``N_SUB`` sub-blocks (default ``block_m / 16``) of ``SB`` vectors, each holding ``RPSB`` rows
-    whose ``u_v`` it multiplies, ``SBC = RPSB·rvb`` columns."""
-    n_sub = n_sub or max(1, block_m // 16)
-    if n_sub > block_m:  # (SB = 0 failed inside Triton)
-        raise ValueError(f"n_sub={n_sub} is more than the {block_m} query vectors per program (block_m); give at most "
-                         f"{block_m}")
-    sb = block_m // n_sub
-    rpsb = max(1, sb // vpr)
-    return dict(N_SUB=n_sub, SB=sb, RPSB=rpsb, SBC=rpsb * rvb)
-
-
-#: the bytes one pipeline stage of the Triton shared kernel may ask for its tiles (:func:`stage_bytes`) where a call
-#: gives neither ``block_m`` nor ``block_t``: under the 232,448 bytes of shared memory an H100/H200 gives a program.
-#: Each V-residual sub-block multiplies its 16 vectors by all its rows' ``u_v`` side by side (``SBC = 16 / vpr ·
-#: rank`` columns), so one query vector per row (MHA, G = 1) at V rank 48-64 held 1,024 columns: 540,672 bytes for one
-#: stage of the rule's 128-token tiles (offline for sm_90; the v48 GPU fuzz's failure), and at 64 rows the rule's
-#: 64-token V-only tiles asked 278,528 bytes at rank 32 (v49, eval/RESULTS.md)
-V_STAGE_BYTES = 216 * 1024
-
-
-def stage_bytes(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> int:
-    """An upper estimate of one pipeline stage's shared memory in the Triton shared kernel: the ``u_v`` tile of its
-    V-residual sub-blocks, the K and V base tiles (``d_b`` the padded head dim) and the K residual's score tile, in
-    ``elt``-byte values (offline for sm_90, Triton 3.6: 540,672 bytes measured against 589,824 estimated at G = 1,
-    rank 64, 32 x 128 tiles; 135,680 against 139,264 at rank 256, 16 x 16)."""
-    sb = sub_blocks(block_m, vpr, rvb)
-    return (sb["N_SUB"] * block_t * sb["SBC"] + 2 * block_t * d_b + block_m * block_t) * elt
-
-
-def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> tuple[int, int]:
-    """``(block_m, block_t)`` of the Triton shared kernel with a V residual of ranks padded to ``rvb`` (``vpr`` query
-    vectors per row, head dim padded to ``d_b``, ``elt`` bytes per value): ``block_t``, then ``block_m``, halved down to
-    16 until one stage fits :data:`V_STAGE_BYTES` (the rule's tiles, measured, fit as they are: the pipeline's stages
-    are what :func:`~.attention_common.launch` reduces). Raises where 16 x 16 tiles do not fit."""
-    while block_t > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
-        block_t //= 2
-    while block_m > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
-        block_m //= 2
-    if stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
-        raise NotImplementedError(f"V rank up to {rvb} with {vpr} query vector(s) per row and KV head: the Triton "
-                                  "shared kernel's smallest tiles exceed its shared memory; use forkkv_hf's SDPA path "
-                                  "(set_config(backend='sdpa'))")
-    return block_m, block_t
 
 
 def cascade_attention(q: torch.Tensor, k_base: torch.Tensor, v_base: torch.Tensor, cos: torch.Tensor,
@@ -235,7 +199,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
                        merge_chunk: int | None = None, merge_first: bool | None = None,
                        lowp_rope: bool | None = None, scores_fp32: bool = False, pdl: bool | str | None = None,
                        shared_form: str | None = None, shared_k_early: bool = True, shared_q_regs: bool = False,
-                       shared_k_load: str | None = None,
+                       shared_k_load: str | None = None, v_form: str | None = None,
                        scratch=workspace, launches: dict | None = None) -> torch.Tensor:
     """``shared_mask``: the mask the shared part's kernels read (``mask``, or None where the caller knows it shows
     the whole context). Tuning knobs; where ``None``: :func:`launch_defaults` (on CPU, under the Triton interpreter,
@@ -243,6 +207,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
 
     Shared-part kernel: ``block_m`` query vectors per program (default: up to 64), ``block_t`` context tokens per tile,
     ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows' u_v),
+    ``v_form`` the V residual's ``P·u_v``: ``"mma"`` (those sub-blocks, the default) or ``"fma"`` (each vector its own
+    row's ``u_v`` tile on CUDA cores, no block-diagonal columns: for one vector per row at high V ranks, where the
+    sub-blocks are 16 x the rank wide; the Triton shared kernel, tiles from :func:`fma_tiles`; untimed, v49),
     ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
@@ -328,7 +295,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
         cfg.update(GLUON_RULE)
     if shared_form not in (None, "triton", "gluon", "gluon_pair"):
         raise ValueError(f"shared_form={shared_form!r}; use 'triton', 'gluon' or 'gluon_pair'")
-    form = shared_form or cfg["shared_form"]
+    if v_form not in (None, "mma", "fma") or (v_form == "fma" and shared_form not in (None, "triton")):
+        raise ValueError(f"v_form={v_form!r} (shared_form={shared_form!r}); use 'mma', or 'fma' in the Triton shared "
+                         "kernel")
+    form = "triton" if v_form == "fma" else shared_form or cfg["shared_form"]
     if form == "gluon_pair":  # asked for: its own knobs under the given ones, refused by its launcher
         cfg.update(GLUON_PAIR_RULE)
     k_load = shared_k_load or (cfg["shared_k_load"] if form == cfg["shared_form"] == "gluon" else "softmax")
@@ -384,7 +354,10 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     gluon_shared = form in ("gluon", "gluon_pair")
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
-    if has_v and not gluon_shared and block_m is None and block_t is None and n_sub is None:
+    if has_v and v_form == "fma":
+        BLOCK_M, BLOCK_T = fma_tiles(block_m or BLOCK_M, block_t or BLOCK_T, RVB, cfg["num_warps"],
+                                     given=(block_m, block_t))
+    elif has_v and not gluon_shared and block_m is None and block_t is None and n_sub is None:
         BLOCK_M, BLOCK_T = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, DB, q.element_size())
     n_mb = cdiv(B * VPR, BLOCK_M)
     programs = n_mb * (Hkv // 2 if form == "gluon_pair" else Hkv)
@@ -416,7 +389,7 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
             HKV=Hkv, G=G, D=D, DB=DB, HALF=HALF, HALF_B=HALF_B, VPR=VPR, NQG=NQG, RVB=RVB, BLOCK_M=BLOCK_M,
             BLOCK_T=BLOCK_T, **sub_blocks(BLOCK_M, VPR, RVB, n_sub),
             HAS_K=has_k, HAS_V=has_v, HAS_MASK=shared_mask is not None, DOT_PREC=prec, UPCAST=interp,
-            PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2),
+            PDL_WAIT=shared_waits, PDL_TRIGGER={None: 0, "early": 1}.get(pdl_mode, 2), V_FMA=v_form == "fma",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=maxnreg,
             pdl=shared_waits,
         )

@@ -146,7 +146,7 @@ def test_v_tiles_fit_the_v_residual_sub_blocks():
     540,672 bytes of shared memory for one stage of the GPU rule's 128-token tiles (its limit 232,448; the v48 GPU
     fuzz's failure). The fitted tiles keep one stage within :data:`V_STAGE_BYTES` wherever 16 x 16 tiles can (else a
     clear refusal), and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
-    from forkkv_kernels.cascade import V_STAGE_BYTES, stage_bytes, v_tiles
+    from forkkv_kernels.tiles import V_STAGE_BYTES, stage_bytes, v_tiles
 
     for bm, bt in ((64, 32), (32, 128), (16, 128), (64, 64)):
         for rvb in (1, 8, 16, 32):
@@ -169,6 +169,35 @@ def test_v_tiles_fit_the_v_residual_sub_blocks():
         v_tiles(64, 32, 1, 512, 128, 4)
 
 
+@parametrize("masked", [False, True])
+@parametrize("case", [*SPLIT_RANK_CASES, AttnCase(B=17, H=2, Hkv=2, D=16, T=45, P=2, N=3, ranks=(48, 1, 32),
+                                                  v_ranks=(48, 16, 16)),
+                      AttnCase(B=5, H=8, Hkv=2, D=48, T=40, P=6, Q=3, N=3, ranks=(4, 2, 8), rows=(0, 2, -1, 1, 0))])
+def test_cascade_cuda_core_v_form_matches_reference(case, masked):
+    """``v_form="fma"``: each vector's ``P·u_v`` from its own row's ``u_v`` tile on CUDA cores (no block-diagonal
+    sub-blocks), with and without a K residual, GQA and MHA, extend calls, rows without an agent, masked."""
+    view, q = case.view(), case.query()
+    mask, scale = (case.mask() if masked else None), case.D**-0.5
+    ref = reference_attention(q, view, mask, scale)
+    for knobs in (dict(v_form="fma"), dict(v_form="fma", block_m=16, block_t=16), dict(v_form="mma")):
+        torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_fma_tiles_bound_the_u_v_tile_and_refusals():
+    from forkkv_kernels.tiles import FMA_TILE_PER_THREAD, fma_tiles
+
+    for bm, bt, rvb, nw in ((64, 32, 64, 4), (32, 128, 16, 8), (64, 64, 128, 4), (16, 16, 256, 4)):
+        fbm, fbt = fma_tiles(bm, bt, rvb, nw)
+        assert fbm * fbt * rvb <= FMA_TILE_PER_THREAD * 32 * nw or (fbm, fbt) == (16, 16)
+        assert fbt < bt or fbm == bm  # block_t first
+    assert fma_tiles(64, 128, 64, 4, given=(64, None)) == (64, 16)
+    view = random_view(B=2, Hkv=2, D=16, T=20, P=2)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    for knobs in (dict(v_form="dot"), dict(v_form="fma", shared_form="gluon")):
+        with pytest.raises(ValueError, match="v_form="):
+            _launch(q, view, None, 0.25, **knobs)
+
+
 def test_kv_rule_keeps_wide_mha_sub_blocks_in_the_triton_kernel():
     """K+V decode of one query vector per row and KV head (MHA) at V rank 32: the Gluon shared kernel measured 6x
     slower than the Triton one (v49: 8,766 against 1,454 µs at 64 agents); the rule gives it the Triton kernel with the
@@ -187,7 +216,7 @@ def test_kv_rule_keeps_wide_mha_sub_blocks_in_the_triton_kernel():
 def test_cascade_fitted_v_tiles_match_reference(case):
     """Calls whose V-residual sub-blocks the launcher narrows (:func:`forkkv_kernels.cascade.v_tiles`: one vector per
     row, V ranks 48-128) equal the reference, masked and not."""
-    from forkkv_kernels.cascade import v_tiles
+    from forkkv_kernels.tiles import v_tiles
 
     bm, rvb = min(64, 1 << (case.B - 1).bit_length()), 1 << (max(case.v_ranks) - 1).bit_length()
     assert v_tiles(bm, 32, 1, rvb, 1 << (case.D - 1).bit_length(), 4) != (bm, 32)  # (interpreter: 32-token tiles)
@@ -775,8 +804,9 @@ def test_gpu_mha_wide_v_ranks(shape, dtype):
     q = torch.randn(B, 8, 1, D, generator=torch.Generator().manual_seed(3)).to(dtype)
     ref = reference_attention(q.float(), view, None, D**-0.5)
     base = lowp_attention_error(q.float(), view, None, D**-0.5, ref) if dtype != torch.float32 else 0.0
-    err = (_launch(q, view, None, D**-0.5).float() - ref).abs().max().item()
-    assert err <= 3 * base + 2e-3, (err, base)
+    for knobs in ({}, {"v_form": "fma"}):  # the fitted sub-blocks, the CUDA-core V form
+        err = (_launch(q, view, None, D**-0.5, **knobs).float() - ref).abs().max().item()
+        assert err <= 3 * base + 2e-3, (knobs, err, base)
 
 
 @pytest.mark.gpu

@@ -175,7 +175,8 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     from triton.compiler import ASTSource
 
     from forkkv_kernels.attention_common import pow2
-    from forkkv_kernels.cascade import _cascade_shared_kernel, sub_blocks
+    from forkkv_kernels.cascade import _cascade_shared_kernel
+    from forkkv_kernels.tiles import sub_blocks
 
     ptr = {"Q": "*bf16", "KB": "*bf16", "VB": "*bf16", "R": "*fp16", "KSLOT": "*i32", "UV": "*bf16",
            "VSLOT": "*i32", "MASK": "*i8", "M_WS": "*fp32", "L_WS": "*fp32", "ACC_WS": "*fp32", "UV_WS": "*fp32"}

@@ -1,6 +1,8 @@
 """The Triton shared kernel's V-residual sub-blocks on MHA shapes: the launcher's fitted tiles
 (:func:`forkkv_kernels.cascade.v_tiles`) against the tiles before them (``block_m`` up to 64 query vectors, the rule's
-``block_t``, given explicitly, which skips the fitting), and SDPA over each row's materialised K/V.
+``block_t``, given explicitly, which skips the fitting; it also switches the rule's Gluon shared kernel off), the
+CUDA-core V form (``v_form="fma"``: each vector's ``P·u_v`` from its own row's ``u_v``, no block-diagonal
+sub-blocks), and SDPA over each row's K/V materialised before the timing (plain PEFT's cache).
 
 Shape: 32 query heads on 32 KV heads (MHA, e.g. Llama 2; one query vector per row and KV head), head_dim 128, bf16,
 a shared context of ``--context`` tokens, 64 private tokens per row, one decode query per row, one agent per row;
@@ -35,7 +37,7 @@ def old_tiles(view, variant: str) -> dict:
 def measure_case(T: int, N: int, rank: int, do_bench) -> dict:
     from forkkv_hf.ops.dispatch import residual_attention_triton
     from forkkv_kernels.attention_common import pow2
-    from forkkv_kernels.cascade import v_tiles
+    from forkkv_kernels.tiles import v_tiles
 
     q, view = make_case(T, N, rank=rank, kv_heads=H)
     scale = D**-0.5
@@ -49,7 +51,7 @@ def measure_case(T: int, N: int, rank: int, do_bench) -> dict:
         old = old_tiles(vv, variant)
         row[f"fitted_{variant}_tiles"] = v_tiles(old["block_m"], old["block_t"], 1, pow2(rank), D, 2)
         row[f"old_{variant}_tiles"] = (old["block_m"], old["block_t"])
-        for name, knobs in (("fitted", {}), ("old", old)):
+        for name, knobs in (("fitted", {}), ("old", old), ("fma", {"v_form": "fma"})):
             try:
                 out = residual_attention_triton(q, vv, None, scale, **knobs)
             except Exception as e:  # noqa: BLE001  (Triton's OutOfResources is not importable under every version)
@@ -82,10 +84,12 @@ def main(argv=None):
         for rank in args.ranks:
             run.measure({"agents": N, "rank": rank}, lambda: measure_case(args.context, N, rank, do_bench))
     us = lambda r, k: f"{r[k] * 1e6:9.1f}" if k in r else f"{'fail':>9}"  # noqa: E731
-    print(f"{'N':>4} {'rank':>4} | V: {'fitted':>9} {'old':>9} {'SDPA':>9} | K+V: {'fitted':>9} {'old':>9} {'SDPA':>9}")
+    cols = ("fitted", "old", "fma", "sdpa")
+    heads = " ".join(f"{c:>9}" for c in cols)
+    print(f"{'N':>4} {'rank':>4} | V: {heads} | K+V: {heads}")
     for r in run.rows:
-        print(f"{r['agents']:4d} {r['rank']:4d} |    {us(r, 'fitted_v_s')} {us(r, 'old_v_s')} {us(r, 'sdpa_v_s')} |"
-              f"      {us(r, 'fitted_kv_s')} {us(r, 'old_kv_s')} {us(r, 'sdpa_kv_s')}")
+        print(f"{r['agents']:4d} {r['rank']:4d} |    " + " ".join(us(r, f"{c}_v_s") for c in cols) + " |      "
+              + " ".join(us(r, f"{c}_kv_s") for c in cols))
     run.finish()
 
 

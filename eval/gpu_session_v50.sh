@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# v50 (planned for the next session with device time): v49's fixes not yet run on a GPU: the MHA tests (fitted tiles
+# and the CUDA-core V form, v_form="fma") with the real sizes, on 6 workers; the fitted tiles, the old ones, the
+# CUDA-core V form and SDPA on MHA shapes (`python -m eval.bench.v_tiles`, 8K context, 8 / 64 agents, V ranks
+# 16-128; decides whether the rule takes v_form="fma" for one vector per row at high ranks); the kernels' fuzz
+# (FUZZ_S, default 150, seed 3). Parts (PARTS, default "tests vtiles fuzz"). Results: $OUT/v50.tgz.
+set -u
+export SESSION=${SESSION:-v50}
+PARTS=${PARTS:-"tests vtiles fuzz"}
+source "$(dirname "$0")/gpu_env.sh"
+if has tests; then
+    timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "mha_wide or real_sizes" -n 6 \
+        -p no:cacheprovider > "$OUT/gpu_tests_mha_$SESSION.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/gpu_tests_mha_$SESSION.log"; pack
+fi
+if has vtiles; then
+    timeout ${VTILES_S:-300} python -m eval.bench.v_tiles --agents 8 64 --ranks 16 32 64 128 \
+        --out "$OUT/bench_v_tiles_$SESSION.json" > "$OUT/bench_v_tiles_$SESSION.log" 2>&1
+    echo "v_tiles rc=$?"; tail -10 "$OUT/bench_v_tiles_$SESSION.log"; pack
+fi
+if has fuzz; then
+    timeout $(( ${FUZZ_S:-150} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZ_S:-150} --seed 3 \
+        --out "$OUT/fuzz_kernels_$SESSION.json" > "$OUT/fuzz_kernels_$SESSION.log" 2>&1
+    echo "fuzz rc=$?"; tail -5 "$OUT/fuzz_kernels_$SESSION.log"; pack
+fi
