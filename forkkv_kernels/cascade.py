@@ -354,11 +354,13 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     gluon_shared = form in ("gluon", "gluon_pair")
     BLOCK_M = 16 * cfg["num_warps"] if gluon_shared else block_m or min(64, pow2(B * VPR))
     RVB = pow2(RV)
+    if has_v and v_form != "fma" and not gluon_shared and block_m is None and block_t is None and n_sub is None:
+        tiles = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, DB, q.element_size())
+        BLOCK_M, BLOCK_T = tiles or (BLOCK_M, BLOCK_T)
+        v_form = "fma" if tiles is None else v_form  # the sub-blocks' smallest tiles do not fit: the CUDA-core form
     if has_v and v_form == "fma":
         BLOCK_M, BLOCK_T = fma_tiles(block_m or BLOCK_M, block_t or BLOCK_T, RVB, cfg["num_warps"],
                                      given=(block_m, block_t))
-    elif has_v and not gluon_shared and block_m is None and block_t is None and n_sub is None:
-        BLOCK_M, BLOCK_T = v_tiles(BLOCK_M, BLOCK_T, VPR, RVB, DB, q.element_size())
     n_mb = cdiv(B * VPR, BLOCK_M)
     programs = n_mb * (Hkv // 2 if form == "gluon_pair" else Hkv)
     split_len = split_length(T, BLOCK_T, programs, cfg["programs_per_sm"] * sms, n_splits, cfg["whole_waves"])

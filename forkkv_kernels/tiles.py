@@ -35,20 +35,17 @@ def stage_bytes(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: i
     return (sb["N_SUB"] * block_t * sb["SBC"] + 2 * block_t * d_b + block_m * block_t) * elt
 
 
-def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> tuple[int, int]:
+def v_tiles(block_m: int, block_t: int, vpr: int, rvb: int, d_b: int, elt: int) -> tuple[int, int] | None:
     """``(block_m, block_t)`` of the Triton shared kernel with a V residual of ranks padded to ``rvb`` (``vpr`` query
     vectors per row, head dim padded to ``d_b``, ``elt`` bytes per value): ``block_t``, then ``block_m``, halved down to
     16 until one stage fits :data:`V_STAGE_BYTES` (the rule's tiles, measured, fit as they are: the pipeline's stages
-    are what :func:`~.attention_common.launch` reduces). Raises where 16 x 16 tiles do not fit."""
+    are what :func:`~.attention_common.launch` reduces); None where 16 x 16 tiles do not fit (the launcher then
+    takes the CUDA-core V form, whose tiles do)."""
     while block_t > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
         block_t //= 2
     while block_m > 16 and stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
         block_m //= 2
-    if stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
-        raise NotImplementedError(f"V rank up to {rvb} with {vpr} query vector(s) per row and KV head: the Triton "
-                                  "shared kernel's smallest tiles exceed its shared memory; use forkkv_hf's SDPA path "
-                                  "(set_config(backend='sdpa'))")
-    return block_m, block_t
+    return None if stage_bytes(block_m, block_t, vpr, rvb, d_b, elt) > V_STAGE_BYTES else (block_m, block_t)
 
 
 #: the CUDA-core V form's ``u_v`` tile (``block_m x block_t x rank``) per thread, in values

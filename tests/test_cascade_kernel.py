@@ -144,8 +144,8 @@ def test_cascade_k_and_v_residuals_of_different_ranks(case):
 def test_v_tiles_fit_the_v_residual_sub_blocks():
     """One query vector per row and KV head (MHA) at V rank 64 gave each V-residual sub-block 1,024 ``u_v`` columns:
     540,672 bytes of shared memory for one stage of the GPU rule's 128-token tiles (its limit 232,448; the v48 GPU
-    fuzz's failure). The fitted tiles keep one stage within :data:`V_STAGE_BYTES` wherever 16 x 16 tiles can (else a
-    clear refusal), and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
+    fuzz's failure). The fitted tiles keep one stage within :data:`V_STAGE_BYTES` wherever 16 x 16 tiles can (else None:
+    the CUDA-core V form), and leave the measured rule's tiles (G = 4, rank <= 32) as they were."""
     from forkkv_kernels.tiles import V_STAGE_BYTES, stage_bytes, v_tiles
 
     for bm, bt in ((64, 32), (32, 128), (16, 128), (64, 64)):
@@ -158,15 +158,13 @@ def test_v_tiles_fit_the_v_residual_sub_blocks():
             for bm, bt in ((64, 32), (32, 128), (8, 128), (64, 64)):
                 for d_b, elt in ((64, 2), (128, 2), (128, 4)):
                     if stage_bytes(min(bm, 16), 16, vpr, rvb, d_b, elt) > V_STAGE_BYTES:
-                        with pytest.raises(NotImplementedError, match="backend='sdpa'"):
-                            v_tiles(bm, bt, vpr, rvb, d_b, elt)
+                        assert v_tiles(bm, bt, vpr, rvb, d_b, elt) is None  # (the CUDA-core V form then)
                         continue
                     fbm, fbt = v_tiles(bm, bt, vpr, rvb, d_b, elt)
                     assert fbm <= bm and fbt <= bt and fbm & (fbm - 1) == 0 and fbt & (fbt - 1) == 0
                     assert stage_bytes(fbm, fbt, vpr, rvb, d_b, elt) <= V_STAGE_BYTES
                     assert fbm == bm or fbt == 16  # block_t first
-    with pytest.raises(NotImplementedError, match="backend='sdpa'"):
-        v_tiles(64, 32, 1, 512, 128, 4)
+    assert v_tiles(64, 32, 1, 512, 128, 4) is None
 
 
 @parametrize("masked", [False, True])
@@ -181,6 +179,19 @@ def test_cascade_cuda_core_v_form_matches_reference(case, masked):
     ref = reference_attention(q, view, mask, scale)
     for knobs in (dict(v_form="fma"), dict(v_form="fma", block_m=16, block_t=16), dict(v_form="mma")):
         torch.testing.assert_close(_launch(q, view, mask, scale, **knobs), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_cascade_takes_the_cuda_core_v_form_where_no_sub_block_fits():
+    """One vector per row at V rank 300 (512 padded) in fp32: no 16 x 16 tile of the sub-blocks fits shared memory
+    (:func:`forkkv_kernels.tiles.v_tiles` says None); the default launch takes the CUDA-core form, equal to the
+    reference."""
+    from forkkv_kernels.tiles import v_tiles
+
+    assert v_tiles(16, 32, 1, 512, 16, 4) is None
+    case = AttnCase(B=3, H=2, Hkv=2, D=16, T=23, P=2, N=2, ranks=(3, 2), v_ranks=(300, 7))
+    view, q = case.view(), case.query()
+    ref = reference_attention(q, view, None, 0.25)
+    torch.testing.assert_close(_launch(q, view, None, 0.25), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_fma_tiles_bound_the_u_v_tile_and_refusals():
