@@ -392,8 +392,9 @@ def test_entry_points_start():
 @pytest.mark.version_independent
 def test_kpass_ablate_replica_is_the_library_pass():
     """`eval.bench.kpass_ablate` times a replica of the K pass with parts left out: every part in, it computes the
-    library pass's scores (fp16 form, bit for bit in the interpreter, as on the GPU), also with the library's masks and
-    gathers added back; the rotation's switch changes them."""
+    library pass's scores (fp16 form, as on the GPU), also with the library's masks and gathers added back; the
+    rotation's switch changes them. Within one fp16 ulp: the interpreter's matmuls round as the host's BLAS does, and on
+    one machine (2026-12-08) one score of 16,384 differed by one ulp where another machine's matched bit for bit."""
     import torch
 
     from eval.bench import kpass_ablate as K
@@ -410,7 +411,8 @@ def test_kpass_ablate_replica_is_the_library_pass():
     for variant in ("all", "all_masked", "all_gather"):  # every part in, with and without the library's generality
         got = torch.zeros_like(want)
         K.replica(q16, u, B16, cos, sin, scale16, split_len, got, variant)
-        assert torch.equal(got, want), variant
+        ulp = torch.finfo(torch.float16).eps * want.float().abs().clamp_min(2**-14)
+        assert bool(((got.float() - want.float()).abs() <= ulp).all()), variant
     other = torch.zeros_like(want)
     K.replica(q16, u, B16, cos, sin, scale16, split_len, other, "no_rot")
     assert (other.float() - want.float()).abs().max() > 0.1

@@ -186,7 +186,7 @@ def compile_shared(rank_v: int, block_m: int = 64, block_t: int = 64, num_warps:
     VPR, RVB = 4, pow2(rank_v)
     const = dict(HKV=8, G=4, D=128, DB=128, HALF=64, HALF_B=64, VPR=VPR, NQG=4, RVB=RVB, BLOCK_M=block_m,
                  BLOCK_T=block_t, **sub_blocks(block_m, VPR, RVB), HAS_K=has_k, HAS_V=has_v, HAS_MASK=False,
-                 DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger)
+                 DOT_PREC="tf32", UPCAST=False, PDL_WAIT=False, PDL_TRIGGER=pdl_trigger, V_FMA=False)
     sig = {**args, **dict.fromkeys(const, "constexpr")}
     names = list(sig)
     # what a launch specialises: 16-byte aligned pointers and 16-divisible strides, sizes and V ranks (RV = 16 on the
