@@ -709,3 +709,21 @@ def test_what_the_compiled_step_met_unprepared(monkeypatch):
 
     _assert_same(plain_gen(compile_config=_compile_config()), plain_gen())
     assert _decode_graph_runs() > 0
+
+
+def test_rows_that_change_which_layers_they_use_between_compiled_calls():
+    """Three compiled calls of one shape whose rows use different adapters: a layer no row of the second call used
+    (gate_proj's planner rows) planned ``stack=None``, and the third call crashed inside dynamo's recompilation check
+    (AttributeError on ``stack.A``; an audit's finding). Every call equals eager."""
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=1, seed=1), {
+        "planner": dict(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "critic": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "gate_proj"])}, seed=1))
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, 128, (12,), generator=g)
+    inputs = batch_inputs(ctx, [torch.randint(3, 128, (3,), generator=g) for _ in range(2)], pad_token_id=0)
+    shared = SharedContext.build(pm, ctx, ["planner", "critic"], progress=False)
+    for rows in (["planner", "critic"], ["critic", "critic"], ["planner", "planner"]):
+        kw = dict(adapter_names=rows, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        compiled = pm.generate(**inputs, compile_config=_compile_config("eager"), **kw,
+                               **cache_kwargs(shared.fork(rows)))
+        assert torch.equal(compiled, pm.generate(**inputs, **kw, **cache_kwargs(shared.fork(rows)))), rows

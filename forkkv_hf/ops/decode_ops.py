@@ -152,14 +152,26 @@ def bias_rows(idx: torch.Tensor, valid: torch.Tensor, stack) -> torch.Tensor:
     return (stack.bias[idx].float() * (stack.scale[idx] * valid)[:, None])[:, None, :]
 
 
+class _NoRows:
+    """The stack of a layer that no row of the call uses: tensors where a stack has them, so that dynamo can evaluate
+    its guards on ``stack.A`` (a plan holding ``None`` there crashed torch's recompilation check with an
+    AttributeError once the layer's rows changed between calls; an audit's finding)."""
+
+    A = B = scale = torch.zeros(0)
+    bias = None
+
+
+NO_ROWS = _NoRows()
+
+
 @dataclass(frozen=True)
 class LoRADecodePlan:
-    """What a LoRA layer's compiled decode step reads: the stacked factors (``None``: no row of the call uses an
-    adapter of this layer), each row's slot and validity, and for the Triton kernels the tiles of one token per row
+    """What a LoRA layer's compiled decode step reads: the stacked factors (:data:`NO_ROWS`: no row of the call uses
+    an adapter of this layer), each row's slot and validity, and for the Triton kernels the tiles of one token per row
     (``forkkv_kernels.lora.padded_plan``; ``None``: the PyTorch path); ``functional``: the kernels' delta goes into
     a copy (``forkkv::lora_add``) instead of in place, for nested compile regions (:mod:`forkkv_hf.compile_regions`)."""
 
-    stack: object = None
+    stack: object = NO_ROWS
     idx: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     tiles: tuple | None = None
@@ -208,7 +220,7 @@ def decode_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         kwargs.pop(k, None)
     result = layer.base_layer(x, *args, **kwargs)
     stack = plan.stack
-    if stack is None:
+    if stack is NO_ROWS:
         return result
     if plan.tiles is None:
         return result + lora_delta_rows(x, plan.idx, plan.valid, stack).to(result.dtype)
