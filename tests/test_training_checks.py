@@ -97,8 +97,9 @@ def _trainer(tmp_path, pm, rows, **kw):
                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, optim="sgd", max_grad_norm=0.0,
                 weight_decay=0.0, lr_scheduler_type="constant")
     args.update(kw.pop("args", {}))
+    kw.setdefault("data_collator", ForkKVCollator(0))
     return ForkKVTrainer(model=pm, args=TrainingArguments(**args), train_dataset=_Rows(rows), contexts=[_context()],
-                         data_collator=ForkKVCollator(0), **kw)
+                         **kw)
 
 
 def _rows(n=2):
@@ -296,3 +297,62 @@ def test_the_trainer_autocasts_under_bf16_and_refuses_what_it_cannot_train(tmp_p
                       data_collator=ForkKVCollator(0))
     with pytest.raises(ValueError, match="agnet"):
         _trainer(tmp_path, pm, _rows(), adapter_name="agnet")
+
+
+def test_the_best_checkpoint_loads_each_adapter_from_its_own_files(tmp_path):
+    """``load_best_model_at_end``: Trainer loads the best checkpoint's top-level adapter files (the "default"
+    adapter's) into the active adapter; a student distilled from a teacher named "default" (what ``get_peft_model``
+    names it) ended as the teacher's copy, silently (an audit's finding). It now ends as its best checkpoint."""
+    from safetensors.torch import load_file
+
+    from forkkv_hf.training import copy_adapter
+
+    pm = with_adapters(tiny_llama(layers=2), {"default": dict(target_modules=ALL)})
+    copy_adapter(pm, "default", "student")
+    args = dict(max_steps=3, learning_rate=5e-2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                save_steps=1, load_best_model_at_end=True)
+    trainer = _trainer(tmp_path, pm, _rows(), adapter_name="student", teacher_adapter="default", args=args,
+                       eval_dataset=_Rows(_rows()))
+    trainer.train()
+    saved = load_file(str(tmp_path / trainer.state.best_model_checkpoint / "student" / "adapter_model.safetensors"))
+    got = {n: p for n, p in pm.named_parameters() if ".student." in n}
+    assert got and not any(torch.equal(p, dict(pm.named_parameters())[n.replace(".student.", ".default.")])
+                           for n, p in got.items() if "lora_A" in n)
+    for key, value in saved.items():  # PEFT's saved names drop the adapter's
+        name = next(n for n in got if n.replace(".student", "").endswith(key.replace("base_model.model.", "", 1)))
+        assert torch.equal(got[name], value), name
+
+
+def test_a_left_padding_collator_counts_the_labels_the_loss_learns(tmp_path):
+    """A collator padding on the left (a tokenizer's ``padding_side="left"``): Trainer counted the label right after
+    the pads, which the loss does not learn, and divided by that count (evaluate() 19% low and every step scaled down
+    in an audit's case). The evaluation loss now equals the mean loss of the learned labels."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": list(ids), "context_index": 0}
+            for ids in (torch.randint(3, 128, (n,), generator=g).tolist() for n in (8, 3, 3, 3))]
+
+    def left_collator(examples):
+        W = max(len(e["input_ids"]) for e in examples)
+        ids, labels = torch.zeros(len(examples), W, dtype=torch.long), torch.full((len(examples), W), -100)
+        mask = torch.zeros(len(examples), W, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, W - n:], labels[i, W - n:], mask[i, W - n:] = torch.tensor(e["input_ids"]), torch.tensor(
+                e["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "context_index": torch.tensor([e["context_index"] for e in examples])}
+
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=["q_proj", "k_proj", "v_proj"])})
+    trainer = _trainer(tmp_path, pm, rows, data_collator=left_collator, args=dict(per_device_eval_batch_size=4))
+    with torch.no_grad():
+        want = forkkv_loss(pm, TrainingContext(pm, _context()), left_collator(rows), "agent")  # its own count
+    torch.testing.assert_close(torch.tensor(trainer.evaluate(_Rows(rows))["eval_loss"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_and_predictions_are_refused(tmp_path):
+    """compute_metrics was called with no predictions, and predict() returned none, silently."""
+    pm = with_adapters(tiny_llama(layers=2), {"agent": dict(target_modules=ALL)})
+    with pytest.raises(ValueError, match="drop compute_metrics"):
+        _trainer(tmp_path, pm, _rows(), compute_metrics=lambda p: {})
+    with pytest.raises(ValueError, match="no predictions"):
+        _trainer(tmp_path, pm, _rows()).predict(_Rows(_rows()))

@@ -22,6 +22,16 @@ from .loss import check_residual, forkkv_loss
 COLUMNS = ("input_ids", "attention_mask", "labels", "context_index")
 
 
+def learned_labels(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``labels`` with -100 where the loss learns nothing: the first column (no token before it) and a label right
+    after padding of the row's own (:mod:`forkkv_hf.training.loss`)."""
+    out = labels.clone()
+    out[:, 0] = -100
+    if mask is not None:
+        out[:, 1:] = out[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return out
+
+
 class ForkKVCollator:
     """Pads examples ``{"input_ids", "labels", "context_index"[, "attention_mask"]}`` on the right into a batch of
     tensors: ``input_ids``/``attention_mask``/``labels`` ``[B, L_max]`` (``pad_token_id`` / 0 / -100 on padding),
@@ -50,7 +60,7 @@ class ForkKVCollator:
             mask[i, :n] = torch.as_tensor(e["attention_mask"]) if "attention_mask" in e else 1
         # a label right after padding of the example's own is not learned (forkkv_hf.training.loss): not counted
         # either, so that Trainer's num_items_in_batch counts what the loss sums
-        labels[:, 1:][mask[:, :-1] == 0] = -100
+        labels[:, 1:] = learned_labels(labels, mask)[:, 1:]
         index = torch.tensor([int(e["context_index"]) for e in examples], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "context_index": index}
 
@@ -91,6 +101,9 @@ class ForkKVTrainer(Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("ForkKVTrainer computes its own loss (forkkv_loss or forkkv_distill_loss); drop "
                              "compute_loss_func")
+        if kwargs.get("compute_metrics") is not None:  # (before: called with no predictions, silently)
+            raise ValueError("ForkKVTrainer evaluates the loss only (its forward returns no logits to Trainer); drop "
+                             "compute_metrics, and measure the agent with generate through a ForkKVCache")
         super().__init__(*args, **kwargs)
         if self.args.label_smoothing_factor:
             raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor}: ForkKVTrainer's loss is the "
@@ -130,6 +143,25 @@ class ForkKVTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._train_only_the_adapter()
 
+    def _load_best_model(self):
+        # Trainer loads the best checkpoint's top-level adapter files (the "default" adapter's) into the active
+        # adapter: a student distilled from a teacher named "default" became the teacher, silently (an audit's
+        # finding). Every adapter of the checkpoint from its own files, as resuming does
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        # the labels the loss learns (a label right after padding is not: a collator padding on the left counted it,
+        # and every step was scaled down, 19% in an audit's case)
+        return super()._get_num_items_in_batch(
+            [{**b, "labels": learned_labels(b["labels"], b.get("attention_mask"))} if "labels" in b else b
+             for b in batch_samples], device)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not prediction_loss_only:  # predict(): before, empty predictions, silently
+            raise ValueError("ForkKVTrainer computes the loss only, no predictions: use evaluate() for the loss, and "
+                             "generate through a ForkKVCache for the agent's outputs")
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     def _active_adapter(self) -> str:
         active = list(getattr(self.model, "active_adapters", []))
         if len(active) != 1:
@@ -162,7 +194,7 @@ class ForkKVTrainer(Trainer):
         if "context_index" not in inputs:
             raise KeyError("the batch has no 'context_index'; use ForkKVCollator and keep that column")
         index = inputs["context_index"]
-        n_items = ((inputs["labels"][:, 1:] != -100) & (inputs["attention_mask"][:, :-1] != 0)).sum() \
+        n_items = (learned_labels(inputs["labels"], inputs["attention_mask"]) != -100).sum() \
             if num_items_in_batch is None else num_items_in_batch
         total = None
         # rows of one context run together: one forward per distinct context in the batch
