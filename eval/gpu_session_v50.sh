@@ -3,10 +3,11 @@
 # and the CUDA-core V form, v_form="fma") with the real sizes, on 6 workers; the fitted tiles, the old ones, the
 # CUDA-core V form and SDPA on MHA shapes (`python -m eval.bench.v_tiles`, 8K context, 8 / 64 agents, V ranks
 # 16-128; decides whether the rule takes v_form="fma" for one vector per row at high ranks); the kernels' fuzz
-# (FUZZ_S, default 150, seed 3). Parts (PARTS, default "tests vtiles fuzz"). Results: $OUT/v50.tgz.
+# (FUZZ_S, default 150, seed 3), and the same fuzz through the CUDA-core V form (FUZZFMA_S, default 90, seed 4).
+# Parts (PARTS, default "tests vtiles fuzz fuzzfma"). Results: $OUT/v50.tgz.
 set -u
 export SESSION=${SESSION:-v50}
-PARTS=${PARTS:-"tests vtiles fuzz"}
+PARTS=${PARTS:-"tests vtiles fuzz fuzzfma"}
 source "$(dirname "$0")/gpu_env.sh"
 if has tests; then
     timeout ${TESTS_S:-200} python -m pytest -q -m gpu tests/test_cascade_kernel.py -k "mha_wide or real_sizes" -n 6 \
@@ -22,4 +23,10 @@ if has fuzz; then
     timeout $(( ${FUZZ_S:-150} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZ_S:-150} --seed 3 \
         --out "$OUT/fuzz_kernels_$SESSION.json" > "$OUT/fuzz_kernels_$SESSION.log" 2>&1
     echo "fuzz rc=$?"; tail -5 "$OUT/fuzz_kernels_$SESSION.log"; pack
+fi
+if has fuzzfma; then
+    timeout $(( ${FUZZFMA_S:-90} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZFMA_S:-90} --seed 4 \
+        --knobs '{"v_form": "fma"}' --out "$OUT/fuzz_kernels_fma_$SESSION.json" \
+        > "$OUT/fuzz_kernels_fma_$SESSION.log" 2>&1
+    echo "fuzz fma rc=$?"; tail -5 "$OUT/fuzz_kernels_fma_$SESSION.log"; pack
 fi

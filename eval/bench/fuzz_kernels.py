@@ -8,7 +8,7 @@ Pass rule (the tests' own): the kernel's max abs error against the reference at 
 the same attention in the call's dtype, plus 2e-3. A clear refusal (``ValueError``/``NotImplementedError``) is
 counted apart; any other exception is a failure.
 
-    python -m eval.bench.fuzz_kernels --seconds 300 --seed 1 --out fuzz.json
+    python -m eval.bench.fuzz_kernels --seconds 300 --seed 1 --out fuzz.json [--knobs '{"v_form": "fma"}']
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _case(rng: random.Random, small: bool = False) -> dict:
                 dtype=c(["bfloat16", "float16", "float32"]), n_agents=n_agents)
 
 
-def _run(case: dict, seed: int, device: str) -> dict:
+def _run(case: dict, seed: int, device: str, knobs: dict | None = None) -> dict:
     from forkkv_kernels import cascade_attention
 
     B, Hkv, G, D, T, P, Q = (case[k] for k in ("B", "Hkv", "G", "D", "T", "P", "Q"))
@@ -78,7 +78,7 @@ def _run(case: dict, seed: int, device: str) -> dict:
     slots = rows.to(device)
     try:
         out = cascade_attention(*map(to, (q, kb, vb, cos, sin, kp, vp)), D**-0.5, k_u=to(ku), k_B=to(kB),
-                                k_slot=slots, v_u=to(vu), v_B=to(vB), v_slot=slots)
+                                k_slot=slots, v_u=to(vu), v_B=to(vB), v_slot=slots, **(knobs or {}))
     except (ValueError, NotImplementedError) as e:
         return dict(outcome="refused", error=str(e)[:300])
     except Exception as e:  # noqa: BLE001 (a crash inside is what the fuzz looks for)
@@ -95,6 +95,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="fuzz_kernels.json")
     ap.add_argument("--cases", type=positive_int, default=None, help="stop after this many cases")
     ap.add_argument("--small", action="store_true", help="CPU-interpreter shapes (TRITON_INTERPRET=1, no GPU)")
+    ap.add_argument("--knobs", type=json.loads, default={}, help='launch knobs for every case, as JSON, e.g. '
+                    '\'{"v_form": "fma"}\' (the CUDA-core V form)')
     args = ap.parse_args(argv)
     device = "cpu" if args.small else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -102,13 +104,13 @@ def main(argv=None) -> None:
     rng, end, results = random.Random(args.seed), time.time() + args.seconds, []
     while time.time() < end and len(results) < (args.cases or 1 << 62):
         case = _case(rng, args.small)
-        results.append(dict(case, **_run(case, len(results), device)))
+        results.append(dict(case, **_run(case, len(results), device, args.knobs)))
         if results[-1]["outcome"] == "failed":
             print("FAILED", json.dumps(results[-1]), flush=True)
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("passed", "refused", "failed")}
     print(f"{len(results)} cases: {counts}")
     with open(args.out, "w") as f:
-        json.dump(dict(device=device_info(), seed=args.seed, seconds=args.seconds, counts=counts,
+        json.dump(dict(device=device_info(), seed=args.seed, seconds=args.seconds, knobs=args.knobs, counts=counts,
                        failed=[r for r in results if r["outcome"] == "failed"],
                        refused=[r for r in results if r["outcome"] == "refused"][:50], cases=len(results)), f,
                   indent=1)
