@@ -349,10 +349,17 @@ def qa_found(reference: str, output: str) -> bool:
 
 
 def speaker_found(speaker: str, output: str) -> bool:
-    """The play prints abbreviated speakers ("Ber."): any word of the answer that starts with that stem counts
-    ("Bernardo")."""
-    stem = normalize_answer(speaker)
-    return bool(stem) and any(w.startswith(stem) for w in normalize_answer(output).split())
+    """Whether the answer names ``speaker`` as the play prints it: its words as a run of the answer's words, the last
+    of them a stem where the play abbreviates it ("Ber." -> "Bernardo", "First Clown." -> "first clown"; before, a
+    label of two words never matched and any word starting with a stem did: "Ber." in "Berkeley"; an audit's
+    finding). The first name the answer gives is the one scored."""
+    words = normalize_answer(speaker).split()
+    if not words:
+        return False
+    abbreviated = speaker.rstrip().endswith(".") and len(words[-1]) <= 4
+    out = normalize_answer(output).split()[: len(words)]
+    return len(out) == len(words) and out[:-1] == words[:-1] and (
+        out[-1].startswith(words[-1]) if abbreviated else out[-1] == words[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -732,3 +732,19 @@ def test_result_tools_name_a_missing_file(tmp_path, capsys):
         assert "no such f" in said, (run, said)
     plots(["--results", str(tmp_path)])
     assert "no result file under" in capsys.readouterr().out
+
+
+@pytest.mark.version_independent
+def test_speaker_answers_are_scored_by_the_name_given():
+    """A speaker label of two words never matched ("First Clown." against "First Clown"), and any word starting with
+    an abbreviation's stem did ("Ber." in "Berkeley"; an audit's finding): the answer's first name is scored, the
+    play's abbreviation a stem of its last word."""
+    from eval.agents import speaker_found
+
+    assert speaker_found("First Clown.", "First Clown") and speaker_found("FIRST WITCH.", "first witch.")
+    assert speaker_found("Ber.", "Bernardo.") and speaker_found("Lady Macbeth.", "Lady Macbeth")
+    assert speaker_found("Hamlet.", "Hamlet")
+    assert not speaker_found("Ber.", "University of California, Berkeley")
+    assert not speaker_found("Ber.", "Not Bernardo, it was Horatio")
+    assert speaker_found("Hor.", "horse")  # a stem cannot tell a name from any word it begins (left as it is)
+    assert not speaker_found("First Clown.", "Clown") and not speaker_found("Hamlet.", "Hamlets")

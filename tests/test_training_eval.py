@@ -345,6 +345,39 @@ def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
 
 
 @pytest.mark.version_independent
+def test_merge_refuses_runs_of_other_settings(quick_run, tmp_path):
+    """merge pooled runs of another model, token budget or training and kept the first file's settings, silently (an
+    audit's finding): other settings are refused, naming them."""
+    _, _, raw = quick_run
+    ids = sorted({r["id"] for r in raw["extra"]["records"]})
+    halves = []
+    for i, keep in enumerate((set(ids[::2]), set(ids[1::2]))):
+        part = json.loads(json.dumps(raw))
+        part["extra"]["records"] = [r for r in raw["extra"]["records"] if r["id"] in keep]
+        if i:
+            part["params"]["max_new_tokens"] += 1
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps(part))
+    proc = subprocess.run([sys.executable, "-m", "eval.fidelity", "merge", str(tmp_path / "m.json"), *map(str, halves)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "other settings" in proc.stderr and "max_new_tokens" in proc.stderr
+
+
+@pytest.mark.version_independent
+def test_pairs_of_other_questions_and_short_cluster_lists_are_refused():
+    """Question ids name a window and a draw: two runs on other data (another --seed) paired 95% different questions;
+    a cluster list shorter than the values dropped values from the resamples, so the interval could miss the mean
+    (audit findings). Both are refused."""
+    rec = lambda answer, em: dict(context="c", id="q", agent=report.AGENTS[0], em=em, f1=em, kl=0.0,  # noqa: E731
+                                  answer=answer)
+    assert report.paired_rows("x", [rec("King", 1.0)], [rec("King", 0.0)])[0]["em"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="different answers.*different data"):
+        report.paired_rows("x", [rec("King", 1.0)], [rec("Queen", 0.0)])
+    with pytest.raises(ValueError, match="6 values but 3 cluster labels"):
+        metrics.bootstrap_ci([1, 0, 1, 0, 1, 0], ["a", "b", "c"])
+
+
+@pytest.mark.version_independent
 def test_training_plan_groups_contexts_pass_by_pass():
     from eval.fidelity import train
 

@@ -172,6 +172,11 @@ def smoke_model(tokenizer_dir: Path):
     return LlamaForCausalLM(config).eval(), tok
 
 
+#: the ``params`` that may differ between runs ``merge`` pools (the part of the data each ran, its time budget, the
+#: machine's environment)
+MERGE_MAY_DIFFER = {"first_eval_context", "data", "eval_budget_s", "agents", "env", "device"}
+
+
 def merge(out: Path, files: list[Path]):
     """One result file from the per-prompt records of several runs of the same adapters (e.g. evaluation contexts
     continued on another machine): rows and comparisons recomputed over all records; ``extra.sources`` says which
@@ -190,6 +195,14 @@ def merge(out: Path, files: list[Path]):
         sources.append({"file": f.name, "device": part.device, "time": part.time,
                         "contexts": sorted({r["context"] for r in part.extra["records"]})})
     first = parts[0]
+    for f, part in zip(files[1:], parts[1:]):  # (before: the first file's settings stood for runs of others)
+        differ = sorted(k for k in {*first.params, *part.params} - MERGE_MAY_DIFFER
+                        if first.params.get(k) != part.params.get(k))
+        if part.extra.get("training") != first.extra.get("training"):
+            differ.append("extra.training")
+        if differ:
+            raise ValueError(f"{f} was run with other settings than {files[0]} ({', '.join(differ)}); merge runs of "
+                             "one model, data, adapters and settings")
     extra = {"training": first.extra.get("training"), "sources": sources, "records": records}
     res = report.result(records, first.device, first.params, extra)
     res.time = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -37,11 +37,13 @@ def _cluster_means(values: list[float], clusters: list, rng: random.Random, n: i
 def bootstrap_ci(values: list[float], clusters: list, n: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of ``values`` and its ``level`` percentile interval from ``n`` cluster-bootstrap resamples (clusters:
     one label per value, e.g. its context)."""
+    if len(values) != len(clusters):  # (zip dropped the rest from the resamples, silently: an interval off the mean)
+        raise ValueError(f"{len(values)} values but {len(clusters)} cluster labels: give one label per value")
     if not values:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
     means = sorted(_cluster_means(values, clusters, random.Random(seed), n))
-    lo = means[int((1 - level) / 2 * n)]
-    hi = means[min(n - 1, int((1 + level) / 2 * n) - 1)]  # as many resamples above hi as below lo
+    k = round((1 - level) / 2 * n)  # as many resamples below lo as above hi, at any level
+    lo, hi = means[min(k, n - 1)], means[max(n - 1 - k, 0)]
     return {"mean": sum(values) / len(values), "lo": lo, "hi": hi, "n": len(values)}
 
 

@@ -97,6 +97,11 @@ def paired_rows(name: str, side_a: list[dict], side_b: list[dict], n_boot: int =
         keys = [k for k in a if k in b]
         if not keys:
             continue
+        other = [k for k in keys if a[k].get("answer") != b[k].get("answer")]
+        if other:  # ids name a window and a draw, not a question: files run on other data pair other questions
+            raise ValueError(f"{len(other)} of {len(keys)} paired prompts ({agent}) have different answers, e.g. "
+                             f"{other[0]}: {a[other[0]].get('answer')!r} against {b[other[0]].get('answer')!r}; the "
+                             "two sides were run on different data (another --seed or --data): compare runs of one")
         row = {"comparison": name, "agent": agent, "prompts": len(keys)}
         for m in ("em", "f1", "kl"):
             row[m] = paired_difference_ci([float(a[k][m]) for k in keys], [float(b[k][m]) for k in keys],
