@@ -7,11 +7,16 @@ the context must start every row), and a continued row may hold padding between 
 ``stop_strings``, a watermark's context) took those pads for tokens of the row: with ``pad_token_id == eos_token_id``
 a padded row's EOS was penalised, a banned word could be emitted, a stop string spanning the prompt never fired
 (tokens differed from each agent's own run; found by an audit). Transformers handles left padding
-(``repetition_penalty`` skips each row's leading pads), so for every generate call whose mask has padding, the
-processors and criteria it builds see each row's masked columns moved to its front (a stable reordering of the
-columns; the shape, the tail and the generated tokens unchanged), with ``repetition_penalty``'s ignored prefix the
-row's pad count: what each agent's own, unpadded run shows them. Rows that generate expands (``num_return_sequences``,
-beams) take their source row's order.
+(``repetition_penalty`` skips each row's leading pads), so in every ForkKV generate call whose mask (given, or built
+by generate from the pad id) has padding, the processors and criteria it builds see each row's masked columns moved to
+its front (a stable reordering of the columns; the shape, the tail and the generated tokens unchanged), and the
+``repetition_penalty`` it builds skips the row's pads (transformers 5.24+, which takes a per-row prefix): what each
+agent's own, unpadded run shows them. A processor the caller passes reads the same reordered ids, as it would in a
+left-padded batch, and is not changed.
+
+The hook is :class:`~transformers.GenerationMixin`'s processor and criteria builders, wrapped once at import; they
+act only inside a ForkKV generate call of the same model on the same thread (state per thread and model: nothing on
+the model, which stays picklable and copyable).
 """
 
 from __future__ import annotations
@@ -23,94 +28,113 @@ import torch
 
 from .peft import wrappers
 
-_state = threading.local()  # the column order of this thread's current generate call, or None
+_state = threading.local()  # .calls: {id(model): {"order": [B, L] or None, "pads": [B], "built": ids}} of its call
 
 
-def _packed(input_ids: torch.Tensor) -> torch.Tensor:
-    order = getattr(_state, "order", None)
-    if order is None or input_ids.dim() != 2 or input_ids.shape[1] < order.shape[1]:
+def _calls() -> dict:
+    if not hasattr(_state, "calls"):
+        _state.calls = {}
+    return _state.calls
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` for ``rows`` rows: as it is, or each row repeated (rows generate expanded later: beams)."""
+    return t if t.shape[0] == rows or rows % t.shape[0] else t.repeat_interleave(rows // t.shape[0], 0)
+
+
+def _packed(call: dict, input_ids: torch.Tensor) -> torch.Tensor:
+    order = call["order"]
+    if input_ids.dim() != 2 or input_ids.shape[1] < order.shape[1] or input_ids.shape[0] % order.shape[0]:
         return input_ids
-    if input_ids.shape[0] != order.shape[0]:
-        if input_ids.shape[0] % order.shape[0]:
-            return input_ids
-        order = order.repeat_interleave(input_ids.shape[0] // order.shape[0], 0)  # expanded rows
+    order = _rows(order, input_ids.shape[0]).to(input_ids.device)
     n = order.shape[1]
-    order = order.to(input_ids.device)
-    tail = input_ids[:, n:]
-    return torch.cat([input_ids[:, :n].gather(1, order), tail], 1)
-
-
-def _pads(rows: int) -> torch.Tensor | None:
-    pads = _state.pads
-    return pads.repeat_interleave(rows // pads.shape[0]) if rows != pads.shape[0] and rows % pads.shape[0] == 0 \
-        else pads
+    return torch.cat([input_ids[:, :n].gather(1, order), input_ids[:, n:]], 1)
 
 
 def _per_row_ignore(processor) -> bool:
-    """Whether this repetition penalty, not yet given the rows' pad counts, takes a per-row ignored prefix."""
+    """Whether this transformers' repetition penalty takes a per-row ignored prefix (5.24+)."""
     annotation = inspect.signature(type(processor).__init__).parameters.get("prompt_ignore_length")
-    return not getattr(processor, "_forkkv_pads", False) and "Tensor" in str(getattr(annotation, "annotation", ""))
+    return "Tensor" in str(getattr(annotation, "annotation", ""))
 
 
-def _wrap_processors(processors):
+def _wrap_processors(call: dict, processors):
     from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    built = call["built"]  # the processors this call built (not the caller's own)
 
     class PackedProcessors(LogitsProcessorList):
         def __call__(self, input_ids, scores, **kwargs):
-            for p in self:  # (transformers before 5.24 skips no pads: its own left-padded batch penalises them too)
-                if isinstance(p, RepetitionPenaltyLogitsProcessor) and _per_row_ignore(p):
-                    p.prompt_ignore_length, p._forkkv_pads = _pads(input_ids.shape[0]), True
-            return super().__call__(_packed(input_ids), scores, **kwargs)
+            for p in self:
+                if id(p) in built and isinstance(p, RepetitionPenaltyLogitsProcessor) and _per_row_ignore(p):
+                    p.prompt_ignore_length = _rows(call["pads"], input_ids.shape[0]).to(input_ids.device)
+            return super().__call__(_packed(call, input_ids), scores, **kwargs)
 
     return PackedProcessors(processors)
 
 
-def _wrap_criteria(criteria):
+def _wrap_criteria(call: dict, criteria):
     from transformers.generation.stopping_criteria import StoppingCriteriaList
 
     class PackedCriteria(StoppingCriteriaList):
         def __call__(self, input_ids, scores, **kwargs):
-            return super().__call__(_packed(input_ids), scores, **kwargs)
+            return super().__call__(_packed(call, input_ids), scores, **kwargs)
 
     return PackedCriteria(criteria)
 
 
-def _install(model) -> None:
-    """The model's ``_get_logits_processor`` / ``_get_stopping_criteria`` wrapped once: they wrap what they build while
-    this thread's generate call has an order."""
-    if getattr(model, "_forkkv_packed_ids", False):
-        return
-    for name, wrap in (("_get_logits_processor", _wrap_processors), ("_get_stopping_criteria", _wrap_criteria)):
-        built = getattr(model, name, None)
-        if built is None:
-            continue
+def _get_logits_processor(self, *args, **kwargs):
+    made = _BUILDERS["_get_logits_processor"](self, *args, **kwargs)
+    call = _calls().get(id(self))
+    if call is None:
+        return made
+    mask = (kwargs.get("model_kwargs") or {}).get("attention_mask")  # given, or the one generate built
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.bool().all()):
+        call["order"] = None
+        return made
+    visible = mask.bool()
+    call["order"] = torch.sort(visible.to(torch.int8), dim=1, stable=True).indices  # masked columns first, in order
+    call["pads"] = (~visible).sum(1)
+    own = {id(p) for p in (kwargs.get("logits_processor") or ())}
+    call["built"] = {id(p) for p in made if id(p) not in own}
+    return _wrap_processors(call, made)
 
-        def method(*a, _built=built, _wrap=wrap, **kw):
-            made = _built(*a, **kw)
-            return _wrap(made) if getattr(_state, "order", None) is not None else made
 
-        object.__setattr__(model, name, method)
-    object.__setattr__(model, "_forkkv_packed_ids", True)
+def _get_stopping_criteria(self, *args, **kwargs):
+    made = _BUILDERS["_get_stopping_criteria"](self, *args, **kwargs)
+    call = _calls().get(id(self))
+    return made if call is None or call.get("order") is None else _wrap_criteria(call, made)
+
+
+_BUILDERS: dict = {}
+
+
+def _install() -> None:
+    """Wrap transformers' processor and criteria builders (once; inert outside a ForkKV generate call)."""
+    from transformers.generation.utils import GenerationMixin
+
+    for name, wrapper in (("_get_logits_processor", _get_logits_processor),
+                          ("_get_stopping_criteria", _get_stopping_criteria)):
+        if getattr(GenerationMixin, name) is not wrapper:
+            _BUILDERS[name] = getattr(GenerationMixin, name)
+            setattr(GenerationMixin, name, wrapper)
 
 
 def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
-    """The generate call with its processors reading left-packed ids where its mask has padding (else ``generate``)."""
-    mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.bool().all()):
-        return generate
+    """The ForkKV generate call with this model's processors reading left-packed ids where its mask has padding."""
+    _install()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _install(base)
-    visible = mask.bool()
-    order = torch.sort(visible.to(torch.int8), dim=1, stable=True).indices  # masked columns first, each in order
-    pads = (~visible).sum(1)
 
     def run(*a, **kw):
-        outer = getattr(_state, "order", None), getattr(_state, "pads", None)
-        _state.order, _state.pads = order, pads
+        calls, key = _calls(), id(base)
+        outer = calls.get(key)
+        calls[key] = {"order": None}
         try:
             return generate(*a, **kw)
         finally:
-            _state.order, _state.pads = outer
+            if outer is None:
+                calls.pop(key, None)
+            else:
+                calls[key] = outer
 
     return run
 

@@ -129,6 +129,40 @@ def test_logits_processors_reading_the_ids_see_each_row_unpadded(last_layer_agen
         torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
 
 
+def test_the_callers_processors_and_a_mask_generate_builds(last_layer_agents):
+    """A repetition penalty the caller passes (with its own ``prompt_ignore_length``) reads the rows as a left-padded
+    batch and is left as it was (it was given the rows' pad counts, kept them, and failed a later call); a call
+    without ``attention_mask`` (generate builds it from the pad id) reads them so too (its pads were read as tokens);
+    the model keeps no state of it and pickles (audit findings on the first form)."""
+    import io
+
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    pm = last_layer_agents
+    ctx = _context(20)
+    names = ["planner", "coder", "__base__"]
+    inputs = batch_inputs(ctx, _prompts([5, 1, 4]), pad_token_id=0)
+    L = inputs["input_ids"].shape[1]
+
+    def user():
+        return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(2.0, prompt_ignore_length=L)])
+
+    forkkv_hf.disable_forkkv(pm)
+    exact = _gen(pm, _left_padded(inputs), names, logits_processor=user())
+    forkkv_hf.enable_forkkv(pm)
+    mine = user()
+    out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), logits_processor=mine)
+    assert torch.equal(out.sequences[:, L:], exact.sequences[:, L:]) and mine[0].prompt_ignore_length == L
+    opts = dict(sequence_bias={(60, 8): 9.0}, repetition_penalty=1.3)
+    masked = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **opts)
+    unmasked = _gen(pm, {"input_ids": inputs["input_ids"]}, names,
+                    ForkKVCache.from_context(pm, ctx, adapter_names=names), **opts)
+    assert torch.equal(unmasked.sequences, masked.sequences)
+    base = pm.get_base_model()
+    assert not {"_get_logits_processor", "_get_stopping_criteria"} & set(vars(base))
+    torch.save(pm, io.BytesIO())
+
+
 def test_stopping_criteria_reading_the_ids_see_each_row_unpadded(last_layer_agents):
     """A stopping criterion over the last ids fires for a padded row as in the agent's own run (before: the pads
     between its context and prompt broke the match) and the row's continuation after it is the same."""
