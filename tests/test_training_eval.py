@@ -368,8 +368,9 @@ def test_pairs_of_other_questions_and_short_cluster_lists_are_refused():
     """Question ids name a window and a draw: two runs on other data (another --seed) paired 95% different questions;
     a cluster list shorter than the values dropped values from the resamples, so the interval could miss the mean
     (audit findings). Both are refused."""
-    rec = lambda answer, em: dict(context="c", id="q", agent=report.AGENTS[0], em=em, f1=em, kl=0.0,  # noqa: E731
-                                  answer=answer)
+    def rec(answer, em):
+        return {"context": "c", "id": "q", "agent": report.AGENTS[0], "em": em, "f1": em, "kl": 0.0, "answer": answer}
+
     assert report.paired_rows("x", [rec("King", 1.0)], [rec("King", 0.0)])[0]["em"]["mean"] == 1.0
     with pytest.raises(ValueError, match="different answers.*different data"):
         report.paired_rows("x", [rec("King", 1.0)], [rec("Queen", 0.0)])
