@@ -77,3 +77,21 @@ kres_sweep() {
     echo "sweep $pass rc=$?"; grep -E "^BEST" "$OUT/sweep_$tag$pass.log" | head -5; pack
   done
 }
+# kernel_fuzz SECONDS TAG SEED [ARGS...]: the kernels' random-shape fuzz on the GPU (`python -m eval.bench.fuzz_kernels`,
+# ARGS added, e.g. --knobs '{"v_form": "fma"}') for SECONDS, into $OUT/fuzz_kernels_TAG.{json,log}; prints its status
+# and tail, and packs (the session scripts' `pack`)
+kernel_fuzz() {
+  local seconds=$1 tag=$2 seed=$3; shift 3
+  timeout $(( seconds + 60 )) python -m eval.bench.fuzz_kernels --seconds "$seconds" --seed "$seed" "$@" \
+    --out "$OUT/fuzz_kernels_$tag.json" > "$OUT/fuzz_kernels_$tag.log" 2>&1
+  echo "fuzz $tag rc=$?"; tail -5 "$OUT/fuzz_kernels_$tag.log"
+  if type pack > /dev/null 2>&1; then pack; fi
+}
+# mha_tiles LIMIT TAG: the V-residual tiles on MHA shapes (`python -m eval.bench.v_tiles`, 8 / 64 agents, V ranks
+# 16-128) into $OUT/bench_v_tiles_TAG.{json,log}; prints its status and tail, and packs
+mha_tiles() {
+  timeout "$1" python -m eval.bench.v_tiles --agents 8 64 --ranks 16 32 64 128 \
+    --out "$OUT/bench_v_tiles_$2.json" > "$OUT/bench_v_tiles_$2.log" 2>&1
+  echo "v_tiles rc=$?"; tail -12 "$OUT/bench_v_tiles_$2.log"
+  if type pack > /dev/null 2>&1; then pack; fi
+}

@@ -12,12 +12,8 @@ if has tests; then
     gpu_tests ${TESTS_S:-240} mha "mha_wide or real_sizes" tests/test_cascade_kernel.py
 fi
 if has vtiles; then
-    timeout ${VTILES_S:-240} python -m eval.bench.v_tiles --agents 8 64 --ranks 16 32 64 128 \
-        --out "$OUT/bench_v_tiles_$SESSION.json" > "$OUT/bench_v_tiles_$SESSION.log" 2>&1
-    echo "v_tiles rc=$?"; tail -12 "$OUT/bench_v_tiles_$SESSION.log"; pack
+    mha_tiles ${VTILES_S:-240} "$SESSION"
 fi
 if has fuzz; then
-    timeout $(( ${FUZZ_S:-150} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZ_S:-150} --seed 3 \
-        --out "$OUT/fuzz_kernels_$SESSION.json" > "$OUT/fuzz_kernels_$SESSION.log" 2>&1
-    echo "fuzz rc=$?"; tail -5 "$OUT/fuzz_kernels_$SESSION.log"; pack
+    kernel_fuzz ${FUZZ_S:-150} "$SESSION" 3
 fi

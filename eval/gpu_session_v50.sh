@@ -15,18 +15,11 @@ if has tests; then
     echo "tests rc=$?"; tail -3 "$OUT/gpu_tests_mha_$SESSION.log"; pack
 fi
 if has vtiles; then
-    timeout ${VTILES_S:-300} python -m eval.bench.v_tiles --agents 8 64 --ranks 16 32 64 128 \
-        --out "$OUT/bench_v_tiles_$SESSION.json" > "$OUT/bench_v_tiles_$SESSION.log" 2>&1
-    echo "v_tiles rc=$?"; tail -10 "$OUT/bench_v_tiles_$SESSION.log"; pack
+    mha_tiles ${VTILES_S:-300} "$SESSION"
 fi
 if has fuzz; then
-    timeout $(( ${FUZZ_S:-150} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZ_S:-150} --seed 3 \
-        --out "$OUT/fuzz_kernels_$SESSION.json" > "$OUT/fuzz_kernels_$SESSION.log" 2>&1
-    echo "fuzz rc=$?"; tail -5 "$OUT/fuzz_kernels_$SESSION.log"; pack
+    kernel_fuzz ${FUZZ_S:-150} "$SESSION" 3
 fi
 if has fuzzfma; then
-    timeout $(( ${FUZZFMA_S:-90} + 60 )) python -m eval.bench.fuzz_kernels --seconds ${FUZZFMA_S:-90} --seed 4 \
-        --knobs '{"v_form": "fma"}' --out "$OUT/fuzz_kernels_fma_$SESSION.json" \
-        > "$OUT/fuzz_kernels_fma_$SESSION.log" 2>&1
-    echo "fuzz fma rc=$?"; tail -5 "$OUT/fuzz_kernels_fma_$SESSION.log"; pack
+    kernel_fuzz ${FUZZFMA_S:-90} "fma_$SESSION" 4 --knobs '{"v_form": "fma"}'
 fi

@@ -323,17 +323,26 @@ def test_report_recomputes_the_same_rows(quick_run, tmp_path):
     assert again["rows"] == raw["rows"] and again["extra"]["comparisons"] == raw["extra"]["comparisons"]
 
 
-@pytest.mark.version_independent
-@pytest.mark.slow
-def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
-    _, _, raw = quick_run
+def _halves(raw: dict, tmp_path, second_max_new_tokens: int | None = None) -> list:
+    """The quick run's records split by prompt into two result files (the second run with another token budget where
+    given)."""
     ids = sorted({r["id"] for r in raw["extra"]["records"]})
     halves = []
     for i, keep in enumerate((set(ids[::2]), set(ids[1::2]))):
         part = json.loads(json.dumps(raw))
         part["extra"]["records"] = [r for r in raw["extra"]["records"] if r["id"] in keep]
+        if i and second_max_new_tokens is not None:
+            part["params"]["max_new_tokens"] = second_max_new_tokens
         halves.append(tmp_path / f"half{i}.json")
         halves[-1].write_text(json.dumps(part))
+    return halves
+
+
+@pytest.mark.version_independent
+@pytest.mark.slow
+def test_merge_of_split_records_gives_the_same_rows(quick_run, tmp_path):
+    _, _, raw = quick_run
+    halves = _halves(raw, tmp_path)
     run = [sys.executable, "-m", "eval.fidelity", "merge"]
     subprocess.run(run + [str(tmp_path / "merged.json"), *map(str, halves)], cwd=ROOT, check=True, capture_output=True,
                    timeout=120)
@@ -349,15 +358,7 @@ def test_merge_refuses_runs_of_other_settings(quick_run, tmp_path):
     """merge pooled runs of another model, token budget or training and kept the first file's settings, silently (an
     audit's finding): other settings are refused, naming them."""
     _, _, raw = quick_run
-    ids = sorted({r["id"] for r in raw["extra"]["records"]})
-    halves = []
-    for i, keep in enumerate((set(ids[::2]), set(ids[1::2]))):
-        part = json.loads(json.dumps(raw))
-        part["extra"]["records"] = [r for r in raw["extra"]["records"] if r["id"] in keep]
-        if i:
-            part["params"]["max_new_tokens"] += 1
-        halves.append(tmp_path / f"half{i}.json")
-        halves[-1].write_text(json.dumps(part))
+    halves = _halves(raw, tmp_path, second_max_new_tokens=raw["params"]["max_new_tokens"] + 1)
     proc = subprocess.run([sys.executable, "-m", "eval.fidelity", "merge", str(tmp_path / "m.json"), *map(str, halves)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "other settings" in proc.stderr and "max_new_tokens" in proc.stderr
