@@ -106,17 +106,19 @@ def _get_stopping_criteria(self, *args, **kwargs):
 
 
 _BUILDERS: dict = {}
+_INSTALLING = threading.Lock()  # two threads' first calls at once: the second would wrap the wrapper (a recursion)
 
 
 def _install() -> None:
     """Wrap transformers' processor and criteria builders (once; inert outside a ForkKV generate call)."""
     from transformers.generation.utils import GenerationMixin
 
-    for name, wrapper in (("_get_logits_processor", _get_logits_processor),
-                          ("_get_stopping_criteria", _get_stopping_criteria)):
-        if getattr(GenerationMixin, name) is not wrapper:
-            _BUILDERS[name] = getattr(GenerationMixin, name)
-            setattr(GenerationMixin, name, wrapper)
+    with _INSTALLING:
+        for name, wrapper in (("_get_logits_processor", _get_logits_processor),
+                              ("_get_stopping_criteria", _get_stopping_criteria)):
+            if getattr(GenerationMixin, name) is not wrapper:
+                _BUILDERS[name] = getattr(GenerationMixin, name)
+                setattr(GenerationMixin, name, wrapper)
 
 
 def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
