@@ -28,7 +28,7 @@ import torch
 
 from .peft import wrappers
 
-_state = threading.local()  # .calls: {id(model): {"order": [B, L] or None, "pads": [B], "built": ids}} of its call
+_state = threading.local()  # .calls: {id(model): {"current": its last build's {"order", "pads", "built"} or None}}
 
 
 def _calls() -> dict:
@@ -84,25 +84,28 @@ def _wrap_criteria(call: dict, criteria):
 
 def _get_logits_processor(self, *args, **kwargs):
     made = _BUILDERS["_get_logits_processor"](self, *args, **kwargs)
-    call = _calls().get(id(self))
-    if call is None:
+    entry = _calls().get(id(self))
+    if entry is None:
         return made
-    mask = (kwargs.get("model_kwargs") or {}).get("attention_mask")  # given, or the one generate built
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.bool().all()):
-        call["order"] = None
+    model_kwargs = kwargs.get("model_kwargs") or {}
+    cache = model_kwargs.get("past_key_values", model_kwargs.get("cache"))
+    mask = model_kwargs.get("attention_mask")  # given, or the one generate built
+    entry["current"] = None  # (a generate of this model nested in the call, without a ForkKV cache: left as it is)
+    if not hasattr(cache, "prepare_forward") or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(
+            mask.bool().all()):
         return made
     visible = mask.bool()
-    call["order"] = torch.sort(visible.to(torch.int8), dim=1, stable=True).indices  # masked columns first, in order
-    call["pads"] = (~visible).sum(1)
     own = {id(p) for p in (kwargs.get("logits_processor") or ())}
-    call["built"] = {id(p) for p in made if id(p) not in own}
+    entry["current"] = call = {  # this build's: its processors keep it, whatever a nested call builds later
+        "order": torch.sort(visible.to(torch.int8), dim=1, stable=True).indices,  # masked columns first, in order
+        "pads": (~visible).sum(1), "built": {id(p) for p in made if id(p) not in own}}
     return _wrap_processors(call, made)
 
 
 def _get_stopping_criteria(self, *args, **kwargs):
     made = _BUILDERS["_get_stopping_criteria"](self, *args, **kwargs)
-    call = _calls().get(id(self))
-    return made if call is None or call.get("order") is None else _wrap_criteria(call, made)
+    call = (_calls().get(id(self)) or {}).get("current")
+    return made if call is None else _wrap_criteria(call, made)
 
 
 _BUILDERS: dict = {}
@@ -129,7 +132,7 @@ def prepare_generate(model, cache, input_ids, kwargs: dict, generate):
     def run(*a, **kw):
         calls, key = _calls(), id(base)
         outer = calls.get(key)
-        calls[key] = {"order": None}
+        calls[key] = {"current": None}
         try:
             return generate(*a, **kw)
         finally:
