@@ -60,13 +60,15 @@ def _per_row_ignore(processor) -> bool:
 def _wrap_processors(call: dict, processors):
     from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-    built = call["built"]  # the processors this call built (not the caller's own)
+    # the repetition penalties this call built (not the caller's own), given the rows' pads at the first step (the
+    # rows are then known: generate may expand them), once
+    unset = [p for p in processors if id(p) in call["built"] and isinstance(p, RepetitionPenaltyLogitsProcessor)
+             and _per_row_ignore(p)]
 
     class PackedProcessors(LogitsProcessorList):
         def __call__(self, input_ids, scores, **kwargs):
-            for p in self:
-                if id(p) in built and isinstance(p, RepetitionPenaltyLogitsProcessor) and _per_row_ignore(p):
-                    p.prompt_ignore_length = _rows(call["pads"], input_ids.shape[0]).to(input_ids.device)
+            while unset:
+                unset.pop().prompt_ignore_length = _rows(call["pads"], input_ids.shape[0]).to(input_ids.device)
             return super().__call__(_packed(call, input_ids), scores, **kwargs)
 
     return PackedProcessors(processors)

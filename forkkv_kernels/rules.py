@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_common import pow2
 from .kres_gluon import GLUON_RULE
 
 #: the Triton K pass's rule (:mod:`.kres_pass`): the joined form (one rebuild MMA split in registers, one score MMA of
@@ -107,7 +108,7 @@ def launch_defaults(B: int, NQ: int, VPR: int, has_k: bool, has_v: bool, dtype: 
     # take a call, the Triton kernel; contexts not a multiple of 16 tokens take the ring too since its GPU tests passed
     # at 129 and 2,053 tokens, v36)
     kv_decode = has_k and has_v and NQ == 1 and B * VPR >= 32
-    gluon_kv = kv_decode and max(1, 16 // VPR) * (1 << max(0, v_rank - 1).bit_length()) <= GLUON_KV_MAX_COLUMNS
+    gluon_kv = kv_decode and max(1, 16 // VPR) * pow2(v_rank, 1) <= GLUON_KV_MAX_COLUMNS
     # ... and its K pass in Gluon from GLUON_K_FROM vectors, an agent's rows holding at most GLUON_K_ROW_VECTORS
     # (TRITON_K_RULE elsewhere; where a call cannot take the Gluon K pass, cascade_attention falls back to it)
     # (v49's MHA calls beyond GLUON_KV_MAX_COLUMNS measured with it and the Triton shared kernel)

@@ -21,7 +21,7 @@ from ..compat import cache_kwargs
 from ..context.segments import storage_bytes
 from ..rope_checks import length_dependent_rope
 from ..inputs import context_token_ids, vocab_size_of
-from ..peft.lora_factors import (decoder_of, find_attention_modules, is_peft_model, refuse_merged,
+from ..peft.lora_factors import (decoder_of, find_attention_modules, is_peft_model, kv_projections, refuse_merged,
                                  transformers_model)
 
 
@@ -189,8 +189,7 @@ def _base_pass(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> list[Con
     handles = []
     for idx, attn in attns.items():
         handles.append(attn.k_proj.register_forward_pre_hook(proj_hook(idx, "k")))
-        v_proj = attn.v_proj if attn.v_proj is not None else attn.k_proj  # Gemma 4's attention_k_eq_v: V from k_proj
-        handles.append(v_proj.register_forward_pre_hook(proj_hook(idx, "v")))
+        handles.append(kv_projections(attn, base.config).v[0].register_forward_pre_hook(proj_hook(idx, "v")))
         handles.append(attn.register_forward_pre_hook(attn_hook(idx), with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
     # disable_adapter() marks every inactive adapter frozen on its way out: a loss computed before this base pass

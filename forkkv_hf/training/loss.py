@@ -25,7 +25,7 @@ from ..context.base_pass import check_rope_layout, sliding_window
 from ..log import get_logger, warn_once
 from ..model_lock import calls_in_flight
 from ..peft.lora_factors import (check_adapter_names, check_saved_copies, decoder_of, find_attention_modules,
-                                 kv_transform, lora_layer_of, refuse_merged, transformers_model)
+                                 kv_projections, kv_transform, lora_layer_of, refuse_merged, transformers_model)
 from ..ops.rope import apply_rope
 from ..peft.wrappers import remove_stale_peft_hooks
 from ..rope_checks import check_rope_tables
@@ -105,8 +105,7 @@ def context_kv(model: nn.Module, context: TrainingContext, adapter_name: str, re
                 dk = dk.view(n, T, Hkv, D).transpose(1, 2)
                 key = key + apply_rope(dk, layer.cos, layer.sin).to(key.dtype)
         if residual in ("kv", "v"):
-            v_proj = attn.v_proj if attn.v_proj is not None else attn.k_proj  # Gemma 4's attention_k_eq_v
-            dv = _lora_delta(v_proj, adapter_name, layer.x_v, f"layer {idx} v_proj")
+            dv = _lora_delta(kv_projections(attn, config).v[0], adapter_name, layer.x_v, f"layer {idx} v_proj")
             if dv is not None:
                 check_kv_transform_free(attn, config, idx, adapter_name, "v")
                 value = value + dv.view(n, T, Hkv, D).transpose(1, 2).to(value.dtype)
