@@ -10,8 +10,8 @@ a padded row's EOS was penalised, a banned word could be emitted, a stop string 
 (``repetition_penalty`` skips each row's leading pads), so in every ForkKV generate call whose mask (given, or built
 by generate from the pad id) has padding, the processors and criteria it builds see each row's masked columns moved to
 its front (a stable reordering of the columns; the shape, the tail and the generated tokens unchanged), and the
-``repetition_penalty`` it builds skips the row's pads (transformers 5.24+, which takes a per-row prefix): what each
-agent's own, unpadded run shows them. A processor the caller passes reads the same reordered ids, as it would in a
+``repetition_penalty`` it builds skips the row's pads (transformers 5.24+, which takes a per-row prefix; before, it
+reads them as the row's first token, which it penalises anyway): what each agent's own, unpadded run shows them. A processor the caller passes reads the same reordered ids, as it would in a
 left-padded batch, and is not changed.
 
 The hook is :class:`~transformers.GenerationMixin`'s processor and criteria builders, wrapped once at import; they
@@ -57,13 +57,31 @@ def _per_row_ignore(processor) -> bool:
     return "Tensor" in str(getattr(annotation, "annotation", ""))
 
 
+class _PadsAsRowToken:
+    """A built repetition penalty of transformers before 5.24 (no per-row ignored prefix) reading each row's pads
+    (in front, packed) as the row's first token: it penalises a token once however often the row holds it, so the
+    penalty is the row's own (before, a padded row's pad id was penalised: its EOS, where pad == EOS)."""
+
+    def __init__(self, processor, call: dict):
+        self.processor, self.call = processor, call
+
+    def __call__(self, input_ids, scores):
+        pads = _rows(self.call["pads"], input_ids.shape[0]).to(input_ids.device)[:, None]
+        n = self.call["order"].shape[1]
+        first = input_ids.gather(1, pads.clamp(max=n - 1))
+        return self.processor(torch.where(torch.arange(input_ids.shape[1], device=input_ids.device) < pads, first,
+                                          input_ids), scores)
+
+
 def _wrap_processors(call: dict, processors):
     from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-    # the repetition penalties this call built (not the caller's own), given the rows' pads at the first step (the
-    # rows are then known: generate may expand them), once
-    unset = [p for p in processors if id(p) in call["built"] and isinstance(p, RepetitionPenaltyLogitsProcessor)
-             and _per_row_ignore(p)]
+    # the repetition penalties this call built (not the caller's own): on 5.24+ given the rows' pads at the first
+    # step (the rows are then known: generate may expand them), once; before, reading the pads as a row's token
+    built = [p for p in processors if id(p) in call["built"] and isinstance(p, RepetitionPenaltyLogitsProcessor)]
+    unset = [p for p in built if _per_row_ignore(p)]
+    processors = [_PadsAsRowToken(p, call) if p in built and p not in unset and not p.prompt_ignore_length else p
+                  for p in processors]
 
     class PackedProcessors(LogitsProcessorList):
         def __call__(self, input_ids, scores, **kwargs):

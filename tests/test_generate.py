@@ -112,7 +112,15 @@ def test_logits_processors_reading_the_ids_see_each_row_unpadded(last_layer_agen
     tokens of the row: with the pad id as EOS, ``repetition_penalty`` penalised a padded row's EOS and it stopped at
     another step; n-gram bans, multi-token biases and stop criteria spanning the prompt missed (an audit's finding).
     They now read each row with its pads in front, as transformers' own left-padded batch (which equals each agent's
-    own run): ForkKV's tokens and scores equal plain PEFT's on the left-padded rows."""
+    own run): ForkKV's tokens and scores equal plain PEFT's on the left-padded rows. Before transformers 5.24 that
+    batch's repetition penalty reads its pads (ForkKV's does not): those cases compare with each agent's own run
+    (the next test)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from forkkv_hf.padded_ids import _per_row_ignore
+
+    if "repetition_penalty" in options and not _per_row_ignore(RepetitionPenaltyLogitsProcessor(1.5)):
+        pytest.skip("transformers before 5.24: its left-padded batch penalises the pads; see the next test")
     pm = last_layer_agents
     ctx = _context(20)
     names = ["planner", "coder", "__base__"]
@@ -127,6 +135,33 @@ def test_logits_processors_reading_the_ids_see_each_row_unpadded(last_layer_agen
     assert torch.equal(out.sequences[:, L:], exact.sequences[:, L:]), (out.sequences[:, L:], exact.sequences[:, L:])
     for sa, sb in zip(out.scores, exact.scores):
         torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
+
+
+@parametrize("options", [dict(repetition_penalty=1.3, eos_token_id=0), dict(repetition_penalty=1.6),
+                         dict(num_beams=2, repetition_penalty=1.4, eos_token_id=0)])
+def test_repetition_penalty_of_a_padded_row_is_its_own_run(last_layer_agents, options):
+    """The built repetition penalty of a padded row equals the agent's own, unpadded run's, on every transformers
+    version: before 5.24 (no per-row prefix) it read the pads as tokens and penalised the pad id, the EOS here, as
+    transformers' own left-padded batch does (a finding of the audit, left then; now the pads read as the row's first
+    token, penalised anyway)."""
+    pm = last_layer_agents
+    ctx = _context(20)
+    names = ["planner", "coder", "__base__"]
+    prompts = _prompts([5, 1, 4])
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    L = inputs["input_ids"].shape[1]
+    out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **options)
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        for row, (name, prompt) in enumerate(zip(names, prompts)):
+            ids = torch.cat([ctx, prompt])[None]
+            own = _gen(pm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [name], **options)
+            n = own.sequences.shape[1] - ids.shape[1]
+            assert torch.equal(out.sequences[row, L:L + n], own.sequences[0, ids.shape[1]:]), (row, out.sequences)
+            for step, score in enumerate(own.scores if "num_beams" not in options else ()):  # (beams: per beam)
+                torch.testing.assert_close(out.scores[step][row], score[0], rtol=1e-4, atol=1e-4)
+    finally:
+        forkkv_hf.enable_forkkv(pm)
 
 
 def test_the_callers_processors_and_a_mask_generate_builds(last_layer_agents):
