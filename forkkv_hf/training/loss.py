@@ -317,6 +317,17 @@ def forkkv_loss(model: nn.Module, context: TrainingContext, batch: dict, adapter
     return total / (keep.sum() if num_items_in_batch is None else num_items_in_batch)
 
 
+def learned_labels(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``labels`` with -100 where the loss learns nothing: the first column (its logits come from the context's last
+    position, which every agent shares) and a label right after padding of the row's own (a padding position predicts
+    nothing). The one rule: :func:`labelled_targets` and ``ForkKVTrainer``'s item count and collator read it."""
+    out = labels.clone()
+    out[:, 0] = -100
+    if mask is not None:
+        out[:, 1:] = out[:, 1:].masked_fill(mask[:, :-1].to(out.device) == 0, -100)
+    return out
+
+
 def labelled_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``keep [B, L-1]`` (bool, where the labels are: on the CPU, no wait for the device): the labelled positions
     of ``batch["labels"] [B, L]`` after the causal shift, and their targets ``[N]`` (``N = keep.sum()`` > 0)."""
@@ -331,15 +342,12 @@ def labelled_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                            "the context's last position, which ForkKV computes with the base model for every agent "
                            "(at inference the prompt's own tokens predict the answer); start each row with its "
                            "prompt, or put the first answer token after at least one prompt token")
-    target = labels[:, 1:]
-    keep = target != -100
     mask = batch.get("attention_mask")
-    if mask is not None:  # a label whose predicting position is padding (a left-padded row's first token) is not
-        real = torch.as_tensor(mask)[:, :-1].to(keep.device) != 0  # learned: that position sees only the context
-        if bool((keep & ~real).any()):
-            warn_once(_logger, "labels right after padding are not learned: the padding position before them sees "
-                               "only the context (at inference it predicts nothing); pad the rows on the right")
-        keep = keep & real
+    target = learned_labels(labels, None if mask is None else torch.as_tensor(mask))[:, 1:]
+    keep = target != -100
+    if bool((keep != (labels[:, 1:] != -100)).any()):
+        warn_once(_logger, "labels right after padding are not learned: the padding position before them sees "
+                           "only the context (at inference it predicts nothing); pad the rows on the right")
     if not bool(keep.any()):
         raise ValueError("no labelled token after the first position of any row (labels are all -100, or only the "
                          "first token, which follows the context, is labelled: see the warning); nothing to learn")

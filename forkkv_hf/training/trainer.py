@@ -16,20 +16,10 @@ from transformers import Trainer
 from ..peft.lora_factors import check_adapter_names
 from .context import TrainingContext
 from .distill import check_distill_args, forkkv_distill_loss
-from .loss import check_residual, forkkv_loss
+from .loss import check_residual, forkkv_loss, learned_labels
 
 #: the columns ForkKVTrainer reads from a dataset
 COLUMNS = ("input_ids", "attention_mask", "labels", "context_index")
-
-
-def learned_labels(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``labels`` with -100 where the loss learns nothing: the first column (no token before it) and a label right
-    after padding of the row's own (:mod:`forkkv_hf.training.loss`)."""
-    out = labels.clone()
-    out[:, 0] = -100
-    if mask is not None:
-        out[:, 1:] = out[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    return out
 
 
 class ForkKVCollator:
