@@ -33,7 +33,7 @@ from .kres_gluon import GLUON_RULE
 from .kres_gluon import refusal as kres_refusal
 from .kres_pass import launch_kres_scores
 from .merge import launch_private_merge
-from .rules import MAX_HEAD_DIM, asks_triton_k_pass, launch_defaults, triton_k_knobs
+from .rules import FMA_V_FROM_COLUMNS, MAX_HEAD_DIM, asks_triton_k_pass, launch_defaults, triton_k_knobs
 from .shared_gluon import launch_shared_gluon, ring_unsupported, rule_for
 from .shared_gluon import refusal as gluon_refusal
 from .shared_gluon_pair import GLUON_PAIR_RULE, launch_shared_gluon_pair
@@ -209,7 +209,8 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     ``n_sub`` sub-blocks of the V-residual MMA (default ``block_m / 16``: each multiplies only its own rows' u_v),
     ``v_form`` the V residual's ``P·u_v``: ``"mma"`` (those sub-blocks, the default) or ``"fma"`` (each vector its own
     row's ``u_v`` tile on CUDA cores, no block-diagonal columns: for one vector per row at high V ranks, where the
-    sub-blocks are 16 x the rank wide; the Triton shared kernel, tiles from :func:`fma_tiles`; untimed, v49),
+    sub-blocks are 16 x the rank wide; the Triton shared kernel, tiles from :func:`fma_tiles`; None: from
+    :data:`~.rules.FMA_V_FROM_COLUMNS` sub-block columns where the call gives no tiles or form, v50),
     ``programs_per_sm`` how many programs the split of the context aims at per SM or ``n_splits`` the split count
     itself, ``num_warps``, ``num_stages``, ``maxnreg`` a per-thread register cap, ``whole_waves``: size the splits so
     the grid does not exceed programs-per-SM x SMs (one wave, no tail) instead of reaching at least that. K pass
@@ -298,6 +299,9 @@ def _cascade_attention(q, k_base, v_base, cos, sin, k_priv, v_priv, scale, k_u, 
     if v_form not in (None, "mma", "fma") or (v_form == "fma" and shared_form not in (None, "triton")):
         raise ValueError(f"v_form={v_form!r} (shared_form={shared_form!r}); use 'mma', or 'fma' in the Triton shared "
                          "kernel")
+    if v_form is None and has_v and shared_form is None and block_m is None and block_t is None and n_sub is None \
+            and sub_blocks(min(64, pow2(B * VPR)), VPR, pow2(RV))["SBC"] >= FMA_V_FROM_COLUMNS:
+        v_form = "fma"  # wide sub-blocks (one vector per row at high V ranks): the CUDA-core V form, measured faster
     form = "triton" if v_form == "fma" else shared_form or cfg["shared_form"]
     if form == "gluon_pair":  # asked for: its own knobs under the given ones, refused by its launcher
         cfg.update(GLUON_PAIR_RULE)

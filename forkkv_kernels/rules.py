@@ -47,6 +47,15 @@ MAX_HEAD_DIM = 128
 #: heads, 8K context, 64 agents, whole K+V calls: 8,766 against 1,454 µs; at rank 16, 256 columns, 752 against 848;
 #: eval/results/raw/bench_v_tiles_v49_h100.json); the rule's measured shapes (G = 4, rank 16: 64 columns) are inside
 GLUON_KV_MAX_COLUMNS = 256
+#: the sub-block width (the same ``16 / VPR · rank`` columns) from which a call with a V residual takes the CUDA-core V
+#: form (``v_form="fma"``: each vector's ``P·u_v`` from its own row's ``u_v`` tile) in the Triton shared kernel, where
+#: it gives no tiles, form or ``v_form`` of its own: v50 (one H100, 32 query heads on 32 KV heads, 8K context, bf16,
+#: `python -m eval.bench.v_tiles`, eval/results/raw/bench_v_tiles_v50b_h100.json), rule -> CUDA-core µs: at rank 64
+#: (1,024 columns) V only 12,495 -> 148 (8 agents) and 3,523 -> 603 (64), K+V 5,808 -> 509 and 4,572 -> 1,359; at
+#: rank 128 (2,048) V 24,324 -> 201, K+V 32,095 -> 491 (8 agents); at rank 32 (512 columns) mixed, the rule kept: V
+#: 241 -> 195 and 708 -> 779, K+V 398 -> 353 and 1,448 -> 1,403; at rank 16 the rule faster (V 85 -> 142, 177 ->
+#: 482). Only G = 1 measured; G = 2 reaches 1,024 columns at rank 128
+FMA_V_FROM_COLUMNS = 1024
 
 
 #: the K-pass knobs only the Triton K pass takes

@@ -232,9 +232,28 @@ def test_cascade_fitted_v_tiles_match_reference(case):
     bm, rvb = min(64, 1 << (case.B - 1).bit_length()), 1 << (max(case.v_ranks) - 1).bit_length()
     assert v_tiles(bm, 32, 1, rvb, 1 << (case.D - 1).bit_length(), 4) != (bm, 32)  # (interpreter: 32-token tiles)
     view, q, scale = case.view(), case.query(), case.D**-0.5
-    for mask in (None, case.mask()):
-        torch.testing.assert_close(_launch(q, view, mask, scale), reference_attention(q, view, mask, scale),
-                                   rtol=2e-5, atol=2e-5)
+    for mask in (None, case.mask()):  # (v_form="mma": the default takes the CUDA-core form at these widths, v50)
+        torch.testing.assert_close(_launch(q, view, mask, scale, v_form="mma"),
+                                   reference_attention(q, view, mask, scale), rtol=2e-5, atol=2e-5)
+
+
+def test_cascade_takes_the_cuda_core_v_form_from_wide_sub_blocks():
+    """The rule's V form (:data:`forkkv_kernels.rules.FMA_V_FROM_COLUMNS`, v50: 3.4-121x faster at MHA rank 64-128 on an
+    H100): the default launch of one vector per row at V rank 48 (1,024 sub-block columns) is the CUDA-core form's,
+    bit for bit; at rank 16 (256 columns), and where a call gives its tiles, the sub-blocks'."""
+    from forkkv_kernels.rules import FMA_V_FROM_COLUMNS
+    from forkkv_kernels.tiles import sub_blocks
+
+    for v_ranks, wide in (((48, 16, 16), True), ((16, 8, 4), False)):
+        case = AttnCase(B=17, H=2, Hkv=2, D=16, T=45, P=2, N=3, ranks=(4, 1, 2), v_ranks=v_ranks)
+        assert (sub_blocks(32, 1, 1 << (max(v_ranks) - 1).bit_length())["SBC"] >= FMA_V_FROM_COLUMNS) == wide
+        view, q = case.view(), case.query()
+        default, fma, mma = (_launch(q, view, None, 0.25, **knobs) for knobs in ({}, {"v_form": "fma"},
+                                                                                 {"v_form": "mma"}))
+        assert torch.equal(default, fma if wide else mma) and not torch.equal(fma, mma), v_ranks
+        if wide:
+            assert torch.equal(_launch(q, view, None, 0.25, block_t=16), _launch(q, view, None, 0.25, block_t=16,
+                                                                                  v_form="mma"))
 
 
 def test_cascade_reads_factors_of_any_layout():
@@ -815,7 +834,7 @@ def test_gpu_mha_wide_v_ranks(shape, dtype):
     q = torch.randn(B, 8, 1, D, generator=torch.Generator().manual_seed(3)).to(dtype)
     ref = reference_attention(q.float(), view, None, D**-0.5)
     base = lowp_attention_error(q.float(), view, None, D**-0.5, ref) if dtype != torch.float32 else 0.0
-    for knobs in ({}, {"v_form": "fma"}):  # the fitted sub-blocks, the CUDA-core V form
+    for knobs in ({"v_form": "mma"}, {}):  # the fitted sub-blocks, the rule's (the CUDA-core V form from rank 33)
         err = (_launch(q, view, None, D**-0.5, **knobs).float() - ref).abs().max().item()
         assert err <= 3 * base + 2e-3, (knobs, err, base)
 

@@ -51,7 +51,7 @@ def measure_case(T: int, N: int, rank: int, do_bench) -> dict:
         old = old_tiles(vv, variant)
         row[f"fitted_{variant}_tiles"] = v_tiles(old["block_m"], old["block_t"], 1, pow2(rank), D, 2)
         row[f"old_{variant}_tiles"] = (old["block_m"], old["block_t"])
-        for name, knobs in (("fitted", {}), ("old", old), ("fma", {"v_form": "fma"})):
+        for name, knobs in (("fitted", {"v_form": "mma"}), ("old", old), ("fma", {"v_form": "fma"})):
             try:
                 out = residual_attention_triton(q, vv, None, scale, **knobs)
             except Exception as e:  # noqa: BLE001  (Triton's OutOfResources is not importable under every version)
