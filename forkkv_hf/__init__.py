@@ -4,7 +4,9 @@
     forkkv_hf.enable_forkkv(peft_model)
     cache = forkkv_hf.ForkKVCache.from_context(peft_model, context_ids, adapter_names=names)
     inputs = forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=tok.pad_token_id)
-    out = peft_model.generate(**inputs, adapter_names=names, past_key_values=cache, max_new_tokens=64)
+    out = peft_model.generate(**inputs, adapter_names=names, **forkkv_hf.cache_kwargs(cache), max_new_tokens=64)
+
+(``cache_kwargs``: ``cache=`` on transformers 5.24+, where ``past_key_values=`` warns, else ``past_key_values=``.)
 """
 
 from .attention import forkkv_attention_forward, register_forkkv

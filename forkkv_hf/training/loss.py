@@ -67,9 +67,10 @@ def check_kv_transform_free(attn: nn.Module, config, idx: int, adapter: str, kin
     if why:
         raise ValueError(
             f"layer {idx}: {type(attn).__name__} {why}, so ForkKV cannot add a {kind.upper()} residual, but adapter "
-            f"{adapter!r} has LoRA on {kind}_proj. Retarget it away from {kind}_proj, or train with "
-            f"residual={'v' if kind == 'k' and not kv_transform(attn, config, 'v') else 'none'!r}, or for fitted "
-            "residuals (residual=FittedResidual(rank))."
+            f"{adapter!r} has LoRA on {kind}_proj. Retarget it away from {kind}_proj, or train it for fitted "
+            "residuals (residual=FittedResidual(rank); served by SharedContext.fit_residuals): inference refuses "
+            f"{kind}_proj LoRA on this model in every fork, so residual='v' or 'none' would train an agent it "
+            "cannot serve."
         )
 
 
@@ -123,7 +124,7 @@ def _check_k_rope(idx: int, attn: nn.Module, layer) -> None:
     if layer.cos.shape[-1] != D:
         raise ValueError(f"layer {idx} rotates only {layer.cos.shape[-1]} of its {D} head dimensions (partial "
                          "rotary); ForkKV's K residual assumes full rotate-half RoPE. Retarget the adapters away from "
-                         "the K projection (LoRA on V is still shared), or train with residual='v'")
+                         "the K projection (LoRA on V is still shared; inference refuses k_proj LoRA here in every fork)")
     proj = attn.k_proj
     with torch.no_grad():
         head = getattr(proj, "base_layer", proj)(layer.x_k[0, :8])
