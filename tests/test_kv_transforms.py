@@ -58,7 +58,7 @@ def test_clip_qkv_shares_q_lora_exactly_and_training_refuses_v_lora():
     pm = _olmo(0.05, ["v_proj"])
     pm.set_adapter("planner")
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
-    with pytest.raises(ValueError, match="clip_qkv.*cannot add a V residual.*residual='none'"):
+    with pytest.raises(ValueError, match="clip_qkv.*cannot add a V residual.*FittedResidual.*cannot serve"):
         forkkv_loss(pm, TrainingContext(pm, CTX), batch, "planner", residual="v")
 
 
