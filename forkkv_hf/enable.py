@@ -12,6 +12,7 @@ from .model_lock import model_lock
 from .peft import wrappers
 from .peft.batched_lora import disable_batched_lora, enable_batched_lora
 from .peft.lora_factors import find_attention_modules, transformers_model
+from .peft.tp import tp_world
 from .static_cache import free_static_buffers
 
 
@@ -19,7 +20,8 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
     """Register the ``"forkkv"`` attention and select it on ``model`` (a ``PeftModel`` or transformers model).
 
     Idempotent; returns the model. On a ``PeftModel`` it also turns on batched mixed-adapter LoRA
-    (:mod:`forkkv_hf.peft.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop) and wraps ``generate``
+    (:mod:`forkkv_hf.peft.batched_lora`; ``batched_lora=False`` keeps PEFT's per-adapter loop, refused under tensor
+    parallelism: see :func:`_check_peft_loop`) and wraps ``generate``
     (:mod:`forkkv_hf.peft.wrappers`: an exception inside it no longer leaves PEFT's ``adapter_names`` hooks
     installed). :func:`disable_forkkv` undoes all of it. Waits for a call of the model running in another thread
     (it holds the model's lock).
@@ -28,7 +30,23 @@ def enable_forkkv(model: nn.Module, batched_lora: bool = True) -> nn.Module:
         return _enable(model, batched_lora)
 
 
+def _check_peft_loop(model: nn.Module, batched_lora: bool) -> None:
+    """Refuse ``batched_lora=False`` on a tensor-parallel ``PeftModel``. Before (found by an audit) it was accepted
+    and silently wrong: PEFT's per-adapter loop iterates ``set(adapter_names)``, whose order differs between
+    processes, so a rowwise layer's all-reduce added one adapter's partial products on one rank to another adapter's
+    on the next (or gloo aborted on a size mismatch). Batched LoRA (the default) sums each adapter's partial products
+    in one order on every rank, also where it runs a per-adapter loop."""
+    if not batched_lora and model is not transformers_model(model) and tp_world(model)[1] > 1:
+        raise ValueError(
+            "enable_forkkv(model, batched_lora=False) on a tensor-parallel model (tp_plan): PEFT's per-adapter loop "
+            "runs the adapters in a different order on each rank and sums different adapters' partial products "
+            "across ranks. Keep batched_lora=True (the default), or load the model with device_map instead of "
+            "tp_plan"
+        )
+
+
 def _enable(model: nn.Module, batched_lora: bool) -> nn.Module:
+    _check_peft_loop(model, batched_lora)
     attention = find_attention_modules(model)  # refuses, with the reason, a model ForkKV cannot run on
     register_forkkv()
     base = transformers_model(model)

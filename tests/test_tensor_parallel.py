@@ -19,7 +19,7 @@ import torch
 
 from cases import parametrize
 from models import tiny_llama, with_adapters
-from tp_common import run_fitted, run_forkkv
+from tp_common import NAMES, run_fitted, run_forkkv, run_mixed_dtypes
 
 pytestmark = pytest.mark.slow  # torchrun: several processes per test
 
@@ -123,3 +123,68 @@ def test_tensor_parallel_two_gpus_equal_one_gpu(tmp_path, whole_lora):
     ranks = _torchrun(tmp_path, 2, {"FORKKV_TEST_WHOLE_LORA": "1"} if whole_lora else {})
     _check(ranks, shared, ref, 2)
     assert {r["device"] for r in ranks} == {"cuda:0", "cuda:1"}
+
+
+#: GLM's plan shards q/k/v ("colwise") and o_proj ("rowwise") but gathers gate_up_proj's and lm_head's outputs
+#: ("colwise_gather_output") and gives down_proj a whole input ("rowwise_split_input"); (no LoRA on k_proj: GLM's
+#: partial rotary)
+GLM_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
+GLM_STYLES = {"q_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise", "gate_up_proj": None, "down_proj": None,
+              "lm_head": None}
+
+
+def _hash_seeds() -> str:
+    """Two ``PYTHONHASHSEED`` values under which ``set(NAMES)`` (PEFT's per-adapter loop) runs the adapters in
+    different orders: one for each rank."""
+    code = f"print([n for n in set({NAMES!r}) if n != '__base__'])"
+    seeds = {}
+    for seed in range(64):
+        env = dict(os.environ, PYTHONHASHSEED=str(seed))
+        seeds.setdefault(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                        check=True).stdout, str(seed))
+        if len(seeds) == 2:
+            return ",".join(seeds.values())
+    pytest.fail("no two hash seeds order the adapter names differently")
+
+
+# whole_lora: no style stamped, the model's plan read (transformers' API): both cases on both versions
+@parametrize("whole_lora", [False, True])
+def test_tensor_parallel_plans_and_per_adapter_loop_equal_one_process(tmp_path, whole_lora):
+    """Found by an audit, under tensor parallelism (both were fine on one process):
+
+    - LoRA on a layer whose plan gathers the output or gives it a whole input (``lm_head``, GLM's ``gate_up_proj`` and
+      ``down_proj``) crashed every ForkKV generate: the factors were sliced by the base weight's placement alone.
+      Now only "colwise"/"rowwise" layers slice them (the style PEFT stamps, or, ``whole_lora`` here: none stamped
+      and the factors whole, the model's plan);
+    - a rowwise layer that batched LoRA hands to a per-adapter loop (here: adapters of different dtypes on
+      ``o_proj``) ran PEFT's, whose adapter order differs between processes (the ranks run with hash seeds that
+      order them differently): the ranks summed different adapters' partial products (here of different sizes and
+      dtypes: gloo aborted; of one size and dtype, silently wrong). Now the adapters run in one order;
+      ``enable_forkkv(..., batched_lora=False)`` (PEFT's loop everywhere) is refused.
+
+    The reference is the same run on one process (PEFT's own loop there)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GlmConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.GlmForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "model")
+    pm = with_adapters(model, {"coder": {"r": 8, "target_modules": GLM_TARGETS},
+                               "planner": {"r": 4, "target_modules": GLM_TARGETS}})
+    with warnings.catch_warnings():  # (PEFT: "Setting save_embedding_layers to True": lm_head is targeted)
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "adapters")
+    ref = run_mixed_dtypes(pm, "cpu")
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FORKKV_LORA_BACKEND": "torch",
+           "FORKKV_TEST_CASE": "plans", "FORKKV_TEST_HASH_SEEDS": _hash_seeds()}
+    if whole_lora:
+        env.update({"FORKKV_TEST_WHOLE_LORA": "1", "FORKKV_TEST_NO_PLAN_STAMP": "1"})
+    for rep in _torchrun(tmp_path, 2, env):
+        assert rep["styles"] == GLM_STYLES, rep["rank"]
+        assert re.search(r"batched_lora=False\) on a tensor-parallel model .* Keep batched_lora=True",
+                         rep["refusal"] or ""), rep["refusal"]
+        assert rep["sequences"] == ref.sequences.tolist(), rep["rank"]
+        for got, want in zip(rep["scores"], ref.scores):
+            torch.testing.assert_close(torch.tensor(got), want.float(), rtol=1e-4, atol=1e-4)

@@ -52,3 +52,14 @@ def run_forkkv(pm, device, new_tokens: int = 6):
         out = pm.generate(**inputs, adapter_names=NAMES, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                           output_scores=True, return_dict_in_generate=True, **cache_kwargs(shared.fork(NAMES)))
     return shared, out
+
+
+def run_mixed_dtypes(pm, device, new_tokens: int = 6):
+    """``run_forkkv`` with the coder's ``o_proj`` LoRA in fp64 (the planner's in fp32): batched LoRA hands these
+    layers (rowwise under tensor parallelism) to a per-adapter loop. Returns the generate output."""
+    with torch.no_grad():
+        for name, m in pm.named_modules():
+            if name.endswith("o_proj") and hasattr(m, "lora_A") and "coder" in m.lora_A:
+                m.lora_A["coder"].to(torch.float64)
+                m.lora_B["coder"].to(torch.float64)
+    return run_forkkv(pm, device, new_tokens)[1]

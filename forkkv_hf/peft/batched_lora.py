@@ -17,7 +17,8 @@ or keep it on with :func:`enable_batched_lora` / :func:`disable_batched_lora` (`
 The stacks are the storage of PEFT's ``lora_A``/``lora_B`` parameters (:class:`StackedLoRA`), so a write to the
 adapters' weights, however it is made, is seen by the next forward; stacks are rebuilt when a layer's adapters are
 added, reloaded or rescaled.
-Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout) fall back to PEFT's own code.
+Layers or adapters it cannot batch (DoRA and other LoRA variants, active dropout) fall back to PEFT's own code
+(on a layer tensor parallelism shards, its loop with the adapters in one order on every rank: :mod:`.tp`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from ..log import get_logger, warn_once
 from . import wrappers
 from .calls import CALL_EPOCH, new_call
 from .lora_factors import BASE_ADAPTER, _modules_outside_lora, in_planned_step, transformers_model
-from .tp import is_dtensor, local, lora_shard, rowwise_group
+from .tp import (is_dtensor, layer_factor, local, ordered_mixed_batch_forward, rowwise_group, stamp_tp_plans,
+                 tp_style)
 
 logger = get_logger(__name__)
 
@@ -129,10 +131,11 @@ def _stacked_lora(layer, used) -> StackedLoRA:
     if cached is not None and _current(layer, cached, used):
         return cached
     names = list(layer.lora_A.keys())
-    base_w = layer.get_base_layer().weight
-    # tensor parallelism: this rank's shards (lora_B rows of a colwise layer, lora_A columns of a rowwise one)
-    As = [lora_shard(layer.lora_A[n].weight, base_w, 1) for n in names]
-    Bs = [lora_shard(layer.lora_B[n].weight, base_w, 0) for n in names]
+    base_w, style = layer.get_base_layer().weight, tp_style(layer)
+    # tensor parallelism: this rank's shards (lora_B rows of a colwise layer, lora_A columns of a rowwise one; whole
+    # factors where the plan gathers the output or replicates the input)
+    As = [layer_factor(layer.lora_A[n].weight, base_w, 1, style) for n in names]
+    Bs = [layer_factor(layer.lora_B[n].weight, base_w, 0, style) for n in names]
     params = [t for n in names for t in _params(layer, n) if t is not None]
     views = (not any(is_dtensor(t) for t in [base_w, *params]) and len({(t.dtype, t.device) for t in params}) == 1
              and all(a is layer.lora_A[n].weight and b is layer.lora_B[n].weight for n, a, b in zip(names, As, Bs)))
@@ -153,7 +156,7 @@ def _stacked_lora(layer, used) -> StackedLoRA:
             A[i, :r] = As[i]
             B[i, :, :r] = Bs[i]
             if has_bias and layer.lora_B[n].bias is not None:
-                bias[i] = lora_shard(layer.lora_B[n].bias, base_w, 0)
+                bias[i] = layer_factor(layer.lora_B[n].bias, base_w, 0, style)
             if views:  # the parameters become views of their slots (their own storage is freed)
                 pa, pb, pbias = _params(layer, n)
                 pa.data, pb.data = A[i, :r], B[i, :, :r]
@@ -162,7 +165,7 @@ def _stacked_lora(layer, used) -> StackedLoRA:
     scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=A.device)
     key = _view_key if views else _copy_key
     stack = StackedLoRA({n: key(layer, n) for n in names}, {n: i for i, n in enumerate(names)}, A, B, scale, bias,
-                        rowwise_group(base_w), views)
+                        rowwise_group(layer), views)
     layer._forkkv_stack = stack
     return stack
 
@@ -260,18 +263,28 @@ def _needs_grad(layer, x: torch.Tensor) -> bool:
     return x.requires_grad or any(p.requires_grad for m in (layer.lora_A, layer.lora_B) for p in m.parameters())
 
 
+def peft_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
+    """PEFT's own ``_mixed_batch_forward``, for the calls batched LoRA hands back; on a layer that tensor parallelism
+    shards, the same loop with the adapters in one order on every rank
+    (:func:`~forkkv_hf.peft.tp.ordered_mixed_batch_forward`; PEFT's iterates a set whose order differs between
+    processes: before, found by an audit, the ranks summed different adapters' partial products)."""
+    if tp_style(self) is not None:
+        return ordered_mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+
+
 def batched_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
     """Drop-in for ``peft.tuners.lora.layer.Linear._mixed_batch_forward``: same result, one gathered LoRA for all
     adapters of the batch."""
     if not self.lora_A or x.dim() != 3 or _needs_grad(self, x):
-        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+        return peft_mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     if in_planned_step(adapter_names):  # the plan its call's prefill stored
         return decode_lora_forward(self, x, *args, **kwargs)
-    if torch.compiler.is_compiling():  # a model its user compiled: PEFT's own forward, traced (no plan is this call's)
-        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    if torch.compiler.is_compiling():  # a model its user compiled: PEFT's forward, traced (no plan is this call's)
+        return peft_mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     stack, slots, batchable = _call_plan(self, adapter_names)
     if not batchable:
-        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+        return peft_mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     for k in VARIANT_KWARG_KEYS:
@@ -324,8 +337,11 @@ def _lora_linears(model: nn.Module):
 
 
 def patch_lora_layers(model: nn.Module) -> None:
-    """Give every LoRA ``Linear`` of ``model`` the batched mixed-adapter forward (idempotent)."""
-    for m in _lora_linears(model):
+    """Give every LoRA ``Linear`` of ``model`` the batched mixed-adapter forward (idempotent); under tensor
+    parallelism, record the plan's style of the layers PEFT did not stamp (:func:`forkkv_hf.peft.tp.stamp_tp_plans`)."""
+    layers = _lora_linears(model)
+    stamp_tp_plans(transformers_model(model), layers)
+    for m in layers:
         if "_mixed_batch_forward" not in m.__dict__:
             # partials, not bound methods: a bound method pickles as getattr(m, its function's name), which m lacks
             m._mixed_batch_forward = functools.partial(batched_mixed_batch_forward, m)
