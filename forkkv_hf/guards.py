@@ -4,11 +4,13 @@
 - :func:`check_generate_inputs`: a ``generate`` call's inputs against the cache, before anything runs: the rows must
   start with the shared context (and continue what the cache holds), every row must see the whole context (a mask,
   given or derived from ``pad_token_id``, must not hide context tokens), token ids must be in the vocabulary,
-  assisted decoding runs one row;
+  assisted decoding runs one row and returns no hidden states (before, that failed deep inside transformers: found by
+  an audit), Activated LoRA is not invoked inside the context (:mod:`forkkv_hf.alora_checks`);
 - :func:`check_forward_inputs`: each forward that appends to the cache (generate's steps and direct calls): mask
-  length, context columns, positions after the context, the vocabulary, sequence-length dependent RoPE; whole rows
-  (context + new tokens) are cut to the new tokens when the caller keeps only the last logits (assisted decoding's
-  first step passes whole rows) and refused otherwise.
+  length, context columns, positions after the context, the vocabulary, sequence-length dependent RoPE, Activated
+  LoRA (direct forwards); whole rows (context + new tokens) are cut to the new tokens when the caller keeps only the
+  last logits (assisted decoding's first step passes whole rows) and refused otherwise; new tokens given a whole
+  rows' mask with padding but no positions are numbered as generate numbers them (:mod:`forkkv_hf.whole_rows`).
 
 Each error says what is wrong and what to do. Nothing here imports the cache or the shared context (duck typing),
 so the cache, the attention and the PEFT integration can all call it.
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from .alora_checks import check_forward_rows, check_generate_rows
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION, chunked_prefill_skips_cache
 from .generate_settings import check_adapter_names_per_row, generation_setting
 from .inputs import check_token_range, vocab_size_of
 from .peft.lora_factors import transformers_model
 from .rope_checks import check_rope_for_prefill
+from .whole_rows import (check_context_positions, check_rows_continue, cut_whole_rows, mask_positions, padded,
+                         padding_of, positions_fit, replace_ids, takes_positions, whole_rows)
 
 _USE_MASK = "pass the attention_mask of forkkv_hf.batch_inputs(context_ids, prompts, pad_token_id=...) (its padding " \
             "goes between the context and the prompt)"
@@ -69,7 +74,8 @@ def check_context_mask(mask: torch.Tensor, T: int, length: int, what: str) -> No
         raise ValueError(
             f"{what} hides token {col} of the {T}-token shared context in row {row}; every row reads the shared "
             f"context's K/V as a whole, so a mask cannot remove context tokens (plain PEFT would compute other K/V for "
-            f"that row). {_USE_MASK[0].upper()}{_USE_MASK[1:]}, or build a separate shared context without those tokens."
+            f"that row). {_USE_MASK[0].upper()}{_USE_MASK[1:]}, or build a separate shared context without those "
+            "tokens."
         )
 
 
@@ -117,6 +123,13 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             " rows; generate each row with its own fork (shared.fork([name])) or drop assistant_model / "
             "prompt_lookup_num_tokens / assistant_early_exit"
         )
+    if assisted and generation_setting(model, kwargs, "output_hidden_states", False):  # (failed inside generate)
+        raise ValueError(
+            "output_hidden_states=True with assisted, prompt-lookup or early-exit decoding and a ForkKVCache: "
+            "transformers splits the first step's hidden states along the whole rows, which the cache cuts to the "
+            "tokens after the context; drop output_hidden_states, or drop assistant_model / prompt_lookup_num_tokens"
+            " / assistant_early_exit (greedy, sampling and beams return hidden states)"
+        )
     pad, _ = _special_ids(model, kwargs)
     vocab = vocab_size_of(model)
     check_token_range(input_ids, "input_ids", vocab, pad_token_id=pad)
@@ -130,8 +143,8 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             f"input_ids have {L} tokens but this cache already holds {T} shared + {P} private tokens: pass the "
             "whole rows (context + prompt [+ earlier output]) with at least one new token, or call cache.reset()"
         )
-    _check_rows_continue(cache, input_ids, expanded=True)
-    _check_context_positions(kwargs.get("position_ids"), T)
+    check_rows_continue(cache, input_ids, expanded=True)
+    check_context_positions(kwargs.get("position_ids"), T)
     _check_generate_embeds(cache, model, input_ids, kwargs.get("inputs_embeds"), T + P)
     if generation_setting(model, kwargs, "output_attentions", False):
         raise ValueError(_NO_WEIGHTS)
@@ -145,7 +158,7 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
                          "shared context was computed from them; heal the prompts before building the rows")
     _check_generate_mask(model, input_ids, kwargs, T)
     check_adapter_names_per_row(model, kwargs, input_ids.shape[0])
-    _check_activated_lora(cache, model, input_ids, kwargs.get("adapter_names"))
+    check_generate_rows(cache, model, input_ids, kwargs.get("adapter_names"))
     if model.training:  # as the context's build, the store and the fits refuse it
         raise ValueError("the model is in training mode (dropout on); call model.eval() before generating with a "
                          "ForkKVCache")
@@ -181,149 +194,10 @@ def _check_generate_embeds(cache, model, input_ids: torch.Tensor, embeds, S: int
         )
 
 
-def _check_rows_continue(cache, ids: torch.Tensor, expanded: bool = False) -> None:
-    """``ids [B, >= T + P]`` must start with the shared context and then the private tokens the cache holds
-    (``expanded``: a generate's rows, which the cache may hold each ``k`` times: ``batch_repeat_interleave(k)`` before
-    a continuation with ``num_return_sequences`` or beams)."""
-    T = cache.num_shared_tokens
-    P = cache.layers[0].private_length()
-    ctx = cache.shared.token_ids.to(ids.device)
-    if not torch.equal(ids[:, :T], ctx.expand(ids.shape[0], T)):
-        raise ValueError(
-            f"input_ids do not start with the {T}-token shared context this cache was built on; build the rows "
-            "with forkkv_hf.batch_inputs(context_ids, prompts) (padding goes after the context)"
-        )
-    if P > 0:
-        rec, held = cache.private_ids, ids[:, T : T + P]
-        if expanded and rec is not None and rec.shape[0] % ids.shape[0] == 0:
-            held = held.repeat_interleave(rec.shape[0] // ids.shape[0], dim=0)
-        if rec is None or rec.shape[0] != held.shape[0] or not torch.equal(held, rec.to(ids.device)):
-            raise ValueError(
-                f"this ForkKVCache already holds {P} private tokens per row from an earlier generate, and these "
-                "input_ids do not continue them; call cache.reset() (or fork a new cache) for new prompts"
-            )
-
-
-def _check_activated_lora(cache, model, input_ids, adapter_names) -> None:
-    cfgs = getattr(model, "peft_config", None) or {}
-    if not adapter_names or not any(getattr(cfgs.get(n), "alora_invocation_tokens", None) for n in adapter_names):
-        return
-    from peft.tuners.lora.variants import calculate_alora_offsets
-
-    offsets = calculate_alora_offsets(cfgs, getattr(model, "active_adapter", None), input_ids, adapter_names)
-    T = cache.num_shared_tokens
-    for i, (name, off) in enumerate(zip(adapter_names, offsets)):
-        if off is not None and input_ids.shape[1] - off < T:
-            raise ValueError(
-                f"row {i} ({name!r}, Activated LoRA): its invocation sequence starts at token "
-                f"{input_ids.shape[1] - off}, inside the {T}-token shared context, so the adapter would be active "
-                "over part of the context, which the shared cache computed without it. Put the invocation "
-                "sequence in the agent's prompt."
-            )
-
-
 # ---------------------------------------------------------------------------------------------------- forward
-def _padding(mask, S: int, L: int):
-    """``[B, L]`` bool: which of a forward's ``L`` new tokens (after ``S`` cached ones) are padding, by a 2-D mask
-    (0 columns) or a 4-D one (keys its last query does not attend: transformers masks padding as keys; the 4-D masks
-    of a compileable cache's generate; for models with ``layer_types``, a dict of them per attention type, each of
-    which masks the padding), else ``None``."""
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next((m for m in mask.values() if isinstance(m, torch.Tensor)), None))
-    if not isinstance(mask, torch.Tensor) or mask.shape[-1] < S + L or mask.dim() not in (2, 4):
-        return None
-    cols = mask[:, S : S + L] if mask.dim() == 2 else mask[:, 0, -1, S : S + L]
-    if mask.dim() == 4 and cols.dtype != torch.bool:  # additive: 0 attends, a large negative number masks
-        return cols < torch.finfo(cols.dtype).min / 2
-    return cols == 0
-
-
-def _positions_fit(pos: torch.Tensor, B: int, L: int) -> bool:
-    """Whether ``position_ids`` give one position per token of ``B`` rows of ``L``: ``[B or 1, L]``, or M-RoPE's
-    ``[sections, B or 1, L]`` (Qwen2-VL's generate builds them for text too; before, refused as malformed)."""
-    return pos.dim() in (2, 3) and pos.shape[-2] in (1, B) and pos.shape[-1] == L
-
-
-def _whole_rows(cache, ids: torch.Tensor, mask, pos, decode_step: bool = False) -> bool:
-    """Whether ``ids [B, L]`` of a forward are whole rows (context + what the cache holds + new tokens) rather than
-    only the new tokens. A 2-D mask tells by its length, else position ids by where the first new token that is not
-    padding starts; with neither, rows that begin with exactly what the cache holds count as whole rows. A decode
-    step of ``generate`` (new tokens only) is told by a 2-D mask's length alone."""
-    T = cache.num_shared_tokens
-    S = T + cache.layers[0].private_length()
-    L = ids.shape[1]
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        if mask.shape[1] == S + L:
-            return False
-        if mask.shape[1] == L and L > S:
-            return True
-        if mask.shape[1] == L == S:  # whole rows the cache holds already (a longer mask would append them again)
-            raise _nothing_new(L, S)
-        raise ValueError(
-            f"attention_mask covers {mask.shape[1]} tokens but this forward appends {L} to a cache holding {S} "
-            f"({T} shared): give a mask of {S + L} columns (cached + new tokens), as generate does"
-        )
-    if decode_step:
-        return False
-    if pos is not None:
-        starts_early = pos[..., 0] < T
-        pad = _padding(mask, S, L)
-        if pad is not None:
-            starts_early = starts_early & ~pad[:, 0]
-        if not bool(starts_early.any()):
-            return False
-        if L > T and torch.equal(ids[:, :T], cache.shared.token_ids.to(ids.device).expand(ids.shape[0], T)):
-            return True
-        raise ValueError(
-            f"position_ids start at {int(pos[..., 0].min())}, inside the {T}-token shared context, for input_ids that "
-            f"are not whole rows: the tokens after the cache go at positions {T} and above (pass position_ids of the "
-            f"whole rows' attention_mask, cumsum - 1, sliced to the new tokens)"
-        )
-    if L <= S:
-        return False
-    held = cache.shared.token_ids.to(ids.device)
-    if cache.private_ids is not None and S > T:
-        if cache.private_ids.shape[0] != ids.shape[0]:
-            return False
-        held = torch.cat([held.expand(ids.shape[0], T), cache.private_ids.to(ids.device)], dim=1)
-    return torch.equal(ids[:, :S], held.expand(ids.shape[0], S))
-
-
-def _nothing_new(L: int, S: int) -> ValueError:
-    return ValueError(f"input_ids have {L} tokens, all of which this cache already holds ({S}); pass new tokens")
-
-
-def _check_context_positions(pos, T: int) -> None:
-    """Whole rows' ``position_ids`` (where given) must number the shared context 0..T-1, as its one pass did."""
-    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.shape[-1] < T or not torch.equal(
-            pos[..., :T], torch.arange(T, device=pos.device).expand_as(pos[..., :T]))):
-        raise ValueError(f"position_ids of the shared context must be 0..{T - 1} in every row (its K/V were computed "
-                         "there); give position_ids of the whole rows that start so, or none")
-
-
-def _cut_whole_rows(cache, ids, pos, kwargs: dict):
-    """Whole rows -> the new tokens (and their positions), if the caller keeps only logits of new tokens."""
-    T = cache.num_shared_tokens
-    S = T + cache.layers[0].private_length()
-    L = ids.shape[1]
-    if L <= S:
-        raise _nothing_new(L, S)
-    _check_rows_continue(cache, ids)
-    _check_context_positions(pos, T)
-    keep = kwargs.get("logits_to_keep", 0)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= L - S:
-        raise ValueError(
-            f"input_ids hold whole rows ({L} tokens) but the cache already holds their first {S} ({T} shared "
-            f"context): pass only the tokens after them, input_ids[:, {S}:], with the attention_mask of the whole "
-            f"rows and position_ids[:, {S}:] (or generate, which does that); or pass logits_to_keep=k "
-            f"(1 <= k <= {L - S}) to get the logits of the last k tokens only"
-        )
-    return ids[:, S:], (None if pos is None else pos[..., S:])
-
-
 def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: bool = False):
     """Checks of one forward of ``module`` (the transformers model) that appends to ``cache``; returns ``(args,
-    kwargs)`` with whole rows cut to the new tokens (see :func:`_cut_whole_rows`), or ``None`` to run as given.
+    kwargs)`` with whole rows cut to the new tokens (see :func:`cut_whole_rows`), or ``None`` to run as given.
     ``decode_step``: a forward of a ``generate`` call after its first (the prefill), whose ids, mask and positions
     ``generate`` made from what the first forward was checked on; the checks that read tensor values (a device sync
     per step) are skipped, the shape checks stay."""
@@ -338,17 +212,21 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     B, T = ids.shape[0], cache.num_shared_tokens
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != B:
         raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids have {B}")
-    if pos is not None and not _positions_fit(pos, B, ids.shape[1]):
+    if pos is not None and not positions_fit(pos, B, ids.shape[1]):
         raise ValueError(f"position_ids must be [{B}, {ids.shape[1]}] (one position per token of input_ids; M-RoPE's "
                          f"[sections, {B}, {ids.shape[1]}]), got {tuple(pos.shape)}")
     changed = None
-    if _whole_rows(cache, ids, mask, pos, decode_step):
-        ids, pos = _cut_whole_rows(cache, ids, pos, kwargs)
-        args, kwargs = _replace_ids(args, kwargs, ids, pos)
+    if whole_rows(cache, ids, mask, pos, decode_step, kwargs.get("cache_position")):
+        ids, pos = cut_whole_rows(cache, ids, pos, kwargs)
+        args, kwargs = replace_ids(args, kwargs, ids, pos)
         changed = (args, kwargs)
     S = T + cache.layers[0].private_length()
     L = ids.shape[1]
     mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if pos is None and not decode_step and len(args) <= 1 and padded(mask2d, S + L) and takes_positions(module):
+        pos = mask_positions(mask2d)[:, -L:]  # as generate's; before, numbered after the pads (found by an audit)
+        args, kwargs = replace_ids(args, kwargs, ids, pos)
+        changed = (args, kwargs)
     vocab = getattr(cache.shared.config, "vocab_size", None)
     if decode_step:
         if mask2d is not None and mask2d.shape[1] != S + L:
@@ -365,7 +243,7 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     new_valid = None
     if pos is not None:
         new_valid = pos[..., -L:] >= T
-        pad = _padding(mask, S, L)
+        pad = padding_of(mask, S, L)
         if pad is not None:
             new_valid = new_valid | pad
         ok = ok & new_valid.all()
@@ -379,6 +257,7 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
                 f"after the cache start at position {T} (+ earlier tokens of the row): pass position_ids of the "
                 "whole rows' attention_mask (cumsum - 1), sliced to the new tokens"
             )
+    check_forward_rows(cache, module, ids)  # Activated LoRA invoked inside the context (before: unchecked here)
     if cache.layers[0].private_length() == 0:
         check_rope_for_prefill(cache, module, int(pos.max()) + 1 if pos is not None else S + L)
     return changed
@@ -396,7 +275,7 @@ def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> Non
     if mask2d is not None and tuple(mask2d.shape) != (B, S + L):
         raise ValueError(f"attention_mask is {list(mask2d.shape)} but must be [{B}, {S + L}]: one column per cached "
                          f"token ({S}, {T} shared) and per new token (inputs_embeds hold the new tokens only)")
-    if pos is not None and not _positions_fit(pos, B, L):
+    if pos is not None and not positions_fit(pos, B, L):
         raise ValueError(f"position_ids must be [{B}, {L}] (one position per new embedding; M-RoPE's [sections, {B}, "
                          f"{L}]), got {tuple(pos.shape)}")
     if decode_step:
@@ -405,7 +284,7 @@ def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> Non
         check_context_mask(mask2d, T, S + L, "attention_mask")
     if pos is not None:
         inside = pos < T
-        pad = _padding(mask, S, L)
+        pad = padding_of(mask, S, L)
         if bool((inside & ~pad if pad is not None else inside).any()):
             raise ValueError(f"position_ids put new tokens at positions below {T}, which the shared context occupies; "
                              f"the embeddings after the cache go at positions {T} and above")
@@ -429,14 +308,3 @@ def embedded_ids(cache, embeds, forwards) -> torch.Tensor | None:
     if embeds.shape[0] != ids.shape[0] and embeds.shape[0] % ids.shape[0] == 0:  # num_return_sequences, beams
         ids = ids.repeat_interleave(embeds.shape[0] // ids.shape[0], dim=0)
     return ids[:, S:] if ids.shape[1] - S == embeds.shape[1] else None
-
-
-def _replace_ids(args: tuple, kwargs: dict, ids, pos):
-    kwargs = dict(kwargs)
-    if "input_ids" in kwargs or not args:
-        kwargs["input_ids"] = ids
-    else:
-        args = (ids,) + tuple(args[1:])
-    if pos is not None:
-        kwargs["position_ids"] = pos
-    return args, kwargs

@@ -11,8 +11,11 @@ a padded row's EOS was penalised, a banned word could be emitted, a stop string 
 by generate from the pad id) has padding, the processors and criteria it builds see each row's masked columns moved to
 its front (a stable reordering of the columns; the shape, the tail and the generated tokens unchanged), and the
 ``repetition_penalty`` it builds skips the row's pads (transformers 5.24+, which takes a per-row prefix; before, it
-reads them as the row's first token, which it penalises anyway): what each agent's own, unpadded run shows them. A processor the caller passes reads the same reordered ids, as it would in a
-left-padded batch, and is not changed.
+reads them as the row's first token, which it penalises anyway): what each agent's own, unpadded run shows them. A
+processor the caller passes reads the same reordered ids, as it would in a left-padded batch, and is not changed. The
+``encoder_repetition_penalty`` and ``encoder_no_repeat_ngram_size`` it builds read generate's input ids once, not the
+running ids: they are given each row's own tokens (:func:`_own_encoder_ids`; before, they read the pads too: found
+by an audit).
 
 The hook is :class:`~transformers.GenerationMixin`'s processor and criteria builders, wrapped once at import; they
 act only inside a ForkKV generate call of the same model on the same thread (state per thread and model: nothing on
@@ -57,6 +60,14 @@ def _per_row_ignore(processor) -> bool:
     return "Tensor" in str(getattr(annotation, "annotation", ""))
 
 
+def _pads_as_row_token(call: dict, packed: torch.Tensor) -> torch.Tensor:
+    """Packed ids (each row's pads in front) with the pads replaced by the row's first token: for a processor that
+    reads a row as a set of tokens (each penalised once however often the row holds it), the row's own set."""
+    pads = _rows(call["pads"], packed.shape[0]).to(packed.device)[:, None]
+    first = packed.gather(1, pads.clamp(max=call["order"].shape[1] - 1))
+    return torch.where(torch.arange(packed.shape[1], device=packed.device) < pads, first, packed)
+
+
 class _PadsAsRowToken:
     """A built repetition penalty of transformers before 5.24 (no per-row ignored prefix) reading each row's pads
     (in front, packed) as the row's first token: it penalises a token once however often the row holds it, so the
@@ -66,11 +77,32 @@ class _PadsAsRowToken:
         self.processor, self.call = processor, call
 
     def __call__(self, input_ids, scores):
-        pads = _rows(self.call["pads"], input_ids.shape[0]).to(input_ids.device)[:, None]
-        n = self.call["order"].shape[1]
-        first = input_ids.gather(1, pads.clamp(max=n - 1))
-        return self.processor(torch.where(torch.arange(input_ids.shape[1], device=input_ids.device) < pads, first,
-                                          input_ids), scores)
+        return self.processor(_pads_as_row_token(self.call, input_ids), scores)
+
+
+def _own_encoder_ids(call: dict, processors, encoder_ids, visible: torch.Tensor) -> None:
+    """The built ``encoder_repetition_penalty`` and ``encoder_no_repeat_ngram_size`` of a decoder-only model read
+    generate's input ids (the whole rows), pads between the context and a shorter prompt included: a padded row's
+    pad id was boosted (its EOS, where pad == EOS) and the n-grams spanning the context's end and the prompt's start
+    were never banned (found by an audit). Now the penalty reads the row's tokens packed, pads as its first token
+    (exact: a set of tokens), and the n-grams are the row's own, from its visible tokens: its own, unpadded run's."""
+    from transformers.generation.logits_process import (EncoderNoRepeatNGramLogitsProcessor,
+                                                        EncoderRepetitionPenaltyLogitsProcessor)
+
+    if not isinstance(encoder_ids, torch.Tensor) or encoder_ids.dim() != 2:
+        return
+    ids = _rows(encoder_ids, visible.shape[0])  # as the mask: expanded for beams / num_return_sequences already
+    if ids.shape != visible.shape:
+        return
+    for p in processors:
+        if id(p) not in call["built"]:
+            continue
+        if isinstance(p, EncoderRepetitionPenaltyLogitsProcessor):
+            p.encoder_input_ids = _pads_as_row_token(call, _packed(call, ids))
+        elif isinstance(p, EncoderNoRepeatNGramLogitsProcessor):
+            rows = zip(ids, visible.to(ids.device))
+            p.batch_size, p.generated_ngrams = ids.shape[0], [
+                EncoderNoRepeatNGramLogitsProcessor(p.ngram_size, row[seen]).generated_ngrams[0] for row, seen in rows]
 
 
 def _wrap_processors(call: dict, processors):
@@ -119,6 +151,7 @@ def _get_logits_processor(self, *args, **kwargs):
     entry["current"] = call = {  # this build's: its processors keep it, whatever a nested call builds later
         "order": torch.sort(visible.to(torch.int8), dim=1, stable=True).indices,  # masked columns first, in order
         "pads": (~visible).sum(1), "built": {id(p) for p in made if id(p) not in own}}
+    _own_encoder_ids(call, made, kwargs.get("encoder_input_ids"), visible)
     return _wrap_processors(call, made)
 
 

@@ -80,12 +80,13 @@ def test_exact_for_last_layer_kv_lora(last_layer_agents):
 
 
 #: generate options whose logits processors or stopping criteria read the rows' ids (the shared context included);
-#: ``eos_token_id=0`` makes the pad id the EOS, as most chat tokenizers do
+#: ``eos_token_id=0`` makes the pad id the EOS, as most chat tokenizers do. (The encoder_* processors read the left
+#: padded batch's pads as tokens: they are compared with each agent's own run, in
+#: test_encoder_processors_of_a_padded_row_are_its_own_run.)
 ID_PROCESSORS = [dict(repetition_penalty=1.5), dict(repetition_penalty=1.3, eos_token_id=0),
                  dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5], [9, 10]]), dict(sequence_bias={(8,): 4.0}),
                  dict(sequence_bias={(60, 8): 9.0}), dict(min_new_tokens=6, eos_token_id=2),
-                 dict(encoder_repetition_penalty=1.2), dict(do_sample=True, top_k=20, min_p=0.1),
-                 dict(num_beams=2, repetition_penalty=1.4, eos_token_id=0)]
+                 dict(do_sample=True, top_k=20, min_p=0.1), dict(num_beams=2, repetition_penalty=1.4, eos_token_id=0)]
 
 
 def _left_padded(inputs: dict) -> dict:
@@ -162,6 +163,87 @@ def test_repetition_penalty_of_a_padded_row_is_its_own_run(last_layer_agents, op
                 torch.testing.assert_close(out.scores[step][row], score[0], rtol=1e-4, atol=1e-4)
     finally:
         forkkv_hf.enable_forkkv(pm)
+
+
+class _FirstToken:
+    """A caller's logits processor forcing every row's first generated token to ``token``."""
+
+    def __init__(self, token):
+        self.token, self.steps = token, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        if self.steps > 1:
+            return scores
+        return torch.full_like(scores, -1e9).index_fill(1, torch.tensor([self.token]), 0.0)
+
+
+@parametrize("options", [{"encoder_no_repeat_ngram_size": 2}, {"encoder_repetition_penalty": 3.0, "eos_token_id": 0},
+                         {"num_beams": 2, "encoder_repetition_penalty": 2.0, "eos_token_id": 0},
+                         {"num_beams": 2, "encoder_no_repeat_ngram_size": 2}])
+def test_encoder_processors_of_a_padded_row_are_its_own_run(last_layer_agents, options):
+    """``encoder_no_repeat_ngram_size`` and ``encoder_repetition_penalty`` read generate's input ids, where a shorter
+    row holds pads between its context and its prompt: the bigram (the context's last token, the prompt's first)
+    was never banned, and the pad id (the EOS here) was boosted (an audit's finding). The rows' first token is forced
+    to the context's last and the one-token prompt's token is favoured, so that row's next step meets that bigram:
+    each row now equals the agent's own, unpadded run."""
+    from transformers import EncoderRepetitionPenaltyLogitsProcessor, LogitsProcessorList
+
+    every_beam = EncoderRepetitionPenaltyLogitsProcessor(2.0, torch.tensor([[1]]))(None, -torch.ones(2, 3))[1, 1] != -1
+    if "num_beams" in options and "encoder_repetition_penalty" in options and not every_beam:
+        pytest.skip("this transformers' (5.17's) encoder_repetition_penalty acts on the first hypotheses only (an "
+                    "agent's own beam run penalises its first beam), which no batch of several rows can equal")
+    pm = last_layer_agents
+    ctx = _context(20)
+    names = ["planner", "coder", "__base__"]
+    prompts = _prompts([5, 1, 4])
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    L = inputs["input_ids"].shape[1]
+
+    def run(rows, names, cache=None):
+        if "encoder_no_repeat_ngram_size" not in options:
+            return _gen(pm, rows, names, cache, max_new_tokens=4, **options)
+        forced = LogitsProcessorList([_FirstToken(int(ctx[-1]))])
+        return _gen(pm, rows, names, cache, max_new_tokens=4, logits_processor=forced,
+                    sequence_bias={(int(prompts[1][0]),): 30.0}, **options)
+
+    out = run(inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names))
+    forkkv_hf.disable_forkkv(pm)
+    try:
+        for row, (name, prompt) in enumerate(zip(names, prompts)):
+            ids = torch.cat([ctx, prompt])[None]
+            own = run({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [name])
+            n = own.sequences.shape[1] - ids.shape[1]
+            assert torch.equal(out.sequences[row, L:L + n], own.sequences[0, ids.shape[1]:]), (row, out.sequences)
+            for step, score in enumerate(own.scores if "num_beams" not in options else ()):  # (beams: per beam)
+                torch.testing.assert_close(out.scores[step][row], score[0], rtol=1e-4, atol=1e-4)
+    finally:
+        forkkv_hf.enable_forkkv(pm)
+
+
+def test_a_direct_forward_numbers_a_padded_row_by_its_mask(last_layer_agents):
+    """A direct forward of ``batch_inputs``' rows with their whole rows' mask but no ``position_ids`` numbered a padded
+    row's prompt after its pads (0.05 off its own run, silently; an audit's finding): the positions now come from the
+    mask, as generate's, for the new tokens and for whole rows cut to them. Each row's logits equal its own run's."""
+    pm = last_layer_agents
+    ctx = _context(16, seed=7)
+    names = ["planner", "coder"]
+    prompts = _prompts([3, 5], seed=3)
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    shared = SharedContext.build(pm, ctx, names, progress=False)
+    with torch.no_grad():
+        new = pm(input_ids=ids[:, 16:], attention_mask=mask, adapter_names=names, **cache_kwargs(shared.fork(names)))
+        last = pm(**inputs, adapter_names=names, logits_to_keep=1, **cache_kwargs(shared.fork(names)))
+        forkkv_hf.disable_forkkv(pm)
+        try:
+            for row, (name, prompt) in enumerate(zip(names, prompts)):
+                pm.set_adapter(name)
+                own = pm(input_ids=torch.cat([ctx, prompt])[None]).logits[0, 16:]
+                torch.testing.assert_close(new.logits[row, -len(prompt):], own, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(last.logits[row, -1], own[-1], rtol=1e-4, atol=1e-4)
+        finally:
+            forkkv_hf.enable_forkkv(pm)
 
 
 def test_the_callers_processors_and_a_mask_generate_builds(last_layer_agents):
@@ -281,7 +363,8 @@ def test_residual_modes(full_agents):
     names = ["planner", "critic"]
     inputs = batch_inputs(ctx, _prompts([4, 4]), pad_token_id=0)
     shared = SharedContext.build(pm, ctx, names)
-    runs = {mode: _gen(pm, inputs, names, shared.fork(names, residual=mode), max_new_tokens=3) for mode in ("kv", "v", "none")}
+    runs = {mode: _gen(pm, inputs, names, shared.fork(names, residual=mode), max_new_tokens=3)
+            for mode in ("kv", "v", "none")}
     assert (runs["kv"].scores[0] - runs["none"].scores[0]).abs().max() > 1e-3
     assert (runs["kv"].scores[0] - runs["v"].scores[0]).abs().max() > 1e-3
     assert (runs["v"].scores[0] - runs["none"].scores[0]).abs().max() > 1e-3

@@ -13,7 +13,8 @@ from transformers import DynamicCache
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, batch_inputs, cache_kwargs
 from forkkv_hf.ops.naive import materialize_kv
-from models import tiny_llama, with_adapters
+from cases import parametrize
+from models import plain_peft, tiny_llama, with_adapters
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -74,6 +75,53 @@ def test_use_cache_false_and_static_cache_refused(agents):
         _gen(agents, inputs, ["planner"], cache, use_cache=False)
     with pytest.raises(ValueError, match="cache_implementation='static'"):
         _gen(agents, inputs, ["planner"], cache, cache_implementation="static")
+
+
+@parametrize("draft", [{"prompt_lookup_num_tokens": 3}, {"assistant_early_exit": 1}])
+def test_assisted_decoding_with_hidden_states_refused(agents, draft):
+    """Assisted, prompt-lookup and early-exit decoding with ``output_hidden_states=True`` failed deep inside
+    transformers (its first step's hidden states split along the whole rows the cache cuts; an audit's finding):
+    refused before anything runs, saying what to drop."""
+    ctx = _ctx()
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=["planner"])
+    with pytest.raises(ValueError, match="output_hidden_states=True with assisted, prompt-lookup or early-exit .*drop "
+                                         "output_hidden_states, or drop assistant_model"):
+        _gen(agents, batch_inputs(ctx, [ctx[:5]]), ["planner"], cache, output_hidden_states=True,
+             return_dict_in_generate=True, **draft)
+    assert cache.get_seq_length() == 15
+
+
+def test_new_tokens_that_begin_with_the_context_are_not_taken_for_whole_rows(agents):
+    """A direct forward of new tokens that repeat the shared context, without mask or positions (as with a
+    DynamicCache), was taken for whole rows and cut to its tail, silently (0.06-0.12 off; an audit's finding): ids
+    that could be either are refused, saying how to tell; told by position_ids or a mask of cached + new tokens,
+    they equal the base model's run, and whole rows told by their mask are still cut."""
+    ctx = _ctx(4, seed=9)
+    new = torch.cat([ctx, torch.tensor([9, 11])])[None]
+    names = ["__base__"]
+    shared = SharedContext.build(agents, ctx, [], progress=False)
+
+    def base_run(ids):
+        with agents.disable_adapter():
+            return agents(input_ids=ids).logits
+
+    with torch.no_grad():
+        want = plain_peft(agents, lambda: base_run(torch.cat([ctx[None], new], 1)))[:, 4:]
+        cache = shared.fork(names)
+        refused = (r"input_ids hold whole rows \(6 tokens\) or new tokens .* new tokens: pass their position_ids "
+                   r"\(4 and up\) or an attention_mask of 10 columns")
+        with pytest.raises(ValueError, match=refused):
+            agents(input_ids=new, adapter_names=names, logits_to_keep=1, **cache_kwargs(cache))
+        assert cache.get_seq_length() == 4
+        told_new = ({"position_ids": torch.arange(4, 10)[None]},
+                    {"attention_mask": torch.ones(1, 10, dtype=torch.long)})
+        for told in told_new:
+            got = agents(input_ids=new, adapter_names=names, **told, **cache_kwargs(shared.fork(names))).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        whole = agents(input_ids=new, attention_mask=torch.ones(1, 6, dtype=torch.long), adapter_names=names,
+                       logits_to_keep=1, **cache_kwargs(shared.fork(names))).logits
+        want = plain_peft(agents, lambda: base_run(new))[:, -1]
+        torch.testing.assert_close(whole[:, -1], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -145,21 +193,29 @@ def test_misuse_never_corrupts_the_shared_base(agents):
 
 
 # ------------------------------------------------------------------------------------------ Activated LoRA
-def test_activated_lora_is_exact():
-    """An aLoRA agent is inactive over the shared context: the base K/V are its own exactly, no residual needed,
-    and ForkKV equals the per-agent run exactly, even with aLoRA on every layer's q/k/v/o."""
+INVOCATION = [7, 8, 9]
+
+
+def _alora_agent():
+    """A PeftModel with one Activated LoRA agent, "checker" (on every layer's q/k/v/o, invoked by ``INVOCATION``)."""
     from peft import LoraConfig, get_peft_model
 
-    invocation = [7, 8, 9]
     model = tiny_llama(layers=3, seed=31)
     torch.manual_seed(31)
-    pm = get_peft_model(model, LoraConfig(r=4, target_modules=ALL, alora_invocation_tokens=invocation, task_type="CAUSAL_LM",
-                                          init_lora_weights=False), adapter_name="checker")
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=ALL, alora_invocation_tokens=INVOCATION,
+                                          task_type="CAUSAL_LM", init_lora_weights=False), adapter_name="checker")
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.mul_(8)
-    pm.eval()
+    return pm.eval()
+
+
+def test_activated_lora_is_exact():
+    """An aLoRA agent is inactive over the shared context: the base K/V are its own exactly, no residual needed,
+    and ForkKV equals the per-agent run exactly, even with aLoRA on every layer's q/k/v/o."""
+    invocation = INVOCATION
+    pm = _alora_agent()
     ctx = _ctx(17)
     ctx[ctx == 7] = 6  # no invocation inside the context
     names = ["checker", "__base__", "checker"]
@@ -175,7 +231,8 @@ def test_activated_lora_is_exact():
     for a, b in zip(out.scores, exact.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the adapter does act (not a test that cannot fail)
-    base_out = pm.generate(**inputs, adapter_names=["__base__"] * 3, **kw, **cache_kwargs(shared.fork(["__base__"] * 3)))
+    base_rows = ["__base__"] * 3
+    base_out = pm.generate(**inputs, adapter_names=base_rows, **kw, **cache_kwargs(shared.fork(base_rows)))
     assert not torch.equal(base_out.sequences[0], out.sequences[0])
     # an invocation inside the shared context would switch the adapter on over part of it: refused
     ctx2 = torch.cat([ctx[:5], torch.tensor(invocation), ctx[5:]])
@@ -183,6 +240,44 @@ def test_activated_lora_is_exact():
     with pytest.raises(ValueError, match="inside the 20-token shared context"):
         pm.generate(**batch_inputs(ctx2, [torch.tensor([11, 12])]), adapter_names=["checker"], **kw,
                     **cache_kwargs(shared2.fork(["checker"])))
+
+
+def test_activated_lora_invoked_inside_the_context_is_refused_without_names_and_in_direct_forwards():
+    """An aLoRA agent invoked inside the shared context was refused only by a generate given ``adapter_names``: run
+    as the active adapter (no names) or through a direct forward it was served, 0.6-0.9 off its own run (audit
+    findings). Both are refused now; a direct forward is checked over context + the tokens the cache recorded + the
+    new tokens, so an invocation in an earlier forward's prompt still counts, and a served forward is exact."""
+    pm = _alora_agent()
+    ctx = _ctx(17)
+    ctx = torch.cat([ctx[:5], torch.tensor(INVOCATION), ctx[5:]])  # invocation inside the context
+    ctx[(ctx == 7) & (torch.arange(20) != 5)] = 6  # (only there)
+    prompt, invoked = torch.tensor([11, 12, 13]), torch.tensor([11] + INVOCATION + [12])
+    whole = torch.cat([ctx, invoked])[None]
+    with torch.no_grad():
+        exact = pm(input_ids=whole, adapter_names=["checker"]).logits[:, 20:]
+    forkkv_hf.enable_forkkv(pm)
+    shared = SharedContext.build(pm, ctx, ["checker"], progress=False)
+    refused = "row 0 \\('checker', Activated LoRA\\): its invocation sequence starts at token 5, inside the 20-token"
+    with pytest.raises(ValueError, match=refused):  # the active adapter, no adapter_names
+        pm.generate(**batch_inputs(ctx, [prompt]), max_new_tokens=2, pad_token_id=0,
+                    **cache_kwargs(shared.fork(["checker"])))
+    rows = batch_inputs(ctx, [prompt])
+    direct = [{"input_ids": prompt[None], "attention_mask": torch.ones(1, 23, dtype=torch.long)},
+              {**rows, "logits_to_keep": 1}]
+    with torch.no_grad():
+        for kwargs in direct:
+            for names in ({"adapter_names": ["checker"]}, {}):
+                cache = shared.fork(["checker"])
+                with pytest.raises(ValueError, match=refused):
+                    pm(**kwargs, **names, **cache_kwargs(cache))
+                assert cache.get_seq_length() == 20
+        cache = shared.fork(["checker"])  # invoked in the prompt: served, exact
+        got = pm(input_ids=invoked[None], attention_mask=torch.ones(1, 25, dtype=torch.long),
+                 adapter_names=["checker"], **cache_kwargs(cache)).logits
+        torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+        pm(input_ids=torch.tensor([[14]]), attention_mask=torch.ones(1, 26, dtype=torch.long),
+           adapter_names=["checker"], **cache_kwargs(cache))  # the invocation the cache recorded counts: served
+        assert cache.get_seq_length() == 26
 
 
 # ------------------------------------------------------------------------------------------ cache API property test
