@@ -37,8 +37,12 @@ def check_token_range(ids: torch.Tensor, what: str, vocab_size: int | None = Non
 
 def as_token_ids(x, what: str, vocab_size: int | None = None) -> torch.Tensor:
     """One sequence of token ids as a 1-D ``LongTensor``: ``x`` is a list/tuple of ints or an integer tensor of
-    shape ``[L]`` or ``[1, L]``. Refuses floats and bools (never truncates them), ragged or batched input, and ids
-    outside ``[0, vocab_size)`` (``vocab_size=None``: only negative ids)."""
+    shape ``[L]`` or ``[1, L]``, or a tokenizer's output of one sequence (a ``BatchEncoding`` or dict: its
+    ``input_ids``, what ``apply_chat_template`` returns on transformers 5.x; before, refused with no hint, found by an
+    audit). Refuses floats and bools (never truncates them), ragged or batched input, padding in such an output's
+    ``attention_mask``, and ids outside ``[0, vocab_size)`` (``vocab_size=None``: only negative ids)."""
+    if hasattr(x, "keys"):
+        x = _mapping_ids(x, what)
     if isinstance(x, (list, tuple)):
         if len(x) == 0:
             return torch.zeros(0, dtype=torch.long)
@@ -66,6 +70,22 @@ def as_token_ids(x, what: str, vocab_size: int | None = None) -> torch.Tensor:
     x = x.long()
     check_token_range(x, what, vocab_size)
     return x
+
+
+def _mapping_ids(x, what: str):
+    """``x["input_ids"]`` of a tokenizer's output of one sequence; refuses other mappings and padded rows."""
+    if "input_ids" not in x:
+        raise TypeError(f"{what} is a mapping without input_ids (keys {list(x.keys())}); give one sequence of token "
+                        "ids, e.g. tokenizer(text).input_ids")
+    try:
+        padded = x.get("attention_mask") is not None and not bool((torch.as_tensor(x["attention_mask"]) != 0).all())
+    except (ValueError, TypeError, RuntimeError):  # ragged lists: a batch, refused with its ids
+        padded = False
+    if padded:
+        raise ValueError(f"{what} is a tokenizer output with padding in its attention_mask; give the unpadded token "
+                         "ids of one sequence (tokenizer(text).input_ids, or apply_chat_template(..., "
+                         "return_dict=False))")
+    return x["input_ids"]
 
 
 def context_token_ids(context_ids, vocab_size: int | None = None) -> torch.Tensor:
@@ -99,7 +119,7 @@ def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=N
 
     Padding goes between the context and the prompt and is masked, so the context sits at positions ``0..T-1`` in
     every row (the positions its shared cache was computed at) and each prompt follows at ``T, T+1, ...``. Pass the
-    result to ``generate(**inputs, adapter_names=..., past_key_values=cache)``: generate then runs only the prompts.
+    result to ``generate(**inputs, adapter_names=..., **cache_kwargs(cache))``: generate then runs only the prompts.
     Pass its ``attention_mask`` too: without it, ``generate`` derives a mask from ``pad_token_id`` that also hides
     any pad id inside the context, which a ForkKV cache refuses.
     """
@@ -114,8 +134,12 @@ def batch_inputs(context_ids, prompts, pad_token_id: int | None = None, device=N
             torch.stack(rows), _pad_id(pad_token_id)):
         # a tokenizer's padded batch (a [B, L] tensor, or its lists): its pads would sit inside the prompts, unmasked
         # and attended (silently)
+        # (unpadded rows of one length may look so too: one ends with the pad id, e.g. pad = eos, found by an
+        # audit; rows of one length need no padding, so pad_token_id=None takes them as they are)
         raise ValueError(f"prompts are rows of one length that start or end with different numbers of "
-                         f"pad_token_id={pad_token_id} (padded); give unpadded prompts: batch_inputs pads them itself")
+                         f"pad_token_id={pad_token_id} (padded); give unpadded prompts: batch_inputs pads them itself. "
+                         f"If they are unpadded and only happen to start or end with token {pad_token_id} (e.g. pad "
+                         "= eos), call batch_inputs without pad_token_id: rows of one length need no padding")
     if not rows:
         raise ValueError("give at least one prompt")
     for i, p in enumerate(rows):

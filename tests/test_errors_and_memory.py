@@ -233,3 +233,64 @@ def test_batch_inputs_refuses_a_padded_batch_of_prompts():
     assert same["input_ids"].tolist() == [[11, 12, 13, 21, 22], [11, 12, 13, 31, 32]]
     eos_first = batch_inputs(ctx, torch.tensor([[2, 22], [2, 32]]), pad_token_id=2)  # pad = eos opening every row
     assert eos_first["attention_mask"].tolist() == [[1] * 5] * 2
+
+
+def test_default_dtype_float64_generates_as_the_per_agent_run():
+    """``torch.set_default_dtype(torch.float64)`` with an fp32 model: the PyTorch attention path's accumulators took
+    the default dtype, a dtype error deep inside (an audit's finding); they are fp32 now, and the tokens and scores
+    equal each agent's own run (plain PEFT, context + prompt as one sequence; LoRA on the last layer's K/V)."""
+    from models import plain_peft
+
+    kv_last = {"target_modules": ["k_proj", "v_proj"], "layers_to_transform": [2]}
+    agents = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=3, seed=7), {
+        "planner": {"r": 4, **kv_last}, "coder": {"r": 2, **kv_last}}, seed=7))
+    ctx, prompts, names = _ctx(15, seed=3), [torch.tensor([4, 5, 6]), torch.tensor([10])], ["planner", "coder"]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+          "return_dict_in_generate": True}
+    cache = ForkKVCache.from_context(agents, ctx, adapter_names=names)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = agents.generate(**batch_inputs(ctx, prompts, pad_token_id=0), adapter_names=names, **kw,
+                              **cache_kwargs(cache))
+        rows = [torch.cat([ctx, p])[None] for p in prompts]
+        want = plain_peft(agents, lambda: [agents.generate(input_ids=r, attention_mask=torch.ones_like(r),
+                                                           adapter_names=[n], **kw) for r, n in zip(rows, names)])
+    finally:
+        torch.set_default_dtype(default)
+    L = ctx.numel() + max(p.numel() for p in prompts)
+    for i, (w, r) in enumerate(zip(want, rows)):
+        assert torch.equal(out.sequences[i, L:], w.sequences[0, r.shape[1]:])
+        for a, b in zip(out.scores, w.scores):
+            torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_tokenizer_output_of_one_sequence_is_taken_as_its_input_ids(agents):
+    """``apply_chat_template`` returns a ``BatchEncoding`` on transformers 5.x: ``batch_inputs`` and
+    ``SharedContext.build`` refused it as a prompt or context with a bare TypeError (an audit's finding). A mapping
+    of one sequence (``input_ids`` ``[L]`` or ``[1, L]``) is taken as its ids; a padded one is refused with advice."""
+    from transformers import BatchEncoding
+
+    ctx, prompt = [11, 12, 13], [21, 22]
+    want = batch_inputs(ctx, [prompt, [31]], pad_token_id=0)
+    got = batch_inputs(BatchEncoding({"input_ids": ctx, "attention_mask": [1, 1, 1]}),
+                       [BatchEncoding({"input_ids": torch.tensor([prompt])}), {"input_ids": [31]}], pad_token_id=0)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    built = SharedContext.build(agents, BatchEncoding({"input_ids": torch.tensor([ctx])}), ["coder"], progress=False)
+    assert built.token_ids.tolist() == ctx
+    with pytest.raises(ValueError, match="padding in its attention_mask.*return_dict=False"):
+        batch_inputs(ctx, [{"input_ids": [0, 21], "attention_mask": [0, 1]}], pad_token_id=0)
+    with pytest.raises(TypeError, match="a mapping without input_ids"):
+        SharedContext.build(agents, {"ids": ctx}, ["coder"])
+
+
+def test_equal_length_prompts_ending_with_the_pad_id_are_explained():
+    """Unpadded prompts of one length, one ending with the pad id (pad = eos after an end-of-turn token), look like a
+    right-padded batch and are refused; the message said only "padded" (an audit's finding). It names the ambiguity
+    and the call that takes them: without pad_token_id (rows of one length need no padding)."""
+    ctx, prompts = torch.tensor([11, 12, 13]), [[5, 6, 7, 2], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="only happen to start or end with token 2.*without pad_token_id"):
+        batch_inputs(ctx, prompts, pad_token_id=2)
+    out = batch_inputs(ctx, prompts)
+    assert out["input_ids"].tolist() == [[11, 12, 13, *p] for p in prompts]
+    assert out["attention_mask"].tolist() == [[1] * 7] * 2

@@ -363,3 +363,52 @@ def test_partial_rotary_on_a_fused_qkv_says_what_can_be_shared():
     pm = with_adapters(_tiny("Phi3", partial_rotary_factor=0.75), {"planner": dict(r=4, target_modules=["qkv_proj"])})
     with pytest.raises(ValueError, match="partial rotary.*fused qkv_proj: retarget the adapters away from qkv_proj"):
         SharedContext.build(pm, CTX, ["planner"], progress=False)
+
+
+def test_a_static_layout_counts_the_tokens_written_against_the_window():
+    """The window check of a forward over the static layout (``make_static``: what a compiled decode runs on)
+    counted its buffers' capacity as private tokens: 19 shared + 64 "private" outgrew a window of 28 that the call's
+    19 + 3 tokens fit (an audit's finding). It counts the tokens written now: equal to the per-agent forward."""
+    from forkkv_hf.static_cache import make_static
+
+    pm = with_adapters(_tiny("Mistral", attn_implementation="sdpa", sliding_window=28),
+                       {"planner": {"r": 4, "target_modules": ["k_proj", "v_proj"], "layers_to_transform": [2]}})
+    names = ["planner", "__base__"]
+    inputs = batch_inputs(CTX, PROMPTS[:2], pad_token_id=0)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    T = CTX.numel()
+    with torch.no_grad():
+        exact = pm(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=names).logits[:, -1]
+        forkkv_hf.enable_forkkv(pm)
+        try:
+            static = make_static(ForkKVCache.from_context(pm, CTX, adapter_names=names), 64, use_triton=False)
+            got = pm(input_ids=ids[:, T:], attention_mask=mask, position_ids=pos[:, T:], adapter_names=names,
+                     **cache_kwargs(static)).logits[:, -1]
+        finally:
+            forkkv_hf.disable_forkkv(pm)
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma2_softcap_fallback_applies_attention_dropout():
+    """With ForkKV enabled, a soft-capping model's forward outside ForkKV caches runs the "forkkv" attention's
+    soft-capped fallback, which ignored attention dropout: a training forward got none (an audit's finding). It
+    applies it as the eager attention does: the same random stream gives the eager model's logits."""
+    prefix, kw, _, _, attn = FAMILIES["gemma2-softcap"]
+    pm = with_adapters(_tiny(prefix, attn_implementation=attn, attention_dropout=0.5, **kw),
+                       {"planner": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    ids = CTX[None, :12]
+    pm.train()
+    try:
+        torch.manual_seed(1)
+        want = pm(input_ids=ids).logits
+        forkkv_hf.enable_forkkv(pm)
+        torch.manual_seed(1)
+        got = pm(input_ids=ids).logits
+        torch.manual_seed(2)
+        other = pm(input_ids=ids).logits  # (other draws: other logits, so the comparison shows the dropout)
+    finally:
+        forkkv_hf.disable_forkkv(pm)
+        pm.eval()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (other - want).abs().max() > 1e-3

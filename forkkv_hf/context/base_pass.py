@@ -32,8 +32,15 @@ from ..ops.rope import apply_rope
 from .segments import Residual, SharedLayer
 
 
+def text_config(config):
+    """``config``'s text model's config (a multimodal model's, e.g. Llava's ``text_config``), else ``config``: the
+    top-level config of such a model holds no positions, window or layer count (read there before, found by an
+    audit: nothing was checked)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(text_config(config), "max_position_embeddings", None)
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -46,12 +53,17 @@ def check_chunk_size(chunk_size) -> None:
 
 
 def sliding_window(attn: nn.Module, config) -> int | None:
-    """The layer's sliding window, ``None`` for full attention: the module's own (Qwen2, Gemma), else the config's
+    """The layer's sliding window, ``None`` for full attention: the module's own (Qwen2, Gemma), else its config's
     when the model passes it to every attention call (Mistral, Phi-3). 0 means none (Qwen2-MoE's config without
     ``use_sliding_window`` sets 0). A model that sets the attribute on its sliding layers only and keeps a window in
     its config (Qwen2-MoE with ``use_sliding_window``) gets its full layers refused beyond that window: a false
-    refusal, never a silently wrong result."""
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    refusal, never a silently wrong result. The config is the attention module's own, else the text model's: a
+    multimodal model's top-level config (Llava over Mistral) holds no window (read there before, found by an audit:
+    the build failed deep inside, and a compiled decode was allowed past the window)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window or None
+    own = getattr(attn, "config", None)
+    window = getattr(own if own is not None else text_config(config), "sliding_window", None)
     return window or None
 
 
@@ -128,7 +140,7 @@ def run_base_pass(model, base, ids: torch.Tensor, chunk_size, progress, on_chunk
     S = 0
     if past is not None:
         past = list(past)
-        num_layers = getattr(base.config, "num_hidden_layers", len(past))
+        num_layers = getattr(text_config(base.config), "num_hidden_layers", len(past))
         if len(past) != num_layers:
             raise ValueError(
                 f"past has {len(past)} layers but the model has {num_layers}; give one (key, value) pair per layer"

@@ -88,16 +88,17 @@ class BatchAgents:
 @memoized(maxsize=256)
 def batch_agents(k_slots: tuple | None, v_slots: tuple | None, device: str) -> BatchAgents:
     """:class:`BatchAgents` from the rows' host slots (``None``: the layer has no residual of that kind). Memoised:
-    the same rows give the same tensors, built without reading device memory."""
-    out = {}
+    the same rows give the same tensors, built without reading device memory. fp32 whatever the default dtype."""
+    out, f32 = {}, torch.float32
     if k_slots is not None and any(s >= 0 for s in k_slots):
         used = sorted(set(k_slots))
         out["k_used"] = torch.tensor(used, dtype=torch.long, device=device).clamp(min=0)
         out["k_local"] = torch.tensor([used.index(s) for s in k_slots], dtype=torch.long, device=device)
-        out["k_row_valid"] = torch.tensor([float(s >= 0) for s in k_slots], device=device)[:, None, None, None]
+        valid = torch.tensor([float(s >= 0) for s in k_slots], dtype=f32, device=device)
+        out["k_row_valid"] = valid[:, None, None, None]
     if v_slots is not None and any(s >= 0 for s in v_slots):
         out["v_slot"] = torch.tensor(v_slots, dtype=torch.long, device=device).clamp(min=0)
-        out["v_row_valid"] = torch.tensor([float(s >= 0) for s in v_slots], device=device)
+        out["v_row_valid"] = torch.tensor([float(s >= 0) for s in v_slots], dtype=f32, device=device)
     return BatchAgents(**out)
 
 
@@ -115,7 +116,9 @@ def view_agents(view, device) -> BatchAgents:
 def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling: float,
                              softcap: float | None = None) -> torch.Tensor:
     """``query [B, H, Q, D]`` (after RoPE) over a :class:`~forkkv_hf.cache.ForkKVView`; returns ``[B, Q, H, D]`` in
-    the query's dtype. Accumulates in fp32. ``softcap``: attention-logit soft-capping (Gemma 2), or ``None``."""
+    the query's dtype. Accumulates in fp32, whatever the default dtype (before, the accumulators took it: under
+    ``torch.set_default_dtype(torch.float64)`` a dtype error inside; found by an audit). ``softcap``: attention-logit
+    soft-capping (Gemma 2), or ``None``."""
     B, H, Q, D = query.shape
     sh = view.shared
     _, Hkv, T, _ = sh.key.shape
@@ -128,10 +131,11 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
     score_scale = 1.0 if softcap is None else scaling
     mask, additive = kv_mask(attention_mask, B, Q, T, P, dev)
 
-    m = torch.full((B, Hkv, G, Q), float("-inf"), device=dev)
-    l = torch.zeros(B, Hkv, G, Q, device=dev)
+    f32 = torch.float32
+    m = torch.full((B, Hkv, G, Q), float("-inf"), dtype=f32, device=dev)
+    l = torch.zeros(B, Hkv, G, Q, dtype=f32, device=dev)
     state = [m, l]
-    acc = torch.zeros(B, Hkv, G, Q, D, device=dev)
+    acc = torch.zeros(B, Hkv, G, Q, D, dtype=f32, device=dev)
 
     # agents present in the batch, each rebuilt once per chunk; rows index into them
     agents = view_agents(view, dev)
@@ -141,7 +145,7 @@ def residual_attention_torch(query: torch.Tensor, view, attention_mask, scaling:
     v_res = sh.v_res if agents.v_slot is not None else None
     if v_res is not None:
         v_slot, v_row_valid = agents.v_slot, agents.v_row_valid
-        acc_uv = torch.zeros(B, Hkv, G, Q, v_res.rank, device=dev)
+        acc_uv = torch.zeros(B, Hkv, G, Q, v_res.rank, dtype=f32, device=dev)
 
     C = _chunk_len(B, Hkv, G, Q, D, T)
     for t0 in range(0, T, C):
