@@ -227,7 +227,8 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
         pos = mask_positions(mask2d)[:, -L:]  # as generate's; before, numbered after the pads (found by an audit)
         args, kwargs = replace_ids(args, kwargs, ids, pos)
         changed = (args, kwargs)
-    vocab = getattr(cache.shared.config, "vocab_size", None)
+    config = cache.shared.config  # (a composite config, e.g. Llava's, holds the vocabulary in its text config)
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
     if decode_step:
         if mask2d is not None and mask2d.shape[1] != S + L:
             raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens but must cover {S + L} (cached + new)")

@@ -80,3 +80,18 @@ def test_a_sliding_window_on_the_text_config_is_seen():
         _same(_gen(pm, inputs, ["planner"], shared.fork(["planner"]), max_new_tokens=3, compile_config=cc), exact)
     finally:
         forkkv_hf.disable_forkkv(pm)
+
+
+def test_a_direct_forward_reads_the_vocabulary_of_the_text_config():
+    """A direct forward's token range check read ``vocab_size`` from the top-level config, which a Llava's lacks, so
+    out-of-vocabulary ids reached the embedding (an index error on CPU, a device assert on CUDA; noted by an audit):
+    refused with the id and its place, as for the text model alone."""
+    pm = forkkv_hf.enable_forkkv(_tiny_llava("Llama"))
+    try:
+        cache = ForkKVCache.from_context(pm, CTX[:10], adapter_names=["planner"])
+        ids = torch.tensor([[5, 6, 300]])
+        with pytest.raises(ValueError, match="input_ids holds token id 300 at row 0, column 2"):
+            pm(input_ids=ids, position_ids=torch.arange(10, 13)[None], adapter_names=["planner"],
+               **forkkv_hf.cache_kwargs(cache))
+    finally:
+        forkkv_hf.disable_forkkv(pm)
