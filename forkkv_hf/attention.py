@@ -18,15 +18,20 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .cache import ForkKVView
 from .ops.decode_ops import static_attention
-from .peft.adapter_probe import rows_run_by
-from .peft.lora_factors import BASE_ADAPTER
+from .peft.adapter_probe import rows_mismatch, rows_run_by
 from .ops.dispatch import residual_attention
 
 ATTN_NAME = "forkkv"
 
 
 def check_rows(module: nn.Module, view: ForkKVView) -> None:
-    """Raise if the adapters this forward runs per row are not the agents the cache rows were forked for."""
+    """Raise if the adapters this forward runs per row are not the agents the cache rows were forked for, or if no
+    ForkKV check prepared this forward (the "forkkv" attention selected without ``enable_forkkv``: before, found by
+    an audit, every input check was skipped and rows that do not start with the shared context were served)."""
+    if not view.prepared:
+        raise ValueError("this forward reads a ForkKVCache, but forkkv-hf did not check its inputs (the \"forkkv\" "
+                         "attention was selected without enable_forkkv); call forkkv_hf.enable_forkkv(model) before "
+                         "generating with it")
     for proj_name in ("k_proj", "v_proj", "qkv_proj"):
         proj = getattr(module, proj_name, None)
         if proj is None:
@@ -35,21 +40,15 @@ def check_rows(module: nn.Module, view: ForkKVView) -> None:
         if seen is None:
             continue
         if seen != view.row_adapters:
-            off = ""
-            if all(a == BASE_ADAPTER for a in seen) and any(a != BASE_ADAPTER for a in view.row_adapters):
-                off = (" (are the adapters disabled? PEFT then runs the base model and ignores adapter_names: fork "
-                       "'__base__' rows, or generate with the adapters on)")
-            raise ValueError(
-                f"this forward runs adapters {list(seen)} per row, but the ForkKVCache rows were forked for "
-                f"{list(view.row_adapters)}{off}; pass adapter_names=cache.adapter_names to generate (repeated for "
-                "num_return_sequences, as PEFT requires), or fork the cache with the rows you generate"
-            )
+            raise rows_mismatch(seen, view.row_adapters)
         return  # PEFT passes every LoRA layer of a forward the same names (one projection per layer and step)
 
 
-def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
+def _softcap_attention(query, key, value, attention_mask, scaling, softcap, dropout=0.0, training=False):
     """Soft-capped attention over plain tensors ``[B, H(kv), S, D]`` with the sdpa-style mask this implementation
-    registers (bool, or ``None`` = causal, bottom-right aligned); returns ``[B, Q, H, D]``."""
+    registers (bool, or ``None`` = causal, bottom-right aligned); returns ``[B, Q, H, D]``. Attention dropout
+    ``dropout`` on the probabilities where ``training``, as the eager attention (before, ignored: a training forward
+    got none; found by an audit)."""
     B, H, Q, D = query.shape
     G = H // key.shape[1]
     k = key.repeat_interleave(G, dim=1)
@@ -66,6 +65,7 @@ def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
     else:
         s = s + attention_mask[..., :S]
     p = torch.softmax(s.float(), dim=-1).to(v.dtype)
+    p = nn.functional.dropout(p, p=dropout, training=training)
     return torch.matmul(p, v).transpose(1, 2).contiguous()
 
 
@@ -87,7 +87,8 @@ def forkkv_attention_forward(
                          "its attention)")
     if not isinstance(key, ForkKVView):
         if kwargs.get("softcap") is not None:  # sdpa has no soft-capping (Gemma 2)
-            return _softcap_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None
+            return _softcap_attention(query, key, value, attention_mask, scaling, kwargs["softcap"], dropout,
+                                      module.training), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("ForkKV attention is for inference; call model.eval() (attention dropout is active)")
@@ -112,9 +113,12 @@ def _check_view(module: nn.Module, view: ForkKVView, kwargs) -> None:
             "differs); build a SharedContext with the model you generate with"
         )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window and view.shared_len + view.private_len > window:
+    # a static view's buffers hold its capacity: count the tokens written (before, the capacity was counted, and a
+    # call that fits the window was refused; found by an audit)
+    private = (int(view.length) if getattr(view, "static", False) else view.private_len) if window else 0
+    if window and view.shared_len + private > window:
         raise ValueError(
-            f"layer {module.layer_idx}: the sequence ({view.shared_len} shared + {view.private_len} private tokens) "
+            f"layer {module.layer_idx}: the sequence ({view.shared_len} shared + {private} private tokens) "
             f"outgrew the sliding window of {window}; ForkKV computes full attention, which equals sliding-window "
             "attention only within the window. Generate fewer tokens or use a shorter context."
         )

@@ -23,6 +23,7 @@ from .cache_failures import FailedCalls
 from .context import Residual, SharedContext, SharedLayer, register_fork
 from .guards import check_forward_inputs, check_generate_inputs, embedded_ids
 from .memory_report import MemoryReport
+from .peft.adapter_probe import check_generate_rows, install_kv_probes
 from .peft.lora_factors import BASE_ADAPTER
 
 
@@ -36,7 +37,9 @@ class ForkKVView:
     ``row_adapters``: the agent of each row. ``k_slots``/``v_slots``: the same slots as host tuples (kernels plan
     their work from them without a device sync). ``context_visible``: this forward's mask is known to show every row
     the whole shared context (a 2-D mask the forward checks refused otherwise, or generate's extension of one, or no
-    mask), so the Triton kernels read a mask in the private part only.
+    mask), so the Triton kernels read a mask in the private part only. ``prepared``: :meth:`ForkKVCache.prepare_forward`
+    checked this forward (the attention refuses a view it did not prepare: the "forkkv" attention selected without
+    ``enable_forkkv``, whose hooks run the checks).
     """
 
     shared: SharedLayer
@@ -48,6 +51,7 @@ class ForkKVView:
     k_slots: tuple[int, ...] | None = None
     v_slots: tuple[int, ...] | None = None
     context_visible: bool = False
+    prepared: bool = True
 
     @property
     def batch_size(self) -> int:
@@ -76,6 +80,7 @@ class ForkKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
     context_visible = False  # this forward's ForkKVView.context_visible, set by ForkKVCache.prepare_forward
+    prepared = False  # ForkKVCache.prepare_forward checked this forward (taken by the update of the layer)
 
     def __init__(self, shared: SharedLayer, rows: tuple[str, ...], residual: str = "kv"):
         super().__init__()
@@ -143,7 +148,9 @@ class ForkKVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         view = ForkKVView(self.shared, self.k_rows, self.v_rows, self.keys, self.values, self.rows, self.k_slots,
-                          self.v_slots, self.context_visible)
+                          self.v_slots, self.context_visible, self.prepared)
+        if not torch.compiler.is_compiling():
+            self.prepared = False
         return view, view
 
     def private_length(self) -> int:
@@ -336,10 +343,11 @@ class ForkKVCache(FailedCalls, Cache):
                 f"the model computes K/V in {model_dtype} but this ForkKVCache's shared context holds {base_dtype}; "
                 "build the shared context with the model in the dtype you generate with"
             )
-        src = self.shared.layers[0].source
-        if src is not None and src() is not find_attention_modules(model).get(0):
+        src, attention = self.shared.layers[0].source, find_attention_modules(model)
+        if src is not None and src() is not attention.get(0):
             raise ValueError("this ForkKVCache's shared context was built for another model instance; build a "
                              "SharedContext with the model you generate with")
+        check_generate_rows(model, attention, kwargs.get("adapter_names"), input_ids.shape[0], self.adapter_names)
         self.shared.check_weights(model, list(dict.fromkeys(self.adapter_names)))
         self._weights_checked = True  # this call's prefill forward need not check again
 
@@ -352,8 +360,9 @@ class ForkKVCache(FailedCalls, Cache):
         # the shared kernels skip a 2-D mask (checked below: one hiding context tokens is refused; decode steps extend
         # checked ones); a traced forward checks none (compiled generate steps pass context_visible themselves)
         compiling, mask = torch.compiler.is_compiling(), kwargs.get("attention_mask")
-        for layer in self.layers:
+        for layer in self.layers:  # (prepared: once checked, below; a traced forward checks nothing)
             layer.context_visible = not compiling and (mask is None or torch.is_tensor(mask) and mask.dim() == 2)
+            layer.prepared = compiling
         if compiling:
             ids = kwargs.get("input_ids", args[0] if args else None)
             return None if ids is None else self.record_tokens(ids)
@@ -372,11 +381,14 @@ class ForkKVCache(FailedCalls, Cache):
             self.shared.check_weights(module, list(dict.fromkeys(self.adapter_names)))
         if n is None:  # taken back by the model's forward hook when it returns (forkkv_hf.peft.wrappers)
             self._direct_mark = self.mark()
+            install_kv_probes(module)  # the attention checks the rows its K/V LoRA layers run (added adapters too)
         run_args, run_kwargs = changed or (args, kwargs)
         ids = run_kwargs.get("input_ids", run_args[0] if run_args else None)
         ids = embedded_ids(self, run_kwargs.get("inputs_embeds"), n) if ids is None else ids
         if ids is not None:
             self.record_tokens(ids)
+        for layer in self.layers:
+            layer.prepared = True
         return changed
 
     def __getstate__(self):

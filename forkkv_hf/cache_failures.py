@@ -33,14 +33,18 @@ class FailedCalls:
             self.roll_back(mark)
 
     def mark(self) -> tuple:
-        """What :meth:`roll_back` returns to: the rows and the private length (a ``generate`` call's start)."""
-        return tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
+        """What :meth:`roll_back` returns to: the rows, the private length (a ``generate`` call's start) and, in the
+        dynamic layout, the recorded ``private_ids`` (the static one counts them on the device)."""
+        rows, P = tuple(layer.rows for layer in self.layers), self.layers[0].private_length()
+        return (rows, P) if getattr(self.layers[0], "capacity", None) is not None else (rows, P, self.private_ids)
 
     def roll_back(self, mark: tuple) -> None:
         """Undo what a failed call appended since :meth:`mark`. Where it changed the rows, a cache that held no
         private tokens goes back to its forked rows (generate's expansion for beams or ``num_return_sequences``);
-        one that held tokens is refused at its next use (:meth:`check_whole`)."""
-        rows, P = mark
+        one that held tokens is refused at its next use (:meth:`check_whole`). The recorded ``private_ids`` go back
+        to the mark's: a refused forward of another batch size had replaced them, not only appended (before, found
+        by an audit, the next continuation of the cache's own rows was refused as not continuing them)."""
+        rows, P, *ids = mark
         if rows != tuple(l.rows for l in self.layers):
             self.reset() if P == 0 else setattr(self, "_rows_changed_by_failure", True)
             return
@@ -52,5 +56,7 @@ class FailedCalls:
         for layer in self.layers:
             if layer.is_initialized and layer.private_length() > P:
                 layer.keys, layer.values = layer.keys[..., :P, :], layer.values[..., :P, :]
-        if self.private_ids is not None and self.private_ids.shape[1] > P:
+        if ids:  # (the dynamic layout's ids are never written in place: the mark's tensor is as it was)
+            self.private_ids = ids[0]
+        elif self.private_ids is not None and self.private_ids.shape[1] > P:
             self.private_ids = self.private_ids[:, :P]

@@ -445,7 +445,7 @@ def test_peft_paths_that_do_not_compile(caplog):
         assert type(cache) is ForkKVCache
         cache = ForkKVCache.from_context(pm, ctx, adapter_names=["planner"])
         with pytest.raises(ValueError, match="DoRA"):  # PEFT refuses DoRA in mixed batches; ForkKV does not compile
-            _gen(pm, inputs, ["dora"], ForkKVCache.from_context(pm, ctx, adapter_names=["__base__"]),
+            _gen(pm, inputs, ["dora"], ForkKVCache.from_context(pm, ctx, adapter_names=["dora"]),
                  compile_config=_compile_config())
     reasons = " | ".join(r.getMessage() for r in caplog.records)
     assert "no adapter_names" in reasons and "cannot be batched" in reasons, reasons

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from peft import LoraConfig
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs, cache_kwargs
@@ -246,3 +247,89 @@ def test_a_model_saved_with_the_previous_token_recorder_is_upgraded():
     assert cache.get_seq_length() == 14
     forkkv_hf.disable_forkkv(pm)
     assert len(base._forward_pre_hooks) == 0 and len(base._forward_hooks) == 0
+
+
+KV_LAST = {"target_modules": ["k_proj", "v_proj"], "layers_to_transform": [1]}  # ForkKV is exact for these
+
+
+def _q_and_kv_agents(with_b=True):
+    """``a``: LoRA on q_proj only (no K/V LoRA layer); ``b``: K/V LoRA on the last layer (ForkKV exact)."""
+    specs = {"a": {"target_modules": ["q_proj"]}, **({"b": {"r": 2, **KV_LAST}} if with_b else {})}
+    return forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=4), specs, seed=4))
+
+
+@parametrize("case", ["adapter_added_after_the_build", "pickled_context", "adapters_disabled"])
+def test_rows_are_checked_on_a_model_that_never_built(case):
+    """The rows a call runs are compared with the cache's on every model: before (found by an audit), only a build
+    installed the probes the attention reads, so on a model instance given a pickled context, or for an adapter
+    added after the build (its K/V LoRA layers new), ``generate(adapter_names=...)`` other than the fork's rows, and a
+    generate inside ``with pm.disable_adapter()``, were served (0.5-0.7 off, silently). Now a generate is refused
+    before it runs and a direct forward by the attention; the fork's own rows are still served."""
+    ctx = _context(12)
+    inputs = batch_inputs(ctx, _prompts([3]), pad_token_id=0)
+    new = inputs["input_ids"][:, ctx.numel():]
+    pm = _q_and_kv_agents(with_b=case != "adapter_added_after_the_build")
+    shared = SharedContext.build(pm, ctx, ["b" if case == "adapters_disabled" else "a"], progress=False)
+    if case == "adapter_added_after_the_build":
+        pm.add_adapter("b", LoraConfig(r=2, lora_alpha=8, init_lora_weights=False, **KV_LAST))
+        pm.eval()
+    else:
+        buf = io.BytesIO()
+        torch.save(shared, buf)
+        buf.seek(0)
+        pm, shared = _q_and_kv_agents(), torch.load(buf, weights_only=False)
+    if case == "adapters_disabled":
+        with pm.disable_adapter():  # (the direct forward first: a refused generate installs the probes too)
+            with pytest.raises(ValueError, match="are the adapters disabled"), torch.no_grad():
+                pm(input_ids=new, adapter_names=["b"], **cache_kwargs(shared.fork(["b"])))
+            with pytest.raises(ValueError, match=r"runs adapters \['__base__'\].*are the adapters disabled"):
+                _gen(pm, inputs, ["b"], shared.fork(["b"]))
+        return
+    with pytest.raises(ValueError, match=r"runs adapters \['b'\] per row.*forked for \['a'\]"), torch.no_grad():
+        pm(input_ids=new, adapter_names=["b"], **cache_kwargs(shared.fork(["a"])))
+    with pytest.raises(ValueError, match=r"this generate runs adapters \['b'\] per row, but the ForkKVCache rows "
+                                         r"were forked for \['a'\]"):
+        _gen(pm, inputs, ["b"], shared.fork(["a"]))
+    _assert_same(_gen(pm, inputs, ["a"], shared.fork(["a"])),
+                 _gen(pm, inputs, ["a"], SharedContext.build(pm, ctx, ["a"], progress=False).fork(["a"])))
+
+
+def test_forkkv_enabled_before_get_peft_model():
+    """``enable_forkkv`` on the transformers model, then ``get_peft_model``: its generate wrapper took PEFT's
+    ``adapter_names`` hooks of the running ``PeftModel.generate`` for stale ones and removed them (found by an
+    audit): every row ran the active adapter (a ``__base__`` row 0.8 off, silently), and a ForkKV generate with the
+    fork's rows was refused. Now mixed rows equal plain PEFT, with a ForkKV cache too (exact: K/V LoRA on the last
+    layer); enabling on the PeftModel afterwards binds the inner generate's wrapper to it (its checks run once)."""
+    from models import plain_peft
+
+    pm = with_adapters(forkkv_hf.enable_forkkv(tiny_llama(layers=2, seed=4)), {"a": {"r": 4, **KV_LAST}}, seed=4)
+    ref = with_adapters(tiny_llama(layers=2, seed=4), {"a": {"r": 4, **KV_LAST}}, seed=4)
+    rows, ctx, prompts = ["a", "__base__"], _context(12), _prompts([3, 3])
+    plain = {"input_ids": torch.stack([torch.cat([ctx, p]) for p in prompts])}
+    plain["attention_mask"] = torch.ones_like(plain["input_ids"])
+    _assert_same(_gen(pm, plain, rows), _gen(ref, plain, rows))
+    cache = SharedContext.build(pm, ctx, ["a"], progress=False).fork(rows)
+    got = _gen(pm, batch_inputs(ctx, prompts, pad_token_id=0), rows, cache)
+    _assert_same(got, _gen(ref, plain, rows))
+    forkkv_hf.enable_forkkv(pm)
+    assert pm.get_base_model().generate.model is pm
+    _assert_same(_gen(pm, plain, rows), plain_peft(pm, lambda: _gen(pm, plain, rows)))
+
+
+def test_a_forward_refused_for_its_batch_size_keeps_the_recorded_tokens():
+    """A direct forward of 3 rows on a cache of 2 is refused at its first layer, after the cache recorded its tokens:
+    the roll back trimmed the record but kept the refused rows' (found by an audit), so the next continuation of the
+    cache's own 2 rows was refused as not continuing them. The mark keeps the record now: it continues as a cache
+    that never saw the refused forward."""
+    pm, ctx, shared, inputs = _built([3, 3])
+    cache, twin = shared.fork(NAMES), shared.fork(NAMES)
+    out = _gen(pm, inputs, NAMES, cache, max_new_tokens=3)
+    _gen(pm, inputs, NAMES, twin, max_new_tokens=3)
+    S = cache.get_seq_length()
+    with pytest.raises(ValueError, match="the batch has 3 rows but this ForkKVCache holds 2"), torch.no_grad():
+        pm(input_ids=torch.full((3, 1), 7), attention_mask=torch.ones(3, S + 1, dtype=torch.long),
+           position_ids=torch.full((3, 1), S), adapter_names=NAMES + ["coder"], **cache_kwargs(cache))
+    more = torch.cat([out.sequences, torch.tensor([[5, 6], [7, 8]])], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1)
+    more = {"input_ids": more, "attention_mask": mask}
+    _assert_same(_gen(pm, more, NAMES, cache), _gen(pm, more, NAMES, twin))

@@ -614,3 +614,22 @@ def test_image_tokens_belong_in_the_prompts():
     assert torch.equal(got, plain_peft(pm, lambda: _gen(pm, inputs, names, pixel_values=pixels)))
     with pytest.raises(ValueError, match="the context holds image placeholder tokens \\(image_token_id=299\\)"):
         SharedContext.build(pm, torch.cat([ctx[:4], torch.tensor(image), ctx[4:]]), names[:1], progress=False)
+
+
+def test_the_forkkv_attention_without_enable_forkkv_is_refused():
+    """The "forkkv" attention selected by hand (``register_forkkv()`` and the model's own
+    ``set_attn_implementation("forkkv")``, or ``attn_implementation="forkkv"``) without ``enable_forkkv``: none of
+    its hooks ran, so every input check was skipped (found by an audit: rows that do not start with the shared
+    context were served, silently). Generate and direct forwards are refused now, saying to call enable_forkkv."""
+    forkkv_hf.register_forkkv()
+    model = tiny_llama(layers=3, seed=7)
+    model.set_attn_implementation("forkkv")
+    pm = with_adapters(model, {"planner": dict(r=4, **KV_LAST), "coder": dict(r=2, **KV_LAST)}, seed=7)
+    names, ctx = ["planner", "coder"], _ctx()
+    shared = SharedContext.build(pm, ctx, names, progress=False)
+    other = batch_inputs(_ctx(seed=99), [torch.tensor([4, 5, 6]), torch.tensor([7])], pad_token_id=0)
+    refused = r"selected without enable_forkkv\); call forkkv_hf.enable_forkkv\(model\)"
+    with pytest.raises(ValueError, match=refused):
+        _gen(pm, other, names, shared.fork(names))
+    with pytest.raises(ValueError, match=refused), torch.no_grad():
+        pm(input_ids=torch.tensor([[4, 5], [6, 7]]), adapter_names=names, **cache_kwargs(shared.fork(names)))

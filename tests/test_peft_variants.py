@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 import forkkv_hf
 from forkkv_hf import ForkKVCache, SharedContext, StaleContextError, batch_inputs, cache_kwargs
+from cases import parametrize
 from models import plain_peft, semantic_reference_cache, tiny_llama, with_adapters
 from test_generate import ALL, _context, _gen, _prompts
 
@@ -142,3 +143,51 @@ def test_a_peft_mixed_model_is_refused_by_name():
         forkkv_hf.enable_forkkv(pmix)
     with pytest.raises(ValueError, match="a PeftMixedModel .* is not supported"):
         SharedContext.build(pmix, _context(8), ["a"], progress=False)
+
+
+@parametrize("kind", ["prompt_tuning", "prefix_tuning", "loha", "ia3"])
+def test_non_lora_adapters_are_refused(kind):
+    """A PeftModel of another PEFT type: only the adapter names passed to a call were type-checked (found by an
+    audit), so forked as ``__base__`` rows without adapter_names it was served: prompt tuning's virtual tokens
+    dropped (0.7 off its own run), LoHa and IA3 over the prompts but not the shared context. Refused at enable and
+    build now (and by the generate checks, which find the attention the same way)."""
+    from peft import IA3Config, LoHaConfig, PrefixTuningConfig, PromptTuningConfig
+
+    config = {"prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+              "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+              "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "o_proj"]),
+              "ia3": lambda: IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])}[kind]()
+    pm = get_peft_model(tiny_llama(), config, adapter_name="h").eval()
+    refused = r"non-LoRA adapters \('h': .*\); ForkKV supports LoRA adapters only"
+    with pytest.raises(ValueError, match=refused):
+        forkkv_hf.enable_forkkv(pm)
+    with pytest.raises(ValueError, match=refused):
+        SharedContext.build(pm, _context(8), ["__base__"], progress=False)
+
+
+def test_an_unrelated_adapter_with_trainable_tokens_leaves_the_context_fresh():
+    """An adapter with ``trainable_token_indices`` added after a build wraps the embedding: its weight's name gained
+    ``.token_adapter`` (found by an audit), so every generate on the context was refused as stale (and a store
+    recomputed its contexts). The name is PEFT's wrapping undone now: served, and equal to the agent's own run."""
+    kv_last = {"target_modules": ["k_proj", "v_proj"], "layers_to_transform": [2]}
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=3, seed=7), {"a": {"r": 4, **kv_last}}, seed=7))
+    ctx, prompt = _context(12), _prompts([3])[0]
+    shared = SharedContext.build(pm, ctx, ["a"], progress=False)
+    pm.add_adapter("tt", LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [5, 6]}))
+    pm.eval()
+    got = _gen(pm, batch_inputs(ctx, [prompt], pad_token_id=0), ["a"], shared.fork(["a"]))
+    row = torch.cat([ctx, prompt])[None]
+    want = plain_peft(pm, lambda: _gen(pm, {"input_ids": row, "attention_mask": torch.ones_like(row)}, ["a"]))
+    assert torch.equal(got.sequences, want.sequences) and _scores_diff(got, want) < 1e-4
+
+
+def test_adapters_of_transformers_own_peft_integration_are_refused_at_build():
+    """Adapters loaded by ``model.add_adapter`` on a transformers model (its own PEFT integration, no PeftModel)
+    were accepted at build (found by an audit), then every generate refused as stale ("deleted and added again").
+    The build refuses them now, saying to load them with peft."""
+    model = tiny_llama()
+    model.add_adapter(LoraConfig(r=4, target_modules=["k_proj", "v_proj"], init_lora_weights=False), adapter_name="h")
+    model.disable_adapters()
+    with pytest.raises(ValueError, match=r"\['h'\] requested but LlamaForCausalLM is not a PeftModel.*transformers' "
+                                         r"own PEFT integration.*get_peft_model"):
+        SharedContext.build(model, _context(8), ["h"], progress=False)

@@ -19,8 +19,10 @@ def is_adapter_name(name: str) -> bool:
 
 
 def base_name(name: str) -> str:
-    """A base weight's name whether or not PEFT wrapped its module (adding an adapter must not change it)."""
-    return name.replace(".base_layer", "").replace(".original_module", "")
+    """A base weight's name whether or not PEFT wrapped its module (adding an adapter must not change it): LoRA's
+    ``base_layer``, ``modules_to_save``'s ``original_module`` and trainable tokens' ``token_adapter`` (before, found
+    by an audit, adding an adapter with ``trainable_token_indices`` renamed the embedding: a false stale refusal)."""
+    return name.replace(".base_layer", "").replace(".original_module", "").replace(".token_adapter", "")
 
 
 def base_modules(model: nn.Module):

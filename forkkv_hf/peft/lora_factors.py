@@ -162,9 +162,7 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """Map ``layer_idx`` to the self-attention module of each decoder layer (separate ``k_proj``/``v_proj``, or a
     fused ``qkv_proj`` as in Phi-3). Refuses models ForkKV does not support (encoder-decoder, fused ``c_attn`` or
     ``query_key_value``, no RoPE) with an error that says which models it supports."""
-    if type(model).__name__ == "PeftMixedModel":  # (taken for a plain model, then refused as "not the PeftModel")
-        raise ValueError("a PeftMixedModel (adapters of several PEFT types) is not supported; ForkKV serves the LoRA "
-                         "adapters of a PeftModel: load them with get_peft_model / PeftModel.from_pretrained")
+    refuse_other_peft_types(model)
     found: dict[int, nn.Module] = {}
     base = transformers_model(model)
     if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
@@ -244,6 +242,27 @@ def lora_layer_of(proj: nn.Module, where: str):
     return None
 
 
+def refuse_other_peft_types(model: nn.Module) -> None:
+    """Refuse a ``PeftMixedModel``, and a ``PeftModel`` holding adapters of other PEFT types than LoRA (prompt or
+    prefix tuning, LoHa, IA3, ...): before (found by an audit), only the names passed to a call were checked, so an
+    active one ran beside ForkKV, silently (prompt tuning's virtual tokens dropped, LoHa over the prompts only)."""
+    if type(model).__name__ == "PeftMixedModel":  # (taken for a plain model, then refused as "not the PeftModel")
+        raise ValueError("a PeftMixedModel (adapters of several PEFT types) is not supported; ForkKV serves the LoRA "
+                         "adapters of a PeftModel: load them with get_peft_model / PeftModel.from_pretrained")
+    if not is_peft_model(model):
+        return
+    from peft import PeftType
+
+    other = {n: str(getattr(c.peft_type, "value", c.peft_type)) for n, c in model.peft_config.items()
+             if c.peft_type != PeftType.LORA}
+    if other:
+        raise ValueError(
+            f"this PeftModel holds non-LoRA adapters ({', '.join(f'{n!r}: {t}' for n, t in other.items())}); ForkKV "
+            "supports LoRA adapters only (their K/V are the base model's plus a low-rank residual; other tuners "
+            "change the context's K/V in ways one shared base pass does not carry). Serve LoRA agents on a "
+            "PeftModel without them (peft_model.delete_adapter(name)), and the others with plain PEFT.")
+
+
 def check_adapter_names(model: nn.Module, names) -> list[str]:
     """Validate adapter names against the model; returns them as a list. ``"__base__"`` is always allowed."""
     if isinstance(names, str):
@@ -253,6 +272,14 @@ def check_adapter_names(model: nn.Module, names) -> list[str]:
         if not isinstance(n, str):
             raise TypeError(f"adapter names must be strings, got {n!r} ({type(n).__name__})")
     known = available_adapters(model)
+    named = sorted({n for n in names if n != BASE_ADAPTER})
+    if named and not is_peft_model(model):  # (transformers' own PEFT integration: accepted, then refused as stale)
+        refuse_other_peft_types(model)  # (a PeftMixedModel by name)
+        raise ValueError(
+            f"adapter(s) {named} requested but {type(model).__name__} is not a PeftModel; only \"{BASE_ADAPTER}\" rows "
+            "are possible on it (adapters loaded through transformers' own PEFT integration, model.add_adapter / "
+            "load_adapter, are not served). Load the adapters with peft: get_peft_model(model, config, "
+            "adapter_name=...) or PeftModel.from_pretrained(model, path, adapter_name=...).")
     if BASE_ADAPTER in known:
         raise ValueError(
             f'this model has an adapter named "{BASE_ADAPTER}", the name ForkKV (as PEFT\'s adapter_names) gives rows '
@@ -260,22 +287,11 @@ def check_adapter_names(model: nn.Module, names) -> list[str]:
         )
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
     if unknown:
-        if not is_peft_model(model):
-            raise ValueError(
-                f"adapter(s) {unknown} requested but {type(model).__name__} is not a PeftModel; "
-                f'only "{BASE_ADAPTER}" rows are possible. Load the adapters with peft first.'
-            )
         raise ValueError(
             f"unknown adapter(s) {unknown}; this model has {known} (and \"{BASE_ADAPTER}\" for the base model). "
             "Load them with peft_model.load_adapter(path, adapter_name=...) first."
         )
-    if is_peft_model(model):
-        from peft import PeftType
-
-        for n in set(names) - {BASE_ADAPTER}:
-            peft_type = model.peft_config[n].peft_type
-            if peft_type != PeftType.LORA:
-                raise ValueError(f"adapter {n!r} is a {peft_type} adapter; ForkKV supports LoRA adapters only")
+    refuse_other_peft_types(model)
     return names
 
 

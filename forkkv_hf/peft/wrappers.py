@@ -29,6 +29,7 @@ from torch import nn
 from ..guards import generate_cache
 from ..model_lock import model_call
 from .calls import new_call
+from .lora_factors import is_peft_model
 
 #: run before every ``generate`` of a model that has batched LoRA enabled: ``fn(model)``
 #: (:mod:`forkkv_hf.peft.batched_lora` registers the patching of new LoRA layers)
@@ -71,7 +72,11 @@ class _Wrapper:
             return self.__wrapped__(*args, **kwargs)  # eager call around the trace holds the lock
         with model_call(self.model) as outer:
             if self.kind == "generate":
-                if outer == 0:  # PEFT's adapter_names hooks of no running call: a copy made mid-call carries them
+                # PEFT's adapter_names hooks of no running call (a copy made mid-call carries them). Only a PeftModel's
+                # own generate is sure to run before PEFT's: a transformers model's runs inside the generate of a
+                # PeftModel around it, whose hooks for this very call these are (before, found by an audit, ForkKV
+                # enabled on the model before get_peft_model removed them: every row ran the active adapter)
+                if outer == 0 and is_peft_model(self.model):
                     remove_stale_peft_hooks(self.model)
                 return _generate(self.target, self.model, self.__wrapped__, args, kwargs)
             if self.kind == "save_pretrained":
@@ -103,8 +108,11 @@ def install_generate(target: nn.Module, model: nn.Module) -> None:
     hooks run against ``model`` once per call, the inner wrapper passing a call of the outer one straight through
     (before, a generate of the inner model skipped every check: a used cache served new prompts, stale residuals
     served)."""
-    if not getattr(target.__dict__.get("generate"), "_forkkv_wrapper", False):
+    installed = target.__dict__.get("generate")
+    if not getattr(installed, "_forkkv_wrapper", False):
         target.generate = _Wrapper("generate", model, target, target.generate)
+    elif installed.model is not model and is_peft_model(model):  # ForkKV was enabled on the transformers model first:
+        target.generate = _Wrapper("generate", model, target, installed.__wrapped__)  # the PeftModel's checks, once
 
 
 def _generate(target: nn.Module, model: nn.Module, inner, args: tuple, kwargs: dict):
