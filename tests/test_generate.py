@@ -146,20 +146,31 @@ def test_repetition_penalty_of_a_padded_row_is_its_own_run(last_layer_agents, op
     transformers' own left-padded batch does (a finding of the audit, left then; now the pads read as the row's first
     token, penalised anyway)."""
     pm = last_layer_agents
-    ctx = _context(20)
-    names = ["planner", "coder", "__base__"]
-    prompts = _prompts([5, 1, 4])
-    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
-    L = inputs["input_ids"].shape[1]
+    ctx, names, prompts, inputs, L = _three_padded_rows()
     out = _gen(pm, inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names), **options)
+    _assert_own_runs(pm, out, L, ctx, prompts, names, lambda rows, name: _gen(pm, rows, [name], **options),
+                     beams="num_beams" in options)
+
+
+def _three_padded_rows():
+    """``(ctx, names, prompts, inputs, L)``: a 20-token context, rows of two agents and ``__base__`` with prompts of 5,
+    1 and 4 tokens (the shorter ones padded between context and prompt), ``L`` the batch's width."""
+    ctx, names, prompts = _context(20), ["planner", "coder", "__base__"], _prompts([5, 1, 4])
+    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
+    return ctx, names, prompts, inputs, inputs["input_ids"].shape[1]
+
+
+def _assert_own_runs(pm, out, L, ctx, prompts, names, run, beams=False):
+    """Each row of ``out`` (generated after ``L`` columns) equals its agent's own, unpadded run ``run(rows, name)``
+    with ForkKV off: its tokens, and its scores where no beams reorder them."""
     forkkv_hf.disable_forkkv(pm)
     try:
         for row, (name, prompt) in enumerate(zip(names, prompts)):
             ids = torch.cat([ctx, prompt])[None]
-            own = _gen(pm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [name], **options)
+            own = run({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, name)
             n = own.sequences.shape[1] - ids.shape[1]
             assert torch.equal(out.sequences[row, L:L + n], own.sequences[0, ids.shape[1]:]), (row, out.sequences)
-            for step, score in enumerate(own.scores if "num_beams" not in options else ()):  # (beams: per beam)
+            for step, score in enumerate(own.scores if not beams else ()):  # (beams: per beam)
                 torch.testing.assert_close(out.scores[step][row], score[0], rtol=1e-4, atol=1e-4)
     finally:
         forkkv_hf.enable_forkkv(pm)
@@ -194,11 +205,7 @@ def test_encoder_processors_of_a_padded_row_are_its_own_run(last_layer_agents, o
         pytest.skip("this transformers' (5.17's) encoder_repetition_penalty acts on the first hypotheses only (an "
                     "agent's own beam run penalises its first beam), which no batch of several rows can equal")
     pm = last_layer_agents
-    ctx = _context(20)
-    names = ["planner", "coder", "__base__"]
-    prompts = _prompts([5, 1, 4])
-    inputs = batch_inputs(ctx, prompts, pad_token_id=0)
-    L = inputs["input_ids"].shape[1]
+    ctx, names, prompts, inputs, L = _three_padded_rows()
 
     def run(rows, names, cache=None):
         if "encoder_no_repeat_ngram_size" not in options:
@@ -208,17 +215,8 @@ def test_encoder_processors_of_a_padded_row_are_its_own_run(last_layer_agents, o
                     sequence_bias={(int(prompts[1][0]),): 30.0}, **options)
 
     out = run(inputs, names, ForkKVCache.from_context(pm, ctx, adapter_names=names))
-    forkkv_hf.disable_forkkv(pm)
-    try:
-        for row, (name, prompt) in enumerate(zip(names, prompts)):
-            ids = torch.cat([ctx, prompt])[None]
-            own = run({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [name])
-            n = own.sequences.shape[1] - ids.shape[1]
-            assert torch.equal(out.sequences[row, L:L + n], own.sequences[0, ids.shape[1]:]), (row, out.sequences)
-            for step, score in enumerate(own.scores if "num_beams" not in options else ()):  # (beams: per beam)
-                torch.testing.assert_close(out.scores[step][row], score[0], rtol=1e-4, atol=1e-4)
-    finally:
-        forkkv_hf.enable_forkkv(pm)
+    _assert_own_runs(pm, out, L, ctx, prompts, names, lambda rows, name: run(rows, [name]),
+                     beams="num_beams" in options)
 
 
 def test_a_direct_forward_numbers_a_padded_row_by_its_mask(last_layer_agents):
