@@ -123,7 +123,8 @@ def check_generate_inputs(cache, model, input_ids, kwargs: dict) -> None:
             " rows; generate each row with its own fork (shared.fork([name])) or drop assistant_model / "
             "prompt_lookup_num_tokens / assistant_early_exit"
         )
-    if assisted and generation_setting(model, kwargs, "output_hidden_states", False):  # (failed inside generate)
+    if assisted and generation_setting(model, kwargs, "output_hidden_states", False) and generation_setting(
+            model, kwargs, "return_dict_in_generate", False):  # (failed inside generate, which collects them then)
         raise ValueError(
             "output_hidden_states=True with assisted, prompt-lookup or early-exit decoding and a ForkKVCache: "
             "transformers splits the first step's hidden states along the whole rows, which the cache cuts to the "
@@ -206,7 +207,7 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor):
         if isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
-            _check_forward_embeds(cache, module, kwargs, decode_step)
+            return _check_forward_embeds(cache, module, args, kwargs, decode_step)
         return None
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
     B, T = ids.shape[0], cache.num_shared_tokens
@@ -264,10 +265,11 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
     return changed
 
 
-def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> None:
+def _check_forward_embeds(cache, module, args: tuple, kwargs: dict, decode_step: bool):
     """:func:`check_forward_inputs` for a forward given ``inputs_embeds`` (the new tokens only: embeddings cannot be
     cut to them as whole rows of ids are): the mask's and positions' shapes; then, outside ``generate``'s decode
-    steps, no context column hidden, no new token placed inside the context, no whole rows."""
+    steps, no context column hidden, no new token placed inside the context, no whole rows; positions from a padded
+    mask where none are given, as for ids (returns ``(args, kwargs)`` then, else ``None``)."""
     embeds, mask, pos = kwargs["inputs_embeds"], kwargs.get("attention_mask"), kwargs.get("position_ids")
     B, L = embeds.shape[:2]
     T = cache.num_shared_tokens
@@ -280,9 +282,13 @@ def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> Non
         raise ValueError(f"position_ids must be [{B}, {L}] (one position per new embedding; M-RoPE's [sections, {B}, "
                          f"{L}]), got {tuple(pos.shape)}")
     if decode_step:
-        return
+        return None
     if mask2d is not None:
         check_context_mask(mask2d, T, S + L, "attention_mask")
+    changed = None
+    if pos is None and len(args) == 0 and padded(mask2d, S + L) and takes_positions(module):
+        pos = mask_positions(mask2d)[:, -L:]  # as for ids (before, numbered after the pads: found by an audit)
+        changed = (args, {**kwargs, "position_ids": pos})
     if pos is not None:
         inside = pos < T
         pad = padding_of(mask, S, L)
@@ -296,6 +302,7 @@ def _check_forward_embeds(cache, module, kwargs: dict, decode_step: bool) -> Non
                          " the cache holds)")
     if cache.layers[0].private_length() == 0:
         check_rope_for_prefill(cache, module, int(pos.max()) + 1 if pos is not None else S + L)
+    return changed
 
 
 def embedded_ids(cache, embeds, forwards) -> torch.Tensor | None:

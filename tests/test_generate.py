@@ -222,7 +222,8 @@ def test_encoder_processors_of_a_padded_row_are_its_own_run(last_layer_agents, o
 def test_a_direct_forward_numbers_a_padded_row_by_its_mask(last_layer_agents):
     """A direct forward of ``batch_inputs``' rows with their whole rows' mask but no ``position_ids`` numbered a padded
     row's prompt after its pads (0.05 off its own run, silently; an audit's finding): the positions now come from the
-    mask, as generate's, for the new tokens and for whole rows cut to them. Each row's logits equal its own run's."""
+    mask, as generate's, for the new tokens, for whole rows cut to them and for the new tokens' embeddings (those
+    were still numbered after the pads: a second audit's finding). Each row's logits equal its own run's."""
     pm = last_layer_agents
     ctx = _context(16, seed=7)
     names = ["planner", "coder"]
@@ -233,6 +234,8 @@ def test_a_direct_forward_numbers_a_padded_row_by_its_mask(last_layer_agents):
     with torch.no_grad():
         new = pm(input_ids=ids[:, 16:], attention_mask=mask, adapter_names=names, **cache_kwargs(shared.fork(names)))
         last = pm(**inputs, adapter_names=names, logits_to_keep=1, **cache_kwargs(shared.fork(names)))
+        embeds = pm(inputs_embeds=pm.get_base_model().get_input_embeddings()(ids[:, 16:]), attention_mask=mask,
+                    adapter_names=names, **cache_kwargs(shared.fork(names)))
         forkkv_hf.disable_forkkv(pm)
         try:
             for row, (name, prompt) in enumerate(zip(names, prompts)):
@@ -240,6 +243,7 @@ def test_a_direct_forward_numbers_a_padded_row_by_its_mask(last_layer_agents):
                 own = pm(input_ids=torch.cat([ctx, prompt])[None]).logits[0, 16:]
                 torch.testing.assert_close(new.logits[row, -len(prompt):], own, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(last.logits[row, -1], own[-1], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(embeds.logits[row, -len(prompt):], own, rtol=1e-4, atol=1e-4)
         finally:
             forkkv_hf.enable_forkkv(pm)
 

@@ -89,6 +89,9 @@ def test_assisted_decoding_with_hidden_states_refused(agents, draft):
         _gen(agents, batch_inputs(ctx, [ctx[:5]]), ["planner"], cache, output_hidden_states=True,
              return_dict_in_generate=True, **draft)
     assert cache.get_seq_length() == 15
+    # without return_dict_in_generate transformers collects none (it warns): runs as plain PEFT does (it was refused,
+    # a second audit's finding)
+    _gen(agents, batch_inputs(ctx, [ctx[:5]]), ["planner"], cache, output_hidden_states=True, **draft)
 
 
 def test_new_tokens_that_begin_with_the_context_are_not_taken_for_whole_rows(agents):
