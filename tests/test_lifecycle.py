@@ -294,6 +294,33 @@ def test_rows_are_checked_on_a_model_that_never_built(case):
                  _gen(pm, inputs, ["a"], SharedContext.build(pm, ctx, ["a"], progress=False).fork(["a"])))
 
 
+def test_rows_of_models_without_k_v_lora_read_any_tuner_layer():
+    """Where no adapter has LoRA on K/V, the rows a generate runs were read from the active adapter alone (a second
+    audit's findings on the first rows check): ``__base__`` rows inside ``with pm.disable_adapter():`` were refused,
+    and an adapter of transformers' own PEFT integration, disabled while its context was built, then enabled, ran
+    on a ``__base__`` fork, silently (0.7 off). Any tuner layer tells now: the first served as the base model runs,
+    the second refused."""
+    ctx = _context(12)
+    inputs = batch_inputs(ctx, _prompts([3, 2]), pad_token_id=0)
+    pm = forkkv_hf.enable_forkkv(with_adapters(tiny_llama(layers=2, seed=3), {"qo": {"r": 4, "target_modules": [
+        "q_proj", "o_proj"]}}, seed=3))
+    cache = ForkKVCache.from_context(pm, ctx, adapter_names=["__base__"] * 2)
+    with pm.disable_adapter():
+        got = pm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    base = forkkv_hf.enable_forkkv(tiny_llama(layers=2, seed=3))
+    want = base.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         **cache_kwargs(ForkKVCache.from_context(base, ctx, adapter_names=["__base__"] * 2)))
+    assert torch.equal(got, want)
+    model = tiny_llama(layers=2, seed=3)
+    model.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    forkkv_hf.enable_forkkv(model)
+    model.disable_adapters()
+    cache = ForkKVCache.from_context(model, ctx, adapter_names=["__base__"] * 2)
+    model.enable_adapters()
+    with pytest.raises(ValueError, match=r"runs adapters \['default', 'default'\] per row.*forked for \['__base__'"):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+
+
 def test_forkkv_enabled_before_get_peft_model():
     """``enable_forkkv`` on the transformers model, then ``get_peft_model``: its generate wrapper took PEFT's
     ``adapter_names`` hooks of the running ``PeftModel.generate`` for stale ones and removed them (found by an

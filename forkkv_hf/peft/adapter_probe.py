@@ -98,17 +98,28 @@ def _peft_call_names(layer: nn.Module):
     return names
 
 
+def _first_tuner_layer(model: nn.Module) -> list:
+    """``[the first PEFT tuner layer of model]``, or ``[]``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return next(([m] for m in model.modules() if isinstance(m, BaseTunerLayer)), [])
+
+
 def _rows_a_call_runs(model: nn.Module, kv_layers: list, adapter_names, batch: int) -> tuple[str, ...] | None:
     """The adapter each row of a ``generate`` of ``model`` runs on its K/V projections (``None``: unknown)."""
     if adapter_names is None:
         adapter_names = next((n for n in map(_peft_call_names, kv_layers) if n is not None), None)
     n = batch if adapter_names is None else len(adapter_names)
-    if any(getattr(layer, "disable_adapters", False) for layer in kv_layers):
+    # no K/V LoRA layer: any tuner layer tells (disabled: with pm.disable_adapter(), whose __base__ rows were refused
+    # when no adapter had K/V LoRA; enabled on a model of transformers' own PEFT integration: its rows ran an adapter
+    # on a __base__ fork, silently; both found by a second audit)
+    layers = kv_layers or _first_tuner_layer(model)
+    if any(getattr(layer, "disable_adapters", False) for layer in layers):
         return (BASE_ADAPTER,) * n  # PEFT runs the base layer whatever the names (with pm.disable_adapter(): ...)
     if adapter_names is not None:
         return tuple(adapter_names)
-    if kv_layers:
-        active = list(getattr(kv_layers[0], "active_adapters", []))
+    if layers:
+        active = list(getattr(layers[0], "active_adapters", []))
     elif is_peft_model(model):
         active = list(model.active_adapters)
     else:
