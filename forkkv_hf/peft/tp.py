@@ -175,7 +175,8 @@ def ordered_mixed_batch_forward(layer, x: torch.Tensor, *args, adapter_names, **
     partial ``u`` with the others' (silently wrong, or gloo aborting on a size mismatch). Now the adapters run in
     sorted order, one sum across the ranks each: plain LoRA on this rank's factors (:func:`layer_factor`; also when
     PEFT left them whole), LoRA variants and forwards that need gradients through PEFT's own modules and variant code
-    (their tensor-parallel hooks and autograd), as PEFT calls them."""
+    (their tensor-parallel hooks and autograd), as PEFT calls them. A forward that needs gradients fails in autograd
+    here (the sharded base output is a view it forbids writing in place), as PEFT's own loop does: not served."""
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     variant_kwargs = {k: kwargs.pop(k, None) for k in VARIANT_KWARG_KEYS}
