@@ -10,6 +10,7 @@ from torch import nn
 from .attention import ATTN_NAME, register_forkkv
 from .model_lock import model_lock
 from .peft import wrappers
+from .peft.adapter_probe import remove_adapter_probes
 from .peft.batched_lora import disable_batched_lora, enable_batched_lora
 from .peft.lora_factors import find_attention_modules, transformers_model
 from .peft.tp import tp_world
@@ -98,6 +99,7 @@ def _disable(model: nn.Module) -> nn.Module:
     if model is not base:
         disable_batched_lora(model)
     wrappers.uninstall_token_recorder(base)
+    remove_adapter_probes(model)
     wrappers.uninstall_if_unused(model)
     free_static_buffers(base)
     if model is not base and getattr(base.__dict__.get("generate"), "_forkkv_wrapper", False):

@@ -294,6 +294,25 @@ def test_rows_are_checked_on_a_model_that_never_built(case):
                  _gen(pm, inputs, ["a"], SharedContext.build(pm, ctx, ["a"], progress=False).fork(["a"])))
 
 
+def test_disable_forkkv_removes_the_probes_and_a_later_call_checks_again():
+    """``disable_forkkv`` left the row probes on the K/V LoRA layers (a hook on every plain PEFT forward after it;
+    stop 66's Left): removed now; after ``enable_forkkv`` a generate installs them again and rows other than the
+    fork's are still refused (the attention reads them too)."""
+    ctx = _context(12)
+    inputs = batch_inputs(ctx, _prompts([3]), pad_token_id=0)
+    pm = _q_and_kv_agents()
+    shared = SharedContext.build(pm, ctx, ["a"], progress=False)
+    assert any(hasattr(m, "_forkkv_probe") for m in pm.modules())
+    forkkv_hf.disable_forkkv(pm)
+    assert not any(hasattr(m, "_forkkv_probe") or hasattr(m, "_forkkv_adapter_names") for m in pm.modules())
+    forkkv_hf.enable_forkkv(pm)
+    with pytest.raises(ValueError, match=r"runs adapters \['b'\] per row.*forked for \['a'\]"):
+        _gen(pm, inputs, ["b"], shared.fork(["a"]))
+    assert any(hasattr(m, "_forkkv_probe") for m in pm.modules())
+    _assert_same(_gen(pm, inputs, ["a"], shared.fork(["a"])),
+                 _gen(pm, inputs, ["a"], SharedContext.build(pm, ctx, ["a"], progress=False).fork(["a"])))
+
+
 def test_rows_of_models_without_k_v_lora_read_any_tuner_layer():
     """Where no adapter has LoRA on K/V, the rows a generate runs were read from the active adapter alone (a second
     audit's findings on the first rows check): ``__base__`` rows inside ``with pm.disable_adapter():`` were refused,

@@ -37,6 +37,17 @@ def install_adapter_probe(lora_layer: nn.Module) -> None:
 _ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def remove_adapter_probes(model: nn.Module) -> None:
+    """Remove the probe from every layer of ``model`` (:func:`~forkkv_hf.disable_forkkv`: before, they stayed, one
+    hook per K/V LoRA layer on every plain PEFT forward after it). A generate or a direct forward with a ForkKV cache
+    installs them again."""
+    for module in model.modules():
+        handle = module.__dict__.pop("_forkkv_probe", None)
+        if handle is not None:
+            handle.remove()
+            module.__dict__.pop("_forkkv_adapter_names", None)
+
+
 def install_kv_probes(model: nn.Module, attention: dict | None = None) -> list[nn.Module]:
     """Install the probe on the LoRA layer of every K/V projection of ``model`` (``attention``: its attention modules,
     found if not given and not found before); idempotent. Returns those LoRA layers."""
