@@ -59,3 +59,10 @@ def chunked_prefill_skips_cache() -> bool:
         return "next_sequence_length:]" in inspect.getsource(GenerationMixin._prefill)
     except (AttributeError, OSError, TypeError):
         return True
+
+
+def text_config(config):
+    """``config``'s text model's config (a multimodal model's, e.g. Llava's ``text_config``), else ``config``: the
+    top-level config of such a model holds no positions, window, layer count, RoPE or vocabulary (read there before,
+    found by an audit: nothing was checked)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .alora_checks import check_forward_rows, check_generate_rows
-from .compat import CACHE_KWARG, TRANSFORMERS_VERSION, chunked_prefill_skips_cache
+from .compat import CACHE_KWARG, TRANSFORMERS_VERSION, chunked_prefill_skips_cache, text_config
 from .generate_settings import check_adapter_names_per_row, generation_setting
 from .inputs import check_token_range, vocab_size_of
 from .peft.lora_factors import transformers_model
@@ -229,7 +229,7 @@ def check_forward_inputs(cache, module, args: tuple, kwargs: dict, decode_step: 
         args, kwargs = replace_ids(args, kwargs, ids, pos)
         changed = (args, kwargs)
     config = cache.shared.config  # (a composite config, e.g. Llava's, holds the vocabulary in its text config)
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    vocab = getattr(text_config(config), "vocab_size", None)
     if decode_step:
         if mask2d is not None and mask2d.shape[1] != S + L:
             raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens but must cover {S + L} (cached + new)")

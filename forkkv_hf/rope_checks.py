@@ -9,6 +9,7 @@ import copy
 
 import torch
 
+from .compat import text_config
 from .peft.lora_factors import decoder_of, transformers_model
 
 
@@ -32,7 +33,7 @@ def length_dependent_rope(config) -> bool:
 def _config_rope_types(config) -> list:
     """The rope types of ``config``'s text model: a multimodal model's (Llava) top-level config holds none, so a
     dynamic text model was never checked there (found by an audit; silently wrong)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if "rope_type" in params or "type" in params:
         return [params.get("rope_type", params.get("type"))]

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..peft.adapter_probe import install_adapter_probe
-from ..compat import cache_kwargs
+from ..compat import cache_kwargs, text_config
 from ..peft.lora_factors import (
     ProjectionLoRA,
     check_kv_transforms,
@@ -30,13 +30,6 @@ from ..peft.lora_factors import (
 )
 from ..ops.rope import apply_rope
 from .segments import Residual, SharedLayer
-
-
-def text_config(config):
-    """``config``'s text model's config (a multimodal model's, e.g. Llava's ``text_config``), else ``config``: the
-    top-level config of such a model holds no positions, window or layer count (read there before, found by an
-    audit: nothing was checked)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def max_positions(config) -> int | None:

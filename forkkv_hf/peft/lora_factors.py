@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compat import text_config
 from .tp import gathered_projections, is_dtensor, lora_shard, shard_dim
 
 #: PEFT's reserved adapter name for "no adapter" in ``adapter_names``
@@ -130,7 +131,7 @@ def _unsupported_model(base: nn.Module, found: dict) -> str | None:
         seen = f" Its attention: {', '.join(attns)}." if attns else ""
         return (f"{name} has no self-attention layers ForkKV can split (separate k_proj/v_proj or a qkv_proj, with a "
                 f"layer_idx).{seen} ForkKV supports {SUPPORTED_MODELS}")
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # a multimodal model's decoder
+    text = text_config(cfg)  # a multimodal model's decoder
     n_layers = getattr(text, "num_hidden_layers", None)
     kinds = sorted(set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
     if kinds or isinstance(n_layers, int) and len(found) < n_layers:  # MiniMax's linear attention has a qkv_proj
@@ -376,7 +377,7 @@ def kv_transform(attn: nn.Module, config, kind: str) -> str | None:
     for norm in (f"{kind}_norm", f"{kind}_layernorm"):
         if getattr(attn, norm, None) is not None:
             return f"applies {norm} to {kind.upper()}{' before RoPE' if kind == 'k' else ''}"
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # a multimodal model's decoder
+    text = text_config(config)  # a multimodal model's decoder
     clip = getattr(text, "clip_qkv", None)
     if clip is not None:
         return f"clamps q/k/v to +-{clip:g} after the projections (clip_qkv)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compat import cache_kwargs
+from ..compat import cache_kwargs, text_config
 from ..context.base_pass import check_rope_layout, sliding_window
 from ..log import get_logger, warn_once
 from ..model_lock import calls_in_flight
@@ -280,7 +280,7 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     scale = getattr(base, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cfg = text_config(base.config)
     if getattr(cfg, "logits_scaling", None):
         logits = logits / cfg.logits_scaling
     cap = getattr(cfg, "final_logit_softcapping", None)
