@@ -174,15 +174,14 @@ def ordered_mixed_batch_forward(layer, x: torch.Tensor, *args, adapter_names, **
     order differs between processes (string hashes), so on a rowwise layer each rank all-reduced another adapter's
     partial ``u`` with the others' (silently wrong, or gloo aborting on a size mismatch). Now the adapters run in
     sorted order, one sum across the ranks each: plain LoRA on this rank's factors (:func:`layer_factor`; also when
-    PEFT left them whole), LoRA variants and forwards that need gradients through PEFT's own modules and variant code
-    (their tensor-parallel hooks and autograd), as PEFT calls them. A forward that needs gradients fails in autograd
-    here (the sharded base output is a view it forbids writing in place), as PEFT's own loop does: not served."""
+    PEFT left them whole), LoRA variants through PEFT's variant code, as PEFT calls them. A forward that needs
+    gradients runs PEFT's own modules and then fails in autograd, as PEFT's own loop does (the sharded base output
+    is a view it forbids writing in place): not served."""
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     variant_kwargs = {k: kwargs.pop(k, None) for k in VARIANT_KWARG_KEYS}
     result = layer.base_layer(x, *args, **kwargs)
-    style, base_w = tp_style(layer), layer.get_base_layer().weight
-    group = process_group(base_w) if style == "rowwise" else None
+    style, base_w, group = tp_style(layer), layer.get_base_layer().weight, rowwise_group(layer)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(  # (as batched LoRA's _needs_grad)
         p.requires_grad for m in (layer.lora_A, layer.lora_B) for p in m.parameters()))
     for name in sorted({n for n in adapter_names if n != "__base__" and n in layer.lora_A}):
